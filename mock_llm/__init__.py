@@ -1,0 +1,1 @@
+"""A stand-in OpenAI-compatible LLM backend with scriptable timing and failures."""

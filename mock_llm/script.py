@@ -1,0 +1,225 @@
+"""What the mock answers and how fast: pure functions, no I/O.
+
+An answer is a list of token strings derived from a hash of the last user message,
+so the same prompt always yields the same text and a shorter answer (``max_tokens``)
+is a prefix of the longer one. Timing and failures come from the model's defaults,
+overridden per request by a directive inside any message::
+
+    [[mock tokens=N first_ms=N delay_ms=N fail=STATUS drop_after=N]]
+
+(every key optional; several directives merge, later ones win), and then by the
+``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from mock_llm.errors import MockAPIError
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message, its content already flattened to text."""
+
+    role: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class MockBehaviour:
+    """How one answer is produced: its length, its pacing and how it fails."""
+
+    tokens: int
+    first_token_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    # Answer this HTTP status with an OpenAI-shaped error instead of a completion.
+    fail_status: int | None = None
+    # Cut the connection after this many content tokens: no finish, no usage, no [DONE].
+    drop_after: int | None = None
+
+
+MODEL_DEFAULTS: dict[str, MockBehaviour] = {
+    "mock-fast": MockBehaviour(tokens=64),
+    # Roughly a hosted chat model: a noticeable first-token wait, then ~30 tokens/s.
+    "mock-chat": MockBehaviour(tokens=120, first_token_delay_s=0.3, token_delay_s=1 / 30),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Per-request changes to a model's behaviour; ``None`` keeps the default."""
+
+    tokens: int | None = None
+    first_token_delay_s: float | None = None
+    token_delay_s: float | None = None
+    fail_status: int | None = None
+    drop_after: int | None = None
+
+    def merged(self, later: Overrides) -> Overrides:
+        changes = {
+            f.name: getattr(later, f.name)
+            for f in dataclasses.fields(later)
+            if getattr(later, f.name) is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+    def apply(self, behaviour: MockBehaviour) -> MockBehaviour:
+        changes = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+        return dataclasses.replace(behaviour, **changes)
+
+
+# ``mock`` must be followed by whitespace or the closing brackets: ``[[mockery]]`` is text.
+_DIRECTIVE = re.compile(r"\[\[mock(?=[\s\]])([^\]]*)\]\]")
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_MAX_TOKENS = 100_000
+_MAX_DELAY_MS = 600_000
+
+
+def _int_value(name: str, raw: str, low: int, high: int) -> int:
+    # Only ASCII digits: ``str.isdigit`` would also accept "²" and friends.
+    if not _DIGITS.fullmatch(raw.strip()) or not low <= int(raw) <= high:
+        raise MockAPIError(
+            400,
+            f"mock: {name} must be an integer from {low} to {high}, got {raw!r}",
+            code="invalid_mock_directive",
+        )
+    return int(raw)
+
+
+def _override(key: str, raw: str, source: str) -> Overrides:
+    name = f"{source} {key}"
+    if key == "tokens":
+        return Overrides(tokens=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "first_ms":
+        return Overrides(first_token_delay_s=_int_value(name, raw, 0, _MAX_DELAY_MS) / 1000)
+    if key == "delay_ms":
+        return Overrides(token_delay_s=_int_value(name, raw, 0, _MAX_DELAY_MS) / 1000)
+    if key == "fail":
+        return Overrides(fail_status=_int_value(name, raw, 400, 599))
+    if key == "drop_after":
+        return Overrides(drop_after=_int_value(name, raw, 0, _MAX_TOKENS))
+    raise MockAPIError(
+        400,
+        f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
+        "drop_after)",
+        code="invalid_mock_directive",
+    )
+
+
+def parse_directives(text: str) -> Overrides:
+    """Every ``[[mock ...]]`` directive in ``text``, merged in order (later keys win)."""
+    result = Overrides()
+    for match in _DIRECTIVE.finditer(text):
+        for item in match.group(1).split():
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise MockAPIError(
+                    400,
+                    f"mock: directive items are key=value, got {item!r}",
+                    code="invalid_mock_directive",
+                )
+            result = result.merged(_override(key, raw, "directive"))
+    return result
+
+
+_HEADERS = {
+    "x-mock-tokens": "tokens",
+    "x-mock-first-token-ms": "first_ms",
+    "x-mock-token-delay-ms": "delay_ms",
+}
+
+
+def parse_headers(headers: Mapping[str, str]) -> Overrides:
+    """The ``X-Mock-*`` request headers (names matched case-insensitively)."""
+    result = Overrides()
+    for name, value in headers.items():
+        key = _HEADERS.get(name.lower())
+        if key is not None:
+            result = result.merged(_override(key, value, f"header {name}"))
+    return result
+
+
+def resolve_behaviour(
+    default: MockBehaviour, messages: Iterable[Message], headers: Mapping[str, str]
+) -> MockBehaviour:
+    """Model default, then directives in message order, then headers."""
+    overrides = Overrides()
+    for message in messages:
+        overrides = overrides.merged(parse_directives(message.text))
+    return overrides.merged(parse_headers(headers)).apply(default)
+
+
+def count_prompt_tokens(messages: Iterable[Message]) -> int:
+    """Roughly 4 bytes a token plus 3 per message of framing, like OpenAI's tokenizers.
+
+    It must never exceed the gateway's conservative estimate (ceil(bytes/3) + 4 per
+    message), or a hold sized from that estimate could be smaller than the charge.
+    """
+    return sum(math.ceil(len(m.text.encode("utf-8")) / 4) + 3 for m in messages)
+
+
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while gateway streams tokens to every "
+    "patient client and credits settle exactly once after each reply so budgets hold "
+    "under load as edges relay words from models that think in small pieces of text "
+    "with latency measured in milliseconds not minutes because users watch answers "
+    "appear one token at a time across the network"
+).split()
+
+
+def answer_tokens(prompt: str, count: int) -> list[str]:
+    """``count`` tokens of deterministic sentences seeded by ``prompt``.
+
+    Each token is one word (the first without a leading space, like real models);
+    the sequence does not depend on ``count``, so shorter answers are prefixes.
+    """
+    seed = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+    rng = random.Random(seed)
+    tokens: list[str] = []
+    sentence_left = 0
+    for index in range(count):
+        word = rng.choice(_WORDS)
+        if sentence_left == 0:
+            word = word.capitalize()
+            sentence_left = rng.randint(5, 12)
+        sentence_left -= 1
+        if sentence_left == 0:
+            word += "."
+        tokens.append(word if index == 0 else " " + word)
+    return tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    tokens: list[str]
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+def plan_completion(
+    messages: Iterable[Message], behaviour: MockBehaviour, max_tokens: int | None
+) -> Completion:
+    """The answer to ``messages``: ``behaviour.tokens`` long, cut to ``max_tokens``."""
+    messages = list(messages)
+    users = [m for m in messages if m.role == "user"]
+    prompt = (users or messages)[-1].text if messages else ""
+    count = behaviour.tokens
+    finish_reason = "stop"
+    if max_tokens is not None and max_tokens < count:
+        count, finish_reason = max_tokens, "length"
+    return Completion(answer_tokens(prompt, count), finish_reason, count_prompt_tokens(messages))

@@ -1,0 +1,160 @@
+"""The model catalog (`models.yaml`): providers, models, prices.
+
+Parsing is pure (`parse_catalog` takes the decoded YAML); `load_catalog` reads the
+file. Prices stay `Decimal` so money never passes through a float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
+
+
+class CatalogError(ValueError):
+    """The catalog file is malformed; the message names the offending entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    api_type: str
+    base_url: str
+    api_key_env: str | None = None
+    service_token_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    id: str
+    provider: str
+    upstream_model: str
+    context_length: int
+    max_output_tokens: int
+    price: Price
+    features: tuple[str, ...] = ("streaming",)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "context_length": self.context_length,
+            "max_output_tokens": self.max_output_tokens,
+            "features": list(self.features),
+            "price": {
+                "input_per_mtok": str(self.price.input_per_mtok),
+                "output_per_mtok": str(self.price.output_per_mtok),
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    default_model: str
+    providers: dict[str, Provider]
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        return self.models.get(model_id)
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise CatalogError(f"{where} must be a number")
+    try:
+        # str() first: a YAML float like 0.15 must become Decimal("0.15"), not its binary value.
+        result = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise CatalogError(f"{where} must be a number") from exc
+    if not result.is_finite() or result < 0:
+        raise CatalogError(f"{where} must be a non-negative number")
+    return result
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CatalogError(f"{where} must be a positive integer")
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CatalogError(f"{where} must be a mapping")
+    return value
+
+
+def parse_catalog(raw: Any) -> Catalog:
+    doc = _mapping(raw, "catalog")
+    providers: dict[str, Provider] = {}
+    for name, spec in _mapping(doc.get("providers"), "providers").items():
+        spec = _mapping(spec, f"providers.{name}")
+        api_type = spec.get("api_type")
+        if api_type not in API_TYPES:
+            raise CatalogError(f"providers.{name}.api_type must be one of {sorted(API_TYPES)}")
+        base_url = spec.get("base_url")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise CatalogError(f"providers.{name}.base_url must be an http(s) URL")
+        providers[str(name)] = Provider(
+            name=str(name),
+            api_type=api_type,
+            base_url=base_url.rstrip("/"),
+            api_key_env=spec.get("api_key_env"),
+            service_token_env=spec.get("service_token_env"),
+        )
+    models: dict[str, ModelSpec] = {}
+    for model_id, spec in _mapping(doc.get("models"), "models").items():
+        where = f"models.{model_id}"
+        spec = _mapping(spec, where)
+        provider = spec.get("provider")
+        if provider not in providers:
+            raise CatalogError(f"{where}.provider names an unknown provider: {provider!r}")
+        price = _mapping(spec.get("price"), f"{where}.price")
+        features = spec.get("features", ["streaming"])
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise CatalogError(f"{where}.features must be a list of strings")
+        models[str(model_id)] = ModelSpec(
+            id=str(model_id),
+            provider=provider,
+            upstream_model=str(spec.get("upstream_model", model_id)),
+            context_length=_positive_int(spec.get("context_length"), f"{where}.context_length"),
+            max_output_tokens=_positive_int(
+                spec.get("max_output_tokens"), f"{where}.max_output_tokens"
+            ),
+            price=Price(
+                input_per_mtok=_decimal(price.get("input_per_mtok"), f"{where}.price.input"),
+                output_per_mtok=_decimal(price.get("output_per_mtok"), f"{where}.price.output"),
+            ),
+            features=tuple(features),
+        )
+    default_model = doc.get("default_model")
+    if default_model not in models:
+        raise CatalogError(f"default_model {default_model!r} is not in models")
+    return Catalog(default_model=default_model, providers=providers, models=models)
+
+
+def load_catalog(path: str | None) -> Catalog:
+    """Load `path`, or the packaged catalog when `path` is None."""
+    if path is None:
+        text = resources.files("shared").joinpath("models.yaml").read_text(encoding="utf-8")
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CatalogError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"invalid YAML: {exc}") from exc
+    return parse_catalog(raw)

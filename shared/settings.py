@@ -1,0 +1,178 @@
+"""Settings read once from the environment, typed and validated (DESIGN §4).
+
+`Settings.from_env` raises `ConfigError` naming the variable; the CLI prints that
+one line and exits. Secrets are wrapped in `Secret` so they never show in a repr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from cryptography.fernet import Fernet
+
+from shared.catalog import Catalog, CatalogError, load_catalog
+from shared.webhooks import validate_secret
+
+DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration: the message is one line naming the variable."""
+
+
+class Secret:
+    """A string that does not print itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name) or default
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str | None
+    redis_prefix: str
+    control_plane_url: str
+    edge_public_url: str
+    webhook_secret: Secret
+    admin_token: Secret | None
+    token_ttl_seconds: int
+    catalog: Catalog
+    cors_origins: tuple[str, ...]
+    encryption_keys: tuple[Secret, ...]
+    auto_migrate: bool
+    store_transcripts: bool
+    upstream_connect_timeout: float
+    upstream_read_timeout: float
+    hold_grace_seconds: int
+    dev: bool = False
+    provider_keys: Mapping[str, Secret] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> Settings:
+        webhook_secret = env.get("LLMGW_WEBHOOK_SECRET", "")
+        if not webhook_secret:
+            raise ConfigError("LLMGW_WEBHOOK_SECRET is required (a Standard Webhooks whsec_… key)")
+        try:
+            validate_secret(webhook_secret)
+        except ValueError as exc:
+            raise ConfigError(f"LLMGW_WEBHOOK_SECRET {exc}") from None
+        encryption_keys = tuple(
+            Secret(k.strip()) for k in env.get("LLMGW_ENCRYPTION_KEY", "").split(",") if k.strip()
+        )
+        for key in encryption_keys:
+            try:
+                Fernet(key.reveal())
+            except (ValueError, TypeError):
+                raise ConfigError(
+                    "LLMGW_ENCRYPTION_KEY must be Fernet keys (32 url-safe base64 bytes), "
+                    "comma-separated, newest first"
+                ) from None
+        try:
+            catalog = load_catalog(env.get("LLMGW_MODELS_FILE") or None)
+        except CatalogError as exc:
+            raise ConfigError(f"LLMGW_MODELS_FILE: {exc}") from None
+        redis_url = env.get("LLMGW_REDIS_URL") or None
+        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"LLMGW_REDIS_URL must be a redis:// URL, got {redis_url!r}")
+        database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
+        if not database_url.startswith(("sqlite", "postgresql")):
+            raise ConfigError("LLMGW_DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        admin_token = env.get("LLMGW_ADMIN_TOKEN") or None
+        if admin_token is not None and len(admin_token) < 16:
+            raise ConfigError("LLMGW_ADMIN_TOKEN must be at least 16 characters")
+        return cls(
+            database_url=database_url,
+            redis_url=redis_url,
+            redis_prefix=env.get("LLMGW_REDIS_PREFIX") or "llmgw:",
+            control_plane_url=_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
+            edge_public_url=_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
+            webhook_secret=Secret(webhook_secret),
+            admin_token=Secret(admin_token) if admin_token else None,
+            token_ttl_seconds=_int(env, "LLMGW_TOKEN_TTL_SECONDS", 120, 1, 300),
+            catalog=catalog,
+            cors_origins=tuple(
+                o.strip() for o in env.get("LLMGW_CORS_ORIGINS", "").split(",") if o.strip()
+            ),
+            encryption_keys=encryption_keys,
+            auto_migrate=_flag(env, "LLMGW_AUTO_MIGRATE", dev),
+            store_transcripts=_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
+            upstream_connect_timeout=_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
+            upstream_read_timeout=_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
+            hold_grace_seconds=_int(env, "LLMGW_HOLD_GRACE_SECONDS", 600, 1, 86400),
+            dev=dev,
+            provider_keys={
+                name: Secret(env[var])
+                for name, provider in catalog.providers.items()
+                if (var := provider.api_key_env) and env.get(var)
+            },
+        )
+
+    def require_encryption_key(self) -> tuple[Secret, ...]:
+        """The control plane cannot start without a key outside `dev` (DESIGN §9)."""
+        if not self.encryption_keys:
+            raise ConfigError("LLMGW_ENCRYPTION_KEY is required (a Fernet key) outside dev")
+        return self.encryption_keys

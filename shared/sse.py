@@ -1,0 +1,125 @@
+"""Server-Sent Events: a pure encoder and an incremental decoder.
+
+Follows the WHATWG HTML "server-sent events" parsing rules
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
+lines end in CRLF, LF or CR; a blank line dispatches the event; a line starting
+with ``:`` is a comment; ``field: value`` strips one leading space from value;
+``data`` lines are joined with ``\\n``. No I/O here: the decoder is fed bytes as they
+arrive from the network, split at any boundary (including between CR and LF).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    data: str = ""
+    event: str = "message"
+    id: str | None = None
+    retry: int | None = None
+
+
+def encode_event(
+    data: str, *, event: str | None = None, id: str | int | None = None, retry: int | None = None
+) -> bytes:
+    """Encode one event. Multi-line data becomes several ``data:`` lines, per spec."""
+    parts: list[str] = []
+    if id is not None:
+        parts.append(f"id: {id}\n")
+    if event is not None:
+        parts.append(f"event: {event}\n")
+    if retry is not None:
+        parts.append(f"retry: {retry}\n")
+    for line in data.splitlines() or [""]:
+        parts.append(f"data: {line}\n")
+    parts.append("\n")
+    return "".join(parts).encode()
+
+
+def encode_data(payload: bytes) -> bytes:
+    """Fast path for the common single-line JSON payload (JSON never contains a raw newline)."""
+    return b"data: " + payload + b"\n\n"
+
+
+def encode_comment(text: str = "") -> bytes:
+    return f": {text}\n\n".encode()
+
+
+class SSEDecoder:
+    """Incremental event-stream decoder: ``feed(bytes)`` yields complete events."""
+
+    __slots__ = ("_buffer", "_data", "_event", "_id", "_last_id", "_pending_cr", "_retry")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._pending_cr = False
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+        self._last_id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> Iterator[ServerSentEvent]:
+        if self._pending_cr and chunk.startswith(b"\n"):
+            # The CR of a CRLF pair ended the previous chunk: the line was already handled.
+            chunk = chunk[1:]
+        self._pending_cr = False
+        buffer = self._buffer + chunk
+        start = 0
+        length = len(buffer)
+        while start < length:
+            lf = buffer.find(b"\n", start)
+            cr = buffer.find(b"\r", start, lf if lf != -1 else length)
+            if cr != -1:
+                end, next_start = cr, cr + 1
+                if next_start < length:
+                    if buffer[next_start : next_start + 1] == b"\n":
+                        next_start += 1
+                else:
+                    self._pending_cr = True
+            elif lf != -1:
+                end, next_start = lf, lf + 1
+            else:
+                break
+            event = self._line(buffer[start:end].decode("utf-8", errors="replace"))
+            if event is not None:
+                yield event
+            start = next_start
+        self._buffer = buffer[start:]
+
+    def _line(self, line: str) -> ServerSentEvent | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif name == "retry" and value.isdigit():
+            self._retry = int(value)
+        return None
+
+    def _dispatch(self) -> ServerSentEvent | None:
+        if not self._data:
+            self._event = ""
+            return None
+        event = ServerSentEvent(
+            data="\n".join(self._data),
+            event=self._event or "message",
+            id=self._last_id,
+            retry=self._retry,
+        )
+        self._data = []
+        self._event = ""
+        self._retry = None
+        return event

@@ -1,0 +1,31 @@
+"""The chat request the control plane stashes at init for the edge to run.
+
+Keyed by the token's `jti` so only the holder of that token can start it; the TTL
+outlives the token so a resume within the token's life still finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+def stash_key(jti: str) -> str:
+    return f"req:{jti}"
+
+
+@dataclass(frozen=True, slots=True)
+class StashedRequest:
+    messages: list[dict[str, Any]]
+    # Optional sampling parameters passed through to the backend (temperature, top_p, stop).
+    params: dict[str, Any]
+
+    def dumps(self) -> bytes:
+        return orjson.dumps({"messages": self.messages, "params": self.params})
+
+    @classmethod
+    def loads(cls, raw: bytes) -> StashedRequest:
+        doc = orjson.loads(raw)
+        return cls(messages=list(doc["messages"]), params=dict(doc.get("params") or {}))

@@ -1,0 +1,52 @@
+"""The hot-state store: one small interface, two backends (memory, Redis).
+
+Both services keep short-lived shared state here: single-use token ids, the
+requests stashed at init, and the edge's webhook outbox. Every key carries a TTL so
+a crashed process leaks nothing for long. Choose a backend with `open_store(url)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None: ...
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:
+        """Atomically create `key`; False when it already exists (single use)."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def outbox_put(self, item_id: str, payload: bytes, due_at: float) -> None:
+        """Keep `payload` until acknowledged; it becomes claimable at `due_at`."""
+        ...
+
+    async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
+        """Claim up to `limit` due items; each claimed item is hidden for the lease."""
+        ...
+
+    async def outbox_get(self, item_id: str) -> bytes | None: ...
+
+    async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None: ...
+
+    async def outbox_ack(self, item_id: str) -> None: ...
+
+    async def outbox_size(self) -> int: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(redis_url: str | None, *, prefix: str = "llmgw:") -> Store:
+    if redis_url:
+        from shared.store_redis import RedisStore
+
+        return RedisStore.from_url(redis_url, prefix=prefix)
+    from shared.store_memory import MemoryStore
+
+    return MemoryStore()

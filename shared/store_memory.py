@@ -1,0 +1,77 @@
+"""In-memory store for the single-process embedded mode (`llm-gateway dev`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class MemoryStore:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or time.monotonic
+        self._values: dict[str, tuple[bytes, float]] = {}
+        self._outbox: dict[str, bytes] = {}
+        self._due: dict[str, float] = {}
+
+    def _live(self, key: str) -> bytes | None:
+        entry = self._values.get(key)
+        if entry is None:
+            return None
+        value, expires = entry
+        if expires <= self._clock():
+            del self._values[key]
+            return None
+        return value
+
+    def _sweep(self) -> None:
+        if len(self._values) > 10_000:
+            now = self._clock()
+            for key in [k for k, (_, exp) in self._values.items() if exp <= now]:
+                del self._values[key]
+
+    async def get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        self._sweep()
+        self._values[key] = (value, self._clock() + ttl_seconds)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        await self.set(key, value, ttl_seconds)
+        return True
+
+    async def delete(self, key: str) -> None:
+        self._values.pop(key, None)
+
+    async def outbox_put(self, item_id: str, payload: bytes, due_at: float) -> None:
+        self._outbox[item_id] = payload
+        self._due[item_id] = due_at
+
+    async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
+        due = sorted((at, item) for item, at in self._due.items() if at <= now)[:limit]
+        for _, item in due:
+            self._due[item] = now + lease_seconds
+        return [item for _, item in due]
+
+    async def outbox_get(self, item_id: str) -> bytes | None:
+        return self._outbox.get(item_id)
+
+    async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
+        if item_id in self._outbox:
+            self._outbox[item_id] = payload
+            self._due[item_id] = due_at
+
+    async def outbox_ack(self, item_id: str) -> None:
+        self._outbox.pop(item_id, None)
+        self._due.pop(item_id, None)
+
+    async def outbox_size(self) -> int:
+        return len(self._outbox)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,88 @@
+"""Redis store: shared by every process, so limits and single use hold across edges.
+
+The outbox is a hash (id -> payload) plus a sorted set (id -> due time); claiming
+moves due items' scores forward by a lease in one Lua script, so two edges never
+deliver the same item at the same moment, and an edge that dies mid-delivery only
+delays the item by the lease.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import redis.asyncio as redis
+
+_CLAIM = """
+local ids = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+
+class RedisStore:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._outbox_items = f"{prefix}outbox:items"
+        self._outbox_due = f"{prefix}outbox:due"
+        self._claim = client.register_script(_CLAIM)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str) -> RedisStore:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=30)
+        return cls(client, prefix)
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    async def get(self, key: str) -> bytes | None:
+        return cast(bytes | None, await self._redis.get(self._key(key)))
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        await self._redis.set(self._key(key), value, px=max(1, int(ttl_seconds * 1000)))
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:
+        px = max(1, int(ttl_seconds * 1000))
+        return bool(await self._redis.set(self._key(key), value, px=px, nx=True))
+
+    async def delete(self, key: str) -> None:
+        await self._redis.delete(self._key(key))
+
+    async def outbox_put(self, item_id: str, payload: bytes, due_at: float) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._outbox_items, item_id, payload)
+            pipe.zadd(self._outbox_due, {item_id: due_at})
+            await pipe.execute()
+
+    async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
+        ids: list[Any] = await self._claim(
+            keys=[self._outbox_due], args=[now, now + lease_seconds, limit]
+        )
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def outbox_get(self, item_id: str) -> bytes | None:
+        return cast(bytes | None, await self._redis.hget(self._outbox_items, item_id))
+
+    async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._outbox_items, item_id, payload)
+            pipe.zadd(self._outbox_due, {item_id: due_at}, xx=True)
+            await pipe.execute()
+
+    async def outbox_ack(self, item_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._outbox_due, item_id)
+            pipe.hdel(self._outbox_items, item_id)
+            await pipe.execute()
+
+    async def outbox_size(self) -> int:
+        return int(await self._redis.zcard(self._outbox_due))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()

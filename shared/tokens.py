@@ -1,0 +1,179 @@
+"""Stream token claims (RFC 7519 JWT, EdDSA): building, signing, verifying.
+
+The control plane builds and signs; the edge verifies with public keys only. The
+verifier pins the algorithm before touching the key so `alg: none` and the
+HS256-with-the-public-key confusion attack fail on the header alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+ISSUER = "llm-gateway"
+STREAM_AUDIENCE = "llm-stream"
+API_AUDIENCE = "llm-api"  # control-plane access tokens; never valid at the edge
+ALGORITHM = "EdDSA"
+LEEWAY_SECONDS = 5  # DESIGN §5 allows at most 30
+SCOPE_SEND = "llm:chat:send"
+SCOPE_READ = "llm:chat:read"
+SCOPE_DELETE = "llm:chat:delete"
+ALL_SCOPES = (SCOPE_SEND, SCOPE_READ, SCOPE_DELETE)
+
+STREAM_CLAIMS = (
+    "iss", "aud", "sub", "company_id", "role", "scopes", "jti", "iat", "nbf", "exp",
+    "session_id", "model", "max_tokens", "max_input_tokens", "reservation_id", "request_id",
+)  # fmt: skip
+
+
+class TokenRejected(Exception):
+    """A token failed verification. `reason` is a bounded metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGrant:
+    """The verified claims of a stream token."""
+
+    jti: str
+    user_id: str
+    company_id: str
+    role: str
+    scopes: tuple[str, ...]
+    session_id: str
+    model: str
+    max_tokens: int
+    max_input_tokens: int
+    reservation_id: str
+    request_id: str
+    issued_at: int
+    expires_at: int
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> StreamGrant:
+        try:
+            scopes = claims["scopes"]
+            if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+                raise TypeError("scopes")
+            return cls(
+                jti=str(claims["jti"]),
+                user_id=str(claims["sub"]),
+                company_id=str(claims["company_id"]),
+                role=str(claims["role"]),
+                scopes=tuple(scopes),
+                session_id=str(claims["session_id"]),
+                model=str(claims["model"]),
+                max_tokens=int(claims["max_tokens"]),
+                max_input_tokens=int(claims["max_input_tokens"]),
+                reservation_id=str(claims["reservation_id"]),
+                request_id=str(claims["request_id"]),
+                issued_at=int(claims["iat"]),
+                expires_at=int(claims["exp"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TokenRejected("malformed", "the token's claims are malformed") from exc
+
+
+def stream_claims(
+    *,
+    user_id: str,
+    company_id: str,
+    role: str,
+    scopes: list[str],
+    session_id: str,
+    model: str,
+    max_tokens: int,
+    max_input_tokens: int,
+    reservation_id: str,
+    request_id: str,
+    now: int,
+    ttl_seconds: int,
+    jti: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "iss": ISSUER,
+        "aud": STREAM_AUDIENCE,
+        "sub": user_id,
+        "company_id": company_id,
+        "role": role,
+        "scopes": scopes,
+        "jti": jti or uuid.uuid4().hex,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl_seconds,
+        "session_id": session_id,
+        "model": model,
+        "max_tokens": max_tokens,
+        "max_input_tokens": max_input_tokens,
+        "reservation_id": reservation_id,
+        "request_id": request_id,
+    }
+
+
+def sign_token(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, kid: str) -> str:
+    return jwt.encode(dict(claims), private_key, algorithm=ALGORITHM, headers={"kid": kid})
+
+
+def public_jwk(public_key: Ed25519PublicKey, kid: str) -> dict[str, Any]:
+    jwk: dict[str, Any] = jwt.algorithms.OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    jwk.update({"kid": kid, "use": "sig", "alg": ALGORITHM})
+    return jwk
+
+
+def unverified_kid(token: str) -> str:
+    """The header's `kid`, after checking the header pins our algorithm."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise TokenRejected("malformed", "the token is not a valid JWT") from exc
+    if header.get("alg") != ALGORITHM:
+        raise TokenRejected("bad_algorithm", "the token's algorithm is not allowed")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenRejected("unknown_kid", "the token names no signing key")
+    return kid
+
+
+_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "expired", "the token has expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid", "the token is not valid yet"),
+    (jwt.InvalidAudienceError, "bad_audience", "the token is not meant for this service"),
+    (jwt.InvalidIssuerError, "bad_issuer", "the token was not issued by this gateway"),
+    (jwt.InvalidSignatureError, "bad_signature", "the token's signature does not verify"),
+    (jwt.MissingRequiredClaimError, "malformed", "the token lacks a required claim"),
+)
+
+
+def decode_verified(
+    token: str, public_key: Ed25519PublicKey, *, audience: str, leeway: int = LEEWAY_SECONDS
+) -> dict[str, Any]:
+    """Verify signature, `alg`, `aud`, `iss`, `exp`, `nbf`; return the claims."""
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            public_key,
+            algorithms=[ALGORITHM],
+            audience=audience,
+            issuer=ISSUER,
+            leeway=leeway,
+            options={"require": ["exp", "nbf", "iat", "aud", "iss", "sub", "jti"]},
+        )
+    except jwt.PyJWTError as exc:
+        for kind, reason, message in _REASONS:
+            if isinstance(exc, kind):
+                raise TokenRejected(reason, message) from exc
+        raise TokenRejected("malformed", "the token is not valid") from exc
+    return claims
+
+
+def verify_stream_token(token: str, public_key: Ed25519PublicKey) -> StreamGrant:
+    return StreamGrant.from_claims(decode_verified(token, public_key, audience=STREAM_AUDIENCE))
