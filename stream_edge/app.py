@@ -1,0 +1,106 @@
+"""The stream edge application: `create_app(settings)` and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
+
+from shared.request_id import RequestIdMiddleware
+from shared.settings import Settings
+from shared.store import Store, open_store
+from stream_edge import routes
+from stream_edge.errors import EdgeError, handle_edge_error
+from stream_edge.grants import GrantVerifier
+from stream_edge.jwks import JWKSCache
+from stream_edge.metrics import EdgeMetrics
+from stream_edge.outbox import Outbox
+from stream_edge.state import EdgeState
+
+log = logging.getLogger("llmgw.edge")
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    """One pooled client for every backend and the control plane: a short connect,
+    a long read (the idle gap between two tokens), never the library's 5 s default."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=30.0,
+            pool=10.0,
+        ),
+        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
+        follow_redirects=False,
+    )
+
+
+def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        own_store = store is None
+        active_store = (
+            store
+            if store is not None
+            else open_store(settings.redis_url, prefix=settings.redis_prefix)
+        )
+        client = upstream_client(settings)
+        metrics = EdgeMetrics()
+        jwks = JWKSCache(client, f"{settings.control_plane_url}/.well-known/jwks.json")
+        outbox = Outbox(
+            active_store,
+            client,
+            f"{settings.control_plane_url}/v1/webhooks/usage",
+            settings.webhook_secret.reveal(),
+            metrics,
+        )
+        state = EdgeState(
+            settings, active_store, client, GrantVerifier(jwks, active_store), outbox, metrics
+        )
+        app.state.edge = state
+        deliverer = asyncio.create_task(outbox.run(), name="usage-outbox")
+        try:
+            yield
+        finally:
+            state.draining = True
+            deliverer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliverer
+            pending = await outbox.flush(timeout=5.0)
+            if pending:
+                log.warning("%d usage events left in the outbox for the next start", pending)
+            await client.aclose()
+            if own_store:
+                await active_store.close()
+
+    middleware = [Middleware(RequestIdMiddleware)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
+                expose_headers=["X-Request-Id", "Retry-After"],
+                max_age=600,
+            )
+        )
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/stream", routes.event_stream, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+        ],
+        middleware=middleware,
+        exception_handlers={EdgeError: handle_edge_error, 404: routes.not_found},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,118 @@
+"""The edge's exception tree, mapped to OpenAI-shaped errors in one place.
+
+EdgeError
+├── Unauthorized        401  (token rejected: bad, expired, used, revoked)
+├── Forbidden           403  (scope, model)
+├── NotFound            404
+├── BadRequest          400
+├── InputTooLarge       413
+├── TooManyRequests     429  (+ Retry-After)
+├── ServiceUnavailable  503
+└── UpstreamError       502 / 504 (before the first byte of a stream)
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+
+class EdgeError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class Unauthorized(EdgeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class Forbidden(EdgeError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(EdgeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class BadRequest(EdgeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InputTooLarge(EdgeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "input_too_large"
+
+
+class TooManyRequests(EdgeError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ServiceUnavailable(EdgeError):
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+
+
+class UpstreamError(EdgeError):
+    """The backend failed before the stream started. `kind` is a bounded metric label."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, code: str = "upstream_error", status: int = 502) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+
+
+def error_response(exc: EdgeError, request_id: str | None = None) -> Response:
+    headers = exc.headers()
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return Response(
+        error_body(exc.message, exc.type, exc.code),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def handle_edge_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EdgeError)
+    return error_response(exc)

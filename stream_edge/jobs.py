@@ -1,0 +1,161 @@
+"""One stream's lifetime after its token was claimed: open the backend, relay,
+and report usage exactly once, whatever happens (done, client gone, backend failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import httpx
+
+from shared.catalog import ModelSpec, Provider
+from shared.tokens import StreamGrant
+from stream_edge.errors import EdgeError, UpstreamError
+from stream_edge.meter import Meter
+from stream_edge.relay import RelayResult, relay
+from stream_edge.state import EdgeState
+from stream_edge.streaming import Emit
+from stream_edge.upstream import adapter_for
+from stream_edge.upstream.base import Adapter, Completion, UpstreamCall
+from stream_edge.upstream_client import open_stream
+from stream_edge.usage_report import usage_event
+
+log = logging.getLogger("llmgw.edge.jobs")
+
+
+def done_key(jti: str) -> str:
+    return f"done:{jti}"
+
+
+class StreamJob:
+    def __init__(
+        self,
+        state: EdgeState,
+        grant: StreamGrant,
+        model: ModelSpec,
+        provider: Provider,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        max_tokens: int,
+        input_estimate: int,
+        accepted_at: float,
+    ) -> None:
+        self.state = state
+        self.grant = grant
+        self.model = model
+        self.provider = provider
+        self.messages = messages
+        self.params = params
+        self.max_tokens = max_tokens
+        self.accepted_at = accepted_at
+        self.meter = Meter(
+            input_estimate=input_estimate, keep_transcript=state.settings.store_transcripts
+        )
+        self.result: RelayResult | None = None
+        self._reported = False
+        self._adapter: Adapter | None = adapter_for(provider)
+
+    def _call(self, stream: bool) -> UpstreamCall:
+        key = self.state.settings.provider_keys.get(self.provider.name)
+        return UpstreamCall(
+            base_url=self.provider.base_url,
+            api_key=key.reveal() if key else None,
+            upstream_model=self.model.upstream_model,
+            messages=self.messages,
+            max_tokens=self.max_tokens,
+            stream=stream,
+            params=self.params,
+            request_id=self.grant.request_id,
+        )
+
+    async def open(self, stream: bool) -> httpx.Response:
+        """Connect to the backend; on failure report the stream as failed and re-raise."""
+        self.state.metrics.streams_active.inc()
+        try:
+            if self._adapter is None:
+                raise UpstreamError(f"the edge cannot speak the {self.provider.api_type} format")
+            return await open_stream(
+                self.state.client, self._adapter.build_request(self._call(stream))
+            )
+        except EdgeError as exc:
+            self.state.metrics.upstream_errors.labels(self.provider.name, exc.code).inc()
+            self.result = RelayResult("failed", exc.code, exc.message)
+            await self.report(client_gone=False)
+            raise
+
+    def first_token(self) -> None:
+        self.state.metrics.ttft.labels(self.model.id, self.provider.name).observe(
+            time.perf_counter() - self.accepted_at
+        )
+
+    async def pump(self, response: httpx.Response, write: Any, emit: Emit) -> RelayResult:
+        assert self._adapter is not None
+        try:
+            self.result = await relay(
+                response,
+                self._adapter.stream_parser(),
+                self.meter,
+                write,
+                emit,
+                self.state.metrics,
+                self.first_token,
+            )
+        finally:
+            # Shielded: when the client left, this task is being cancelled, and the
+            # backend must still see its connection closed.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        if self.result.status == "failed":
+            self.state.metrics.upstream_errors.labels(
+                self.provider.name, self.result.error_code or ""
+            ).inc()
+        return self.result
+
+    async def read_completion(self, response: httpx.Response) -> Completion:
+        assert self._adapter is not None
+        try:
+            body = await response.aread()
+            completion = self._adapter.parse_completion(body)
+        except (httpx.HTTPError, ValueError) as exc:
+            self.result = RelayResult(
+                "failed", "upstream_error", "the backend's answer was malformed"
+            )
+            await self.report(client_gone=False)
+            raise UpstreamError("the backend's answer was malformed") from exc
+        finally:
+            await response.aclose()
+        self.meter.record_text(completion.text, completion.usage, completion.finish_reason)
+        if completion.text:
+            self.first_token()
+        self.result = RelayResult("completed")
+        return completion
+
+    def status(self, client_gone: bool) -> str:
+        if self.result is not None and self.result.status == "completed":
+            return "completed"
+        if client_gone:
+            return "cancelled"
+        return "failed"
+
+    async def report(self, client_gone: bool) -> None:
+        """Enqueue the usage webhook. Idempotent: a stream reports once."""
+        if self._reported:
+            return
+        self._reported = True
+        status = self.status(client_gone)
+        event = usage_event(self.grant, self.provider.name, self.meter, status)
+        metrics = self.state.metrics
+        metrics.streams_active.dec()
+        metrics.streams_total.labels(status).inc()
+        metrics.duration.observe(time.perf_counter() - self.accepted_at)
+        metrics.tokens.labels("input").inc(event.input_tokens)
+        metrics.tokens.labels("output").inc(event.output_tokens)
+        try:
+            await self.state.outbox.enqueue(event)
+        except Exception:
+            # The store is down: the control plane's sweeper will settle the hold from
+            # the deadline. Log loudly; never lose the client's stream over it.
+            log.exception("could not enqueue usage for %s", self.grant.request_id)

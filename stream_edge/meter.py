@@ -1,0 +1,65 @@
+"""Per-stream accounting: what was relayed, when, and what to bill.
+
+Pure: fed the normalised upstream events, it answers the usage figures for the
+webhook. The backend's own usage wins (`usage_source: upstream`); without it
+(cancelled, failed, or a backend that reports none) the input is the reservation's
+estimate and the output is the number of content deltas relayed — OpenAI-compatible
+backends send one token per delta — marked `estimated`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from stream_edge.upstream.base import Delta, Finish, UpstreamEvent, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    input_tokens: int
+    output_tokens: int
+    source: str
+
+
+@dataclass(slots=True)
+class Meter:
+    input_estimate: int
+    keep_transcript: bool
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    first_token_at: datetime | None = None
+    deltas: int = 0
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    parts: list[str] = field(default_factory=list)
+
+    def record(self, event: UpstreamEvent) -> None:
+        if isinstance(event, Delta):
+            if self.first_token_at is None:
+                self.first_token_at = datetime.now(UTC)
+            self.deltas += 1
+            if self.keep_transcript:
+                self.parts.append(event.text)
+        elif isinstance(event, Usage):
+            self.usage = event
+        elif isinstance(event, Finish):
+            self.finish_reason = event.reason
+
+    def record_text(self, text: str, usage: Usage | None, finish_reason: str) -> None:
+        """A whole non-streamed answer."""
+        if text:
+            self.first_token_at = datetime.now(UTC)
+            self.deltas = 1
+            if self.keep_transcript:
+                self.parts.append(text)
+        self.usage = usage
+        self.finish_reason = finish_reason
+
+    @property
+    def content(self) -> str | None:
+        return "".join(self.parts) if self.keep_transcript else None
+
+    def billing(self) -> Billing:
+        if self.usage is not None:
+            return Billing(self.usage.input_tokens, self.usage.output_tokens, "upstream")
+        return Billing(self.input_estimate, self.deltas, "estimated")

@@ -1,0 +1,122 @@
+"""The usage-webhook outbox: every finished stream's report, kept until delivered.
+
+`enqueue` writes the event to the store (durable with Redis) before anything is
+sent; the deliverer loop claims due items, signs each attempt afresh (the signature
+timestamp must be within the receiver's 5-minute window even on a late retry), and
+posts it. 2xx acknowledges; 408/429/5xx and network errors retry with jittered
+exponential backoff; any other 4xx is permanent and the event moves to the
+dead-letter list for an operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import orjson
+
+from shared.retry import Backoff, parse_retry_after
+from shared.store import Store
+from shared.webhooks import UsageEvent, sign
+from stream_edge.metrics import EdgeMetrics
+
+log = logging.getLogger("llmgw.edge.outbox")
+
+DEAD_LETTER_TTL = 30 * 24 * 3600
+
+
+def is_permanent(status: int) -> bool:
+    return 400 <= status < 500 and status not in (408, 425, 429)
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        client: httpx.AsyncClient,
+        url: str,
+        secret: str,
+        metrics: EdgeMetrics,
+        *,
+        backoff: Backoff | None = None,
+        lease_seconds: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._url = url
+        self._secret = secret
+        self._metrics = metrics
+        self._backoff = backoff or Backoff(base=0.5, cap=300.0)
+        self._lease = lease_seconds
+        self._wake = asyncio.Event()
+
+    async def enqueue(self, event: UsageEvent) -> None:
+        item = {"id": event.webhook_id, "body": event.body().decode(), "attempt": 0}
+        await self._store.outbox_put(event.webhook_id, orjson.dumps(item), time.time())
+        self._metrics.outbox_pending.inc()
+        self._wake.set()
+
+    async def run(self, poll_seconds: float = 1.0) -> None:
+        """Deliver forever; cancelled by the app's lifespan at shutdown."""
+        while True:
+            try:
+                delivered = await self.deliver_due()
+                self._metrics.outbox_pending.set(await self._store.outbox_size())
+            except Exception:  # the store being briefly down must not kill the loop
+                log.exception("outbox pass failed")
+                delivered = 0
+            if delivered:
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=poll_seconds)
+            except TimeoutError:
+                pass
+
+    async def deliver_due(self, limit: int = 50) -> int:
+        ids = await self._store.outbox_claim(time.time(), self._lease, limit)
+        if not ids:
+            return 0
+        await asyncio.gather(*(self._deliver(item_id) for item_id in ids))
+        return len(ids)
+
+    async def flush(self, timeout: float) -> int:
+        """Try to deliver everything now (at shutdown); returns what is still pending."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not await self.deliver_due():
+                break
+        return await self._store.outbox_size()
+
+    async def _deliver(self, item_id: str) -> None:
+        raw = await self._store.outbox_get(item_id)
+        if raw is None:
+            await self._store.outbox_ack(item_id)
+            return
+        item = orjson.loads(raw)
+        body = item["body"].encode()
+        retry_after: float | None = None
+        try:
+            response = await self._client.post(
+                self._url, content=body, headers=sign(self._secret, item["id"], body), timeout=10.0
+            )
+            status = response.status_code
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        except httpx.HTTPError as exc:
+            log.warning("usage webhook %s not delivered: %s", item_id, type(exc).__name__)
+            status = 0
+        if 200 <= status < 300:
+            self._metrics.webhook_deliveries.labels("delivered").inc()
+            await self._store.outbox_ack(item_id)
+        elif status and is_permanent(status):
+            self._metrics.webhook_deliveries.labels("rejected").inc()
+            log.error("usage webhook %s rejected with %s; moved to dead letters", item_id, status)
+            await self._store.set(f"dead:{item_id}", raw, DEAD_LETTER_TTL)
+            await self._store.outbox_ack(item_id)
+        else:
+            self._metrics.webhook_deliveries.labels("retry").inc()
+            item["attempt"] += 1
+            delay = self._backoff.delay(item["attempt"], retry_after)
+            await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)

@@ -1,0 +1,117 @@
+"""OpenAI Chat Completions wire format (OpenAI, OpenRouter, vLLM, llama.cpp, Ollama).
+
+Reference: https://platform.openai.com/docs/api-reference/chat/streaming. We always
+ask for `stream_options.include_usage` so usage comes from the backend; it arrives in
+a last chunk with `choices: []`, and every earlier chunk carries `usage: null`. An
+interrupted stream has no usage chunk at all, and no `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from shared.sse import SSEDecoder
+from stream_edge.upstream.base import (
+    Completion,
+    Delta,
+    Failure,
+    Finish,
+    HttpRequest,
+    Passthrough,
+    UpstreamCall,
+    UpstreamEvent,
+    Usage,
+)
+
+DONE = "[DONE]"
+
+
+def _usage(doc: Any, raw: bytes = b"") -> Usage | None:
+    if not isinstance(doc, dict):
+        return None
+    prompt, completion = doc.get("prompt_tokens"), doc.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return Usage(prompt, completion, raw)
+    return None
+
+
+class OpenAIStreamParser:
+    __slots__ = ("_decoder", "done")
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        for sse in self._decoder.feed(chunk):
+            if sse.data == DONE:
+                self.done = True
+                continue
+            try:
+                doc = orjson.loads(sse.data)
+            except orjson.JSONDecodeError:
+                events.append(Failure("the backend sent a malformed event"))
+                continue
+            events.extend(self._interpret(doc, sse.data.encode()))
+        return events
+
+    @staticmethod
+    def _interpret(doc: Any, raw: bytes) -> list[UpstreamEvent]:
+        if not isinstance(doc, dict):
+            return [Failure("the backend sent a malformed event")]
+        if "error" in doc:
+            error = doc["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            return [Failure(str(message or "the backend reported an error"))]
+        out: list[UpstreamEvent] = []
+        choices = doc.get("choices") or []
+        choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        text = delta.get("content") if delta else None
+        if isinstance(text, str) and text:
+            out.append(Delta(text, raw))
+        if isinstance(choice.get("finish_reason"), str):
+            out.append(Finish(choice["finish_reason"], raw))
+        usage = _usage(doc.get("usage"), raw)
+        if usage is not None:
+            out.append(usage)
+        if not out:
+            out.append(Passthrough(raw))
+        return out
+
+
+class OpenAIChatAdapter:
+    def build_request(self, call: UpstreamCall) -> HttpRequest:
+        body: dict[str, Any] = {
+            **call.params,
+            "model": call.upstream_model,
+            "messages": call.messages,
+            "max_tokens": call.max_tokens,
+            "stream": call.stream,
+        }
+        if call.stream:
+            body["stream_options"] = {"include_usage": True}
+        headers = {"content-type": "application/json", "x-request-id": call.request_id}
+        if call.stream:
+            headers["accept"] = "text/event-stream"
+        if call.api_key:
+            headers["authorization"] = f"Bearer {call.api_key}"
+        return HttpRequest(f"{call.base_url}/chat/completions", headers, orjson.dumps(body))
+
+    def stream_parser(self) -> OpenAIStreamParser:
+        return OpenAIStreamParser()
+
+    def parse_completion(self, body: bytes) -> Completion:
+        try:
+            doc = orjson.loads(body)
+            choice = doc["choices"][0]
+            text = choice["message"].get("content") or ""
+            reason = choice.get("finish_reason") or "stop"
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise ValueError("the backend's answer is malformed") from exc
+        if not isinstance(text, str):
+            raise ValueError("the backend's answer is malformed")
+        return Completion(text=text, finish_reason=str(reason), usage=_usage(doc.get("usage")))

@@ -1,0 +1,32 @@
+"""Build the usage webhook event for a finished stream (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from shared.tokens import StreamGrant
+from shared.webhooks import UsageEvent, iso_utc
+from stream_edge.meter import Meter
+
+
+def usage_event(grant: StreamGrant, provider: str, meter: Meter, status: str) -> UsageEvent:
+    billing = meter.billing()
+    return UsageEvent(
+        jti=grant.jti,
+        reservation_id=grant.reservation_id,
+        company_id=grant.company_id,
+        user_id=grant.user_id,
+        session_id=grant.session_id,
+        request_id=grant.request_id,
+        model=grant.model,
+        provider=provider,
+        status=status,
+        finish_reason=meter.finish_reason,
+        input_tokens=billing.input_tokens,
+        output_tokens=billing.output_tokens,
+        usage_source=billing.source,
+        started_at=iso_utc(meter.started_at),
+        first_token_at=iso_utc(meter.first_token_at) if meter.first_token_at else None,
+        ended_at=iso_utc(datetime.now(UTC)),
+        content=meter.content,
+    )
