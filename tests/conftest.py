@@ -9,10 +9,12 @@ pass.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -43,26 +45,25 @@ def pg_server() -> str:
     return PG_ADMIN_DSN
 
 
-@pytest.fixture
-def pg_database_url(pg_server: str) -> Iterator[str]:
-    """A fresh, empty database for one test, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database(server: str) -> Iterator[str]:
     name = f"llmgw_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
+    with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
-        with psycopg.connect(pg_server, autocommit=True) as conn:
+        with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A unique key prefix on the real Redis; every key under it is deleted afterwards."""
+@contextlib.contextmanager
+def fresh_redis_prefix() -> Iterator[str]:
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
     try:
         client.ping()
     except redis.RedisError as exc:
+        client.close()
         _unavailable("Redis", exc)
     prefix = f"llmgw_t_{uuid.uuid4().hex[:12]}:"
     try:
@@ -72,3 +73,36 @@ def redis_prefix() -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def pg_database_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    with fresh_pg_database(pg_server) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A unique key prefix on the real Redis; every key under it is deleted afterwards."""
+    with fresh_redis_prefix() as prefix:
+        yield prefix
+
+
+@pytest.fixture(scope="module", params=["embedded", "postgres"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """The whole gateway on SQLite + memory, then on PostgreSQL + Redis (one per module)."""
+    from tests.stack import InProcessStack, base_env
+
+    with contextlib.ExitStack() as resources:
+        if request.param == "embedded":
+            path = tmp_path_factory.mktemp("db") / "gateway.db"
+            env = base_env(f"sqlite:///{path}")
+        else:
+            server = request.getfixturevalue("pg_server")
+            url = resources.enter_context(fresh_pg_database(server))
+            prefix = resources.enter_context(fresh_redis_prefix())
+            env = base_env(url, REDIS_URL, prefix)
+        yield resources.enter_context(InProcessStack(env))

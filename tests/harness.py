@@ -32,7 +32,9 @@ def url_of(sock: socket.socket) -> str:
 class ServerGroup:
     """Serve several ASGI apps, each on its own pre-bound socket, in one thread."""
 
-    def __init__(self, apps: list[tuple[Any, socket.socket]], *, startup_timeout: float = 30) -> None:
+    def __init__(
+        self, apps: list[tuple[Any, socket.socket]], *, startup_timeout: float = 30
+    ) -> None:
         self._apps = apps
         self._timeout = startup_timeout
         self._servers: list[uvicorn.Server] = []
@@ -60,7 +62,10 @@ class ServerGroup:
             )
             self._servers.append(uvicorn.Server(config))
         await asyncio.gather(
-            *(server.serve(sockets=[sock]) for server, (_, sock) in zip(self._servers, self._apps, strict=True))
+            *(
+                server.serve(sockets=[sock])
+                for server, (_, sock) in zip(self._servers, self._apps, strict=True)
+            )
         )
 
     def start(self) -> ServerGroup:

@@ -1,0 +1,1 @@
+"""The `llm-gateway` command: runs the services, migrations and admin tasks."""

@@ -1,0 +1,86 @@
+"""`llm-gateway`: one command for every process and task (DESIGN §3)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from shared.logs import configure_logging
+from shared.settings import DEFAULT_DATABASE_URL, ConfigError, Settings
+
+
+def _serve(app_factory: str, host: str, port: int) -> None:
+    from llm_gateway.servers import serve_all, server_for
+
+    settings = Settings.from_env(os.environ)
+    if app_factory == "control-plane":
+        from control_plane.app import create_app as cp_app
+
+        settings.require_encryption_key()
+        app = cp_app(settings)
+    else:
+        from stream_edge.app import create_app as edge_app
+
+        if not settings.redis_url:
+            raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
+        app = edge_app(settings)
+    asyncio.run(serve_all([server_for(app, host, port)]))
+
+
+def _mock(host: str, port: int) -> None:
+    from llm_gateway.servers import serve_all, server_for
+    from mock_llm.app import create_app
+
+    asyncio.run(serve_all([server_for(create_app(), host, port)]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="everything in one process on embedded defaults")
+    dev.add_argument("--port-base", type=int, default=8000)
+    dev.add_argument("--host", default="127.0.0.1")
+    for name, port in (("control-plane", 8000), ("stream-edge", 8001), ("mock-llm", 8002)):
+        cmd = sub.add_parser(name, help=f"serve the {name.replace('-', ' ')}")
+        cmd.add_argument("--host", default="127.0.0.1")
+        cmd.add_argument("--port", type=int, default=port)
+    sub.add_parser("migrate", help="apply database migrations")
+    from llm_gateway.admin import add_admin_parser
+
+    add_admin_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(os.environ.get("LLMGW_LOG_LEVEL", "INFO"))
+    try:
+        if args.command == "dev":
+            from llm_gateway.dev import run_dev
+
+            asyncio.run(run_dev(args.port_base, args.host))
+        elif args.command in ("control-plane", "stream-edge"):
+            _serve(args.command, args.host, args.port)
+        elif args.command == "mock-llm":
+            _mock(args.host, args.port)
+        elif args.command == "migrate":
+            from control_plane.migrate import upgrade
+
+            upgrade(os.environ.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL)
+        elif args.command == "admin":
+            from llm_gateway.admin import run_admin
+
+            return run_admin(args)
+    except ConfigError as exc:
+        print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`llm-gateway dev`: the whole product in one process, nothing to install.
+
+Mock LLM, control plane and edge share one event loop and one in-memory store, with
+SQLite on disk. Secrets are generated on first start and kept in `var/dev-secrets.json`
+so the encrypted signing keys in the database stay readable across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+from shared.catalog import Catalog
+from shared.settings import Settings
+from shared.store_memory import MemoryStore
+from shared.webhooks import generate_secret
+
+SECRETS_FILE = Path("var/dev-secrets.json")
+
+
+def dev_secrets(path: Path = SECRETS_FILE) -> dict[str, str]:
+    if path.exists():
+        stored: dict[str, str] = json.loads(path.read_text())
+        return stored
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = {
+        "LLMGW_WEBHOOK_SECRET": generate_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    path.write_text(json.dumps(fresh))
+    path.chmod(0o600)
+    return fresh
+
+
+def dev_env(environ: Mapping[str, str], port_base: int) -> dict[str, str]:
+    env = {**dev_secrets(), **environ}
+    env.setdefault("LLMGW_CONTROL_PLANE_URL", f"http://127.0.0.1:{port_base}")
+    env.setdefault("LLMGW_EDGE_PUBLIC_URL", f"http://127.0.0.1:{port_base + 1}")
+    env.setdefault(
+        "LLMGW_CORS_ORIGINS", f"http://127.0.0.1:{port_base},http://localhost:{port_base}"
+    )
+    env.setdefault("LLMGW_AUTO_MIGRATE", "1")
+    return env
+
+
+def with_mock_at(catalog: Catalog, url: str) -> Catalog:
+    """Point the packaged `mock` provider at this run's mock port."""
+    if "mock" not in catalog.providers:
+        return catalog
+    providers = dict(catalog.providers)
+    providers["mock"] = dataclasses.replace(providers["mock"], base_url=url)
+    return dataclasses.replace(catalog, providers=providers)
+
+
+async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
+    from control_plane.app import create_app as control_plane_app
+    from control_plane.seed import seed_demo
+
+    from control_plane.migrate import upgrade
+    from llm_gateway.servers import serve_all, server_for
+    from mock_llm.app import create_app as mock_app
+    from stream_edge.app import create_app as edge_app
+
+    settings = Settings.from_env(dev_env(os.environ, port_base), dev=True)
+    settings = dataclasses.replace(
+        settings, catalog=with_mock_at(settings.catalog, f"http://127.0.0.1:{port_base + 2}/v1")
+    )
+    if settings.database_url.startswith("sqlite:///var/"):
+        Path("var").mkdir(exist_ok=True)
+    await asyncio.to_thread(upgrade, settings.database_url)
+    api_key = await seed_demo(settings)
+    store = MemoryStore()
+    servers = [
+        server_for(control_plane_app(settings, store), host, port_base),
+        server_for(edge_app(settings, store), host, port_base + 1),
+        server_for(mock_app(), host, port_base + 2),
+    ]
+    cp = f"http://127.0.0.1:{port_base}"
+    print(
+        f"""
+  LLM Gateway is running (embedded mode: SQLite + in-memory store)
+
+    demo page       {cp}/
+    control plane   {cp}
+    stream edge     {settings.edge_public_url}
+    mock LLM        http://127.0.0.1:{port_base + 2}/v1
+
+  Sign in as demo@example.com / demo, or use this demo API key (shown once):
+
+    export LLMGW_API_KEY={api_key}
+    curl -s -X POST {cp}/v1/chat/init -H "Authorization: Bearer $LLMGW_API_KEY" \\
+         -H 'Content-Type: application/json' -d '{{"query": "Hello!"}}'
+    # then open the returned stream_url, e.g. curl -N "<stream_url>"
+
+  Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+    await serve_all(servers)

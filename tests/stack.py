@@ -1,0 +1,159 @@
+"""The whole gateway (mock LLM, control plane, edge) on ephemeral ports, for tests.
+
+`InProcessStack` runs the three apps in one background thread, like `llm-gateway
+dev`; with a Redis URL each app opens its own Redis store, exactly as separate
+processes would. `Client` holds the small HTTP conveniences the tests share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from control_plane.app import create_app as control_plane_app
+from cryptography.fernet import Fernet
+
+from llm_gateway.dev import with_mock_at
+from mock_llm.app import create_app as mock_app
+from shared.settings import Settings
+from shared.store_memory import MemoryStore
+from stream_edge.app import create_app as edge_app
+from tests.conftest import new_webhook_secret
+from tests.harness import ServerGroup, bind_free_socket, url_of
+
+ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
+
+
+def micro(credits: str) -> int:
+    """A six-decimal credits string as integer micro-credits (exact)."""
+    return int(Decimal(credits) * 1_000_000)
+
+
+def base_env(database_url: str, redis_url: str | None = None, prefix: str = "") -> dict[str, str]:
+    env = {
+        "LLMGW_DATABASE_URL": database_url,
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "LLMGW_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LLMGW_AUTO_MIGRATE": "1",
+    }
+    if redis_url:
+        env["LLMGW_REDIS_URL"] = redis_url
+        env["LLMGW_REDIS_PREFIX"] = prefix
+    return env
+
+
+class Client:
+    """HTTP helpers against a running stack."""
+
+    def __init__(self, cp_url: str, edge_url: str, mock_url: str, webhook_secret: str) -> None:
+        self.cp_url = cp_url
+        self.edge_url = edge_url
+        self.mock_url = mock_url
+        self.webhook_secret = webhook_secret
+        self.http = httpx.Client(timeout=30)
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
+        return self.http.request(method, self.cp_url + path, headers=headers, **kwargs)
+
+    def as_user(self, token: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+        return self.http.request(method, self.cp_url + path, headers=headers, **kwargs)
+
+    def new_company(self, credits: str = "10") -> str:
+        response = self.admin(
+            "POST",
+            "/v1/admin/companies",
+            json={"name": f"co-{uuid.uuid4().hex[:10]}", "credits": credits},
+        )
+        assert response.status_code == 201, response.text
+        company_id: str = response.json()["data"]["id"]
+        return company_id
+
+    def new_user(self, company_id: str, role: str = "member", password: str = "pw-123456") -> str:
+        """A user in `company_id`; returns an access token from a real login."""
+        email = f"u-{uuid.uuid4().hex[:10]}@example.com"
+        response = self.admin(
+            "POST",
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": email, "password": password, "role": role},
+        )
+        assert response.status_code == 201, response.text
+        login = self.http.post(
+            f"{self.cp_url}/v1/auth/login", json={"email": email, "password": password}
+        )
+        assert login.status_code == 200, login.text
+        token: str = login.json()["data"]["access_token"]
+        return token
+
+    def init(self, token: str, body: dict[str, Any]) -> httpx.Response:
+        return self.as_user(token, "POST", "/v1/chat/init", json=body)
+
+    def init_ok(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.init(token, body)
+        assert response.status_code == 201, response.text
+        data: dict[str, Any] = response.json()["data"]
+        return data
+
+    def credits(self, token: str) -> dict[str, str]:
+        response = self.as_user(token, "GET", "/v1/me")
+        assert response.status_code == 200, response.text
+        credits: dict[str, str] = response.json()["data"]["credits"]
+        return credits
+
+    def mock_stats(self) -> dict[str, int]:
+        stats: dict[str, int] = self.http.get(f"{self.mock_url}/_mock/stats").json()
+        return stats
+
+    def wait_usage(self, token: str, reservation_id: str, timeout: float = 15) -> dict[str, Any]:
+        """Poll `/v1/usage` until the reservation's record appears (the webhook landed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = self.as_user(token, "GET", "/v1/usage")
+            assert response.status_code == 200, response.text
+            for item in response.json()["data"]["items"]:
+                if item["reservation_id"] == reservation_id:
+                    found: dict[str, Any] = item
+                    return found
+            time.sleep(0.05)
+        raise AssertionError(f"reservation {reservation_id} was not settled in {timeout}s")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class InProcessStack:
+    def __init__(self, env: dict[str, str]) -> None:
+        socks = [bind_free_socket() for _ in range(3)]
+        mock_sock, cp_sock, edge_sock = socks
+        env = {
+            **env,
+            "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
+            "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
+        }
+        settings = Settings.from_env(env)
+        self.settings = dataclasses.replace(
+            settings, catalog=with_mock_at(settings.catalog, f"{url_of(mock_sock)}/v1")
+        )
+        store = None if self.settings.redis_url else MemoryStore()
+        self.control_plane = control_plane_app(self.settings, store)
+        self.edge = edge_app(self.settings, store)
+        self.group = ServerGroup(
+            [(mock_app(), mock_sock), (self.control_plane, cp_sock), (self.edge, edge_sock)]
+        )
+        self.client = Client(
+            url_of(cp_sock), url_of(edge_sock), url_of(mock_sock), env["LLMGW_WEBHOOK_SECRET"]
+        )
+
+    def __enter__(self) -> InProcessStack:
+        self.group.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.group.stop()
