@@ -74,7 +74,7 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     if settings.database_url.startswith("sqlite:///var/"):
         Path("var").mkdir(exist_ok=True)
     await asyncio.to_thread(upgrade, settings.database_url)
-    api_key = await seed_demo(settings)
+    api_key = await seed_demo(settings.database_url)
     store = MemoryStore()
     servers = [
         server_for(control_plane_app(settings, store), host, port_base),

@@ -210,10 +210,10 @@ def test_edge_rejects_access_tokens_and_garbage(stack: InProcessStack) -> None:
     c = stack.client
     access = c.new_user(c.new_company("5"))
     before = c.mock_stats()["requests"]
-    for bearer in (access, "not-a-jwt", ""):
+    for headers in ({"Authorization": f"Bearer {access}"}, {"Authorization": "Bearer x.y"}, {}):
         response = c.http.post(
             f"{c.edge_url}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {bearer}"},
+            headers=headers,
             json={"messages": [{"role": "user", "content": "hi"}]},
         )
         assert response.status_code == 401, response.text
