@@ -28,6 +28,8 @@ class RedactingFilter(logging.Filter):
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Alembic narrates every plugin at INFO; only its warnings matter to an operator.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     redacting = RedactingFilter()
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
