@@ -60,9 +60,8 @@ def with_mock_at(catalog: Catalog, url: str) -> Catalog:
 
 async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     from control_plane.app import create_app as control_plane_app
-    from control_plane.seed import seed_demo
-
     from control_plane.migrate import upgrade
+    from control_plane.seed import seed_demo
     from llm_gateway.servers import serve_all, server_for
     from mock_llm.app import create_app as mock_app
     from stream_edge.app import create_app as edge_app

@@ -1,0 +1,180 @@
+"""Companies, users and API keys: the admin use cases. Each runs in one
+transaction and checks its policy there, against the rows it is about to touch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane import policy
+from control_plane.credentials import new_api_key
+from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from control_plane.ledger import grant
+from control_plane.policy import Principal
+from control_plane.tables import ApiKey, Company, User, new_id, utcnow
+from shared.pricing import format_credits
+
+
+def actor_of(p: Principal) -> str:
+    return p.user_id or "admin_token"
+
+
+def normalise_email(value: str) -> str:
+    email = value.strip().lower()
+    local, at, domain = email.partition("@")
+    if not at or not local or "." not in domain or any(c.isspace() for c in email):
+        raise ValidationFailed("email", "must be an email address")
+    return email
+
+
+def find_user_by_email(session: Session, email: str) -> User | None:
+    return session.scalars(select(User).where(col(User.email) == email)).first()
+
+
+def company_public(company: Company) -> dict[str, Any]:
+    return {
+        "id": company.id,
+        "name": company.name,
+        "credits": format_credits(company.balance_micro),
+    }
+
+
+def create_company(
+    session: Session, p: Principal, name: str, credits_micro: int, request_id: str
+) -> Company:
+    if not policy.can_create_company(p):
+        raise Forbidden("Only a platform admin can create companies.")
+    if session.scalars(select(Company).where(col(Company.name) == name)).first() is not None:
+        raise Conflict(f"A company named {name!r} already exists.")
+    company = Company(
+        id=new_id(),
+        name=name,
+        balance_micro=0,
+        held_micro=0,
+        default_model=None,
+        created_at=utcnow(),
+    )
+    session.add(company)
+    session.flush()
+    if credits_micro > 0:
+        grant(
+            session,
+            company.id,
+            credits_micro,
+            reason="initial credits",
+            actor=actor_of(p),
+            request_id=request_id,
+        )
+        session.refresh(company)
+    return company
+
+
+def user_public(user: User) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "role": user.role, "company_id": user.company_id}
+
+
+def create_user(
+    session: Session,
+    p: Principal,
+    *,
+    company_id: str,
+    email: str,
+    password_hash: str | None,
+    role: str,
+) -> User:
+    if not policy.can_admin_company(p, company_id):
+        raise Forbidden("You cannot add users to this company.")
+    if not policy.can_assign_role(p, role):
+        raise Forbidden("Only a platform admin can create admins.")
+    if session.get(Company, company_id) is None:
+        raise NotFound("No such company.")
+    if find_user_by_email(session, email) is not None:
+        raise Conflict("A user with this email already exists.")
+    user = User(
+        id=new_id(),
+        company_id=company_id,
+        email=email,
+        password_hash=password_hash,
+        role=role,
+        created_at=utcnow(),
+    )
+    session.add(user)
+    session.flush()
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    id: str
+    key: str
+    prefix: str
+    scopes: list[str]
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "key": self.key, "prefix": self.prefix, "scopes": self.scopes}
+
+
+def key_scopes(requested: Any, role: str) -> list[str]:
+    """The scopes a new key gets: a non-empty subset of its user's role scopes,
+    default all of them."""
+    allowed = policy.scopes_for_role(role)
+    if requested is None:
+        return list(allowed)
+    if (
+        not isinstance(requested, list)
+        or not requested
+        or not all(isinstance(s, str) for s in requested)
+    ):
+        raise ValidationFailed("scopes", "must be a non-empty array of scope strings")
+    extra = sorted(set(requested) - set(allowed))
+    if extra:
+        raise ValidationFailed(
+            "scopes", f"{', '.join(extra)} not allowed for role {role} ({', '.join(allowed)})"
+        )
+    return [s for s in allowed if s in requested]
+
+
+def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) -> CreatedKey:
+    user = session.get(User, user_id)
+    if user is None or not policy.can_admin_company(p, user.company_id):
+        raise NotFound("No such user.")
+    granted = key_scopes(scopes, user.role)
+    new = new_api_key()
+    row = ApiKey(
+        id=new_id(),
+        user_id=user.id,
+        prefix=new.prefix,
+        key_hash=new.key_hash,
+        scopes=orjson.dumps(granted).decode(),
+        created_at=utcnow(),
+        revoked_at=None,
+        last_used_at=None,
+    )
+    session.add(row)
+    session.flush()
+    return CreatedKey(id=row.id, key=new.key, prefix=new.prefix, scopes=granted)
+
+
+def revoke_api_key(session: Session, p: Principal, key_id: str) -> None:
+    row = session.execute(
+        select(ApiKey, User)
+        .join(User, col(User.id) == col(ApiKey.user_id))
+        .where(col(ApiKey.id) == key_id)
+    ).first()
+    if row is None:
+        raise NotFound("No such API key.")
+    _, user = row
+    if not policy.can_admin_company(p, user.company_id):
+        raise NotFound("No such API key.")
+    # Already revoked: revoking again is a no-op.
+    session.execute(
+        update(ApiKey)
+        .where(col(ApiKey.id) == key_id)
+        .where(col(ApiKey.revoked_at).is_(None))
+        .values(revoked_at=utcnow())
+    )

@@ -1,0 +1,122 @@
+"""The control plane's ASGI app: `create_app(settings)`.
+
+The lifespan owns every resource: it migrates (when ``LLMGW_AUTO_MIGRATE``), opens
+the database and the store, makes sure an active signing key exists, starts the
+hold sweeper, and closes all of it on the way out. Nothing happens at import time;
+each call builds an independent app (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from control_plane.db import Database
+from control_plane.deps import Deps
+from control_plane.errors import AppError, error_response, from_http_exception
+from control_plane.metrics import Metrics
+from control_plane.middleware import RequestContextMiddleware
+from control_plane.migrate import current, head, upgrade
+from control_plane.routes import all_routes
+from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
+from control_plane.sweeper import run_sweeper
+from shared.settings import Settings
+from shared.store import Store, open_store
+
+log = logging.getLogger("control_plane")
+
+
+async def _app_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(from_http_exception(exc))
+
+
+def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+    """Build the control plane.
+
+    `store`: pass one to share it (``llm-gateway dev`` shares its in-memory store with
+    the edge); the app then uses it but does not close it. Without one, the lifespan
+    opens ``settings.redis_url`` (or an in-memory store) and closes it.
+    """
+    fernet = make_fernet(settings.require_encryption_key())
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await asyncio.to_thread(upgrade, settings.database_url)
+        elif await asyncio.to_thread(current, settings.database_url) != head():
+            raise RuntimeError(
+                "the database schema is not up to date: run `llm-gateway migrate` "
+                "or set LLMGW_AUTO_MIGRATE=1"
+            )
+        db = Database(settings.database_url)
+        own_store = store is None
+        active_store = (
+            store
+            if store is not None
+            else open_store(settings.redis_url, prefix=settings.redis_prefix)
+        )
+        sweeper: asyncio.Task[None] | None = None
+        try:
+            snapshot = await db.transaction(lambda s: load_snapshot(s, fernet))
+            deps = Deps(
+                settings=settings,
+                db=db,
+                store=active_store,
+                fernet=fernet,
+                keyring=KeyRing(snapshot),
+                metrics=metrics,
+            )
+            app.state.deps = deps
+            app.state.settings = settings
+            app.state.sessions = db.sessions
+            app.state.db = db
+            app.state.keyring = deps.keyring
+            app.state.store = active_store
+            app.state.metrics = metrics
+            sweeper = asyncio.create_task(run_sweeper(db, metrics), name="hold-sweeper")
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+            if own_store:
+                await active_store.close()
+            await asyncio.to_thread(db.close)
+
+    middleware = [Middleware(RequestContextMiddleware, metrics=metrics)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
+                expose_headers=["X-Request-Id"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=all_routes(),
+        middleware=middleware,
+        exception_handlers={AppError: _app_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,145 @@
+"""Who is calling: ``Authorization: Bearer <x>`` → `Principal`, or 401.
+
+`x` is one of
+* ``LLMGW_ADMIN_TOKEN`` (constant-time compare) → the platform admin, no company;
+* an API key ``sk_…`` → looked up by SHA-256, refused once revoked;
+* an access token from ``/v1/auth/login``: an EdDSA JWT with audience ``llm-api``,
+  verified with our own keys (the edge refuses it: its audience is ``llm-stream``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+from sqlmodel import col
+from starlette.requests import Request
+
+from control_plane.credentials import hash_api_key, looks_like_api_key
+from control_plane.deps import Deps, get_deps
+from control_plane.errors import Unauthenticated
+from control_plane.policy import Principal, scopes_for_role
+from control_plane.tables import ApiKey, User, utcnow
+from shared.tokens import (
+    API_AUDIENCE,
+    ISSUER,
+    TokenRejected,
+    decode_verified,
+    sign_token,
+    unverified_kid,
+)
+
+ACCESS_TOKEN_TTL_SECONDS = 3600
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write on every request
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        raise Unauthenticated()
+    return value
+
+
+def user_principal(user: User, via: str, scopes: tuple[str, ...] | None = None) -> Principal:
+    role_scopes = scopes_for_role(user.role)
+    granted = role_scopes if scopes is None else tuple(s for s in role_scopes if s in scopes)
+    return Principal(
+        user_id=user.id,
+        company_id=user.company_id,
+        role=user.role,
+        scopes=frozenset(granted),
+        via=via,
+    )
+
+
+def admin_token_principal() -> Principal:
+    return Principal(
+        user_id=None, company_id=None, role="admin", scopes=frozenset(), via="admin_token"
+    )
+
+
+def api_key_principal(session: Session, key: str) -> Principal | None:
+    """Look the key up; None when unknown or revoked. Records `last_used_at`."""
+    row = session.execute(
+        select(ApiKey, User)
+        .join(User, col(User.id) == col(ApiKey.user_id))
+        .where(col(ApiKey.key_hash) == hash_api_key(key))
+    ).first()
+    if row is None:
+        return None
+    api_key, user = row
+    if api_key.revoked_at is not None:
+        return None
+    now = utcnow()
+    session.execute(
+        update(ApiKey)
+        .where(col(ApiKey.id) == api_key.id)
+        .where(
+            or_(
+                col(ApiKey.last_used_at).is_(None),
+                col(ApiKey.last_used_at) < now - LAST_USED_RESOLUTION,
+            )
+        )
+        .values(last_used_at=now)
+    )
+    scopes = orjson.loads(api_key.scopes)
+    return user_principal(user, "api_key", tuple(str(s) for s in scopes))
+
+
+def issue_access_token(deps: Deps, user_id: str) -> str:
+    kid, key = deps.keyring.active()
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": API_AUDIENCE,
+        "sub": user_id,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ACCESS_TOKEN_TTL_SECONDS,
+        "jti": uuid.uuid4().hex,
+    }
+    return sign_token(claims, key, kid)
+
+
+async def _access_token_principal(deps: Deps, token: str) -> Principal:
+    try:
+        kid = unverified_kid(token)
+        keyring = await deps.fresh_keyring()
+        public_key = keyring.public_key(kid)
+        if public_key is None:
+            keyring = await deps.fresh_keyring(unknown_kid=True)
+            public_key = keyring.public_key(kid)
+        if public_key is None:
+            raise Unauthenticated("The access token was signed by an unknown key.")
+        claims = decode_verified(token, public_key, audience=API_AUDIENCE)
+    except TokenRejected as exc:
+        raise Unauthenticated(f"The access token is not valid: {exc.message}.") from None
+    user_id = str(claims["sub"])
+    user = await deps.db.transaction(lambda s: s.get(User, user_id))
+    if user is None:
+        raise Unauthenticated("The access token's user no longer exists.")
+    return user_principal(user, "access_token")
+
+
+async def authenticate(request: Request) -> Principal:
+    deps = get_deps(request)
+    token = bearer_token(request)
+    admin_token = deps.settings.admin_token
+    if admin_token is not None and hmac.compare_digest(
+        token.encode("utf-8"), admin_token.reveal().encode("utf-8")
+    ):
+        return admin_token_principal()
+    if looks_like_api_key(token):
+        principal = await deps.db.transaction(lambda s: api_key_principal(s, token))
+        if principal is None:
+            raise Unauthenticated("The API key is unknown or revoked.")
+        return principal
+    return await _access_token_principal(deps, token)

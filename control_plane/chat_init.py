@@ -1,0 +1,215 @@
+"""``POST /v1/chat/init``: validate, hold credits, stash the request, mint the token.
+
+The pure part (`chat_request.parse_init_request`, `resolve_model`, `plan_hold`) decides
+everything that can be decided from the body and the catalog; `init_chat` is the
+shell: one transaction that reserves the hold and records the session, then the
+stash in the store and the signed stream token (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from control_plane import chat_sessions
+from control_plane.chat_request import InitRequest
+from control_plane.deps import Deps
+from control_plane.errors import (
+    Forbidden,
+    InputTooLarge,
+    ModelNotFound,
+    ServiceUnavailable,
+    SessionNotFound,
+    ValidationFailed,
+)
+from control_plane.ledger import release_reservation, take_hold
+from control_plane.policy import Principal, can_chat, can_use_session
+from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
+from shared.catalog import Catalog, ModelSpec
+from shared.pricing import cost_micro, estimate_input_tokens, format_credits
+from shared.stash import StashedRequest, stash_key
+from shared.tokens import ALL_SCOPES, sign_token, stream_claims
+
+log = logging.getLogger("control_plane.chat_init")
+
+STASH_EXTRA_TTL_SECONDS = 600  # outlive the token so a resume still finds the request
+
+
+def resolve_model(
+    catalog: Catalog, requested: str | None, company_default: str | None
+) -> ModelSpec:
+    """The requested model, else the company's default, else the catalog's."""
+    if requested is not None:
+        model = catalog.model(requested)
+        if model is None:
+            raise ModelNotFound(f"No model named {requested!r}.")
+        return model
+    if company_default is not None and (model := catalog.model(company_default)) is not None:
+        return model
+    default = catalog.model(catalog.default_model)
+    assert default is not None  # the catalog parser guarantees it
+    return default
+
+
+@dataclass(frozen=True, slots=True)
+class HoldPlan:
+    max_tokens: int
+    input_estimate: int
+    hold_micro: int
+
+
+def plan_hold(model: ModelSpec, messages: list[dict[str, str]], max_tokens: int | None) -> HoldPlan:
+    """The worst case: the input estimate plus `max_tokens` output, at the model's price."""
+    if max_tokens is None:
+        max_tokens = model.max_output_tokens
+    elif max_tokens > model.max_output_tokens:
+        raise ValidationFailed(
+            "max_tokens", f"must be at most {model.max_output_tokens} for {model.id}"
+        )
+    estimate = estimate_input_tokens(messages)
+    if estimate + max_tokens > model.context_length:
+        raise InputTooLarge(
+            f"The input (about {estimate} tokens) plus max_tokens ({max_tokens}) exceeds "
+            f"{model.id}'s context of {model.context_length} tokens."
+        )
+    return HoldPlan(max_tokens, estimate, cost_micro(estimate, max_tokens, model.price))
+
+
+@dataclass(frozen=True, slots=True)
+class _Reserved:
+    reservation: Reservation
+    messages: list[dict[str, str]]
+
+
+def _reserve(
+    session: Session,
+    catalog: Catalog,
+    principal: Principal,
+    req: InitRequest,
+    *,
+    jti: str,
+    request_id: str,
+    now: datetime,
+    hold_expires_at: datetime,
+) -> _Reserved:
+    assert principal.user_id is not None and principal.company_id is not None
+    company = session.get(Company, principal.company_id)
+    if company is None:
+        raise Forbidden("Your company no longer exists.")
+    model = resolve_model(catalog, req.model, company.default_model)
+    chat: ChatSession | None = None
+    if req.session_id is not None:
+        chat = session.get(ChatSession, req.session_id)
+        if chat is None or not can_use_session(principal, chat.user_id, chat.company_id):
+            raise SessionNotFound()
+    if req.query is not None:
+        new_turn = [{"role": "user", "content": req.query}]
+        messages = (chat_sessions.history(session, chat.id) if chat else []) + new_turn
+    else:
+        assert req.messages is not None
+        messages = req.messages
+        # The client owns the history; an existing session records only the new turn.
+        new_turn = messages if chat is None else [m for m in messages[-1:] if m["role"] == "user"]
+    plan = plan_hold(model, messages, req.max_tokens)
+    if chat is None:
+        chat = chat_sessions.create_session(
+            session, company.id, principal.user_id, chat_sessions.title_from(messages), now
+        )
+    reservation = Reservation(
+        id=new_id(),
+        company_id=company.id,
+        user_id=principal.user_id,
+        jti=jti,
+        session_id=chat.id,
+        request_id=request_id,
+        model=model.id,
+        provider=model.provider,
+        hold_micro=plan.hold_micro,
+        input_estimate=plan.input_estimate,
+        max_tokens=plan.max_tokens,
+        price_input_per_mtok=str(model.price.input_per_mtok),
+        price_output_per_mtok=str(model.price.output_per_mtok),
+        status="active",
+        charged_micro=None,
+        created_at=now,
+        expires_at=hold_expires_at,
+        settled_at=None,
+    )
+    # Lock order, as in settlement: the company row (the hold), then the session row.
+    take_hold(session, reservation)
+    chat_sessions.append_messages(session, chat.id, new_turn)
+    return _Reserved(reservation, messages)
+
+
+def _iso_z(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def init_chat(
+    deps: Deps, principal: Principal, req: InitRequest, request_id: str
+) -> dict[str, Any]:
+    """Reserve, stash, mint. Returns the response's `data`."""
+    if not can_chat(principal):
+        raise Forbidden("This needs a user with the llm:chat:send scope.")
+    settings = deps.settings
+    now = utcnow()
+    issued = int(now.timestamp())
+    ttl = settings.token_ttl_seconds
+    jti = uuid.uuid4().hex
+    hold_expires_at = datetime.fromtimestamp(issued + ttl + settings.hold_grace_seconds, UTC)
+    reserved = await deps.db.transaction(
+        lambda s: _reserve(
+            s,
+            settings.catalog,
+            principal,
+            req,
+            jti=jti,
+            request_id=request_id,
+            now=now,
+            hold_expires_at=hold_expires_at,
+        )
+    )
+    reservation = reserved.reservation
+    try:
+        stash = StashedRequest(messages=reserved.messages, params=req.params)
+        await deps.store.set(stash_key(jti), stash.dumps(), ttl + STASH_EXTRA_TTL_SECONDS)
+    except Exception:
+        log.exception("could not stash request %s; releasing its hold", request_id)
+        await deps.db.transaction(lambda s: release_reservation(s, reservation.id, "stash failed"))
+        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+    deps.metrics.reserved(reservation.hold_micro)
+    assert principal.user_id is not None and principal.company_id is not None
+    claims = stream_claims(
+        user_id=principal.user_id,
+        company_id=principal.company_id,
+        role=principal.role,
+        scopes=[s for s in ALL_SCOPES if s in principal.scopes],
+        session_id=reservation.session_id,
+        model=reservation.model,
+        max_tokens=reservation.max_tokens,
+        max_input_tokens=reservation.input_estimate,
+        reservation_id=reservation.id,
+        request_id=request_id,
+        now=issued,
+        ttl_seconds=ttl,
+        jti=jti,
+    )
+    kid, key = deps.keyring.active()
+    token = sign_token(claims, key, kid)
+    edge = settings.edge_public_url
+    return {
+        "stream_token": token,
+        "stream_url": f"{edge}/v1/stream?token={token}",
+        "completions_url": f"{edge}/v1/chat/completions",
+        "expires_at": _iso_z(claims["exp"]),
+        "session_id": reservation.session_id,
+        "model": reservation.model,
+        "max_tokens": reservation.max_tokens,
+        "reservation_id": reservation.id,
+        "reserved_credits": format_credits(reservation.hold_micro),
+    }

@@ -1,0 +1,104 @@
+"""The body of ``POST /v1/chat/init``, validated: pure functions, no I/O.
+
+Exactly one of `messages` (the client owns the history) and `query` (appended to a
+stored session's history). Optional `model`, `session_id`, `max_tokens`, and the
+sampling parameters passed through to the backend (`temperature`, `top_p`, `stop`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from control_plane.errors import ValidationFailed
+from control_plane.validation import optional_int, optional_str
+
+MESSAGE_ROLES = ("system", "user", "assistant")
+QUERY_MAX_CHARS = 2000
+MAX_MESSAGES = 1000
+STOP_MAX = 4
+
+
+@dataclass(frozen=True, slots=True)
+class InitRequest:
+    model: str | None
+    messages: list[dict[str, str]] | None
+    query: str | None
+    session_id: str | None
+    max_tokens: int | None
+    params: dict[str, Any]
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ValidationFailed("messages", "must be a non-empty array")
+    if len(value) > MAX_MESSAGES:
+        raise ValidationFailed("messages", f"must have at most {MAX_MESSAGES} items")
+    result = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValidationFailed(f"messages[{i}]", "must be an object")
+        role = item.get("role")
+        if role not in MESSAGE_ROLES:
+            raise ValidationFailed(
+                f"messages[{i}].role", f"must be one of {', '.join(MESSAGE_ROLES)}"
+            )
+        content = item.get("content")
+        if not isinstance(content, str):
+            raise ValidationFailed(f"messages[{i}].content", "must be a string")
+        result.append({"role": str(role), "content": content})
+    return result
+
+
+def _number(doc: dict[str, Any], name: str, low: float, high: float) -> float | int | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationFailed(name, "must be a number")
+    if not low <= value <= high:
+        raise ValidationFailed(name, f"must be between {low:g} and {high:g}")
+    return value
+
+
+def _params(doc: dict[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        value = _number(doc, name, low, high)
+        if value is not None:
+            params[name] = value
+    stop = doc.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if (
+            not isinstance(stops, list)
+            or not 1 <= len(stops) <= STOP_MAX
+            or not all(isinstance(s, str) and s for s in stops)
+        ):
+            raise ValidationFailed("stop", f"must be a string or 1-{STOP_MAX} strings")
+        params["stop"] = stops
+    return params
+
+
+def parse_init_request(doc: dict[str, Any]) -> InitRequest:
+    """Validate an init body: exactly one of `messages` and `query`."""
+    has_messages = doc.get("messages") is not None
+    has_query = doc.get("query") is not None
+    if has_messages == has_query:
+        raise ValidationFailed("messages", "send exactly one of messages or query")
+    query = None
+    if has_query:
+        query = doc["query"]
+        if not isinstance(query, str) or not query.strip():
+            raise ValidationFailed("query", "must be a non-empty string")
+        if len(query) > QUERY_MAX_CHARS:
+            raise ValidationFailed("query", f"must be at most {QUERY_MAX_CHARS} characters")
+    return InitRequest(
+        model=optional_str(doc, "model"),
+        messages=_messages(doc["messages"]) if has_messages else None,
+        query=query,
+        session_id=optional_str(doc, "session_id", max_len=64),
+        max_tokens=optional_int(doc, "max_tokens", low=1, high=2**31 - 1),
+        params=_params(doc),
+    )

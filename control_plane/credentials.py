@@ -1,0 +1,62 @@
+"""Passwords (argon2id) and API keys (``sk_…``).
+
+Password hashing is deliberately slow (tens of ms): callers run it off the event
+loop (`asyncio.to_thread`). API keys are 256 bits from `secrets`, so a single fast
+SHA-256 is the right hash for them: there is nothing to brute-force, and the lookup
+by hash stays a cheap unique-index probe on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+API_KEY_PREFIX = "sk_"
+_DISPLAY_PREFIX_LEN = 11  # "sk_" + 8 characters: enough to tell keys apart in a list
+
+# The hash of a random, forgotten password: verifying unknown emails against it
+# makes "no such user" take as long as "wrong password".
+_DUMMY_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$"
+    "8V7UK+hLsbchNaEAM5sZvw$"
+    "BsaFFThxkVguFLT0LsHZ8Xk0uIgDaVys0ds/EXid4o8"
+)
+_hasher = PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    return str(_hasher.hash(password))
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """Constant-ish time whether or not the user exists (`password_hash` None)."""
+    try:
+        return bool(_hasher.verify(password_hash or _DUMMY_HASH, password)) and (
+            password_hash is not None
+        )
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class NewApiKey:
+    key: str  # shown once, never stored
+    prefix: str
+    key_hash: str
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def looks_like_api_key(value: str) -> bool:
+    return value.startswith(API_KEY_PREFIX)
+
+
+def new_api_key() -> NewApiKey:
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    return NewApiKey(key=key, prefix=key[:_DISPLAY_PREFIX_LEN], key_hash=hash_api_key(key))

@@ -1,0 +1,123 @@
+"""Database URLs, the engine, and running a use case's transaction off the event loop.
+
+The app talks to the database through SQLAlchemy's sync API on a small thread pool
+owned by `Database`: `await db.transaction(fn)` runs ``fn(session)`` in a worker
+thread inside one transaction (commit on return, rollback on raise). Use cases are
+plain functions of a `Session`, so no blocking call ever runs on the event loop and
+each use case owns exactly one transaction. (SQLAlchemy 2.1's asyncio extension
+needs greenlet, which is not a dependency; the thread pool also bounds how many
+transactions run at once to the connection pool's size.)
+
+SQLite gets WAL, a busy timeout and foreign keys on every connection, and every
+transaction starts with ``BEGIN IMMEDIATE`` so concurrent writers queue on the busy
+timeout instead of failing with "database is locked" when a read transaction tries
+to upgrade to a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+POOL_SIZE = 10
+
+Sessions = sessionmaker[Session]
+
+
+def _with_driver(database_url: str) -> URL:
+    url = make_url(database_url)
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return url.set(drivername="sqlite")
+    if backend == "postgresql":
+        return url.set(drivername="postgresql+psycopg")
+    raise ValueError(f"unsupported database URL scheme: {url.drivername!r}")
+
+
+def engine_url(database_url: str) -> URL:
+    """``sqlite:///…`` (pysqlite) or ``postgresql+psycopg://…`` (psycopg 3), whatever
+    driver the configured URL named (``postgresql://``, ``sqlite+aiosqlite://`` …)."""
+    return _with_driver(database_url)
+
+
+def prepare_sqlite_path(url: URL) -> None:
+    """Create the parent directory of a file database (``sqlite:///var/x.db``)."""
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Driver-level autocommit: the "begin" hook below issues BEGIN itself.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_sync_engine(database_url: str, *, pool_size: int = POOL_SIZE) -> Engine:
+    url = engine_url(database_url)
+    prepare_sqlite_path(url)
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=30)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0, pool_timeout=30
+    )
+
+
+class Database:
+    """The engine, the session factory and the worker threads that use them."""
+
+    def __init__(self, database_url: str, *, pool_size: int = POOL_SIZE) -> None:
+        self.engine = create_sync_engine(database_url, pool_size=pool_size)
+        self.sessions: Sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="db")
+
+    def _in_transaction(self, fn: Callable[[Session], T]) -> T:
+        with self.sessions.begin() as session:
+            return fn(session)
+
+    async def transaction(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn(session)`` in a worker thread, in one transaction."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, functools.partial(self._in_transaction, fn)
+        )
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking function that manages its own sessions on the DB threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def ping(self) -> bool:
+        def check(session: Session) -> bool:
+            return session.execute(text("SELECT 1")).scalar() == 1
+
+        try:
+            return await asyncio.wait_for(self.transaction(check), timeout=5)
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.dispose()

@@ -1,0 +1,65 @@
+"""What a request handler needs, built once by the lifespan and kept on
+``app.state.deps`` (no module globals), plus the request-body reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.fernet import MultiFernet
+from starlette.requests import Request
+
+from control_plane.db import Database
+from control_plane.errors import PayloadTooLarge
+from control_plane.metrics import Metrics
+from control_plane.signing_keys import KeyRing, load_snapshot
+from control_plane.validation import parse_json_object
+from shared.settings import Settings
+from shared.store import Store
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    db: Database
+    store: Store
+    fernet: MultiFernet
+    keyring: KeyRing
+    metrics: Metrics
+
+    async def refresh_keys(self) -> None:
+        fernet = self.fernet
+        snapshot = await self.db.transaction(lambda s: load_snapshot(s, fernet))
+        self.keyring.replace(snapshot)
+
+    async def fresh_keyring(self, *, unknown_kid: bool = False) -> KeyRing:
+        if self.keyring.stale(unknown_kid=unknown_kid):
+            await self.refresh_keys()
+        return self.keyring
+
+
+def get_deps(request: Request) -> Deps:
+    deps = request.app.state.deps
+    assert isinstance(deps, Deps), "the lifespan has not run"
+    return deps
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The raw body, refusing more than `limit` bytes (413) without buffering them."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    return parse_json_object(await read_body(request))

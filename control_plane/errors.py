@@ -1,0 +1,171 @@
+"""The control plane's exception tree and its one mapping to HTTP.
+
+Domain code raises these; `error_response` turns any of them (and Starlette's own
+404/405/413) into the envelope ``{"success": false, "message", "error": {"code"}}``.
+Anything else is a bug: `internal_error_response` answers a bare 500 and the caller
+logs the traceback server-side.
+
+    AppError
+    ├── BadRequest (400 malformed_json)
+    ├── Unauthenticated (401 unauthenticated)
+    │   └── InvalidCredentials (401 invalid_credentials)
+    ├── InvalidSignature (401 invalid_signature)
+    ├── InsufficientCredits (402 insufficient_credits)
+    ├── Forbidden (403 forbidden)
+    ├── NotFound (404 not_found)
+    │   ├── ModelNotFound, ReservationNotFound, SessionNotFound
+    ├── MethodNotAllowed (405 method_not_allowed)
+    ├── Conflict (409 conflict)
+    ├── PayloadTooLarge (413 payload_too_large)
+    │   └── InputTooLarge (413 input_too_large)
+    ├── ValidationFailed (422 validation_error)
+    │   └── ReservationMismatch (422 reservation_mismatch)
+    └── ServiceUnavailable (503 unavailable)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from control_plane.responses import json_response
+
+
+class AppError(Exception):
+    status = 500
+    code = "internal_error"
+    default_message = "Something went wrong on our side."
+
+    def __init__(self, message: str | None = None, *, headers: Mapping[str, str] | None = None):
+        self.message = message or self.default_message
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+
+class BadRequest(AppError):
+    status, code = 400, "malformed_json"
+    default_message = "The request body is not valid JSON."
+
+
+class Unauthenticated(AppError):
+    status, code = 401, "unauthenticated"
+    default_message = "Authentication is required: send Authorization: Bearer <token>."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class InvalidCredentials(Unauthenticated):
+    code = "invalid_credentials"
+    default_message = "The email or password is wrong."
+
+
+class InvalidSignature(AppError):
+    status, code = 401, "invalid_signature"
+    default_message = "The webhook signature does not verify."
+
+
+class InsufficientCredits(AppError):
+    status, code = 402, "insufficient_credits"
+    default_message = "Not enough credits available for this request."
+
+
+class Forbidden(AppError):
+    status, code = 403, "forbidden"
+    default_message = "You are not allowed to do this."
+
+
+class NotFound(AppError):
+    status, code = 404, "not_found"
+    default_message = "Not found."
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+    default_message = "No such model."
+
+
+class ReservationNotFound(NotFound):
+    code = "reservation_not_found"
+    default_message = "No such reservation."
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+    default_message = "No such chat session."
+
+
+class MethodNotAllowed(AppError):
+    status, code = 405, "method_not_allowed"
+    default_message = "This method is not allowed on this path."
+
+
+class Conflict(AppError):
+    status, code = 409, "conflict"
+    default_message = "This conflicts with an existing record."
+
+
+class PayloadTooLarge(AppError):
+    status, code = 413, "payload_too_large"
+    default_message = "The request body is too large."
+
+
+class InputTooLarge(PayloadTooLarge):
+    code = "input_too_large"
+    default_message = "The input does not fit the model's context."
+
+
+class ValidationFailed(AppError):
+    status, code = 422, "validation_error"
+    default_message = "The request is invalid."
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {problem}")
+
+
+class ReservationMismatch(AppError):
+    status, code = 422, "reservation_mismatch"
+    default_message = "The event does not match its reservation."
+
+
+class ServiceUnavailable(AppError):
+    status, code = 503, "unavailable"
+    default_message = "The service is temporarily unavailable; retry shortly."
+
+
+_HTTP_STATUS: dict[int, type[AppError]] = {
+    400: BadRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+def error_body(message: str, code: str) -> dict[str, object]:
+    return {"success": False, "message": message, "error": {"code": code}}
+
+
+def error_response(exc: AppError) -> Response:
+    return json_response(error_body(exc.message, exc.code), exc.status, exc.headers)
+
+
+def from_http_exception(exc: HTTPException) -> AppError:
+    """Starlette's routing errors (unknown path, wrong method) as ours."""
+    kind = _HTTP_STATUS.get(exc.status_code)
+    if kind is None:
+        error = AppError()
+        error.status = exc.status_code
+        error.code = "http_error"
+        error.message = str(exc.detail)
+    else:
+        error = kind()
+    if exc.headers:
+        error.headers.update(exc.headers)
+    return error
+
+
+def internal_error_response() -> Response:
+    return error_response(AppError())

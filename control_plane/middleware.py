@@ -1,0 +1,90 @@
+"""The outermost layer of every request, as a pure ASGI middleware: the request id,
+the last-resort error answer, and the HTTP metrics.
+
+* ``X-Request-Id``: echoed when the client sent a sane one (≤ 128 chars of
+  ``[A-Za-z0-9._-]``), otherwise a fresh one; handlers read it via `request_id`.
+* An exception nobody handled is logged with its traceback and answered with a
+  500 envelope (no stack trace to the client). If the response had already
+  started, the exception propagates and the server drops the connection.
+* ``llmgw_cp_http_requests_total{route,status}`` and the duration histogram, labelled
+  with the matched route's path template (``unmatched`` for unknown paths).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from control_plane.errors import internal_error_response
+from control_plane.metrics import Metrics
+
+log = logging.getLogger("control_plane")
+
+REQUEST_ID_KEY = "llmgw.request_id"
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def choose_request_id(sent: str | None) -> str:
+    if sent is not None and _SANE_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
+
+
+def request_id(request: Request) -> str:
+    value = request.scope.get(REQUEST_ID_KEY)
+    return value if isinstance(value, str) else "-"
+
+
+def _route_label(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                sent = value.decode("latin-1")
+                break
+        rid = choose_request_id(sent)
+        scope[REQUEST_ID_KEY] = rid
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-Id"] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception(
+                "unhandled error on %s %s (request %s)", scope["method"], scope["path"], rid
+            )
+            if response_started:
+                raise
+            await internal_error_response()(scope, receive, send_with_id)
+        finally:
+            route = _route_label(scope)
+            self.metrics.http_requests.labels(route=route, status=str(status)).inc()
+            self.metrics.http_duration.labels(route=route).observe(time.perf_counter() - started)

@@ -1,0 +1,19 @@
+"""HTTP handlers, one module per area; `all_routes` is the app's route table."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+from control_plane.routes import account, admin, billing, chat, demo, ops, webhooks
+
+
+def all_routes() -> list[BaseRoute]:
+    return [
+        *ops.routes,
+        *account.routes,
+        *chat.routes,
+        *billing.routes,
+        *webhooks.routes,
+        *admin.routes,
+        *demo.routes,
+    ]

@@ -1,0 +1,98 @@
+"""Login, who am I, and the model catalog."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from control_plane.accounts import find_user_by_email
+from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate, issue_access_token
+from control_plane.credentials import verify_password
+from control_plane.deps import get_deps, read_json
+from control_plane.errors import Forbidden, InvalidCredentials
+from control_plane.responses import ok
+from control_plane.tables import Company, User
+from control_plane.validation import optional_str, required_str
+from shared.pricing import format_credits
+
+PASSWORD_MAX = 1024
+
+
+async def login(request: Request) -> Response:
+    deps = get_deps(request)
+    doc = await read_json(request)
+    email = required_str(doc, "email", max_len=320).strip().lower()
+    password = required_str(doc, "password", max_len=PASSWORD_MAX)
+    user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
+    # Unknown emails are verified against a dummy hash: same answer, same time.
+    password_hash = user.password_hash if user is not None else None
+    if user is None or not await asyncio.to_thread(verify_password, password_hash, password):
+        raise InvalidCredentials()
+    await deps.fresh_keyring()
+    token = issue_access_token(deps, user.id)
+    return ok(
+        {"access_token": token, "token_type": "bearer", "expires_in": ACCESS_TOKEN_TTL_SECONDS}
+    )
+
+
+def _me(session: Session, user_id: str) -> tuple[User, Company] | None:
+    user = session.get(User, user_id)
+    if user is None:
+        return None
+    company = session.get(Company, user.company_id)
+    return None if company is None else (user, company)
+
+
+async def me(request: Request) -> Response:
+    principal = await authenticate(request)
+    if principal.user_id is None:
+        raise Forbidden("The platform admin token has no user.")
+    user_id = principal.user_id
+    found = await get_deps(request).db.transaction(lambda s: _me(s, user_id))
+    if found is None:
+        raise InvalidCredentials("Your user no longer exists.")
+    user, company = found
+    available = company.balance_micro - company.held_micro
+    return ok(
+        {
+            "user": {"id": user.id, "email": user.email, "role": user.role},
+            "company": {"id": company.id, "name": company.name},
+            "credits": {
+                "balance": format_credits(company.balance_micro),
+                "held": format_credits(company.held_micro),
+                "available": format_credits(available),
+            },
+        }
+    )
+
+
+async def models(request: Request) -> Response:
+    principal = await authenticate(request)
+    deps = get_deps(request)
+    catalog = deps.settings.catalog
+    provider = optional_str(dict(request.query_params), "provider", max_len=100)
+    company_default = None
+    if principal.company_id is not None:
+        company_id = principal.company_id
+        company = await deps.db.transaction(lambda s: s.get(Company, company_id))
+        company_default = company.default_model if company is not None else None
+    default_model = (
+        company_default if company_default and catalog.model(company_default) else None
+    ) or catalog.default_model
+    listed = [
+        spec.public()
+        for spec in catalog.models.values()
+        if provider is None or spec.provider == provider
+    ]
+    return ok({"models": listed, "default_model": default_model})
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/auth/login", login, methods=["POST"]),
+    Route("/v1/me", me, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+]

@@ -1,0 +1,59 @@
+"""``POST /v1/webhooks/usage``: verify the Standard Webhooks signature, then settle."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from control_plane.deps import get_deps, read_body
+from control_plane.errors import AppError, InvalidSignature, ValidationFailed
+from control_plane.responses import ok
+from control_plane.settlement import parse_time, parse_usage_event, settle_event
+from control_plane.tables import utcnow
+from control_plane.validation import parse_json_object
+from shared.pricing import format_credits
+from shared.webhooks import BadSignature, verify
+
+log = logging.getLogger("control_plane.webhooks")
+
+MAX_WEBHOOK_ID = 200
+
+
+async def usage_webhook(request: Request) -> Response:
+    deps = get_deps(request)
+    outcome = "error"
+    try:
+        body = await read_body(request)
+        try:
+            verify([deps.settings.webhook_secret.reveal()], body, dict(request.headers))
+        except BadSignature:
+            raise InvalidSignature() from None
+        event = parse_usage_event(parse_json_object(body))
+        webhook_id = request.headers["webhook-id"]  # present: the signature covers it
+        if len(webhook_id) > MAX_WEBHOOK_ID:
+            raise ValidationFailed("webhook-id", f"must be at most {MAX_WEBHOOK_ID} characters")
+        result = await settle_event(
+            deps.db, webhook_id, event, transcripts=deps.settings.store_transcripts
+        )
+        if result.duplicate:
+            outcome = "duplicate"
+            return ok({"duplicate": True})
+        outcome = "settled"
+        deps.metrics.settled(result.charged_micro, result.released_micro)
+        ended = parse_time(event.ended_at) if event.ended_at else None
+        if ended is not None:
+            lag = (utcnow() - ended).total_seconds()
+            deps.metrics.reconciliation_lag.observe(max(lag, 0.0))
+        return ok({"settled": True, "charged": format_credits(result.charged_micro)})
+    except AppError as exc:
+        outcome = exc.code
+        log.warning("usage webhook refused: %s (%s)", exc.code, exc.message)
+        raise
+    finally:
+        deps.metrics.webhooks.labels(outcome=outcome).inc()
+
+
+routes: list[BaseRoute] = [Route("/v1/webhooks/usage", usage_webhook, methods=["POST"])]

@@ -1,0 +1,139 @@
+"""Ed25519 signing keys: created and stored encrypted (Fernet), published as JWKS,
+held in memory by a per-app `KeyRing`.
+
+The newest non-retired key signs; every non-retired key is published at
+``/.well-known/jwks.json`` and accepted, so a rotation never invalidates tokens in
+flight. Private keys are stored as their 32 raw bytes encrypted with
+`MultiFernet` (``LLMGW_ENCRYPTION_KEY``, newest key first, so old keys still decrypt
+after a Fernet key rotation).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane.tables import SigningKey, utcnow
+from shared.settings import Secret
+from shared.tokens import public_jwk
+
+log = logging.getLogger("control_plane.signing_keys")
+
+REFRESH_SECONDS = 60.0
+UNKNOWN_KID_REFRESH_SECONDS = 5.0
+
+
+def make_fernet(keys: tuple[Secret, ...]) -> MultiFernet:
+    return MultiFernet([Fernet(k.reveal()) for k in keys])
+
+
+def _raw_private(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def public_key_from_jwk(jwk_json: str) -> Ed25519PublicKey:
+    doc = orjson.loads(jwk_json)
+    raw = doc["x"] + "=" * (-len(doc["x"]) % 4)
+    return Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(raw))
+
+
+def create_signing_key(session: Session, fernet: MultiFernet) -> tuple[str, Ed25519PrivateKey]:
+    """Add a new key; it becomes the active one (the newest)."""
+    key = Ed25519PrivateKey.generate()
+    kid = uuid.uuid4().hex[:16]
+    session.add(
+        SigningKey(
+            kid=kid,
+            private_key_encrypted=fernet.encrypt(_raw_private(key)).decode("ascii"),
+            public_jwk=orjson.dumps(public_jwk(key.public_key(), kid)).decode(),
+            created_at=utcnow(),
+        )
+    )
+    session.flush()
+    return kid, key
+
+
+def _live_keys(session: Session) -> list[SigningKey]:
+    stmt = (
+        select(SigningKey)
+        .where(col(SigningKey.retired_at).is_(None))
+        .order_by(col(SigningKey.created_at).desc(), col(SigningKey.kid).desc())
+    )
+    return list(session.scalars(stmt))
+
+
+def active_signing_key(session: Session, fernet: MultiFernet) -> tuple[str, Ed25519PrivateKey]:
+    """The newest non-retired key we can decrypt; LookupError when there is none."""
+    for row in _live_keys(session):
+        try:
+            raw = fernet.decrypt(row.private_key_encrypted.encode("ascii"))
+        except InvalidToken:
+            log.warning("signing key %s does not decrypt with LLMGW_ENCRYPTION_KEY", row.kid)
+            continue
+        return row.kid, Ed25519PrivateKey.from_private_bytes(raw)
+    raise LookupError("no usable signing key")
+
+
+def ensure_active_signing_key(
+    session: Session, fernet: MultiFernet
+) -> tuple[str, Ed25519PrivateKey]:
+    try:
+        return active_signing_key(session, fernet)
+    except LookupError:
+        return create_signing_key(session, fernet)
+
+
+def published_jwks(session: Session) -> list[dict[str, Any]]:
+    return [orjson.loads(row.public_jwk) for row in _live_keys(session)]
+
+
+@dataclass
+class KeyRingSnapshot:
+    active_kid: str
+    active_key: Ed25519PrivateKey
+    public: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+
+
+def load_snapshot(session: Session, fernet: MultiFernet) -> KeyRingSnapshot:
+    kid, key = ensure_active_signing_key(session, fernet)
+    public = {row.kid: public_key_from_jwk(row.public_jwk) for row in _live_keys(session)}
+    public[kid] = key.public_key()
+    return KeyRingSnapshot(active_kid=kid, active_key=key, public=public)
+
+
+class KeyRing:
+    """The keys one app instance signs and verifies with, refreshed from the
+    database every minute (another instance may have rotated) and on an unknown
+    `kid` (at most every few seconds, so junk tokens cannot hammer the database)."""
+
+    def __init__(self, snapshot: KeyRingSnapshot) -> None:
+        self._snapshot = snapshot
+        self.loaded_at = time.monotonic()
+
+    def replace(self, snapshot: KeyRingSnapshot) -> None:
+        self._snapshot = snapshot
+        self.loaded_at = time.monotonic()
+
+    def active(self) -> tuple[str, Ed25519PrivateKey]:
+        return self._snapshot.active_kid, self._snapshot.active_key
+
+    def public_key(self, kid: str) -> Ed25519PublicKey | None:
+        return self._snapshot.public.get(kid)
+
+    def stale(self, *, unknown_kid: bool = False) -> bool:
+        age = time.monotonic() - self.loaded_at
+        return age > (UNKNOWN_KID_REFRESH_SECONDS if unknown_kid else REFRESH_SECONDS)

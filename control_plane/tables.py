@@ -1,0 +1,264 @@
+"""Table models (SQLModel). The schema itself is created by the hand-written
+Alembic migrations in `migrations/versions/`; keep both in step.
+
+Conventions: ids are uuid4 hex strings; money is BigInteger micro-credits; times
+are timezone-aware UTC (`UTCDateTime` makes SQLite, which stores naive text, hand
+back aware datetimes too).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import CursorResult, Dialect
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+ROLES = ("member", "owner", "admin")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def rowcount(result: object) -> int:
+    """Rows matched by an UPDATE/DELETE (`Session.execute` is typed as a plain Result)."""
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)
+
+
+def iso(moment: datetime) -> str:
+    """ISO 8601 UTC with a Z, to the microsecond."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _id() -> Any:
+    return Field(default_factory=new_id, sa_column=Column(String(32), primary_key=True))
+
+
+def _fk(target: str) -> Any:
+    return Field(sa_column=Column(String(32), ForeignKey(target), nullable=False))
+
+
+def _str(length: int | None = None, *, nullable: bool = False) -> Any:
+    kind = String(length) if length else Text()
+    return Field(default=None if nullable else ..., sa_column=Column(kind, nullable=nullable))
+
+
+def _money() -> Any:
+    return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+
+
+def _int(*, nullable: bool = False) -> Any:
+    return Field(default=None if nullable else 0, sa_column=Column(Integer, nullable=nullable))
+
+
+def _time(*, nullable: bool = False) -> Any:
+    if nullable:
+        return Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    return Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class Company(SQLModel, table=True):
+    __tablename__ = "companies"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_companies_name"),
+        CheckConstraint("held_micro >= 0", name="ck_companies_held_nonnegative"),
+        CheckConstraint("balance_micro >= held_micro", name="ck_companies_available_nonnegative"),
+    )
+    id: str = _id()
+    name: str = _str(200)
+    balance_micro: int = _money()
+    held_micro: int = _money()
+    default_model: str | None = _str(200, nullable=True)
+    created_at: datetime = _time()
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    __table_args__ = (
+        UniqueConstraint("email", name="uq_users_email"),
+        Index("ix_users_company_id", "company_id"),
+        CheckConstraint("role IN ('member', 'owner', 'admin')", name="ck_users_role"),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    email: str = _str(320)
+    password_hash: str | None = _str(nullable=True)
+    role: str = _str(16)
+    created_at: datetime = _time()
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
+        Index("ix_api_keys_user_id", "user_id"),
+    )
+    id: str = _id()
+    user_id: str = _fk("users.id")
+    prefix: str = _str(16)
+    key_hash: str = _str(64)
+    scopes: str = _str()  # JSON array of scope strings
+    created_at: datetime = _time()
+    revoked_at: datetime | None = _time(nullable=True)
+    last_used_at: datetime | None = _time(nullable=True)
+
+
+class SigningKey(SQLModel, table=True):
+    __tablename__ = "signing_keys"
+    kid: str = Field(sa_column=Column(String(64), primary_key=True))
+    private_key_encrypted: str = _str()
+    public_jwk: str = _str()  # JSON object
+    created_at: datetime = _time()
+    retired_at: datetime | None = _time(nullable=True)
+
+
+class Reservation(SQLModel, table=True):
+    __tablename__ = "reservations"
+    __table_args__ = (
+        UniqueConstraint("jti", name="uq_reservations_jti"),
+        Index("ix_reservations_company_id", "company_id"),
+        Index("ix_reservations_status_expires_at", "status", "expires_at"),
+        CheckConstraint(
+            "status IN ('active', 'settled', 'released')", name="ck_reservations_status"
+        ),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    user_id: str = _fk("users.id")
+    jti: str = _str(64)
+    session_id: str = _str(32)
+    request_id: str = _str(128)
+    model: str = _str(200)
+    provider: str = _str(100)
+    hold_micro: int = _money()
+    input_estimate: int = _int()
+    max_tokens: int = _int()
+    # The prices at init, as exact decimal strings: settlement uses these, not
+    # whatever the catalog says when the webhook arrives.
+    price_input_per_mtok: str = _str(40)
+    price_output_per_mtok: str = _str(40)
+    status: str = _str(16)
+    charged_micro: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    created_at: datetime = _time()
+    expires_at: datetime = _time()
+    settled_at: datetime | None = _time(nullable=True)
+
+
+class UsageRecord(SQLModel, table=True):
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        UniqueConstraint("reservation_id", name="uq_usage_records_reservation_id"),
+        Index("ix_usage_records_company_created", "company_id", "created_at"),
+        Index("ix_usage_records_user_created", "user_id", "created_at"),
+    )
+    id: str = _id()
+    reservation_id: str = _str(32)
+    jti: str = _str(64)
+    company_id: str = _fk("companies.id")
+    user_id: str = _fk("users.id")
+    session_id: str = _str(32)
+    model: str = _str(200)
+    provider: str = _str(100)
+    status: str = _str(16)
+    finish_reason: str | None = _str(64, nullable=True)
+    input_tokens: int = _int()
+    output_tokens: int = _int()
+    usage_source: str = _str(16)
+    cost_micro: int = _money()
+    created_at: datetime = _time()
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only. Every change to a company's balance or held amount writes one."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        UniqueConstraint(
+            "company_id", "idempotency_key", name="uq_ledger_entries_company_idempotency_key"
+        ),
+        Index("ix_ledger_entries_company_created", "company_id", "created_at"),
+        CheckConstraint(
+            "kind IN ('grant', 'hold', 'release', 'charge', 'adjustment')",
+            name="ck_ledger_entries_kind",
+        ),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    kind: str = _str(16)
+    amount_micro: int = _money()
+    reservation_id: str | None = _str(32, nullable=True)
+    reason: str | None = _str(500, nullable=True)
+    actor: str | None = _str(100, nullable=True)
+    request_id: str | None = _str(128, nullable=True)
+    idempotency_key: str | None = _str(200, nullable=True)
+    created_at: datetime = _time()
+
+
+class WebhookEvent(SQLModel, table=True):
+    __tablename__ = "webhook_events"
+    webhook_id: str = Field(sa_column=Column(String(200), primary_key=True))
+    reservation_id: str = _str(32)
+    received_at: datetime = _time()
+
+
+class ChatSession(SQLModel, table=True):
+    __tablename__ = "chat_sessions"
+    __table_args__ = (Index("ix_chat_sessions_user_updated", "user_id", "updated_at"),)
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    user_id: str = _fk("users.id")
+    title: str = _str(200)
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+
+
+class ChatMessage(SQLModel, table=True):
+    __tablename__ = "chat_messages"
+    __table_args__ = (UniqueConstraint("session_id", "seq", name="uq_chat_messages_session_seq"),)
+    id: str = _id()
+    session_id: str = _fk("chat_sessions.id")
+    role: str = _str(16)
+    content: str = _str()
+    created_at: datetime = _time()
+    seq: int = _int()

@@ -1,0 +1,100 @@
+"""Small pure validators for JSON request bodies. Each raises `ValidationFailed`
+naming the field, so a 422 always says what to fix."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from control_plane.errors import BadRequest, ValidationFailed
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object: 400 when it is not JSON, 422 when it is
+    JSON but not an object."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest() from None
+    if not isinstance(doc, dict):
+        raise ValidationFailed("body", "must be a JSON object")
+    return doc
+
+
+def required_str(doc: Mapping[str, Any], name: str, *, max_len: int = 200) -> str:
+    value = doc.get(name)
+    if value is None:
+        raise ValidationFailed(name, "is required")
+    return _check_str(value, name, max_len)
+
+
+def optional_str(doc: Mapping[str, Any], name: str, *, max_len: int = 200) -> str | None:
+    value = doc.get(name)
+    return None if value is None else _check_str(value, name, max_len)
+
+
+def _check_str(value: Any, name: str, max_len: int) -> str:
+    if not isinstance(value, str):
+        raise ValidationFailed(name, "must be a string")
+    if not value.strip():
+        raise ValidationFailed(name, "must not be empty")
+    if len(value) > max_len:
+        raise ValidationFailed(name, f"must be at most {max_len} characters")
+    return value
+
+
+def optional_int(doc: Mapping[str, Any], name: str, *, low: int, high: int) -> int | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationFailed(name, "must be an integer")
+    if not low <= value <= high:
+        raise ValidationFailed(name, f"must be between {low} and {high}")
+    return value
+
+
+def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValidationFailed(name, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def page_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationFailed("limit", "must be an integer") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise ValidationFailed("limit", f"must be between 1 and {MAX_LIMIT}")
+    return value
+
+
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    raw = orjson.dumps([created_at.isoformat(), row_id])
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
+    """The (created_at, id) position a `next_cursor` stands for; 422 when mangled."""
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        moment = datetime.fromisoformat(doc[0])
+        row_id = doc[1]
+        if moment.tzinfo is None or not isinstance(row_id, str):
+            raise ValueError
+    except (ValueError, TypeError, IndexError, KeyError, binascii.Error, orjson.JSONDecodeError):
+        raise ValidationFailed("cursor", "is not a cursor this API returned") from None
+    return moment, row_id
