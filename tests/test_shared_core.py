@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -175,23 +176,26 @@ def test_round_trip() -> None:
     assert (grant.model, grant.max_tokens, grant.scopes) == ("mock-fast", 10, ("llm:chat:send",))
 
 
-NOW = int(datetime.now(UTC).timestamp())
+OTHER_KEY = Ed25519PrivateKey.generate()
 
 
 @pytest.mark.parametrize(
-    ("token_claims", "signer", "reason"),
+    ("overrides", "signer", "reason"),
     [
-        (claims(exp=NOW - 60), KEY, "expired"),
-        (claims(nbf=NOW + 60), KEY, "not_yet_valid"),
-        (claims(aud="llm-api"), KEY, "bad_audience"),
-        (claims(iss="someone-else"), KEY, "bad_issuer"),
-        (claims(), Ed25519PrivateKey.generate(), "bad_signature"),
+        (lambda now: {"exp": now - 60}, KEY, "expired"),
+        (lambda now: {"nbf": now + 60}, KEY, "not_yet_valid"),
+        (lambda now: {"aud": "llm-api"}, KEY, "bad_audience"),
+        (lambda now: {"iss": "someone-else"}, KEY, "bad_issuer"),
+        (lambda now: {}, OTHER_KEY, "bad_signature"),
     ],
 )
 def test_rejections(
-    token_claims: dict[str, object], signer: Ed25519PrivateKey, reason: str
+    overrides: Callable[[int], dict[str, object]], signer: Ed25519PrivateKey, reason: str
 ) -> None:
-    token = tokens.sign_token(token_claims, signer, "k1")
+    # Times are computed when the test runs, not at collection, so a slow suite
+    # cannot turn "not yet valid" into valid.
+    now = int(datetime.now(UTC).timestamp())
+    token = tokens.sign_token(claims(**overrides(now)), signer, "k1")
     with pytest.raises(tokens.TokenRejected) as info:
         tokens.verify_stream_token(token, KEY.public_key())
     assert info.value.reason == reason
