@@ -14,9 +14,9 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-from control_plane.app import create_app as control_plane_app
 from cryptography.fernet import Fernet
 
+from control_plane.app import create_app as control_plane_app
 from llm_gateway.dev import with_mock_at
 from mock_llm.app import create_app as mock_app
 from shared.settings import Settings
