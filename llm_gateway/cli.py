@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_gateway.admin import add_admin_parser
 
     add_admin_parser(sub)
+    from llm_gateway.outbox_cli import add_outbox_parser
+
+    add_outbox_parser(sub)
     return parser
 
 
@@ -74,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from llm_gateway.admin import run_admin
 
             return run_admin(args)
+        elif args.command == "outbox":
+            from llm_gateway.outbox_cli import run_outbox
+
+            return run_outbox(args)
     except ConfigError as exc:
         print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

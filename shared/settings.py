@@ -109,6 +109,8 @@ class Settings:
     upstream_read_timeout: float
     hold_grace_seconds: int
     sweep_interval_seconds: float
+    webhook_retry_base_seconds: float
+    webhook_retry_cap_seconds: float
     serve_demo: bool = False
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
@@ -165,6 +167,12 @@ class Settings:
             upstream_connect_timeout=_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
             hold_grace_seconds=_int(env, "LLMGW_HOLD_GRACE_SECONDS", 600, 1, 86400),
+            webhook_retry_base_seconds=_float(
+                env, "LLMGW_WEBHOOK_RETRY_BASE_SECONDS", 0.5, 0.01, 60
+            ),
+            webhook_retry_cap_seconds=_float(
+                env, "LLMGW_WEBHOOK_RETRY_CAP_SECONDS", 300, 0.1, 86400
+            ),
             sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 30.0, 0.1, 3600),
             serve_demo=_flag(env, "LLMGW_SERVE_DEMO", dev),
             dev=dev,

@@ -12,6 +12,7 @@ class MemoryStore:
         self._values: dict[str, tuple[bytes, float]] = {}
         self._outbox: dict[str, bytes] = {}
         self._due: dict[str, float] = {}
+        self._dead: dict[str, bytes] = {}
 
     def _live(self, key: str) -> bytes | None:
         entry = self._values.get(key)
@@ -69,6 +70,15 @@ class MemoryStore:
 
     async def outbox_size(self) -> int:
         return len(self._outbox)
+
+    async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
+        self._dead[item_id] = payload
+
+    async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]:
+        return list(self._dead.items())[:limit]
+
+    async def dead_letter_take(self, item_id: str) -> bytes | None:
+        return self._dead.pop(item_id, None)
 
     async def ping(self) -> bool:
         return True

@@ -25,6 +25,7 @@ class RedisStore:
         self._prefix = prefix
         self._outbox_items = f"{prefix}outbox:items"
         self._outbox_due = f"{prefix}outbox:due"
+        self._dead = f"{prefix}outbox:dead"
         self._claim = client.register_script(_CLAIM)
 
     @classmethod
@@ -77,6 +78,24 @@ class RedisStore:
 
     async def outbox_size(self) -> int:
         return int(await self._redis.zcard(self._outbox_due))
+
+    async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
+        await self._redis.hset(self._dead, item_id, payload)
+
+    async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]:
+        items: list[tuple[str, bytes]] = []
+        async for key, value in self._redis.hscan_iter(self._dead, count=100):
+            items.append((key.decode() if isinstance(key, bytes) else str(key), value))
+            if len(items) >= limit:
+                break
+        return items
+
+    async def dead_letter_take(self, item_id: str) -> bytes | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hget(self._dead, item_id)
+            pipe.hdel(self._dead, item_id)
+            value, _ = await pipe.execute()
+        return cast(bytes | None, value)
 
     async def ping(self) -> bool:
         try:

@@ -14,6 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from shared.request_id import RequestIdMiddleware
+from shared.retry import Backoff
 from shared.settings import Settings
 from shared.store import Store, open_store
 from stream_edge import routes
@@ -60,6 +61,9 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             f"{settings.control_plane_url}/v1/webhooks/usage",
             settings.webhook_secret.reveal(),
             metrics,
+            backoff=Backoff(
+                base=settings.webhook_retry_base_seconds, cap=settings.webhook_retry_cap_seconds
+            ),
         )
         state = EdgeState(
             settings, active_store, client, GrantVerifier(jwks, active_store), outbox, metrics

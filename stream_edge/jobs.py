@@ -13,6 +13,7 @@ import httpx
 
 from shared.catalog import ModelSpec, Provider
 from shared.tokens import StreamGrant
+from stream_edge.checkpoints import Checkpointer
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.meter import Meter
 from stream_edge.relay import RelayResult, relay
@@ -93,6 +94,14 @@ class StreamJob:
 
     async def pump(self, response: httpx.Response, write: Any, emit: Emit) -> RelayResult:
         assert self._adapter is not None
+        checkpointer = Checkpointer(
+            self.state.store,
+            self.grant,
+            self.meter,
+            ttl_seconds=max(0, self.grant.expires_at - time.time())
+            + self.state.settings.hold_grace_seconds
+            + 3600,
+        )
         try:
             self.result = await relay(
                 response,
@@ -102,6 +111,7 @@ class StreamJob:
                 emit,
                 self.state.metrics,
                 self.first_token,
+                checkpointer.tick,
             )
         finally:
             # Shielded: when the client left, this task is being cancelled, and the

@@ -24,8 +24,6 @@ from stream_edge.metrics import EdgeMetrics
 
 log = logging.getLogger("llmgw.edge.outbox")
 
-DEAD_LETTER_TTL = 30 * 24 * 3600
-
 
 def is_permanent(status: int) -> bool:
     return 400 <= status < 500 and status not in (408, 425, 429)
@@ -113,10 +111,22 @@ class Outbox:
         elif status and is_permanent(status):
             self._metrics.webhook_deliveries.labels("rejected").inc()
             log.error("usage webhook %s rejected with %s; moved to dead letters", item_id, status)
-            await self._store.set(f"dead:{item_id}", raw, DEAD_LETTER_TTL)
+            await self._store.dead_letter_put(item_id, raw)
             await self._store.outbox_ack(item_id)
         else:
             self._metrics.webhook_deliveries.labels("retry").inc()
             item["attempt"] += 1
             delay = self._backoff.delay(item["attempt"], retry_after)
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
+
+
+async def replay_dead_letter(store: Store, item_id: str) -> bool:
+    """Move a dead letter back into the outbox, due now (an operator's decision, e.g.
+    after fixing what made the control plane refuse it). Any edge delivers it."""
+    raw = await store.dead_letter_take(item_id)
+    if raw is None:
+        return False
+    item = orjson.loads(raw)
+    item["attempt"] = 0
+    await store.outbox_put(item_id, orjson.dumps(item), time.time())
+    return True

@@ -34,6 +34,7 @@ async def relay(
     emit: Callable[[bytes], Awaitable[None]],
     metrics: EdgeMetrics,
     on_first_token: Callable[[], None],
+    after_chunk: Callable[[], None],
 ) -> RelayResult:
     observe_delay = metrics.relay_delay.observe
     try:
@@ -54,6 +55,7 @@ async def relay(
             if out:
                 await emit(out[0] if len(out) == 1 else b"".join(out))
                 observe_delay(time.perf_counter() - received)
+                after_chunk()
     except httpx.TimeoutException:
         return RelayResult("failed", "upstream_timeout", "the backend stopped sending")
     except httpx.HTTPError:

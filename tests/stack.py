@@ -8,6 +8,7 @@ processes would. `Client` holds the small HTTP conveniences the tests share.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 import uuid
 from decimal import Decimal
@@ -114,7 +115,7 @@ class Client:
         """Poll `/v1/usage` until the reservation's record appears (the webhook landed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            response = self.as_user(token, "GET", "/v1/usage")
+            response = self.as_user(token, "GET", "/v1/usage", params={"limit": 200})
             assert response.status_code == 200, response.text
             for item in response.json()["data"]["items"]:
                 if item["reservation_id"] == reservation_id:
@@ -157,3 +158,64 @@ class InProcessStack:
     def __exit__(self, *exc: object) -> None:
         self.client.close()
         self.group.stop()
+
+
+def bind_port(port: int) -> socket.socket:
+    """Bind 127.0.0.1:`port` again (a restarted service keeps its address)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+class SplitStack:
+    """Each service in its own server group, so a test can stop and restart one
+    (the control plane going down, an edge being replaced) while the others run.
+    Needs Redis: the services share state only through it, as separate processes do."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        assert env.get("LLMGW_REDIS_URL"), "SplitStack needs Redis"
+        self.ports = {}
+        for name in ("mock", "cp", "edge"):
+            sock = bind_free_socket()
+            self.ports[name] = sock.getsockname()[1]
+            sock.close()
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.env = {
+            **env,
+            "LLMGW_CONTROL_PLANE_URL": urls["cp"],
+            "LLMGW_EDGE_PUBLIC_URL": urls["edge"],
+        }
+        self.mock_url = f"{urls['mock']}/v1"
+        self.groups: dict[str, ServerGroup] = {}
+        self.apps: dict[str, Any] = {}
+        self.client = Client(urls["cp"], urls["edge"], urls["mock"], env["LLMGW_WEBHOOK_SECRET"])
+
+    def settings(self, **overrides: str) -> Settings:
+        settings = Settings.from_env({**self.env, **overrides})
+        return dataclasses.replace(settings, catalog=with_mock_at(settings.catalog, self.mock_url))
+
+    def start(self, name: str, **overrides: str) -> Any:
+        """Start `name` (mock, cp, edge) with optional env overrides; returns its app."""
+        if name == "mock":
+            app = mock_app()
+        elif name == "cp":
+            app = control_plane_app(self.settings(**overrides))
+        else:
+            app = edge_app(self.settings(**overrides))
+        self.groups[name] = ServerGroup([(app, bind_port(self.ports[name]))]).start()
+        self.apps[name] = app
+        return app
+
+    def stop(self, name: str) -> None:
+        self.groups.pop(name).stop()
+
+    def __enter__(self) -> SplitStack:
+        for name in ("mock", "cp", "edge"):
+            self.start(name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        for name in list(self.groups):
+            self.stop(name)

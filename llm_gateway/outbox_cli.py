@@ -1,0 +1,57 @@
+"""`llm-gateway outbox …`: inspect the usage-webhook outbox and replay dead letters.
+
+Works on the shared store (`LLMGW_REDIS_URL`), so it sees every edge's events."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from shared.store import open_store
+from stream_edge.outbox import replay_dead_letter
+
+
+def add_outbox_parser(sub: Any) -> None:
+    outbox = sub.add_parser("outbox", help="inspect pending usage events and dead letters")
+    actions = outbox.add_subparsers(dest="action", required=True)
+    actions.add_parser("status", help="how many events wait for delivery")
+    dead = actions.add_parser("dead-letters", help="events the control plane refused")
+    dead.add_argument("--limit", type=int, default=100)
+    replay = actions.add_parser("replay", help="send dead letters again")
+    replay.add_argument("ids", nargs="*", help="webhook ids (usage_<jti>); none = all")
+
+
+async def _run(args: argparse.Namespace, redis_url: str) -> int:
+    store = open_store(redis_url, prefix=os.environ.get("LLMGW_REDIS_PREFIX") or "llmgw:")
+    try:
+        if args.action == "status":
+            pending = await store.outbox_size()
+            dead = len(await store.dead_letters(100_000))
+            print(json.dumps({"pending": pending, "dead_letters": dead}))
+        elif args.action == "dead-letters":
+            for item_id, raw in await store.dead_letters(args.limit):
+                body = orjson.loads(orjson.loads(raw)["body"])
+                print(json.dumps({"id": item_id, "type": body["type"], "data": body["data"]}))
+        else:
+            ids = args.ids or [item_id for item_id, _ in await store.dead_letters(100_000)]
+            replayed = [item_id for item_id in ids if await replay_dead_letter(store, item_id)]
+            missing = sorted(set(ids) - set(replayed))
+            print(json.dumps({"replayed": replayed, "not_found": missing}))
+            return 1 if missing else 0
+    finally:
+        await store.close()
+    return 0
+
+
+def run_outbox(args: argparse.Namespace) -> int:
+    redis_url = os.environ.get("LLMGW_REDIS_URL")
+    if not redis_url:
+        print("llm-gateway outbox: set LLMGW_REDIS_URL (the edges' shared store)", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(args, redis_url))
