@@ -114,6 +114,7 @@ class Settings:
     serve_demo: bool = False
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
+    service_tokens: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> Settings:
@@ -180,6 +181,11 @@ class Settings:
                 name: Secret(env[var])
                 for name, provider in catalog.providers.items()
                 if (var := provider.api_key_env) and env.get(var)
+            },
+            service_tokens={
+                name: Secret(env[var])
+                for name, provider in catalog.providers.items()
+                if (var := provider.service_token_env) and env.get(var)
             },
         )
 

@@ -20,7 +20,7 @@ from stream_edge.relay import RelayResult, relay
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit
 from stream_edge.upstream import adapter_for
-from stream_edge.upstream.base import Adapter, Completion, UpstreamCall
+from stream_edge.upstream.base import Adapter, CallerContext, Completion, UpstreamCall
 from stream_edge.upstream_client import open_stream
 from stream_edge.usage_report import usage_event
 
@@ -60,7 +60,10 @@ class StreamJob:
         self._adapter: Adapter | None = adapter_for(provider)
 
     def _call(self, stream: bool) -> UpstreamCall:
-        key = self.state.settings.provider_keys.get(self.provider.name)
+        settings = self.state.settings
+        key = settings.provider_keys.get(self.provider.name)
+        service_token = settings.service_tokens.get(self.provider.name)
+        grant = self.grant
         return UpstreamCall(
             base_url=self.provider.base_url,
             api_key=key.reveal() if key else None,
@@ -69,7 +72,11 @@ class StreamJob:
             max_tokens=self.max_tokens,
             stream=stream,
             params=self.params,
-            request_id=self.grant.request_id,
+            request_id=grant.request_id,
+            context=CallerContext(
+                grant.user_id, grant.company_id, grant.role, grant.session_id, grant.request_id
+            ),
+            service_token=service_token.reveal() if service_token else None,
         )
 
     async def open(self, stream: bool) -> httpx.Response:

@@ -12,6 +12,18 @@ from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
+class CallerContext:
+    """Who the stream is for. Sent to in-house backends that trust the gateway
+    (providers with `service_token_env`), never to public vendors."""
+
+    user_id: str
+    company_id: str
+    role: str
+    session_id: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamCall:
     """What to ask the backend for."""
 
@@ -23,6 +35,8 @@ class UpstreamCall:
     stream: bool
     params: dict[str, Any]
     request_id: str
+    context: CallerContext | None = None
+    service_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

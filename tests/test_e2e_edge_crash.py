@@ -1,0 +1,110 @@
+"""An edge process killed mid-stream (SIGKILL: no webhook, no cleanup) still gets its
+hold settled: the control plane's sweeper bills it from the edge's last usage
+checkpoint once the hold's deadline passes (PostgreSQL + Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.checkpoints import CHECKPOINT_EVERY_TOKENS, UsageCheckpoint, checkpoint_key
+from shared.pricing import cost_micro
+from shared.sse import SSEDecoder
+from shared.store_redis import RedisStore
+from tests.conftest import REDIS_URL
+from tests.stack import SplitStack, base_env, micro
+from tests.test_e2e_processes import wait_healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT_HOLDS = {
+    "LLMGW_TOKEN_TTL_SECONDS": "4",
+    "LLMGW_HOLD_GRACE_SECONDS": "1",
+    "LLMGW_SWEEP_INTERVAL_SECONDS": "0.3",
+}
+
+
+@pytest.fixture
+def stack_with_edge_process(
+    pg_database_url: str, redis_prefix: str, tmp_path: Path
+) -> Iterator[tuple[SplitStack, subprocess.Popen[bytes]]]:
+    env = {**base_env(pg_database_url, REDIS_URL, redis_prefix), **SHORT_HOLDS}
+    with SplitStack(env) as split:
+        split.stop("edge")  # replaced by a real process we can kill
+        models = tmp_path / "models.yaml"
+        packaged = (ROOT / "shared" / "models.yaml").read_text()
+        models.write_text(packaged.replace("http://127.0.0.1:8002/v1", split.mock_url))
+        process_env = {**os.environ, **split.env, "LLMGW_MODELS_FILE": str(models),
+                       "LLMGW_LOG_LEVEL": "WARNING"}  # fmt: skip
+        edge = subprocess.Popen(
+            [sys.executable, "-m", "llm_gateway.cli", "stream-edge",
+             "--port", str(split.ports["edge"])],
+            env=process_env, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            wait_healthy(split.client.edge_url, edge)
+            yield split, edge
+        finally:
+            if edge.poll() is None:
+                edge.kill()
+            edge.wait(timeout=10)
+
+
+def read_checkpoint(prefix: str, reservation_id: str) -> UsageCheckpoint | None:
+    async def get() -> bytes | None:
+        store = RedisStore.from_url(REDIS_URL, prefix=prefix)
+        try:
+            return await store.get(checkpoint_key(reservation_id))
+        finally:
+            await store.close()
+
+    raw = asyncio.run(get())
+    return UsageCheckpoint.loads(raw) if raw is not None else None
+
+
+def test_sigkilled_edge_is_billed_from_its_last_checkpoint(
+    stack_with_edge_process: tuple[SplitStack, subprocess.Popen[bytes]],
+) -> None:
+    split, edge = stack_with_edge_process
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    before = c.credits(token)
+    grant = c.init_ok(token, {"query": "a long answer [[mock tokens=900 delay_ms=4]]"})
+
+    received = 0
+    decoder = SSEDecoder()
+    with httpx.stream("GET", grant["stream_url"], timeout=30) as response:
+        assert response.status_code == 200
+        for raw in response.iter_raw():
+            received += sum(1 for e in decoder.feed(raw) if e.event == "chunk")
+            if received >= 3 * CHECKPOINT_EVERY_TOKENS + 10:
+                edge.send_signal(signal.SIGKILL)
+                break
+    edge.wait(timeout=10)
+
+    checkpoint = read_checkpoint(split.env["LLMGW_REDIS_PREFIX"], grant["reservation_id"])
+    assert checkpoint is not None
+    # The write at 3 x 64 tokens may still have been in flight at the kill.
+    assert 2 * CHECKPOINT_EVERY_TOKENS <= checkpoint.output_tokens < 900
+    assert micro(c.credits(token)["held"]) > 0  # the edge never reported
+
+    record = c.wait_usage(token, grant["reservation_id"], timeout=20)
+    assert record["status"] == "failed"
+    assert record["usage_source"] == "estimated"
+    assert record["output_tokens"] == checkpoint.output_tokens
+    price = split.settings().catalog.models["mock-fast"].price
+    expected = min(
+        cost_micro(checkpoint.input_tokens, checkpoint.output_tokens, price),
+        micro(grant["reserved_credits"]),
+    )
+    assert micro(record["cost"]) == expected
+    after = c.credits(token)
+    assert micro(before["balance"]) - micro(after["balance"]) == expected
+    assert micro(after["held"]) == 0
