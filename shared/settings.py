@@ -109,6 +109,18 @@ class Settings:
     upstream_read_timeout: float
     hold_grace_seconds: int
     sweep_interval_seconds: float
+    first_token_timeout: float
+    idle_timeout: float
+    upstream_retries: int
+    ping_interval: float
+    slow_client_timeout: float
+    max_streams_per_user: int
+    max_streams_per_company: int
+    max_stream_seconds: int
+    resume_grace_seconds: float
+    drain_seconds: float
+    breaker_failures: int
+    breaker_reset_seconds: float
     webhook_retry_base_seconds: float
     webhook_retry_cap_seconds: float
     serve_demo: bool = False
@@ -174,6 +186,18 @@ class Settings:
             webhook_retry_cap_seconds=_float(
                 env, "LLMGW_WEBHOOK_RETRY_CAP_SECONDS", 300, 0.1, 86400
             ),
+            first_token_timeout=_float(env, "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS", 60, 0.1, 3600),
+            idle_timeout=_float(env, "LLMGW_IDLE_TIMEOUT_SECONDS", 60, 0.1, 3600),
+            upstream_retries=_int(env, "LLMGW_UPSTREAM_RETRIES", 2, 0, 10),
+            ping_interval=_float(env, "LLMGW_PING_INTERVAL_SECONDS", 15, 0.05, 300),
+            slow_client_timeout=_float(env, "LLMGW_SLOW_CLIENT_TIMEOUT_SECONDS", 10, 0.1, 600),
+            max_streams_per_user=_int(env, "LLMGW_MAX_STREAMS_PER_USER", 20, 1, 1_000_000),
+            max_streams_per_company=_int(env, "LLMGW_MAX_STREAMS_PER_COMPANY", 200, 1, 1_000_000),
+            max_stream_seconds=_int(env, "LLMGW_MAX_STREAM_SECONDS", 900, 10, 86400),
+            resume_grace_seconds=_float(env, "LLMGW_RESUME_GRACE_SECONDS", 10, 0, 600),
+            drain_seconds=_float(env, "LLMGW_DRAIN_SECONDS", 20, 0, 3600),
+            breaker_failures=_int(env, "LLMGW_BREAKER_FAILURES", 5, 1, 1000),
+            breaker_reset_seconds=_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
             sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 30.0, 0.1, 3600),
             serve_demo=_flag(env, "LLMGW_SERVE_DEMO", dev),
             dev=dev,
