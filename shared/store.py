@@ -47,6 +47,24 @@ class Store(Protocol):
         """Remove and return one dead letter (to replay it)."""
         ...
 
+    async def acquire_slots(
+        self, keys: list[str], limits: list[int], member: str, now: float, expires_at: float
+    ) -> int:
+        """Take one slot in each of `keys` (sets of live members, at most `limits[i]`),
+        all or none, atomically. Members expire at `expires_at`, so a crashed process
+        leaks its slots only until then. Returns -1, or the index of the key that is full."""
+        ...
+
+    async def release_slots(self, keys: list[str], member: str) -> None: ...
+
+    async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
+        """Append to an ordered log (a stream's events, for resuming); returns its length."""
+        ...
+
+    async def log_range(self, key: str, start: int) -> list[bytes]:
+        """Items from index `start` (0-based) to the end."""
+        ...
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...

@@ -13,6 +13,8 @@ class MemoryStore:
         self._outbox: dict[str, bytes] = {}
         self._due: dict[str, float] = {}
         self._dead: dict[str, bytes] = {}
+        self._slots: dict[str, dict[str, float]] = {}
+        self._logs: dict[str, tuple[list[bytes], float]] = {}
 
     def _live(self, key: str) -> bytes | None:
         entry = self._values.get(key)
@@ -79,6 +81,40 @@ class MemoryStore:
 
     async def dead_letter_take(self, item_id: str) -> bytes | None:
         return self._dead.pop(item_id, None)
+
+    async def acquire_slots(
+        self, keys: list[str], limits: list[int], member: str, now: float, expires_at: float
+    ) -> int:
+        sets = []
+        for index, (key, limit) in enumerate(zip(keys, limits, strict=True)):
+            members = self._slots.setdefault(key, {})
+            for stale in [m for m, exp in members.items() if exp <= now]:
+                del members[stale]
+            if member not in members and len(members) >= limit:
+                return index
+            sets.append(members)
+        for members in sets:
+            members[member] = expires_at
+        return -1
+
+    async def release_slots(self, keys: list[str], member: str) -> None:
+        for key in keys:
+            self._slots.get(key, {}).pop(member, None)
+
+    async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
+        now = self._clock()
+        for stale in [k for k, (_, exp) in self._logs.items() if exp <= now]:
+            del self._logs[stale]
+        log, _ = self._logs.get(key, ([], 0.0))
+        log.extend(items)
+        self._logs[key] = (log, now + ttl_seconds)
+        return len(log)
+
+    async def log_range(self, key: str, start: int) -> list[bytes]:
+        entry = self._logs.get(key)
+        if entry is None or entry[1] <= self._clock():
+            return []
+        return entry[0][start:]
 
     async def ping(self) -> bool:
         return True

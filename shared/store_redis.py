@@ -19,6 +19,23 @@ return ids
 """
 
 
+# KEYS: the slot sets; ARGV: now, expires_at, member, ttl_ms, then one limit per key.
+_ACQUIRE = """
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+  if redis.call('ZSCORE', key, ARGV[3]) == false
+     and redis.call('ZCARD', key) >= tonumber(ARGV[4 + i]) then
+    return i - 1
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', key, ARGV[4])
+end
+return -1
+"""
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._redis = client
@@ -27,6 +44,7 @@ class RedisStore:
         self._outbox_due = f"{prefix}outbox:due"
         self._dead = f"{prefix}outbox:dead"
         self._claim = client.register_script(_CLAIM)
+        self._acquire = client.register_script(_ACQUIRE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
@@ -96,6 +114,31 @@ class RedisStore:
             pipe.hdel(self._dead, item_id)
             value, _ = await pipe.execute()
         return cast(bytes | None, value)
+
+    async def acquire_slots(
+        self, keys: list[str], limits: list[int], member: str, now: float, expires_at: float
+    ) -> int:
+        ttl_ms = max(1, int((expires_at - now) * 1000))
+        result = await self._acquire(
+            keys=[self._key(k) for k in keys], args=[now, expires_at, member, ttl_ms, *limits]
+        )
+        return int(result)
+
+    async def release_slots(self, keys: list[str], member: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrem(self._key(key), member)
+            await pipe.execute()
+
+    async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self._key(key), *items)
+            pipe.pexpire(self._key(key), max(1, int(ttl_seconds * 1000)))
+            length, _ = await pipe.execute()
+        return int(length)
+
+    async def log_range(self, key: str, start: int) -> list[bytes]:
+        return cast(list[bytes], await self._redis.lrange(self._key(key), start, -1))
 
     async def ping(self) -> bool:
         try:

@@ -17,13 +17,16 @@ from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
 from shared.settings import Settings
 from shared.store import Store, open_store
-from stream_edge import routes
+from stream_edge import eventsource, routes
+from stream_edge.breaker import Breakers
 from stream_edge.errors import EdgeError, handle_edge_error
 from stream_edge.grants import GrantVerifier
 from stream_edge.jwks import JWKSCache
+from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.state import EdgeState
+from stream_edge.upstream_client import RetryPolicy
 
 log = logging.getLogger("llmgw.edge")
 
@@ -66,7 +69,15 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             ),
         )
         state = EdgeState(
-            settings, active_store, client, GrantVerifier(jwks, active_store), outbox, metrics
+            settings,
+            active_store,
+            client,
+            GrantVerifier(jwks, active_store),
+            outbox,
+            metrics,
+            limits=StreamLimits(active_store, settings),
+            breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
+            retry=RetryPolicy(retries=settings.upstream_retries),
         )
         app.state.edge = state
         deliverer = asyncio.create_task(outbox.run(), name="usage-outbox")
@@ -99,7 +110,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
-            Route("/v1/stream", routes.event_stream, methods=["GET"]),
+            Route("/v1/stream", eventsource.event_stream, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),

@@ -44,6 +44,11 @@ class GrantVerifier:
             raise Forbidden("the token does not grant llm:chat:send", code="insufficient_scope")
         return grant
 
+    async def used_by(self, grant: StreamGrant) -> str | None:
+        """The path that already used this token, if any (a cheap pre-check)."""
+        first = await self._store.get(used_key(grant.jti))
+        return first.decode() if first is not None else None
+
     async def claim(self, grant: StreamGrant, path: str) -> str | None:
         """Mark the token used by `path`. Returns None on first use, else the path that
         used it first (a reconnect on the same path is a resume, not a second use)."""

@@ -16,7 +16,7 @@ from shared.tokens import StreamGrant
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.meter import Meter
-from stream_edge.relay import RelayResult, relay
+from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit
 from stream_edge.upstream import adapter_for
@@ -86,12 +86,15 @@ class StreamJob:
             if self._adapter is None:
                 raise UpstreamError(f"the edge cannot speak the {self.provider.api_type} format")
             return await open_stream(
-                self.state.client, self._adapter.build_request(self._call(stream))
+                self.state.client,
+                self._adapter.build_request(self._call(stream)),
+                breaker=self.state.breakers.for_provider(self.provider.name),
+                policy=self.state.retry,
             )
         except EdgeError as exc:
             self.state.metrics.upstream_errors.labels(self.provider.name, exc.code).inc()
             self.result = RelayResult("failed", exc.code, exc.message)
-            await self.report(client_gone=False)
+            await self.report("finished")
             raise
 
     def first_token(self) -> None:
@@ -101,12 +104,13 @@ class StreamJob:
 
     async def pump(self, response: httpx.Response, write: Any, emit: Emit) -> RelayResult:
         assert self._adapter is not None
+        settings = self.state.settings
         checkpointer = Checkpointer(
             self.state.store,
             self.grant,
             self.meter,
             ttl_seconds=max(0, self.grant.expires_at - time.time())
-            + self.state.settings.hold_grace_seconds
+            + settings.hold_grace_seconds
             + 3600,
         )
         try:
@@ -117,6 +121,11 @@ class StreamJob:
                 write,
                 emit,
                 self.state.metrics,
+                Deadlines(
+                    first_token=settings.first_token_timeout,
+                    idle=settings.idle_timeout,
+                    max_life=settings.max_stream_seconds,
+                ),
                 self.first_token,
                 checkpointer.tick,
             )
@@ -140,7 +149,7 @@ class StreamJob:
             self.result = RelayResult(
                 "failed", "upstream_error", "the backend's answer was malformed"
             )
-            await self.report(client_gone=False)
+            await self.report("finished")
             raise UpstreamError("the backend's answer was malformed") from exc
         finally:
             await response.aclose()
@@ -150,19 +159,20 @@ class StreamJob:
         self.result = RelayResult("completed")
         return completion
 
-    def status(self, client_gone: bool) -> str:
+    def status(self, outcome: str) -> str:
+        """The webhook status: what the stream did, else why it stopped."""
         if self.result is not None and self.result.status == "completed":
             return "completed"
-        if client_gone:
+        if outcome in ("client_gone", "slow_client"):
             return "cancelled"
         return "failed"
 
-    async def report(self, client_gone: bool) -> None:
-        """Enqueue the usage webhook. Idempotent: a stream reports once."""
+    async def report(self, outcome: str) -> None:
+        """Release the stream's slots and enqueue the usage webhook, once."""
         if self._reported:
             return
         self._reported = True
-        status = self.status(client_gone)
+        status = self.status(outcome)
         event = usage_event(self.grant, self.provider.name, self.meter, status)
         metrics = self.state.metrics
         metrics.streams_active.dec()
@@ -170,6 +180,10 @@ class StreamJob:
         metrics.duration.observe(time.perf_counter() - self.accepted_at)
         metrics.tokens.labels("input").inc(event.input_tokens)
         metrics.tokens.labels("output").inc(event.output_tokens)
+        try:
+            await self.state.limits.release(self.grant)
+        except Exception:  # the slot then expires at the stream's maximum life
+            log.warning("could not release stream slots for %s", self.grant.request_id)
         try:
             await self.state.outbox.enqueue(event)
         except Exception:

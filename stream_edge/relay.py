@@ -3,11 +3,17 @@
 Each chunk from the socket is parsed, accounted, encoded and written before the
 next one is read — nothing is buffered beyond one network read, so the client sees
 a token as soon as the edge does. Backpressure is the transport's: when the client
-reads slowly, `emit` waits, we stop reading, and TCP slows the backend.
+reads slowly, `emit` waits, we stop reading, and TCP slows the backend (see
+`streaming.py` for when a slow client is cut off).
+
+Three clocks bound a stream: the first token must come within `first_token`, then
+no gap between chunks may exceed `idle`, and no stream outlives `max_life`. One
+`asyncio.timeout` is re-armed per chunk rather than a timer per read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +32,13 @@ class RelayResult:
     error_message: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    first_token: float
+    idle: float
+    max_life: float
+
+
 async def relay(
     response: httpx.Response,
     parser: StreamParser,
@@ -33,29 +46,46 @@ async def relay(
     write: Callable[[UpstreamEvent], bytes],
     emit: Callable[[bytes], Awaitable[None]],
     metrics: EdgeMetrics,
+    deadlines: Deadlines,
     on_first_token: Callable[[], None],
     after_chunk: Callable[[], None],
 ) -> RelayResult:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    hard_stop = started + deadlines.max_life
     observe_delay = metrics.relay_delay.observe
+    waiting_for = "first token"
     try:
-        async for chunk in response.aiter_raw():
-            received = time.perf_counter()
-            out: list[bytes] = []
-            for event in parser.feed(chunk):
-                if isinstance(event, Failure):
-                    if out:
-                        await emit(b"".join(out))
-                    return RelayResult("failed", "upstream_error", event.message)
-                if isinstance(event, Delta) and meter.first_token_at is None:
-                    on_first_token()
-                meter.record(event)
-                frame = write(event)
-                if frame:
-                    out.append(frame)
-            if out:
-                await emit(out[0] if len(out) == 1 else b"".join(out))
-                observe_delay(time.perf_counter() - received)
-                after_chunk()
+        async with asyncio.timeout(min(started + deadlines.first_token, hard_stop)) as clock:
+            async for chunk in response.aiter_raw():
+                received = time.perf_counter()
+                out: list[bytes] = []
+                for event in parser.feed(chunk):
+                    if isinstance(event, Failure):
+                        if out:
+                            await emit(b"".join(out))
+                        return RelayResult("failed", "upstream_error", event.message)
+                    if isinstance(event, Delta) and meter.first_token_at is None:
+                        on_first_token()
+                        waiting_for = "next token"
+                    meter.record(event)
+                    frame = write(event)
+                    if frame:
+                        out.append(frame)
+                if out:
+                    await emit(out[0] if len(out) == 1 else b"".join(out))
+                    observe_delay(time.perf_counter() - received)
+                    after_chunk()
+                if meter.first_token_at is not None:
+                    clock.reschedule(min(loop.time() + deadlines.idle, hard_stop))
+    except TimeoutError:
+        if loop.time() >= hard_stop:
+            return RelayResult(
+                "failed", "upstream_timeout", "the stream reached its maximum length"
+            )
+        return RelayResult(
+            "failed", "upstream_timeout", f"the backend sent no {waiting_for} in time"
+        )
     except httpx.TimeoutException:
         return RelayResult("failed", "upstream_timeout", "the backend stopped sending")
     except httpx.HTTPError:

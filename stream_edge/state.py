@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 from shared.settings import Settings
 from shared.store import Store
+from stream_edge.breaker import Breakers
 from stream_edge.grants import GrantVerifier
+from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
+from stream_edge.upstream_client import RetryPolicy
 
 
 @dataclass
@@ -21,4 +25,9 @@ class EdgeState:
     grants: GrantVerifier
     outbox: Outbox
     metrics: EdgeMetrics
+    limits: StreamLimits
+    breakers: Breakers
+    retry: RetryPolicy
     draining: bool = False
+    # Streams being served (routes.Streamed), so a shutdown can end them.
+    active: set[Any] = field(default_factory=set)

@@ -3,9 +3,15 @@
 Starlette's `StreamingResponse` only learns of a disconnect when a write fails, and
 uvicorn silently drops writes after a disconnect, so a stream waiting on a slow
 backend would never notice. Here a watcher task reads `http.disconnect` and cancels
-the producer at once (which closes the upstream request), a pinger writes a `: ping`
-comment when the stream has been idle, and `on_finish` runs afterwards, shielded, so
-the usage report is written even when the client is gone.
+the producer at once (which closes the upstream request) — or, for resumable
+streams, first waits for a reconnect (`linger`). A watchdog writes a `: ping`
+comment when the stream has been idle and cuts off a client that has not read for
+`slow_client_timeout` (the transport's bounded buffer is full and `send` is stuck).
+`on_finish(outcome)` runs afterwards, shielded, so the usage report is written even
+when the client is gone.
+
+Outcomes: `finished` (the producer returned), `client_gone`, `slow_client`,
+`aborted` (the edge is shutting down; see `abort`).
 """
 
 from __future__ import annotations
@@ -30,57 +36,92 @@ class EventStreamResponse:
     def __init__(
         self,
         produce: Callable[[Emit], Awaitable[None]],
-        on_finish: Callable[[bool], Awaitable[None]],
+        on_finish: Callable[[str], Awaitable[None]],
         *,
         headers: list[tuple[bytes, bytes]] | None = None,
         ping_interval: float = 15.0,
+        slow_client_timeout: float = 10.0,
+        linger: Callable[[], Awaitable[None]] | None = None,
         finish_timeout: float = 10.0,
     ) -> None:
         self._produce = produce
         self._on_finish = on_finish
         self._headers = STREAM_HEADERS + (headers or [])
         self._ping_interval = ping_interval
+        self._slow_client_timeout = slow_client_timeout
+        self._linger = linger
         self._finish_timeout = finish_timeout
-        self.client_gone = False
+        self._scope: anyio.CancelScope | None = None
+        self._abort_frame = b""
+        self.outcome = "finished"
+        self.connected = True
+
+    def abort(self, final_frame: bytes) -> None:
+        """End the stream now with `final_frame` (e.g. an `error` event)."""
+        if self._scope is not None and self.outcome == "finished":
+            self.outcome = "aborted"
+            self._abort_frame = final_frame
+            self._scope.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         last_write = time.monotonic()
+        send_started: float | None = None
 
         async def emit(data: bytes) -> None:
-            nonlocal last_write
-            if data:
+            nonlocal last_write, send_started
+            if data and self.connected:
+                send_started = time.monotonic()
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 last_write = time.monotonic()
+                send_started = None
 
-        async def watch_disconnect(scope_: anyio.CancelScope) -> None:
+        async def watch_disconnect(group: anyio.CancelScope) -> None:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    self.client_gone = True
-                    scope_.cancel()
-                    return
+                    break
+            self.connected = False
+            if self.outcome == "finished":
+                self.outcome = "client_gone"
+            if self._linger is not None:
+                await self._linger()
+            group.cancel()
 
-        async def ping() -> None:
+        async def watchdog(group: anyio.CancelScope) -> None:
+            tick = min(self._ping_interval, self._slow_client_timeout) / 4
             while True:
-                idle = time.monotonic() - last_write
-                if idle >= self._ping_interval:
+                await anyio.sleep(tick)
+                now = time.monotonic()
+                if send_started is not None and now - send_started > self._slow_client_timeout:
+                    self.connected = False
+                    self.outcome = "slow_client"
+                    group.cancel()
+                    return
+                if (
+                    self.connected
+                    and send_started is None
+                    and now - last_write >= self._ping_interval
+                ):
                     await emit(PING)
-                    idle = 0.0
-                await anyio.sleep(self._ping_interval - idle)
 
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             async with anyio.create_task_group() as group:
+                self._scope = group.cancel_scope
                 group.start_soon(watch_disconnect, group.cancel_scope)
-                group.start_soon(ping)
+                group.start_soon(watchdog, group.cancel_scope)
                 try:
                     await self._produce(emit)
                 finally:
                     group.cancel_scope.cancel()
-            if not self.client_gone:
+            if self.connected:
+                if self._abort_frame:
+                    await emit(self._abort_frame)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
-            self.client_gone = True
+            self.connected = False
+            if self.outcome == "finished":
+                self.outcome = "client_gone"
         finally:
             with anyio.move_on_after(self._finish_timeout, shield=True):
-                await self._on_finish(self.client_gone)
+                await self._on_finish(self.outcome)

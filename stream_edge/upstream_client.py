@@ -8,11 +8,14 @@ upstream key never reach the client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass, field
 
 import httpx
 
-from shared.retry import parse_retry_after
+from shared.retry import Backoff, parse_retry_after
+from stream_edge.breaker import CircuitBreaker
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
 from stream_edge.upstream.base import HttpRequest
 
@@ -37,27 +40,89 @@ def error_for_status(status: int, retry_after: str | None) -> EdgeError:
     return UpstreamError(f"the backend answered {status}")
 
 
-async def open_stream(client: httpx.AsyncClient, request: HttpRequest) -> httpx.Response:
-    """Send `request` and return the streaming response once its headers are in."""
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# A backend asking us to wait longer than this is answered to the client instead.
+MAX_RETRY_AFTER_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 2
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.2, cap=2.0))
+
+
+async def open_stream(
+    client: httpx.AsyncClient,
+    request: HttpRequest,
+    *,
+    breaker: CircuitBreaker | None = None,
+    policy: RetryPolicy | None = None,
+) -> httpx.Response:
+    """Send `request` and return the streaming response once its headers are in.
+
+    Retries only before the first byte — connection failures and 429/502/503/504 —
+    with jittered backoff, honouring `Retry-After`; nothing has reached the client
+    yet, so a retry is invisible to it. A circuit breaker fails fast while the
+    backend keeps failing."""
+    policy = policy or RetryPolicy()
+    attempt = 0
+    while True:
+        if breaker is not None and not breaker.allow():
+            raise UpstreamError("the backend is failing; try again shortly", code="upstream_error")
+        error, retry_after = await _attempt(client, request, breaker)
+        if isinstance(error, httpx.Response):
+            return error
+        attempt += 1
+        if retry_after is None or attempt > policy.retries or retry_after > MAX_RETRY_AFTER_SECONDS:
+            raise error
+        await asyncio.sleep(policy.backoff.delay(attempt, retry_after or None))
+
+
+async def _attempt(
+    client: httpx.AsyncClient, request: HttpRequest, breaker: CircuitBreaker | None
+) -> tuple[httpx.Response | EdgeError, float | None]:
+    """One try: the response, or (error, retry-after seconds or None if not retryable)."""
     http_request = client.build_request(
         "POST", request.url, headers=request.headers, content=request.body
     )
     try:
         response = await client.send(http_request, stream=True)
-    except httpx.TimeoutException as exc:
-        raise UpstreamError(
+    except httpx.ConnectTimeout:
+        _failed(breaker)
+        return UpstreamError(
+            "the backend could not be reached in time", code="upstream_timeout", status=504
+        ), 0.0
+    except httpx.TimeoutException:
+        _failed(breaker)
+        return UpstreamError(
             "the backend did not answer in time", code="upstream_timeout", status=504
-        ) from exc
+        ), None
     except httpx.HTTPError as exc:
         log.warning("upstream connection failed: %s", type(exc).__name__)
-        raise UpstreamError("the backend could not be reached") from exc
-    if response.status_code >= 300:
-        try:
-            await response.aread()
-        except httpx.HTTPError:
-            pass
-        finally:
-            await response.aclose()
-        log.warning("upstream answered %s", response.status_code)
-        raise error_for_status(response.status_code, response.headers.get("retry-after"))
-    return response
+        _failed(breaker)
+        retry = 0.0 if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError) else None
+        return UpstreamError("the backend could not be reached"), retry
+    status = response.status_code
+    if status < 300:
+        if breaker is not None:
+            breaker.record_success()
+        return response, None
+    try:
+        await response.aread()
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+    log.warning("upstream answered %s", status)
+    if status >= 500:
+        _failed(breaker)
+    retry_after_header = response.headers.get("retry-after")
+    error = error_for_status(status, retry_after_header)
+    if status not in RETRYABLE_STATUSES:
+        return error, None
+    return error, parse_retry_after(retry_after_header) or 0.0
+
+
+def _failed(breaker: CircuitBreaker | None) -> None:
+    if breaker is not None:
+        breaker.record_failure()

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAST_RETRIES = {
     "LLMGW_WEBHOOK_RETRY_BASE_SECONDS": "0.05",
     "LLMGW_WEBHOOK_RETRY_CAP_SECONDS": "0.5",
+    "LLMGW_MAX_STREAMS_PER_USER": "100",
 }
 
 

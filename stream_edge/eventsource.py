@@ -1,0 +1,143 @@
+"""`GET /v1/stream`: the EventSource path, resumable (see `resume.py`).
+
+The first use of a token runs the request stashed at init and numbers its events;
+a reconnect with the same token and `Last-Event-ID` follows the stream's log from
+the store, on whichever edge it lands; after the stream ended and nothing is left,
+it gets 204 so the browser's EventSource stops reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.stash import StashedRequest, stash_key
+from shared.tokens import StreamGrant
+from stream_edge.admission import bearer, claim, edge_state, route, verified_grant
+from stream_edge.errors import BadRequest, NotFound
+from stream_edge.formats import EventSourceWriter
+from stream_edge.jobs import StreamJob, done_key
+from stream_edge.resume import ResumeLog, events_key, follow, wait_for_reconnect
+from stream_edge.routes import Streamed
+from stream_edge.state import EdgeState
+from stream_edge.streaming import Emit, EventStreamResponse
+from stream_edge.upstream.base import UpstreamEvent
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit():
+        raise BadRequest("Last-Event-ID must be an event number", code="invalid_last_event_id")
+    return int(raw)
+
+
+def _log_ttl(state: EdgeState, grant: StreamGrant) -> float:
+    # Resumable for as long as the token may reconnect, plus the grace.
+    return max(0, grant.expires_at - time.time()) + state.settings.resume_grace_seconds + 60
+
+
+async def event_stream(request: Request) -> Response:
+    accepted = time.perf_counter()
+    state = edge_state(request)
+    grant = await verified_grant(state, request.query_params.get("token") or bearer(request))
+    model, provider = route(state, grant)
+    after = _last_event_id(request)
+    if await claim(state, grant, "stream") is not None:
+        return await _resume(state, grant, after)
+    raw = await state.store.get(stash_key(grant.jti))
+    stashed = StashedRequest.loads(raw) if raw is not None else None
+    job = StreamJob(
+        state, grant, model, provider,
+        stashed.messages if stashed else [], stashed.params if stashed else {},
+        grant.max_tokens, grant.max_input_tokens, accepted,
+    )  # fmt: skip
+    if stashed is None:
+        await job.report("finished")
+        raise NotFound("the request for this token is gone", code="request_not_found")
+    response = await job.open(stream=True)
+    writer = EventSourceWriter(grant.session_id)
+    log = ResumeLog(state.store, grant.jti, _log_ttl(state, grant))
+    finished = asyncio.Event()
+
+    def write(event: UpstreamEvent) -> bytes:
+        frame = writer.write(event)
+        if frame:
+            log.append(frame)
+        return frame
+
+    async def produce(emit: Emit) -> None:
+        try:
+            result = await job.pump(response, write, emit)
+            if result.status == "completed":
+                billing = job.meter.billing()
+                final = writer.complete(
+                    job.meter.finish_reason, billing.input_tokens, billing.output_tokens
+                )
+            else:
+                final = writer.error(
+                    result.error_code or "upstream_error", result.error_message or ""
+                )
+            log.append(final)
+            await emit(final)
+        finally:
+            finished.set()
+            await _close_log(state, grant, log)
+
+    stream = EventStreamResponse(
+        produce,
+        job.report,
+        headers=[(b"x-request-id", grant.request_id.encode())],
+        ping_interval=state.settings.ping_interval,
+        slow_client_timeout=state.settings.slow_client_timeout,
+        linger=lambda: wait_for_reconnect(
+            state.store, grant.jti, state.settings.resume_grace_seconds, finished
+        ),
+    )
+    return Streamed(
+        state,
+        stream,
+        lambda: writer.error("shutting_down", "the edge is restarting; reconnect to resume"),
+    )
+
+
+async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
+    """Flush the log, then mark the stream done (in that order: a follower that sees
+    `done` reads the log once more and must find the last event there)."""
+    try:
+        await asyncio.shield(log.close())
+        await state.store.set(done_key(grant.jti), b"1", _log_ttl(state, grant))
+    except Exception:
+        pass  # cancelled at shutdown or the store is down: followers give up on idle
+
+
+async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
+    if await state.store.get(done_key(grant.jti)) is not None:
+        remaining = await state.store.log_range(events_key(grant.jti), after)
+        if not remaining:
+            return Response(status_code=204)
+
+    async def produce(emit: Emit) -> None:
+        async def is_done() -> bool:
+            return await state.store.get(done_key(grant.jti)) is not None
+
+        await follow(
+            state.store, grant.jti, after, emit, is_done,
+            give_up_after=max(state.settings.idle_timeout, state.settings.first_token_timeout),
+        )  # fmt: skip
+
+    async def nothing_to_report(outcome: str) -> None:
+        return None  # the stream's own edge reports its usage
+
+    stream = EventStreamResponse(
+        produce,
+        nothing_to_report,
+        headers=[(b"x-request-id", grant.request_id.encode())],
+        ping_interval=state.settings.ping_interval,
+        slow_client_timeout=state.settings.slow_client_timeout,
+    )
+    return Streamed(state, stream, lambda: b"")

@@ -1,0 +1,129 @@
+"""Resumable EventSource streams, across edge processes, through the store.
+
+The edge that runs a stream (the producer) appends every event frame to a log in
+the store, in small batches so the hot path never waits on the store. When its
+client drops, it keeps the backend going for `LLMGW_RESUME_GRACE_SECONDS`. A
+reconnect with the same token and `Last-Event-ID: n` — on this edge or any other —
+follows the log from event n+1 (`follow`), and announces itself with a heartbeat key
+so the producer keeps going until the end; with no reconnect within the grace, the
+producer cancels the backend and bills what was generated.
+
+Event ids are 1, 2, 3… so event `n` sits at index `n - 1` of the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from shared.store import Store
+
+log = logging.getLogger("llmgw.edge.resume")
+
+MAX_EVENTS = 20_000  # bounds a stream's log; far above any model's output length
+FLUSH_DELAY = 0.01  # batch frames written within 10 ms into one store round trip
+POLL_INTERVAL = 0.05
+HEARTBEAT_TTL = 3.0
+
+
+def events_key(jti: str) -> str:
+    return f"events:{jti}"
+
+
+def attached_key(jti: str) -> str:
+    return f"attached:{jti}"
+
+
+class ResumeLog:
+    """Producer side: frames go to memory at once and to the store in batches."""
+
+    def __init__(self, store: Store, jti: str, ttl_seconds: float) -> None:
+        self._store = store
+        self._key = events_key(jti)
+        self._ttl = ttl_seconds
+        self._pending: list[bytes] = []
+        self._count = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    def append(self, frame: bytes) -> None:
+        if self._count >= MAX_EVENTS:
+            return
+        self._count += 1
+        self._pending.append(frame)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_DELAY)
+        await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._store.log_append(self._key, batch, self._ttl)
+            except Exception as exc:  # a resume may then miss events; the stream goes on
+                log.warning("resume log write failed: %s", type(exc).__name__)
+
+    async def close(self) -> None:
+        """Write everything still pending (the final event included)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        await self._flush_pending()
+
+
+async def wait_for_reconnect(store: Store, jti: str, grace: float, finished: asyncio.Event) -> None:
+    """After the client left: return when the producer should give up — no follower
+    attached for `grace` seconds — and never while one is attached. Returns at once
+    when the stream finished by itself."""
+    key = attached_key(jti)
+    alone_since = time.monotonic()
+    while not finished.is_set():
+        if await store.get(key) is not None:
+            alone_since = time.monotonic()
+        elif time.monotonic() - alone_since >= grace:
+            return
+        try:
+            await asyncio.wait_for(finished.wait(), timeout=0.25)
+        except TimeoutError:
+            pass
+
+
+async def follow(
+    store: Store,
+    jti: str,
+    after_id: int,
+    emit: Callable[[bytes], Awaitable[None]],
+    is_done: Callable[[], Awaitable[bool]],
+    give_up_after: float,
+) -> None:
+    """Resumer side: emit every frame after `after_id` until the stream's last one.
+
+    Stops when the producer marked the stream done and the log is drained, or when no
+    new frame arrived for `give_up_after` seconds (the producer died)."""
+    key = events_key(jti)
+    next_index = after_id
+    last_progress = time.monotonic()
+    last_heartbeat = 0.0
+    while True:
+        now = time.monotonic()
+        if now - last_heartbeat >= HEARTBEAT_TTL / 3:
+            await store.set(attached_key(jti), b"1", HEARTBEAT_TTL)
+            last_heartbeat = now
+        frames = await store.log_range(key, next_index)
+        if frames:
+            await emit(b"".join(frames))
+            next_index += len(frames)
+            last_progress = now
+            continue
+        if await is_done():
+            # The producer writes the log before the done marker: read once more.
+            frames = await store.log_range(key, next_index)
+            if frames:
+                await emit(b"".join(frames))
+            return
+        if now - last_progress > give_up_after:
+            return
+        await asyncio.sleep(POLL_INTERVAL)
