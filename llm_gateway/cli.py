@@ -27,7 +27,8 @@ def _serve(app_factory: str, host: str, port: int) -> None:
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
         app = edge_app(settings)
-    asyncio.run(serve_all([server_for(app, host, port)]))
+    graceful = settings.drain_seconds + 10
+    asyncio.run(serve_all([server_for(app, host, port, graceful_seconds=graceful)]))
 
 
 def _mock(host: str, port: int) -> None:

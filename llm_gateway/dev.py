@@ -77,7 +77,12 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     store = MemoryStore()
     servers = [
         server_for(control_plane_app(settings, store), host, port_base),
-        server_for(edge_app(settings, store), host, port_base + 1),
+        server_for(
+            edge_app(settings, store),
+            host,
+            port_base + 1,
+            graceful_seconds=settings.drain_seconds + 10,
+        ),
         server_for(mock_app(), host, port_base + 2),
     ]
     cp = f"http://127.0.0.1:{port_base}"

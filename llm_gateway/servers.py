@@ -22,7 +22,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-def server_for(app: Any, host: str, port: int, *, access_log: bool = True) -> uvicorn.Server:
+def server_for(
+    app: Any, host: str, port: int, *, access_log: bool = True, graceful_seconds: float = 30
+) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         host=host,
@@ -30,7 +32,9 @@ def server_for(app: Any, host: str, port: int, *, access_log: bool = True) -> uv
         lifespan="on",
         access_log=access_log,
         log_config=None,  # keep our logging config (and its redaction filter)
-        timeout_graceful_shutdown=30,
+        # Longer than the edge's drain, so streams end with `shutting_down` rather
+        # than being cut by the server.
+        timeout_graceful_shutdown=int(graceful_seconds),
         proxy_headers=True,
     )
     return _Server(config)
@@ -40,8 +44,16 @@ async def serve_all(servers: list[uvicorn.Server]) -> None:
     """Run servers together; SIGINT/SIGTERM asks all of them to stop gracefully."""
     loop = asyncio.get_running_loop()
 
+    hooks: list[asyncio.Task[None]] = []
+
     def stop() -> None:
+        if hooks or any(server.should_exit for server in servers):
+            return  # a second signal: uvicorn's own timeout bounds the wait
         for server in servers:
+            # Apps that want to drain (the edge) expose `state.on_sigterm`.
+            on_sigterm = getattr(getattr(server.config.app, "state", None), "on_sigterm", None)
+            if on_sigterm is not None:
+                hooks.append(asyncio.ensure_future(on_sigterm()))
             server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):

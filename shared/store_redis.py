@@ -48,8 +48,16 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=30)
-        return cls(client, prefix)
+        # A blocking pool: under a burst, callers wait briefly for a connection instead
+        # of failing (the default pool raises once it is exhausted).
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=256,
+            timeout=5,
+            socket_connect_timeout=2.0,
+            health_check_interval=30,
+        )
+        return cls(redis.Redis(connection_pool=pool), prefix)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -147,4 +155,4 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)

@@ -46,6 +46,20 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
+async def drain(state: EdgeState) -> None:
+    """SIGTERM: readiness turns false at once (the server also stops accepting), running
+    streams get `drain_seconds` to finish, then are ended with `shutting_down`. The
+    outbox is flushed by the lifespan's shutdown afterwards."""
+    state.draining = True
+    deadline = asyncio.get_running_loop().time() + state.settings.drain_seconds
+    while state.active and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    for stream in list(state.active):
+        stream.shut_down()
+    if state.active:
+        log.info("ended %d streams still running after the drain", len(state.active))
+
+
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -80,6 +94,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             retry=RetryPolicy(retries=settings.upstream_retries),
         )
         app.state.edge = state
+        app.state.on_sigterm = lambda: drain(state)
         deliverer = asyncio.create_task(outbox.run(), name="usage-outbox")
         try:
             yield

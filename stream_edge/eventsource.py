@@ -9,8 +9,10 @@ it gets 204 so the browser's EventSource stops reconnecting.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,6 +27,8 @@ from stream_edge.routes import Streamed
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import UpstreamEvent
+
+logger = logging.getLogger("llmgw.edge.eventsource")
 
 
 def _last_event_id(request: Request) -> int:
@@ -85,8 +89,8 @@ async def event_stream(request: Request) -> Response:
             log.append(final)
             await emit(final)
         finally:
-            finished.set()
             await _close_log(state, grant, log)
+            finished.set()
 
     stream = EventStreamResponse(
         produce,
@@ -108,11 +112,12 @@ async def event_stream(request: Request) -> Response:
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
     """Flush the log, then mark the stream done (in that order: a follower that sees
     `done` reads the log once more and must find the last event there)."""
-    try:
-        await asyncio.shield(log.close())
-        await state.store.set(done_key(grant.jti), b"1", _log_ttl(state, grant))
-    except Exception:
-        pass  # cancelled at shutdown or the store is down: followers give up on idle
+    with anyio.CancelScope(shield=True):
+        try:
+            await log.close()
+            await state.store.set(done_key(grant.jti), b"1", _log_ttl(state, grant))
+        except Exception as exc:  # the store is down: followers give up when idle
+            logger.warning("could not close the resume log: %s", type(exc).__name__)
 
 
 async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:

@@ -56,7 +56,7 @@ async def relay(
     observe_delay = metrics.relay_delay.observe
     waiting_for = "first token"
     try:
-        async with asyncio.timeout(min(started + deadlines.first_token, hard_stop)) as clock:
+        async with asyncio.timeout_at(min(started + deadlines.first_token, hard_stop)) as clock:
             async for chunk in response.aiter_raw():
                 received = time.perf_counter()
                 out: list[bytes] = []

@@ -65,7 +65,7 @@ async def chat_completions(request: Request) -> Response:
         slow_client_timeout=state.settings.slow_client_timeout,
     )
     return Streamed(
-        state, stream, OpenAIChunkWriter.error("shutting_down", "the edge is restarting")
+        state, stream, lambda: OpenAIChunkWriter.error("shutting_down", "the edge is restarting")
     )
 
 

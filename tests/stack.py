@@ -7,11 +7,17 @@ processes would. `Client` holds the small HTTP conveniences the tests share.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +32,7 @@ from stream_edge.app import create_app as edge_app
 from tests.conftest import new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, url_of
 
+ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 
 
@@ -176,7 +183,7 @@ class SplitStack:
     def __init__(self, env: dict[str, str]) -> None:
         assert env.get("LLMGW_REDIS_URL"), "SplitStack needs Redis"
         self.ports = {}
-        for name in ("mock", "cp", "edge"):
+        for name in ("mock", "cp", "edge", "edge2"):
             sock = bind_free_socket()
             self.ports[name] = sock.getsockname()[1]
             sock.close()
@@ -195,8 +202,12 @@ class SplitStack:
         settings = Settings.from_env({**self.env, **overrides})
         return dataclasses.replace(settings, catalog=with_mock_at(settings.catalog, self.mock_url))
 
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
     def start(self, name: str, **overrides: str) -> Any:
-        """Start `name` (mock, cp, edge) with optional env overrides; returns its app."""
+        """Start `name` (mock, cp, edge, edge2: a second edge sharing Redis) with
+        optional env overrides; returns its app."""
         if name == "mock":
             app = mock_app()
         elif name == "cp":
@@ -219,3 +230,46 @@ class SplitStack:
         self.client.close()
         for name in list(self.groups):
             self.stop(name)
+
+
+@contextlib.contextmanager
+def edge_process(
+    split: SplitStack, tmp_path: Path, **overrides: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Replace the split stack's in-process edge by a real `llm-gateway stream-edge`
+    process on the same port (for signals: SIGKILL, SIGTERM)."""
+    if "edge" in split.groups:
+        split.stop("edge")
+    models = tmp_path / "models.yaml"
+    packaged = (ROOT / "shared" / "models.yaml").read_text()
+    models.write_text(packaged.replace("http://127.0.0.1:8002/v1", split.mock_url))
+    env = {**os.environ, **split.env, **overrides,
+           "LLMGW_MODELS_FILE": str(models), "LLMGW_LOG_LEVEL": "WARNING"}  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llm_gateway.cli",
+            "stream-edge",
+            "--port",
+            str(split.ports["edge"]),
+        ],
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"the edge exited with {process.returncode}"
+            try:
+                if httpx.get(f"{split.url('edge')}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the edge did not start"
+            time.sleep(0.1)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)

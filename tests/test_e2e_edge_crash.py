@@ -5,10 +5,8 @@ checkpoint once the hold's deadline passes (PostgreSQL + Redis)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +18,7 @@ from shared.pricing import cost_micro
 from shared.sse import SSEDecoder
 from shared.store_redis import RedisStore
 from tests.conftest import REDIS_URL
-from tests.stack import SplitStack, base_env, micro
-from tests.test_e2e_processes import wait_healthy
+from tests.stack import SplitStack, base_env, edge_process, micro
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT_HOLDS = {
@@ -36,25 +33,8 @@ def stack_with_edge_process(
     pg_database_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[tuple[SplitStack, subprocess.Popen[bytes]]]:
     env = {**base_env(pg_database_url, REDIS_URL, redis_prefix), **SHORT_HOLDS}
-    with SplitStack(env) as split:
-        split.stop("edge")  # replaced by a real process we can kill
-        models = tmp_path / "models.yaml"
-        packaged = (ROOT / "shared" / "models.yaml").read_text()
-        models.write_text(packaged.replace("http://127.0.0.1:8002/v1", split.mock_url))
-        process_env = {**os.environ, **split.env, "LLMGW_MODELS_FILE": str(models),
-                       "LLMGW_LOG_LEVEL": "WARNING"}  # fmt: skip
-        edge = subprocess.Popen(
-            [sys.executable, "-m", "llm_gateway.cli", "stream-edge",
-             "--port", str(split.ports["edge"])],
-            env=process_env, cwd=ROOT,
-        )  # fmt: skip
-        try:
-            wait_healthy(split.client.edge_url, edge)
-            yield split, edge
-        finally:
-            if edge.poll() is None:
-                edge.kill()
-            edge.wait(timeout=10)
+    with SplitStack(env) as split, edge_process(split, tmp_path) as edge:
+        yield split, edge
 
 
 def read_checkpoint(prefix: str, reservation_id: str) -> UsageCheckpoint | None:
