@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import re
 
+from shared.request_id import current_request_id
+
 _TOKEN_QUERY = re.compile(r"(token=)[^&\s\"']+")
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _API_KEY = re.compile(r"\bsk_[A-Za-z0-9_-]{8,}")
@@ -18,7 +20,10 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
+    """Scrubs secrets and stamps the current request id on every record."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get() or "-"
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
@@ -27,7 +32,10 @@ class RedactingFilter(logging.Filter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+    )
     # Alembic narrates every plugin at INFO; only its warnings matter to an operator.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     redacting = RedactingFilter()

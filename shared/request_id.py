@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _SANE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 HEADER = b"x-request-id"
+# The request being served, for log lines (`shared.logs` adds it to every record).
+current_request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 def choose_request_id(incoming: str | None) -> str:
@@ -38,6 +41,7 @@ class RequestIdMiddleware:
                 break
         request_id = choose_request_id(incoming)
         scope.setdefault("state", {})["request_id"] = request_id
+        current_request_id.set(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -13,6 +13,7 @@ import orjson
 from starlette.requests import Request
 
 from shared.catalog import ModelSpec, Provider
+from shared.request_id import current_request_id
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, EdgeError, NotFound, Unauthorized
 from stream_edge.grants import TokenUnauthorized
@@ -39,13 +40,17 @@ async def verified_grant(state: EdgeState, token: str | None) -> StreamGrant:
         state.metrics.token_rejections.labels("missing").inc()
         raise Unauthorized("a stream token is required", code="missing_token")
     try:
-        return await state.grants.verify(token)
+        grant = await state.grants.verify(token)
     except TokenUnauthorized as exc:
         state.metrics.token_rejections.labels(exc.reason).inc()
         raise
     except EdgeError as exc:
         state.metrics.token_rejections.labels(exc.code).inc()
         raise
+    # From here on the stream's log lines carry the id minted at init, which the
+    # webhook and the upstream request (X-Request-Id) carry too.
+    current_request_id.set(grant.request_id)
+    return grant
 
 
 def route(state: EdgeState, grant: StreamGrant) -> tuple[ModelSpec, Provider]:
