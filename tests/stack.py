@@ -237,14 +237,17 @@ def edge_process(
     split: SplitStack, tmp_path: Path, **overrides: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Replace the split stack's in-process edge by a real `llm-gateway stream-edge`
-    process on the same port (for signals: SIGKILL, SIGTERM)."""
+    process on the same port (for signals: SIGKILL, SIGTERM). Its log goes to
+    `tmp_path / "edge.log"`."""
     if "edge" in split.groups:
         split.stop("edge")
     models = tmp_path / "models.yaml"
     packaged = (ROOT / "shared" / "models.yaml").read_text()
     models.write_text(packaged.replace("http://127.0.0.1:8002/v1", split.mock_url))
     env = {**os.environ, **split.env, **overrides,
-           "LLMGW_MODELS_FILE": str(models), "LLMGW_LOG_LEVEL": "WARNING"}  # fmt: skip
+           "LLMGW_MODELS_FILE": str(models)}  # fmt: skip
+    env.setdefault("LLMGW_LOG_LEVEL", "INFO")
+    log_file = (tmp_path / "edge.log").open("ab")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -256,6 +259,8 @@ def edge_process(
         ],
         env=env,
         cwd=ROOT,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30
@@ -273,3 +278,4 @@ def edge_process(
         if process.poll() is None:
             process.kill()
         process.wait(timeout=10)
+        log_file.close()

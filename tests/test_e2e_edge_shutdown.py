@@ -69,3 +69,9 @@ def test_sigterm_drains_then_ends_streams_and_flushes_usage(
     assert long_record["status"] == "failed"
     chunks = sum(1 for e in results["long"] if e.event == "chunk")
     assert chunks <= long_record["output_tokens"] < 500
+    # The access log shows the EventSource requests, but never their tokens.
+    log = (tmp_path / "edge.log").read_text()
+    assert "GET /v1/stream?token=[redacted]" in log
+    for grant in (short, long):
+        assert grant["stream_token"] not in log
+        assert grant["stream_token"].split(".")[2] not in log
