@@ -29,6 +29,7 @@ from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import UpstreamEvent
 
 logger = logging.getLogger("llmgw.edge.eventsource")
+RETRY_FRAME = b"retry: 1000\n\n"
 
 
 def _last_event_id(request: Request) -> int:
@@ -76,6 +77,8 @@ async def event_stream(request: Request) -> Response:
 
     async def produce(emit: Emit) -> None:
         try:
+            # Browsers wait 3 s by default before reconnecting; ask for 1 s.
+            await emit(RETRY_FRAME)
             result = await job.pump(response, write, emit)
             if result.status == "completed":
                 billing = job.meter.billing()

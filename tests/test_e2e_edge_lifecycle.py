@@ -83,7 +83,7 @@ def test_idle_streams_get_ping_comments(split: SplitStack) -> None:
     grant = c.init_ok(token, {"query": "slow start [[mock tokens=2 first_ms=700]]"})
     with httpx.stream("GET", grant["stream_url"]) as r:
         raw = r.read()
-    assert raw.startswith(b": ping\n\n")
+    assert raw.startswith(b"retry: 1000\n\n: ping\n\n")
     assert b"event: complete" in raw
 
 
