@@ -1,8 +1,14 @@
-"""The one exception the mock raises, and OpenAI's error body shape.
+"""The one exception the mock raises, rendered in each vendor's error shape.
 
-OpenAI answers every error as ``{"error": {"message", "type", "param", "code"}}``;
-clients such as the official ``openai`` package map the HTTP status to an
-exception class and read ``message`` from that body, so the mock matches it exactly.
+* OpenAI: ``{"error": {"message", "type", "param", "code"}}``
+  (https://platform.openai.com/docs/guides/error-codes)
+* Anthropic: ``{"type": "error", "error": {"type", "message"}}``
+  (https://docs.anthropic.com/en/api/errors)
+* Google: ``{"error": {"code", "message", "status", "details"?}}``
+  (https://ai.google.dev/gemini-api/docs/troubleshooting)
+
+Official clients map the HTTP status to an exception class and read the message from
+these bodies, so the mock matches them exactly. The in-house backend uses OpenAI's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,27 @@ _TYPE_BY_STATUS = {
     404: "invalid_request_error",
     429: "rate_limit_error",
 }
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 def error_type_for(status: int) -> str:
@@ -24,8 +51,16 @@ def error_type_for(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "invalid_request_error")
 
 
+def anthropic_type_for(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def google_status_for(status: int) -> str:
+    return _GOOGLE_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
+
+
 class MockAPIError(Exception):
-    """An error answered before any byte of the response, in OpenAI's shape."""
+    """An error answered before any byte of the response."""
 
     def __init__(
         self,
@@ -35,6 +70,7 @@ class MockAPIError(Exception):
         code: str | None = None,
         param: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,8 +78,10 @@ class MockAPIError(Exception):
         self.code = code
         self.param = param
         self.type = type or error_type_for(status)
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
+        """OpenAI's shape (also the in-house backend's)."""
         return {
             "error": {
                 "message": self.message,
@@ -52,3 +90,33 @@ class MockAPIError(Exception):
                 "code": self.code,
             }
         }
+
+    def anthropic_body(self) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "error": {"type": anthropic_type_for(self.status), "message": self.message},
+        }
+
+    def google_body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "code": self.status,
+            "message": self.message,
+            "status": google_status_for(self.status),
+        }
+        if self.code and self.code.isupper():  # a google.rpc reason such as API_KEY_INVALID
+            error["details"] = [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": self.code,
+                    "domain": "googleapis.com",
+                    "metadata": {"service": "generativelanguage.googleapis.com"},
+                }
+            ]
+        return {"error": error}
+
+    def body_for(self, vendor: str) -> dict[str, Any]:
+        if vendor == "anthropic":
+            return self.anthropic_body()
+        if vendor == "google":
+            return self.google_body()
+        return self.body()

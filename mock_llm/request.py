@@ -23,15 +23,15 @@ class ChatRequest:
     max_tokens: int | None
 
 
-def _invalid(message: str, param: str | None) -> MockAPIError:
+def invalid(message: str, param: str | None) -> MockAPIError:
     return MockAPIError(400, message, code="invalid_request", param=param)
 
 
-def _content_text(content: object, param: str) -> str:
+def content_text(content: object, param: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _invalid(f"{param} must be a string or a list of text parts", param)
+        raise invalid(f"{param} must be a string or a list of text parts", param)
     texts: list[str] = []
     for index, part in enumerate(content):
         where = f"{param}[{index}]"
@@ -40,59 +40,61 @@ def _content_text(content: object, param: str) -> str:
             or part.get("type") != "text"
             or not isinstance(part.get("text"), str)
         ):
-            raise _invalid(f'{where} must be {{"type": "text", "text": "..."}}', where)
+            raise invalid(f'{where} must be {{"type": "text", "text": "..."}}', where)
         texts.append(part["text"])
     return "".join(texts)
 
 
-def _messages(value: object) -> tuple[Message, ...]:
+def parse_messages(value: object, roles: frozenset[str] | None = None) -> tuple[Message, ...]:
+    """OpenAI-style ``[{role, content}]``; ``roles`` narrows the accepted roles."""
     if not isinstance(value, list) or not value:
-        raise _invalid("messages must be a non-empty array", "messages")
+        raise invalid("messages must be a non-empty array", "messages")
     messages: list[Message] = []
     for index, item in enumerate(value):
         where = f"messages[{index}]"
         if not isinstance(item, dict):
-            raise _invalid(f"{where} must be an object", where)
+            raise invalid(f"{where} must be an object", where)
         role = item.get("role")
-        if not isinstance(role, str) or not role:
-            raise _invalid(f"{where}.role must be a non-empty string", f"{where}.role")
-        messages.append(Message(role, _content_text(item.get("content"), f"{where}.content")))
+        if not isinstance(role, str) or not role or (roles is not None and role not in roles):
+            allowed = f"one of {sorted(roles)}" if roles else "a non-empty string"
+            raise invalid(f"{where}.role must be {allowed}", f"{where}.role")
+        messages.append(Message(role, content_text(item.get("content"), f"{where}.content")))
     return tuple(messages)
 
 
-def _limit(body: dict[str, Any], name: str) -> int | None:
+def positive_int(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     # bool is an int subclass; ``true`` is not a token count.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _invalid(f"{name} must be a positive integer", name)
+        raise invalid(f"{name} must be a positive integer", name)
     return value
 
 
-def _flag(container: dict[str, Any], name: str, param: str) -> bool:
+def flag(container: dict[str, Any], name: str, param: str) -> bool:
     value = container.get(name, False)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _invalid(f"{param} must be a boolean", param)
+        raise invalid(f"{param} must be a boolean", param)
     return value
 
 
 def parse_chat_request(body: object) -> ChatRequest:
     """The validated request, or :class:`MockAPIError` (400) naming the bad field."""
     if not isinstance(body, dict):
-        raise _invalid("the request body must be a JSON object", None)
+        raise invalid("the request body must be a JSON object", None)
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise _invalid("model must be a non-empty string", "model")
-    messages = _messages(body.get("messages"))
-    stream = _flag(body, "stream", "stream")
+        raise invalid("model must be a non-empty string", "model")
+    messages = parse_messages(body.get("messages"))
+    stream = flag(body, "stream", "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _invalid("stream_options must be an object", "stream_options")
-    include_usage = _flag(options or {}, "include_usage", "stream_options.include_usage")
-    given = (_limit(body, "max_tokens"), _limit(body, "max_completion_tokens"))
+        raise invalid("stream_options must be an object", "stream_options")
+    include_usage = flag(options or {}, "include_usage", "stream_options.include_usage")
+    given = (positive_int(body, "max_tokens"), positive_int(body, "max_completion_tokens"))
     limits = [limit for limit in given if limit is not None]
     return ChatRequest(
         model=model,

@@ -5,7 +5,8 @@ so the same prompt always yields the same text and a shorter answer (``max_token
 is a prefix of the longer one. Timing and failures come from the model's defaults,
 overridden per request by a directive inside any message::
 
-    [[mock tokens=N first_ms=N delay_ms=N fail=STATUS drop_after=N]]
+    [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S drop_after=N
+            error_after=N usage=0|1]]
 
 (every key optional; several directives merge, later ones win), and then by the
 ``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
@@ -43,6 +44,12 @@ class MockBehaviour:
     fail_status: int | None = None
     # Cut the connection after this many content tokens: no finish, no usage, no [DONE].
     drop_after: int | None = None
+    # Send the vendor's own mid-stream error event after this many tokens, then end.
+    error_after: int | None = None
+    # The ``Retry-After`` header (seconds) sent with a ``fail`` status.
+    retry_after_s: int | None = None
+    # False: the backend reports no token usage at all (the gateway must count).
+    report_usage: bool = True
 
 
 MODEL_DEFAULTS: dict[str, MockBehaviour] = {
@@ -61,6 +68,9 @@ class Overrides:
     token_delay_s: float | None = None
     fail_status: int | None = None
     drop_after: int | None = None
+    error_after: int | None = None
+    retry_after_s: int | None = None
+    report_usage: bool | None = None
 
     def merged(self, later: Overrides) -> Overrides:
         changes = {
@@ -109,10 +119,16 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(fail_status=_int_value(name, raw, 400, 599))
     if key == "drop_after":
         return Overrides(drop_after=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "error_after":
+        return Overrides(error_after=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "retry_after":
+        return Overrides(retry_after_s=_int_value(name, raw, 0, 86_400))
+    if key == "usage":
+        return Overrides(report_usage=bool(_int_value(name, raw, 0, 1)))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
-        "drop_after)",
+        "retry_after, drop_after, error_after, usage)",
         code="invalid_mock_directive",
     )
 

@@ -6,7 +6,8 @@ file. Prices stay `Decimal` so money never passes through a float.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import yaml
 
 API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
+# A dotted path into an event's JSON: keys, or digits that index arrays (`choices.0.text`).
+_FIELD_PATH = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
 
 class CatalogError(ValueError):
@@ -28,12 +31,33 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class SSEBackendSpec:
+    """Where an `sse_backend` provider answers, and where each event keeps its fields.
+
+    The defaults describe the plain in-house convention: `data: {"delta": "…"}` lines,
+    a last `data: {"usage": {"input": n, "output": n}, "finish": "stop"}`, then
+    `data: [DONE]`. Each `*_path` is a dotted path into the event's JSON.
+    """
+
+    path: str = ""
+    content_path: str = "delta"
+    usage_input_path: str = "usage.input"
+    usage_output_path: str = "usage.output"
+    finish_path: str = "finish"
+    error_path: str = "error"
+
+
+SSE_BACKEND_KEYS = tuple(f.name for f in fields(SSEBackendSpec))
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     name: str
     api_type: str
     base_url: str
     api_key_env: str | None = None
     service_token_env: str | None = None
+    sse: SSEBackendSpec | None = None  # set for every `sse_backend` provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +119,23 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _sse_spec(spec: dict[str, Any], api_type: str, where: str) -> SSEBackendSpec | None:
+    given = {key: spec[key] for key in SSE_BACKEND_KEYS if key in spec}
+    if api_type != "sse_backend":
+        if given:
+            raise CatalogError(f"{where}.{min(given)} applies to api_type sse_backend only")
+        return None
+    for key, value in given.items():
+        if not isinstance(value, str):
+            raise CatalogError(f"{where}.{key} must be a string")
+        if key == "path":
+            if value and (not value.startswith("/") or any(c.isspace() for c in value)):
+                raise CatalogError(f"{where}.path must start with '/' and have no spaces")
+        elif not _FIELD_PATH.fullmatch(value):
+            raise CatalogError(f"{where}.{key} must be a dotted path like 'usage.input'")
+    return SSEBackendSpec(**given)
+
+
 def parse_catalog(raw: Any) -> Catalog:
     doc = _mapping(raw, "catalog")
     providers: dict[str, Provider] = {}
@@ -112,6 +153,7 @@ def parse_catalog(raw: Any) -> Catalog:
             base_url=base_url.rstrip("/"),
             api_key_env=spec.get("api_key_env"),
             service_token_env=spec.get("service_token_env"),
+            sse=_sse_spec(spec, api_type, f"providers.{name}"),
         )
     models: dict[str, ModelSpec] = {}
     for model_id, spec in _mapping(doc.get("models"), "models").items():

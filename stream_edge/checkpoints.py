@@ -37,7 +37,7 @@ class Checkpointer:
 
     def tick(self) -> None:
         """Called after each relayed chunk; cheap unless a checkpoint is due."""
-        output = self._meter.deltas
+        output = self._meter.relayed_tokens
         if output == self._written_tokens:
             return
         due = output - self._written_tokens >= CHECKPOINT_EVERY_TOKENS

@@ -53,7 +53,9 @@ class StreamJob:
         self.max_tokens = max_tokens
         self.accepted_at = accepted_at
         self.meter = Meter(
-            input_estimate=input_estimate, keep_transcript=state.settings.store_transcripts
+            input_estimate=input_estimate,
+            keep_transcript=state.settings.store_transcripts,
+            delta_is_token=provider.api_type == "openai_chat",
         )
         self.result: RelayResult | None = None
         self._reported = False
@@ -90,6 +92,7 @@ class StreamJob:
                 self._adapter.build_request(self._call(stream)),
                 breaker=self.state.breakers.for_provider(self.provider.name),
                 policy=self.state.retry,
+                error_status=self._adapter.error_status,
             )
         except EdgeError as exc:
             self.state.metrics.upstream_errors.labels(self.provider.name, exc.code).inc()

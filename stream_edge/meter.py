@@ -3,8 +3,10 @@
 Pure: fed the normalised upstream events, it answers the usage figures for the
 webhook. The backend's own usage wins (`usage_source: upstream`); without it
 (cancelled, failed, or a backend that reports none) the input is the reservation's
-estimate and the output is the number of content deltas relayed — OpenAI-compatible
-backends send one token per delta — marked `estimated`.
+estimate and the output is counted from what was relayed, marked `estimated`:
+OpenAI-compatible backends send one token per delta, so deltas are counted; other
+vendors batch several tokens per delta, so there it is the larger of the deltas and
+one token per 4 UTF-8 bytes (the usual tokenizer average).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ class Billing:
 class Meter:
     input_estimate: int
     keep_transcript: bool
+    delta_is_token: bool = True
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     first_token_at: datetime | None = None
     deltas: int = 0
+    text_bytes: int = 0
     usage: Usage | None = None
     finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)
@@ -38,6 +42,8 @@ class Meter:
             if self.first_token_at is None:
                 self.first_token_at = datetime.now(UTC)
             self.deltas += 1
+            if not self.delta_is_token:
+                self.text_bytes += len(event.text.encode())
             if self.keep_transcript:
                 self.parts.append(event.text)
         elif isinstance(event, Usage):
@@ -50,6 +56,8 @@ class Meter:
         if text:
             self.first_token_at = datetime.now(UTC)
             self.deltas = 1
+            self.delta_is_token = False  # one "delta" here is the whole answer
+            self.text_bytes = len(text.encode())
             if self.keep_transcript:
                 self.parts.append(text)
         self.usage = usage
@@ -62,4 +70,10 @@ class Meter:
     def billing(self) -> Billing:
         if self.usage is not None:
             return Billing(self.usage.input_tokens, self.usage.output_tokens, "upstream")
-        return Billing(self.input_estimate, self.deltas, "estimated")
+        return Billing(self.input_estimate, self.relayed_tokens, "estimated")
+
+    @property
+    def relayed_tokens(self) -> int:
+        if self.delta_is_token:
+            return self.deltas
+        return max(self.deltas, -(-self.text_bytes // 4))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from shared.metrics import exposition
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
 from stream_edge.errors import NotFound, Unauthorized, error_response
 from stream_edge.formats import OpenAIChunkWriter, completion_object
@@ -110,7 +111,7 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = edge_state(request)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -57,6 +58,7 @@ async def open_stream(
     *,
     breaker: CircuitBreaker | None = None,
     policy: RetryPolicy | None = None,
+    error_status: Callable[[int, bytes], int] | None = None,
 ) -> httpx.Response:
     """Send `request` and return the streaming response once its headers are in.
 
@@ -69,7 +71,7 @@ async def open_stream(
     while True:
         if breaker is not None and not breaker.allow():
             raise UpstreamError("the backend is failing; try again shortly", code="upstream_error")
-        error, retry_after = await _attempt(client, request, breaker)
+        error, retry_after = await _attempt(client, request, breaker, error_status)
         if isinstance(error, httpx.Response):
             return error
         attempt += 1
@@ -79,7 +81,10 @@ async def open_stream(
 
 
 async def _attempt(
-    client: httpx.AsyncClient, request: HttpRequest, breaker: CircuitBreaker | None
+    client: httpx.AsyncClient,
+    request: HttpRequest,
+    breaker: CircuitBreaker | None,
+    error_status: Callable[[int, bytes], int] | None,
 ) -> tuple[httpx.Response | EdgeError, float | None]:
     """One try: the response, or (error, retry-after seconds or None if not retryable)."""
     http_request = client.build_request(
@@ -107,13 +112,17 @@ async def _attempt(
         if breaker is not None:
             breaker.record_success()
         return response, None
+    body = b""
     try:
-        await response.aread()
+        body = await response.aread()  # vendor error bodies are small
     except httpx.HTTPError:
         pass
     finally:
         await response.aclose()
     log.warning("upstream answered %s", status)
+    if error_status is not None:
+        # The adapter knows its vendor's quirks (Gemini: a refused key is a 400).
+        status = error_status(status, body)
     if status >= 500:
         _failed(breaker)
     retry_after_header = response.headers.get("retry-after")

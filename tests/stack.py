@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 from cryptography.fernet import Fernet
 
 from control_plane.app import create_app as control_plane_app
@@ -64,6 +65,7 @@ class Client:
         self.mock_url = mock_url
         self.webhook_secret = webhook_secret
         self.http = httpx.Client(timeout=30)
+        self._openai_clients: list[openai.OpenAI] = []
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", **kwargs.pop("headers", {})}
@@ -131,7 +133,15 @@ class Client:
             time.sleep(0.05)
         raise AssertionError(f"reservation {reservation_id} was not settled in {timeout}s")
 
+    def openai(self, stream_token: str, **kwargs: Any) -> openai.OpenAI:
+        """The official OpenAI client pointed at the edge, closed with this Client."""
+        client = openai.OpenAI(base_url=f"{self.edge_url}/v1", api_key=stream_token, **kwargs)
+        self._openai_clients.append(client)
+        return client
+
     def close(self) -> None:
+        for client in self._openai_clients:
+            client.close()
         self.http.close()
 
 

@@ -42,7 +42,7 @@ def test_openai_client_stream_is_billed_exactly(stack: InProcessStack) -> None:
     assert micro(held["held"]) == hold
     assert micro(held["available"]) == micro(before["available"]) - hold
 
-    client = openai.OpenAI(base_url=f"{c.edge_url}/v1", api_key=grant["stream_token"])
+    client = c.openai(grant["stream_token"])
     chunks = list(
         client.chat.completions.create(
             model="mock-fast",
@@ -74,7 +74,7 @@ def test_non_streaming_completion(stack: InProcessStack) -> None:
     token = c.new_user(c.new_company("5"))
     messages = [{"role": "user", "content": "Short answer please [[mock tokens=7]]"}]
     grant = c.init_ok(token, {"messages": messages})
-    client = openai.OpenAI(base_url=f"{c.edge_url}/v1", api_key=grant["stream_token"])
+    client = c.openai(grant["stream_token"])
     answer = client.chat.completions.create(model="mock-fast", messages=messages)  # type: ignore[arg-type]
     assert answer.choices[0].message.content
     assert answer.usage is not None and answer.usage.completion_tokens == 7
@@ -191,9 +191,7 @@ def test_token_is_single_use(stack: InProcessStack, path: str) -> None:
     token = c.new_user(c.new_company("5"))
     grant = c.init_ok(token, {"query": "once [[mock tokens=3]]"})
     messages = [{"role": "user", "content": "once [[mock tokens=3]]"}]
-    client = openai.OpenAI(
-        base_url=f"{c.edge_url}/v1", api_key=grant["stream_token"], max_retries=0
-    )
+    client = c.openai(grant["stream_token"], max_retries=0)
     if path == "completions":
         client.chat.completions.create(model="mock-fast", messages=messages)  # type: ignore[arg-type]
     else:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from tests.conftest import REDIS_URL
@@ -96,7 +95,7 @@ def test_separate_processes_stream_and_settle(processes: Client) -> None:
     before = c.credits(token)
     messages = [{"role": "user", "content": "Across processes [[mock tokens=25]]"}]
     grant = c.init_ok(token, {"model": "mock-fast", "messages": messages})
-    client = openai.OpenAI(base_url=f"{c.edge_url}/v1", api_key=grant["stream_token"])
+    client = c.openai(grant["stream_token"])
     stream = client.chat.completions.create(
         model="mock-fast",
         messages=messages,  # type: ignore[arg-type]

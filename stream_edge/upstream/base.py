@@ -3,12 +3,23 @@
 An adapter knows one vendor's wire format: how to build the request, and how to
 turn the bytes of its stream into `Delta`, `Usage`, `Finish` and `Failure` events.
 It does no I/O itself, so each is tested by feeding it captured bytes.
+
+A `Failure` carries one of the generic messages below, never the vendor's text: the
+message reaches our client, and a vendor's error body may quote the request, an
+account id or worse. Adapters log a short vendor message instead.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote
+
+log = logging.getLogger("llmgw.edge.upstream")
+
+MALFORMED_EVENT = "the backend sent a malformed event"
+VENDOR_ERROR = "the backend reported an error mid-stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +121,57 @@ class Adapter(Protocol):
     def parse_completion(self, body: bytes) -> Completion:
         """Raise ValueError when the body is not a valid answer."""
         ...
+
+    def error_status(self, status: int, body: bytes) -> int:
+        """The HTTP status that best describes a vendor's error answer (usually
+        `status`; Gemini reports a refused key as 400 `API_KEY_INVALID`, i.e. 401)."""
+        ...
+
+
+def vendor_failure(kind: str, detail: object) -> Failure:
+    """A mid-stream vendor error: logged briefly, reported to the client generically."""
+    log.warning("upstream error event: %s %.200s", kind, detail)
+    return Failure(VENDOR_ERROR)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's content as one string (OpenAI allows a list of text parts)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _header_value(value: str) -> str:
+    # Claims are ours, but a header must never carry CR/LF or non-ASCII bytes.
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe="")
+
+
+def trusted_headers(call: UpstreamCall) -> dict[str, str]:
+    """`X-Service-Token` and the caller's context, for providers that trust the gateway.
+
+    Only a provider configured with `service_token_env` gets them (jobs fill
+    `service_token` from it); public vendors never learn who the caller is. The
+    client's stream token is not among them: adapters never see it.
+    """
+    if not call.service_token:
+        return {}
+    headers = {"x-service-token": call.service_token}
+    if call.context is not None:
+        context = call.context
+        headers |= {
+            "x-user-id": _header_value(context.user_id),
+            "x-company-id": _header_value(context.company_id),
+            "x-user-role": _header_value(context.role),
+            "x-session-id": _header_value(context.session_id),
+            "x-request-id": _header_value(context.request_id),
+        }
+    return headers

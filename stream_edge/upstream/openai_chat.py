@@ -14,6 +14,7 @@ import orjson
 
 from shared.sse import SSEDecoder
 from stream_edge.upstream.base import (
+    MALFORMED_EVENT,
     Completion,
     Delta,
     Failure,
@@ -23,6 +24,8 @@ from stream_edge.upstream.base import (
     UpstreamCall,
     UpstreamEvent,
     Usage,
+    trusted_headers,
+    vendor_failure,
 )
 
 DONE = "[DONE]"
@@ -53,7 +56,7 @@ class OpenAIStreamParser:
             try:
                 doc = orjson.loads(sse.data)
             except orjson.JSONDecodeError:
-                events.append(Failure("the backend sent a malformed event"))
+                events.append(Failure(MALFORMED_EVENT))
                 continue
             events.extend(self._interpret(doc, sse.data.encode()))
         return events
@@ -61,11 +64,12 @@ class OpenAIStreamParser:
     @staticmethod
     def _interpret(doc: Any, raw: bytes) -> list[UpstreamEvent]:
         if not isinstance(doc, dict):
-            return [Failure("the backend sent a malformed event")]
+            return [Failure(MALFORMED_EVENT)]
         if "error" in doc:
             error = doc["error"]
-            message = error.get("message") if isinstance(error, dict) else None
-            return [Failure(str(message or "the backend reported an error"))]
+            return [
+                vendor_failure("openai", error.get("message") if isinstance(error, dict) else error)
+            ]
         out: list[UpstreamEvent] = []
         choices = doc.get("choices") or []
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
@@ -84,6 +88,9 @@ class OpenAIStreamParser:
 
 
 class OpenAIChatAdapter:
+    """OpenAI-compatible backends; an in-house vLLM with `service_token_env` also gets
+    the trusted caller headers."""
+
     def build_request(self, call: UpstreamCall) -> HttpRequest:
         body: dict[str, Any] = {
             **call.params,
@@ -99,6 +106,7 @@ class OpenAIChatAdapter:
             headers["accept"] = "text/event-stream"
         if call.api_key:
             headers["authorization"] = f"Bearer {call.api_key}"
+        headers |= trusted_headers(call)
         return HttpRequest(f"{call.base_url}/chat/completions", headers, orjson.dumps(body))
 
     def stream_parser(self) -> OpenAIStreamParser:
@@ -115,3 +123,6 @@ class OpenAIChatAdapter:
         if not isinstance(text, str):
             raise ValueError("the backend's answer is malformed")
         return Completion(text=text, finish_reason=str(reason), usage=_usage(doc.get("usage")))
+
+    def error_status(self, status: int, body: bytes) -> int:
+        return status

@@ -1,0 +1,142 @@
+"""Google Gemini API: ``POST /v1beta/models/{model}:generateContent`` and
+``:streamGenerateContent?alt=sse``.
+
+Shapes follow https://ai.google.dev/api/generate-content: every stream frame is a
+whole ``GenerateContentResponse``, framed ``data: …\\r\\n\\r\\n`` (CRLF, as Google sends);
+``usageMetadata`` rides on every frame and grows, and the last frame carries
+``finishReason`` and the final counts. There is no ``[DONE]``. Auth is the
+``x-goog-api-key`` header or ``?key=``; like Google, a missing key is 403 and a wrong
+one is 400 ``API_KEY_INVALID``. Errors use Google's ``{"error": {code, message,
+status}}`` shape.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mock_llm.errors import MockAPIError
+from mock_llm.request import invalid
+from mock_llm.script import Completion, Message
+from mock_llm.server import MockServer, json_response, require_json, secret_matches
+
+FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS"}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    messages: tuple[Message, ...]  # the system instruction first, when given
+    max_tokens: int | None
+
+
+def _parts_text(value: object, where: str) -> str:
+    parts = value.get("parts") if isinstance(value, dict) else None
+    if not isinstance(parts, list) or not parts:
+        raise invalid(f"* GenerateContentRequest.{where}.parts: must not be empty", where)
+    if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+        raise invalid(f"* GenerateContentRequest.{where}.parts: only text is supported", where)
+    return "".join(p["text"] for p in parts)
+
+
+def parse_generate_request(body: object) -> GenerateRequest:
+    if not isinstance(body, dict):
+        raise invalid("Invalid JSON payload received.", None)
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        raise invalid("* GenerateContentRequest.contents: contents is not specified", "contents")
+    messages: list[Message] = []
+    if body.get("systemInstruction") is not None:
+        messages.append(Message("system", _parts_text(body["systemInstruction"], "system")))
+    for index, content in enumerate(contents):
+        role = content.get("role", "user") if isinstance(content, dict) else None
+        if role not in ("user", "model"):
+            raise invalid(f"* contents[{index}].role: must be 'user' or 'model'", "contents")
+        messages.append(Message(str(role), _parts_text(content, f"contents[{index}]")))
+    config = body.get("generationConfig") or {}
+    limit = config.get("maxOutputTokens") if isinstance(config, dict) else None
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise invalid("* generationConfig.max_output_tokens: must be positive", "generationConfig")
+    return GenerateRequest(tuple(messages), limit)
+
+
+class GenerateFrames:
+    def __init__(self, model: str, completion: Completion, report_usage: bool) -> None:
+        self._model = model
+        self._completion = completion
+        self._report_usage = report_usage
+        self._id = uuid.uuid4().hex[:22]
+
+    def response(self, text: str, output_tokens: int, finish: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+        if finish:
+            candidate["finishReason"] = FINISH_REASONS.get(self._completion.finish_reason, "STOP")
+        candidate["index"] = 0
+        doc: dict[str, Any] = {"candidates": [candidate]}
+        if self._report_usage:
+            prompt = self._completion.prompt_tokens
+            doc["usageMetadata"] = {
+                "promptTokenCount": prompt,
+                "candidatesTokenCount": output_tokens,
+                "totalTokenCount": prompt + output_tokens,
+            }
+        doc.update(modelVersion=self._model, responseId=self._id)
+        return doc
+
+    @staticmethod
+    def _frame(doc: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(doc) + b"\r\n\r\n"
+
+    def head(self) -> bytes:
+        return b""
+
+    def token(self, index: int, text: str) -> bytes:
+        return self._frame(self.response(text, index + 1, finish=False))
+
+    def tail(self) -> bytes:
+        return self._frame(self.response("", len(self._completion.tokens), finish=True))
+
+    def error(self) -> bytes:
+        message = "The model is overloaded. Please try again later."
+        return self._frame({"error": {"code": 503, "message": message, "status": "UNAVAILABLE"}})
+
+
+def routes(server: MockServer) -> list[Route]:
+    def authorize(request: Request) -> None:
+        if server.api_key is None:
+            return
+        key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
+        if not key:
+            raise MockAPIError(
+                403,
+                "Method doesn't allow unregistered callers (callers without established "
+                "identity). Please use API Key or other form of API consumer identity to "
+                "call this API.",
+            )
+        if not secret_matches(key, server.api_key):
+            message = "API key not valid. Please pass a valid API key."
+            raise MockAPIError(400, message, code="API_KEY_INVALID")
+
+    async def generate(request: Request) -> Response:
+        body = await server.accept(request)
+        model, _, method = request.path_params["target"].partition(":")
+        if method not in ("generateContent", "streamGenerateContent"):
+            raise MockAPIError(404, f"method {method!r} is not found for this model")
+        authorize(request)
+        stream = method == "streamGenerateContent"
+        if stream and request.query_params.get("alt") != "sse":
+            raise MockAPIError(400, "mock: only alt=sse streaming is supported")
+        call = parse_generate_request(require_json(body))
+        completion, behaviour = server.plan(model, call.messages, request.headers, call.max_tokens)
+        frames = GenerateFrames(model, completion, behaviour.report_usage)
+        if stream:
+            return server.stream(frames, completion, behaviour)
+        await server.whole(completion, behaviour)
+        return json_response(frames.response(completion.text, len(completion.tokens), True))
+
+    return [Route("/v1beta/models/{target}", generate, methods=["POST"])]

@@ -1,0 +1,217 @@
+"""Anthropic Messages API wire format.
+
+Reference: https://docs.anthropic.com/en/api/messages-streaming. A stream is
+`message_start` (input tokens; its `output_tokens` is a placeholder), content blocks
+(`content_block_start`, `content_block_delta` with `text_delta`, `content_block_stop`),
+`ping`s at any point, one or more `message_delta` (the stop reason, and usage that is
+cumulative), then `message_stop`. A vendor `error` event may arrive at any time.
+
+We emit one `Usage` per `message_delta`, combining `message_start`'s input with the
+delta's cumulative output, so every `Usage` is complete when emitted (the meter keeps
+the last). Input counts cache reads and writes too: the model processed them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from shared.sse import SSEDecoder
+from stream_edge.upstream.base import (
+    MALFORMED_EVENT,
+    Completion,
+    Delta,
+    Failure,
+    Finish,
+    HttpRequest,
+    UpstreamCall,
+    UpstreamEvent,
+    Usage,
+    message_text,
+    trusted_headers,
+    vendor_failure,
+)
+
+API_VERSION = "2023-06-01"
+# Anthropic's stop reasons in OpenAI's vocabulary.
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+_INPUT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def finish_reason(stop_reason: str) -> str:
+    return FINISH_REASONS.get(stop_reason, "stop")
+
+
+def _input_tokens(usage: dict[str, Any]) -> int | None:
+    counts = [usage.get(name) for name in _INPUT_FIELDS]
+    if not isinstance(counts[0], int):
+        return None
+    return sum(c for c in counts if isinstance(c, int))
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+class AnthropicStreamParser:
+    __slots__ = ("_decoder", "_input", "_last_usage", "done")
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self._input: int | None = None
+        self._last_usage: Usage | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        for sse in self._decoder.feed(chunk):
+            try:
+                doc = orjson.loads(sse.data)
+            except orjson.JSONDecodeError:
+                events.append(Failure(MALFORMED_EVENT))
+                continue
+            if not isinstance(doc, dict):
+                events.append(Failure(MALFORMED_EVENT))
+                continue
+            events.extend(self._interpret(doc, sse.data.encode()))
+        return events
+
+    def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
+        kind = doc.get("type")
+        if kind == "content_block_delta":
+            delta = _dict(doc.get("delta"))
+            text = delta.get("text")
+            if delta.get("type") == "text_delta" and isinstance(text, str) and text:
+                return [Delta(text, raw)]
+        elif kind == "message_start":
+            # Its `output_tokens` is a placeholder (usually 1): only the input counts.
+            self._input = _input_tokens(_dict(_dict(doc.get("message")).get("usage")))
+        elif kind == "message_delta":
+            return self._message_delta(doc, raw)
+        elif kind == "message_stop":
+            self.done = True
+        elif kind == "error":
+            error = _dict(doc.get("error"))
+            return [vendor_failure(str(error.get("type")), error.get("message"))]
+        # ping, content_block_start/stop, and event types added later carry nothing
+        # we bill or show; Anthropic's versioning policy says to ignore unknown ones.
+        return []
+
+    def _message_delta(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
+        out: list[UpstreamEvent] = []
+        stop_reason = _dict(doc.get("delta")).get("stop_reason")
+        if isinstance(stop_reason, str):
+            out.append(Finish(finish_reason(stop_reason), raw))
+        usage = _dict(doc.get("usage"))
+        output = usage.get("output_tokens")
+        # Newer API versions repeat the (cumulative) input counts here; prefer them.
+        input_tokens = _input_tokens(usage)
+        if input_tokens is not None:
+            self._input = input_tokens
+        if isinstance(output, int) and self._input is not None:
+            current = Usage(self._input, output, raw)
+            if self._last_usage is None or (
+                (current.input_tokens, current.output_tokens)
+                != (self._last_usage.input_tokens, self._last_usage.output_tokens)
+            ):
+                self._last_usage = current
+                out.append(current)
+        return out
+
+
+def _system_and_messages(
+    messages: list[dict[str, Any]],
+) -> tuple[str, list[dict[str, Any]]]:
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role, text = message.get("role"), message_text(message)
+        if role in ("system", "developer"):
+            system.append(text)
+        else:
+            # Anthropic knows only user and assistant turns; a tool result is user input.
+            turns.append({"role": "assistant" if role == "assistant" else "user", "content": text})
+    return "\n\n".join(system), turns
+
+
+def _sampling(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(params.get("temperature"), int | float):
+        # OpenAI allows 0 to 2, Anthropic 0 to 1.
+        out["temperature"] = min(max(float(params["temperature"]), 0.0), 1.0)
+    if isinstance(params.get("top_p"), int | float):
+        out["top_p"] = params["top_p"]
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        out["stop_sequences"] = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        out["stop_sequences"] = stop
+    if isinstance(params.get("user"), str):
+        out["metadata"] = {"user_id": params["user"]}
+    return out
+
+
+class AnthropicMessagesAdapter:
+    def build_request(self, call: UpstreamCall) -> HttpRequest:
+        system, messages = _system_and_messages(call.messages)
+        body: dict[str, Any] = {
+            **_sampling(call.params),
+            "model": call.upstream_model,
+            "max_tokens": call.max_tokens,  # required by Anthropic
+            "messages": messages,
+            "stream": call.stream,
+        }
+        if system:
+            body["system"] = system
+        headers = {
+            "content-type": "application/json",
+            "anthropic-version": API_VERSION,
+            "x-request-id": call.request_id,
+        }
+        if call.stream:
+            headers["accept"] = "text/event-stream"
+        if call.api_key:
+            headers["x-api-key"] = call.api_key
+        headers |= trusted_headers(call)
+        return HttpRequest(f"{call.base_url}/v1/messages", headers, orjson.dumps(body))
+
+    def stream_parser(self) -> AnthropicStreamParser:
+        return AnthropicStreamParser()
+
+    def parse_completion(self, body: bytes) -> Completion:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError("the backend's answer is not JSON") from exc
+        if not isinstance(doc, dict) or doc.get("type") != "message":
+            raise ValueError("the backend's answer is not a message")
+        blocks = doc.get("content")
+        if not isinstance(blocks, list):
+            raise ValueError("the backend's answer has no content")
+        text = "".join(
+            b["text"]
+            for b in blocks
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+        stop_reason = doc.get("stop_reason")
+        usage_doc = _dict(doc.get("usage"))
+        input_tokens, output = _input_tokens(usage_doc), usage_doc.get("output_tokens")
+        usage = (
+            Usage(input_tokens, output)
+            if input_tokens is not None and isinstance(output, int)
+            else None
+        )
+        reason = finish_reason(stop_reason) if isinstance(stop_reason, str) else "stop"
+        return Completion(text=text, finish_reason=reason, usage=usage)
+
+    def error_status(self, status: int, body: bytes) -> int:
+        return status

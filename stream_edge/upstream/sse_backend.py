@@ -1,0 +1,172 @@
+"""A generic in-house SSE service: `data: {json}` lines ending with `data: [DONE]`.
+
+Where each event keeps its text, usage, finish reason and error is configured per
+provider (`SSEBackendSpec`: dotted paths such as `usage.input` or
+`choices.0.delta.content`). The service only streams, so a non-streaming request is
+served by reading the whole stream and joining it.
+
+In-house services sit on a private network and trust the gateway: a provider with
+`service_token_env` gets `X-Service-Token` plus the caller's context headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from shared.catalog import Provider, SSEBackendSpec
+from shared.sse import SSEDecoder
+from stream_edge.upstream.base import (
+    MALFORMED_EVENT,
+    Completion,
+    Delta,
+    Failure,
+    Finish,
+    HttpRequest,
+    UpstreamCall,
+    UpstreamEvent,
+    Usage,
+    trusted_headers,
+    vendor_failure,
+)
+
+DONE = "[DONE]"
+Path = tuple[str, ...]
+
+
+def lookup(doc: Any, path: Path) -> Any:
+    """The value at `path` in `doc` (digits index arrays), or None when absent."""
+    for key in path:
+        if isinstance(doc, dict):
+            doc = doc.get(key)
+        elif isinstance(doc, list) and key.isdigit() and int(key) < len(doc):
+            doc = doc[int(key)]
+        else:
+            return None
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class EventPaths:
+    content: Path
+    usage_input: Path
+    usage_output: Path
+    finish: Path
+    error: Path
+
+    @classmethod
+    def of(cls, spec: SSEBackendSpec) -> EventPaths:
+        def split(path: str) -> Path:
+            return tuple(path.split("."))
+
+        return cls(
+            split(spec.content_path),
+            split(spec.usage_input_path),
+            split(spec.usage_output_path),
+            split(spec.finish_path),
+            split(spec.error_path),
+        )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class SSEBackendParser:
+    __slots__ = ("_decoder", "_paths", "done")
+
+    def __init__(self, paths: EventPaths) -> None:
+        self._decoder = SSEDecoder()
+        self._paths = paths
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        for sse in self._decoder.feed(chunk):
+            if sse.data == DONE:
+                self.done = True
+                continue
+            try:
+                doc = orjson.loads(sse.data)
+            except orjson.JSONDecodeError:
+                events.append(Failure(MALFORMED_EVENT))
+                continue
+            if not isinstance(doc, dict):
+                events.append(Failure(MALFORMED_EVENT))
+                continue
+            events.extend(self._interpret(doc, sse.data.encode()))
+        return events
+
+    def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
+        paths = self._paths
+        problem = lookup(doc, paths.error)
+        if problem is not None:
+            detail = problem.get("message") if isinstance(problem, dict) else problem
+            return [vendor_failure("sse_backend", detail)]
+        out: list[UpstreamEvent] = []
+        text = lookup(doc, paths.content)
+        if isinstance(text, str) and text:
+            out.append(Delta(text, raw))
+        reason = lookup(doc, paths.finish)
+        if isinstance(reason, str) and reason:
+            out.append(Finish(reason, raw))
+        input_tokens = _count(lookup(doc, paths.usage_input))
+        output = _count(lookup(doc, paths.usage_output))
+        if input_tokens is not None and output is not None:
+            out.append(Usage(input_tokens, output, raw))
+        return out
+
+
+class SSEBackendAdapter:
+    def __init__(self, spec: SSEBackendSpec | None = None) -> None:
+        self.spec = spec or SSEBackendSpec()
+        self._paths = EventPaths.of(self.spec)
+
+    @classmethod
+    def for_provider(cls, provider: Provider) -> SSEBackendAdapter:
+        return cls(provider.sse)
+
+    def build_request(self, call: UpstreamCall) -> HttpRequest:
+        body: dict[str, Any] = {
+            **call.params,
+            "model": call.upstream_model,
+            "messages": call.messages,
+            "max_tokens": call.max_tokens,
+            "stream": True,  # the service only streams; see parse_completion
+        }
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            "x-request-id": call.request_id,
+        }
+        if call.api_key:
+            headers["authorization"] = f"Bearer {call.api_key}"
+        headers |= trusted_headers(call)
+        return HttpRequest(f"{call.base_url}{self.spec.path}", headers, orjson.dumps(body))
+
+    def stream_parser(self) -> SSEBackendParser:
+        return SSEBackendParser(self._paths)
+
+    def parse_completion(self, body: bytes) -> Completion:
+        """The whole stream, read at once (the answer to a `stream: false` request)."""
+        parser = self.stream_parser()
+        text: list[str] = []
+        reason: str | None = None
+        usage: Usage | None = None
+        for event in parser.feed(body + b"\n\n"):
+            if isinstance(event, Failure):
+                raise ValueError(event.message)
+            if isinstance(event, Delta):
+                text.append(event.text)
+            elif isinstance(event, Finish):
+                reason = event.reason
+            elif isinstance(event, Usage):
+                usage = Usage(event.input_tokens, event.output_tokens)
+        if not parser.done and reason is None:
+            raise ValueError("the backend's stream ended early")
+        return Completion(text="".join(text), finish_reason=reason or "stop", usage=usage)
+
+    def error_status(self, status: int, body: bytes) -> int:
+        return status
