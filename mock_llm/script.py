@@ -5,7 +5,7 @@ so the same prompt always yields the same text and a shorter answer (``max_token
 is a prefix of the longer one. Timing and failures come from the model's defaults,
 overridden per request by a directive inside any message::
 
-    [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S drop_after=N
+    [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S fail_times=N drop_after=N
             error_after=N usage=0|1]]
 
 (every key optional; several directives merge, later ones win), and then by the
@@ -48,6 +48,8 @@ class MockBehaviour:
     error_after: int | None = None
     # The ``Retry-After`` header (seconds) sent with a ``fail`` status.
     retry_after_s: int | None = None
+    # Fail only the first N requests with this prompt, then answer (None: always fail).
+    fail_times: int | None = None
     # False: the backend reports no token usage at all (the gateway must count).
     report_usage: bool = True
 
@@ -70,6 +72,7 @@ class Overrides:
     drop_after: int | None = None
     error_after: int | None = None
     retry_after_s: int | None = None
+    fail_times: int | None = None
     report_usage: bool | None = None
 
     def merged(self, later: Overrides) -> Overrides:
@@ -123,12 +126,14 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(error_after=_int_value(name, raw, 0, _MAX_TOKENS))
     if key == "retry_after":
         return Overrides(retry_after_s=_int_value(name, raw, 0, 86_400))
+    if key == "fail_times":
+        return Overrides(fail_times=_int_value(name, raw, 0, 1000))
     if key == "usage":
         return Overrides(report_usage=bool(_int_value(name, raw, 0, 1)))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
-        "retry_after, drop_after, error_after, usage)",
+        "retry_after, fail_times, drop_after, error_after, usage)",
         code="invalid_mock_directive",
     )
 

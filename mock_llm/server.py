@@ -63,6 +63,7 @@ class MockServer:
         self.models = dict(models)
         self.api_key = api_key
         self.service_token = service_token
+        self.failures_by_prompt: dict[str, int] = {}
         self.stats = MockStats()
         self.requests: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
 
@@ -86,6 +87,16 @@ class MockServer:
         )
         return body
 
+    def _should_fail(self, messages: list[Message], behaviour: MockBehaviour) -> bool:
+        """`fail_times=N`: the first N requests with this prompt fail, later ones succeed
+        (a backend that answers 429 and then recovers)."""
+        if behaviour.fail_times is None:
+            return True
+        key = "\x00".join(f"{m.role}:{m.text}" for m in messages)
+        seen = self.failures_by_prompt.get(key, 0)
+        self.failures_by_prompt[key] = seen + 1
+        return seen < behaviour.fail_times
+
     def plan(
         self,
         model: str,
@@ -99,7 +110,7 @@ class MockServer:
             raise MockAPIError(404, f"The model `{model}` does not exist.", code="model_not_found")
         messages = list(messages)
         behaviour = resolve_behaviour(default, messages, headers)
-        if behaviour.fail_status is not None:
+        if behaviour.fail_status is not None and self._should_fail(messages, behaviour):
             self.stats.failed += 1
             status = behaviour.fail_status
             headers_out = {}

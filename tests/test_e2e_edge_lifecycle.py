@@ -226,3 +226,32 @@ def test_no_reconnect_within_the_grace_cancels_and_bills_what_was_generated(
     assert record["status"] == "cancelled"
     assert 3 <= record["output_tokens"] < 400
     assert c.mock_stats()["cancelled"] == cancelled_before + 1
+
+
+def test_a_backend_answering_429_then_succeeding_is_retried_invisibly(
+    split: SplitStack,
+) -> None:
+    c = split.client
+    token = user(split)
+    split.stop("edge")
+    split.start("edge", LLMGW_UPSTREAM_RETRIES="2")
+    try:
+        before = c.mock_stats()["requests"]
+        grant = c.init_ok(
+            token, {"query": "busy [[mock tokens=4 fail=429 retry_after=1 fail_times=1]]"}
+        )
+        started = time.monotonic()
+        with httpx.stream("GET", grant["stream_url"]) as r:
+            assert r.status_code == 200
+            events = events_of(r)
+        assert events[-1].event == "complete"
+        assert time.monotonic() - started >= 1.0  # the backend's Retry-After was honoured
+        assert c.mock_stats()["requests"] == before + 2
+        # A backend that keeps refusing: its 429 and Retry-After reach the client.
+        grant = c.init_ok(token, {"query": "always busy [[mock fail=429 retry_after=30]]"})
+        refused = c.http.get(grant["stream_url"])
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "30"
+    finally:
+        split.stop("edge")
+        split.start("edge")
