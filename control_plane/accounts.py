@@ -12,16 +12,18 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import policy
+from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.credentials import new_api_key
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from control_plane.ledger import grant
+from control_plane.grants import grant
 from control_plane.policy import Principal
 from control_plane.tables import ApiKey, Company, User, new_id, utcnow
 from shared.pricing import format_credits
 
 
 def actor_of(p: Principal) -> str:
-    return p.user_id or "admin_token"
+    """Who a money movement is attributed to in the ledger and the audit log."""
+    return p.user_id or ADMIN_TOKEN_ACTOR
 
 
 def normalise_email(value: str) -> str:

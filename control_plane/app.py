@@ -2,8 +2,8 @@
 
 The lifespan owns every resource: it migrates (when ``LLMGW_AUTO_MIGRATE``), opens
 the database and the store, makes sure an active signing key exists, starts the
-hold sweeper, and closes all of it on the way out. Nothing happens at import time;
-each call builds an independent app (tests run several in one process).
+reconciliation sweeper, and closes all of it on the way out. Nothing happens at
+import time; each call builds an independent app (tests run several in one process).
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             app.state.keyring = deps.keyring
             app.state.store = active_store
             app.state.metrics = metrics
-            sweeper = asyncio.create_task(run_sweeper(db, metrics), name="hold-sweeper")
+            sweeper = asyncio.create_task(
+                run_sweeper(db, active_store, metrics, settings.sweep_interval_seconds),
+                name="hold-sweeper",
+            )
             yield
         finally:
             if sweeper is not None:

@@ -81,12 +81,12 @@ def plan_hold(model: ModelSpec, messages: list[dict[str, str]], max_tokens: int 
 
 
 @dataclass(frozen=True, slots=True)
-class _Reserved:
+class Reserved:
     reservation: Reservation
     messages: list[dict[str, str]]
 
 
-def _reserve(
+def reserve(
     session: Session,
     catalog: Catalog,
     principal: Principal,
@@ -96,7 +96,10 @@ def _reserve(
     request_id: str,
     now: datetime,
     hold_expires_at: datetime,
-) -> _Reserved:
+) -> Reserved:
+    """Init's transaction: resolve the model and session, plan the hold, take it
+    atomically, record the reservation and the user's turn. InsufficientCredits (402)
+    rolls all of it back."""
     assert principal.user_id is not None and principal.company_id is not None
     company = session.get(Company, principal.company_id)
     if company is None:
@@ -143,7 +146,7 @@ def _reserve(
     # Lock order, as in settlement: the company row (the hold), then the session row.
     take_hold(session, reservation)
     chat_sessions.append_messages(session, chat.id, new_turn)
-    return _Reserved(reservation, messages)
+    return Reserved(reservation, messages)
 
 
 def _iso_z(epoch: int) -> str:
@@ -163,7 +166,7 @@ async def init_chat(
     jti = uuid.uuid4().hex
     hold_expires_at = datetime.fromtimestamp(issued + ttl + settings.hold_grace_seconds, UTC)
     reserved = await deps.db.transaction(
-        lambda s: _reserve(
+        lambda s: reserve(
             s,
             settings.catalog,
             principal,
@@ -180,7 +183,11 @@ async def init_chat(
         await deps.store.set(stash_key(jti), stash.dumps(), ttl + STASH_EXTRA_TTL_SECONDS)
     except Exception:
         log.exception("could not stash request %s; releasing its hold", request_id)
-        await deps.db.transaction(lambda s: release_reservation(s, reservation.id, "stash failed"))
+        await deps.db.transaction(
+            lambda s: release_reservation(
+                s, reservation.id, "stash failed", actor=reservation.user_id
+            )
+        )
         raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
     deps.metrics.reserved(reservation.hold_micro)
     assert principal.user_id is not None and principal.company_id is not None

@@ -16,6 +16,8 @@ logs the traceback server-side.
     │   ├── ModelNotFound, ReservationNotFound, SessionNotFound
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
+    │   ├── IdempotencyConflict (409 idempotency_key_reused)
+    │   └── AvailableCreditsExceeded (409 available_credits_exceeded)
     ├── PayloadTooLarge (413 payload_too_large)
     │   └── InputTooLarge (413 input_too_large)
     ├── ValidationFailed (422 validation_error)
@@ -105,6 +107,16 @@ class MethodNotAllowed(AppError):
 class Conflict(AppError):
     status, code = 409, "conflict"
     default_message = "This conflicts with an existing record."
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was already used with a different request body."
+
+
+class AvailableCreditsExceeded(Conflict):
+    code = "available_credits_exceeded"
+    default_message = "This would take the company's available credits below zero."
 
 
 class PayloadTooLarge(AppError):

@@ -1,10 +1,11 @@
-"""The credits ledger: holds, settlement, releases and grants.
+"""The credits ledger: holds, settlements and releases, and the books recomputed
+from it.
 
-Each function here is one use case run inside one transaction (the caller passes
-the session of `Database.transaction`), so a balance change and its ledger rows
-land together or not at all. Balances move only through conditional UPDATEs
-(``… WHERE balance_micro - held_micro >= :hold``), never read-then-write, so
-concurrent requests cannot overdraw a company.
+Each function here is one step of a use case run inside one transaction (the caller
+passes the session of `Database.transaction`), so a balance change, its ledger rows
+and their audit events land together or not at all. Balances move only through
+conditional UPDATEs (``… WHERE balance_micro - held_micro >= :hold``), never
+read-then-write, so concurrent requests cannot overdraw a company.
 
 Ledger amounts are signed micro-credits and give two exact views of a company:
 
@@ -12,7 +13,15 @@ Ledger amounts are signed micro-credits and give two exact views of a company:
 * ``available = Σ grant + Σ adjustment + Σ hold + Σ release``
   (a hold is ``-hold``; its settlement releases ``hold - charge``)
 
-so ``held = balance - available`` is the sum of the active holds.
+so ``held = balance - available`` is the sum of the active holds. The company row's
+``balance_micro`` and ``held_micro`` are a cache of those sums, moved in the same
+transaction as the rows; `books` recomputes and checks them.
+
+Lock order (PostgreSQL row locks), the same in every use case so none can deadlock
+another: reservation row → company row → chat session row. Init inserts its
+reservation (no lock on an existing one), then holds on the company, then appends
+to the session; settlement and release flip the reservation first, then move the
+company's money, then (settlement) append the reply; grants lock the company only.
 """
 
 from __future__ import annotations
@@ -20,18 +29,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane.errors import Conflict, InsufficientCredits, NotFound
+from control_plane import audit
+from control_plane.errors import InsufficientCredits
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
 from shared.pricing import cost_micro
 
-BALANCE_KINDS = ("grant", "adjustment", "charge")
-AVAILABLE_KINDS = ("grant", "adjustment", "hold", "release")
+KINDS = ("grant", "adjustment", "hold", "charge", "release")
 
 
 def charge_for(status: str, input_tokens: int, output_tokens: int, price: Price, hold: int) -> int:
@@ -57,13 +67,17 @@ def add_entry(
     kind: str,
     amount_micro: int,
     *,
+    actor: str,
     reservation_id: str | None = None,
     reason: str | None = None,
-    actor: str | None = None,
     request_id: str | None = None,
     idempotency_key: str | None = None,
+    details: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> LedgerEntry:
+    """Append one ledger row and its audit event (same transaction, same instant)."""
+    assert kind in KINDS
+    moment = now or utcnow()
     entry = LedgerEntry(
         id=new_id(),
         company_id=company_id,
@@ -74,15 +88,32 @@ def add_entry(
         actor=actor,
         request_id=request_id,
         idempotency_key=idempotency_key,
-        created_at=now or utcnow(),
+        created_at=moment,
     )
     session.add(entry)
+    context: dict[str, Any] = {"ledger_entry_id": entry.id}
+    if reason is not None:
+        context["reason"] = reason
+    if idempotency_key is not None:
+        context["idempotency_key"] = idempotency_key
+    audit.record(
+        session,
+        actor=actor,
+        action=kind,
+        company_id=company_id,
+        amount_micro=amount_micro,
+        reservation_id=reservation_id,
+        request_id=request_id,
+        details={**context, **(details or {})},
+        now=moment,
+    )
     return entry
 
 
 def take_hold(session: Session, reservation: Reservation) -> None:
     """Reserve `reservation.hold_micro` atomically, then record the reservation and
-    its ``hold`` entry. Raises InsufficientCredits when the company cannot cover it."""
+    its ``hold`` entry (actor: the user). Raises InsufficientCredits when the company
+    cannot cover it; the caller's transaction then rolls back whatever it added."""
     hold = reservation.hold_micro
     result = session.execute(
         update(Company)
@@ -98,10 +129,16 @@ def take_hold(session: Session, reservation: Reservation) -> None:
         reservation.company_id,
         "hold",
         -hold,
+        actor=reservation.user_id,
         reservation_id=reservation.id,
         reason=f"hold for {reservation.model}",
-        actor=reservation.user_id,
         request_id=reservation.request_id,
+        details={
+            "jti": reservation.jti,
+            "model": reservation.model,
+            "input_estimate": reservation.input_estimate,
+            "max_tokens": reservation.max_tokens,
+        },
         now=reservation.created_at,
     )
     session.flush()
@@ -114,10 +151,20 @@ class Settled:
 
 
 def settle_reservation(
-    session: Session, reservation: Reservation, charge: int, *, request_id: str | None
+    session: Session,
+    reservation: Reservation,
+    charge: int,
+    *,
+    actor: str,
+    request_id: str | None,
+    details: dict[str, Any] | None = None,
 ) -> Settled | None:
     """Charge `charge` (≤ the hold) and release the rest, exactly once: None when the
-    reservation was already settled or released (by a concurrent duplicate, too)."""
+    reservation was already settled or released (by a concurrent duplicate, too).
+
+    The conditional UPDATE on the reservation's status is the exactly-once point: on
+    PostgreSQL a concurrent twin blocks on the row lock, then re-reads the row, sees
+    it settled and matches nothing."""
     hold = reservation.hold_micro
     assert 0 <= charge <= hold
     now = utcnow()
@@ -146,17 +193,27 @@ def settle_reservation(
             reservation.company_id,
             kind,
             amount,
+            actor=actor,
             reservation_id=reservation.id,
             reason=reason,
             request_id=request_id,
+            details={"hold_micro": hold, **(details or {})},
             now=now,
         )
+    session.flush()
     return Settled(charged_micro=charge, released_micro=hold - charge)
 
 
-def release_reservation(session: Session, reservation_id: str, reason: str) -> int | None:
+def release_reservation(
+    session: Session,
+    reservation_id: str,
+    reason: str,
+    *,
+    actor: str,
+    details: dict[str, Any] | None = None,
+) -> int | None:
     """Give an active hold back untouched; the released amount, or None when the
-    reservation is no longer active."""
+    reservation is no longer active (settled or released already)."""
     reservation = session.get(Reservation, reservation_id)
     if reservation is None:
         return None
@@ -180,15 +237,19 @@ def release_reservation(session: Session, reservation_id: str, reason: str) -> i
         reservation.company_id,
         "release",
         hold,
+        actor=actor,
         reservation_id=reservation_id,
         reason=reason,
         request_id=reservation.request_id,
+        details={"hold_micro": hold, **(details or {})},
         now=now,
     )
+    session.flush()
     return hold
 
 
 def expired_reservation_ids(session: Session, now: datetime, limit: int = 100) -> list[str]:
+    """Active reservations past their deadline, oldest deadline first."""
     stmt = (
         select(col(Reservation.id))
         .where(col(Reservation.status) == "active")
@@ -197,71 +258,3 @@ def expired_reservation_ids(session: Session, now: datetime, limit: int = 100) -
         .limit(limit)
     )
     return list(session.scalars(stmt))
-
-
-def grant(
-    session: Session,
-    company_id: str,
-    amount_micro: int,
-    *,
-    reason: str | None,
-    actor: str,
-    request_id: str | None,
-    idempotency_key: str | None = None,
-) -> tuple[LedgerEntry, bool]:
-    """Add (or, negative, take away) credits. Returns the entry and whether it is new:
-    a repeated `idempotency_key` returns the first entry and changes nothing."""
-    if idempotency_key is not None:
-        existing = session.scalars(
-            select(LedgerEntry)
-            .where(col(LedgerEntry.company_id) == company_id)
-            .where(col(LedgerEntry.idempotency_key) == idempotency_key)
-        ).first()
-        if existing is not None:
-            if existing.amount_micro != amount_micro:
-                raise Conflict("This Idempotency-Key was already used with a different amount.")
-            return existing, False
-    if amount_micro >= 0:
-        result = session.execute(
-            update(Company)
-            .where(col(Company.id) == company_id)
-            .values(balance_micro=col(Company.balance_micro) + amount_micro)
-        )
-    else:
-        result = session.execute(
-            update(Company)
-            .where(col(Company.id) == company_id)
-            .where(col(Company.balance_micro) - col(Company.held_micro) + amount_micro >= 0)
-            .values(balance_micro=col(Company.balance_micro) + amount_micro)
-        )
-    if rowcount(result) == 0:
-        if session.get(Company, company_id) is None:
-            raise NotFound("No such company.")
-        raise InsufficientCredits("The company's available credits cannot cover this debit.")
-    entry = add_entry(
-        session,
-        company_id,
-        "grant" if amount_micro >= 0 else "adjustment",
-        amount_micro,
-        reason=reason,
-        actor=actor,
-        request_id=request_id,
-        idempotency_key=idempotency_key,
-    )
-    session.flush()
-    return entry, True
-
-
-def ledger_sums(session: Session, company_id: str) -> tuple[int, int]:
-    """(Σ balance kinds, Σ available kinds): equal to the company's balance and
-    available when the books are straight."""
-
-    def total(kinds: tuple[str, ...]) -> int:
-        stmt = (
-            select(func.coalesce(func.sum(col(LedgerEntry.amount_micro)), 0))
-            .where(col(LedgerEntry.company_id) == company_id)
-            .where(col(LedgerEntry.kind).in_(kinds))
-        )
-        return int(session.scalar(stmt) or 0)
-
-    return total(BALANCE_KINDS), total(AVAILABLE_KINDS)

@@ -5,7 +5,9 @@ Labels stay bounded: routes are path templates, outcomes are fixed words."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.metrics import exposition
 
 MICRO = 1_000_000
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,6 +42,7 @@ class Metrics:
             "llmgw_cp_holds_active",
             "Active holds (reservations not yet settled), across all processes.",
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.webhooks = Counter(
             "llmgw_cp_webhooks", "Usage webhooks received, by outcome.", ["outcome"], registry=r
@@ -59,4 +62,4 @@ class Metrics:
         self.credits_released.inc(released_micro / MICRO)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return exposition(self.registry)

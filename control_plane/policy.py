@@ -81,6 +81,18 @@ def can_grant_credits(p: Principal, company_id: str) -> bool:
     return is_platform_admin(p)
 
 
+def can_adjust_credits(p: Principal, company_id: str) -> bool:
+    return is_platform_admin(p)
+
+
+def can_read_audit(p: Principal, company_id: str | None) -> bool:
+    """The platform admin reads any company's audit log (or all of them, `None`); an
+    owner reads its own company's."""
+    if is_platform_admin(p):
+        return True
+    return p.is_user and p.role == "owner" and company_id == p.company_id
+
+
 def can_admin_company(p: Principal, company_id: str) -> bool:
     """Manage a company's users and API keys."""
     return is_platform_admin(p) or (p.role == "owner" and p.company_id == company_id)

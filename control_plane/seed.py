@@ -11,9 +11,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from control_plane.audit import SEED_ACTOR
 from control_plane.credentials import hash_password, new_api_key
 from control_plane.db import Database
-from control_plane.ledger import grant
+from control_plane.grants import grant
 from control_plane.policy import scopes_for_role
 from control_plane.tables import ApiKey, Company, User, new_id, utcnow
 from shared.pricing import MICRO
@@ -39,7 +40,7 @@ def _seed(session: Session, password_hash: str) -> str:
             company.id,
             DEMO_CREDITS_MICRO,
             reason="demo credits",
-            actor="seed",
+            actor=SEED_ACTOR,
             request_id=None,
             idempotency_key="seed-demo",
         )

@@ -1,12 +1,17 @@
-"""Usage webhooks → settlement, exactly once (DESIGN §7).
+"""Usage → settlement, exactly once (DESIGN §7, §9).
 
 `parse_usage_event` is pure: the signed body as a `UsageEvent`, or a 422 naming the
-field. `settle_event` settles in one transaction: record the webhook id, flip the
-reservation from ``active`` to ``settled`` with a conditional UPDATE, move the money
-and write the ledger rows, the usage record and the assistant's reply. A second
-delivery (same webhook id, or another id for the same reservation, even
-concurrently) finds the id taken or the reservation no longer active and changes
-nothing.
+field. `settle_usage` is the one settlement path, shared by the webhook and the
+reconciliation sweeper: price the usage (DESIGN §9 "What is billed", capped at the
+hold), flip the reservation from ``active`` to ``settled`` with a conditional
+UPDATE, move the money, write the ledger rows, their audit events and the usage
+record, all in the caller's transaction.
+
+`settle_webhook` first records the webhook id (primary key), then settles. A second
+delivery finds the id taken (same id, sequential) or loses on the primary key
+(same id, concurrent: IntegrityError, the whole transaction rolls back) or finds
+the reservation no longer active (another id, a cancelled-after-completed event, a
+webhook after the sweeper settled or released the hold) and changes nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +26,14 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import chat_sessions
+from control_plane.audit import WEBHOOK_ACTOR
 from control_plane.db import Database
-from control_plane.errors import ReservationMismatch, ReservationNotFound, ValidationFailed
+from control_plane.errors import (
+    Conflict,
+    ReservationMismatch,
+    ReservationNotFound,
+    ValidationFailed,
+)
 from control_plane.ledger import charge_for, reservation_price, settle_reservation
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
 from shared.webhooks import STATUSES, USAGE_SOURCES, UsageEvent
@@ -102,6 +113,17 @@ def parse_time(value: str) -> datetime | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """What a stream used, from a webhook or the edge's last checkpoint."""
+
+    status: str
+    input_tokens: int
+    output_tokens: int
+    usage_source: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     duplicate: bool
     charged_micro: int = 0
@@ -111,26 +133,34 @@ class Outcome:
 DUPLICATE = Outcome(duplicate=True)
 
 
-def _settle(session: Session, webhook_id: str, event: UsageEvent, transcripts: bool) -> Outcome:
-    reservation = session.get(Reservation, event.reservation_id)
-    if reservation is None:
-        raise ReservationNotFound(f"No reservation {event.reservation_id!r}.")
-    if reservation.jti != event.jti or reservation.company_id != event.company_id:
-        raise ReservationMismatch("The event's jti or company_id does not match the reservation.")
-    if session.get(WebhookEvent, webhook_id) is not None:
-        return DUPLICATE
-    session.add(
-        WebhookEvent(webhook_id=webhook_id, reservation_id=reservation.id, received_at=utcnow())
-    )
-    session.flush()  # a concurrent twin with the same id fails here (IntegrityError)
+def settle_usage(
+    session: Session,
+    reservation: Reservation,
+    usage: Usage,
+    *,
+    actor: str,
+    request_id: str | None,
+    details: dict[str, Any] | None = None,
+) -> Outcome:
+    """Charge `usage` against the hold and release the rest, once; DUPLICATE when the
+    reservation is no longer active."""
     charge = charge_for(
-        event.status,
-        event.input_tokens,
-        event.output_tokens,
+        usage.status,
+        usage.input_tokens,
+        usage.output_tokens,
         reservation_price(reservation),
         reservation.hold_micro,
     )
-    settled = settle_reservation(session, reservation, charge, request_id=event.request_id or None)
+    context = {
+        "status": usage.status,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "usage_source": usage.usage_source,
+        **(details or {}),
+    }
+    settled = settle_reservation(
+        session, reservation, charge, actor=actor, request_id=request_id, details=context
+    )
     if settled is None:
         return DUPLICATE
     session.add(
@@ -143,26 +173,72 @@ def _settle(session: Session, webhook_id: str, event: UsageEvent, transcripts: b
             session_id=reservation.session_id,
             model=reservation.model,
             provider=reservation.provider,
-            status=event.status,
-            finish_reason=event.finish_reason,
-            input_tokens=event.input_tokens,
-            output_tokens=event.output_tokens,
-            usage_source=event.usage_source,
+            status=usage.status,
+            finish_reason=usage.finish_reason,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            usage_source=usage.usage_source,
             cost_micro=settled.charged_micro,
             created_at=utcnow(),
         )
     )
-    if transcripts and event.content and event.status in TRANSCRIPT_STATUSES:
-        # False when the user deleted the session meanwhile: nothing to append to.
-        chat_sessions.append_messages(
-            session, reservation.session_id, [{"role": "assistant", "content": event.content}]
-        )
     session.flush()
     return Outcome(
         duplicate=False,
         charged_micro=settled.charged_micro,
         released_micro=settled.released_micro,
     )
+
+
+def settle_webhook(
+    session: Session,
+    webhook_id: str,
+    event: UsageEvent,
+    *,
+    transcripts: bool,
+    http_request_id: str | None = None,
+) -> Outcome:
+    """The webhook's use case (one transaction): validate against the reservation,
+    record the webhook id, settle, and append the assistant's reply."""
+    reservation = session.get(Reservation, event.reservation_id)
+    if reservation is None:
+        raise ReservationNotFound(f"No reservation {event.reservation_id!r}.")
+    if reservation.jti != event.jti or reservation.company_id != event.company_id:
+        raise ReservationMismatch("The event's jti or company_id does not match the reservation.")
+    seen = session.get(WebhookEvent, webhook_id)
+    if seen is not None:
+        if seen.reservation_id != reservation.id:
+            raise Conflict("This webhook id was already used for another reservation.")
+        return DUPLICATE
+    session.add(
+        WebhookEvent(webhook_id=webhook_id, reservation_id=reservation.id, received_at=utcnow())
+    )
+    session.flush()  # a concurrent twin with the same id fails here (IntegrityError)
+    details: dict[str, Any] = {"source": "webhook", "webhook_id": webhook_id}
+    if http_request_id is not None:
+        details["http_request_id"] = http_request_id
+    outcome = settle_usage(
+        session,
+        reservation,
+        Usage(
+            status=event.status,
+            input_tokens=event.input_tokens,
+            output_tokens=event.output_tokens,
+            usage_source=event.usage_source,
+            finish_reason=event.finish_reason,
+        ),
+        actor=WEBHOOK_ACTOR,
+        request_id=event.request_id or reservation.request_id,
+        details=details,
+    )
+    if outcome.duplicate:
+        return outcome
+    if transcripts and event.content and event.status in TRANSCRIPT_STATUSES:
+        # False when the user deleted the session meanwhile: nothing to append to.
+        chat_sessions.append_messages(
+            session, reservation.session_id, [{"role": "assistant", "content": event.content}]
+        )
+    return outcome
 
 
 def _already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
@@ -175,10 +251,20 @@ def _already_settled(session: Session, webhook_id: str, reservation_id: str) -> 
 
 
 async def settle_event(
-    db: Database, webhook_id: str, event: UsageEvent, *, transcripts: bool
+    db: Database,
+    webhook_id: str,
+    event: UsageEvent,
+    *,
+    transcripts: bool,
+    http_request_id: str | None = None,
 ) -> Outcome:
+    """`settle_webhook` in its own transaction, on the database threads."""
     try:
-        return await db.transaction(lambda s: _settle(s, webhook_id, event, transcripts))
+        return await db.transaction(
+            lambda s: settle_webhook(
+                s, webhook_id, event, transcripts=transcripts, http_request_id=http_request_id
+            )
+        )
     except IntegrityError:
         # Lost a race with a concurrent delivery of the same stream: its
         # transaction committed the settlement, ours rolled back entirely.

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     Column,
@@ -210,7 +211,11 @@ class UsageRecord(SQLModel, table=True):
 
 
 class LedgerEntry(SQLModel, table=True):
-    """Append-only. Every change to a company's balance or held amount writes one."""
+    """Append-only. Every change to a company's balance or held amount writes one.
+
+    A reservation has at most one row of each kind (one hold, one charge, one
+    release): the unique index is the database's own guard against settling twice.
+    Entries without a reservation have a NULL there, and NULLs never collide."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
@@ -218,6 +223,7 @@ class LedgerEntry(SQLModel, table=True):
             "company_id", "idempotency_key", name="uq_ledger_entries_company_idempotency_key"
         ),
         Index("ix_ledger_entries_company_created", "company_id", "created_at"),
+        Index("uq_ledger_entries_reservation_kind", "reservation_id", "kind", unique=True),
         CheckConstraint(
             "kind IN ('grant', 'hold', 'release', 'charge', 'adjustment')",
             name="ck_ledger_entries_kind",
@@ -232,6 +238,30 @@ class LedgerEntry(SQLModel, table=True):
     actor: str | None = _str(100, nullable=True)
     request_id: str | None = _str(128, nullable=True)
     idempotency_key: str | None = _str(200, nullable=True)
+    created_at: datetime = _time()
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who moved money and why: one row per ledger entry, written in the same
+    transaction. The ledger stays the source of truth for amounts; this records the
+    actor (a user id, ``admin-token``, ``edge-webhook``, ``sweeper``), the request
+    and the context (`details`)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_company_created", "company_id", "created_at"),
+        Index("ix_audit_events_created", "created_at"),
+    )
+    id: str = _id()
+    actor: str = _str(100)
+    action: str = _str(32)
+    company_id: str | None = Field(
+        default=None, sa_column=Column(String(32), ForeignKey("companies.id"), nullable=True)
+    )
+    amount_micro: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    reservation_id: str | None = _str(32, nullable=True)
+    request_id: str | None = _str(128, nullable=True)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
     created_at: datetime = _time()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from control_plane.errors import BadRequest, ValidationFailed
+from shared.pricing import parse_credits
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -60,6 +61,15 @@ def optional_int(doc: Mapping[str, Any], name: str, *, low: int, high: int) -> i
     if not low <= value <= high:
         raise ValidationFailed(name, f"must be between {low} and {high}")
     return value
+
+
+def credits_amount(value: Any, name: str) -> int:
+    """A credits amount (``"10.5"``, ``10``) as integer micro-credits, any sign;
+    floats and more than six decimals are refused so nothing is silently rounded."""
+    try:
+        return parse_credits(value)
+    except ValueError as exc:
+        raise ValidationFailed(name, str(exc)) from None
 
 
 def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from control_plane.routes import account, admin, billing, chat, demo, ops, webhooks
+from control_plane.routes import (
+    account,
+    admin,
+    admin_credits,
+    billing,
+    chat,
+    demo,
+    ops,
+    webhooks,
+)
 
 
 def all_routes() -> list[BaseRoute]:
@@ -15,5 +24,6 @@ def all_routes() -> list[BaseRoute]:
         *billing.routes,
         *webhooks.routes,
         *admin.routes,
+        *admin_credits.routes,
         *demo.routes,
     ]

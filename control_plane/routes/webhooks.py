@@ -10,6 +10,7 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
+from control_plane.middleware import request_id
 from control_plane.responses import ok
 from control_plane.settlement import parse_time, parse_usage_event, settle_event
 from control_plane.tables import utcnow
@@ -36,7 +37,11 @@ async def usage_webhook(request: Request) -> Response:
         if len(webhook_id) > MAX_WEBHOOK_ID:
             raise ValidationFailed("webhook-id", f"must be at most {MAX_WEBHOOK_ID} characters")
         result = await settle_event(
-            deps.db, webhook_id, event, transcripts=deps.settings.store_transcripts
+            deps.db,
+            webhook_id,
+            event,
+            transcripts=deps.settings.store_transcripts,
+            http_request_id=request_id(request),
         )
         if result.duplicate:
             outcome = "duplicate"

@@ -1,0 +1,151 @@
+"""Money, as the platform admin moves it, and the audit log that records it.
+
+* ``POST /v1/admin/companies/{id}/credits`` ``{"amount": "10.5", "reason"?}``: a
+  grant (amount > 0).
+* ``POST /v1/admin/companies/{id}/adjustments`` ``{"amount": "-1.25", "reason"}``:
+  a correction either way; the reason is required; a debit may not exceed what is
+  available (409 ``available_credits_exceeded``).
+* ``GET /v1/admin/audit?company_id=&limit=&cursor=``: the audit log, newest first
+  (the platform admin: any company or all; an owner: its own company).
+
+Both money routes honour ``Idempotency-Key`` (`grants`) and answer 201 with the
+ledger entry, ``meta.replayed`` telling a replay from a new entry.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from control_plane import accounts, audit, policy
+from control_plane.auth import authenticate
+from control_plane.deps import get_deps, read_json
+from control_plane.errors import Forbidden, ValidationFailed
+from control_plane.grants import adjust, grant
+from control_plane.middleware import request_id
+from control_plane.responses import ok
+from control_plane.routes.billing import entry_public
+from control_plane.tables import LedgerEntry
+from control_plane.validation import (
+    credits_amount,
+    decode_cursor,
+    encode_cursor,
+    optional_str,
+    page_limit,
+    required_str,
+)
+
+REASON_MAX = 500
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, no spaces
+
+Recorder = Callable[[Session], tuple[LedgerEntry, bool]]
+
+
+def _amount(doc: dict[str, Any]) -> int:
+    value = doc.get("amount")
+    if value is None:
+        raise ValidationFailed("amount", "is required")
+    micro = credits_amount(value, "amount")
+    if micro == 0:
+        raise ValidationFailed("amount", "must not be zero")
+    return micro
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValidationFailed("Idempotency-Key", "must be 1-200 printable ASCII characters")
+    return key
+
+
+async def _record(
+    request: Request, company_id: str, key: str | None, recorder: Recorder
+) -> Response:
+    def run(session: Session) -> tuple[dict[str, Any], bool]:
+        entry, created = recorder(session)
+        return {**entry_public(entry), "company_id": company_id}, created
+
+    db = get_deps(request).db
+    try:
+        data, created = await db.transaction(run)
+    except IntegrityError:
+        if key is None:
+            raise
+        data, created = await db.transaction(run)  # a concurrent twin won: replay it
+    return ok(data, 201, meta={"replayed": not created})
+
+
+async def grant_credits(request: Request) -> Response:
+    """Grant credits to a company (platform admin)."""
+    principal = await authenticate(request)
+    company_id = str(request.path_params["company_id"])
+    if not policy.can_grant_credits(principal, company_id):
+        raise Forbidden("Only a platform admin can grant credits.")
+    doc = await read_json(request)
+    micro = _amount(doc)
+    if micro < 0:
+        raise ValidationFailed(
+            "amount", "must be positive; debit with POST …/adjustments and a reason"
+        )
+    reason = optional_str(doc, "reason", max_len=REASON_MAX)
+    key = _idempotency_key(request)
+    rid, actor = request_id(request), accounts.actor_of(principal)
+    return await _record(
+        request,
+        company_id,
+        key,
+        lambda s: grant(
+            s, company_id, micro, reason=reason, actor=actor, request_id=rid, idempotency_key=key
+        ),
+    )
+
+
+async def adjust_credits(request: Request) -> Response:
+    """Adjust a company's credits either way, with a reason (platform admin)."""
+    principal = await authenticate(request)
+    company_id = str(request.path_params["company_id"])
+    if not policy.can_adjust_credits(principal, company_id):
+        raise Forbidden("Only a platform admin can adjust credits.")
+    doc = await read_json(request)
+    micro = _amount(doc)
+    reason = required_str(doc, "reason", max_len=REASON_MAX)
+    key = _idempotency_key(request)
+    rid, actor = request_id(request), accounts.actor_of(principal)
+    return await _record(
+        request,
+        company_id,
+        key,
+        lambda s: adjust(
+            s, company_id, micro, reason=reason, actor=actor, request_id=rid, idempotency_key=key
+        ),
+    )
+
+
+async def list_audit(request: Request) -> Response:
+    """The audit log of money movements, newest first."""
+    principal = await authenticate(request)
+    company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
+    if company_id is None and not policy.is_platform_admin(principal):
+        company_id = principal.company_id  # an owner's default: its own company
+    if not policy.can_read_audit(principal, company_id):
+        raise Forbidden("Only a platform admin, or an owner for its own company, reads the audit.")
+    limit = page_limit(request.query_params.get("limit"))
+    after = decode_cursor(request.query_params.get("cursor"))
+    rows = await get_deps(request).db.transaction(lambda s: audit.page(s, company_id, limit, after))
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return ok({"items": [audit.event_public(e) for e in page], "next_cursor": next_cursor})
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/admin/companies/{company_id}/credits", grant_credits, methods=["POST"]),
+    Route("/v1/admin/companies/{company_id}/adjustments", adjust_credits, methods=["POST"]),
+    Route("/v1/admin/audit", list_audit, methods=["GET"]),
+]

@@ -1,0 +1,266 @@
+"""Reconciliation (issue point 4, control-plane side): holds past their deadline are
+settled from the edge's usage checkpoint, or released when there is none, and a
+webhook arriving afterwards is a harmless duplicate.
+
+The checkpoints are written straight into the app's real store (MemoryStore on
+SQLite, RedisStore on PostgreSQL), exactly where the edge writes them. The
+`fast` fixture runs the app's own background sweeper with a 1 s token TTL, a 1 s
+grace and a 0.1 s interval; the `cp` fixture (defaults: 120 s + 600 s) drives
+`sweep_expired_holds` directly for the races and the store outage."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from sqlalchemy import update
+from sqlmodel import col
+
+from control_plane.sweeper import sweep_expired_holds
+from control_plane.tables import Reservation
+from shared.checkpoints import UsageCheckpoint, checkpoint_key
+from shared.pricing import MICRO, cost_micro, format_credits
+from tests.test_control_plane import (
+    CP,
+    assert_books_balance,
+    credits_of,
+    data_of,
+    micro,
+    start_cp,
+    usage_event,
+)
+
+FAST = {
+    "LLMGW_TOKEN_TTL_SECONDS": "1",
+    "LLMGW_HOLD_GRACE_SECONDS": "1",
+    "LLMGW_SWEEP_INTERVAL_SECONDS": "0.1",
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fast(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, request.param, FAST) as handle:
+        yield handle
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, request.param) as handle:
+        yield handle
+
+
+def _init(client: httpx.Client, max_tokens: int = 200) -> dict[str, Any]:
+    r = client.post("/v1/chat/init", json={"query": "hello", "max_tokens": max_tokens})
+    return dict(data_of(r, 201))
+
+
+def _checkpoint(
+    cp: CP, init: dict[str, Any], input_tokens: int, output_tokens: int, jti: str | None = None
+) -> None:
+    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
+    point = UsageCheckpoint(
+        jti=jti or claims["jti"],
+        reservation_id=init["reservation_id"],
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        updated_at=datetime.now(UTC).isoformat(),
+    )
+    store = cp.app.state.store
+    cp.on_loop(lambda: store.set(checkpoint_key(init["reservation_id"]), point.dumps(), 600))
+
+
+def _wait_until_reconciled(client: httpx.Client, timeout: float = 15) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        credits = credits_of(client)
+        if credits["held"] == "0.000000":
+            return credits
+        time.sleep(0.1)
+    raise AssertionError(f"the hold was not reconciled within {timeout} s")
+
+
+def _cost(cp: CP, init: dict[str, Any], input_tokens: int, output_tokens: int) -> int:
+    price = cp.settings.catalog.models[init["model"]].price
+    return cost_micro(input_tokens, output_tokens, price)
+
+
+def _ledger_actors(client: httpx.Client, reservation_id: str) -> dict[str, str]:
+    items = data_of(client.get("/v1/admin/audit"))["items"]
+    return {i["action"]: i["actor"] for i in items if i["reservation_id"] == reservation_id}
+
+
+def _user_id(client: httpx.Client) -> str:
+    return str(data_of(client.get("/v1/me"))["user"]["id"])
+
+
+def test_expired_hold_is_settled_from_the_edge_checkpoint(fast: CP) -> None:
+    client, company_id = fast.owner_client("10")
+    init = _init(client)
+    _checkpoint(fast, init, input_tokens=12, output_tokens=70)
+    expected = _cost(fast, init, 12, 70)
+    assert expected < micro(init["reserved_credits"])
+    credits = _wait_until_reconciled(client)
+    assert micro(credits["balance"]) == 10 * MICRO - expected
+    (item,) = data_of(client.get("/v1/usage"))["items"]
+    assert item["reservation_id"] == init["reservation_id"]
+    assert (item["status"], item["usage_source"]) == ("failed", "estimated")
+    assert (item["input_tokens"], item["output_tokens"]) == (12, 70)
+    assert item["cost"] == format_credits(expected)
+    assert _ledger_actors(client, init["reservation_id"]) == {
+        "hold": _user_id(client),
+        "charge": "sweeper",
+        "release": "sweeper",
+    }
+    # The edge comes back and reports: a duplicate, nothing more is charged.
+    late = usage_event(init, company_id, input_tokens=12, output_tokens=90)
+    assert data_of(fast.webhook(late)) == {"duplicate": True}
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
+    assert len(data_of(client.get("/v1/usage"))["items"]) == 1
+    metrics = fast.client().get("/metrics").text
+    assert "llmgw_cp_reconciliation_lag_seconds_count 1.0" in metrics
+    assert_books_balance(fast, company_id, client)
+
+
+def test_checkpoint_without_output_settles_for_nothing(fast: CP) -> None:
+    client, company_id = fast.owner_client("10")
+    init = _init(client)
+    _checkpoint(fast, init, input_tokens=12, output_tokens=0)
+    assert _wait_until_reconciled(client)["balance"] == "10.000000"
+    (item,) = data_of(client.get("/v1/usage"))["items"]
+    assert item["cost"] == "0.000000" and item["status"] == "failed"
+    assert_books_balance(fast, company_id, client)
+
+
+def test_checkpoint_charge_is_capped_at_the_hold(fast: CP) -> None:
+    client, company_id = fast.owner_client("10")
+    init = _init(client, max_tokens=5)
+    _checkpoint(fast, init, input_tokens=10**6, output_tokens=10**6)
+    credits = _wait_until_reconciled(client)
+    assert micro(credits["balance"]) == 10 * MICRO - micro(init["reserved_credits"])
+    assert_books_balance(fast, company_id, client)
+
+
+def test_expired_hold_without_checkpoint_is_released(fast: CP) -> None:
+    client, company_id = fast.owner_client("10")
+    init = _init(client)
+    assert _wait_until_reconciled(client) == {
+        "balance": "10.000000",
+        "held": "0.000000",
+        "available": "10.000000",
+    }
+    assert data_of(client.get("/v1/usage"))["items"] == []
+    assert _ledger_actors(client, init["reservation_id"])["release"] == "sweeper"
+    late = usage_event(init, company_id, input_tokens=12, output_tokens=64)
+    assert data_of(fast.webhook(late)) == {"duplicate": True}
+    assert credits_of(client)["balance"] == "10.000000"
+    assert_books_balance(fast, company_id, client)
+
+
+def test_a_checkpoint_of_another_stream_is_not_billed(fast: CP) -> None:
+    client, company_id = fast.owner_client("10")
+    init = _init(client)
+    _checkpoint(fast, init, input_tokens=12, output_tokens=70, jti="someone-elses-jti")
+    assert _wait_until_reconciled(client)["balance"] == "10.000000"
+    assert data_of(client.get("/v1/usage"))["items"] == []
+    assert_books_balance(fast, company_id, client)
+
+
+# --- direct sweeps: deadlines, races, a store outage ---------------------------------
+
+
+def _expire(cp: CP, reservation_id: str) -> None:
+    db = cp.app.state.db
+
+    def expire(session: Any) -> None:
+        session.execute(
+            update(Reservation)
+            .where(col(Reservation.id) == reservation_id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+
+    cp.on_loop(lambda: db.transaction(expire))
+
+
+def _sweep(cp: CP, now: datetime | None = None) -> Any:
+    state = cp.app.state
+    return cp.on_loop(lambda: sweep_expired_holds(state.db, state.store, state.metrics, now=now))
+
+
+def test_holds_before_their_deadline_are_left_alone(cp: CP) -> None:
+    client, _ = cp.owner_client("10")
+    init = _init(client)
+    deadline = cp.settings.token_ttl_seconds + cp.settings.hold_grace_seconds
+    soon = datetime.now(UTC) + timedelta(seconds=deadline - 5)
+    result = _sweep(cp, soon)
+    assert (result.settled, result.released) == (0, 0)
+    assert credits_of(client)["held"] == init["reserved_credits"]
+    later = datetime.now(UTC) + timedelta(seconds=deadline + 5)
+    assert _sweep(cp, later).released == 1
+
+
+def test_an_unreachable_store_postpones_reconciliation(cp: CP) -> None:
+    """Without the store we cannot know whether a checkpoint exists; releasing the
+    hold would give away recorded usage, so the sweep waits for the next round."""
+    client, company_id = cp.owner_client("10")
+    init = _init(client)
+    _checkpoint(cp, init, input_tokens=12, output_tokens=70)
+    _expire(cp, init["reservation_id"])
+    store = cp.app.state.store
+    original = store.get
+
+    async def down(key: str) -> bytes | None:
+        raise ConnectionError("store down")
+
+    store.get = down
+    try:
+        result = _sweep(cp)
+    finally:
+        store.get = original
+    assert (result.settled, result.released) == (0, 0)
+    assert credits_of(client)["held"] == init["reserved_credits"]
+    assert _sweep(cp).settled == 1
+    expected = _cost(cp, init, 12, 70)
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
+    assert_books_balance(cp, company_id, client)
+
+
+def test_concurrent_sweepers_and_a_late_webhook_settle_once(cp: CP) -> None:
+    """Two control planes sweep the same expired hold while the edge's webhook
+    arrives: exactly one of them settles it."""
+    client, company_id = cp.owner_client("10")
+    inits = [_init(client) for _ in range(5)]
+    for init in inits:
+        _checkpoint(cp, init, input_tokens=12, output_tokens=70)
+        _expire(cp, init["reservation_id"])
+    state = cp.app.state
+
+    async def sweeps() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *(sweep_expired_holds(state.db, state.store, state.metrics) for _ in range(3))
+            )
+        )
+
+    results: list[Any] = []
+    sweeper = threading.Thread(target=lambda: results.extend(cp.on_loop(sweeps)))
+    sweeper.start()
+    webhooks = [
+        cp.webhook(usage_event(init, company_id, input_tokens=12, output_tokens=80))
+        for init in inits
+    ]
+    sweeper.join(30)
+    swept = sum(r.settled for r in results)
+    by_webhook = sum(1 for r in webhooks if r.json()["data"].get("settled"))
+    assert swept + by_webhook == len(inits)
+    assert {r.status_code for r in webhooks} == {200}
+    assert credits_of(client)["held"] == "0.000000"
+    assert len(data_of(client.get("/v1/usage"))["items"]) == len(inits)
+    assert_books_balance(cp, company_id, client)
