@@ -1,29 +1,172 @@
-"""Logging setup with secrets kept out: stream tokens travel in `?token=` on the
-EventSource path, so every log line is scrubbed of `token=…` and bearer values."""
+"""Logging for operators: one JSON object per line (the default) or plain text for
+humans (`LLMGW_LOG_FORMAT=text`), with secrets scrubbed from every field.
+
+A JSON line carries ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
+``request_id`` (the request being served, from `shared.request_id`, else null), the
+fields a caller passes with ``extra=`` (``company_id``, ``model``, ``duration_ms``…),
+the access-log fields of uvicorn's lines (``method``, ``path``, ``status``…) and
+``exception`` when there is one.
+
+Secrets never reach a log (DESIGN §10): stream tokens travel in ``?token=`` on the
+EventSource path and as bearer values, so every string that leaves here — message,
+extra fields, tracebacks — goes through `redact`, which removes JWTs, bearer values,
+API keys (``sk_…``, vendors' ``sk-…``), webhook secrets (``whsec_…``), passwords
+(``password=``/``"password": …``, ``user:pass@`` in URLs) and secret-looking query
+parameters. Extra fields whose name says they hold a secret are dropped outright.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
 
 from shared.request_id import current_request_id
+from shared.settings import ConfigError
 
-_TOKEN_QUERY = re.compile(r"(token=)[^&\s\"']+")
-_BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
-_API_KEY = re.compile(r"\bsk_[A-Za-z0-9_-]{8,}")
+FORMAT_ENV = "LLMGW_LOG_FORMAT"
+FORMATS = ("json", "text")
+REDACTED = "[redacted]"
+
+_SECRET_KEY = r"(?:password|passwd|secret|api[_-]?key|access[_-]?token|token|authorization)"
+_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    # A JWT anywhere (stream tokens, login access tokens), whatever surrounds it.
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1" + REDACTED),
+    (re.compile(r"\bsk([_-])[A-Za-z0-9_-]{8,}"), r"sk\1" + REDACTED),
+    (re.compile(r"\bwhsec_[A-Za-z0-9+/=_-]+"), "whsec_" + REDACTED),
+    # Query strings and form bodies: ?token=…, &key=…, password=…
+    (re.compile(r"(?i)(\b\w*(?:token|key|secret|password|passwd)=)[^&\s\"']+"), r"\1" + REDACTED),
+    # JSON-ish or repr-ish "password": "…" / 'api_key': '…' (whole quoted value),
+    # then unquoted `secret: …`.
+    (
+        re.compile(rf"(?i)(\b\w*{_SECRET_KEY}[\"']?\s*[:=]\s*)([\"'])(?:(?!\2).)*\2"),
+        r"\1\2" + REDACTED + r"\2",
+    ),
+    (re.compile(rf"(?i)(\b\w*{_SECRET_KEY}[\"']?\s*:\s*)[^\"'\s,}}&]+"), r"\1" + REDACTED),
+    # user:password@host in URLs (database and Redis URLs).
+    (re.compile(r"(://[^:/@\s]*:)[^@\s/]+@"), r"\1" + REDACTED + "@"),
+)
+# An extra field named like a secret (`password`, `stream_token`, `webhook_secret`;
+# not `output_tokens`) is dropped whatever its value looks like.
+_SECRET_FIELD = re.compile(rf"(?i)(?:^|_){_SECRET_KEY}$")
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+    "taskName",
+}
 
 
 def redact(text: str) -> str:
-    text = _TOKEN_QUERY.sub(r"\1[redacted]", text)
-    text = _BEARER.sub(r"\1[redacted]", text)
-    return _API_KEY.sub("sk_[redacted]", text)
+    """`text` with every secret we can recognise replaced by ``[redacted]``."""
+    for pattern, replacement in _RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-safe, redacted copy of an extra field's value."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {
+            str(k): REDACTED if _SECRET_FIELD.search(str(k).replace("-", "_")) else _clean(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean(v) for v in value]
+    return redact(str(value))
+
+
+def _request_id(record: logging.LogRecord) -> str | None:
+    stamped = getattr(record, "request_id", None)
+    value = stamped if isinstance(stamped, str) else current_request_id.get()
+    return None if value in (None, "-") else value
+
+
+def _access_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """uvicorn's access line `'%s - "%s %s HTTP/%s" %d'` as fields (path redacted)."""
+    args = record.args
+    if record.name != "uvicorn.access" or not isinstance(args, tuple) or len(args) != 5:
+        return {}
+    client, method, path, http_version, status = args
+    return {
+        "client": str(client),
+        "method": str(method),
+        "path": redact(str(path)),
+        "http_version": str(http_version),
+        "status": status,
+    }
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a caller attached with ``extra=``, secret-named ones dropped."""
+    return {
+        key: _clean(value)
+        for key, value in vars(record).items()
+        if key not in _RECORD_ATTRS and not key.startswith("_") and not _SECRET_FIELD.search(key)
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; see the module docstring for the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            "request_id": _request_id(record),
+        }
+        access = getattr(record, "_access", None) or _access_fields(record)
+        for key, value in {**access, **extra_fields(record)}.items():
+            doc.setdefault(key, value)
+        if record.exc_info:
+            doc["exception"] = redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            doc["stack"] = redact(self.formatStack(record.stack_info))
+        return orjson.dumps(doc, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger [request id] message key=value…``, redacted as a whole."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):
+            record.request_id = _request_id(record) or "-"
+        line = super().format(record)
+        extras = extra_fields(record)
+        if extras:
+            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return redact(line)
 
 
 class RedactingFilter(logging.Filter):
-    """Scrubs secrets and stamps the current request id on every record."""
+    """Scrubs the message and stamps the current request id on every record (for
+    handlers other than ours, e.g. a test's log capture)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request_id.get() or "-"
+        if not isinstance(getattr(record, "request_id", None), str):
+            record.request_id = current_request_id.get() or "-"
+        if not hasattr(record, "_access"):  # before the arguments are merged below
+            record._access = _access_fields(record)
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
@@ -31,18 +174,48 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
-    )
-    # Alembic narrates every plugin at INFO; only its warnings matter to an operator.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+def _formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def resolve_format(fmt: str | None, default: str = "json") -> str:
+    """`fmt`, else ``LLMGW_LOG_FORMAT``, else `default`; ConfigError when unknown."""
+    chosen = (fmt or os.environ.get(FORMAT_ENV) or default).strip().lower()
+    if chosen not in FORMATS:
+        raise ConfigError(f"{FORMAT_ENV} must be json or text, got {chosen!r}")
+    return chosen
+
+
+def configure_logging(
+    level: str = "INFO",
+    fmt: str | None = None,
+    *,
+    default_format: str = "json",
+    stream: IO[str] | None = None,
+) -> None:
+    """Send every log record to `stream` (stderr) in the chosen format.
+
+    Idempotent: a second call replaces the handler the first one installed, and
+    leaves other handlers (a test's capture) alone."""
+    chosen = resolve_format(fmt, default_format)
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        raise ConfigError(f"LLMGW_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "llmgw", False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.llmgw = True  # type: ignore[attr-defined]
+    handler.setFormatter(_formatter(chosen))
     redacting = RedactingFilter()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redacting)
+    handler.addFilter(redacting)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Alembic narrates every plugin at INFO, httpx every request: unless debugging,
+    # only their warnings matter to an operator.
+    quiet = logging.WARNING if root.level > logging.DEBUG else logging.NOTSET
+    for noisy in ("alembic", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(quiet)
     for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):
         logger = logging.getLogger(name)
-        logger.addFilter(redacting)
-        for handler in logger.handlers:
-            handler.addFilter(redacting)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(redacting)

@@ -57,6 +57,11 @@ class Store(Protocol):
 
     async def release_slots(self, keys: list[str], member: str) -> None: ...
 
+    async def hit(self, key: str, window_seconds: float) -> int:
+        """Count one event in the current fixed window of `key`; returns the count so far
+        (a rate limiter's primitive: the window's key expires with the window)."""
+        ...
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         """Append to an ordered log (a stream's events, for resuming); returns its length."""
         ...

@@ -101,6 +101,13 @@ class MemoryStore:
         for key in keys:
             self._slots.get(key, {}).pop(member, None)
 
+    async def hit(self, key: str, window_seconds: float) -> int:
+        current = self._live(key)
+        count = int(current) + 1 if current is not None else 1
+        expires = self._values[key][1] if current is not None else None
+        self._values[key] = (str(count).encode(), expires or self._clock() + window_seconds)
+        return count
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         now = self._clock()
         for stale in [k for k, (_, exp) in self._logs.items() if exp <= now]:

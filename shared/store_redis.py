@@ -138,6 +138,13 @@ class RedisStore:
                 pipe.zrem(self._key(key), member)
             await pipe.execute()
 
+    async def hit(self, key: str, window_seconds: float) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(self._key(key))
+            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
+            count, _ = await pipe.execute()
+        return int(count)
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.rpush(self._key(key), *items)

@@ -28,6 +28,12 @@ def generate_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def secret_bytes(secret: str) -> bytes:
+    """The raw key of a `whsec_…` secret (to derive other keys from it)."""
+    body = secret.removeprefix("whsec_")
+    return base64.b64decode(body + "=" * (-len(body) % 4))
+
+
 def validate_secret(secret: str) -> None:
     """Raise ValueError unless `secret` is a usable Standard Webhooks secret."""
     try:
