@@ -57,6 +57,8 @@ class StreamGrant:
     request_id: str
     issued_at: int
     expires_at: int
+    # The company's own upstream route, sealed for the edge (shared/route_claim.py).
+    sealed_route: str | None = None
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> StreamGrant:
@@ -78,6 +80,7 @@ class StreamGrant:
                 request_id=str(claims["request_id"]),
                 issued_at=int(claims["iat"]),
                 expires_at=int(claims["exp"]),
+                sealed_route=str(claims["upr"]) if claims.get("upr") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TokenRejected("malformed", "the token's claims are malformed") from exc

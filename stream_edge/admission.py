@@ -7,13 +7,18 @@ before the claim for the same reason.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 
-from shared.catalog import ModelSpec, Provider
+from shared.catalog import ModelSpec, Price, Provider
 from shared.request_id import current_request_id
+from shared.revocations import is_revoked
+from shared.route_claim import unseal
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, EdgeError, NotFound, Unauthorized
 from stream_edge.grants import TokenUnauthorized
@@ -50,16 +55,53 @@ async def verified_grant(state: EdgeState, token: str | None) -> StreamGrant:
     # From here on the stream's log lines carry the id minted at init, which the
     # webhook and the upstream request (X-Request-Id) carry too.
     current_request_id.set(grant.request_id)
+    await not_revoked(state, grant)
     return grant
 
 
-def route(state: EdgeState, grant: StreamGrant) -> tuple[ModelSpec, Provider]:
-    model = state.settings.catalog.model(grant.model)
-    if model is None:
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: ModelSpec
+    provider: Provider
+    api_key: str | None  # the company's own key; None: the platform's, if any
+
+
+def route(state: EdgeState, grant: StreamGrant) -> Route:
+    """Where the stream goes: the company's sealed route from the token when it has
+    its own key or model, else the packaged catalog (no control-plane lookup either way)."""
+    catalog = state.settings.catalog
+    if grant.sealed_route is not None:
+        try:
+            sealed = unseal(grant.sealed_route, state.route_cipher)
+        except ValueError:
+            state.metrics.token_rejections.labels("bad_route").inc()
+            raise Unauthorized("the token's route is not valid", code="invalid_token") from None
+        known = catalog.providers.get(sealed.provider)
+        if known is not None and known.api_type == sealed.api_type:
+            provider = dataclasses.replace(known, base_url=sealed.base_url.rstrip("/"))
+        else:
+            provider = Provider(sealed.provider, sealed.api_type, sealed.base_url.rstrip("/"))
+        model = ModelSpec(
+            id=grant.model,
+            provider=provider.name,
+            upstream_model=sealed.upstream_model,
+            context_length=grant.max_input_tokens + grant.max_tokens,
+            max_output_tokens=grant.max_tokens,
+            price=Price(Decimal(0), Decimal(0)),  # the control plane prices; the edge meters
+        )
+        return Route(model, provider, sealed.api_key)
+    spec = catalog.model(grant.model)
+    if spec is None:
         raise NotFound(
             f"model {grant.model!r} is not in this edge's catalog", code="model_not_found"
         )
-    return model, state.settings.catalog.providers[model.provider]
+    return Route(spec, catalog.providers[spec.provider], None)
+
+
+async def not_revoked(state: EdgeState, grant: StreamGrant) -> None:
+    if await is_revoked(state.store, grant):
+        state.metrics.token_rejections.labels("revoked").inc()
+        raise Unauthorized("this stream's access was revoked", code="revoked")
 
 
 async def claim(state: EdgeState, grant: StreamGrant, path: str) -> str | None:

@@ -50,7 +50,8 @@ async def event_stream(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
     grant = await verified_grant(state, request.query_params.get("token") or bearer(request))
-    model, provider = route(state, grant)
+    target = route(state, grant)
+    model, provider = target.model, target.provider
     after = _last_event_id(request)
     if await claim(state, grant, "stream") is not None:
         return await _resume(state, grant, after)
@@ -59,7 +60,7 @@ async def event_stream(request: Request) -> Response:
     job = StreamJob(
         state, grant, model, provider,
         stashed.messages if stashed else [], stashed.params if stashed else {},
-        grant.max_tokens, grant.max_input_tokens, accepted,
+        grant.max_tokens, grant.max_input_tokens, accepted, api_key=target.api_key,
     )  # fmt: skip
     if stashed is None:
         await job.report("finished")
@@ -105,11 +106,7 @@ async def event_stream(request: Request) -> Response:
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
     )
-    return Streamed(
-        state,
-        stream,
-        lambda: writer.error("shutting_down", "the edge is restarting; reconnect to resume"),
-    )
+    return Streamed(state, stream, grant, writer.error)
 
 
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
@@ -148,4 +145,4 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
     )
-    return Streamed(state, stream, lambda: b"")
+    return Streamed(state, stream, None, lambda code, message: b"")

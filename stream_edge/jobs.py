@@ -43,6 +43,7 @@ class StreamJob:
         max_tokens: int,
         input_estimate: int,
         accepted_at: float,
+        api_key: str | None = None,
     ) -> None:
         self.state = state
         self.grant = grant
@@ -52,6 +53,7 @@ class StreamJob:
         self.params = params
         self.max_tokens = max_tokens
         self.accepted_at = accepted_at
+        self._own_api_key = api_key
         self.meter = Meter(
             input_estimate=input_estimate,
             keep_transcript=state.settings.store_transcripts,
@@ -63,12 +65,13 @@ class StreamJob:
 
     def _call(self, stream: bool) -> UpstreamCall:
         settings = self.state.settings
-        key = settings.provider_keys.get(self.provider.name)
+        platform_key = settings.provider_keys.get(self.provider.name)
+        key = self._own_api_key or (platform_key.reveal() if platform_key else None)
         service_token = settings.service_tokens.get(self.provider.name)
         grant = self.grant
         return UpstreamCall(
             base_url=self.provider.base_url,
-            api_key=key.reveal() if key else None,
+            api_key=key,
             upstream_model=self.model.upstream_model,
             messages=self.messages,
             max_tokens=self.max_tokens,
@@ -168,6 +171,8 @@ class StreamJob:
             return "completed"
         if outcome in ("client_gone", "slow_client"):
             return "cancelled"
+        if outcome == "revoked":
+            return "revoked"
         return "failed"
 
     async def report(self, outcome: str) -> None:

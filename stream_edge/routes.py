@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -11,6 +12,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from shared.metrics import exposition
+from shared.revocations import is_revoked
+from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
 from stream_edge.errors import NotFound, Unauthorized, error_response
 from stream_edge.formats import OpenAIChunkWriter, completion_object
@@ -20,19 +23,23 @@ from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import Usage
 
+# Revoked streams end within this (the issue asks for 2 s).
+REVOCATION_CHECK_SECONDS = 1.0
+
 
 async def chat_completions(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
     grant = await verified_grant(state, bearer(request))
     chat = parse_chat_request(await read_json(request), grant)
-    model, provider = route(state, grant)
+    target = route(state, grant)
+    model, provider = target.model, target.provider
     if await claim(state, grant, "completions") is not None:
         state.metrics.token_rejections.labels("used").inc()
         raise Unauthorized("this stream token was already used", code="token_used")
     job = StreamJob(
         state, grant, model, provider, chat.messages, chat.params,
-        chat.max_tokens, chat.input_estimate, accepted,
+        chat.max_tokens, chat.input_estimate, accepted, api_key=target.api_key,
     )  # fmt: skip
     response = await job.open(stream=chat.stream)
     if not chat.stream:
@@ -65,31 +72,57 @@ async def chat_completions(request: Request) -> Response:
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
     )
-    return Streamed(
-        state, stream, lambda: OpenAIChunkWriter.error("shutting_down", "the edge is restarting")
-    )
+    return Streamed(state, stream, grant, OpenAIChunkWriter.error)
 
 
 class Streamed(Response):
-    """Serves an `EventStreamResponse` as a Starlette response, registered with the
-    app while it runs so a shutdown can end it with the frame `shutdown_frame()` makes
-    (made only then: an EventSource frame takes the next event id)."""
+    """Serves an `EventStreamResponse` as a Starlette response. While it runs it is
+    registered with the app, so a shutdown can end it (`shut_down`), and it checks for
+    revocations every `REVOCATION_CHECK_SECONDS`, ending the stream with `revoked`.
+    `final_frame(code, message)` makes the closing error frame only when needed (an
+    EventSource frame takes the next event id)."""
 
     def __init__(
-        self, state: EdgeState, inner: EventStreamResponse, shutdown_frame: Callable[[], bytes]
+        self,
+        state: EdgeState,
+        inner: EventStreamResponse,
+        grant: StreamGrant | None,
+        final_frame: Callable[[str, str], bytes],
     ) -> None:
         self._state = state
         self._inner = inner
-        self._shutdown_frame = shutdown_frame
+        self._grant = grant
+        self._final_frame = final_frame
 
     def shut_down(self) -> None:
-        self._inner.abort(self._shutdown_frame())
+        self._inner.abort(
+            self._final_frame("shutting_down", "the edge is restarting; reconnect or retry")
+        )
+
+    async def _watch_revocations(self, grant: StreamGrant) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_CHECK_SECONDS)
+            try:
+                revoked = await is_revoked(self._state.store, grant)
+            except Exception:  # the store is briefly down: check again next time
+                continue
+            if revoked:
+                frame = self._final_frame("revoked", "access to this stream was revoked")
+                self._inner.abort(frame, outcome="revoked")
+                return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._state.active.add(self)
+        watcher = (
+            asyncio.create_task(self._watch_revocations(self._grant))
+            if self._grant is not None
+            else None
+        )
         try:
             await self._inner(scope, receive, send)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self._state.active.discard(self)
 
 

@@ -11,7 +11,7 @@ comment when the stream has been idle and cuts off a client that has not read fo
 when the client is gone.
 
 Outcomes: `finished` (the producer returned), `client_gone`, `slow_client`,
-`aborted` (the edge is shutting down; see `abort`).
+`aborted` (the edge is shutting down) and `revoked` (see `abort`).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ class EventStreamResponse:
         self.outcome = "finished"
         self.connected = True
 
-    def abort(self, final_frame: bytes) -> None:
+    def abort(self, final_frame: bytes, outcome: str = "aborted") -> None:
         """End the stream now with `final_frame` (e.g. an `error` event)."""
         if self._scope is not None and self.outcome == "finished":
-            self.outcome = "aborted"
+            self.outcome = outcome
             self._abort_frame = final_frame
             self._scope.cancel()
 

@@ -1,0 +1,123 @@
+"""The edge's side of tenancy: revocations end running streams within 2 s and refuse
+new ones, and a company's own upstream route (sealed in the token) is used without
+asking the control plane (PostgreSQL + Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from shared.revocations import revoke
+from shared.route_claim import UpstreamRoute, route_cipher, seal
+from shared.sse import SSEDecoder
+from shared.store_redis import RedisStore
+from shared.tokens import sign_token
+from tests.conftest import REDIS_URL
+from tests.stack import SplitStack, base_env
+
+
+@pytest.fixture(scope="module")
+def split(pg_server: str) -> Iterator[SplitStack]:
+    from tests.conftest import fresh_pg_database, fresh_redis_prefix
+
+    env_extra = {"LLMGW_WEBHOOK_RETRY_BASE_SECONDS": "0.05"}
+    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
+        with SplitStack({**base_env(url, REDIS_URL, prefix), **env_extra}) as stack:
+            yield stack
+
+
+def store_revoke(split: SplitStack, kind: str, value: str) -> None:
+    async def go() -> None:
+        store = RedisStore.from_url(REDIS_URL, prefix=split.env["LLMGW_REDIS_PREFIX"])
+        try:
+            await revoke(store, kind, value, 600)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+@pytest.mark.parametrize("kind", ["jti", "user", "company"])
+def test_revocation_ends_a_running_stream_within_two_seconds(split: SplitStack, kind: str) -> None:
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "long [[mock tokens=500 delay_ms=20]]"})
+    claims = claims_of(grant["stream_token"])
+    value = {"jti": claims["jti"], "user": claims["sub"], "company": claims["company_id"]}[kind]
+    decoder = SSEDecoder()
+    events = []
+    revoked_at = None
+    with httpx.stream("GET", grant["stream_url"], timeout=10) as response:
+        for raw in response.iter_raw():
+            events.extend(decoder.feed(raw))
+            if revoked_at is None and sum(e.event == "chunk" for e in events) >= 5:
+                store_revoke(split, kind, value)
+                revoked_at = time.monotonic()
+    assert revoked_at is not None
+    assert time.monotonic() - revoked_at < 2.0
+    assert events[-1].event == "error"
+    assert json.loads(events[-1].data)["code"] == "revoked"
+    record = c.wait_usage(token, grant["reservation_id"])
+    assert record["status"] == "revoked"
+    assert 5 <= record["output_tokens"] < 500  # what was relayed is billed
+
+    # A new stream for the same user/company (or the same token) is refused at once.
+    if kind != "jti":
+        before = c.mock_stats()["requests"]
+        fresh = c.init(token, {"query": "again"})
+        if fresh.status_code == 201:  # the control plane may refuse first; the edge must
+            response = c.http.get(fresh.json()["data"]["stream_url"])
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "revoked"
+        assert c.mock_stats()["requests"] == before
+
+
+def test_a_sealed_company_route_is_used_with_the_companys_key(split: SplitStack) -> None:
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "my own key [[mock tokens=3]]"})
+    kid, key = split.apps["cp"].state.keyring.active()
+    cipher = route_cipher(split.env["LLMGW_WEBHOOK_SECRET"])
+    route = UpstreamRoute(
+        provider="acme-openai",
+        api_type="openai_chat",
+        base_url=split.mock_url,
+        upstream_model="mock-fast",
+        api_key="sk-company-own-key",
+    )
+    claims = {**claims_of(grant["stream_token"]), "upr": seal(route, cipher)}
+    sealed_token = sign_token(claims, key, kid)
+    response = c.http.get(f"{c.edge_url}/v1/stream", params={"token": sealed_token})
+    assert response.status_code == 200 and b"event: complete" in response.content
+    recorded = c.http.get(f"{split.mock_url.removesuffix('/v1')}/_mock/requests").json()
+    last = recorded["requests"][-1]
+    assert last["headers"]["authorization"] == "Bearer sk-company-own-key"
+    assert "sk-company-own-key" not in json.dumps(claims_of(sealed_token))  # sealed, unreadable
+    record = c.wait_usage(token, grant["reservation_id"])
+    assert (record["status"], record["output_tokens"]) == ("completed", 3)
+
+
+def test_a_route_claim_not_sealed_by_us_is_refused(split: SplitStack) -> None:
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "forged route"})
+    kid, key = split.apps["cp"].state.keyring.active()
+    foreign = route_cipher("whsec_" + "QUFB" * 11)
+    route = UpstreamRoute("evil", "openai_chat", "http://127.0.0.1:9/v1", "x", "k")
+    claims = {**claims_of(grant["stream_token"]), "upr": seal(route, foreign)}
+    before = c.mock_stats()["requests"]
+    response = c.http.get(f"{c.edge_url}/v1/stream", params={"token": sign_token(claims, key, kid)})
+    assert response.status_code == 401
+    assert c.mock_stats()["requests"] == before
