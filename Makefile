@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint bench install install-test clean
+.PHONY: run test lint bench install install-test install-system clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,27 @@ install: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 
+## make install-system: the OS packages the tests drive (Debian/Ubuntu), each only when absent.
+## chromium: the browser tests use Debian's build via playwright; a browser is never downloaded.
+## promtool (prometheus) and nginx: tests/test_ops_*.py check deploy/ with the real tools.
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+install-system:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+	@missing=""; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 ## make run: the whole product in one process (mock LLM :8002, control plane :8000, edge :8001)
 run: install
 	$(BIN)/llm-gateway dev
 
 ## make test: lint, types and the whole suite against real servers, PostgreSQL and Redis
-test: install-test lint
+test: install-system install-test lint
 	$(BIN)/python -m pytest -q
 
 lint: install-test
@@ -28,8 +43,9 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+## make bench: the edge against mock_llm directly, on real processes (PostgreSQL + Redis); writes docs/performance.md
 bench: install-test
-	@echo "no benchmarks yet"
+	$(BIN)/python -m bench.edge_bench
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -13,9 +13,7 @@ the last-resort error answer, and the HTTP metrics.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
@@ -23,17 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.errors import internal_error_response
 from control_plane.metrics import Metrics
+from shared.request_id import choose_request_id, current_request_id
 
 log = logging.getLogger("control_plane")
 
 REQUEST_ID_KEY = "llmgw.request_id"
-_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-def choose_request_id(sent: str | None) -> str:
-    if sent is not None and _SANE_ID.fullmatch(sent):
-        return sent
-    return uuid.uuid4().hex
 
 
 def request_id(request: Request) -> str:
@@ -63,6 +55,7 @@ class RequestContextMiddleware:
                 break
         rid = choose_request_id(sent)
         scope[REQUEST_ID_KEY] = rid
+        current_request_id.set(rid)  # every log line of this request carries it
         started = time.perf_counter()
         status = 500
         response_started = False

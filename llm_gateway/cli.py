@@ -12,10 +12,20 @@ from shared.logs import configure_logging
 from shared.settings import DEFAULT_DATABASE_URL, ConfigError, Settings
 
 
-def _serve(app_factory: str, host: str, port: int) -> None:
+def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
     from llm_gateway.servers import serve_all, server_for
 
     settings = Settings.from_env(os.environ)
+    graceful = settings.drain_seconds + 10
+    if workers > 1:
+        from llm_gateway.workers import serve_workers
+
+        if app_factory == "control-plane":
+            settings.require_encryption_key()
+        if not settings.redis_url:
+            raise ConfigError("LLMGW_REDIS_URL is required to run several workers")
+        serve_workers(app_factory, settings, host, port, workers, graceful)
+        return
     if app_factory == "control-plane":
         from control_plane.app import create_app as cp_app
 
@@ -27,7 +37,6 @@ def _serve(app_factory: str, host: str, port: int) -> None:
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
         app = edge_app(settings)
-    graceful = settings.drain_seconds + 10
     asyncio.run(serve_all([server_for(app, host, port, graceful_seconds=graceful)]))
 
 
@@ -48,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=f"serve the {name.replace('-', ' ')}")
         cmd.add_argument("--host", default="127.0.0.1")
         cmd.add_argument("--port", type=int, default=port)
+        if name != "mock-llm":
+            cmd.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     sub.add_parser("migrate", help="apply database migrations")
     from llm_gateway.admin import add_admin_parser
 
@@ -55,19 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_gateway.outbox_cli import add_outbox_parser
 
     add_outbox_parser(sub)
+    from llm_gateway.chat import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(os.environ.get("LLMGW_LOG_LEVEL", "INFO"))
     try:
+        # JSON lines for the services, text for the commands people run by hand.
+        configure_logging(
+            os.environ.get("LLMGW_LOG_LEVEL", "INFO"),
+            default_format="text" if args.command in ("dev", "admin", "outbox", "chat") else "json",
+        )
         if args.command == "dev":
             from llm_gateway.dev import run_dev
 
             asyncio.run(run_dev(args.port_base, args.host))
         elif args.command in ("control-plane", "stream-edge"):
-            _serve(args.command, args.host, args.port)
+            _serve(args.command, args.host, args.port, args.workers)
         elif args.command == "mock-llm":
             _mock(args.host, args.port)
         elif args.command == "migrate":
@@ -82,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from llm_gateway.outbox_cli import run_outbox
 
             return run_outbox(args)
+        elif args.command == "chat":
+            from llm_gateway.chat import run_chat
+
+            return run_chat(args)
     except ConfigError as exc:
         print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

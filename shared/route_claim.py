@@ -15,7 +15,7 @@ import base64
 from dataclasses import asdict, dataclass
 
 import orjson
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -40,11 +40,16 @@ def route_cipher(webhook_secret: str) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
+def route_ciphers(webhook_secrets: list[str]) -> MultiFernet:
+    """For reading: any of the secrets (newest first) during a webhook-secret rotation."""
+    return MultiFernet([route_cipher(secret) for secret in webhook_secrets])
+
+
 def seal(route: UpstreamRoute, cipher: Fernet) -> str:
     return cipher.encrypt(orjson.dumps(asdict(route))).decode()
 
 
-def unseal(sealed: str, cipher: Fernet) -> UpstreamRoute:
+def unseal(sealed: str, cipher: Fernet | MultiFernet) -> UpstreamRoute:
     """Raise ValueError when the claim was not sealed by our control plane."""
     try:
         doc = orjson.loads(cipher.decrypt(sealed.encode()))

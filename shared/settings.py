@@ -97,7 +97,8 @@ class Settings:
     redis_prefix: str
     control_plane_url: str
     edge_public_url: str
-    webhook_secret: Secret
+    webhook_secret: Secret  # the newest: signs
+    webhook_secrets: tuple[Secret, ...]  # all accepted, newest first
     admin_token: Secret | None
     token_ttl_seconds: int
     catalog: Catalog
@@ -127,16 +128,29 @@ class Settings:
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
     service_tokens: Mapping[str, Secret] = field(default_factory=dict)
+    init_rate_per_user: int = 120  # per minute, DESIGN §9
+    init_rate_per_company: int = 1200
+    # Trusting an existing app's user JWTs (control plane): HS256 with a shared secret
+    # and/or RS256/ES256/EdDSA with keys from a JWKS URL; audience/issuer checked when set.
+    auth_jwt_secret: Secret | None = None
+    auth_jwks_url: str | None = None
+    auth_jwt_audience: str | None = None
+    auth_jwt_issuer: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> Settings:
-        webhook_secret = env.get("LLMGW_WEBHOOK_SECRET", "")
-        if not webhook_secret:
+        # Several comma-separated secrets, newest first, allow a rotation without
+        # downtime: the edge signs with the first, the control plane accepts any.
+        webhook_secrets = [
+            s.strip() for s in env.get("LLMGW_WEBHOOK_SECRET", "").split(",") if s.strip()
+        ]
+        if not webhook_secrets:
             raise ConfigError("LLMGW_WEBHOOK_SECRET is required (a Standard Webhooks whsec_… key)")
-        try:
-            validate_secret(webhook_secret)
-        except ValueError as exc:
-            raise ConfigError(f"LLMGW_WEBHOOK_SECRET {exc}") from None
+        for secret in webhook_secrets:
+            try:
+                validate_secret(secret)
+            except ValueError as exc:
+                raise ConfigError(f"LLMGW_WEBHOOK_SECRET {exc}") from None
         encryption_keys = tuple(
             Secret(k.strip()) for k in env.get("LLMGW_ENCRYPTION_KEY", "").split(",") if k.strip()
         )
@@ -161,13 +175,27 @@ class Settings:
         admin_token = env.get("LLMGW_ADMIN_TOKEN") or None
         if admin_token is not None and len(admin_token) < 16:
             raise ConfigError("LLMGW_ADMIN_TOKEN must be at least 16 characters")
+        auth_jwt_secret = env.get("LLMGW_AUTH_JWT_SECRET") or None
+        if auth_jwt_secret is not None and len(auth_jwt_secret.encode("utf-8")) < 32:
+            # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
+            raise ConfigError("LLMGW_AUTH_JWT_SECRET must be at least 32 bytes (HS256)")
+        auth_jwks_url = (
+            _url(env, "LLMGW_AUTH_JWKS_URL", "") if env.get("LLMGW_AUTH_JWKS_URL") else None
+        )
         return cls(
+            init_rate_per_user=_int(env, "LLMGW_INIT_RATE_PER_USER", 120, 1, 1_000_000),
+            init_rate_per_company=_int(env, "LLMGW_INIT_RATE_PER_COMPANY", 1200, 1, 10_000_000),
+            auth_jwt_secret=Secret(auth_jwt_secret) if auth_jwt_secret else None,
+            auth_jwks_url=auth_jwks_url,
+            auth_jwt_audience=env.get("LLMGW_AUTH_JWT_AUDIENCE") or None,
+            auth_jwt_issuer=env.get("LLMGW_AUTH_JWT_ISSUER") or None,
             database_url=database_url,
             redis_url=redis_url,
             redis_prefix=env.get("LLMGW_REDIS_PREFIX") or "llmgw:",
             control_plane_url=_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
             edge_public_url=_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
-            webhook_secret=Secret(webhook_secret),
+            webhook_secret=Secret(webhook_secrets[0]),
+            webhook_secrets=tuple(Secret(s) for s in webhook_secrets),
             admin_token=Secret(admin_token) if admin_token else None,
             token_ttl_seconds=_int(env, "LLMGW_TOKEN_TTL_SECONDS", 120, 1, 300),
             catalog=catalog,

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
-from shared.route_claim import route_cipher
+from shared.route_claim import route_ciphers
 from shared.settings import Settings
 from shared.store import Store, open_store
 from stream_edge import eventsource, routes
@@ -93,7 +93,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             limits=StreamLimits(active_store, settings),
             breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
             retry=RetryPolicy(retries=settings.upstream_retries),
-            route_cipher=route_cipher(settings.webhook_secret.reveal()),
+            route_cipher=route_ciphers([s.reveal() for s in settings.webhook_secrets]),
         )
         app.state.edge = state
         app.state.on_sigterm = lambda: drain(state)

@@ -61,6 +61,7 @@ class StreamJob:
         )
         self.result: RelayResult | None = None
         self._reported = False
+        self._counted_active = False
         self._adapter: Adapter | None = adapter_for(provider)
 
     def _call(self, stream: bool) -> UpstreamCall:
@@ -87,6 +88,7 @@ class StreamJob:
     async def open(self, stream: bool) -> httpx.Response:
         """Connect to the backend; on failure report the stream as failed and re-raise."""
         self.state.metrics.streams_active.inc()
+        self._counted_active = True
         try:
             if self._adapter is None:
                 raise UpstreamError(f"the edge cannot speak the {self.provider.api_type} format")
@@ -183,11 +185,27 @@ class StreamJob:
         status = self.status(outcome)
         event = usage_event(self.grant, self.provider.name, self.meter, status)
         metrics = self.state.metrics
-        metrics.streams_active.dec()
+        if self._counted_active:
+            metrics.streams_active.dec()
         metrics.streams_total.labels(status).inc()
         metrics.duration.observe(time.perf_counter() - self.accepted_at)
         metrics.tokens.labels("input").inc(event.input_tokens)
         metrics.tokens.labels("output").inc(event.output_tokens)
+        duration = time.perf_counter() - self.accepted_at
+        log.info(
+            "stream %s",
+            status,
+            extra={
+                "company_id": self.grant.company_id,
+                "model": self.model.id,
+                "provider": self.provider.name,
+                "status": status,
+                "input_tokens": event.input_tokens,
+                "output_tokens": event.output_tokens,
+                "usage_source": event.usage_source,
+                "duration_ms": round(duration * 1000, 1),
+            },
+        )
         try:
             await self.state.limits.release(self.grant)
         except Exception:  # the slot then expires at the stream's maximum life

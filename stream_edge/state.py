@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from cryptography.fernet import Fernet
+from cryptography.fernet import MultiFernet
 
 from shared.settings import Settings
 from shared.store import Store
@@ -29,7 +29,7 @@ class EdgeState:
     limits: StreamLimits
     breakers: Breakers
     retry: RetryPolicy
-    route_cipher: Fernet
+    route_cipher: MultiFernet
     draining: bool = False
     # Streams being served (routes.Streamed), so a shutdown can end them.
     active: set[Any] = field(default_factory=set)

@@ -19,7 +19,6 @@ from control_plane.errors import (
     ValidationFailed,
 )
 from control_plane.ledger import charge_for
-from control_plane.middleware import choose_request_id
 from control_plane.policy import (
     Principal,
     can_admin_company,
@@ -38,6 +37,7 @@ from control_plane.validation import (
     parse_json_object,
 )
 from shared.catalog import Catalog, ModelSpec, Price, Provider
+from shared.request_id import choose_request_id
 from shared.tokens import ALL_SCOPES, SCOPE_READ, SCOPE_SEND
 
 PRICE = Price(input_per_mtok=Decimal("1.0"), output_per_mtok=Decimal("2.0"))

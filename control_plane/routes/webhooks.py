@@ -29,7 +29,7 @@ async def usage_webhook(request: Request) -> Response:
     try:
         body = await read_body(request)
         try:
-            verify([deps.settings.webhook_secret.reveal()], body, dict(request.headers))
+            verify([s.reveal() for s in deps.settings.webhook_secrets], body, dict(request.headers))
         except BadSignature:
             raise InvalidSignature() from None
         event = parse_usage_event(parse_json_object(body))

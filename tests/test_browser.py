@@ -1,0 +1,385 @@
+"""The demo page in a real browser: Debian's `chromium` driven by Python `playwright`.
+
+This is how our users' frontends consume the gateway: the page is served by the
+control plane and opens an `EventSource` straight on the edge, another origin, so
+the edge's CORS and the resume protocol are exercised exactly as in production.
+
+The edge sits behind a small TCP proxy (its public URL points there), so a test can
+cut the browser's connection mid-stream the way a flaky network would. Never
+downloads a browser: it uses `/usr/bin/chromium` (`make install-system` installs it)
+and skips when it is absent, except under CI, where that is a broken machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control_plane.app import create_app as control_plane_app
+from llm_gateway.dev import with_mock_at
+from mock_llm.app import create_app as mock_app
+from shared.settings import Settings
+from shared.store_memory import MemoryStore
+from stream_edge.app import create_app as edge_app
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.stack import Client, base_env
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PASSWORD = "browser-pw-123"
+
+
+class CuttableProxy:
+    """A TCP proxy to `target` whose live connections a test can cut at once (`cut`),
+    as a dropped network would; new connections keep being accepted afterwards."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = bind_free_socket()
+        self.listener.listen(64)
+        self.url = url_of(self.listener)
+        self.connections = 0
+        self._live: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="cuttable-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._live |= {client, upstream}
+                self.connections += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with self._lock:
+                    self._live.discard(sock)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def cut(self) -> int:
+        """Drop every open connection (both sides see it end); returns how many."""
+        with self._lock:
+            live = list(self._live)
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(live) // 2
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@dataclasses.dataclass
+class BrowserStack:
+    page_url: str  # the control plane, which serves the demo page
+    stream_origin: str  # what the browser's EventSource connects to (the proxied edge)
+    client: Client
+    proxy: CuttableProxy
+
+    def new_user(self, credits: str) -> str:
+        """A company with `credits` and a member of it; returns the member's email."""
+        company_id = self.client.new_company(credits)
+        email = f"b-{uuid.uuid4().hex[:10]}@example.com"
+        response = self.client.admin(
+            "POST",
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": email, "password": PASSWORD},
+        )
+        assert response.status_code == 201, response.text
+        return email
+
+    def expected_answer(self, query: str, model: str = "mock-fast") -> str:
+        """What the deterministic mock answers to `query` (asked directly, not streamed)."""
+        response = self.client.http.post(
+            f"{self.client.mock_url}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": query}]},
+        )
+        assert response.status_code == 200, response.text
+        text: str = response.json()["choices"][0]["message"]["content"]
+        return text
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserStack]:
+    mock_sock, cp_sock, edge_sock = (bind_free_socket() for _ in range(3))
+    proxy = CuttableProxy(edge_sock.getsockname()[:2])
+    database = tmp_path_factory.mktemp("browser") / "gateway.db"
+    env = {
+        **base_env(f"sqlite:///{database}"),
+        "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
+        "LLMGW_EDGE_PUBLIC_URL": proxy.url,
+        # Exactly the page's origin, as `llm-gateway dev` configures it: no wildcard.
+        "LLMGW_CORS_ORIGINS": url_of(cp_sock),
+        "LLMGW_SERVE_DEMO": "1",
+    }
+    settings = Settings.from_env(env)
+    settings = dataclasses.replace(
+        settings, catalog=with_mock_at(settings.catalog, f"{url_of(mock_sock)}/v1")
+    )
+    store = MemoryStore()
+    group = ServerGroup(
+        [
+            (mock_app(), mock_sock),
+            (control_plane_app(settings, store), cp_sock),
+            (edge_app(settings, store), edge_sock),
+        ]
+    ).start()
+    client = Client(url_of(cp_sock), proxy.url, url_of(mock_sock), env["LLMGW_WEBHOOK_SECRET"])
+    try:
+        yield BrowserStack(url_of(cp_sock), proxy.url, client, proxy)
+    finally:
+        client.close()
+        proxy.close()
+        group.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.path.exists(CHROMIUM):
+        message = f"{CHROMIUM} is missing: run `make install-system` (apt-get install chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield page
+    finally:
+        context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def sign_in(page: Any, stack: BrowserStack, email: str) -> None:
+    page.goto(stack.page_url + "/")
+    assert page.is_visible("#signin") and not page.is_visible("#app")
+    page.fill("#email", email)
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_selector("#app", state="visible")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    assert not page.is_visible("#signin")
+
+
+def page_token(page: Any) -> str:
+    """The page's access token (to check its numbers against the API)."""
+    token: str = page.evaluate("sessionStorage.getItem('llmgw.demo.access_token')")
+    assert token
+    return token
+
+
+def send(page: Any, query: str) -> None:
+    page.fill("#query", query)
+    page.click("#send")
+
+
+def balance(page: Any) -> str:
+    text: str = page.inner_text("#balance")
+    return text
+
+
+def finished_answer(page: Any) -> Any:
+    """The last assistant message once its stream has ended and its cost is known."""
+    page.wait_for_selector(".msg.assistant[data-state=done]")
+    page.wait_for_selector(".meta[data-settled=true]")
+    return page.locator(".msg.assistant").last
+
+
+def assert_not_blank(browser: Any, png: bytes) -> None:
+    """Decode the screenshot in the browser and require real content: many colours and
+    a good share of pixels unlike the background."""
+    context = browser.new_context()
+    try:
+        stats = context.new_page().evaluate(
+            """async (src) => {
+                const img = new Image(); img.src = src; await img.decode();
+                const canvas = document.createElement("canvas");
+                canvas.width = img.width; canvas.height = img.height;
+                const ctx = canvas.getContext("2d"); ctx.drawImage(img, 0, 0);
+                const d = ctx.getImageData(0, 0, img.width, img.height).data;
+                const colours = new Set(); let unlike = 0;
+                for (let i = 0; i < d.length; i += 4) {
+                    colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+                    if (Math.abs(d[i] - d[0]) + Math.abs(d[i + 1] - d[1])
+                        + Math.abs(d[i + 2] - d[2]) > 24) unlike++;
+                }
+                return {width: img.width, height: img.height, colours: colours.size,
+                        unlike: unlike / (d.length / 4)};
+            }""",
+            "data:image/png;base64," + base64.b64encode(png).decode(),
+        )
+    finally:
+        context.close()
+    assert stats["width"] >= 800 and stats["height"] >= 600, stats
+    assert stats["colours"] > 50, f"the screenshot looks blank: {stats}"
+    assert stats["unlike"] > 0.05, f"the screenshot looks blank: {stats}"
+
+
+def test_sign_in_stream_an_answer_and_see_the_balance_change(
+    stack: BrowserStack, page: Any, browser: Any, tmp_path: Path
+) -> None:
+    email = stack.new_user(credits="5")
+    streams: list[str] = []
+    page.on("request", lambda r: streams.append(r.url) if "/v1/stream" in r.url else None)
+    sign_in(page, stack, email)
+    assert balance(page) == "5.000000"
+    assert "mock-fast" in page.locator("#model option").all_inner_texts()
+    page.select_option("#model", "mock-fast")
+
+    query = "Tell me about streaming. [[mock tokens=30 delay_ms=15]]"
+    send(page, query)
+    # Tokens show up while the answer is still streaming.
+    page.wait_for_selector(".msg.assistant[data-state=streaming]")
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant').textContent.length > 0"
+        " && document.querySelector('.msg.assistant').dataset.state === 'streaming'"
+    )
+    answer = finished_answer(page)
+    assert answer.inner_text() == stack.expected_answer(query)
+
+    # The EventSource went straight to the edge: a different origin from the page.
+    assert streams and all(
+        url.startswith(stack.stream_origin + "/v1/stream?token=") for url in streams
+    )
+    assert not stack.stream_origin.startswith(stack.page_url)
+
+    # Time to first token, tokens and the settled cost are shown.
+    meta = page.locator(".meta").last.inner_text()
+    assert "first token" in meta and "30 tokens" in meta and "cost 0.0" in meta, meta
+
+    # The balance shown is the settled one: what the API says, below the starting 5.
+    token = page_token(page)
+    usage = stack.client.as_user(token, "GET", "/v1/usage").json()["data"]["items"]
+    assert len(usage) == 1 and usage[0]["status"] == "completed"
+    assert f"cost {usage[0]['cost']} credits" in meta
+    page.wait_for_function(
+        "(expected) => document.querySelector('#balance').textContent === expected",
+        arg=stack.client.credits(token)["available"],
+    )
+    assert float(balance(page)) < 5
+
+    # A second turn in the same session, then the session's history from the server.
+    second = "And briefly? [[mock tokens=5]]"
+    send(page, second)
+    page.wait_for_function("document.querySelectorAll('.meta[data-settled=true]').length === 2")
+    # A finished chat, with each answer's stats: saved with the test and checked not blank.
+    shot = page.screenshot(path=str(tmp_path / "finished-chat.png"), full_page=True)
+    assert (tmp_path / "finished-chat.png").stat().st_size == len(shot)
+    assert_not_blank(browser, shot)
+
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.locator("#sessions button").first.click()
+    page.wait_for_function("document.querySelectorAll('#history .msg').length === 4")
+    texts = page.locator("#history .msg").all_inner_texts()
+    assert texts == [query, stack.expected_answer(query), second, stack.expected_answer(second)]
+
+
+def test_out_of_credits_shows_a_readable_message(stack: BrowserStack, page: Any) -> None:
+    # Less than one request's hold (input estimate + 1,024 output tokens at 2/Mtok).
+    email = stack.new_user(credits="0.001")
+    sign_in(page, stack, email)
+    send(page, "Hello?")
+    page.wait_for_selector("#error:has-text('out of credits')")
+    assert "Ask an admin to add credits" in page.inner_text("#error")
+    assert page.locator(".msg").count() == 0  # nothing was sent
+    assert page.input_value("#query") == "Hello?"  # the message is kept to retry
+    assert balance(page) == "0.001000"
+    assert not page.is_disabled("#send")
+
+
+def test_a_dropped_connection_resumes_without_losing_tokens(stack: BrowserStack, page: Any) -> None:
+    email = stack.new_user(credits="5")
+    stream_requests: list[Any] = []
+    page.on("request", lambda r: stream_requests.append(r) if "/v1/stream" in r.url else None)
+    sign_in(page, stack, email)
+    query = "Count slowly. [[mock tokens=40 delay_ms=50]]"
+    expected = stack.expected_answer(query)
+    send(page, query)
+    page.wait_for_function("document.querySelector('.msg.assistant')?.textContent.length > 0")
+    shown_before = len(page.locator(".msg.assistant").inner_text())
+    assert stack.proxy.cut() >= 1  # the browser's stream is gone mid-answer
+    page.wait_for_selector(".msg.assistant[data-state=reconnecting]", timeout=5_000)
+    assert "reconnecting" in page.inner_text("#status")
+
+    answer = finished_answer(page)
+    assert 0 < shown_before < len(expected)
+    assert answer.inner_text() == expected  # nothing lost, nothing twice
+    assert "resumed after 1 dropped connection" in page.locator(".meta").last.inner_text()
+    assert page.inner_text("#error") == ""
+
+    # The browser reconnected by itself with Last-Event-ID, and the edge resumed.
+    assert len(stream_requests) >= 2
+    resumed = stream_requests[-1].all_headers()
+    assert int(resumed["last-event-id"]) >= 1
+    # Billing saw one whole answer: the producer kept running while the client was away.
+    usage = stack.client.as_user(page_token(page), "GET", "/v1/usage").json()
+    [record] = usage["data"]["items"]
+    assert record["status"] == "completed" and record["output_tokens"] == 40
+
+
+def test_an_upstream_failure_is_explained(stack: BrowserStack, page: Any) -> None:
+    email = stack.new_user(credits="5")
+    sign_in(page, stack, email)
+    send(page, "Break, please. [[mock tokens=20 error_after=3]]")
+    page.wait_for_selector(".msg.assistant[data-state=failed]")
+    page.wait_for_selector('#error:has-text("backend failed while answering")')
+    assert page.locator(".msg.assistant").inner_text() != ""  # the part that arrived stays
+    # The hold is settled for what was relayed; the page shows the new balance.
+    page.wait_for_selector(".meta[data-settled=true]")
+    assert float(balance(page)) < 5

@@ -1,0 +1,207 @@
+"""`llm-gateway chat`: the terminal client, run as a real subprocess against the
+whole gateway on ephemeral ports (SQLite + in-memory store, as `make run`)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from llm_gateway.chat import chat
+from tests.stack import ROOT, Client, InProcessStack, base_env
+
+SUMMARY = re.compile(
+    r"^— (?P<tokens>\d+) tokens · cost (?P<cost>\d+\.\d{6}) credits · "
+    r"first token (?P<ttft>\d+) ms · \d+\.\d s · (?P<model>[\w.-]+) · session (?P<session>\S+)$"
+)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    database = tmp_path_factory.mktemp("chat-cli") / "gateway.db"
+    with InProcessStack(base_env(f"sqlite:///{database}")) as running:
+        yield running
+
+
+def api_key(client: Client, credits: str = "5") -> str:
+    """A member of a fresh company with `credits`, and an API key for them."""
+    company_id = client.new_company(credits)
+    user = client.admin(
+        "POST",
+        "/v1/admin/users",
+        json={"company_id": company_id, "email": f"c-{uuid.uuid4().hex[:10]}@example.com"},
+    )
+    assert user.status_code == 201, user.text
+    key = client.admin("POST", "/v1/admin/api-keys", json={"user_id": user.json()["data"]["id"]})
+    assert key.status_code == 201, key.text
+    secret: str = key.json()["data"]["key"]
+    return secret
+
+
+def run_chat(
+    stack: InProcessStack, key: str | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGW_")}
+    env["LLMGW_CONTROL_PLANE_URL"] = stack.client.cp_url
+    if key is not None:
+        env["LLMGW_API_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "llm_gateway.cli", "chat", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def mock_answer(client: Client, query: str, model: str = "mock-fast") -> str:
+    response = client.http.post(
+        f"{client.mock_url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": query}]},
+    )
+    assert response.status_code == 200, response.text
+    text: str = response.json()["choices"][0]["message"]["content"]
+    return text
+
+
+def usage_of(client: Client, key: str) -> list[dict[str, Any]]:
+    response = client.as_user(key, "GET", "/v1/usage")
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["data"]["items"]
+    return items
+
+
+def test_chat_streams_the_answer_and_ends_with_a_summary(stack: InProcessStack) -> None:
+    client = stack.client
+    key = api_key(client)
+    query = "What is a stream token? [[mock tokens=12]]"
+    done = run_chat(stack, key, query)
+    assert done.returncode == 0, done.stderr
+    # stdout is exactly the answer; the summary goes to stderr, on one line.
+    assert done.stdout == mock_answer(client, query) + "\n"
+    summary = SUMMARY.match(done.stderr.strip())
+    assert summary, done.stderr
+    [record] = usage_of(client, key)
+    assert summary["tokens"] == "12" == str(record["output_tokens"])
+    assert summary["cost"] == record["cost"]
+    assert summary["model"] == "mock-fast"
+    assert summary["session"] == record["session_id"]
+
+    # --session continues that chat; --model picks another model.
+    follow_up = "And in one line? [[mock tokens=4 first_ms=0 delay_ms=0]]"
+    again = run_chat(stack, key, follow_up, "--session", summary["session"], "--model", "mock-chat")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == mock_answer(client, follow_up, "mock-chat") + "\n"
+    second = SUMMARY.match(again.stderr.strip())
+    assert second and second["model"] == "mock-chat" and second["session"] == summary["session"]
+    history = client.as_user(key, "GET", f"/v1/sessions/{summary['session']}").json()["data"]
+    assert [m["role"] for m in history["messages"]] == ["user", "assistant"] * 2
+
+
+def test_out_of_credits_is_a_clear_error(stack: InProcessStack) -> None:
+    done = run_chat(stack, api_key(stack.client, credits="0.001"), "Hello?")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("llm-gateway chat: out of credits"), done.stderr
+    assert "ask an admin to add credits" in done.stderr
+
+
+def test_a_rejected_or_missing_key_is_a_clear_error(stack: InProcessStack) -> None:
+    bad = run_chat(stack, "sk_not_a_real_key_0123456789", "Hello?")
+    assert bad.returncode == 1
+    assert "the API key was not accepted" in bad.stderr and "LLMGW_API_KEY" in bad.stderr
+    missing = run_chat(stack, None, "Hello?")
+    assert missing.returncode == 2
+    assert "set LLMGW_API_KEY" in missing.stderr
+
+
+def test_an_upstream_failure_mid_answer_is_reported(stack: InProcessStack) -> None:
+    done = run_chat(stack, api_key(stack.client), "Fail [[mock tokens=20 error_after=3]]")
+    assert done.returncode == 1
+    assert len(done.stdout.strip()) > 0  # what arrived before the failure was printed
+    assert "the answer stopped: the model's backend failed" in done.stderr, done.stderr
+
+
+def test_an_unreachable_gateway_is_a_clear_error(stack: InProcessStack) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGW_")}
+    env.update(LLMGW_API_KEY="sk_whatever", LLMGW_CONTROL_PLANE_URL=f"http://127.0.0.1:{port}")
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_gateway.cli", "chat", "Hello?"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot reach the gateway" in done.stderr
+
+
+class DropOnce(httpx.BaseTransport):
+    """Lets the first stream response deliver `keep` bytes, then fails it like a cut
+    connection; later requests pass untouched."""
+
+    def __init__(self, keep: int) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.keep = keep
+        self.requests: list[httpx.Request] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        response = self.inner.handle_request(request)
+        if len(self.requests) > 1:
+            return response
+        stream = response.stream
+        keep = self.keep
+
+        class Cut(httpx.SyncByteStream):
+            def __iter__(self) -> Iterator[bytes]:
+                sent = 0
+                assert isinstance(stream, httpx.SyncByteStream)
+                for chunk in stream:
+                    if sent + len(chunk) >= keep:
+                        yield chunk[: keep - sent]
+                        raise httpx.ReadError("connection cut by the test")
+                    sent += len(chunk)
+                    yield chunk
+
+            def close(self) -> None:
+                assert isinstance(stream, httpx.SyncByteStream)
+                stream.close()
+
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=Cut(), request=request
+        )
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_dropped_stream_resumes_without_losing_or_repeating_tokens(
+    stack: InProcessStack,
+) -> None:
+    key = api_key(stack.client)
+    query = "Resume me [[mock tokens=30 delay_ms=10]]"
+    cut = DropOnce(keep=700)  # a few whole events and part of the next one
+    out = io.StringIO()
+    with (
+        httpx.Client(
+            base_url=stack.client.cp_url, headers={"Authorization": f"Bearer {key}"}
+        ) as http,
+        httpx.Client(transport=cut) as edge,
+    ):
+        summary = chat(http, query, None, None, out, edge=edge)
+    assert out.getvalue() == mock_answer(stack.client, query) + "\n"
+    assert len(cut.requests) == 2
+    assert "last-event-id" not in cut.requests[0].headers
+    assert int(cut.requests[1].headers["last-event-id"]) >= 1
+    assert summary.startswith("— 30 tokens · cost ")

@@ -1,0 +1,323 @@
+"""`deploy/` is checked, not just shipped: Prometheus config and alert rules with
+promtool (including the alerts' unit tests), the dashboard and alerts against the
+metrics that exist, compose and Kubernetes manifests against the CLI they run and the
+drain they must outlast, the Dockerfiles for the rules they promise (multi-stage,
+non-root, health-checked), and each alert's runbook against docs/operations.md.
+
+Docker is not available here, so images are not built; everything that can be
+checked without an engine is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llm_gateway.cli import build_parser
+from shared.catalog import load_catalog
+from tests.ops_processes import require_tool
+from tests.test_ops_metrics import CP_METRICS, EDGE_METRICS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+K8S = DEPLOY / "k8s"
+KNOWN_METRICS = {n.removesuffix("_total") for n in {**EDGE_METRICS, **CP_METRICS}}
+DRAIN_DEFAULT = 20.0
+UVICORN_MARGIN = 10.0  # llm_gateway/cli.py: graceful shutdown = drain + 10 s
+SERVICE_PORTS = {"control-plane": 8000, "stream-edge": 8001, "mock-llm": 8002}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The llmgw_ families an expression reads (`_bucket`/`_count`/`_total` removed)."""
+    names = set(re.findall(r"\bllmgw_[a-z_]+", expr))
+    return {re.sub(r"_(bucket|count|sum|total)$", "", n) for n in names}
+
+
+def run(*args: str, cwd: Path = PROMETHEUS) -> str:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, timeout=60)
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 0, output
+    return output
+
+
+# --- Prometheus -----------------------------------------------------------------
+
+
+def test_promtool_accepts_the_config_and_the_rules() -> None:
+    promtool = require_tool("promtool")
+    assert "SUCCESS" in run(promtool, "check", "config", "prometheus.yml")
+    assert "SUCCESS" in run(promtool, "check", "rules", "alerts.yml")
+
+
+def test_alert_unit_tests_pass() -> None:
+    """`promtool test rules`: each alert fires on its situation and not on a healthy one."""
+    promtool = require_tool("promtool")
+    assert "SUCCESS" in run(promtool, "test", "rules", "alerts_test.yml")
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_alerts_read_real_metrics_and_each_is_unit_tested() -> None:
+    rules = alert_rules()
+    names = {rule["alert"] for rule in rules}
+    assert {
+        "LLMGWOutboxBacklogGrowing",
+        "LLMGWWebhookFailureRate",
+        "LLMGWTimeToFirstTokenP95High",
+        "LLMGWHoldsNotSettled",
+    } <= names
+    for rule in rules:
+        assert metric_names(rule["expr"]) <= KNOWN_METRICS, rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical")
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())
+    tested = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test["alert_rule_test"]
+        if case["exp_alerts"]
+    }
+    assert tested == names, f"alerts never shown firing: {names - tested}"
+
+
+def test_every_alert_has_its_runbook_in_the_operations_guide() -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", guide, re.MULTILINE)
+    }
+    for rule in alert_rules():
+        runbook = rule["annotations"]["runbook"]
+        path, _, anchor = runbook.partition("#")
+        assert path == "docs/operations.md" and anchor in anchors, runbook
+
+
+# --- Grafana --------------------------------------------------------------------
+
+
+def test_the_dashboard_shows_every_metric_and_only_real_ones() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "llm-gateway.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    )["datasources"][0]
+    used: set[str] = set()
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = metric_names(target["expr"])
+            assert names <= KNOWN_METRICS, (panel["title"], names - KNOWN_METRICS)
+            used |= names
+    assert used == KNOWN_METRICS, f"not on the dashboard: {KNOWN_METRICS - used}"
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "llm-gateway.yaml").read_text()
+    )["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# --- compose --------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return doc
+
+
+def assert_cli_accepts(args: list[str]) -> None:
+    """The command an image, compose or Kubernetes runs is one the CLI knows."""
+    try:
+        build_parser().parse_args(args)
+    except SystemExit:  # argparse's way of refusing
+        pytest.fail(f"llm-gateway refuses {shlex.join(args)}")
+
+
+def test_compose_runs_the_whole_stack() -> None:
+    services = compose()["services"]
+    assert {
+        "postgres",
+        "redis",
+        "control-plane",
+        "stream-edge",
+        "mock-llm",
+        "prometheus",
+        "grafana",
+    } <= set(services)
+    for name in ("control-plane", "stream-edge", "mock-llm"):
+        build = services[name]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+    for name in ("migrate", "control-plane", "stream-edge"):
+        assert_cli_accepts(services[name]["command"])
+        env = services[name]["environment"]
+        assert env["LLMGW_REDIS_URL"].startswith("redis://redis:")
+        assert env["LLMGW_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert services[name]["read_only"] is True
+    # Migrations first; the edge waits for the control plane's keys.
+    cp_deps = services["control-plane"]["depends_on"]
+    assert cp_deps["migrate"]["condition"] == "service_completed_successfully"
+    assert services["stream-edge"]["depends_on"]["control-plane"]["condition"] == "service_healthy"
+    # The edge gets longer than its drain to stop.
+    grace = float(services["stream-edge"]["stop_grace_period"].removesuffix("s"))
+    drain = float(services["stream-edge"]["environment"]["LLMGW_DRAIN_SECONDS"])
+    assert grace > drain + UVICORN_MARGIN
+    # Every file compose mounts is in the repository.
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+    prometheus = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    for job, service, port in (
+        ("llmgw-control-plane", "control-plane", 8000),
+        ("llmgw-stream-edge", "stream-edge", 8001),
+    ):
+        (sd,) = jobs[job]["dns_sd_configs"]
+        assert sd["names"] == [service] and sd["port"] == port
+
+
+def test_the_compose_catalog_is_the_packaged_one_with_the_mock_reachable() -> None:
+    packaged = yaml.safe_load((ROOT / "shared" / "models.yaml").read_text())
+    composed = yaml.safe_load((DEPLOY / "compose" / "models.yaml").read_text())
+    assert composed["providers"]["mock"]["base_url"] == "http://mock-llm:8002/v1"
+    composed["providers"]["mock"]["base_url"] = packaged["providers"]["mock"]["base_url"]
+    assert composed == packaged
+    assert load_catalog(str(DEPLOY / "compose" / "models.yaml")).model("mock-fast") is not None
+
+
+# --- Dockerfiles ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_PORTS))
+def test_dockerfiles_are_multi_stage_non_root_and_health_checked(service: str) -> None:
+    text = (DEPLOY / "docker" / f"{service}.Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\w+)$", text, re.MULTILINE)
+    assert len(stages) >= 2, "multi-stage"
+    final = text.split(f"AS {stages[-1]}")[1]
+    assert "COPY --from=build" in final
+    users = re.findall(r"^USER (\S+)$", final, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as non-root"
+    port = SERVICE_PORTS[service]
+    assert re.search(rf"^EXPOSE {port}$", final, re.MULTILINE)
+    health = re.search(r"^HEALTHCHECK .*\n\s+CMD (.+)$", final, re.MULTILINE)
+    assert health and f"127.0.0.1:{port}/healthz" in health.group(1)
+    entrypoint = json.loads(re.findall(r"^ENTRYPOINT (.+)$", final, re.MULTILINE)[-1])
+    command = json.loads(re.findall(r"^CMD (\[.+)$", final, re.MULTILINE)[-1])
+    assert entrypoint == ["llm-gateway"] and command[0] == service
+    assert command[command.index("--port") + 1] == str(port)
+    assert_cli_accepts(command)
+    ignore = DEPLOY / "docker" / f"{service}.Dockerfile.dockerignore"
+    assert ".venv" in ignore.read_text().split()
+
+
+# --- Kubernetes -----------------------------------------------------------------
+
+
+def manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def find(kind: str, name: str) -> dict[str, Any]:
+    for doc in manifests():
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind} {name} in deploy/k8s")
+
+
+def test_every_manifest_is_well_formed_and_listed() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (K8S / resource).is_file(), resource
+    for doc in manifests():
+        assert {"apiVersion", "kind", "metadata"} <= set(doc)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "llm-gateway", doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", ["control-plane", "stream-edge"])
+def test_deployments_have_probes_resources_and_run_locked_down(name: str) -> None:
+    deployment = find("Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = pod["containers"]
+    assert_cli_accepts(container["args"])
+    port = SERVICE_PORTS[name]
+    assert container["ports"] == [{"name": "http", "containerPort": port}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    service = find("Service", name)
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["port"] == port
+    pdb = find("PodDisruptionBudget", name)
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    template = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert template["prometheus.io/port"] == str(port)
+
+
+def test_the_edge_outlasts_its_drain_and_scales_horizontally() -> None:
+    deployment = find("Deployment", "stream-edge")
+    pod = deployment["spec"]["template"]["spec"]
+    config = find("ConfigMap", "llm-gateway")["data"]
+    drain = float(config.get("LLMGW_DRAIN_SECONDS", DRAIN_DEFAULT))
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    sleep = float(pre_stop[1]) if pre_stop[0] == "sleep" else 0.0
+    # The kubelet's clock starts at preStop; the drain, uvicorn's margin and the
+    # outbox flush (5 s) must all fit before SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] > sleep + drain + UVICORN_MARGIN + 5
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    hpa = find("HorizontalPodAutoscaler", "stream-edge")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "stream-edge",
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    assert find("PodDisruptionBudget", "stream-edge")["spec"]["maxUnavailable"] == 1
+
+
+def test_the_kubernetes_catalog_loads_and_the_pods_mount_it(tmp_path: Path) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text(find("ConfigMap", "llm-gateway-models")["data"]["models.yaml"])
+    catalog = load_catalog(str(models))
+    assert catalog.model(catalog.default_model) is not None
+    config = find("ConfigMap", "llm-gateway")["data"]
+    assert config["LLMGW_MODELS_FILE"] == "/etc/llm-gateway/models.yaml"
+    assert config["LLMGW_AUTO_MIGRATE"] == "0"
+    job = find("Job", "llm-gateway-migrate")
+    assert_cli_accepts(job["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_the_ingress_does_not_buffer_event_streams() -> None:
+    annotations = find("Ingress", "stream-edge")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 15

@@ -1,0 +1,181 @@
+"""`deploy/nginx/edge.conf` in front of a real edge: nginx accepts it, and a stream
+through it reaches the client chunk by chunk, not in one piece at the end.
+
+The edge and the rest of the gateway run in-process (SQLite + memory); nginx is the
+real binary, started by the test with its files in tmp_path, under an `http {}` block
+that compresses event streams (as a site-wide config might). Three things keep the
+stream flowing — the edge's `X-Accel-Buffering: no`, `proxy_buffering off` and
+`gzip off` — and each of the first two is shown to suffice alone; a control run with
+all of them removed shows that the test notices a proxy that buffers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ops_processes import ROOT, free_port, require_tool, sse_events
+from tests.stack import InProcessStack, base_env
+
+CONF = ROOT / "deploy" / "nginx" / "edge.conf"
+
+
+# What a site-wide nginx config might well say; the shipped location must hold up.
+HOSTILE_HTTP = "gzip on; gzip_types text/event-stream; gzip_min_length 0;"
+# Which of the three defences against buffering a variant keeps.
+VARIANTS = {
+    "shipped": {},
+    "edge header only": {
+        "gzip off;": "",
+        "proxy_buffering off;": "proxy_buffering on;",
+    },
+    "proxy_buffering off only": {
+        "gzip off;": "",
+        "proxy_buffering off;": "proxy_buffering off; proxy_ignore_headers X-Accel-Buffering;",
+    },
+    "none": {
+        "gzip off;": "",
+        "proxy_buffering off;": "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;",
+    },
+}
+
+
+def render(tmp: Path, edge_port: int, port: int, variant: str = "shipped") -> Path:
+    """A runnable copy of edge.conf: our addresses, files under `tmp`, and a main
+    config around it (the shipped file is an `http {}` include)."""
+    text = CONF.read_text()
+    text = text.replace("server stream-edge:8001", f"server 127.0.0.1:{edge_port}")
+    text = re.sub(r"listen 8080;", f"listen 127.0.0.1:{port};", text)
+    text = text.replace("/var/log/nginx/access.log", str(tmp / "access.log"))
+    for old, new in VARIANTS[variant].items():
+        assert old in text
+        text = text.replace(old, new)
+    (tmp / "edge.conf").write_text(text)
+    temp_dirs = "\n".join(
+        f"    {kind}_temp_path {tmp / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    main = tmp / "nginx.conf"
+    main.write_text(
+        ("user root;\n" if os.geteuid() == 0 else "")
+        + f"worker_processes 1;\npid {tmp / 'nginx.pid'};\nerror_log {tmp / 'error.log'} info;\n"
+        + "events { worker_connections 256; }\n"
+        + f"http {{\n{temp_dirs}\n    {HOSTILE_HTTP}\n    include {tmp / 'edge.conf'};\n}}\n"
+    )
+    return main
+
+
+def nginx_cmd(main: Path, *extra: str) -> list[str]:
+    """nginx on `main`, with its prefix and error log in the test's directory."""
+    tmp = main.parent
+    return [
+        require_tool("nginx"),
+        "-c",
+        str(main),
+        "-p",
+        str(tmp),
+        "-e",
+        str(tmp / "error.log"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    path = tmp_path_factory.mktemp("nginx-db") / "gateway.db"
+    with InProcessStack(base_env(f"sqlite:///{path}")) as running:
+        yield running
+
+
+def start_nginx(main: Path, port: int) -> subprocess.Popen[bytes]:
+    with (main.parent / "nginx.out").open("wb") as out:
+        process = subprocess.Popen(nginx_cmd(main, "-g", "daemon off;"), stderr=out, stdout=out)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (main.parent / "nginx.out").read_text()
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("nginx did not start")
+
+
+def edge_port(stack: InProcessStack) -> int:
+    return int(stack.client.edge_url.rsplit(":", 1)[1])
+
+
+def test_nginx_accepts_the_shipped_config(tmp_path: Path, stack: InProcessStack) -> None:
+    main = render(tmp_path, edge_port(stack), free_port())
+    result = subprocess.run(nginx_cmd(main, "-t"), capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "syntax is ok" in result.stderr.decode()
+
+
+def stream_through(stack: InProcessStack, tmp: Path, variant: str) -> list[float]:
+    """Arrival times (s after the request) of a 10-token, 100 ms-per-token stream."""
+    port = free_port()
+    process = start_nginx(render(tmp, edge_port(stack), port, variant), port)
+    try:
+        c = stack.client
+        token = c.new_user(c.new_company("5"))
+        grant = c.init_ok(token, {"query": "slowly [[mock tokens=10 delay_ms=100]]"})
+        url = grant["stream_url"].replace(c.edge_url, f"http://127.0.0.1:{port}")
+        started = time.monotonic()
+        arrivals = []
+        with c.http.stream("GET", url, headers={"Accept-Encoding": "gzip"}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            if variant == "shipped":  # never compressed, whatever the http block says
+                assert "content-encoding" not in response.headers
+            for name, _, at in sse_events(response):
+                if name == "chunk":
+                    arrivals.append(at - started)
+        assert len(arrivals) == 10
+        return arrivals
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def spread_out(arrivals: list[float]) -> bool:
+    """The tokens came as the backend produced them (9 gaps of 100 ms), not at once."""
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return arrivals[-1] - arrivals[0] > 0.6 and sum(gap > 0.05 for gap in gaps) >= 6
+
+
+def test_a_stream_through_nginx_arrives_chunk_by_chunk(
+    tmp_path: Path, stack: InProcessStack
+) -> None:
+    arrivals = stream_through(stack, tmp_path, "shipped")
+    assert spread_out(arrivals), arrivals
+    assert arrivals[0] < 0.5, arrivals  # the first token long before the last
+    # nginx's access log has the path, never the token in its query string.
+    log = (tmp_path / "access.log").read_text()
+    assert 'GET /v1/stream HTTP/1.1" 200' in log and "token" not in log
+
+
+@pytest.mark.parametrize("variant", ["edge header only", "proxy_buffering off only"])
+def test_each_defence_alone_keeps_the_stream_flowing(
+    tmp_path: Path, stack: InProcessStack, variant: str
+) -> None:
+    """`X-Accel-Buffering: no` from the edge and `proxy_buffering off` are each
+    effective on their own, even with compression switched on for event streams."""
+    assert spread_out(stream_through(stack, tmp_path, variant))
+
+
+def test_a_buffering_proxy_would_be_noticed(tmp_path: Path, stack: InProcessStack) -> None:
+    """With both defences gone nginx holds the whole stream back until the end — so
+    the checks above would catch a config that buffers."""
+    arrivals = stream_through(stack, tmp_path, "none")
+    assert not spread_out(arrivals), arrivals
+    assert arrivals[0] > 0.8, arrivals
