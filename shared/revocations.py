@@ -32,7 +32,4 @@ async def revoke(store: Store, kind: str, value: str, ttl_seconds: float) -> Non
 
 
 async def is_revoked(store: Store, grant: StreamGrant) -> bool:
-    for key in grant_keys(grant):
-        if await store.get(key) is not None:
-            return True
-    return False
+    return any(value is not None for value in await store.get_many(grant_keys(grant)))

@@ -13,6 +13,10 @@ from typing import Protocol
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Several keys in one round trip."""
+        ...
+
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None: ...
 
     async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:

@@ -35,6 +35,9 @@ class MemoryStore:
     async def get(self, key: str) -> bytes | None:
         return self._live(key)
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self._live(key) for key in keys]
+
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
         self._sweep()
         self._values[key] = (value, self._clock() + ttl_seconds)

@@ -65,6 +65,9 @@ class RedisStore:
     async def get(self, key: str) -> bytes | None:
         return cast(bytes | None, await self._redis.get(self._key(key)))
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return cast(list[bytes | None], await self._redis.mget([self._key(k) for k in keys]))
+
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
         await self._redis.set(self._key(key), value, px=max(1, int(ttl_seconds * 1000)))
 
