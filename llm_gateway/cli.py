@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from shared.settings import DEFAULT_DATABASE_URL, ConfigError, Settings
 
 
 def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
-    from llm_gateway.servers import serve_all, server_for
+    from llm_gateway.servers import run_loop, serve_all, server_for
 
     settings = Settings.from_env(os.environ)
     graceful = settings.drain_seconds + 10
@@ -37,14 +36,14 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
         app = edge_app(settings)
-    asyncio.run(serve_all([server_for(app, host, port, graceful_seconds=graceful)]))
+    run_loop(serve_all([server_for(app, host, port, graceful_seconds=graceful)]))
 
 
 def _mock(host: str, port: int) -> None:
-    from llm_gateway.servers import serve_all, server_for
+    from llm_gateway.servers import run_loop, serve_all, server_for
     from mock_llm.app import create_app
 
-    asyncio.run(serve_all([server_for(create_app(), host, port)]))
+    run_loop(serve_all([server_for(create_app(), host, port)]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.command == "dev":
             from llm_gateway.dev import run_dev
+            from llm_gateway.servers import run_loop
 
-            asyncio.run(run_dev(args.port_base, args.host))
+            run_loop(run_dev(args.port_base, args.host))
         elif args.command in ("control-plane", "stream-edge"):
             _serve(args.command, args.host, args.port, args.workers)
         elif args.command == "mock-llm":

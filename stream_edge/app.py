@@ -33,8 +33,10 @@ log = logging.getLogger("llmgw.edge")
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """One pooled client for every backend and the control plane: a short connect,
-    a long read (the idle gap between two tokens), never the library's 5 s default."""
+    """One pooled client for the backends: a short connect, a long read (the idle gap
+    between two tokens), never the library's 5 s default. Kept apart from the control
+    plane's client: httpcore walks every pooled connection on each request, so a pool
+    that also held webhook connections would make every stream start slower."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout,
@@ -42,7 +44,16 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
             write=30.0,
             pool=10.0,
         ),
-        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
+        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
+        follow_redirects=False,
+    )
+
+
+def control_plane_client() -> httpx.AsyncClient:
+    """JWKS fetches and usage webhooks: few connections, short timeouts."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=5.0, read=10.0, write=10.0, pool=10.0),
+        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         follow_redirects=False,
     )
 
@@ -71,11 +82,12 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             else open_store(settings.redis_url, prefix=settings.redis_prefix)
         )
         client = upstream_client(settings)
+        cp_client = control_plane_client()
         metrics = EdgeMetrics()
-        jwks = JWKSCache(client, f"{settings.control_plane_url}/.well-known/jwks.json")
+        jwks = JWKSCache(cp_client, f"{settings.control_plane_url}/.well-known/jwks.json")
         outbox = Outbox(
             active_store,
-            client,
+            cp_client,
             f"{settings.control_plane_url}/v1/webhooks/usage",
             settings.webhook_secret.reveal(),
             metrics,
@@ -109,6 +121,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             if pending:
                 log.warning("%d usage events left in the outbox for the next start", pending)
             await client.aclose()
+            await cp_client.aclose()
             if own_store:
                 await active_store.close()
 
