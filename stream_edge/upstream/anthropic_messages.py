@@ -17,14 +17,12 @@ from typing import Any
 
 import orjson
 
-from shared.sse import SSEDecoder
 from stream_edge.upstream.base import (
-    MALFORMED_EVENT,
     Completion,
     Delta,
-    Failure,
     Finish,
     HttpRequest,
+    JsonEventParser,
     UpstreamCall,
     UpstreamEvent,
     Usage,
@@ -62,28 +60,13 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-class AnthropicStreamParser:
-    __slots__ = ("_decoder", "_input", "_last_usage", "done")
+class AnthropicStreamParser(JsonEventParser):
+    __slots__ = ("_input", "_last_usage")
 
     def __init__(self) -> None:
-        self._decoder = SSEDecoder()
+        super().__init__()
         self._input: int | None = None
         self._last_usage: Usage | None = None
-        self.done = False
-
-    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
-        events: list[UpstreamEvent] = []
-        for sse in self._decoder.feed(chunk):
-            try:
-                doc = orjson.loads(sse.data)
-            except orjson.JSONDecodeError:
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            if not isinstance(doc, dict):
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            events.extend(self._interpret(doc, sse.data.encode()))
-        return events
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         kind = doc.get("type")

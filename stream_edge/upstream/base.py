@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+import orjson
+
+from shared.sse import SSEDecoder
+
 log = logging.getLogger("llmgw.edge.upstream")
 
 MALFORMED_EVENT = "the backend sent a malformed event"
@@ -102,6 +106,39 @@ class Completion:
     text: str
     finish_reason: str
     usage: Usage | None
+
+
+class JsonEventParser:
+    """The shared loop of every JSON-over-SSE vendor: decode SSE, parse each event's
+    data as a JSON object, hand it to `_interpret`. A vendor with an end marker line
+    (OpenAI's `[DONE]`) sets `done_marker`; the others set `done` in `_interpret`."""
+
+    __slots__ = ("_decoder", "done")
+    done_marker: str | None = None
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self.done = False
+
+    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
+        events: list[UpstreamEvent] = []
+        for sse in self._decoder.feed(chunk):
+            if sse.data == self.done_marker:
+                self.done = True
+                continue
+            try:
+                doc = orjson.loads(sse.data)
+            except orjson.JSONDecodeError:
+                events.append(Failure(MALFORMED_EVENT))
+                continue
+            if not isinstance(doc, dict):
+                events.append(Failure(MALFORMED_EVENT))
+                continue
+            events.extend(self._interpret(doc, sse.data.encode()))
+        return events
+
+    def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
+        raise NotImplementedError
 
 
 class StreamParser(Protocol):

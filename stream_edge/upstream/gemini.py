@@ -19,14 +19,12 @@ from urllib.parse import quote
 
 import orjson
 
-from shared.sse import SSEDecoder
 from stream_edge.upstream.base import (
-    MALFORMED_EVENT,
     Completion,
     Delta,
-    Failure,
     Finish,
     HttpRequest,
+    JsonEventParser,
     UpstreamCall,
     UpstreamEvent,
     Usage,
@@ -87,27 +85,12 @@ def _read(doc: dict[str, Any]) -> tuple[str, str | None]:
     return text, None
 
 
-class GeminiStreamParser:
-    __slots__ = ("_decoder", "_last_usage", "done")
+class GeminiStreamParser(JsonEventParser):
+    __slots__ = ("_last_usage",)
 
     def __init__(self) -> None:
-        self._decoder = SSEDecoder()
+        super().__init__()
         self._last_usage: tuple[int, int] | None = None
-        self.done = False
-
-    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
-        events: list[UpstreamEvent] = []
-        for sse in self._decoder.feed(chunk):
-            try:
-                doc = orjson.loads(sse.data)
-            except orjson.JSONDecodeError:
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            if not isinstance(doc, dict):
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            events.extend(self._interpret(doc, sse.data.encode()))
-        return events
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         if "error" in doc:

@@ -12,14 +12,12 @@ from typing import Any
 
 import orjson
 
-from shared.sse import SSEDecoder
 from stream_edge.upstream.base import (
-    MALFORMED_EVENT,
     Completion,
     Delta,
-    Failure,
     Finish,
     HttpRequest,
+    JsonEventParser,
     Passthrough,
     UpstreamCall,
     UpstreamEvent,
@@ -40,31 +38,11 @@ def _usage(doc: Any, raw: bytes = b"") -> Usage | None:
     return None
 
 
-class OpenAIStreamParser:
-    __slots__ = ("_decoder", "done")
+class OpenAIStreamParser(JsonEventParser):
+    __slots__ = ()
+    done_marker = DONE
 
-    def __init__(self) -> None:
-        self._decoder = SSEDecoder()
-        self.done = False
-
-    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
-        events: list[UpstreamEvent] = []
-        for sse in self._decoder.feed(chunk):
-            if sse.data == DONE:
-                self.done = True
-                continue
-            try:
-                doc = orjson.loads(sse.data)
-            except orjson.JSONDecodeError:
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            events.extend(self._interpret(doc, sse.data.encode()))
-        return events
-
-    @staticmethod
-    def _interpret(doc: Any, raw: bytes) -> list[UpstreamEvent]:
-        if not isinstance(doc, dict):
-            return [Failure(MALFORMED_EVENT)]
+    def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         if "error" in doc:
             error = doc["error"]
             return [

@@ -17,14 +17,13 @@ from typing import Any
 import orjson
 
 from shared.catalog import Provider, SSEBackendSpec
-from shared.sse import SSEDecoder
 from stream_edge.upstream.base import (
-    MALFORMED_EVENT,
     Completion,
     Delta,
     Failure,
     Finish,
     HttpRequest,
+    JsonEventParser,
     UpstreamCall,
     UpstreamEvent,
     Usage,
@@ -74,30 +73,13 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-class SSEBackendParser:
-    __slots__ = ("_decoder", "_paths", "done")
+class SSEBackendParser(JsonEventParser):
+    __slots__ = ("_paths",)
+    done_marker = DONE
 
     def __init__(self, paths: EventPaths) -> None:
-        self._decoder = SSEDecoder()
+        super().__init__()
         self._paths = paths
-        self.done = False
-
-    def feed(self, chunk: bytes) -> list[UpstreamEvent]:
-        events: list[UpstreamEvent] = []
-        for sse in self._decoder.feed(chunk):
-            if sse.data == DONE:
-                self.done = True
-                continue
-            try:
-                doc = orjson.loads(sse.data)
-            except orjson.JSONDecodeError:
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            if not isinstance(doc, dict):
-                events.append(Failure(MALFORMED_EVENT))
-                continue
-            events.extend(self._interpret(doc, sse.data.encode()))
-        return events
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         paths = self._paths
