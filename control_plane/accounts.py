@@ -4,10 +4,11 @@ transaction and checks its policy there, against the rows it is about to touch."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -17,7 +18,7 @@ from control_plane.credentials import new_api_key
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from control_plane.grants import grant
 from control_plane.policy import Principal
-from control_plane.tables import ApiKey, Company, User, new_id, utcnow
+from control_plane.tables import ApiKey, Company, User, iso, new_id, utcnow
 from shared.pricing import format_credits
 
 
@@ -180,3 +181,56 @@ def revoke_api_key(session: Session, p: Principal, key_id: str) -> None:
         .where(col(ApiKey.revoked_at).is_(None))
         .values(revoked_at=utcnow())
     )
+
+
+def api_key_public(row: ApiKey) -> dict[str, Any]:
+    """What a listing shows: the prefix, never the key or its hash."""
+    return {
+        "id": row.id,
+        "user_id": row.user_id,
+        "prefix": row.prefix,
+        "scopes": orjson.loads(row.scopes),
+        "created_at": iso(row.created_at),
+        "last_used_at": iso(row.last_used_at) if row.last_used_at else None,
+        "revoked_at": iso(row.revoked_at) if row.revoked_at else None,
+    }
+
+
+def list_api_keys(
+    session: Session,
+    p: Principal,
+    *,
+    user_id: str | None,
+    company_id: str | None,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+) -> list[ApiKey]:
+    """A user's or a company's API keys, newest first (platform admin: any; owner: its
+    company's)."""
+    if user_id is not None:
+        user = session.get(User, user_id)
+        if user is None or not policy.can_admin_company(p, user.company_id):
+            raise NotFound("No such user.")
+        company_id = user.company_id
+    if company_id is None:
+        if not policy.is_platform_admin(p) or p.company_id is not None:
+            company_id = p.company_id
+    if company_id is not None and not policy.can_admin_company(p, company_id):
+        raise NotFound("No such company.")
+    if company_id is None and not policy.is_platform_admin(p):
+        raise Forbidden("Only a platform admin can list every API key.")
+    stmt = select(ApiKey).join(User, col(User.id) == col(ApiKey.user_id))
+    if user_id is not None:
+        stmt = stmt.where(col(ApiKey.user_id) == user_id)
+    elif company_id is not None:
+        stmt = stmt.where(col(User.company_id) == company_id)
+    if after is not None:
+        moment, last_id = after
+        stmt = stmt.where(
+            or_(
+                col(ApiKey.created_at) < moment,
+                and_(col(ApiKey.created_at) == moment, col(ApiKey.id) < last_id),
+            )
+        )
+    stmt = stmt.order_by(col(ApiKey.created_at).desc(), col(ApiKey.id).desc()).limit(limit + 1)
+    return list(session.scalars(stmt))

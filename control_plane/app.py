@@ -23,6 +23,7 @@ from starlette.responses import Response
 from control_plane.db import Database
 from control_plane.deps import Deps
 from control_plane.errors import AppError, error_response, from_http_exception
+from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.middleware import RequestContextMiddleware
 from control_plane.migrate import current, head, upgrade
@@ -81,6 +82,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 fernet=fernet,
                 keyring=KeyRing(snapshot),
                 metrics=metrics,
+                external=ExternalVerifier.from_settings(settings),
             )
             app.state.deps = deps
             app.state.settings = settings

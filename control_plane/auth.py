@@ -4,7 +4,11 @@
 * ``LLMGW_ADMIN_TOKEN`` (constant-time compare) → the platform admin, no company;
 * an API key ``sk_…`` → looked up by SHA-256, refused once revoked;
 * an access token from ``/v1/auth/login``: an EdDSA JWT with audience ``llm-api``,
-  verified with our own keys (the edge refuses it: its audience is ``llm-stream``).
+  verified with our own keys (the edge refuses it: its audience is ``llm-stream``);
+* when configured, a trusted external app's JWT (`external_auth`), whose user and
+  company are provisioned on first sight.
+
+A revoked user, or any user of a revoked company, is refused (403 ``revoked``).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from starlette.requests import Request
 
 from control_plane.credentials import hash_api_key, looks_like_api_key
 from control_plane.deps import Deps, get_deps
-from control_plane.errors import Unauthenticated
+from control_plane.errors import Revoked, Unauthenticated
+from control_plane.external_auth import looks_like_ours, provision_with_retry
 from control_plane.policy import Principal, scopes_for_role
-from control_plane.tables import ApiKey, User, utcnow
+from control_plane.tables import ApiKey, Company, User, utcnow
 from shared.tokens import (
     API_AUDIENCE,
     ISSUER,
@@ -66,18 +71,29 @@ def admin_token_principal() -> Principal:
     )
 
 
+def ensure_not_revoked(user: User, company: Company | None) -> None:
+    """A revoked (disabled) user, or any user of a revoked company, is refused
+    everywhere with 403 ``revoked``: its access tokens and API keys stop working."""
+    if user.disabled_at is not None:
+        raise Revoked("This user has been revoked.")
+    if company is None or company.disabled_at is not None:
+        raise Revoked("This user's company has been revoked.")
+
+
 def api_key_principal(session: Session, key: str) -> Principal | None:
     """Look the key up; None when unknown or revoked. Records `last_used_at`."""
     row = session.execute(
-        select(ApiKey, User)
+        select(ApiKey, User, Company)
         .join(User, col(User.id) == col(ApiKey.user_id))
+        .join(Company, col(Company.id) == col(User.company_id))
         .where(col(ApiKey.key_hash) == hash_api_key(key))
     ).first()
     if row is None:
         return None
-    api_key, user = row
+    api_key, user, company = row
     if api_key.revoked_at is not None:
         return None
+    ensure_not_revoked(user, company)
     now = utcnow()
     session.execute(
         update(ApiKey)
@@ -123,10 +139,15 @@ async def _access_token_principal(deps: Deps, token: str) -> Principal:
     except TokenRejected as exc:
         raise Unauthenticated(f"The access token is not valid: {exc.message}.") from None
     user_id = str(claims["sub"])
-    user = await deps.db.transaction(lambda s: s.get(User, user_id))
-    if user is None:
-        raise Unauthenticated("The access token's user no longer exists.")
-    return user_principal(user, "access_token")
+
+    def load(session: Session) -> User:
+        user = session.get(User, user_id)
+        if user is None:
+            raise Unauthenticated("The access token's user no longer exists.")
+        ensure_not_revoked(user, session.get(Company, user.company_id))
+        return user
+
+    return user_principal(await deps.db.transaction(load), "access_token")
 
 
 async def authenticate(request: Request) -> Principal:
@@ -142,4 +163,9 @@ async def authenticate(request: Request) -> Principal:
         if principal is None:
             raise Unauthenticated("The API key is unknown or revoked.")
         return principal
+    if deps.external is not None and not looks_like_ours(token):
+        identity = await deps.external.verify(token)
+        user, company = await provision_with_retry(deps.db, identity)
+        ensure_not_revoked(user, company)
+        return user_principal(user, "external_jwt", identity.scopes)
     return await _access_token_principal(deps, token)

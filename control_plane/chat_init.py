@@ -12,19 +12,23 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import chat_sessions
+from control_plane import chat_sessions, company_llm
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
     Forbidden,
     InputTooLarge,
+    ModelNotAllowed,
     ModelNotFound,
+    Revoked,
     ServiceUnavailable,
     SessionNotFound,
+    UnsupportedFeature,
     ValidationFailed,
 )
 from control_plane.ledger import release_reservation, take_hold
@@ -32,16 +36,28 @@ from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
+from shared.route_claim import CLAIM as ROUTE_CLAIM
+from shared.route_claim import UpstreamRoute, route_cipher, seal
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import ALL_SCOPES, sign_token, stream_claims
 
 log = logging.getLogger("control_plane.chat_init")
 
 STASH_EXTRA_TTL_SECONDS = 600  # outlive the token so a resume still finds the request
+MIN_OUTPUT_TOKENS = 256  # what trimming a session's history leaves room for, at least
+
+
+class ModelSource(Protocol):
+    """The packaged `Catalog` or a company's merged `CompanyCatalog`."""
+
+    @property
+    def default_model(self) -> str: ...
+
+    def model(self, model_id: str) -> ModelSpec | None: ...
 
 
 def resolve_model(
-    catalog: Catalog, requested: str | None, company_default: str | None
+    catalog: ModelSource, requested: str | None, company_default: str | None
 ) -> ModelSpec:
     """The requested model, else the company's default, else the catalog's."""
     if requested is not None:
@@ -56,6 +72,51 @@ def resolve_model(
     return default
 
 
+def check_features(model: ModelSpec, wanted: tuple[str, ...]) -> None:
+    missing = [f for f in wanted if f not in model.features]
+    if missing:
+        raise UnsupportedFeature(
+            f"{model.id} does not support {', '.join(missing)} "
+            f"(it supports {', '.join(model.features) or 'nothing extra'})."
+        )
+
+
+def fit_history(
+    model: ModelSpec,
+    history: list[dict[str, str]],
+    new_turn: list[dict[str, str]],
+    max_tokens: int | None,
+) -> list[dict[str, str]]:
+    """A stored session's history plus the new turn, dropping the oldest non-system
+    history messages until the input leaves room for the output (`max_tokens`, or at
+    least `MIN_OUTPUT_TOKENS`) in the model's context. The new turn is never dropped:
+    if it alone does not fit, `plan_hold` answers 413."""
+    output = (
+        max_tokens if max_tokens is not None else min(model.max_output_tokens, MIN_OUTPUT_TOKENS)
+    )
+    room = model.context_length - output
+    # The estimate is a sum over messages, so dropping one subtracts its share:
+    # one pass, however long the session.
+    total = estimate_input_tokens(history) + estimate_input_tokens(new_turn)
+    kept: list[dict[str, str]] = []
+    dropped = False
+    for message in history:
+        if message["role"] != "system" and (
+            total > room
+            # don't open the kept history with an answer whose question was dropped
+            or (dropped and message["role"] == "assistant" and not _has_turns(kept))
+        ):
+            total -= estimate_input_tokens([message])
+            dropped = True
+            continue
+        kept.append(message)
+    return kept + new_turn
+
+
+def _has_turns(messages: list[dict[str, str]]) -> bool:
+    return any(m["role"] != "system" for m in messages)
+
+
 @dataclass(frozen=True, slots=True)
 class HoldPlan:
     max_tokens: int
@@ -64,14 +125,18 @@ class HoldPlan:
 
 
 def plan_hold(model: ModelSpec, messages: list[dict[str, str]], max_tokens: int | None) -> HoldPlan:
-    """The worst case: the input estimate plus `max_tokens` output, at the model's price."""
+    """The worst case: the input estimate plus `max_tokens` output, at the model's price.
+
+    Without an explicit `max_tokens` the output budget is the model's maximum, cut
+    down to what the context leaves after the input (the input is fitted, not
+    refused, as long as some room for an answer remains)."""
+    estimate = estimate_input_tokens(messages)
     if max_tokens is None:
-        max_tokens = model.max_output_tokens
+        max_tokens = max(1, min(model.max_output_tokens, model.context_length - estimate))
     elif max_tokens > model.max_output_tokens:
         raise ValidationFailed(
             "max_tokens", f"must be at most {model.max_output_tokens} for {model.id}"
         )
-    estimate = estimate_input_tokens(messages)
     if estimate + max_tokens > model.context_length:
         raise InputTooLarge(
             f"The input (about {estimate} tokens) plus max_tokens ({max_tokens}) exceeds "
@@ -84,6 +149,7 @@ def plan_hold(model: ModelSpec, messages: list[dict[str, str]], max_tokens: int 
 class Reserved:
     reservation: Reservation
     messages: list[dict[str, str]]
+    route: UpstreamRoute | None = None
 
 
 def reserve(
@@ -96,15 +162,24 @@ def reserve(
     request_id: str,
     now: datetime,
     hold_expires_at: datetime,
+    fernet: MultiFernet | None = None,
 ) -> Reserved:
-    """Init's transaction: resolve the model and session, plan the hold, take it
-    atomically, record the reservation and the user's turn. InsufficientCredits (402)
-    rolls all of it back."""
+    """Init's transaction: resolve the model (in the company's catalog) and session,
+    plan the hold, take it atomically, record the reservation and the user's turn.
+    InsufficientCredits (402) rolls all of it back."""
     assert principal.user_id is not None and principal.company_id is not None
     company = session.get(Company, principal.company_id)
     if company is None:
         raise Forbidden("Your company no longer exists.")
-    model = resolve_model(catalog, req.model, company.default_model)
+    if company.disabled_at is not None:
+        raise Revoked("Your company has been revoked.")
+    cat = company_llm.company_catalog(
+        catalog, company_llm.load_overrides(session, company.id), company.default_model
+    )
+    if req.model is not None and req.model in cat.disabled:
+        raise ModelNotAllowed(f"Your company cannot use {req.model!r}.")
+    model = resolve_model(cat, req.model, company.default_model)
+    check_features(model, req.features)
     chat: ChatSession | None = None
     if req.session_id is not None:
         chat = session.get(ChatSession, req.session_id)
@@ -112,7 +187,8 @@ def reserve(
             raise SessionNotFound()
     if req.query is not None:
         new_turn = [{"role": "user", "content": req.query}]
-        messages = (chat_sessions.history(session, chat.id) if chat else []) + new_turn
+        past = chat_sessions.history(session, chat.id) if chat else []
+        messages = fit_history(model, past, new_turn, req.max_tokens)
     else:
         assert req.messages is not None
         messages = req.messages
@@ -146,7 +222,13 @@ def reserve(
     # Lock order, as in settlement: the company row (the hold), then the session row.
     take_hold(session, reservation)
     chat_sessions.append_messages(session, chat.id, new_turn)
-    return Reserved(reservation, messages)
+    route = None
+    if fernet is not None:
+        own_key = company_llm.decrypt_key(
+            fernet, company_llm.provider_row(session, company.id, model.provider)
+        )
+        route = company_llm.route_for(catalog, cat, model, own_key)
+    return Reserved(reservation, messages, route)
 
 
 def _iso_z(epoch: int) -> str:
@@ -175,6 +257,7 @@ async def init_chat(
             request_id=request_id,
             now=now,
             hold_expires_at=hold_expires_at,
+            fernet=deps.fernet,
         )
     )
     reservation = reserved.reservation
@@ -206,6 +289,9 @@ async def init_chat(
         ttl_seconds=ttl,
         jti=jti,
     )
+    if reserved.route is not None:
+        # The company's own key or model, sealed for the edge only (`shared.route_claim`).
+        claims[ROUTE_CLAIM] = seal(reserved.route, route_cipher(settings.webhook_secret.reveal()))
     kid, key = deps.keyring.active()
     token = sign_token(claims, key, kid)
     edge = settings.edge_public_url

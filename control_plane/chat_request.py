@@ -18,6 +18,8 @@ MESSAGE_ROLES = ("system", "user", "assistant")
 QUERY_MAX_CHARS = 2000
 MAX_MESSAGES = 1000
 STOP_MAX = 4
+MAX_FEATURES = 16
+MAX_TOOLS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,7 @@ class InitRequest:
     session_id: str | None
     max_tokens: int | None
     params: dict[str, Any]
+    features: tuple[str, ...] = ()  # what the model must support (`tools`, `vision`, …)
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -81,6 +84,32 @@ def _params(doc: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _features(doc: dict[str, Any], params: dict[str, Any]) -> tuple[str, ...]:
+    """Features asked for explicitly (``features: ["tools"]``) or implied by the body
+    (``tools`` → ``tools``); the model must list each one."""
+    wanted: list[str] = []
+    raw = doc.get("features")
+    if raw is not None:
+        if (
+            not isinstance(raw, list)
+            or len(raw) > MAX_FEATURES
+            or not all(isinstance(f, str) and 0 < len(f) <= 50 for f in raw)
+        ):
+            raise ValidationFailed("features", f"must be at most {MAX_FEATURES} feature names")
+        wanted.extend(raw)
+    tools = doc.get("tools")
+    if tools is not None:
+        if (
+            not isinstance(tools, list)
+            or not 1 <= len(tools) <= MAX_TOOLS
+            or not all(isinstance(t, dict) for t in tools)
+        ):
+            raise ValidationFailed("tools", f"must be an array of 1-{MAX_TOOLS} tool objects")
+        params["tools"] = tools
+        wanted.append("tools")
+    return tuple(dict.fromkeys(wanted))
+
+
 def parse_init_request(doc: dict[str, Any]) -> InitRequest:
     """Validate an init body: exactly one of `messages` and `query`."""
     has_messages = doc.get("messages") is not None
@@ -94,11 +123,14 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
             raise ValidationFailed("query", "must be a non-empty string")
         if len(query) > QUERY_MAX_CHARS:
             raise ValidationFailed("query", f"must be at most {QUERY_MAX_CHARS} characters")
+    params = _params(doc)
+    features = _features(doc, params)
     return InitRequest(
+        features=features,
         model=optional_str(doc, "model"),
         messages=_messages(doc["messages"]) if has_messages else None,
         query=query,
         session_id=optional_str(doc, "session_id", max_len=64),
         max_tokens=optional_int(doc, "max_tokens", low=1, high=2**31 - 1),
-        params=_params(doc),
+        params=params,
     )

@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from control_plane.db import Database
 from control_plane.errors import PayloadTooLarge
+from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.signing_keys import KeyRing, load_snapshot
 from control_plane.validation import parse_json_object
@@ -28,6 +29,7 @@ class Deps:
     fernet: MultiFernet
     keyring: KeyRing
     metrics: Metrics
+    external: ExternalVerifier | None = None
 
     async def refresh_keys(self) -> None:
         fernet = self.fernet

@@ -12,6 +12,7 @@ logs the traceback server-side.
     ├── InvalidSignature (401 invalid_signature)
     ├── InsufficientCredits (402 insufficient_credits)
     ├── Forbidden (403 forbidden)
+    │   ├── Revoked (403 revoked), ModelNotAllowed (403 model_not_allowed)
     ├── NotFound (404 not_found)
     │   ├── ModelNotFound, ReservationNotFound, SessionNotFound
     ├── MethodNotAllowed (405 method_not_allowed)
@@ -21,7 +22,9 @@ logs the traceback server-side.
     ├── PayloadTooLarge (413 payload_too_large)
     │   └── InputTooLarge (413 input_too_large)
     ├── ValidationFailed (422 validation_error)
-    │   └── ReservationMismatch (422 reservation_mismatch)
+    │   ├── ReservationMismatch (422 reservation_mismatch)
+    │   └── UnsupportedFeature (422 unsupported_feature)
+    ├── RateLimited (429 rate_limited, Retry-After)
     └── ServiceUnavailable (503 unavailable)
 """
 
@@ -77,6 +80,16 @@ class InsufficientCredits(AppError):
 class Forbidden(AppError):
     status, code = 403, "forbidden"
     default_message = "You are not allowed to do this."
+
+
+class Revoked(Forbidden):
+    code = "revoked"
+    default_message = "This user or company has been revoked."
+
+
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+    default_message = "Your company cannot use this model."
 
 
 class NotFound(AppError):
@@ -141,6 +154,20 @@ class ValidationFailed(AppError):
 class ReservationMismatch(AppError):
     status, code = 422, "reservation_mismatch"
     default_message = "The event does not match its reservation."
+
+
+class UnsupportedFeature(AppError):
+    status, code = 422, "unsupported_feature"
+    default_message = "The model does not support a feature this request needs."
+
+
+class RateLimited(AppError):
+    status, code = 429, "rate_limited"
+    default_message = "Too many requests; retry later."
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
 
 
 class ServiceUnavailable(AppError):

@@ -5,9 +5,14 @@ error schemas. Enough for clients to discover the API; DESIGN.md is the contract
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from starlette.routing import BaseRoute, Route
+
+from control_plane.openapi_schemas import BODIES, HEADERS, QUERIES
+
+_PATH_PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
 
 _ENVELOPE = {
     "type": "object",
@@ -36,7 +41,22 @@ def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
         if not isinstance(route, Route) or not route.include_in_schema:
             continue
         for method in sorted((route.methods or set()) - {"HEAD"}):
+            key = (method.lower(), route.path)
+            parameters = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in _PATH_PARAM.findall(route.path)
+            ]
+            parameters += QUERIES.get(key, []) + HEADERS.get(key, [])
+            operation: dict[str, Any] = {}
+            if parameters:
+                operation["parameters"] = parameters
+            if key in BODIES:
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": BODIES[key]}},
+                }
             paths.setdefault(route.path, {})[method.lower()] = {
+                **operation,
                 "summary": _summary(route),
                 "operationId": f"{route.name}_{method.lower()}",
                 "responses": {

@@ -28,7 +28,7 @@ class Principal:
     company_id: str | None
     role: str
     scopes: frozenset[str]
-    via: str  # "access_token" | "api_key" | "admin_token"
+    via: str  # "access_token" | "api_key" | "admin_token" | "external_jwt"
 
     @property
     def is_user(self) -> bool:
@@ -103,4 +103,21 @@ def can_assign_role(p: Principal, role: str) -> bool:
 
 
 def can_rotate_signing_keys(p: Principal) -> bool:
+    return is_platform_admin(p)
+
+
+def can_revoke(p: Principal, kind: str, company_id: str) -> bool:
+    """The platform admin revokes anything; an owner its own company's users and
+    stream tokens, but not its company (that would lock itself out for good)."""
+    if is_platform_admin(p):
+        return True
+    return p.role == "owner" and p.company_id == company_id and kind in ("user", "jti")
+
+
+def can_configure_llm(p: Principal, company_id: str) -> bool:
+    """Store provider keys, set the default model, add or override models."""
+    return can_admin_company(p, company_id)
+
+
+def can_rotate_encryption(p: Principal) -> bool:
     return is_platform_admin(p)

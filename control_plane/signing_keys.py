@@ -3,18 +3,22 @@ held in memory by a per-app `KeyRing`.
 
 The newest non-retired key signs; every non-retired key is published at
 ``/.well-known/jwks.json`` and accepted, so a rotation never invalidates tokens in
-flight. Private keys are stored as their 32 raw bytes encrypted with
-`MultiFernet` (``LLMGW_ENCRYPTION_KEY``, newest key first, so old keys still decrypt
-after a Fernet key rotation).
+flight. A key leaves the JWKS (is retired) at a later rotation, once it was
+superseded longer ago than any token lives (`retire_superseded_keys`). Private
+keys are stored as their 32 raw bytes encrypted with `MultiFernet`
+(``LLMGW_ENCRYPTION_KEY``, newest key first, so old keys still decrypt after a
+Fernet key rotation).
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -95,6 +99,19 @@ def ensure_active_signing_key(
         return active_signing_key(session, fernet)
     except LookupError:
         return create_signing_key(session, fernet)
+
+
+def retire_superseded_keys(session: Session, now: datetime, max_token_seconds: int) -> list[str]:
+    """Retire keys replaced more than `max_token_seconds` ago: every token they signed
+    has expired by then, so they can leave the JWKS. Returns the retired kids."""
+    live = _live_keys(session)  # newest first
+    retired: list[str] = []
+    for newer, older in itertools.pairwise(live):
+        if newer.created_at <= now - timedelta(seconds=max_token_seconds):
+            older.retired_at = now
+            retired.append(older.kid)
+    session.flush()
+    return retired
 
 
 def published_jwks(session: Session) -> list[dict[str, Any]]:

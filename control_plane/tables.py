@@ -103,6 +103,7 @@ class Company(SQLModel, table=True):
     __tablename__ = "companies"
     __table_args__ = (
         UniqueConstraint("name", name="uq_companies_name"),
+        Index("uq_companies_external_id", "external_id", unique=True),
         CheckConstraint("held_micro >= 0", name="ck_companies_held_nonnegative"),
         CheckConstraint("balance_micro >= held_micro", name="ck_companies_available_nonnegative"),
     )
@@ -112,12 +113,17 @@ class Company(SQLModel, table=True):
     held_micro: int = _money()
     default_model: str | None = _str(200, nullable=True)
     created_at: datetime = _time()
+    # Set for companies provisioned from a trusted external JWT (its `company_id`).
+    external_id: str | None = _str(200, nullable=True)
+    # A revoked company: none of its users can authenticate until it is reinstated.
+    disabled_at: datetime | None = _time(nullable=True)
 
 
 class User(SQLModel, table=True):
     __tablename__ = "users"
     __table_args__ = (
         UniqueConstraint("email", name="uq_users_email"),
+        Index("uq_users_external_id", "external_id", unique=True),
         Index("ix_users_company_id", "company_id"),
         CheckConstraint("role IN ('member', 'owner', 'admin')", name="ck_users_role"),
     )
@@ -127,6 +133,8 @@ class User(SQLModel, table=True):
     password_hash: str | None = _str(nullable=True)
     role: str = _str(16)
     created_at: datetime = _time()
+    external_id: str | None = _str(200, nullable=True)  # the external JWT's `sub`
+    disabled_at: datetime | None = _time(nullable=True)  # a revoked user
 
 
 class ApiKey(SQLModel, table=True):
@@ -292,3 +300,54 @@ class ChatMessage(SQLModel, table=True):
     content: str = _str()
     created_at: datetime = _time()
     seq: int = _int()
+
+
+class CompanyProvider(SQLModel, table=True):
+    """A company's own key for one provider, Fernet-encrypted (``LLMGW_ENCRYPTION_KEY``)."""
+
+    __tablename__ = "company_providers"
+    __table_args__ = (
+        UniqueConstraint("company_id", "provider", name="uq_company_providers_company_provider"),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    provider: str = _str(100)
+    api_key_encrypted: str | None = _str(nullable=True)
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+
+
+class CompanyModel(SQLModel, table=True):
+    """A company's added or overridden model: a partial spec (JSON) merged over the
+    packaged catalog's entry of the same id, if any."""
+
+    __tablename__ = "company_models"
+    __table_args__ = (
+        UniqueConstraint("company_id", "model_id", name="uq_company_models_company_model"),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    model_id: str = _str(200)
+    provider: str = _str(100)
+    spec: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
+    updated_at: datetime = _time()
+
+
+class Revocation(SQLModel, table=True):
+    """An admin's revocation of a user, a company or one token (`jti`), for audit and
+    listing; the edge reads the copy in the store (`shared.revocations`)."""
+
+    __tablename__ = "revocations"
+    __table_args__ = (
+        Index("ix_revocations_company_created", "company_id", "created_at"),
+        CheckConstraint("kind IN ('user', 'company', 'jti')", name="ck_revocations_kind"),
+    )
+    id: str = _id()
+    kind: str = _str(16)
+    value: str = _str(200)
+    company_id: str | None = _str(32, nullable=True)
+    reason: str | None = _str(500, nullable=True)
+    actor: str = _str(100)
+    created_at: datetime = _time()
+    expires_at: datetime = _time()  # when the store's copy lapses (the edge stops checking)
+    lifted_at: datetime | None = _time(nullable=True)

@@ -1,7 +1,9 @@
 """`llm-gateway admin …`: the admin API from the terminal.
 
 Talks HTTP to the control plane (`LLMGW_CONTROL_PLANE_URL`) with `LLMGW_ADMIN_TOKEN`,
-so the CLI and the API can never disagree about the rules.
+so the CLI and the API can never disagree about the rules. Secrets (provider keys)
+are read from stdin or an environment variable, never from the command line, where
+they would land in the shell history and the process list.
 """
 
 from __future__ import annotations
@@ -11,13 +13,23 @@ import json
 import os
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+Request = tuple[str, str, dict[str, Any] | None, dict[str, str]]
+
+
+class UsageError(Exception):
+    pass
+
 
 def add_admin_parser(sub: Any) -> None:
-    admin = sub.add_parser("admin", help="companies, users, API keys, credits, signing keys")
+    admin = sub.add_parser(
+        "admin",
+        help="companies, users, API keys, provider keys, credits, revocations, keys",
+    )
     actions = admin.add_subparsers(dest="action", required=True)
     company = actions.add_parser("create-company")
     company.add_argument("name")
@@ -30,36 +42,127 @@ def add_admin_parser(sub: Any) -> None:
     key = actions.add_parser("create-api-key")
     key.add_argument("user_id")
     key.add_argument("--scope", action="append", dest="scopes")
+    keys = actions.add_parser("list-api-keys")
+    keys.add_argument("--user-id")
+    keys.add_argument("--company-id")
     grant = actions.add_parser("grant")
     grant.add_argument("company_id")
     grant.add_argument("amount")
     grant.add_argument("--reason", default="granted from the CLI")
     grant.add_argument("--idempotency-key", default=None)
+    adjust = actions.add_parser("adjust", help="correct a company's credits either way")
+    adjust.add_argument("company_id")
+    adjust.add_argument("amount", help='e.g. "-1.5" or "2"')
+    adjust.add_argument("--reason", required=True)
+    adjust.add_argument("--idempotency-key", default=None)
     revoke = actions.add_parser("revoke-api-key")
     revoke.add_argument("key_id")
+    provider = actions.add_parser(
+        "set-provider", help="a company's own provider key, default model and models"
+    )
+    provider.add_argument("company_id")
+    provider.add_argument("provider")
+    source = provider.add_mutually_exclusive_group()
+    source.add_argument("--api-key-env", metavar="VAR", help="read the key from this variable")
+    source.add_argument("--api-key-stdin", action="store_true", help="read the key from stdin")
+    source.add_argument("--remove-api-key", action="store_true")
+    provider.add_argument("--default-model")
+    provider.add_argument(
+        "--models-file", type=Path, help="JSON object: model id → partial model spec"
+    )
+    providers = actions.add_parser("list-providers")
+    providers.add_argument("company_id")
+    revocation = actions.add_parser("revoke", help="revoke a user, a company or one token")
+    target = revocation.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user-id")
+    target.add_argument("--company-id")
+    target.add_argument("--jti")
+    revocation.add_argument("--reason")
+    lift = actions.add_parser("unrevoke", help="lift a revocation")
+    lift.add_argument("revocation_id")
+    actions.add_parser("list-revocations")
     actions.add_parser("rotate-signing-key")
+    actions.add_parser(
+        "rotate-encryption-key",
+        help="re-encrypt stored secrets under the newest LLMGW_ENCRYPTION_KEY",
+    )
 
 
-def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None, dict[str, str]]:
+def _provider_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if args.api_key_env:
+        value = os.environ.get(args.api_key_env)
+        if not value:
+            raise UsageError(f"{args.api_key_env} is not set")
+        body["api_key"] = value.strip()
+    elif args.api_key_stdin:
+        value = sys.stdin.readline().strip()
+        if not value:
+            raise UsageError("no key on stdin")
+        body["api_key"] = value
+    elif args.remove_api_key:
+        body["api_key"] = None
+    if args.default_model:
+        body["default_model"] = args.default_model
+    if args.models_file:
+        try:
+            body["models"] = json.loads(args.models_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read {args.models_file}: {exc}") from None
+    return body
+
+
+def _request(args: argparse.Namespace) -> Request:
     headers: dict[str, str] = {}
-    if args.action == "create-company":
+    action = args.action
+    if action == "create-company":
         return "POST", "/v1/admin/companies", {"name": args.name, "credits": args.credits}, headers
-    if args.action == "create-user":
+    if action == "create-user":
         body = {"company_id": args.company_id, "email": args.email, "role": args.role}
         if args.password:
             body["password"] = args.password
         return "POST", "/v1/admin/users", body, headers
-    if args.action == "create-api-key":
+    if action == "create-api-key":
         body_key: dict[str, Any] = {"user_id": args.user_id}
         if args.scopes:
             body_key["scopes"] = args.scopes
         return "POST", "/v1/admin/api-keys", body_key, headers
-    if args.action == "grant":
+    if action == "list-api-keys":
+        query = "&".join(
+            f"{name}={value}"
+            for name, value in (("user_id", args.user_id), ("company_id", args.company_id))
+            if value
+        )
+        return "GET", "/v1/admin/api-keys" + (f"?{query}" if query else ""), None, headers
+    if action in ("grant", "adjust"):
         headers["Idempotency-Key"] = args.idempotency_key or uuid.uuid4().hex
-        path = f"/v1/admin/companies/{args.company_id}/credits"
+        kind = "credits" if action == "grant" else "adjustments"
+        path = f"/v1/admin/companies/{args.company_id}/{kind}"
         return "POST", path, {"amount": args.amount, "reason": args.reason}, headers
-    if args.action == "revoke-api-key":
+    if action == "revoke-api-key":
         return "DELETE", f"/v1/admin/api-keys/{args.key_id}", None, headers
+    if action == "set-provider":
+        path = f"/v1/admin/companies/{args.company_id}/providers/{args.provider}"
+        return "PUT", path, _provider_body(args), headers
+    if action == "list-providers":
+        return "GET", f"/v1/admin/companies/{args.company_id}/providers", None, headers
+    if action == "revoke":
+        body_rev: dict[str, Any] = (
+            {"user_id": args.user_id}
+            if args.user_id
+            else {"company_id": args.company_id}
+            if args.company_id
+            else {"jti": args.jti}
+        )
+        if args.reason:
+            body_rev["reason"] = args.reason
+        return "POST", "/v1/admin/revocations", body_rev, headers
+    if action == "unrevoke":
+        return "DELETE", f"/v1/admin/revocations/{args.revocation_id}", None, headers
+    if action == "list-revocations":
+        return "GET", "/v1/admin/revocations", None, headers
+    if action == "rotate-encryption-key":
+        return "POST", "/v1/admin/encryption-keys/rotate", {}, headers
     return "POST", "/v1/admin/signing-keys/rotate", {}, headers
 
 
@@ -69,7 +172,11 @@ def run_admin(args: argparse.Namespace) -> int:
         print("llm-gateway admin: set LLMGW_ADMIN_TOKEN", file=sys.stderr)
         return 2
     base = os.environ.get("LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000").rstrip("/")
-    method, path, body, headers = _request(args)
+    try:
+        method, path, body, headers = _request(args)
+    except UsageError as exc:
+        print(f"llm-gateway admin: {exc}", file=sys.stderr)
+        return 2
     headers["Authorization"] = f"Bearer {token}"
     try:
         response = httpx.request(method, base + path, json=body, headers=headers, timeout=30)

@@ -126,6 +126,10 @@ def _settings(database_url: str, extra: dict[str, str] | None = None) -> Setting
         "LLMGW_DATABASE_URL": database_url,
         "LLMGW_AUTO_MIGRATE": "1",
         "LLMGW_EDGE_PUBLIC_URL": "http://edge.test:8001",
+        # Most tests burst far past the default per-minute limits; the rate-limit
+        # tests set their own.
+        "LLMGW_INIT_RATE_PER_USER": "1000000",
+        "LLMGW_INIT_RATE_PER_COMPANY": "10000000",
         **(extra or {}),
     }
     return Settings.from_env(env, dev=False)

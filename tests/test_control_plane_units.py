@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from control_plane.accounts import key_scopes, normalise_email
-from control_plane.chat_init import plan_hold, resolve_model
+from control_plane.chat_init import check_features, fit_history, plan_hold, resolve_model
 from control_plane.chat_request import parse_init_request
 from control_plane.db import engine_url
 from control_plane.errors import (
@@ -37,6 +37,7 @@ from control_plane.validation import (
     parse_json_object,
 )
 from shared.catalog import Catalog, ModelSpec, Price, Provider
+from shared.pricing import estimate_input_tokens
 from shared.request_id import choose_request_id
 from shared.tokens import ALL_SCOPES, SCOPE_READ, SCOPE_SEND
 
@@ -355,3 +356,49 @@ def test_policy_table() -> None:
     assert can_read_session(MEMBER, "u1", "c1") and not can_read_session(MEMBER, "u2", "c1")
     assert can_read_session(OWNER, "u2", "c1") and not can_read_session(OWNER, "u2", "c2")
     assert not can_delete_session(MEMBER, "u1", "c1") and can_delete_session(OWNER, "u2", "c1")
+
+
+# --- fitting the input, features --------------------------------------------------
+
+
+def test_fit_history_drops_the_oldest_non_system_turns() -> None:
+    system = {"role": "system", "content": "be brief"}
+    old = [{"role": "user", "content": "x" * 60}, {"role": "assistant", "content": "y" * 60}]
+    new = [{"role": "user", "content": "now"}]
+    # MODEL: context 100; max_tokens 40 leaves 60 tokens of input.
+    fitted = fit_history(MODEL, [system, *old], new, 40)
+    assert fitted[0] == system and fitted[-1] == new[0]
+    assert estimate_input_tokens(fitted) <= 60 and len(fitted) < 4
+    # An answer whose question was dropped goes too.
+    qa = [{"role": "user", "content": "q" * 150}, {"role": "assistant", "content": "a"}]
+    assert fit_history(MODEL, [system, *qa], new, 40) == [system, *new]
+    # Everything fits: nothing is dropped.
+    assert fit_history(MODEL, [system], new, 10) == [system, *new]
+    # Only the new turn is left when nothing else fits (plan_hold then decides).
+    assert fit_history(MODEL, old, [{"role": "user", "content": "z" * 300}], 40)[-1]["content"]
+
+
+def test_plan_hold_fits_the_default_output_budget_to_the_context() -> None:
+    # 200 + 4 bytes -> 67 + 4 = 71 tokens: 29 of the 100 are left for the answer.
+    plan = plan_hold(MODEL, [{"role": "user", "content": "x" * 200}], None)
+    assert plan.max_tokens == MODEL.context_length - plan.input_estimate < MODEL.max_output_tokens
+    with pytest.raises(InputTooLarge):
+        plan_hold(MODEL, [{"role": "user", "content": "x" * 400}], None)
+
+
+def test_check_features() -> None:
+    from control_plane.errors import UnsupportedFeature
+
+    check_features(OTHER, ())
+    check_features(OTHER, tuple(OTHER.features))
+    with pytest.raises(UnsupportedFeature, match="teleport"):
+        check_features(OTHER, ("streaming", "teleport"))
+
+
+def test_parse_init_request_features_and_tools() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    req = parse_init_request({"query": "x", "tools": tools, "features": ["vision"]})
+    assert req.features == ("vision", "tools") and req.params["tools"] == tools
+    for bad in ({"tools": []}, {"tools": ["x"]}, {"features": "tools"}, {"features": [1]}):
+        with pytest.raises(ValidationFailed):
+            parse_init_request({"query": "x", **bad})

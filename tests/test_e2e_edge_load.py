@@ -23,6 +23,8 @@ def split(pg_database_url: str, redis_prefix: str) -> Iterator[SplitStack]:
         **base_env(pg_database_url, REDIS_URL, redis_prefix),
         "LLMGW_MAX_STREAMS_PER_USER": "1000",
         "LLMGW_MAX_STREAMS_PER_COMPANY": "1000",
+        "LLMGW_INIT_RATE_PER_USER": "1000000",
+        "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
     }
     with SplitStack(env) as stack:
         yield stack

@@ -8,6 +8,8 @@ from control_plane.routes import (
     account,
     admin,
     admin_credits,
+    admin_llm,
+    admin_revocations,
     billing,
     chat,
     demo,
@@ -25,5 +27,7 @@ def all_routes() -> list[BaseRoute]:
         *webhooks.routes,
         *admin.routes,
         *admin_credits.routes,
+        *admin_llm.routes,
+        *admin_revocations.routes,
         *demo.routes,
     ]

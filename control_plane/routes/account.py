@@ -9,14 +9,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from control_plane import company_llm
 from control_plane.accounts import find_user_by_email
-from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate, issue_access_token
+from control_plane.auth import (
+    ACCESS_TOKEN_TTL_SECONDS,
+    authenticate,
+    ensure_not_revoked,
+    issue_access_token,
+)
+from control_plane.company_llm import CompanyCatalog
 from control_plane.credentials import verify_password
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, InvalidCredentials
 from control_plane.responses import ok
 from control_plane.tables import Company, User
 from control_plane.validation import optional_str, required_str
+from shared.catalog import Catalog
 from shared.pricing import format_credits
 
 PASSWORD_MAX = 1024
@@ -32,6 +40,7 @@ async def login(request: Request) -> Response:
     password_hash = user.password_hash if user is not None else None
     if user is None or not await asyncio.to_thread(verify_password, password_hash, password):
         raise InvalidCredentials()
+    await deps.db.transaction(lambda s: ensure_not_revoked(user, s.get(Company, user.company_id)))
     await deps.fresh_keyring()
     token = issue_access_token(deps, user.id)
     return ok(
@@ -70,25 +79,32 @@ async def me(request: Request) -> Response:
     )
 
 
+def _company_models(session: Session, catalog: Catalog, company_id: str) -> CompanyCatalog | None:
+    company = session.get(Company, company_id)
+    if company is None:
+        return None
+    overrides = company_llm.load_overrides(session, company_id)
+    return company_llm.company_catalog(catalog, overrides, company.default_model)
+
+
 async def models(request: Request) -> Response:
+    """The company's model catalog: the packaged one merged with its overrides."""
     principal = await authenticate(request)
     deps = get_deps(request)
     catalog = deps.settings.catalog
     provider = optional_str(dict(request.query_params), "provider", max_len=100)
-    company_default = None
+    view: Catalog | CompanyCatalog = catalog
     if principal.company_id is not None:
         company_id = principal.company_id
-        company = await deps.db.transaction(lambda s: s.get(Company, company_id))
-        company_default = company.default_model if company is not None else None
-    default_model = (
-        company_default if company_default and catalog.model(company_default) else None
-    ) or catalog.default_model
+        found = await deps.db.transaction(lambda s: _company_models(s, catalog, company_id))
+        if found is not None:
+            view = found
     listed = [
         spec.public()
-        for spec in catalog.models.values()
+        for spec in view.models.values()
         if provider is None or spec.provider == provider
     ]
-    return ok({"models": listed, "default_model": default_model})
+    return ok({"models": listed, "default_model": view.default_model})
 
 
 routes: list[BaseRoute] = [

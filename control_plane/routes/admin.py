@@ -10,20 +10,29 @@ from __future__ import annotations
 import asyncio
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import accounts, policy
-from control_plane.auth import authenticate
+from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate
 from control_plane.credentials import hash_password
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.responses import no_content, ok
-from control_plane.signing_keys import create_signing_key
-from control_plane.tables import ROLES
-from control_plane.validation import credits_amount, one_of, required_str
+from control_plane.signing_keys import create_signing_key, retire_superseded_keys
+from control_plane.tables import ROLES, utcnow
+from control_plane.validation import (
+    credits_amount,
+    decode_cursor,
+    encode_cursor,
+    one_of,
+    optional_str,
+    page_limit,
+    required_str,
+)
 
 PASSWORD_MIN, PASSWORD_MAX = 4, 1024
 
@@ -91,6 +100,24 @@ async def create_api_key(request: Request) -> Response:
     return ok(created.public(), 201)
 
 
+async def list_api_keys(request: Request) -> Response:
+    """API keys (prefix, scopes, last use), newest first; ``?user_id=`` or ``?company_id=``."""
+    principal = await authenticate(request)
+    query = dict(request.query_params)
+    user_id = optional_str(query, "user_id", max_len=64)
+    company_id = optional_str(query, "company_id", max_len=64)
+    limit = page_limit(query.get("limit"))
+    after = decode_cursor(query.get("cursor"))
+    rows = await get_deps(request).db.transaction(
+        lambda s: accounts.list_api_keys(
+            s, principal, user_id=user_id, company_id=company_id, limit=limit, after=after
+        )
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return ok({"items": [accounts.api_key_public(r) for r in page], "next_cursor": next_cursor})
+
+
 async def revoke_api_key(request: Request) -> Response:
     principal = await authenticate(request)
     key_id = str(request.path_params["key_id"])
@@ -104,15 +131,25 @@ async def rotate_signing_key(request: Request) -> Response:
         raise Forbidden("Only a platform admin can rotate signing keys.")
     deps = get_deps(request)
     fernet = deps.fernet
-    kid, _ = await deps.db.transaction(lambda s: create_signing_key(s, fernet))
+    # Keys superseded longer ago than the longest token life (access tokens, plus
+    # leeway) signed only expired tokens: they leave the JWKS now.
+    max_life = max(ACCESS_TOKEN_TTL_SECONDS, deps.settings.token_ttl_seconds) + 60
+
+    def rotate(session: Session) -> tuple[str, list[str]]:
+        retired = retire_superseded_keys(session, utcnow(), max_life)
+        kid, _ = create_signing_key(session, fernet)
+        return kid, retired
+
+    kid, retired = await deps.db.transaction(rotate)
     await deps.refresh_keys()
-    return ok({"kid": kid}, 201)
+    return ok({"kid": kid, "retired": retired}, 201)
 
 
 routes: list[BaseRoute] = [
     Route("/v1/admin/companies", create_company, methods=["POST"]),
     Route("/v1/admin/users", create_user, methods=["POST"]),
     Route("/v1/admin/api-keys", create_api_key, methods=["POST"]),
+    Route("/v1/admin/api-keys", list_api_keys, methods=["GET"]),
     Route("/v1/admin/api-keys/{key_id}", revoke_api_key, methods=["DELETE"]),
     Route("/v1/admin/signing-keys/rotate", rotate_signing_key, methods=["POST"]),
 ]

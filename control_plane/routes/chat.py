@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from control_plane.deps import get_deps, read_json
 from control_plane.errors import AppError, Forbidden, SessionNotFound
 from control_plane.middleware import request_id
 from control_plane.policy import Principal
+from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
 from control_plane.tables import ChatMessage, ChatSession
 from control_plane.validation import decode_cursor, encode_cursor, page_limit
@@ -32,6 +34,15 @@ async def chat_init(request: Request) -> Response:
         principal = await authenticate(request)
         if not policy.can_chat(principal):
             raise Forbidden("This needs a user with the llm:chat:send scope.")
+        assert principal.user_id is not None and principal.company_id is not None
+        await check_init_rate(
+            deps.store,
+            user_id=principal.user_id,
+            company_id=principal.company_id,
+            per_user=deps.settings.init_rate_per_user,
+            per_company=deps.settings.init_rate_per_company,
+            now=time.time(),
+        )
         req = parse_init_request(await read_json(request))
         data = await init_chat(deps, principal, req, request_id(request))
         outcome = "ok"

@@ -1,0 +1,294 @@
+"""A company's own LLM configuration: provider keys, added or overridden models, the
+default model; and the catalog the company sees (the packaged one merged with its
+overrides).
+
+Pure core: `parse_models` validates a ``models`` body with the catalog's own parse
+rules (`shared.catalog.parse_catalog`), `company_catalog` merges. Data functions take
+a DB session and do not commit. Provider keys are Fernet-encrypted with
+``LLMGW_ENCRYPTION_KEY`` (`MultiFernet`, newest key first) and never leave this
+module in clear except inside a sealed stream-token claim (`route_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.fernet import InvalidToken, MultiFernet
+from sqlalchemy import delete, or_, select
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane.errors import ValidationFailed
+from control_plane.tables import CompanyModel, CompanyProvider, new_id, utcnow
+from shared.catalog import Catalog, CatalogError, ModelSpec, parse_catalog
+from shared.route_claim import UpstreamRoute
+
+SPEC_KEYS = ("upstream_model", "context_length", "max_output_tokens", "features", "price")
+OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled")
+MAX_MODELS = 200
+MODEL_ID_MAX = 200
+API_KEY_MAX = 4096
+
+
+def model_raw(spec: ModelSpec) -> dict[str, Any]:
+    """A model spec as the catalog file would write it."""
+    return {
+        "provider": spec.provider,
+        "upstream_model": spec.upstream_model,
+        "context_length": spec.context_length,
+        "max_output_tokens": spec.max_output_tokens,
+        "features": list(spec.features),
+        "price": {
+            "input_per_mtok": str(spec.price.input_per_mtok),
+            "output_per_mtok": str(spec.price.output_per_mtok),
+        },
+    }
+
+
+def merge_model(
+    base: ModelSpec | None, model_id: str, provider: str, partial: dict[str, Any]
+) -> ModelSpec:
+    """`partial` over `base` (or over nothing: then every field is required), routed
+    to `provider`, validated exactly as a catalog entry. CatalogError names the field."""
+    raw: dict[str, Any] = model_raw(base) if base is not None else {"upstream_model": model_id}
+    for key in SPEC_KEYS:
+        if key not in partial:
+            continue
+        if key == "price" and isinstance(partial[key], dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **partial[key]}
+        else:
+            raw[key] = partial[key]
+    raw["provider"] = provider
+    # Any api_type will do: model entries are validated independently of it.
+    doc = {
+        "default_model": model_id,
+        "providers": {provider: {"api_type": "openai_chat", "base_url": "http://x"}},
+        "models": {model_id: raw},
+    }
+    return parse_catalog(doc).models[model_id]
+
+
+def parse_models(value: Any, provider: str, catalog: Catalog) -> dict[str, dict[str, Any]]:
+    """The ``models`` of ``PUT …/providers/{provider}``: model id → partial spec.
+    Each entry must merge into a valid model; ``provider``, when given, must be the
+    path's; ``enabled: false`` hides a model from the company."""
+    if not isinstance(value, dict):
+        raise ValidationFailed("models", "must be an object of model id → spec")
+    if len(value) > MAX_MODELS:
+        raise ValidationFailed("models", f"must have at most {MAX_MODELS} entries")
+    result: dict[str, dict[str, Any]] = {}
+    for model_id, partial in value.items():
+        where = f"models.{model_id}"
+        if (
+            not model_id.strip()
+            or len(model_id) > MODEL_ID_MAX
+            or any(c.isspace() for c in model_id)
+        ):
+            raise ValidationFailed(where, f"ids are 1-{MODEL_ID_MAX} characters, no spaces")
+        if not isinstance(partial, dict):
+            raise ValidationFailed(where, "must be an object")
+        unknown = sorted(set(partial) - set(OVERRIDE_KEYS))
+        if unknown:
+            raise ValidationFailed(
+                f"{where}.{unknown[0]}", f"is not a model field ({', '.join(OVERRIDE_KEYS)})"
+            )
+        if partial.get("provider", provider) != provider:
+            raise ValidationFailed(f"{where}.provider", f"must be {provider!r} (the path's)")
+        if "enabled" in partial and not isinstance(partial["enabled"], bool):
+            raise ValidationFailed(f"{where}.enabled", "must be true or false")
+        try:
+            merge_model(catalog.model(model_id), model_id, provider, partial)
+        except CatalogError as exc:
+            raise ValidationFailed(
+                where, str(exc).removeprefix(f"models.{model_id}").lstrip(".") or "is invalid"
+            ) from None
+        result[model_id] = {k: v for k, v in partial.items() if k != "provider"}
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyCatalog:
+    """What one company may use."""
+
+    models: dict[str, ModelSpec]
+    default_model: str
+    custom: frozenset[str] = frozenset()  # added or overridden by the company
+    disabled: frozenset[str] = frozenset()
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        return self.models.get(model_id)
+
+
+def company_catalog(
+    base: Catalog, overrides: Iterable[CompanyModel], default_model: str | None
+) -> CompanyCatalog:
+    models = dict(base.models)
+    custom: set[str] = set()
+    disabled: set[str] = set()
+    for row in overrides:
+        try:
+            spec = merge_model(base.model(row.model_id), row.model_id, row.provider, row.spec)
+        except CatalogError:
+            continue  # a packaged catalog change made a stored override invalid: ignore it
+        if row.provider not in base.providers:
+            continue
+        if row.spec.get("enabled") is False:
+            disabled.add(row.model_id)
+            models.pop(row.model_id, None)
+            continue
+        models[row.model_id] = spec
+        custom.add(row.model_id)
+    if default_model not in models:
+        default_model = base.default_model if base.default_model in models else None
+    if default_model is None:
+        default_model = next(iter(models), base.default_model)
+    return CompanyCatalog(models, default_model, frozenset(custom), frozenset(disabled))
+
+
+# --- data -------------------------------------------------------------------------
+
+
+def load_overrides(session: Session, company_id: str) -> list[CompanyModel]:
+    return list(
+        session.scalars(
+            select(CompanyModel)
+            .where(col(CompanyModel.company_id) == company_id)
+            .order_by(col(CompanyModel.model_id))
+        )
+    )
+
+
+def provider_row(session: Session, company_id: str, provider: str) -> CompanyProvider | None:
+    return session.scalars(
+        select(CompanyProvider)
+        .where(col(CompanyProvider.company_id) == company_id)
+        .where(col(CompanyProvider.provider) == provider)
+    ).first()
+
+
+def provider_rows(session: Session, company_id: str) -> list[CompanyProvider]:
+    return list(
+        session.scalars(
+            select(CompanyProvider)
+            .where(col(CompanyProvider.company_id) == company_id)
+            .order_by(col(CompanyProvider.provider))
+        )
+    )
+
+
+def set_provider_key(
+    session: Session, fernet: MultiFernet, company_id: str, provider: str, api_key: str | None
+) -> CompanyProvider:
+    row = provider_row(session, company_id, provider)
+    now = utcnow()
+    encrypted = fernet.encrypt(api_key.encode("utf-8")).decode("ascii") if api_key else None
+    if row is None:
+        row = CompanyProvider(
+            id=new_id(),
+            company_id=company_id,
+            provider=provider,
+            api_key_encrypted=encrypted,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(row)
+    else:
+        row.api_key_encrypted = encrypted
+        row.updated_at = now
+    session.flush()
+    return row
+
+
+def replace_models(
+    session: Session, company_id: str, provider: str, models: dict[str, dict[str, Any]]
+) -> None:
+    """The company's models routed to `provider` become exactly `models` (an id moved
+    here from another provider moves)."""
+    session.execute(
+        delete(CompanyModel)
+        .where(col(CompanyModel.company_id) == company_id)
+        .where(
+            or_(
+                col(CompanyModel.provider) == provider,
+                col(CompanyModel.model_id).in_(list(models)),
+            )
+        )
+    )
+    now = utcnow()
+    for model_id, partial in models.items():
+        session.add(
+            CompanyModel(
+                id=new_id(),
+                company_id=company_id,
+                model_id=model_id,
+                provider=provider,
+                spec=partial,
+                updated_at=now,
+            )
+        )
+    session.flush()
+
+
+def remove_provider(session: Session, company_id: str, provider: str) -> None:
+    session.execute(
+        delete(CompanyModel)
+        .where(col(CompanyModel.company_id) == company_id)
+        .where(col(CompanyModel.provider) == provider)
+    )
+    session.execute(
+        delete(CompanyProvider)
+        .where(col(CompanyProvider.company_id) == company_id)
+        .where(col(CompanyProvider.provider) == provider)
+    )
+
+
+def decrypt_key(fernet: MultiFernet, row: CompanyProvider | None) -> str | None:
+    if row is None or row.api_key_encrypted is None:
+        return None
+    try:
+        return fernet.decrypt(row.api_key_encrypted.encode("ascii")).decode("utf-8")
+    except InvalidToken:
+        return None  # encrypted with a key no longer configured: fall back to the platform's
+
+
+def route_for(
+    base: Catalog, cat: CompanyCatalog, model: ModelSpec, api_key: str | None
+) -> UpstreamRoute | None:
+    """The `upr` claim's route: only when the company brings its own key for the
+    model's provider or the model is its own (added/overridden); otherwise the edge
+    uses its packaged catalog and the platform's keys."""
+    if api_key is None and model.id not in cat.custom:
+        return None
+    provider = base.providers[model.provider]
+    return UpstreamRoute(
+        provider=provider.name,
+        api_type=provider.api_type,
+        base_url=provider.base_url,
+        upstream_model=model.upstream_model,
+        api_key=api_key,
+    )
+
+
+@dataclass
+class Rotated:
+    provider_keys: int = 0
+    signing_keys: int = 0
+    failed: list[str] = field(default_factory=list)
+
+
+def rotate_provider_keys(session: Session, fernet: MultiFernet, result: Rotated) -> None:
+    """Re-encrypt every stored provider key under the newest ``LLMGW_ENCRYPTION_KEY``."""
+    for row in session.scalars(
+        select(CompanyProvider).where(col(CompanyProvider.api_key_encrypted).is_not(None))
+    ):
+        assert row.api_key_encrypted is not None
+        try:
+            row.api_key_encrypted = fernet.rotate(row.api_key_encrypted.encode("ascii")).decode(
+                "ascii"
+            )
+            result.provider_keys += 1
+        except InvalidToken:
+            result.failed.append(f"provider key {row.company_id}/{row.provider}")
+    session.flush()

@@ -1,0 +1,257 @@
+"""Trusting an existing app's users: its JWTs are accepted as bearer tokens
+(DESIGN §4 ``LLMGW_AUTH_JWT_SECRET`` / ``LLMGW_AUTH_JWKS_URL``).
+
+* ``LLMGW_AUTH_JWT_SECRET``: HS256 with that shared secret, and nothing else.
+* ``LLMGW_AUTH_JWKS_URL``: RS256, ES256 or EdDSA with a key from that JWKS, chosen by
+  the token's ``kid`` (`jwt.PyJWKClient`, keys cached for 5 minutes; it is sync, so
+  it runs in a thread). HS256 is never accepted with a JWKS (the public-key-as-HMAC-
+  secret confusion), ``none`` never at all; the algorithm list is pinned per source
+  before any key is touched (RFC 8725 §3.1).
+* Optional ``LLMGW_AUTH_JWT_AUDIENCE`` / ``LLMGW_AUTH_JWT_ISSUER`` are then required.
+
+Claims: ``sub`` (the user), ``company_id``, ``role`` (``member`` | ``owner``;
+``admin`` is capped at ``owner``: another app can never make a platform admin),
+optional ``scopes`` (narrowed to the role's), optional ``email`` and
+``company_name``; ``exp`` is required. On first sight the company (0 credits) and the
+user (no password: it can only come back through its app) are created; later the
+role follows the token. A user provisioned in one company presenting another
+company's token is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane import policy
+from control_plane.accounts import find_user_by_email
+from control_plane.errors import Unauthenticated, ValidationFailed
+from control_plane.tables import Company, User, new_id, utcnow
+from shared.settings import Settings
+from shared.tokens import API_AUDIENCE, ISSUER
+
+JWKS_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+SECRET_ALGORITHM = "HS256"
+LEEWAY_SECONDS = 30
+JWKS_CACHE_SECONDS = 300
+JWKS_REFETCH_SECONDS = 5.0
+ID_MAX = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalIdentity:
+    sub: str
+    company_id: str
+    role: str
+    scopes: tuple[str, ...] | None
+    email: str | None = None
+    company_name: str | None = None
+
+
+def _claim_str(claims: dict[str, Any], name: str, *, required: bool) -> str | None:
+    value = claims.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX:
+        raise Unauthenticated(f"The token's {name!r} claim is missing or invalid.")
+    return value
+
+
+def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
+    """Pure: verified claims → who, in which company, with which role and scopes."""
+    sub = _claim_str(claims, "sub", required=True)
+    company_id = _claim_str(claims, "company_id", required=True)
+    role = claims.get("role")
+    if role not in policy.ROLE_SCOPES:
+        raise Unauthenticated("The token's 'role' claim must be member or owner.")
+    if role == "admin":
+        role = "owner"  # never a platform admin from another app's token
+    raw_scopes = claims.get("scopes", claims.get("scope"))
+    scopes: tuple[str, ...] | None = None
+    if isinstance(raw_scopes, str):
+        scopes = tuple(raw_scopes.split())  # OAuth 2 `scope` is space-separated
+    elif isinstance(raw_scopes, list) and all(isinstance(s, str) for s in raw_scopes):
+        scopes = tuple(raw_scopes)
+    elif raw_scopes is not None:
+        raise Unauthenticated("The token's 'scopes' claim must be a list of strings.")
+    assert sub is not None and company_id is not None
+    return ExternalIdentity(
+        sub=sub,
+        company_id=company_id,
+        role=str(role),
+        scopes=scopes,
+        email=_claim_str(claims, "email", required=False),
+        company_name=_claim_str(claims, "company_name", required=False),
+    )
+
+
+def looks_like_ours(token: str) -> bool:
+    """Our own access tokens (iss llm-gateway, aud llm-api) go to our verifier."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return False
+    return claims.get("iss") == ISSUER and claims.get("aud") == API_AUDIENCE
+
+
+class ExternalVerifier:
+    """Verifies an existing app's JWTs; one per control-plane app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._secret = settings.auth_jwt_secret
+        self._jwks = (
+            jwt.PyJWKClient(
+                settings.auth_jwks_url,
+                cache_keys=True,
+                lifespan=JWKS_CACHE_SECONDS,
+                timeout=5,
+            )
+            if settings.auth_jwks_url
+            else None
+        )
+        self._last_refetch = float("-inf")
+        self._audience = settings.auth_jwt_audience
+        self._issuer = settings.auth_jwt_issuer
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExternalVerifier | None:
+        if settings.auth_jwt_secret is None and settings.auth_jwks_url is None:
+            return None
+        return cls(settings)
+
+    def _jwk_for(self, kid: Any) -> jwt.PyJWK | None:
+        """The JWKS key named `kid` (sync: runs in a thread). An unknown `kid` refetches
+        the set at most every `JWKS_REFETCH_SECONDS`, so tokens with made-up kids cannot
+        turn into a flood of requests to the identity provider."""
+        assert self._jwks is not None
+        for refresh in (False, True):
+            if refresh:
+                now = time.monotonic()
+                if now - self._last_refetch < JWKS_REFETCH_SECONDS:
+                    return None
+                self._last_refetch = now
+            for key in self._jwks.get_signing_keys(refresh=refresh):
+                if key.key_id == kid:
+                    return key
+        return None
+
+    async def _key(self, token: str, alg: Any) -> Any:
+        if alg == SECRET_ALGORITHM and self._secret is not None:
+            return self._secret.reveal()
+        if alg in JWKS_ALGORITHMS and self._jwks is not None:
+            kid = jwt.get_unverified_header(token).get("kid")
+            try:
+                signing_key = await asyncio.to_thread(self._jwk_for, kid)
+            except jwt.PyJWTError as exc:  # the JWKS cannot be fetched or parsed
+                raise Unauthenticated(f"The token's signing key is not available: {exc}.") from None
+            if signing_key is None:
+                raise Unauthenticated("The token was signed by an unknown key.")
+            if signing_key.algorithm_name not in (None, alg):
+                raise Unauthenticated("The token's algorithm does not match its key.")
+            return signing_key.key
+        raise Unauthenticated("The token's algorithm is not accepted.")
+
+    async def verify(self, token: str) -> ExternalIdentity:
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise Unauthenticated("The bearer token is not a valid JWT.") from None
+        key = await self._key(token, alg)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[str(alg)],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=LEEWAY_SECONDS,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": self._audience is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("The token has expired.") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"The token is not valid: {exc}.") from None
+        return identity_from_claims(claims)
+
+
+def _unique_company_name(session: Session, wanted: str) -> str:
+    name = wanted[:180]
+    if session.scalars(select(Company).where(col(Company.name) == name)).first() is None:
+        return name
+    return f"{name}-{new_id()[:8]}"
+
+
+def _email_for(session: Session, ident: ExternalIdentity) -> str:
+    from control_plane.accounts import normalise_email
+
+    if ident.email is not None:
+        try:
+            email = normalise_email(ident.email)
+        except ValidationFailed:
+            email = None
+        # An existing account with this email is never taken over by an outside token.
+        if email is not None and find_user_by_email(session, email) is None:
+            return email
+    digest = hashlib.sha256(ident.sub.encode("utf-8")).hexdigest()[:32]
+    return f"{digest}@external.invalid"
+
+
+def provision(session: Session, ident: ExternalIdentity) -> tuple[User, Company]:
+    """The user and company of an external identity, created on first sight."""
+    company = session.scalars(
+        select(Company).where(col(Company.external_id) == ident.company_id)
+    ).first()
+    if company is None:
+        now = utcnow()
+        company = Company(
+            id=new_id(),
+            name=_unique_company_name(session, ident.company_name or ident.company_id),
+            balance_micro=0,
+            held_micro=0,
+            default_model=None,
+            created_at=now,
+            external_id=ident.company_id,
+        )
+        session.add(company)
+        session.flush()
+    user = session.scalars(select(User).where(col(User.external_id) == ident.sub)).first()
+    if user is None:
+        user = User(
+            id=new_id(),
+            company_id=company.id,
+            email=_email_for(session, ident),
+            password_hash=None,
+            role=ident.role,
+            created_at=utcnow(),
+            external_id=ident.sub,
+        )
+        session.add(user)
+        session.flush()
+    elif user.company_id != company.id:
+        raise Unauthenticated("This user belongs to another company.")
+    elif user.role != ident.role:
+        user.role = ident.role
+        session.flush()
+    return user, company
+
+
+async def provision_with_retry(db: Any, ident: ExternalIdentity) -> tuple[User, Company]:
+    """Two first requests of a new user race on the unique external ids: the loser's
+    transaction rolls back and the retry finds the winner's rows."""
+    try:
+        result: tuple[User, Company] = await db.transaction(lambda s: provision(s, ident))
+    except IntegrityError:
+        result = await db.transaction(lambda s: provision(s, ident))
+    return result

@@ -1,0 +1,134 @@
+"""Request shapes for the OpenAPI document: bodies and query parameters per
+operation. The handlers validate for themselves (`validation`, `chat_request`);
+these schemas describe the same rules for clients and for the schemathesis run in
+the test suite, which checks that no input, valid or not, gets a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR = {"type": "string", "minLength": 1, "maxLength": 200}
+_ID = {"type": "string", "minLength": 1, "maxLength": 64}
+_CREDITS = {"type": "string", "pattern": r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$"}
+_MESSAGE = {
+    "type": "object",
+    "properties": {
+        "role": {"enum": ["system", "user", "assistant"]},
+        "content": {"type": "string", "maxLength": 2000},
+    },
+    "required": ["role", "content"],
+}
+_SCOPES = {
+    "type": "array",
+    "items": {"enum": ["llm:chat:send", "llm:chat:read", "llm:chat:delete"]},
+    "minItems": 1,
+}
+_MODEL_SPEC = {
+    "type": "object",
+    "properties": {
+        "provider": {"type": "string"},
+        "upstream_model": _STR,
+        "context_length": {"type": "integer", "minimum": 1},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "features": {"type": "array", "items": {"type": "string"}},
+        "price": {
+            "type": "object",
+            "properties": {
+                "input_per_mtok": {"type": "string"},
+                "output_per_mtok": {"type": "string"},
+            },
+        },
+        "enabled": {"type": "boolean"},
+    },
+    "additionalProperties": False,
+}
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": required}
+
+
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/v1/auth/login"): _obj(
+        ["email", "password"], email={"type": "string", "format": "email"}, password=_STR
+    ),
+    ("post", "/v1/chat/init"): _obj(
+        [],
+        model=_STR,
+        messages={"type": "array", "items": _MESSAGE, "minItems": 1},
+        query={"type": "string", "minLength": 1, "maxLength": 2000},
+        session_id=_ID,
+        max_tokens={"type": "integer", "minimum": 1},
+        temperature={"type": "number", "minimum": 0, "maximum": 2},
+        top_p={"type": "number", "minimum": 0, "maximum": 1},
+        stop={"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        features={"type": "array", "items": {"type": "string"}},
+        tools={"type": "array", "items": {"type": "object"}},
+    ),
+    ("post", "/v1/webhooks/usage"): _obj(["type", "data"], type=_STR, data={"type": "object"}),
+    ("post", "/v1/admin/companies"): _obj(["name"], name=_STR, credits=_CREDITS),
+    ("post", "/v1/admin/companies/{company_id}/credits"): _obj(
+        ["amount"], amount=_CREDITS, reason={"type": "string", "maxLength": 500}
+    ),
+    ("post", "/v1/admin/companies/{company_id}/adjustments"): _obj(
+        ["amount", "reason"], amount=_CREDITS, reason={"type": "string", "maxLength": 500}
+    ),
+    ("post", "/v1/admin/users"): _obj(
+        ["company_id", "email", "role"],
+        company_id=_ID,
+        email={"type": "string", "format": "email"},
+        password={"type": "string", "minLength": 4, "maxLength": 1024},
+        role={"enum": ["member", "owner", "admin"]},
+    ),
+    ("post", "/v1/admin/api-keys"): _obj(["user_id"], user_id=_ID, scopes=_SCOPES),
+    ("put", "/v1/admin/companies/{company_id}/providers/{provider}"): {
+        **_obj(
+            [],
+            api_key={"type": ["string", "null"], "maxLength": 4096},
+            default_model={"type": ["string", "null"]},
+            models={"type": "object", "additionalProperties": _MODEL_SPEC},
+        ),
+        "additionalProperties": False,
+    },
+    ("post", "/v1/admin/revocations"): {
+        "type": "object",
+        "properties": {
+            "user_id": _ID,
+            "company_id": _ID,
+            "jti": _ID,
+            "reason": {"type": "string", "maxLength": 500},
+        },
+        "oneOf": [{"required": ["user_id"]}, {"required": ["company_id"]}, {"required": ["jti"]}],
+    },
+}
+
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+}
+_CURSOR = {"name": "cursor", "in": "query", "schema": {"type": "string"}}
+
+
+def _query(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": {"type": "string"}}
+
+
+QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("get", "/v1/models"): [_query("provider")],
+    ("get", "/v1/sessions"): [_LIMIT, _CURSOR],
+    ("get", "/v1/usage"): [_LIMIT, _CURSOR],
+    ("get", "/v1/credits"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/audit"): [_query("company_id"), _LIMIT, _CURSOR],
+    ("get", "/v1/admin/api-keys"): [_query("user_id"), _query("company_id"), _LIMIT, _CURSOR],
+    ("get", "/v1/admin/revocations"): [_query("company_id"), _LIMIT, _CURSOR],
+}
+
+HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("post", "/v1/admin/companies/{company_id}/credits"): [
+        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
+    ],
+    ("post", "/v1/admin/companies/{company_id}/adjustments"): [
+        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
+    ],
+}

@@ -1,0 +1,156 @@
+"""Revocations of a user, a company or one stream token (`jti`): the admin use case.
+
+A revocation does two things:
+
+* **the record** (`revocations` table, for audit and listing) and, for a user or a
+  company, the durable switch: ``disabled_at`` is set, so `auth` refuses that user
+  (or every user of that company) with 403 ``revoked`` from then on: access tokens,
+  API keys, trusted external JWTs and logins alike, and therefore new chat inits;
+* **the signal to the edges**: ``shared.revocations.revoke(store, kind, value, ttl)``
+  with ttl = token TTL + longest stream + 60 s, long enough to outlive every stream
+  token that could concern it. Edges refuse new streams at once and end running
+  ones with an ``error`` event ``revoked``.
+
+Lifting a revocation (``DELETE /v1/admin/revocations/{id}``) clears ``disabled_at``
+and deletes the store's key. Who may: the platform admin anything; an owner its own
+company's users and tokens (not the company itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane import policy
+from control_plane.accounts import actor_of
+from control_plane.errors import NotFound, ValidationFailed
+from control_plane.policy import Principal
+from control_plane.tables import Company, Reservation, Revocation, User, iso, new_id, utcnow
+from shared.settings import Settings
+
+TARGETS = (("user_id", "user"), ("company_id", "company"), ("jti", "jti"))
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: str
+    value: str
+
+
+def parse_target(doc: dict[str, Any]) -> Target:
+    """Exactly one of ``user_id``, ``company_id``, ``jti`` (a non-empty string)."""
+    given = [(field, kind) for field, kind in TARGETS if doc.get(field) is not None]
+    if len(given) != 1:
+        raise ValidationFailed("body", "send exactly one of user_id, company_id or jti")
+    field, kind = given[0]
+    value = doc[field]
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise ValidationFailed(field, "must be a non-empty string of at most 200 characters")
+    return Target(kind, value)
+
+
+def revocation_ttl(settings: Settings) -> int:
+    return settings.token_ttl_seconds + settings.max_stream_seconds + 60
+
+
+def revocation_public(row: Revocation) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "value": row.value,
+        "company_id": row.company_id,
+        "reason": row.reason,
+        "actor": row.actor,
+        "created_at": iso(row.created_at),
+        "expires_at": iso(row.expires_at),
+        "lifted_at": iso(row.lifted_at) if row.lifted_at else None,
+    }
+
+
+def _company_of(session: Session, target: Target) -> str | None:
+    """The company the target belongs to; None when there is no such target."""
+    if target.kind == "company":
+        return target.value if session.get(Company, target.value) is not None else None
+    if target.kind == "user":
+        user = session.get(User, target.value)
+        return user.company_id if user is not None else None
+    found = session.scalars(
+        select(col(Reservation.company_id)).where(col(Reservation.jti) == target.value)
+    ).first()
+    return str(found) if found is not None else None
+
+
+def _set_disabled(session: Session, kind: str, value: str, moment: datetime | None) -> None:
+    table: type[User] | type[Company] = User if kind == "user" else Company
+    session.execute(update(table).where(col(table.id) == value).values(disabled_at=moment))
+
+
+def create_revocation(
+    session: Session,
+    p: Principal,
+    target: Target,
+    reason: str | None,
+    ttl_seconds: int,
+) -> Revocation:
+    company_id = _company_of(session, target)
+    if company_id is None or not policy.can_revoke(p, target.kind, company_id):
+        raise NotFound(f"No such {target.kind.replace('jti', 'token')}.")
+    now = utcnow()
+    row = Revocation(
+        id=new_id(),
+        kind=target.kind,
+        value=target.value,
+        company_id=company_id,
+        reason=reason,
+        actor=actor_of(p),
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_seconds),
+        lifted_at=None,
+    )
+    session.add(row)
+    if target.kind in ("user", "company"):
+        _set_disabled(session, target.kind, target.value, now)
+    session.flush()
+    return row
+
+
+def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Revocation:
+    row = session.get(Revocation, revocation_id)
+    if row is None or row.company_id is None or not policy.can_revoke(p, row.kind, row.company_id):
+        raise NotFound("No such revocation.")
+    if row.lifted_at is None:
+        row.lifted_at = utcnow()
+        if row.kind in ("user", "company"):
+            _set_disabled(session, row.kind, row.value, None)
+        session.flush()
+    return row
+
+
+def list_revocations(
+    session: Session,
+    p: Principal,
+    company_id: str | None,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+) -> list[Revocation]:
+    """Newest first, `limit + 1` rows (the extra one says there is a next page)."""
+    if not policy.can_read_audit(p, company_id):
+        raise NotFound("No such company.")
+    stmt = select(Revocation)
+    if company_id is not None:
+        stmt = stmt.where(col(Revocation.company_id) == company_id)
+    if after is not None:
+        moment, last_id = after
+        stmt = stmt.where(
+            or_(
+                col(Revocation.created_at) < moment,
+                and_(col(Revocation.created_at) == moment, col(Revocation.id) < last_id),
+            )
+        )
+    stmt = stmt.order_by(col(Revocation.created_at).desc(), col(Revocation.id).desc())
+    return list(session.scalars(stmt.limit(limit + 1)))

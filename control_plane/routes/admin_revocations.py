@@ -1,0 +1,79 @@
+"""``/v1/admin/revocations``: revoke a user, a company or one stream token (`revoking`)."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from control_plane import revoking
+from control_plane.auth import authenticate
+from control_plane.deps import get_deps, read_json
+from control_plane.errors import ServiceUnavailable
+from control_plane.responses import no_content, ok
+from control_plane.validation import decode_cursor, encode_cursor, optional_str, page_limit
+from shared.revocations import revocation_key, revoke
+
+log = logging.getLogger("control_plane.revocations")
+
+
+async def create_revocation(request: Request) -> Response:
+    """Revoke a user, a company or one stream token (jti)."""
+    principal = await authenticate(request)
+    doc = await read_json(request)
+    target = revoking.parse_target(doc)
+    reason = optional_str(doc, "reason", max_len=500)
+    deps = get_deps(request)
+    ttl = revoking.revocation_ttl(deps.settings)
+    row = await deps.db.transaction(
+        lambda s: revoking.create_revocation(s, principal, target, reason, ttl)
+    )
+    try:
+        await revoke(deps.store, target.kind, target.value, ttl)
+    except Exception:
+        # The record and the disabled flag are committed (new inits are refused);
+        # only the edges' signal is missing. Repeating the request is safe.
+        log.exception("could not publish revocation %s to the store", row.id)
+        raise ServiceUnavailable(
+            "The revocation is recorded but the edges could not be told; retry."
+        ) from None
+    return ok(revoking.revocation_public(row), 201)
+
+
+async def lift_revocation(request: Request) -> Response:
+    """Lift a revocation: re-enable the user or company, forget the token."""
+    principal = await authenticate(request)
+    revocation_id = str(request.path_params["revocation_id"])
+    deps = get_deps(request)
+    row = await deps.db.transaction(lambda s: revoking.lift_revocation(s, principal, revocation_id))
+    try:
+        await deps.store.delete(revocation_key(row.kind, row.value))
+    except Exception:
+        log.exception("could not remove revocation %s from the store", row.id)
+        raise ServiceUnavailable("The store is unavailable; retry.") from None
+    return no_content()
+
+
+async def list_revocations(request: Request) -> Response:
+    """Revocations, newest first (platform admin: all or one company; owner: its own)."""
+    principal = await authenticate(request)
+    company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
+    if company_id is None and not principal.role == "admin":
+        company_id = principal.company_id
+    limit = page_limit(request.query_params.get("limit"))
+    after = decode_cursor(request.query_params.get("cursor"))
+    rows = await get_deps(request).db.transaction(
+        lambda s: revoking.list_revocations(s, principal, company_id, limit, after)
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return ok({"items": [revoking.revocation_public(r) for r in page], "next_cursor": next_cursor})
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/admin/revocations", create_revocation, methods=["POST"]),
+    Route("/v1/admin/revocations", list_revocations, methods=["GET"]),
+    Route("/v1/admin/revocations/{revocation_id}", lift_revocation, methods=["DELETE"]),
+]

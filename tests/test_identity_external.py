@@ -1,0 +1,241 @@
+"""Trusted external JWTs: HS256 with a shared secret, RS256/ES256/EdDSA from a JWKS
+served by a tiny test server; users and companies provisioned on first sight."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from control_plane.errors import Unauthenticated
+from control_plane.external_auth import identity_from_claims
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.test_control_plane import CP, data_of, error_of, start_cp
+
+SECRET = "an-existing-apps-hs256-secret-of-32-bytes+"
+AUDIENCE = "llm-gateway-users"
+
+
+def _keys() -> dict[str, Any]:
+    return {
+        "RS256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ES256": ec.generate_private_key(ec.SECP256R1()),
+        "EdDSA": ed25519.Ed25519PrivateKey.generate(),
+    }
+
+
+def _jwk(alg: str, key: Any) -> dict[str, Any]:
+    public = key.public_key()
+    algorithm = {
+        "RS256": jwt.algorithms.RSAAlgorithm,
+        "ES256": jwt.algorithms.ECAlgorithm,
+        "EdDSA": jwt.algorithms.OKPAlgorithm,
+    }[alg]
+    doc: dict[str, Any] = algorithm.to_jwk(public, as_dict=True)  # type: ignore[attr-defined]
+    doc.update({"kid": f"kid-{alg}", "alg": alg, "use": "sig"})
+    return doc
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Any]:
+    return _keys()
+
+
+@pytest.fixture(scope="module")
+def jwks_url(keys: dict[str, Any]) -> Iterator[str]:
+    document = {"keys": [_jwk(alg, key) for alg, key in keys.items()]}
+
+    async def jwks(request: Request) -> JSONResponse:
+        return JSONResponse(document)
+
+    app = Starlette(routes=[Route("/.well-known/jwks.json", jwks)])
+    sock = bind_free_socket()
+    with ServerGroup([(app, sock)]):
+        yield f"{url_of(sock)}/.well-known/jwks.json"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cp(request: pytest.FixtureRequest, tmp_path: Path, jwks_url: str) -> Iterator[CP]:
+    extra = {
+        "LLMGW_AUTH_JWT_SECRET": SECRET,
+        "LLMGW_AUTH_JWKS_URL": jwks_url,
+        "LLMGW_AUTH_JWT_AUDIENCE": AUDIENCE,
+    }
+    with start_cp(request, tmp_path, request.param, extra) as handle:
+        yield handle
+
+
+def _claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": f"ext-user-{uuid.uuid4().hex[:8]}",
+        "company_id": f"ext-co-{uuid.uuid4().hex[:8]}",
+        "role": "member",
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + 300,
+    }
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def _token(keys: dict[str, Any], alg: str, **changes: Any) -> str:
+    if alg == "HS256":
+        return jwt.encode(_claims(**changes), SECRET, algorithm="HS256")
+    return jwt.encode(_claims(**changes), keys[alg], algorithm=alg, headers={"kid": f"kid-{alg}"})
+
+
+@pytest.mark.parametrize("alg", ["HS256", "RS256", "ES256", "EdDSA"])
+def test_each_algorithm_provisions_on_first_sight(cp: CP, keys: dict[str, Any], alg: str) -> None:
+    claims = _claims(email="Ext.Person@Example.com", company_name="Acme " + alg)
+    token = _token(keys, alg, **claims)
+    me = data_of(cp.client(token).get("/v1/me"))
+    assert me["user"]["role"] == "member" and me["user"]["email"] == "ext.person@example.com"
+    assert me["company"]["name"] == "Acme " + alg
+    assert me["credits"] == {"balance": "0.000000", "held": "0.000000", "available": "0.000000"}
+    # Second sight: the same user and company, not new ones; the role follows the token.
+    again = data_of(cp.client(_token(keys, alg, **{**claims, "role": "owner"})).get("/v1/me"))
+    assert again["user"]["id"] == me["user"]["id"] and again["company"] == me["company"]
+    assert again["user"]["role"] == "owner"
+    # A new company has no credits: init is refused with 402, not an error.
+    error_of(
+        cp.client(token).post("/v1/chat/init", json={"query": "hi"}), 402, "insufficient_credits"
+    )
+    # Credits granted to the provisioned company make it work.
+    data_of(
+        cp.admin.post(
+            f"/v1/admin/companies/{me['company']['id']}/credits",
+            json={"amount": "1", "reason": "welcome"},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        ),
+        201,
+    )
+    data_of(cp.client(token).post("/v1/chat/init", json={"query": "hi"}), 201)
+
+
+def test_bad_tokens_are_refused(cp: CP, keys: dict[str, Any]) -> None:
+    now = int(time.time())
+    other_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cases = {
+        "wrong secret": jwt.encode(_claims(), "another-secret-that-is-32-bytes-long!", "HS256"),
+        "wrong key": jwt.encode(_claims(), other_rsa, "RS256", headers={"kid": "kid-RS256"}),
+        "expired": _token(keys, "ES256", iat=now - 600, exp=now - 120),
+        "expired hs256": _token(keys, "HS256", iat=now - 600, exp=now - 120),
+        "no exp": _token(keys, "HS256", exp=None),
+        "wrong audience": _token(keys, "EdDSA", aud="someone-else"),
+        "unknown kid": jwt.encode(_claims(), keys["RS256"], "RS256", headers={"kid": "nope"}),
+        "alg none": jwt.encode(_claims(), None, algorithm="none"),
+        "RS384 not allowed": jwt.encode(
+            _claims(), keys["RS256"], "RS384", headers={"kid": "kid-RS256"}
+        ),
+        "no company": _token(keys, "HS256", company_id=None),
+        "bad role": _token(keys, "HS256", role="superuser"),
+        "garbage": "not.a.jwt",
+    }
+    for name, token in cases.items():
+        r = cp.client(token).get("/v1/me")
+        assert r.status_code == 401, (name, r.text)
+        assert r.json()["error"]["code"] == "unauthenticated", name
+
+
+def test_roles_scopes_and_companies(cp: CP, keys: dict[str, Any]) -> None:
+    # `admin` from another app is capped at owner: never a platform admin.
+    admin_token = _token(keys, "RS256", role="admin")
+    assert data_of(cp.client(admin_token).get("/v1/me"))["user"]["role"] == "owner"
+    error_of(
+        cp.client(admin_token).post("/v1/admin/companies", json={"name": "x"}), 403, "forbidden"
+    )
+    # Scopes narrow the role's: read-only cannot init.
+    reader = _token(keys, "HS256", scopes=["llm:chat:read"])
+    data_of(cp.client(reader).get("/v1/sessions"))
+    error_of(cp.client(reader).post("/v1/chat/init", json={"query": "hi"}), 403, "forbidden")
+    # Two users of one new company share it; a user cannot hop to another company.
+    company = f"shared-{uuid.uuid4().hex[:6]}"
+    first = data_of(cp.client(_token(keys, "HS256", company_id=company)).get("/v1/me"))
+    second = data_of(cp.client(_token(keys, "ES256", company_id=company)).get("/v1/me"))
+    assert first["company"]["id"] == second["company"]["id"]
+    hopper = _claims(company_id=company)
+    data_of(cp.client(_token(keys, "HS256", **hopper)).get("/v1/me"))
+    moved = {**hopper, "company_id": "elsewhere-" + uuid.uuid4().hex[:6]}
+    error_of(cp.client(_token(keys, "HS256", **moved)).get("/v1/me"), 401, "unauthenticated")
+    # Revoking a provisioned user works like any other.
+    user = data_of(cp.client(_token(keys, "HS256", **hopper)).get("/v1/me"))["user"]
+    data_of(cp.admin.post("/v1/admin/revocations", json={"user_id": user["id"]}), 201)
+    error_of(cp.client(_token(keys, "HS256", **hopper)).get("/v1/me"), 403, "revoked")
+    # Our own access tokens still work next to external ones.
+    owner = cp.user(first["company"]["id"])
+    login = data_of(
+        cp.client().post(
+            "/v1/auth/login", json={"email": owner["email"], "password": "correct horse"}
+        )
+    )
+    assert data_of(cp.client(login["access_token"]).get("/v1/me"))["user"]["id"] == owner["id"]
+
+
+@pytest.mark.parametrize(
+    ("claims", "role", "scopes"),
+    [
+        ({"role": "owner"}, "owner", None),
+        ({"role": "admin"}, "owner", None),
+        ({"role": "member", "scope": "llm:chat:read other"}, "member", ("llm:chat:read", "other")),
+        ({"role": "member", "scopes": ["llm:chat:send"]}, "member", ("llm:chat:send",)),
+    ],
+)
+def test_identity_from_claims(claims: dict[str, Any], role: str, scopes: Any) -> None:
+    ident = identity_from_claims({"sub": "s", "company_id": "c", **claims})
+    assert (ident.role, ident.scopes) == (role, scopes)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"company_id": "c", "role": "member"},
+        {"sub": "s", "role": "member"},
+        {"sub": "s", "company_id": "c"},
+        {"sub": "s", "company_id": "c", "role": "member", "scopes": [1]},
+        {"sub": "", "company_id": "c", "role": "member"},
+        {"sub": "s", "company_id": "c" * 201, "role": "member"},
+    ],
+)
+def test_identity_from_claims_rejects(claims: dict[str, Any]) -> None:
+    with pytest.raises(Unauthenticated):
+        identity_from_claims(claims)
+
+
+def test_settings_for_identity_and_limits() -> None:
+    from shared.settings import ConfigError, Settings
+    from tests.conftest import new_webhook_secret
+
+    base = {"LLMGW_WEBHOOK_SECRET": new_webhook_secret()}
+    settings = Settings.from_env(base)
+    assert (settings.init_rate_per_user, settings.init_rate_per_company) == (120, 1200)
+    assert settings.auth_jwt_secret is None and settings.auth_jwks_url is None
+    settings = Settings.from_env(
+        {
+            **base,
+            "LLMGW_AUTH_JWT_SECRET": SECRET,
+            "LLMGW_AUTH_JWKS_URL": "https://idp.example/.well-known/jwks.json",
+            "LLMGW_AUTH_JWT_ISSUER": "https://idp.example/",
+            "LLMGW_INIT_RATE_PER_USER": "5",
+        }
+    )
+    assert settings.auth_jwt_secret is not None and SECRET not in repr(settings)
+    assert settings.auth_jwt_issuer == "https://idp.example/" and settings.init_rate_per_user == 5
+    for name, value in (
+        ("LLMGW_AUTH_JWT_SECRET", "short"),
+        ("LLMGW_AUTH_JWKS_URL", "ftp://idp"),
+        ("LLMGW_INIT_RATE_PER_USER", "0"),
+        ("LLMGW_INIT_RATE_PER_COMPANY", "many"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({**base, name: value})

@@ -1,0 +1,285 @@
+"""Per-company LLM configuration: provider keys (encrypted, never returned), model
+overrides and additions, the company's catalog, and what init does with them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import select
+
+from control_plane.company_llm import company_catalog, merge_model, parse_models
+from control_plane.errors import ValidationFailed
+from control_plane.tables import CompanyModel, CompanyProvider, SigningKey
+from shared.catalog import CatalogError, load_catalog
+from shared.pricing import estimate_input_tokens
+from shared.route_claim import CLAIM, route_cipher, unseal
+from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
+
+CATALOG = load_catalog(None)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, request.param) as handle:
+        yield handle
+
+
+def _claims(init: dict[str, Any]) -> dict[str, Any]:
+    return dict(jwt.decode(init["stream_token"], options={"verify_signature": False}))
+
+
+def _route(cp: CP, init: dict[str, Any]) -> Any:
+    claims = _claims(init)
+    if CLAIM not in claims:
+        return None
+    return unseal(claims[CLAIM], route_cipher(cp.settings.webhook_secret.reveal()))
+
+
+# --- pure -----------------------------------------------------------------------------
+
+
+def test_merge_model_overrides_fields_and_prices() -> None:
+    base = CATALOG.models["gpt-4o-mini"]
+    merged = merge_model(base, base.id, "openrouter", {"price": {"input_per_mtok": "0.2"}})
+    assert merged.provider == "openrouter" and merged.upstream_model == "gpt-4o-mini"
+    assert str(merged.price.input_per_mtok) == "0.2"
+    assert merged.price.output_per_mtok == base.price.output_per_mtok
+    with pytest.raises(CatalogError, match="context_length"):
+        merge_model(None, "new", "openai", {"max_output_tokens": 5, "price": {}})
+
+
+@pytest.mark.parametrize(
+    ("models", "field"),
+    [
+        ([], "models"),
+        ({"x y": {}}, "models.x y"),
+        ({"m": []}, "models.m"),
+        ({"m": {"colour": "red"}}, "models.m.colour"),
+        ({"mock-fast": {"provider": "openai"}}, "models.mock-fast.provider"),
+        ({"mock-fast": {"context_length": -1}}, "models.mock-fast"),
+        ({"mock-fast": {"enabled": "no"}}, "models.mock-fast.enabled"),
+        ({"brand-new": {"context_length": 10}}, "models.brand-new"),  # no price
+        ({"mock-fast": {"price": {"input_per_mtok": "x"}}}, "models.mock-fast"),
+    ],
+)
+def test_parse_models_rejects(models: Any, field: str) -> None:
+    with pytest.raises(ValidationFailed) as info:
+        parse_models(models, "mock", CATALOG)
+    assert info.value.field == field
+
+
+def test_company_catalog_merges_adds_and_hides() -> None:
+    rows = [
+        CompanyModel(model_id="mock-fast", provider="mock", spec={"context_length": 4096}),
+        CompanyModel(model_id="mock-chat", provider="mock", spec={"enabled": False}),
+        CompanyModel(
+            model_id="mine",
+            provider="openai",
+            spec={
+                "upstream_model": "gpt-x",
+                "context_length": 1000,
+                "max_output_tokens": 100,
+                "features": ["streaming", "tools"],
+                "price": {"input_per_mtok": 1, "output_per_mtok": 2},
+            },
+        ),
+    ]
+    view = company_catalog(CATALOG, rows, "mock-chat")
+    assert view.models["mock-fast"].context_length == 4096
+    assert "mock-chat" not in view.models and view.disabled == {"mock-chat"}
+    assert view.models["mine"].upstream_model == "gpt-x"
+    assert view.custom == {"mock-fast", "mine"}
+    assert view.default_model == CATALOG.default_model  # its default is hidden
+
+
+# --- over HTTP ------------------------------------------------------------------------
+
+
+def test_provider_key_is_encrypted_never_returned_and_routes_the_stream(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    secret_key = "sk-company-own-" + "z" * 20
+    r = client.put(
+        f"/v1/admin/companies/{company_id}/providers/openai", json={"api_key": secret_key}
+    )
+    data = data_of(r)
+    assert data == {
+        "provider": "openai",
+        "has_key": True,
+        "default_model": "mock-fast",
+        "models": [],
+    }
+    assert secret_key not in r.text
+    listed = client.get(f"/v1/admin/companies/{company_id}/providers")
+    assert secret_key not in listed.text
+    assert data_of(listed)["items"][0]["has_key"] is True
+
+    # Stored encrypted.
+    db = cp.app.state.db
+    rows = cp.on_loop(lambda: db.transaction(lambda s: list(s.scalars(select(CompanyProvider)))))
+    assert rows and all(secret_key not in (r.api_key_encrypted or "") for r in rows)
+
+    # A model of that provider gets the sealed route with the company's key ...
+    init = data_of(
+        client.post(
+            "/v1/chat/init",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        201,
+    )
+    route = _route(cp, init)
+    assert route.api_key == secret_key and route.provider == "openai"
+    assert route.base_url == "https://api.openai.com/v1" and route.upstream_model == "gpt-4o-mini"
+    assert secret_key not in init["stream_token"]
+    # ... a model of another provider does not.
+    init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
+    assert _route(cp, init) is None
+
+    # Removing the key: back to the platform's.
+    r = client.put(f"/v1/admin/companies/{company_id}/providers/openai", json={"api_key": None})
+    assert data_of(r)["has_key"] is False
+    init = data_of(client.post("/v1/chat/init", json={"model": "gpt-4o-mini", "query": "x"}), 201)
+    assert _route(cp, init) is None
+
+
+@sqlite_only
+def test_company_models_default_model_and_init_checks(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    other, _ = cp.owner_client("10")
+    body = {
+        "default_model": "house",
+        "models": {
+            "house": {
+                "upstream_model": "mock-chat",
+                "context_length": 300,
+                "max_output_tokens": 64,
+                "features": ["streaming"],
+                "price": {"input_per_mtok": "1", "output_per_mtok": "1"},
+            },
+            "mock-chat": {"enabled": False},
+        },
+    }
+    data = data_of(client.put(f"/v1/admin/companies/{company_id}/providers/mock", json=body))
+    assert data["has_key"] is False and data["default_model"] == "house"
+    assert {m["id"]: m["enabled"] for m in data["models"]} == {"house": True, "mock-chat": False}
+
+    models = data_of(client.get("/v1/models"))
+    ids = [m["id"] for m in models["models"]]
+    assert models["default_model"] == "house" and "house" in ids and "mock-chat" not in ids
+    assert [m["id"] for m in data_of(client.get("/v1/models?provider=openai"))["models"]] == [
+        "gpt-4o-mini"
+    ]
+    # Other companies see the packaged catalog.
+    assert "house" not in [m["id"] for m in data_of(other.get("/v1/models"))["models"]]
+    error_of(
+        other.post("/v1/chat/init", json={"model": "house", "query": "x"}), 404, "model_not_found"
+    )
+
+    # The company's default is its own model, routed by a sealed claim (no key).
+    init = data_of(client.post("/v1/chat/init", json={"query": "hello"}), 201)
+    assert init["model"] == "house" and init["max_tokens"] == 64
+    route = _route(cp, init)
+    assert route.upstream_model == "mock-chat" and route.api_key is None
+    assert route.base_url == "http://127.0.0.1:8002/v1"
+
+    # A hidden model is refused; a feature the model lacks is refused.
+    error_of(
+        client.post("/v1/chat/init", json={"model": "mock-chat", "query": "x"}),
+        403,
+        "model_not_allowed",
+    )
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    error_of(
+        client.post("/v1/chat/init", json={"query": "x", "tools": tools}),
+        422,
+        "unsupported_feature",
+    )
+    error_of(
+        client.post("/v1/chat/init", json={"query": "x", "features": ["vision"]}),
+        422,
+        "unsupported_feature",
+    )
+    ok = data_of(
+        client.post("/v1/chat/init", json={"model": "gpt-4o-mini", "query": "x", "tools": tools}),
+        201,
+    )
+    assert ok["model"] == "gpt-4o-mini"
+
+    # The input is fitted to the context: a long session history is trimmed from the
+    # oldest turn, the default output budget shrinks to what is left.
+    first = data_of(client.post("/v1/chat/init", json={"query": "a" * 750}), 201)
+    estimate = estimate_input_tokens([{"role": "user", "content": "a" * 750}])
+    assert first["max_tokens"] == 300 - estimate < 64
+    error_of(client.post("/v1/chat/init", json={"query": "b" * 900}), 413, "input_too_large")
+    follow = data_of(
+        client.post("/v1/chat/init", json={"query": "c" * 500, "session_id": first["session_id"]}),
+        201,
+    )
+    assert follow["session_id"] == first["session_id"]
+
+    # Validation and permissions.
+    error_of(
+        client.put(f"/v1/admin/companies/{company_id}/providers/nope", json={}), 404, "not_found"
+    )
+    error_of(
+        client.put(f"/v1/admin/companies/{company_id}/providers/mock", json={"default_model": "x"}),
+        422,
+        "validation_error",
+    )
+    error_of(
+        client.put(f"/v1/admin/companies/{company_id}/providers/mock", json={"api_key": 5}),
+        422,
+        "validation_error",
+    )
+    error_of(
+        other.put(f"/v1/admin/companies/{company_id}/providers/mock", json={"api_key": "k"}),
+        404,
+        "not_found",
+    )
+    member = cp.user(company_id, role="member", password=None)
+    member_client = cp.client(cp.api_key(member["id"]))
+    error_of(
+        member_client.put(f"/v1/admin/companies/{company_id}/providers/mock", json={}),
+        404,
+        "not_found",
+    )
+    # Deleting the provider's configuration restores the packaged view.
+    assert client.delete(f"/v1/admin/companies/{company_id}/providers/mock").status_code == 204
+    assert "mock-chat" in [m["id"] for m in data_of(client.get("/v1/models"))["models"]]
+
+
+@sqlite_only
+def test_encryption_key_rotation_reencrypts_stored_secrets(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    data_of(
+        client.put(
+            f"/v1/admin/companies/{company_id}/providers/openai", json={"api_key": "sk-old-key"}
+        )
+    )
+    # Platform admin only.
+    error_of(client.post("/v1/admin/encryption-keys/rotate"), 403, "forbidden")
+    # Put a new key first (as an operator would in LLMGW_ENCRYPTION_KEY) and rotate.
+    from cryptography.fernet import MultiFernet
+
+    old = cp.app.state.deps.fernet
+    new_key = Fernet(Fernet.generate_key())
+    cp.app.state.deps.fernet = MultiFernet([new_key, *old._fernets])
+    done = data_of(cp.admin.post("/v1/admin/encryption-keys/rotate"), 201)
+    assert done["provider_keys"] == 1 and done["signing_keys"] >= 1 and done["failed"] == []
+    db = cp.app.state.db
+
+    def rows(s: Any) -> list[str]:
+        keys = [r.api_key_encrypted for r in s.scalars(select(CompanyProvider))]
+        keys += [r.private_key_encrypted for r in s.scalars(select(SigningKey))]
+        return keys
+
+    # Everything now decrypts with the new key alone.
+    for token in cp.on_loop(lambda: db.transaction(rows)):
+        new_key.decrypt(token.encode())
+    cp.app.state.deps.fernet = MultiFernet([new_key])
+    init = data_of(client.post("/v1/chat/init", json={"model": "gpt-4o-mini", "query": "x"}), 201)
+    assert _route(cp, init).api_key == "sk-old-key"

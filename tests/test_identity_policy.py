@@ -1,0 +1,118 @@
+"""Every policy function as one table: (who, action, arguments) → allowed. Deny by
+default: a row missing here is a policy nobody decided."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from control_plane import policy
+from control_plane.policy import Principal
+from shared.tokens import ALL_SCOPES, SCOPE_READ, SCOPE_SEND
+
+
+def _p(
+    role: str,
+    company: str | None = "c1",
+    scopes: tuple[str, ...] = ALL_SCOPES,
+    user: str | None = "u1",
+) -> Principal:
+    return Principal(
+        user_id=None if company is None else user,
+        company_id=company,
+        role=role,
+        scopes=frozenset(scopes),
+        via="t",
+    )
+
+
+ADMIN_TOKEN = _p("admin", None, ())
+ADMIN_USER = _p("admin", "c9")
+OWNER = _p("owner")
+MEMBER = _p("member", scopes=(SCOPE_SEND, SCOPE_READ))
+READER = _p("member", scopes=(SCOPE_READ,))
+SENDER = _p("member", scopes=(SCOPE_SEND,))
+ROLELESS = _p("nobody", scopes=())
+
+F = Callable[..., bool]
+TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
+    (policy.can_chat, MEMBER, (), True),
+    (policy.can_chat, SENDER, (), True),
+    (policy.can_chat, READER, (), False),
+    (policy.can_chat, ADMIN_TOKEN, (), False),  # no user, no company
+    (policy.can_chat, ROLELESS, (), False),
+    (policy.can_read_own_data, READER, (), True),
+    (policy.can_read_own_data, SENDER, (), False),
+    (policy.can_read_own_data, ADMIN_TOKEN, (), False),
+    (policy.sees_whole_company, OWNER, (), True),
+    (policy.sees_whole_company, MEMBER, (), False),
+    (policy.can_read_session, MEMBER, ("u1", "c1"), True),
+    (policy.can_read_session, MEMBER, ("u2", "c1"), False),
+    (policy.can_read_session, OWNER, ("u2", "c1"), True),
+    (policy.can_read_session, OWNER, ("u2", "c2"), False),  # another company
+    (policy.can_read_session, SENDER, ("u1", "c1"), False),  # no read scope
+    (policy.can_delete_session, MEMBER, ("u1", "c1"), False),  # no delete scope
+    (policy.can_delete_session, OWNER, ("u2", "c1"), True),
+    (policy.can_delete_session, OWNER, ("u2", "c2"), False),
+    (policy.can_use_session, MEMBER, ("u1", "c1"), True),
+    (policy.can_use_session, OWNER, ("u2", "c1"), False),  # only its own user
+    (policy.can_use_session, READER, ("u1", "c1"), False),
+    (policy.can_create_company, ADMIN_TOKEN, (), True),
+    (policy.can_create_company, ADMIN_USER, (), True),
+    (policy.can_create_company, OWNER, (), False),
+    (policy.can_grant_credits, ADMIN_TOKEN, ("c1",), True),
+    (policy.can_grant_credits, OWNER, ("c1",), False),  # would mint money
+    (policy.can_adjust_credits, ADMIN_TOKEN, ("c1",), True),
+    (policy.can_adjust_credits, OWNER, ("c1",), False),
+    (policy.can_read_audit, ADMIN_TOKEN, (None,), True),
+    (policy.can_read_audit, OWNER, ("c1",), True),
+    (policy.can_read_audit, OWNER, (None,), False),
+    (policy.can_read_audit, MEMBER, ("c1",), False),
+    (policy.can_admin_company, OWNER, ("c1",), True),
+    (policy.can_admin_company, OWNER, ("c2",), False),
+    (policy.can_admin_company, MEMBER, ("c1",), False),
+    (policy.can_admin_company, ADMIN_TOKEN, ("c2",), True),
+    (policy.can_assign_role, OWNER, ("owner",), True),
+    (policy.can_assign_role, OWNER, ("admin",), False),
+    (policy.can_assign_role, ADMIN_TOKEN, ("admin",), True),
+    (policy.can_rotate_signing_keys, ADMIN_TOKEN, (), True),
+    (policy.can_rotate_signing_keys, OWNER, (), False),
+    (policy.can_revoke, ADMIN_TOKEN, ("company", "c1"), True),
+    (policy.can_revoke, OWNER, ("user", "c1"), True),
+    (policy.can_revoke, OWNER, ("jti", "c1"), True),
+    (policy.can_revoke, OWNER, ("company", "c1"), False),  # not its own company
+    (policy.can_revoke, OWNER, ("user", "c2"), False),
+    (policy.can_revoke, MEMBER, ("jti", "c1"), False),
+    (policy.can_configure_llm, OWNER, ("c1",), True),
+    (policy.can_configure_llm, OWNER, ("c2",), False),
+    (policy.can_configure_llm, MEMBER, ("c1",), False),
+    (policy.can_configure_llm, ADMIN_TOKEN, ("c1",), True),
+    (policy.can_rotate_encryption, ADMIN_TOKEN, (), True),
+    (policy.can_rotate_encryption, OWNER, (), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("check", "who", "args", "allowed"),
+    TABLE,
+    ids=[f"{c.__name__}-{w.role}-{w.company_id}-{'/'.join(map(str, a))}" for c, w, a, _ in TABLE],
+)
+def test_policy(check: F, who: Principal, args: tuple[Any, ...], allowed: bool) -> None:
+    assert check(who, *args) is allowed
+
+
+def test_every_policy_function_is_in_the_table() -> None:
+    functions = {
+        name
+        for name in dir(policy)
+        if name.startswith(("can_", "sees_")) and callable(getattr(policy, name))
+    }
+    assert functions == {check.__name__ for check, *_ in TABLE}
+
+
+def test_role_scopes() -> None:
+    assert policy.scopes_for_role("member") == (SCOPE_SEND, SCOPE_READ)
+    assert policy.scopes_for_role("owner") == ALL_SCOPES == policy.scopes_for_role("admin")
+    assert policy.scopes_for_role("unknown") == ()

@@ -1,0 +1,75 @@
+"""Chat sessions under scopes and tenancy: who lists, reads, continues and deletes
+which session; the webhook's answer lands in the history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_control_plane import CP, data_of, error_of, start_cp, usage_event
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, request.param) as handle:
+        yield handle
+
+
+def test_sessions_scopes_and_tenancy(cp: CP) -> None:
+    company_id = cp.company("10")
+    owner = cp.client(cp.api_key(cp.user(company_id, "owner")["id"]))
+    alice_user = cp.user(company_id, "member")
+    alice = cp.client(cp.api_key(alice_user["id"]))
+    bob = cp.client(cp.api_key(cp.user(company_id, "member")["id"]))
+    reader = cp.client(cp.api_key(alice_user["id"], ["llm:chat:read"]))
+    sender = cp.client(cp.api_key(alice_user["id"], ["llm:chat:send"]))
+    outsider, _ = cp.owner_client("10")
+
+    first = data_of(alice.post("/v1/chat/init", json={"query": "what is 2+2?"}), 201)
+    sid = first["session_id"]
+    assert cp.webhook(usage_event(first, company_id, content="4")).status_code == 200
+    cancelled = data_of(
+        alice.post("/v1/chat/init", json={"query": "and 3+3?", "session_id": sid}), 201
+    )
+    event = usage_event(cancelled, company_id, status="cancelled", content="6 (cut")
+    assert cp.webhook(event).status_code == 200
+    failed = data_of(
+        alice.post("/v1/chat/init", json={"query": "and 4+4?", "session_id": sid}), 201
+    )
+    event = usage_event(failed, company_id, status="failed", output_tokens=0, content="")
+    assert cp.webhook(event).status_code == 200
+    data_of(bob.post("/v1/chat/init", json={"query": "bob's own"}), 201)
+
+    history = data_of(alice.get(f"/v1/sessions/{sid}"))["messages"]
+    assert [(m["role"], m["content"]) for m in history] == [
+        ("user", "what is 2+2?"),
+        ("assistant", "4"),
+        ("user", "and 3+3?"),
+        ("assistant", "6 (cut"),
+        ("user", "and 4+4?"),
+    ]
+
+    # Members see their own sessions; the owner sees the company's; outsiders nothing.
+    assert [s["id"] for s in data_of(alice.get("/v1/sessions"))["items"]] == [sid]
+    assert sid not in [s["id"] for s in data_of(bob.get("/v1/sessions"))["items"]]
+    assert len(data_of(owner.get("/v1/sessions"))["items"]) == 2
+    assert data_of(outsider.get("/v1/sessions"))["items"] == []
+    for client in (bob, outsider):
+        error_of(client.get(f"/v1/sessions/{sid}"), 404, "session_not_found")
+        error_of(client.delete(f"/v1/sessions/{sid}"), 404, "session_not_found")
+        error_of(
+            client.post("/v1/chat/init", json={"query": "x", "session_id": sid}),
+            404,
+            "session_not_found",
+        )
+
+    # Scopes: read without send, send without read, delete only with llm:chat:delete.
+    assert data_of(reader.get(f"/v1/sessions/{sid}"))["id"] == sid
+    error_of(reader.post("/v1/chat/init", json={"query": "x"}), 403, "forbidden")
+    error_of(sender.get("/v1/sessions"), 403, "forbidden")
+    error_of(sender.get(f"/v1/sessions/{sid}"), 404, "session_not_found")
+    error_of(alice.delete(f"/v1/sessions/{sid}"), 403, "forbidden")
+    assert owner.delete(f"/v1/sessions/{sid}").status_code == 204
+    error_of(alice.get(f"/v1/sessions/{sid}"), 404, "session_not_found")
