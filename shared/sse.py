@@ -44,10 +44,6 @@ def encode_data(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-def encode_comment(text: str = "") -> bytes:
-    return f": {text}\n\n".encode()
-
-
 class SSEDecoder:
     """Incremental event-stream decoder: ``feed(bytes)`` yields complete events."""
 

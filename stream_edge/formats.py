@@ -150,7 +150,3 @@ class EventSourceWriter:
 
     def error(self, code: str, message: str) -> bytes:
         return self._next("error", {"code": code, "message": message})
-
-
-def is_failure(event: UpstreamEvent) -> bool:
-    return isinstance(event, Failure)

@@ -188,10 +188,10 @@ class StreamJob:
         if self._counted_active:
             metrics.streams_active.dec()
         metrics.streams_total.labels(status).inc()
-        metrics.duration.observe(time.perf_counter() - self.accepted_at)
+        duration = time.perf_counter() - self.accepted_at
+        metrics.duration.observe(duration)
         metrics.tokens.labels("input").inc(event.input_tokens)
         metrics.tokens.labels("output").inc(event.output_tokens)
-        duration = time.perf_counter() - self.accepted_at
         log.info(
             "stream %s",
             status,
