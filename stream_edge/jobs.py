@@ -4,6 +4,7 @@ and report usage exactly once, whatever happens (done, client gone, backend fail
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -25,6 +26,10 @@ from stream_edge.upstream_client import open_stream
 from stream_edge.usage_report import usage_event
 
 log = logging.getLogger("llmgw.edge.jobs")
+
+
+# The usage report must survive a store hiccup: about 3 s of retries in all.
+ENQUEUE_ATTEMPTS = 5
 
 
 def done_key(jti: str) -> str:
@@ -210,9 +215,13 @@ class StreamJob:
             await self.state.limits.release(self.grant)
         except Exception:  # the slot then expires at the stream's maximum life
             log.warning("could not release stream slots for %s", self.grant.request_id)
-        try:
-            await self.state.outbox.enqueue(event)
-        except Exception:
-            # The store is down: the control plane's sweeper will settle the hold from
-            # the deadline. Log loudly; never lose the client's stream over it.
-            log.exception("could not enqueue usage for %s", self.grant.request_id)
+        for attempt in range(ENQUEUE_ATTEMPTS):
+            try:
+                await self.state.outbox.enqueue(event)
+                return
+            except Exception as exc:  # the store is overloaded or briefly down
+                log.warning("enqueueing usage failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(0.1 * 2**attempt)
+        # Still down: the control plane's sweeper settles the hold from the last
+        # checkpoint after its deadline. Never lose the client's stream over it.
+        log.error("could not enqueue usage for %s", self.grant.request_id)

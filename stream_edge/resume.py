@@ -23,7 +23,7 @@ from shared.store import Store
 log = logging.getLogger("llmgw.edge.resume")
 
 MAX_EVENTS = 20_000  # bounds a stream's log; far above any model's output length
-FLUSH_DELAY = 0.01  # batch frames written within 10 ms into one store round trip
+FLUSH_DELAY = 0.05  # batch frames written within 50 ms into one store round trip
 POLL_INTERVAL = 0.05
 HEARTBEAT_TTL = 3.0
 

@@ -113,16 +113,12 @@ class Streamed(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._state.active.add(self)
-        watcher = (
-            asyncio.create_task(self._watch_revocations(self._grant))
-            if self._grant is not None
-            else None
-        )
+        grant = self._grant
+        if grant is not None:
+            self._inner.add_watcher(lambda: self._watch_revocations(grant))
         try:
             await self._inner(scope, receive, send)
         finally:
-            if watcher is not None:
-                watcher.cancel()
             self._state.active.discard(self)
 
 
