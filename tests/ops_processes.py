@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REDIS_URL
 from tests.harness import bind_free_socket
-from tests.stack import Client, base_env
+from tests.stack import Client, base_env, wait_healthy
 
 CLI = [sys.executable, "-m", "llm_gateway.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,20 +111,7 @@ class ProcessStack:
         return self
 
     def _wait_healthy(self, name: str, timeout: float = 45) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"{name} exited with {proc.returncode}:\n{self.log_path(name).read_text()}"
-                )
-            try:
-                if httpx.get(f"{self.urls[name]}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{name} did not become healthy:\n{self.log_path(name).read_text()}")
+        wait_healthy(self.urls[name], self.procs[name], timeout, self.log_path(name))
 
     def stop(self) -> None:
         """SIGTERM (the graceful path), then SIGKILL for whatever is left."""

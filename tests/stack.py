@@ -242,6 +242,30 @@ class SplitStack:
             self.stop(name)
 
 
+def wait_healthy(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 30,
+    log_path: Path | None = None,
+) -> None:
+    """Wait until `url`/healthz answers 200; fail at once if the process exits."""
+
+    def log() -> str:
+        return f":\n{log_path.read_text()}" if log_path is not None and log_path.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{url} exited with {process.returncode}{log()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become healthy{log()}")
+
+
 @contextlib.contextmanager
 def edge_process(
     split: SplitStack, tmp_path: Path, **overrides: str
@@ -273,16 +297,7 @@ def edge_process(
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, f"the edge exited with {process.returncode}"
-            try:
-                if httpx.get(f"{split.url('edge')}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the edge did not start"
-            time.sleep(0.1)
+        wait_healthy(split.url("edge"), process, log_path=tmp_path / "edge.log")
         yield process
     finally:
         if process.poll() is None:

@@ -10,16 +10,14 @@ import math
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import REDIS_URL
 from tests.harness import bind_free_socket
-from tests.stack import Client, base_env, micro
+from tests.stack import Client, base_env, micro, wait_healthy
 
 CLI = [sys.executable, "-m", "llm_gateway.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,20 +28,6 @@ def free_port() -> int:
     port: int = sock.getsockname()[1]
     sock.close()
     return port
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{url} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not become healthy")
 
 
 @pytest.fixture
