@@ -48,12 +48,15 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
-        # A blocking pool: under a burst, callers wait briefly for a connection instead
-        # of failing (the default pool raises once it is exhausted).
+        # A blocking pool: under a burst, callers wait for a connection instead of
+        # failing (the default pool raises once it is exhausted). An edge relaying
+        # thousands of streams keeps hundreds of commands in flight, and a CPU-bound
+        # event loop reads their replies late: the wait is generous so a busy process
+        # slows down rather than dropping checkpoints and resume events.
         pool = redis.BlockingConnectionPool.from_url(
             url,
-            max_connections=256,
-            timeout=5,
+            max_connections=1024,
+            timeout=20,
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )

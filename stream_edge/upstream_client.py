@@ -105,7 +105,10 @@ async def _attempt(
     except httpx.HTTPError as exc:
         log.warning("upstream connection failed: %s", type(exc).__name__)
         _failed(breaker)
-        retry = 0.0 if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError) else None
+        # No response headers yet: a reset or a half-closed keep-alive connection is
+        # retried like a refused connect (as the vendors' own clients do); a response
+        # that has begun is never retried (see relay).
+        retry = 0.0 if isinstance(exc, httpx.TransportError) else None
         return UpstreamError("the backend could not be reached"), retry
     status = response.status_code
     if status < 300:

@@ -1,24 +1,29 @@
-"""500 concurrent slow streams through one edge: every one completes with every
-token, and every one is billed (in-process edge, PostgreSQL + Redis)."""
+"""500 concurrent slow streams through one edge process: every one completes with
+every token, and every one is billed (PostgreSQL + Redis).
+
+The edge runs as its own `llm-gateway stream-edge` process, as in production: in the
+test process it would share one interpreter lock with the control plane, the mock and
+the load generator, and measure their contention rather than the edge's."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.stack import Client, SplitStack, base_env
+from tests.stack import Client, SplitStack, base_env, edge_process
 
 STREAMS = 500
 TOKENS = 20
 
 
 @pytest.fixture
-def split(pg_database_url: str, redis_prefix: str) -> Iterator[SplitStack]:
+def split(pg_database_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[SplitStack]:
     env = {
         **base_env(pg_database_url, REDIS_URL, redis_prefix),
         "LLMGW_MAX_STREAMS_PER_USER": "1000",
@@ -26,7 +31,7 @@ def split(pg_database_url: str, redis_prefix: str) -> Iterator[SplitStack]:
         "LLMGW_INIT_RATE_PER_USER": "1000000",
         "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
     }
-    with SplitStack(env) as stack:
+    with SplitStack(env) as stack, edge_process(stack, tmp_path, LLMGW_LOG_LEVEL="WARNING"):
         yield stack
 
 
