@@ -22,7 +22,12 @@ from starlette.responses import Response
 
 from control_plane.db import Database
 from control_plane.deps import Deps
-from control_plane.errors import AppError, error_response, from_http_exception
+from control_plane.errors import (
+    AppError,
+    ServiceUnavailable,
+    error_response,
+    from_http_exception,
+)
 from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.middleware import RequestContextMiddleware
@@ -32,6 +37,7 @@ from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
 from control_plane.sweeper import run_sweeper
 from shared.settings import Settings
 from shared.store import Store, open_store
+from shared.store_redis import STORE_ERRORS
 
 log = logging.getLogger("control_plane")
 
@@ -39,6 +45,15 @@ log = logging.getLogger("control_plane")
 async def _app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
     return error_response(exc)
+
+
+async def _store_error(request: Request, exc: Exception) -> Response:
+    log.warning("store unavailable: %s", type(exc).__name__)
+    return error_response(
+        ServiceUnavailable(
+            "The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"}
+        )
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -120,7 +135,11 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
     app = Starlette(
         routes=all_routes(),
         middleware=middleware,
-        exception_handlers={AppError: _app_error, HTTPException: _http_error},
+        exception_handlers={
+            AppError: _app_error,
+            HTTPException: _http_error,
+            **{error: _store_error for error in STORE_ERRORS},
+        },
         lifespan=lifespan,
     )
     app.state.metrics = metrics

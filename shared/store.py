@@ -7,7 +7,36 @@ a crashed process leaks nothing for long. Choose a backend with `open_store(url)
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Everything a stream's first request checks in the store, done in one atomic
+    step (one round trip to Redis): not revoked, not used on another path, a free
+    slot in each of `slot_keys`; then the token is marked used by `path` and the
+    slots taken. `fetch_key`'s value (the stashed request) comes back with it."""
+
+    revocation_keys: list[str]
+    used_key: str
+    path: str
+    used_ttl_seconds: float
+    slot_keys: list[str]
+    limits: list[int]
+    member: str
+    now: float
+    slots_expire_at: float
+    fetch_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    # ok: first use, slots taken; reconnect: used before by the same path (nothing
+    # taken); used: used by another path; revoked; full: `full_index` names the key.
+    verdict: Literal["ok", "reconnect", "used", "revoked", "full"]
+    full_index: int = -1
+    fetched: bytes | None = None
 
 
 class Store(Protocol):
@@ -51,12 +80,10 @@ class Store(Protocol):
         """Remove and return one dead letter (to replay it)."""
         ...
 
-    async def acquire_slots(
-        self, keys: list[str], limits: list[int], member: str, now: float, expires_at: float
-    ) -> int:
-        """Take one slot in each of `keys` (sets of live members, at most `limits[i]`),
-        all or none, atomically. Members expire at `expires_at`, so a crashed process
-        leaks its slots only until then. Returns -1, or the index of the key that is full."""
+    async def admit(self, admission: Admission) -> Admitted:
+        """Run `admission` atomically. Slots are sets of live members, at most
+        `limits[i]` each, taken all or none; members expire at `slots_expire_at`, so a
+        crashed process leaks its slots only until then."""
         ...
 
     async def release_slots(self, keys: list[str], member: str) -> None: ...

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from shared.store import Admission, Admitted
+
 
 class MemoryStore:
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
@@ -85,20 +87,26 @@ class MemoryStore:
     async def dead_letter_take(self, item_id: str) -> bytes | None:
         return self._dead.pop(item_id, None)
 
-    async def acquire_slots(
-        self, keys: list[str], limits: list[int], member: str, now: float, expires_at: float
-    ) -> int:
+    async def admit(self, admission: Admission) -> Admitted:
+        a = admission
+        if any(self._live(key) is not None for key in a.revocation_keys):
+            return Admitted("revoked")
+        first = self._live(a.used_key)
+        if first is not None:
+            return Admitted("reconnect" if first.decode() == a.path else "used")
         sets = []
-        for index, (key, limit) in enumerate(zip(keys, limits, strict=True)):
+        for index, (key, limit) in enumerate(zip(a.slot_keys, a.limits, strict=True)):
             members = self._slots.setdefault(key, {})
-            for stale in [m for m, exp in members.items() if exp <= now]:
+            for stale in [m for m, exp in members.items() if exp <= a.now]:
                 del members[stale]
-            if member not in members and len(members) >= limit:
-                return index
+            if a.member not in members and len(members) >= limit:
+                return Admitted("full", full_index=index)
             sets.append(members)
         for members in sets:
-            members[member] = expires_at
-        return -1
+            members[a.member] = a.slots_expire_at
+        await self.set(a.used_key, a.path.encode(), a.used_ttl_seconds)
+        fetched = self._live(a.fetch_key) if a.fetch_key is not None else None
+        return Admitted("ok", fetched=fetched)
 
     async def release_slots(self, keys: list[str], member: str) -> None:
         for key in keys:

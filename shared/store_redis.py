@@ -11,6 +11,13 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from shared.store import Admission, Admitted
+
+# What a Redis store raises when Redis is unreachable or too slow to answer; the apps
+# answer these with 503 instead of an unhandled 500.
+STORE_ERRORS: tuple[type[Exception], ...] = (RedisError,)
 
 _CLAIM = """
 local ids = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
@@ -19,20 +26,38 @@ return ids
 """
 
 
-# KEYS: the slot sets; ARGV: now, expires_at, member, ttl_ms, then one limit per key.
-_ACQUIRE = """
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
-  if redis.call('ZSCORE', key, ARGV[3]) == false
-     and redis.call('ZCARD', key) >= tonumber(ARGV[4 + i]) then
-    return i - 1
+# See `Admission`. KEYS: the revocation keys, the used key, the slot sets, then the
+# key to fetch (if any). ARGV: n_revocations, n_slots, path, used_ttl_ms, now,
+# slots_expire_at, member, slots_ttl_ms, then one limit per slot set.
+_ADMIT = """
+local n_rev, n_slots = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, n_rev do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return {'revoked'} end
+end
+local used_key = KEYS[n_rev + 1]
+local first = redis.call('GET', used_key)
+if first then
+  if first == ARGV[3] then return {'reconnect'} end
+  return {'used'}
+end
+for i = 1, n_slots do
+  local key = KEYS[n_rev + 1 + i]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[5])
+  if redis.call('ZSCORE', key, ARGV[7]) == false
+     and redis.call('ZCARD', key) >= tonumber(ARGV[8 + i]) then
+    return {'full', i - 1}
   end
 end
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, ARGV[2], ARGV[3])
-  redis.call('PEXPIRE', key, ARGV[4])
+for i = 1, n_slots do
+  local key = KEYS[n_rev + 1 + i]
+  redis.call('ZADD', key, ARGV[6], ARGV[7])
+  redis.call('PEXPIRE', key, ARGV[8])
 end
-return -1
+redis.call('SET', used_key, ARGV[3], 'PX', ARGV[4])
+if #KEYS > n_rev + 1 + n_slots then
+  return {'ok', -1, redis.call('GET', KEYS[#KEYS])}
+end
+return {'ok', -1}
 """
 
 
@@ -44,7 +69,7 @@ class RedisStore:
         self._outbox_due = f"{prefix}outbox:due"
         self._dead = f"{prefix}outbox:dead"
         self._claim = client.register_script(_CLAIM)
-        self._acquire = client.register_script(_ACQUIRE)
+        self._admit = client.register_script(_ADMIT)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
@@ -129,14 +154,29 @@ class RedisStore:
             value, _ = await pipe.execute()
         return cast(bytes | None, value)
 
-    async def acquire_slots(
-        self, keys: list[str], limits: list[int], member: str, now: float, expires_at: float
-    ) -> int:
-        ttl_ms = max(1, int((expires_at - now) * 1000))
-        result = await self._acquire(
-            keys=[self._key(k) for k in keys], args=[now, expires_at, member, ttl_ms, *limits]
-        )
-        return int(result)
+    async def admit(self, admission: Admission) -> Admitted:
+        a = admission
+        keys = [*a.revocation_keys, a.used_key, *a.slot_keys]
+        if a.fetch_key is not None:
+            keys.append(a.fetch_key)
+        args: list[str | int | float] = [
+            len(a.revocation_keys),
+            len(a.slot_keys),
+            a.path,
+            max(1, int(a.used_ttl_seconds * 1000)),
+            a.now,
+            a.slots_expire_at,
+            a.member,
+            max(1, int((a.slots_expire_at - a.now) * 1000)),
+            *a.limits,
+        ]
+        reply: list[Any] = await self._admit(keys=[self._key(k) for k in keys], args=args)
+        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if verdict == "full":
+            return Admitted("full", full_index=int(reply[1]))
+        if verdict == "ok":
+            return Admitted("ok", fetched=reply[2] if len(reply) > 2 else None)
+        return Admitted(cast(Any, verdict))
 
     async def release_slots(self, keys: list[str], member: str) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

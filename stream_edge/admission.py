@@ -2,12 +2,15 @@
 
 Order matters: nothing that can fail for the client's fault runs after the token is
 claimed, so a rejected request never burns its token; a limit (429) is checked
-before the claim for the same reason.
+before the claim for the same reason. Everything that needs the store — revoked?
+used before? a free slot? — is one atomic step (`Store.admit`), a single round trip
+on the hot path, with no window between the checks and the claim.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -17,11 +20,13 @@ from starlette.requests import Request
 
 from shared.catalog import ModelSpec, Price, Provider
 from shared.request_id import current_request_id
-from shared.revocations import is_revoked
+from shared.revocations import grant_keys
 from shared.route_claim import unseal
+from shared.store import Admission, Admitted
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, EdgeError, NotFound, Unauthorized
-from stream_edge.grants import TokenUnauthorized
+from stream_edge.grants import TokenUnauthorized, used_key
+from stream_edge.limits import slot_keys
 from stream_edge.state import EdgeState
 
 MAX_BODY = 1 << 20
@@ -55,7 +60,6 @@ async def verified_grant(state: EdgeState, token: str | None) -> StreamGrant:
     # From here on the stream's log lines carry the id minted at init, which the
     # webhook and the upstream request (X-Request-Id) carry too.
     current_request_id.set(grant.request_id)
-    await not_revoked(state, grant)
     return grant
 
 
@@ -98,28 +102,39 @@ def route(state: EdgeState, grant: StreamGrant) -> Route:
     return Route(spec, catalog.providers[spec.provider], None)
 
 
-async def not_revoked(state: EdgeState, grant: StreamGrant) -> None:
-    if await is_revoked(state.store, grant):
+async def claim(
+    state: EdgeState, grant: StreamGrant, path: str, fetch_key: str | None = None
+) -> Admitted:
+    """Single use: verdict `ok` on first use (the caller now runs the stream; the
+    stream's concurrency slots, keyed by jti, are taken and released by its report),
+    `reconnect` on a reconnect to the same path (nothing taken). A revoked token, a
+    token used on another path (401) and a full limit (429) raise.
+
+    `fetch_key`: a key read in the same round trip on first use (the stashed request)."""
+    now = time.time()
+    admitted = await state.store.admit(
+        Admission(
+            revocation_keys=grant_keys(grant),
+            used_key=used_key(grant.jti),
+            path=path,
+            used_ttl_seconds=max(1, grant.expires_at - int(now) + 60),
+            slot_keys=slot_keys(grant),
+            limits=state.limits.limits,
+            member=grant.jti,
+            now=now,
+            slots_expire_at=now + state.settings.max_stream_seconds,
+            fetch_key=fetch_key,
+        )
+    )
+    if admitted.verdict == "revoked":
         state.metrics.token_rejections.labels("revoked").inc()
         raise Unauthorized("this stream's access was revoked", code="revoked")
-
-
-async def claim(state: EdgeState, grant: StreamGrant, path: str) -> str | None:
-    """Single use: None on first use (the caller now runs the stream); the path on a
-    reconnect to the same path; 401 for a token used on another path.
-
-    A first use takes the stream's concurrency slots (keyed by jti), released by the
-    stream's report; a reconnect takes none."""
-    first = await state.grants.used_by(grant)
-    if first is None:
-        await state.limits.acquire(grant)
-        # Losing a race with a simultaneous first use of the same token (rare) lands
-        # below as a reconnect; the shared slot goes with the winner's report.
-        first = await state.grants.claim(grant, path)
-    if first is not None and first != path:
+    if admitted.verdict == "used":
         state.metrics.token_rejections.labels("used").inc()
         raise Unauthorized("this stream token was already used", code="token_used")
-    return first
+    if admitted.verdict == "full":
+        raise state.limits.too_many(admitted.full_index)
+    return admitted
 
 
 async def read_json(request: Request) -> Any:

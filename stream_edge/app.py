@@ -18,6 +18,7 @@ from shared.retry import Backoff
 from shared.route_claim import route_ciphers
 from shared.settings import Settings
 from shared.store import Store, open_store
+from shared.store_redis import STORE_ERRORS
 from stream_edge import eventsource, routes
 from stream_edge.breaker import Breakers
 from stream_edge.errors import EdgeError, handle_edge_error
@@ -117,9 +118,13 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             deliverer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await deliverer
-            pending = await outbox.flush(timeout=5.0)
-            if pending:
-                log.warning("%d usage events left in the outbox for the next start", pending)
+            try:
+                pending = await outbox.flush(timeout=5.0)
+            except Exception as exc:  # the store is down: what it holds waits there
+                log.warning("could not flush the outbox at shutdown: %s", type(exc).__name__)
+            else:
+                if pending:
+                    log.warning("%d usage events left in the outbox for the next start", pending)
             await client.aclose()
             await cp_client.aclose()
             if own_store:
@@ -146,6 +151,10 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             Route("/metrics", routes.metrics, methods=["GET"]),
         ],
         middleware=middleware,
-        exception_handlers={EdgeError: handle_edge_error, 404: routes.not_found},
+        exception_handlers={
+            EdgeError: handle_edge_error,
+            **{error: routes.store_unavailable for error in STORE_ERRORS},
+            404: routes.not_found,
+        },
         lifespan=lifespan,
     )

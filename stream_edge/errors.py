@@ -84,6 +84,9 @@ class ServiceUnavailable(EdgeError):
     type = "server_error"
     code = "unavailable"
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
 
 class UpstreamError(EdgeError):
     """The backend failed before the stream started. `kind` is a bounded metric label."""

@@ -53,9 +53,10 @@ async def event_stream(request: Request) -> Response:
     target = route(state, grant)
     model, provider = target.model, target.provider
     after = _last_event_id(request)
-    if await claim(state, grant, "stream") is not None:
+    admitted = await claim(state, grant, "stream", fetch_key=stash_key(grant.jti))
+    if admitted.verdict == "reconnect":
         return await _resume(state, grant, after)
-    raw = await state.store.get(stash_key(grant.jti))
+    raw = admitted.fetched
     stashed = StashedRequest.loads(raw) if raw is not None else None
     job = StreamJob(
         state, grant, model, provider,

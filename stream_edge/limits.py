@@ -4,8 +4,6 @@ edge that crashes leaks its slots for no longer than that."""
 
 from __future__ import annotations
 
-import time
-
 from shared.settings import Settings
 from shared.store import Store
 from shared.tokens import StreamGrant
@@ -17,23 +15,19 @@ def slot_keys(grant: StreamGrant) -> list[str]:
 
 
 class StreamLimits:
+    """The limits and their bookkeeping; the slots are taken by `Store.admit`."""
+
     def __init__(self, store: Store, settings: Settings) -> None:
         self._store = store
-        self._limits = [settings.max_streams_per_user, settings.max_streams_per_company]
-        self._max_life = settings.max_stream_seconds
+        self.limits = [settings.max_streams_per_user, settings.max_streams_per_company]
 
-    async def acquire(self, grant: StreamGrant) -> None:
-        now = time.time()
-        full = await self._store.acquire_slots(
-            slot_keys(grant), self._limits, grant.jti, now, now + self._max_life
+    def too_many(self, full_index: int) -> TooManyRequests:
+        who = "user" if full_index == 0 else "company"
+        return TooManyRequests(
+            f"too many concurrent streams for this {who} ({self.limits[full_index]} at most)",
+            retry_after=1,
+            code="too_many_streams",
         )
-        if full >= 0:
-            who = "user" if full == 0 else "company"
-            raise TooManyRequests(
-                f"too many concurrent streams for this {who} ({self._limits[full]} at most)",
-                retry_after=1,
-                code="too_many_streams",
-            )
 
     async def release(self, grant: StreamGrant) -> None:
         await self._store.release_slots(slot_keys(grant), grant.jti)

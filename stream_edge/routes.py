@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,13 +16,15 @@ from shared.metrics import exposition
 from shared.revocations import is_revoked
 from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
-from stream_edge.errors import NotFound, Unauthorized, error_response
+from stream_edge.errors import NotFound, ServiceUnavailable, Unauthorized, error_response
 from stream_edge.formats import OpenAIChunkWriter, completion_object
 from stream_edge.jobs import StreamJob
 from stream_edge.requests import parse_chat_request
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import Usage
+
+logger = logging.getLogger("llmgw.edge")
 
 # Revoked streams end within this (the issue asks for 2 s).
 REVOCATION_CHECK_SECONDS = 1.0
@@ -34,7 +37,8 @@ async def chat_completions(request: Request) -> Response:
     chat = parse_chat_request(await read_json(request), grant)
     target = route(state, grant)
     model, provider = target.model, target.provider
-    if await claim(state, grant, "completions") is not None:
+    if (await claim(state, grant, "completions")).verdict != "ok":
+        # A POST cannot resume: a second request with the token is a second use.
         state.metrics.token_rejections.labels("used").inc()
         raise Unauthorized("this stream token was already used", code="token_used")
     job = StreamJob(
@@ -141,6 +145,15 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = edge_state(request)
     return Response(exposition(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning("store unavailable: %s", type(exc).__name__)
+    return error_response(
+        ServiceUnavailable(
+            "the gateway's store is unavailable; retry shortly", code="store_unavailable"
+        )
+    )
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

@@ -20,6 +20,8 @@ from tests.stack import Client, SplitStack, base_env, edge_process
 
 STREAMS = 500
 TOKENS = 20
+DELAY_MS = 400  # each stream lasts about 8 s
+OPENING_AT_ONCE = 50
 
 
 @pytest.fixture
@@ -35,9 +37,13 @@ def split(pg_database_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[S
         yield stack
 
 
-async def run_all(cp: str, access: str, count: int) -> list[tuple[str, bytes]]:
+async def run_all(
+    cp: str, mock: str, access: str, count: int
+) -> tuple[list[tuple[str, bytes]], int]:
+    """Open `count` streams and hold them all open at once; returns each stream's
+    body and the most streams the backend saw in progress at one time."""
     limits = httpx.Limits(max_connections=count + 10)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         semaphore = asyncio.Semaphore(20)
 
         async def init(i: int) -> dict[str, str]:
@@ -45,26 +51,48 @@ async def run_all(cp: str, access: str, count: int) -> list[tuple[str, bytes]]:
                 response = await client.post(
                     f"{cp}/v1/chat/init",
                     headers={"Authorization": f"Bearer {access}"},
-                    json={"query": f"load {i} [[mock tokens={TOKENS} delay_ms=50]]"},
+                    json={"query": f"load {i} [[mock tokens={TOKENS} delay_ms={DELAY_MS}]]"},
                 )
             assert response.status_code == 201, response.text
             data: dict[str, str] = response.json()["data"]
             return data
 
         grants = await asyncio.gather(*(init(i) for i in range(count)))
+        # Users arrive over a second or two, not in one instant; each stream lasts
+        # longer than the whole ramp, so all of them are open together.
+        opening = asyncio.Semaphore(OPENING_AT_ONCE)
+        peak = 0
 
         async def stream(grant: dict[str, str]) -> tuple[str, bytes]:
-            async with client.stream("GET", grant["stream_url"]) as response:
-                assert response.status_code == 200
+            async with opening:
+                request = client.build_request("GET", grant["stream_url"])
+                response = await client.send(request, stream=True)
+            try:
+                assert response.status_code == 200, await response.aread()
                 return grant["reservation_id"], await response.aread()
+            finally:
+                await response.aclose()
 
-        return await asyncio.gather(*(stream(g) for g in grants))
+        async def watch_backend() -> None:
+            nonlocal peak
+            while True:
+                stats = (await client.get(f"{mock}/_mock/stats")).json()
+                peak = max(peak, stats["active"])
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch_backend())
+        try:
+            results = await asyncio.gather(*(stream(g) for g in grants))
+        finally:
+            watcher.cancel()
+        return results, peak
 
 
 def test_500_concurrent_slow_streams_on_one_edge(split: SplitStack) -> None:
     c = split.client
     access = c.new_user(c.new_company("100"))
-    results = asyncio.run(run_all(c.cp_url, access, STREAMS))
+    results, peak = asyncio.run(run_all(c.cp_url, c.mock_url, access, STREAMS))
+    assert peak == STREAMS
     assert all(body.count(b"event: chunk") == TOKENS for _, body in results)
     assert all(b"event: complete" in body for _, body in results)
     expected = {reservation_id for reservation_id, _ in results}
