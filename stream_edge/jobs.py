@@ -16,6 +16,7 @@ from shared.catalog import ModelSpec, Provider
 from shared.tokens import StreamGrant
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.errors import EdgeError, UpstreamError
+from stream_edge.http1 import Http1Response
 from stream_edge.meter import Meter
 from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.state import EdgeState
@@ -90,7 +91,7 @@ class StreamJob:
             service_token=service_token.reveal() if service_token else None,
         )
 
-    async def open(self, stream: bool) -> httpx.Response:
+    async def open(self, stream: bool) -> Http1Response:
         """Connect to the backend; on failure report the stream as failed and re-raise."""
         self.state.metrics.streams_active.inc()
         self._counted_active = True
@@ -115,7 +116,7 @@ class StreamJob:
             time.perf_counter() - self.accepted_at
         )
 
-    async def pump(self, response: httpx.Response, write: Any, emit: Emit) -> RelayResult:
+    async def pump(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
         assert self._adapter is not None
         settings = self.state.settings
         checkpointer = Checkpointer(
@@ -153,7 +154,7 @@ class StreamJob:
             ).inc()
         return self.result
 
-    async def read_completion(self, response: httpx.Response) -> Completion:
+    async def read_completion(self, response: Http1Response) -> Completion:
         assert self._adapter is not None
         try:
             body = await response.aread()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from stream_edge.http1 import Http1Response
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.upstream.base import Delta, Failure, StreamParser, UpstreamEvent
@@ -40,7 +41,7 @@ class Deadlines:
 
 
 async def relay(
-    response: httpx.Response,
+    response: Http1Response,
     parser: StreamParser,
     meter: Meter,
     write: Callable[[UpstreamEvent], bytes],

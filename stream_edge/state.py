@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from cryptography.fernet import MultiFernet
 
 from shared.settings import Settings
 from shared.store import Store
 from stream_edge.breaker import Breakers
 from stream_edge.grants import GrantVerifier
+from stream_edge.http1 import Http1Client
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
@@ -22,7 +22,7 @@ from stream_edge.upstream_client import RetryPolicy
 class EdgeState:
     settings: Settings
     store: Store
-    client: httpx.AsyncClient
+    client: Http1Client
     grants: GrantVerifier
     outbox: Outbox
     metrics: EdgeMetrics

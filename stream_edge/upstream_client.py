@@ -18,6 +18,7 @@ import httpx
 from shared.retry import Backoff, parse_retry_after
 from stream_edge.breaker import CircuitBreaker
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
+from stream_edge.http1 import Http1Client, Http1Response
 from stream_edge.upstream.base import HttpRequest
 
 log = logging.getLogger("llmgw.edge.upstream")
@@ -53,13 +54,13 @@ class RetryPolicy:
 
 
 async def open_stream(
-    client: httpx.AsyncClient,
+    client: Http1Client,
     request: HttpRequest,
     *,
     breaker: CircuitBreaker | None = None,
     policy: RetryPolicy | None = None,
     error_status: Callable[[int, bytes], int] | None = None,
-) -> httpx.Response:
+) -> Http1Response:
     """Send `request` and return the streaming response once its headers are in.
 
     Retries only before the first byte — connection failures and 429/502/503/504 —
@@ -72,7 +73,7 @@ async def open_stream(
         if breaker is not None and not breaker.allow():
             raise UpstreamError("the backend is failing; try again shortly", code="upstream_error")
         error, retry_after = await _attempt(client, request, breaker, error_status)
-        if isinstance(error, httpx.Response):
+        if isinstance(error, Http1Response):
             return error
         attempt += 1
         if retry_after is None or attempt > policy.retries or retry_after > MAX_RETRY_AFTER_SECONDS:
@@ -81,17 +82,14 @@ async def open_stream(
 
 
 async def _attempt(
-    client: httpx.AsyncClient,
+    client: Http1Client,
     request: HttpRequest,
     breaker: CircuitBreaker | None,
     error_status: Callable[[int, bytes], int] | None,
-) -> tuple[httpx.Response | EdgeError, float | None]:
+) -> tuple[Http1Response | EdgeError, float | None]:
     """One try: the response, or (error, retry-after seconds or None if not retryable)."""
-    http_request = client.build_request(
-        "POST", request.url, headers=request.headers, content=request.body
-    )
     try:
-        response = await client.send(http_request, stream=True)
+        response = await client.send("POST", request.url, request.headers, request.body)
     except httpx.ConnectTimeout:
         _failed(breaker)
         return UpstreamError(
