@@ -45,7 +45,7 @@ def upstream_client(settings: Settings) -> Http1Client:
 
 
 def control_plane_client() -> httpx.AsyncClient:
-    """JWKS fetches and usage webhooks: few connections, short timeouts."""
+    """JWKS fetches: few connections, short timeouts."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=5.0, read=10.0, write=10.0, pool=10.0),
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
@@ -80,9 +80,12 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         cp_client = control_plane_client()
         metrics = EdgeMetrics()
         jwks = JWKSCache(cp_client, f"{settings.control_plane_url}/.well-known/jwks.json")
+        # Webhooks go through the lean client too: one POST per stream is hot-path
+        # work; the rare JWKS fetch keeps httpx.
+        webhook_client = Http1Client(connect_timeout=5.0, read_timeout=10.0)
         outbox = Outbox(
             active_store,
-            cp_client,
+            webhook_client,
             f"{settings.control_plane_url}/v1/webhooks/usage",
             settings.webhook_secret.reveal(),
             metrics,
@@ -120,6 +123,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 if pending:
                     log.warning("%d usage events left in the outbox for the next start", pending)
             await client.aclose()
+            await webhook_client.aclose()
             await cp_client.aclose()
             if own_store:
                 await active_store.close()

@@ -26,6 +26,7 @@ import orjson
 from shared.retry import Backoff, parse_retry_after
 from shared.store import Store
 from shared.webhooks import UsageEvent, sign
+from stream_edge.http1 import Http1Client
 from stream_edge.metrics import EdgeMetrics
 
 log = logging.getLogger("llmgw.edge.outbox")
@@ -39,7 +40,7 @@ class Outbox:
     def __init__(
         self,
         store: Store,
-        client: httpx.AsyncClient,
+        client: Http1Client,
         url: str,
         secret: str,
         metrics: EdgeMetrics,
@@ -118,10 +119,13 @@ class Outbox:
         item_id: str = item["id"]
         body = item["body"].encode()
         retry_after: float | None = None
+        headers = {**sign(self._secret, item_id, body), "content-type": "application/json"}
         try:
-            response = await self._client.post(
-                self._url, content=body, headers=sign(self._secret, item["id"], body), timeout=10.0
-            )
+            response = await self._client.send("POST", self._url, headers, body)
+            try:
+                await response.aread()  # read to the end: the connection is then reused
+            finally:
+                await response.aclose()
             status = response.status_code
             retry_after = parse_retry_after(response.headers.get("retry-after"))
         except httpx.HTTPError as exc:

@@ -67,6 +67,7 @@ async def relay(
                     if isinstance(event, Failure):
                         if out:
                             await emit(b"".join(out))
+                            observe_delay(time.perf_counter() - received)
                         return RelayResult("failed", "upstream_error", event.message)
                     if isinstance(event, Delta) and meter.first_token_at is None:
                         on_first_token()
