@@ -31,6 +31,14 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class SlotRelease:
+    """A stream's slots to give back (see `Admission`)."""
+
+    slot_keys: list[str]
+    member: str
+
+
+@dataclass(frozen=True, slots=True)
 class Admitted:
     # ok: first use, slots taken; reconnect: used before by the same path (nothing
     # taken); used: used by another path; revoked; full: `full_index` names the key.
@@ -54,8 +62,11 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
-    async def outbox_put(self, item_id: str, payload: bytes, due_at: float) -> None:
-        """Keep `payload` until acknowledged; it becomes claimable at `due_at`."""
+    async def outbox_put(
+        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
+    ) -> None:
+        """Keep `payload` until acknowledged; it becomes claimable at `due_at`. With
+        `release`, the stream's slots are given back in the same round trip."""
         ...
 
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
@@ -66,7 +77,9 @@ class Store(Protocol):
 
     async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None: ...
 
-    async def outbox_ack(self, item_id: str) -> None: ...
+    async def outbox_ack(self, item_ids: list[str]) -> None:
+        """Forget delivered items (several in one round trip)."""
+        ...
 
     async def outbox_size(self) -> int: ...
 
@@ -85,8 +98,6 @@ class Store(Protocol):
         `limits[i]` each, taken all or none; members expire at `slots_expire_at`, so a
         crashed process leaks its slots only until then."""
         ...
-
-    async def release_slots(self, keys: list[str], member: str) -> None: ...
 
     async def hit(self, key: str, window_seconds: float) -> int:
         """Count one event in the current fixed window of `key`; returns the count so far

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from shared.store import Admission, Admitted
+from shared.store import Admission, Admitted, SlotRelease
 
 
 class MemoryStore:
@@ -53,7 +53,12 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self._values.pop(key, None)
 
-    async def outbox_put(self, item_id: str, payload: bytes, due_at: float) -> None:
+    async def outbox_put(
+        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
+    ) -> None:
+        if release is not None:
+            for key in release.slot_keys:
+                self._slots.get(key, {}).pop(release.member, None)
         self._outbox[item_id] = payload
         self._due[item_id] = due_at
 
@@ -71,9 +76,10 @@ class MemoryStore:
             self._outbox[item_id] = payload
             self._due[item_id] = due_at
 
-    async def outbox_ack(self, item_id: str) -> None:
-        self._outbox.pop(item_id, None)
-        self._due.pop(item_id, None)
+    async def outbox_ack(self, item_ids: list[str]) -> None:
+        for item_id in item_ids:
+            self._outbox.pop(item_id, None)
+            self._due.pop(item_id, None)
 
     async def outbox_size(self) -> int:
         return len(self._outbox)
@@ -107,10 +113,6 @@ class MemoryStore:
         await self.set(a.used_key, a.path.encode(), a.used_ttl_seconds)
         fetched = self._live(a.fetch_key) if a.fetch_key is not None else None
         return Admitted("ok", fetched=fetched)
-
-    async def release_slots(self, keys: list[str], member: str) -> None:
-        for key in keys:
-            self._slots.get(key, {}).pop(member, None)
 
     async def hit(self, key: str, window_seconds: float) -> int:
         current = self._live(key)

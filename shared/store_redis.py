@@ -13,7 +13,7 @@ from typing import Any, cast
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from shared.store import Admission, Admitted
+from shared.store import Admission, Admitted, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
 # answer these with 503 instead of an unhandled 500.
@@ -106,8 +106,13 @@ class RedisStore:
     async def delete(self, key: str) -> None:
         await self._redis.delete(self._key(key))
 
-    async def outbox_put(self, item_id: str, payload: bytes, due_at: float) -> None:
+    async def outbox_put(
+        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
+    ) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
+            if release is not None:
+                for key in release.slot_keys:
+                    pipe.zrem(self._key(key), release.member)
             pipe.hset(self._outbox_items, item_id, payload)
             pipe.zadd(self._outbox_due, {item_id: due_at})
             await pipe.execute()
@@ -127,10 +132,12 @@ class RedisStore:
             pipe.zadd(self._outbox_due, {item_id: due_at}, xx=True)
             await pipe.execute()
 
-    async def outbox_ack(self, item_id: str) -> None:
+    async def outbox_ack(self, item_ids: list[str]) -> None:
+        if not item_ids:
+            return
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._outbox_due, item_id)
-            pipe.hdel(self._outbox_items, item_id)
+            pipe.zrem(self._outbox_due, *item_ids)
+            pipe.hdel(self._outbox_items, *item_ids)
             await pipe.execute()
 
     async def outbox_size(self) -> int:
@@ -177,12 +184,6 @@ class RedisStore:
         if verdict == "ok":
             return Admitted("ok", fetched=reply[2] if len(reply) > 2 else None)
         return Admitted(cast(Any, verdict))
-
-    async def release_slots(self, keys: list[str], member: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.zrem(self._key(key), member)
-            await pipe.execute()
 
     async def hit(self, key: str, window_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:

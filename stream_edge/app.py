@@ -100,7 +100,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             GrantVerifier(jwks, active_store),
             outbox,
             metrics,
-            limits=StreamLimits(active_store, settings),
+            limits=StreamLimits(settings),
             breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
             retry=RetryPolicy(retries=settings.upstream_retries),
             route_cipher=route_ciphers([s.reveal() for s in settings.webhook_secrets]),

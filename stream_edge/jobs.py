@@ -13,10 +13,12 @@ import anyio
 import httpx
 
 from shared.catalog import ModelSpec, Provider
+from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.http1 import Http1Response
+from stream_edge.limits import slot_keys
 from stream_edge.meter import Meter
 from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.state import EdgeState
@@ -212,17 +214,16 @@ class StreamJob:
                 "duration_ms": round(duration * 1000, 1),
             },
         )
-        try:
-            await self.state.limits.release(self.grant)
-        except Exception:  # the slot then expires at the stream's maximum life
-            log.warning("could not release stream slots for %s", self.grant.request_id)
+        # The slots go back in the same round trip as the report is stored.
+        release = SlotRelease(slot_keys(self.grant), self.grant.jti)
         for attempt in range(ENQUEUE_ATTEMPTS):
             try:
-                await self.state.outbox.enqueue(event)
+                await self.state.outbox.enqueue(event, release)
                 return
             except Exception as exc:  # the store is overloaded or briefly down
                 log.warning("enqueueing usage failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(0.1 * 2**attempt)
         # Still down: the control plane's sweeper settles the hold from the last
-        # checkpoint after its deadline. Never lose the client's stream over it.
+        # checkpoint after its deadline, and the slots expire at the stream's maximum
+        # life. Never lose the client's stream over it.
         log.error("could not enqueue usage for %s", self.grant.request_id)

@@ -5,7 +5,6 @@ edge that crashes leaks its slots for no longer than that."""
 from __future__ import annotations
 
 from shared.settings import Settings
-from shared.store import Store
 from shared.tokens import StreamGrant
 from stream_edge.errors import TooManyRequests
 
@@ -15,10 +14,10 @@ def slot_keys(grant: StreamGrant) -> list[str]:
 
 
 class StreamLimits:
-    """The limits and their bookkeeping; the slots are taken by `Store.admit`."""
+    """The limits; slots are taken by `Store.admit` and given back with the stream's
+    usage report (`Store.outbox_put`)."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
-        self._store = store
+    def __init__(self, settings: Settings) -> None:
         self.limits = [settings.max_streams_per_user, settings.max_streams_per_company]
 
     def too_many(self, full_index: int) -> TooManyRequests:
@@ -28,6 +27,3 @@ class StreamLimits:
             retry_after=1,
             code="too_many_streams",
         )
-
-    async def release(self, grant: StreamGrant) -> None:
-        await self._store.release_slots(slot_keys(grant), grant.jti)

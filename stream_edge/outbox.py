@@ -24,12 +24,15 @@ import httpx
 import orjson
 
 from shared.retry import Backoff, parse_retry_after
-from shared.store import Store
+from shared.store import SlotRelease, Store
 from shared.webhooks import UsageEvent, sign
 from stream_edge.http1 import Http1Client
 from stream_edge.metrics import EdgeMetrics
 
 log = logging.getLogger("llmgw.edge.outbox")
+
+
+ACK_DELAY = 0.05
 
 
 def is_permanent(status: int) -> bool:
@@ -60,12 +63,18 @@ class Outbox:
         # rest wait their turn (their lease is long enough for that).
         self._direct = asyncio.Semaphore(max_direct)
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Acknowledgements wait up to ACK_DELAY and go to the store together. Losing
+        # them in a crash costs only a redelivery after the lease, which the
+        # receiver recognises by its webhook id and answers 200 without charging.
+        self._acks: list[str] = []
+        self._ack_timer: asyncio.Task[None] | None = None
 
-    async def enqueue(self, event: UsageEvent) -> None:
-        """Store the event durably, then deliver it in the background."""
+    async def enqueue(self, event: UsageEvent, release: SlotRelease | None = None) -> None:
+        """Store the event durably (giving back `release`'s slots in the same round
+        trip), then deliver it in the background."""
         item = {"id": event.webhook_id, "body": event.body().decode(), "attempt": 0}
         raw = orjson.dumps(item)
-        await self._store.outbox_put(event.webhook_id, raw, time.time() + self._lease)
+        await self._store.outbox_put(event.webhook_id, raw, time.time() + self._lease, release)
         self._metrics.outbox_pending.inc()
         task = asyncio.create_task(self._deliver_now(item, raw))
         self._in_flight.add(task)
@@ -105,12 +114,33 @@ class Outbox:
         while time.monotonic() < deadline:
             if not await self.deliver_due():
                 break
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        await self._write_acks()
         return await self._store.outbox_size()
+
+    def _ack(self, item_id: str) -> None:
+        self._acks.append(item_id)
+        self._metrics.outbox_pending.dec()
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.create_task(self._acks_after(ACK_DELAY))
+
+    async def _acks_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._ack_timer = None
+        await self._write_acks()
+
+    async def _write_acks(self) -> None:
+        ids, self._acks = self._acks, []
+        try:
+            await self._store.outbox_ack(ids)
+        except Exception as exc:  # redelivered after the lease; the receiver dedups
+            log.warning("could not acknowledge %d usage webhooks: %s", len(ids), type(exc).__name__)
 
     async def _deliver(self, item_id: str) -> None:
         raw = await self._store.outbox_get(item_id)
         if raw is None:
-            await self._store.outbox_ack(item_id)
+            await self._store.outbox_ack([item_id])
             return
         await self._post(orjson.loads(raw), raw)
 
@@ -133,13 +163,12 @@ class Outbox:
             status = 0
         if 200 <= status < 300:
             self._metrics.webhook_deliveries.labels("delivered").inc()
-            await self._store.outbox_ack(item_id)
-            self._metrics.outbox_pending.dec()
+            self._ack(item_id)
         elif status and is_permanent(status):
             self._metrics.webhook_deliveries.labels("rejected").inc()
             log.error("usage webhook %s rejected with %s; moved to dead letters", item_id, status)
             await self._store.dead_letter_put(item_id, raw)
-            await self._store.outbox_ack(item_id)
+            await self._store.outbox_ack([item_id])
             self._metrics.outbox_pending.dec()
         else:
             self._metrics.webhook_deliveries.labels("retry").inc()
