@@ -19,8 +19,8 @@ from tests.conftest import REDIS_URL
 from tests.stack import Client, SplitStack, base_env, edge_process
 
 STREAMS = 500
-TOKENS = 20
-DELAY_MS = 400  # each stream lasts about 8 s
+TOKENS = 10
+DELAY_MS = 2000  # each stream lasts about 20 s: longer than opening them all
 OPENING_AT_ONCE = 50
 
 
