@@ -410,7 +410,7 @@ def test_credits_properties_on_sqlite(tmp_path: Path) -> None:
     upgrade(url)
     db, loop = Database(url), asyncio.new_event_loop()
     try:
-        _run(db, loop, examples=40, steps=30)
+        _run(db, loop, examples=25, steps=30)
     finally:
         loop.close()
         db.close()

@@ -20,7 +20,7 @@ from tests.stack import Client, SplitStack, base_env, edge_process
 
 STREAMS = 500
 TOKENS = 10
-DELAY_MS = 2000  # each stream lasts about 20 s: longer than opening them all
+DELAY_MS = 1500  # each stream lasts about 15 s: longer than opening them all
 OPENING_AT_ONCE = 50
 
 
@@ -44,7 +44,7 @@ async def run_all(
     body and the most streams the backend saw in progress at one time."""
     limits = httpx.Limits(max_connections=count + 10)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        semaphore = asyncio.Semaphore(20)
+        semaphore = asyncio.Semaphore(50)
 
         async def init(i: int) -> dict[str, str]:
             async with semaphore:
