@@ -1,10 +1,10 @@
 """Everything checked before a stream may start: token, route, limits, single use.
 
 Order matters: nothing that can fail for the client's fault runs after the token is
-claimed, so a rejected request never burns its token; a limit (429) is checked
-before the claim for the same reason. Everything that needs the store — revoked?
-used before? a free slot? — is one atomic step (`Store.admit`), a single round trip
-on the hot path, with no window between the checks and the claim.
+claimed, so a rejected request never burns its token. Everything that needs the
+store — revoked? used before? a free slot? — is one atomic step (`Store.admit`): a
+single round trip on the hot path, no window between the checks and the claim, and
+a full limit (429) leaves the token unused.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from stream_edge.metrics import EdgeMetrics
 log = logging.getLogger("llmgw.edge.outbox")
 
 
+# How long a delivered event's acknowledgement waits to share a round trip with others.
 ACK_DELAY = 0.05
 
 
@@ -116,6 +117,7 @@ class Outbox:
                 break
         if self._ack_timer is not None:
             self._ack_timer.cancel()
+            self._ack_timer = None
         await self._write_acks()
         return await self._store.outbox_size()
 
