@@ -61,6 +61,16 @@ return {'ok', -1}
 """
 
 
+# KEYS: the outbox hash, the due set, then slot sets to leave; ARGV: id, payload,
+# due time, the member leaving the slot sets.
+_PUT = """
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[4]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._redis = client
@@ -70,6 +80,7 @@ class RedisStore:
         self._dead = f"{prefix}outbox:dead"
         self._claim = client.register_script(_CLAIM)
         self._admit = client.register_script(_ADMIT)
+        self._put = client.register_script(_PUT)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
@@ -109,13 +120,14 @@ class RedisStore:
     async def outbox_put(
         self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
     ) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if release is not None:
-                for key in release.slot_keys:
-                    pipe.zrem(self._key(key), release.member)
-            pipe.hset(self._outbox_items, item_id, payload)
-            pipe.zadd(self._outbox_due, {item_id: due_at})
-            await pipe.execute()
+        # One script call, not a MULTI/EXEC pipeline: redis-py packs and parses every
+        # queued command separately, which made this the edge's costliest store call.
+        slots = [self._key(k) for k in release.slot_keys] if release is not None else []
+        member = release.member if release is not None else ""
+        await self._put(
+            keys=[self._outbox_items, self._outbox_due, *slots],
+            args=[item_id, payload, due_at, member],
+        )
 
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
         ids: list[Any] = await self._claim(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared import pricing, tokens, webhooks
 from shared.catalog import CatalogError, Price, load_catalog, parse_catalog
 from shared.retry import Backoff, parse_retry_after
-from shared.sse import SSEDecoder, encode_event
+from shared.sse import ServerSentEvent, SSEDecoder, encode_event
 
 # --- SSE (WHATWG examples, fed at every split point) -------------------------------
 
@@ -248,3 +249,27 @@ def test_backoff_is_bounded_jittered_and_honours_retry_after() -> None:
 )
 def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     assert parse_retry_after(header) == seconds
+
+
+def test_sse_decoder_gives_the_same_events_however_the_bytes_are_cut() -> None:
+    # Whole-event chunks take the decoder's fast path, odd cuts the line walker:
+    # both must agree with a byte-at-a-time read.
+    stream = (
+        b'data: {"a":1}\n\n: ping\n\ndata: {"b":2}\n\nevent: x\nid: 7\ndata: two\ndata: lines\n\n'
+        b"data: \n\n\n\ndata:no-space\n\nretry: 5\ndata: r\n\ndata: caf\xc3\xa9\n\n"
+    )
+
+    def decode(chunks: list[bytes]) -> list[ServerSentEvent]:
+        decoder = SSEDecoder()
+        return [event for chunk in chunks for event in decoder.feed(chunk)]
+
+    expected = decode([stream[i : i + 1] for i in range(len(stream))])
+    assert [e.data for e in expected] == [
+        '{"a":1}', '{"b":2}', "two\nlines", "", "no-space", "r", "café",
+    ]  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, 8)))
+        bounds = [0, *cuts, len(stream)]
+        assert decode([stream[a:b] for a, b in itertools.pairwise(bounds)]) == expected
+    assert decode([stream]) == expected
