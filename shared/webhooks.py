@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 import orjson
@@ -74,7 +74,9 @@ class UsageEvent:
         return f"usage_{self.jti}"
 
     def body(self, now: datetime | None = None) -> bytes:
-        data = asdict(self)
+        # Shallow on purpose: every field is a plain value, and `asdict`'s deep copy
+        # was a measurable share of the edge's CPU per stream.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         if data["content"] is None:
             del data["content"]
         return orjson.dumps(
