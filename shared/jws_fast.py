@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 
 
-class JWSError(Exception):
-    """Verification failed; `reason` is a bounded label, the message is for clients."""
+class TokenRejected(Exception):
+    """A token failed verification. `reason` is a bounded metric label; the message
+    is fit for clients."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -56,29 +57,29 @@ class ParsedToken:
 
 def _decode_segment(segment: str) -> bytes:
     if len(segment) % 4 == 1 or _SEGMENT.fullmatch(segment) is None:
-        raise JWSError("malformed", "the token is not a valid JWT")
+        raise TokenRejected("malformed", "the token is not a valid JWT")
     try:
         return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
-        raise JWSError("malformed", "the token is not a valid JWT") from None
+        raise TokenRejected("malformed", "the token is not a valid JWT") from None
 
 
 def parse(token: str, algorithm: str) -> ParsedToken:
     """Split and decode `token`; refuse it unless its header pins `algorithm`."""
     parts = token.split(".")
     if len(parts) != 3:
-        raise JWSError("malformed", "the token is not a valid JWT")
+        raise TokenRejected("malformed", "the token is not a valid JWT")
     header_segment, payload_segment, signature_segment = parts
     try:
         header = orjson.loads(_decode_segment(header_segment))
     except orjson.JSONDecodeError:
-        raise JWSError("malformed", "the token is not a valid JWT") from None
+        raise TokenRejected("malformed", "the token is not a valid JWT") from None
     if not isinstance(header, dict):
-        raise JWSError("malformed", "the token is not a valid JWT")
+        raise TokenRejected("malformed", "the token is not a valid JWT")
     if header.get("alg") != algorithm:
-        raise JWSError("bad_algorithm", "the token's algorithm is not allowed")
+        raise TokenRejected("bad_algorithm", "the token's algorithm is not allowed")
     if "crit" in header or header.get("b64", True) is not True:
-        raise JWSError("malformed", "the token uses header parameters we do not support")
+        raise TokenRejected("malformed", "the token uses header parameters we do not support")
     return ParsedToken(
         header,
         _decode_segment(payload_segment),
@@ -101,28 +102,28 @@ def verify(
     try:
         key.verify(parsed.signature, parsed.signing_input)
     except InvalidSignature:
-        raise JWSError("bad_signature", "the token's signature does not verify") from None
+        raise TokenRejected("bad_signature", "the token's signature does not verify") from None
     try:
         claims = orjson.loads(parsed.payload)
     except orjson.JSONDecodeError:
-        raise JWSError("malformed", "the token is not valid") from None
+        raise TokenRejected("malformed", "the token is not valid") from None
     if not isinstance(claims, dict):
-        raise JWSError("malformed", "the token is not valid")
+        raise TokenRejected("malformed", "the token is not valid")
     for name in require:
         if name not in claims:
-            raise JWSError("malformed", "the token lacks a required claim")
+            raise TokenRejected("malformed", "the token lacks a required claim")
     moment = time.time() if now is None else now
     exp, nbf, iat = (_numeric(claims, name) for name in ("exp", "nbf", "iat"))
     if exp is not None and exp <= moment - leeway:
-        raise JWSError("expired", "the token has expired")
+        raise TokenRejected("expired", "the token has expired")
     if (nbf is not None and nbf > moment + leeway) or (iat is not None and iat > moment + leeway):
-        raise JWSError("not_yet_valid", "the token is not valid yet")
+        raise TokenRejected("not_yet_valid", "the token is not valid yet")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud
     if not isinstance(audiences, list) or audience not in audiences:
-        raise JWSError("bad_audience", "the token is not meant for this service")
+        raise TokenRejected("bad_audience", "the token is not meant for this service")
     if claims.get("iss") != issuer:
-        raise JWSError("bad_issuer", "the token was not issued by this gateway")
+        raise TokenRejected("bad_issuer", "the token was not issued by this gateway")
     return claims
 
 
@@ -131,5 +132,5 @@ def _numeric(claims: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise JWSError("malformed", f"the token's {name!r} claim is not a number")
+        raise TokenRejected("malformed", f"the token's {name!r} claim is not a number")
     return float(value)

@@ -115,7 +115,7 @@ def fast_verdict(token: str) -> str:
             leeway=tokens.LEEWAY_SECONDS,
             require=tokens.REQUIRED_CLAIMS,
         )
-    except jws_fast.JWSError as exc:
+    except jws_fast.TokenRejected as exc:
         return exc.reason
     return "ok"
 
