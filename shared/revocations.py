@@ -29,7 +29,3 @@ def grant_keys(grant: StreamGrant) -> list[str]:
 
 async def revoke(store: Store, kind: str, value: str, ttl_seconds: float) -> None:
     await store.set(revocation_key(kind, value), b"1", ttl_seconds)
-
-
-async def is_revoked(store: Store, grant: StreamGrant) -> bool:
-    return any(value is not None for value in await store.get_many(grant_keys(grant)))

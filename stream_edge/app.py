@@ -28,6 +28,7 @@ from stream_edge.jwks import JWKSCache
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
+from stream_edge.revocation_watch import watch_revocations
 from stream_edge.state import EdgeState
 from stream_edge.upstream_client import RetryPolicy
 
@@ -108,13 +109,15 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         app.state.edge = state
         app.state.on_sigterm = lambda: drain(state)
         deliverer = asyncio.create_task(outbox.run(), name="usage-outbox")
+        revocations = asyncio.create_task(watch_revocations(state), name="revocations")
         try:
             yield
         finally:
             state.draining = True
-            deliverer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await deliverer
+            for task in (deliverer, revocations):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             try:
                 pending = await outbox.flush(timeout=5.0)
             except Exception as exc:  # the store is down: what it holds waits there

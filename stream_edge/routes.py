@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +12,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from shared.metrics import exposition
-from shared.revocations import is_revoked
 from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
 from stream_edge.errors import NotFound, ServiceUnavailable, Unauthorized, error_response
@@ -25,9 +23,6 @@ from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import Usage
 
 logger = logging.getLogger("llmgw.edge")
-
-# Revoked streams end within this (the issue asks for 2 s).
-REVOCATION_CHECK_SECONDS = 1.0
 
 
 async def chat_completions(request: Request) -> Response:
@@ -81,10 +76,10 @@ async def chat_completions(request: Request) -> Response:
 
 class Streamed(Response):
     """Serves an `EventStreamResponse` as a Starlette response. While it runs it is
-    registered with the app, so a shutdown can end it (`shut_down`), and it checks for
-    revocations every `REVOCATION_CHECK_SECONDS`, ending the stream with `revoked`.
-    `final_frame(code, message)` makes the closing error frame only when needed (an
-    EventSource frame takes the next event id)."""
+    registered with the app, so a shutdown can end it (`shut_down`) and the process's
+    revocation watcher can (`revoke`, see revocation_watch.py). `final_frame(code,
+    message)` makes the closing error frame only when needed (an EventSource frame
+    takes the next event id)."""
 
     def __init__(
         self,
@@ -95,7 +90,7 @@ class Streamed(Response):
     ) -> None:
         self._state = state
         self._inner = inner
-        self._grant = grant
+        self.grant = grant
         self._final_frame = final_frame
 
     def shut_down(self) -> None:
@@ -103,23 +98,12 @@ class Streamed(Response):
             self._final_frame("shutting_down", "the edge is restarting; reconnect or retry")
         )
 
-    async def _watch_revocations(self, grant: StreamGrant) -> None:
-        while True:
-            await asyncio.sleep(REVOCATION_CHECK_SECONDS)
-            try:
-                revoked = await is_revoked(self._state.store, grant)
-            except Exception:  # the store is briefly down: check again next time
-                continue
-            if revoked:
-                frame = self._final_frame("revoked", "access to this stream was revoked")
-                self._inner.abort(frame, outcome="revoked")
-                return
+    def revoke(self) -> None:
+        frame = self._final_frame("revoked", "access to this stream was revoked")
+        self._inner.abort(frame, outcome="revoked")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._state.active.add(self)
-        grant = self._grant
-        if grant is not None:
-            self._inner.add_watcher(lambda: self._watch_revocations(grant))
         try:
             await self._inner(scope, receive, send)
         finally:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from cryptography.fernet import MultiFernet
 
 from shared.settings import Settings
 from shared.store import Store
+from shared.tokens import StreamGrant
 from stream_edge.breaker import Breakers
 from stream_edge.grants import GrantVerifier
 from stream_edge.http1 import Http1Client
@@ -16,6 +17,16 @@ from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.upstream_client import RetryPolicy
+
+
+class RunningStream(Protocol):
+    """A stream in progress, as shutdown and the revocation watcher see it."""
+
+    grant: StreamGrant | None
+
+    def shut_down(self) -> None: ...
+
+    def revoke(self) -> None: ...
 
 
 @dataclass
@@ -32,4 +43,4 @@ class EdgeState:
     route_cipher: MultiFernet
     draining: bool = False
     # Streams being served (routes.Streamed), so a shutdown can end them.
-    active: set[Any] = field(default_factory=set)
+    active: set[RunningStream] = field(default_factory=set)

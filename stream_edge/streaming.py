@@ -17,8 +17,7 @@ Outcomes: `finished` (the producer returned), `client_gone`, `slow_client`,
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -56,11 +55,6 @@ class EventStreamResponse:
         self._abort_frame = b""
         self.outcome = "finished"
         self.connected = True
-        self._watchers: list[Callable[[], Coroutine[Any, Any, None]]] = []
-
-    def add_watcher(self, watcher: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run `watcher` alongside the stream, cancelled when the stream ends."""
-        self._watchers.append(watcher)
 
     def abort(self, final_frame: bytes, outcome: str = "aborted") -> None:
         """End the stream now with `final_frame` (e.g. an `error` event)."""
@@ -116,8 +110,6 @@ class EventStreamResponse:
                 self._scope = group.cancel_scope
                 group.start_soon(watch_disconnect, group.cancel_scope)
                 group.start_soon(watchdog, group.cancel_scope)
-                for watcher in self._watchers:
-                    group.start_soon(watcher)
                 try:
                     await self._produce(emit)
                 finally:
