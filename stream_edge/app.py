@@ -98,7 +98,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             settings,
             active_store,
             client,
-            GrantVerifier(jwks, active_store),
+            GrantVerifier(jwks),
             outbox,
             metrics,
             limits=StreamLimits(settings),

@@ -1,8 +1,7 @@
-"""Stream grants: verify a token (public keys only) and claim its single use."""
+"""Stream grants: verify a token with public keys only (admission.py claims its single use)."""
 
 from __future__ import annotations
 
-from shared.store import Store
 from shared.tokens import (
     SCOPE_SEND,
     StreamGrant,
@@ -19,9 +18,8 @@ def used_key(jti: str) -> str:
 
 
 class GrantVerifier:
-    def __init__(self, jwks: JWKSCache, store: Store) -> None:
+    def __init__(self, jwks: JWKSCache) -> None:
         self._jwks = jwks
-        self._store = store
 
     async def verify(self, token: str) -> StreamGrant:
         """Check signature, alg, aud, iss, time window and scope; raise Unauthorized/Forbidden.
