@@ -1,0 +1,452 @@
+"""Nobody streams for free: whatever goes upstream is priced before it is sent.
+
+Attacks through real servers (control plane + edge + a recording OpenAI-compatible
+backend, each on uvicorn): zero-price overrides riding the platform's key (11.1),
+image/file parts outside the estimate (11.2), tools and other parameters outside
+the estimate (12.4), JSON nested past what can be stored (12.5), a provider key that
+cannot travel in an HTTP header (11.13). The backend reports a realistic usage
+(`_true_prompt_tokens`); the charge must then be exactly that usage's price, never
+capped by a hold that did not cover it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from control_plane.app import create_app as control_plane_app
+from shared.catalog import Catalog
+from shared.settings import Settings
+from shared.store_memory import MemoryStore
+from stream_edge.app import create_app as edge_app
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.stack import Client, base_env, micro
+
+PLATFORM_KEY = "sk-platform-openai-key"
+COMPANY_KEY = "sk-company-own-key"
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+FILE = {"type": "file", "file": {"filename": "a.pdf", "file_data": "JVBERi0x" * 64}}
+
+
+def _true_prompt_tokens(body: dict[str, Any]) -> int:
+    """What a vendor would bill: ~4 bytes a token for everything that is not a
+    message, the message text, OpenAI's 1445 tokens (85 + 170 x 8 tiles) per
+    high-detail image, one token per 3 bytes of file data."""
+    rest = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
+    rest.pop("stream_options", None)
+    rest.pop("max_tokens", None)
+    tokens = math.ceil(len(orjson.dumps(rest)) / 4) if rest else 0
+    for message in body["messages"]:
+        tokens += 3
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
+            if part["type"] == "text":
+                tokens += math.ceil(len(part["text"].encode()) / 4)
+            elif part["type"] == "image_url":
+                tokens += 1445
+            elif part["type"] == "file":
+                tokens += math.ceil(len(part["file"].get("file_data", "")) / 3)
+    return tokens
+
+
+class Backend:
+    """An OpenAI-compatible backend that records what reached it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def chat(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        self.calls.append((request.headers.get("authorization", ""), body))
+        usage = {"prompt_tokens": _true_prompt_tokens(body), "completion_tokens": 2}
+        usage["total_tokens"] = usage["prompt_tokens"] + 2
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "ok!"}
+            return JSONResponse(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
+            )
+
+        def chunk(choices: list[Any], **extra: Any) -> bytes:
+            doc = {"id": "c1", "object": "chat.completion.chunk", "model": body["model"]}
+            return b"data: " + orjson.dumps({**doc, "choices": choices, **extra}) + b"\n\n"
+
+        frames = [
+            chunk([{"index": 0, "delta": {"role": "assistant", "content": "ok"}}]),
+            chunk([{"index": 0, "delta": {"content": "!"}}]),
+            chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+            chunk([], usage=usage),
+            b"data: [DONE]\n\n",
+        ]
+        return Response(b"".join(frames), media_type="text/event-stream")
+
+
+def _pointed_at(catalog: Catalog, url: str) -> Catalog:
+    providers = {
+        name: dataclasses.replace(p, base_url=url) if name in ("mock", "openai") else p
+        for name, p in catalog.providers.items()
+    }
+    return dataclasses.replace(catalog, providers=providers)
+
+
+@dataclasses.dataclass
+class Gateway:
+    client: Client
+    backend: Backend
+    db_path: Path
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp: Path = tmp_path_factory.mktemp("money")
+    socks = [bind_free_socket() for _ in range(3)]
+    backend_sock, cp_sock, edge_sock = socks
+    env = {
+        **base_env(f"sqlite:///{tmp}/gw.db"),
+        "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
+        "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
+        "LLMGW_UPSTREAM_RETRIES": "0",
+        "OPENAI_API_KEY": PLATFORM_KEY,
+    }
+    settings = Settings.from_env(env)
+    settings = dataclasses.replace(
+        settings, catalog=_pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
+    )
+    backend = Backend()
+    store = MemoryStore()
+    apps = [
+        (Starlette(routes=[Route("/v1/chat/completions", backend.chat, methods=["POST"])]),
+         backend_sock),
+        (control_plane_app(settings, store), cp_sock),
+        (edge_app(settings, store), edge_sock),
+    ]  # fmt: skip
+    client = Client(
+        url_of(cp_sock), url_of(edge_sock), url_of(backend_sock), env["LLMGW_WEBHOOK_SECRET"]
+    )
+    with ServerGroup(apps):
+        try:
+            yield Gateway(client, backend, tmp / "gw.db")
+        finally:
+            client.close()
+
+
+def _owner(gw: Gateway) -> tuple[str, str]:
+    company_id = gw.client.new_company("10")
+    return company_id, gw.client.new_user(company_id, role="owner")
+
+
+def _put(gw: Gateway, token: str, company_id: str, provider: str, body: Any) -> httpx.Response:
+    path = f"/v1/admin/companies/{company_id}/providers/{provider}"
+    return gw.client.as_user(token, "PUT", path, json=body)
+
+
+def _stream(gw: Gateway, init: dict[str, Any]) -> str:
+    """Run the stashed request through `GET /v1/stream` to its end."""
+    response = gw.client.http.get(init["stream_url"])
+    assert response.status_code == 200, response.text
+    assert "event: complete" in response.text, response.text
+    return response.text
+
+
+def _completions(gw: Gateway, stream_token: str, body: dict[str, Any]) -> httpx.Response:
+    return gw.client.http.post(
+        f"{gw.client.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {stream_token}"},
+        json=body,
+    )
+
+
+def _cost(prompt: int, output: int, price_in: str, price_out: str) -> int:
+    return math.ceil(prompt * Decimal(price_in) + output * Decimal(price_out))
+
+
+def _state(gw: Gateway, token: str) -> tuple[dict[str, str], int]:
+    sessions = gw.client.as_user(token, "GET", "/v1/sessions").json()["data"]["items"]
+    return gw.client.credits(token), len(sessions)
+
+
+def _edge_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"], error
+
+
+def _cp_error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    doc = response.json()
+    assert doc["success"] is False and doc["error"]["code"] == code, doc
+    message: str = doc["message"]
+    return message
+
+
+# --- 11.1 zero-price overrides on the platform's key -----------------------------------
+
+PRICE_ZERO = {"price": {"input_per_mtok": "0", "output_per_mtok": "0"}}
+NEW_MODEL = {
+    "upstream_model": "gpt-4o",
+    "context_length": 128000,
+    "max_output_tokens": 1000,
+    **PRICE_ZERO,
+}
+
+
+@pytest.mark.parametrize(
+    ("models", "field"),
+    [
+        ({"gpt-4o-mini": PRICE_ZERO}, "models.gpt-4o-mini.price"),
+        ({"gpt-4o-mini": {"upstream_model": "gpt-4o"}}, "models.gpt-4o-mini.upstream_model"),
+        ({"gpt-4o-mini": {"features": ["streaming", "vision", "files"]}},
+         "models.gpt-4o-mini.features"),
+        ({"free-4o": NEW_MODEL}, "models.free-4o"),
+    ],
+)  # fmt: skip
+def test_price_model_and_additions_need_the_companys_own_key(
+    gw: Gateway, models: dict[str, Any], field: str
+) -> None:
+    company_id, token = _owner(gw)
+    # On the platform's key: refused, nothing stored.
+    message = _cp_error(
+        _put(gw, token, company_id, "openai", {"models": models}), 422, "validation_error"
+    )
+    assert message.startswith(field) and "own api_key" in message
+    listed = gw.client.as_user(token, "GET", f"/v1/admin/companies/{company_id}/providers")
+    assert listed.json()["data"]["items"] == []
+    # A key given as null (the platform's) is the same.
+    body = {"api_key": None, "models": models}
+    _cp_error(_put(gw, token, company_id, "openai", body), 422, "validation_error")
+    # With the company's own key in the same request: accepted.
+    body = {"api_key": COMPANY_KEY, "models": models}
+    assert _put(gw, token, company_id, "openai", body).status_code == 200
+    # Already stored key: accepted too.
+    assert _put(gw, token, company_id, "openai", {"models": models}).status_code == 200
+    # Clearing the key while keeping such overrides: refused.
+    body = {"api_key": None, "models": models}
+    _cp_error(_put(gw, token, company_id, "openai", body), 422, "validation_error")
+
+
+def test_limits_and_hiding_stay_allowed_on_the_platforms_key(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    models = {"gpt-4o-mini": {"max_output_tokens": 100}, "mock-chat": {"enabled": False}}
+    r = _put(gw, token, company_id, "openai", {"models": {"gpt-4o-mini": models["gpt-4o-mini"]}})
+    assert r.status_code == 200, r.text
+    r = _put(gw, token, company_id, "mock", {"models": {"mock-chat": models["mock-chat"]}})
+    assert r.status_code == 200, r.text
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "query": "hi"})
+    assert init["max_tokens"] == 100
+
+
+def test_zero_price_override_rides_the_platform_key_for_free(gw: Gateway) -> None:
+    """The attack of 11.1, end to end: overrides stored while the company had a key
+    (or by an older version) must not apply once the platform's key serves."""
+    company_id, token = _owner(gw)
+    models = {"gpt-4o-mini": PRICE_ZERO, "free-4o": NEW_MODEL}
+    r = _put(gw, token, company_id, "openai", {"api_key": COMPANY_KEY, "models": models})
+    assert r.status_code == 200, r.text
+    # With its own key the company may price its own traffic as it likes.
+    own = gw.client.init_ok(token, {"model": "free-4o", "query": "hi", "max_tokens": 16})
+    assert own["reserved_credits"] == "0.000000"
+    gw.backend.calls.clear()
+    _stream(gw, own)
+    assert gw.backend.calls[0][0] == f"Bearer {COMPANY_KEY}"
+    assert gw.backend.calls[0][1]["model"] == "gpt-4o"
+
+    # The key goes (DELETE of the key only, overrides left in place): back on the
+    # platform's key, the packaged price and model apply, the added model is gone.
+    stored = gw.client.as_user(
+        token, "PUT", f"/v1/admin/companies/{company_id}/providers/openai",
+        json={"api_key": None},
+    )  # fmt: skip
+    assert stored.status_code in (200, 422), stored.text
+    if stored.status_code == 422:
+        # The PUT refuses to leave priced overrides without a key; drop the key the
+        # way an older version (or a decryption-key loss) would: directly.
+        _forget_key(gw, company_id)
+    init = gw.client.init(token, {"model": "free-4o", "query": "hi"})
+    _cp_error(init, 404, "model_not_found")
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "query": "x" * 1500, "max_tokens": 16})
+    assert micro(init["reserved_credits"]) > 0
+    gw.backend.calls.clear()
+    _stream(gw, init)
+    auth, body = gw.backend.calls[0]
+    assert auth == f"Bearer {PLATFORM_KEY}" and body["model"] == "gpt-4o-mini"
+    usage = gw.client.wait_usage(token, init["reservation_id"])
+    expected = _cost(_true_prompt_tokens(body), 2, "0.15", "0.6")
+    assert micro(usage["cost"]) == expected > 0
+
+
+def _forget_key(gw: Gateway, company_id: str) -> None:
+    """Clear the stored key without going through the PUT's checks."""
+    with sqlite3.connect(gw.db_path) as conn:
+        conn.execute(
+            "UPDATE company_providers SET api_key_encrypted = NULL WHERE company_id = ?",
+            (company_id,),
+        )
+    conn.close()
+
+
+# --- 11.13 provider keys that cannot travel in a header --------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["sk-ключ", "sk-tab\there", "sk-\u00e9", "k" * 5000, "sk-nul\u0000", "", " "]
+)
+def test_provider_key_must_be_printable_ascii(gw: Gateway, key: str) -> None:
+    company_id, token = _owner(gw)
+    message = _cp_error(
+        _put(gw, token, company_id, "openai", {"api_key": key}), 422, "validation_error"
+    )
+    assert message.startswith("api_key")
+    listed = gw.client.as_user(token, "GET", f"/v1/admin/companies/{company_id}/providers")
+    assert listed.json()["data"]["items"] == []
+
+
+# --- 11.2 images and files ride free ---------------------------------------------------
+
+
+def _parts_body(images: int, files: int = 0, text: str = "hi") -> dict[str, Any]:
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    parts += [IMAGE] * images + [FILE] * files
+    return {"messages": [{"role": "user", "content": parts}]}
+
+
+def test_images_and_files_refused_for_a_text_model_at_the_edge(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    init = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], _parts_body(50, files=1))
+    _edge_error(response, 400, "unsupported_content")
+    assert gw.backend.calls == []
+    # The refusal did not burn the token: a plain request still runs.
+    ok = _completions(gw, init["stream_token"], {"messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_images_on_a_vision_model_must_fit_the_tokens_input(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], _parts_body(50))
+    _edge_error(response, 413, "input_too_large")
+    # gpt-4o-mini does not list `files`.
+    response = _completions(gw, init["stream_token"], _parts_body(0, files=1))
+    _edge_error(response, 400, "unsupported_content")
+    assert gw.backend.calls == []
+
+
+def test_parts_at_init_are_refused_or_held_for(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    before = _state(gw, token)
+    # A text-only model: 400 and nothing changes.
+    response = gw.client.init(token, {"model": "mock-fast", **_parts_body(2)})
+    _cp_error(response, 400, "unsupported_content")
+    response = gw.client.init(token, {"model": "gpt-4o-mini", **_parts_body(1, files=1)})
+    _cp_error(response, 400, "unsupported_content")
+    assert _state(gw, token) == before
+    # A vision model: the hold covers every image, and the stream is billed in full.
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(3)})
+    gw.backend.calls.clear()
+    _stream(gw, init)
+    body = gw.backend.calls[0][1]
+    assert [p["type"] for p in body["messages"][0]["content"]] == ["text"] + ["image_url"] * 3
+    usage = gw.client.wait_usage(token, init["reservation_id"])
+    assert usage["input_tokens"] == _true_prompt_tokens(body) > 3 * 1445
+    assert micro(usage["cost"]) == _cost(usage["input_tokens"], 2, "0.15", "0.6")
+    # The same images sent at the edge with that token fit its input allowance.
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(3)})
+    response = _completions(gw, init["stream_token"], _parts_body(3))
+    assert response.status_code == 200, response.text
+
+
+# --- 12.4 tools and parameters ride free -----------------------------------------------
+
+
+def _tools(count: int, size: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": "d" * size,
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+        for i in range(count)
+    ]
+
+
+def test_tools_are_held_for_at_init(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    body = {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 16, "tools": _tools(128, 2000)}
+    init = gw.client.init_ok(token, body)
+    gw.backend.calls.clear()
+    _stream(gw, init)
+    sent = gw.backend.calls[0][1]
+    assert len(sent["tools"]) == 128
+    usage = gw.client.wait_usage(token, init["reservation_id"])
+    assert usage["input_tokens"] == _true_prompt_tokens(sent) > 60_000
+    assert micro(usage["cost"]) == _cost(usage["input_tokens"], 2, "0.15", "0.6")
+    assert micro(init["reserved_credits"]) >= micro(usage["cost"])
+
+
+def test_stop_sequences_count_at_init_and_edge(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    stops = ["s" * 20_000] * 4
+    init = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16, "stop": stops})
+    assert init["max_tokens"] == 16
+    hold_without = micro(gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})[
+        "reserved_credits"
+    ])
+    assert micro(init["reserved_credits"]) >= hold_without + 80_000 // 3
+    # At the edge: a token minted for "hi" cannot carry 80 KB of `stop` or `user`.
+    small = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    for extra in ({"stop": stops}, {"user": "u" * 60_000}):
+        body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+        _edge_error(_completions(gw, small["stream_token"], body), 413, "input_too_large")
+    assert gw.backend.calls == []
+
+
+# --- 12.5 JSON nested too deep ---------------------------------------------------------
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    node: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        node = {"type": "object", "properties": {"x": node}}
+    return node
+
+
+def test_deeply_nested_tools_are_a_clear_400_that_changes_nothing(gw: Gateway) -> None:
+    company_id, token = _owner(gw)
+    before = _state(gw, token)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": _nested(130)}}]
+    response = gw.client.init(token, {"model": "gpt-4o-mini", "query": "hi", "tools": tools})
+    _cp_error(response, 400, "json_too_deep")
+    assert _state(gw, token) == before
+    # At the edge, too, before the token is used.
+    init = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})
+    body = {"messages": [{"role": "user", "content": "hi"}], "stop": [str(uuid.uuid4())],
+            "user": "u", "deep": _nested(130)}  # fmt: skip
+    _edge_error(_completions(gw, init["stream_token"], body), 400, "json_too_deep")
+    ok = _completions(gw, init["stream_token"], {"messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200, ok.text
