@@ -28,6 +28,7 @@ from control_plane.errors import (
     Revoked,
     ServiceUnavailable,
     SessionNotFound,
+    UnsupportedContent,
     UnsupportedFeature,
     ValidationFailed,
 )
@@ -35,6 +36,7 @@ from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
+from shared.input_size import content_text, missing_features, params_tokens
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, route_cipher, seal
@@ -86,6 +88,7 @@ def fit_history(
     history: list[dict[str, str]],
     new_turn: list[dict[str, str]],
     max_tokens: int | None,
+    params: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """A stored session's history plus the new turn, dropping the oldest non-system
     history messages until the input leaves room for the output (`max_tokens`, or at
@@ -94,7 +97,8 @@ def fit_history(
     output = (
         max_tokens if max_tokens is not None else min(model.max_output_tokens, MIN_OUTPUT_TOKENS)
     )
-    room = model.context_length - output
+    # What goes upstream beside the messages (tools, stop…) takes its room first.
+    room = model.context_length - output - params_tokens(params or {})
     # The estimate is a sum over messages, so dropping one subtracts its share:
     # one pass, however long the session.
     total = estimate_input_tokens(history) + estimate_input_tokens(new_turn)
@@ -124,13 +128,21 @@ class HoldPlan:
     hold_micro: int
 
 
-def plan_hold(model: ModelSpec, messages: list[dict[str, str]], max_tokens: int | None) -> HoldPlan:
+def plan_hold(
+    model: ModelSpec,
+    messages: list[dict[str, Any]],
+    max_tokens: int | None,
+    params: dict[str, Any] | None = None,
+) -> HoldPlan:
     """The worst case: the input estimate plus `max_tokens` output, at the model's price.
 
-    Without an explicit `max_tokens` the output budget is the model's maximum, cut
-    down to what the context leaves after the input (the input is fitted, not
-    refused, as long as some room for an answer remains)."""
-    estimate = estimate_input_tokens(messages)
+    The estimate covers every byte that goes upstream: the messages with their
+    content parts, and `params` (tools, stop…), by `shared.input_size`'s formula, the
+    one the edge applies too. Without an explicit `max_tokens` the output budget is
+    the model's maximum, cut down to what the context leaves after the input (the
+    input is fitted, not refused, as long as some room for an answer remains)."""
+    estimate = estimate_input_tokens(messages, model.image_input_tokens)
+    estimate += params_tokens(params or {})
     if max_tokens is None:
         max_tokens = max(1, min(model.max_output_tokens, model.context_length - estimate))
     elif max_tokens > model.max_output_tokens:
@@ -145,10 +157,24 @@ def plan_hold(model: ModelSpec, messages: list[dict[str, str]], max_tokens: int 
     return HoldPlan(max_tokens, estimate, cost_micro(estimate, max_tokens, model.price))
 
 
+def check_content(model: ModelSpec, needed: frozenset[str]) -> None:
+    missing = missing_features(needed, model.features)
+    if missing:
+        raise UnsupportedContent(
+            f"{model.id} cannot take {', '.join(missing)} content "
+            f"(it supports {', '.join(model.features) or 'text only'})."
+        )
+
+
+def storable(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Messages as the session keeps them: content parts as text with placeholders."""
+    return [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
+
+
 @dataclass(frozen=True, slots=True)
 class Reserved:
     reservation: Reservation
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     route: UpstreamRoute | None = None
 
 
@@ -173,13 +199,20 @@ def reserve(
         raise Forbidden("Your company no longer exists.")
     if company.disabled_at is not None:
         raise Revoked("Your company has been revoked.")
+    # The company's own keys decide which of its overrides apply (`company_llm`):
+    # a key that no longer decrypts routes to the platform's key, at packaged terms.
+    keys = company_llm.own_keys(session, fernet, company.id) if fernet is not None else {}
     cat = company_llm.company_catalog(
-        catalog, company_llm.load_overrides(session, company.id), company.default_model
+        catalog,
+        company_llm.load_overrides(session, company.id),
+        company.default_model,
+        frozenset(keys),
     )
     if req.model is not None and req.model in cat.disabled:
         raise ModelNotAllowed(f"Your company cannot use {req.model!r}.")
     model = resolve_model(cat, req.model, company.default_model)
     check_features(model, req.features)
+    check_content(model, req.content_features)
     chat: ChatSession | None = None
     if req.session_id is not None:
         chat = session.get(ChatSession, req.session_id)
@@ -188,17 +221,17 @@ def reserve(
     if req.query is not None:
         new_turn = [{"role": "user", "content": req.query}]
         past = chat_sessions.history(session, chat.id) if chat else []
-        messages = fit_history(model, past, new_turn, req.max_tokens)
+        messages = fit_history(model, past, new_turn, req.max_tokens, req.params)
     else:
         assert req.messages is not None
         messages = req.messages
         # The client owns the history; an existing session records only the new turn.
-        new_turn = messages if chat is None else [m for m in messages[-1:] if m["role"] == "user"]
-    plan = plan_hold(model, messages, req.max_tokens)
+        sent = messages if chat is None else [m for m in messages[-1:] if m["role"] == "user"]
+        new_turn = storable(sent)
+    plan = plan_hold(model, messages, req.max_tokens, req.params)
     if chat is None:
-        chat = chat_sessions.create_session(
-            session, company.id, principal.user_id, chat_sessions.title_from(messages), now
-        )
+        title = chat_sessions.title_from(storable(messages))
+        chat = chat_sessions.create_session(session, company.id, principal.user_id, title, now)
     reservation = Reservation(
         id=new_id(),
         company_id=company.id,
@@ -222,12 +255,7 @@ def reserve(
     # Lock order, as in settlement: the company row (the hold), then the session row.
     take_hold(session, reservation)
     chat_sessions.append_messages(session, chat.id, new_turn)
-    route = None
-    if fernet is not None:
-        own_key = company_llm.decrypt_key(
-            fernet, company_llm.provider_row(session, company.id, model.provider)
-        )
-        route = company_llm.route_for(catalog, cat, model, own_key)
+    route = company_llm.route_for(catalog, model, keys.get(model.provider))
     return Reserved(reservation, messages, route)
 
 

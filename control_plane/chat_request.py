@@ -3,6 +3,8 @@
 Exactly one of `messages` (the client owns the history) and `query` (appended to a
 stored session's history). Optional `model`, `session_id`, `max_tokens`, and the
 sampling parameters passed through to the backend (`temperature`, `top_p`, `stop`).
+A message's `content` is a string or an array of OpenAI content parts
+(`shared.input_size.check_parts`); init checks the model takes them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.errors import ValidationFailed
+from control_plane.errors import UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
+from shared.input_size import InputRejected, check_parts
 
 MESSAGE_ROLES = ("system", "user", "assistant")
 QUERY_MAX_CHARS = 2000
@@ -25,20 +28,25 @@ MAX_TOOLS = 128
 @dataclass(frozen=True, slots=True)
 class InitRequest:
     model: str | None
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     query: str | None
     session_id: str | None
     max_tokens: int | None
     params: dict[str, Any]
     features: tuple[str, ...] = ()  # what the model must support (`tools`, `vision`, …)
+    # What the messages' content parts need (`vision`, `files`, `audio`): 400
+    # `unsupported_content` when the model lacks one.
+    content_features: frozenset[str] = frozenset()
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
+    """The messages, and the features their content parts need."""
     if not isinstance(value, list) or not value:
         raise ValidationFailed("messages", "must be a non-empty array")
     if len(value) > MAX_MESSAGES:
         raise ValidationFailed("messages", f"must have at most {MAX_MESSAGES} items")
-    result = []
+    result: list[dict[str, Any]] = []
+    needed: set[str] = set()
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise ValidationFailed(f"messages[{i}]", "must be an object")
@@ -48,10 +56,17 @@ def _messages(value: Any) -> list[dict[str, str]]:
                 f"messages[{i}].role", f"must be one of {', '.join(MESSAGE_ROLES)}"
             )
         content = item.get("content")
-        if not isinstance(content, str):
-            raise ValidationFailed(f"messages[{i}].content", "must be a string")
+        if isinstance(content, list):
+            try:
+                needed |= check_parts(content, f"messages[{i}].content")
+            except InputRejected as exc:
+                if exc.code == "unsupported_content":
+                    raise UnsupportedContent(str(exc)) from None
+                raise ValidationFailed(exc.where, exc.problem) from None
+        elif not isinstance(content, str):
+            raise ValidationFailed(f"messages[{i}].content", "must be a string or content parts")
         result.append({"role": str(role), "content": content})
-    return result
+    return result, frozenset(needed)
 
 
 def _number(doc: dict[str, Any], name: str, low: float, high: float) -> float | int | None:
@@ -125,10 +140,12 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
             raise ValidationFailed("query", f"must be at most {QUERY_MAX_CHARS} characters")
     params = _params(doc)
     features = _features(doc, params)
+    messages, content_features = _messages(doc["messages"]) if has_messages else (None, None)
     return InitRequest(
         features=features,
+        content_features=content_features or frozenset(),
         model=optional_str(doc, "model"),
-        messages=_messages(doc["messages"]) if has_messages else None,
+        messages=messages,
         query=query,
         session_id=optional_str(doc, "session_id", max_len=64),
         max_tokens=optional_int(doc, "max_tokens", low=1, high=2**31 - 1),

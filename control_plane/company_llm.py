@@ -3,7 +3,14 @@ default model; and the catalog the company sees (the packaged one merged with it
 overrides).
 
 Pure core: `parse_models` validates a ``models`` body with the catalog's own parse
-rules (`shared.catalog.parse_catalog`), `company_catalog` merges. Data functions take
+rules (`shared.catalog.parse_catalog`), `company_catalog` merges.
+
+Money rule: a company may change a model's price, upstream model or features, route
+a packaged model to another provider, or add models, only for a provider for which
+it stores its own key (`own_key_field`). On the platform's key the packaged entry
+applies whatever is stored: `company_catalog` enforces it when the catalog is
+resolved (a key cleared or no longer decryptable later takes the overrides with it),
+`PUT …/providers` refuses to store what could not apply. Data functions take
 a DB session and do not commit. Provider keys are Fernet-encrypted with
 ``LLMGW_ENCRYPTION_KEY`` (`MultiFernet`, newest key first) and never leave this
 module in clear except inside a sealed stream-token claim (`route_for`).
@@ -25,8 +32,18 @@ from control_plane.tables import CompanyModel, CompanyProvider, new_id, utcnow
 from shared.catalog import Catalog, CatalogError, ModelSpec, parse_catalog
 from shared.route_claim import UpstreamRoute
 
-SPEC_KEYS = ("upstream_model", "context_length", "max_output_tokens", "features", "price")
+SPEC_KEYS = (
+    "upstream_model",
+    "context_length",
+    "max_output_tokens",
+    "features",
+    "image_input_tokens",
+    "price",
+)
 OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled")
+# What a company may change on the platform's key: limits and visibility, not what
+# is called or what it costs.
+PLATFORM_KEY_FIELDS = frozenset({"context_length", "max_output_tokens", "enabled"})
 MAX_MODELS = 200
 MODEL_ID_MAX = 200
 API_KEY_MAX = 4096
@@ -40,6 +57,7 @@ def model_raw(spec: ModelSpec) -> dict[str, Any]:
         "context_length": spec.context_length,
         "max_output_tokens": spec.max_output_tokens,
         "features": list(spec.features),
+        "image_input_tokens": spec.image_input_tokens,
         "price": {
             "input_per_mtok": str(spec.price.input_per_mtok),
             "output_per_mtok": str(spec.price.output_per_mtok),
@@ -108,6 +126,31 @@ def parse_models(value: Any, provider: str, catalog: Catalog) -> dict[str, dict[
     return result
 
 
+def own_key_field(
+    model_id: str, provider: str, partial: dict[str, Any], base: Catalog
+) -> str | None:
+    """Where an override needs the company's own key for `provider`: ``""`` for the
+    model itself (added, or a packaged model moved to another provider), else its
+    first field beyond `PLATFORM_KEY_FIELDS`; None when it may use the platform's key."""
+    packaged = base.model(model_id)
+    if packaged is None or packaged.provider != provider:
+        return ""
+    return next((key for key in sorted(partial) if key not in PLATFORM_KEY_FIELDS), None)
+
+
+def check_platform_key(provider: str, models: dict[str, dict[str, Any]], base: Catalog) -> None:
+    """422 naming the first override that the platform's key cannot carry."""
+    for model_id, partial in models.items():
+        field = own_key_field(model_id, provider, partial, base)
+        if field is not None:
+            where = f"models.{model_id}" + (f".{field}" if field else "")
+            raise ValidationFailed(
+                where,
+                f"needs the company's own api_key for {provider} (on the platform's key "
+                "the packaged model, price and features apply)",
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class CompanyCatalog:
     """What one company may use."""
@@ -122,19 +165,30 @@ class CompanyCatalog:
 
 
 def company_catalog(
-    base: Catalog, overrides: Iterable[CompanyModel], default_model: str | None
+    base: Catalog,
+    overrides: Iterable[CompanyModel],
+    default_model: str | None,
+    keyed: frozenset[str] = frozenset(),
 ) -> CompanyCatalog:
+    """The packaged catalog merged with the company's overrides. `keyed`: the
+    providers for which the company has its own key; on any other provider only
+    `PLATFORM_KEY_FIELDS` of an override of a packaged model apply."""
     models = dict(base.models)
     custom: set[str] = set()
     disabled: set[str] = set()
     for row in overrides:
+        partial = row.spec
+        if row.provider not in keyed:
+            if own_key_field(row.model_id, row.provider, {}, base) is not None:
+                continue  # an added or moved model needs the company's key
+            partial = {k: v for k, v in partial.items() if k in PLATFORM_KEY_FIELDS}
         try:
-            spec = merge_model(base.model(row.model_id), row.model_id, row.provider, row.spec)
+            spec = merge_model(base.model(row.model_id), row.model_id, row.provider, partial)
         except CatalogError:
             continue  # a packaged catalog change made a stored override invalid: ignore it
         if row.provider not in base.providers:
             continue
-        if row.spec.get("enabled") is False:
+        if partial.get("enabled") is False:
             disabled.add(row.model_id)
             models.pop(row.model_id, None)
             continue
@@ -244,6 +298,19 @@ def remove_provider(session: Session, company_id: str, provider: str) -> None:
     )
 
 
+def keyed_providers(session: Session, company_id: str) -> frozenset[str]:
+    """Providers for which the company stores a key (for views; init decrypts)."""
+    return frozenset(
+        r.provider for r in provider_rows(session, company_id) if r.api_key_encrypted is not None
+    )
+
+
+def own_keys(session: Session, fernet: MultiFernet, company_id: str) -> dict[str, str]:
+    """provider → the company's key, for every key that still decrypts."""
+    keys = {r.provider: decrypt_key(fernet, r) for r in provider_rows(session, company_id)}
+    return {provider: key for provider, key in keys.items() if key is not None}
+
+
 def decrypt_key(fernet: MultiFernet, row: CompanyProvider | None) -> str | None:
     if row is None or row.api_key_encrypted is None:
         return None
@@ -253,13 +320,11 @@ def decrypt_key(fernet: MultiFernet, row: CompanyProvider | None) -> str | None:
         return None  # encrypted with a key no longer configured: fall back to the platform's
 
 
-def route_for(
-    base: Catalog, cat: CompanyCatalog, model: ModelSpec, api_key: str | None
-) -> UpstreamRoute | None:
+def route_for(base: Catalog, model: ModelSpec, api_key: str | None) -> UpstreamRoute | None:
     """The `upr` claim's route: only when the company brings its own key for the
-    model's provider or the model is its own (added/overridden); otherwise the edge
-    uses its packaged catalog and the platform's keys."""
-    if api_key is None and model.id not in cat.custom:
+    model's provider; otherwise the edge uses its packaged catalog (which, on the
+    platform's key, is what the company's catalog resolved to) and the platform's keys."""
+    if api_key is None:
         return None
     provider = base.providers[model.provider]
     return UpstreamRoute(
@@ -268,6 +333,8 @@ def route_for(
         base_url=provider.base_url,
         upstream_model=model.upstream_model,
         api_key=api_key,
+        features=model.features,
+        image_input_tokens=model.image_input_tokens,
     )
 
 

@@ -54,6 +54,16 @@ class BadRequest(AppError):
     default_message = "The request body is not valid JSON."
 
 
+class JsonTooDeep(BadRequest):
+    code = "json_too_deep"
+    default_message = "The request body nests arrays and objects too deeply."
+
+
+class UnsupportedContent(BadRequest):
+    code = "unsupported_content"
+    default_message = "The model cannot take this kind of content."
+
+
 class Unauthenticated(AppError):
     status, code = 401, "unauthenticated"
     default_message = "Authentication is required: send Authorization: Bearer <token>."

@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 
-from control_plane.errors import BadRequest, ValidationFailed
+from control_plane.errors import BadRequest, JsonTooDeep, ValidationFailed
+from shared.input_size import MAX_JSON_DEPTH, json_too_deep
 from shared.pricing import parse_credits
 
 DEFAULT_LIMIT = 50
@@ -19,12 +20,17 @@ MAX_LIMIT = 200
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object: 400 when it is not JSON, 422 when it is
-    JSON but not an object."""
+    """The request body as a JSON object: 400 when it is not JSON or nests deeper
+    than `MAX_JSON_DEPTH` (it could not be stored or sent on), 422 when it is JSON
+    but not an object."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest() from None
+    if json_too_deep(doc):
+        raise JsonTooDeep(
+            f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep."
+        )
     if not isinstance(doc, dict):
         raise ValidationFailed("body", "must be a JSON object")
     return doc

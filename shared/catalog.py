@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from shared.input_size import IMAGE_TOKENS
+
 API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
 # A dotted path into an event's JSON: keys, or digits that index arrays (`choices.0.text`).
 _FIELD_PATH = re.compile(r"[^.\s]+(\.[^.\s]+)*")
@@ -69,6 +71,8 @@ class ModelSpec:
     max_output_tokens: int
     price: Price
     features: tuple[str, ...] = ("streaming",)
+    # What one image costs in the input estimate (`shared.input_size`).
+    image_input_tokens: int = IMAGE_TOKENS
 
     def public(self) -> dict[str, Any]:
         return {
@@ -179,6 +183,9 @@ def parse_catalog(raw: Any) -> Catalog:
                 output_per_mtok=_decimal(price.get("output_per_mtok"), f"{where}.price.output"),
             ),
             features=tuple(features),
+            image_input_tokens=_positive_int(
+                spec.get("image_input_tokens", IMAGE_TOKENS), f"{where}.image_input_tokens"
+            ),
         )
     default_model = doc.get("default_model")
     if default_model not in models:

@@ -9,41 +9,21 @@ the exact decimal sum, so we never undercharge by a rounding and never round twi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from shared import input_size
 from shared.catalog import Price
 
 MICRO = 1_000_000
-# Conservative input estimate: real tokenizers average ~4 bytes per token on English
-# text; assuming 3 keeps the hold above the true count for ordinary text.
-BYTES_PER_TOKEN = 3
-TOKENS_PER_MESSAGE = 4
+# The input estimate lives with the other input sizing (`shared.input_size`); it is
+# re-exported here because the hold is priced from it.
+estimate_input_tokens = input_size.estimate_input_tokens
 
 
 def cost_micro(input_tokens: int, output_tokens: int, price: Price) -> int:
     exact = input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok
     return math.ceil(exact)
-
-
-def content_text(content: Any) -> str:
-    """The text of a chat message's `content` (a string or a list of text parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-    return ""
-
-
-def estimate_input_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Deterministic, conservative count of the prompt's tokens."""
-    total = 0
-    for message in messages:
-        size = len(content_text(message.get("content")).encode("utf-8"))
-        size += len(str(message.get("role", "")).encode("utf-8"))
-        total += -(-size // BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE
-    return total
 
 
 def format_credits(micro: int) -> str:

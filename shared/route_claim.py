@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from shared.input_size import IMAGE_TOKENS
 from shared.webhooks import secret_bytes
 
 CLAIM = "upr"
@@ -31,6 +32,10 @@ class UpstreamRoute:
     base_url: str
     upstream_model: str
     api_key: str | None = None
+    # What the company's model accepts and what an image costs in the estimate, so
+    # the edge checks a request's parts as init did (`shared.input_size`).
+    features: tuple[str, ...] = ("streaming",)
+    image_input_tokens: int = IMAGE_TOKENS
 
 
 def route_cipher(webhook_secret: str) -> Fernet:
@@ -53,6 +58,7 @@ def unseal(sealed: str, cipher: Fernet | MultiFernet) -> UpstreamRoute:
     """Raise ValueError when the claim was not sealed by our control plane."""
     try:
         doc = orjson.loads(cipher.decrypt(sealed.encode()))
+        doc["features"] = tuple(doc.get("features") or ("streaming",))
         return UpstreamRoute(**doc)
-    except (InvalidToken, orjson.JSONDecodeError, TypeError) as exc:
+    except (InvalidToken, orjson.JSONDecodeError, TypeError, AttributeError) as exc:
         raise ValueError("the upstream route claim is not valid") from exc

@@ -92,6 +92,8 @@ def route(state: EdgeState, grant: StreamGrant) -> Route:
             context_length=grant.max_input_tokens + grant.max_tokens,
             max_output_tokens=grant.max_tokens,
             price=Price(Decimal(0), Decimal(0)),  # the control plane prices; the edge meters
+            features=sealed.features,
+            image_input_tokens=sealed.image_input_tokens,
         )
         return Route(model, provider, sealed.api_key)
     spec = catalog.model(grant.model)

@@ -1,6 +1,9 @@
 """Validate an OpenAI-style chat request against the stream grant (pure).
 
 Runs before the token is claimed, so a malformed request does not burn the token.
+The input is sized with `shared.input_size`, the formula init used for the hold:
+the messages with their content parts and every parameter passed upstream must fit
+the grant's `max_input_tokens`, and non-text parts need the model's feature.
 """
 
 from __future__ import annotations
@@ -8,7 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.pricing import estimate_input_tokens
+from shared.catalog import ModelSpec
+from shared.input_size import (
+    MAX_JSON_DEPTH,
+    InputRejected,
+    check_parts,
+    estimate_input_tokens,
+    json_too_deep,
+    missing_features,
+    params_tokens,
+)
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, Forbidden, InputTooLarge
 
@@ -29,7 +41,11 @@ class ChatRequest:
     input_estimate: int
 
 
-def validate_messages(messages: Any) -> list[dict[str, Any]]:
+def validate_messages(
+    messages: Any, features: tuple[str, ...] = ("streaming",)
+) -> list[dict[str, Any]]:
+    """The messages as sent upstream (role and content only); content parts other
+    than text need the model's `features` (400 `unsupported_content`)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
     clean: list[dict[str, Any]] = []
@@ -38,9 +54,15 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"messages[{i}] needs a valid 'role'", code="invalid_messages")
         content = message.get("content")
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+            try:
+                missing = missing_features(check_parts(content, f"messages[{i}].content"), features)
+            except InputRejected as exc:
+                code = "invalid_messages" if exc.code == "invalid_content" else exc.code
+                raise BadRequest(str(exc), code=code) from None
+            if missing:
                 raise BadRequest(
-                    f"messages[{i}].content parts must be text", code="invalid_messages"
+                    f"messages[{i}].content: this model cannot take {', '.join(missing)} content",
+                    code="unsupported_content",
                 )
         elif not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string", code="invalid_messages")
@@ -48,13 +70,18 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     return clean
 
 
-def parse_chat_request(body: Any, grant: StreamGrant) -> ChatRequest:
+def parse_chat_request(body: Any, grant: StreamGrant, model: ModelSpec) -> ChatRequest:
+    """`model`: the grant's model as routed (its features and image price)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
-    model = body.get("model")
-    if model is not None and model != grant.model:
+    if json_too_deep(body):
+        raise BadRequest(
+            f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+            code="json_too_deep",
+        )
+    if body.get("model") is not None and body.get("model") != grant.model:
         raise Forbidden(f"this token grants model {grant.model!r} only", code="model_not_allowed")
-    messages = validate_messages(body.get("messages"))
+    messages = validate_messages(body.get("messages"), model.features)
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     if requested is None:
         max_tokens = grant.max_tokens
@@ -68,7 +95,9 @@ def parse_chat_request(body: Any, grant: StreamGrant) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
-    estimate = estimate_input_tokens(messages)
+    params = {k: v for k, v in body.items() if k in PASSTHROUGH_PARAMS}
+    # Everything that goes upstream counts: the messages and the parameters.
+    estimate = estimate_input_tokens(messages, model.image_input_tokens) + params_tokens(params)
     if estimate > grant.max_input_tokens:
         raise InputTooLarge(
             f"the input is about {estimate} tokens; this token allows {grant.max_input_tokens}"
@@ -78,6 +107,6 @@ def parse_chat_request(body: Any, grant: StreamGrant) -> ChatRequest:
         max_tokens=max_tokens,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
-        params={k: v for k, v in body.items() if k in PASSTHROUGH_PARAMS},
+        params=params,
         input_estimate=estimate,
     )

@@ -29,8 +29,8 @@ async def chat_completions(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
     grant = await verified_grant(state, bearer(request))
-    chat = parse_chat_request(await read_json(request), grant)
     target = route(state, grant)
+    chat = parse_chat_request(await read_json(request), grant, target.model)
     model, provider = target.model, target.provider
     if (await claim(state, grant, "completions")).verdict != "ok":
         # A POST cannot resume: a second request with the token is a second use.

@@ -330,7 +330,7 @@ def _parts_body(images: int, files: int = 0, text: str = "hi") -> dict[str, Any]
 
 
 def test_images_and_files_refused_for_a_text_model_at_the_edge(gw: Gateway) -> None:
-    company_id, token = _owner(gw)
+    _, token = _owner(gw)
     init = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})
     gw.backend.calls.clear()
     response = _completions(gw, init["stream_token"], _parts_body(50, files=1))
@@ -342,7 +342,7 @@ def test_images_and_files_refused_for_a_text_model_at_the_edge(gw: Gateway) -> N
 
 
 def test_images_on_a_vision_model_must_fit_the_tokens_input(gw: Gateway) -> None:
-    company_id, token = _owner(gw)
+    _, token = _owner(gw)
     init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 16})
     gw.backend.calls.clear()
     response = _completions(gw, init["stream_token"], _parts_body(50))
@@ -354,7 +354,7 @@ def test_images_on_a_vision_model_must_fit_the_tokens_input(gw: Gateway) -> None
 
 
 def test_parts_at_init_are_refused_or_held_for(gw: Gateway) -> None:
-    company_id, token = _owner(gw)
+    _, token = _owner(gw)
     before = _state(gw, token)
     # A text-only model: 400 and nothing changes.
     response = gw.client.init(token, {"model": "mock-fast", **_parts_body(2)})
@@ -363,17 +363,22 @@ def test_parts_at_init_are_refused_or_held_for(gw: Gateway) -> None:
     _cp_error(response, 400, "unsupported_content")
     assert _state(gw, token) == before
     # A vision model: the hold covers every image, and the stream is billed in full.
-    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(3)})
+    # gpt-4o-mini prices an image at up to 48169 tokens: three do not fit its context.
+    response = gw.client.init(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(3)})
+    _cp_error(response, 413, "input_too_large")
+    assert _state(gw, token) == before
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(2)})
+    assert micro(init["reserved_credits"]) >= _cost(2 * 48169, 16, "0.15", "0.6")
     gw.backend.calls.clear()
     _stream(gw, init)
     body = gw.backend.calls[0][1]
-    assert [p["type"] for p in body["messages"][0]["content"]] == ["text"] + ["image_url"] * 3
+    assert [p["type"] for p in body["messages"][0]["content"]] == ["text"] + ["image_url"] * 2
     usage = gw.client.wait_usage(token, init["reservation_id"])
-    assert usage["input_tokens"] == _true_prompt_tokens(body) > 3 * 1445
+    assert usage["input_tokens"] == _true_prompt_tokens(body) > 2 * 1445
     assert micro(usage["cost"]) == _cost(usage["input_tokens"], 2, "0.15", "0.6")
     # The same images sent at the edge with that token fit its input allowance.
-    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(3)})
-    response = _completions(gw, init["stream_token"], _parts_body(3))
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, **_parts_body(2)})
+    response = _completions(gw, init["stream_token"], _parts_body(2))
     assert response.status_code == 200, response.text
 
 
@@ -395,7 +400,7 @@ def _tools(count: int, size: int) -> list[dict[str, Any]]:
 
 
 def test_tools_are_held_for_at_init(gw: Gateway) -> None:
-    company_id, token = _owner(gw)
+    _, token = _owner(gw)
     body = {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 16, "tools": _tools(128, 2000)}
     init = gw.client.init_ok(token, body)
     gw.backend.calls.clear()
@@ -409,14 +414,14 @@ def test_tools_are_held_for_at_init(gw: Gateway) -> None:
 
 
 def test_stop_sequences_count_at_init_and_edge(gw: Gateway) -> None:
-    company_id, token = _owner(gw)
+    _, token = _owner(gw)
     stops = ["s" * 20_000] * 4
-    init = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16, "stop": stops})
-    assert init["max_tokens"] == 16
-    hold_without = micro(gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})[
-        "reserved_credits"
-    ])
-    assert micro(init["reserved_credits"]) >= hold_without + 80_000 // 3
+    # On a small model 80 KB of stop sequences do not fit; on a large one they are held for.
+    response = gw.client.init(token, {"query": "hi", "max_tokens": 16, "stop": stops})
+    _cp_error(response, 413, "input_too_large")
+    body = {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 16}
+    held = micro(gw.client.init_ok(token, {**body, "stop": stops})["reserved_credits"])
+    assert held >= _cost(80_000 // 3, 16, "0.15", "0.6")
     # At the edge: a token minted for "hi" cannot carry 80 KB of `stop` or `user`.
     small = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})
     gw.backend.calls.clear()
@@ -437,7 +442,7 @@ def _nested(depth: int) -> dict[str, Any]:
 
 
 def test_deeply_nested_tools_are_a_clear_400_that_changes_nothing(gw: Gateway) -> None:
-    company_id, token = _owner(gw)
+    _, token = _owner(gw)
     before = _state(gw, token)
     tools = [{"type": "function", "function": {"name": "f", "parameters": _nested(130)}}]
     response = gw.client.init(token, {"model": "gpt-4o-mini", "query": "hi", "tools": tools})

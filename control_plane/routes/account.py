@@ -84,7 +84,8 @@ def _company_models(session: Session, catalog: Catalog, company_id: str) -> Comp
     if company is None:
         return None
     overrides = company_llm.load_overrides(session, company_id)
-    return company_llm.company_catalog(catalog, overrides, company.default_model)
+    keyed = company_llm.keyed_providers(session, company_id)
+    return company_llm.company_catalog(catalog, overrides, company.default_model, keyed)
 
 
 async def models(request: Request) -> Response:

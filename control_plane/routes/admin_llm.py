@@ -40,7 +40,8 @@ def _provider_view(
 ) -> dict[str, Any]:
     row = company_llm.provider_row(session, company.id, provider)
     overrides = company_llm.load_overrides(session, company.id)
-    view = company_llm.company_catalog(catalog, overrides, company.default_model)
+    keyed = company_llm.keyed_providers(session, company.id)
+    view = company_llm.company_catalog(catalog, overrides, company.default_model, keyed)
     mine = [o for o in overrides if o.provider == provider]
     return {
         "provider": provider,
@@ -61,14 +62,16 @@ def _api_key(doc: dict[str, Any]) -> Any:
     value = doc["api_key"]
     if value is None:
         return None  # remove the company's key: back to the platform's
+    # The key travels in an HTTP header (`Authorization`, `x-api-key`): only
+    # printable ASCII can, so anything else is refused here, not by the edge later.
     if (
         not isinstance(value, str)
-        or not value.strip()
-        or len(value) > company_llm.API_KEY_MAX
-        or any(c.isspace() for c in value)
+        or not 0 < len(value) <= company_llm.API_KEY_MAX
+        or not all("!" <= c <= "~" for c in value)
     ):
         raise ValidationFailed(
-            "api_key", f"must be a key of 1-{company_llm.API_KEY_MAX} characters, no spaces"
+            "api_key",
+            f"must be a key of 1-{company_llm.API_KEY_MAX} printable ASCII characters, no spaces",
         )
     return value
 
@@ -85,16 +88,27 @@ def _configure(
     default_model: Any,
 ) -> dict[str, Any]:
     company = _company(session, p, company_id)
+    row = company_llm.provider_row(session, company.id, provider)
+    has_key = row is not None and row.api_key_encrypted is not None
+    if not (has_key if api_key is _UNSET else api_key is not None):
+        # On the platform's key: what is sent now, or else what stays stored, must be
+        # something that key can carry (`company_llm.own_key_field`).
+        kept = models
+        if kept is None:
+            overrides = company_llm.load_overrides(session, company.id)
+            kept = {o.model_id: o.spec for o in overrides if o.provider == provider}
+        company_llm.check_platform_key(provider, kept, catalog)
     if api_key is not _UNSET:
         company_llm.set_provider_key(session, fernet, company.id, provider, api_key)
-    elif company_llm.provider_row(session, company.id, provider) is None:
+    elif row is None:
         company_llm.set_provider_key(session, fernet, company.id, provider, None)
     if models is not None:
         company_llm.replace_models(session, company.id, provider, models)
     if default_model is not _UNSET:
         if default_model is not None:
             overrides = company_llm.load_overrides(session, company.id)
-            view = company_llm.company_catalog(catalog, overrides, None)
+            keyed = company_llm.keyed_providers(session, company.id)
+            view = company_llm.company_catalog(catalog, overrides, None, keyed)
             if view.model(default_model) is None:
                 raise ValidationFailed("default_model", f"{default_model!r} is not a usable model")
         company.default_model = default_model

@@ -1,0 +1,198 @@
+"""How much input a chat request sends upstream, sized before it is sent (pure).
+
+The hold must cover the input (DESIGN §9 "Money"; §11 "Content parts"), so the
+control plane at init and the edge at ``/v1/chat/completions`` both size a request
+with `estimate_input_tokens` + `params_tokens`: deterministic (the same body always
+gives the same count) and never below what a vendor bills.
+
+The formula, in tokens:
+
+- **text** (a message's role and its text, or its ``text`` parts): one token per 3
+  UTF-8 bytes, rounded up per message, plus 4 per message for the framing. Real
+  tokenizers average about 4 bytes a token on English text.
+- **everything else that goes upstream beside the messages** (``tools``,
+  ``tool_choice``, ``response_format``, ``stop``, ``user``, …): one token per 3
+  bytes of its compact JSON. A tool schema is text the vendor tokenizes too.
+- **an image** (``image_url`` part): a fixed count per image, whatever its size:
+  the model's ``image_input_tokens`` (catalog field; default 1445, OpenAI's
+  high-detail formula ``85 + 170 * tiles`` at its largest shape, 2048x768 px = 8
+  tiles of 512 px; a model that bills images dearer, like gpt-4o-mini at
+  ``2833 + 5667 * 8 = 48169``, sets its own). A URL fetched by the vendor is never
+  tokenized as text, so its bytes do not count.
+- **a file** (``file`` part, inline ``file_data``): one token per byte of its
+  base64 data (four times the text rate: a PDF is billed as its text plus one image
+  per page) plus one image. A ``file_id`` refers to bytes we never see, so it
+  cannot be priced and is refused.
+- **audio** (``input_audio`` part): one token per 3 bytes of its base64 data (far
+  above any vendor's audio rate, about 10 tokens per second of speech).
+
+Parts other than text need the model to list a feature (`PART_FEATURES`); the
+callers refuse a request whose model lacks one (400 ``unsupported_content``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+BYTES_PER_TOKEN = 3
+TOKENS_PER_MESSAGE = 4
+IMAGE_TOKENS = 1445
+# Deeper JSON is refused (400 `json_too_deep`) before anything is written: no real
+# tool schema nests this far, and orjson cannot re-encode past 254 levels.
+MAX_JSON_DEPTH = 64
+
+# Which model feature each non-text content part needs (DESIGN §11).
+PART_FEATURES = {"image_url": "vision", "input_audio": "audio", "file": "files"}
+_PLACEHOLDERS = {"image_url": "[image]", "input_audio": "[audio]", "file": "[file]"}
+
+
+class InputRejected(ValueError):
+    """A request's input cannot be sent: `code` is `invalid_content` (malformed
+    part), `unsupported_content` (a part we cannot send or price) or `json_too_deep`."""
+
+    def __init__(self, code: str, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.code = code
+        self.where = where
+        self.problem = message
+
+
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays/objects nest more than `limit` levels (iterative: a hostile
+    document cannot exhaust the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _object(part: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = part.get(key)
+    if not isinstance(value, dict):
+        raise InputRejected("invalid_content", f"{where}.{key}", "must be an object")
+    return value
+
+
+def _string(doc: Mapping[str, Any], key: str, where: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise InputRejected("invalid_content", f"{where}.{key}", "must be a non-empty string")
+    return value
+
+
+def check_parts(content: list[Any], where: str) -> set[str]:
+    """Validate a content-part array (OpenAI's shapes); the features it needs."""
+    if not content:
+        raise InputRejected("invalid_content", where, "must not be an empty array")
+    needed: set[str] = set()
+    for i, part in enumerate(content):
+        at = f"{where}[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or not isinstance(kind, str):
+            raise InputRejected("invalid_content", at, "must be an object with a 'type'")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InputRejected("invalid_content", f"{at}.text", "must be a string")
+            continue
+        if kind not in PART_FEATURES:
+            raise InputRejected(
+                "unsupported_content",
+                f"{at}.type",
+                "must be one of text, image_url, input_audio, file",
+            )
+        body = _object(part, kind, at)
+        if kind == "image_url":
+            _string(body, "url", f"{at}.image_url")
+        elif kind == "input_audio":
+            _string(body, "data", f"{at}.input_audio")
+            _string(body, "format", f"{at}.input_audio")
+        elif "file_data" not in body:
+            raise InputRejected(
+                "unsupported_content",
+                f"{at}.file",
+                "needs inline file_data (a file_id cannot be priced before it is sent)",
+            )
+        else:
+            _string(body, "file_data", f"{at}.file")
+        needed.add(PART_FEATURES[kind])
+    return needed
+
+
+def missing_features(needed: Iterable[str], features: Iterable[str]) -> list[str]:
+    have = set(features)
+    return sorted(f for f in set(needed) if f not in have)
+
+
+def _part_tokens(part: Mapping[str, Any], image_tokens: int) -> int:
+    kind = part.get("type")
+    if kind == "image_url":
+        return image_tokens
+    if kind == "file":
+        return image_tokens + len(str(part["file"].get("file_data", "")))
+    if kind == "input_audio":
+        return -(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN)
+    # Anything unforeseen that got this far is priced as its JSON text, never as 0.
+    return -(-len(orjson.dumps(part)) // BYTES_PER_TOKEN)
+
+
+def message_tokens(message: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -> int:
+    content = message.get("content")
+    size = len(str(message.get("role", "")).encode("utf-8"))
+    extra = 0
+    if isinstance(content, str):
+        size += len(content.encode("utf-8"))
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type", "text") == "text" and isinstance(part.get("text", ""), str):
+                size += len(part.get("text", "").encode("utf-8"))
+            else:
+                extra += _part_tokens(part, image_tokens)
+    return -(-size // BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE + extra
+
+
+def estimate_input_tokens(
+    messages: Iterable[Mapping[str, Any]], image_tokens: int = IMAGE_TOKENS
+) -> int:
+    """Deterministic, conservative count of the messages' tokens (see the module doc)."""
+    return sum(message_tokens(message, image_tokens) for message in messages)
+
+
+def params_tokens(params: Mapping[str, Any]) -> int:
+    """Everything sent upstream beside the messages (tools, stop, response_format…)."""
+    if not params:
+        return 0
+    return -(-len(orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)) // BYTES_PER_TOKEN)
+
+
+def content_text(content: Any) -> str:
+    """A message's content as text, for titles and stored history: text parts joined
+    as they are, each other part as a placeholder (``[image]``)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    pieces: list[str] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type", "text")
+        if kind == "text":
+            text = part.get("text", "")
+            pieces.append(text if isinstance(text, str) else "")
+        else:
+            pieces.append(f" {_PLACEHOLDERS.get(str(kind), '[part]')} ")
+    return "".join(pieces)
