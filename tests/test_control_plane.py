@@ -30,6 +30,7 @@ from control_plane.books import check_books
 from control_plane.db import create_sync_engine
 from control_plane.migrate import current, head, upgrade
 from control_plane.seed import seed_demo
+from shared.input_size import params_tokens
 from shared.pricing import MICRO, cost_micro, estimate_input_tokens, format_credits
 from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
@@ -456,7 +457,8 @@ def test_init_reserves_and_mints_a_stream_token(cp: CP) -> None:
     )
     data = data_of(r, 201)
     model = cp.settings.catalog.models["mock-fast"]
-    estimate = estimate_input_tokens(messages)
+    # Everything sent upstream counts: the messages and the sampling parameters.
+    estimate = estimate_input_tokens(messages) + params_tokens({"temperature": 0.2})
     hold = cost_micro(estimate, 100, model.price)
     assert data["reserved_credits"] == format_credits(hold)
     assert data["model"] == "mock-fast" and data["max_tokens"] == 100

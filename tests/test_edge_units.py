@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from shared.catalog import load_catalog
 from shared.sse import SSEDecoder
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, Forbidden, InputTooLarge
@@ -107,6 +108,7 @@ GRANT = StreamGrant(
     reservation_id="r", request_id="q", issued_at=0, expires_at=0,
 )  # fmt: skip
 MSG = [{"role": "user", "content": "hi"}]
+MODEL = load_catalog(None).models["mock-fast"]
 
 
 @pytest.mark.parametrize(
@@ -125,14 +127,14 @@ MSG = [{"role": "user", "content": "hi"}]
 )
 def test_bad_requests(body: object, error: type[Exception]) -> None:
     with pytest.raises(error):
-        parse_chat_request(body, GRANT)
+        parse_chat_request(body, GRANT, MODEL)
 
 
 def test_max_tokens_clamped_and_params_filtered() -> None:
     chat = parse_chat_request(
         {"messages": MSG, "max_tokens": 999, "temperature": 0.2, "tools": [], "stream": True,
          "stream_options": {"include_usage": True}},
-        GRANT,
+        GRANT, MODEL,
     )  # fmt: skip
     assert chat.max_tokens == 50
     assert chat.params == {"temperature": 0.2}

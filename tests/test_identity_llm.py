@@ -89,12 +89,15 @@ def test_company_catalog_merges_adds_and_hides() -> None:
             },
         ),
     ]
-    view = company_catalog(CATALOG, rows, "mock-chat")
+    view = company_catalog(CATALOG, rows, "mock-chat", frozenset({"openai"}))
     assert view.models["mock-fast"].context_length == 4096
     assert "mock-chat" not in view.models and view.disabled == {"mock-chat"}
     assert view.models["mine"].upstream_model == "gpt-x"
     assert view.custom == {"mock-fast", "mine"}
     assert view.default_model == CATALOG.default_model  # its default is hidden
+    # Without the company's own openai key its model is not there; limits still apply.
+    view = company_catalog(CATALOG, rows, None)
+    assert "mine" not in view.models and view.models["mock-fast"].context_length == 4096
 
 
 # --- over HTTP ------------------------------------------------------------------------
@@ -151,6 +154,7 @@ def test_company_models_default_model_and_init_checks(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     other, _ = cp.owner_client("10")
     body = {
+        "api_key": "sk-company-mock-key",
         "default_model": "house",
         "models": {
             "house": {
@@ -164,7 +168,7 @@ def test_company_models_default_model_and_init_checks(cp: CP) -> None:
         },
     }
     data = data_of(client.put(f"/v1/admin/companies/{company_id}/providers/mock", json=body))
-    assert data["has_key"] is False and data["default_model"] == "house"
+    assert data["has_key"] is True and data["default_model"] == "house"
     assert {m["id"]: m["enabled"] for m in data["models"]} == {"house": True, "mock-chat": False}
 
     models = data_of(client.get("/v1/models"))
@@ -179,11 +183,11 @@ def test_company_models_default_model_and_init_checks(cp: CP) -> None:
         other.post("/v1/chat/init", json={"model": "house", "query": "x"}), 404, "model_not_found"
     )
 
-    # The company's default is its own model, routed by a sealed claim (no key).
+    # The company's default is its own model, routed by a sealed claim with its key.
     init = data_of(client.post("/v1/chat/init", json={"query": "hello"}), 201)
     assert init["model"] == "house" and init["max_tokens"] == 64
     route = _route(cp, init)
-    assert route.upstream_model == "mock-chat" and route.api_key is None
+    assert route.upstream_model == "mock-chat" and route.api_key == "sk-company-mock-key"
     assert route.base_url == "http://127.0.0.1:8002/v1"
 
     # A hidden model is refused; a feature the model lacks is refused.
