@@ -29,7 +29,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from control_plane.app import create_app as control_plane_app
-from shared.catalog import Catalog
+from control_plane.company_llm import company_catalog, route_for
+from control_plane.tables import CompanyModel
+from shared.catalog import Catalog, load_catalog
+from shared.input_size import (
+    IMAGE_TOKENS,
+    MAX_JSON_DEPTH,
+    InputRejected,
+    check_parts,
+    estimate_input_tokens,
+    json_too_deep,
+    params_tokens,
+)
 from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
@@ -455,3 +466,88 @@ def test_deeply_nested_tools_are_a_clear_400_that_changes_nothing(gw: Gateway) -
     _edge_error(_completions(gw, init["stream_token"], body), 400, "json_too_deep")
     ok = _completions(gw, init["stream_token"], {"messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200, ok.text
+
+
+# --- the pure core: one formula for init and edge --------------------------------------
+
+
+def test_the_estimate_prices_every_part() -> None:
+    text = [{"role": "user", "content": "hello world"}]
+    assert estimate_input_tokens(text) == math.ceil(len("userhello world") / 3) + 4
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}]
+    assert estimate_input_tokens(as_parts) == estimate_input_tokens(text)
+    with_image = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, IMAGE]}]
+    assert estimate_input_tokens(with_image) == estimate_input_tokens(text) + IMAGE_TOKENS
+    assert estimate_input_tokens(with_image, 48169) == estimate_input_tokens(text) + 48169
+    with_file = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, FILE]}]
+    data = FILE["file"]["file_data"]  # type: ignore[index]
+    assert estimate_input_tokens(with_file) == (
+        estimate_input_tokens(text) + IMAGE_TOKENS + len(data)
+    )
+    audio = {"type": "input_audio", "input_audio": {"data": "A" * 300, "format": "wav"}}
+    with_audio = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, audio]}]
+    assert estimate_input_tokens(with_audio) == estimate_input_tokens(text) + 100
+    tools = {"tools": _tools(2, 10)}
+    assert params_tokens(tools) == math.ceil(len(orjson.dumps(tools)) / 3)
+    assert params_tokens({}) == 0
+    # Deterministic: key order does not change the count.
+    assert params_tokens({"a": 1, "stop": ["x"]}) == params_tokens({"stop": ["x"], "a": 1})
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "features"),
+    [
+        ([{"type": "text", "text": "x"}], None, set()),
+        ([IMAGE], None, {"vision"}),
+        ([FILE, IMAGE], None, {"files", "vision"}),
+        ([{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}], None,
+         {"audio"}),
+        ([], "invalid_content", None),
+        (["text"], "invalid_content", None),
+        ([{"type": "text", "text": 5}], "invalid_content", None),
+        ([{"type": "image_url", "image_url": "https://x"}], "invalid_content", None),
+        ([{"type": "image_url", "image_url": {"url": ""}}], "invalid_content", None),
+        ([{"type": "input_audio", "input_audio": {"data": "AA"}}], "invalid_content", None),
+        ([{"type": "file", "file": {"file_id": "file-1"}}], "unsupported_content", None),
+        ([{"type": "video", "video": {}}], "unsupported_content", None),
+    ],
+)  # fmt: skip
+def test_content_parts_are_checked(content: list[Any], code: str | None, features: Any) -> None:
+    if code is None:
+        assert check_parts(content, "c") == features
+    else:
+        with pytest.raises(InputRejected) as info:
+            check_parts(content, "c")
+        assert info.value.code == code
+
+
+def test_json_depth_limit() -> None:
+    assert not json_too_deep(_nested(MAX_JSON_DEPTH // 2 - 1))
+    assert json_too_deep(_nested(MAX_JSON_DEPTH // 2 + 1))
+    assert not json_too_deep([[1]], limit=2) and json_too_deep([[[1]]], limit=2)
+    assert not json_too_deep("x" * 10, limit=0)
+
+
+def test_overrides_on_the_platform_key_keep_the_packaged_terms() -> None:
+    catalog = load_catalog(None)
+    rows = [
+        CompanyModel(model_id="gpt-4o-mini", provider="openai",
+                     spec={**PRICE_ZERO, "upstream_model": "gpt-4o", "max_output_tokens": 99}),
+        CompanyModel(model_id="free-4o", provider="openai", spec=NEW_MODEL),
+        CompanyModel(model_id="mock-fast", provider="openai", spec={}),  # moved
+    ]  # fmt: skip
+    keyed = company_catalog(catalog, rows, None, frozenset({"openai"}))
+    assert keyed.models["gpt-4o-mini"].price.input_per_mtok == 0
+    assert keyed.models["gpt-4o-mini"].upstream_model == "gpt-4o"
+    assert "free-4o" in keyed.models and keyed.models["mock-fast"].provider == "openai"
+    platform = company_catalog(catalog, rows, None)
+    assert platform.models["gpt-4o-mini"].price == catalog.models["gpt-4o-mini"].price
+    assert platform.models["gpt-4o-mini"].upstream_model == "gpt-4o-mini"
+    assert platform.models["gpt-4o-mini"].max_output_tokens == 99  # a limit still applies
+    assert "free-4o" not in platform.models
+    assert platform.models["mock-fast"] == catalog.models["mock-fast"]
+    packaged = catalog.models["gpt-4o-mini"]
+    assert route_for(catalog, packaged, None) is None
+    route = route_for(catalog, packaged, COMPANY_KEY)
+    assert route is not None and route.features == packaged.features
+    assert route.image_input_tokens == packaged.image_input_tokens == 48169
