@@ -16,11 +16,11 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
 
     settings = Settings.from_env(os.environ)
     graceful = settings.drain_seconds + 10
+    # Both services need the ring: the control plane's stored secrets, the edge's `upr`.
+    settings.require_encryption_key()
     if workers > 1:
         from llm_gateway.workers import serve_workers
 
-        if app_factory == "control-plane":
-            settings.require_encryption_key()
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run several workers")
         serve_workers(app_factory, settings, host, port, workers, graceful)
@@ -28,7 +28,6 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
     if app_factory == "control-plane":
         from control_plane.app import create_app as cp_app
 
-        settings.require_encryption_key()
         app = cp_app(settings)
     else:
         from stream_edge.app import create_app as edge_app

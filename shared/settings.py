@@ -244,5 +244,9 @@ class Settings:
     def require_encryption_key(self) -> tuple[Secret, ...]:
         """The control plane cannot start without a key outside `dev` (DESIGN §9)."""
         if not self.encryption_keys:
-            raise ConfigError("LLMGW_ENCRYPTION_KEY is required (a Fernet key) outside dev")
+            raise ConfigError(
+                "LLMGW_ENCRYPTION_KEY is required (a Fernet key) outside dev; generate one with: "
+                'python -c "from cryptography.fernet import Fernet;'
+                'print(Fernet.generate_key().decode())"'
+            )
         return self.encryption_keys

@@ -34,12 +34,39 @@ def secret_bytes(secret: str) -> bytes:
     return base64.b64decode(body + "=" * (-len(body) % 4))
 
 
+# Standard Webhooks keys are 24–64 random bytes; fewer is guessable offline from one
+# signed event. https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md
+MIN_SECRET_BYTES = 24
+# 24 random bytes almost never repeat more than a few values; a key with fewer
+# distinct bytes than this was typed or patterned (whsec_AAAA…), not generated.
+MIN_DISTINCT_BYTES = 16
+# The placeholders our own examples ship (.env.example, deploy/k8s/secret.example.yaml):
+# a deployment that copied one verbatim shares its secret with everyone who read them.
+PLACEHOLDER_SECRETS = frozenset({"whsec_CHANGE_ME", "whsec_REPLACE_ME", "whsec_…", "whsec_..."})
+GENERATE_HINT = (
+    "generate one with: python -c \"import base64,secrets;"
+    "print('whsec_'+base64.b64encode(secrets.token_bytes(32)).decode())\""
+)
+
+
 def validate_secret(secret: str) -> None:
-    """Raise ValueError unless `secret` is a usable Standard Webhooks secret."""
+    """Raise ValueError unless `secret` is a strong Standard Webhooks secret: not one
+    of our placeholders, at least 24 bytes, and not an obviously patterned key."""
+    if secret in PLACEHOLDER_SECRETS or "CHANGE_ME" in secret or "REPLACE_ME" in secret:
+        raise ValueError(f"is the placeholder from the examples; {GENERATE_HINT}")
     try:
         Webhook(secret)
+        raw = secret_bytes(secret)
     except Exception as exc:  # the library raises several unrelated types
-        raise ValueError("must be a Standard Webhooks secret like whsec_<base64>") from exc
+        raise ValueError(
+            f"must be a Standard Webhooks secret like whsec_<base64>; {GENERATE_HINT}"
+        ) from exc
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"must carry at least {MIN_SECRET_BYTES} random bytes, got {len(raw)}; {GENERATE_HINT}"
+        )
+    if len(set(raw)) < MIN_DISTINCT_BYTES:
+        raise ValueError(f"is not random (too few distinct bytes); {GENERATE_HINT}")
 
 
 def iso_utc(moment: datetime) -> str:

@@ -69,6 +69,9 @@ async def drain(state: EdgeState) -> None:
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+    # The ring opens the `upr` claim (DESIGN §11): refuse to start without it.
+    route_cipher = route_ciphers([k.reveal() for k in settings.require_encryption_key()])
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own_store = store is None
@@ -104,7 +107,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             limits=StreamLimits(settings),
             breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
             retry=RetryPolicy(retries=settings.upstream_retries),
-            route_cipher=route_ciphers([s.reveal() for s in settings.webhook_secrets]),
+            route_cipher=route_cipher,
         )
         app.state.edge = state
         app.state.on_sigterm = lambda: drain(state)

@@ -1,0 +1,92 @@
+"""Secrets at start (DESIGN §11): placeholder and weak webhook secrets are refused with
+a line naming the variable, and the sealed `upr` claim uses the encryption key ring,
+rotatable like it. Pure: no servers."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from shared.route_claim import UpstreamRoute, route_ciphers, seal, unseal
+from shared.settings import ConfigError, Settings
+from tests.conftest import new_webhook_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def example_value(path: Path, name: str) -> str:
+    """`name`'s value in an example env file or manifest (`NAME=value` / `NAME: value`)."""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        for sep in ("=", ": "):
+            if stripped.startswith(name + sep):
+                return stripped[len(name) + len(sep) :].strip()
+    raise AssertionError(f"{name} not in {path}")
+
+
+def whsec(raw: bytes) -> str:
+    return "whsec_" + base64.b64encode(raw).decode()
+
+
+WEAK_SECRETS = {
+    "env-example": example_value(ROOT / ".env.example", "LLMGW_WEBHOOK_SECRET"),
+    "k8s-example": example_value(ROOT / "deploy/k8s/secret.example.yaml", "LLMGW_WEBHOOK_SECRET"),
+    "whsec_AAAA": "whsec_AAAA",
+    "all-A-33-bytes": "whsec_" + "QUFB" * 11,
+    "same-byte-32": whsec(b"w" * 32),
+    "pattern-32": whsec(b"abcd" * 8),
+    "16-random-bytes": whsec(secrets.token_bytes(16)),
+    "not-base64": "whsec_!!!!",
+}
+
+
+@pytest.mark.parametrize("value", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
+def test_placeholder_and_weak_webhook_secrets_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET") as caught:
+        Settings.from_env({"LLMGW_WEBHOOK_SECRET": value})
+    assert "generate one with" in str(caught.value) and "\n" not in str(caught.value)
+    # A weak one among several (a rotation) is refused too.
+    with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET"):
+        Settings.from_env({"LLMGW_WEBHOOK_SECRET": f"{new_webhook_secret()},{value}"})
+
+
+def test_generated_secrets_are_accepted() -> None:
+    for raw in (secrets.token_bytes(24), secrets.token_bytes(32), secrets.token_bytes(64)):
+        settings = Settings.from_env({"LLMGW_WEBHOOK_SECRET": whsec(raw)})
+        assert settings.webhook_secret.reveal() == whsec(raw)
+
+
+def test_dev_generates_strong_secrets(tmp_path: Path) -> None:
+    from llm_gateway.dev import dev_secrets
+
+    env = dev_secrets(tmp_path / "secrets.json")
+    settings = Settings.from_env(env, dev=True)
+    assert len(settings.encryption_keys) == 1
+
+
+ROUTE = UpstreamRoute("acme", "openai_chat", "https://api.example/v1", "m", "sk-company-key")
+
+
+def test_the_route_claim_rotates_with_the_encryption_key_ring() -> None:
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    sealed_old = seal(ROUTE, route_ciphers([old]))
+    # During a rotation (new first) the edge opens routes sealed under either key...
+    ring = route_ciphers([new, old])
+    assert unseal(sealed_old, ring) == ROUTE
+    sealed_new = seal(ROUTE, ring)
+    # ...and seals with the newest: once the old key is dropped, new tokens still open.
+    assert unseal(sealed_new, route_ciphers([new])) == ROUTE
+    with pytest.raises(ValueError, match="not valid"):
+        unseal(sealed_new, route_ciphers([old]))
+
+
+def test_the_route_key_is_a_sub_key_not_the_ring_key_itself() -> None:
+    """Its own purpose: a route token is not a ciphertext under the DB-secret key."""
+    key = Fernet.generate_key().decode()
+    sealed = seal(ROUTE, route_ciphers([key]))
+    with pytest.raises(ValueError):
+        unseal(sealed, Fernet(key))
