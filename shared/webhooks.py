@@ -34,7 +34,7 @@ def secret_bytes(secret: str) -> bytes:
     return base64.b64decode(body + "=" * (-len(body) % 4))
 
 
-# Standard Webhooks keys are 24–64 random bytes; fewer is guessable offline from one
+# Standard Webhooks keys are 24 to 64 random bytes; fewer is guessable offline from one
 # signed event. https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md
 MIN_SECRET_BYTES = 24
 # 24 random bytes almost never repeat more than a few values; a key with fewer
@@ -44,7 +44,7 @@ MIN_DISTINCT_BYTES = 16
 # a deployment that copied one verbatim shares its secret with everyone who read them.
 PLACEHOLDER_SECRETS = frozenset({"whsec_CHANGE_ME", "whsec_REPLACE_ME", "whsec_…", "whsec_..."})
 GENERATE_HINT = (
-    "generate one with: python -c \"import base64,secrets;"
+    'generate one with: python -c "import base64,secrets;'
     "print('whsec_'+base64.b64encode(secrets.token_bytes(32)).decode())\""
 )
 
