@@ -16,8 +16,10 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
 
     settings = Settings.from_env(os.environ)
     graceful = settings.drain_seconds + 10
-    # Both services need the ring: the control plane's stored secrets, the edge's `upr`.
-    settings.require_encryption_key()
+    if app_factory == "control-plane":
+        settings.require_encryption_key()
+    else:
+        settings.route_cipher_keys()  # the `upr` claim's keys: the ring or LLMGW_ROUTE_KEY
     if workers > 1:
         from llm_gateway.workers import serve_workers
 

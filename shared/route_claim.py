@@ -38,18 +38,26 @@ class UpstreamRoute:
 PURPOSE = b"llm-gateway upstream route v2"
 
 
-def route_cipher(encryption_key: str) -> Fernet:
-    """The `upr` sub-key of one Fernet key of the ring."""
+def route_key(encryption_key: str) -> str:
+    """The `upr` sub-key (a Fernet key) of one Fernet key of the ring: HKDF-SHA256, no
+    salt, info PURPOSE (RFC 5869). `deploy/gen-env.sh` computes the same in stdlib
+    Python, so an edge can be given only these (LLMGW_ROUTE_KEY), not the ring."""
+    Fernet(encryption_key)  # ValueError unless it is a Fernet key
     raw = base64.urlsafe_b64decode(encryption_key.encode("ascii"))
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PURPOSE).derive(raw)
-    return Fernet(base64.urlsafe_b64encode(key))
+    return base64.urlsafe_b64encode(key).decode("ascii")
 
 
 def route_ciphers(encryption_keys: Sequence[str]) -> MultiFernet:
     """The ring's sub-keys, newest first: seals with the newest, opens with any."""
-    if not encryption_keys:
-        raise ValueError("the encryption key ring is empty")
-    return MultiFernet([route_cipher(key) for key in encryption_keys])
+    return route_ciphers_from_keys([route_key(key) for key in encryption_keys])
+
+
+def route_ciphers_from_keys(route_keys: Sequence[str]) -> MultiFernet:
+    """Already derived sub-keys (LLMGW_ROUTE_KEY), newest first."""
+    if not route_keys:
+        raise ValueError("no key for the upstream route claim")
+    return MultiFernet([Fernet(key) for key in route_keys])
 
 
 def seal(route: UpstreamRoute, cipher: Fernet | MultiFernet) -> str:

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from cryptography.fernet import Fernet
 
 from shared.catalog import Catalog, CatalogError, load_catalog
+from shared.route_claim import route_key
 from shared.webhooks import validate_secret
 
 DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
@@ -104,6 +105,8 @@ class Settings:
     catalog: Catalog
     cors_origins: tuple[str, ...]
     encryption_keys: tuple[Secret, ...]
+    # The edge's alternative to the ring: only the derived `upr` sub-keys (route_claim).
+    route_keys: tuple[Secret, ...]
     auto_migrate: bool
     store_transcripts: bool
     upstream_connect_timeout: float
@@ -162,6 +165,17 @@ class Settings:
                     "LLMGW_ENCRYPTION_KEY must be Fernet keys (32 url-safe base64 bytes), "
                     "comma-separated, newest first"
                 ) from None
+        route_keys = tuple(
+            Secret(k.strip()) for k in env.get("LLMGW_ROUTE_KEY", "").split(",") if k.strip()
+        )
+        for key in route_keys:
+            try:
+                Fernet(key.reveal())
+            except (ValueError, TypeError):
+                raise ConfigError(
+                    "LLMGW_ROUTE_KEY must be Fernet keys derived from LLMGW_ENCRYPTION_KEY "
+                    "(`llm-gateway admin route-key` or deploy/gen-env.sh prints them)"
+                ) from None
         try:
             catalog = load_catalog(env.get("LLMGW_MODELS_FILE") or None)
         except CatalogError as exc:
@@ -203,6 +217,7 @@ class Settings:
                 o.strip() for o in env.get("LLMGW_CORS_ORIGINS", "").split(",") if o.strip()
             ),
             encryption_keys=encryption_keys,
+            route_keys=route_keys,
             auto_migrate=_flag(env, "LLMGW_AUTO_MIGRATE", dev),
             store_transcripts=_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
             upstream_connect_timeout=_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
@@ -239,6 +254,18 @@ class Settings:
                 for name, provider in catalog.providers.items()
                 if (var := provider.service_token_env) and env.get(var)
             },
+        )
+
+    def route_cipher_keys(self) -> list[str]:
+        """The `upr` sub-keys, newest first: LLMGW_ROUTE_KEY as given, else derived from
+        the ring. The edge needs one of the two; the control plane seals with the ring."""
+        if self.route_keys:
+            return [k.reveal() for k in self.route_keys]
+        if self.encryption_keys:
+            return [route_key(k.reveal()) for k in self.encryption_keys]
+        raise ConfigError(
+            "LLMGW_ROUTE_KEY (or LLMGW_ENCRYPTION_KEY) is required: the edge opens the "
+            "sealed upr claim with it; `llm-gateway admin route-key` prints it"
         )
 
     def require_encryption_key(self) -> tuple[Secret, ...]:

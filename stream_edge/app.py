@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
-from shared.route_claim import route_ciphers
+from shared.route_claim import route_ciphers_from_keys
 from shared.settings import Settings
 from shared.store import Store, open_store
 from shared.store_redis import STORE_ERRORS
@@ -69,8 +69,8 @@ async def drain(state: EdgeState) -> None:
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
-    # The ring opens the `upr` claim (DESIGN §11): refuse to start without it.
-    route_cipher = route_ciphers([k.reveal() for k in settings.require_encryption_key()])
+    # The `upr` claim's keys (DESIGN §11): refuse to start without them.
+    route_cipher = route_ciphers_from_keys(settings.route_cipher_keys())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -5,13 +5,21 @@ rotatable like it. Pure: no servers."""
 from __future__ import annotations
 
 import base64
+import io
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 
-from shared.route_claim import UpstreamRoute, route_ciphers, seal, unseal
+from shared.route_claim import (
+    UpstreamRoute,
+    route_ciphers,
+    route_ciphers_from_keys,
+    seal,
+    unseal,
+)
 from shared.settings import ConfigError, Settings
 from tests.conftest import new_webhook_secret
 
@@ -90,3 +98,74 @@ def test_the_route_key_is_a_sub_key_not_the_ring_key_itself() -> None:
     sealed = seal(ROUTE, route_ciphers([key]))
     with pytest.raises(ValueError):
         unseal(sealed, Fernet(key))
+
+
+# --- the admin CLI keeps secrets off the command line (12.9) -------------------------
+
+
+def admin_args(*args: str) -> Any:
+    from llm_gateway.cli import build_parser
+
+    return build_parser().parse_args(["admin", *args])
+
+
+def test_create_user_refuses_a_password_in_the_process_list(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        admin_args("create-user", "c1", "a@example.com", "--password", "hunter2-visible")
+    assert "--password-env VAR or --password-stdin" in capsys.readouterr().err
+
+
+def test_create_user_reads_the_password_from_a_variable_or_stdin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llm_gateway.admin import UsageError, _request
+
+    monkeypatch.setenv("NEW_USER_PW", "from-the-env\n")
+    _, path, body, _ = _request(
+        admin_args("create-user", "c1", "a@x.io", "--password-env", "NEW_USER_PW")
+    )
+    assert path == "/v1/admin/users" and body is not None and body["password"] == "from-the-env"
+    monkeypatch.setattr("sys.stdin", io.StringIO("from-stdin\nignored\n"))
+    _, _, body, _ = _request(admin_args("create-user", "c1", "a@x.io", "--password-stdin"))
+    assert body is not None and body["password"] == "from-stdin"
+    _, _, body, _ = _request(admin_args("create-user", "c1", "a@x.io"))
+    assert body is not None and "password" not in body  # API keys only
+    monkeypatch.delenv("NEW_USER_PW")
+    with pytest.raises(UsageError, match="NEW_USER_PW"):
+        _request(admin_args("create-user", "c1", "a@x.io", "--password-env", "NEW_USER_PW"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(UsageError, match="no password on stdin"):
+        _request(admin_args("create-user", "c1", "a@x.io", "--password-stdin"))
+
+
+def test_route_key_prints_the_edges_key_for_the_ring(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llm_gateway.admin import run_admin
+    from shared.route_claim import route_key
+
+    new, old = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    monkeypatch.setenv("LLMGW_ENCRYPTION_KEY", f"{new},{old}")
+    monkeypatch.delenv("LLMGW_ADMIN_TOKEN", raising=False)  # offline: no token needed
+    assert run_admin(admin_args("route-key")) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"{route_key(new)},{route_key(old)}"
+    # An edge with only these opens what the control plane seals with the ring.
+    edge = Settings.from_env(
+        {"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": printed}
+    )
+    assert edge.encryption_keys == ()
+    sealed = seal(ROUTE, route_ciphers([new, old]))
+    assert unseal(sealed, route_ciphers_from_keys(edge.route_cipher_keys())) == ROUTE
+    monkeypatch.setenv("LLMGW_ENCRYPTION_KEY", "not-a-key")
+    assert run_admin(admin_args("route-key")) == 2
+
+
+def test_an_edge_without_any_route_key_refuses_to_start() -> None:
+    settings = Settings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret()})
+    with pytest.raises(ConfigError, match="LLMGW_ROUTE_KEY"):
+        settings.route_cipher_keys()
+    with pytest.raises(ConfigError, match="LLMGW_ROUTE_KEY"):
+        Settings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": "x"})
