@@ -14,7 +14,7 @@ from cryptography.fernet import Fernet
 
 from shared.catalog import Catalog, CatalogError, load_catalog
 from shared.route_claim import route_key
-from shared.webhooks import validate_secret
+from shared.webhooks import parse_backend_secrets, validate_secret
 
 DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
 
@@ -131,6 +131,9 @@ class Settings:
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
     service_tokens: Mapping[str, Secret] = field(default_factory=dict)
+    # Backends posting their own usage webhooks (control plane): provider → its
+    # secrets, newest first; each settles only reservations routed to its provider.
+    backend_webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     init_rate_per_user: int = 120  # per minute, DESIGN §9
     init_rate_per_company: int = 1200
     # Trusting an existing app's user JWTs (control plane): HS256 with a shared secret
@@ -154,6 +157,13 @@ class Settings:
                 validate_secret(secret)
             except ValueError as exc:
                 raise ConfigError(f"LLMGW_WEBHOOK_SECRET {exc}") from None
+        try:
+            backend_secrets = parse_backend_secrets(env.get("LLMGW_BACKEND_WEBHOOK_SECRETS", ""))
+        except ValueError as exc:
+            raise ConfigError(f"LLMGW_BACKEND_WEBHOOK_SECRETS {exc}") from None
+        if any(s in webhook_secrets for group in backend_secrets.values() for s in group):
+            # The platform secret settles anything; a backend must not hold it.
+            raise ConfigError("LLMGW_BACKEND_WEBHOOK_SECRETS must differ from LLMGW_WEBHOOK_SECRET")
         encryption_keys = tuple(
             Secret(k.strip()) for k in env.get("LLMGW_ENCRYPTION_KEY", "").split(",") if k.strip()
         )
@@ -248,6 +258,10 @@ class Settings:
                 name: Secret(env[var])
                 for name, provider in catalog.providers.items()
                 if (var := provider.api_key_env) and env.get(var)
+            },
+            backend_webhook_secrets={
+                provider: tuple(Secret(s) for s in group)
+                for provider, group in backend_secrets.items()
             },
             service_tokens={
                 name: Secret(env[var])

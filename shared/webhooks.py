@@ -9,7 +9,9 @@ library; this module only builds the payload and normalises its errors.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
@@ -126,21 +128,66 @@ def sign(secret: str, webhook_id: str, body: bytes, now: datetime | None = None)
     }
 
 
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def parse_backend_secrets(raw: str) -> dict[str, list[str]]:
+    """`provider=whsec_…[,provider=whsec_…]` (DESIGN §11) → provider → its secrets in the
+    order given (newest first: a provider listed twice is mid-rotation). ValueError
+    names the problem; each secret must pass `validate_secret`."""
+    by_provider: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        provider, sep, secret = (s.strip() for s in item.partition("="))
+        if not sep or not PROVIDER_NAME.fullmatch(provider):
+            raise ValueError("must be provider=whsec_… pairs, comma-separated")
+        try:
+            validate_secret(secret)
+        except ValueError as exc:
+            raise ValueError(f"({provider}) {exc}") from None
+        if owner.setdefault(secret, provider) != provider:
+            raise ValueError(f"gives one secret to both {owner[secret]} and {provider}")
+        by_provider.setdefault(provider, []).append(secret)
+    return by_provider
+
+
+def verify_signer(
+    platform: list[str], backends: Mapping[str, list[str]], body: bytes, headers: dict[str, str]
+) -> str | None:
+    """Who signed: None for the platform's secret (the edge: settles any reservation),
+    else the backend provider whose secret did (settles only reservations routed to
+    that provider, DESIGN §11). Raises BadSignature when no configured secret did."""
+    text = _text(body)
+    for signer, secrets_ in ((None, platform), *backends.items()):
+        if any(_signed_by(secret, text, headers) for secret in secrets_):
+            return signer
+    raise BadSignature("no matching signature")
+
+
 def verify(secrets_: list[str], body: bytes, headers: dict[str, str]) -> None:
     """Raise BadSignature unless one of `secrets_` signed `body` within the 5-minute window.
 
     The body is parsed by the caller: a correctly signed but malformed body is a
     different error (422) from a forged one (401)."""
+    verify_signer(secrets_, {}, body, headers)
+
+
+def _text(body: bytes) -> str:
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadSignature("body is not UTF-8") from exc
-    for secret in secrets_:
-        try:
-            Webhook(secret).verify(text, headers, json_parse=False)
-            return
-        except WebhookVerificationError:
-            continue
-        except (ValueError, TypeError) as exc:  # malformed signature header, bad base64
-            raise BadSignature("malformed signature headers") from exc
-    raise BadSignature("no matching signature")
+
+
+def _signed_by(secret: str, text: str, headers: dict[str, str]) -> bool:
+    # The library accepts any of several space-separated signatures (Standard Webhooks
+    # §"Signature scheme"), so a sender mid-rotation may sign with old and new.
+    try:
+        Webhook(secret).verify(text, headers, json_parse=False)
+        return True
+    except WebhookVerificationError:
+        return False
+    except (ValueError, TypeError) as exc:  # malformed signature header, bad base64
+        raise BadSignature("malformed signature headers") from exc

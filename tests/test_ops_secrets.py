@@ -169,3 +169,55 @@ def test_an_edge_without_any_route_key_refuses_to_start() -> None:
         settings.route_cipher_keys()
     with pytest.raises(ConfigError, match="LLMGW_ROUTE_KEY"):
         Settings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": "x"})
+
+
+# --- backends' own webhook secrets (12.10) -----------------------------------------
+
+
+def test_backend_webhook_secrets_parse_per_provider_newest_first() -> None:
+    a1, a2, b = new_webhook_secret(), new_webhook_secret(), new_webhook_secret()
+    settings = Settings.from_env(
+        {
+            "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+            "LLMGW_BACKEND_WEBHOOK_SECRETS": f" mock={a1}, mock={a2},openai={b} ",
+        }
+    )
+    reveal = {p: [s.reveal() for s in g] for p, g in settings.backend_webhook_secrets.items()}
+    assert reveal == {"mock": [a1, a2], "openai": [b]}
+    assert a1 not in repr(settings)
+    assert Settings.from_env({"LLMGW_WEBHOOK_SECRET": b}).backend_webhook_secrets == {}
+
+
+def test_bad_backend_webhook_secrets_are_refused() -> None:
+    platform, strong = new_webhook_secret(), new_webhook_secret()
+    for value in (
+        "mock",  # no secret
+        f"={strong}",  # no provider
+        "mock=whsec_CHANGE_ME",
+        "mock=whsec_AAAA",
+        f"mock={strong},openai={strong}",  # one secret, two scopes
+        f"mock={platform}",  # the platform secret settles anything
+    ):
+        with pytest.raises(ConfigError, match="LLMGW_BACKEND_WEBHOOK_SECRETS"):
+            Settings.from_env(
+                {"LLMGW_WEBHOOK_SECRET": platform, "LLMGW_BACKEND_WEBHOOK_SECRETS": value}
+            )
+
+
+def test_verify_signer_names_who_signed() -> None:
+    from datetime import UTC, datetime
+
+    from shared.webhooks import BadSignature, sign, verify_signer
+
+    platform, mock_new, mock_old = (new_webhook_secret() for _ in range(3))
+    backends = {"mock": [mock_new, mock_old]}
+    body = b'{"type": "stream.completed"}'
+    for secret, signer in ((platform, None), (mock_new, "mock"), (mock_old, "mock")):
+        assert verify_signer([platform], backends, body, sign(secret, "w1", body)) == signer
+    # A sender mid-rotation sends both signatures, space-separated (Standard Webhooks).
+    now = datetime.now(UTC)
+    both = sign(mock_old, "w1", body, now)
+    both["webhook-signature"] += " " + sign(mock_new, "w1", body, now)["webhook-signature"]
+    assert verify_signer([platform], {"mock": [mock_new]}, body, both) == "mock"
+    with pytest.raises(BadSignature):
+        verify_signer([platform], backends, body, sign(new_webhook_secret(), "w1", body))
