@@ -377,3 +377,27 @@ def test_the_ingress_does_not_buffer_event_streams() -> None:
     annotations = find("Ingress", "stream-edge")["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 15
+
+
+# nginx variables that carry the query string (`$request` is the whole request line).
+QUERY_VARIABLES = re.compile(r"\$(request(?![_a-z])|request_uri|args|query_string|arg_\w+|is_args)")
+
+
+def test_no_proxy_logs_the_stream_token() -> None:
+    """The EventSource path carries the token in `?token=` (11.17): every access-log
+    format we ship logs the path without its query string."""
+    ingress = find("Ingress", "stream-edge")["metadata"]["annotations"]
+    config = yaml.safe_load((K8S / "ingress-nginx" / "controller-config.yaml").read_text())
+    controller_format = config["data"]["log-format-upstream"]
+    # The Ingress logs only once the controller has our format; until then, not at all.
+    assert ingress["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+    edge_conf = (DEPLOY / "nginx" / "edge.conf").read_text()
+    (nginx_format,) = re.findall(r"log_format\s+llmgw_edge\s+(.*?);", edge_conf, re.S)
+    assert re.search(r"access_log\s+\S+\s+llmgw_edge;", edge_conf)
+    for fmt in (controller_format, nginx_format):
+        assert "$uri" in fmt and "$status" in fmt
+        assert not QUERY_VARIABLES.search(fmt), fmt
+    json.loads(re.sub(r"\$\w+", "0", controller_format))  # escape-json format is a JSON object
+    # The checker itself catches ingress-nginx's default format.
+    default = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent'
+    assert QUERY_VARIABLES.search(default)
