@@ -12,7 +12,7 @@ from shared.settings import DEFAULT_DATABASE_URL, ConfigError, Settings
 
 
 def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
-    from llm_gateway.servers import run_loop, serve_all, server_for
+    from llm_gateway.servers import limits_of, run_loop, serve_all, server_for
 
     settings = Settings.from_env(os.environ)
     graceful = settings.drain_seconds + 10
@@ -37,7 +37,8 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
         app = edge_app(settings)
-    run_loop(serve_all([server_for(app, host, port, graceful_seconds=graceful)]))
+    server = server_for(app, host, port, graceful_seconds=graceful, limits=limits_of(settings))
+    run_loop(serve_all([server]))
 
 
 def _mock(host: str, port: int) -> None:

@@ -123,6 +123,10 @@ class Settings:
     max_stream_seconds: int
     resume_grace_seconds: float
     drain_seconds: float
+    # What a client may hold before its request starts (llm_gateway/http_guard.py).
+    header_timeout_seconds: float
+    max_header_bytes: int
+    max_connections: int
     breaker_failures: int
     breaker_reset_seconds: float
     webhook_retry_base_seconds: float
@@ -249,6 +253,9 @@ class Settings:
             max_stream_seconds=_int(env, "LLMGW_MAX_STREAM_SECONDS", 900, 10, 86400),
             resume_grace_seconds=_float(env, "LLMGW_RESUME_GRACE_SECONDS", 10, 0, 600),
             drain_seconds=_float(env, "LLMGW_DRAIN_SECONDS", 20, 0, 3600),
+            header_timeout_seconds=_float(env, "LLMGW_HEADER_TIMEOUT_SECONDS", 10, 0.1, 300),
+            max_header_bytes=_int(env, "LLMGW_MAX_HEADER_BYTES", 64 * 1024, 1024, 1024 * 1024),
+            max_connections=_int(env, "LLMGW_MAX_CONNECTIONS", 1000, 1, 1_000_000),
             breaker_failures=_int(env, "LLMGW_BREAKER_FAILURES", 5, 1, 1000),
             breaker_reset_seconds=_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
             sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 30.0, 0.1, 3600),
