@@ -280,10 +280,18 @@ class Settings:
     def route_cipher_keys(self) -> list[str]:
         """The `upr` sub-keys, newest first: LLMGW_ROUTE_KEY as given, else derived from
         the ring. The edge needs one of the two; the control plane seals with the ring."""
+        derived = [route_key(k.reveal()) for k in self.encryption_keys]
         if self.route_keys:
-            return [k.reveal() for k in self.route_keys]
-        if self.encryption_keys:
-            return [route_key(k.reveal()) for k in self.encryption_keys]
+            given = [k.reveal() for k in self.route_keys]
+            if derived and derived != given:
+                # Both set and different: companies' own routes would fail to open.
+                raise ConfigError(
+                    "LLMGW_ROUTE_KEY does not match LLMGW_ENCRYPTION_KEY: set one of them, "
+                    "or `llm-gateway admin route-key` for the ring"
+                )
+            return given
+        if derived:
+            return derived
         raise ConfigError(
             "LLMGW_ROUTE_KEY (or LLMGW_ENCRYPTION_KEY) is required: the edge opens the "
             "sealed upr claim with it; `llm-gateway admin route-key` prints it"

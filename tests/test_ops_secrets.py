@@ -169,6 +169,15 @@ def test_an_edge_without_any_route_key_refuses_to_start() -> None:
         settings.route_cipher_keys()
     with pytest.raises(ConfigError, match="LLMGW_ROUTE_KEY"):
         Settings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": "x"})
+    both = Settings.from_env(
+        {
+            "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+            "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+            "LLMGW_ROUTE_KEY": Fernet.generate_key().decode(),  # not the ring's
+        }
+    )
+    with pytest.raises(ConfigError, match="does not match LLMGW_ENCRYPTION_KEY"):
+        both.route_cipher_keys()
 
 
 # --- backends' own webhook secrets (12.10) -----------------------------------------
