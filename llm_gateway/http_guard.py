@@ -18,7 +18,8 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
   idle keep-alive), so an attacker holding the slots cannot lock out real clients;
   when every connection is serving a request, the new one is closed.
 
-Streams are not affected: the bounds stop at the end of the header block.
+Streams are not affected: the bounds stop at the end of the header block. httptools
+comes with uvicorn[standard], a dependency; the services always run this protocol.
 """
 
 from __future__ import annotations
