@@ -35,6 +35,7 @@ from control_plane.migrate import current, head, upgrade
 from control_plane.routes import all_routes
 from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
 from control_plane.sweeper import run_sweeper
+from shared.route_claim import route_ciphers
 from shared.settings import Settings
 from shared.store import Store, open_store
 from shared.store_redis import STORE_ERRORS
@@ -95,6 +96,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 db=db,
                 store=active_store,
                 fernet=fernet,
+                route_cipher=route_ciphers([k.reveal() for k in settings.encryption_keys]),
                 keyring=KeyRing(snapshot),
                 metrics=metrics,
                 external=ExternalVerifier.from_settings(settings),

@@ -39,7 +39,7 @@ from shared.catalog import Catalog, ModelSpec
 from shared.input_size import content_text, missing_features, params_tokens
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from shared.route_claim import CLAIM as ROUTE_CLAIM
-from shared.route_claim import UpstreamRoute, route_cipher, seal
+from shared.route_claim import UpstreamRoute, seal
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import ALL_SCOPES, sign_token, stream_claims
 
@@ -319,7 +319,7 @@ async def init_chat(
     )
     if reserved.route is not None:
         # The company's own key or model, sealed for the edge only (`shared.route_claim`).
-        claims[ROUTE_CLAIM] = seal(reserved.route, route_cipher(settings.webhook_secret.reveal()))
+        claims[ROUTE_CLAIM] = seal(reserved.route, deps.route_cipher)
     kid, key = deps.keyring.active()
     token = sign_token(claims, key, kid)
     edge = settings.edge_public_url

@@ -27,6 +27,7 @@ class Deps:
     db: Database
     store: Store
     fernet: MultiFernet
+    route_cipher: MultiFernet  # seals the `upr` claim (shared.route_claim)
     keyring: KeyRing
     metrics: Metrics
     external: ExternalVerifier | None = None

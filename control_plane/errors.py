@@ -13,6 +13,7 @@ logs the traceback server-side.
     ├── InsufficientCredits (402 insufficient_credits)
     ├── Forbidden (403 forbidden)
     │   ├── Revoked (403 revoked), ModelNotAllowed (403 model_not_allowed)
+    │   └── WebhookProviderMismatch (403 webhook_provider_mismatch)
     ├── NotFound (404 not_found)
     │   ├── ModelNotFound, ReservationNotFound, SessionNotFound
     ├── MethodNotAllowed (405 method_not_allowed)
@@ -100,6 +101,11 @@ class Revoked(Forbidden):
 class ModelNotAllowed(Forbidden):
     code = "model_not_allowed"
     default_message = "Your company cannot use this model."
+
+
+class WebhookProviderMismatch(Forbidden):
+    code = "webhook_provider_mismatch"
+    default_message = "A backend's webhook secret settles only reservations routed to it."
 
 
 class NotFound(AppError):

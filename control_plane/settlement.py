@@ -33,6 +33,7 @@ from control_plane.errors import (
     ReservationMismatch,
     ReservationNotFound,
     ValidationFailed,
+    WebhookProviderMismatch,
 )
 from control_plane.ledger import charge_for, reservation_price, settle_reservation
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
@@ -197,14 +198,24 @@ def settle_webhook(
     *,
     transcripts: bool,
     http_request_id: str | None = None,
+    signer_provider: str | None = None,
 ) -> Outcome:
     """The webhook's use case (one transaction): validate against the reservation,
-    record the webhook id, settle, and append the assistant's reply."""
+    record the webhook id, settle, and append the assistant's reply.
+
+    `signer_provider`: the backend whose own secret signed (None: the platform's). It
+    settles only reservations routed to it, so one backend's secret cannot settle
+    (say, at 0 as `stream.failed`) another provider's streams (DESIGN §11)."""
     reservation = session.get(Reservation, event.reservation_id)
     if reservation is None:
         raise ReservationNotFound(f"No reservation {event.reservation_id!r}.")
     if reservation.jti != event.jti or reservation.company_id != event.company_id:
         raise ReservationMismatch("The event's jti or company_id does not match the reservation.")
+    if signer_provider is not None and reservation.provider != signer_provider:
+        raise WebhookProviderMismatch(
+            f"This reservation is routed to {reservation.provider!r}, "
+            f"not to {signer_provider!r} whose secret signed the event."
+        )
     seen = session.get(WebhookEvent, webhook_id)
     if seen is not None:
         if seen.reservation_id != reservation.id:
@@ -257,12 +268,18 @@ async def settle_event(
     *,
     transcripts: bool,
     http_request_id: str | None = None,
+    signer_provider: str | None = None,
 ) -> Outcome:
     """`settle_webhook` in its own transaction, on the database threads."""
     try:
         return await db.transaction(
             lambda s: settle_webhook(
-                s, webhook_id, event, transcripts=transcripts, http_request_id=http_request_id
+                s,
+                webhook_id,
+                event,
+                transcripts=transcripts,
+                http_request_id=http_request_id,
+                signer_provider=signer_provider,
             )
         )
     except IntegrityError:

@@ -1,9 +1,12 @@
 """`llm-gateway admin …`: the admin API from the terminal.
 
 Talks HTTP to the control plane (`LLMGW_CONTROL_PLANE_URL`) with `LLMGW_ADMIN_TOKEN`,
-so the CLI and the API can never disagree about the rules. Secrets (provider keys)
-are read from stdin or an environment variable, never from the command line, where
-they would land in the shell history and the process list.
+so the CLI and the API can never disagree about the rules. Secrets (provider keys,
+passwords) are read from stdin or an environment variable, never from the command
+line, where they would land in the shell history and the process list.
+
+`route-key` works offline: it prints the edge's LLMGW_ROUTE_KEY for the
+LLMGW_ENCRYPTION_KEY ring in this environment.
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ class UsageError(Exception):
     pass
 
 
+class _RefusePassword(argparse.Action):
+    """`--password x` would put the password in `ps` and the shell history."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        parser.error(
+            "--password would show the password in the process list; "
+            "use --password-env VAR or --password-stdin"
+        )
+
+
 def add_admin_parser(sub: Any) -> None:
     admin = sub.add_parser(
         "admin",
@@ -34,10 +47,17 @@ def add_admin_parser(sub: Any) -> None:
     company = actions.add_parser("create-company")
     company.add_argument("name")
     company.add_argument("--credits", default="0")
-    user = actions.add_parser("create-user")
+    user = actions.add_parser("create-user", allow_abbrev=False)
     user.add_argument("company_id")
     user.add_argument("email")
-    user.add_argument("--password")
+    password = user.add_mutually_exclusive_group()
+    password.add_argument(
+        "--password-env", metavar="VAR", help="read the password from this variable"
+    )
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
+    user.add_argument("--password", action=_RefusePassword, help=argparse.SUPPRESS)
     user.add_argument("--role", default="member", choices=["member", "owner", "admin"])
     key = actions.add_parser("create-api-key")
     key.add_argument("user_id")
@@ -86,20 +106,32 @@ def add_admin_parser(sub: Any) -> None:
         "rotate-encryption-key",
         help="re-encrypt stored secrets under the newest LLMGW_ENCRYPTION_KEY",
     )
+    actions.add_parser(
+        "route-key",
+        help="print the edge's LLMGW_ROUTE_KEY for this LLMGW_ENCRYPTION_KEY (offline)",
+    )
+
+
+def _secret_from(env_var: str | None, stdin: bool, what: str) -> str | None:
+    """A secret from a named variable or stdin's first line; None when neither given."""
+    if env_var:
+        value = os.environ.get(env_var, "").strip()
+        if not value:
+            raise UsageError(f"{env_var} is not set")
+        return value
+    if stdin:
+        value = sys.stdin.readline().strip()
+        if not value:
+            raise UsageError(f"no {what} on stdin")
+        return value
+    return None
 
 
 def _provider_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    if args.api_key_env:
-        value = os.environ.get(args.api_key_env)
-        if not value:
-            raise UsageError(f"{args.api_key_env} is not set")
-        body["api_key"] = value.strip()
-    elif args.api_key_stdin:
-        value = sys.stdin.readline().strip()
-        if not value:
-            raise UsageError("no key on stdin")
-        body["api_key"] = value
+    api_key = _secret_from(args.api_key_env, args.api_key_stdin, "key")
+    if api_key is not None:
+        body["api_key"] = api_key
     elif args.remove_api_key:
         body["api_key"] = None
     if args.default_model:
@@ -119,8 +151,9 @@ def _request(args: argparse.Namespace) -> Request:
         return "POST", "/v1/admin/companies", {"name": args.name, "credits": args.credits}, headers
     if action == "create-user":
         body = {"company_id": args.company_id, "email": args.email, "role": args.role}
-        if args.password:
-            body["password"] = args.password
+        password = _secret_from(args.password_env, args.password_stdin, "password")
+        if password is not None:
+            body["password"] = password
         return "POST", "/v1/admin/users", body, headers
     if action == "create-api-key":
         body_key: dict[str, Any] = {"user_id": args.user_id}
@@ -166,7 +199,24 @@ def _request(args: argparse.Namespace) -> Request:
     return "POST", "/v1/admin/signing-keys/rotate", {}, headers
 
 
+def _route_key() -> int:
+    from shared.route_claim import route_key
+
+    ring = [k.strip() for k in os.environ.get("LLMGW_ENCRYPTION_KEY", "").split(",") if k.strip()]
+    if not ring:
+        print("llm-gateway admin: set LLMGW_ENCRYPTION_KEY", file=sys.stderr)
+        return 2
+    try:
+        print(",".join(route_key(key) for key in ring))
+    except ValueError:
+        print("llm-gateway admin: LLMGW_ENCRYPTION_KEY must be Fernet keys", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_admin(args: argparse.Namespace) -> int:
+    if args.action == "route-key":
+        return _route_key()
     token = os.environ.get("LLMGW_ADMIN_TOKEN")
     if not token:
         print("llm-gateway admin: set LLMGW_ADMIN_TOKEN", file=sys.stderr)

@@ -12,15 +12,17 @@ from shared.settings import DEFAULT_DATABASE_URL, ConfigError, Settings
 
 
 def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
-    from llm_gateway.servers import run_loop, serve_all, server_for
+    from llm_gateway.servers import limits_of, run_loop, serve_all, server_for
 
     settings = Settings.from_env(os.environ)
     graceful = settings.drain_seconds + 10
+    if app_factory == "control-plane":
+        settings.require_encryption_key()
+    else:
+        settings.route_cipher_keys()  # the `upr` claim's keys: the ring or LLMGW_ROUTE_KEY
     if workers > 1:
         from llm_gateway.workers import serve_workers
 
-        if app_factory == "control-plane":
-            settings.require_encryption_key()
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run several workers")
         serve_workers(app_factory, settings, host, port, workers, graceful)
@@ -28,7 +30,6 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
     if app_factory == "control-plane":
         from control_plane.app import create_app as cp_app
 
-        settings.require_encryption_key()
         app = cp_app(settings)
     else:
         from stream_edge.app import create_app as edge_app
@@ -36,7 +37,8 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
         app = edge_app(settings)
-    run_loop(serve_all([server_for(app, host, port, graceful_seconds=graceful)]))
+    server = server_for(app, host, port, graceful_seconds=graceful, limits=limits_of(settings))
+    run_loop(serve_all([server]))
 
 
 def _mock(host: str, port: int) -> None:

@@ -62,7 +62,7 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     from control_plane.app import create_app as control_plane_app
     from control_plane.migrate import upgrade
     from control_plane.seed import seed_demo
-    from llm_gateway.servers import serve_all, server_for
+    from llm_gateway.servers import limits_of, serve_all, server_for
     from mock_llm.app import create_app as mock_app
     from stream_edge.app import create_app as edge_app
 
@@ -75,15 +75,17 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     await asyncio.to_thread(upgrade, settings.database_url)
     api_key = await seed_demo(settings.database_url)
     store = MemoryStore()
+    limits = limits_of(settings)
     servers = [
-        server_for(control_plane_app(settings, store), host, port_base),
+        server_for(control_plane_app(settings, store), host, port_base, limits=limits),
         server_for(
             edge_app(settings, store),
             host,
             port_base + 1,
             graceful_seconds=settings.drain_seconds + 10,
+            limits=limits,
         ),
-        server_for(mock_app(), host, port_base + 2),
+        server_for(mock_app(), host, port_base + 2, limits=limits),
     ]
     cp = f"http://127.0.0.1:{port_base}"
     print(

@@ -11,7 +11,9 @@ from typing import Any
 
 import uvicorn
 
+from llm_gateway.http_guard import ConnectionLimits, http_protocol
 from shared.logs import RedactingFilter
+from shared.settings import Settings
 
 
 class _Server(uvicorn.Server):
@@ -22,13 +24,29 @@ class _Server(uvicorn.Server):
         yield
 
 
+def limits_of(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout=settings.header_timeout_seconds,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_connections,
+    )
+
+
 def server_for(
-    app: Any, host: str, port: int, *, access_log: bool = True, graceful_seconds: float = 30
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = True,
+    graceful_seconds: float = 30,
+    limits: ConnectionLimits | None = None,
 ) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        # Header time, header size and connection count are bounded (http_guard).
+        http=http_protocol(limits or ConnectionLimits()),
         lifespan="on",
         access_log=access_log,
         log_config=None,  # keep our logging config (and its redaction filter)

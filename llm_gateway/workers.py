@@ -25,6 +25,8 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from llm_gateway.http_guard import http_protocol
+from llm_gateway.servers import limits_of
 from shared.logs import configure_logging
 from shared.metrics import MULTIPROC_ENV, forget_dead_workers, reset_multiproc_dir
 from shared.settings import Settings
@@ -109,6 +111,8 @@ def serve_workers(
             log_config=None,  # each worker applies ours (`_worker_start`)
             timeout_graceful_shutdown=int(graceful),
             proxy_headers=True,
+            # Header time, header size and connections, per worker (http_guard).
+            http=http_protocol(limits_of(settings)),
         )
     finally:
         if own_dir:

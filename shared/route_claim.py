@@ -3,15 +3,19 @@ the edge.
 
 When a company brings its own provider key or model, the edge must use them without
 asking the control plane on every stream. The control plane puts them in the token's
-`upr` claim, encrypted (Fernet: AES-128-CBC + HMAC-SHA256) with a key derived by HKDF
-from the Standard Webhooks secret that both services already share. The client can
-carry the token but cannot read or alter the route; the edge never needs the
-database or the control plane's `LLMGW_ENCRYPTION_KEY`.
+`upr` claim, encrypted (Fernet: AES-128-CBC + HMAC-SHA256) with a sub-key derived by
+HKDF from each key of the `LLMGW_ENCRYPTION_KEY` ring (DESIGN §11): its own purpose,
+so the ciphertext under one key never doubles as another, and rotatable with the
+ring (seal with the newest, open with any). Never from the webhook secret: that one
+is shared with whoever may sign usage events, and must not also open every
+company's provider key. The client carries the token but can neither read nor
+alter the route; the edge needs the ring but never the database.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -20,7 +24,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.input_size import IMAGE_TOKENS
-from shared.webhooks import secret_bytes
 
 CLAIM = "upr"
 
@@ -38,19 +41,32 @@ class UpstreamRoute:
     image_input_tokens: int = IMAGE_TOKENS
 
 
-def route_cipher(webhook_secret: str) -> Fernet:
-    key = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=b"llm-gateway upstream route"
-    ).derive(secret_bytes(webhook_secret))
-    return Fernet(base64.urlsafe_b64encode(key))
+PURPOSE = b"llm-gateway upstream route v2"
 
 
-def route_ciphers(webhook_secrets: list[str]) -> MultiFernet:
-    """For reading: any of the secrets (newest first) during a webhook-secret rotation."""
-    return MultiFernet([route_cipher(secret) for secret in webhook_secrets])
+def route_key(encryption_key: str) -> str:
+    """The `upr` sub-key (a Fernet key) of one Fernet key of the ring: HKDF-SHA256, no
+    salt, info PURPOSE (RFC 5869). `deploy/gen-env.sh` computes the same in stdlib
+    Python, so an edge can be given only these (LLMGW_ROUTE_KEY), not the ring."""
+    Fernet(encryption_key)  # ValueError unless it is a Fernet key
+    raw = base64.urlsafe_b64decode(encryption_key.encode("ascii"))
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PURPOSE).derive(raw)
+    return base64.urlsafe_b64encode(key).decode("ascii")
 
 
-def seal(route: UpstreamRoute, cipher: Fernet) -> str:
+def route_ciphers(encryption_keys: Sequence[str]) -> MultiFernet:
+    """The ring's sub-keys, newest first: seals with the newest, opens with any."""
+    return route_ciphers_from_keys([route_key(key) for key in encryption_keys])
+
+
+def route_ciphers_from_keys(route_keys: Sequence[str]) -> MultiFernet:
+    """Already derived sub-keys (LLMGW_ROUTE_KEY), newest first."""
+    if not route_keys:
+        raise ValueError("no key for the upstream route claim")
+    return MultiFernet([Fernet(key) for key in route_keys])
+
+
+def seal(route: UpstreamRoute, cipher: Fernet | MultiFernet) -> str:
     return cipher.encrypt(orjson.dumps(asdict(route))).decode()
 
 

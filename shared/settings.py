@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 from cryptography.fernet import Fernet
 
 from shared.catalog import Catalog, CatalogError, load_catalog
-from shared.webhooks import validate_secret
+from shared.route_claim import route_key
+from shared.webhooks import parse_backend_secrets, validate_secret
 
 DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
 
@@ -104,6 +105,8 @@ class Settings:
     catalog: Catalog
     cors_origins: tuple[str, ...]
     encryption_keys: tuple[Secret, ...]
+    # The edge's alternative to the ring: only the derived `upr` sub-keys (route_claim).
+    route_keys: tuple[Secret, ...]
     auto_migrate: bool
     store_transcripts: bool
     upstream_connect_timeout: float
@@ -120,6 +123,10 @@ class Settings:
     max_stream_seconds: int
     resume_grace_seconds: float
     drain_seconds: float
+    # What a client may hold before its request starts (llm_gateway/http_guard.py).
+    header_timeout_seconds: float
+    max_header_bytes: int
+    max_connections: int
     breaker_failures: int
     breaker_reset_seconds: float
     webhook_retry_base_seconds: float
@@ -128,6 +135,9 @@ class Settings:
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
     service_tokens: Mapping[str, Secret] = field(default_factory=dict)
+    # Backends posting their own usage webhooks (control plane): provider → its
+    # secrets, newest first; each settles only reservations routed to its provider.
+    backend_webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     init_rate_per_user: int = 120  # per minute, DESIGN §9
     init_rate_per_company: int = 1200
     # Trusting an existing app's user JWTs (control plane): HS256 with a shared secret
@@ -151,6 +161,13 @@ class Settings:
                 validate_secret(secret)
             except ValueError as exc:
                 raise ConfigError(f"LLMGW_WEBHOOK_SECRET {exc}") from None
+        try:
+            backend_secrets = parse_backend_secrets(env.get("LLMGW_BACKEND_WEBHOOK_SECRETS", ""))
+        except ValueError as exc:
+            raise ConfigError(f"LLMGW_BACKEND_WEBHOOK_SECRETS {exc}") from None
+        if any(s in webhook_secrets for group in backend_secrets.values() for s in group):
+            # The platform secret settles anything; a backend must not hold it.
+            raise ConfigError("LLMGW_BACKEND_WEBHOOK_SECRETS must differ from LLMGW_WEBHOOK_SECRET")
         encryption_keys = tuple(
             Secret(k.strip()) for k in env.get("LLMGW_ENCRYPTION_KEY", "").split(",") if k.strip()
         )
@@ -161,6 +178,17 @@ class Settings:
                 raise ConfigError(
                     "LLMGW_ENCRYPTION_KEY must be Fernet keys (32 url-safe base64 bytes), "
                     "comma-separated, newest first"
+                ) from None
+        route_keys = tuple(
+            Secret(k.strip()) for k in env.get("LLMGW_ROUTE_KEY", "").split(",") if k.strip()
+        )
+        for key in route_keys:
+            try:
+                Fernet(key.reveal())
+            except (ValueError, TypeError):
+                raise ConfigError(
+                    "LLMGW_ROUTE_KEY must be Fernet keys derived from LLMGW_ENCRYPTION_KEY "
+                    "(`llm-gateway admin route-key` or deploy/gen-env.sh prints them)"
                 ) from None
         try:
             catalog = load_catalog(env.get("LLMGW_MODELS_FILE") or None)
@@ -203,6 +231,7 @@ class Settings:
                 o.strip() for o in env.get("LLMGW_CORS_ORIGINS", "").split(",") if o.strip()
             ),
             encryption_keys=encryption_keys,
+            route_keys=route_keys,
             auto_migrate=_flag(env, "LLMGW_AUTO_MIGRATE", dev),
             store_transcripts=_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
             upstream_connect_timeout=_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
@@ -224,6 +253,9 @@ class Settings:
             max_stream_seconds=_int(env, "LLMGW_MAX_STREAM_SECONDS", 900, 10, 86400),
             resume_grace_seconds=_float(env, "LLMGW_RESUME_GRACE_SECONDS", 10, 0, 600),
             drain_seconds=_float(env, "LLMGW_DRAIN_SECONDS", 20, 0, 3600),
+            header_timeout_seconds=_float(env, "LLMGW_HEADER_TIMEOUT_SECONDS", 10, 0.1, 300),
+            max_header_bytes=_int(env, "LLMGW_MAX_HEADER_BYTES", 64 * 1024, 1024, 1024 * 1024),
+            max_connections=_int(env, "LLMGW_MAX_CONNECTIONS", 1000, 1, 1_000_000),
             breaker_failures=_int(env, "LLMGW_BREAKER_FAILURES", 5, 1, 1000),
             breaker_reset_seconds=_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
             sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 30.0, 0.1, 3600),
@@ -234,6 +266,10 @@ class Settings:
                 for name, provider in catalog.providers.items()
                 if (var := provider.api_key_env) and env.get(var)
             },
+            backend_webhook_secrets={
+                provider: tuple(Secret(s) for s in group)
+                for provider, group in backend_secrets.items()
+            },
             service_tokens={
                 name: Secret(env[var])
                 for name, provider in catalog.providers.items()
@@ -241,8 +277,32 @@ class Settings:
             },
         )
 
+    def route_cipher_keys(self) -> list[str]:
+        """The `upr` sub-keys, newest first: LLMGW_ROUTE_KEY as given, else derived from
+        the ring. The edge needs one of the two; the control plane seals with the ring."""
+        derived = [route_key(k.reveal()) for k in self.encryption_keys]
+        if self.route_keys:
+            given = [k.reveal() for k in self.route_keys]
+            if derived and derived != given:
+                # Both set and different: companies' own routes would fail to open.
+                raise ConfigError(
+                    "LLMGW_ROUTE_KEY does not match LLMGW_ENCRYPTION_KEY: set one of them, "
+                    "or `llm-gateway admin route-key` for the ring"
+                )
+            return given
+        if derived:
+            return derived
+        raise ConfigError(
+            "LLMGW_ROUTE_KEY (or LLMGW_ENCRYPTION_KEY) is required: the edge opens the "
+            "sealed upr claim with it; `llm-gateway admin route-key` prints it"
+        )
+
     def require_encryption_key(self) -> tuple[Secret, ...]:
         """The control plane cannot start without a key outside `dev` (DESIGN §9)."""
         if not self.encryption_keys:
-            raise ConfigError("LLMGW_ENCRYPTION_KEY is required (a Fernet key) outside dev")
+            raise ConfigError(
+                "LLMGW_ENCRYPTION_KEY is required (a Fernet key) outside dev; generate one with: "
+                'python -c "from cryptography.fernet import Fernet;'
+                'print(Fernet.generate_key().decode())"'
+            )
         return self.encryption_keys

@@ -9,7 +9,9 @@ library; this module only builds the payload and normalises its errors.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
@@ -34,12 +36,39 @@ def secret_bytes(secret: str) -> bytes:
     return base64.b64decode(body + "=" * (-len(body) % 4))
 
 
+# Standard Webhooks keys are 24 to 64 random bytes; fewer is guessable offline from one
+# signed event. https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md
+MIN_SECRET_BYTES = 24
+# 24 random bytes almost never repeat more than a few values; a key with fewer
+# distinct bytes than this was typed or patterned (whsec_AAAA…), not generated.
+MIN_DISTINCT_BYTES = 16
+# The placeholders our own examples ship (.env.example, deploy/k8s/secret.example.yaml):
+# a deployment that copied one verbatim shares its secret with everyone who read them.
+PLACEHOLDER_SECRETS = frozenset({"whsec_CHANGE_ME", "whsec_REPLACE_ME", "whsec_…", "whsec_..."})
+GENERATE_HINT = (
+    'generate one with: python -c "import base64,secrets;'
+    "print('whsec_'+base64.b64encode(secrets.token_bytes(32)).decode())\""
+)
+
+
 def validate_secret(secret: str) -> None:
-    """Raise ValueError unless `secret` is a usable Standard Webhooks secret."""
+    """Raise ValueError unless `secret` is a strong Standard Webhooks secret: not one
+    of our placeholders, at least 24 bytes, and not an obviously patterned key."""
+    if secret in PLACEHOLDER_SECRETS or "CHANGE_ME" in secret or "REPLACE_ME" in secret:
+        raise ValueError(f"is the placeholder from the examples; {GENERATE_HINT}")
     try:
         Webhook(secret)
+        raw = secret_bytes(secret)
     except Exception as exc:  # the library raises several unrelated types
-        raise ValueError("must be a Standard Webhooks secret like whsec_<base64>") from exc
+        raise ValueError(
+            f"must be a Standard Webhooks secret like whsec_<base64>; {GENERATE_HINT}"
+        ) from exc
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"must carry at least {MIN_SECRET_BYTES} random bytes, got {len(raw)}; {GENERATE_HINT}"
+        )
+    if len(set(raw)) < MIN_DISTINCT_BYTES:
+        raise ValueError(f"is not random (too few distinct bytes); {GENERATE_HINT}")
 
 
 def iso_utc(moment: datetime) -> str:
@@ -99,21 +128,66 @@ def sign(secret: str, webhook_id: str, body: bytes, now: datetime | None = None)
     }
 
 
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def parse_backend_secrets(raw: str) -> dict[str, list[str]]:
+    """`provider=whsec_…[,provider=whsec_…]` (DESIGN §11) → provider → its secrets in the
+    order given (newest first: a provider listed twice is mid-rotation). ValueError
+    names the problem; each secret must pass `validate_secret`."""
+    by_provider: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        provider, sep, secret = (s.strip() for s in item.partition("="))
+        if not sep or not PROVIDER_NAME.fullmatch(provider):
+            raise ValueError("must be provider=whsec_… pairs, comma-separated")
+        try:
+            validate_secret(secret)
+        except ValueError as exc:
+            raise ValueError(f"({provider}) {exc}") from None
+        if owner.setdefault(secret, provider) != provider:
+            raise ValueError(f"gives one secret to both {owner[secret]} and {provider}")
+        by_provider.setdefault(provider, []).append(secret)
+    return by_provider
+
+
+def verify_signer(
+    platform: list[str], backends: Mapping[str, list[str]], body: bytes, headers: dict[str, str]
+) -> str | None:
+    """Who signed: None for the platform's secret (the edge: settles any reservation),
+    else the backend provider whose secret did (settles only reservations routed to
+    that provider, DESIGN §11). Raises BadSignature when no configured secret did."""
+    text = _text(body)
+    for signer, secrets_ in ((None, platform), *backends.items()):
+        if any(_signed_by(secret, text, headers) for secret in secrets_):
+            return signer
+    raise BadSignature("no matching signature")
+
+
 def verify(secrets_: list[str], body: bytes, headers: dict[str, str]) -> None:
     """Raise BadSignature unless one of `secrets_` signed `body` within the 5-minute window.
 
     The body is parsed by the caller: a correctly signed but malformed body is a
     different error (422) from a forged one (401)."""
+    verify_signer(secrets_, {}, body, headers)
+
+
+def _text(body: bytes) -> str:
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadSignature("body is not UTF-8") from exc
-    for secret in secrets_:
-        try:
-            Webhook(secret).verify(text, headers, json_parse=False)
-            return
-        except WebhookVerificationError:
-            continue
-        except (ValueError, TypeError) as exc:  # malformed signature header, bad base64
-            raise BadSignature("malformed signature headers") from exc
-    raise BadSignature("no matching signature")
+
+
+def _signed_by(secret: str, text: str, headers: dict[str, str]) -> bool:
+    # The library accepts any of several space-separated signatures (Standard Webhooks
+    # §"Signature scheme"), so a sender mid-rotation may sign with old and new.
+    try:
+        Webhook(secret).verify(text, headers, json_parse=False)
+        return True
+    except WebhookVerificationError:
+        return False
+    except (ValueError, TypeError) as exc:  # malformed signature header, bad base64
+        raise BadSignature("malformed signature headers") from exc

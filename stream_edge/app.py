@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
-from shared.route_claim import route_ciphers
+from shared.route_claim import route_ciphers_from_keys
 from shared.settings import Settings
 from shared.store import Store, open_store
 from shared.store_redis import STORE_ERRORS
@@ -69,6 +69,9 @@ async def drain(state: EdgeState) -> None:
 
 
 def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+    # The `upr` claim's keys (DESIGN §11): refuse to start without them.
+    route_cipher = route_ciphers_from_keys(settings.route_cipher_keys())
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own_store = store is None
@@ -104,7 +107,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             limits=StreamLimits(settings),
             breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
             retry=RetryPolicy(retries=settings.upstream_retries),
-            route_cipher=route_ciphers([s.reveal() for s in settings.webhook_secrets]),
+            route_cipher=route_cipher,
         )
         app.state.edge = state
         app.state.on_sigterm = lambda: drain(state)

@@ -5,6 +5,7 @@ asking the control plane (PostgreSQL + Redis)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -13,12 +14,16 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.revocations import revoke
-from shared.route_claim import UpstreamRoute, route_cipher, seal
+from shared.route_claim import UpstreamRoute, route_ciphers, seal
 from shared.sse import SSEDecoder
 from shared.store_redis import RedisStore
 from shared.tokens import sign_token
+from shared.webhooks import secret_bytes
 from tests.conftest import REDIS_URL
 from tests.stack import SplitStack, base_env
 
@@ -89,7 +94,7 @@ def test_a_sealed_company_route_is_used_with_the_companys_key(split: SplitStack)
     token = c.new_user(c.new_company("5"))
     grant = c.init_ok(token, {"query": "my own key [[mock tokens=3]]"})
     kid, key = split.apps["cp"].state.keyring.active()
-    cipher = route_cipher(split.env["LLMGW_WEBHOOK_SECRET"])
+    cipher = route_ciphers(split.env["LLMGW_ENCRYPTION_KEY"].split(","))
     route = UpstreamRoute(
         provider="acme-openai",
         api_type="openai_chat",
@@ -114,10 +119,38 @@ def test_a_route_claim_not_sealed_by_us_is_refused(split: SplitStack) -> None:
     token = c.new_user(c.new_company("5"))
     grant = c.init_ok(token, {"query": "forged route"})
     kid, key = split.apps["cp"].state.keyring.active()
-    foreign = route_cipher("whsec_" + "QUFB" * 11)
+    foreign = route_ciphers([Fernet.generate_key().decode()])
     route = UpstreamRoute("evil", "openai_chat", "http://127.0.0.1:9/v1", "x", "k")
     claims = {**claims_of(grant["stream_token"]), "upr": seal(route, foreign)}
     before = c.mock_stats()["requests"]
     response = c.http.get(f"{c.edge_url}/v1/stream", params={"token": sign_token(claims, key, kid)})
     assert response.status_code == 401
     assert c.mock_stats()["requests"] == before
+
+
+def webhook_secret_cipher(webhook_secret: str) -> Fernet:
+    """What a holder of the webhook secret can derive (the key `upr` once used)."""
+    key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"llm-gateway upstream route"
+    ).derive(secret_bytes(webhook_secret))
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def test_the_webhook_secret_neither_opens_nor_forges_a_route(split: SplitStack) -> None:
+    """11.3: the webhook secret is shared with whoever signs usage events; it must not
+    open a company's provider key from a token, nor seal a route the edge accepts."""
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "webhook secret holder"})
+    kid, key = split.apps["cp"].state.keyring.active()
+    attacker = webhook_secret_cipher(split.env["LLMGW_WEBHOOK_SECRET"])
+    route = UpstreamRoute("evil", "openai_chat", "http://127.0.0.1:9/v1", "x", "k")
+    claims = {**claims_of(grant["stream_token"]), "upr": seal(route, attacker)}
+    before = c.mock_stats()["requests"]
+    response = c.http.get(f"{c.edge_url}/v1/stream", params={"token": sign_token(claims, key, kid)})
+    assert response.status_code == 401
+    assert c.mock_stats()["requests"] == before
+    # The other way: a route our control plane sealed does not open with it.
+    real = seal(route, route_ciphers(split.env["LLMGW_ENCRYPTION_KEY"].split(",")))
+    with pytest.raises(InvalidToken):
+        attacker.decrypt(real.encode())

@@ -17,7 +17,7 @@ from control_plane.errors import ValidationFailed
 from control_plane.tables import CompanyModel, CompanyProvider, SigningKey
 from shared.catalog import CatalogError, load_catalog
 from shared.pricing import estimate_input_tokens
-from shared.route_claim import CLAIM, route_cipher, unseal
+from shared.route_claim import CLAIM, route_ciphers, unseal
 from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
 
 CATALOG = load_catalog(None)
@@ -37,7 +37,8 @@ def _route(cp: CP, init: dict[str, Any]) -> Any:
     claims = _claims(init)
     if CLAIM not in claims:
         return None
-    return unseal(claims[CLAIM], route_cipher(cp.settings.webhook_secret.reveal()))
+    keys = [k.reveal() for k in cp.settings.encryption_keys]
+    return unseal(claims[CLAIM], route_ciphers(keys))
 
 
 # --- pure -----------------------------------------------------------------------------

@@ -162,8 +162,10 @@ def test_compose_runs_the_whole_stack() -> None:
     for name in ("migrate", "control-plane", "stream-edge"):
         assert_cli_accepts(services[name]["command"])
         env = services[name]["environment"]
-        assert env["LLMGW_REDIS_URL"].startswith("redis://redis:")
-        assert env["LLMGW_DATABASE_URL"].startswith("postgresql+psycopg://")
+        if name != "migrate":
+            assert env["LLMGW_REDIS_URL"].startswith("redis://redis:")
+        if name != "stream-edge":
+            assert env["LLMGW_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert services[name]["read_only"] is True
     # Migrations first; the edge waits for the control plane's keys.
     cp_deps = services["control-plane"]["depends_on"]
@@ -187,6 +189,52 @@ def test_compose_runs_the_whole_stack() -> None:
     ):
         (sd,) = jobs[job]["dns_sd_configs"]
         assert sd["names"] == [service] and sd["port"] == port
+
+
+# What only the control plane (or the database) may hold: an edge that is broken into
+# must not hand over the database, the admin API or the ring that encrypts stored keys.
+CONTROL_PLANE_ONLY = (
+    "LLMGW_DATABASE_URL",
+    "LLMGW_ADMIN_TOKEN",
+    "LLMGW_ENCRYPTION_KEY",
+    "POSTGRES_PASSWORD",
+    "LLMGW_BACKEND_WEBHOOK_SECRETS",
+)
+PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY")
+
+
+def assert_only_its_own(env: dict[str, Any], forbidden: tuple[str, ...]) -> None:
+    for name in forbidden:
+        assert name not in env, name
+        # Nor smuggled inside another value (`${POSTGRES_PASSWORD}` in a URL).
+        assert not any(name in str(value) for value in env.values()), name
+
+
+def test_each_compose_service_gets_only_its_own_secrets() -> None:
+    services = compose()["services"]
+    edge = services["stream-edge"]["environment"]
+    assert_only_its_own(edge, CONTROL_PLANE_ONLY)
+    assert {"LLMGW_WEBHOOK_SECRET", "LLMGW_ROUTE_KEY", "LLMGW_REDIS_URL"} <= set(edge)
+    cp = services["control-plane"]["environment"]
+    assert_only_its_own(cp, (*PROVIDER_KEYS, "LLMGW_ROUTE_KEY"))
+    migrate = services["migrate"]["environment"]
+    needs_db = ("LLMGW_DATABASE_URL", "POSTGRES_PASSWORD")
+    assert_only_its_own(
+        migrate, tuple(n for n in CONTROL_PLANE_ONLY if n not in needs_db) + PROVIDER_KEYS
+    )
+    for name in ("mock-llm", "prometheus", "redis"):
+        assert_only_its_own(services[name].get("environment", {}), CONTROL_PLANE_ONLY)
+
+
+def test_gen_env_gives_the_edge_the_route_key_of_the_ring() -> None:
+    from shared.route_claim import route_key
+
+    out = run("bash", str(DEPLOY / "gen-env.sh"), cwd=ROOT)
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert env["LLMGW_ROUTE_KEY"] == route_key(env["LLMGW_ENCRYPTION_KEY"])
+    # Every variable compose requires (`${VAR:?…}`) is one gen-env.sh prints.
+    required = re.findall(r"\$\{([A-Z_]+):\?", (DEPLOY / "compose.yaml").read_text())
+    assert "LLMGW_ROUTE_KEY" in required and set(required) <= set(env)
 
 
 def test_the_compose_catalog_is_the_packaged_one_with_the_mock_reachable() -> None:
@@ -317,7 +365,39 @@ def test_the_kubernetes_catalog_loads_and_the_pods_mount_it(tmp_path: Path) -> N
     assert_cli_accepts(job["spec"]["template"]["spec"]["containers"][0]["args"])
 
 
+def test_the_edge_secret_holds_only_the_edges_secrets() -> None:
+    edge = find("Secret", "llm-gateway-stream-edge")["stringData"]
+    assert_only_its_own(edge, CONTROL_PLANE_ONLY)
+    assert {"LLMGW_WEBHOOK_SECRET", "LLMGW_ROUTE_KEY"} <= set(edge)
+    cp = find("Secret", "llm-gateway-control-plane")["stringData"]
+    assert_only_its_own(cp, (*PROVIDER_KEYS, "LLMGW_ROUTE_KEY"))
+
+
 def test_the_ingress_does_not_buffer_event_streams() -> None:
     annotations = find("Ingress", "stream-edge")["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 15
+
+
+# nginx variables that carry the query string (`$request` is the whole request line).
+QUERY_VARIABLES = re.compile(r"\$(request(?![_a-z])|request_uri|args|query_string|arg_\w+|is_args)")
+
+
+def test_no_proxy_logs_the_stream_token() -> None:
+    """The EventSource path carries the token in `?token=` (11.17): every access-log
+    format we ship logs the path without its query string."""
+    ingress = find("Ingress", "stream-edge")["metadata"]["annotations"]
+    config = yaml.safe_load((K8S / "ingress-nginx" / "controller-config.yaml").read_text())
+    controller_format = config["data"]["log-format-upstream"]
+    # The Ingress logs only once the controller has our format; until then, not at all.
+    assert ingress["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+    edge_conf = (DEPLOY / "nginx" / "edge.conf").read_text()
+    (nginx_format,) = re.findall(r"log_format\s+llmgw_edge\s+(.*?);", edge_conf, re.S)
+    assert re.search(r"access_log\s+\S+\s+llmgw_edge;", edge_conf)
+    for fmt in (controller_format, nginx_format):
+        assert "$uri" in fmt and "$status" in fmt
+        assert not QUERY_VARIABLES.search(fmt), fmt
+    json.loads(re.sub(r"\$\w+", "0", controller_format))  # escape-json format is a JSON object
+    # The checker itself catches ingress-nginx's default format.
+    default = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent'
+    assert QUERY_VARIABLES.search(default)

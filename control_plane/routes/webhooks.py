@@ -16,7 +16,7 @@ from control_plane.settlement import parse_time, parse_usage_event, settle_event
 from control_plane.tables import utcnow
 from control_plane.validation import parse_json_object
 from shared.pricing import format_credits
-from shared.webhooks import BadSignature, verify
+from shared.webhooks import BadSignature, verify_signer
 
 log = logging.getLogger("control_plane.webhooks")
 
@@ -28,8 +28,19 @@ async def usage_webhook(request: Request) -> Response:
     outcome = "error"
     try:
         body = await read_body(request)
+        settings = deps.settings
+        backends = {
+            provider: [s.reveal() for s in group]
+            for provider, group in settings.backend_webhook_secrets.items()
+        }
         try:
-            verify([s.reveal() for s in deps.settings.webhook_secrets], body, dict(request.headers))
+            # None: the edge (platform secret); else the backend whose own secret signed.
+            signer = verify_signer(
+                [s.reveal() for s in settings.webhook_secrets],
+                backends,
+                body,
+                dict(request.headers),
+            )
         except BadSignature:
             raise InvalidSignature() from None
         event = parse_usage_event(parse_json_object(body))
@@ -40,8 +51,9 @@ async def usage_webhook(request: Request) -> Response:
             deps.db,
             webhook_id,
             event,
-            transcripts=deps.settings.store_transcripts,
+            transcripts=settings.store_transcripts,
             http_request_id=request_id(request),
+            signer_provider=signer,
         )
         if result.duplicate:
             outcome = "duplicate"

@@ -1,0 +1,206 @@
+"""Slow and huge headers, and too many connections (12.2), against the real edge app
+on a real uvicorn socket built by `llm_gateway.servers.server_for`, as the CLI runs
+it: a slowloris client is cut off and a huge header block refused while /healthz on
+other connections keeps answering. Polls with deadlines; asserts no durations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from cryptography.fernet import Fernet
+
+from llm_gateway.http_guard import MIN_CONNECTIONS, ConnectionLimits, connection_cap
+from llm_gateway.servers import server_for
+from shared.settings import Settings
+from stream_edge.app import create_app as edge_app
+from tests.conftest import new_webhook_secret
+from tests.harness import bind_free_socket, url_of
+
+DEADLINE = 20.0  # seconds; generous on a loaded machine, never reached when it works
+CAPPED = 8
+
+
+def edge() -> Any:
+    settings = Settings.from_env(
+        {
+            "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+            "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        }
+    )
+    return edge_app(settings)
+
+
+@contextlib.contextmanager
+def serving(limits: list[ConnectionLimits]) -> Iterator[list[str]]:
+    """One edge per `limits`, on ephemeral ports, in a background event loop."""
+    socks = [bind_free_socket() for _ in limits]
+    servers = [
+        server_for(edge(), "127.0.0.1", 0, access_log=False, graceful_seconds=1, limits=lim)
+        for lim in limits
+    ]
+
+    async def serve() -> None:
+        await asyncio.gather(*(s.serve(sockets=[k]) for s, k in zip(servers, socks, strict=True)))
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + DEADLINE
+    while not all(s.started for s in servers):
+        assert time.monotonic() < deadline and thread.is_alive(), "servers did not start"
+        time.sleep(0.02)
+    try:
+        yield [url_of(k) for k in socks]
+    finally:
+        for server in servers:
+            server.should_exit = True
+        thread.join(timeout=DEADLINE)
+        for sock in socks:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def urls() -> Iterator[list[str]]:
+    limits = [
+        ConnectionLimits(header_timeout=1.0, max_header_bytes=16 * 1024, max_connections=1000),
+        # Long header timeout: only the connection cap can close these.
+        ConnectionLimits(header_timeout=120.0, max_connections=CAPPED),
+    ]
+    with serving(limits) as started:
+        yield started
+
+
+def raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=DEADLINE)
+
+
+def closed_by_server(sock: socket.socket, wait: float) -> bool:
+    """True when the server has closed (EOF or reset) within `wait` seconds."""
+    readable, _, _ = select.select([sock], [], [], wait)
+    # Readable: EOF, a reset, or an error answer; half a request gets nothing else.
+    return bool(readable)
+
+
+def healthy(url: str) -> None:
+    response = httpx.get(f"{url}/healthz", timeout=DEADLINE)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_a_slowloris_client_is_cut_off_while_others_are_served(urls: list[str]) -> None:
+    url = urls[0]
+    slow = raw(url)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n")
+    deadline = time.monotonic() + DEADLINE
+    served = 0
+    try:
+        while True:
+            assert time.monotonic() < deadline, "the slow client was never cut off"
+            healthy(url)  # a normal client on another connection, meanwhile
+            served += 1
+            try:
+                slow.sendall(b"X")  # one byte of an endless header line
+            except OSError:
+                break
+            if closed_by_server(slow, 0.2):
+                break
+    finally:
+        slow.close()
+    healthy(url)
+    assert served >= 1
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def test_a_huge_header_block_is_refused_without_growing_the_server(urls: list[str]) -> None:
+    url = urls[0]
+    huge = raw(url)
+    huge.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n")
+    line = b"X-Pad: " + b"a" * 1017 + b"\r\n"  # 1 KiB header lines, as in the report
+    chunk = line * 64
+    budget = 64 * 1024 * 1024  # far past any socket buffer: only a close stops us
+    before = rss_bytes()
+    sent = 0
+    try:
+        while sent < budget:
+            try:
+                huge.sendall(chunk)
+            except OSError:  # reset: the server closed with our bytes unread
+                break
+            sent += len(chunk)
+            if closed_by_server(huge, 0):
+                break
+        assert sent < budget, "the server read 64 MiB of headers"
+        # The server answered 431 and closed, or reset the connection; nothing else.
+        assert closed_by_server(huge, DEADLINE), "the server stopped reading but kept it open"
+        try:
+            answer = huge.recv(65536)
+        except OSError:
+            answer = b""
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    finally:
+        huge.close()
+    # The server (this process) kept at most a read or two of it.
+    assert rss_bytes() - before < 16 * 1024 * 1024
+    healthy(url)
+
+
+def test_at_the_connection_cap_idle_connections_make_room(urls: list[str]) -> None:
+    url = urls[1]
+    holders = [raw(url) for _ in range(CAPPED)]
+    try:
+        for sock in holders:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Slow: ")
+        # Every slot is held by a half-sent request; real clients still get in...
+        for _ in range(3):
+            healthy(url)
+        # ...because half-sent requests were closed to make room for them.
+        closed, _, _ = select.select(holders, [], [], DEADLINE)
+        assert closed
+    finally:
+        for sock in holders:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("wanted", "fd_limit", "cap"),
+    [
+        (1000, 20000, 1000),  # plenty of descriptors
+        (1000, 1024, (1024 - 64) // 2),  # two per connection (client + upstream) + reserve
+        (1000, 80, MIN_CONNECTIONS),
+        (8, 20000, 8),
+        (50, -1, 50),  # unlimited
+    ],
+)
+def test_the_connection_cap_fits_the_descriptor_limit(wanted: int, fd_limit: int, cap: int) -> None:
+    assert connection_cap(wanted, fd_limit) == cap
+
+
+def test_servers_carry_the_limits() -> None:
+    server: uvicorn.Server = server_for(
+        edge(), "127.0.0.1", 0, limits=ConnectionLimits(header_timeout=3, max_header_bytes=2048)
+    )
+    limits = server.config.http.keywords["limits"]  # type: ignore[union-attr]
+    assert (limits.header_timeout, limits.max_header_bytes) == (3, 2048)
+    settings = Settings.from_env(
+        {
+            "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+            "LLMGW_HEADER_TIMEOUT_SECONDS": "2.5",
+            "LLMGW_MAX_HEADER_BYTES": "4096",
+            "LLMGW_MAX_CONNECTIONS": "300",
+        }
+    )
+    assert (settings.header_timeout_seconds, settings.max_header_bytes) == (2.5, 4096)
+    assert settings.max_connections == 300
