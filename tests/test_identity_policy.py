@@ -79,12 +79,34 @@ TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
     (policy.can_assign_role, ADMIN_TOKEN, ("admin",), True),
     (policy.can_rotate_signing_keys, ADMIN_TOKEN, (), True),
     (policy.can_rotate_signing_keys, OWNER, (), False),
-    (policy.can_revoke, ADMIN_TOKEN, ("company", "c1"), True),
-    (policy.can_revoke, OWNER, ("user", "c1"), True),
-    (policy.can_revoke, OWNER, ("jti", "c1"), True),
-    (policy.can_revoke, OWNER, ("company", "c1"), False),  # not its own company
-    (policy.can_revoke, OWNER, ("user", "c2"), False),
-    (policy.can_revoke, MEMBER, ("jti", "c1"), False),
+    (policy.can_assign_role, OWNER, ("member",), True),
+    (policy.can_assign_role, MEMBER, ("owner",), False),  # never above one's own
+    (policy.can_assign_role, OWNER, ("superuser",), False),
+    (policy.can_manage_user, OWNER, ("c1", "member"), True),
+    (policy.can_manage_user, OWNER, ("c1", "owner"), True),
+    (policy.can_manage_user, OWNER, ("c1", "admin"), False),  # the climb to admin
+    (policy.can_manage_user, OWNER, ("c2", "member"), False),
+    (policy.can_manage_user, MEMBER, ("c1", "member"), False),
+    (policy.can_manage_user, ADMIN_USER, ("c1", "admin"), True),
+    (policy.can_manage_user, ADMIN_TOKEN, ("c1", "admin"), True),
+    (policy.can_revoke, ADMIN_TOKEN, ("company", "c1", None), True),
+    (policy.can_revoke, OWNER, ("user", "c1", "member"), True),
+    (policy.can_revoke, OWNER, ("user", "c1", "owner"), True),
+    (policy.can_revoke, OWNER, ("user", "c1", "admin"), False),  # ranked above it
+    (policy.can_revoke, OWNER, ("jti", "c1", "member"), True),
+    (policy.can_revoke, OWNER, ("jti", "c1", "admin"), False),
+    (policy.can_revoke, OWNER, ("jti", "c1", None), False),  # unknown token owner
+    (policy.can_revoke, OWNER, ("company", "c1", None), False),  # not its own company
+    (policy.can_revoke, OWNER, ("user", "c2", "member"), False),
+    (policy.can_revoke, MEMBER, ("jti", "c1", "member"), False),
+    (policy.can_lift_revocation, OWNER, ("user", "c1", "member", "owner"), True),
+    (policy.can_lift_revocation, OWNER, ("user", "c1", "member", "admin"), False),
+    (policy.can_lift_revocation, OWNER, ("user", "c1", "admin", "admin"), False),
+    (policy.can_lift_revocation, ADMIN_USER, ("user", "c1", "member", "admin"), True),
+    (policy.can_lift_revocation, ADMIN_TOKEN, ("company", "c1", None, "admin"), True),
+    (policy.can_list_companies, ADMIN_TOKEN, (), True),
+    (policy.can_list_companies, ADMIN_USER, (), True),
+    (policy.can_list_companies, OWNER, (), False),
     (policy.can_configure_llm, OWNER, ("c1",), True),
     (policy.can_configure_llm, OWNER, ("c2",), False),
     (policy.can_configure_llm, MEMBER, ("c1",), False),
@@ -110,6 +132,13 @@ def test_every_policy_function_is_in_the_table() -> None:
         if name.startswith(("can_", "sees_")) and callable(getattr(policy, name))
     }
     assert functions == {check.__name__ for check, *_ in TABLE}
+
+
+def test_ranks() -> None:
+    assert policy.roles_at_or_below(MEMBER) == ("member",)
+    assert policy.roles_at_or_below(OWNER) == ("member", "owner")
+    assert policy.roles_at_or_below(ADMIN_TOKEN) == ("member", "owner", "admin")
+    assert policy.roles_at_or_below(ROLELESS) == ()
 
 
 def test_role_scopes() -> None:
