@@ -3,6 +3,7 @@ transaction and checks its policy there, against the rows it is about to touch."
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -141,12 +142,16 @@ class CreatedKey:
         return {"id": self.id, "key": self.key, "prefix": self.prefix, "scopes": self.scopes}
 
 
-def key_scopes(requested: Any, role: str) -> list[str]:
-    """The scopes a new key gets: a non-empty subset of its user's role scopes,
-    default all of them."""
+def key_scopes(requested: Any, role: str, held: Collection[str]) -> list[str]:
+    """The scopes a new key gets: a non-empty subset of its user's role scopes that
+    the creator itself holds (`held`), default all of those. A key can never carry
+    more power than the principal that minted it (a narrowed key mints narrow keys)."""
     allowed = policy.scopes_for_role(role)
     if requested is None:
-        return list(allowed)
+        granted = [s for s in allowed if s in held]
+        if not granted:
+            raise Forbidden("You hold none of the scopes this user's key could carry.")
+        return granted
     if (
         not isinstance(requested, list)
         or not requested
@@ -158,6 +163,9 @@ def key_scopes(requested: Any, role: str) -> list[str]:
         raise ValidationFailed(
             "scopes", f"{', '.join(extra)} not allowed for role {role} ({', '.join(allowed)})"
         )
+    beyond = sorted(set(requested) - set(held))
+    if beyond:
+        raise Forbidden(f"You cannot grant scopes you do not hold: {', '.join(beyond)}.")
     return [s for s in allowed if s in requested]
 
 
@@ -165,7 +173,7 @@ def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) ->
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
-    granted = key_scopes(scopes, user.role)
+    granted = key_scopes(scopes, user.role, p.scopes)
     new = new_api_key()
     row = ApiKey(
         id=new_id(),

@@ -2,9 +2,13 @@
 returns True only for the principals it names, and handlers ask before acting.
 
 Roles → scopes (DESIGN §9): member has ``llm:chat:send`` and ``llm:chat:read``;
-owner and admin have all three. ``admin`` is the platform admin (as is the
-``LLMGW_ADMIN_TOKEN`` principal, which has no user or company); an ``owner``
-manages its own company's users and API keys.
+owner and admin have all three, plus ``llm:admin``: every ``/v1/admin/…`` action
+needs that scope on the principal, so an owner's API key narrowed to
+``llm:chat:send`` is a chat key and nothing more. Logins and default API keys carry
+all of the role's scopes; the admin token holds every scope.
+
+``admin`` is the platform admin (as is the ``LLMGW_ADMIN_TOKEN`` principal, which
+has no user or company); an ``owner`` manages its own company's users and API keys.
 
 Nobody climbs: roles are ranked member < owner < admin, and no actor may mint keys
 for, revoke, list the keys of, create, or lift a revocation made by anyone ranked
@@ -18,10 +22,12 @@ from dataclasses import dataclass
 
 from shared.tokens import ALL_SCOPES, SCOPE_DELETE, SCOPE_READ, SCOPE_SEND
 
+# Control-plane only: stream tokens carry the chat scopes alone (`chat_init`).
+SCOPE_ADMIN = "llm:admin"
 ROLE_SCOPES: dict[str, tuple[str, ...]] = {
     "member": (SCOPE_SEND, SCOPE_READ),
-    "owner": ALL_SCOPES,
-    "admin": ALL_SCOPES,
+    "owner": (*ALL_SCOPES, SCOPE_ADMIN),
+    "admin": (*ALL_SCOPES, SCOPE_ADMIN),
 }
 ROLE_RANK: dict[str, int] = {"member": 0, "owner": 1, "admin": 2}
 
@@ -45,8 +51,12 @@ def scopes_for_role(role: str) -> tuple[str, ...]:
     return ROLE_SCOPES.get(role, ())
 
 
+def has_admin_scope(p: Principal) -> bool:
+    return SCOPE_ADMIN in p.scopes
+
+
 def is_platform_admin(p: Principal) -> bool:
-    return p.role == "admin"
+    return p.role == "admin" and has_admin_scope(p)
 
 
 def ranks_at_least(p: Principal, role: str) -> bool:
@@ -105,14 +115,15 @@ def can_adjust_credits(p: Principal, company_id: str) -> bool:
 def can_read_audit(p: Principal, company_id: str | None) -> bool:
     """The platform admin reads any company's audit log (or all of them, `None`); an
     owner reads its own company's."""
-    if is_platform_admin(p):
-        return True
-    return p.is_user and p.role == "owner" and company_id == p.company_id
+    return can_admin_company(p, company_id) if company_id is not None else is_platform_admin(p)
 
 
 def can_admin_company(p: Principal, company_id: str) -> bool:
-    """Manage a company's users and API keys."""
-    return is_platform_admin(p) or (p.role == "owner" and p.company_id == company_id)
+    """Manage a company's users and API keys: the platform admin, or an owner of that
+    company, either with the admin scope."""
+    if is_platform_admin(p):
+        return True
+    return p.is_user and p.role == "owner" and has_admin_scope(p) and p.company_id == company_id
 
 
 def can_manage_user(p: Principal, company_id: str, role: str) -> bool:
