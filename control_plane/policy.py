@@ -114,7 +114,7 @@ def can_adjust_credits(p: Principal, company_id: str) -> bool:
 
 def can_read_audit(p: Principal, company_id: str | None) -> bool:
     """The platform admin reads any company's audit log (or all of them, `None`); an
-    owner reads its own company's."""
+    owner with the admin scope reads its own company's."""
     return can_admin_company(p, company_id) if company_id is not None else is_platform_admin(p)
 
 

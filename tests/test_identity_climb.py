@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from argon2 import PasswordHasher
 
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_control_plane import ADMIN_TOKEN, PASSWORD, _settings
@@ -125,11 +126,20 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     from control_plane.app import create_app
+    from control_plane.routes import admin
 
     path: Path = tmp_path_factory.mktemp("climb") / "cp.db"
     app = create_app(_settings(f"sqlite:///{path}"))
     sock = bind_free_socket()
-    with ServerGroup([(app, sock)]), httpx.Client(base_url=url_of(sock), timeout=30) as http:
+    # Actors' passwords hashed with cheap argon2 parameters: the logins are real, and
+    # argon2's cost is not what this module tests.
+    cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        ServerGroup([(app, sock)]),
+        httpx.Client(base_url=url_of(sock), timeout=30) as http,
+    ):
+        patch.setattr(admin, "hash_password", cheap)
         w = World(http, {}, {}, {}, {})
         for company in COMPANIES:
             r = w.admin(
