@@ -83,8 +83,11 @@ async def create_user(request: Request) -> Response:
             raise ValidationFailed(
                 "password", f"must be a string of {PASSWORD_MIN}-{PASSWORD_MAX} characters"
             )
+        # Refused callers cost no argon2 (the use case checks again, in its transaction).
         if not policy.can_admin_company(principal, company_id):
             raise Forbidden("You cannot add users to this company.")
+        if not policy.can_assign_role(principal, role):
+            raise Forbidden(f"You cannot create a user with role {role}.")
         password_hash = await asyncio.to_thread(hash_password, password)
     try:
         user = await get_deps(request).db.transaction(
