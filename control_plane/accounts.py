@@ -3,6 +3,7 @@ transaction and checks its policy there, against the rows it is about to touch."
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -77,6 +78,25 @@ def create_company(
     return company
 
 
+def list_companies(
+    session: Session, p: Principal, limit: int, after: tuple[datetime, str] | None = None
+) -> list[Company]:
+    """Every company, newest first, `limit + 1` rows (platform admin only)."""
+    if not policy.can_list_companies(p):
+        raise Forbidden("Only a platform admin can list companies.")
+    stmt = select(Company)
+    if after is not None:
+        moment, last_id = after
+        stmt = stmt.where(
+            or_(
+                col(Company.created_at) < moment,
+                and_(col(Company.created_at) == moment, col(Company.id) < last_id),
+            )
+        )
+    stmt = stmt.order_by(col(Company.created_at).desc(), col(Company.id).desc())
+    return list(session.scalars(stmt.limit(limit + 1)))
+
+
 def user_public(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "role": user.role, "company_id": user.company_id}
 
@@ -93,7 +113,7 @@ def create_user(
     if not policy.can_admin_company(p, company_id):
         raise Forbidden("You cannot add users to this company.")
     if not policy.can_assign_role(p, role):
-        raise Forbidden("Only a platform admin can create admins.")
+        raise Forbidden(f"You cannot create a user with role {role}: only a platform admin can.")
     if session.get(Company, company_id) is None:
         raise NotFound("No such company.")
     if find_user_by_email(session, email) is not None:
@@ -122,12 +142,16 @@ class CreatedKey:
         return {"id": self.id, "key": self.key, "prefix": self.prefix, "scopes": self.scopes}
 
 
-def key_scopes(requested: Any, role: str) -> list[str]:
-    """The scopes a new key gets: a non-empty subset of its user's role scopes,
-    default all of them."""
+def key_scopes(requested: Any, role: str, held: Collection[str]) -> list[str]:
+    """The scopes a new key gets: a non-empty subset of its user's role scopes that
+    the creator itself holds (`held`), default all of those. A key can never carry
+    more power than the principal that minted it (a narrowed key mints narrow keys)."""
     allowed = policy.scopes_for_role(role)
     if requested is None:
-        return list(allowed)
+        granted = [s for s in allowed if s in held]
+        if not granted:
+            raise Forbidden("You hold none of the scopes this user's key could carry.")
+        return granted
     if (
         not isinstance(requested, list)
         or not requested
@@ -139,14 +163,17 @@ def key_scopes(requested: Any, role: str) -> list[str]:
         raise ValidationFailed(
             "scopes", f"{', '.join(extra)} not allowed for role {role} ({', '.join(allowed)})"
         )
+    beyond = sorted(set(requested) - set(held))
+    if beyond:
+        raise Forbidden(f"You cannot grant scopes you do not hold: {', '.join(beyond)}.")
     return [s for s in allowed if s in requested]
 
 
 def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) -> CreatedKey:
     user = session.get(User, user_id)
-    if user is None or not policy.can_admin_company(p, user.company_id):
+    if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
-    granted = key_scopes(scopes, user.role)
+    granted = key_scopes(scopes, user.role, p.scopes)
     new = new_api_key()
     row = ApiKey(
         id=new_id(),
@@ -172,7 +199,7 @@ def revoke_api_key(session: Session, p: Principal, key_id: str) -> None:
     if row is None:
         raise NotFound("No such API key.")
     _, user = row
-    if not policy.can_admin_company(p, user.company_id):
+    if not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such API key.")
     # Already revoked: revoking again is a no-op.
     session.execute(
@@ -206,10 +233,10 @@ def list_api_keys(
     after: tuple[datetime, str] | None = None,
 ) -> list[ApiKey]:
     """A user's or a company's API keys, newest first (platform admin: any; owner: its
-    company's)."""
+    company's, except those of users ranked above it)."""
     if user_id is not None:
         user = session.get(User, user_id)
-        if user is None or not policy.can_admin_company(p, user.company_id):
+        if user is None or not policy.can_manage_user(p, user.company_id, user.role):
             raise NotFound("No such user.")
         company_id = user.company_id
     if company_id is None:
@@ -219,7 +246,11 @@ def list_api_keys(
         raise NotFound("No such company.")
     if company_id is None and not policy.is_platform_admin(p):
         raise Forbidden("Only a platform admin can list every API key.")
-    stmt = select(ApiKey).join(User, col(User.id) == col(ApiKey.user_id))
+    stmt = (
+        select(ApiKey)
+        .join(User, col(User.id) == col(ApiKey.user_id))
+        .where(col(User.role).in_(policy.roles_at_or_below(p)))
+    )
     if user_id is not None:
         stmt = stmt.where(col(ApiKey.user_id) == user_id)
     elif company_id is not None:

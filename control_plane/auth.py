@@ -66,8 +66,14 @@ def user_principal(user: User, via: str, scopes: tuple[str, ...] | None = None) 
 
 
 def admin_token_principal() -> Principal:
+    """The platform admin: every scope (it mints keys of any scope), but no user, so
+    it can never chat or read a user's data."""
     return Principal(
-        user_id=None, company_id=None, role="admin", scopes=frozenset(), via="admin_token"
+        user_id=None,
+        company_id=None,
+        role="admin",
+        scopes=frozenset(scopes_for_role("admin")),
+        via="admin_token",
     )
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ class Deps:
     keyring: KeyRing
     metrics: Metrics
     external: ExternalVerifier | None = None
+    clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
 
     async def refresh_keys(self) -> None:
         fernet = self.fernet

@@ -26,6 +26,7 @@ logs the traceback server-side.
     │   ├── ReservationMismatch (422 reservation_mismatch)
     │   └── UnsupportedFeature (422 unsupported_feature)
     ├── RateLimited (429 rate_limited, Retry-After)
+    │   └── LoginThrottled (429 too_many_login_failures)
     └── ServiceUnavailable (503 unavailable)
 """
 
@@ -184,6 +185,10 @@ class RateLimited(AppError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
+
+
+class LoginThrottled(RateLimited):
+    code = "too_many_login_failures"
 
 
 class ServiceUnavailable(AppError):

@@ -7,15 +7,19 @@
   it runs in a thread). HS256 is never accepted with a JWKS (the public-key-as-HMAC-
   secret confusion), ``none`` never at all; the algorithm list is pinned per source
   before any key is touched (RFC 8725 §3.1).
-* Optional ``LLMGW_AUTH_JWT_AUDIENCE`` / ``LLMGW_AUTH_JWT_ISSUER`` are then required.
+* ``LLMGW_AUTH_JWT_AUDIENCE`` and ``LLMGW_AUTH_JWT_ISSUER`` must be set (the
+  control plane refuses to start without them), and every token must carry both:
+  a token the provider minted for another of its services (``aud:
+  "billing-service"``) or another issuer's token never signs anyone in here.
 
 Claims: ``sub`` (the user), ``company_id``, ``role`` (``member`` | ``owner``;
 ``admin`` is capped at ``owner``: another app can never make a platform admin),
-optional ``scopes`` (narrowed to the role's), optional ``email`` and
-``company_name``; ``exp`` is required. On first sight the company (0 credits) and the
-user (no password: it can only come back through its app) are created; later the
-role follows the token. A user provisioned in one company presenting another
-company's token is refused.
+optional ``scopes`` (narrowed to the role's), optional ``email`` (used only with
+``email_verified: true``: an address the provider did not verify must not claim
+that address here for good) and ``company_name``; ``exp`` is required. On first
+sight the company (0 credits) and the user (no password: it can only come back
+through its app) are created; later the role follows the token. A user provisioned
+in one company presenting another company's token is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from control_plane import policy
 from control_plane.accounts import find_user_by_email
 from control_plane.errors import Unauthenticated, ValidationFailed
 from control_plane.tables import Company, User, new_id, utcnow
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings
 from shared.tokens import API_AUDIENCE, ISSUER
 
 JWKS_ALGORITHMS = ("RS256", "ES256", "EdDSA")
@@ -89,7 +93,11 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
         company_id=company_id,
         role=str(role),
         scopes=scopes,
-        email=_claim_str(claims, "email", required=False),
+        email=(
+            _claim_str(claims, "email", required=False)
+            if claims.get("email_verified") is True
+            else None
+        ),
         company_name=_claim_str(claims, "company_name", required=False),
     )
 
@@ -119,8 +127,14 @@ class ExternalVerifier:
             else None
         )
         self._last_refetch = float("-inf")
-        self._audience = settings.auth_jwt_audience
-        self._issuer = settings.auth_jwt_issuer
+        if settings.auth_jwt_audience is None or settings.auth_jwt_issuer is None:
+            # `Settings.from_env` already refuses this; settings built otherwise too.
+            missing = "AUDIENCE" if settings.auth_jwt_audience is None else "ISSUER"
+            raise ConfigError(
+                f"LLMGW_AUTH_JWT_{missing} is required when external auth is configured"
+            )
+        self._audience: str = settings.auth_jwt_audience
+        self._issuer: str = settings.auth_jwt_issuer
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ExternalVerifier | None:
@@ -174,10 +188,7 @@ class ExternalVerifier:
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=LEEWAY_SECONDS,
-                options={
-                    "require": ["exp", "sub"],
-                    "verify_aud": self._audience is not None,
-                },
+                options={"require": ["exp", "sub", "aud", "iss"], "verify_aud": True},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("The token has expired.") from None

@@ -120,6 +120,7 @@ QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/v1/usage"): [_LIMIT, _CURSOR],
     ("get", "/v1/credits"): [_LIMIT, _CURSOR],
     ("get", "/v1/admin/audit"): [_query("company_id"), _LIMIT, _CURSOR],
+    ("get", "/v1/admin/companies"): [_LIMIT, _CURSOR],
     ("get", "/v1/admin/api-keys"): [_query("user_id"), _query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/revocations"): [_query("company_id"), _LIMIT, _CURSOR],
 }

@@ -2,9 +2,18 @@
 returns True only for the principals it names, and handlers ask before acting.
 
 Roles → scopes (DESIGN §9): member has ``llm:chat:send`` and ``llm:chat:read``;
-owner and admin have all three. ``admin`` is the platform admin (as is the
-``LLMGW_ADMIN_TOKEN`` principal, which has no user or company); an ``owner``
-manages its own company's users and API keys.
+owner and admin have all three, plus ``llm:admin``: every ``/v1/admin/…`` action
+needs that scope on the principal, so an owner's API key narrowed to
+``llm:chat:send`` is a chat key and nothing more. Logins and default API keys carry
+all of the role's scopes; the admin token holds every scope.
+
+``admin`` is the platform admin (as is the ``LLMGW_ADMIN_TOKEN`` principal, which
+has no user or company); an ``owner`` manages its own company's users and API keys.
+
+Nobody climbs: roles are ranked member < owner < admin, and no actor may mint keys
+for, revoke, list the keys of, create, or lift a revocation made by anyone ranked
+above itself. Without that rule an owner could mint an API key for an ``admin`` user
+of its own company and act as the platform admin with it.
 """
 
 from __future__ import annotations
@@ -13,11 +22,14 @@ from dataclasses import dataclass
 
 from shared.tokens import ALL_SCOPES, SCOPE_DELETE, SCOPE_READ, SCOPE_SEND
 
+# Control-plane only: stream tokens carry the chat scopes alone (`chat_init`).
+SCOPE_ADMIN = "llm:admin"
 ROLE_SCOPES: dict[str, tuple[str, ...]] = {
     "member": (SCOPE_SEND, SCOPE_READ),
-    "owner": ALL_SCOPES,
-    "admin": ALL_SCOPES,
+    "owner": (*ALL_SCOPES, SCOPE_ADMIN),
+    "admin": (*ALL_SCOPES, SCOPE_ADMIN),
 }
+ROLE_RANK: dict[str, int] = {"member": 0, "owner": 1, "admin": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +51,23 @@ def scopes_for_role(role: str) -> tuple[str, ...]:
     return ROLE_SCOPES.get(role, ())
 
 
+def has_admin_scope(p: Principal) -> bool:
+    return SCOPE_ADMIN in p.scopes
+
+
 def is_platform_admin(p: Principal) -> bool:
-    return p.role == "admin"
+    return p.role == "admin" and has_admin_scope(p)
+
+
+def ranks_at_least(p: Principal, role: str) -> bool:
+    """`p` is ranked at or above `role`. An unknown role of the caller ranks below
+    everything and an unknown target role above everything: deny by default."""
+    return ROLE_RANK.get(p.role, -1) >= ROLE_RANK.get(role, len(ROLE_RANK))
+
+
+def roles_at_or_below(p: Principal) -> tuple[str, ...]:
+    """The roles whose users (and their API keys) `p` may see and manage."""
+    return tuple(role for role in ROLE_RANK if ranks_at_least(p, role))
 
 
 def can_chat(p: Principal) -> bool:
@@ -87,31 +114,58 @@ def can_adjust_credits(p: Principal, company_id: str) -> bool:
 
 def can_read_audit(p: Principal, company_id: str | None) -> bool:
     """The platform admin reads any company's audit log (or all of them, `None`); an
-    owner reads its own company's."""
-    if is_platform_admin(p):
-        return True
-    return p.is_user and p.role == "owner" and company_id == p.company_id
+    owner with the admin scope reads its own company's."""
+    return can_admin_company(p, company_id) if company_id is not None else is_platform_admin(p)
 
 
 def can_admin_company(p: Principal, company_id: str) -> bool:
-    """Manage a company's users and API keys."""
-    return is_platform_admin(p) or (p.role == "owner" and p.company_id == company_id)
+    """Manage a company's users and API keys: the platform admin, or an owner of that
+    company, either with the admin scope."""
+    if is_platform_admin(p):
+        return True
+    return p.is_user and p.role == "owner" and has_admin_scope(p) and p.company_id == company_id
+
+
+def can_manage_user(p: Principal, company_id: str, role: str) -> bool:
+    """Mint API keys for, revoke or list the keys of one user of `company_id` whose
+    role is `role`: an admin of the company, ranked at or above that user."""
+    return can_admin_company(p, company_id) and ranks_at_least(p, role)
 
 
 def can_assign_role(p: Principal, role: str) -> bool:
-    return role != "admin" or is_platform_admin(p)
+    """Create a user with `role`: never above one's own, and admins only by an admin."""
+    return ranks_at_least(p, role) and (role != "admin" or is_platform_admin(p))
 
 
 def can_rotate_signing_keys(p: Principal) -> bool:
     return is_platform_admin(p)
 
 
-def can_revoke(p: Principal, kind: str, company_id: str) -> bool:
+def can_revoke(p: Principal, kind: str, company_id: str, target_role: str | None) -> bool:
     """The platform admin revokes anything; an owner its own company's users and
-    stream tokens, but not its company (that would lock itself out for good)."""
+    stream tokens, but not its company (that would lock itself out for good), and
+    only those of users ranked at or below it (`target_role`: the user's role, or the
+    role of the user a stream token was minted for; None when unknown)."""
     if is_platform_admin(p):
         return True
-    return p.role == "owner" and p.company_id == company_id and kind in ("user", "jti")
+    return (
+        kind in ("user", "jti")
+        and target_role is not None
+        and can_manage_user(p, company_id, target_role)
+    )
+
+
+def can_lift_revocation(
+    p: Principal, kind: str, company_id: str, target_role: str | None, revoker_role: str
+) -> bool:
+    """Lift a revocation: who could make it, and only if whoever made it
+    (`revoker_role`) is not ranked above the caller: an owner never undoes the
+    platform admin's decision."""
+    return can_revoke(p, kind, company_id, target_role) and ranks_at_least(p, revoker_role)
+
+
+def can_list_companies(p: Principal) -> bool:
+    return is_platform_admin(p)
 
 
 def can_configure_llm(p: Principal, company_id: str) -> bool:

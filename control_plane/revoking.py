@@ -13,7 +13,8 @@ A revocation does two things:
 
 Lifting a revocation (``DELETE /v1/admin/revocations/{id}``) clears ``disabled_at``
 and deletes the store's key. Who may: the platform admin anything; an owner its own
-company's users and tokens (not the company itself).
+company's users and tokens (not the company itself), of users ranked at or below it,
+and lift only revocations made by someone not ranked above it (`policy`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqlmodel import col
 
 from control_plane import policy
 from control_plane.accounts import actor_of
+from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.errors import NotFound, ValidationFailed
 from control_plane.policy import Principal
 from control_plane.tables import Company, Reservation, Revocation, User, iso, new_id, utcnow
@@ -72,17 +74,29 @@ def revocation_public(row: Revocation) -> dict[str, Any]:
     }
 
 
-def _company_of(session: Session, target: Target) -> str | None:
-    """The company the target belongs to; None when there is no such target."""
+def _owner_of(session: Session, target: Target) -> tuple[str, str | None] | None:
+    """The company the target belongs to and the role of the user it concerns (None
+    for a company); None when there is no such target."""
     if target.kind == "company":
-        return target.value if session.get(Company, target.value) is not None else None
+        return (target.value, None) if session.get(Company, target.value) is not None else None
     if target.kind == "user":
         user = session.get(User, target.value)
-        return user.company_id if user is not None else None
-    found = session.scalars(
-        select(col(Reservation.company_id)).where(col(Reservation.jti) == target.value)
+        return (user.company_id, user.role) if user is not None else None
+    found = session.execute(
+        select(col(Reservation.company_id), col(User.role))
+        .join(User, col(User.id) == col(Reservation.user_id))
+        .where(col(Reservation.jti) == target.value)
     ).first()
-    return str(found) if found is not None else None
+    return (str(found[0]), str(found[1])) if found is not None else None
+
+
+def _revoker_role(session: Session, actor: str) -> str:
+    """The role of whoever made a revocation. The admin token is the platform admin;
+    a user that no longer exists counts as the highest rank (deny by default)."""
+    if actor == ADMIN_TOKEN_ACTOR:
+        return "admin"
+    user = session.get(User, actor)
+    return user.role if user is not None else "admin"
 
 
 def _set_disabled(session: Session, kind: str, value: str, moment: datetime | None) -> None:
@@ -97,9 +111,10 @@ def create_revocation(
     reason: str | None,
     ttl_seconds: int,
 ) -> Revocation:
-    company_id = _company_of(session, target)
-    if company_id is None or not policy.can_revoke(p, target.kind, company_id):
+    owner = _owner_of(session, target)
+    if owner is None or not policy.can_revoke(p, target.kind, *owner):
         raise NotFound(f"No such {target.kind.replace('jti', 'token')}.")
+    company_id = owner[0]
     now = utcnow()
     row = Revocation(
         id=new_id(),
@@ -121,7 +136,12 @@ def create_revocation(
 
 def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Revocation:
     row = session.get(Revocation, revocation_id)
-    if row is None or row.company_id is None or not policy.can_revoke(p, row.kind, row.company_id):
+    if row is None or row.company_id is None:
+        raise NotFound("No such revocation.")
+    owner = _owner_of(session, Target(row.kind, row.value))
+    target_role = owner[1] if owner is not None else None
+    revoker_role = _revoker_role(session, row.actor)
+    if not policy.can_lift_revocation(p, row.kind, row.company_id, target_role, revoker_role):
         raise NotFound("No such revocation.")
     if row.lifted_at is None:
         row.lifted_at = utcnow()

@@ -140,8 +140,9 @@ class Settings:
     backend_webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     init_rate_per_user: int = 120  # per minute, DESIGN §9
     init_rate_per_company: int = 1200
+    login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
     # Trusting an existing app's user JWTs (control plane): HS256 with a shared secret
-    # and/or RS256/ES256/EdDSA with keys from a JWKS URL; audience/issuer checked when set.
+    # and/or RS256/ES256/EdDSA with keys from a JWKS URL; audience and issuer required.
     auth_jwt_secret: Secret | None = None
     auth_jwks_url: str | None = None
     auth_jwt_audience: str | None = None
@@ -210,9 +211,19 @@ class Settings:
         auth_jwks_url = (
             _url(env, "LLMGW_AUTH_JWKS_URL", "") if env.get("LLMGW_AUTH_JWKS_URL") else None
         )
+        if auth_jwt_secret is not None or auth_jwks_url is not None:
+            # Without both, a token the same provider minted for another service (or
+            # another provider sharing the key) would sign users in here.
+            for name in ("LLMGW_AUTH_JWT_AUDIENCE", "LLMGW_AUTH_JWT_ISSUER"):
+                if not env.get(name):
+                    raise ConfigError(
+                        f"{name} is required when LLMGW_AUTH_JWT_SECRET or "
+                        "LLMGW_AUTH_JWKS_URL is set"
+                    )
         return cls(
             init_rate_per_user=_int(env, "LLMGW_INIT_RATE_PER_USER", 120, 1, 1_000_000),
             init_rate_per_company=_int(env, "LLMGW_INIT_RATE_PER_COMPANY", 1200, 1, 10_000_000),
+            login_failures_per_15min=_int(env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000),
             auth_jwt_secret=Secret(auth_jwt_secret) if auth_jwt_secret else None,
             auth_jwks_url=auth_jwks_url,
             auth_jwt_audience=env.get("LLMGW_AUTH_JWT_AUDIENCE") or None,

@@ -104,6 +104,10 @@ class Store(Protocol):
         (a rate limiter's primitive: the window's key expires with the window)."""
         ...
 
+    async def unhit(self, key: str, window_seconds: float) -> None:
+        """Take back one `hit` (an attempt counted in advance that did not count)."""
+        ...
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         """Append to an ordered log (a stream's events, for resuming); returns its length."""
         ...

@@ -121,6 +121,11 @@ class MemoryStore:
         self._values[key] = (str(count).encode(), expires or self._clock() + window_seconds)
         return count
 
+    async def unhit(self, key: str, window_seconds: float) -> None:
+        current = self._live(key)
+        if current is not None:
+            self._values[key] = (str(int(current) - 1).encode(), self._values[key][1])
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         now = self._clock()
         for stale in [k for k, (_, exp) in self._logs.items() if exp <= now]:

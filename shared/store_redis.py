@@ -204,6 +204,14 @@ class RedisStore:
             count, _ = await pipe.execute()
         return int(count)
 
+    async def unhit(self, key: str, window_seconds: float) -> None:
+        # The key may have expired since its `hit` (the window ended): the expiry
+        # set here keeps the -1 that DECR then creates from living forever.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.decr(self._key(key))
+            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
+            await pipe.execute()
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.rpush(self._key(key), *items)

@@ -14,12 +14,14 @@ from control_plane.chat_request import parse_init_request
 from control_plane.db import engine_url
 from control_plane.errors import (
     BadRequest,
+    Forbidden,
     InputTooLarge,
     ModelNotFound,
     ValidationFailed,
 )
 from control_plane.ledger import charge_for
 from control_plane.policy import (
+    SCOPE_ADMIN,
     Principal,
     can_admin_company,
     can_assign_role,
@@ -28,6 +30,7 @@ from control_plane.policy import (
     can_delete_session,
     can_grant_credits,
     can_read_session,
+    scopes_for_role,
 )
 from control_plane.settlement import parse_usage_event
 from control_plane.validation import (
@@ -311,12 +314,19 @@ def test_normalise_email(raw: str, ok: str | None) -> None:
 
 
 def test_key_scopes() -> None:
-    assert key_scopes(None, "member") == [SCOPE_SEND, SCOPE_READ]
-    assert key_scopes([SCOPE_READ], "owner") == [SCOPE_READ]
+    every = scopes_for_role("admin")
+    assert key_scopes(None, "member", every) == [SCOPE_SEND, SCOPE_READ]
+    assert key_scopes([SCOPE_READ], "owner", every) == [SCOPE_READ]
     with pytest.raises(ValidationFailed, match="llm:chat:delete"):
-        key_scopes(["llm:chat:delete"], "member")
+        key_scopes(["llm:chat:delete"], "member", every)
     with pytest.raises(ValidationFailed):
-        key_scopes([], "owner")
+        key_scopes([], "owner", every)
+    # Capped at the creator's scopes: the default narrows, asking for more is refused.
+    assert key_scopes(None, "owner", {SCOPE_SEND, SCOPE_ADMIN}) == [SCOPE_SEND, SCOPE_ADMIN]
+    with pytest.raises(Forbidden, match="llm:chat:read"):
+        key_scopes([SCOPE_SEND, SCOPE_READ], "owner", {SCOPE_SEND, SCOPE_ADMIN})
+    with pytest.raises(Forbidden):
+        key_scopes(None, "member", {SCOPE_ADMIN})
 
 
 @pytest.mark.parametrize(
@@ -335,12 +345,14 @@ def test_engine_url(url: str, expected: str) -> None:
 # --- policy -----------------------------------------------------------------------
 
 
-def _p(role: str, company: str | None = "c1", scopes: tuple[str, ...] = ALL_SCOPES) -> Principal:
+def _p(
+    role: str, company: str | None = "c1", scopes: tuple[str, ...] = (*ALL_SCOPES, SCOPE_ADMIN)
+) -> Principal:
     user = None if company is None else "u1"
     return Principal(user_id=user, company_id=company, role=role, scopes=frozenset(scopes), via="t")
 
 
-ADMIN_TOKEN = _p("admin", None, ())
+ADMIN_TOKEN = _p("admin", None)
 MEMBER = _p("member", scopes=(SCOPE_SEND, SCOPE_READ))
 OWNER = _p("owner")
 
@@ -351,6 +363,7 @@ def test_policy_table() -> None:
     assert can_create_company(ADMIN_TOKEN) and not can_create_company(OWNER)
     assert can_grant_credits(ADMIN_TOKEN, "c1") and not can_grant_credits(OWNER, "c1")
     assert can_admin_company(OWNER, "c1") and not can_admin_company(OWNER, "c2")
+    assert not can_admin_company(_p("owner", scopes=ALL_SCOPES), "c1")  # no admin scope
     assert not can_admin_company(MEMBER, "c1") and can_admin_company(ADMIN_TOKEN, "c2")
     assert can_assign_role(OWNER, "owner") and not can_assign_role(OWNER, "admin")
     assert can_read_session(MEMBER, "u1", "c1") and not can_read_session(MEMBER, "u2", "c1")

@@ -24,6 +24,7 @@ from tests.test_control_plane import CP, data_of, error_of, start_cp
 
 SECRET = "an-existing-apps-hs256-secret-of-32-bytes+"
 AUDIENCE = "llm-gateway-users"
+ISSUER = "https://idp.example/"
 
 
 def _keys() -> dict[str, Any]:
@@ -70,6 +71,7 @@ def cp(request: pytest.FixtureRequest, tmp_path: Path, jwks_url: str) -> Iterato
         "LLMGW_AUTH_JWT_SECRET": SECRET,
         "LLMGW_AUTH_JWKS_URL": jwks_url,
         "LLMGW_AUTH_JWT_AUDIENCE": AUDIENCE,
+        "LLMGW_AUTH_JWT_ISSUER": ISSUER,
     }
     with start_cp(request, tmp_path, request.param, extra) as handle:
         yield handle
@@ -82,6 +84,7 @@ def _claims(**changes: Any) -> dict[str, Any]:
         "company_id": f"ext-co-{uuid.uuid4().hex[:8]}",
         "role": "member",
         "aud": AUDIENCE,
+        "iss": ISSUER,
         "iat": now,
         "exp": now + 300,
     }
@@ -97,7 +100,9 @@ def _token(keys: dict[str, Any], alg: str, **changes: Any) -> str:
 
 @pytest.mark.parametrize("alg", ["HS256", "RS256", "ES256", "EdDSA"])
 def test_each_algorithm_provisions_on_first_sight(cp: CP, keys: dict[str, Any], alg: str) -> None:
-    claims = _claims(email="Ext.Person@Example.com", company_name="Acme " + alg)
+    claims = _claims(
+        email="Ext.Person@Example.com", email_verified=True, company_name="Acme " + alg
+    )
     token = _token(keys, alg, **claims)
     me = data_of(cp.client(token).get("/v1/me"))
     assert me["user"]["role"] == "member" and me["user"]["email"] == "ext.person@example.com"
@@ -133,6 +138,12 @@ def test_bad_tokens_are_refused(cp: CP, keys: dict[str, Any]) -> None:
         "expired hs256": _token(keys, "HS256", iat=now - 600, exp=now - 120),
         "no exp": _token(keys, "HS256", exp=None),
         "wrong audience": _token(keys, "EdDSA", aud="someone-else"),
+        # A token the same identity provider minted for another of its services.
+        "another service's token": _token(keys, "HS256", aud="billing-service"),
+        "audience list without ours": _token(keys, "RS256", aud=["billing-service", "x"]),
+        "no audience": _token(keys, "HS256", aud=None),
+        "foreign issuer": _token(keys, "HS256", iss="https://evil.example/"),
+        "no issuer": _token(keys, "ES256", iss=None),
         "unknown kid": jwt.encode(_claims(), keys["RS256"], "RS256", headers={"kid": "nope"}),
         "alg none": jwt.encode(_claims(), None, algorithm="none"),
         "RS384 not allowed": jwt.encode(
@@ -168,6 +179,15 @@ def test_roles_scopes_and_companies(cp: CP, keys: dict[str, Any]) -> None:
     data_of(cp.client(_token(keys, "HS256", **hopper)).get("/v1/me"))
     moved = {**hopper, "company_id": "elsewhere-" + uuid.uuid4().hex[:6]}
     error_of(cp.client(_token(keys, "HS256", **moved)).get("/v1/me"), 401, "unauthenticated")
+    # An email is taken only when the provider says it verified it (a JSON true).
+    victim = f"victim-{uuid.uuid4().hex[:6]}@example.com"
+    for verified in (None, False, "true", 1):
+        me = data_of(
+            cp.client(_token(keys, "HS256", email=victim, email_verified=verified)).get("/v1/me")
+        )
+        assert me["user"]["email"].endswith("@external.invalid"), (verified, me)
+    me = data_of(cp.client(_token(keys, "HS256", email=victim, email_verified=True)).get("/v1/me"))
+    assert me["user"]["email"] == victim
     # Revoking a provisioned user works like any other.
     user = data_of(cp.client(_token(keys, "HS256", **hopper)).get("/v1/me"))["user"]
     data_of(cp.admin.post("/v1/admin/revocations", json={"user_id": user["id"]}), 201)
@@ -220,17 +240,35 @@ def test_settings_for_identity_and_limits() -> None:
     settings = Settings.from_env(base)
     assert (settings.init_rate_per_user, settings.init_rate_per_company) == (120, 1200)
     assert settings.auth_jwt_secret is None and settings.auth_jwks_url is None
-    settings = Settings.from_env(
-        {
-            **base,
-            "LLMGW_AUTH_JWT_SECRET": SECRET,
-            "LLMGW_AUTH_JWKS_URL": "https://idp.example/.well-known/jwks.json",
-            "LLMGW_AUTH_JWT_ISSUER": "https://idp.example/",
-            "LLMGW_INIT_RATE_PER_USER": "5",
-        }
-    )
+    external = {
+        "LLMGW_AUTH_JWT_SECRET": SECRET,
+        "LLMGW_AUTH_JWKS_URL": "https://idp.example/.well-known/jwks.json",
+        "LLMGW_AUTH_JWT_AUDIENCE": AUDIENCE,
+        "LLMGW_AUTH_JWT_ISSUER": ISSUER,
+    }
+    settings = Settings.from_env({**base, **external, "LLMGW_INIT_RATE_PER_USER": "5"})
     assert settings.auth_jwt_secret is not None and SECRET not in repr(settings)
-    assert settings.auth_jwt_issuer == "https://idp.example/" and settings.init_rate_per_user == 5
+    assert settings.auth_jwt_issuer == ISSUER and settings.auth_jwt_audience == AUDIENCE
+    assert settings.init_rate_per_user == 5
+    # External auth on without an audience or an issuer: refused at start, one line
+    # naming the missing variable (else another service's tokens would sign users in).
+    for source in ("LLMGW_AUTH_JWT_SECRET", "LLMGW_AUTH_JWKS_URL"):
+        on = {source: external[source]}
+        for missing in ("LLMGW_AUTH_JWT_AUDIENCE", "LLMGW_AUTH_JWT_ISSUER"):
+            given = {k: v for k, v in external.items() if k.endswith(("AUDIENCE", "ISSUER"))}
+            del given[missing]
+            with pytest.raises(ConfigError, match=missing) as refused:
+                Settings.from_env({**base, **on, **given})
+            assert "\n" not in str(refused.value)
+    # Settings built some other way cannot switch it on without them either.
+    from dataclasses import replace
+
+    from control_plane.external_auth import ExternalVerifier
+
+    assert ExternalVerifier.from_settings(settings) is not None
+    for unset in ({"auth_jwt_audience": None}, {"auth_jwt_issuer": None}):
+        with pytest.raises(ConfigError):
+            ExternalVerifier.from_settings(replace(settings, **unset))
     for name, value in (
         ("LLMGW_AUTH_JWT_SECRET", "short"),
         ("LLMGW_AUTH_JWKS_URL", "ftp://idp"),
@@ -239,3 +277,16 @@ def test_settings_for_identity_and_limits() -> None:
     ):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({**base, name: value})
+
+
+@pytest.mark.parametrize(
+    ("extra", "email"),
+    [
+        ({"email": "a@b.example"}, None),  # unverified: never used
+        ({"email": "a@b.example", "email_verified": "true"}, None),  # not a JSON true
+        ({"email": "a@b.example", "email_verified": True}, "a@b.example"),
+    ],
+)
+def test_only_a_verified_email_is_used(extra: dict[str, Any], email: str | None) -> None:
+    ident = identity_from_claims({"sub": "s", "company_id": "c", "role": "member", **extra})
+    assert ident.email == email

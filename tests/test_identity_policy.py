@@ -9,14 +9,16 @@ from typing import Any
 import pytest
 
 from control_plane import policy
-from control_plane.policy import Principal
+from control_plane.policy import SCOPE_ADMIN, Principal
 from shared.tokens import ALL_SCOPES, SCOPE_READ, SCOPE_SEND
+
+EVERY_SCOPE = (*ALL_SCOPES, SCOPE_ADMIN)
 
 
 def _p(
     role: str,
     company: str | None = "c1",
-    scopes: tuple[str, ...] = ALL_SCOPES,
+    scopes: tuple[str, ...] = EVERY_SCOPE,
     user: str | None = "u1",
 ) -> Principal:
     return Principal(
@@ -28,9 +30,12 @@ def _p(
     )
 
 
-ADMIN_TOKEN = _p("admin", None, ())
+ADMIN_TOKEN = _p("admin", None)
 ADMIN_USER = _p("admin", "c9")
 OWNER = _p("owner")
+# API keys narrowed to chat: no admin power whatever the role.
+CHAT_OWNER = _p("owner", scopes=ALL_SCOPES)
+CHAT_ADMIN = _p("admin", "c9", scopes=(SCOPE_SEND,))
 MEMBER = _p("member", scopes=(SCOPE_SEND, SCOPE_READ))
 READER = _p("member", scopes=(SCOPE_READ,))
 SENDER = _p("member", scopes=(SCOPE_SEND,))
@@ -62,6 +67,7 @@ TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
     (policy.can_create_company, ADMIN_TOKEN, (), True),
     (policy.can_create_company, ADMIN_USER, (), True),
     (policy.can_create_company, OWNER, (), False),
+    (policy.can_create_company, CHAT_ADMIN, (), False),
     (policy.can_grant_credits, ADMIN_TOKEN, ("c1",), True),
     (policy.can_grant_credits, OWNER, ("c1",), False),  # would mint money
     (policy.can_adjust_credits, ADMIN_TOKEN, ("c1",), True),
@@ -70,21 +76,51 @@ TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
     (policy.can_read_audit, OWNER, ("c1",), True),
     (policy.can_read_audit, OWNER, (None,), False),
     (policy.can_read_audit, MEMBER, ("c1",), False),
+    (policy.can_read_audit, CHAT_OWNER, ("c1",), False),
+    (policy.can_read_audit, CHAT_ADMIN, (None,), False),
     (policy.can_admin_company, OWNER, ("c1",), True),
     (policy.can_admin_company, OWNER, ("c2",), False),
     (policy.can_admin_company, MEMBER, ("c1",), False),
     (policy.can_admin_company, ADMIN_TOKEN, ("c2",), True),
+    (policy.can_admin_company, CHAT_OWNER, ("c1",), False),
+    (policy.can_admin_company, CHAT_ADMIN, ("c1",), False),
     (policy.can_assign_role, OWNER, ("owner",), True),
     (policy.can_assign_role, OWNER, ("admin",), False),
     (policy.can_assign_role, ADMIN_TOKEN, ("admin",), True),
     (policy.can_rotate_signing_keys, ADMIN_TOKEN, (), True),
     (policy.can_rotate_signing_keys, OWNER, (), False),
-    (policy.can_revoke, ADMIN_TOKEN, ("company", "c1"), True),
-    (policy.can_revoke, OWNER, ("user", "c1"), True),
-    (policy.can_revoke, OWNER, ("jti", "c1"), True),
-    (policy.can_revoke, OWNER, ("company", "c1"), False),  # not its own company
-    (policy.can_revoke, OWNER, ("user", "c2"), False),
-    (policy.can_revoke, MEMBER, ("jti", "c1"), False),
+    (policy.can_assign_role, OWNER, ("member",), True),
+    (policy.can_assign_role, MEMBER, ("owner",), False),  # never above one's own
+    (policy.can_assign_role, OWNER, ("superuser",), False),
+    (policy.can_manage_user, OWNER, ("c1", "member"), True),
+    (policy.can_manage_user, OWNER, ("c1", "owner"), True),
+    (policy.can_manage_user, OWNER, ("c1", "admin"), False),  # the climb to admin
+    (policy.can_manage_user, OWNER, ("c2", "member"), False),
+    (policy.can_manage_user, MEMBER, ("c1", "member"), False),
+    (policy.can_manage_user, ADMIN_USER, ("c1", "admin"), True),
+    (policy.can_manage_user, ADMIN_TOKEN, ("c1", "admin"), True),
+    (policy.can_manage_user, CHAT_OWNER, ("c1", "member"), False),
+    (policy.can_revoke, ADMIN_TOKEN, ("company", "c1", None), True),
+    (policy.can_revoke, OWNER, ("user", "c1", "member"), True),
+    (policy.can_revoke, OWNER, ("user", "c1", "owner"), True),
+    (policy.can_revoke, OWNER, ("user", "c1", "admin"), False),  # ranked above it
+    (policy.can_revoke, OWNER, ("jti", "c1", "member"), True),
+    (policy.can_revoke, OWNER, ("jti", "c1", "admin"), False),
+    (policy.can_revoke, OWNER, ("jti", "c1", None), False),  # unknown token owner
+    (policy.can_revoke, OWNER, ("company", "c1", None), False),  # not its own company
+    (policy.can_revoke, OWNER, ("user", "c2", "member"), False),
+    (policy.can_revoke, MEMBER, ("jti", "c1", "member"), False),
+    (policy.can_lift_revocation, OWNER, ("user", "c1", "member", "owner"), True),
+    (policy.can_lift_revocation, OWNER, ("user", "c1", "member", "admin"), False),
+    (policy.can_lift_revocation, OWNER, ("user", "c1", "admin", "admin"), False),
+    (policy.can_lift_revocation, ADMIN_USER, ("user", "c1", "member", "admin"), True),
+    (policy.can_lift_revocation, ADMIN_TOKEN, ("company", "c1", None, "admin"), True),
+    (policy.can_list_companies, ADMIN_TOKEN, (), True),
+    (policy.can_list_companies, ADMIN_USER, (), True),
+    (policy.can_list_companies, OWNER, (), False),
+    (policy.can_list_companies, CHAT_ADMIN, (), False),
+    (policy.can_revoke, CHAT_OWNER, ("user", "c1", "member"), False),
+    (policy.can_configure_llm, CHAT_OWNER, ("c1",), False),
     (policy.can_configure_llm, OWNER, ("c1",), True),
     (policy.can_configure_llm, OWNER, ("c2",), False),
     (policy.can_configure_llm, MEMBER, ("c1",), False),
@@ -112,7 +148,14 @@ def test_every_policy_function_is_in_the_table() -> None:
     assert functions == {check.__name__ for check, *_ in TABLE}
 
 
+def test_ranks() -> None:
+    assert policy.roles_at_or_below(MEMBER) == ("member",)
+    assert policy.roles_at_or_below(OWNER) == ("member", "owner")
+    assert policy.roles_at_or_below(ADMIN_TOKEN) == ("member", "owner", "admin")
+    assert policy.roles_at_or_below(ROLELESS) == ()
+
+
 def test_role_scopes() -> None:
     assert policy.scopes_for_role("member") == (SCOPE_SEND, SCOPE_READ)
-    assert policy.scopes_for_role("owner") == ALL_SCOPES == policy.scopes_for_role("admin")
+    assert policy.scopes_for_role("owner") == EVERY_SCOPE == policy.scopes_for_role("admin")
     assert policy.scopes_for_role("unknown") == ()

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import company_llm
+from control_plane import company_llm, login_limits
 from control_plane.accounts import find_user_by_email
 from control_plane.auth import (
     ACCESS_TOKEN_TTL_SECONDS,
@@ -35,11 +35,20 @@ async def login(request: Request) -> Response:
     doc = await read_json(request)
     email = required_str(doc, "email", max_len=320).strip().lower()
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
+    # Counted before the argon2 verify: a refused guess costs no hashing CPU.
+    attempt = await login_limits.claim_attempt(
+        deps.store,
+        email=email,
+        address=login_limits.client_bucket(request.client.host if request.client else None),
+        limit=deps.settings.login_failures_per_15min,
+        now=deps.clock(),
+    )
     user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
     # Unknown emails are verified against a dummy hash: same answer, same time.
     password_hash = user.password_hash if user is not None else None
     if user is None or not await asyncio.to_thread(verify_password, password_hash, password):
         raise InvalidCredentials()
+    await login_limits.forgive(deps.store, attempt)
     await deps.db.transaction(lambda s: ensure_not_revoked(user, s.get(Company, user.company_id)))
     await deps.fresh_keyring()
     token = issue_access_token(deps, user.id)

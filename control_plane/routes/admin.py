@@ -57,6 +57,19 @@ async def create_company(request: Request) -> Response:
     return ok(accounts.company_public(company), 201)
 
 
+async def list_companies(request: Request) -> Response:
+    """Companies, newest first (platform admin)."""
+    principal = await authenticate(request)
+    limit = page_limit(request.query_params.get("limit"))
+    after = decode_cursor(request.query_params.get("cursor"))
+    rows = await get_deps(request).db.transaction(
+        lambda s: accounts.list_companies(s, principal, limit, after)
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return ok({"items": [accounts.company_public(c) for c in page], "next_cursor": next_cursor})
+
+
 async def create_user(request: Request) -> Response:
     principal = await authenticate(request)
     doc = await read_json(request)
@@ -70,8 +83,11 @@ async def create_user(request: Request) -> Response:
             raise ValidationFailed(
                 "password", f"must be a string of {PASSWORD_MIN}-{PASSWORD_MAX} characters"
             )
+        # Refused callers cost no argon2 (the use case checks again, in its transaction).
         if not policy.can_admin_company(principal, company_id):
             raise Forbidden("You cannot add users to this company.")
+        if not policy.can_assign_role(principal, role):
+            raise Forbidden(f"You cannot create a user with role {role}.")
         password_hash = await asyncio.to_thread(hash_password, password)
     try:
         user = await get_deps(request).db.transaction(
@@ -147,6 +163,7 @@ async def rotate_signing_key(request: Request) -> Response:
 
 routes: list[BaseRoute] = [
     Route("/v1/admin/companies", create_company, methods=["POST"]),
+    Route("/v1/admin/companies", list_companies, methods=["GET"]),
     Route("/v1/admin/users", create_user, methods=["POST"]),
     Route("/v1/admin/api-keys", create_api_key, methods=["POST"]),
     Route("/v1/admin/api-keys", list_api_keys, methods=["GET"]),

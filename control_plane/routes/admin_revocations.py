@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import revoking
+from control_plane import policy, revoking
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import ServiceUnavailable
@@ -60,7 +60,7 @@ async def list_revocations(request: Request) -> Response:
     """Revocations, newest first (platform admin: all or one company; owner: its own)."""
     principal = await authenticate(request)
     company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
-    if company_id is None and not principal.role == "admin":
+    if company_id is None and not policy.is_platform_admin(principal):
         company_id = principal.company_id
     limit = page_limit(request.query_params.get("limit"))
     after = decode_cursor(request.query_params.get("cursor"))

@@ -1,0 +1,178 @@
+"""Failed logins are limited per email and per client address (DESIGN §11,
+``LLMGW_LOGIN_FAILURES_PER_15MIN``): 429 with ``Retry-After``, decided before the
+argon2 verify, so a refused attempt costs no password-hashing CPU.
+
+One real control plane per backend for the module (SQLite + in-memory store, then
+SQLite + the real Redis); a fixed clock on `Deps` keeps every attempt in one window.
+Client addresses differ by binding the client socket to another loopback address.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+
+from control_plane import login_limits
+from control_plane.routes import account, admin
+from shared.store_redis import RedisStore
+from tests.conftest import REDIS_URL, fresh_redis_prefix
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.test_control_plane import ADMIN_TOKEN, PASSWORD, _settings
+
+LIMIT = 3
+# Users' passwords hashed with cheap argon2 parameters (verify reads them from the
+# hash): the limit is what is tested here, not argon2's cost.
+CHEAP_HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash
+NOW = 1_800_000_000.0 + 450  # the middle of a 15-minute window
+
+
+@dataclass
+class Login:
+    url: str
+    app: Any
+    group: ServerGroup
+    prefix: str | None
+    verifies: list[str]  # one entry per argon2 verify the server ran
+
+    def client(self, address: str = "127.0.0.1") -> httpx.Client:
+        transport = httpx.HTTPTransport(local_address=address)
+        return httpx.Client(base_url=self.url, transport=transport, timeout=30)
+
+    def user(self) -> str:
+        with httpx.Client(base_url=self.url, timeout=30) as admin:
+            headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            r = admin.post("/v1/admin/companies", json={"name": uuid.uuid4().hex}, headers=headers)
+            body = {
+                "company_id": r.json()["data"]["id"],
+                "email": f"l-{uuid.uuid4().hex[:10]}@example.com",
+                "password": PASSWORD,
+            }
+            r = admin.post("/v1/admin/users", json=body, headers=headers)
+            assert r.status_code == 201, r.text
+        return str(body["email"])
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Login]:
+    from control_plane.app import create_app
+
+    path: Path = tmp_path_factory.mktemp("login") / "cp.db"
+    extra = {"LLMGW_LOGIN_FAILURES_PER_15MIN": str(LIMIT)}
+    with fresh_redis_prefix() if request.param == "redis" else _nothing() as prefix:
+        if prefix is not None:
+            extra.update({"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
+        app = create_app(_settings(f"sqlite:///{path}", extra))
+        verifies: list[str] = []
+        real_verify = account.verify_password
+
+        def counting_verify(password_hash: str | None, password: str) -> bool:
+            verifies.append(password)
+            return real_verify(password_hash, password)
+
+        sock = bind_free_socket()
+        with ServerGroup([(app, sock)]) as group, pytest.MonkeyPatch.context() as patch:
+            patch.setattr(account, "verify_password", counting_verify)
+            patch.setattr(admin, "hash_password", CHEAP_HASH)
+            app.state.deps.clock = lambda: NOW
+            yield Login(url_of(sock), app, group, prefix, verifies)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _login(client: httpx.Client, email: str, password: str) -> httpx.Response:
+    return client.post("/v1/auth/login", json={"email": email, "password": password})
+
+
+def _refused(r: httpx.Response) -> None:
+    assert r.status_code == 429, r.text
+    body = r.json()
+    assert body["success"] is False and body["error"]["code"] == "too_many_login_failures"
+    retry_after = int(r.headers["retry-after"])
+    assert retry_after == 450  # the rest of the window at NOW
+
+
+def test_failures_per_email_are_limited_before_argon2(server: Login) -> None:
+    email = server.user()
+    with server.client("127.0.0.2") as first, server.client("127.0.0.3") as second:
+        # A success does not count: the owner of the account logs in as often as it likes.
+        for _ in range(2):
+            assert _login(first, email, PASSWORD).status_code == 200
+        for i in range(LIMIT):
+            client = first if i % 2 else second  # spread over two addresses
+            assert _login(client, email, f"wrong-{i}").status_code == 401
+        verified = len(server.verifies)
+        # Over the limit: refused from any address, even with the right password, and
+        # without spending an argon2 verify on it.
+        for client in (first, second):
+            _refused(_login(client, email, "wrong-again"))
+            _refused(_login(client, email, PASSWORD))
+        assert len(server.verifies) == verified
+        # Other accounts from another address are untouched.
+        other = server.user()
+        with server.client("127.0.0.4") as third:
+            assert _login(third, other, PASSWORD).status_code == 200
+
+
+def test_failures_per_address_are_limited(server: Login) -> None:
+    emails = [server.user() for _ in range(LIMIT + 1)]
+    with server.client("127.0.0.5") as attacker, server.client("127.0.0.6") as bystander:
+        for i in range(LIMIT):  # one wrong password per account: under each email's limit
+            assert _login(attacker, emails[i], "wrong").status_code == 401
+        verified = len(server.verifies)
+        _refused(_login(attacker, emails[LIMIT], "wrong"))
+        _refused(_login(attacker, f"nobody-{uuid.uuid4().hex}@example.com", "wrong"))
+        assert len(server.verifies) == verified
+        # The same accounts from another address still log in.
+        assert _login(bystander, emails[0], PASSWORD).status_code == 200
+
+
+@pytest.mark.parametrize("server", ["redis"], indirect=True)
+def test_the_counters_are_shared_through_the_store(server: Login) -> None:
+    """Another control-plane process counted failures for this email: this one
+    refuses at once (Redis; the in-memory store is the single-process dev mode)."""
+    assert server.prefix is not None
+    email = server.user()
+    other_process = RedisStore.from_url(REDIS_URL, prefix=server.prefix)
+
+    async def fail_elsewhere() -> None:
+        for _ in range(LIMIT):
+            await login_limits.claim_attempt(
+                other_process, email=email, address="198.51.100.7", limit=LIMIT, now=NOW
+            )
+        await other_process.close()
+
+    server.group.call(fail_elsewhere)
+    verified = len(server.verifies)
+    with server.client("127.0.0.7") as client:
+        _refused(_login(client, email, PASSWORD))
+    assert len(server.verifies) == verified
+
+
+@pytest.mark.parametrize(
+    ("host", "bucket"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),  # one /64 is one client
+        ("2001:db8:1:2:bbbb::2", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        (None, "unknown"),
+        ("not-an-ip", "not-an-ip"),
+    ],
+)
+def test_client_buckets(host: str | None, bucket: str) -> None:
+    assert login_limits.client_bucket(host) == bucket
