@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount, utcnow
+from control_plane.validation import without_nul
 
 TITLE_MAX = 80
 
@@ -32,7 +33,7 @@ def create_session(
         id=new_id(),
         company_id=company_id,
         user_id=user_id,
-        title=title,
+        title=without_nul(title),
         created_at=moment,
         updated_at=moment,
     )
@@ -71,7 +72,9 @@ def append_messages(session: Session, session_id: str, messages: Iterable[dict[s
                 id=new_id(),
                 session_id=session_id,
                 role=message["role"],
-                content=message["content"],
+                # Inputs with NUL are refused at the door; a model's output is not
+                # ours to refuse, so it is made storable here (PostgreSQL text).
+                content=without_nul(message["content"]),
                 created_at=now,
                 seq=seq,
             )

@@ -7,6 +7,7 @@ logs the traceback server-side.
 
     AppError
     ├── BadRequest (400 malformed_json)
+    │   └── InvalidCharacters (400 invalid_characters)
     ├── Unauthenticated (401 unauthenticated)
     │   └── InvalidCredentials (401 invalid_credentials)
     ├── InvalidSignature (401 invalid_signature)
@@ -52,6 +53,11 @@ class AppError(Exception):
 class BadRequest(AppError):
     status, code = 400, "malformed_json"
     default_message = "The request body is not valid JSON."
+
+
+class InvalidCharacters(BadRequest):
+    code = "invalid_characters"
+    default_message = "The request contains a NUL character (\\u0000), which is not accepted."
 
 
 class Unauthenticated(AppError):

@@ -32,7 +32,9 @@ async def usage_webhook(request: Request) -> Response:
             verify([s.reveal() for s in deps.settings.webhook_secrets], body, dict(request.headers))
         except BadSignature:
             raise InvalidSignature() from None
-        event = parse_usage_event(parse_json_object(body))
+        # A model's reply may hold anything, NUL included: it is made storable, not
+        # refused, so the usage always settles (`settlement.append_transcript`).
+        event = parse_usage_event(parse_json_object(body, allow_nul=True))
         webhook_id = request.headers["webhook-id"]  # present: the signature covers it
         if len(webhook_id) > MAX_WEBHOOK_ID:
             raise ValidationFailed("webhook-id", f"must be at most {MAX_WEBHOOK_ID} characters")
