@@ -70,6 +70,10 @@ def _count(data: dict[str, Any], name: str) -> int:
     return value
 
 
+def _optional_time(value: Any) -> str | None:
+    return value if isinstance(value, str) and NUL not in value else None
+
+
 def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
     data = doc.get("data")
     if not isinstance(data, dict):
@@ -104,9 +108,7 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
         output_tokens=_count(data, "output_tokens"),
         usage_source=str(usage_source),
         started_at=_str(data, "started_at", required=False, max_len=64),
-        first_token_at=(
-            first_token_at if isinstance(first_token_at, str) and NUL not in first_token_at else None
-        ),
+        first_token_at=_optional_time(first_token_at),
         ended_at=_str(data, "ended_at", required=False, max_len=64),
         content=content,
     )

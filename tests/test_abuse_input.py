@@ -197,7 +197,7 @@ def test_parse_credits_accepts_ordinary_amounts(value: Any, expected: int) -> No
 
 @pytest.mark.parametrize("value", HOSTILE_AMOUNTS)
 def test_parse_credits_refuses_with_value_error_only(value: Any) -> None:
-    with pytest.raises(ValueError, match="^amount "):
+    with pytest.raises(ValueError, match=r"^amount "):
         parse_credits(value)
 
 
