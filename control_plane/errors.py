@@ -21,11 +21,14 @@ logs the traceback server-side.
     │   ├── IdempotencyConflict (409 idempotency_key_reused)
     │   └── AvailableCreditsExceeded (409 available_credits_exceeded)
     ├── PayloadTooLarge (413 payload_too_large)
-    │   └── InputTooLarge (413 input_too_large)
+    │   ├── InputTooLarge (413 input_too_large)
+    │   ├── SessionFull (413 session_full)
+    │   └── RequestTooLarge (413 request_too_large)
     ├── ValidationFailed (422 validation_error)
     │   ├── ReservationMismatch (422 reservation_mismatch)
     │   └── UnsupportedFeature (422 unsupported_feature)
     ├── RateLimited (429 rate_limited, Retry-After)
+    │   └── TooManyPendingInits (429 too_many_pending_inits)
     └── ServiceUnavailable (503 unavailable)
 """
 
@@ -148,6 +151,16 @@ class InputTooLarge(PayloadTooLarge):
     default_message = "The input does not fit the model's context."
 
 
+class SessionFull(PayloadTooLarge):
+    code = "session_full"
+    default_message = "This chat session is full; start a new session."
+
+
+class RequestTooLarge(PayloadTooLarge):
+    code = "request_too_large"
+    default_message = "The request, with the session's history, is too large to stash."
+
+
 class ValidationFailed(AppError):
     status, code = 422, "validation_error"
     default_message = "The request is invalid."
@@ -174,6 +187,10 @@ class RateLimited(AppError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
+
+
+class TooManyPendingInits(RateLimited):
+    code = "too_many_pending_inits"
 
 
 class ServiceUnavailable(AppError):

@@ -207,6 +207,7 @@ def settle_webhook(
     *,
     transcripts: bool,
     http_request_id: str | None = None,
+    session_limits: chat_sessions.SessionLimits | None = None,
 ) -> Outcome:
     """The webhook's use case (one transaction): validate against the reservation,
     record the webhook id, settle, and append the assistant's reply."""
@@ -244,22 +245,31 @@ def settle_webhook(
     if outcome.duplicate:
         return outcome
     if transcripts and event.content and event.status in TRANSCRIPT_STATUSES:
-        append_transcript(session, reservation.session_id, event.content)
+        append_transcript(session, reservation.session_id, event.content, session_limits)
     return outcome
 
 
-def append_transcript(session: Session, session_id: str, content: str) -> None:
+def append_transcript(
+    session: Session,
+    session_id: str,
+    content: str,
+    limits: chat_sessions.SessionLimits | None = None,
+) -> None:
     """The assistant's reply, best effort: in a savepoint, so that a failed write
     (whatever the model sent) rolls back only itself and never the charge, which
     commits with the rest of the transaction. Before this, a NUL in a reply failed
     the whole webhook on PostgreSQL, the sweeper released the hold, and a completed
-    stream was charged nothing."""
+    stream was charged nothing. A session at its caps keeps no more replies."""
     try:
         with session.begin_nested():
-            # False when the user deleted the session meanwhile: nothing to append to.
-            chat_sessions.append_messages(
-                session, session_id, [{"role": "assistant", "content": content}]
-            )
+            # "gone" when the user deleted the session meanwhile: nothing to append to.
+            if (
+                chat_sessions.append_messages(
+                    session, session_id, [{"role": "assistant", "content": content}], limits
+                )
+                == "full"
+            ):
+                log.warning("session %s is full; this reply is not kept", session_id)
     except SQLAlchemyError:
         log.exception("transcript of session %s not stored; the usage is settled", session_id)
 
@@ -280,12 +290,18 @@ async def settle_event(
     *,
     transcripts: bool,
     http_request_id: str | None = None,
+    session_limits: chat_sessions.SessionLimits | None = None,
 ) -> Outcome:
     """`settle_webhook` in its own transaction, on the database threads."""
     try:
         return await db.transaction(
             lambda s: settle_webhook(
-                s, webhook_id, event, transcripts=transcripts, http_request_id=http_request_id
+                s,
+                webhook_id,
+                event,
+                transcripts=transcripts,
+                http_request_id=http_request_id,
+                session_limits=session_limits,
             )
         )
     except IntegrityError:

@@ -142,3 +142,27 @@ def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
     except (ValueError, TypeError, IndexError, KeyError, binascii.Error, orjson.JSONDecodeError):
         raise ValidationFailed("cursor", "is not a cursor this API returned") from None
     return moment, row_id
+
+
+SEQ_CURSOR = "seq"
+
+
+def encode_seq_cursor(seq: int) -> str:
+    """A position in an ordered list keyed by an integer (a session's messages)."""
+    raw = orjson.dumps([SEQ_CURSOR, seq])
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_seq_cursor(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if not isinstance(doc, list) or len(doc) != 2 or doc[0] != SEQ_CURSOR:
+            raise ValueError
+        seq = doc[1]
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**62:
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise ValidationFailed("cursor", "is not a cursor this API returned") from None
+    return seq

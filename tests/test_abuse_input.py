@@ -37,12 +37,14 @@ from tests.test_control_plane import (
 )
 
 
-@pytest.fixture(scope="module")
-def cp(pg_server: str) -> Iterator[CP]:
+@contextlib.contextmanager
+def pg_cp(pg_server: str, extra: dict[str, str] | None = None) -> Iterator[CP]:
+    """A control plane on PostgreSQL + Redis on a real socket, fresh database."""
     with contextlib.ExitStack() as resources:
         url = resources.enter_context(fresh_pg_database(pg_server))
         prefix = resources.enter_context(fresh_redis_prefix())
-        settings = _settings(url, {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
+        env = {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix, **(extra or {})}
+        settings = _settings(url, env)
         app = create_app(settings)
         sock = bind_free_socket()
         group = resources.enter_context(ServerGroup([(app, sock)]))
@@ -54,7 +56,13 @@ def cp(pg_server: str) -> Iterator[CP]:
         yield handle
 
 
-def _counts(cp: CP, company_id: str) -> tuple[int, int]:
+@pytest.fixture(scope="module")
+def cp(pg_server: str) -> Iterator[CP]:
+    with pg_cp(pg_server) as handle:
+        yield handle
+
+
+def counts(cp: CP, company_id: str) -> tuple[int, int]:
     """(chat sessions, reservations) of a company."""
 
     def read(session: Any) -> tuple[int, int]:
@@ -75,7 +83,7 @@ def test_nul_in_any_input_is_400_and_changes_nothing(cp: CP) -> None:
     user = cp.user(company_id, role="owner")
     client = cp.client(cp.api_key(user["id"]))
     session_id = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)["session_id"]
-    before_credits, before_rows = credits_of(client), _counts(cp, company_id)
+    before_credits, before_rows = credits_of(client), counts(cp, company_id)
 
     nul = "a\u0000b"
     bodies: list[tuple[httpx.Client, str, dict[str, Any]]] = [
@@ -100,7 +108,7 @@ def test_nul_in_any_input_is_400_and_changes_nothing(cp: CP) -> None:
     error_of(cp.admin.get("/v1/admin/api-keys", params={"user_id": nul}), 400, "invalid_characters")
 
     assert credits_of(client) == before_credits
-    assert _counts(cp, company_id) == before_rows
+    assert counts(cp, company_id) == before_rows
     # An escaped backslash followed by "u0000" is text, not NUL: accepted.
     assert data_of(client.post("/v1/chat/init", json={"query": "\\u0000"}), 201)
 

@@ -8,6 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from control_plane import pending_inits
+from control_plane.chat_sessions import SessionLimits
 from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
 from control_plane.middleware import request_id
@@ -44,7 +46,12 @@ async def usage_webhook(request: Request) -> Response:
             event,
             transcripts=deps.settings.store_transcripts,
             http_request_id=request_id(request),
+            session_limits=SessionLimits(
+                deps.settings.max_session_messages, deps.settings.max_session_bytes
+            ),
         )
+        if event.user_id:  # the hold has ended: no longer a pending grant (12.6)
+            await pending_inits.forget(deps.store, event.user_id, event.jti)
         if result.duplicate:
             outcome = "duplicate"
             return ok({"duplicate": True})
