@@ -171,8 +171,8 @@ def test_an_owners_listing_reads_its_company_index(cp: CP) -> None:
         session.execute(
             text(
                 "INSERT INTO chat_sessions (id, company_id, user_id, title, created_at,"
-                " updated_at, message_count, content_bytes)"
-                " SELECT md5(g::text), :c, :u, 't', now(), now() - g * interval '1 second', 0, 0"
+                " updated_at)"
+                " SELECT md5(g::text), :c, :u, 't', now(), now() - g * interval '1 second'"
                 " FROM generate_series(1, 30000) g"
             ),
             {"c": big_company, "u": big_user},
