@@ -19,7 +19,8 @@ logs the traceback server-side.
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
     │   ├── IdempotencyConflict (409 idempotency_key_reused)
-    │   └── AvailableCreditsExceeded (409 available_credits_exceeded)
+    │   ├── AvailableCreditsExceeded (409 available_credits_exceeded)
+    │   └── BalanceLimitExceeded (409 balance_limit_exceeded)
     ├── PayloadTooLarge (413 payload_too_large)
     │   ├── InputTooLarge (413 input_too_large)
     │   ├── SessionFull (413 session_full)
@@ -139,6 +140,11 @@ class IdempotencyConflict(Conflict):
 class AvailableCreditsExceeded(Conflict):
     code = "available_credits_exceeded"
     default_message = "This would take the company's available credits below zero."
+
+
+class BalanceLimitExceeded(Conflict):
+    code = "balance_limit_exceeded"
+    default_message = "This would take the company's balance past the largest one kept."
 
 
 class PayloadTooLarge(AppError):

@@ -215,3 +215,17 @@ def test_parse_decimal_bounds_before_any_arithmetic() -> None:
     for bad in ["1e999999999", "-0.5", "1e-999999999"]:
         with pytest.raises(ValueError):
             parse_decimal(bad, max_abs=bound, max_places=12, negative=False)
+
+
+def test_grants_past_the_largest_balance_are_409_not_a_bigint_overflow(cp: CP) -> None:
+    company_id = cp.company("0")
+    owner = cp.client(cp.api_key(cp.user(company_id)["id"]))
+    path = f"/v1/admin/companies/{company_id}/credits"
+    biggest = "1000000000000"  # the largest single amount
+    statuses = [cp.admin.post(path, json={"amount": biggest}).status_code for _ in range(10)]
+    assert statuses == [201] + [409] * 9, statuses
+    adjustments = f"/v1/admin/companies/{company_id}/adjustments"
+    r = cp.admin.post(adjustments, json={"amount": "1", "reason": "x"})
+    error_of(r, 409, "balance_limit_exceeded")
+    error_of(cp.admin.post(path, json={"amount": "1"}), 409, "balance_limit_exceeded")
+    assert credits_of(owner)["balance"] == "1000000000000.000000"
