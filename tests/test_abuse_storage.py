@@ -8,12 +8,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import text
 
+from control_plane.db import create_sync_engine
+from control_plane.migrate import upgrade
 from shared.store import Admission, Store
 from shared.store_memory import MemoryStore
 from shared.store_redis import RedisStore
@@ -216,3 +219,55 @@ async def test_bounded_set_limits_expires_and_drops(store: Store) -> None:
     await store.bounded_remove(key, "c")
     assert await store.bounded_members(key, now + 25) == ["d"]
     await store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_migration_0004_counts_what_existing_sessions_hold(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path}/m.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_database_url")
+    )
+    upgrade(url, "0003")
+    engine = create_sync_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO companies (id, name, created_at)"
+                    " VALUES ('c', 'c', CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, company_id, email, role, created_at)"
+                    " VALUES ('u', 'c', 'u@x.io', 'member', CURRENT_TIMESTAMP)"
+                )
+            )
+            for chat in ("s1", "s2"):
+                conn.execute(
+                    text(
+                        "INSERT INTO chat_sessions (id, company_id, user_id, title,"
+                        " created_at, updated_at)"
+                        " VALUES (:s, 'c', 'u', 't', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"s": chat},
+                )
+            for seq, content in enumerate(["héllo", "wörld!"], start=1):  # 6 + 7 bytes
+                conn.execute(
+                    text(
+                        "INSERT INTO chat_messages (id, session_id, role, content, created_at,"
+                        " seq) VALUES (:i, 's1', 'user', :c, CURRENT_TIMESTAMP, :q)"
+                    ),
+                    {"i": f"m{seq}", "c": content, "q": seq},
+                )
+        upgrade(url)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, message_count, content_bytes FROM chat_sessions ORDER BY id")
+            )
+            assert [tuple(r) for r in rows] == [("s1", 2, 13), ("s2", 0, 0)]
+    finally:
+        engine.dispose()
