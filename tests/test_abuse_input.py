@@ -130,6 +130,15 @@ def test_a_nul_in_the_model_reply_is_charged_and_stored_safely(cp: CP) -> None:
     assert messages[-1] == {**messages[-1], "role": "assistant", "content": "before\ufffdafter"}
 
 
+def test_a_nul_in_a_webhook_identifier_is_400_not_500(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    init = data_of(client.post("/v1/chat/init", json={"query": "hello"}), 201)
+    for field in ("jti", "reservation_id", "session_id", "request_id", "model"):
+        event = usage_event(init, company_id, **{field: "x\u0000y"})
+        error_of(cp.webhook(event, webhook_id=f"usage_{field}"), 400, "invalid_characters")
+    assert credits_of(client)["held"] == init["reserved_credits"]  # nothing settled
+
+
 def test_a_failing_transcript_write_never_undoes_the_charge(
     cp: CP, monkeypatch: pytest.MonkeyPatch
 ) -> None:

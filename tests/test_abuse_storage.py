@@ -271,3 +271,30 @@ def test_migration_0004_counts_what_existing_sessions_hold(
             assert [tuple(r) for r in rows] == [("s1", 2, 13), ("s2", 0, 0)]
     finally:
         engine.dispose()
+
+
+def test_the_limits_are_settings_with_safe_defaults() -> None:
+    from cryptography.fernet import Fernet
+
+    from shared.settings import ConfigError, Settings
+    from tests.conftest import new_webhook_secret
+
+    base = {
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    defaults = Settings.from_env(base)
+    assert (
+        defaults.max_pending_inits_per_user,
+        defaults.max_session_messages,
+        defaults.max_session_bytes,
+        defaults.max_request_bytes,
+    ) == (20, 1000, 1024 * 1024, 2 * 1024 * 1024)
+    for name in (
+        "LLMGW_MAX_PENDING_INITS_PER_USER",
+        "LLMGW_MAX_SESSION_MESSAGES",
+        "LLMGW_MAX_SESSION_BYTES",
+        "LLMGW_MAX_REQUEST_BYTES",
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({**base, name: "0"})
