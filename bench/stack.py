@@ -105,6 +105,7 @@ class BenchStack:
             "LLMGW_MAX_STREAMS_PER_COMPANY": UNLIMITED,
             "LLMGW_INIT_RATE_PER_USER": UNLIMITED,
             "LLMGW_INIT_RATE_PER_COMPANY": UNLIMITED,
+            "LLMGW_MAX_PENDING_INITS_PER_USER": UNLIMITED,
         }
 
     def __enter__(self) -> BenchStack:

@@ -9,15 +9,16 @@ stash in the store and the signed stream token (DESIGN §5).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import chat_sessions, company_llm
+from control_plane import chat_sessions, company_llm, pending_inits
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -25,8 +26,10 @@ from control_plane.errors import (
     InputTooLarge,
     ModelNotAllowed,
     ModelNotFound,
+    RequestTooLarge,
     Revoked,
     ServiceUnavailable,
+    SessionFull,
     SessionNotFound,
     UnsupportedContent,
     UnsupportedFeature,
@@ -40,6 +43,7 @@ from shared.input_size import content_text, missing_features, params_tokens
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
+from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import ALL_SCOPES, sign_token, stream_claims
 
@@ -175,7 +179,24 @@ def storable(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 class Reserved:
     reservation: Reservation
     messages: list[dict[str, Any]]
+    stash: bytes  # the request for the edge, serialised (`StashedRequest`)
     route: UpstreamRoute | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StorageLimits:
+    """What one init may store (issue 12.6): its session's caps, and the size of its
+    stashed request (``LLMGW_MAX_REQUEST_BYTES``)."""
+
+    session: chat_sessions.SessionLimits = field(default_factory=chat_sessions.SessionLimits)
+    max_request_bytes: int = 2 * 1024 * 1024
+
+    @classmethod
+    def of(cls, settings: Settings) -> StorageLimits:
+        return cls(
+            chat_sessions.SessionLimits(settings.max_session_messages, settings.max_session_bytes),
+            settings.max_request_bytes,
+        )
 
 
 def reserve(
@@ -189,10 +210,13 @@ def reserve(
     now: datetime,
     hold_expires_at: datetime,
     fernet: MultiFernet | None = None,
+    limits: StorageLimits | None = None,
 ) -> Reserved:
     """Init's transaction: resolve the model (in the company's catalog) and session,
     plan the hold, take it atomically, record the reservation and the user's turn.
-    InsufficientCredits (402) rolls all of it back."""
+    InsufficientCredits (402), a full session or a too large request (413) roll all
+    of it back."""
+    limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
     company = session.get(Company, principal.company_id)
     if company is None:
@@ -229,6 +253,12 @@ def reserve(
         sent = messages if chat is None else [m for m in messages[-1:] if m["role"] == "user"]
         new_turn = storable(sent)
     plan = plan_hold(model, messages, req.max_tokens, req.params)
+    stash = StashedRequest(messages=messages, params=req.params).dumps()
+    if len(stash) > limits.max_request_bytes:
+        raise RequestTooLarge(
+            f"The request with its history is {len(stash)} bytes; at most "
+            f"{limits.max_request_bytes} are stored for a stream."
+        )
     if chat is None:
         title = chat_sessions.title_from(storable(messages))
         chat = chat_sessions.create_session(session, company.id, principal.user_id, title, now)
@@ -254,9 +284,13 @@ def reserve(
     )
     # Lock order, as in settlement: the company row (the hold), then the session row.
     take_hold(session, reservation)
-    chat_sessions.append_messages(session, chat.id, new_turn)
+    if chat_sessions.append_messages(session, chat.id, new_turn, limits.session) == "full":
+        raise SessionFull(
+            f"This chat session is full (at most {limits.session.max_messages} messages and "
+            f"{limits.session.max_bytes} bytes); start a new session."
+        )
     route = company_llm.route_for(catalog, model, keys.get(model.provider))
-    return Reserved(reservation, messages, route)
+    return Reserved(reservation, messages, stash, route)
 
 
 def _iso_z(epoch: int) -> str:
@@ -275,23 +309,37 @@ async def init_chat(
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
     hold_expires_at = datetime.fromtimestamp(issued + ttl + settings.hold_grace_seconds, UTC)
-    reserved = await deps.db.transaction(
-        lambda s: reserve(
-            s,
-            settings.catalog,
-            principal,
-            req,
-            jti=jti,
-            request_id=request_id,
-            now=now,
-            hold_expires_at=hold_expires_at,
-            fernet=deps.fernet,
-        )
+    assert principal.user_id is not None
+    user_id = principal.user_id
+    await pending_inits.take(
+        deps.store,
+        user_id=user_id,
+        jti=jti,
+        expires_at=hold_expires_at.timestamp(),
+        now=time.time(),
+        limit=settings.max_pending_inits_per_user,
     )
+    try:
+        reserved = await deps.db.transaction(
+            lambda s: reserve(
+                s,
+                settings.catalog,
+                principal,
+                req,
+                jti=jti,
+                request_id=request_id,
+                now=now,
+                hold_expires_at=hold_expires_at,
+                fernet=deps.fernet,
+                limits=StorageLimits.of(settings),
+            )
+        )
+    except Exception:  # 402, 404, 413…: this grant never existed
+        await pending_inits.forget(deps.store, user_id, jti)
+        raise
     reservation = reserved.reservation
     try:
-        stash = StashedRequest(messages=reserved.messages, params=req.params)
-        await deps.store.set(stash_key(jti), stash.dumps(), ttl + STASH_EXTRA_TTL_SECONDS)
+        await deps.store.set(stash_key(jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS)
     except Exception:
         log.exception("could not stash request %s; releasing its hold", request_id)
         await deps.db.transaction(
@@ -299,6 +347,7 @@ async def init_chat(
                 s, reservation.id, "stash failed", actor=reservation.user_id
             )
         )
+        await pending_inits.forget(deps.store, user_id, jti)
         raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
     deps.metrics.reserved(reservation.hold_micro)
     assert principal.user_id is not None and principal.company_id is not None

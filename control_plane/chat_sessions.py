@@ -1,19 +1,40 @@
 """Chat sessions and their messages: data functions that take a DB session and do
-not commit (the calling use case owns the transaction)."""
+not commit (the calling use case owns the transaction).
+
+A session holds at most `SessionLimits` messages and content bytes
+(``LLMGW_MAX_SESSION_MESSAGES`` / ``LLMGW_MAX_SESSION_BYTES``, issue 12.6): its row
+counts both, and an append is one conditional UPDATE of those counters, so two
+concurrent appends can never pass the caps together. Messages are read a page at a
+time (`messages_page`): a full session is never loaded whole into one response.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount, utcnow
+from control_plane.validation import without_nul
 
 TITLE_MAX = 80
+
+Appended = Literal["appended", "gone", "full"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    max_messages: int = 1000
+    max_bytes: int = 1024 * 1024
+
+
+def content_bytes(messages: Iterable[dict[str, str]]) -> int:
+    return sum(len(m["content"].encode("utf-8")) for m in messages)
 
 
 def title_from(messages: Iterable[dict[str, str]]) -> str:
@@ -32,7 +53,7 @@ def create_session(
         id=new_id(),
         company_id=company_id,
         user_id=user_id,
-        title=title,
+        title=without_nul(title),
         created_at=moment,
         updated_at=moment,
     )
@@ -50,21 +71,46 @@ def history(session: Session, session_id: str) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in rows]
 
 
-def append_messages(session: Session, session_id: str, messages: Iterable[dict[str, str]]) -> bool:
-    """Append in order; False when the session is gone. Touching the session row
-    first locks it (PostgreSQL) so two concurrent appends number their messages one
-    after the other."""
+def append_messages(
+    session: Session,
+    session_id: str,
+    messages: Iterable[dict[str, str]],
+    limits: SessionLimits | None = None,
+) -> Appended:
+    """Append in order: ``"appended"``, ``"gone"`` when the session no longer exists,
+    ``"full"`` (nothing written) when the messages would pass `limits`.
+
+    The counters' UPDATE also locks the session row (PostgreSQL), so two concurrent
+    appends number their messages one after the other."""
+    limits = limits or SessionLimits()
+    # Inputs with NUL are refused at the door (400); a model's reply is not ours to
+    # refuse, so it is made storable here: PostgreSQL text cannot hold NUL.
+    rows = [{"role": m["role"], "content": without_nul(m["content"])} for m in messages]
+    added, size = len(rows), content_bytes(rows)
     now = utcnow()
     touched = session.execute(
-        update(ChatSession).where(col(ChatSession.id) == session_id).values(updated_at=now)
+        update(ChatSession)
+        .where(
+            col(ChatSession.id) == session_id,
+            col(ChatSession.message_count) + added <= limits.max_messages,
+            col(ChatSession.content_bytes) + size <= limits.max_bytes,
+        )
+        .values(
+            updated_at=now,
+            message_count=col(ChatSession.message_count) + added,
+            content_bytes=col(ChatSession.content_bytes) + size,
+        )
     )
     if rowcount(touched) == 0:
-        return False
+        exists = session.scalar(
+            select(col(ChatSession.id)).where(col(ChatSession.id) == session_id)
+        )
+        return "gone" if exists is None else "full"
     last = session.scalar(
         select(func.max(col(ChatMessage.seq))).where(col(ChatMessage.session_id) == session_id)
     )
     seq = int(last or 0)
-    for message in messages:
+    for message in rows:
         seq += 1
         session.add(
             ChatMessage(
@@ -77,7 +123,20 @@ def append_messages(session: Session, session_id: str, messages: Iterable[dict[s
             )
         )
     session.flush()
-    return True
+    return "appended"
+
+
+def messages_page(
+    session: Session, session_id: str, limit: int, after_seq: int | None
+) -> tuple[list[ChatMessage], int | None]:
+    """Up to `limit` messages in conversation order after `after_seq`, and the
+    position to continue from (None on the last page)."""
+    stmt = select(ChatMessage).where(col(ChatMessage.session_id) == session_id)
+    if after_seq is not None:
+        stmt = stmt.where(col(ChatMessage.seq) > after_seq)
+    rows = list(session.scalars(stmt.order_by(col(ChatMessage.seq)).limit(limit + 1)))
+    page = rows[:limit]
+    return page, (page[-1].seq if len(rows) > limit else None)
 
 
 def delete_session(session: Session, session_id: str) -> None:

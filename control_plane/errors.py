@@ -7,6 +7,7 @@ logs the traceback server-side.
 
     AppError
     ├── BadRequest (400 malformed_json)
+    │   └── InvalidCharacters (400 invalid_characters)
     ├── Unauthenticated (401 unauthenticated)
     │   └── InvalidCredentials (401 invalid_credentials)
     ├── InvalidSignature (401 invalid_signature)
@@ -19,14 +20,18 @@ logs the traceback server-side.
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
     │   ├── IdempotencyConflict (409 idempotency_key_reused)
-    │   └── AvailableCreditsExceeded (409 available_credits_exceeded)
+    │   ├── AvailableCreditsExceeded (409 available_credits_exceeded)
+    │   └── BalanceLimitExceeded (409 balance_limit_exceeded)
     ├── PayloadTooLarge (413 payload_too_large)
-    │   └── InputTooLarge (413 input_too_large)
+    │   ├── InputTooLarge (413 input_too_large)
+    │   ├── SessionFull (413 session_full)
+    │   └── RequestTooLarge (413 request_too_large)
     ├── ValidationFailed (422 validation_error)
     │   ├── ReservationMismatch (422 reservation_mismatch)
     │   └── UnsupportedFeature (422 unsupported_feature)
     ├── RateLimited (429 rate_limited, Retry-After)
-    │   └── LoginThrottled (429 too_many_login_failures)
+    │   ├── LoginThrottled (429 too_many_login_failures)
+    │   └── TooManyPendingInits (429 too_many_pending_inits)
     └── ServiceUnavailable (503 unavailable)
 """
 
@@ -64,6 +69,11 @@ class JsonTooDeep(BadRequest):
 class UnsupportedContent(BadRequest):
     code = "unsupported_content"
     default_message = "The model cannot take this kind of content."
+
+
+class InvalidCharacters(BadRequest):
+    code = "invalid_characters"
+    default_message = "The request contains a NUL character (\\u0000), which is not accepted."
 
 
 class Unauthenticated(AppError):
@@ -149,6 +159,11 @@ class AvailableCreditsExceeded(Conflict):
     default_message = "This would take the company's available credits below zero."
 
 
+class BalanceLimitExceeded(Conflict):
+    code = "balance_limit_exceeded"
+    default_message = "This would take the company's balance past the largest one kept."
+
+
 class PayloadTooLarge(AppError):
     status, code = 413, "payload_too_large"
     default_message = "The request body is too large."
@@ -157,6 +172,16 @@ class PayloadTooLarge(AppError):
 class InputTooLarge(PayloadTooLarge):
     code = "input_too_large"
     default_message = "The input does not fit the model's context."
+
+
+class SessionFull(PayloadTooLarge):
+    code = "session_full"
+    default_message = "This chat session is full; start a new session."
+
+
+class RequestTooLarge(PayloadTooLarge):
+    code = "request_too_large"
+    default_message = "The request, with the session's history, is too large to stash."
 
 
 class ValidationFailed(AppError):
@@ -189,6 +214,10 @@ class RateLimited(AppError):
 
 class LoginThrottled(RateLimited):
     code = "too_many_login_failures"
+
+
+class TooManyPendingInits(RateLimited):
+    code = "too_many_pending_inits"
 
 
 class ServiceUnavailable(AppError):

@@ -14,14 +14,35 @@ unique index and the caller replays (`routes.admin_credits`).
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane.errors import AvailableCreditsExceeded, IdempotencyConflict, NotFound
+from control_plane.errors import (
+    AvailableCreditsExceeded,
+    BalanceLimitExceeded,
+    IdempotencyConflict,
+    NotFound,
+)
 from control_plane.ledger import add_entry
 from control_plane.tables import Company, LedgerEntry, rowcount
-from shared.pricing import format_credits
+from shared.pricing import MAX_CREDITS, MICRO, format_credits
+
+# A balance far beyond any real one, and far below the bigint column's 9.2e18: ten
+# maximal grants used to overflow it (a 500 from PostgreSQL).
+MAX_BALANCE_MICRO = int(MAX_CREDITS) * MICRO
+
+
+def _refuse_over_ceiling(session: Session, company_id: str) -> NoReturn:
+    company = session.get(Company, company_id)
+    if company is None:
+        raise NotFound("No such company.")
+    raise BalanceLimitExceeded(
+        f"This would take the company's balance past {format_credits(MAX_BALANCE_MICRO)} "
+        f"credits (it is {format_credits(company.balance_micro)})."
+    )
 
 
 def _replay(
@@ -64,10 +85,11 @@ def grant(
     result = session.execute(
         update(Company)
         .where(col(Company.id) == company_id)
+        .where(col(Company.balance_micro) + amount_micro <= MAX_BALANCE_MICRO)
         .values(balance_micro=col(Company.balance_micro) + amount_micro)
     )
     if rowcount(result) == 0:
-        raise NotFound("No such company.")
+        _refuse_over_ceiling(session, company_id)
     entry = add_entry(
         session,
         company_id,
@@ -105,7 +127,11 @@ def adjust(
     )
     if amount_micro < 0:
         stmt = stmt.where(col(Company.balance_micro) - col(Company.held_micro) + amount_micro >= 0)
+    else:
+        stmt = stmt.where(col(Company.balance_micro) + amount_micro <= MAX_BALANCE_MICRO)
     if rowcount(session.execute(stmt)) == 0:
+        if amount_micro > 0:
+            _refuse_over_ceiling(session, company_id)
         company = session.get(Company, company_id)
         if company is None:
             raise NotFound("No such company.")

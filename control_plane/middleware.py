@@ -1,6 +1,9 @@
 """The outermost layer of every request, as a pure ASGI middleware: the request id,
 the last-resort error answer, and the HTTP metrics.
 
+* A NUL character in the path or the query string (``%00``) is answered 400
+  ``invalid_characters`` before any handler runs (DESIGN §11): path parameters
+  and query values reach SQL, and PostgreSQL refuses NUL in text with an error.
 * ``X-Request-Id``: echoed when the client sent a sane one (≤ 128 chars of
   ``[A-Za-z0-9._-]``), otherwise a fresh one; handlers read it via `request_id`.
 * An exception nobody handled is logged with its traceback and answered with a
@@ -19,7 +22,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane.errors import internal_error_response
+from control_plane.errors import InvalidCharacters, error_response, internal_error_response
 from control_plane.metrics import Metrics
 from shared.request_id import choose_request_id, current_request_id
 
@@ -31,6 +34,12 @@ REQUEST_ID_KEY = "llmgw.request_id"
 def request_id(request: Request) -> str:
     value = request.scope.get(REQUEST_ID_KEY)
     return value if isinstance(value, str) else "-"
+
+
+def has_nul(scope: Scope) -> bool:
+    """NUL in the decoded path or, percent-encoded or raw, in the query string."""
+    query = scope.get("query_string", b"")
+    return "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query
 
 
 def _route_label(scope: Scope) -> str:
@@ -69,6 +78,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if has_nul(scope):
+                await error_response(InvalidCharacters())(scope, receive, send_with_id)
+                return
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception(

@@ -117,6 +117,7 @@ def _query(name: str) -> dict[str, Any]:
 QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/v1/models"): [_query("provider")],
     ("get", "/v1/sessions"): [_LIMIT, _CURSOR],
+    ("get", "/v1/sessions/{session_id}"): [_LIMIT, _CURSOR],
     ("get", "/v1/usage"): [_LIMIT, _CURSOR],
     ("get", "/v1/credits"): [_LIMIT, _CURSOR],
     ("get", "/v1/admin/audit"): [_query("company_id"), _LIMIT, _CURSOR],

@@ -16,12 +16,13 @@ webhook after the sweeper settled or released the hold) and changes nothing.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -30,6 +31,7 @@ from control_plane.audit import WEBHOOK_ACTOR
 from control_plane.db import Database
 from control_plane.errors import (
     Conflict,
+    InvalidCharacters,
     ReservationMismatch,
     ReservationNotFound,
     ValidationFailed,
@@ -37,8 +39,10 @@ from control_plane.errors import (
 )
 from control_plane.ledger import charge_for, reservation_price, settle_reservation
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
+from control_plane.validation import NUL, without_nul
 from shared.webhooks import STATUSES, USAGE_SOURCES, UsageEvent
 
+log = logging.getLogger("control_plane.settlement")
 TRANSCRIPT_STATUSES = ("completed", "cancelled")
 MAX_TOKENS_REPORTED = 10**9
 
@@ -51,6 +55,8 @@ def _str(data: dict[str, Any], name: str, *, required: bool, max_len: int = 200)
         raise ValidationFailed(f"data.{name}", "must be a non-empty string")
     if len(value) > max_len:
         raise ValidationFailed(f"data.{name}", f"must be at most {max_len} characters")
+    if NUL in value:
+        raise InvalidCharacters(f"data.{name} contains a NUL character.")
     return value
 
 
@@ -63,6 +69,10 @@ def _count(data: dict[str, Any], name: str) -> int:
     ):
         raise ValidationFailed(f"data.{name}", "must be a non-negative integer")
     return value
+
+
+def _optional_time(value: Any) -> str | None:
+    return value if isinstance(value, str) and NUL not in value else None
 
 
 def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
@@ -94,12 +104,12 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
         model=_str(data, "model", required=False),
         provider=_str(data, "provider", required=False),
         status=str(status),
-        finish_reason=finish_reason[:64] if finish_reason else None,
+        finish_reason=without_nul(finish_reason[:64]) if finish_reason else None,
         input_tokens=_count(data, "input_tokens"),
         output_tokens=_count(data, "output_tokens"),
         usage_source=str(usage_source),
         started_at=_str(data, "started_at", required=False, max_len=64),
-        first_token_at=first_token_at if isinstance(first_token_at, str) else None,
+        first_token_at=_optional_time(first_token_at),
         ended_at=_str(data, "ended_at", required=False, max_len=64),
         content=content,
     )
@@ -199,6 +209,7 @@ def settle_webhook(
     transcripts: bool,
     http_request_id: str | None = None,
     signer_provider: str | None = None,
+    session_limits: chat_sessions.SessionLimits | None = None,
 ) -> Outcome:
     """The webhook's use case (one transaction): validate against the reservation,
     record the webhook id, settle, and append the assistant's reply.
@@ -245,11 +256,33 @@ def settle_webhook(
     if outcome.duplicate:
         return outcome
     if transcripts and event.content and event.status in TRANSCRIPT_STATUSES:
-        # False when the user deleted the session meanwhile: nothing to append to.
-        chat_sessions.append_messages(
-            session, reservation.session_id, [{"role": "assistant", "content": event.content}]
-        )
+        append_transcript(session, reservation.session_id, event.content, session_limits)
     return outcome
+
+
+def append_transcript(
+    session: Session,
+    session_id: str,
+    content: str,
+    limits: chat_sessions.SessionLimits | None = None,
+) -> None:
+    """The assistant's reply, best effort: in a savepoint, so that a failed write
+    (whatever the model sent) rolls back only itself and never the charge, which
+    commits with the rest of the transaction. Before this, a NUL in a reply failed
+    the whole webhook on PostgreSQL, the sweeper released the hold, and a completed
+    stream was charged nothing. A session at its caps keeps no more replies."""
+    try:
+        with session.begin_nested():
+            # "gone" when the user deleted the session meanwhile: nothing to append to.
+            if (
+                chat_sessions.append_messages(
+                    session, session_id, [{"role": "assistant", "content": content}], limits
+                )
+                == "full"
+            ):
+                log.warning("session %s is full; this reply is not kept", session_id)
+    except SQLAlchemyError:
+        log.exception("transcript of session %s not stored; the usage is settled", session_id)
 
 
 def _already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
@@ -269,6 +302,7 @@ async def settle_event(
     transcripts: bool,
     http_request_id: str | None = None,
     signer_provider: str | None = None,
+    session_limits: chat_sessions.SessionLimits | None = None,
 ) -> Outcome:
     """`settle_webhook` in its own transaction, on the database threads."""
     try:
@@ -280,6 +314,7 @@ async def settle_event(
                 transcripts=transcripts,
                 http_request_id=http_request_id,
                 signer_provider=signer_provider,
+                session_limits=session_limits,
             )
         )
     except IntegrityError:

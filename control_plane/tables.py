@@ -89,6 +89,10 @@ def _money() -> Any:
     return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
+def _counter() -> Any:
+    return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+
+
 def _int(*, nullable: bool = False) -> Any:
     return Field(default=None if nullable else 0, sa_column=Column(Integer, nullable=nullable))
 
@@ -282,13 +286,20 @@ class WebhookEvent(SQLModel, table=True):
 
 class ChatSession(SQLModel, table=True):
     __tablename__ = "chat_sessions"
-    __table_args__ = (Index("ix_chat_sessions_user_updated", "user_id", "updated_at"),)
+    __table_args__ = (
+        Index("ix_chat_sessions_user_updated", "user_id", "updated_at"),
+        # An owner's listing (company-wide, newest first); migration 0004.
+        Index("ix_chat_sessions_company_updated", "company_id", "updated_at", "id"),
+    )
     id: str = _id()
     company_id: str = _fk("companies.id")
     user_id: str = _fk("users.id")
     title: str = _str(200)
     created_at: datetime = _time()
     updated_at: datetime = _time()
+    # What the session holds, kept by `chat_sessions.append_messages` (its caps).
+    message_count: int = _counter()
+    content_bytes: int = _counter()
 
 
 class ChatMessage(SQLModel, table=True):

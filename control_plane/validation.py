@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from control_plane.errors import BadRequest, JsonTooDeep, ValidationFailed
+from control_plane.errors import BadRequest, InvalidCharacters, JsonTooDeep, ValidationFailed
 from shared.input_size import MAX_JSON_DEPTH, json_too_deep
 from shared.pricing import parse_credits
 
@@ -19,10 +19,18 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+NUL = "\x00"
+
+
+def parse_json_object(body: bytes, *, allow_nul: bool = False) -> dict[str, Any]:
     """The request body as a JSON object: 400 when it is not JSON or nests deeper
     than `MAX_JSON_DEPTH` (it could not be stored or sent on), 422 when it is JSON
-    but not an object."""
+    but not an object, 400 `invalid_characters` when a string in it holds NUL.
+
+    NUL is refused once here, for every body, because PostgreSQL cannot store it in
+    a text column (DESIGN §11): a NUL in an email, a name or a message would
+    otherwise fail the write with a 500. `allow_nul` is for the usage webhook,
+    whose model output must settle whatever it contains."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -33,7 +41,33 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         )
     if not isinstance(doc, dict):
         raise ValidationFailed("body", "must be a JSON object")
+    # Inside JSON a NUL can only be written as the escape `\u0000` (raw control
+    # characters are invalid JSON), so most bodies skip the walk.
+    if not allow_nul and b"\\u0000" in body and has_nul(doc):
+        raise InvalidCharacters()
     return doc
+
+
+def has_nul(value: Any) -> bool:
+    """Whether any string in a decoded JSON value (keys included) contains NUL."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if NUL in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def without_nul(text: str) -> str:
+    """`text` storable in any database: NUL becomes U+FFFD (the replacement
+    character), so a model's stray NUL still shows where it was."""
+    return text.replace(NUL, "\ufffd") if NUL in text else text
 
 
 def required_str(doc: Mapping[str, Any], name: str, *, max_len: int = 200) -> str:
@@ -109,8 +143,32 @@ def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
         doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         moment = datetime.fromisoformat(doc[0])
         row_id = doc[1]
-        if moment.tzinfo is None or not isinstance(row_id, str):
+        if moment.tzinfo is None or not isinstance(row_id, str) or NUL in row_id:
             raise ValueError
     except (ValueError, TypeError, IndexError, KeyError, binascii.Error, orjson.JSONDecodeError):
         raise ValidationFailed("cursor", "is not a cursor this API returned") from None
     return moment, row_id
+
+
+SEQ_CURSOR = "seq"
+
+
+def encode_seq_cursor(seq: int) -> str:
+    """A position in an ordered list keyed by an integer (a session's messages)."""
+    raw = orjson.dumps([SEQ_CURSOR, seq])
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_seq_cursor(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        if not isinstance(doc, list) or len(doc) != 2 or doc[0] != SEQ_CURSOR:
+            raise ValueError
+        seq = doc[1]
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**62:
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise ValidationFailed("cursor", "is not a cursor this API returned") from None
+    return seq

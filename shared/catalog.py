@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from shared.decimals import parse_decimal
 from shared.input_size import IMAGE_TOKENS
+
+# Credits per million tokens; far above any real price, low enough that a cost
+# (tokens x price) stays exact in decimal arithmetic.
+MAX_PRICE = Decimal(10**9)
 
 API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
 # A dotted path into an event's JSON: keys, or digits that index arrays (`choices.0.text`).
@@ -99,16 +104,14 @@ class Catalog:
 
 
 def _decimal(value: Any, where: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise CatalogError(f"{where} must be a number")
+    if isinstance(value, float):
+        # A YAML float like 0.15: str() first, so it becomes Decimal("0.15"), not
+        # its binary value; `parse_decimal` refuses floats from JSON bodies.
+        value = str(value)
     try:
-        # str() first: a YAML float like 0.15 must become Decimal("0.15"), not its binary value.
-        result = Decimal(str(value))
-    except InvalidOperation as exc:
-        raise CatalogError(f"{where} must be a number") from exc
-    if not result.is_finite() or result < 0:
-        raise CatalogError(f"{where} must be a non-negative number")
-    return result
+        return parse_decimal(value, max_abs=MAX_PRICE, max_places=12, negative=False)
+    except ValueError as exc:
+        raise CatalogError(f"{where} {exc}") from None
 
 
 def _positive_int(value: Any, where: str) -> int:

@@ -32,11 +32,23 @@ from shared.settings import ConfigError
 FORMAT_ENV = "LLMGW_LOG_FORMAT"
 FORMATS = ("json", "text")
 REDACTED = "[redacted]"
+# What is logged of a request path: anyone can send a 64 KB one, and every access
+# line is redacted on the event loop; 2 KB keeps every real path and query whole.
+MAX_LOGGED_PATH = 2048
+TRUNCATED = "…[truncated]"
 
 _SECRET_KEY = r"(?:password|passwd|secret|api[_-]?key|access[_-]?token|token|authorization)"
 _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     # A JWT anywhere (stream tokens, login access tokens), whatever surrounds it.
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    # Linear on hostile text: a header segment stops before the next "-eyJ" (itself
+    # a candidate start), so `eyJaaaa-` repeated is not rescanned from every `eyJ`,
+    # which made `\beyJ[A-Za-z0-9_-]{4,}\.` quadratic (64 KB took a second).
+    (
+        re.compile(
+            r"(?<!\w)eyJ(?:[A-Za-z0-9_]|-(?!eyJ)){4,}+\.[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*+"
+        ),
+        REDACTED,
+    ),
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1" + REDACTED),
     (re.compile(r"\bsk([_-])[A-Za-z0-9_-]{8,}"), r"sk\1" + REDACTED),
     (re.compile(r"\bwhsec_[A-Za-z0-9+/=_-]+"), "whsec_" + REDACTED),
@@ -95,16 +107,34 @@ def _request_id(record: logging.LogRecord) -> str | None:
     return None if value in (None, "-") else value
 
 
+def _is_access(record: logging.LogRecord) -> bool:
+    args = record.args
+    return record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5
+
+
+def cap_path(path: str) -> str:
+    """At most `MAX_LOGGED_PATH` characters of `path`, marked when cut."""
+    return path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + TRUNCATED
+
+
+def _cap_access_path(record: logging.LogRecord) -> None:
+    """Shorten the path argument of a uvicorn access record in place, before its
+    message is ever built from it."""
+    if _is_access(record):
+        args = tuple(record.args)  # type: ignore[arg-type]
+        if len(str(args[2])) > MAX_LOGGED_PATH:
+            record.args = (*args[:2], cap_path(str(args[2])), *args[3:])
+
+
 def _access_fields(record: logging.LogRecord) -> dict[str, Any]:
     """uvicorn's access line `'%s - "%s %s HTTP/%s" %d'` as fields (path redacted)."""
-    args = record.args
-    if record.name != "uvicorn.access" or not isinstance(args, tuple) or len(args) != 5:
+    if not _is_access(record):
         return {}
-    client, method, path, http_version, status = args
+    client, method, path, http_version, status = record.args  # type: ignore[misc]
     return {
         "client": str(client),
         "method": str(method),
-        "path": redact(str(path)),
+        "path": redact(cap_path(str(path))),
         "http_version": str(http_version),
         "status": status,
     }
@@ -123,6 +153,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line; see the module docstring for the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
+        _cap_access_path(record)
         doc: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC)
             .isoformat(timespec="milliseconds")
@@ -149,6 +180,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        _cap_access_path(record)
         if not hasattr(record, "request_id"):
             record.request_id = _request_id(record) or "-"
         line = super().format(record)
@@ -166,6 +198,7 @@ class RedactingFilter(logging.Filter):
         if not isinstance(getattr(record, "request_id", None), str):
             record.request_id = current_request_id.get() or "-"
         if not hasattr(record, "_access"):  # before the arguments are merged below
+            _cap_access_path(record)
             record._access = _access_fields(record)
         message = record.getMessage()
         cleaned = redact(message)

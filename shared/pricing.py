@@ -9,16 +9,18 @@ the exact decimal sum, so we never undercharge by a rounding and never round twi
 from __future__ import annotations
 
 import math
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from shared import input_size
 from shared.catalog import Price
+from shared.decimals import parse_decimal
 
 MICRO = 1_000_000
 # The input estimate lives with the other input sizing (`shared.input_size`); it is
 # re-exported here because the hold is priced from it.
 estimate_input_tokens = input_size.estimate_input_tokens
+MAX_CREDITS = Decimal(10**12)  # one amount; balances are bigints of micro-credits
 
 
 def cost_micro(input_tokens: int, output_tokens: int, price: Price) -> int:
@@ -35,18 +37,10 @@ def format_credits(micro: int) -> str:
 
 def parse_credits(value: Any) -> int:
     """A credits amount ("10.5", 10, "0.000001") as micro-credits; rejects floats and
-    more than six decimals so no amount is silently rounded."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("amount must be a decimal string or an integer")
+    more than six decimal places so no amount is silently rounded, and magnitudes
+    past 10^12 credits (`1e999999999` would overflow the arithmetic: a 500)."""
     try:
-        amount = Decimal(value.strip() if isinstance(value, str) else value)
-    except InvalidOperation as exc:
-        raise ValueError("amount must be a decimal number") from exc
-    if not amount.is_finite():
-        raise ValueError("amount must be a finite number")
-    micro = amount * MICRO
-    if micro != micro.to_integral_value():
-        raise ValueError("amount has more than six decimal places")
-    if abs(micro) > 10**18:
-        raise ValueError("amount is too large")
-    return int(micro)
+        amount = parse_decimal(value, max_abs=MAX_CREDITS, max_places=6, negative=True)
+    except ValueError as exc:
+        raise ValueError(f"amount {exc}") from None
+    return int(amount.scaleb(6))

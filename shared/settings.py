@@ -141,6 +141,12 @@ class Settings:
     init_rate_per_user: int = 120  # per minute, DESIGN §9
     init_rate_per_company: int = 1200
     login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
+    # Abuse limits (issue 12.6): unused stream grants per user, what one chat session
+    # may hold, and the size of one init's stashed request.
+    max_pending_inits_per_user: int = 20
+    max_session_messages: int = 1000
+    max_session_bytes: int = 1024 * 1024
+    max_request_bytes: int = 2 * 1024 * 1024
     # Trusting an existing app's user JWTs (control plane): HS256 with a shared secret
     # and/or RS256/ES256/EdDSA with keys from a JWKS URL; audience and issuer required.
     auth_jwt_secret: Secret | None = None
@@ -224,6 +230,12 @@ class Settings:
             init_rate_per_user=_int(env, "LLMGW_INIT_RATE_PER_USER", 120, 1, 1_000_000),
             init_rate_per_company=_int(env, "LLMGW_INIT_RATE_PER_COMPANY", 1200, 1, 10_000_000),
             login_failures_per_15min=_int(env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000),
+            max_pending_inits_per_user=_int(
+                env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000
+            ),
+            max_session_messages=_int(env, "LLMGW_MAX_SESSION_MESSAGES", 1000, 2, 1_000_000),
+            max_session_bytes=_int(env, "LLMGW_MAX_SESSION_BYTES", 1024 * 1024, 1024, 2**40),
+            max_request_bytes=_int(env, "LLMGW_MAX_REQUEST_BYTES", 2 * 1024 * 1024, 1024, 2**31),
             auth_jwt_secret=Secret(auth_jwt_secret) if auth_jwt_secret else None,
             auth_jwks_url=auth_jwks_url,
             auth_jwt_audience=env.get("LLMGW_AUTH_JWT_AUDIENCE") or None,

@@ -108,6 +108,20 @@ class Store(Protocol):
         """Take back one `hit` (an attempt counted in advance that did not count)."""
         ...
 
+    async def bounded_members(self, key: str, now: float) -> list[str]:
+        """The members of the bounded set `key` that expire after `now`."""
+        ...
+
+    async def bounded_add(
+        self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
+    ) -> float | None:
+        """Atomically forget `drop` and the members expired by `now`, then add `member`
+        (until `expires_at`) unless the set already holds `limit` others. None when
+        added; otherwise the earliest expiry, i.e. when a place frees up at the latest."""
+        ...
+
+    async def bounded_remove(self, key: str, member: str) -> None: ...
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         """Append to an ordered log (a stream's events, for resuming); returns its length."""
         ...

@@ -126,6 +126,29 @@ class MemoryStore:
         if current is not None:
             self._values[key] = (str(int(current) - 1).encode(), self._values[key][1])
 
+    def _bounded(self, key: str, now: float) -> dict[str, float]:
+        members = self._slots.setdefault(key, {})
+        for stale in [m for m, exp in members.items() if exp <= now]:
+            del members[stale]
+        return members
+
+    async def bounded_members(self, key: str, now: float) -> list[str]:
+        return list(self._bounded(key, now))
+
+    async def bounded_add(
+        self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
+    ) -> float | None:
+        members = self._bounded(key, now)
+        for gone in drop:
+            members.pop(gone, None)
+        if member not in members and len(members) >= limit:
+            return min(members.values())
+        members[member] = expires_at
+        return None
+
+    async def bounded_remove(self, key: str, member: str) -> None:
+        self._slots.get(key, {}).pop(member, None)
+
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         now = self._clock()
         for stale in [k for k, (_, exp) in self._logs.items() if exp <= now]:

@@ -71,6 +71,21 @@ return 1
 """
 
 
+# See `Store.bounded_add`. KEYS: the set; ARGV: now, member, expires_at, limit,
+# ttl_ms, then the members to drop.
+_BOUNDED_ADD = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 6, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return false
+"""
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._redis = client
@@ -81,6 +96,7 @@ class RedisStore:
         self._claim = client.register_script(_CLAIM)
         self._admit = client.register_script(_ADMIT)
         self._put = client.register_script(_PUT)
+        self._bounded_add = client.register_script(_BOUNDED_ADD)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
@@ -211,6 +227,22 @@ class RedisStore:
             pipe.decr(self._key(key))
             pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
             await pipe.execute()
+
+    async def bounded_members(self, key: str, now: float) -> list[str]:
+        raw = await self._redis.zrangebyscore(self._key(key), f"({now}", "+inf")
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
+
+    async def bounded_add(
+        self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
+    ) -> float | None:
+        # The set lives as long as its latest member (each add extends it).
+        ttl_ms = max(1, int((expires_at - now) * 1000))
+        args: list[str | int | float] = [now, member, expires_at, limit, ttl_ms, *drop]
+        reply = await self._bounded_add(keys=[self._key(key)], args=args)
+        return None if reply is None else float(reply)
+
+    async def bounded_remove(self, key: str, member: str) -> None:
+        await self._redis.zrem(self._key(key), member)
 
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -49,6 +49,9 @@ def base_env(database_url: str, redis_url: str | None = None, prefix: str = "") 
         "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
         "LLMGW_ADMIN_TOKEN": ADMIN_TOKEN,
         "LLMGW_AUTO_MIGRATE": "1",
+        # Many tests mint tokens they never stream with; the pending-init limit has
+        # its own tests (test_abuse_storage.py).
+        "LLMGW_MAX_PENDING_INITS_PER_USER": "1000",
     }
     if redis_url:
         env["LLMGW_REDIS_URL"] = redis_url

@@ -9,8 +9,9 @@ import base64
 import io
 import logging
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +238,68 @@ def test_real_processes_never_log_a_secret(
     stream_lines = [x for x in edge_lines if x.get("path", "").startswith("/v1/stream")]
     assert stream_lines and stream_lines[0]["path"] == "/v1/stream?token=[redacted]"
     assert stream_lines[0]["request_id"] == request_ids[0]
+
+
+# --- 12.1: redaction is linear, and an access line logs at most 2 KB of a path ---
+def _best_of(repeats: int, work: Callable[[], object]) -> float:
+    """The fastest of `repeats` runs: the least disturbed by the other processes."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+HOSTILE_SHAPES = [
+    "eyJaaaa-",  # the JWT rule restarted at every `-eyJ` (quadratic before 12.1)
+    "-eyJ",
+    "eyJaaaa.",
+    "x.eyJaaaa",
+    "sk_",
+    "sk-a",
+    "token=",
+    "a_token",
+    "Bearer ",
+    "A",
+    "A-",
+    "whsec_",
+    "password:",
+    'password:"',
+    "api_key ",
+    "://a:",
+]
+
+
+def test_redaction_costs_the_same_on_hostile_text_as_on_ordinary_text() -> None:
+    size = 64 * 1024
+    ordinary = ("GET /v1/usage?limit=50&cursor=abc lorem ipsum dolor " * 2000)[:size]
+    baseline = _best_of(3, lambda: redact(ordinary))
+    for shape in HOSTILE_SHAPES:
+        hostile = (shape * (size // len(shape) + 1))[:size]
+        cost = _best_of(3, lambda text=hostile: redact(text))  # type: ignore[misc]
+        assert cost < 5 * baseline, (shape, cost, baseline)
+
+
+def test_a_64kb_hostile_path_costs_milliseconds(captured: io.StringIO) -> None:
+    configure_logging("INFO", "json", stream=captured)
+    root = logging.getLogger()
+
+    def access(path: str) -> logging.LogRecord:
+        args = ("10.0.0.1:5000", "GET", path, "1.1", 200)
+        return logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 0, '%s - "%s %s HTTP/%s" %d', args, None
+        )
+
+    normal = _best_of(20, lambda: root.handle(access("/healthz?q=hello")))
+    hostile_path = "/healthz?q=" + "eyJaaaa-" * 8000
+    hostile = _best_of(5, lambda: root.handle(access(hostile_path)))
+    # ~25x here (2 KB redacted three times against a few bytes); 20,000x before.
+    assert hostile < 200 * normal, (hostile, normal)
+    line = lines(captured)[-1]
+    assert len(line["path"]) < 2100 and line["path"].endswith("…[truncated]")
+    assert len(line["message"]) < 2200
+    # A token cut by the cap is still redacted (the `token=` rule needs no end).
+    cut = access("/v1/stream?pad=" + "p" * 2020 + f"&token={JWT}")
+    root.handle(cut)
+    assert "eyJhbGci" not in captured.getvalue().splitlines()[-1]

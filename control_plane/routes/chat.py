@@ -23,8 +23,14 @@ from control_plane.middleware import request_id
 from control_plane.policy import Principal
 from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
-from control_plane.tables import ChatMessage, ChatSession
-from control_plane.validation import decode_cursor, encode_cursor, page_limit
+from control_plane.tables import ChatSession
+from control_plane.validation import (
+    decode_cursor,
+    decode_seq_cursor,
+    encode_cursor,
+    encode_seq_cursor,
+    page_limit,
+)
 
 
 async def chat_init(request: Request) -> Response:
@@ -88,24 +94,28 @@ async def list_sessions(request: Request) -> Response:
     )
 
 
-def _get_session(session: Session, p: Principal, session_id: str) -> dict[str, Any]:
+def _get_session(
+    session: Session, p: Principal, session_id: str, limit: int, after_seq: int | None
+) -> dict[str, Any]:
     chat = session.get(ChatSession, session_id)
     if chat is None or not policy.can_read_session(p, chat.user_id, chat.company_id):
         raise SessionNotFound()
-    messages = list(
-        session.scalars(
-            select(ChatMessage)
-            .where(col(ChatMessage.session_id) == chat.id)
-            .order_by(col(ChatMessage.seq))
-        )
-    )
-    return chat_sessions.session_public(chat, messages)
+    messages, last_seq = chat_sessions.messages_page(session, chat.id, limit, after_seq)
+    doc = chat_sessions.session_public(chat, messages)
+    doc["next_cursor"] = None if last_seq is None else encode_seq_cursor(last_seq)
+    return doc
 
 
 async def get_session(request: Request) -> Response:
+    """One session and a page of its messages in conversation order (DESIGN §11:
+    ``?limit=`` default 50, max 200; ``?cursor=`` a previous ``next_cursor``)."""
     principal = await authenticate(request)
     session_id = str(request.path_params["session_id"])
-    data = await get_deps(request).db.transaction(lambda s: _get_session(s, principal, session_id))
+    limit = page_limit(request.query_params.get("limit"))
+    after = decode_seq_cursor(request.query_params.get("cursor"))
+    data = await get_deps(request).db.transaction(
+        lambda s: _get_session(s, principal, session_id, limit, after)
+    )
     return ok(data)
 
 

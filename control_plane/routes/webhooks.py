@@ -8,6 +8,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from control_plane import pending_inits
+from control_plane.chat_sessions import SessionLimits
 from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
 from control_plane.middleware import request_id
@@ -43,7 +45,9 @@ async def usage_webhook(request: Request) -> Response:
             )
         except BadSignature:
             raise InvalidSignature() from None
-        event = parse_usage_event(parse_json_object(body))
+        # A model's reply may hold anything, NUL included: it is made storable, not
+        # refused, so the usage always settles (`settlement.append_transcript`).
+        event = parse_usage_event(parse_json_object(body, allow_nul=True))
         webhook_id = request.headers["webhook-id"]  # present: the signature covers it
         if len(webhook_id) > MAX_WEBHOOK_ID:
             raise ValidationFailed("webhook-id", f"must be at most {MAX_WEBHOOK_ID} characters")
@@ -54,7 +58,12 @@ async def usage_webhook(request: Request) -> Response:
             transcripts=settings.store_transcripts,
             http_request_id=request_id(request),
             signer_provider=signer,
+            session_limits=SessionLimits(
+                deps.settings.max_session_messages, deps.settings.max_session_bytes
+            ),
         )
+        if event.user_id:  # the hold has ended: no longer a pending grant (12.6)
+            await pending_inits.forget(deps.store, event.user_id, event.jti)
         if result.duplicate:
             outcome = "duplicate"
             return ok({"duplicate": True})

@@ -1,0 +1,64 @@
+"""Outstanding stream grants per user (``LLMGW_MAX_PENDING_INITS_PER_USER``, issue
+12.6): an init whose stream has not started yet keeps a hold, a stashed request in
+the store and (often) a session row, so abandoned inits must count against a limit,
+not only against the per-minute rate.
+
+Each init is a member (its `jti`) of a bounded set in the store, ``pending:<user>``,
+until its hold's deadline. It leaves the set when its stream starts (the edge marks
+the token used at admission; seen at the user's next init, so the edge needs no
+extra write), when its hold is settled (`forget`), or at the deadline. Over the
+limit, init answers 429 ``too_many_pending_inits`` with ``Retry-After`` — the time
+until the oldest grant's hold ends — and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from control_plane.errors import ServiceUnavailable, TooManyPendingInits
+from shared.store import Store
+
+log = logging.getLogger("control_plane.pending_inits")
+
+
+def pending_key(user_id: str) -> str:
+    return f"pending:init:{user_id}"
+
+
+def used_key(jti: str) -> str:
+    """The key the edge sets when a token is first used (`stream_edge.grants.used_key`;
+    tests/test_abuse_storage.py checks the two agree)."""
+    return f"jti:{jti}"
+
+
+async def take(
+    store: Store, *, user_id: str, jti: str, expires_at: float, now: float, limit: int
+) -> None:
+    """Count `jti` as one of the user's pending grants; TooManyPendingInits (429) when
+    the user already has `limit` of them."""
+    key = pending_key(user_id)
+    try:
+        members = await store.bounded_members(key, now)
+        used = await store.get_many([used_key(m) for m in members]) if members else []
+        started = [m for m, mark in zip(members, used, strict=True) if mark is not None]
+        frees_at = await store.bounded_add(key, jti, expires_at, now, limit, started)
+    except Exception:
+        log.exception("pending-init counter unavailable")
+        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+    if frees_at is not None:
+        retry_after = max(1, math.ceil(frees_at - now))
+        raise TooManyPendingInits(
+            f"You have {limit} chat inits whose streams have not started; start or "
+            f"let them expire (retry in {retry_after} s).",
+            retry_after,
+        )
+
+
+async def forget(store: Store, user_id: str, jti: str) -> None:
+    """`jti` no longer pending (its init failed, or its hold ended); best effort: a
+    member left behind only waits for its deadline."""
+    try:
+        await store.bounded_remove(pending_key(user_id), jti)
+    except Exception:
+        log.warning("could not forget pending init %s", jti, exc_info=True)

@@ -1,0 +1,300 @@
+"""Free storage (issue 12.6): abandoned inits count against a per-user limit, a chat
+session and a stashed request are capped, a session's messages come a page at a
+time, and an owner's listing has its index. One control plane on PostgreSQL +
+Redis with small limits for the whole module."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from control_plane.db import create_sync_engine
+from control_plane.migrate import upgrade
+from shared.store import Admission, Store
+from shared.store_memory import MemoryStore
+from shared.store_redis import RedisStore
+from stream_edge import grants
+from tests.conftest import REDIS_URL, fresh_redis_prefix
+from tests.test_abuse_input import counts, pg_cp
+from tests.test_control_plane import CP, credits_of, data_of, error_of, usage_event
+
+PENDING = 3
+LIMITS = {
+    "LLMGW_MAX_PENDING_INITS_PER_USER": str(PENDING),
+    "LLMGW_MAX_SESSION_MESSAGES": "6",
+    "LLMGW_MAX_SESSION_BYTES": "6000",
+    "LLMGW_MAX_REQUEST_BYTES": "8192",
+}
+
+
+@pytest.fixture(scope="module")
+def cp(pg_server: str) -> Iterator[CP]:
+    with pg_cp(pg_server, LIMITS) as handle:
+        yield handle
+
+
+def _member(cp: CP, credits: str = "10") -> tuple[httpx.Client, str]:
+    """A member's client (the attack needs no more) and its company."""
+    company_id = cp.company(credits)
+    user = cp.user(company_id, role="member", password=None)
+    return cp.client(cp.api_key(user["id"])), company_id
+
+
+def _init(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    return dict(data_of(client.post("/v1/chat/init", json=body or {"query": "hi"}), 201))
+
+
+def _start_stream(cp: CP, init: dict[str, Any]) -> None:
+    """What the edge does when the token is first used (`Store.admit`)."""
+    jti = usage_event(init, "x").jti
+    admission = Admission(
+        revocation_keys=[],
+        used_key=grants.used_key(jti),
+        path="/v1/stream",
+        used_ttl_seconds=600,
+        slot_keys=[],
+        limits=[],
+        member=jti,
+        now=time.time(),
+        slots_expire_at=time.time() + 600,
+    )
+    assert cp.on_loop(lambda: cp.app.state.store.admit(admission)).verdict == "ok"
+
+
+def test_abandoned_inits_count_against_a_limit(cp: CP) -> None:
+    client, company_id = _member(cp)
+    inits = [_init(client) for _ in range(PENDING)]
+    before, rows = credits_of(client), counts(cp, company_id)
+    r = client.post("/v1/chat/init", json={"query": "one more"})
+    error_of(r, 429, "too_many_pending_inits")
+    retry_after = int(r.headers["Retry-After"])
+    settings = cp.settings
+    assert 0 < retry_after <= settings.token_ttl_seconds + settings.hold_grace_seconds + 1
+    assert credits_of(client) == before and counts(cp, company_id) == rows  # changed nothing
+
+    _start_stream(cp, inits[0])  # a stream that starts frees its place
+    inits.append(_init(client))
+    error_of(client.post("/v1/chat/init", json={"query": "hi"}), 429, "too_many_pending_inits")
+    # So does a hold that ends (here: settled by its usage webhook).
+    event = usage_event(inits[1], company_id, status="failed", output_tokens=0, content=None)
+    assert data_of(cp.webhook(event))["settled"] is True
+    _init(client)
+    # The limit is per user: a colleague is not blocked.
+    colleague = cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
+    _init(colleague)
+
+
+def test_the_edge_and_the_control_plane_agree_on_the_used_key() -> None:
+    from control_plane import pending_inits
+
+    assert pending_inits.used_key("abc") == grants.used_key("abc")
+
+
+def _settle(cp: CP, init: dict[str, Any], company_id: str, reply: str) -> dict[str, Any]:
+    return dict(data_of(cp.webhook(usage_event(init, company_id, content=reply))))
+
+
+def test_a_session_keeps_at_most_its_caps(cp: CP) -> None:
+    client, company_id = _member(cp)
+    # Messages: 2 + (1 question + 1 reply) * 2 = 6, the cap.
+    first = _init(client, messages=[{"role": "user", "content": "a"}] * 2)
+    session_id = first["session_id"]
+    _settle(cp, first, company_id, "reply")  # (a webhook also frees the pending place)
+    second = _init(client, query="b", session_id=session_id)
+    _settle(cp, second, company_id, "reply")
+    third = _init(client, query="c", session_id=session_id)
+    before, rows = credits_of(client), counts(cp, company_id)
+    r = client.post("/v1/chat/init", json={"query": "d", "session_id": session_id})
+    error_of(r, 413, "session_full")
+    assert credits_of(client) == before and counts(cp, company_id) == rows
+    # The reply to a full session is charged; only its transcript is not kept.
+    settled = _settle(cp, third, company_id, "one reply too many")
+    assert settled["settled"] is True and settled["charged"] != "0.000000"
+    messages = data_of(client.get(f"/v1/sessions/{session_id}"))["messages"]
+    assert len(messages) == 6 and messages[-1]["content"] == "c"
+
+    # Bytes: 2,500 + 1,900 fit in 6,000; 1,700 more do not.
+    init = _init(client, messages=[{"role": "user", "content": "x" * 2500}])
+    _settle(cp, init, company_id, "")
+    more = _init(client, query="y" * 1900, session_id=init["session_id"])
+    _settle(cp, more, company_id, "")
+    r = client.post("/v1/chat/init", json={"query": "z" * 1700, "session_id": init["session_id"]})
+    error_of(r, 413, "session_full")
+
+
+def test_one_stashed_request_is_capped(cp: CP) -> None:
+    client, company_id = _member(cp)
+    before, rows = credits_of(client), counts(cp, company_id)
+    body = {"messages": [{"role": "user", "content": "y" * 3000}] * 3}  # 9 KB > 8 KB
+    error_of(client.post("/v1/chat/init", json=body), 413, "request_too_large")
+    assert credits_of(client) == before and counts(cp, company_id) == rows
+    # A refused init is not a pending one.
+    for _ in range(PENDING):
+        _init(client)
+
+
+def test_session_messages_come_a_page_at_a_time(cp: CP) -> None:
+    client, _ = _member(cp)
+    init = _init(client, messages=[{"role": "user", "content": f"m{i}"} for i in range(5)])
+    path = f"/v1/sessions/{init['session_id']}"
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = data_of(client.get(path, params=params))
+        seen += [m["content"] for m in page["messages"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"m{i}" for i in range(5)] and pages == 3
+    whole = data_of(client.get(path))  # default limit 50
+    assert [m["content"] for m in whole["messages"]] == seen and whole["next_cursor"] is None
+    error_of(client.get(path, params={"limit": 201}), 422, "validation_error")
+    error_of(client.get(path, params={"cursor": "bm9wZQ"}), 422, "validation_error")
+
+
+def test_an_owners_listing_reads_its_company_index(cp: CP) -> None:
+    """One big company must not slow another owner's `GET /v1/sessions`: the plan for
+    the owner's query walks `ix_chat_sessions_company_updated`, not the whole table."""
+    big_company = cp.company("1")
+    big_user = cp.user(big_company, role="member", password=None)["id"]
+    owner_client, owner_company = cp.owner_client("10")
+    _init(owner_client)
+
+    def fill_and_explain(session: Any) -> str:
+        session.execute(
+            text(
+                "INSERT INTO chat_sessions (id, company_id, user_id, title, created_at,"
+                " updated_at)"
+                " SELECT md5(g::text), :c, :u, 't', now(), now() - g * interval '1 second'"
+                " FROM generate_series(1, 30000) g"
+            ),
+            {"c": big_company, "u": big_user},
+        )
+        session.execute(text("ANALYZE chat_sessions"))
+        plan = session.execute(
+            text(
+                "EXPLAIN SELECT * FROM chat_sessions WHERE company_id = :c"
+                " ORDER BY updated_at DESC, id DESC LIMIT 51"
+            ),
+            {"c": owner_company},
+        )
+        return "\n".join(row[0] for row in plan)
+
+    plan = cp.on_loop(lambda: cp.app.state.db.transaction(fill_and_explain))
+    assert "ix_chat_sessions_company_updated" in plan, plan
+    assert len(data_of(owner_client.get("/v1/sessions"))["items"]) == 1
+
+
+# --- the store primitive, on both backends --------------------------------------------
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    with fresh_redis_prefix() as prefix:
+        yield RedisStore.from_url(REDIS_URL, prefix=prefix)
+
+
+async def test_bounded_set_limits_expires_and_drops(store: Store) -> None:
+    key = f"pending:init:{uuid.uuid4().hex}"
+    now = 1_000_000.0
+    assert await store.bounded_add(key, "a", now + 10, now, 2, []) is None
+    assert await store.bounded_add(key, "b", now + 20, now, 2, []) is None
+    assert await store.bounded_add(key, "c", now + 30, now, 2, []) == now + 10  # full
+    assert await store.bounded_add(key, "a", now + 10, now, 2, []) is None  # already in
+    assert sorted(await store.bounded_members(key, now)) == ["a", "b"]
+    assert await store.bounded_add(key, "c", now + 30, now, 2, ["a"]) is None  # a started
+    assert await store.bounded_add(key, "d", now + 40, now + 25, 2, []) is None  # b expired
+    assert sorted(await store.bounded_members(key, now + 25)) == ["c", "d"]
+    await store.bounded_remove(key, "c")
+    assert await store.bounded_members(key, now + 25) == ["d"]
+    await store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_migration_0004_counts_what_existing_sessions_hold(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path}/m.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_database_url")
+    )
+    upgrade(url, "0003")
+    engine = create_sync_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO companies (id, name, created_at)"
+                    " VALUES ('c', 'c', CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, company_id, email, role, created_at)"
+                    " VALUES ('u', 'c', 'u@x.io', 'member', CURRENT_TIMESTAMP)"
+                )
+            )
+            for chat in ("s1", "s2"):
+                conn.execute(
+                    text(
+                        "INSERT INTO chat_sessions (id, company_id, user_id, title,"
+                        " created_at, updated_at)"
+                        " VALUES (:s, 'c', 'u', 't', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"s": chat},
+                )
+            for seq, content in enumerate(["héllo", "wörld!"], start=1):  # 6 + 7 bytes
+                conn.execute(
+                    text(
+                        "INSERT INTO chat_messages (id, session_id, role, content, created_at,"
+                        " seq) VALUES (:i, 's1', 'user', :c, CURRENT_TIMESTAMP, :q)"
+                    ),
+                    {"i": f"m{seq}", "c": content, "q": seq},
+                )
+        upgrade(url)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, message_count, content_bytes FROM chat_sessions ORDER BY id")
+            )
+            assert [tuple(r) for r in rows] == [("s1", 2, 13), ("s2", 0, 0)]
+    finally:
+        engine.dispose()
+
+
+def test_the_limits_are_settings_with_safe_defaults() -> None:
+    from cryptography.fernet import Fernet
+
+    from shared.settings import ConfigError, Settings
+    from tests.conftest import new_webhook_secret
+
+    base = {
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    defaults = Settings.from_env(base)
+    assert (
+        defaults.max_pending_inits_per_user,
+        defaults.max_session_messages,
+        defaults.max_session_bytes,
+        defaults.max_request_bytes,
+    ) == (20, 1000, 1024 * 1024, 2 * 1024 * 1024)
+    for name in (
+        "LLMGW_MAX_PENDING_INITS_PER_USER",
+        "LLMGW_MAX_SESSION_MESSAGES",
+        "LLMGW_MAX_SESSION_BYTES",
+        "LLMGW_MAX_REQUEST_BYTES",
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({**base, name: "0"})
