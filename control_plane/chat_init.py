@@ -38,6 +38,7 @@ from shared.catalog import Catalog, ModelSpec
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, route_cipher, seal
+from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import ALL_SCOPES, sign_token, stream_claims
 
@@ -231,6 +232,16 @@ def reserve(
     return Reserved(reservation, messages, route)
 
 
+def hold_deadline(issued: int, settings: Settings) -> datetime:
+    """When the sweeper may reconcile a hold whose stream never reported: the
+    token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `Settings` guarantees that grace
+    covers the longest stream the token can start (issue 11.4), so a live stream is
+    never settled from a checkpoint for running long."""
+    return datetime.fromtimestamp(
+        issued + settings.token_ttl_seconds + settings.hold_grace_seconds, UTC
+    )
+
+
 def _iso_z(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -246,7 +257,7 @@ async def init_chat(
     issued = int(now.timestamp())
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
-    hold_expires_at = datetime.fromtimestamp(issued + ttl + settings.hold_grace_seconds, UTC)
+    hold_expires_at = hold_deadline(issued, settings)
     reserved = await deps.db.transaction(
         lambda s: reserve(
             s,

@@ -4,8 +4,9 @@ webhook arriving afterwards is a harmless duplicate.
 
 The checkpoints are written straight into the app's real store (MemoryStore on
 SQLite, RedisStore on PostgreSQL), exactly where the edge writes them. The
-`fast` fixture runs the app's own background sweeper with a 1 s token TTL, a 1 s
-grace and a 0.1 s interval; the `cp` fixture (defaults: 120 s + 600 s) drives
+`fast` fixture runs the app's own background sweeper every 0.1 s on holds whose
+deadline the test moved into the past (`_expire`: a grace shorter than the longest
+stream is refused at start, issue 11.4); the `cp` fixture (defaults) drives
 `sweep_expired_holds` directly for the races and the store outage."""
 
 from __future__ import annotations
@@ -38,11 +39,7 @@ from tests.test_control_plane import (
     usage_event,
 )
 
-FAST = {
-    "LLMGW_TOKEN_TTL_SECONDS": "1",
-    "LLMGW_HOLD_GRACE_SECONDS": "1",
-    "LLMGW_SWEEP_INTERVAL_SECONDS": "0.1",
-}
+FAST = {"LLMGW_SWEEP_INTERVAL_SECONDS": "0.1"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -77,6 +74,19 @@ def _checkpoint(
     cp.on_loop(lambda: store.set(checkpoint_key(init["reservation_id"]), point.dumps(), 600))
 
 
+def _expire(cp: CP, reservation_id: str) -> None:
+    db = cp.app.state.db
+
+    def expire(session: Any) -> None:
+        session.execute(
+            update(Reservation)
+            .where(col(Reservation.id) == reservation_id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+
+    cp.on_loop(lambda: db.transaction(expire))
+
+
 def _wait_until_reconciled(client: httpx.Client, timeout: float = 15) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,6 +115,7 @@ def test_expired_hold_is_settled_from_the_edge_checkpoint(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
     _checkpoint(fast, init, input_tokens=12, output_tokens=70)
+    _expire(fast, init["reservation_id"])
     expected = _cost(fast, init, 12, 70)
     assert expected < micro(init["reserved_credits"])
     credits = _wait_until_reconciled(client)
@@ -133,6 +144,7 @@ def test_checkpoint_without_output_settles_for_nothing(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
     _checkpoint(fast, init, input_tokens=12, output_tokens=0)
+    _expire(fast, init["reservation_id"])
     assert _wait_until_reconciled(client)["balance"] == "10.000000"
     (item,) = data_of(client.get("/v1/usage"))["items"]
     assert item["cost"] == "0.000000" and item["status"] == "failed"
@@ -143,6 +155,7 @@ def test_checkpoint_charge_is_capped_at_the_hold(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client, max_tokens=5)
     _checkpoint(fast, init, input_tokens=10**6, output_tokens=10**6)
+    _expire(fast, init["reservation_id"])
     credits = _wait_until_reconciled(client)
     assert micro(credits["balance"]) == 10 * MICRO - micro(init["reserved_credits"])
     assert_books_balance(fast, company_id, client)
@@ -151,6 +164,7 @@ def test_checkpoint_charge_is_capped_at_the_hold(fast: CP) -> None:
 def test_expired_hold_without_checkpoint_is_released(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
+    _expire(fast, init["reservation_id"])
     assert _wait_until_reconciled(client) == {
         "balance": "10.000000",
         "held": "0.000000",
@@ -168,25 +182,13 @@ def test_a_checkpoint_of_another_stream_is_not_billed(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
     _checkpoint(fast, init, input_tokens=12, output_tokens=70, jti="someone-elses-jti")
+    _expire(fast, init["reservation_id"])
     assert _wait_until_reconciled(client)["balance"] == "10.000000"
     assert data_of(client.get("/v1/usage"))["items"] == []
     assert_books_balance(fast, company_id, client)
 
 
 # --- direct sweeps: deadlines, races, a store outage ---------------------------------
-
-
-def _expire(cp: CP, reservation_id: str) -> None:
-    db = cp.app.state.db
-
-    def expire(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-
-    cp.on_loop(lambda: db.transaction(expire))
 
 
 def _sweep(cp: CP, now: datetime | None = None) -> Any:
