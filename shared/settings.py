@@ -231,7 +231,7 @@ class Settings:
             drain_seconds=_float(env, "LLMGW_DRAIN_SECONDS", 20, 0, 3600),
             breaker_failures=_int(env, "LLMGW_BREAKER_FAILURES", 5, 1, 1000),
             breaker_reset_seconds=_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
-            sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 30.0, 0.1, 3600),
+            sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 5.0, 0.1, 3600),
             serve_demo=_flag(env, "LLMGW_SERVE_DEMO", dev),
             dev=dev,
             provider_keys={

@@ -129,6 +129,7 @@ class StreamJob:
             + settings.hold_grace_seconds
             + 3600,
         )
+        checkpointer.start()
         try:
             self.result = await relay(
                 response,
@@ -147,9 +148,11 @@ class StreamJob:
             )
         finally:
             # Shielded: when the client left, this task is being cancelled, and the
-            # backend must still see its connection closed.
+            # backend must still see its connection closed; the ended checkpoint
+            # tells the sweeper the report is coming (bounded by its own timeout).
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+                await checkpointer.close()
         if self.result.status == "failed":
             self.state.metrics.upstream_errors.labels(
                 self.provider.name, self.result.error_code or ""
