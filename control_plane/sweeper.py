@@ -14,8 +14,10 @@ stream within about a second of it waking, and its own report then arrives as a
 duplicate (200, nothing charged twice): it is billed input plus the output up to
 its last checkpoint, so what it relayed while silent and until it saw the
 revocation goes unbilled, an error that favours the customer and is bounded by
-the silence limit. An ``ended`` checkpoint (the stream is over, its report is in
-the outbox) is left to that report until the deadline.
+the silence limit (an edge cut off from the store altogether can neither
+checkpoint, nor see the revocation, nor enqueue its report: what it relays after
+its last checkpoint goes unbilled). An ``ended`` checkpoint (the stream is over,
+its report is in the outbox) is left to that report until the deadline.
 
 **Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
 expiry plus ``LLMGW_HOLD_GRACE_SECONDS``, which `Settings` keeps longer than the
@@ -252,10 +254,14 @@ async def run_sweeper(db: Database, store: Store, metrics: Metrics, settings: Se
     watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
     while True:
         await asyncio.sleep(interval)
+        # Separately: one pass failing (a database blip) must not starve the other.
         try:
             await sweep_silent_streams(
                 db, store, metrics, watch, revoke_ttl=revocation_ttl(settings)
             )
+        except Exception:
+            log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
+        try:
             await sweep_expired_holds(db, store, metrics)
         except Exception:
             log.exception("hold sweep failed; retrying in %.1f s", interval)
