@@ -109,7 +109,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             app.state.store = active_store
             app.state.metrics = metrics
             sweeper = asyncio.create_task(
-                run_sweeper(db, active_store, metrics, settings.sweep_interval_seconds),
+                run_sweeper(db, active_store, metrics, settings),
                 name="hold-sweeper",
             )
             yield

@@ -293,6 +293,16 @@ def reserve(
     return Reserved(reservation, messages, stash, route)
 
 
+def hold_deadline(issued: int, settings: Settings) -> datetime:
+    """When the sweeper may reconcile a hold whose stream never reported: the
+    token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `Settings` guarantees that grace
+    covers the longest stream the token can start (issue 11.4), so a live stream is
+    never settled from a checkpoint for running long."""
+    return datetime.fromtimestamp(
+        issued + settings.token_ttl_seconds + settings.hold_grace_seconds, UTC
+    )
+
+
 def _iso_z(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -308,7 +318,7 @@ async def init_chat(
     issued = int(now.timestamp())
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
-    hold_expires_at = datetime.fromtimestamp(issued + ttl + settings.hold_grace_seconds, UTC)
+    hold_expires_at = hold_deadline(issued, settings)
     assert principal.user_id is not None
     user_id = principal.user_id
     await pending_inits.take(

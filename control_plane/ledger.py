@@ -258,3 +258,16 @@ def expired_reservation_ids(session: Session, now: datetime, limit: int = 100) -
         .limit(limit)
     )
     return list(session.scalars(stmt))
+
+
+def active_reservation_ids(session: Session, after_id: str, limit: int = 100) -> list[str]:
+    """Active reservations by id, after `after_id` (keyset pages): those whose stream
+    may be running, or may have gone silent."""
+    stmt = (
+        select(col(Reservation.id))
+        .where(col(Reservation.status) == "active")
+        .where(col(Reservation.id) > after_id)
+        .order_by(col(Reservation.id))
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))

@@ -2,9 +2,27 @@
 stream never reports (the edge died) is settled after its deadline from the edge's
 last usage checkpoint, or released if none").
 
-A reservation's deadline is its token's expiry plus ``LLMGW_HOLD_GRACE_SECONDS``.
-Every ``LLMGW_SWEEP_INTERVAL_SECONDS`` the sweeper lists active reservations past
-their deadline and, for each, reads the edge's checkpoint from the store
+Every ``LLMGW_SWEEP_INTERVAL_SECONDS`` the sweeper makes two passes.
+
+**Silent streams** (`sweep_silent_streams`, issue 11.5). A running stream's edge
+rewrites its checkpoint every 2 s. A checkpoint that has not changed for
+`shared.checkpoints.silent_after` seconds (16 s by default, measured on this
+process's clock by `liveness.SilenceWatch`) belongs to a dead edge: its hold is
+settled from that checkpoint at once, not 20 minutes later, and the stream's
+``jti`` is revoked. If the edge was only stalled, not dead, the revocation ends its
+stream within about a second of it waking, and its own report then arrives as a
+duplicate (200, nothing charged twice): it is billed input plus the output up to
+its last checkpoint, so what it relayed while silent and until it saw the
+revocation goes unbilled, an error that favours the customer and is bounded by
+the silence limit (an edge cut off from the store altogether can neither
+checkpoint, nor see the revocation, nor enqueue its report: what it relays after
+its last checkpoint goes unbilled). An ``ended`` checkpoint (the stream is over,
+its report is in the outbox) is left to that report until the deadline.
+
+**Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
+expiry plus ``LLMGW_HOLD_GRACE_SECONDS``, which `Settings` keeps longer than the
+longest stream (issue 11.4). The sweeper lists active reservations past their
+deadline and, for each, reads the edge's checkpoint from the store
 (`shared.checkpoints`):
 
 * a checkpoint for this stream → settled through `settlement.settle_usage`, the same
@@ -32,11 +50,19 @@ from sqlalchemy.orm import Session
 
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.db import Database
-from control_plane.ledger import expired_reservation_ids, release_reservation
+from control_plane.ledger import (
+    active_reservation_ids,
+    expired_reservation_ids,
+    release_reservation,
+)
+from control_plane.liveness import SilenceWatch
 from control_plane.metrics import Metrics
+from control_plane.revoking import revocation_ttl
 from control_plane.settlement import MAX_TOKENS_REPORTED, Usage, parse_time, settle_usage
 from control_plane.tables import Reservation, utcnow
-from shared.checkpoints import UsageCheckpoint, checkpoint_key
+from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
+from shared.revocations import revoke
+from shared.settings import Settings
 from shared.store import Store
 
 log = logging.getLogger("control_plane.sweeper")
@@ -76,12 +102,19 @@ def _usable(checkpoint: UsageCheckpoint | None, reservation: Reservation) -> boo
 
 
 def reconcile(
-    session: Session, reservation_id: str, checkpoint: UsageCheckpoint | None
+    session: Session,
+    reservation_id: str,
+    checkpoint: UsageCheckpoint | None,
+    *,
+    silent: bool = False,
 ) -> Reconciled:
-    """One expired reservation's use case (one transaction): settle it from
-    `checkpoint`, or release it."""
+    """One reservation's use case (one transaction): settle it from `checkpoint`,
+    or release it. A `silent` stream is before its deadline: it is settled only
+    from a checkpoint of its own, never released."""
     reservation = session.get(Reservation, reservation_id)
     if reservation is None or reservation.status != "active":
+        return NOTHING
+    if silent and (checkpoint is None or not _usable(checkpoint, reservation)):
         return NOTHING
     if checkpoint is not None and _usable(checkpoint, reservation):
         outcome = settle_usage(
@@ -95,7 +128,10 @@ def reconcile(
             ),
             actor=SWEEPER_ACTOR,
             request_id=reservation.request_id,
-            details={"source": "checkpoint", "checkpoint_updated_at": checkpoint.updated_at},
+            details={
+                "source": "silent checkpoint" if silent else "checkpoint",
+                "checkpoint_updated_at": checkpoint.updated_at,
+            },
         )
         if outcome.duplicate:
             return NOTHING
@@ -113,7 +149,7 @@ def _decode(reservation_id: str, raw: bytes | None) -> UsageCheckpoint | None:
     try:
         return UsageCheckpoint.loads(raw)
     except ValueError:
-        log.warning("unreadable usage checkpoint for reservation %s; releasing", reservation_id)
+        log.warning("unreadable usage checkpoint for reservation %s", reservation_id)
         return None
 
 
@@ -140,10 +176,7 @@ async def sweep_expired_holds(
             metrics.settled(done.charged_micro, done.released_micro)
             if done.action == "settled":
                 settled += 1
-                last = parse_time(checkpoint.updated_at) if checkpoint else None
-                if last is not None:
-                    lag = (utcnow() - last).total_seconds()
-                    metrics.reconciliation_lag.observe(max(lag, 0.0))
+                _observe_lag(metrics, checkpoint)
             else:
                 released += 1
         if len(ids) < BATCH:
@@ -155,10 +188,79 @@ async def sweep_expired_holds(
     return SweepResult(settled, released)
 
 
-async def run_sweeper(db: Database, store: Store, metrics: Metrics, interval: float) -> None:
-    """Sweep every `interval` seconds until cancelled (the app's lifespan owns it)."""
+def _observe_lag(metrics: Metrics, checkpoint: UsageCheckpoint | None) -> None:
+    last = parse_time(checkpoint.updated_at) if checkpoint else None
+    if last is not None:
+        lag = (utcnow() - last).total_seconds()
+        metrics.reconciliation_lag.observe(max(lag, 0.0))
+
+
+async def sweep_silent_streams(
+    db: Database,
+    store: Store,
+    metrics: Metrics,
+    watch: SilenceWatch,
+    *,
+    revoke_ttl: float,
+) -> SweepResult:
+    """Settle every running stream whose checkpoint `watch` finds silent, and revoke
+    its token so that an edge that was only stalled stops relaying."""
+    settled = 0
+    running: list[str] = []
+    after = ""
+    for _ in range(MAX_BATCHES):
+        page = await db.transaction(
+            functools.partial(active_reservation_ids, after_id=after, limit=BATCH)
+        )
+        try:
+            raws = await store.get_many([checkpoint_key(rid) for rid in page]) if page else []
+        except Exception:
+            log.warning("store unreachable; silence check retries next sweep", exc_info=True)
+            return SweepResult(settled=settled)
+        for reservation_id, raw in zip(page, raws, strict=True):
+            checkpoint = _decode(reservation_id, raw)
+            if checkpoint is None or checkpoint.ended:
+                continue  # not started (the deadline handles it) or its report is coming
+            running.append(reservation_id)
+            if not watch.is_silent(reservation_id, checkpoint.marker()):
+                continue
+            done = await db.transaction(
+                functools.partial(
+                    reconcile, reservation_id=reservation_id, checkpoint=checkpoint, silent=True
+                )
+            )
+            if done.action != "settled":
+                continue
+            settled += 1
+            metrics.settled(done.charged_micro, done.released_micro)
+            _observe_lag(metrics, checkpoint)
+            try:
+                await revoke(store, "jti", checkpoint.jti, revoke_ttl)
+            except Exception:
+                log.warning("could not revoke silent stream %s", checkpoint.jti, exc_info=True)
+        if len(page) < BATCH:
+            watch.keep_only(running)  # a full scan: forget what stopped running
+            break
+        after = page[-1]
+    if settled:
+        log.warning("settled %d silent streams from their checkpoints", settled)
+    return SweepResult(settled=settled)
+
+
+async def run_sweeper(db: Database, store: Store, metrics: Metrics, settings: Settings) -> None:
+    """Sweep every ``LLMGW_SWEEP_INTERVAL_SECONDS`` until cancelled (the app's
+    lifespan owns it)."""
+    interval = settings.sweep_interval_seconds
+    watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
     while True:
         await asyncio.sleep(interval)
+        # Separately: one pass failing (a database blip) must not starve the other.
+        try:
+            await sweep_silent_streams(
+                db, store, metrics, watch, revoke_ttl=revocation_ttl(settings)
+            )
+        except Exception:
+            log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
         try:
             await sweep_expired_holds(db, store, metrics)
         except Exception:

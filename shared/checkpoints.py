@@ -1,9 +1,15 @@
 """Usage checkpoints: the edge's running tally of a live stream, kept in the store.
 
 If an edge process dies mid-stream its webhook never comes; the control plane's
-sweeper then settles the hold from the last checkpoint (DESIGN §5). The edge writes
-one every few seconds and at every 64 output tokens, so at most that much usage is
-unbilled when a process is killed.
+sweeper then settles the hold from the last checkpoint (DESIGN §5). While a stream
+runs its edge rewrites the checkpoint every `CHECKPOINT_EVERY_SECONDS` (a heartbeat,
+whether or not tokens flow) and at every `CHECKPOINT_EVERY_TOKENS` output tokens,
+so at most that much usage is unbilled when a process is killed. Each write bumps
+``beat``: a checkpoint that stops changing for `silent_after` seconds belongs to a
+dead (or badly stalled) edge, and the sweeper settles it then instead of waiting
+for the hold's deadline (issue 11.5). When the stream ends the edge writes a last
+checkpoint with ``ended`` set: its report is on its way through the outbox, so the
+sweeper leaves that hold to the report until the deadline.
 """
 
 from __future__ import annotations
@@ -14,10 +20,20 @@ import orjson
 
 CHECKPOINT_EVERY_TOKENS = 64
 CHECKPOINT_EVERY_SECONDS = 2.0
+# Heartbeats a stream may miss (a slow store write, a busy event loop) before its
+# edge counts as gone.
+SILENT_AFTER_BEATS = 3
 
 
 def checkpoint_key(reservation_id: str) -> str:
     return f"ckpt:{reservation_id}"
+
+
+def silent_after(resume_grace_seconds: float) -> float:
+    """Seconds a running stream's checkpoint may stay unchanged before the sweeper
+    settles it: a few missed heartbeats, plus the resume grace as a margin (with the
+    defaults 3 x 2 s + 10 s = 16 s)."""
+    return SILENT_AFTER_BEATS * CHECKPOINT_EVERY_SECONDS + resume_grace_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +43,12 @@ class UsageCheckpoint:
     input_tokens: int
     output_tokens: int
     updated_at: str  # ISO 8601 UTC
+    beat: int = 0  # bumped by every write: the sign of life the sweeper watches
+    ended: bool = False  # the stream is over; its report is in the edge's outbox
+
+    def marker(self) -> tuple[int, str, int]:
+        """What changes with every write (the timestamp alone may repeat)."""
+        return (self.beat, self.updated_at, self.output_tokens)
 
     def dumps(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -42,6 +64,9 @@ class UsageCheckpoint:
                 input_tokens=int(doc["input_tokens"]),
                 output_tokens=int(doc["output_tokens"]),
                 updated_at=str(doc["updated_at"]),
+                # Absent in checkpoints written before heartbeats (a rolling upgrade).
+                beat=int(doc.get("beat", 0)),
+                ended=doc.get("ended", False) is True,
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError("not a usage checkpoint") from exc

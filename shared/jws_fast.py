@@ -7,7 +7,9 @@ about 1 ms of edge CPU per stream (`make bench`, docs/performance.md), more than
 signature check itself. Here one C-speed regex validates each segment, the token is
 split and decoded once, and the signature is checked with `cryptography` directly.
 
-The rules are pyjwt's (2.x), tested side by side with it in tests/test_jws_fast.py:
+The rules are pyjwt's (2.15), tested side by side with it in tests/test_jws_fast.py
+(named cases, plus a differential hypothesis run over thousands of mutated tokens):
+segments must be canonical base64url (no padding, unused bits zero);
 the algorithm is pinned before any key is used (so `alg: none` and the HS256-with-
 the-public-key confusion fail on the header alone); unknown critical headers and
 unencoded payloads are refused; `exp`, `nbf`, `iat` are numbers checked with the
@@ -28,6 +30,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+# A segment of 4n+2 (4n+3) characters ends in one whose low 4 (2) bits encode
+# nothing. Decoders ignore them, so one signature would have up to 16 spellings;
+# only the canonical one, with those bits zero, is a token (GHSA-hxm8-2xgr-2p9m,
+# refused by pyjwt since 2.15). These are the characters allowed last.
+_CANONICAL_LAST = {
+    2: frozenset("AQgw"),  # alphabet index % 16 == 0
+    3: frozenset("AEIMQUYcgkosw048"),  # alphabet index % 4 == 0
+}
 
 
 class TokenRejected(Exception):
@@ -56,7 +66,10 @@ class ParsedToken:
 
 
 def _decode_segment(segment: str) -> bytes:
-    if len(segment) % 4 == 1 or _SEGMENT.fullmatch(segment) is None:
+    rest = len(segment) % 4
+    if rest == 1 or _SEGMENT.fullmatch(segment) is None:
+        raise TokenRejected("malformed", "the token is not a valid JWT")
+    if rest and segment[-1] not in _CANONICAL_LAST[rest]:
         raise TokenRejected("malformed", "the token is not a valid JWT")
     try:
         return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
@@ -112,18 +125,23 @@ def verify(
     for name in require:
         if name not in claims:
             raise TokenRejected("malformed", "the token lacks a required claim")
+    # pyjwt's order (iat, nbf, exp, iss, aud, sub, jti), so that a token wrong in
+    # several ways is refused for the same reason by both.
     moment = time.time() if now is None else now
     exp, nbf, iat = (_numeric(claims, name) for name in ("exp", "nbf", "iat"))
+    if (iat is not None and iat > moment + leeway) or (nbf is not None and nbf > moment + leeway):
+        raise TokenRejected("not_yet_valid", "the token is not valid yet")
     if exp is not None and exp <= moment - leeway:
         raise TokenRejected("expired", "the token has expired")
-    if (nbf is not None and nbf > moment + leeway) or (iat is not None and iat > moment + leeway):
-        raise TokenRejected("not_yet_valid", "the token is not valid yet")
+    if claims.get("iss") != issuer:
+        raise TokenRejected("bad_issuer", "the token was not issued by this gateway")
     aud = claims.get("aud")
     audiences = [aud] if isinstance(aud, str) else aud
     if not isinstance(audiences, list) or audience not in audiences:
         raise TokenRejected("bad_audience", "the token is not meant for this service")
-    if claims.get("iss") != issuer:
-        raise TokenRejected("bad_issuer", "the token was not issued by this gateway")
+    for name in ("sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise TokenRejected("malformed", f"the token's {name!r} claim is not a string")
     return claims
 
 

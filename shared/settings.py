@@ -6,6 +6,7 @@ one line and exits. Secrets are wrapped in `Secret` so they never show in a repr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -14,9 +15,13 @@ from cryptography.fernet import Fernet
 
 from shared.catalog import Catalog, CatalogError, load_catalog
 from shared.route_claim import route_key
+from shared.tokens import LEEWAY_SECONDS
 from shared.webhooks import parse_backend_secrets, validate_secret
 
 DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
+# What a hold's grace must leave, after the longest stream ends, for its usage
+# webhook to arrive (the outbox's first retries) before the sweeper steps in.
+REPORT_MARGIN_SECONDS = 60
 
 
 class ConfigError(ValueError):
@@ -226,7 +231,7 @@ class Settings:
                         f"{name} is required when LLMGW_AUTH_JWT_SECRET or "
                         "LLMGW_AUTH_JWKS_URL is set"
                     )
-        return cls(
+        settings = cls(
             init_rate_per_user=_int(env, "LLMGW_INIT_RATE_PER_USER", 120, 1, 1_000_000),
             init_rate_per_company=_int(env, "LLMGW_INIT_RATE_PER_COMPANY", 1200, 1, 10_000_000),
             login_failures_per_15min=_int(env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000),
@@ -259,7 +264,7 @@ class Settings:
             store_transcripts=_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
             upstream_connect_timeout=_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
-            hold_grace_seconds=_int(env, "LLMGW_HOLD_GRACE_SECONDS", 600, 1, 86400),
+            hold_grace_seconds=_int(env, "LLMGW_HOLD_GRACE_SECONDS", 1200, 1, 86400),
             webhook_retry_base_seconds=_float(
                 env, "LLMGW_WEBHOOK_RETRY_BASE_SECONDS", 0.5, 0.01, 60
             ),
@@ -281,7 +286,7 @@ class Settings:
             max_connections=_int(env, "LLMGW_MAX_CONNECTIONS", 1000, 1, 1_000_000),
             breaker_failures=_int(env, "LLMGW_BREAKER_FAILURES", 5, 1, 1000),
             breaker_reset_seconds=_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
-            sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 30.0, 0.1, 3600),
+            sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 5.0, 0.1, 3600),
             serve_demo=_flag(env, "LLMGW_SERVE_DEMO", dev),
             dev=dev,
             provider_keys={
@@ -299,6 +304,8 @@ class Settings:
                 if (var := provider.service_token_env) and env.get(var)
             },
         )
+        _check_hold_outlives_streams(settings)
+        return settings
 
     def route_cipher_keys(self) -> list[str]:
         """The `upr` sub-keys, newest first: LLMGW_ROUTE_KEY as given, else derived from
@@ -329,3 +336,23 @@ class Settings:
                 'print(Fernet.generate_key().decode())"'
             )
         return self.encryption_keys
+
+
+def _check_hold_outlives_streams(settings: Settings) -> None:
+    """A hold's deadline is the token's expiry + LLMGW_HOLD_GRACE_SECONDS (issue 11.4).
+    A stream may start at expiry (plus the verifier's leeway), run
+    LLMGW_MAX_STREAM_SECONDS, then keep its resume grace; its report needs a moment
+    more. A shorter grace lets the sweeper settle a live stream as ``failed`` and
+    turns its real report into a duplicate, so such settings never start."""
+    needed = (
+        LEEWAY_SECONDS
+        + settings.max_stream_seconds
+        + math.ceil(settings.resume_grace_seconds)
+        + REPORT_MARGIN_SECONDS
+    )
+    if settings.hold_grace_seconds < needed:
+        raise ConfigError(
+            f"LLMGW_HOLD_GRACE_SECONDS must be at least {needed} (LLMGW_MAX_STREAM_SECONDS "
+            f"+ LLMGW_RESUME_GRACE_SECONDS + {LEEWAY_SECONDS + REPORT_MARGIN_SECONDS}) so a "
+            f"hold outlives its longest stream, got {settings.hold_grace_seconds}"
+        )

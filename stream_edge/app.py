@@ -130,6 +130,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                     log.warning("%d usage events left in the outbox for the next start", pending)
             await client.aclose()
             await webhook_client.aclose()
+            await jwks.aclose()
             await cp_client.aclose()
             if own_store:
                 await active_store.close()

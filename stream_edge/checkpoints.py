@@ -1,14 +1,17 @@
 """Write usage checkpoints while a stream runs (see `shared/checkpoints.py`).
 
-Writes never block the relay: at most one is in flight per stream, as a background
-task, and a failed write only means a staler checkpoint.
+Writes never block the relay: the heartbeat is its own task, a 64-token write is a
+background task (at most one in flight), and a failed write only means a staler
+checkpoint. `close` stops the heartbeat and writes the ended checkpoint last, so
+the sweeper never mistakes a finished stream whose report is in the outbox for a
+dead edge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from datetime import UTC, datetime
 
 from shared.checkpoints import (
@@ -24,39 +27,74 @@ from stream_edge.meter import Meter
 
 log = logging.getLogger("llmgw.edge.checkpoints")
 
+CLOSE_TIMEOUT_SECONDS = 2.0  # a hung store must not hold the stream's end hostage
+
 
 class Checkpointer:
-    def __init__(self, store: Store, grant: StreamGrant, meter: Meter, ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        grant: StreamGrant,
+        meter: Meter,
+        ttl_seconds: float,
+        every_seconds: float = CHECKPOINT_EVERY_SECONDS,
+    ) -> None:
         self._store = store
         self._grant = grant
         self._meter = meter
         self._ttl = ttl_seconds
+        self._every = every_seconds
         self._written_tokens = 0
-        self._written_at = time.monotonic()
+        self._beat = 0
         self._task: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        """Write a checkpoint now and every few seconds until `close`: the stream
+        has started, and its edge is alive."""
+        self._heartbeat = asyncio.create_task(self._beats())
+
+    async def _beats(self) -> None:
+        while not self._stop.is_set():
+            await self._write(self._meter.relayed_tokens)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._every)
 
     def tick(self) -> None:
-        """Called after each relayed chunk; cheap unless a checkpoint is due."""
+        """Called after each relayed chunk; cheap unless 64 more tokens went out."""
         output = self._meter.relayed_tokens
-        if output == self._written_tokens:
-            return
-        due = output - self._written_tokens >= CHECKPOINT_EVERY_TOKENS
-        if not due and time.monotonic() - self._written_at < CHECKPOINT_EVERY_SECONDS:
+        if output - self._written_tokens < CHECKPOINT_EVERY_TOKENS:
             return
         if self._task is not None and not self._task.done():
             return
         self._written_tokens = output
-        self._written_at = time.monotonic()
         self._task = asyncio.create_task(self._write(output))
 
-    async def _write(self, output_tokens: int) -> None:
+    async def close(self) -> None:
+        """Stop the heartbeat, let in-flight writes land, then write the ended
+        checkpoint (bounded: the caller shields this from cancellation)."""
+        self._stop.set()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                for task in (self._heartbeat, self._task):
+                    if task is not None:
+                        await task
+                await self._write(self._meter.relayed_tokens, ended=True)
+        except TimeoutError:
+            log.warning("final checkpoint not written in time")
+
+    async def _write(self, output_tokens: int, *, ended: bool = False) -> None:
         billing = self._meter.billing()
+        self._beat += 1
         checkpoint = UsageCheckpoint(
             jti=self._grant.jti,
             reservation_id=self._grant.reservation_id,
             input_tokens=billing.input_tokens,
             output_tokens=max(output_tokens, billing.output_tokens),
             updated_at=iso_utc(datetime.now(UTC)),
+            beat=self._beat,
+            ended=ended,
         )
         try:
             await self._store.set(

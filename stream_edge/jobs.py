@@ -20,6 +20,7 @@ from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.http1 import Http1Response
 from stream_edge.limits import slot_keys
 from stream_edge.meter import Meter
+from stream_edge.metrics import model_label, provider_label
 from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit
@@ -71,6 +72,10 @@ class StreamJob:
         self._reported = False
         self._counted_active = False
         self._adapter: Adapter | None = adapter_for(provider)
+        # Bounded metric labels: a company's own model and provider names are `custom`.
+        catalog = state.settings.catalog
+        self._model_label = model_label(catalog, model.id)
+        self._provider_label = provider_label(catalog, provider.name)
 
     def _call(self, stream: bool) -> UpstreamCall:
         settings = self.state.settings
@@ -108,13 +113,13 @@ class StreamJob:
                 error_status=self._adapter.error_status,
             )
         except EdgeError as exc:
-            self.state.metrics.upstream_errors.labels(self.provider.name, exc.code).inc()
+            self.state.metrics.upstream_errors.labels(self._provider_label, exc.code).inc()
             self.result = RelayResult("failed", exc.code, exc.message)
             await self.report("finished")
             raise
 
     def first_token(self) -> None:
-        self.state.metrics.ttft.labels(self.model.id, self.provider.name).observe(
+        self.state.metrics.ttft.labels(self._model_label, self._provider_label).observe(
             time.perf_counter() - self.accepted_at
         )
 
@@ -129,6 +134,7 @@ class StreamJob:
             + settings.hold_grace_seconds
             + 3600,
         )
+        checkpointer.start()
         try:
             self.result = await relay(
                 response,
@@ -147,12 +153,14 @@ class StreamJob:
             )
         finally:
             # Shielded: when the client left, this task is being cancelled, and the
-            # backend must still see its connection closed.
+            # backend must still see its connection closed; the ended checkpoint
+            # tells the sweeper the report is coming (bounded by its own timeout).
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+                await checkpointer.close()
         if self.result.status == "failed":
             self.state.metrics.upstream_errors.labels(
-                self.provider.name, self.result.error_code or ""
+                self._provider_label, self.result.error_code or ""
             ).inc()
         return self.result
 

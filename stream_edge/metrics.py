@@ -6,13 +6,29 @@ samples go to prometheus-client's multiprocess files instead and `/metrics` merg
 them (`shared.metrics`); the gauges' ``multiprocess_mode`` says how.
 
 Label values are bounded: `status`, `direction`, `reason`, `kind` and `outcome` are
-fixed words from the code; `model` and `provider` come from the catalog, never from
-the client.
+fixed words from the code; `model` and `provider` are the ids of the edge's own
+catalog (packaged, or the operator's `LLMGW_MODELS_FILE`), never the client's nor a
+company's: a company names its own models and providers, and as label values those
+names would let one tenant mint unbounded series (issue 11.16). They show as
+``custom`` (`model_label`, `provider_label`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.catalog import Catalog
+
+CUSTOM = "custom"
+
+
+def model_label(catalog: Catalog, model_id: str) -> str:
+    return model_id if model_id in catalog.models else CUSTOM
+
+
+def provider_label(catalog: Catalog, provider: str) -> str:
+    return provider if provider in catalog.providers else CUSTOM
+
 
 # Request accepted → first content token: a local mock answers in milliseconds, a
 # hosted chat model in 0.3 to 3 s, a reasoning model in tens of seconds. Finer between

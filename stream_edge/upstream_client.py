@@ -72,7 +72,14 @@ async def open_stream(
     while True:
         if breaker is not None and not breaker.allow():
             raise UpstreamError("the backend is failing; try again shortly", code="upstream_error")
-        error, retry_after = await _attempt(client, request, breaker, error_status)
+        try:
+            error, retry_after = await _attempt(client, request, breaker, error_status)
+        except BaseException:
+            # Cancelled (the client left) mid-attempt: a half-open trial must still
+            # end, or the breaker refuses this provider forever (issue 11.11).
+            if breaker is not None:
+                breaker.record_abandoned()
+            raise
         if isinstance(error, Http1Response):
             return error
         attempt += 1
@@ -126,6 +133,8 @@ async def _attempt(
         status = error_status(status, body)
     if status >= 500:
         _failed(breaker)
+    elif breaker is not None:
+        breaker.record_answer()  # a 4xx: the backend is up
     retry_after_header = response.headers.get("retry-after")
     error = error_for_status(status, retry_after_header)
     if status not in RETRYABLE_STATUSES:

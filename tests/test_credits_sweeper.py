@@ -4,8 +4,9 @@ webhook arriving afterwards is a harmless duplicate.
 
 The checkpoints are written straight into the app's real store (MemoryStore on
 SQLite, RedisStore on PostgreSQL), exactly where the edge writes them. The
-`fast` fixture runs the app's own background sweeper with a 1 s token TTL, a 1 s
-grace and a 0.1 s interval; the `cp` fixture (defaults: 120 s + 600 s) drives
+`fast` fixture runs the app's own background sweeper every 0.1 s on holds whose
+deadline the test moved into the past (`_expire`: a grace shorter than the longest
+stream is refused at start, issue 11.4); the `cp` fixture (defaults) drives
 `sweep_expired_holds` directly for the races and the store outage."""
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
-from control_plane.sweeper import sweep_expired_holds
+from control_plane.liveness import SilenceWatch
+from control_plane.sweeper import sweep_expired_holds, sweep_silent_streams
 from control_plane.tables import Reservation
-from shared.checkpoints import UsageCheckpoint, checkpoint_key
+from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.pricing import MICRO, cost_micro, format_credits
+from shared.revocations import revocation_key
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
@@ -38,11 +41,7 @@ from tests.test_control_plane import (
     usage_event,
 )
 
-FAST = {
-    "LLMGW_TOKEN_TTL_SECONDS": "1",
-    "LLMGW_HOLD_GRACE_SECONDS": "1",
-    "LLMGW_SWEEP_INTERVAL_SECONDS": "0.1",
-}
+FAST = {"LLMGW_SWEEP_INTERVAL_SECONDS": "0.1"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -77,6 +76,19 @@ def _checkpoint(
     cp.on_loop(lambda: store.set(checkpoint_key(init["reservation_id"]), point.dumps(), 600))
 
 
+def _expire(cp: CP, reservation_id: str) -> None:
+    db = cp.app.state.db
+
+    def expire(session: Any) -> None:
+        session.execute(
+            update(Reservation)
+            .where(col(Reservation.id) == reservation_id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+
+    cp.on_loop(lambda: db.transaction(expire))
+
+
 def _wait_until_reconciled(client: httpx.Client, timeout: float = 15) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,6 +117,7 @@ def test_expired_hold_is_settled_from_the_edge_checkpoint(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
     _checkpoint(fast, init, input_tokens=12, output_tokens=70)
+    _expire(fast, init["reservation_id"])
     expected = _cost(fast, init, 12, 70)
     assert expected < micro(init["reserved_credits"])
     credits = _wait_until_reconciled(client)
@@ -133,6 +146,7 @@ def test_checkpoint_without_output_settles_for_nothing(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
     _checkpoint(fast, init, input_tokens=12, output_tokens=0)
+    _expire(fast, init["reservation_id"])
     assert _wait_until_reconciled(client)["balance"] == "10.000000"
     (item,) = data_of(client.get("/v1/usage"))["items"]
     assert item["cost"] == "0.000000" and item["status"] == "failed"
@@ -143,6 +157,7 @@ def test_checkpoint_charge_is_capped_at_the_hold(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client, max_tokens=5)
     _checkpoint(fast, init, input_tokens=10**6, output_tokens=10**6)
+    _expire(fast, init["reservation_id"])
     credits = _wait_until_reconciled(client)
     assert micro(credits["balance"]) == 10 * MICRO - micro(init["reserved_credits"])
     assert_books_balance(fast, company_id, client)
@@ -151,6 +166,7 @@ def test_checkpoint_charge_is_capped_at_the_hold(fast: CP) -> None:
 def test_expired_hold_without_checkpoint_is_released(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
+    _expire(fast, init["reservation_id"])
     assert _wait_until_reconciled(client) == {
         "balance": "10.000000",
         "held": "0.000000",
@@ -168,25 +184,13 @@ def test_a_checkpoint_of_another_stream_is_not_billed(fast: CP) -> None:
     client, company_id = fast.owner_client("10")
     init = _init(client)
     _checkpoint(fast, init, input_tokens=12, output_tokens=70, jti="someone-elses-jti")
+    _expire(fast, init["reservation_id"])
     assert _wait_until_reconciled(client)["balance"] == "10.000000"
     assert data_of(client.get("/v1/usage"))["items"] == []
     assert_books_balance(fast, company_id, client)
 
 
 # --- direct sweeps: deadlines, races, a store outage ---------------------------------
-
-
-def _expire(cp: CP, reservation_id: str) -> None:
-    db = cp.app.state.db
-
-    def expire(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-
-    cp.on_loop(lambda: db.transaction(expire))
 
 
 def _sweep(cp: CP, now: datetime | None = None) -> Any:
@@ -263,4 +267,58 @@ def test_concurrent_sweepers_and_a_late_webhook_settle_once(cp: CP) -> None:
     assert {r.status_code for r in webhooks} == {200}
     assert credits_of(client)["held"] == "0.000000"
     assert len(data_of(client.get("/v1/usage"))["items"]) == len(inits)
+    assert_books_balance(cp, company_id, client)
+
+
+# --- silent streams (issue 11.5): settled long before the deadline, once ----------
+
+
+def test_a_silent_stream_is_settled_from_its_checkpoint_once_and_revoked(cp: CP) -> None:
+    """A dead edge's stream (checkpoint unchanged for the silence limit) is settled
+    before its deadline; a live one (the checkpoint moves), an ended one (its report
+    is coming) and one whose checkpoint is another stream's are left alone. The
+    edge's late report is a duplicate, and the token is revoked so a merely stalled
+    edge stops relaying."""
+    client, company_id = cp.owner_client("10")
+    dead, alive, ended, foreign = (_init(client) for _ in range(4))
+    _checkpoint(cp, dead, input_tokens=12, output_tokens=70)
+    _checkpoint(cp, alive, input_tokens=12, output_tokens=1)
+    _checkpoint(cp, foreign, input_tokens=12, output_tokens=70, jti="someone-elses-jti")
+    claims = jwt.decode(ended["stream_token"], options={"verify_signature": False})
+    over = UsageCheckpoint(claims["jti"], ended["reservation_id"], 12, 70, "t", beat=9, ended=True)
+    store = cp.app.state.store
+    cp.on_loop(lambda: store.set(checkpoint_key(ended["reservation_id"]), over.dumps(), 600))
+    clock = [0.0]
+    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+    state = cp.app.state
+
+    def sweep() -> Any:
+        return cp.on_loop(
+            lambda: sweep_silent_streams(
+                state.db, state.store, state.metrics, watch, revoke_ttl=600
+            )
+        )
+
+    assert sweep().settled == 0  # first sight of every checkpoint
+    clock[0] += watch.silent_after - 0.5
+    _checkpoint(cp, alive, input_tokens=12, output_tokens=2)
+    assert sweep().settled == 0
+    clock[0] += 0.5
+    _checkpoint(cp, alive, input_tokens=12, output_tokens=3)
+    assert sweep().settled == 1
+    assert sweep().settled == 0  # settled once
+
+    expected = _cost(cp, dead, 12, 70)
+    (item,) = data_of(client.get("/v1/usage"))["items"]
+    assert (item["reservation_id"], item["status"]) == (dead["reservation_id"], "failed")
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
+    others = [alive, ended, foreign]
+    assert micro(credits_of(client)["held"]) == sum(micro(i["reserved_credits"]) for i in others)
+    dead_jti = jwt.decode(dead["stream_token"], options={"verify_signature": False})["jti"]
+    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", dead_jti)))
+    assert revoked is not None
+    # The edge was only slow: its report arrives afterwards and charges nothing more.
+    late = usage_event(dead, company_id, input_tokens=12, output_tokens=90)
+    assert data_of(cp.webhook(late)) == {"duplicate": True}
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
     assert_books_balance(cp, company_id, client)

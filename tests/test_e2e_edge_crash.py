@@ -1,12 +1,14 @@
 """An edge process killed mid-stream (SIGKILL: no webhook, no cleanup) still gets its
-hold settled: the control plane's sweeper bills it from the edge's last usage
-checkpoint once the hold's deadline passes (PostgreSQL + Redis)."""
+hold settled: the control plane's sweeper sees the stream's checkpoint fall silent
+and bills it from that checkpoint within a minute, with the default grace and sweep
+settings (issue 11.5; PostgreSQL + Redis)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,18 +23,15 @@ from tests.conftest import REDIS_URL
 from tests.stack import SplitStack, base_env, edge_process, micro
 
 ROOT = Path(__file__).resolve().parent.parent
-SHORT_HOLDS = {
-    "LLMGW_TOKEN_TTL_SECONDS": "4",
-    "LLMGW_HOLD_GRACE_SECONDS": "1",
-    "LLMGW_SWEEP_INTERVAL_SECONDS": "0.3",
-}
+SETTLED_WITHIN_SECONDS = 60  # issue 11.5, with the default grace and sweep interval
 
 
 @pytest.fixture
 def stack_with_edge_process(
     pg_database_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[tuple[SplitStack, subprocess.Popen[bytes]]]:
-    env = {**base_env(pg_database_url, REDIS_URL, redis_prefix), **SHORT_HOLDS}
+    env = base_env(pg_database_url, REDIS_URL, redis_prefix)
+    assert not any("GRACE" in name or "SWEEP" in name for name in env)
     with SplitStack(env) as split, edge_process(split, tmp_path) as edge:
         yield split, edge
 
@@ -49,7 +48,7 @@ def read_checkpoint(prefix: str, reservation_id: str) -> UsageCheckpoint | None:
     return UsageCheckpoint.loads(raw) if raw is not None else None
 
 
-def test_sigkilled_edge_is_billed_from_its_last_checkpoint(
+def test_sigkilled_edge_hold_is_settled_within_a_minute_by_default(
     stack_with_edge_process: tuple[SplitStack, subprocess.Popen[bytes]],
 ) -> None:
     split, edge = stack_with_edge_process
@@ -66,6 +65,7 @@ def test_sigkilled_edge_is_billed_from_its_last_checkpoint(
             received += sum(1 for e in decoder.feed(raw) if e.event == "chunk")
             if received >= 3 * CHECKPOINT_EVERY_TOKENS + 10:
                 edge.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
                 break
     edge.wait(timeout=10)
 
@@ -75,7 +75,8 @@ def test_sigkilled_edge_is_billed_from_its_last_checkpoint(
     assert 2 * CHECKPOINT_EVERY_TOKENS <= checkpoint.output_tokens < 900
     assert micro(c.credits(token)["held"]) > 0  # the edge never reported
 
-    record = c.wait_usage(token, grant["reservation_id"], timeout=20)
+    left = SETTLED_WITHIN_SECONDS - (time.monotonic() - killed_at)
+    record = c.wait_usage(token, grant["reservation_id"], timeout=left)
     assert record["status"] == "failed"
     assert record["usage_source"] == "estimated"
     assert record["output_tokens"] == checkpoint.output_tokens

@@ -154,3 +154,27 @@ def test_the_webhook_secret_neither_opens_nor_forges_a_route(split: SplitStack) 
     real = seal(route, route_ciphers(split.env["LLMGW_ENCRYPTION_KEY"].split(",")))
     with pytest.raises(InvalidToken):
         attacker.decrypt(real.encode())
+
+
+def test_tenant_chosen_model_and_provider_names_never_become_metric_labels(
+    split: SplitStack,
+) -> None:
+    """11.16: a company names its own models and providers; as label values they
+    would let one tenant mint unbounded Prometheus series. They show as `custom`."""
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    kid, key = split.apps["cp"].state.keyring.active()
+    cipher = route_ciphers(split.env["LLMGW_ENCRYPTION_KEY"].split(","))
+    tenant_names = []
+    for n, base_url in enumerate((split.mock_url, "http://127.0.0.1:9/v1")):  # ok, refused
+        grant = c.init_ok(token, {"query": "labels [[mock tokens=2]]"})
+        provider, model = f"tenant-provider-{n}-{time.time_ns()}", f"tenant-model-{n}"
+        tenant_names += [provider, model]
+        route = UpstreamRoute(provider, "openai_chat", base_url, "mock-fast", "sk-own")
+        claims = {**claims_of(grant["stream_token"]), "model": model, "upr": seal(route, cipher)}
+        c.http.get(f"{c.edge_url}/v1/stream", params={"token": sign_token(claims, key, kid)})
+        c.wait_usage(token, grant["reservation_id"])
+    metrics = c.http.get(f"{c.edge_url}/metrics").text
+    assert not [name for name in tenant_names if name in metrics]
+    assert 'model="custom",provider="custom"' in metrics  # the TTFT of the first stream
+    assert 'llmgw_edge_upstream_errors_total{kind="upstream_error",provider="custom"}' in metrics

@@ -12,6 +12,8 @@ import jwt
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared import jws_fast, tokens
 
@@ -127,4 +129,98 @@ def test_same_verdict_as_pyjwt(case: str) -> None:
     if theirs in ("ok", *PYJWT_REASONS.values()):
         assert ours == theirs
     else:  # pyjwt's other refusals (malformed, missing claims, bad alg) have no reason
+        assert ours != "ok"
+
+
+# --- Non-canonical segments (issue 11.15) and a differential run ------------------
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def flip_unused_bits(segment: str, bits: int) -> str:
+    """The same bytes, spelt differently: set some of the last character's unused
+    low bits (a 64-byte signature is 86 characters, whose last one carries 4)."""
+    spare = {2: 4, 3: 2}[len(segment) % 4]
+    last = ALPHABET.index(segment[-1])
+    mutated = last | (bits % (2**spare) or 1)
+    return segment[:-1] + ALPHABET[mutated]
+
+
+@pytest.mark.parametrize("bits", range(1, 16))
+def test_a_signature_with_its_unused_bits_set_is_refused(bits: int) -> None:
+    """GHSA-hxm8-2xgr-2p9m: base64 decoders ignore the unused bits, so one signature
+    has up to 16 spellings; pyjwt >= 2.15 refuses all but the canonical one."""
+    token = signed(claims(int(time.time())))
+    head, body, signature = token.split(".")
+    mutated = f"{head}.{body}.{flip_unused_bits(signature, bits)}"
+    assert mutated != token
+    assert pyjwt_verdict(mutated) == "refused"
+    assert fast_verdict(mutated) == "malformed"
+
+
+@pytest.mark.parametrize("segment", [0, 1])
+def test_header_and_payload_must_be_canonical_too(segment: int) -> None:
+    now = int(time.time())
+    for payload in (claims(now), claims(now, sub="ab"), claims(now, sub="abc")):
+        parts = signed(payload).split(".")
+        if len(parts[segment]) % 4 in (2, 3):
+            parts[segment] = flip_unused_bits(parts[segment], 1)
+            mutated = ".".join(parts)
+            assert pyjwt_verdict(mutated) == "refused"
+            assert fast_verdict(mutated) == "malformed"
+
+
+OFFSETS = st.sampled_from([None, -7200, -60, -2, 0, 2, 60, 7200])
+
+
+@st.composite
+def tokens_and_mutations(draw: st.DrawFn) -> str:
+    now = int(time.time())
+    exp, nbf, iat = (draw(OFFSETS) for _ in range(3))
+    payload = claims(
+        now,
+        exp=None if exp is None else now + exp,
+        nbf=None if nbf is None else now + nbf,
+        iat=None if iat is None else now + iat,
+        aud=draw(st.sampled_from([tokens.STREAM_AUDIENCE, "else", ["a", tokens.STREAM_AUDIENCE]])),
+        iss=draw(st.sampled_from([tokens.ISSUER, "else"])),
+        # text of any length varies every segment's length mod 4; a number is refused
+        sub=draw(st.one_of(st.text(max_size=5), st.integers(0, 9))),
+    )
+    token = signed(payload, draw(st.sampled_from([KEY, KEY, OTHER])))
+    parts = token.split(".")
+    kind = draw(st.sampled_from(["none", "bits", "char", "drop", "add", "pad", "swap"]))
+    i = draw(st.integers(0, 2))
+    segment = parts[i]
+    if kind == "bits" and len(segment) % 4 in (2, 3):
+        parts[i] = flip_unused_bits(segment, draw(st.integers(1, 15)))
+    elif kind == "char" and segment:
+        at = draw(st.integers(0, len(segment) - 1))
+        char = draw(st.sampled_from([*ALPHABET, "=", "+", "/", "*", " "]))
+        parts[i] = segment[:at] + char + segment[at + 1 :]
+    elif kind == "drop" and segment:
+        at = draw(st.integers(0, len(segment) - 1))
+        parts[i] = segment[:at] + segment[at + 1 :]
+    elif kind == "add":
+        parts[i] = segment + draw(st.sampled_from(ALPHABET))
+    elif kind == "pad":
+        parts[i] = segment + "=" * draw(st.integers(1, 3))
+    elif kind == "swap":
+        j = draw(st.integers(0, 2))
+        parts[i], parts[j] = parts[j], parts[i]
+    return ".".join(parts)
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(tokens_and_mutations())
+def test_differential_same_verdict_as_pyjwt(token: str) -> None:
+    """Thousands of good and mutated tokens: jws_fast and pyjwt agree. The one
+    deliberate difference: compact JWS has no padding (RFC 7515 §2), so a segment
+    ending in '=' is refused here even where pyjwt tolerates it."""
+    ours, theirs = fast_verdict(token), pyjwt_verdict(token)
+    if "=" in token:
+        assert ours != "ok"
+    elif theirs in ("ok", *PYJWT_REASONS.values()):
+        assert ours == theirs
+    else:
         assert ours != "ok"

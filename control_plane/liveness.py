@@ -1,0 +1,38 @@
+"""Which running streams went silent (issue 11.5): a pure, per-process memory of
+each stream's last checkpoint marker and when this process first saw it.
+
+Only this process's monotonic clock is used, never the edge's timestamps, so clock
+skew between the edge and the control plane cannot make a live stream look dead.
+A marker first seen now counts from now: a stream is silent once two sweeps at
+least `silent_after` seconds apart read the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable
+
+
+class SilenceWatch:
+    def __init__(self, silent_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.silent_after = silent_after
+        self._clock = clock
+        self._seen: dict[str, tuple[Hashable, float]] = {}
+
+    def is_silent(self, reservation_id: str, marker: Hashable) -> bool:
+        """Record `marker` as seen now; True when it has not changed for
+        `silent_after` seconds."""
+        now = self._clock()
+        seen = self._seen.get(reservation_id)
+        if seen is None or seen[0] != marker:
+            self._seen[reservation_id] = (marker, now)
+            return False
+        return now - seen[1] >= self.silent_after
+
+    def keep_only(self, reservation_ids: Iterable[str]) -> None:
+        """Forget streams no longer running (settled, released, ended)."""
+        keep = set(reservation_ids)
+        self._seen = {rid: seen for rid, seen in self._seen.items() if rid in keep}
+
+    def __len__(self) -> int:
+        return len(self._seen)

@@ -1,0 +1,140 @@
+"""The circuit breaker never sticks (issue 11.11): every half-open trial ends in a
+success or a failure, whatever the backend answers and even when the stream is
+cancelled mid-trial; otherwise `allow()` stays false for the life of the process
+and one provider fails fast forever. Injected clock, fake transport: no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from shared.retry import Backoff
+from stream_edge.breaker import CircuitBreaker
+from stream_edge.errors import EdgeError
+from stream_edge.http1 import Headers, Http1Response
+from stream_edge.upstream.base import HttpRequest
+from stream_edge.upstream_client import RetryPolicy, open_stream
+
+RESET = 30.0
+REQUEST = HttpRequest(url="http://backend.invalid/v1/chat", headers={}, body=b"{}")
+NO_RETRIES = RetryPolicy(retries=0, backoff=Backoff(base=0.0, cap=0.0))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeResponse(Http1Response):
+    """Headers in, body canned (no connection behind it)."""
+
+    def __init__(self, status: int) -> None:
+        self.status_code = status
+        self.headers = Headers([])
+
+    async def aread(self) -> bytes:
+        return b'{"error": {"message": "no"}}'
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FakeClient:
+    """Answers each send with the next status; ``"hang"`` never answers."""
+
+    def __init__(self, *answers: int | str) -> None:
+        self.answers = list(answers)
+        self.sent = 0
+        self.waiting = asyncio.Event()
+
+    async def send(self, method: str, url: str, headers: Any, body: bytes) -> FakeResponse:
+        self.sent += 1
+        answer = self.answers.pop(0)
+        if answer == "hang":
+            self.waiting.set()
+            await asyncio.Event().wait()
+        assert isinstance(answer, int)
+        return FakeResponse(answer)
+
+
+def open_breaker(clock: Clock) -> CircuitBreaker:
+    breaker = CircuitBreaker(failures=2, reset_seconds=RESET, clock=clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now += RESET
+    assert breaker.state == "half_open"
+    return breaker
+
+
+async def _open(client: FakeClient, breaker: CircuitBreaker) -> Any:
+    return await open_stream(client, REQUEST, breaker=breaker, policy=NO_RETRIES)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 429])
+async def test_a_trial_answered_with_a_4xx_ends_the_trial(status: int) -> None:
+    """The backend answered: it is up, so the trial closes the circuit."""
+    clock = Clock()
+    breaker = open_breaker(clock)
+    with pytest.raises(EdgeError):
+        await _open(FakeClient(status), breaker)
+    assert breaker.state == "closed"
+    assert breaker.allow()
+
+
+async def test_a_cancelled_trial_counts_as_failed_and_a_new_trial_follows() -> None:
+    clock = Clock()
+    breaker = open_breaker(clock)
+    client = FakeClient("hang")
+    task = asyncio.create_task(_open(client, breaker))
+    await client.waiting.wait()
+    assert not breaker.allow()  # one trial at a time
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert breaker.state == "open"  # the trial failed: wait again, then retry
+    clock.now += RESET
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed"
+
+
+async def test_a_trial_answered_with_a_5xx_reopens_and_a_2xx_closes() -> None:
+    clock = Clock()
+    breaker = open_breaker(clock)
+    with pytest.raises(EdgeError):
+        await _open(FakeClient(503), breaker)
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now += RESET
+    response = await _open(FakeClient(200), breaker)
+    assert response.status_code == 200 and breaker.state == "closed"
+
+
+async def test_a_4xx_in_the_closed_state_does_not_reset_the_failure_count() -> None:
+    """A client error says nothing about the backend's health."""
+    clock = Clock()
+    breaker = CircuitBreaker(failures=2, reset_seconds=RESET, clock=clock)
+    with pytest.raises(EdgeError):
+        await _open(FakeClient(500), breaker)
+    with pytest.raises(EdgeError):
+        await _open(FakeClient(401), breaker)
+    with pytest.raises(EdgeError):
+        await _open(FakeClient(500), breaker)
+    assert breaker.state == "open"
+
+
+def test_a_trial_that_never_reports_is_given_up_after_the_reset_time() -> None:
+    """Belt and braces: even a trial whose caller forgot to report cannot wedge the
+    breaker for longer than one reset period."""
+    clock = Clock()
+    breaker = open_breaker(clock)
+    assert breaker.allow()  # the trial starts, and its outcome is never recorded
+    clock.now += RESET - 1
+    assert not breaker.allow()
+    clock.now += 1
+    assert breaker.allow()

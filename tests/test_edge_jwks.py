@@ -1,0 +1,154 @@
+"""The edge's JWKS cache under a slow or failing control plane (issue 11.14): one
+refresh at a time, failures remembered (the refetch floor holds for them too), and
+stale keys served while a refresh runs. Fake transport and injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from stream_edge.jwks import JWKSCache, KeysUnavailable
+
+URL = "http://cp.invalid/.well-known/jwks.json"
+MAX_AGE = 300.0
+FLOOR = 5.0
+
+
+def jwks_doc(*kids: str) -> dict[str, object]:
+    keys = []
+    for kid in kids:
+        public = Ed25519PrivateKey.generate().public_key()
+        jwk = jwt.PyJWK.from_dict(
+            {**jwt.algorithms.OKPAlgorithm.to_jwk(public, as_dict=True), "kid": kid}
+        )
+        keys.append({**jwk._jwk_data, "alg": "EdDSA", "use": "sig"})
+    return {"keys": keys}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ControlPlane:
+    """Counts fetches; `gate` (when set) holds every answer until released."""
+
+    def __init__(self, answer: Callable[[], httpx.Response]) -> None:
+        self.answer = answer
+        self.fetches = 0
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.fetches += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.answer()
+
+
+def cache_for(cp: ControlPlane, clock: Clock) -> tuple[JWKSCache, httpx.AsyncClient]:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(cp))
+    cache = JWKSCache(client, URL, max_age_seconds=MAX_AGE, min_refetch_seconds=FLOOR, clock=clock)
+    return cache, client
+
+
+async def all_done(aws: list[Awaitable[object]], within: float = 5.0) -> list[object]:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    _, pending = await asyncio.wait(tasks, timeout=within)
+    for task in pending:
+        task.cancel()
+    assert not pending, f"{len(pending)} of {len(tasks)} look-ups waited on the refresh"
+    return [t.result() for t in tasks]
+
+
+async def test_stale_keys_are_served_while_one_slow_refresh_runs() -> None:
+    doc = jwks_doc("k1")
+    cp = ControlPlane(lambda: httpx.Response(200, json=doc))
+    clock = Clock()
+    cache, client = cache_for(cp, clock)
+    async with client:
+        first = await cache.key("k1")
+        assert first is not None and cp.fetches == 1
+        clock.now += MAX_AGE + 1  # stale
+        cp.gate = asyncio.Event()  # and the control plane is slow
+        keys = await all_done([cache.key("k1") for _ in range(5)])
+        assert keys == [first] * 5
+        assert cp.fetches <= 2  # one refresh in flight, not five
+        cp.gate.set()
+        await asyncio.sleep(0)
+        for _ in range(100):
+            if cp.fetches == 2 and not cache.refreshing:
+                break
+            await asyncio.sleep(0.01)
+        assert cp.fetches == 2
+
+
+async def test_failed_refreshes_are_remembered_and_not_repeated_by_every_look_up() -> None:
+    doc = jwks_doc("k1")
+    healthy = True
+    cp = ControlPlane(lambda: httpx.Response(200, json=doc) if healthy else httpx.Response(503))
+    clock = Clock()
+    cache, client = cache_for(cp, clock)
+    async with client:
+        known = await cache.key("k1")
+        healthy = False
+        clock.now += MAX_AGE + 1
+        # A stale known kid and an unknown one, five times each, concurrently.
+        found = await all_done(
+            [cache.key("k1") for _ in range(5)] + [cache.key("kX") for _ in range(5)]
+        )
+        assert found == [known] * 5 + [None] * 5
+        assert cp.fetches == 2  # the first fill, then ONE failed refresh
+        clock.now += FLOOR - 1
+        await all_done([cache.key("kX") for _ in range(5)])
+        assert cp.fetches == 2  # the floor holds for a failure too
+        clock.now += 1
+        await cache.key("kX")
+        assert cp.fetches == 3
+
+
+async def test_an_unknown_kid_joins_the_refresh_in_flight() -> None:
+    docs = [jwks_doc("k1"), jwks_doc("k1", "k2")]
+    cp = ControlPlane(lambda: httpx.Response(200, json=docs[min(cp.fetches, 2) - 1]))
+    clock = Clock()
+    cache, client = cache_for(cp, clock)
+    async with client:
+        await cache.key("k1")
+        clock.now += FLOOR  # k2 was just rotated in
+        keys = await all_done([cache.key("k2") for _ in range(5)])
+        assert all(k is not None for k in keys) and cp.fetches == 2
+
+
+async def test_no_keys_at_all_is_unavailable_and_the_floor_still_holds() -> None:
+    cp = ControlPlane(lambda: httpx.Response(503))
+    clock = Clock()
+    cache, client = cache_for(cp, clock)
+    async with client:
+        results = await asyncio.gather(*(cache.key("k1") for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, KeysUnavailable) for r in results)
+        assert cp.fetches == 1
+        with pytest.raises(KeysUnavailable):
+            await cache.key("k1")
+        assert cp.fetches == 1
+        assert not await cache.ready()
+
+
+async def test_closing_cancels_a_refresh_in_flight() -> None:
+    cp = ControlPlane(lambda: httpx.Response(200, json=jwks_doc("k1")))
+    cp.gate = asyncio.Event()
+    cache, client = cache_for(cp, Clock())
+    async with client:
+        lookup = asyncio.ensure_future(cache.key("k1"))
+        while not cache.refreshing:
+            await asyncio.sleep(0)
+        await cache.aclose()
+        assert not cache.refreshing
+        with pytest.raises(asyncio.CancelledError):
+            await lookup
