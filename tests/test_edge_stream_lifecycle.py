@@ -181,7 +181,8 @@ def test_a_malformed_last_event_id_is_a_400_and_burns_nothing(
     if where == "header":
         response = c.http.get(grant["stream_url"], headers={"Last-Event-ID": value})
     else:
-        response = c.http.get(grant["stream_url"], params={"last_event_id": value})
+        query = httpx.QueryParams({"last_event_id": value})
+        response = c.http.get(f"{grant['stream_url']}&{query}")
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid_last_event_id"
     fresh = c.http.get(grant["stream_url"])
@@ -351,3 +352,37 @@ def test_slots_and_usage_survive_an_outbox_write_that_fails(
     after = c.credits(access)
     assert before - micro(after["balance"]) == charged
     assert Decimal(after["held"]) == 0
+
+
+# --- the pure rules behind them -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(None, None), ("", None), ("0", 0), ("41", 41), ("000000007", 7)],
+)
+def test_last_event_id_accepted(raw: str | None, expected: int | None) -> None:
+    from stream_edge.resume import parse_last_event_id
+
+    assert parse_last_event_id(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["²", "٣", "1e3", "-1", " 1", "1" * 10, "abc"])
+def test_last_event_id_refused(raw: str) -> None:
+    from stream_edge.resume import parse_last_event_id
+
+    with pytest.raises(ValueError):
+        parse_last_event_id(raw)
+
+
+def test_resume_grace_and_supersede_rules() -> None:
+    from stream_edge.resume import within_grace
+    from stream_edge.revocation_watch import superseded
+
+    assert within_grace(b"100.0", now=105.0, grace=10)
+    assert not within_grace(b"100.0", now=110.5, grace=10)
+    assert not within_grace(b"1", now=110.5, grace=10)  # a marker from before the rule
+    assert not within_grace(b"garbage", now=100.0, grace=10)
+    assert superseded(None, b"a")  # the first connection yields to any reconnect
+    assert not superseded(None, None)
+    assert superseded(b"a", b"b") and not superseded(b"b", b"b")
