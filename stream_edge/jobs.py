@@ -31,8 +31,9 @@ from stream_edge.usage_report import usage_event
 log = logging.getLogger("llmgw.edge.jobs")
 
 
-# The usage report must survive a store hiccup: about 3 s of retries in all.
-ENQUEUE_ATTEMPTS = 5
+# A store hiccup is retried briefly; past that the report goes to the local spool
+# (see `Outbox.keep`), so a longer wait here would only hold the stream's end up.
+ENQUEUE_ATTEMPTS = 3
 
 
 def done_key(jti: str) -> str:
@@ -221,9 +222,14 @@ class StreamJob:
                 await self.state.outbox.enqueue(event, release)
                 return
             except Exception as exc:  # the store is overloaded or briefly down
-                log.warning("enqueueing usage failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(0.1 * 2**attempt)
-        # Still down: the control plane's sweeper settles the hold from the last
-        # checkpoint after its deadline, and the slots expire at the stream's maximum
-        # life. Never lose the client's stream over it.
-        log.error("could not enqueue usage for %s", self.grant.request_id)
+                log.warning("enqueueing usage failed (%s)", type(exc).__name__)
+                if attempt + 1 < ENQUEUE_ATTEMPTS:
+                    await asyncio.sleep(0.1 * 2**attempt)
+        # Still refused: the report waits in the local spool (and is posted at once),
+        # and the slots go back on their own — not held until the stream's maximum
+        # life for want of the outbox write they normally share.
+        await self.state.outbox.keep(event, release)
+        try:
+            await self.state.store.release_slots(release)
+        except Exception as exc:  # the spooled report releases them once stored
+            log.warning("could not release the stream's slots: %s", type(exc).__name__)
