@@ -168,6 +168,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             EdgeError: handle_edge_error,
             **{error: routes.store_unavailable for error in STORE_ERRORS},
             404: routes.not_found,
+            Exception: routes.internal_error,
         },
         lifespan=lifespan,
     )

@@ -51,6 +51,18 @@ def _last_event_id(request: Request) -> int | None:
         ) from None
 
 
+def _stashed(raw: bytes | None) -> StashedRequest | None:
+    """The request stashed at init; None when gone or unreadable (the token is
+    claimed by now: the caller still reports and frees the slots)."""
+    if raw is None:
+        return None
+    try:
+        return StashedRequest.loads(raw)
+    except (ValueError, KeyError, TypeError):
+        logger.error("the stashed request is unreadable")
+        return None
+
+
 def _log_ttl(state: EdgeState, grant: StreamGrant) -> float:
     # Resumable for as long as the token may reconnect, plus the grace.
     return max(0, grant.expires_at - time.time()) + state.settings.resume_grace_seconds + 60
@@ -71,8 +83,7 @@ async def event_stream(request: Request) -> Response:
             state.metrics.token_rejections.labels("used").inc()
             raise Unauthorized("this stream token was already used", code="token_used")
         return await _resume(state, grant, after)
-    raw = admitted.fetched
-    stashed = StashedRequest.loads(raw) if raw is not None else None
+    stashed = _stashed(admitted.fetched)
     job = StreamJob(
         state, grant, model, provider,
         stashed.messages if stashed else [], stashed.params if stashed else {},

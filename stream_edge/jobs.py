@@ -113,6 +113,21 @@ class StreamJob:
             self.result = RelayResult("failed", exc.code, exc.message)
             await self.report("finished")
             raise
+        except Exception as exc:
+            # Not a failure we foresaw (e.g. a company key that cannot go into an HTTP
+            # header): still a failed report, slots back, an OpenAI-shaped 502.
+            raise await self.fail_unexpectedly(exc, "opening the backend stream") from None
+
+    async def fail_unexpectedly(self, exc: Exception, doing: str) -> UpstreamError:
+        """Report the stream as failed after an exception nobody foresaw; returns the
+        error for the client. Only the exception's type is logged: its message may
+        carry what it failed on (a key, a header)."""
+        log.error("unexpected %s while %s", type(exc).__name__, doing)
+        self.state.metrics.upstream_errors.labels(self.provider.name, "internal_error").inc()
+        error = UpstreamError("the edge could not open the backend stream")
+        self.result = RelayResult("failed", error.code, error.message)
+        await self.report("finished")
+        return error
 
     def first_token(self) -> None:
         self.state.metrics.ttft.labels(self.model.id, self.provider.name).observe(
@@ -120,6 +135,20 @@ class StreamJob:
         )
 
     async def pump(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
+        try:
+            self.result = await self._relay(response, write, emit)
+        finally:
+            # Shielded: when the client left, this task is being cancelled, and the
+            # backend must still see its connection closed.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        if self.result.status == "failed":
+            self.state.metrics.upstream_errors.labels(
+                self.provider.name, self.result.error_code or ""
+            ).inc()
+        return self.result
+
+    async def _relay(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
         assert self._adapter is not None
         settings = self.state.settings
         checkpointer = Checkpointer(
@@ -131,7 +160,7 @@ class StreamJob:
             + 3600,
         )
         try:
-            self.result = await relay(
+            return await relay(
                 response,
                 self._adapter.stream_parser(),
                 self.meter,
@@ -146,16 +175,13 @@ class StreamJob:
                 self.first_token,
                 checkpointer.tick,
             )
-        finally:
-            # Shielded: when the client left, this task is being cancelled, and the
-            # backend must still see its connection closed.
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
-        if self.result.status == "failed":
-            self.state.metrics.upstream_errors.labels(
-                self.provider.name, self.result.error_code or ""
-            ).inc()
-        return self.result
+        except OSError:
+            raise  # the client's connection failed: streaming.py handles that
+        except Exception as exc:
+            # A bug or a backend we misread (not the client leaving: that is a
+            # cancellation): the stream still ends with an error event and a report.
+            log.error("unexpected %s while relaying", type(exc).__name__)
+            return RelayResult("failed", "upstream_error", "the stream broke off")
 
     async def read_completion(self, response: Http1Response) -> Completion:
         assert self._adapter is not None
@@ -168,6 +194,8 @@ class StreamJob:
             )
             await self.report("finished")
             raise UpstreamError("the backend's answer was malformed") from exc
+        except Exception as exc:
+            raise await self.fail_unexpectedly(exc, "reading the backend's answer") from None
         finally:
             await response.aclose()
         self.meter.record_text(completion.text, completion.usage, completion.finish_reason)

@@ -14,7 +14,13 @@ from starlette.types import Receive, Scope, Send
 from shared.metrics import exposition
 from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
-from stream_edge.errors import NotFound, ServiceUnavailable, Unauthorized, error_response
+from stream_edge.errors import (
+    EdgeError,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    error_response,
+)
 from stream_edge.formats import OpenAIChunkWriter, completion_object
 from stream_edge.jobs import StreamJob
 from stream_edge.requests import parse_chat_request
@@ -147,6 +153,13 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
             "the gateway's store is unavailable; retry shortly", code="store_unavailable"
         )
     )
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """The last resort (Starlette's ServerErrorMiddleware): an OpenAI-shaped 500, never
+    a plain-text one. Streams report and free their slots before it comes to this."""
+    logger.error("unhandled %s", type(exc).__name__)
+    return error_response(EdgeError("the edge failed to handle this request"))
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
