@@ -391,3 +391,35 @@ def test_resume_grace_and_supersede_rules() -> None:
     assert superseded(None, b"a")  # the first connection yields to any reconnect
     assert not superseded(None, None)
     assert superseded(b"a", b"b") and not superseded(b"b", b"b")
+
+
+def test_an_unexpected_failure_while_relaying_ends_with_an_error_event_and_a_report(
+    stack: InProcessStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_edge.upstream.openai_chat import OpenAIStreamParser
+
+    feed = OpenAIStreamParser.feed
+    calls = 0
+
+    def breaks_on_the_fourth_read(self: OpenAIStreamParser, chunk: bytes) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("a parser bug")
+        return feed(self, chunk)
+
+    monkeypatch.setattr(OpenAIStreamParser, "feed", breaks_on_the_fourth_read)
+    c = stack.client
+    access = user(stack)
+    grant = c.init_ok(access, {"query": "breaks [[mock tokens=20 delay_ms=5]]"})
+    with c.http.stream("GET", grant["stream_url"]) as response:
+        assert response.status_code == 200
+        events = events_of(response)
+    assert events[-1].event == "error"
+    assert orjson.loads(events[-1].data)["code"] == "upstream_error"
+    record = c.wait_usage(access, grant["reservation_id"])
+    assert record["status"] == "failed"
+    monkeypatch.undo()
+    for _ in range(2):  # both of the user's slots are free again
+        fine = c.init_ok(access, {"query": "after [[mock tokens=2]]"})
+        assert c.http.get(fine["stream_url"]).status_code == 200
