@@ -129,6 +129,7 @@ async def event_stream(request: Request) -> Response:
         headers=[(b"x-request-id", grant.request_id.encode())],
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
+        detachable=True,
         linger=lambda: wait_for_reconnect(
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
@@ -180,6 +181,7 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         headers=[(b"x-request-id", grant.request_id.encode())],
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
+        detachable=True,
     )
     return Streamed(
         state, stream, None, lambda code, message: b"", live=(live_key(grant.jti), connection)

@@ -45,7 +45,8 @@ async def check_running(state: EdgeState) -> None:
             watched.append((stream, keys))
     start = 0
     while start < len(watched):
-        group, size = [], 0
+        group: list[tuple[RunningStream, list[str]]] = []
+        size = 0
         while start < len(watched) and (not group or size + len(watched[start][1]) <= BATCH_KEYS):
             group.append(watched[start])
             size += len(watched[start][1])

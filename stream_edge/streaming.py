@@ -45,6 +45,7 @@ class EventStreamResponse:
         slow_client_timeout: float = 10.0,
         linger: Callable[[], Awaitable[None]] | None = None,
         finish_timeout: float = 10.0,
+        detachable: bool = False,
     ) -> None:
         self._produce = produce
         self._on_finish = on_finish
@@ -57,6 +58,7 @@ class EventStreamResponse:
         self._abort_frame = b""
         self.outcome = "finished"
         self.connected = True
+        self._detachable = detachable
         self._detached = anyio.Event()
 
     def abort(self, final_frame: bytes, outcome: str = "aborted") -> None:
@@ -67,7 +69,8 @@ class EventStreamResponse:
             self._scope.cancel()
 
     def detach(self) -> None:
-        """End the client's response now, cleanly, and carry on as if it had left."""
+        """End the client's response now, cleanly, and carry on as if it had left
+        (only for a response made `detachable`)."""
         self._detached.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -127,7 +130,8 @@ class EventStreamResponse:
                 self._scope = group.cancel_scope
                 group.start_soon(watch_disconnect, group.cancel_scope)
                 group.start_soon(watchdog, group.cancel_scope)
-                group.start_soon(watch_detach)
+                if self._detachable:  # resumable streams only: one task fewer otherwise
+                    group.start_soon(watch_detach)
                 try:
                     await self._produce(emit)
                 finally:

@@ -4,6 +4,7 @@ dies while a stream runs, the stream completes and its usage is charged once."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -111,8 +112,12 @@ def test_usage_survives_the_store_dying_before_the_stream_ends(
         "LLMGW_SPOOL_DIR": str(spool),
         "LLMGW_WEBHOOK_RETRY_BASE_SECONDS": "0.05",
     }
-    with SplitStack(env) as split:
-        split.stop("edge")  # the edge's store is the private Redis, the one that dies
+    split = SplitStack(env)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(split.__exit__)
+        split.start("mock")
+        split.start("cp")
+        # The edge's store is the private Redis, the one that dies.
         split.start("edge", LLMGW_REDIS_URL=private_redis.url)
         c = split.client
         access = c.new_user(c.new_company("5"))
