@@ -399,12 +399,11 @@ def test_an_unexpected_failure_while_relaying_ends_with_an_error_event_and_a_rep
     from stream_edge.upstream.openai_chat import OpenAIStreamParser
 
     feed = OpenAIStreamParser.feed
-    calls = 0
+    reads: dict[int, int] = {}  # per parser: other streams may still run on this edge
 
     def breaks_on_the_fourth_read(self: OpenAIStreamParser, chunk: bytes) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 4:
+        reads[id(self)] = reads.get(id(self), 0) + 1
+        if reads[id(self)] == 4:
             raise RuntimeError("a parser bug")
         return feed(self, chunk)
 
