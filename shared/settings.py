@@ -136,6 +136,7 @@ class Settings:
     breaker_reset_seconds: float
     webhook_retry_base_seconds: float
     webhook_retry_cap_seconds: float
+    spool_dir: str  # edge: usage reports the store would not take wait here
     serve_demo: bool = False
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
@@ -271,6 +272,7 @@ class Settings:
             webhook_retry_cap_seconds=_float(
                 env, "LLMGW_WEBHOOK_RETRY_CAP_SECONDS", 300, 0.1, 86400
             ),
+            spool_dir=env.get("LLMGW_SPOOL_DIR") or "var/spool",
             first_token_timeout=_float(env, "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS", 60, 0.1, 3600),
             idle_timeout=_float(env, "LLMGW_IDLE_TIMEOUT_SECONDS", 60, 0.1, 3600),
             upstream_retries=_int(env, "LLMGW_UPSTREAM_RETRIES", 2, 0, 10),

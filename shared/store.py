@@ -69,6 +69,11 @@ class Store(Protocol):
         `release`, the stream's slots are given back in the same round trip."""
         ...
 
+    async def release_slots(self, release: SlotRelease) -> None:
+        """Give back a stream's slots on their own (when its report could not be
+        stored: the slots must not wait for it)."""
+        ...
+
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
         """Claim up to `limit` due items; each claimed item is hidden for the lease."""
         ...

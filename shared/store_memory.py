@@ -62,6 +62,10 @@ class MemoryStore:
         self._outbox[item_id] = payload
         self._due[item_id] = due_at
 
+    async def release_slots(self, release: SlotRelease) -> None:
+        for key in release.slot_keys:
+            self._slots.get(key, {}).pop(release.member, None)
+
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
         due = sorted((at, item) for item, at in self._due.items() if at <= now)[:limit]
         for _, item in due:

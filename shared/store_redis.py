@@ -145,6 +145,12 @@ class RedisStore:
             args=[item_id, payload, due_at, member],
         )
 
+    async def release_slots(self, release: SlotRelease) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in release.slot_keys:
+                pipe.zrem(self._key(key), release.member)
+            await pipe.execute()
+
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
         ids: list[Any] = await self._claim(
             keys=[self._outbox_due], args=[now, now + lease_seconds, limit]

@@ -24,7 +24,7 @@ from shared.revocations import grant_keys
 from shared.route_claim import unseal
 from shared.store import Admission, Admitted
 from shared.tokens import StreamGrant
-from stream_edge.errors import BadRequest, EdgeError, NotFound, Unauthorized
+from stream_edge.errors import BadRequest, EdgeError, NotFound, PayloadTooLarge, Unauthorized
 from stream_edge.grants import TokenUnauthorized, used_key
 from stream_edge.limits import slot_keys
 from stream_edge.state import EdgeState
@@ -139,10 +139,25 @@ async def claim(
     return admitted
 
 
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The raw body, refusing more than `limit` bytes (413) as soon as the declared
+    length or the bytes read so far exceed it: never buffered whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isascii() and declared.isdigit():
+        if int(declared) > limit:
+            raise PayloadTooLarge()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise BadRequest("the request body is too large", code="body_too_large")
+    body = await read_body(request)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -29,6 +31,7 @@ from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.revocation_watch import watch_revocations
+from stream_edge.spool import Spool
 from stream_edge.state import EdgeState
 from stream_edge.upstream_client import RetryPolicy
 
@@ -43,6 +46,14 @@ def upstream_client(settings: Settings) -> Http1Client:
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
     )
+
+
+def spool_directory(settings: Settings) -> Path:
+    """One subdirectory per deployment (control plane and store), so edges of
+    different deployments sharing `LLMGW_SPOOL_DIR` never drain each other's reports
+    into the wrong outbox."""
+    where = f"{settings.control_plane_url}|{settings.redis_url or 'memory'}|{settings.redis_prefix}"
+    return Path(settings.spool_dir) / hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
 def control_plane_client() -> httpx.AsyncClient:
@@ -96,6 +107,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             backoff=Backoff(
                 base=settings.webhook_retry_base_seconds, cap=settings.webhook_retry_cap_seconds
             ),
+            spool=Spool(spool_directory(settings)),
         )
         state = EdgeState(
             settings,
@@ -160,6 +172,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             EdgeError: handle_edge_error,
             **{error: routes.store_unavailable for error in STORE_ERRORS},
             404: routes.not_found,
+            Exception: routes.internal_error,
         },
         lifespan=lifespan,
     )

@@ -6,6 +6,7 @@ EdgeError
 ├── NotFound            404
 ├── BadRequest          400
 ├── InputTooLarge       413
+│   └── PayloadTooLarge 413  (the body itself; the connection is closed)
 ├── TooManyRequests     429  (+ Retry-After)
 ├── ServiceUnavailable  503
 └── UpstreamError       502 / 504 (before the first byte of a stream)
@@ -64,6 +65,19 @@ class InputTooLarge(EdgeError):
     status = 413
     type = "invalid_request_error"
     code = "input_too_large"
+
+
+class PayloadTooLarge(InputTooLarge):
+    """The body is over the edge's limit. The answer closes the connection: the
+    server would otherwise go on reading (and discarding) the rest of the body."""
+
+    code = "payload_too_large"
+
+    def __init__(self, message: str = "the request body is too large") -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class TooManyRequests(EdgeError):

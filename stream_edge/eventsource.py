@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 import anyio
@@ -19,10 +20,18 @@ from starlette.responses import Response
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, route, verified_grant
-from stream_edge.errors import BadRequest, NotFound
+from stream_edge.errors import BadRequest, NotFound, Unauthorized
 from stream_edge.formats import EventSourceWriter
 from stream_edge.jobs import StreamJob, done_key
-from stream_edge.resume import ResumeLog, events_key, follow, wait_for_reconnect
+from stream_edge.resume import (
+    ResumeLog,
+    events_key,
+    follow,
+    live_key,
+    parse_last_event_id,
+    wait_for_reconnect,
+    within_grace,
+)
 from stream_edge.routes import Streamed
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse
@@ -32,13 +41,26 @@ logger = logging.getLogger("llmgw.edge.eventsource")
 RETRY_FRAME = b"retry: 1000\n\n"
 
 
-def _last_event_id(request: Request) -> int:
+def _last_event_id(request: Request) -> int | None:
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if raw is None or raw == "":
-        return 0
-    if not raw.isdigit():
-        raise BadRequest("Last-Event-ID must be an event number", code="invalid_last_event_id")
-    return int(raw)
+    try:
+        return parse_last_event_id(raw)
+    except ValueError:
+        raise BadRequest(
+            "Last-Event-ID must be an event number", code="invalid_last_event_id"
+        ) from None
+
+
+def _stashed(raw: bytes | None) -> StashedRequest | None:
+    """The request stashed at init; None when gone or unreadable (the token is
+    claimed by now: the caller still reports and frees the slots)."""
+    if raw is None:
+        return None
+    try:
+        return StashedRequest.loads(raw)
+    except (ValueError, KeyError, TypeError):
+        logger.error("the stashed request is unreadable")
+        return None
 
 
 def _log_ttl(state: EdgeState, grant: StreamGrant) -> float:
@@ -55,9 +77,13 @@ async def event_stream(request: Request) -> Response:
     after = _last_event_id(request)
     admitted = await claim(state, grant, "stream", fetch_key=stash_key(grant.jti))
     if admitted.verdict == "reconnect":
+        if after is None:
+            # Without Last-Event-ID this is not a resume but a second use of the
+            # token: whoever else holds the URL gets no replay of the answer.
+            state.metrics.token_rejections.labels("used").inc()
+            raise Unauthorized("this stream token was already used", code="token_used")
         return await _resume(state, grant, after)
-    raw = admitted.fetched
-    stashed = StashedRequest.loads(raw) if raw is not None else None
+    stashed = _stashed(admitted.fetched)
     job = StreamJob(
         state, grant, model, provider,
         stashed.messages if stashed else [], stashed.params if stashed else {},
@@ -103,11 +129,12 @@ async def event_stream(request: Request) -> Response:
         headers=[(b"x-request-id", grant.request_id.encode())],
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
+        detachable=True,
         linger=lambda: wait_for_reconnect(
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
     )
-    return Streamed(state, stream, grant, writer.error)
+    return Streamed(state, stream, grant, writer.error, live=(live_key(grant.jti), None))
 
 
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
@@ -116,16 +143,25 @@ async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> No
     with anyio.CancelScope(shield=True):
         try:
             await log.close()
-            await state.store.set(done_key(grant.jti), b"1", _log_ttl(state, grant))
+            # The end's time: reconnects are refused once the grace after it is over.
+            ended_at = repr(time.time()).encode()
+            await state.store.set(done_key(grant.jti), ended_at, _log_ttl(state, grant))
         except Exception as exc:  # the store is down: followers give up when idle
             logger.warning("could not close the resume log: %s", type(exc).__name__)
 
 
 async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
-    if await state.store.get(done_key(grant.jti)) is not None:
+    done = await state.store.get(done_key(grant.jti))
+    if done is not None:
+        if not within_grace(done, time.time(), state.settings.resume_grace_seconds):
+            return Response(status_code=204)  # ended long ago: EventSource stops here
         remaining = await state.store.log_range(events_key(grant.jti), after)
         if not remaining:
             return Response(status_code=204)
+    # This connection now serves the stream; the one before it is ended by the
+    # process's watcher (one live connection per stream).
+    connection = secrets.token_hex(8).encode()
+    await state.store.set(live_key(grant.jti), connection, _log_ttl(state, grant))
 
     async def produce(emit: Emit) -> None:
         async def is_done() -> bool:
@@ -145,5 +181,8 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         headers=[(b"x-request-id", grant.request_id.encode())],
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
+        detachable=True,
     )
-    return Streamed(state, stream, None, lambda code, message: b"")
+    return Streamed(
+        state, stream, None, lambda code, message: b"", live=(live_key(grant.jti), connection)
+    )

@@ -32,8 +32,9 @@ from stream_edge.usage_report import usage_event
 log = logging.getLogger("llmgw.edge.jobs")
 
 
-# The usage report must survive a store hiccup: about 3 s of retries in all.
-ENQUEUE_ATTEMPTS = 5
+# A store hiccup is retried briefly; past that the report goes to the local spool
+# (see `Outbox.keep`), so a longer wait here would only hold the stream's end up.
+ENQUEUE_ATTEMPTS = 3
 
 
 def done_key(jti: str) -> str:
@@ -117,6 +118,21 @@ class StreamJob:
             self.result = RelayResult("failed", exc.code, exc.message)
             await self.report("finished")
             raise
+        except Exception as exc:
+            # Not a failure we foresaw (e.g. a company key that cannot go into an HTTP
+            # header): still a failed report, slots back, an OpenAI-shaped 502.
+            raise await self.fail_unexpectedly(exc, "opening the backend stream") from None
+
+    async def fail_unexpectedly(self, exc: Exception, doing: str) -> UpstreamError:
+        """Report the stream as failed after an exception nobody foresaw; returns the
+        error for the client. Only the exception's type is logged: its message may
+        carry what it failed on (a key, a header)."""
+        log.error("unexpected %s while %s", type(exc).__name__, doing)
+        self.state.metrics.upstream_errors.labels(self._provider_label, "internal_error").inc()
+        error = UpstreamError("the edge could not open the backend stream")
+        self.result = RelayResult("failed", error.code, error.message)
+        await self.report("finished")
+        return error
 
     def first_token(self) -> None:
         self.state.metrics.ttft.labels(self._model_label, self._provider_label).observe(
@@ -124,6 +140,20 @@ class StreamJob:
         )
 
     async def pump(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
+        try:
+            self.result = await self._relay(response, write, emit)
+        finally:
+            # Shielded: when the client left, this task is being cancelled, and the
+            # backend must still see its connection closed.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        if self.result.status == "failed":
+            self.state.metrics.upstream_errors.labels(
+                self._provider_label, self.result.error_code or ""
+            ).inc()
+        return self.result
+
+    async def _relay(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
         assert self._adapter is not None
         settings = self.state.settings
         checkpointer = Checkpointer(
@@ -136,7 +166,7 @@ class StreamJob:
         )
         checkpointer.start()
         try:
-            self.result = await relay(
+            return await relay(
                 response,
                 self._adapter.stream_parser(),
                 self.meter,
@@ -151,18 +181,18 @@ class StreamJob:
                 self.first_token,
                 checkpointer.tick,
             )
+        except OSError:
+            raise  # the client's connection failed: streaming.py handles that
+        except Exception as exc:
+            # A bug or a backend we misread (not the client leaving: that is a
+            # cancellation): the stream still ends with an error event and a report.
+            log.error("unexpected %s while relaying", type(exc).__name__)
+            return RelayResult("failed", "upstream_error", "the stream broke off")
         finally:
-            # Shielded: when the client left, this task is being cancelled, and the
-            # backend must still see its connection closed; the ended checkpoint
-            # tells the sweeper the report is coming (bounded by its own timeout).
+            # Shielded, as in `pump`: the ended checkpoint tells the sweeper the
+            # report is coming (bounded by its own timeout).
             with anyio.CancelScope(shield=True):
-                await response.aclose()
                 await checkpointer.close()
-        if self.result.status == "failed":
-            self.state.metrics.upstream_errors.labels(
-                self._provider_label, self.result.error_code or ""
-            ).inc()
-        return self.result
 
     async def read_completion(self, response: Http1Response) -> Completion:
         assert self._adapter is not None
@@ -175,6 +205,8 @@ class StreamJob:
             )
             await self.report("finished")
             raise UpstreamError("the backend's answer was malformed") from exc
+        except Exception as exc:
+            raise await self.fail_unexpectedly(exc, "reading the backend's answer") from None
         finally:
             await response.aclose()
         self.meter.record_text(completion.text, completion.usage, completion.finish_reason)
@@ -229,9 +261,14 @@ class StreamJob:
                 await self.state.outbox.enqueue(event, release)
                 return
             except Exception as exc:  # the store is overloaded or briefly down
-                log.warning("enqueueing usage failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(0.1 * 2**attempt)
-        # Still down: the control plane's sweeper settles the hold from the last
-        # checkpoint after its deadline, and the slots expire at the stream's maximum
-        # life. Never lose the client's stream over it.
-        log.error("could not enqueue usage for %s", self.grant.request_id)
+                log.warning("enqueueing usage failed (%s)", type(exc).__name__)
+                if attempt + 1 < ENQUEUE_ATTEMPTS:
+                    await asyncio.sleep(0.1 * 2**attempt)
+        # Still refused: the report waits in the local spool (and is posted at once),
+        # and the slots go back on their own — not held until the stream's maximum
+        # life for want of the outbox write they normally share.
+        await self.state.outbox.keep(event, release)
+        try:
+            await self.state.store.release_slots(release)
+        except Exception as exc:  # the spooled report releases them once stored
+            log.warning("could not release the stream's slots: %s", type(exc).__name__)

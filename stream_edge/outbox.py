@@ -11,6 +11,12 @@ each attempt afresh (the signature timestamp must be within the receiver's
 5-minute window even on a late retry), and posts it. 2xx acknowledges;
 408/429/5xx and network errors retry with jittered exponential backoff; any other
 4xx is permanent and the event moves to the dead-letter list for an operator.
+
+When the store will not take a report (`keep`, after `enqueue` failed), the report
+is appended to the local spool (spool.py) and posted at once, straight from memory;
+the loop moves the spool into the store when the store answers again, together with
+the stream's slots still to give back. The receiver recognises a report delivered
+twice by its webhook id and charges it once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from shared.store import SlotRelease, Store
 from shared.webhooks import UsageEvent, sign
 from stream_edge.http1 import Http1Client
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.spool import Spool
 
 log = logging.getLogger("llmgw.edge.outbox")
 
@@ -52,6 +59,7 @@ class Outbox:
         backoff: Backoff | None = None,
         lease_seconds: float = 30.0,
         max_direct: int = 64,
+        spool: Spool | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -60,6 +68,7 @@ class Outbox:
         self._metrics = metrics
         self._backoff = backoff or Backoff(base=0.5, cap=300.0)
         self._lease = lease_seconds
+        self._spool = spool
         # Bounds the posts in flight after a burst of streams ending together; the
         # rest wait their turn (their lease is long enough for that).
         self._direct = asyncio.Semaphore(max_direct)
@@ -81,6 +90,67 @@ class Outbox:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
+    async def keep(self, event: UsageEvent, release: SlotRelease | None = None) -> None:
+        """The store would not take the report: spool it, post it directly. Never
+        raises (the stream's client must not see the edge's bookkeeping fail)."""
+        item = {"id": event.webhook_id, "body": event.body().decode(), "attempt": 0}
+        record: dict[str, Any] = {"item": item, "release": None}
+        if release is not None:
+            record["release"] = {"slot_keys": release.slot_keys, "member": release.member}
+        if self._spool is None:
+            log.error("usage webhook %s has no spool to wait in", item["id"])
+        else:
+            try:
+                await asyncio.to_thread(self._spool.append, orjson.dumps(record))
+            except OSError as exc:
+                log.error("could not spool usage webhook %s: %s", item["id"], exc)
+        task = asyncio.create_task(self._post_direct(item))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _post_direct(self, item: dict[str, Any]) -> None:
+        """One delivery attempt with no store bookkeeping: the spool keeps the report
+        until the store has it, whatever this attempt's fate."""
+        body = item["body"].encode()
+        headers = {**sign(self._secret, item["id"], body), "content-type": "application/json"}
+        try:
+            async with self._direct:
+                response = await self._client.send("POST", self._url, headers, body)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except httpx.HTTPError as exc:
+            log.warning("usage webhook %s not delivered: %s", item["id"], type(exc).__name__)
+            return
+        outcome = "delivered" if 200 <= response.status_code < 300 else "retry"
+        self._metrics.webhook_deliveries.labels(outcome).inc()
+
+    async def drain_spool(self) -> int:
+        """Move spooled reports into the store (due now, their slots released in the
+        same round trip); returns how many. A file stays spooled until all of it is in."""
+        if self._spool is None or not self._spool.has_pending():
+            return 0
+        spool, moved = self._spool, 0
+        for path in await asyncio.to_thread(spool.claim):
+            for line in await asyncio.to_thread(spool.read, path):
+                try:
+                    record = orjson.loads(line)
+                    item, freed = record["item"], record.get("release")
+                    release = SlotRelease(freed["slot_keys"], freed["member"]) if freed else None
+                    raw = orjson.dumps(item)
+                    item_id = item["id"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    log.error("skipping a malformed spool record in %s", path.name)
+                    continue
+                await self._store.outbox_put(item_id, raw, time.time(), release)
+                self._metrics.outbox_pending.inc()
+                moved += 1
+            await asyncio.to_thread(spool.remove, path)
+        if moved:
+            log.info("moved %d spooled usage webhooks into the outbox", moved)
+        return moved
+
     async def _deliver_now(self, item: dict[str, Any], raw: bytes) -> None:
         try:
             async with self._direct:
@@ -92,6 +162,7 @@ class Outbox:
         """Deliver what is due forever; cancelled by the app's lifespan at shutdown."""
         while True:
             try:
+                await self.drain_spool()
                 delivered = await self.deliver_due()
                 self._metrics.outbox_pending.set(await self._store.outbox_size())
             except Exception:  # the store being briefly down must not kill the loop

@@ -9,6 +9,13 @@ so the producer keeps going until the end; with no reconnect within the grace, t
 producer cancels the backend and bills what was generated.
 
 Event ids are 1, 2, 3… so event `n` sits at index `n - 1` of the log.
+
+Who may resume (DESIGN §9 "Disconnects and resume"): only a request that carries
+`Last-Event-ID` (a bare GET on a used token is a second use, 401), only until the
+resume grace after the stream ended (then 204), and only one connection at a time:
+each reconnect writes its own id under `live_key`, and the process's watcher
+(revocation_watch.py) ends any connection whose id is no longer there — the
+producer's client included, which has no id and yields to the first reconnect.
 """
 
 from __future__ import annotations
@@ -28,12 +35,43 @@ POLL_INTERVAL = 0.05
 HEARTBEAT_TTL = 3.0
 
 
+# Our event ids never get near this; a longer Last-Event-ID is not one of ours (and
+# `int()` of thousands of digits is slow, then refused).
+MAX_EVENT_ID_DIGITS = 9
+
+
+def parse_last_event_id(raw: str | None) -> int | None:
+    """The `Last-Event-ID` a reconnect sends, or None when there is none (a first
+    use). Raise ValueError unless it is one of our ids: ASCII digits only
+    (`str.isdigit` accepts '²', which `int()` refuses) and of a sane length."""
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_EVENT_ID_DIGITS:
+        raise ValueError("Last-Event-ID must be an event number")
+    return int(raw)
+
+
+def within_grace(done_marker: bytes, now: float, grace: float) -> bool:
+    """Whether a stream that ended (its `done:` marker holds the end's Unix time) may
+    still be resumed: only for `grace` seconds after its end."""
+    try:
+        ended_at = float(done_marker)
+    except ValueError:
+        return False
+    return now - ended_at <= grace
+
+
 def events_key(jti: str) -> str:
     return f"events:{jti}"
 
 
 def attached_key(jti: str) -> str:
     return f"attached:{jti}"
+
+
+def live_key(jti: str) -> str:
+    """Names the one connection that may serve the stream now (absent: the first)."""
+    return f"live:{jti}"
 
 
 class ResumeLog:

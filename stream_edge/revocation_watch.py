@@ -1,9 +1,12 @@
-"""Running streams end within about a second of a revocation.
+"""Running streams end within about a second of a revocation, and connections to a
+resumable stream within about a second of a reconnect that superseded them.
 
 One task per edge process, not one per stream: each pass reads the revocation keys of
-every running stream in a single store round trip and aborts the revoked ones with an
-`error` event `revoked`. With 2,000 streams open that is one read a second instead of
-2,000, and no watcher task to start and cancel with each stream.
+every running stream — and, for EventSource connections, the key naming the stream's
+live connection (see resume.py) — in a single store round trip; it aborts the revoked
+streams with an `error` event `revoked` and detaches the superseded connections. With
+2,000 streams open that is one read a second instead of 2,000, and no watcher task to
+start and cancel with each stream.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import logging
 
 from shared.revocations import grant_keys
-from stream_edge.state import EdgeState
+from stream_edge.state import EdgeState, RunningStream
 
 log = logging.getLogger("llmgw.edge.revocations")
 
@@ -33,16 +36,32 @@ async def watch_revocations(state: EdgeState, interval: float = CHECK_SECONDS) -
 
 
 async def check_running(state: EdgeState) -> None:
-    running = [(stream, stream.grant) for stream in list(state.active)]
-    watched = [(stream, grant_keys(grant)) for stream, grant in running if grant is not None]
-    if not watched:
-        return
-    per_stream = len(watched[0][1])
-    batch = max(1, BATCH_KEYS // per_stream)
-    for start in range(0, len(watched), batch):
-        group = watched[start : start + batch]
-        values = await state.store.get_many([key for _, keys in group for key in keys])
-        for index, (stream, _) in enumerate(group):
-            flags = values[index * per_stream : (index + 1) * per_stream]
-            if any(value is not None for value in flags):
+    watched: list[tuple[RunningStream, list[str]]] = []
+    for stream in list(state.active):
+        keys = grant_keys(stream.grant) if stream.grant is not None else []
+        if stream.live is not None:
+            keys.append(stream.live[0])
+        if keys:
+            watched.append((stream, keys))
+    start = 0
+    while start < len(watched):
+        group: list[tuple[RunningStream, list[str]]] = []
+        size = 0
+        while start < len(watched) and (not group or size + len(watched[start][1]) <= BATCH_KEYS):
+            group.append(watched[start])
+            size += len(watched[start][1])
+            start += 1
+        values = iter(await state.store.get_many([key for _, keys in group for key in keys]))
+        for stream, keys in group:
+            found = [next(values) for _ in keys]
+            live = found.pop() if stream.live is not None else None
+            if any(value is not None for value in found):
                 stream.revoke()
+            elif stream.live is not None and superseded(stream.live[1], live):
+                stream.supersede()
+
+
+def superseded(mine: bytes | None, live: bytes | None) -> bool:
+    """Whether another connection took the stream over: the first connection (no id)
+    yields to any reconnect; a reconnect yields to a later one."""
+    return live is not None and live != mine

@@ -14,7 +14,13 @@ from starlette.types import Receive, Scope, Send
 from shared.metrics import exposition
 from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
-from stream_edge.errors import NotFound, ServiceUnavailable, Unauthorized, error_response
+from stream_edge.errors import (
+    EdgeError,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    error_response,
+)
 from stream_edge.formats import OpenAIChunkWriter, completion_object
 from stream_edge.jobs import StreamJob
 from stream_edge.requests import parse_chat_request
@@ -77,9 +83,11 @@ async def chat_completions(request: Request) -> Response:
 class Streamed(Response):
     """Serves an `EventStreamResponse` as a Starlette response. While it runs it is
     registered with the app, so a shutdown can end it (`shut_down`) and the process's
-    revocation watcher can (`revoke`, see revocation_watch.py). `final_frame(code,
-    message)` makes the closing error frame only when needed (an EventSource frame
-    takes the next event id)."""
+    revocation watcher can (`revoke`, `supersede`: see revocation_watch.py).
+    `final_frame(code, message)` makes the closing error frame only when needed (an
+    EventSource frame takes the next event id). `live`: the store key naming the
+    stream's one live connection and this connection's id in it (None: the first
+    connection, which has none), for resumable streams."""
 
     def __init__(
         self,
@@ -87,11 +95,13 @@ class Streamed(Response):
         inner: EventStreamResponse,
         grant: StreamGrant | None,
         final_frame: Callable[[str, str], bytes],
+        live: tuple[str, bytes | None] | None = None,
     ) -> None:
         self._state = state
         self._inner = inner
         self.grant = grant
         self._final_frame = final_frame
+        self.live = live
 
     def shut_down(self) -> None:
         self._inner.abort(
@@ -101,6 +111,11 @@ class Streamed(Response):
     def revoke(self) -> None:
         frame = self._final_frame("revoked", "access to this stream was revoked")
         self._inner.abort(frame, outcome="revoked")
+
+    def supersede(self) -> None:
+        """A reconnect took over: end this client's response (the stream itself goes
+        on for the new connection)."""
+        self._inner.detach()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._state.active.add(self)
@@ -138,6 +153,13 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
             "the gateway's store is unavailable; retry shortly", code="store_unavailable"
         )
     )
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """The last resort (Starlette's ServerErrorMiddleware): an OpenAI-shaped 500, never
+    a plain-text one. Streams report and free their slots before it comes to this."""
+    logger.error("unhandled %s", type(exc).__name__)
+    return error_response(EdgeError("the edge failed to handle this request"))
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

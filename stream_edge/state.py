@@ -23,10 +23,13 @@ class RunningStream(Protocol):
     """A stream in progress, as shutdown and the revocation watcher see it."""
 
     grant: StreamGrant | None
+    live: tuple[str, bytes | None] | None
 
     def shut_down(self) -> None: ...
 
     def revoke(self) -> None: ...
+
+    def supersede(self) -> None: ...
 
 
 @dataclass

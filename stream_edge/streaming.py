@@ -11,7 +11,9 @@ comment when the stream has been idle and cuts off a client that has not read fo
 when the client is gone.
 
 Outcomes: `finished` (the producer returned), `client_gone`, `slow_client`,
-`aborted` (the edge is shutting down) and `revoked` (see `abort`).
+`aborted` (the edge is shutting down) and `revoked` (see `abort`). `detach` ends the
+client's response but not the producer: to the producer it looks like the client
+left (ASGI answers `receive` with `http.disconnect` once the response is complete).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class EventStreamResponse:
         slow_client_timeout: float = 10.0,
         linger: Callable[[], Awaitable[None]] | None = None,
         finish_timeout: float = 10.0,
+        detachable: bool = False,
     ) -> None:
         self._produce = produce
         self._on_finish = on_finish
@@ -55,6 +58,8 @@ class EventStreamResponse:
         self._abort_frame = b""
         self.outcome = "finished"
         self.connected = True
+        self._detachable = detachable
+        self._detached = anyio.Event()
 
     def abort(self, final_frame: bytes, outcome: str = "aborted") -> None:
         """End the stream now with `final_frame` (e.g. an `error` event)."""
@@ -62,6 +67,11 @@ class EventStreamResponse:
             self.outcome = outcome
             self._abort_frame = final_frame
             self._scope.cancel()
+
+    def detach(self) -> None:
+        """End the client's response now, cleanly, and carry on as if it had left
+        (only for a response made `detachable`)."""
+        self._detached.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         last_write = time.monotonic()
@@ -87,6 +97,16 @@ class EventStreamResponse:
                 await self._linger()
             group.cancel()
 
+        async def watch_detach() -> None:
+            await self._detached.wait()
+            while send_started is not None:  # never two sends at once
+                await anyio.sleep(0.01)
+            if not self.connected:
+                return
+            self.connected = False  # from here on `emit` writes nothing
+            with anyio.move_on_after(self._slow_client_timeout, shield=True):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
         async def watchdog(group: anyio.CancelScope) -> None:
             tick = min(self._ping_interval, self._slow_client_timeout) / 4
             while True:
@@ -110,6 +130,8 @@ class EventStreamResponse:
                 self._scope = group.cancel_scope
                 group.start_soon(watch_disconnect, group.cancel_scope)
                 group.start_soon(watchdog, group.cancel_scope)
+                if self._detachable:  # resumable streams only: one task fewer otherwise
+                    group.start_soon(watch_detach)
                 try:
                     await self._produce(emit)
                 finally:

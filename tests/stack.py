@@ -28,6 +28,7 @@ from control_plane.app import create_app as control_plane_app
 from llm_gateway.dev import with_mock_at
 from mock_llm.app import create_app as mock_app
 from shared.settings import Settings
+from shared.store import Store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.conftest import new_webhook_secret
@@ -149,7 +150,7 @@ class Client:
 
 
 class InProcessStack:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], store: Store | None = None) -> None:
         socks = [bind_free_socket() for _ in range(3)]
         mock_sock, cp_sock, edge_sock = socks
         env = {
@@ -161,7 +162,9 @@ class InProcessStack:
         self.settings = dataclasses.replace(
             settings, catalog=with_mock_at(settings.catalog, f"{url_of(mock_sock)}/v1")
         )
-        store = None if self.settings.redis_url else MemoryStore()
+        # `store`: one shared by both apps, e.g. a wrapper a test can make fail.
+        if store is None and not self.settings.redis_url:
+            store = MemoryStore()
         self.control_plane = control_plane_app(self.settings, store)
         self.edge = edge_app(self.settings, store)
         self.group = ServerGroup(

@@ -5,6 +5,7 @@ processes (PostgreSQL + Redis, real sockets)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -255,3 +256,39 @@ def test_a_backend_answering_429_then_succeeding_is_retried_invisibly(
     finally:
         split.stop("edge")
         split.start("edge")
+
+
+def test_a_reconnect_on_another_edge_supersedes_the_live_connection(split: SplitStack) -> None:
+    c = split.client
+    token = user(split)
+    split.start("edge2")
+    try:
+        grant = c.init_ok(token, {"query": "shared url [[mock tokens=300 delay_ms=20]]"})
+        started, ended = threading.Event(), threading.Event()
+        first_events: list[ServerSentEvent] = []
+
+        def read_first() -> None:
+            decoder = SSEDecoder()
+            with httpx.stream("GET", grant["stream_url"], timeout=30) as first:
+                for raw in first.iter_raw():  # until an edge ends it
+                    first_events.extend(decoder.feed(raw))
+                    if any(e.event == "chunk" for e in first_events):
+                        started.set()
+            ended.set()
+
+        reader = threading.Thread(target=read_first)
+        reader.start()
+        try:
+            assert started.wait(10)
+            other = grant["stream_url"].replace(c.edge_url, split.url("edge2"))
+            with httpx.stream("GET", other, headers={"Last-Event-ID": "1"}, timeout=30) as second:
+                assert second.status_code == 200
+                for _ in second.iter_raw():
+                    if ended.is_set():
+                        break  # the first connection, on the other edge, was ended
+            assert ended.is_set(), "two live connections to one stream"
+        finally:
+            reader.join(timeout=30)
+        assert not any(e.event == "complete" for e in first_events)  # cut off, not finished
+    finally:
+        split.stop("edge2")

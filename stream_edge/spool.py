@@ -1,0 +1,120 @@
+"""A local, append-only spool for the usage reports the store would not take.
+
+A finished stream's report normally goes to the outbox in the store. When the store
+is down at that moment, the report is appended here (one JSON line, fsync'd before
+`append` returns) and the outbox drains the spool into the store once it answers
+again (`Outbox.run`), so the usage survives a store outage and an edge restart.
+
+Every edge process on a host may share the directory. Appends reopen `pending.jsonl`
+and hold an exclusive `flock` while writing; a drainer first renames the file (atomic:
+one drainer wins it, and later appends start a new file), then takes the lock on the
+renamed file, which waits out an append already under way. An append that opened the
+file before the rename sees that its inode is no longer the path's and writes again
+to the new file. A drainer that dies leaves its `draining-*` file behind; any process
+claims such files again after `STALE_DRAIN_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+import uuid
+from pathlib import Path
+
+PENDING = "pending.jsonl"
+DRAINING_PREFIX = "draining-"
+# A claimed file this old was left by a drainer that died (a drain takes milliseconds).
+STALE_DRAIN_SECONDS = 60.0
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._mine: set[str] = set()  # files this process claimed and is draining
+
+    def append(self, line: bytes) -> None:
+        """Append one record durably (blocking: call it in a thread)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / PENDING
+        while True:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not _same_file(fd, path):
+                    continue  # a drainer renamed it meanwhile: write to the new one
+                created = os.fstat(fd).st_size == 0
+                os.write(fd, line.rstrip(b"\n") + b"\n")
+                os.fsync(fd)
+                if created:
+                    _fsync_dir(self.directory)
+                return
+            finally:
+                os.close(fd)  # also releases the lock
+
+    def has_pending(self) -> bool:
+        try:
+            with os.scandir(self.directory) as entries:
+                return any(e.name.endswith(".jsonl") for e in entries)
+        except FileNotFoundError:
+            return False
+
+    def claim(self) -> list[Path]:
+        """Take the files to drain: the pending one, and claimed ones left behind."""
+        claimed: list[Path] = []
+        try:
+            with os.scandir(self.directory) as entries:
+                names = [e.name for e in entries if e.name.endswith(".jsonl")]
+        except FileNotFoundError:
+            return claimed
+        now = time.time()
+        for name in names:
+            source = self.directory / name
+            if name.startswith(DRAINING_PREFIX):
+                if name in self._mine:
+                    claimed.append(source)  # ours, not finished last time
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if now - source.stat().st_ctime < STALE_DRAIN_SECONDS:
+                        continue  # another process is draining it
+            target = self.directory / f"{DRAINING_PREFIX}{uuid.uuid4().hex}.jsonl"
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                continue  # another process claimed it first
+            self._mine.add(target.name)
+            claimed.append(target)
+        return claimed
+
+    def read(self, path: Path) -> list[bytes]:
+        """The records of a claimed file, once no append is writing to it."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(os.dup(fd), "rb") as file:
+                data = file.read()
+        finally:
+            os.close(fd)
+        # A torn last line (a crash mid-append, before its fsync returned) is skipped.
+        return [line for line in data.split(b"\n") if line.strip()]
+
+    def remove(self, path: Path) -> None:
+        self._mine.discard(path.name)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
