@@ -169,8 +169,10 @@ class StreamJob:
             raise UpstreamError("the backend's answer was malformed") from exc
         finally:
             await response.aclose()
-        self.meter.record_text(completion.text, completion.usage, completion.finish_reason)
-        if completion.text:
+        self.meter.record_text(
+            completion.text, completion.usage, completion.finish_reason, completion.tool_calls
+        )
+        if completion.text or completion.tool_calls:
             self.first_token()
         self.result = RelayResult("completed")
         return completion
