@@ -16,7 +16,7 @@ from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount
 TITLE_MAX = 80
 
 
-def title_from(messages: Iterable[dict[str, str]]) -> str:
+def title_from(messages: Iterable[dict[str, Any]]) -> str:
     for message in messages:
         if message["role"] == "user" and message["content"].strip():
             text = " ".join(message["content"].split())
@@ -41,16 +41,26 @@ def create_session(
     return chat
 
 
-def history(session: Session, session_id: str) -> list[dict[str, str]]:
+def _tool_fields(message: ChatMessage) -> dict[str, Any]:
+    """A stored message's tool call fields, present only when set (OpenAI's shape)."""
+    out: dict[str, Any] = {}
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def history(session: Session, session_id: str) -> list[dict[str, Any]]:
     rows = session.scalars(
         select(ChatMessage)
         .where(col(ChatMessage.session_id) == session_id)
         .order_by(col(ChatMessage.seq))
     )
-    return [{"role": m.role, "content": m.content} for m in rows]
+    return [{"role": m.role, "content": m.content, **_tool_fields(m)} for m in rows]
 
 
-def append_messages(session: Session, session_id: str, messages: Iterable[dict[str, str]]) -> bool:
+def append_messages(session: Session, session_id: str, messages: Iterable[dict[str, Any]]) -> bool:
     """Append in order; False when the session is gone. Touching the session row
     first locks it (PostgreSQL) so two concurrent appends number their messages one
     after the other."""
@@ -74,6 +84,8 @@ def append_messages(session: Session, session_id: str, messages: Iterable[dict[s
                 content=message["content"],
                 created_at=now,
                 seq=seq,
+                tool_calls=message.get("tool_calls"),
+                tool_call_id=message.get("tool_call_id"),
             )
         )
     session.flush()
@@ -95,7 +107,13 @@ def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None)
     }
     if messages is not None:
         doc["messages"] = [
-            {"id": m.id, "role": m.role, "content": m.content, "created_at": iso(m.created_at)}
+            {
+                "id": m.id,
+                "role": m.role,
+                "content": m.content,
+                **_tool_fields(m),
+                "created_at": iso(m.created_at),
+            }
             for m in messages
         ]
     return doc

@@ -36,6 +36,8 @@ from control_plane.errors import (
 )
 from control_plane.ledger import charge_for, reservation_price, settle_reservation
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
+from shared.input_size import InputRejected
+from shared.tool_shapes import check_tool_calls
 from shared.webhooks import STATUSES, USAGE_SOURCES, UsageEvent
 
 TRANSCRIPT_STATUSES = ("completed", "cancelled")
@@ -82,6 +84,13 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
     content = data.get("content")
     if content is not None and not isinstance(content, str):
         raise ValidationFailed("data.content", "must be a string")
+    tool_calls = data.get("tool_calls")
+    if tool_calls is not None:
+        try:
+            tool_calls = check_tool_calls(tool_calls, "data.tool_calls")
+        except InputRejected:
+            # Transcript only: a malformed call is left out, the usage is still settled.
+            tool_calls = None
     first_token_at = data.get("first_token_at")
     return UsageEvent(
         jti=_str(data, "jti", required=True, max_len=64),
@@ -101,6 +110,7 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
         first_token_at=first_token_at if isinstance(first_token_at, str) else None,
         ended_at=_str(data, "ended_at", required=False, max_len=64),
         content=content,
+        tool_calls=tool_calls,
     )
 
 
@@ -233,11 +243,14 @@ def settle_webhook(
     )
     if outcome.duplicate:
         return outcome
-    if transcripts and event.content and event.status in TRANSCRIPT_STATUSES:
+    if transcripts and (event.content or event.tool_calls) and event.status in TRANSCRIPT_STATUSES:
+        reply: dict[str, Any] = {"role": "assistant", "content": event.content or ""}
+        if event.tool_calls and event.status == "completed":
+            # Only a finished call can be run and answered (`tool_results` at init).
+            reply["tool_calls"] = event.tool_calls
         # False when the user deleted the session meanwhile: nothing to append to.
-        chat_sessions.append_messages(
-            session, reservation.session_id, [{"role": "assistant", "content": event.content}]
-        )
+        if reply["content"] or "tool_calls" in reply:
+            chat_sessions.append_messages(session, reservation.session_id, [reply])
     return outcome
 
 

@@ -12,6 +12,7 @@ import base64
 import secrets
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -67,6 +68,8 @@ class UsageEvent:
     first_token_at: str | None
     ended_at: str
     content: str | None = None
+    # The assistant's tool calls in OpenAI's shape, when transcripts are on (DESIGN §11).
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def webhook_id(self) -> str:
@@ -79,6 +82,8 @@ class UsageEvent:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         if data["content"] is None:
             del data["content"]
+        if data["tool_calls"] is None:
+            del data["tool_calls"]
         return orjson.dumps(
             {
                 "type": f"stream.{self.status}",
