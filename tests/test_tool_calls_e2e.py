@@ -238,3 +238,53 @@ def test_tool_results_must_answer_the_sessions_open_calls(
         "user",
         "assistant",
     ]
+
+
+def test_tool_call_fragments_are_billed_when_the_vendor_reports_no_usage(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    ask = [{"role": "user", "content": "Weather? [[mock tool_calls=2 usage=0]]"}]
+    grant = vendors.client.init_ok(
+        user_token, {"model": "claude-test", "messages": ask, "tools": TOOLS}
+    )
+    with edge(vendors, grant).chat.completions.stream(
+        model="claude-test", messages=ask, tools=TOOLS
+    ) as stream:
+        answer = stream.get_final_completion()
+    calls = answer.choices[0].message.tool_calls or []
+    assert len(calls) == 2
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    assert record["usage_source"] == "estimated"
+    # One token per 4 bytes of the calls' names and arguments, at least.
+    size = sum(len(c.function.name) + len(c.function.arguments.encode()) for c in calls)
+    assert record["output_tokens"] >= size // 4 > 0
+
+
+def test_bad_tool_input_at_the_edge_is_a_400_and_keeps_the_token(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    ask = [{"role": "user", "content": "Weather? [[mock tool_calls=1]]"}]
+    grant = vendors.client.init_ok(
+        user_token, {"model": "gpt-test", "messages": ask, "tools": TOOLS}
+    )
+    url = f"{vendors.client.edge_url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    for bad, code in [
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "invalid_tools"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "invalid_tools",
+        ),
+        (
+            {"messages": [*ask, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+            "invalid_tool_call",
+        ),
+    ]:
+        response = vendors.client.http.post(
+            url, json={"model": "gpt-test", "messages": ask, **bad}, headers=headers
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == code
+    # Refused before the token was claimed: the right request still runs.
+    good = edge(vendors, grant).chat.completions.create(model="gpt-test", messages=ask, tools=TOOLS)
+    assert good.choices[0].finish_reason == "tool_calls"
