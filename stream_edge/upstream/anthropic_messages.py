@@ -177,26 +177,21 @@ def _system_and_messages(
     return "\n\n".join(system), turns
 
 
+def _tool(function: dict[str, Any]) -> dict[str, Any]:
+    tool: dict[str, Any] = {"name": function["name"]}
+    if "description" in function:
+        tool["description"] = function["description"]
+    # Anthropic requires a schema; OpenAI lets a function without parameters be.
+    tool["input_schema"] = function.get("parameters") or {"type": "object", "properties": {}}
+    return tool
+
+
 def _tool_params(params: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's `tools` / `tool_choice` / `parallel_tool_calls` in Anthropic's words."""
     tools = params.get("tools")
     if not tools:
         return {}
-    out: dict[str, Any] = {
-        "tools": [
-            {
-                "name": t["function"]["name"],
-                **(
-                    {"description": t["function"]["description"]}
-                    if "description" in t["function"]
-                    else {}
-                ),
-                "input_schema": t["function"].get("parameters")
-                or {"type": "object", "properties": {}},
-            }
-            for t in tools
-        ]
-    }
+    out: dict[str, Any] = {"tools": [_tool(t["function"]) for t in tools]}
     choice: Any = params.get("tool_choice", "auto")
     if isinstance(choice, dict):
         wanted: dict[str, Any] = {"type": "tool", "name": choice["function"]["name"]}

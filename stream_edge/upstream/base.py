@@ -284,14 +284,20 @@ def openai_tool_calls(value: Any) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
+def json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed, when it is a JSON object."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def arguments_object(arguments: str) -> dict[str, Any]:
     """An OpenAI call's `arguments` text as the JSON object Anthropic and Gemini want.
     Models write JSON objects; anything else is kept whole under `arguments`."""
-    try:
-        value = orjson.loads(arguments)
-    except orjson.JSONDecodeError:
-        return {"arguments": arguments}
-    return value if isinstance(value, dict) else {"arguments": value}
+    found = json_object(arguments)
+    return found if found is not None else {"arguments": arguments}
 
 
 def _header_value(value: str) -> str:

@@ -39,6 +39,7 @@ from stream_edge.upstream.base import (
     UpstreamEvent,
     Usage,
     arguments_object,
+    json_object,
     message_text,
     trusted_headers,
     vendor_failure,
@@ -170,8 +171,8 @@ def _function_response(message: dict[str, Any], names: dict[str, str]) -> dict[s
     # Gemini matches a response to its call by the function's name; a JSON object
     # result goes as it is, anything else under `content`.
     text = message_text(message)
-    response = arguments_object(text)
-    if set(response) == {"arguments"}:
+    response = json_object(text)
+    if response is None:
         response = {"content": text}
     name = names.get(message["tool_call_id"], "unknown")
     return {"functionResponse": {"name": name, "response": response}}
