@@ -39,13 +39,14 @@ from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
-from shared.input_size import content_text, missing_features, params_tokens
+from shared.input_size import InputRejected, content_text, missing_features, params_tokens
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
 from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import ALL_SCOPES, sign_token, stream_claims
+from shared.tool_shapes import check_tool_sequence
 
 log = logging.getLogger("control_plane.chat_init")
 
@@ -89,11 +90,11 @@ def check_features(model: ModelSpec, wanted: tuple[str, ...]) -> None:
 
 def fit_history(
     model: ModelSpec,
-    history: list[dict[str, str]],
-    new_turn: list[dict[str, str]],
+    history: list[dict[str, Any]],
+    new_turn: list[dict[str, Any]],
     max_tokens: int | None,
     params: dict[str, Any] | None = None,
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """A stored session's history plus the new turn, dropping the oldest non-system
     history messages until the input leaves room for the output (`max_tokens`, or at
     least `MIN_OUTPUT_TOKENS`) in the model's context. The new turn is never dropped:
@@ -106,22 +107,26 @@ def fit_history(
     # The estimate is a sum over messages, so dropping one subtracts its share:
     # one pass, however long the session.
     total = estimate_input_tokens(history) + estimate_input_tokens(new_turn)
-    kept: list[dict[str, str]] = []
+    kept: list[dict[str, Any]] = []
     dropped = False
+    dropped_calls: set[str] = set()
     for message in history:
         if message["role"] != "system" and (
             total > room
             # don't open the kept history with an answer whose question was dropped
-            or (dropped and message["role"] == "assistant" and not _has_turns(kept))
+            or (dropped and message["role"] in ("assistant", "tool") and not _has_turns(kept))
+            # nor keep a tool result whose call was dropped: no vendor takes it
+            or message.get("tool_call_id") in dropped_calls
         ):
             total -= estimate_input_tokens([message])
             dropped = True
+            dropped_calls |= {c["id"] for c in message.get("tool_calls") or []}
             continue
         kept.append(message)
     return kept + new_turn
 
 
-def _has_turns(messages: list[dict[str, str]]) -> bool:
+def _has_turns(messages: list[dict[str, Any]]) -> bool:
     return any(m["role"] != "system" for m in messages)
 
 
@@ -170,9 +175,30 @@ def check_content(model: ModelSpec, needed: frozenset[str]) -> None:
         )
 
 
-def storable(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Messages as the session keeps them: content parts as text with placeholders."""
-    return [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
+def storable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the session keeps them: content parts as text with placeholders,
+    an assistant's tool calls and a tool result's call id as they are."""
+    return [
+        {
+            "role": m["role"],
+            "content": content_text(m["content"]),
+            **{k: m[k] for k in ("tool_calls", "tool_call_id") if k in m},
+        }
+        for m in messages
+    ]
+
+
+def new_turn_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a client-owned history adds to an existing session: its last user
+    message, or the tool results after the last assistant message."""
+    if messages[-1]["role"] == "user":
+        return messages[-1:]
+    results: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if message["role"] != "tool":
+            break
+        results.insert(0, message)
+    return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,16 +268,21 @@ def reserve(
         chat = session.get(ChatSession, req.session_id)
         if chat is None or not can_use_session(principal, chat.user_id, chat.company_id):
             raise SessionNotFound()
-    if req.query is not None:
-        new_turn = [{"role": "user", "content": req.query}]
+    if req.query is not None or req.tool_results is not None:
+        new_turn = req.tool_results or [{"role": "user", "content": req.query}]
         past = chat_sessions.history(session, chat.id) if chat else []
         messages = fit_history(model, past, new_turn, req.max_tokens, req.params)
+        if req.tool_results is not None:
+            try:  # each result must answer a call the session's assistant made
+                check_tool_sequence(messages)
+            except InputRejected as exc:
+                raise ValidationFailed("tool_results", exc.problem) from None
+            new_turn = storable(new_turn)
     else:
         assert req.messages is not None
         messages = req.messages
         # The client owns the history; an existing session records only the new turn.
-        sent = messages if chat is None else [m for m in messages[-1:] if m["role"] == "user"]
-        new_turn = storable(sent)
+        new_turn = storable(messages if chat is None else new_turn_of(messages))
     plan = plan_hold(model, messages, req.max_tokens, req.params)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:

@@ -1,10 +1,14 @@
 """The body of ``POST /v1/chat/init``, validated: pure functions, no I/O.
 
-Exactly one of `messages` (the client owns the history) and `query` (appended to a
-stored session's history). Optional `model`, `session_id`, `max_tokens`, and the
-sampling parameters passed through to the backend (`temperature`, `top_p`, `stop`).
-A message's `content` is a string or an array of OpenAI content parts
-(`shared.input_size.check_parts`); init checks the model takes them.
+Exactly one of `messages` (the client owns the history), `query` (appended to a
+stored session's history) and `tool_results` (`[{"tool_call_id", "content"}]`, the
+answers to the stored session's last tool calls, appended as `tool` messages).
+Optional `model`, `session_id`, `max_tokens`, the sampling parameters passed through
+to the backend (`temperature`, `top_p`, `stop`) and tool calling's `tools`,
+`tool_choice`, `parallel_tool_calls` (`shared.tool_shapes`). A message's `content` is
+a string or an array of OpenAI content parts (`shared.input_size.check_parts`); init
+checks the model takes them. An assistant message may carry `tool_calls` (content
+null), a `tool` message its `tool_call_id`.
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ from typing import Any
 from control_plane.errors import UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
 from shared.input_size import InputRejected, check_parts
+from shared.tool_shapes import (
+    check_tool_calls,
+    check_tool_params,
+    check_tool_sequence,
+    tool_message,
+    uses_tools,
+)
 
-MESSAGE_ROLES = ("system", "user", "assistant")
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 QUERY_MAX_CHARS = 2000
 MAX_MESSAGES = 1000
 STOP_MAX = 4
@@ -37,6 +48,25 @@ class InitRequest:
     # What the messages' content parts need (`vision`, `files`, `audio`): 400
     # `unsupported_content` when the model lacks one.
     content_features: frozenset[str] = frozenset()
+    # `tool` messages answering the stored session's open calls (with `session_id`).
+    tool_results: list[dict[str, Any]] | None = None
+
+
+def _rejected(exc: InputRejected) -> Exception:
+    if exc.code == "unsupported_content":
+        return UnsupportedContent(str(exc))
+    return ValidationFailed(exc.where, exc.problem)
+
+
+def _content(content: Any, where: str, needed: set[str]) -> Any:
+    if isinstance(content, list):
+        try:
+            needed |= check_parts(content, where)
+        except InputRejected as exc:
+            raise _rejected(exc) from None
+    elif not isinstance(content, str):
+        raise ValidationFailed(where, "must be a string or content parts")
+    return content
 
 
 def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
@@ -55,17 +85,26 @@ def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
             raise ValidationFailed(
                 f"messages[{i}].role", f"must be one of {', '.join(MESSAGE_ROLES)}"
             )
+        extra: dict[str, Any] = {}
+        try:
+            if role == "assistant" and item.get("tool_calls") is not None:
+                extra["tool_calls"] = check_tool_calls(
+                    item["tool_calls"], f"messages[{i}].tool_calls"
+                )
+            elif role == "tool":
+                extra = tool_message(item, f"messages[{i}]")
+        except InputRejected as exc:
+            raise _rejected(exc) from None
         content = item.get("content")
-        if isinstance(content, list):
-            try:
-                needed |= check_parts(content, f"messages[{i}].content")
-            except InputRejected as exc:
-                if exc.code == "unsupported_content":
-                    raise UnsupportedContent(str(exc)) from None
-                raise ValidationFailed(exc.where, exc.problem) from None
-        elif not isinstance(content, str):
-            raise ValidationFailed(f"messages[{i}].content", "must be a string or content parts")
-        result.append({"role": str(role), "content": content})
+        if content is None and "tool_calls" in extra:
+            content = ""  # OpenAI's null content beside calls; nothing to send
+        else:
+            content = _content(content, f"messages[{i}].content", needed)
+        result.append({"role": str(role), "content": content, **extra})
+    try:
+        check_tool_sequence(result)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     return result, frozenset(needed)
 
 
@@ -112,25 +151,42 @@ def _features(doc: dict[str, Any], params: dict[str, Any]) -> tuple[str, ...]:
         ):
             raise ValidationFailed("features", f"must be at most {MAX_FEATURES} feature names")
         wanted.extend(raw)
-    tools = doc.get("tools")
-    if tools is not None:
-        if (
-            not isinstance(tools, list)
-            or not 1 <= len(tools) <= MAX_TOOLS
-            or not all(isinstance(t, dict) for t in tools)
-        ):
-            raise ValidationFailed("tools", f"must be an array of 1-{MAX_TOOLS} tool objects")
-        params["tools"] = tools
+    try:
+        params |= check_tool_params(doc)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
+    if "tools" in params:
         wanted.append("tools")
     return tuple(dict.fromkeys(wanted))
 
 
+def _tool_results(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
+    """`tool_results` as the `tool` messages they become."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TOOLS:
+        raise ValidationFailed("tool_results", f"must be an array of 1-{MAX_TOOLS} results")
+    needed: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValidationFailed(f"tool_results[{i}]", "must be an object")
+        try:
+            call = tool_message(item, f"tool_results[{i}]")
+        except InputRejected as exc:
+            raise _rejected(exc) from None
+        content = _content(item.get("content"), f"tool_results[{i}].content", needed)
+        out.append({"role": "tool", "content": content, **call})
+    return out, frozenset(needed)
+
+
 def parse_init_request(doc: dict[str, Any]) -> InitRequest:
-    """Validate an init body: exactly one of `messages` and `query`."""
+    """Validate an init body: exactly one of `messages`, `query` and `tool_results`."""
     has_messages = doc.get("messages") is not None
     has_query = doc.get("query") is not None
-    if has_messages == has_query:
-        raise ValidationFailed("messages", "send exactly one of messages or query")
+    has_results = doc.get("tool_results") is not None
+    if has_messages + has_query + has_results != 1:
+        raise ValidationFailed("messages", "send exactly one of messages, query or tool_results")
+    if has_results and doc.get("session_id") is None:
+        raise ValidationFailed("session_id", "is required with tool_results")
     query = None
     if has_query:
         query = doc["query"]
@@ -141,9 +197,13 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
     params = _params(doc)
     features = _features(doc, params)
     messages, content_features = _messages(doc["messages"]) if has_messages else (None, None)
+    results, result_features = _tool_results(doc["tool_results"]) if has_results else (None, None)
+    if (messages is not None and uses_tools(messages, params)) or results:
+        features = tuple(dict.fromkeys((*features, "tools")))
     return InitRequest(
         features=features,
-        content_features=content_features or frozenset(),
+        content_features=content_features or result_features or frozenset(),
+        tool_results=results,
         model=optional_str(doc, "model"),
         messages=messages,
         query=query,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
@@ -33,11 +34,17 @@ class SessionLimits:
     max_bytes: int = 1024 * 1024
 
 
-def content_bytes(messages: Iterable[dict[str, str]]) -> int:
-    return sum(len(m["content"].encode("utf-8")) for m in messages)
+def content_bytes(messages: Iterable[dict[str, Any]]) -> int:
+    """What a message costs against the session's byte cap: its text, plus its tool
+    calls as the JSON they are stored as."""
+    return sum(
+        len(m["content"].encode("utf-8"))
+        + (len(orjson.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+        for m in messages
+    )
 
 
-def title_from(messages: Iterable[dict[str, str]]) -> str:
+def title_from(messages: Iterable[dict[str, Any]]) -> str:
     for message in messages:
         if message["role"] == "user" and message["content"].strip():
             text = " ".join(message["content"].split())
@@ -62,19 +69,29 @@ def create_session(
     return chat
 
 
-def history(session: Session, session_id: str) -> list[dict[str, str]]:
+def _tool_fields(message: ChatMessage) -> dict[str, Any]:
+    """A stored message's tool call fields, present only when set (OpenAI's shape)."""
+    out: dict[str, Any] = {}
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def history(session: Session, session_id: str) -> list[dict[str, Any]]:
     rows = session.scalars(
         select(ChatMessage)
         .where(col(ChatMessage.session_id) == session_id)
         .order_by(col(ChatMessage.seq))
     )
-    return [{"role": m.role, "content": m.content} for m in rows]
+    return [{"role": m.role, "content": m.content, **_tool_fields(m)} for m in rows]
 
 
 def append_messages(
     session: Session,
     session_id: str,
-    messages: Iterable[dict[str, str]],
+    messages: Iterable[dict[str, Any]],
     limits: SessionLimits | None = None,
 ) -> Appended:
     """Append in order: ``"appended"``, ``"gone"`` when the session no longer exists,
@@ -85,7 +102,7 @@ def append_messages(
     limits = limits or SessionLimits()
     # Inputs with NUL are refused at the door (400); a model's reply is not ours to
     # refuse, so it is made storable here: PostgreSQL text cannot hold NUL.
-    rows = [{"role": m["role"], "content": without_nul(m["content"])} for m in messages]
+    rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
     added, size = len(rows), content_bytes(rows)
     now = utcnow()
     touched = session.execute(
@@ -120,6 +137,8 @@ def append_messages(
                 content=message["content"],
                 created_at=now,
                 seq=seq,
+                tool_calls=message.get("tool_calls"),
+                tool_call_id=message.get("tool_call_id"),
             )
         )
     session.flush()
@@ -154,7 +173,13 @@ def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None)
     }
     if messages is not None:
         doc["messages"] = [
-            {"id": m.id, "role": m.role, "content": m.content, "created_at": iso(m.created_at)}
+            {
+                "id": m.id,
+                "role": m.role,
+                "content": m.content,
+                **_tool_fields(m),
+                "created_at": iso(m.created_at),
+            }
             for m in messages
         ]
     return doc

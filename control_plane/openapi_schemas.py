@@ -10,11 +10,69 @@ from typing import Any
 _STR = {"type": "string", "minLength": 1, "maxLength": 200}
 _ID = {"type": "string", "minLength": 1, "maxLength": 64}
 _CREDITS = {"type": "string", "pattern": r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$"}
+_CALL_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+# Tool calling in OpenAI's shapes (DESIGN §11, docs/tool-calls.md).
+_TOOL_CALL = {
+    "type": "object",
+    "properties": {
+        "id": _CALL_ID,
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {"name": _FUNCTION_NAME, "arguments": {"type": "string"}},
+            "required": ["name", "arguments"],
+        },
+    },
+    "required": ["id", "function"],
+}
+_TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": _FUNCTION_NAME,
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+                "strict": {"type": "boolean"},
+            },
+            "required": ["name"],
+        },
+    },
+    "required": ["type", "function"],
+}
+_TOOL_CHOICE = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"enum": ["function"]},
+                "function": {
+                    "type": "object",
+                    "properties": {"name": _FUNCTION_NAME},
+                    "required": ["name"],
+                },
+            },
+            "required": ["type", "function"],
+        },
+    ]
+}
+_TOOL_RESULT = {
+    "type": "object",
+    "properties": {"tool_call_id": _CALL_ID, "content": {"type": "string", "maxLength": 2000}},
+    "required": ["tool_call_id", "content"],
+}
 _MESSAGE = {
     "type": "object",
     "properties": {
-        "role": {"enum": ["system", "user", "assistant"]},
-        "content": {"type": "string", "maxLength": 2000},
+        "role": {"enum": ["system", "user", "assistant", "tool"]},
+        # null only beside an assistant's `tool_calls`
+        "content": {"anyOf": [{"type": "string", "maxLength": 2000}, {"type": "null"}]},
+        "tool_calls": {"type": "array", "items": _TOOL_CALL, "minItems": 1, "maxItems": 128},
+        "tool_call_id": _CALL_ID,
     },
     "required": ["role", "content"],
 }
@@ -63,7 +121,10 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         top_p={"type": "number", "minimum": 0, "maximum": 1},
         stop={"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
         features={"type": "array", "items": {"type": "string"}},
-        tools={"type": "array", "items": {"type": "object"}},
+        tools={"type": "array", "items": _TOOL, "minItems": 1, "maxItems": 128},
+        tool_choice=_TOOL_CHOICE,
+        parallel_tool_calls={"type": "boolean"},
+        tool_results={"type": "array", "items": _TOOL_RESULT, "minItems": 1, "maxItems": 128},
     ),
     ("post", "/v1/webhooks/usage"): _obj(["type", "data"], type=_STR, data={"type": "object"}),
     ("post", "/v1/admin/companies"): _obj(["name"], name=_STR, credits=_CREDITS),

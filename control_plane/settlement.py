@@ -40,6 +40,8 @@ from control_plane.errors import (
 from control_plane.ledger import charge_for, reservation_price, settle_reservation
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
 from control_plane.validation import NUL, without_nul
+from shared.input_size import InputRejected
+from shared.tool_shapes import check_tool_calls
 from shared.webhooks import STATUSES, USAGE_SOURCES, UsageEvent
 
 log = logging.getLogger("control_plane.settlement")
@@ -93,6 +95,13 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
     content = data.get("content")
     if content is not None and not isinstance(content, str):
         raise ValidationFailed("data.content", "must be a string")
+    tool_calls = data.get("tool_calls")
+    if tool_calls is not None:
+        try:
+            tool_calls = check_tool_calls(tool_calls, "data.tool_calls")
+        except InputRejected:
+            # Transcript only: a malformed call is left out, the usage is still settled.
+            tool_calls = None
     first_token_at = data.get("first_token_at")
     return UsageEvent(
         jti=_str(data, "jti", required=True, max_len=64),
@@ -112,6 +121,7 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
         first_token_at=_optional_time(first_token_at),
         ended_at=_str(data, "ended_at", required=False, max_len=64),
         content=content,
+        tool_calls=tool_calls,
     )
 
 
@@ -255,15 +265,20 @@ def settle_webhook(
     )
     if outcome.duplicate:
         return outcome
-    if transcripts and event.content and event.status in TRANSCRIPT_STATUSES:
-        append_transcript(session, reservation.session_id, event.content, session_limits)
+    if transcripts and (event.content or event.tool_calls) and event.status in TRANSCRIPT_STATUSES:
+        reply: dict[str, Any] = {"role": "assistant", "content": event.content or ""}
+        if event.tool_calls and event.status == "completed":
+            # Only a finished call can be run and answered (`tool_results` at init).
+            reply["tool_calls"] = event.tool_calls
+        if reply["content"] or "tool_calls" in reply:
+            append_transcript(session, reservation.session_id, reply, session_limits)
     return outcome
 
 
 def append_transcript(
     session: Session,
     session_id: str,
-    content: str,
+    reply: dict[str, Any],
     limits: chat_sessions.SessionLimits | None = None,
 ) -> None:
     """The assistant's reply, best effort: in a savepoint, so that a failed write
@@ -274,12 +289,7 @@ def append_transcript(
     try:
         with session.begin_nested():
             # "gone" when the user deleted the session meanwhile: nothing to append to.
-            if (
-                chat_sessions.append_messages(
-                    session, session_id, [{"role": "assistant", "content": content}], limits
-                )
-                == "full"
-            ):
+            if chat_sessions.append_messages(session, session_id, [reply], limits) == "full":
                 log.warning("session %s is full; this reply is not kept", session_id)
     except SQLAlchemyError:
         log.exception("transcript of session %s not stored; the usage is settled", session_id)

@@ -311,6 +311,11 @@ class ChatMessage(SQLModel, table=True):
     content: str = _str()
     created_at: datetime = _time()
     seq: int = _int()
+    # An assistant's tool calls (OpenAI's shape) and a tool result's call id (0005g).
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, sa_column=Column(JSON(), nullable=True)
+    )
+    tool_call_id: str | None = _str(256, nullable=True)
 
 
 class CompanyProvider(SQLModel, table=True):

@@ -9,6 +9,11 @@ session id to continue with `--session`.
 A dropped connection is resumed like a browser's EventSource would: reconnect with the
 same stream URL and `Last-Event-ID` (DESIGN §6); event ids guard against printing a
 token twice.
+
+`--demo-tool` offers the model a built-in tool, `add` (docs/tool-calls.md): when the
+answer ends in `tool_call` events, the calls run here, a line per call goes to stderr,
+and their results go back with `tool_results` on the same session until the model
+answers in text.
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=10.0, pool=5.0)
 RECONNECTS = 5
 RECONNECT_DELAY_S = 0.5
 SETTLE_WAIT_S = 3.0
+MAX_TOOL_ROUNDS = 4
+# The built-in tool of `--demo-tool` (the demo page offers the same one).
+DEMO_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        },
+    },
+}
 
 STREAM_ERRORS = {
     "upstream_error": "the model's backend failed while answering",
@@ -60,6 +79,11 @@ def add_chat_parser(sub: Any) -> None:
     cmd.add_argument("question")
     cmd.add_argument("--model", help="a model id from /v1/models (default: the company's)")
     cmd.add_argument("--session", help="continue this chat session (its id)")
+    cmd.add_argument(
+        "--demo-tool",
+        action="store_true",
+        help="offer the model a built-in tool, add(a, b), and run the calls it makes",
+    )
 
 
 def run_chat(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
@@ -78,7 +102,9 @@ def run_chat(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         with httpx.Client(
             base_url=base, timeout=TIMEOUT, headers={"Authorization": f"Bearer {api_key}"}
         ) as http:
-            summary = chat(http, args.question, args.model, args.session, sys.stdout)
+            summary = chat(
+                http, args.question, args.model, args.session, sys.stdout, tools=args.demo_tool
+            )
     except ChatError as exc:
         print(f"llm-gateway chat: {exc}", file=sys.stderr)
         return 1
@@ -95,6 +121,22 @@ class Answer:
     last_id: int = 0
     first_token_at: float | None = None
     done: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_demo_tool(call: Mapping[str, Any]) -> str:
+    """The result of one `add` call, as JSON text. Bad arguments are the model's
+    mistake: they are answered with an error it can read, never raised."""
+    try:
+        args = orjson.loads(str(call.get("arguments", "")))
+        a, b = args["a"], args["b"]
+        if call.get("name") != "add" or not all(
+            isinstance(n, int | float) and not isinstance(n, bool) for n in (a, b)
+        ):
+            raise TypeError
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return orjson.dumps({"error": "add takes two numbers, a and b"}).decode()
+    return orjson.dumps({"sum": a + b}).decode()
 
 
 def chat(
@@ -104,15 +146,51 @@ def chat(
     session: str | None,
     out: TextIO,
     edge: httpx.Client | None = None,
+    *,
+    tools: bool = False,
+    notes: TextIO | None = None,
 ) -> str:
-    """Run one turn; print the answer to `out`; return the summary line. `http` talks to
-    the control plane with the API key; `edge` (default: a fresh client) to the edge."""
+    """Run one turn (and, with `tools`, the tool rounds it leads to); print the answer
+    to `out` and each tool call to `notes` (stderr); return the summary line. `http`
+    talks to the control plane with the API key; `edge` (default: a fresh client) to
+    the edge."""
     body: dict[str, Any] = {"query": question}
     if model:
         body["model"] = model
     if session:
         body["session_id"] = session
+    if tools:
+        body["tools"] = [DEMO_TOOL]
     started = time.perf_counter()
+    grant, answer = _turn(http, body, started, out, edge)
+    for _ in range(MAX_TOOL_ROUNDS):
+        if not tools or not answer.tool_calls:
+            break
+        results = []
+        for call in answer.tool_calls:
+            result = run_demo_tool(call)
+            print(
+                f"→ {call.get('name')}({call.get('arguments')}) = {result}",
+                file=notes or sys.stderr,
+            )
+            results.append({"tool_call_id": call["id"], "content": result})
+        body = {"session_id": grant["session_id"], "tool_results": results, "tools": [DEMO_TOOL]}
+        if model:
+            body["model"] = model
+        grant, answer = _turn(http, body, started, out, edge)
+    out.write("\n")
+    out.flush()
+    return _summary(http, grant, answer, time.perf_counter() - started)
+
+
+def _turn(
+    http: httpx.Client,
+    body: dict[str, Any],
+    started: float,
+    out: TextIO,
+    edge: httpx.Client | None,
+) -> tuple[dict[str, Any], Answer]:
+    """One init and its stream, followed to the end."""
     grant = _data(http.post("/v1/chat/init", json=body))
     answer = Answer()
     # A client of its own for the edge: the stream URL carries its token, and the API
@@ -133,9 +211,7 @@ def chat(
             reason = f" ({problem})" if problem else ""
             where = grant["stream_url"].split("?")[0]
             raise ChatError(f"could not stream the answer from {where}{reason}")
-    out.write("\n")
-    out.flush()
-    return _summary(http, grant, answer, time.perf_counter() - started)
+    return grant, answer
 
 
 def _follow(edge: httpx.Client, url: str, answer: Answer, started: float, out: TextIO) -> bool:
@@ -163,6 +239,8 @@ def _follow(edge: httpx.Client, url: str, answer: Answer, started: float, out: T
                     answer.text.append(payload["content"])
                     out.write(payload["content"])
                     out.flush()
+                elif event.event == "tool_call":
+                    answer.tool_calls.append(payload)
                 elif event.event == "complete":
                     answer.done = payload
                     return True

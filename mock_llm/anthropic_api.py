@@ -4,7 +4,10 @@ Shapes follow https://docs.anthropic.com/en/api/messages-streaming: named events
 ``message_start`` (input tokens, and a placeholder ``output_tokens: 1``),
 ``content_block_start``, ``ping``, one ``content_block_delta`` (``text_delta``) per
 token, ``content_block_stop``, ``message_delta`` (stop reason, cumulative usage) and
-``message_stop``; a mid-stream failure is an ``error`` event. Auth is ``x-api-key``
+``message_stop``; a mid-stream failure is an ``error`` event. Tool calls
+(``[[mock tool_calls=N]]`` with ``tools``) are ``tool_use`` blocks whose input streams
+as ``input_json_delta`` fragments, ending with ``stop_reason: tool_use``; a user turn
+of ``tool_result`` blocks answers them. Auth is ``x-api-key``
 (or ``Authorization: Bearer``, which recent official clients send), and
 ``anthropic-version`` is required, as on the real API.
 """
@@ -21,11 +24,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mock_llm.errors import MockAPIError
-from mock_llm.request import content_text, flag, invalid, parse_messages, positive_int
+from mock_llm.request import content_text, flag, invalid, positive_int
 from mock_llm.script import Completion, Message
 from mock_llm.server import MockServer, json_response, require_json, secret_matches
+from mock_llm.tools import ToolSpec
 
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 ROLES = frozenset({"user", "assistant"})
 _EMPTY_TEXT = {"type": "text", "text": ""}
 
@@ -36,6 +40,48 @@ class MessagesRequest:
     messages: tuple[Message, ...]  # the system prompt first, when given
     max_tokens: int
     stream: bool
+    tools: tuple[ToolSpec, ...] = ()
+
+
+def _block_text(block: object, where: str) -> tuple[str, bool]:
+    """A content block's text, and whether it is a tool result."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if not isinstance(block, dict) or kind not in ("text", "tool_use", "tool_result"):
+        raise invalid(f"{where}: must be a text, tool_use or tool_result block", where)
+    if kind == "text":
+        return content_text([block], where), False
+    if kind == "tool_use":
+        return orjson.dumps(block.get("input", {})).decode(), False
+    result = block.get("content", "")
+    return content_text(result, f"{where}.content"), True
+
+
+def _messages(value: object) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise invalid("messages: at least one message is required", "messages")
+    out: list[Message] = []
+    for index, item in enumerate(value):
+        where = f"messages.{index}"
+        role = item.get("role") if isinstance(item, dict) else None
+        if role not in ROLES or not isinstance(item, dict):
+            raise invalid(f"{where}.role: must be user or assistant", f"{where}.role")
+        content = item.get("content")
+        if not isinstance(content, list):
+            out.append(Message(str(role), content_text(content, f"{where}.content")))
+            continue
+        read = [_block_text(b, f"{where}.content.{i}") for i, b in enumerate(content)]
+        results = bool(read) and all(is_result for _, is_result in read)
+        out.append(Message("tool" if results else str(role), "".join(t for t, _ in read)))
+    return tuple(out)
+
+
+def _tools(value: object) -> tuple[ToolSpec, ...]:
+    specs = (
+        ToolSpec.of(t.get("name"), t.get("input_schema"))
+        for t in (value if isinstance(value, list) else [])
+        if isinstance(t, dict)
+    )
+    return tuple(spec for spec in specs if spec is not None)
 
 
 def parse_messages_request(body: object) -> MessagesRequest:
@@ -47,11 +93,16 @@ def parse_messages_request(body: object) -> MessagesRequest:
     max_tokens = positive_int(body, "max_tokens")
     if max_tokens is None:
         raise invalid("max_tokens: Field required", "max_tokens")
-    messages = parse_messages(body.get("messages"), ROLES)
+    messages = _messages(body.get("messages"))
     system = body.get("system")
     if system is not None:
         messages = (Message("system", content_text(system, "system")), *messages)
-    return MessagesRequest(model, messages, max_tokens, flag(body, "stream", "stream"))
+    stream = flag(body, "stream", "stream")
+    return MessagesRequest(model, messages, max_tokens, stream, _tools(body.get("tools")))
+
+
+def _tool_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 def _event(name: str, payload: dict[str, Any]) -> bytes:
@@ -65,7 +116,11 @@ def message_object(model: str, completion: Completion, report_usage: bool) -> di
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": completion.text}],
+        "content": [
+            {"type": "tool_use", "id": _tool_id(c.id), "name": c.name, "input": c.args()}
+            for c in completion.calls
+        ]
+        or [{"type": "text", "text": completion.text}],
         "stop_reason": STOP_REASONS.get(completion.finish_reason, "end_turn"),
         "stop_sequence": None,
         "usage": usage if report_usage else {"input_tokens": 0, "output_tokens": 0},
@@ -83,18 +138,32 @@ class MessageFrames:
         start.update(content=[], stop_reason=None)
         # The real API's message_start reports output_tokens 1, a placeholder.
         start["usage"] = {"input_tokens": self._completion.prompt_tokens, "output_tokens": 1}
-        block = {"type": "content_block_start", "index": 0, "content_block": _EMPTY_TEXT}
-        return (
-            _event("message_start", {"type": "message_start", "message": start})
-            + _event("content_block_start", block)
-            + _event("ping", {"type": "ping"})
-        )
+        head = _event("message_start", {"type": "message_start", "message": start})
+        if not self._completion.calls:
+            block = {"type": "content_block_start", "index": 0, "content_block": _EMPTY_TEXT}
+            head += _event("content_block_start", block)
+        return head + _event("ping", {"type": "ping"})
 
     def token(self, index: int, text: str) -> bytes:
-        delta = {"type": "text_delta", "text": text}
-        return _event(
-            "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
-        )
+        if not self._completion.calls:
+            delta = {"type": "text_delta", "text": text}
+            return _event(
+                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+            )
+        number, first = self._completion.owner(index)
+        frames = b""
+        if first:
+            if number:
+                frames += _event(
+                    "content_block_stop", {"type": "content_block_stop", "index": number - 1}
+                )
+            call = self._completion.calls[number]
+            use = {"type": "tool_use", "id": _tool_id(call.id), "name": call.name, "input": {}}
+            start = {"type": "content_block_start", "index": number, "content_block": use}
+            frames += _event("content_block_start", start)
+        delta = {"type": "input_json_delta", "partial_json": text}
+        event = {"type": "content_block_delta", "index": number, "delta": delta}
+        return frames + _event("content_block_delta", event)
 
     def tail(self) -> bytes:
         stop = STOP_REASONS.get(self._completion.finish_reason, "end_turn")
@@ -104,8 +173,9 @@ class MessageFrames:
         }
         if self._report_usage:
             delta["usage"] = {"output_tokens": len(self._completion.tokens)}
+        last_block = max(0, len(self._completion.calls) - 1)
         return (
-            _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            _event("content_block_stop", {"type": "content_block_stop", "index": last_block})
             + _event("message_delta", delta)
             + _event("message_stop", {"type": "message_stop"})
         )
@@ -133,7 +203,7 @@ def routes(server: MockServer) -> list[Route]:
         authorize(request)
         call = parse_messages_request(require_json(body))
         completion, behaviour = server.plan(
-            call.model, call.messages, request.headers, call.max_tokens
+            call.model, call.messages, request.headers, call.max_tokens, call.tools
         )
         if call.stream:
             frames = MessageFrames(call.model, completion, behaviour.report_usage)

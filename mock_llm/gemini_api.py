@@ -7,7 +7,9 @@ whole ``GenerateContentResponse``, framed ``data: …\\r\\n\\r\\n`` (CRLF, as Go
 ``finishReason`` and the final counts. There is no ``[DONE]``. Auth is the
 ``x-goog-api-key`` header or ``?key=``; like Google, a missing key is 403 and a wrong
 one is 400 ``API_KEY_INVALID``. Errors use Google's ``{"error": {code, message,
-status}}`` shape.
+status}}`` shape. Tool calls (``[[mock tool_calls=N]]`` with ``functionDeclarations``)
+come as whole ``functionCall`` parts without ids, one frame each, finishing ``STOP``
+as Gemini does; ``functionResponse`` parts answer them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mock_llm.errors import MockAPIError
 from mock_llm.request import invalid
 from mock_llm.script import Completion, Message
 from mock_llm.server import MockServer, json_response, require_json, secret_matches
+from mock_llm.tools import ToolSpec
 
 FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS"}
 
@@ -33,15 +36,51 @@ FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS"}
 class GenerateRequest:
     messages: tuple[Message, ...]  # the system instruction first, when given
     max_tokens: int | None
+    tools: tuple[ToolSpec, ...] = ()
+
+
+def _part_text(part: object) -> str | None:
+    if not isinstance(part, dict):
+        return None
+    if isinstance(part.get("text"), str):
+        return str(part["text"])
+    for key, field in (("functionCall", "args"), ("functionResponse", "response")):
+        value = part.get(key)
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return orjson.dumps(value.get(field, {})).decode()
+    return None
 
 
 def _parts_text(value: object, where: str) -> str:
     parts = value.get("parts") if isinstance(value, dict) else None
     if not isinstance(parts, list) or not parts:
         raise invalid(f"* GenerateContentRequest.{where}.parts: must not be empty", where)
-    if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
-        raise invalid(f"* GenerateContentRequest.{where}.parts: only text is supported", where)
-    return "".join(p["text"] for p in parts)
+    texts = [_part_text(p) for p in parts]
+    if any(t is None for t in texts):
+        raise invalid(
+            f"* GenerateContentRequest.{where}.parts: only text, functionCall and "
+            "functionResponse are supported",
+            where,
+        )
+    return "".join(t for t in texts if t is not None)
+
+
+def _is_response(content: object) -> bool:
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return isinstance(parts, list) and all(
+        isinstance(p, dict) and "functionResponse" in p for p in parts
+    )
+
+
+def _tools(value: object) -> tuple[ToolSpec, ...]:
+    specs: list[ToolSpec] = []
+    for tool in value if isinstance(value, list) else []:
+        declarations = tool.get("functionDeclarations") if isinstance(tool, dict) else None
+        for d in declarations if isinstance(declarations, list) else []:
+            spec = ToolSpec.of(d.get("name"), d.get("parameters")) if isinstance(d, dict) else None
+            if spec is not None:
+                specs.append(spec)
+    return tuple(specs)
 
 
 def parse_generate_request(body: object) -> GenerateRequest:
@@ -57,12 +96,13 @@ def parse_generate_request(body: object) -> GenerateRequest:
         role = content.get("role", "user") if isinstance(content, dict) else None
         if role not in ("user", "model"):
             raise invalid(f"* contents[{index}].role: must be 'user' or 'model'", "contents")
-        messages.append(Message(str(role), _parts_text(content, f"contents[{index}]")))
+        text = _parts_text(content, f"contents[{index}]")
+        messages.append(Message("tool" if _is_response(content) else str(role), text))
     config = body.get("generationConfig") or {}
     limit = config.get("maxOutputTokens") if isinstance(config, dict) else None
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise invalid("* generationConfig.max_output_tokens: must be positive", "generationConfig")
-    return GenerateRequest(tuple(messages), limit)
+    return GenerateRequest(tuple(messages), limit, _tools(body.get("tools")))
 
 
 class GenerateFrames:
@@ -72,8 +112,11 @@ class GenerateFrames:
         self._report_usage = report_usage
         self._id = uuid.uuid4().hex[:22]
 
-    def response(self, text: str, output_tokens: int, finish: bool) -> dict[str, Any]:
-        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+    def response(
+        self, text: str, output_tokens: int, finish: bool, parts: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        parts = parts if parts is not None else [{"text": text}]
+        candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}}
         if finish:
             candidate["finishReason"] = FINISH_REASONS.get(self._completion.finish_reason, "STOP")
         candidate["index"] = 0
@@ -95,8 +138,20 @@ class GenerateFrames:
     def head(self) -> bytes:
         return b""
 
+    def calls(self, numbers: range) -> list[dict[str, Any]]:
+        calls = self._completion.calls
+        return [{"functionCall": {"name": calls[n].name, "args": calls[n].args()}} for n in numbers]
+
     def token(self, index: int, text: str) -> bytes:
-        return self._frame(self.response(text, index + 1, finish=False))
+        if not self._completion.calls:
+            return self._frame(self.response(text, index + 1, finish=False))
+        # Gemini sends each call whole: on its first fragment, nothing after.
+        number, first = self._completion.owner(index)
+        if not first:
+            return b""
+        return self._frame(
+            self.response("", index + 1, False, self.calls(range(number, number + 1)))
+        )
 
     def tail(self) -> bytes:
         return self._frame(self.response("", len(self._completion.tokens), finish=True))
@@ -132,11 +187,14 @@ def routes(server: MockServer) -> list[Route]:
         if stream and request.query_params.get("alt") != "sse":
             raise MockAPIError(400, "mock: only alt=sse streaming is supported")
         call = parse_generate_request(require_json(body))
-        completion, behaviour = server.plan(model, call.messages, request.headers, call.max_tokens)
+        completion, behaviour = server.plan(
+            model, call.messages, request.headers, call.max_tokens, call.tools
+        )
         frames = GenerateFrames(model, completion, behaviour.report_usage)
         if stream:
             return server.stream(frames, completion, behaviour)
         await server.whole(completion, behaviour)
-        return json_response(frames.response(completion.text, len(completion.tokens), True))
+        parts = frames.calls(range(len(completion.calls))) if completion.calls else None
+        return json_response(frames.response(completion.text, len(completion.tokens), True, parts))
 
     return [Route("/v1beta/models/{target}", generate, methods=["POST"])]

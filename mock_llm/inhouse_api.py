@@ -3,6 +3,8 @@
 It takes ``{"messages", "max_tokens"?, "model"?}`` and answers only as a stream:
 ``data: {"delta": "…"}`` per token, then
 ``data: {"usage": {"input": n, "output": n}, "finish": "stop"}`` and ``data: [DONE]``.
+Tool calls (``[[mock tool_calls=N]]`` with OpenAI-shaped ``tools``) stream as
+``data: {"tool_calls": [{"index", "id"?, "function": {"name"?, "arguments"}}]}``.
 A mid-stream failure is ``data: {"error": {"message": …}}``. It trusts the gateway:
 when the mock has a service token, ``X-Service-Token`` must carry it, and the caller's
 context headers are logged for tests (``GET /_mock/requests``).
@@ -21,6 +23,7 @@ from mock_llm.errors import MockAPIError
 from mock_llm.request import invalid, parse_messages, positive_int
 from mock_llm.script import Completion
 from mock_llm.server import MockServer, require_json, secret_matches
+from mock_llm.tools import openai_tools
 
 DEFAULT_MODEL = "mock-fast"
 
@@ -38,7 +41,14 @@ class DeltaFrames:
         return b""
 
     def token(self, index: int, text: str) -> bytes:
-        return _frame({"delta": text})
+        if not self._completion.calls:
+            return _frame({"delta": text})
+        number, first = self._completion.owner(index)
+        call: dict[str, Any] = {"index": number, "function": {"arguments": text}}
+        if first:
+            call["id"] = self._completion.calls[number].id
+            call["function"]["name"] = self._completion.calls[number].name
+        return _frame({"tool_calls": [call]})
 
     def tail(self) -> bytes:
         last: dict[str, Any] = {"finish": self._completion.finish_reason}
@@ -66,7 +76,8 @@ def routes(server: MockServer) -> list[Route]:
             raise invalid("model must be a string", "model")
         messages = parse_messages(body.get("messages"))
         max_tokens = positive_int(body, "max_tokens")
-        completion, behaviour = server.plan(model, messages, request.headers, max_tokens)
+        tools = openai_tools(body.get("tools"))
+        completion, behaviour = server.plan(model, messages, request.headers, max_tokens, tools)
         return server.stream(DeltaFrames(completion, behaviour.report_usage), completion, behaviour)
 
     return [Route("/sse/chat", chat, methods=["POST"])]

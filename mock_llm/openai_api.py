@@ -44,8 +44,18 @@ def usage(completion: Completion) -> dict[str, int]:
     }
 
 
+def tool_calls(completion: Completion) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in completion.calls
+    ]
+
+
 def completion_object(model: str, completion: Completion, report_usage: bool) -> dict[str, Any]:
     """The ``chat.completion`` object answered when ``stream`` is false."""
+    message: dict[str, Any] = {"role": "assistant", "content": completion.text, "refusal": None}
+    if completion.calls:
+        message.update(content=None, tool_calls=tool_calls(completion))
     body: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -55,7 +65,7 @@ def completion_object(model: str, completion: Completion, report_usage: bool) ->
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": completion.finish_reason,
             }
@@ -93,15 +103,31 @@ class ChunkFrames:
         chunk.update(extra)
         return sse_frame(chunk)
 
-    def _choice(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+    def _choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._chunk([choice])
 
     def head(self) -> bytes:
+        if self._completion.calls:
+            return self._choice({"role": "assistant", "content": None})
         return self._choice({"role": "assistant", "content": ""})
 
     def token(self, index: int, text: str) -> bytes:
-        return self._choice({"content": text})
+        if not self._completion.calls:
+            return self._choice({"content": text})
+        # As OpenAI streams calls: the first chunk of a call names it with empty
+        # arguments; then the argument fragments, with only their index.
+        number, first = self._completion.owner(index)
+        frames = b""
+        if first:
+            call = self._completion.calls[number]
+            function = {"name": call.name, "arguments": ""}
+            start = {"index": number, "id": call.id, "type": "function", "function": function}
+            frames = self._choice({"tool_calls": [start]})
+        if not text:
+            return frames
+        fragment = {"index": number, "function": {"arguments": text}}
+        return frames + self._choice({"tool_calls": [fragment]})
 
     def tail(self) -> bytes:
         frames = [self._choice({}, self._completion.finish_reason)]
@@ -128,7 +154,7 @@ def routes(server: MockServer) -> list[Route]:
         authorize(request)
         chat = parse_chat_request(require_json(body))
         completion, behaviour = server.plan(
-            chat.model, chat.messages, request.headers, chat.max_tokens
+            chat.model, chat.messages, request.headers, chat.max_tokens, chat.tools
         )
         if chat.stream:
             frames = ChunkFrames(chat.model, completion, chat.include_usage, behaviour.report_usage)

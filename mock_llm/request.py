@@ -1,7 +1,9 @@
 """Validate a Chat Completions request body into a small value object (pure).
 
-Only the fields the mock acts on are checked; anything else OpenAI accepts
-(``temperature``, ``tools``, ...) is ignored. Every problem is a 400 in OpenAI's
+Only the fields the mock acts on are checked (``tools`` by name and schema, for
+``[[mock tool_calls=N]]``); anything else OpenAI accepts (``temperature``, ...) is
+ignored. An assistant message may carry ``tool_calls`` with no content, and a
+``tool`` message answers one. Every problem is a 400 in OpenAI's
 error shape, never a 500.
 """
 
@@ -10,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from mock_llm.errors import MockAPIError
 from mock_llm.script import Message
+from mock_llm.tools import ToolSpec, openai_tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +26,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens: int | None
+    tools: tuple[ToolSpec, ...] = ()
 
 
 def invalid(message: str, param: str | None) -> MockAPIError:
@@ -58,6 +64,11 @@ def parse_messages(value: object, roles: frozenset[str] | None = None) -> tuple[
         if not isinstance(role, str) or not role or (roles is not None and role not in roles):
             allowed = f"one of {sorted(roles)}" if roles else "a non-empty string"
             raise invalid(f"{where}.role must be {allowed}", f"{where}.role")
+        calls = item.get("tool_calls")
+        if role == "assistant" and isinstance(calls, list) and item.get("content") is None:
+            # What the model said is its calls: their JSON counts as its text.
+            messages.append(Message(role, orjson.dumps(calls).decode()))
+            continue
         messages.append(Message(role, content_text(item.get("content"), f"{where}.content")))
     return tuple(messages)
 
@@ -102,4 +113,5 @@ def parse_chat_request(body: object) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         max_tokens=min(limits) if limits else None,
+        tools=openai_tools(body.get("tools")),
     )

@@ -6,7 +6,7 @@ is a prefix of the longer one. Timing and failures come from the model's default
 overridden per request by a directive inside any message::
 
     [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S fail_times=N drop_after=N
-            error_after=N usage=0|1]]
+            error_after=N usage=0|1 tool_calls=N]]
 
 (every key optional; several directives merge, later ones win), and then by the
 ``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mock_llm.errors import MockAPIError
+from mock_llm.tools import MAX_CALLS, PlannedCall, ToolSpec, plan_calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ class MockBehaviour:
     fail_times: int | None = None
     # False: the backend reports no token usage at all (the gateway must count).
     report_usage: bool = True
+    # Answer with this many calls to the request's tools (`mock_llm.tools`), unless
+    # the last message is a tool result.
+    tool_calls: int = 0
 
 
 MODEL_DEFAULTS: dict[str, MockBehaviour] = {
@@ -74,6 +78,7 @@ class Overrides:
     retry_after_s: int | None = None
     fail_times: int | None = None
     report_usage: bool | None = None
+    tool_calls: int | None = None
 
     def merged(self, later: Overrides) -> Overrides:
         changes = {
@@ -130,10 +135,12 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(fail_times=_int_value(name, raw, 0, 1000))
     if key == "usage":
         return Overrides(report_usage=bool(_int_value(name, raw, 0, 1)))
+    if key == "tool_calls":
+        return Overrides(tool_calls=_int_value(name, raw, 0, MAX_CALLS))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
-        "retry_after, fail_times, drop_after, error_after, usage)",
+        "retry_after, fail_times, drop_after, error_after, usage, tool_calls)",
         code="invalid_mock_directive",
     )
 
@@ -226,19 +233,43 @@ class Completion:
     tokens: list[str]
     finish_reason: str
     prompt_tokens: int
+    # When set, the answer is these calls and `tokens` are their argument fragments.
+    calls: tuple[PlannedCall, ...] = ()
 
     @property
     def text(self) -> str:
-        return "".join(self.tokens)
+        return "" if self.calls else "".join(self.tokens)
+
+    def owner(self, index: int) -> tuple[int, bool]:
+        """Which call token `index` belongs to, and whether it is the call's first."""
+        for number, call in enumerate(self.calls):
+            size = max(1, len(call.fragments))
+            if index < size:
+                return number, index == 0
+            index -= size
+        raise IndexError(index)
 
 
 def plan_completion(
-    messages: Iterable[Message], behaviour: MockBehaviour, max_tokens: int | None
+    messages: Iterable[Message],
+    behaviour: MockBehaviour,
+    max_tokens: int | None,
+    tools: tuple[ToolSpec, ...] = (),
 ) -> Completion:
-    """The answer to ``messages``: ``behaviour.tokens`` long, cut to ``max_tokens``."""
+    """The answer to ``messages``: ``behaviour.tokens`` long, cut to ``max_tokens``;
+    or ``behaviour.tool_calls`` calls when the user spoke last (not a tool result)."""
     messages = list(messages)
     users = [m for m in messages if m.role == "user"]
     prompt = (users or messages)[-1].text if messages else ""
+    if behaviour.tool_calls and messages and messages[-1].role != "tool":
+        if not tools:
+            raise MockAPIError(
+                400, "mock: tool_calls needs tools in the request", code="invalid_mock_directive"
+            )
+        calls = plan_calls(prompt, tools, behaviour.tool_calls)
+        # A call with no arguments still takes one (empty) token, so it is sent.
+        fragments = [piece for call in calls for piece in (call.fragments or [""])]
+        return Completion(fragments, "tool_calls", count_prompt_tokens(messages), calls)
     count = behaviour.tokens
     finish_reason = "stop"
     if max_tokens is not None and max_tokens < count:

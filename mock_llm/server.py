@@ -19,6 +19,7 @@ from starlette.responses import Response
 from mock_llm.errors import MockAPIError
 from mock_llm.script import Completion, Message, MockBehaviour, plan_completion, resolve_behaviour
 from mock_llm.streaming import Frames, MockStats, TrackedStream, take_as_long_as_a_stream
+from mock_llm.tools import ToolSpec
 
 REQUEST_LOG_SIZE = 100
 
@@ -103,6 +104,7 @@ class MockServer:
         messages: Iterable[Message],
         headers: Mapping[str, str],
         max_tokens: int | None,
+        tools: tuple[ToolSpec, ...] = (),
     ) -> tuple[Completion, MockBehaviour]:
         """The answer and its behaviour, or the error the directives or model ask for."""
         default = self.models.get(model)
@@ -122,7 +124,7 @@ class MockServer:
                 code="mock_failure",
                 headers=headers_out,
             )
-        return plan_completion(messages, behaviour, max_tokens), behaviour
+        return plan_completion(messages, behaviour, max_tokens, tools), behaviour
 
     def stream(
         self,

@@ -97,7 +97,9 @@ async def paced(
             yield frames.error()
             return
         await pause(behaviour.first_token_delay_s if index == 0 else behaviour.token_delay_s)
-        yield frames.token(index, token)
+        frame = frames.token(index, token)
+        if frame:  # a format that sends whole tool calls skips the later fragments
+            yield frame
     if behaviour.error_after is not None and behaviour.error_after <= len(completion.tokens):
         run.outcome = "failed"
         yield frames.error()

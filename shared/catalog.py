@@ -52,6 +52,8 @@ class SSEBackendSpec:
     usage_output_path: str = "usage.output"
     finish_path: str = "finish"
     error_path: str = "error"
+    # OpenAI-shaped tool-call deltas: `[{"index", "id"?, "function": {"name"?, "arguments"}}]`.
+    tool_calls_path: str = "tool_calls"
 
 
 SSE_BACKEND_KEYS = tuple(f.name for f in fields(SSEBackendSpec))

@@ -9,7 +9,8 @@ The formula, in tokens:
 
 - **text** (a message's role and its text, or its ``text`` parts): one token per 3
   UTF-8 bytes, rounded up per message, plus 4 per message for the framing. Real
-  tokenizers average about 4 bytes a token on English text.
+  tokenizers average about 4 bytes a token on English text. An assistant's
+  ``tool_calls`` and a tool result's ``tool_call_id`` count as their compact JSON.
 - **everything else that goes upstream beside the messages** (``tools``,
   ``tool_choice``, ``response_format``, ``stop``, ``user``, …): one token per 3
   bytes of its compact JSON. A tool schema is text the vendor tokenizes too.
@@ -150,6 +151,9 @@ def _part_tokens(part: Mapping[str, Any], image_tokens: int) -> int:
 def message_tokens(message: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -> int:
     content = message.get("content")
     size = len(str(message.get("role", "")).encode("utf-8"))
+    for key in ("tool_calls", "tool_call_id"):
+        if message.get(key) is not None:
+            size += len(orjson.dumps(message[key]))
     extra = 0
     if isinstance(content, str):
         size += len(content.encode("utf-8"))

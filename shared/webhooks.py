@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -96,6 +97,8 @@ class UsageEvent:
     first_token_at: str | None
     ended_at: str
     content: str | None = None
+    # The assistant's tool calls in OpenAI's shape, when transcripts are on (DESIGN §11).
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def webhook_id(self) -> str:
@@ -108,6 +111,8 @@ class UsageEvent:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         if data["content"] is None:
             del data["content"]
+        if data["tool_calls"] is None:
+            del data["tool_calls"]
         return orjson.dumps(
             {
                 "type": f"stream.{self.status}",

@@ -109,6 +109,9 @@ async def event_stream(request: Request) -> Response:
             await emit(RETRY_FRAME)
             result = await job.pump(response, write, emit)
             if result.status == "completed":
+                for frame in writer.tool_call_frames():  # whole calls, before `complete`
+                    log.append(frame)
+                    await emit(frame)
                 billing = job.meter.billing()
                 final = writer.complete(
                     job.meter.finish_reason, billing.input_tokens, billing.output_tokens

@@ -15,7 +15,16 @@ from typing import Any
 import orjson
 
 from shared.sse import encode_data, encode_event
-from stream_edge.upstream.base import Delta, Failure, Finish, UpstreamEvent, Usage
+from stream_edge.upstream.base import (
+    Delta,
+    Failure,
+    Finish,
+    ToolCall,
+    ToolCallDelta,
+    ToolCalls,
+    UpstreamEvent,
+    Usage,
+)
 
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -61,9 +70,26 @@ class OpenAIChunkWriter:
                 delta["role"] = "assistant"
                 self._started = True
             return self._chunk(delta, None)
+        if isinstance(event, ToolCallDelta):
+            return self._chunk(self._tool_delta(event), None)
         if isinstance(event, Finish):
             return self._chunk({}, event.reason)
         return b""
+
+    def _tool_delta(self, event: ToolCallDelta) -> dict[str, Any]:
+        """OpenAI's exact shape: the call's first fragment has `id`, `type` and
+        `function.name`; later ones `index` and `function.arguments` only."""
+        call: dict[str, Any] = {"index": event.index}
+        if event.id is not None:
+            call |= {"id": event.id, "type": "function"}
+            call["function"] = {"name": event.name or "", "arguments": event.arguments}
+        else:
+            call["function"] = {"arguments": event.arguments}
+        delta: dict[str, Any] = {"tool_calls": [call]}
+        if not self._started:
+            delta = {"role": "assistant", "content": None, **delta}
+            self._started = True
+        return delta
 
     def _usage_frame(self, usage: Usage) -> bytes:
         return encode_data(
@@ -94,8 +120,17 @@ class OpenAIChunkWriter:
 
 
 def completion_object(
-    model: str, text: str, finish_reason: str, usage: Usage | None
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: Usage | None,
+    tool_calls: tuple[ToolCall, ...] = (),
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        # OpenAI answers `content: null` beside tool calls when there is no text.
+        message = {"role": "assistant", "content": text or None}
+        message["tool_calls"] = [call.openai() for call in tool_calls]
     body: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -104,7 +139,7 @@ def completion_object(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
             }
         ],
@@ -119,12 +154,15 @@ def completion_object(
 
 
 class EventSourceWriter:
-    """`chunk` / `complete` / `error` events, numbered from 1 so `Last-Event-ID` can resume."""
+    """`chunk` / `tool_call` / `complete` / `error` events, numbered from 1 so
+    `Last-Event-ID` can resume. Tool calls are gathered as they stream and sent
+    whole, one `tool_call` event each, just before `complete` (`tool_call_frames`)."""
 
     def __init__(self, session_id: str) -> None:
         self._session_id = session_id
         self.last_id = 0
         self._index = 0
+        self._tool_calls = ToolCalls()
 
     def _next(self, event: str, payload: dict[str, Any]) -> bytes:
         self.last_id += 1
@@ -135,7 +173,19 @@ class EventSourceWriter:
             frame = self._next("chunk", {"content": event.text, "index": self._index})
             self._index += 1
             return frame
+        if isinstance(event, ToolCallDelta):
+            self._tool_calls.add(event)
         return b""
+
+    def tool_call_frames(self) -> list[bytes]:
+        """One `tool_call` event per call: `{"index", "id", "name", "arguments"}`."""
+        return [
+            self._next(
+                "tool_call",
+                {"index": i, "id": call.id, "name": call.name, "arguments": call.arguments},
+            )
+            for i, call in enumerate(self._tool_calls.complete())
+        ]
 
     def complete(self, finish_reason: str | None, input_tokens: int, output_tokens: int) -> bytes:
         return self._next(

@@ -209,8 +209,10 @@ class StreamJob:
             raise await self.fail_unexpectedly(exc, "reading the backend's answer") from None
         finally:
             await response.aclose()
-        self.meter.record_text(completion.text, completion.usage, completion.finish_reason)
-        if completion.text:
+        self.meter.record_text(
+            completion.text, completion.usage, completion.finish_reason, completion.tool_calls
+        )
+        if completion.text or completion.tool_calls:
             self.first_token()
         self.result = RelayResult("completed")
         return completion

@@ -6,7 +6,8 @@ webhook. The backend's own usage wins (`usage_source: upstream`); without it
 estimate and the output is counted from what was relayed, marked `estimated`:
 OpenAI-compatible backends send one token per delta, so deltas are counted; other
 vendors batch several tokens per delta, so there it is the larger of the deltas and
-one token per 4 UTF-8 bytes (the usual tokenizer average).
+one token per 4 UTF-8 bytes (the usual tokenizer average). A tool call's name and
+argument fragments count like text (DESIGN §11).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from stream_edge.upstream.base import Delta, Finish, UpstreamEvent, Usage
+from stream_edge.upstream.base import (
+    Delta,
+    Finish,
+    ToolCall,
+    ToolCallDelta,
+    ToolCalls,
+    UpstreamEvent,
+    Usage,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +45,7 @@ class Meter:
     usage: Usage | None = None
     finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)
+    calls: ToolCalls = field(default_factory=ToolCalls)
 
     def record(self, event: UpstreamEvent) -> None:
         if isinstance(event, Delta):
@@ -46,22 +56,43 @@ class Meter:
                 self.text_bytes += len(event.text.encode())
             if self.keep_transcript:
                 self.parts.append(event.text)
+        elif isinstance(event, ToolCallDelta):
+            if self.first_token_at is None:
+                self.first_token_at = datetime.now(UTC)
+            self.deltas += 1
+            if not self.delta_is_token:
+                self.text_bytes += len((event.name or "").encode()) + len(event.arguments.encode())
+            self.calls.add(event)
         elif isinstance(event, Usage):
             self.usage = event
         elif isinstance(event, Finish):
             self.finish_reason = event.reason
 
-    def record_text(self, text: str, usage: Usage | None, finish_reason: str) -> None:
+    def record_text(
+        self,
+        text: str,
+        usage: Usage | None,
+        finish_reason: str,
+        tool_calls: tuple[ToolCall, ...] = (),
+    ) -> None:
         """A whole non-streamed answer."""
-        if text:
+        size = len(text.encode()) + sum(
+            len(c.name.encode()) + len(c.arguments.encode()) for c in tool_calls
+        )
+        if size:
             self.first_token_at = datetime.now(UTC)
             self.deltas = 1
             self.delta_is_token = False  # one "delta" here is the whole answer
-            self.text_bytes = len(text.encode())
-            if self.keep_transcript:
+            self.text_bytes = size
+            if self.keep_transcript and text:
                 self.parts.append(text)
+        for index, call in enumerate(tool_calls):
+            self.calls.add(ToolCallDelta(index, call.id, call.name, call.arguments))
         self.usage = usage
         self.finish_reason = finish_reason
+
+    def tool_calls(self) -> list[ToolCall]:
+        return self.calls.complete()
 
     @property
     def content(self) -> str | None:

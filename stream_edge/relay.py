@@ -23,7 +23,7 @@ import httpx
 from stream_edge.http1 import Http1Response
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
-from stream_edge.upstream.base import Delta, Failure, StreamParser, UpstreamEvent
+from stream_edge.upstream.base import Delta, Failure, StreamParser, ToolCallDelta, UpstreamEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,7 @@ async def relay(
                             await emit(b"".join(out))
                             observe_delay(time.perf_counter() - received)
                         return RelayResult("failed", "upstream_error", event.message)
-                    if isinstance(event, Delta) and meter.first_token_at is None:
+                    if isinstance(event, Delta | ToolCallDelta) and meter.first_token_at is None:
                         on_first_token()
                         waiting_for = "next token"
                     meter.record(event)

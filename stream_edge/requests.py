@@ -3,7 +3,9 @@
 Runs before the token is claimed, so a malformed request does not burn the token.
 The input is sized with `shared.input_size`, the formula init used for the hold:
 the messages with their content parts and every parameter passed upstream must fit
-the grant's `max_input_tokens`, and non-text parts need the model's feature.
+the grant's `max_input_tokens`, and non-text parts need the model's feature. Tool
+calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls`, `tool`
+messages) is checked by `shared.tool_shapes` and needs the model's `tools` feature.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from shared.input_size import (
     params_tokens,
 )
 from shared.tokens import StreamGrant
+from shared.tool_shapes import (
+    TOOL_PARAMS,
+    check_tool_calls,
+    check_tool_params,
+    check_tool_sequence,
+    tool_message,
+    uses_tools,
+)
 from stream_edge.errors import BadRequest, Forbidden, InputTooLarge
 
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
@@ -29,6 +39,11 @@ ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 PASSTHROUGH_PARAMS = frozenset(
     {"temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "user"}
 )
+
+
+def _rejected(exc: InputRejected) -> BadRequest:
+    code = "invalid_messages" if exc.code == "invalid_content" else exc.code
+    return BadRequest(str(exc), code=code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +59,9 @@ class ChatRequest:
 def validate_messages(
     messages: Any, features: tuple[str, ...] = ("streaming",)
 ) -> list[dict[str, Any]]:
-    """The messages as sent upstream (role and content only); content parts other
-    than text need the model's `features` (400 `unsupported_content`)."""
+    """The messages as sent upstream (role and content, an assistant's `tool_calls`,
+    a tool result's `tool_call_id`); content parts other than text need the model's
+    `features` (400 `unsupported_content`)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
     clean: list[dict[str, Any]] = []
@@ -53,12 +69,23 @@ def validate_messages(
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise BadRequest(f"messages[{i}] needs a valid 'role'", code="invalid_messages")
         content = message.get("content")
+        extra: dict[str, Any] = {}
+        try:
+            if message["role"] == "assistant" and message.get("tool_calls") is not None:
+                calls = check_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+                extra["tool_calls"] = calls
+            elif message["role"] == "tool":
+                extra = tool_message(message, f"messages[{i}]")
+        except InputRejected as exc:
+            raise _rejected(exc) from None
+        if content is None and "tool_calls" in extra:
+            clean.append({"role": "assistant", "content": None, **extra})
+            continue
         if isinstance(content, list):
             try:
                 missing = missing_features(check_parts(content, f"messages[{i}].content"), features)
             except InputRejected as exc:
-                code = "invalid_messages" if exc.code == "invalid_content" else exc.code
-                raise BadRequest(str(exc), code=code) from None
+                raise _rejected(exc) from None
             if missing:
                 raise BadRequest(
                     f"messages[{i}].content: this model cannot take {', '.join(missing)} content",
@@ -66,7 +93,11 @@ def validate_messages(
                 )
         elif not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string", code="invalid_messages")
-        clean.append({"role": message["role"], "content": content})
+        clean.append({"role": message["role"], "content": content, **extra})
+    try:
+        check_tool_sequence(clean)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     return clean
 
 
@@ -96,6 +127,15 @@ def parse_chat_request(body: Any, grant: StreamGrant, model: ModelSpec) -> ChatR
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
     params = {k: v for k, v in body.items() if k in PASSTHROUGH_PARAMS}
+    tool_doc = {k: body.get(k) for k in TOOL_PARAMS}
+    if tool_doc["tools"] == []:
+        tool_doc["tools"] = None  # some clients send an empty list for "no tools"
+    try:
+        params |= check_tool_params(tool_doc)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
+    if uses_tools(messages, params) and "tools" not in model.features:
+        raise BadRequest(f"{model.id} cannot call tools", code="unsupported_feature")
     # Everything that goes upstream counts: the messages and the parameters.
     estimate = estimate_input_tokens(messages, model.image_input_tokens) + params_tokens(params)
     if estimate > grant.max_input_tokens:

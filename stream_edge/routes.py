@@ -53,7 +53,9 @@ async def chat_completions(request: Request) -> Response:
         billing = job.meter.billing()
         usage = completion.usage or Usage(billing.input_tokens, billing.output_tokens)
         return JSONResponse(
-            completion_object(model.id, completion.text, completion.finish_reason, usage),
+            completion_object(
+                model.id, completion.text, completion.finish_reason, usage, completion.tool_calls
+            ),
             headers={"X-Request-Id": grant.request_id},
         )
     writer = OpenAIChunkWriter(

@@ -29,4 +29,7 @@ def usage_event(grant: StreamGrant, provider: str, meter: Meter, status: str) ->
         first_token_at=iso_utc(meter.first_token_at) if meter.first_token_at else None,
         ended_at=iso_utc(datetime.now(UTC)),
         content=meter.content,
+        tool_calls=[c.openai() for c in meter.tool_calls()] or None
+        if meter.keep_transcript
+        else None,
     )

@@ -74,6 +74,7 @@ def catalog(mock_url: str) -> dict[str, Any]:
             "upstream_model": "mock-fast",
             "context_length": 8192,
             "max_output_tokens": 1024,
+            "features": ["streaming", "tools"],
             "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
         }
         for model_id, (provider, _) in MODELS.items()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import os
 import socket
 import threading
@@ -383,3 +384,24 @@ def test_an_upstream_failure_is_explained(stack: BrowserStack, page: Any) -> Non
     # The hold is settled for what was relayed; the page shows the new balance.
     page.wait_for_selector(".meta[data-settled=true]")
     assert float(balance(page)) < 5
+
+
+def test_the_demo_tool_runs_in_the_page(stack: BrowserStack, page: Any) -> None:
+    """The model calls `add`; the page runs it, sends the result with `tool_results`
+    and streams the model's final answer on the same session."""
+    email = stack.new_user(credits="5")
+    sign_in(page, stack, email)
+    page.select_option("#model", "mock-fast")
+    page.check("#demo-tool")
+    send(page, "Add two numbers [[mock tool_calls=1]]")
+    page.wait_for_function("document.querySelectorAll('.meta[data-settled=true]').length === 2")
+    answer = finished_answer(page)
+    assert answer.inner_text()
+    call = page.locator(".meta", has_text="→ add(").inner_text()
+    args = json.loads(call[len("→ add(") : call.index(") = ")])
+    assert json.loads(call.split(") = ", 1)[1]) == {"sum": args["a"] + args["b"]}
+    token = page_token(page)
+    sessions = stack.client.as_user(token, "GET", "/v1/sessions").json()["data"]["items"]
+    chat = stack.client.as_user(token, "GET", f"/v1/sessions/{sessions[0]['id']}").json()
+    roles = [m["role"] for m in chat["data"]["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]

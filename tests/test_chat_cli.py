@@ -4,6 +4,7 @@ whole gateway on ephemeral ports (SQLite + in-memory store, as `make run`)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import socket
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llm_gateway.chat import chat
+from llm_gateway.chat import chat, run_demo_tool
 from tests.stack import ROOT, Client, InProcessStack, base_env
 
 SUMMARY = re.compile(
@@ -205,3 +206,49 @@ def test_a_dropped_stream_resumes_without_losing_or_repeating_tokens(
     assert "last-event-id" not in cut.requests[0].headers
     assert int(cut.requests[1].headers["last-event-id"]) >= 1
     assert summary.startswith("— 30 tokens · cost ")
+
+
+def test_demo_tool_loop(stack: InProcessStack) -> None:
+    """`--demo-tool`: the model's `add` call runs here, its result goes back with
+    `tool_results` on the same session, and the model's text answer is printed."""
+    key = api_key(stack.client)
+    out, notes = io.StringIO(), io.StringIO()
+    with httpx.Client(
+        base_url=stack.client.cp_url, headers={"Authorization": f"Bearer {key}"}
+    ) as http:
+        summary = chat(
+            http, "Add two numbers [[mock tool_calls=1]]", None, None, out, tools=True, notes=notes
+        )
+    call = re.fullmatch(r"→ add\((?P<args>\{.*\})\) = (?P<result>\{.*\})\n", notes.getvalue())
+    assert call is not None, notes.getvalue()
+    args = json.loads(call["args"])
+    assert json.loads(call["result"]) == {"sum": args["a"] + args["b"]}
+    assert out.getvalue().strip()  # the final answer, in text
+    found = SUMMARY.match(summary)
+    assert found is not None, summary
+    session = stack.client.as_user(key, "GET", f"/v1/sessions/{found['session']}")
+    roles = [m["role"] for m in session.json()["data"]["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("call", "result"),
+    [
+        ({"name": "add", "arguments": '{"a": 2, "b": 3.5}'}, {"sum": 5.5}),
+        (
+            {"name": "add", "arguments": '{"a": "2", "b": 3}'},
+            {"error": "add takes two numbers, a and b"},
+        ),
+        ({"name": "add", "arguments": "{not json"}, {"error": "add takes two numbers, a and b"}),
+        (
+            {"name": "add", "arguments": '{"a": true, "b": 1}'},
+            {"error": "add takes two numbers, a and b"},
+        ),
+        (
+            {"name": "rm", "arguments": '{"a": 1, "b": 1}'},
+            {"error": "add takes two numbers, a and b"},
+        ),
+    ],
+)
+def test_demo_tool_answers_bad_calls_with_an_error(call: dict[str, Any], result: Any) -> None:
+    assert json.loads(run_demo_tool(call)) == result

@@ -6,6 +6,12 @@ Reference: https://docs.anthropic.com/en/api/messages-streaming. A stream is
 `ping`s at any point, one or more `message_delta` (the stop reason, and usage that is
 cumulative), then `message_stop`. A vendor `error` event may arrive at any time.
 
+Tool calls (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use): a
+`tool_use` block starts with its `id` and `name` and streams its input as
+`input_json_delta` fragments; we number tool blocks 0, 1, … as OpenAI numbers its
+calls. Requests turn OpenAI's `tool_calls` into `tool_use` blocks and `tool`
+messages into `tool_result` blocks of one user turn (docs/tool-calls.md).
+
 We emit one `Usage` per `message_delta`, combining `message_start`'s input with the
 delta's cumulative output, so every `Usage` is complete when emitted (the meter keeps
 the last). Input counts cache reads and writes too: the model processed them.
@@ -23,9 +29,12 @@ from stream_edge.upstream.base import (
     Finish,
     HttpRequest,
     JsonEventParser,
+    ToolCall,
+    ToolCallDelta,
     UpstreamCall,
     UpstreamEvent,
     Usage,
+    arguments_object,
     message_text,
     trusted_headers,
     vendor_failure,
@@ -61,12 +70,13 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 class AnthropicStreamParser(JsonEventParser):
-    __slots__ = ("_input", "_last_usage")
+    __slots__ = ("_input", "_last_usage", "_tool_blocks")
 
     def __init__(self) -> None:
         super().__init__()
         self._input: int | None = None
         self._last_usage: Usage | None = None
+        self._tool_blocks: dict[Any, int] = {}  # content block index → tool call index
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         kind = doc.get("type")
@@ -75,6 +85,16 @@ class AnthropicStreamParser(JsonEventParser):
             text = delta.get("text")
             if delta.get("type") == "text_delta" and isinstance(text, str) and text:
                 return [Delta(text, raw)]
+            fragment = delta.get("partial_json")
+            tool = self._tool_blocks.get(doc.get("index"))
+            if delta.get("type") == "input_json_delta" and isinstance(fragment, str):
+                if tool is not None and fragment:
+                    return [ToolCallDelta(tool, None, None, fragment, raw)]
+        elif kind == "content_block_start":
+            block = _dict(doc.get("content_block"))
+            if block.get("type") == "tool_use" and isinstance(block.get("name"), str):
+                tool = self._tool_blocks[doc.get("index")] = len(self._tool_blocks)
+                return [ToolCallDelta(tool, str(block.get("id") or ""), block["name"], "", raw)]
         elif kind == "message_start":
             # Its `output_tokens` is a placeholder (usually 1): only the input counts.
             self._input = _input_tokens(_dict(_dict(doc.get("message")).get("usage")))
@@ -85,7 +105,7 @@ class AnthropicStreamParser(JsonEventParser):
         elif kind == "error":
             error = _dict(doc.get("error"))
             return [vendor_failure(str(error.get("type")), error.get("message"))]
-        # ping, content_block_start/stop, and event types added later carry nothing
+        # ping, content_block_stop, and event types added later carry nothing
         # we bill or show; Anthropic's versioning policy says to ignore unknown ones.
         return []
 
@@ -111,6 +131,22 @@ class AnthropicStreamParser(JsonEventParser):
         return out
 
 
+def _tool_use_turn(message: dict[str, Any]) -> dict[str, Any]:
+    text = message_text(message)
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    for call in message["tool_calls"]:
+        function = call["function"]
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": function["name"],
+                "input": arguments_object(function["arguments"]),
+            }
+        )
+    return {"role": "assistant", "content": blocks}
+
+
 def _system_and_messages(
     messages: list[dict[str, Any]],
 ) -> tuple[str, list[dict[str, Any]]]:
@@ -120,10 +156,52 @@ def _system_and_messages(
         role, text = message.get("role"), message_text(message)
         if role in ("system", "developer"):
             system.append(text)
+        elif role == "assistant" and message.get("tool_calls"):
+            turns.append(_tool_use_turn(message))
+        elif role == "tool":
+            # Every result of one round of calls goes in one user turn, as Anthropic
+            # requires right after the assistant's tool_use blocks.
+            result = {
+                "type": "tool_result",
+                "tool_use_id": message["tool_call_id"],
+                "content": text,
+            }
+            last = turns[-1] if turns else None
+            if last is not None and last["role"] == "user" and isinstance(last["content"], list):
+                last["content"].append(result)
+            else:
+                turns.append({"role": "user", "content": [result]})
         else:
-            # Anthropic knows only user and assistant turns; a tool result is user input.
+            # Anthropic knows only user and assistant turns.
             turns.append({"role": "assistant" if role == "assistant" else "user", "content": text})
     return "\n\n".join(system), turns
+
+
+def _tool(function: dict[str, Any]) -> dict[str, Any]:
+    tool: dict[str, Any] = {"name": function["name"]}
+    if "description" in function:
+        tool["description"] = function["description"]
+    # Anthropic requires a schema; OpenAI lets a function without parameters be.
+    tool["input_schema"] = function.get("parameters") or {"type": "object", "properties": {}}
+    return tool
+
+
+def _tool_params(params: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `tools` / `tool_choice` / `parallel_tool_calls` in Anthropic's words."""
+    tools = params.get("tools")
+    if not tools:
+        return {}
+    out: dict[str, Any] = {"tools": [_tool(t["function"]) for t in tools]}
+    choice: Any = params.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        wanted: dict[str, Any] = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        wanted = {"type": {"required": "any"}.get(choice, choice)}
+    if params.get("parallel_tool_calls") is False and wanted["type"] != "none":
+        wanted["disable_parallel_tool_use"] = True
+    if wanted != {"type": "auto"}:
+        out["tool_choice"] = wanted
+    return out
 
 
 def _sampling(params: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +226,7 @@ class AnthropicMessagesAdapter:
         system, messages = _system_and_messages(call.messages)
         body: dict[str, Any] = {
             **_sampling(call.params),
+            **_tool_params(call.params),
             "model": call.upstream_model,
             "max_tokens": call.max_tokens,  # required by Anthropic
             "messages": messages,
@@ -185,6 +264,13 @@ class AnthropicMessagesAdapter:
             for b in blocks
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
+        calls = tuple(
+            ToolCall(str(b.get("id") or ""), b["name"], orjson.dumps(b.get("input", {})).decode())
+            for b in blocks
+            if isinstance(b, dict)
+            and b.get("type") == "tool_use"
+            and isinstance(b.get("name"), str)
+        )
         stop_reason = doc.get("stop_reason")
         usage_doc = _dict(doc.get("usage"))
         input_tokens, output = _input_tokens(usage_doc), usage_doc.get("output_tokens")
@@ -194,7 +280,7 @@ class AnthropicMessagesAdapter:
             else None
         )
         reason = finish_reason(stop_reason) if isinstance(stop_reason, str) else "stop"
-        return Completion(text=text, finish_reason=reason, usage=usage)
+        return Completion(text, reason, usage, calls)
 
     def error_status(self, status: int, body: bytes) -> int:
         return status

@@ -1,7 +1,10 @@
 """The upstream adapter interface and the normalised events every adapter yields.
 
 An adapter knows one vendor's wire format: how to build the request, and how to
-turn the bytes of its stream into `Delta`, `Usage`, `Finish` and `Failure` events.
+turn the bytes of its stream into `Delta`, `ToolCallDelta`, `Usage`, `Finish` and
+`Failure` events. Tool calls are normalised to OpenAI's streaming shape whatever the
+vendor sends (docs/tool-calls.md): the first fragment of call `index` carries its
+`id` and `name`, later ones only more `arguments` text.
 It does no I/O itself, so each is tested by feeding it captured bytes.
 
 A `Failure` carries one of the generic messages below, never the vendor's text: the
@@ -70,6 +73,58 @@ class Delta:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of tool call number `index` (0, 1, … in the order the calls start).
+    `id` and `name` come with the call's first fragment; `arguments` is a piece of
+    its JSON arguments text, to be concatenated."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A whole tool call: `arguments` is the complete JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+class ToolCalls:
+    """Gathers `ToolCallDelta` fragments into whole calls, in index order."""
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[str]] = {}
+
+    def add(self, delta: ToolCallDelta) -> None:
+        call = self._calls.setdefault(delta.index, ["", "", ""])
+        if delta.id:
+            call[0] = delta.id
+        if delta.name:
+            call[1] = delta.name
+        call[2] += delta.arguments
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def complete(self) -> list[ToolCall]:
+        return [ToolCall(*self._calls[i]) for i in sorted(self._calls)]
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     input_tokens: int
     output_tokens: int
@@ -96,7 +151,7 @@ class Passthrough:
     raw: bytes
 
 
-UpstreamEvent = Delta | Usage | Finish | Failure | Passthrough
+UpstreamEvent = Delta | ToolCallDelta | Usage | Finish | Failure | Passthrough
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +161,7 @@ class Completion:
     text: str
     finish_reason: str
     usage: Usage | None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class JsonEventParser:
@@ -183,6 +239,65 @@ def message_text(message: dict[str, Any]) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return ""
+
+
+def openai_tool_deltas(value: Any, raw: bytes) -> list[ToolCallDelta]:
+    """OpenAI's `delta.tool_calls` list (also the in-house convention) as fragments;
+    entries without an integer `index` are malformed and skipped."""
+    out: list[ToolCallDelta] = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict):
+            continue
+        index = item.get("index")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            continue
+        function = item.get("function")
+        function = function if isinstance(function, dict) else {}
+        call_id, name, arguments = item.get("id"), function.get("name"), function.get("arguments")
+        out.append(
+            ToolCallDelta(
+                index,
+                call_id if isinstance(call_id, str) and call_id else None,
+                name if isinstance(name, str) and name else None,
+                arguments if isinstance(arguments, str) else "",
+                raw,
+            )
+        )
+    return out
+
+
+def openai_tool_calls(value: Any) -> tuple[ToolCall, ...]:
+    """A whole message's `tool_calls` (OpenAI's non-streamed shape)."""
+    calls: list[ToolCall] = []
+    for item in value if isinstance(value, list) else []:
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError("the backend's answer has a malformed tool call")
+        arguments = function.get("arguments")
+        calls.append(
+            ToolCall(
+                str(item.get("id") or ""),
+                function["name"],
+                arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode(),
+            )
+        )
+    return tuple(calls)
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed, when it is a JSON object."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def arguments_object(arguments: str) -> dict[str, Any]:
+    """An OpenAI call's `arguments` text as the JSON object Anthropic and Gemini want.
+    Models write JSON objects; anything else is kept whole under `arguments`."""
+    found = json_object(arguments)
+    return found if found is not None else {"arguments": arguments}
 
 
 def _header_value(value: str) -> str:

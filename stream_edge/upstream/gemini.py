@@ -10,10 +10,18 @@ handles split anywhere. There is no `[DONE]`: the stream is over at the frame wi
 is not billable: we emit `Usage` only from the finishing frame on. Output counts the
 model's thinking tokens too (`thoughtsTokenCount`), which Google bills as output.
 The key goes in the `x-goog-api-key` header, never in the URL, where logs keep it.
+
+Tool calls (https://ai.google.dev/gemini-api/docs/function-calling): OpenAI's `tools`
+become `functionDeclarations`, `tool_choice` a `toolConfig`; an assistant's
+`tool_calls` become `functionCall` parts and `tool` messages `functionResponse` parts
+(named after the call they answer). Gemini streams each call whole, in one part,
+often without an id, and finishes with `STOP`: we give each call an id, send its
+arguments as one fragment and report `tool_calls` as the finish reason.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 from urllib.parse import quote
 
@@ -25,9 +33,13 @@ from stream_edge.upstream.base import (
     Finish,
     HttpRequest,
     JsonEventParser,
+    ToolCall,
+    ToolCallDelta,
     UpstreamCall,
     UpstreamEvent,
     Usage,
+    arguments_object,
+    json_object,
     message_text,
     trusted_headers,
     vendor_failure,
@@ -67,42 +79,55 @@ def _usage(doc: dict[str, Any]) -> Usage | None:
     return Usage(prompt, output)
 
 
-def _read(doc: dict[str, Any]) -> tuple[str, str | None]:
-    """The text of the first candidate (thought summaries left out) and its finish."""
+def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
+    """The text of the first candidate (thought summaries left out), its function
+    calls (ids made up where Gemini sends none) and its finish."""
     candidates = doc.get("candidates")
     candidate = _dict(candidates[0]) if isinstance(candidates, list) and candidates else {}
     parts = _dict(candidate.get("content")).get("parts")
+    parts = [p for p in (parts if isinstance(parts, list) else []) if isinstance(p, dict)]
     text = "".join(
-        p["text"]
-        for p in (parts if isinstance(parts, list) else [])
-        if isinstance(p, dict) and isinstance(p.get("text"), str) and not p.get("thought")
+        p["text"] for p in parts if isinstance(p.get("text"), str) and not p.get("thought")
     )
+    calls = [
+        ToolCall(
+            str(call.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
+            call["name"],
+            orjson.dumps(_dict(call.get("args"))).decode(),
+        )
+        for call in (_dict(p.get("functionCall")) for p in parts)
+        if isinstance(call.get("name"), str)
+    ]
     reason = candidate.get("finishReason")
     if isinstance(reason, str):
-        return text, finish_reason(reason)
+        return text, calls, finish_reason(reason)
     if not candidate and _dict(doc.get("promptFeedback")).get("blockReason"):
-        return text, "content_filter"
-    return text, None
+        return text, calls, "content_filter"
+    return text, calls, None
 
 
 class GeminiStreamParser(JsonEventParser):
-    __slots__ = ("_last_usage",)
+    __slots__ = ("_calls", "_last_usage")
 
     def __init__(self) -> None:
         super().__init__()
         self._last_usage: tuple[int, int] | None = None
+        self._calls = 0
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         if "error" in doc:
             error = _dict(doc["error"])
             return [vendor_failure(str(error.get("status")), error.get("message"))]
-        text, reason = _read(doc)
+        text, calls, reason = _read(doc)
         out: list[UpstreamEvent] = []
         if text:
             out.append(Delta(text, raw))
+        for call in calls:
+            out.append(ToolCallDelta(self._calls, call.id, call.name, call.arguments, raw))
+            self._calls += 1
         if reason is not None and not self.done:
             self.done = True
-            out.append(Finish(reason, raw))
+            out.append(Finish("tool_calls" if self._calls and reason == "stop" else reason, raw))
         usage = _usage(doc) if self.done else None
         if usage is not None and (usage.input_tokens, usage.output_tokens) != self._last_usage:
             self._last_usage = (usage.input_tokens, usage.output_tokens)
@@ -131,13 +156,73 @@ def _generation_config(call: UpstreamCall) -> dict[str, Any]:
     return config
 
 
+def _function_call_turn(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    text = message_text(message)
+    parts: list[dict[str, Any]] = [{"text": text}] if text else []
+    for call in message["tool_calls"]:
+        function = call["function"]
+        names[call["id"]] = function["name"]
+        args = arguments_object(function["arguments"])
+        parts.append({"functionCall": {"name": function["name"], "args": args}})
+    return {"role": "model", "parts": parts}
+
+
+def _function_response(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    # Gemini matches a response to its call by the function's name; a JSON object
+    # result goes as it is, anything else under `content`.
+    text = message_text(message)
+    response = json_object(text)
+    if response is None:
+        response = {"content": text}
+    name = names.get(message["tool_call_id"], "unknown")
+    return {"functionResponse": {"name": name, "response": response}}
+
+
+def _tool_config(params: dict[str, Any]) -> dict[str, Any]:
+    tools = params.get("tools")
+    if not tools:
+        return {}
+    declarations = []
+    for tool in tools:
+        function = tool["function"]
+        declaration = {"name": function["name"]}
+        if "description" in function:
+            declaration["description"] = function["description"]
+        if function.get("parameters"):
+            declaration["parameters"] = function["parameters"]
+        declarations.append(declaration)
+    out: dict[str, Any] = {"tools": [{"functionDeclarations": declarations}]}
+    choice = params.get("tool_choice")
+    if isinstance(choice, dict):
+        config = {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+        out["toolConfig"] = {"functionCallingConfig": config}
+    elif choice in ("none", "required"):
+        mode = {"none": "NONE", "required": "ANY"}[choice]
+        out["toolConfig"] = {"functionCallingConfig": {"mode": mode}}
+    return out
+
+
 def request_body(call: UpstreamCall) -> dict[str, Any]:
     system: list[dict[str, str]] = []
     contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id → function name
     for message in call.messages:
         role, text = message.get("role"), message_text(message)
         if role in ("system", "developer"):
             system.append({"text": text})
+        elif role == "assistant" and message.get("tool_calls"):
+            contents.append(_function_call_turn(message, names))
+        elif role == "tool":
+            part = _function_response(message, names)
+            last = contents[-1] if contents else None
+            if (
+                last is not None
+                and last["role"] == "user"
+                and "functionResponse" in last["parts"][0]
+            ):
+                last["parts"].append(part)  # one turn answers one round of calls
+            else:
+                contents.append({"role": "user", "parts": [part]})
         else:
             contents.append(
                 {"role": "model" if role == "assistant" else "user", "parts": [{"text": text}]}
@@ -145,6 +230,7 @@ def request_body(call: UpstreamCall) -> dict[str, Any]:
     body: dict[str, Any] = {"contents": contents, "generationConfig": _generation_config(call)}
     if system:
         body["systemInstruction"] = {"parts": system}
+    body |= _tool_config(call.params)
     return body
 
 
@@ -173,8 +259,10 @@ class GeminiAdapter:
             raise ValueError("the backend's answer is not a GenerateContentResponse")
         if not doc.get("candidates") and not doc.get("promptFeedback"):
             raise ValueError("the backend's answer has no candidates")
-        text, reason = _read(doc)
-        return Completion(text=text, finish_reason=reason or "stop", usage=_usage(doc))
+        text, calls, reason = _read(doc)
+        if calls and reason in (None, "stop"):
+            reason = "tool_calls"
+        return Completion(text, reason or "stop", _usage(doc), tuple(calls))
 
     def error_status(self, status: int, body: bytes) -> int:
         # Google answers a wrong or expired key with 400 INVALID_ARGUMENT, reason

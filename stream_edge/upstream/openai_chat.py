@@ -22,6 +22,8 @@ from stream_edge.upstream.base import (
     UpstreamCall,
     UpstreamEvent,
     Usage,
+    openai_tool_calls,
+    openai_tool_deltas,
     trusted_headers,
     vendor_failure,
 )
@@ -55,6 +57,8 @@ class OpenAIStreamParser(JsonEventParser):
         text = delta.get("content") if delta else None
         if isinstance(text, str) and text:
             out.append(Delta(text, raw))
+        if delta:
+            out.extend(openai_tool_deltas(delta.get("tool_calls"), raw))
         if isinstance(choice.get("finish_reason"), str):
             out.append(Finish(choice["finish_reason"], raw))
         usage = _usage(doc.get("usage"), raw)
@@ -96,11 +100,12 @@ class OpenAIChatAdapter:
             choice = doc["choices"][0]
             text = choice["message"].get("content") or ""
             reason = choice.get("finish_reason") or "stop"
+            calls = openai_tool_calls(choice["message"].get("tool_calls"))
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ValueError("the backend's answer is malformed") from exc
         if not isinstance(text, str):
             raise ValueError("the backend's answer is malformed")
-        return Completion(text=text, finish_reason=str(reason), usage=_usage(doc.get("usage")))
+        return Completion(text, str(reason), _usage(doc.get("usage")), calls)
 
     def error_status(self, status: int, body: bytes) -> int:
         return status

@@ -24,9 +24,12 @@ from stream_edge.upstream.base import (
     Finish,
     HttpRequest,
     JsonEventParser,
+    ToolCallDelta,
+    ToolCalls,
     UpstreamCall,
     UpstreamEvent,
     Usage,
+    openai_tool_deltas,
     trusted_headers,
     vendor_failure,
 )
@@ -54,6 +57,7 @@ class EventPaths:
     usage_output: Path
     finish: Path
     error: Path
+    tool_calls: Path
 
     @classmethod
     def of(cls, spec: SSEBackendSpec) -> EventPaths:
@@ -66,6 +70,7 @@ class EventPaths:
             split(spec.usage_output_path),
             split(spec.finish_path),
             split(spec.error_path),
+            split(spec.tool_calls_path),
         )
 
 
@@ -91,6 +96,8 @@ class SSEBackendParser(JsonEventParser):
         text = lookup(doc, paths.content)
         if isinstance(text, str) and text:
             out.append(Delta(text, raw))
+        # Tool calls in OpenAI's delta shape (`[{index, id?, function: {name?, arguments}}]`).
+        out.extend(openai_tool_deltas(lookup(doc, paths.tool_calls), raw))
         reason = lookup(doc, paths.finish)
         if isinstance(reason, str) and reason:
             out.append(Finish(reason, raw))
@@ -135,6 +142,7 @@ class SSEBackendAdapter:
         """The whole stream, read at once (the answer to a `stream: false` request)."""
         parser = self.stream_parser()
         text: list[str] = []
+        calls = ToolCalls()
         reason: str | None = None
         usage: Usage | None = None
         for event in parser.feed(body + b"\n\n"):
@@ -142,13 +150,15 @@ class SSEBackendAdapter:
                 raise ValueError(event.message)
             if isinstance(event, Delta):
                 text.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                calls.add(event)
             elif isinstance(event, Finish):
                 reason = event.reason
             elif isinstance(event, Usage):
                 usage = Usage(event.input_tokens, event.output_tokens)
         if not parser.done and reason is None:
             raise ValueError("the backend's stream ended early")
-        return Completion(text="".join(text), finish_reason=reason or "stop", usage=usage)
+        return Completion("".join(text), reason or "stop", usage, tuple(calls.complete()))
 
     def error_status(self, status: int, body: bytes) -> int:
         return status
