@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.errors import UnsupportedContent, ValidationFailed
+from control_plane.errors import AgentOverride, UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
 from shared.input_size import InputRejected, check_parts
 
@@ -37,6 +37,7 @@ class InitRequest:
     # What the messages' content parts need (`vision`, `files`, `audio`): 400
     # `unsupported_content` when the model lacks one.
     content_features: frozenset[str] = frozenset()
+    agent: str | None = None  # applied by `agents.for_init`
 
 
 def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
@@ -125,6 +126,31 @@ def _features(doc: dict[str, Any], params: dict[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wanted))
 
 
+# What an agent fixes (issue 15.4): a body naming an agent may not set these.
+AGENT_FIXED = ("model", "tools", "tool_choice", "parallel_tool_calls")
+AGENT_NAME_MAX = 64
+
+
+def _agent(doc: dict[str, Any]) -> str | None:
+    """The agent named by the body; 400 ``agent_override`` when the body also tries
+    to set what the agent fixes: its model, its tools, or a system prompt."""
+    name = optional_str(doc, "agent", max_len=AGENT_NAME_MAX)
+    if name is None:
+        return None
+    fixed = [key for key in AGENT_FIXED if doc.get(key) is not None]
+    messages = doc.get("messages")
+    if isinstance(messages, list) and any(
+        isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages
+    ):
+        fixed.append("a system message")
+    if fixed:
+        raise AgentOverride(
+            f"Agent {name!r} sets the model, system prompt and tools; "
+            f"remove {', '.join(fixed)} from the request."
+        )
+    return name
+
+
 def parse_init_request(doc: dict[str, Any]) -> InitRequest:
     """Validate an init body: exactly one of `messages` and `query`."""
     has_messages = doc.get("messages") is not None
@@ -138,6 +164,7 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
             raise ValidationFailed("query", "must be a non-empty string")
         if len(query) > QUERY_MAX_CHARS:
             raise ValidationFailed("query", f"must be at most {QUERY_MAX_CHARS} characters")
+    agent = _agent(doc)
     params = _params(doc)
     features = _features(doc, params)
     messages, content_features = _messages(doc["messages"]) if has_messages else (None, None)
@@ -150,4 +177,5 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
         session_id=optional_str(doc, "session_id", max_len=64),
         max_tokens=optional_int(doc, "max_tokens", low=1, high=2**31 - 1),
         params=params,
+        agent=agent,
     )

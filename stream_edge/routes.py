@@ -14,7 +14,13 @@ from starlette.types import Receive, Scope, Send
 from shared.metrics import exposition
 from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
-from stream_edge.errors import NotFound, ServiceUnavailable, Unauthorized, error_response
+from stream_edge.errors import (
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    error_response,
+)
 from stream_edge.formats import OpenAIChunkWriter, completion_object
 from stream_edge.jobs import StreamJob
 from stream_edge.requests import parse_chat_request
@@ -29,6 +35,13 @@ async def chat_completions(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
     grant = await verified_grant(state, bearer(request))
+    if grant.agent is not None:
+        # The agent's system prompt and tools were fixed at init and stashed; a body
+        # posted here would replace them. Refused before the token is used.
+        raise Forbidden(
+            f"this token runs agent {grant.agent!r}: stream it from its stream_url",
+            code="agent_stream_only",
+        )
     target = route(state, grant)
     chat = parse_chat_request(await read_json(request), grant, target.model)
     model, provider = target.model, target.provider
