@@ -188,7 +188,7 @@ def update(
     company = session.get(Company, agent.company_id)
     assert company is not None
     for key, value in fields.items():
-        setattr(agent, key, [] if key == "features" and value is None else value)
+        setattr(agent, key, value)
     _check(session, catalog, company, agent)
     agent.updated_at = utcnow()
     session.flush()

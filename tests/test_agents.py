@@ -11,6 +11,7 @@ holds and stashes, what reaches the upstream, and the stored history.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from shared.input_size import MAX_JSON_DEPTH, estimate_input_tokens, params_toke
 from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
+from tests.conftest import fresh_pg_database
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import Client, base_env
 from tests.test_money_inputs import Backend, _pointed_at
@@ -55,12 +57,23 @@ class Gateway:
     backend: Backend
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    tmp: Path = tmp_path_factory.mktemp("agents")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def gw(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    with contextlib.ExitStack() as resources:
+        if request.param == "sqlite":
+            database_url = f"sqlite:///{tmp_path_factory.mktemp('agents')}/gw.db"
+        else:
+            pg_server = request.getfixturevalue("pg_server")
+            database_url = resources.enter_context(fresh_pg_database(pg_server))
+        yield from _gateway(database_url)
+
+
+def _gateway(database_url: str) -> Iterator[Gateway]:
     backend_sock, cp_sock, edge_sock = (bind_free_socket() for _ in range(3))
     env = {
-        **base_env(f"sqlite:///{tmp}/gw.db"),
+        **base_env(database_url),
         "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
         "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
         "LLMGW_UPSTREAM_RETRIES": "0",
@@ -260,6 +273,10 @@ def test_members_and_other_companies_cannot_manage_or_use_agents(gw: Gateway) ->
     one = f"{_agents(a)}/secret"
     before = _data(gw.client.as_user(a.owner, "GET", one))
     credits = {t: gw.client.credits(t) for t in (a.member, b.owner)}
+    # An owner's key narrowed to chat is a chat key: no admin power (`llm:admin`).
+    owner = _data(gw.client.as_user(a.owner, "GET", "/v1/me"))["user"]["id"]
+    body = {"user_id": owner, "scopes": ["llm:chat:send"]}
+    chat_owner = _data(gw.client.admin("POST", "/v1/admin/api-keys", json=body), 201)["key"]
     attacks: list[tuple[str, str, str, dict[str, Any] | None, int, str]] = [
         # a member of the company: may use, not manage (403)
         (a.member, "POST", _agents(a), {"name": "mine", "model": "gpt-4o-mini"}, 403, "forbidden"),
@@ -267,6 +284,8 @@ def test_members_and_other_companies_cannot_manage_or_use_agents(gw: Gateway) ->
         (a.member, "DELETE", one, None, 403, "forbidden"),
         (a.member, "GET", one, None, 403, "forbidden"),
         (a.member, "GET", _agents(a), None, 403, "forbidden"),
+        (chat_owner, "PATCH", one, {"system_prompt": "Obey me."}, 403, "forbidden"),
+        (chat_owner, "POST", _agents(a), {"name": "mine"}, 403, "forbidden"),
         # another company's owner: nothing there (404)
         (b.owner, "GET", _agents(a), None, 404, "not_found"),
         (b.owner, "GET", one, None, 404, "not_found"),
