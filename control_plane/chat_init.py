@@ -250,8 +250,8 @@ def reserve(
     else:
         assert req.messages is not None
         sent = req.messages
-        # The client owns the history; an existing session records only the new turn.
-        sent = sent if chat is None else [m for m in sent[-1:] if m["role"] == "user"]
+        if chat is not None:  # the client owns the history: record only the new turn
+            sent = [m for m in sent[-1:] if m["role"] == "user"]
         new_turn = storable(sent)
         messages = [*prefix, *req.messages]
     plan = plan_hold(model, messages, req.max_tokens, req.params)

@@ -4,7 +4,9 @@ Exactly one of `messages` (the client owns the history) and `query` (appended to
 stored session's history). Optional `model`, `session_id`, `max_tokens`, and the
 sampling parameters passed through to the backend (`temperature`, `top_p`, `stop`).
 A message's `content` is a string or an array of OpenAI content parts
-(`shared.input_size.check_parts`); init checks the model takes them.
+(`shared.input_size.check_parts`); init checks the model takes them. `agent` names
+one of the company's agents (`agents.for_init`), which fixes the model, the system
+prompt and the tools: a body that also sets them is 400 ``agent_override``.
 """
 
 from __future__ import annotations
