@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import chat_sessions, company_llm, pending_inits
+from control_plane import agents, chat_sessions, company_llm, pending_inits
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -45,7 +45,7 @@ from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
 from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
-from shared.tokens import ALL_SCOPES, sign_token, stream_claims
+from shared.tokens import AGENT_CLAIM, ALL_SCOPES, sign_token, stream_claims
 from shared.tool_shapes import check_tool_sequence
 
 log = logging.getLogger("control_plane.chat_init")
@@ -258,6 +258,7 @@ def reserve(
         company.default_model,
         frozenset(keys),
     )
+    req, prefix = _with_agent(session, cat, company.id, req)
     if req.model is not None and req.model in cat.disabled:
         raise ModelNotAllowed(f"Your company cannot use {req.model!r}.")
     model = resolve_model(cat, req.model, company.default_model)
@@ -271,7 +272,7 @@ def reserve(
     if req.query is not None or req.tool_results is not None:
         new_turn = req.tool_results or [{"role": "user", "content": req.query}]
         past = chat_sessions.history(session, chat.id) if chat else []
-        messages = fit_history(model, past, new_turn, req.max_tokens, req.params)
+        messages = fit_history(model, [*prefix, *past], new_turn, req.max_tokens, req.params)
         if req.tool_results is not None:
             try:  # each result must answer a call the session's assistant made
                 check_tool_sequence(messages)
@@ -280,9 +281,9 @@ def reserve(
             new_turn = storable(new_turn)
     else:
         assert req.messages is not None
-        messages = req.messages
         # The client owns the history; an existing session records only the new turn.
-        new_turn = storable(messages if chat is None else new_turn_of(messages))
+        new_turn = storable(req.messages if chat is None else new_turn_of(req.messages))
+        messages = [*prefix, *req.messages]
     plan = plan_hold(model, messages, req.max_tokens, req.params)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
@@ -291,7 +292,7 @@ def reserve(
             f"{limits.max_request_bytes} are stored for a stream."
         )
     if chat is None:
-        title = chat_sessions.title_from(storable(messages))
+        title = chat_sessions.title_from(new_turn)
         chat = chat_sessions.create_session(session, company.id, principal.user_id, title, now)
     reservation = Reservation(
         id=new_id(),
@@ -322,6 +323,18 @@ def reserve(
         )
     route = company_llm.route_for(catalog, model, keys.get(model.provider))
     return Reserved(reservation, messages, stash, route)
+
+
+def _with_agent(
+    session: Session, cat: company_llm.CompanyCatalog, company_id: str, req: InitRequest
+) -> tuple[InitRequest, list[dict[str, Any]]]:
+    """`req` with its agent applied (`agents.for_init`), and the messages that go
+    before the conversation: the agent's system prompt, sent and held for on every
+    turn but never stored in the session's history."""
+    if req.agent is None:
+        return req, []
+    turn = agents.for_init(session, cat, company_id, req)
+    return turn.request, turn.prefix
 
 
 def hold_deadline(issued: int, settings: Settings) -> datetime:
@@ -407,6 +420,10 @@ async def init_chat(
         ttl_seconds=ttl,
         jti=jti,
     )
+    if req.agent is not None:
+        # The edge's POST /v1/chat/completions takes its messages and tools from the
+        # body, which would bypass the agent: it refuses tokens that carry this claim.
+        claims[AGENT_CLAIM] = req.agent
     if reserved.route is not None:
         # The company's own key or model, sealed for the edge only (`shared.route_claim`).
         claims[ROUTE_CLAIM] = seal(reserved.route, deps.route_cipher)

@@ -8,7 +8,9 @@ to the backend (`temperature`, `top_p`, `stop`) and tool calling's `tools`,
 `tool_choice`, `parallel_tool_calls` (`shared.tool_shapes`). A message's `content` is
 a string or an array of OpenAI content parts (`shared.input_size.check_parts`); init
 checks the model takes them. An assistant message may carry `tool_calls` (content
-null), a `tool` message its `tool_call_id`.
+null), a `tool` message its `tool_call_id`. `agent` names
+one of the company's agents (`agents.for_init`), which fixes the model, the system
+prompt and the tools: a body that also sets them is 400 ``agent_override``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from control_plane.errors import UnsupportedContent, ValidationFailed
+from control_plane.errors import AgentOverride, UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
 from shared.input_size import InputRejected, check_parts
 from shared.tool_shapes import (
@@ -50,6 +52,7 @@ class InitRequest:
     content_features: frozenset[str] = frozenset()
     # `tool` messages answering the stored session's open calls (with `session_id`).
     tool_results: list[dict[str, Any]] | None = None
+    agent: str | None = None  # applied by `agents.for_init`
 
 
 def _rejected(exc: InputRejected) -> Exception:
@@ -178,6 +181,31 @@ def _tool_results(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
     return out, frozenset(needed)
 
 
+# What an agent fixes (issue 15.4): a body naming an agent may not set these.
+AGENT_FIXED = ("model", "tools", "tool_choice", "parallel_tool_calls")
+AGENT_NAME_MAX = 64
+
+
+def _agent(doc: dict[str, Any]) -> str | None:
+    """The agent named by the body; 400 ``agent_override`` when the body also tries
+    to set what the agent fixes: its model, its tools, or a system prompt."""
+    name = optional_str(doc, "agent", max_len=AGENT_NAME_MAX)
+    if name is None:
+        return None
+    fixed = [key for key in AGENT_FIXED if doc.get(key) is not None]
+    messages = doc.get("messages")
+    if isinstance(messages, list) and any(
+        isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages
+    ):
+        fixed.append("a system message")
+    if fixed:
+        raise AgentOverride(
+            f"Agent {name!r} sets the model, system prompt and tools; "
+            f"remove {', '.join(fixed)} from the request."
+        )
+    return name
+
+
 def parse_init_request(doc: dict[str, Any]) -> InitRequest:
     """Validate an init body: exactly one of `messages`, `query` and `tool_results`."""
     has_messages = doc.get("messages") is not None
@@ -194,6 +222,7 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
             raise ValidationFailed("query", "must be a non-empty string")
         if len(query) > QUERY_MAX_CHARS:
             raise ValidationFailed("query", f"must be at most {QUERY_MAX_CHARS} characters")
+    agent = _agent(doc)
     params = _params(doc)
     features = _features(doc, params)
     messages, content_features = _messages(doc["messages"]) if has_messages else (None, None)
@@ -210,4 +239,5 @@ def parse_init_request(doc: dict[str, Any]) -> InitRequest:
         session_id=optional_str(doc, "session_id", max_len=64),
         max_tokens=optional_int(doc, "max_tokens", low=1, high=2**31 - 1),
         params=params,
+        agent=agent,
     )

@@ -7,7 +7,8 @@ logs the traceback server-side.
 
     AppError
     ├── BadRequest (400 malformed_json)
-    │   └── InvalidCharacters (400 invalid_characters)
+    │   ├── InvalidCharacters (400 invalid_characters)
+    │   └── AgentOverride (400 agent_override)
     ├── Unauthenticated (401 unauthenticated)
     │   └── InvalidCredentials (401 invalid_credentials)
     ├── InvalidSignature (401 invalid_signature)
@@ -16,12 +17,13 @@ logs the traceback server-side.
     │   ├── Revoked (403 revoked), ModelNotAllowed (403 model_not_allowed)
     │   └── WebhookProviderMismatch (403 webhook_provider_mismatch)
     ├── NotFound (404 not_found)
-    │   ├── ModelNotFound, ReservationNotFound, SessionNotFound
+    │   ├── ModelNotFound, ReservationNotFound, SessionNotFound, AgentNotFound
     ├── MethodNotAllowed (405 method_not_allowed)
     ├── Conflict (409 conflict)
     │   ├── IdempotencyConflict (409 idempotency_key_reused)
     │   ├── AvailableCreditsExceeded (409 available_credits_exceeded)
-    │   └── BalanceLimitExceeded (409 balance_limit_exceeded)
+    │   ├── BalanceLimitExceeded (409 balance_limit_exceeded)
+    │   └── AgentExists (409 agent_exists)
     ├── PayloadTooLarge (413 payload_too_large)
     │   ├── InputTooLarge (413 input_too_large)
     │   ├── SessionFull (413 session_full)
@@ -74,6 +76,11 @@ class UnsupportedContent(BadRequest):
 class InvalidCharacters(BadRequest):
     code = "invalid_characters"
     default_message = "The request contains a NUL character (\\u0000), which is not accepted."
+
+
+class AgentOverride(BadRequest):
+    code = "agent_override"
+    default_message = "An agent's model, system prompt and tools cannot be changed at init."
 
 
 class Unauthenticated(AppError):
@@ -139,6 +146,11 @@ class SessionNotFound(NotFound):
     default_message = "No such chat session."
 
 
+class AgentNotFound(NotFound):
+    code = "agent_not_found"
+    default_message = "No such agent."
+
+
 class MethodNotAllowed(AppError):
     status, code = 405, "method_not_allowed"
     default_message = "This method is not allowed on this path."
@@ -162,6 +174,11 @@ class AvailableCreditsExceeded(Conflict):
 class BalanceLimitExceeded(Conflict):
     code = "balance_limit_exceeded"
     default_message = "This would take the company's balance past the largest one kept."
+
+
+class AgentExists(Conflict):
+    code = "agent_exists"
+    default_message = "The company already has an agent of this name."
 
 
 class PayloadTooLarge(AppError):

@@ -102,6 +102,38 @@ _MODEL_SPEC = {
 }
 
 
+# Agents (issue 15.4): `control_plane.agent_spec` holds the rules.
+_AGENT_NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}
+_AGENT_TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+            },
+            "required": ["name"],
+        },
+    },
+    "required": ["type", "function"],
+}
+_AGENT_FIELDS: dict[str, Any] = {
+    "model": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
+    "system_prompt": {"type": ["string", "null"], "minLength": 1, "maxLength": 32000},
+    "tools": {
+        "type": ["array", "null"],
+        "items": _AGENT_TOOL,
+        "minItems": 1,
+        "maxItems": 128,
+    },
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "features": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 16},
+}
+
+
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": required}
 
@@ -112,6 +144,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("post", "/v1/chat/init"): _obj(
         [],
+        agent=_AGENT_NAME,
         model=_STR,
         messages={"type": "array", "items": _MESSAGE, "minItems": 1},
         query={"type": "string", "minLength": 1, "maxLength": 2000},
@@ -160,6 +193,14 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
             "reason": {"type": "string", "maxLength": 500},
         },
         "oneOf": [{"required": ["user_id"]}, {"required": ["company_id"]}, {"required": ["jti"]}],
+    },
+    ("post", "/v1/admin/companies/{company_id}/agents"): {
+        **_obj(["name"], name=_AGENT_NAME, **_AGENT_FIELDS),
+        "additionalProperties": False,
+    },
+    ("patch", "/v1/admin/companies/{company_id}/agents/{name}"): {
+        **_obj([], **_AGENT_FIELDS),
+        "additionalProperties": False,
     },
 }
 

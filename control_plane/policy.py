@@ -175,3 +175,14 @@ def can_configure_llm(p: Principal, company_id: str) -> bool:
 
 def can_rotate_encryption(p: Principal) -> bool:
     return is_platform_admin(p)
+
+
+def can_manage_agents(p: Principal, company_id: str) -> bool:
+    """Create, change, delete or read the full definition of a company's agents (its
+    system prompts and tools): the platform admin, or an owner of that company."""
+    return can_admin_company(p, company_id)
+
+
+def can_use_agents(p: Principal, company_id: str) -> bool:
+    """List and chat with a company's agents: any of its users who may chat."""
+    return can_chat(p) and p.company_id == company_id

@@ -367,3 +367,24 @@ class Revocation(SQLModel, table=True):
     created_at: datetime = _time()
     expires_at: datetime = _time()  # when the store's copy lapses (the edge stops checking)
     lifted_at: datetime | None = _time(nullable=True)
+
+
+class Agent(SQLModel, table=True):
+    """A company's agent (issue 15.4): a model (None: the company's default), a system
+    prompt and tools that init applies and the client cannot change, its own
+    `max_tokens` cap and the features it needs. Names are slugs, unique per company."""
+
+    __tablename__ = "agents"
+    __table_args__ = (UniqueConstraint("company_id", "name", name="uq_agents_company_name"),)
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    name: str = _str(64)
+    model: str | None = _str(200, nullable=True)
+    system_prompt: str | None = _str(nullable=True)
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, sa_column=Column(JSON(), nullable=True)
+    )
+    max_tokens: int | None = _int(nullable=True)
+    features: list[str] = Field(default_factory=list, sa_column=Column(JSON(), nullable=False))
+    created_at: datetime = _time()
+    updated_at: datetime = _time()

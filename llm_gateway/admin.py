@@ -41,7 +41,7 @@ class _RefusePassword(argparse.Action):
 def add_admin_parser(sub: Any) -> None:
     admin = sub.add_parser(
         "admin",
-        help="companies, users, API keys, provider keys, credits, revocations, keys",
+        help="companies, users, API keys, provider keys, agents, credits, revocations, keys",
     )
     actions = admin.add_subparsers(dest="action", required=True)
     company = actions.add_parser("create-company")
@@ -92,6 +92,7 @@ def add_admin_parser(sub: Any) -> None:
     )
     providers = actions.add_parser("list-providers")
     providers.add_argument("company_id")
+    _add_agent_parsers(actions)
     revocation = actions.add_parser("revoke", help="revoke a user, a company or one token")
     target = revocation.add_mutually_exclusive_group(required=True)
     target.add_argument("--user-id")
@@ -110,6 +111,72 @@ def add_admin_parser(sub: Any) -> None:
         "route-key",
         help="print the edge's LLMGW_ROUTE_KEY for this LLMGW_ENCRYPTION_KEY (offline)",
     )
+
+
+def _add_agent_parsers(actions: Any) -> None:
+    """`create-agent` / `update-agent` take the prompt and tools from files (a prompt
+    is long text, tools are JSON); `update-agent` sends only the options given."""
+    for action in ("create-agent", "update-agent"):
+        agent = actions.add_parser(action, help=f"{action.split('-')[0]} a company's agent")
+        agent.add_argument("company_id")
+        agent.add_argument("name")
+        model = agent.add_mutually_exclusive_group()
+        model.add_argument("--model")
+        model.add_argument(
+            "--default-model", action="store_true", help="use the company's default model"
+        )
+        agent.add_argument("--system-prompt-file", type=Path)
+        agent.add_argument("--tools-file", type=Path, help="JSON array of OpenAI function tools")
+        agent.add_argument("--max-tokens", type=int)
+        agent.add_argument("--feature", action="append", dest="features")
+    for action in ("get-agent", "delete-agent"):
+        one = actions.add_parser(action)
+        one.add_argument("company_id")
+        one.add_argument("name")
+    actions.add_parser("list-agents").add_argument("company_id")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": args.name} if args.action == "create-agent" else {}
+    if args.model:
+        body["model"] = args.model
+    elif args.default_model:
+        body["model"] = None
+    if args.system_prompt_file:
+        body["system_prompt"] = _read(args.system_prompt_file)
+    if args.tools_file:
+        try:
+            body["tools"] = json.loads(_read(args.tools_file))
+        except ValueError as exc:
+            raise UsageError(f"{args.tools_file} is not JSON: {exc}") from None
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if args.features:
+        body["features"] = args.features
+    return body
+
+
+def _agent_request(args: argparse.Namespace) -> Request | None:
+    agents = f"/v1/admin/companies/{args.company_id}/agents"
+    if args.action == "list-agents":
+        return "GET", agents, None, {}
+    if args.action == "create-agent":
+        return "POST", agents, _agent_body(args), {}
+    one = f"{agents}/{args.name}"
+    if args.action == "update-agent":
+        return "PATCH", one, _agent_body(args), {}
+    if args.action == "get-agent":
+        return "GET", one, None, {}
+    if args.action == "delete-agent":
+        return "DELETE", one, None, {}
+    return None
 
 
 def _secret_from(env_var: str | None, stdin: bool, what: str) -> str | None:
@@ -147,6 +214,8 @@ def _provider_body(args: argparse.Namespace) -> dict[str, Any]:
 def _request(args: argparse.Namespace) -> Request:
     headers: dict[str, str] = {}
     action = args.action
+    if action.endswith(("-agent", "-agents")) and (agent := _agent_request(args)) is not None:
+        return agent
     if action == "create-company":
         return "POST", "/v1/admin/companies", {"name": args.name, "credits": args.credits}, headers
     if action == "create-user":

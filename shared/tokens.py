@@ -29,6 +29,10 @@ SCOPE_READ = "llm:chat:read"
 SCOPE_DELETE = "llm:chat:delete"
 ALL_SCOPES = (SCOPE_SEND, SCOPE_READ, SCOPE_DELETE)
 
+# Set when init applied an agent (issue 15.4): the token then runs only the request
+# stashed at init, never a body sent to the edge (which could drop the agent's prompt).
+AGENT_CLAIM = "agent"
+
 STREAM_CLAIMS = (
     "iss", "aud", "sub", "company_id", "role", "scopes", "jti", "iat", "nbf", "exp",
     "session_id", "model", "max_tokens", "max_input_tokens", "reservation_id", "request_id",
@@ -54,6 +58,7 @@ class StreamGrant:
     expires_at: int
     # The company's own upstream route, sealed for the edge (shared/route_claim.py).
     sealed_route: str | None = None
+    agent: str | None = None  # `AGENT_CLAIM`
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> StreamGrant:
@@ -76,6 +81,7 @@ class StreamGrant:
                 issued_at=int(claims["iat"]),
                 expires_at=int(claims["exp"]),
                 sealed_route=str(claims["upr"]) if claims.get("upr") else None,
+                agent=str(claims[AGENT_CLAIM]) if claims.get(AGENT_CLAIM) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TokenRejected("malformed", "the token's claims are malformed") from exc

@@ -2,7 +2,7 @@
 
 EdgeError
 ├── Unauthorized        401  (token rejected: bad, expired, used, revoked)
-├── Forbidden           403  (scope, model)
+├── Forbidden           403  (scope, model, an agent's token on completions)
 ├── NotFound            404
 ├── BadRequest          400
 ├── InputTooLarge       413

@@ -16,6 +16,7 @@ from shared.tokens import StreamGrant
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
 from stream_edge.errors import (
     EdgeError,
+    Forbidden,
     NotFound,
     ServiceUnavailable,
     Unauthorized,
@@ -35,6 +36,13 @@ async def chat_completions(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
     grant = await verified_grant(state, bearer(request))
+    if grant.agent is not None:
+        # The agent's system prompt and tools were fixed at init and stashed; a body
+        # posted here would replace them. Refused before the token is used.
+        raise Forbidden(
+            f"this token runs agent {grant.agent!r}: stream it from its stream_url",
+            code="agent_stream_only",
+        )
     target = route(state, grant)
     chat = parse_chat_request(await read_json(request), grant, target.model)
     model, provider = target.model, target.provider

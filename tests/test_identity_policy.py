@@ -127,6 +127,16 @@ TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
     (policy.can_configure_llm, ADMIN_TOKEN, ("c1",), True),
     (policy.can_rotate_encryption, ADMIN_TOKEN, (), True),
     (policy.can_rotate_encryption, OWNER, (), False),
+    (policy.can_manage_agents, OWNER, ("c1",), True),
+    (policy.can_manage_agents, OWNER, ("c2",), False),  # another company's agents
+    (policy.can_manage_agents, MEMBER, ("c1",), False),  # uses them, does not manage
+    (policy.can_manage_agents, CHAT_OWNER, ("c1",), False),
+    (policy.can_manage_agents, ADMIN_TOKEN, ("c2",), True),
+    (policy.can_use_agents, MEMBER, ("c1",), True),
+    (policy.can_use_agents, SENDER, ("c1",), True),
+    (policy.can_use_agents, READER, ("c1",), False),  # cannot chat
+    (policy.can_use_agents, OWNER, ("c2",), False),
+    (policy.can_use_agents, ADMIN_TOKEN, ("c1",), False),  # no user
 ]
 
 

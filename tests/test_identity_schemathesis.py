@@ -73,11 +73,14 @@ def test_no_input_gets_a_server_error(cp: CP, tmp_path: Path) -> None:
     owner_key = cp.api_key(owner["id"])
     spare = cp.admin.post("/v1/admin/api-keys", json={"user_id": owner["id"]}).json()["data"]
     init = cp.client(owner_key).post("/v1/chat/init", json={"query": "hello"}).json()["data"]
+    agent = {"name": "fuzz", "system_prompt": "Be brief."}
+    cp.client(owner_key).post(f"/v1/admin/companies/{company_id}/agents", json=agent)
     parameters = {
         "company_id": company_id,
         "provider": "openai",
         "session_id": init["session_id"],
         "key_id": spare["id"],
+        "name": "fuzz",
     }
     started = time.monotonic()
     # The owner first: the admin run may well revoke the owner's company.

@@ -10,6 +10,7 @@ from control_plane.routes import (
     admin_credits,
     admin_llm,
     admin_revocations,
+    agents,
     billing,
     chat,
     demo,
@@ -29,5 +30,6 @@ def all_routes() -> list[BaseRoute]:
         *admin_credits.routes,
         *admin_llm.routes,
         *admin_revocations.routes,
+        *agents.routes,
         *demo.routes,
     ]
