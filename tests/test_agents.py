@@ -80,9 +80,11 @@ def _gateway(database_url: str) -> Iterator[Gateway]:
         "OPENAI_API_KEY": PLATFORM_KEY,
     }
     settings = Settings.from_env(env)
-    settings = dataclasses.replace(
-        settings, catalog=_pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
-    )
+    catalog = _pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
+    # A model without tools to check agents against: here, mock-fast streams text only.
+    plain = dataclasses.replace(catalog.models["mock-fast"], features=("streaming",))
+    catalog = dataclasses.replace(catalog, models={**catalog.models, "mock-fast": plain})
+    settings = dataclasses.replace(settings, catalog=catalog)
     backend = Backend()
     store = MemoryStore()
     apps = [
@@ -203,8 +205,9 @@ def test_a_definition_is_checked_against_its_model() -> None:
     mini, fast = catalog.models["gpt-4o-mini"], catalog.models["mock-fast"]
     ok: dict[str, Any] = {"features": [], "tools": [TOOL], "system_prompt": PROMPT}
     check_model(mini, max_tokens=mini.max_output_tokens, **ok)
+    no_tools = dataclasses.replace(fast, features=("streaming",))
     with pytest.raises(UnsupportedFeature):  # tools need the `tools` feature
-        check_model(fast, max_tokens=None, **ok)
+        check_model(no_tools, max_tokens=None, **ok)
     with pytest.raises(UnsupportedFeature):
         check_model(mini, features=["audio"], tools=None, system_prompt=None, max_tokens=None)
     with pytest.raises(ValidationFailed) as caught:
