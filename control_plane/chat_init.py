@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import chat_sessions, company_llm, pending_inits
+from control_plane import budgets, chat_sessions, company_llm, pending_inits
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -282,8 +282,10 @@ def reserve(
         expires_at=hold_expires_at,
         settled_at=None,
     )
-    # Lock order, as in settlement: the company row (the hold), then the session row.
+    # Lock order, as in settlement: the company row (the hold), then the budget
+    # periods (`budgets`), then the session row.
     take_hold(session, reservation)
+    hold_budgets(session, principal, reservation)
     if chat_sessions.append_messages(session, chat.id, new_turn, limits.session) == "full":
         raise SessionFull(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
@@ -291,6 +293,20 @@ def reserve(
         )
     route = company_llm.route_for(catalog, model, keys.get(model.provider))
     return Reserved(reservation, messages, stash, route)
+
+
+def hold_budgets(session: Session, principal: Principal, reservation: Reservation) -> None:
+    """The hold counted against the caller's budgets too (issue 16.3): its user's, its
+    API key's, its teams'; BudgetExceeded (402) rolls back the whole init."""
+    budgets.hold(
+        session,
+        reservation_id=reservation.id,
+        company_id=reservation.company_id,
+        user_id=reservation.user_id,
+        api_key_id=principal.api_key_id,
+        hold_micro=reservation.hold_micro,
+        now=reservation.created_at,
+    )
 
 
 def hold_deadline(issued: int, settings: Settings) -> datetime:

@@ -176,3 +176,10 @@ def can_configure_llm(p: Principal, company_id: str) -> bool:
 
 def can_rotate_encryption(p: Principal) -> bool:
     return is_platform_admin(p)
+
+
+def can_manage_budgets(p: Principal, company_id: str) -> bool:
+    """Budgets, teams and the company's webhook: an admin of the company (an owner
+    with the admin scope, or the platform admin). Each target is further checked
+    with `ranks_at_least`: nobody budgets a user ranked above itself."""
+    return can_admin_company(p, company_id)

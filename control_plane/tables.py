@@ -395,9 +395,7 @@ class Budget(SQLModel, table=True):
         Index("ix_budgets_company_id", "company_id"),
         Index("ix_budgets_scope_target", "scope", "target_id"),
         CheckConstraint("scope IN ('user', 'api_key', 'team')", name="ck_budgets_scope"),
-        CheckConstraint(
-            "period IN ('day', 'week', 'month', 'none')", name="ck_budgets_period"
-        ),
+        CheckConstraint("period IN ('day', 'week', 'month', 'none')", name="ck_budgets_period"),
         CheckConstraint("amount_micro >= 0", name="ck_budgets_amount_nonnegative"),
     )
     id: str = _id()

@@ -29,9 +29,7 @@ depends_on = None
 
 
 def _time(name: str, *, nullable: bool = False, primary_key: bool = False) -> sa.Column[Any]:
-    return sa.Column(
-        name, sa.DateTime(timezone=True), nullable=nullable, primary_key=primary_key
-    )
+    return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable, primary_key=primary_key)
 
 
 def _money(name: str) -> sa.Column[Any]:
@@ -68,9 +66,7 @@ def upgrade() -> None:
         _time("created_at"),
         _time("updated_at"),
         sa.CheckConstraint("scope IN ('user', 'api_key', 'team')", name="ck_budgets_scope"),
-        sa.CheckConstraint(
-            "period IN ('day', 'week', 'month', 'none')", name="ck_budgets_period"
-        ),
+        sa.CheckConstraint("period IN ('day', 'week', 'month', 'none')", name="ck_budgets_period"),
         sa.CheckConstraint("amount_micro >= 0", name="ck_budgets_amount_nonnegative"),
     )
     op.create_index("ix_budgets_company_id", "budgets", ["company_id"])
