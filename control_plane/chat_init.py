@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import budgets, chat_sessions, company_llm, pending_inits
+from control_plane import budgets, chat_sessions, company_llm, pending_inits, tpm
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -309,6 +309,31 @@ def hold_budgets(session: Session, principal: Principal, reservation: Reservatio
     )
 
 
+async def count_tokens(deps: Deps, reservation: Reservation) -> None:
+    """Tokens per minute (`tpm`): the hold's token estimate counted in the init's
+    window. Refused (429 ``tpm_exceeded``), the hold just taken is released."""
+    limits = tpm.TpmLimits.of(deps.settings)
+    if not limits.on:
+        return
+    try:
+        await tpm.take(
+            deps.store,
+            limits,
+            user_id=reservation.user_id,
+            company_id=reservation.company_id,
+            tokens=reservation.input_estimate + reservation.max_tokens,
+            now=reservation.created_at.timestamp(),
+        )
+    except Exception:
+        await deps.db.transaction(
+            lambda s: release_reservation(
+                s, reservation.id, "tokens per minute", actor=reservation.user_id
+            )
+        )
+        await pending_inits.forget(deps.store, reservation.user_id, reservation.jti)
+        raise
+
+
 def hold_deadline(issued: int, settings: Settings) -> datetime:
     """When the sweeper may reconcile a hold whose stream never reported: the
     token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `Settings` guarantees that grace
@@ -335,8 +360,15 @@ async def init_chat(
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
     hold_expires_at = hold_deadline(issued, settings)
-    assert principal.user_id is not None
+    assert principal.user_id is not None and principal.company_id is not None
     user_id = principal.user_id
+    await tpm.precheck(
+        deps.store,
+        tpm.TpmLimits.of(settings),
+        user_id=user_id,
+        company_id=principal.company_id,
+        now=now.timestamp(),
+    )
     await pending_inits.take(
         deps.store,
         user_id=user_id,
@@ -364,6 +396,7 @@ async def init_chat(
         await pending_inits.forget(deps.store, user_id, jti)
         raise
     reservation = reserved.reservation
+    await count_tokens(deps, reservation)
     try:
         await deps.store.set(stash_key(jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS)
     except Exception:
