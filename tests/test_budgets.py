@@ -308,7 +308,7 @@ def test_nobody_budgets_outside_its_reach(world: World) -> None:
     writes a budget or a team."""
     w = world
     mine, other = w.new_company(), w.new_company()
-    owner_id, owner_key = w.user_key(mine, "owner")
+    _, owner_key = w.user_key(mine, "owner")
     member_id, member_key = w.user_key(mine, "member")
     admin_user_id, _ = w.user_key(mine, "admin")
     _, chat_only_key = w.user_key(mine, "owner", scopes=["llm:chat:send", "llm:chat:read"])
@@ -512,10 +512,9 @@ def test_threshold_webhooks_are_signed_and_sent_once_per_threshold(world: World)
     assert "secret" not in again and "secret" not in data_of(owner.get(hook))
     user_id, key = w.user_key(company)
     client = w.as_(key)
-    budget = data_of(
-        _budget(owner, company, scope="user", target_id=user_id, amount=format_credits(2 * hold), period="month"),
-        201,
-    )  # fmt: skip
+    amount = format_credits(2 * hold)
+    body = {"scope": "user", "target_id": user_id, "amount": amount, "period": "month"}
+    budget = data_of(_budget(owner, company, **body), 201)
     inits = [data_of(_init(client), 201) for _ in range(2)]
     # The receiver is down for the first delivery: the event is retried (at least once).
     w.receiver.fail = 1

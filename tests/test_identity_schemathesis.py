@@ -73,7 +73,15 @@ def test_no_input_gets_a_server_error(cp: CP, tmp_path: Path) -> None:
     owner_key = cp.api_key(owner["id"])
     spare = cp.admin.post("/v1/admin/api-keys", json={"user_id": owner["id"]}).json()["data"]
     init = cp.client(owner_key).post("/v1/chat/init", json={"query": "hello"}).json()["data"]
+    base = f"/v1/admin/companies/{company_id}"
+    team = cp.admin.post(f"{base}/teams", json={"name": "t", "user_ids": [owner["id"]]})
+    budget = cp.admin.post(
+        f"{base}/budgets",
+        json={"scope": "user", "target_id": owner["id"], "amount": "50", "period": "day"},
+    )
     parameters = {
+        "budget_id": budget.json()["data"]["id"],
+        "team_id": team.json()["data"]["id"],
         "company_id": company_id,
         "provider": "openai",
         "session_id": init["session_id"],
