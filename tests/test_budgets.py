@@ -582,3 +582,39 @@ def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
         assert w.cp.on_loop(read) == b"5"
     finally:
         deps.clock = time.time
+
+
+def test_cli_sets_budgets_teams_and_the_webhook(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process (`cli.main`), against the module's control plane over HTTP."""
+    from llm_gateway.cli import main
+    from tests.test_control_plane import ADMIN_TOKEN
+
+    monkeypatch.setenv("LLMGW_ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("LLMGW_CONTROL_PLANE_URL", world.cp.url)
+    company = world.new_company()
+    user_id, _ = world.user_key(company)
+
+    def admin(*args: str) -> Any:
+        capsys.readouterr()
+        assert main(["admin", *args]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out.strip()
+        return "ok" if out == "ok" else orjson.loads(out)
+
+    team = admin("create-team", company, "research", "--user-id", user_id)
+    assert team["user_ids"] == [user_id]
+    budget = admin("create-budget", company, "team", team["id"], "12.5", "--period", "week")
+    assert (budget["scope"], budget["amount"], budget["period"]) == ("team", "12.500000", "week")
+    changed = admin("update-budget", company, budget["id"], "--amount", "3")
+    assert changed["amount"] == "3.000000" and changed["period"] == "week"
+    assert [b["id"] for b in admin("list-budgets", company)["items"]] == [budget["id"]]
+    renamed = admin("update-team", company, team["id"], "--name", "r&d")
+    assert renamed["name"] == "r&d" and renamed["user_ids"] == [user_id]
+    assert admin("set-webhook", company, world.receiver_url)["secret"].startswith("whsec_")
+    assert admin("delete-budget", company, budget["id"]) == "ok"
+    assert admin("delete-team", company, team["id"]) == "ok"
+    assert admin("list-teams", company)["items"] == []
+    capsys.readouterr()
+    assert main(["admin", "create-budget", company, "user", user_id, "1.5e9999"]) == 1
+    assert "amount" in capsys.readouterr().err
