@@ -116,7 +116,12 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             )
             # Companies' own events (budget.threshold), off the request path.
             deliveries = asyncio.create_task(
-                run_deliveries(db, fernet, settings.sweep_interval_seconds),
+                run_deliveries(
+                    db,
+                    fernet,
+                    settings.sweep_interval_seconds,
+                    allow_private=settings.company_webhooks_allow_private,
+                ),
                 name="company-webhooks",
             )
             yield

@@ -20,6 +20,7 @@ once per lease).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,27 @@ TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 BACKOFF = Backoff(base=2.0, cap=3600.0)
 
 
-def parse_url(value: Any) -> str:
-    """An absolute http(s) URL with a host, at most `URL_MAX` characters."""
+def is_public(address: str) -> bool:
+    """A globally routable address: not private, loopback, link-local (the cloud
+    metadata service), shared, reserved or multicast."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _named_local(host: str) -> bool:
+    host = host.rstrip(".").lower()
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def parse_url(value: Any, *, allow_private: bool = False) -> str:
+    """An absolute http(s) URL with a host, at most `URL_MAX` characters. Without
+    `allow_private` (``LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE``), a literal private,
+    loopback or link-local address, or ``localhost``, is refused: a company's URL
+    must not make the control plane post inward (SSRF). Names are checked again,
+    resolved, at each delivery (`deliver_due`)."""
     if not isinstance(value, str) or not 0 < len(value) <= URL_MAX or NUL in value:
         raise ValidationFailed("url", f"must be a URL of 1-{URL_MAX} characters")
     try:
@@ -63,7 +83,28 @@ def parse_url(value: Any) -> str:
         raise ValidationFailed("url", "must be an absolute http:// or https:// URL")
     if any(c.isspace() for c in value):
         raise ValidationFailed("url", "must not contain whitespace")
+    host = parts.hostname
+    literal = host.strip("[]")
+    is_literal = True
+    try:
+        ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        is_literal = False
+    if not allow_private and (_named_local(host) or (is_literal and not is_public(literal))):
+        raise ValidationFailed("url", "must not point to a private, loopback or local address")
     return value
+
+
+async def resolves_public(url: str) -> bool:
+    """Every address the URL's host resolves to is public (see `is_public`)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+    except OSError:
+        return False
+    return bool(infos) and all(is_public(str(info[4][0])) for info in infos)
 
 
 def webhook_public(row: CompanyWebhook, secret: str | None = None) -> dict[str, Any]:
@@ -182,12 +223,19 @@ async def post(client: httpx.AsyncClient, delivery: Delivery) -> bool:
     return 200 <= response.status_code < 300
 
 
-async def deliver_due(db: Database, fernet: MultiFernet, client: httpx.AsyncClient) -> int:
-    """One pass: claim, post, record. Returns how many were delivered."""
+async def deliver_due(
+    db: Database, fernet: MultiFernet, client: httpx.AsyncClient, *, allow_private: bool = False
+) -> int:
+    """One pass: claim, post, record. Returns how many were delivered. A URL whose
+    host now resolves to a non-public address is not posted to (a failed attempt)."""
     claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
     delivered = 0
     for delivery in claimed:
-        ok = await post(client, delivery)
+        if allow_private or await resolves_public(delivery.url):
+            ok = await post(client, delivery)
+        else:
+            log.warning("company webhook %s: its URL resolves inward; not sent", delivery.event_id)
+            ok = False
         delivered += ok
         await db.transaction(_recorder(delivery, ok))
     return delivered
@@ -197,13 +245,15 @@ def _recorder(delivery: Delivery, delivered: bool) -> Callable[[Session], None]:
     return lambda s: record_outcome(s, delivery, delivered, utcnow())
 
 
-async def run_deliveries(db: Database, fernet: MultiFernet, interval: float) -> None:
+async def run_deliveries(
+    db: Database, fernet: MultiFernet, interval: float, *, allow_private: bool = False
+) -> None:
     """Deliver due company events every `interval` seconds until cancelled (the app's
     lifespan owns this task and its HTTP client)."""
     async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
         while True:
             await asyncio.sleep(interval)
             try:
-                await deliver_due(db, fernet, client)
+                await deliver_due(db, fernet, client, allow_private=allow_private)
             except Exception:
                 log.exception("company webhook delivery failed; retrying in %.1f s", interval)

@@ -135,6 +135,47 @@ def test_fits_counts_holds_like_the_balance() -> None:
     assert budget_math.available(10, 12, 0) == 0  # an amount lowered below the spend
 
 
+# --- pure: company webhook URLs (no SSRF inward) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://hooks.example.com/budget", True),
+        ("http://8.8.8.8:8080/x", True),
+        ("http://127.0.0.1:9000/hook", False),
+        ("http://[::1]/hook", False),
+        ("http://169.254.169.254/latest/meta-data/", False),  # cloud metadata
+        ("http://10.1.2.3/", False),
+        ("http://192.168.0.1/", False),
+        ("http://100.64.0.1/", False),  # shared address space
+        ("http://localhost:8080/", False),
+        ("http://api.localhost./", False),
+        ("ftp://example.com/", False),
+        ("https:///nohost", False),
+        ("https://exa mple.com/", False),
+    ],
+)
+def test_company_webhook_urls_never_point_inward(url: str, allowed: bool) -> None:
+    from control_plane.company_webhooks import parse_url
+    from control_plane.errors import ValidationFailed
+
+    if allowed:
+        assert parse_url(url) == url
+    else:
+        with pytest.raises(ValidationFailed):
+            parse_url(url)
+    if url.startswith("http://127."):
+        assert parse_url(url, allow_private=True) == url  # LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE
+
+
+def test_a_name_resolving_inward_is_not_posted_to() -> None:
+    from control_plane.company_webhooks import resolves_public
+
+    assert asyncio.run(resolves_public("http://localhost:9/hook")) is False
+    assert asyncio.run(resolves_public("http://127.0.0.1:9/hook")) is False
+
+
 # --- pure: tokens per minute -------------------------------------------------------------
 
 
@@ -235,6 +276,7 @@ def world(
         "LLMGW_SWEEP_INTERVAL_SECONDS": "0.2",
         "LLMGW_TPM_PER_USER": str(TPM_PER_USER),
         "LLMGW_TPM_PER_COMPANY": str(TPM_PER_COMPANY),
+        "LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE": "1",  # the receiver is on 127.0.0.1
     }
     tmp: Path = tmp_path_factory.mktemp("budgets")
     with (
@@ -618,3 +660,34 @@ def test_cli_sets_budgets_teams_and_the_webhook(
     capsys.readouterr()
     assert main(["admin", "create-budget", company, "user", user_id, "1.5e9999"]) == 1
     assert "amount" in capsys.readouterr().err
+
+
+def test_company_webhook_secrets_are_encrypted_and_rotate(world: World) -> None:
+    """Stored under the Fernet ring (never in clear), re-encrypted by the rotation so an
+    older key can leave ``LLMGW_ENCRYPTION_KEY``."""
+    from cryptography.fernet import Fernet, MultiFernet
+
+    from control_plane.company_webhooks import rotate_secrets
+    from control_plane.tables import CompanyWebhook
+
+    company = world.new_company()
+    url = "https://hooks.example.com/x"
+    r = world.cp.admin.put(f"/v1/admin/companies/{company}/webhook", json={"url": url})
+    secret = data_of(r, 201)["secret"]
+    current = [Fernet(k.reveal()) for k in world.cp.settings.encryption_keys]
+    retired = Fernet(Fernet.generate_key())
+
+    def stored(session: Any) -> str:
+        return str(session.get(CompanyWebhook, company).secret_encrypted)
+
+    assert secret not in world.db(stored)
+    assert MultiFernet(current).decrypt(world.db(stored).encode()).decode() == secret
+
+    def under_retired_key(session: Any) -> None:
+        row = session.get(CompanyWebhook, company)
+        row.secret_encrypted = retired.encrypt(secret.encode()).decode()
+
+    world.db(under_retired_key)
+    done, failed = world.db(lambda s: rotate_secrets(s, MultiFernet([*current, retired])))
+    assert done >= 1 and failed == []
+    assert MultiFernet(current).decrypt(world.db(stored).encode()).decode() == secret

@@ -130,8 +130,10 @@ async def put_webhook(request: Request) -> Response:
     unknown = sorted(set(doc) - {"url"})
     if unknown:
         raise ValidationFailed(unknown[0], "is not a field (url)")
-    url = company_webhooks.parse_url(doc.get("url"))
     deps = get_deps(request)
+    url = company_webhooks.parse_url(
+        doc.get("url"), allow_private=deps.settings.company_webhooks_allow_private
+    )
     fernet = deps.fernet
     now = utcnow()
 
