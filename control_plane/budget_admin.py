@@ -42,14 +42,18 @@ TEAM_USERS_MAX = 1000
 BUDGETS_PER_COMPANY_MAX = 10_000
 
 
-def company_for(session: Session, p: Principal, company_id: str) -> Company:
-    """The company `p` manages budgets of; 403 for its own members, 404 otherwise."""
-    company = session.get(Company, company_id)
-    if company is None:
-        raise NotFound("No such company.")
+def company_for(session: Session, p: Principal, company_id: str, *, lock: bool = False) -> Company:
+    """The company `p` manages budgets of; 403 for its own members, 404 otherwise.
+
+    `lock`: a change takes the company row first, the lock order of init and
+    settlement (`budgets`); deleting a budget's counters while an init inserts them
+    would otherwise deadlock on PostgreSQL (the period row's foreign key)."""
     if not policy.can_manage_budgets(p, company_id):
         if p.company_id == company_id:
             raise Forbidden("Only an owner of this company (scope llm:admin) manages budgets.")
+        raise NotFound("No such company.")
+    company = session.get(Company, company_id, with_for_update=lock)
+    if company is None:
         raise NotFound("No such company.")
     return company
 
@@ -171,7 +175,7 @@ def _set_members(
 def create_team(
     session: Session, p: Principal, company_id: str, body: TeamInput, now: datetime
 ) -> dict[str, Any]:
-    company = company_for(session, p, company_id)
+    company = company_for(session, p, company_id, lock=True)
     assert body.name is not None
     _name_free(session, company.id, body.name, None)
     team = Team(id=new_id(), company_id=company.id, name=body.name, created_at=now)
@@ -199,7 +203,7 @@ def list_teams(session: Session, p: Principal, company_id: str) -> list[dict[str
 def update_team(
     session: Session, p: Principal, company_id: str, team_id: str, body: TeamInput
 ) -> dict[str, Any]:
-    company_for(session, p, company_id)
+    company_for(session, p, company_id, lock=True)
     team = _team(session, company_id, team_id)
     if body.name is not None:
         _name_free(session, company_id, body.name, team.id)
@@ -213,7 +217,7 @@ def update_team(
 
 def delete_team(session: Session, p: Principal, company_id: str, team_id: str) -> None:
     """The team, its memberships and the budgets on it."""
-    company_for(session, p, company_id)
+    company_for(session, p, company_id, lock=True)
     team = _team(session, company_id, team_id)
     _set_members(session, p, company_id, team.id, [])
     on_team = select(col(Budget.id)).where(
@@ -239,7 +243,7 @@ def _budget(session: Session, company_id: str, budget_id: str) -> Budget:
 def create_budget(
     session: Session, p: Principal, company_id: str, body: BudgetInput, now: datetime
 ) -> dict[str, Any]:
-    company = company_for(session, p, company_id)
+    company = company_for(session, p, company_id, lock=True)
     assert body.scope and body.target_id and body.period and body.amount_micro is not None
     check_target(session, p, company.id, body.scope, body.target_id)
     count = session.scalar(
@@ -283,7 +287,7 @@ def update_budget(
 ) -> dict[str, Any]:
     """A new amount and/or period. A new period counts from zero: spend is kept per
     (budget, period start), and the new period's start names a new row."""
-    company_for(session, p, company_id)
+    company_for(session, p, company_id, lock=True)
     budget = _budget(session, company_id, budget_id)
     check_target(session, p, company_id, budget.scope, budget.target_id)
     if body.amount_micro is not None:
@@ -297,7 +301,7 @@ def update_budget(
 
 
 def remove_budget(session: Session, p: Principal, company_id: str, budget_id: str) -> None:
-    company_for(session, p, company_id)
+    company_for(session, p, company_id, lock=True)
     budget = _budget(session, company_id, budget_id)
     check_target(session, p, company_id, budget.scope, budget.target_id)
     budgets.delete_budget(session, budget.id)
