@@ -393,6 +393,20 @@ def test_nobody_budgets_outside_its_reach(world: World) -> None:
     assert data_of(_budget(owner, mine, **on_member), 201)["scope"] == "user"
     assert data_of(_budget(w.cp.admin, mine, **{**on_member, "target_id": admin_user_id}), 201)
     error_of(member.get(f"/v1/admin/companies/{mine}/budgets"), 403, "forbidden")
+    # Another company's budget and team, reached through one's own company's path or
+    # theirs: not found, and unchanged.
+    theirs = {"scope": "user", "target_id": stranger_id, "amount": "5", "period": "day"}
+    their_budget = data_of(_budget(w.as_(other_owner_key), other, **theirs), 201)["id"]
+    for company in (mine, other):
+        path = f"/v1/admin/companies/{company}/budgets/{their_budget}"
+        error_of(owner.patch(path, json={"amount": "1000"}), 404, "not_found")
+        error_of(owner.delete(path), 404, "not_found")
+        team_path = f"/v1/admin/companies/{company}/teams/{other_team}"
+        error_of(owner.patch(team_path, json={"user_ids": [member_id]}), 404, "not_found")
+        error_of(owner.delete(team_path), 404, "not_found")
+    assert [b["amount"] for b in _budgets_of(w, other)] == ["5.000000"]
+    their_teams = data_of(w.cp.admin.get(f"/v1/admin/companies/{other}/teams"))["items"]
+    assert [t["user_ids"] for t in their_teams] == [[]]
 
 
 def test_init_refused_over_a_budget_holds_nothing_and_settlement_moves_spend(world: World) -> None:
