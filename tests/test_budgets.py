@@ -595,11 +595,14 @@ def test_threshold_webhooks_are_signed_and_sent_once_per_threshold(world: World)
         percents.append(doc["data"]["percent"])
     assert sorted(percents) == [80, 100]
 
-    def events(session: Any) -> list[tuple[int, bool]]:
+    def events(session: Any) -> list[tuple[int, bool, int]]:
         stmt = select(BudgetEvent).where(col(BudgetEvent.budget_id) == budget["id"])
-        return sorted((e.percent, e.delivered_at is not None) for e in session.scalars(stmt))
+        rows = session.scalars(stmt)
+        return sorted((e.percent, e.delivered_at is not None, e.attempts) for e in rows)
 
-    _wait(lambda: w.db(events) == [(80, True), (100, True)])
+    _wait(lambda: [e[:2] for e in w.db(events)] == [(80, True), (100, True)])
+    # One per threshold, and the refused first post was retried (one failed attempt).
+    assert sum(e[2] for e in w.db(events)) == 1 and w.receiver.fail == 0
 
 
 def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
