@@ -35,6 +35,7 @@ from control_plane.tables import (
     BudgetEvent,
     BudgetPeriod,
     CompanyWebhook,
+    Reservation,
     ReservationBudget,
     TeamMember,
     iso,
@@ -245,3 +246,28 @@ def delete_budget(session: Session, budget_id: str) -> None:
     """A budget and its counters; holds counted on it settle as if it never was."""
     session.execute(delete(BudgetPeriod).where(col(BudgetPeriod.budget_id) == budget_id))
     session.execute(delete(Budget).where(col(Budget.id) == budget_id))
+
+
+def check(session: Session, company_id: str) -> list[str]:
+    """The budgets' books (like `books.check_books` for the balance): each period's
+    ``held`` is the sum of the active holds counted on it, and never negative."""
+    problems: list[str] = []
+    stmt = (
+        select(BudgetPeriod)
+        .join(Budget, col(Budget.id) == col(BudgetPeriod.budget_id))
+        .where(col(Budget.company_id) == company_id)
+    )
+    for period in session.scalars(stmt):
+        active = session.scalars(
+            select(col(ReservationBudget.hold_micro))
+            .join(Reservation, col(Reservation.id) == col(ReservationBudget.reservation_id))
+            .where(col(ReservationBudget.budget_id) == period.budget_id)
+            .where(col(ReservationBudget.period_start) == period.period_start)
+            .where(col(Reservation.status) == "active")
+        ).all()
+        if period.held_micro != sum(active) or period.held_micro < 0:
+            problems.append(
+                f"budget {period.budget_id} at {iso(period.period_start)}: held "
+                f"{period.held_micro}, active holds {sum(active)}"
+            )
+    return problems

@@ -456,6 +456,7 @@ def test_init_refused_over_a_budget_holds_nothing_and_settlement_moves_spend(wor
     # Room again for one hold (2 holds - charge >= 1 hold), not two.
     data_of(_init(client), 201)
     error_of(_init(client), 402, "budget_exceeded")
+    assert w.db(lambda s: budgets.check(s, company)) == []
 
 
 def test_api_key_and_team_budgets_cap_only_their_targets(world: World) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from control_plane import budgets
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from tests.test_control_plane import (
     CP,
@@ -76,6 +77,8 @@ def test_200_concurrent_inits_never_overshoot_a_budget(cp: CP) -> None:
         0,
     )
     assert micro(credits_of(client)["held"]) == N * hold
+    db = cp.app.state.db
+    assert cp.on_loop(lambda: db.transaction(lambda s: budgets.check(s, company_id))) == []
 
     inits = [r.json()["data"] for r in results if r.status_code == 201]
     events = [usage_event(i, company_id, input_tokens=2, output_tokens=3) for i in inits]
@@ -85,3 +88,4 @@ def test_200_concurrent_inits_never_overshoot_a_budget(cp: CP) -> None:
     assert (micro(mine["held"]), micro(mine["spent"])) == (0, N * charge)
     assert micro(mine["available"]) == N * (hold - charge)
     assert_books_balance(cp, company_id, client)
+    assert cp.on_loop(lambda: db.transaction(lambda s: budgets.check(s, company_id))) == []
