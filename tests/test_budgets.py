@@ -425,8 +425,10 @@ def test_init_refused_over_a_budget_holds_nothing_and_settlement_moves_spend(wor
     )  # fmt: skip
     first, second = data_of(_init(client), 201), data_of(_init(client), 201)
     before = credits_of(client)
+    sessions = data_of(client.get("/v1/sessions"))["items"]
     r = _init(client)
     error_of(r, 402, "budget_exceeded")
+    assert data_of(client.get("/v1/sessions"))["items"] == sessions  # no session either
     details = r.json()["error"]["details"]
     tomorrow = budget_math.period_start("day", datetime.now(UTC)) + timedelta(days=1)
     assert details["budget_id"] == created["id"] and details["scope"] == "user"
