@@ -48,6 +48,7 @@ URL_MAX = 2000
 LEASE_SECONDS = 60.0  # a claimed event waits this long before another process retries it
 MAX_ATTEMPTS = 20  # then the event stays undelivered, for an operator to look at
 BATCH = 50
+PARALLEL = 10  # posts in flight per pass
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 BACKOFF = Backoff(base=2.0, cap=3600.0)
 
@@ -191,8 +192,10 @@ def claim_due(session: Session, fernet: MultiFernet, now: datetime, limit: int) 
             continue
         try:
             secret = fernet.decrypt(hook.secret_encrypted.encode("ascii")).decode()
-        except InvalidToken:
+        except InvalidToken:  # a key left the ring before a rotation: retried, then given up
             log.error("webhook secret of company %s does not decrypt", event.company_id)
+            event.attempts += 1
+            event.next_attempt_at = now + timedelta(seconds=BACKOFF.delay(event.attempts))
             continue
         claimed.append(
             Delivery(event.id, hook.url, secret, orjson.dumps(event.payload), event.attempts)
@@ -229,16 +232,21 @@ async def deliver_due(
     """One pass: claim, post, record. Returns how many were delivered. A URL whose
     host now resolves to a non-public address is not posted to (a failed attempt)."""
     claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
-    delivered = 0
-    for delivery in claimed:
-        if allow_private or await resolves_public(delivery.url):
-            ok = await post(client, delivery)
-        else:
-            log.warning("company webhook %s: its URL resolves inward; not sent", delivery.event_id)
-            ok = False
-        delivered += ok
-        await db.transaction(_recorder(delivery, ok))
-    return delivered
+    # Concurrently, a few at a time: one company's slow receiver (up to the timeout)
+    # must not hold up every other company's events.
+    gate = asyncio.Semaphore(PARALLEL)
+
+    async def one(delivery: Delivery) -> bool:
+        async with gate:
+            if allow_private or await resolves_public(delivery.url):
+                ok = await post(client, delivery)
+            else:
+                log.warning("company webhook %s resolves inward; not sent", delivery.event_id)
+                ok = False
+            await db.transaction(_recorder(delivery, ok))
+            return ok
+
+    return sum(await asyncio.gather(*(one(d) for d in claimed)))
 
 
 def _recorder(delivery: Delivery, delivered: bool) -> Callable[[Session], None]:
