@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from control_plane.company_webhooks import run_deliveries
 from control_plane.db import Database
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -89,6 +90,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             else open_store(settings.redis_url, prefix=settings.redis_prefix)
         )
         sweeper: asyncio.Task[None] | None = None
+        deliveries: asyncio.Task[None] | None = None
         try:
             snapshot = await db.transaction(lambda s: load_snapshot(s, fernet))
             deps = Deps(
@@ -112,12 +114,23 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 run_sweeper(db, active_store, metrics, settings),
                 name="hold-sweeper",
             )
+            # Companies' own events (budget.threshold), off the request path.
+            deliveries = asyncio.create_task(
+                run_deliveries(
+                    db,
+                    fernet,
+                    settings.sweep_interval_seconds,
+                    allow_private=settings.company_webhooks_allow_private,
+                ),
+                name="company-webhooks",
+            )
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, deliveries):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if own_store:
                 await active_store.close()
             await asyncio.to_thread(db.close)
@@ -128,7 +141,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
                 expose_headers=["X-Request-Id"],
                 max_age=600,

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import agents, chat_sessions, company_llm, pending_inits
+from control_plane import agents, budgets, chat_sessions, company_llm, pending_inits, tpm
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -314,8 +314,10 @@ def reserve(
         expires_at=hold_expires_at,
         settled_at=None,
     )
-    # Lock order, as in settlement: the company row (the hold), then the session row.
+    # Lock order, as in settlement: the company row (the hold), then the budget
+    # periods (`budgets`), then the session row.
     take_hold(session, reservation)
+    hold_budgets(session, principal, reservation)
     if chat_sessions.append_messages(session, chat.id, new_turn, limits.session) == "full":
         raise SessionFull(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
@@ -335,6 +337,45 @@ def _with_agent(
         return req, []
     turn = agents.for_init(session, cat, company_id, req)
     return turn.request, turn.prefix
+
+
+def hold_budgets(session: Session, principal: Principal, reservation: Reservation) -> None:
+    """The hold counted against the caller's budgets too (issue 16.3): its user's, its
+    API key's, its teams'; BudgetExceeded (402) rolls back the whole init."""
+    budgets.hold(
+        session,
+        reservation_id=reservation.id,
+        company_id=reservation.company_id,
+        user_id=reservation.user_id,
+        api_key_id=principal.api_key_id,
+        hold_micro=reservation.hold_micro,
+        now=reservation.created_at,
+    )
+
+
+async def count_tokens(deps: Deps, reservation: Reservation) -> None:
+    """Tokens per minute (`tpm`): the hold's token estimate counted in the init's
+    window. Refused (429 ``tpm_exceeded``), the hold just taken is released."""
+    limits = tpm.TpmLimits.of(deps.settings)
+    if not limits.on:
+        return
+    try:
+        await tpm.take(
+            deps.store,
+            limits,
+            user_id=reservation.user_id,
+            company_id=reservation.company_id,
+            tokens=reservation.input_estimate + reservation.max_tokens,
+            now=reservation.created_at.timestamp(),
+        )
+    except Exception:
+        await deps.db.transaction(
+            lambda s: release_reservation(
+                s, reservation.id, "tokens per minute", actor=reservation.user_id
+            )
+        )
+        await pending_inits.forget(deps.store, reservation.user_id, reservation.jti)
+        raise
 
 
 def hold_deadline(issued: int, settings: Settings) -> datetime:
@@ -363,8 +404,15 @@ async def init_chat(
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
     hold_expires_at = hold_deadline(issued, settings)
-    assert principal.user_id is not None
+    assert principal.user_id is not None and principal.company_id is not None
     user_id = principal.user_id
+    await tpm.precheck(
+        deps.store,
+        tpm.TpmLimits.of(settings),
+        user_id=user_id,
+        company_id=principal.company_id,
+        now=now.timestamp(),
+    )
     await pending_inits.take(
         deps.store,
         user_id=user_id,
@@ -392,6 +440,7 @@ async def init_chat(
         await pending_inits.forget(deps.store, user_id, jti)
         raise
     reservation = reserved.reservation
+    await count_tokens(deps, reservation)
     try:
         await deps.store.set(stash_key(jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS)
     except Exception:

@@ -13,6 +13,7 @@ logs the traceback server-side.
     │   └── InvalidCredentials (401 invalid_credentials)
     ├── InvalidSignature (401 invalid_signature)
     ├── InsufficientCredits (402 insufficient_credits)
+    ├── BudgetExceeded (402 budget_exceeded, error.details)
     ├── Forbidden (403 forbidden)
     │   ├── Revoked (403 revoked), ModelNotAllowed (403 model_not_allowed)
     │   └── WebhookProviderMismatch (403 webhook_provider_mismatch)
@@ -33,7 +34,8 @@ logs the traceback server-side.
     │   └── UnsupportedFeature (422 unsupported_feature)
     ├── RateLimited (429 rate_limited, Retry-After)
     │   ├── LoginThrottled (429 too_many_login_failures)
-    │   └── TooManyPendingInits (429 too_many_pending_inits)
+    │   ├── TooManyPendingInits (429 too_many_pending_inits)
+    │   └── TpmExceeded (429 tpm_exceeded)
     └── ServiceUnavailable (503 unavailable)
 """
 
@@ -51,6 +53,8 @@ class AppError(Exception):
     status = 500
     code = "internal_error"
     default_message = "Something went wrong on our side."
+    # Machine-readable context, answered as ``error.details`` when set.
+    details: dict[str, object] | None = None
 
     def __init__(self, message: str | None = None, *, headers: Mapping[str, str] | None = None):
         self.message = message or self.default_message
@@ -104,6 +108,19 @@ class InvalidSignature(AppError):
 class InsufficientCredits(AppError):
     status, code = 402, "insufficient_credits"
     default_message = "Not enough credits available for this request."
+
+
+class BudgetExceeded(AppError):
+    """A hold would cross one of the caller's budgets (DESIGN §11): which one, and
+    when its period resets (None for a budget without a period)."""
+
+    status, code = 402, "budget_exceeded"
+    default_message = "This request would exceed a spending budget."
+
+    def __init__(self, budget_id: str, scope: str, resets_at: str | None) -> None:
+        when = f"; it resets at {resets_at}" if resets_at else ""
+        super().__init__(f"This request would exceed the {scope} budget {budget_id}{when}.")
+        self.details = {"budget_id": budget_id, "scope": scope, "resets_at": resets_at}
 
 
 class Forbidden(AppError):
@@ -237,6 +254,10 @@ class TooManyPendingInits(RateLimited):
     code = "too_many_pending_inits"
 
 
+class TpmExceeded(RateLimited):
+    code = "tpm_exceeded"
+
+
 class ServiceUnavailable(AppError):
     status, code = 503, "unavailable"
     default_message = "The service is temporarily unavailable; retry shortly."
@@ -250,12 +271,17 @@ _HTTP_STATUS: dict[int, type[AppError]] = {
 }
 
 
-def error_body(message: str, code: str) -> dict[str, object]:
-    return {"success": False, "message": message, "error": {"code": code}}
+def error_body(
+    message: str, code: str, details: dict[str, object] | None = None
+) -> dict[str, object]:
+    error: dict[str, object] = {"code": code}
+    if details is not None:
+        error["details"] = details
+    return {"success": False, "message": message, "error": error}
 
 
 def error_response(exc: AppError) -> Response:
-    return json_response(error_body(exc.message, exc.code), exc.status, exc.headers)
+    return json_response(error_body(exc.message, exc.code, exc.details), exc.status, exc.headers)
 
 
 def from_http_exception(exc: HTTPException) -> AppError:

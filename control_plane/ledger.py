@@ -18,10 +18,12 @@ so ``held = balance - available`` is the sum of the active holds. The company ro
 transaction as the rows; `books` recomputes and checks them.
 
 Lock order (PostgreSQL row locks), the same in every use case so none can deadlock
-another: reservation row → company row → chat session row. Init inserts its
-reservation (no lock on an existing one), then holds on the company, then appends
-to the session; settlement and release flip the reservation first, then move the
-company's money, then (settlement) append the reply; grants lock the company only.
+another: reservation row → company row → budget period rows (budget id order) →
+chat session row. Init inserts its reservation (no lock on an existing one), then
+holds on the company, then on its budgets (`budgets.hold`), then appends to the
+session; settlement and release flip the reservation first, then move the
+company's money, then the budgets' (`budgets.settle`), then (settlement) append the
+reply; grants lock the company only.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import audit
+from control_plane import audit, budgets
 from control_plane.errors import InsufficientCredits
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
@@ -184,6 +186,7 @@ def settle_reservation(
             held_micro=col(Company.held_micro) - hold,
         )
     )
+    budgets.settle(session, reservation.id, charge, now)
     for kind, amount, reason in (
         ("charge", -charge, "usage"),
         ("release", hold - charge, "unused hold"),
@@ -232,6 +235,7 @@ def release_reservation(
         .where(col(Company.id) == reservation.company_id)
         .values(held_micro=col(Company.held_micro) - hold)
     )
+    budgets.settle(session, reservation_id, 0, now)
     add_entry(
         session,
         reservation.company_id,

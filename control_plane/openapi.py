@@ -24,7 +24,10 @@ _ERROR = {
     "properties": {
         "success": {"const": False},
         "message": {"type": "string"},
-        "error": {"type": "object", "properties": {"code": {"type": "string"}}},
+        "error": {
+            "type": "object",
+            "properties": {"code": {"type": "string"}, "details": {"type": "object"}},
+        },
     },
     "required": ["success", "message", "error"],
 }

@@ -101,6 +101,12 @@ _MODEL_SPEC = {
     "additionalProperties": False,
 }
 
+# Budgets (DESIGN §11): amounts are non-negative credits.
+_AMOUNT = {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,6})?$"}
+_BUDGET_SCOPE = {"enum": ["user", "api_key", "team"]}
+_PERIOD = {"enum": ["day", "week", "month", "none"]}
+_USER_IDS = {"type": "array", "items": _ID, "maxItems": 1000}
+
 
 # Agents (issue 15.4): `control_plane.agent_spec` holds the rules.
 _AGENT_NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"}
@@ -182,6 +188,34 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
             default_model={"type": ["string", "null"]},
             models={"type": "object", "additionalProperties": _MODEL_SPEC},
         ),
+        "additionalProperties": False,
+    },
+    ("post", "/v1/admin/companies/{company_id}/budgets"): {
+        **_obj(
+            ["scope", "target_id", "amount", "period"],
+            scope=_BUDGET_SCOPE,
+            target_id=_ID,
+            amount=_AMOUNT,
+            period=_PERIOD,
+        ),
+        "additionalProperties": False,
+    },
+    ("patch", "/v1/admin/companies/{company_id}/budgets/{budget_id}"): {
+        **_obj([], amount=_AMOUNT, period=_PERIOD),
+        "additionalProperties": False,
+        "minProperties": 1,
+    },
+    ("post", "/v1/admin/companies/{company_id}/teams"): {
+        **_obj(["name"], name=_STR, user_ids=_USER_IDS),
+        "additionalProperties": False,
+    },
+    ("patch", "/v1/admin/companies/{company_id}/teams/{team_id}"): {
+        **_obj([], name=_STR, user_ids=_USER_IDS),
+        "additionalProperties": False,
+        "minProperties": 1,
+    },
+    ("put", "/v1/admin/companies/{company_id}/webhook"): {
+        **_obj(["url"], url={"type": "string", "format": "uri", "maxLength": 2000}),
         "additionalProperties": False,
     },
     ("post", "/v1/admin/revocations"): {

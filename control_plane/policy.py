@@ -41,6 +41,7 @@ class Principal:
     role: str
     scopes: frozenset[str]
     via: str  # "access_token" | "api_key" | "admin_token" | "external_jwt"
+    api_key_id: str | None = None  # the key used, when `via` is "api_key" (its budgets)
 
     @property
     def is_user(self) -> bool:
@@ -186,3 +187,10 @@ def can_manage_agents(p: Principal, company_id: str) -> bool:
 def can_use_agents(p: Principal, company_id: str) -> bool:
     """List and chat with a company's agents: any of its users who may chat."""
     return can_chat(p) and p.company_id == company_id
+
+
+def can_manage_budgets(p: Principal, company_id: str) -> bool:
+    """Budgets, teams and the company's webhook: an admin of the company (an owner
+    with the admin scope, or the platform admin). Each target is further checked
+    with `ranks_at_least`: nobody budgets a user ranked above itself."""
+    return can_admin_company(p, company_id)

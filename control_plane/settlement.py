@@ -149,6 +149,11 @@ class Outcome:
     duplicate: bool
     charged_micro: int = 0
     released_micro: int = 0
+    # For the tokens-per-minute correction (`tpm.correct`): who, the hold's token
+    # estimate, when it was counted (the init's instant, epoch seconds).
+    user_id: str = ""
+    held_tokens: int = 0
+    held_at: float = 0.0
 
 
 DUPLICATE = Outcome(duplicate=True)
@@ -208,6 +213,9 @@ def settle_usage(
         duplicate=False,
         charged_micro=settled.charged_micro,
         released_micro=settled.released_micro,
+        user_id=reservation.user_id,
+        held_tokens=reservation.input_estimate + reservation.max_tokens,
+        held_at=reservation.created_at.timestamp(),
     )
 
 

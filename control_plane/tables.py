@@ -388,3 +388,112 @@ class Agent(SQLModel, table=True):
     features: list[str] = Field(default_factory=list, sa_column=Column(JSON(), nullable=False))
     created_at: datetime = _time()
     updated_at: datetime = _time()
+
+
+class Team(SQLModel, table=True):
+    """A named group of a company's users: the target of ``team`` budgets."""
+
+    __tablename__ = "teams"
+    __table_args__ = (UniqueConstraint("company_id", "name", name="uq_teams_company_name"),)
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    name: str = _str(200)
+    created_at: datetime = _time()
+
+
+class TeamMember(SQLModel, table=True):
+    __tablename__ = "team_members"
+    __table_args__ = (Index("ix_team_members_user_id", "user_id"),)
+    team_id: str = Field(
+        sa_column=Column(String(32), ForeignKey("teams.id"), primary_key=True, nullable=False)
+    )
+    user_id: str = Field(
+        sa_column=Column(String(32), ForeignKey("users.id"), primary_key=True, nullable=False)
+    )
+
+
+class Budget(SQLModel, table=True):
+    """A spend limit on one user, API key or team of a company, per period
+    (`budget_math`). What was held and spent lives in `BudgetPeriod` rows."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (
+        Index("ix_budgets_company_id", "company_id"),
+        Index("ix_budgets_scope_target", "scope", "target_id"),
+        CheckConstraint("scope IN ('user', 'api_key', 'team')", name="ck_budgets_scope"),
+        CheckConstraint("period IN ('day', 'week', 'month', 'none')", name="ck_budgets_period"),
+        CheckConstraint("amount_micro >= 0", name="ck_budgets_amount_nonnegative"),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    scope: str = _str(16)
+    target_id: str = _str(64)
+    amount_micro: int = _money()
+    period: str = _str(16)
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+
+
+class BudgetPeriod(SQLModel, table=True):
+    """One budget's counters for one period (its UTC start): created by the period's
+    first hold, so a new period starts at zero with no job resetting anything."""
+
+    __tablename__ = "budget_periods"
+    __table_args__ = (
+        CheckConstraint("held_micro >= 0", name="ck_budget_periods_held_nonnegative"),
+    )
+    budget_id: str = Field(
+        sa_column=Column(String(32), ForeignKey("budgets.id"), primary_key=True, nullable=False)
+    )
+    period_start: datetime = Field(sa_column=Column(UTCDateTime(), primary_key=True))
+    spent_micro: int = _money()
+    held_micro: int = _money()
+
+
+class ReservationBudget(SQLModel, table=True):
+    """Which budget periods one reservation's hold was counted against: settlement
+    and release move exactly those, whatever happened to the budgets since."""
+
+    __tablename__ = "reservation_budgets"
+    reservation_id: str = Field(sa_column=Column(String(32), primary_key=True))
+    budget_id: str = Field(sa_column=Column(String(32), primary_key=True))
+    period_start: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    hold_micro: int = _money()
+
+
+class CompanyWebhook(SQLModel, table=True):
+    """Where a company receives its own events (``budget.threshold``), and the
+    Fernet-encrypted Standard Webhooks secret they are signed with."""
+
+    __tablename__ = "company_webhooks"
+    company_id: str = Field(
+        sa_column=Column(String(32), ForeignKey("companies.id"), primary_key=True, nullable=False)
+    )
+    url: str = _str()
+    secret_encrypted: str = _str()
+    created_at: datetime = _time()
+    updated_at: datetime = _time()
+
+
+class BudgetEvent(SQLModel, table=True):
+    """The outbox of ``budget.threshold`` webhooks: written in the settlement's
+    transaction, delivered at least once by `budget_webhooks`. The unique key makes
+    it one event per budget x period x threshold."""
+
+    __tablename__ = "budget_events"
+    __table_args__ = (
+        UniqueConstraint(
+            "budget_id", "period_start", "percent", name="uq_budget_events_budget_period_percent"
+        ),
+        Index("ix_budget_events_due", "delivered_at", "next_attempt_at"),
+    )
+    id: str = _id()
+    company_id: str = _fk("companies.id")
+    budget_id: str = _str(32)
+    period_start: datetime = _time()
+    percent: int = _int()
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
+    attempts: int = _int()
+    created_at: datetime = _time()
+    next_attempt_at: datetime = _time()
+    delivered_at: datetime | None = _time(nullable=True)

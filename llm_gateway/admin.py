@@ -21,6 +21,9 @@ from typing import Any
 
 import httpx
 
+from llm_gateway.admin_budgets import ACTIONS as BUDGET_ACTIONS
+from llm_gateway.admin_budgets import add_budget_parsers, budget_request
+
 Request = tuple[str, str, dict[str, Any] | None, dict[str, str]]
 
 
@@ -41,7 +44,7 @@ class _RefusePassword(argparse.Action):
 def add_admin_parser(sub: Any) -> None:
     admin = sub.add_parser(
         "admin",
-        help="companies, users, API keys, provider keys, agents, credits, revocations, keys",
+        help="companies, users, API keys, provider keys, agents, credits, budgets, revocations",
     )
     actions = admin.add_subparsers(dest="action", required=True)
     company = actions.add_parser("create-company")
@@ -107,6 +110,7 @@ def add_admin_parser(sub: Any) -> None:
         "rotate-encryption-key",
         help="re-encrypt stored secrets under the newest LLMGW_ENCRYPTION_KEY",
     )
+    add_budget_parsers(actions)
     actions.add_parser(
         "route-key",
         help="print the edge's LLMGW_ROUTE_KEY for this LLMGW_ENCRYPTION_KEY (offline)",
@@ -216,6 +220,8 @@ def _request(args: argparse.Namespace) -> Request:
     action = args.action
     if action.endswith(("-agent", "-agents")) and (agent := _agent_request(args)) is not None:
         return agent
+    if action in BUDGET_ACTIONS:
+        return budget_request(args)
     if action == "create-company":
         return "POST", "/v1/admin/companies", {"name": args.name, "credits": args.credits}, headers
     if action == "create-user":

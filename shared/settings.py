@@ -146,6 +146,13 @@ class Settings:
     backend_webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     init_rate_per_user: int = 120  # per minute, DESIGN §9
     init_rate_per_company: int = 1200
+    # Tokens per minute at init (control plane, DESIGN §11): the hold's token estimate
+    # counted at init, corrected to actual usage at settlement; 0 = off (the default).
+    tpm_per_user: int = 0
+    tpm_per_company: int = 0
+    # Companies' own webhooks (budget.threshold) may go to private, loopback or
+    # link-local addresses only when this is on (control plane; off: no SSRF inward).
+    company_webhooks_allow_private: bool = False
     login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
     # Abuse limits (issue 12.6): unused stream grants per user, what one chat session
     # may hold, and the size of one init's stashed request.
@@ -235,6 +242,11 @@ class Settings:
         settings = cls(
             init_rate_per_user=_int(env, "LLMGW_INIT_RATE_PER_USER", 120, 1, 1_000_000),
             init_rate_per_company=_int(env, "LLMGW_INIT_RATE_PER_COMPANY", 1200, 1, 10_000_000),
+            tpm_per_user=_int(env, "LLMGW_TPM_PER_USER", 0, 0, 10**12),
+            tpm_per_company=_int(env, "LLMGW_TPM_PER_COMPANY", 0, 0, 10**12),
+            company_webhooks_allow_private=_flag(
+                env, "LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE", False
+            ),
             login_failures_per_15min=_int(env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000),
             max_pending_inits_per_user=_int(
                 env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000

@@ -113,6 +113,11 @@ class Store(Protocol):
         """Take back one `hit` (an attempt counted in advance that did not count)."""
         ...
 
+    async def add(self, key: str, amount: int, window_seconds: float) -> int:
+        """Add `amount` (negative: take back) to the counter `key`, which expires with
+        its window like `hit`'s; returns the new total (tokens per minute)."""
+        ...
+
     async def bounded_members(self, key: str, now: float) -> list[str]:
         """The members of the bounded set `key` that expire after `now`."""
         ...

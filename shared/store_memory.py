@@ -130,6 +130,13 @@ class MemoryStore:
         if current is not None:
             self._values[key] = (str(int(current) - 1).encode(), self._values[key][1])
 
+    async def add(self, key: str, amount: int, window_seconds: float) -> int:
+        current = self._live(key)
+        total = (int(current) if current is not None else 0) + amount
+        expires = self._values[key][1] if current is not None else None
+        self._values[key] = (str(total).encode(), expires or self._clock() + window_seconds)
+        return total
+
     def _bounded(self, key: str, now: float) -> dict[str, float]:
         members = self._slots.setdefault(key, {})
         for stale in [m for m, exp in members.items() if exp <= now]:

@@ -234,6 +234,13 @@ class RedisStore:
             pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
             await pipe.execute()
 
+    async def add(self, key: str, amount: int, window_seconds: float) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(self._key(key), amount)
+            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
+            total, _ = await pipe.execute()
+        return int(total)
+
     async def bounded_members(self, key: str, now: float) -> list[str]:
         raw = await self._redis.zrangebyscore(self._key(key), f"({now}", "+inf")
         return [m.decode() if isinstance(m, bytes) else str(m) for m in raw]

@@ -75,7 +75,15 @@ def test_no_input_gets_a_server_error(cp: CP, tmp_path: Path) -> None:
     init = cp.client(owner_key).post("/v1/chat/init", json={"query": "hello"}).json()["data"]
     agent = {"name": "fuzz", "system_prompt": "Be brief."}
     cp.client(owner_key).post(f"/v1/admin/companies/{company_id}/agents", json=agent)
+    base = f"/v1/admin/companies/{company_id}"
+    team = cp.admin.post(f"{base}/teams", json={"name": "t", "user_ids": [owner["id"]]})
+    budget = cp.admin.post(
+        f"{base}/budgets",
+        json={"scope": "user", "target_id": owner["id"], "amount": "50", "period": "day"},
+    )
     parameters = {
+        "budget_id": budget.json()["data"]["id"],
+        "team_id": team.json()["data"]["id"],
         "company_id": company_id,
         "provider": "openai",
         "session_id": init["session_id"],

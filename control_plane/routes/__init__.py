@@ -7,6 +7,7 @@ from starlette.routing import BaseRoute
 from control_plane.routes import (
     account,
     admin,
+    admin_budgets,
     admin_credits,
     admin_llm,
     admin_revocations,
@@ -27,6 +28,7 @@ def all_routes() -> list[BaseRoute]:
         *billing.routes,
         *webhooks.routes,
         *admin.routes,
+        *admin_budgets.routes,
         *admin_credits.routes,
         *admin_llm.routes,
         *admin_revocations.routes,

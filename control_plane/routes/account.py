@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import company_llm, login_limits
+from control_plane import budget_admin, company_llm, login_limits
 from control_plane.accounts import find_user_by_email
 from control_plane.auth import (
     ACCESS_TOKEN_TTL_SECONDS,
@@ -22,7 +23,7 @@ from control_plane.credentials import verify_password
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, InvalidCredentials
 from control_plane.responses import ok
-from control_plane.tables import Company, User
+from control_plane.tables import Company, User, utcnow
 from control_plane.validation import optional_str, required_str
 from shared.catalog import Catalog
 from shared.pricing import format_credits
@@ -57,23 +58,29 @@ async def login(request: Request) -> Response:
     )
 
 
-def _me(session: Session, user_id: str) -> tuple[User, Company] | None:
+def _me(
+    session: Session, user_id: str, api_key_id: str | None
+) -> tuple[User, Company, list[dict[str, Any]]] | None:
     user = session.get(User, user_id)
     if user is None:
         return None
     company = session.get(Company, user.company_id)
-    return None if company is None else (user, company)
+    if company is None:
+        return None
+    # The budgets that cap this caller's requests (its user's, its key's, its teams').
+    mine = budget_admin.my_budgets(session, company.id, user.id, api_key_id, utcnow())
+    return user, company, mine
 
 
 async def me(request: Request) -> Response:
     principal = await authenticate(request)
     if principal.user_id is None:
         raise Forbidden("The platform admin token has no user.")
-    user_id = principal.user_id
-    found = await get_deps(request).db.transaction(lambda s: _me(s, user_id))
+    user_id, api_key_id = principal.user_id, principal.api_key_id
+    found = await get_deps(request).db.transaction(lambda s: _me(s, user_id, api_key_id))
     if found is None:
         raise InvalidCredentials("Your user no longer exists.")
-    user, company = found
+    user, company, budgets = found
     available = company.balance_micro - company.held_micro
     return ok(
         {
@@ -84,6 +91,13 @@ async def me(request: Request) -> Response:
                 "held": format_credits(company.held_micro),
                 "available": format_credits(available),
             },
+            "budgets": [
+                {
+                    k: b[k]
+                    for k in ("id", "scope", "amount", "spent", "held", "available", "resets_at")
+                }
+                for b in budgets
+            ],
         }
     )
 

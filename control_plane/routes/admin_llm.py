@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import company_llm, policy
+from control_plane import company_llm, company_webhooks, policy
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
@@ -193,10 +193,12 @@ async def delete_provider(request: Request) -> Response:
 
 
 def reencrypt_all(session: Session, fernet: MultiFernet) -> company_llm.Rotated:
-    """Re-encrypt provider keys and signing keys under the newest Fernet key, so the
-    older ones can be removed from ``LLMGW_ENCRYPTION_KEY``."""
+    """Re-encrypt provider keys, companies' webhook secrets and signing keys under the
+    newest Fernet key, so the older ones can be removed from ``LLMGW_ENCRYPTION_KEY``."""
     result = company_llm.Rotated()
     company_llm.rotate_provider_keys(session, fernet, result)
+    _, failed = company_webhooks.rotate_secrets(session, fernet)  # companies' webhook secrets
+    result.failed.extend(failed)
     for row in session.scalars(select(SigningKey)):
         try:
             row.private_key_encrypted = fernet.rotate(

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import pending_inits
+from control_plane import pending_inits, tpm
 from control_plane.chat_sessions import SessionLimits
 from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
@@ -69,6 +69,16 @@ async def usage_webhook(request: Request) -> Response:
             return ok({"duplicate": True})
         outcome = "settled"
         deps.metrics.settled(result.charged_micro, result.released_micro)
+        await tpm.correct(
+            deps.store,
+            tpm.TpmLimits.of(settings),
+            user_id=result.user_id,
+            company_id=event.company_id,
+            held_tokens=result.held_tokens,
+            used_tokens=event.input_tokens + event.output_tokens,
+            counted_at=result.held_at,
+            now=deps.clock(),
+        )
         ended = parse_time(event.ended_at) if event.ended_at else None
         if ended is not None:
             lag = (utcnow() - ended).total_seconds()

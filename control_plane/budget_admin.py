@@ -1,0 +1,318 @@
+"""Budgets and teams as a company's admins manage them (issue 16.3, DESIGN §11).
+
+Use cases, each run in one transaction by `routes.admin_budgets`: they check who
+asks (`policy.can_manage_budgets`), that every target (user, API key, team member)
+belongs to the company and ranks at or below the caller, change the rows, and
+record an ``admin.*`` audit event.
+
+Who may: the platform admin, or an owner of the company with the ``llm:admin``
+scope. A member of the company gets 403; anybody else 404 (a company one cannot
+manage does not exist for them). A target in another company is 422: an owner
+never budgets, or adds to a team, another company's users or keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane import accounts, audit, budgets, policy
+from control_plane.budget_math import BudgetInput
+from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from control_plane.policy import Principal
+from control_plane.tables import (
+    ApiKey,
+    Budget,
+    Company,
+    Team,
+    TeamMember,
+    User,
+    iso,
+    new_id,
+)
+from control_plane.validation import NUL
+
+TEAM_NAME_MAX = 200
+TEAM_USERS_MAX = 1000
+BUDGETS_PER_COMPANY_MAX = 10_000
+
+
+def company_for(session: Session, p: Principal, company_id: str, *, lock: bool = False) -> Company:
+    """The company `p` manages budgets of; 403 for its own members, 404 otherwise.
+
+    `lock`: a change takes the company row first, the lock order of init and
+    settlement (`budgets`); deleting a budget's counters while an init inserts them
+    would otherwise deadlock on PostgreSQL (the period row's foreign key)."""
+    if not policy.can_manage_budgets(p, company_id):
+        if p.company_id == company_id:
+            raise Forbidden("Only an owner of this company (scope llm:admin) manages budgets.")
+        raise NotFound("No such company.")
+    company = session.get(Company, company_id, with_for_update=lock)
+    if company is None:
+        raise NotFound("No such company.")
+    return company
+
+
+def _audit(session: Session, p: Principal, action: str, company_id: str, **details: Any) -> None:
+    audit.record(
+        session,
+        actor=accounts.actor_of(p),
+        action=f"admin.{action}",
+        company_id=company_id,
+        details=details,
+    )
+
+
+def _company_user(
+    session: Session, p: Principal, company_id: str, user_id: str, field: str
+) -> User:
+    user = session.get(User, user_id)
+    if user is None or user.company_id != company_id:
+        raise ValidationFailed(field, "no such user in this company")
+    if not policy.ranks_at_least(p, user.role):
+        raise Forbidden("Nobody manages the budget of a user ranked above itself.")
+    return user
+
+
+def check_target(session: Session, p: Principal, company_id: str, scope: str, target: str) -> None:
+    """The budget's target exists in this company and `p` may manage it."""
+    if scope == "user":
+        _company_user(session, p, company_id, target, "target_id")
+    elif scope == "api_key":
+        key = session.get(ApiKey, target)
+        if key is None:
+            raise ValidationFailed("target_id", "no such API key in this company")
+        owner = session.get(User, key.user_id)
+        if owner is None or owner.company_id != company_id:
+            raise ValidationFailed("target_id", "no such API key in this company")
+        _company_user(session, p, company_id, owner.id, "target_id")
+    else:
+        team = session.get(Team, target)
+        if team is None or team.company_id != company_id:
+            raise ValidationFailed("target_id", "no such team in this company")
+
+
+# --- teams -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TeamInput:
+    name: str | None = None
+    user_ids: list[str] | None = None
+
+
+def parse_team(doc: dict[str, Any], *, partial: bool) -> TeamInput:
+    unknown = sorted(set(doc) - {"name", "user_ids"})
+    if unknown:
+        raise ValidationFailed(unknown[0], "is not a field (name, user_ids)")
+    name = doc.get("name")
+    if name is not None or not partial:
+        if not isinstance(name, str) or not 0 < len(name.strip()) <= TEAM_NAME_MAX:
+            raise ValidationFailed("name", f"must be a name of 1-{TEAM_NAME_MAX} characters")
+        if NUL in name:
+            raise ValidationFailed("name", "must not contain NUL")
+        name = name.strip()
+    raw = doc.get("user_ids", None if partial else [])
+    user_ids: list[str] | None = None
+    if raw is not None:
+        if not isinstance(raw, list) or len(raw) > TEAM_USERS_MAX:
+            raise ValidationFailed("user_ids", f"must be a list of at most {TEAM_USERS_MAX} ids")
+        if not all(isinstance(u, str) and 0 < len(u) <= 64 and NUL not in u for u in raw):
+            raise ValidationFailed("user_ids", "must hold user ids (strings)")
+        user_ids = sorted(set(raw))
+    if partial and name is None and user_ids is None:
+        raise ValidationFailed("name", "send name and/or user_ids")
+    return TeamInput(name, user_ids)
+
+
+def _members(session: Session, team_id: str) -> list[str]:
+    stmt = select(col(TeamMember.user_id)).where(col(TeamMember.team_id) == team_id)
+    return sorted(session.scalars(stmt))
+
+
+def team_public(session: Session, team: Team) -> dict[str, Any]:
+    return {
+        "id": team.id,
+        "company_id": team.company_id,
+        "name": team.name,
+        "user_ids": _members(session, team.id),
+        "created_at": iso(team.created_at),
+    }
+
+
+def _name_free(session: Session, company_id: str, name: str, team_id: str | None) -> None:
+    stmt = select(col(Team.id)).where(col(Team.company_id) == company_id, col(Team.name) == name)
+    other = session.scalar(stmt)
+    if other is not None and other != team_id:
+        raise Conflict(f"A team named {name!r} already exists in this company.")
+
+
+def _set_members(
+    session: Session, p: Principal, company_id: str, team_id: str, user_ids: list[str]
+) -> None:
+    for index, user_id in enumerate(user_ids):
+        _company_user(session, p, company_id, user_id, f"user_ids[{index}]")
+    current = set(_members(session, team_id))
+    # Nobody removes from a team a user ranked above itself either.
+    for user_id in current - set(user_ids):
+        user = session.get(User, user_id)
+        if user is not None and not policy.ranks_at_least(p, user.role):
+            raise Forbidden("Nobody manages the team of a user ranked above itself.")
+    session.execute(
+        delete(TeamMember)
+        .where(col(TeamMember.team_id) == team_id)
+        .where(col(TeamMember.user_id).not_in(user_ids))
+    )
+    for user_id in sorted(set(user_ids) - current):
+        session.add(TeamMember(team_id=team_id, user_id=user_id))
+
+
+def create_team(
+    session: Session, p: Principal, company_id: str, body: TeamInput, now: datetime
+) -> dict[str, Any]:
+    company = company_for(session, p, company_id, lock=True)
+    assert body.name is not None
+    _name_free(session, company.id, body.name, None)
+    team = Team(id=new_id(), company_id=company.id, name=body.name, created_at=now)
+    session.add(team)
+    session.flush()
+    _set_members(session, p, company.id, team.id, body.user_ids or [])
+    session.flush()
+    _audit(session, p, "team.create", company.id, team_id=team.id, name=team.name)
+    return team_public(session, team)
+
+
+def _team(session: Session, company_id: str, team_id: str) -> Team:
+    team = session.get(Team, team_id)
+    if team is None or team.company_id != company_id:
+        raise NotFound("No such team.")
+    return team
+
+
+def list_teams(session: Session, p: Principal, company_id: str) -> list[dict[str, Any]]:
+    company_for(session, p, company_id)
+    stmt = select(Team).where(col(Team.company_id) == company_id).order_by(col(Team.name))
+    return [team_public(session, t) for t in session.scalars(stmt)]
+
+
+def update_team(
+    session: Session, p: Principal, company_id: str, team_id: str, body: TeamInput
+) -> dict[str, Any]:
+    company_for(session, p, company_id, lock=True)
+    team = _team(session, company_id, team_id)
+    if body.name is not None:
+        _name_free(session, company_id, body.name, team.id)
+        team.name = body.name
+    if body.user_ids is not None:
+        _set_members(session, p, company_id, team.id, body.user_ids)
+    session.flush()
+    _audit(session, p, "team.update", company_id, team_id=team.id)
+    return team_public(session, team)
+
+
+def delete_team(session: Session, p: Principal, company_id: str, team_id: str) -> None:
+    """The team, its memberships and the budgets on it."""
+    company_for(session, p, company_id, lock=True)
+    team = _team(session, company_id, team_id)
+    _set_members(session, p, company_id, team.id, [])
+    on_team = select(col(Budget.id)).where(
+        col(Budget.scope) == "team", col(Budget.target_id) == team.id
+    )
+    for budget_id in list(session.scalars(on_team)):
+        budgets.delete_budget(session, budget_id)
+    session.delete(team)
+    session.flush()
+    _audit(session, p, "team.delete", company_id, team_id=team_id)
+
+
+# --- budgets -----------------------------------------------------------------------
+
+
+def _budget(session: Session, company_id: str, budget_id: str) -> Budget:
+    budget = session.get(Budget, budget_id)
+    if budget is None or budget.company_id != company_id:
+        raise NotFound("No such budget.")
+    return budget
+
+
+def create_budget(
+    session: Session, p: Principal, company_id: str, body: BudgetInput, now: datetime
+) -> dict[str, Any]:
+    company = company_for(session, p, company_id, lock=True)
+    assert body.scope and body.target_id and body.period and body.amount_micro is not None
+    check_target(session, p, company.id, body.scope, body.target_id)
+    count = session.scalar(
+        select(func.count()).select_from(Budget).where(col(Budget.company_id) == company.id)
+    )
+    if (count or 0) >= BUDGETS_PER_COMPANY_MAX:
+        raise Conflict(f"A company keeps at most {BUDGETS_PER_COMPANY_MAX} budgets.")
+    budget = Budget(
+        id=new_id(),
+        company_id=company.id,
+        scope=body.scope,
+        target_id=body.target_id,
+        amount_micro=body.amount_micro,
+        period=body.period,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(budget)
+    session.flush()
+    _audit(session, p, "budget.create", company.id, **budgets.budget_public(budget))
+    return budgets.standing_public(budgets.standing(session, budget, now))
+
+
+def list_budgets(
+    session: Session, p: Principal, company_id: str, now: datetime
+) -> list[dict[str, Any]]:
+    company_for(session, p, company_id)
+    stmt = select(Budget).where(col(Budget.company_id) == company_id).order_by(col(Budget.id))
+    return [
+        budgets.standing_public(budgets.standing(session, b, now)) for b in session.scalars(stmt)
+    ]
+
+
+def update_budget(
+    session: Session,
+    p: Principal,
+    company_id: str,
+    budget_id: str,
+    body: BudgetInput,
+    now: datetime,
+) -> dict[str, Any]:
+    """A new amount and/or period. A new period counts from zero: spend is kept per
+    (budget, period start), and the new period's start names a new row."""
+    company_for(session, p, company_id, lock=True)
+    budget = _budget(session, company_id, budget_id)
+    check_target(session, p, company_id, budget.scope, budget.target_id)
+    if body.amount_micro is not None:
+        budget.amount_micro = body.amount_micro
+    if body.period is not None:
+        budget.period = body.period
+    budget.updated_at = now
+    session.flush()
+    _audit(session, p, "budget.update", company_id, **budgets.budget_public(budget))
+    return budgets.standing_public(budgets.standing(session, budget, now))
+
+
+def remove_budget(session: Session, p: Principal, company_id: str, budget_id: str) -> None:
+    company_for(session, p, company_id, lock=True)
+    budget = _budget(session, company_id, budget_id)
+    check_target(session, p, company_id, budget.scope, budget.target_id)
+    budgets.delete_budget(session, budget.id)
+    _audit(session, p, "budget.delete", company_id, budget_id=budget_id)
+
+
+def my_budgets(
+    session: Session, company_id: str, user_id: str, api_key_id: str | None, now: datetime
+) -> list[dict[str, Any]]:
+    """What `/v1/me` shows: the budgets that cap the caller's own requests."""
+    return [
+        budgets.standing_public(budgets.standing(session, b, now))
+        for b in budgets.applicable(session, company_id, user_id, api_key_id)
+    ]

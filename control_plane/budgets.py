@@ -1,0 +1,273 @@
+"""Budgets against the database: holds at init, spend at settlement, the views.
+
+Every function takes the caller's session and does not commit: a budget's hold
+lands in init's transaction with the balance's hold, and its spend in the
+settlement's transaction with the charge (one transaction per use case). Counters
+move only through conditional UPDATEs (``… WHERE spent + held + :hold <= amount``),
+never read-then-write.
+
+Lock order (PostgreSQL row locks), added to `ledger`'s: reservation row → company
+row → budget period rows in budget id order → chat session row. Init holds on the
+company row first (`ledger.take_hold`), then here on each budget period in id
+order; settlement and release move the company's money first, then these rows in
+the same order. Every budget of a hold belongs to the reservation's company, so the
+company row already serialises everything that writes its budget periods.
+
+Arithmetic (periods, what fits, thresholds) is `budget_math`'s, without I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane import budget_math
+from control_plane.errors import BudgetExceeded
+from control_plane.tables import (
+    Budget,
+    BudgetEvent,
+    BudgetPeriod,
+    CompanyWebhook,
+    Reservation,
+    ReservationBudget,
+    TeamMember,
+    iso,
+    new_id,
+    rowcount,
+)
+from shared.pricing import format_credits
+
+EVENT_TYPE = "budget.threshold"
+
+
+def applicable(
+    session: Session, company_id: str, user_id: str, api_key_id: str | None
+) -> list[Budget]:
+    """The budgets that cap a request by `user_id` (through `api_key_id`, if any):
+    the user's, the key's and those of every team the user is in; in id order (the
+    lock order)."""
+    teams = select(col(TeamMember.team_id)).where(col(TeamMember.user_id) == user_id)
+    targets = [
+        and_(col(Budget.scope) == "user", col(Budget.target_id) == user_id),
+        and_(col(Budget.scope) == "team", col(Budget.target_id).in_(teams)),
+    ]
+    if api_key_id is not None:
+        targets.append(and_(col(Budget.scope) == "api_key", col(Budget.target_id) == api_key_id))
+    stmt = (
+        select(Budget)
+        .where(col(Budget.company_id) == company_id)
+        .where(or_(*targets))
+        .order_by(col(Budget.id))
+    )
+    return list(session.scalars(stmt))
+
+
+def _ensure_period(session: Session, budget_id: str, start: datetime) -> None:
+    """The period's counters row, created at zero by its first hold."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    values = {"budget_id": budget_id, "period_start": start, "spent_micro": 0, "held_micro": 0}
+    session.execute(insert(BudgetPeriod).values(**values).on_conflict_do_nothing())
+
+
+def _resets_at(budget: Budget, start: datetime) -> str | None:
+    moment = budget_math.resets_at(budget.period, start)
+    return None if moment is None else iso(moment)
+
+
+def hold(
+    session: Session,
+    *,
+    reservation_id: str,
+    company_id: str,
+    user_id: str,
+    api_key_id: str | None,
+    hold_micro: int,
+    now: datetime,
+) -> None:
+    """Count `hold_micro` against every budget that caps this request, atomically
+    with the balance's hold (same transaction, after it). BudgetExceeded (402) names
+    the first budget it would cross; the caller's transaction then rolls back the
+    holds already counted on the others, and the balance's."""
+    for budget in applicable(session, company_id, user_id, api_key_id):
+        start = budget_math.period_start(budget.period, now)
+        _ensure_period(session, budget.id, start)
+        period = col(BudgetPeriod.held_micro) + col(BudgetPeriod.spent_micro)
+        result = session.execute(
+            update(BudgetPeriod)
+            .where(col(BudgetPeriod.budget_id) == budget.id)
+            .where(col(BudgetPeriod.period_start) == start)
+            .where(period + hold_micro <= budget.amount_micro)
+            .values(held_micro=col(BudgetPeriod.held_micro) + hold_micro)
+        )
+        if rowcount(result) == 0:
+            raise BudgetExceeded(budget.id, budget.scope, _resets_at(budget, start))
+        session.add(
+            ReservationBudget(
+                reservation_id=reservation_id,
+                budget_id=budget.id,
+                period_start=start,
+                hold_micro=hold_micro,
+            )
+        )
+    session.flush()
+
+
+def settle(session: Session, reservation_id: str, charge_micro: int, now: datetime) -> None:
+    """Move a finished reservation's hold off its budget periods and add what it was
+    charged to their spend (0: a release), in the periods the hold was taken in: a
+    stream that crosses midnight is charged to the day it was allowed on. Queues a
+    ``budget.threshold`` event for each threshold the spend crossed."""
+    counted = session.scalars(
+        select(ReservationBudget)
+        .where(col(ReservationBudget.reservation_id) == reservation_id)
+        .order_by(col(ReservationBudget.budget_id))
+    ).all()
+    for row in counted:
+        # A budget deleted since the hold has no rows left: nothing to move.
+        result = session.execute(
+            update(BudgetPeriod)
+            .where(col(BudgetPeriod.budget_id) == row.budget_id)
+            .where(col(BudgetPeriod.period_start) == row.period_start)
+            .values(
+                held_micro=col(BudgetPeriod.held_micro) - row.hold_micro,
+                spent_micro=col(BudgetPeriod.spent_micro) + charge_micro,
+            )
+        )
+        if rowcount(result) == 0 or charge_micro == 0:
+            continue
+        budget = session.get(Budget, row.budget_id)
+        spent = session.scalar(
+            select(col(BudgetPeriod.spent_micro))
+            .where(col(BudgetPeriod.budget_id) == row.budget_id)
+            .where(col(BudgetPeriod.period_start) == row.period_start)
+        )
+        if budget is None or spent is None:
+            continue
+        for percent in budget_math.crossed(budget.amount_micro, spent - charge_micro, spent):
+            _queue_threshold(session, budget, row.period_start, percent, spent, now)
+    session.flush()
+
+
+def _queue_threshold(
+    session: Session, budget: Budget, start: datetime, percent: int, spent: int, now: datetime
+) -> None:
+    """One outbox row per budget x period x threshold, only for a company that set a
+    webhook URL. The company row is locked (settlement moved its money first), so
+    check-then-insert cannot race; the unique key stays the database's guard."""
+    if session.get(CompanyWebhook, budget.company_id) is None:
+        return
+    exists = session.scalar(
+        select(col(BudgetEvent.id))
+        .where(col(BudgetEvent.budget_id) == budget.id)
+        .where(col(BudgetEvent.period_start) == start)
+        .where(col(BudgetEvent.percent) == percent)
+    )
+    if exists is not None:
+        return
+    event_id = new_id()
+    payload = {
+        "id": event_id,
+        "type": EVENT_TYPE,
+        "timestamp": iso(now),
+        "data": {
+            "company_id": budget.company_id,
+            "percent": percent,
+            "budget": {
+                **budget_public(budget),
+                "period_start": iso(start),
+                "resets_at": _resets_at(budget, start),
+                "spent": format_credits(spent),
+            },
+        },
+    }
+    session.add(
+        BudgetEvent(
+            id=event_id,
+            company_id=budget.company_id,
+            budget_id=budget.id,
+            period_start=start,
+            percent=percent,
+            payload=payload,
+            attempts=0,
+            created_at=now,
+            next_attempt_at=now,
+            delivered_at=None,
+        )
+    )
+
+
+def budget_public(budget: Budget) -> dict[str, Any]:
+    return {
+        "id": budget.id,
+        "scope": budget.scope,
+        "target_id": budget.target_id,
+        "amount": format_credits(budget.amount_micro),
+        "period": budget.period,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    budget: Budget
+    spent_micro: int
+    held_micro: int
+    resets_at: str | None
+
+
+def standing(session: Session, budget: Budget, now: datetime) -> Standing:
+    """A budget's current period: spent, held, when it resets."""
+    start = budget_math.period_start(budget.period, now)
+    row = session.get(BudgetPeriod, (budget.id, start))
+    spent, held = (row.spent_micro, row.held_micro) if row is not None else (0, 0)
+    return Standing(budget, spent, held, _resets_at(budget, start))
+
+
+def standing_public(s: Standing) -> dict[str, Any]:
+    return {
+        **budget_public(s.budget),
+        "spent": format_credits(s.spent_micro),
+        "held": format_credits(s.held_micro),
+        "available": format_credits(
+            budget_math.available(s.budget.amount_micro, s.spent_micro, s.held_micro)
+        ),
+        "resets_at": s.resets_at,
+    }
+
+
+def delete_budget(session: Session, budget_id: str) -> None:
+    """A budget and its counters; holds counted on it settle as if it never was."""
+    session.execute(delete(BudgetPeriod).where(col(BudgetPeriod.budget_id) == budget_id))
+    session.execute(delete(Budget).where(col(Budget.id) == budget_id))
+
+
+def check(session: Session, company_id: str) -> list[str]:
+    """The budgets' books (like `books.check_books` for the balance): each period's
+    ``held`` is the sum of the active holds counted on it, and never negative."""
+    problems: list[str] = []
+    stmt = (
+        select(BudgetPeriod)
+        .join(Budget, col(Budget.id) == col(BudgetPeriod.budget_id))
+        .where(col(Budget.company_id) == company_id)
+    )
+    for period in session.scalars(stmt):
+        active = session.scalars(
+            select(col(ReservationBudget.hold_micro))
+            .join(Reservation, col(Reservation.id) == col(ReservationBudget.reservation_id))
+            .where(col(ReservationBudget.budget_id) == period.budget_id)
+            .where(col(ReservationBudget.period_start) == period.period_start)
+            .where(col(Reservation.status) == "active")
+        ).all()
+        if period.held_micro != sum(active) or period.held_micro < 0:
+            problems.append(
+                f"budget {period.budget_id} at {iso(period.period_start)}: held "
+                f"{period.held_micro}, active holds {sum(active)}"
+            )
+    return problems

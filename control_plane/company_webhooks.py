@@ -1,0 +1,267 @@
+"""A company's own webhook: its URL, its secret, and the delivery of its events.
+
+``PUT /v1/admin/companies/{id}/webhook`` ``{"url"}`` sets where the company's events
+go (today ``budget.threshold``). The first PUT generates the company's Standard
+Webhooks secret and answers it once; it is stored Fernet-encrypted under
+``LLMGW_ENCRYPTION_KEY`` (as provider keys are) and never shown again. Events are
+signed with it exactly as our usage webhooks are signed with the platform's
+(`shared.webhooks.sign`: ``webhook-id``, ``webhook-timestamp``,
+``webhook-signature``), the event id being the ``webhook-id``: a receiver
+deduplicates retries by it.
+
+Delivery never blocks init or settlement: settlement writes an outbox row
+(`budgets`, same transaction), and `run_deliveries` posts due rows in the
+background, at least once, with backoff (`shared.retry.Backoff`). Several control
+plane processes share the outbox: a row is claimed by moving its due time forward
+with a conditional UPDATE, so two processes rarely post the same event (at most
+once per lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from cryptography.fernet import InvalidToken, MultiFernet
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane.db import Database
+from control_plane.errors import ValidationFailed
+from control_plane.tables import BudgetEvent, CompanyWebhook, iso, rowcount, utcnow
+from control_plane.validation import NUL
+from shared.retry import Backoff
+from shared.webhooks import generate_secret, sign
+
+log = logging.getLogger("control_plane.company_webhooks")
+
+URL_MAX = 2000
+LEASE_SECONDS = 60.0  # a claimed event waits this long before another process retries it
+MAX_ATTEMPTS = 20  # then the event stays undelivered, for an operator to look at
+BATCH = 50
+PARALLEL = 10  # posts in flight per pass
+TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+BACKOFF = Backoff(base=2.0, cap=3600.0)
+
+
+def is_public(address: str) -> bool:
+    """A globally routable address: not private, loopback, link-local (the cloud
+    metadata service), shared, reserved or multicast."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _named_local(host: str) -> bool:
+    host = host.rstrip(".").lower()
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def parse_url(value: Any, *, allow_private: bool = False) -> str:
+    """An absolute http(s) URL with a host, at most `URL_MAX` characters. Without
+    `allow_private` (``LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE``), a literal private,
+    loopback or link-local address, or ``localhost``, is refused: a company's URL
+    must not make the control plane post inward (SSRF). Names are checked again,
+    resolved, at each delivery (`deliver_due`)."""
+    if not isinstance(value, str) or not 0 < len(value) <= URL_MAX or NUL in value:
+        raise ValidationFailed("url", f"must be a URL of 1-{URL_MAX} characters")
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValidationFailed("url", "must be an http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationFailed("url", "must be an absolute http:// or https:// URL")
+    if any(c.isspace() for c in value):
+        raise ValidationFailed("url", "must not contain whitespace")
+    host = parts.hostname
+    literal = host.strip("[]")
+    is_literal = True
+    try:
+        ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        is_literal = False
+    if not allow_private and (_named_local(host) or (is_literal and not is_public(literal))):
+        raise ValidationFailed("url", "must not point to a private, loopback or local address")
+    return value
+
+
+async def resolves_public(url: str) -> bool:
+    """Every address the URL's host resolves to is public (see `is_public`)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+    except OSError:
+        return False
+    return bool(infos) and all(is_public(str(info[4][0])) for info in infos)
+
+
+def webhook_public(row: CompanyWebhook, secret: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "company_id": row.company_id,
+        "url": row.url,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+    if secret is not None:
+        doc["secret"] = secret  # only when it was generated: never again
+    return doc
+
+
+def set_url(
+    session: Session, fernet: MultiFernet, company_id: str, url: str, now: datetime
+) -> tuple[CompanyWebhook, str | None]:
+    """Set the URL; the secret is generated with the first URL (returned, else None)."""
+    row = session.get(CompanyWebhook, company_id)
+    if row is not None:
+        row.url = url
+        row.updated_at = now
+        session.flush()
+        return row, None
+    secret = generate_secret()
+    row = CompanyWebhook(
+        company_id=company_id,
+        url=url,
+        secret_encrypted=fernet.encrypt(secret.encode()).decode("ascii"),
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row, secret
+
+
+def rotate_secrets(session: Session, fernet: MultiFernet) -> tuple[int, list[str]]:
+    """Re-encrypt every company's webhook secret under the newest Fernet key."""
+    done, failed = 0, []
+    for row in session.scalars(select(CompanyWebhook)):
+        try:
+            row.secret_encrypted = fernet.rotate(row.secret_encrypted.encode("ascii")).decode()
+            done += 1
+        except InvalidToken:
+            failed.append(f"webhook secret of company {row.company_id}")
+    session.flush()
+    return done, failed
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    event_id: str
+    url: str
+    secret: str
+    body: bytes
+    attempts: int
+
+
+def claim_due(session: Session, fernet: MultiFernet, now: datetime, limit: int) -> list[Delivery]:
+    """Claim up to `limit` due events (their due time moves a lease ahead)."""
+    rows = session.scalars(
+        select(BudgetEvent)
+        .where(col(BudgetEvent.delivered_at).is_(None))
+        .where(col(BudgetEvent.next_attempt_at) <= now)
+        .where(col(BudgetEvent.attempts) < MAX_ATTEMPTS)
+        .order_by(col(BudgetEvent.next_attempt_at))
+        .limit(limit)
+    ).all()
+    claimed: list[Delivery] = []
+    for event in rows:
+        result = session.execute(
+            update(BudgetEvent)
+            .where(col(BudgetEvent.id) == event.id)
+            .where(col(BudgetEvent.next_attempt_at) == event.next_attempt_at)
+            .where(col(BudgetEvent.delivered_at).is_(None))
+            .values(next_attempt_at=now + timedelta(seconds=LEASE_SECONDS))
+        )
+        if rowcount(result) == 0:
+            continue  # another process claimed it
+        hook = session.get(CompanyWebhook, event.company_id)
+        if hook is None:  # the company removed its webhook: nobody to tell
+            event.delivered_at = now
+            continue
+        try:
+            secret = fernet.decrypt(hook.secret_encrypted.encode("ascii")).decode()
+        except InvalidToken:  # a key left the ring before a rotation: retried, then given up
+            log.error("webhook secret of company %s does not decrypt", event.company_id)
+            event.attempts += 1
+            event.next_attempt_at = now + timedelta(seconds=BACKOFF.delay(event.attempts))
+            continue
+        claimed.append(
+            Delivery(event.id, hook.url, secret, orjson.dumps(event.payload), event.attempts)
+        )
+    session.flush()
+    return claimed
+
+
+def record_outcome(session: Session, delivery: Delivery, delivered: bool, now: datetime) -> None:
+    event = session.get(BudgetEvent, delivery.event_id)
+    if event is None or event.delivered_at is not None:
+        return
+    if delivered:
+        event.delivered_at = now
+    else:
+        event.attempts = delivery.attempts + 1
+        event.next_attempt_at = now + timedelta(seconds=BACKOFF.delay(event.attempts))
+    session.flush()
+
+
+async def post(client: httpx.AsyncClient, delivery: Delivery) -> bool:
+    headers = sign(delivery.secret, delivery.event_id, delivery.body)
+    try:
+        response = await client.post(delivery.url, content=delivery.body, headers=headers)
+    except httpx.HTTPError as exc:
+        log.warning("company webhook %s failed: %s", delivery.event_id, type(exc).__name__)
+        return False
+    return 200 <= response.status_code < 300
+
+
+async def deliver_due(
+    db: Database, fernet: MultiFernet, client: httpx.AsyncClient, *, allow_private: bool = False
+) -> int:
+    """One pass: claim, post, record. Returns how many were delivered. A URL whose
+    host now resolves to a non-public address is not posted to (a failed attempt)."""
+    claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
+    # Concurrently, a few at a time: one company's slow receiver (up to the timeout)
+    # must not hold up every other company's events.
+    gate = asyncio.Semaphore(PARALLEL)
+
+    async def one(delivery: Delivery) -> bool:
+        async with gate:
+            if allow_private or await resolves_public(delivery.url):
+                ok = await post(client, delivery)
+            else:
+                log.warning("company webhook %s resolves inward; not sent", delivery.event_id)
+                ok = False
+            await db.transaction(_recorder(delivery, ok))
+            return ok
+
+    return sum(await asyncio.gather(*(one(d) for d in claimed)))
+
+
+def _recorder(delivery: Delivery, delivered: bool) -> Callable[[Session], None]:
+    return lambda s: record_outcome(s, delivery, delivered, utcnow())
+
+
+async def run_deliveries(
+    db: Database, fernet: MultiFernet, interval: float, *, allow_private: bool = False
+) -> None:
+    """Deliver due company events every `interval` seconds until cancelled (the app's
+    lifespan owns this task and its HTTP client)."""
+    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await deliver_due(db, fernet, client, allow_private=allow_private)
+            except Exception:
+                log.exception("company webhook delivery failed; retrying in %.1f s", interval)

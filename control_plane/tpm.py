@@ -1,0 +1,128 @@
+"""Tokens per minute, per user and per company (issue 16.4, DESIGN §11).
+
+``LLMGW_TPM_PER_USER`` / ``LLMGW_TPM_PER_COMPANY`` (0, the default: off). Fixed
+one-minute windows in the store, shared by every control-plane process through
+Redis, as `rate_limits` counts inits (same windows, another key).
+
+* At init, before anything is held, `precheck` refuses a caller whose window is
+  already full (no hold, no row: the common refusal changes nothing).
+* After the hold, `take` counts its token estimate (the input estimate plus
+  ``max_tokens``: the worst case, like the credit hold) in the window of the
+  init's instant; past a limit it takes the tokens back and refuses, and the
+  caller releases the hold.
+* At settlement, `correct` replaces the estimate by the tokens actually used
+  (input + output) in the window the init was counted in, while that window
+  lasts; a settlement after it has ended changes nothing (the window is gone).
+
+Refusals are 429 ``tpm_exceeded`` with ``Retry-After``: the seconds until the
+window ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from control_plane.errors import ServiceUnavailable, TpmExceeded
+from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
+from shared.settings import Settings
+from shared.store import Store
+
+log = logging.getLogger("control_plane.tpm")
+
+
+@dataclass(frozen=True, slots=True)
+class TpmLimits:
+    per_user: int = 0  # 0: no limit
+    per_company: int = 0
+
+    @classmethod
+    def of(cls, settings: Settings) -> TpmLimits:
+        return cls(settings.tpm_per_user, settings.tpm_per_company)
+
+    @property
+    def on(self) -> bool:
+        return self.per_user > 0 or self.per_company > 0
+
+    def scopes(self, user_id: str, company_id: str) -> list[tuple[str, str, int]]:
+        pairs = (("user", user_id, self.per_user), ("company", company_id, self.per_company))
+        return [(scope, subject, limit) for scope, subject, limit in pairs if limit > 0]
+
+
+def tpm_key(scope: str, subject: str, window: Window) -> str:
+    return f"tpm:{scope}:{subject}:{window.start}"
+
+
+def _refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
+    return TpmExceeded(
+        f"Too many tokens for this {scope} ({limit} per minute); retry in {window.retry_after} s.",
+        window.retry_after,
+    )
+
+
+def _unavailable() -> ServiceUnavailable:
+    log.exception("tokens-per-minute counter unavailable")
+    return ServiceUnavailable("The request store is unavailable; retry shortly.")
+
+
+async def precheck(
+    store: Store, limits: TpmLimits, *, user_id: str, company_id: str, now: float
+) -> None:
+    """Refuse (429) when the window is already at a limit: nothing is held yet."""
+    scopes = limits.scopes(user_id, company_id)
+    if not scopes:
+        return
+    window = window_at(now)
+    try:
+        values = await store.get_many([tpm_key(s, subject, window) for s, subject, _ in scopes])
+    except Exception:
+        raise _unavailable() from None
+    for (scope, _, limit), raw in zip(scopes, values, strict=True):
+        if raw is not None and int(raw) >= limit:
+            raise _refusal(scope, limit, window)
+
+
+async def take(
+    store: Store, limits: TpmLimits, *, user_id: str, company_id: str, tokens: int, now: float
+) -> None:
+    """Count `tokens` in the window of `now`; over a limit, take them back and refuse."""
+    window = window_at(now)
+    counted: list[str] = []
+    try:
+        for scope, subject, limit in limits.scopes(user_id, company_id):
+            key = tpm_key(scope, subject, window)
+            total = await store.add(key, tokens, WINDOW_SECONDS)
+            counted.append(key)
+            if total > limit:
+                for back in counted:
+                    await store.add(back, -tokens, WINDOW_SECONDS)
+                raise _refusal(scope, limit, window)
+    except TpmExceeded:
+        raise
+    except Exception:
+        raise _unavailable() from None
+
+
+async def correct(
+    store: Store,
+    limits: TpmLimits,
+    *,
+    user_id: str,
+    company_id: str,
+    held_tokens: int,
+    used_tokens: int,
+    counted_at: float,
+    now: float,
+) -> None:
+    """Replace a settled stream's estimate by its actual tokens in the window it was
+    counted in, if that window is still current. Best effort: a store error is
+    logged, never fails the settlement (which has committed)."""
+    window = window_at(counted_at)
+    delta = used_tokens - held_tokens
+    if delta == 0 or now >= window.start + WINDOW_SECONDS:
+        return
+    try:
+        for scope, subject, _ in limits.scopes(user_id, company_id):
+            await store.add(tpm_key(scope, subject, window), delta, WINDOW_SECONDS)
+    except Exception:
+        log.exception("tokens-per-minute correction failed")
