@@ -137,6 +137,11 @@ TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
     (policy.can_use_agents, READER, ("c1",), False),  # cannot chat
     (policy.can_use_agents, OWNER, ("c2",), False),
     (policy.can_use_agents, ADMIN_TOKEN, ("c1",), False),  # no user
+    (policy.can_manage_budgets, OWNER, ("c1",), True),
+    (policy.can_manage_budgets, OWNER, ("c2",), False),  # another company's budgets
+    (policy.can_manage_budgets, MEMBER, ("c1",), False),
+    (policy.can_manage_budgets, CHAT_OWNER, ("c1",), False),  # no llm:admin scope
+    (policy.can_manage_budgets, ADMIN_TOKEN, ("c2",), True),
 ]
 
 
