@@ -53,7 +53,9 @@ def bearer_token(request: Request) -> str:
     return value
 
 
-def user_principal(user: User, via: str, scopes: tuple[str, ...] | None = None) -> Principal:
+def user_principal(
+    user: User, via: str, scopes: tuple[str, ...] | None = None, api_key_id: str | None = None
+) -> Principal:
     role_scopes = scopes_for_role(user.role)
     granted = role_scopes if scopes is None else tuple(s for s in role_scopes if s in scopes)
     return Principal(
@@ -62,6 +64,7 @@ def user_principal(user: User, via: str, scopes: tuple[str, ...] | None = None) 
         role=user.role,
         scopes=frozenset(granted),
         via=via,
+        api_key_id=api_key_id,
     )
 
 
@@ -113,7 +116,7 @@ def api_key_principal(session: Session, key: str) -> Principal | None:
         .values(last_used_at=now)
     )
     scopes = orjson.loads(api_key.scopes)
-    return user_principal(user, "api_key", tuple(str(s) for s in scopes))
+    return user_principal(user, "api_key", tuple(str(s) for s in scopes), api_key.id)
 
 
 def issue_access_token(deps: Deps, user_id: str) -> str:

@@ -41,6 +41,7 @@ class Principal:
     role: str
     scopes: frozenset[str]
     via: str  # "access_token" | "api_key" | "admin_token" | "external_jwt"
+    api_key_id: str | None = None  # set when `via` is "api_key": usage is ranked per key
 
     @property
     def is_user(self) -> bool:

@@ -14,6 +14,7 @@ from control_plane.routes import (
     chat,
     demo,
     ops,
+    usage_summary,
     webhooks,
 )
 
@@ -23,6 +24,7 @@ def all_routes() -> list[BaseRoute]:
         *ops.routes,
         *account.routes,
         *chat.routes,
+        *usage_summary.routes,
         *billing.routes,
         *webhooks.routes,
         *admin.routes,
