@@ -146,6 +146,7 @@ QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ],
     ("get", "/v1/usage/ttft"): [_query("company_id"), _day("from"), _day("to")],
     ("get", "/v1/admin/companies"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/users"): [_query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/api-keys"): [_query("user_id"), _query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/revocations"): [_query("company_id"), _LIMIT, _CURSOR],
 }

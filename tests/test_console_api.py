@@ -447,3 +447,25 @@ def test_refused_admin_actions_write_no_audit_event(cp: CP) -> None:
     assert r.status_code == 404
     events = data_of(cp.admin.get("/v1/admin/audit", params={"actor": owner["id"]}))
     assert events["items"] == []
+
+
+def test_listing_users_stays_within_the_company_and_below_the_caller(cp: CP) -> None:
+    """Attack: an owner lists its company's users hoping to find the platform admin
+    who sits in it, and lists another company's users."""
+    company_id = cp.company("1")
+    owner = cp.user(company_id, "owner")
+    member = cp.user(company_id, "member", password=None)
+    platform_admin = cp.user(company_id, "admin")
+    client = _login(cp, owner["email"])
+    listed = data_of(client.get("/v1/admin/users"))["items"]
+    assert {u["id"] for u in listed} == {owner["id"], member["id"]}
+    assert all("password_hash" not in u for u in listed)
+    assert {u["id"]: u["has_password"] for u in listed} == {owner["id"]: True, member["id"]: False}
+    assert platform_admin["id"] in {
+        u["id"] for u in data_of(cp.admin.get(f"/v1/admin/users?company_id={company_id}"))["items"]
+    }
+    other_id = cp.company("1")
+    error_of(client.get(f"/v1/admin/users?company_id={other_id}"), 404, "not_found")
+    member_client = cp.client(cp.api_key(member["id"]))
+    error_of(member_client.get("/v1/admin/users"), 404, "not_found")
+    error_of(cp.admin.get("/v1/admin/users"), 422, "validation_error")

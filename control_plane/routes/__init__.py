@@ -12,6 +12,7 @@ from control_plane.routes import (
     admin_revocations,
     billing,
     chat,
+    console,
     demo,
     ops,
     usage_summary,
@@ -32,4 +33,5 @@ def all_routes() -> list[BaseRoute]:
         *admin_llm.routes,
         *admin_revocations.routes,
         *demo.routes,
+        *console.routes,
     ]

@@ -131,6 +131,23 @@ async def create_user(request: Request) -> Response:
     return ok(accounts.user_public(user), 201)
 
 
+async def list_users(request: Request) -> Response:
+    """A company's users (at or below the caller's rank), newest first; ``?company_id=``."""
+    principal = await authenticate(request)
+    query = dict(request.query_params)
+    company_id = optional_str(query, "company_id", max_len=64) or principal.company_id
+    if company_id is None:
+        raise ValidationFailed("company_id", "is required for the platform admin token")
+    limit = page_limit(query.get("limit"))
+    after = decode_cursor(query.get("cursor"))
+    rows = await get_deps(request).db.transaction(
+        lambda s: accounts.list_users(s, principal, company_id, limit, after)
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return ok({"items": [accounts.user_listed(u) for u in page], "next_cursor": next_cursor})
+
+
 async def create_api_key(request: Request) -> Response:
     principal = await authenticate(request)
     doc = await read_json(request)
@@ -240,6 +257,7 @@ routes: list[BaseRoute] = [
     Route("/v1/admin/companies", create_company, methods=["POST"]),
     Route("/v1/admin/companies", list_companies, methods=["GET"]),
     Route("/v1/admin/users", create_user, methods=["POST"]),
+    Route("/v1/admin/users", list_users, methods=["GET"]),
     Route("/v1/admin/api-keys", create_api_key, methods=["POST"]),
     Route("/v1/admin/api-keys", list_api_keys, methods=["GET"]),
     Route("/v1/admin/api-keys/{key_id}", revoke_api_key, methods=["DELETE"]),
