@@ -221,6 +221,24 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     assert SECRET_PROVIDER_KEY not in page.content()
     listed = data_of(company.owner_api.get(f"/v1/admin/companies/{company.id}/providers"))
     assert [(p["provider"], p["has_key"]) for p in listed["items"]] == [("openai", True)]
+    assert SECRET_PROVIDER_KEY not in str(listed)
+    # A model override the platform's key may carry (a limit) is saved; a price on
+    # the platform's key is refused by the API, inline, and changes nothing.
+    page.select_option("#model-provider", "mock")
+    page.fill("#model-id", "mock-fast")
+    page.fill("#model-max-output", "512")
+    page.click("#save-model")
+    page.wait_for_selector("#overrides tbody tr:has-text('mock-fast')")
+    models = data_of(company.owner_api.get("/v1/models"))["models"]
+    assert {m["id"]: m["max_output_tokens"] for m in models}["mock-fast"] == 512
+    page.select_option("#model-provider", "mock")
+    page.fill("#model-id", "mock-fast")
+    page.fill("#model-price-in", "0.0001")
+    page.click("#save-model")
+    page.wait_for_selector('#model-error:has-text("needs the company\'s own api_key")')
+    models = data_of(company.owner_api.get("/v1/models"))["models"]
+    price = {m["id"]: m["price"] for m in models}["mock-fast"]
+    assert Decimal(price["input_per_mtok"]) == 1  # the packaged price stands
     check_page(page, browser, tmp_path, "providers")
 
     # Users: the API's validation error inline; acting above the owner's role is
@@ -251,8 +269,9 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     page.click("#audit-apply")
     page.wait_for_selector("body[data-loaded=audit]")
     kinds = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
-    assert kinds[:4] == [
+    assert kinds[:5] == [
         "admin.user.create",
+        "admin.provider.set",
         "admin.provider.set",
         "admin.api_key.revoke",
         "admin.api_key.create",

@@ -442,6 +442,16 @@ async function loadProviders() {
   if (keep) $("#provider").value = keep;
   $("#default-model").replaceChildren(el("option", {value: ""}, "(unchanged)"),
     ...catalog.map((m) => el("option", {value: m.id}, m.id)));
+  state.providers = Object.fromEntries(configured.data.items.map((p) => [p.provider, p]));
+  const keepModelProvider = $("#model-provider").value;
+  $("#model-provider").replaceChildren(...providers.map((p) => el("option", {value: p}, p)));
+  if (keepModelProvider) $("#model-provider").value = keepModelProvider;
+  $("#model-ids").replaceChildren(...catalog.map((m) => el("option", {value: m.id})));
+  $("#overrides tbody").replaceChildren(...configured.data.items.flatMap((p) =>
+    Object.entries(p.overrides || {}).map(([id, spec]) => el("tr", {},
+      td(p.provider), td(id), td(JSON.stringify(spec)),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Remove override of ${id}`,
+        onclick: () => removeOverride(p.provider, id)}, "Remove"))))));
   $("#providers tbody").replaceChildren(...configured.data.items.map((p) => el("tr", {},
     td(p.provider), td(p.has_key ? "own key set" : "platform key"),
     td(p.models.map((m) => m.id).join(", ") || "—"),
@@ -461,6 +471,49 @@ async function saveProvider(event) {
   $("#provider-key").value = "";  // never kept, never shown back
   $("#status").textContent = `Saved ${result.data.provider}.`;
   await loadProviders();
+}
+
+function overridesOf(provider) {
+  const configured = (state.providers || {})[provider];
+  return configured ? {...configured.overrides} : {};
+}
+
+async function putModels(provider, models, errorId) {
+  // `models` replaces the provider's overrides: send them all, changed.
+  const result = await api("PUT",
+    `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers/${encodeURIComponent(provider)}`,
+    {models});
+  if (showError(errorId, result)) await loadProviders();
+  return result.ok;
+}
+
+async function saveModel(event) {
+  event.preventDefault();
+  const id = $("#model-id").value.trim();
+  if (!id) { $("#model-error").textContent = "model id: is required"; return; }
+  const partial = {};
+  const number = (sel) => $(sel).value === "" ? undefined : Number($(sel).value);
+  if (number("#model-context") !== undefined) partial.context_length = number("#model-context");
+  if (number("#model-max-output") !== undefined) partial.max_output_tokens = number("#model-max-output");
+  const price = {};
+  if ($("#model-price-in").value.trim()) price.input_per_mtok = $("#model-price-in").value.trim();
+  if ($("#model-price-out").value.trim()) price.output_per_mtok = $("#model-price-out").value.trim();
+  if (Object.keys(price).length) partial.price = price;
+  if ($("#model-hidden").checked) partial.enabled = false;
+  const provider = $("#model-provider").value;
+  const models = overridesOf(provider);
+  models[id] = partial;
+  if (await putModels(provider, models, "#model-error")) {
+    $("#model-form").reset();
+    $("#status").textContent = `Saved model ${id}.`;
+  }
+}
+
+async function removeOverride(provider, id) {
+  if (!confirm(`Remove the company's override of ${id}? The packaged model applies again.`)) return;
+  const models = overridesOf(provider);
+  delete models[id];
+  await putModels(provider, models, "#providers-error");
 }
 
 async function removeProvider(provider) {
@@ -509,6 +562,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#invite-form").addEventListener("submit", invite);
   $("#key-form").addEventListener("submit", createKey);
   $("#provider-form").addEventListener("submit", saveProvider);
+  $("#model-form").addEventListener("submit", saveModel);
   $("#audit-form").addEventListener("submit", (e) => { e.preventDefault(); openTab("audit"); });
   $("#audit-more").addEventListener("click", () => loadAudit(true));
   $("#ledger-more").addEventListener("click", () => loadCredits(true));

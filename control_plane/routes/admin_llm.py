@@ -54,6 +54,9 @@ def _provider_view(
             else {"id": o.model_id, "provider": provider, "enabled": False}
             for o in mine
         ],
+        # The company's own override of each model, as sent (no secret in it): what a
+        # client edits and sends back, since ``models`` replaces them all.
+        "overrides": {o.model_id: o.spec for o in mine},
     }
 
 
