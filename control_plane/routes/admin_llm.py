@@ -37,14 +37,19 @@ def _company(session: Session, p: Principal, company_id: str) -> Company:
 
 
 def _provider_view(
-    session: Session, catalog: Catalog, company: Company, provider: str
+    session: Session,
+    catalog: Catalog,
+    company: Company,
+    provider: str,
+    *,
+    with_overrides: bool = False,
 ) -> dict[str, Any]:
     row = company_llm.provider_row(session, company.id, provider)
     overrides = company_llm.load_overrides(session, company.id)
     keyed = company_llm.keyed_providers(session, company.id)
     view = company_llm.company_catalog(catalog, overrides, company.default_model, keyed)
     mine = [o for o in overrides if o.provider == provider]
-    return {
+    shown: dict[str, Any] = {
         "provider": provider,
         "has_key": row is not None and row.api_key_encrypted is not None,
         "default_model": view.default_model,
@@ -54,10 +59,12 @@ def _provider_view(
             else {"id": o.model_id, "provider": provider, "enabled": False}
             for o in mine
         ],
+    }
+    if with_overrides:
         # The company's own override of each model, as sent (no secret in it): what a
         # client edits and sends back, since ``models`` replaces them all.
-        "overrides": {o.model_id: o.spec for o in mine},
-    }
+        shown["overrides"] = {o.model_id: o.spec for o in mine}
+    return shown
 
 
 def _api_key(doc: dict[str, Any]) -> Any:
@@ -154,10 +161,9 @@ async def put_provider(request: Request) -> Response:
     rid = request_id(request)
 
     def run(session: Session) -> dict[str, Any]:
-        before = _provider_view(
-            session, catalog, _company(session, principal, company_id), provider
-        )
-        after = _configure(
+        company = _company(session, principal, company_id)
+        before = _provider_view(session, catalog, company, provider, with_overrides=True)
+        answer = _configure(
             session,
             principal,
             fernet,
@@ -168,6 +174,7 @@ async def put_provider(request: Request) -> Response:
             models,
             default_model,
         )
+        after = _provider_view(session, catalog, company, provider, with_overrides=True)
         audit.record_admin(
             session,
             actor=accounts.actor_of(principal),
@@ -179,7 +186,7 @@ async def put_provider(request: Request) -> Response:
             before=before,
             after={**after, "key_changed": api_key is not _UNSET},
         )
-        return after
+        return answer
 
     return ok(await deps.db.transaction(run))
 
@@ -190,7 +197,7 @@ def _list(session: Session, p: Principal, catalog: Catalog, company_id: str) -> 
     providers |= {o.provider for o in company_llm.load_overrides(session, company.id)}
     return {
         "items": [
-            _provider_view(session, catalog, company, name)
+            _provider_view(session, catalog, company, name, with_overrides=True)
             for name in sorted(providers)
             if name in catalog.providers
         ]
@@ -218,7 +225,7 @@ async def delete_provider(request: Request) -> Response:
 
     def run(session: Session) -> None:
         company = _company(session, principal, company_id)
-        before = _provider_view(session, catalog, company, provider)
+        before = _provider_view(session, catalog, company, provider, with_overrides=True)
         company_llm.remove_provider(session, company_id, provider)
         audit.record_admin(
             session,
