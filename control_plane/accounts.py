@@ -169,6 +169,25 @@ def create_user(
     return user
 
 
+def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[User, str]:
+    """Change a user's role; returns the user and its previous role. Nobody climbs:
+    the caller must manage the user as it is now (ranked at or above it) and may give
+    only a role it could create. Nobody changes its own role (an owner demoting
+    itself could leave the company without one). Keys follow at once: a key's scopes
+    are cut to its user's role on every request (`auth.user_principal`)."""
+    user = session.get(User, user_id)
+    if user is None or not policy.can_manage_user(p, user.company_id, user.role):
+        raise NotFound("No such user.")
+    if user.id == p.user_id:
+        raise Forbidden("You cannot change your own role.")
+    if not policy.can_assign_role(p, role):
+        raise Forbidden(f"You cannot give the role {role}: only a platform admin can.")
+    previous = user.role
+    user.role = role
+    session.flush()
+    return user, previous
+
+
 @dataclass(frozen=True, slots=True)
 class CreatedKey:
     id: str

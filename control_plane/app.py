@@ -128,7 +128,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"],
                 expose_headers=["X-Request-Id"],
                 max_age=600,

@@ -80,6 +80,10 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         password={"type": "string", "minLength": 4, "maxLength": 1024},
         role={"enum": ["member", "owner", "admin"]},
     ),
+    ("patch", "/v1/admin/users/{user_id}"): {
+        **_obj(["role"], role={"enum": ["member", "owner", "admin"]}),
+        "additionalProperties": False,
+    },
     ("post", "/v1/admin/api-keys"): _obj(["user_id"], user_id=_ID, scopes=_SCOPES),
     ("put", "/v1/admin/companies/{company_id}/providers/{provider}"): {
         **_obj(

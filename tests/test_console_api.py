@@ -469,3 +469,50 @@ def test_listing_users_stays_within_the_company_and_below_the_caller(cp: CP) -> 
     member_client = cp.client(cp.api_key(member["id"]))
     error_of(member_client.get("/v1/admin/users"), 404, "not_found")
     error_of(cp.admin.get("/v1/admin/users"), 422, "validation_error")
+
+
+def test_roles_change_only_within_the_callers_rank(cp: CP) -> None:
+    """Attack: an owner promotes a member (or itself) to platform admin, demotes the
+    company's admin, changes another company's user; a member promotes itself. Only
+    the owner's own-rank change goes through, and it is audited."""
+    company_id = cp.company("1")
+    owner = cp.user(company_id, "owner")
+    member = cp.user(company_id, "member")
+    platform_admin = cp.user(company_id, "admin")
+    stranger = cp.user(cp.company("1"), "member")
+    client = _login(cp, owner["email"])
+    member_client = _login(cp, member["email"])
+
+    def patch(who: httpx.Client, user_id: str, role: str) -> httpx.Response:
+        return who.patch(f"/v1/admin/users/{user_id}", json={"role": role})
+
+    error_of(patch(client, member["id"], "admin"), 403, "forbidden")
+    error_of(patch(client, owner["id"], "admin"), 403, "forbidden")
+    error_of(patch(client, owner["id"], "member"), 403, "forbidden")  # not its own
+    error_of(patch(client, platform_admin["id"], "member"), 404, "not_found")
+    error_of(patch(client, stranger["id"], "owner"), 404, "not_found")
+    error_of(patch(member_client, member["id"], "owner"), 404, "not_found")
+    error_of(patch(client, member["id"], "boss"), 422, "validation_error")
+    r = client.patch(f"/v1/admin/users/{member['id']}", json={"role": "owner", "x": 1})
+    error_of(r, 422, "validation_error")
+    roles = {
+        u["id"]: u["role"]
+        for u in data_of(cp.admin.get(f"/v1/admin/users?company_id={company_id}"))["items"]
+    }
+    assert roles == {owner["id"]: "owner", member["id"]: "member", platform_admin["id"]: "admin"}
+    assert data_of(client.get("/v1/admin/audit", params={"kind": "admin.user.role"}))["items"] == []
+
+    assert data_of(patch(client, member["id"], "owner"))["role"] == "owner"
+    # The promoted member's own session now carries the owner's power …
+    assert member_client.get("/v1/usage/summary").status_code == 200
+    # … and a demotion takes it away at once, keys included.
+    promoted_key = cp.client(cp.api_key(member["id"]))
+    assert promoted_key.get("/v1/usage/summary").status_code == 200
+    assert data_of(patch(client, member["id"], "member"))["role"] == "member"
+    error_of(promoted_key.get("/v1/usage/summary"), 403, "forbidden")
+    events = data_of(client.get("/v1/admin/audit", params={"kind": "admin.user.role"}))["items"]
+    assert [(e["details"]["before"], e["details"]["after"]) for e in events] == [
+        ({"role": "owner"}, {"role": "member"}),
+        ({"role": "member"}, {"role": "owner"}),
+    ]
+    assert all(e["actor"] == owner["id"] and e["target"] == f"user:{member['id']}" for e in events)

@@ -261,6 +261,18 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     page.select_option("#invite-role", "member")
     page.click("#invite")
     page.wait_for_selector(f"#users tbody tr:has-text('{invited}')")
+    # A role change asks first and goes through the API; above the owner's rank it
+    # is refused inline even with a tampered select.
+    role_of = page.get_by_label(f"Role of {invited}")
+    role_of.select_option("owner")
+    page.wait_for_selector("#status:has-text('is now owner')")
+    assert "Make " in dialogs[-1] and invited in dialogs[-1]
+    role_of = page.get_by_label(f"Role of {invited}")
+    role_of.evaluate("(s) => s.add(new Option('admin', 'admin'))")
+    role_of.select_option("admin")
+    page.wait_for_selector("#users-error:has-text('only a platform admin')")
+    users = data_of(cp.admin.get(f"/v1/admin/users?company_id={company.id}"))["items"]
+    assert {u["email"]: u["role"] for u in users}[invited] == "owner"
     check_page(page, browser, tmp_path, "users")
 
     # Audit: the administration just done, with its actor.
@@ -269,7 +281,8 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     page.click("#audit-apply")
     page.wait_for_selector("body[data-loaded=audit]")
     kinds = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
-    assert kinds[:5] == [
+    assert kinds[:6] == [
+        "admin.user.role",
         "admin.user.create",
         "admin.provider.set",
         "admin.provider.set",

@@ -350,8 +350,10 @@ async function loadUsers() {
   ]);
   if (!showError("#users-error", users)) return;
   state.users = users.data.items;
+  const self = (u) => state.me && u.id === state.me.user.id;
   $("#users tbody").replaceChildren(...users.data.items.map((u) => el("tr", {},
-    td(u.email), td(u.role), td(u.disabled_at ? `disabled ${when(u.disabled_at)}` : "active"),
+    td(u.email), self(u) ? td(u.role) : el("td", {}, roleSelect(u)),
+    td(u.disabled_at ? `disabled ${when(u.disabled_at)}` : "active"),
     el("td", {}, u.disabled_at || (state.me && u.id === state.me.user.id) ? "—"
       : el("button", {type: "button", class: "danger", "aria-label": `Disable ${u.email}`,
         onclick: () => disableUser(u)}, "Disable")))));
@@ -363,6 +365,28 @@ async function loadUsers() {
       el("td", {}, r.lifted_at ? "—" : el("button", {type: "button", class: "quiet",
         onclick: () => liftRevocation(r)}, "Lift")))));
   }
+}
+
+function roleSelect(user) {
+  const select = el("select", {"aria-label": `Role of ${user.email}`, dataset: {user: user.id}});
+  for (const role of Object.keys(RANK).filter((r) => RANK[r] <= RANK[state.role])) {
+    select.append(el("option", {value: role}, role));
+  }
+  select.value = user.role;
+  select.addEventListener("change", () => changeRole(user, select));
+  return select;
+}
+
+async function changeRole(user, select) {
+  const role = select.value;
+  if (!confirm(`Make ${user.email} ${role === "admin" ? "an" : "a"} ${role}?`)) {
+    select.value = user.role;
+    return;
+  }
+  const result = await api("PATCH", `/v1/admin/users/${encodeURIComponent(user.id)}`, {role});
+  if (!showError("#users-error", result)) { select.value = user.role; return; }
+  await loadUsers();
+  $("#status").textContent = `${user.email} is now ${role}.`;
 }
 
 async function invite(event) {

@@ -148,6 +148,36 @@ async def list_users(request: Request) -> Response:
     return ok({"items": [accounts.user_listed(u) for u in page], "next_cursor": next_cursor})
 
 
+async def update_user(request: Request) -> Response:
+    """Change a user's role (``{"role"}``), within the caller's own rank."""
+    principal = await authenticate(request)
+    user_id = str(request.path_params["user_id"])
+    doc = await read_json(request)
+    unknown = sorted(set(doc) - {"role"})
+    if unknown:
+        raise ValidationFailed(unknown[0], "is not a field (role)")
+    role = one_of(doc.get("role"), "role", ROLES)
+    rid = request_id(request)
+
+    def run(session: Session) -> User:
+        user, previous = accounts.set_role(session, principal, user_id, role)
+        if previous != role:
+            audit.record_admin(
+                session,
+                actor=accounts.actor_of(principal),
+                action=audit.USER_ROLE,
+                company_id=user.company_id,
+                target=f"user:{user.id}",
+                request_id=rid,
+                before={"role": previous},
+                after={"role": role},
+            )
+        return user
+
+    user = await get_deps(request).db.transaction(run)
+    return ok(accounts.user_public(user))
+
+
 async def create_api_key(request: Request) -> Response:
     principal = await authenticate(request)
     doc = await read_json(request)
@@ -258,6 +288,7 @@ routes: list[BaseRoute] = [
     Route("/v1/admin/companies", list_companies, methods=["GET"]),
     Route("/v1/admin/users", create_user, methods=["POST"]),
     Route("/v1/admin/users", list_users, methods=["GET"]),
+    Route("/v1/admin/users/{user_id}", update_user, methods=["PATCH"]),
     Route("/v1/admin/api-keys", create_api_key, methods=["POST"]),
     Route("/v1/admin/api-keys", list_api_keys, methods=["GET"]),
     Route("/v1/admin/api-keys/{key_id}", revoke_api_key, methods=["DELETE"]),
