@@ -409,6 +409,9 @@ def test_admin_actions_are_audited_with_actor_target_and_no_secret(cp: CP) -> No
     )
     assert future["items"] == []
     error_of(client.get("/v1/admin/audit?from=tomorrow"), 422, "validation_error")
+    # LIKE wildcards in a prefix are literal: `%*` does not match everything.
+    for wild in ("%*", "_*", "admin._pi_key*"):
+        assert data_of(client.get("/v1/admin/audit", params={"kind": wild}))["items"] == []
 
     # The platform admin sees them too; another company's owner does not.
     assert data_of(cp.admin.get("/v1/admin/audit", params={"request_id": rid}))["items"]

@@ -273,6 +273,15 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     page.wait_for_selector("#users-error:has-text('only a platform admin')")
     users = data_of(cp.admin.get(f"/v1/admin/users?company_id={company.id}"))["items"]
     assert {u["email"]: u["role"] for u in users}[invited] == "owner"
+    # Disable (asks first), see the revocation, lift it; an unknown token: inline.
+    page.get_by_role("button", name=f"Disable {invited}").click()
+    page.wait_for_selector(f"#users tbody tr:has-text('{invited}'):has-text('disabled')")
+    assert "Disable " in dialogs[-1]
+    page.locator("#revocations tbody tr", has_text=invited).get_by_role("button").click()
+    page.wait_for_selector(f"#revocations tbody tr:has-text('{invited}'):has-text('lifted')")
+    page.fill("#revoke-jti", "no-such-token")
+    page.click("#revoke-stream")
+    page.wait_for_selector("#jti-error:has-text('No such token')")
     check_page(page, browser, tmp_path, "users")
 
     # Audit: the administration just done, with its actor.
@@ -281,7 +290,9 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     page.click("#audit-apply")
     page.wait_for_selector("body[data-loaded=audit]")
     kinds = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
-    assert kinds[:6] == [
+    assert kinds[:8] == [
+        "admin.revocation.lift",
+        "admin.revocation.create",
         "admin.user.role",
         "admin.user.create",
         "admin.provider.set",

@@ -409,6 +409,17 @@ async function disableUser(user) {
   if (showError("#users-error", result)) await loadUsers();
 }
 
+async function revokeStream(event) {
+  event.preventDefault();
+  const jti = $("#revoke-jti").value.trim();
+  if (!jti) { $("#jti-error").textContent = "jti: is required"; return; }
+  if (!confirm(`Revoke stream token ${jti}? A running stream ends at once.`)) return;
+  const result = await api("POST", "/v1/admin/revocations", {jti, reason: "revoked in the console"});
+  if (!showError("#jti-error", result)) return;
+  $("#jti-form").reset();
+  await loadUsers();
+}
+
 async function liftRevocation(revocation) {
   if (!confirm(`Lift the revocation of ${revocation.kind} ${revocation.value}?`)) return;
   const result = await api("DELETE", `/v1/admin/revocations/${encodeURIComponent(revocation.id)}`);
@@ -584,6 +595,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#range-form").addEventListener("submit", (e) => { e.preventDefault(); openTab("usage"); });
   $("#invite-form").addEventListener("submit", invite);
+  $("#jti-form").addEventListener("submit", revokeStream);
   $("#key-form").addEventListener("submit", createKey);
   $("#provider-form").addEventListener("submit", saveProvider);
   $("#model-form").addEventListener("submit", saveModel);
