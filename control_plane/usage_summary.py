@@ -126,7 +126,7 @@ def summary(
     ).where(*_in_scope(query, company_id))
     if keys:
         stmt = stmt.group_by(*keys)
-        ordering = [literal_column(k.name) for k in keys]
+        ordering: list[ColumnElement[Any]] = [literal_column(k.name) for k in keys]
         if query.order == "cost":
             stmt = stmt.order_by(cost.desc(), *ordering)
         else:
@@ -156,15 +156,19 @@ def _label(session: Session, items: list[dict[str, Any]]) -> None:
     within the caller's scope: the records are)."""
     user_ids = {i["user_id"] for i in items if i.get("user_id")}
     if user_ids:
-        rows = session.execute(select(User.id, User.email).where(col(User.id).in_(user_ids)))
-        emails = {str(user_id): str(email) for user_id, email in rows}
+        found = session.execute(
+            select(col(User.id), col(User.email)).where(col(User.id).in_(user_ids))
+        )
+        emails = {str(user_id): str(email) for user_id, email in found}
         for item in items:
             if "user_id" in item:
                 item["email"] = emails.get(item["user_id"])
     key_ids = {i["api_key_id"] for i in items if i.get("api_key_id")}
     if key_ids:
-        rows = session.execute(select(ApiKey.id, ApiKey.prefix).where(col(ApiKey.id).in_(key_ids)))
-        prefixes = {str(key_id): str(prefix) for key_id, prefix in rows}
+        keyed = session.execute(
+            select(col(ApiKey.id), col(ApiKey.prefix)).where(col(ApiKey.id).in_(key_ids))
+        )
+        prefixes = {str(key_id): str(prefix) for key_id, prefix in keyed}
         for item in items:
             if "api_key_id" in item:
                 item["prefix"] = prefixes.get(item["api_key_id"])
