@@ -55,7 +55,7 @@ REDACTED = "[redacted]"
 SECRET_FIELDS = frozenset(
     {"api_key", "api_keys", "key", "key_hash", "password", "password_hash", "secret", "token"}
 )
-FILTERS = ("kind", "actor", "target", "request_id")
+FILTERS = ("kind", "actor", "target", "request_id", "reservation_id")
 
 
 def redact(value: Any) -> Any:
@@ -135,8 +135,8 @@ def page(
 ) -> list[AuditEvent]:
     """Newest first, keyset-paginated; `limit + 1` rows so the caller sees if more exist.
     `company_id` None lists every company (platform admin only). `filters`: exact
-    `actor`, `target`, `request_id`; `kind` exact, or a prefix when it ends in ``*``
-    (``admin.*``). `since` inclusive, `until` exclusive."""
+    `actor`, `target`, `request_id`, `reservation_id`; `kind` exact, or a prefix
+    when it ends in ``*`` (``admin.*``). `since` inclusive, `until` exclusive."""
     stmt = select(AuditEvent)
     if company_id is not None:
         stmt = stmt.where(col(AuditEvent.company_id) == company_id)
@@ -154,6 +154,8 @@ def page(
             stmt = stmt.where(col(AuditEvent.target) == value)
         elif name == "request_id":
             stmt = stmt.where(col(AuditEvent.request_id) == value)
+        elif name == "reservation_id":
+            stmt = stmt.where(col(AuditEvent.reservation_id) == value)
     if since is not None:
         stmt = stmt.where(col(AuditEvent.created_at) >= since)
     if until is not None:

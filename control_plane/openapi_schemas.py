@@ -134,6 +134,7 @@ QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
         _query("actor"),
         _query("target"),
         _query("request_id"),
+        _query("reservation_id"),
         _day("from"),
         _day("to"),
         _LIMIT,

@@ -193,6 +193,13 @@ def test_an_owner_reads_its_usage_and_manages_keys_and_providers(
     credits = data_of(company.owner_api.get("/v1/credits"))
     assert page.inner_text("#credits-available") == credits["available"]
     assert page.locator("#ledger tbody tr").count() == len(credits["entries"])
+    # A reservation's audit trail: its hold and its settlement, each with its actor.
+    page.locator("#ledger tbody tr", has_text="charge").first.get_by_role("button").click()
+    page.wait_for_selector("body[data-loaded=audit]")
+    trail = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
+    assert sorted(trail) == ["charge", "hold", "release"]
+    actors = page.locator("#audit tbody tr td:nth-child(3)").all_inner_texts()
+    assert "edge-webhook" in actors
     check_page(page, browser, tmp_path, "credits")
 
     # API keys: create one for the member (shown once), it works; revoke it after

@@ -334,10 +334,8 @@ async function loadCredits(more = false) {
 
 async function auditFor(reservationId) {
   // A reservation's trail: its hold, charge and release, each with actor and request.
+  state.auditReservation = reservationId;
   await openTab("audit");
-  const result = await api("GET", `/v1/admin/audit${query({...companyParam(), limit: 200})}`);
-  if (!showError("#audit-error", result)) return;
-  fillAudit(result.data.items.filter((e) => e.reservation_id === reservationId), false);
 }
 
 // --- users and revocations ---------------------------------------------------------------
@@ -563,7 +561,9 @@ async function removeProvider(provider) {
 async function loadAudit(more) {
   const params = {...companyParam(), kind: $("#audit-kind").value, actor: $("#audit-actor").value.trim(),
     target: $("#audit-target").value.trim(), from: $("#audit-from").value, to: $("#audit-to").value,
-    limit: 50, cursor: more ? state.auditCursor : null};
+    reservation_id: state.auditReservation, limit: 50, cursor: more ? state.auditCursor : null};
+  $("#audit-scope").textContent = state.auditReservation
+    ? `Showing reservation ${state.auditReservation}; filter to see everything.` : "";
   const result = await api("GET", `/v1/admin/audit${query(params)}`);
   if (!showError("#audit-error", result)) { fillAudit([], false); return; }
   fillAudit(result.data.items, more);
@@ -586,7 +586,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#token-form").addEventListener("submit", useToken);
   $("#sign-out").addEventListener("click", signOut);
   for (const button of document.querySelectorAll(".tab")) {
-    button.addEventListener("click", () => openTab(button.dataset.tab));
+    button.addEventListener("click", () => {
+      state.auditReservation = null;  // the nav shows the whole audit again
+      openTab(button.dataset.tab);
+    });
   }
   $("#company").addEventListener("change", async () => {
     state.companyId = $("#company").value || null;
@@ -599,7 +602,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#key-form").addEventListener("submit", createKey);
   $("#provider-form").addEventListener("submit", saveProvider);
   $("#model-form").addEventListener("submit", saveModel);
-  $("#audit-form").addEventListener("submit", (e) => { e.preventDefault(); openTab("audit"); });
+  $("#audit-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.auditReservation = null;
+    openTab("audit");
+  });
   $("#audit-more").addEventListener("click", () => loadAudit(true));
   $("#ledger-more").addEventListener("click", () => loadCredits(true));
   const saved = sessionStorage.getItem(TOKEN_KEY);

@@ -143,7 +143,7 @@ def _audit_filters(query: dict[str, str]) -> dict[str, str]:
 async def list_audit(request: Request) -> Response:
     """The audit log (money movements and ``admin.*`` actions), newest first;
     filters ``kind`` (``admin.*`` for a prefix), ``actor``, ``target``,
-    ``request_id``, ``from`` / ``to`` (UTC days, inclusive)."""
+    ``request_id``, ``reservation_id``, ``from`` / ``to`` (UTC days, inclusive)."""
     principal = await authenticate(request)
     query = dict(request.query_params)
     company_id = optional_str(query, "company_id", max_len=64)
