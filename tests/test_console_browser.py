@@ -351,5 +351,5 @@ def test_the_platform_admin_sees_every_company(
     page.select_option("#company", company.id)
     page.wait_for_selector("body[data-loaded=credits]")
     open_tab(page, "keys")
-    assert page.locator("#keys tbody tr").count() >= 1
+    assert page.locator("#keys tbody tr:not(.empty)").count() >= 1
     check_page(page, browser, tmp_path, "admin-keys")

@@ -39,6 +39,11 @@ function el(tag, attrs = {}, ...children) {
 
 function td(text, cls) { return el("td", cls ? {class: cls} : {}, text ?? "—"); }
 
+function orNone(rows, columns) {
+  // An empty table says so, rather than looking broken.
+  return rows.length ? rows : [el("tr", {class: "empty"}, el("td", {colspan: String(columns)}, "None yet."))];
+}
+
 function when(iso) { return iso ? iso.replace("T", " ").slice(0, 19) : "—"; }
 
 async function api(method, path, body) {
@@ -349,19 +354,19 @@ async function loadUsers() {
   if (!showError("#users-error", users)) return;
   state.users = users.data.items;
   const self = (u) => state.me && u.id === state.me.user.id;
-  $("#users tbody").replaceChildren(...users.data.items.map((u) => el("tr", {},
+  $("#users tbody").replaceChildren(...orNone(users.data.items.map((u) => el("tr", {},
     td(u.email), self(u) ? td(u.role) : el("td", {}, roleSelect(u)),
     td(u.disabled_at ? `disabled ${when(u.disabled_at)}` : "active"),
     el("td", {}, u.disabled_at || (state.me && u.id === state.me.user.id) ? "—"
       : el("button", {type: "button", class: "danger", "aria-label": `Disable ${u.email}`,
-        onclick: () => disableUser(u)}, "Disable")))));
+        onclick: () => disableUser(u)}, "Disable")))), 4));
   if (revocations.ok) {
     const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
-    $("#revocations tbody").replaceChildren(...revocations.data.items.map((r) => el("tr", {},
+    $("#revocations tbody").replaceChildren(...orNone(revocations.data.items.map((r) => el("tr", {},
       td(`${r.kind} ${emails[r.value] || r.value}`), td(when(r.created_at)), td(r.reason),
       td(r.lifted_at ? `lifted ${when(r.lifted_at)}` : "in force"),
       el("td", {}, r.lifted_at ? "—" : el("button", {type: "button", class: "quiet",
-        onclick: () => liftRevocation(r)}, "Lift")))));
+        onclick: () => liftRevocation(r)}, "Lift")))), 5));
   }
 }
 
@@ -436,11 +441,11 @@ async function loadKeys() {
   const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
   $("#key-user").replaceChildren(...users.data.items.filter((u) => !u.disabled_at)
     .map((u) => el("option", {value: u.id}, `${u.email} (${u.role})`)));
-  $("#keys tbody").replaceChildren(...keys.data.items.map((k) => el("tr", {},
+  $("#keys tbody").replaceChildren(...orNone(keys.data.items.map((k) => el("tr", {},
     td(`${k.prefix}…`), td(emails[k.user_id] || k.user_id), td(k.scopes.join(" ")),
     td(when(k.last_used_at)), td(k.revoked_at ? `revoked ${when(k.revoked_at)}` : "active"),
     el("td", {}, k.revoked_at ? "—" : el("button", {type: "button", class: "danger",
-      "aria-label": `Revoke ${k.prefix}`, onclick: () => revokeKey(k)}, "Revoke")))));
+      "aria-label": `Revoke ${k.prefix}`, onclick: () => revokeKey(k)}, "Revoke")))), 6));
 }
 
 async function createKey(event) {
@@ -480,16 +485,16 @@ async function loadProviders() {
   $("#model-provider").replaceChildren(...providers.map((p) => el("option", {value: p}, p)));
   if (keepModelProvider) $("#model-provider").value = keepModelProvider;
   $("#model-ids").replaceChildren(...catalog.map((m) => el("option", {value: m.id})));
-  $("#overrides tbody").replaceChildren(...configured.data.items.flatMap((p) =>
+  $("#overrides tbody").replaceChildren(...orNone(configured.data.items.flatMap((p) =>
     Object.entries(p.overrides || {}).map(([id, spec]) => el("tr", {},
       td(p.provider), td(id), td(JSON.stringify(spec)),
       el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Remove override of ${id}`,
-        onclick: () => removeOverride(p.provider, id)}, "Remove"))))));
-  $("#providers tbody").replaceChildren(...configured.data.items.map((p) => el("tr", {},
+        onclick: () => removeOverride(p.provider, id)}, "Remove"))))), 4));
+  $("#providers tbody").replaceChildren(...orNone(configured.data.items.map((p) => el("tr", {},
     td(p.provider), td(p.has_key ? "own key set" : "platform key"),
     td(p.models.map((m) => m.id).join(", ") || "—"),
     el("td", {}, el("button", {type: "button", class: "danger",
-      "aria-label": `Remove ${p.provider}`, onclick: () => removeProvider(p.provider)}, "Remove")))));
+      "aria-label": `Remove ${p.provider}`, onclick: () => removeProvider(p.provider)}, "Remove")))), 4));
 }
 
 async function saveProvider(event) {
