@@ -519,3 +519,39 @@ def test_roles_change_only_within_the_callers_rank(cp: CP) -> None:
         ({"role": "member"}, {"role": "owner"}),
     ]
     assert all(e["actor"] == owner["id"] and e["target"] == f"user:{member['id']}" for e in events)
+
+
+# --- the page itself ----------------------------------------------------------------------
+
+
+def test_the_console_serves_only_its_own_files(cp: CP) -> None:
+    """Attack: reach other files through the console's path (traversal, the vendor
+    notes, the package's code); frame the console elsewhere."""
+    page = httpx.get(f"{cp.url}/console")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "/console/vendor/chart.umd.min.js" in page.text  # no CDN
+    script = httpx.get(f"{cp.url}/console/vendor/chart.umd.min.js")
+    assert script.status_code == 200 and "Chart.js v4" in script.text[:200]
+    for path in (
+        "/console/../control_plane/tables.py",
+        "/console/%2e%2e/routes/console.py",
+        "/console/vendor/README.md",
+        "/console/index.html",
+        "/console/vendor/",
+    ):
+        r = httpx.get(f"{cp.url}{path}")
+        assert r.status_code == 404, path
+        assert r.json()["success"] is False
+
+
+async def test_the_console_can_be_switched_off(tmp_path: Path) -> None:
+    settings = _settings(f"sqlite:///{tmp_path}/off.db", {"LLMGW_SERVE_CONSOLE": "0"})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+            for path in ("/console", "/console/console.js"):
+                r = await client.get(path)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -131,11 +131,16 @@ def check_page(page: Any, browser: Any, tmp_path: Path, name: str) -> None:
     assert result["violations"] == [], f"{name}: {result['violations']}"
 
 
-def test_a_member_does_not_see_the_console(cp: CP, company: Company, page: Any) -> None:
+def test_a_member_does_not_see_the_console(
+    cp: CP, company: Company, page: Any, browser: Any, tmp_path: Path
+) -> None:
     asked: list[str] = []
     page.on("request", lambda r: asked.append(r.url) if "/v1/" in r.url else None)
+    page.goto(cp.url + "/console")
+    check_page(page, browser, tmp_path, "sign-in")
     sign_in(page, cp, company.member["email"])
     page.wait_for_selector("#denied", state="visible")
+    check_page(page, browser, tmp_path, "denied")
     assert not page.is_visible("#app") and not page.is_visible("#signin")
     # Nothing beyond sign-in and /v1/me was even asked for.
     assert {url.split("?")[0].removeprefix(cp.url) for url in asked} == {
