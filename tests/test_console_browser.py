@@ -358,3 +358,82 @@ def test_the_platform_admin_sees_every_company(
     open_tab(page, "keys")
     assert page.locator("#keys tbody tr:not(.empty)").count() >= 1
     check_page(page, browser, tmp_path, "admin-keys")
+
+
+def test_agents_teams_and_budgets_follow_the_contract(
+    cp: CP, company: Company, page: Any, browser: Any, tmp_path: Path
+) -> None:
+    """This gateway has no agents, teams or budgets API yet: the section says so.
+    Then the same page against DESIGN §11's shapes (answered in the browser by
+    `page.route`, standing in for the API that lands later): the forms send the
+    contract's bodies and the tables show what the API lists."""
+    sign_in(page, cp, company.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    open_tab(page, "plans")
+    for name in ("agents", "teams", "budgets"):
+        assert page.is_visible(f"#{name}-off") and not page.is_visible(f"#{name}")
+    check_page(page, browser, tmp_path, "plans-off")
+
+    sent: list[tuple[str, str, Any]] = []
+    lists: dict[str, list[dict[str, Any]]] = {"agents": [], "teams": [], "budgets": []}
+
+    def contract(route: Any) -> None:
+        request = route.request
+        kind = request.url.split("?")[0].rstrip("/").split(f"/companies/{company.id}/")[1]
+        body = request.post_data_json if request.method in ("POST", "PATCH") else None
+        sent.append((request.method, kind, body))
+        collection = kind.split("/")[0]
+        if request.method == "GET":
+            doc = {"success": True, "data": {"items": lists[collection]}, "meta": {}}
+            return route.fulfill(status=200, json=doc)
+        if request.method == "POST":
+            item = {**body, "id": f"{collection}-{len(lists[collection]) + 1}"}
+            lists[collection].append(item)
+            return route.fulfill(status=201, json={"success": True, "data": item, "meta": {}})
+        key = kind.split("/")[1]
+        lists[collection] = [i for i in lists[collection] if key not in (i["id"], i.get("name"))]
+        return route.fulfill(status=204)
+
+    for name in ("agents", "teams", "budgets"):
+        page.route(f"**/v1/admin/companies/{company.id}/{name}**", contract)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    open_tab(page, "plans")
+    assert page.is_visible("#agent-form") and not page.is_visible("#agents-off")
+
+    page.fill("#agent-name", "support")
+    page.select_option("#agent-model", "mock-fast")
+    page.fill("#agent-max-tokens", "300")
+    page.fill("#agent-prompt", "Be brief.")
+    page.click("#create-agent")
+    page.wait_for_selector("#agents tbody tr:has-text('support')")
+    page.fill("#team-name", "night shift")
+    page.select_option("#team-users", [company.member["id"]])
+    page.click("#create-team")
+    page.wait_for_selector("#teams tbody tr:has-text('night shift')")
+    page.select_option("#budget-scope", "team")
+    page.select_option("#budget-target", "teams-1")
+    page.fill("#budget-amount", "12.5")
+    page.select_option("#budget-period", "week")
+    page.click("#create-budget")
+    page.wait_for_selector("#budgets tbody tr:has-text('night shift')")
+    check_page(page, browser, tmp_path, "plans")
+    page.get_by_role("button", name="Delete agent support").click()
+    page.wait_for_selector("#agents tbody tr.empty")
+    assert dialogs == ["Delete agent support?"]
+
+    posted = [(kind, body) for method, kind, body in sent if method == "POST"]
+    assert posted == [
+        (
+            "agents",
+            {
+                "name": "support",
+                "model": "mock-fast",
+                "system_prompt": "Be brief.",
+                "max_tokens": 300,
+            },
+        ),
+        ("teams", {"name": "night shift", "user_ids": [company.member["id"]]}),
+        ("budgets", {"scope": "team", "target_id": "teams-1", "amount": "12.5", "period": "week"}),
+    ]
+    assert ("DELETE", "agents/support", None) in sent

@@ -175,7 +175,7 @@ function fillRoleChoices() {
 
 const LOADERS = {
   usage: loadUsage, credits: loadCredits, users: loadUsers, keys: loadKeys,
-  providers: loadProviders, audit: () => loadAudit(false),
+  providers: loadProviders, plans: loadPlans, audit: () => loadAudit(false),
 };
 
 async function openTab(name) {
@@ -561,6 +561,120 @@ async function removeProvider(provider) {
   if (showError("#providers-error", result)) await loadProviders();
 }
 
+// --- agents, teams, budgets (DESIGN §11; shown once the gateway has them) ------------------
+
+function companyPath(rest) {
+  return `/v1/admin/companies/${encodeURIComponent(state.companyId)}/${rest}`;
+}
+
+function missingRoute(result) {
+  // A gateway without the feature answers the route itself with a bare 404.
+  return !result.ok && result.status === 404 && result.message === "Not found.";
+}
+
+function section(name, result) {
+  // Hide a section the gateway does not have yet; say so instead.
+  const off = missingRoute(result);
+  $(`#${name}-off`).hidden = !off;
+  $(`#${name.slice(0, -1)}-form`).hidden = off;
+  $(`#${name}`).hidden = off;
+  return !off && result.ok;
+}
+
+async function loadPlans() {
+  if (!needCompany("#plans-error")) return;
+  const [agents, teams, budgets, users, keys, models] = await Promise.all([
+    api("GET", companyPath("agents")), api("GET", companyPath("teams")),
+    api("GET", companyPath("budgets")),
+    allPages("/v1/admin/users", {company_id: state.companyId}),
+    allPages("/v1/admin/api-keys", {company_id: state.companyId}),
+    api("GET", "/v1/models"),
+  ]);
+  const failed = [agents, teams, budgets, users].find((r) => !r.ok && !missingRoute(r));
+  showError("#plans-error", failed || {ok: true});
+  state.plan = {
+    users: users.ok ? users.data.items : [],
+    keys: keys.ok ? keys.data.items.filter((k) => !k.revoked_at) : [],
+    teams: teams.ok ? itemsOf(teams.data) : [],
+  };
+  $("#agent-model").replaceChildren(el("option", {value: ""}, "(the company's default)"),
+    ...(models.ok ? models.data.models : []).map((m) => el("option", {value: m.id}, m.id)));
+  $("#team-users").replaceChildren(...state.plan.users.map((u) => el("option", {value: u.id}, u.email)));
+  fillBudgetTargets();
+  if (section("agents", agents)) {
+    $("#agents tbody").replaceChildren(...orNone(itemsOf(agents.data).map((a) => el("tr", {},
+      td(a.name), td(a.model), td(a.max_tokens == null ? null : String(a.max_tokens)),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Delete agent ${a.name}`,
+        onclick: () => removePlan(`agents/${encodeURIComponent(a.name)}`, `agent ${a.name}`)}, "Delete")))), 4));
+  }
+  if (section("teams", teams)) {
+    const emails = Object.fromEntries(state.plan.users.map((u) => [u.id, u.email]));
+    $("#teams tbody").replaceChildren(...orNone(state.plan.teams.map((t) => el("tr", {},
+      td(t.name), td((t.user_ids || []).map((id) => emails[id] || id).join(", ")),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Delete team ${t.name}`,
+        onclick: () => removePlan(`teams/${encodeURIComponent(t.id)}`, `team ${t.name}`)}, "Delete")))), 3));
+  }
+  if (section("budgets", budgets)) {
+    $("#budgets tbody").replaceChildren(...orNone(itemsOf(budgets.data).map((b) => el("tr", {},
+      td(`${b.scope} ${targetName(b.scope, b.target_id)}`), td(b.amount, "num"), td(b.period),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Delete budget ${b.id}`,
+        onclick: () => removePlan(`budgets/${encodeURIComponent(b.id)}`, "this budget")}, "Delete")))), 4));
+  }
+}
+
+function itemsOf(data) { return Array.isArray(data) ? data : (data.items || []); }
+
+function targetsFor(scope) {
+  const plan = state.plan || {users: [], keys: [], teams: []};
+  if (scope === "user") return plan.users.map((u) => [u.id, u.email]);
+  if (scope === "api_key") return plan.keys.map((k) => [k.id, `${k.prefix}…`]);
+  return plan.teams.map((t) => [t.id, t.name]);
+}
+
+function targetName(scope, id) {
+  const found = targetsFor(scope).find(([value]) => value === id);
+  return found ? found[1] : id;
+}
+
+function fillBudgetTargets() {
+  $("#budget-target").replaceChildren(...targetsFor($("#budget-scope").value)
+    .map(([value, name]) => el("option", {value}, name)));
+}
+
+async function createPlan(event, rest, body, errorId, form) {
+  event.preventDefault();
+  const result = await api("POST", companyPath(rest), body);
+  if (!showError(errorId, result)) return;
+  $(form).reset();
+  await loadPlans();
+}
+
+function createAgent(event) {
+  const body = {name: $("#agent-name").value.trim()};
+  if ($("#agent-model").value) body.model = $("#agent-model").value;
+  if ($("#agent-prompt").value.trim()) body.system_prompt = $("#agent-prompt").value;
+  if ($("#agent-max-tokens").value) body.max_tokens = Number($("#agent-max-tokens").value);
+  return createPlan(event, "agents", body, "#agent-error", "#agent-form");
+}
+
+function createTeam(event) {
+  const user_ids = [...$("#team-users").selectedOptions].map((o) => o.value);
+  return createPlan(event, "teams", {name: $("#team-name").value.trim(), user_ids},
+    "#team-error", "#team-form");
+}
+
+function createBudget(event) {
+  return createPlan(event, "budgets", {scope: $("#budget-scope").value,
+    target_id: $("#budget-target").value, amount: $("#budget-amount").value.trim(),
+    period: $("#budget-period").value}, "#budget-error", "#budget-form");
+}
+
+async function removePlan(rest, what) {
+  if (!confirm(`Delete ${what}?`)) return;
+  const result = await api("DELETE", companyPath(rest));
+  if (showError("#plans-error", result)) await loadPlans();
+}
+
 // --- audit -------------------------------------------------------------------------------
 
 async function loadAudit(more) {
@@ -604,6 +718,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#range-form").addEventListener("submit", (e) => { e.preventDefault(); openTab("usage"); });
   $("#invite-form").addEventListener("submit", invite);
   $("#jti-form").addEventListener("submit", revokeStream);
+  $("#agent-form").addEventListener("submit", createAgent);
+  $("#team-form").addEventListener("submit", createTeam);
+  $("#budget-form").addEventListener("submit", createBudget);
+  $("#budget-scope").addEventListener("change", fillBudgetTargets);
   $("#key-form").addEventListener("submit", createKey);
   $("#provider-form").addEventListener("submit", saveProvider);
   $("#model-form").addEventListener("submit", saveModel);
