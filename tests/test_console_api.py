@@ -37,6 +37,8 @@ from tests.test_control_plane import (
 )
 
 SECRET_PROVIDER_KEY = "sk-live-" + "s3cr3t" * 6
+# Tests whose SQL is the same on both databases run on SQLite only (time budget).
+sqlite_only = pytest.mark.parametrize("cp", ["sqlite"], indirect=True)
 
 # --- pure -----------------------------------------------------------------------------
 
@@ -243,6 +245,7 @@ def test_summary_matches_usage_per_model_user_and_key(cp: CP) -> None:
     assert mine[company_id]["cost"] == total[0]["cost"] and mine[other_id]["streams"] == 1
 
 
+@sqlite_only
 def test_a_member_or_another_company_sees_no_aggregates(cp: CP) -> None:
     """Attack: a member asks for its company's spend; an owner asks for another
     company's; an owner's chat-only key asks; none gets a number."""
@@ -424,6 +427,7 @@ def test_admin_actions_are_audited_with_actor_target_and_no_secret(cp: CP) -> No
     }
 
 
+@sqlite_only
 def test_refused_admin_actions_write_no_audit_event(cp: CP) -> None:
     """Attack: an owner tries to mint a key for another company's user, to create an
     admin, to set another company's provider key. Each is refused and leaves no
@@ -452,6 +456,7 @@ def test_refused_admin_actions_write_no_audit_event(cp: CP) -> None:
     assert events["items"] == []
 
 
+@sqlite_only
 def test_listing_users_stays_within_the_company_and_below_the_caller(cp: CP) -> None:
     """Attack: an owner lists its company's users hoping to find the platform admin
     who sits in it, and lists another company's users."""
@@ -474,6 +479,7 @@ def test_listing_users_stays_within_the_company_and_below_the_caller(cp: CP) -> 
     error_of(cp.admin.get("/v1/admin/users"), 422, "validation_error")
 
 
+@sqlite_only
 def test_roles_change_only_within_the_callers_rank(cp: CP) -> None:
     """Attack: an owner promotes a member (or itself) to platform admin, demotes the
     company's admin, changes another company's user; a member promotes itself. Only
@@ -524,6 +530,7 @@ def test_roles_change_only_within_the_callers_rank(cp: CP) -> None:
 # --- the page itself ----------------------------------------------------------------------
 
 
+@sqlite_only
 def test_the_console_serves_only_its_own_files(cp: CP) -> None:
     """Attack: reach other files through the console's path (traversal, the vendor
     notes, the package's code); frame the console elsewhere."""
