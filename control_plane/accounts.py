@@ -101,6 +101,44 @@ def user_public(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "role": user.role, "company_id": user.company_id}
 
 
+def user_listed(user: User) -> dict[str, Any]:
+    """A user in a listing: no password hash, only whether a password is set."""
+    return {
+        **user_public(user),
+        "has_password": user.password_hash is not None,
+        "created_at": iso(user.created_at),
+        "disabled_at": iso(user.disabled_at) if user.disabled_at else None,
+    }
+
+
+def list_users(
+    session: Session,
+    p: Principal,
+    company_id: str,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+) -> list[User]:
+    """A company's users ranked at or below the caller, newest first, `limit + 1`
+    rows: an owner never learns who the company's platform admins are."""
+    if not policy.can_admin_company(p, company_id):
+        raise NotFound("No such company.")
+    stmt = (
+        select(User)
+        .where(col(User.company_id) == company_id)
+        .where(col(User.role).in_(policy.roles_at_or_below(p)))
+    )
+    if after is not None:
+        moment, last_id = after
+        stmt = stmt.where(
+            or_(
+                col(User.created_at) < moment,
+                and_(col(User.created_at) == moment, col(User.id) < last_id),
+            )
+        )
+    stmt = stmt.order_by(col(User.created_at).desc(), col(User.id).desc())
+    return list(session.scalars(stmt.limit(limit + 1)))
+
+
 def create_user(
     session: Session,
     p: Principal,
@@ -129,6 +167,25 @@ def create_user(
     session.add(user)
     session.flush()
     return user
+
+
+def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[User, str]:
+    """Change a user's role; returns the user and its previous role. Nobody climbs:
+    the caller must manage the user as it is now (ranked at or above it) and may give
+    only a role it could create. Nobody changes its own role (an owner demoting
+    itself could leave the company without one). Keys follow at once: a key's scopes
+    are cut to its user's role on every request (`auth.user_principal`)."""
+    user = session.get(User, user_id)
+    if user is None or not policy.can_manage_user(p, user.company_id, user.role):
+        raise NotFound("No such user.")
+    if user.id == p.user_id:
+        raise Forbidden("You cannot change your own role.")
+    if not policy.can_assign_role(p, role):
+        raise Forbidden(f"You cannot give the role {role}: only a platform admin can.")
+    previous = user.role
+    user.role = role
+    session.flush()
+    return user, previous
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,17 @@ and free-form `details` (the webhook id, token counts, the checkpoint used …).
 Actors: a user id (the user's own request, e.g. a hold at init), ``admin-token``
 (the platform admin token), ``edge-webhook`` (a signed usage webhook), ``sweeper``
 (the reconciliation sweeper), ``seed`` (``llm-gateway dev``'s demo data).
+
+Administration is audited too (issue 17): every admin action writes one
+``admin.*`` event (`record_admin`) in the transaction of the change itself, with
+its target (``api_key:<id>``, ``user:<id>``, ``provider:<name>`` …) and what the
+target looked like before and after, secrets redacted (`redact`): a provider key
+appears only as ``has_key``, a minted API key only by its prefix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +35,40 @@ ADMIN_TOKEN_ACTOR = "admin-token"
 WEBHOOK_ACTOR = "edge-webhook"
 SWEEPER_ACTOR = "sweeper"
 SEED_ACTOR = "seed"
+
+ADMIN_PREFIX = "admin."
+# Admin actions (`kind` in the API); at most 32 characters (the column).
+API_KEY_CREATE = "admin.api_key.create"
+API_KEY_REVOKE = "admin.api_key.revoke"
+USER_CREATE = "admin.user.create"
+USER_ROLE = "admin.user.role"
+COMPANY_CREATE = "admin.company.create"
+PROVIDER_SET = "admin.provider.set"
+PROVIDER_DELETE = "admin.provider.delete"
+REVOCATION_CREATE = "admin.revocation.create"
+REVOCATION_LIFT = "admin.revocation.lift"
+SIGNING_KEY_ROTATE = "admin.signing_key.rotate"
+ENCRYPTION_ROTATE = "admin.encryption.rotate"
+
+REDACTED = "[redacted]"
+# Field names whose values are secrets wherever they appear in a before/after.
+SECRET_FIELDS = frozenset(
+    {"api_key", "api_keys", "key", "key_hash", "password", "password_hash", "secret", "token"}
+)
+FILTERS = ("kind", "actor", "target", "request_id", "reservation_id")
+
+
+def redact(value: Any) -> Any:
+    """`value` with every secret field's value replaced by ``[redacted]``, at any
+    depth: an audit row is read by more people than the secret's owner."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): REDACTED if str(k).lower() in SECRET_FIELDS else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
 
 
 def record(
@@ -57,14 +98,68 @@ def record(
     return event
 
 
+def record_admin(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    company_id: str | None,
+    target: str,
+    request_id: str | None,
+    before: Mapping[str, Any] | None = None,
+    after: Mapping[str, Any] | None = None,
+) -> AuditEvent:
+    """One admin action: who (`actor`), what (`action`, an ``admin.*`` kind) on what
+    (`target`), before and after with secrets redacted."""
+    assert action.startswith(ADMIN_PREFIX) and len(action) <= 32, action
+    event = record(
+        session,
+        actor=actor,
+        action=action,
+        company_id=company_id,
+        request_id=request_id,
+        details={"before": redact(before), "after": redact(after)},
+    )
+    event.target = target[:200]
+    return event
+
+
 def page(
-    session: Session, company_id: str | None, limit: int, after: tuple[datetime, str] | None
+    session: Session,
+    company_id: str | None,
+    limit: int,
+    after: tuple[datetime, str] | None,
+    filters: Mapping[str, str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> list[AuditEvent]:
     """Newest first, keyset-paginated; `limit + 1` rows so the caller sees if more exist.
-    `company_id` None lists every company (platform admin only)."""
+    `company_id` None lists every company (platform admin only). `filters`: exact
+    `actor`, `target`, `request_id`, `reservation_id`; `kind` exact, or a prefix
+    when it ends in ``*`` (``admin.*``). `since` inclusive, `until` exclusive."""
     stmt = select(AuditEvent)
     if company_id is not None:
         stmt = stmt.where(col(AuditEvent.company_id) == company_id)
+    for name, value in (filters or {}).items():
+        if name == "kind":
+            if value.endswith("*"):
+                # A prefix match, the LIKE wildcards in it escaped.
+                prefix = value[:-1].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                stmt = stmt.where(col(AuditEvent.action).like(prefix + "%", escape="\\"))
+            else:
+                stmt = stmt.where(col(AuditEvent.action) == value)
+        elif name == "actor":
+            stmt = stmt.where(col(AuditEvent.actor) == value)
+        elif name == "target":
+            stmt = stmt.where(col(AuditEvent.target) == value)
+        elif name == "request_id":
+            stmt = stmt.where(col(AuditEvent.request_id) == value)
+        elif name == "reservation_id":
+            stmt = stmt.where(col(AuditEvent.reservation_id) == value)
+    if since is not None:
+        stmt = stmt.where(col(AuditEvent.created_at) >= since)
+    if until is not None:
+        stmt = stmt.where(col(AuditEvent.created_at) < until)
     if after is not None:
         moment, last_id = after
         stmt = stmt.where(
@@ -82,6 +177,8 @@ def event_public(e: AuditEvent) -> dict[str, Any]:
         "id": e.id,
         "actor": e.actor,
         "action": e.action,
+        "kind": e.action,
+        "target": e.target,
         "company_id": e.company_id,
         "amount": None if e.amount_micro is None else format_credits(e.amount_micro),
         "reservation_id": e.reservation_id,

@@ -313,6 +313,7 @@ def reserve(
         created_at=now,
         expires_at=hold_expires_at,
         settled_at=None,
+        api_key_id=principal.api_key_id,
     )
     # Lock order, as in settlement: the company row (the hold), then the budget
     # periods (`budgets`), then the session row.

@@ -180,6 +180,10 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         password={"type": "string", "minLength": 4, "maxLength": 1024},
         role={"enum": ["member", "owner", "admin"]},
     ),
+    ("patch", "/v1/admin/users/{user_id}"): {
+        **_obj(["role"], role={"enum": ["member", "owner", "admin"]}),
+        "additionalProperties": False,
+    },
     ("post", "/v1/admin/api-keys"): _obj(["user_id"], user_id=_ID, scopes=_SCOPES),
     ("put", "/v1/admin/companies/{company_id}/providers/{provider}"): {
         **_obj(
@@ -250,14 +254,40 @@ def _query(name: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "schema": {"type": "string"}}
 
 
+def _day(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": {"type": "string", "format": "date"}}
+
+
 QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/v1/models"): [_query("provider")],
     ("get", "/v1/sessions"): [_LIMIT, _CURSOR],
     ("get", "/v1/sessions/{session_id}"): [_LIMIT, _CURSOR],
     ("get", "/v1/usage"): [_LIMIT, _CURSOR],
     ("get", "/v1/credits"): [_LIMIT, _CURSOR],
-    ("get", "/v1/admin/audit"): [_query("company_id"), _LIMIT, _CURSOR],
+    ("get", "/v1/admin/audit"): [
+        _query("company_id"),
+        _query("kind"),
+        _query("actor"),
+        _query("target"),
+        _query("request_id"),
+        _query("reservation_id"),
+        _day("from"),
+        _day("to"),
+        _LIMIT,
+        _CURSOR,
+    ],
+    ("get", "/v1/usage/summary"): [
+        _query("company_id"),
+        {"name": "group_by", "in": "query", "schema": {"type": "string"}},
+        _day("from"),
+        _day("to"),
+        {"name": "order", "in": "query", "schema": {"enum": ["keys", "cost"]}},
+        _LIMIT,
+        _CURSOR,
+    ],
+    ("get", "/v1/usage/ttft"): [_query("company_id"), _day("from"), _day("to")],
     ("get", "/v1/admin/companies"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/users"): [_query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/api-keys"): [_query("user_id"), _query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/revocations"): [_query("company_id"), _LIMIT, _CURSOR],
 }

@@ -41,7 +41,7 @@ class Principal:
     role: str
     scopes: frozenset[str]
     via: str  # "access_token" | "api_key" | "admin_token" | "external_jwt"
-    api_key_id: str | None = None  # the key used, when `via` is "api_key" (its budgets)
+    api_key_id: str | None = None  # the key used, when `via` is "api_key" (budgets, usage)
 
     @property
     def is_user(self) -> bool:

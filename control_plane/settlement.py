@@ -133,6 +133,23 @@ def parse_time(value: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+# A TTFT beyond this is a sender's clock error, not a measurement: not recorded.
+TTFT_MAX_MS = 3_600_000
+
+
+def ttft_ms(started_at: str, first_token_at: str | None) -> int | None:
+    """Milliseconds from the stream's start to its first token, from the webhook's
+    own timestamps; None when either is missing, unparsable or out of range (a
+    sender's bad clock must not skew the console's percentiles)."""
+    if not started_at or not first_token_at:
+        return None
+    start, first = parse_time(started_at), parse_time(first_token_at)
+    if start is None or first is None:
+        return None
+    millis = round((first - start).total_seconds() * 1000)
+    return millis if 0 <= millis <= TTFT_MAX_MS else None
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """What a stream used, from a webhook or the edge's last checkpoint."""
@@ -142,6 +159,7 @@ class Usage:
     output_tokens: int
     usage_source: str
     finish_reason: str | None = None
+    ttft_ms: int | None = None  # time to first token, when the sender measured it
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +224,8 @@ def settle_usage(
             usage_source=usage.usage_source,
             cost_micro=settled.charged_micro,
             created_at=utcnow(),
+            api_key_id=reservation.api_key_id,
+            ttft_ms=usage.ttft_ms,
         )
     )
     session.flush()
@@ -266,6 +286,7 @@ def settle_webhook(
             output_tokens=event.output_tokens,
             usage_source=event.usage_source,
             finish_reason=event.finish_reason,
+            ttft_ms=ttft_ms(event.started_at, event.first_token_at),
         ),
         actor=WEBHOOK_ACTOR,
         request_id=event.request_id or reservation.request_id,

@@ -196,6 +196,7 @@ class Reservation(SQLModel, table=True):
     created_at: datetime = _time()
     expires_at: datetime = _time()
     settled_at: datetime | None = _time(nullable=True)
+    api_key_id: str | None = _str(32, nullable=True)  # the key the stream was opened with
 
 
 class UsageRecord(SQLModel, table=True):
@@ -204,6 +205,7 @@ class UsageRecord(SQLModel, table=True):
         UniqueConstraint("reservation_id", name="uq_usage_records_reservation_id"),
         Index("ix_usage_records_company_created", "company_id", "created_at"),
         Index("ix_usage_records_user_created", "user_id", "created_at"),
+        Index("ix_usage_records_company_model_created", "company_id", "model", "created_at"),
     )
     id: str = _id()
     reservation_id: str = _str(32)
@@ -220,6 +222,8 @@ class UsageRecord(SQLModel, table=True):
     usage_source: str = _str(16)
     cost_micro: int = _money()
     created_at: datetime = _time()
+    api_key_id: str | None = _str(32, nullable=True)  # migration 0008
+    ttft_ms: int | None = _int(nullable=True)  # first_token_at - started_at, migration 0008
 
 
 class LedgerEntry(SQLModel, table=True):
@@ -275,6 +279,8 @@ class AuditEvent(SQLModel, table=True):
     request_id: str | None = _str(128, nullable=True)
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON(), nullable=False))
     created_at: datetime = _time()
+    # What an admin action acted on, e.g. ``api_key:<id>`` (migration 0008).
+    target: str | None = _str(200, nullable=True)
 
 
 class WebhookEvent(SQLModel, table=True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import orjson
@@ -110,6 +110,18 @@ def credits_amount(value: Any, name: str) -> int:
         return parse_credits(value)
     except ValueError as exc:
         raise ValidationFailed(name, str(exc)) from None
+
+
+def parse_day(raw: str | None, name: str) -> date | None:
+    """A query parameter ``YYYY-MM-DD`` (a UTC day); None when absent."""
+    if raw is None or raw == "":
+        return None
+    try:
+        if len(raw) != 10:
+            raise ValueError
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ValidationFailed(name, "must be a date YYYY-MM-DD") from None
 
 
 def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:

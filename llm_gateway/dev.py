@@ -93,6 +93,7 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
   LLM Gateway is running (embedded mode: SQLite + in-memory store)
 
     demo page       {cp}/
+    console         {cp}/console  (owners and platform admins)
     control plane   {cp}
     stream edge     {settings.edge_public_url}
     mock LLM        http://127.0.0.1:{port_base + 2}/v1

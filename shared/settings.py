@@ -138,6 +138,7 @@ class Settings:
     webhook_retry_cap_seconds: float
     spool_dir: str  # edge: usage reports the store would not take wait here
     serve_demo: bool = False
+    serve_console: bool = True  # the console at /console (DESIGN §11)
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
     service_tokens: Mapping[str, Secret] = field(default_factory=dict)
@@ -302,6 +303,7 @@ class Settings:
             breaker_reset_seconds=_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
             sweep_interval_seconds=_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 5.0, 0.1, 3600),
             serve_demo=_flag(env, "LLMGW_SERVE_DEMO", dev),
+            serve_console=_flag(env, "LLMGW_SERVE_CONSOLE", True),
             dev=dev,
             provider_keys={
                 name: Secret(env[var])

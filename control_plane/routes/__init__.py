@@ -14,8 +14,10 @@ from control_plane.routes import (
     agents,
     billing,
     chat,
+    console,
     demo,
     ops,
+    usage_summary,
     webhooks,
 )
 
@@ -25,6 +27,7 @@ def all_routes() -> list[BaseRoute]:
         *ops.routes,
         *account.routes,
         *chat.routes,
+        *usage_summary.routes,
         *billing.routes,
         *webhooks.routes,
         *admin.routes,
@@ -34,4 +37,5 @@ def all_routes() -> list[BaseRoute]:
         *admin_revocations.routes,
         *agents.routes,
         *demo.routes,
+        *console.routes,
     ]

@@ -8,6 +8,7 @@ and API keys (`policy`). Creates answer 201, deletes 204.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, policy
+from control_plane import accounts, audit, policy
 from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate
 from control_plane.credentials import hash_password
 from control_plane.deps import get_deps, read_json
@@ -23,7 +24,7 @@ from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.responses import no_content, ok
 from control_plane.signing_keys import create_signing_key, retire_superseded_keys
-from control_plane.tables import ROLES, utcnow
+from control_plane.tables import ROLES, ApiKey, User, utcnow
 from control_plane.validation import (
     credits_amount,
     decode_cursor,
@@ -48,10 +49,22 @@ async def create_company(request: Request) -> Response:
     if micro < 0:
         raise ValidationFailed("credits", "must not be negative")
     rid = request_id(request)
-    try:
-        company = await get_deps(request).db.transaction(
-            lambda s: accounts.create_company(s, principal, name, micro, rid)
+
+    def run(session: Session) -> Any:
+        company = accounts.create_company(session, principal, name, micro, rid)
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.COMPANY_CREATE,
+            company_id=company.id,
+            target=f"company:{company.id}",
+            request_id=rid,
+            after=accounts.company_public(company),
         )
+        return company
+
+    try:
+        company = await get_deps(request).db.transaction(run)
     except IntegrityError:
         raise Conflict(f"A company named {name!r} already exists.") from None
     return ok(accounts.company_public(company), 201)
@@ -89,20 +102,80 @@ async def create_user(request: Request) -> Response:
         if not policy.can_assign_role(principal, role):
             raise Forbidden(f"You cannot create a user with role {role}.")
         password_hash = await asyncio.to_thread(hash_password, password)
-    try:
-        user = await get_deps(request).db.transaction(
-            lambda s: accounts.create_user(
-                s,
-                principal,
-                company_id=company_id,
-                email=email,
-                password_hash=password_hash,
-                role=role,
-            )
+    rid = request_id(request)
+
+    def run(session: Session) -> User:
+        user = accounts.create_user(
+            session,
+            principal,
+            company_id=company_id,
+            email=email,
+            password_hash=password_hash,
+            role=role,
         )
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.USER_CREATE,
+            company_id=user.company_id,
+            target=f"user:{user.id}",
+            request_id=rid,
+            after={**accounts.user_public(user), "has_password": password_hash is not None},
+        )
+        return user
+
+    try:
+        user = await get_deps(request).db.transaction(run)
     except IntegrityError:
         raise Conflict("A user with this email already exists.") from None
     return ok(accounts.user_public(user), 201)
+
+
+async def list_users(request: Request) -> Response:
+    """A company's users (at or below the caller's rank), newest first; ``?company_id=``."""
+    principal = await authenticate(request)
+    query = dict(request.query_params)
+    company_id = optional_str(query, "company_id", max_len=64) or principal.company_id
+    if company_id is None:
+        raise ValidationFailed("company_id", "is required for the platform admin token")
+    limit = page_limit(query.get("limit"))
+    after = decode_cursor(query.get("cursor"))
+    rows = await get_deps(request).db.transaction(
+        lambda s: accounts.list_users(s, principal, company_id, limit, after)
+    )
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return ok({"items": [accounts.user_listed(u) for u in page], "next_cursor": next_cursor})
+
+
+async def update_user(request: Request) -> Response:
+    """Change a user's role (``{"role"}``), within the caller's own rank."""
+    principal = await authenticate(request)
+    user_id = str(request.path_params["user_id"])
+    doc = await read_json(request)
+    unknown = sorted(set(doc) - {"role"})
+    if unknown:
+        raise ValidationFailed(unknown[0], "is not a field (role)")
+    role = one_of(doc.get("role"), "role", ROLES)
+    rid = request_id(request)
+
+    def run(session: Session) -> User:
+        user, previous = accounts.set_role(session, principal, user_id, role)
+        if previous != role:
+            audit.record_admin(
+                session,
+                actor=accounts.actor_of(principal),
+                action=audit.USER_ROLE,
+                company_id=user.company_id,
+                target=f"user:{user.id}",
+                request_id=rid,
+                before={"role": previous},
+                after={"role": role},
+            )
+        return user
+
+    user = await get_deps(request).db.transaction(run)
+    return ok(accounts.user_public(user))
 
 
 async def create_api_key(request: Request) -> Response:
@@ -110,9 +183,25 @@ async def create_api_key(request: Request) -> Response:
     doc = await read_json(request)
     user_id = required_str(doc, "user_id", max_len=64)
     scopes = doc.get("scopes")
-    created = await get_deps(request).db.transaction(
-        lambda s: accounts.create_api_key(s, principal, user_id, scopes)
-    )
+    rid = request_id(request)
+
+    def run(session: Session) -> accounts.CreatedKey:
+        created = accounts.create_api_key(session, principal, user_id, scopes)
+        row = session.get(ApiKey, created.id)
+        user = session.get(User, user_id)
+        assert row is not None and user is not None
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.API_KEY_CREATE,
+            company_id=user.company_id,
+            target=f"api_key:{created.id}",
+            request_id=rid,
+            after=accounts.api_key_public(row),  # the prefix only, never the key
+        )
+        return created
+
+    created = await get_deps(request).db.transaction(run)
     return ok(created.public(), 201)
 
 
@@ -137,7 +226,29 @@ async def list_api_keys(request: Request) -> Response:
 async def revoke_api_key(request: Request) -> Response:
     principal = await authenticate(request)
     key_id = str(request.path_params["key_id"])
-    await get_deps(request).db.transaction(lambda s: accounts.revoke_api_key(s, principal, key_id))
+    rid = request_id(request)
+
+    def run(session: Session) -> None:
+        row = session.get(ApiKey, key_id)
+        before = None if row is None else accounts.api_key_public(row)
+        accounts.revoke_api_key(session, principal, key_id)  # 404 unless the caller may
+        user = None if row is None else session.get(User, row.user_id)
+        assert row is not None and user is not None
+        session.refresh(row)
+        after = accounts.api_key_public(row)
+        if before != after:  # revoking a revoked key changes nothing: nothing to audit
+            audit.record_admin(
+                session,
+                actor=accounts.actor_of(principal),
+                action=audit.API_KEY_REVOKE,
+                company_id=user.company_id,
+                target=f"api_key:{key_id}",
+                request_id=rid,
+                before=before,
+                after=after,
+            )
+
+    await get_deps(request).db.transaction(run)
     return no_content()
 
 
@@ -151,9 +262,20 @@ async def rotate_signing_key(request: Request) -> Response:
     # leeway) signed only expired tokens: they leave the JWKS now.
     max_life = max(ACCESS_TOKEN_TTL_SECONDS, deps.settings.token_ttl_seconds) + 60
 
+    rid = request_id(request)
+
     def rotate(session: Session) -> tuple[str, list[str]]:
         retired = retire_superseded_keys(session, utcnow(), max_life)
         kid, _ = create_signing_key(session, fernet)
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.SIGNING_KEY_ROTATE,
+            company_id=None,
+            target=f"signing_key:{kid}",
+            request_id=rid,
+            after={"kid": kid, "retired": retired},
+        )
         return kid, retired
 
     kid, retired = await deps.db.transaction(rotate)
@@ -165,6 +287,8 @@ routes: list[BaseRoute] = [
     Route("/v1/admin/companies", create_company, methods=["POST"]),
     Route("/v1/admin/companies", list_companies, methods=["GET"]),
     Route("/v1/admin/users", create_user, methods=["POST"]),
+    Route("/v1/admin/users", list_users, methods=["GET"]),
+    Route("/v1/admin/users/{user_id}", update_user, methods=["PATCH"]),
     Route("/v1/admin/api-keys", create_api_key, methods=["POST"]),
     Route("/v1/admin/api-keys", list_api_keys, methods=["GET"]),
     Route("/v1/admin/api-keys/{key_id}", revoke_api_key, methods=["DELETE"]),

@@ -5,8 +5,9 @@
 * ``POST /v1/admin/companies/{id}/adjustments`` ``{"amount": "-1.25", "reason"}``:
   a correction either way; the reason is required; a debit may not exceed what is
   available (409 ``available_credits_exceeded``).
-* ``GET /v1/admin/audit?company_id=&limit=&cursor=``: the audit log, newest first
-  (the platform admin: any company or all; an owner: its own company).
+* ``GET /v1/admin/audit?company_id=&kind=&actor=&target=&request_id=&from=&to=``:
+  the audit log, newest first (the platform admin: any company or all; an owner:
+  its own company).
 
 Both money routes honour ``Idempotency-Key`` (`grants`) and answer 201 with the
 ledger entry, ``meta.replayed`` telling a replay from a new entry.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -39,6 +41,7 @@ from control_plane.validation import (
     encode_cursor,
     optional_str,
     page_limit,
+    parse_day,
     required_str,
 )
 
@@ -128,17 +131,36 @@ async def adjust_credits(request: Request) -> Response:
     )
 
 
+def _audit_filters(query: dict[str, str]) -> dict[str, str]:
+    filters = {}
+    for name in audit.FILTERS:
+        value = optional_str(query, name, max_len=200)
+        if value is not None:
+            filters[name] = value
+    return filters
+
+
 async def list_audit(request: Request) -> Response:
-    """The audit log of money movements, newest first."""
+    """The audit log (money movements and ``admin.*`` actions), newest first;
+    filters ``kind`` (``admin.*`` for a prefix), ``actor``, ``target``,
+    ``request_id``, ``reservation_id``, ``from`` / ``to`` (UTC days, inclusive)."""
     principal = await authenticate(request)
-    company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
+    query = dict(request.query_params)
+    company_id = optional_str(query, "company_id", max_len=64)
     if company_id is None and not policy.is_platform_admin(principal):
         company_id = principal.company_id  # an owner's default: its own company
     if not policy.can_read_audit(principal, company_id):
         raise Forbidden("Only a platform admin, or an owner for its own company, reads the audit.")
-    limit = page_limit(request.query_params.get("limit"))
-    after = decode_cursor(request.query_params.get("cursor"))
-    rows = await get_deps(request).db.transaction(lambda s: audit.page(s, company_id, limit, after))
+    filters = _audit_filters(query)
+    start = parse_day(query.get("from"), "from")
+    end = parse_day(query.get("to"), "to")
+    since = None if start is None else datetime.combine(start, time(), tzinfo=UTC)
+    until = None if end is None else datetime.combine(end + timedelta(days=1), time(), tzinfo=UTC)
+    limit = page_limit(query.get("limit"))
+    after = decode_cursor(query.get("cursor"))
+    rows = await get_deps(request).db.transaction(
+        lambda s: audit.page(s, company_id, limit, after, filters, since, until)
+    )
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
     return ok({"items": [audit.event_public(e) for e in page], "next_cursor": next_cursor})

@@ -16,10 +16,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import company_llm, company_webhooks, policy
+from control_plane import accounts, audit, company_llm, company_webhooks, policy
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
+from control_plane.middleware import request_id
 from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
 from control_plane.tables import Company, SigningKey
@@ -36,14 +37,19 @@ def _company(session: Session, p: Principal, company_id: str) -> Company:
 
 
 def _provider_view(
-    session: Session, catalog: Catalog, company: Company, provider: str
+    session: Session,
+    catalog: Catalog,
+    company: Company,
+    provider: str,
+    *,
+    with_overrides: bool = False,
 ) -> dict[str, Any]:
     row = company_llm.provider_row(session, company.id, provider)
     overrides = company_llm.load_overrides(session, company.id)
     keyed = company_llm.keyed_providers(session, company.id)
     view = company_llm.company_catalog(catalog, overrides, company.default_model, keyed)
     mine = [o for o in overrides if o.provider == provider]
-    return {
+    shown: dict[str, Any] = {
         "provider": provider,
         "has_key": row is not None and row.api_key_encrypted is not None,
         "default_model": view.default_model,
@@ -54,6 +60,11 @@ def _provider_view(
             for o in mine
         ],
     }
+    if with_overrides:
+        # The company's own override of each model, as sent (no secret in it): what a
+        # client edits and sends back, since ``models`` replaces them all.
+        shown["overrides"] = {o.model_id: o.spec for o in mine}
+    return shown
 
 
 def _api_key(doc: dict[str, Any]) -> Any:
@@ -147,12 +158,37 @@ async def put_provider(request: Request) -> Response:
         ):
             raise ValidationFailed("default_model", "must be a model id or null")
     fernet = deps.fernet
-    data = await deps.db.transaction(
-        lambda s: _configure(
-            s, principal, fernet, catalog, company_id, provider, api_key, models, default_model
+    rid = request_id(request)
+
+    def run(session: Session) -> dict[str, Any]:
+        company = _company(session, principal, company_id)
+        before = _provider_view(session, catalog, company, provider, with_overrides=True)
+        answer = _configure(
+            session,
+            principal,
+            fernet,
+            catalog,
+            company_id,
+            provider,
+            api_key,
+            models,
+            default_model,
         )
-    )
-    return ok(data)
+        after = _provider_view(session, catalog, company, provider, with_overrides=True)
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.PROVIDER_SET,
+            company_id=company_id,
+            target=f"provider:{provider}",
+            request_id=rid,
+            # The views carry `has_key`, never the key; `key_changed` says it was sent.
+            before=before,
+            after={**after, "key_changed": api_key is not _UNSET},
+        )
+        return answer
+
+    return ok(await deps.db.transaction(run))
 
 
 def _list(session: Session, p: Principal, catalog: Catalog, company_id: str) -> dict[str, Any]:
@@ -161,7 +197,7 @@ def _list(session: Session, p: Principal, catalog: Catalog, company_id: str) -> 
     providers |= {o.provider for o in company_llm.load_overrides(session, company.id)}
     return {
         "items": [
-            _provider_view(session, catalog, company, name)
+            _provider_view(session, catalog, company, name, with_overrides=True)
             for name in sorted(providers)
             if name in catalog.providers
         ]
@@ -184,9 +220,22 @@ async def delete_provider(request: Request) -> Response:
     company_id = str(request.path_params["company_id"])
     provider = _provider(request, deps.settings.catalog)
 
+    rid = request_id(request)
+    catalog = deps.settings.catalog
+
     def run(session: Session) -> None:
-        _company(session, principal, company_id)
+        company = _company(session, principal, company_id)
+        before = _provider_view(session, catalog, company, provider, with_overrides=True)
         company_llm.remove_provider(session, company_id, provider)
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.PROVIDER_DELETE,
+            company_id=company_id,
+            target=f"provider:{provider}",
+            request_id=rid,
+            before=before,
+        )
 
     await deps.db.transaction(run)
     return no_content()
@@ -218,15 +267,27 @@ async def rotate_encryption(request: Request) -> Response:
         raise Forbidden("Only a platform admin can re-encrypt stored secrets.")
     deps = get_deps(request)
     fernet = deps.fernet
-    result = await deps.db.transaction(lambda s: reencrypt_all(s, fernet))
-    return ok(
-        {
+    rid = request_id(request)
+
+    def run(session: Session) -> dict[str, Any]:
+        result = reencrypt_all(session, fernet)
+        counts = {
             "provider_keys": result.provider_keys,
             "signing_keys": result.signing_keys,
             "failed": result.failed,
-        },
-        201,
-    )
+        }
+        audit.record_admin(
+            session,
+            actor=accounts.actor_of(principal),
+            action=audit.ENCRYPTION_ROTATE,
+            company_id=None,
+            target="encryption_keys",
+            request_id=rid,
+            after=counts,
+        )
+        return counts
+
+    return ok(await deps.db.transaction(run), 201)
 
 
 routes: list[BaseRoute] = [

@@ -1,0 +1,737 @@
+// The console (issue 17): a static page on the control plane's public API.
+// Every rule (who sees which company, who may do what) is the API's: this page
+// only shows what the API answers, and the API's errors inline where they belong.
+"use strict";
+
+const TOKEN_KEY = "llmgw.console.token";
+const PALETTE = ["#1f4bc4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285",
+                 "#5c940d", "#e67700", "#364fc7", "#a61e4d"];
+const RANK = {member: 0, owner: 1, admin: 2};
+const MAX_PAGES = 20;  // aggregate pages fetched for one chart (200 groups each)
+
+const state = {
+  token: null,
+  me: null,            // /v1/me, or null for the admin token
+  platformAdmin: false,
+  role: "member",
+  companyId: null,     // the company the sections act on (null: every company)
+  charts: {},
+  auditCursor: null,
+  ledgerCursor: null,
+};
+window.llmgwConsole = state;  // read by the browser tests
+
+const $ = (selector) => document.querySelector(selector);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
+  }
+  return node;
+}
+
+function td(text, cls) { return el("td", cls ? {class: cls} : {}, text ?? "—"); }
+
+function orNone(rows, columns) {
+  // An empty table says so, rather than looking broken.
+  return rows.length ? rows : [el("tr", {class: "empty"}, el("td", {colspan: String(columns)}, "None yet."))];
+}
+
+function when(iso) { return iso ? iso.replace("T", " ").slice(0, 19) : "—"; }
+
+async function api(method, path, body) {
+  const headers = {Authorization: `Bearer ${state.token}`};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {method, headers,
+      body: body === undefined ? undefined : JSON.stringify(body)});
+  } catch (err) {
+    return {ok: false, status: 0, message: "The control plane cannot be reached.", code: "network"};
+  }
+  if (response.status === 204) return {ok: true, status: 204, data: null};
+  let doc = {};
+  try { doc = await response.json(); } catch (err) { doc = {}; }
+  if (response.ok && doc.success) return {ok: true, status: response.status, data: doc.data, meta: doc.meta};
+  return {ok: false, status: response.status,
+          message: doc.message || `The request failed (${response.status}).`,
+          code: doc.error ? doc.error.code : "error"};
+}
+
+function showError(id, result) {
+  const node = $(id);
+  node.textContent = result && !result.ok ? result.message : "";
+  return result && result.ok;
+}
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [key, value] of Object.entries(params)) {
+    if (value !== null && value !== undefined && value !== "") q.set(key, value);
+  }
+  const text = q.toString();
+  return text ? `?${text}` : "";
+}
+
+function companyParam() { return state.companyId ? {company_id: state.companyId} : {}; }
+
+// --- sign in ---------------------------------------------------------------------
+
+async function signIn(event) {
+  event.preventDefault();
+  $("#signin-error").textContent = "";
+  const response = await fetch("/v1/auth/login", {method: "POST",
+    headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({email: $("#email").value, password: $("#password").value})});
+  const doc = await response.json().catch(() => ({}));
+  if (!response.ok || !doc.success) {
+    $("#signin-error").textContent = doc.message || "Sign-in failed.";
+    return;
+  }
+  await start(doc.data.access_token);
+}
+
+async function useToken(event) {
+  event.preventDefault();
+  await start($("#token").value.trim());
+}
+
+async function start(token) {
+  state.token = token;
+  const me = await api("GET", "/v1/me");
+  if (me.ok) {
+    state.me = me.data;
+    state.role = me.data.user.role;
+    state.companyId = me.data.company.id;
+  } else {
+    // The admin token has no user: it is the platform admin if it may list companies.
+    const companies = await api("GET", "/v1/admin/companies?limit=1");
+    if (!companies.ok) {
+      $("#signin-error").textContent = me.message;
+      state.token = null;
+      return;
+    }
+    state.me = null;
+    state.role = "admin";
+    state.companyId = null;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("#signin").hidden = true;
+  $("#sign-out").hidden = false;
+  $("#who").hidden = false;
+  $("#who").textContent = state.me
+    ? `${state.me.user.email} · ${state.role} · ${state.me.company.name}`
+    : "platform admin token";
+  if (RANK[state.role] < RANK.owner) {
+    // A member has no console: nothing of it is even drawn.
+    $("#denied").hidden = false;
+    return;
+  }
+  state.platformAdmin = state.role === "admin";
+  const asked = new URLSearchParams(location.search).get("company");
+  if (asked) state.companyId = asked;
+  if (state.platformAdmin) await loadCompanyPicker();
+  fillRoleChoices();
+  $("#app").hidden = false;
+  await openTab(new URLSearchParams(location.search).get("tab") || "usage");
+}
+
+function signOut() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  location.href = "/console";
+}
+
+async function loadCompanyPicker() {
+  const picker = $("#company");
+  picker.replaceChildren(el("option", {value: ""}, "All companies"));
+  let cursor = null;
+  for (let page = 0; page < MAX_PAGES; page++) {
+    const result = await api("GET", `/v1/admin/companies${query({limit: 200, cursor})}`);
+    if (!result.ok) break;
+    for (const company of result.data.items) {
+      picker.append(el("option", {value: company.id}, company.name));
+    }
+    cursor = result.data.next_cursor;
+    if (!cursor) break;
+  }
+  picker.value = state.companyId || "";
+  $("#company-picker").hidden = false;
+}
+
+function fillRoleChoices() {
+  // Only roles at or below the caller's; the API refuses anything else anyway.
+  const roles = Object.keys(RANK).filter((role) => RANK[role] <= RANK[state.role]);
+  $("#invite-role").replaceChildren(...roles.map((role) => el("option", {value: role}, role)));
+}
+
+// --- tabs ----------------------------------------------------------------------------
+
+const LOADERS = {
+  usage: loadUsage, credits: loadCredits, users: loadUsers, keys: loadKeys,
+  providers: loadProviders, plans: loadPlans, audit: () => loadAudit(false),
+};
+
+async function openTab(name) {
+  if (!LOADERS[name]) name = "usage";
+  for (const button of document.querySelectorAll(".tab")) {
+    if (button.dataset.tab === name) button.setAttribute("aria-current", "page");
+    else button.removeAttribute("aria-current");
+  }
+  for (const panel of document.querySelectorAll(".tab-panel")) {
+    panel.hidden = panel.id !== `tab-${name}`;
+  }
+  $("#scope-error").textContent = "";
+  $("#status").textContent = "Loading…";
+  document.body.dataset.loaded = "";
+  await LOADERS[name]();
+  $("#status").textContent = "";
+  document.body.dataset.loaded = name;
+}
+
+function needCompany(errorId) {
+  if (state.companyId) return true;
+  $(errorId).textContent = "Choose a company first.";
+  return false;
+}
+
+// --- usage -----------------------------------------------------------------------------
+
+function isoDay(date) { return date.toISOString().slice(0, 10); }
+
+function defaultRange() {
+  if (!$("#to").value) {
+    const today = new Date();
+    $("#to").value = isoDay(today);
+    $("#from").value = isoDay(new Date(today.getTime() - 29 * 86400000));
+  }
+}
+
+async function allPages(path, params) {
+  const items = [];
+  let cursor = null;
+  for (let page = 0; page < MAX_PAGES; page++) {
+    const result = await api("GET", path + query({...params, limit: 200, cursor}));
+    if (!result.ok) return result;
+    items.push(...result.data.items);
+    cursor = result.data.next_cursor;
+    if (!cursor) break;
+  }
+  return {ok: true, data: {items}};
+}
+
+function daysBetween(from, to) {
+  const days = [];
+  for (let d = new Date(`${from}T00:00:00Z`); isoDay(d) <= to; d = new Date(d.getTime() + 86400000)) {
+    days.push(isoDay(d));
+  }
+  return days;
+}
+
+async function loadUsage() {
+  defaultRange();
+  const from = $("#from").value, to = $("#to").value, split = $("#split").value;
+  const range = {...companyParam(), from, to};
+  const [series, users, keys, ttft] = await Promise.all([
+    allPages("/v1/usage/summary", {...range, group_by: `day,${split}`}),
+    api("GET", `/v1/usage/summary${query({...range, group_by: "user", order: "cost", limit: 10})}`),
+    api("GET", `/v1/usage/summary${query({...range, group_by: "api_key", order: "cost", limit: 10})}`),
+    api("GET", `/v1/usage/ttft${query(range)}`),
+  ]);
+  const failed = [series, users, keys, ttft].find((r) => !r.ok);
+  showError("#usage-error", failed || {ok: true});
+  if (failed) { drawCharts([], [], split); return; }
+  const labelOf = (item) => split === "model" ? item.model : (item.email || item.user_id);
+  drawCharts(series.data.items, daysBetween(from, to), split, labelOf);
+  fillSpendTable(series.data.items, labelOf);
+  fillTop("#top-users", users.data.items, (i) => i.email || i.user_id);
+  fillTop("#top-keys", keys.data.items, (i) => i.api_key_id ? `${i.prefix || i.api_key_id}…` : "(signed-in sessions)");
+  $("#ttft tbody").replaceChildren(...ttft.data.items.map((i) => el("tr", {},
+    td(i.model), td(String(i.streams), "num"), td(`${i.p50_ms} ms`, "num"), td(`${i.p95_ms} ms`, "num"))));
+  const cost = series.data.items.reduce((sum, i) => sum + Number(i.cost), 0);
+  const streams = series.data.items.reduce((sum, i) => sum + i.streams, 0);
+  $("#usage-totals").textContent =
+    `${streams} streams, ${cost.toFixed(6)} credits from ${from} to ${to}.`;
+}
+
+function drawCharts(items, days, split, labelOf) {
+  const names = [...new Set(items.map((i) => labelOf(i)))].sort();
+  const build = (value) => ({
+    labels: days,
+    datasets: names.map((name, n) => ({
+      label: name,
+      backgroundColor: PALETTE[n % PALETTE.length],
+      data: days.map((day) => items
+        .filter((i) => i.day === day && labelOf(i) === name)
+        .reduce((sum, i) => sum + value(i), 0)),
+    })),
+  });
+  draw("spend-chart", build((i) => Number(i.cost)));
+  draw("tokens-chart", build((i) => i.input_tokens + i.output_tokens));
+}
+
+function draw(id, data) {
+  if (typeof Chart === "undefined") return;  // the library failed to load: tables remain
+  if (state.charts[id]) state.charts[id].destroy();
+  state.charts[id] = new Chart(document.getElementById(id), {
+    type: "bar",
+    data,
+    options: {
+      animation: false,
+      maintainAspectRatio: false,
+      scales: {x: {stacked: true, ticks: {maxRotation: 0, autoSkipPadding: 12}},
+               y: {stacked: true, beginAtZero: true}},
+      plugins: {legend: {position: "bottom"}},
+    },
+  });
+}
+
+function fillSpendTable(items, labelOf) {
+  $("#spend-table tbody").replaceChildren(...items.map((i) => el("tr", {},
+    td(i.day), td(labelOf(i)), td(String(i.streams), "num"),
+    td(String(i.input_tokens + i.output_tokens), "num"), td(i.cost, "num"))));
+}
+
+function fillTop(id, items, name) {
+  $(`${id} tbody`).replaceChildren(...(items.length ? items.map((i) => el("tr", {},
+    td(name(i)), td(String(i.streams), "num"), td(i.cost, "num")))
+    : [el("tr", {}, el("td", {colspan: "3"}, "No usage in this range."))]));
+}
+
+// --- credits -------------------------------------------------------------------------
+
+async function loadCredits(more = false) {
+  $("#companies-card").hidden = !state.platformAdmin;
+  if (state.platformAdmin) {
+    const companies = await allPages("/v1/admin/companies", {});
+    if (showError("#credits-error", companies)) {
+      $("#companies tbody").replaceChildren(...companies.data.items.map((c) =>
+        el("tr", {}, td(c.name), td(c.credits, "num"))));
+    }
+  }
+  // The ledger is the caller's own company's (`/v1/credits`); the admin token has none.
+  if (!state.me) {
+    $("#balances").replaceChildren();
+    $("#ledger tbody").replaceChildren();
+    return;
+  }
+  const result = await api("GET", `/v1/credits${query({limit: 50, cursor: more ? state.ledgerCursor : null})}`);
+  if (!showError("#credits-error", result)) return;
+  const data = result.data;
+  $("#balances").replaceChildren(...[["Balance", data.balance], ["Held", data.held],
+    ["Available", data.available]].map(([name, value]) =>
+    el("div", {}, el("dt", {}, name), el("dd", {id: `credits-${name.toLowerCase()}`}, value))));
+  const rows = data.entries.map((e) => el("tr", {},
+    td(when(e.created_at)), td(e.kind), td(e.amount, "num"), td(e.reason),
+    el("td", {}, e.reservation_id ? el("button", {type: "button", class: "quiet",
+      onclick: () => auditFor(e.reservation_id)}, "Trail") : "—")));
+  if (more) $("#ledger tbody").append(...rows);
+  else $("#ledger tbody").replaceChildren(...rows);
+  state.ledgerCursor = data.next_cursor;
+  $("#ledger-more").hidden = !data.next_cursor;
+}
+
+async function auditFor(reservationId) {
+  // A reservation's trail: its hold, charge and release, each with actor and request.
+  state.auditReservation = reservationId;
+  await openTab("audit");
+}
+
+// --- users and revocations ---------------------------------------------------------------
+
+async function loadUsers() {
+  if (!needCompany("#users-error")) return;
+  const [users, revocations] = await Promise.all([
+    allPages("/v1/admin/users", {company_id: state.companyId}),
+    api("GET", `/v1/admin/revocations${query({company_id: state.companyId, limit: 200})}`),
+  ]);
+  if (!showError("#users-error", users)) return;
+  state.users = users.data.items;
+  const self = (u) => state.me && u.id === state.me.user.id;
+  $("#users tbody").replaceChildren(...orNone(users.data.items.map((u) => el("tr", {},
+    td(u.email), self(u) ? td(u.role) : el("td", {}, roleSelect(u)),
+    td(u.disabled_at ? `disabled ${when(u.disabled_at)}` : "active"),
+    el("td", {}, u.disabled_at || (state.me && u.id === state.me.user.id) ? "—"
+      : el("button", {type: "button", class: "danger", "aria-label": `Disable ${u.email}`,
+        onclick: () => disableUser(u)}, "Disable")))), 4));
+  if (revocations.ok) {
+    const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
+    $("#revocations tbody").replaceChildren(...orNone(revocations.data.items.map((r) => el("tr", {},
+      td(`${r.kind} ${emails[r.value] || r.value}`), td(when(r.created_at)), td(r.reason),
+      td(r.lifted_at ? `lifted ${when(r.lifted_at)}` : "in force"),
+      el("td", {}, r.lifted_at ? "—" : el("button", {type: "button", class: "quiet",
+        onclick: () => liftRevocation(r)}, "Lift")))), 5));
+  }
+}
+
+function roleSelect(user) {
+  const select = el("select", {"aria-label": `Role of ${user.email}`, dataset: {user: user.id}});
+  for (const role of Object.keys(RANK).filter((r) => RANK[r] <= RANK[state.role])) {
+    select.append(el("option", {value: role}, role));
+  }
+  select.value = user.role;
+  select.addEventListener("change", () => changeRole(user, select));
+  return select;
+}
+
+async function changeRole(user, select) {
+  const role = select.value;
+  if (!confirm(`Make ${user.email} ${role === "admin" ? "an" : "a"} ${role}?`)) {
+    select.value = user.role;
+    return;
+  }
+  const result = await api("PATCH", `/v1/admin/users/${encodeURIComponent(user.id)}`, {role});
+  if (!showError("#users-error", result)) { select.value = user.role; return; }
+  await loadUsers();
+  $("#status").textContent = `${user.email} is now ${role}.`;
+}
+
+async function invite(event) {
+  event.preventDefault();
+  const body = {company_id: state.companyId, email: $("#invite-email").value,
+                role: $("#invite-role").value};
+  if ($("#invite-password").value) body.password = $("#invite-password").value;
+  if (!state.companyId) { $("#invite-error").textContent = "Choose a company first."; return; }
+  const result = await api("POST", "/v1/admin/users", body);
+  if (!showError("#invite-error", result)) return;
+  $("#invite-form").reset();
+  fillRoleChoices();
+  $("#status").textContent = `Invited ${result.data.email}.`;
+  await loadUsers();
+}
+
+async function disableUser(user) {
+  if (!confirm(`Disable ${user.email}? Their sign-ins, API keys and running streams stop.`)) return;
+  const result = await api("POST", "/v1/admin/revocations", {user_id: user.id, reason: "disabled in the console"});
+  if (showError("#users-error", result)) await loadUsers();
+}
+
+async function revokeStream(event) {
+  event.preventDefault();
+  const jti = $("#revoke-jti").value.trim();
+  if (!jti) { $("#jti-error").textContent = "jti: is required"; return; }
+  if (!confirm(`Revoke stream token ${jti}? A running stream ends at once.`)) return;
+  const result = await api("POST", "/v1/admin/revocations", {jti, reason: "revoked in the console"});
+  if (!showError("#jti-error", result)) return;
+  $("#jti-form").reset();
+  await loadUsers();
+}
+
+async function liftRevocation(revocation) {
+  if (!confirm(`Lift the revocation of ${revocation.kind} ${revocation.value}?`)) return;
+  const result = await api("DELETE", `/v1/admin/revocations/${encodeURIComponent(revocation.id)}`);
+  if (showError("#users-error", result)) await loadUsers();
+}
+
+// --- API keys ----------------------------------------------------------------------------
+
+async function loadKeys() {
+  if (!needCompany("#keys-error")) return;
+  const [keys, users] = await Promise.all([
+    allPages("/v1/admin/api-keys", {company_id: state.companyId}),
+    allPages("/v1/admin/users", {company_id: state.companyId}),
+  ]);
+  if (!showError("#keys-error", keys.ok ? users : keys)) return;
+  const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
+  $("#key-user").replaceChildren(...users.data.items.filter((u) => !u.disabled_at)
+    .map((u) => el("option", {value: u.id}, `${u.email} (${u.role})`)));
+  $("#keys tbody").replaceChildren(...orNone(keys.data.items.map((k) => el("tr", {},
+    td(`${k.prefix}…`), td(emails[k.user_id] || k.user_id), td(k.scopes.join(" ")),
+    td(when(k.last_used_at)), td(k.revoked_at ? `revoked ${when(k.revoked_at)}` : "active"),
+    el("td", {}, k.revoked_at ? "—" : el("button", {type: "button", class: "danger",
+      "aria-label": `Revoke ${k.prefix}`, onclick: () => revokeKey(k)}, "Revoke")))), 6));
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  $("#new-key-box").hidden = true;
+  const scopes = [...document.querySelectorAll("input[name=scope]:checked")].map((i) => i.value);
+  const result = await api("POST", "/v1/admin/api-keys", {user_id: $("#key-user").value, scopes});
+  if (!showError("#key-error", result)) return;
+  $("#new-key").textContent = result.data.key;  // shown once: never stored by the page
+  $("#new-key-box").hidden = false;
+  await loadKeys();
+}
+
+async function revokeKey(key) {
+  if (!confirm(`Revoke the key ${key.prefix}…? Anything using it stops working.`)) return;
+  const result = await api("DELETE", `/v1/admin/api-keys/${encodeURIComponent(key.id)}`);
+  if (showError("#keys-error", result)) await loadKeys();
+}
+
+// --- providers ---------------------------------------------------------------------------
+
+async function loadProviders() {
+  if (!needCompany("#providers-error")) return;
+  const path = `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers`;
+  const [configured, models] = await Promise.all([api("GET", path), api("GET", "/v1/models")]);
+  if (!showError("#providers-error", configured)) return;
+  const catalog = models.ok ? models.data.models : [];
+  const providers = [...new Set(catalog.map((m) => m.provider).concat(
+    configured.data.items.map((p) => p.provider)))].sort();
+  const keep = $("#provider").value;
+  $("#provider").replaceChildren(...providers.map((p) => el("option", {value: p}, p)));
+  if (keep) $("#provider").value = keep;
+  $("#default-model").replaceChildren(el("option", {value: ""}, "(unchanged)"),
+    ...catalog.map((m) => el("option", {value: m.id}, m.id)));
+  state.providers = Object.fromEntries(configured.data.items.map((p) => [p.provider, p]));
+  const keepModelProvider = $("#model-provider").value;
+  $("#model-provider").replaceChildren(...providers.map((p) => el("option", {value: p}, p)));
+  if (keepModelProvider) $("#model-provider").value = keepModelProvider;
+  $("#model-ids").replaceChildren(...catalog.map((m) => el("option", {value: m.id})));
+  $("#overrides tbody").replaceChildren(...orNone(configured.data.items.flatMap((p) =>
+    Object.entries(p.overrides || {}).map(([id, spec]) => el("tr", {},
+      td(p.provider), td(id), td(JSON.stringify(spec)),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Remove override of ${id}`,
+        onclick: () => removeOverride(p.provider, id)}, "Remove"))))), 4));
+  $("#providers tbody").replaceChildren(...orNone(configured.data.items.map((p) => el("tr", {},
+    td(p.provider), td(p.has_key ? "own key set" : "platform key"),
+    td(p.models.map((m) => m.id).join(", ") || "—"),
+    el("td", {}, el("button", {type: "button", class: "danger",
+      "aria-label": `Remove ${p.provider}`, onclick: () => removeProvider(p.provider)}, "Remove")))), 4));
+}
+
+async function saveProvider(event) {
+  event.preventDefault();
+  const body = {};
+  if ($("#provider-key").value) body.api_key = $("#provider-key").value;
+  if ($("#default-model").value) body.default_model = $("#default-model").value;
+  const provider = encodeURIComponent($("#provider").value);
+  const result = await api("PUT",
+    `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers/${provider}`, body);
+  if (!showError("#provider-error", result)) return;
+  $("#provider-key").value = "";  // never kept, never shown back
+  $("#status").textContent = `Saved ${result.data.provider}.`;
+  await loadProviders();
+}
+
+function overridesOf(provider) {
+  const configured = (state.providers || {})[provider];
+  return configured ? {...configured.overrides} : {};
+}
+
+async function putModels(provider, models, errorId) {
+  // `models` replaces the provider's overrides: send them all, changed.
+  const result = await api("PUT",
+    `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers/${encodeURIComponent(provider)}`,
+    {models});
+  if (showError(errorId, result)) await loadProviders();
+  return result.ok;
+}
+
+async function saveModel(event) {
+  event.preventDefault();
+  const id = $("#model-id").value.trim();
+  if (!id) { $("#model-error").textContent = "model id: is required"; return; }
+  const partial = {};
+  const number = (sel) => $(sel).value === "" ? undefined : Number($(sel).value);
+  if (number("#model-context") !== undefined) partial.context_length = number("#model-context");
+  if (number("#model-max-output") !== undefined) partial.max_output_tokens = number("#model-max-output");
+  const price = {};
+  if ($("#model-price-in").value.trim()) price.input_per_mtok = $("#model-price-in").value.trim();
+  if ($("#model-price-out").value.trim()) price.output_per_mtok = $("#model-price-out").value.trim();
+  if (Object.keys(price).length) partial.price = price;
+  if ($("#model-hidden").checked) partial.enabled = false;
+  const provider = $("#model-provider").value;
+  const models = overridesOf(provider);
+  models[id] = partial;
+  if (await putModels(provider, models, "#model-error")) {
+    $("#model-form").reset();
+    $("#status").textContent = `Saved model ${id}.`;
+  }
+}
+
+async function removeOverride(provider, id) {
+  if (!confirm(`Remove the company's override of ${id}? The packaged model applies again.`)) return;
+  const models = overridesOf(provider);
+  delete models[id];
+  await putModels(provider, models, "#providers-error");
+}
+
+async function removeProvider(provider) {
+  if (!confirm(`Remove your ${provider} key and models? Requests fall back to the platform's key.`)) return;
+  const result = await api("DELETE",
+    `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers/${encodeURIComponent(provider)}`);
+  if (showError("#providers-error", result)) await loadProviders();
+}
+
+// --- agents, teams, budgets (DESIGN §11; shown once the gateway has them) ------------------
+
+function companyPath(rest) {
+  return `/v1/admin/companies/${encodeURIComponent(state.companyId)}/${rest}`;
+}
+
+function missingRoute(result) {
+  // A gateway without the feature answers the route itself with a bare 404.
+  return !result.ok && result.status === 404 && result.message === "Not found.";
+}
+
+function section(name, result) {
+  // Hide a section the gateway does not have yet; say so instead.
+  const off = missingRoute(result);
+  $(`#${name}-off`).hidden = !off;
+  $(`#${name.slice(0, -1)}-form`).hidden = off;
+  $(`#${name}`).hidden = off;
+  return !off && result.ok;
+}
+
+async function loadPlans() {
+  if (!needCompany("#plans-error")) return;
+  const [agents, teams, budgets, users, keys, models] = await Promise.all([
+    api("GET", companyPath("agents")), api("GET", companyPath("teams")),
+    api("GET", companyPath("budgets")),
+    allPages("/v1/admin/users", {company_id: state.companyId}),
+    allPages("/v1/admin/api-keys", {company_id: state.companyId}),
+    api("GET", "/v1/models"),
+  ]);
+  const failed = [agents, teams, budgets, users].find((r) => !r.ok && !missingRoute(r));
+  showError("#plans-error", failed || {ok: true});
+  state.plan = {
+    users: users.ok ? users.data.items : [],
+    keys: keys.ok ? keys.data.items.filter((k) => !k.revoked_at) : [],
+    teams: teams.ok ? itemsOf(teams.data) : [],
+  };
+  $("#agent-model").replaceChildren(el("option", {value: ""}, "(the company's default)"),
+    ...(models.ok ? models.data.models : []).map((m) => el("option", {value: m.id}, m.id)));
+  $("#team-users").replaceChildren(...state.plan.users.map((u) => el("option", {value: u.id}, u.email)));
+  fillBudgetTargets();
+  if (section("agents", agents)) {
+    $("#agents tbody").replaceChildren(...orNone(itemsOf(agents.data).map((a) => el("tr", {},
+      td(a.name), td(a.model), td(a.max_tokens == null ? null : String(a.max_tokens)),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Delete agent ${a.name}`,
+        onclick: () => removePlan(`agents/${encodeURIComponent(a.name)}`, `agent ${a.name}`)}, "Delete")))), 4));
+  }
+  if (section("teams", teams)) {
+    const emails = Object.fromEntries(state.plan.users.map((u) => [u.id, u.email]));
+    $("#teams tbody").replaceChildren(...orNone(state.plan.teams.map((t) => el("tr", {},
+      td(t.name), td((t.user_ids || []).map((id) => emails[id] || id).join(", ")),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Delete team ${t.name}`,
+        onclick: () => removePlan(`teams/${encodeURIComponent(t.id)}`, `team ${t.name}`)}, "Delete")))), 3));
+  }
+  if (section("budgets", budgets)) {
+    $("#budgets tbody").replaceChildren(...orNone(itemsOf(budgets.data).map((b) => el("tr", {},
+      td(`${b.scope} ${targetName(b.scope, b.target_id)}`), td(b.amount, "num"), td(b.period),
+      el("td", {}, el("button", {type: "button", class: "danger", "aria-label": `Delete budget ${b.id}`,
+        onclick: () => removePlan(`budgets/${encodeURIComponent(b.id)}`, "this budget")}, "Delete")))), 4));
+  }
+}
+
+function itemsOf(data) { return Array.isArray(data) ? data : (data.items || []); }
+
+function targetsFor(scope) {
+  const plan = state.plan || {users: [], keys: [], teams: []};
+  if (scope === "user") return plan.users.map((u) => [u.id, u.email]);
+  if (scope === "api_key") return plan.keys.map((k) => [k.id, `${k.prefix}…`]);
+  return plan.teams.map((t) => [t.id, t.name]);
+}
+
+function targetName(scope, id) {
+  const found = targetsFor(scope).find(([value]) => value === id);
+  return found ? found[1] : id;
+}
+
+function fillBudgetTargets() {
+  $("#budget-target").replaceChildren(...targetsFor($("#budget-scope").value)
+    .map(([value, name]) => el("option", {value}, name)));
+}
+
+async function createPlan(event, rest, body, errorId, form) {
+  event.preventDefault();
+  const result = await api("POST", companyPath(rest), body);
+  if (!showError(errorId, result)) return;
+  $(form).reset();
+  await loadPlans();
+}
+
+function createAgent(event) {
+  const body = {name: $("#agent-name").value.trim()};
+  if ($("#agent-model").value) body.model = $("#agent-model").value;
+  if ($("#agent-prompt").value.trim()) body.system_prompt = $("#agent-prompt").value;
+  if ($("#agent-max-tokens").value) body.max_tokens = Number($("#agent-max-tokens").value);
+  return createPlan(event, "agents", body, "#agent-error", "#agent-form");
+}
+
+function createTeam(event) {
+  const user_ids = [...$("#team-users").selectedOptions].map((o) => o.value);
+  return createPlan(event, "teams", {name: $("#team-name").value.trim(), user_ids},
+    "#team-error", "#team-form");
+}
+
+function createBudget(event) {
+  return createPlan(event, "budgets", {scope: $("#budget-scope").value,
+    target_id: $("#budget-target").value, amount: $("#budget-amount").value.trim(),
+    period: $("#budget-period").value}, "#budget-error", "#budget-form");
+}
+
+async function removePlan(rest, what) {
+  if (!confirm(`Delete ${what}?`)) return;
+  const result = await api("DELETE", companyPath(rest));
+  if (showError("#plans-error", result)) await loadPlans();
+}
+
+// --- audit -------------------------------------------------------------------------------
+
+async function loadAudit(more) {
+  const params = {...companyParam(), kind: $("#audit-kind").value, actor: $("#audit-actor").value.trim(),
+    target: $("#audit-target").value.trim(), from: $("#audit-from").value, to: $("#audit-to").value,
+    reservation_id: state.auditReservation, limit: 50, cursor: more ? state.auditCursor : null};
+  $("#audit-scope").textContent = state.auditReservation
+    ? `Showing reservation ${state.auditReservation}; filter to see everything.` : "";
+  const result = await api("GET", `/v1/admin/audit${query(params)}`);
+  if (!showError("#audit-error", result)) { fillAudit([], false); return; }
+  fillAudit(result.data.items, more);
+  state.auditCursor = result.data.next_cursor;
+  $("#audit-more").hidden = !result.data.next_cursor;
+}
+
+function fillAudit(items, append) {
+  const rows = items.map((e) => el("tr", {dataset: {kind: e.kind}},
+    td(when(e.created_at)), td(e.kind), td(e.actor), td(e.target), td(e.amount, "num"),
+    td(e.request_id), el("td", {}, el("pre", {}, JSON.stringify(e.details, null, 1)))));
+  if (append) $("#audit tbody").append(...rows);
+  else $("#audit tbody").replaceChildren(...rows);
+}
+
+// --- wiring ------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#signin-form").addEventListener("submit", signIn);
+  $("#token-form").addEventListener("submit", useToken);
+  $("#sign-out").addEventListener("click", signOut);
+  for (const button of document.querySelectorAll(".tab")) {
+    button.addEventListener("click", () => {
+      state.auditReservation = null;  // the nav shows the whole audit again
+      openTab(button.dataset.tab);
+    });
+  }
+  $("#company").addEventListener("change", async () => {
+    state.companyId = $("#company").value || null;
+    const current = document.querySelector(".tab[aria-current=page]").dataset.tab;
+    await openTab(current);
+  });
+  $("#range-form").addEventListener("submit", (e) => { e.preventDefault(); openTab("usage"); });
+  $("#invite-form").addEventListener("submit", invite);
+  $("#jti-form").addEventListener("submit", revokeStream);
+  $("#agent-form").addEventListener("submit", createAgent);
+  $("#team-form").addEventListener("submit", createTeam);
+  $("#budget-form").addEventListener("submit", createBudget);
+  $("#budget-scope").addEventListener("change", fillBudgetTargets);
+  $("#key-form").addEventListener("submit", createKey);
+  $("#provider-form").addEventListener("submit", saveProvider);
+  $("#model-form").addEventListener("submit", saveModel);
+  $("#audit-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.auditReservation = null;
+    openTab("audit");
+  });
+  $("#audit-more").addEventListener("click", () => loadAudit(true));
+  $("#ledger-more").addEventListener("click", () => loadCredits(true));
+  const saved = sessionStorage.getItem(TOKEN_KEY);
+  if (saved) start(saved);
+});

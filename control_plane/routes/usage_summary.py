@@ -1,0 +1,82 @@
+"""The console's aggregates (DESIGN §11), on the public API:
+
+* ``GET /v1/usage/summary?group_by=day,model,user,api_key&from=&to=&order=keys|cost``
+  → ``{"items": [{"day"?, "model"?, "user_id"?, "api_key_id"?, "streams",
+  "input_tokens", "output_tokens", "cost"}], "next_cursor"}``; ``order=cost`` lists
+  the top spenders first.
+* ``GET /v1/usage/ttft?from=&to=`` → ``{"items": [{"model", "streams", "p50_ms",
+  "p95_ms"}]}``.
+
+Who: an owner (with ``llm:admin``) sees its company; a platform admin any one
+company (``company_id``) or all of them, where ``group_by`` may add ``company``; a
+member, or a key without the admin scope, gets 403. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from control_plane import policy, usage_summary
+from control_plane.auth import authenticate
+from control_plane.deps import get_deps
+from control_plane.errors import Forbidden
+from control_plane.policy import Principal
+from control_plane.responses import ok
+from control_plane.tables import utcnow
+from control_plane.validation import (
+    decode_seq_cursor,
+    encode_seq_cursor,
+    optional_str,
+    page_limit,
+)
+
+
+def _scope(request: Request, p: Principal) -> str | None:
+    """The company whose records the caller reads; None for every company."""
+    company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
+    if company_id is None and not policy.is_platform_admin(p):
+        company_id = p.company_id
+    # The same rule as the audit: an owner (admin scope) for its own company only.
+    if not policy.can_read_audit(p, company_id):
+        raise Forbidden("Only an owner, for its own company, or a platform admin sees aggregates.")
+    return company_id
+
+
+def _query(request: Request, company_id: str | None) -> usage_summary.SummaryQuery:
+    return usage_summary.parse_query(
+        dict(request.query_params), utcnow().date(), across_companies=company_id is None
+    )
+
+
+async def summary(request: Request) -> Response:
+    principal = await authenticate(request)
+    company_id = _scope(request, principal)
+    query = _query(request, company_id)
+    limit = page_limit(request.query_params.get("limit"))
+    offset = decode_seq_cursor(request.query_params.get("cursor")) or 0
+    rows = await get_deps(request).db.transaction(
+        lambda s: usage_summary.summary(s, query, company_id, limit, offset)
+    )
+    next_cursor = encode_seq_cursor(offset + limit) if len(rows) > limit else None
+    return ok(
+        {"items": rows[:limit], "next_cursor": next_cursor},
+        meta={"from": query.start.isoformat(), "to": query.end.isoformat()},
+    )
+
+
+async def ttft(request: Request) -> Response:
+    principal = await authenticate(request)
+    company_id = _scope(request, principal)
+    query = _query(request, company_id)
+    rows = await get_deps(request).db.transaction(
+        lambda s: usage_summary.ttft(s, query, company_id)
+    )
+    return ok({"items": rows}, meta={"from": query.start.isoformat(), "to": query.end.isoformat()})
+
+
+routes: list[BaseRoute] = [
+    Route("/v1/usage/summary", summary, methods=["GET"]),
+    Route("/v1/usage/ttft", ttft, methods=["GET"]),
+]
