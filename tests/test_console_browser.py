@@ -360,42 +360,13 @@ def test_the_platform_admin_sees_every_company(
     check_page(page, browser, tmp_path, "admin-keys")
 
 
-def test_agents_teams_and_budgets_follow_the_contract(
+def test_agents_teams_and_budgets_through_the_console(
     cp: CP, company: Company, page: Any, browser: Any, tmp_path: Path
 ) -> None:
-    """This gateway has no agents, teams or budgets API yet: the section says so.
-    Then the same page against DESIGN §11's shapes (answered in the browser by
-    `page.route`, standing in for the API that lands later): the forms send the
-    contract's bodies and the tables show what the API lists."""
+    """An owner creates an agent, a team and a team budget from the console, through
+    the real admin API (DESIGN §11 shapes), and deletes the agent after a question."""
     sign_in(page, cp, company.owner["email"])
     page.wait_for_selector("body[data-loaded=usage]")
-    open_tab(page, "plans")
-    for name in ("agents", "teams", "budgets"):
-        assert page.is_visible(f"#{name}-off") and not page.is_visible(f"#{name}")
-    check_page(page, browser, tmp_path, "plans-off")
-
-    sent: list[tuple[str, str, Any]] = []
-    lists: dict[str, list[dict[str, Any]]] = {"agents": [], "teams": [], "budgets": []}
-
-    def contract(route: Any) -> None:
-        request = route.request
-        kind = request.url.split("?")[0].rstrip("/").split(f"/companies/{company.id}/")[1]
-        body = request.post_data_json if request.method in ("POST", "PATCH") else None
-        sent.append((request.method, kind, body))
-        collection = kind.split("/")[0]
-        if request.method == "GET":
-            doc = {"success": True, "data": {"items": lists[collection]}, "meta": {}}
-            return route.fulfill(status=200, json=doc)
-        if request.method == "POST":
-            item = {**body, "id": f"{collection}-{len(lists[collection]) + 1}"}
-            lists[collection].append(item)
-            return route.fulfill(status=201, json={"success": True, "data": item, "meta": {}})
-        key = kind.split("/")[1]
-        lists[collection] = [i for i in lists[collection] if key not in (i["id"], i.get("name"))]
-        return route.fulfill(status=204)
-
-    for name in ("agents", "teams", "budgets"):
-        page.route(f"**/v1/admin/companies/{company.id}/{name}**", contract)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
     open_tab(page, "plans")
@@ -411,29 +382,28 @@ def test_agents_teams_and_budgets_follow_the_contract(
     page.select_option("#team-users", [company.member["id"]])
     page.click("#create-team")
     page.wait_for_selector("#teams tbody tr:has-text('night shift')")
+    base = f"/v1/admin/companies/{company.id}"
+    teams = data_of(company.owner_api.get(f"{base}/teams"))["items"]
+    team = next(t for t in teams if t["name"] == "night shift")
+    assert company.member["id"] in team["user_ids"]
     page.select_option("#budget-scope", "team")
-    page.select_option("#budget-target", "teams-1")
+    page.select_option("#budget-target", team["id"])
     page.fill("#budget-amount", "12.5")
     page.select_option("#budget-period", "week")
     page.click("#create-budget")
     page.wait_for_selector("#budgets tbody tr:has-text('night shift')")
     check_page(page, browser, tmp_path, "plans")
+    budgets = data_of(company.owner_api.get(f"{base}/budgets"))["items"]
+    assert [(b["scope"], b["target_id"], b["period"]) for b in budgets] == [
+        ("team", team["id"], "week")
+    ]
+    agent = data_of(company.owner_api.get(f"{base}/agents/support"))
+    assert (agent["model"], agent["system_prompt"], agent["max_tokens"]) == (
+        "mock-fast",
+        "Be brief.",
+        300,
+    )
     page.get_by_role("button", name="Delete agent support").click()
     page.wait_for_selector("#agents tbody tr.empty")
     assert dialogs == ["Delete agent support?"]
-
-    posted = [(kind, body) for method, kind, body in sent if method == "POST"]
-    assert posted == [
-        (
-            "agents",
-            {
-                "name": "support",
-                "model": "mock-fast",
-                "system_prompt": "Be brief.",
-                "max_tokens": 300,
-            },
-        ),
-        ("teams", {"name": "night shift", "user_ids": [company.member["id"]]}),
-        ("budgets", {"scope": "team", "target_id": "teams-1", "amount": "12.5", "period": "week"}),
-    ]
-    assert ("DELETE", "agents/support", None) in sent
+    assert company.owner_api.get(f"{base}/agents/support").status_code == 404
