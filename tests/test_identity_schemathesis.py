@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,9 @@ from tests.test_control_plane import ADMIN_TOKEN, CP, start_cp
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
 pytestmark = pytest.mark.skipif(SCHEMATHESIS is None, reason="schemathesis is not installed")
 
-MAX_EXAMPLES = "15"
+# Per operation and phase; the operation count grows with the API, and the whole suite
+# has a 10-minute budget.
+MAX_EXAMPLES = "10"
 
 
 @pytest.fixture
@@ -90,9 +91,7 @@ def test_no_input_gets_a_server_error(cp: CP, tmp_path: Path) -> None:
         "key_id": spare["id"],
         "name": "fuzz",
     }
-    started = time.monotonic()
     # The owner first: the admin run may well revoke the owner's company.
     for token in (owner_key, ADMIN_TOKEN):
         result = _run(cp, token, tmp_path, parameters)
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert time.monotonic() - started < 90
