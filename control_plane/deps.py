@@ -17,6 +17,7 @@ from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.signing_keys import KeyRing, load_snapshot
 from control_plane.validation import parse_json_object
+from shared.bodies import read_limited
 from shared.settings import Settings
 from shared.store import Store
 
@@ -54,17 +55,7 @@ def get_deps(request: Request) -> Deps:
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The raw body, refusing more than `limit` bytes (413) without buffering them."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge()
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_limited(request, limit, PayloadTooLarge)
 
 
 async def read_json(request: Request) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from shared.bodies import read_limited
 from shared.catalog import ModelSpec, Price, Provider
 from shared.request_id import current_request_id
 from shared.revocations import grant_keys
@@ -140,20 +141,8 @@ async def claim(
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    """The raw body, refusing more than `limit` bytes (413) as soon as the declared
-    length or the bytes read so far exceed it: never buffered whole."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit():
-        if int(declared) > limit:
-            raise PayloadTooLarge()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge()
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The raw body, refusing more than `limit` bytes (413) without buffering them."""
+    return await read_limited(request, limit, PayloadTooLarge)
 
 
 async def read_json(request: Request) -> Any:
