@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint bench install install-test install-system clean
+.PHONY: run test lint bench docs install install-test install-system clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ lint: install-test
 ## make bench: the edge against mock_llm directly, on real processes (PostgreSQL + Redis); writes docs/performance.md
 bench: install-test
 	$(BIN)/python -m bench.edge_bench
+
+## make docs: regenerate docs/api.md from the code (tests/test_api_doc.py fails when it is stale)
+docs: install
+	$(BIN)/python -m llm_gateway.apidoc
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
