@@ -44,7 +44,8 @@ def _control_plane_rows() -> Iterator[str]:
             fields = sorted(body.get("schema", {}).get("properties", {}))
             query = ", ".join(f"`{p}`" for p in params)
             body_text = ", ".join(f"`{f}`" for f in fields)
-            yield f"| {method.upper()} | `{path}` | {op.get('summary', '')} | {query} | {body_text} |"
+            summary = op.get("summary", "")
+            yield f"| {method.upper()} | `{path}` | {summary} | {query} | {body_text} |"
 
 
 def _edge_rows() -> Iterator[str]:
