@@ -23,6 +23,9 @@ from shared.input_size import IMAGE_TOKENS
 MAX_PRICE = Decimal(10**9)
 
 API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
+# Content features a wire format cannot carry (`stream_edge/upstream/parts.py`):
+# Anthropic's Messages API takes no audio.
+UNSUPPORTED_FEATURES = {"anthropic_messages": frozenset({"audio"})}
 # A dotted path into an event's JSON: keys, or digits that index arrays (`choices.0.text`).
 _FIELD_PATH = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
@@ -175,6 +178,12 @@ def parse_catalog(raw: Any) -> Catalog:
         features = spec.get("features", ["streaming"])
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
             raise CatalogError(f"{where}.features must be a list of strings")
+        cannot = UNSUPPORTED_FEATURES.get(providers[provider].api_type, frozenset())
+        if cannot & set(features):
+            raise CatalogError(
+                f"{where}.features: {providers[provider].api_type} cannot carry "
+                + ", ".join(sorted(cannot & set(features)))
+            )
         models[str(model_id)] = ModelSpec(
             id=str(model_id),
             provider=provider,

@@ -10,7 +10,8 @@ Tool calls (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use): a
 `tool_use` block starts with its `id` and `name` and streams its input as
 `input_json_delta` fragments; we number tool blocks 0, 1, … as OpenAI numbers its
 calls. Requests turn OpenAI's `tool_calls` into `tool_use` blocks and `tool`
-messages into `tool_result` blocks of one user turn (docs/tool-calls.md).
+messages into `tool_result` blocks of one user turn (docs/tool-calls.md). Images and
+PDFs become `image` / `document` blocks (`stream_edge/upstream/parts.py`).
 
 We emit one `Usage` per `message_delta`, combining `message_start`'s input with the
 delta's cumulative output, so every `Usage` is complete when emitted (the meter keeps
@@ -39,6 +40,7 @@ from stream_edge.upstream.base import (
     trusted_headers,
     vendor_failure,
 )
+from stream_edge.upstream.parts import anthropic_blocks, has_media
 
 API_VERSION = "2023-06-01"
 # Anthropic's stop reasons in OpenAI's vocabulary.
@@ -173,7 +175,13 @@ def _system_and_messages(
                 turns.append({"role": "user", "content": [result]})
         else:
             # Anthropic knows only user and assistant turns.
-            turns.append({"role": "assistant" if role == "assistant" else "user", "content": text})
+            content = message.get("content")
+            turns.append(
+                {
+                    "role": "assistant" if role == "assistant" else "user",
+                    "content": anthropic_blocks(content) if has_media(content) else text,
+                }
+            )
     return "\n\n".join(system), turns
 
 

@@ -17,6 +17,9 @@ become `functionDeclarations`, `tool_choice` a `toolConfig`; an assistant's
 (named after the call they answer). Gemini streams each call whole, in one part,
 often without an id, and finishes with `STOP`: we give each call an id, send its
 arguments as one fragment and report `tool_calls` as the finish reason.
+
+Images, PDFs and audio become `inlineData` / `fileData` parts
+(`stream_edge/upstream/parts.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from stream_edge.upstream.base import (
     trusted_headers,
     vendor_failure,
 )
+from stream_edge.upstream.parts import gemini_parts, has_media
 
 FINISH_REASONS = {
     "STOP": "stop",
@@ -224,9 +228,9 @@ def request_body(call: UpstreamCall) -> dict[str, Any]:
             else:
                 contents.append({"role": "user", "parts": [part]})
         else:
-            contents.append(
-                {"role": "model" if role == "assistant" else "user", "parts": [{"text": text}]}
-            )
+            content = message.get("content")
+            parts = gemini_parts(content) if has_media(content) else [{"text": text}]
+            contents.append({"role": "model" if role == "assistant" else "user", "parts": parts})
     body: dict[str, Any] = {"contents": contents, "generationConfig": _generation_config(call)}
     if system:
         body["systemInstruction"] = {"parts": system}
