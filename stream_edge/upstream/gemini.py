@@ -8,7 +8,9 @@ handles split anywhere. There is no `[DONE]`: the stream is over at the frame wi
 
 `usageMetadata` rides on many frames and grows as the answer does, so a partial count
 is not billable: we emit `Usage` only from the finishing frame on. Output counts the
-model's thinking tokens too (`thoughtsTokenCount`), which Google bills as output.
+model's thinking tokens too (`thoughtsTokenCount`), which Google bills as output; they
+are also reported as `reasoning_tokens`, and `cachedContentTokenCount` (part of
+`promptTokenCount`) as `cached_input_tokens`.
 The key goes in the `x-goog-api-key` header, never in the URL, where logs keep it.
 
 Tool calls (https://ai.google.dev/gemini-api/docs/function-calling): OpenAI's `tools`
@@ -46,6 +48,7 @@ from stream_edge.upstream.base import (
     message_text,
     trusted_headers,
     vendor_failure,
+    vendor_usage,
 )
 from stream_edge.upstream.parts import gemini_parts, has_media
 
@@ -70,17 +73,19 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _usage(doc: dict[str, Any]) -> Usage | None:
+def _usage(doc: dict[str, Any], raw: bytes = b"") -> Usage | None:
     meta = _dict(doc.get("usageMetadata"))
     prompt = meta.get("promptTokenCount")
     if not isinstance(prompt, int):
         return None
+    thoughts = meta.get("thoughtsTokenCount")
     output = sum(
-        n
-        for n in (meta.get("candidatesTokenCount"), meta.get("thoughtsTokenCount"))
-        if isinstance(n, int)
+        n for n in (meta.get("candidatesTokenCount"), thoughts) if isinstance(n, int) and n > 0
     )
-    return Usage(prompt, output)
+    # `promptTokenCount` includes `cachedContentTokenCount`; thoughts are reasoning.
+    return vendor_usage(
+        prompt, output, raw, cached=meta.get("cachedContentTokenCount"), reasoning=thoughts
+    )
 
 
 def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
@@ -115,7 +120,7 @@ class GeminiStreamParser(JsonEventParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last_usage: tuple[int, int] | None = None
+        self._last_usage: tuple[int, ...] | None = None
         self._calls = 0
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
@@ -132,10 +137,10 @@ class GeminiStreamParser(JsonEventParser):
         if reason is not None and not self.done:
             self.done = True
             out.append(Finish("tool_calls" if self._calls and reason == "stop" else reason, raw))
-        usage = _usage(doc) if self.done else None
-        if usage is not None and (usage.input_tokens, usage.output_tokens) != self._last_usage:
-            self._last_usage = (usage.input_tokens, usage.output_tokens)
-            out.append(Usage(usage.input_tokens, usage.output_tokens, raw))
+        usage = _usage(doc, raw) if self.done else None
+        if usage is not None and usage.counts() != self._last_usage:
+            self._last_usage = usage.counts()
+            out.append(usage)
         return out
 
 
