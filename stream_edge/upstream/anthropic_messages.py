@@ -40,6 +40,7 @@ from stream_edge.upstream.base import (
     Usage,
     arguments_object,
     message_text,
+    token_count,
     trusted_headers,
     vendor_failure,
     vendor_usage,
@@ -70,7 +71,7 @@ def _input_tokens(usage: dict[str, Any]) -> tuple[int, int, int] | None:
     counts = [usage.get(name) for name in _INPUT_FIELDS]
     if not isinstance(counts[0], int):
         return None
-    fresh, write, read = (c if isinstance(c, int) and c > 0 else 0 for c in counts)
+    fresh, write, read = (token_count(c) for c in counts)
     return fresh + write + read, read, write
 
 

@@ -148,7 +148,8 @@ class Usage:
         )
 
 
-def _count(value: Any) -> int:
+def token_count(value: Any) -> int:
+    """A vendor's count, or 0 when it is not a positive integer (JSON `true` is not 1)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
@@ -165,16 +166,16 @@ def vendor_usage(
     count that is not a positive integer is 0. A backend that reports more cached
     than total input cannot make the uncached remainder (and the charge) negative;
     the control plane refuses such an event outright (`settlement.parse_usage_event`)."""
-    input_tokens, output_tokens = _count(input_tokens), _count(output_tokens)
-    cached_tokens = min(_count(cached), input_tokens)
-    write_tokens = min(_count(cache_write), input_tokens - cached_tokens)
+    input_tokens, output_tokens = token_count(input_tokens), token_count(output_tokens)
+    cached_tokens = min(token_count(cached), input_tokens)
+    write_tokens = min(token_count(cache_write), input_tokens - cached_tokens)
     return Usage(
         input_tokens,
         output_tokens,
         raw,
         cached_tokens,
         write_tokens,
-        min(_count(reasoning), output_tokens),
+        min(token_count(reasoning), output_tokens),
     )
 
 

@@ -46,6 +46,7 @@ from stream_edge.upstream.base import (
     arguments_object,
     json_object,
     message_text,
+    token_count,
     trusted_headers,
     vendor_failure,
     vendor_usage,
@@ -79,9 +80,7 @@ def _usage(doc: dict[str, Any], raw: bytes = b"") -> Usage | None:
     if not isinstance(prompt, int):
         return None
     thoughts = meta.get("thoughtsTokenCount")
-    output = sum(
-        n for n in (meta.get("candidatesTokenCount"), thoughts) if isinstance(n, int) and n > 0
-    )
+    output = token_count(meta.get("candidatesTokenCount")) + token_count(thoughts)
     # `promptTokenCount` includes `cachedContentTokenCount`; thoughts are reasoning.
     return vendor_usage(
         prompt, output, raw, cached=meta.get("cachedContentTokenCount"), reasoning=thoughts
