@@ -82,8 +82,12 @@ def image_source(url: str) -> Inline | str:
         return parse_data_url(url, IMAGE_TYPES)
     if len(url) > MAX_URL_CHARS:
         raise MediaError(f"must be at most {MAX_URL_CHARS} characters")
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname or any(c.isspace() for c in url):
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. "https://[::1" (an unclosed IPv6 literal)
+        host = None
+    if not host or parts.scheme != "https" or any(c.isspace() or ord(c) < 32 for c in url):
         raise MediaError("must be an https: URL or a data: URL")
     return url
 
@@ -110,7 +114,10 @@ def audio_source(data: str, audio_format: str) -> Inline:
 
 def url_media_type(url: str) -> str:
     """An image URL's media type, guessed from its path's extension."""
-    path = urlsplit(url).path.lower()
+    try:
+        path = urlsplit(url).path.lower()
+    except ValueError:
+        path = ""
     return next(
         (kind for ext, kind in _EXTENSION_TYPES.items() if path.endswith(ext)),
         DEFAULT_IMAGE_TYPE,

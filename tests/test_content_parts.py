@@ -71,6 +71,8 @@ def call(messages: list[dict[str, Any]]) -> UpstreamCall:
         (image("file:///etc/passwd"), "invalid_content"),
         (image("javascript:alert(1)"), "invalid_content"),
         (image("https://"), "invalid_content"),
+        (image("https://[::1/a.png"), "invalid_content"),  # urlsplit raises: never a 500
+        (image("https://example.com/a\x00.png"), "invalid_content"),
         (image("https://example.com/" + "a" * 3000), "invalid_content"),
         ({"type": "file", "file": {"file_data": f"data:application/pdf;base64,{PDF}"}}, None),
         ({"type": "file", "file": {"file_data": PDF}}, None),
