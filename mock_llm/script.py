@@ -124,13 +124,6 @@ def _int_value(name: str, raw: str, low: int, high: int) -> int:
     return int(raw)
 
 
-_DETAILS = {
-    "cached": "cached_tokens",
-    "cache_write": "cache_write_tokens",
-    "reasoning": "reasoning_tokens",
-}
-
-
 def _override(key: str, raw: str, source: str) -> Overrides:
     name = f"{source} {key}"
     if key == "tokens":
@@ -153,8 +146,12 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(report_usage=bool(_int_value(name, raw, 0, 1)))
     if key == "tool_calls":
         return Overrides(tool_calls=_int_value(name, raw, 0, MAX_CALLS))
-    if key in _DETAILS:
-        return Overrides(**{_DETAILS[key]: _int_value(name, raw, 0, _MAX_TOKENS)})
+    if key == "cached":
+        return Overrides(cached_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "cache_write":
+        return Overrides(cache_write_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "reasoning":
+        return Overrides(reasoning_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
@@ -296,21 +293,23 @@ def plan_completion(
         calls = plan_calls(prompt, tools, behaviour.tool_calls)
         # A call with no arguments still takes one (empty) token, so it is sent.
         fragments = [piece for call in calls for piece in (call.fragments or [""])]
-        return dataclasses.replace(
-            Completion(fragments, "tool_calls", count_prompt_tokens(messages), calls),
-            **_details(behaviour),
+        return _with_details(
+            Completion(fragments, "tool_calls", count_prompt_tokens(messages), calls), behaviour
         )
     count = behaviour.tokens
     finish_reason = "stop"
     if max_tokens is not None and max_tokens < count:
         count, finish_reason = max_tokens, "length"
-    return Completion(
-        answer_tokens(prompt, count),
-        finish_reason,
-        count_prompt_tokens(messages),
-        **_details(behaviour),
+    return _with_details(
+        Completion(answer_tokens(prompt, count), finish_reason, count_prompt_tokens(messages)),
+        behaviour,
     )
 
 
-def _details(behaviour: MockBehaviour) -> dict[str, int]:
-    return {name: getattr(behaviour, name) for name in _DETAILS.values()}
+def _with_details(completion: Completion, behaviour: MockBehaviour) -> Completion:
+    return dataclasses.replace(
+        completion,
+        cached_tokens=behaviour.cached_tokens,
+        cache_write_tokens=behaviour.cache_write_tokens,
+        reasoning_tokens=behaviour.reasoning_tokens,
+    )

@@ -17,7 +17,7 @@ a vendor as something else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from shared import media
 
@@ -26,7 +26,7 @@ class PartError(ValueError):
     """A content part this vendor cannot take (never a client's fault: checked at init)."""
 
 
-def has_media(content: Any) -> bool:
+def has_media(content: Any) -> TypeGuard[list[Any]]:
     """Whether `content` is a part list with anything beside text."""
     return isinstance(content, list) and any(
         isinstance(p, dict) and p.get("type", "text") != "text" for p in content
