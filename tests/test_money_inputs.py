@@ -225,6 +225,9 @@ NEW_MODEL = {
     ("models", "field"),
     [
         ({"gpt-4o-mini": PRICE_ZERO}, "models.gpt-4o-mini.price"),
+        # 15.3: free cache reads are a price override too.
+        ({"gpt-4o-mini": {"price": {"cached_input_per_mtok": "0", "cache_write_per_mtok": "0"}}},
+         "models.gpt-4o-mini.price"),
         ({"gpt-4o-mini": {"upstream_model": "gpt-4o"}}, "models.gpt-4o-mini.upstream_model"),
         ({"gpt-4o-mini": {"features": ["streaming", "vision", "files"]}},
          "models.gpt-4o-mini.features"),
