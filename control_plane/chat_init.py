@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Protocol
 
 from cryptography.fernet import MultiFernet
@@ -40,7 +41,7 @@ from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
 from shared.input_size import InputRejected, content_text, missing_features, params_tokens
-from shared.pricing import cost_micro, estimate_input_tokens, format_credits
+from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
 from shared.settings import Settings
@@ -163,7 +164,12 @@ def plan_hold(
             f"The input (about {estimate} tokens) plus max_tokens ({max_tokens}) exceeds "
             f"{model.id}'s context of {model.context_length} tokens."
         )
-    return HoldPlan(max_tokens, estimate, cost_micro(estimate, max_tokens, model.price))
+    # Every input token at the dearest input rate: the hold covers any cache split.
+    return HoldPlan(max_tokens, estimate, hold_cost_micro(estimate, max_tokens, model.price))
+
+
+def _rate(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
 
 
 def check_content(model: ModelSpec, needed: frozenset[str]) -> None:
@@ -308,6 +314,8 @@ def reserve(
         max_tokens=plan.max_tokens,
         price_input_per_mtok=str(model.price.input_per_mtok),
         price_output_per_mtok=str(model.price.output_per_mtok),
+        price_cached_input_per_mtok=_rate(model.price.cached_input_per_mtok),
+        price_cache_write_per_mtok=_rate(model.price.cache_write_per_mtok),
         status="active",
         charged_micro=None,
         created_at=now,

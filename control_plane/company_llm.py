@@ -58,10 +58,7 @@ def model_raw(spec: ModelSpec) -> dict[str, Any]:
         "max_output_tokens": spec.max_output_tokens,
         "features": list(spec.features),
         "image_input_tokens": spec.image_input_tokens,
-        "price": {
-            "input_per_mtok": str(spec.price.input_per_mtok),
-            "output_per_mtok": str(spec.price.output_per_mtok),
-        },
+        "price": spec.price.raw(),
     }
 
 

@@ -41,25 +41,43 @@ from control_plane import audit, budgets
 from control_plane.errors import InsufficientCredits
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
-from shared.pricing import cost_micro
+from shared.pricing import TokenUsage, usage_cost_micro
 
 KINDS = ("grant", "adjustment", "hold", "charge", "release")
 
 
-def charge_for(status: str, input_tokens: int, output_tokens: int, price: Price, hold: int) -> int:
-    """What a finished stream costs (DESIGN §9 "What is billed"), capped at its hold.
+def charge_for(
+    status: str,
+    input_tokens: int,
+    output_tokens: int,
+    price: Price,
+    hold: int,
+    *,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+) -> int:
+    """What a finished stream costs (DESIGN §9 "What is billed"), capped at its hold:
+    each part of the input at its own rate (DESIGN §11 "Prices"), one ceiling.
 
     A stream that failed or was revoked before its first output token costs nothing;
-    every other stream pays for its input and the output it produced."""
+    every other stream pays for its input and the output it produced. ValueError
+    when the cache parts exceed the input (`parse_usage_event` refuses those)."""
     if status in ("failed", "revoked") and output_tokens == 0:
         return 0
-    return min(cost_micro(input_tokens, output_tokens, price), hold)
+    usage = TokenUsage(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens)
+    return max(0, min(usage_cost_micro(usage, price), hold))
+
+
+def _rate(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
 
 
 def reservation_price(reservation: Reservation) -> Price:
     return Price(
         input_per_mtok=Decimal(reservation.price_input_per_mtok),
         output_per_mtok=Decimal(reservation.price_output_per_mtok),
+        cached_input_per_mtok=_rate(reservation.price_cached_input_per_mtok),
+        cache_write_per_mtok=_rate(reservation.price_cache_write_per_mtok),
     )
 
 

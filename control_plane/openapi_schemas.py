@@ -94,6 +94,8 @@ _MODEL_SPEC = {
             "properties": {
                 "input_per_mtok": {"type": "string"},
                 "output_per_mtok": {"type": "string"},
+                "cached_input_per_mtok": {"type": "string"},
+                "cache_write_per_mtok": {"type": "string"},
             },
         },
         "enabled": {"type": "boolean"},

@@ -41,8 +41,9 @@ from control_plane.ledger import charge_for, reservation_price, settle_reservati
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
 from control_plane.validation import NUL, without_nul
 from shared.input_size import InputRejected
+from shared.pricing import TokenUsage, split_problem
 from shared.tool_shapes import check_tool_calls
-from shared.webhooks import STATUSES, USAGE_SOURCES, UsageEvent
+from shared.webhooks import STATUSES, USAGE_DETAILS, USAGE_SOURCES, UsageEvent
 
 log = logging.getLogger("control_plane.settlement")
 TRANSCRIPT_STATUSES = ("completed", "cancelled")
@@ -71,6 +72,27 @@ def _count(data: dict[str, Any], name: str) -> int:
     ):
         raise ValidationFailed(f"data.{name}", "must be a non-negative integer")
     return value
+
+
+def _optional_count(data: dict[str, Any], name: str) -> int:
+    # Added in DESIGN §11 "Prices": absent (an older edge, a backend's own event) is 0.
+    return 0 if data.get(name) is None else _count(data, name)
+
+
+def _split(data: dict[str, Any]) -> tuple[int, int, int]:
+    """The cache and reasoning parts; 422 when a part exceeds its whole. Refused, not
+    clamped: our edge clamps what a vendor reports before signing, so only a broken
+    or hostile signer sends this, and pricing it could only guess which count lies."""
+    usage = TokenUsage(
+        _count(data, "input_tokens"),
+        _count(data, "output_tokens"),
+        *(_optional_count(data, name) for name in USAGE_DETAILS),
+    )
+    problem = split_problem(usage)
+    if problem is not None:
+        field = "reasoning_tokens" if problem.startswith("reasoning") else "cached_input_tokens"
+        raise ValidationFailed(f"data.{field}", problem)
+    return usage.cached_input_tokens, usage.cache_write_tokens, usage.reasoning_tokens
 
 
 def _optional_time(value: Any) -> str | None:
@@ -103,6 +125,7 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
             # Transcript only: a malformed call is left out, the usage is still settled.
             tool_calls = None
     first_token_at = data.get("first_token_at")
+    cached, cache_write, reasoning = _split(data)
     return UsageEvent(
         jti=_str(data, "jti", required=True, max_len=64),
         reservation_id=_str(data, "reservation_id", required=True, max_len=64),
@@ -122,6 +145,9 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
         ended_at=_str(data, "ended_at", required=False, max_len=64),
         content=content,
         tool_calls=tool_calls,
+        cached_input_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
     )
 
 
@@ -160,6 +186,9 @@ class Usage:
     usage_source: str
     finish_reason: str | None = None
     ttft_ms: int | None = None  # time to first token, when the sender measured it
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +223,15 @@ def settle_usage(
         usage.output_tokens,
         reservation_price(reservation),
         reservation.hold_micro,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
     )
     context = {
         "status": usage.status,
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "usage_source": usage.usage_source,
+        **{name: getattr(usage, name) for name in USAGE_DETAILS if getattr(usage, name)},
         **(details or {}),
     }
     settled = settle_reservation(
@@ -221,6 +253,9 @@ def settle_usage(
             finish_reason=usage.finish_reason,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
             usage_source=usage.usage_source,
             cost_micro=settled.charged_micro,
             created_at=utcnow(),
@@ -287,6 +322,9 @@ def settle_webhook(
             usage_source=event.usage_source,
             finish_reason=event.finish_reason,
             ttft_ms=ttft_ms(event.started_at, event.first_token_at),
+            cached_input_tokens=event.cached_input_tokens,
+            cache_write_tokens=event.cache_write_tokens,
+            reasoning_tokens=event.reasoning_tokens,
         ),
         actor=WEBHOOK_ACTOR,
         request_id=event.request_id or reservation.request_id,

@@ -93,6 +93,10 @@ def _counter() -> Any:
     return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
+def _tokens() -> Any:
+    return Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+
+
 def _int(*, nullable: bool = False) -> Any:
     return Field(default=None if nullable else 0, sa_column=Column(Integer, nullable=nullable))
 
@@ -191,6 +195,9 @@ class Reservation(SQLModel, table=True):
     # whatever the catalog says when the webhook arrives.
     price_input_per_mtok: str = _str(40)
     price_output_per_mtok: str = _str(40)
+    # Cache read / write rates (DESIGN §11 "Prices"); NULL: the input price.
+    price_cached_input_per_mtok: str | None = _str(40, nullable=True)
+    price_cache_write_per_mtok: str | None = _str(40, nullable=True)
     status: str = _str(16)
     charged_micro: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     created_at: datetime = _time()
@@ -219,6 +226,11 @@ class UsageRecord(SQLModel, table=True):
     finish_reason: str | None = _str(64, nullable=True)
     input_tokens: int = _int()
     output_tokens: int = _int()
+    # Parts of input_tokens read from / written to the vendor's cache, and the part
+    # of output_tokens spent reasoning (DESIGN §11 "Prices"; 0 when unknown).
+    cached_input_tokens: int = _tokens()
+    cache_write_tokens: int = _tokens()
+    reasoning_tokens: int = _tokens()
     usage_source: str = _str(16)
     cost_micro: int = _money()
     created_at: datetime = _time()

@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mock_llm.errors import MockAPIError
+from mock_llm.media import anthropic_block_text
 from mock_llm.request import content_text, flag, invalid, positive_int
 from mock_llm.script import Completion, Message
 from mock_llm.server import MockServer, json_response, require_json, secret_matches
@@ -43,11 +44,16 @@ class MessagesRequest:
     tools: tuple[ToolSpec, ...] = ()
 
 
+_BLOCKS = ("text", "image", "document", "tool_use", "tool_result")
+
+
 def _block_text(block: object, where: str) -> tuple[str, bool]:
     """A content block's text, and whether it is a tool result."""
     kind = block.get("type") if isinstance(block, dict) else None
-    if not isinstance(block, dict) or kind not in ("text", "tool_use", "tool_result"):
-        raise invalid(f"{where}: must be a text, tool_use or tool_result block", where)
+    if not isinstance(block, dict) or kind not in _BLOCKS:
+        raise invalid(f"{where}: must be a {', '.join(_BLOCKS)} block", where)
+    if kind in ("image", "document"):
+        return anthropic_block_text(block, where), False
     if kind == "text":
         return content_text([block], where), False
     if kind == "tool_use":
@@ -109,8 +115,19 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
+def _input_usage(completion: Completion) -> dict[str, int]:
+    # Anthropic's input_tokens leaves cache reads and writes out; they come apart.
+    fresh = completion.prompt_tokens - completion.cached_tokens - completion.cache_write_tokens
+    usage = {"input_tokens": max(0, fresh)}
+    if completion.cached_tokens or completion.cache_write_tokens:
+        usage["cache_read_input_tokens"] = completion.cached_tokens
+        usage["cache_creation_input_tokens"] = completion.cache_write_tokens
+    return usage
+
+
 def message_object(model: str, completion: Completion, report_usage: bool) -> dict[str, Any]:
-    usage = {"input_tokens": completion.prompt_tokens, "output_tokens": len(completion.tokens)}
+    # Thinking tokens are part of output_tokens.
+    usage = {**_input_usage(completion), "output_tokens": completion.output_tokens}
     return {
         "id": f"msg_mock{uuid.uuid4().hex[:20]}",
         "type": "message",
@@ -137,7 +154,7 @@ class MessageFrames:
         start = message_object(self._model, self._completion, True)
         start.update(content=[], stop_reason=None)
         # The real API's message_start reports output_tokens 1, a placeholder.
-        start["usage"] = {"input_tokens": self._completion.prompt_tokens, "output_tokens": 1}
+        start["usage"] = {**_input_usage(self._completion), "output_tokens": 1}
         head = _event("message_start", {"type": "message_start", "message": start})
         if not self._completion.calls:
             block = {"type": "content_block_start", "index": 0, "content_block": _EMPTY_TEXT}
@@ -172,7 +189,7 @@ class MessageFrames:
             "delta": {"stop_reason": stop, "stop_sequence": None},
         }
         if self._report_usage:
-            delta["usage"] = {"output_tokens": len(self._completion.tokens)}
+            delta["usage"] = {"output_tokens": self._completion.output_tokens}
         last_block = max(0, len(self._completion.calls) - 1)
         return (
             _event("content_block_stop", {"type": "content_block_stop", "index": last_block})

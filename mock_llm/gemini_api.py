@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mock_llm.errors import MockAPIError
+from mock_llm.media import gemini_part_text
 from mock_llm.request import invalid
 from mock_llm.script import Completion, Message
 from mock_llm.server import MockServer, json_response, require_json, secret_matches
@@ -55,11 +56,16 @@ def _parts_text(value: object, where: str) -> str:
     parts = value.get("parts") if isinstance(value, dict) else None
     if not isinstance(parts, list) or not parts:
         raise invalid(f"* GenerateContentRequest.{where}.parts: must not be empty", where)
-    texts = [_part_text(p) for p in parts]
+    texts = [
+        _part_text(p)
+        if not isinstance(p, dict) or _part_text(p) is not None
+        else gemini_part_text(p, f"{where}.parts[{i}]")
+        for i, p in enumerate(parts)
+    ]
     if any(t is None for t in texts):
         raise invalid(
-            f"* GenerateContentRequest.{where}.parts: only text, functionCall and "
-            "functionResponse are supported",
+            f"* GenerateContentRequest.{where}.parts: only text, inlineData, fileData, "
+            "functionCall and functionResponse are supported",
             where,
         )
     return "".join(t for t in texts if t is not None)
@@ -122,12 +128,20 @@ class GenerateFrames:
         candidate["index"] = 0
         doc: dict[str, Any] = {"candidates": [candidate]}
         if self._report_usage:
-            prompt = self._completion.prompt_tokens
-            doc["usageMetadata"] = {
+            completion = self._completion
+            prompt = completion.prompt_tokens
+            thoughts = completion.reasoning_tokens if finish else 0
+            meta = {
                 "promptTokenCount": prompt,
                 "candidatesTokenCount": output_tokens,
-                "totalTokenCount": prompt + output_tokens,
+                "totalTokenCount": prompt + output_tokens + thoughts,
             }
+            # promptTokenCount includes the cached part; thoughts come beside candidates.
+            if completion.cached_tokens:
+                meta["cachedContentTokenCount"] = completion.cached_tokens
+            if thoughts:
+                meta["thoughtsTokenCount"] = thoughts
+            doc["usageMetadata"] = meta
         doc.update(modelVersion=self._model, responseId=self._id)
         return doc
 

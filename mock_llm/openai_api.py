@@ -35,13 +35,20 @@ def sse_frame(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def usage(completion: Completion) -> dict[str, int]:
-    output = len(completion.tokens)
-    return {
+def usage(completion: Completion) -> dict[str, Any]:
+    # OpenAI counts cached tokens inside prompt_tokens and reasoning inside
+    # completion_tokens; it reports no cache writes.
+    output = completion.output_tokens
+    doc: dict[str, Any] = {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": output,
         "total_tokens": completion.prompt_tokens + output,
     }
+    if completion.cached_tokens:
+        doc["prompt_tokens_details"] = {"cached_tokens": completion.cached_tokens}
+    if completion.reasoning_tokens:
+        doc["completion_tokens_details"] = {"reasoning_tokens": completion.reasoning_tokens}
+    return doc
 
 
 def tool_calls(completion: Completion) -> list[dict[str, Any]]:

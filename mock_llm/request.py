@@ -41,6 +41,10 @@ def content_text(content: object, param: str) -> str:
     texts: list[str] = []
     for index, part in enumerate(content):
         where = f"{param}[{index}]"
+        media = _media_placeholder(part)
+        if media is not None:
+            texts.append(media)
+            continue
         if (
             not isinstance(part, dict)
             or part.get("type") != "text"
@@ -49,6 +53,21 @@ def content_text(content: object, param: str) -> str:
             raise invalid(f'{where} must be {{"type": "text", "text": "..."}}', where)
         texts.append(part["text"])
     return "".join(texts)
+
+
+# OpenAI's media parts and the field each must carry; the mock reads them as a
+# placeholder in the prompt it answers.
+_MEDIA_PARTS = {"image_url": "url", "file": "file_data", "input_audio": "data"}
+
+
+def _media_placeholder(part: object) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if not isinstance(part, dict) or kind not in _MEDIA_PARTS:
+        return None
+    body = part.get(kind)
+    if not isinstance(body, dict) or not isinstance(body.get(_MEDIA_PARTS[kind]), str):
+        return None
+    return f"[{kind}]"
 
 
 def parse_messages(value: object, roles: frozenset[str] | None = None) -> tuple[Message, ...]:

@@ -6,7 +6,7 @@ is a prefix of the longer one. Timing and failures come from the model's default
 overridden per request by a directive inside any message::
 
     [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S fail_times=N drop_after=N
-            error_after=N usage=0|1 tool_calls=N]]
+            error_after=N usage=0|1 tool_calls=N cached=N cache_write=N reasoning=N]]
 
 (every key optional; several directives merge, later ones win), and then by the
 ``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
@@ -56,6 +56,12 @@ class MockBehaviour:
     # Answer with this many calls to the request's tools (`mock_llm.tools`), unless
     # the last message is a tool result.
     tool_calls: int = 0
+    # Usage details, each in its vendor's words: prompt tokens read from / written to
+    # a cache, and hidden reasoning tokens spent beside the answer. Reported as
+    # scripted, even when larger than the prompt (a hostile backend).
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 MODEL_DEFAULTS: dict[str, MockBehaviour] = {
@@ -79,6 +85,9 @@ class Overrides:
     fail_times: int | None = None
     report_usage: bool | None = None
     tool_calls: int | None = None
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     def merged(self, later: Overrides) -> Overrides:
         changes = {
@@ -137,10 +146,17 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(report_usage=bool(_int_value(name, raw, 0, 1)))
     if key == "tool_calls":
         return Overrides(tool_calls=_int_value(name, raw, 0, MAX_CALLS))
+    if key == "cached":
+        return Overrides(cached_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "cache_write":
+        return Overrides(cache_write_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "reasoning":
+        return Overrides(reasoning_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
-        "retry_after, fail_times, drop_after, error_after, usage, tool_calls)",
+        "retry_after, fail_times, drop_after, error_after, usage, tool_calls, cached, "
+        "cache_write, reasoning)",
         code="invalid_mock_directive",
     )
 
@@ -235,6 +251,14 @@ class Completion:
     prompt_tokens: int
     # When set, the answer is these calls and `tokens` are their argument fragments.
     calls: tuple[PlannedCall, ...] = ()
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def output_tokens(self) -> int:
+        """The answer's tokens plus the hidden reasoning (every vendor bills both)."""
+        return len(self.tokens) + self.reasoning_tokens
 
     @property
     def text(self) -> str:
@@ -269,9 +293,23 @@ def plan_completion(
         calls = plan_calls(prompt, tools, behaviour.tool_calls)
         # A call with no arguments still takes one (empty) token, so it is sent.
         fragments = [piece for call in calls for piece in (call.fragments or [""])]
-        return Completion(fragments, "tool_calls", count_prompt_tokens(messages), calls)
+        return _with_details(
+            Completion(fragments, "tool_calls", count_prompt_tokens(messages), calls), behaviour
+        )
     count = behaviour.tokens
     finish_reason = "stop"
     if max_tokens is not None and max_tokens < count:
         count, finish_reason = max_tokens, "length"
-    return Completion(answer_tokens(prompt, count), finish_reason, count_prompt_tokens(messages))
+    return _with_details(
+        Completion(answer_tokens(prompt, count), finish_reason, count_prompt_tokens(messages)),
+        behaviour,
+    )
+
+
+def _with_details(completion: Completion, behaviour: MockBehaviour) -> Completion:
+    return dataclasses.replace(
+        completion,
+        cached_tokens=behaviour.cached_tokens,
+        cache_write_tokens=behaviour.cache_write_tokens,
+        reasoning_tokens=behaviour.reasoning_tokens,
+    )

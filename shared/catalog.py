@@ -23,6 +23,9 @@ from shared.input_size import IMAGE_TOKENS
 MAX_PRICE = Decimal(10**9)
 
 API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
+# Content features a wire format cannot carry (`stream_edge/upstream/parts.py`):
+# Anthropic's Messages API takes no audio.
+UNSUPPORTED_FEATURES = {"anthropic_messages": frozenset({"audio"})}
 # A dotted path into an event's JSON: keys, or digits that index arrays (`choices.0.text`).
 _FIELD_PATH = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
@@ -33,8 +36,40 @@ class CatalogError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Price:
+    """Credits per million tokens (DESIGN §9 "Money", §11 "Prices"). Cache reads and
+    cache writes have their own rates when the vendor prices them apart; unset, they
+    cost what any input token costs."""
+
     input_per_mtok: Decimal
     output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+
+    @property
+    def cached_input_rate(self) -> Decimal:
+        return (
+            self.input_per_mtok
+            if self.cached_input_per_mtok is None
+            else self.cached_input_per_mtok
+        )
+
+    @property
+    def cache_write_rate(self) -> Decimal:
+        return (
+            self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        )
+
+    def raw(self) -> dict[str, str]:
+        """As `models.yaml` and `/v1/models` write it (the cache rates only when set)."""
+        out = {
+            "input_per_mtok": str(self.input_per_mtok),
+            "output_per_mtok": str(self.output_per_mtok),
+        }
+        if self.cached_input_per_mtok is not None:
+            out["cached_input_per_mtok"] = str(self.cached_input_per_mtok)
+        if self.cache_write_per_mtok is not None:
+            out["cache_write_per_mtok"] = str(self.cache_write_per_mtok)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +123,7 @@ class ModelSpec:
             "context_length": self.context_length,
             "max_output_tokens": self.max_output_tokens,
             "features": list(self.features),
-            "price": {
-                "input_per_mtok": str(self.price.input_per_mtok),
-                "output_per_mtok": str(self.price.output_per_mtok),
-            },
+            "price": self.price.raw(),
         }
 
 
@@ -114,6 +146,25 @@ def _decimal(value: Any, where: str) -> Decimal:
         return parse_decimal(value, max_abs=MAX_PRICE, max_places=12, negative=False)
     except ValueError as exc:
         raise CatalogError(f"{where} {exc}") from None
+
+
+PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok")
+
+
+def _price(price: dict[str, Any], where: str) -> Price:
+    unknown = sorted(set(price) - set(PRICE_KEYS))
+    if unknown:
+        raise CatalogError(f"{where}.{unknown[0]} is not a price ({', '.join(PRICE_KEYS)})")
+    optional = {
+        key: _decimal(price[key], f"{where}.{key}")
+        for key in ("cached_input_per_mtok", "cache_write_per_mtok")
+        if price.get(key) is not None
+    }
+    return Price(
+        input_per_mtok=_decimal(price.get("input_per_mtok"), f"{where}.input"),
+        output_per_mtok=_decimal(price.get("output_per_mtok"), f"{where}.output"),
+        **optional,
+    )
 
 
 def _positive_int(value: Any, where: str) -> int:
@@ -175,6 +226,12 @@ def parse_catalog(raw: Any) -> Catalog:
         features = spec.get("features", ["streaming"])
         if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
             raise CatalogError(f"{where}.features must be a list of strings")
+        cannot = UNSUPPORTED_FEATURES.get(providers[provider].api_type, frozenset())
+        if cannot & set(features):
+            raise CatalogError(
+                f"{where}.features: {providers[provider].api_type} cannot carry "
+                + ", ".join(sorted(cannot & set(features)))
+            )
         models[str(model_id)] = ModelSpec(
             id=str(model_id),
             provider=provider,
@@ -183,10 +240,7 @@ def parse_catalog(raw: Any) -> Catalog:
             max_output_tokens=_positive_int(
                 spec.get("max_output_tokens"), f"{where}.max_output_tokens"
             ),
-            price=Price(
-                input_per_mtok=_decimal(price.get("input_per_mtok"), f"{where}.price.input"),
-                output_per_mtok=_decimal(price.get("output_per_mtok"), f"{where}.price.output"),
-            ),
+            price=_price(price, f"{where}.price"),
             features=tuple(features),
             image_input_tokens=_positive_int(
                 spec.get("image_input_tokens", IMAGE_TOKENS), f"{where}.image_input_tokens"

@@ -28,7 +28,10 @@ The formula, in tokens:
   above any vendor's audio rate, about 10 tokens per second of speech).
 
 Parts other than text need the model to list a feature (`PART_FEATURES`); the
-callers refuse a request whose model lacks one (400 ``unsupported_content``).
+callers refuse a request whose model lacks one (400 ``unsupported_content``). Their
+bytes are checked as a vendor will take them (`shared.media`): an image is an
+``https:`` URL or a ``data:`` URL of PNG/JPEG/GIF/WebP, a file a PDF (data URL or
+bare base64), audio ``wav``/``mp3``, all data canonical base64.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
+
+from shared import media
 
 BYTES_PER_TOKEN = 3
 TOKENS_PER_MESSAGE = 4
@@ -114,21 +119,37 @@ def check_parts(content: list[Any], where: str) -> set[str]:
                 "must be one of text, image_url, input_audio, file",
             )
         body = _object(part, kind, at)
-        if kind == "image_url":
-            _string(body, "url", f"{at}.image_url")
-        elif kind == "input_audio":
-            _string(body, "data", f"{at}.input_audio")
-            _string(body, "format", f"{at}.input_audio")
-        elif "file_data" not in body:
+        if kind == "file" and "file_data" not in body:
             raise InputRejected(
                 "unsupported_content",
                 f"{at}.file",
                 "needs inline file_data (a file_id cannot be priced before it is sent)",
             )
-        else:
-            _string(body, "file_data", f"{at}.file")
+        _check_media(kind, body, at)
         needed.add(PART_FEATURES[kind])
     return needed
+
+
+def _check_media(kind: str, body: Mapping[str, Any], at: str) -> None:
+    """The part's bytes or URL as a vendor will take them (`shared.media`): garbage is
+    `invalid_content`, a media type we do not send `unsupported_content`."""
+    where = f"{at}.{kind}"
+    try:
+        if kind == "image_url":
+            url = _string(body, "url", where)
+            where += ".url"
+            media.image_source(url)
+        elif kind == "input_audio":
+            data, audio_format = _string(body, "data", where), _string(body, "format", where)
+            where += ".data"
+            media.audio_source(data, audio_format)
+        else:
+            file_data = _string(body, "file_data", where)
+            where += ".file_data"
+            media.file_source(file_data)
+    except media.MediaError as exc:
+        code = "unsupported_content" if exc.unsupported else "invalid_content"
+        raise InputRejected(code, where, str(exc)) from None
 
 
 def missing_features(needed: Iterable[str], features: Iterable[str]) -> list[str]:

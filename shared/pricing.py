@@ -4,11 +4,19 @@ A price of ``p`` credits per million tokens is ``p`` micro-credits per token. A
 stream costs ``ceil(input_tokens * input_per_mtok + output_tokens * output_per_mtok)``
 micro-credits (DESIGN §9 "Money"): the one rounding is a ceiling, applied once to
 the exact decimal sum, so we never undercharge by a rounding and never round twice.
+
+Cache-aware prices (DESIGN §11 "Prices"): `input_tokens` is the total input, of
+which `cached_input_tokens` were read from the vendor's cache and
+`cache_write_tokens` written to it, each at its own rate; the rest at the input
+rate. Reasoning tokens are part of `output_tokens` and cost what output costs. Still
+one ceiling, on the whole sum. A hold cannot know how the input will split, so it
+prices every input token at the dearest of the three input rates.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -23,9 +31,62 @@ estimate_input_tokens = input_size.estimate_input_tokens
 MAX_CREDITS = Decimal(10**12)  # one amount; balances are bigints of micro-credits
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """What a stream used. Callers keep ``cached_input_tokens + cache_write_tokens <=
+    input_tokens`` and ``reasoning_tokens <= output_tokens`` (`split_problem`)."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def split_problem(usage: TokenUsage) -> str | None:
+    """What is wrong with a usage's split, or None: a part larger than its whole
+    would price tokens that were never used (or, at a cheap cache rate, make the
+    uncached remainder negative)."""
+    counts = (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+    )
+    if any(n < 0 for n in counts):
+        return "token counts must not be negative"
+    if usage.cached_input_tokens + usage.cache_write_tokens > usage.input_tokens:
+        return "cached_input_tokens + cache_write_tokens must not exceed input_tokens"
+    if usage.reasoning_tokens > usage.output_tokens:
+        return "reasoning_tokens must not exceed output_tokens"
+    return None
+
+
 def cost_micro(input_tokens: int, output_tokens: int, price: Price) -> int:
-    exact = input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok
+    return usage_cost_micro(TokenUsage(input_tokens, output_tokens), price)
+
+
+def usage_cost_micro(usage: TokenUsage, price: Price) -> int:
+    """The exact price of `usage`, one ceiling. ValueError on an impossible split."""
+    problem = split_problem(usage)
+    if problem is not None:
+        raise ValueError(problem)
+    uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    exact = (
+        uncached * price.input_per_mtok
+        + usage.cached_input_tokens * price.cached_input_rate
+        + usage.cache_write_tokens * price.cache_write_rate
+        + usage.output_tokens * price.output_per_mtok
+    )
     return math.ceil(exact)
+
+
+def hold_cost_micro(input_tokens: int, output_tokens: int, price: Price) -> int:
+    """The hold for an input estimate and `max_tokens`: every input token at the
+    dearest input rate (a cache write can cost more than a plain input token)."""
+    worst = max(price.input_per_mtok, price.cached_input_rate, price.cache_write_rate)
+    return math.ceil(input_tokens * worst + output_tokens * price.output_per_mtok)
 
 
 def format_credits(micro: int) -> str:

@@ -21,6 +21,10 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 STATUSES = ("completed", "cancelled", "failed", "revoked")
 USAGE_SOURCES = ("upstream", "estimated")
+# How the input and output split (DESIGN §11 "Prices"): parts of `input_tokens` read
+# from and written to the vendor's cache, and the part of `output_tokens` spent
+# reasoning; 0 when unknown.
+USAGE_DETAILS = ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
 class BadSignature(Exception):
@@ -99,6 +103,9 @@ class UsageEvent:
     content: str | None = None
     # The assistant's tool calls in OpenAI's shape, when transcripts are on (DESIGN §11).
     tool_calls: list[dict[str, Any]] | None = None
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def webhook_id(self) -> str:

@@ -100,11 +100,7 @@ class OpenAIChunkWriter:
                     "created": self._created,
                     "model": self._model,
                     "choices": [],
-                    "usage": {
-                        "prompt_tokens": usage.input_tokens,
-                        "completion_tokens": usage.output_tokens,
-                        "total_tokens": usage.input_tokens + usage.output_tokens,
-                    },
+                    "usage": openai_usage(usage),
                 }
             )
         )
@@ -117,6 +113,21 @@ class OpenAIChunkWriter:
         return encode_data(
             orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": code}})
         )
+
+
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    """OpenAI's usage object, with its cache and reasoning details when known
+    (whatever vendor served: Anthropic's cache reads are OpenAI's `cached_tokens`)."""
+    out: dict[str, Any] = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+    if usage.cached_input_tokens or usage.cache_write_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_input_tokens}
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
 
 
 def completion_object(
@@ -145,11 +156,7 @@ def completion_object(
         ],
     }
     if usage is not None:
-        body["usage"] = {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-        }
+        body["usage"] = openai_usage(usage)
     return body
 
 

@@ -31,6 +31,11 @@ class Billing:
     input_tokens: int
     output_tokens: int
     source: str
+    # Parts of the above as the backend reported them (DESIGN §11 "Prices"); an
+    # estimate knows none, so it prices every input token at the input rate.
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -100,7 +105,15 @@ class Meter:
 
     def billing(self) -> Billing:
         if self.usage is not None:
-            return Billing(self.usage.input_tokens, self.usage.output_tokens, "upstream")
+            usage = self.usage
+            return Billing(
+                usage.input_tokens,
+                usage.output_tokens,
+                "upstream",
+                usage.cached_input_tokens,
+                usage.cache_write_tokens,
+                usage.reasoning_tokens,
+            )
         return Billing(self.input_estimate, self.relayed_tokens, "estimated")
 
     @property

@@ -32,4 +32,7 @@ def usage_event(grant: StreamGrant, provider: str, meter: Meter, status: str) ->
         tool_calls=[c.openai() for c in meter.tool_calls()] or None
         if meter.keep_transcript
         else None,
+        cached_input_tokens=billing.cached_input_tokens,
+        cache_write_tokens=billing.cache_write_tokens,
+        reasoning_tokens=billing.reasoning_tokens,
     )

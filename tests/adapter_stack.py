@@ -59,6 +59,22 @@ def _provider(api_type: str, mock_url: str, credential: str | None) -> dict[str,
     return spec
 
 
+# Cache reads cheaper and cache writes dearer than plain input, as the vendors price them.
+PRICE = {
+    "input_per_mtok": "1.0",
+    "output_per_mtok": "2.0",
+    "cached_input_per_mtok": "0.1",
+    "cache_write_per_mtok": "1.25",
+}
+_MEDIA = ["streaming", "tools", "vision", "files"]
+FEATURES = {
+    "anthropic_messages": _MEDIA,  # Anthropic takes no audio
+    "gemini": [*_MEDIA, "audio"],
+    "openai_chat": ["streaming", "tools"],
+    "sse_backend": ["streaming", "tools"],
+}
+
+
 def catalog(mock_url: str) -> dict[str, Any]:
     providers: dict[str, Any] = {}
     for provider, api_type in MODELS.values():
@@ -74,10 +90,10 @@ def catalog(mock_url: str) -> dict[str, Any]:
             "upstream_model": "mock-fast",
             "context_length": 8192,
             "max_output_tokens": 1024,
-            "features": ["streaming", "tools"],
-            "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+            "features": FEATURES[api_type],
+            "price": PRICE,
         }
-        for model_id, (provider, _) in MODELS.items()
+        for model_id, (provider, api_type) in MODELS.items()
     }
     return {"default_model": "claude-test", "providers": providers, "models": models}
 

@@ -9,7 +9,9 @@ caller's context, and no backend ever sees the client's stream token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -21,7 +23,7 @@ import pytest
 from mock_llm.script import Message, answer_tokens, count_prompt_tokens
 from shared.sse import ServerSentEvent, SSEDecoder
 from tests.adapter_stack import MODELS, SERVICE_TOKEN, VENDOR_KEY, WRONG_KEY, AdapterStack
-from tests.stack import base_env
+from tests.stack import base_env, micro
 
 WORKING = ["claude-test", "gemini-test", "gpt-test", "inhouse-test"]
 STREAM_TOKENS: list[str] = []  # every stream token issued here; no backend may see one
@@ -296,3 +298,107 @@ def test_fixture_catalog_routes_every_model_to_the_mock(vendors: AdapterStack) -
         "openai_chat",
         "sse_backend",
     }
+
+
+# --- issue 15.2: images and files reach each vendor in its own shape ----------------------
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
+PNG += "AAAABJRU5ErkJggg=="
+PDF = "JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PD4+CmVuZG9iagp0cmFpbGVyCjw8Pj4KJSVFT0YK"
+MEDIA_SHAPES = {
+    "claude-test": [
+        {"type": "text", "text": "Describe both."},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+        {"type": "document",
+         "source": {"type": "base64", "media_type": "application/pdf", "data": PDF}},
+    ],
+    "gemini-test": [
+        {"text": "Describe both."},
+        {"inlineData": {"mimeType": "image/png", "data": PNG}},
+        {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.jpg"}},
+        {"inlineData": {"mimeType": "application/pdf", "data": PDF}},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(MEDIA_SHAPES))
+def test_images_and_files_reach_the_vendor_in_its_shape(
+    vendors: AdapterStack, user_token: str, model: str
+) -> None:
+    parts = [
+        {"type": "text", "text": "Describe both."},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "file", "file": {"filename": "a.pdf",
+                                  "file_data": f"data:application/pdf;base64,{PDF}"}},
+    ]  # fmt: skip
+    grant = vendors.client.init_ok(
+        user_token,
+        {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": parts}]},
+    )
+    STREAM_TOKENS.append(grant["stream_token"])
+    grant["claims"] = jwt.decode(grant["stream_token"], options={"verify_signature": False})
+    received = events(vendors, grant)
+    assert received[-1].event == "complete", received[-1]
+    body = upstream_request(vendors, grant)["body"]
+    if model == "claude-test":
+        assert body["messages"] == [{"role": "user", "content": MEDIA_SHAPES[model]}]
+    else:
+        assert body["contents"] == [{"role": "user", "parts": MEDIA_SHAPES[model]}]
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    assert (record["status"], record["usage_source"]) == ("completed", "upstream")
+
+
+# --- issue 15.3: cache reads, cache writes and reasoning, each at its own rate --------------
+
+# Which details each vendor reports: OpenAI and Gemini have no cache-write count,
+# Anthropic no count of thinking tokens (they are inside its output_tokens).
+WRITES = {"claude-test": True, "gemini-test": False, "gpt-test": False}
+REASONING = {"claude-test": False, "gemini-test": True, "gpt-test": True}
+
+
+def price_of(input_tokens: int, cached: int, write: int, output: int) -> int:
+    exact = (
+        (input_tokens - cached - write) * Decimal("1.0")
+        + cached * Decimal("0.1")
+        + write * Decimal("1.25")
+        + output * Decimal("2.0")
+    )
+    return math.ceil(exact)
+
+
+@pytest.mark.parametrize("model", sorted(WRITES))
+def test_cache_and_reasoning_usage_is_priced_at_each_rate(
+    vendors: AdapterStack, user_token: str, model: str
+) -> None:
+    text = f"Think hard, {model} [[mock tokens=5 cached=7 cache_write=3 reasoning=4]]"
+    grant = start(vendors, user_token, model, text)
+    assert events(vendors, grant)[-1].event == "complete"
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    write = 3 if WRITES[model] else 0
+    prompt = user_prompt_tokens(text)
+    assert record["usage_source"] == "upstream"
+    assert record["input_tokens"] == prompt  # the total input, cache included
+    assert (record["cached_input_tokens"], record["cache_write_tokens"]) == (7, write)
+    reasoning = 4 if REASONING[model] else 0
+    assert (record["output_tokens"], record["reasoning_tokens"]) == (9, reasoning)
+    assert micro(record["cost"]) == price_of(prompt, 7, write, 9)
+
+
+def test_a_backend_claiming_more_cached_than_input_pays_cached_at_most(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    """A hostile backend cannot make the uncached remainder (and the charge) negative:
+    the edge keeps each part within its whole before it signs the usage."""
+    text = "Free tokens please [[mock tokens=5 cached=100000 reasoning=999]]"
+    grant = start(vendors, user_token, "gpt-test", text)
+    assert events(vendors, grant)[-1].event == "complete"
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    prompt = user_prompt_tokens(text)
+    assert (record["input_tokens"], record["cached_input_tokens"]) == (prompt, prompt)
+    assert (record["output_tokens"], record["reasoning_tokens"]) == (1004, 999)
+    assert micro(record["cost"]) == min(
+        price_of(prompt, prompt, 0, 1004), micro(grant["reserved_credits"])
+    )
+    assert micro(record["cost"]) > 0

@@ -405,3 +405,35 @@ def test_the_demo_tool_runs_in_the_page(stack: BrowserStack, page: Any) -> None:
     chat = stack.client.as_user(token, "GET", f"/v1/sessions/{sessions[0]['id']}").json()
     roles = [m["role"] for m in chat["data"]["messages"]]
     assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+PNG_1PX = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+def test_an_attached_image_goes_upstream_as_a_content_part(stack: BrowserStack, page: Any) -> None:
+    """15.2: the attach button sends the image as an `image_url` data: URL part, only
+    for a model that lists `vision`; the session keeps an [image] placeholder."""
+    email = stack.new_user(credits="5")
+    sign_in(page, stack, email)
+    page.select_option("#model", "mock-fast")
+    assert not page.is_visible("#attach-label")  # a text-only model
+    page.select_option("#model", "mock-vision")
+    page.set_input_files("#attach", files=[
+        {"name": "dot.png", "mimeType": "image/png", "buffer": PNG_1PX}])  # fmt: skip
+    page.wait_for_selector("#attachment:not([hidden])")
+    send(page, "What is in this picture?")
+    assert finished_answer(page).inner_text()
+    assert page.is_hidden("#attachment")
+    requests = stack.client.http.get(f"{stack.client.mock_url}/_mock/requests").json()["requests"]
+    content = requests[-1]["body"]["messages"][-1]["content"]
+    url = "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()
+    assert content == [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    token = page_token(page)
+    sessions = stack.client.as_user(token, "GET", "/v1/sessions").json()["data"]["items"]
+    chat = stack.client.as_user(token, "GET", f"/v1/sessions/{sessions[0]['id']}").json()
+    assert "[image]" in chat["data"]["messages"][0]["content"]

@@ -225,6 +225,9 @@ NEW_MODEL = {
     ("models", "field"),
     [
         ({"gpt-4o-mini": PRICE_ZERO}, "models.gpt-4o-mini.price"),
+        # 15.3: free cache reads are a price override too.
+        ({"gpt-4o-mini": {"price": {"cached_input_per_mtok": "0", "cache_write_per_mtok": "0"}}},
+         "models.gpt-4o-mini.price"),
         ({"gpt-4o-mini": {"upstream_model": "gpt-4o"}}, "models.gpt-4o-mini.upstream_model"),
         ({"gpt-4o-mini": {"features": ["streaming", "vision", "files"]}},
          "models.gpt-4o-mini.features"),
@@ -412,6 +415,33 @@ def test_parts_at_init_are_refused_or_held_for(gw: Gateway) -> None:
 # --- 12.4 tools and parameters ride free -----------------------------------------------
 
 
+GARBAGE_IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,<b>hi</b>"}}
+SVG_IMAGE = {"type": "image_url", "image_url": {"url": "data:image/svg+xml;base64,PHN2Zz4="}}
+
+
+def test_garbage_media_is_refused_at_init_and_edge(gw: Gateway) -> None:
+    """15.2: a `data:` URL is parsed strictly (media type whitelist, canonical base64)
+    before anything is held or sent; a vendor never gets garbage to choke on."""
+    _, token = _owner(gw)
+    before = _state(gw, token)
+    for part, status, code in ((GARBAGE_IMAGE, 422, "validation_error"),
+                               (SVG_IMAGE, 400, "unsupported_content")):  # fmt: skip
+        content = [{"type": "text", "text": "x"}, part]
+        body = {"model": "gpt-4o-mini", "max_tokens": 16,
+                "messages": [{"role": "user", "content": content}]}  # fmt: skip
+        message = _cp_error(gw.client.init(token, body), status, code)
+        assert "image_url" in message, message
+    assert _state(gw, token) == before
+    init = gw.client.init_ok(token, {"model": "gpt-4o-mini", "max_tokens": 16, "query": "hi"})
+    gw.backend.calls.clear()
+    for part, code in ((GARBAGE_IMAGE, "invalid_messages"), (SVG_IMAGE, "unsupported_content")):
+        body = {"messages": [{"role": "user", "content": [part]}]}
+        _edge_error(_completions(gw, init["stream_token"], body), 400, code)
+    assert gw.backend.calls == []
+    ok = _completions(gw, init["stream_token"], {"messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200, ok.text
+
+
 def _tools(count: int, size: int) -> list[dict[str, Any]]:
     return [
         {
@@ -516,7 +546,7 @@ def test_the_estimate_prices_every_part() -> None:
         ([{"type": "text", "text": "x"}], None, set()),
         ([IMAGE], None, {"vision"}),
         ([FILE, IMAGE], None, {"files", "vision"}),
-        ([{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}], None,
+        ([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}], None,
          {"audio"}),
         ([], "invalid_content", None),
         (["text"], "invalid_content", None),

@@ -10,11 +10,15 @@ Tool calls (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use): a
 `tool_use` block starts with its `id` and `name` and streams its input as
 `input_json_delta` fragments; we number tool blocks 0, 1, … as OpenAI numbers its
 calls. Requests turn OpenAI's `tool_calls` into `tool_use` blocks and `tool`
-messages into `tool_result` blocks of one user turn (docs/tool-calls.md).
+messages into `tool_result` blocks of one user turn (docs/tool-calls.md). Images and
+PDFs become `image` / `document` blocks (`stream_edge/upstream/parts.py`).
 
 We emit one `Usage` per `message_delta`, combining `message_start`'s input with the
 delta's cumulative output, so every `Usage` is complete when emitted (the meter keeps
-the last). Input counts cache reads and writes too: the model processed them.
+the last). Input counts cache reads and writes too: the model processed them, and
+Anthropic's `input_tokens` leaves them out; they are also reported apart
+(`cached_input_tokens` = `cache_read_input_tokens`, `cache_write_tokens` =
+`cache_creation_input_tokens`) to be priced at their own rates.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from stream_edge.upstream.base import (
     Usage,
     arguments_object,
     message_text,
+    token_count,
     trusted_headers,
     vendor_failure,
+    vendor_usage,
 )
+from stream_edge.upstream.parts import anthropic_blocks, has_media
 
 API_VERSION = "2023-06-01"
 # Anthropic's stop reasons in OpenAI's vocabulary.
@@ -58,11 +65,19 @@ def finish_reason(stop_reason: str) -> str:
     return FINISH_REASONS.get(stop_reason, "stop")
 
 
-def _input_tokens(usage: dict[str, Any]) -> int | None:
+def _input_tokens(usage: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(total input, cache reads, cache writes). Anthropic's `input_tokens` leaves
+    both cache counts out, so the total is the sum of the three."""
     counts = [usage.get(name) for name in _INPUT_FIELDS]
     if not isinstance(counts[0], int):
         return None
-    return sum(c for c in counts if isinstance(c, int))
+    fresh, write, read = (token_count(c) for c in counts)
+    return fresh + write + read, read, write
+
+
+def _usage(input_counts: tuple[int, int, int], output: int, raw: bytes = b"") -> Usage:
+    total, read, write = input_counts
+    return vendor_usage(total, output, raw, cached=read, cache_write=write)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -74,7 +89,7 @@ class AnthropicStreamParser(JsonEventParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._input: int | None = None
+        self._input: tuple[int, int, int] | None = None
         self._last_usage: Usage | None = None
         self._tool_blocks: dict[Any, int] = {}  # content block index → tool call index
 
@@ -121,11 +136,8 @@ class AnthropicStreamParser(JsonEventParser):
         if input_tokens is not None:
             self._input = input_tokens
         if isinstance(output, int) and self._input is not None:
-            current = Usage(self._input, output, raw)
-            if self._last_usage is None or (
-                (current.input_tokens, current.output_tokens)
-                != (self._last_usage.input_tokens, self._last_usage.output_tokens)
-            ):
+            current = _usage(self._input, output, raw)
+            if self._last_usage is None or current.counts() != self._last_usage.counts():
                 self._last_usage = current
                 out.append(current)
         return out
@@ -173,7 +185,13 @@ def _system_and_messages(
                 turns.append({"role": "user", "content": [result]})
         else:
             # Anthropic knows only user and assistant turns.
-            turns.append({"role": "assistant" if role == "assistant" else "user", "content": text})
+            content = message.get("content")
+            turns.append(
+                {
+                    "role": "assistant" if role == "assistant" else "user",
+                    "content": anthropic_blocks(content) if has_media(content) else text,
+                }
+            )
     return "\n\n".join(system), turns
 
 
@@ -275,7 +293,7 @@ class AnthropicMessagesAdapter:
         usage_doc = _dict(doc.get("usage"))
         input_tokens, output = _input_tokens(usage_doc), usage_doc.get("output_tokens")
         usage = (
-            Usage(input_tokens, output)
+            _usage(input_tokens, output)
             if input_tokens is not None and isinstance(output, int)
             else None
         )

@@ -126,9 +126,57 @@ class ToolCalls:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """What the backend says the stream used. `input_tokens` is the whole input, of
+    which `cached_input_tokens` were cache reads and `cache_write_tokens` cache writes;
+    `reasoning_tokens` are part of `output_tokens` (DESIGN §11 "Prices"). Build it with
+    `vendor_usage()`, which keeps every part within its whole."""
+
     input_tokens: int
     output_tokens: int
     raw: bytes = b""
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def counts(self) -> tuple[int, int, int, int, int]:
+        return (
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_input_tokens,
+            self.cache_write_tokens,
+            self.reasoning_tokens,
+        )
+
+
+def token_count(value: Any) -> int:
+    """A vendor's count, or 0 when it is not a positive integer (JSON `true` is not 1)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def vendor_usage(
+    input_tokens: int,
+    output_tokens: int,
+    raw: bytes = b"",
+    *,
+    cached: Any = 0,
+    cache_write: Any = 0,
+    reasoning: Any = 0,
+) -> Usage:
+    """A `Usage` from a vendor's figures, clamped: a part never exceeds its whole, a
+    count that is not a positive integer is 0. A backend that reports more cached
+    than total input cannot make the uncached remainder (and the charge) negative;
+    the control plane refuses such an event outright (`settlement.parse_usage_event`)."""
+    input_tokens, output_tokens = token_count(input_tokens), token_count(output_tokens)
+    cached_tokens = min(token_count(cached), input_tokens)
+    write_tokens = min(token_count(cache_write), input_tokens - cached_tokens)
+    return Usage(
+        input_tokens,
+        output_tokens,
+        raw,
+        cached_tokens,
+        write_tokens,
+        min(token_count(reasoning), output_tokens),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ handles split anywhere. There is no `[DONE]`: the stream is over at the frame wi
 
 `usageMetadata` rides on many frames and grows as the answer does, so a partial count
 is not billable: we emit `Usage` only from the finishing frame on. Output counts the
-model's thinking tokens too (`thoughtsTokenCount`), which Google bills as output.
+model's thinking tokens too (`thoughtsTokenCount`), which Google bills as output; they
+are also reported as `reasoning_tokens`, and `cachedContentTokenCount` (part of
+`promptTokenCount`) as `cached_input_tokens`.
 The key goes in the `x-goog-api-key` header, never in the URL, where logs keep it.
 
 Tool calls (https://ai.google.dev/gemini-api/docs/function-calling): OpenAI's `tools`
@@ -17,6 +19,9 @@ become `functionDeclarations`, `tool_choice` a `toolConfig`; an assistant's
 (named after the call they answer). Gemini streams each call whole, in one part,
 often without an id, and finishes with `STOP`: we give each call an id, send its
 arguments as one fragment and report `tool_calls` as the finish reason.
+
+Images, PDFs and audio become `inlineData` / `fileData` parts
+(`stream_edge/upstream/parts.py`).
 """
 
 from __future__ import annotations
@@ -41,9 +46,12 @@ from stream_edge.upstream.base import (
     arguments_object,
     json_object,
     message_text,
+    token_count,
     trusted_headers,
     vendor_failure,
+    vendor_usage,
 )
+from stream_edge.upstream.parts import gemini_parts, has_media
 
 FINISH_REASONS = {
     "STOP": "stop",
@@ -66,17 +74,17 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _usage(doc: dict[str, Any]) -> Usage | None:
+def _usage(doc: dict[str, Any], raw: bytes = b"") -> Usage | None:
     meta = _dict(doc.get("usageMetadata"))
     prompt = meta.get("promptTokenCount")
     if not isinstance(prompt, int):
         return None
-    output = sum(
-        n
-        for n in (meta.get("candidatesTokenCount"), meta.get("thoughtsTokenCount"))
-        if isinstance(n, int)
+    thoughts = meta.get("thoughtsTokenCount")
+    output = token_count(meta.get("candidatesTokenCount")) + token_count(thoughts)
+    # `promptTokenCount` includes `cachedContentTokenCount`; thoughts are reasoning.
+    return vendor_usage(
+        prompt, output, raw, cached=meta.get("cachedContentTokenCount"), reasoning=thoughts
     )
-    return Usage(prompt, output)
 
 
 def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
@@ -111,7 +119,7 @@ class GeminiStreamParser(JsonEventParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last_usage: tuple[int, int] | None = None
+        self._last_usage: tuple[int, ...] | None = None
         self._calls = 0
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
@@ -128,10 +136,10 @@ class GeminiStreamParser(JsonEventParser):
         if reason is not None and not self.done:
             self.done = True
             out.append(Finish("tool_calls" if self._calls and reason == "stop" else reason, raw))
-        usage = _usage(doc) if self.done else None
-        if usage is not None and (usage.input_tokens, usage.output_tokens) != self._last_usage:
-            self._last_usage = (usage.input_tokens, usage.output_tokens)
-            out.append(Usage(usage.input_tokens, usage.output_tokens, raw))
+        usage = _usage(doc, raw) if self.done else None
+        if usage is not None and usage.counts() != self._last_usage:
+            self._last_usage = usage.counts()
+            out.append(usage)
         return out
 
 
@@ -224,9 +232,9 @@ def request_body(call: UpstreamCall) -> dict[str, Any]:
             else:
                 contents.append({"role": "user", "parts": [part]})
         else:
-            contents.append(
-                {"role": "model" if role == "assistant" else "user", "parts": [{"text": text}]}
-            )
+            content = message.get("content")
+            parts = gemini_parts(content) if has_media(content) else [{"text": text}]
+            contents.append({"role": "model" if role == "assistant" else "user", "parts": parts})
     body: dict[str, Any] = {"contents": contents, "generationConfig": _generation_config(call)}
     if system:
         body["systemInstruction"] = {"parts": system}

@@ -26,17 +26,32 @@ from stream_edge.upstream.base import (
     openai_tool_deltas,
     trusted_headers,
     vendor_failure,
+    vendor_usage,
 )
 
 DONE = "[DONE]"
 
 
+def _details(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 def _usage(doc: Any, raw: bytes = b"") -> Usage | None:
+    """`prompt_tokens` includes `prompt_tokens_details.cached_tokens`, and
+    `completion_tokens` includes `completion_tokens_details.reasoning_tokens`
+    (https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage)."""
     if not isinstance(doc, dict):
         return None
     prompt, completion = doc.get("prompt_tokens"), doc.get("completion_tokens")
     if isinstance(prompt, int) and isinstance(completion, int):
-        return Usage(prompt, completion, raw)
+        return vendor_usage(
+            prompt,
+            completion,
+            raw,
+            cached=_details(doc, "prompt_tokens_details").get("cached_tokens"),
+            reasoning=_details(doc, "completion_tokens_details").get("reasoning_tokens"),
+        )
     return None
 
 
