@@ -9,7 +9,7 @@
 Plain ``add_column`` (nullable, or with a server default), so SQLite needs no batch
 mode. Keep `control_plane/tables.py` in step.
 
-Revision ID: 0007h
+Revision ID: 0009
 Revises: 0006
 """
 
