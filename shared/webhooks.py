@@ -99,6 +99,9 @@ class UsageEvent:
     content: str | None = None
     # The assistant's tool calls in OpenAI's shape, when transcripts are on (DESIGN §11).
     tool_calls: list[dict[str, Any]] | None = None
+    # The model first chosen, when a fallback of its chain served (`model` names the
+    # one that did; DESIGN §11).
+    fallback_from: str | None = None
 
     @property
     def webhook_id(self) -> str:
@@ -113,6 +116,8 @@ class UsageEvent:
             del data["content"]
         if data["tool_calls"] is None:
             del data["tool_calls"]
+        if data["fallback_from"] is None:
+            del data["fallback_from"]
         return orjson.dumps(
             {
                 "type": f"stream.{self.status}",
