@@ -196,6 +196,12 @@ class Reservation(SQLModel, table=True):
     created_at: datetime = _time()
     expires_at: datetime = _time()
     settled_at: datetime | None = _time(nullable=True)
+    # The fallback chain signed into the token (issue 16.2): `[{"model", "provider",
+    # "price_input_per_mtok", "price_output_per_mtok"}]`, after `model`. Settlement
+    # bills a served model only if it is `model` or one of these, at its price here.
+    fallbacks: list[dict[str, str]] | None = Field(
+        default=None, sa_column=Column(JSON(), nullable=True)
+    )
 
 
 class UsageRecord(SQLModel, table=True):
@@ -329,6 +335,9 @@ class CompanyProvider(SQLModel, table=True):
     company_id: str = _fk("companies.id")
     provider: str = _str(100)
     api_key_encrypted: str | None = _str(nullable=True)
+    # The pool's other keys (issue 16.1): a Fernet-encrypted JSON array, after
+    # `api_key_encrypted` (the first key, which older code reads alone).
+    extra_keys_encrypted: str | None = _str(nullable=True)
     created_at: datetime = _time()
     updated_at: datetime = _time()
 
