@@ -326,3 +326,27 @@ def test_a_companys_key_states_are_its_own_and_shown_by_id(gw: FallbackStack) ->
     # A company's key ids never become metric labels.
     assert metric(gw, "llmgw_edge_upstream_key_events_total", provider="p-pool",
                   key="custom", event="bad") >= 1  # fmt: skip
+
+
+def test_a_companys_chain_names_only_models_it_may_use(gw: FallbackStack) -> None:
+    c = gw.client
+    company = c.new_company("10")
+    owner, member = c.new_user(company, "owner"), c.new_user(company)
+    path = f"/v1/admin/companies/{company}/providers/"
+    chain = {"models": {"first-down": {"fallbacks": ["gpt-cheap", "claude-ok"]}}}
+    # A member acts as no owner; an unknown model is no fallback.
+    assert c.as_user(member, "PUT", path + "p-down", json=chain).status_code in (403, 404)
+    unknown = {"models": {"first-down": {"fallbacks": ["no-such-model"]}}}
+    r = c.as_user(owner, "PUT", path + "p-down", json=unknown)
+    assert r.status_code == 422 and "no-such-model" in r.text
+    # On the platform's key a chain is allowed (each model at its own packaged price)...
+    assert c.as_user(owner, "PUT", path + "p-down", json=chain).status_code == 200
+    # ...but a cheaper price for a chain model is not (issue 11's rule).
+    cheap = {"models": {"claude-ok": {"price": {"input_per_mtok": "0", "output_per_mtok": "0"}}}}
+    assert c.as_user(owner, "PUT", path + "p-claude", json=cheap).status_code == 422
+    assert claims_of(init(gw, owner, "first-down", "x"))["fallbacks"][0]["model"] == "gpt-cheap"
+    # A model the company disabled drops out of its chain.
+    off = {"models": {"gpt-cheap": {"enabled": False}}}
+    assert c.as_user(owner, "PUT", path + "p-cheap", json=off).status_code == 200
+    fallbacks = claims_of(init(gw, owner, "first-down", "y"))["fallbacks"]
+    assert [f["model"] for f in fallbacks] == ["claude-ok"]
