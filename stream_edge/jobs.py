@@ -226,6 +226,7 @@ class StreamJob:
             ttl_seconds=max(0, self.grant.expires_at - time.time())
             + settings.hold_grace_seconds
             + 3600,
+            model=self.model.id if self.model.id != self.grant.model else None,
         )
         checkpointer.start()
         try:

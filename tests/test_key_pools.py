@@ -14,7 +14,9 @@ import pytest
 
 from control_plane.errors import ModelNotInChain
 from control_plane.fallbacks import served_price
+from control_plane.sweeper import checkpoint_served
 from shared.catalog import CatalogError, Price, parse_catalog
+from shared.checkpoints import UsageCheckpoint
 from shared.key_pool import (
     BAD,
     PLATFORM,
@@ -149,23 +151,39 @@ def test_catalog_fallbacks_and_key_envs() -> None:
             parse_catalog(doc(bad))
 
 
+CHAINED: Any = SimpleNamespace(
+    model="big",
+    fallbacks=[
+        {
+            "model": "mid",
+            "provider": "anthropic",
+            "price_input_per_mtok": "3",
+            "price_output_per_mtok": "6",
+        }
+    ],
+)
+
+
 def test_settlement_accepts_only_the_chain() -> None:
-    reservation: Any = SimpleNamespace(
-        model="big",
-        fallbacks=[
-            {
-                "model": "mid",
-                "provider": "anthropic",
-                "price_input_per_mtok": "3",
-                "price_output_per_mtok": "6",
-            }
-        ],
-    )
+    reservation = CHAINED
     assert served_price(reservation, "big") is None
     assert served_price(reservation, "") is None
     assert served_price(reservation, "mid") == ("anthropic", Price(Decimal(3), Decimal(6)))
     with pytest.raises(ModelNotInChain):
         served_price(reservation, "cheap")
+
+
+def test_the_sweeper_bills_a_checkpoint_at_its_serving_model_if_in_the_chain() -> None:
+    def checkpoint(model: str | None) -> UsageCheckpoint:
+        written = UsageCheckpoint("j", "r", 1, 2, "2026-01-01T00:00:00Z", model=model)
+        return UsageCheckpoint.loads(written.dumps())
+
+    assert checkpoint_served(CHAINED, checkpoint("mid")) == (
+        "mid", "anthropic", Price(Decimal(3), Decimal(6)),
+    )  # fmt: skip
+    # Outside the chain, or the grant's own model: the reservation's price.
+    assert checkpoint_served(CHAINED, checkpoint("cheap")) is None
+    assert checkpoint_served(CHAINED, checkpoint(None)) is None
 
 
 # --- the edge's pool against a fake backend -----------------------------------------------
