@@ -350,3 +350,38 @@ def test_a_companys_chain_names_only_models_it_may_use(gw: FallbackStack) -> Non
     assert c.as_user(owner, "PUT", path + "p-cheap", json=off).status_code == 200
     fallbacks = claims_of(init(gw, owner, "first-down", "y"))["fallbacks"]
     assert [f["model"] for f in fallbacks] == ["claude-ok"]
+
+
+@pytest.fixture(scope="module")
+def pool_owner(gw: FallbackStack) -> tuple[str, str]:
+    company = gw.client.new_company("1")
+    return company, gw.client.new_user(company, "owner")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"api_keys": "sk-one"},
+        {"api_keys": []},
+        {"api_keys": ["sk-a", "sk-a"]},
+        {"api_keys": ["sk-a", "sk b"]},
+        {"api_keys": ["sk-a", "sk-\u00e9"]},
+        {"api_keys": ["sk-a", 5]},
+        {"api_keys": [f"sk-{n}" for n in range(21)]},
+        {"api_keys": ["k" * 3000, "j" * 3000]},
+        {"api_key": "sk-a", "api_keys": ["sk-b"]},
+    ],
+)
+def test_a_bad_key_pool_is_refused_and_changes_nothing(
+    gw: FallbackStack, pool_owner: tuple[str, str], body: dict[str, Any]
+) -> None:
+    c = gw.client
+    company, owner = pool_owner
+    path = f"/v1/admin/companies/{company}/providers/p-pool"
+    assert c.as_user(owner, "PUT", path, json={"api_keys": ["sk-kept"]}).status_code == 200
+    r = c.as_user(owner, "PUT", path, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["success"] is False and r.json()["error"]["code"] == "validation_error"
+    view = c.as_user(owner, "GET", f"/v1/admin/companies/{company}/providers").json()
+    [pool] = [v for v in view["data"]["items"] if v["provider"] == "p-pool"]
+    assert [k["id"] for k in pool["keys"]] == [key_id("sk-kept")]

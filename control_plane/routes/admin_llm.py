@@ -110,6 +110,12 @@ def _api_key(doc: dict[str, Any]) -> Any:
         keys = [_valid_key(v, f"api_keys[{i}]") for i, v in enumerate(values)]
         if len(set(keys)) != len(keys):
             raise ValidationFailed("api_keys", "must not repeat a key")
+        if sum(map(len, keys)) > company_llm.API_KEY_MAX:
+            # The pool travels sealed inside every stream token (and again for each
+            # fallback on the provider): it must keep the token URL-sized.
+            raise ValidationFailed(
+                "api_keys", f"must hold at most {company_llm.API_KEY_MAX} characters in all"
+            )
         return keys
     if "api_key" not in doc:
         return _UNSET
