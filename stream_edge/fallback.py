@@ -80,7 +80,8 @@ async def await_first_token(
                 head.append(chunk)
                 for event in parser.feed(chunk):
                     if isinstance(event, Failure):
-                        raise UpstreamError(f"the backend failed: {event.message}"[:200])
+                        # The vendor's words stay out of client-facing errors.
+                        raise UpstreamError("the backend failed before its first token")
                     if isinstance(event, Delta | ToolCallDelta | Finish):
                         return Prefetched(response, head)
                 if parser.done:
