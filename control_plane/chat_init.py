@@ -348,19 +348,21 @@ def plan_chain(
     max_tokens: int,
     pools: dict[str, list[str]],
 ) -> list[ChainEntry]:
-    """`model`'s fallbacks the company may use that can take this request with the
-    same `max_tokens`, each with its own input estimate and hold (`control_plane.fallbacks`)."""
+    """`model`'s fallbacks the company may use that can take this request, each with
+    its own input estimate, output cap (`max_tokens`, or less if the fallback allows
+    less) and hold (`control_plane.fallbacks`)."""
     chain = []
     for spec in company_llm.chain_of(cat, model):
         try:
             check_features(spec, req.features)
             check_content(spec, req.content_features)
-            plan = plan_hold(spec, messages, max_tokens, req.params)
+            cap = min(max_tokens, spec.max_output_tokens)
+            plan = plan_hold(spec, messages, cap, req.params)
         except (UnsupportedFeature, UnsupportedContent, ValidationFailed, InputTooLarge):
             continue
         pool = tuple(pools.get(spec.provider, ()))
         route = company_llm.route_for(catalog, spec, pool[0] if pool else None, pool)
-        chain.append(ChainEntry(spec, plan.input_estimate, plan.hold_micro, route))
+        chain.append(ChainEntry(spec, plan.input_estimate, cap, plan.hold_micro, route))
     return chain
 
 
@@ -472,6 +474,7 @@ async def init_chat(
                 entry.model.id,
                 entry.input_estimate,
                 seal(entry.route, deps.route_cipher) if entry.route is not None else None,
+                entry.max_tokens,
             ).claim()
             for entry in reserved.chain
         ]

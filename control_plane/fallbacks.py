@@ -26,6 +26,7 @@ from shared.route_claim import UpstreamRoute
 class ChainEntry:
     model: ModelSpec
     input_estimate: int
+    max_tokens: int  # at most the stream's: a fallback may allow less output
     hold_micro: int
     route: UpstreamRoute | None  # the company's own key for it, sealed into the token
 

@@ -34,8 +34,9 @@ ALL_SCOPES = (SCOPE_SEND, SCOPE_READ, SCOPE_DELETE)
 AGENT_CLAIM = "agent"
 
 # The fallback chain fixed at init (issue 16.2), signed with the rest: a list of
-# `{"model", "max_input_tokens", "upr"?}` — each model's own input estimate, and its
-# sealed route when the company brings the key. The client can neither reorder it nor
+# `{"model", "max_input_tokens", "max_tokens", "upr"?}` — each model's own input
+# estimate and output cap (at most the grant's), and its sealed route when the
+# company brings the key. The client can neither reorder it nor
 # add a cheaper model; the edge tries them in order before the first byte.
 FALLBACKS_CLAIM = "fallbacks"
 
@@ -45,9 +46,14 @@ class FallbackGrant:
     model: str
     max_input_tokens: int
     sealed_route: str | None = None
+    max_tokens: int = 0  # 0: the grant's
 
     def claim(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"model": self.model, "max_input_tokens": self.max_input_tokens}
+        doc: dict[str, Any] = {
+            "model": self.model,
+            "max_input_tokens": self.max_input_tokens,
+            "max_tokens": self.max_tokens,
+        }
         if self.sealed_route is not None:
             doc["upr"] = self.sealed_route
         return doc
@@ -63,6 +69,7 @@ def _fallbacks(raw: Any) -> tuple[FallbackGrant, ...]:
             model=str(item["model"]),
             max_input_tokens=int(item["max_input_tokens"]),
             sealed_route=str(item["upr"]) if item.get("upr") else None,
+            max_tokens=int(item.get("max_tokens") or 0),
         )
         for item in raw
     )

@@ -94,7 +94,7 @@ async def event_stream(request: Request) -> Response:
     messages = stashed.messages if stashed else []
     params = stashed.params if stashed else {}
     # Init checked the stashed request against every model of the chain it signed.
-    attempts = [Attempt(r, messages, params, grant.max_tokens, r.max_input_tokens) for r in chain]
+    attempts = [Attempt(r, messages, params, r.max_tokens, r.max_input_tokens) for r in chain]
     job = StreamJob(state, grant, attempts, accepted)
     if stashed is None:
         await job.report("finished")

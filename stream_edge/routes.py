@@ -110,7 +110,9 @@ def _fallbacks(state: EdgeState, grant: StreamGrant, body: object) -> list[Attem
     cannot is left out of the chain (the first model already accepted the body)."""
     attempts = []
     for fallback in fallback_routes(state, grant):
-        limited = dataclasses.replace(grant, max_input_tokens=fallback.max_input_tokens)
+        limited = dataclasses.replace(
+            grant, max_input_tokens=fallback.max_input_tokens, max_tokens=fallback.max_tokens
+        )
         try:
             chat = parse_chat_request(body, limited, fallback.model)
         except EdgeError:

@@ -83,6 +83,11 @@ def catalog(open_url: str, strict_url: str, dead_url: str) -> dict[str, Any]:
         model_id: _model(provider, upstream, (pin, pout), fallbacks=["claude-ok"])
         for model_id, (provider, upstream, pin, pout) in FIRST.items()
     }
+    # More output than its fallback allows: the fallback gets its own, smaller cap.
+    models["first-big"] = _model(
+        "p-down", "down", (1, 1), fallbacks=["claude-ok"], context_length=16384,
+        max_output_tokens=4096,
+    )  # fmt: skip
     models["claude-ok"] = _model("p-claude", "ok", CLAUDE_PRICE)
     models["gpt-cheap"] = _model("p-cheap", "ok", (0, 0))
     models["pooled"] = _model("p-pool", "ok", (1, 1))

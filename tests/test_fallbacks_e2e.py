@@ -192,6 +192,21 @@ def test_a_pool_with_every_key_resting_falls_back_without_asking(
     assert asked(gw, grant_request_id(grant)) == ["/v1/messages"]
 
 
+def test_a_fallback_with_less_output_room_gets_its_own_cap(gw: FallbackStack, token: str) -> None:
+    grant = init(gw, token, "first-big", "long answer please")
+    assert grant["max_tokens"] == 4096
+    [fallback] = claims_of(grant)["fallbacks"]
+    assert (fallback["model"], fallback["max_tokens"]) == ("claude-ok", 1024)
+    assert [e.event for e in events(gw, grant)][-1] == "complete"
+    [sent] = [
+        r["body"]
+        for r in gw.requests()
+        if r["headers"].get("x-request-id") == grant_request_id(grant)
+        and r["path"] == "/v1/messages"
+    ]
+    assert sent["max_tokens"] == 1024
+
+
 # --- never a fallback -----------------------------------------------------------------
 
 
