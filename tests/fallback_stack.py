@@ -8,6 +8,7 @@ touch another's); the other checks its key (`VENDOR_KEY`), for the key pools.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from control_plane.app import create_app as control_plane_app
 from mock_llm.app import create_app as mock_app
 from mock_llm.script import MockBehaviour
 from shared.settings import Settings
+from shared.store import open_store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -115,19 +117,33 @@ class FallbackStack:
             "LLMGW_BREAKER_FAILURES": "1000",
         }
         self.settings = Settings.from_env(env)
-        self.store = MemoryStore()
+        # With LLMGW_REDIS_URL each app opens its own Redis store, as processes would.
+        store = None if self.settings.redis_url else MemoryStore()
         self.group = ServerGroup(
             [
                 (mock_app(models=MOCK_MODELS), open_sock),
                 (mock_app(api_key=VENDOR_KEY, models=MOCK_MODELS), strict_sock),
-                (control_plane_app(self.settings, self.store), cp_sock),
-                (edge_app(self.settings, self.store), edge_sock),
+                (control_plane_app(self.settings, store), cp_sock),
+                (edge_app(self.settings, store), edge_sock),
             ]
         )
         self.client = Client(
             url_of(cp_sock), url_of(edge_sock), url_of(open_sock), env["LLMGW_WEBHOOK_SECRET"]
         )
         self.strict_url = url_of(strict_sock)
+
+    def store_set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        """Write a key into the apps' store, from the test's thread."""
+
+        async def run() -> None:
+            store = open_store(self.settings.redis_url, prefix=self.settings.redis_prefix)
+            try:
+                await store.set(key, value, ttl_seconds)
+            finally:
+                await store.close()
+
+        assert self.settings.redis_url, "the stack shares Redis with the test"
+        asyncio.run(run())
 
     def requests(self, mock_url: str | None = None) -> list[dict[str, Any]]:
         """What a mock received (path, query, headers, body), oldest first."""

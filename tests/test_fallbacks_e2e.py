@@ -27,6 +27,7 @@ from shared.key_pool import company_scope, key_id, state_key
 from shared.pricing import cost_micro
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.webhooks import sign
+from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
 from tests.fallback_stack import CLAUDE_PRICE, VENDOR_KEY, WRONG_KEY, FallbackStack
 from tests.stack import base_env, micro
 
@@ -47,10 +48,14 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FallbackStack]:
+def gw(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[FallbackStack]:
+    """PostgreSQL and Redis, as in production: key states cross from the edge to the
+    control plane through Redis, the chain is a JSON column on PostgreSQL."""
     workdir = tmp_path_factory.mktemp("fallbacks")
-    with FallbackStack(base_env(f"sqlite:///{workdir / 'gateway.db'}"), workdir) as stack:
-        yield stack
+    with fresh_pg_database(pg_server) as database_url, fresh_redis_prefix() as prefix:
+        env = base_env(database_url, REDIS_URL, prefix)
+        with FallbackStack(env, workdir) as stack:
+            yield stack
 
 
 @pytest.fixture(scope="module")
@@ -286,8 +291,7 @@ def test_a_forged_webhook_naming_a_model_outside_the_chain_is_refused(gw: Fallba
 def _rest_in_the_past(gw: FallbackStack, scope: str, key: str) -> None:
     """Record `key` as rate limited a while ago: usable, but ordered after never-limited
     keys, so the wrong key is tried first (deterministic)."""
-    name = state_key(scope, "p-pool", key_id(key))
-    gw.group.call(lambda: gw.store.set(name, b"1.0", 3600))
+    gw.store_set(state_key(scope, "p-pool", key_id(key)), b"1.0", 3600)
 
 
 def test_a_refused_platform_key_is_marked_bad_and_skipped(gw: FallbackStack, token: str) -> None:
