@@ -49,8 +49,9 @@ def state_key(scope: str, provider: str, kid: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeyState:
-    """`state`: ``ok``, ``resting`` (until `rest_until`) or ``bad``; `limited_at`
-    orders keys (0: never rate limited that we remember)."""
+    """`state`: ``ok``, ``resting`` (until `rest_until`) or ``bad``. `rest_until`
+    also orders usable keys: the end of their last rest (0: never rate limited that
+    we remember), so the least recently limited comes first."""
 
     state: str
     rest_until: float = 0.0
