@@ -244,7 +244,9 @@ def test_a_failure_after_the_first_byte_never_falls_back(gw: FallbackStack, toke
 # --- settlement accepts only the chain ---------------------------------------------------
 
 
-def _post_usage(gw: FallbackStack, grant: dict[str, Any], company_id: str, model: str) -> Any:
+def _post_usage(
+    gw: FallbackStack, grant: dict[str, Any], company_id: str, model: str, output: int = 500
+) -> Any:
     claims = claims_of(grant)
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     body = orjson.dumps(
@@ -256,7 +258,7 @@ def _post_usage(gw: FallbackStack, grant: dict[str, Any], company_id: str, model
                 "company_id": company_id, "user_id": claims["sub"],
                 "session_id": grant["session_id"], "request_id": claims["request_id"],
                 "model": model, "provider": "p-cheap", "status": "completed",
-                "finish_reason": "stop", "input_tokens": 10, "output_tokens": 500,
+                "finish_reason": "stop", "input_tokens": 10, "output_tokens": output,
                 "usage_source": "upstream", "started_at": now, "first_token_at": now,
                 "ended_at": now,
             },
@@ -283,6 +285,11 @@ def test_a_forged_webhook_naming_a_model_outside_the_chain_is_refused(gw: Fallba
     usage = c.wait_usage(token, grant["reservation_id"])
     assert usage["model"] == "claude-ok" and usage["provider"] == "p-claude"
     assert micro(usage["cost"]) == claude_cost({"input_tokens": 10, "output_tokens": 500})
+    # Whatever a chain model reports, the charge never passes the hold.
+    greedy = init(gw, token, "first-down", "settle me big")
+    assert _post_usage(gw, greedy, company_id, "claude-ok", 10**6).status_code == 200
+    usage = c.wait_usage(token, greedy["reservation_id"])
+    assert usage["model"] == "claude-ok" and usage["cost"] == greedy["reserved_credits"]
 
 
 # --- key pools ------------------------------------------------------------------------
