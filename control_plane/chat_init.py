@@ -36,6 +36,7 @@ from control_plane.errors import (
     UnsupportedFeature,
     ValidationFailed,
 )
+from control_plane.fallbacks import ChainEntry
 from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
@@ -46,7 +47,14 @@ from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
 from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
-from shared.tokens import AGENT_CLAIM, ALL_SCOPES, sign_token, stream_claims
+from shared.tokens import (
+    AGENT_CLAIM,
+    ALL_SCOPES,
+    FALLBACKS_CLAIM,
+    FallbackGrant,
+    sign_token,
+    stream_claims,
+)
 from shared.tool_shapes import check_tool_sequence
 
 log = logging.getLogger("control_plane.chat_init")
@@ -213,6 +221,7 @@ class Reserved:
     messages: list[dict[str, Any]]
     stash: bytes  # the request for the edge, serialised (`StashedRequest`)
     route: UpstreamRoute | None = None
+    chain: tuple[ChainEntry, ...] = ()  # the model's usable fallbacks, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +266,8 @@ def reserve(
         raise Revoked("Your company has been revoked.")
     # The company's own keys decide which of its overrides apply (`company_llm`):
     # a key that no longer decrypts routes to the platform's key, at packaged terms.
-    keys = company_llm.own_keys(session, fernet, company.id) if fernet is not None else {}
+    pools = company_llm.own_key_pools(session, fernet, company.id) if fernet is not None else {}
+    keys = {provider: pool[0] for provider, pool in pools.items()}
     cat = company_llm.company_catalog(
         catalog,
         company_llm.load_overrides(session, company.id),
@@ -291,6 +301,7 @@ def reserve(
         new_turn = storable(req.messages if chat is None else new_turn_of(req.messages))
         messages = [*prefix, *req.messages]
     plan = plan_hold(model, messages, req.max_tokens, req.params)
+    chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
         raise RequestTooLarge(
@@ -309,7 +320,8 @@ def reserve(
         request_id=request_id,
         model=model.id,
         provider=model.provider,
-        hold_micro=plan.hold_micro,
+        # The worst model of the chain: whichever serves, the hold covers it.
+        hold_micro=max([plan.hold_micro, *(entry.hold_micro for entry in chain)]),
         input_estimate=plan.input_estimate,
         max_tokens=plan.max_tokens,
         price_input_per_mtok=str(model.price.input_per_mtok),
@@ -322,6 +334,7 @@ def reserve(
         expires_at=hold_expires_at,
         settled_at=None,
         api_key_id=principal.api_key_id,
+        fallbacks=[entry.record() for entry in chain] or None,
     )
     # Lock order, as in settlement: the company row (the hold), then the budget
     # periods (`budgets`), then the session row.
@@ -332,8 +345,36 @@ def reserve(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
             f"{limits.session.max_bytes} bytes); start a new session."
         )
-    route = company_llm.route_for(catalog, model, keys.get(model.provider))
-    return Reserved(reservation, messages, stash, route)
+    pool = tuple(pools.get(model.provider, ()))
+    route = company_llm.route_for(catalog, model, keys.get(model.provider), pool)
+    return Reserved(reservation, messages, stash, route, tuple(chain))
+
+
+def plan_chain(
+    catalog: Catalog,
+    cat: company_llm.CompanyCatalog,
+    model: ModelSpec,
+    req: InitRequest,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    pools: dict[str, list[str]],
+) -> list[ChainEntry]:
+    """`model`'s fallbacks the company may use that can take this request, each with
+    its own input estimate, output cap (`max_tokens`, or less if the fallback allows
+    less) and hold (`control_plane.fallbacks`)."""
+    chain = []
+    for spec in company_llm.chain_of(cat, model):
+        try:
+            check_features(spec, req.features)
+            check_content(spec, req.content_features)
+            cap = min(max_tokens, spec.max_output_tokens)
+            plan = plan_hold(spec, messages, cap, req.params)
+        except (UnsupportedFeature, UnsupportedContent, ValidationFailed, InputTooLarge):
+            continue
+        pool = tuple(pools.get(spec.provider, ()))
+        route = company_llm.route_for(catalog, spec, pool[0] if pool else None, pool)
+        chain.append(ChainEntry(spec, plan.input_estimate, cap, plan.hold_micro, route))
+    return chain
 
 
 def _with_agent(
@@ -485,6 +526,16 @@ async def init_chat(
     if reserved.route is not None:
         # The company's own key or model, sealed for the edge only (`shared.route_claim`).
         claims[ROUTE_CLAIM] = seal(reserved.route, deps.route_cipher)
+    if reserved.chain:
+        claims[FALLBACKS_CLAIM] = [
+            FallbackGrant(
+                entry.model.id,
+                entry.input_estimate,
+                seal(entry.route, deps.route_cipher) if entry.route is not None else None,
+                entry.max_tokens,
+            ).claim()
+            for entry in reserved.chain
+        ]
     kid, key = deps.keyring.active()
     token = sign_token(claims, key, kid)
     edge = settings.edge_public_url

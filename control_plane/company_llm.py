@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from cryptography.fernet import InvalidToken, MultiFernet
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
@@ -29,7 +30,8 @@ from sqlmodel import col
 
 from control_plane.errors import ValidationFailed
 from control_plane.tables import CompanyModel, CompanyProvider, new_id, utcnow
-from shared.catalog import Catalog, CatalogError, ModelSpec, parse_catalog
+from shared.catalog import Catalog, CatalogError, ModelSpec, parse_catalog, parse_fallbacks
+from shared.key_pool import key_id
 from shared.route_claim import UpstreamRoute
 
 SPEC_KEYS = (
@@ -40,10 +42,11 @@ SPEC_KEYS = (
     "image_input_tokens",
     "price",
 )
-OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled")
+OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled", "fallbacks")
 # What a company may change on the platform's key: limits and visibility, not what
-# is called or what it costs.
-PLATFORM_KEY_FIELDS = frozenset({"context_length", "max_output_tokens", "enabled"})
+# is called or what it costs. `fallbacks` names other models of the company's own
+# view, each at its own (view's) price, so it changes neither (issue 16.2).
+PLATFORM_KEY_FIELDS = frozenset({"context_length", "max_output_tokens", "enabled", "fallbacks"})
 MAX_MODELS = 200
 MODEL_ID_MAX = 200
 API_KEY_MAX = 4096
@@ -59,6 +62,7 @@ def model_raw(spec: ModelSpec) -> dict[str, Any]:
         "features": list(spec.features),
         "image_input_tokens": spec.image_input_tokens,
         "price": spec.price.raw(),
+        "fallbacks": list(spec.fallbacks),
     }
 
 
@@ -68,7 +72,7 @@ def merge_model(
     """`partial` over `base` (or over nothing: then every field is required), routed
     to `provider`, validated exactly as a catalog entry. CatalogError names the field."""
     raw: dict[str, Any] = model_raw(base) if base is not None else {"upstream_model": model_id}
-    for key in SPEC_KEYS:
+    for key in (*SPEC_KEYS, "fallbacks"):
         if key not in partial:
             continue
         if key == "price" and isinstance(partial[key], dict) and isinstance(raw.get(key), dict):
@@ -82,7 +86,8 @@ def merge_model(
         "providers": {provider: {"api_type": "openai_chat", "base_url": "http://x"}},
         "models": {model_id: raw},
     }
-    return parse_catalog(doc).models[model_id]
+    # Fallbacks name models of the company's whole view: checked there (`chain_of`).
+    return parse_catalog(doc, check_fallbacks=False).models[model_id]
 
 
 def parse_models(value: Any, provider: str, catalog: Catalog) -> dict[str, dict[str, Any]]:
@@ -232,21 +237,31 @@ def provider_rows(session: Session, company_id: str) -> list[CompanyProvider]:
 def set_provider_key(
     session: Session, fernet: MultiFernet, company_id: str, provider: str, api_key: str | None
 ) -> CompanyProvider:
+    return set_provider_keys(session, fernet, company_id, provider, [api_key] if api_key else [])
+
+
+def set_provider_keys(
+    session: Session, fernet: MultiFernet, company_id: str, provider: str, keys: list[str]
+) -> CompanyProvider:
+    """The company's key pool for `provider` becomes `keys` (none: the platform's)."""
     row = provider_row(session, company_id, provider)
     now = utcnow()
-    encrypted = fernet.encrypt(api_key.encode("utf-8")).decode("ascii") if api_key else None
+    encrypted = fernet.encrypt(keys[0].encode("utf-8")).decode("ascii") if keys else None
+    extra = fernet.encrypt(orjson.dumps(keys[1:])).decode("ascii") if keys[1:] else None
     if row is None:
         row = CompanyProvider(
             id=new_id(),
             company_id=company_id,
             provider=provider,
             api_key_encrypted=encrypted,
+            extra_keys_encrypted=extra,
             created_at=now,
             updated_at=now,
         )
         session.add(row)
     else:
         row.api_key_encrypted = encrypted
+        row.extra_keys_encrypted = extra
         row.updated_at = now
     session.flush()
     return row
@@ -308,6 +323,55 @@ def own_keys(session: Session, fernet: MultiFernet, company_id: str) -> dict[str
     return {provider: key for provider, key in keys.items() if key is not None}
 
 
+def own_key_pools(session: Session, fernet: MultiFernet, company_id: str) -> dict[str, list[str]]:
+    """provider → the company's key pool (first key first), for pools whose first key
+    still decrypts."""
+    pools = {r.provider: decrypt_keys(fernet, r) for r in provider_rows(session, company_id)}
+    return {provider: keys for provider, keys in pools.items() if keys}
+
+
+def decrypt_keys(fernet: MultiFernet, row: CompanyProvider | None) -> list[str]:
+    """The row's whole pool; the further keys are left out if they no longer decrypt."""
+    first = decrypt_key(fernet, row)
+    if first is None or row is None or row.extra_keys_encrypted is None:
+        return [first] if first is not None else []
+    try:
+        extra = orjson.loads(fernet.decrypt(row.extra_keys_encrypted.encode("ascii")))
+    except (InvalidToken, orjson.JSONDecodeError):
+        return [first]
+    return [first, *(k for k in extra if isinstance(k, str))]
+
+
+def key_ids(fernet: MultiFernet, row: CompanyProvider | None) -> list[str]:
+    """What admins see of a pool: each key's id (`shared.key_pool.key_id`), never a key."""
+    return [key_id(k) for k in decrypt_keys(fernet, row)]
+
+
+def chain_of(cat: CompanyCatalog, model: ModelSpec) -> list[ModelSpec]:
+    """`model`'s fallbacks that the company may use (in its view: enabled, and on the
+    platform's key at packaged terms, `company_catalog`), in order; others are
+    skipped."""
+    chain = []
+    for model_id in model.fallbacks:
+        spec = cat.model(model_id)
+        if spec is not None and spec.id != model.id:
+            chain.append(spec)
+    return chain
+
+
+def check_fallbacks(cat: CompanyCatalog, models: dict[str, dict[str, Any]]) -> None:
+    """422 unless each stored `fallbacks` names models of the company's view."""
+    for model_id, partial in models.items():
+        if "fallbacks" not in partial:
+            continue
+        names = parse_fallbacks(partial["fallbacks"], model_id, "fallbacks")
+        unknown = [name for name in names if cat.model(name) is None]
+        if unknown:
+            raise ValidationFailed(
+                f"models.{model_id}.fallbacks", f"{unknown[0][:200]!r} is not a usable model"
+            )
+
+
 def decrypt_key(fernet: MultiFernet, row: CompanyProvider | None) -> str | None:
     if row is None or row.api_key_encrypted is None:
         return None
@@ -317,7 +381,9 @@ def decrypt_key(fernet: MultiFernet, row: CompanyProvider | None) -> str | None:
         return None  # encrypted with a key no longer configured: fall back to the platform's
 
 
-def route_for(base: Catalog, model: ModelSpec, api_key: str | None) -> UpstreamRoute | None:
+def route_for(
+    base: Catalog, model: ModelSpec, api_key: str | None, api_keys: tuple[str, ...] = ()
+) -> UpstreamRoute | None:
     """The `upr` claim's route: only when the company brings its own key for the
     model's provider; otherwise the edge uses its packaged catalog (which, on the
     platform's key, is what the company's catalog resolved to) and the platform's keys."""
@@ -332,6 +398,7 @@ def route_for(base: Catalog, model: ModelSpec, api_key: str | None) -> UpstreamR
         api_key=api_key,
         features=model.features,
         image_input_tokens=model.image_input_tokens,
+        api_keys=api_keys if len(api_keys) > 1 else (),
     )
 
 
@@ -355,4 +422,12 @@ def rotate_provider_keys(session: Session, fernet: MultiFernet, result: Rotated)
             result.provider_keys += 1
         except InvalidToken:
             result.failed.append(f"provider key {row.company_id}/{row.provider}")
+            continue
+        if row.extra_keys_encrypted is not None:
+            try:
+                row.extra_keys_encrypted = fernet.rotate(
+                    row.extra_keys_encrypted.encode("ascii")
+                ).decode("ascii")
+            except InvalidToken:
+                result.failed.append(f"provider keys {row.company_id}/{row.provider}")
     session.flush()

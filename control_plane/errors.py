@@ -232,6 +232,13 @@ class ReservationMismatch(AppError):
     default_message = "The event does not match its reservation."
 
 
+class ModelNotInChain(ReservationMismatch):
+    """A usage event names a served model outside the reservation's fallback chain."""
+
+    code = "model_not_in_chain"
+    default_message = "The served model is not in this reservation's fallback chain."
+
+
 class UnsupportedFeature(AppError):
     status, code = 422, "unsupported_feature"
     default_message = "The model does not support a feature this request needs."

@@ -99,6 +99,9 @@ _MODEL_SPEC = {
             },
         },
         "enabled": {"type": "boolean"},
+        # Issue 16.2: other models of the company's view, tried in order before the
+        # first byte when this one fails.
+        "fallbacks": {"type": "array", "items": _STR, "maxItems": 5, "uniqueItems": True},
     },
     "additionalProperties": False,
 }
@@ -191,6 +194,14 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         **_obj(
             [],
             api_key={"type": ["string", "null"], "maxLength": 4096},
+            # Issue 16.1: a key pool (instead of api_key); shown back by id and state only.
+            api_keys={
+                "type": ["array", "null"],
+                "items": {"type": "string", "maxLength": 4096},
+                "minItems": 1,
+                "maxItems": 20,
+                "uniqueItems": True,
+            },
             default_model={"type": ["string", "null"]},
             models={"type": "object", "additionalProperties": _MODEL_SPEC},
         ),

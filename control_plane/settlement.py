@@ -37,9 +37,11 @@ from control_plane.errors import (
     ValidationFailed,
     WebhookProviderMismatch,
 )
+from control_plane.fallbacks import served_price
 from control_plane.ledger import charge_for, reservation_price, settle_reservation
 from control_plane.tables import Reservation, UsageRecord, WebhookEvent, new_id, utcnow
 from control_plane.validation import NUL, without_nul
+from shared.catalog import Price
 from shared.input_size import InputRejected
 from shared.pricing import TokenUsage, split_problem
 from shared.tool_shapes import check_tool_calls
@@ -148,6 +150,7 @@ def parse_usage_event(doc: dict[str, Any]) -> UsageEvent:
         cached_input_tokens=cached,
         cache_write_tokens=cache_write,
         reasoning_tokens=reasoning,
+        fallback_from=_str(data, "fallback_from", required=False) or None,
     )
 
 
@@ -214,14 +217,17 @@ def settle_usage(
     actor: str,
     request_id: str | None,
     details: dict[str, Any] | None = None,
+    served: tuple[str, str, Price] | None = None,
 ) -> Outcome:
     """Charge `usage` against the hold and release the rest, once; DUPLICATE when the
-    reservation is no longer active."""
+    reservation is no longer active. `served`: (model, provider, price) of the
+    fallback that served (issue 16.2), checked against the reservation's chain by
+    the caller; None: the reservation's own model."""
     charge = charge_for(
         usage.status,
         usage.input_tokens,
         usage.output_tokens,
-        reservation_price(reservation),
+        served[2] if served is not None else reservation_price(reservation),
         reservation.hold_micro,
         cached_input_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens,
@@ -247,8 +253,8 @@ def settle_usage(
             company_id=reservation.company_id,
             user_id=reservation.user_id,
             session_id=reservation.session_id,
-            model=reservation.model,
-            provider=reservation.provider,
+            model=served[0] if served is not None else reservation.model,
+            provider=served[1] if served is not None else reservation.provider,
             status=usage.status,
             finish_reason=usage.finish_reason,
             input_tokens=usage.input_tokens,
@@ -300,6 +306,10 @@ def settle_webhook(
             f"This reservation is routed to {reservation.provider!r}, "
             f"not to {signer_provider!r} whose secret signed the event."
         )
+    # A served model other than the reservation's must be one of its chain (422
+    # otherwise): a forged event cannot pick a cheaper model to be billed at.
+    fallback = served_price(reservation, event.model)
+    served = (event.model, fallback[0], fallback[1]) if fallback is not None else None
     seen = session.get(WebhookEvent, webhook_id)
     if seen is not None:
         if seen.reservation_id != reservation.id:
@@ -329,6 +339,7 @@ def settle_webhook(
         actor=WEBHOOK_ACTOR,
         request_id=event.request_id or reservation.request_id,
         details=details,
+        served=served,
     )
     if outcome.duplicate:
         return outcome

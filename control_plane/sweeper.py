@@ -50,6 +50,8 @@ from sqlalchemy.orm import Session
 
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.db import Database
+from control_plane.errors import ModelNotInChain
+from control_plane.fallbacks import served_price
 from control_plane.ledger import (
     active_reservation_ids,
     expired_reservation_ids,
@@ -60,6 +62,7 @@ from control_plane.metrics import Metrics
 from control_plane.revoking import revocation_ttl
 from control_plane.settlement import MAX_TOKENS_REPORTED, Usage, parse_time, settle_usage
 from control_plane.tables import Reservation, utcnow
+from shared.catalog import Price
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revoke
 from shared.settings import Settings
@@ -132,6 +135,7 @@ def reconcile(
                 "source": "silent checkpoint" if silent else "checkpoint",
                 "checkpoint_updated_at": checkpoint.updated_at,
             },
+            served=checkpoint_served(reservation, checkpoint),
         )
         if outcome.duplicate:
             return NOTHING
@@ -141,6 +145,20 @@ def reconcile(
         session, reservation_id, RELEASE_REASON, actor=SWEEPER_ACTOR, details=details
     )
     return NOTHING if released is None else Reconciled("released", 0, released)
+
+
+def checkpoint_served(
+    reservation: Reservation, checkpoint: UsageCheckpoint
+) -> tuple[str, str, Price] | None:
+    """The fallback a checkpoint says served, at its price from the reservation's chain
+    (issue 16.2); None — the reservation's own model and price — for anything else."""
+    if checkpoint.model is None:
+        return None
+    try:
+        found = served_price(reservation, checkpoint.model)
+    except ModelNotInChain:
+        return None
+    return (checkpoint.model, found[0], found[1]) if found is not None else None
 
 
 def _decode(reservation_id: str, raw: bytes | None) -> UsageCheckpoint | None:

@@ -204,6 +204,12 @@ class Reservation(SQLModel, table=True):
     expires_at: datetime = _time()
     settled_at: datetime | None = _time(nullable=True)
     api_key_id: str | None = _str(32, nullable=True)  # the key the stream was opened with
+    # The fallback chain signed into the token (issue 16.2): `[{"model", "provider",
+    # "price_input_per_mtok", "price_output_per_mtok"}]`, after `model`. Settlement
+    # bills a served model only if it is `model` or one of these, at its price here.
+    fallbacks: list[dict[str, str]] | None = Field(
+        default=None, sa_column=Column(JSON(), nullable=True)
+    )
 
 
 class UsageRecord(SQLModel, table=True):
@@ -347,6 +353,9 @@ class CompanyProvider(SQLModel, table=True):
     company_id: str = _fk("companies.id")
     provider: str = _str(100)
     api_key_encrypted: str | None = _str(nullable=True)
+    # The pool's other keys (issue 16.1): a Fernet-encrypted JSON array, after
+    # `api_key_encrypted` (the first key, which older code reads alone).
+    extra_keys_encrypted: str | None = _str(nullable=True)
     created_at: datetime = _time()
     updated_at: datetime = _time()
 

@@ -102,6 +102,13 @@ class Provider:
     api_key_env: str | None = None
     service_token_env: str | None = None
     sse: SSEBackendSpec | None = None  # set for every `sse_backend` provider
+    # Several platform keys (a key pool, `stream_edge.key_pool`), after `api_key_env`'s.
+    api_key_envs: tuple[str, ...] = ()
+
+    def key_envs(self) -> tuple[str, ...]:
+        """Every variable that may hold a platform key for this provider, in order."""
+        first = (self.api_key_env,) if self.api_key_env else ()
+        return first + tuple(v for v in self.api_key_envs if v != self.api_key_env)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,8 @@ class ModelSpec:
     features: tuple[str, ...] = ("streaming",)
     # What one image costs in the input estimate (`shared.input_size`).
     image_input_tokens: int = IMAGE_TOKENS
+    # Models tried in order when this one fails before its first byte (DESIGN §11).
+    fallbacks: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
         return {
@@ -179,6 +188,36 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+MAX_FALLBACKS = 5
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def _env_names(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and _ENV_NAME.fullmatch(v) for v in value
+    ):
+        raise CatalogError(f"{where} must be a list of environment variable names")
+    return tuple(value)
+
+
+def parse_fallbacks(value: Any, model_id: str, where: str) -> tuple[str, ...]:
+    """A model's `fallbacks`: distinct model ids, not itself, at most MAX_FALLBACKS."""
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, str) and 0 < len(v) <= 200 for v in value)
+        or len(set(value)) != len(value)
+        or model_id in value
+    ):
+        raise CatalogError(f"{where} must be a list of distinct other model ids")
+    if len(value) > MAX_FALLBACKS:
+        raise CatalogError(f"{where} may name at most {MAX_FALLBACKS} models")
+    return tuple(value)
+
+
 def _sse_spec(spec: dict[str, Any], api_type: str, where: str) -> SSEBackendSpec | None:
     given = {key: spec[key] for key in SSE_BACKEND_KEYS if key in spec}
     if api_type != "sse_backend":
@@ -196,7 +235,9 @@ def _sse_spec(spec: dict[str, Any], api_type: str, where: str) -> SSEBackendSpec
     return SSEBackendSpec(**given)
 
 
-def parse_catalog(raw: Any) -> Catalog:
+def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
+    """`check_fallbacks`: every `fallbacks` entry must name a model of this document
+    (off for a company's single-model override, checked against its whole view)."""
     doc = _mapping(raw, "catalog")
     providers: dict[str, Provider] = {}
     for name, spec in _mapping(doc.get("providers"), "providers").items():
@@ -214,6 +255,7 @@ def parse_catalog(raw: Any) -> Catalog:
             api_key_env=spec.get("api_key_env"),
             service_token_env=spec.get("service_token_env"),
             sse=_sse_spec(spec, api_type, f"providers.{name}"),
+            api_key_envs=_env_names(spec.get("api_key_envs"), f"providers.{name}.api_key_envs"),
         )
     models: dict[str, ModelSpec] = {}
     for model_id, spec in _mapping(doc.get("models"), "models").items():
@@ -245,7 +287,15 @@ def parse_catalog(raw: Any) -> Catalog:
             image_input_tokens=_positive_int(
                 spec.get("image_input_tokens", IMAGE_TOKENS), f"{where}.image_input_tokens"
             ),
+            fallbacks=parse_fallbacks(spec.get("fallbacks"), str(model_id), f"{where}.fallbacks"),
         )
+    if check_fallbacks:
+        for model in models.values():
+            unknown = [f for f in model.fallbacks if f not in models]
+            if unknown:
+                raise CatalogError(
+                    f"models.{model.id}.fallbacks names an unknown model: {unknown[0]!r}"
+                )
     default_model = doc.get("default_model")
     if default_model not in models:
         raise CatalogError(f"default_model {default_model!r} is not in models")

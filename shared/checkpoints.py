@@ -45,6 +45,8 @@ class UsageCheckpoint:
     updated_at: str  # ISO 8601 UTC
     beat: int = 0  # bumped by every write: the sign of life the sweeper watches
     ended: bool = False  # the stream is over; its report is in the edge's outbox
+    # The fallback of the chain that serves (issue 16.2); None: the grant's own model.
+    model: str | None = None
 
     def marker(self) -> tuple[int, str, int]:
         """What changes with every write (the timestamp alone may repeat)."""
@@ -67,6 +69,7 @@ class UsageCheckpoint:
                 # Absent in checkpoints written before heartbeats (a rolling upgrade).
                 beat=int(doc.get("beat", 0)),
                 ended=doc.get("ended", False) is True,
+                model=str(doc["model"]) if doc.get("model") else None,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError("not a usage checkpoint") from exc

@@ -39,6 +39,12 @@ class UpstreamRoute:
     # the edge checks a request's parts as init did (`shared.input_size`).
     features: tuple[str, ...] = ("streaming",)
     image_input_tokens: int = IMAGE_TOKENS
+    # The company's whole key pool (issue 16.1), `api_key` first; empty in routes
+    # sealed before pools, which carry `api_key` alone.
+    api_keys: tuple[str, ...] = ()
+
+    def keys(self) -> tuple[str, ...]:
+        return self.api_keys or ((self.api_key,) if self.api_key else ())
 
 
 PURPOSE = b"llm-gateway upstream route v2"
@@ -75,6 +81,7 @@ def unseal(sealed: str, cipher: Fernet | MultiFernet) -> UpstreamRoute:
     try:
         doc = orjson.loads(cipher.decrypt(sealed.encode()))
         doc["features"] = tuple(doc.get("features") or ("streaming",))
+        doc["api_keys"] = tuple(doc.get("api_keys") or ())
         return UpstreamRoute(**doc)
     except (InvalidToken, orjson.JSONDecodeError, TypeError, AttributeError) as exc:
         raise ValueError("the upstream route claim is not valid") from exc

@@ -141,6 +141,9 @@ class Settings:
     serve_console: bool = True  # the console at /console (DESIGN §11)
     dev: bool = False
     provider_keys: Mapping[str, Secret] = field(default_factory=dict)
+    # Every platform key of a provider (`api_key_env`, then `api_key_envs`), in order:
+    # the edge spreads streams across them (`stream_edge.key_pool`).
+    provider_key_pools: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     service_tokens: Mapping[str, Secret] = field(default_factory=dict)
     # Backends posting their own usage webhooks (control plane): provider → its
     # secrets, newest first; each settles only reservations routed to its provider.
@@ -308,7 +311,12 @@ class Settings:
             provider_keys={
                 name: Secret(env[var])
                 for name, provider in catalog.providers.items()
-                if (var := provider.api_key_env) and env.get(var)
+                if (var := next((v for v in provider.key_envs() if env.get(v)), None))
+            },
+            provider_key_pools={
+                name: pool
+                for name, provider in catalog.providers.items()
+                if (pool := tuple(Secret(env[v]) for v in provider.key_envs() if env.get(v)))
             },
             backend_webhook_secrets={
                 provider: tuple(Secret(s) for s in group)

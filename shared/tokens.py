@@ -33,6 +33,48 @@ ALL_SCOPES = (SCOPE_SEND, SCOPE_READ, SCOPE_DELETE)
 # stashed at init, never a body sent to the edge (which could drop the agent's prompt).
 AGENT_CLAIM = "agent"
 
+# The fallback chain fixed at init (issue 16.2), signed with the rest: a list of
+# `{"model", "max_input_tokens", "max_tokens", "upr"?}` — each model's own input
+# estimate and output cap (at most the grant's), and its sealed route when the
+# company brings the key. The client can neither reorder it nor
+# add a cheaper model; the edge tries them in order before the first byte.
+FALLBACKS_CLAIM = "fallbacks"
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackGrant:
+    model: str
+    max_input_tokens: int
+    sealed_route: str | None = None
+    max_tokens: int = 0  # 0: the grant's
+
+    def claim(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "model": self.model,
+            "max_input_tokens": self.max_input_tokens,
+            "max_tokens": self.max_tokens,
+        }
+        if self.sealed_route is not None:
+            doc["upr"] = self.sealed_route
+        return doc
+
+
+def _fallbacks(raw: Any) -> tuple[FallbackGrant, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise TypeError("fallbacks")
+    return tuple(
+        FallbackGrant(
+            model=str(item["model"]),
+            max_input_tokens=int(item["max_input_tokens"]),
+            sealed_route=str(item["upr"]) if item.get("upr") else None,
+            max_tokens=int(item.get("max_tokens") or 0),
+        )
+        for item in raw
+    )
+
+
 STREAM_CLAIMS = (
     "iss", "aud", "sub", "company_id", "role", "scopes", "jti", "iat", "nbf", "exp",
     "session_id", "model", "max_tokens", "max_input_tokens", "reservation_id", "request_id",
@@ -59,6 +101,7 @@ class StreamGrant:
     # The company's own upstream route, sealed for the edge (shared/route_claim.py).
     sealed_route: str | None = None
     agent: str | None = None  # `AGENT_CLAIM`
+    fallbacks: tuple[FallbackGrant, ...] = ()  # `FALLBACKS_CLAIM`
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> StreamGrant:
@@ -82,8 +125,9 @@ class StreamGrant:
                 expires_at=int(claims["exp"]),
                 sealed_route=str(claims["upr"]) if claims.get("upr") else None,
                 agent=str(claims[AGENT_CLAIM]) if claims.get(AGENT_CLAIM) else None,
+                fallbacks=_fallbacks(claims.get(FALLBACKS_CLAIM)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TokenRejected("malformed", "the token's claims are malformed") from exc
 
 

@@ -106,6 +106,9 @@ class UsageEvent:
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    # The model first chosen, when a fallback of its chain served (`model` names the
+    # one that did; DESIGN §11).
+    fallback_from: str | None = None
 
     @property
     def webhook_id(self) -> str:
@@ -120,6 +123,8 @@ class UsageEvent:
             del data["content"]
         if data["tool_calls"] is None:
             del data["tool_calls"]
+        if data["fallback_from"] is None:
+            del data["fallback_from"]
         return orjson.dumps(
             {
                 "type": f"stream.{self.status}",

@@ -69,15 +69,57 @@ class Route:
     model: ModelSpec
     provider: Provider
     api_key: str | None  # the company's own key; None: the platform's, if any
+    # The company's whole key pool (issue 16.1); empty: the platform's keys.
+    api_keys: tuple[str, ...] = ()
+    # What this model's input estimate and output may be (the grant's, or its
+    # fallback entry's: a fallback may allow less output).
+    max_input_tokens: int = 0
+    max_tokens: int = 0
 
 
 def route(state: EdgeState, grant: StreamGrant) -> Route:
     """Where the stream goes: the company's sealed route from the token when it has
     its own key or model, else the packaged catalog (no control-plane lookup either way)."""
+    found = _route(
+        state, grant, grant.model, grant.sealed_route, grant.max_input_tokens, grant.max_tokens
+    )
+    if found is None:
+        raise NotFound(
+            f"model {grant.model!r} is not in this edge's catalog", code="model_not_found"
+        )
+    return found
+
+
+def fallback_routes(state: EdgeState, grant: StreamGrant) -> list[Route]:
+    """The grant's fallback chain (issue 16.2), as signed at init, in order. An entry
+    this edge cannot route (a catalog out of step) is left out, not fatal."""
+    routes = []
+    for entry in grant.fallbacks:
+        found = _route(
+            state,
+            grant,
+            entry.model,
+            entry.sealed_route,
+            entry.max_input_tokens,
+            entry.max_tokens or grant.max_tokens,
+        )
+        if found is not None:
+            routes.append(found)
+    return routes
+
+
+def _route(
+    state: EdgeState,
+    grant: StreamGrant,
+    model_id: str,
+    sealed_route: str | None,
+    max_input_tokens: int,
+    max_tokens: int,
+) -> Route | None:
     catalog = state.settings.catalog
-    if grant.sealed_route is not None:
+    if sealed_route is not None:
         try:
-            sealed = unseal(grant.sealed_route, state.route_cipher)
+            sealed = unseal(sealed_route, state.route_cipher)
         except ValueError:
             state.metrics.token_rejections.labels("bad_route").inc()
             raise Unauthorized("the token's route is not valid", code="invalid_token") from None
@@ -87,22 +129,20 @@ def route(state: EdgeState, grant: StreamGrant) -> Route:
         else:
             provider = Provider(sealed.provider, sealed.api_type, sealed.base_url.rstrip("/"))
         model = ModelSpec(
-            id=grant.model,
+            id=model_id,
             provider=provider.name,
             upstream_model=sealed.upstream_model,
-            context_length=grant.max_input_tokens + grant.max_tokens,
-            max_output_tokens=grant.max_tokens,
+            context_length=max_input_tokens + max_tokens,
+            max_output_tokens=max_tokens,
             price=Price(Decimal(0), Decimal(0)),  # the control plane prices; the edge meters
             features=sealed.features,
             image_input_tokens=sealed.image_input_tokens,
         )
-        return Route(model, provider, sealed.api_key)
-    spec = catalog.model(grant.model)
+        return Route(model, provider, sealed.api_key, sealed.keys(), max_input_tokens, max_tokens)
+    spec = catalog.model(model_id)
     if spec is None:
-        raise NotFound(
-            f"model {grant.model!r} is not in this edge's catalog", code="model_not_found"
-        )
-    return Route(spec, catalog.providers[spec.provider], None)
+        return None
+    return Route(spec, catalog.providers[spec.provider], None, (), max_input_tokens, max_tokens)
 
 
 async def claim(

@@ -38,7 +38,10 @@ class Checkpointer:
         meter: Meter,
         ttl_seconds: float,
         every_seconds: float = CHECKPOINT_EVERY_SECONDS,
+        model: str | None = None,
     ) -> None:
+        """`model`: the fallback that serves, when not the grant's (issue 16.2)."""
+        self._model = model
         self._store = store
         self._grant = grant
         self._meter = meter
@@ -95,6 +98,7 @@ class Checkpointer:
             updated_at=iso_utc(datetime.now(UTC)),
             beat=self._beat,
             ended=ended,
+            model=self._model,
         )
         try:
             await self._store.set(

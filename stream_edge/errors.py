@@ -109,9 +109,18 @@ class UpstreamError(EdgeError):
     type = "upstream_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, code: str = "upstream_error", status: int = 502) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str = "upstream_error",
+        status: int = 502,
+        upstream_status: int | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
+        # The backend's own HTTP status, when it answered (None: it never did).
+        self.upstream_status = upstream_status
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:

@@ -19,10 +19,17 @@ from starlette.responses import Response
 
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import StreamGrant
-from stream_edge.admission import bearer, claim, edge_state, route, verified_grant
+from stream_edge.admission import (
+    bearer,
+    claim,
+    edge_state,
+    fallback_routes,
+    route,
+    verified_grant,
+)
 from stream_edge.errors import BadRequest, NotFound, Unauthorized
 from stream_edge.formats import EventSourceWriter
-from stream_edge.jobs import StreamJob, done_key
+from stream_edge.jobs import Attempt, StreamJob, done_key
 from stream_edge.resume import (
     ResumeLog,
     events_key,
@@ -73,7 +80,7 @@ async def event_stream(request: Request) -> Response:
     state = edge_state(request)
     grant = await verified_grant(state, request.query_params.get("token") or bearer(request))
     target = route(state, grant)
-    model, provider = target.model, target.provider
+    chain = [target, *fallback_routes(state, grant)]
     after = _last_event_id(request)
     admitted = await claim(state, grant, "stream", fetch_key=stash_key(grant.jti))
     if admitted.verdict == "reconnect":
@@ -84,11 +91,11 @@ async def event_stream(request: Request) -> Response:
             raise Unauthorized("this stream token was already used", code="token_used")
         return await _resume(state, grant, after)
     stashed = _stashed(admitted.fetched)
-    job = StreamJob(
-        state, grant, model, provider,
-        stashed.messages if stashed else [], stashed.params if stashed else {},
-        grant.max_tokens, grant.max_input_tokens, accepted, api_key=target.api_key,
-    )  # fmt: skip
+    messages = stashed.messages if stashed else []
+    params = stashed.params if stashed else {}
+    # Init checked the stashed request against every model of the chain it signed.
+    attempts = [Attempt(r, messages, params, r.max_tokens, r.max_input_tokens) for r in chain]
+    job = StreamJob(state, grant, attempts, accepted)
     if stashed is None:
         await job.report("finished")
         raise NotFound("the request for this token is gone", code="request_not_found")
@@ -114,7 +121,10 @@ async def event_stream(request: Request) -> Response:
                     await emit(frame)
                 billing = job.meter.billing()
                 final = writer.complete(
-                    job.meter.finish_reason, billing.input_tokens, billing.output_tokens
+                    job.meter.finish_reason,
+                    billing.input_tokens,
+                    billing.output_tokens,
+                    model=job.model.id,
                 )
             else:
                 final = writer.error(

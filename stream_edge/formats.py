@@ -194,16 +194,23 @@ class EventSourceWriter:
             for i, call in enumerate(self._tool_calls.complete())
         ]
 
-    def complete(self, finish_reason: str | None, input_tokens: int, output_tokens: int) -> bytes:
-        return self._next(
-            "complete",
-            {
-                "done": True,
-                "finish_reason": finish_reason or "stop",
-                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
-                "session_id": self._session_id,
-            },
-        )
+    def complete(
+        self,
+        finish_reason: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        model: str | None = None,
+    ) -> bytes:
+        """`model`: the one that served (a fallback of the chain, issue 16.2)."""
+        payload: dict[str, Any] = {
+            "done": True,
+            "finish_reason": finish_reason or "stop",
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            "session_id": self._session_id,
+        }
+        if model is not None:
+            payload["model"] = model
+        return self._next("complete", payload)
 
     def error(self, code: str, message: str) -> bytes:
         return self._next("error", {"code": code, "message": message})

@@ -7,17 +7,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx
 
-from shared.catalog import ModelSpec, Provider
+from shared.key_pool import PLATFORM, company_scope
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
+from stream_edge.admission import Route
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.errors import EdgeError, UpstreamError
+from stream_edge.fallback import await_first_token, falls_back
 from stream_edge.http1 import Http1Response
+from stream_edge.key_pool import KeyPool
 from stream_edge.limits import slot_keys
 from stream_edge.meter import Meter
 from stream_edge.metrics import model_label, provider_label
@@ -41,47 +46,59 @@ def done_key(jti: str) -> str:
     return f"done:{jti}"
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One model of the stream's chain (issue 16.2), with the request as it goes to it."""
+
+    route: Route
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    max_tokens: int
+    input_estimate: int
+
+
 class StreamJob:
+    """`attempts`: the grant's model, then its fallbacks, tried in order before the
+    first byte (`open`); `model` and `provider` name the one that serves."""
+
     def __init__(
         self,
         state: EdgeState,
         grant: StreamGrant,
-        model: ModelSpec,
-        provider: Provider,
-        messages: list[dict[str, Any]],
-        params: dict[str, Any],
-        max_tokens: int,
-        input_estimate: int,
+        attempts: Sequence[Attempt],
         accepted_at: float,
-        api_key: str | None = None,
     ) -> None:
         self.state = state
         self.grant = grant
-        self.model = model
-        self.provider = provider
-        self.messages = messages
-        self.params = params
-        self.max_tokens = max_tokens
         self.accepted_at = accepted_at
-        self._own_api_key = api_key
-        self.meter = Meter(
-            input_estimate=input_estimate,
-            keep_transcript=state.settings.store_transcripts,
-            delta_is_token=provider.api_type == "openai_chat",
-        )
+        self._attempts = list(attempts)
         self.result: RelayResult | None = None
         self._reported = False
         self._counted_active = False
-        self._adapter: Adapter | None = adapter_for(provider)
-        # Bounded metric labels: a company's own model and provider names are `custom`.
-        catalog = state.settings.catalog
-        self._model_label = model_label(catalog, model.id)
-        self._provider_label = provider_label(catalog, provider.name)
+        self._use(self._attempts[0])
+        self._first_label = self._model_label
 
-    def _call(self, stream: bool) -> UpstreamCall:
+    def _use(self, attempt: Attempt) -> None:
         settings = self.state.settings
-        platform_key = settings.provider_keys.get(self.provider.name)
-        key = self._own_api_key or (platform_key.reveal() if platform_key else None)
+        self.attempt = attempt
+        self.model = attempt.route.model
+        self.provider = attempt.route.provider
+        self.messages = attempt.messages
+        self.params = attempt.params
+        self.max_tokens = attempt.max_tokens
+        self.meter = Meter(
+            input_estimate=attempt.input_estimate,
+            keep_transcript=settings.store_transcripts,
+            delta_is_token=self.provider.api_type == "openai_chat",
+        )
+        self._adapter: Adapter | None = adapter_for(self.provider)
+        # Bounded metric labels: a company's own model and provider names are `custom`.
+        catalog = settings.catalog
+        self._model_label = model_label(catalog, self.model.id)
+        self._provider_label = provider_label(catalog, self.provider.name)
+
+    def _call(self, stream: bool, key: str | None) -> UpstreamCall:
+        settings = self.state.settings
         service_token = settings.service_tokens.get(self.provider.name)
         grant = self.grant
         return UpstreamCall(
@@ -99,22 +116,44 @@ class StreamJob:
             service_token=service_token.reveal() if service_token else None,
         )
 
+    def _pool(self) -> KeyPool:
+        """The company's keys for its own route, else the platform's for the provider."""
+        route = self.attempt.route
+        own = route.api_keys or ((route.api_key,) if route.api_key else ())
+        if own:
+            scope, keys = company_scope(self.grant.company_id), own
+        else:
+            pool = self.state.settings.provider_key_pools.get(self.provider.name, ())
+            scope, keys = PLATFORM, tuple(k.reveal() for k in pool)
+        return KeyPool(
+            self.state.store,
+            scope,
+            self.provider.name,
+            keys,
+            self.state.metrics,
+            self._provider_label,
+        )
+
     async def open(self, stream: bool) -> Http1Response:
-        """Connect to the backend; on failure report the stream as failed and re-raise."""
+        """Connect to the backend — the chain's next model after a failure that
+        `falls_back` — and on a final failure report the stream as failed and re-raise."""
         self.state.metrics.streams_active.inc()
         self._counted_active = True
         try:
-            if self._adapter is None:
-                raise UpstreamError(f"the edge cannot speak the {self.provider.api_type} format")
-            return await open_stream(
-                self.state.client,
-                self._adapter.build_request(self._call(stream)),
-                breaker=self.state.breakers.for_provider(self.provider.name),
-                policy=self.state.retry,
-                error_status=self._adapter.error_status,
-            )
+            for n, attempt in enumerate(self._attempts):
+                if n:
+                    self._use(attempt)
+                    self.state.metrics.fallbacks.labels(self._first_label, self._model_label).inc()
+                    log.info("stream falls back to %s", self._model_label)
+                last = n + 1 == len(self._attempts)
+                try:
+                    return await self._open_one(stream, wait_first_token=stream and not last)
+                except EdgeError as exc:
+                    self.state.metrics.upstream_errors.labels(self._provider_label, exc.code).inc()
+                    if last or not falls_back(exc):
+                        raise
+            raise AssertionError("unreachable: the last attempt returns or raises")
         except EdgeError as exc:
-            self.state.metrics.upstream_errors.labels(self._provider_label, exc.code).inc()
             self.result = RelayResult("failed", exc.code, exc.message)
             await self.report("finished")
             raise
@@ -122,6 +161,30 @@ class StreamJob:
             # Not a failure we foresaw (e.g. a company key that cannot go into an HTTP
             # header): still a failed report, slots back, an OpenAI-shaped 502.
             raise await self.fail_unexpectedly(exc, "opening the backend stream") from None
+
+    async def _open_one(self, stream: bool, *, wait_first_token: bool) -> Http1Response:
+        adapter = self._adapter
+        if adapter is None:
+            raise UpstreamError(f"the edge cannot speak the {self.provider.api_type} format")
+        breaker = self.state.breakers.for_provider(self.provider.name)
+
+        async def open_with(key: str | None, retry_rate_limited: bool) -> Http1Response:
+            return await open_stream(
+                self.state.client,
+                adapter.build_request(self._call(stream, key)),
+                breaker=breaker,
+                policy=self.state.retry,
+                error_status=adapter.error_status,
+                retry_rate_limited=retry_rate_limited,
+            )
+
+        response = await self._pool().open(open_with)
+        if wait_first_token:
+            # A fallback is left: commit to this backend only once it has answered.
+            return await await_first_token(
+                response, adapter.stream_parser(), self.state.settings.first_token_timeout
+            )
+        return response
 
     async def fail_unexpectedly(self, exc: Exception, doing: str) -> UpstreamError:
         """Report the stream as failed after an exception nobody foresaw; returns the
@@ -163,6 +226,7 @@ class StreamJob:
             ttl_seconds=max(0, self.grant.expires_at - time.time())
             + settings.hold_grace_seconds
             + 3600,
+            model=self.model.id if self.model.id != self.grant.model else None,
         )
         checkpointer.start()
         try:
@@ -233,7 +297,7 @@ class StreamJob:
             return
         self._reported = True
         status = self.status(outcome)
-        event = usage_event(self.grant, self.provider.name, self.meter, status)
+        event = usage_event(self.grant, self.provider.name, self.meter, status, self.model.id)
         metrics = self.state.metrics
         if self._counted_active:
             metrics.streams_active.dec()

@@ -102,6 +102,20 @@ class EdgeMetrics:
             ["provider", "kind"],
             registry=r,
         )
+        # Key pools and fallback chains (issue 16): `key` is a platform key's id
+        # (`shared.key_pool.key_id`, never the key) or `custom` for a company's.
+        self.key_events = Counter(
+            "llmgw_edge_upstream_key_events",
+            "Backend keys rate limited (rested) or refused (marked bad), by provider and key id.",
+            ["provider", "key", "event"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "llmgw_edge_fallbacks",
+            "Streams moved to the next model of their chain before the first byte.",
+            ["from_model", "to_model"],
+            registry=r,
+        )
         self.webhook_deliveries = Counter(
             "llmgw_edge_webhook_deliveries",
             "Usage webhook delivery attempts, by outcome (delivered, retry, rejected).",

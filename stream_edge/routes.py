@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +14,16 @@ from starlette.types import Receive, Scope, Send
 
 from shared.metrics import exposition
 from shared.tokens import StreamGrant
-from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
+from stream_edge.admission import (
+    Route,
+    bearer,
+    claim,
+    edge_state,
+    fallback_routes,
+    read_json,
+    route,
+    verified_grant,
+)
 from stream_edge.errors import (
     EdgeError,
     Forbidden,
@@ -23,8 +33,8 @@ from stream_edge.errors import (
     error_response,
 )
 from stream_edge.formats import OpenAIChunkWriter, completion_object
-from stream_edge.jobs import StreamJob
-from stream_edge.requests import parse_chat_request
+from stream_edge.jobs import Attempt, StreamJob
+from stream_edge.requests import ChatRequest, parse_chat_request
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import Usage
@@ -44,17 +54,17 @@ async def chat_completions(request: Request) -> Response:
             code="agent_stream_only",
         )
     target = route(state, grant)
-    chat = parse_chat_request(await read_json(request), grant, target.model)
-    model, provider = target.model, target.provider
+    body = await read_json(request)
+    chat = parse_chat_request(body, grant, target.model)
+    attempts = [_attempt(target, chat), *_fallbacks(state, grant, body)]
     if (await claim(state, grant, "completions")).verdict != "ok":
         # A POST cannot resume: a second request with the token is a second use.
         state.metrics.token_rejections.labels("used").inc()
         raise Unauthorized("this stream token was already used", code="token_used")
-    job = StreamJob(
-        state, grant, model, provider, chat.messages, chat.params,
-        chat.max_tokens, chat.input_estimate, accepted, api_key=target.api_key,
-    )  # fmt: skip
+    job = StreamJob(state, grant, attempts, accepted)
     response = await job.open(stream=chat.stream)
+    # What serves: the grant's model, or the fallback the chain moved to.
+    model, provider = job.model, job.provider
     if not chat.stream:
         completion = await job.read_completion(response)
         await job.report("finished")
@@ -88,6 +98,27 @@ async def chat_completions(request: Request) -> Response:
         slow_client_timeout=state.settings.slow_client_timeout,
     )
     return Streamed(state, stream, grant, OpenAIChunkWriter.error)
+
+
+def _attempt(target: Route, chat: ChatRequest) -> Attempt:
+    return Attempt(target, chat.messages, chat.params, chat.max_tokens, chat.input_estimate)
+
+
+def _fallbacks(state: EdgeState, grant: StreamGrant, body: object) -> list[Attempt]:
+    """The grant's fallbacks that can take this body: each model checks it with its own
+    features and input estimate against its own signed `max_input_tokens`; one that
+    cannot is left out of the chain (the first model already accepted the body)."""
+    attempts = []
+    for fallback in fallback_routes(state, grant):
+        limited = dataclasses.replace(
+            grant, max_input_tokens=fallback.max_input_tokens, max_tokens=fallback.max_tokens
+        )
+        try:
+            chat = parse_chat_request(body, limited, fallback.model)
+        except EdgeError:
+            continue
+        attempts.append(_attempt(fallback, chat))
+    return attempts
 
 
 class Streamed(Response):

@@ -28,7 +28,9 @@ def error_for_status(status: int, retry_after: str | None) -> EdgeError:
     """A non-2xx backend answer, as the error our client should see (pure)."""
     if status in (401, 403):
         return UpstreamError(
-            "the gateway's credentials were refused by the backend", code="upstream_auth"
+            "the gateway's credentials were refused by the backend",
+            code="upstream_auth",
+            upstream_status=status,
         )
     if status == 429:
         seconds = parse_retry_after(retry_after)
@@ -38,8 +40,10 @@ def error_for_status(status: int, retry_after: str | None) -> EdgeError:
             code="upstream_rate_limited",
         )
     if status in (408, 504):
-        return UpstreamError("the backend timed out", code="upstream_timeout", status=504)
-    return UpstreamError(f"the backend answered {status}")
+        return UpstreamError(
+            "the backend timed out", code="upstream_timeout", status=504, upstream_status=status
+        )
+    return UpstreamError(f"the backend answered {status}", upstream_status=status)
 
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -60,13 +64,15 @@ async def open_stream(
     breaker: CircuitBreaker | None = None,
     policy: RetryPolicy | None = None,
     error_status: Callable[[int, bytes], int] | None = None,
+    retry_rate_limited: bool = True,
 ) -> Http1Response:
     """Send `request` and return the streaming response once its headers are in.
 
     Retries only before the first byte — connection failures and 429/502/503/504 —
     with jittered backoff, honouring `Retry-After`; nothing has reached the client
     yet, so a retry is invisible to it. A circuit breaker fails fast while the
-    backend keeps failing."""
+    backend keeps failing. `retry_rate_limited=False`: a 429 is raised at once (a key
+    pool tries its next key instead of waiting on this one)."""
     policy = policy or RetryPolicy()
     attempt = 0
     while True:
@@ -83,6 +89,8 @@ async def open_stream(
         if isinstance(error, Http1Response):
             return error
         attempt += 1
+        if isinstance(error, TooManyRequests) and not retry_rate_limited:
+            raise error
         if retry_after is None or attempt > policy.retries or retry_after > MAX_RETRY_AFTER_SECONDS:
             raise error
         await asyncio.sleep(policy.backoff.delay(attempt, retry_after or None))

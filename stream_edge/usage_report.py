@@ -9,8 +9,12 @@ from shared.webhooks import UsageEvent, iso_utc
 from stream_edge.meter import Meter
 
 
-def usage_event(grant: StreamGrant, provider: str, meter: Meter, status: str) -> UsageEvent:
+def usage_event(
+    grant: StreamGrant, provider: str, meter: Meter, status: str, model: str | None = None
+) -> UsageEvent:
+    """`model`/`provider`: what served (a fallback of the grant's chain, or its model)."""
     billing = meter.billing()
+    served = model or grant.model
     return UsageEvent(
         jti=grant.jti,
         reservation_id=grant.reservation_id,
@@ -18,7 +22,7 @@ def usage_event(grant: StreamGrant, provider: str, meter: Meter, status: str) ->
         user_id=grant.user_id,
         session_id=grant.session_id,
         request_id=grant.request_id,
-        model=grant.model,
+        model=served,
         provider=provider,
         status=status,
         finish_reason=meter.finish_reason,
@@ -35,4 +39,5 @@ def usage_event(grant: StreamGrant, provider: str, meter: Meter, status: str) ->
         cached_input_tokens=billing.cached_input_tokens,
         cache_write_tokens=billing.cache_write_tokens,
         reasoning_tokens=billing.reasoning_tokens,
+        fallback_from=grant.model if served != grant.model else None,
     )

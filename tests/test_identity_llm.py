@@ -16,6 +16,7 @@ from control_plane.company_llm import company_catalog, merge_model, parse_models
 from control_plane.errors import ValidationFailed
 from control_plane.tables import CompanyModel, CompanyProvider, SigningKey
 from shared.catalog import CatalogError, load_catalog
+from shared.key_pool import key_id
 from shared.pricing import estimate_input_tokens
 from shared.route_claim import CLAIM, route_ciphers, unseal
 from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
@@ -114,6 +115,8 @@ def test_provider_key_is_encrypted_never_returned_and_routes_the_stream(cp: CP) 
     assert data == {
         "provider": "openai",
         "has_key": True,
+        # A key shows by its id (a hash prefix) and state only (issue 16.1).
+        "keys": [{"id": key_id(secret_key), "state": "ok"}],
         "default_model": "mock-fast",
         "models": [],
     }

@@ -2,11 +2,14 @@
 ``/v1/admin/encryption-keys/rotate``: re-encrypt stored secrets under the newest
 ``LLMGW_ENCRYPTION_KEY``.
 
-A provider key is write-only: no answer ever contains it, only ``has_key``.
+A provider key is write-only: no answer ever contains it, only ``has_key`` and, for
+a key pool (issue 16.1: ``"api_keys": [...]``), each key's id and state (``ok``,
+``resting`` until a time, ``bad``) as the edges recorded it in the shared store.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from cryptography.fernet import InvalidToken, MultiFernet
@@ -25,6 +28,8 @@ from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
 from control_plane.tables import Company, SigningKey
 from shared.catalog import Catalog
+from shared.key_pool import MAX_KEYS, company_scope, parse_state, state_key
+from shared.store import Store
 
 _UNSET: Any = object()
 
@@ -41,6 +46,7 @@ def _provider_view(
     catalog: Catalog,
     company: Company,
     provider: str,
+    fernet: MultiFernet,
     *,
     with_overrides: bool = False,
 ) -> dict[str, Any]:
@@ -52,6 +58,7 @@ def _provider_view(
     shown: dict[str, Any] = {
         "provider": provider,
         "has_key": row is not None and row.api_key_encrypted is not None,
+        "keys": [{"id": kid} for kid in company_llm.key_ids(fernet, row)],
         "default_model": view.default_model,
         "models": [
             {**spec.public(), "enabled": True}
@@ -67,12 +74,26 @@ def _provider_view(
     return shown
 
 
-def _api_key(doc: dict[str, Any]) -> Any:
-    if "api_key" not in doc:
-        return _UNSET
-    value = doc["api_key"]
-    if value is None:
-        return None  # remove the company's key: back to the platform's
+async def with_key_states(store: Store, company_id: str, views: list[dict[str, Any]]) -> None:
+    """Fill each view's `keys` with the state the edges recorded (one store read).
+    A store that does not answer leaves the states out, not the view."""
+    wanted = [
+        (key, state_key(company_scope(company_id), view["provider"], key["id"]))
+        for view in views
+        for key in view["keys"]
+    ]
+    if not wanted:
+        return
+    try:
+        raws = await store.get_many([name for _, name in wanted])
+    except Exception:
+        return
+    now = time.time()
+    for (key, _), raw in zip(wanted, raws, strict=True):
+        key.update(parse_state(raw, now).public(key["id"]))
+
+
+def _valid_key(value: Any, where: str) -> str:
     # The key travels in an HTTP header (`Authorization`, `x-api-key`): only
     # printable ASCII can, so anything else is refused here, not by the edge later.
     if (
@@ -81,10 +102,39 @@ def _api_key(doc: dict[str, Any]) -> Any:
         or not all("!" <= c <= "~" for c in value)
     ):
         raise ValidationFailed(
-            "api_key",
+            where,
             f"must be a key of 1-{company_llm.API_KEY_MAX} printable ASCII characters, no spaces",
         )
     return value
+
+
+def _api_key(doc: dict[str, Any]) -> Any:
+    """The key pool to store: a list of keys, None (back to the platform's keys) or
+    _UNSET (keep what is stored). `api_key` is a pool of one."""
+    if "api_key" in doc and "api_keys" in doc:
+        raise ValidationFailed("api_keys", "give either api_key or api_keys, not both")
+    if "api_keys" in doc:
+        values = doc["api_keys"]
+        if values is None:
+            return None
+        if not isinstance(values, list) or not 0 < len(values) <= MAX_KEYS:
+            raise ValidationFailed("api_keys", f"must be a list of 1-{MAX_KEYS} keys, or null")
+        keys = [_valid_key(v, f"api_keys[{i}]") for i, v in enumerate(values)]
+        if len(set(keys)) != len(keys):
+            raise ValidationFailed("api_keys", "must not repeat a key")
+        if sum(map(len, keys)) > company_llm.API_KEY_MAX:
+            # The pool travels sealed inside every stream token (and again for each
+            # fallback on the provider): it must keep the token URL-sized.
+            raise ValidationFailed(
+                "api_keys", f"must hold at most {company_llm.API_KEY_MAX} characters in all"
+            )
+        return keys
+    if "api_key" not in doc:
+        return _UNSET
+    value = doc["api_key"]
+    if value is None:
+        return None  # remove the company's key: back to the platform's
+    return [_valid_key(value, "api_key")]
 
 
 def _configure(
@@ -110,11 +160,15 @@ def _configure(
             kept = {o.model_id: o.spec for o in overrides if o.provider == provider}
         company_llm.check_platform_key(provider, kept, catalog)
     if api_key is not _UNSET:
-        company_llm.set_provider_key(session, fernet, company.id, provider, api_key)
+        company_llm.set_provider_keys(session, fernet, company.id, provider, api_key or [])
     elif row is None:
         company_llm.set_provider_key(session, fernet, company.id, provider, None)
     if models is not None:
         company_llm.replace_models(session, company.id, provider, models)
+        keyed = company_llm.keyed_providers(session, company.id)
+        overrides = company_llm.load_overrides(session, company.id)
+        view = company_llm.company_catalog(catalog, overrides, None, keyed)
+        company_llm.check_fallbacks(view, models)
     if default_model is not _UNSET:
         if default_model is not None:
             overrides = company_llm.load_overrides(session, company.id)
@@ -124,7 +178,7 @@ def _configure(
                 raise ValidationFailed("default_model", f"{default_model!r} is not a usable model")
         company.default_model = default_model
         session.flush()
-    return _provider_view(session, catalog, company, provider)
+    return _provider_view(session, catalog, company, provider, fernet)
 
 
 def _provider(request: Request, catalog: Catalog) -> str:
@@ -144,9 +198,11 @@ async def put_provider(request: Request) -> Response:
         raise NotFound("No such company.")
     provider = _provider(request, catalog)
     doc = await read_json(request)
-    unknown = sorted(set(doc) - {"api_key", "default_model", "models"})
+    unknown = sorted(set(doc) - {"api_key", "api_keys", "default_model", "models"})
     if unknown:
-        raise ValidationFailed(unknown[0], "is not a field (api_key, default_model, models)")
+        raise ValidationFailed(
+            unknown[0], "is not a field (api_key, api_keys, default_model, models)"
+        )
     api_key = _api_key(doc)
     raw_models = doc.get("models")
     models = None if raw_models is None else company_llm.parse_models(raw_models, provider, catalog)
@@ -162,7 +218,7 @@ async def put_provider(request: Request) -> Response:
 
     def run(session: Session) -> dict[str, Any]:
         company = _company(session, principal, company_id)
-        before = _provider_view(session, catalog, company, provider, with_overrides=True)
+        before = _provider_view(session, catalog, company, provider, fernet, with_overrides=True)
         answer = _configure(
             session,
             principal,
@@ -174,7 +230,7 @@ async def put_provider(request: Request) -> Response:
             models,
             default_model,
         )
-        after = _provider_view(session, catalog, company, provider, with_overrides=True)
+        after = _provider_view(session, catalog, company, provider, fernet, with_overrides=True)
         audit.record_admin(
             session,
             actor=accounts.actor_of(principal),
@@ -188,16 +244,20 @@ async def put_provider(request: Request) -> Response:
         )
         return answer
 
-    return ok(await deps.db.transaction(run))
+    data = await deps.db.transaction(run)
+    await with_key_states(deps.store, company_id, [data])
+    return ok(data)
 
 
-def _list(session: Session, p: Principal, catalog: Catalog, company_id: str) -> dict[str, Any]:
+def _list(
+    session: Session, p: Principal, catalog: Catalog, company_id: str, fernet: MultiFernet
+) -> dict[str, Any]:
     company = _company(session, p, company_id)
     providers = {r.provider for r in company_llm.provider_rows(session, company.id)}
     providers |= {o.provider for o in company_llm.load_overrides(session, company.id)}
     return {
         "items": [
-            _provider_view(session, catalog, company, name, with_overrides=True)
+            _provider_view(session, catalog, company, name, fernet, with_overrides=True)
             for name in sorted(providers)
             if name in catalog.providers
         ]
@@ -210,7 +270,10 @@ async def list_providers(request: Request) -> Response:
     deps = get_deps(request)
     company_id = str(request.path_params["company_id"])
     catalog = deps.settings.catalog
-    return ok(await deps.db.transaction(lambda s: _list(s, principal, catalog, company_id)))
+    fernet = deps.fernet
+    data = await deps.db.transaction(lambda s: _list(s, principal, catalog, company_id, fernet))
+    await with_key_states(deps.store, company_id, data["items"])
+    return ok(data)
 
 
 async def delete_provider(request: Request) -> Response:
@@ -222,10 +285,11 @@ async def delete_provider(request: Request) -> Response:
 
     rid = request_id(request)
     catalog = deps.settings.catalog
+    fernet = deps.fernet
 
     def run(session: Session) -> None:
         company = _company(session, principal, company_id)
-        before = _provider_view(session, catalog, company, provider, with_overrides=True)
+        before = _provider_view(session, catalog, company, provider, fernet, with_overrides=True)
         company_llm.remove_provider(session, company_id, provider)
         audit.record_admin(
             session,

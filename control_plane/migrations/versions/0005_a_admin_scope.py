@@ -6,7 +6,7 @@ work: they get ``llm:admin`` so they keep working. Keys narrowed to fewer scopes
 never had admin power and do not get it. Data only; no schema change.
 
 Revision ID: 0005a
-Revises: 0003
+Revises: 0004
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Both nullable, so existing rows need nothing; plain ADD COLUMNs work on SQLite
 without batch mode. Keep `control_plane/tables.py` in step.
 
 Revision ID: 0005g
-Revises: 0003
+Revises: 0005a
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 applied by ``POST /v1/chat/init`` when the body names the agent.
 
 Revision ID: 0006
-Revises: 0005a
+Revises: 0005g
 """
 
 from __future__ import annotations

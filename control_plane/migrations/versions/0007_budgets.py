@@ -12,7 +12,7 @@
 Keep `control_plane/tables.py` in step.
 
 Revision ID: 0007
-Revises: 0005a
+Revises: 0006
 """
 
 from __future__ import annotations

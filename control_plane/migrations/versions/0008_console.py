@@ -15,7 +15,7 @@ written before this revision simply have no key, TTFT or target.
 Keep `control_plane/tables.py` in step.
 
 Revision ID: 0008
-Revises: 0005a
+Revises: 0007
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Plain ``add_column`` (nullable, or with a server default), so SQLite needs no ba
 mode. Keep `control_plane/tables.py` in step.
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0008
 """
 
 from __future__ import annotations

@@ -1,0 +1,69 @@
+"""A stream's fallback chain at init (issue 16.2), and the served model at settlement.
+
+At init the chain is fixed: the model's `fallbacks` as the company's view resolves
+them (`company_llm.chain_of`: only models the company may use, at the terms its keys
+allow), less any that cannot take this request (a feature, a content part, the
+output budget or the context). The hold covers the most expensive model of the chain,
+each priced with its own input estimate (its own image price…). The chain goes into
+the signed token (the client cannot change it) and onto the reservation, with each
+model's price, so that settlement bills the model that served at its own price —
+and refuses a served model outside the chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from control_plane.errors import ModelNotInChain
+from control_plane.tables import Reservation
+from shared.catalog import ModelSpec, Price
+from shared.route_claim import UpstreamRoute
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEntry:
+    model: ModelSpec
+    input_estimate: int
+    max_tokens: int  # at most the stream's: a fallback may allow less output
+    hold_micro: int
+    route: UpstreamRoute | None  # the company's own key for it, sealed into the token
+
+    def record(self) -> dict[str, Any]:
+        """What the reservation keeps of it (`Reservation.fallbacks`), its cache rates
+        included so a fallback's cached input is billed at its own rates too."""
+        price = self.model.price
+        record = {
+            "model": self.model.id,
+            "provider": self.model.provider,
+            "price_input_per_mtok": str(price.input_per_mtok),
+            "price_output_per_mtok": str(price.output_per_mtok),
+        }
+        if price.cached_input_per_mtok is not None:
+            record["price_cached_input_per_mtok"] = str(price.cached_input_per_mtok)
+        if price.cache_write_per_mtok is not None:
+            record["price_cache_write_per_mtok"] = str(price.cache_write_per_mtok)
+        return record
+
+
+def served_price(reservation: Reservation, model: str) -> tuple[str, Price] | None:
+    """The provider and price of `model` if the reservation may be settled at it: its
+    own model (None: keep the reservation's) or one of its chain; ModelNotInChain
+    otherwise."""
+    if not model or model == reservation.model:
+        return None
+    for entry in reservation.fallbacks or []:
+        if entry.get("model") == model:
+            cached, write = (
+                entry.get(f"price_{k}_per_mtok") for k in ("cached_input", "cache_write")
+            )
+            return entry["provider"], Price(
+                Decimal(entry["price_input_per_mtok"]),
+                Decimal(entry["price_output_per_mtok"]),
+                cached_input_per_mtok=None if cached is None else Decimal(cached),
+                cache_write_per_mtok=None if write is None else Decimal(write),
+            )
+    raise ModelNotInChain(
+        f"{model[:200]!r} is neither this reservation's model nor one of its fallbacks."
+    )

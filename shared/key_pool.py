@@ -1,0 +1,110 @@
+"""Key pools (issue 16.1): a provider with several API keys, and what each key is doing.
+
+Pure core, shared by the edge (which picks keys and records what the backend said of
+them) and the control plane (which shows a company's admins each key's state).
+
+- A key is named by `key_id`: a short hash prefix, so an id can be shown, logged and
+  used in store keys without revealing the key (48 bits of a SHA-256 of a
+  high-entropy secret say nothing usable about it).
+- A key's state lives in the shared store under `state_key(scope, provider, id)`,
+  where `scope` is ``platform`` for the edge's own keys and ``co:<company id>`` for a
+  company's: one company's 429s and 401s never touch another's keys (nor the
+  platform's), whatever ids they share.
+- The stored value is ``bad`` (the backend refused the key: 401/403) or the Unix
+  time until which the key rests after a 429 (its `Retry-After`). A resting key's
+  value outlives its rest by `REMEMBER_SECONDS`, so "least recently rate-limited
+  first" still knows it was limited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PLATFORM = "platform"
+BAD = b"bad"
+# A bad key stays skipped this long (then it is tried again: it may have been restored).
+BAD_SECONDS = 24 * 3600
+REMEMBER_SECONDS = 3600
+# A 429 without a usable Retry-After rests the key this long.
+DEFAULT_REST_SECONDS = 10.0
+MAX_REST_SECONDS = 3600.0
+MAX_KEYS = 20
+
+
+def key_id(key: str) -> str:
+    """The id shown for a key (never the key): 12 hex digits of a SHA-256."""
+    return hashlib.sha256(b"llm-gateway key id\x00" + key.encode("utf-8")).hexdigest()[:12]
+
+
+def company_scope(company_id: str) -> str:
+    return f"co:{company_id}"
+
+
+def state_key(scope: str, provider: str, kid: str) -> str:
+    return f"keypool:{scope}:{provider}:{kid}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """`state`: ``ok``, ``resting`` (until `rest_until`) or ``bad``. `rest_until`
+    also orders usable keys: the end of their last rest (0: never rate limited that
+    we remember), so the least recently limited comes first."""
+
+    state: str
+    rest_until: float = 0.0
+
+    def public(self, kid: str) -> dict[str, object]:
+        doc: dict[str, object] = {"id": kid, "state": self.state}
+        if self.state == "resting":
+            doc["resting_until"] = int(self.rest_until)
+        return doc
+
+
+OK = KeyState("ok")
+
+
+def parse_state(raw: bytes | None, now: float) -> KeyState:
+    """A stored value as a state; anything unreadable counts as ok (never locks a key)."""
+    if raw is None:
+        return OK
+    if raw == BAD:
+        return KeyState("bad")
+    try:
+        until = float(raw)
+    except ValueError:
+        return OK
+    return KeyState("resting" if until > now else "ok", until)
+
+
+def rest_seconds(retry_after: float | None) -> float:
+    if retry_after is None or retry_after <= 0:
+        return DEFAULT_REST_SECONDS
+    return min(retry_after, MAX_REST_SECONDS)
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """The keys to try, in order, and when the first resting one is back (None: none
+    rests)."""
+
+    order: tuple[int, ...]
+    next_free_at: float | None
+    all_bad: bool
+
+
+def order_keys(states: Sequence[KeyState], now: float, rng: random.Random | None = None) -> Pick:
+    """Usable keys (neither resting nor bad), least recently rate-limited first; keys
+    never limited come first, shuffled, so streams spread across them."""
+    rng = rng or random.Random()
+    usable = [i for i, s in enumerate(states) if s.state == "ok"]
+    rng.shuffle(usable)
+    usable.sort(key=lambda i: states[i].rest_until)  # stable: the shuffle breaks ties
+    resting = [s.rest_until for s in states if s.state == "resting"]
+    return Pick(
+        order=tuple(usable),
+        next_free_at=min(resting) if resting else None,
+        all_bad=bool(states) and all(s.state == "bad" for s in states),
+    )

@@ -1,0 +1,98 @@
+"""Fallback chains (issue 16.2): which failures move a stream to the next model of its
+chain, and how the edge waits for a first token before committing to a backend.
+
+A stream may move on only before its first byte reaches the client: a connect error,
+a timeout, a 5xx, a 429 with no key left, an open circuit breaker, or no first token
+within `LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS`. A 4xx caused by the request (400, 404,
+413, 422, a content filter) never does: the next model would refuse it too, or worse,
+answer what the first one refused. Nor does a refused key (401/403): that is the key
+pool's business (`stream_edge.key_pool`), and a chain is not a way around it.
+
+With a fallback left, the edge reads the backend's stream until its first token
+(`await_first_token`), keeping those chunks; the relay then replays them
+(`Prefetched`) before reading on. Nothing has been written to the client meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+
+from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
+from stream_edge.http1 import Http1Response
+from stream_edge.upstream.base import Delta, Failure, Finish, StreamParser, ToolCallDelta
+
+
+def falls_back(exc: EdgeError) -> bool:
+    """Whether a failure before the first byte moves the stream to its next model (pure)."""
+    if isinstance(exc, TooManyRequests):
+        return exc.code == "upstream_rate_limited"  # the backend's 429, every key tried
+    if not isinstance(exc, UpstreamError) or exc.code == "upstream_auth":
+        return False
+    status = exc.upstream_status
+    # None: the backend never answered (connect error, timeout, open breaker).
+    return status is None or status >= 500 or status == 408
+
+
+class Prefetched(Http1Response):
+    """A response whose first chunks were already read: they come first, then the rest."""
+
+    def __init__(self, inner: Http1Response, head: list[bytes]) -> None:
+        self.status_code = inner.status_code
+        self.headers = inner.headers
+        self._inner = inner
+        self._head = head
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> Prefetched:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._head:
+            return self._head.pop(0)
+        return await self._inner.__anext__()
+
+    async def aread(self) -> bytes:
+        head, self._head = b"".join(self._head), []
+        return head + await self._inner.aread()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+NO_FIRST_TOKEN = "the backend sent no first token in time"
+
+
+async def await_first_token(
+    response: Http1Response, parser: StreamParser, timeout: float
+) -> Prefetched:
+    """Read until the first token (or the answer's end); raise UpstreamError — closing
+    the response — when none comes within `timeout`, the stream breaks or the backend
+    reports an error first. `parser` is a throwaway: the relay re-parses the chunks."""
+    head: list[bytes] = []
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in response.aiter_raw():
+                head.append(chunk)
+                for event in parser.feed(chunk):
+                    if isinstance(event, Failure):
+                        # The vendor's words stay out of client-facing errors.
+                        raise UpstreamError("the backend failed before its first token")
+                    if isinstance(event, Delta | ToolCallDelta | Finish):
+                        return Prefetched(response, head)
+                if parser.done:
+                    return Prefetched(response, head)
+    except TimeoutError:
+        await response.aclose()
+        raise UpstreamError(NO_FIRST_TOKEN, code="upstream_timeout", status=504) from None
+    except httpx.HTTPError:
+        await response.aclose()
+        raise UpstreamError("the backend's stream broke off") from None
+    except UpstreamError:
+        await response.aclose()
+        raise
+    return Prefetched(response, head)  # ended without a token: the relay says so

@@ -1,0 +1,134 @@
+"""Open a backend stream through one of a provider's keys (issue 16.1).
+
+Decided at the edge from what the token carries (a company's keys, sealed) or the
+edge's own settings (the platform's keys), plus each key's state in the shared store
+(`shared.key_pool`): one `get_many` per stream, no control-plane call.
+
+Order: usable keys, least recently rate-limited first. A key answering 429 rests for
+its `Retry-After` and the next key is tried at once; one answering 401/403 is marked
+bad, counted in metrics, shown to the company's admins (`GET …/providers`) and
+skipped. When every key is bad they are still tried (a restored key recovers at its
+first success); when every usable key rests, the stream gets a 429 with the time the
+first one is back ("no key left": a fallback trigger, `stream_edge.fallback`). A
+provider with a single key always tries it (nothing to spread over), waiting out a
+short `Retry-After` on it as before pools.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from shared.key_pool import (
+    BAD,
+    BAD_SECONDS,
+    PLATFORM,
+    REMEMBER_SECONDS,
+    key_id,
+    order_keys,
+    parse_state,
+    rest_seconds,
+    state_key,
+)
+from shared.store import Store
+from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
+from stream_edge.http1 import Http1Response
+from stream_edge.metrics import CUSTOM, EdgeMetrics
+
+log = logging.getLogger("llmgw.edge.keys")
+
+# Opens the stream with one key (None: the provider takes none); raises EdgeError.
+OpenWith = Callable[[str | None, bool], Awaitable[Http1Response]]
+
+
+class KeyPool:
+    def __init__(
+        self,
+        store: Store,
+        scope: str,
+        provider: str,
+        keys: tuple[str, ...],
+        metrics: EdgeMetrics,
+        provider_label: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._scope = scope
+        self._provider = provider
+        self.keys = keys
+        self._ids = [key_id(k) for k in keys]
+        self._metrics = metrics
+        self._provider_label = provider_label
+        self._clock = clock
+
+    def _label(self, index: int) -> str:
+        # A company's key ids are unbounded: `custom` (issue 11's metric label rule).
+        return self._ids[index] if self._scope == PLATFORM else CUSTOM
+
+    def _key(self, index: int) -> str:
+        return state_key(self._scope, self._provider, self._ids[index])
+
+    async def open(self, open_with: OpenWith) -> Http1Response:
+        if not self.keys:
+            return await open_with(None, True)
+        now = self._clock()
+        raws = await self._store.get_many([self._key(i) for i in range(len(self.keys))])
+        states = [parse_state(raw, now) for raw in raws]
+        pick = order_keys(states, now)
+        order = pick.order or (tuple(range(len(self.keys))) if pick.all_bad else ())
+        rest_until = pick.next_free_at
+        if len(self.keys) == 1:
+            # No pool to spread over: the one key is always tried (its state is still
+            # recorded, for the admins), as before pools.
+            order, rest_until = (0,), None
+        last: EdgeError | None = None
+        for index in order:
+            try:
+                # One key: it may wait out a short Retry-After itself, as before pools.
+                response = await open_with(self.keys[index], len(self.keys) == 1)
+            except TooManyRequests as exc:
+                if exc.code != "upstream_rate_limited":
+                    raise
+                until = self._clock() + rest_seconds(exc.retry_after)
+                await self._mark(index, repr(until).encode(), until - now + REMEMBER_SECONDS)
+                self._metrics.key_events.labels(
+                    self._provider_label, self._label(index), "rate_limited"
+                ).inc()
+                rest_until = until if rest_until is None else min(rest_until, until)
+                last = exc
+                continue
+            except UpstreamError as exc:
+                if exc.code != "upstream_auth":
+                    raise
+                log.warning("provider %s refused key %s", self._provider, self._ids[index])
+                await self._mark(index, BAD, BAD_SECONDS)
+                self._metrics.key_events.labels(
+                    self._provider_label, self._label(index), "bad"
+                ).inc()
+                last = exc
+                continue
+            if states[index].state == "bad":
+                await self._forget(index)  # it works again
+            return response
+        if rest_until is not None:
+            raise TooManyRequests(
+                "every key of this provider is rate limited; retry later",
+                retry_after=max(1, int(rest_until - self._clock() + 0.999)),
+                code="upstream_rate_limited",
+            )
+        raise last or UpstreamError(
+            "the gateway's credentials were refused by the backend", code="upstream_auth"
+        )
+
+    async def _mark(self, index: int, value: bytes, ttl: float) -> None:
+        try:
+            await self._store.set(self._key(index), value, max(1.0, ttl))
+        except Exception as exc:  # the state is advice; the stream goes on
+            log.warning("could not record a key's state: %s", type(exc).__name__)
+
+    async def _forget(self, index: int) -> None:
+        try:
+            await self._store.delete(self._key(index))
+        except Exception as exc:
+            log.warning("could not clear a key's state: %s", type(exc).__name__)

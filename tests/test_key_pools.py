@@ -1,0 +1,311 @@
+"""Key pools and fallback decisions in-process (issue 16.1, 16.2): pure tables, and the
+edge's `KeyPool` against a fake backend keyed by the key it is sent, an in-memory
+store and an injected clock. No sockets."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from control_plane.errors import ModelNotInChain
+from control_plane.fallbacks import served_price
+from control_plane.sweeper import checkpoint_served
+from shared.catalog import CatalogError, Price, parse_catalog
+from shared.checkpoints import UsageCheckpoint
+from shared.key_pool import (
+    BAD,
+    PLATFORM,
+    KeyState,
+    company_scope,
+    key_id,
+    order_keys,
+    parse_state,
+    state_key,
+)
+from shared.store_memory import MemoryStore
+from stream_edge.breaker import CircuitBreaker
+from stream_edge.errors import BadRequest, EdgeError, TooManyRequests, UpstreamError
+from stream_edge.fallback import falls_back
+from stream_edge.http1 import Headers, Http1Response
+from stream_edge.key_pool import KeyPool
+from stream_edge.metrics import EdgeMetrics
+from stream_edge.upstream.base import HttpRequest
+from stream_edge.upstream_client import RetryPolicy, error_for_status, open_stream
+
+NOW = 1_000_000.0
+
+
+# --- pure -----------------------------------------------------------------------------
+
+
+def test_a_key_id_never_reveals_the_key() -> None:
+    key = "sk-live-" + "x" * 40
+    kid = key_id(key)
+    assert len(kid) == 12 and kid not in key and key_id(key) == kid
+    assert key_id(key + "y") != kid
+
+
+def test_key_states_are_scoped_per_company() -> None:
+    kid = key_id("same-key")
+    names = {
+        state_key(PLATFORM, "openai", kid),
+        state_key(company_scope("a"), "openai", kid),
+        state_key(company_scope("b"), "openai", kid),
+    }
+    assert len(names) == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "state"),
+    [
+        (None, "ok"),
+        (BAD, "bad"),
+        (repr(NOW + 5).encode(), "resting"),
+        (repr(NOW - 5).encode(), "ok"),
+        (b"garbage", "ok"),  # unreadable never locks a key out
+    ],
+)
+def test_parse_state(raw: bytes | None, state: str) -> None:
+    assert parse_state(raw, NOW).state == state
+
+
+def test_least_recently_rate_limited_first_resting_and_bad_skipped() -> None:
+    states = [
+        KeyState("ok", NOW - 10),  # limited 10 s ago, rested since
+        KeyState("ok"),  # never limited
+        KeyState("resting", NOW + 30),
+        KeyState("bad"),
+        KeyState("ok", NOW - 100),
+    ]
+    pick = order_keys(states, NOW, random.Random(1))
+    assert pick.order == (1, 4, 0)
+    assert pick.next_free_at == NOW + 30 and not pick.all_bad
+    assert order_keys([KeyState("bad")] * 2, NOW).all_bad
+
+
+def test_never_limited_keys_share_the_load() -> None:
+    rng = random.Random(7)
+    firsts = {order_keys([KeyState("ok")] * 3, NOW, rng).order[0] for _ in range(60)}
+    assert firsts == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("error", "moves_on"),
+    [
+        (UpstreamError("the backend could not be reached"), True),  # connect error
+        (UpstreamError("timed out", code="upstream_timeout", status=504), True),
+        (error_for_status(500, None), True),
+        (error_for_status(503, None), True),
+        (error_for_status(504, None), True),
+        (error_for_status(408, None), True),
+        (TooManyRequests("no key left", retry_after=3, code="upstream_rate_limited"), True),
+        (error_for_status(400, None), False),  # the request's own fault
+        (error_for_status(404, None), False),
+        (error_for_status(413, None), False),
+        (error_for_status(422, None), False),
+        (error_for_status(401, None), False),  # a key problem: the pool's, not the chain's
+        (error_for_status(403, None), False),
+        (TooManyRequests("edge limit", retry_after=1), False),  # our own limits
+        (BadRequest("bad"), False),
+    ],
+)
+def test_what_falls_back(error: EdgeError, moves_on: bool) -> None:
+    assert falls_back(error) is moves_on
+
+
+async def test_an_open_breaker_falls_back() -> None:
+    breaker = CircuitBreaker(failures=1, reset_seconds=60)
+    breaker.record_failure()
+    request = HttpRequest(url="http://backend.invalid/v1", headers={}, body=b"{}")
+    with pytest.raises(UpstreamError) as caught:
+        await open_stream(None, request, breaker=breaker)  # type: ignore[arg-type]
+    assert falls_back(caught.value)
+
+
+def test_catalog_fallbacks_and_key_envs() -> None:
+    def doc(fallbacks: Any) -> dict[str, Any]:
+        model = {
+            "provider": "p",
+            "context_length": 10,
+            "max_output_tokens": 5,
+            "price": {"input_per_mtok": 1, "output_per_mtok": 1},
+        }
+        return {
+            "default_model": "a",
+            "providers": {
+                "p": {"api_type": "openai_chat", "base_url": "http://x", "api_key_envs": ["K1"]}
+            },
+            "models": {"a": {**model, "fallbacks": fallbacks}, "b": model},
+        }
+
+    catalog = parse_catalog(doc(["b"]))
+    assert catalog.models["a"].fallbacks == ("b",)
+    assert catalog.providers["p"].key_envs() == ("K1",)
+    for bad in (["zzz"], ["a"], ["b", "b"], "b", [1]):
+        with pytest.raises(CatalogError):
+            parse_catalog(doc(bad))
+
+
+CHAINED: Any = SimpleNamespace(
+    model="big",
+    fallbacks=[
+        {
+            "model": "mid",
+            "provider": "anthropic",
+            "price_input_per_mtok": "3",
+            "price_output_per_mtok": "6",
+        }
+    ],
+)
+
+
+def test_settlement_accepts_only_the_chain() -> None:
+    reservation = CHAINED
+    assert served_price(reservation, "big") is None
+    assert served_price(reservation, "") is None
+    assert served_price(reservation, "mid") == ("anthropic", Price(Decimal(3), Decimal(6)))
+    with pytest.raises(ModelNotInChain):
+        served_price(reservation, "cheap")
+
+
+def test_the_sweeper_bills_a_checkpoint_at_its_serving_model_if_in_the_chain() -> None:
+    def checkpoint(model: str | None) -> UsageCheckpoint:
+        written = UsageCheckpoint("j", "r", 1, 2, "2026-01-01T00:00:00Z", model=model)
+        return UsageCheckpoint.loads(written.dumps())
+
+    assert checkpoint_served(CHAINED, checkpoint("mid")) == (
+        "mid", "anthropic", Price(Decimal(3), Decimal(6)),
+    )  # fmt: skip
+    # Outside the chain, or the grant's own model: the reservation's price.
+    assert checkpoint_served(CHAINED, checkpoint("cheap")) is None
+    assert checkpoint_served(CHAINED, checkpoint(None)) is None
+
+
+# --- the edge's pool against a fake backend -----------------------------------------------
+
+
+class Answer(Http1Response):
+    def __init__(self, status: int, retry_after: str | None = None) -> None:
+        self.status_code = status
+        self.headers = Headers([(b"retry-after", retry_after.encode())] if retry_after else [])
+
+    async def aread(self) -> bytes:
+        return b"{}"
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Backend:
+    """Answers by key: `statuses[key]` (default 200); records which keys were sent."""
+
+    def __init__(self, **statuses: int) -> None:
+        self.statuses = statuses
+        self.sent: list[str] = []
+
+    async def send(self, method: str, url: str, headers: Any, body: bytes) -> Answer:
+        key = dict(headers)["authorization"].removeprefix("Bearer ")
+        self.sent.append(key)
+        status = self.statuses.get(key, 200)
+        return Answer(status, "30" if status == 429 else None)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store() -> Iterator[MemoryStore]:
+    yield MemoryStore()
+
+
+def pool(store: MemoryStore, keys: tuple[str, ...], clock: Clock, scope: str = PLATFORM) -> Any:
+    return KeyPool(store, scope, "openai", keys, EdgeMetrics(), "openai", clock)
+
+
+async def open_via(pool_: KeyPool, backend: Backend) -> Http1Response:
+    async def open_with(key: str | None, retry_rate_limited: bool) -> Http1Response:
+        request = HttpRequest(
+            url="http://b/v1", headers={"authorization": f"Bearer {key}"}, body=b""
+        )
+        return await open_stream(
+            backend,  # type: ignore[arg-type]
+            request,
+            policy=RetryPolicy(retries=0),
+            retry_rate_limited=retry_rate_limited,
+        )
+
+    return await pool_.open(open_with)
+
+
+async def test_a_rate_limited_key_rests_for_its_retry_after(store: MemoryStore) -> None:
+    clock = Clock()
+    backend = Backend(k1=429, k2=429)
+    keys = ("k1", "k2", "k3")
+    # Never-limited keys come in a random order: stream until both limited ones met
+    # their 429; each was asked exactly once, then rested.
+    for _ in range(200):
+        assert (await open_via(pool(store, keys, clock), backend)).status_code == 200
+        if {"k1", "k2"} <= set(backend.sent):
+            break
+    limited = [k for k in backend.sent if k != "k3"]
+    assert sorted(limited) == ["k1", "k2"]
+    for _ in range(5):
+        await open_via(pool(store, keys, clock), backend)
+    assert sorted(k for k in backend.sent if k != "k3") == ["k1", "k2"]
+    backend.sent.clear()
+    clock.now += 5  # k3 is limited later than k1 and k2
+    backend.statuses = {"k3": 429}
+    with pytest.raises(TooManyRequests) as caught:
+        await open_via(pool(store, keys, clock), backend)
+    assert backend.sent == ["k3"] and caught.value.code == "upstream_rate_limited"
+    assert 24 <= caught.value.retry_after <= 25  # when the first key is back
+    clock.now += 40  # all rested: the least recently limited come first
+    backend.statuses = {}
+    backend.sent.clear()
+    await open_via(pool(store, keys, clock), backend)
+    assert backend.sent[0] in ("k1", "k2")
+
+
+async def test_a_refused_key_is_bad_and_skipped_until_it_works(store: MemoryStore) -> None:
+    clock = Clock()
+    backend = Backend(k1=401)
+    for _ in range(200):  # in random order until k1 met its 401, then 5 more
+        await open_via(pool(store, ("k1", "k2"), clock), backend)
+        if "k1" in backend.sent:
+            break
+    for _ in range(5):
+        await open_via(pool(store, ("k1", "k2"), clock), backend)
+    assert backend.sent.count("k1") == 1
+    raw = await store.get(state_key(PLATFORM, "openai", key_id("k1")))
+    assert raw == BAD
+    # Every key bad: still tried (a restored key recovers at its first success).
+    backend.statuses = {"k2": 403}
+    with pytest.raises(UpstreamError) as caught:
+        await open_via(pool(store, ("k1", "k2"), clock), backend)
+    assert caught.value.code == "upstream_auth"
+    backend.statuses = {}
+    await open_via(pool(store, ("k1", "k2"), clock), backend)
+    assert await store.get(state_key(PLATFORM, "openai", key_id("k1"))) is None
+
+
+async def test_one_companys_429s_never_rest_another_companys_keys(store: MemoryStore) -> None:
+    clock = Clock()
+    limited = Backend(shared=429, other=429)
+    a = company_scope("company-a")
+    with pytest.raises(TooManyRequests):
+        await open_via(pool(store, ("shared", "other"), clock, a), limited)
+    fine = Backend()
+    b = company_scope("company-b")
+    await open_via(pool(store, ("shared", "other"), clock, b), fine)
+    await open_via(pool(store, ("shared", "other"), clock, PLATFORM), fine)
+    assert len(fine.sent) == 2  # both asked at once, neither resting
