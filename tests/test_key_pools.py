@@ -309,3 +309,25 @@ async def test_one_companys_429s_never_rest_another_companys_keys(store: MemoryS
     await open_via(pool(store, ("shared", "other"), clock, b), fine)
     await open_via(pool(store, ("shared", "other"), clock, PLATFORM), fine)
     assert len(fine.sent) == 2  # both asked at once, neither resting
+
+
+def test_a_fallback_is_billed_at_its_own_cache_rates() -> None:
+    """A chain entry keeps the fallback's cache rates, so its cached input is billed
+    at them, not at the first choice's (nor silently at the full input rate)."""
+    reservation: Any = SimpleNamespace(
+        model="big",
+        fallbacks=[
+            {
+                "model": "mid",
+                "provider": "anthropic",
+                "price_input_per_mtok": "3",
+                "price_output_per_mtok": "6",
+                "price_cached_input_per_mtok": "0.3",
+                "price_cache_write_per_mtok": "3.75",
+            }
+        ],
+    )
+    assert served_price(reservation, "mid") == (
+        "anthropic",
+        Price(Decimal(3), Decimal(6), Decimal("0.3"), Decimal("3.75")),
+    )
