@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -12,7 +13,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from shared.metrics import exposition
+from shared.service_calls import is_api_key
 from shared.tokens import StreamGrant
+from stream_edge import key_callers
 from stream_edge.admission import bearer, claim, edge_state, read_json, route, verified_grant
 from stream_edge.errors import (
     EdgeError,
@@ -24,7 +27,7 @@ from stream_edge.errors import (
 )
 from stream_edge.formats import OpenAIChunkWriter, completion_object
 from stream_edge.jobs import StreamJob
-from stream_edge.requests import parse_chat_request
+from stream_edge.requests import ChatRequest, parse_chat_request
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse
 from stream_edge.upstream.base import Usage
@@ -35,7 +38,33 @@ logger = logging.getLogger("llmgw.edge")
 async def chat_completions(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
-    grant = await verified_grant(state, bearer(request))
+    token = bearer(request)
+    if not is_api_key(token):
+        grant = await verified_grant(state, token)
+        job, chat = await admit(state, grant, lambda: read_json(request), accepted)
+        return await serve(state, grant, job, chat)
+    # A gateway API key (issue 16.5): the control plane inits for it, then the
+    # request goes the stream-token way; a hold whose stream never starts goes back.
+    assert token is not None
+    body = key_callers.normalised(await read_json(request))
+    grant = await key_callers.grant_for_key(state, token, body)
+    try:
+        job, chat = await admit(state, grant, lambda: _given(body), accepted)
+    except Exception:  # refused (4xx), or the store failed: nothing started
+        await key_callers.abandon(state, grant)
+        raise
+    return await serve(state, grant, job, chat)
+
+
+async def _given(body: Any) -> Any:
+    return body
+
+
+async def admit(
+    state: EdgeState, grant: StreamGrant, read: Callable[[], Awaitable[Any]], accepted: float
+) -> tuple[StreamJob, ChatRequest]:
+    """Everything before the stream: the grant's checks, the body against it, the
+    claim (single use, limits). A refusal here has started nothing."""
     if grant.agent is not None:
         # The agent's system prompt and tools were fixed at init and stashed; a body
         # posted here would replace them. Refused before the token is used.
@@ -44,7 +73,7 @@ async def chat_completions(request: Request) -> Response:
             code="agent_stream_only",
         )
     target = route(state, grant)
-    chat = parse_chat_request(await read_json(request), grant, target.model)
+    chat = parse_chat_request(await read(), grant, target.model)
     model, provider = target.model, target.provider
     if (await claim(state, grant, "completions")).verdict != "ok":
         # A POST cannot resume: a second request with the token is a second use.
@@ -54,6 +83,13 @@ async def chat_completions(request: Request) -> Response:
         state, grant, model, provider, chat.messages, chat.params,
         chat.max_tokens, chat.input_estimate, accepted, api_key=target.api_key,
     )  # fmt: skip
+    return job, chat
+
+
+async def serve(
+    state: EdgeState, grant: StreamGrant, job: StreamJob, chat: ChatRequest
+) -> Response:
+    model, provider = job.model, job.provider
     response = await job.open(stream=chat.stream)
     if not chat.stream:
         completion = await job.read_completion(response)

@@ -15,6 +15,7 @@ from control_plane.routes import (
     billing,
     chat,
     demo,
+    internal,
     ops,
     webhooks,
 )
@@ -34,4 +35,5 @@ def all_routes() -> list[BaseRoute]:
         *admin_revocations.routes,
         *agents.routes,
         *demo.routes,
+        *internal.routes,
     ]
