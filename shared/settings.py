@@ -364,9 +364,7 @@ def _edge_service_secrets(
     """LLMGW_EDGE_SERVICE_SECRET: as strong as the webhook secret, and its own: a
     secret that also signs usage webhooks (or a backend's) would let whoever holds
     that one start streams for any API key's hash."""
-    secrets_ = [
-        s.strip() for s in env.get("LLMGW_EDGE_SERVICE_SECRET", "").split(",") if s.strip()
-    ]
+    secrets_ = [s.strip() for s in env.get("LLMGW_EDGE_SERVICE_SECRET", "").split(",") if s.strip()]
     for secret in secrets_:
         try:
             validate_secret(secret)

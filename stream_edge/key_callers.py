@@ -151,9 +151,7 @@ class ControlPlaneLink:
         if not settings.edge_service_secrets:
             return None
         client = Http1Client(connect_timeout=5.0, read_timeout=30.0)
-        return cls(
-            client, settings.control_plane_url, settings.edge_service_secrets[0].reveal()
-        )
+        return cls(client, settings.control_plane_url, settings.edge_service_secrets[0].reveal())
 
     async def call(self, path: str, key: str, extra: dict[str, Any]) -> dict[str, Any]:
         """POST `extra` plus the key's hash; the envelope's `data`, or the refusal."""
