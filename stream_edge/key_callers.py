@@ -157,7 +157,9 @@ class ControlPlaneLink:
         """POST `extra` plus the key's hash; the envelope's `data`, or the refusal."""
         body = orjson.dumps({"key_hash": key_digest(key), **extra})
         headers = signed_headers(self._secret, body)
-        headers["x-request-id"] = current_request_id.get() or ""
+        request_id = current_request_id.get()
+        if request_id:  # the init's request id, and so the stream's, is the caller's
+            headers["x-request-id"] = request_id
         try:
             response = await self._client.send("POST", self._base_url + path, headers, body)
             try:

@@ -531,8 +531,16 @@ def test_the_edge_never_sends_the_key_itself(stack: InProcessStack) -> None:
     link = stack.edge.state.edge.control_plane
     recorder = Recorder(link._client)
     link._client = recorder
+    trace = "trace-" + uuid.uuid4().hex[:8]
     try:
-        assert caller.post(HI).status_code == 200
+        streamed = stack.client.http.post(
+            f"{stack.client.edge_url}/v1/chat/completions",
+            json=HI,
+            headers={"Authorization": f"Bearer {caller.key}", "X-Request-Id": trace},
+        )
+        assert streamed.status_code == 200, streamed.text
+        # One request id from the caller through the init to the stream.
+        assert streamed.headers["x-request-id"] == trace
         stack.client.openai(caller.key).models.list()
     finally:
         link._client = recorder.inner
