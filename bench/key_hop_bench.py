@@ -39,7 +39,7 @@ ROUNDS = 6
 
 
 async def _ttft(conn: Connection, request: bytes) -> float:
-    result = await conn.send(request)
+    result = await asyncio.wait_for(conn.send(request), timeout=60)
     if not result.ok or result.ttft is None:
         raise RuntimeError(f"stream failed: HTTP {result.status} {result.error}")
     return result.ttft
@@ -70,12 +70,14 @@ async def run(stack: BenchStack, streams: int, concurrency: int) -> dict[str, li
         async def phase(name: str, one: Callable[[Connection, int], Awaitable[float]]) -> None:
             queue = list(range(per_round))
 
-            async def worker(conn: Connection) -> None:
+            async def worker(slot: int) -> None:
                 while queue:
                     index = queue.pop()
-                    times[name].append(await one(conn, index))
+                    if conns[slot].closed:  # the edge closed it while idle (minting)
+                        conns[slot] = await connect(HOST, edge_port)
+                    times[name].append(await one(conns[slot], index))
 
-            await asyncio.gather(*(worker(c) for c in conns))
+            await asyncio.gather(*(worker(slot) for slot in range(len(conns))))
 
         for _ in range(ROUNDS):
             tokens = await mint(stack.urls["cp"], [access], BODY, per_round)
