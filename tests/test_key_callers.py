@@ -371,6 +371,44 @@ def test_models_list_answers_the_keys_company_catalog(stack: InProcessStack) -> 
     assert all(m.object == "model" for m in listed.data)
 
 
+def test_each_key_sees_and_reaches_only_its_own_companys_models(
+    stack: InProcessStack,
+) -> None:
+    """Company A adds its own model `house` (its default) and hides `mock-chat`; a key
+    of company B neither lists nor reaches `house`, and A's key gets A's catalog."""
+    a, b = Caller(stack), Caller(stack)
+    house = {
+        "api_key": "sk-company-mock-key",
+        "default_model": "house",
+        "models": {
+            "house": {
+                "upstream_model": "mock-fast",
+                "context_length": 4096,
+                "max_output_tokens": 64,
+                "features": ["streaming"],
+                "price": {"input_per_mtok": "1", "output_per_mtok": "1"},
+            },
+            "mock-chat": {"enabled": False},
+        },
+    }
+    put = stack.client.admin(
+        "PUT", f"/v1/admin/companies/{a.company_id}/providers/mock", json=house
+    )
+    assert put.status_code == 200, put.text
+    listed_a = {m.id for m in stack.client.openai(a.key).models.list().data}
+    listed_b = {m.id for m in stack.client.openai(b.key).models.list().data}
+    assert "house" in listed_a and "mock-chat" not in listed_a
+    assert "house" not in listed_b and "mock-chat" in listed_b
+    refused = b.post({**HI, "model": "house"})
+    assert refused.status_code == 404, refused.text
+    assert refused.json()["error"]["code"] == "model_not_found"
+    assert a.post({**HI, "model": "mock-chat"}).status_code == 403
+    default = a.post(HI)  # model omitted: A's default, its own model
+    assert default.status_code == 200, default.text
+    assert default.json()["model"] == "house"
+    assert b.held() == "0.000000"
+
+
 def test_a_read_only_key_cannot_start_a_stream_and_holds_nothing(
     stack: InProcessStack,
 ) -> None:
