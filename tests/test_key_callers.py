@@ -260,6 +260,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
         **base_env(f"sqlite:///{tmp}/gw.db"),
         "LLMGW_EDGE_SERVICE_SECRET": SERVICE_SECRET,
         "LLMGW_MAX_STREAMS_PER_USER": "1",
+        # No test here inits more than twice per user but the one that hits this.
+        "LLMGW_INIT_RATE_PER_USER": "3",
         "LLMGW_SPOOL_DIR": str(tmp / "spool"),
     }
     with InProcessStack(env) as running:
@@ -464,6 +466,17 @@ def test_the_keys_own_budget_applies(stack: InProcessStack) -> None:
     assert refused.status_code == 402, refused.text
     assert refused.json()["error"]["code"] == "budget_exceeded"
     assert caller.held() == "0.000000"
+
+
+def test_the_init_rate_applies_with_its_retry_after(stack: InProcessStack) -> None:
+    """LLMGW_INIT_RATE_PER_USER is 3 here: the key path is no way around it."""
+    caller = Caller(stack)
+    one = {"messages": [{"role": "user", "content": "r [[mock tokens=1]]"}]}
+    assert [caller.post(one).status_code for _ in range(3)] == [200, 200, 200]
+    refused = caller.post(one)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1
 
 
 def test_a_user_at_its_stream_limit_gets_429_and_the_hold_goes_back(
