@@ -28,6 +28,11 @@ CP = PROCESSES.index("control plane")
 OURS = slice(0, CP + 1)
 
 
+# `make bench` rewrites docs/performance.md down to this line and keeps what follows:
+# sections other benchmarks write (bench/key_hop_bench.py).
+KEPT_MARKER = "<!-- sections below are written by other benchmarks; make bench keeps them -->"
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The `q`-th percentile (0 to 100), linear between closest ranks (NumPy's default)."""
     if not values:

@@ -93,6 +93,9 @@ class BenchStack:
             "LLMGW_REDIS_URL": self.redis_url,
             "LLMGW_REDIS_PREFIX": self.prefix,
             "LLMGW_WEBHOOK_SECRET": secret,
+            # API keys at the edge (bench/key_hop_bench.py).
+            "LLMGW_EDGE_SERVICE_SECRET": "whsec_"
+            + base64.b64encode(secrets.token_bytes(32)).decode(),
             "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
             "LLMGW_ADMIN_TOKEN": self.admin_token,
             "LLMGW_CONTROL_PLANE_URL": self.urls["cp"],

@@ -91,11 +91,16 @@ def ensure_not_revoked(user: User, company: Company | None) -> None:
 
 def api_key_principal(session: Session, key: str) -> Principal | None:
     """Look the key up; None when unknown or revoked. Records `last_used_at`."""
+    return api_key_hash_principal(session, hash_api_key(key))
+
+
+def api_key_hash_principal(session: Session, key_hash: str) -> Principal | None:
+    """`api_key_principal` by the key's SHA-256, as an edge sends it (issue 16.5)."""
     row = session.execute(
         select(ApiKey, User, Company)
         .join(User, col(User.id) == col(ApiKey.user_id))
         .join(Company, col(Company.id) == col(User.company_id))
-        .where(col(ApiKey.key_hash) == hash_api_key(key))
+        .where(col(ApiKey.key_hash) == key_hash)
     ).first()
     if row is None:
         return None

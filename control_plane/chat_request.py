@@ -4,8 +4,9 @@ Exactly one of `messages` (the client owns the history), `query` (appended to a
 stored session's history) and `tool_results` (`[{"tool_call_id", "content"}]`, the
 answers to the stored session's last tool calls, appended as `tool` messages).
 Optional `model`, `session_id`, `max_tokens`, the sampling parameters passed through
-to the backend (`temperature`, `top_p`, `stop`) and tool calling's `tools`,
-`tool_choice`, `parallel_tool_calls` (`shared.tool_shapes`). A message's `content` is
+to the backend (`temperature`, `top_p`, `stop`, `presence_penalty`,
+`frequency_penalty`, `seed`, `user`: those the edge passes too) and tool calling's
+`tools`, `tool_choice`, `parallel_tool_calls` (`shared.tool_shapes`). A message's `content` is
 a string or an array of OpenAI content parts (`shared.input_size.check_parts`); init
 checks the model takes them. An assistant message may carry `tool_calls` (content
 null), a `tool` message its `tool_call_id`. `agent` names
@@ -30,12 +31,13 @@ from shared.tool_shapes import (
     uses_tools,
 )
 
-MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 QUERY_MAX_CHARS = 2000
 MAX_MESSAGES = 1000
 STOP_MAX = 4
 MAX_FEATURES = 16
 MAX_TOOLS = 128
+USER_MAX = 256  # OpenAI's end-user id, passed upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +126,25 @@ def _number(doc: dict[str, Any], name: str, low: float, high: float) -> float | 
 
 def _params(doc: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+    for name, low, high in (
+        ("temperature", 0.0, 2.0),
+        ("top_p", 0.0, 1.0),
+        # OpenAI's other pass-through parameters, which the edge's completions take
+        # too: an API-key caller's body reaches init as it is (issue 16.5).
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+    ):
         value = _number(doc, name, low, high)
         if value is not None:
             params[name] = value
+    seed = doc.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
+            raise ValidationFailed("seed", "must be a 64-bit integer")
+        params["seed"] = seed
+    user = optional_str(doc, "user", max_len=USER_MAX)
+    if user is not None:
+        params["user"] = user
     stop = doc.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop

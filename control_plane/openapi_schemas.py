@@ -68,7 +68,7 @@ _TOOL_RESULT = {
 _MESSAGE = {
     "type": "object",
     "properties": {
-        "role": {"enum": ["system", "user", "assistant", "tool"]},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
         # null only beside an assistant's `tool_calls`
         "content": {"anyOf": [{"type": "string", "maxLength": 2000}, {"type": "null"}]},
         "tool_calls": {"type": "array", "items": _TOOL_CALL, "minItems": 1, "maxItems": 128},
@@ -163,6 +163,10 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         max_tokens={"type": "integer", "minimum": 1},
         temperature={"type": "number", "minimum": 0, "maximum": 2},
         top_p={"type": "number", "minimum": 0, "maximum": 1},
+        presence_penalty={"type": "number", "minimum": -2, "maximum": 2},
+        frequency_penalty={"type": "number", "minimum": -2, "maximum": 2},
+        seed={"type": "integer"},
+        user={"type": "string", "minLength": 1, "maxLength": 256},
         stop={"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
         features={"type": "array", "items": {"type": "string"}},
         tools={"type": "array", "items": _TOOL, "minItems": 1, "maxItems": 128},

@@ -9,6 +9,8 @@ python3 - <<'PY'
 import base64, hashlib, hmac, secrets
 print("POSTGRES_PASSWORD=" + secrets.token_urlsafe(24))
 print("LLMGW_WEBHOOK_SECRET=whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+# Signs the edge's calls for API-key callers to the control plane (both services).
+print("LLMGW_EDGE_SERVICE_SECRET=whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
 encryption_key = secrets.token_bytes(32)
 print("LLMGW_ENCRYPTION_KEY=" + base64.urlsafe_b64encode(encryption_key).decode())
 # The edge gets only the sub-key that opens the sealed `upr` claim, not the ring that

@@ -46,6 +46,9 @@ def dev_env(environ: Mapping[str, str], port_base: int) -> dict[str, str]:
         "LLMGW_CORS_ORIGINS", f"http://127.0.0.1:{port_base},http://localhost:{port_base}"
     )
     env.setdefault("LLMGW_AUTO_MIGRATE", "1")
+    # API keys straight at the edge (issue 16.5): one process, so a fresh secret
+    # per run is enough.
+    env.setdefault("LLMGW_EDGE_SERVICE_SECRET", generate_secret())
     return env
 
 

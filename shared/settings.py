@@ -148,6 +148,10 @@ class Settings:
     # Backends posting their own usage webhooks (control plane): provider → its
     # secrets, newest first; each settles only reservations routed to its provider.
     backend_webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
+    # Edge → control plane calls for API-key callers (both services, issue 16.5):
+    # Standard Webhooks secrets, newest first (the edge signs with the first, the
+    # control plane accepts any). Empty: the edge refuses `sk_…` keys.
+    edge_service_secrets: tuple[Secret, ...] = ()
     init_rate_per_user: int = 120  # per minute, DESIGN §9
     init_rate_per_company: int = 1200
     # Tokens per minute at init (control plane, DESIGN §11): the hold's token estimate
@@ -192,6 +196,7 @@ class Settings:
         if any(s in webhook_secrets for group in backend_secrets.values() for s in group):
             # The platform secret settles anything; a backend must not hold it.
             raise ConfigError("LLMGW_BACKEND_WEBHOOK_SECRETS must differ from LLMGW_WEBHOOK_SECRET")
+        edge_secrets = _edge_service_secrets(env, webhook_secrets, backend_secrets)
         encryption_keys = tuple(
             Secret(k.strip()) for k in env.get("LLMGW_ENCRYPTION_KEY", "").split(",") if k.strip()
         )
@@ -322,6 +327,7 @@ class Settings:
                 provider: tuple(Secret(s) for s in group)
                 for provider, group in backend_secrets.items()
             },
+            edge_service_secrets=tuple(Secret(s) for s in edge_secrets),
             service_tokens={
                 name: Secret(env[var])
                 for name, provider in catalog.providers.items()
@@ -360,6 +366,27 @@ class Settings:
                 'print(Fernet.generate_key().decode())"'
             )
         return self.encryption_keys
+
+
+def _edge_service_secrets(
+    env: Mapping[str, str], webhook_secrets: list[str], backend_secrets: Mapping[str, list[str]]
+) -> list[str]:
+    """LLMGW_EDGE_SERVICE_SECRET: as strong as the webhook secret, and its own: a
+    secret that also signs usage webhooks (or a backend's) would let whoever holds
+    that one start streams for any API key's hash."""
+    secrets_ = [s.strip() for s in env.get("LLMGW_EDGE_SERVICE_SECRET", "").split(",") if s.strip()]
+    for secret in secrets_:
+        try:
+            validate_secret(secret)
+        except ValueError as exc:
+            raise ConfigError(f"LLMGW_EDGE_SERVICE_SECRET {exc}") from None
+    others = {*webhook_secrets, *(s for group in backend_secrets.values() for s in group)}
+    if others & set(secrets_):
+        raise ConfigError(
+            "LLMGW_EDGE_SERVICE_SECRET must differ from LLMGW_WEBHOOK_SECRET and "
+            "LLMGW_BACKEND_WEBHOOK_SECRETS"
+        )
+    return secrets_
 
 
 def _check_hold_outlives_streams(settings: Settings) -> None:

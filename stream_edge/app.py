@@ -21,12 +21,13 @@ from shared.route_claim import route_ciphers_from_keys
 from shared.settings import Settings
 from shared.store import Store, open_store
 from shared.store_redis import STORE_ERRORS
-from stream_edge import eventsource, routes
+from stream_edge import eventsource, key_callers, routes
 from stream_edge.breaker import Breakers
 from stream_edge.errors import EdgeError, handle_edge_error
 from stream_edge.grants import GrantVerifier
 from stream_edge.http1 import Http1Client
 from stream_edge.jwks import JWKSCache
+from stream_edge.key_callers import ControlPlaneLink
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
@@ -120,6 +121,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
             retry=RetryPolicy(retries=settings.upstream_retries),
             route_cipher=route_cipher,
+            control_plane=ControlPlaneLink.of(settings),
         )
         app.state.edge = state
         app.state.on_sigterm = lambda: drain(state)
@@ -143,6 +145,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             await client.aclose()
             await webhook_client.aclose()
             await jwks.aclose()
+            if state.control_plane is not None:
+                await state.control_plane.aclose()
             await cp_client.aclose()
             if own_store:
                 await active_store.close()
@@ -163,6 +167,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
             Route("/v1/stream", eventsource.event_stream, methods=["GET"]),
+            Route("/v1/models", key_callers.list_models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),

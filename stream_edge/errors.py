@@ -9,7 +9,8 @@ EdgeError
 │   └── PayloadTooLarge 413  (the body itself; the connection is closed)
 ├── TooManyRequests     429  (+ Retry-After)
 ├── ServiceUnavailable  503
-└── UpstreamError       502 / 504 (before the first byte of a stream)
+├── UpstreamError       502 / 504 (before the first byte of a stream)
+└── InitRefused         4xx  (the control plane refused an API-key caller's init)
 """
 
 from __future__ import annotations
@@ -121,6 +122,26 @@ class UpstreamError(EdgeError):
         self.status = status
         # The backend's own HTTP status, when it answered (None: it never did).
         self.upstream_status = upstream_status
+
+
+class InitRefused(EdgeError):
+    """An API-key caller's init was refused (key_callers.py): the control plane's
+    status, code and message, in OpenAI's shape; 429 keeps its Retry-After."""
+
+    def __init__(
+        self, status: int, type_: str, message: str, code: str, *, retry_after: int | None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.type = type_
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is not None:
+            return {"Retry-After": str(self.retry_after)}
+        if self.status == 401:
+            return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        return {}
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:

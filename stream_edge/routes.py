@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -13,7 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from shared.metrics import exposition
+from shared.service_calls import is_api_key
 from shared.tokens import StreamGrant
+from stream_edge import key_callers
 from stream_edge.admission import (
     Route,
     bearer,
@@ -45,7 +48,34 @@ logger = logging.getLogger("llmgw.edge")
 async def chat_completions(request: Request) -> Response:
     accepted = time.perf_counter()
     state = edge_state(request)
-    grant = await verified_grant(state, bearer(request))
+    token = bearer(request)
+    if not is_api_key(token):
+        grant = await verified_grant(state, token)
+        job, chat = await admit(state, grant, lambda: read_json(request), accepted)
+        return await serve(state, grant, job, chat)
+    # A gateway API key (issue 16.5): the control plane inits for it, then the
+    # request goes the stream-token way; a hold whose stream never starts goes back.
+    assert token is not None
+    body = key_callers.normalised(await read_json(request))
+    grant = await key_callers.grant_for_key(state, token, body)
+    try:
+        job, chat = await admit(state, grant, lambda: _given(body), accepted)
+    except Exception:  # refused (4xx), or the store failed: nothing started
+        await key_callers.abandon(state, grant)
+        raise
+    return await serve(state, grant, job, chat)
+
+
+async def _given(body: Any) -> Any:
+    return body
+
+
+async def admit(
+    state: EdgeState, grant: StreamGrant, read: Callable[[], Awaitable[Any]], accepted: float
+) -> tuple[StreamJob, ChatRequest]:
+    """Everything before the stream: the grant's checks, the body against it (and
+    against each fallback of its chain), the claim (single use, limits). A refusal
+    here has started nothing."""
     if grant.agent is not None:
         # The agent's system prompt and tools were fixed at init and stashed; a body
         # posted here would replace them. Refused before the token is used.
@@ -54,14 +84,19 @@ async def chat_completions(request: Request) -> Response:
             code="agent_stream_only",
         )
     target = route(state, grant)
-    body = await read_json(request)
+    body = await read()
     chat = parse_chat_request(body, grant, target.model)
     attempts = [_attempt(target, chat), *_fallbacks(state, grant, body)]
     if (await claim(state, grant, "completions")).verdict != "ok":
         # A POST cannot resume: a second request with the token is a second use.
         state.metrics.token_rejections.labels("used").inc()
         raise Unauthorized("this stream token was already used", code="token_used")
-    job = StreamJob(state, grant, attempts, accepted)
+    return StreamJob(state, grant, attempts, accepted), chat
+
+
+async def serve(
+    state: EdgeState, grant: StreamGrant, job: StreamJob, chat: ChatRequest
+) -> Response:
     response = await job.open(stream=chat.stream)
     # What serves: the grant's model, or the fallback the chain moved to.
     model, provider = job.model, job.provider

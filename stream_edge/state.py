@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.fernet import MultiFernet
 
@@ -17,6 +17,9 @@ from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.upstream_client import RetryPolicy
+
+if TYPE_CHECKING:
+    from stream_edge.key_callers import ControlPlaneLink
 
 
 class RunningStream(Protocol):
@@ -44,6 +47,9 @@ class EdgeState:
     breakers: Breakers
     retry: RetryPolicy
     route_cipher: MultiFernet
+    # Signed calls to the control plane for API-key callers (key_callers.py); None:
+    # LLMGW_EDGE_SERVICE_SECRET is unset and `sk_…` keys are refused.
+    control_plane: ControlPlaneLink | None = None
     draining: bool = False
     # Streams being served (routes.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)

@@ -16,6 +16,7 @@ from control_plane.routes import (
     chat,
     console,
     demo,
+    internal,
     ops,
     usage_summary,
     webhooks,
@@ -38,4 +39,5 @@ def all_routes() -> list[BaseRoute]:
         *agents.routes,
         *demo.routes,
         *console.routes,
+        *internal.routes,
     ]

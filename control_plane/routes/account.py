@@ -20,8 +20,9 @@ from control_plane.auth import (
 )
 from control_plane.company_llm import CompanyCatalog
 from control_plane.credentials import verify_password
-from control_plane.deps import get_deps, read_json
+from control_plane.deps import Deps, get_deps, read_json
 from control_plane.errors import Forbidden, InvalidCredentials
+from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.tables import Company, User, utcnow
 from control_plane.validation import optional_str, required_str
@@ -114,9 +115,13 @@ def _company_models(session: Session, catalog: Catalog, company_id: str) -> Comp
 async def models(request: Request) -> Response:
     """The company's model catalog: the packaged one merged with its overrides."""
     principal = await authenticate(request)
-    deps = get_deps(request)
-    catalog = deps.settings.catalog
     provider = optional_str(dict(request.query_params), "provider", max_len=100)
+    return ok(await models_data(get_deps(request), principal, provider))
+
+
+async def models_data(deps: Deps, principal: Principal, provider: str | None) -> dict[str, Any]:
+    """`/v1/models`'s data for `principal` (also the edge's, issue 16.5)."""
+    catalog = deps.settings.catalog
     view: Catalog | CompanyCatalog = catalog
     if principal.company_id is not None:
         company_id = principal.company_id
@@ -128,7 +133,7 @@ async def models(request: Request) -> Response:
         for spec in view.models.values()
         if provider is None or spec.provider == provider
     ]
-    return ok({"models": listed, "default_model": view.default_model})
+    return {"models": listed, "default_model": view.default_model}
 
 
 routes: list[BaseRoute] = [

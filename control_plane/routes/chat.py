@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -34,10 +35,21 @@ from control_plane.validation import (
 
 
 async def chat_init(request: Request) -> Response:
+    return await serve_init(request, authenticate, read_json)
+
+
+async def serve_init(
+    request: Request,
+    caller: Callable[[Request], Awaitable[Principal]],
+    body: Callable[[Request], Awaitable[dict[str, Any]]],
+) -> Response:
+    """Init for `caller` (the public route's bearer, or an edge's API-key caller:
+    routes/internal.py): scope, init rate, body, `init_chat`. `body` is read only
+    once the caller may init."""
     deps = get_deps(request)
     outcome = "error"
     try:
-        principal = await authenticate(request)
+        principal = await caller(request)
         if not policy.can_chat(principal):
             raise Forbidden("This needs a user with the llm:chat:send scope.")
         assert principal.user_id is not None and principal.company_id is not None
@@ -49,7 +61,7 @@ async def chat_init(request: Request) -> Response:
             per_company=deps.settings.init_rate_per_company,
             now=time.time(),
         )
-        req = parse_init_request(await read_json(request))
+        req = parse_init_request(await body(request))
         data = await init_chat(deps, principal, req, request_id(request))
         outcome = "ok"
         return ok(data, 201)

@@ -1,0 +1,99 @@
+"""Internal endpoints the stream edge calls for its API-key callers (issue 16.5).
+
+Not public API and not in ``/openapi.json``: each call must be signed by an edge
+with ``LLMGW_EDGE_SERVICE_SECRET`` (`shared.service_calls`), once (its id is a
+nonce), and carries the caller's key as its SHA-256 (``key_hash``), never the key.
+Anything else is 401 ``invalid_signature``, before the body is parsed or the key
+looked up.
+
+The init is the public one (`chat.serve_init` → `init_chat`): the key's scopes,
+revocation, the init rates, TPM, pending-init caps, budgets and the hold all apply
+exactly as at ``POST /v1/chat/init``; only how the caller is named differs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from control_plane.auth import api_key_hash_principal
+from control_plane.deps import MAX_BODY_BYTES, Deps, get_deps, read_body
+from control_plane.errors import InvalidSignature, Unauthenticated, ValidationFailed
+from control_plane.policy import Principal
+from control_plane.responses import ok
+from control_plane.routes.account import models_data
+from control_plane.routes.chat import serve_init
+from control_plane.validation import parse_json_object
+from shared.service_calls import INIT_PATH, MODELS_PATH, NONCE_TTL_SECONDS, nonce_key, verify_call
+from shared.webhooks import BadSignature
+
+_KEY_HASH = re.compile(r"[0-9a-f]{64}")
+# The edge's own body limit plus the wrapping: what an edge can legitimately send.
+MAX_CALL_BYTES = 2 * MAX_BODY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeCall:
+    key_hash: str
+    doc: dict[str, Any]
+
+
+async def edge_call(request: Request, deps: Deps) -> EdgeCall:
+    """The verified call, or 401: signature first (nothing of an unsigned body is
+    parsed), then the nonce (a replayed call is refused even within the window)."""
+    body = await read_body(request, MAX_CALL_BYTES)
+    secrets = [s.reveal() for s in deps.settings.edge_service_secrets]
+    try:
+        call_id = verify_call(secrets, body, dict(request.headers))
+    except BadSignature:
+        raise InvalidSignature("This endpoint is for the stream edge only.") from None
+    if not await deps.store.set_if_absent(nonce_key(call_id), b"1", NONCE_TTL_SECONDS):
+        raise InvalidSignature("This call was already made once.")
+    doc = parse_json_object(body)
+    key_hash = doc.get("key_hash")
+    if not isinstance(key_hash, str) or not _KEY_HASH.fullmatch(key_hash):
+        raise ValidationFailed("key_hash", "must be the key's SHA-256 in hex")
+    return EdgeCall(key_hash, doc)
+
+
+async def key_principal(deps: Deps, key_hash: str) -> Principal:
+    principal = await deps.db.transaction(lambda s: api_key_hash_principal(s, key_hash))
+    if principal is None:
+        raise Unauthenticated("The API key is unknown or revoked.")
+    return principal
+
+
+async def edge_chat_init(request: Request) -> Response:
+    """Init for an edge's API-key caller (internal)."""
+    deps = get_deps(request)
+    call = await edge_call(request, deps)
+
+    async def caller(_: Request) -> Principal:
+        return await key_principal(deps, call.key_hash)
+
+    async def body(_: Request) -> dict[str, Any]:
+        init = call.doc.get("request")
+        if not isinstance(init, dict):
+            raise ValidationFailed("request", "must be an object")
+        return init
+
+    return await serve_init(request, caller, body)
+
+
+async def edge_models(request: Request) -> Response:
+    """The model catalog of an edge's API-key caller (internal)."""
+    deps = get_deps(request)
+    call = await edge_call(request, deps)
+    principal = await key_principal(deps, call.key_hash)
+    return ok(await models_data(deps, principal, None))
+
+
+routes: list[BaseRoute] = [
+    Route(INIT_PATH, edge_chat_init, methods=["POST"], include_in_schema=False),
+    Route(MODELS_PATH, edge_models, methods=["POST"], include_in_schema=False),
+]

@@ -1,0 +1,604 @@
+"""One key, one call (issue 16.5): a gateway API key straight at the edge.
+
+Pure tables first (the OpenAI body → init translation, the refusal mapping, the
+settings, the estimates init and edge agree on); then one real stack for the module
+(SQLite + memory store) with `LLMGW_EDGE_SERVICE_SECRET` set, attacked through the
+control plane's internal endpoint and through the edge with the official client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from control_plane.chat_init import plan_hold
+from control_plane.chat_request import parse_init_request
+from control_plane.credentials import hash_api_key
+from shared.catalog import load_catalog
+from shared.service_calls import INIT_PATH, MODELS_PATH, key_digest, signed_headers
+from shared.settings import ConfigError, Settings
+from shared.tokens import StreamGrant
+from stream_edge.errors import BadRequest, InitRefused, ServiceUnavailable
+from stream_edge.key_callers import init_request, normalised, openai_models, refusal
+from stream_edge.requests import parse_chat_request
+from tests.conftest import new_webhook_secret
+from tests.stack import InProcessStack, base_env
+
+SERVICE_SECRET = new_webhook_secret()
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+}
+
+# --- pure: translation, refusals, settings ---------------------------------------
+
+
+def test_an_openai_body_becomes_an_init_request() -> None:
+    body = normalised(
+        {
+            "model": "mock-fast",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 7,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": None,  # null means "not set": not sent on, not sized
+            "tools": [],
+            "seed": 3,
+            "user": "end-user-1",
+            "session_id": "someone-elses",  # not OpenAI's: never reaches init
+            "agent": "x",
+        }
+    )
+    assert init_request(body) == {
+        "model": "mock-fast",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 7,
+        "seed": 3,
+        "user": "end-user-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ([1, 2], "invalid_json"),
+        ({"messages": [], "stream": "yes"}, "invalid_stream"),
+        ({"messages": [], "stream_options": 3}, "invalid_stream_options"),
+        ({"messages": [], "max_tokens": 0}, "invalid_max_tokens"),
+        ({"messages": [], "max_tokens": True}, "invalid_max_tokens"),
+    ],
+)
+def test_what_only_the_edge_checks_is_refused_before_the_init(body: Any, code: str) -> None:
+    with pytest.raises(BadRequest) as refused:
+        init_request(normalised(body))
+    assert refused.value.code == code
+
+
+def _envelope(code: str, message: str = "no") -> bytes:
+    return orjson.dumps({"success": False, "message": message, "error": {"code": code}})
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retry_after", "want_status", "want_type", "want_headers"),
+    [
+        (402, "insufficient_credits", None, 402, "insufficient_quota", {}),
+        (402, "budget_exceeded", None, 402, "insufficient_quota", {}),
+        (403, "forbidden", None, 403, "permission_error", {}),
+        (404, "not_found", None, 404, "invalid_request_error", {}),
+        (413, "input_too_large", None, 413, "invalid_request_error", {}),
+        (422, "validation_error", None, 422, "invalid_request_error", {}),
+        (429, "tpm_exceeded", "7", 429, "rate_limit_error", {"Retry-After": "7"}),
+        (401, "unauthenticated", None, 401, "authentication_error", {}),
+    ],
+)
+def test_a_refused_init_keeps_its_status_code_and_retry_after(
+    status: int,
+    code: str,
+    retry_after: str | None,
+    want_status: int,
+    want_type: str,
+    want_headers: dict[str, str],
+) -> None:
+    error = refusal(status, _envelope(code, "why"), retry_after)
+    assert isinstance(error, InitRefused)
+    assert (error.status, error.type, error.code, error.message) == (
+        want_status,
+        want_type,
+        code,
+        "why",
+    )
+    for name, value in want_headers.items():
+        assert error.headers()[name] == value
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, _envelope("invalid_signature")),  # our secret is wrong: not the caller's fault
+        (500, _envelope("internal_error")),
+        (503, _envelope("unavailable")),
+        (400, b"<html>proxy error</html>"),
+    ],
+)
+def test_the_edges_own_failures_are_503_not_the_callers(status: int, body: bytes) -> None:
+    error = refusal(status, body, None)
+    assert isinstance(error, ServiceUnavailable)
+    assert error.code == "control_plane_unavailable"
+
+
+def test_the_models_list_is_openais_shape() -> None:
+    data = {"models": [{"id": "m1", "provider": "p"}], "default_model": "m1"}
+    assert openai_models(data) == {
+        "object": "list",
+        "data": [{"id": "m1", "object": "model", "created": 0, "owned_by": "p"}],
+    }
+
+
+def test_the_key_travels_as_the_hash_the_control_plane_stores() -> None:
+    key = "sk_" + uuid.uuid4().hex
+    assert key_digest(key) == hash_api_key(key)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**base_env("sqlite:///unused.db"), **extra}
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["whsec_CHANGE_ME", "whsec_" + "QUFB" * 8, "whsec_c2hvcnQ=", "not-a-secret"],
+)
+def test_a_weak_service_secret_never_starts(secret: str) -> None:
+    with pytest.raises(ConfigError, match="LLMGW_EDGE_SERVICE_SECRET"):
+        Settings.from_env(_env(LLMGW_EDGE_SERVICE_SECRET=secret))
+
+
+def test_the_service_secret_must_not_be_the_webhook_secret() -> None:
+    env = _env()
+    with pytest.raises(ConfigError, match="must differ"):
+        Settings.from_env({**env, "LLMGW_EDGE_SERVICE_SECRET": env["LLMGW_WEBHOOK_SECRET"]})
+
+
+def test_the_service_secret_rotates_newest_first() -> None:
+    old, new = new_webhook_secret(), new_webhook_secret()
+    settings = Settings.from_env(_env(LLMGW_EDGE_SERVICE_SECRET=f"{new},{old}"))
+    assert [s.reveal() for s in settings.edge_service_secrets] == [new, old]
+
+
+# --- pure: init's hold always covers what the edge then sends --------------------
+
+CATALOG = load_catalog(None)
+BODIES: list[tuple[str, dict[str, Any]]] = [
+    ("mock-fast", {"messages": [{"role": "user", "content": "hello there"}]}),
+    (
+        "mock-fast",
+        {
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": "é" * 301},
+            ],
+            "stop": "END",
+            "temperature": 0.5,
+            "top_p": 1,
+            "presence_penalty": -1.5,
+            "frequency_penalty": 0.25,
+            "seed": 42,
+            "user": "u-1",
+            "max_tokens": 12,
+        },
+    ),
+    (
+        "mock-fast",
+        {
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            "tools": [TOOL],
+            "tool_choice": "auto",
+            "parallel_tool_calls": False,
+            "user": None,
+        },
+    ),
+    (
+        "gpt-4o-mini",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, IMAGE]}]},
+    ),
+]
+
+
+@pytest.mark.parametrize(("model_id", "body"), BODIES, ids=[str(i) for i in range(len(BODIES))])
+def test_the_edge_never_finds_the_input_larger_than_init_held_for(
+    model_id: str, body: dict[str, Any]
+) -> None:
+    """A key caller's body is sized twice: at init (the hold, the grant's
+    max_input_tokens) and at the edge (checked against it). Were the edge's count
+    larger, the stream would be refused 413 after the hold was taken."""
+    model = CATALOG.model(model_id)
+    assert model is not None
+    clean = normalised({**body, "model": model_id})
+    req = parse_init_request(init_request(clean))
+    assert req.messages is not None
+    plan = plan_hold(model, req.messages, req.max_tokens, req.params)
+    grant = StreamGrant(
+        jti="j", user_id="u", company_id="c", role="member", scopes=("llm:chat:send",),
+        session_id="s", model=model_id, max_tokens=plan.max_tokens,
+        max_input_tokens=plan.input_estimate, reservation_id="r", request_id="q",
+        issued_at=0, expires_at=10**10,
+    )  # fmt: skip
+    chat = parse_chat_request(clean, grant, model)
+    assert chat.input_estimate <= plan.input_estimate
+    assert chat.params.keys() <= req.params.keys() | {"stream"}
+
+
+# --- one real stack ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    tmp = tmp_path_factory.mktemp("keys")
+    env = {
+        **base_env(f"sqlite:///{tmp}/gw.db"),
+        "LLMGW_EDGE_SERVICE_SECRET": SERVICE_SECRET,
+        "LLMGW_MAX_STREAMS_PER_USER": "1",
+        # No test here inits more than twice per user but the one that hits this.
+        "LLMGW_INIT_RATE_PER_USER": "3",
+        "LLMGW_SPOOL_DIR": str(tmp / "spool"),
+    }
+    with InProcessStack(env) as running:
+        yield running
+
+
+class Caller:
+    """A company, one of its users (password-less: keys only) and its API keys:
+    `full` (every scope of the user: also reads /v1/me and /v1/usage) and `key`
+    (`scopes`, default the same)."""
+
+    def __init__(
+        self, stack: InProcessStack, credits: str = "5", scopes: list[str] | None = None
+    ) -> None:
+        c = stack.client
+        self.stack = stack
+        self.company_id = c.new_company(credits)
+        created = c.admin(
+            "POST",
+            "/v1/admin/users",
+            json={"company_id": self.company_id, "email": f"k-{uuid.uuid4().hex}@x.io",
+                  "role": "member"},
+        )  # fmt: skip
+        assert created.status_code == 201, created.text
+        self.user_id: str = created.json()["data"]["id"]
+        self.full, self.full_id = self._key(None)
+        self.key, self.key_id = self._key(scopes) if scopes else (self.full, self.full_id)
+
+    def _key(self, scopes: list[str] | None) -> tuple[str, str]:
+        body: dict[str, Any] = {"user_id": self.user_id}
+        if scopes is not None:
+            body["scopes"] = scopes
+        created = self.stack.client.admin("POST", "/v1/admin/api-keys", json=body)
+        assert created.status_code == 201, created.text
+        return created.json()["data"]["key"], created.json()["data"]["id"]
+
+    def held(self) -> str:
+        return self.stack.client.credits(self.full)["held"]
+
+    def usage(self) -> list[dict[str, Any]]:
+        answer = self.stack.client.as_user(self.full, "GET", "/v1/usage")
+        assert answer.status_code == 200, answer.text
+        items: list[dict[str, Any]] = answer.json()["data"]["items"]
+        return items
+
+    def post(self, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+        return self.stack.client.http.post(
+            f"{self.stack.client.edge_url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key or self.key}"},
+        )
+
+
+HI = {"messages": [{"role": "user", "content": "hi [[mock tokens=3]]"}]}
+
+
+def _internal(
+    stack: InProcessStack, path: str, doc: dict[str, Any], secret: str | None = SERVICE_SECRET
+) -> httpx.Response:
+    body = orjson.dumps(doc)
+    headers = signed_headers(secret, body) if secret else {}
+    headers["content-type"] = "application/json"
+    return stack.client.http.post(f"{stack.client.cp_url}{path}", content=body, headers=headers)
+
+
+def test_the_official_client_streams_with_an_api_key_and_is_billed(
+    stack: InProcessStack,
+) -> None:
+    caller = Caller(stack)
+    client = stack.client.openai(caller.key)
+    chunks = list(
+        client.chat.completions.create(
+            model="mock-fast",
+            messages=[{"role": "user", "content": "hello [[mock tokens=5]]"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert text and usage is not None and usage.completion_tokens == 5
+    # Settled like any stream: one usage record for the key's user, the hold gone.
+    items = caller.usage()
+    deadline = time.monotonic() + 15
+    while not items and time.monotonic() < deadline:
+        time.sleep(0.05)
+        items = caller.usage()
+    assert [(i["status"], i["output_tokens"]) for i in items] == [("completed", 5)]
+    assert caller.held() == "0.000000"
+
+
+def test_model_omitted_runs_the_company_default_without_streaming(
+    stack: InProcessStack,
+) -> None:
+    caller = Caller(stack)
+    completion = stack.client.openai(caller.key).chat.completions.create(
+        model=openai.NOT_GIVEN,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "hi [[mock tokens=2]]"}],
+    )
+    assert completion.model == "mock-fast"
+    assert completion.choices[0].message.content
+
+
+def test_models_list_answers_the_keys_company_catalog(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    listed = stack.client.openai(caller.key).models.list()
+    ids = {m.id for m in listed.data}
+    assert {"mock-fast", "mock-chat"} <= ids
+    assert all(m.object == "model" for m in listed.data)
+
+
+def test_each_key_sees_and_reaches_only_its_own_companys_models(
+    stack: InProcessStack,
+) -> None:
+    """Company A adds its own model `house` (its default) and hides `mock-chat`; a key
+    of company B neither lists nor reaches `house`, and A's key gets A's catalog."""
+    a, b = Caller(stack), Caller(stack)
+    house = {
+        "api_key": "sk-company-mock-key",
+        "default_model": "house",
+        "models": {
+            "house": {
+                "upstream_model": "mock-fast",
+                "context_length": 4096,
+                "max_output_tokens": 64,
+                "features": ["streaming"],
+                "price": {"input_per_mtok": "1", "output_per_mtok": "1"},
+            },
+            "mock-chat": {"enabled": False},
+        },
+    }
+    put = stack.client.admin(
+        "PUT", f"/v1/admin/companies/{a.company_id}/providers/mock", json=house
+    )
+    assert put.status_code == 200, put.text
+    listed_a = {m.id for m in stack.client.openai(a.key).models.list().data}
+    listed_b = {m.id for m in stack.client.openai(b.key).models.list().data}
+    assert "house" in listed_a and "mock-chat" not in listed_a
+    assert "house" not in listed_b and "mock-chat" in listed_b
+    refused = b.post({**HI, "model": "house"})
+    assert refused.status_code == 404, refused.text
+    assert refused.json()["error"]["code"] == "model_not_found"
+    assert a.post({**HI, "model": "mock-chat"}).status_code == 403
+    default = a.post(HI)  # model omitted: A's default, its own model
+    assert default.status_code == 200, default.text
+    assert default.json()["model"] == "house"
+    assert b.held() == "0.000000"
+
+
+def test_a_read_only_key_cannot_start_a_stream_and_holds_nothing(
+    stack: InProcessStack,
+) -> None:
+    caller = Caller(stack, scopes=["llm:chat:read"])
+    upstream = stack.client.mock_stats()
+    refused = caller.post(HI)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["type"] == "permission_error"
+    assert caller.held() == "0.000000"
+    assert caller.usage() == []
+    assert stack.client.mock_stats() == upstream  # nothing went upstream
+
+
+def test_a_revoked_key_stops_at_once(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    assert caller.post(HI).status_code == 200
+    revoked = stack.client.admin("DELETE", f"/v1/admin/api-keys/{caller.key_id}")
+    assert revoked.status_code == 204, revoked.text
+    refused = caller.post(HI)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["type"] == "authentication_error"
+    listing = stack.client.http.get(
+        f"{stack.client.edge_url}/v1/models", headers={"Authorization": f"Bearer {caller.key}"}
+    )
+    assert listing.status_code == 401
+
+
+def test_an_unknown_key_is_401_in_openais_shape(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    refused = caller.post(HI, key="sk_" + uuid.uuid4().hex)
+    assert refused.status_code == 401
+    assert set(refused.json()["error"]) == {"message", "type", "code"}
+
+
+def test_no_credits_is_402_and_nothing_is_held(stack: InProcessStack) -> None:
+    caller = Caller(stack, credits="0")
+    refused = caller.post(HI)
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["error"]["code"] == "insufficient_credits"
+    assert caller.held() == "0.000000"
+
+
+def test_the_keys_own_budget_applies(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    budget = stack.client.admin(
+        "POST",
+        f"/v1/admin/companies/{caller.company_id}/budgets",
+        json={"scope": "api_key", "target_id": caller.key_id, "amount": "0.000001",
+              "period": "none"},
+    )  # fmt: skip
+    assert budget.status_code == 201, budget.text
+    refused = caller.post(HI)
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+    assert caller.held() == "0.000000"
+
+
+def test_the_init_rate_applies_with_its_retry_after(stack: InProcessStack) -> None:
+    """LLMGW_INIT_RATE_PER_USER is 3 here: the key path is no way around it."""
+    caller = Caller(stack)
+    one = {"messages": [{"role": "user", "content": "r [[mock tokens=1]]"}]}
+    assert [caller.post(one).status_code for _ in range(3)] == [200, 200, 200]
+    refused = caller.post(one)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_user_at_its_stream_limit_gets_429_and_the_hold_goes_back(
+    stack: InProcessStack,
+) -> None:
+    """LLMGW_MAX_STREAMS_PER_USER is 1 here: one slow stream runs, then the key's
+    call is refused 429 by the edge's limit, after init took a hold, which must not
+    stay held until the sweeper."""
+    caller = Caller(stack)
+    started = threading.Event()
+    finish = threading.Event()
+
+    def slow_stream() -> None:
+        body = {
+            "messages": [{"role": "user", "content": "slow [[mock tokens=40 delay_ms=100]]"}],
+            "stream": True,
+        }
+        headers = {"Authorization": f"Bearer {caller.key}"}
+        url = f"{stack.client.edge_url}/v1/chat/completions"
+        with httpx.Client(timeout=30) as http, http.stream("POST", url, json=body, headers=headers):
+            started.set()
+            finish.wait(30)
+
+    runner = threading.Thread(target=slow_stream)
+    runner.start()
+    try:
+        assert started.wait(30)
+        refused = caller.post(HI)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers.get("retry-after")
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        finish.set()
+        runner.join(30)
+    deadline = time.monotonic() + 15
+    while caller.held() != "0.000000" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert caller.held() == "0.000000"
+
+
+# --- the internal endpoint: only an edge, once, by hash ------------------------------
+
+
+def test_a_forged_internal_call_is_401_and_holds_nothing(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    doc = {"key_hash": key_digest(caller.key), "request": HI}
+    unsigned = _internal(stack, INIT_PATH, doc, secret=None)
+    assert unsigned.status_code == 401, unsigned.text
+    assert unsigned.json()["error"]["code"] == "invalid_signature"
+    other = _internal(stack, INIT_PATH, doc, secret=new_webhook_secret())
+    assert other.status_code == 401
+    # The webhook secret settles usage; it does not open the init.
+    webhook = _internal(stack, INIT_PATH, doc, secret=stack.client.webhook_secret)
+    assert webhook.status_code == 401
+    # Nor does the caller's own key as a bearer.
+    as_bearer = stack.client.http.post(
+        f"{stack.client.cp_url}{INIT_PATH}",
+        json=doc,
+        headers={"Authorization": f"Bearer {caller.key}"},
+    )
+    assert as_bearer.status_code == 401
+    assert (
+        _internal(stack, MODELS_PATH, {"key_hash": key_digest(caller.key)}, None).status_code == 401
+    )
+    assert caller.held() == "0.000000"
+
+
+def test_a_replayed_internal_call_is_refused(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    body = orjson.dumps({"key_hash": key_digest(caller.key), "request": HI})
+    headers = {**signed_headers(SERVICE_SECRET, body), "content-type": "application/json"}
+    url = f"{stack.client.cp_url}{INIT_PATH}"
+    first = stack.client.http.post(url, content=body, headers=headers)
+    assert first.status_code == 201, first.text
+    held = caller.held()
+    again = stack.client.http.post(url, content=body, headers=headers)
+    assert again.status_code == 401
+    assert caller.held() == held  # no second hold
+
+
+def test_internal_endpoints_are_not_in_the_public_openapi(stack: InProcessStack) -> None:
+    paths = stack.client.http.get(f"{stack.client.cp_url}/openapi.json").json()["paths"]
+    assert not any(p.startswith("/v1/internal") for p in paths)
+
+
+class Recorder:
+    """Wraps the edge's client to the control plane and records what it sends."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.sent: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def send(self, method: str, url: str, headers: Any, body: bytes) -> Any:
+        self.sent.append((url, dict(headers), body))
+        return await self.inner.send(method, url, headers, body)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_the_edge_never_sends_the_key_itself(stack: InProcessStack) -> None:
+    caller = Caller(stack)
+    link = stack.edge.state.edge.control_plane
+    recorder = Recorder(link._client)
+    link._client = recorder
+    trace = "trace-" + uuid.uuid4().hex[:8]
+    try:
+        streamed = stack.client.http.post(
+            f"{stack.client.edge_url}/v1/chat/completions",
+            json=HI,
+            headers={"Authorization": f"Bearer {caller.key}", "X-Request-Id": trace},
+        )
+        assert streamed.status_code == 200, streamed.text
+        # One request id from the caller through the init to the stream.
+        assert streamed.headers["x-request-id"] == trace
+        stack.client.openai(caller.key).models.list()
+    finally:
+        link._client = recorder.inner
+    assert len(recorder.sent) == 2
+    for _url, headers, body in recorder.sent:
+        wire = body + orjson.dumps(headers)
+        assert caller.key.encode() not in wire
+        assert caller.key[3:].encode() not in wire
+        assert key_digest(caller.key).encode() in body
+        assert "authorization" not in {h.lower() for h in headers}
