@@ -219,7 +219,9 @@ class Settings:
         except CatalogError as exc:
             raise ConfigError(f"LLMGW_MODELS_FILE: {exc}") from None
         redis_url = env.get("LLMGW_REDIS_URL") or None
-        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+        # `redis+cluster://` / `rediss+cluster://`: a Redis Cluster (shared/store_redis.py).
+        schemes = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+        if redis_url and urlparse(redis_url).scheme not in schemes:
             raise ConfigError(f"LLMGW_REDIS_URL must be a redis:// URL, got {redis_url!r}")
         database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
         if not database_url.startswith(("sqlite", "postgresql")):
