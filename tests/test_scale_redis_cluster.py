@@ -62,6 +62,9 @@ def _claims(grant: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_streams_are_billed_exactly_on_a_redis_cluster(stack: InProcessStack) -> None:
+    c = stack.client
+    for url in (c.cp_url, c.edge_url):  # both see the store as reachable
+        assert c.http.get(f"{url}/readyz").status_code == 200
     flow.test_openai_client_stream_is_billed_exactly(stack)
     flow.test_eventsource_stream_as_raw_sse(stack)
 
