@@ -91,6 +91,10 @@ def test_stream_limits_hold_on_a_redis_cluster(stack: InProcessStack) -> None:
         third = c.http.get(extra["stream_url"])
         assert third.status_code == 429, third.text
         assert third.json()["error"]["code"] == "too_many_streams"
+        # Another company's keys hash elsewhere: its user is not held back.
+        stranger = c.new_user(c.new_company("5"))
+        theirs = c.init_ok(stranger, {"query": "mine [[mock tokens=2]]"})
+        assert c.http.get(theirs["stream_url"]).status_code == 200
         assert _events(a)[-1].event == _events(b)[-1].event == "complete"
     # The slots come back with the usage reports (the outbox); the same unburned
     # token then starts.
