@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -114,6 +115,14 @@ def redis_cluster(tmp: Path, masters: int = 3) -> Iterator[str]:
         _stop(procs)
 
 
+def _existing_user(name: str) -> str | None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return name
+
+
 def _version(binary: str) -> tuple[int, ...]:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
     found = re.search(r"PgBouncer (\d+)\.(\d+)", out.stdout)
@@ -151,11 +160,12 @@ def pgbouncer(upstream_port: int = 5432, pool_size: int = 4) -> Iterator[int]:
     (tmp / "users.txt").write_text('"postgres" ""\n')
     command = [binary, str(ini)]
     if os.geteuid() == 0:
-        # pgbouncer refuses to run as root (CI does): drop to the postgres user.
-        shutil.chown(tmp, "postgres")
-        for path in tmp.iterdir():
-            shutil.chown(path, "postgres")
-        command = ["runuser", "-u", "postgres", "--", *command]
+        # pgbouncer refuses to run as root (CI does): drop to an unprivileged user,
+        # PostgreSQL's own when this machine has one.
+        user = _existing_user("postgres") or "nobody"
+        for path in [tmp, *tmp.iterdir()]:
+            shutil.chown(path, user)
+        command = ["runuser", "-u", user, "--", *command]
     with (tmp / "stderr").open("wb") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
