@@ -18,6 +18,7 @@ install-test: $(BIN)/python
 ## make install-system: the OS packages the tests drive (Debian/Ubuntu), each only when absent.
 ## chromium: the browser tests use Debian's build via playwright; a browser is never downloaded.
 ## promtool (prometheus) and nginx: tests/test_ops_*.py check deploy/ with the real tools.
+## pgbouncer and redis-server: tests/test_scale_*.py run the flow through PgBouncer and a Redis Cluster.
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 install-system:
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -26,6 +27,8 @@ install-system:
 	@missing=""; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi

@@ -82,7 +82,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 "the database schema is not up to date: run `llm-gateway migrate` "
                 "or set LLMGW_AUTO_MIGRATE=1"
             )
-        db = Database(settings.database_url)
+        db = Database(settings.database_url, pgbouncer=settings.database_pgbouncer)
         own_store = store is None
         active_store = (
             store

@@ -465,6 +465,7 @@ async def init_chat(
     )
     await pending_inits.take(
         deps.store,
+        company_id=principal.company_id,
         user_id=user_id,
         jti=jti,
         expires_at=hold_expires_at.timestamp(),
@@ -492,7 +493,9 @@ async def init_chat(
     reservation = reserved.reservation
     await count_tokens(deps, reservation)
     try:
-        await deps.store.set(stash_key(jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS)
+        await deps.store.set(
+            stash_key(principal.company_id, jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS
+        )
     except Exception:
         log.exception("could not stash request %s; releasing its hold", request_id)
         await deps.db.transaction(

@@ -17,6 +17,7 @@ import logging
 import math
 
 from control_plane.errors import ServiceUnavailable, TooManyPendingInits
+from shared.hash_tags import company_tag
 from shared.store import Store
 
 log = logging.getLogger("control_plane.pending_inits")
@@ -26,21 +27,28 @@ def pending_key(user_id: str) -> str:
     return f"pending:init:{user_id}"
 
 
-def used_key(jti: str) -> str:
+def used_key(company_id: str, jti: str) -> str:
     """The key the edge sets when a token is first used (`stream_edge.grants.used_key`;
     tests/test_abuse_storage.py checks the two agree)."""
-    return f"jti:{jti}"
+    return f"jti:{company_tag(company_id)}:{jti}"
 
 
 async def take(
-    store: Store, *, user_id: str, jti: str, expires_at: float, now: float, limit: int
+    store: Store,
+    *,
+    company_id: str,
+    user_id: str,
+    jti: str,
+    expires_at: float,
+    now: float,
+    limit: int,
 ) -> None:
     """Count `jti` as one of the user's pending grants; TooManyPendingInits (429) when
     the user already has `limit` of them."""
     key = pending_key(user_id)
     try:
         members = await store.bounded_members(key, now)
-        used = await store.get_many([used_key(m) for m in members]) if members else []
+        used = await store.get_many([used_key(company_id, m) for m in members]) if members else []
         started = [m for m, mark in zip(members, used, strict=True) if mark is not None]
         frees_at = await store.bounded_add(key, jti, expires_at, now, limit, started)
     except Exception:

@@ -83,6 +83,7 @@ class Reconciled:
     action: str
     charged_micro: int = 0
     released_micro: int = 0
+    company_id: str = ""  # of a settled reservation: its revocation key's hash tag
 
 
 NOTHING = Reconciled("none")
@@ -139,7 +140,9 @@ def reconcile(
         )
         if outcome.duplicate:
             return NOTHING
-        return Reconciled("settled", outcome.charged_micro, outcome.released_micro)
+        return Reconciled(
+            "settled", outcome.charged_micro, outcome.released_micro, reservation.company_id
+        )
     details = {"source": "no checkpoint" if checkpoint is None else "checkpoint of another stream"}
     released = release_reservation(
         session, reservation_id, RELEASE_REASON, actor=SWEEPER_ACTOR, details=details
@@ -253,7 +256,7 @@ async def sweep_silent_streams(
             metrics.settled(done.charged_micro, done.released_micro)
             _observe_lag(metrics, checkpoint)
             try:
-                await revoke(store, "jti", checkpoint.jti, revoke_ttl)
+                await revoke(store, "jti", checkpoint.jti, done.company_id, revoke_ttl)
             except Exception:
                 log.warning("could not revoke silent stream %s", checkpoint.jti, exc_info=True)
         if len(page) < BATCH:

@@ -7,25 +7,28 @@ plus the longest stream), then expires by itself.
 
 from __future__ import annotations
 
+from shared.hash_tags import company_tag
 from shared.store import Store
 from shared.tokens import StreamGrant
 
 KINDS = ("user", "company", "jti")
 
 
-def revocation_key(kind: str, value: str) -> str:
+def revocation_key(kind: str, value: str, company_id: str) -> str:
+    """`company_id`: the company the user, the company or the token belongs to (the
+    key's hash tag, `shared.hash_tags`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown revocation kind {kind!r}")
-    return f"revoked:{kind}:{value}"
+    return f"revoked:{company_tag(company_id)}:{kind}:{value}"
 
 
 def grant_keys(grant: StreamGrant) -> list[str]:
     return [
-        revocation_key("user", grant.user_id),
-        revocation_key("company", grant.company_id),
-        revocation_key("jti", grant.jti),
+        revocation_key("user", grant.user_id, grant.company_id),
+        revocation_key("company", grant.company_id, grant.company_id),
+        revocation_key("jti", grant.jti, grant.company_id),
     ]
 
 
-async def revoke(store: Store, kind: str, value: str, ttl_seconds: float) -> None:
-    await store.set(revocation_key(kind, value), b"1", ttl_seconds)
+async def revoke(store: Store, kind: str, value: str, company_id: str, ttl_seconds: float) -> None:
+    await store.set(revocation_key(kind, value, company_id), b"1", ttl_seconds)

@@ -99,6 +99,9 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 @dataclass(frozen=True)
 class Settings:
     database_url: str
+    # LLMGW_DATABASE_PGBOUNCER: the database is reached through PgBouncer in
+    # transaction mode, so no server-side prepared statements (control_plane/db.py).
+    database_pgbouncer: bool
     redis_url: str | None
     redis_prefix: str
     control_plane_url: str
@@ -224,7 +227,9 @@ class Settings:
         except CatalogError as exc:
             raise ConfigError(f"LLMGW_MODELS_FILE: {exc}") from None
         redis_url = env.get("LLMGW_REDIS_URL") or None
-        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+        # `redis+cluster://` / `rediss+cluster://`: a Redis Cluster (shared/store_redis.py).
+        schemes = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+        if redis_url and urlparse(redis_url).scheme not in schemes:
             raise ConfigError(f"LLMGW_REDIS_URL must be a redis:// URL, got {redis_url!r}")
         database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
         if not database_url.startswith(("sqlite", "postgresql")):
@@ -268,6 +273,7 @@ class Settings:
             auth_jwt_audience=env.get("LLMGW_AUTH_JWT_AUDIENCE") or None,
             auth_jwt_issuer=env.get("LLMGW_AUTH_JWT_ISSUER") or None,
             database_url=database_url,
+            database_pgbouncer=_flag(env, "LLMGW_DATABASE_PGBOUNCER", False),
             redis_url=redis_url,
             redis_prefix=env.get("LLMGW_REDIS_PREFIX") or "llmgw:",
             control_plane_url=_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),

@@ -11,9 +11,11 @@ from typing import Any
 
 import orjson
 
+from shared.hash_tags import company_tag
 
-def stash_key(jti: str) -> str:
-    return f"req:{jti}"
+
+def stash_key(company_id: str, jti: str) -> str:
+    return f"req:{company_tag(company_id)}:{jti}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,10 @@ delays the item by the lease.
 from __future__ import annotations
 
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from shared.store import Admission, Admitted, SlotRelease
@@ -86,13 +88,31 @@ return false
 """
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_url(url: str) -> str | None:
+    """``redis+cluster://host:port`` (any node of a Redis Cluster) as the plain
+    ``redis://`` URL the cluster client bootstraps from; None for a single Redis."""
+    parts = urlsplit(url)
+    plain = CLUSTER_SCHEMES.get(parts.scheme)
+    return None if plain is None else urlunsplit(parts._replace(scheme=plain))
+
+
 class RedisStore:
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
-        self._redis = client
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
+        # Typed as the single-node client: the cluster client has the same commands.
+        self._redis = cast(redis.Redis, client)
         self._prefix = prefix
-        self._outbox_items = f"{prefix}outbox:items"
-        self._outbox_due = f"{prefix}outbox:due"
-        self._dead = f"{prefix}outbox:dead"
+        self.is_cluster = isinstance(client, RedisCluster)
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        # On a cluster the outbox's keys share the hash tag `{outbox}` (its scripts
+        # touch both); a single Redis keeps the names it always had, so pending
+        # reports survive an upgrade.
+        outbox = f"{prefix}{{outbox}}" if self.is_cluster else f"{prefix}outbox"
+        self._outbox_items = f"{outbox}:items"
+        self._outbox_due = f"{outbox}:due"
+        self._dead = f"{outbox}:dead"
         self._claim = client.register_script(_CLAIM)
         self._admit = client.register_script(_ADMIT)
         self._put = client.register_script(_PUT)
@@ -100,6 +120,21 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
+        """A single Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+        (``redis+cluster://`` / ``rediss+cluster://`` naming any of its nodes)."""
+        nodes = cluster_url(url)
+        if nodes is not None:
+            # One pool per node. The cluster client cannot wait for a free
+            # connection (past the cap it raises, a RedisError: 503), so each node
+            # gets the single-node pool's cap, and replies the same generous wait.
+            cluster = RedisCluster.from_url(
+                nodes,
+                max_connections=1024,
+                socket_timeout=20,
+                socket_connect_timeout=2.0,
+                health_check_interval=30,
+            )
+            return cls(cluster, prefix)
         # A blocking pool: under a burst, callers wait for a connection instead of
         # failing (the default pool raises once it is exhausted). An edge relaying
         # thousands of streams keeps hundreds of commands in flight, and a CPU-bound
@@ -121,7 +156,10 @@ class RedisStore:
         return cast(bytes | None, await self._redis.get(self._key(key)))
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return cast(list[bytes | None], await self._redis.mget([self._key(k) for k in keys]))
+        names = [self._key(k) for k in keys]
+        if self._cluster is not None:  # many companies' keys: one MGET per slot, in order
+            return cast(list[bytes | None], await self._cluster.mget_nonatomic(names))
+        return cast(list[bytes | None], await self._redis.mget(names))
 
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
         await self._redis.set(self._key(key), value, px=max(1, int(ttl_seconds * 1000)))
@@ -140,10 +178,17 @@ class RedisStore:
         # queued command separately, which made this the edge's costliest store call.
         slots = [self._key(k) for k in release.slot_keys] if release is not None else []
         member = release.member if release is not None else ""
+        # On a cluster the slot sets (company tag) and the outbox (`{outbox}`) live
+        # on different shards, out of one script's reach: the slots are given back
+        # right after the report is stored. An edge dying in between leaks them
+        # until the stream's maximum life, as any crashed edge does.
+        here = [] if self.is_cluster else slots
         await self._put(
-            keys=[self._outbox_items, self._outbox_due, *slots],
+            keys=[self._outbox_items, self._outbox_due, *here],
             args=[item_id, payload, due_at, member],
         )
+        if release is not None and self.is_cluster:
+            await self.release_slots(release)
 
     async def release_slots(self, release: SlotRelease) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -274,4 +319,7 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.aclose()  # closes every node's pool
+            return
         await self._redis.aclose(close_connection_pool=True)

@@ -158,7 +158,7 @@ async def claim(
     admitted = await state.store.admit(
         Admission(
             revocation_keys=grant_keys(grant),
-            used_key=used_key(grant.jti),
+            used_key=used_key(grant.company_id, grant.jti),
             path=path,
             used_ttl_seconds=max(1, grant.expires_at - int(now) + 60),
             slot_keys=slot_keys(grant),

@@ -82,7 +82,7 @@ async def event_stream(request: Request) -> Response:
     target = route(state, grant)
     chain = [target, *fallback_routes(state, grant)]
     after = _last_event_id(request)
-    admitted = await claim(state, grant, "stream", fetch_key=stash_key(grant.jti))
+    admitted = await claim(state, grant, "stream", fetch_key=stash_key(grant.company_id, grant.jti))
     if admitted.verdict == "reconnect":
         if after is None:
             # Without Last-Event-ID this is not a resume but a second use of the

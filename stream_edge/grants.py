@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shared.hash_tags import company_tag
 from shared.tokens import (
     SCOPE_SEND,
     StreamGrant,
@@ -13,8 +14,8 @@ from stream_edge.errors import Forbidden, ServiceUnavailable, Unauthorized
 from stream_edge.jwks import JWKSCache, KeysUnavailable
 
 
-def used_key(jti: str) -> str:
-    return f"jti:{jti}"
+def used_key(company_id: str, jti: str) -> str:
+    return f"jti:{company_tag(company_id)}:{jti}"
 
 
 class GrantVerifier:

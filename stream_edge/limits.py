@@ -4,13 +4,16 @@ edge that crashes leaks its slots for no longer than that."""
 
 from __future__ import annotations
 
+from shared.hash_tags import company_tag
 from shared.settings import Settings
 from shared.tokens import StreamGrant
 from stream_edge.errors import TooManyRequests
 
 
 def slot_keys(grant: StreamGrant) -> list[str]:
-    return [f"streams:user:{grant.user_id}", f"streams:company:{grant.company_id}"]
+    # Both under the company's hash tag: admission takes them in one script.
+    tag = company_tag(grant.company_id)
+    return [f"streams:{tag}:user:{grant.user_id}", f"streams:{tag}:company:{grant.company_id}"]
 
 
 class StreamLimits:

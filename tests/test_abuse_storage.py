@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from sqlalchemy import text
 
@@ -53,15 +54,15 @@ def _init(client: httpx.Client, **body: Any) -> dict[str, Any]:
 
 def _start_stream(cp: CP, init: dict[str, Any]) -> None:
     """What the edge does when the token is first used (`Store.admit`)."""
-    jti = usage_event(init, "x").jti
+    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
     admission = Admission(
         revocation_keys=[],
-        used_key=grants.used_key(jti),
+        used_key=grants.used_key(claims["company_id"], claims["jti"]),
         path="/v1/stream",
         used_ttl_seconds=600,
         slot_keys=[],
         limits=[],
-        member=jti,
+        member=claims["jti"],
         now=time.time(),
         slots_expire_at=time.time() + 600,
     )
@@ -94,7 +95,7 @@ def test_abandoned_inits_count_against_a_limit(cp: CP) -> None:
 def test_the_edge_and_the_control_plane_agree_on_the_used_key() -> None:
     from control_plane import pending_inits
 
-    assert pending_inits.used_key("abc") == grants.used_key("abc")
+    assert pending_inits.used_key("co", "abc") == grants.used_key("co", "abc")
 
 
 def _settle(cp: CP, init: dict[str, Any], company_id: str, reply: str) -> dict[str, Any]:

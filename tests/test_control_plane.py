@@ -489,7 +489,7 @@ def test_init_reserves_and_mints_a_stream_token(cp: CP) -> None:
 
     # The request is stashed for the edge under the token's jti.
     store = cp.app.state.store
-    raw = cp.on_loop(lambda: store.get(stash_key(grant.jti)))
+    raw = cp.on_loop(lambda: store.get(stash_key(grant.company_id, grant.jti)))
     stashed = StashedRequest.loads(raw)
     assert stashed.messages == messages and stashed.params == {"temperature": 0.2}
     assert_books_balance(cp, company_id, client)
@@ -508,7 +508,7 @@ def test_init_with_query_continues_a_session(cp: CP) -> None:
     assert second["session_id"] == first["session_id"]
     jti = jwt.decode(second["stream_token"], options={"verify_signature": False})["jti"]
     store = cp.app.state.store
-    stashed = StashedRequest.loads(cp.on_loop(lambda: store.get(stash_key(jti))))
+    stashed = StashedRequest.loads(cp.on_loop(lambda: store.get(stash_key(company_id, jti))))
     assert stashed.messages == [
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "first answer"},

@@ -315,7 +315,7 @@ def test_a_silent_stream_is_settled_from_its_checkpoint_once_and_revoked(cp: CP)
     others = [alive, ended, foreign]
     assert micro(credits_of(client)["held"]) == sum(micro(i["reserved_credits"]) for i in others)
     dead_jti = jwt.decode(dead["stream_token"], options={"verify_signature": False})["jti"]
-    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", dead_jti)))
+    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", dead_jti, company_id)))
     assert revoked is not None
     # The edge was only slow: its report arrives afterwards and charges nothing more.
     late = usage_event(dead, company_id, input_tokens=12, output_tokens=90)

@@ -38,11 +38,11 @@ def split(pg_server: str) -> Iterator[SplitStack]:
             yield stack
 
 
-def store_revoke(split: SplitStack, kind: str, value: str) -> None:
+def store_revoke(split: SplitStack, kind: str, value: str, company_id: str) -> None:
     async def go() -> None:
         store = RedisStore.from_url(REDIS_URL, prefix=split.env["LLMGW_REDIS_PREFIX"])
         try:
-            await revoke(store, kind, value, 600)
+            await revoke(store, kind, value, company_id, 600)
         finally:
             await store.close()
 
@@ -68,7 +68,7 @@ def test_revocation_ends_a_running_stream_within_two_seconds(split: SplitStack, 
         for raw in response.iter_raw():
             events.extend(decoder.feed(raw))
             if revoked_at is None and sum(e.event == "chunk" for e in events) >= 5:
-                store_revoke(split, kind, value)
+                store_revoke(split, kind, value, claims["company_id"])
                 revoked_at = time.monotonic()
     assert revoked_at is not None
     assert time.monotonic() - revoked_at < 2.0

@@ -25,9 +25,10 @@ def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
         yield handle
 
 
-def _stored(cp: CP, kind: str, value: str) -> bytes | None:
+def _stored(cp: CP, kind: str, value: str, company_id: str) -> bytes | None:
     store = cp.app.state.store
-    result: bytes | None = cp.on_loop(lambda: store.get(revocation_key(kind, value)))
+    key = revocation_key(kind, value, company_id)
+    result: bytes | None = cp.on_loop(lambda: store.get(key))
     return result
 
 
@@ -57,7 +58,7 @@ def test_revoking_a_user_disables_it_and_tells_the_edges(cp: CP) -> None:
     assert record["kind"] == "user" and record["value"] == member["id"]
     assert record["company_id"] == company_id and record["reason"] == "left"
     assert record["actor"] == owner["id"] and record["lifted_at"] is None
-    assert _stored(cp, "user", member["id"]) is not None
+    assert _stored(cp, "user", member["id"], company_id) is not None
 
     # Every way in is closed: API key, access token, login, and so init.
     for client in (member_client, access_client):
@@ -73,7 +74,7 @@ def test_revoking_a_user_disables_it_and_tells_the_edges(cp: CP) -> None:
 
     # Lifting it opens the door again and clears the edges' copy.
     assert owner_client.delete(f"/v1/admin/revocations/{record['id']}").status_code == 204
-    assert _stored(cp, "user", member["id"]) is None
+    assert _stored(cp, "user", member["id"], company_id) is None
     assert data_of(member_client.post("/v1/chat/init", json={"query": "hi"}), 201)
 
 
@@ -91,7 +92,7 @@ def test_revoking_a_company_and_a_token(cp: CP) -> None:
     )
     record = data_of(client.post("/v1/admin/revocations", json={"jti": jti}), 201)
     assert record["kind"] == "jti" and record["company_id"] == company_id
-    assert _stored(cp, "jti", jti) is not None
+    assert _stored(cp, "jti", jti, company_id) is not None
     data_of(client.post("/v1/chat/init", json={"query": "still fine"}), 201)
 
     # TTL: a token's life + the longest stream + 60 s.
@@ -99,7 +100,7 @@ def test_revoking_a_company_and_a_token(cp: CP) -> None:
     assert record["expires_at"] > record["created_at"]
 
     data_of(cp.admin.post("/v1/admin/revocations", json={"company_id": company_id}), 201)
-    assert _stored(cp, "company", company_id) is not None
+    assert _stored(cp, "company", company_id, company_id) is not None
     error_of(client.post("/v1/chat/init", json={"query": "x"}), 403, "revoked")
     assert ttl > 0
 

@@ -46,8 +46,9 @@ async def create_revocation(request: Request) -> Response:
         return row
 
     row = await deps.db.transaction(run)
+    assert row.company_id is not None  # a revocation is always of a company's subject
     try:
-        await revoke(deps.store, target.kind, target.value, ttl)
+        await revoke(deps.store, target.kind, target.value, row.company_id, ttl)
     except Exception:
         # The record and the disabled flag are committed (new inits are refused);
         # only the edges' signal is missing. Repeating the request is safe.
@@ -84,8 +85,9 @@ async def lift_revocation(request: Request) -> Response:
         return row
 
     row = await deps.db.transaction(run)
+    assert row.company_id is not None  # lift_revocation refuses one without
     try:
-        await deps.store.delete(revocation_key(row.kind, row.value))
+        await deps.store.delete(revocation_key(row.kind, row.value, row.company_id))
     except Exception:
         log.exception("could not remove revocation %s from the store", row.id)
         raise ServiceUnavailable("The store is unavailable; retry.") from None
