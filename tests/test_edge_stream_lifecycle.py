@@ -83,6 +83,9 @@ def claims_of(token: str) -> dict[str, Any]:
 # --- 11.8: bodies are read with a limit ---------------------------------------------
 
 
+RESET = 0  # `post_raw`'s status when the edge's reset swallowed its answer
+
+
 async def post_raw(url: str, head: list[str], body_chunks: int | None) -> tuple[int, int]:
     """POST to the edge on a raw socket. With `body_chunks`, send that many 1 MiB
     chunks (chunked encoding) while watching for an early answer; returns the status
@@ -107,7 +110,12 @@ async def post_raw(url: str, head: list[str], body_chunks: int | None) -> tuple[
                 writer.write(b"0\r\n\r\n")
         status_line = await asyncio.wait_for(answer, timeout=30)
     except ConnectionError:  # the edge closed the connection on us: read its answer
-        status_line = await asyncio.wait_for(answer, timeout=30)
+        try:
+            status_line = await asyncio.wait_for(answer, timeout=30)
+        except ConnectionError:
+            # Closing a socket with unread input makes the kernel send a reset, which
+            # may discard the 413 before we read it: the edge refused all the same.
+            return RESET, sent
     finally:
         writer.close()
     return int(status_line.split(b" ", 2)[1]), sent
@@ -123,7 +131,7 @@ def test_a_huge_chunked_body_is_refused_413_without_being_read(stack: InProcessS
         "Transfer-Encoding: chunked",
     ]
     status, sent = asyncio.run(post_raw(grant["completions_url"], head, body_chunks=60))
-    assert status == 413
+    assert status in (413, RESET)
     assert sent < 60 * MIB  # answered (and cut off) long before the body's end
     # A too-large Content-Length is refused at once, before any body byte is sent.
     too_long = [*head[:2], f"Content-Length: {60 * MIB}"]
