@@ -13,6 +13,7 @@ from typing import Any, cast
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from shared.redis_pipe import PipelinedRedis
 from shared.store import Admission, Admitted, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
@@ -87,8 +88,15 @@ return false
 
 
 class RedisStore:
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    """`pipe`: the connection every stream's commands share (admission, checkpoints,
+    the usage report and its acknowledgement, the revocation watch's reads); the
+    rest goes through redis-py's pool. Without it, everything does."""
+
+    def __init__(
+        self, client: redis.Redis, prefix: str, pipe: PipelinedRedis | None = None
+    ) -> None:
         self._redis = client
+        self._pipe = pipe
         self._prefix = prefix
         self._outbox_items = f"{prefix}outbox:items"
         self._outbox_due = f"{prefix}outbox:due"
@@ -112,7 +120,7 @@ class RedisStore:
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )
-        return cls(redis.Redis(connection_pool=pool), prefix)
+        return cls(redis.Redis(connection_pool=pool), prefix, PipelinedRedis.from_url(url))
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -121,9 +129,19 @@ class RedisStore:
         return cast(bytes | None, await self._redis.get(self._key(key)))
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if self._pipe is not None:
+            if not keys:
+                return []
+            reply = await self._pipe.execute("MGET", *(self._key(k) for k in keys))
+            return cast(list[bytes | None], reply)
         return cast(list[bytes | None], await self._redis.mget([self._key(k) for k in keys]))
 
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        if self._pipe is not None:
+            await self._pipe.execute(
+                "SET", self._key(key), value, "PX", max(1, int(ttl_seconds * 1000))
+            )
+            return
         await self._redis.set(self._key(key), value, px=max(1, int(ttl_seconds * 1000)))
 
     async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:
@@ -140,12 +158,20 @@ class RedisStore:
         # queued command separately, which made this the edge's costliest store call.
         slots = [self._key(k) for k in release.slot_keys] if release is not None else []
         member = release.member if release is not None else ""
+        if self._pipe is not None:
+            keys = [self._outbox_items, self._outbox_due, *slots]
+            await self._pipe.script(_PUT, keys, [item_id, payload, due_at, member])
+            return
         await self._put(
             keys=[self._outbox_items, self._outbox_due, *slots],
             args=[item_id, payload, due_at, member],
         )
 
     async def release_slots(self, release: SlotRelease) -> None:
+        if self._pipe is not None:
+            commands = [("ZREM", self._key(key), release.member) for key in release.slot_keys]
+            await self._pipe.batch(commands)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in release.slot_keys:
                 pipe.zrem(self._key(key), release.member)
@@ -168,6 +194,12 @@ class RedisStore:
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         if not item_ids:
+            return
+        if self._pipe is not None:
+            await self._pipe.batch(
+                [("ZREM", self._outbox_due, *item_ids), ("HDEL", self._outbox_items, *item_ids)],
+                transaction=True,
+            )
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._outbox_due, *item_ids)
@@ -211,7 +243,12 @@ class RedisStore:
             max(1, int((a.slots_expire_at - a.now) * 1000)),
             *a.limits,
         ]
-        reply: list[Any] = await self._admit(keys=[self._key(k) for k in keys], args=args)
+        prefixed = [self._key(k) for k in keys]
+        reply: list[Any]
+        if self._pipe is not None:
+            reply = await self._pipe.script(_ADMIT, prefixed, args)
+        else:
+            reply = await self._admit(keys=prefixed, args=args)
         verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if verdict == "full":
             return Admitted("full", full_index=int(reply[1]))
@@ -267,4 +304,6 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.close()
         await self._redis.aclose(close_connection_pool=True)
