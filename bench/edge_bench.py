@@ -79,8 +79,8 @@ FULL = Plan(
     memory_tokens=40,
     memory_delay_ms=5000,
     memory_ramp=200,
-    inits=(tr.InitPlan(1, 150, 10), tr.InitPlan(32, 600, 32), tr.InitPlan(128, 600, 128)),
-    turns=(tr.TurnPlan(1, 0, 150, 10), tr.TurnPlan(200, 20, 600, 50)),
+    inits=(tr.InitPlan(1, 100, 10), tr.InitPlan(32, 400, 32), tr.InitPlan(128, 400, 128)),
+    turns=(tr.TurnPlan(1, 0, 100, 10), tr.TurnPlan(200, 20, 400, 50)),
     loaded=tr.LoadedPlan(150, 10, 8),
 )
 QUICK = Plan(
