@@ -232,7 +232,7 @@ class PipelinedRedis:
         return await waiter
 
     async def batch(
-        self, commands: list[tuple[Arg, ...]], *, transaction: bool = False
+        self, commands: Sequence[tuple[Arg, ...]], *, transaction: bool = False
     ) -> list[Reply]:
         """Several commands queued together (contiguous on the connection); with
         `transaction`, wrapped in MULTI/EXEC and EXEC's replies returned."""
