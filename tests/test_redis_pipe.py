@@ -79,6 +79,25 @@ async def test_concurrent_commands_each_get_their_own_reply(
     await pipe.close()
 
 
+async def test_a_cancelled_caller_never_shifts_the_others_replies(
+    pipe: PipelinedRedis, redis_prefix: str
+) -> None:
+    keys = [f"{redis_prefix}c:{i}" for i in range(30)]
+    await asyncio.gather(*(pipe.execute("SET", k, k) for k in keys))
+    tasks = [asyncio.ensure_future(pipe.execute("GET", k)) for k in keys]
+    await asyncio.sleep(0)  # all queued on the connection
+    for task in tasks[::3]:
+        task.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    for i, (key, result) in enumerate(zip(keys, done, strict=True)):
+        if i % 3 == 0:
+            assert isinstance(result, asyncio.CancelledError)
+        else:
+            assert result == key.encode()  # its own reply, not a neighbour's
+    assert await pipe.execute("GET", keys[0]) == keys[0].encode()
+    await pipe.close()
+
+
 async def test_scripts_load_on_demand_and_transactions_stay_whole(
     pipe: PipelinedRedis, redis_prefix: str
 ) -> None:
