@@ -134,6 +134,7 @@ class Bench:
         self.plan = plan
         self.log = log
         self.users: list[str] = []
+        self.init_users: list[str] = []  # see `turns.init_users`
 
     def cpu(self) -> dict[str, float]:
         out = {name: cpu_seconds(self.stack.pid(name)) for name in ("mock", "edge", "cp")}

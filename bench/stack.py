@@ -221,6 +221,12 @@ class BenchStack:
         """Usage events the edge has not delivered yet (read from Redis, not the edge)."""
         return int(self.redis.zcard(f"{self.prefix}outbox:due"))
 
+    def forget_pending_inits(self) -> None:
+        """Empty every user's set of pending grants (`control_plane/pending_inits.py`)."""
+        keys = list(self.redis.scan_iter(match=f"{self.prefix}pending:init:*", count=1000))
+        if keys:
+            self.redis.delete(*keys)
+
     def settlements(self, reservation_ids: list[str]) -> dict[str, float]:
         """When each settled reservation was settled (epoch seconds, the control
         plane's clock: the same machine's), read from the database, not the API."""
