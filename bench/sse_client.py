@@ -236,6 +236,7 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self.connections: list[Connection] = []
+        self._streaming: list[Connection] = []  # those whose stream got its first content
         self.opened = 0  # streams that got their first content event
         self.failures: Counter[str] = Counter()  # why the others did not
 
@@ -252,6 +253,7 @@ class OpenStreams:
                     conn.send(request)
                     assert conn.first_content is not None
                     await conn.first_content
+                    self._streaming.append(conn)
                     self.opened += 1
                 except (OSError, ConnectionError) as exc:
                     self.failures[str(exc) or type(exc).__name__] += 1
@@ -262,7 +264,9 @@ class OpenStreams:
 
     @property
     def still_open(self) -> int:
-        return sum(1 for conn in self.connections if not conn.closed)
+        """Streams that opened and are still open (a refused request's keep-alive
+        connection is open too, but holds no stream)."""
+        return sum(1 for conn in self._streaming if not conn.closed)
 
     def close(self) -> None:
         for conn in self.connections:
