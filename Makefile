@@ -46,7 +46,7 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## make bench: the edge against mock_llm directly, on real processes (PostgreSQL + Redis); writes docs/performance.md
+## make bench: the edge against mock_llm directly, inits and whole chat turns, on real processes (PostgreSQL + Redis); writes docs/performance.md
 bench: install-test
 	$(BIN)/python -m bench.edge_bench
 

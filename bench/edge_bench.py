@@ -29,7 +29,8 @@ from typing import Any
 
 import orjson
 
-from bench import report
+from bench import report, turns
+from bench import turn_report as tr
 from bench.procfs import cpu_seconds, load_average, machine, machine_busy_seconds, memory
 from bench.sse_client import OpenStreams, Pool, StreamResult, chat_request
 from bench.stack import ROOT, BenchStack, mint
@@ -57,6 +58,9 @@ class Plan:
     memory_tokens: int
     memory_delay_ms: int
     memory_ramp: int
+    inits: tuple[tr.InitPlan, ...] = ()
+    turns: tuple[tr.TurnPlan, ...] = ()
+    loaded: tr.LoadedPlan | None = None
 
 
 FULL = Plan(
@@ -75,6 +79,9 @@ FULL = Plan(
     memory_tokens=40,
     memory_delay_ms=5000,
     memory_ramp=200,
+    inits=(tr.InitPlan(1, 100, 10), tr.InitPlan(32, 400, 32), tr.InitPlan(128, 400, 128)),
+    turns=(tr.TurnPlan(1, 0, 100, 10), tr.TurnPlan(200, 20, 400, 50)),
+    loaded=tr.LoadedPlan(150, 10, 8),
 )
 QUICK = Plan(
     name="quick",
@@ -82,17 +89,20 @@ QUICK = Plan(
     cells=(
         CellPlan(1, 0, 10, 1),
         CellPlan(1, 20, 2, 1),
-        CellPlan(50, 0, 50, 2),
-        CellPlan(50, 20, 50, 2),
+        CellPlan(50, 0, 30, 2),
+        CellPlan(50, 20, 30, 2),
         # Fewer streams than clients: a smoke run checks the path, not the numbers.
-        CellPlan(200, 0, 100, 2),
-        CellPlan(200, 20, 100, 2),
+        CellPlan(200, 0, 40, 2),
+        CellPlan(200, 20, 40, 2),
     ),
     users=2,
-    memory_streams=50,
+    memory_streams=20,
     memory_tokens=20,
     memory_delay_ms=1000,
-    memory_ramp=50,
+    memory_ramp=20,
+    inits=(tr.InitPlan(1, 5, 1), tr.InitPlan(32, 20, 2), tr.InitPlan(128, 20, 2)),
+    turns=(tr.TurnPlan(1, 0, 5, 1), tr.TurnPlan(200, 20, 20, 2)),
+    loaded=tr.LoadedPlan(5, 1, 2),
 )
 
 
@@ -124,6 +134,7 @@ class Bench:
         self.plan = plan
         self.log = log
         self.users: list[str] = []
+        self.init_users: list[str] = []  # see `turns.init_users`
 
     def cpu(self) -> dict[str, float]:
         out = {name: cpu_seconds(self.stack.pid(name)) for name in ("mock", "edge", "cp")}
@@ -193,32 +204,57 @@ class Bench:
             cpu=(*(spent[name] for name in SERVICES), rest),
         )
 
+    def body(self, delay_ms: int) -> dict[str, Any]:
+        return chat_body(self.plan.tokens, delay_ms)
+
+    async def direct(
+        self, concurrency: int, delay_ms: int, streams: int, warmup: int
+    ) -> report.PathStats:
+        """`streams` streams straight to the mock, `concurrency` at a time."""
+        port = self.stack.ports["mock"]
+        warm, raw = orjson.dumps(self.body(0)), orjson.dumps(self.body(delay_ms))
+        stats = await self.phase(
+            port,
+            "mock",
+            concurrency,
+            [chat_request(HOST, port, warm)] * warmup,
+            [chat_request(HOST, port, raw)] * streams,
+        )
+        self.log(_summary("direct", stats))
+        return stats
+
+    async def edge(
+        self,
+        concurrency: int,
+        delay_ms: int,
+        streams: int,
+        warmup: int,
+        tokens: list[str] | None = None,
+    ) -> report.PathStats:
+        """The same through the edge; `tokens` (warm-up ones first, minted with the
+        0 ms body) when they were minted beforehand, else minted here."""
+        port = self.stack.ports["edge"]
+        warm, raw = orjson.dumps(self.body(0)), orjson.dumps(self.body(delay_ms))
+        if tokens is None:
+            tokens = await self.mint(self.body(0), warmup)
+            tokens += await self.mint(self.body(delay_ms), streams)
+            await self.quiesce()
+        stats = await self.phase(
+            port,
+            "edge",
+            concurrency,
+            [chat_request(HOST, port, warm, t) for t in tokens[:warmup]],
+            [chat_request(HOST, port, raw, t) for t in tokens[warmup : warmup + streams]],
+        )
+        self.log(_summary("edge", stats))
+        return stats
+
     async def cell(self, cell: CellPlan) -> report.Cell:
         self.log(f"cell: concurrency {cell.concurrency}, {cell.delay_ms} ms between tokens")
-        warm_body = orjson.dumps(chat_body(self.plan.tokens, 0))
-        body = chat_body(self.plan.tokens, cell.delay_ms)
-        raw = orjson.dumps(body)
-        mock_port, edge_port = self.stack.ports["mock"], self.stack.ports["edge"]
-        direct = await self.phase(
-            mock_port,
-            "mock",
-            cell.concurrency,
-            [chat_request(HOST, mock_port, warm_body)] * cell.warmup,
-            [chat_request(HOST, mock_port, raw)] * cell.streams,
-        )
-        self.log(_summary("direct", direct))
-        warm_tokens = await self.mint(chat_body(self.plan.tokens, 0), cell.warmup)
-        tokens = await self.mint(body, cell.streams)
-        await self.quiesce()
-        edge = await self.phase(
-            edge_port,
-            "edge",
-            cell.concurrency,
-            [chat_request(HOST, edge_port, warm_body, t) for t in warm_tokens],
-            [chat_request(HOST, edge_port, raw, t) for t in tokens],
-        )
-        self.log(_summary("edge", edge))
-        return report.Cell(cell.concurrency, cell.delay_ms, direct, edge)
+        c, d = cell.concurrency, cell.delay_ms
+        direct = await self.direct(c, d, cell.streams, cell.warmup)
+        edge = await self.edge(c, d, cell.streams, cell.warmup)
+        return report.Cell(c, d, direct, edge)
 
     async def memory(self) -> report.MemoryResult:
         plan = self.plan
@@ -258,9 +294,16 @@ class Bench:
             self.log("  " + line.removeprefix("- "))
         return result
 
-    async def run(self) -> tuple[list[report.Cell], report.MemoryResult]:
+    async def whole_turns(self) -> tr.TurnResults:
+        inits = [await turns.init_phase(self, p) for p in self.plan.inits]
+        whole = [await turns.turn_phase(self, p) for p in self.plan.turns]
+        loaded = await turns.loaded_ttft(self, self.plan.loaded) if self.plan.loaded else None
+        return tr.TurnResults(inits, whole, loaded)
+
+    async def run(self) -> tuple[list[report.Cell], report.MemoryResult, tr.TurnResults]:
         self.users = self.stack.provision(users=self.plan.users)
         cells = [await self.cell(cell) for cell in self.plan.cells]
+        turn_results = await self.whole_turns()
         mem = await self.memory()
         for name in ("edge", "mock", "cp"):
             problems = self.stack.problems(name)
@@ -268,7 +311,7 @@ class Bench:
                 self.log(f"{name} logged {len(problems)} warnings/errors, the last ones:")
                 for line in problems[-5:]:
                     self.log("  " + line[:300])
-        return cells, mem
+        return cells, mem, turn_results
 
 
 def _failure(result: StreamResult) -> str:
@@ -299,7 +342,7 @@ def _runner() -> asyncio.Runner:
 
 def run(
     plan: Plan, pg_dsn: str, redis_url: str, log: Callable[[str], None]
-) -> tuple[list[report.Cell], report.MemoryResult, float]:
+) -> tuple[list[report.Cell], report.MemoryResult, tr.TurnResults, float]:
     started = time.monotonic()
     cpus = machine().cpus
     if load_average() > cpus / 2:
@@ -309,9 +352,11 @@ def run(
         )
     with BenchStack(pg_dsn, redis_url) as stack, _runner() as runner:
         bench = Bench(stack, plan, log)
-        coro: Coroutine[Any, Any, tuple[list[report.Cell], report.MemoryResult]] = bench.run()
-        cells, mem = runner.run(coro)
-    return cells, mem, time.monotonic() - started
+        coro: Coroutine[Any, Any, tuple[list[report.Cell], report.MemoryResult, tr.TurnResults]] = (
+            bench.run()
+        )
+        cells, mem, turn_results = runner.run(coro)
+    return cells, mem, turn_results, time.monotonic() - started
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -345,12 +390,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f} s] {line}", flush=True)
 
     load_before = load_average()
-    cells, mem, elapsed = run(plan, args.pg_dsn, args.redis_url, log)
+    cells, mem, turn_results, elapsed = run(plan, args.pg_dsn, args.redis_url, log)
     verdicts = report.verdicts(cells, mem)
     print()
     print(report.stdout_table(cells))
     print()
     for line in report.memory_lines(mem) + report.verdict_lines(verdicts):
+        print(line)
+    print()
+    for line in tr.target_section(cells, turn_results):
         print(line)
     document = report.markdown(
         when=datetime.now(UTC),
@@ -364,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         verdicts=verdicts,
         elapsed_s=elapsed,
         load_before=load_before,
+        method_extra=tr.method_lines(),
+        results_extra=tr.markdown_sections(cells, turn_results),
+        targets_extra=tr.target_section(cells, turn_results),
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     # Sections other benchmarks write below the marker (key_hop_bench.py) stay.

@@ -337,6 +337,9 @@ def markdown(
     verdicts: Sequence[Verdict],
     elapsed_s: float,
     load_before: float,
+    method_extra: Sequence[str] = (),
+    results_extra: Sequence[str] = (),
+    targets_extra: Sequence[str] = (),
 ) -> str:
     """The whole `docs/performance.md`."""
     sizes = [
@@ -413,6 +416,7 @@ def markdown(
         "opening at once; once every stream has its first content event, the edge's "
         "`VmRSS` is sampled ten times over a second and the highest is reported, against "
         "its `VmRSS` just before.",
+        *method_extra,
         "",
         "## Results",
         "",
@@ -429,6 +433,7 @@ def markdown(
         *cpu_rows(cells),
         "",
         *reading_lines(cells, host.cpus),
+        *results_extra,
         "## Memory",
         "",
         *memory_lines(memory),
@@ -437,5 +442,6 @@ def markdown(
         "",
         *verdict_lines(verdicts),
         "",
+        *targets_extra,
     ]
     return "\n".join(lines)

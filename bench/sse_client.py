@@ -34,23 +34,37 @@ class StreamResult:
     events: int  # SSE events received (role, content, finish, [DONE], …)
     done: bool  # the stream ended with `data: [DONE]`
     error: str | None = None
+    body: bytes = b""  # the whole body, only when the request asked to keep it
+    sent_at: float = 0.0  # perf_counter when the request was written
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.status == 200 and self.done and self.ttft is not None
 
 
-def chat_request(host: str, port: int, body: bytes, token: str | None = None) -> bytes:
-    """The exact bytes of one `POST /v1/chat/completions` (built before the clock starts)."""
+def post_request(
+    host: str, port: int, path: str, body: bytes, token: str | None = None, accept: str = "*/*"
+) -> bytes:
+    """The exact bytes of one JSON `POST` (built before the clock starts)."""
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     head = (
-        "POST /v1/chat/completions HTTP/1.1\r\n"
+        f"POST {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
         "Content-Type: application/json\r\n"
-        "Accept: text/event-stream\r\n"
+        f"Accept: {accept}\r\n"
         f"{auth}Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def chat_request(host: str, port: int, body: bytes, token: str | None = None) -> bytes:
+    """The exact bytes of one `POST /v1/chat/completions`."""
+    return post_request(host, port, "/v1/chat/completions", body, token, "text/event-stream")
+
+
+def init_request(host: str, port: int, body: bytes, access_token: str) -> bytes:
+    """The exact bytes of one `POST /v1/chat/init` (the control plane's answer is kept)."""
+    return post_request(host, port, "/v1/chat/init", body, access_token, "application/json")
 
 
 class Connection(asyncio.Protocol):
@@ -71,6 +85,7 @@ class Connection(asyncio.Protocol):
         self._last_byte = b""
         self._scan = bytearray()
         self._tail = b""
+        self._body: bytearray | None = None
 
     # asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,6 +105,9 @@ class Connection(asyncio.Protocol):
 
     # httptools callbacks ---------------------------------------------------------
     def on_body(self, body: bytes) -> None:
+        if self._body is not None:
+            self._body += body
+            return
         # Events end with a blank line; count "\n\n", including one split across reads.
         self._events += body.count(b"\n\n")
         if self._last_byte == b"\n" and body[:1] == b"\n":
@@ -111,14 +129,17 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     # API -------------------------------------------------------------------------
-    def send(self, request: bytes) -> asyncio.Future[StreamResult]:
-        """Write `request` and return a future for its whole streamed response."""
+    def send(self, request: bytes, keep_body: bool = False) -> asyncio.Future[StreamResult]:
+        """Write `request` and return a future for its whole streamed response
+        (`keep_body`: a short JSON answer, kept whole and not scanned for events)."""
         assert self.transport is not None and self._waiter is None
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         self.first_content = loop.create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._reset(time.perf_counter())
+        if keep_body:
+            self._body = bytearray()
         self.transport.write(request)
         return self._waiter
 
@@ -144,6 +165,8 @@ class Connection(asyncio.Protocol):
                 events=self._events,
                 done=_DONE in self._tail,
                 error=error,
+                body=bytes(self._body) if self._body is not None else b"",
+                sent_at=self._started,
             )
         )
         if self.first_content is not None and not self.first_content.done():
@@ -177,13 +200,14 @@ class Pool:
             await asyncio.gather(*(connect(self.host, self.port) for _ in range(self.size)))
         )
 
-    async def _slot(self, index: int) -> Connection:
+    async def slot(self, index: int) -> Connection:
+        """Connection `index`, reopened if the server closed it."""
         conn = self._conns[index]
         if conn is None or conn.closed:
             conn = self._conns[index] = await connect(self.host, self.port)
         return conn
 
-    async def run(self, requests: Sequence[bytes]) -> LoadRun:
+    async def run(self, requests: Sequence[bytes], keep_body: bool = False) -> LoadRun:
         """Send every request, at most `size` at a time, each on a free connection."""
         results: list[StreamResult | None] = [None] * len(requests)
         next_index = 0
@@ -193,8 +217,8 @@ class Pool:
             while next_index < len(requests):
                 index = next_index
                 next_index += 1
-                conn = await self._slot(slot)
-                results[index] = await conn.send(requests[index])
+                conn = await self.slot(slot)
+                results[index] = await conn.send(requests[index], keep_body)
 
         started = time.perf_counter()
         await asyncio.gather(*(client(slot) for slot in range(min(self.size, len(requests)))))
@@ -212,6 +236,7 @@ class OpenStreams:
 
     def __init__(self) -> None:
         self.connections: list[Connection] = []
+        self._streaming: list[Connection] = []  # those whose stream got its first content
         self.opened = 0  # streams that got their first content event
         self.failures: Counter[str] = Counter()  # why the others did not
 
@@ -228,6 +253,7 @@ class OpenStreams:
                     conn.send(request)
                     assert conn.first_content is not None
                     await conn.first_content
+                    self._streaming.append(conn)
                     self.opened += 1
                 except (OSError, ConnectionError) as exc:
                     self.failures[str(exc) or type(exc).__name__] += 1
@@ -238,7 +264,9 @@ class OpenStreams:
 
     @property
     def still_open(self) -> int:
-        return sum(1 for conn in self.connections if not conn.closed)
+        """Streams that opened and are still open (a refused request's keep-alive
+        connection is open too, but holds no stream)."""
+        return sum(1 for conn in self._streaming if not conn.closed)
 
     def close(self) -> None:
         for conn in self.connections:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -65,9 +66,16 @@ def _sqlalchemy_url(admin_dsn: str, database: str) -> str:
     return f"postgresql+psycopg://{user}{password}@{host}:{port}/{database}"
 
 
+def _epoch(value: datetime) -> float:
+    # The column may come back naive (SQLite-style) or aware; it is UTC either way.
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
 class BenchStack:
-    def __init__(self, pg_dsn: str, redis_url: str) -> None:
+    def __init__(self, pg_dsn: str, redis_url: str, cp_profile: Path | None = None) -> None:
         self.pg_dsn = pg_dsn
+        # Run the control plane under `bench.profiled`, writing its profile here.
+        self.cp_profile = cp_profile
         self.redis_url = redis_url
         tag = uuid.uuid4().hex[:12]
         self.database = f"llmgw_bench_{tag}"
@@ -109,6 +117,8 @@ class BenchStack:
             "LLMGW_INIT_RATE_PER_USER": UNLIMITED,
             "LLMGW_INIT_RATE_PER_COMPANY": UNLIMITED,
             "LLMGW_MAX_PENDING_INITS_PER_USER": UNLIMITED,
+            # The memory phase holds 2,000 streams open (the default cap is 1,000).
+            "LLMGW_MAX_CONNECTIONS": UNLIMITED,
         }
 
     def __enter__(self) -> BenchStack:
@@ -142,10 +152,13 @@ class BenchStack:
             self._wait_healthy(name)
 
     def _spawn(self, name: str, env: dict[str, str]) -> None:
-        command = dict(SERVICES)[name]
+        command = [dict(SERVICES)[name], "--port", str(self.ports[name])]
+        runner = CLI
+        if name == "cp" and self.cp_profile is not None:
+            runner = [sys.executable, "-m", "bench.profiled", str(self.cp_profile)]
         with (self._tmp / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
-                [*CLI, command, "--port", str(self.ports[name])],
+                [*runner, *command],
                 env=env,
                 cwd=ROOT,
                 stdout=log,
@@ -210,6 +223,25 @@ class BenchStack:
     def outbox_pending(self) -> int:
         """Usage events the edge has not delivered yet (read from Redis, not the edge)."""
         return int(self.redis.zcard(f"{self.prefix}outbox:due"))
+
+    def forget_pending_inits(self) -> None:
+        """Empty every user's set of pending grants (`control_plane/pending_inits.py`)."""
+        keys = list(self.redis.scan_iter(match=f"{self.prefix}pending:init:*", count=1000))
+        if keys:
+            self.redis.delete(*keys)
+
+    def settlements(self, reservation_ids: list[str]) -> dict[str, float]:
+        """When each settled reservation was settled (epoch seconds, the control
+        plane's clock: the same machine's), read from the database, not the API."""
+        if not reservation_ids:
+            return {}
+        with psycopg.connect(self.pg_dsn, dbname=self.database, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT id, settled_at FROM reservations "
+                "WHERE id = ANY(%s) AND status = 'settled' AND settled_at IS NOT NULL",
+                (reservation_ids,),
+            ).fetchall()
+        return {row[0]: _epoch(row[1]) for row in rows}
 
     # provisioning ----------------------------------------------------------------
     def _admin(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

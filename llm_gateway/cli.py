@@ -42,10 +42,15 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
 
 
 def _mock(host: str, port: int) -> None:
+    from llm_gateway.http_guard import ConnectionLimits
     from llm_gateway.servers import run_loop, serve_all, server_for
     from mock_llm.app import create_app
 
-    run_loop(serve_all([server_for(create_app(), host, port)]))
+    # The mock reads no settings, but it serves every stream an edge relays: it takes
+    # the services' connection cap, so a load test's edge is not capped by its mock.
+    cap = os.environ.get("LLMGW_MAX_CONNECTIONS", "")
+    limits = ConnectionLimits(max_connections=int(cap)) if cap.isdigit() else None
+    run_loop(serve_all([server_for(create_app(), host, port, limits=limits)]))
 
 
 def build_parser() -> argparse.ArgumentParser:

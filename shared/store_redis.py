@@ -15,6 +15,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from shared.redis_pipe import PipelinedRedis
 from shared.store import Admission, Admitted, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
@@ -100,9 +101,17 @@ def cluster_url(url: str) -> str | None:
 
 
 class RedisStore:
-    def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
+    """`pipe`: the connection every stream's commands share (admission, checkpoints,
+    the usage report and its acknowledgement, the revocation watch's reads); the
+    rest goes through redis-py's pool. Without it, everything does. A Redis Cluster
+    has no pipe: its commands go to each key's shard through the cluster client."""
+
+    def __init__(
+        self, client: redis.Redis | RedisCluster, prefix: str, pipe: PipelinedRedis | None = None
+    ) -> None:
         # Typed as the single-node client: the cluster client has the same commands.
         self._redis = cast(redis.Redis, client)
+        self._pipe = pipe
         self._prefix = prefix
         self.is_cluster = isinstance(client, RedisCluster)
         self._cluster = client if isinstance(client, RedisCluster) else None
@@ -147,7 +156,7 @@ class RedisStore:
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )
-        return cls(redis.Redis(connection_pool=pool), prefix)
+        return cls(redis.Redis(connection_pool=pool), prefix, PipelinedRedis.from_url(url))
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -159,9 +168,18 @@ class RedisStore:
         names = [self._key(k) for k in keys]
         if self._cluster is not None:  # many companies' keys: one MGET per slot, in order
             return cast(list[bytes | None], await self._cluster.mget_nonatomic(names))
+        if self._pipe is not None:
+            if not keys:
+                return []
+            return cast(list[bytes | None], await self._pipe.execute("MGET", *names))
         return cast(list[bytes | None], await self._redis.mget(names))
 
     async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        if self._pipe is not None:
+            await self._pipe.execute(
+                "SET", self._key(key), value, "PX", max(1, int(ttl_seconds * 1000))
+            )
+            return
         await self._redis.set(self._key(key), value, px=max(1, int(ttl_seconds * 1000)))
 
     async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:
@@ -183,6 +201,10 @@ class RedisStore:
         # right after the report is stored. An edge dying in between leaks them
         # until the stream's maximum life, as any crashed edge does.
         here = [] if self.is_cluster else slots
+        if self._pipe is not None:  # never on a cluster: `here` is every slot
+            keys = [self._outbox_items, self._outbox_due, *here]
+            await self._pipe.script(_PUT, keys, [item_id, payload, due_at, member])
+            return
         await self._put(
             keys=[self._outbox_items, self._outbox_due, *here],
             args=[item_id, payload, due_at, member],
@@ -191,6 +213,10 @@ class RedisStore:
             await self.release_slots(release)
 
     async def release_slots(self, release: SlotRelease) -> None:
+        if self._pipe is not None:
+            commands = [("ZREM", self._key(key), release.member) for key in release.slot_keys]
+            await self._pipe.batch(commands)
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in release.slot_keys:
                 pipe.zrem(self._key(key), release.member)
@@ -213,6 +239,12 @@ class RedisStore:
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         if not item_ids:
+            return
+        if self._pipe is not None:
+            await self._pipe.batch(
+                [("ZREM", self._outbox_due, *item_ids), ("HDEL", self._outbox_items, *item_ids)],
+                transaction=True,
+            )
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._outbox_due, *item_ids)
@@ -256,7 +288,12 @@ class RedisStore:
             max(1, int((a.slots_expire_at - a.now) * 1000)),
             *a.limits,
         ]
-        reply: list[Any] = await self._admit(keys=[self._key(k) for k in keys], args=args)
+        prefixed = [self._key(k) for k in keys]
+        reply: list[Any]
+        if self._pipe is not None:
+            reply = await self._pipe.script(_ADMIT, prefixed, args)
+        else:
+            reply = await self._admit(keys=prefixed, args=args)
         verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if verdict == "full":
             return Admitted("full", full_index=int(reply[1]))
@@ -322,4 +359,6 @@ class RedisStore:
         if self._cluster is not None:
             await self._cluster.aclose()  # closes every node's pool
             return
+        if self._pipe is not None:
+            await self._pipe.close()
         await self._redis.aclose(close_connection_pool=True)

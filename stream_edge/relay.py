@@ -63,6 +63,7 @@ async def relay(
             async for chunk in response.aiter_raw():
                 received = time.perf_counter()
                 out: list[bytes] = []
+                first_token = False
                 for event in parser.feed(chunk):
                     if isinstance(event, Failure):
                         if out:
@@ -70,7 +71,7 @@ async def relay(
                             observe_delay(time.perf_counter() - received)
                         return RelayResult("failed", "upstream_error", event.message)
                     if isinstance(event, Delta | ToolCallDelta) and meter.first_token_at is None:
-                        on_first_token()
+                        first_token = True
                         waiting_for = "next token"
                     meter.record(event)
                     frame = write(event)
@@ -80,6 +81,9 @@ async def relay(
                     await emit(out[0] if len(out) == 1 else b"".join(out))
                     observe_delay(time.perf_counter() - received)
                     after_chunk()
+                if first_token:
+                    # Bookkeeping after the client has the token, not before it.
+                    on_first_token()
                 if meter.first_token_at is not None:
                     now = loop.time()
                     # Re-arming the timer costs a heap operation; doing it at most

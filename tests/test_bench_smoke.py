@@ -55,4 +55,12 @@ def test_quick_bench_writes_every_row(pg_server: str, redis_prefix: str, tmp_pat
         # once in each of the latency, throughput and sizes tables, twice in the CPU one
         assert report.count(row) >= 3, f"missing row {row}"
     assert "## Memory" in report and "## Targets" in report
+    # The whole turn (issue 14): the init phase at three concurrencies, whole turns,
+    # TTFT with the control plane idle and busy, and the issue's target table.
+    for concurrency in (1, 32, 128):
+        assert f"\n| {concurrency} | " in report.split("### Inits")[1].split("###")[0]
+    assert "### Whole turns" in report and "idle and busy" in report
+    targets = report.split("## Issue 14's targets")[1]
+    assert targets.count("**met**") + targets.count("**not met**") == 9
+    assert "(0 errors" not in targets
     assert str(ROOT) not in report  # no machine-specific paths in the document

@@ -1,0 +1,93 @@
+"""Issue 14's target table in `make bench`'s report: judged from the measured phases
+(pure: bench/turn_report.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import turn_report as tr
+from bench.report import Cell, PathStats
+
+
+def stats(ttft: tuple[float, float, float], per_s: float, cpu: tuple[float, ...] = ()) -> PathStats:
+    return PathStats(100, 0, ttft, per_s, 3500, 0.1, 0.1, cpu)
+
+
+def cpu(cp: float, edge: float = 0.0, mock: float = 0.0) -> tuple[float, ...]:
+    # generator, mock, edge, control plane, rest of the machine
+    return (0.1, mock, edge, cp, 0.2)
+
+
+def results(
+    cp_init_s: float, cp_turn_s: float, edge_s: float, inits_per_s: float
+) -> tr.TurnResults:
+    inits = [
+        tr.InitStats(c, 100, 0, (5.0, 8.0, 20.0), inits_per_s, cpu(cp_init_s)) for c in (1, 32, 128)
+    ]
+    direct = stats((1.0, 2.0, 3.0), 500.0, cpu(0.0, mock=0.2))
+    turns = [
+        tr.TurnStats(
+            c,
+            d,
+            100,
+            0,
+            100,
+            (4.0, 5.0, 6.0),
+            (9.0, 12.0, 14.0),
+            (2.0, 3.0, 4.0),
+            (10.0, 20.0, 30.0),
+            475.0,
+            cpu(cp_turn_s, edge_s),
+            direct,
+        )
+        for c, d in ((1, 0), (200, 20))
+    ]
+    return tr.TurnResults(inits, turns, None)
+
+
+CELLS = [
+    Cell(1, 0, stats((1.0, 2.0, 3.0), 500.0), stats((1.5, 3.0, 4.0), 400.0, cpu(0.05, 0.3))),
+    Cell(200, 20, stats((10.0, 20.0, 30.0), 200.0), stats((12.0, 60.0, 80.0), 190.0, cpu(0.05))),
+]
+
+
+def verdicts(r: tr.TurnResults) -> dict[str, bool | None]:
+    return {t.what.split(" (")[0].split(",")[0]: t.met for t in tr.targets(CELLS, r)}
+
+
+def test_every_target_met_when_the_numbers_are_within() -> None:
+    # 1 ms CPU per init, 2 + 1.5 ms per turn: 3.5 ms ÷ 2 ms of backend = 1.75.
+    got = verdicts(results(0.1, 0.2, 0.15, 450.0))
+    assert len(got) == 9 and all(got.values()), got
+
+
+@pytest.mark.parametrize(
+    ("what", "case"),
+    [
+        ("control-plane CPU per `/v1/chat/init`", results(1.5, 0.2, 0.15, 450.0)),
+        ("gateway CPU per chat turn", results(0.1, 0.5, 0.15, 450.0)),
+        ("gateway CPU per turn ÷ the backend's own CPU per stream", results(0.1, 0.5, 0.15, 450)),
+        ("`/v1/chat/init` rate on 2 CPUs", results(0.1, 0.2, 0.15, 60.0)),
+    ],
+)
+def test_a_target_missed_is_not_met(what: str, case: tr.TurnResults) -> None:
+    assert verdicts(case)[what] is False
+
+
+def test_nothing_measured_is_not_judged() -> None:
+    items = tr.targets([], tr.TurnResults([], [], None))
+    assert len(items) == 9
+    assert all(t.met is None and t.label == "not measured" for t in items)
+    assert all("nan" not in t.measured for t in items)
+
+
+def test_a_slow_tail_at_c200_is_not_met() -> None:
+    slow = Cell(200, 20, CELLS[1].direct, stats((12.0, 90.0, 99.0), 190.0, cpu(0.05)))
+    items = tr.targets([CELLS[0], slow], results(0.1, 0.2, 0.15, 450.0))
+    assert [t.met for t in items if t.what.startswith("TTFT p95")] == [False]
+
+
+def test_the_table_has_a_row_per_target() -> None:
+    rows = tr.target_rows(tr.targets(CELLS, results(0.1, 0.2, 0.15, 450.0)))
+    assert len(rows) == 2 + 9
+    assert all(row.endswith("| **met** |") for row in rows[2:])
