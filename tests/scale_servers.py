@@ -83,6 +83,9 @@ def redis_cluster(tmp: Path, masters: int = 3) -> Iterator[str]:
             procs.append(
                 subprocess.Popen(
                     [server, "--port", str(port), "--bind", "127.0.0.1",
+                     # The bus port defaults to port + 10000, past 65535 for a high
+                     # ephemeral port (the node then never starts): pick one too.
+                     "--cluster-port", str(_free_port()),
                      "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--appendonly", "no", "--save", "", "--dir", str(node)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
