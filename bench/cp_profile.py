@@ -131,20 +131,25 @@ class ThreadProfiles:
         return stats
 
 
-async def provision(client: httpx.AsyncClient) -> str:
+async def provision(client: httpx.AsyncClient, users: int) -> list[str]:
+    """One company, `users` users with an API key each: a user's pending inits stay
+    near what one client keeps open (the per-user limit defaults to 20)."""
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     r = await client.post(
         "/v1/admin/companies", json={"name": "bench", "credits": "1000000"}, headers=admin
     )
     company_id = r.json()["data"]["id"]
-    r = await client.post(
-        "/v1/admin/users",
-        json={"company_id": company_id, "email": "bench@example.com", "role": "owner"},
-        headers=admin,
-    )
-    user_id = r.json()["data"]["id"]
-    r = await client.post("/v1/admin/api-keys", json={"user_id": user_id}, headers=admin)
-    return str(r.json()["data"]["key"])
+    keys = []
+    for i in range(users):
+        r = await client.post(
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": f"bench{i}@example.com", "role": "owner"},
+            headers=admin,
+        )
+        user_id = r.json()["data"]["id"]
+        r = await client.post("/v1/admin/api-keys", json={"user_id": user_id}, headers=admin)
+        keys.append(str(r.json()["data"]["key"]))
+    return keys
 
 
 async def run_all(n: int, concurrency: int, fn: Callable[[int], Awaitable[Any]]) -> list[Any]:
@@ -184,12 +189,12 @@ def webhook_of(init: dict[str, Any], company_id: str, secret: str) -> tuple[byte
 
 
 async def phase(
-    client: httpx.AsyncClient, key: str, secret: str, n: int, concurrency: int
+    client: httpx.AsyncClient, keys: list[str], secret: str, n: int, concurrency: int
 ) -> tuple[float, float, float, float]:
     """CPU ms per init, per webhook; wall seconds of each phase."""
-    auth = {"Authorization": f"Bearer {key}"}
 
     async def init(i: int) -> dict[str, Any]:
+        auth = {"Authorization": f"Bearer {keys[i % len(keys)]}"}
         r = await client.post(
             "/v1/chat/init", json={"query": f"hello {i}", "max_tokens": 64}, headers=auth
         )
@@ -223,6 +228,8 @@ def print_top(stats: pstats.Stats, top: int) -> None:
     stats.stream = stream  # type: ignore[attr-defined]
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
+    # Our own code by cumulative time: which step of a use case costs what.
+    stats.sort_stats("cumulative").print_stats(r"(control_plane|shared)/", top)
     print(stream.getvalue())
 
 
@@ -237,10 +244,10 @@ async def main(n: int, concurrency: int, top: int, profile: bool = True) -> None
             async with httpx.AsyncClient(
                 transport=transport, base_url="http://cp.test", timeout=60
             ) as client:
-                key = await provision(client)
-                await phase(client, key, secret, 20, concurrency)  # warm up
+                keys = await provision(client, concurrency)
+                await phase(client, keys, secret, 20, concurrency)  # warm up
                 init_ms, hook_ms, init_s, hook_s = await phase(
-                    client, key, secret, n, concurrency
+                    client, keys, secret, n, concurrency
                 )
                 print(
                     f"n={n} c={concurrency}: CPU per init {init_ms:.2f} ms "
@@ -253,12 +260,14 @@ async def main(n: int, concurrency: int, top: int, profile: bool = True) -> None
                 loop_profile = profiles.current()
                 loop_profile.enable()
                 try:
-                    await phase(client, key, secret, n, concurrency)
+                    await phase(client, keys, secret, n, concurrency)
                 finally:
                     loop_profile.disable()
                     profiles.on = False
     if profile:
-        print_top(profiles.stats(), top)
+        stats = profiles.stats()
+        stats.dump_stats(os.environ.get("CP_PROFILE_OUT", "cp_profile.pstats"))
+        print_top(stats, top)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from control_plane.db import Database
 from control_plane.errors import PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
+from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot
 from control_plane.validation import parse_json_object
 from shared.settings import Settings
@@ -33,6 +34,8 @@ class Deps:
     keyring: KeyRing
     metrics: Metrics
     external: ExternalVerifier | None = None
+    # Usage webhooks settled in batches (`settlement_batch`); None: one by one.
+    settler: SettlementBatcher | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
 
     async def refresh_keys(self) -> None:

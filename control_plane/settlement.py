@@ -303,7 +303,7 @@ def append_transcript(
         log.exception("transcript of session %s not stored; the usage is settled", session_id)
 
 
-def _already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
+def already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
     if session.get(WebhookEvent, webhook_id) is not None:
         return True
     status = session.scalar(
@@ -338,6 +338,6 @@ async def settle_event(
     except IntegrityError:
         # Lost a race with a concurrent delivery of the same stream: its
         # transaction committed the settlement, ours rolled back entirely.
-        if await db.transaction(lambda s: _already_settled(s, webhook_id, event.reservation_id)):
+        if await db.transaction(lambda s: already_settled(s, webhook_id, event.reservation_id)):
             return DUPLICATE
         raise
