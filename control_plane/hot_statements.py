@@ -1,0 +1,191 @@
+"""The money path's writes as prebuilt SQLAlchemy Core statements (issue 14.3).
+
+Init and settlement run these on every chat turn. Built once at import (the
+statement objects are immutable), executed with plain parameter dicts: no
+expression building, no ORM unit of work, identity map or flush per request, and
+rows of one kind go in one INSERT (several rows: one executemany). Statements that
+the ORM path also runs keep their meaning exactly (the same conditional UPDATEs);
+`tables.py` stays the schema, and the admin paths keep the ORM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.orm import Session
+
+from control_plane.tables import (
+    AuditEvent,
+    ChatMessage,
+    ChatSession,
+    Company,
+    LedgerEntry,
+    Reservation,
+    UsageRecord,
+    WebhookEvent,
+    new_id,
+)
+
+
+def _table(model: Any) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+COMPANIES = _table(Company)
+RESERVATIONS = _table(Reservation)
+LEDGER = _table(LedgerEntry)
+AUDIT = _table(AuditEvent)
+USAGE = _table(UsageRecord)
+WEBHOOK_EVENTS = _table(WebhookEvent)
+SESSIONS = _table(ChatSession)
+MESSAGES = _table(ChatMessage)
+
+# The hold: never drives `available` (balance - held) below zero.
+TAKE_HOLD = (
+    update(COMPANIES)
+    .where(COMPANIES.c.id == bindparam("p_company_id"))
+    .where(COMPANIES.c.balance_micro - COMPANIES.c.held_micro >= bindparam("p_hold"))
+    .values(held_micro=COMPANIES.c.held_micro + bindparam("p_hold"))
+)
+
+# PostgreSQL: the hold and the reservation in ONE statement: the INSERT selects from
+# the UPDATE's RETURNING, so it adds a row only when the conditional UPDATE matched.
+_HELD = TAKE_HOLD.returning(COMPANIES.c.id).cte("held")
+_RESERVATION_COLUMNS = [c.name for c in RESERVATIONS.columns]
+HOLD_AND_RESERVE_PG = insert(RESERVATIONS).from_select(
+    _RESERVATION_COLUMNS,
+    select(
+        *(
+            bindparam(f"r_{name}", type_=RESERVATIONS.c[name].type).label(name)
+            for name in _RESERVATION_COLUMNS
+        )
+    ).select_from(_HELD),
+).returning(RESERVATIONS.c.id)
+
+INSERT_RESERVATION = insert(RESERVATIONS)
+INSERT_LEDGER = insert(LEDGER)
+INSERT_AUDIT = insert(AUDIT)
+INSERT_USAGE = insert(USAGE)
+INSERT_WEBHOOK_EVENT = insert(WEBHOOK_EVENTS)
+INSERT_SESSION = insert(SESSIONS)
+INSERT_MESSAGES = insert(MESSAGES)
+
+SELECT_WEBHOOK_EVENT = select(WEBHOOK_EVENTS.c.reservation_id).where(
+    WEBHOOK_EVENTS.c.webhook_id == bindparam("p_webhook_id")
+)
+
+
+def reservation_row(reservation: Reservation) -> dict[str, Any]:
+    return {name: getattr(reservation, name) for name in _RESERVATION_COLUMNS}
+
+
+def hold_and_reserve(session: Session, reservation: Reservation) -> bool:
+    """Take `reservation.hold_micro` from its company's available credits and insert
+    the reservation, atomically; False (nothing written) when the company cannot
+    cover it. One statement on PostgreSQL, two on SQLite (no DML in a CTE there;
+    its writers are serialised by ``BEGIN IMMEDIATE`` anyway)."""
+    row = reservation_row(reservation)
+    hold = {"p_company_id": reservation.company_id, "p_hold": reservation.hold_micro}
+    if session.get_bind().dialect.name == "postgresql":
+        params = {**hold, **{f"r_{name}": value for name, value in row.items()}}
+        return session.execute(HOLD_AND_RESERVE_PG, params).first() is not None
+    if _rowcount(session.execute(TAKE_HOLD, hold)) == 0:
+        return False
+    session.execute(INSERT_RESERVATION, row)
+    return True
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+def entry_rows(
+    company_id: str,
+    kind: str,
+    amount_micro: int,
+    *,
+    actor: str,
+    reservation_id: str | None,
+    reason: str | None,
+    request_id: str | None,
+    idempotency_key: str | None,
+    details: dict[str, Any],
+    now: datetime,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One ledger row and its audit event, as `ledger.add_entry` writes them."""
+    entry_id = new_id()
+    context: dict[str, Any] = {"ledger_entry_id": entry_id}
+    if reason is not None:
+        context["reason"] = reason
+    if idempotency_key is not None:
+        context["idempotency_key"] = idempotency_key
+    entry = {
+        "id": entry_id,
+        "company_id": company_id,
+        "kind": kind,
+        "amount_micro": amount_micro,
+        "reservation_id": reservation_id,
+        "reason": reason,
+        "actor": actor,
+        "request_id": request_id,
+        "idempotency_key": idempotency_key,
+        "created_at": now,
+    }
+    event = {
+        "id": new_id(),
+        "actor": actor,
+        "action": kind,
+        "company_id": company_id,
+        "amount_micro": amount_micro,
+        "reservation_id": reservation_id,
+        "request_id": request_id,
+        "details": {**context, **details},
+        "created_at": now,
+    }
+    return entry, event
+
+
+def write_entries(session: Session, rows: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Ledger rows and their audit events: one INSERT each (executemany for several)."""
+    entries = [entry for entry, _ in rows]
+    events = [event for _, event in rows]
+    session.execute(INSERT_LEDGER, entries if len(entries) > 1 else entries[0])
+    session.execute(INSERT_AUDIT, events if len(events) > 1 else events[0])
+
+# Settlement's exactly-once point: only an active reservation flips (`ledger`).
+FLIP_RESERVATION = (
+    update(RESERVATIONS)
+    .where(RESERVATIONS.c.id == bindparam("p_id"))
+    .where(RESERVATIONS.c.status == "active")
+    .values(
+        status=bindparam("p_status"),
+        charged_micro=bindparam("p_charge"),
+        settled_at=bindparam("p_now"),
+    )
+)
+# The charge leaves the balance, the whole hold leaves `held`.
+SETTLE_COMPANY = (
+    update(COMPANIES)
+    .where(COMPANIES.c.id == bindparam("p_company_id"))
+    .values(
+        balance_micro=COMPANIES.c.balance_micro - bindparam("p_charge"),
+        held_micro=COMPANIES.c.held_micro - bindparam("p_hold"),
+    )
+)
+
+
+def flip_reservation(
+    session: Session, reservation_id: str, status: str, charge: int, now: datetime
+) -> bool:
+    params = {"p_id": reservation_id, "p_status": status, "p_charge": charge, "p_now": now}
+    return _rowcount(session.execute(FLIP_RESERVATION, params)) == 1
+
+
+def settle_company(session: Session, company_id: str, charge: int, hold: int) -> None:
+    params = {"p_company_id": company_id, "p_charge": charge, "p_hold": hold}
+    session.execute(SETTLE_COMPANY, params)
