@@ -291,15 +291,13 @@ def reserve(
             f"The request with its history is {len(stash)} bytes; at most "
             f"{limits.max_request_bytes} are stored for a stream."
         )
-    if chat is None:
-        title = chat_sessions.title_from(new_turn)
-        chat = chat_sessions.create_session(session, company.id, principal.user_id, title, now)
+    session_id = chat.id if chat is not None else new_id()
     reservation = Reservation(
         id=new_id(),
         company_id=company.id,
         user_id=principal.user_id,
         jti=jti,
-        session_id=chat.id,
+        session_id=session_id,
         request_id=request_id,
         model=model.id,
         provider=model.provider,
@@ -318,7 +316,13 @@ def reserve(
     # periods (`budgets`), then the session row.
     take_hold(session, reservation)
     hold_budgets(session, principal, reservation)
-    if chat_sessions.append_messages(session, chat.id, new_turn, limits.session) == "full":
+    if chat is None:  # a new session: created with its first turn, after the hold
+        appended = chat_sessions.create_with_messages(
+            session, session_id, company.id, principal.user_id, new_turn, limits.session, now
+        )
+    else:
+        appended = chat_sessions.append_messages(session, chat.id, new_turn, limits.session)
+    if appended == "full":
         raise SessionFull(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
             f"{limits.session.max_bytes} bytes); start a new session."

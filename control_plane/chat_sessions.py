@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from control_plane import hot_statements
 from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount, utcnow
 from control_plane.validation import without_nul
 
@@ -183,3 +184,55 @@ def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None)
             for m in messages
         ]
     return doc
+
+
+def create_with_messages(
+    session: Session,
+    session_id: str,
+    company_id: str,
+    user_id: str,
+    messages: list[dict[str, Any]],
+    limits: SessionLimits | None = None,
+    now: datetime | None = None,
+) -> Appended:
+    """A new session `session_id` holding `messages` (numbered from 1), its counters
+    set at once: two INSERTs, no read, no ORM (init's hot path, issue 14.3).
+    ``"full"``, and nothing written, when the messages alone pass `limits` (a new
+    session has no history to lock or number after)."""
+    limits = limits or SessionLimits()
+    rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
+    size = content_bytes(rows)
+    if len(rows) > limits.max_messages or size > limits.max_bytes:
+        return "full"
+    moment = now or utcnow()
+    session.execute(
+        hot_statements.INSERT_SESSION,
+        {
+            "id": session_id,
+            "company_id": company_id,
+            "user_id": user_id,
+            "title": without_nul(title_from(rows)),
+            "created_at": moment,
+            "updated_at": moment,
+            "message_count": len(rows),
+            "content_bytes": size,
+        },
+    )
+    if rows:
+        session.execute(
+            hot_statements.INSERT_MESSAGES,
+            [
+                {
+                    "id": new_id(),
+                    "session_id": session_id,
+                    "role": m["role"],
+                    "content": m["content"],
+                    "created_at": moment,
+                    "seq": seq,
+                    "tool_calls": m.get("tool_calls"),
+                    "tool_call_id": m.get("tool_call_id"),
+                }
+                for seq, m in enumerate(rows, start=1)
+            ],
+        )
+    return "appended"
