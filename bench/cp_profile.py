@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import contextlib
+import cProfile
 import io
 import os
 import pstats
@@ -246,9 +246,7 @@ async def main(n: int, concurrency: int, top: int, profile: bool = True) -> None
             ) as client:
                 keys = await provision(client, concurrency)
                 await phase(client, keys, secret, 20, concurrency)  # warm up
-                init_ms, hook_ms, init_s, hook_s = await phase(
-                    client, keys, secret, n, concurrency
-                )
+                init_ms, hook_ms, init_s, hook_s = await phase(client, keys, secret, n, concurrency)
                 print(
                     f"n={n} c={concurrency}: CPU per init {init_ms:.2f} ms "
                     f"({n / init_s:.0f}/s wall), per webhook {hook_ms:.2f} ms "

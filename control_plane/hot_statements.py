@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Insert, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from control_plane.tables import (
@@ -57,15 +57,19 @@ TAKE_HOLD = (
 # the UPDATE's RETURNING, so it adds a row only when the conditional UPDATE matched.
 _HELD = TAKE_HOLD.returning(COMPANIES.c.id).cte("held")
 _RESERVATION_COLUMNS = [c.name for c in RESERVATIONS.columns]
-HOLD_AND_RESERVE_PG = insert(RESERVATIONS).from_select(
-    _RESERVATION_COLUMNS,
-    select(
-        *(
-            bindparam(f"r_{name}", type_=RESERVATIONS.c[name].type).label(name)
-            for name in _RESERVATION_COLUMNS
-        )
-    ).select_from(_HELD),
-).returning(RESERVATIONS.c.id)
+HOLD_AND_RESERVE_PG = (
+    insert(RESERVATIONS)
+    .from_select(
+        _RESERVATION_COLUMNS,
+        select(
+            *(
+                bindparam(f"r_{name}", type_=RESERVATIONS.c[name].type).label(name)
+                for name in _RESERVATION_COLUMNS
+            )
+        ).select_from(_HELD),
+    )
+    .returning(RESERVATIONS.c.id)
+)
 
 INSERT_RESERVATION = insert(RESERVATIONS)
 INSERT_LEDGER = insert(LEDGER)
@@ -74,6 +78,8 @@ INSERT_USAGE = insert(USAGE)
 INSERT_WEBHOOK_EVENT = insert(WEBHOOK_EVENTS)
 INSERT_SESSION = insert(SESSIONS)
 INSERT_MESSAGES = insert(MESSAGES)
+
+_INSERTS: dict[str, Insert] = {}
 
 SELECT_WEBHOOK_EVENT = select(WEBHOOK_EVENTS.c.reservation_id).where(
     WEBHOOK_EVENTS.c.webhook_id == bindparam("p_webhook_id")
@@ -98,6 +104,16 @@ def hold_and_reserve(session: Session, reservation: Reservation) -> bool:
         return False
     session.execute(INSERT_RESERVATION, row)
     return True
+
+
+def insert_row(session: Session, row: Any) -> None:
+    """A table model's instance written by one INSERT of all its columns, never
+    added to the session (nothing to flush or track)."""
+    table = _table(type(row))
+    statement = _INSERTS.get(table.name)
+    if statement is None:
+        statement = _INSERTS[table.name] = insert(table)
+    session.execute(statement, {c.name: getattr(row, c.name) for c in table.columns})
 
 
 def _rowcount(result: Any) -> int:
@@ -157,6 +173,7 @@ def write_entries(session: Session, rows: Sequence[tuple[dict[str, Any], dict[st
     session.execute(INSERT_LEDGER, entries if len(entries) > 1 else entries[0])
     session.execute(INSERT_AUDIT, events if len(events) > 1 else events[0])
 
+
 # Settlement's exactly-once point: only an active reservation flips (`ledger`).
 FLIP_RESERVATION = (
     update(RESERVATIONS)
@@ -189,3 +206,21 @@ def flip_reservation(
 def settle_company(session: Session, company_id: str, charge: int, hold: int) -> None:
     params = {"p_company_id": company_id, "p_charge": charge, "p_hold": hold}
     session.execute(SETTLE_COMPANY, params)
+
+
+# A session's counters move only within its caps; the UPDATE also locks its row.
+APPEND_TO_SESSION = (
+    update(SESSIONS)
+    .where(
+        SESSIONS.c.id == bindparam("p_id"),
+        SESSIONS.c.message_count + bindparam("p_added") <= bindparam("p_max_messages"),
+        SESSIONS.c.content_bytes + bindparam("p_size") <= bindparam("p_max_bytes"),
+    )
+    .values(
+        updated_at=bindparam("p_now"),
+        message_count=SESSIONS.c.message_count + bindparam("p_added"),
+        content_bytes=SESSIONS.c.content_bytes + bindparam("p_size"),
+    )
+)
+SELECT_SESSION_ID = select(SESSIONS.c.id).where(SESSIONS.c.id == bindparam("p_id"))
+SELECT_LAST_SEQ = select(func.max(MESSAGES.c.seq)).where(MESSAGES.c.session_id == bindparam("p_id"))

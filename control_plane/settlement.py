@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import chat_sessions
+from control_plane import chat_sessions, hot_statements
 from control_plane.audit import WEBHOOK_ACTOR
 from control_plane.db import Database
 from control_plane.errors import (
@@ -189,7 +189,9 @@ def settle_usage(
     )
     if settled is None:
         return DUPLICATE
-    session.add(
+    # Built as the model, written as one Core INSERT (no unit of work; issue 14.3).
+    hot_statements.insert_row(
+        session,
         UsageRecord(
             id=new_id(),
             reservation_id=reservation.id,
@@ -206,9 +208,8 @@ def settle_usage(
             usage_source=usage.usage_source,
             cost_micro=settled.charged_micro,
             created_at=utcnow(),
-        )
+        ),
     )
-    session.flush()
     return Outcome(
         duplicate=False,
         charged_micro=settled.charged_micro,
@@ -245,15 +246,16 @@ def settle_webhook(
             f"This reservation is routed to {reservation.provider!r}, "
             f"not to {signer_provider!r} whose secret signed the event."
         )
-    seen = session.get(WebhookEvent, webhook_id)
+    seen = session.scalar(hot_statements.SELECT_WEBHOOK_EVENT, {"p_webhook_id": webhook_id})
     if seen is not None:
-        if seen.reservation_id != reservation.id:
+        if seen != reservation.id:
             raise Conflict("This webhook id was already used for another reservation.")
         return DUPLICATE
-    session.add(
-        WebhookEvent(webhook_id=webhook_id, reservation_id=reservation.id, received_at=utcnow())
+    # A concurrent twin with the same id fails here (IntegrityError).
+    session.execute(
+        hot_statements.INSERT_WEBHOOK_EVENT,
+        {"webhook_id": webhook_id, "reservation_id": reservation.id, "received_at": utcnow()},
     )
-    session.flush()  # a concurrent twin with the same id fails here (IntegrityError)
     details: dict[str, Any] = {"source": "webhook", "webhook_id": webhook_id}
     if http_request_id is not None:
         details["http_request_id"] = http_request_id

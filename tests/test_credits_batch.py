@@ -9,7 +9,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -55,7 +54,11 @@ class Counting:
 
 async def _owner(client: httpx.AsyncClient) -> tuple[dict[str, str], str]:
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    r = await client.post("/v1/admin/companies", json={"name": f"b-{uuid.uuid4().hex[:8]}", "credits": "10"}, headers=admin)
+    r = await client.post(
+        "/v1/admin/companies",
+        json={"name": f"b-{uuid.uuid4().hex[:8]}", "credits": "10"},
+        headers=admin,
+    )
     company_id = r.json()["data"]["id"]
     r = await client.post(
         "/v1/admin/users",
@@ -123,9 +126,7 @@ async def test_duplicates_inside_one_batch_charge_once(
     assert isinstance(results[7], ReservationNotFound)
 
     def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
-        rows = session.scalars(
-            select(Reservation).where(col(Reservation.company_id) == company_id)
-        )
+        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
         entries = session.scalars(
             select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
         )
@@ -144,9 +145,7 @@ async def test_duplicates_inside_one_batch_charge_once(
             row.hold_micro,
         )
         assert row.charged_micro == expected > 0  # the first event's usage, once
-        charges = [
-            e for e in entries if e.kind == "charge" and e.reservation_id == row.id
-        ]
+        charges = [e for e in entries if e.kind == "charge" and e.reservation_id == row.id]
         assert len(charges) == 1 and charges[0].amount_micro == -expected
     assert reservations[d["reservation_id"]].status == "active"  # untouched
 
