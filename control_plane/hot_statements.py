@@ -30,20 +30,20 @@ from control_plane.tables import (
 )
 
 
-def _table(model: Any) -> Table:
+def table_of(model: Any) -> Table:
     table = model.__table__
     assert isinstance(table, Table)
     return table
 
 
-COMPANIES = _table(Company)
-RESERVATIONS = _table(Reservation)
-LEDGER = _table(LedgerEntry)
-AUDIT = _table(AuditEvent)
-USAGE = _table(UsageRecord)
-WEBHOOK_EVENTS = _table(WebhookEvent)
-SESSIONS = _table(ChatSession)
-MESSAGES = _table(ChatMessage)
+COMPANIES = table_of(Company)
+RESERVATIONS = table_of(Reservation)
+LEDGER = table_of(LedgerEntry)
+AUDIT = table_of(AuditEvent)
+USAGE = table_of(UsageRecord)
+WEBHOOK_EVENTS = table_of(WebhookEvent)
+SESSIONS = table_of(ChatSession)
+MESSAGES = table_of(ChatMessage)
 
 # The hold: never drives `available` (balance - held) below zero.
 TAKE_HOLD = (
@@ -109,7 +109,7 @@ def hold_and_reserve(session: Session, reservation: Reservation) -> bool:
 def insert_row(session: Session, row: Any) -> None:
     """A table model's instance written by one INSERT of all its columns, never
     added to the session (nothing to flush or track)."""
-    table = _table(type(row))
+    table = table_of(type(row))
     statement = _INSERTS.get(table.name)
     if statement is None:
         statement = _INSERTS[table.name] = insert(table)
