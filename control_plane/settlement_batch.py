@@ -9,14 +9,16 @@ webhook starts a drain on the loop's next turn; the webhooks that arrive while a
 batch commits form the next one.
 
 Exactly once, inside a batch too: each event runs the one settlement path
-(`settlement.settle_webhook`) in its own savepoint, in arrival order, so a later
-event sees what an earlier one wrote in the same transaction: the same webhook id
-twice finds its `WebhookEvent` row (DUPLICATE), a second id for one reservation
-finds it no longer active (DUPLICATE). An event refused on its own (unknown
-reservation, mismatch, a twin committed by another process: IntegrityError) rolls
-back only its savepoint and answers its own request. Anything else (the database
-gone, a deadlock, a failed commit) rolls the whole batch back, and each of its
-events is then settled alone by `settlement.settle_event`, as without batching.
+(`settlement.settle_webhook`) in arrival order, so a later event sees what an
+earlier one wrote in the same transaction: the same webhook id twice finds its
+`WebhookEvent` row (DUPLICATE), a second id for one reservation finds it no longer
+active (DUPLICATE). No savepoint per event on this common path (two round trips
+each): if any event is refused (unknown reservation, mismatch, a twin committed by
+another process: IntegrityError) or anything fails (a deadlock, the database
+gone, the commit), the whole batch rolls back, nothing of it kept, and each of its
+events is then settled alone by `settlement.settle_event` in its own transaction,
+exactly as without batching: the refused one answers its own error, the others
+settle. A batch of one goes that way directly.
 
 Lock order: events are taken by company, then reservation, so two batches (two
 control-plane processes) lock companies in the same order and cannot deadlock each
@@ -30,19 +32,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from control_plane.chat_sessions import SessionLimits
 from control_plane.db import Database
-from control_plane.errors import AppError
-from control_plane.settlement import (
-    DUPLICATE,
-    Outcome,
-    already_settled,
-    settle_event,
-    settle_webhook,
-)
+from control_plane.settlement import Outcome, settle_event, settle_webhook
+from control_plane.tables import Reservation
 from shared.webhooks import UsageEvent
 
 log = logging.getLogger("control_plane.settlement_batch")
@@ -61,10 +58,24 @@ class Job:
     result: Outcome | BaseException | None = field(default=None)
 
 
-def _settle_one(session: Session, job: Job) -> Outcome | BaseException:
-    try:
-        with session.begin_nested():
-            return settle_webhook(
+class BatchAborted(Exception):
+    """One event of a batch was refused or failed: the batch's transaction rolls back
+    as a whole and its events are settled one by one."""
+
+
+def settle_batch(session: Session, jobs: Sequence[Job]) -> None:
+    """Settle `jobs` in the caller's transaction; fills in each job's `result`.
+
+    Raises (and the caller rolls the whole transaction back) as soon as one event is
+    refused or fails: no savepoint per event on the common path, where every event
+    settles or is a DUPLICATE. The reservations are read in one SELECT first, so the
+    events find them in the session's identity map."""
+    ordered = sorted(jobs, key=lambda j: (j.event.company_id, j.event.reservation_id))
+    ids = sorted({j.event.reservation_id for j in ordered})
+    list(session.scalars(select(Reservation).where(col(Reservation.id).in_(ids))))
+    for job in ordered:
+        try:
+            job.result = settle_webhook(
                 session,
                 job.webhook_id,
                 job.event,
@@ -73,22 +84,8 @@ def _settle_one(session: Session, job: Job) -> Outcome | BaseException:
                 signer_provider=job.signer_provider,
                 session_limits=job.session_limits,
             )
-    except AppError as exc:  # refused on its own: 404, 409, 422…
-        return exc
-    except IntegrityError as exc:
-        # A twin outside this batch (another process) committed the same webhook id
-        # first; the savepoint rolled back only this event.
-        if already_settled(session, job.webhook_id, job.event.reservation_id):
-            return DUPLICATE
-        return exc
-
-
-def settle_batch(session: Session, jobs: Sequence[Job]) -> None:
-    """Settle `jobs` in the caller's transaction, each in a savepoint; fills in each
-    job's `result` (an `Outcome`, or the error that refused it alone). Raises, with
-    nothing to keep, when the transaction itself fails."""
-    for job in sorted(jobs, key=lambda j: (j.event.company_id, j.event.reservation_id)):
-        job.result = _settle_one(session, job)
+        except Exception as exc:
+            raise BatchAborted() from exc
 
 
 class SettlementBatcher:
@@ -118,10 +115,15 @@ class SettlementBatcher:
     async def _settle(self, batch: list[tuple[Job, asyncio.Future[Outcome]]]) -> None:
         jobs = [job for job, _ in batch]
         try:
+            if len(jobs) == 1:
+                raise BatchAborted()  # alone: its own transaction, as without batching
             await self._db.transaction(lambda s: settle_batch(s, jobs))
-        except Exception:
-            # Rolled back as a whole: nothing of it was kept. Each event on its own.
-            log.warning("settlement batch of %d failed; settling one by one", len(jobs))
+        except Exception as exc:
+            # Rolled back as a whole: nothing of it was kept. Each event on its own,
+            # in its own transaction (`settlement.settle_event`): a refused one
+            # answers its error, the others settle.
+            if not isinstance(exc, BatchAborted) or exc.__cause__ is not None:
+                log.info("settlement batch of %d rolled back (%r); one by one", len(jobs), exc)
             for job in jobs:
                 try:
                     job.result = await settle_event(
@@ -133,8 +135,8 @@ class SettlementBatcher:
                         signer_provider=job.signer_provider,
                         session_limits=job.session_limits,
                     )
-                except Exception as exc:
-                    job.result = exc
+                except Exception as settle_error:
+                    job.result = settle_error
         for job, future in batch:
             if future.done():
                 continue

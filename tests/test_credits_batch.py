@@ -109,21 +109,26 @@ async def test_duplicates_inside_one_batch_charge_once(
         Job("second-for-b", replace(eb, status="failed", output_tokens=0), transcripts=True),
         Job(ec.webhook_id, ec, transcripts=True),
         Job(ec.webhook_id, replace(ec, input_tokens=1), transcripts=True),
-        Job("wrong-jti", replace(ed, jti="not-the-jti"), transcripts=True),  # refused alone
-        Job("nowhere", replace(ed, reservation_id="no-such"), transcripts=True),
     ]
     db = Counting(app.state.db)
     batcher = SettlementBatcher(db)  # type: ignore[arg-type]
-    results = await asyncio.gather(*(batcher.settle(j) for j in jobs), return_exceptions=True)
+    results = await asyncio.gather(*(batcher.settle(j) for j in jobs))
     assert db.transactions == 1  # all of them in one batch, one transaction
+    assert [r.duplicate for r in results] == [False, True, False, True, False, True]
 
-    settled = [r for r in results if isinstance(r, Outcome) and not r.duplicate]
-    duplicates = [r for r in results if isinstance(r, Outcome) and r.duplicate]
-    assert len(settled) == 3 and len(duplicates) == 3
-    assert isinstance(results[0], Outcome) and not results[0].duplicate
-    assert isinstance(results[2], Outcome) and not results[2].duplicate  # first id wins
-    assert isinstance(results[6], ReservationMismatch)
-    assert isinstance(results[7], ReservationNotFound)
+    # One refused event in a batch rolls the batch back; each is then settled alone:
+    # the refused ones answer their errors, the others settle (or stay duplicates).
+    refused = [
+        Job("wrong-jti", replace(ed, jti="not-the-jti"), transcripts=True),
+        Job("nowhere", replace(ed, reservation_id="no-such"), transcripts=True),
+        Job(ea.webhook_id, ea, transcripts=True),  # still a duplicate
+        Job(ed.webhook_id, ed, transcripts=True),  # settles despite its neighbours
+    ]
+    mixed = await asyncio.gather(*(batcher.settle(j) for j in refused), return_exceptions=True)
+    assert isinstance(mixed[0], ReservationMismatch)
+    assert isinstance(mixed[1], ReservationNotFound)
+    assert isinstance(mixed[2], Outcome) and mixed[2].duplicate
+    assert isinstance(mixed[3], Outcome) and not mixed[3].duplicate
 
     def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
         rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
@@ -134,7 +139,7 @@ async def test_duplicates_inside_one_batch_charge_once(
 
     reservations, entries, problems = await app.state.db.transaction(read)
     assert problems == []
-    for init, event in ((a, ea), (b, eb), (c, ec)):
+    for init, event in ((a, ea), (b, eb), (c, ec), (d, ed)):
         row = reservations[init["reservation_id"]]
         assert row.status == "settled"
         expected = charge_for(
@@ -147,7 +152,6 @@ async def test_duplicates_inside_one_batch_charge_once(
         assert row.charged_micro == expected > 0  # the first event's usage, once
         charges = [e for e in entries if e.kind == "charge" and e.reservation_id == row.id]
         assert len(charges) == 1 and charges[0].amount_micro == -expected
-    assert reservations[d["reservation_id"]].status == "active"  # untouched
 
 
 async def test_a_batch_through_the_route_answers_each_webhook_once(
