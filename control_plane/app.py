@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from control_plane.catalog_cache import CatalogCache
 from control_plane.company_webhooks import run_deliveries
 from control_plane.db import Database
 from control_plane.deps import Deps
@@ -105,6 +106,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 metrics=metrics,
                 external=ExternalVerifier.from_settings(settings),
                 settler=SettlementBatcher(db),
+                catalog_cache=CatalogCache(),
             )
             app.state.deps = deps
             app.state.settings = settings

@@ -224,3 +224,8 @@ APPEND_TO_SESSION = (
 )
 SELECT_SESSION_ID = select(SESSIONS.c.id).where(SESSIONS.c.id == bindparam("p_id"))
 SELECT_LAST_SEQ = select(func.max(MESSAGES.c.seq)).where(MESSAGES.c.session_id == bindparam("p_id"))
+
+# What init needs of its company (no ORM entity): whether it is revoked, its default.
+SELECT_COMPANY_FOR_INIT = select(
+    COMPANIES.c.id, COMPANIES.c.disabled_at, COMPANIES.c.default_model
+).where(COMPANIES.c.id == bindparam("p_id"))

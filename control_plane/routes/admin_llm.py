@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import company_llm, company_webhooks, policy
+from control_plane import catalog_cache, company_llm, company_webhooks, policy
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
@@ -147,11 +147,14 @@ async def put_provider(request: Request) -> Response:
         ):
             raise ValidationFailed("default_model", "must be a model id or null")
     fernet = deps.fernet
-    data = await deps.db.transaction(
-        lambda s: _configure(
-            s, principal, fernet, catalog, company_id, provider, api_key, models, default_model
+    try:
+        data = await deps.db.transaction(
+            lambda s: _configure(
+                s, principal, fernet, catalog, company_id, provider, api_key, models, default_model
+            )
         )
-    )
+    finally:  # committed or not: inits reload the company's configuration
+        await catalog_cache.invalidate(deps.store, company_id)
     return ok(data)
 
 
@@ -188,7 +191,10 @@ async def delete_provider(request: Request) -> Response:
         _company(session, principal, company_id)
         company_llm.remove_provider(session, company_id, provider)
 
-    await deps.db.transaction(run)
+    try:
+        await deps.db.transaction(run)
+    finally:
+        await catalog_cache.invalidate(deps.store, company_id)
     return no_content()
 
 
