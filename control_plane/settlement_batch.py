@@ -36,6 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from control_plane import hot_statements
 from control_plane.chat_sessions import SessionLimits
 from control_plane.db import Database
 from control_plane.settlement import Outcome, settle_event, settle_webhook
@@ -72,20 +73,23 @@ def settle_batch(session: Session, jobs: Sequence[Job]) -> None:
     events find them in the session's identity map."""
     ordered = sorted(jobs, key=lambda j: (j.event.company_id, j.event.reservation_id))
     ids = sorted({j.event.reservation_id for j in ordered})
-    list(session.scalars(select(Reservation).where(col(Reservation.id).in_(ids))))
-    for job in ordered:
-        try:
-            job.result = settle_webhook(
-                session,
-                job.webhook_id,
-                job.event,
-                transcripts=job.transcripts,
-                http_request_id=job.http_request_id,
-                signer_provider=job.signer_provider,
-                session_limits=job.session_limits,
-            )
-        except Exception as exc:
-            raise BatchAborted() from exc
+    # Held here: the identity map keeps its objects only while someone refers to them.
+    loaded = list(session.scalars(select(Reservation).where(col(Reservation.id).in_(ids))))
+    try:
+        with hot_statements.deferred_inserts(session):
+            for job in ordered:
+                job.result = settle_webhook(
+                    session,
+                    job.webhook_id,
+                    job.event,
+                    transcripts=job.transcripts,
+                    http_request_id=job.http_request_id,
+                    signer_provider=job.signer_provider,
+                    session_limits=job.session_limits,
+                )
+    except Exception as exc:
+        raise BatchAborted() from exc
+    del loaded
 
 
 class SettlementBatcher:
