@@ -223,6 +223,19 @@ async def phase(
     )
 
 
+async def floor(client: httpx.AsyncClient, n: int, concurrency: int) -> float:
+    """CPU ms per request that does nothing: what the client and the ASGI stack
+    cost, included in the per-init and per-webhook numbers."""
+
+    async def get(i: int) -> None:
+        r = await client.get("/healthz")
+        assert r.status_code == 200
+
+    cpu0 = time.process_time()
+    await run_all(n, concurrency, get)
+    return (time.process_time() - cpu0) * 1000 / n
+
+
 def print_top(stats: pstats.Stats, top: int) -> None:
     stream = io.StringIO()
     stats.stream = stream  # type: ignore[attr-defined]
@@ -246,11 +259,13 @@ async def main(n: int, concurrency: int, top: int, profile: bool = True) -> None
             ) as client:
                 keys = await provision(client, concurrency)
                 await phase(client, keys, secret, 20, concurrency)  # warm up
+                floor_ms = await floor(client, n, concurrency)
                 init_ms, hook_ms, init_s, hook_s = await phase(client, keys, secret, n, concurrency)
                 print(
                     f"n={n} c={concurrency}: CPU per init {init_ms:.2f} ms "
                     f"({n / init_s:.0f}/s wall), per webhook {hook_ms:.2f} ms "
-                    f"({n / hook_s:.0f}/s wall)"
+                    f"({n / hook_s:.0f}/s wall); per GET /healthz {floor_ms:.2f} ms "
+                    "(the floor: httpx client, ASGI, middleware)"
                 )
                 if not profile:
                     return
