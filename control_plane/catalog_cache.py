@@ -17,6 +17,7 @@ the same plaintext) can leave behind. With the store unavailable nothing is cach
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
@@ -38,9 +39,22 @@ def version_key(company_id: str) -> str:
     return f"llm:config:version:{company_id}"
 
 
+def detached(row: CompanyModel) -> CompanyModel:
+    """A copy that belongs to no session: a session's rollback expires the rows it
+    loaded, and an expired row outside its session cannot be read again."""
+    return CompanyModel(
+        id=row.id,
+        company_id=row.company_id,
+        model_id=row.model_id,
+        provider=row.provider,
+        spec=copy.deepcopy(row.spec),
+        updated_at=row.updated_at,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CompanyLLM:
-    overrides: tuple[CompanyModel, ...]  # detached rows, read only
+    overrides: tuple[CompanyModel, ...]  # `detached` copies, read only
     keys: dict[str, str]  # provider → the company's key, decrypted
 
 

@@ -352,7 +352,9 @@ def _company_llm(
     if cached is not None and (hit := cached.get(company_id)) is not None:
         return hit
     llm = catalog_cache.CompanyLLM(
-        overrides=tuple(company_llm.load_overrides(session, company_id)),
+        overrides=tuple(
+            catalog_cache.detached(row) for row in company_llm.load_overrides(session, company_id)
+        ),
         keys=company_llm.own_keys(session, fernet, company_id) if fernet is not None else {},
     )
     if cached is not None:

@@ -82,3 +82,33 @@ def test_entries_match_only_their_version_and_expire() -> None:
     assert cache.get("c2", "v1") is None
     now[0] += 31
     assert cache.get("c1", "v1") is None  # too old, whatever the version
+
+
+async def test_a_refused_init_leaves_a_usable_cache_entry(tmp_path: Path) -> None:
+    """The init that loads the configuration may roll back (here: a disabled model,
+    403): the cached overrides must still be readable by the next init."""
+    settings = _settings(f"sqlite:///{tmp_path}/cp.db")
+    async with _client(create_app(settings)) as a:
+        r = await a.post("/v1/admin/companies", json={"name": "c", "credits": "10"}, headers=ADMIN)
+        company_id = r.json()["data"]["id"]
+        r = await a.post(
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": "o@example.com", "role": "owner"},
+            headers=ADMIN,
+        )
+        r = await a.post(
+            "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=ADMIN
+        )
+        auth = {"Authorization": f"Bearer {r.json()['data']['key']}"}
+        r = await a.put(
+            f"/v1/admin/companies/{company_id}/providers/mock",
+            json={"models": {"mock-chat": {"enabled": False}}},
+            headers=auth,
+        )
+        assert r.status_code == 200, r.text
+        for _ in range(2):
+            body = {"model": "mock-chat", "query": "hi", "max_tokens": 5}
+            r = await a.post("/v1/chat/init", json=body, headers=auth)
+            assert r.status_code == 403, r.text
+        r = await a.post("/v1/chat/init", json={"query": "hi", "max_tokens": 5}, headers=auth)
+        assert r.status_code == 201, r.text
