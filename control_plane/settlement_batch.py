@@ -39,6 +39,7 @@ from sqlmodel import col
 from control_plane import hot_statements
 from control_plane.chat_sessions import SessionLimits
 from control_plane.db import Database
+from control_plane.errors import ServiceUnavailable
 from control_plane.settlement import Outcome, settle_event, settle_webhook
 from control_plane.tables import Reservation
 from shared.webhooks import UsageEvent
@@ -111,10 +112,23 @@ class SettlementBatcher:
         return await asyncio.shield(future)
 
     async def _run(self) -> None:
-        while self._queue:
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            await self._settle(batch)
+        batch: list[tuple[Job, asyncio.Future[Outcome]]] = []
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._settle(batch)
+        finally:
+            # Cancelled (shutdown) or broken: whoever still waits gets a 503, which
+            # the edge retries, rather than a request that never ends. A batch cut
+            # off mid-transaction rolled back; one cut off mid-commit is found
+            # settled by the retry (a duplicate).
+            for _, future in [*batch, *self._queue]:
+                if not future.done():
+                    future.set_exception(
+                        ServiceUnavailable("Settlement was interrupted; retry shortly.")
+                    )
+            self._queue.clear()
 
     async def _settle(self, batch: list[tuple[Job, asyncio.Future[Outcome]]]) -> None:
         jobs = [job for job, _ in batch]
