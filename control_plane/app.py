@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from control_plane.catalog_cache import CatalogCache
 from control_plane.company_webhooks import run_deliveries
 from control_plane.db import Database
 from control_plane.deps import Deps
@@ -34,6 +35,7 @@ from control_plane.metrics import Metrics
 from control_plane.middleware import RequestContextMiddleware
 from control_plane.migrate import current, head, upgrade
 from control_plane.routes import all_routes
+from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
 from control_plane.sweeper import run_sweeper
 from shared.route_claim import route_ciphers
@@ -89,6 +91,7 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
             if store is not None
             else open_store(settings.redis_url, prefix=settings.redis_prefix)
         )
+        deps: Deps | None = None
         sweeper: asyncio.Task[None] | None = None
         deliveries: asyncio.Task[None] | None = None
         try:
@@ -102,6 +105,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                 keyring=KeyRing(snapshot),
                 metrics=metrics,
                 external=ExternalVerifier.from_settings(settings),
+                settler=SettlementBatcher(db),
+                catalog_cache=CatalogCache(),
             )
             app.state.deps = deps
             app.state.settings = settings
@@ -131,6 +136,8 @@ def create_app(settings: Settings, store: Store | None = None) -> Starlette:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if deps is not None and deps.settler is not None:
+                await deps.settler.close()
             if own_store:
                 await active_store.close()
             await asyncio.to_thread(db.close)

@@ -20,11 +20,11 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
-from sqlmodel import col
 from starlette.requests import Request
 
+from control_plane import hot_statements
 from control_plane.credentials import hash_api_key, looks_like_api_key
 from control_plane.deps import Deps, get_deps
 from control_plane.errors import Revoked, Unauthenticated
@@ -89,39 +89,67 @@ def ensure_not_revoked(user: User, company: Company | None) -> None:
         raise Revoked("This user's company has been revoked.")
 
 
+_KEYS, _USERS, _COMPANIES = (
+    hot_statements.table_of(ApiKey),
+    hot_statements.table_of(User),
+    hot_statements.table_of(Company),
+)
+# Every request with an API key runs these: prebuilt Core, one row of plain values,
+# no ORM entities (issue 14.3). Nothing is cached: a revoked key, user or company is
+# refused on the very next request.
+_LOOKUP_KEY = (
+    select(
+        _KEYS.c.id,
+        _KEYS.c.scopes,
+        _KEYS.c.revoked_at,
+        _KEYS.c.last_used_at,
+        _USERS.c.id.label("user_id"),
+        _USERS.c.company_id,
+        _USERS.c.role,
+        _USERS.c.disabled_at.label("user_disabled_at"),
+        _COMPANIES.c.disabled_at.label("company_disabled_at"),
+    )
+    .join(_USERS, _USERS.c.id == _KEYS.c.user_id)
+    .join(_COMPANIES, _COMPANIES.c.id == _USERS.c.company_id)
+    .where(_KEYS.c.key_hash == bindparam("p_hash"))
+)
+_TOUCH_KEY = (
+    update(_KEYS)
+    .where(_KEYS.c.id == bindparam("p_id"))
+    .where(or_(_KEYS.c.last_used_at.is_(None), _KEYS.c.last_used_at < bindparam("p_stale_before")))
+    .values(last_used_at=bindparam("p_now"))
+)
+
+
 def api_key_principal(session: Session, key: str) -> Principal | None:
-    """Look the key up; None when unknown or revoked. Records `last_used_at`."""
+    """Look the key up; None when unknown or revoked. Records `last_used_at` (at most
+    once per `LAST_USED_RESOLUTION`: no write at all on most requests)."""
     return api_key_hash_principal(session, hash_api_key(key))
 
 
 def api_key_hash_principal(session: Session, key_hash: str) -> Principal | None:
     """`api_key_principal` by the key's SHA-256, as an edge sends it (issue 16.5)."""
-    row = session.execute(
-        select(ApiKey, User, Company)
-        .join(User, col(User.id) == col(ApiKey.user_id))
-        .join(Company, col(Company.id) == col(User.company_id))
-        .where(col(ApiKey.key_hash) == key_hash)
-    ).first()
-    if row is None:
+    row = session.execute(_LOOKUP_KEY, {"p_hash": key_hash}).first()
+    if row is None or row.revoked_at is not None:
         return None
-    api_key, user, company = row
-    if api_key.revoked_at is not None:
-        return None
-    ensure_not_revoked(user, company)
+    if row.user_disabled_at is not None:
+        raise Revoked("This user has been revoked.")
+    if row.company_disabled_at is not None:
+        raise Revoked("This user's company has been revoked.")
     now = utcnow()
-    session.execute(
-        update(ApiKey)
-        .where(col(ApiKey.id) == api_key.id)
-        .where(
-            or_(
-                col(ApiKey.last_used_at).is_(None),
-                col(ApiKey.last_used_at) < now - LAST_USED_RESOLUTION,
-            )
-        )
-        .values(last_used_at=now)
+    stale_before = now - LAST_USED_RESOLUTION
+    last_used = row.last_used_at
+    if last_used is None or last_used < stale_before:
+        session.execute(_TOUCH_KEY, {"p_id": row.id, "p_stale_before": stale_before, "p_now": now})
+    granted = set(str(s) for s in orjson.loads(row.scopes))
+    return Principal(
+        user_id=row.user_id,
+        company_id=row.company_id,
+        role=row.role,
+        scopes=frozenset(s for s in scopes_for_role(row.role) if s in granted),
+        via="api_key",
+        api_key_id=row.id,
     )
-    scopes = orjson.loads(api_key.scopes)
-    return user_principal(user, "api_key", tuple(str(s) for s in scopes), api_key.id)
 
 
 def issue_access_token(deps: Deps, user_id: str) -> str:

@@ -19,7 +19,16 @@ from typing import Any, Protocol
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import agents, budgets, chat_sessions, company_llm, pending_inits, tpm
+from control_plane import (
+    agents,
+    budgets,
+    catalog_cache,
+    chat_sessions,
+    company_llm,
+    hot_statements,
+    pending_inits,
+    tpm,
+)
 from control_plane.chat_request import InitRequest
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -39,7 +48,7 @@ from control_plane.errors import (
 from control_plane.fallbacks import ChainEntry
 from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
-from control_plane.tables import ChatSession, Company, Reservation, new_id, utcnow
+from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
 from shared.input_size import InputRejected, content_text, missing_features, params_tokens
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
@@ -252,6 +261,7 @@ def reserve(
     hold_expires_at: datetime,
     fernet: MultiFernet | None = None,
     limits: StorageLimits | None = None,
+    llm_cache: catalog_cache.Lookup | None = None,
 ) -> Reserved:
     """Init's transaction: resolve the model (in the company's catalog) and session,
     plan the hold, take it atomically, record the reservation and the user's turn.
@@ -259,20 +269,20 @@ def reserve(
     of it back."""
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
-    company = session.get(Company, principal.company_id)
+    company = session.execute(
+        hot_statements.SELECT_COMPANY_FOR_INIT, {"p_id": principal.company_id}
+    ).first()
     if company is None:
         raise Forbidden("Your company no longer exists.")
     if company.disabled_at is not None:
         raise Revoked("Your company has been revoked.")
     # The company's own keys decide which of its overrides apply (`company_llm`):
     # a key that no longer decrypts routes to the platform's key, at packaged terms.
-    pools = company_llm.own_key_pools(session, fernet, company.id) if fernet is not None else {}
+    llm = _company_llm(session, fernet, company.id, llm_cache)
+    pools = llm.pools
     keys = {provider: pool[0] for provider, pool in pools.items()}
     cat = company_llm.company_catalog(
-        catalog,
-        company_llm.load_overrides(session, company.id),
-        company.default_model,
-        frozenset(keys),
+        catalog, llm.overrides, company.default_model, frozenset(keys)
     )
     req, prefix = _with_agent(session, cat, company.id, req)
     if req.model is not None and req.model in cat.disabled:
@@ -308,15 +318,13 @@ def reserve(
             f"The request with its history is {len(stash)} bytes; at most "
             f"{limits.max_request_bytes} are stored for a stream."
         )
-    if chat is None:
-        title = chat_sessions.title_from(new_turn)
-        chat = chat_sessions.create_session(session, company.id, principal.user_id, title, now)
+    session_id = chat.id if chat is not None else new_id()
     reservation = Reservation(
         id=new_id(),
         company_id=company.id,
         user_id=principal.user_id,
         jti=jti,
-        session_id=chat.id,
+        session_id=session_id,
         request_id=request_id,
         model=model.id,
         provider=model.provider,
@@ -340,7 +348,13 @@ def reserve(
     # periods (`budgets`), then the session row.
     take_hold(session, reservation)
     hold_budgets(session, principal, reservation)
-    if chat_sessions.append_messages(session, chat.id, new_turn, limits.session) == "full":
+    if chat is None:  # a new session: created with its first turn, after the hold
+        appended = chat_sessions.create_with_messages(
+            session, session_id, company.id, principal.user_id, new_turn, limits.session, now
+        )
+    else:
+        appended = chat_sessions.append_messages(session, chat.id, new_turn, limits.session)
+    if appended == "full":
         raise SessionFull(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
             f"{limits.session.max_bytes} bytes); start a new session."
@@ -375,6 +389,27 @@ def plan_chain(
         route = company_llm.route_for(catalog, spec, pool[0] if pool else None, pool)
         chain.append(ChainEntry(spec, plan.input_estimate, cap, plan.hold_micro, route))
     return chain
+
+
+def _company_llm(
+    session: Session,
+    fernet: MultiFernet | None,
+    company_id: str,
+    cached: catalog_cache.Lookup | None,
+) -> catalog_cache.CompanyLLM:
+    """The company's overrides and own keys: from memory when the cache holds them
+    under the version read for this init (`catalog_cache`), else from the database."""
+    if cached is not None and (hit := cached.get(company_id)) is not None:
+        return hit
+    llm = catalog_cache.CompanyLLM(
+        overrides=tuple(
+            catalog_cache.detached(row) for row in company_llm.load_overrides(session, company_id)
+        ),
+        pools=company_llm.own_key_pools(session, fernet, company_id) if fernet is not None else {},
+    )
+    if cached is not None:
+        cached.put(company_id, llm)
+    return llm
 
 
 def _with_agent(
@@ -473,6 +508,7 @@ async def init_chat(
         limit=settings.max_pending_inits_per_user,
     )
     try:
+        llm = await catalog_cache.lookup(deps.catalog_cache, deps.store, principal.company_id)
         reserved = await deps.db.transaction(
             lambda s: reserve(
                 s,
@@ -485,6 +521,7 @@ async def init_chat(
                 hold_expires_at=hold_expires_at,
                 fernet=deps.fernet,
                 limits=StorageLimits.of(settings),
+                llm_cache=llm,
             )
         )
     except Exception:  # 402, 404, 413…: this grant never existed

@@ -16,10 +16,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from control_plane import hot_statements
 from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount, utcnow
 from control_plane.validation import without_nul
 
@@ -106,42 +107,21 @@ def append_messages(
     added, size = len(rows), content_bytes(rows)
     now = utcnow()
     touched = session.execute(
-        update(ChatSession)
-        .where(
-            col(ChatSession.id) == session_id,
-            col(ChatSession.message_count) + added <= limits.max_messages,
-            col(ChatSession.content_bytes) + size <= limits.max_bytes,
-        )
-        .values(
-            updated_at=now,
-            message_count=col(ChatSession.message_count) + added,
-            content_bytes=col(ChatSession.content_bytes) + size,
-        )
+        hot_statements.APPEND_TO_SESSION,
+        {
+            "p_id": session_id,
+            "p_added": added,
+            "p_size": size,
+            "p_max_messages": limits.max_messages,
+            "p_max_bytes": limits.max_bytes,
+            "p_now": now,
+        },
     )
     if rowcount(touched) == 0:
-        exists = session.scalar(
-            select(col(ChatSession.id)).where(col(ChatSession.id) == session_id)
-        )
+        exists = session.scalar(hot_statements.SELECT_SESSION_ID, {"p_id": session_id})
         return "gone" if exists is None else "full"
-    last = session.scalar(
-        select(func.max(col(ChatMessage.seq))).where(col(ChatMessage.session_id) == session_id)
-    )
-    seq = int(last or 0)
-    for message in rows:
-        seq += 1
-        session.add(
-            ChatMessage(
-                id=new_id(),
-                session_id=session_id,
-                role=message["role"],
-                content=message["content"],
-                created_at=now,
-                seq=seq,
-                tool_calls=message.get("tool_calls"),
-                tool_call_id=message.get("tool_call_id"),
-            )
-        )
-    session.flush()
+    last = session.scalar(hot_statements.SELECT_LAST_SEQ, {"p_id": session_id})
+    _insert_messages(session, session_id, rows, int(last or 0) + 1, now)
     return "appended"
 
 
@@ -183,3 +163,61 @@ def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None)
             for m in messages
         ]
     return doc
+
+
+def create_with_messages(
+    session: Session,
+    session_id: str,
+    company_id: str,
+    user_id: str,
+    messages: list[dict[str, Any]],
+    limits: SessionLimits | None = None,
+    now: datetime | None = None,
+) -> Appended:
+    """A new session `session_id` holding `messages` (numbered from 1), its counters
+    set at once: two INSERTs, no read, no ORM (init's hot path, issue 14.3).
+    ``"full"``, and nothing written, when the messages alone pass `limits` (a new
+    session has no history to lock or number after)."""
+    limits = limits or SessionLimits()
+    rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
+    size = content_bytes(rows)
+    if len(rows) > limits.max_messages or size > limits.max_bytes:
+        return "full"
+    moment = now or utcnow()
+    session.execute(
+        hot_statements.INSERT_SESSION,
+        {
+            "id": session_id,
+            "company_id": company_id,
+            "user_id": user_id,
+            "title": without_nul(title_from(rows)),
+            "created_at": moment,
+            "updated_at": moment,
+            "message_count": len(rows),
+            "content_bytes": size,
+        },
+    )
+    _insert_messages(session, session_id, rows, 1, moment)
+    return "appended"
+
+
+def _insert_messages(
+    session: Session, session_id: str, rows: list[dict[str, Any]], first_seq: int, now: datetime
+) -> None:
+    """`rows` numbered from `first_seq`, one INSERT (executemany for several)."""
+    if not rows:
+        return
+    values = [
+        {
+            "id": new_id(),
+            "session_id": session_id,
+            "role": m["role"],
+            "content": m["content"],
+            "created_at": now,
+            "seq": seq,
+            "tool_calls": m.get("tool_calls"),
+            "tool_call_id": m.get("tool_call_id"),
+        }
+        for seq, m in enumerate(rows, start=first_seq)
+    ]
+    session.execute(hot_statements.INSERT_MESSAGES, values if len(values) > 1 else values[0])

@@ -11,10 +11,12 @@ from typing import Any
 from cryptography.fernet import MultiFernet
 from starlette.requests import Request
 
+from control_plane.catalog_cache import CatalogCache
 from control_plane.db import Database
 from control_plane.errors import PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
+from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot
 from control_plane.validation import parse_json_object
 from shared.bodies import read_limited
@@ -34,6 +36,10 @@ class Deps:
     keyring: KeyRing
     metrics: Metrics
     external: ExternalVerifier | None = None
+    # Usage webhooks settled in batches (`settlement_batch`); None: one by one.
+    settler: SettlementBatcher | None = None
+    # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
+    catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
 
     async def refresh_keys(self) -> None:

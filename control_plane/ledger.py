@@ -37,7 +37,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import audit, budgets
+from control_plane import audit, budgets, hot_statements
 from control_plane.errors import InsufficientCredits
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
@@ -134,34 +134,33 @@ def take_hold(session: Session, reservation: Reservation) -> None:
     """Reserve `reservation.hold_micro` atomically, then record the reservation and
     its ``hold`` entry (actor: the user). Raises InsufficientCredits when the company
     cannot cover it; the caller's transaction then rolls back whatever it added."""
+    # One statement on PostgreSQL (`hot_statements.hold_and_reserve`), Core rows for
+    # the ledger and audit: no ORM unit of work on the hot path.
     hold = reservation.hold_micro
-    result = session.execute(
-        update(Company)
-        .where(col(Company.id) == reservation.company_id)
-        .where(col(Company.balance_micro) - col(Company.held_micro) >= hold)
-        .values(held_micro=col(Company.held_micro) + hold)
-    )
-    if rowcount(result) == 0:
+    if not hot_statements.hold_and_reserve(session, reservation):
         raise InsufficientCredits()
-    session.add(reservation)
-    add_entry(
+    hot_statements.write_entries(
         session,
-        reservation.company_id,
-        "hold",
-        -hold,
-        actor=reservation.user_id,
-        reservation_id=reservation.id,
-        reason=f"hold for {reservation.model}",
-        request_id=reservation.request_id,
-        details={
-            "jti": reservation.jti,
-            "model": reservation.model,
-            "input_estimate": reservation.input_estimate,
-            "max_tokens": reservation.max_tokens,
-        },
-        now=reservation.created_at,
+        [
+            hot_statements.entry_rows(
+                reservation.company_id,
+                "hold",
+                -hold,
+                actor=reservation.user_id,
+                reservation_id=reservation.id,
+                reason=f"hold for {reservation.model}",
+                request_id=reservation.request_id,
+                idempotency_key=None,
+                details={
+                    "jti": reservation.jti,
+                    "model": reservation.model,
+                    "input_estimate": reservation.input_estimate,
+                    "max_tokens": reservation.max_tokens,
+                },
+                now=reservation.created_at,
+            )
+        ],
     )
-    session.flush()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,40 +187,31 @@ def settle_reservation(
     hold = reservation.hold_micro
     assert 0 <= charge <= hold
     now = utcnow()
-    result = session.execute(
-        update(Reservation)
-        .where(col(Reservation.id) == reservation.id)
-        .where(col(Reservation.status) == "active")
-        .values(status="settled", charged_micro=charge, settled_at=now)
-    )
-    if rowcount(result) == 0:
+    if not hot_statements.flip_reservation(session, reservation.id, "settled", charge, now):
         return None
-    session.execute(
-        update(Company)
-        .where(col(Company.id) == reservation.company_id)
-        .values(
-            balance_micro=col(Company.balance_micro) - charge,
-            held_micro=col(Company.held_micro) - hold,
-        )
-    )
+    hot_statements.settle_company(session, reservation.company_id, charge, hold)
     budgets.settle(session, reservation.id, charge, now)
-    for kind, amount, reason in (
-        ("charge", -charge, "usage"),
-        ("release", hold - charge, "unused hold"),
-    ):
-        add_entry(
-            session,
-            reservation.company_id,
-            kind,
-            amount,
-            actor=actor,
-            reservation_id=reservation.id,
-            reason=reason,
-            request_id=request_id,
-            details={"hold_micro": hold, **(details or {})},
-            now=now,
-        )
-    session.flush()
+    hot_statements.write_entries(
+        session,
+        [
+            hot_statements.entry_rows(
+                reservation.company_id,
+                kind,
+                amount,
+                actor=actor,
+                reservation_id=reservation.id,
+                reason=reason,
+                request_id=request_id,
+                idempotency_key=None,
+                details={"hold_micro": hold, **(details or {})},
+                now=now,
+            )
+            for kind, amount, reason in (
+                ("charge", -charge, "usage"),
+                ("release", hold - charge, "unused hold"),
+            )
+        ],
+    )
     return Settled(charged_micro=charge, released_micro=hold - charge)
 
 

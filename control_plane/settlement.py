@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import chat_sessions
+from control_plane import chat_sessions, hot_statements
 from control_plane.audit import WEBHOOK_ACTOR
 from control_plane.db import Database
 from control_plane.errors import (
@@ -245,7 +245,9 @@ def settle_usage(
     )
     if settled is None:
         return DUPLICATE
-    session.add(
+    # Built as the model, written as one Core INSERT (no unit of work; issue 14.3).
+    hot_statements.insert_row(
+        session,
         UsageRecord(
             id=new_id(),
             reservation_id=reservation.id,
@@ -267,9 +269,8 @@ def settle_usage(
             created_at=utcnow(),
             api_key_id=reservation.api_key_id,
             ttft_ms=usage.ttft_ms,
-        )
+        ),
     )
-    session.flush()
     return Outcome(
         duplicate=False,
         charged_micro=settled.charged_micro,
@@ -310,15 +311,16 @@ def settle_webhook(
     # otherwise): a forged event cannot pick a cheaper model to be billed at.
     fallback = served_price(reservation, event.model)
     served = (event.model, fallback[0], fallback[1]) if fallback is not None else None
-    seen = session.get(WebhookEvent, webhook_id)
+    seen = session.scalar(hot_statements.SELECT_WEBHOOK_EVENT, {"p_webhook_id": webhook_id})
     if seen is not None:
-        if seen.reservation_id != reservation.id:
+        if seen != reservation.id:
             raise Conflict("This webhook id was already used for another reservation.")
         return DUPLICATE
-    session.add(
-        WebhookEvent(webhook_id=webhook_id, reservation_id=reservation.id, received_at=utcnow())
+    # A concurrent twin with the same id fails here (IntegrityError).
+    session.execute(
+        hot_statements.INSERT_WEBHOOK_EVENT,
+        {"webhook_id": webhook_id, "reservation_id": reservation.id, "received_at": utcnow()},
     )
-    session.flush()  # a concurrent twin with the same id fails here (IntegrityError)
     details: dict[str, Any] = {"source": "webhook", "webhook_id": webhook_id}
     if http_request_id is not None:
         details["http_request_id"] = http_request_id
@@ -373,7 +375,7 @@ def append_transcript(
         log.exception("transcript of session %s not stored; the usage is settled", session_id)
 
 
-def _already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
+def already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
     if session.get(WebhookEvent, webhook_id) is not None:
         return True
     status = session.scalar(
@@ -408,6 +410,6 @@ async def settle_event(
     except IntegrityError:
         # Lost a race with a concurrent delivery of the same stream: its
         # transaction committed the settlement, ours rolled back entirely.
-        if await db.transaction(lambda s: _already_settled(s, webhook_id, event.reservation_id)):
+        if await db.transaction(lambda s: already_settled(s, webhook_id, event.reservation_id)):
             return DUPLICATE
         raise

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, audit, company_llm, company_webhooks, policy
+from control_plane import accounts, audit, catalog_cache, company_llm, company_webhooks, policy
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
@@ -244,7 +244,10 @@ async def put_provider(request: Request) -> Response:
         )
         return answer
 
-    data = await deps.db.transaction(run)
+    try:
+        data = await deps.db.transaction(run)
+    finally:  # committed or not: inits reload the company's configuration
+        await catalog_cache.invalidate(deps.store, company_id)
     await with_key_states(deps.store, company_id, [data])
     return ok(data)
 
@@ -301,7 +304,10 @@ async def delete_provider(request: Request) -> Response:
             before=before,
         )
 
-    await deps.db.transaction(run)
+    try:
+        await deps.db.transaction(run)
+    finally:
+        await catalog_cache.invalidate(deps.store, company_id)
     return no_content()
 
 

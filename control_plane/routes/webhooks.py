@@ -15,6 +15,7 @@ from control_plane.errors import AppError, InvalidSignature, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.responses import ok
 from control_plane.settlement import parse_time, parse_usage_event, settle_event
+from control_plane.settlement_batch import Job
 from control_plane.tables import utcnow
 from control_plane.validation import parse_json_object
 from shared.pricing import format_credits
@@ -51,8 +52,7 @@ async def usage_webhook(request: Request) -> Response:
         webhook_id = request.headers["webhook-id"]  # present: the signature covers it
         if len(webhook_id) > MAX_WEBHOOK_ID:
             raise ValidationFailed("webhook-id", f"must be at most {MAX_WEBHOOK_ID} characters")
-        result = await settle_event(
-            deps.db,
+        job = Job(
             webhook_id,
             event,
             transcripts=settings.store_transcripts,
@@ -62,6 +62,18 @@ async def usage_webhook(request: Request) -> Response:
                 deps.settings.max_session_messages, deps.settings.max_session_bytes
             ),
         )
+        if deps.settler is not None:  # with the webhooks that arrive meanwhile
+            result = await deps.settler.settle(job)
+        else:
+            result = await settle_event(
+                deps.db,
+                job.webhook_id,
+                job.event,
+                transcripts=job.transcripts,
+                http_request_id=job.http_request_id,
+                signer_provider=job.signer_provider,
+                session_limits=job.session_limits,
+            )
         if event.user_id:  # the hold has ended: no longer a pending grant (12.6)
             await pending_inits.forget(deps.store, event.user_id, event.jti)
         if result.duplicate:

@@ -1,0 +1,135 @@
+"""A company's LLM configuration (its model overrides and its own provider keys,
+decrypted) kept in memory between inits (issue 14.3), so init's hot path reads
+neither table nor decrypts a key on every request.
+
+Freshness across control-plane processes: every change to a company's providers or
+models (``PUT``/``DELETE /v1/admin/companies/{id}/providers/{provider}``) writes a
+new random version into the store (`invalidate`), after its transaction commits.
+Init reads the version (one store GET) BEFORE its transaction, and uses a cached
+entry only when it was loaded under that same version; otherwise it loads from the
+database and caches the result under the version it read. An entry therefore never
+holds data older than its version, and a change is seen by the next init of every
+process. Entries also expire after `MAX_AGE_SECONDS`, which bounds what a change
+that bypassed the API (SQL by hand, ``llm-gateway rotate`` re-encrypting keys to
+the same plaintext) can leave behind. With the store unavailable nothing is cached
+(init fails on the store anyway).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from control_plane.tables import CompanyModel
+from shared.store import Store
+
+log = logging.getLogger("control_plane.catalog_cache")
+
+MAX_AGE_SECONDS = 30.0
+MAX_ENTRIES = 10_000
+VERSION_TTL_SECONDS = 7 * 24 * 3600
+ABSENT = "-"  # the version of a company whose configuration never changed via the API
+
+
+def version_key(company_id: str) -> str:
+    return f"llm:config:version:{company_id}"
+
+
+def detached(row: CompanyModel) -> CompanyModel:
+    """A copy that belongs to no session: a session's rollback expires the rows it
+    loaded, and an expired row outside its session cannot be read again."""
+    return CompanyModel(
+        id=row.id,
+        company_id=row.company_id,
+        model_id=row.model_id,
+        provider=row.provider,
+        spec=copy.deepcopy(row.spec),
+        updated_at=row.updated_at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyLLM:
+    overrides: tuple[CompanyModel, ...]  # `detached` copies, read only
+    pools: dict[str, list[str]]  # provider → the company's key pool, decrypted
+
+
+@dataclass(slots=True)
+class _Entry:
+    version: str
+    loaded_at: float
+    value: CompanyLLM
+
+
+class CatalogCache:
+    """One per app (on `Deps`). `get`/`put` are called from the database threads:
+    single dict operations, atomic under the GIL."""
+
+    def __init__(
+        self,
+        *,
+        max_age: float = MAX_AGE_SECONDS,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._max_age = max_age
+        self._max_entries = max_entries
+        self._clock = clock
+
+    async def version(self, store: Store, company_id: str) -> str | None:
+        """The company's current version; None (do not cache) when the store fails."""
+        try:
+            raw = await store.get(version_key(company_id))
+        except Exception:
+            log.warning("LLM config version unavailable; not caching", exc_info=True)
+            return None
+        return ABSENT if raw is None else raw.decode("ascii", "replace")
+
+    def get(self, company_id: str, version: str) -> CompanyLLM | None:
+        entry = self._entries.get(company_id)
+        if entry is None or entry.version != version:
+            return None
+        if self._clock() - entry.loaded_at > self._max_age:
+            return None
+        return entry.value
+
+    def put(self, company_id: str, version: str, value: CompanyLLM) -> None:
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()  # crude, and rare: many companies within MAX_AGE
+        self._entries[company_id] = _Entry(version, self._clock(), value)
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What one init carries into its transaction: the cache and the version read."""
+
+    cache: CatalogCache
+    version: str
+
+    def get(self, company_id: str) -> CompanyLLM | None:
+        return self.cache.get(company_id, self.version)
+
+    def put(self, company_id: str, value: CompanyLLM) -> None:
+        self.cache.put(company_id, self.version, value)
+
+
+async def lookup(cache: CatalogCache | None, store: Store, company_id: str) -> Lookup | None:
+    if cache is None:
+        return None
+    version = await cache.version(store, company_id)
+    return None if version is None else Lookup(cache, version)
+
+
+async def invalidate(store: Store, company_id: str) -> None:
+    """After a change to the company's providers or models has committed: every
+    process's cached entry for it stops matching. Best effort: if the store fails,
+    entries still expire after `MAX_AGE_SECONDS`."""
+    try:
+        await store.set(version_key(company_id), uuid.uuid4().hex.encode(), VERSION_TTL_SECONDS)
+    except Exception:
+        log.warning("could not invalidate company %s's LLM config", company_id, exc_info=True)

@@ -1,0 +1,261 @@
+"""The money path's writes as prebuilt SQLAlchemy Core statements (issue 14.3).
+
+Init and settlement run these on every chat turn. Built once at import (the
+statement objects are immutable), executed with plain parameter dicts: no
+expression building, no ORM unit of work, identity map or flush per request, and
+rows of one kind go in one INSERT (several rows: one executemany). Statements that
+the ORM path also runs keep their meaning exactly (the same conditional UPDATEs);
+`tables.py` stays the schema, and the admin paths keep the ORM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Insert, Table, bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from control_plane.tables import (
+    AuditEvent,
+    ChatMessage,
+    ChatSession,
+    Company,
+    LedgerEntry,
+    Reservation,
+    UsageRecord,
+    WebhookEvent,
+    new_id,
+)
+
+
+def table_of(model: Any) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+COMPANIES = table_of(Company)
+RESERVATIONS = table_of(Reservation)
+LEDGER = table_of(LedgerEntry)
+AUDIT = table_of(AuditEvent)
+USAGE = table_of(UsageRecord)
+WEBHOOK_EVENTS = table_of(WebhookEvent)
+SESSIONS = table_of(ChatSession)
+MESSAGES = table_of(ChatMessage)
+
+# The hold: never drives `available` (balance - held) below zero.
+TAKE_HOLD = (
+    update(COMPANIES)
+    .where(COMPANIES.c.id == bindparam("p_company_id"))
+    .where(COMPANIES.c.balance_micro - COMPANIES.c.held_micro >= bindparam("p_hold"))
+    .values(held_micro=COMPANIES.c.held_micro + bindparam("p_hold"))
+)
+
+# PostgreSQL: the hold and the reservation in ONE statement: the INSERT selects from
+# the UPDATE's RETURNING, so it adds a row only when the conditional UPDATE matched.
+_HELD = TAKE_HOLD.returning(COMPANIES.c.id).cte("held")
+_RESERVATION_COLUMNS = [c.name for c in RESERVATIONS.columns]
+HOLD_AND_RESERVE_PG = (
+    insert(RESERVATIONS)
+    .from_select(
+        _RESERVATION_COLUMNS,
+        select(
+            *(
+                bindparam(f"r_{name}", type_=RESERVATIONS.c[name].type).label(name)
+                for name in _RESERVATION_COLUMNS
+            )
+        ).select_from(_HELD),
+    )
+    .returning(RESERVATIONS.c.id)
+)
+
+INSERT_RESERVATION = insert(RESERVATIONS)
+INSERT_LEDGER = insert(LEDGER)
+INSERT_AUDIT = insert(AUDIT)
+INSERT_USAGE = insert(USAGE)
+INSERT_WEBHOOK_EVENT = insert(WEBHOOK_EVENTS)
+INSERT_SESSION = insert(SESSIONS)
+INSERT_MESSAGES = insert(MESSAGES)
+
+_INSERTS: dict[str, Insert] = {}
+
+SELECT_WEBHOOK_EVENT = select(WEBHOOK_EVENTS.c.reservation_id).where(
+    WEBHOOK_EVENTS.c.webhook_id == bindparam("p_webhook_id")
+)
+
+
+def reservation_row(reservation: Reservation) -> dict[str, Any]:
+    return {name: getattr(reservation, name) for name in _RESERVATION_COLUMNS}
+
+
+def hold_and_reserve(session: Session, reservation: Reservation) -> bool:
+    """Take `reservation.hold_micro` from its company's available credits and insert
+    the reservation, atomically; False (nothing written) when the company cannot
+    cover it. One statement on PostgreSQL, two on SQLite (no DML in a CTE there;
+    its writers are serialised by ``BEGIN IMMEDIATE`` anyway)."""
+    row = reservation_row(reservation)
+    hold = {"p_company_id": reservation.company_id, "p_hold": reservation.hold_micro}
+    if session.get_bind().dialect.name == "postgresql":
+        params = {**hold, **{f"r_{name}": value for name, value in row.items()}}
+        return session.execute(HOLD_AND_RESERVE_PG, params).first() is not None
+    if _rowcount(session.execute(TAKE_HOLD, hold)) == 0:
+        return False
+    session.execute(INSERT_RESERVATION, row)
+    return True
+
+
+def insert_row(session: Session, row: Any) -> None:
+    """A table model's instance written by one INSERT of all its columns, never
+    added to the session (nothing to flush or track)."""
+    table = table_of(type(row))
+    statement = _INSERTS.get(table.name)
+    if statement is None:
+        statement = _INSERTS[table.name] = insert(table)
+    _insert(session, statement, [{c.name: getattr(row, c.name) for c in table.columns}])
+
+
+# --- append-only rows of a batch, written together --------------------------------
+
+_DEFERRED = "llmgw.deferred_inserts"
+
+
+@contextlib.contextmanager
+def deferred_inserts(session: Session) -> Iterator[None]:
+    """Within this block, the append-only rows the money path writes (ledger entries,
+    audit events, usage records: `write_entries`, `insert_row`) are collected and
+    written at its end, one executemany per table, still in the same transaction: a
+    settlement batch sends three INSERTs instead of three per event. Nothing in the
+    block reads those tables back; if it raises, the rows are dropped with the
+    transaction it rolls back."""
+    pending: dict[Insert, list[dict[str, Any]]] = {}
+    session.info[_DEFERRED] = pending
+    try:
+        yield
+    finally:
+        session.info.pop(_DEFERRED, None)
+    for statement, rows in pending.items():
+        session.execute(statement, rows)
+
+
+def _insert(session: Session, statement: Insert, rows: list[dict[str, Any]]) -> None:
+    pending = session.info.get(_DEFERRED)
+    if pending is not None:
+        pending.setdefault(statement, []).extend(rows)
+    else:
+        session.execute(statement, rows if len(rows) > 1 else rows[0])
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+def entry_rows(
+    company_id: str,
+    kind: str,
+    amount_micro: int,
+    *,
+    actor: str,
+    reservation_id: str | None,
+    reason: str | None,
+    request_id: str | None,
+    idempotency_key: str | None,
+    details: dict[str, Any],
+    now: datetime,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One ledger row and its audit event, as `ledger.add_entry` writes them."""
+    entry_id = new_id()
+    context: dict[str, Any] = {"ledger_entry_id": entry_id}
+    if reason is not None:
+        context["reason"] = reason
+    if idempotency_key is not None:
+        context["idempotency_key"] = idempotency_key
+    entry = {
+        "id": entry_id,
+        "company_id": company_id,
+        "kind": kind,
+        "amount_micro": amount_micro,
+        "reservation_id": reservation_id,
+        "reason": reason,
+        "actor": actor,
+        "request_id": request_id,
+        "idempotency_key": idempotency_key,
+        "created_at": now,
+    }
+    event = {
+        "id": new_id(),
+        "actor": actor,
+        "action": kind,
+        "company_id": company_id,
+        "amount_micro": amount_micro,
+        "reservation_id": reservation_id,
+        "request_id": request_id,
+        "details": {**context, **details},
+        "created_at": now,
+    }
+    return entry, event
+
+
+def write_entries(session: Session, rows: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Ledger rows and their audit events: one INSERT each (executemany for several)."""
+    _insert(session, INSERT_LEDGER, [entry for entry, _ in rows])
+    _insert(session, INSERT_AUDIT, [event for _, event in rows])
+
+
+# Settlement's exactly-once point: only an active reservation flips (`ledger`).
+FLIP_RESERVATION = (
+    update(RESERVATIONS)
+    .where(RESERVATIONS.c.id == bindparam("p_id"))
+    .where(RESERVATIONS.c.status == "active")
+    .values(
+        status=bindparam("p_status"),
+        charged_micro=bindparam("p_charge"),
+        settled_at=bindparam("p_now"),
+    )
+)
+# The charge leaves the balance, the whole hold leaves `held`.
+SETTLE_COMPANY = (
+    update(COMPANIES)
+    .where(COMPANIES.c.id == bindparam("p_company_id"))
+    .values(
+        balance_micro=COMPANIES.c.balance_micro - bindparam("p_charge"),
+        held_micro=COMPANIES.c.held_micro - bindparam("p_hold"),
+    )
+)
+
+
+def flip_reservation(
+    session: Session, reservation_id: str, status: str, charge: int, now: datetime
+) -> bool:
+    params = {"p_id": reservation_id, "p_status": status, "p_charge": charge, "p_now": now}
+    return _rowcount(session.execute(FLIP_RESERVATION, params)) == 1
+
+
+def settle_company(session: Session, company_id: str, charge: int, hold: int) -> None:
+    params = {"p_company_id": company_id, "p_charge": charge, "p_hold": hold}
+    session.execute(SETTLE_COMPANY, params)
+
+
+# A session's counters move only within its caps; the UPDATE also locks its row.
+APPEND_TO_SESSION = (
+    update(SESSIONS)
+    .where(
+        SESSIONS.c.id == bindparam("p_id"),
+        SESSIONS.c.message_count + bindparam("p_added") <= bindparam("p_max_messages"),
+        SESSIONS.c.content_bytes + bindparam("p_size") <= bindparam("p_max_bytes"),
+    )
+    .values(
+        updated_at=bindparam("p_now"),
+        message_count=SESSIONS.c.message_count + bindparam("p_added"),
+        content_bytes=SESSIONS.c.content_bytes + bindparam("p_size"),
+    )
+)
+SELECT_SESSION_ID = select(SESSIONS.c.id).where(SESSIONS.c.id == bindparam("p_id"))
+SELECT_LAST_SEQ = select(func.max(MESSAGES.c.seq)).where(MESSAGES.c.session_id == bindparam("p_id"))
+
+# What init needs of its company (no ORM entity): whether it is revoked, its default.
+SELECT_COMPANY_FOR_INIT = select(
+    COMPANIES.c.id, COMPANIES.c.disabled_at, COMPANIES.c.default_model
+).where(COMPANIES.c.id == bindparam("p_id"))

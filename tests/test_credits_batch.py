@@ -1,0 +1,183 @@
+"""Usage webhooks settled in batches (issue 14.2) stay exactly once: duplicates
+inside one batch charge once, an event refused on its own fails only itself, and a
+batch is one transaction. In-process (ASGITransport), on SQLite + memory and on
+PostgreSQL + Redis, one app per module."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlmodel import col
+
+from control_plane.app import create_app
+from control_plane.books import check_books
+from control_plane.errors import ReservationMismatch, ReservationNotFound
+from control_plane.ledger import charge_for, reservation_price
+from control_plane.settlement import Outcome
+from control_plane.settlement_batch import Job, SettlementBatcher
+from control_plane.tables import LedgerEntry, Reservation
+from shared.webhooks import sign
+from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
+from tests.test_control_plane import ADMIN_TOKEN, _settings, usage_event
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def settings_env(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    if request.param == "sqlite":
+        yield _settings(f"sqlite:///{tmp_path_factory.mktemp('batch')}/cp.db")
+        return
+    server = request.getfixturevalue("pg_server")
+    with fresh_pg_database(server) as url, fresh_redis_prefix() as prefix:
+        yield _settings(url, {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
+
+
+class Counting:
+    """The app's `Database`, counting the transactions it runs."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.transactions = 0
+
+    async def transaction(self, fn: Any) -> Any:
+        self.transactions += 1
+        return await self.db.transaction(fn)
+
+
+async def _owner(client: httpx.AsyncClient) -> tuple[dict[str, str], str]:
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = await client.post(
+        "/v1/admin/companies",
+        json={"name": f"b-{uuid.uuid4().hex[:8]}", "credits": "10"},
+        headers=admin,
+    )
+    company_id = r.json()["data"]["id"]
+    r = await client.post(
+        "/v1/admin/users",
+        json={"company_id": company_id, "email": f"{company_id}@example.com", "role": "owner"},
+        headers=admin,
+    )
+    r = await client.post(
+        "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=admin
+    )
+    return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
+
+
+@pytest.fixture
+async def app_client(settings_env: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    app = create_app(settings_env)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
+            yield app, client
+
+
+async def _inits(
+    client: httpx.AsyncClient, auth: dict[str, str], n: int, session_id: str | None = None
+) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        body: dict[str, Any] = {"query": f"q{i}", "max_tokens": 50}
+        if session_id is not None:
+            body["session_id"] = session_id
+        r = await client.post("/v1/chat/init", json=body, headers=auth)
+        assert r.status_code == 201, r.text
+        out.append(r.json()["data"])
+    return out
+
+
+async def test_duplicates_inside_one_batch_charge_once(
+    app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    app, client = app_client
+    auth, company_id = await _owner(client)
+    a, b, c, d = await _inits(client, auth, 4)
+    ea, eb, ec, ed = (usage_event(x, company_id) for x in (a, b, c, d))
+    jobs = [
+        Job(ea.webhook_id, ea, transcripts=True),
+        Job(ea.webhook_id, ea, transcripts=True),  # the same delivery twice
+        Job("first-for-b", eb, transcripts=True),
+        # A second id for the same stream, claiming less: must not charge again.
+        Job("second-for-b", replace(eb, status="failed", output_tokens=0), transcripts=True),
+        Job(ec.webhook_id, ec, transcripts=True),
+        Job(ec.webhook_id, replace(ec, input_tokens=1), transcripts=True),
+    ]
+    db = Counting(app.state.db)
+    batcher = SettlementBatcher(db)  # type: ignore[arg-type]
+    results = await asyncio.gather(*(batcher.settle(j) for j in jobs))
+    assert db.transactions == 1  # all of them in one batch, one transaction
+    assert [r.duplicate for r in results] == [False, True, False, True, False, True]
+
+    # One refused event in a batch rolls the batch back; each is then settled alone:
+    # the refused ones answer their errors, the others settle (or stay duplicates).
+    refused = [
+        Job("wrong-jti", replace(ed, jti="not-the-jti"), transcripts=True),
+        Job("nowhere", replace(ed, reservation_id="no-such"), transcripts=True),
+        Job(ea.webhook_id, ea, transcripts=True),  # still a duplicate
+        Job(ed.webhook_id, ed, transcripts=True),  # settles despite its neighbours
+    ]
+    mixed = await asyncio.gather(*(batcher.settle(j) for j in refused), return_exceptions=True)
+    assert isinstance(mixed[0], ReservationMismatch)
+    assert isinstance(mixed[1], ReservationNotFound)
+    assert isinstance(mixed[2], Outcome) and mixed[2].duplicate
+    assert isinstance(mixed[3], Outcome) and not mixed[3].duplicate
+
+    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
+        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
+        entries = session.scalars(
+            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
+        )
+        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
+
+    reservations, entries, problems = await app.state.db.transaction(read)
+    assert problems == []
+    for init, event in ((a, ea), (b, eb), (c, ec), (d, ed)):
+        row = reservations[init["reservation_id"]]
+        assert row.status == "settled"
+        expected = charge_for(
+            "completed",
+            event.input_tokens,
+            event.output_tokens,
+            reservation_price(row),
+            row.hold_micro,
+        )
+        assert row.charged_micro == expected > 0  # the first event's usage, once
+        charges = [e for e in entries if e.kind == "charge" and e.reservation_id == row.id]
+        assert len(charges) == 1 and charges[0].amount_micro == -expected
+
+
+async def test_a_batch_through_the_route_answers_each_webhook_once(
+    app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """Concurrent deliveries through POST /v1/webhooks/usage, twins included, for
+    turns of one chat session: each reservation charged once, each reply kept once."""
+    app, client = app_client
+    auth, company_id = await _owner(client)
+    first = (await _inits(client, auth, 1))[0]
+    inits = [first, *await _inits(client, auth, 4, first["session_id"])]
+    settings = app.state.settings
+
+    async def post(init: dict[str, Any]) -> dict[str, Any]:
+        event = usage_event(init, company_id)
+        body = event.body()
+        headers = sign(settings.webhook_secret.reveal(), event.webhook_id, body)
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return dict(r.json()["data"])
+
+    answers = await asyncio.gather(*(post(i) for i in inits * 2))
+    assert sum(1 for x in answers if x.get("settled")) == len(inits)
+    assert sum(1 for x in answers if x.get("duplicate")) == len(inits)
+    r = await client.get(f"/v1/sessions/{first['session_id']}", headers=auth)
+    roles = [m["role"] for m in r.json()["data"]["messages"]]
+    assert roles.count("assistant") == len(inits) and roles.count("user") == len(inits)
+    problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
+    assert problems == []
