@@ -69,6 +69,8 @@ async def relay(
                         if out:
                             await emit(b"".join(out))
                             observe_delay(time.perf_counter() - received)
+                        if first_token:  # the tokens before the failure had a first one
+                            on_first_token()
                         return RelayResult("failed", "upstream_error", event.message)
                     if isinstance(event, Delta | ToolCallDelta) and meter.first_token_at is None:
                         first_token = True
