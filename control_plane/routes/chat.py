@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -59,7 +58,7 @@ async def serve_init(
             company_id=principal.company_id,
             per_user=deps.settings.init_rate_per_user,
             per_company=deps.settings.init_rate_per_company,
-            now=time.time(),
+            now=deps.clock(),
         )
         req = parse_init_request(await body(request))
         data = await init_chat(deps, principal, req, request_id(request))
