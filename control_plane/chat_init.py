@@ -17,7 +17,9 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from cryptography.fernet import MultiFernet
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from control_plane import (
     agents,
@@ -41,6 +43,7 @@ from control_plane.errors import (
     ServiceUnavailable,
     SessionFull,
     SessionNotFound,
+    TurnInProgress,
     UnsupportedContent,
     UnsupportedFeature,
     ValidationFailed,
@@ -303,6 +306,10 @@ def reserve(
             try:  # each result must answer a call the session's assistant made
                 check_tool_sequence(messages)
             except InputRejected as exc:
+                if chat is not None and _turn_unsettled(session, chat.id):
+                    # The calls arrive in the session with the previous turn's usage
+                    # webhook: a client quick off the mark is early, not wrong.
+                    raise TurnInProgress() from None
                 raise ValidationFailed("tool_results", exc.problem) from None
             new_turn = storable(new_turn)
     else:
@@ -410,6 +417,15 @@ def _company_llm(
     if cached is not None:
         cached.put(company_id, llm)
     return llm
+
+
+def _turn_unsettled(session: Session, session_id: str) -> bool:
+    """Whether a turn of this session still holds credits (its stream has not been
+    settled, so its reply is not stored yet)."""
+    held = select(col(Reservation.id)).where(
+        col(Reservation.session_id) == session_id, col(Reservation.status) == "active"
+    )
+    return session.scalar(held.limit(1)) is not None
 
 
 def _with_agent(

@@ -183,6 +183,18 @@ class IdempotencyConflict(Conflict):
     default_message = "This Idempotency-Key was already used with a different request body."
 
 
+class TurnInProgress(Conflict):
+    """`tool_results` for calls the session does not hold yet, while its previous
+    turn is still being settled (its transcript arrives with the usage webhook):
+    retry shortly."""
+
+    code = "turn_in_progress"
+    default_message = "The session's previous turn is still being recorded; retry shortly."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message, headers={"Retry-After": "1"})
+
+
 class AvailableCreditsExceeded(Conflict):
     code = "available_credits_exceeded"
     default_message = "This would take the company's available credits below zero."

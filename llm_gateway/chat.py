@@ -183,6 +183,29 @@ def chat(
     return _summary(http, grant, answer, time.perf_counter() - started)
 
 
+TURN_RETRIES = 20  # 409 turn_in_progress: the previous turn settles within moments
+
+
+def _init(http: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+    """`POST /v1/chat/init`, again while the control plane says the session's previous
+    turn is still being recorded (tool results sent right after their calls)."""
+    response = http.post("/v1/chat/init", json=body)
+    for _ in range(TURN_RETRIES):
+        if response.status_code != 409 or _code(response) != "turn_in_progress":
+            break
+        time.sleep(min(float(response.headers.get("Retry-After", "1")), 1.0) / 4)
+        response = http.post("/v1/chat/init", json=body)
+    return response
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 def _turn(
     http: httpx.Client,
     body: dict[str, Any],
@@ -191,7 +214,7 @@ def _turn(
     edge: httpx.Client | None,
 ) -> tuple[dict[str, Any], Answer]:
     """One init and its stream, followed to the end."""
-    grant = _data(http.post("/v1/chat/init", json=body))
+    grant = _data(_init(http, body))
     answer = Answer()
     # A client of its own for the edge: the stream URL carries its token, and the API
     # key must not travel to the edge.

@@ -240,6 +240,32 @@ def test_tool_results_must_answer_the_sessions_open_calls(
     ]
 
 
+def test_tool_results_before_the_previous_turn_settled_are_409_turn_in_progress(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    """The calls reach the session with the turn's usage webhook: results sent while
+    that turn still holds credits get 409 `turn_in_progress` (retry), not a 422,
+    and nothing is held or stored."""
+    c = vendors.client
+    grant = c.init_ok(user_token, {"model": "gpt-test", "query": "Hello [[mock tokens=3]]"})
+    before = c.credits(user_token)  # the first turn's hold is still active: not streamed
+    response = c.init(
+        user_token,
+        {
+            "model": "gpt-test",
+            "session_id": grant["session_id"],
+            "tool_results": [{"tool_call_id": "call_not_yet_stored", "content": "x"}],
+        },
+    )
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "turn_in_progress"
+    assert response.headers["retry-after"] == "1"
+    assert c.credits(user_token) == before
+    assert [m["role"] for m in session_messages(vendors, user_token, grant["session_id"])] == [
+        "user"
+    ]
+
+
 def test_tool_call_fragments_are_billed_when_the_vendor_reports_no_usage(
     vendors: AdapterStack, user_token: str
 ) -> None:
