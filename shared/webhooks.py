@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -134,9 +135,17 @@ class UsageEvent:
         )
 
 
+@lru_cache(maxsize=64)
+def _webhook(secret: str) -> Webhook:
+    """One signer per secret: building it decodes the key, and every usage report,
+    edge call and webhook check would otherwise do that again. The secrets are the
+    process's own configuration, a handful at most."""
+    return Webhook(secret)
+
+
 def sign(secret: str, webhook_id: str, body: bytes, now: datetime | None = None) -> dict[str, str]:
     moment = now or datetime.now(UTC)
-    signature = Webhook(secret).sign(webhook_id, moment, body.decode())
+    signature = _webhook(secret).sign(webhook_id, moment, body.decode())
     return {
         "webhook-id": webhook_id,
         "webhook-timestamp": str(int(moment.timestamp())),
@@ -202,7 +211,7 @@ def _signed_by(secret: str, text: str, headers: dict[str, str]) -> bool:
     # The library accepts any of several space-separated signatures (Standard Webhooks
     # §"Signature scheme"), so a sender mid-rotation may sign with old and new.
     try:
-        Webhook(secret).verify(text, headers, json_parse=False)
+        _webhook(secret).verify(text, headers, json_parse=False)
         return True
     except WebhookVerificationError:
         return False
