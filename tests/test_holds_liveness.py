@@ -168,5 +168,7 @@ async def test_the_edge_heartbeats_while_no_token_flows_and_ends_last() -> None:
     await checkpointer.close()
     final = await _read(store)
     assert final.ended and final.beat > beating.beat
-    await asyncio.sleep(0.05)  # the heartbeat stopped: nothing overwrites the end
+    # The heartbeat stopped: no task of the checkpointer is left to overwrite the end.
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    assert all(task.done() for task in others), others
     assert await _read(store) == final
