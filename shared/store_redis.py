@@ -302,19 +302,12 @@ class RedisStore:
         return Admitted(cast(Any, verdict))
 
     async def hit(self, key: str, window_seconds: float) -> int:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(self._key(key))
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
-            count, _ = await pipe.execute()
-        return int(count)
+        return await self.add(key, 1, window_seconds)
 
     async def unhit(self, key: str, window_seconds: float) -> None:
         # The key may have expired since its `hit` (the window ended): the expiry
-        # set here keeps the -1 that DECR then creates from living forever.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.decr(self._key(key))
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
-            await pipe.execute()
+        # set by `add` keeps the -1 it then creates from living forever.
+        await self.add(key, -1, window_seconds)
 
     async def add(self, key: str, amount: int, window_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
