@@ -130,8 +130,10 @@ async def test_values_are_kept_until_their_ttl(backend: Backend) -> None:
     assert await store.get_many(["kv:a", "kv:none", "kv:a"]) == [b"one", None, b"one"]
     assert await store.get_many([]) == []
     await store.set("kv:a", b"uno", 60)  # overwrites
+    await store.set("kv:b", b"long", 60)
+    await store.set("kv:b", b"short", SHORT)  # and the TTL with it
     await backend.elapse(SHORT)
-    assert await store.get_many(["kv:brief", "kv:a"]) == [None, b"uno"]
+    assert await store.get_many(["kv:brief", "kv:a", "kv:b"]) == [None, b"uno", None]
     await store.delete("kv:a")
     await store.delete("kv:never-set")
     assert await store.get("kv:a") is None
@@ -285,7 +287,10 @@ async def test_the_outbox_reschedules_and_forgets_acknowledged_items(backend: Ba
     await store.outbox_ack([])
     assert await store.outbox_size() == 1
     assert await store.outbox_get("x") is None
-    await store.outbox_reschedule("x", b"v3", T)  # acknowledged meanwhile: stays gone
+    # Acknowledged meanwhile (another edge delivered it after the lease ran out):
+    # it stays gone, payload included.
+    await store.outbox_reschedule("x", b"v3", T)
+    assert await store.outbox_get("x") is None
     assert await store.outbox_claim(T + 100, 30, 10) == ["y"]
     assert await store.outbox_size() == 1
 
@@ -313,8 +318,11 @@ async def test_a_log_appends_ranges_and_expires(backend: Backend) -> None:
     assert await store.log_range("events:j", 2) == [b"e2"]
     assert await store.log_range("events:j", 3) == []
     assert await store.log_append("events:brief", [b"x"], SHORT) == 1
+    assert await store.log_append("events:cut", [b"x"], 60) == 1
+    assert await store.log_append("events:cut", [b"y"], SHORT) == 2  # the last TTL holds
     await backend.elapse(SHORT)
     assert await store.log_range("events:brief", 0) == []
+    assert await store.log_range("events:cut", 0) == []
     assert await store.log_append("events:brief", [b"y"], 60) == 1  # a new log
     assert await store.log_range("events:j", 1) == [b"e1", b"e2"]
 
