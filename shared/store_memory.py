@@ -9,6 +9,9 @@ from shared.store import Admission, Admitted, SlotRelease
 
 
 class MemoryStore:
+    """Every store protocol in one process's dicts. `clock` times the TTLs and the
+    counters' windows (seconds, `time.monotonic` unless a test passes a fake one)."""
+
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.monotonic
         self._values: dict[str, tuple[bytes, float]] = {}
