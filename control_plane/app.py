@@ -40,7 +40,8 @@ from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
 from control_plane.sweeper import run_sweeper
 from shared.route_claim import route_ciphers
 from shared.settings import Settings
-from shared.store import Store, open_store
+from shared.store import Store
+from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
 
 log = logging.getLogger("control_plane")

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from control_plane.tables import CompanyModel
-from shared.store import Store
+from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.catalog_cache")
 
@@ -81,7 +81,7 @@ class CatalogCache:
         self._max_entries = max_entries
         self._clock = clock
 
-    async def version(self, store: Store, company_id: str) -> str | None:
+    async def version(self, store: KeyValueStore, company_id: str) -> str | None:
         """The company's current version; None (do not cache) when the store fails."""
         try:
             raw = await store.get(version_key(company_id))
@@ -118,14 +118,16 @@ class Lookup:
         self.cache.put(company_id, self.version, value)
 
 
-async def lookup(cache: CatalogCache | None, store: Store, company_id: str) -> Lookup | None:
+async def lookup(
+    cache: CatalogCache | None, store: KeyValueStore, company_id: str
+) -> Lookup | None:
     if cache is None:
         return None
     version = await cache.version(store, company_id)
     return None if version is None else Lookup(cache, version)
 
 
-async def invalidate(store: Store, company_id: str) -> None:
+async def invalidate(store: KeyValueStore, company_id: str) -> None:
     """After a change to the company's providers or models has committed: every
     process's cached entry for it stops matching. Best effort: if the store fails,
     entries still expire after `MAX_AGE_SECONDS`."""

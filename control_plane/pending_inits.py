@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Protocol
 
 from control_plane.errors import ServiceUnavailable, TooManyPendingInits
 from shared.hash_tags import company_tag
-from shared.store import Store
+from shared.store import BoundedSetStore, KeyValueStore
 
 log = logging.getLogger("control_plane.pending_inits")
+
+
+class PendingStore(BoundedSetStore, KeyValueStore, Protocol):
+    """The user's pending set, and the edges' used marks that take members out of it."""
 
 
 def pending_key(user_id: str) -> str:
@@ -34,7 +39,7 @@ def used_key(company_id: str, jti: str) -> str:
 
 
 async def take(
-    store: Store,
+    store: PendingStore,
     *,
     company_id: str,
     user_id: str,
@@ -63,7 +68,7 @@ async def take(
         )
 
 
-async def forget(store: Store, user_id: str, jti: str) -> None:
+async def forget(store: BoundedSetStore, user_id: str, jti: str) -> None:
     """`jti` no longer pending (its init failed, or its hold ended); best effort: a
     member left behind only waits for its deadline."""
     try:

@@ -66,7 +66,7 @@ from shared.catalog import Price
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revoke
 from shared.settings import Settings
-from shared.store import Store
+from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.sweeper")
 
@@ -175,7 +175,7 @@ def _decode(reservation_id: str, raw: bytes | None) -> UsageCheckpoint | None:
 
 
 async def sweep_expired_holds(
-    db: Database, store: Store, metrics: Metrics, *, now: datetime | None = None
+    db: Database, store: KeyValueStore, metrics: Metrics, *, now: datetime | None = None
 ) -> SweepResult:
     """Reconcile every active reservation whose deadline is before `now`."""
     moment = now or utcnow()
@@ -218,7 +218,7 @@ def _observe_lag(metrics: Metrics, checkpoint: UsageCheckpoint | None) -> None:
 
 async def sweep_silent_streams(
     db: Database,
-    store: Store,
+    store: KeyValueStore,
     metrics: Metrics,
     watch: SilenceWatch,
     *,
@@ -268,7 +268,9 @@ async def sweep_silent_streams(
     return SweepResult(settled=settled)
 
 
-async def run_sweeper(db: Database, store: Store, metrics: Metrics, settings: Settings) -> None:
+async def run_sweeper(
+    db: Database, store: KeyValueStore, metrics: Metrics, settings: Settings
+) -> None:
     """Sweep every ``LLMGW_SWEEP_INTERVAL_SECONDS`` until cancelled (the app's
     lifespan owns it)."""
     interval = settings.sweep_interval_seconds

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from control_plane.errors import ServiceUnavailable, TpmExceeded
 from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
 from shared.settings import Settings
-from shared.store import Store
+from shared.store import CounterStore, KeyValueStore
 
 log = logging.getLogger("control_plane.tpm")
 
@@ -66,7 +66,7 @@ def _unavailable() -> ServiceUnavailable:
 
 
 async def precheck(
-    store: Store, limits: TpmLimits, *, user_id: str, company_id: str, now: float
+    store: KeyValueStore, limits: TpmLimits, *, user_id: str, company_id: str, now: float
 ) -> None:
     """Refuse (429) when the window is already at a limit: nothing is held yet."""
     scopes = limits.scopes(user_id, company_id)
@@ -83,7 +83,13 @@ async def precheck(
 
 
 async def take(
-    store: Store, limits: TpmLimits, *, user_id: str, company_id: str, tokens: int, now: float
+    store: CounterStore,
+    limits: TpmLimits,
+    *,
+    user_id: str,
+    company_id: str,
+    tokens: int,
+    now: float,
 ) -> None:
     """Count `tokens` in the window of `now`; over a limit, take them back and refuse."""
     window = window_at(now)
@@ -104,7 +110,7 @@ async def take(
 
 
 async def correct(
-    store: Store,
+    store: CounterStore,
     limits: TpmLimits,
     *,
     user_id: str,

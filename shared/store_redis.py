@@ -74,7 +74,18 @@ return 1
 """
 
 
-# See `Store.bounded_add`. KEYS: the set; ARGV: now, member, expires_at, limit,
+# KEYS: the outbox hash, the due set; ARGV: id, payload, due time. An item
+# acknowledged meanwhile (another edge delivered it once its lease ran out) stays
+# gone: writing its payload back would keep it in the hash forever.
+_RESCHEDULE = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+
+# See `BoundedSetStore.bounded_add`. KEYS: the set; ARGV: now, member, expires_at, limit,
 # ttl_ms, then the members to drop.
 _BOUNDED_ADD = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -125,6 +136,7 @@ class RedisStore:
         self._claim = client.register_script(_CLAIM)
         self._admit = client.register_script(_ADMIT)
         self._put = client.register_script(_PUT)
+        self._reschedule = client.register_script(_RESCHEDULE)
         self._bounded_add = client.register_script(_BOUNDED_ADD)
 
     @classmethod
@@ -232,10 +244,9 @@ class RedisStore:
         return cast(bytes | None, await self._redis.hget(self._outbox_items, item_id))
 
     async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._outbox_items, item_id, payload)
-            pipe.zadd(self._outbox_due, {item_id: due_at}, xx=True)
-            await pipe.execute()
+        await self._reschedule(
+            keys=[self._outbox_items, self._outbox_due], args=[item_id, payload, due_at]
+        )
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         if not item_ids:
@@ -302,19 +313,12 @@ class RedisStore:
         return Admitted(cast(Any, verdict))
 
     async def hit(self, key: str, window_seconds: float) -> int:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(self._key(key))
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
-            count, _ = await pipe.execute()
-        return int(count)
+        return await self.add(key, 1, window_seconds)
 
     async def unhit(self, key: str, window_seconds: float) -> None:
         # The key may have expired since its `hit` (the window ended): the expiry
-        # set here keeps the -1 that DECR then creates from living forever.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.decr(self._key(key))
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
-            await pipe.execute()
+        # set by `add` keeps the -1 it then creates from living forever.
+        await self.add(key, -1, window_seconds)
 
     async def add(self, key: str, amount: int, window_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:

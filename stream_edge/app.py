@@ -19,7 +19,8 @@ from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
 from shared.route_claim import route_ciphers_from_keys
 from shared.settings import Settings
-from shared.store import Store, open_store
+from shared.store import Store
+from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
 from stream_edge import eventsource, key_callers, routes
 from stream_edge.breaker import Breakers

@@ -30,7 +30,7 @@ import httpx
 import orjson
 
 from shared.retry import Backoff, parse_retry_after
-from shared.store import SlotRelease, Store
+from shared.store import OutboxStore, SlotRelease
 from shared.webhooks import UsageEvent, sign
 from stream_edge.http1 import Http1Client
 from stream_edge.metrics import EdgeMetrics
@@ -50,7 +50,7 @@ def is_permanent(status: int) -> bool:
 class Outbox:
     def __init__(
         self,
-        store: Store,
+        store: OutboxStore,
         client: Http1Client,
         url: str,
         secret: str,
@@ -250,7 +250,7 @@ class Outbox:
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
 
 
-async def replay_dead_letter(store: Store, item_id: str) -> bool:
+async def replay_dead_letter(store: OutboxStore, item_id: str) -> bool:
     """Move a dead letter back into the outbox, due now (an operator's decision, e.g.
     after fixing what made the control plane refuse it). Any edge delivers it."""
     raw = await store.dead_letter_take(item_id)

@@ -19,7 +19,7 @@ from control_plane.app import create_app as control_plane_app
 from mock_llm.app import create_app as mock_app
 from mock_llm.script import MockBehaviour
 from shared.settings import Settings
-from shared.store import open_store
+from shared.store_factory import open_store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of

@@ -29,7 +29,7 @@ from control_plane.responses import no_content, ok
 from control_plane.tables import Company, SigningKey
 from shared.catalog import Catalog
 from shared.key_pool import MAX_KEYS, company_scope, parse_state, state_key
-from shared.store import Store
+from shared.store import KeyValueStore
 
 _UNSET: Any = object()
 
@@ -74,7 +74,9 @@ def _provider_view(
     return shown
 
 
-async def with_key_states(store: Store, company_id: str, views: list[dict[str, Any]]) -> None:
+async def with_key_states(
+    store: KeyValueStore, company_id: str, views: list[dict[str, Any]]
+) -> None:
     """Fill each view's `keys` with the state the edges recorded (one store read).
     A store that does not answer leaves the states out, not the view."""
     wanted = [
