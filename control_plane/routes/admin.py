@@ -22,18 +22,11 @@ from control_plane.credentials import hash_password
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
+from control_plane.pagination import page_request
 from control_plane.responses import no_content, ok
 from control_plane.signing_keys import create_signing_key, retire_superseded_keys
 from control_plane.tables import ROLES, ApiKey, User, utcnow
-from control_plane.validation import (
-    credits_amount,
-    decode_cursor,
-    encode_cursor,
-    one_of,
-    optional_str,
-    page_limit,
-    required_str,
-)
+from control_plane.validation import credits_amount, one_of, optional_str, required_str
 
 PASSWORD_MIN, PASSWORD_MAX = 4, 1024
 
@@ -73,14 +66,11 @@ async def create_company(request: Request) -> Response:
 async def list_companies(request: Request) -> Response:
     """Companies, newest first (platform admin)."""
     principal = await authenticate(request)
-    limit = page_limit(request.query_params.get("limit"))
-    after = decode_cursor(request.query_params.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: accounts.list_companies(s, principal, limit, after)
+    req = page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: accounts.list_companies(s, principal, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [accounts.company_public(c) for c in page], "next_cursor": next_cursor})
+    return ok(page.public(accounts.company_public))
 
 
 async def create_user(request: Request) -> Response:
@@ -138,14 +128,11 @@ async def list_users(request: Request) -> Response:
     company_id = optional_str(query, "company_id", max_len=64) or principal.company_id
     if company_id is None:
         raise ValidationFailed("company_id", "is required for the platform admin token")
-    limit = page_limit(query.get("limit"))
-    after = decode_cursor(query.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: accounts.list_users(s, principal, company_id, limit, after)
+    req = page_request(query)
+    page = await get_deps(request).db.transaction(
+        lambda s: accounts.list_users(s, principal, company_id, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [accounts.user_listed(u) for u in page], "next_cursor": next_cursor})
+    return ok(page.public(accounts.user_listed))
 
 
 async def update_user(request: Request) -> Response:
@@ -211,16 +198,13 @@ async def list_api_keys(request: Request) -> Response:
     query = dict(request.query_params)
     user_id = optional_str(query, "user_id", max_len=64)
     company_id = optional_str(query, "company_id", max_len=64)
-    limit = page_limit(query.get("limit"))
-    after = decode_cursor(query.get("cursor"))
-    rows = await get_deps(request).db.transaction(
+    req = page_request(query)
+    page = await get_deps(request).db.transaction(
         lambda s: accounts.list_api_keys(
-            s, principal, user_id=user_id, company_id=company_id, limit=limit, after=after
+            s, principal, user_id=user_id, company_id=company_id, req=req
         )
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [accounts.api_key_public(r) for r in page], "next_cursor": next_cursor})
+    return ok(page.public(accounts.api_key_public))
 
 
 async def revoke_api_key(request: Request) -> Response:

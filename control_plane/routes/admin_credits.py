@@ -28,19 +28,17 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane import accounts, audit, policy
 from control_plane.auth import authenticate
+from control_plane.billing import entry_public
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, ValidationFailed
 from control_plane.grants import adjust, grant
 from control_plane.middleware import request_id
+from control_plane.pagination import page_request
 from control_plane.responses import ok
-from control_plane.routes.billing import entry_public
 from control_plane.tables import LedgerEntry
 from control_plane.validation import (
     credits_amount,
-    decode_cursor,
-    encode_cursor,
     optional_str,
-    page_limit,
     parse_day,
     required_str,
 )
@@ -156,14 +154,11 @@ async def list_audit(request: Request) -> Response:
     end = parse_day(query.get("to"), "to")
     since = None if start is None else datetime.combine(start, time(), tzinfo=UTC)
     until = None if end is None else datetime.combine(end + timedelta(days=1), time(), tzinfo=UTC)
-    limit = page_limit(query.get("limit"))
-    after = decode_cursor(query.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: audit.page(s, company_id, limit, after, filters, since, until)
+    req = page_request(query)
+    page = await get_deps(request).db.transaction(
+        lambda s: audit.page(s, company_id, req, filters, since, until)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [audit.event_public(e) for e in page], "next_cursor": next_cursor})
+    return ok(page.public(audit.event_public))
 
 
 routes: list[BaseRoute] = [

@@ -14,9 +14,10 @@ from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import ServiceUnavailable
 from control_plane.middleware import request_id
+from control_plane.pagination import page_request
 from control_plane.responses import no_content, ok
 from control_plane.tables import Revocation
-from control_plane.validation import decode_cursor, encode_cursor, optional_str, page_limit
+from control_plane.validation import optional_str
 from shared.revocations import revocation_key, revoke
 
 log = logging.getLogger("control_plane.revocations")
@@ -100,14 +101,11 @@ async def list_revocations(request: Request) -> Response:
     company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
     if company_id is None and not policy.is_platform_admin(principal):
         company_id = principal.company_id
-    limit = page_limit(request.query_params.get("limit"))
-    after = decode_cursor(request.query_params.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: revoking.list_revocations(s, principal, company_id, limit, after)
+    req = page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: revoking.list_revocations(s, principal, company_id, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [revoking.revocation_public(r) for r in page], "next_cursor": next_cursor})
+    return ok(page.public(revoking.revocation_public))
 
 
 routes: list[BaseRoute] = [
