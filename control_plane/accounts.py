@@ -16,7 +16,7 @@ from control_plane import policy
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.credentials import new_api_key
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from control_plane.grants import grant
+from control_plane.grants import move
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
 from control_plane.tables import ApiKey, Company, User, iso, new_id, utcnow
@@ -66,10 +66,11 @@ def create_company(
     session.add(company)
     session.flush()
     if credits_micro > 0:
-        grant(
+        move(
             session,
             company.id,
             credits_micro,
+            kind="grant",
             reason="initial credits",
             actor=actor_of(p),
             request_id=request_id,
