@@ -1,0 +1,149 @@
+"""The ``/v1/admin/…`` use cases on companies, users, API keys and signing keys:
+each one transaction that makes the change (`accounts`, `signing_keys`, which check
+the policy against the rows they touch) and records it in the audit log, never a
+secret (a key's prefix, a user's `has_password`, a signing key's kid)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from cryptography.fernet import MultiFernet
+from sqlalchemy.orm import Session
+
+from control_plane import accounts, audit
+from control_plane.policy import Principal
+from control_plane.signing_keys import create_signing_key, retire_superseded_keys
+from control_plane.tables import ApiKey, Company, User
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, and the request the audit ties the change to."""
+
+    principal: Principal
+    request_id: str
+
+    @property
+    def name(self) -> str:
+        return accounts.actor_of(self.principal)
+
+
+def create_company(session: Session, a: Actor, name: str, credits_micro: int) -> Company:
+    company = accounts.create_company(session, a.principal, name, credits_micro, a.request_id)
+    audit.record_admin(
+        session,
+        actor=a.name,
+        action=audit.COMPANY_CREATE,
+        company_id=company.id,
+        target=f"company:{company.id}",
+        request_id=a.request_id,
+        after=accounts.company_public(company),
+    )
+    return company
+
+
+def create_user(
+    session: Session,
+    a: Actor,
+    *,
+    company_id: str,
+    email: str,
+    password_hash: str | None,
+    role: str,
+) -> User:
+    user = accounts.create_user(
+        session,
+        a.principal,
+        company_id=company_id,
+        email=email,
+        password_hash=password_hash,
+        role=role,
+    )
+    audit.record_admin(
+        session,
+        actor=a.name,
+        action=audit.USER_CREATE,
+        company_id=user.company_id,
+        target=f"user:{user.id}",
+        request_id=a.request_id,
+        after={**accounts.user_public(user), "has_password": password_hash is not None},
+    )
+    return user
+
+
+def set_role(session: Session, a: Actor, user_id: str, role: str) -> User:
+    """`accounts.set_role`, audited when the role did change."""
+    user, previous = accounts.set_role(session, a.principal, user_id, role)
+    if previous != role:
+        audit.record_admin(
+            session,
+            actor=a.name,
+            action=audit.USER_ROLE,
+            company_id=user.company_id,
+            target=f"user:{user.id}",
+            request_id=a.request_id,
+            before={"role": previous},
+            after={"role": role},
+        )
+    return user
+
+
+def create_api_key(session: Session, a: Actor, user_id: str, scopes: Any) -> accounts.CreatedKey:
+    created = accounts.create_api_key(session, a.principal, user_id, scopes)
+    row = session.get(ApiKey, created.id)
+    user = session.get(User, user_id)
+    assert row is not None and user is not None
+    audit.record_admin(
+        session,
+        actor=a.name,
+        action=audit.API_KEY_CREATE,
+        company_id=user.company_id,
+        target=f"api_key:{created.id}",
+        request_id=a.request_id,
+        after=accounts.api_key_public(row),  # the prefix only, never the key
+    )
+    return created
+
+
+def revoke_api_key(session: Session, a: Actor, key_id: str) -> None:
+    """`accounts.revoke_api_key` (404 unless the caller may), audited when it
+    changed something: revoking a revoked key does not."""
+    row = session.get(ApiKey, key_id)
+    before = None if row is None else accounts.api_key_public(row)
+    accounts.revoke_api_key(session, a.principal, key_id)
+    user = None if row is None else session.get(User, row.user_id)
+    assert row is not None and user is not None
+    session.refresh(row)
+    after = accounts.api_key_public(row)
+    if before != after:
+        audit.record_admin(
+            session,
+            actor=a.name,
+            action=audit.API_KEY_REVOKE,
+            company_id=user.company_id,
+            target=f"api_key:{key_id}",
+            request_id=a.request_id,
+            before=before,
+            after=after,
+        )
+
+
+def rotate_signing_key(
+    session: Session, a: Actor, fernet: MultiFernet, now: datetime, max_life: int
+) -> tuple[str, list[str]]:
+    """A new signing key, and the kids of the keys retired (superseded more than
+    `max_life` seconds ago, so they signed only expired tokens)."""
+    retired = retire_superseded_keys(session, now, max_life)
+    kid, _ = create_signing_key(session, fernet)
+    audit.record_admin(
+        session,
+        actor=a.name,
+        action=audit.SIGNING_KEY_ROTATE,
+        company_id=None,
+        target=f"signing_key:{kid}",
+        request_id=a.request_id,
+        after={"kid": kid, "retired": retired},
+    )
+    return kid, retired
