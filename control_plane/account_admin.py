@@ -1,5 +1,6 @@
-"""The ``/v1/admin/…`` use cases on companies, users, API keys and signing keys:
-each one transaction that makes the change (`accounts`, `signing_keys`, which check
+"""The ``/v1/admin/…`` use cases on companies, users, API keys, signing keys and
+revocations: each one transaction that makes the change (`accounts`,
+`signing_keys`, `revoking`, which check
 the policy against the rows they touch) and records it in the audit log, never a
 secret (a key's prefix, a user's `has_password`, a signing key's kid)."""
 
@@ -12,10 +13,10 @@ from typing import Any
 from cryptography.fernet import MultiFernet
 from sqlalchemy.orm import Session
 
-from control_plane import accounts, audit
+from control_plane import accounts, audit, revoking
 from control_plane.policy import Principal
 from control_plane.signing_keys import create_signing_key, retire_superseded_keys
-from control_plane.tables import ApiKey, Company, User
+from control_plane.tables import ApiKey, Company, Revocation, User
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,40 @@ def rotate_signing_key(
         after={"kid": kid, "retired": retired},
     )
     return kid, retired
+
+
+def create_revocation(
+    session: Session, a: Actor, target: revoking.Target, reason: str | None, ttl: int
+) -> Revocation:
+    row = revoking.create_revocation(session, a.principal, target, reason, ttl)
+    audit.record_admin(
+        session,
+        actor=a.name,
+        action=audit.REVOCATION_CREATE,
+        company_id=row.company_id,
+        target=f"{row.kind}:{row.value}",
+        request_id=a.request_id,
+        after=revoking.revocation_public(row),
+    )
+    return row
+
+
+def lift_revocation(session: Session, a: Actor, revocation_id: str) -> Revocation:
+    """`revoking.lift_revocation` (404 unless the caller may), audited when it
+    changed something: lifting a lifted revocation does not."""
+    found = session.get(Revocation, revocation_id)
+    before = None if found is None else revoking.revocation_public(found)
+    row = revoking.lift_revocation(session, a.principal, revocation_id)
+    after = revoking.revocation_public(row)
+    if before != after:
+        audit.record_admin(
+            session,
+            actor=a.name,
+            action=audit.REVOCATION_LIFT,
+            company_id=row.company_id,
+            target=f"{row.kind}:{row.value}",
+            request_id=a.request_id,
+            before=before,
+            after=after,
+        )
+    return row

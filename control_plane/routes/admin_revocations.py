@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, audit, policy, revoking
+from control_plane import account_admin, policy, revoking
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import ServiceUnavailable
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
 from control_plane.responses import no_content, ok
-from control_plane.tables import Revocation
 from control_plane.validation import optional_str
 from shared.revocations import revocation_key, revoke
 
@@ -31,22 +29,10 @@ async def create_revocation(request: Request) -> Response:
     reason = optional_str(doc, "reason", max_len=500)
     deps = get_deps(request)
     ttl = revoking.revocation_ttl(deps.settings)
-    rid = request_id(request)
-
-    def run(session: Session) -> Revocation:
-        row = revoking.create_revocation(session, principal, target, reason, ttl)
-        audit.record_admin(
-            session,
-            actor=accounts.actor_of(principal),
-            action=audit.REVOCATION_CREATE,
-            company_id=row.company_id,
-            target=f"{row.kind}:{row.value}",
-            request_id=rid,
-            after=revoking.revocation_public(row),
-        )
-        return row
-
-    row = await deps.db.transaction(run)
+    actor = account_admin.Actor(principal, request_id(request))
+    row = await deps.db.transaction(
+        lambda s: account_admin.create_revocation(s, actor, target, reason, ttl)
+    )
     assert row.company_id is not None  # a revocation is always of a company's subject
     try:
         await revoke(deps.store, target.kind, target.value, row.company_id, ttl)
@@ -65,27 +51,10 @@ async def lift_revocation(request: Request) -> Response:
     principal = await authenticate(request)
     revocation_id = str(request.path_params["revocation_id"])
     deps = get_deps(request)
-    rid = request_id(request)
-
-    def run(session: Session) -> Revocation:
-        found = session.get(Revocation, revocation_id)
-        before = None if found is None else revoking.revocation_public(found)
-        row = revoking.lift_revocation(session, principal, revocation_id)  # 404 unless allowed
-        after = revoking.revocation_public(row)
-        if before != after:  # lifting a lifted revocation changes nothing
-            audit.record_admin(
-                session,
-                actor=accounts.actor_of(principal),
-                action=audit.REVOCATION_LIFT,
-                company_id=row.company_id,
-                target=f"{row.kind}:{row.value}",
-                request_id=rid,
-                before=before,
-                after=after,
-            )
-        return row
-
-    row = await deps.db.transaction(run)
+    actor = account_admin.Actor(principal, request_id(request))
+    row = await deps.db.transaction(
+        lambda s: account_admin.lift_revocation(s, actor, revocation_id)
+    )
     assert row.company_id is not None  # lift_revocation refuses one without
     try:
         await deps.store.delete(revocation_key(row.kind, row.value, row.company_id))
