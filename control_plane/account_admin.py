@@ -6,6 +6,7 @@ secret (a key's prefix, a user's `has_password`, a signing key's kid)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,15 +32,51 @@ class Actor:
         return accounts.actor_of(self.principal)
 
 
-def create_company(session: Session, a: Actor, name: str, credits_micro: int) -> Company:
-    company = accounts.create_company(session, a.principal, name, credits_micro, a.request_id)
+def _record(
+    session: Session,
+    a: Actor,
+    action: str,
+    company_id: str | None,
+    target: str,
+    *,
+    before: Mapping[str, Any] | None = None,
+    after: Mapping[str, Any] | None = None,
+) -> None:
     audit.record_admin(
         session,
         actor=a.name,
-        action=audit.COMPANY_CREATE,
-        company_id=company.id,
-        target=f"company:{company.id}",
+        action=action,
+        company_id=company_id,
+        target=target,
         request_id=a.request_id,
+        before=before,
+        after=after,
+    )
+
+
+def _if_changed(
+    session: Session,
+    a: Actor,
+    action: str,
+    company_id: str | None,
+    target: str,
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any],
+) -> None:
+    """Audit an idempotent action only when it changed something (revoking a
+    revoked key, lifting a lifted revocation does not)."""
+    if before != after:
+        _record(session, a, action, company_id, target, before=before, after=after)
+
+
+def create_company(session: Session, a: Actor, name: str, credits_micro: int) -> Company:
+    company = accounts.create_company(session, a.principal, name, credits_micro, a.request_id)
+    _record(
+        session,
+        a,
+        audit.COMPANY_CREATE,
+        company.id,
+        f"company:{company.id}",
         after=accounts.company_public(company),
     )
     return company
@@ -62,13 +99,12 @@ def create_user(
         password_hash=password_hash,
         role=role,
     )
-    audit.record_admin(
+    _record(
         session,
-        actor=a.name,
-        action=audit.USER_CREATE,
-        company_id=user.company_id,
-        target=f"user:{user.id}",
-        request_id=a.request_id,
+        a,
+        audit.USER_CREATE,
+        user.company_id,
+        f"user:{user.id}",
         after={**accounts.user_public(user), "has_password": password_hash is not None},
     )
     return user
@@ -78,13 +114,12 @@ def set_role(session: Session, a: Actor, user_id: str, role: str) -> User:
     """`accounts.set_role`, audited when the role did change."""
     user, previous = accounts.set_role(session, a.principal, user_id, role)
     if previous != role:
-        audit.record_admin(
+        _record(
             session,
-            actor=a.name,
-            action=audit.USER_ROLE,
-            company_id=user.company_id,
-            target=f"user:{user.id}",
-            request_id=a.request_id,
+            a,
+            audit.USER_ROLE,
+            user.company_id,
+            f"user:{user.id}",
             before={"role": previous},
             after={"role": role},
         )
@@ -96,21 +131,14 @@ def create_api_key(session: Session, a: Actor, user_id: str, scopes: Any) -> acc
     row = session.get(ApiKey, created.id)
     user = session.get(User, user_id)
     assert row is not None and user is not None
-    audit.record_admin(
-        session,
-        actor=a.name,
-        action=audit.API_KEY_CREATE,
-        company_id=user.company_id,
-        target=f"api_key:{created.id}",
-        request_id=a.request_id,
-        after=accounts.api_key_public(row),  # the prefix only, never the key
-    )
+    shown = accounts.api_key_public(row)  # the prefix only, never the key
+    _record(session, a, audit.API_KEY_CREATE, user.company_id, f"api_key:{row.id}", after=shown)
     return created
 
 
 def revoke_api_key(session: Session, a: Actor, key_id: str) -> None:
     """`accounts.revoke_api_key` (404 unless the caller may), audited when it
-    changed something: revoking a revoked key does not."""
+    changed something."""
     row = session.get(ApiKey, key_id)
     before = None if row is None else accounts.api_key_public(row)
     accounts.revoke_api_key(session, a.principal, key_id)
@@ -118,17 +146,9 @@ def revoke_api_key(session: Session, a: Actor, key_id: str) -> None:
     assert row is not None and user is not None
     session.refresh(row)
     after = accounts.api_key_public(row)
-    if before != after:
-        audit.record_admin(
-            session,
-            actor=a.name,
-            action=audit.API_KEY_REVOKE,
-            company_id=user.company_id,
-            target=f"api_key:{key_id}",
-            request_id=a.request_id,
-            before=before,
-            after=after,
-        )
+    _if_changed(
+        session, a, audit.API_KEY_REVOKE, user.company_id, f"api_key:{key_id}", before, after
+    )
 
 
 def rotate_signing_key(
@@ -138,15 +158,8 @@ def rotate_signing_key(
     `max_life` seconds ago, so they signed only expired tokens)."""
     retired = retire_superseded_keys(session, now, max_life)
     kid, _ = create_signing_key(session, fernet)
-    audit.record_admin(
-        session,
-        actor=a.name,
-        action=audit.SIGNING_KEY_ROTATE,
-        company_id=None,
-        target=f"signing_key:{kid}",
-        request_id=a.request_id,
-        after={"kid": kid, "retired": retired},
-    )
+    done = {"kid": kid, "retired": retired}
+    _record(session, a, audit.SIGNING_KEY_ROTATE, None, f"signing_key:{kid}", after=done)
     return kid, retired
 
 
@@ -154,34 +167,18 @@ def create_revocation(
     session: Session, a: Actor, target: revoking.Target, reason: str | None, ttl: int
 ) -> Revocation:
     row = revoking.create_revocation(session, a.principal, target, reason, ttl)
-    audit.record_admin(
-        session,
-        actor=a.name,
-        action=audit.REVOCATION_CREATE,
-        company_id=row.company_id,
-        target=f"{row.kind}:{row.value}",
-        request_id=a.request_id,
-        after=revoking.revocation_public(row),
-    )
+    shown, subject = revoking.revocation_public(row), f"{row.kind}:{row.value}"
+    _record(session, a, audit.REVOCATION_CREATE, row.company_id, subject, after=shown)
     return row
 
 
 def lift_revocation(session: Session, a: Actor, revocation_id: str) -> Revocation:
     """`revoking.lift_revocation` (404 unless the caller may), audited when it
-    changed something: lifting a lifted revocation does not."""
+    changed something."""
     found = session.get(Revocation, revocation_id)
     before = None if found is None else revoking.revocation_public(found)
     row = revoking.lift_revocation(session, a.principal, revocation_id)
     after = revoking.revocation_public(row)
-    if before != after:
-        audit.record_admin(
-            session,
-            actor=a.name,
-            action=audit.REVOCATION_LIFT,
-            company_id=row.company_id,
-            target=f"{row.kind}:{row.value}",
-            request_id=a.request_id,
-            before=before,
-            after=after,
-        )
+    subject = f"{row.kind}:{row.value}"
+    _if_changed(session, a, audit.REVOCATION_LIFT, row.company_id, subject, before, after)
     return row
