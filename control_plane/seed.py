@@ -14,7 +14,7 @@ from sqlmodel import col
 from control_plane.audit import SEED_ACTOR
 from control_plane.credentials import hash_password, new_api_key
 from control_plane.db import Database
-from control_plane.grants import grant
+from control_plane.grants import move
 from control_plane.policy import scopes_for_role
 from control_plane.tables import ApiKey, Company, User, new_id, utcnow
 from shared.pricing import MICRO
@@ -35,10 +35,11 @@ def _seed(session: Session, password_hash: str) -> str:
         )
         session.add(company)
         session.flush()
-        grant(
+        move(
             session,
             company.id,
             DEMO_CREDITS_MICRO,
+            kind="grant",
             reason="demo credits",
             actor=SEED_ACTOR,
             request_id=None,
