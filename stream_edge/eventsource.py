@@ -29,9 +29,10 @@ from stream_edge.admission import (
 )
 from stream_edge.errors import BadRequest, NotFound, Unauthorized
 from stream_edge.formats import EventSourceWriter
-from stream_edge.jobs import Attempt, StreamJob, done_key
+from stream_edge.jobs import Attempt, StreamJob
 from stream_edge.resume import (
     ResumeLog,
+    done_key,
     events_key,
     follow,
     live_key,
@@ -39,9 +40,8 @@ from stream_edge.resume import (
     wait_for_reconnect,
     within_grace,
 )
-from stream_edge.routes import Streamed
 from stream_edge.state import EdgeState
-from stream_edge.streaming import Emit, EventStreamResponse
+from stream_edge.streaming import Emit, EventStreamResponse, Streamed
 from stream_edge.upstream.base import UpstreamEvent
 
 logger = logging.getLogger("llmgw.edge.eventsource")
@@ -147,7 +147,7 @@ async def event_stream(request: Request) -> Response:
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
     )
-    return Streamed(state, stream, grant, writer.error, live=(live_key(grant.jti), None))
+    return Streamed(state.active, stream, grant, writer.error, live=(live_key(grant.jti), None))
 
 
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
@@ -197,5 +197,9 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         detachable=True,
     )
     return Streamed(
-        state, stream, None, lambda code, message: b"", live=(live_key(grant.jti), connection)
+        state.active,
+        stream,
+        None,
+        lambda code, message: b"",
+        live=(live_key(grant.jti), connection),
     )

@@ -42,10 +42,6 @@ log = logging.getLogger("llmgw.edge.jobs")
 ENQUEUE_ATTEMPTS = 3
 
 
-def done_key(jti: str) -> str:
-    return f"done:{jti}"
-
-
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One model of the stream's chain (issue 16.2), with the request as it goes to it."""
