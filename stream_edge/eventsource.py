@@ -27,9 +27,10 @@ from stream_edge.admission import (
     route,
     verified_grant,
 )
+from stream_edge.attempts import Attempt
 from stream_edge.errors import BadRequest, NotFound, Unauthorized
 from stream_edge.formats import EventSourceWriter
-from stream_edge.jobs import Attempt, StreamJob
+from stream_edge.jobs import StreamJob
 from stream_edge.resume import (
     ResumeLog,
     done_key,
@@ -119,12 +120,12 @@ async def event_stream(request: Request) -> Response:
                 for frame in writer.tool_call_frames():  # whole calls, before `complete`
                     log.append(frame)
                     await emit(frame)
-                billing = job.meter.billing()
+                billing = job.backend.meter.billing()
                 final = writer.complete(
-                    job.meter.finish_reason,
+                    job.backend.meter.finish_reason,
                     billing.input_tokens,
                     billing.output_tokens,
-                    model=job.model.id,
+                    model=job.backend.model.id,
                 )
             else:
                 final = writer.error(

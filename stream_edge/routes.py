@@ -26,6 +26,7 @@ from stream_edge.admission import (
     route,
     verified_grant,
 )
+from stream_edge.attempts import Attempt
 from stream_edge.errors import (
     EdgeError,
     Forbidden,
@@ -35,7 +36,7 @@ from stream_edge.errors import (
     error_response,
 )
 from stream_edge.formats import OpenAIChunkWriter, completion_object
-from stream_edge.jobs import Attempt, StreamJob
+from stream_edge.jobs import StreamJob
 from stream_edge.requests import ChatRequest, parse_chat_request
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse, Streamed
@@ -98,11 +99,11 @@ async def serve(
 ) -> Response:
     response = await job.open(stream=chat.stream)
     # What serves: the grant's model, or the fallback the chain moved to.
-    model, provider = job.model, job.provider
+    model, provider = job.backend.model, job.backend.provider
     if not chat.stream:
         completion = await job.read_completion(response)
         await job.report("finished")
-        billing = job.meter.billing()
+        billing = job.backend.meter.billing()
         usage = completion.usage or Usage(billing.input_tokens, billing.output_tokens)
         return JSONResponse(
             completion_object(
