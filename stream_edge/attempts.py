@@ -28,7 +28,7 @@ class Attempt:
     input_estimate: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per stream, and a frozen init costs ~1 µs
 class Backend:
     """The attempt a stream is on: the one that serves, or the last one tried. A
     fallback gets a fresh one (and so a fresh meter: only what serves is billed)."""
