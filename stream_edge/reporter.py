@@ -29,6 +29,9 @@ ENQUEUE_BACKOFF = Backoff(base=0.2, cap=1.0)
 
 @dataclass(slots=True)
 class Reporter:
+    """One stream's report: `started` when it opens, `report` once it ends (or fails
+    before it could open); later calls of `report` do nothing."""
+
     state: EdgeState
     grant: StreamGrant
     accepted_at: float
