@@ -74,6 +74,11 @@ def attached_key(jti: str) -> str:
     return f"attached:{jti}"
 
 
+def done_key(jti: str) -> str:
+    """Holds the stream's end time once its log is complete (see `within_grace`)."""
+    return f"done:{jti}"
+
+
 def live_key(jti: str) -> str:
     """Names the one connection that may serve the stream now (absent: the first)."""
     return f"live:{jti}"

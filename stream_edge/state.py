@@ -51,5 +51,5 @@ class EdgeState:
     # LLMGW_EDGE_SERVICE_SECRET is unset and `sk_…` keys are refused.
     control_plane: ControlPlaneLink | None = None
     draining: bool = False
-    # Streams being served (routes.Streamed), so a shutdown can end them.
+    # Streams being served (streaming.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)
