@@ -93,7 +93,10 @@ class ControlPlaneSettings(CommonSettings):
         if auth_jwt_secret is not None or auth_jwks_url is not None:
             # Without both, a token the same provider minted for another service (or
             # another provider sharing the key) would sign users in here.
-            for name, value in (("LLMGW_AUTH_JWT_AUDIENCE", audience), ("LLMGW_AUTH_JWT_ISSUER", issuer)):
+            for name, value in (
+                ("LLMGW_AUTH_JWT_AUDIENCE", audience),
+                ("LLMGW_AUTH_JWT_ISSUER", issuer),
+            ):
                 if value is None:
                     raise ConfigError(
                         f"{name} is required when LLMGW_AUTH_JWT_SECRET or "
@@ -121,7 +124,9 @@ class ControlPlaneSettings(CommonSettings):
             company_webhooks_allow_private=env_flag(
                 env, "LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE", False
             ),
-            login_failures_per_15min=env_int(env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000),
+            login_failures_per_15min=env_int(
+                env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000
+            ),
             max_pending_inits_per_user=env_int(
                 env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000
             ),

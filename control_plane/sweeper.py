@@ -268,7 +268,9 @@ async def sweep_silent_streams(
     return SweepResult(settled=settled)
 
 
-async def run_sweeper(db: Database, store: Store, metrics: Metrics, settings: ControlPlaneSettings) -> None:
+async def run_sweeper(
+    db: Database, store: Store, metrics: Metrics, settings: ControlPlaneSettings
+) -> None:
     """Sweep every ``LLMGW_SWEEP_INTERVAL_SECONDS`` until cancelled (the app's
     lifespan owns it)."""
     interval = settings.sweep_interval_seconds

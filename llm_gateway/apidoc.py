@@ -229,7 +229,7 @@ def render() -> str:
         "",
         "## Settings",
         "",
-        "From `.env.example` (a value there is its example or default). \"read by\": the",
+        'From `.env.example` (a value there is its example or default). "read by": the',
         "service whose settings read it (`control_plane/settings.py`,",
         "`stream_edge/settings.py`; both: `shared/settings.py`), else who else does.",
         "",

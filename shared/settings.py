@@ -72,9 +72,7 @@ def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int
     return value
 
 
-def env_float(
-    env: Mapping[str, str], name: str, default: float, low: float, high: float
-) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
