@@ -25,6 +25,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from control_plane.settings import ControlPlaneSettings
 from llm_gateway.http_guard import http_protocol
 from llm_gateway.servers import limits_of
 from shared.logs import configure_logging
@@ -47,7 +48,6 @@ def _worker_start() -> None:
 def control_plane_app() -> Starlette:
     """uvicorn's app factory in a control-plane worker."""
     from control_plane.app import create_app
-    from control_plane.settings import ControlPlaneSettings
 
     _worker_start()
     return create_app(ControlPlaneSettings.from_env(os.environ))
@@ -97,8 +97,6 @@ def serve_workers(
     path = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="llmgw-metrics-")
     reset_multiproc_dir(path)
     os.environ[MULTIPROC_ENV] = path
-    from control_plane.settings import ControlPlaneSettings
-
     if isinstance(settings, ControlPlaneSettings) and settings.auto_migrate:
         # Once, here, rather than racing in every worker.
         from control_plane.migrate import upgrade

@@ -140,7 +140,7 @@ class CommonSettings:
     # `upr` claim's sub-keys from it (or reads LLMGW_ROUTE_KEY instead).
     encryption_keys: tuple[Secret, ...]
     store_transcripts: bool
-    # The hold's grace (control plane: its deadline; edge: its slots' lease), the
+    # The hold's grace (control plane: its deadline; edge: its checkpoints' TTL), the
     # longest stream (edge: its cap; control plane: a revocation's lifetime) and the
     # resume grace (edge: replay; control plane: the sweeper's silence limit) are
     # read by both, so both check at start that a hold outlives its longest stream.
