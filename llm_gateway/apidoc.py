@@ -152,7 +152,8 @@ class _Recording(Mapping[str, str]):
 
 def settings_read_by() -> dict[str, str]:
     """`LLMGW_*` name → "both", "control plane" or "edge": which service's settings
-    look it up in the environment, found by building each from a recording one."""
+    look it up in the environment, found by building each from a recording one
+    (the `from_env`s look every name up, set or not, so defaults are enough)."""
     from control_plane.settings import ControlPlaneSettings
     from shared.webhooks import generate_secret
     from stream_edge.settings import EdgeSettings
