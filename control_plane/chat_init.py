@@ -51,13 +51,13 @@ from control_plane.errors import (
 from control_plane.fallbacks import ChainEntry
 from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
 from shared.input_size import InputRejected, content_text, missing_features, params_tokens
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
-from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import (
     AGENT_CLAIM,
@@ -245,7 +245,7 @@ class StorageLimits:
     max_request_bytes: int = 2 * 1024 * 1024
 
     @classmethod
-    def of(cls, settings: Settings) -> StorageLimits:
+    def of(cls, settings: ControlPlaneSettings) -> StorageLimits:
         return cls(
             chat_sessions.SessionLimits(settings.max_session_messages, settings.max_session_bytes),
             settings.max_request_bytes,
@@ -479,9 +479,9 @@ async def count_tokens(deps: Deps, reservation: Reservation) -> None:
         raise
 
 
-def hold_deadline(issued: int, settings: Settings) -> datetime:
+def hold_deadline(issued: int, settings: ControlPlaneSettings) -> datetime:
     """When the sweeper may reconcile a hold whose stream never reported: the
-    token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `Settings` guarantees that grace
+    token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `ControlPlaneSettings` guarantees that grace
     covers the longest stream the token can start (issue 11.4), so a live stream is
     never settled from a checkpoint for running long."""
     return datetime.fromtimestamp(

@@ -33,8 +33,8 @@ from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.errors import NotFound, ValidationFailed
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, Reservation, Revocation, User, iso, new_id, utcnow
-from shared.settings import Settings
 
 TARGETS = (("user_id", "user"), ("company_id", "company"), ("jti", "jti"))
 
@@ -57,7 +57,7 @@ def parse_target(doc: dict[str, Any]) -> Target:
     return Target(kind, value)
 
 
-def revocation_ttl(settings: Settings) -> int:
+def revocation_ttl(settings: ControlPlaneSettings) -> int:
     return settings.token_ttl_seconds + settings.max_stream_seconds + 60
 
 

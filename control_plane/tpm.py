@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from control_plane.errors import ServiceUnavailable, TpmExceeded
 from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
-from shared.settings import Settings
+from control_plane.settings import ControlPlaneSettings
 from shared.store import CounterStore, KeyValueStore
 
 log = logging.getLogger("control_plane.tpm")
@@ -37,7 +37,7 @@ class TpmLimits:
     per_company: int = 0
 
     @classmethod
-    def of(cls, settings: Settings) -> TpmLimits:
+    def of(cls, settings: ControlPlaneSettings) -> TpmLimits:
         return cls(settings.tpm_per_user, settings.tpm_per_company)
 
     @property

@@ -18,7 +18,6 @@ from starlette.routing import Route
 from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
 from shared.route_claim import route_ciphers_from_keys
-from shared.settings import Settings
 from shared.store import Store
 from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
@@ -33,6 +32,7 @@ from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.revocation_watch import watch_revocations
+from stream_edge.settings import EdgeSettings
 from stream_edge.spool import Spool
 from stream_edge.state import EdgeState
 from stream_edge.upstream_client import RetryPolicy
@@ -40,7 +40,7 @@ from stream_edge.upstream_client import RetryPolicy
 log = logging.getLogger("llmgw.edge")
 
 
-def upstream_client(settings: Settings) -> Http1Client:
+def upstream_client(settings: EdgeSettings) -> Http1Client:
     """One pooled client for the backends: a short connect, a long read (the idle gap
     between two tokens). Our own lean HTTP/1.1 client, not httpx: see http1.py for the
     measured difference on the hot path."""
@@ -50,7 +50,7 @@ def upstream_client(settings: Settings) -> Http1Client:
     )
 
 
-def spool_directory(settings: Settings) -> Path:
+def spool_directory(settings: EdgeSettings) -> Path:
     """One subdirectory per deployment (control plane and store), so edges of
     different deployments sharing `LLMGW_SPOOL_DIR` never drain each other's reports
     into the wrong outbox."""
@@ -81,7 +81,7 @@ async def drain(state: EdgeState) -> None:
         log.info("ended %d streams still running after the drain", len(state.active))
 
 
-def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+def create_app(settings: EdgeSettings, store: Store | None = None) -> Starlette:
     # The `upr` claim's keys (DESIGN §11): refuse to start without them.
     route_cipher = route_ciphers_from_keys(settings.route_cipher_keys())
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.catalog import ModelSpec, Provider
-from shared.settings import Settings
 from shared.tokens import StreamGrant
 from stream_edge.admission import Route
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics, model_label, provider_label
+from stream_edge.settings import EdgeSettings
 from stream_edge.upstream import adapter_for
 from stream_edge.upstream.base import Adapter, CallerContext, UpstreamCall
 
@@ -41,7 +41,7 @@ class Backend:
     provider_label: str
 
     @classmethod
-    def of(cls, attempt: Attempt, settings: Settings) -> Backend:
+    def of(cls, attempt: Attempt, settings: EdgeSettings) -> Backend:
         provider = attempt.route.provider
         catalog = settings.catalog
         return cls(
@@ -74,7 +74,7 @@ class Backend:
 def upstream_call(
     attempt: Attempt,
     grant: StreamGrant,
-    settings: Settings,
+    settings: EdgeSettings,
     *,
     stream: bool,
     key: str | None,

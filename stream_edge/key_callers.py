@@ -33,7 +33,6 @@ from starlette.responses import JSONResponse, Response
 from shared.input_size import MAX_JSON_DEPTH, json_too_deep
 from shared.request_id import current_request_id
 from shared.service_calls import INIT_PATH, MODELS_PATH, is_api_key, key_digest, signed_headers
-from shared.settings import Settings
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from shared.webhooks import UsageEvent, iso_utc
@@ -41,6 +40,7 @@ from stream_edge.admission import bearer, edge_state, verified_grant
 from stream_edge.errors import BadRequest, EdgeError, InitRefused, ServiceUnavailable, Unauthorized
 from stream_edge.http1 import Http1Client
 from stream_edge.limits import slot_keys
+from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 
 log = logging.getLogger("llmgw.edge.keys")
@@ -147,7 +147,7 @@ class ControlPlaneLink:
         self._secret = secret
 
     @classmethod
-    def of(cls, settings: Settings) -> ControlPlaneLink | None:
+    def of(cls, settings: EdgeSettings) -> ControlPlaneLink | None:
         if not settings.edge_service_secrets:
             return None
         client = Http1Client(connect_timeout=5.0, read_timeout=30.0)

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from cryptography.fernet import MultiFernet
 
-from shared.settings import Settings
 from shared.store import Store
 from shared.tokens import StreamGrant
 from stream_edge.breaker import Breakers
@@ -16,6 +15,7 @@ from stream_edge.http1 import Http1Client
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
+from stream_edge.settings import EdgeSettings
 from stream_edge.upstream_client import RetryPolicy
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class RunningStream(Protocol):
 
 @dataclass
 class EdgeState:
-    settings: Settings
+    settings: EdgeSettings
     store: Store
     client: Http1Client
     grants: GrantVerifier
