@@ -125,6 +125,13 @@ async def lookup(cache: CatalogCache | None, store: Store, company_id: str) -> L
     return None if version is None else Lookup(cache, version)
 
 
+def lookup_of(cache: CatalogCache | None, raw_version: bytes | None) -> Lookup | None:
+    """`lookup` for a version already read from the store (by `init_gate`)."""
+    if cache is None:
+        return None
+    return Lookup(cache, ABSENT if raw_version is None else raw_version.decode("ascii", "replace"))
+
+
 async def invalidate(store: Store, company_id: str) -> None:
     """After a change to the company's providers or models has committed: every
     process's cached entry for it stops matching. Best effort: if the store fails,

@@ -28,6 +28,7 @@ from control_plane import (
     chat_sessions,
     company_llm,
     hot_statements,
+    init_gate,
     pending_inits,
     tpm,
 )
@@ -507,24 +508,17 @@ async def init_chat(
     hold_expires_at = hold_deadline(issued, settings)
     assert principal.user_id is not None and principal.company_id is not None
     user_id = principal.user_id
-    await tpm.precheck(
+    llm = await init_gate.enter(
         deps.store,
-        tpm.TpmLimits.of(settings),
+        settings,
         user_id=user_id,
         company_id=principal.company_id,
-        now=now.timestamp(),
-    )
-    await pending_inits.take(
-        deps.store,
-        company_id=principal.company_id,
-        user_id=user_id,
         jti=jti,
         expires_at=hold_expires_at.timestamp(),
-        now=time.time(),
-        limit=settings.max_pending_inits_per_user,
+        at=init_gate.Moment(rate_now=deps.clock(), tpm_now=now.timestamp(), wall_now=time.time()),
+        cache=deps.catalog_cache,
     )
     try:
-        llm = await catalog_cache.lookup(deps.catalog_cache, deps.store, principal.company_id)
         reserved = await deps.db.transaction(
             lambda s: reserve(
                 s,

@@ -55,12 +55,16 @@ async def take(
         log.exception("pending-init counter unavailable")
         raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
     if frees_at is not None:
-        retry_after = max(1, math.ceil(frees_at - now))
-        raise TooManyPendingInits(
-            f"You have {limit} chat inits whose streams have not started; start or "
-            f"let them expire (retry in {retry_after} s).",
-            retry_after,
-        )
+        raise refusal(limit, frees_at, now)
+
+
+def refusal(limit: int, frees_at: float, now: float) -> TooManyPendingInits:
+    retry_after = max(1, math.ceil(frees_at - now))
+    return TooManyPendingInits(
+        f"You have {limit} chat inits whose streams have not started; start or "
+        f"let them expire (retry in {retry_after} s).",
+        retry_after,
+    )
 
 
 async def forget(store: Store, user_id: str, jti: str) -> None:

@@ -47,6 +47,53 @@ class Admitted:
     fetched: bytes | None = None
 
 
+# --- init's gate (issue 14.3): everything init checks and counts in the store ----
+
+
+@dataclass(frozen=True, slots=True)
+class InitGate:
+    """What ``POST /v1/chat/init`` checks and counts in the store before it holds
+    credits, in one atomic step (one round trip to a single Redis), in this order:
+
+    1. the init counters of `rate_keys` (user, company), each counted in its fixed
+       window (`hit`) and refused past `rate_limits[i]`; a refusal stops there, the
+       later counters uncounted;
+    2. the tokens-per-minute counters `tpm_keys`: refused when one already holds
+       `tpm_limits[i]` or more (read only; empty when TPM is off);
+    3. `member` added to the bounded set `pending_key` until `expires_at`, unless it
+       already holds `pending_limit` others once the expired members and those whose
+       stream started (`used_prefix` + member exists: the edge's used mark) are
+       dropped; the started ones are looked up only when the set is full;
+    4. `fetch_key`'s value read back (the company's LLM-config version).
+    """
+
+    rate_keys: list[str]
+    rate_limits: list[int]
+    rate_window_seconds: float
+    tpm_keys: list[str]
+    tpm_limits: list[int]
+    pending_key: str
+    used_prefix: str
+    member: str
+    now: float
+    expires_at: float
+    pending_limit: int
+    fetch_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InitGated:
+    # ok: counted and added; rate / tpm: `index` names the refusing key; pending:
+    # the set is full and a place frees at `frees_at` at the latest.
+    verdict: Literal["ok", "rate", "tpm", "pending"]
+    index: int = -1
+    frees_at: float = 0.0
+    fetched: bytes | None = None
+
+
+# --- end of init's gate ------------------------------------------------------------
+
+
 class Store(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
@@ -131,6 +178,11 @@ class Store(Protocol):
         ...
 
     async def bounded_remove(self, key: str, member: str) -> None: ...
+
+    # --- init's gate (issue 14.3) ---
+    async def init_gate(self, gate: InitGate) -> InitGated:
+        """Run `gate` atomically: init's store work in one round trip (`InitGate`)."""
+        ...
 
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         """Append to an ordered log (a stream's events, for resuming); returns its length."""
