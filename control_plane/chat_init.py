@@ -274,7 +274,7 @@ def reserve(
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
     company = session.execute(
-        hot_statements.SELECT_COMPANY_FOR_INIT, {"p_id": principal.company_id}
+        hot_statements.SELECT_COMPANY_FOR_INIT_WITH_BUDGETS, {"p_id": principal.company_id}
     ).first()
     if company is None:
         raise Forbidden("Your company no longer exists.")
@@ -355,7 +355,8 @@ def reserve(
     # Lock order, as in settlement: the company row (the hold), then the budget
     # periods (`budgets`), then the session row.
     take_hold(session, reservation)
-    hold_budgets(session, principal, reservation)
+    if company.has_budgets:
+        hold_budgets(session, principal, reservation)
     if chat is None:  # a new session: created with its first turn, after the hold
         appended = chat_sessions.create_with_messages(
             session, session_id, company.id, principal.user_id, new_turn, limits.session, now
