@@ -15,7 +15,7 @@ attribute instrumentation) on the hot path.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -64,7 +64,8 @@ class NewReservation:
     fallbacks: list[dict[str, str]] | None
 
     def row(self) -> dict[str, Any]:
-        return dict(zip(RESERVATION_COLUMNS, astuple(self), strict=True))
+        # Not `dataclasses.astuple`: it deep-copies every value (the fallbacks list).
+        return {name: getattr(self, name) for name in RESERVATION_COLUMNS}
 
 
 RESERVATION_COLUMNS = tuple(f.name for f in fields(NewReservation))
