@@ -55,8 +55,12 @@ async def check_init_rate(
             log.exception("rate-limit counter unavailable")
             raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
         if count > limit:
-            raise RateLimited(
-                f"Too many chat inits for this {scope} ({limit} per minute); "
-                f"retry in {window.retry_after} s.",
-                window.retry_after,
-            )
+            raise refusal(scope, limit, window)
+
+
+def refusal(scope: str, limit: int, window: Window) -> RateLimited:
+    return RateLimited(
+        f"Too many chat inits for this {scope} ({limit} per minute); "
+        f"retry in {window.retry_after} s.",
+        window.retry_after,
+    )

@@ -53,7 +53,7 @@ def tpm_key(scope: str, subject: str, window: Window) -> str:
     return f"tpm:{scope}:{subject}:{window.start}"
 
 
-def _refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
+def refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
     return TpmExceeded(
         f"Too many tokens for this {scope} ({limit} per minute); retry in {window.retry_after} s.",
         window.retry_after,
@@ -79,7 +79,7 @@ async def precheck(
         raise _unavailable() from None
     for (scope, _, limit), raw in zip(scopes, values, strict=True):
         if raw is not None and int(raw) >= limit:
-            raise _refusal(scope, limit, window)
+            raise refusal(scope, limit, window)
 
 
 async def take(
@@ -102,7 +102,7 @@ async def take(
             if total > limit:
                 for back in counted:
                     await store.add(back, -tokens, WINDOW_SECONDS)
-                raise _refusal(scope, limit, window)
+                raise refusal(scope, limit, window)
     except TpmExceeded:
         raise
     except Exception:

@@ -6,9 +6,10 @@ carries a TTL so a crashed process leaks nothing for long, except the outbox, th
 durable record of unbilled usage.
 
 Each caller names the protocol it uses (`KeyValueStore`, `CounterStore`,
-`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`); `Store` joins them
-for the app state that hands one object to all. `shared/store_factory.py` picks a
-backend; this module imports neither, so the backends can import it.
+`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`, `InitGateStore`);
+`Store` joins them for the app state that hands one object to all.
+`shared/store_factory.py` picks a backend; this module imports neither, so the
+backends can import it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,47 @@ class Admitted:
     # taken); used: used by another path; revoked; full: `full_index` names the key.
     verdict: Literal["ok", "reconnect", "used", "revoked", "full"]
     full_index: int = -1
+    fetched: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InitGate:
+    """What ``POST /v1/chat/init`` checks and counts in the store before it holds
+    credits, in one atomic step (one round trip to a single Redis), in this order:
+
+    1. the init counters of `rate_keys` (user, company), each counted in its fixed
+       window (`hit`) and refused past `rate_limits[i]`; a refusal stops there, the
+       later counters uncounted;
+    2. the tokens-per-minute counters `tpm_keys`: refused when one already holds
+       `tpm_limits[i]` or more (read only; empty when TPM is off);
+    3. `member` added to the bounded set `pending_key` until `expires_at`, unless it
+       already holds `pending_limit` others once the expired members and those whose
+       stream started (`used_prefix` + member exists: the edge's used mark) are
+       dropped; the started ones are looked up only when the set is full;
+    4. `fetch_key`'s value read back (the company's LLM-config version).
+    """
+
+    rate_keys: list[str]
+    rate_limits: list[int]
+    rate_window_seconds: float
+    tpm_keys: list[str]
+    tpm_limits: list[int]
+    pending_key: str
+    used_prefix: str
+    member: str
+    now: float
+    expires_at: float
+    pending_limit: int
+    fetch_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InitGated:
+    # ok: counted and added; rate / tpm: `index` names the refusing key; pending:
+    # the set is full and a place frees at `frees_at` at the latest.
+    verdict: Literal["ok", "rate", "tpm", "pending"]
+    index: int = -1
+    frees_at: float = 0.0
     fetched: bytes | None = None
 
 
@@ -170,6 +212,14 @@ class LogStore(Protocol):
         ...
 
 
+class InitGateStore(Protocol):
+    """Init's checks and counters in one atomic step (rates, TPM, pending grants)."""
+
+    async def init_gate(self, gate: InitGate) -> InitGated:
+        """Run `gate` atomically: init's store work in one round trip (`InitGate`)."""
+        ...
+
+
 class Store(
     KeyValueStore,
     CounterStore,
@@ -177,6 +227,7 @@ class Store(
     AdmissionStore,
     OutboxStore,
     LogStore,
+    InitGateStore,
     Protocol,
 ):
     """All of the above in one object, as the apps keep it in their state."""

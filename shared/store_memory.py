@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from shared.store import Admission, Admitted, SlotRelease
+from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 
 class MemoryStore:
@@ -155,6 +155,29 @@ class MemoryStore:
 
     async def bounded_remove(self, key: str, member: str) -> None:
         self._slots.get(key, {}).pop(member, None)
+
+    # --- init's gate (issue 14.3) -------------------------------------------------
+
+    async def init_gate(self, gate: InitGate) -> InitGated:
+        g = gate
+        for index, (key, limit) in enumerate(zip(g.rate_keys, g.rate_limits, strict=True)):
+            if await self.hit(key, g.rate_window_seconds) > limit:
+                return InitGated("rate", index)
+        for index, (key, limit) in enumerate(zip(g.tpm_keys, g.tpm_limits, strict=True)):
+            raw = self._live(key)
+            if raw is not None and int(raw) >= limit:
+                return InitGated("tpm", index)
+        members = self._bounded(g.pending_key, g.now)
+        if g.member not in members and len(members) >= g.pending_limit:
+            for started in [m for m in members if self._live(g.used_prefix + m) is not None]:
+                del members[started]
+            if len(members) >= g.pending_limit:
+                return InitGated("pending", frees_at=min(members.values()))
+        members[g.member] = g.expires_at
+        fetched = self._live(g.fetch_key) if g.fetch_key is not None else None
+        return InitGated("ok", fetched=fetched)
+
+    # --- end of init's gate ---------------------------------------------------------
 
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         now = self._clock()

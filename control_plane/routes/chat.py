@@ -33,8 +33,8 @@ async def serve_init(
     body: Callable[[Request], Awaitable[dict[str, Any]]],
 ) -> Response:
     """Init for `caller` (the public route's bearer, or an edge's API-key caller:
-    routes/internal.py): scope, init rate, body, `init_chat`. `body` is read only
-    once the caller may init."""
+    routes/internal.py): scope, body, `init_chat` (which counts the init rate).
+    `body` is read only once the caller may init."""
     deps = get_deps(request)
     outcome = "error"
     try:
@@ -42,15 +42,21 @@ async def serve_init(
         if not policy.can_chat(principal):
             raise Forbidden("This needs a user with the llm:chat:send scope.")
         assert principal.user_id is not None and principal.company_id is not None
-        await check_init_rate(
-            deps.store,
-            user_id=principal.user_id,
-            company_id=principal.company_id,
-            per_user=deps.settings.init_rate_per_user,
-            per_company=deps.settings.init_rate_per_company,
-            now=deps.clock(),
-        )
-        req = parse_init_request(await body(request))
+        try:
+            req = parse_init_request(await body(request))
+        except AppError:
+            # A refused body still counts as an init, and over the rate its answer
+            # is the 429: `init_chat` counts the others with the rest of its store
+            # work, in one round trip (`init_gate`).
+            await check_init_rate(
+                deps.store,
+                user_id=principal.user_id,
+                company_id=principal.company_id,
+                per_user=deps.settings.init_rate_per_user,
+                per_company=deps.settings.init_rate_per_company,
+                now=deps.clock(),
+            )
+            raise
         data = await init_chat(deps, principal, req, request_id(request))
         outcome = "ok"
         return ok(data, 201)
