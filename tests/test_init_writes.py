@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane import chat_sessions, hot_statements, init_writes
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
-from control_plane.grants import grant
+from control_plane.grants import move
 from control_plane.ledger import take_hold
 from control_plane.migrate import upgrade
 from control_plane.tables import Company, Reservation, User, new_id, utcnow
@@ -73,7 +73,15 @@ class Tenant:
                 )
             )
             s.flush()
-            grant(s, self.company_id, BALANCE, reason=None, actor="admin-token", request_id=None)
+            move(
+                s,
+                self.company_id,
+                BALANCE,
+                kind="grant",
+                reason=None,
+                actor="admin-token",
+                request_id=None,
+            )
 
         self.tx(setup)
 
