@@ -28,6 +28,7 @@ reply; grants lock the company only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -37,7 +38,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import audit, budgets, hot_statements
+from control_plane import audit, budgets, hot_statements, settle_statements
 from control_plane.errors import InsufficientCredits
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
@@ -169,6 +170,17 @@ class Settled:
     released_micro: int
 
 
+@dataclass(frozen=True, slots=True)
+class ToSettle:
+    """One reservation to settle in a batch, and what its rows say."""
+
+    reservation: Reservation
+    charge: int  # <= the hold
+    actor: str
+    request_id: str | None
+    details: dict[str, Any]
+
+
 def settle_reservation(
     session: Session,
     reservation: Reservation,
@@ -178,41 +190,68 @@ def settle_reservation(
     request_id: str | None,
     details: dict[str, Any] | None = None,
 ) -> Settled | None:
-    """Charge `charge` (≤ the hold) and release the rest, exactly once: None when the
-    reservation was already settled or released (by a concurrent duplicate, too).
+    """`settle_reservations` for one."""
+    item = ToSettle(reservation, charge, actor, request_id, details or {})
+    return settle_reservations(session, [item])[0]
 
-    The conditional UPDATE on the reservation's status is the exactly-once point: on
-    PostgreSQL a concurrent twin blocks on the row lock, then re-reads the row, sees
-    it settled and matches nothing."""
-    hold = reservation.hold_micro
-    assert 0 <= charge <= hold
+
+def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Settled | None]:
+    """Charge each item's `charge` (≤ its hold) and release the rest, exactly once:
+    None for a reservation already settled or released (by a concurrent duplicate,
+    too). Reservations must be distinct.
+
+    Set-based (issue 14.2): one conditional UPDATE flips every reservation still
+    active (`settle_statements.flip_reservations`: the exactly-once point), one
+    UPDATE moves each company's money summed over the flipped ones, the budgets
+    follow (`budgets.settle_many`), and the charge and release rows with their audit
+    events go in one INSERT per table. Locks follow the order above: reservations,
+    companies, budget periods."""
     now = utcnow()
-    if not hot_statements.flip_reservation(session, reservation.id, "settled", charge, now):
-        return None
-    hot_statements.settle_company(session, reservation.company_id, charge, hold)
-    budgets.settle(session, reservation.id, charge, now)
+    for item in items:
+        assert 0 <= item.charge <= item.reservation.hold_micro
+    flipped = settle_statements.flip_reservations(
+        session, [(item.reservation.id, item.charge) for item in items], now
+    )
+    done = [item for item in items if item.reservation.id in flipped]
+    if not done:
+        return [None] * len(items)
+    moves: dict[str, tuple[int, int]] = {}
+    for item in done:
+        charged, held = moves.get(item.reservation.company_id, (0, 0))
+        moves[item.reservation.company_id] = (
+            charged + item.charge,
+            held + item.reservation.hold_micro,
+        )
+    settle_statements.settle_companies(session, moves)
+    budgets.settle_many(session, [(item.reservation.id, item.charge) for item in done], now)
     hot_statements.write_entries(
         session,
         [
             hot_statements.entry_rows(
-                reservation.company_id,
+                item.reservation.company_id,
                 kind,
                 amount,
-                actor=actor,
-                reservation_id=reservation.id,
+                actor=item.actor,
+                reservation_id=item.reservation.id,
                 reason=reason,
-                request_id=request_id,
+                request_id=item.request_id,
                 idempotency_key=None,
-                details={"hold_micro": hold, **(details or {})},
+                details={"hold_micro": item.reservation.hold_micro, **item.details},
                 now=now,
             )
+            for item in done
             for kind, amount, reason in (
-                ("charge", -charge, "usage"),
-                ("release", hold - charge, "unused hold"),
+                ("charge", -item.charge, "usage"),
+                ("release", item.reservation.hold_micro - item.charge, "unused hold"),
             )
         ],
     )
-    return Settled(charged_micro=charge, released_micro=hold - charge)
+    return [
+        Settled(item.charge, item.reservation.hold_micro - item.charge)
+        if item.reservation.id in flipped
+        else None
+        for item in items
+    ]
 
 
 def release_reservation(

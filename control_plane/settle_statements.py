@@ -1,0 +1,203 @@
+"""Settlement's writes for a whole batch at once, one statement per table (issue 14.2).
+
+Each function takes the rows of every settlement in the batch and sends one
+statement on PostgreSQL: the rows go as arrays (``unnest``), so the SQL text is the
+same whatever the batch size (cached by SQLAlchemy, prepared once per connection
+by psycopg where allowed). The conditions are the per-row ones of
+`hot_statements` (a reservation flips only while ``active``; a session's counters
+move only within its caps), applied row by row by the database.
+
+SQLite (embedded dev mode) runs the same conditional statements one row at a time:
+it has no arrays to bind, and its writers are serialised by ``BEGIN IMMEDIATE``,
+so nothing runs beside them. Rows are sent in key order: two batches in two
+processes then lock the rows of one table in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import bindparam, func, select, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from control_plane import hot_statements
+from control_plane.tables import rowcount
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# --- webhook ids -------------------------------------------------------------------
+
+# A twin in flight in another transaction makes ON CONFLICT wait for it: once it
+# commits, the row is its own and this statement leaves it (no IntegrityError).
+_CLAIM_PG = text(
+    "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
+    "SELECT w, r, :now FROM unnest(CAST(:ids AS varchar[]), CAST(:reservations AS varchar[])) "
+    "AS v(w, r) ORDER BY w "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
+)
+_CLAIM_SQLITE = (
+    sqlite_insert(hot_statements.WEBHOOK_EVENTS)
+    .values(
+        webhook_id=bindparam("p_webhook_id"),
+        reservation_id=bindparam("p_reservation_id"),
+        received_at=bindparam("p_now"),
+    )
+    .on_conflict_do_nothing()
+)
+_OWNERS = select(
+    hot_statements.WEBHOOK_EVENTS.c.webhook_id, hot_statements.WEBHOOK_EVENTS.c.reservation_id
+).where(hot_statements.WEBHOOK_EVENTS.c.webhook_id.in_(bindparam("p_ids", expanding=True)))
+
+
+def claim_webhook_ids(
+    session: Session, claims: Sequence[tuple[str, str]], now: datetime
+) -> dict[str, tuple[str, bool]]:
+    """Record each (webhook id, reservation id) whose id is new. For every id: the
+    reservation its row names and whether this call wrote it (False: an earlier
+    delivery, committed, had it). Ids must be distinct."""
+    ordered = sorted(claims)
+    if _postgres(session):
+        result = session.execute(
+            _CLAIM_PG,
+            {
+                "ids": [w for w, _ in ordered],
+                "reservations": [r for _, r in ordered],
+                "now": now,
+            },
+        )
+        written = set(result.scalars())
+    else:
+        written = {
+            w
+            for w, r in ordered
+            if rowcount(
+                session.execute(
+                    _CLAIM_SQLITE, {"p_webhook_id": w, "p_reservation_id": r, "p_now": now}
+                )
+            )
+            == 1
+        }
+    owners = {w: (r, True) for w, r in ordered if w in written}
+    seen = [w for w, _ in ordered if w not in written]
+    if seen:
+        for w, r in session.execute(_OWNERS, {"p_ids": seen}):
+            owners[w] = (r, False)
+    return owners
+
+
+# --- reservations ------------------------------------------------------------------
+
+_FLIP_PG = text(
+    "UPDATE reservations AS r SET status = 'settled', charged_micro = v.charge, "
+    "settled_at = :now "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:charges AS bigint[])) AS v(id, charge) "
+    "WHERE r.id = v.id AND r.status = 'active' RETURNING r.id"
+)
+
+
+def flip_reservations(
+    session: Session, charges: Sequence[tuple[str, int]], now: datetime
+) -> set[str]:
+    """Settle each active reservation of `charges` (id, charge); the ids that were
+    still active, the exactly-once point: a concurrent twin waits on the row lock,
+    then finds it settled and matches nothing."""
+    ordered = sorted(charges)
+    if _postgres(session):
+        params = {"ids": [i for i, _ in ordered], "charges": [c for _, c in ordered], "now": now}
+        return set(session.execute(_FLIP_PG, params).scalars())
+    return {
+        reservation_id
+        for reservation_id, charge in ordered
+        if hot_statements.flip_reservation(session, reservation_id, "settled", charge, now)
+    }
+
+
+# --- companies ---------------------------------------------------------------------
+
+_SETTLE_COMPANIES_PG = text(
+    "UPDATE companies AS c SET balance_micro = c.balance_micro - v.charge, "
+    "held_micro = c.held_micro - v.hold "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:charges AS bigint[]), "
+    "CAST(:holds AS bigint[])) AS v(id, charge, hold) "
+    "WHERE c.id = v.id"
+)
+
+
+def settle_companies(session: Session, moves: dict[str, tuple[int, int]]) -> None:
+    """Each company's (charge, hold) summed over the batch: the charges leave the
+    balance, the whole holds leave ``held``; one UPDATE."""
+    ordered = sorted(moves.items())
+    if _postgres(session):
+        session.execute(
+            _SETTLE_COMPANIES_PG,
+            {
+                "ids": [c for c, _ in ordered],
+                "charges": [charge for _, (charge, _) in ordered],
+                "holds": [hold for _, (_, hold) in ordered],
+            },
+        )
+        return
+    for company_id, (charge, hold) in ordered:
+        hot_statements.settle_company(session, company_id, charge, hold)
+
+
+# --- chat sessions -----------------------------------------------------------------
+
+_GROW_SESSIONS_PG = text(
+    "UPDATE chat_sessions AS s SET updated_at = :now, "
+    "message_count = s.message_count + v.added, content_bytes = s.content_bytes + v.size "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:added AS bigint[]), CAST(:sizes AS bigint[]), "
+    "CAST(:max_messages AS bigint[]), CAST(:max_bytes AS bigint[])) "
+    "AS v(id, added, size, max_messages, max_bytes) "
+    "WHERE s.id = v.id AND s.message_count + v.added <= v.max_messages "
+    "AND s.content_bytes + v.size <= v.max_bytes RETURNING s.id"
+)
+_LAST_SEQS = (
+    select(hot_statements.MESSAGES.c.session_id, func.max(hot_statements.MESSAGES.c.seq))
+    .where(hot_statements.MESSAGES.c.session_id.in_(bindparam("p_ids", expanding=True)))
+    .group_by(hot_statements.MESSAGES.c.session_id)
+)
+
+
+def grow_sessions(
+    session: Session, growth: Sequence[tuple[str, int, int, int, int]], now: datetime
+) -> set[str]:
+    """(session id, messages added, bytes added, max messages, max bytes) per session:
+    the counters of those that stay within their caps move (and their rows are
+    locked); returns those ids. A session absent or full is left as it is."""
+    ordered = sorted(growth)
+    if _postgres(session):
+        columns = list(zip(*ordered, strict=True))
+        params = {
+            "ids": list(columns[0]),
+            "added": list(columns[1]),
+            "sizes": list(columns[2]),
+            "max_messages": list(columns[3]),
+            "max_bytes": list(columns[4]),
+            "now": now,
+        }
+        return set(session.execute(_GROW_SESSIONS_PG, params).scalars())
+    grown = set()
+    for session_id, added, size, max_messages, max_bytes in ordered:
+        params = {
+            "p_id": session_id,
+            "p_added": added,
+            "p_size": size,
+            "p_max_messages": max_messages,
+            "p_max_bytes": max_bytes,
+            "p_now": now,
+        }
+        if rowcount(session.execute(hot_statements.APPEND_TO_SESSION, params)) == 1:
+            grown.add(session_id)
+    return grown
+
+
+def last_seqs(session: Session, session_ids: Sequence[str]) -> dict[str, int]:
+    """Each session's highest message number (absent: no message yet)."""
+    rows = session.execute(_LAST_SEQS, {"p_ids": list(session_ids)})
+    return {session_id: int(seq) for session_id, seq in rows if seq is not None}
