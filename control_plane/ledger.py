@@ -224,28 +224,27 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
         )
     settle_statements.settle_companies(session, moves)
     budgets.settle_many(session, [(item.reservation.id, item.charge) for item in done], now)
-    hot_statements.write_entries(
-        session,
-        [
-            hot_statements.entry_rows(
-                item.reservation.company_id,
-                kind,
-                amount,
-                actor=item.actor,
-                reservation_id=item.reservation.id,
-                reason=reason,
-                request_id=item.request_id,
-                idempotency_key=None,
-                details={"hold_micro": item.reservation.hold_micro, **item.details},
-                now=now,
-            )
-            for item in done
-            for kind, amount, reason in (
-                ("charge", -item.charge, "usage"),
-                ("release", item.reservation.hold_micro - item.charge, "unused hold"),
-            )
-        ],
-    )
+    rows = [
+        hot_statements.entry_rows(
+            item.reservation.company_id,
+            kind,
+            amount,
+            actor=item.actor,
+            reservation_id=item.reservation.id,
+            reason=reason,
+            request_id=item.request_id,
+            idempotency_key=None,
+            details={"hold_micro": item.reservation.hold_micro, **item.details},
+            now=now,
+        )
+        for item in done
+        for kind, amount, reason in (
+            ("charge", -item.charge, "usage"),
+            ("release", item.reservation.hold_micro - item.charge, "unused hold"),
+        )
+    ]
+    settle_statements.insert_rows(session, hot_statements.LEDGER, [entry for entry, _ in rows])
+    settle_statements.insert_rows(session, hot_statements.AUDIT, [event for _, event in rows])
     return [
         Settled(item.charge, item.reservation.hold_micro - item.charge)
         if item.reservation.id in flipped

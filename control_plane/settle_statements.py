@@ -15,10 +15,13 @@ processes then lock the rows of one table in the same order.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import JSON, CursorResult, Insert, Table, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -30,14 +33,75 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def _run(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[Any]:
+    """A PostgreSQL statement of this module, sent as it is (pyformat parameters)
+    on the session's connection, in its transaction: no compilation, no ORM layer,
+    half of `Session.execute`'s CPU (measured: ~95 against ~200 µs). Arrays go in
+    binary (``%(name)b``): psycopg's text format escapes each element with a regular
+    expression (measured: 480 against 180 µs for 16 rows of 5 columns)."""
+    return session.connection().exec_driver_sql(sql, params)
+
+
+# --- append-only rows ----------------------------------------------------------------
+
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+_INSERTS: dict[str, tuple[str, list[tuple[str, bool]]]] = {}
+_SQLITE_INSERTS: dict[str, Insert] = {}
+
+
+def _unnest_insert(table: Table) -> tuple[str, list[tuple[str, bool]]]:
+    """``INSERT INTO t (…) SELECT * FROM unnest(%(a)b, %(b)b, …)``, one array per column,
+    and which columns are JSON (sent as their JSON text)."""
+    found = _INSERTS.get(table.name)
+    if found is None:
+        quote = _PG.identifier_preparer.quote
+        columns = list(table.columns)
+        arrays = ", ".join(
+            f"CAST(%({c.name})b AS {c.type.compile(dialect=_PG)}[])" for c in columns
+        )
+        statement = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) "
+            f"SELECT * FROM unnest({arrays})"
+        )
+        found = _INSERTS[table.name] = (
+            statement,
+            [(c.name, isinstance(c.type, JSON)) for c in columns],
+        )
+    return found
+
+
+def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """`rows` (every column of `table`) in ONE INSERT on PostgreSQL. Not
+    executemany: psycopg pipelines one INSERT per row there and busy-polls the
+    socket until the server answers; nor SQLAlchemy's multi-row VALUES, which
+    rewrites the SQL row by row with regular expressions (each measured at a fifth
+    or more of a batch's CPU). A JSON value goes as its text (None: JSON null), as
+    SQLAlchemy's JSON type writes it."""
+    if not rows:
+        return
+    if not _postgres(session):
+        session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
+        return
+    statement, columns = _unnest_insert(table)
+    # A column a row leaves out is NULL, as in a Core INSERT (none has a default).
+    params = {
+        name: [json.dumps(row[name]) if name in row else None for row in rows]
+        if is_json
+        else [row.get(name) for row in rows]
+        for name, is_json in columns
+    }
+    _run(session, statement, params)
+
+
 # --- webhook ids -------------------------------------------------------------------
 
 # A twin in flight in another transaction makes ON CONFLICT wait for it: once it
 # commits, the row is its own and this statement leaves it (no IntegrityError).
-_CLAIM_PG = text(
+_CLAIM_PG = (
     "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
-    "SELECT w, r, :now FROM unnest(CAST(:ids AS varchar[]), CAST(:reservations AS varchar[])) "
-    "AS v(w, r) ORDER BY w "
+    "SELECT w, r, %(now)s "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(reservations)b AS varchar[])) AS v(w, r) "
+    "ORDER BY w "
     "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
 )
 _CLAIM_SQLITE = (
@@ -62,7 +126,8 @@ def claim_webhook_ids(
     delivery, committed, had it). Ids must be distinct."""
     ordered = sorted(claims)
     if _postgres(session):
-        result = session.execute(
+        result = _run(
+            session,
             _CLAIM_PG,
             {
                 "ids": [w for w, _ in ordered],
@@ -92,10 +157,10 @@ def claim_webhook_ids(
 
 # --- reservations ------------------------------------------------------------------
 
-_FLIP_PG = text(
+_FLIP_PG = (
     "UPDATE reservations AS r SET status = 'settled', charged_micro = v.charge, "
-    "settled_at = :now "
-    "FROM unnest(CAST(:ids AS varchar[]), CAST(:charges AS bigint[])) AS v(id, charge) "
+    "settled_at = %(now)s "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[])) AS v(id, charge) "
     "WHERE r.id = v.id AND r.status = 'active' RETURNING r.id"
 )
 
@@ -109,7 +174,7 @@ def flip_reservations(
     ordered = sorted(charges)
     if _postgres(session):
         params = {"ids": [i for i, _ in ordered], "charges": [c for _, c in ordered], "now": now}
-        return set(session.execute(_FLIP_PG, params).scalars())
+        return set(_run(session, _FLIP_PG, params).scalars())
     return {
         reservation_id
         for reservation_id, charge in ordered
@@ -119,11 +184,11 @@ def flip_reservations(
 
 # --- companies ---------------------------------------------------------------------
 
-_SETTLE_COMPANIES_PG = text(
+_SETTLE_COMPANIES_PG = (
     "UPDATE companies AS c SET balance_micro = c.balance_micro - v.charge, "
     "held_micro = c.held_micro - v.hold "
-    "FROM unnest(CAST(:ids AS varchar[]), CAST(:charges AS bigint[]), "
-    "CAST(:holds AS bigint[])) AS v(id, charge, hold) "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[]), "
+    "CAST(%(holds)b AS bigint[])) AS v(id, charge, hold) "
     "WHERE c.id = v.id"
 )
 
@@ -133,7 +198,8 @@ def settle_companies(session: Session, moves: dict[str, tuple[int, int]]) -> Non
     balance, the whole holds leave ``held``; one UPDATE."""
     ordered = sorted(moves.items())
     if _postgres(session):
-        session.execute(
+        _run(
+            session,
             _SETTLE_COMPANIES_PG,
             {
                 "ids": [c for c, _ in ordered],
@@ -148,11 +214,12 @@ def settle_companies(session: Session, moves: dict[str, tuple[int, int]]) -> Non
 
 # --- chat sessions -----------------------------------------------------------------
 
-_GROW_SESSIONS_PG = text(
-    "UPDATE chat_sessions AS s SET updated_at = :now, "
+_GROW_SESSIONS_PG = (
+    "UPDATE chat_sessions AS s SET updated_at = %(now)s, "
     "message_count = s.message_count + v.added, content_bytes = s.content_bytes + v.size "
-    "FROM unnest(CAST(:ids AS varchar[]), CAST(:added AS bigint[]), CAST(:sizes AS bigint[]), "
-    "CAST(:max_messages AS bigint[]), CAST(:max_bytes AS bigint[])) "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(added)b AS bigint[]), "
+    "CAST(%(sizes)b AS bigint[]), CAST(%(max_messages)b AS bigint[]), "
+    "CAST(%(max_bytes)b AS bigint[])) "
     "AS v(id, added, size, max_messages, max_bytes) "
     "WHERE s.id = v.id AND s.message_count + v.added <= v.max_messages "
     "AND s.content_bytes + v.size <= v.max_bytes RETURNING s.id"
@@ -181,7 +248,7 @@ def grow_sessions(
             "max_bytes": list(columns[4]),
             "now": now,
         }
-        return set(session.execute(_GROW_SESSIONS_PG, params).scalars())
+        return set(_run(session, _GROW_SESSIONS_PG, params).scalars())
     grown = set()
     for session_id, added, size, max_messages, max_bytes in ordered:
         params = {
