@@ -45,29 +45,37 @@ def _run(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[Any
 # --- append-only rows ----------------------------------------------------------------
 
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
-_INSERTS: dict[str, tuple[str, list[tuple[str, bool]]]] = {}
+_INSERTS: dict[str, tuple[str, str, list[tuple[str, bool]]]] = {}
 _SQLITE_INSERTS: dict[str, Insert] = {}
 
 
-def _unnest_insert(table: Table) -> tuple[str, list[tuple[str, bool]]]:
-    """``INSERT INTO t (…) SELECT * FROM unnest(%(a)b, %(b)b, …)``, one array per column,
+def _pg_inserts(table: Table) -> tuple[str, str, list[tuple[str, bool]]]:
+    """Two INSERTs of every column of `table`: of one row (scalar parameters), and
+    of several (``SELECT * FROM unnest(%(a)b, %(b)b, …)``, one array per column);
     and which columns are JSON (sent as their JSON text)."""
     found = _INSERTS.get(table.name)
     if found is None:
         quote = _PG.identifier_preparer.quote
         columns = list(table.columns)
-        arrays = ", ".join(
-            f"CAST(%({c.name})b AS {c.type.compile(dialect=_PG)}[])" for c in columns
-        )
-        statement = (
-            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) "
-            f"SELECT * FROM unnest({arrays})"
+        types = [c.type.compile(dialect=_PG) for c in columns]
+        head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) "
+        one = ", ".join(f"CAST(%({c.name})s AS {t})" for c, t in zip(columns, types, strict=True))
+        many = ", ".join(
+            f"CAST(%({c.name})b AS {t}[])" for c, t in zip(columns, types, strict=True)
         )
         found = _INSERTS[table.name] = (
-            statement,
+            f"{head}VALUES ({one})",
+            f"{head}SELECT * FROM unnest({many})",
             [(c.name, isinstance(c.type, JSON)) for c in columns],
         )
     return found
+
+
+def _column(rows: Sequence[dict[str, Any]], name: str, is_json: bool) -> list[Any]:
+    # A column a row leaves out is NULL, as in a Core INSERT (none has a default).
+    if is_json:
+        return [json.dumps(row[name]) if name in row else None for row in rows]
+    return [row.get(name) for row in rows]
 
 
 def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
@@ -82,15 +90,11 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
     if not _postgres(session):
         session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
         return
-    statement, columns = _unnest_insert(table)
-    # A column a row leaves out is NULL, as in a Core INSERT (none has a default).
-    params = {
-        name: [json.dumps(row[name]) if name in row else None for row in rows]
-        if is_json
-        else [row.get(name) for row in rows]
-        for name, is_json in columns
-    }
-    _run(session, statement, params)
+    one, many, columns = _pg_inserts(table)
+    if len(rows) == 1:
+        _run(session, one, {name: _column(rows, name, j)[0] for name, j in columns})
+    else:
+        _run(session, many, {name: _column(rows, name, j) for name, j in columns})
 
 
 # --- webhook ids -------------------------------------------------------------------
