@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -121,6 +121,14 @@ def hold(
     session.flush()
 
 
+_COUNTED = select(
+    col(ReservationBudget.reservation_id),
+    col(ReservationBudget.budget_id),
+    col(ReservationBudget.period_start),
+    col(ReservationBudget.hold_micro),
+).where(col(ReservationBudget.reservation_id).in_(bindparam("p_ids", expanding=True)))
+
+
 def settle(session: Session, reservation_id: str, charge_micro: int, now: datetime) -> None:
     """`settle_many` for one reservation (a release: `charge_micro` 0)."""
     settle_many(session, [(reservation_id, charge_micro)], now)
@@ -136,14 +144,8 @@ def settle_many(session: Session, charges: Sequence[tuple[str, int]], now: datet
     counted holds (none at all for a company without budgets), then one UPDATE per
     budget period, in budget id order, whatever the number of reservations."""
     charge_of = dict(charges)
-    counted = session.execute(
-        select(
-            col(ReservationBudget.reservation_id),
-            col(ReservationBudget.budget_id),
-            col(ReservationBudget.period_start),
-            col(ReservationBudget.hold_micro),
-        ).where(col(ReservationBudget.reservation_id).in_(list(charge_of)))
-    ).all()
+    # Prebuilt, on the connection: every settlement runs it, most find nothing.
+    counted = session.connection().execute(_COUNTED, {"p_ids": list(charge_of)}).all()
     if not counted:
         return
     # Per period: the holds to move and each reservation's charge in the batch's order.

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -73,7 +73,49 @@ def _rate(value: str | None) -> Decimal | None:
     return None if value is None else Decimal(value)
 
 
-def reservation_price(reservation: Reservation) -> Price:
+class Held(Protocol):
+    """What settling reads of a reservation: the ORM row (the sweeper's) or the
+    plain values a settlement batch selects (`settlement.HeldRow`, no ORM object)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def company_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def jti(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def hold_micro(self) -> int: ...
+    @property
+    def input_estimate(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def price_input_per_mtok(self) -> str: ...
+    @property
+    def price_output_per_mtok(self) -> str: ...
+    @property
+    def price_cached_input_per_mtok(self) -> str | None: ...
+    @property
+    def price_cache_write_per_mtok(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def api_key_id(self) -> str | None: ...
+    @property
+    def fallbacks(self) -> list[dict[str, str]] | None: ...
+
+
+def reservation_price(reservation: Held) -> Price:
     return Price(
         input_per_mtok=Decimal(reservation.price_input_per_mtok),
         output_per_mtok=Decimal(reservation.price_output_per_mtok),
@@ -174,7 +216,7 @@ class Settled:
 class ToSettle:
     """One reservation to settle in a batch, and what its rows say."""
 
-    reservation: Reservation
+    reservation: Held
     charge: int  # <= the hold
     actor: str
     request_id: str | None

@@ -270,5 +270,5 @@ def grow_sessions(
 
 def last_seqs(session: Session, session_ids: Sequence[str]) -> dict[str, int]:
     """Each session's highest message number (absent: no message yet)."""
-    rows = session.execute(_LAST_SEQS, {"p_ids": list(session_ids)})
+    rows = session.connection().execute(_LAST_SEQS, {"p_ids": list(session_ids)})
     return {session_id: int(seq) for session_id, seq in rows if seq is not None}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlmodel import col
@@ -40,7 +40,7 @@ from control_plane.errors import (
     WebhookProviderMismatch,
 )
 from control_plane.fallbacks import served_price
-from control_plane.ledger import ToSettle, charge_for, reservation_price, settle_reservations
+from control_plane.ledger import Held, ToSettle, charge_for, reservation_price, settle_reservations
 from control_plane.tables import Reservation, WebhookEvent, new_id, utcnow
 from control_plane.usage_events import MAX_TOKENS_REPORTED as MAX_TOKENS_REPORTED
 from control_plane.usage_events import parse_time as parse_time
@@ -84,12 +84,48 @@ DUPLICATE = Outcome(duplicate=True)
 
 
 @dataclass(frozen=True, slots=True)
+class HeldRow:
+    """A reservation's values as a settlement batch reads them (`ledger.Held`):
+    plain values from one Core SELECT, no ORM object, identity map or events."""
+
+    id: str
+    company_id: str
+    user_id: str
+    jti: str
+    session_id: str
+    request_id: str
+    model: str
+    provider: str
+    hold_micro: int
+    input_estimate: int
+    max_tokens: int
+    price_input_per_mtok: str
+    price_output_per_mtok: str
+    price_cached_input_per_mtok: str | None
+    price_cache_write_per_mtok: str | None
+    created_at: datetime
+    api_key_id: str | None
+    fallbacks: list[dict[str, str]] | None
+
+
+_HELD = select(
+    *(hot_statements.RESERVATIONS.c[name] for name in HeldRow.__dataclass_fields__)
+).where(hot_statements.RESERVATIONS.c.id.in_(bindparam("p_ids", expanding=True)))
+
+
+def held_rows(session: Session, ids: Sequence[str]) -> dict[str, HeldRow]:
+    """The reservations `ids` that exist, by id, in one SELECT."""
+    rows = session.connection().execute(_HELD, {"p_ids": list(ids)})
+    return {row.id: HeldRow(*row) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
 class Settling:
     """One reservation's usage to settle: a webhook's or the sweeper's. `served`:
     (model, provider, price) of the fallback that served (issue 16.2), checked
     against the reservation's chain by the caller; None: the reservation's own."""
 
-    reservation: Reservation
+    reservation: Held
     usage: Usage
     actor: str
     request_id: str | None
@@ -99,7 +135,7 @@ class Settling:
 
 def settle_usage(
     session: Session,
-    reservation: Reservation,
+    reservation: Held,
     usage: Usage,
     *,
     actor: str,
@@ -250,12 +286,9 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
     others are DUPLICATE. Then the replies of those settled are appended to their
     sessions."""
     now = utcnow()
-    wanted = sorted({d.event.reservation_id for d in deliveries})
-    reservations = {
-        r.id: r for r in session.scalars(select(Reservation).where(col(Reservation.id).in_(wanted)))
-    }
+    reservations = held_rows(session, sorted({d.event.reservation_id for d in deliveries}))
     results: list[Outcome | AppError | None] = [None] * len(deliveries)
-    checked: list[tuple[int, Reservation, tuple[str, str, Price] | None]] = []
+    checked: list[tuple[int, HeldRow, tuple[str, str, Price] | None]] = []
     for i, delivery in enumerate(deliveries):
         try:
             reservation, served = _check(reservations, delivery)
@@ -292,8 +325,8 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
 
 
 def _check(
-    reservations: dict[str, Reservation], delivery: Delivery
-) -> tuple[Reservation, tuple[str, str, Price] | None]:
+    reservations: dict[str, HeldRow], delivery: Delivery
+) -> tuple[HeldRow, tuple[str, str, Price] | None]:
     """The delivery's reservation and the model that served, or the refusal."""
     event = delivery.event
     reservation = reservations.get(event.reservation_id)
@@ -314,7 +347,7 @@ def _check(
 
 
 def _settling(
-    delivery: Delivery, reservation: Reservation, served: tuple[str, str, Price] | None
+    delivery: Delivery, reservation: HeldRow, served: tuple[str, str, Price] | None
 ) -> Settling:
     event = delivery.event
     details: dict[str, Any] = {"source": "webhook", "webhook_id": delivery.webhook_id}
