@@ -158,7 +158,7 @@ def append_replies(
             now,
         )
     ]
-    settle_statements.insert_rows(session, hot_statements.MESSAGES, values)
+    settle_statements.insert_rows(session, (hot_statements.MESSAGES, values))
     results: list[Appended] = []
     for session_id, message, limits in replies:
         if session_id in grown:

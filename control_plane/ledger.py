@@ -243,28 +243,30 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
     too). Reservations must be distinct.
 
     Set-based (issue 14.2): one conditional UPDATE flips every reservation still
-    active (`settle_statements.flip_reservations`: the exactly-once point), one
-    UPDATE moves each company's money summed over the flipped ones, the budgets
-    follow (`budgets.settle_many`), and the charge and release rows with their audit
-    events go in one INSERT per table. Locks follow the order above: reservations,
-    companies, budget periods."""
+    active (the exactly-once point) and moves each company's money summed over the
+    flipped ones (`settle_statements.settle_held`, one statement on PostgreSQL),
+    the budgets follow (`budgets.settle_many`), and the charge and release rows with
+    their audit events go in one INSERT. Locks follow the order above:
+    reservations, companies, budget periods."""
     now = utcnow()
     for item in items:
         assert 0 <= item.charge <= item.reservation.hold_micro
-    flipped = settle_statements.flip_reservations(
-        session, [(item.reservation.id, item.charge) for item in items], now
+    flipped = settle_statements.settle_held(
+        session,
+        [
+            (
+                item.reservation.id,
+                item.reservation.company_id,
+                item.charge,
+                item.reservation.hold_micro,
+            )
+            for item in items
+        ],
+        now,
     )
     done = [item for item in items if item.reservation.id in flipped]
     if not done:
         return [None] * len(items)
-    moves: dict[str, tuple[int, int]] = {}
-    for item in done:
-        charged, held = moves.get(item.reservation.company_id, (0, 0))
-        moves[item.reservation.company_id] = (
-            charged + item.charge,
-            held + item.reservation.hold_micro,
-        )
-    settle_statements.settle_companies(session, moves)
     budgets.settle_many(session, [(item.reservation.id, item.charge) for item in done], now)
     rows = [
         hot_statements.entry_rows(
@@ -285,8 +287,11 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
             ("release", item.reservation.hold_micro - item.charge, "unused hold"),
         )
     ]
-    settle_statements.insert_rows(session, hot_statements.LEDGER, [entry for entry, _ in rows])
-    settle_statements.insert_rows(session, hot_statements.AUDIT, [event for _, event in rows])
+    settle_statements.insert_rows(
+        session,
+        (hot_statements.LEDGER, [entry for entry, _ in rows]),
+        (hot_statements.AUDIT, [event for _, event in rows]),
+    )
     return [
         Settled(item.charge, item.reservation.hold_micro - item.charge)
         if item.reservation.id in flipped

@@ -45,27 +45,31 @@ def _run(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[Any
 # --- append-only rows ----------------------------------------------------------------
 
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
-_INSERTS: dict[str, tuple[str, str, list[tuple[str, bool]]]] = {}
+_INSERTS: dict[tuple[str, bool], tuple[str, list[tuple[str, bool]]]] = {}
 _SQLITE_INSERTS: dict[str, Insert] = {}
 
 
-def _pg_inserts(table: Table) -> tuple[str, str, list[tuple[str, bool]]]:
-    """Two INSERTs of every column of `table`: of one row (scalar parameters), and
-    of several (``SELECT * FROM unnest(%(a)b, %(b)b, …)``, one array per column);
-    and which columns are JSON (sent as their JSON text)."""
-    found = _INSERTS.get(table.name)
+def _pg_insert(table: Table, many: bool, prefix: str) -> tuple[str, list[tuple[str, bool]]]:
+    """An INSERT of every column of `table`, its parameters named `prefix` + column:
+    of one row (scalars) or of several (``SELECT * FROM unnest(%(a)b, …)``, one
+    array per column); and which columns are JSON (sent as their JSON text)."""
+    key = (f"{prefix}{table.name}", many)
+    found = _INSERTS.get(key)
     if found is None:
         quote = _PG.identifier_preparer.quote
         columns = list(table.columns)
-        types = [c.type.compile(dialect=_PG) for c in columns]
-        head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) "
-        one = ", ".join(f"CAST(%({c.name})s AS {t})" for c, t in zip(columns, types, strict=True))
-        many = ", ".join(
-            f"CAST(%({c.name})b AS {t}[])" for c, t in zip(columns, types, strict=True)
+        casts = [
+            f"CAST(%({prefix}{c.name})b AS {c.type.compile(dialect=_PG)}[])"
+            if many
+            else f"CAST(%({prefix}{c.name})s AS {c.type.compile(dialect=_PG)})"
+            for c in columns
+        ]
+        source = (
+            f"SELECT * FROM unnest({', '.join(casts)})" if many else f"VALUES ({', '.join(casts)})"
         )
-        found = _INSERTS[table.name] = (
-            f"{head}VALUES ({one})",
-            f"{head}SELECT * FROM unnest({many})",
+        names = ", ".join(quote(c.name) for c in columns)
+        found = _INSERTS[key] = (
+            f"INSERT INTO {quote(table.name)} ({names}) {source}",
             [(c.name, isinstance(c.type, JSON)) for c in columns],
         )
     return found
@@ -78,23 +82,32 @@ def _column(rows: Sequence[dict[str, Any]], name: str, is_json: bool) -> list[An
     return [row.get(name) for row in rows]
 
 
-def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """`rows` (every column of `table`) in ONE INSERT on PostgreSQL. Not
+def insert_rows(session: Session, *tables: tuple[Table, Sequence[dict[str, Any]]]) -> None:
+    """Each table's `rows` (every column), all in ONE statement on PostgreSQL (the
+    first tables' INSERTs as data-modifying WITH clauses of the last's). Not
     executemany: psycopg pipelines one INSERT per row there and busy-polls the
     socket until the server answers; nor SQLAlchemy's multi-row VALUES, which
     rewrites the SQL row by row with regular expressions (each measured at a fifth
     or more of a batch's CPU). A JSON value goes as its text (None: JSON null), as
     SQLAlchemy's JSON type writes it."""
-    if not rows:
+    tables = tuple((table, rows) for table, rows in tables if rows)
+    if not tables:
         return
     if not _postgres(session):
-        session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
+        for table, rows in tables:
+            session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
         return
-    one, many, columns = _pg_inserts(table)
-    if len(rows) == 1:
-        _run(session, one, {name: _column(rows, name, j)[0] for name, j in columns})
-    else:
-        _run(session, many, {name: _column(rows, name, j) for name, j in columns})
+    parts: list[str] = []
+    params: dict[str, Any] = {}
+    for i, (table, rows) in enumerate(tables):
+        prefix = f"t{i}_"
+        sql, columns = _pg_insert(table, len(rows) > 1, prefix)
+        parts.append(sql)
+        for name, is_json in columns:
+            values = _column(rows, name, is_json)
+            params[prefix + name] = values if len(rows) > 1 else values[0]
+    withs = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts[:-1]))
+    _run(session, f"WITH {withs} {parts[-1]}" if withs else parts[-1], params)
 
 
 # --- webhook ids -------------------------------------------------------------------
@@ -159,61 +172,56 @@ def claim_webhook_ids(
     return owners
 
 
-# --- reservations ------------------------------------------------------------------
+# --- reservations and companies ----------------------------------------------------
 
-_FLIP_PG = (
+# The flip and the money in one statement: the companies' UPDATE sums exactly the
+# reservations the flip matched (its RETURNING), after all of them (an aggregate).
+_SETTLE_PG = (
+    "WITH flipped AS ("
     "UPDATE reservations AS r SET status = 'settled', charged_micro = v.charge, "
     "settled_at = %(now)s "
     "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[])) AS v(id, charge) "
-    "WHERE r.id = v.id AND r.status = 'active' RETURNING r.id"
+    "WHERE r.id = v.id AND r.status = 'active' "
+    "RETURNING r.id, r.company_id, v.charge, r.hold_micro), "
+    "moved AS ("
+    "UPDATE companies AS c SET balance_micro = c.balance_micro - m.charge, "
+    "held_micro = c.held_micro - m.hold "
+    "FROM (SELECT company_id, sum(charge) AS charge, sum(hold_micro) AS hold "
+    "FROM flipped GROUP BY company_id ORDER BY company_id) AS m "
+    "WHERE c.id = m.company_id) "
+    "SELECT id FROM flipped"
 )
 
 
-def flip_reservations(
-    session: Session, charges: Sequence[tuple[str, int]], now: datetime
+def settle_held(
+    session: Session, charges: Sequence[tuple[str, str, int, int]], now: datetime
 ) -> set[str]:
-    """Settle each active reservation of `charges` (id, charge); the ids that were
-    still active, the exactly-once point: a concurrent twin waits on the row lock,
-    then finds it settled and matches nothing."""
+    """(reservation id, company id, charge, hold) each: settle every reservation
+    still active (the exactly-once point: a concurrent twin waits on the row lock,
+    then finds it settled and matches nothing), and move its company's money: the
+    charges leave the balance, the whole holds leave ``held``. Returns the ids
+    that were still active."""
     ordered = sorted(charges)
     if _postgres(session):
-        params = {"ids": [i for i, _ in ordered], "charges": [c for _, c in ordered], "now": now}
-        return set(_run(session, _FLIP_PG, params).scalars())
-    return {
+        params = {
+            "ids": [i for i, _, _, _ in ordered],
+            "charges": [charge for _, _, charge, _ in ordered],
+            "now": now,
+        }
+        return set(_run(session, _SETTLE_PG, params).scalars())
+    flipped = {
         reservation_id
-        for reservation_id, charge in ordered
+        for reservation_id, _, charge, _ in ordered
         if hot_statements.flip_reservation(session, reservation_id, "settled", charge, now)
     }
-
-
-# --- companies ---------------------------------------------------------------------
-
-_SETTLE_COMPANIES_PG = (
-    "UPDATE companies AS c SET balance_micro = c.balance_micro - v.charge, "
-    "held_micro = c.held_micro - v.hold "
-    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[]), "
-    "CAST(%(holds)b AS bigint[])) AS v(id, charge, hold) "
-    "WHERE c.id = v.id"
-)
-
-
-def settle_companies(session: Session, moves: dict[str, tuple[int, int]]) -> None:
-    """Each company's (charge, hold) summed over the batch: the charges leave the
-    balance, the whole holds leave ``held``; one UPDATE."""
-    ordered = sorted(moves.items())
-    if _postgres(session):
-        _run(
-            session,
-            _SETTLE_COMPANIES_PG,
-            {
-                "ids": [c for c, _ in ordered],
-                "charges": [charge for _, (charge, _) in ordered],
-                "holds": [hold for _, (_, hold) in ordered],
-            },
-        )
-        return
-    for company_id, (charge, hold) in ordered:
+    moves: dict[str, tuple[int, int]] = {}
+    for reservation_id, company_id, charge, hold in ordered:
+        if reservation_id in flipped:
+            charged, held = moves.get(company_id, (0, 0))
+            moves[company_id] = (charged + charge, held + hold)
+    for company_id, (charge, hold) in sorted(moves.items()):
         hot_statements.settle_company(session, company_id, charge, hold)
+    return flipped
 
 
 # --- chat sessions -----------------------------------------------------------------

@@ -183,7 +183,7 @@ def settle_usages(session: Session, items: Sequence[Settling]) -> list[Outcome]:
         if done is not None
     ]
     if records:
-        settle_statements.insert_rows(session, hot_statements.USAGE, records)
+        settle_statements.insert_rows(session, (hot_statements.USAGE, records))
     return [
         DUPLICATE
         if done is None
