@@ -248,6 +248,8 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
     the budgets follow (`budgets.settle_many`), and the charge and release rows with
     their audit events go in one INSERT. Locks follow the order above:
     reservations, companies, budget periods."""
+    if not items:
+        return []
     now = utcnow()
     for item in items:
         assert 0 <= item.charge <= item.reservation.hold_micro

@@ -141,6 +141,8 @@ def claim_webhook_ids(
     """Record each (webhook id, reservation id) whose id is new. For every id: the
     reservation its row names and whether this call wrote it (False: an earlier
     delivery, committed, had it). Ids must be distinct."""
+    if not claims:
+        return {}
     ordered = sorted(claims)
     if _postgres(session):
         result = _run(

@@ -301,16 +301,23 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
         claims.setdefault(deliveries[i].webhook_id, reservation.id)
     owners = settle_statements.claim_webhook_ids(session, list(claims.items()), now)
     settling: list[tuple[int, Settling]] = []
-    taken: set[str] = set()  # webhook ids and reservations a delivery settles
+    # The webhook ids and the reservations a delivery of this batch settles.
+    taken_ids: set[str] = set()
+    taken_reservations: set[str] = set()
     for i, reservation, served in checked:
         delivery = deliveries[i]
         owner, recorded_now = owners[delivery.webhook_id]
         if owner != reservation.id:
             results[i] = Conflict("This webhook id was already used for another reservation.")
-        elif not recorded_now or delivery.webhook_id in taken or reservation.id in taken:
+        elif (
+            not recorded_now
+            or delivery.webhook_id in taken_ids
+            or reservation.id in taken_reservations
+        ):
             results[i] = DUPLICATE
         else:
-            taken.update((delivery.webhook_id, reservation.id))
+            taken_ids.add(delivery.webhook_id)
+            taken_reservations.add(reservation.id)
             settling.append((i, _settling(delivery, reservation, served)))
     outcomes = settle_usages(session, [item for _, item in settling])
     replies: list[tuple[str, dict[str, Any], chat_sessions.SessionLimits]] = []
@@ -321,7 +328,9 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
             limits = deliveries[i].session_limits or chat_sessions.SessionLimits()
             replies.append((item.reservation.session_id, reply, limits))
     append_transcripts(session, replies)
-    return [r if r is not None else DUPLICATE for r in results]
+    answered = [r for r in results if r is not None]
+    assert len(answered) == len(deliveries)  # each refused, duplicate or settled above
+    return answered
 
 
 def _check(
