@@ -10,7 +10,7 @@ time (`messages_page`): a full session is never loaded whole into one response.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import hot_statements, policy
+from control_plane import hot_statements, policy, settle_statements
 from control_plane.errors import Forbidden, SessionNotFound
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
@@ -126,6 +126,49 @@ def append_messages(
     last = session.scalar(hot_statements.SELECT_LAST_SEQ, {"p_id": session_id})
     _insert_messages(session, session_id, rows, int(last or 0) + 1, now)
     return "appended"
+
+
+def append_replies(
+    session: Session, replies: Sequence[tuple[str, dict[str, Any], SessionLimits]]
+) -> list[Appended]:
+    """Each (session id, message, limits) appended, as `append_messages` one by one
+    would, with one counter UPDATE for all the sessions, one read of their last
+    numbers and one INSERT of all the messages (a settlement batch's replies, issue
+    14.2). A session whose replies together would pass its caps, or that is gone,
+    takes them one at a time instead, so that those that fit are still kept."""
+    if not replies:
+        return []
+    now = utcnow()
+    grouped: dict[str, list[int]] = {}
+    for i, (session_id, _, _) in enumerate(replies):
+        grouped.setdefault(session_id, []).append(i)
+    rows = [{**m, "content": without_nul(m.get("content") or "")} for _, m, _ in replies]
+    growth = []
+    for session_id, indexes in grouped.items():
+        limits = replies[indexes[0]][2]
+        if all(replies[i][2] == limits for i in indexes):
+            size = content_bytes(rows[i] for i in indexes)
+            growth.append((session_id, len(indexes), size, limits.max_messages, limits.max_bytes))
+    grown = settle_statements.grow_sessions(session, growth, now) if growth else set()
+    last = settle_statements.last_seqs(session, sorted(grown)) if grown else {}
+    values = [
+        value
+        for session_id in sorted(grown)
+        for value in _message_rows(
+            session_id,
+            [rows[i] for i in grouped[session_id]],
+            last.get(session_id, 0) + 1,
+            now,
+        )
+    ]
+    settle_statements.insert_rows(session, (hot_statements.MESSAGES, values))
+    results: list[Appended] = []
+    for session_id, message, limits in replies:
+        if session_id in grown:
+            results.append("appended")
+        else:
+            results.append(append_messages(session, session_id, [message], limits))
+    return results
 
 
 def messages_page(
@@ -243,9 +286,15 @@ def _insert_messages(
     session: Session, session_id: str, rows: list[dict[str, Any]], first_seq: int, now: datetime
 ) -> None:
     """`rows` numbered from `first_seq`, one INSERT (executemany for several)."""
-    if not rows:
-        return
-    values = [
+    values = _message_rows(session_id, rows, first_seq, now)
+    if values:
+        session.execute(hot_statements.INSERT_MESSAGES, values if len(values) > 1 else values[0])
+
+
+def _message_rows(
+    session_id: str, rows: list[dict[str, Any]], first_seq: int, now: datetime
+) -> list[dict[str, Any]]:
+    return [
         {
             "id": new_id(),
             "session_id": session_id,
@@ -258,4 +307,3 @@ def _insert_messages(
         }
         for seq, m in enumerate(rows, start=first_seq)
     ]
-    session.execute(hot_statements.INSERT_MESSAGES, values if len(values) > 1 else values[0])

@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from control_plane.errors import ModelNotInChain
-from control_plane.tables import Reservation
+from control_plane.ledger import Held
 from shared.catalog import ModelSpec, Price
 from shared.route_claim import UpstreamRoute
 
@@ -47,7 +47,7 @@ class ChainEntry:
         return record
 
 
-def served_price(reservation: Reservation, model: str) -> tuple[str, Price] | None:
+def served_price(reservation: Held, model: str) -> tuple[str, Price] | None:
     """The provider and price of `model` if the reservation may be settled at it: its
     own model (None: keep the reservation's) or one of its chain; ModelNotInChain
     otherwise."""

@@ -10,8 +10,7 @@ the ORM path also runs keep their meaning exactly (the same conditional UPDATEs)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -77,15 +76,8 @@ INSERT_RESERVATION = insert(RESERVATIONS)
 INSERT_LEDGER = insert(LEDGER)
 INSERT_AUDIT = insert(AUDIT)
 INSERT_USAGE = insert(USAGE)
-INSERT_WEBHOOK_EVENT = insert(WEBHOOK_EVENTS)
 INSERT_SESSION = insert(SESSIONS)
 INSERT_MESSAGES = insert(MESSAGES)
-
-_INSERTS: dict[str, Insert] = {}
-
-SELECT_WEBHOOK_EVENT = select(WEBHOOK_EVENTS.c.reservation_id).where(
-    WEBHOOK_EVENTS.c.webhook_id == bindparam("p_webhook_id")
-)
 
 
 def reservation_row(reservation: Reservation) -> dict[str, Any]:
@@ -108,45 +100,8 @@ def hold_and_reserve(session: Session, reservation: Reservation) -> bool:
     return True
 
 
-def insert_row(session: Session, row: Any) -> None:
-    """A table model's instance written by one INSERT of all its columns, never
-    added to the session (nothing to flush or track)."""
-    table = table_of(type(row))
-    statement = _INSERTS.get(table.name)
-    if statement is None:
-        statement = _INSERTS[table.name] = insert(table)
-    _insert(session, statement, [{c.name: getattr(row, c.name) for c in table.columns}])
-
-
-# --- append-only rows of a batch, written together --------------------------------
-
-_DEFERRED = "llmgw.deferred_inserts"
-
-
-@contextlib.contextmanager
-def deferred_inserts(session: Session) -> Iterator[None]:
-    """Within this block, the append-only rows the money path writes (ledger entries,
-    audit events, usage records: `write_entries`, `insert_row`) are collected and
-    written at its end, one executemany per table, still in the same transaction: a
-    settlement batch sends three INSERTs instead of three per event. Nothing in the
-    block reads those tables back; if it raises, the rows are dropped with the
-    transaction it rolls back."""
-    pending: dict[Insert, list[dict[str, Any]]] = {}
-    session.info[_DEFERRED] = pending
-    try:
-        yield
-    finally:
-        session.info.pop(_DEFERRED, None)
-    for statement, rows in pending.items():
-        session.execute(statement, rows)
-
-
 def _insert(session: Session, statement: Insert, rows: list[dict[str, Any]]) -> None:
-    pending = session.info.get(_DEFERRED)
-    if pending is not None:
-        pending.setdefault(statement, []).extend(rows)
-    else:
-        session.execute(statement, rows if len(rows) > 1 else rows[0])
+    session.execute(statement, rows if len(rows) > 1 else rows[0])
 
 
 def _rowcount(result: Any) -> int:

@@ -28,16 +28,17 @@ reply; grants lock the company only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import audit, budgets, hot_statements
+from control_plane import audit, budgets, hot_statements, settle_statements
 from control_plane.errors import InsufficientCredits
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
@@ -72,7 +73,49 @@ def _rate(value: str | None) -> Decimal | None:
     return None if value is None else Decimal(value)
 
 
-def reservation_price(reservation: Reservation) -> Price:
+class Held(Protocol):
+    """What settling reads of a reservation: the ORM row (the sweeper's) or the
+    plain values a settlement batch selects (`settlement.HeldRow`, no ORM object)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def company_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def jti(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def hold_micro(self) -> int: ...
+    @property
+    def input_estimate(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def price_input_per_mtok(self) -> str: ...
+    @property
+    def price_output_per_mtok(self) -> str: ...
+    @property
+    def price_cached_input_per_mtok(self) -> str | None: ...
+    @property
+    def price_cache_write_per_mtok(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def api_key_id(self) -> str | None: ...
+    @property
+    def fallbacks(self) -> list[dict[str, str]] | None: ...
+
+
+def reservation_price(reservation: Held) -> Price:
     return Price(
         input_per_mtok=Decimal(reservation.price_input_per_mtok),
         output_per_mtok=Decimal(reservation.price_output_per_mtok),
@@ -169,6 +212,17 @@ class Settled:
     released_micro: int
 
 
+@dataclass(frozen=True, slots=True)
+class ToSettle:
+    """One reservation to settle in a batch, and what its rows say."""
+
+    reservation: Held
+    charge: int  # <= the hold
+    actor: str
+    request_id: str | None
+    details: dict[str, Any]
+
+
 def settle_reservation(
     session: Session,
     reservation: Reservation,
@@ -178,41 +232,74 @@ def settle_reservation(
     request_id: str | None,
     details: dict[str, Any] | None = None,
 ) -> Settled | None:
-    """Charge `charge` (≤ the hold) and release the rest, exactly once: None when the
-    reservation was already settled or released (by a concurrent duplicate, too).
+    """`settle_reservations` for one."""
+    item = ToSettle(reservation, charge, actor, request_id, details or {})
+    return settle_reservations(session, [item])[0]
 
-    The conditional UPDATE on the reservation's status is the exactly-once point: on
-    PostgreSQL a concurrent twin blocks on the row lock, then re-reads the row, sees
-    it settled and matches nothing."""
-    hold = reservation.hold_micro
-    assert 0 <= charge <= hold
+
+def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Settled | None]:
+    """Charge each item's `charge` (≤ its hold) and release the rest, exactly once:
+    None for a reservation already settled or released (by a concurrent duplicate,
+    too). Reservations must be distinct.
+
+    Set-based (issue 14.2): one conditional UPDATE flips every reservation still
+    active (the exactly-once point) and moves each company's money summed over the
+    flipped ones (`settle_statements.settle_held`, one statement on PostgreSQL),
+    the budgets follow (`budgets.settle_many`), and the charge and release rows with
+    their audit events go in one INSERT. Locks follow the order above:
+    reservations, companies, budget periods."""
+    if not items:
+        return []
     now = utcnow()
-    if not hot_statements.flip_reservation(session, reservation.id, "settled", charge, now):
-        return None
-    hot_statements.settle_company(session, reservation.company_id, charge, hold)
-    budgets.settle(session, reservation.id, charge, now)
-    hot_statements.write_entries(
+    for item in items:
+        assert 0 <= item.charge <= item.reservation.hold_micro
+    flipped = settle_statements.settle_held(
         session,
         [
-            hot_statements.entry_rows(
-                reservation.company_id,
-                kind,
-                amount,
-                actor=actor,
-                reservation_id=reservation.id,
-                reason=reason,
-                request_id=request_id,
-                idempotency_key=None,
-                details={"hold_micro": hold, **(details or {})},
-                now=now,
+            (
+                item.reservation.id,
+                item.reservation.company_id,
+                item.charge,
+                item.reservation.hold_micro,
             )
-            for kind, amount, reason in (
-                ("charge", -charge, "usage"),
-                ("release", hold - charge, "unused hold"),
-            )
+            for item in items
         ],
+        now,
     )
-    return Settled(charged_micro=charge, released_micro=hold - charge)
+    done = [item for item in items if item.reservation.id in flipped]
+    if not done:
+        return [None] * len(items)
+    budgets.settle_many(session, [(item.reservation.id, item.charge) for item in done], now)
+    rows = [
+        hot_statements.entry_rows(
+            item.reservation.company_id,
+            kind,
+            amount,
+            actor=item.actor,
+            reservation_id=item.reservation.id,
+            reason=reason,
+            request_id=item.request_id,
+            idempotency_key=None,
+            details={"hold_micro": item.reservation.hold_micro, **item.details},
+            now=now,
+        )
+        for item in done
+        for kind, amount, reason in (
+            ("charge", -item.charge, "usage"),
+            ("release", item.reservation.hold_micro - item.charge, "unused hold"),
+        )
+    ]
+    settle_statements.insert_rows(
+        session,
+        (hot_statements.LEDGER, [entry for entry, _ in rows]),
+        (hot_statements.AUDIT, [event for _, event in rows]),
+    )
+    return [
+        Settled(item.charge, item.reservation.hold_micro - item.charge)
+        if item.reservation.id in flipped
+        else None
+        for item in items
+    ]
 
 
 def release_reservation(

@@ -61,8 +61,9 @@ from control_plane.liveness import SilenceWatch
 from control_plane.metrics import Metrics
 from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
-from control_plane.settlement import MAX_TOKENS_REPORTED, Usage, parse_time, settle_usage
+from control_plane.settlement import Usage, settle_usage
 from control_plane.tables import Reservation, utcnow
+from control_plane.usage_events import MAX_TOKENS_REPORTED, parse_time
 from shared.catalog import Price
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revoke

@@ -13,13 +13,19 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlmodel import col
 
 from control_plane.app import create_app
 from control_plane.books import check_books
-from control_plane.errors import ReservationMismatch, ReservationNotFound
-from control_plane.ledger import charge_for, reservation_price
+from control_plane.errors import (
+    Conflict,
+    ModelNotInChain,
+    ReservationMismatch,
+    ReservationNotFound,
+)
+from control_plane.ledger import charge_for, release_reservation, reservation_price
 from control_plane.settlement import Outcome
 from control_plane.settlement_batch import Job, SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
@@ -179,5 +185,112 @@ async def test_a_batch_through_the_route_answers_each_webhook_once(
     r = await client.get(f"/v1/sessions/{first['session_id']}", headers=auth)
     roles = [m["role"] for m in r.json()["data"]["messages"]]
     assert roles.count("assistant") == len(inits) and roles.count("user") == len(inits)
+    problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
+    assert problems == []
+
+
+async def test_a_batch_mixing_duplicates_and_refusals_is_one_transaction(
+    app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """Twins, a redelivery of an earlier batch's webhook, a webhook after the sweeper
+    released the hold, an id reused for another reservation and refused events, all
+    in ONE batch: one transaction, and each delivery answered as it would be alone."""
+    app, client = app_client
+    auth, company_id = await _owner(client)
+    first = (await _inits(client, auth, 1))[0]
+    a, b, c, d, e, f = [first, *await _inits(client, auth, 5, first["session_id"])]
+    ea, eb, ec, ed, ee, ef = (usage_event(x, company_id) for x in (a, b, c, d, e, f))
+    db = Counting(app.state.db)
+    batcher = SettlementBatcher(db)  # type: ignore[arg-type]
+    assert not (await batcher.settle(Job(ee.webhook_id, ee, transcripts=True))).duplicate
+    released = await app.state.db.transaction(
+        lambda s: release_reservation(s, f["reservation_id"], "expired", actor="sweeper")
+    )
+    assert released is not None
+    db.transactions = 0
+    jobs = [
+        Job(ea.webhook_id, ea, transcripts=True),  # settles
+        Job(ea.webhook_id, ea, transcripts=True),  # its twin: duplicate
+        Job(ea.webhook_id, eb, transcripts=True),  # a's id for b: 409
+        Job(eb.webhook_id, eb, transcripts=True),  # settles
+        Job("another-id-for-b", replace(eb, output_tokens=1), transcripts=True),  # duplicate
+        Job(ee.webhook_id, ee, transcripts=True),  # settled by the earlier batch: duplicate
+        Job(ef.webhook_id, ef, transcripts=True),  # released by the sweeper: duplicate
+        Job(ec.webhook_id, replace(ec, jti="not-the-jti"), transcripts=True),  # 422
+        Job(ec.webhook_id, ec, transcripts=True),  # the id the refused one did not take
+        Job(ed.webhook_id, replace(ed, model="not-in-its-chain"), transcripts=True),  # 422
+    ]
+    results = await asyncio.gather(*(batcher.settle(j) for j in jobs), return_exceptions=True)
+    assert db.transactions == 1
+    outcomes = [r.duplicate if isinstance(r, Outcome) else type(r) for r in results]
+    assert outcomes == [
+        False,
+        True,
+        Conflict,
+        False,
+        True,
+        True,
+        True,
+        ReservationMismatch,
+        False,
+        ModelNotInChain,
+    ]
+
+    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
+        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
+        entries = session.scalars(
+            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
+        )
+        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
+
+    reservations, entries, problems = await app.state.db.transaction(read)
+    assert problems == []
+    for init in (a, b, c, e):
+        row = reservations[init["reservation_id"]]
+        charges = [x for x in entries if x.kind == "charge" and x.reservation_id == row.id]
+        assert row.status == "settled" and len(charges) == 1
+        assert charges[0].amount_micro == -(row.charged_micro or 0) < 0
+    assert reservations[d["reservation_id"]].status == "active"
+    assert reservations[f["reservation_id"]].status == "released"
+    assert not [
+        x for x in entries if x.kind == "charge" and x.reservation_id == f["reservation_id"]
+    ]
+    r = await client.get(f"/v1/sessions/{first['session_id']}", headers=auth)
+    roles = [m["role"] for m in r.json()["data"]["messages"]]
+    # Six turns asked; the replies of a, b, c and e kept once each.
+    assert roles.count("user") == 6 and roles.count("assistant") == 4
+
+
+async def test_a_batch_sends_as_many_statements_whatever_its_size(
+    app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """Set-based (PostgreSQL): a batch of 8 webhooks sends the statements a batch of
+    2 sends, not four times as many."""
+    app, client = app_client
+    if app.state.db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite settles a batch row by row")
+    auth, company_id = await _owner(client)
+    first = (await _inits(client, auth, 1))[0]
+    inits = [first, *await _inits(client, auth, 9, first["session_id"])]
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    batcher = SettlementBatcher(app.state.db)
+    sent = []
+    for group in (inits[:2], inits[2:]):
+        events = [usage_event(i, company_id) for i in group]
+        statements.clear()
+        sa_event.listen(app.state.db.engine, "before_cursor_execute", count)
+        try:
+            results = await asyncio.gather(
+                *(batcher.settle(Job(e.webhook_id, e, transcripts=True)) for e in events)
+            )
+        finally:
+            sa_event.remove(app.state.db.engine, "before_cursor_execute", count)
+        assert not any(r.duplicate for r in results)
+        sent.append(len(statements))
+    assert sent[0] == sent[1]
     problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
     assert problems == []

@@ -14,9 +14,9 @@ from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.responses import ok
-from control_plane.settlement import parse_time, parse_usage_event, settle_event
-from control_plane.settlement_batch import Job
+from control_plane.settlement import Delivery, settle_delivery
 from control_plane.tables import utcnow
+from control_plane.usage_events import parse_time, parse_usage_event
 from control_plane.validation import parse_json_object
 from shared.pricing import format_credits
 from shared.webhooks import BadSignature, verify_signer
@@ -47,12 +47,12 @@ async def usage_webhook(request: Request) -> Response:
         except BadSignature:
             raise InvalidSignature() from None
         # A model's reply may hold anything, NUL included: it is made storable, not
-        # refused, so the usage always settles (`settlement.append_transcript`).
+        # refused, so the usage always settles (`settlement.append_transcripts`).
         event = parse_usage_event(parse_json_object(body, allow_nul=True))
         webhook_id = request.headers["webhook-id"]  # present: the signature covers it
         if len(webhook_id) > MAX_WEBHOOK_ID:
             raise ValidationFailed("webhook-id", f"must be at most {MAX_WEBHOOK_ID} characters")
-        job = Job(
+        delivery = Delivery(
             webhook_id,
             event,
             transcripts=settings.store_transcripts,
@@ -63,17 +63,9 @@ async def usage_webhook(request: Request) -> Response:
             ),
         )
         if deps.settler is not None:  # with the webhooks that arrive meanwhile
-            result = await deps.settler.settle(job)
+            result = await deps.settler.settle(delivery)
         else:
-            result = await settle_event(
-                deps.db,
-                job.webhook_id,
-                job.event,
-                transcripts=job.transcripts,
-                http_request_id=job.http_request_id,
-                signer_provider=job.signer_provider,
-                session_limits=job.session_limits,
-            )
+            result = await settle_delivery(deps.db, delivery)
         if event.user_id:  # the hold has ended: no longer a pending grant (12.6)
             await pending_inits.forget(deps.store, event.user_id, event.jti)
         if result.duplicate:

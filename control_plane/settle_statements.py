@@ -1,0 +1,284 @@
+"""Settlement's writes for a whole batch at once, one statement per table (issue 14.2).
+
+Each function takes the rows of every settlement in the batch and sends one
+statement on PostgreSQL: the rows go as arrays (``unnest``), so the SQL text is the
+same whatever the batch size (cached by SQLAlchemy, prepared once per connection
+by psycopg where allowed). The conditions are the per-row ones of
+`hot_statements` (a reservation flips only while ``active``; a session's counters
+move only within its caps), applied row by row by the database.
+
+SQLite (embedded dev mode) runs the same conditional statements one row at a time:
+it has no arrays to bind, and its writers are serialised by ``BEGIN IMMEDIATE``,
+so nothing runs beside them. Rows are sent in key order: two batches in two
+processes then lock the rows of one table in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, CursorResult, Insert, Table, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from control_plane import hot_statements
+from control_plane.tables import rowcount
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _run(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[Any]:
+    """A PostgreSQL statement of this module, sent as it is (pyformat parameters)
+    on the session's connection, in its transaction: no compilation, no ORM layer,
+    half of `Session.execute`'s CPU (measured: ~95 against ~200 µs). Arrays go in
+    binary (``%(name)b``): psycopg's text format escapes each element with a regular
+    expression (measured: 480 against 180 µs for 16 rows of 5 columns)."""
+    return session.connection().exec_driver_sql(sql, params)
+
+
+# --- append-only rows ----------------------------------------------------------------
+
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+_INSERTS: dict[tuple[str, bool], tuple[str, list[tuple[str, bool]]]] = {}
+_SQLITE_INSERTS: dict[str, Insert] = {}
+
+
+def _pg_insert(table: Table, many: bool, prefix: str) -> tuple[str, list[tuple[str, bool]]]:
+    """An INSERT of every column of `table`, its parameters named `prefix` + column:
+    of one row (scalars) or of several (``SELECT * FROM unnest(%(a)b, …)``, one
+    array per column); and which columns are JSON (sent as their JSON text)."""
+    key = (f"{prefix}{table.name}", many)
+    found = _INSERTS.get(key)
+    if found is None:
+        quote = _PG.identifier_preparer.quote
+        columns = list(table.columns)
+        casts = [
+            f"CAST(%({prefix}{c.name})b AS {c.type.compile(dialect=_PG)}[])"
+            if many
+            else f"CAST(%({prefix}{c.name})s AS {c.type.compile(dialect=_PG)})"
+            for c in columns
+        ]
+        source = (
+            f"SELECT * FROM unnest({', '.join(casts)})" if many else f"VALUES ({', '.join(casts)})"
+        )
+        names = ", ".join(quote(c.name) for c in columns)
+        found = _INSERTS[key] = (
+            f"INSERT INTO {quote(table.name)} ({names}) {source}",
+            [(c.name, isinstance(c.type, JSON)) for c in columns],
+        )
+    return found
+
+
+def _column(rows: Sequence[dict[str, Any]], name: str, is_json: bool) -> list[Any]:
+    # A column a row leaves out is NULL, as in a Core INSERT (none has a default).
+    if is_json:
+        return [json.dumps(row[name]) if name in row else None for row in rows]
+    return [row.get(name) for row in rows]
+
+
+def insert_rows(session: Session, *tables: tuple[Table, Sequence[dict[str, Any]]]) -> None:
+    """Each table's `rows` (every column), all in ONE statement on PostgreSQL (the
+    first tables' INSERTs as data-modifying WITH clauses of the last's). Not
+    executemany: psycopg pipelines one INSERT per row there and busy-polls the
+    socket until the server answers; nor SQLAlchemy's multi-row VALUES, which
+    rewrites the SQL row by row with regular expressions (each measured at a fifth
+    or more of a batch's CPU). A JSON value goes as its text (None: JSON null), as
+    SQLAlchemy's JSON type writes it."""
+    tables = tuple((table, rows) for table, rows in tables if rows)
+    if not tables:
+        return
+    if not _postgres(session):
+        for table, rows in tables:
+            session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
+        return
+    parts: list[str] = []
+    params: dict[str, Any] = {}
+    for i, (table, rows) in enumerate(tables):
+        prefix = f"t{i}_"
+        sql, columns = _pg_insert(table, len(rows) > 1, prefix)
+        parts.append(sql)
+        for name, is_json in columns:
+            values = _column(rows, name, is_json)
+            params[prefix + name] = values if len(rows) > 1 else values[0]
+    withs = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts[:-1]))
+    _run(session, f"WITH {withs} {parts[-1]}" if withs else parts[-1], params)
+
+
+# --- webhook ids -------------------------------------------------------------------
+
+# A twin in flight in another transaction makes ON CONFLICT wait for it: once it
+# commits, the row is its own and this statement leaves it (no IntegrityError).
+_CLAIM_PG = (
+    "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
+    "SELECT w, r, %(now)s "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(reservations)b AS varchar[])) AS v(w, r) "
+    "ORDER BY w "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
+)
+_CLAIM_SQLITE = (
+    sqlite_insert(hot_statements.WEBHOOK_EVENTS)
+    .values(
+        webhook_id=bindparam("p_webhook_id"),
+        reservation_id=bindparam("p_reservation_id"),
+        received_at=bindparam("p_now"),
+    )
+    .on_conflict_do_nothing()
+)
+_OWNERS = select(
+    hot_statements.WEBHOOK_EVENTS.c.webhook_id, hot_statements.WEBHOOK_EVENTS.c.reservation_id
+).where(hot_statements.WEBHOOK_EVENTS.c.webhook_id.in_(bindparam("p_ids", expanding=True)))
+
+
+def claim_webhook_ids(
+    session: Session, claims: Sequence[tuple[str, str]], now: datetime
+) -> dict[str, tuple[str, bool]]:
+    """Record each (webhook id, reservation id) whose id is new. For every id: the
+    reservation its row names and whether this call wrote it (False: an earlier
+    delivery, committed, had it). Ids must be distinct."""
+    if not claims:
+        return {}
+    ordered = sorted(claims)
+    if _postgres(session):
+        result = _run(
+            session,
+            _CLAIM_PG,
+            {
+                "ids": [w for w, _ in ordered],
+                "reservations": [r for _, r in ordered],
+                "now": now,
+            },
+        )
+        written = set(result.scalars())
+    else:
+        written = {
+            w
+            for w, r in ordered
+            if rowcount(
+                session.execute(
+                    _CLAIM_SQLITE, {"p_webhook_id": w, "p_reservation_id": r, "p_now": now}
+                )
+            )
+            == 1
+        }
+    owners = {w: (r, True) for w, r in ordered if w in written}
+    seen = [w for w, _ in ordered if w not in written]
+    if seen:
+        for w, r in session.execute(_OWNERS, {"p_ids": seen}):
+            owners[w] = (r, False)
+    return owners
+
+
+# --- reservations and companies ----------------------------------------------------
+
+# The flip and the money in one statement: the companies' UPDATE sums exactly the
+# reservations the flip matched (its RETURNING), after all of them (an aggregate).
+_SETTLE_PG = (
+    "WITH flipped AS ("
+    "UPDATE reservations AS r SET status = 'settled', charged_micro = v.charge, "
+    "settled_at = %(now)s "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[])) AS v(id, charge) "
+    "WHERE r.id = v.id AND r.status = 'active' "
+    "RETURNING r.id, r.company_id, v.charge, r.hold_micro), "
+    "moved AS ("
+    "UPDATE companies AS c SET balance_micro = c.balance_micro - m.charge, "
+    "held_micro = c.held_micro - m.hold "
+    "FROM (SELECT company_id, sum(charge) AS charge, sum(hold_micro) AS hold "
+    "FROM flipped GROUP BY company_id ORDER BY company_id) AS m "
+    "WHERE c.id = m.company_id) "
+    "SELECT id FROM flipped"
+)
+
+
+def settle_held(
+    session: Session, charges: Sequence[tuple[str, str, int, int]], now: datetime
+) -> set[str]:
+    """(reservation id, company id, charge, hold) each: settle every reservation
+    still active (the exactly-once point: a concurrent twin waits on the row lock,
+    then finds it settled and matches nothing), and move its company's money: the
+    charges leave the balance, the whole holds leave ``held``. Returns the ids
+    that were still active."""
+    ordered = sorted(charges)
+    if _postgres(session):
+        params = {
+            "ids": [i for i, _, _, _ in ordered],
+            "charges": [charge for _, _, charge, _ in ordered],
+            "now": now,
+        }
+        return set(_run(session, _SETTLE_PG, params).scalars())
+    flipped = {
+        reservation_id
+        for reservation_id, _, charge, _ in ordered
+        if hot_statements.flip_reservation(session, reservation_id, "settled", charge, now)
+    }
+    moves: dict[str, tuple[int, int]] = {}
+    for reservation_id, company_id, charge, hold in ordered:
+        if reservation_id in flipped:
+            charged, held = moves.get(company_id, (0, 0))
+            moves[company_id] = (charged + charge, held + hold)
+    for company_id, (charge, hold) in sorted(moves.items()):
+        hot_statements.settle_company(session, company_id, charge, hold)
+    return flipped
+
+
+# --- chat sessions -----------------------------------------------------------------
+
+_GROW_SESSIONS_PG = (
+    "UPDATE chat_sessions AS s SET updated_at = %(now)s, "
+    "message_count = s.message_count + v.added, content_bytes = s.content_bytes + v.size "
+    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(added)b AS bigint[]), "
+    "CAST(%(sizes)b AS bigint[]), CAST(%(max_messages)b AS bigint[]), "
+    "CAST(%(max_bytes)b AS bigint[])) "
+    "AS v(id, added, size, max_messages, max_bytes) "
+    "WHERE s.id = v.id AND s.message_count + v.added <= v.max_messages "
+    "AND s.content_bytes + v.size <= v.max_bytes RETURNING s.id"
+)
+_LAST_SEQS = (
+    select(hot_statements.MESSAGES.c.session_id, func.max(hot_statements.MESSAGES.c.seq))
+    .where(hot_statements.MESSAGES.c.session_id.in_(bindparam("p_ids", expanding=True)))
+    .group_by(hot_statements.MESSAGES.c.session_id)
+)
+
+
+def grow_sessions(
+    session: Session, growth: Sequence[tuple[str, int, int, int, int]], now: datetime
+) -> set[str]:
+    """(session id, messages added, bytes added, max messages, max bytes) per session:
+    the counters of those that stay within their caps move (and their rows are
+    locked); returns those ids. A session absent or full is left as it is."""
+    ordered = sorted(growth)
+    if _postgres(session):
+        columns = list(zip(*ordered, strict=True))
+        params = {
+            "ids": list(columns[0]),
+            "added": list(columns[1]),
+            "sizes": list(columns[2]),
+            "max_messages": list(columns[3]),
+            "max_bytes": list(columns[4]),
+            "now": now,
+        }
+        return set(_run(session, _GROW_SESSIONS_PG, params).scalars())
+    grown = set()
+    for session_id, added, size, max_messages, max_bytes in ordered:
+        params = {
+            "p_id": session_id,
+            "p_added": added,
+            "p_size": size,
+            "p_max_messages": max_messages,
+            "p_max_bytes": max_bytes,
+            "p_now": now,
+        }
+        if rowcount(session.execute(hot_statements.APPEND_TO_SESSION, params)) == 1:
+            grown.add(session_id)
+    return grown
+
+
+def last_seqs(session: Session, session_ids: Sequence[str]) -> dict[str, int]:
+    """Each session's highest message number (absent: no message yet)."""
+    rows = session.connection().execute(_LAST_SEQS, {"p_ids": list(session_ids)})
+    return {session_id: int(seq) for session_id, seq in rows if seq is not None}
