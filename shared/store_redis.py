@@ -210,6 +210,8 @@ class RedisStore:
         return self._prefix + key
 
     async def get(self, key: str) -> bytes | None:
+        if self._pipe is not None:  # the hot paths' single reads: no pool checkout
+            return cast(bytes | None, await self._pipe.execute("GET", self._key(key)))
         return cast(bytes | None, await self._redis.get(self._key(key)))
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -377,6 +379,9 @@ class RedisStore:
         return None if reply is None else float(reply)
 
     async def bounded_remove(self, key: str, member: str) -> None:
+        if self._pipe is not None:  # once per settled webhook: the pipelined connection
+            await self._pipe.execute("ZREM", self._key(key), member)
+            return
         await self._redis.zrem(self._key(key), member)
 
     # --- init's gate (issue 14.3) -------------------------------------------------
