@@ -234,9 +234,15 @@ class RedisStore:
 
     async def set_if_absent(self, key: str, value: bytes, ttl_seconds: float) -> bool:
         px = max(1, int(ttl_seconds * 1000))
+        if self._pipe is not None:
+            reply = await self._pipe.execute("SET", self._key(key), value, "PX", px, "NX")
+            return reply is not None
         return bool(await self._redis.set(self._key(key), value, px=px, nx=True))
 
     async def delete(self, key: str) -> None:
+        if self._pipe is not None:
+            await self._pipe.execute("DEL", self._key(key))
+            return
         await self._redis.delete(self._key(key))
 
     async def outbox_put(
@@ -359,9 +365,15 @@ class RedisStore:
         await self.add(key, -1, window_seconds)
 
     async def add(self, key: str, amount: int, window_seconds: float) -> int:
+        name, px = self._key(key), max(1, int(window_seconds * 1000))
+        if self._pipe is not None:
+            replies = await self._pipe.batch(
+                [("INCRBY", name, amount), ("PEXPIRE", name, px, "NX")], transaction=True
+            )
+            return int(cast(int, replies[0]))
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrby(self._key(key), amount)
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
+            pipe.incrby(name, amount)
+            pipe.pexpire(name, px, nx=True)
             total, _ = await pipe.execute()
         return int(total)
 
