@@ -171,6 +171,10 @@ class Settings:
     max_session_messages: int = 1000
     max_session_bytes: int = 1024 * 1024
     max_request_bytes: int = 2 * 1024 * 1024
+    # Edge: connections open at once to one backend origin (busy or idle); a stream
+    # finding them all busy waits up to the connect timeout. The default matches
+    # LLMGW_MAX_CONNECTIONS, so a full edge is never held back by it.
+    edge_max_connections_per_origin: int = 1000
     # Trusting an existing app's user JWTs (control plane): HS256 with a shared secret
     # and/or RS256/ES256/EdDSA with keys from a JWKS URL; audience and issuer required.
     auth_jwt_secret: Secret | None = None
@@ -292,6 +296,9 @@ class Settings:
             store_transcripts=_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
             upstream_connect_timeout=_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
+            edge_max_connections_per_origin=_int(
+                env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN", 1000, 1, 1_000_000
+            ),
             hold_grace_seconds=_int(env, "LLMGW_HOLD_GRACE_SECONDS", 1200, 1, 86400),
             webhook_retry_base_seconds=_float(
                 env, "LLMGW_WEBHOOK_RETRY_BASE_SECONDS", 0.5, 0.01, 60

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 
 from shared.key_pool import PLATFORM, company_scope
 from shared.store import SlotRelease
@@ -21,7 +20,6 @@ from stream_edge.admission import Route
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.fallback import await_first_token, falls_back
-from stream_edge.http1 import Http1Response
 from stream_edge.key_pool import KeyPool
 from stream_edge.limits import slot_keys
 from stream_edge.meter import Meter
@@ -29,6 +27,7 @@ from stream_edge.metrics import model_label, provider_label
 from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit
+from stream_edge.transport import Response, TransportError
 from stream_edge.upstream import adapter_for
 from stream_edge.upstream.base import Adapter, CallerContext, Completion, UpstreamCall
 from stream_edge.upstream_client import open_stream
@@ -134,7 +133,7 @@ class StreamJob:
             self._provider_label,
         )
 
-    async def open(self, stream: bool) -> Http1Response:
+    async def open(self, stream: bool) -> Response:
         """Connect to the backend — the chain's next model after a failure that
         `falls_back` — and on a final failure report the stream as failed and re-raise."""
         self.state.metrics.streams_active.inc()
@@ -162,13 +161,13 @@ class StreamJob:
             # header): still a failed report, slots back, an OpenAI-shaped 502.
             raise await self.fail_unexpectedly(exc, "opening the backend stream") from None
 
-    async def _open_one(self, stream: bool, *, wait_first_token: bool) -> Http1Response:
+    async def _open_one(self, stream: bool, *, wait_first_token: bool) -> Response:
         adapter = self._adapter
         if adapter is None:
             raise UpstreamError(f"the edge cannot speak the {self.provider.api_type} format")
         breaker = self.state.breakers.for_provider(self.provider.name)
 
-        async def open_with(key: str | None, retry_rate_limited: bool) -> Http1Response:
+        async def open_with(key: str | None, retry_rate_limited: bool) -> Response:
             return await open_stream(
                 self.state.client,
                 adapter.build_request(self._call(stream, key)),
@@ -202,7 +201,7 @@ class StreamJob:
             time.perf_counter() - self.accepted_at
         )
 
-    async def pump(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
+    async def pump(self, response: Response, write: Any, emit: Emit) -> RelayResult:
         try:
             self.result = await self._relay(response, write, emit)
         finally:
@@ -216,7 +215,7 @@ class StreamJob:
             ).inc()
         return self.result
 
-    async def _relay(self, response: Http1Response, write: Any, emit: Emit) -> RelayResult:
+    async def _relay(self, response: Response, write: Any, emit: Emit) -> RelayResult:
         assert self._adapter is not None
         settings = self.state.settings
         checkpointer = Checkpointer(
@@ -258,12 +257,12 @@ class StreamJob:
             with anyio.CancelScope(shield=True):
                 await checkpointer.close()
 
-    async def read_completion(self, response: Http1Response) -> Completion:
+    async def read_completion(self, response: Response) -> Completion:
         assert self._adapter is not None
         try:
             body = await response.aread()
             completion = self._adapter.parse_completion(body)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (TransportError, ValueError) as exc:
             self.result = RelayResult(
                 "failed", "upstream_error", "the backend's answer was malformed"
             )

@@ -18,11 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
-
-from stream_edge.http1 import Http1Response
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.transport import Response, Timeout, TransportError
 from stream_edge.upstream.base import Delta, Failure, StreamParser, ToolCallDelta, UpstreamEvent
 
 
@@ -41,7 +39,7 @@ class Deadlines:
 
 
 async def relay(
-    response: Http1Response,
+    response: Response,
     parser: StreamParser,
     meter: Meter,
     write: Callable[[UpstreamEvent], bytes],
@@ -101,9 +99,9 @@ async def relay(
         return RelayResult(
             "failed", "upstream_timeout", f"the backend sent no {waiting_for} in time"
         )
-    except httpx.TimeoutException:
+    except Timeout:
         return RelayResult("failed", "upstream_timeout", "the backend stopped sending")
-    except httpx.HTTPError:
+    except TransportError:
         return RelayResult("failed", "upstream_error", "the backend's stream broke off")
     if not parser.done and meter.finish_reason is None:
         return RelayResult("failed", "upstream_error", "the backend's stream ended early")

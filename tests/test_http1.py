@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 import uvloop
 from cryptography import x509
@@ -22,7 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from stream_edge.http1 import HIGH_WATER, Http1Client, Http1Response
+from stream_edge import transport
+from stream_edge.http1 import Http1Client, Http1Response
+from stream_edge.http1_connection import HIGH_WATER
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 SSE_HEAD = (
@@ -231,7 +232,7 @@ async def test_fresh_connection_closed_without_answer_is_not_retried(client: Htt
         await read_request(reader)
 
     async with Server(handler) as server:
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(transport.RemoteProtocolError):
             await client.send("POST", server.url, {}, b"")
         assert server.connections == 1
 
@@ -252,7 +253,7 @@ async def test_connection_refused(client: Http1Client) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(transport.ConnectError):
         await client.send("GET", f"http://127.0.0.1:{port}/", {}, b"")
 
 
@@ -271,7 +272,7 @@ async def test_connect_timeout() -> None:
             except TimeoutError:
                 break
         started = time.monotonic()
-        with pytest.raises(httpx.ConnectTimeout):
+        with pytest.raises(transport.ConnectTimeout):
             await client.send("GET", f"http://127.0.0.1:{address[1]}/", {}, b"")
         assert time.monotonic() - started < 0.5
 
@@ -288,7 +289,7 @@ async def test_silent_server_times_out(stage: str) -> None:
 
     async with Server(handler) as server:
         started = time.monotonic()
-        with pytest.raises(httpx.ReadTimeout):
+        with pytest.raises(transport.ReadTimeout):
             response = await client.send("POST", server.url, {}, b"")
             async for _ in response.aiter_raw():
                 pass
@@ -310,7 +311,7 @@ async def test_body_cut_off_raises(client: Http1Client, answer: bytes) -> None:
 
     async with Server(handler) as server:
         response = await client.send("POST", server.url, {}, b"")
-        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        with pytest.raises((transport.RemoteProtocolError, transport.ReadError)):
             async for _ in response.aiter_raw():
                 pass
         await response.aclose()
@@ -324,7 +325,7 @@ async def test_malformed_response(client: Http1Client) -> None:
         await asyncio.sleep(5)
 
     async with Server(handler) as server:
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(transport.RemoteProtocolError):
             await client.send("GET", server.url, {}, b"")
 
 
@@ -456,14 +457,14 @@ async def test_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
         assert server.connections == 1
         assert f"Host: localhost:{server.port}\r\n" in server.requests[0].decode()
         untrusting = Http1Client(connect_timeout=1.0, read_timeout=1.0)
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(transport.ConnectError):
             await untrusting.send("GET", server.url, {}, b"")
 
 
 async def test_rejects_bad_requests(client: Http1Client) -> None:
-    with pytest.raises(httpx.UnsupportedProtocol):
+    with pytest.raises(transport.UnsupportedProtocol):
         await client.send("GET", "ftp://example.com/", {}, b"")
-    with pytest.raises(httpx.LocalProtocolError):
+    with pytest.raises(transport.LocalProtocolError):
         await client.send("GET", "http://127.0.0.1:1/", {"X": "a\r\nEvil: 1"}, b"")
 
 
