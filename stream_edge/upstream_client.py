@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shared.retry import Backoff, parse_retry_after
@@ -61,6 +61,8 @@ MAX_RETRY_AFTER_SECONDS = 5.0
 class RetryPolicy:
     retries: int = 2
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.2, cap=2.0))
+    # How a backoff is waited out: tests pass one that records it instead.
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 async def open_stream(
@@ -99,7 +101,7 @@ async def open_stream(
             raise error
         if retry_after is None or attempt > policy.retries or retry_after > MAX_RETRY_AFTER_SECONDS:
             raise error
-        await asyncio.sleep(policy.backoff.delay(attempt, retry_after or None))
+        await policy.sleep(policy.backoff.delay(attempt, retry_after or None))
 
 
 async def _attempt(
