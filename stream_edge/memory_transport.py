@@ -129,8 +129,11 @@ class _Exchange:
             await app(scope, self._receive, self._send)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # the app failed: the connection drops
-            self._error = exc
+        except BaseException as exc:
+            # Failing after its whole answer is only logged by a server (Starlette's
+            # 500 is sent, then re-raised); before that the connection drops.
+            if not self._ended:
+                self._error = exc
         finally:
             self._ended = True
             self._changed.set()
