@@ -11,7 +11,8 @@ Failures are scripted per origin (`Faults`), driven by events rather than sleeps
 refuse the connect, stall before the answer or after N body chunks until an event
 is set (forever if never), reset the connection after N chunks. An app that raises
 before answering is a connection closed without a response; one that raises
-mid-body is a reset (`ReadError`), as uvicorn would show them.
+mid-body is a reset (`ReadError`), as uvicorn would show them. There is no flow
+control: what the app sends waits in memory until read.
 """
 
 from __future__ import annotations
@@ -127,9 +128,7 @@ class _Exchange:
     async def _run(self, app: ASGIApp, scope: Scope) -> None:
         try:
             await app(scope, self._receive, self._send)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             # Failing after its whole answer is only logged by a server (Starlette's
             # 500 is sent, then re-raised); before that the connection drops.
             if not self._ended:

@@ -4,7 +4,9 @@ fault scripts (refused connects, resets, stalls) the edge's tests rely on."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,3 +162,20 @@ async def test_a_stall_beyond_the_read_timeout_is_a_read_timeout() -> None:
         await anext(response.aiter_raw())
     await response.aclose()
     await client.aclose()
+
+
+def test_only_the_jwks_fetch_imports_httpx_at_the_edge() -> None:
+    """The seam holds: the backend and webhook path sees `stream_edge.transport` only,
+    so its exceptions and clients can be swapped (JWKS fetches keep httpx)."""
+    root = Path(__file__).resolve().parent.parent / "stream_edge"
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(name == "httpx" or name.startswith("httpx.") for name in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"app.py", "jwks.py"}
