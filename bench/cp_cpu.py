@@ -42,7 +42,7 @@ from cryptography.fernet import Fernet
 
 from control_plane.app import create_app
 from control_plane.db import Database
-from shared.settings import Settings
+from control_plane.settings import ControlPlaneSettings
 from shared.webhooks import UsageEvent, generate_secret, sign
 
 PG_ADMIN_DSN = os.environ.get("LLMGW_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -68,8 +68,8 @@ def throwaway_state() -> Iterator[tuple[str, str]]:
         client.close()
 
 
-def bench_settings(database_url: str, prefix: str, secret: str) -> Settings:
-    return Settings.from_env(
+def bench_settings(database_url: str, prefix: str, secret: str) -> ControlPlaneSettings:
+    return ControlPlaneSettings.from_env(
         {
             "LLMGW_WEBHOOK_SECRET": secret,
             "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -17,7 +16,8 @@ from control_plane import policy
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.credentials import new_api_key
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
-from control_plane.grants import grant
+from control_plane.grants import move
+from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
 from control_plane.tables import ApiKey, Company, User, iso, new_id, utcnow
 from shared.pricing import format_credits
@@ -66,10 +66,11 @@ def create_company(
     session.add(company)
     session.flush()
     if credits_micro > 0:
-        grant(
+        move(
             session,
             company.id,
             credits_micro,
+            kind="grant",
             reason="initial credits",
             actor=actor_of(p),
             request_id=request_id,
@@ -78,23 +79,11 @@ def create_company(
     return company
 
 
-def list_companies(
-    session: Session, p: Principal, limit: int, after: tuple[datetime, str] | None = None
-) -> list[Company]:
-    """Every company, newest first, `limit + 1` rows (platform admin only)."""
+def list_companies(session: Session, p: Principal, req: PageRequest) -> Page[Company]:
+    """Every company, newest first (platform admin only)."""
     if not policy.can_list_companies(p):
         raise Forbidden("Only a platform admin can list companies.")
-    stmt = select(Company)
-    if after is not None:
-        moment, last_id = after
-        stmt = stmt.where(
-            or_(
-                col(Company.created_at) < moment,
-                and_(col(Company.created_at) == moment, col(Company.id) < last_id),
-            )
-        )
-    stmt = stmt.order_by(col(Company.created_at).desc(), col(Company.id).desc())
-    return list(session.scalars(stmt.limit(limit + 1)))
+    return read_page(session, select(Company), col(Company.created_at), col(Company.id), req)
 
 
 def user_public(user: User) -> dict[str, Any]:
@@ -111,15 +100,9 @@ def user_listed(user: User) -> dict[str, Any]:
     }
 
 
-def list_users(
-    session: Session,
-    p: Principal,
-    company_id: str,
-    limit: int,
-    after: tuple[datetime, str] | None = None,
-) -> list[User]:
-    """A company's users ranked at or below the caller, newest first, `limit + 1`
-    rows: an owner never learns who the company's platform admins are."""
+def list_users(session: Session, p: Principal, company_id: str, req: PageRequest) -> Page[User]:
+    """A company's users ranked at or below the caller, newest first: an owner never
+    learns who the company's platform admins are."""
     if not policy.can_admin_company(p, company_id):
         raise NotFound("No such company.")
     stmt = (
@@ -127,16 +110,7 @@ def list_users(
         .where(col(User.company_id) == company_id)
         .where(col(User.role).in_(policy.roles_at_or_below(p)))
     )
-    if after is not None:
-        moment, last_id = after
-        stmt = stmt.where(
-            or_(
-                col(User.created_at) < moment,
-                and_(col(User.created_at) == moment, col(User.id) < last_id),
-            )
-        )
-    stmt = stmt.order_by(col(User.created_at).desc(), col(User.id).desc())
-    return list(session.scalars(stmt.limit(limit + 1)))
+    return read_page(session, stmt, col(User.created_at), col(User.id), req)
 
 
 def create_user(
@@ -286,9 +260,8 @@ def list_api_keys(
     *,
     user_id: str | None,
     company_id: str | None,
-    limit: int,
-    after: tuple[datetime, str] | None = None,
-) -> list[ApiKey]:
+    req: PageRequest,
+) -> Page[ApiKey]:
     """A user's or a company's API keys, newest first (platform admin: any; owner: its
     company's, except those of users ranked above it)."""
     if user_id is not None:
@@ -312,13 +285,4 @@ def list_api_keys(
         stmt = stmt.where(col(ApiKey.user_id) == user_id)
     elif company_id is not None:
         stmt = stmt.where(col(User.company_id) == company_id)
-    if after is not None:
-        moment, last_id = after
-        stmt = stmt.where(
-            or_(
-                col(ApiKey.created_at) < moment,
-                and_(col(ApiKey.created_at) == moment, col(ApiKey.id) < last_id),
-            )
-        )
-    stmt = stmt.order_by(col(ApiKey.created_at).desc(), col(ApiKey.id).desc()).limit(limit + 1)
-    return list(session.scalars(stmt))
+    return read_page(session, stmt, col(ApiKey.created_at), col(ApiKey.id), req)

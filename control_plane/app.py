@@ -35,12 +35,13 @@ from control_plane.metrics import Metrics
 from control_plane.middleware import RequestContextMiddleware
 from control_plane.migrate import current, head, upgrade
 from control_plane.routes import all_routes
+from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
 from control_plane.sweeper import run_sweeper
 from shared.route_claim import route_ciphers
-from shared.settings import Settings
-from shared.store import Store, open_store
+from shared.store import Store
+from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
 
 log = logging.getLogger("control_plane")
@@ -65,7 +66,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(from_http_exception(exc))
 
 
-def create_app(settings: Settings, store: Store | None = None) -> Starlette:
+def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> Starlette:
     """Build the control plane.
 
     `store`: pass one to share it (``llm-gateway dev`` shares its in-memory store with

@@ -24,10 +24,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
+from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.tables import AuditEvent, iso, new_id, utcnow
 from shared.pricing import format_credits
 
@@ -127,13 +128,12 @@ def record_admin(
 def page(
     session: Session,
     company_id: str | None,
-    limit: int,
-    after: tuple[datetime, str] | None,
+    req: PageRequest,
     filters: Mapping[str, str] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> list[AuditEvent]:
-    """Newest first, keyset-paginated; `limit + 1` rows so the caller sees if more exist.
+) -> Page[AuditEvent]:
+    """Newest first, keyset-paginated.
     `company_id` None lists every company (platform admin only). `filters`: exact
     `actor`, `target`, `request_id`, `reservation_id`; `kind` exact, or a prefix
     when it ends in ``*`` (``admin.*``). `since` inclusive, `until` exclusive."""
@@ -160,16 +160,7 @@ def page(
         stmt = stmt.where(col(AuditEvent.created_at) >= since)
     if until is not None:
         stmt = stmt.where(col(AuditEvent.created_at) < until)
-    if after is not None:
-        moment, last_id = after
-        stmt = stmt.where(
-            or_(
-                col(AuditEvent.created_at) < moment,
-                and_(col(AuditEvent.created_at) == moment, col(AuditEvent.id) < last_id),
-            )
-        )
-    stmt = stmt.order_by(col(AuditEvent.created_at).desc(), col(AuditEvent.id).desc())
-    return list(session.scalars(stmt.limit(limit + 1)))
+    return read_page(session, stmt, col(AuditEvent.created_at), col(AuditEvent.id), req)
 
 
 def event_public(e: AuditEvent) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Budgets and teams as a company's admins manage them (issue 16.3, DESIGN §11).
+"""Budgets, teams and the company's webhook as its admins manage them (issue 16.3,
+DESIGN §11).
 
 Use cases, each run in one transaction by `routes.admin_budgets`: they check who
 asks (`policy.can_manage_budgets`), that every target (user, API key, team member)
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cryptography.fernet import MultiFernet
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import accounts, audit, budgets, policy
+from control_plane import accounts, audit, budgets, company_webhooks, policy
 from control_plane.budget_math import BudgetInput
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from control_plane.policy import Principal
@@ -29,6 +31,7 @@ from control_plane.tables import (
     ApiKey,
     Budget,
     Company,
+    CompanyWebhook,
     Team,
     TeamMember,
     User,
@@ -316,3 +319,32 @@ def my_budgets(
         budgets.standing_public(budgets.standing(session, b, now))
         for b in budgets.applicable(session, company_id, user_id, api_key_id)
     ]
+
+
+def set_webhook(
+    session: Session, p: Principal, fernet: MultiFernet, company_id: str, url: str, now: datetime
+) -> tuple[dict[str, Any], bool]:
+    """Set the company's webhook URL: its public view (with the secret, the first
+    time only) and whether the secret was generated now."""
+    company_for(session, p, company_id)
+    row, secret = company_webhooks.set_url(session, fernet, company_id, url, now)
+    _audit(session, p, "webhook.set", company_id, url=url, new_secret=secret is not None)
+    return company_webhooks.webhook_public(row, secret), secret is not None
+
+
+def _webhook(session: Session, company_id: str) -> CompanyWebhook:
+    row = session.get(CompanyWebhook, company_id)
+    if row is None:
+        raise NotFound("This company has no webhook.")
+    return row
+
+
+def get_webhook(session: Session, p: Principal, company_id: str) -> dict[str, Any]:
+    company_for(session, p, company_id)
+    return company_webhooks.webhook_public(_webhook(session, company_id))
+
+
+def delete_webhook(session: Session, p: Principal, company_id: str) -> None:
+    company_for(session, p, company_id)
+    session.delete(_webhook(session, company_id))
+    _audit(session, p, "webhook.delete", company_id)

@@ -5,9 +5,10 @@ neither table nor decrypts a key on every request.
 Freshness across control-plane processes: every change to a company's providers or
 models (``PUT``/``DELETE /v1/admin/companies/{id}/providers/{provider}``) writes a
 new random version into the store (`invalidate`), after its transaction commits.
-Init reads the version (one store GET) BEFORE its transaction, and uses a cached
-entry only when it was loaded under that same version; otherwise it loads from the
-database and caches the result under the version it read. An entry therefore never
+Init reads the version (with the rest of its store work: `init_gate`) BEFORE its
+transaction, and uses a cached entry only when it was loaded under that same
+version; otherwise it loads from the database and caches the result under the
+version it read. An entry therefore never
 holds data older than its version, and a change is seen by the next init of every
 process. Entries also expire after `MAX_AGE_SECONDS`, which bounds what a change
 that bypassed the API (SQL by hand, ``llm-gateway rotate`` re-encrypting keys to
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from control_plane.tables import CompanyModel
-from shared.store import Store
+from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.catalog_cache")
 
@@ -81,15 +82,6 @@ class CatalogCache:
         self._max_entries = max_entries
         self._clock = clock
 
-    async def version(self, store: Store, company_id: str) -> str | None:
-        """The company's current version; None (do not cache) when the store fails."""
-        try:
-            raw = await store.get(version_key(company_id))
-        except Exception:
-            log.warning("LLM config version unavailable; not caching", exc_info=True)
-            return None
-        return ABSENT if raw is None else raw.decode("ascii", "replace")
-
     def get(self, company_id: str, version: str) -> CompanyLLM | None:
         entry = self._entries.get(company_id)
         if entry is None or entry.version != version:
@@ -118,14 +110,16 @@ class Lookup:
         self.cache.put(company_id, self.version, value)
 
 
-async def lookup(cache: CatalogCache | None, store: Store, company_id: str) -> Lookup | None:
+def lookup_of(cache: CatalogCache | None, raw_version: bytes | None) -> Lookup | None:
+    """What init carries into its transaction, for the version `init_gate` read from
+    the store before it (None: the company's configuration never changed via the
+    API)."""
     if cache is None:
         return None
-    version = await cache.version(store, company_id)
-    return None if version is None else Lookup(cache, version)
+    return Lookup(cache, ABSENT if raw_version is None else raw_version.decode("ascii", "replace"))
 
 
-async def invalidate(store: Store, company_id: str) -> None:
+async def invalidate(store: KeyValueStore, company_id: str) -> None:
     """After a change to the company's providers or models has committed: every
     process's cached entry for it stops matching. Best effort: if the store fails,
     entries still expire after `MAX_AGE_SECONDS`."""

@@ -28,6 +28,8 @@ from control_plane import (
     chat_sessions,
     company_llm,
     hot_statements,
+    init_gate,
+    init_writes,
     pending_inits,
     tpm,
 )
@@ -36,6 +38,7 @@ from control_plane.deps import Deps
 from control_plane.errors import (
     Forbidden,
     InputTooLarge,
+    InsufficientCredits,
     ModelNotAllowed,
     ModelNotFound,
     RequestTooLarge,
@@ -49,15 +52,16 @@ from control_plane.errors import (
     ValidationFailed,
 )
 from control_plane.fallbacks import ChainEntry
+from control_plane.init_writes import NewReservation
 from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
 from shared.input_size import InputRejected, content_text, missing_features, params_tokens
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
-from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
 from shared.tokens import (
     AGENT_CLAIM,
@@ -229,7 +233,7 @@ def new_turn_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True, slots=True)
 class Reserved:
-    reservation: Reservation
+    reservation: NewReservation
     messages: list[dict[str, Any]]
     stash: bytes  # the request for the edge, serialised (`StashedRequest`)
     route: UpstreamRoute | None = None
@@ -245,7 +249,7 @@ class StorageLimits:
     max_request_bytes: int = 2 * 1024 * 1024
 
     @classmethod
-    def of(cls, settings: Settings) -> StorageLimits:
+    def of(cls, settings: ControlPlaneSettings) -> StorageLimits:
         return cls(
             chat_sessions.SessionLimits(settings.max_session_messages, settings.max_session_bytes),
             settings.max_request_bytes,
@@ -273,7 +277,7 @@ def reserve(
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
     company = session.execute(
-        hot_statements.SELECT_COMPANY_FOR_INIT, {"p_id": principal.company_id}
+        hot_statements.SELECT_COMPANY_FOR_INIT_WITH_BUDGETS, {"p_id": principal.company_id}
     ).first()
     if company is None:
         raise Forbidden("Your company no longer exists.")
@@ -326,7 +330,7 @@ def reserve(
             f"{limits.max_request_bytes} are stored for a stream."
         )
     session_id = chat.id if chat is not None else new_id()
-    reservation = Reservation(
+    reservation = NewReservation(
         id=new_id(),
         company_id=company.id,
         user_id=principal.user_id,
@@ -352,15 +356,28 @@ def reserve(
         fallbacks=[entry.record() for entry in chain] or None,
     )
     # Lock order, as in settlement: the company row (the hold), then the budget
-    # periods (`budgets`), then the session row.
-    take_hold(session, reservation)
-    hold_budgets(session, principal, reservation)
-    if chat is None:  # a new session: created with its first turn, after the hold
+    # periods (`budgets`), then the session row. A new session's row is nobody
+    # else's yet: on PostgreSQL a first turn of one message is written with the
+    # hold, in one statement (`init_writes`).
+    postgres = session.get_bind().dialect.name == "postgresql"
+    first_turn = None
+    if chat is None and postgres:
+        first_turn = init_writes.first_turn(
+            session_id, company.id, principal.user_id, new_turn, limits.session, now
+        )
+    if not postgres:
+        take_hold(session, Reservation(**reservation.row()))
+    elif not init_writes.hold(session, reservation, first_turn):
+        raise InsufficientCredits()
+    if company.has_budgets:
+        hold_budgets(session, principal, reservation)
+    appended: chat_sessions.Appended = "appended"
+    if chat is not None:
+        appended = chat_sessions.append_messages(session, chat.id, new_turn, limits.session)
+    elif first_turn is None:
         appended = chat_sessions.create_with_messages(
             session, session_id, company.id, principal.user_id, new_turn, limits.session, now
         )
-    else:
-        appended = chat_sessions.append_messages(session, chat.id, new_turn, limits.session)
     if appended == "full":
         raise SessionFull(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
@@ -440,7 +457,7 @@ def _with_agent(
     return turn.request, turn.prefix
 
 
-def hold_budgets(session: Session, principal: Principal, reservation: Reservation) -> None:
+def hold_budgets(session: Session, principal: Principal, reservation: NewReservation) -> None:
     """The hold counted against the caller's budgets too (issue 16.3): its user's, its
     API key's, its teams'; BudgetExceeded (402) rolls back the whole init."""
     budgets.hold(
@@ -454,7 +471,7 @@ def hold_budgets(session: Session, principal: Principal, reservation: Reservatio
     )
 
 
-async def count_tokens(deps: Deps, reservation: Reservation) -> None:
+async def count_tokens(deps: Deps, reservation: NewReservation) -> None:
     """Tokens per minute (`tpm`): the hold's token estimate counted in the init's
     window. Refused (429 ``tpm_exceeded``), the hold just taken is released."""
     limits = tpm.TpmLimits.of(deps.settings)
@@ -479,9 +496,9 @@ async def count_tokens(deps: Deps, reservation: Reservation) -> None:
         raise
 
 
-def hold_deadline(issued: int, settings: Settings) -> datetime:
+def hold_deadline(issued: int, settings: ControlPlaneSettings) -> datetime:
     """When the sweeper may reconcile a hold whose stream never reported: the
-    token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `Settings` guarantees that grace
+    token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `ControlPlaneSettings` guarantees that grace
     covers the longest stream the token can start (issue 11.4), so a live stream is
     never settled from a checkpoint for running long."""
     return datetime.fromtimestamp(
@@ -507,24 +524,17 @@ async def init_chat(
     hold_expires_at = hold_deadline(issued, settings)
     assert principal.user_id is not None and principal.company_id is not None
     user_id = principal.user_id
-    await tpm.precheck(
+    llm = await init_gate.enter(
         deps.store,
-        tpm.TpmLimits.of(settings),
+        settings,
         user_id=user_id,
         company_id=principal.company_id,
-        now=now.timestamp(),
-    )
-    await pending_inits.take(
-        deps.store,
-        company_id=principal.company_id,
-        user_id=user_id,
         jti=jti,
         expires_at=hold_expires_at.timestamp(),
-        now=time.time(),
-        limit=settings.max_pending_inits_per_user,
+        at=init_gate.Moment(rate_now=deps.clock(), tpm_now=now.timestamp(), wall_now=time.time()),
+        cache=deps.catalog_cache,
     )
     try:
-        llm = await catalog_cache.lookup(deps.catalog_cache, deps.store, principal.company_id)
         reserved = await deps.db.transaction(
             lambda s: reserve(
                 s,

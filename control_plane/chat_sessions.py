@@ -20,7 +20,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import hot_statements
+from control_plane import hot_statements, policy
+from control_plane.errors import Forbidden, SessionNotFound
+from control_plane.pagination import Page, PageRequest, read_page
+from control_plane.policy import Principal
 from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount, utcnow
 from control_plane.validation import without_nul
 
@@ -141,6 +144,41 @@ def messages_page(
 def delete_session(session: Session, session_id: str) -> None:
     session.execute(delete(ChatMessage).where(col(ChatMessage.session_id) == session_id))
     session.execute(delete(ChatSession).where(col(ChatSession.id) == session_id))
+
+
+def list_sessions(session: Session, p: Principal, req: PageRequest) -> Page[ChatSession]:
+    """The caller's sessions (its whole company's for those who see it all), the
+    most recently active first."""
+    stmt = select(ChatSession).where(col(ChatSession.company_id) == p.company_id)
+    if not policy.sees_whole_company(p):
+        stmt = stmt.where(col(ChatSession.user_id) == p.user_id)
+    return read_page(session, stmt, col(ChatSession.updated_at), col(ChatSession.id), req)
+
+
+def _readable(session: Session, p: Principal, session_id: str) -> ChatSession:
+    chat = session.get(ChatSession, session_id)
+    if chat is None or not policy.can_read_session(p, chat.user_id, chat.company_id):
+        raise SessionNotFound()
+    return chat
+
+
+def read_session(
+    session: Session, p: Principal, session_id: str, limit: int, after_seq: int | None
+) -> tuple[ChatSession, list[ChatMessage], int | None]:
+    """A session the caller may read, a page of its messages and where the next
+    page starts (`messages_page`); 404 for one it may not, as for one that is not."""
+    chat = _readable(session, p, session_id)
+    messages, last_seq = messages_page(session, chat.id, limit, after_seq)
+    return chat, messages, last_seq
+
+
+def remove_session(session: Session, p: Principal, session_id: str) -> None:
+    """Delete a session and its messages: 404 unless the caller may read it, 403
+    unless it may also delete it."""
+    chat = _readable(session, p, session_id)
+    if not policy.can_delete_session(p, chat.user_id, chat.company_id):
+        raise Forbidden("This needs the llm:chat:delete scope.")
+    delete_session(session, chat.id)
 
 
 def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from control_plane.db import Database
 from control_plane.errors import PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
+from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot
 from control_plane.validation import parse_json_object
 from shared.bodies import read_limited
-from shared.settings import Settings
 from shared.store import Store
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -28,7 +28,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 @dataclass
 class Deps:
-    settings: Settings
+    settings: ControlPlaneSettings
     db: Database
     store: Store
     fernet: MultiFernet

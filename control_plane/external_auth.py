@@ -39,8 +39,9 @@ from sqlmodel import col
 from control_plane import policy
 from control_plane.accounts import find_user_by_email
 from control_plane.errors import Unauthenticated, ValidationFailed
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, User, new_id, utcnow
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError
 from shared.tokens import API_AUDIENCE, ISSUER
 
 JWKS_ALGORITHMS = ("RS256", "ES256", "EdDSA")
@@ -114,7 +115,7 @@ def looks_like_ours(token: str) -> bool:
 class ExternalVerifier:
     """Verifies an existing app's JWTs; one per control-plane app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
         self._secret = settings.auth_jwt_secret
         self._jwks = (
             jwt.PyJWKClient(
@@ -128,7 +129,7 @@ class ExternalVerifier:
         )
         self._last_refetch = float("-inf")
         if settings.auth_jwt_audience is None or settings.auth_jwt_issuer is None:
-            # `Settings.from_env` already refuses this; settings built otherwise too.
+            # `ControlPlaneSettings.from_env` already refuses this; settings built otherwise too.
             missing = "AUDIENCE" if settings.auth_jwt_audience is None else "ISSUER"
             raise ConfigError(
                 f"LLMGW_AUTH_JWT_{missing} is required when external auth is configured"
@@ -137,7 +138,7 @@ class ExternalVerifier:
         self._issuer: str = settings.auth_jwt_issuer
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ExternalVerifier | None:
+    def from_settings(cls, settings: ControlPlaneSettings) -> ExternalVerifier | None:
         if settings.auth_jwt_secret is None and settings.auth_jwks_url is None:
             return None
         return cls(settings)

@@ -14,7 +14,7 @@ unique index and the caller replays (`routes.admin_credits`).
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -67,57 +67,27 @@ def _replay(
     return existing
 
 
-def grant(
+MoveKind = Literal["grant", "adjustment"]
+
+
+def move(
     session: Session,
     company_id: str,
     amount_micro: int,
     *,
+    kind: MoveKind,
     reason: str | None,
     actor: str,
     request_id: str | None,
     idempotency_key: str | None = None,
 ) -> tuple[LedgerEntry, bool]:
-    """Add credits. Returns the entry and whether it is new (False: a replay)."""
-    assert amount_micro > 0
-    existing = _replay(session, company_id, idempotency_key, "grant", amount_micro, reason)
-    if existing is not None:
-        return existing, False
-    result = session.execute(
-        update(Company)
-        .where(col(Company.id) == company_id)
-        .where(col(Company.balance_micro) + amount_micro <= MAX_BALANCE_MICRO)
-        .values(balance_micro=col(Company.balance_micro) + amount_micro)
-    )
-    if rowcount(result) == 0:
-        _refuse_over_ceiling(session, company_id)
-    entry = add_entry(
-        session,
-        company_id,
-        "grant",
-        amount_micro,
-        actor=actor,
-        reason=reason,
-        request_id=request_id,
-        idempotency_key=idempotency_key,
-    )
-    session.flush()
-    return entry, True
-
-
-def adjust(
-    session: Session,
-    company_id: str,
-    amount_micro: int,
-    *,
-    reason: str,
-    actor: str,
-    request_id: str | None,
-    idempotency_key: str | None = None,
-) -> tuple[LedgerEntry, bool]:
-    """Correct the balance by `amount_micro` (either sign). A debit larger than what
-    is available raises AvailableCreditsExceeded and changes nothing."""
-    assert amount_micro != 0 and reason
-    existing = _replay(session, company_id, idempotency_key, "adjustment", amount_micro, reason)
+    """Record a grant (amount > 0) or an adjustment (either sign, with a reason): one
+    conditional UPDATE of the balance and its ledger entry, or a replay of the entry
+    `idempotency_key` already recorded. Returns the entry and whether it is new
+    (False: a replay). A debit larger than what is available raises
+    AvailableCreditsExceeded and changes nothing."""
+    assert amount_micro > 0 if kind == "grant" else amount_micro != 0 and reason
+    existing = _replay(session, company_id, idempotency_key, kind, amount_micro, reason)
     if existing is not None:
         return existing, False
     stmt = (
@@ -143,7 +113,7 @@ def adjust(
     entry = add_entry(
         session,
         company_id,
-        "adjustment",
+        kind,
         amount_micro,
         actor=actor,
         reason=reason,

@@ -15,11 +15,12 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, Table, bindparam, func, insert, select, update
+from sqlalchemy import Insert, Table, bindparam, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from control_plane.tables import (
     AuditEvent,
+    Budget,
     ChatMessage,
     ChatSession,
     Company,
@@ -258,4 +259,17 @@ SELECT_LAST_SEQ = select(func.max(MESSAGES.c.seq)).where(MESSAGES.c.session_id =
 # What init needs of its company (no ORM entity): whether it is revoked, its default.
 SELECT_COMPANY_FOR_INIT = select(
     COMPANIES.c.id, COMPANIES.c.disabled_at, COMPANIES.c.default_model
+).where(COMPANIES.c.id == bindparam("p_id"))
+
+
+# --- init (issue 14.3): the company with whether it has any budget ----------------
+# One row, one round trip: init asks `budgets.applicable` (a join over teams, ORM
+# rows) only when the company has a budget at all, read in init's own transaction,
+# so a budget created a moment ago applies to the very next init; nothing cached.
+_BUDGETS = table_of(Budget)
+SELECT_COMPANY_FOR_INIT_WITH_BUDGETS = select(
+    COMPANIES.c.id,
+    COMPANIES.c.disabled_at,
+    COMPANIES.c.default_model,
+    exists().where(_BUDGETS.c.company_id == COMPANIES.c.id).label("has_budgets"),
 ).where(COMPANIES.c.id == bindparam("p_id"))

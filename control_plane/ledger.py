@@ -33,7 +33,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -283,3 +283,9 @@ def active_reservation_ids(session: Session, after_id: str, limit: int = 100) ->
         .limit(limit)
     )
     return list(session.scalars(stmt))
+
+
+def active_hold_count(session: Session) -> int:
+    """How many reservations hold credits now (the ``holds_active`` gauge)."""
+    stmt = select(func.count()).select_from(Reservation).where(col(Reservation.status) == "active")
+    return int(session.scalar(stmt) or 0)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from control_plane.errors import LoginThrottled, ServiceUnavailable
 from control_plane.rate_limits import Window, window_at
-from shared.store import Store
+from shared.store import CounterStore
 
 log = logging.getLogger("control_plane.login_limits")
 
@@ -64,7 +64,7 @@ class Attempt:
 
 
 async def claim_attempt(
-    store: Store, *, email: str, address: str, limit: int, now: float
+    store: CounterStore, *, email: str, address: str, limit: int, now: float
 ) -> Attempt:
     """Count one attempt for `email` and `address`; LoginThrottled (429) when either
     has already used its `limit` in this window. Call before verifying the password."""
@@ -84,7 +84,7 @@ async def claim_attempt(
     return Attempt(keys)
 
 
-async def forgive(store: Store, attempt: Attempt) -> None:
+async def forgive(store: CounterStore, attempt: Attempt) -> None:
     """The password was right: this attempt was not a failure."""
     try:
         for key in attempt.keys:

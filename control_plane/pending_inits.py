@@ -4,23 +4,29 @@ the store and (often) a session row, so abandoned inits must count against a lim
 not only against the per-minute rate.
 
 Each init is a member (its `jti`) of a bounded set in the store, ``pending:<user>``,
-until its hold's deadline. It leaves the set when its stream starts (the edge marks
-the token used at admission; seen at the user's next init, so the edge needs no
-extra write), when its hold is settled (`forget`), or at the deadline. Over the
-limit, init answers 429 ``too_many_pending_inits`` with ``Retry-After`` — the time
-until the oldest grant's hold ends — and changes nothing.
+until its hold's deadline, added by `init_gate` with init's other store work. It
+leaves the set when its stream starts (the edge marks the token used at admission;
+looked at only when the set is full, so the edge needs no extra write and an init
+below the limit reads no member), when its hold is settled (`forget`), or at the
+deadline. Over the limit, init answers 429 ``too_many_pending_inits`` with
+``Retry-After`` — the time until the oldest grant's hold ends — and changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Protocol
 
-from control_plane.errors import ServiceUnavailable, TooManyPendingInits
+from control_plane.errors import TooManyPendingInits
 from shared.hash_tags import company_tag
-from shared.store import Store
+from shared.store import BoundedSetStore, KeyValueStore
 
 log = logging.getLogger("control_plane.pending_inits")
+
+
+class PendingStore(BoundedSetStore, KeyValueStore, Protocol):
+    """The user's pending set, and the edges' used marks that take members out of it."""
 
 
 def pending_key(user_id: str) -> str:
@@ -33,37 +39,18 @@ def used_key(company_id: str, jti: str) -> str:
     return f"jti:{company_tag(company_id)}:{jti}"
 
 
-async def take(
-    store: Store,
-    *,
-    company_id: str,
-    user_id: str,
-    jti: str,
-    expires_at: float,
-    now: float,
-    limit: int,
-) -> None:
-    """Count `jti` as one of the user's pending grants; TooManyPendingInits (429) when
-    the user already has `limit` of them."""
-    key = pending_key(user_id)
-    try:
-        members = await store.bounded_members(key, now)
-        used = await store.get_many([used_key(company_id, m) for m in members]) if members else []
-        started = [m for m, mark in zip(members, used, strict=True) if mark is not None]
-        frees_at = await store.bounded_add(key, jti, expires_at, now, limit, started)
-    except Exception:
-        log.exception("pending-init counter unavailable")
-        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
-    if frees_at is not None:
-        retry_after = max(1, math.ceil(frees_at - now))
-        raise TooManyPendingInits(
-            f"You have {limit} chat inits whose streams have not started; start or "
-            f"let them expire (retry in {retry_after} s).",
-            retry_after,
-        )
+def refusal(limit: int, frees_at: float, now: float) -> TooManyPendingInits:
+    """The user already has `limit` pending grants (counted by `init_gate`); the
+    earliest one's hold ends at `frees_at`."""
+    retry_after = max(1, math.ceil(frees_at - now))
+    return TooManyPendingInits(
+        f"You have {limit} chat inits whose streams have not started; start or "
+        f"let them expire (retry in {retry_after} s).",
+        retry_after,
+    )
 
 
-async def forget(store: Store, user_id: str, jti: str) -> None:
+async def forget(store: BoundedSetStore, user_id: str, jti: str) -> None:
     """`jti` no longer pending (its init failed, or its hold ended); best effort: a
     member left behind only waits for its deadline."""
     try:

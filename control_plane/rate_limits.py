@@ -1,6 +1,6 @@
 """Per-user and per-company rate limits on ``POST /v1/chat/init`` (DESIGN §9).
 
-Fixed one-minute windows counted in the store (`Store.hit`), so every control-plane
+Fixed one-minute windows counted in the store (`CounterStore.hit`), so every control-plane
 process shares the same counters through Redis. The key names the window's start,
 so a new window is a new key and the old one expires with its TTL. Checked after
 authentication and before any credits are reserved; a refused request still counts
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from control_plane.errors import RateLimited, ServiceUnavailable
-from shared.store import Store
+from shared.store import CounterStore
 
 log = logging.getLogger("control_plane.rate_limits")
 
@@ -37,7 +37,13 @@ def limit_key(scope: str, subject: str, window: Window) -> str:
 
 
 async def check_init_rate(
-    store: Store, *, user_id: str, company_id: str, per_user: int, per_company: int, now: float
+    store: CounterStore,
+    *,
+    user_id: str,
+    company_id: str,
+    per_user: int,
+    per_company: int,
+    now: float,
 ) -> None:
     """Count this init for its user and its company; RateLimited (429) over either."""
     window = window_at(now)
@@ -49,8 +55,12 @@ async def check_init_rate(
             log.exception("rate-limit counter unavailable")
             raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
         if count > limit:
-            raise RateLimited(
-                f"Too many chat inits for this {scope} ({limit} per minute); "
-                f"retry in {window.retry_after} s.",
-                window.retry_after,
-            )
+            raise refusal(scope, limit, window)
+
+
+def refusal(scope: str, limit: int, window: Window) -> RateLimited:
+    return RateLimited(
+        f"Too many chat inits for this {scope} ({limit} per minute); "
+        f"retry in {window.retry_after} s.",
+        window.retry_after,
+    )

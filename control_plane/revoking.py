@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -31,9 +31,10 @@ from control_plane import policy
 from control_plane.accounts import actor_of
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.errors import NotFound, ValidationFailed
+from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, Reservation, Revocation, User, iso, new_id, utcnow
-from shared.settings import Settings
 
 TARGETS = (("user_id", "user"), ("company_id", "company"), ("jti", "jti"))
 
@@ -56,7 +57,7 @@ def parse_target(doc: dict[str, Any]) -> Target:
     return Target(kind, value)
 
 
-def revocation_ttl(settings: Settings) -> int:
+def revocation_ttl(settings: ControlPlaneSettings) -> int:
     return settings.token_ttl_seconds + settings.max_stream_seconds + 60
 
 
@@ -155,22 +156,12 @@ def list_revocations(
     session: Session,
     p: Principal,
     company_id: str | None,
-    limit: int,
-    after: tuple[datetime, str] | None = None,
-) -> list[Revocation]:
-    """Newest first, `limit + 1` rows (the extra one says there is a next page)."""
+    req: PageRequest,
+) -> Page[Revocation]:
+    """Newest first, keyset-paginated."""
     if not policy.can_read_audit(p, company_id):
         raise NotFound("No such company.")
     stmt = select(Revocation)
     if company_id is not None:
         stmt = stmt.where(col(Revocation.company_id) == company_id)
-    if after is not None:
-        moment, last_id = after
-        stmt = stmt.where(
-            or_(
-                col(Revocation.created_at) < moment,
-                and_(col(Revocation.created_at) == moment, col(Revocation.id) < last_id),
-            )
-        )
-    stmt = stmt.order_by(col(Revocation.created_at).desc(), col(Revocation.id).desc())
-    return list(session.scalars(stmt.limit(limit + 1)))
+    return read_page(session, stmt, col(Revocation.created_at), col(Revocation.id), req)

@@ -14,11 +14,11 @@ from sqlmodel import col
 from control_plane.audit import SEED_ACTOR
 from control_plane.credentials import hash_password, new_api_key
 from control_plane.db import Database
-from control_plane.grants import grant
+from control_plane.grants import move
 from control_plane.policy import scopes_for_role
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ApiKey, Company, User, new_id, utcnow
 from shared.pricing import MICRO
-from shared.settings import Settings
 
 DEMO_COMPANY = "demo"
 DEMO_EMAIL = "demo@example.com"
@@ -35,10 +35,11 @@ def _seed(session: Session, password_hash: str) -> str:
         )
         session.add(company)
         session.flush()
-        grant(
+        move(
             session,
             company.id,
             DEMO_CREDITS_MICRO,
+            kind="grant",
             reason="demo credits",
             actor=SEED_ACTOR,
             request_id=None,
@@ -79,18 +80,18 @@ async def seed_demo_with(db: Database) -> str:
         return await db.transaction(lambda s: _seed(s, password_hash))
 
 
-async def seed_demo(target: str | Settings) -> str:
+async def seed_demo(target: str | ControlPlaneSettings) -> str:
     """Idempotently create the demo company (1,000 credits, granted once through the
     ledger) and its owner, then mint a NEW API key for that owner and return it
     (the plain ``sk_…``; only its hash is stored).
 
-    `target` is the database URL or the `Settings` (whose ``database_url`` is used).
+    `target` is the database URL or the `ControlPlaneSettings` (whose ``database_url`` is used).
     Run it after the migrations (`control_plane.migrate.upgrade(database_url)`, or
     once an app with ``LLMGW_AUTO_MIGRATE=1`` has started). It opens and closes its
     own small connection pool; with a running app, `seed_demo_with(app.state.db)`
     reuses the app's.
     """
-    database_url = target.database_url if isinstance(target, Settings) else target
+    database_url = target.database_url if isinstance(target, ControlPlaneSettings) else target
     db = Database(database_url, pool_size=1)
     try:
         return await seed_demo_with(db)

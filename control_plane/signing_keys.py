@@ -114,6 +114,22 @@ def retire_superseded_keys(session: Session, now: datetime, max_token_seconds: i
     return retired
 
 
+def reencrypt_private_keys(session: Session, fernet: MultiFernet) -> tuple[int, list[str]]:
+    """Re-encrypt every stored private key under the newest Fernet key: how many
+    were, and the keys none of the configured Fernet keys opens."""
+    done, failed = 0, []
+    for row in session.scalars(select(SigningKey)):
+        try:
+            token = fernet.rotate(row.private_key_encrypted.encode("ascii"))
+        except InvalidToken:
+            failed.append(f"signing key {row.kid}")
+            continue
+        row.private_key_encrypted = token.decode("ascii")
+        done += 1
+    session.flush()
+    return done, failed
+
+
 def published_jwks(session: Session) -> list[dict[str, Any]]:
     return [orjson.loads(row.public_jwk) for row in _live_keys(session)]
 

@@ -20,7 +20,7 @@ its last checkpoint goes unbilled). An ``ended`` checkpoint (the stream is over,
 its report is in the outbox) is left to that report until the deadline.
 
 **Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
-expiry plus ``LLMGW_HOLD_GRACE_SECONDS``, which `Settings` keeps longer than the
+expiry plus ``LLMGW_HOLD_GRACE_SECONDS``, which `ControlPlaneSettings` keeps longer than the
 longest stream (issue 11.4). The sweeper lists active reservations past their
 deadline and, for each, reads the edge's checkpoint from the store
 (`shared.checkpoints`):
@@ -60,13 +60,13 @@ from control_plane.ledger import (
 from control_plane.liveness import SilenceWatch
 from control_plane.metrics import Metrics
 from control_plane.revoking import revocation_ttl
+from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import MAX_TOKENS_REPORTED, Usage, parse_time, settle_usage
 from control_plane.tables import Reservation, utcnow
 from shared.catalog import Price
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revoke
-from shared.settings import Settings
-from shared.store import Store
+from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.sweeper")
 
@@ -175,7 +175,7 @@ def _decode(reservation_id: str, raw: bytes | None) -> UsageCheckpoint | None:
 
 
 async def sweep_expired_holds(
-    db: Database, store: Store, metrics: Metrics, *, now: datetime | None = None
+    db: Database, store: KeyValueStore, metrics: Metrics, *, now: datetime | None = None
 ) -> SweepResult:
     """Reconcile every active reservation whose deadline is before `now`."""
     moment = now or utcnow()
@@ -218,7 +218,7 @@ def _observe_lag(metrics: Metrics, checkpoint: UsageCheckpoint | None) -> None:
 
 async def sweep_silent_streams(
     db: Database,
-    store: Store,
+    store: KeyValueStore,
     metrics: Metrics,
     watch: SilenceWatch,
     *,
@@ -268,7 +268,9 @@ async def sweep_silent_streams(
     return SweepResult(settled=settled)
 
 
-async def run_sweeper(db: Database, store: Store, metrics: Metrics, settings: Settings) -> None:
+async def run_sweeper(
+    db: Database, store: KeyValueStore, metrics: Metrics, settings: ControlPlaneSettings
+) -> None:
     """Sweep every ``LLMGW_SWEEP_INTERVAL_SECONDS`` until cancelled (the app's
     lifespan owns it)."""
     interval = settings.sweep_interval_seconds

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from control_plane.errors import ServiceUnavailable, TpmExceeded
 from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
-from shared.settings import Settings
-from shared.store import Store
+from control_plane.settings import ControlPlaneSettings
+from shared.store import CounterStore, KeyValueStore
 
 log = logging.getLogger("control_plane.tpm")
 
@@ -37,7 +37,7 @@ class TpmLimits:
     per_company: int = 0
 
     @classmethod
-    def of(cls, settings: Settings) -> TpmLimits:
+    def of(cls, settings: ControlPlaneSettings) -> TpmLimits:
         return cls(settings.tpm_per_user, settings.tpm_per_company)
 
     @property
@@ -53,7 +53,7 @@ def tpm_key(scope: str, subject: str, window: Window) -> str:
     return f"tpm:{scope}:{subject}:{window.start}"
 
 
-def _refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
+def refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
     return TpmExceeded(
         f"Too many tokens for this {scope} ({limit} per minute); retry in {window.retry_after} s.",
         window.retry_after,
@@ -66,7 +66,7 @@ def _unavailable() -> ServiceUnavailable:
 
 
 async def precheck(
-    store: Store, limits: TpmLimits, *, user_id: str, company_id: str, now: float
+    store: KeyValueStore, limits: TpmLimits, *, user_id: str, company_id: str, now: float
 ) -> None:
     """Refuse (429) when the window is already at a limit: nothing is held yet."""
     scopes = limits.scopes(user_id, company_id)
@@ -79,11 +79,17 @@ async def precheck(
         raise _unavailable() from None
     for (scope, _, limit), raw in zip(scopes, values, strict=True):
         if raw is not None and int(raw) >= limit:
-            raise _refusal(scope, limit, window)
+            raise refusal(scope, limit, window)
 
 
 async def take(
-    store: Store, limits: TpmLimits, *, user_id: str, company_id: str, tokens: int, now: float
+    store: CounterStore,
+    limits: TpmLimits,
+    *,
+    user_id: str,
+    company_id: str,
+    tokens: int,
+    now: float,
 ) -> None:
     """Count `tokens` in the window of `now`; over a limit, take them back and refuse."""
     window = window_at(now)
@@ -96,7 +102,7 @@ async def take(
             if total > limit:
                 for back in counted:
                     await store.add(back, -tokens, WINDOW_SECONDS)
-                raise _refusal(scope, limit, window)
+                raise refusal(scope, limit, window)
     except TpmExceeded:
         raise
     except Exception:
@@ -104,7 +110,7 @@ async def take(
 
 
 async def correct(
-    store: Store,
+    store: CounterStore,
     limits: TpmLimits,
     *,
     user_id: str,

@@ -3,10 +3,8 @@ naming the field, so a 422 always says what to fix."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 import orjson
@@ -140,47 +138,3 @@ def page_limit(raw: str | None) -> int:
     if not 1 <= value <= MAX_LIMIT:
         raise ValidationFailed("limit", f"must be between 1 and {MAX_LIMIT}")
     return value
-
-
-def encode_cursor(created_at: datetime, row_id: str) -> str:
-    raw = orjson.dumps([created_at.isoformat(), row_id])
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def decode_cursor(raw: str | None) -> tuple[datetime, str] | None:
-    """The (created_at, id) position a `next_cursor` stands for; 422 when mangled."""
-    if raw is None or raw == "":
-        return None
-    try:
-        doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        moment = datetime.fromisoformat(doc[0])
-        row_id = doc[1]
-        if moment.tzinfo is None or not isinstance(row_id, str) or NUL in row_id:
-            raise ValueError
-    except (ValueError, TypeError, IndexError, KeyError, binascii.Error, orjson.JSONDecodeError):
-        raise ValidationFailed("cursor", "is not a cursor this API returned") from None
-    return moment, row_id
-
-
-SEQ_CURSOR = "seq"
-
-
-def encode_seq_cursor(seq: int) -> str:
-    """A position in an ordered list keyed by an integer (a session's messages)."""
-    raw = orjson.dumps([SEQ_CURSOR, seq])
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def decode_seq_cursor(raw: str | None) -> int | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        doc = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        if not isinstance(doc, list) or len(doc) != 2 or doc[0] != SEQ_CURSOR:
-            raise ValueError
-        seq = doc[1]
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**62:
-            raise ValueError
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
-        raise ValidationFailed("cursor", "is not a cursor this API returned") from None
-    return seq

@@ -7,8 +7,9 @@ Endpoints come from the two services' route tables (the control plane's through 
 OpenAPI document), token claims from `shared.tokens.stream_claims`, the usage
 webhook's fields from `shared.webhooks.UsageEvent`, metrics from the services'
 registries, settings from `.env.example` (which `tests/test_api_doc.py` checks
-against every `LLMGW_*` name the code reads). DESIGN.md stays the contract; this
-page is what the code says it does.
+against every `LLMGW_*` name the code reads), and which service reads each from the
+names the services' settings ask for (`settings_read_by`). DESIGN.md stays the
+contract; this page is what the code says it does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import inspect
 import re
 import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
 ENV_EXAMPLE = ROOT / ".env.example"
 SETTING = re.compile(r"^#?\s*(LLMGW_[A-Z0-9_]+)=(\S*)\s*(?:#\s*(.*))?$")
+# `.env.example` groups its variables under `# === read by <reader> ===` lines.
+GROUP = re.compile(r"^# === read by (.+) ===$")
+SERVICES = ("both", "control plane", "edge")
 
 
 def _control_plane_rows() -> Iterator[str]:
@@ -49,16 +53,16 @@ def _control_plane_rows() -> Iterator[str]:
 
 
 def _edge_rows() -> Iterator[str]:
-    from shared.settings import Settings
     from shared.webhooks import generate_secret
     from stream_edge.app import create_app
+    from stream_edge.settings import EdgeSettings
 
     # Throwaway secrets: the app is only built to read its route table, never served.
     env = {
         "LLMGW_WEBHOOK_SECRET": generate_secret(),
         "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
     }
-    app = create_app(Settings.from_env(env))
+    app = create_app(EdgeSettings.from_env(env))
     for route in app.routes:
         if not isinstance(route, Route):
             continue
@@ -115,22 +119,67 @@ def _metric_rows() -> list[str]:
     return rows
 
 
-def settings_documented() -> list[tuple[str, str, str]]:
-    """(name, default, note) for every `LLMGW_*` line of `.env.example`."""
+def settings_documented() -> list[tuple[str, str, str, str]]:
+    """(name, default, note, reader) for every `LLMGW_*` line of `.env.example`;
+    the reader is its group's (empty before the first group)."""
     out = []
+    reader = ""
     for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
-        match = SETTING.match(line.strip())
-        if match:
-            out.append((match[1], match[2], match[3] or ""))
+        if group := GROUP.match(line.strip()):
+            reader = group[1]
+        elif match := SETTING.match(line.strip()):
+            out.append((match[1], match[2], match[3] or "", reader))
+    return out
+
+
+class _Recording(Mapping[str, str]):
+    """An environment that notes every name looked up in it."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.read.add(name)
+        return self._env[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+def settings_read_by() -> dict[str, str]:
+    """`LLMGW_*` name → "both", "control plane" or "edge": which service's settings
+    look it up in the environment, found by building each from a recording one
+    (the `from_env`s look every name up, set or not, so defaults are enough)."""
+    from control_plane.settings import ControlPlaneSettings
+    from shared.webhooks import generate_secret
+    from stream_edge.settings import EdgeSettings
+
+    env = {"LLMGW_WEBHOOK_SECRET": generate_secret()}
+    cp, edge = _Recording(env), _Recording(env)
+    ControlPlaneSettings.from_env(cp)
+    EdgeSettings.from_env(edge)
+    out = {}
+    for name in sorted(cp.read | edge.read):
+        if name.startswith("LLMGW_"):
+            out[name] = (
+                "both" if name in cp.read & edge.read else "control plane" if name in cp.read
+                else "edge"
+            )  # fmt: skip
     return out
 
 
 def render() -> str:
+    read_by = settings_read_by()
     settings = [
-        f"| `{name}` | `{default}` | {note.replace('|', '/')} |" if default else
-        f"| `{name}` | | {note.replace('|', '/')} |"
-        for name, default, note in settings_documented()
-    ]  # fmt: skip
+        f"| `{name}` | {read_by.get(name, reader)} | "
+        + (f"`{default}`" if default else "")
+        + f" | {note.replace('|', '/')} |"
+        for name, default, note, reader in settings_documented()
+    ]
     parts = [
         "# API reference",
         "",
@@ -181,10 +230,12 @@ def render() -> str:
         "",
         "## Settings",
         "",
-        "From `.env.example` (a value there is its example or default).",
+        'From `.env.example` (a value there is its example or default). "read by": the',
+        "service whose settings read it (`control_plane/settings.py`,",
+        "`stream_edge/settings.py`; both: `shared/settings.py`), else who else does.",
         "",
-        "| variable | example | note |",
-        "|---|---|---|",
+        "| variable | read by | example | note |",
+        "|---|---|---|---|",
         *settings,
         "",
     ]

@@ -8,18 +8,23 @@ import sys
 from collections.abc import Sequence
 
 from shared.logs import configure_logging
-from shared.settings import DEFAULT_DATABASE_URL, ConfigError, Settings
+from shared.settings import ConfigError
 
 
 def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
+    from control_plane.settings import ControlPlaneSettings
     from llm_gateway.servers import limits_of, run_loop, serve_all, server_for
+    from stream_edge.settings import EdgeSettings
 
-    settings = Settings.from_env(os.environ)
-    graceful = settings.drain_seconds + 10
+    # Each service validates only what it reads: an edge needs no database or admin token.
+    settings: ControlPlaneSettings | EdgeSettings
     if app_factory == "control-plane":
+        settings = ControlPlaneSettings.from_env(os.environ)
         settings.require_encryption_key()
     else:
+        settings = EdgeSettings.from_env(os.environ)
         settings.route_cipher_keys()  # the `upr` claim's keys: the ring or LLMGW_ROUTE_KEY
+    graceful = settings.drain_seconds + 10
     if workers > 1:
         from llm_gateway.workers import serve_workers
 
@@ -27,7 +32,7 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
             raise ConfigError("LLMGW_REDIS_URL is required to run several workers")
         serve_workers(app_factory, settings, host, port, workers, graceful)
         return
-    if app_factory == "control-plane":
+    if isinstance(settings, ControlPlaneSettings):
         from control_plane.app import create_app as cp_app
 
         app = cp_app(settings)
@@ -97,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _mock(args.host, args.port)
         elif args.command == "migrate":
             from control_plane.migrate import upgrade
+            from control_plane.settings import DEFAULT_DATABASE_URL
 
             upgrade(os.environ.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL)
         elif args.command == "admin":

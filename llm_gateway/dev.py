@@ -16,10 +16,11 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from control_plane.settings import ControlPlaneSettings
 from shared.catalog import Catalog
-from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from shared.webhooks import generate_secret
+from stream_edge.settings import EdgeSettings
 
 SECRETS_FILE = Path("var/dev-secrets.json")
 
@@ -52,6 +53,21 @@ def dev_env(environ: Mapping[str, str], port_base: int) -> dict[str, str]:
     return env
 
 
+def settings_from_env(
+    env: Mapping[str, str], *, dev: bool = False, mock_url: str | None = None
+) -> tuple[ControlPlaneSettings, EdgeSettings]:
+    """Both services' settings from one environment (one process runs both); with
+    `mock_url`, both catalogs point the `mock` provider there."""
+    cp = ControlPlaneSettings.from_env(env, dev=dev)
+    edge = EdgeSettings.from_env(env, dev=dev)
+    if mock_url is None:
+        return cp, edge
+    return (
+        dataclasses.replace(cp, catalog=with_mock_at(cp.catalog, mock_url)),
+        dataclasses.replace(edge, catalog=with_mock_at(edge.catalog, mock_url)),
+    )
+
+
 def with_mock_at(catalog: Catalog, url: str) -> Catalog:
     """Point the packaged `mock` provider at this run's mock port."""
     if "mock" not in catalog.providers:
@@ -69,9 +85,8 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     from mock_llm.app import create_app as mock_app
     from stream_edge.app import create_app as edge_app
 
-    settings = Settings.from_env(dev_env(os.environ, port_base), dev=True)
-    settings = dataclasses.replace(
-        settings, catalog=with_mock_at(settings.catalog, f"http://127.0.0.1:{port_base + 2}/v1")
+    settings, edge_settings = settings_from_env(
+        dev_env(os.environ, port_base), dev=True, mock_url=f"http://127.0.0.1:{port_base + 2}/v1"
     )
     if settings.database_url.startswith("sqlite:///var/"):
         Path("var").mkdir(exist_ok=True)
@@ -82,10 +97,10 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     servers = [
         server_for(control_plane_app(settings, store), host, port_base, limits=limits),
         server_for(
-            edge_app(settings, store),
+            edge_app(edge_settings, store),
             host,
             port_base + 1,
-            graceful_seconds=settings.drain_seconds + 10,
+            graceful_seconds=edge_settings.drain_seconds + 10,
             limits=limits,
         ),
         server_for(mock_app(), host, port_base + 2, limits=limits),

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from shared.store import open_store
+from shared.store_factory import open_store
 from stream_edge.outbox import replay_dead_letter
 
 

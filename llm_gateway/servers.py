@@ -13,7 +13,7 @@ import uvicorn
 
 from llm_gateway.http_guard import ConnectionLimits, http_protocol
 from shared.logs import RedactingFilter
-from shared.settings import Settings
+from shared.settings import CommonSettings
 
 
 class _Server(uvicorn.Server):
@@ -24,7 +24,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def limits_of(settings: Settings) -> ConnectionLimits:
+def limits_of(settings: CommonSettings) -> ConnectionLimits:
     return ConnectionLimits(
         header_timeout=settings.header_timeout_seconds,
         max_header_bytes=settings.max_header_bytes,

@@ -25,11 +25,12 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from control_plane.settings import ControlPlaneSettings
 from llm_gateway.http_guard import http_protocol
 from llm_gateway.servers import limits_of
 from shared.logs import configure_logging
 from shared.metrics import MULTIPROC_ENV, forget_dead_workers, reset_multiproc_dir
-from shared.settings import Settings
+from shared.settings import CommonSettings
 
 FACTORIES = {
     "control-plane": "llm_gateway.workers:control_plane_app",
@@ -37,26 +38,28 @@ FACTORIES = {
 }
 
 
-def _worker_start() -> Settings:
+def _worker_start() -> None:
     configure_logging(os.environ.get("LLMGW_LOG_LEVEL", "INFO"))
     path = os.environ.get(MULTIPROC_ENV)
     if path:
         forget_dead_workers(path)
-    return Settings.from_env(os.environ)
 
 
 def control_plane_app() -> Starlette:
     """uvicorn's app factory in a control-plane worker."""
     from control_plane.app import create_app
 
-    return create_app(_worker_start())
+    _worker_start()
+    return create_app(ControlPlaneSettings.from_env(os.environ))
 
 
 def stream_edge_app() -> Starlette:
     """uvicorn's app factory in an edge worker."""
     from stream_edge.app import create_app
+    from stream_edge.settings import EdgeSettings
 
-    app = create_app(_worker_start())
+    _worker_start()
+    app = create_app(EdgeSettings.from_env(os.environ))
     _drain_on_signal(app)
     return app
 
@@ -87,14 +90,14 @@ def _drain_on_signal(app: Starlette) -> None:
 
 
 def serve_workers(
-    service: str, settings: Settings, host: str, port: int, workers: int, graceful: float
+    service: str, settings: CommonSettings, host: str, port: int, workers: int, graceful: float
 ) -> None:
     """Supervise `workers` processes serving `service` until SIGTERM/SIGINT."""
     own_dir = not os.environ.get(MULTIPROC_ENV)
     path = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="llmgw-metrics-")
     reset_multiproc_dir(path)
     os.environ[MULTIPROC_ENV] = path
-    if service == "control-plane" and settings.auto_migrate:
+    if isinstance(settings, ControlPlaneSettings) and settings.auto_migrate:
         # Once, here, rather than racing in every worker.
         from control_plane.migrate import upgrade
 

@@ -8,7 +8,7 @@ plus the longest stream), then expires by itself.
 from __future__ import annotations
 
 from shared.hash_tags import company_tag
-from shared.store import Store
+from shared.store import KeyValueStore
 from shared.tokens import StreamGrant
 
 KINDS = ("user", "company", "jti")
@@ -30,5 +30,7 @@ def grant_keys(grant: StreamGrant) -> list[str]:
     ]
 
 
-async def revoke(store: Store, kind: str, value: str, company_id: str, ttl_seconds: float) -> None:
+async def revoke(
+    store: KeyValueStore, kind: str, value: str, company_id: str, ttl_seconds: float
+) -> None:
     await store.set(revocation_key(kind, value, company_id), b"1", ttl_seconds)

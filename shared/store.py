@@ -1,8 +1,15 @@
-"""The hot-state store: one small interface, two backends (memory, Redis).
+"""The hot-state store: small protocols, two backends (memory, Redis).
 
 Both services keep short-lived shared state here: single-use token ids, the
-requests stashed at init, and the edge's webhook outbox. Every key carries a TTL so
-a crashed process leaks nothing for long. Choose a backend with `open_store(url)`.
+requests stashed at init, rate counters, and the edge's webhook outbox. Every key
+carries a TTL so a crashed process leaks nothing for long, except the outbox, the
+durable record of unbilled usage.
+
+Each caller names the protocol it uses (`KeyValueStore`, `CounterStore`,
+`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`, `InitGateStore`);
+`Store` joins them for the app state that hands one object to all.
+`shared/store_factory.py` picks a backend; this module imports neither, so the
+backends can import it.
 """
 
 from __future__ import annotations
@@ -47,7 +54,50 @@ class Admitted:
     fetched: bytes | None = None
 
 
-class Store(Protocol):
+@dataclass(frozen=True, slots=True)
+class InitGate:
+    """What ``POST /v1/chat/init`` checks and counts in the store before it holds
+    credits, in one atomic step (one round trip to a single Redis), in this order:
+
+    1. the init counters of `rate_keys` (user, company), each counted in its fixed
+       window (`hit`) and refused past `rate_limits[i]`; a refusal stops there, the
+       later counters uncounted;
+    2. the tokens-per-minute counters `tpm_keys`: refused when one already holds
+       `tpm_limits[i]` or more (read only; empty when TPM is off);
+    3. `member` added to the bounded set `pending_key` until `expires_at`, unless it
+       already holds `pending_limit` others once the expired members and those whose
+       stream started (`used_prefix` + member exists: the edge's used mark) are
+       dropped; the started ones are looked up only when the set is full;
+    4. `fetch_key`'s value read back (the company's LLM-config version).
+    """
+
+    rate_keys: list[str]
+    rate_limits: list[int]
+    rate_window_seconds: float
+    tpm_keys: list[str]
+    tpm_limits: list[int]
+    pending_key: str
+    used_prefix: str
+    member: str
+    now: float
+    expires_at: float
+    pending_limit: int
+    fetch_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InitGated:
+    # ok: counted and added; rate / tpm: `index` names the refusing key; pending:
+    # the set is full and a place frees at `frees_at` at the latest.
+    verdict: Literal["ok", "rate", "tpm", "pending"]
+    index: int = -1
+    frees_at: float = 0.0
+    fetched: bytes | None = None
+
+
+class KeyValueStore(Protocol):
+    """Bytes under a key until its TTL runs out (markers, stashes, checkpoints)."""
+
     async def get(self, key: str) -> bytes | None: ...
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -62,11 +112,50 @@ class Store(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
-    async def outbox_put(
-        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
-    ) -> None:
-        """Keep `payload` until acknowledged; it becomes claimable at `due_at`. With
-        `release`, the stream's slots are given back in the same round trip."""
+
+class CounterStore(Protocol):
+    """Fixed-window counters: a rate limiter's primitive. A counter's key expires
+    with the window its first count opened; read one back with `KeyValueStore.get`."""
+
+    async def hit(self, key: str, window_seconds: float) -> int:
+        """Count one event in the current fixed window of `key`; returns the count so far."""
+        ...
+
+    async def unhit(self, key: str, window_seconds: float) -> None:
+        """Take back one `hit` (an attempt counted in advance that did not count)."""
+        ...
+
+    async def add(self, key: str, amount: int, window_seconds: float) -> int:
+        """Add `amount` (negative: take back) to the counter `key`; returns the new
+        total (tokens per minute)."""
+        ...
+
+
+class BoundedSetStore(Protocol):
+    """Sets of members that each expire at their own time, capped in size."""
+
+    async def bounded_members(self, key: str, now: float) -> list[str]:
+        """The members of the bounded set `key` that expire after `now`."""
+        ...
+
+    async def bounded_add(
+        self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
+    ) -> float | None:
+        """Atomically forget `drop` and the members expired by `now`, then add `member`
+        (until `expires_at`) unless the set already holds `limit` others. None when
+        added; otherwise the earliest expiry, i.e. when a place frees up at the latest."""
+        ...
+
+    async def bounded_remove(self, key: str, member: str) -> None: ...
+
+
+class AdmissionStore(Protocol):
+    """A stream's start and the stream slots it holds (see `Admission`)."""
+
+    async def admit(self, admission: Admission) -> Admitted:
+        """Run `admission` atomically. Slots are sets of live members, at most
+        `limits[i]` each, taken all or none; members expire at `slots_expire_at`, so a
+        crashed process leaks its slots only until then."""
         ...
 
     async def release_slots(self, release: SlotRelease) -> None:
@@ -74,8 +163,20 @@ class Store(Protocol):
         stored: the slots must not wait for it)."""
         ...
 
+
+class OutboxStore(Protocol):
+    """The edge's webhook outbox, kept until acknowledged, and its dead letters."""
+
+    async def outbox_put(
+        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
+    ) -> None:
+        """Keep `payload` until acknowledged; it becomes claimable at `due_at`. With
+        `release`, the stream's slots are given back in the same round trip."""
+        ...
+
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
-        """Claim up to `limit` due items; each claimed item is hidden for the lease."""
+        """Claim up to `limit` due items, earliest due first; each claimed item is
+        hidden for the lease."""
         ...
 
     async def outbox_get(self, item_id: str) -> bytes | None: ...
@@ -98,58 +199,39 @@ class Store(Protocol):
         """Remove and return one dead letter (to replay it)."""
         ...
 
-    async def admit(self, admission: Admission) -> Admitted:
-        """Run `admission` atomically. Slots are sets of live members, at most
-        `limits[i]` each, taken all or none; members expire at `slots_expire_at`, so a
-        crashed process leaks its slots only until then."""
-        ...
 
-    async def hit(self, key: str, window_seconds: float) -> int:
-        """Count one event in the current fixed window of `key`; returns the count so far
-        (a rate limiter's primitive: the window's key expires with the window)."""
-        ...
-
-    async def unhit(self, key: str, window_seconds: float) -> None:
-        """Take back one `hit` (an attempt counted in advance that did not count)."""
-        ...
-
-    async def add(self, key: str, amount: int, window_seconds: float) -> int:
-        """Add `amount` (negative: take back) to the counter `key`, which expires with
-        its window like `hit`'s; returns the new total (tokens per minute)."""
-        ...
-
-    async def bounded_members(self, key: str, now: float) -> list[str]:
-        """The members of the bounded set `key` that expire after `now`."""
-        ...
-
-    async def bounded_add(
-        self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
-    ) -> float | None:
-        """Atomically forget `drop` and the members expired by `now`, then add `member`
-        (until `expires_at`) unless the set already holds `limit` others. None when
-        added; otherwise the earliest expiry, i.e. when a place frees up at the latest."""
-        ...
-
-    async def bounded_remove(self, key: str, member: str) -> None: ...
+class LogStore(Protocol):
+    """Ordered, expiring logs (a stream's events, for resuming)."""
 
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
-        """Append to an ordered log (a stream's events, for resuming); returns its length."""
+        """Append to the log `key`, restarting its TTL; returns its length."""
         ...
 
     async def log_range(self, key: str, start: int) -> list[bytes]:
         """Items from index `start` (0-based) to the end."""
         ...
 
+
+class InitGateStore(Protocol):
+    """Init's checks and counters in one atomic step (rates, TPM, pending grants)."""
+
+    async def init_gate(self, gate: InitGate) -> InitGated:
+        """Run `gate` atomically: init's store work in one round trip (`InitGate`)."""
+        ...
+
+
+class Store(
+    KeyValueStore,
+    CounterStore,
+    BoundedSetStore,
+    AdmissionStore,
+    OutboxStore,
+    LogStore,
+    InitGateStore,
+    Protocol,
+):
+    """All of the above in one object, as the apps keep it in their state."""
+
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
-
-
-def open_store(redis_url: str | None, *, prefix: str = "llmgw:") -> Store:
-    if redis_url:
-        from shared.store_redis import RedisStore
-
-        return RedisStore.from_url(redis_url, prefix=prefix)
-    from shared.store_memory import MemoryStore
-
-    return MemoryStore()

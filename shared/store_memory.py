@@ -5,10 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from shared.store import Admission, Admitted, SlotRelease
+from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 
 class MemoryStore:
+    """Every store protocol in one process's dicts. `clock` times the TTLs and the
+    counters' windows (seconds, `time.monotonic` unless a test passes a fake one)."""
+
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self._clock = clock or time.monotonic
         self._values: dict[str, tuple[bytes, float]] = {}
@@ -57,8 +60,7 @@ class MemoryStore:
         self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
     ) -> None:
         if release is not None:
-            for key in release.slot_keys:
-                self._slots.get(key, {}).pop(release.member, None)
+            await self.release_slots(release)
         self._outbox[item_id] = payload
         self._due[item_id] = due_at
 
@@ -106,9 +108,7 @@ class MemoryStore:
             return Admitted("reconnect" if first.decode() == a.path else "used")
         sets = []
         for index, (key, limit) in enumerate(zip(a.slot_keys, a.limits, strict=True)):
-            members = self._slots.setdefault(key, {})
-            for stale in [m for m, exp in members.items() if exp <= a.now]:
-                del members[stale]
+            members = self._bounded(key, a.now)
             if a.member not in members and len(members) >= limit:
                 return Admitted("full", full_index=index)
             sets.append(members)
@@ -119,11 +119,7 @@ class MemoryStore:
         return Admitted("ok", fetched=fetched)
 
     async def hit(self, key: str, window_seconds: float) -> int:
-        current = self._live(key)
-        count = int(current) + 1 if current is not None else 1
-        expires = self._values[key][1] if current is not None else None
-        self._values[key] = (str(count).encode(), expires or self._clock() + window_seconds)
-        return count
+        return await self.add(key, 1, window_seconds)
 
     async def unhit(self, key: str, window_seconds: float) -> None:
         current = self._live(key)
@@ -159,6 +155,29 @@ class MemoryStore:
 
     async def bounded_remove(self, key: str, member: str) -> None:
         self._slots.get(key, {}).pop(member, None)
+
+    # --- init's gate (issue 14.3) -------------------------------------------------
+
+    async def init_gate(self, gate: InitGate) -> InitGated:
+        g = gate
+        for index, (key, limit) in enumerate(zip(g.rate_keys, g.rate_limits, strict=True)):
+            if await self.hit(key, g.rate_window_seconds) > limit:
+                return InitGated("rate", index)
+        for index, (key, limit) in enumerate(zip(g.tpm_keys, g.tpm_limits, strict=True)):
+            raw = self._live(key)
+            if raw is not None and int(raw) >= limit:
+                return InitGated("tpm", index)
+        members = self._bounded(g.pending_key, g.now)
+        if g.member not in members and len(members) >= g.pending_limit:
+            for started in [m for m in members if self._live(g.used_prefix + m) is not None]:
+                del members[started]
+            if len(members) >= g.pending_limit:
+                return InitGated("pending", frees_at=min(members.values()))
+        members[g.member] = g.expires_at
+        fetched = self._live(g.fetch_key) if g.fetch_key is not None else None
+        return InitGated("ok", fetched=fetched)
+
+    # --- end of init's gate ---------------------------------------------------------
 
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         now = self._clock()

@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from shared.redis_pipe import PipelinedRedis
-from shared.store import Admission, Admitted, SlotRelease
+from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
 # answer these with 503 instead of an unhandled 500.
@@ -74,7 +74,18 @@ return 1
 """
 
 
-# See `Store.bounded_add`. KEYS: the set; ARGV: now, member, expires_at, limit,
+# KEYS: the outbox hash, the due set; ARGV: id, payload, due time. An item
+# acknowledged meanwhile (another edge delivered it once its lease ran out) stays
+# gone: writing its payload back would keep it in the hash forever.
+_RESCHEDULE = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+
+# See `BoundedSetStore.bounded_add`. KEYS: the set; ARGV: now, member, expires_at, limit,
 # ttl_ms, then the members to drop.
 _BOUNDED_ADD = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -87,6 +98,41 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return false
 """
+
+
+# --- init's gate (issue 14.3) --------------------------------------------------------
+# See `InitGate`. KEYS: the rate counters, the TPM counters, the pending set, then the
+# key to fetch (if any). ARGV: n_rate, n_tpm, window_ms, now, member, expires_at,
+# pending_limit, pending_ttl_ms, used_prefix, then the rate limits, the TPM limits.
+# The used marks (`used_prefix` .. member) are named here, not in KEYS: a single
+# Redis only (on a cluster `init_gate` runs the steps one by one instead).
+_INIT_GATE = """
+local n_rate, n_tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, n_rate do
+  local count = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
+  if count > tonumber(ARGV[9 + i]) then return {'rate', i - 1} end
+end
+for i = 1, n_tpm do
+  local held = redis.call('GET', KEYS[n_rate + i])
+  if held and tonumber(held) >= tonumber(ARGV[9 + n_rate + i]) then return {'tpm', i - 1} end
+end
+local set, limit = KEYS[n_rate + n_tpm + 1], tonumber(ARGV[7])
+redis.call('ZREMRANGEBYSCORE', set, '-inf', ARGV[4])
+if redis.call('ZSCORE', set, ARGV[5]) == false and redis.call('ZCARD', set) >= limit then
+  for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+    if redis.call('EXISTS', ARGV[9] .. m) == 1 then redis.call('ZREM', set, m) end
+  end
+  if redis.call('ZCARD', set) >= limit then
+    return {'pending', -1, redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]}
+  end
+end
+redis.call('ZADD', set, ARGV[6], ARGV[5])
+redis.call('PEXPIRE', set, ARGV[8])
+if #KEYS > n_rate + n_tpm + 1 then return {'ok', -1, '', redis.call('GET', KEYS[#KEYS])} end
+return {'ok'}
+"""
+# --- end of init's gate ------------------------------------------------------------
 
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -125,7 +171,9 @@ class RedisStore:
         self._claim = client.register_script(_CLAIM)
         self._admit = client.register_script(_ADMIT)
         self._put = client.register_script(_PUT)
+        self._reschedule = client.register_script(_RESCHEDULE)
         self._bounded_add = client.register_script(_BOUNDED_ADD)
+        self._init_gate = client.register_script(_INIT_GATE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
@@ -232,10 +280,9 @@ class RedisStore:
         return cast(bytes | None, await self._redis.hget(self._outbox_items, item_id))
 
     async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._outbox_items, item_id, payload)
-            pipe.zadd(self._outbox_due, {item_id: due_at}, xx=True)
-            await pipe.execute()
+        await self._reschedule(
+            keys=[self._outbox_items, self._outbox_due], args=[item_id, payload, due_at]
+        )
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         if not item_ids:
@@ -302,19 +349,12 @@ class RedisStore:
         return Admitted(cast(Any, verdict))
 
     async def hit(self, key: str, window_seconds: float) -> int:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(self._key(key))
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
-            count, _ = await pipe.execute()
-        return int(count)
+        return await self.add(key, 1, window_seconds)
 
     async def unhit(self, key: str, window_seconds: float) -> None:
         # The key may have expired since its `hit` (the window ended): the expiry
-        # set here keeps the -1 that DECR then creates from living forever.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.decr(self._key(key))
-            pipe.pexpire(self._key(key), max(1, int(window_seconds * 1000)), nx=True)
-            await pipe.execute()
+        # set by `add` keeps the -1 it then creates from living forever.
+        await self.add(key, -1, window_seconds)
 
     async def add(self, key: str, amount: int, window_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -338,6 +378,66 @@ class RedisStore:
 
     async def bounded_remove(self, key: str, member: str) -> None:
         await self._redis.zrem(self._key(key), member)
+
+    # --- init's gate (issue 14.3) -------------------------------------------------
+
+    async def init_gate(self, gate: InitGate) -> InitGated:
+        g = gate
+        if self._cluster is not None:
+            # The gate's keys span a user, a company and their tokens without one
+            # hash tag in common: the same steps, a round trip each.
+            return await self._init_gate_steps(g)
+        keys = [*g.rate_keys, *g.tpm_keys, g.pending_key]
+        if g.fetch_key is not None:
+            keys.append(g.fetch_key)
+        args: list[str | int | float] = [
+            len(g.rate_keys),
+            len(g.tpm_keys),
+            max(1, int(g.rate_window_seconds * 1000)),
+            g.now,
+            g.member,
+            g.expires_at,
+            g.pending_limit,
+            max(1, int((g.expires_at - g.now) * 1000)),
+            self._key(g.used_prefix),
+            *g.rate_limits,
+            *g.tpm_limits,
+        ]
+        prefixed = [self._key(k) for k in keys]
+        reply: list[Any]
+        if self._pipe is not None:
+            reply = await self._pipe.script(_INIT_GATE, prefixed, args)
+        else:
+            reply = await self._init_gate(keys=prefixed, args=args)
+        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if verdict == "rate":
+            return InitGated("rate", index=int(reply[1]))
+        if verdict == "tpm":
+            return InitGated("tpm", index=int(reply[1]))
+        if verdict == "pending":
+            return InitGated("pending", frees_at=float(reply[2]))
+        return InitGated("ok", fetched=reply[3] if len(reply) > 3 else None)
+
+    async def _init_gate_steps(self, g: InitGate) -> InitGated:
+        for index, (key, limit) in enumerate(zip(g.rate_keys, g.rate_limits, strict=True)):
+            if await self.hit(key, g.rate_window_seconds) > limit:
+                return InitGated("rate", index)
+        held = await self.get_many(g.tpm_keys) if g.tpm_keys else []
+        for index, (raw, limit) in enumerate(zip(held, g.tpm_limits, strict=True)):
+            if raw is not None and int(raw) >= limit:
+                return InitGated("tpm", index)
+        members = await self.bounded_members(g.pending_key, g.now)
+        marks = await self.get_many([g.used_prefix + m for m in members]) if members else []
+        started = [m for m, mark in zip(members, marks, strict=True) if mark is not None]
+        frees_at = await self.bounded_add(
+            g.pending_key, g.member, g.expires_at, g.now, g.pending_limit, started
+        )
+        if frees_at is not None:
+            return InitGated("pending", frees_at=frees_at)
+        fetched = await self.get(g.fetch_key) if g.fetch_key is not None else None
+        return InitGated("ok", fetched=fetched)
+
+    # --- end of init's gate ---------------------------------------------------------
 
     async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -18,8 +18,8 @@ from starlette.routing import Route
 from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
 from shared.route_claim import route_ciphers_from_keys
-from shared.settings import Settings
-from shared.store import Store, open_store
+from shared.store import Store
+from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
 from stream_edge import eventsource, key_callers, routes
 from stream_edge.breaker import Breakers
@@ -32,6 +32,7 @@ from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.revocation_watch import watch_revocations
+from stream_edge.settings import EdgeSettings
 from stream_edge.spool import Spool
 from stream_edge.state import EdgeState
 from stream_edge.transport import Transport
@@ -40,18 +41,18 @@ from stream_edge.upstream_client import RetryPolicy
 log = logging.getLogger("llmgw.edge")
 
 
-def upstream_client(settings: Settings) -> Http1Client:
+def upstream_client(settings: EdgeSettings) -> Http1Client:
     """One pooled client for the backends: a short connect, a long read (the idle gap
     between two tokens). Our own lean HTTP/1.1 client, not httpx: see http1.py for the
     measured difference on the hot path."""
     return Http1Client(
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
-        max_per_origin=settings.edge_max_connections_per_origin,
+        max_per_origin=settings.max_connections_per_origin,
     )
 
 
-def spool_directory(settings: Settings) -> Path:
+def spool_directory(settings: EdgeSettings) -> Path:
     """One subdirectory per deployment (control plane and store), so edges of
     different deployments sharing `LLMGW_SPOOL_DIR` never drain each other's reports
     into the wrong outbox."""
@@ -84,7 +85,7 @@ async def drain(state: EdgeState) -> None:
 
 
 def create_app(
-    settings: Settings,
+    settings: EdgeSettings,
     store: Store | None = None,
     *,
     transport: Transport | None = None,

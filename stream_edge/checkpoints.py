@@ -20,7 +20,7 @@ from shared.checkpoints import (
     UsageCheckpoint,
     checkpoint_key,
 )
-from shared.store import Store
+from shared.store import KeyValueStore
 from shared.tokens import StreamGrant
 from shared.webhooks import iso_utc
 from stream_edge.meter import Meter
@@ -33,7 +33,7 @@ CLOSE_TIMEOUT_SECONDS = 2.0  # a hung store must not hold the stream's end hosta
 class Checkpointer:
     def __init__(
         self,
-        store: Store,
+        store: KeyValueStore,
         grant: StreamGrant,
         meter: Meter,
         ttl_seconds: float,

@@ -27,11 +27,13 @@ from stream_edge.admission import (
     route,
     verified_grant,
 )
+from stream_edge.attempts import Attempt
 from stream_edge.errors import BadRequest, NotFound, Unauthorized
 from stream_edge.formats import EventSourceWriter
-from stream_edge.jobs import Attempt, StreamJob, done_key
+from stream_edge.jobs import StreamJob
 from stream_edge.resume import (
     ResumeLog,
+    done_key,
     events_key,
     follow,
     live_key,
@@ -39,9 +41,8 @@ from stream_edge.resume import (
     wait_for_reconnect,
     within_grace,
 )
-from stream_edge.routes import Streamed
 from stream_edge.state import EdgeState
-from stream_edge.streaming import Emit, EventStreamResponse
+from stream_edge.streaming import Emit, EventStreamResponse, Streamed
 from stream_edge.upstream.base import UpstreamEvent
 
 logger = logging.getLogger("llmgw.edge.eventsource")
@@ -119,12 +120,12 @@ async def event_stream(request: Request) -> Response:
                 for frame in writer.tool_call_frames():  # whole calls, before `complete`
                     log.append(frame)
                     await emit(frame)
-                billing = job.meter.billing()
+                billing = job.backend.meter.billing()
                 final = writer.complete(
-                    job.meter.finish_reason,
+                    job.backend.meter.finish_reason,
                     billing.input_tokens,
                     billing.output_tokens,
-                    model=job.model.id,
+                    model=job.backend.model.id,
                 )
             else:
                 final = writer.error(
@@ -147,7 +148,7 @@ async def event_stream(request: Request) -> Response:
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
     )
-    return Streamed(state, stream, grant, writer.error, live=(live_key(grant.jti), None))
+    return Streamed(state.active, stream, grant, writer.error, live=(live_key(grant.jti), None))
 
 
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
@@ -197,5 +198,9 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         detachable=True,
     )
     return Streamed(
-        state, stream, None, lambda code, message: b"", live=(live_key(grant.jti), connection)
+        state.active,
+        stream,
+        None,
+        lambda code, message: b"",
+        live=(live_key(grant.jti), connection),
     )

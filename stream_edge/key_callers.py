@@ -32,7 +32,6 @@ from starlette.responses import JSONResponse, Response
 from shared.input_size import MAX_JSON_DEPTH, json_too_deep
 from shared.request_id import current_request_id
 from shared.service_calls import INIT_PATH, MODELS_PATH, is_api_key, key_digest, signed_headers
-from shared.settings import Settings
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from shared.webhooks import UsageEvent, iso_utc
@@ -40,6 +39,7 @@ from stream_edge.admission import bearer, edge_state, verified_grant
 from stream_edge.errors import BadRequest, EdgeError, InitRefused, ServiceUnavailable, Unauthorized
 from stream_edge.http1 import Http1Client
 from stream_edge.limits import slot_keys
+from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 from stream_edge.transport import Transport, TransportError
 
@@ -150,7 +150,7 @@ class ControlPlaneLink:
         self._owns_client = owns_client
 
     @classmethod
-    def of(cls, settings: Settings, client: Transport | None = None) -> ControlPlaneLink | None:
+    def of(cls, settings: EdgeSettings, client: Transport | None = None) -> ControlPlaneLink | None:
         """`client`: a transport its caller owns (tests: an in-process one); else the
         link opens and closes its own pooled lean client."""
         if not settings.edge_service_secrets:

@@ -31,7 +31,7 @@ from shared.key_pool import (
     rest_seconds,
     state_key,
 )
-from shared.store import Store
+from shared.store import KeyValueStore
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
 from stream_edge.metrics import CUSTOM, EdgeMetrics
 from stream_edge.transport import Response
@@ -45,7 +45,7 @@ OpenWith = Callable[[str | None, bool], Awaitable[Response]]
 class KeyPool:
     def __init__(
         self,
-        store: Store,
+        store: KeyValueStore,
         scope: str,
         provider: str,
         keys: tuple[str, ...],

@@ -5,9 +5,9 @@ edge that crashes leaks its slots for no longer than that."""
 from __future__ import annotations
 
 from shared.hash_tags import company_tag
-from shared.settings import Settings
 from shared.tokens import StreamGrant
 from stream_edge.errors import TooManyRequests
+from stream_edge.settings import EdgeSettings
 
 
 def slot_keys(grant: StreamGrant) -> list[str]:
@@ -20,7 +20,7 @@ class StreamLimits:
     """The limits; slots are taken by `Store.admit` and given back with the stream's
     usage report (`Store.outbox_put`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: EdgeSettings) -> None:
         self.limits = [settings.max_streams_per_user, settings.max_streams_per_company]
 
     def too_many(self, full_index: int) -> TooManyRequests:

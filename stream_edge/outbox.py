@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from shared.retry import Backoff, parse_retry_after
-from shared.store import SlotRelease, Store
+from shared.store import OutboxStore, SlotRelease
 from shared.webhooks import UsageEvent, sign
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.spool import Spool
@@ -49,7 +49,7 @@ def is_permanent(status: int) -> bool:
 class Outbox:
     def __init__(
         self,
-        store: Store,
+        store: OutboxStore,
         client: Transport,
         url: str,
         secret: str,
@@ -249,7 +249,7 @@ class Outbox:
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
 
 
-async def replay_dead_letter(store: Store, item_id: str) -> bool:
+async def replay_dead_letter(store: OutboxStore, item_id: str) -> bool:
     """Move a dead letter back into the outbox, due now (an operator's decision, e.g.
     after fixing what made the control plane refuse it). Any edge delivers it."""
     raw = await store.dead_letter_take(item_id)

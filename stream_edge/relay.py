@@ -4,7 +4,8 @@ Each chunk from the socket is parsed, accounted, encoded and written before the
 next one is read — nothing is buffered beyond one network read, so the client sees
 a token as soon as the edge does. Backpressure is the transport's: when the client
 reads slowly, `emit` waits, we stop reading, and TCP slows the backend (see
-`streaming.py` for when a slow client is cut off).
+`streaming.py` for when a slow client is cut off). Where the events go is one small
+interface, `RelaySink`: the job's pump in service (`pump.py`), a recording one in tests.
 
 Three clocks bound a stream: the first token must come within `first_token`, then
 no gap between chunks may exceed `idle`, and no stream outlives `max_life`. One
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
@@ -38,17 +40,38 @@ class Deadlines:
     max_life: float
 
 
+class RelaySink(Protocol):
+    """Where the relayed stream goes. `write` and `emit` run for every event and chunk:
+    an implementation may make them the writer's and the response's own callables
+    (attributes, not wrapping methods), so the hot path calls nothing extra."""
+
+    def write(self, event: UpstreamEvent) -> bytes:
+        """The client's frame for `event` (empty: nothing to send for it)."""
+        ...
+
+    def emit(self, data: bytes) -> Awaitable[None]:
+        """Send frames to the client; waits while the client reads slowly."""
+        ...
+
+    def first_token(self) -> None:
+        """Once, after the chunk holding the stream's first token was sent."""
+        ...
+
+    def chunk_sent(self) -> None:
+        """After each chunk that sent the client something."""
+        ...
+
+
 async def relay(
     response: Response,
     parser: StreamParser,
     meter: Meter,
-    write: Callable[[UpstreamEvent], bytes],
-    emit: Callable[[bytes], Awaitable[None]],
+    sink: RelaySink,
     metrics: EdgeMetrics,
     deadlines: Deadlines,
-    on_first_token: Callable[[], None],
-    after_chunk: Callable[[], None],
 ) -> RelayResult:
+    # Bound once: per chunk, a local call as cheap as the callbacks these replaced.
+    write, emit, chunk_sent = sink.write, sink.emit, sink.chunk_sent
     loop = asyncio.get_running_loop()
     started = loop.time()
     hard_stop = started + deadlines.max_life
@@ -68,7 +91,7 @@ async def relay(
                             await emit(b"".join(out))
                             observe_delay(time.perf_counter() - received)
                         if first_token:  # the tokens before the failure had a first one
-                            on_first_token()
+                            sink.first_token()
                         return RelayResult("failed", "upstream_error", event.message)
                     if isinstance(event, Delta | ToolCallDelta) and meter.first_token_at is None:
                         first_token = True
@@ -80,10 +103,10 @@ async def relay(
                 if out:
                     await emit(out[0] if len(out) == 1 else b"".join(out))
                     observe_delay(time.perf_counter() - received)
-                    after_chunk()
+                    chunk_sent()
                 if first_token:
                     # Bookkeeping after the client has the token, not before it.
-                    on_first_token()
+                    sink.first_token()
                 if meter.first_token_at is not None:
                     now = loop.time()
                     # Re-arming the timer costs a heap operation; doing it at most

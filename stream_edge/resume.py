@@ -24,8 +24,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
-from shared.store import Store
+from shared.store import KeyValueStore, LogStore
 
 log = logging.getLogger("llmgw.edge.resume")
 
@@ -38,6 +39,10 @@ HEARTBEAT_TTL = 3.0
 # Our event ids never get near this; a longer Last-Event-ID is not one of ours (and
 # `int()` of thousands of digits is slow, then refused).
 MAX_EVENT_ID_DIGITS = 9
+
+
+class ResumeStore(KeyValueStore, LogStore, Protocol):
+    """What a follower needs: the stream's log and its attachment marker."""
 
 
 def parse_last_event_id(raw: str | None) -> int | None:
@@ -69,6 +74,11 @@ def attached_key(jti: str) -> str:
     return f"attached:{jti}"
 
 
+def done_key(jti: str) -> str:
+    """Holds the stream's end time once its log is complete (see `within_grace`)."""
+    return f"done:{jti}"
+
+
 def live_key(jti: str) -> str:
     """Names the one connection that may serve the stream now (absent: the first)."""
     return f"live:{jti}"
@@ -77,7 +87,7 @@ def live_key(jti: str) -> str:
 class ResumeLog:
     """Producer side: frames go to memory at once and to the store in batches."""
 
-    def __init__(self, store: Store, jti: str, ttl_seconds: float) -> None:
+    def __init__(self, store: LogStore, jti: str, ttl_seconds: float) -> None:
         self._store = store
         self._key = events_key(jti)
         self._ttl = ttl_seconds
@@ -112,7 +122,9 @@ class ResumeLog:
         await self._flush_pending()
 
 
-async def wait_for_reconnect(store: Store, jti: str, grace: float, finished: asyncio.Event) -> None:
+async def wait_for_reconnect(
+    store: KeyValueStore, jti: str, grace: float, finished: asyncio.Event
+) -> None:
     """After the client left: return when the producer should give up — no follower
     attached for `grace` seconds — and never while one is attached. Returns at once
     when the stream finished by itself."""
@@ -130,7 +142,7 @@ async def wait_for_reconnect(store: Store, jti: str, grace: float, finished: asy
 
 
 async def follow(
-    store: Store,
+    store: ResumeStore,
     jti: str,
     after_id: int,
     emit: Callable[[bytes], Awaitable[None]],

@@ -11,7 +11,6 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
 
 from shared.metrics import exposition
 from shared.service_calls import is_api_key
@@ -27,6 +26,7 @@ from stream_edge.admission import (
     route,
     verified_grant,
 )
+from stream_edge.attempts import Attempt
 from stream_edge.errors import (
     EdgeError,
     Forbidden,
@@ -36,10 +36,10 @@ from stream_edge.errors import (
     error_response,
 )
 from stream_edge.formats import OpenAIChunkWriter, completion_object
-from stream_edge.jobs import Attempt, StreamJob
+from stream_edge.jobs import StreamJob
 from stream_edge.requests import ChatRequest, parse_chat_request
 from stream_edge.state import EdgeState
-from stream_edge.streaming import Emit, EventStreamResponse
+from stream_edge.streaming import Emit, EventStreamResponse, Streamed
 from stream_edge.upstream.base import Usage
 
 logger = logging.getLogger("llmgw.edge")
@@ -99,11 +99,11 @@ async def serve(
 ) -> Response:
     response = await job.open(stream=chat.stream)
     # What serves: the grant's model, or the fallback the chain moved to.
-    model, provider = job.model, job.provider
+    model, provider = job.backend.model, job.backend.provider
     if not chat.stream:
         completion = await job.read_completion(response)
         await job.report("finished")
-        billing = job.meter.billing()
+        billing = job.backend.meter.billing()
         usage = completion.usage or Usage(billing.input_tokens, billing.output_tokens)
         return JSONResponse(
             completion_object(
@@ -132,7 +132,7 @@ async def serve(
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
     )
-    return Streamed(state, stream, grant, OpenAIChunkWriter.error)
+    return Streamed(state.active, stream, grant, OpenAIChunkWriter.error)
 
 
 def _attempt(target: Route, chat: ChatRequest) -> Attempt:
@@ -154,51 +154,6 @@ def _fallbacks(state: EdgeState, grant: StreamGrant, body: object) -> list[Attem
             continue
         attempts.append(_attempt(fallback, chat))
     return attempts
-
-
-class Streamed(Response):
-    """Serves an `EventStreamResponse` as a Starlette response. While it runs it is
-    registered with the app, so a shutdown can end it (`shut_down`) and the process's
-    revocation watcher can (`revoke`, `supersede`: see revocation_watch.py).
-    `final_frame(code, message)` makes the closing error frame only when needed (an
-    EventSource frame takes the next event id). `live`: the store key naming the
-    stream's one live connection and this connection's id in it (None: the first
-    connection, which has none), for resumable streams."""
-
-    def __init__(
-        self,
-        state: EdgeState,
-        inner: EventStreamResponse,
-        grant: StreamGrant | None,
-        final_frame: Callable[[str, str], bytes],
-        live: tuple[str, bytes | None] | None = None,
-    ) -> None:
-        self._state = state
-        self._inner = inner
-        self.grant = grant
-        self._final_frame = final_frame
-        self.live = live
-
-    def shut_down(self) -> None:
-        self._inner.abort(
-            self._final_frame("shutting_down", "the edge is restarting; reconnect or retry")
-        )
-
-    def revoke(self) -> None:
-        frame = self._final_frame("revoked", "access to this stream was revoked")
-        self._inner.abort(frame, outcome="revoked")
-
-    def supersede(self) -> None:
-        """A reconnect took over: end this client's response (the stream itself goes
-        on for the new connection)."""
-        self._inner.detach()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._state.active.add(self)
-        try:
-            await self._inner(scope, receive, send)
-        finally:
-            self._state.active.discard(self)
 
 
 async def healthz(request: Request) -> Response:

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from cryptography.fernet import MultiFernet
 
-from shared.settings import Settings
 from shared.store import Store
 from shared.tokens import StreamGrant
 from stream_edge.breaker import Breakers
@@ -15,6 +14,7 @@ from stream_edge.grants import GrantVerifier
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
+from stream_edge.settings import EdgeSettings
 from stream_edge.transport import Transport
 from stream_edge.upstream_client import RetryPolicy
 
@@ -37,7 +37,7 @@ class RunningStream(Protocol):
 
 @dataclass
 class EdgeState:
-    settings: Settings
+    settings: EdgeSettings
     store: Store
     client: Transport
     grants: GrantVerifier
@@ -51,5 +51,5 @@ class EdgeState:
     # LLMGW_EDGE_SERVICE_SECRET is unset and `sk_…` keys are refused.
     control_plane: ControlPlaneLink | None = None
     draining: bool = False
-    # Streams being served (routes.Streamed), so a shutdown can end them.
+    # Streams being served (streaming.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)

@@ -14,6 +14,7 @@ Outcomes: `finished` (the producer returned), `client_gone`, `slow_client`,
 `aborted` (the edge is shutting down) and `revoked` (see `abort`). `detach` ends the
 client's response but not the producer: to the producer it looks like the client
 left (ASGI answers `receive` with `http.disconnect` once the response is complete).
+`Streamed` serves one as a Starlette response that shutdown and revocation can reach.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from shared.tokens import StreamGrant
+from stream_edge.state import RunningStream
 
 Emit = Callable[[bytes], Awaitable[None]]
 
@@ -163,3 +168,48 @@ class EventStreamResponse:
                 task.cancel()
             with anyio.move_on_after(self._finish_timeout, shield=True):
                 await self._on_finish(self.outcome)
+
+
+class Streamed(Response):
+    """Serves an `EventStreamResponse` as a Starlette response. While it runs it is in
+    the app's `active` set, so a shutdown can end it (`shut_down`) and the process's
+    revocation watcher can (`revoke`, `supersede`: see revocation_watch.py).
+    `final_frame(code, message)` makes the closing error frame only when needed (an
+    EventSource frame takes the next event id). `live`: the store key naming the
+    stream's one live connection and this connection's id in it (None: the first
+    connection, which has none), for resumable streams."""
+
+    def __init__(
+        self,
+        active: set[RunningStream],
+        inner: EventStreamResponse,
+        grant: StreamGrant | None,
+        final_frame: Callable[[str, str], bytes],
+        live: tuple[str, bytes | None] | None = None,
+    ) -> None:
+        self._active = active
+        self._inner = inner
+        self.grant = grant
+        self._final_frame = final_frame
+        self.live = live
+
+    def shut_down(self) -> None:
+        self._inner.abort(
+            self._final_frame("shutting_down", "the edge is restarting; reconnect or retry")
+        )
+
+    def revoke(self) -> None:
+        frame = self._final_frame("revoked", "access to this stream was revoked")
+        self._inner.abort(frame, outcome="revoked")
+
+    def supersede(self) -> None:
+        """A reconnect took over: end this client's response (the stream itself goes
+        on for the new connection)."""
+        self._inner.detach()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._active.add(self)
+        try:
+            await self._inner(scope, receive, send)
+        finally:
+            self._active.discard(self)

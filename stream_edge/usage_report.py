@@ -1,4 +1,4 @@
-"""Build the usage webhook event for a finished stream (pure)."""
+"""Build the usage webhook event for a finished stream, and its status (pure)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ from datetime import UTC, datetime
 from shared.tokens import StreamGrant
 from shared.webhooks import UsageEvent, iso_utc
 from stream_edge.meter import Meter
+
+
+def webhook_status(completed: bool, outcome: str) -> str:
+    """What the stream did (`completed`: the relay or the completion ran to its end),
+    else why it stopped: `outcome` is `EventStreamResponse`'s (`finished` when the
+    stream was never served or ended on its own)."""
+    if completed:
+        return "completed"
+    if outcome in ("client_gone", "slow_client"):
+        return "cancelled"
+    if outcome == "revoked":
+        return "revoked"
+    return "failed"
 
 
 def usage_event(

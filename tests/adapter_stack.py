@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from control_plane.app import create_app as control_plane_app
+from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
-from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -110,14 +110,14 @@ class AdapterStack:
             "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
             "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
         }
-        self.settings = Settings.from_env(env)
+        self.settings, self.edge_settings = settings_from_env(env)
         store = MemoryStore()
         self.mock = mock_app(api_key=VENDOR_KEY, service_token=SERVICE_TOKEN)
         self.group = ServerGroup(
             [
                 (self.mock, mock_sock),
                 (control_plane_app(self.settings, store), cp_sock),
-                (edge_app(self.settings, store), edge_sock),
+                (edge_app(self.edge_settings, store), edge_sock),
             ]
         )
         self.client = Client(

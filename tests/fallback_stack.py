@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from control_plane.app import create_app as control_plane_app
+from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from mock_llm.script import MockBehaviour
-from shared.settings import Settings
-from shared.store import open_store
+from shared.store_factory import open_store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -116,7 +116,7 @@ class FallbackStack:
             "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS": "1",
             "LLMGW_BREAKER_FAILURES": "1000",
         }
-        self.settings = Settings.from_env(env)
+        self.settings, self.edge_settings = settings_from_env(env)
         # With LLMGW_REDIS_URL each app opens its own Redis store, as processes would.
         store = None if self.settings.redis_url else MemoryStore()
         self.group = ServerGroup(
@@ -124,7 +124,7 @@ class FallbackStack:
                 (mock_app(models=MOCK_MODELS), open_sock),
                 (mock_app(api_key=VENDOR_KEY, models=MOCK_MODELS), strict_sock),
                 (control_plane_app(self.settings, store), cp_sock),
-                (edge_app(self.settings, store), edge_sock),
+                (edge_app(self.edge_settings, store), edge_sock),
             ]
         )
         self.client = Client(

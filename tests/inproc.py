@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,14 +20,14 @@ import httpx
 from starlette.applications import Starlette
 
 from control_plane.app import create_app as control_plane_app
-from llm_gateway.dev import with_mock_at
+from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from mock_llm.streaming import MockStats
-from shared.settings import Settings
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from stream_edge.memory_transport import InMemoryResponse, InMemoryTransport
+from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 from tests.stack import ADMIN_TOKEN, base_env
 
@@ -51,7 +50,8 @@ class Gateway:
         }
         self.store = MemoryStore()
         self.mock = mock_app()
-        self.cp = control_plane_app(self.settings(), self.store)
+        cp_settings, _ = settings_from_env(self.env, mock_url=f"{MOCK}/v1")
+        self.cp = control_plane_app(cp_settings, self.store)
         # What the edges send through: the backends and the control plane.
         self.backends = InMemoryTransport(
             {MOCK: self.mock, CP: self.cp}, read_timeout=self.settings().upstream_read_timeout
@@ -62,9 +62,10 @@ class Gateway:
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(self.cp), base_url=CP)
         self._resources = contextlib.AsyncExitStack()
 
-    def settings(self, **overrides: str) -> Settings:
-        settings = Settings.from_env({**self.env, **overrides})
-        return dataclasses.replace(settings, catalog=with_mock_at(settings.catalog, f"{MOCK}/v1"))
+    def settings(self, **overrides: str) -> EdgeSettings:
+        """An edge's settings: the gateway's environment with `overrides`."""
+        _, edge = settings_from_env({**self.env, **overrides}, mock_url=f"{MOCK}/v1")
+        return edge
 
     async def __aenter__(self) -> Gateway:
         await self._resources.__aenter__()

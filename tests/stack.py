@@ -25,12 +25,13 @@ import openai
 from cryptography.fernet import Fernet
 
 from control_plane.app import create_app as control_plane_app
-from llm_gateway.dev import with_mock_at
+from control_plane.settings import ControlPlaneSettings
+from llm_gateway.dev import settings_from_env, with_mock_at
 from mock_llm.app import create_app as mock_app
-from shared.settings import Settings
 from shared.store import Store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
+from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, url_of
 
@@ -158,15 +159,15 @@ class InProcessStack:
             "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
             "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
         }
-        settings = Settings.from_env(env)
-        self.settings = dataclasses.replace(
-            settings, catalog=with_mock_at(settings.catalog, f"{url_of(mock_sock)}/v1")
+        # `settings`: the control plane's; the edge's are `edge_settings`.
+        self.settings, self.edge_settings = settings_from_env(
+            env, mock_url=f"{url_of(mock_sock)}/v1"
         )
         # `store`: one shared by both apps, e.g. a wrapper a test can make fail.
         if store is None and not self.settings.redis_url:
             store = MemoryStore()
         self.control_plane = control_plane_app(self.settings, store)
-        self.edge = edge_app(self.settings, store)
+        self.edge = edge_app(self.edge_settings, store)
         self.group = ServerGroup(
             [(mock_app(), mock_sock), (self.control_plane, cp_sock), (self.edge, edge_sock)]
         )
@@ -214,8 +215,12 @@ class SplitStack:
         self.apps: dict[str, Any] = {}
         self.client = Client(urls["cp"], urls["edge"], urls["mock"], env["LLMGW_WEBHOOK_SECRET"])
 
-    def settings(self, **overrides: str) -> Settings:
-        settings = Settings.from_env({**self.env, **overrides})
+    def settings(self, **overrides: str) -> ControlPlaneSettings:
+        settings = ControlPlaneSettings.from_env({**self.env, **overrides})
+        return dataclasses.replace(settings, catalog=with_mock_at(settings.catalog, self.mock_url))
+
+    def edge_settings(self, **overrides: str) -> EdgeSettings:
+        settings = EdgeSettings.from_env({**self.env, **overrides})
         return dataclasses.replace(settings, catalog=with_mock_at(settings.catalog, self.mock_url))
 
     def url(self, name: str) -> str:
@@ -229,7 +234,7 @@ class SplitStack:
         elif name == "cp":
             app = control_plane_app(self.settings(**overrides))
         else:
-            app = edge_app(self.settings(**overrides))
+            app = edge_app(self.edge_settings(**overrides))
         self.groups[name] = ServerGroup([(app, bind_port(self.ports[name]))]).start()
         self.apps[name] = app
         return app

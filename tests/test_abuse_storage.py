@@ -277,14 +277,15 @@ def test_migration_0004_counts_what_existing_sessions_hold(
 def test_the_limits_are_settings_with_safe_defaults() -> None:
     from cryptography.fernet import Fernet
 
-    from shared.settings import ConfigError, Settings
+    from control_plane.settings import ControlPlaneSettings
+    from shared.settings import ConfigError
     from tests.conftest import new_webhook_secret
 
     base = {
         "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
         "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
     }
-    defaults = Settings.from_env(base)
+    defaults = ControlPlaneSettings.from_env(base)
     assert (
         defaults.max_pending_inits_per_user,
         defaults.max_session_messages,
@@ -298,4 +299,4 @@ def test_the_limits_are_settings_with_safe_defaults() -> None:
         "LLMGW_MAX_REQUEST_BYTES",
     ):
         with pytest.raises(ConfigError, match=name):
-            Settings.from_env({**base, name: "0"})
+            ControlPlaneSettings.from_env({**base, name: "0"})

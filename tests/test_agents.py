@@ -29,9 +29,9 @@ from control_plane.agent_spec import SYSTEM_PROMPT_MAX_CHARS, check_model, parse
 from control_plane.app import create_app as control_plane_app
 from control_plane.errors import UnsupportedFeature, ValidationFailed
 from llm_gateway.admin import _request, add_admin_parser
+from llm_gateway.dev import settings_from_env
 from shared.catalog import load_catalog
 from shared.input_size import MAX_JSON_DEPTH, estimate_input_tokens, params_tokens
-from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.conftest import fresh_pg_database
@@ -79,19 +79,20 @@ def _gateway(database_url: str) -> Iterator[Gateway]:
         "LLMGW_UPSTREAM_RETRIES": "0",
         "OPENAI_API_KEY": PLATFORM_KEY,
     }
-    settings = Settings.from_env(env)
+    settings, edge_settings = settings_from_env(env)
     catalog = _pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
     # A model without tools to check agents against: here, mock-fast streams text only.
     plain = dataclasses.replace(catalog.models["mock-fast"], features=("streaming",))
     catalog = dataclasses.replace(catalog, models={**catalog.models, "mock-fast": plain})
     settings = dataclasses.replace(settings, catalog=catalog)
+    edge_settings = dataclasses.replace(edge_settings, catalog=catalog)
     backend = Backend()
     store = MemoryStore()
     apps = [
         (Starlette(routes=[Route("/v1/chat/completions", backend.chat, methods=["POST"])]),
          backend_sock),
         (control_plane_app(settings, store), cp_sock),
-        (edge_app(settings, store), edge_sock),
+        (edge_app(edge_settings, store), edge_sock),
     ]  # fmt: skip
     client = Client(
         url_of(cp_sock), url_of(edge_sock), url_of(backend_sock), env["LLMGW_WEBHOOK_SECRET"]

@@ -23,8 +23,32 @@ def test_every_setting_the_code_reads_is_documented() -> None:
     for package in PACKAGES:
         for path in (apidoc.ROOT / package).rglob("*.py"):
             read |= set(READ.findall(path.read_text(encoding="utf-8")))
-    documented = {name for name, _, _ in apidoc.settings_documented()}
+    documented = {name for name, _, _, _ in apidoc.settings_documented()}
     assert read - NOT_SETTINGS - documented == set()
+
+
+def test_each_variable_is_grouped_under_the_services_whose_settings_read_it() -> None:
+    """`.env.example`'s "read by" groups cannot drift from the settings classes: a
+    variable under a service is read by exactly that service's settings (both: by
+    each), and one under any other reader (logging, the chat CLI) by neither."""
+    read_by = apidoc.settings_read_by()
+    documented = apidoc.settings_documented()
+    marked = {name: reader for name, _, _, reader in documented}
+    assert len(marked) == len(documented), "a variable is in .env.example twice"
+    assert set(read_by) - set(marked) == set(), "read by a service, not in .env.example"
+    for name, reader in marked.items():
+        assert reader, f"{name} is above the first `# === read by … ===` group"
+        expected = read_by.get(name)
+        if expected is None:
+            assert reader not in apidoc.SERVICES, f"{name}: no service's settings read it"
+        else:
+            assert reader == expected, f"{name} is under {reader!r}, read by {expected!r}"
+    # The groups name every service, and the recording sees each side's own names.
+    assert {read_by[n] for n in ("LLMGW_DATABASE_URL", "LLMGW_SPOOL_DIR")} == {
+        "control plane",
+        "edge",
+    }
+    assert read_by["LLMGW_WEBHOOK_SECRET"] == "both"
 
 
 def test_the_reference_names_the_contract() -> None:

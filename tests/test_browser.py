@@ -26,9 +26,8 @@ from typing import Any
 import pytest
 
 from control_plane.app import create_app as control_plane_app
-from llm_gateway.dev import with_mock_at
+from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
-from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -155,16 +154,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserStack]:
         "LLMGW_CORS_ORIGINS": url_of(cp_sock),
         "LLMGW_SERVE_DEMO": "1",
     }
-    settings = Settings.from_env(env)
-    settings = dataclasses.replace(
-        settings, catalog=with_mock_at(settings.catalog, f"{url_of(mock_sock)}/v1")
-    )
+    settings, edge_settings = settings_from_env(env, mock_url=f"{url_of(mock_sock)}/v1")
     store = MemoryStore()
     group = ServerGroup(
         [
             (mock_app(), mock_sock),
             (control_plane_app(settings, store), cp_sock),
-            (edge_app(settings, store), edge_sock),
+            (edge_app(edge_settings, store), edge_sock),
         ]
     ).start()
     client = Client(url_of(cp_sock), proxy.url, url_of(mock_sock), env["LLMGW_WEBHOOK_SECRET"])

@@ -30,9 +30,9 @@ from control_plane.books import check_books
 from control_plane.db import create_sync_engine
 from control_plane.migrate import current, head, upgrade
 from control_plane.seed import seed_demo
+from control_plane.settings import ControlPlaneSettings
 from shared.input_size import params_tokens
 from shared.pricing import MICRO, cost_micro, estimate_input_tokens, format_credits
-from shared.settings import Settings
 from shared.stash import StashedRequest, stash_key
 from shared.store_memory import MemoryStore
 from shared.tokens import (
@@ -57,7 +57,7 @@ class CP:
     url: str
     app: Starlette
     group: ServerGroup
-    settings: Settings
+    settings: ControlPlaneSettings
     admin: httpx.Client
     clients: list[httpx.Client] = field(default_factory=list)
 
@@ -119,7 +119,7 @@ class CP:
         return self.group.call(fn)
 
 
-def _settings(database_url: str, extra: dict[str, str] | None = None) -> Settings:
+def _settings(database_url: str, extra: dict[str, str] | None = None) -> ControlPlaneSettings:
     env = {
         "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
         "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
@@ -134,7 +134,7 @@ def _settings(database_url: str, extra: dict[str, str] | None = None) -> Setting
         "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
         **(extra or {}),
     }
-    return Settings.from_env(env, dev=False)
+    return ControlPlaneSettings.from_env(env, dev=False)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from control_plane.errors import (
     ValidationFailed,
 )
 from control_plane.ledger import charge_for
+from control_plane.pagination import decode_cursor, encode_cursor
 from control_plane.policy import (
     SCOPE_ADMIN,
     Principal,
@@ -33,12 +34,7 @@ from control_plane.policy import (
     scopes_for_role,
 )
 from control_plane.settlement import parse_usage_event
-from control_plane.validation import (
-    decode_cursor,
-    encode_cursor,
-    page_limit,
-    parse_json_object,
-)
+from control_plane.validation import page_limit, parse_json_object
 from shared.catalog import Catalog, ModelSpec, Price, Provider
 from shared.pricing import estimate_input_tokens
 from shared.request_id import choose_request_id

@@ -17,7 +17,7 @@ from sqlmodel import col
 
 from control_plane.books import books_from_ledger, check_books
 from control_plane.db import create_sync_engine
-from control_plane.grants import grant
+from control_plane.grants import move
 from control_plane.ledger import add_entry, release_reservation, settle_reservation, take_hold
 from control_plane.migrate import upgrade
 from control_plane.sweeper import reconcile
@@ -48,7 +48,15 @@ class Books:
                 )
             )
             s.flush()
-            grant(s, self.company_id, 10_000, reason=None, actor="admin-token", request_id=None)
+            move(
+                s,
+                self.company_id,
+                10_000,
+                kind="grant",
+                reason=None,
+                actor="admin-token",
+                request_id=None,
+            )
 
         self.tx(setup)
 

@@ -49,7 +49,7 @@ from control_plane.chat_init import reserve
 from control_plane.chat_request import parse_init_request
 from control_plane.db import Database
 from control_plane.errors import AvailableCreditsExceeded, InsufficientCredits
-from control_plane.grants import adjust, grant
+from control_plane.grants import move
 from control_plane.metrics import Metrics
 from control_plane.migrate import upgrade
 from control_plane.policy import Principal
@@ -175,8 +175,14 @@ class CreditsMachine(RuleBasedStateMachine):
     @rule(amount=st.integers(min_value=1, max_value=50_000))
     def grant_credits(self, amount: int) -> None:
         entry, created = self.tx(
-            lambda s: grant(
-                s, self.company_id, amount, reason="top-up", actor="admin-token", request_id=None
+            lambda s: move(
+                s,
+                self.company_id,
+                amount,
+                kind="grant",
+                reason="top-up",
+                actor="admin-token",
+                request_id=None,
             )
         )
         assert created and entry.amount_micro == amount
@@ -185,8 +191,14 @@ class CreditsMachine(RuleBasedStateMachine):
     @rule(amount=st.integers(min_value=-20_000, max_value=5_000).filter(bool))
     def adjust_credits(self, amount: int) -> None:
         def run(s: Session) -> Any:
-            return adjust(
-                s, self.company_id, amount, reason="fix", actor="admin-token", request_id=None
+            return move(
+                s,
+                self.company_id,
+                amount,
+                kind="adjustment",
+                reason="fix",
+                actor="admin-token",
+                request_id=None,
             )
 
         if amount < 0 and -amount > self.available:

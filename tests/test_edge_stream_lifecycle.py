@@ -260,7 +260,7 @@ def test_slots_and_usage_survive_an_outbox_write_that_fails(
     assert charged > 0
     # The spooled reports reach the outbox once it works again; redelivered, they
     # charge nothing more.
-    spool = Path(stack.settings.spool_dir)  # type: ignore[attr-defined]
+    spool = Path(stack.edge_settings.spool_dir)
     deadline = time.monotonic() + 15
     while any(p.is_file() for p in spool.rglob("*")):
         assert time.monotonic() < deadline, "the spool was not drained"

@@ -13,13 +13,14 @@ import pytest
 
 from control_plane.chat_init import hold_deadline
 from control_plane.liveness import SilenceWatch
+from control_plane.settings import ControlPlaneSettings
 from shared.checkpoints import (
     CHECKPOINT_EVERY_SECONDS,
     UsageCheckpoint,
     checkpoint_key,
     silent_after,
 )
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError
 from shared.store_memory import MemoryStore
 from shared.tokens import LEEWAY_SECONDS, StreamGrant
 from stream_edge.checkpoints import Checkpointer
@@ -29,7 +30,7 @@ from tests.conftest import new_webhook_secret
 BASE = {"LLMGW_WEBHOOK_SECRET": new_webhook_secret()}
 
 
-def _latest_stream_end(settings: Settings, issued: int) -> float:
+def _latest_stream_end(settings: ControlPlaneSettings, issued: int) -> float:
     """The last moment a stream of a token issued at `issued` can still run: started
     at expiry (plus the verifier's leeway), living its maximum, then its resume grace."""
     exp = issued + settings.token_ttl_seconds
@@ -48,7 +49,7 @@ def _latest_stream_end(settings: Settings, issued: int) -> float:
 def test_the_hold_deadline_outlives_the_longest_stream(env: dict[str, str]) -> None:
     """11.4: with the defaults (900 s streams) a 600 s grace let the sweeper settle a
     live stream as `failed` and turned its real report into a duplicate."""
-    settings = Settings.from_env({**BASE, **env})
+    settings = ControlPlaneSettings.from_env({**BASE, **env})
     issued = 1_800_000_000
     deadline = hold_deadline(issued, settings).timestamp()
     assert deadline > _latest_stream_end(settings, issued)
@@ -64,12 +65,12 @@ def test_the_hold_deadline_outlives_the_longest_stream(env: dict[str, str]) -> N
 )
 def test_settings_that_let_a_stream_outlive_its_hold_fail_at_start(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="LLMGW_HOLD_GRACE_SECONDS") as caught:
-        Settings.from_env({**BASE, **env})
+        ControlPlaneSettings.from_env({**BASE, **env})
     assert "\n" not in str(caught.value)
 
 
 def test_the_hold_deadline_is_a_utc_instant() -> None:
-    settings = Settings.from_env(BASE)
+    settings = ControlPlaneSettings.from_env(BASE)
     deadline = hold_deadline(1_800_000_000, settings)
     assert deadline.tzinfo is UTC
     assert deadline == datetime.fromtimestamp(
@@ -90,7 +91,7 @@ class FakeClock:
 
 
 def test_silence_limit_with_the_defaults_is_well_under_a_minute() -> None:
-    settings = Settings.from_env(BASE)
+    settings = ControlPlaneSettings.from_env(BASE)
     limit = silent_after(settings.resume_grace_seconds)
     assert limit == 3 * CHECKPOINT_EVERY_SECONDS + 10
     # first sight of the last checkpoint, then the limit, each up to a sweep late
@@ -168,5 +169,7 @@ async def test_the_edge_heartbeats_while_no_token_flows_and_ends_last() -> None:
     await checkpointer.close()
     final = await _read(store)
     assert final.ended and final.beat > beating.beat
-    await asyncio.sleep(0.05)  # the heartbeat stopped: nothing overwrites the end
+    # The heartbeat stopped: no task of the checkpointer is left to overwrite the end.
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    assert all(task.done() for task in others), others
     assert await _read(store) == final

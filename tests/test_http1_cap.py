@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError
 from stream_edge import transport
 from stream_edge.http1 import Http1Client
+from stream_edge.settings import EdgeSettings
 from tests.stack import base_env
 from tests.test_http1 import Server, read_request
 
@@ -141,8 +142,8 @@ async def test_refused_connects_give_their_place_back() -> None:
 
 def test_the_cap_is_a_setting() -> None:
     env = base_env("sqlite:///unused.db")
-    assert Settings.from_env(env).edge_max_connections_per_origin == 1000
+    assert EdgeSettings.from_env(env).max_connections_per_origin == 1000
     tuned = {**env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "64"}
-    assert Settings.from_env(tuned).edge_max_connections_per_origin == 64
+    assert EdgeSettings.from_env(tuned).max_connections_per_origin == 64
     with pytest.raises(ConfigError, match="LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN"):
-        Settings.from_env({**env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "0"})
+        EdgeSettings.from_env({**env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "0"})

@@ -4,7 +4,6 @@ answer lands in the chat session."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,8 @@ import openai
 import pytest
 
 from control_plane.app import create_app as control_plane_app
-from llm_gateway.dev import with_mock_at
+from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
-from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -36,15 +34,12 @@ def client(tmp_path: Path) -> Iterator[Client]:
         "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
         "LLMGW_UPSTREAM_RETRIES": "0",
     }
-    settings = Settings.from_env(env)
-    settings = dataclasses.replace(
-        settings, catalog=with_mock_at(settings.catalog, f"{url_of(mock_sock)}/v1")
-    )
+    settings, edge_settings = settings_from_env(env, mock_url=f"{url_of(mock_sock)}/v1")
     store = MemoryStore()
     apps = [
         (mock_app(api_key=COMPANY_KEY), mock_sock),
         (control_plane_app(settings, store), cp_sock),
-        (edge_app(settings, store), edge_sock),
+        (edge_app(edge_settings, store), edge_sock),
     ]
     handle = Client(
         url_of(cp_sock), url_of(edge_sock), url_of(mock_sock), env["LLMGW_WEBHOOK_SECRET"]

@@ -233,11 +233,12 @@ def test_identity_from_claims_rejects(claims: dict[str, Any]) -> None:
 
 
 def test_settings_for_identity_and_limits() -> None:
-    from shared.settings import ConfigError, Settings
+    from control_plane.settings import ControlPlaneSettings
+    from shared.settings import ConfigError
     from tests.conftest import new_webhook_secret
 
     base = {"LLMGW_WEBHOOK_SECRET": new_webhook_secret()}
-    settings = Settings.from_env(base)
+    settings = ControlPlaneSettings.from_env(base)
     assert (settings.init_rate_per_user, settings.init_rate_per_company) == (120, 1200)
     assert settings.auth_jwt_secret is None and settings.auth_jwks_url is None
     external = {
@@ -246,7 +247,7 @@ def test_settings_for_identity_and_limits() -> None:
         "LLMGW_AUTH_JWT_AUDIENCE": AUDIENCE,
         "LLMGW_AUTH_JWT_ISSUER": ISSUER,
     }
-    settings = Settings.from_env({**base, **external, "LLMGW_INIT_RATE_PER_USER": "5"})
+    settings = ControlPlaneSettings.from_env({**base, **external, "LLMGW_INIT_RATE_PER_USER": "5"})
     assert settings.auth_jwt_secret is not None and SECRET not in repr(settings)
     assert settings.auth_jwt_issuer == ISSUER and settings.auth_jwt_audience == AUDIENCE
     assert settings.init_rate_per_user == 5
@@ -258,7 +259,7 @@ def test_settings_for_identity_and_limits() -> None:
             given = {k: v for k, v in external.items() if k.endswith(("AUDIENCE", "ISSUER"))}
             del given[missing]
             with pytest.raises(ConfigError, match=missing) as refused:
-                Settings.from_env({**base, **on, **given})
+                ControlPlaneSettings.from_env({**base, **on, **given})
             assert "\n" not in str(refused.value)
     # Settings built some other way cannot switch it on without them either.
     from dataclasses import replace
@@ -276,7 +277,7 @@ def test_settings_for_identity_and_limits() -> None:
         ("LLMGW_INIT_RATE_PER_COMPANY", "many"),
     ):
         with pytest.raises(ConfigError, match=name):
-            Settings.from_env({**base, name: value})
+            ControlPlaneSettings.from_env({**base, name: value})
 
 
 @pytest.mark.parametrize(

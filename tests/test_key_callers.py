@@ -24,11 +24,12 @@ from control_plane.chat_request import parse_init_request
 from control_plane.credentials import hash_api_key
 from shared.catalog import load_catalog
 from shared.service_calls import INIT_PATH, MODELS_PATH, key_digest, signed_headers
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, InitRefused, ServiceUnavailable
 from stream_edge.key_callers import init_request, normalised, openai_models, refusal
 from stream_edge.requests import parse_chat_request
+from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 from tests.stack import InProcessStack, base_env
 
@@ -158,18 +159,18 @@ def _env(**extra: str) -> dict[str, str]:
 )
 def test_a_weak_service_secret_never_starts(secret: str) -> None:
     with pytest.raises(ConfigError, match="LLMGW_EDGE_SERVICE_SECRET"):
-        Settings.from_env(_env(LLMGW_EDGE_SERVICE_SECRET=secret))
+        EdgeSettings.from_env(_env(LLMGW_EDGE_SERVICE_SECRET=secret))
 
 
 def test_the_service_secret_must_not_be_the_webhook_secret() -> None:
     env = _env()
     with pytest.raises(ConfigError, match="must differ"):
-        Settings.from_env({**env, "LLMGW_EDGE_SERVICE_SECRET": env["LLMGW_WEBHOOK_SECRET"]})
+        EdgeSettings.from_env({**env, "LLMGW_EDGE_SERVICE_SECRET": env["LLMGW_WEBHOOK_SECRET"]})
 
 
 def test_the_service_secret_rotates_newest_first() -> None:
     old, new = new_webhook_secret(), new_webhook_secret()
-    settings = Settings.from_env(_env(LLMGW_EDGE_SERVICE_SECRET=f"{new},{old}"))
+    settings = EdgeSettings.from_env(_env(LLMGW_EDGE_SERVICE_SECRET=f"{new},{old}"))
     assert [s.reveal() for s in settings.edge_service_secrets] == [new, old]
 
 

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from control_plane.app import create_app as control_plane_app
 from control_plane.company_llm import company_catalog, route_for
 from control_plane.tables import CompanyModel
+from llm_gateway.dev import settings_from_env
 from shared.catalog import Catalog, load_catalog
 from shared.input_size import (
     IMAGE_TOKENS,
@@ -41,7 +42,6 @@ from shared.input_size import (
     json_too_deep,
     params_tokens,
 )
-from shared.settings import Settings
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -139,17 +139,17 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "LLMGW_UPSTREAM_RETRIES": "0",
         "OPENAI_API_KEY": PLATFORM_KEY,
     }
-    settings = Settings.from_env(env)
-    settings = dataclasses.replace(
-        settings, catalog=_pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
-    )
+    settings, edge_settings = settings_from_env(env)
+    catalog = _pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
+    settings = dataclasses.replace(settings, catalog=catalog)
+    edge_settings = dataclasses.replace(edge_settings, catalog=catalog)
     backend = Backend()
     store = MemoryStore()
     apps = [
         (Starlette(routes=[Route("/v1/chat/completions", backend.chat, methods=["POST"])]),
          backend_sock),
         (control_plane_app(settings, store), cp_sock),
-        (edge_app(settings, store), edge_sock),
+        (edge_app(edge_settings, store), edge_sock),
     ]  # fmt: skip
     client = Client(
         url_of(cp_sock), url_of(edge_sock), url_of(backend_sock), env["LLMGW_WEBHOOK_SECRET"]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
+from control_plane.settings import ControlPlaneSettings
 from shared.route_claim import (
     UpstreamRoute,
     route_ciphers,
@@ -20,7 +21,8 @@ from shared.route_claim import (
     seal,
     unseal,
 )
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError
+from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,17 +56,18 @@ WEAK_SECRETS = {
 
 @pytest.mark.parametrize("value", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
 def test_placeholder_and_weak_webhook_secrets_are_refused(value: str) -> None:
-    with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET") as caught:
-        Settings.from_env({"LLMGW_WEBHOOK_SECRET": value})
-    assert "generate one with" in str(caught.value) and "\n" not in str(caught.value)
-    # A weak one among several (a rotation) is refused too.
-    with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET"):
-        Settings.from_env({"LLMGW_WEBHOOK_SECRET": f"{new_webhook_secret()},{value}"})
+    for service in (ControlPlaneSettings, EdgeSettings):  # both read it
+        with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET") as caught:
+            service.from_env({"LLMGW_WEBHOOK_SECRET": value})
+        assert "generate one with" in str(caught.value) and "\n" not in str(caught.value)
+        # A weak one among several (a rotation) is refused too.
+        with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET"):
+            service.from_env({"LLMGW_WEBHOOK_SECRET": f"{new_webhook_secret()},{value}"})
 
 
 def test_generated_secrets_are_accepted() -> None:
     for raw in (secrets.token_bytes(24), secrets.token_bytes(32), secrets.token_bytes(64)):
-        settings = Settings.from_env({"LLMGW_WEBHOOK_SECRET": whsec(raw)})
+        settings = EdgeSettings.from_env({"LLMGW_WEBHOOK_SECRET": whsec(raw)})
         assert settings.webhook_secret.reveal() == whsec(raw)
 
 
@@ -72,7 +75,7 @@ def test_dev_generates_strong_secrets(tmp_path: Path) -> None:
     from llm_gateway.dev import dev_secrets
 
     env = dev_secrets(tmp_path / "secrets.json")
-    settings = Settings.from_env(env, dev=True)
+    settings = ControlPlaneSettings.from_env(env, dev=True)
     assert len(settings.encryption_keys) == 1
 
 
@@ -153,7 +156,7 @@ def test_route_key_prints_the_edges_key_for_the_ring(
     printed = capsys.readouterr().out.strip()
     assert printed == f"{route_key(new)},{route_key(old)}"
     # An edge with only these opens what the control plane seals with the ring.
-    edge = Settings.from_env(
+    edge = EdgeSettings.from_env(
         {"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": printed}
     )
     assert edge.encryption_keys == ()
@@ -164,12 +167,14 @@ def test_route_key_prints_the_edges_key_for_the_ring(
 
 
 def test_an_edge_without_any_route_key_refuses_to_start() -> None:
-    settings = Settings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret()})
+    settings = EdgeSettings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret()})
     with pytest.raises(ConfigError, match="LLMGW_ROUTE_KEY"):
         settings.route_cipher_keys()
     with pytest.raises(ConfigError, match="LLMGW_ROUTE_KEY"):
-        Settings.from_env({"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": "x"})
-    both = Settings.from_env(
+        EdgeSettings.from_env(
+            {"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_ROUTE_KEY": "x"}
+        )
+    both = EdgeSettings.from_env(
         {
             "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
             "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
@@ -185,7 +190,7 @@ def test_an_edge_without_any_route_key_refuses_to_start() -> None:
 
 def test_backend_webhook_secrets_parse_per_provider_newest_first() -> None:
     a1, a2, b = new_webhook_secret(), new_webhook_secret(), new_webhook_secret()
-    settings = Settings.from_env(
+    settings = ControlPlaneSettings.from_env(
         {
             "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
             "LLMGW_BACKEND_WEBHOOK_SECRETS": f" mock={a1}, mock={a2},openai={b} ",
@@ -194,7 +199,7 @@ def test_backend_webhook_secrets_parse_per_provider_newest_first() -> None:
     reveal = {p: [s.reveal() for s in g] for p, g in settings.backend_webhook_secrets.items()}
     assert reveal == {"mock": [a1, a2], "openai": [b]}
     assert a1 not in repr(settings)
-    assert Settings.from_env({"LLMGW_WEBHOOK_SECRET": b}).backend_webhook_secrets == {}
+    assert ControlPlaneSettings.from_env({"LLMGW_WEBHOOK_SECRET": b}).backend_webhook_secrets == {}
 
 
 def test_bad_backend_webhook_secrets_are_refused() -> None:
@@ -208,7 +213,7 @@ def test_bad_backend_webhook_secrets_are_refused() -> None:
         f"mock={platform}",  # the platform secret settles anything
     ):
         with pytest.raises(ConfigError, match="LLMGW_BACKEND_WEBHOOK_SECRETS"):
-            Settings.from_env(
+            ControlPlaneSettings.from_env(
                 {"LLMGW_WEBHOOK_SECRET": platform, "LLMGW_BACKEND_WEBHOOK_SECRETS": value}
             )
 

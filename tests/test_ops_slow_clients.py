@@ -21,8 +21,8 @@ from cryptography.fernet import Fernet
 
 from llm_gateway.http_guard import MIN_CONNECTIONS, ConnectionLimits, connection_cap
 from llm_gateway.servers import server_for
-from shared.settings import Settings
 from stream_edge.app import create_app as edge_app
+from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 from tests.harness import bind_free_socket, url_of
 
@@ -31,7 +31,7 @@ CAPPED = 8
 
 
 def edge() -> Any:
-    settings = Settings.from_env(
+    settings = EdgeSettings.from_env(
         {
             "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
             "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
@@ -194,7 +194,7 @@ def test_servers_carry_the_limits() -> None:
     )
     limits = server.config.http.keywords["limits"]  # type: ignore[union-attr]
     assert (limits.header_timeout, limits.max_header_bytes) == (3, 2048)
-    settings = Settings.from_env(
+    settings = EdgeSettings.from_env(
         {
             "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
             "LLMGW_HEADER_TIMEOUT_SECONDS": "2.5",

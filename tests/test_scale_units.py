@@ -10,8 +10,9 @@ import pytest
 from redis.crc import key_slot
 
 from control_plane import pending_inits
+from control_plane.settings import ControlPlaneSettings
 from shared.revocations import grant_keys, revocation_key
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError
 from shared.stash import stash_key
 from shared.store_redis import cluster_url
 from shared.tokens import StreamGrant
@@ -71,13 +72,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_settings_accept_a_cluster_url_and_a_pgbouncer_flag() -> None:
-    settings = Settings.from_env(
+    settings = ControlPlaneSettings.from_env(
         _env(LLMGW_REDIS_URL="redis+cluster://127.0.0.1:7000", LLMGW_DATABASE_PGBOUNCER="1")
     )
     assert settings.redis_url == "redis+cluster://127.0.0.1:7000"
     assert settings.database_pgbouncer is True
-    assert Settings.from_env(_env()).database_pgbouncer is False
+    assert ControlPlaneSettings.from_env(_env()).database_pgbouncer is False
     with pytest.raises(ConfigError, match="LLMGW_DATABASE_PGBOUNCER"):
-        Settings.from_env(_env(LLMGW_DATABASE_PGBOUNCER="maybe"))
+        ControlPlaneSettings.from_env(_env(LLMGW_DATABASE_PGBOUNCER="maybe"))
     with pytest.raises(ConfigError, match="LLMGW_REDIS_URL"):
-        Settings.from_env(_env(LLMGW_REDIS_URL="memcached+cluster://h"))
+        ControlPlaneSettings.from_env(_env(LLMGW_REDIS_URL="memcached+cluster://h"))

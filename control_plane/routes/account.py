@@ -5,26 +5,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import budget_admin, company_llm, login_limits
+from control_plane import login_limits, profile
 from control_plane.accounts import find_user_by_email
-from control_plane.auth import (
-    ACCESS_TOKEN_TTL_SECONDS,
-    authenticate,
-    ensure_not_revoked,
-    issue_access_token,
-)
+from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate, issue_access_token
 from control_plane.company_llm import CompanyCatalog
 from control_plane.credentials import verify_password
 from control_plane.deps import Deps, get_deps, read_json
 from control_plane.errors import Forbidden, InvalidCredentials
 from control_plane.policy import Principal
 from control_plane.responses import ok
-from control_plane.tables import Company, User, utcnow
 from control_plane.validation import optional_str, required_str
 from shared.catalog import Catalog
 from shared.pricing import format_credits
@@ -51,7 +44,7 @@ async def login(request: Request) -> Response:
     if user is None or not await asyncio.to_thread(verify_password, password_hash, password):
         raise InvalidCredentials()
     await login_limits.forgive(deps.store, attempt)
-    await deps.db.transaction(lambda s: ensure_not_revoked(user, s.get(Company, user.company_id)))
+    await deps.db.transaction(lambda s: profile.check_not_revoked(s, user))
     await deps.fresh_keyring()
     token = issue_access_token(deps, user.id)
     return ok(
@@ -59,26 +52,12 @@ async def login(request: Request) -> Response:
     )
 
 
-def _me(
-    session: Session, user_id: str, api_key_id: str | None
-) -> tuple[User, Company, list[dict[str, Any]]] | None:
-    user = session.get(User, user_id)
-    if user is None:
-        return None
-    company = session.get(Company, user.company_id)
-    if company is None:
-        return None
-    # The budgets that cap this caller's requests (its user's, its key's, its teams').
-    mine = budget_admin.my_budgets(session, company.id, user.id, api_key_id, utcnow())
-    return user, company, mine
-
-
 async def me(request: Request) -> Response:
     principal = await authenticate(request)
     if principal.user_id is None:
         raise Forbidden("The platform admin token has no user.")
     user_id, api_key_id = principal.user_id, principal.api_key_id
-    found = await get_deps(request).db.transaction(lambda s: _me(s, user_id, api_key_id))
+    found = await get_deps(request).db.transaction(lambda s: profile.me(s, user_id, api_key_id))
     if found is None:
         raise InvalidCredentials("Your user no longer exists.")
     user, company, budgets = found
@@ -103,15 +82,6 @@ async def me(request: Request) -> Response:
     )
 
 
-def _company_models(session: Session, catalog: Catalog, company_id: str) -> CompanyCatalog | None:
-    company = session.get(Company, company_id)
-    if company is None:
-        return None
-    overrides = company_llm.load_overrides(session, company_id)
-    keyed = company_llm.keyed_providers(session, company_id)
-    return company_llm.company_catalog(catalog, overrides, company.default_model, keyed)
-
-
 async def models(request: Request) -> Response:
     """The company's model catalog: the packaged one merged with its overrides."""
     principal = await authenticate(request)
@@ -125,7 +95,7 @@ async def models_data(deps: Deps, principal: Principal, provider: str | None) ->
     view: Catalog | CompanyCatalog = catalog
     if principal.company_id is not None:
         company_id = principal.company_id
-        found = await deps.db.transaction(lambda s: _company_models(s, catalog, company_id))
+        found = await deps.db.transaction(lambda s: profile.company_models(s, catalog, company_id))
         if found is not None:
             view = found
     listed = [

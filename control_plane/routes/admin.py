@@ -8,34 +8,29 @@ and API keys (`policy`). Creates answer 201, deletes 204.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, audit, policy
+from control_plane import account_admin, accounts, policy
 from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate
 from control_plane.credentials import hash_password
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
+from control_plane.pagination import page_request
+from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
-from control_plane.signing_keys import create_signing_key, retire_superseded_keys
-from control_plane.tables import ROLES, ApiKey, User, utcnow
-from control_plane.validation import (
-    credits_amount,
-    decode_cursor,
-    encode_cursor,
-    one_of,
-    optional_str,
-    page_limit,
-    required_str,
-)
+from control_plane.tables import ROLES, utcnow
+from control_plane.validation import credits_amount, one_of, optional_str, required_str
 
 PASSWORD_MIN, PASSWORD_MAX = 4, 1024
+
+
+def _actor(request: Request, principal: Principal) -> account_admin.Actor:
+    return account_admin.Actor(principal, request_id(request))
 
 
 async def create_company(request: Request) -> Response:
@@ -48,23 +43,11 @@ async def create_company(request: Request) -> Response:
     micro = 0 if credits is None else credits_amount(credits, "credits")
     if micro < 0:
         raise ValidationFailed("credits", "must not be negative")
-    rid = request_id(request)
-
-    def run(session: Session) -> Any:
-        company = accounts.create_company(session, principal, name, micro, rid)
-        audit.record_admin(
-            session,
-            actor=accounts.actor_of(principal),
-            action=audit.COMPANY_CREATE,
-            company_id=company.id,
-            target=f"company:{company.id}",
-            request_id=rid,
-            after=accounts.company_public(company),
-        )
-        return company
-
+    actor = _actor(request, principal)
     try:
-        company = await get_deps(request).db.transaction(run)
+        company = await get_deps(request).db.transaction(
+            lambda s: account_admin.create_company(s, actor, name, micro)
+        )
     except IntegrityError:
         raise Conflict(f"A company named {name!r} already exists.") from None
     return ok(accounts.company_public(company), 201)
@@ -73,14 +56,11 @@ async def create_company(request: Request) -> Response:
 async def list_companies(request: Request) -> Response:
     """Companies, newest first (platform admin)."""
     principal = await authenticate(request)
-    limit = page_limit(request.query_params.get("limit"))
-    after = decode_cursor(request.query_params.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: accounts.list_companies(s, principal, limit, after)
+    req = page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: accounts.list_companies(s, principal, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [accounts.company_public(c) for c in page], "next_cursor": next_cursor})
+    return ok(page.public(accounts.company_public))
 
 
 async def create_user(request: Request) -> Response:
@@ -102,30 +82,13 @@ async def create_user(request: Request) -> Response:
         if not policy.can_assign_role(principal, role):
             raise Forbidden(f"You cannot create a user with role {role}.")
         password_hash = await asyncio.to_thread(hash_password, password)
-    rid = request_id(request)
-
-    def run(session: Session) -> User:
-        user = accounts.create_user(
-            session,
-            principal,
-            company_id=company_id,
-            email=email,
-            password_hash=password_hash,
-            role=role,
-        )
-        audit.record_admin(
-            session,
-            actor=accounts.actor_of(principal),
-            action=audit.USER_CREATE,
-            company_id=user.company_id,
-            target=f"user:{user.id}",
-            request_id=rid,
-            after={**accounts.user_public(user), "has_password": password_hash is not None},
-        )
-        return user
-
+    actor = _actor(request, principal)
     try:
-        user = await get_deps(request).db.transaction(run)
+        user = await get_deps(request).db.transaction(
+            lambda s: account_admin.create_user(
+                s, actor, company_id=company_id, email=email, password_hash=password_hash, role=role
+            )
+        )
     except IntegrityError:
         raise Conflict("A user with this email already exists.") from None
     return ok(accounts.user_public(user), 201)
@@ -138,14 +101,11 @@ async def list_users(request: Request) -> Response:
     company_id = optional_str(query, "company_id", max_len=64) or principal.company_id
     if company_id is None:
         raise ValidationFailed("company_id", "is required for the platform admin token")
-    limit = page_limit(query.get("limit"))
-    after = decode_cursor(query.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: accounts.list_users(s, principal, company_id, limit, after)
+    req = page_request(query)
+    page = await get_deps(request).db.transaction(
+        lambda s: accounts.list_users(s, principal, company_id, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [accounts.user_listed(u) for u in page], "next_cursor": next_cursor})
+    return ok(page.public(accounts.user_listed))
 
 
 async def update_user(request: Request) -> Response:
@@ -157,24 +117,10 @@ async def update_user(request: Request) -> Response:
     if unknown:
         raise ValidationFailed(unknown[0], "is not a field (role)")
     role = one_of(doc.get("role"), "role", ROLES)
-    rid = request_id(request)
-
-    def run(session: Session) -> User:
-        user, previous = accounts.set_role(session, principal, user_id, role)
-        if previous != role:
-            audit.record_admin(
-                session,
-                actor=accounts.actor_of(principal),
-                action=audit.USER_ROLE,
-                company_id=user.company_id,
-                target=f"user:{user.id}",
-                request_id=rid,
-                before={"role": previous},
-                after={"role": role},
-            )
-        return user
-
-    user = await get_deps(request).db.transaction(run)
+    actor = _actor(request, principal)
+    user = await get_deps(request).db.transaction(
+        lambda s: account_admin.set_role(s, actor, user_id, role)
+    )
     return ok(accounts.user_public(user))
 
 
@@ -183,25 +129,10 @@ async def create_api_key(request: Request) -> Response:
     doc = await read_json(request)
     user_id = required_str(doc, "user_id", max_len=64)
     scopes = doc.get("scopes")
-    rid = request_id(request)
-
-    def run(session: Session) -> accounts.CreatedKey:
-        created = accounts.create_api_key(session, principal, user_id, scopes)
-        row = session.get(ApiKey, created.id)
-        user = session.get(User, user_id)
-        assert row is not None and user is not None
-        audit.record_admin(
-            session,
-            actor=accounts.actor_of(principal),
-            action=audit.API_KEY_CREATE,
-            company_id=user.company_id,
-            target=f"api_key:{created.id}",
-            request_id=rid,
-            after=accounts.api_key_public(row),  # the prefix only, never the key
-        )
-        return created
-
-    created = await get_deps(request).db.transaction(run)
+    actor = _actor(request, principal)
+    created = await get_deps(request).db.transaction(
+        lambda s: account_admin.create_api_key(s, actor, user_id, scopes)
+    )
     return ok(created.public(), 201)
 
 
@@ -211,44 +142,20 @@ async def list_api_keys(request: Request) -> Response:
     query = dict(request.query_params)
     user_id = optional_str(query, "user_id", max_len=64)
     company_id = optional_str(query, "company_id", max_len=64)
-    limit = page_limit(query.get("limit"))
-    after = decode_cursor(query.get("cursor"))
-    rows = await get_deps(request).db.transaction(
+    req = page_request(query)
+    page = await get_deps(request).db.transaction(
         lambda s: accounts.list_api_keys(
-            s, principal, user_id=user_id, company_id=company_id, limit=limit, after=after
+            s, principal, user_id=user_id, company_id=company_id, req=req
         )
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [accounts.api_key_public(r) for r in page], "next_cursor": next_cursor})
+    return ok(page.public(accounts.api_key_public))
 
 
 async def revoke_api_key(request: Request) -> Response:
     principal = await authenticate(request)
     key_id = str(request.path_params["key_id"])
-    rid = request_id(request)
-
-    def run(session: Session) -> None:
-        row = session.get(ApiKey, key_id)
-        before = None if row is None else accounts.api_key_public(row)
-        accounts.revoke_api_key(session, principal, key_id)  # 404 unless the caller may
-        user = None if row is None else session.get(User, row.user_id)
-        assert row is not None and user is not None
-        session.refresh(row)
-        after = accounts.api_key_public(row)
-        if before != after:  # revoking a revoked key changes nothing: nothing to audit
-            audit.record_admin(
-                session,
-                actor=accounts.actor_of(principal),
-                action=audit.API_KEY_REVOKE,
-                company_id=user.company_id,
-                target=f"api_key:{key_id}",
-                request_id=rid,
-                before=before,
-                after=after,
-            )
-
-    await get_deps(request).db.transaction(run)
+    actor = _actor(request, principal)
+    await get_deps(request).db.transaction(lambda s: account_admin.revoke_api_key(s, actor, key_id))
     return no_content()
 
 
@@ -261,24 +168,10 @@ async def rotate_signing_key(request: Request) -> Response:
     # Keys superseded longer ago than the longest token life (access tokens, plus
     # leeway) signed only expired tokens: they leave the JWKS now.
     max_life = max(ACCESS_TOKEN_TTL_SECONDS, deps.settings.token_ttl_seconds) + 60
-
-    rid = request_id(request)
-
-    def rotate(session: Session) -> tuple[str, list[str]]:
-        retired = retire_superseded_keys(session, utcnow(), max_life)
-        kid, _ = create_signing_key(session, fernet)
-        audit.record_admin(
-            session,
-            actor=accounts.actor_of(principal),
-            action=audit.SIGNING_KEY_ROTATE,
-            company_id=None,
-            target=f"signing_key:{kid}",
-            request_id=rid,
-            after={"kid": kid, "retired": retired},
-        )
-        return kid, retired
-
-    kid, retired = await deps.db.transaction(rotate)
+    actor = _actor(request, principal)
+    kid, retired = await deps.db.transaction(
+        lambda s: account_admin.rotate_signing_key(s, actor, fernet, utcnow(), max_life)
+    )
     await deps.refresh_keys()
     return ok({"kid": kid, "retired": retired}, 201)
 

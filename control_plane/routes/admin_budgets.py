@@ -8,19 +8,21 @@ rules (who, which targets) are `budget_admin`'s; these handlers parse and answer
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, audit, budget_admin, company_webhooks
+from control_plane import budget_admin, company_webhooks
 from control_plane.auth import authenticate
 from control_plane.budget_math import parse_budget
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Conflict, NotFound, ValidationFailed
 from control_plane.responses import no_content, ok
-from control_plane.tables import CompanyWebhook, utcnow
+from control_plane.tables import utcnow
 
 ID_MAX = 64
 
@@ -137,17 +139,8 @@ async def put_webhook(request: Request) -> Response:
     fernet = deps.fernet
     now = utcnow()
 
-    def run(session: Session) -> tuple[dict[str, object], bool]:
-        budget_admin.company_for(session, principal, company_id)
-        row, secret = company_webhooks.set_url(session, fernet, company_id, url, now)
-        audit.record(
-            session,
-            actor=accounts.actor_of(principal),
-            action="admin.webhook.set",
-            company_id=company_id,
-            details={"url": url, "new_secret": secret is not None},
-        )
-        return company_webhooks.webhook_public(row, secret), secret is not None
+    def run(session: Session) -> tuple[dict[str, Any], bool]:
+        return budget_admin.set_webhook(session, principal, fernet, company_id, url, now)
 
     try:
         data, created = await deps.db.transaction(run)
@@ -159,35 +152,18 @@ async def put_webhook(request: Request) -> Response:
 async def get_webhook(request: Request) -> Response:
     principal = await authenticate(request)
     company_id = _path_id(request, "company_id")
-
-    def run(session: Session) -> dict[str, object]:
-        budget_admin.company_for(session, principal, company_id)
-        row = session.get(CompanyWebhook, company_id)
-        if row is None:
-            raise NotFound("This company has no webhook.")
-        return company_webhooks.webhook_public(row)
-
-    return ok(await get_deps(request).db.transaction(run))
+    data = await get_deps(request).db.transaction(
+        lambda s: budget_admin.get_webhook(s, principal, company_id)
+    )
+    return ok(data)
 
 
 async def delete_webhook(request: Request) -> Response:
     principal = await authenticate(request)
     company_id = _path_id(request, "company_id")
-
-    def run(session: Session) -> None:
-        budget_admin.company_for(session, principal, company_id)
-        row = session.get(CompanyWebhook, company_id)
-        if row is None:
-            raise NotFound("This company has no webhook.")
-        session.delete(row)
-        audit.record(
-            session,
-            actor=accounts.actor_of(principal),
-            action="admin.webhook.delete",
-            company_id=company_id,
-        )
-
-    await get_deps(request).db.transaction(run)
+    await get_deps(request).db.transaction(
+        lambda s: budget_admin.delete_webhook(s, principal, company_id)
+    )
     return no_content()
 
 

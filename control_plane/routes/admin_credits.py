@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -26,29 +27,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, audit, policy
+from control_plane import accounts, audit, billing, policy
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import Forbidden, ValidationFailed
-from control_plane.grants import adjust, grant
+from control_plane.grants import MoveKind, move
 from control_plane.middleware import request_id
+from control_plane.pagination import page_request
+from control_plane.policy import Principal
 from control_plane.responses import ok
-from control_plane.routes.billing import entry_public
-from control_plane.tables import LedgerEntry
 from control_plane.validation import (
     credits_amount,
-    decode_cursor,
-    encode_cursor,
     optional_str,
-    page_limit,
     parse_day,
     required_str,
 )
 
 REASON_MAX = 500
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, no spaces
-
-Recorder = Callable[[Session], tuple[LedgerEntry, bool]]
 
 
 def _amount(doc: dict[str, Any]) -> int:
@@ -68,12 +64,48 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-async def _record(
-    request: Request, company_id: str, key: str | None, recorder: Recorder
-) -> Response:
+@dataclass(frozen=True)
+class _Movement:
+    """What tells a grant from an adjustment; everything else is one handler."""
+
+    kind: MoveKind
+    allowed: Callable[[Principal, str], bool]
+    verb: str  # for the 403: "Only a platform admin can {verb} credits."
+
+
+_GRANT = _Movement("grant", policy.can_grant_credits, "grant")
+_ADJUST = _Movement("adjustment", policy.can_adjust_credits, "adjust")
+
+
+async def _move_credits(request: Request, how: _Movement) -> Response:
+    principal = await authenticate(request)
+    company_id = str(request.path_params["company_id"])
+    if not how.allowed(principal, company_id):
+        raise Forbidden(f"Only a platform admin can {how.verb} credits.")
+    doc = await read_json(request)
+    micro = _amount(doc)
+    if micro < 0 and how.kind == "grant":
+        raise ValidationFailed(
+            "amount", "must be positive; debit with POST …/adjustments and a reason"
+        )
+    # A grant may say why; a correction must.
+    reason_of = required_str if how.kind == "adjustment" else optional_str
+    reason = reason_of(doc, "reason", max_len=REASON_MAX)
+    key = _idempotency_key(request)
+    rid, actor = request_id(request), accounts.actor_of(principal)
+
     def run(session: Session) -> tuple[dict[str, Any], bool]:
-        entry, created = recorder(session)
-        return {**entry_public(entry), "company_id": company_id}, created
+        entry, created = move(
+            session,
+            company_id,
+            micro,
+            kind=how.kind,
+            reason=reason,
+            actor=actor,
+            request_id=rid,
+            idempotency_key=key,
+        )
+        return {**billing.entry_public(entry), "company_id": company_id}, created
 
     db = get_deps(request).db
     try:
@@ -87,48 +119,12 @@ async def _record(
 
 async def grant_credits(request: Request) -> Response:
     """Grant credits to a company (platform admin)."""
-    principal = await authenticate(request)
-    company_id = str(request.path_params["company_id"])
-    if not policy.can_grant_credits(principal, company_id):
-        raise Forbidden("Only a platform admin can grant credits.")
-    doc = await read_json(request)
-    micro = _amount(doc)
-    if micro < 0:
-        raise ValidationFailed(
-            "amount", "must be positive; debit with POST …/adjustments and a reason"
-        )
-    reason = optional_str(doc, "reason", max_len=REASON_MAX)
-    key = _idempotency_key(request)
-    rid, actor = request_id(request), accounts.actor_of(principal)
-    return await _record(
-        request,
-        company_id,
-        key,
-        lambda s: grant(
-            s, company_id, micro, reason=reason, actor=actor, request_id=rid, idempotency_key=key
-        ),
-    )
+    return await _move_credits(request, _GRANT)
 
 
 async def adjust_credits(request: Request) -> Response:
     """Adjust a company's credits either way, with a reason (platform admin)."""
-    principal = await authenticate(request)
-    company_id = str(request.path_params["company_id"])
-    if not policy.can_adjust_credits(principal, company_id):
-        raise Forbidden("Only a platform admin can adjust credits.")
-    doc = await read_json(request)
-    micro = _amount(doc)
-    reason = required_str(doc, "reason", max_len=REASON_MAX)
-    key = _idempotency_key(request)
-    rid, actor = request_id(request), accounts.actor_of(principal)
-    return await _record(
-        request,
-        company_id,
-        key,
-        lambda s: adjust(
-            s, company_id, micro, reason=reason, actor=actor, request_id=rid, idempotency_key=key
-        ),
-    )
+    return await _move_credits(request, _ADJUST)
 
 
 def _audit_filters(query: dict[str, str]) -> dict[str, str]:
@@ -156,14 +152,11 @@ async def list_audit(request: Request) -> Response:
     end = parse_day(query.get("to"), "to")
     since = None if start is None else datetime.combine(start, time(), tzinfo=UTC)
     until = None if end is None else datetime.combine(end + timedelta(days=1), time(), tzinfo=UTC)
-    limit = page_limit(query.get("limit"))
-    after = decode_cursor(query.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: audit.page(s, company_id, limit, after, filters, since, until)
+    req = page_request(query)
+    page = await get_deps(request).db.transaction(
+        lambda s: audit.page(s, company_id, req, filters, since, until)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [audit.event_public(e) for e in page], "next_cursor": next_cursor})
+    return ok(page.public(audit.event_public))
 
 
 routes: list[BaseRoute] = [

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import accounts, audit, policy, revoking
+from control_plane import account_admin, policy, revoking
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps, read_json
 from control_plane.errors import ServiceUnavailable
 from control_plane.middleware import request_id
+from control_plane.pagination import page_request
 from control_plane.responses import no_content, ok
-from control_plane.tables import Revocation
-from control_plane.validation import decode_cursor, encode_cursor, optional_str, page_limit
+from control_plane.validation import optional_str
 from shared.revocations import revocation_key, revoke
 
 log = logging.getLogger("control_plane.revocations")
@@ -30,22 +29,10 @@ async def create_revocation(request: Request) -> Response:
     reason = optional_str(doc, "reason", max_len=500)
     deps = get_deps(request)
     ttl = revoking.revocation_ttl(deps.settings)
-    rid = request_id(request)
-
-    def run(session: Session) -> Revocation:
-        row = revoking.create_revocation(session, principal, target, reason, ttl)
-        audit.record_admin(
-            session,
-            actor=accounts.actor_of(principal),
-            action=audit.REVOCATION_CREATE,
-            company_id=row.company_id,
-            target=f"{row.kind}:{row.value}",
-            request_id=rid,
-            after=revoking.revocation_public(row),
-        )
-        return row
-
-    row = await deps.db.transaction(run)
+    actor = account_admin.Actor(principal, request_id(request))
+    row = await deps.db.transaction(
+        lambda s: account_admin.create_revocation(s, actor, target, reason, ttl)
+    )
     assert row.company_id is not None  # a revocation is always of a company's subject
     try:
         await revoke(deps.store, target.kind, target.value, row.company_id, ttl)
@@ -64,27 +51,10 @@ async def lift_revocation(request: Request) -> Response:
     principal = await authenticate(request)
     revocation_id = str(request.path_params["revocation_id"])
     deps = get_deps(request)
-    rid = request_id(request)
-
-    def run(session: Session) -> Revocation:
-        found = session.get(Revocation, revocation_id)
-        before = None if found is None else revoking.revocation_public(found)
-        row = revoking.lift_revocation(session, principal, revocation_id)  # 404 unless allowed
-        after = revoking.revocation_public(row)
-        if before != after:  # lifting a lifted revocation changes nothing
-            audit.record_admin(
-                session,
-                actor=accounts.actor_of(principal),
-                action=audit.REVOCATION_LIFT,
-                company_id=row.company_id,
-                target=f"{row.kind}:{row.value}",
-                request_id=rid,
-                before=before,
-                after=after,
-            )
-        return row
-
-    row = await deps.db.transaction(run)
+    actor = account_admin.Actor(principal, request_id(request))
+    row = await deps.db.transaction(
+        lambda s: account_admin.lift_revocation(s, actor, revocation_id)
+    )
     assert row.company_id is not None  # lift_revocation refuses one without
     try:
         await deps.store.delete(revocation_key(row.kind, row.value, row.company_id))
@@ -100,14 +70,11 @@ async def list_revocations(request: Request) -> Response:
     company_id = optional_str(dict(request.query_params), "company_id", max_len=64)
     if company_id is None and not policy.is_platform_admin(principal):
         company_id = principal.company_id
-    limit = page_limit(request.query_params.get("limit"))
-    after = decode_cursor(request.query_params.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: revoking.list_revocations(s, principal, company_id, limit, after)
+    req = page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: revoking.list_revocations(s, principal, company_id, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return ok({"items": [revoking.revocation_public(r) for r in page], "next_cursor": next_cursor})
+    return ok(page.public(revoking.revocation_public))
 
 
 routes: list[BaseRoute] = [

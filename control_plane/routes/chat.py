@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
-from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -18,19 +14,13 @@ from control_plane.auth import authenticate
 from control_plane.chat_init import init_chat
 from control_plane.chat_request import parse_init_request
 from control_plane.deps import get_deps, read_json
-from control_plane.errors import AppError, Forbidden, SessionNotFound
+from control_plane.errors import AppError, Forbidden
 from control_plane.middleware import request_id
+from control_plane.pagination import decode_seq_cursor, encode_seq_cursor, page_request
 from control_plane.policy import Principal
 from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
-from control_plane.tables import ChatSession
-from control_plane.validation import (
-    decode_cursor,
-    decode_seq_cursor,
-    encode_cursor,
-    encode_seq_cursor,
-    page_limit,
-)
+from control_plane.validation import page_limit
 
 
 async def chat_init(request: Request) -> Response:
@@ -43,8 +33,8 @@ async def serve_init(
     body: Callable[[Request], Awaitable[dict[str, Any]]],
 ) -> Response:
     """Init for `caller` (the public route's bearer, or an edge's API-key caller:
-    routes/internal.py): scope, init rate, body, `init_chat`. `body` is read only
-    once the caller may init."""
+    routes/internal.py): scope, body, `init_chat` (which counts the init rate).
+    `body` is read only once the caller may init."""
     deps = get_deps(request)
     outcome = "error"
     try:
@@ -52,15 +42,21 @@ async def serve_init(
         if not policy.can_chat(principal):
             raise Forbidden("This needs a user with the llm:chat:send scope.")
         assert principal.user_id is not None and principal.company_id is not None
-        await check_init_rate(
-            deps.store,
-            user_id=principal.user_id,
-            company_id=principal.company_id,
-            per_user=deps.settings.init_rate_per_user,
-            per_company=deps.settings.init_rate_per_company,
-            now=deps.clock(),
-        )
-        req = parse_init_request(await body(request))
+        try:
+            req = parse_init_request(await body(request))
+        except AppError:
+            # A refused body still counts as an init, and over the rate its answer
+            # is the 429: `init_chat` counts the others with the rest of its store
+            # work, in one round trip (`init_gate`).
+            await check_init_rate(
+                deps.store,
+                user_id=principal.user_id,
+                company_id=principal.company_id,
+                per_user=deps.settings.init_rate_per_user,
+                per_company=deps.settings.init_rate_per_company,
+                now=deps.clock(),
+            )
+            raise
         data = await init_chat(deps, principal, req, request_id(request))
         outcome = "ok"
         return ok(data, 201)
@@ -71,50 +67,15 @@ async def serve_init(
         deps.metrics.chat_inits.labels(outcome=outcome).inc()
 
 
-def _list_sessions(
-    session: Session, p: Principal, limit: int, after: tuple[datetime, str] | None
-) -> list[ChatSession]:
-    stmt = select(ChatSession).where(col(ChatSession.company_id) == p.company_id)
-    if not policy.sees_whole_company(p):
-        stmt = stmt.where(col(ChatSession.user_id) == p.user_id)
-    if after is not None:
-        moment, last_id = after
-        stmt = stmt.where(
-            or_(
-                col(ChatSession.updated_at) < moment,
-                and_(col(ChatSession.updated_at) == moment, col(ChatSession.id) < last_id),
-            )
-        )
-    stmt = stmt.order_by(col(ChatSession.updated_at).desc(), col(ChatSession.id).desc())
-    return list(session.scalars(stmt.limit(limit + 1)))
-
-
 async def list_sessions(request: Request) -> Response:
     principal = await authenticate(request)
     if not policy.can_read_own_data(principal):
         raise Forbidden("This needs a user with the llm:chat:read scope.")
-    limit = page_limit(request.query_params.get("limit"))
-    after = decode_cursor(request.query_params.get("cursor"))
-    rows = await get_deps(request).db.transaction(
-        lambda s: _list_sessions(s, principal, limit, after)
+    req = page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: chat_sessions.list_sessions(s, principal, req)
     )
-    page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].updated_at, page[-1].id) if len(rows) > limit else None
-    return ok(
-        {"items": [chat_sessions.session_public(c) for c in page], "next_cursor": next_cursor}
-    )
-
-
-def _get_session(
-    session: Session, p: Principal, session_id: str, limit: int, after_seq: int | None
-) -> dict[str, Any]:
-    chat = session.get(ChatSession, session_id)
-    if chat is None or not policy.can_read_session(p, chat.user_id, chat.company_id):
-        raise SessionNotFound()
-    messages, last_seq = chat_sessions.messages_page(session, chat.id, limit, after_seq)
-    doc = chat_sessions.session_public(chat, messages)
-    doc["next_cursor"] = None if last_seq is None else encode_seq_cursor(last_seq)
-    return doc
+    return ok(page.public(chat_sessions.session_public))
 
 
 async def get_session(request: Request) -> Response:
@@ -124,25 +85,20 @@ async def get_session(request: Request) -> Response:
     session_id = str(request.path_params["session_id"])
     limit = page_limit(request.query_params.get("limit"))
     after = decode_seq_cursor(request.query_params.get("cursor"))
-    data = await get_deps(request).db.transaction(
-        lambda s: _get_session(s, principal, session_id, limit, after)
+    chat, messages, last_seq = await get_deps(request).db.transaction(
+        lambda s: chat_sessions.read_session(s, principal, session_id, limit, after)
     )
-    return ok(data)
-
-
-def _delete_session(session: Session, p: Principal, session_id: str) -> None:
-    chat = session.get(ChatSession, session_id)
-    if chat is None or not policy.can_read_session(p, chat.user_id, chat.company_id):
-        raise SessionNotFound()
-    if not policy.can_delete_session(p, chat.user_id, chat.company_id):
-        raise Forbidden("This needs the llm:chat:delete scope.")
-    chat_sessions.delete_session(session, chat.id)
+    doc = chat_sessions.session_public(chat, messages)
+    doc["next_cursor"] = None if last_seq is None else encode_seq_cursor(last_seq)
+    return ok(doc)
 
 
 async def delete_session(request: Request) -> Response:
     principal = await authenticate(request)
     session_id = str(request.path_params["session_id"])
-    await get_deps(request).db.transaction(lambda s: _delete_session(s, principal, session_id))
+    await get_deps(request).db.transaction(
+        lambda s: chat_sessions.remove_session(s, principal, session_id)
+    )
     return no_content()
 
 

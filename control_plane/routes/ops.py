@@ -7,19 +7,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-from sqlmodel import col
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane.deps import get_deps
+from control_plane.ledger import active_hold_count
 from control_plane.metrics import CONTENT_TYPE
 from control_plane.openapi import openapi_document
 from control_plane.responses import json_response
 from control_plane.signing_keys import published_jwks
-from control_plane.tables import Reservation
 
 
 async def healthz(request: Request) -> Response:
@@ -42,15 +39,10 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-def _active_holds(session: Session) -> int:
-    stmt = select(func.count()).select_from(Reservation).where(col(Reservation.status) == "active")
-    return int(session.scalar(stmt) or 0)
-
-
 async def metrics(request: Request) -> Response:
     deps = get_deps(request)
     try:
-        deps.metrics.holds_active.set(await deps.db.transaction(_active_holds))
+        deps.metrics.holds_active.set(await deps.db.transaction(active_hold_count))
     except Exception:  # a scrape must not fail because the database is down
         pass
     return Response(deps.metrics.render(), media_type=CONTENT_TYPE)

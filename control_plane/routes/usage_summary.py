@@ -22,15 +22,11 @@ from control_plane import policy, usage_summary
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps
 from control_plane.errors import Forbidden
+from control_plane.pagination import decode_seq_cursor, encode_seq_cursor
 from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.tables import utcnow
-from control_plane.validation import (
-    decode_seq_cursor,
-    encode_seq_cursor,
-    optional_str,
-    page_limit,
-)
+from control_plane.validation import optional_str, page_limit
 
 
 def _scope(request: Request, p: Principal) -> str | None:

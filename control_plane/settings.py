@@ -1,0 +1,150 @@
+"""The control plane's settings: `ControlPlaneSettings.from_env` validates, at its
+start, the variables it reads and only those (the common ones in `shared.settings`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.settings import (
+    EDGE_SECRET_CLASH,
+    CommonSettings,
+    ConfigError,
+    Secret,
+    common_of,
+    env_flag,
+    env_float,
+    env_int,
+    env_url,
+    read_common,
+)
+from shared.webhooks import parse_backend_secrets
+
+DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlPlaneSettings(CommonSettings):
+    database_url: str
+    # LLMGW_DATABASE_PGBOUNCER: the database is reached through PgBouncer in
+    # transaction mode, so no server-side prepared statements (control_plane/db.py).
+    database_pgbouncer: bool
+    edge_public_url: str  # stream URLs point there
+    admin_token: Secret | None
+    token_ttl_seconds: int
+    auto_migrate: bool
+    sweep_interval_seconds: float
+    serve_demo: bool = False
+    serve_console: bool = True  # the console at /console (DESIGN §11)
+    # Backends posting their own usage webhooks: provider → its secrets, newest
+    # first; each settles only reservations routed to its provider.
+    backend_webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
+    init_rate_per_user: int = 120  # per minute, DESIGN §9
+    init_rate_per_company: int = 1200
+    # Tokens per minute at init (DESIGN §11): the hold's token estimate counted at
+    # init, corrected to actual usage at settlement; 0 = off (the default).
+    tpm_per_user: int = 0
+    tpm_per_company: int = 0
+    # Companies' own webhooks (budget.threshold) may go to private, loopback or
+    # link-local addresses only when this is on (off: no SSRF inward).
+    company_webhooks_allow_private: bool = False
+    login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
+    # Abuse limits (issue 12.6): unused stream grants per user, what one chat session
+    # may hold, and the size of one init's stashed request.
+    max_pending_inits_per_user: int = 20
+    max_session_messages: int = 1000
+    max_session_bytes: int = 1024 * 1024
+    max_request_bytes: int = 2 * 1024 * 1024
+    # Trusting an existing app's user JWTs: HS256 with a shared secret and/or
+    # RS256/ES256/EdDSA with keys from a JWKS URL; audience and issuer required.
+    auth_jwt_secret: Secret | None = None
+    auth_jwks_url: str | None = None
+    auth_jwt_audience: str | None = None
+    auth_jwt_issuer: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> ControlPlaneSettings:
+        common = read_common(env, dev=dev)
+        try:
+            backend_secrets = parse_backend_secrets(env.get("LLMGW_BACKEND_WEBHOOK_SECRETS", ""))
+        except ValueError as exc:
+            raise ConfigError(f"LLMGW_BACKEND_WEBHOOK_SECRETS {exc}") from None
+        backend_all = {s for group in backend_secrets.values() for s in group}
+        if backend_all & {s.reveal() for s in common.webhook_secrets}:
+            # The platform secret settles anything; a backend must not hold it.
+            raise ConfigError("LLMGW_BACKEND_WEBHOOK_SECRETS must differ from LLMGW_WEBHOOK_SECRET")
+        if backend_all & {s.reveal() for s in common.edge_service_secrets}:
+            raise ConfigError(EDGE_SECRET_CLASH)
+        database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
+        if not database_url.startswith(("sqlite", "postgresql")):
+            raise ConfigError("LLMGW_DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        admin_token = env.get("LLMGW_ADMIN_TOKEN") or None
+        if admin_token is not None and len(admin_token) < 16:
+            raise ConfigError("LLMGW_ADMIN_TOKEN must be at least 16 characters")
+        auth_jwt_secret = env.get("LLMGW_AUTH_JWT_SECRET") or None
+        if auth_jwt_secret is not None and len(auth_jwt_secret.encode("utf-8")) < 32:
+            # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
+            raise ConfigError("LLMGW_AUTH_JWT_SECRET must be at least 32 bytes (HS256)")
+        auth_jwks_url = (
+            env_url(env, "LLMGW_AUTH_JWKS_URL", "") if env.get("LLMGW_AUTH_JWKS_URL") else None
+        )
+        audience = env.get("LLMGW_AUTH_JWT_AUDIENCE") or None
+        issuer = env.get("LLMGW_AUTH_JWT_ISSUER") or None
+        if auth_jwt_secret is not None or auth_jwks_url is not None:
+            # Without both, a token the same provider minted for another service (or
+            # another provider sharing the key) would sign users in here.
+            for name, value in (
+                ("LLMGW_AUTH_JWT_AUDIENCE", audience),
+                ("LLMGW_AUTH_JWT_ISSUER", issuer),
+            ):
+                if value is None:
+                    raise ConfigError(
+                        f"{name} is required when LLMGW_AUTH_JWT_SECRET or "
+                        "LLMGW_AUTH_JWKS_URL is set"
+                    )
+        return cls(
+            **common_of(common),
+            database_url=database_url,
+            database_pgbouncer=env_flag(env, "LLMGW_DATABASE_PGBOUNCER", False),
+            edge_public_url=env_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
+            admin_token=Secret(admin_token) if admin_token else None,
+            token_ttl_seconds=env_int(env, "LLMGW_TOKEN_TTL_SECONDS", 120, 1, 300),
+            auto_migrate=env_flag(env, "LLMGW_AUTO_MIGRATE", dev),
+            sweep_interval_seconds=env_float(env, "LLMGW_SWEEP_INTERVAL_SECONDS", 5.0, 0.1, 3600),
+            serve_demo=env_flag(env, "LLMGW_SERVE_DEMO", dev),
+            serve_console=env_flag(env, "LLMGW_SERVE_CONSOLE", True),
+            backend_webhook_secrets={
+                provider: tuple(Secret(s) for s in group)
+                for provider, group in backend_secrets.items()
+            },
+            init_rate_per_user=env_int(env, "LLMGW_INIT_RATE_PER_USER", 120, 1, 1_000_000),
+            init_rate_per_company=env_int(env, "LLMGW_INIT_RATE_PER_COMPANY", 1200, 1, 10_000_000),
+            tpm_per_user=env_int(env, "LLMGW_TPM_PER_USER", 0, 0, 10**12),
+            tpm_per_company=env_int(env, "LLMGW_TPM_PER_COMPANY", 0, 0, 10**12),
+            company_webhooks_allow_private=env_flag(
+                env, "LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE", False
+            ),
+            login_failures_per_15min=env_int(
+                env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000
+            ),
+            max_pending_inits_per_user=env_int(
+                env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000
+            ),
+            max_session_messages=env_int(env, "LLMGW_MAX_SESSION_MESSAGES", 1000, 2, 1_000_000),
+            max_session_bytes=env_int(env, "LLMGW_MAX_SESSION_BYTES", 1024 * 1024, 1024, 2**40),
+            max_request_bytes=env_int(env, "LLMGW_MAX_REQUEST_BYTES", 2 * 1024 * 1024, 1024, 2**31),
+            auth_jwt_secret=Secret(auth_jwt_secret) if auth_jwt_secret else None,
+            auth_jwks_url=auth_jwks_url,
+            auth_jwt_audience=audience,
+            auth_jwt_issuer=issuer,
+        )
+
+    def require_encryption_key(self) -> tuple[Secret, ...]:
+        """The control plane cannot start without a key outside `dev` (DESIGN §9)."""
+        if not self.encryption_keys:
+            raise ConfigError(
+                "LLMGW_ENCRYPTION_KEY is required (a Fernet key) outside dev; generate one with: "
+                'python -c "from cryptography.fernet import Fernet;'
+                'print(Fernet.generate_key().decode())"'
+            )
+        return self.encryption_keys

@@ -1,0 +1,100 @@
+"""Pump a streamed answer from its backend to the client (`relay.relay`), with the
+stream's usage checkpoints, and close the backend response whatever happens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from shared.tokens import StreamGrant
+from stream_edge.attempts import Backend
+from stream_edge.checkpoints import Checkpointer
+from stream_edge.relay import Deadlines, RelayResult, relay
+from stream_edge.state import EdgeState
+from stream_edge.transport import Response
+from stream_edge.upstream.base import UpstreamEvent
+
+# The stream's log lines keep the job's logger name: operators filter on it.
+log = logging.getLogger("llmgw.edge.jobs")
+
+
+class Pump:
+    """One stream's `RelaySink`. `write` (the route's frame writer) and `emit` (the
+    client's response) are kept as given and `chunk_sent` is the checkpointer's tick:
+    the relay calls them per event and chunk, so no method of ours stands between."""
+
+    def __init__(
+        self,
+        state: EdgeState,
+        grant: StreamGrant,
+        backend: Backend,
+        accepted_at: float,
+        write: Callable[[UpstreamEvent], bytes],
+        emit: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        self._state = state
+        self._backend = backend
+        self._accepted_at = accepted_at
+        settings = state.settings
+        model = backend.model.id
+        self._checkpointer = Checkpointer(
+            state.store,
+            grant,
+            backend.meter,
+            ttl_seconds=max(0, grant.expires_at - time.time()) + settings.hold_grace_seconds + 3600,
+            model=model if model != grant.model else None,
+        )
+        self.write = write
+        self.emit = emit
+        self.chunk_sent = self._checkpointer.tick
+
+    def first_token(self) -> None:
+        self._backend.observe_first_token(self._state.metrics, self._accepted_at)
+
+    async def run(self, response: Response) -> RelayResult:
+        try:
+            result = await self._relay(response)
+        finally:
+            # Shielded: when the client left, this task is being cancelled, and the
+            # backend must still see its connection closed.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        if result.status == "failed":
+            self._state.metrics.upstream_errors.labels(
+                self._backend.provider_label, result.error_code or ""
+            ).inc()
+        return result
+
+    async def _relay(self, response: Response) -> RelayResult:
+        adapter = self._backend.adapter
+        assert adapter is not None  # opening refused a provider without one
+        settings = self._state.settings
+        self._checkpointer.start()
+        try:
+            return await relay(
+                response,
+                adapter.stream_parser(),
+                self._backend.meter,
+                self,
+                self._state.metrics,
+                Deadlines(
+                    first_token=settings.first_token_timeout,
+                    idle=settings.idle_timeout,
+                    max_life=settings.max_stream_seconds,
+                ),
+            )
+        except OSError:
+            raise  # the client's connection failed: streaming.py handles that
+        except Exception as exc:
+            # A bug or a backend we misread (not the client leaving: that is a
+            # cancellation): the stream still ends with an error event and a report.
+            log.error("unexpected %s while relaying", type(exc).__name__)
+            return RelayResult("failed", "upstream_error", "the stream broke off")
+        finally:
+            # Shielded, as in `run`: the ended checkpoint tells the sweeper the
+            # report is coming (bounded by its own timeout).
+            with anyio.CancelScope(shield=True):
+                await self._checkpointer.close()

@@ -1,0 +1,95 @@
+"""A stream's usage report, made once whatever ended it: the stream's metrics and
+log line, then the webhook event into the outbox together with the stream's slots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from shared.retry import Backoff
+from shared.store import SlotRelease
+from shared.tokens import StreamGrant
+from stream_edge.attempts import Backend
+from stream_edge.limits import slot_keys
+from stream_edge.state import EdgeState
+from stream_edge.usage_report import usage_event
+
+# The stream's log lines keep the job's logger name: operators filter on it.
+log = logging.getLogger("llmgw.edge.jobs")
+
+# A store hiccup is retried briefly; past that the report goes to the local spool
+# (see `Outbox.keep`), so a longer wait here would only hold the stream's end up.
+ENQUEUE_ATTEMPTS = 3
+# Full jitter under ceilings of 0.2 s and 0.4 s: on average the 0.1 s and 0.2 s the
+# waits were before they were jittered, without every stream retrying at once.
+ENQUEUE_BACKOFF = Backoff(base=0.2, cap=1.0)
+
+
+@dataclass(slots=True)
+class Reporter:
+    """One stream's report: `started` when it opens, `report` once it ends (or fails
+    before it could open); later calls of `report` do nothing."""
+
+    state: EdgeState
+    grant: StreamGrant
+    accepted_at: float
+    backoff: Backoff = ENQUEUE_BACKOFF
+    _reported: bool = field(default=False, init=False)
+    _counted_active: bool = field(default=False, init=False)
+
+    def started(self) -> None:
+        """The stream counts as active from here until its report."""
+        self.state.metrics.streams_active.inc()
+        self._counted_active = True
+
+    async def report(self, backend: Backend, status: str) -> None:
+        """Release the stream's slots and enqueue the usage webhook, once: `backend`
+        is what served (or was last tried), `status` the webhook's."""
+        if self._reported:
+            return
+        self._reported = True
+        grant = self.grant
+        event = usage_event(grant, backend.provider.name, backend.meter, status, backend.model.id)
+        metrics = self.state.metrics
+        if self._counted_active:
+            metrics.streams_active.dec()
+        metrics.streams_total.labels(status).inc()
+        duration = time.perf_counter() - self.accepted_at
+        metrics.duration.observe(duration)
+        metrics.tokens.labels("input").inc(event.input_tokens)
+        metrics.tokens.labels("output").inc(event.output_tokens)
+        log.info(
+            "stream %s",
+            status,
+            extra={
+                "company_id": grant.company_id,
+                "model": backend.model.id,
+                "provider": backend.provider.name,
+                "status": status,
+                "input_tokens": event.input_tokens,
+                "output_tokens": event.output_tokens,
+                "usage_source": event.usage_source,
+                "duration_ms": round(duration * 1000, 1),
+            },
+        )
+        # The slots go back in the same round trip as the report is stored.
+        release = SlotRelease(slot_keys(grant), grant.jti)
+        outbox = self.state.outbox
+        for attempt in range(ENQUEUE_ATTEMPTS):
+            try:
+                await outbox.enqueue(event, release)
+                return
+            except Exception as exc:  # the store is overloaded or briefly down
+                log.warning("enqueueing usage failed (%s)", type(exc).__name__)
+                if attempt + 1 < ENQUEUE_ATTEMPTS:
+                    await asyncio.sleep(self.backoff.delay(attempt))
+        # Still refused: the report waits in the local spool (and is posted at once),
+        # and the slots go back on their own — not held until the stream's maximum
+        # life for want of the outbox write they normally share.
+        await outbox.keep(event, release)
+        try:
+            await self.state.store.release_slots(release)
+        except Exception as exc:  # the spooled report releases them once stored
+            log.warning("could not release the stream's slots: %s", type(exc).__name__)

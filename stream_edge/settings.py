@@ -1,0 +1,125 @@
+"""The edge's settings: `EdgeSettings.from_env` validates, at its start, the
+variables it reads and only those (the common ones in `shared.settings`); the
+database, the admin token and the control plane's limits are not among them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.route_claim import route_key
+from shared.settings import (
+    CommonSettings,
+    ConfigError,
+    Secret,
+    common_of,
+    env_float,
+    env_int,
+    env_url,
+    fernet_keys,
+    read_common,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeSettings(CommonSettings):
+    control_plane_url: str  # its JWKS, usage webhooks and key callers' calls
+    # The alternative to the ring: only the derived `upr` sub-keys (route_claim).
+    route_keys: tuple[Secret, ...]
+    upstream_connect_timeout: float
+    upstream_read_timeout: float
+    # Connections open at once to one backend origin (busy or idle); a stream finding
+    # them all busy waits up to the connect timeout. The default matches
+    # LLMGW_MAX_CONNECTIONS, so a full edge is never held back by it.
+    max_connections_per_origin: int
+    first_token_timeout: float
+    idle_timeout: float
+    upstream_retries: int
+    ping_interval: float
+    slow_client_timeout: float
+    max_streams_per_user: int
+    max_streams_per_company: int
+    breaker_failures: int
+    breaker_reset_seconds: float
+    webhook_retry_base_seconds: float
+    webhook_retry_cap_seconds: float
+    spool_dir: str  # usage reports the store would not take wait here
+    provider_keys: Mapping[str, Secret] = field(default_factory=dict)
+    # Every platform key of a provider (`api_key_env`, then `api_key_envs`), in order:
+    # streams spread across them (`stream_edge.key_pool`).
+    provider_key_pools: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
+    service_tokens: Mapping[str, Secret] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> EdgeSettings:
+        common = read_common(env, dev=dev)
+        route_keys = fernet_keys(
+            env,
+            "LLMGW_ROUTE_KEY",
+            "Fernet keys derived from LLMGW_ENCRYPTION_KEY "
+            "(`llm-gateway admin route-key` or deploy/gen-env.sh prints them)",
+        )
+        providers = common.catalog.providers
+        return cls(
+            **common_of(common),
+            control_plane_url=env_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
+            route_keys=route_keys,
+            upstream_connect_timeout=env_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
+            upstream_read_timeout=env_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
+            max_connections_per_origin=env_int(
+                env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN", 1000, 1, 1_000_000
+            ),
+            first_token_timeout=env_float(env, "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS", 60, 0.1, 3600),
+            idle_timeout=env_float(env, "LLMGW_IDLE_TIMEOUT_SECONDS", 60, 0.1, 3600),
+            upstream_retries=env_int(env, "LLMGW_UPSTREAM_RETRIES", 2, 0, 10),
+            ping_interval=env_float(env, "LLMGW_PING_INTERVAL_SECONDS", 15, 0.05, 300),
+            slow_client_timeout=env_float(env, "LLMGW_SLOW_CLIENT_TIMEOUT_SECONDS", 10, 0.1, 600),
+            max_streams_per_user=env_int(env, "LLMGW_MAX_STREAMS_PER_USER", 20, 1, 1_000_000),
+            max_streams_per_company=env_int(
+                env, "LLMGW_MAX_STREAMS_PER_COMPANY", 200, 1, 1_000_000
+            ),
+            breaker_failures=env_int(env, "LLMGW_BREAKER_FAILURES", 5, 1, 1000),
+            breaker_reset_seconds=env_float(env, "LLMGW_BREAKER_RESET_SECONDS", 30, 0.1, 3600),
+            webhook_retry_base_seconds=env_float(
+                env, "LLMGW_WEBHOOK_RETRY_BASE_SECONDS", 0.5, 0.01, 60
+            ),
+            webhook_retry_cap_seconds=env_float(
+                env, "LLMGW_WEBHOOK_RETRY_CAP_SECONDS", 300, 0.1, 86400
+            ),
+            spool_dir=env.get("LLMGW_SPOOL_DIR") or "var/spool",
+            provider_keys={
+                name: Secret(env[var])
+                for name, provider in providers.items()
+                if (var := next((v for v in provider.key_envs() if env.get(v)), None))
+            },
+            provider_key_pools={
+                name: pool
+                for name, provider in providers.items()
+                if (pool := tuple(Secret(env[v]) for v in provider.key_envs() if env.get(v)))
+            },
+            service_tokens={
+                name: Secret(env[var])
+                for name, provider in providers.items()
+                if (var := provider.service_token_env) and env.get(var)
+            },
+        )
+
+    def route_cipher_keys(self) -> list[str]:
+        """The `upr` sub-keys, newest first: LLMGW_ROUTE_KEY as given, else derived from
+        the ring (the control plane seals with the ring)."""
+        derived = [route_key(k.reveal()) for k in self.encryption_keys]
+        if self.route_keys:
+            given = [k.reveal() for k in self.route_keys]
+            if derived and derived != given:
+                # Both set and different: companies' own routes would fail to open.
+                raise ConfigError(
+                    "LLMGW_ROUTE_KEY does not match LLMGW_ENCRYPTION_KEY: set one of them, "
+                    "or `llm-gateway admin route-key` for the ring"
+                )
+            return given
+        if derived:
+            return derived
+        raise ConfigError(
+            "LLMGW_ROUTE_KEY (or LLMGW_ENCRYPTION_KEY) is required: the edge opens the "
+            "sealed upr claim with it; `llm-gateway admin route-key` prints it"
+        )

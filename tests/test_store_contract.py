@@ -1,0 +1,356 @@
+"""One contract for every store backend (shared/store.py's protocols): the same
+cases run against `MemoryStore`, `RedisStore` on the pipelined connection the edge
+uses, `RedisStore` on redis-py's pool alone, and `RedisStore` on a Redis Cluster.
+
+Time is never slept through and then guessed at: the memory store runs on a fake
+clock that the test moves; on Redis, `elapse` polls the server's own clock (the one
+its expiry uses) until the time has passed, so an expired key is gone for certain.
+Times passed as arguments (`now`, `due_at`) are plain numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+import shared.store
+from shared.store import Admission, SlotRelease, Store
+from shared.store_factory import open_store
+from shared.store_memory import MemoryStore
+from shared.store_redis import RedisStore, cluster_url
+from tests.conftest import REDIS_URL, fresh_redis_prefix
+from tests.scale_servers import redis_cluster
+
+T = 1_000_000.0  # the `now` the cases pass in; unrelated to any clock
+SHORT = 0.05  # a TTL or window the cases let run out
+
+
+@dataclass
+class Backend:
+    store: Store
+    elapse: Callable[[float], Awaitable[None]]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def elapse(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def server_clock(url: str) -> tuple[Callable[[float], Awaitable[None]], aioredis.Redis]:
+    """`elapse` for a Redis: returns once the server's clock moved `seconds` past
+    the call (plus a millisecond: a key expires only after its last millisecond)."""
+    client = aioredis.Redis.from_url(url)
+
+    async def server_now() -> float:
+        seconds, micros = await client.time()
+        return seconds + micros / 1e6
+
+    async def elapse(seconds: float) -> None:
+        until = await server_now() + seconds + 0.001
+        while await server_now() <= until:
+            await asyncio.sleep(0.005)
+
+    return elapse, client
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "redis", "redis-pool", "redis-cluster"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        yield Backend(store, clock.elapse)
+        await store.close()
+        return
+    with contextlib.ExitStack() as cleanup:
+        if request.param == "redis-cluster":
+            url = request.getfixturevalue("cluster")
+            prefix = f"t_{uuid.uuid4().hex[:12]}:"  # the cluster is ours and stops after
+            node_url = cluster_url(url)
+            assert node_url is not None
+        else:
+            url = node_url = REDIS_URL
+            prefix = cleanup.enter_context(fresh_redis_prefix())
+        if request.param == "redis-pool":
+            store = RedisStore(aioredis.Redis.from_url(url), prefix)
+        else:
+            store = RedisStore.from_url(url, prefix=prefix)
+        elapse, clock_client = server_clock(node_url)
+        try:
+            yield Backend(store, elapse)
+        finally:
+            await store.close()
+            await clock_client.aclose()
+
+
+# Every key of one admission must share a Redis Cluster slot: the hash tag `{c}`.
+def admission(member: str, *, path: str = "stream", limits: tuple[int, int] = (2, 1)) -> Admission:
+    return Admission(
+        revocation_keys=["rev:{c}:user", f"rev:{{c}}:{member}"],
+        used_key=f"used:{{c}}:{member}",
+        path=path,
+        used_ttl_seconds=60,
+        slot_keys=["slots:{c}:company", "slots:{c}:user"],
+        limits=list(limits),
+        member=member,
+        now=T,
+        slots_expire_at=T + 60,
+        fetch_key=f"stash:{{c}}:{member}",
+    )
+
+
+# --- key/value --------------------------------------------------------------------
+async def test_values_are_kept_until_their_ttl(backend: Backend) -> None:
+    store = backend.store
+    assert await store.get("kv:a") is None
+    await store.set("kv:a", b"one", 60)
+    await store.set("kv:brief", b"two", SHORT)
+    assert await store.get("kv:a") == b"one"
+    assert await store.get_many(["kv:a", "kv:none", "kv:a"]) == [b"one", None, b"one"]
+    assert await store.get_many([]) == []
+    await store.set("kv:a", b"uno", 60)  # overwrites
+    await store.set("kv:b", b"long", 60)
+    await store.set("kv:b", b"short", SHORT)  # and the TTL with it
+    await backend.elapse(SHORT)
+    assert await store.get_many(["kv:brief", "kv:a", "kv:b"]) == [None, b"uno", None]
+    await store.delete("kv:a")
+    await store.delete("kv:never-set")
+    assert await store.get("kv:a") is None
+
+
+async def test_set_if_absent_creates_once(backend: Backend) -> None:
+    store = backend.store
+    assert await store.set_if_absent("nonce:1", b"first", 60)
+    assert not await store.set_if_absent("nonce:1", b"second", 60)
+    assert await store.get("nonce:1") == b"first"
+    await store.delete("nonce:1")
+    assert await store.set_if_absent("nonce:1", b"third", SHORT)
+    await backend.elapse(SHORT)  # expired: absent again
+    assert await store.set_if_absent("nonce:1", b"fourth", 60)
+    assert await store.get("nonce:1") == b"fourth"
+
+
+# --- counters ---------------------------------------------------------------------
+async def test_hits_count_within_a_window_and_restart_after_it(backend: Backend) -> None:
+    store = backend.store
+    assert [await store.hit("rate:u", SHORT) for _ in range(3)] == [1, 2, 3]
+    await store.unhit("rate:u", SHORT)
+    assert await store.hit("rate:u", SHORT) == 3
+    assert await store.get("rate:u") == b"3"  # counters read back as values (tpm precheck)
+    assert await store.hit("rate:other", 60) == 1  # counters are independent
+    await backend.elapse(SHORT)
+    assert await store.hit("rate:u", SHORT) == 1
+    assert await store.hit("rate:other", 60) == 2
+
+
+async def test_a_late_unhit_never_counts_against_the_next_window(backend: Backend) -> None:
+    store = backend.store
+    assert await store.hit("login:x", SHORT) == 1
+    await backend.elapse(SHORT)
+    await store.unhit("login:x", SHORT)  # the attempt's window has ended
+    # Memory forgets nothing that is gone (1); Redis lets DECR make a -1 that
+    # expires with a window (0). Either way no attempt is counted twice.
+    assert await store.hit("login:x", SHORT) <= 1
+
+
+async def test_add_sums_within_a_window(backend: Backend) -> None:
+    store = backend.store
+    assert await store.add("tpm:c", 500, SHORT) == 500
+    assert await store.add("tpm:c", 250, SHORT) == 750
+    assert await store.add("tpm:c", -500, SHORT) == 250  # taken back
+    assert await store.add("tpm:fresh", -3, 60) == -3
+    await backend.elapse(SHORT)
+    assert await store.get("tpm:c") is None
+    assert await store.add("tpm:c", 40, SHORT) == 40
+
+
+# --- bounded sets -----------------------------------------------------------------
+async def test_a_bounded_set_caps_expires_and_drops(backend: Backend) -> None:
+    store = backend.store
+    key = "pending:u"
+    assert await store.bounded_members(key, T) == []
+    assert await store.bounded_add(key, "a", T + 10, T, 2, []) is None
+    assert await store.bounded_add(key, "b", T + 20, T, 2, []) is None
+    assert await store.bounded_add(key, "c", T + 30, T, 2, []) == T + 10  # full: a frees first
+    assert await store.bounded_add(key, "a", T + 15, T, 2, []) is None  # a member may renew
+    assert sorted(await store.bounded_members(key, T)) == ["a", "b"]
+    assert await store.bounded_members(key, T + 15) == ["b"]  # a expired by then
+    assert await store.bounded_add(key, "c", T + 30, T, 2, ["a", "gone"]) is None  # a dropped
+    assert await store.bounded_add(key, "d", T + 40, T + 25, 2, []) is None  # b expired
+    assert sorted(await store.bounded_members(key, T + 25)) == ["c", "d"]
+    await store.bounded_remove(key, "c")
+    await store.bounded_remove(key, "never")
+    assert await store.bounded_members(key, T + 25) == ["d"]
+    assert await store.bounded_add(key, "e", T + 50, T + 25, 1, []) == T + 40
+
+
+# --- admission --------------------------------------------------------------------
+async def test_admission_takes_slots_and_returns_the_stash(backend: Backend) -> None:
+    store = backend.store
+    await store.set("stash:{c}:j1", b"request", 60)
+    first = await store.admit(admission("j1"))
+    assert (first.verdict, first.fetched) == ("ok", b"request")
+    assert await store.get("used:{c}:j1") == b"stream"  # marked used by its path
+    assert await store.bounded_members("slots:{c}:company", T) == ["j1"]
+    assert await store.bounded_members("slots:{c}:user", T) == ["j1"]
+    # The same path again is a reconnect; another path is a second use. Neither
+    # takes anything.
+    assert (await store.admit(admission("j1"))).verdict == "reconnect"
+    assert (await store.admit(admission("j1", path="completions"))).verdict == "used"
+    await store.release_slots(SlotRelease(["slots:{c}:company", "slots:{c}:user"], "j1"))
+    bare = await store.admit(admission("j0"))  # no stash stored: nothing fetched
+    assert (bare.verdict, bare.fetched) == ("ok", None)
+
+
+async def test_admission_refuses_revoked_and_full(backend: Backend) -> None:
+    store = backend.store
+    assert (await store.admit(admission("j1"))).verdict == "ok"
+    full = await store.admit(admission("j2"))
+    assert (full.verdict, full.full_index) == ("full", 1)  # the user's slot (limit 1)
+    # All or none: the company's set did not take j2, and j2 is not marked used.
+    assert await store.bounded_members("slots:{c}:company", T) == ["j1"]
+    assert await store.get("used:{c}:j2") is None
+    await store.set("rev:{c}:user", b"1", 60)  # the user's tokens are revoked
+    assert (await store.admit(admission("j2"))).verdict == "revoked"
+    assert (await store.admit(admission("j1"))).verdict == "revoked"  # before reconnect
+    await store.delete("rev:{c}:user")
+    await store.set("rev:{c}:j2", b"1", 60)  # just this token
+    assert (await store.admit(admission("j2"))).verdict == "revoked"
+    assert (await store.admit(admission("j1"))).verdict == "reconnect"
+
+
+async def test_slots_come_back_by_release_report_or_expiry(backend: Backend) -> None:
+    store = backend.store
+    limits = (1, 1)
+    assert (await store.admit(admission("j1", limits=limits))).verdict == "ok"
+    assert (await store.admit(admission("j2", limits=limits))).verdict == "full"
+    await store.release_slots(SlotRelease(["slots:{c}:company", "slots:{c}:user"], "j1"))
+    assert (await store.admit(admission("j2", limits=limits))).verdict == "ok"
+    # The usage report gives the slots back in the same step as it is stored.
+    release = SlotRelease(["slots:{c}:company", "slots:{c}:user"], "j2")
+    await store.outbox_put("usage_j2", b"report", T, release=release)
+    assert await store.bounded_members("slots:{c}:company", T) == []
+    assert (await store.admit(admission("j3", limits=limits))).verdict == "ok"
+    # A crashed edge's slots expire: j3 holds them until T + 60.
+    late = dataclasses.replace(admission("j4", limits=limits), now=T + 60)
+    assert (await store.admit(late)).verdict == "ok"
+
+
+# --- outbox -----------------------------------------------------------------------
+async def test_the_outbox_claims_due_items_in_due_order_under_a_lease(backend: Backend) -> None:
+    store = backend.store
+    for item, due in (("c", T + 3), ("a", T + 2), ("b", T + 1), ("later", T + 100)):
+        await store.outbox_put(item, f"payload {item}".encode(), due)
+    assert await store.outbox_size() == 4
+    assert await store.outbox_claim(T, 10, 10) == []  # nothing due yet
+    assert await store.outbox_claim(T + 5, 10, 2) == ["b", "a"]  # earliest first, capped
+    assert await store.outbox_claim(T + 5, 10, 10) == ["c"]  # the leased ones are hidden
+    assert await store.outbox_claim(T + 5, 10, 10) == []
+    assert await store.outbox_get("a") == b"payload a"
+    assert await store.outbox_get("missing") is None
+    # Leases ran out (all at T + 15): claimable again, ties in id order.
+    assert await store.outbox_claim(T + 15, 10, 10) == ["a", "b", "c"]
+    assert await store.outbox_size() == 4  # claiming is not acknowledging
+
+
+async def test_the_outbox_reschedules_and_forgets_acknowledged_items(backend: Backend) -> None:
+    store = backend.store
+    await store.outbox_put("x", b"v1", T)
+    await store.outbox_put("y", b"y", T)
+    assert await store.outbox_claim(T, 30, 10) == ["x", "y"]
+    await store.outbox_reschedule("x", b"v2", T + 5)  # a failed delivery, retried later
+    assert await store.outbox_claim(T + 4, 30, 10) == []
+    assert await store.outbox_claim(T + 5, 30, 10) == ["x"]
+    assert await store.outbox_get("x") == b"v2"
+    await store.outbox_ack(["x", "unknown"])
+    await store.outbox_ack([])
+    assert await store.outbox_size() == 1
+    assert await store.outbox_get("x") is None
+    # Acknowledged meanwhile (another edge delivered it after the lease ran out):
+    # it stays gone, payload included.
+    await store.outbox_reschedule("x", b"v3", T)
+    assert await store.outbox_get("x") is None
+    assert await store.outbox_claim(T + 100, 30, 10) == ["y"]
+    assert await store.outbox_size() == 1
+
+
+async def test_dead_letters_are_kept_listed_and_taken_once(backend: Backend) -> None:
+    store = backend.store
+    assert await store.dead_letters(10) == []
+    await store.dead_letter_put("d1", b"one")
+    await store.dead_letter_put("d2", b"two")
+    assert sorted(await store.dead_letters(10)) == [("d1", b"one"), ("d2", b"two")]
+    assert len(await store.dead_letters(1)) == 1
+    assert await store.dead_letter_take("d1") == b"one"
+    assert await store.dead_letter_take("d1") is None
+    assert await store.dead_letters(10) == [("d2", b"two")]
+    assert await store.outbox_size() == 0  # dead letters are not pending deliveries
+
+
+# --- resume log -------------------------------------------------------------------
+async def test_a_log_appends_ranges_and_expires(backend: Backend) -> None:
+    store = backend.store
+    assert await store.log_range("events:none", 0) == []
+    assert await store.log_append("events:j", [b"e0", b"e1"], 60) == 2
+    assert await store.log_append("events:j", [b"e2"], 60) == 3
+    assert await store.log_range("events:j", 0) == [b"e0", b"e1", b"e2"]
+    assert await store.log_range("events:j", 2) == [b"e2"]
+    assert await store.log_range("events:j", 3) == []
+    assert await store.log_append("events:brief", [b"x"], SHORT) == 1
+    assert await store.log_append("events:cut", [b"x"], 60) == 1
+    assert await store.log_append("events:cut", [b"y"], SHORT) == 2  # the last TTL holds
+    await backend.elapse(SHORT)
+    assert await store.log_range("events:brief", 0) == []
+    assert await store.log_range("events:cut", 0) == []
+    assert await store.log_append("events:brief", [b"y"], 60) == 1  # a new log
+    assert await store.log_range("events:j", 1) == [b"e1", b"e2"]
+
+
+async def test_a_live_store_answers_ping(backend: Backend) -> None:
+    assert await backend.store.ping()
+
+
+# --- the factory --------------------------------------------------------------------
+async def test_the_factory_picks_the_backend_from_the_url() -> None:
+    memory = open_store(None)
+    assert isinstance(memory, MemoryStore)
+    with fresh_redis_prefix() as prefix:
+        single = open_store(REDIS_URL, prefix=prefix)
+        try:
+            assert isinstance(single, RedisStore) and not single.is_cluster
+            assert await single.ping()
+        finally:
+            await single.close()
+
+
+def test_the_protocols_import_no_backend() -> None:
+    # The backends import shared/store.py; it importing them back was a cycle.
+    tree = ast.parse(Path(inspect.getfile(shared.store)).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("shared")}, imported
