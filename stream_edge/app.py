@@ -35,6 +35,7 @@ from stream_edge.revocation_watch import watch_revocations
 from stream_edge.settings import EdgeSettings
 from stream_edge.spool import Spool
 from stream_edge.state import EdgeState
+from stream_edge.transport import Transport
 from stream_edge.upstream_client import RetryPolicy
 
 log = logging.getLogger("llmgw.edge")
@@ -47,6 +48,7 @@ def upstream_client(settings: EdgeSettings) -> Http1Client:
     return Http1Client(
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
+        max_per_origin=settings.max_connections_per_origin,
     )
 
 
@@ -58,12 +60,13 @@ def spool_directory(settings: EdgeSettings) -> Path:
     return Path(settings.spool_dir) / hashlib.sha256(where.encode()).hexdigest()[:16]
 
 
-def control_plane_client() -> httpx.AsyncClient:
+def control_plane_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """JWKS fetches: few connections, short timeouts."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=5.0, read=10.0, write=10.0, pool=10.0),
         limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         follow_redirects=False,
+        transport=transport,
     )
 
 
@@ -81,7 +84,17 @@ async def drain(state: EdgeState) -> None:
         log.info("ended %d streams still running after the drain", len(state.active))
 
 
-def create_app(settings: EdgeSettings, store: Store | None = None) -> Starlette:
+def create_app(
+    settings: EdgeSettings,
+    store: Store | None = None,
+    *,
+    transport: Transport | None = None,
+    jwks_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """`transport`: what the edge sends its backend requests, usage webhooks and
+    control-plane calls through, owned by the caller (tests: one routing each origin
+    to an app in-process); by default its own lean clients. `jwks_transport`: the
+    same for the JWKS fetch, which goes through httpx."""
     # The `upr` claim's keys (DESIGN §11): refuse to start without them.
     route_cipher = route_ciphers_from_keys(settings.route_cipher_keys())
 
@@ -93,13 +106,13 @@ def create_app(settings: EdgeSettings, store: Store | None = None) -> Starlette:
             if store is not None
             else open_store(settings.redis_url, prefix=settings.redis_prefix)
         )
-        client = upstream_client(settings)
-        cp_client = control_plane_client()
+        client = transport or upstream_client(settings)
+        cp_client = control_plane_client(jwks_transport)
         metrics = EdgeMetrics()
         jwks = JWKSCache(cp_client, f"{settings.control_plane_url}/.well-known/jwks.json")
         # Webhooks go through the lean client too: one POST per stream is hot-path
         # work; the rare JWKS fetch keeps httpx.
-        webhook_client = Http1Client(connect_timeout=5.0, read_timeout=10.0)
+        webhook_client = transport or Http1Client(connect_timeout=5.0, read_timeout=10.0)
         outbox = Outbox(
             active_store,
             webhook_client,
@@ -122,7 +135,7 @@ def create_app(settings: EdgeSettings, store: Store | None = None) -> Starlette:
             breakers=Breakers(settings.breaker_failures, settings.breaker_reset_seconds),
             retry=RetryPolicy(retries=settings.upstream_retries),
             route_cipher=route_cipher,
-            control_plane=ControlPlaneLink.of(settings),
+            control_plane=ControlPlaneLink.of(settings, transport),
         )
         app.state.edge = state
         app.state.on_sigterm = lambda: drain(state)
@@ -143,8 +156,9 @@ def create_app(settings: EdgeSettings, store: Store | None = None) -> Starlette:
             else:
                 if pending:
                     log.warning("%d usage events left in the outbox for the next start", pending)
-            await client.aclose()
-            await webhook_client.aclose()
+            if transport is None:
+                await client.aclose()
+                await webhook_client.aclose()
             await jwks.aclose()
             if state.control_plane is not None:
                 await state.control_plane.aclose()

@@ -3,15 +3,13 @@ by the backend's adapter and accounted on its meter."""
 
 from __future__ import annotations
 
-import httpx
-
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
-from stream_edge.http1 import Http1Response
+from stream_edge.transport import Response, TransportError
 from stream_edge.upstream.base import Completion
 
 
-async def read_completion(response: Http1Response, backend: Backend) -> Completion:
+async def read_completion(response: Response, backend: Backend) -> Completion:
     """Raise `UpstreamError` when the answer cannot be read or understood; the
     response is closed either way."""
     adapter = backend.adapter
@@ -19,7 +17,7 @@ async def read_completion(response: Http1Response, backend: Backend) -> Completi
     try:
         body = await response.aread()
         completion = adapter.parse_completion(body)
-    except (httpx.HTTPError, ValueError) as exc:
+    except (TransportError, ValueError) as exc:
         raise UpstreamError("the backend's answer was malformed") from exc
     finally:
         await response.aclose()

@@ -16,12 +16,10 @@ With a fallback left, the edge reads the backend's stream until its first token
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import httpx
+from collections.abc import AsyncIterator, Mapping
 
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
-from stream_edge.http1 import Http1Response
+from stream_edge.transport import Response, TransportError
 from stream_edge.upstream.base import Delta, Failure, Finish, StreamParser, ToolCallDelta
 
 
@@ -36,14 +34,15 @@ def falls_back(exc: EdgeError) -> bool:
     return status is None or status >= 500 or status == 408
 
 
-class Prefetched(Http1Response):
+class Prefetched:
     """A response whose first chunks were already read: they come first, then the rest."""
 
-    def __init__(self, inner: Http1Response, head: list[bytes]) -> None:
+    def __init__(self, inner: Response, head: list[bytes]) -> None:
         self.status_code = inner.status_code
-        self.headers = inner.headers
+        self.headers: Mapping[str, str] = inner.headers
         self._inner = inner
         self._head = head
+        self._rest = inner.aiter_raw()
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         return self
@@ -54,7 +53,7 @@ class Prefetched(Http1Response):
     async def __anext__(self) -> bytes:
         if self._head:
             return self._head.pop(0)
-        return await self._inner.__anext__()
+        return await self._rest.__anext__()
 
     async def aread(self) -> bytes:
         head, self._head = b"".join(self._head), []
@@ -67,9 +66,7 @@ class Prefetched(Http1Response):
 NO_FIRST_TOKEN = "the backend sent no first token in time"
 
 
-async def await_first_token(
-    response: Http1Response, parser: StreamParser, timeout: float
-) -> Prefetched:
+async def await_first_token(response: Response, parser: StreamParser, timeout: float) -> Prefetched:
     """Read until the first token (or the answer's end); raise UpstreamError — closing
     the response — when none comes within `timeout`, the stream breaks or the backend
     reports an error first. `parser` is a throwaway: the relay re-parses the chunks."""
@@ -89,7 +86,7 @@ async def await_first_token(
     except TimeoutError:
         await response.aclose()
         raise UpstreamError(NO_FIRST_TOKEN, code="upstream_timeout", status=504) from None
-    except httpx.HTTPError:
+    except TransportError:
         await response.aclose()
         raise UpstreamError("the backend's stream broke off") from None
     except UpstreamError:

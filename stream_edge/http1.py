@@ -6,15 +6,16 @@ connection state, h11's pure-Python parser and anyio's stream wrappers.
 `python -m bench.http1_bench` (2000 sequential streams of 32 tokens from `mock-llm` on
 loopback; a 2-vCPU VM; medians of 4 alternating rounds) measured, per stream:
 
-    uvloop:   httpx.AsyncClient 3570 µs CPU, 4.2 ms to first byte
+    uvloop:   t.AsyncClient 3570 µs CPU, 4.2 ms to first byte
               Http1Client        720 µs CPU, 1.5 ms to first byte   (5.0x less CPU)
-    asyncio:  httpx.AsyncClient 3580 µs CPU, 4.3 ms to first byte
+    asyncio:  t.AsyncClient 3580 µs CPU, 4.3 ms to first byte
               Http1Client        750 µs CPU, 1.7 ms to first byte   (4.8x less CPU)
 
 This client does what the edge needs and nothing else: an asyncio Protocol per
 connection, uvicorn's C parser (`httptools`), a per-origin LIFO of idle keep-alive
 connections checked lazily, and a body iterator that awaits only when nothing is
-buffered. Errors are httpx's exception classes, so the edge's error mapping is unchanged.
+buffered. It is the edge's production `stream_edge.transport.Transport`, and raises that
+module's exceptions. The connection itself (the Protocol) is in http1_connection.py.
 
 Not supported (the edge does not need them): HTTP/2, proxies, redirects, cookies,
 decompression (we ask for `identity`), streamed request bodies, `HEAD`, upgrades.
@@ -23,209 +24,19 @@ decompression (we ask for `identity`), streamed request bodies, `HEAD`, upgrades
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import lru_cache
-from typing import cast
 from urllib.parse import urlsplit
 
-import httptools
-import httpx
+from stream_edge import transport as t
+from stream_edge.http1_connection import LOW_WATER, Connection, Headers, Origin
+from stream_edge.transport import RequestHeaders
 
-# Unconsumed body bytes above which the socket stops being read, so a slow consumer
-# pushes back on the backend through TCP instead of growing our memory.
-HIGH_WATER = 64 * 1024
-LOW_WATER = 16 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
-
-Origin = tuple[str, str, int]
-RequestHeaders = Mapping[str, str] | list[tuple[str, str]]
-
-
-class Headers(Mapping[str, str]):
-    """Response headers: read-only, case-insensitive; repeated fields joined by ", "."""
-
-    __slots__ = ("_fields", "raw")
-
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
-        self.raw = raw
-        fields: dict[str, str] = {}
-        for name, value in raw:
-            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-            fields[key] = f"{fields[key]}, {text}" if key in fields else text
-        self._fields = fields
-
-    def __getitem__(self, key: str) -> str:
-        return self._fields[key.lower()]
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._fields
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-
-class _Conn(asyncio.Protocol):
-    """One connection: its parser, the body buffer and the one pending waiter. Callbacks
-    record `error` and wake the waiter rather than fail a future, so an error nobody
-    awaits is never reported as "never retrieved"."""
-
-    transport: asyncio.Transport
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin, timeout: float) -> None:
-        self.loop, self.origin, self.read_timeout = loop, origin, timeout
-        self.parser = httptools.HttpResponseParser(self)
-        self.chunks: deque[bytes] = deque()
-        self.parts: list[bytes] = []  # body pieces of the read being parsed
-        self.buffered = 0
-        self.waiter: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.started = self.idle_since = 0.0
-        self.busy = self.lost = self.paused = self.write_paused = self.interim = False
-        self.reset()
-
-    def reset(self) -> None:
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.status = 0
-        self.headers_done = self.complete = self.got_bytes = False
-        self.keep = True
-        self.error: httpx.TransportError | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.busy or self.complete:
-            # Bytes nobody asked for (an idle connection talking, or trailing data):
-            # the connection can no longer be trusted to frame another response.
-            self.close()
-            return
-        self.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if not self.complete:
-                self.error = httpx.RemoteProtocolError(f"malformed response: {exc}")
-            self.close()
-        parts = self.parts
-        if parts:
-            # One item per network read, even when a read held several chunks.
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            parts.clear()
-            self.chunks.append(data)
-            self.buffered += len(data)
-            if self.buffered > HIGH_WATER and not self.paused and not self.lost:
-                self.paused = True
-                self.transport.pause_reading()
-        self.wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.keep = True, False
-        if self.busy and not self.complete and self.error is None:
-            if self.write_paused:
-                self.error = httpx.WriteError(f"connection lost while sending: {exc!r}")
-            elif exc is not None:
-                self.error = httpx.ReadError(f"connection lost: {exc!r}")
-            elif self.headers_done and self._until_eof():
-                self.complete = True
-            elif self.got_bytes:
-                self.error = httpx.RemoteProtocolError("server closed the connection mid-response")
-            else:
-                self.error = httpx.RemoteProtocolError("server disconnected without a response")
-        self.cancel_timer()
-        self.wake()
-
-    def _until_eof(self) -> bool:
-        """A body with neither length nor chunking ends when the server closes."""
-        return self.status not in (204, 304) and not any(
-            name.lower() in (b"content-length", b"transfer-encoding")
-            for name, _ in self.raw_headers
-        )
-
-    # The waiter doubles as the drain future (as in asyncio.streams' FlowControlMixin):
-    # a request is written whole and its headers awaited next, so one wait covers both.
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.wake()
-
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        if self.complete:
-            raise RuntimeError("data after the end of the response")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self.parser
-        status = parser.get_status_code()
-        if status < 200:  # an interim answer (103 Early Hints): the final one follows
-            self.interim, self.raw_headers = True, []
-            return
-        self.status, self.headers_done = status, True
-        # should_keep_alive() is False for `Connection: close` and EOF-framed bodies.
-        self.keep = parser.should_keep_alive() and parser.get_http_version() == "1.1"
-
-    def on_body(self, body: bytes) -> None:
-        self.parts.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-        else:
-            self.complete = True
-
-    # used by the client and the response
-    def wait(self) -> asyncio.Future[None]:
-        self.waiter = waiter = self.loop.create_future()
-        self.started = self.loop.time()
-        # One timer re-armed lazily from `started`, rather than one per wait: a stream
-        # of many small reads then costs a timer per read_timeout, not per read.
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.started + self.read_timeout, self._on_timer)
-        return waiter
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        if self.waiter is None or self.waiter.done():
-            return
-        deadline = self.started + self.read_timeout
-        if self.loop.time() < deadline:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
-            return
-        if self.write_paused:  # the server is not even reading the request
-            self.error = httpx.WriteTimeout(f"request not drained in {self.read_timeout} s")
-        else:
-            self.error = httpx.ReadTimeout(f"no data from the server for {self.read_timeout} s")
-        self.wake()
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def close(self) -> None:
-        # abort(), not close(): a backend generating tokens for a client that left must
-        # see the connection go now, not after a TLS close_notify exchange.
-        self.keep, self.lost = False, True
-        self.cancel_timer()
-        self.transport.abort()
 
 
 class Http1Response:
@@ -236,11 +47,11 @@ class Http1Response:
 
     __slots__ = ("_client", "_conn", "headers", "status_code")
 
-    def __init__(self, client: Http1Client, conn: _Conn) -> None:
+    def __init__(self, client: Http1Client, conn: Connection) -> None:
         self.status_code = conn.status
         self.headers = Headers(conn.raw_headers)
         self._client = client
-        self._conn: _Conn | None = conn
+        self._conn: Connection | None = conn
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         return self
@@ -291,22 +102,37 @@ class Http1Response:
 
 
 class Http1Client:
-    """HTTP/1.1 over keep-alive connections, pooled per (scheme, host, port)."""
+    """HTTP/1.1 over keep-alive connections, pooled per (scheme, host, port).
+
+    At most `max_per_origin` connections (busy or idle) are open to one origin: a
+    request finding them all busy waits for one to come back or close, for no longer
+    than the connect timeout, then fails with `PoolTimeout`. So a burst of streams
+    cannot open more sockets to a backend than it was sized for."""
 
     def __init__(
         self,
         *,
         connect_timeout: float,
         read_timeout: float,
+        max_per_origin: int = 1000,
         max_idle_per_origin: int = 256,
         idle_seconds: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if max_per_origin < 1:
+            raise ValueError("max_per_origin must be at least 1")
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        self._max_open = max_per_origin
         self._max_idle, self._idle_seconds = max_idle_per_origin, idle_seconds
         self._ssl = ssl_context
-        self._idle: dict[Origin, deque[_Conn]] = {}
+        self._idle: dict[Origin, deque[Connection]] = {}
+        self._open: dict[Origin, int] = {}  # connections counted against the cap
+        self._waiters: dict[Origin, deque[asyncio.Future[None]]] = {}
         self._closed = False
+
+    def open_connections(self, origin_url: str) -> int:
+        """Connections open (or opening) to the origin of `origin_url`."""
+        return self._open.get(_parse_url(origin_url)[0], 0)
 
     async def send(
         self,
@@ -326,13 +152,13 @@ class Http1Client:
         if conn is not None:
             try:
                 return await self._exchange(conn, request)
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            except (t.ReadError, t.WriteError, t.RemoteProtocolError):
                 # The keep-alive race: the server closed this idle connection just as
                 # we reused it. With no byte of an answer the request was not served,
                 # so one retry on a fresh connection is safe (httpcore does the same).
                 if conn.got_bytes:
                     raise
-        return await self._exchange(await self._connect(origin), request)
+        return await self._exchange(await self._acquire(origin), request)
 
     async def aclose(self) -> None:
         """Close every pooled connection; responses still open close on their own."""
@@ -342,10 +168,64 @@ class Http1Client:
                 stack.pop().close()
         self._idle.clear()
 
-    async def _connect(self, origin: Origin) -> _Conn:
+    async def _acquire(self, origin: Origin) -> Connection:
+        """An idle connection, else a new one if the origin is under its cap, else
+        whichever of the two comes first, waiting at most the connect timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        while True:
+            conn = self._checkout(origin)
+            if conn is not None:
+                return conn
+            if self._open.get(origin, 0) < self._max_open:
+                return await self._connect(origin)
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(origin, deque())
+            waiters.append(waiter)
+            woken = False
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+                woken = True
+            except TimeoutError:
+                _, host, port = origin
+                raise t.PoolTimeout(
+                    f"all {self._max_open} connections to {host}:{port} stayed busy for "
+                    f"{self._connect_timeout} s"
+                ) from None
+            finally:
+                if not woken and waiter.done() and not waiter.cancelled():
+                    # Woken, but leaving (timed out or cancelled): pass the turn on.
+                    self._wake(origin)
+                elif not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+
+    def _wake(self, origin: Origin) -> None:
+        """A connection came back or closed: the longest waiter may try again."""
+        waiters = self._waiters.get(origin)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _gone(self, conn: Connection) -> None:
+        origin = conn.origin
+        left = self._open.get(origin, 0) - 1
+        if left > 0:
+            self._open[origin] = left
+        else:
+            self._open.pop(origin, None)
+        self._wake(origin)
+
+    async def _connect(self, origin: Origin) -> Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
-        conn = _Conn(loop, origin, self._read_timeout)
+        conn = Connection(loop, origin, self._read_timeout, on_gone=self._gone)
+        # Counted from now: a connection being opened holds its place under the cap.
+        self._open[origin] = self._open.get(origin, 0) + 1
         context = None
         if scheme == "https":
             if self._ssl is None:
@@ -358,12 +238,17 @@ class Http1Client:
                     lambda: conn, host, port, ssl=context, server_hostname=host if context else None
                 )
         except TimeoutError as exc:  # before OSError: TimeoutError is one
-            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+            conn.gone()
+            raise t.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
         except OSError as exc:  # refused, DNS, reset, TLS verification
-            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+            conn.gone()
+            raise t.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        except BaseException:
+            conn.gone()
+            raise
         return conn
 
-    async def _exchange(self, conn: _Conn, request: bytes) -> Http1Response:
+    async def _exchange(self, conn: Connection, request: bytes) -> Http1Response:
         conn.reset()
         conn.busy = True
         try:
@@ -379,7 +264,7 @@ class Http1Client:
             raise
         return Http1Response(self, conn)
 
-    def _checkout(self, origin: Origin) -> _Conn | None:
+    def _checkout(self, origin: Origin) -> Connection | None:
         stack = self._idle.get(origin)
         if not stack:
             return None
@@ -391,7 +276,7 @@ class Http1Client:
             conn.close()
         return None
 
-    def _release(self, conn: _Conn) -> None:
+    def _release(self, conn: Connection) -> None:
         conn.busy = False
         conn.cancel_timer()
         conn.chunks.clear()
@@ -407,6 +292,7 @@ class Http1Client:
             stack.popleft().close()  # the oldest is the likeliest to be closed by the server
         conn.idle_since = conn.loop.time()
         stack.append(conn)
+        self._wake(conn.origin)
 
 
 @lru_cache(maxsize=256)
@@ -415,13 +301,13 @@ def _parse_url(url: str) -> tuple[Origin, str, str]:
     parts = urlsplit(url)
     default = _DEFAULT_PORTS.get(parts.scheme)
     if default is None:
-        raise httpx.UnsupportedProtocol(f"unsupported URL scheme in {url!r}")
+        raise t.UnsupportedProtocol(f"unsupported URL scheme in {url!r}")
     try:
         host, port = parts.hostname, parts.port or default
     except ValueError as exc:
-        raise httpx.InvalidURL(f"invalid port in {url!r}") from exc
+        raise t.InvalidURL(f"invalid port in {url!r}") from exc
     if not host:
-        raise httpx.InvalidURL(f"no host in {url!r}")
+        raise t.InvalidURL(f"no host in {url!r}")
     authority = f"[{host}]" if ":" in host else host
     if port != default:
         authority = f"{authority}:{port}"
@@ -447,5 +333,5 @@ def _encode(method: str, target: str, host: str, headers: RequestHeaders, body: 
     head = "\r\n".join(lines)
     # A CR or LF inside a name or value would smuggle in a header or a request.
     if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
-        raise httpx.LocalProtocolError("CR or LF in the request line or a header")
+        raise t.LocalProtocolError("CR or LF in the request line or a header")
     return (head + "\r\n\r\n").encode("latin-1") + body

@@ -16,13 +16,13 @@ from shared.tokens import StreamGrant
 from stream_edge.attempts import Attempt, Backend
 from stream_edge.completion import read_completion
 from stream_edge.errors import EdgeError, UpstreamError
-from stream_edge.http1 import Http1Response
 from stream_edge.opening import Opener
 from stream_edge.pump import Pump
 from stream_edge.relay import RelayResult
 from stream_edge.reporter import Reporter
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit
+from stream_edge.transport import Response
 from stream_edge.upstream.base import Completion, UpstreamEvent
 from stream_edge.usage_report import webhook_status
 
@@ -53,7 +53,7 @@ class StreamJob:
     def backend(self) -> Backend:
         return self._opener.backend
 
-    async def open(self, stream: bool) -> Http1Response:
+    async def open(self, stream: bool) -> Response:
         """Connect to the backend (or a fallback); on a final failure report the
         stream as failed and re-raise."""
         self._reporter.started()
@@ -68,13 +68,13 @@ class StreamJob:
             raise await self._fail_unexpectedly(exc, "opening the backend stream") from None
 
     async def pump(
-        self, response: Http1Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
+        self, response: Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
     ) -> RelayResult:
         pump = Pump(self.state, self.grant, self.backend, self.accepted_at, write, emit)
         self.result = await pump.run(response)
         return self.result
 
-    async def read_completion(self, response: Http1Response) -> Completion:
+    async def read_completion(self, response: Response) -> Completion:
         try:
             completion = await read_completion(response, self.backend)
         except EdgeError as exc:

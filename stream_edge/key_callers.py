@@ -24,7 +24,6 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import jwt
 import orjson
 from starlette.requests import Request
@@ -42,6 +41,7 @@ from stream_edge.http1 import Http1Client
 from stream_edge.limits import slot_keys
 from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
+from stream_edge.transport import Transport, TransportError
 
 log = logging.getLogger("llmgw.edge.keys")
 
@@ -141,17 +141,25 @@ class ControlPlaneLink:
     """Signed calls to the control plane's internal endpoints: one pooled lean
     client (a short connect; an init may queue behind the database for a while)."""
 
-    def __init__(self, client: Http1Client, base_url: str, secret: str) -> None:
+    def __init__(
+        self, client: Transport, base_url: str, secret: str, *, owns_client: bool = True
+    ) -> None:
         self._client = client
         self._base_url = base_url
         self._secret = secret
+        self._owns_client = owns_client
 
     @classmethod
-    def of(cls, settings: EdgeSettings) -> ControlPlaneLink | None:
+    def of(cls, settings: EdgeSettings, client: Transport | None = None) -> ControlPlaneLink | None:
+        """`client`: a transport its caller owns (tests: an in-process one); else the
+        link opens and closes its own pooled lean client."""
         if not settings.edge_service_secrets:
             return None
+        secret = settings.edge_service_secrets[0].reveal()
+        if client is not None:
+            return cls(client, settings.control_plane_url, secret, owns_client=False)
         client = Http1Client(connect_timeout=5.0, read_timeout=30.0)
-        return cls(client, settings.control_plane_url, settings.edge_service_secrets[0].reveal())
+        return cls(client, settings.control_plane_url, secret)
 
     async def call(self, path: str, key: str, extra: dict[str, Any]) -> dict[str, Any]:
         """POST `extra` plus the key's hash; the envelope's `data`, or the refusal."""
@@ -166,7 +174,7 @@ class ControlPlaneLink:
                 answer = await response.aread()
             finally:
                 await response.aclose()
-        except (httpx.HTTPError, OSError) as exc:
+        except (TransportError, OSError) as exc:
             log.warning("control plane unreachable: %s", type(exc).__name__)
             raise ServiceUnavailable(
                 "the gateway could not start this request; retry shortly",
@@ -178,7 +186,8 @@ class ControlPlaneLink:
         return data
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()
 
 
 def _link(state: EdgeState) -> ControlPlaneLink:

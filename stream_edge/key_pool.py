@@ -33,13 +33,13 @@ from shared.key_pool import (
 )
 from shared.store import KeyValueStore
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
-from stream_edge.http1 import Http1Response
 from stream_edge.metrics import CUSTOM, EdgeMetrics
+from stream_edge.transport import Response
 
 log = logging.getLogger("llmgw.edge.keys")
 
 # Opens the stream with one key (None: the provider takes none); raises EdgeError.
-OpenWith = Callable[[str | None, bool], Awaitable[Http1Response]]
+OpenWith = Callable[[str | None, bool], Awaitable[Response]]
 
 
 class KeyPool:
@@ -69,7 +69,7 @@ class KeyPool:
     def _key(self, index: int) -> str:
         return state_key(self._scope, self._provider, self._ids[index])
 
-    async def open(self, open_with: OpenWith) -> Http1Response:
+    async def open(self, open_with: OpenWith) -> Response:
         if not self.keys:
             return await open_with(None, True)
         now = self._clock()

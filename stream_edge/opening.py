@@ -12,9 +12,9 @@ from shared.tokens import StreamGrant
 from stream_edge.attempts import Attempt, Backend, upstream_call
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.fallback import await_first_token, falls_back
-from stream_edge.http1 import Http1Response
 from stream_edge.key_pool import KeyPool
 from stream_edge.state import EdgeState
+from stream_edge.transport import Response
 from stream_edge.upstream_client import open_stream
 
 log = logging.getLogger("llmgw.edge.jobs")
@@ -31,7 +31,7 @@ class Opener:
         self.backend = Backend.of(self._attempts[0], state.settings)
         self._first_label = self.backend.model_label
 
-    async def open(self, stream: bool) -> Http1Response:
+    async def open(self, stream: bool) -> Response:
         """Connect to the backend — the chain's next model after a failure that
         `falls_back` — or raise the last attempt's `EdgeError`."""
         metrics = self._state.metrics
@@ -49,7 +49,7 @@ class Opener:
                     raise
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _open_one(self, stream: bool, *, wait_first_token: bool) -> Http1Response:
+    async def _open_one(self, stream: bool, *, wait_first_token: bool) -> Response:
         backend = self.backend
         adapter = backend.adapter
         if adapter is None:
@@ -57,7 +57,7 @@ class Opener:
         state = self._state
         breaker = state.breakers.for_provider(backend.provider.name)
 
-        async def open_with(key: str | None, retry_rate_limited: bool) -> Http1Response:
+        async def open_with(key: str | None, retry_rate_limited: bool) -> Response:
             call = upstream_call(
                 backend.attempt, self._grant, state.settings, stream=stream, key=key
             )

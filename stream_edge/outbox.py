@@ -26,15 +26,14 @@ import logging
 import time
 from typing import Any
 
-import httpx
 import orjson
 
 from shared.retry import Backoff, parse_retry_after
 from shared.store import OutboxStore, SlotRelease
 from shared.webhooks import UsageEvent, sign
-from stream_edge.http1 import Http1Client
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.spool import Spool
+from stream_edge.transport import Transport, TransportError
 
 log = logging.getLogger("llmgw.edge.outbox")
 
@@ -51,7 +50,7 @@ class Outbox:
     def __init__(
         self,
         store: OutboxStore,
-        client: Http1Client,
+        client: Transport,
         url: str,
         secret: str,
         metrics: EdgeMetrics,
@@ -120,7 +119,7 @@ class Outbox:
                     await response.aread()
                 finally:
                     await response.aclose()
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             log.warning("usage webhook %s not delivered: %s", item["id"], type(exc).__name__)
             return
         outcome = "delivered" if 200 <= response.status_code < 300 else "retry"
@@ -231,7 +230,7 @@ class Outbox:
                 await response.aclose()
             status = response.status_code
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             log.warning("usage webhook %s not delivered: %s", item_id, type(exc).__name__)
             status = 0
         if 200 <= status < 300:

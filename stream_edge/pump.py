@@ -12,9 +12,9 @@ import anyio
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Backend
 from stream_edge.checkpoints import Checkpointer
-from stream_edge.http1 import Http1Response
 from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.state import EdgeState
+from stream_edge.transport import Response
 from stream_edge.upstream.base import UpstreamEvent
 
 # The stream's log lines keep the job's logger name: operators filter on it.
@@ -54,7 +54,7 @@ class Pump:
     def first_token(self) -> None:
         self._backend.observe_first_token(self._state.metrics, self._accepted_at)
 
-    async def run(self, response: Http1Response) -> RelayResult:
+    async def run(self, response: Response) -> RelayResult:
         try:
             result = await self._relay(response)
         finally:
@@ -68,7 +68,7 @@ class Pump:
             ).inc()
         return result
 
-    async def _relay(self, response: Http1Response) -> RelayResult:
+    async def _relay(self, response: Response) -> RelayResult:
         adapter = self._backend.adapter
         assert adapter is not None  # opening refused a provider without one
         settings = self._state.settings

@@ -20,11 +20,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
-
-from stream_edge.http1 import Http1Response
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.transport import Response, Timeout, TransportError
 from stream_edge.upstream.base import Delta, Failure, StreamParser, ToolCallDelta, UpstreamEvent
 
 
@@ -65,7 +63,7 @@ class RelaySink(Protocol):
 
 
 async def relay(
-    response: Http1Response,
+    response: Response,
     parser: StreamParser,
     meter: Meter,
     sink: RelaySink,
@@ -124,9 +122,9 @@ async def relay(
         return RelayResult(
             "failed", "upstream_timeout", f"the backend sent no {waiting_for} in time"
         )
-    except httpx.TimeoutException:
+    except Timeout:
         return RelayResult("failed", "upstream_timeout", "the backend stopped sending")
-    except httpx.HTTPError:
+    except TransportError:
         return RelayResult("failed", "upstream_error", "the backend's stream broke off")
     if not parser.done and meter.finish_reason is None:
         return RelayResult("failed", "upstream_error", "the backend's stream ended early")

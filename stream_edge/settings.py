@@ -28,6 +28,10 @@ class EdgeSettings(CommonSettings):
     route_keys: tuple[Secret, ...]
     upstream_connect_timeout: float
     upstream_read_timeout: float
+    # Connections open at once to one backend origin (busy or idle); a stream finding
+    # them all busy waits up to the connect timeout. The default matches
+    # LLMGW_MAX_CONNECTIONS, so a full edge is never held back by it.
+    max_connections_per_origin: int
     first_token_timeout: float
     idle_timeout: float
     upstream_retries: int
@@ -62,6 +66,9 @@ class EdgeSettings(CommonSettings):
             route_keys=route_keys,
             upstream_connect_timeout=env_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=env_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
+            max_connections_per_origin=env_int(
+                env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN", 1000, 1, 1_000_000
+            ),
             first_token_timeout=env_float(env, "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS", 60, 0.1, 3600),
             idle_timeout=env_float(env, "LLMGW_IDLE_TIMEOUT_SECONDS", 60, 0.1, 3600),
             upstream_retries=env_int(env, "LLMGW_UPSTREAM_RETRIES", 2, 0, 10),

@@ -11,11 +11,11 @@ from shared.store import Store
 from shared.tokens import StreamGrant
 from stream_edge.breaker import Breakers
 from stream_edge.grants import GrantVerifier
-from stream_edge.http1 import Http1Client
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.settings import EdgeSettings
+from stream_edge.transport import Transport
 from stream_edge.upstream_client import RetryPolicy
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class RunningStream(Protocol):
 class EdgeState:
     settings: EdgeSettings
     store: Store
-    client: Http1Client
+    client: Transport
     grants: GrantVerifier
     outbox: Outbox
     metrics: EdgeMetrics

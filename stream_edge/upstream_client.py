@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
-import httpx
 
 from shared.retry import Backoff, parse_retry_after
 from stream_edge.breaker import CircuitBreaker
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
-from stream_edge.http1 import Http1Client, Http1Response
+from stream_edge.transport import (
+    ConnectTimeout,
+    InvalidURL,
+    PoolTimeout,
+    Response,
+    Timeout,
+    Transport,
+    TransportError,
+)
 from stream_edge.upstream.base import HttpRequest
 
 log = logging.getLogger("llmgw.edge.upstream")
@@ -55,17 +61,19 @@ MAX_RETRY_AFTER_SECONDS = 5.0
 class RetryPolicy:
     retries: int = 2
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.2, cap=2.0))
+    # How a backoff is waited out: tests pass one that records it instead.
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 async def open_stream(
-    client: Http1Client,
+    client: Transport,
     request: HttpRequest,
     *,
     breaker: CircuitBreaker | None = None,
     policy: RetryPolicy | None = None,
     error_status: Callable[[int, bytes], int] | None = None,
     retry_rate_limited: bool = True,
-) -> Http1Response:
+) -> Response:
     """Send `request` and return the streaming response once its headers are in.
 
     Retries only before the first byte — connection failures and 429/502/503/504 —
@@ -86,43 +94,51 @@ async def open_stream(
             if breaker is not None:
                 breaker.record_abandoned()
             raise
-        if isinstance(error, Http1Response):
+        if not isinstance(error, EdgeError):
             return error
         attempt += 1
         if isinstance(error, TooManyRequests) and not retry_rate_limited:
             raise error
         if retry_after is None or attempt > policy.retries or retry_after > MAX_RETRY_AFTER_SECONDS:
             raise error
-        await asyncio.sleep(policy.backoff.delay(attempt, retry_after or None))
+        await policy.sleep(policy.backoff.delay(attempt, retry_after or None))
 
 
 async def _attempt(
-    client: Http1Client,
+    client: Transport,
     request: HttpRequest,
     breaker: CircuitBreaker | None,
     error_status: Callable[[int, bytes], int] | None,
-) -> tuple[Http1Response | EdgeError, float | None]:
+) -> tuple[Response | EdgeError, float | None]:
     """One try: the response, or (error, retry-after seconds or None if not retryable)."""
     try:
         response = await client.send("POST", request.url, request.headers, request.body)
-    except httpx.ConnectTimeout:
+    except InvalidURL:
+        raise  # the provider's configured URL, not the backend, is broken
+    except PoolTimeout:
+        # Our own cap on connections to this backend, not the backend failing: no
+        # breaker failure, and no retry after a whole connect timeout of waiting.
+        log.warning("no free connection to the backend")
+        return UpstreamError(
+            "the backend could not be reached in time", code="upstream_timeout", status=504
+        ), None
+    except ConnectTimeout:
         _failed(breaker)
         return UpstreamError(
             "the backend could not be reached in time", code="upstream_timeout", status=504
         ), 0.0
-    except httpx.TimeoutException:
+    except Timeout:
         _failed(breaker)
         return UpstreamError(
             "the backend did not answer in time", code="upstream_timeout", status=504
         ), None
-    except httpx.HTTPError as exc:
+    except TransportError as exc:
         log.warning("upstream connection failed: %s", type(exc).__name__)
         _failed(breaker)
         # No response headers yet: a reset or a half-closed keep-alive connection is
         # retried like a refused connect (as the vendors' own clients do); a response
         # that has begun is never retried (see relay).
-        retry = 0.0 if isinstance(exc, httpx.TransportError) else None
-        return UpstreamError("the backend could not be reached"), retry
+        return UpstreamError("the backend could not be reached"), 0.0
     status = response.status_code
     if status < 300:
         if breaker is not None:
@@ -131,7 +147,7 @@ async def _attempt(
     body = b""
     try:
         body = await response.aread()  # vendor error bodies are small
-    except httpx.HTTPError:
+    except TransportError:
         pass
     finally:
         await response.aclose()

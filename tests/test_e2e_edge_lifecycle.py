@@ -1,11 +1,12 @@
-"""The edge under what networks and backends do: clients leaving, backends dropping,
-stalling and failing, idle pings, shared limits and resuming across two edge
-processes (PostgreSQL + Redis, real sockets)."""
+"""The edge on real sockets and real services (PostgreSQL + Redis): a client leaving
+cancels the backend, limits and resuming hold across two edges sharing Redis, and a
+stream nobody reconnects to is cancelled after the grace. The rest of the edge's
+lifecycle (backend failures, stalls, pings, retries, the breaker, superseding) runs
+in-process in test_edge_lifecycle.py."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -78,80 +79,6 @@ def test_client_disconnect_cancels_the_backend_within_a_second(split: SplitStack
     assert len(got) - 1 <= record["output_tokens"] < 300  # the role chunk carries no token
 
 
-def test_idle_streams_get_ping_comments(split: SplitStack) -> None:
-    c = split.client
-    token = user(split)
-    grant = c.init_ok(token, {"query": "slow start [[mock tokens=2 first_ms=700]]"})
-    with httpx.stream("GET", grant["stream_url"]) as r:
-        raw = r.read()
-    assert raw.startswith(b"retry: 1000\n\n: ping\n\n")
-    assert b"event: complete" in raw
-
-
-@pytest.mark.parametrize(
-    ("directive", "code", "billed_output"),
-    [
-        ("[[mock tokens=20 drop_after=5]]", "upstream_error", 5),  # connection dropped
-        ("[[mock tokens=3 first_ms=3000]]", "upstream_timeout", 0),  # no first token
-        ("[[mock tokens=3 delay_ms=2500]]", "upstream_timeout", 1),  # stalls after one
-    ],
-    ids=["drop", "first-token-stall", "idle-stall"],
-)
-def test_backend_failures_end_with_an_error_event_and_a_failed_report(
-    split: SplitStack, directive: str, code: str, billed_output: int
-) -> None:
-    c = split.client
-    token = user(split)
-    grant = c.init_ok(token, {"query": f"trouble {directive}"})
-    with httpx.stream("GET", grant["stream_url"], timeout=10) as r:
-        events = events_of(r)
-    assert events[-1].event == "error"
-    assert data(events[-1])["code"] == code
-    assert len([e for e in events if e.event == "chunk"]) == billed_output
-    record = c.wait_usage(token, grant["reservation_id"])
-    assert (record["status"], record["output_tokens"]) == ("failed", billed_output)
-    if billed_output == 0:
-        assert record["cost"] == "0.000000"  # nothing generated, nothing billed
-
-
-def test_backend_errors_before_streaming_are_openai_shaped_and_release_the_hold(
-    split: SplitStack,
-) -> None:
-    c = split.client
-    token = user(split)
-    for directive, status, code in (
-        ("[[mock fail=500]]", 502, "upstream_error"),
-        ("[[mock fail=401]]", 502, "upstream_auth"),
-    ):
-        grant = c.init_ok(token, {"query": f"x {directive}"})
-        response = c.http.get(grant["stream_url"])
-        assert response.status_code == status
-        assert response.json()["error"]["code"] == code
-        assert "mock" not in response.text.lower()  # no vendor body leaks
-        record = c.wait_usage(token, grant["reservation_id"])
-        assert record["status"] == "failed" and record["cost"] == "0.000000"
-    assert c.credits(token)["held"] == "0.000000"
-
-
-def test_circuit_breaker_fails_fast_after_repeated_backend_failures(split: SplitStack) -> None:
-    c = split.client
-    token = user(split)
-    split.stop("edge")
-    split.start("edge")  # a fresh breaker
-    try:
-        for _ in range(3):
-            grant = c.init_ok(token, {"query": "down [[mock fail=503]]"})
-            assert c.http.get(grant["stream_url"]).status_code == 502
-        before = c.mock_stats()["requests"]
-        grant = c.init_ok(token, {"query": "healthy again [[mock tokens=2]]"})
-        response = c.http.get(grant["stream_url"])
-        assert response.status_code == 502  # failed fast: the circuit is open
-        assert c.mock_stats()["requests"] == before
-    finally:
-        split.stop("edge")
-        split.start("edge")
-
-
 def test_stream_limits_hold_across_two_edges(split: SplitStack) -> None:
     c = split.client
     token = user(split)
@@ -221,74 +148,10 @@ def test_no_reconnect_within_the_grace_cancels_and_bills_what_was_generated(
     grant = c.init_ok(token, {"query": "abandon [[mock tokens=400 delay_ms=20]]"})
     with httpx.stream("GET", grant["stream_url"]) as r:
         events_of(r, stop_after=3)
-    time.sleep(1.0)
-    assert c.mock_stats()["cancelled"] == cancelled_before  # still going: within grace
     record = c.wait_usage(token, grant["reservation_id"], timeout=15)
     assert record["status"] == "cancelled"
-    assert 3 <= record["output_tokens"] < 400
+    # The backend went on after the client left (within the 2 s grace, at 20 ms a
+    # token): far more was generated, and billed, than the 3 events read. Cut at the
+    # disconnect, it would be 3 or 4.
+    assert 20 <= record["output_tokens"] < 400
     assert c.mock_stats()["cancelled"] == cancelled_before + 1
-
-
-def test_a_backend_answering_429_then_succeeding_is_retried_invisibly(
-    split: SplitStack,
-) -> None:
-    c = split.client
-    token = user(split)
-    split.stop("edge")
-    split.start("edge", LLMGW_UPSTREAM_RETRIES="2")
-    try:
-        before = c.mock_stats()["requests"]
-        grant = c.init_ok(
-            token, {"query": "busy [[mock tokens=4 fail=429 retry_after=1 fail_times=1]]"}
-        )
-        started = time.monotonic()
-        with httpx.stream("GET", grant["stream_url"]) as r:
-            assert r.status_code == 200
-            events = events_of(r)
-        assert events[-1].event == "complete"
-        assert time.monotonic() - started >= 1.0  # the backend's Retry-After was honoured
-        assert c.mock_stats()["requests"] == before + 2
-        # A backend that keeps refusing: its 429 and Retry-After reach the client.
-        grant = c.init_ok(token, {"query": "always busy [[mock fail=429 retry_after=30]]"})
-        refused = c.http.get(grant["stream_url"])
-        assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "30"
-    finally:
-        split.stop("edge")
-        split.start("edge")
-
-
-def test_a_reconnect_on_another_edge_supersedes_the_live_connection(split: SplitStack) -> None:
-    c = split.client
-    token = user(split)
-    split.start("edge2")
-    try:
-        grant = c.init_ok(token, {"query": "shared url [[mock tokens=300 delay_ms=20]]"})
-        started, ended = threading.Event(), threading.Event()
-        first_events: list[ServerSentEvent] = []
-
-        def read_first() -> None:
-            decoder = SSEDecoder()
-            with httpx.stream("GET", grant["stream_url"], timeout=30) as first:
-                for raw in first.iter_raw():  # until an edge ends it
-                    first_events.extend(decoder.feed(raw))
-                    if any(e.event == "chunk" for e in first_events):
-                        started.set()
-            ended.set()
-
-        reader = threading.Thread(target=read_first)
-        reader.start()
-        try:
-            assert started.wait(10)
-            other = grant["stream_url"].replace(c.edge_url, split.url("edge2"))
-            with httpx.stream("GET", other, headers={"Last-Event-ID": "1"}, timeout=30) as second:
-                assert second.status_code == 200
-                for _ in second.iter_raw():
-                    if ended.is_set():
-                        break  # the first connection, on the other edge, was ended
-            assert ended.is_set(), "two live connections to one stream"
-        finally:
-            reader.join(timeout=30)
-        assert not any(e.event == "complete" for e in first_events)  # cut off, not finished
-    finally:
-        split.stop("edge2")

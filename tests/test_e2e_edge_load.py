@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import orjson
 import pytest
 
-from stream_edge.http1 import Http1Client
+from tests import raw_http
 from tests.conftest import REDIS_URL
 from tests.stack import Client, SplitStack, base_env, edge_process
 
@@ -44,56 +44,57 @@ async def run_all(
     cp: str, mock: str, access: str, count: int
 ) -> tuple[list[tuple[str, bytes]], int]:
     """Open `count` streams and hold them all open at once; returns each stream's
-    body and the most streams the backend saw in progress at one time."""
-    async with httpx.AsyncClient(timeout=120) as client:
-        semaphore = asyncio.Semaphore(50)
+    body and the most streams the backend saw in progress at one time.
 
-        async def init(i: int) -> dict[str, str]:
-            async with semaphore:
-                response = await client.post(
-                    f"{cp}/v1/chat/init",
-                    headers={"Authorization": f"Bearer {access}"},
-                    json={"query": f"load {i} [[mock tokens={TOKENS} delay_ms={DELAY_MS}]]"},
-                )
-            assert response.status_code == 201, response.text
-            data: dict[str, str] = response.json()["data"]
-            return data
+    Every request goes through `tests.raw_http`, not the edge's own client: one
+    connection per request on plain asyncio streams, closed before its call returns."""
+    semaphore = asyncio.Semaphore(50)
+    auth = {"Authorization": f"Bearer {access}", "Content-Type": "application/json"}
 
-        grants = await asyncio.gather(*(init(i) for i in range(count)))
-        # Users arrive over a second or two, not in one instant; each stream lasts
-        # longer than the whole ramp, so all of them are open together.
-        opening = asyncio.Semaphore(OPENING_AT_ONCE)
-        peak = 0
+    async def init(i: int) -> dict[str, str]:
+        body = {"query": f"load {i} [[mock tokens={TOKENS} delay_ms={DELAY_MS}]]"}
+        async with semaphore:
+            response = await raw_http.request(
+                "POST", f"{cp}/v1/chat/init", orjson.dumps(body), auth
+            )
+        assert response.status == 201, response.body
+        data: dict[str, str] = orjson.loads(response.body)["data"]
+        return data
 
-        async def stream(grant: dict[str, str]) -> tuple[str, bytes]:
-            async with opening:
-                response = await streams.send("GET", grant["stream_url"], {}, b"")
-            try:
-                assert response.status_code == 200, await response.aread()
-                return grant["reservation_id"], await response.aread()
-            finally:
-                await response.aclose()
+    grants = await asyncio.gather(*(init(i) for i in range(count)))
+    # Users arrive over a second or two, not in one instant; each stream lasts
+    # longer than the whole ramp, so all of them are open together.
+    opening = asyncio.Semaphore(OPENING_AT_ONCE)
+    peak = 0
 
-        async def watch_backend() -> None:
-            nonlocal peak
-            while True:
-                stats = (await client.get(f"{mock}/_mock/stats")).json()
-                peak = max(peak, stats["active"])
-                await asyncio.sleep(0.2)
+    async def stream(grant: dict[str, str]) -> tuple[str, bytes]:
+        headers_in = asyncio.Event()
+        async with opening:  # held until this stream's headers are in
+            response = asyncio.create_task(
+                raw_http.request("GET", grant["stream_url"], headers_in=headers_in)
+            )
+            answered = asyncio.create_task(headers_in.wait())
+            await asyncio.wait({response, answered}, return_when=asyncio.FIRST_COMPLETED)
+            answered.cancel()
+        result = await response
+        assert result.status == 200, result.body
+        return grant["reservation_id"], result.body
 
-        # The 500 streams go through the edge's own lean client: a light reader, so
-        # this process's CPU goes to the backend it hosts, and every socket is closed
-        # deterministically when its stream ends.
-        streams = Http1Client(connect_timeout=10, read_timeout=60)
-        watcher = asyncio.create_task(watch_backend())
-        try:
-            results = await asyncio.gather(*(stream(g) for g in grants))
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            await streams.aclose()
-        return results, peak
+    async def watch_backend() -> None:
+        nonlocal peak
+        while True:
+            stats = orjson.loads((await raw_http.request("GET", f"{mock}/_mock/stats")).body)
+            peak = max(peak, stats["active"])
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch_backend())
+    try:
+        results = await asyncio.gather(*(stream(g) for g in grants))
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return results, peak
 
 
 def test_500_concurrent_slow_streams_on_one_edge(split: SplitStack) -> None:

@@ -13,7 +13,7 @@ import pytest
 from shared.retry import Backoff
 from stream_edge.breaker import CircuitBreaker
 from stream_edge.errors import EdgeError
-from stream_edge.http1 import Headers, Http1Response
+from stream_edge.http1_connection import Headers
 from stream_edge.upstream.base import HttpRequest
 from stream_edge.upstream_client import RetryPolicy, open_stream
 
@@ -30,7 +30,7 @@ class Clock:
         return self.now
 
 
-class FakeResponse(Http1Response):
+class FakeResponse:
     """Headers in, body canned (no connection behind it)."""
 
     def __init__(self, status: int) -> None:

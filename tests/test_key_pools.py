@@ -31,9 +31,10 @@ from shared.store_memory import MemoryStore
 from stream_edge.breaker import CircuitBreaker
 from stream_edge.errors import BadRequest, EdgeError, TooManyRequests, UpstreamError
 from stream_edge.fallback import falls_back
-from stream_edge.http1 import Headers, Http1Response
+from stream_edge.http1_connection import Headers
 from stream_edge.key_pool import KeyPool
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.transport import Response
 from stream_edge.upstream.base import HttpRequest
 from stream_edge.upstream_client import RetryPolicy, error_for_status, open_stream
 
@@ -189,7 +190,7 @@ def test_the_sweeper_bills_a_checkpoint_at_its_serving_model_if_in_the_chain() -
 # --- the edge's pool against a fake backend -----------------------------------------------
 
 
-class Answer(Http1Response):
+class Answer:
     def __init__(self, status: int, retry_after: str | None = None) -> None:
         self.status_code = status
         self.headers = Headers([(b"retry-after", retry_after.encode())] if retry_after else [])
@@ -232,8 +233,8 @@ def pool(store: MemoryStore, keys: tuple[str, ...], clock: Clock, scope: str = P
     return KeyPool(store, scope, "openai", keys, EdgeMetrics(), "openai", clock)
 
 
-async def open_via(pool_: KeyPool, backend: Backend) -> Http1Response:
-    async def open_with(key: str | None, retry_rate_limited: bool) -> Http1Response:
+async def open_via(pool_: KeyPool, backend: Backend) -> Response:
+    async def open_with(key: str | None, retry_rate_limited: bool) -> Response:
         request = HttpRequest(
             url="http://b/v1", headers={"authorization": f"Bearer {key}"}, body=b""
         )
