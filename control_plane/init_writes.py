@@ -32,29 +32,15 @@ from control_plane.hot_statements import (
     SESSIONS,
     TAKE_HOLD,
 )
+from control_plane.reservation_row import ReservationTerms
 from control_plane.tables import new_id
 from control_plane.validation import without_nul
 
 
 @dataclass(frozen=True, slots=True)
-class NewReservation:
+class NewReservation(ReservationTerms):
     """A reservation row about to be written: the `reservations` table's columns."""
 
-    id: str
-    company_id: str
-    user_id: str
-    jti: str
-    session_id: str
-    request_id: str
-    model: str
-    provider: str
-    hold_micro: int
-    input_estimate: int
-    max_tokens: int
-    price_input_per_mtok: str
-    price_output_per_mtok: str
-    price_cached_input_per_mtok: str | None
-    price_cache_write_per_mtok: str | None
     status: str
     charged_micro: int | None
     created_at: datetime

@@ -41,6 +41,7 @@ from control_plane.errors import (
 )
 from control_plane.fallbacks import served_price
 from control_plane.ledger import Held, ToSettle, charge_for, reservation_price, settle_reservations
+from control_plane.reservation_row import ReservationTerms
 from control_plane.tables import Reservation, WebhookEvent, new_id, utcnow
 from control_plane.usage_events import MAX_TOKENS_REPORTED as MAX_TOKENS_REPORTED
 from control_plane.usage_events import parse_time as parse_time
@@ -84,25 +85,10 @@ DUPLICATE = Outcome(duplicate=True)
 
 
 @dataclass(frozen=True, slots=True)
-class HeldRow:
+class HeldRow(ReservationTerms):
     """A reservation's values as a settlement batch reads them (`ledger.Held`):
     plain values from one Core SELECT, no ORM object, identity map or events."""
 
-    id: str
-    company_id: str
-    user_id: str
-    jti: str
-    session_id: str
-    request_id: str
-    model: str
-    provider: str
-    hold_micro: int
-    input_estimate: int
-    max_tokens: int
-    price_input_per_mtok: str
-    price_output_per_mtok: str
-    price_cached_input_per_mtok: str | None
-    price_cache_write_per_mtok: str | None
     created_at: datetime
     api_key_id: str | None
     fallbacks: list[dict[str, str]] | None
