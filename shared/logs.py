@@ -219,6 +219,20 @@ def resolve_format(fmt: str | None, default: str = "json") -> str:
     return chosen
 
 
+class StderrHandler(logging.StreamHandler[IO[str]]):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the one it
+    was made with: a server thread that outlives a swapped stderr (a test runner's
+    per-test capture) then never writes to a closed file."""
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass
+
+
 def configure_logging(
     level: str = "INFO",
     fmt: str | None = None,
@@ -236,7 +250,9 @@ def configure_logging(
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "llmgw", False)]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.StreamHandler[IO[str]] = (
+        logging.StreamHandler(stream) if stream is not None else StderrHandler()
+    )
     handler.llmgw = True  # type: ignore[attr-defined]
     handler.setFormatter(_formatter(chosen))
     redacting = RedactingFilter()
