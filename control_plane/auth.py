@@ -24,7 +24,7 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from control_plane import hot_statements
+from control_plane import hot_statements, raw_pg
 from control_plane.credentials import hash_api_key, looks_like_api_key
 from control_plane.deps import Deps, get_deps
 from control_plane.errors import Revoked, Unauthenticated
@@ -115,6 +115,7 @@ _LOOKUP_KEY = (
     .join(_COMPANIES, _COMPANIES.c.id == _USERS.c.company_id)
     .where(_KEYS.c.key_hash == bindparam("p_hash"))
 )
+_RAW_LOOKUP_KEY = raw_pg.RawStatement(_LOOKUP_KEY)
 _TOUCH_KEY = (
     update(_KEYS)
     .where(_KEYS.c.id == bindparam("p_id"))
@@ -131,7 +132,7 @@ def api_key_principal(session: Session, key: str) -> Principal | None:
 
 def api_key_hash_principal(session: Session, key_hash: str) -> Principal | None:
     """`api_key_principal` by the key's SHA-256, as an edge sends it (issue 16.5)."""
-    row = session.execute(_LOOKUP_KEY, {"p_hash": key_hash}).first()
+    row = _RAW_LOOKUP_KEY.first(session, {"p_hash": key_hash})
     if row is None or row.revoked_at is not None:
         return None
     if row.user_disabled_at is not None:
@@ -183,12 +184,13 @@ _LOOKUP_USER = (
     .outerjoin(_COMPANIES, _COMPANIES.c.id == _USERS.c.company_id)
     .where(_USERS.c.id == bindparam("p_id"))
 )
+_RAW_LOOKUP_USER = raw_pg.RawStatement(_LOOKUP_USER)
 
 
 def access_token_user(session: Session, user_id: str) -> Principal:
     """The principal of an access token's user; 401 when the user no longer exists,
     403 ``revoked`` as `ensure_not_revoked`."""
-    row = session.execute(_LOOKUP_USER, {"p_id": user_id}).first()
+    row = _RAW_LOOKUP_USER.first(session, {"p_id": user_id})
     if row is None:
         raise Unauthenticated("The access token's user no longer exists.")
     if row.disabled_at is not None:

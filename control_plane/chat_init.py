@@ -31,6 +31,7 @@ from control_plane import (
     init_gate,
     init_writes,
     pending_inits,
+    raw_pg,
     tpm,
 )
 from control_plane.chat_request import InitRequest
@@ -231,6 +232,9 @@ def new_turn_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
+_COMPANY_FOR_INIT = raw_pg.RawStatement(hot_statements.SELECT_COMPANY_FOR_INIT_WITH_BUDGETS)
+
+
 @dataclass(frozen=True, slots=True)
 class Reserved:
     reservation: NewReservation
@@ -276,9 +280,7 @@ def reserve(
     of it back."""
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
-    company = session.execute(
-        hot_statements.SELECT_COMPANY_FOR_INIT_WITH_BUDGETS, {"p_id": principal.company_id}
-    ).first()
+    company = _COMPANY_FOR_INIT.first(session, {"p_id": principal.company_id})
     if company is None:
         raise Forbidden("Your company no longer exists.")
     if company.disabled_at is not None:

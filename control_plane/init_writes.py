@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import CTE, Select, Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from control_plane import chat_sessions, hot_statements
+from control_plane import chat_sessions, hot_statements, raw_pg
 from control_plane.hot_statements import (
     AUDIT,
     COMPANIES,
@@ -113,6 +113,9 @@ _MESSAGE = _insert_after(MESSAGES, MESSAGE_COLUMNS, "m_", _SESSION).cte("first_m
 # Returns the reservation's id, or no row when the company cannot cover the hold.
 HOLD = select(_RESERVED.c.id).add_cte(_LEDGER, _AUDIT)
 HOLD_WITH_NEW_SESSION = select(_RESERVED.c.id).add_cte(_LEDGER, _AUDIT, _SESSION, _MESSAGE)
+# Run on the psycopg connection (`raw_pg`): ~60 parameters, past psycopg's query cache.
+_RAW_HOLD = raw_pg.RawStatement(HOLD)
+_RAW_HOLD_WITH_NEW_SESSION = raw_pg.RawStatement(HOLD_WITH_NEW_SESSION)
 
 
 def _params(prefix: str, row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
@@ -202,9 +205,9 @@ def hold(session: Session, reservation: NewReservation, turn: FirstTurn | None =
         **_params("l_", entry, LEDGER_COLUMNS),
         **_params("a_", event, AUDIT_COLUMNS),
     }
-    statement = HOLD
+    statement = _RAW_HOLD
     if turn is not None:
         params |= _params("s_", turn.session, SESSION_COLUMNS)
         params |= _params("m_", turn.message, MESSAGE_COLUMNS)
-        statement = HOLD_WITH_NEW_SESSION
-    return session.execute(statement, params).first() is not None
+        statement = _RAW_HOLD_WITH_NEW_SESSION
+    return statement.first(session, params) is not None

@@ -168,7 +168,8 @@ def stream_claims(
 
 
 def sign_token(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, kid: str) -> str:
-    return jwt.encode(dict(claims), private_key, algorithm=ALGORITHM, headers={"kid": kid})
+    # One pass (`jws_fast.sign`); the same token pyjwt would make, claim for claim.
+    return jws_fast.sign(dict(claims), private_key, kid, ALGORITHM)
 
 
 def public_jwk(public_key: Ed25519PublicKey, kid: str) -> dict[str, Any]:

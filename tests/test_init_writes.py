@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane import chat_sessions, hot_statements, init_writes
@@ -193,3 +193,37 @@ def test_only_a_single_message_within_the_caps_is_written_with_the_hold() -> Non
     assert turn([{"role": "user", "content": "x" * 100}]) is not None
     assert turn([{"role": "user", "content": "x" * 101}]) is None  # "full": the usual way
     assert turn([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]) is None
+
+
+def test_the_hold_on_the_raw_connection_is_in_the_sessions_transaction(company: Tenant) -> None:
+    # `raw_pg` runs the statement on the session's own psycopg connection: a later
+    # failure in the same transaction takes the hold back with everything else.
+    r = company.reservation(1_000)
+
+    def hold_then_fail(s: Session) -> None:
+        assert init_writes.hold(s, r)
+        raise RuntimeError("after the hold")
+
+    with pytest.raises(RuntimeError):
+        company.tx(hold_then_fail)
+    assert company.rows(hot_statements.RESERVATIONS, id=r.id) == []
+    [row] = company.rows(hot_statements.COMPANIES, id=company.company_id)
+    assert row["held_micro"] == 0
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True])
+def test_behind_pgbouncer_the_hold_is_never_prepared(pg_database_url: str, pgbouncer: bool) -> None:
+    upgrade(pg_database_url)
+    engine = create_sync_engine(pg_database_url, pool_size=1, pgbouncer=pgbouncer)
+    try:
+        tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
+        for _ in range(7):  # past psycopg's prepare threshold (db.PG_PREPARE_THRESHOLD)
+            assert tenant.tx(lambda s: init_writes.hold(s, tenant.reservation(1)))
+        prepared = tenant.tx(
+            lambda s: s.execute(
+                text("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%held%'")
+            ).scalar_one()
+        )
+        assert (prepared == 0) is pgbouncer
+    finally:
+        engine.dispose()

@@ -224,3 +224,55 @@ def test_differential_same_verdict_as_pyjwt(token: str) -> None:
         assert ours == theirs
     else:
         assert ours != "ok"
+
+
+# --- the signing side (`jws_fast.sign`, used by `tokens.sign_token`) ---
+
+
+def stream_token_claims(now: int) -> dict[str, object]:
+    claims = tokens.stream_claims(
+        user_id="u1", company_id="c1", role="member", scopes=list(tokens.ALL_SCOPES),
+        session_id="s1", model="mock-fast", max_tokens=256, max_input_tokens=12,
+        reservation_id="r1", request_id="req1", now=now, ttl_seconds=60, jti="j1",
+    )  # fmt: skip
+    claims[tokens.FALLBACKS_CLAIM] = [tokens.FallbackGrant("mock-slow", 12, "sealed", 128).claim()]
+    return claims
+
+
+def test_a_signed_stream_token_is_the_one_pyjwt_makes() -> None:
+    # Ed25519 signatures are deterministic: same header, same claims, same bytes.
+    payload = stream_token_claims(int(time.time()))
+    ours = jws_fast.sign(payload, KEY, "k1")
+    assert ours == signed(payload)
+    verified = jwt.decode(
+        ours, KEY.public_key(), algorithms=["EdDSA"], audience=tokens.STREAM_AUDIENCE,
+        issuer=tokens.ISSUER,
+    )  # fmt: skip
+    assert verified == payload
+    assert jwt.get_unverified_header(ours) == {"alg": "EdDSA", "kid": "k1", "typ": "JWT"}
+
+
+def test_sign_token_verifies_at_the_edge_and_with_pyjwt() -> None:
+    now = int(time.time())
+    token = tokens.sign_token(stream_token_claims(now), KEY, "k1")
+    assert fast_verdict(token) == pyjwt_verdict(token) == "ok"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(extra=st.dictionaries(st.text(max_size=6), json_values, max_size=4))
+def test_differential_signed_claims_decode_the_same_with_pyjwt(extra: dict[str, object]) -> None:
+    payload = {**extra, **claims(int(time.time()))}
+    decoded = jwt.decode(
+        jws_fast.sign(payload, KEY, "k1"), KEY.public_key(), algorithms=["EdDSA"],
+        audience=tokens.STREAM_AUDIENCE, issuer=tokens.ISSUER,
+    )  # fmt: skip
+    assert decoded == payload
