@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import CTE, Select, Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
-from control_plane import chat_sessions, hot_statements, raw_pg
+from control_plane import chat_sessions, raw_pg
 from control_plane.hot_statements import (
     AUDIT,
     COMPANIES,
@@ -32,6 +32,7 @@ from control_plane.hot_statements import (
     SESSIONS,
     TAKE_HOLD,
 )
+from control_plane.ledger import hold_entry
 from control_plane.reservation_row import ReservationTerms
 from control_plane.tables import new_id
 from control_plane.validation import without_nul
@@ -122,28 +123,6 @@ def _params(prefix: str, row: dict[str, Any], columns: tuple[str, ...]) -> dict[
     return {prefix + name: row[name] for name in columns}
 
 
-def hold_entry(reservation: NewReservation) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The hold's ledger row and audit event, as `ledger.take_hold` writes them."""
-    r = reservation
-    return hot_statements.entry_rows(
-        r.company_id,
-        "hold",
-        -r.hold_micro,
-        actor=r.user_id,
-        reservation_id=r.id,
-        reason=f"hold for {r.model}",
-        request_id=r.request_id,
-        idempotency_key=None,
-        details={
-            "jti": r.jti,
-            "model": r.model,
-            "input_estimate": r.input_estimate,
-            "max_tokens": r.max_tokens,
-        },
-        now=r.created_at,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class FirstTurn:
     """A new session and its one message, as rows of their tables."""
@@ -197,7 +176,7 @@ def hold(session: Session, reservation: NewReservation, turn: FirstTurn | None =
     """Take the hold and write the reservation, its ledger row and audit event and,
     with `turn`, the new session and its message: one statement. False, and nothing
     written, when the company cannot cover the hold."""
-    entry, event = hold_entry(reservation)
+    entry, event = hold_entry(reservation, reservation.created_at)
     params = {
         "p_company_id": reservation.company_id,
         "p_hold": reservation.hold_micro,

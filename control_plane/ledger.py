@@ -40,6 +40,7 @@ from sqlmodel import col
 
 from control_plane import audit, budgets, hot_statements, settle_statements
 from control_plane.errors import InsufficientCredits
+from control_plane.reservation_row import ReservationTerms
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
 from shared.catalog import Price
 from shared.pricing import TokenUsage, usage_cost_micro
@@ -173,37 +174,40 @@ def add_entry(
     return entry
 
 
+def hold_entry(
+    reservation: Reservation | ReservationTerms, created_at: datetime
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A hold's ledger row and audit event (actor: the user), whichever way it is
+    written: `take_hold`, or init's one statement on PostgreSQL (`init_writes`)."""
+    r = reservation
+    return hot_statements.entry_rows(
+        r.company_id,
+        "hold",
+        -r.hold_micro,
+        actor=r.user_id,
+        reservation_id=r.id,
+        reason=f"hold for {r.model}",
+        request_id=r.request_id,
+        idempotency_key=None,
+        details={
+            "jti": r.jti,
+            "model": r.model,
+            "input_estimate": r.input_estimate,
+            "max_tokens": r.max_tokens,
+        },
+        now=created_at,
+    )
+
+
 def take_hold(session: Session, reservation: Reservation) -> None:
     """Reserve `reservation.hold_micro` atomically, then record the reservation and
     its ``hold`` entry (actor: the user). Raises InsufficientCredits when the company
     cannot cover it; the caller's transaction then rolls back whatever it added."""
     # One statement on PostgreSQL (`hot_statements.hold_and_reserve`), Core rows for
     # the ledger and audit: no ORM unit of work on the hot path.
-    hold = reservation.hold_micro
     if not hot_statements.hold_and_reserve(session, reservation):
         raise InsufficientCredits()
-    hot_statements.write_entries(
-        session,
-        [
-            hot_statements.entry_rows(
-                reservation.company_id,
-                "hold",
-                -hold,
-                actor=reservation.user_id,
-                reservation_id=reservation.id,
-                reason=f"hold for {reservation.model}",
-                request_id=reservation.request_id,
-                idempotency_key=None,
-                details={
-                    "jti": reservation.jti,
-                    "model": reservation.model,
-                    "input_estimate": reservation.input_estimate,
-                    "max_tokens": reservation.max_tokens,
-                },
-                now=reservation.created_at,
-            )
-        ],
-    )
+    hot_statements.write_entries(session, [hold_entry(reservation, reservation.created_at)])
 
 
 @dataclass(frozen=True, slots=True)

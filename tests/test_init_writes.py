@@ -18,7 +18,7 @@ from control_plane import chat_sessions, hot_statements, init_writes
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
 from control_plane.grants import move
-from control_plane.ledger import take_hold
+from control_plane.ledger import hold_entry, take_hold
 from control_plane.migrate import upgrade
 from control_plane.tables import Company, Reservation, User, new_id, utcnow
 
@@ -109,7 +109,7 @@ def company(pg_database_url: str) -> Iterator[Tenant]:
 
 def test_the_statements_columns_are_what_their_rows_hold() -> None:
     r = new_reservation("c", "u", 1)
-    entry, event = init_writes.hold_entry(r)
+    entry, event = hold_entry(r, r.created_at)
     assert set(entry) == set(init_writes.LEDGER_COLUMNS)
     assert set(event) == set(init_writes.AUDIT_COLUMNS)
     columns = {c.name for c in hot_statements.RESERVATIONS.columns}
