@@ -66,8 +66,15 @@ class EdgeSettings(CommonSettings):
             route_keys=route_keys,
             upstream_connect_timeout=env_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=env_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
+            # By default as many as the edge takes streams (LLMGW_MAX_CONNECTIONS): each
+            # stream holds one backend connection, so a lower cap would quietly become
+            # the edge's stream limit for that backend.
             max_connections_per_origin=env_int(
-                env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN", 1000, 1, 1_000_000
+                env,
+                "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN",
+                common.max_connections,
+                1,
+                1_000_000,
             ),
             first_token_timeout=env_float(env, "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS", 60, 0.1, 3600),
             idle_timeout=env_float(env, "LLMGW_IDLE_TIMEOUT_SECONDS", 60, 0.1, 3600),

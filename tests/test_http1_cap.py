@@ -143,6 +143,9 @@ async def test_refused_connects_give_their_place_back() -> None:
 def test_the_cap_is_a_setting() -> None:
     env = base_env("sqlite:///unused.db")
     assert EdgeSettings.from_env(env).max_connections_per_origin == 1000
+    # Unset, it follows the streams the edge takes: never a hidden, lower stream limit.
+    wide = {**env, "LLMGW_MAX_CONNECTIONS": "5000"}
+    assert EdgeSettings.from_env(wide).max_connections_per_origin == 5000
     tuned = {**env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "64"}
     assert EdgeSettings.from_env(tuned).max_connections_per_origin == 64
     with pytest.raises(ConfigError, match="LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN"):
