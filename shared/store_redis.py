@@ -168,12 +168,17 @@ class RedisStore:
         self._outbox_items = f"{outbox}:items"
         self._outbox_due = f"{outbox}:due"
         self._dead = f"{outbox}:dead"
-        self._claim = client.register_script(_CLAIM)
-        self._admit = client.register_script(_ADMIT)
-        self._put = client.register_script(_PUT)
-        self._reschedule = client.register_script(_RESCHEDULE)
-        self._bounded_add = client.register_script(_BOUNDED_ADD)
-        self._init_gate = client.register_script(_INIT_GATE)
+        self._scripts = {
+            source: client.register_script(source)
+            for source in (_CLAIM, _ADMIT, _PUT, _RESCHEDULE, _BOUNDED_ADD, _INIT_GATE)
+        }
+
+    async def _run(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """One of our Lua scripts: on the pipelined connection when there is one,
+        else through redis-py's registered script (a cluster, or a pool-only store)."""
+        if self._pipe is not None:
+            return await self._pipe.script(source, keys, args)
+        return await self._scripts[source](keys=keys, args=args)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str) -> RedisStore:
@@ -257,14 +262,8 @@ class RedisStore:
         # right after the report is stored. An edge dying in between leaks them
         # until the stream's maximum life, as any crashed edge does.
         here = [] if self.is_cluster else slots
-        if self._pipe is not None:  # never on a cluster: `here` is every slot
-            keys = [self._outbox_items, self._outbox_due, *here]
-            await self._pipe.script(_PUT, keys, [item_id, payload, due_at, member])
-            return
-        await self._put(
-            keys=[self._outbox_items, self._outbox_due, *here],
-            args=[item_id, payload, due_at, member],
-        )
+        keys = [self._outbox_items, self._outbox_due, *here]
+        await self._run(_PUT, keys, [item_id, payload, due_at, member])
         if release is not None and self.is_cluster:
             await self.release_slots(release)
 
@@ -279,17 +278,22 @@ class RedisStore:
             await pipe.execute()
 
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
-        ids: list[Any] = await self._claim(
-            keys=[self._outbox_due], args=[now, now + lease_seconds, limit]
+        ids: list[Any] = await self._run(
+            _CLAIM, [self._outbox_due], [now, now + lease_seconds, limit]
         )
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        return [_text(i) for i in ids]
 
     async def outbox_get(self, item_id: str) -> bytes | None:
+        # On the connection its claim used: after a Redis restart, a claim that went
+        # through must not meet a stale pooled connection here (the item would then
+        # wait out its lease).
+        if self._pipe is not None:
+            return cast(bytes | None, await self._pipe.execute("HGET", self._outbox_items, item_id))
         return cast(bytes | None, await self._redis.hget(self._outbox_items, item_id))
 
     async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
-        await self._reschedule(
-            keys=[self._outbox_items, self._outbox_due], args=[item_id, payload, due_at]
+        await self._run(
+            _RESCHEDULE, [self._outbox_items, self._outbox_due], [item_id, payload, due_at]
         )
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
@@ -307,6 +311,8 @@ class RedisStore:
             await pipe.execute()
 
     async def outbox_size(self) -> int:
+        if self._pipe is not None:
+            return int(cast(int, await self._pipe.execute("ZCARD", self._outbox_due)))
         return int(await self._redis.zcard(self._outbox_due))
 
     async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
@@ -315,7 +321,7 @@ class RedisStore:
     async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]:
         items: list[tuple[str, bytes]] = []
         async for key, value in self._redis.hscan_iter(self._dead, count=100):
-            items.append((key.decode() if isinstance(key, bytes) else str(key), value))
+            items.append((_text(key), value))
             if len(items) >= limit:
                 break
         return items
@@ -344,12 +350,8 @@ class RedisStore:
             *a.limits,
         ]
         prefixed = [self._key(k) for k in keys]
-        reply: list[Any]
-        if self._pipe is not None:
-            reply = await self._pipe.script(_ADMIT, prefixed, args)
-        else:
-            reply = await self._admit(keys=prefixed, args=args)
-        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        reply: list[Any] = await self._run(_ADMIT, prefixed, args)
+        verdict = _text(reply[0])
         if verdict == "full":
             return Admitted("full", full_index=int(reply[1]))
         if verdict == "ok":
@@ -379,7 +381,7 @@ class RedisStore:
 
     async def bounded_members(self, key: str, now: float) -> list[str]:
         raw = await self._redis.zrangebyscore(self._key(key), f"({now}", "+inf")
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
+        return [_text(m) for m in raw]
 
     async def bounded_add(
         self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
@@ -387,7 +389,7 @@ class RedisStore:
         # The set lives as long as its latest member (each add extends it).
         ttl_ms = max(1, int((expires_at - now) * 1000))
         args: list[str | int | float] = [now, member, expires_at, limit, ttl_ms, *drop]
-        reply = await self._bounded_add(keys=[self._key(key)], args=args)
+        reply = await self._run(_BOUNDED_ADD, [self._key(key)], args)
         return None if reply is None else float(reply)
 
     async def bounded_remove(self, key: str, member: str) -> None:
@@ -421,12 +423,8 @@ class RedisStore:
             *g.tpm_limits,
         ]
         prefixed = [self._key(k) for k in keys]
-        reply: list[Any]
-        if self._pipe is not None:
-            reply = await self._pipe.script(_INIT_GATE, prefixed, args)
-        else:
-            reply = await self._init_gate(keys=prefixed, args=args)
-        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        reply: list[Any] = await self._run(_INIT_GATE, prefixed, args)
+        verdict = _text(reply[0])
         if verdict == "rate":
             return InitGated("rate", index=int(reply[1]))
         if verdict == "tpm":
@@ -479,3 +477,9 @@ class RedisStore:
         if self._pipe is not None:
             await self._pipe.close()
         await self._redis.aclose(close_connection_pool=True)
+
+
+def _text(value: Any) -> str:
+    """A script's reply element as text (bytes from the server, str from redis-py's
+    decoding clients)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
