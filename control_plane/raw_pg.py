@@ -91,3 +91,28 @@ class RawStatement:
                 for value, process in zip(values, self._results, strict=True)
             )
         )
+
+
+def driver_connection(session: Session) -> psycopg.Connection[Any] | None:
+    """The psycopg connection of the session's transaction; None on SQLite."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        return None
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver
+
+
+def run(driver: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) -> list[Any]:
+    """A PostgreSQL statement written as psycopg SQL (``%(name)s``, or ``%(name)b``
+    for an array, whose text format escapes every element with a regular
+    expression), run on `driver` in the session's transaction: no SQLAlchemy
+    execution context or result proxy (settlement, issue 14.2: ~95 µs of
+    `exec_driver_sql` per statement). psycopg caches the SQL's conversion and
+    prepares it as the connection says (PgBouncer: never). Its rows, as tuples."""
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description is not None else []
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
