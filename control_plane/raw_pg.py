@@ -19,7 +19,8 @@ through the session as before.
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -116,3 +117,24 @@ def run(driver: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) ->
             return cursor.fetchall() if cursor.description is not None else []
     except psycopg.Error as exc:
         raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+
+
+@contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """What `Session.begin_nested` does, for a block of statements that changes no ORM
+    object: on PostgreSQL a plain ``SAVEPOINT`` on the psycopg connection (no
+    SQLAlchemy transaction object, events or flush), rolled back to if the block
+    raises. Kept when the block succeeds rather than released (one round trip
+    less): its work commits or rolls back with the transaction all the same, and a
+    later savepoint of the same name only hides it."""
+    driver = driver_connection(session)
+    if driver is None:
+        with session.begin_nested():
+            yield
+        return
+    run(driver, "SAVEPOINT raw_pg", {})
+    try:
+        yield
+    except BaseException:
+        run(driver, "ROLLBACK TO SAVEPOINT raw_pg", {})
+        raise

@@ -284,3 +284,50 @@ def last_seqs(session: Session, session_ids: Sequence[str]) -> dict[str, int]:
     """Each session's highest message number (absent: no message yet)."""
     rows = session.connection().execute(_LAST_SEQS, {"p_ids": list(session_ids)})
     return {session_id: int(seq) for session_id, seq in rows if seq is not None}
+
+
+def _messages_after_last_pg() -> str:
+    quote = _PG.identifier_preparer.quote
+    columns = list(hot_statements.MESSAGES.columns)
+    names = [c.name for c in columns]
+    arrays = ", ".join(
+        f"CAST(%({n})b AS {c.type.compile(dialect=_PG)}[])"
+        for n, c in zip(names, columns, strict=True)
+    )
+    values = [
+        "coalesce((SELECT max(m.seq) FROM chat_messages AS m WHERE m.session_id = v.session_id), 0)"
+        " + v.seq"
+        if n == "seq"
+        else f"v.{quote(n)}"
+        for n in names
+    ]
+    return (
+        f"INSERT INTO chat_messages ({', '.join(quote(n) for n in names)}) "
+        f"SELECT {', '.join(values)} "
+        f"FROM unnest({arrays}) AS v({', '.join(quote(n) for n in names)})"
+    )
+
+
+# Numbered in the statement that inserts them, after the session's last message: a
+# statement of its own, so that its snapshot is taken once the caller's counter
+# UPDATE holds the session's row (a concurrent appender has committed by then).
+_MESSAGES_AFTER_LAST_PG = _messages_after_last_pg()
+
+
+def insert_messages_after_last(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Messages (every column) whose ``seq`` counts from 1 in each session, numbered
+    after that session's last message, in one INSERT on PostgreSQL (SQLite: one
+    SELECT of the last numbers, then the INSERT). The caller holds the sessions'
+    rows (`grow_sessions`), so nothing numbers between the read and the write."""
+    if not rows:
+        return
+    if not _postgres(session):
+        last = last_seqs(session, sorted({row["session_id"] for row in rows}))
+        numbered = [{**row, "seq": last.get(row["session_id"], 0) + row["seq"]} for row in rows]
+        insert_rows(session, (hot_statements.MESSAGES, numbered))
+        return
+    params = {
+        column.name: _column(rows, column.name, isinstance(column.type, JSON))
+        for column in hot_statements.MESSAGES.columns
+    }
+    _run(session, _MESSAGES_AFTER_LAST_PG, params)

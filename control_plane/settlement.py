@@ -427,7 +427,7 @@ def append_transcripts(
     if not replies:
         return
     try:
-        with session.begin_nested():
+        with raw_pg.savepoint(session):
             appended = chat_sessions.append_replies(session, replies)
     except SQLAlchemyError:
         if len(replies) == 1:
