@@ -18,6 +18,7 @@ through the session as before.
 
 from __future__ import annotations
 
+import re
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -104,17 +105,48 @@ def driver_connection(session: Session) -> psycopg.Connection[Any] | None:
     return driver
 
 
+_PLACEHOLDER = re.compile(r"%\((\w+)\)([sb])")
+_CONVERTED: dict[str, tuple[str, tuple[str, ...]] | None] = {}
+
+
+def _positional(sql: str) -> tuple[str, tuple[str, ...]] | None:
+    """`sql` with ``$n`` for its ``%(name)s`` (a name used twice is one ``$n``) and
+    the names in order; None when it binds an array in binary (``%(name)b``), which
+    only psycopg's own placeholders can ask for. Converted once per SQL text."""
+    if sql in _CONVERTED:
+        return _CONVERTED[sql]
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    binary = any(match[2] == "b" for match in _PLACEHOLDER.finditer(sql))
+    found = None if binary else (_PLACEHOLDER.sub(number, sql), tuple(names))
+    _CONVERTED[sql] = found
+    return found
+
+
 def run(driver: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) -> list[Any]:
     """A PostgreSQL statement written as psycopg SQL (``%(name)s``, or ``%(name)b``
     for an array, whose text format escapes every element with a regular
     expression), run on `driver` in the session's transaction: no SQLAlchemy
     execution context or result proxy (settlement, issue 14.2: ~95 µs of
-    `exec_driver_sql` per statement). psycopg caches the SQL's conversion and
-    prepares it as the connection says (PgBouncer: never). Its rows, as tuples."""
+    `exec_driver_sql` per statement). A statement of scalars only runs with ``$n``
+    on psycopg's raw cursor (psycopg parses a query of more than 50 parameters on
+    every run); one with arrays as psycopg SQL. Prepared as the connection says
+    (PgBouncer: never). Its rows, as tuples."""
+    positional = _positional(sql)
     try:
-        with driver.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description is not None else []
+        if positional is None:
+            with driver.cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.fetchall() if cursor.description is not None else []
+        text, names = positional
+        with psycopg.RawCursor(driver) as raw:
+            raw.execute(text, [params[name] for name in names])
+            return raw.fetchall() if raw.description is not None else []
     except psycopg.Error as exc:
         raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
 

@@ -119,6 +119,9 @@ _HELD_PG = (
     "EXISTS (SELECT 1 FROM reservation_budgets AS b WHERE b.reservation_id = r.id) "
     "FROM reservations AS r WHERE r.id = ANY(CAST(%(ids)b AS varchar[]))"
 )
+_HELD_ONE_PG = _HELD_PG.replace(
+    "ANY(CAST(%(ids)b AS varchar[]))", "CAST(%(ids)s AS varchar)"
+)  # a lone delivery's: a scalar (`settle_statements.SCALAR_ROWS`)
 _CREATED_AT = _HELD_COLUMNS.index("created_at")
 
 
@@ -128,7 +131,9 @@ def held_rows(session: Session, ids: Sequence[str]) -> dict[str, HeldRow]:
     if driver is None:
         rows = list(session.connection().execute(_HELD, {"p_ids": list(ids)}))
     else:
-        rows = raw_pg.run(driver, _HELD_PG, {"ids": list(ids)})
+        one = len(ids) == 1
+        sql, values = (_HELD_ONE_PG, ids[0]) if one else (_HELD_PG, list(ids))
+        rows = raw_pg.run(driver, sql, {"ids": values})
         # As the column's type reads it (`tables.UTCDateTime`): in UTC.
         rows = [
             (*row[:_CREATED_AT], row[_CREATED_AT].astimezone(UTC), *row[_CREATED_AT + 1 :])
