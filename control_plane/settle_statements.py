@@ -239,10 +239,10 @@ def settle_held(
     if _postgres(session):
         one = len(ordered) == 1
         ids = [i for i, _, _, _ in ordered]
-        charges = [charge for _, _, charge, _ in ordered]
+        amounts = [charge for _, _, charge, _ in ordered]
         params = {
             "ids": ids[0] if one else ids,
-            "charges": charges[0] if one else charges,
+            "charges": amounts[0] if one else amounts,
             "now": now,
         }
         return {row[0] for row in _run(session, _SETTLE_ONE_PG if one else _SETTLE_PG, params)}

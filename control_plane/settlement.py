@@ -128,6 +128,7 @@ _CREATED_AT = _HELD_COLUMNS.index("created_at")
 def held_rows(session: Session, ids: Sequence[str]) -> dict[str, HeldRow]:
     """The reservations `ids` that exist, by id, in one SELECT."""
     driver = raw_pg.driver_connection(session)
+    rows: list[Any]
     if driver is None:
         rows = list(session.connection().execute(_HELD, {"p_ids": list(ids)}))
     else:
