@@ -127,6 +127,8 @@ _CREATED_AT = _HELD_COLUMNS.index("created_at")
 
 def held_rows(session: Session, ids: Sequence[str]) -> dict[str, HeldRow]:
     """The reservations `ids` that exist, by id, in one SELECT."""
+    if not ids:
+        return {}
     driver = raw_pg.driver_connection(session)
     rows: list[Any]
     if driver is None:

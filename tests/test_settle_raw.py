@@ -170,3 +170,25 @@ def test_behind_pgbouncer_settlement_is_never_prepared(
         assert (prepared == 0) is pgbouncer
     finally:
         engine.dispose()
+
+
+def test_a_batch_sends_as_many_statements_on_the_driver_whatever_its_size(
+    tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 2 and one of 8 (arrays, not scalars) send the same statements."""
+    sent: list[list[str]] = []
+    real_run = raw_pg.run
+
+    def run(driver: Any, sql: str, params: Any) -> list[Any]:
+        sent[-1].append(sql.split(" ", 1)[0])
+        return real_run(driver, sql, params)
+
+    monkeypatch.setattr(raw_pg, "run", run)
+    for size in (2, 8):
+        deliveries = [_delivery(_turn(tenant), "Hello there!") for _ in range(size)]
+        sent.append([])
+        outcomes = tenant.tx(lambda s, d=deliveries: settlement.settle_webhooks(s, d))
+        assert all(isinstance(o, settlement.Outcome) and not o.duplicate for o in outcomes)
+    assert sent[0] == sent[1]
+    assert len(sent[0]) == 7  # as a lone webhook with a transcript
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
