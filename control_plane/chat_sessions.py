@@ -132,8 +132,8 @@ def append_replies(
     session: Session, replies: Sequence[tuple[str, dict[str, Any], SessionLimits]]
 ) -> list[Appended]:
     """Each (session id, message, limits) appended, as `append_messages` one by one
-    would, with one counter UPDATE for all the sessions, one read of their last
-    numbers and one INSERT of all the messages (a settlement batch's replies, issue
+    would, with one counter UPDATE for all the sessions, and one INSERT of all
+    the messages, numbered after each session's last (a settlement batch's replies, issue
     14.2). A session whose replies together would pass its caps, or that is gone,
     takes them one at a time instead, so that those that fit are still kept."""
     if not replies:
@@ -150,18 +150,12 @@ def append_replies(
             size = content_bytes(rows[i] for i in indexes)
             growth.append((session_id, len(indexes), size, limits.max_messages, limits.max_bytes))
     grown = settle_statements.grow_sessions(session, growth, now) if growth else set()
-    last = settle_statements.last_seqs(session, sorted(grown)) if grown else {}
     values = [
         value
         for session_id in sorted(grown)
-        for value in _message_rows(
-            session_id,
-            [rows[i] for i in grouped[session_id]],
-            last.get(session_id, 0) + 1,
-            now,
-        )
+        for value in _message_rows(session_id, [rows[i] for i in grouped[session_id]], 1, now)
     ]
-    settle_statements.insert_rows(session, (hot_statements.MESSAGES, values))
+    settle_statements.insert_messages_after_last(session, values)
     results: list[Appended] = []
     for session_id, message, limits in replies:
         if session_id in grown:

@@ -28,13 +28,13 @@ reply; grants lock the company only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -225,6 +225,13 @@ class ToSettle:
     actor: str
     request_id: str | None
     details: dict[str, Any]
+    # False: init counted its hold against no budget, so there is none to move.
+    budgeted: bool = True
+
+
+# Rows of other tables that a batch's settlements add (the usage records), by what
+# each item came to: written in the ledger rows' one statement.
+AlsoRows = Callable[[Sequence["Settled | None"]], Sequence[tuple[Table, Sequence[dict[str, Any]]]]]
 
 
 def settle_reservation(
@@ -241,7 +248,9 @@ def settle_reservation(
     return settle_reservations(session, [item])[0]
 
 
-def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Settled | None]:
+def settle_reservations(
+    session: Session, items: Sequence[ToSettle], also: AlsoRows | None = None
+) -> list[Settled | None]:
     """Charge each item's `charge` (≤ its hold) and release the rest, exactly once:
     None for a reservation already settled or released (by a concurrent duplicate,
     too). Reservations must be distinct.
@@ -250,8 +259,9 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
     active (the exactly-once point) and moves each company's money summed over the
     flipped ones (`settle_statements.settle_held`, one statement on PostgreSQL),
     the budgets follow (`budgets.settle_many`), and the charge and release rows with
-    their audit events go in one INSERT. Locks follow the order above:
-    reservations, companies, budget periods."""
+    their audit events go in one INSERT, with the rows `also` adds for the outcomes
+    (the caller's usage records). Locks follow the order above: reservations,
+    companies, budget periods."""
     if not items:
         return []
     now = utcnow()
@@ -273,7 +283,9 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
     done = [item for item in items if item.reservation.id in flipped]
     if not done:
         return [None] * len(items)
-    budgets.settle_many(session, [(item.reservation.id, item.charge) for item in done], now)
+    budgeted = [(item.reservation.id, item.charge) for item in done if item.budgeted]
+    if budgeted:
+        budgets.settle_many(session, budgeted, now)
     rows = [
         hot_statements.entry_rows(
             item.reservation.company_id,
@@ -293,17 +305,19 @@ def settle_reservations(session: Session, items: Sequence[ToSettle]) -> list[Set
             ("release", item.reservation.hold_micro - item.charge, "unused hold"),
         )
     ]
-    settle_statements.insert_rows(
-        session,
-        (hot_statements.LEDGER, [entry for entry, _ in rows]),
-        (hot_statements.AUDIT, [event for _, event in rows]),
-    )
-    return [
+    outcomes = [
         Settled(item.charge, item.reservation.hold_micro - item.charge)
         if item.reservation.id in flipped
         else None
         for item in items
     ]
+    settle_statements.insert_rows(
+        session,
+        (hot_statements.LEDGER, [entry for entry, _ in rows]),
+        (hot_statements.AUDIT, [event for _, event in rows]),
+        *(also(outcomes) if also is not None else ()),
+    )
+    return outcomes
 
 
 def release_reservation(

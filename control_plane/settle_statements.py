@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, CursorResult, Insert, Table, bindparam, func, insert, select
+from sqlalchemy import JSON, Insert, Table, bindparam, func, insert, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from control_plane import hot_statements
+from control_plane import hot_statements, raw_pg
 from control_plane.tables import rowcount
 
 
@@ -33,40 +33,53 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def _run(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[Any]:
+def _run(session: Session, sql: str, params: dict[str, Any]) -> list[Any]:
     """A PostgreSQL statement of this module, sent as it is (pyformat parameters)
-    on the session's connection, in its transaction: no compilation, no ORM layer,
-    half of `Session.execute`'s CPU (measured: ~95 against ~200 µs). Arrays go in
-    binary (``%(name)b``): psycopg's text format escapes each element with a regular
+    on the session's psycopg connection, in its transaction (`raw_pg.run`): no
+    compilation, no SQLAlchemy execution context. Arrays go in binary
+    (``%(name)b``): psycopg's text format escapes each element with a regular
     expression (measured: 480 against 180 µs for 16 rows of 5 columns)."""
-    return session.connection().exec_driver_sql(sql, params)
+    driver = raw_pg.driver_connection(session)
+    assert driver is not None
+    return raw_pg.run(driver, sql, params)
 
 
 # --- append-only rows ----------------------------------------------------------------
 
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
-_INSERTS: dict[tuple[str, bool], tuple[str, list[tuple[str, bool]]]] = {}
+_INSERTS: dict[tuple[str, int], tuple[str, list[tuple[str, bool]]]] = {}
 _SQLITE_INSERTS: dict[str, Insert] = {}
+# Up to this many rows a table's INSERT binds scalars (a lone settlement's two ledger
+# rows and audit events, its usage record): psycopg dumps an array in binary by
+# looking at its elements each time (~20 µs an array), a scalar at once.
+SCALAR_ROWS = 2
 
 
-def _pg_insert(table: Table, many: bool, prefix: str) -> tuple[str, list[tuple[str, bool]]]:
+def _pg_insert(table: Table, scalar_rows: int, prefix: str) -> tuple[str, list[tuple[str, bool]]]:
     """An INSERT of every column of `table`, its parameters named `prefix` + column:
-    of one row (scalars) or of several (``SELECT * FROM unnest(%(a)b, …)``, one
-    array per column); and which columns are JSON (sent as their JSON text)."""
-    key = (f"{prefix}{table.name}", many)
+    of `scalar_rows` rows of scalars (``VALUES``, the j-th row's named ``…_j``), or,
+    for 0, of any number (``SELECT * FROM unnest(%(a)b, …)``, one array per column);
+    and which columns are JSON (sent as their JSON text)."""
+    key = (f"{prefix}{table.name}", scalar_rows)
     found = _INSERTS.get(key)
     if found is None:
         quote = _PG.identifier_preparer.quote
         columns = list(table.columns)
-        casts = [
-            f"CAST(%({prefix}{c.name})b AS {c.type.compile(dialect=_PG)}[])"
-            if many
-            else f"CAST(%({prefix}{c.name})s AS {c.type.compile(dialect=_PG)})"
-            for c in columns
-        ]
-        source = (
-            f"SELECT * FROM unnest({', '.join(casts)})" if many else f"VALUES ({', '.join(casts)})"
-        )
+        if scalar_rows:
+            source = "VALUES " + ", ".join(
+                "("
+                + ", ".join(
+                    f"CAST(%({prefix}{c.name}_{j})s AS {c.type.compile(dialect=_PG)})"
+                    for c in columns
+                )
+                + ")"
+                for j in range(scalar_rows)
+            )
+        else:
+            arrays = ", ".join(
+                f"CAST(%({prefix}{c.name})b AS {c.type.compile(dialect=_PG)}[])" for c in columns
+            )
+            source = f"SELECT * FROM unnest({arrays})"
         names = ", ".join(quote(c.name) for c in columns)
         found = _INSERTS[key] = (
             f"INSERT INTO {quote(table.name)} ({names}) {source}",
@@ -88,8 +101,10 @@ def insert_rows(session: Session, *tables: tuple[Table, Sequence[dict[str, Any]]
     executemany: psycopg pipelines one INSERT per row there and busy-polls the
     socket until the server answers; nor SQLAlchemy's multi-row VALUES, which
     rewrites the SQL row by row with regular expressions (each measured at a fifth
-    or more of a batch's CPU). A JSON value goes as its text (None: JSON null), as
-    SQLAlchemy's JSON type writes it."""
+    or more of a batch's CPU). When no table has more than `SCALAR_ROWS` rows the
+    values go as scalars, otherwise every table's as arrays (so that the SQL text
+    depends on the batch size only up to there). A JSON value goes as its text
+    (None: JSON null), as SQLAlchemy's JSON type writes it."""
     tables = tuple((table, rows) for table, rows in tables if rows)
     if not tables:
         return
@@ -97,15 +112,19 @@ def insert_rows(session: Session, *tables: tuple[Table, Sequence[dict[str, Any]]
         for table, rows in tables:
             session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
         return
+    scalars = all(len(rows) <= SCALAR_ROWS for _, rows in tables)
     parts: list[str] = []
     params: dict[str, Any] = {}
     for i, (table, rows) in enumerate(tables):
         prefix = f"t{i}_"
-        sql, columns = _pg_insert(table, len(rows) > 1, prefix)
+        sql, columns = _pg_insert(table, len(rows) if scalars else 0, prefix)
         parts.append(sql)
         for name, is_json in columns:
             values = _column(rows, name, is_json)
-            params[prefix + name] = values if len(rows) > 1 else values[0]
+            if scalars:
+                params.update((f"{prefix}{name}_{j}", value) for j, value in enumerate(values))
+            else:
+                params[prefix + name] = values
     withs = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts[:-1]))
     _run(session, f"WITH {withs} {parts[-1]}" if withs else parts[-1], params)
 
@@ -119,6 +138,12 @@ _CLAIM_PG = (
     "SELECT w, r, %(now)s "
     "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(reservations)b AS varchar[])) AS v(w, r) "
     "ORDER BY w "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
+)
+# One delivery's, with scalars (`SCALAR_ROWS`).
+_CLAIM_ONE_PG = (
+    "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
+    "VALUES (CAST(%(id)s AS varchar), CAST(%(reservation)s AS varchar), %(now)s) "
     "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id"
 )
 _CLAIM_SQLITE = (
@@ -145,16 +170,20 @@ def claim_webhook_ids(
         return {}
     ordered = sorted(claims)
     if _postgres(session):
-        result = _run(
-            session,
-            _CLAIM_PG,
-            {
-                "ids": [w for w, _ in ordered],
-                "reservations": [r for _, r in ordered],
-                "now": now,
-            },
-        )
-        written = set(result.scalars())
+        if len(ordered) == 1:
+            [(w, r)] = ordered
+            result = _run(session, _CLAIM_ONE_PG, {"id": w, "reservation": r, "now": now})
+        else:
+            result = _run(
+                session,
+                _CLAIM_PG,
+                {
+                    "ids": [w for w, _ in ordered],
+                    "reservations": [r for _, r in ordered],
+                    "now": now,
+                },
+            )
+        written = {row[0] for row in result}
     else:
         written = {
             w
@@ -178,11 +207,13 @@ def claim_webhook_ids(
 
 # The flip and the money in one statement: the companies' UPDATE sums exactly the
 # reservations the flip matched (its RETURNING), after all of them (an aggregate).
+_SETTLE_SOURCE = "unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[]))"
+_SETTLE_ONE_SOURCE = "(VALUES (CAST(%(ids)s AS varchar), CAST(%(charges)s AS bigint)))"
 _SETTLE_PG = (
     "WITH flipped AS ("
     "UPDATE reservations AS r SET status = 'settled', charged_micro = v.charge, "
     "settled_at = %(now)s "
-    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(charges)b AS bigint[])) AS v(id, charge) "
+    f"FROM {_SETTLE_SOURCE} AS v(id, charge) "
     "WHERE r.id = v.id AND r.status = 'active' "
     "RETURNING r.id, r.company_id, v.charge, r.hold_micro), "
     "moved AS ("
@@ -193,6 +224,7 @@ _SETTLE_PG = (
     "WHERE c.id = m.company_id) "
     "SELECT id FROM flipped"
 )
+_SETTLE_ONE_PG = _SETTLE_PG.replace(_SETTLE_SOURCE, _SETTLE_ONE_SOURCE)
 
 
 def settle_held(
@@ -205,12 +237,15 @@ def settle_held(
     that were still active."""
     ordered = sorted(charges)
     if _postgres(session):
+        one = len(ordered) == 1
+        ids = [i for i, _, _, _ in ordered]
+        amounts = [charge for _, _, charge, _ in ordered]
         params = {
-            "ids": [i for i, _, _, _ in ordered],
-            "charges": [charge for _, _, charge, _ in ordered],
+            "ids": ids[0] if one else ids,
+            "charges": amounts[0] if one else amounts,
             "now": now,
         }
-        return set(_run(session, _SETTLE_PG, params).scalars())
+        return {row[0] for row in _run(session, _SETTLE_ONE_PG if one else _SETTLE_PG, params)}
     flipped = {
         reservation_id
         for reservation_id, _, charge, _ in ordered
@@ -228,16 +263,25 @@ def settle_held(
 
 # --- chat sessions -----------------------------------------------------------------
 
+_GROW_SOURCE = (
+    "unnest(CAST(%(ids)b AS varchar[]), CAST(%(added)b AS bigint[]), "
+    "CAST(%(sizes)b AS bigint[]), CAST(%(max_messages)b AS bigint[]), "
+    "CAST(%(max_bytes)b AS bigint[]))"
+)
+_GROW_ONE_SOURCE = (
+    "(VALUES (CAST(%(ids)s AS varchar), CAST(%(added)s AS bigint), "
+    "CAST(%(sizes)s AS bigint), CAST(%(max_messages)s AS bigint), "
+    "CAST(%(max_bytes)s AS bigint)))"
+)
 _GROW_SESSIONS_PG = (
     "UPDATE chat_sessions AS s SET updated_at = %(now)s, "
     "message_count = s.message_count + v.added, content_bytes = s.content_bytes + v.size "
-    "FROM unnest(CAST(%(ids)b AS varchar[]), CAST(%(added)b AS bigint[]), "
-    "CAST(%(sizes)b AS bigint[]), CAST(%(max_messages)b AS bigint[]), "
-    "CAST(%(max_bytes)b AS bigint[])) "
+    f"FROM {_GROW_SOURCE} "
     "AS v(id, added, size, max_messages, max_bytes) "
     "WHERE s.id = v.id AND s.message_count + v.added <= v.max_messages "
     "AND s.content_bytes + v.size <= v.max_bytes RETURNING s.id"
 )
+_GROW_ONE_PG = _GROW_SESSIONS_PG.replace(_GROW_SOURCE, _GROW_ONE_SOURCE)
 _LAST_SEQS = (
     select(hot_statements.MESSAGES.c.session_id, func.max(hot_statements.MESSAGES.c.seq))
     .where(hot_statements.MESSAGES.c.session_id.in_(bindparam("p_ids", expanding=True)))
@@ -253,16 +297,17 @@ def grow_sessions(
     locked); returns those ids. A session absent or full is left as it is."""
     ordered = sorted(growth)
     if _postgres(session):
+        one = len(ordered) == 1
         columns = list(zip(*ordered, strict=True))
-        params = {
-            "ids": list(columns[0]),
-            "added": list(columns[1]),
-            "sizes": list(columns[2]),
-            "max_messages": list(columns[3]),
-            "max_bytes": list(columns[4]),
-            "now": now,
+        params: dict[str, Any] = {
+            name: values[0] if one else list(values)
+            for name, values in zip(
+                ("ids", "added", "sizes", "max_messages", "max_bytes"), columns, strict=True
+            )
         }
-        return set(_run(session, _GROW_SESSIONS_PG, params).scalars())
+        params["now"] = now
+        sql = _GROW_ONE_PG if one else _GROW_SESSIONS_PG
+        return {row[0] for row in _run(session, sql, params)}
     grown = set()
     for session_id, added, size, max_messages, max_bytes in ordered:
         params = {
@@ -282,3 +327,57 @@ def last_seqs(session: Session, session_ids: Sequence[str]) -> dict[str, int]:
     """Each session's highest message number (absent: no message yet)."""
     rows = session.connection().execute(_LAST_SEQS, {"p_ids": list(session_ids)})
     return {session_id: int(seq) for session_id, seq in rows if seq is not None}
+
+
+def _messages_after_last_pg(one: bool) -> str:
+    """The INSERT of `insert_messages_after_last`: of one row (scalars) or any."""
+    quote = _PG.identifier_preparer.quote
+    columns = list(hot_statements.MESSAGES.columns)
+    names = [c.name for c in columns]
+    casts = ", ".join(
+        f"CAST(%({c.name})s AS {c.type.compile(dialect=_PG)})"
+        if one
+        else f"CAST(%({c.name})b AS {c.type.compile(dialect=_PG)}[])"
+        for c in columns
+    )
+    values = [
+        "coalesce((SELECT max(m.seq) FROM chat_messages AS m WHERE m.session_id = v.session_id), 0)"
+        " + v.seq"
+        if n == "seq"
+        else f"v.{quote(n)}"
+        for n in names
+    ]
+    source = f"(VALUES ({casts}))" if one else f"unnest({casts})"
+    return (
+        f"INSERT INTO chat_messages ({', '.join(quote(n) for n in names)}) "
+        f"SELECT {', '.join(values)} "
+        f"FROM {source} AS v({', '.join(quote(n) for n in names)})"
+    )
+
+
+# Numbered in the statement that inserts them, after the session's last message: a
+# statement of its own, so that its snapshot is taken once the caller's counter
+# UPDATE holds the session's row (a concurrent appender has committed by then).
+_MESSAGES_AFTER_LAST_PG = _messages_after_last_pg(one=False)
+_MESSAGE_AFTER_LAST_PG = _messages_after_last_pg(one=True)
+
+
+def insert_messages_after_last(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Messages (every column) whose ``seq`` counts from 1 in each session, numbered
+    after that session's last message, in one INSERT on PostgreSQL (SQLite: one
+    SELECT of the last numbers, then the INSERT). The caller holds the sessions'
+    rows (`grow_sessions`), so nothing numbers between the read and the write."""
+    if not rows:
+        return
+    if not _postgres(session):
+        last = last_seqs(session, sorted({row["session_id"] for row in rows}))
+        numbered = [{**row, "seq": last.get(row["session_id"], 0) + row["seq"]} for row in rows]
+        insert_rows(session, (hot_statements.MESSAGES, numbered))
+        return
+    one = len(rows) == 1
+    params = {
+        column.name: values[0] if one else values
+        for column in hot_statements.MESSAGES.columns
+        for values in [_column(rows, column.name, isinstance(column.type, JSON))]
+    }
+    _run(session, _MESSAGE_AFTER_LAST_PG if one else _MESSAGES_AFTER_LAST_PG, params)

@@ -21,15 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Table, bindparam, exists, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import chat_sessions, hot_statements, settle_statements
+from control_plane import chat_sessions, hot_statements, raw_pg, settle_statements
 from control_plane.audit import WEBHOOK_ACTOR
 from control_plane.db import Database
 from control_plane.errors import (
@@ -40,9 +40,17 @@ from control_plane.errors import (
     WebhookProviderMismatch,
 )
 from control_plane.fallbacks import served_price
-from control_plane.ledger import Held, ToSettle, charge_for, reservation_price, settle_reservations
+from control_plane.hot_statements import table_of
+from control_plane.ledger import (
+    Held,
+    Settled,
+    ToSettle,
+    charge_for,
+    reservation_price,
+    settle_reservations,
+)
 from control_plane.reservation_row import ReservationTerms
-from control_plane.tables import Reservation, WebhookEvent, new_id, utcnow
+from control_plane.tables import Reservation, ReservationBudget, WebhookEvent, new_id, utcnow
 from control_plane.usage_events import MAX_TOKENS_REPORTED as MAX_TOKENS_REPORTED
 from control_plane.usage_events import parse_time as parse_time
 from control_plane.usage_events import parse_usage_event as parse_usage_event
@@ -87,22 +95,54 @@ DUPLICATE = Outcome(duplicate=True)
 @dataclass(frozen=True, slots=True)
 class HeldRow(ReservationTerms):
     """A reservation's values as a settlement batch reads them (`ledger.Held`):
-    plain values from one Core SELECT, no ORM object, identity map or events."""
+    plain values from one SELECT, no ORM object, identity map or events.
+    `budgeted`: whether init counted its hold against any budget (its
+    ``reservation_budgets`` rows, written with the reservation and never after), so
+    that settling a company without budgets skips the budgets' SELECT."""
 
     created_at: datetime
     api_key_id: str | None
     fallbacks: list[dict[str, str]] | None
+    budgeted: bool = True
 
 
+_RESERVATIONS = hot_statements.RESERVATIONS
+_COUNTED = table_of(ReservationBudget)
+_HELD_COLUMNS = [name for name in HeldRow.__dataclass_fields__ if name != "budgeted"]
 _HELD = select(
-    *(hot_statements.RESERVATIONS.c[name] for name in HeldRow.__dataclass_fields__)
-).where(hot_statements.RESERVATIONS.c.id.in_(bindparam("p_ids", expanding=True)))
+    *(_RESERVATIONS.c[name] for name in _HELD_COLUMNS),
+    exists().where(_COUNTED.c.reservation_id == _RESERVATIONS.c.id).label("budgeted"),
+).where(_RESERVATIONS.c.id.in_(bindparam("p_ids", expanding=True)))
+# PostgreSQL: the same SELECT as psycopg SQL, the ids as one binary array.
+_HELD_PG = (
+    f"SELECT {', '.join(f'r.{name}' for name in _HELD_COLUMNS)}, "
+    "EXISTS (SELECT 1 FROM reservation_budgets AS b WHERE b.reservation_id = r.id) "
+    "FROM reservations AS r WHERE r.id = ANY(CAST(%(ids)b AS varchar[]))"
+)
+_HELD_ONE_PG = _HELD_PG.replace(
+    "ANY(CAST(%(ids)b AS varchar[]))", "CAST(%(ids)s AS varchar)"
+)  # a lone delivery's: a scalar (`settle_statements.SCALAR_ROWS`)
+_CREATED_AT = _HELD_COLUMNS.index("created_at")
 
 
 def held_rows(session: Session, ids: Sequence[str]) -> dict[str, HeldRow]:
     """The reservations `ids` that exist, by id, in one SELECT."""
-    rows = session.connection().execute(_HELD, {"p_ids": list(ids)})
-    return {row.id: HeldRow(*row) for row in rows}
+    if not ids:
+        return {}
+    driver = raw_pg.driver_connection(session)
+    rows: list[Any]
+    if driver is None:
+        rows = list(session.connection().execute(_HELD, {"p_ids": list(ids)}))
+    else:
+        one = len(ids) == 1
+        sql, values = (_HELD_ONE_PG, ids[0]) if one else (_HELD_PG, list(ids))
+        rows = raw_pg.run(driver, sql, {"ids": values})
+        # As the column's type reads it (`tables.UTCDateTime`): in UTC.
+        rows = [
+            (*row[:_CREATED_AT], row[_CREATED_AT].astimezone(UTC), *row[_CREATED_AT + 1 :])
+            for row in rows
+        ]
+    return {row[0]: HeldRow(*row) for row in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +178,19 @@ def settle_usages(session: Session, items: Sequence[Settling]) -> list[Outcome]:
     """Charge each item's usage against its hold and release the rest, once;
     DUPLICATE for a reservation no longer active. Reservations must be distinct.
     The money moves in `ledger.settle_reservations` (set-based); the usage records
-    of those settled follow in one INSERT."""
+    of those settled go in its INSERT of the ledger rows."""
+
+    def usage_records(
+        settled: Sequence[Settled | None],
+    ) -> list[tuple[Table, Sequence[dict[str, Any]]]]:
+        now = utcnow()
+        records = [
+            _usage_record(item, done.charged_micro, now)
+            for item, done in zip(items, settled, strict=True)
+            if done is not None
+        ]
+        return [(hot_statements.USAGE, records)]
+
     settled = settle_reservations(
         session,
         [
@@ -158,18 +210,13 @@ def settle_usages(session: Session, items: Sequence[Settling]) -> list[Outcome]:
                 item.actor,
                 item.request_id,
                 _context(item.usage, item.details),
+                # The sweeper's ORM row does not say; its budgets' SELECT runs.
+                item.reservation.budgeted if isinstance(item.reservation, HeldRow) else True,
             )
             for item in items
         ],
+        also=usage_records,
     )
-    now = utcnow()
-    records = [
-        _usage_record(item, done.charged_micro, now)
-        for item, done in zip(items, settled, strict=True)
-        if done is not None
-    ]
-    if records:
-        settle_statements.insert_rows(session, (hot_statements.USAGE, records))
     return [
         DUPLICATE
         if done is None
@@ -388,7 +435,7 @@ def append_transcripts(
     if not replies:
         return
     try:
-        with session.begin_nested():
+        with raw_pg.savepoint(session):
             appended = chat_sessions.append_replies(session, replies)
     except SQLAlchemyError:
         if len(replies) == 1:

@@ -1,0 +1,194 @@
+"""Settlement on the psycopg connection (issue 14.2, second round): what a lone
+webhook sends, that nothing of it is prepared behind PgBouncer, and that a failed
+transcript still rolls back to its plain savepoint and keeps the charge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import event as sa_event
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane import chat_sessions, hot_statements, init_writes, raw_pg, settlement
+from control_plane.books import check_books
+from control_plane.db import create_sync_engine
+from control_plane.migrate import upgrade
+from control_plane.tables import utcnow
+from shared.webhooks import UsageEvent
+from tests.test_init_writes import LIMITS, Tenant
+
+HOLD = 1_000
+
+
+def _turn(tenant: Tenant) -> init_writes.NewReservation:
+    """A reservation and its new session with the user's message, as init writes them."""
+    reservation = tenant.reservation(HOLD)
+    turn = init_writes.first_turn(
+        reservation.session_id,
+        tenant.company_id,
+        tenant.user_id,
+        [{"role": "user", "content": "hi"}],
+        LIMITS,
+        utcnow(),
+    )
+    assert tenant.tx(lambda s: init_writes.hold(s, reservation, turn))
+    return reservation
+
+
+def _delivery(reservation: init_writes.NewReservation, content: str | None) -> settlement.Delivery:
+    now = datetime.now(UTC)
+    event = UsageEvent(
+        jti=reservation.jti,
+        reservation_id=reservation.id,
+        company_id=reservation.company_id,
+        user_id=reservation.user_id,
+        session_id=reservation.session_id,
+        request_id=reservation.request_id,
+        model=reservation.model,
+        provider=reservation.provider,
+        status="completed",
+        finish_reason="stop",
+        input_tokens=100,
+        output_tokens=200,
+        usage_source="upstream",
+        started_at=(now - timedelta(seconds=1)).isoformat(),
+        first_token_at=None,
+        ended_at=now.isoformat(),
+        content=content,
+    )
+    return settlement.Delivery(event.webhook_id, event, transcripts=content is not None)
+
+
+def _settle(tenant: Tenant, delivery: settlement.Delivery) -> settlement.Outcome:
+    return tenant.tx(
+        lambda s: settlement.settle_webhook(
+            s,
+            delivery.webhook_id,
+            delivery.event,
+            transcripts=delivery.transcripts,
+            session_limits=LIMITS,
+        )
+    )
+
+
+@pytest.fixture
+def tenant(pg_database_url: str) -> Iterator[Tenant]:
+    upgrade(pg_database_url)
+    engine = create_sync_engine(pg_database_url)
+    try:
+        yield Tenant(sessionmaker(engine, expire_on_commit=False))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("content", [None, "Hello there!"])
+def test_a_lone_webhook_sends_its_statements_on_the_driver(
+    tenant: Tenant, content: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No budget, no transcript: four statements (the reservation, the webhook id,
+    the flip with the money, the rows), none through SQLAlchemy's execution; a
+    transcript adds its savepoint, the counters' UPDATE and the message."""
+    reservation = _turn(tenant)
+    sent: list[str] = []
+    real_run = raw_pg.run
+
+    def run(driver: Any, sql: str, params: Any) -> list[Any]:
+        sent.append(sql.split(" ", 1)[0])
+        return real_run(driver, sql, params)
+
+    through_sqlalchemy: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        through_sqlalchemy.append(statement)
+
+    monkeypatch.setattr(raw_pg, "run", run)
+    engine = tenant.sessions.kw["bind"]
+    sa_event.listen(engine, "before_cursor_execute", count)
+    try:
+        outcome = _settle(tenant, _delivery(reservation, content))
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", count)
+    assert not outcome.duplicate and outcome.charged_micro > 0
+    expected = ["SELECT", "INSERT", "WITH", "WITH"]
+    assert sent == (expected if content is None else [*expected, "SAVEPOINT", "UPDATE", "INSERT"])
+    assert through_sqlalchemy == []
+    messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
+    assert sorted((m["seq"], m["role"]) for m in messages) == (
+        [(1, "user")] if content is None else [(1, "user"), (2, "assistant")]
+    )
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+def test_a_failed_transcript_rolls_back_to_its_savepoint_and_keeps_the_charge(
+    tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reservation = _turn(tenant)
+    real_append = chat_sessions.append_replies
+
+    def failing(session: Session, replies: Any) -> Any:
+        real_append(session, replies)  # the counters and the message, then a failure
+        driver = raw_pg.driver_connection(session)
+        assert driver is not None
+        raw_pg.run(driver, "SELECT 1 / 0", {})
+
+    monkeypatch.setattr(chat_sessions, "append_replies", failing)
+    outcome = _settle(tenant, _delivery(reservation, "Hello there!"))
+    assert not outcome.duplicate and outcome.charged_micro > 0
+    [row] = tenant.rows(hot_statements.RESERVATIONS, id=reservation.id)
+    assert row["status"] == "settled" and row["charged_micro"] == outcome.charged_micro
+    [chat] = tenant.rows(hot_statements.SESSIONS, id=reservation.session_id)
+    assert (chat["message_count"], chat["content_bytes"]) == (1, 2)  # the user's "hi" only
+    messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
+    assert [m["role"] for m in messages] == ["user"]
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True])
+def test_behind_pgbouncer_settlement_is_never_prepared(
+    pg_database_url: str, pgbouncer: bool
+) -> None:
+    upgrade(pg_database_url)
+    engine = create_sync_engine(pg_database_url, pool_size=1, pgbouncer=pgbouncer)
+    try:
+        tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
+        for _ in range(7):  # past psycopg's prepare threshold (db.PG_PREPARE_THRESHOLD)
+            delivery = _delivery(_turn(tenant), "Hello there!")
+            assert not _settle(tenant, delivery).duplicate
+        prepared = tenant.tx(
+            lambda s: s.execute(
+                text(
+                    "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE "
+                    "'%webhook_events%' OR statement LIKE '%flipped%' "
+                    "OR statement LIKE '%chat_sessions AS s%'"
+                )
+            ).scalar_one()
+        )
+        assert (prepared == 0) is pgbouncer
+    finally:
+        engine.dispose()
+
+
+def test_a_batch_sends_as_many_statements_on_the_driver_whatever_its_size(
+    tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 2 and one of 8 (arrays, not scalars) send the same statements."""
+    sent: list[list[str]] = []
+    real_run = raw_pg.run
+
+    def run(driver: Any, sql: str, params: Any) -> list[Any]:
+        sent[-1].append(sql.split(" ", 1)[0])
+        return real_run(driver, sql, params)
+
+    monkeypatch.setattr(raw_pg, "run", run)
+    for size in (2, 8):
+        deliveries = [_delivery(_turn(tenant), "Hello there!") for _ in range(size)]
+        sent.append([])
+        outcomes = tenant.tx(lambda s, d=deliveries: settlement.settle_webhooks(s, d))
+        assert all(isinstance(o, settlement.Outcome) and not o.duplicate for o in outcomes)
+    assert sent[0] == sent[1]
+    assert len(sent[0]) == 7  # as a lone webhook with a transcript
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
