@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import select
 from sqlmodel import col
 
@@ -259,38 +258,3 @@ async def test_a_batch_mixing_duplicates_and_refusals_is_one_transaction(
     roles = [m["role"] for m in r.json()["data"]["messages"]]
     # Six turns asked; the replies of a, b, c and e kept once each.
     assert roles.count("user") == 6 and roles.count("assistant") == 4
-
-
-async def test_a_batch_sends_as_many_statements_whatever_its_size(
-    app_client: tuple[Any, httpx.AsyncClient],
-) -> None:
-    """Set-based (PostgreSQL): a batch of 8 webhooks sends the statements a batch of
-    2 sends, not four times as many."""
-    app, client = app_client
-    if app.state.db.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite settles a batch row by row")
-    auth, company_id = await _owner(client)
-    first = (await _inits(client, auth, 1))[0]
-    inits = [first, *await _inits(client, auth, 9, first["session_id"])]
-    statements: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement)
-
-    batcher = SettlementBatcher(app.state.db)
-    sent = []
-    for group in (inits[:2], inits[2:]):
-        events = [usage_event(i, company_id) for i in group]
-        statements.clear()
-        sa_event.listen(app.state.db.engine, "before_cursor_execute", count)
-        try:
-            results = await asyncio.gather(
-                *(batcher.settle(Job(e.webhook_id, e, transcripts=True)) for e in events)
-            )
-        finally:
-            sa_event.remove(app.state.db.engine, "before_cursor_execute", count)
-        assert not any(r.duplicate for r in results)
-        sent.append(len(statements))
-    assert sent[0] == sent[1]
-    problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
-    assert problems == []
