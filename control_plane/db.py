@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -122,6 +123,35 @@ class Database:
         return await loop.run_in_executor(
             self._executor, functools.partial(self._in_transaction, fn)
         )
+
+    @property
+    def postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def _standalone(self, fn: Callable[[Session | psycopg.Connection[Any]], T]) -> T:
+        if not self.postgres:
+            return self._in_transaction(fn)
+        pooled = self.engine.raw_connection()  # pre-pinged, as a session's would be
+        try:
+            driver = pooled.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            driver.autocommit = True
+            try:
+                return fn(driver)
+            finally:
+                if not driver.closed:
+                    driver.autocommit = False
+        finally:
+            pooled.close()
+
+    async def standalone(self, fn: Callable[[Session | psycopg.Connection[Any]], T]) -> T:
+        """Run ``fn`` whose every statement stands alone (a lookup, an idempotent
+        conditional write) in a worker thread. On PostgreSQL ``fn`` gets the pooled
+        psycopg connection itself in autocommit: no BEGIN or COMMIT round trip and no
+        ORM session, ~0.1 ms less CPU than `transaction` (issue 14.3). Elsewhere
+        (SQLite) it gets a session in one transaction, as `transaction`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self._standalone, fn))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking function that manages its own sessions on the DB threads."""

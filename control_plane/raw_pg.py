@@ -91,3 +91,19 @@ class RawStatement:
                 for value, process in zip(values, self._results, strict=True)
             )
         )
+
+    def first_on(
+        self, on: Session | psycopg.Connection[Any], values: Mapping[str, Any]
+    ) -> Any | None:
+        """`first` in a session's transaction, or on a psycopg connection of its own
+        (`Database.standalone`: autocommit, the statement is its own transaction)."""
+        if isinstance(on, Session):
+            return self.first(on, values)
+        params = self.params(values)
+        try:
+            with psycopg.RawCursor(on) as cursor:
+                cursor.execute(self.sql, params)
+                row = cursor.fetchone() if cursor.description is not None else None
+        except psycopg.Error as exc:
+            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+        return None if row is None else self._row_of(row)
