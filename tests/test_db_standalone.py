@@ -1,6 +1,8 @@
-"""`Database.standalone` (issue 14.3): on PostgreSQL each statement is its own
-transaction on the pooled psycopg connection (autocommit), and the connection goes
-back to the pool as a transaction would find it; on SQLite a session's transaction."""
+"""`Database.standalone` and `Database.unit` (issue 14.3). `standalone`: on
+PostgreSQL each statement is its own transaction on the pooled psycopg connection
+(autocommit), and the connection goes back to the pool as a transaction would find
+it. `unit`: one transaction on the pooled connection, with an ORM session on it
+only when asked for. On SQLite both are a session's transaction."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from control_plane.db import Database
+from control_plane.db import Database, Unit
 
 
 @pytest.fixture
@@ -85,3 +87,48 @@ def test_sqlite_gets_a_session_in_one_transaction(tmp_path: Path) -> None:
     finally:
         database.close()
     assert kinds == "Session"
+
+
+def test_a_unit_is_one_transaction_with_or_without_its_session(db: Database) -> None:
+    def raw(unit: Unit, name: str) -> None:
+        assert unit.driver is not None
+        unit.driver.execute("INSERT INTO marks VALUES (%s)", [name])
+
+    def both_then_fail(unit: Unit) -> None:
+        raw(unit, "raw")
+        unit.session().execute(text("INSERT INTO marks VALUES ('orm')"))
+        raise RuntimeError("after both writes")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.unit(both_then_fail))
+    assert names(db) == []  # the session's rollback took back the driver's write too
+
+    def raw_then_fail(unit: Unit) -> None:
+        raw(unit, "raw")
+        raise RuntimeError("after the write")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.unit(raw_then_fail))
+    assert names(db) == []
+
+    asyncio.run(db.unit(lambda unit: raw(unit, "alone")))
+
+    def both(unit: Unit) -> None:
+        raw(unit, "raw")
+        unit.session().execute(text("INSERT INTO marks VALUES ('orm')"))
+
+    asyncio.run(db.unit(both))
+    assert names(db) == ["alone", "orm", "raw"]
+    # The one pooled connection came back each time, out of any transaction.
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_unit_on_sqlite_is_a_session(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        kinds = asyncio.run(
+            database.unit(lambda unit: (unit.driver, unit.postgres, type(unit.on).__name__))
+        )
+    finally:
+        database.close()
+    assert kinds == (None, False, "Session")
