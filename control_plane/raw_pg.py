@@ -103,7 +103,9 @@ class RawStatement:
         try:
             with psycopg.RawCursor(on) as cursor:
                 cursor.execute(self.sql, params)
-                row = cursor.fetchone() if cursor.description is not None else None
+                # Whether rows come back is known from the statement: psycopg's
+                # `description` builds a Column object per column on every call.
+                row = cursor.fetchone() if self._results else None
         except psycopg.Error as exc:
             raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
         return None if row is None else self._row_of(row)
