@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
@@ -109,10 +110,13 @@ class _PooledUnit(Unit):
                         self._session.rollback()
                 finally:
                     self._session.close()
-            elif self.driver is not None and not self.driver.closed:
+            elif self.driver is not None:
                 if commit:
-                    self.driver.commit()
-                else:
+                    try:  # a broken connection raises here: no silent loss
+                        self.driver.commit()
+                    except psycopg.Error as exc:  # as the session's commit would raise it
+                        raise DBAPIError.instance("COMMIT", None, exc, psycopg.Error) from exc
+                elif not self.driver.closed:
                     self.driver.rollback()
         finally:
             if self._connection is not None:

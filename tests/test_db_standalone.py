@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from control_plane.db import Database, Unit
@@ -132,3 +133,20 @@ def test_a_unit_on_sqlite_is_a_session(tmp_path: Path) -> None:
     finally:
         database.close()
     assert kinds == (None, False, "Session")
+
+
+def test_a_unit_whose_connection_dies_fails_and_the_pool_recovers(
+    db: Database, pg_database_url: str
+) -> None:
+    admin_dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def write_then_lose_the_server(unit: Unit) -> None:
+        assert unit.driver is not None
+        unit.driver.execute("INSERT INTO marks VALUES ('lost')")
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [unit.driver.info.backend_pid])
+
+    with pytest.raises(DBAPIError):  # the COMMIT fails: never reported as done
+        asyncio.run(db.unit(write_then_lose_the_server))
+    asyncio.run(db.unit(lambda unit: unit.session().execute(text("SELECT 1"))))  # pre-ping
+    assert names(db) == []
