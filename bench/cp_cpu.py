@@ -107,21 +107,30 @@ class ThreadProfiles:
         return profile
 
     def wrap_database(self) -> None:
-        """Profile what `Database` runs on its threads while `on`."""
-        original = Database._in_transaction
+        """Profile what `Database` runs on its threads while `on`: its transactions,
+        its units (init's) and its standalone statements (the caller's lookup)."""
         profiles = self
 
-        def profiled(db: Database, fn: Callable[[Any], Any]) -> Any:
-            if not profiles.on:
-                return original(db, fn)
-            profile = profiles.current()
-            profile.enable()
-            try:
-                return original(db, fn)
-            finally:
-                profile.disable()
+        def wrap(name: str) -> None:
+            original = getattr(Database, name)
 
-        Database._in_transaction = profiled  # type: ignore[method-assign]
+            def profiled(db: Database, fn: Callable[[Any], Any]) -> Any:
+                # A unit on SQLite runs in a transaction: profile the outer call only.
+                if not profiles.on or getattr(profiles._local, "busy", False):
+                    return original(db, fn)
+                profile = profiles.current()
+                profiles._local.busy = True
+                profile.enable()
+                try:
+                    return original(db, fn)
+                finally:
+                    profile.disable()
+                    profiles._local.busy = False
+
+            setattr(Database, name, profiled)
+
+        for name in ("_in_transaction", "_in_unit", "_standalone"):
+            wrap(name)
 
     def stats(self) -> pstats.Stats:
         stream = io.StringIO()

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 import orjson
+import psycopg
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
@@ -122,6 +123,7 @@ _TOUCH_KEY = (
     .where(or_(_KEYS.c.last_used_at.is_(None), _KEYS.c.last_used_at < bindparam("p_stale_before")))
     .values(last_used_at=bindparam("p_now"))
 )
+_RAW_TOUCH_KEY = raw_pg.RawStatement(_TOUCH_KEY)
 
 
 def api_key_principal(session: Session, key: str) -> Principal | None:
@@ -130,9 +132,14 @@ def api_key_principal(session: Session, key: str) -> Principal | None:
     return api_key_hash_principal(session, hash_api_key(key))
 
 
-def api_key_hash_principal(session: Session, key_hash: str) -> Principal | None:
-    """`api_key_principal` by the key's SHA-256, as an edge sends it (issue 16.5)."""
-    row = _RAW_LOOKUP_KEY.first(session, {"p_hash": key_hash})
+def api_key_hash_principal(
+    on: Session | psycopg.Connection[Any], key_hash: str
+) -> Principal | None:
+    """`api_key_principal` by the key's SHA-256, as an edge sends it (issue 16.5).
+    `on` a session, or a connection of `Database.standalone`: the lookup and the
+    conditional touch stand alone, so a later failing transaction (an init refused)
+    leaves `last_used_at` recorded either way."""
+    row = _RAW_LOOKUP_KEY.first_on(on, {"p_hash": key_hash})
     if row is None or row.revoked_at is not None:
         return None
     if row.user_disabled_at is not None:
@@ -143,7 +150,11 @@ def api_key_hash_principal(session: Session, key_hash: str) -> Principal | None:
     stale_before = now - LAST_USED_RESOLUTION
     last_used = row.last_used_at
     if last_used is None or last_used < stale_before:
-        session.execute(_TOUCH_KEY, {"p_id": row.id, "p_stale_before": stale_before, "p_now": now})
+        touch = {"p_id": row.id, "p_stale_before": stale_before, "p_now": now}
+        if isinstance(on, Session):
+            on.execute(_TOUCH_KEY, touch)
+        else:
+            _RAW_TOUCH_KEY.first_on(on, touch)
     granted = set(str(s) for s in orjson.loads(row.scopes))
     return Principal(
         user_id=row.user_id,
@@ -187,10 +198,10 @@ _LOOKUP_USER = (
 _RAW_LOOKUP_USER = raw_pg.RawStatement(_LOOKUP_USER)
 
 
-def access_token_user(session: Session, user_id: str) -> Principal:
+def access_token_user(on: Session | psycopg.Connection[Any], user_id: str) -> Principal:
     """The principal of an access token's user; 401 when the user no longer exists,
     403 ``revoked`` as `ensure_not_revoked`."""
-    row = _RAW_LOOKUP_USER.first(session, {"p_id": user_id})
+    row = _RAW_LOOKUP_USER.first_on(on, {"p_id": user_id})
     if row is None:
         raise Unauthenticated("The access token's user no longer exists.")
     if row.disabled_at is not None:
@@ -231,7 +242,7 @@ async def _access_token_principal(deps: Deps, token: str) -> Principal:
     except TokenRejected as exc:
         raise Unauthenticated(f"The access token is not valid: {exc.message}.") from None
     user_id = str(claims["sub"])
-    return await deps.db.transaction(lambda s: access_token_user(s, user_id))
+    return await deps.db.standalone(lambda on: access_token_user(on, user_id))
 
 
 async def authenticate(request: Request) -> Principal:
@@ -243,7 +254,8 @@ async def authenticate(request: Request) -> Principal:
     ):
         return admin_token_principal()
     if looks_like_api_key(token):
-        principal = await deps.db.transaction(lambda s: api_key_principal(s, token))
+        key_hash = hash_api_key(token)
+        principal = await deps.db.standalone(lambda on: api_key_hash_principal(on, key_hash))
         if principal is None:
             raise Unauthenticated("The API key is unknown or revoked.")
         return principal

@@ -35,6 +35,7 @@ from control_plane import (
     tpm,
 )
 from control_plane.chat_request import InitRequest
+from control_plane.db import Unit
 from control_plane.deps import Deps
 from control_plane.errors import (
     Forbidden,
@@ -261,7 +262,7 @@ class StorageLimits:
 
 
 def reserve(
-    session: Session,
+    session: Session | Unit,
     catalog: Catalog,
     principal: Principal,
     req: InitRequest,
@@ -280,20 +281,23 @@ def reserve(
     of it back."""
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
-    company = _COMPANY_FOR_INIT.first(session, {"p_id": principal.company_id})
+    # The common init (a cached company config, no agent, no session id, no budgets)
+    # never asks the unit for its ORM session (`db.Unit`).
+    unit = session if isinstance(session, Unit) else Unit.of(session)
+    company = _COMPANY_FOR_INIT.first_on(unit.on, {"p_id": principal.company_id})
     if company is None:
         raise Forbidden("Your company no longer exists.")
     if company.disabled_at is not None:
         raise Revoked("Your company has been revoked.")
     # The company's own keys decide which of its overrides apply (`company_llm`):
     # a key that no longer decrypts routes to the platform's key, at packaged terms.
-    llm = _company_llm(session, fernet, company.id, llm_cache)
+    llm = _company_llm(unit, fernet, company.id, llm_cache)
     pools = llm.pools
     keys = {provider: pool[0] for provider, pool in pools.items()}
     cat = company_llm.company_catalog(
         catalog, llm.overrides, company.default_model, frozenset(keys)
     )
-    req, prefix = _with_agent(session, cat, company.id, req)
+    req, prefix = _with_agent(unit, cat, company.id, req)
     if req.model is not None and req.model in cat.disabled:
         raise ModelNotAllowed(f"Your company cannot use {req.model!r}.")
     model = resolve_model(cat, req.model, company.default_model)
@@ -301,18 +305,18 @@ def reserve(
     check_content(model, req.content_features)
     chat: ChatSession | None = None
     if req.session_id is not None:
-        chat = session.get(ChatSession, req.session_id)
+        chat = unit.session().get(ChatSession, req.session_id)
         if chat is None or not can_use_session(principal, chat.user_id, chat.company_id):
             raise SessionNotFound()
     if req.query is not None or req.tool_results is not None:
         new_turn = req.tool_results or [{"role": "user", "content": req.query}]
-        past = chat_sessions.history(session, chat.id) if chat else []
+        past = chat_sessions.history(unit.session(), chat.id) if chat else []
         messages = fit_history(model, [*prefix, *past], new_turn, req.max_tokens, req.params)
         if req.tool_results is not None:
             try:  # each result must answer a call the session's assistant made
                 check_tool_sequence(messages)
             except InputRejected as exc:
-                if chat is not None and _turn_unsettled(session, chat.id):
+                if chat is not None and _turn_unsettled(unit.session(), chat.id):
                     # The calls arrive in the session with the previous turn's usage
                     # webhook: a client quick off the mark is early, not wrong.
                     raise TurnInProgress() from None
@@ -361,24 +365,24 @@ def reserve(
     # periods (`budgets`), then the session row. A new session's row is nobody
     # else's yet: on PostgreSQL a first turn of one message is written with the
     # hold, in one statement (`init_writes`).
-    postgres = session.get_bind().dialect.name == "postgresql"
+    postgres = unit.postgres
     first_turn = None
     if chat is None and postgres:
         first_turn = init_writes.first_turn(
             session_id, company.id, principal.user_id, new_turn, limits.session, now
         )
     if not postgres:
-        take_hold(session, Reservation(**reservation.row()))
-    elif not init_writes.hold(session, reservation, first_turn):
+        take_hold(unit.session(), Reservation(**reservation.row()))
+    elif not init_writes.hold(unit.on, reservation, first_turn):
         raise InsufficientCredits()
     if company.has_budgets:
-        hold_budgets(session, principal, reservation)
+        hold_budgets(unit.session(), principal, reservation)
     appended: chat_sessions.Appended = "appended"
     if chat is not None:
-        appended = chat_sessions.append_messages(session, chat.id, new_turn, limits.session)
+        appended = chat_sessions.append_messages(unit.session(), chat.id, new_turn, limits.session)
     elif first_turn is None:
         appended = chat_sessions.create_with_messages(
-            session, session_id, company.id, principal.user_id, new_turn, limits.session, now
+            unit.session(), session_id, company.id, principal.user_id, new_turn, limits.session, now
         )
     if appended == "full":
         raise SessionFull(
@@ -418,7 +422,7 @@ def plan_chain(
 
 
 def _company_llm(
-    session: Session,
+    unit: Unit,
     fernet: MultiFernet | None,
     company_id: str,
     cached: catalog_cache.Lookup | None,
@@ -427,6 +431,7 @@ def _company_llm(
     under the version read for this init (`catalog_cache`), else from the database."""
     if cached is not None and (hit := cached.get(company_id)) is not None:
         return hit
+    session = unit.session()
     llm = catalog_cache.CompanyLLM(
         overrides=tuple(
             catalog_cache.detached(row) for row in company_llm.load_overrides(session, company_id)
@@ -448,14 +453,14 @@ def _turn_unsettled(session: Session, session_id: str) -> bool:
 
 
 def _with_agent(
-    session: Session, cat: company_llm.CompanyCatalog, company_id: str, req: InitRequest
+    unit: Unit, cat: company_llm.CompanyCatalog, company_id: str, req: InitRequest
 ) -> tuple[InitRequest, list[dict[str, Any]]]:
     """`req` with its agent applied (`agents.for_init`), and the messages that go
     before the conversation: the agent's system prompt, sent and held for on every
     turn but never stored in the session's history."""
     if req.agent is None:
         return req, []
-    turn = agents.for_init(session, cat, company_id, req)
+    turn = agents.for_init(unit.session(), cat, company_id, req)
     return turn.request, turn.prefix
 
 
@@ -537,9 +542,9 @@ async def init_chat(
         cache=deps.catalog_cache,
     )
     try:
-        reserved = await deps.db.transaction(
-            lambda s: reserve(
-                s,
+        reserved = await deps.db.unit(
+            lambda unit: reserve(
+                unit,
                 settings.catalog,
                 principal,
                 req,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import CTE, Select, Table, bindparam, insert, select
 from sqlalchemy.orm import Session
 
@@ -172,7 +173,11 @@ def first_turn(
     return FirstTurn(session, message)
 
 
-def hold(session: Session, reservation: NewReservation, turn: FirstTurn | None = None) -> bool:
+def hold(
+    on: Session | psycopg.Connection[Any],
+    reservation: NewReservation,
+    turn: FirstTurn | None = None,
+) -> bool:
     """Take the hold and write the reservation, its ledger row and audit event and,
     with `turn`, the new session and its message: one statement. False, and nothing
     written, when the company cannot cover the hold."""
@@ -189,4 +194,4 @@ def hold(session: Session, reservation: NewReservation, turn: FirstTurn | None =
         params |= _params("s_", turn.session, SESSION_COLUMNS)
         params |= _params("m_", turn.message, MESSAGE_COLUMNS)
         statement = _RAW_HOLD_WITH_NEW_SESSION
-    return statement.first(session, params) is not None
+    return statement.first_on(on, params) is not None

@@ -94,6 +94,24 @@ class RawStatement:
             )
         )
 
+    def first_on(
+        self, on: Session | psycopg.Connection[Any], values: Mapping[str, Any]
+    ) -> Any | None:
+        """`first` in a session's transaction, or on a psycopg connection of its own
+        (`Database.standalone`: autocommit, the statement is its own transaction)."""
+        if isinstance(on, Session):
+            return self.first(on, values)
+        params = self.params(values)
+        try:
+            with psycopg.RawCursor(on) as cursor:
+                cursor.execute(self.sql, params)
+                # Whether rows come back is known from the statement: psycopg's
+                # `description` builds a Column object per column on every call.
+                row = cursor.fetchone() if self._results else None
+        except psycopg.Error as exc:
+            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+        return None if row is None else self._row_of(row)
+
 
 def driver_connection(session: Session) -> psycopg.Connection[Any] | None:
     """The psycopg connection of the session's transaction; None on SQLite."""

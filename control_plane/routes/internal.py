@@ -62,7 +62,7 @@ async def edge_call(request: Request, deps: Deps) -> EdgeCall:
 
 
 async def key_principal(deps: Deps, key_hash: str) -> Principal:
-    principal = await deps.db.transaction(lambda s: api_key_hash_principal(s, key_hash))
+    principal = await deps.db.standalone(lambda on: api_key_hash_principal(on, key_hash))
     if principal is None:
         raise Unauthenticated("The API key is unknown or revoked.")
     return principal

@@ -1,0 +1,152 @@
+"""`Database.standalone` and `Database.unit` (issue 14.3). `standalone`: on
+PostgreSQL each statement is its own transaction on the pooled psycopg connection
+(autocommit), and the connection goes back to the pool as a transaction would find
+it. `unit`: one transaction on the pooled connection, with an ORM session on it
+only when asked for. On SQLite both are a session's transaction."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from control_plane.db import Database, Unit
+
+
+@pytest.fixture
+def db(pg_database_url: str) -> Iterator[Database]:
+    database = Database(pg_database_url, pool_size=1)  # one connection: every call reuses it
+    with database.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE marks (name text PRIMARY KEY)"))
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def names(db: Database) -> list[str]:
+    with db.engine.connect() as conn:
+        return [
+            str(n) for n in conn.execute(text("SELECT name FROM marks ORDER BY name")).scalars()
+        ]
+
+
+def test_each_statement_commits_on_its_own(db: Database) -> None:
+    seen: list[bool] = []
+
+    def write_then_fail(on: Session | psycopg.Connection[Any]) -> None:
+        assert isinstance(on, psycopg.Connection)
+        seen.append(on.autocommit)
+        on.execute("INSERT INTO marks VALUES ('kept')")
+        raise RuntimeError("after the write")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.standalone(write_then_fail))
+    assert seen == [True]
+    assert names(db) == ["kept"]  # nothing to roll back: the INSERT was its own transaction
+
+
+def test_the_connection_returns_to_transactions(db: Database) -> None:
+    def read(on: Session | psycopg.Connection[Any]) -> None:
+        assert isinstance(on, psycopg.Connection)
+        on.execute("SELECT 1")
+
+    asyncio.run(db.standalone(read))
+
+    def write_then_fail(session: Session) -> None:
+        session.execute(text("INSERT INTO marks VALUES ('rolled back')"))
+        raise RuntimeError("after the write")
+
+    # The same (only) connection, no longer in autocommit: the failure undoes the write.
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.transaction(write_then_fail))
+    assert names(db) == []
+
+
+def test_a_statement_error_leaves_the_connection_usable(db: Database) -> None:
+    def bad(on: Session | psycopg.Connection[Any]) -> None:
+        assert isinstance(on, psycopg.Connection)
+        on.execute("SELECT * FROM no_such_table")
+
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        asyncio.run(db.standalone(bad))
+    asyncio.run(db.transaction(lambda s: s.execute(text("INSERT INTO marks VALUES ('after')"))))
+    assert names(db) == ["after"]
+
+
+def test_sqlite_gets_a_session_in_one_transaction(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        kinds = asyncio.run(database.standalone(lambda on: type(on).__name__))
+    finally:
+        database.close()
+    assert kinds == "Session"
+
+
+def test_a_unit_is_one_transaction_with_or_without_its_session(db: Database) -> None:
+    def raw(unit: Unit, name: str) -> None:
+        assert unit.driver is not None
+        unit.driver.execute("INSERT INTO marks VALUES (%s)", [name])
+
+    def both_then_fail(unit: Unit) -> None:
+        raw(unit, "raw")
+        unit.session().execute(text("INSERT INTO marks VALUES ('orm')"))
+        raise RuntimeError("after both writes")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.unit(both_then_fail))
+    assert names(db) == []  # the session's rollback took back the driver's write too
+
+    def raw_then_fail(unit: Unit) -> None:
+        raw(unit, "raw")
+        raise RuntimeError("after the write")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(db.unit(raw_then_fail))
+    assert names(db) == []
+
+    asyncio.run(db.unit(lambda unit: raw(unit, "alone")))
+
+    def both(unit: Unit) -> None:
+        raw(unit, "raw")
+        unit.session().execute(text("INSERT INTO marks VALUES ('orm')"))
+
+    asyncio.run(db.unit(both))
+    assert names(db) == ["alone", "orm", "raw"]
+    # The one pooled connection came back each time, out of any transaction.
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_unit_on_sqlite_is_a_session(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        kinds = asyncio.run(
+            database.unit(lambda unit: (unit.driver, unit.postgres, type(unit.on).__name__))
+        )
+    finally:
+        database.close()
+    assert kinds == (None, False, "Session")
+
+
+def test_a_unit_whose_connection_dies_fails_and_the_pool_recovers(
+    db: Database, pg_database_url: str
+) -> None:
+    admin_dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def write_then_lose_the_server(unit: Unit) -> None:
+        assert unit.driver is not None
+        unit.driver.execute("INSERT INTO marks VALUES ('lost')")
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [unit.driver.info.backend_pid])
+
+    with pytest.raises(DBAPIError):  # the COMMIT fails: never reported as done
+        asyncio.run(db.unit(write_then_lose_the_server))
+    asyncio.run(db.unit(lambda unit: unit.session().execute(text("SELECT 1"))))  # pre-ping
+    assert names(db) == []
