@@ -109,3 +109,23 @@ def test_imports_are_read_from_both_import_forms(tmp_path: Path) -> None:
     )
     assert under("control_plane.tables", "control_plane")
     assert {"control_plane.tables", "sqlmodel", "sqlmodel.select"} <= imports_of(bad)
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """The threat model answers each attack with a test: a renamed or moved test must
+    take its row with it, or the table silently points at nothing."""
+    import re
+
+    missing = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        for line in doc.read_text().splitlines():
+            named = None
+            for match in re.finditer(r"(test_\w+\.py)|::(\w+)", line):
+                if match[1]:
+                    named = ROOT / "tests" / match[1]
+                    if not named.exists():
+                        missing.append(f"{doc.name}: {match[1]}")
+                elif named is not None and named.exists():
+                    if f"def {match[2]}(" not in named.read_text():
+                        missing.append(f"{doc.name}: {named.name}::{match[2]}")
+    assert not missing, missing
