@@ -83,11 +83,26 @@ class EventStreamResponse:
         last_write = time.monotonic()
         send_started: float | None = None
 
+        def gone() -> None:
+            # A write found the client gone before `watch_disconnect` heard it leave.
+            # A resumable stream goes on for a reconnect (`watch_disconnect` lingers,
+            # then cancels); any other stream stops now.
+            self.connected = False
+            if self.outcome == "finished":
+                self.outcome = "client_gone"
+            if self._linger is None and self._scope is not None:
+                self._scope.cancel()
+
         async def emit(data: bytes) -> None:
             nonlocal last_write, send_started
             if data and self.connected:
                 send_started = time.monotonic()
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                try:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                except OSError:
+                    send_started = None
+                    gone()
+                    return
                 last_write = time.monotonic()
                 send_started = None
 
@@ -128,13 +143,8 @@ class EventStreamResponse:
                     and send_started is None
                     and now - last_write >= self._ping_interval
                 ):
-                    try:
-                        await emit(PING)
-                    except OSError:  # the client is gone: as `watch_disconnect` would see
-                        self.connected = False
-                        if self.outcome == "finished":
-                            self.outcome = "client_gone"
-                        producer.cancel()
+                    await emit(PING)
+                    if not self.connected:  # the client is gone (`gone`)
                         return
 
         # The watchers are plain asyncio tasks around one cancel scope for the
