@@ -56,23 +56,6 @@ def title_from(messages: Iterable[dict[str, Any]]) -> str:
     return "New chat"
 
 
-def create_session(
-    session: Session, company_id: str, user_id: str, title: str, now: datetime | None = None
-) -> ChatSession:
-    moment = now or utcnow()
-    chat = ChatSession(
-        id=new_id(),
-        company_id=company_id,
-        user_id=user_id,
-        title=without_nul(title),
-        created_at=moment,
-        updated_at=moment,
-    )
-    session.add(chat)
-    session.flush()
-    return chat
-
-
 def _tool_fields(message: ChatMessage) -> dict[str, Any]:
     """A stored message's tool call fields, present only when set (OpenAI's shape)."""
     out: dict[str, Any] = {}

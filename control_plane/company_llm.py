@@ -317,12 +317,6 @@ def keyed_providers(session: Session, company_id: str) -> frozenset[str]:
     )
 
 
-def own_keys(session: Session, fernet: MultiFernet, company_id: str) -> dict[str, str]:
-    """provider → the company's key, for every key that still decrypts."""
-    keys = {r.provider: decrypt_key(fernet, r) for r in provider_rows(session, company_id)}
-    return {provider: key for provider, key in keys.items() if key is not None}
-
-
 def own_key_pools(session: Session, fernet: MultiFernet, company_id: str) -> dict[str, list[str]]:
     """provider → the company's key pool (first key first), for pools whose first key
     still decrypts."""

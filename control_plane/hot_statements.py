@@ -75,7 +75,6 @@ HOLD_AND_RESERVE_PG = (
 INSERT_RESERVATION = insert(RESERVATIONS)
 INSERT_LEDGER = insert(LEDGER)
 INSERT_AUDIT = insert(AUDIT)
-INSERT_USAGE = insert(USAGE)
 INSERT_SESSION = insert(SESSIONS)
 INSERT_MESSAGES = insert(MESSAGES)
 
@@ -210,12 +209,6 @@ APPEND_TO_SESSION = (
 )
 SELECT_SESSION_ID = select(SESSIONS.c.id).where(SESSIONS.c.id == bindparam("p_id"))
 SELECT_LAST_SEQ = select(func.max(MESSAGES.c.seq)).where(MESSAGES.c.session_id == bindparam("p_id"))
-
-# What init needs of its company (no ORM entity): whether it is revoked, its default.
-SELECT_COMPANY_FOR_INIT = select(
-    COMPANIES.c.id, COMPANIES.c.disabled_at, COMPANIES.c.default_model
-).where(COMPANIES.c.id == bindparam("p_id"))
-
 
 # --- init (issue 14.3): the company with whether it has any budget ----------------
 # One row, one round trip: init asks `budgets.applicable` (a join over teams, ORM

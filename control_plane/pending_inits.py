@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
 
 from control_plane.errors import TooManyPendingInits
 from shared.hash_tags import company_tag
-from shared.store import BoundedSetStore, KeyValueStore
+from shared.store import BoundedSetStore
 
 log = logging.getLogger("control_plane.pending_inits")
-
-
-class PendingStore(BoundedSetStore, KeyValueStore, Protocol):
-    """The user's pending set, and the edges' used marks that take members out of it."""
 
 
 def pending_key(user_id: str) -> str:

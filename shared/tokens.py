@@ -193,38 +193,6 @@ def unverified_kid(token: str) -> str:
     return kid
 
 
-_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
-    (jwt.ExpiredSignatureError, "expired", "the token has expired"),
-    (jwt.ImmatureSignatureError, "not_yet_valid", "the token is not valid yet"),
-    (jwt.InvalidAudienceError, "bad_audience", "the token is not meant for this service"),
-    (jwt.InvalidIssuerError, "bad_issuer", "the token was not issued by this gateway"),
-    (jwt.InvalidSignatureError, "bad_signature", "the token's signature does not verify"),
-    (jwt.MissingRequiredClaimError, "malformed", "the token lacks a required claim"),
-)
-
-
-def decode_verified(
-    token: str, public_key: Ed25519PublicKey, *, audience: str, leeway: int = LEEWAY_SECONDS
-) -> dict[str, Any]:
-    """Verify signature, `alg`, `aud`, `iss`, `exp`, `nbf`; return the claims."""
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            public_key,
-            algorithms=[ALGORITHM],
-            audience=audience,
-            issuer=ISSUER,
-            leeway=leeway,
-            options={"require": list(REQUIRED_CLAIMS)},
-        )
-    except jwt.PyJWTError as exc:
-        for kind, reason, message in _REASONS:
-            if isinstance(exc, kind):
-                raise TokenRejected(reason, message) from exc
-        raise TokenRejected("malformed", "the token is not valid") from exc
-    return claims
-
-
 def verify_parsed_stream_token(
     parsed: jws_fast.ParsedToken, public_key: Ed25519PublicKey
 ) -> StreamGrant:
