@@ -51,9 +51,6 @@ from control_plane.ledger import (
 )
 from control_plane.reservation_row import ReservationTerms
 from control_plane.tables import Reservation, ReservationBudget, WebhookEvent, new_id, utcnow
-from control_plane.usage_events import MAX_TOKENS_REPORTED as MAX_TOKENS_REPORTED
-from control_plane.usage_events import parse_time as parse_time
-from control_plane.usage_events import parse_usage_event as parse_usage_event
 from control_plane.usage_events import ttft_ms
 from shared.catalog import Price
 from shared.webhooks import USAGE_DETAILS, UsageEvent

@@ -24,8 +24,8 @@ from sqlmodel import col
 from control_plane.company_llm import company_catalog
 from control_plane.errors import ValidationFailed
 from control_plane.ledger import charge_for
-from control_plane.settlement import parse_usage_event
 from control_plane.tables import CompanyModel, Reservation
+from control_plane.usage_events import parse_usage_event
 from shared.catalog import CatalogError, Price, load_catalog, parse_catalog
 from shared.pricing import TokenUsage, hold_cost_micro, split_problem, usage_cost_micro
 from shared.webhooks import UsageEvent, sign

@@ -33,7 +33,7 @@ from control_plane.policy import (
     can_read_session,
     scopes_for_role,
 )
-from control_plane.settlement import parse_usage_event
+from control_plane.usage_events import parse_usage_event
 from control_plane.validation import page_limit, parse_json_object
 from shared.catalog import Catalog, ModelSpec, Price, Provider
 from shared.pricing import estimate_input_tokens

@@ -165,7 +165,7 @@ def vendor_usage(
     """A `Usage` from a vendor's figures, clamped: a part never exceeds its whole, a
     count that is not a positive integer is 0. A backend that reports more cached
     than total input cannot make the uncached remainder (and the charge) negative;
-    the control plane refuses such an event outright (`settlement.parse_usage_event`)."""
+    the control plane refuses such an event outright (`usage_events.parse_usage_event`)."""
     input_tokens, output_tokens = token_count(input_tokens), token_count(output_tokens)
     cached_tokens = min(token_count(cached), input_tokens)
     write_tokens = min(token_count(cache_write), input_tokens - cached_tokens)
