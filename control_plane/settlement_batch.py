@@ -34,8 +34,6 @@ log = logging.getLogger("control_plane.settlement_batch")
 
 MAX_BATCH = 64  # events per transaction: bounds how long one batch holds its locks
 
-Job = Delivery  # what the batcher is given: a verified delivery
-
 
 class SettlementBatcher:
     """The webhook route's way to settle (one per app, made by the lifespan)."""

@@ -25,8 +25,8 @@ from control_plane.errors import (
     ReservationNotFound,
 )
 from control_plane.ledger import charge_for, release_reservation, reservation_price
-from control_plane.settlement import Outcome
-from control_plane.settlement_batch import Job, SettlementBatcher
+from control_plane.settlement import Delivery, Outcome
+from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
@@ -107,13 +107,13 @@ async def test_duplicates_inside_one_batch_charge_once(
     a, b, c, d = await _inits(client, auth, 4)
     ea, eb, ec, ed = (usage_event(x, company_id) for x in (a, b, c, d))
     jobs = [
-        Job(ea.webhook_id, ea, transcripts=True),
-        Job(ea.webhook_id, ea, transcripts=True),  # the same delivery twice
-        Job("first-for-b", eb, transcripts=True),
+        Delivery(ea.webhook_id, ea, transcripts=True),
+        Delivery(ea.webhook_id, ea, transcripts=True),  # the same delivery twice
+        Delivery("first-for-b", eb, transcripts=True),
         # A second id for the same stream, claiming less: must not charge again.
-        Job("second-for-b", replace(eb, status="failed", output_tokens=0), transcripts=True),
-        Job(ec.webhook_id, ec, transcripts=True),
-        Job(ec.webhook_id, replace(ec, input_tokens=1), transcripts=True),
+        Delivery("second-for-b", replace(eb, status="failed", output_tokens=0), transcripts=True),
+        Delivery(ec.webhook_id, ec, transcripts=True),
+        Delivery(ec.webhook_id, replace(ec, input_tokens=1), transcripts=True),
     ]
     db = Counting(app.state.db)
     batcher = SettlementBatcher(db)  # type: ignore[arg-type]
@@ -124,10 +124,10 @@ async def test_duplicates_inside_one_batch_charge_once(
     # One refused event in a batch rolls the batch back; each is then settled alone:
     # the refused ones answer their errors, the others settle (or stay duplicates).
     refused = [
-        Job("wrong-jti", replace(ed, jti="not-the-jti"), transcripts=True),
-        Job("nowhere", replace(ed, reservation_id="no-such"), transcripts=True),
-        Job(ea.webhook_id, ea, transcripts=True),  # still a duplicate
-        Job(ed.webhook_id, ed, transcripts=True),  # settles despite its neighbours
+        Delivery("wrong-jti", replace(ed, jti="not-the-jti"), transcripts=True),
+        Delivery("nowhere", replace(ed, reservation_id="no-such"), transcripts=True),
+        Delivery(ea.webhook_id, ea, transcripts=True),  # still a duplicate
+        Delivery(ed.webhook_id, ed, transcripts=True),  # settles despite its neighbours
     ]
     mixed = await asyncio.gather(*(batcher.settle(j) for j in refused), return_exceptions=True)
     assert isinstance(mixed[0], ReservationMismatch)
@@ -201,23 +201,23 @@ async def test_a_batch_mixing_duplicates_and_refusals_is_one_transaction(
     ea, eb, ec, ed, ee, ef = (usage_event(x, company_id) for x in (a, b, c, d, e, f))
     db = Counting(app.state.db)
     batcher = SettlementBatcher(db)  # type: ignore[arg-type]
-    assert not (await batcher.settle(Job(ee.webhook_id, ee, transcripts=True))).duplicate
+    assert not (await batcher.settle(Delivery(ee.webhook_id, ee, transcripts=True))).duplicate
     released = await app.state.db.transaction(
         lambda s: release_reservation(s, f["reservation_id"], "expired", actor="sweeper")
     )
     assert released is not None
     db.transactions = 0
     jobs = [
-        Job(ea.webhook_id, ea, transcripts=True),  # settles
-        Job(ea.webhook_id, ea, transcripts=True),  # its twin: duplicate
-        Job(ea.webhook_id, eb, transcripts=True),  # a's id for b: 409
-        Job(eb.webhook_id, eb, transcripts=True),  # settles
-        Job("another-id-for-b", replace(eb, output_tokens=1), transcripts=True),  # duplicate
-        Job(ee.webhook_id, ee, transcripts=True),  # settled by the earlier batch: duplicate
-        Job(ef.webhook_id, ef, transcripts=True),  # released by the sweeper: duplicate
-        Job(ec.webhook_id, replace(ec, jti="not-the-jti"), transcripts=True),  # 422
-        Job(ec.webhook_id, ec, transcripts=True),  # the id the refused one did not take
-        Job(ed.webhook_id, replace(ed, model="not-in-its-chain"), transcripts=True),  # 422
+        Delivery(ea.webhook_id, ea, transcripts=True),  # settles
+        Delivery(ea.webhook_id, ea, transcripts=True),  # its twin: duplicate
+        Delivery(ea.webhook_id, eb, transcripts=True),  # a's id for b: 409
+        Delivery(eb.webhook_id, eb, transcripts=True),  # settles
+        Delivery("another-id-for-b", replace(eb, output_tokens=1), transcripts=True),  # duplicate
+        Delivery(ee.webhook_id, ee, transcripts=True),  # settled by the earlier batch: duplicate
+        Delivery(ef.webhook_id, ef, transcripts=True),  # released by the sweeper: duplicate
+        Delivery(ec.webhook_id, replace(ec, jti="not-the-jti"), transcripts=True),  # 422
+        Delivery(ec.webhook_id, ec, transcripts=True),  # the id the refused one did not take
+        Delivery(ed.webhook_id, replace(ed, model="not-in-its-chain"), transcripts=True),  # 422
     ]
     results = await asyncio.gather(*(batcher.settle(j) for j in jobs), return_exceptions=True)
     assert db.transactions == 1
