@@ -44,7 +44,6 @@ class EdgeSettings(CommonSettings):
     webhook_retry_base_seconds: float
     webhook_retry_cap_seconds: float
     spool_dir: str  # usage reports the store would not take wait here
-    provider_keys: Mapping[str, Secret] = field(default_factory=dict)
     # Every platform key of a provider (`api_key_env`, then `api_key_envs`), in order:
     # streams spread across them (`stream_edge.key_pool`).
     provider_key_pools: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
@@ -94,11 +93,6 @@ class EdgeSettings(CommonSettings):
                 env, "LLMGW_WEBHOOK_RETRY_CAP_SECONDS", 300, 0.1, 86400
             ),
             spool_dir=env.get("LLMGW_SPOOL_DIR") or "var/spool",
-            provider_keys={
-                name: Secret(env[var])
-                for name, provider in providers.items()
-                if (var := next((v for v in provider.key_envs() if env.get(v)), None))
-            },
             provider_key_pools={
                 name: pool
                 for name, provider in providers.items()
