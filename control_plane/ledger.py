@@ -249,7 +249,11 @@ def settle_reservation(
 
 
 def settle_reservations(
-    session: Session, items: Sequence[ToSettle], also: AlsoRows | None = None
+    session: Session,
+    items: Sequence[ToSettle],
+    also: AlsoRows | None = None,
+    *,
+    claim: str | None = None,
 ) -> list[Settled | None]:
     """Charge each item's `charge` (≤ its hold) and release the rest, exactly once:
     None for a reservation already settled or released (by a concurrent duplicate,
@@ -261,7 +265,9 @@ def settle_reservations(
     the budgets follow (`budgets.settle_many`), and the charge and release rows with
     their audit events go in one INSERT, with the rows `also` adds for the outcomes
     (the caller's usage records). Locks follow the order above: reservations,
-    companies, budget periods."""
+    companies, budget periods. `claim`: a lone item's webhook id, recorded in the
+    flip's statement, which settles only if the id is new
+    (`settle_statements.settle_held`)."""
     if not items:
         return []
     now = utcnow()
@@ -279,6 +285,7 @@ def settle_reservations(
             for item in items
         ],
         now,
+        claim=claim,
     )
     done = [item for item in items if item.reservation.id in flipped]
     if not done:

@@ -203,6 +203,18 @@ def claim_webhook_ids(
     return owners
 
 
+def can_claim_and_settle(session: Session) -> bool:
+    """Whether `settle_held` can record a lone webhook's id itself (PostgreSQL)."""
+    return _postgres(session)
+
+
+def webhook_owner(session: Session, webhook_id: str) -> str | None:
+    """The reservation a recorded webhook id names (None: not recorded)."""
+    for _, reservation_id in session.execute(_OWNERS, {"p_ids": [webhook_id]}):
+        return str(reservation_id)
+    return None
+
+
 # --- reservations and companies ----------------------------------------------------
 
 # The flip and the money in one statement: the companies' UPDATE sums exactly the
@@ -225,17 +237,45 @@ _SETTLE_PG = (
     "SELECT id FROM flipped"
 )
 _SETTLE_ONE_PG = _SETTLE_PG.replace(_SETTLE_SOURCE, _SETTLE_ONE_SOURCE)
+# A lone webhook's claim of its id and its settlement in ONE statement (one round
+# trip less than `claim_webhook_ids` then `_SETTLE_ONE_PG`, the lone webhook being
+# the case at low load): the flip happens only if the id was recorded now. A twin
+# in flight makes ON CONFLICT wait for it, as `_CLAIM_ONE_PG` does; the id is
+# recorded even when the reservation is no longer active (a redelivery then finds it).
+_CLAIM_AND_SETTLE_ONE_PG = (
+    "WITH claimed AS ("
+    "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
+    "VALUES (CAST(%(webhook_id)s AS varchar), CAST(%(ids)s AS varchar), %(now)s) "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id), "
+    + _SETTLE_ONE_PG.removeprefix("WITH ").replace(
+        "WHERE r.id = v.id AND r.status = 'active' ",
+        "WHERE r.id = v.id AND r.status = 'active' AND EXISTS (SELECT FROM claimed) ",
+    )
+)
 
 
 def settle_held(
-    session: Session, charges: Sequence[tuple[str, str, int, int]], now: datetime
+    session: Session,
+    charges: Sequence[tuple[str, str, int, int]],
+    now: datetime,
+    *,
+    claim: str | None = None,
 ) -> set[str]:
     """(reservation id, company id, charge, hold) each: settle every reservation
     still active (the exactly-once point: a concurrent twin waits on the row lock,
     then finds it settled and matches nothing), and move its company's money: the
     charges leave the balance, the whole holds leave ``held``. Returns the ids
-    that were still active."""
+    that were still active.
+
+    `claim`: a webhook id to record for the one reservation first, in the same
+    statement (`can_claim_and_settle`); it settles only if the id is new. Whether
+    the id was taken before is the caller's to look up when nothing settled."""
     ordered = sorted(charges)
+    if claim is not None:
+        assert len(ordered) == 1 and _postgres(session)
+        [(reservation_id, _, charge, _)] = ordered
+        params = {"webhook_id": claim, "ids": reservation_id, "charges": charge, "now": now}
+        return {row[0] for row in _run(session, _CLAIM_AND_SETTLE_ONE_PG, params)}
     if _postgres(session):
         one = len(ordered) == 1
         ids = [i for i, _, _, _ in ordered]

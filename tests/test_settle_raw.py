@@ -13,9 +13,10 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from control_plane import chat_sessions, hot_statements, init_writes, raw_pg, settlement
+from control_plane import chat_sessions, hot_statements, init_writes, ledger, raw_pg, settlement
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
+from control_plane.errors import Conflict
 from control_plane.migrate import upgrade
 from control_plane.tables import utcnow
 from shared.webhooks import UsageEvent
@@ -89,8 +90,8 @@ def tenant(pg_database_url: str) -> Iterator[Tenant]:
 def test_a_lone_webhook_sends_its_statements_on_the_driver(
     tenant: Tenant, content: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No budget, no transcript: four statements (the reservation, the webhook id,
-    the flip with the money, the rows), none through SQLAlchemy's execution; a
+    """No budget, no transcript: three statements (the reservation, the webhook id
+    with the flip and the money, the rows), none through SQLAlchemy's execution; a
     transcript adds its savepoint, the counters' UPDATE and the message."""
     reservation = _turn(tenant)
     sent: list[str] = []
@@ -113,13 +114,49 @@ def test_a_lone_webhook_sends_its_statements_on_the_driver(
     finally:
         sa_event.remove(engine, "before_cursor_execute", count)
     assert not outcome.duplicate and outcome.charged_micro > 0
-    expected = ["SELECT", "INSERT", "WITH", "WITH"]
+    expected = ["SELECT", "WITH", "WITH"]
     assert sent == (expected if content is None else [*expected, "SAVEPOINT", "UPDATE", "INSERT"])
     assert through_sqlalchemy == []
     messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
     assert sorted((m["seq"], m["role"]) for m in messages) == (
         [(1, "user")] if content is None else [(1, "user"), (2, "assistant")]
     )
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+def test_a_lone_webhook_claims_its_id_in_the_flip_and_settles_only_a_new_id(
+    tenant: Tenant,
+) -> None:
+    """The lone webhook's one statement records its id and settles only if the id is
+    new: a redelivery is DUPLICATE, the id reused for another reservation is 409 and
+    leaves that one held (its own id then settles it), an id arriving after the
+    hold was released is recorded and DUPLICATE; nothing is charged twice."""
+    first, second, released = _turn(tenant), _turn(tenant), _turn(tenant)
+    delivery = _delivery(first, None)
+    settled = _settle(tenant, delivery)
+    assert not settled.duplicate and settled.charged_micro > 0
+    assert _settle(tenant, delivery) == settlement.DUPLICATE
+
+    reused = _delivery(second, None)
+    reused = settlement.Delivery(delivery.webhook_id, reused.event, transcripts=False)
+    with pytest.raises(Conflict):
+        _settle(tenant, reused)
+    [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
+    assert row["status"] == "active"
+    assert not _settle(tenant, _delivery(second, None)).duplicate
+
+    assert tenant.tx(lambda s: ledger.release_reservation(s, released.id, "expired", actor="test"))
+    late = _delivery(released, None)
+    assert _settle(tenant, late) == settlement.DUPLICATE
+    [claimed] = tenant.rows(hot_statements.WEBHOOK_EVENTS, webhook_id=late.webhook_id)
+    assert claimed["reservation_id"] == released.id
+    for reservation in (first, second):
+        charges = [
+            entry
+            for entry in tenant.rows(hot_statements.LEDGER, reservation_id=reservation.id)
+            if entry["kind"] == "charge"
+        ]
+        assert len(charges) == 1
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
 
 
