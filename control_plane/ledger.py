@@ -273,6 +273,26 @@ def settle_reservations(
     now = utcnow()
     for item in items:
         assert 0 <= item.charge <= item.reservation.hold_micro
+    if claim is not None and len(items) == 1 and not items[0].budgeted:
+        # Nothing between the flip and the rows: all of it in one statement.
+        [item] = items
+        settled = Settled(item.charge, item.reservation.hold_micro - item.charge)
+        rows = _entry_rows(items, now)
+        wrote = settle_statements.claim_settle_and_write(
+            session,
+            (
+                item.reservation.id,
+                item.reservation.company_id,
+                item.charge,
+                item.reservation.hold_micro,
+            ),
+            now,
+            claim,
+            (hot_statements.LEDGER, [entry for entry, _ in rows]),
+            (hot_statements.AUDIT, [event for _, event in rows]),
+            *(also([settled]) if also is not None else ()),
+        )
+        return [settled if wrote else None]
     flipped = settle_statements.settle_held(
         session,
         [
@@ -293,25 +313,7 @@ def settle_reservations(
     budgeted = [(item.reservation.id, item.charge) for item in done if item.budgeted]
     if budgeted:
         budgets.settle_many(session, budgeted, now)
-    rows = [
-        hot_statements.entry_rows(
-            item.reservation.company_id,
-            kind,
-            amount,
-            actor=item.actor,
-            reservation_id=item.reservation.id,
-            reason=reason,
-            request_id=item.request_id,
-            idempotency_key=None,
-            details={"hold_micro": item.reservation.hold_micro, **item.details},
-            now=now,
-        )
-        for item in done
-        for kind, amount, reason in (
-            ("charge", -item.charge, "usage"),
-            ("release", item.reservation.hold_micro - item.charge, "unused hold"),
-        )
-    ]
+    rows = _entry_rows(done, now)
     outcomes = [
         Settled(item.charge, item.reservation.hold_micro - item.charge)
         if item.reservation.id in flipped
@@ -325,6 +327,31 @@ def settle_reservations(
         *(also(outcomes) if also is not None else ()),
     )
     return outcomes
+
+
+def _entry_rows(
+    items: Sequence[ToSettle], now: datetime
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each settled item's charge and release rows with their audit events."""
+    return [
+        hot_statements.entry_rows(
+            item.reservation.company_id,
+            kind,
+            amount,
+            actor=item.actor,
+            reservation_id=item.reservation.id,
+            reason=reason,
+            request_id=item.request_id,
+            idempotency_key=None,
+            details={"hold_micro": item.reservation.hold_micro, **item.details},
+            now=now,
+        )
+        for item in items
+        for kind, amount, reason in (
+            ("charge", -item.charge, "usage"),
+            ("release", item.reservation.hold_micro - item.charge, "unused hold"),
+        )
+    ]
 
 
 def release_reservation(
