@@ -4,7 +4,9 @@ transcript still rolls back to its plain savepoint and keeps the charge."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -158,6 +160,33 @@ def test_a_lone_webhook_claims_its_id_in_the_flip_and_settles_only_a_new_id(
         ]
         assert len(charges) == settles
         assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == settles
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("same_id", [True, False])
+def test_concurrent_lone_webhooks_for_one_reservation_charge_once(
+    tenant: Tenant, same_id: bool
+) -> None:
+    """Two lone deliveries of one stream in two transactions at once (the same id,
+    or two ids): the one statement of each claims, then flips; the second waits on
+    the first's id or row lock and then settles nothing. One charge, books balanced."""
+    reservation = _turn(tenant)
+    first = _delivery(reservation, None)
+    second = (
+        first if same_id else settlement.Delivery("usage_other", first.event, transcripts=False)
+    )
+    start = threading.Barrier(2)
+
+    def settle(delivery: settlement.Delivery) -> settlement.Outcome:
+        start.wait()
+        return _settle(tenant, delivery)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(settle, [first, second]))
+    assert sorted(o.duplicate for o in outcomes) == [False, True]
+    entries = tenant.rows(hot_statements.LEDGER, reservation_id=reservation.id)
+    assert sorted(e["kind"] for e in entries) == ["charge", "hold", "release"]
+    assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == 1
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
 
 
