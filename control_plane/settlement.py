@@ -318,7 +318,9 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
     for another. Of the deliveries that claimed an id, the first for each
     reservation settles (`settle_usages`; DUPLICATE if it is no longer active), the
     others are DUPLICATE. Then the replies of those settled are appended to their
-    sessions."""
+    sessions. A batch of one checked delivery on PostgreSQL records its id in the
+    statement that settles it (`_claim_and_settle`): same answers, fewer round
+    trips."""
     now = utcnow()
     reservations = held_rows(session, sorted({d.event.reservation_id for d in deliveries}))
     results: list[Outcome | AppError | None] = [None] * len(deliveries)
