@@ -249,7 +249,11 @@ def settle_reservation(
 
 
 def settle_reservations(
-    session: Session, items: Sequence[ToSettle], also: AlsoRows | None = None
+    session: Session,
+    items: Sequence[ToSettle],
+    also: AlsoRows | None = None,
+    *,
+    claim: str | None = None,
 ) -> list[Settled | None]:
     """Charge each item's `charge` (≤ its hold) and release the rest, exactly once:
     None for a reservation already settled or released (by a concurrent duplicate,
@@ -261,12 +265,34 @@ def settle_reservations(
     the budgets follow (`budgets.settle_many`), and the charge and release rows with
     their audit events go in one INSERT, with the rows `also` adds for the outcomes
     (the caller's usage records). Locks follow the order above: reservations,
-    companies, budget periods."""
+    companies, budget periods. `claim`: a lone item's webhook id, recorded in the
+    flip's statement, which settles only if the id is new
+    (`settle_statements.settle_held`)."""
     if not items:
         return []
     now = utcnow()
     for item in items:
         assert 0 <= item.charge <= item.reservation.hold_micro
+    if claim is not None and len(items) == 1 and not items[0].budgeted:
+        # Nothing between the flip and the rows: all of it in one statement.
+        [item] = items
+        settled = Settled(item.charge, item.reservation.hold_micro - item.charge)
+        rows = _entry_rows(items, now)
+        wrote = settle_statements.claim_settle_and_write(
+            session,
+            (
+                item.reservation.id,
+                item.reservation.company_id,
+                item.charge,
+                item.reservation.hold_micro,
+            ),
+            now,
+            claim,
+            (hot_statements.LEDGER, [entry for entry, _ in rows]),
+            (hot_statements.AUDIT, [event for _, event in rows]),
+            *(also([settled]) if also is not None else ()),
+        )
+        return [settled if wrote else None]
     flipped = settle_statements.settle_held(
         session,
         [
@@ -279,6 +305,7 @@ def settle_reservations(
             for item in items
         ],
         now,
+        claim=claim,
     )
     done = [item for item in items if item.reservation.id in flipped]
     if not done:
@@ -286,25 +313,7 @@ def settle_reservations(
     budgeted = [(item.reservation.id, item.charge) for item in done if item.budgeted]
     if budgeted:
         budgets.settle_many(session, budgeted, now)
-    rows = [
-        hot_statements.entry_rows(
-            item.reservation.company_id,
-            kind,
-            amount,
-            actor=item.actor,
-            reservation_id=item.reservation.id,
-            reason=reason,
-            request_id=item.request_id,
-            idempotency_key=None,
-            details={"hold_micro": item.reservation.hold_micro, **item.details},
-            now=now,
-        )
-        for item in done
-        for kind, amount, reason in (
-            ("charge", -item.charge, "usage"),
-            ("release", item.reservation.hold_micro - item.charge, "unused hold"),
-        )
-    ]
+    rows = _entry_rows(done, now)
     outcomes = [
         Settled(item.charge, item.reservation.hold_micro - item.charge)
         if item.reservation.id in flipped
@@ -318,6 +327,31 @@ def settle_reservations(
         *(also(outcomes) if also is not None else ()),
     )
     return outcomes
+
+
+def _entry_rows(
+    items: Sequence[ToSettle], now: datetime
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each settled item's charge and release rows with their audit events."""
+    return [
+        hot_statements.entry_rows(
+            item.reservation.company_id,
+            kind,
+            amount,
+            actor=item.actor,
+            reservation_id=item.reservation.id,
+            reason=reason,
+            request_id=item.request_id,
+            idempotency_key=None,
+            details={"hold_micro": item.reservation.hold_micro, **item.details},
+            now=now,
+        )
+        for item in items
+        for kind, amount, reason in (
+            ("charge", -item.charge, "usage"),
+            ("release", item.reservation.hold_micro - item.charge, "unused hold"),
+        )
+    ]
 
 
 def release_reservation(

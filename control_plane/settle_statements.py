@@ -112,6 +112,15 @@ def insert_rows(session: Session, *tables: tuple[Table, Sequence[dict[str, Any]]
         for table, rows in tables:
             session.execute(_SQLITE_INSERTS.setdefault(table.name, insert(table)), list(rows))
         return
+    parts, params = _insert_parts(tables)
+    withs = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts[:-1]))
+    _run(session, f"WITH {withs} {parts[-1]}" if withs else parts[-1], params)
+
+
+def _insert_parts(
+    tables: Sequence[tuple[Table, Sequence[dict[str, Any]]]],
+) -> tuple[list[str], dict[str, Any]]:
+    """`insert_rows`' INSERT per table (each of at least one row) and their parameters."""
     scalars = all(len(rows) <= SCALAR_ROWS for _, rows in tables)
     parts: list[str] = []
     params: dict[str, Any] = {}
@@ -125,8 +134,7 @@ def insert_rows(session: Session, *tables: tuple[Table, Sequence[dict[str, Any]]
                 params.update((f"{prefix}{name}_{j}", value) for j, value in enumerate(values))
             else:
                 params[prefix + name] = values
-    withs = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts[:-1]))
-    _run(session, f"WITH {withs} {parts[-1]}" if withs else parts[-1], params)
+    return parts, params
 
 
 # --- webhook ids -------------------------------------------------------------------
@@ -203,6 +211,62 @@ def claim_webhook_ids(
     return owners
 
 
+def _claim_and_settle(
+    session: Session,
+    charges: Sequence[tuple[str, str, int, int]],
+    now: datetime,
+    claim: str,
+    tables: Sequence[tuple[Table, Sequence[dict[str, Any]]]],
+) -> set[str]:
+    """`settle_held` of one reservation with its webhook id's claim, and the rows of
+    `tables` written in the same statement if (and only if) it settled."""
+    assert len(charges) == 1 and _postgres(session)
+    [(reservation_id, _, charge, _)] = charges
+    params = {"webhook_id": claim, "ids": reservation_id, "charges": charge, "now": now}
+    sql = _CLAIM_AND_SETTLE_ONE_PG
+    tables = [(table, rows) for table, rows in tables if rows]
+    if tables:
+        parts, row_params = _insert_parts(tables)
+        params.update(row_params)
+        # Each INSERT as a WITH clause, its VALUES kept only if the flip matched.
+        gated = [
+            part.replace(" VALUES ", " SELECT * FROM (VALUES ", 1)
+            + ") AS v WHERE EXISTS (SELECT FROM flipped)"
+            for part in parts
+        ]
+        withs = "".join(f", w{i} AS ({part})" for i, part in enumerate(gated))
+        sql = sql.replace(" SELECT id FROM flipped", f"{withs} SELECT id FROM flipped")
+    return {row[0] for row in _run(session, sql, params)}
+
+
+def claim_settle_and_write(
+    session: Session,
+    charge: tuple[str, str, int, int],
+    now: datetime,
+    claim: str,
+    *tables: tuple[Table, Sequence[dict[str, Any]]],
+) -> bool:
+    """A lone webhook's whole settlement in ONE statement (PostgreSQL,
+    `can_claim_and_settle`): its id recorded, the reservation flipped and its
+    company's money moved (`settle_held` with `claim`), and the rows of `tables`
+    (the ledger rows, their audit events, the usage record: `insert_rows`) written
+    only if the flip matched. One round trip less again than `settle_held` then
+    `insert_rows`. Whether it settled."""
+    return bool(_claim_and_settle(session, [charge], now, claim, tables))
+
+
+def can_claim_and_settle(session: Session) -> bool:
+    """Whether `settle_held` can record a lone webhook's id itself (PostgreSQL)."""
+    return _postgres(session)
+
+
+def webhook_owner(session: Session, webhook_id: str) -> str | None:
+    """The reservation a recorded webhook id names (None: not recorded)."""
+    for _, reservation_id in session.execute(_OWNERS, {"p_ids": [webhook_id]}):
+        return str(reservation_id)
+    return None
+
+
 # --- reservations and companies ----------------------------------------------------
 
 # The flip and the money in one statement: the companies' UPDATE sums exactly the
@@ -225,17 +289,42 @@ _SETTLE_PG = (
     "SELECT id FROM flipped"
 )
 _SETTLE_ONE_PG = _SETTLE_PG.replace(_SETTLE_SOURCE, _SETTLE_ONE_SOURCE)
+# A lone webhook's claim of its id and its settlement in ONE statement (one round
+# trip less than `claim_webhook_ids` then `_SETTLE_ONE_PG`, the lone webhook being
+# the case at low load): the flip happens only if the id was recorded now. A twin
+# in flight makes ON CONFLICT wait for it, as `_CLAIM_ONE_PG` does; the id is
+# recorded even when the reservation is no longer active (a redelivery then finds it).
+_CLAIM_AND_SETTLE_ONE_PG = (
+    "WITH claimed AS ("
+    "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
+    "VALUES (CAST(%(webhook_id)s AS varchar), CAST(%(ids)s AS varchar), %(now)s) "
+    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id), "
+    + _SETTLE_ONE_PG.removeprefix("WITH ").replace(
+        "WHERE r.id = v.id AND r.status = 'active' ",
+        "WHERE r.id = v.id AND r.status = 'active' AND EXISTS (SELECT FROM claimed) ",
+    )
+)
 
 
 def settle_held(
-    session: Session, charges: Sequence[tuple[str, str, int, int]], now: datetime
+    session: Session,
+    charges: Sequence[tuple[str, str, int, int]],
+    now: datetime,
+    *,
+    claim: str | None = None,
 ) -> set[str]:
     """(reservation id, company id, charge, hold) each: settle every reservation
     still active (the exactly-once point: a concurrent twin waits on the row lock,
     then finds it settled and matches nothing), and move its company's money: the
     charges leave the balance, the whole holds leave ``held``. Returns the ids
-    that were still active."""
+    that were still active.
+
+    `claim`: a webhook id to record for the one reservation first, in the same
+    statement (`can_claim_and_settle`); it settles only if the id is new. Whether
+    the id was taken before is the caller's to look up when nothing settled."""
     ordered = sorted(charges)
+    if claim is not None:
+        return _claim_and_settle(session, ordered, now, claim, ())
     if _postgres(session):
         one = len(ordered) == 1
         ids = [i for i, _, _, _ in ordered]

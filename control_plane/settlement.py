@@ -171,11 +171,14 @@ def settle_usage(
     return settle_usages(session, [item])[0]
 
 
-def settle_usages(session: Session, items: Sequence[Settling]) -> list[Outcome]:
+def settle_usages(
+    session: Session, items: Sequence[Settling], *, claim: str | None = None
+) -> list[Outcome]:
     """Charge each item's usage against its hold and release the rest, once;
     DUPLICATE for a reservation no longer active. Reservations must be distinct.
     The money moves in `ledger.settle_reservations` (set-based); the usage records
-    of those settled go in its INSERT of the ledger rows."""
+    of those settled go in its INSERT of the ledger rows. `claim`: a lone item's
+    webhook id, recorded with the flip (DUPLICATE too if it was taken)."""
 
     def usage_records(
         settled: Sequence[Settled | None],
@@ -213,6 +216,7 @@ def settle_usages(session: Session, items: Sequence[Settling]) -> list[Outcome]:
             for item in items
         ],
         also=usage_records,
+        claim=claim,
     )
     return [
         DUPLICATE
@@ -314,7 +318,9 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
     for another. Of the deliveries that claimed an id, the first for each
     reservation settles (`settle_usages`; DUPLICATE if it is no longer active), the
     others are DUPLICATE. Then the replies of those settled are appended to their
-    sessions."""
+    sessions. A batch of one checked delivery on PostgreSQL records its id in the
+    statement that settles it (`_claim_and_settle`): same answers, fewer round
+    trips."""
     now = utcnow()
     reservations = held_rows(session, sorted({d.event.reservation_id for d in deliveries}))
     results: list[Outcome | AppError | None] = [None] * len(deliveries)
@@ -326,6 +332,12 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
             results[i] = refused
             continue
         checked.append((i, reservation, served))
+    if len(checked) == 1 and settle_statements.can_claim_and_settle(session):
+        [(i, reservation, served)] = checked
+        results[i] = _claim_and_settle(session, deliveries[i], reservation, served)
+        return _settle_replies(
+            session, deliveries, results, [(i, results[i], reservation.session_id)]
+        )
     claims: dict[str, str] = {}
     for i, reservation, _ in checked:
         claims.setdefault(deliveries[i].webhook_id, reservation.id)
@@ -350,13 +362,56 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
             taken_reservations.add(reservation.id)
             settling.append((i, _settling(delivery, reservation, served)))
     outcomes = settle_usages(session, [item for _, item in settling])
-    replies: list[tuple[str, dict[str, Any], chat_sessions.SessionLimits]] = []
-    for (i, item), outcome in zip(settling, outcomes, strict=True):
+    for (i, _), outcome in zip(settling, outcomes, strict=True):
         results[i] = outcome
-        reply = None if outcome.duplicate else _reply(deliveries[i])
+    return _settle_replies(
+        session,
+        deliveries,
+        results,
+        [
+            (i, outcome, item.reservation.session_id)
+            for (i, item), outcome in zip(settling, outcomes, strict=True)
+        ],
+    )
+
+
+def _claim_and_settle(
+    session: Session,
+    delivery: Delivery,
+    reservation: HeldRow,
+    served: tuple[str, str, Price] | None,
+) -> Outcome | AppError:
+    """A batch's one checked delivery: its id recorded and its reservation settled in
+    one statement (`settle_statements.settle_held`), the answers those of
+    `settle_webhooks`. When nothing settled, the id's row says why: taken for
+    another reservation (409), else a redelivery or a reservation no longer active
+    (DUPLICATE)."""
+    item = _settling(delivery, reservation, served)
+    [outcome] = settle_usages(session, [item], claim=delivery.webhook_id)
+    if outcome.duplicate:
+        owner = settle_statements.webhook_owner(session, delivery.webhook_id)
+        if owner is not None and owner != reservation.id:
+            return Conflict("This webhook id was already used for another reservation.")
+    return outcome
+
+
+def _settle_replies(
+    session: Session,
+    deliveries: Sequence[Delivery],
+    results: list[Outcome | AppError | None],
+    settled: Sequence[tuple[int, Outcome | AppError | None, str]],
+) -> list[Outcome | AppError]:
+    """The replies of the deliveries settled appended to their sessions; the answers."""
+    replies: list[tuple[str, dict[str, Any], chat_sessions.SessionLimits]] = []
+    for i, outcome, session_id in settled:
+        reply = (
+            _reply(deliveries[i])
+            if isinstance(outcome, Outcome) and not outcome.duplicate
+            else None
+        )
         if reply is not None:
             limits = deliveries[i].session_limits or chat_sessions.SessionLimits()
-            replies.append((item.reservation.session_id, reply, limits))
+            replies.append((session_id, reply, limits))
     append_transcripts(session, replies)
     answered = [r for r in results if r is not None]
     assert len(answered) == len(deliveries)  # each refused, duplicate or settled above

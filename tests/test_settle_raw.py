@@ -4,7 +4,9 @@ transcript still rolls back to its plain savepoint and keeps the charge."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,9 +15,10 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from control_plane import chat_sessions, hot_statements, init_writes, raw_pg, settlement
+from control_plane import chat_sessions, hot_statements, init_writes, ledger, raw_pg, settlement
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
+from control_plane.errors import Conflict
 from control_plane.migrate import upgrade
 from control_plane.tables import utcnow
 from shared.webhooks import UsageEvent
@@ -89,8 +92,8 @@ def tenant(pg_database_url: str) -> Iterator[Tenant]:
 def test_a_lone_webhook_sends_its_statements_on_the_driver(
     tenant: Tenant, content: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No budget, no transcript: four statements (the reservation, the webhook id,
-    the flip with the money, the rows), none through SQLAlchemy's execution; a
+    """No budget, no transcript: two statements (the reservation; the webhook id
+    with the flip, the money and the rows), none through SQLAlchemy's execution; a
     transcript adds its savepoint, the counters' UPDATE and the message."""
     reservation = _turn(tenant)
     sent: list[str] = []
@@ -113,13 +116,77 @@ def test_a_lone_webhook_sends_its_statements_on_the_driver(
     finally:
         sa_event.remove(engine, "before_cursor_execute", count)
     assert not outcome.duplicate and outcome.charged_micro > 0
-    expected = ["SELECT", "INSERT", "WITH", "WITH"]
+    expected = ["SELECT", "WITH"]
     assert sent == (expected if content is None else [*expected, "SAVEPOINT", "UPDATE", "INSERT"])
     assert through_sqlalchemy == []
     messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
     assert sorted((m["seq"], m["role"]) for m in messages) == (
         [(1, "user")] if content is None else [(1, "user"), (2, "assistant")]
     )
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+def test_a_lone_webhook_claims_its_id_in_the_flip_and_settles_only_a_new_id(
+    tenant: Tenant,
+) -> None:
+    """The lone webhook's one statement records its id and settles only if the id is
+    new: a redelivery is DUPLICATE, the id reused for another reservation is 409 and
+    leaves that one held (its own id then settles it), an id arriving after the
+    hold was released is recorded and DUPLICATE; nothing is charged twice."""
+    first, second, released = _turn(tenant), _turn(tenant), _turn(tenant)
+    delivery = _delivery(first, None)
+    settled = _settle(tenant, delivery)
+    assert not settled.duplicate and settled.charged_micro > 0
+    assert _settle(tenant, delivery) == settlement.DUPLICATE
+
+    reused = _delivery(second, None)
+    reused = settlement.Delivery(delivery.webhook_id, reused.event, transcripts=False)
+    with pytest.raises(Conflict):
+        _settle(tenant, reused)
+    [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
+    assert row["status"] == "active"
+    assert not _settle(tenant, _delivery(second, None)).duplicate
+
+    assert tenant.tx(lambda s: ledger.release_reservation(s, released.id, "expired", actor="test"))
+    late = _delivery(released, None)
+    assert _settle(tenant, late) == settlement.DUPLICATE
+    [claimed] = tenant.rows(hot_statements.WEBHOOK_EVENTS, webhook_id=late.webhook_id)
+    assert claimed["reservation_id"] == released.id
+    for reservation, settles in ((first, 1), (second, 1), (released, 0)):
+        charges = [
+            entry
+            for entry in tenant.rows(hot_statements.LEDGER, reservation_id=reservation.id)
+            if entry["kind"] == "charge"
+        ]
+        assert len(charges) == settles
+        assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == settles
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("same_id", [True, False])
+def test_concurrent_lone_webhooks_for_one_reservation_charge_once(
+    tenant: Tenant, same_id: bool
+) -> None:
+    """Two lone deliveries of one stream in two transactions at once (the same id,
+    or two ids): the one statement of each claims, then flips; the second waits on
+    the first's id or row lock and then settles nothing. One charge, books balanced."""
+    reservation = _turn(tenant)
+    first = _delivery(reservation, None)
+    second = (
+        first if same_id else settlement.Delivery("usage_other", first.event, transcripts=False)
+    )
+    start = threading.Barrier(2)
+
+    def settle(delivery: settlement.Delivery) -> settlement.Outcome:
+        start.wait()
+        return _settle(tenant, delivery)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(settle, [first, second]))
+    assert sorted(o.duplicate for o in outcomes) == [False, True]
+    entries = tenant.rows(hot_statements.LEDGER, reservation_id=reservation.id)
+    assert sorted(e["kind"] for e in entries) == ["charge", "hold", "release"]
+    assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == 1
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
 
 
