@@ -90,6 +90,4 @@ class RequestContextMiddleware:
                 raise
             await internal_error_response()(scope, receive, send_with_id)
         finally:
-            route = _route_label(scope)
-            self.metrics.http_requests.labels(route=route, status=str(status)).inc()
-            self.metrics.http_duration.labels(route=route).observe(time.perf_counter() - started)
+            self.metrics.http_served(_route_label(scope), status, time.perf_counter() - started)

@@ -77,6 +77,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        # uvicorn builds the access line's arguments (client address, quoted path) on
+        # every response whenever the logger has a handler, before `info` drops the
+        # record below INFO (LLMGW_LOG_LEVEL=WARNING); decided here, per connection, so
+        # a level set later still applies to the next connections.
+        if self.access_log and not self.access_logger.isEnabledFor(logging.INFO):
+            self.access_log = False
         # Between requests (and before the first): the next header block may come.
         self.awaiting_headers = True
         self.header_bytes = 0
