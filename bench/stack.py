@@ -72,10 +72,17 @@ def _epoch(value: datetime) -> float:
 
 
 class BenchStack:
-    def __init__(self, pg_dsn: str, redis_url: str, cp_profile: Path | None = None) -> None:
+    def __init__(
+        self,
+        pg_dsn: str,
+        redis_url: str,
+        cp_profile: Path | None = None,
+        edge_profile: Path | None = None,
+    ) -> None:
         self.pg_dsn = pg_dsn
-        # Run the control plane under `bench.profiled`, writing its profile here.
+        # Run the control plane (the edge) under `bench.profiled`, writing its profile here.
         self.cp_profile = cp_profile
+        self.edge_profile = edge_profile
         self.redis_url = redis_url
         tag = uuid.uuid4().hex[:12]
         self.database = f"llmgw_bench_{tag}"
@@ -154,8 +161,9 @@ class BenchStack:
     def _spawn(self, name: str, env: dict[str, str]) -> None:
         command = [dict(SERVICES)[name], "--port", str(self.ports[name])]
         runner = CLI
-        if name == "cp" and self.cp_profile is not None:
-            runner = [sys.executable, "-m", "bench.profiled", str(self.cp_profile)]
+        profile = {"cp": self.cp_profile, "edge": self.edge_profile}.get(name)
+        if profile is not None:
+            runner = [sys.executable, "-m", "bench.profiled", str(profile)]
         with (self._tmp / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
                 [*runner, *command],

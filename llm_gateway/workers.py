@@ -61,6 +61,9 @@ def stream_edge_app() -> Starlette:
     _worker_start()
     app = create_app(EdgeSettings.from_env(os.environ))
     _drain_on_signal(app)
+    from stream_edge.gc_tuning import freeze_startup_heap
+
+    freeze_startup_heap()
     return app
 
 

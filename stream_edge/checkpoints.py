@@ -61,8 +61,11 @@ class Checkpointer:
     async def _beats(self) -> None:
         while not self._stop.is_set():
             await self._write(self._meter.relayed_tokens)
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 the latter wraps the
+            # wait in a task of its own, one more per beat of every stream.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._every)
+                async with asyncio.timeout(self._every):
+                    await self._stop.wait()
 
     def tick(self) -> None:
         """Called after each relayed chunk; cheap unless 64 more tokens went out."""

@@ -93,7 +93,7 @@ async def relay(
                         if first_token:  # the tokens before the failure had a first one
                             sink.first_token()
                         return RelayResult("failed", "upstream_error", event.message)
-                    if isinstance(event, Delta | ToolCallDelta) and meter.first_token_at is None:
+                    if meter.first_token_at is None and isinstance(event, Delta | ToolCallDelta):
                         first_token = True
                         waiting_for = "next token"
                     meter.record(event)

@@ -218,7 +218,7 @@ class JsonEventParser:
     (OpenAI's `[DONE]`) sets `done_marker`; the others set `done` in `_interpret`."""
 
     __slots__ = ("_decoder", "done")
-    done_marker: str | None = None
+    done_marker: bytes | None = None
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
@@ -226,19 +226,22 @@ class JsonEventParser:
 
     def feed(self, chunk: bytes) -> list[UpstreamEvent]:
         events: list[UpstreamEvent] = []
-        for sse in self._decoder.feed(chunk):
-            if sse.data == self.done_marker:
+        # Each event's data as bytes: parsed by orjson as is and kept as the raw
+        # pass-through payload, never decoded to a str and encoded back.
+        marker = self.done_marker
+        for data in self._decoder.feed_data(chunk):
+            if data == marker:
                 self.done = True
                 continue
             try:
-                doc = orjson.loads(sse.data)
+                doc = orjson.loads(data)
             except orjson.JSONDecodeError:
                 events.append(Failure(MALFORMED_EVENT))
                 continue
             if not isinstance(doc, dict):
                 events.append(Failure(MALFORMED_EVENT))
                 continue
-            events.extend(self._interpret(doc, sse.data.encode()))
+            events.extend(self._interpret(doc, data))
         return events
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:

@@ -80,7 +80,7 @@ def _count(value: Any) -> int | None:
 
 class SSEBackendParser(JsonEventParser):
     __slots__ = ("_paths",)
-    done_marker = DONE
+    done_marker = DONE.encode()
 
     def __init__(self, paths: EventPaths) -> None:
         super().__init__()
