@@ -13,6 +13,7 @@ from shared.settings import ConfigError
 
 def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
     from control_plane.settings import ControlPlaneSettings
+    from llm_gateway.gc_tuning import freeze_startup_heap
     from llm_gateway.servers import limits_of, run_loop, serve_all, server_for
     from stream_edge.settings import EdgeSettings
 
@@ -42,9 +43,7 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
         if not settings.redis_url:
             raise ConfigError("LLMGW_REDIS_URL is required to run services as separate processes")
         app = edge_app(settings)
-        from stream_edge.gc_tuning import freeze_startup_heap
-
-        freeze_startup_heap()
+    freeze_startup_heap()
     server = server_for(app, host, port, graceful_seconds=graceful, limits=limits_of(settings))
     run_loop(serve_all([server]))
 

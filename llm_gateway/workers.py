@@ -26,6 +26,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from control_plane.settings import ControlPlaneSettings
+from llm_gateway.gc_tuning import freeze_startup_heap
 from llm_gateway.http_guard import http_protocol
 from llm_gateway.servers import limits_of
 from shared.logs import configure_logging
@@ -50,7 +51,9 @@ def control_plane_app() -> Starlette:
     from control_plane.app import create_app
 
     _worker_start()
-    return create_app(ControlPlaneSettings.from_env(os.environ))
+    app = create_app(ControlPlaneSettings.from_env(os.environ))
+    freeze_startup_heap()
+    return app
 
 
 def stream_edge_app() -> Starlette:
@@ -61,8 +64,6 @@ def stream_edge_app() -> Starlette:
     _worker_start()
     app = create_app(EdgeSettings.from_env(os.environ))
     _drain_on_signal(app)
-    from stream_edge.gc_tuning import freeze_startup_heap
-
     freeze_startup_heap()
     return app
 

@@ -1,4 +1,4 @@
-"""The edge process's garbage-collector settings, applied once at start.
+"""A serving process's garbage-collector settings, applied once at start.
 
 Everything loaded at start (modules, classes, the app, the framework's tables) lives
 as long as the process. Left to the cyclic collector, it is walked again by every
@@ -6,8 +6,10 @@ older-generation collection, and an edge relaying many streams allocates fast
 enough to run those often: `perf record` of the edge at 50 concurrent 32-token
 streams with 20 ms between tokens put 7 to 8% of its CPU in the collector
 (`gc_collect_main`, `visit_decref`, `visit_reachable`, the `*_traverse` functions).
+The control plane's start-up heap (SQLAlchemy's mappers and compiled statements, the
+catalog) is larger still, and each request allocates rows, dicts and futures.
 `gc.freeze()` moves that start-up heap into the permanent generation, which no
-collection walks; objects made later (streams, connections) are collected as
+collection walks; objects made later (streams, requests, connections) are collected as
 before. Not done per app (tests build many apps in one process, and a frozen
 object is never freed): once, by whatever starts the serving process.
 """
