@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +30,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane.db_threads import DbThreads
 
 T = TypeVar("T")
 
@@ -213,7 +214,7 @@ class Database:
     ) -> None:
         self.engine = create_sync_engine(database_url, pool_size=pool_size, pgbouncer=pgbouncer)
         self.sessions: Sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="db")
+        self._threads = DbThreads(pool_size, "db")
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
         with self.sessions.begin() as session:
@@ -234,15 +235,11 @@ class Database:
     async def unit(self, fn: Callable[[Unit], T]) -> T:
         """Run ``fn(unit)`` in a worker thread, in one transaction, as `transaction`
         but with the session made only if ``fn`` asks for it (`Unit`)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._in_unit, fn))
+        return await self._threads.run(functools.partial(self._in_unit, fn))
 
     async def transaction(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn(session)`` in a worker thread, in one transaction."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(self._in_transaction, fn)
-        )
+        return await self._threads.run(functools.partial(self._in_transaction, fn))
 
     @property
     def postgres(self) -> bool:
@@ -270,13 +267,11 @@ class Database:
         psycopg connection itself in autocommit: no BEGIN or COMMIT round trip and no
         ORM session, ~0.1 ms less CPU than `transaction` (issue 14.3). Elsewhere
         (SQLite) it gets a session in one transaction, as `transaction`."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._standalone, fn))
+        return await self._threads.run(functools.partial(self._standalone, fn))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking function that manages its own sessions on the DB threads."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self._threads.run(functools.partial(fn, *args))
 
     async def ping(self) -> bool:
         def check(session: Session) -> bool:
@@ -288,5 +283,5 @@ class Database:
             return False
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._threads.close()
         self.engine.dispose()
