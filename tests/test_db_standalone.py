@@ -150,3 +150,32 @@ def test_a_unit_whose_connection_dies_fails_and_the_pool_recovers(
         asyncio.run(db.unit(write_then_lose_the_server))
     asyncio.run(db.unit(lambda unit: unit.session().execute(text("SELECT 1"))))  # pre-ping
     assert names(db) == []
+
+
+def test_a_pooled_connection_killed_while_idle_is_replaced_on_checkout(
+    db: Database, pg_database_url: str
+) -> None:
+    """The checkout's ping (`db._pg_ping`, in place of ``pool_pre_ping``) finds the
+    dead connection: the caller gets a fresh one, never the error."""
+    admin_dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def backend(on: Session | psycopg.Connection[Any]) -> int:
+        assert isinstance(on, psycopg.Connection)
+        return on.info.backend_pid
+
+    first = asyncio.run(db.standalone(backend))
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [first])
+    second = asyncio.run(db.standalone(backend))  # the one pooled connection, replaced
+    assert second != first
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", [second])
+
+    def write(unit: Unit) -> int:
+        assert unit.driver is not None
+        unit.driver.execute("INSERT INTO marks VALUES ('after')")
+        return unit.driver.info.backend_pid
+
+    assert asyncio.run(db.unit(write)) not in (first, second)
+    assert names(db) == ["after"]
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]

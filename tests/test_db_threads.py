@@ -1,0 +1,117 @@
+"""`control_plane.db_threads.DbThreads`: `Database`'s worker threads behave as the
+`ThreadPoolExecutor` they replace (results, errors, the cap on calls at once,
+cancellation before and while running, close)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+
+import pytest
+
+from control_plane.db_threads import DbThreads
+
+
+def test_results_and_errors_come_back_on_the_loop() -> None:
+    threads = DbThreads(2, "t")
+
+    def boom() -> None:
+        raise ValueError("no")
+
+    async def main() -> tuple[int, str]:
+        ran_on = await threads.run(lambda: threading.current_thread().name)
+        with pytest.raises(ValueError, match="no"):
+            await threads.run(boom)
+        return await threads.run(lambda: 41 + 1), ran_on
+
+    try:
+        value, ran_on = asyncio.run(main())
+    finally:
+        threads.close()
+    assert value == 42
+    assert ran_on.startswith("t_")
+
+
+def test_at_most_workers_calls_run_at_once_and_the_rest_wait() -> None:
+    threads = DbThreads(3, "t")
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    def work(i: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+        return i
+
+    async def main() -> list[int]:
+        return list(
+            await asyncio.gather(*(threads.run(functools.partial(work, i)) for i in range(12)))
+        )
+
+    try:
+        assert asyncio.run(main()) == list(range(12))
+    finally:
+        threads.close()
+    assert peak == 3
+
+
+def test_a_call_cancelled_before_it_starts_never_runs_and_a_running_one_finishes() -> None:
+    threads = DbThreads(1, "t")
+    release = threading.Event()
+    started = threading.Event()
+    ran: list[str] = []
+
+    def blocker() -> None:
+        started.set()
+        release.wait(5)
+        ran.append("blocker")
+
+    async def main() -> None:
+        first = asyncio.ensure_future(threads.run(blocker))
+        second = asyncio.ensure_future(threads.run(lambda: ran.append("queued")))
+        await asyncio.to_thread(started.wait, 5)
+        first.cancel()  # already running: it finishes, its result is dropped
+        second.cancel()  # still waiting: it never runs
+        release.set()
+        await asyncio.sleep(0)
+        assert await threads.run(lambda: "after") == "after"
+
+    try:
+        asyncio.run(main())
+    finally:
+        threads.close()
+    assert ran == ["blocker"]
+
+
+def test_close_cancels_the_waiting_and_refuses_new_calls() -> None:
+    threads = DbThreads(1, "t")
+    release = threading.Event()
+    started = threading.Event()
+
+    async def main() -> None:
+        def blocker() -> str:
+            started.set()
+            release.wait(5)
+            return "done"
+
+        running = threads.run(blocker)
+        waiting = threads.run(lambda: "never")
+        await asyncio.to_thread(started.wait, 5)
+        closing = asyncio.ensure_future(asyncio.to_thread(threads.close))
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        assert await running == "done"
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        with pytest.raises(RuntimeError):
+            threads.run(lambda: None)
+
+    asyncio.run(main())
