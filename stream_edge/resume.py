@@ -85,7 +85,14 @@ def live_key(jti: str) -> str:
 
 
 class ResumeLog:
-    """Producer side: frames go to memory at once and to the store in batches."""
+    """Producer side: frames go to memory at once and to the store in batches, at
+    most one write per `FLUSH_DELAY`.
+
+    Frames that arrive while a write is in flight wait for the next delay rather
+    than going out straight after it: under load a store round trip lasts as long
+    as the gap between chunks, and writing back to back turned into one write (four
+    Redis commands: MULTI, RPUSH, PEXPIRE, EXEC) per one or two chunks — 73 writes
+    for a 200-chunk answer paced 5 ms apart, where the delay allows ~20."""
 
     def __init__(self, store: LogStore, jti: str, ttl_seconds: float) -> None:
         self._store = store
@@ -94,32 +101,45 @@ class ResumeLog:
         self._pending: list[bytes] = []
         self._count = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._writing = False
+        self._closing = False
 
     def append(self, frame: bytes) -> None:
         if self._count >= MAX_EVENTS:
             return
         self._count += 1
         self._pending.append(frame)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_soon())
+        if not self._closing and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self._flush_every_delay())
 
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(FLUSH_DELAY)
-        await self._flush_pending()
-
-    async def _flush_pending(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
+    async def _flush_every_delay(self) -> None:
+        while self._pending and not self._closing:
+            await asyncio.sleep(FLUSH_DELAY)  # `close` cancels the task only here
+            self._writing = True
             try:
-                await self._store.log_append(self._key, batch, self._ttl)
-            except Exception as exc:  # a resume may then miss events; the stream goes on
-                log.warning("resume log write failed: %s", type(exc).__name__)
+                await self._write_pending()
+            finally:
+                self._writing = False
+
+    async def _write_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            await self._store.log_append(self._key, batch, self._ttl)
+        except Exception as exc:  # a resume may then miss events; the stream goes on
+            log.warning("resume log write failed: %s", type(exc).__name__)
 
     async def close(self) -> None:
-        """Write everything still pending (the final event included)."""
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-        await self._flush_pending()
+        """Write everything still pending (the final event included), after the
+        write in flight, so the log keeps the events' order."""
+        self._closing = True
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            if self._writing:
+                await asyncio.wait({flusher})  # it ends after this write (`_closing`)
+            else:
+                flusher.cancel()
+        while self._pending:
+            await self._write_pending()
 
 
 async def wait_for_reconnect(

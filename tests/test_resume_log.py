@@ -1,0 +1,76 @@
+"""The producer's resume log writes at most once per `FLUSH_DELAY`, in order.
+
+A slow store (a round trip as long as the gap between chunks, as under load) used to
+turn the batching into one write per chunk or two: the frames that arrived during a
+write went out straight after it. The store here holds each write open on a gate, so
+what happens while a write is in flight is decided by the test, not by a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream_edge import resume
+from stream_edge.resume import ResumeLog
+
+
+class GatedLog:
+    """A `LogStore` whose writes wait for `release`; records each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self.writing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def log_append(self, key: str, items: list[bytes], ttl_seconds: float) -> int:
+        self.writing.set()
+        await self.release.wait()
+        self.batches.append(list(items))
+        return sum(len(batch) for batch in self.batches)
+
+    async def log_range(self, key: str, start: int) -> list[bytes]:
+        return [item for batch in self.batches for item in batch][start:]
+
+
+async def _settle() -> None:
+    for _ in range(20):  # let every ready task run
+        await asyncio.sleep(0)
+
+
+async def test_frames_that_arrive_during_a_write_wait_for_the_next_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = GatedLog()
+    log = ResumeLog(store, "jti-1", 60)
+    monkeypatch.setattr(resume, "FLUSH_DELAY", 0)
+    log.append(b"1")
+    await store.writing.wait()  # the first write is in flight
+    monkeypatch.setattr(resume, "FLUSH_DELAY", 3600)  # no second write within the test
+    log.append(b"2")
+    log.append(b"3")
+    store.release.set()
+    await _settle()
+    assert store.batches == [[b"1"]]  # 2 and 3 wait for the delay, not for the write
+
+    await log.close()  # the flusher was asleep: close writes the rest at once
+    assert store.batches == [[b"1"], [b"2", b"3"]]
+
+
+async def test_close_during_a_write_lets_it_land_first_and_keeps_the_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = GatedLog()
+    log = ResumeLog(store, "jti-2", 60)
+    monkeypatch.setattr(resume, "FLUSH_DELAY", 0)
+    log.append(b"1")
+    await store.writing.wait()
+    log.append(b"2")
+    closing = asyncio.create_task(log.close())
+    await _settle()
+    assert not closing.done()  # it waits for the write in flight
+    store.release.set()
+    await closing
+    assert store.batches == [[b"1"], [b"2"]]
+    assert await store.log_range("events", 0) == [b"1", b"2"]
