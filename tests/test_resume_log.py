@@ -34,6 +34,17 @@ class GatedLog:
         return [item for batch in self.batches for item in batch][start:]
 
 
+async def _first_write_in_flight(
+    monkeypatch: pytest.MonkeyPatch, jti: str
+) -> tuple[GatedLog, ResumeLog]:
+    store = GatedLog()
+    log = ResumeLog(store, jti, 60)
+    monkeypatch.setattr(resume, "FLUSH_DELAY", 0)
+    log.append(b"1")
+    await store.writing.wait()
+    return store, log
+
+
 async def _settle() -> None:
     for _ in range(20):  # let every ready task run
         await asyncio.sleep(0)
@@ -42,11 +53,7 @@ async def _settle() -> None:
 async def test_frames_that_arrive_during_a_write_wait_for_the_next_delay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = GatedLog()
-    log = ResumeLog(store, "jti-1", 60)
-    monkeypatch.setattr(resume, "FLUSH_DELAY", 0)
-    log.append(b"1")
-    await store.writing.wait()  # the first write is in flight
+    store, log = await _first_write_in_flight(monkeypatch, "jti-1")
     monkeypatch.setattr(resume, "FLUSH_DELAY", 3600)  # no second write within the test
     log.append(b"2")
     log.append(b"3")
@@ -61,11 +68,7 @@ async def test_frames_that_arrive_during_a_write_wait_for_the_next_delay(
 async def test_close_during_a_write_lets_it_land_first_and_keeps_the_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    store = GatedLog()
-    log = ResumeLog(store, "jti-2", 60)
-    monkeypatch.setattr(resume, "FLUSH_DELAY", 0)
-    log.append(b"1")
-    await store.writing.wait()
+    store, log = await _first_write_in_flight(monkeypatch, "jti-2")
     log.append(b"2")
     closing = asyncio.create_task(log.close())
     await _settle()
