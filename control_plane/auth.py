@@ -126,16 +126,12 @@ _TOUCH_KEY = (
 _RAW_TOUCH_KEY = raw_pg.RawStatement(_TOUCH_KEY)
 
 
-def api_key_principal(session: Session, key: str) -> Principal | None:
-    """Look the key up; None when unknown or revoked. Records `last_used_at` (at most
-    once per `LAST_USED_RESOLUTION`: no write at all on most requests)."""
-    return api_key_hash_principal(session, hash_api_key(key))
-
-
 def api_key_hash_principal(
     on: Session | psycopg.Connection[Any], key_hash: str
 ) -> Principal | None:
-    """`api_key_principal` by the key's SHA-256, as an edge sends it (issue 16.5).
+    """The principal of the API key with this SHA-256 (`hash_api_key`; an edge sends
+    the hash, issue 16.5); None when unknown or revoked. Records `last_used_at` (at
+    most once per `LAST_USED_RESOLUTION`: no write at all on most requests).
     `on` a session, or a connection of `Database.standalone`: the lookup and the
     conditional touch stand alone, so a later failing transaction (an init refused)
     leaves `last_used_at` recorded either way."""

@@ -113,6 +113,16 @@ class RawStatement:
         return None if row is None else self._row_of(row)
 
 
+def substituted(sql: str, old: str, new: str, *, count: int = -1) -> str:
+    """`sql` with `old` replaced by `new`, for a statement derived from another one.
+    Fails loudly when `old` is missing: a silent no-op `str.replace` would drop the
+    condition or the rows the derived statement exists for (the lone webhook's
+    `EXISTS (claimed)` gate is what keeps a reused webhook id from settling)."""
+    if old not in sql:
+        raise ValueError(f"statement to derive from lacks {old!r}")
+    return sql.replace(old, new, count)
+
+
 def driver_connection(session: Session) -> psycopg.Connection[Any] | None:
     """The psycopg connection of the session's transaction; None on SQLite."""
     connection = session.connection()

@@ -228,14 +228,15 @@ def _claim_and_settle(
     if tables:
         parts, row_params = _insert_parts(tables)
         params.update(row_params)
-        # Each INSERT as a WITH clause, its VALUES kept only if the flip matched.
+        # Each INSERT as a WITH clause, its VALUES kept only if the flip matched (a
+        # lone webhook's tables have at most `SCALAR_ROWS` rows: VALUES, not arrays).
         gated = [
-            part.replace(" VALUES ", " SELECT * FROM (VALUES ", 1)
+            raw_pg.substituted(part, " VALUES ", " SELECT * FROM (VALUES ", count=1)
             + ") AS v WHERE EXISTS (SELECT FROM flipped)"
             for part in parts
         ]
         withs = "".join(f", w{i} AS ({part})" for i, part in enumerate(gated))
-        sql = sql.replace(" SELECT id FROM flipped", f"{withs} SELECT id FROM flipped")
+        sql = raw_pg.substituted(sql, " SELECT id FROM flipped", f"{withs} SELECT id FROM flipped")
     return {row[0] for row in _run(session, sql, params)}
 
 
@@ -288,7 +289,7 @@ _SETTLE_PG = (
     "WHERE c.id = m.company_id) "
     "SELECT id FROM flipped"
 )
-_SETTLE_ONE_PG = _SETTLE_PG.replace(_SETTLE_SOURCE, _SETTLE_ONE_SOURCE)
+_SETTLE_ONE_PG = raw_pg.substituted(_SETTLE_PG, _SETTLE_SOURCE, _SETTLE_ONE_SOURCE)
 # A lone webhook's claim of its id and its settlement in ONE statement (one round
 # trip less than `claim_webhook_ids` then `_SETTLE_ONE_PG`, the lone webhook being
 # the case at low load): the flip happens only if the id was recorded now. A twin
@@ -299,7 +300,8 @@ _CLAIM_AND_SETTLE_ONE_PG = (
     "INSERT INTO webhook_events (webhook_id, reservation_id, received_at) "
     "VALUES (CAST(%(webhook_id)s AS varchar), CAST(%(ids)s AS varchar), %(now)s) "
     "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id), "
-    + _SETTLE_ONE_PG.removeprefix("WITH ").replace(
+    + raw_pg.substituted(
+        _SETTLE_ONE_PG.removeprefix("WITH "),
         "WHERE r.id = v.id AND r.status = 'active' ",
         "WHERE r.id = v.id AND r.status = 'active' AND EXISTS (SELECT FROM claimed) ",
     )
@@ -370,7 +372,7 @@ _GROW_SESSIONS_PG = (
     "WHERE s.id = v.id AND s.message_count + v.added <= v.max_messages "
     "AND s.content_bytes + v.size <= v.max_bytes RETURNING s.id"
 )
-_GROW_ONE_PG = _GROW_SESSIONS_PG.replace(_GROW_SOURCE, _GROW_ONE_SOURCE)
+_GROW_ONE_PG = raw_pg.substituted(_GROW_SESSIONS_PG, _GROW_SOURCE, _GROW_ONE_SOURCE)
 _LAST_SEQS = (
     select(hot_statements.MESSAGES.c.session_id, func.max(hot_statements.MESSAGES.c.seq))
     .where(hot_statements.MESSAGES.c.session_id.in_(bindparam("p_ids", expanding=True)))

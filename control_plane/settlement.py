@@ -116,8 +116,8 @@ _HELD_PG = (
     "EXISTS (SELECT 1 FROM reservation_budgets AS b WHERE b.reservation_id = r.id) "
     "FROM reservations AS r WHERE r.id = ANY(CAST(%(ids)b AS varchar[]))"
 )
-_HELD_ONE_PG = _HELD_PG.replace(
-    "ANY(CAST(%(ids)b AS varchar[]))", "CAST(%(ids)s AS varchar)"
+_HELD_ONE_PG = raw_pg.substituted(
+    _HELD_PG, "ANY(CAST(%(ids)b AS varchar[]))", "CAST(%(ids)s AS varchar)"
 )  # a lone delivery's: a scalar (`settle_statements.SCALAR_ROWS`)
 _CREATED_AT = _HELD_COLUMNS.index("created_at")
 

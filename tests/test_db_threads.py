@@ -37,6 +37,9 @@ def test_results_and_errors_come_back_on_the_loop() -> None:
 def test_at_most_workers_calls_run_at_once_and_the_rest_wait() -> None:
     threads = DbThreads(3, "t")
     lock = threading.Lock()
+    # The first three calls meet here, so three run at once whatever the machine's
+    # load; with a smaller cap the barrier breaks, with a larger one the peak shows it.
+    first_three = threading.Barrier(3)
     running = 0
     peak = 0
 
@@ -45,6 +48,8 @@ def test_at_most_workers_calls_run_at_once_and_the_rest_wait() -> None:
         with lock:
             running += 1
             peak = max(peak, running)
+        if i < 3:
+            first_three.wait(5)
         time.sleep(0.01)
         with lock:
             running -= 1
@@ -105,7 +110,8 @@ def test_close_cancels_the_waiting_and_refuses_new_calls() -> None:
         waiting = threads.run(lambda: "never")
         await asyncio.to_thread(started.wait, 5)
         closing = asyncio.ensure_future(asyncio.to_thread(threads.close))
-        await asyncio.sleep(0.05)
+        await asyncio.wait({waiting}, timeout=5)  # close has cancelled the waiting call
+        assert waiting.cancelled()
         release.set()
         await closing
         assert await running == "done"

@@ -259,3 +259,11 @@ def test_a_batch_sends_as_many_statements_on_the_driver_whatever_its_size(
     assert sent[0] == sent[1]
     assert len(sent[0]) == 7  # as a lone webhook with a transcript
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+def test_a_statement_derived_from_a_missing_anchor_fails_loudly() -> None:
+    # The lone webhook's statement is derived by substitution: a renamed anchor must
+    # not silently drop its `EXISTS (claimed)` gate or its rows.
+    assert raw_pg.substituted("WHERE a AND b", "a", "a AND c") == "WHERE a AND c AND b"
+    with pytest.raises(ValueError, match="lacks"):
+        raw_pg.substituted("WHERE a", "r.status = 'active'", "x")
