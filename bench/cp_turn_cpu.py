@@ -15,26 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bench import turns
 from bench.edge_bench import QUICK, Bench, _runner, chat_body
-from bench.procfs import cpu_seconds, load_average
+from bench.procfs import cpu_seconds, load_average, system_seconds
 from bench.stack import BenchStack, mint
 
 PROCESSES = ("cp", "edge", "mock")
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def system_seconds(pid: int) -> float:
-    """The kernel's share of `cpu_seconds` (syscalls, wake-ups, socket work)."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return int(raw[raw.rindex(")") + 2 :].split()[12]) / _TICKS
 
 
 async def _round(bench: Bench, count: int) -> dict[str, float]:

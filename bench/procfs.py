@@ -24,6 +24,12 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / _TICKS
 
 
+def system_seconds(pid: int) -> float:
+    """The kernel's share of `cpu_seconds` (syscalls, wake-ups, socket work)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return int(raw[raw.rindex(")") + 2 :].split()[12]) / _TICKS
+
+
 def machine_busy_seconds() -> float:
     """CPU time every CPU of the machine has spent not idle (all processes), from
     /proc/stat: user, nice, system, irq, softirq and steal."""

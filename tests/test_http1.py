@@ -276,8 +276,11 @@ async def test_connect_timeout() -> None:
                 filler.connect(address)
             except TimeoutError:
                 break
+        # The outer limit only stops a broken connect timeout from waiting out the
+        # kernel's SYN retries (minutes): it would fail the test, not pass it slowly.
         with pytest.raises(transport.ConnectTimeout):
-            await client.send("GET", f"http://127.0.0.1:{address[1]}/", {}, b"")
+            async with asyncio.timeout(5):
+                await client.send("GET", f"http://127.0.0.1:{address[1]}/", {}, b"")
 
 
 @pytest.mark.parametrize("stage", ["headers", "body"])
@@ -293,9 +296,10 @@ async def test_silent_server_times_out(stage: str) -> None:
     async with Server(handler) as server:
         started = time.monotonic()
         with pytest.raises(transport.ReadTimeout):
-            response = await client.send("POST", server.url, {}, b"")
-            async for _ in response.aiter_raw():
-                pass
+            async with asyncio.timeout(5):  # a broken read timeout fails, not hangs
+                response = await client.send("POST", server.url, {}, b"")
+                async for _ in response.aiter_raw():
+                    pass
         assert time.monotonic() - started >= 0.19  # the timer does not fire early
         await client.aclose()
 

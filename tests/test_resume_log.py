@@ -12,14 +12,17 @@ import asyncio
 
 import pytest
 
+from shared.store_memory import MemoryStore
 from stream_edge import resume
 from stream_edge.resume import ResumeLog
 
 
-class GatedLog:
-    """A `LogStore` whose writes wait for `release`; records each batch."""
+class GatedLog(MemoryStore):
+    """The in-memory store, each log write held open until `release`; records each
+    batch as written."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.batches: list[list[bytes]] = []
         self.writing = asyncio.Event()
         self.release = asyncio.Event()
@@ -28,10 +31,7 @@ class GatedLog:
         self.writing.set()
         await self.release.wait()
         self.batches.append(list(items))
-        return sum(len(batch) for batch in self.batches)
-
-    async def log_range(self, key: str, start: int) -> list[bytes]:
-        return [item for batch in self.batches for item in batch][start:]
+        return await super().log_append(key, items, ttl_seconds)
 
 
 async def _first_write_in_flight(
@@ -76,4 +76,4 @@ async def test_close_during_a_write_lets_it_land_first_and_keeps_the_order(
     store.release.set()
     await closing
     assert store.batches == [[b"1"], [b"2"]]
-    assert await store.log_range("events", 0) == [b"1", b"2"]
+    assert await store.log_range(resume.events_key("jti-2"), 0) == [b"1", b"2"]
