@@ -61,6 +61,10 @@ def test_quick_bench_writes_every_row(pg_server: str, redis_prefix: str, tmp_pat
         assert f"\n| {concurrency} | " in report.split("### Inits")[1].split("###")[0]
     assert "### Whole turns" in report and "idle and busy" in report
     targets = report.split("## Issue 14's targets")[1]
-    assert targets.count("**met**") + targets.count("**not met**") == 9
+    # Each of the nine rows has a verdict. A quick run may leave one "not measured":
+    # /proc counts CPU in 10 ms ticks, and the mock's few streams can use less than
+    # one, leaving no backend CPU to divide by (the ratio row).
+    verdicts = ("**met**", "**not met**", "**not measured**")
+    assert sum(targets.count(verdict) for verdict in verdicts) == 9
     assert "(0 errors" not in targets
     assert str(ROOT) not in report  # no machine-specific paths in the document
