@@ -80,7 +80,11 @@ FULL = Plan(
     memory_delay_ms=5000,
     memory_ramp=200,
     inits=(tr.InitPlan(1, 100, 10), tr.InitPlan(32, 400, 32), tr.InitPlan(128, 400, 128)),
-    turns=(tr.TurnPlan(1, 0, 100, 10), tr.TurnPlan(200, 20, 400, 50)),
+    turns=(
+        tr.TurnPlan(1, 0, 100, 10),
+        tr.TurnPlan(200, 20, 800, 50),
+        tr.TurnPlan(200, 20, 800, 50, spread=True),
+    ),
     loaded=tr.LoadedPlan(150, 10, 8),
 )
 QUICK = Plan(
@@ -101,7 +105,11 @@ QUICK = Plan(
     memory_delay_ms=1000,
     memory_ramp=20,
     inits=(tr.InitPlan(1, 5, 1), tr.InitPlan(32, 20, 2), tr.InitPlan(128, 20, 2)),
-    turns=(tr.TurnPlan(1, 0, 5, 1), tr.TurnPlan(200, 20, 20, 2)),
+    turns=(
+        tr.TurnPlan(1, 0, 5, 1),
+        tr.TurnPlan(200, 20, 20, 2),
+        tr.TurnPlan(200, 20, 20, 2, spread=True),
+    ),
     loaded=tr.LoadedPlan(5, 1, 2),
 )
 
@@ -174,6 +182,7 @@ class Bench:
         concurrency: int,
         warmup: list[bytes],
         measured: list[bytes],
+        ramp_s: float = 0.0,
     ) -> report.PathStats:
         pool = Pool(HOST, port, concurrency)
         await pool.open()
@@ -181,7 +190,7 @@ class Bench:
             await pool.run(warmup)
             await self.quiesce()
             before = self.cpu()
-            run = await pool.run(measured)
+            run = await pool.run(measured, ramp_s=ramp_s)
             if server == "edge":
                 await self.quiesce()  # the webhooks are part of what a stream costs
             after = self.cpu()
@@ -208,9 +217,10 @@ class Bench:
         return chat_body(self.plan.tokens, delay_ms)
 
     async def direct(
-        self, concurrency: int, delay_ms: int, streams: int, warmup: int
+        self, concurrency: int, delay_ms: int, streams: int, warmup: int, ramp_s: float = 0.0
     ) -> report.PathStats:
-        """`streams` streams straight to the mock, `concurrency` at a time."""
+        """`streams` streams straight to the mock, `concurrency` at a time (the first
+        of each client `ramp_s` spread, see `sse_client.ramp_delay`)."""
         port = self.stack.ports["mock"]
         warm, raw = orjson.dumps(self.body(0)), orjson.dumps(self.body(delay_ms))
         stats = await self.phase(
@@ -219,6 +229,7 @@ class Bench:
             concurrency,
             [chat_request(HOST, port, warm)] * warmup,
             [chat_request(HOST, port, raw)] * streams,
+            ramp_s,
         )
         self.log(_summary("direct", stats))
         return stats

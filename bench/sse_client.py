@@ -180,6 +180,15 @@ async def connect(host: str, port: int) -> Connection:
     return protocol
 
 
+def ramp_delay(slot: int, clients: int, ramp_s: float) -> float:
+    """When closed-loop client `slot` of `clients` sends its first request: spread
+    evenly over `ramp_s`. Clients that all start at once and get answers of one
+    length stay in lockstep, every request of a round arriving in the same
+    millisecond (a herd); users do not click together, so the whole-turn phase also
+    runs with the starts spread over one answer's length (`TurnPlan.spread`)."""
+    return ramp_s * slot / clients if ramp_s > 0 else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class LoadRun:
     results: list[StreamResult]
@@ -207,13 +216,17 @@ class Pool:
             conn = self._conns[index] = await connect(self.host, self.port)
         return conn
 
-    async def run(self, requests: Sequence[bytes], keep_body: bool = False) -> LoadRun:
-        """Send every request, at most `size` at a time, each on a free connection."""
+    async def run(
+        self, requests: Sequence[bytes], keep_body: bool = False, ramp_s: float = 0.0
+    ) -> LoadRun:
+        """Send every request, at most `size` at a time, each on a free connection.
+        With `ramp_s`, client k starts k/size of it after the first (see `ramp_delay`)."""
         results: list[StreamResult | None] = [None] * len(requests)
         next_index = 0
 
         async def client(slot: int) -> None:
             nonlocal next_index
+            await asyncio.sleep(ramp_delay(slot, self.size, ramp_s))
             while next_index < len(requests):
                 index = next_index
                 next_index += 1

@@ -28,6 +28,9 @@ class TurnPlan:
     delay_ms: int
     turns: int
     warmup: int
+    # The clients' first requests spread over one answer's length (direct too),
+    # rather than all at once; see `sse_client.ramp_delay`.
+    spread: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,23 @@ class TurnStats:
     turns_per_s: float
     cpu: tuple[float, ...]
     direct: PathStats  # the same streams straight to the mock, just before
+    spread: bool = False  # see `TurnPlan.spread`
+
+    @property
+    def label(self) -> str:
+        return f"{self.concurrency}, spread" if self.spread else str(self.concurrency)
+
+    @property
+    def vs_direct(self) -> float:
+        """Whole turns/s over the direct streams/s of the same shape."""
+        if not self.direct.streams_per_s:
+            return math.nan
+        return self.turns_per_s / self.direct.streams_per_s
+
+    @property
+    def stream_p95_over_direct(self) -> float:
+        """The stream request's TTFT p95 through the edge minus direct's."""
+        return self.stream_ttft_ms[1] - self.direct.ttft_ms[1]
 
     def ms_per_turn(self, process: int) -> float:
         return self.cpu[process] / self.turns * 1000 if self.turns else math.nan
@@ -155,8 +175,11 @@ def _cell(cells: Sequence[Cell], concurrency: int, delay: int) -> Cell | None:
     return next((c for c in cells if (c.concurrency, c.delay_ms) == (concurrency, delay)), None)
 
 
-def _turn(turns: Sequence[TurnStats], concurrency: int, delay: int) -> TurnStats | None:
-    return next((t for t in turns if (t.concurrency, t.delay_ms) == (concurrency, delay)), None)
+def _turn(
+    turns: Sequence[TurnStats], concurrency: int, delay: int, *, spread: bool = False
+) -> TurnStats | None:
+    wanted = (concurrency, delay, spread)
+    return next((t for t in turns if (t.concurrency, t.delay_ms, t.spread) == wanted), None)
 
 
 def _judge(value: float, limit: float, *, at_least: bool = False) -> bool | None:
@@ -259,33 +282,48 @@ def targets(cells: Sequence[Cell], results: TurnResults) -> list[Target]:
             _judge(c1.added_ms(0), 1.0) if c1 else None,
         )
     )
-    wide = _turn(results.turns, 200, 20)
-    ratio = math.nan
-    if wide and wide.direct.streams_per_s:
-        ratio = wide.turns_per_s / wide.direct.streams_per_s
+    # At c = 200 the verdicts take the worse of the two arrival patterns: all
+    # clients starting together (a herd every round) and starts spread out.
+    wide = [t for t in (_turn(results.turns, 200, 20, spread=s) for s in (False, True)) if t]
     out.append(
         Target(
             "whole turns/s at c = 200, 20 ms between tokens, vs direct streams/s",
             "0.45",
             "≥ 0.9",
-            f"{_f(ratio)} ({_f(wide.turns_per_s, 1)} turns/s vs {_f(wide.direct.streams_per_s, 1)} "
-            "direct streams/s)"
-            if wide
-            else "n/a",
-            _judge(ratio, 0.9, at_least=True),
+            "; ".join(
+                f"{_f(t.vs_direct)} {_arrivals(t)} ({_f(t.turns_per_s, 1)} turns/s vs "
+                f"{_f(t.direct.streams_per_s, 1)} direct streams/s)"
+                for t in wide
+            )
+            or "n/a",
+            _judge(min((t.vs_direct for t in wide), default=math.nan), 0.9, at_least=True),
         )
     )
     c200 = _cell(cells, 200, 20)
+    spread = _turn(results.turns, 200, 20, spread=True)
+    p95 = [c200.added_ms(1)] if c200 else []
+    measured = [f"{c200.added_ms(1):+.1f} ms (stream cell, starts together)"] if c200 else []
+    if spread:
+        p95.append(spread.stream_p95_over_direct)
+        measured.append(
+            f"{spread.stream_p95_over_direct:+.1f} ms (whole turns, starts spread: the stream "
+            f"request's first token, {_f(spread.stream_ttft_ms[1], 1)} vs direct "
+            f"{_f(spread.direct.ttft_ms[1], 1)} ms)"
+        )
     out.append(
         Target(
             "TTFT p95 over direct at c = 200, 20 ms between tokens",
             "+1,928 ms",
             "≤ +50 ms",
-            f"{c200.added_ms(1):+.1f} ms" if c200 else "n/a",
-            _judge(c200.added_ms(1), 50.0) if c200 else None,
+            "; ".join(measured) or "n/a",
+            _judge(max(p95, default=math.nan), 50.0),
         )
     )
     return out
+
+
+def _arrivals(t: TurnStats) -> str:
+    return "with starts spread" if t.spread else "with all clients starting together"
 
 
 def target_rows(items: Sequence[Target]) -> list[str]:
@@ -317,7 +355,7 @@ def turn_rows(turns: Sequence[TurnStats]) -> list[str]:
     ]
     for t in turns:
         rows.append(
-            f"| {t.concurrency} | {t.delay_ms} ms | {t.turns} ({t.errors}, {t.settled}) "
+            f"| {t.label} | {t.delay_ms} ms | {t.turns} ({t.errors}, {t.settled}) "
             f"| {t.turns_per_s:.1f} ({t.direct.streams_per_s:.1f}) | {_trio(t.ttft_ms)} "
             f"| {_f(t.init_ms[0], 1)} | {_f(t.stream_ttft_ms[0])} / {_f(t.direct.ttft_ms[0])} "
             f"| {_trio(t.settle_ms)} |"
@@ -336,7 +374,7 @@ def turn_cpu_rows(turns: Sequence[TurnStats]) -> list[str]:
         each = " | ".join(_f(t.ms_per_turn(i)) for i in range(len(PROCESSES)))
         ratio = t.gateway_ms / t.backend_ms if t.backend_ms > 0 else math.nan
         rows.append(
-            f"| {t.concurrency} | {t.delay_ms} ms | {each} | {_f(t.gateway_ms)} "
+            f"| {t.label} | {t.delay_ms} ms | {each} | {_f(t.gateway_ms)} "
             f"| {_f(t.backend_ms)} | {_f(ratio, 1)} |"
         )
     return rows
@@ -354,7 +392,11 @@ def method_lines() -> list[str]:
         "so it holds init, relay and settlement. *Settled after the stream*: "
         "`reservations.settled_at` (the control plane's clock, same machine) minus the "
         "moment the stream's last byte arrived. The same streams, straight to the mock, "
-        "run just before as the reference: the backend's own CPU per stream is the mock's.",
+        "run just before as the reference: the backend's own CPU per stream is the mock's. "
+        "At c = 200 the phase runs twice: with every client starting at once (identical "
+        "answers keep them in lockstep, so each round's inits arrive as one herd) and "
+        "with the clients' first requests spread over one answer's length, direct "
+        "likewise (*spread*); each client runs about four turns.",
         "- **Loaded TTFT.** Concurrency-1 streams (tokens minted beforehand) direct and "
         "through the edge, first with the control plane idle, then while background "
         "clients keep it minting tokens.",

@@ -25,7 +25,7 @@ import orjson
 
 from bench import turn_report as tr
 from bench.report import percentile
-from bench.sse_client import Pool, chat_request, init_request
+from bench.sse_client import Pool, chat_request, init_request, ramp_delay
 
 if TYPE_CHECKING:
     from bench.edge_bench import Bench
@@ -151,7 +151,9 @@ async def init_phase(bench: Bench, plan: tr.InitPlan) -> tr.InitStats:
     return stats
 
 
-async def _turns(bench: Bench, concurrency: int, body: bytes, count: int) -> list[TurnResult]:
+async def _turns(
+    bench: Bench, concurrency: int, body: bytes, count: int, ramp_s: float = 0.0
+) -> list[TurnResult]:
     """`count` whole turns, `concurrency` at a time, each client on its own pair of
     keep-alive connections (control plane, edge)."""
     cp_port, edge_port = bench.stack.ports["cp"], bench.stack.ports["edge"]
@@ -184,6 +186,7 @@ async def _turns(bench: Bench, concurrency: int, body: bytes, count: int) -> lis
 
     async def client(slot: int) -> None:
         nonlocal next_index
+        await asyncio.sleep(ramp_delay(slot, concurrency, ramp_s))
         while next_index < count:
             index = next_index
             next_index += 1
@@ -198,17 +201,21 @@ async def _turns(bench: Bench, concurrency: int, body: bytes, count: int) -> lis
 
 
 async def turn_phase(bench: Bench, plan: tr.TurnPlan) -> tr.TurnStats:
+    # One answer's length: the spread clients' first requests fall within it.
+    ramp_s = bench.plan.tokens * plan.delay_ms / 1000 if plan.spread else 0.0
     bench.log(
         f"turns: concurrency {plan.concurrency}, {plan.delay_ms} ms between tokens, "
-        f"{plan.turns} turns"
+        f"{plan.turns} turns" + (f", starts spread over {ramp_s:.2f} s" if ramp_s else "")
     )
     body = orjson.dumps(bench.body(plan.delay_ms))
-    direct = await bench.direct(plan.concurrency, plan.delay_ms, plan.turns, plan.warmup)
+    direct = await bench.direct(
+        plan.concurrency, plan.delay_ms, plan.turns, plan.warmup, ramp_s=ramp_s
+    )
     await _turns(bench, plan.concurrency, orjson.dumps(bench.body(0)), plan.warmup)
     await bench.quiesce()
     before = bench.cpu()
     started = time.perf_counter()
-    results = await _turns(bench, plan.concurrency, body, plan.turns)
+    results = await _turns(bench, plan.concurrency, body, plan.turns, ramp_s)
     wall = time.perf_counter() - started
     await bench.quiesce()  # every webhook delivered: the settlements are in the CPU
     after = bench.cpu()
@@ -234,6 +241,7 @@ async def turn_phase(bench: Bench, plan: tr.TurnPlan) -> tr.TurnStats:
         turns_per_s=len(good) / wall if wall > 0 else 0.0,
         cpu=_spent(before, after),
         direct=direct,
+        spread=plan.spread,
     )
     bench.log("  " + tr.turn_summary(stats))
     return stats

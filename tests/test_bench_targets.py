@@ -19,7 +19,13 @@ def cpu(cp: float, edge: float = 0.0, mock: float = 0.0) -> tuple[float, ...]:
 
 
 def results(
-    cp_init_s: float, cp_turn_s: float, edge_s: float, inits_per_s: float
+    cp_init_s: float,
+    cp_turn_s: float,
+    edge_s: float,
+    inits_per_s: float,
+    *,
+    spread_per_s: float = 475.0,
+    spread_stream_p95: float = 3.0,
 ) -> tr.TurnResults:
     inits = [
         tr.InitStats(c, 100, 0, (5.0, 8.0, 20.0), inits_per_s, cpu(cp_init_s)) for c in (1, 32, 128)
@@ -34,13 +40,14 @@ def results(
             100,
             (4.0, 5.0, 6.0),
             (9.0, 12.0, 14.0),
-            (2.0, 3.0, 4.0),
+            (2.0, spread_stream_p95 if spread else 3.0, 4.0),
             (10.0, 20.0, 30.0),
-            475.0,
+            spread_per_s if spread else 475.0,
             cpu(cp_turn_s, edge_s),
             direct,
+            spread,
         )
-        for c, d in ((1, 0), (200, 20))
+        for c, d, spread in ((1, 0, False), (200, 20, False), (200, 20, True))
     ]
     return tr.TurnResults(inits, turns, None)
 
@@ -91,3 +98,15 @@ def test_the_table_has_a_row_per_target() -> None:
     rows = tr.target_rows(tr.targets(CELLS, results(0.1, 0.2, 0.15, 450.0)))
     assert len(rows) == 2 + 9
     assert all(row.endswith("| **met** |") for row in rows[2:])
+
+
+def test_at_c200_the_worse_arrival_pattern_decides() -> None:
+    # All clients starting together keep up (0.95 of direct); with the starts spread
+    # the turns fall behind, or the stream's first token does: not met either way.
+    behind = results(0.1, 0.2, 0.15, 450.0, spread_per_s=400.0)
+    late = results(0.1, 0.2, 0.15, 450.0, spread_stream_p95=60.0)
+    assert verdicts(behind)["whole turns/s at c = 200"] is False
+    assert verdicts(late)["TTFT p95 over direct at c = 200"] is False
+    measured = {t.what: t.measured for t in tr.targets(CELLS, behind)}
+    row = measured["whole turns/s at c = 200, 20 ms between tokens, vs direct streams/s"]
+    assert "0.95 with all clients starting together" in row and "0.80 with starts spread" in row
