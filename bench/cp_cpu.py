@@ -114,15 +114,15 @@ class ThreadProfiles:
         def wrap(name: str) -> None:
             original = getattr(Database, name)
 
-            def profiled(db: Database, fn: Callable[[Any], Any]) -> Any:
+            def profiled(db: Database, fn: Callable[[Any], Any], *args: Any) -> Any:
                 # A unit on SQLite runs in a transaction: profile the outer call only.
                 if not profiles.on or getattr(profiles._local, "busy", False):
-                    return original(db, fn)
+                    return original(db, fn, *args)
                 profile = profiles.current()
                 profiles._local.busy = True
                 profile.enable()
                 try:
-                    return original(db, fn)
+                    return original(db, fn, *args)
                 finally:
                     profile.disable()
                     profiles._local.busy = False

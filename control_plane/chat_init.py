@@ -284,7 +284,7 @@ def reserve(
     # The common init (a cached company config, no agent, no session id, no budgets)
     # never asks the unit for its ORM session (`db.Unit`).
     unit = session if isinstance(session, Unit) else Unit.of(session)
-    company = _COMPANY_FOR_INIT.first_on(unit.on, {"p_id": principal.company_id})
+    company = _COMPANY_FOR_INIT.first_on(unit.read_on, {"p_id": principal.company_id})
     if company is None:
         raise Forbidden("Your company no longer exists.")
     if company.disabled_at is not None:
@@ -371,9 +371,16 @@ def reserve(
         first_turn = init_writes.first_turn(
             session_id, company.id, principal.user_id, new_turn, limits.session, now
         )
+    pool = tuple(pools.get(model.provider, ()))
+    route = company_llm.route_for(catalog, model, keys.get(model.provider), pool)
+    # The common init's one write is its unit's last statement: begun lazily
+    # (`Database.unit(begin=False)`), it runs on its own, atomic by itself, with no
+    # BEGIN or COMMIT round trip (issue 14). Budgets or an existing session follow
+    # it in the same transaction.
+    last = first_turn is not None and not company.has_budgets
     if not postgres:
         take_hold(unit.session(), Reservation(**reservation.row()))
-    elif not init_writes.hold(unit.on, reservation, first_turn):
+    elif not init_writes.hold(unit.last_on if last else unit.on, reservation, first_turn):
         raise InsufficientCredits()
     if company.has_budgets:
         hold_budgets(unit.session(), principal, reservation)
@@ -389,8 +396,6 @@ def reserve(
             f"This chat session is full (at most {limits.session.max_messages} messages and "
             f"{limits.session.max_bytes} bytes); start a new session."
         )
-    pool = tuple(pools.get(model.provider, ()))
-    route = company_llm.route_for(catalog, model, keys.get(model.provider), pool)
     return Reserved(reservation, messages, stash, route, tuple(chain))
 
 
@@ -555,7 +560,8 @@ async def init_chat(
                 fernet=deps.fernet,
                 limits=StorageLimits.of(settings),
                 llm_cache=llm,
-            )
+            ),
+            begin=False,
         )
     except Exception:  # 402, 404, 413…: this grant never existed
         await pending_inits.forget(deps.store, user_id, jti)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,11 +55,15 @@ class Unit:
     (`driver`), with an ORM session on that same connection and transaction only
     once something asks for one (`session()`): a transaction that never needs the
     ORM skips the session and SQLAlchemy's `Connection` (~0.1 ms, issue 14.3).
-    Without a driver (SQLite, or a caller's own session: `of`) it is that session."""
+    Without a driver (SQLite, or a caller's own session: `of`) it is that session.
+
+    `read_on` and `last_on` say what a statement is, so that a unit begun lazily
+    (`Database.unit(fn, begin=False)`) can spare its BEGIN and COMMIT round trips
+    (issue 14); in any other unit they are `on`."""
 
     def __init__(self, session: Session | None, driver: psycopg.Connection[Any] | None) -> None:
         self._session = session
-        self.driver = driver
+        self._driver = driver
 
     @classmethod
     def of(cls, session: Session) -> Unit:
@@ -65,13 +71,30 @@ class Unit:
         return cls(session, None)
 
     @property
+    def driver(self) -> psycopg.Connection[Any] | None:
+        """The psycopg connection, in the unit's transaction; None without one."""
+        return self._driver
+
+    @property
     def on(self) -> Session | psycopg.Connection[Any]:
-        """Where a raw statement runs (`raw_pg.RawStatement.first_on`)."""
-        return self.driver if self.driver is not None else self.session()
+        """Where a raw statement runs (`raw_pg.RawStatement.first_on`), in the unit's
+        transaction."""
+        driver = self.driver
+        return driver if driver is not None else self.session()
+
+    @property
+    def read_on(self) -> Session | psycopg.Connection[Any]:
+        """Where a read (no effects, no lock taken) runs: `on`."""
+        return self.on
+
+    @property
+    def last_on(self) -> Session | psycopg.Connection[Any]:
+        """Where the unit's last statement runs (nothing may follow it): `on`."""
+        return self.on
 
     @property
     def postgres(self) -> bool:
-        return self.driver is not None or (
+        return self._driver is not None or (
             self._session is not None and self._session.get_bind().dialect.name == "postgresql"
         )
 
@@ -82,19 +105,64 @@ class Unit:
 
 
 class _PooledUnit(Unit):
-    """A `Unit` on a pooled connection of `engine`; `Database._in_unit` ends it."""
+    """A `Unit` on a pooled connection of `engine`; `Database._in_unit` ends it.
 
-    def __init__(self, engine: Engine, sessions: Sessions) -> None:
-        self._pooled = engine.raw_connection()  # pinged (`_pg_ping`), as a session's would be
+    `begin`: the transaction starts at checkout (its BEGIN is the checkout's ping,
+    `_pg_ping`). Otherwise the connection comes in autocommit and the
+    transaction begins only when a statement needs it (`driver`, `on`,
+    `session()`): the reads before it (`read_on`) and a last statement with nothing
+    begun (`last_on`) each stand alone, atomic by themselves, with no BEGIN or
+    COMMIT round trip. Under READ COMMITTED (PostgreSQL's default, ours) each
+    statement reads its own snapshot, in a transaction or not, so a plain read
+    outside the transaction sees what it would have seen inside it."""
+
+    def __init__(self, engine: Engine, sessions: Sessions, *, begin: bool = True) -> None:
+        with _checkout_begins(begin):
+            self._pooled = engine.raw_connection()  # pinged, as a session's would be
         driver = self._pooled.driver_connection
         assert isinstance(driver, psycopg.Connection)
         super().__init__(None, driver)
         self._engine = engine
         self._sessions = sessions
         self._connection: Connection | None = None
+        self._lazy = not begin
+        self._finished = False  # a last statement ran outside any transaction
+        if self._lazy:
+            driver.autocommit = True
+
+    def _began(self) -> psycopg.Connection[Any]:
+        driver = self._driver
+        assert driver is not None
+        if self._finished:
+            raise RuntimeError("a statement after the unit's last one")
+        if self._lazy:
+            # Out of autocommit: psycopg sends BEGIN with the next statement.
+            driver.autocommit = False
+            self._lazy = False
+        return driver
+
+    @property
+    def driver(self) -> psycopg.Connection[Any]:
+        return self._began()
+
+    @property
+    def read_on(self) -> Session | psycopg.Connection[Any]:
+        if self._lazy and not self._finished:
+            assert self._driver is not None
+            return self._driver
+        return self.on
+
+    @property
+    def last_on(self) -> Session | psycopg.Connection[Any]:
+        if self._lazy and not self._finished:
+            self._finished = True
+            assert self._driver is not None
+            return self._driver
+        return self.on
 
     def session(self) -> Session:
         if self._session is None:
+            self._began()
             # The same pooled connection, so the same transaction: the session's
             # commit or rollback covers what ran on the driver before it.
             self._connection = Connection(self._engine, connection=self._pooled)
@@ -102,6 +170,8 @@ class _PooledUnit(Unit):
         return self._session
 
     def end(self, commit: bool) -> None:
+        driver = self._driver
+        assert driver is not None
         try:
             if self._session is not None:
                 try:
@@ -111,14 +181,17 @@ class _PooledUnit(Unit):
                         self._session.rollback()
                 finally:
                     self._session.close()
-            elif self.driver is not None:
-                if commit:
-                    try:  # a broken connection raises here: no silent loss
-                        self.driver.commit()
-                    except psycopg.Error as exc:  # as the session's commit would raise it
-                        raise DBAPIError.instance("COMMIT", None, exc, psycopg.Error) from exc
-                elif not self.driver.closed:
-                    self.driver.rollback()
+            elif driver.autocommit:
+                # Begun lazily and never: each statement committed as it ran.
+                if not driver.closed:
+                    driver.autocommit = False  # the pool hands out transactions
+            elif commit:
+                try:  # a broken connection raises here: no silent loss
+                    driver.commit()
+                except psycopg.Error as exc:  # as the session's commit would raise it
+                    raise DBAPIError.instance("COMMIT", None, exc, psycopg.Error) from exc
+            elif not driver.closed:
+                driver.rollback()
         finally:
             if self._connection is not None:
                 self._connection.close()  # gives the pooled connection back
@@ -184,26 +257,61 @@ def create_sync_engine(
     return engine
 
 
+_CHECKOUT = threading.local()
+
+
+@contextmanager
+def _checkout_begins(begin: bool) -> Iterator[None]:
+    """While set, this thread's next checkout begins a transaction as its ping."""
+    _CHECKOUT.begin = begin
+    try:
+        yield
+    finally:
+        _CHECKOUT.begin = False
+
+
 def _pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """What ``pool_pre_ping`` does on each checkout, cheaper: SQLAlchemy's psycopg
     ping switches autocommit on and off and runs ``SELECT 1`` through a cursor; an
     empty query on the libpq connection is the same round trip (measured, one
-    checkout and return: 26.3 µs of CPU with ``pool_pre_ping``, 15 µs with this; two
-    checkouts an init). A dead connection fails as the pre-ping's does: SQLAlchemy
-    drops every pooled connection older than now and checks out a fresh one (at
-    most twice, then the checkout fails)."""
+    checkout and return: 26.3 µs of CPU with ``pool_pre_ping``, 15 µs with this).
+
+    For a caller about to run a transaction (`_checkout_begins`: `Database.transaction`
+    and `unit`), the ping is ``BEGIN`` itself: the round trip the transaction's first
+    statement would have paid first anyway (psycopg sends BEGIN only while the
+    connection is idle), so one round trip less per transaction (issue 14). BEGIN
+    writes nothing, so a dead connection found by it is replaced exactly as by the
+    empty ping: SQLAlchemy drops every pooled connection older than now and checks
+    out a fresh one (at most twice, then the checkout fails), before the caller has
+    sent anything."""
     pgconn = dbapi_connection.pgconn
+    begin = getattr(_CHECKOUT, "begin", False) and _plain_begin(dbapi_connection)
     try:
-        status = pgconn.exec_(b"").status
+        if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            status = None  # never expected: a connection is reset when returned
+        else:
+            status = pgconn.exec_(b"BEGIN" if begin else b"").status
     except psycopg.Error as exc:  # the libpq connection is already closed
         raise InvalidatePoolError(str(exc)) from exc
-    if status == psycopg.pq.ExecStatus.EMPTY_QUERY:
+    expected = psycopg.pq.ExecStatus.COMMAND_OK if begin else psycopg.pq.ExecStatus.EMPTY_QUERY
+    if status == expected:
+        if begin:
+            _CHECKOUT.begin = False  # this checkout's; a nested one pings plainly
         return
     if pgconn.status == psycopg.pq.ConnStatus.BAD:  # the server or the network went away
         raise InvalidatePoolError("the pooled connection failed its ping")
-    # Alive but not idle (never expected: a connection is reset when returned): this
-    # one only is replaced.
+    # Alive but not idle: this one only is replaced.
     raise DisconnectionError("the pooled connection is not idle")
+
+
+def _plain_begin(connection: psycopg.Connection[Any]) -> bool:
+    """Whether psycopg would start this connection's transaction with a bare BEGIN
+    (no isolation level, access mode or deferrable set on it)."""
+    return not connection.autocommit and (
+        connection.isolation_level is None
+        and connection.read_only is None
+        and connection.deferrable is None
+    )
 
 
 class Database:
@@ -217,13 +325,13 @@ class Database:
         self._threads = DbThreads(pool_size, "db")
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
-        with self.sessions.begin() as session:
+        with _checkout_begins(True), self.sessions.begin() as session:
             return fn(session)
 
-    def _in_unit(self, fn: Callable[[Unit], T]) -> T:
+    def _in_unit(self, fn: Callable[[Unit], T], begin: bool = True) -> T:
         if not self.postgres:
             return self._in_transaction(lambda session: fn(Unit.of(session)))
-        unit = _PooledUnit(self.engine, self.sessions)
+        unit = _PooledUnit(self.engine, self.sessions, begin=begin)
         try:
             result = fn(unit)
         except BaseException:
@@ -232,10 +340,13 @@ class Database:
         unit.end(commit=True)
         return result
 
-    async def unit(self, fn: Callable[[Unit], T]) -> T:
+    async def unit(self, fn: Callable[[Unit], T], *, begin: bool = True) -> T:
         """Run ``fn(unit)`` in a worker thread, in one transaction, as `transaction`
-        but with the session made only if ``fn`` asks for it (`Unit`)."""
-        return await self._threads.run(functools.partial(self._in_unit, fn))
+        but with the session made only if ``fn`` asks for it (`Unit`). With
+        ``begin=False`` the transaction begins only at the first statement that
+        needs one (`_PooledUnit`): init's unit, a read and one write statement in
+        the common case, then sends neither BEGIN nor COMMIT."""
+        return await self._threads.run(functools.partial(self._in_unit, fn, begin))
 
     async def transaction(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn(session)`` in a worker thread, in one transaction."""
