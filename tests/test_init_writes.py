@@ -1,7 +1,8 @@
 """`init_writes` (issue 14.3): init's writes on PostgreSQL as one statement write
 exactly what the separate statements (`ledger.take_hold`,
-`chat_sessions.create_with_messages`) write, and nothing at all when the company
-cannot cover the hold."""
+`chat_sessions.create_with_messages`: init's way on SQLite, run here on PostgreSQL
+for the comparison) write, and nothing at all when the company cannot cover the
+hold."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane import chat_sessions, hot_statements, init_writes, ledger, raw_pg, settlement
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
-from control_plane.errors import Conflict
+from control_plane.errors import AppError, Conflict
 from control_plane.migrate import upgrade
 from control_plane.tables import utcnow
 from shared.webhooks import UsageEvent
@@ -67,15 +68,13 @@ def _delivery(reservation: init_writes.NewReservation, content: str | None) -> s
 
 
 def _settle(tenant: Tenant, delivery: settlement.Delivery) -> settlement.Outcome:
-    return tenant.tx(
-        lambda s: settlement.settle_webhook(
-            s,
-            delivery.webhook_id,
-            delivery.event,
-            transcripts=delivery.transcripts,
-            session_limits=LIMITS,
-        )
-    )
+    """A lone delivery as the webhook route settles it (`settle_delivery`): a batch
+    of one in its own transaction, its refusal raised once that has ended."""
+    one = replace(delivery, session_limits=LIMITS)
+    [result] = tenant.tx(lambda s: settlement.settle_webhooks(s, [one]))
+    if isinstance(result, AppError):
+        raise result
+    return result
 
 
 @pytest.fixture
