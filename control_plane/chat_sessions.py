@@ -223,6 +223,44 @@ def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None)
     return doc
 
 
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """A new session's row and its messages' rows (numbered from 1), as written."""
+
+    session: dict[str, Any]
+    messages: list[dict[str, Any]]
+
+
+def new_session_rows(
+    session_id: str,
+    company_id: str,
+    user_id: str,
+    messages: list[dict[str, Any]],
+    limits: SessionLimits,
+    now: datetime,
+) -> NewSession | None:
+    """The rows of a new session `session_id` holding `messages`, its counters set
+    at once; None when the messages alone pass `limits` (a new session has no
+    history to lock or number after). The one builder of these rows, whether they
+    go as two INSERTs (`create_with_messages`) or with init's hold in one
+    statement (`init_writes.first_turn`)."""
+    rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
+    size = content_bytes(rows)
+    if len(rows) > limits.max_messages or size > limits.max_bytes:
+        return None
+    session = {
+        "id": session_id,
+        "company_id": company_id,
+        "user_id": user_id,
+        "title": without_nul(title_from(rows)),
+        "created_at": now,
+        "updated_at": now,
+        "message_count": len(rows),
+        "content_bytes": size,
+    }
+    return NewSession(session, _message_rows(session_id, rows, 1, now))
+
+
 def create_with_messages(
     session: Session,
     session_id: str,
@@ -232,30 +270,16 @@ def create_with_messages(
     limits: SessionLimits | None = None,
     now: datetime | None = None,
 ) -> Appended:
-    """A new session `session_id` holding `messages` (numbered from 1), its counters
-    set at once: two INSERTs, no read, no ORM (init's hot path, issue 14.3).
-    ``"full"``, and nothing written, when the messages alone pass `limits` (a new
-    session has no history to lock or number after)."""
-    limits = limits or SessionLimits()
-    rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
-    size = content_bytes(rows)
-    if len(rows) > limits.max_messages or size > limits.max_bytes:
-        return "full"
-    moment = now or utcnow()
-    session.execute(
-        hot_statements.INSERT_SESSION,
-        {
-            "id": session_id,
-            "company_id": company_id,
-            "user_id": user_id,
-            "title": without_nul(title_from(rows)),
-            "created_at": moment,
-            "updated_at": moment,
-            "message_count": len(rows),
-            "content_bytes": size,
-        },
+    """A new session `session_id` holding `messages` (`new_session_rows`): two
+    INSERTs, no read, no ORM (init's hot path, issue 14.3). ``"full"``, and nothing
+    written, when the messages alone pass `limits`."""
+    rows = new_session_rows(
+        session_id, company_id, user_id, messages, limits or SessionLimits(), now or utcnow()
     )
-    _insert_messages(session, session_id, rows, 1, moment)
+    if rows is None:
+        return "full"
+    session.execute(hot_statements.INSERT_SESSION, rows.session)
+    _insert_message_rows(session, rows.messages)
     return "appended"
 
 
@@ -263,7 +287,10 @@ def _insert_messages(
     session: Session, session_id: str, rows: list[dict[str, Any]], first_seq: int, now: datetime
 ) -> None:
     """`rows` numbered from `first_seq`, one INSERT (executemany for several)."""
-    values = _message_rows(session_id, rows, first_seq, now)
+    _insert_message_rows(session, _message_rows(session_id, rows, first_seq, now))
+
+
+def _insert_message_rows(session: Session, values: list[dict[str, Any]]) -> None:
     if values:
         session.execute(hot_statements.INSERT_MESSAGES, values if len(values) > 1 else values[0])
 

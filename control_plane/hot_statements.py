@@ -54,24 +54,7 @@ TAKE_HOLD = (
     .values(held_micro=COMPANIES.c.held_micro + bindparam("p_hold"))
 )
 
-# PostgreSQL: the hold and the reservation in ONE statement: the INSERT selects from
-# the UPDATE's RETURNING, so it adds a row only when the conditional UPDATE matched.
-_HELD = TAKE_HOLD.returning(COMPANIES.c.id).cte("held")
 _RESERVATION_COLUMNS = [c.name for c in RESERVATIONS.columns]
-HOLD_AND_RESERVE_PG = (
-    insert(RESERVATIONS)
-    .from_select(
-        _RESERVATION_COLUMNS,
-        select(
-            *(
-                bindparam(f"r_{name}", type_=RESERVATIONS.c[name].type).label(name)
-                for name in _RESERVATION_COLUMNS
-            )
-        ).select_from(_HELD),
-    )
-    .returning(RESERVATIONS.c.id)
-)
-
 INSERT_RESERVATION = insert(RESERVATIONS)
 INSERT_LEDGER = insert(LEDGER)
 INSERT_AUDIT = insert(AUDIT)
@@ -85,17 +68,14 @@ def reservation_row(reservation: Reservation) -> dict[str, Any]:
 
 def hold_and_reserve(session: Session, reservation: Reservation) -> bool:
     """Take `reservation.hold_micro` from its company's available credits and insert
-    the reservation, atomically; False (nothing written) when the company cannot
-    cover it. One statement on PostgreSQL, two on SQLite (no DML in a CTE there;
-    its writers are serialised by ``BEGIN IMMEDIATE`` anyway)."""
-    row = reservation_row(reservation)
+    the reservation, atomically (in the caller's transaction); False (nothing
+    written) when the company cannot cover it. The SQLite path (the embedded dev
+    mode), whose writers ``BEGIN IMMEDIATE`` serialises; PostgreSQL writes the hold
+    with the rest of init in one statement (`init_writes.hold`)."""
     hold = {"p_company_id": reservation.company_id, "p_hold": reservation.hold_micro}
-    if session.get_bind().dialect.name == "postgresql":
-        params = {**hold, **{f"r_{name}": value for name, value in row.items()}}
-        return session.execute(HOLD_AND_RESERVE_PG, params).first() is not None
     if _rowcount(session.execute(TAKE_HOLD, hold)) == 0:
         return False
-    session.execute(INSERT_RESERVATION, row)
+    session.execute(INSERT_RESERVATION, reservation_row(reservation))
     return True
 
 

@@ -35,8 +35,6 @@ from control_plane.hot_statements import (
 )
 from control_plane.ledger import hold_entry
 from control_plane.reservation_row import ReservationTerms
-from control_plane.tables import new_id
-from control_plane.validation import without_nul
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,36 +139,16 @@ def first_turn(
     now: datetime,
 ) -> FirstTurn | None:
     """The rows `chat_sessions.create_with_messages` writes for a new session of one
-    message; None when there are several (they go the usual way) or when the
-    message alone passes the session's caps (`create_with_messages` answers "full")."""
+    message (its builder, `new_session_rows`); None when there are several (they go
+    the usual way) or when the message alone passes the session's caps
+    (`create_with_messages` answers "full")."""
     if len(messages) != 1:
         return None
-    m = messages[0]
-    row = {**m, "content": without_nul(m.get("content") or "")}
-    size = chat_sessions.content_bytes([row])
-    if size > limits.max_bytes or limits.max_messages < 1:
+    rows = chat_sessions.new_session_rows(session_id, company_id, user_id, messages, limits, now)
+    if rows is None:
         return None
-    session = {
-        "id": session_id,
-        "company_id": company_id,
-        "user_id": user_id,
-        "title": without_nul(chat_sessions.title_from([row])),
-        "created_at": now,
-        "updated_at": now,
-        "message_count": 1,
-        "content_bytes": size,
-    }
-    message = {
-        "id": new_id(),
-        "session_id": session_id,
-        "role": row["role"],
-        "content": row["content"],
-        "created_at": now,
-        "seq": 1,
-        "tool_calls": row.get("tool_calls"),
-        "tool_call_id": row.get("tool_call_id"),
-    }
-    return FirstTurn(session, message)
+    [message] = rows.messages
+    return FirstTurn(rows.session, message)
 
 
 def hold(

@@ -202,9 +202,10 @@ def hold_entry(
 def take_hold(session: Session, reservation: Reservation) -> None:
     """Reserve `reservation.hold_micro` atomically, then record the reservation and
     its ``hold`` entry (actor: the user). Raises InsufficientCredits when the company
-    cannot cover it; the caller's transaction then rolls back whatever it added."""
-    # One statement on PostgreSQL (`hot_statements.hold_and_reserve`), Core rows for
-    # the ledger and audit: no ORM unit of work on the hot path.
+    cannot cover it; the caller's transaction then rolls back whatever it added.
+    Init's way on SQLite; on PostgreSQL init writes all of this, and more, in one
+    statement (`init_writes.hold`)."""
+    # Core rows for the ledger and audit: no ORM unit of work on the hot path.
     if not hot_statements.hold_and_reserve(session, reservation):
         raise InsufficientCredits()
     hot_statements.write_entries(session, [hold_entry(reservation, reservation.created_at)])

@@ -13,7 +13,7 @@ taken (same id: recorded earlier, in this batch, or by a concurrent twin that
 committed first, which ON CONFLICT waits for) or finds the reservation no longer
 active (another id, a cancelled-after-completed event, a webhook after the sweeper
 settled or released the hold) and changes nothing. One delivery
-(`settle_webhook`, `settle_event`) is a batch of one.
+(`settle_delivery`, in its own transaction) is a batch of one.
 """
 
 from __future__ import annotations
@@ -287,26 +287,6 @@ class Delivery:
     session_limits: chat_sessions.SessionLimits | None = None
 
 
-def settle_webhook(
-    session: Session,
-    webhook_id: str,
-    event: UsageEvent,
-    *,
-    transcripts: bool,
-    http_request_id: str | None = None,
-    signer_provider: str | None = None,
-    session_limits: chat_sessions.SessionLimits | None = None,
-) -> Outcome:
-    """`settle_webhooks` for one delivery; raises its refusal."""
-    delivery = Delivery(
-        webhook_id, event, transcripts, http_request_id, signer_provider, session_limits
-    )
-    result = settle_webhooks(session, [delivery])[0]
-    if isinstance(result, AppError):
-        raise result
-    return result
-
-
 def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Outcome | AppError]:
     """The webhooks' use case, for a batch in the caller's transaction: each
     delivery's Outcome, or the AppError that refuses it (and wrote nothing for it).
@@ -513,26 +493,10 @@ def already_settled(session: Session, webhook_id: str, reservation_id: str) -> b
     return status is not None and status != "active"
 
 
-async def settle_event(
-    db: Database,
-    webhook_id: str,
-    event: UsageEvent,
-    *,
-    transcripts: bool,
-    http_request_id: str | None = None,
-    signer_provider: str | None = None,
-    session_limits: chat_sessions.SessionLimits | None = None,
-) -> Outcome:
-    """One delivery in its own transaction, on the database threads; raises its
-    refusal."""
-    delivery = Delivery(
-        webhook_id, event, transcripts, http_request_id, signer_provider, session_limits
-    )
-    return await settle_delivery(db, delivery)
-
-
 async def settle_delivery(db: Database, delivery: Delivery) -> Outcome:
-    """`settle_event` of a `Delivery`."""
+    """One delivery in its own transaction, on the database threads (the webhook
+    route's without a batcher, and the batcher's when a batch rolled back); raises
+    its refusal."""
     try:
         result = await db.transaction(lambda s: settle_webhooks(s, [delivery])[0])
     except IntegrityError:

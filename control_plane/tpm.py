@@ -4,8 +4,9 @@
 one-minute windows in the store, shared by every control-plane process through
 Redis, as `rate_limits` counts inits (same windows, another key).
 
-* At init, before anything is held, `precheck` refuses a caller whose window is
-  already full (no hold, no row: the common refusal changes nothing).
+* At init, before anything is held, the init gate (`init_gate`, one step of the
+  store with init's other counters) refuses a caller whose window is already full
+  (no hold, no row: the common refusal changes nothing), with `refusal`.
 * After the hold, `take` counts its token estimate (the input estimate plus
   ``max_tokens``: the worst case, like the credit hold) in the window of the
   init's instant; past a limit it takes the tokens back and refuses, and the
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from control_plane.errors import ServiceUnavailable, TpmExceeded
 from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
 from control_plane.settings import ControlPlaneSettings
-from shared.store import CounterStore, KeyValueStore
+from shared.store import CounterStore
 
 log = logging.getLogger("control_plane.tpm")
 
@@ -63,23 +64,6 @@ def refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
 def _unavailable() -> ServiceUnavailable:
     log.exception("tokens-per-minute counter unavailable")
     return ServiceUnavailable("The request store is unavailable; retry shortly.")
-
-
-async def precheck(
-    store: KeyValueStore, limits: TpmLimits, *, user_id: str, company_id: str, now: float
-) -> None:
-    """Refuse (429) when the window is already at a limit: nothing is held yet."""
-    scopes = limits.scopes(user_id, company_id)
-    if not scopes:
-        return
-    window = window_at(now)
-    try:
-        values = await store.get_many([tpm_key(s, subject, window) for s, subject, _ in scopes])
-    except Exception:
-        raise _unavailable() from None
-    for (scope, _, limit), raw in zip(scopes, values, strict=True):
-        if raw is not None and int(raw) >= limit:
-            raise refusal(scope, limit, window)
 
 
 async def take(

@@ -441,12 +441,16 @@ class RedisStore:
         for index, (raw, limit) in enumerate(zip(held, g.tpm_limits, strict=True)):
             if raw is not None and int(raw) >= limit:
                 return InitGated("tpm", index)
-        members = await self.bounded_members(g.pending_key, g.now)
-        marks = await self.get_many([g.used_prefix + m for m in members]) if members else []
-        started = [m for m, mark in zip(members, marks, strict=True) if mark is not None]
-        frees_at = await self.bounded_add(
-            g.pending_key, g.member, g.expires_at, g.now, g.pending_limit, started
-        )
+        # As the script: the pending grants' marks are read only when the set is at
+        # its limit (an add refused). Most inits find a place at the first add.
+        add = (g.pending_key, g.member, g.expires_at, g.now, g.pending_limit)
+        frees_at = await self.bounded_add(*add, [])
+        if frees_at is not None:
+            members = await self.bounded_members(g.pending_key, g.now)
+            marks = await self.get_many([g.used_prefix + m for m in members]) if members else []
+            started = [m for m, mark in zip(members, marks, strict=True) if mark is not None]
+            if started:
+                frees_at = await self.bounded_add(*add, started)
         if frees_at is not None:
             return InitGated("pending", frees_at=frees_at)
         fetched = await self.get(g.fetch_key) if g.fetch_key is not None else None

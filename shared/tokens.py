@@ -186,13 +186,6 @@ def parse_token(token: str) -> jws_fast.ParsedToken:
     return parsed
 
 
-def unverified_kid(token: str) -> str:
-    """The header's `kid`, after checking the header pins our algorithm."""
-    kid = parse_token(token).kid
-    assert kid is not None  # parse_token refuses a token without one
-    return kid
-
-
 def verify_parsed_stream_token(
     parsed: jws_fast.ParsedToken, public_key: Ed25519PublicKey
 ) -> StreamGrant:

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import select
 from sqlmodel import col
 from starlette.applications import Starlette
@@ -31,13 +32,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from control_plane import budget_math, budgets, tpm
+from control_plane import budget_math, budgets, init_gate, tpm
 from control_plane.errors import TpmExceeded
 from control_plane.rate_limits import window_at
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Budget, BudgetEvent, BudgetPeriod, Reservation
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from shared.store_memory import MemoryStore
 from shared.webhooks import verify
+from tests.conftest import new_webhook_secret
 from tests.test_control_plane import (
     CP,
     credits_of,
@@ -183,6 +186,23 @@ def test_tpm_counts_refuses_and_corrects_in_the_init_window() -> None:
     store = MemoryStore(clock=lambda: 0.0)
     limits = tpm.TpmLimits(per_user=100, per_company=150)
     t0 = 1_800_000_000.0  # a window start (divisible by 60)
+    settings = ControlPlaneSettings.from_env(
+        {
+            "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+            "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+            "LLMGW_TPM_PER_USER": str(limits.per_user),
+            "LLMGW_TPM_PER_COMPANY": str(limits.per_company),
+        }
+    )
+    assert tpm.TpmLimits.of(settings) == limits
+
+    async def gate(now: float) -> None:
+        """Init's check before any hold: the live one, `init_gate.enter`."""
+        at = init_gate.Moment(rate_now=now, tpm_now=now, wall_now=now)
+        await init_gate.enter(
+            store, settings, user_id="u", company_id="c", jti=uuid.uuid4().hex,
+            expires_at=now + 60, at=at, cache=None,
+        )  # fmt: skip
 
     async def run() -> None:
         await tpm.take(store, limits, user_id="u", company_id="c", tokens=60, now=t0 + 1)
@@ -203,18 +223,19 @@ def test_tpm_counts_refuses_and_corrects_in_the_init_window() -> None:
         )  # fmt: skip
         assert await store.get(f"tpm:user:u:{int(t0)}") == b"10"
         assert await store.get(f"tpm:company:c:{int(t0)}") == b"90"
-        await tpm.precheck(store, limits, user_id="u", company_id="c", now=t0 + 55)
+        await gate(t0 + 55)
         await tpm.take(store, limits, user_id="z", company_id="c", tokens=60, now=t0 + 56)
         # Now the company is full: refused before any hold.
-        with pytest.raises(TpmExceeded):
-            await tpm.precheck(store, limits, user_id="u", company_id="c", now=t0 + 57)
+        with pytest.raises(TpmExceeded, match="company") as refused:
+            await gate(t0 + 57)
+        assert refused.value.retry_after == 3
         # A correction after its window ended changes nothing; the next window is empty.
         await tpm.correct(
             store, limits, user_id="u", company_id="c", held_tokens=10, used_tokens=0,
             counted_at=t0 + 1, now=t0 + 60,
         )  # fmt: skip
         assert await store.get(f"tpm:user:u:{int(t0)}") == b"10"
-        await tpm.precheck(store, limits, user_id="u", company_id="c", now=t0 + 61)
+        await gate(t0 + 61)
         # Off: no limit, nothing counted.
         off = tpm.TpmLimits()
         await tpm.take(store, off, user_id="w", company_id="x", tokens=10**9, now=t0)

@@ -1,28 +1,40 @@
 """The stream job's pieces in process: the relay against a recording `RelaySink`, the
-webhook status table, and the reporter's store retries (no network, no sockets)."""
+webhook status table, and the reporter's store retries on the memory store and a real
+outbox, which posts through the in-process transport (no network, no sockets)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as HttpRoute
 
 from shared.catalog import load_catalog
 from shared.retry import Backoff
-from shared.store import SlotRelease
+from shared.store import Admission, SlotRelease
+from shared.store_memory import MemoryStore
 from shared.tokens import StreamGrant
-from shared.webhooks import UsageEvent
+from shared.webhooks import generate_secret, verify
 from stream_edge.admission import Route
 from stream_edge.attempts import Attempt, Backend
 from stream_edge.limits import slot_keys
+from stream_edge.memory_transport import InMemoryTransport
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.outbox import Outbox
 from stream_edge.relay import Deadlines, relay
 from stream_edge.reporter import ENQUEUE_ATTEMPTS, Reporter
+from stream_edge.spool import Spool
 from stream_edge.upstream.base import Delta, UpstreamEvent
 from stream_edge.upstream.openai_chat import OpenAIStreamParser
 from stream_edge.usage_report import webhook_status
@@ -153,6 +165,8 @@ GRANT = StreamGrant(
     session_id="s", model="mock-fast", max_tokens=50, max_input_tokens=30,
     reservation_id="r", request_id="q", issued_at=0, expires_at=0,
 )  # fmt: skip
+SECRET = generate_secret()
+WEBHOOK_URL = "http://cp.test/v1/webhooks/usage"
 
 
 def backend() -> Backend:
@@ -163,31 +177,37 @@ def backend() -> Backend:
     return Backend(attempt, None, Meter(input_estimate=5, keep_transcript=False), "m", "p")
 
 
-@dataclass
-class FlakyOutbox:
-    """Refuses the first `failures` enqueues, as a store that is briefly down."""
+class FlakyStore(MemoryStore):
+    """The real memory store, refusing its first `failures` outbox writes, as a store
+    that is briefly down (every other command works)."""
 
-    failures: int
-    enqueued: list[UsageEvent] = field(default_factory=list)
-    kept: list[UsageEvent] = field(default_factory=list)
-    refused: int = 0
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
 
-    async def enqueue(self, event: UsageEvent, release: SlotRelease) -> None:
-        if self.refused < self.failures:
-            self.refused += 1
+    async def outbox_put(
+        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
+    ) -> None:
+        if self.failures > 0:
+            self.failures -= 1
             raise ConnectionError("store down")
-        self.enqueued.append(event)
-
-    async def keep(self, event: UsageEvent, release: SlotRelease) -> None:
-        self.kept.append(event)
+        await super().outbox_put(item_id, payload, due_at, release)
 
 
 @dataclass
-class RecordingStore:
-    released: list[SlotRelease] = field(default_factory=list)
+class Receiver:
+    """The control plane's usage webhook, in process: records what is posted."""
 
-    async def release_slots(self, release: SlotRelease) -> None:
-        self.released.append(release)
+    posted: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    async def hook(self, request: Request) -> Response:
+        self.posted.append((dict(request.headers), await request.body()))
+        return JSONResponse({"ok": True})
+
+    def statuses(self) -> list[str]:
+        for headers, body in self.posted:  # signed with the webhook secret
+            verify([SECRET], body, headers)
+        return [orjson.loads(body)["data"]["status"] for _, body in self.posted]
 
 
 @dataclass(frozen=True)
@@ -201,28 +221,73 @@ class RecordingBackoff(Backoff):
         return 0.0
 
 
-def reporter(outbox: FlakyOutbox, store: RecordingStore, backoff: Backoff) -> Reporter:
-    state = SimpleNamespace(metrics=EdgeMetrics(), outbox=outbox, store=store)
-    return Reporter(state, GRANT, accepted_at=0.0, backoff=backoff)  # type: ignore[arg-type]
+@dataclass
+class Edge:
+    """A reporter's surroundings: the store, a real outbox posting through the
+    in-process transport to `receiver`, its spool, and a stream holding its slots."""
+
+    store: FlakyStore
+    outbox: Outbox
+    spool: Spool
+    receiver: Receiver
+
+    async def admit(self) -> None:
+        now = time.time()
+        admitted = await self.store.admit(
+            Admission(
+                revocation_keys=[], used_key="used:j", path="stream", used_ttl_seconds=60,
+                slot_keys=slot_keys(GRANT), limits=[10, 10], member=GRANT.jti, now=now,
+                slots_expire_at=now + 60,
+            )
+        )  # fmt: skip
+        assert admitted.verdict == "ok"
+
+    async def slots_held(self) -> list[list[str]]:
+        now = time.time()
+        return [await self.store.bounded_members(key, now) for key in slot_keys(GRANT)]
+
+    def reporter(self, backoff: Backoff) -> Reporter:
+        state = SimpleNamespace(metrics=EdgeMetrics(), outbox=self.outbox, store=self.store)
+        return Reporter(state, GRANT, accepted_at=0.0, backoff=backoff)  # type: ignore[arg-type]
+
+    def spooled(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for path in self.spool.claim() for line in self.spool.read(path)]
 
 
-async def test_the_report_retries_a_refused_enqueue_with_the_backoff() -> None:
-    outbox, store, backoff = (
-        FlakyOutbox(failures=ENQUEUE_ATTEMPTS - 1),
-        RecordingStore(),
-        RecordingBackoff(),
-    )
-    job = reporter(outbox, store, backoff)
+def edge(tmp_path: Path, failures: int) -> Edge:
+    receiver = Receiver()
+    cp = Starlette(routes=[HttpRoute("/v1/webhooks/usage", receiver.hook, methods=["POST"])])
+    transport = InMemoryTransport({WEBHOOK_URL: cp})
+    store, spool = FlakyStore(failures), Spool(tmp_path / "spool")
+    outbox = Outbox(store, transport, WEBHOOK_URL, SECRET, EdgeMetrics(), spool=spool)
+    return Edge(store, outbox, spool, receiver)
+
+
+async def test_the_report_retries_a_refused_enqueue_with_the_backoff(tmp_path: Path) -> None:
+    e, backoff = edge(tmp_path, failures=ENQUEUE_ATTEMPTS - 1), RecordingBackoff()
+    await e.admit()
+    job = e.reporter(backoff)
     await job.report(backend(), "completed")
     await job.report(backend(), "failed")  # once only
-    assert [e.status for e in outbox.enqueued] == ["completed"]
     assert backoff.asked == list(range(ENQUEUE_ATTEMPTS - 1))
-    assert outbox.kept == [] and store.released == []
+    # Stored with the slots given back in the same write, then posted and acknowledged.
+    assert await e.store.outbox_size() == 1
+    assert await e.slots_held() == [[], []]
+    assert await e.outbox.flush(timeout=30) == 0
+    assert e.receiver.statuses() == ["completed"]
+    assert not e.spool.has_pending()
 
 
-async def test_a_report_the_store_keeps_refusing_is_spooled_and_the_slots_freed() -> None:
-    outbox, store = FlakyOutbox(failures=ENQUEUE_ATTEMPTS), RecordingStore()
-    await reporter(outbox, store, RecordingBackoff()).report(backend(), "cancelled")
-    assert outbox.enqueued == []
-    assert [e.status for e in outbox.kept] == ["cancelled"]
-    assert store.released == [SlotRelease(slot_keys(GRANT), "j")]
+async def test_a_report_the_store_keeps_refusing_is_spooled_and_the_slots_freed(
+    tmp_path: Path,
+) -> None:
+    e = edge(tmp_path, failures=ENQUEUE_ATTEMPTS)
+    await e.admit()
+    await e.reporter(RecordingBackoff()).report(backend(), "cancelled")
+    assert await e.store.outbox_size() == 0
+    assert await e.slots_held() == [[], []]  # freed on their own, not with the report
+    assert await e.outbox.flush(timeout=30) == 0
+    assert e.receiver.statuses() == ["cancelled"]  # posted directly
+    [record] = e.spooled()  # and kept until the store takes it
+    assert orjson.loads(record["item"]["body"])["data"]["status"] == "cancelled"
+    assert record["release"] == {"slot_keys": slot_keys(GRANT), "member": GRANT.jti}

@@ -1,7 +1,8 @@
 """`init_writes` (issue 14.3): init's writes on PostgreSQL as one statement write
 exactly what the separate statements (`ledger.take_hold`,
-`chat_sessions.create_with_messages`) write, and nothing at all when the company
-cannot cover the hold."""
+`chat_sessions.create_with_messages`: init's way on SQLite, run here on PostgreSQL
+for the comparison) write, and nothing at all when the company cannot cover the
+hold."""
 
 from __future__ import annotations
 
@@ -114,6 +115,13 @@ def test_the_statements_columns_are_what_their_rows_hold() -> None:
     assert set(event) == set(init_writes.AUDIT_COLUMNS)
     columns = {c.name for c in hot_statements.RESERVATIONS.columns}
     assert set(init_writes.RESERVATION_COLUMNS) == columns
+    # The session's rows come from `chat_sessions.new_session_rows`, as the separate
+    # INSERTs' do: the one statement binds every column they fill, and only those.
+    message = [{"role": "user", "content": "hi"}]
+    turn = init_writes.first_turn("s", "c", "u", message, LIMITS, utcnow())
+    assert turn is not None
+    assert set(turn.session) == set(init_writes.SESSION_COLUMNS)
+    assert set(turn.message) == set(init_writes.MESSAGE_COLUMNS)
 
 
 def _without_ids(row: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +162,7 @@ def test_one_statement_writes_what_the_separate_ones_write(company: Tenant) -> N
     [held] = company.rows(hot_statements.COMPANIES, id=company.company_id)
     assert held["held_micro"] == 2_000
 
+    # Same builder, other statement: the CTEs put each value in its column.
     separate = new_id()
     company.tx(
         lambda s: chat_sessions.create_with_messages(

@@ -10,23 +10,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import jwt
 import orjson
 import pytest
+import redis.cluster
 
 from shared.revocations import grant_keys
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.stash import stash_key
-from shared.store import Admission, SlotRelease
+from shared.store import Admission, InitGate, InitGated, SlotRelease
 from shared.store_redis import RedisStore
 from shared.tokens import StreamGrant
 from stream_edge.grants import used_key
 from stream_edge.limits import slot_keys
 from tests import test_e2e_flow as flow
+from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.scale_servers import redis_cluster
 from tests.stack import InProcessStack, base_env
 
@@ -176,6 +180,75 @@ def test_outbox_and_admission_on_a_redis_cluster(cluster_url: str) -> None:
             assert await store.dead_letter_take("usage_3") == b"three"
         finally:
             await store.close()
+
+    asyncio.run(go())
+
+
+def _mget_calls(cluster_url: str) -> int:
+    """MGETs the cluster's masters have served: a read of the pending grants' marks."""
+    plain = cluster_url.replace("redis+cluster", "redis")
+    with contextlib.closing(redis.cluster.RedisCluster.from_url(plain)) as admin:
+        stats = admin.info("commandstats", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    return sum(int(node.get("cmdstat_mget", {}).get("calls", 0)) for node in stats.values())
+
+
+def test_the_init_gate_reads_pending_marks_only_when_full_on_a_redis_cluster(
+    cluster_url: str,
+) -> None:
+    """A cluster's init gate goes step by step (`_init_gate_steps`); it answers as the
+    single node's script, the pending set full or not, and, like the script, reads
+    the pending grants' marks only when the set is at its limit."""
+    now = 1_000_000.0
+    tag = uuid.uuid4().hex
+    gate = InitGate(
+        rate_keys=[f"rl:user:{tag}"], rate_limits=[100], rate_window_seconds=60,
+        tpm_keys=[], tpm_limits=[], pending_key=f"pending:init:{tag}",
+        used_prefix=f"jti:{{c:{tag}}}:", member="a", now=now, expires_at=now + 10,
+        pending_limit=2,
+    )  # fmt: skip
+    # (the init, the mark of a started grant to set first, whether the set is full)
+    steps: list[tuple[InitGate, str | None, bool]] = [
+        (gate, None, False),
+        (replace(gate, member="b", expires_at=now + 20), None, False),
+        (replace(gate, member="c"), None, True),  # refused: frees at a's expiry
+        (gate, None, False),  # a is already in: no new place
+        (replace(gate, member="c", expires_at=now + 30), "a", True),  # a started
+        (replace(gate, member="d", now=now + 25, expires_at=now + 40), None, False),  # b expired
+    ]
+
+    async def run(store: RedisStore, mgets: Callable[[], int]) -> list[Any]:
+        seen: list[Any] = []
+        for step, started, full in steps:
+            if started is not None:
+                await store.set(gate.used_prefix + started, b"stream", 60)
+            before = mgets()
+            gated = await store.init_gate(step)
+            read_marks = mgets() > before
+            members = sorted(await store.bounded_members(gate.pending_key, step.now))
+            seen.append((gated, members))
+            if store.is_cluster:
+                assert read_marks is full, (step.member, full)
+        return seen
+
+    async def go() -> None:
+        cluster = RedisStore.from_url(cluster_url, prefix="llmgw_t_gate:")
+        try:
+            assert cluster.is_cluster
+            on_cluster = await run(cluster, lambda: _mget_calls(cluster_url))
+        finally:
+            await cluster.close()
+        with fresh_redis_prefix() as prefix:
+            single = RedisStore.from_url(REDIS_URL, prefix=prefix)
+            try:
+                by_script = await run(single, lambda: 0)
+            finally:
+                await single.close()
+        assert on_cluster == by_script
+        assert [gated.verdict for gated, _ in on_cluster] == [
+            "ok", "ok", "pending", "ok", "ok", "ok"
+        ]  # fmt: skip
+        assert on_cluster[2][0] == InitGated("pending", frees_at=now + 10)
+        assert [members for _, members in on_cluster[-2:]] == [["b", "c"], ["c", "d"]]
 
     asyncio.run(go())
 

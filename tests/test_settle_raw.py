@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane import chat_sessions, hot_statements, init_writes, ledger, raw_pg, settlement
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
-from control_plane.errors import Conflict
+from control_plane.errors import AppError, Conflict
 from control_plane.migrate import upgrade
 from control_plane.tables import utcnow
 from shared.webhooks import UsageEvent
@@ -42,7 +43,9 @@ def _turn(tenant: Tenant) -> init_writes.NewReservation:
     return reservation
 
 
-def _delivery(reservation: init_writes.NewReservation, content: str | None) -> settlement.Delivery:
+def usage_delivery(
+    reservation: init_writes.NewReservation, content: str | None
+) -> settlement.Delivery:
     now = datetime.now(UTC)
     event = UsageEvent(
         jti=reservation.jti,
@@ -67,15 +70,13 @@ def _delivery(reservation: init_writes.NewReservation, content: str | None) -> s
 
 
 def _settle(tenant: Tenant, delivery: settlement.Delivery) -> settlement.Outcome:
-    return tenant.tx(
-        lambda s: settlement.settle_webhook(
-            s,
-            delivery.webhook_id,
-            delivery.event,
-            transcripts=delivery.transcripts,
-            session_limits=LIMITS,
-        )
-    )
+    """A lone delivery as the webhook route settles it (`settle_delivery`): a batch
+    of one in its own transaction, its refusal raised once that has ended."""
+    one = replace(delivery, session_limits=LIMITS)
+    [result] = tenant.tx(lambda s: settlement.settle_webhooks(s, [one]))
+    if isinstance(result, AppError):
+        raise result
+    return result
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_a_lone_webhook_sends_its_statements_on_the_driver(
     engine = tenant.sessions.kw["bind"]
     sa_event.listen(engine, "before_cursor_execute", count)
     try:
-        outcome = _settle(tenant, _delivery(reservation, content))
+        outcome = _settle(tenant, usage_delivery(reservation, content))
     finally:
         sa_event.remove(engine, "before_cursor_execute", count)
     assert not outcome.duplicate and outcome.charged_micro > 0
@@ -134,21 +135,21 @@ def test_a_lone_webhook_claims_its_id_in_the_flip_and_settles_only_a_new_id(
     leaves that one held (its own id then settles it), an id arriving after the
     hold was released is recorded and DUPLICATE; nothing is charged twice."""
     first, second, released = _turn(tenant), _turn(tenant), _turn(tenant)
-    delivery = _delivery(first, None)
+    delivery = usage_delivery(first, None)
     settled = _settle(tenant, delivery)
     assert not settled.duplicate and settled.charged_micro > 0
     assert _settle(tenant, delivery) == settlement.DUPLICATE
 
-    reused = _delivery(second, None)
+    reused = usage_delivery(second, None)
     reused = settlement.Delivery(delivery.webhook_id, reused.event, transcripts=False)
     with pytest.raises(Conflict):
         _settle(tenant, reused)
     [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
     assert row["status"] == "active"
-    assert not _settle(tenant, _delivery(second, None)).duplicate
+    assert not _settle(tenant, usage_delivery(second, None)).duplicate
 
     assert tenant.tx(lambda s: ledger.release_reservation(s, released.id, "expired", actor="test"))
-    late = _delivery(released, None)
+    late = usage_delivery(released, None)
     assert _settle(tenant, late) == settlement.DUPLICATE
     [claimed] = tenant.rows(hot_statements.WEBHOOK_EVENTS, webhook_id=late.webhook_id)
     assert claimed["reservation_id"] == released.id
@@ -171,7 +172,7 @@ def test_concurrent_lone_webhooks_for_one_reservation_charge_once(
     or two ids): the one statement of each claims, then flips; the second waits on
     the first's id or row lock and then settles nothing. One charge, books balanced."""
     reservation = _turn(tenant)
-    first = _delivery(reservation, None)
+    first = usage_delivery(reservation, None)
     second = (
         first if same_id else settlement.Delivery("usage_other", first.event, transcripts=False)
     )
@@ -203,7 +204,7 @@ def test_a_failed_transcript_rolls_back_to_its_savepoint_and_keeps_the_charge(
         raw_pg.run(driver, "SELECT 1 / 0", {})
 
     monkeypatch.setattr(chat_sessions, "append_replies", failing)
-    outcome = _settle(tenant, _delivery(reservation, "Hello there!"))
+    outcome = _settle(tenant, usage_delivery(reservation, "Hello there!"))
     assert not outcome.duplicate and outcome.charged_micro > 0
     [row] = tenant.rows(hot_statements.RESERVATIONS, id=reservation.id)
     assert row["status"] == "settled" and row["charged_micro"] == outcome.charged_micro
@@ -223,7 +224,7 @@ def test_behind_pgbouncer_settlement_is_never_prepared(
     try:
         tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
         for _ in range(7):  # past psycopg's prepare threshold (db.PG_PREPARE_THRESHOLD)
-            delivery = _delivery(_turn(tenant), "Hello there!")
+            delivery = usage_delivery(_turn(tenant), "Hello there!")
             assert not _settle(tenant, delivery).duplicate
         prepared = tenant.tx(
             lambda s: s.execute(
@@ -252,7 +253,7 @@ def test_a_batch_sends_as_many_statements_on_the_driver_whatever_its_size(
 
     monkeypatch.setattr(raw_pg, "run", run)
     for size in (2, 8):
-        deliveries = [_delivery(_turn(tenant), "Hello there!") for _ in range(size)]
+        deliveries = [usage_delivery(_turn(tenant), "Hello there!") for _ in range(size)]
         sent.append([])
         outcomes = tenant.tx(lambda s, d=deliveries: settlement.settle_webhooks(s, d))
         assert all(isinstance(o, settlement.Outcome) and not o.duplicate for o in outcomes)

@@ -172,7 +172,7 @@ def claims(**overrides: object) -> dict[str, object]:
 
 def test_round_trip() -> None:
     token = tokens.sign_token(claims(), KEY, "k1")
-    assert tokens.unverified_kid(token) == "k1"
+    assert tokens.parse_token(token).kid == "k1"
     grant = tokens.verify_stream_token(token, KEY.public_key())
     assert (grant.model, grant.max_tokens, grant.scopes) == ("mock-fast", 10, ("llm:chat:send",))
 
@@ -205,12 +205,13 @@ def test_rejections(
 def test_alg_none_and_hs256_confusion_fail_on_the_header() -> None:
     none_token = jwt.encode(claims(), None, algorithm="none", headers={"kid": "k1"})
     with pytest.raises(tokens.TokenRejected) as info:
-        tokens.unverified_kid(none_token)
+        tokens.parse_token(none_token)
     assert info.value.reason == "bad_algorithm"
     public_bytes = tokens.public_jwk(KEY.public_key(), "k1")["x"].encode()
     hs_token = jwt.encode(claims(), public_bytes, algorithm="HS256", headers={"kid": "k1"})
-    with pytest.raises(tokens.TokenRejected):
-        tokens.unverified_kid(hs_token)
+    with pytest.raises(tokens.TokenRejected) as info:
+        tokens.parse_token(hs_token)
+    assert info.value.reason == "bad_algorithm"
 
 
 # --- webhooks ----------------------------------------------------------------------
