@@ -261,26 +261,15 @@ class PipelinedRedis:
             return result
         return replies
 
-    async def script(
-        self,
-        source: str,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        *,
-        first: Sequence[tuple[Arg, ...]] = (),
-    ) -> Reply:
+    async def script(self, source: str, keys: Sequence[str], args: Sequence[Arg]) -> Reply:
         """EVALSHA, falling back to EVAL (which caches the script) the first time the
-        server does not know it (a fresh or flushed Redis). `first`: commands queued
-        just ahead of it, in the same write (their errors raise, as in `batch`)."""
+        server does not know it (a fresh or flushed Redis)."""
         sha = self._shas.get(source)
         if sha is None:
             sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
-        call: tuple[Arg, ...] = ("EVALSHA", sha, len(keys), *keys, *args)
         try:
-            if first:
-                return (await self.batch([*first, call]))[-1]
-            return await self.execute(*call)
-        except NoScriptError:  # `first` went through: only the script is sent again
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
             return await self.execute("EVAL", source, len(keys), *keys, *args)
 
     async def close(self) -> None:

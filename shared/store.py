@@ -46,16 +46,6 @@ class SlotRelease:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyWrite:
-    """A value to `set` under `key` for `ttl_seconds` together with another write
-    (see `OutboxStore.outbox_put_after`)."""
-
-    key: str
-    value: bytes
-    ttl_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
 class Admitted:
     # ok: first use, slots taken; reconnect: used before by the same path (nothing
     # taken); used: used by another path; revoked; full: `full_index` names the key.
@@ -182,19 +172,6 @@ class OutboxStore(Protocol):
     ) -> None:
         """Keep `payload` until acknowledged; it becomes claimable at `due_at`. With
         `release`, the stream's slots are given back in the same round trip."""
-        ...
-
-    async def outbox_put_after(
-        self,
-        first: KeyWrite,
-        item_id: str,
-        payload: bytes,
-        due_at: float,
-        release: SlotRelease | None = None,
-    ) -> None:
-        """`set(first)`, then `outbox_put(...)`: applied in that order (the set may land
-        without the put, never the put without the set), in one round trip where the
-        backend can. A finished stream's last checkpoint and its report travel so."""
         ...
 
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:

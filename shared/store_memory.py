@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from shared.store import Admission, Admitted, InitGate, InitGated, KeyWrite, SlotRelease
+from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 
 class MemoryStore:
@@ -63,17 +63,6 @@ class MemoryStore:
             await self.release_slots(release)
         self._outbox[item_id] = payload
         self._due[item_id] = due_at
-
-    async def outbox_put_after(
-        self,
-        first: KeyWrite,
-        item_id: str,
-        payload: bytes,
-        due_at: float,
-        release: SlotRelease | None = None,
-    ) -> None:
-        await self.set(first.key, first.value, first.ttl_seconds)
-        await self.outbox_put(item_id, payload, due_at, release)
 
     async def release_slots(self, release: SlotRelease) -> None:
         for key in release.slot_keys:

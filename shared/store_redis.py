@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from shared.redis_pipe import PipelinedRedis
-from shared.store import Admission, Admitted, InitGate, InitGated, KeyWrite, SlotRelease
+from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
 # answer these with 503 instead of an unhandled 500.
@@ -266,32 +266,6 @@ class RedisStore:
         await self._run(_PUT, keys, [item_id, payload, due_at, member])
         if release is not None and self.is_cluster:
             await self.release_slots(release)
-
-    async def outbox_put_after(
-        self,
-        first: KeyWrite,
-        item_id: str,
-        payload: bytes,
-        due_at: float,
-        release: SlotRelease | None = None,
-    ) -> None:
-        if self._pipe is None:  # a cluster (other shards) or a pool-only store: in turn
-            await self.set(first.key, first.value, first.ttl_seconds)
-            await self.outbox_put(item_id, payload, due_at, release)
-            return
-        # The SET and the script leave in one write and Redis runs them in that order:
-        # one round trip where a stream's end used to take two.
-        keys = [self._outbox_items, self._outbox_due]
-        if release is not None:
-            keys += [self._key(k) for k in release.slot_keys]
-        member = release.member if release is not None else ""
-        px = max(1, int(first.ttl_seconds * 1000))
-        await self._pipe.script(
-            _PUT,
-            keys,
-            [item_id, payload, due_at, member],
-            first=[("SET", self._key(first.key), first.value, "PX", px)],
-        )
 
     async def release_slots(self, release: SlotRelease) -> None:
         if self._pipe is not None:

@@ -20,7 +20,7 @@ from shared.checkpoints import (
     UsageCheckpoint,
     checkpoint_key,
 )
-from shared.store import KeyValueStore, KeyWrite
+from shared.store import KeyValueStore
 from shared.tokens import StreamGrant
 from shared.webhooks import iso_utc
 from stream_edge.meter import Meter
@@ -80,33 +80,17 @@ class Checkpointer:
     async def close(self) -> None:
         """Stop the heartbeat, let in-flight writes land, then write the ended
         checkpoint (bounded: the caller shields this from cancellation)."""
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-                if await self.stop():
-                    await self._set(self.ended())
-        except TimeoutError:
-            log.warning("final checkpoint not written in time")
-
-    async def stop(self) -> bool:
-        """Stop the heartbeat and let in-flight writes land; False if they did not in
-        time (a hung store): then no ended checkpoint may follow, one of them could
-        still land after it. For `ended` to be written with the stream's report."""
         self._stop.set()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
                 for task in (self._heartbeat, self._task):
                     if task is not None:
                         await task
+                await self._write(self._meter.relayed_tokens, ended=True)
         except TimeoutError:
             log.warning("final checkpoint not written in time")
-            return False
-        return True
 
-    def ended(self) -> KeyWrite:
-        """The last checkpoint, to write once the stream is over (after `stop`)."""
-        return self._checkpoint(self._meter.relayed_tokens, ended=True)
-
-    def _checkpoint(self, output_tokens: int, *, ended: bool = False) -> KeyWrite:
+    async def _write(self, output_tokens: int, *, ended: bool = False) -> None:
         billing = self._meter.billing()
         self._beat += 1
         checkpoint = UsageCheckpoint(
@@ -119,13 +103,9 @@ class Checkpointer:
             ended=ended,
             model=self._model,
         )
-        return KeyWrite(checkpoint_key(self._grant.reservation_id), checkpoint.dumps(), self._ttl)
-
-    async def _write(self, output_tokens: int) -> None:
-        await self._set(self._checkpoint(output_tokens))
-
-    async def _set(self, write: KeyWrite) -> None:
         try:
-            await self._store.set(write.key, write.value, write.ttl_seconds)
+            await self._store.set(
+                checkpoint_key(self._grant.reservation_id), checkpoint.dumps(), self._ttl
+            )
         except Exception as exc:  # a stale checkpoint is better than a broken stream
             log.warning("checkpoint write failed: %s", type(exc).__name__)

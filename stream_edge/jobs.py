@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from shared.store import KeyWrite
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Attempt, Backend
 from stream_edge.completion import read_completion
@@ -71,15 +70,9 @@ class StreamJob:
     async def pump(
         self, response: Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
     ) -> RelayResult:
-        pump = Pump(
-            self.state, self.grant, self.backend, self.accepted_at, write, emit, self._completed
-        )
+        pump = Pump(self.state, self.grant, self.backend, self.accepted_at, write, emit)
         self.result = await pump.run(response)
         return self.result
-
-    async def _completed(self, ended: KeyWrite) -> None:
-        """The relay ran to its end: report it now, with its ended checkpoint."""
-        await self._reporter.report(self.backend, webhook_status(True, "finished"), ended)
 
     async def read_completion(self, response: Response) -> Completion:
         try:

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from shared.retry import Backoff, parse_retry_after
-from shared.store import KeyWrite, OutboxStore, SlotRelease
+from shared.store import OutboxStore, SlotRelease
 from shared.webhooks import UsageEvent, sign
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.spool import Spool
@@ -78,19 +78,12 @@ class Outbox:
         self._acks: list[str] = []
         self._ack_timer: asyncio.Task[None] | None = None
 
-    async def enqueue(
-        self, event: UsageEvent, release: SlotRelease | None = None, first: KeyWrite | None = None
-    ) -> None:
+    async def enqueue(self, event: UsageEvent, release: SlotRelease | None = None) -> None:
         """Store the event durably (giving back `release`'s slots in the same round
-        trip, after writing `first`: the stream's ended checkpoint), then deliver it
-        in the background."""
+        trip), then deliver it in the background."""
         item = {"id": event.webhook_id, "body": event.body().decode(), "attempt": 0}
         raw = orjson.dumps(item)
-        due = time.time() + self._lease
-        if first is None:
-            await self._store.outbox_put(event.webhook_id, raw, due, release)
-        else:
-            await self._store.outbox_put_after(first, event.webhook_id, raw, due, release)
+        await self._store.outbox_put(event.webhook_id, raw, time.time() + self._lease, release)
         self._metrics.outbox_pending.inc()
         task = asyncio.create_task(self._deliver_now(item, raw))
         self._in_flight.add(task)

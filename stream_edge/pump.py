@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from shared.store import KeyWrite
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Backend
 from stream_edge.checkpoints import Checkpointer
@@ -20,9 +19,6 @@ from stream_edge.upstream.base import UpstreamEvent
 
 # The stream's log lines keep the job's logger name: operators filter on it.
 log = logging.getLogger("llmgw.edge.jobs")
-
-# As long as `EventStreamResponse` gives the report at the response's end.
-REPORT_TIMEOUT_SECONDS = 10.0
 
 
 class Pump:
@@ -38,12 +34,8 @@ class Pump:
         accepted_at: float,
         write: Callable[[UpstreamEvent], bytes],
         emit: Callable[[bytes], Awaitable[None]],
-        report_completed: Callable[[KeyWrite], Awaitable[None]] | None = None,
     ) -> None:
-        """`report_completed(ended)`: make a completed stream's report now, writing
-        `ended` (its last checkpoint) with it; None: `close` writes it on its own."""
         self._state = state
-        self._report_completed = report_completed
         self._backend = backend
         self._accepted_at = accepted_at
         settings = state.settings
@@ -81,9 +73,8 @@ class Pump:
         assert adapter is not None  # opening refused a provider without one
         settings = self._state.settings
         self._checkpointer.start()
-        result: RelayResult | None = None
         try:
-            result = await relay(
+            return await relay(
                 response,
                 adapter.stream_parser(),
                 self._backend.meter,
@@ -95,7 +86,6 @@ class Pump:
                     max_life=settings.max_stream_seconds,
                 ),
             )
-            return result
         except OSError:
             raise  # the client's connection failed: streaming.py handles that
         except Exception as exc:
@@ -107,21 +97,4 @@ class Pump:
             # Shielded, as in `run`: the ended checkpoint tells the sweeper the
             # report is coming (bounded by its own timeout).
             with anyio.CancelScope(shield=True):
-                if result is not None and result.status == "completed":
-                    await self._end_completed()
-                else:
-                    await self._checkpointer.close()
-
-    async def _end_completed(self) -> None:
-        """A completed stream's report goes out here, before its last frame, with the
-        ended checkpoint in the same round trip (one of the four a short stream took;
-        the report's status no longer depends on how the client's response ends).
-        Written here, not at the response's end, so no moment passes between the
-        relay's end and the report without an ended checkpoint, as before."""
-        if self._report_completed is None:
-            await self._checkpointer.close()
-            return
-        if not await self._checkpointer.stop():
-            return  # a hung store: as `close`, no ended checkpoint; the report follows
-        with anyio.move_on_after(REPORT_TIMEOUT_SECONDS):
-            await self._report_completed(self._checkpointer.ended())
+                await self._checkpointer.close()

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from shared.retry import Backoff
-from shared.store import KeyWrite, SlotRelease
+from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Backend
 from stream_edge.limits import slot_keys
@@ -44,12 +44,9 @@ class Reporter:
         self.state.metrics.streams_active.inc()
         self._counted_active = True
 
-    async def report(
-        self, backend: Backend, status: str, checkpoint: KeyWrite | None = None
-    ) -> None:
+    async def report(self, backend: Backend, status: str) -> None:
         """Release the stream's slots and enqueue the usage webhook, once: `backend`
-        is what served (or was last tried), `status` the webhook's. `checkpoint`: the
-        stream's ended checkpoint, written in the same round trip, just before."""
+        is what served (or was last tried), `status` the webhook's."""
         if self._reported:
             return
         self._reported = True
@@ -82,7 +79,7 @@ class Reporter:
         outbox = self.state.outbox
         for attempt in range(ENQUEUE_ATTEMPTS):
             try:
-                await outbox.enqueue(event, release, checkpoint)
+                await outbox.enqueue(event, release)
                 return
             except Exception as exc:  # the store is overloaded or briefly down
                 log.warning("enqueueing usage failed (%s)", type(exc).__name__)
@@ -92,13 +89,7 @@ class Reporter:
         # and the slots go back on their own — not held until the stream's maximum
         # life for want of the outbox write they normally share.
         await outbox.keep(event, release)
-        store = self.state.store
-        if checkpoint is not None:  # the sweeper's fallback, should the spool be lost
-            try:
-                await store.set(checkpoint.key, checkpoint.value, checkpoint.ttl_seconds)
-            except Exception as exc:
-                log.warning("could not write the ended checkpoint: %s", type(exc).__name__)
         try:
-            await store.release_slots(release)
+            await self.state.store.release_slots(release)
         except Exception as exc:  # the spooled report releases them once stored
             log.warning("could not release the stream's slots: %s", type(exc).__name__)

@@ -116,37 +116,6 @@ async def test_scripts_load_on_demand_and_transactions_stay_whole(
     await pipe.close()
 
 
-async def test_commands_queued_before_a_script_share_its_write(
-    pipe: PipelinedRedis, redis_prefix: str
-) -> None:
-    """`first` leaves with the script in one write and runs before it, also when the
-    script is unknown to the server (then only the script is sent again)."""
-    key = f"{redis_prefix}first"
-    source = f"-- {uuid.uuid4().hex}\nreturn redis.call('INCR', KEYS[1])"  # unknown
-    await pipe.execute("PING")  # connected
-    protocol = pipe._protocol
-    assert protocol is not None and protocol.transport is not None
-    transport = protocol.transport
-    writes: list[bytes] = []
-    real_write = transport.write
-
-    def counting_write(data: bytes) -> None:
-        writes.append(bytes(data))
-        real_write(data)
-
-    transport.write = counting_write  # type: ignore[method-assign]
-    try:
-        # The SET runs first (the script then increments its 10), exactly once.
-        assert await pipe.script(source, [key], [], first=[("SET", key, 10)]) == 11
-        assert b"SET" in writes[0] and b"EVALSHA" in writes[0]  # one write for both
-        writes.clear()
-        assert await pipe.script(source, [key], [], first=[("SET", key, 20)]) == 21
-        assert len(writes) == 1  # known now: one write, one round trip
-    finally:
-        transport.write = real_write  # type: ignore[method-assign]
-    await pipe.close()
-
-
 async def test_a_lost_connection_fails_in_flight_commands_then_reconnects(
     pipe: PipelinedRedis, redis_prefix: str
 ) -> None:

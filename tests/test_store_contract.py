@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import shared.store
-from shared.store import Admission, KeyWrite, SlotRelease, Store
+from shared.store import Admission, SlotRelease, Store
 from shared.store_factory import open_store
 from shared.store_memory import MemoryStore
 from shared.store_redis import RedisStore, cluster_url
@@ -258,21 +258,6 @@ async def test_slots_come_back_by_release_report_or_expiry(backend: Backend) -> 
 
 
 # --- outbox -----------------------------------------------------------------------
-async def test_a_finished_streams_checkpoint_and_report_land_together(backend: Backend) -> None:
-    store = backend.store
-    limits = (5, 5)
-    assert (await store.admit(admission("j5", limits=limits))).verdict == "ok"
-    ended = KeyWrite("ckpt:{c}:r5", b'{"ended": true}', 60)
-    release = SlotRelease(["slots:{c}:company", "slots:{c}:user"], "j5")
-    await store.outbox_put_after(ended, "usage_j5", b"report", T, release)
-    assert await store.get("ckpt:{c}:r5") == b'{"ended": true}'
-    assert await store.outbox_claim(T, 10, 10) == ["usage_j5"]
-    assert await store.outbox_get("usage_j5") == b"report"
-    assert await store.bounded_members("slots:{c}:company", T) == []
-    await backend.elapse(60)
-    assert await store.get("ckpt:{c}:r5") is None  # the checkpoint keeps its TTL
-
-
 async def test_the_outbox_claims_due_items_in_due_order_under_a_lease(backend: Backend) -> None:
     store = backend.store
     for item, due in (("c", T + 3), ("a", T + 2), ("b", T + 1), ("later", T + 100)):
