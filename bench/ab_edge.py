@@ -10,6 +10,8 @@ and measures 32-token streams straight to the mock and through the edge: `burst`
 (the default) at concurrency 1 and 50 with no delay between tokens, `paced` at
 concurrency 200 and 50 with 20 ms between tokens (each token then arrives in its
 own read and leaves in its own write, so the per-chunk path dominates).
+`--tokens N` changes the stream's length (32 content tokens, 35 events): the edge's
+CPU per stream at two lengths splits into a fixed part and a part per event.
 `--profile OUT` runs this tree once with the edge under `bench.profiled`, profiling
 each shape's edge phase into `OUT.1`, `OUT.2`, … (read them with `pstats`).
 Interleaving the two keeps a busy shared machine's drift out of the comparison; the
@@ -37,10 +39,15 @@ SHAPES: dict[str, Shape] = {
 
 
 def measure(
-    root: Path, pg_dsn: str, redis_url: str, shape: Shape, profile: Path | None = None
+    root: Path,
+    pg_dsn: str,
+    redis_url: str,
+    shape: Shape,
+    profile: Path | None = None,
+    tokens: int = 32,
 ) -> dict[int, tuple[PathStats, PathStats]]:
     stack_module.ROOT = root
-    plan = Plan("ab", 32, (), 2, 0, 0, 0, 0)
+    plan = Plan("ab", tokens, (), 2, 0, 0, 0, 0)
     with (
         stack_module.BenchStack(pg_dsn, redis_url, edge_profile=profile) as stack,
         _runner() as runner,
@@ -72,12 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="burst")
     parser.add_argument("--profile", type=Path, help="profile this tree's edge; no A/B")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=32,
+        help="content tokens per stream (32); two lengths split a stream's CPU into a "
+        "fixed part and a part per event (docs/edge-profile.md)",
+    )
     parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args(argv)
     shape = SHAPES[args.shape]
     if args.profile is not None:
-        measure(stack_module.ROOT, args.pg_dsn, args.redis_url, shape, args.profile.resolve())
+        profile = args.profile.resolve()
+        measure(stack_module.ROOT, args.pg_dsn, args.redis_url, shape, profile, args.tokens)
         return 0
     if args.before is None:
         parser.error("--before is required unless --profile is given")
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, int, float, float, float, float, float, float]] = []
     for round_ in range(args.rounds):
         for name, root in trees:
-            measured = measure(root, args.pg_dsn, args.redis_url, shape)
+            measured = measure(root, args.pg_dsn, args.redis_url, shape, tokens=args.tokens)
             for concurrency, (direct, edge) in measured.items():
                 count = edge.streams + edge.errors
                 row = (
