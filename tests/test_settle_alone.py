@@ -16,13 +16,14 @@ import psycopg
 import pytest
 from sqlalchemy import event as sa_event
 
-from control_plane import chat_sessions, hot_statements, ledger, raw_pg, settlement
+from control_plane import budgets, chat_sessions, hot_statements, ledger, raw_pg, settlement
 from control_plane.books import check_books
 from control_plane.db import Database
 from control_plane.errors import Conflict
 from control_plane.migrate import upgrade
+from control_plane.tables import Budget, BudgetPeriod, new_id, utcnow
 from tests.test_init_writes import LIMITS, Tenant
-from tests.test_settle_raw import _turn, usage_delivery
+from tests.test_settle_raw import HOLD, _turn, usage_delivery
 
 
 @pytest.fixture
@@ -189,4 +190,51 @@ def test_a_reply_to_a_full_or_gone_session_is_dropped_and_the_charge_kept(
     tenant.tx(lambda s: chat_sessions.delete_session(s, gone.session_id))
     assert not _settle(db, usage_delivery(gone, "Hello there!")).duplicate
     assert _charges(tenant, full.id) == _charges(tenant, gone.id) == 1
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("content", [None, "Hello there!"])
+def test_a_lone_webhook_counted_against_a_budget_moves_it_once(
+    db: Database, tenant: Tenant, content: str | None
+) -> None:
+    """A reservation counted against a budget settles alone through the ORM session
+    on the same connection (its budgets' statements), in one transaction, whether or
+    not the unit had begun: the hold leaves the budget, the charge is spent once."""
+    budget_id = new_id()
+    tenant.tx(
+        lambda s: s.add(
+            Budget(
+                id=budget_id,
+                company_id=tenant.company_id,
+                scope="user",
+                target_id=tenant.user_id,
+                amount_micro=100 * HOLD,
+                period="none",
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+    )
+    reservation = _turn(tenant)
+    tenant.tx(
+        lambda s: budgets.hold(
+            s,
+            reservation_id=reservation.id,
+            company_id=tenant.company_id,
+            user_id=tenant.user_id,
+            api_key_id=None,
+            hold_micro=reservation.hold_micro,
+            now=utcnow(),
+        )
+    )
+    delivery = usage_delivery(reservation, content)
+    outcome = _settle(db, delivery)
+    assert not outcome.duplicate and outcome.charged_micro > 0
+    assert _settle(db, replace(delivery, webhook_id="usage_again")) == settlement.DUPLICATE
+    [period] = tenant.rows(BudgetPeriod.__table__, budget_id=budget_id)  # type: ignore[attr-defined]
+    assert (period["held_micro"], period["spent_micro"]) == (0, outcome.charged_micro)
+    assert _charges(tenant, reservation.id) == 1
+    replies = len(tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)) - 1
+    assert replies == (0 if content is None else 1)
+    assert tenant.tx(lambda s: budgets.check(s, tenant.company_id)) == []
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
