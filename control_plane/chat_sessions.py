@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
+import psycopg
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
@@ -146,6 +147,23 @@ def append_replies(
         else:
             results.append(append_messages(session, session_id, [message], limits))
     return results
+
+
+def append_reply(
+    driver: psycopg.Connection[Any], session_id: str, message: dict[str, Any], limits: SessionLimits
+) -> Appended:
+    """`append_replies` of one reply on a psycopg connection itself, in its
+    transaction (a lone webhook's, `settlement.settle_alone`: no ORM session): the
+    counters' UPDATE, then the message numbered after the session's last. When the
+    UPDATE matches nothing, one read says whether the session is gone or full (a
+    lone reply has no others to be retried apart from)."""
+    row = {**message, "content": without_nul(message.get("content") or "")}
+    now = utcnow()
+    growth = (session_id, 1, content_bytes([row]), limits.max_messages, limits.max_bytes)
+    if not settle_statements.grow_sessions(driver, [growth], now):
+        return "full" if settle_statements.session_exists(driver, session_id) else "gone"
+    settle_statements.insert_messages_after_last(driver, _message_rows(session_id, [row], 1, now))
+    return "appended"
 
 
 def messages_page(

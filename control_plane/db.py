@@ -84,7 +84,8 @@ class Unit:
 
     @property
     def read_on(self) -> Session | psycopg.Connection[Any]:
-        """Where a read (no effects, no lock taken) runs: `on`."""
+        """Where a read (no effects, no lock taken) runs: `on`; in a unit begun
+        lazily and not yet begun, alone, before or after its last statement."""
         return self.on
 
     @property
@@ -147,7 +148,9 @@ class _PooledUnit(Unit):
 
     @property
     def read_on(self) -> Session | psycopg.Connection[Any]:
-        if self._lazy and not self._finished:
+        # After the last statement too: a read changes nothing and needs no
+        # transaction (a lone webhook reads why its write settled nothing).
+        if self._lazy:
             assert self._driver is not None
             return self._driver
         return self.on

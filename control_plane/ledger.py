@@ -276,24 +276,7 @@ def settle_reservations(
         assert 0 <= item.charge <= item.reservation.hold_micro
     if claim is not None and len(items) == 1 and not items[0].budgeted:
         # Nothing between the flip and the rows: all of it in one statement.
-        [item] = items
-        settled = Settled(item.charge, item.reservation.hold_micro - item.charge)
-        rows = _entry_rows(items, now)
-        wrote = settle_statements.claim_settle_and_write(
-            session,
-            (
-                item.reservation.id,
-                item.reservation.company_id,
-                item.charge,
-                item.reservation.hold_micro,
-            ),
-            now,
-            claim,
-            (hot_statements.LEDGER, [entry for entry, _ in rows]),
-            (hot_statements.AUDIT, [event for _, event in rows]),
-            *(also([settled]) if also is not None else ()),
-        )
-        return [settled if wrote else None]
+        return [settle_claimed(session, items[0], claim, also, now=now)]
     flipped = settle_statements.settle_held(
         session,
         [
@@ -328,6 +311,41 @@ def settle_reservations(
         *(also(outcomes) if also is not None else ()),
     )
     return outcomes
+
+
+def settle_claimed(
+    on: settle_statements.On,
+    item: ToSettle,
+    claim: str,
+    also: AlsoRows | None = None,
+    *,
+    now: datetime | None = None,
+) -> Settled | None:
+    """`settle_reservations` of one reservation counted against no budget, with its
+    webhook id `claim`, on PostgreSQL: the id recorded, the flip, the company's money
+    and the rows (with those `also` adds) in ONE statement
+    (`settle_statements.claim_settle_and_write`), atomic by itself, so it may run
+    outside any transaction (a lone webhook's, `settlement.settle_alone`). None:
+    the id was taken or the reservation is no longer active; nothing was moved."""
+    assert not item.budgeted and 0 <= item.charge <= item.reservation.hold_micro
+    now = now or utcnow()
+    settled = Settled(item.charge, item.reservation.hold_micro - item.charge)
+    rows = _entry_rows([item], now)
+    wrote = settle_statements.claim_settle_and_write(
+        on,
+        (
+            item.reservation.id,
+            item.reservation.company_id,
+            item.charge,
+            item.reservation.hold_micro,
+        ),
+        now,
+        claim,
+        (hot_statements.LEDGER, [entry for entry, _ in rows]),
+        (hot_statements.AUDIT, [event for _, event in rows]),
+        *(also([settled]) if also is not None else ()),
+    )
+    return settled if wrote else None
 
 
 def _entry_rows(

@@ -190,16 +190,18 @@ def _has_rows(cursor: psycopg.Cursor[Any]) -> bool:
 
 
 @contextmanager
-def savepoint(session: Session) -> Iterator[None]:
+def savepoint(on: Session | psycopg.Connection[Any]) -> Iterator[None]:
     """What `Session.begin_nested` does, for a block of statements that changes no ORM
-    object: on PostgreSQL a plain ``SAVEPOINT`` on the psycopg connection (no
-    SQLAlchemy transaction object, events or flush), rolled back to if the block
-    raises. Kept when the block succeeds rather than released (one round trip
-    less): its work commits or rolls back with the transaction all the same, and a
-    later savepoint of the same name only hides it."""
-    driver = driver_connection(session)
+    object: on PostgreSQL a plain ``SAVEPOINT`` on the psycopg connection (the
+    session's, or `on` itself in its transaction; no SQLAlchemy transaction
+    object, events or flush), rolled back to if the block raises. Kept when the
+    block succeeds rather than released (one round trip less): its work commits
+    or rolls back with the transaction all the same, and a later savepoint of the
+    same name only hides it."""
+    driver = on if isinstance(on, psycopg.Connection) else driver_connection(on)
     if driver is None:
-        with session.begin_nested():
+        assert isinstance(on, Session)
+        with on.begin_nested():
             yield
         return
     run(driver, "SAVEPOINT raw_pg", {})

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import Table, bindparam, exists, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -31,7 +32,7 @@ from sqlmodel import col
 
 from control_plane import chat_sessions, hot_statements, raw_pg, settle_statements
 from control_plane.audit import WEBHOOK_ACTOR
-from control_plane.db import Database
+from control_plane.db import Database, Unit
 from control_plane.errors import (
     AppError,
     Conflict,
@@ -42,11 +43,13 @@ from control_plane.errors import (
 from control_plane.fallbacks import served_price
 from control_plane.hot_statements import table_of
 from control_plane.ledger import (
+    AlsoRows,
     Held,
     Settled,
     ToSettle,
     charge_for,
     reservation_price,
+    settle_claimed,
     settle_reservations,
 )
 from control_plane.reservation_row import ReservationTerms
@@ -122,14 +125,16 @@ _HELD_ONE_PG = raw_pg.substituted(
 _CREATED_AT = _HELD_COLUMNS.index("created_at")
 
 
-def held_rows(session: Session, ids: Sequence[str]) -> dict[str, HeldRow]:
-    """The reservations `ids` that exist, by id, in one SELECT."""
+def held_rows(on: Session | psycopg.Connection[Any], ids: Sequence[str]) -> dict[str, HeldRow]:
+    """The reservations `ids` that exist, by id, in one SELECT (in a session's
+    transaction, or on a psycopg connection itself)."""
     if not ids:
         return {}
-    driver = raw_pg.driver_connection(session)
+    driver = on if isinstance(on, psycopg.Connection) else raw_pg.driver_connection(on)
     rows: list[Any]
     if driver is None:
-        rows = list(session.connection().execute(_HELD, {"p_ids": list(ids)}))
+        assert isinstance(on, Session)
+        rows = list(on.connection().execute(_HELD, {"p_ids": list(ids)}))
     else:
         one = len(ids) == 1
         sql, values = (_HELD_ONE_PG, ids[0]) if one else (_HELD_PG, list(ids))
@@ -179,6 +184,36 @@ def settle_usages(
     The money moves in `ledger.settle_reservations` (set-based); the usage records
     of those settled go in its INSERT of the ledger rows. `claim`: a lone item's
     webhook id, recorded with the flip (DUPLICATE too if it was taken)."""
+    settled = settle_reservations(
+        session, [_to_settle(item) for item in items], also=_usage_rows(items), claim=claim
+    )
+    return [_outcome(item, done) for item, done in zip(items, settled, strict=True)]
+
+
+def _to_settle(item: Settling) -> ToSettle:
+    """What `ledger.settle_reservations` settles for `item`: its charge, capped at
+    the hold, at the price of the model that served."""
+    return ToSettle(
+        item.reservation,
+        charge_for(
+            item.usage.status,
+            item.usage.input_tokens,
+            item.usage.output_tokens,
+            item.served[2] if item.served is not None else reservation_price(item.reservation),
+            item.reservation.hold_micro,
+            cached_input_tokens=item.usage.cached_input_tokens,
+            cache_write_tokens=item.usage.cache_write_tokens,
+        ),
+        item.actor,
+        item.request_id,
+        _context(item.usage, item.details),
+        # The sweeper's ORM row does not say; its budgets' SELECT runs.
+        item.reservation.budgeted if isinstance(item.reservation, HeldRow) else True,
+    )
+
+
+def _usage_rows(items: Sequence[Settling]) -> AlsoRows:
+    """The usage records of the items settled, for the ledger rows' statement."""
 
     def usage_records(
         settled: Sequence[Settled | None],
@@ -191,46 +226,20 @@ def settle_usages(
         ]
         return [(hot_statements.USAGE, records)]
 
-    settled = settle_reservations(
-        session,
-        [
-            ToSettle(
-                item.reservation,
-                charge_for(
-                    item.usage.status,
-                    item.usage.input_tokens,
-                    item.usage.output_tokens,
-                    item.served[2]
-                    if item.served is not None
-                    else reservation_price(item.reservation),
-                    item.reservation.hold_micro,
-                    cached_input_tokens=item.usage.cached_input_tokens,
-                    cache_write_tokens=item.usage.cache_write_tokens,
-                ),
-                item.actor,
-                item.request_id,
-                _context(item.usage, item.details),
-                # The sweeper's ORM row does not say; its budgets' SELECT runs.
-                item.reservation.budgeted if isinstance(item.reservation, HeldRow) else True,
-            )
-            for item in items
-        ],
-        also=usage_records,
-        claim=claim,
+    return usage_records
+
+
+def _outcome(item: Settling, done: Settled | None) -> Outcome:
+    if done is None:
+        return DUPLICATE
+    return Outcome(
+        duplicate=False,
+        charged_micro=done.charged_micro,
+        released_micro=done.released_micro,
+        user_id=item.reservation.user_id,
+        held_tokens=item.reservation.input_estimate + item.reservation.max_tokens,
+        held_at=item.reservation.created_at.timestamp(),
     )
-    return [
-        DUPLICATE
-        if done is None
-        else Outcome(
-            duplicate=False,
-            charged_micro=done.charged_micro,
-            released_micro=done.released_micro,
-            user_id=item.reservation.user_id,
-            held_tokens=item.reservation.input_estimate + item.reservation.max_tokens,
-            held_at=item.reservation.created_at.timestamp(),
-        )
-        for item, done in zip(items, settled, strict=True)
-    ]
 
 
 def _context(usage: Usage, details: dict[str, Any] | None) -> dict[str, Any]:
@@ -484,6 +493,72 @@ def append_transcripts(
             log.warning("session %s is full; this reply is not kept", session_id)
 
 
+def settle_alone(unit: Unit, delivery: Delivery) -> Outcome | AppError:
+    """`settle_webhooks` of one delivery on PostgreSQL, on the unit's psycopg
+    connection, with no ORM session (issue 14): the same checks, statements and
+    answers. Its one write statement (`ledger.settle_claimed`: the id recorded, the
+    flip, the money, the rows) is atomic by itself, so a delivery that adds no
+    reply to its session runs in a unit begun lazily (`Database.unit(begin=False)`):
+    the reservation's read and that statement each stand alone, with no BEGIN or
+    COMMIT round trip. A reply must commit with the charge: its unit is begun (the
+    checkout's BEGIN), the reply is written in a savepoint after the charge, and
+    the unit commits both. A reservation counted against a budget settles through
+    the ORM session (`_claim_and_settle`, its budgets' statements), on the same
+    connection and in one transaction."""
+    reservations = held_rows(unit.read_on, [delivery.event.reservation_id])
+    try:
+        reservation, served = _check(reservations, delivery)
+    except AppError as refused:
+        return refused
+    if reservation.budgeted:
+        session = unit.session()  # begins the transaction if the unit has not
+        result = _claim_and_settle(session, delivery, reservation, served)
+        return _settle_replies(
+            session, [delivery], [result], [(0, result, reservation.session_id)]
+        )[0]
+    item = _settling(delivery, reservation, served)
+    reply = _reply(delivery)
+    # Asked for only when it is used: `driver` begins a lazily begun unit.
+    on = unit.last_on if reply is None else _driver(unit)
+    outcome = _outcome(
+        item, settle_claimed(on, _to_settle(item), delivery.webhook_id, _usage_rows([item]))
+    )
+    if outcome.duplicate:
+        # Nothing settled: the id's row says why (the read may follow the last write).
+        owner = settle_statements.webhook_owner(unit.read_on, delivery.webhook_id)
+        if owner is not None and owner != reservation.id:
+            return Conflict("This webhook id was already used for another reservation.")
+        return outcome
+    if reply is not None:
+        limits = delivery.session_limits or chat_sessions.SessionLimits()
+        _append_reply(_driver(unit), reservation.session_id, reply, limits)
+    return outcome
+
+
+def _driver(unit: Unit) -> psycopg.Connection[Any]:
+    driver = unit.driver  # a pooled PostgreSQL unit's (`settle_delivery`)
+    assert driver is not None
+    return driver
+
+
+def _append_reply(
+    driver: psycopg.Connection[Any],
+    session_id: str,
+    reply: dict[str, Any],
+    limits: chat_sessions.SessionLimits,
+) -> None:
+    """`append_transcripts` of one reply on the driver: in a savepoint, so that a
+    failed write rolls back only itself and never the charge before it."""
+    try:
+        with raw_pg.savepoint(driver):
+            appended = chat_sessions.append_reply(driver, session_id, reply, limits)
+    except SQLAlchemyError:
+        log.exception("transcript of session %s not stored; the usage is settled", session_id)
+        return
+    if appended == "full":
+        log.warning("session %s is full; this reply is not kept", session_id)
+
+
 def already_settled(session: Session, webhook_id: str, reservation_id: str) -> bool:
     if session.get(WebhookEvent, webhook_id) is not None:
         return True
@@ -498,7 +573,14 @@ async def settle_delivery(db: Database, delivery: Delivery) -> Outcome:
     route's without a batcher, and the batcher's when a batch rolled back); raises
     its refusal."""
     try:
-        result = await db.transaction(lambda s: settle_webhooks(s, [delivery])[0])
+        result: Outcome | AppError
+        # The session path for SQLite, and for a stand-in that only runs
+        # transactions (the tests' counting wrappers): the same answers.
+        if isinstance(db, Database) and db.postgres:
+            begin = _reply(delivery) is not None  # a reply commits with the charge
+            result = await db.unit(lambda u: settle_alone(u, delivery), begin=begin)
+        else:
+            result = await db.transaction(lambda s: settle_webhooks(s, [delivery])[0])
     except IntegrityError:
         # Lost a race on a unique key with a concurrent delivery of the same
         # stream: its transaction committed the settlement, ours rolled back.

@@ -1,0 +1,240 @@
+"""A lone webhook on the unit's psycopg connection (issue 14, settlement's fourth
+round): `settlement.settle_delivery` on PostgreSQL sends the statements of
+`settle_webhooks` with no ORM session; without a reply to keep, its read and its one
+write statement run in autocommit (no BEGIN, no COMMIT); a reply commits with the
+charge. Exactly once as before: a redelivery, an id reused for another reservation,
+a late id, twins at once; a failed transcript keeps the charge."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import event as sa_event
+
+from control_plane import budgets, chat_sessions, hot_statements, ledger, raw_pg, settlement
+from control_plane.books import check_books
+from control_plane.db import Database
+from control_plane.errors import Conflict
+from control_plane.migrate import upgrade
+from control_plane.tables import Budget, BudgetPeriod, new_id, utcnow
+from tests.test_init_writes import LIMITS, Tenant
+from tests.test_settle_raw import HOLD, _turn, usage_delivery
+
+
+@pytest.fixture
+def db(pg_database_url: str) -> Iterator[Database]:
+    upgrade(pg_database_url)
+    database = Database(pg_database_url, pool_size=4)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+def tenant(db: Database) -> Tenant:
+    return Tenant(db.sessions)
+
+
+def _settle(db: Database, delivery: settlement.Delivery) -> settlement.Outcome:
+    """As the route settles a lone webhook: `settle_delivery`, its refusal raised."""
+    return asyncio.run(settlement.settle_delivery(db, replace(delivery, session_limits=LIMITS)))
+
+
+def _charges(tenant: Tenant, reservation_id: str) -> int:
+    entries = tenant.rows(hot_statements.LEDGER, reservation_id=reservation_id)
+    return sum(1 for entry in entries if entry["kind"] == "charge")
+
+
+@pytest.mark.parametrize("content", [None, "Hello there!"])
+def test_a_lone_webhook_runs_on_the_driver_and_begins_only_for_a_reply(
+    db: Database, tenant: Tenant, content: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reply: the reservation's read and the one write statement, each in
+    autocommit. A reply: the same two, then its savepoint, the counters and the
+    message, all in one transaction. None through SQLAlchemy's execution."""
+    reservation = _turn(tenant)
+    sent: list[tuple[str, bool, psycopg.pq.TransactionStatus]] = []
+    real_run = raw_pg.run
+
+    def run(driver: psycopg.Connection[Any], sql: str, params: Any) -> list[Any]:
+        sent.append((sql.split(" ", 1)[0], driver.autocommit, driver.info.transaction_status))
+        return real_run(driver, sql, params)
+
+    through_sqlalchemy: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        through_sqlalchemy.append(statement)
+
+    monkeypatch.setattr(raw_pg, "run", run)
+    sa_event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        outcome = _settle(db, usage_delivery(reservation, content))
+    finally:
+        sa_event.remove(db.engine, "before_cursor_execute", count)
+    assert not outcome.duplicate and outcome.charged_micro > 0
+    idle, begun = psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS
+    if content is None:
+        assert sent == [("SELECT", True, idle), ("WITH", True, idle)]
+    else:
+        statements = ["SELECT", "WITH", "SAVEPOINT", "UPDATE", "INSERT"]
+        assert sent == [(s, False, begun) for s in statements]
+    assert through_sqlalchemy == []
+    messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
+    assert [m["role"] for m in sorted(messages, key=lambda m: m["seq"])] == (
+        ["user"] if content is None else ["user", "assistant"]
+    )
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("content", [None, "Hello there!"])
+def test_a_lone_webhook_settles_once_whatever_its_id(
+    db: Database, tenant: Tenant, content: str | None
+) -> None:
+    """A redelivery is DUPLICATE; the id reused for another reservation is 409 and
+    leaves that one held (its own id settles it then: the 409's read ran after the
+    write, in autocommit without a reply); an id arriving after the hold was
+    released is recorded and DUPLICATE. One charge each, books balanced."""
+    first, second, released = _turn(tenant), _turn(tenant), _turn(tenant)
+    delivery = usage_delivery(first, content)
+    assert not _settle(db, delivery).duplicate
+    assert _settle(db, delivery) == settlement.DUPLICATE
+
+    reused = replace(usage_delivery(second, content), webhook_id=delivery.webhook_id)
+    with pytest.raises(Conflict):
+        _settle(db, reused)
+    [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
+    assert row["status"] == "active"
+    assert not _settle(db, usage_delivery(second, content)).duplicate
+
+    assert tenant.tx(lambda s: ledger.release_reservation(s, released.id, "expired", actor="t"))
+    late = usage_delivery(released, content)
+    assert _settle(db, late) == settlement.DUPLICATE
+    [claimed] = tenant.rows(hot_statements.WEBHOOK_EVENTS, webhook_id=late.webhook_id)
+    assert claimed["reservation_id"] == released.id
+    for reservation, settles in ((first, 1), (second, 1), (released, 0)):
+        assert _charges(tenant, reservation.id) == settles
+        assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == settles
+    replies = len(tenant.rows(hot_statements.MESSAGES, session_id=first.session_id)) - 1
+    assert replies == (0 if content is None else 1)
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("same_id", [True, False])
+def test_lone_webhooks_of_one_stream_at_once_charge_once(
+    db: Database, tenant: Tenant, same_id: bool
+) -> None:
+    """Twins in two autocommit statements at once (the same id, or two ids): the
+    second waits on the first's id or row lock, then settles nothing."""
+    reservation = _turn(tenant)
+    first = usage_delivery(reservation, None)
+    second = first if same_id else replace(first, webhook_id="usage_other")
+
+    async def both() -> list[settlement.Outcome]:
+        return await asyncio.gather(
+            *(
+                settlement.settle_delivery(db, replace(d, session_limits=LIMITS))
+                for d in (first, second)
+            )
+        )
+
+    outcomes = asyncio.run(both())
+    assert sorted(o.duplicate for o in outcomes) == [False, True]
+    assert _charges(tenant, reservation.id) == 1
+    assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == 1
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+def test_a_failed_reply_on_the_driver_keeps_the_charge(
+    db: Database, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply's writes then a failure: rolled back to the savepoint, the charge
+    and the books committed, the session as the user left it."""
+    reservation = _turn(tenant)
+    real_append = chat_sessions.append_reply
+
+    def failing(driver: psycopg.Connection[Any], *args: Any) -> Any:
+        real_append(driver, *args)  # the counters and the message, then a failure
+        raw_pg.run(driver, "SELECT 1 / 0", {})
+
+    monkeypatch.setattr(chat_sessions, "append_reply", failing)
+    outcome = _settle(db, usage_delivery(reservation, "Hello there!"))
+    assert not outcome.duplicate and outcome.charged_micro > 0
+    [row] = tenant.rows(hot_statements.RESERVATIONS, id=reservation.id)
+    assert row["status"] == "settled" and row["charged_micro"] == outcome.charged_micro
+    [chat] = tenant.rows(hot_statements.SESSIONS, id=reservation.session_id)
+    assert (chat["message_count"], chat["content_bytes"]) == (1, 2)  # the user's "hi" only
+    messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
+    assert [m["role"] for m in messages] == ["user"]
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+def test_a_reply_to_a_full_or_gone_session_is_dropped_and_the_charge_kept(
+    db: Database, tenant: Tenant
+) -> None:
+    full, gone = _turn(tenant), _turn(tenant)
+    tiny = chat_sessions.SessionLimits(max_messages=1, max_bytes=1_000)
+    outcome = asyncio.run(
+        settlement.settle_delivery(
+            db, replace(usage_delivery(full, "Hello there!"), session_limits=tiny)
+        )
+    )
+    assert not outcome.duplicate
+    kept = tenant.rows(hot_statements.MESSAGES, session_id=full.session_id)
+    assert [m["role"] for m in kept] == ["user"]
+    tenant.tx(lambda s: chat_sessions.delete_session(s, gone.session_id))
+    assert not _settle(db, usage_delivery(gone, "Hello there!")).duplicate
+    assert _charges(tenant, full.id) == _charges(tenant, gone.id) == 1
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+
+
+@pytest.mark.parametrize("content", [None, "Hello there!"])
+def test_a_lone_webhook_counted_against_a_budget_moves_it_once(
+    db: Database, tenant: Tenant, content: str | None
+) -> None:
+    """A reservation counted against a budget settles alone through the ORM session
+    on the same connection (its budgets' statements), in one transaction, whether or
+    not the unit had begun: the hold leaves the budget, the charge is spent once."""
+    budget_id = new_id()
+    tenant.tx(
+        lambda s: s.add(
+            Budget(
+                id=budget_id,
+                company_id=tenant.company_id,
+                scope="user",
+                target_id=tenant.user_id,
+                amount_micro=100 * HOLD,
+                period="none",
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+    )
+    reservation = _turn(tenant)
+    tenant.tx(
+        lambda s: budgets.hold(
+            s,
+            reservation_id=reservation.id,
+            company_id=tenant.company_id,
+            user_id=tenant.user_id,
+            api_key_id=None,
+            hold_micro=reservation.hold_micro,
+            now=utcnow(),
+        )
+    )
+    delivery = usage_delivery(reservation, content)
+    outcome = _settle(db, delivery)
+    assert not outcome.duplicate and outcome.charged_micro > 0
+    assert _settle(db, replace(delivery, webhook_id="usage_again")) == settlement.DUPLICATE
+    [period] = tenant.rows(BudgetPeriod.__table__, budget_id=budget_id)  # type: ignore[attr-defined]
+    assert (period["held_micro"], period["spent_micro"]) == (0, outcome.charged_micro)
+    assert _charges(tenant, reservation.id) == 1
+    replies = len(tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)) - 1
+    assert replies == (0 if content is None else 1)
+    assert tenant.tx(lambda s: budgets.check(s, tenant.company_id)) == []
+    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
