@@ -227,9 +227,11 @@ async def _access_token_principal(deps: Deps, token: str) -> Principal:
             public_key = keyring.public_key(kid)
         if public_key is None:
             raise Unauthenticated("The access token was signed by an unknown key.")
-        claims = jws_fast.verify(
+        # The signature once per token and key (`verified_tokens`); the claims and
+        # the user's row below on every request.
+        deps.verified_signatures.check(token, parsed, public_key)
+        claims = jws_fast.check_claims(
             parsed,
-            public_key,
             audience=API_AUDIENCE,
             issuer=ISSUER,
             leeway=LEEWAY_SECONDS,
