@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane.db_threads import DbThreads
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 POOL_SIZE = 10
@@ -92,6 +93,10 @@ class Unit:
         """Where the unit's last statement runs (nothing may follow it): `on`."""
         return self.on
 
+    def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
+        """``fn(read_on)`` for a read (one statement, no effects, no lock taken)."""
+        return fn(self.read_on)
+
     @property
     def postgres(self) -> bool:
         return self._driver is not None or (
@@ -117,8 +122,14 @@ class _PooledUnit(Unit):
     outside the transaction sees what it would have seen inside it."""
 
     def __init__(self, engine: Engine, sessions: Sessions, *, begin: bool = True) -> None:
-        with _checkout_begins(begin):
-            self._pooled = engine.raw_connection()  # pinged, as a session's would be
+        if begin:
+            with _checkout_begins(True):
+                self._pooled: Any = engine.raw_connection()  # BEGIN is its ping
+        else:
+            # Not pinged: the first statement is (`read`) or sends the ping (`_pinged`).
+            with _checkout_unpinged():
+                self._pooled = engine.raw_connection()
+        self._unpinged = not begin
         driver = self._pooled.driver_connection
         assert isinstance(driver, psycopg.Connection)
         super().__init__(None, driver)
@@ -130,7 +141,31 @@ class _PooledUnit(Unit):
         if self._lazy:
             driver.autocommit = True
 
+    def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
+        """As `Unit.read`; as a lazy unit's first statement it is the checkout's ping
+        (issue 14: one round trip less): a connection it finds dead is replaced and
+        ``fn`` sent again (`_thrown_away_if_dead`), nothing having run on it."""
+        if not self._unpinged:
+            return fn(self.read_on)
+        self._unpinged = False
+        assert self._driver is not None
+        try:
+            return fn(self._driver)
+        except DBAPIError:
+            if not _thrown_away_if_dead(self._pooled):
+                raise
+        self._pooled = None  # `end` has nothing to give back if the checkout fails
+        pooled = self._pooled = _autocommit_checkout(self._engine, ping=True)
+        driver = self._driver = pooled.driver_connection
+        return fn(driver)
+
+    def _pinged(self) -> None:
+        """Before any statement other than a first `read`: the ping it skipped."""
+        if self._unpinged:
+            self.read(_ping)
+
     def _began(self) -> psycopg.Connection[Any]:
+        self._pinged()
         driver = self._driver
         assert driver is not None
         if self._finished:
@@ -147,6 +182,7 @@ class _PooledUnit(Unit):
 
     @property
     def read_on(self) -> Session | psycopg.Connection[Any]:
+        self._pinged()
         if self._lazy and not self._finished:
             assert self._driver is not None
             return self._driver
@@ -154,6 +190,7 @@ class _PooledUnit(Unit):
 
     @property
     def last_on(self) -> Session | psycopg.Connection[Any]:
+        self._pinged()
         if self._lazy and not self._finished:
             self._finished = True
             assert self._driver is not None
@@ -170,6 +207,8 @@ class _PooledUnit(Unit):
         return self._session
 
     def end(self, commit: bool) -> None:
+        if self._pooled is None:  # thrown away, no other checked out (`read`)
+            return
         driver = self._driver
         assert driver is not None
         try:
@@ -261,6 +300,18 @@ _CHECKOUT = threading.local()
 
 
 @contextmanager
+def _checkout_unpinged() -> Iterator[None]:
+    """While set, this thread's next checkout sends nothing: for a caller whose first
+    statement is a read, which finds a dead connection as the ping would and can be
+    sent again on a fresh one (`_read_first`)."""
+    _CHECKOUT.skip = True
+    try:
+        yield
+    finally:
+        _CHECKOUT.skip = False
+
+
+@contextmanager
 def _checkout_begins(begin: bool) -> Iterator[None]:
     """While set, this thread's next checkout begins a transaction as its ping."""
     _CHECKOUT.begin = begin
@@ -284,6 +335,9 @@ def _pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     empty ping: SQLAlchemy drops every pooled connection older than now and checks
     out a fresh one (at most twice, then the checkout fails), before the caller has
     sent anything."""
+    if getattr(_CHECKOUT, "skip", False):
+        _CHECKOUT.skip = False  # this checkout's only
+        return
     pgconn = dbapi_connection.pgconn
     begin = getattr(_CHECKOUT, "begin", False) and _plain_begin(dbapi_connection)
     try:
@@ -312,6 +366,53 @@ def _plain_begin(connection: psycopg.Connection[Any]) -> bool:
         and connection.read_only is None
         and connection.deferrable is None
     )
+
+
+def _autocommit_checkout(engine: Engine, *, ping: bool) -> Any:
+    """A pooled connection in autocommit, pinged at checkout or not."""
+    if ping:
+        pooled = engine.raw_connection()
+    else:
+        with _checkout_unpinged():
+            pooled = engine.raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    driver.autocommit = True
+    return pooled
+
+
+def _thrown_away_if_dead(pooled: Any) -> bool:
+    """After a read failed as the first statement of an unpinged checkout: whether
+    it found the connection dead (closed while idle in the pool: a restarted server,
+    a dropped network). Then nothing ran on it, it is thrown away (out of the pool),
+    and the read may be sent again on a pinged checkout, whose ping handles any
+    further dead connection as always (`_pg_ping`). Otherwise the error is the
+    statement's own."""
+    driver = pooled.driver_connection
+    if driver is not None and not driver.closed:
+        return False
+    pooled.invalidate()
+    pooled.close()
+    return True
+
+
+def _ping(on: Session | psycopg.Connection[Any]) -> None:
+    """An empty query: the checkout ping's round trip, as a read (`_read_first`)."""
+    assert isinstance(on, psycopg.Connection)
+    try:
+        on.execute(b"")
+    except psycopg.Error as exc:
+        raise DBAPIError.instance("", None, exc, psycopg.Error) from exc
+
+
+def _give_back(pooled: Any) -> None:
+    """Return an autocommit checkout to the pool out of autocommit."""
+    try:
+        driver = pooled.driver_connection
+        if driver is not None and not driver.closed:
+            driver.autocommit = False  # the pool hands out transactions
+    finally:
+        pooled.close()
 
 
 class Database:
@@ -379,6 +480,41 @@ class Database:
         ORM session, ~0.1 ms less CPU than `transaction` (issue 14.3). Elsewhere
         (SQLite) it gets a session in one transaction, as `transaction`."""
         return await self._threads.run(functools.partial(self._standalone, fn))
+
+    def _lookup(
+        self,
+        read: Callable[[Session | psycopg.Connection[Any]], R],
+        then: Callable[[Session | psycopg.Connection[Any], R], T],
+    ) -> T:
+        if not self.postgres:
+            return self._in_transaction(lambda session: then(session, read(session)))
+        pooled = _autocommit_checkout(self.engine, ping=False)
+        try:
+            try:
+                found = read(pooled.driver_connection)
+            except DBAPIError:
+                if not _thrown_away_if_dead(pooled):
+                    raise
+                pooled = None
+                pooled = _autocommit_checkout(self.engine, ping=True)
+                found = read(pooled.driver_connection)
+            return then(pooled.driver_connection, found)
+        finally:
+            if pooled is not None:
+                _give_back(pooled)
+
+    async def lookup(
+        self,
+        read: Callable[[Session | psycopg.Connection[Any]], R],
+        then: Callable[[Session | psycopg.Connection[Any], R], T],
+    ) -> T:
+        """`standalone` for a `read` (one statement, no effects) and then `then`
+        (which may write, e.g. a key's `last_used_at`) on the same connection: the
+        checkout sends no ping, its read is the ping (issue 14: one round trip
+        less). A connection the read finds dead is replaced and the read sent again
+        (`_read_first`); `then` runs once, after a read that succeeded, and is never
+        retried."""
+        return await self._threads.run(functools.partial(self._lookup, read, then))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking function that manages its own sessions on the DB threads."""

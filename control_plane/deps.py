@@ -19,8 +19,8 @@ from control_plane.metrics import Metrics
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot
-from control_plane.verified_tokens import VerifiedSignatures
 from control_plane.validation import parse_json_object
+from control_plane.verified_tokens import VerifiedSignatures
 from shared.bodies import read_limited
 from shared.store import Store
 
