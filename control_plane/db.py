@@ -151,7 +151,7 @@ class _PooledUnit(Unit):
         assert self._driver is not None
         try:
             return fn(self._driver)
-        except DBAPIError:
+        except (DBAPIError, psycopg.Error):
             if not _thrown_away_if_dead(self._pooled):
                 raise
         self._pooled = None  # `end` has nothing to give back if the checkout fails
@@ -492,7 +492,7 @@ class Database:
         try:
             try:
                 found = read(pooled.driver_connection)
-            except DBAPIError:
+            except (DBAPIError, psycopg.Error):
                 if not _thrown_away_if_dead(pooled):
                     raise
                 pooled = None
