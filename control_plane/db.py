@@ -21,18 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from control_plane.db_checkout import (
+    autocommit_checkout,
+    checkout_begins,
+    checkout_unpinged,
+    empty_query,
+    give_back,
+    pg_ping,
+    thrown_away_if_dead,
+)
 from control_plane.db_threads import DbThreads
 
 T = TypeVar("T")
@@ -113,7 +120,7 @@ class _PooledUnit(Unit):
     """A `Unit` on a pooled connection of `engine`; `Database._in_unit` ends it.
 
     `begin`: the transaction starts at checkout (its BEGIN is the checkout's ping,
-    `_pg_ping`). Otherwise the connection comes in autocommit and the
+    `pg_ping`). Otherwise the connection comes in autocommit and the
     transaction begins only when a statement needs it (`driver`, `on`,
     `session()`): the reads before it (`read_on`) and a last statement with nothing
     begun (`last_on`) each stand alone, atomic by themselves, with no BEGIN or
@@ -123,11 +130,11 @@ class _PooledUnit(Unit):
 
     def __init__(self, engine: Engine, sessions: Sessions, *, begin: bool = True) -> None:
         if begin:
-            with _checkout_begins(True):
+            with checkout_begins(True):
                 self._pooled: Any = engine.raw_connection()  # BEGIN is its ping
         else:
             # Not pinged: the first statement is (`read`) or sends the ping (`_pinged`).
-            with _checkout_unpinged():
+            with checkout_unpinged():
                 self._pooled = engine.raw_connection()
         self._unpinged = not begin
         driver = self._pooled.driver_connection
@@ -144,7 +151,7 @@ class _PooledUnit(Unit):
     def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
         """As `Unit.read`; as a lazy unit's first statement it is the checkout's ping
         (issue 14: one round trip less): a connection it finds dead is replaced and
-        ``fn`` sent again (`_thrown_away_if_dead`), nothing having run on it."""
+        ``fn`` sent again (`thrown_away_if_dead`), nothing having run on it."""
         if not self._unpinged:
             return fn(self.read_on)
         self._unpinged = False
@@ -152,17 +159,17 @@ class _PooledUnit(Unit):
         try:
             return fn(self._driver)
         except (DBAPIError, psycopg.Error):
-            if not _thrown_away_if_dead(self._pooled):
+            if not thrown_away_if_dead(self._pooled):
                 raise
         self._pooled = None  # `end` has nothing to give back if the checkout fails
-        pooled = self._pooled = _autocommit_checkout(self._engine, ping=True)
+        pooled = self._pooled = autocommit_checkout(self._engine, ping=True)
         driver = self._driver = pooled.driver_connection
         return fn(driver)
 
     def _pinged(self) -> None:
         """Before any statement other than a first `read`: the ping it skipped."""
         if self._unpinged:
-            self.read(_ping)
+            self.read(empty_query)
 
     def _began(self) -> psycopg.Connection[Any]:
         self._pinged()
@@ -292,127 +299,8 @@ def create_sync_engine(
         pool_timeout=30,
         connect_args={"prepare_threshold": None if pgbouncer else PG_PREPARE_THRESHOLD},
     )
-    event.listen(engine, "checkout", _pg_ping)
+    event.listen(engine, "checkout", pg_ping)
     return engine
-
-
-_CHECKOUT = threading.local()
-
-
-@contextmanager
-def _checkout_unpinged() -> Iterator[None]:
-    """While set, this thread's next checkout sends nothing: for a caller whose first
-    statement is a read, which finds a dead connection as the ping would and can be
-    sent again on a fresh one (`_read_first`)."""
-    _CHECKOUT.skip = True
-    try:
-        yield
-    finally:
-        _CHECKOUT.skip = False
-
-
-@contextmanager
-def _checkout_begins(begin: bool) -> Iterator[None]:
-    """While set, this thread's next checkout begins a transaction as its ping."""
-    _CHECKOUT.begin = begin
-    try:
-        yield
-    finally:
-        _CHECKOUT.begin = False
-
-
-def _pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """What ``pool_pre_ping`` does on each checkout, cheaper: SQLAlchemy's psycopg
-    ping switches autocommit on and off and runs ``SELECT 1`` through a cursor; an
-    empty query on the libpq connection is the same round trip (measured, one
-    checkout and return: 26.3 µs of CPU with ``pool_pre_ping``, 15 µs with this).
-
-    For a caller about to run a transaction (`_checkout_begins`: `Database.transaction`
-    and `unit`), the ping is ``BEGIN`` itself: the round trip the transaction's first
-    statement would have paid first anyway (psycopg sends BEGIN only while the
-    connection is idle), so one round trip less per transaction (issue 14). BEGIN
-    writes nothing, so a dead connection found by it is replaced exactly as by the
-    empty ping: SQLAlchemy drops every pooled connection older than now and checks
-    out a fresh one (at most twice, then the checkout fails), before the caller has
-    sent anything."""
-    if getattr(_CHECKOUT, "skip", False):
-        _CHECKOUT.skip = False  # this checkout's only
-        return
-    pgconn = dbapi_connection.pgconn
-    begin = getattr(_CHECKOUT, "begin", False) and _plain_begin(dbapi_connection)
-    try:
-        if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            status = None  # never expected: a connection is reset when returned
-        else:
-            status = pgconn.exec_(b"BEGIN" if begin else b"").status
-    except psycopg.Error as exc:  # the libpq connection is already closed
-        raise InvalidatePoolError(str(exc)) from exc
-    expected = psycopg.pq.ExecStatus.COMMAND_OK if begin else psycopg.pq.ExecStatus.EMPTY_QUERY
-    if status == expected:
-        if begin:
-            _CHECKOUT.begin = False  # this checkout's; a nested one pings plainly
-        return
-    if pgconn.status == psycopg.pq.ConnStatus.BAD:  # the server or the network went away
-        raise InvalidatePoolError("the pooled connection failed its ping")
-    # Alive but not idle: this one only is replaced.
-    raise DisconnectionError("the pooled connection is not idle")
-
-
-def _plain_begin(connection: psycopg.Connection[Any]) -> bool:
-    """Whether psycopg would start this connection's transaction with a bare BEGIN
-    (no isolation level, access mode or deferrable set on it)."""
-    return not connection.autocommit and (
-        connection.isolation_level is None
-        and connection.read_only is None
-        and connection.deferrable is None
-    )
-
-
-def _autocommit_checkout(engine: Engine, *, ping: bool) -> Any:
-    """A pooled connection in autocommit, pinged at checkout or not."""
-    if ping:
-        pooled = engine.raw_connection()
-    else:
-        with _checkout_unpinged():
-            pooled = engine.raw_connection()
-    driver = pooled.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    driver.autocommit = True
-    return pooled
-
-
-def _thrown_away_if_dead(pooled: Any) -> bool:
-    """After a read failed as the first statement of an unpinged checkout: whether
-    it found the connection dead (closed while idle in the pool: a restarted server,
-    a dropped network). Then nothing ran on it, it is thrown away (out of the pool),
-    and the read may be sent again on a pinged checkout, whose ping handles any
-    further dead connection as always (`_pg_ping`). Otherwise the error is the
-    statement's own."""
-    driver = pooled.driver_connection
-    if driver is not None and not driver.closed:
-        return False
-    pooled.invalidate()
-    pooled.close()
-    return True
-
-
-def _ping(on: Session | psycopg.Connection[Any]) -> None:
-    """An empty query: the checkout ping's round trip, as a read (`_read_first`)."""
-    assert isinstance(on, psycopg.Connection)
-    try:
-        on.execute(b"")
-    except psycopg.Error as exc:
-        raise DBAPIError.instance("", None, exc, psycopg.Error) from exc
-
-
-def _give_back(pooled: Any) -> None:
-    """Return an autocommit checkout to the pool out of autocommit."""
-    try:
-        driver = pooled.driver_connection
-        if driver is not None and not driver.closed:
-            driver.autocommit = False  # the pool hands out transactions
-    finally:
-        pooled.close()
 
 
 class Database:
@@ -426,7 +314,7 @@ class Database:
         self._threads = DbThreads(pool_size, "db")
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
-        with _checkout_begins(True), self.sessions.begin() as session:
+        with checkout_begins(True), self.sessions.begin() as session:
             return fn(session)
 
     def _in_unit(self, fn: Callable[[Unit], T], begin: bool = True) -> T:
@@ -460,7 +348,7 @@ class Database:
     def _standalone(self, fn: Callable[[Session | psycopg.Connection[Any]], T]) -> T:
         if not self.postgres:
             return self._in_transaction(fn)
-        pooled = self.engine.raw_connection()  # pinged (`_pg_ping`), as a session's would be
+        pooled = self.engine.raw_connection()  # pinged (`pg_ping`), as a session's would be
         try:
             driver = pooled.driver_connection
             assert isinstance(driver, psycopg.Connection)
@@ -488,20 +376,20 @@ class Database:
     ) -> T:
         if not self.postgres:
             return self._in_transaction(lambda session: then(session, read(session)))
-        pooled = _autocommit_checkout(self.engine, ping=False)
+        pooled = autocommit_checkout(self.engine, ping=False)
         try:
             try:
                 found = read(pooled.driver_connection)
             except (DBAPIError, psycopg.Error):
-                if not _thrown_away_if_dead(pooled):
+                if not thrown_away_if_dead(pooled):
                     raise
                 pooled = None
-                pooled = _autocommit_checkout(self.engine, ping=True)
+                pooled = autocommit_checkout(self.engine, ping=True)
                 found = read(pooled.driver_connection)
             return then(pooled.driver_connection, found)
         finally:
             if pooled is not None:
-                _give_back(pooled)
+                give_back(pooled)
 
     async def lookup(
         self,

@@ -1,5 +1,5 @@
 """Fewer round trips per transaction (issue 14): a transaction's BEGIN is its
-checkout's ping (`db._pg_ping`), and a unit begun lazily (`Database.unit(fn,
+checkout's ping (`db_checkout.pg_ping`), and a unit begun lazily (`Database.unit(fn,
 begin=False)`, init's) runs its reads and a last lone statement without BEGIN or
 COMMIT, and is one transaction again as soon as a statement needs one."""
 
