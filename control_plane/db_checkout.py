@@ -116,13 +116,13 @@ def thrown_away_if_dead(pooled: Any) -> bool:
     driver = pooled.driver_connection
     if driver is not None and not driver.closed:
         return False
-    pooled.invalidate()
-    pooled.close()
+    pooled.invalidate()  # closes it and checks its record back in: no `close` needed
     return True
 
 
 def empty_query(on: Session | psycopg.Connection[Any]) -> None:
-    """An empty query: the checkout ping's round trip, as a read (`_read_first`)."""
+    """An empty query: the checkout ping's round trip, as a read
+    (`thrown_away_if_dead`)."""
     assert isinstance(on, psycopg.Connection)
     try:
         on.execute(b"")
