@@ -6,8 +6,10 @@ pooled connection made) it reads the CPU of the PostgreSQL backends serving this
 database (`pg_stat_activity`, /proc) around the measured phase, so other databases'
 work on the same server is not counted.
 
-Run: ``python -m bench.cp_init_latency [--n 800] [--concurrency 32]``; for an A/B,
-run it with ``PYTHONPATH`` set to the other tree.
+Run: ``python -m bench.cp_init_latency [--n 800] [--concurrency 32] [--access-tokens]``
+(``--access-tokens``: each user calls with an access token, as `make bench`'s users
+do after logging in, instead of its API key); for an A/B, run it from each tree's
+directory.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import psycopg
 
 from bench.cp_cpu import PG_ADMIN_DSN, bench_settings, provision, run_all, throwaway_state
 from control_plane.app import create_app
+from control_plane.auth import issue_access_token
 from shared.webhooks import generate_secret
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -50,7 +53,16 @@ def _backends(database: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-async def main(n: int, concurrency: int) -> None:
+async def access_tokens(client: httpx.AsyncClient, app: Any, keys: list[str]) -> list[str]:
+    """An access token for each key's user, as `POST /v1/auth/login` would issue."""
+    tokens = []
+    for key in keys:
+        me = await client.get("/v1/me", headers={"Authorization": f"Bearer {key}"})
+        tokens.append(issue_access_token(app.state.deps, me.json()["data"]["user"]["id"]))
+    return tokens
+
+
+async def main(n: int, concurrency: int, use_access_tokens: bool = False) -> None:
     with throwaway_state() as (database_url, prefix):
         app = create_app(bench_settings(database_url, prefix, generate_secret()))
         async with app.router.lifespan_context(app):
@@ -59,6 +71,8 @@ async def main(n: int, concurrency: int) -> None:
                 transport=transport, base_url="http://cp.test", timeout=60
             ) as client:
                 keys = await provision(client, concurrency)
+                if use_access_tokens:
+                    keys = await access_tokens(client, app, keys)
                 latencies: list[float] = []
 
                 async def init(i: int) -> Any:
@@ -91,5 +105,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=800)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--access-tokens", action="store_true")
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.concurrency))
+    asyncio.run(main(args.n, args.concurrency, args.access_tokens))

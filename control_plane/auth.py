@@ -126,16 +126,19 @@ _TOUCH_KEY = (
 _RAW_TOUCH_KEY = raw_pg.RawStatement(_TOUCH_KEY)
 
 
-def api_key_hash_principal(
-    on: Session | psycopg.Connection[Any], key_hash: str
-) -> Principal | None:
-    """The principal of the API key with this SHA-256 (`hash_api_key`; an edge sends
-    the hash, issue 16.5); None when unknown or revoked. Records `last_used_at` (at
-    most once per `LAST_USED_RESOLUTION`: no write at all on most requests).
-    `on` a session, or a connection of `Database.standalone`: the lookup and the
-    conditional touch stand alone, so a later failing transaction (an init refused)
-    leaves `last_used_at` recorded either way."""
-    row = _RAW_LOOKUP_KEY.first_on(on, {"p_hash": key_hash})
+def api_key_row(on: Session | psycopg.Connection[Any], key_hash: str) -> Any | None:
+    """The row of the API key with this SHA-256 (`hash_api_key`; an edge sends the
+    hash, issue 16.5), with its user's and company's: one read, no effects, so
+    `Database.lookup` may send it again on a fresh connection."""
+    return _RAW_LOOKUP_KEY.first_on(on, {"p_hash": key_hash})
+
+
+def api_key_principal(on: Session | psycopg.Connection[Any], row: Any | None) -> Principal | None:
+    """The principal of an API key's row (`api_key_row`); None when unknown or
+    revoked. Records `last_used_at` (at most once per `LAST_USED_RESOLUTION`: no
+    write at all on most requests). `on` a session, or a connection of
+    `Database.lookup`: the lookup and the conditional touch stand alone, so a later
+    failing transaction (an init refused) leaves `last_used_at` recorded either way."""
     if row is None or row.revoked_at is not None:
         return None
     if row.user_disabled_at is not None:
@@ -194,10 +197,14 @@ _LOOKUP_USER = (
 _RAW_LOOKUP_USER = raw_pg.RawStatement(_LOOKUP_USER)
 
 
-def access_token_user(on: Session | psycopg.Connection[Any], user_id: str) -> Principal:
-    """The principal of an access token's user; 401 when the user no longer exists,
-    403 ``revoked`` as `ensure_not_revoked`."""
-    row = _RAW_LOOKUP_USER.first_on(on, {"p_id": user_id})
+def access_token_row(on: Session | psycopg.Connection[Any], user_id: str) -> Any | None:
+    """An access token's user's row with its company's: one read, no effects."""
+    return _RAW_LOOKUP_USER.first_on(on, {"p_id": user_id})
+
+
+def access_token_principal(row: Any | None) -> Principal:
+    """The principal of an access token's user (`access_token_row`); 401 when the
+    user no longer exists, 403 ``revoked`` as `ensure_not_revoked`."""
     if row is None:
         raise Unauthenticated("The access token's user no longer exists.")
     if row.disabled_at is not None:
@@ -227,9 +234,11 @@ async def _access_token_principal(deps: Deps, token: str) -> Principal:
             public_key = keyring.public_key(kid)
         if public_key is None:
             raise Unauthenticated("The access token was signed by an unknown key.")
-        claims = jws_fast.verify(
+        # The signature once per token and key (`verified_tokens`); the claims and
+        # the user's row below on every request.
+        deps.verified_signatures.check(token, parsed, public_key)
+        claims = jws_fast.check_claims(
             parsed,
-            public_key,
             audience=API_AUDIENCE,
             issuer=ISSUER,
             leeway=LEEWAY_SECONDS,
@@ -238,7 +247,10 @@ async def _access_token_principal(deps: Deps, token: str) -> Principal:
     except TokenRejected as exc:
         raise Unauthenticated(f"The access token is not valid: {exc.message}.") from None
     user_id = str(claims["sub"])
-    return await deps.db.standalone(lambda on: access_token_user(on, user_id))
+    # The read is the checkout's ping (`Database.lookup`).
+    return await deps.db.lookup(
+        lambda on: access_token_row(on, user_id), lambda _on, row: access_token_principal(row)
+    )
 
 
 async def authenticate(request: Request) -> Principal:
@@ -251,7 +263,7 @@ async def authenticate(request: Request) -> Principal:
         return admin_token_principal()
     if looks_like_api_key(token):
         key_hash = hash_api_key(token)
-        principal = await deps.db.standalone(lambda on: api_key_hash_principal(on, key_hash))
+        principal = await deps.db.lookup(lambda on: api_key_row(on, key_hash), api_key_principal)
         if principal is None:
             raise Unauthenticated("The API key is unknown or revoked.")
         return principal

@@ -284,7 +284,7 @@ def reserve(
     # The common init (a cached company config, no agent, no session id, no budgets)
     # never asks the unit for its ORM session (`db.Unit`).
     unit = session if isinstance(session, Unit) else Unit.of(session)
-    company = _COMPANY_FOR_INIT.first_on(unit.read_on, {"p_id": principal.company_id})
+    company = unit.read(lambda on: _COMPANY_FOR_INIT.first_on(on, {"p_id": principal.company_id}))
     if company is None:
         raise Forbidden("Your company no longer exists.")
     if company.disabled_at is not None:

@@ -21,21 +21,29 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InvalidatePoolError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from control_plane.db_checkout import (
+    autocommit_checkout,
+    checkout_begins,
+    checkout_unpinged,
+    empty_query,
+    give_back,
+    pg_ping,
+    thrown_away_if_dead,
+)
 from control_plane.db_threads import DbThreads
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 POOL_SIZE = 10
@@ -93,6 +101,10 @@ class Unit:
         """Where the unit's last statement runs (nothing may follow it): `on`."""
         return self.on
 
+    def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
+        """``fn(read_on)`` for a read (one statement, no effects, no lock taken)."""
+        return fn(self.read_on)
+
     @property
     def postgres(self) -> bool:
         return self._driver is not None or (
@@ -109,7 +121,7 @@ class _PooledUnit(Unit):
     """A `Unit` on a pooled connection of `engine`; `Database._in_unit` ends it.
 
     `begin`: the transaction starts at checkout (its BEGIN is the checkout's ping,
-    `_pg_ping`). Otherwise the connection comes in autocommit and the
+    `pg_ping`). Otherwise the connection comes in autocommit and the
     transaction begins only when a statement needs it (`driver`, `on`,
     `session()`): the reads before it (`read_on`) and a last statement with nothing
     begun (`last_on`) each stand alone, atomic by themselves, with no BEGIN or
@@ -118,8 +130,14 @@ class _PooledUnit(Unit):
     outside the transaction sees what it would have seen inside it."""
 
     def __init__(self, engine: Engine, sessions: Sessions, *, begin: bool = True) -> None:
-        with _checkout_begins(begin):
-            self._pooled = engine.raw_connection()  # pinged, as a session's would be
+        if begin:
+            with checkout_begins(True):
+                self._pooled: Any = engine.raw_connection()  # BEGIN is its ping
+        else:
+            # Not pinged: the first statement is (`read`) or sends the ping (`_pinged`).
+            with checkout_unpinged():
+                self._pooled = engine.raw_connection()
+        self._unpinged = not begin
         driver = self._pooled.driver_connection
         assert isinstance(driver, psycopg.Connection)
         super().__init__(None, driver)
@@ -131,7 +149,31 @@ class _PooledUnit(Unit):
         if self._lazy:
             driver.autocommit = True
 
+    def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
+        """As `Unit.read`; as a lazy unit's first statement it is the checkout's ping
+        (issue 14: one round trip less): a connection it finds dead is replaced and
+        ``fn`` sent again (`thrown_away_if_dead`), nothing having run on it."""
+        if not self._unpinged:
+            return fn(self.read_on)
+        self._unpinged = False
+        assert self._driver is not None
+        try:
+            return fn(self._driver)
+        except (DBAPIError, psycopg.Error):
+            if not thrown_away_if_dead(self._pooled):
+                raise
+        self._pooled = None  # `end` has nothing to give back if the checkout fails
+        pooled = self._pooled = autocommit_checkout(self._engine, ping=True)
+        driver = self._driver = pooled.driver_connection
+        return fn(driver)
+
+    def _pinged(self) -> None:
+        """Before any statement other than a first `read`: the ping it skipped."""
+        if self._unpinged:
+            self.read(empty_query)
+
     def _began(self) -> psycopg.Connection[Any]:
+        self._pinged()
         driver = self._driver
         assert driver is not None
         if self._finished:
@@ -148,6 +190,7 @@ class _PooledUnit(Unit):
 
     @property
     def read_on(self) -> Session | psycopg.Connection[Any]:
+        self._pinged()
         # After the last statement too: a read changes nothing and needs no
         # transaction (a lone webhook reads why its write settled nothing).
         if self._lazy:
@@ -157,6 +200,7 @@ class _PooledUnit(Unit):
 
     @property
     def last_on(self) -> Session | psycopg.Connection[Any]:
+        self._pinged()
         if self._lazy and not self._finished:
             self._finished = True
             assert self._driver is not None
@@ -173,6 +217,8 @@ class _PooledUnit(Unit):
         return self._session
 
     def end(self, commit: bool) -> None:
+        if self._pooled is None:  # thrown away, no other checked out (`read`)
+            return
         driver = self._driver
         assert driver is not None
         try:
@@ -256,65 +302,8 @@ def create_sync_engine(
         pool_timeout=30,
         connect_args={"prepare_threshold": None if pgbouncer else PG_PREPARE_THRESHOLD},
     )
-    event.listen(engine, "checkout", _pg_ping)
+    event.listen(engine, "checkout", pg_ping)
     return engine
-
-
-_CHECKOUT = threading.local()
-
-
-@contextmanager
-def _checkout_begins(begin: bool) -> Iterator[None]:
-    """While set, this thread's next checkout begins a transaction as its ping."""
-    _CHECKOUT.begin = begin
-    try:
-        yield
-    finally:
-        _CHECKOUT.begin = False
-
-
-def _pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """What ``pool_pre_ping`` does on each checkout, cheaper: SQLAlchemy's psycopg
-    ping switches autocommit on and off and runs ``SELECT 1`` through a cursor; an
-    empty query on the libpq connection is the same round trip (measured, one
-    checkout and return: 26.3 µs of CPU with ``pool_pre_ping``, 15 µs with this).
-
-    For a caller about to run a transaction (`_checkout_begins`: `Database.transaction`
-    and `unit`), the ping is ``BEGIN`` itself: the round trip the transaction's first
-    statement would have paid first anyway (psycopg sends BEGIN only while the
-    connection is idle), so one round trip less per transaction (issue 14). BEGIN
-    writes nothing, so a dead connection found by it is replaced exactly as by the
-    empty ping: SQLAlchemy drops every pooled connection older than now and checks
-    out a fresh one (at most twice, then the checkout fails), before the caller has
-    sent anything."""
-    pgconn = dbapi_connection.pgconn
-    begin = getattr(_CHECKOUT, "begin", False) and _plain_begin(dbapi_connection)
-    try:
-        if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            status = None  # never expected: a connection is reset when returned
-        else:
-            status = pgconn.exec_(b"BEGIN" if begin else b"").status
-    except psycopg.Error as exc:  # the libpq connection is already closed
-        raise InvalidatePoolError(str(exc)) from exc
-    expected = psycopg.pq.ExecStatus.COMMAND_OK if begin else psycopg.pq.ExecStatus.EMPTY_QUERY
-    if status == expected:
-        if begin:
-            _CHECKOUT.begin = False  # this checkout's; a nested one pings plainly
-        return
-    if pgconn.status == psycopg.pq.ConnStatus.BAD:  # the server or the network went away
-        raise InvalidatePoolError("the pooled connection failed its ping")
-    # Alive but not idle: this one only is replaced.
-    raise DisconnectionError("the pooled connection is not idle")
-
-
-def _plain_begin(connection: psycopg.Connection[Any]) -> bool:
-    """Whether psycopg would start this connection's transaction with a bare BEGIN
-    (no isolation level, access mode or deferrable set on it)."""
-    return not connection.autocommit and (
-        connection.isolation_level is None
-        and connection.read_only is None
-        and connection.deferrable is None
-    )
 
 
 class Database:
@@ -328,7 +317,7 @@ class Database:
         self._threads = DbThreads(pool_size, "db")
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
-        with _checkout_begins(True), self.sessions.begin() as session:
+        with checkout_begins(True), self.sessions.begin() as session:
             return fn(session)
 
     def _in_unit(self, fn: Callable[[Unit], T], begin: bool = True) -> T:
@@ -362,7 +351,7 @@ class Database:
     def _standalone(self, fn: Callable[[Session | psycopg.Connection[Any]], T]) -> T:
         if not self.postgres:
             return self._in_transaction(fn)
-        pooled = self.engine.raw_connection()  # pinged (`_pg_ping`), as a session's would be
+        pooled = self.engine.raw_connection()  # pinged (`pg_ping`), as a session's would be
         try:
             driver = pooled.driver_connection
             assert isinstance(driver, psycopg.Connection)
@@ -382,6 +371,41 @@ class Database:
         ORM session, ~0.1 ms less CPU than `transaction` (issue 14.3). Elsewhere
         (SQLite) it gets a session in one transaction, as `transaction`."""
         return await self._threads.run(functools.partial(self._standalone, fn))
+
+    def _lookup(
+        self,
+        read: Callable[[Session | psycopg.Connection[Any]], R],
+        then: Callable[[Session | psycopg.Connection[Any], R], T],
+    ) -> T:
+        if not self.postgres:
+            return self._in_transaction(lambda session: then(session, read(session)))
+        pooled = autocommit_checkout(self.engine, ping=False)
+        try:
+            try:
+                found = read(pooled.driver_connection)
+            except (DBAPIError, psycopg.Error):
+                if not thrown_away_if_dead(pooled):
+                    raise
+                pooled = None
+                pooled = autocommit_checkout(self.engine, ping=True)
+                found = read(pooled.driver_connection)
+            return then(pooled.driver_connection, found)
+        finally:
+            if pooled is not None:
+                give_back(pooled)
+
+    async def lookup(
+        self,
+        read: Callable[[Session | psycopg.Connection[Any]], R],
+        then: Callable[[Session | psycopg.Connection[Any], R], T],
+    ) -> T:
+        """`standalone` for a `read` (one statement, no effects) and then `then`
+        (which may write, e.g. a key's `last_used_at`) on the same connection: the
+        checkout sends no ping, its read is the ping (issue 14: one round trip
+        less). A connection the read finds dead is replaced and the read sent again
+        (`_read_first`); `then` runs once, after a read that succeeded, and is never
+        retried."""
+        return await self._threads.run(functools.partial(self._lookup, read, then))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking function that manages its own sessions on the DB threads."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.fernet import MultiFernet
@@ -20,6 +20,7 @@ from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.signing_keys import KeyRing, load_snapshot
 from control_plane.validation import parse_json_object
+from control_plane.verified_tokens import VerifiedSignatures
 from shared.bodies import read_limited
 from shared.store import Store
 
@@ -41,6 +42,8 @@ class Deps:
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
+    # Access tokens whose signature was checked, by the key that checked it.
+    verified_signatures: VerifiedSignatures = field(default_factory=VerifiedSignatures)
 
     async def refresh_keys(self) -> None:
         fernet = self.fernet

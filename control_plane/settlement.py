@@ -505,7 +505,8 @@ def settle_alone(unit: Unit, delivery: Delivery) -> Outcome | AppError:
     the unit commits both. A reservation counted against a budget settles through
     the ORM session (`_claim_and_settle`, its budgets' statements), on the same
     connection and in one transaction."""
-    reservations = held_rows(unit.read_on, [delivery.event.reservation_id])
+    # The first read of a lazily begun unit is its connection's ping (`Unit.read`).
+    reservations = unit.read(lambda on: held_rows(on, [delivery.event.reservation_id]))
     try:
         reservation, served = _check(reservations, delivery)
     except AppError as refused:

@@ -120,10 +120,31 @@ def verify(
     now: float | None = None,
 ) -> dict[str, Any]:
     """Check the signature, then the registered claims; return the claims."""
+    check_signature(parsed, key)
+    return check_claims(
+        parsed, audience=audience, issuer=issuer, leeway=leeway, require=require, now=now
+    )
+
+
+def check_signature(parsed: ParsedToken, key: Ed25519PublicKey) -> None:
+    """`verify`'s first half: the Ed25519 signature over the token's first two
+    segments."""
     try:
         key.verify(parsed.signature, parsed.signing_input)
     except InvalidSignature:
         raise TokenRejected("bad_signature", "the token's signature does not verify") from None
+
+
+def check_claims(
+    parsed: ParsedToken,
+    *,
+    audience: str,
+    issuer: str,
+    leeway: int,
+    require: tuple[str, ...],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """`verify`'s second half: the registered claims, read at `now`; the claims."""
     try:
         claims = orjson.loads(parsed.payload)
     except orjson.JSONDecodeError:

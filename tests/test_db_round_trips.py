@@ -1,5 +1,5 @@
 """Fewer round trips per transaction (issue 14): a transaction's BEGIN is its
-checkout's ping (`db._pg_ping`), and a unit begun lazily (`Database.unit(fn,
+checkout's ping (`db_checkout.pg_ping`), and a unit begun lazily (`Database.unit(fn,
 begin=False)`, init's) runs its reads and a last lone statement without BEGIN or
 COMMIT, and is one transaction again as soon as a statement needs one."""
 
@@ -217,3 +217,78 @@ def test_a_lazy_unit_on_a_killed_connection_gets_a_fresh_one(db: Database, admin
 
     assert asyncio.run(db.unit(write, begin=False)) != first  # the checkout's ping found it
     assert names(db) == ["after"]
+
+
+# --- a read as the checkout's ping (`Database.lookup`, a lazy unit's `read`) ------------
+
+
+def _pid(on: Session | psycopg.Connection[object]) -> int:
+    assert isinstance(on, psycopg.Connection)
+    row = on.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_lookup_on_a_killed_connection_reads_again_and_writes_once(
+    db: Database, admin_dsn: str
+) -> None:
+    reads: list[int] = []  # each read sent
+    done: list[int] = []  # each read answered
+
+    def read(on: Session | psycopg.Connection[object]) -> int:
+        reads.append(1)
+        done.append(_pid(on))
+        return done[-1]
+
+    def then(on: Session | psycopg.Connection[object], pid: int) -> int:
+        assert isinstance(on, psycopg.Connection) and on.autocommit
+        insert(on, f"w{len(done)}")
+        return pid
+
+    first = asyncio.run(db.lookup(read, then))
+    kill(admin_dsn, first)
+    second = asyncio.run(db.lookup(read, then))  # its read found the dead one: sent again
+    assert second != first and len(reads) == 3 and len(done) == 2
+    assert names(db) == ["w1", "w2"]  # `then` ran once per lookup
+    # The connection went back out of autocommit: a failing transaction rolls back.
+    with pytest.raises(RuntimeError), db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO marks VALUES ('rolled back')"))
+        raise RuntimeError
+    assert names(db) == ["w1", "w2"]
+
+
+def test_a_lookup_whose_read_fails_on_a_live_connection_is_not_retried(db: Database) -> None:
+    reads: list[int] = []
+
+    def bad(on: Session | psycopg.Connection[object]) -> None:
+        reads.append(1)
+        assert isinstance(on, psycopg.Connection)
+        try:
+            on.execute("SELECT * FROM no_such_table")
+        except psycopg.Error as exc:
+            raise DBAPIError.instance("", None, exc, psycopg.Error) from exc
+
+    with pytest.raises(DBAPIError):
+        asyncio.run(db.lookup(bad, lambda _on, found: found))
+    assert reads == [1]
+    assert asyncio.run(db.lookup(_pid, lambda _on, pid: pid)) > 0  # the connection is usable
+
+
+def test_a_lazy_units_first_read_on_a_killed_connection_is_sent_again(
+    db: Database, admin_dsn: str
+) -> None:
+    first = asyncio.run(db.unit(lambda unit: unit.read(_pid), begin=False))
+    kill(admin_dsn, first)
+
+    def read_then_write(unit: Unit) -> int:
+        pid = unit.read(_pid)
+        insert(unit.last_on, "after")
+        return pid
+
+    assert asyncio.run(db.unit(read_then_write, begin=False)) != first
+    assert names(db) == ["after"]
+    # A unit whose first statement is not a read pings first, and is replaced too.
+    third = asyncio.run(db.unit(lambda unit: unit.read(_pid), begin=False))
+    kill(admin_dsn, third)
+    asyncio.run(db.unit(lambda unit: insert(unit.last_on, "unpinged"), begin=False))
+    assert names(db) == ["after", "unpinged"]

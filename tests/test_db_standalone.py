@@ -155,7 +155,7 @@ def test_a_unit_whose_connection_dies_fails_and_the_pool_recovers(
 def test_a_pooled_connection_killed_while_idle_is_replaced_on_checkout(
     db: Database, pg_database_url: str
 ) -> None:
-    """The checkout's ping (`db._pg_ping`, in place of ``pool_pre_ping``) finds the
+    """The checkout's ping (`db_checkout.pg_ping`, in place of ``pool_pre_ping``) finds the
     dead connection: the caller gets a fresh one, never the error."""
     admin_dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
 

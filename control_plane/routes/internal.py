@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane.auth import api_key_hash_principal
+from control_plane.auth import api_key_principal, api_key_row
 from control_plane.deps import MAX_BODY_BYTES, Deps, get_deps, read_body
 from control_plane.errors import InvalidSignature, Unauthenticated, ValidationFailed
 from control_plane.policy import Principal
@@ -62,7 +62,7 @@ async def edge_call(request: Request, deps: Deps) -> EdgeCall:
 
 
 async def key_principal(deps: Deps, key_hash: str) -> Principal:
-    principal = await deps.db.standalone(lambda on: api_key_hash_principal(on, key_hash))
+    principal = await deps.db.lookup(lambda on: api_key_row(on, key_hash), api_key_principal)
     if principal is None:
         raise Unauthenticated("The API key is unknown or revoked.")
     return principal
