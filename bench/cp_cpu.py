@@ -108,7 +108,7 @@ class ThreadProfiles:
 
     def wrap_database(self) -> None:
         """Profile what `Database` runs on its threads while `on`: its transactions,
-        its units (init's) and its standalone statements (the caller's lookup)."""
+        its units (init's) and its lookups (the caller's)."""
         profiles = self
 
         def wrap(name: str) -> None:
@@ -129,7 +129,7 @@ class ThreadProfiles:
 
             setattr(Database, name, profiled)
 
-        for name in ("_in_transaction", "_in_unit", "_standalone"):
+        for name in ("_in_transaction", "_in_unit", "_lookup"):
             wrap(name)
 
     def stats(self) -> pstats.Stats:

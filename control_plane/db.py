@@ -348,30 +348,6 @@ class Database:
     def postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
-    def _standalone(self, fn: Callable[[Session | psycopg.Connection[Any]], T]) -> T:
-        if not self.postgres:
-            return self._in_transaction(fn)
-        pooled = self.engine.raw_connection()  # pinged (`pg_ping`), as a session's would be
-        try:
-            driver = pooled.driver_connection
-            assert isinstance(driver, psycopg.Connection)
-            driver.autocommit = True
-            try:
-                return fn(driver)
-            finally:
-                if not driver.closed:
-                    driver.autocommit = False
-        finally:
-            pooled.close()
-
-    async def standalone(self, fn: Callable[[Session | psycopg.Connection[Any]], T]) -> T:
-        """Run ``fn`` whose every statement stands alone (a lookup, an idempotent
-        conditional write) in a worker thread. On PostgreSQL ``fn`` gets the pooled
-        psycopg connection itself in autocommit: no BEGIN or COMMIT round trip and no
-        ORM session, ~0.1 ms less CPU than `transaction` (issue 14.3). Elsewhere
-        (SQLite) it gets a session in one transaction, as `transaction`."""
-        return await self._threads.run(functools.partial(self._standalone, fn))
-
     def _lookup(
         self,
         read: Callable[[Session | psycopg.Connection[Any]], R],
@@ -399,11 +375,14 @@ class Database:
         read: Callable[[Session | psycopg.Connection[Any]], R],
         then: Callable[[Session | psycopg.Connection[Any], R], T],
     ) -> T:
-        """`standalone` for a `read` (one statement, no effects) and then `then`
-        (which may write, e.g. a key's `last_used_at`) on the same connection: the
+        """Run a `read` (one statement, no effects) and then `then` (which may write,
+        e.g. a key's `last_used_at`) in a worker thread, on the same connection. On
+        PostgreSQL that is the pooled psycopg connection itself in autocommit: each
+        statement stands alone, with no BEGIN or COMMIT round trip and no ORM
+        session (issue 14.3); elsewhere (SQLite) a session in one transaction. The
         checkout sends no ping, its read is the ping (issue 14: one round trip
         less). A connection the read finds dead is replaced and the read sent again
-        (`_read_first`); `then` runs once, after a read that succeeded, and is never
+        ; `then` runs once, after a read that succeeded, and is never
         retried."""
         return await self._threads.run(functools.partial(self._lookup, read, then))
 

@@ -28,7 +28,7 @@ _CHECKOUT = threading.local()
 def checkout_unpinged() -> Iterator[None]:
     """While set, this thread's next checkout sends nothing: for a caller whose first
     statement is a read, which finds a dead connection as the ping would and can be
-    sent again on a fresh one (`_read_first`)."""
+    sent again on a fresh one (`Database.lookup`, `Unit.read`)."""
     _CHECKOUT.skip = True
     try:
         yield

@@ -98,7 +98,7 @@ class RawStatement:
         self, on: Session | psycopg.Connection[Any], values: Mapping[str, Any]
     ) -> Any | None:
         """`first` in a session's transaction, or on a psycopg connection of its own
-        (`Database.standalone`: autocommit, the statement is its own transaction)."""
+        (`Database.lookup`: autocommit, the statement is its own transaction)."""
         if isinstance(on, Session):
             return self.first(on, values)
         params = self.params(values)

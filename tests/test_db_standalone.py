@@ -1,5 +1,5 @@
-"""`Database.standalone` and `Database.unit` (issue 14.3). `standalone`: on
-PostgreSQL each statement is its own transaction on the pooled psycopg connection
+"""`Database.lookup` and `Database.unit` (issue 14.3). `lookup`: on PostgreSQL
+each statement is its own transaction on the pooled psycopg connection
 (autocommit), and the connection goes back to the pool as a transaction would find
 it. `unit`: one transaction on the pooled connection, with an ORM session on it
 only when asked for. On SQLite both are a session's transaction."""
@@ -31,6 +31,11 @@ def db(pg_database_url: str) -> Iterator[Database]:
         database.close()
 
 
+def select_one(on: Session | psycopg.Connection[Any]) -> None:
+    assert isinstance(on, psycopg.Connection)
+    on.execute("SELECT 1")
+
+
 def names(db: Database) -> list[str]:
     with db.engine.connect() as conn:
         return [
@@ -41,24 +46,20 @@ def names(db: Database) -> list[str]:
 def test_each_statement_commits_on_its_own(db: Database) -> None:
     seen: list[bool] = []
 
-    def write_then_fail(on: Session | psycopg.Connection[Any]) -> None:
+    def write_then_fail(on: Session | psycopg.Connection[Any], _: None) -> None:
         assert isinstance(on, psycopg.Connection)
         seen.append(on.autocommit)
         on.execute("INSERT INTO marks VALUES ('kept')")
         raise RuntimeError("after the write")
 
     with pytest.raises(RuntimeError):
-        asyncio.run(db.standalone(write_then_fail))
+        asyncio.run(db.lookup(select_one, write_then_fail))
     assert seen == [True]
     assert names(db) == ["kept"]  # nothing to roll back: the INSERT was its own transaction
 
 
 def test_the_connection_returns_to_transactions(db: Database) -> None:
-    def read(on: Session | psycopg.Connection[Any]) -> None:
-        assert isinstance(on, psycopg.Connection)
-        on.execute("SELECT 1")
-
-    asyncio.run(db.standalone(read))
+    asyncio.run(db.lookup(select_one, lambda on, _: None))
 
     def write_then_fail(session: Session) -> None:
         session.execute(text("INSERT INTO marks VALUES ('rolled back')"))
@@ -75,8 +76,8 @@ def test_a_statement_error_leaves_the_connection_usable(db: Database) -> None:
         assert isinstance(on, psycopg.Connection)
         on.execute("SELECT * FROM no_such_table")
 
-    with pytest.raises(psycopg.errors.UndefinedTable):
-        asyncio.run(db.standalone(bad))
+    with pytest.raises(psycopg.errors.UndefinedTable):  # a live connection: not retried
+        asyncio.run(db.lookup(bad, lambda on, _: None))
     asyncio.run(db.transaction(lambda s: s.execute(text("INSERT INTO marks VALUES ('after')"))))
     assert names(db) == ["after"]
 
@@ -84,7 +85,7 @@ def test_a_statement_error_leaves_the_connection_usable(db: Database) -> None:
 def test_sqlite_gets_a_session_in_one_transaction(tmp_path: Path) -> None:
     database = Database(f"sqlite:///{tmp_path / 'x.db'}")
     try:
-        kinds = asyncio.run(database.standalone(lambda on: type(on).__name__))
+        kinds = asyncio.run(database.lookup(lambda on: type(on).__name__, lambda on, kind: kind))
     finally:
         database.close()
     assert kinds == "Session"
@@ -155,18 +156,19 @@ def test_a_unit_whose_connection_dies_fails_and_the_pool_recovers(
 def test_a_pooled_connection_killed_while_idle_is_replaced_on_checkout(
     db: Database, pg_database_url: str
 ) -> None:
-    """The checkout's ping (`db_checkout.pg_ping`, in place of ``pool_pre_ping``) finds the
-    dead connection: the caller gets a fresh one, never the error."""
+    """A lookup's read, then a unit's checkout ping (`db_checkout.pg_ping`, in place of
+    ``pool_pre_ping``), finds the dead connection: the caller gets a fresh one, never
+    the error."""
     admin_dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
 
     def backend(on: Session | psycopg.Connection[Any]) -> int:
         assert isinstance(on, psycopg.Connection)
         return on.info.backend_pid
 
-    first = asyncio.run(db.standalone(backend))
+    first = asyncio.run(db.lookup(backend, lambda on, pid: pid))
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", [first])
-    second = asyncio.run(db.standalone(backend))  # the one pooled connection, replaced
+    second = asyncio.run(db.lookup(backend, lambda on, pid: pid))  # the one connection, replaced
     assert second != first
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", [second])
