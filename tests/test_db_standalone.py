@@ -163,7 +163,10 @@ def test_a_pooled_connection_killed_while_idle_is_replaced_on_checkout(
 
     def backend(on: Session | psycopg.Connection[Any]) -> int:
         assert isinstance(on, psycopg.Connection)
-        return on.info.backend_pid
+        # A statement (the lookup's read is its ping), not libpq's local copy of the pid.
+        row = on.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        return int(row[0])
 
     first = asyncio.run(db.lookup(backend, lambda on, pid: pid))
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
