@@ -79,9 +79,10 @@ FULL = Plan(
     memory_tokens=40,
     memory_delay_ms=5000,
     memory_ramp=200,
-    inits=(tr.InitPlan(1, 100, 10), tr.InitPlan(32, 400, 32), tr.InitPlan(128, 400, 128)),
+    # A p99 needs samples: 2,000 inits a phase put it at the 20th slowest, not the 4th.
+    inits=(tr.InitPlan(1, 300, 10), tr.InitPlan(32, 2000, 64), tr.InitPlan(128, 2000, 128)),
     turns=(
-        tr.TurnPlan(1, 0, 100, 10),
+        tr.TurnPlan(1, 0, 300, 10),
         tr.TurnPlan(200, 20, 800, 50),
         tr.TurnPlan(200, 20, 800, 50, spread=True),
     ),
