@@ -4,9 +4,11 @@ The app talks to the database through SQLAlchemy's sync API on a small thread po
 owned by `Database`: `await db.transaction(fn)` runs ``fn(session)`` in a worker
 thread inside one transaction (commit on return, rollback on raise). Use cases are
 plain functions of a `Session`, so no blocking call ever runs on the event loop and
-each use case owns exactly one transaction. (SQLAlchemy 2.1's asyncio extension
-needs greenlet, which is not a dependency; the thread pool also bounds how many
-transactions run at once to the connection pool's size.)
+each use case owns its transaction (the hot paths may do less: `lookup` and a unit
+begun lazily run one-statement reads and a lone last write in autocommit, issue 14).
+(SQLAlchemy 2.1's asyncio extension needs greenlet, which is not a dependency; the
+thread pool also bounds how many transactions run at once to the connection pool's
+size.)
 
 Behind PgBouncer in transaction mode (``pgbouncer=True``) PostgreSQL connections never
 prepare statements server-side (`PG_PREPARE_THRESHOLD`).
@@ -37,6 +39,7 @@ from control_plane.db_checkout import (
     checkout_unpinged,
     empty_query,
     give_back,
+    in_autocommit,
     pg_ping,
     thrown_away_if_dead,
 )
@@ -102,7 +105,8 @@ class Unit:
         return self.on
 
     def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
-        """``fn(read_on)`` for a read (one statement, no effects, no lock taken)."""
+        """``fn(read_on)`` for a read: ``fn`` must send ONE statement without effects
+        (a plain SELECT, no FOR UPDATE), since a pooled unit may send it twice."""
         return fn(self.read_on)
 
     @property
@@ -136,7 +140,7 @@ class _PooledUnit(Unit):
         else:
             # Not pinged: the first statement is (`read`) or sends the ping (`_pinged`).
             with checkout_unpinged():
-                self._pooled = engine.raw_connection()
+                self._pooled = in_autocommit(engine.raw_connection())
         self._unpinged = not begin
         driver = self._pooled.driver_connection
         assert isinstance(driver, psycopg.Connection)
@@ -146,8 +150,6 @@ class _PooledUnit(Unit):
         self._connection: Connection | None = None
         self._lazy = not begin
         self._finished = False  # a last statement ran outside any transaction
-        if self._lazy:
-            driver.autocommit = True
 
     def read(self, fn: Callable[[Session | psycopg.Connection[Any]], R]) -> R:
         """As `Unit.read`; as a lazy unit's first statement it is the checkout's ping
@@ -375,15 +377,16 @@ class Database:
         read: Callable[[Session | psycopg.Connection[Any]], R],
         then: Callable[[Session | psycopg.Connection[Any], R], T],
     ) -> T:
-        """Run a `read` (one statement, no effects) and then `then` (which may write,
+        """Run a `read` and then `then` (which may write,
         e.g. a key's `last_used_at`) in a worker thread, on the same connection. On
         PostgreSQL that is the pooled psycopg connection itself in autocommit: each
         statement stands alone, with no BEGIN or COMMIT round trip and no ORM
         session (issue 14.3); elsewhere (SQLite) a session in one transaction. The
         checkout sends no ping, its read is the ping (issue 14: one round trip
-        less). A connection the read finds dead is replaced and the read sent again
-        ; `then` runs once, after a read that succeeded, and is never
-        retried."""
+        less). A connection the read finds dead is replaced and the read sent
+        again: ``read`` must be ONE statement without effects (a plain SELECT, no
+        FOR UPDATE, no function that writes), since it may run twice. `then` runs
+        once, after a read that succeeded, and is never retried."""
         return await self._threads.run(functools.partial(self._lookup, read, then))
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:

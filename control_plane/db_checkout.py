@@ -38,12 +38,14 @@ def checkout_unpinged() -> Iterator[None]:
 
 @contextmanager
 def checkout_begins(begin: bool) -> Iterator[None]:
-    """While set, this thread's next checkout begins a transaction as its ping."""
+    """While set, this thread's next checkout begins a transaction as its ping (that
+    checkout only: `pg_ping` clears it)."""
+    before = getattr(_CHECKOUT, "begin", False)
     _CHECKOUT.begin = begin
     try:
         yield
     finally:
-        _CHECKOUT.begin = False
+        _CHECKOUT.begin = before
 
 
 def pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -64,7 +66,11 @@ def pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         _CHECKOUT.skip = False  # this checkout's only
         return
     pgconn = dbapi_connection.pgconn
-    begin = getattr(_CHECKOUT, "begin", False) and _plain_begin(dbapi_connection)
+    # The first checkout the flag sees is the one it was set for; any other (a
+    # nested one, a retry after a dead connection) pings plainly and leaves the
+    # BEGIN to psycopg.
+    wanted, _CHECKOUT.begin = getattr(_CHECKOUT, "begin", False), False
+    begin = wanted and _plain_begin(dbapi_connection)
     try:
         if pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             status = None  # never expected: a connection is reset when returned
@@ -74,8 +80,6 @@ def pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         raise InvalidatePoolError(str(exc)) from exc
     expected = psycopg.pq.ExecStatus.COMMAND_OK if begin else psycopg.pq.ExecStatus.EMPTY_QUERY
     if status == expected:
-        if begin:
-            _CHECKOUT.begin = False  # this checkout's; a nested one pings plainly
         return
     if pgconn.status == psycopg.pq.ConnStatus.BAD:  # the server or the network went away
         raise InvalidatePoolError("the pooled connection failed its ping")
@@ -100,9 +104,19 @@ def autocommit_checkout(engine: Engine, *, ping: bool) -> Any:
     else:
         with checkout_unpinged():
             pooled = engine.raw_connection()
-    driver = pooled.driver_connection
-    assert isinstance(driver, psycopg.Connection)
-    driver.autocommit = True
+    return in_autocommit(pooled)
+
+
+def in_autocommit(pooled: Any) -> Any:
+    """`pooled` with its psycopg connection switched to autocommit; a connection
+    that refuses (it was not idle) is thrown away, never left checked out."""
+    try:
+        driver = pooled.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        driver.autocommit = True
+    except BaseException:
+        pooled.invalidate()
+        raise
     return pooled
 
 

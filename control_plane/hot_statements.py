@@ -192,8 +192,10 @@ SELECT_LAST_SEQ = select(func.max(MESSAGES.c.seq)).where(MESSAGES.c.session_id =
 
 # --- init (issue 14.3): the company with whether it has any budget ----------------
 # One row, one round trip: init asks `budgets.applicable` (a join over teams, ORM
-# rows) only when the company has a budget at all, read in init's own transaction,
-# so a budget created a moment ago applies to the very next init; nothing cached.
+# rows) only when the company has a budget at all, read afresh by every init (alone,
+# before its hold, in the common case: under READ COMMITTED the same snapshot a
+# transaction would give it), so a budget created a moment ago applies to the very
+# next init; nothing cached.
 _BUDGETS = table_of(Budget)
 SELECT_COMPANY_FOR_INIT_WITH_BUDGETS = select(
     COMPANIES.c.id,

@@ -12,8 +12,10 @@ their webhook ids (primary key), then settles. A second delivery finds its id
 taken (same id: recorded earlier, in this batch, or by a concurrent twin that
 committed first, which ON CONFLICT waits for) or finds the reservation no longer
 active (another id, a cancelled-after-completed event, a webhook after the sweeper
-settled or released the hold) and changes nothing. One delivery
-(`settle_delivery`, in its own transaction) is a batch of one.
+settled or released the hold) and changes nothing. One delivery alone
+(`settle_delivery`) takes the same checks and statements; on PostgreSQL it runs on
+the unit's psycopg connection (`settle_alone`), in autocommit when it stores no
+reply (its one write statement is atomic by itself), else in one transaction.
 """
 
 from __future__ import annotations
@@ -575,9 +577,8 @@ async def settle_delivery(db: Database, delivery: Delivery) -> Outcome:
     its refusal."""
     try:
         result: Outcome | AppError
-        # The session path for SQLite, and for a stand-in that only runs
-        # transactions (the tests' counting wrappers): the same answers.
-        if isinstance(db, Database) and db.postgres:
+        # SQLite takes the session path: the same answers.
+        if db.postgres:
             begin = _reply(delivery) is not None  # a reply commits with the charge
             result = await db.unit(lambda u: settle_alone(u, delivery), begin=begin)
         else:

@@ -3,12 +3,12 @@
 `SettlementBatcher.settle` queues one verified delivery and awaits its own
 `Outcome`. One drain task at a time takes everything queued (up to `MAX_BATCH`) and
 settles it in ONE transaction on the database threads with
-`settlement.settle_webhooks`, the one settlement path (a lone webhook is a batch of
-one): a single commit, thread hop and connection checkout for the batch, and a
-handful of set-based statements whatever its size. A webhook is answered only
-after its batch has committed. When idle nothing waits: the first webhook starts a
-drain on the loop's next turn; the webhooks that arrive while a batch commits form
-the next one.
+`settlement.settle_webhooks` (a webhook that arrives alone takes
+`settlement.settle_delivery`, the same checks and statements): a single commit,
+thread hop and connection checkout for the batch, and a handful of set-based
+statements whatever its size. A webhook is answered only after its batch has
+committed. When idle nothing waits: the first webhook starts a drain on the loop's
+next turn; the webhooks that arrive while a batch commits form the next one.
 
 Exactly once, inside a batch too: the batch's webhook ids are recorded in one
 statement, where the first delivery of an id claims it and the others get what a
@@ -18,7 +18,7 @@ delivery of a reservation settles it, later ones are DUPLICATE. A refused event
 error and writes nothing; the others settle. If the transaction itself fails (a
 deadlock, the database gone, a unique key lost to another process, the commit),
 nothing of it was kept, and each of its events is then settled alone by
-`settlement.settle_delivery` in its own transaction, exactly as without batching.
+`settlement.settle_delivery`, exactly as without batching.
 """
 
 from __future__ import annotations

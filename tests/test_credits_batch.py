@@ -46,7 +46,9 @@ def settings_env(
 
 
 class Counting:
-    """The app's `Database`, counting the transactions it runs."""
+    """The app's `Database`, counting the transactions it runs; everything else
+    (a lone delivery's `unit`, `postgres`) is the database's own, so the settlement
+    takes the path it takes in production."""
 
     def __init__(self, db: Any) -> None:
         self.db = db
@@ -55,6 +57,9 @@ class Counting:
     async def transaction(self, fn: Any) -> Any:
         self.transactions += 1
         return await self.db.transaction(fn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
 
 
 async def _owner(client: httpx.AsyncClient) -> tuple[dict[str, str], str]:
