@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -184,3 +185,22 @@ def test_a_remembered_access_token_is_refused_once_its_kid_names_another_key(cp:
     error_of(client.get("/v1/me"), 401, "unauthenticated")
     keyring.replace(KeyRingSnapshot(kid, active, {kid: active.public_key()}))
     assert client.get("/v1/me").status_code == 200
+
+
+def test_a_remembered_access_token_is_refused_once_it_expires(
+    cp: CP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memo spares only the signature: a remembered token past its `exp` (plus the
+    leeway) is refused on its next use, through the app."""
+    company_id = cp.company()
+    user = cp.user(company_id)
+    login = data_of(
+        cp.client().post("/v1/auth/login", json={"email": user["email"], "password": PASSWORD})
+    )
+    client = cp.client(login["access_token"])
+    assert client.get("/v1/me").status_code == 200
+    assert len(_deps(cp).verified_signatures) == 1  # remembered
+    expires = orjson.loads(parse_token(login["access_token"]).payload)["exp"]
+    later = expires + LEEWAY_SECONDS + 1
+    monkeypatch.setattr(jws_fast.time, "time", lambda: later)
+    error_of(client.get("/v1/me"), 401, "unauthenticated")
