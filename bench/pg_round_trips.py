@@ -109,6 +109,7 @@ def _pipe(src: socket.socket, dst: socket.socket, frontend: _Frontend | None) ->
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        src.close()  # each socket is the source of exactly one pipe
 
 
 @contextmanager
