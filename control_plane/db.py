@@ -135,7 +135,7 @@ class _PooledUnit(Unit):
 
     def __init__(self, engine: Engine, sessions: Sessions, *, begin: bool = True) -> None:
         if begin:
-            with checkout_begins(True):
+            with checkout_begins():
                 self._pooled: Any = engine.raw_connection()  # BEGIN is its ping
         else:
             # Not pinged: the first statement is (`read`) or sends the ping (`_pinged`).
@@ -319,7 +319,7 @@ class Database:
         self._threads = DbThreads(pool_size, "db")
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
-        with checkout_begins(True), self.sessions.begin() as session:
+        with checkout_begins(), self.sessions.begin() as session:
             return fn(session)
 
     def _in_unit(self, fn: Callable[[Unit], T], begin: bool = True) -> T:

@@ -37,11 +37,11 @@ def checkout_unpinged() -> Iterator[None]:
 
 
 @contextmanager
-def checkout_begins(begin: bool) -> Iterator[None]:
+def checkout_begins() -> Iterator[None]:
     """While set, this thread's next checkout begins a transaction as its ping (that
     checkout only: `pg_ping` clears it)."""
     before = getattr(_CHECKOUT, "begin", False)
-    _CHECKOUT.begin = begin
+    _CHECKOUT.begin = True
     try:
         yield
     finally:

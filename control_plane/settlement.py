@@ -380,10 +380,20 @@ def _claim_and_settle(
     item = _settling(delivery, reservation, served)
     [outcome] = settle_usages(session, [item], claim=delivery.webhook_id)
     if outcome.duplicate:
-        owner = settle_statements.webhook_owner(session, delivery.webhook_id)
-        if owner is not None and owner != reservation.id:
-            return Conflict("This webhook id was already used for another reservation.")
+        return _unsettled(session, delivery, reservation)
     return outcome
+
+
+def _unsettled(
+    on: settle_statements.On, delivery: Delivery, reservation: HeldRow
+) -> Outcome | AppError:
+    """The answer of a lone delivery whose claim-and-settle settled nothing: its id
+    taken for another reservation (409), else a redelivery or a reservation no
+    longer active (DUPLICATE)."""
+    owner = settle_statements.webhook_owner(on, delivery.webhook_id)
+    if owner is not None and owner != reservation.id:
+        return Conflict("This webhook id was already used for another reservation.")
+    return DUPLICATE
 
 
 def _settle_replies(
@@ -526,12 +536,8 @@ def settle_alone(unit: Unit, delivery: Delivery) -> Outcome | AppError:
     outcome = _outcome(
         item, settle_claimed(on, _to_settle(item), delivery.webhook_id, _usage_rows([item]))
     )
-    if outcome.duplicate:
-        # Nothing settled: the id's row says why (the read may follow the last write).
-        owner = settle_statements.webhook_owner(unit.read_on, delivery.webhook_id)
-        if owner is not None and owner != reservation.id:
-            return Conflict("This webhook id was already used for another reservation.")
-        return outcome
+    if outcome.duplicate:  # the read may follow the last write
+        return _unsettled(unit.read_on, delivery, reservation)
     if reply is not None:
         limits = delivery.session_limits or chat_sessions.SessionLimits()
         _append_reply(_driver(unit), reservation.session_id, reply, limits)
