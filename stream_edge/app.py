@@ -123,6 +123,7 @@ def create_app(
                 base=settings.webhook_retry_base_seconds, cap=settings.webhook_retry_cap_seconds
             ),
             spool=Spool(spool_directory(settings)),
+            linger=settings.webhook_linger_seconds,
         )
         state = EdgeState(
             settings,

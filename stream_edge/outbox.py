@@ -1,10 +1,20 @@
 """The usage-webhook outbox: every finished stream's report, kept until delivered.
 
 `enqueue` writes the event to the store (durable with Redis) before anything is
-sent, already leased to this process, and posts it at once from memory: the common
-case costs two store round trips (write, acknowledge) instead of the five a
+sent, already leased to this process, and posts it from memory: the common case
+costs two store round trips (write, acknowledge) instead of the five a
 claim-then-read cycle takes. Should this process die before the acknowledgement,
 the lease runs out and any edge's deliverer loop claims the event.
+
+The post waits up to `linger` (50 ms by default) for other streams' reports, and
+they go together: the control plane settles webhooks that arrive together in one
+transaction, and a lone webhook costs it about three times one of a batch (the
+HTTP request, the commit, the wake-ups of its threads). Measured on `make bench`'s
+stack, the whole turn at concurrency 1: 2.3 to 2.8 → 1.7 ms of control-plane CPU,
+its init 3.0 to 3.7 → 2.0 ms (no longer sharing the CPUs with the previous turn's
+settlement). The price is the hold: it is released up to `linger` later. The
+event is in the store before it waits, so a crash while it waits costs what a
+crash before the post always did: a redelivery after the lease.
 
 The deliverer loop claims due items (retries, other processes' leftovers), signs
 each attempt afresh (the signature timestamp must be within the receiver's
@@ -59,6 +69,7 @@ class Outbox:
         lease_seconds: float = 30.0,
         max_direct: int = 64,
         spool: Spool | None = None,
+        linger: float = 0.05,
     ) -> None:
         self._store = store
         self._client = client
@@ -71,6 +82,12 @@ class Outbox:
         # Bounds the posts in flight after a burst of streams ending together; the
         # rest wait their turn (their lease is long enough for that).
         self._direct = asyncio.Semaphore(max_direct)
+        self._max_direct = max_direct
+        # Reports waiting (up to `linger`, or until a batch of `max_direct`) to be
+        # posted together.
+        self._linger = linger
+        self._waiting: list[tuple[dict[str, Any], bytes]] = []
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         # Acknowledgements wait up to ACK_DELAY and go to the store together. Losing
         # them in a crash costs only a redelivery after the lease, which the
@@ -85,9 +102,23 @@ class Outbox:
         raw = orjson.dumps(item)
         await self._store.outbox_put(event.webhook_id, raw, time.time() + self._lease, release)
         self._metrics.outbox_pending.inc()
-        task = asyncio.create_task(self._deliver_now(item, raw))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        self._waiting.append((item, raw))
+        if self._linger <= 0 or len(self._waiting) >= self._max_direct:
+            self._post_waiting()
+        elif self._linger_timer is None:
+            self._linger_timer = asyncio.get_running_loop().call_later(
+                self._linger, self._post_waiting
+            )
+
+    def _post_waiting(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        waiting, self._waiting = self._waiting, []
+        for item, raw in waiting:
+            task = asyncio.create_task(self._deliver_now(item, raw))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     async def keep(self, event: UsageEvent, release: SlotRelease | None = None) -> None:
         """The store would not take the report: spool it, post it directly. Never
@@ -180,6 +211,7 @@ class Outbox:
     async def flush(self, timeout: float) -> int:
         """Try to deliver everything now (at shutdown); returns what is still pending."""
         deadline = time.monotonic() + timeout
+        self._post_waiting()
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout)
         while time.monotonic() < deadline:

@@ -43,6 +43,7 @@ class EdgeSettings(CommonSettings):
     breaker_reset_seconds: float
     webhook_retry_base_seconds: float
     webhook_retry_cap_seconds: float
+    webhook_linger_seconds: float  # a report waits this long to be posted with others
     spool_dir: str  # usage reports the store would not take wait here
     # Every platform key of a provider (`api_key_env`, then `api_key_envs`), in order:
     # streams spread across them (`stream_edge.key_pool`).
@@ -92,6 +93,7 @@ class EdgeSettings(CommonSettings):
             webhook_retry_cap_seconds=env_float(
                 env, "LLMGW_WEBHOOK_RETRY_CAP_SECONDS", 300, 0.1, 86400
             ),
+            webhook_linger_seconds=env_float(env, "LLMGW_WEBHOOK_LINGER_SECONDS", 0.05, 0, 5),
             spool_dir=env.get("LLMGW_SPOOL_DIR") or "var/spool",
             provider_key_pools={
                 name: pool
