@@ -438,6 +438,13 @@ def _check(
     # A served model other than the reservation's must be one of its chain (422
     # otherwise): a forged event cannot pick a cheaper model to be billed at.
     fallback = served_price(reservation, event.model)
+    if signer is not None and fallback is not None and fallback[0] != signer:
+        # A backend speaks only for what it served itself: another provider's
+        # fallback is reported by the edge (the platform's secret), never by it.
+        raise WebhookProviderMismatch(
+            f"{event.model[:200]!r} is served by {fallback[0]!r}, "
+            f"not by {signer!r} whose secret signed the event."
+        )
     return reservation, (event.model, *fallback) if fallback is not None else None
 
 
