@@ -153,7 +153,7 @@ def append_reply(
     driver: psycopg.Connection[Any], session_id: str, message: dict[str, Any], limits: SessionLimits
 ) -> Appended:
     """`append_replies` of one reply on a psycopg connection itself, in its
-    transaction (a lone webhook's, `settlement.settle_alone`: no ORM session): the
+    transaction (a lone webhook's, `webhook_settlement.settle_alone`: no ORM session): the
     counters' UPDATE, then the message numbered after the session's last. When the
     UPDATE matches nothing, one read says whether the session is gone or full (a
     lone reply has no others to be retried apart from)."""

@@ -325,7 +325,7 @@ def settle_claimed(
     webhook id `claim`, on PostgreSQL: the id recorded, the flip, the company's money
     and the rows (with those `also` adds) in ONE statement
     (`settle_statements.claim_settle_and_write`), atomic by itself, so it may run
-    outside any transaction (a lone webhook's, `settlement.settle_alone`). None:
+    outside any transaction (a lone webhook's, `webhook_settlement.settle_alone`). None:
     the id was taken or the reservation is no longer active; nothing was moved."""
     assert not item.budgeted and 0 <= item.charge <= item.reservation.hold_micro
     now = now or utcnow()

@@ -30,7 +30,7 @@ from control_plane import hot_statements, raw_pg
 from control_plane.tables import rowcount
 
 # Where a statement runs: a session's transaction, or a psycopg connection itself
-# (a lone webhook's, `settlement.settle_alone`: PostgreSQL, no ORM session).
+# (a lone webhook's, `webhook_settlement.settle_alone`: PostgreSQL, no ORM session).
 On = Session | psycopg.Connection[Any]
 
 

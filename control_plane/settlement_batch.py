@@ -3,8 +3,8 @@
 `SettlementBatcher.settle` queues one verified delivery and awaits its own
 `Outcome`. One drain task at a time takes everything queued (up to `MAX_BATCH`) and
 settles it in ONE transaction on the database threads with
-`settlement.settle_webhooks` (a webhook that arrives alone takes
-`settlement.settle_delivery`, the same checks and statements): a single commit,
+`webhook_settlement.settle_webhooks` (a webhook that arrives alone takes
+`webhook_settlement.settle_delivery`, the same checks and statements): a single commit,
 thread hop and connection checkout for the batch, and a handful of set-based
 statements whatever its size. A webhook is answered only after its batch has
 committed. When idle nothing waits: the first webhook starts a drain on the loop's
@@ -18,7 +18,7 @@ delivery of a reservation settles it, later ones are DUPLICATE. A refused event
 error and writes nothing; the others settle. If the transaction itself fails (a
 deadlock, the database gone, a unique key lost to another process, the commit),
 nothing of it was kept, and each of its events is then settled alone by
-`settlement.settle_delivery`, exactly as without batching.
+`webhook_settlement.settle_delivery`, exactly as without batching.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import logging
 
 from control_plane.db import Database
 from control_plane.errors import ServiceUnavailable
-from control_plane.settlement import Delivery, Outcome, settle_delivery, settle_webhooks
+from control_plane.settlement import Outcome
+from control_plane.webhook_settlement import Delivery, settle_delivery, settle_webhooks
 
 log = logging.getLogger("control_plane.settlement_batch")
 

@@ -14,7 +14,11 @@ RESP2 only (https://redis.io/docs/latest/develop/reference/protocol-spec/); plai
 TCP (`redis://`), with the URL's database, user and password. Errors are redis-py's
 exceptions, so callers (and `STORE_ERRORS`) handle both clients alike. When the
 connection breaks, every command in flight fails with `ConnectionError` (its effect
-unknown, as with any client) and the next command reconnects.
+unknown, as with any client) and the next command reconnects. So does a connection
+that stops answering (a partition, a failover to an address that went silent): when
+commands have waited `reply_timeout` (20 s, redis-py's `socket_timeout` in
+`store_redis`) with no reply, the connection is aborted, which fails them all. One
+timer per connection checks it, not one per command.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from urllib.parse import unquote, urlparse
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+# As `socket_timeout` of the redis-py pool in store_redis.
+REPLY_TIMEOUT = 20.0
 
 Arg = bytes | str | int | float
 Reply = Any  # bytes | int | None | list[Reply] | ResponseError (inside arrays)
@@ -94,20 +101,45 @@ def parse(buf: bytes | bytearray, pos: int) -> tuple[Reply, int]:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiters: deque[asyncio.Future[Reply]] = deque()
         self.closed = False
         self._buf = bytearray()
         self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self._reply_timeout = reply_timeout
+        # The loop's time of the last reply, or of the first command sent since the
+        # connection was last idle: what the watch measures silence from.
+        self._heard = 0.0
+        self._watch: asyncio.TimerHandle | None = None
 
     def send(self, command: bytes, waiter: asyncio.Future[Reply]) -> None:
         """Queue `command`; every command queued in this turn of the loop leaves in
         one write, and each waiter gets its reply in order."""
+        if self.closed:  # lost while its caller was on its way here: no reply will come
+            waiter.set_exception(RedisConnectionError("the Redis connection was lost"))
+            return
+        if not self.waiters:
+            self._heard = self._loop.time()
         self.waiters.append(waiter)
         self._pending.append(command)
         if len(self._pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
+        if self._watch is None:
+            self._watch = self._loop.call_later(self._reply_timeout / 4, self._check)
+
+    def _check(self) -> None:
+        self._watch = None
+        if self.closed or not self.waiters:
+            return
+        if self._loop.time() - self._heard < self._reply_timeout:
+            self._watch = self._loop.call_later(self._reply_timeout / 4, self._check)
+            return
+        self.closed = True
+        self._fail(RedisConnectionError(f"no reply from Redis in {self._reply_timeout:g} s"))
+        if self.transport is not None:
+            self.transport.abort()
 
     def _flush(self) -> None:
         data = b"".join(self._pending)
@@ -120,6 +152,7 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
+        self._heard = self._loop.time()
         pos = 0
         try:
             while pos < len(self._buf) and self.waiters:
@@ -141,6 +174,9 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         self._fail(RedisConnectionError("the Redis connection was lost"))
 
     def _fail(self, exc: Exception) -> None:
@@ -163,10 +199,12 @@ class PipelinedRedis:
         username: str | None = None,
         password: str | None = None,
         connect_timeout: float = 2.0,
+        reply_timeout: float = REPLY_TIMEOUT,
     ) -> None:
         self._host, self._port, self._db = host, port, db
         self._username, self._password = username, password
         self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._shas: dict[str, str] = {}
@@ -191,7 +229,9 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(_Protocol, self._host, self._port)
+                _, protocol = await loop.create_connection(
+                    lambda: _Protocol(self._reply_timeout), self._host, self._port
+                )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
         hello: list[tuple[Arg, ...]] = []

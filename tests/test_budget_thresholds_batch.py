@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
-from control_plane import budgets, init_writes, settlement
+from control_plane import budgets, init_writes, settlement, webhook_settlement
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
 from control_plane.ledger import charge_for, reservation_price
@@ -82,7 +82,7 @@ class Budgeted:
             delivery = usage_delivery(r, None)
             event = replace(delivery.event, input_tokens=INPUT_TOKENS, output_tokens=output)
             deliveries.append(replace(delivery, event=event))
-        outcomes = self.tenant.tx(lambda s: settlement.settle_webhooks(s, deliveries))
+        outcomes = self.tenant.tx(lambda s: webhook_settlement.settle_webhooks(s, deliveries))
         assert [o.charged_micro for o in outcomes if isinstance(o, settlement.Outcome)] == charges
 
     def events(self) -> list[dict[str, Any]]:

@@ -22,8 +22,8 @@ from control_plane import usage_summary
 from control_plane.app import create_app
 from control_plane.audit import REDACTED, redact
 from control_plane.errors import ValidationFailed
-from control_plane.settlement import ttft_ms
 from control_plane.tables import UsageRecord, new_id
+from control_plane.usage_events import ttft_ms
 from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_control_plane import (

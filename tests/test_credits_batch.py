@@ -25,9 +25,10 @@ from control_plane.errors import (
     ReservationNotFound,
 )
 from control_plane.ledger import charge_for, release_reservation, reservation_price
-from control_plane.settlement import Delivery, Outcome
+from control_plane.settlement import Outcome
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
+from control_plane.webhook_settlement import Delivery
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
 from tests.test_control_plane import ADMIN_TOKEN, _settings, usage_event

@@ -3,7 +3,7 @@
 A hypothesis state machine drives the real use cases, each in its own transaction
 on a real database (a SQLite file; a smaller run on PostgreSQL): grants and
 adjustments (`grants`), init's hold (`chat_init.reserve`), webhook settlement
-(`settlement.settle_delivery`, duplicates with the same and with other webhook ids,
+(`webhook_settlement.settle_delivery`, duplicates with the same and with other webhook ids,
 concurrent twins included), and expiry + reconciliation (`sweeper`, with or without
 the edge's checkpoint in a real `MemoryStore`). A plain Python model predicts each
 outcome; after every step the invariants are checked against the database:
@@ -53,9 +53,9 @@ from control_plane.grants import move
 from control_plane.metrics import Metrics
 from control_plane.migrate import upgrade
 from control_plane.policy import Principal
-from control_plane.settlement import Delivery, settle_delivery
 from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import Company, Reservation, User, new_id, utcnow
+from control_plane.webhook_settlement import Delivery, settle_delivery
 from shared.catalog import Catalog, ModelSpec, Price, Provider
 from shared.checkpoints import UsageCheckpoint, checkpoint_key
 from shared.pricing import estimate_input_tokens

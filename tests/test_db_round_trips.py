@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from control_plane.db import Database, Unit
+from tests.pg_marks import marks_database, names
 
 INTRANS = psycopg.pq.TransactionStatus.INTRANS
 IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -22,25 +23,13 @@ IDLE = psycopg.pq.TransactionStatus.IDLE
 
 @pytest.fixture
 def db(pg_database_url: str) -> Iterator[Database]:
-    database = Database(pg_database_url, pool_size=1)  # one connection: every call reuses it
-    with database.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE marks (name text PRIMARY KEY)"))
-    try:
+    with marks_database(pg_database_url) as database:
         yield database
-    finally:
-        database.close()
 
 
 @pytest.fixture
 def admin_dsn(pg_database_url: str) -> str:
     return pg_database_url.replace("postgresql+psycopg://", "postgresql://")
-
-
-def names(db: Database) -> list[str]:
-    with db.engine.connect() as conn:
-        return [
-            str(n) for n in conn.execute(text("SELECT name FROM marks ORDER BY name")).scalars()
-        ]
 
 
 def kill(admin_dsn: str, pid: int) -> None:

@@ -137,6 +137,51 @@ async def test_a_lost_connection_fails_in_flight_commands_then_reconnects(
     await pipe.close()
 
 
+async def test_a_server_that_stops_answering_fails_the_commands_and_is_left() -> None:
+    """A peer that takes commands and never answers (a partition, a failover to an
+    address gone silent): after `reply_timeout` without a reply every command waiting
+    fails and the connection is dropped, instead of waiting for the kernel's timeout."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read(1 << 16)  # takes the commands, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pipe = PipelinedRedis("127.0.0.1", port, reply_timeout=0.2)
+    try:
+        waiting = [asyncio.ensure_future(pipe.execute("GET", f"k{i}")) for i in range(3)]
+        for command in waiting:
+            with pytest.raises(RedisConnectionError, match="no reply"):
+                await command
+        assert len(connections) == 1
+        # The next command opens a connection of its own (and, here, fails alike).
+        with pytest.raises(RedisConnectionError):
+            await pipe.execute("PING")
+        assert len(connections) == 2
+    finally:
+        await pipe.close()
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_command_sent_on_a_connection_just_lost_fails_at_once(pipe: PipelinedRedis) -> None:
+    assert await pipe.execute("PING") == b"PONG"
+    protocol = pipe._protocol
+    assert protocol is not None and protocol.transport is not None
+    protocol.transport.abort()
+    await asyncio.sleep(0)  # connection_lost has run; a caller past `_ready` sends now
+    waiter: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    protocol.send(encode(("PING",)), waiter)
+    with pytest.raises(RedisConnectionError):
+        await waiter
+    assert await pipe.execute("PING") == b"PONG"  # and the next command reconnects
+    await pipe.close()
+
+
 async def test_a_streams_store_calls_go_through_the_one_connection(redis_prefix: str) -> None:
     store = RedisStore.from_url(REDIS_URL, prefix=redis_prefix)
     pool = store._redis.connection_pool

@@ -1,5 +1,5 @@
 """A lone webhook on the unit's psycopg connection (issue 14, settlement's fourth
-round): `settlement.settle_delivery` on PostgreSQL sends the statements of
+round): `webhook_settlement.settle_delivery` on PostgreSQL sends the statements of
 `settle_webhooks` with no ORM session; without a reply to keep, its read and its one
 write statement run in autocommit (no BEGIN, no COMMIT); a reply commits with the
 charge. Exactly once as before: a redelivery, an id reused for another reservation,
@@ -16,7 +16,15 @@ import psycopg
 import pytest
 from sqlalchemy import event as sa_event
 
-from control_plane import budgets, chat_sessions, hot_statements, ledger, raw_pg, settlement
+from control_plane import (
+    budgets,
+    chat_sessions,
+    hot_statements,
+    ledger,
+    raw_pg,
+    settlement,
+    webhook_settlement,
+)
 from control_plane.books import check_books
 from control_plane.db import Database
 from control_plane.errors import Conflict
@@ -41,9 +49,11 @@ def tenant(db: Database) -> Tenant:
     return Tenant(db.sessions)
 
 
-def _settle(db: Database, delivery: settlement.Delivery) -> settlement.Outcome:
+def _settle(db: Database, delivery: webhook_settlement.Delivery) -> settlement.Outcome:
     """As the route settles a lone webhook: `settle_delivery`, its refusal raised."""
-    return asyncio.run(settlement.settle_delivery(db, replace(delivery, session_limits=LIMITS)))
+    return asyncio.run(
+        webhook_settlement.settle_delivery(db, replace(delivery, session_limits=LIMITS))
+    )
 
 
 def _charges(tenant: Tenant, reservation_id: str) -> int:
@@ -138,7 +148,7 @@ def test_lone_webhooks_of_one_stream_at_once_charge_once(
     async def both() -> list[settlement.Outcome]:
         return await asyncio.gather(
             *(
-                settlement.settle_delivery(db, replace(d, session_limits=LIMITS))
+                webhook_settlement.settle_delivery(db, replace(d, session_limits=LIMITS))
                 for d in (first, second)
             )
         )
@@ -180,7 +190,7 @@ def test_a_reply_to_a_full_or_gone_session_is_dropped_and_the_charge_kept(
     full, gone = _turn(tenant), _turn(tenant)
     tiny = chat_sessions.SessionLimits(max_messages=1, max_bytes=1_000)
     outcome = asyncio.run(
-        settlement.settle_delivery(
+        webhook_settlement.settle_delivery(
             db, replace(usage_delivery(full, "Hello there!"), session_limits=tiny)
         )
     )

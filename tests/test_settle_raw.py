@@ -16,7 +16,15 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from control_plane import chat_sessions, hot_statements, init_writes, ledger, raw_pg, settlement
+from control_plane import (
+    chat_sessions,
+    hot_statements,
+    init_writes,
+    ledger,
+    raw_pg,
+    settlement,
+    webhook_settlement,
+)
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
 from control_plane.errors import AppError, Conflict
@@ -45,7 +53,7 @@ def _turn(tenant: Tenant) -> init_writes.NewReservation:
 
 def usage_delivery(
     reservation: init_writes.NewReservation, content: str | None
-) -> settlement.Delivery:
+) -> webhook_settlement.Delivery:
     now = datetime.now(UTC)
     event = UsageEvent(
         jti=reservation.jti,
@@ -66,14 +74,14 @@ def usage_delivery(
         ended_at=now.isoformat(),
         content=content,
     )
-    return settlement.Delivery(event.webhook_id, event, transcripts=content is not None)
+    return webhook_settlement.Delivery(event.webhook_id, event, transcripts=content is not None)
 
 
-def _settle(tenant: Tenant, delivery: settlement.Delivery) -> settlement.Outcome:
+def _settle(tenant: Tenant, delivery: webhook_settlement.Delivery) -> settlement.Outcome:
     """A lone delivery as the webhook route settles it (`settle_delivery`): a batch
     of one in its own transaction, its refusal raised once that has ended."""
     one = replace(delivery, session_limits=LIMITS)
-    [result] = tenant.tx(lambda s: settlement.settle_webhooks(s, [one]))
+    [result] = tenant.tx(lambda s: webhook_settlement.settle_webhooks(s, [one]))
     if isinstance(result, AppError):
         raise result
     return result
@@ -141,7 +149,7 @@ def test_a_lone_webhook_claims_its_id_in_the_flip_and_settles_only_a_new_id(
     assert _settle(tenant, delivery) == settlement.DUPLICATE
 
     reused = usage_delivery(second, None)
-    reused = settlement.Delivery(delivery.webhook_id, reused.event, transcripts=False)
+    reused = webhook_settlement.Delivery(delivery.webhook_id, reused.event, transcripts=False)
     with pytest.raises(Conflict):
         _settle(tenant, reused)
     [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
@@ -174,11 +182,13 @@ def test_concurrent_lone_webhooks_for_one_reservation_charge_once(
     reservation = _turn(tenant)
     first = usage_delivery(reservation, None)
     second = (
-        first if same_id else settlement.Delivery("usage_other", first.event, transcripts=False)
+        first
+        if same_id
+        else webhook_settlement.Delivery("usage_other", first.event, transcripts=False)
     )
     start = threading.Barrier(2)
 
-    def settle(delivery: settlement.Delivery) -> settlement.Outcome:
+    def settle(delivery: webhook_settlement.Delivery) -> settlement.Outcome:
         start.wait()
         return _settle(tenant, delivery)
 
@@ -255,7 +265,7 @@ def test_a_batch_sends_as_many_statements_on_the_driver_whatever_its_size(
     for size in (2, 8):
         deliveries = [usage_delivery(_turn(tenant), "Hello there!") for _ in range(size)]
         sent.append([])
-        outcomes = tenant.tx(lambda s, d=deliveries: settlement.settle_webhooks(s, d))
+        outcomes = tenant.tx(lambda s, d=deliveries: webhook_settlement.settle_webhooks(s, d))
         assert all(isinstance(o, settlement.Outcome) and not o.duplicate for o in outcomes)
     assert sent[0] == sent[1]
     assert len(sent[0]) == 7  # as a lone webhook with a transcript

@@ -66,3 +66,28 @@ def test_a_backend_secret_settles_only_its_own_providers_reservations(cp: CP) ->
     assert data_of(post(cp, body, again)) == {"duplicate": True}
     assert credits_of(client)["held"] == "0.000000"
     assert_books_balance(cp, company_id, client)
+
+
+def test_a_backend_secret_cannot_settle_at_another_providers_fallback(cp: CP) -> None:
+    """The reservation is routed to `mock`, with an `openai` model in its chain: the
+    mock's backend may not report that fallback as served (it did not serve it), nor
+    may openai's backend settle a reservation routed elsewhere; the edge may."""
+    client, company_id = cp.owner_client("10")
+    chain = {"models": {"mock-fast": {"fallbacks": ["gpt-4o-mini"]}}}
+    put = client.put(f"/v1/admin/companies/{company_id}/providers/mock", json=chain)
+    assert put.status_code == 200, put.text
+    init = data_of(client.post("/v1/chat/init", json={"model": "mock-fast", "query": "hi"}), 201)
+    before = credits_of(client)
+    served = usage_event(init, company_id, model="gpt-4o-mini", provider="openai",
+                         fallback_from="mock-fast", output_tokens=3)  # fmt: skip
+    body = served.body()
+    for secret in (MOCK_NEW, OPENAI):
+        refused = post(cp, body, sign(secret, served.webhook_id, body))
+        error_of(refused, 403, "webhook_provider_mismatch")
+    assert credits_of(client) == before
+    assert data_of(client.get("/v1/usage"))["items"] == []
+    edge = sign(cp.settings.webhook_secret.reveal(), served.webhook_id, body)
+    assert data_of(post(cp, body, edge))["settled"] is True
+    [record] = data_of(client.get("/v1/usage"))["items"]
+    assert record["model"] == "gpt-4o-mini"
+    assert_books_balance(cp, company_id, client)

@@ -14,10 +14,10 @@ from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.responses import ok
-from control_plane.settlement import Delivery, settle_delivery
 from control_plane.tables import utcnow
 from control_plane.usage_events import parse_time, parse_usage_event
 from control_plane.validation import parse_json_object
+from control_plane.webhook_settlement import Delivery, settle_delivery
 from shared.pricing import format_credits
 from shared.webhooks import BadSignature, verify_signer
 
@@ -47,7 +47,7 @@ async def usage_webhook(request: Request) -> Response:
         except BadSignature:
             raise InvalidSignature() from None
         # A model's reply may hold anything, NUL included: it is made storable, not
-        # refused, so the usage always settles (`settlement.append_transcripts`).
+        # refused, so the usage always settles (`webhook_settlement.append_transcripts`).
         event = parse_usage_event(parse_json_object(body, allow_nul=True))
         webhook_id = request.headers["webhook-id"]  # present: the signature covers it
         if len(webhook_id) > MAX_WEBHOOK_ID:

@@ -18,29 +18,18 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from control_plane.db import Database, Unit
+from tests.pg_marks import marks_database, names
 
 
 @pytest.fixture
 def db(pg_database_url: str) -> Iterator[Database]:
-    database = Database(pg_database_url, pool_size=1)  # one connection: every call reuses it
-    with database.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE marks (name text PRIMARY KEY)"))
-    try:
+    with marks_database(pg_database_url) as database:
         yield database
-    finally:
-        database.close()
 
 
 def select_one(on: Session | psycopg.Connection[Any]) -> None:
     assert isinstance(on, psycopg.Connection)
     on.execute("SELECT 1")
-
-
-def names(db: Database) -> list[str]:
-    with db.engine.connect() as conn:
-        return [
-            str(n) for n in conn.execute(text("SELECT name FROM marks ORDER BY name")).scalars()
-        ]
 
 
 def test_each_statement_commits_on_its_own(db: Database) -> None:
