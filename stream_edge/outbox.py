@@ -10,9 +10,9 @@ The post waits up to `linger` (50 ms by default) for other streams' reports, and
 they go together: the control plane settles webhooks that arrive together in one
 transaction, and a lone webhook costs it about three times one of a batch (the
 HTTP request, the commit, the wake-ups of its threads). Measured on `make bench`'s
-stack, the whole turn at concurrency 1: 2.3 to 2.8 → 1.7 ms of control-plane CPU,
-its init 3.0 to 3.7 → 2.0 ms (no longer sharing the CPUs with the previous turn's
-settlement). The price is the hold: it is released up to `linger` later. The
+stack, the whole turn at concurrency 1: 2.8 → 2.2 ms of control-plane CPU, its init
+3.6 → 2.5 ms (no longer sharing the CPUs with the previous turn's settlement;
+docs/cp-profile.md, "Settlement, fifth round"). The price is the hold: it is released up to `linger` later. The
 event is in the store before it waits, so a crash while it waits costs what a
 crash before the post always did: a redelivery after the lease.
 
