@@ -253,5 +253,3 @@ def _usage_record(item: Settling, cost_micro: int, now: datetime) -> dict[str, A
         "api_key_id": reservation.api_key_id,
         "ttft_ms": usage.ttft_ms,
     }
-
-

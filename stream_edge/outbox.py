@@ -12,9 +12,10 @@ transaction, and a lone webhook costs it about three times one of a batch (the
 HTTP request, the commit, the wake-ups of its threads). Measured on `make bench`'s
 stack, the whole turn at concurrency 1: 2.8 → 2.2 ms of control-plane CPU, its init
 3.6 → 2.5 ms (no longer sharing the CPUs with the previous turn's settlement;
-docs/cp-profile.md, "Settlement, fifth round"). The price is the hold: it is released up to `linger` later. The
-event is in the store before it waits, so a crash while it waits costs what a
-crash before the post always did: a redelivery after the lease.
+docs/cp-profile.md, "Settlement, fifth round"). The price is the hold: it is
+released up to `linger` later. The event is in the store before it waits, so a
+crash while it waits costs what a crash before the post always did: a redelivery
+after the lease.
 
 The deliverer loop claims due items (retries, other processes' leftovers), signs
 each attempt afresh (the signature timestamp must be within the receiver's
