@@ -53,6 +53,14 @@ log = logging.getLogger("llmgw.edge.outbox")
 ACK_DELAY = 0.05
 
 
+# Direct posts waiting or in flight at most; past it, reports wait for the deliverer
+# loop (they are in the store), so a slow control plane cannot grow the edge's memory
+# without bound.
+MAX_DIRECT_QUEUE = 10_000
+# A direct post starts only this long before its lease runs out, at the latest.
+LEASE_MARGIN = 2.0
+
+
 def is_permanent(status: int) -> bool:
     return 400 <= status < 500 and status not in (408, 425, 429)
 
@@ -87,7 +95,7 @@ class Outbox:
         # Reports waiting (up to `linger`, or until a batch of `max_direct`) to be
         # posted together.
         self._linger = linger
-        self._waiting: list[tuple[dict[str, Any], bytes]] = []
+        self._waiting: list[tuple[dict[str, Any], bytes, float]] = []
         self._linger_timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         # Acknowledgements wait up to ACK_DELAY and go to the store together. Losing
@@ -101,9 +109,14 @@ class Outbox:
         trip), then deliver it in the background."""
         item = {"id": event.webhook_id, "body": event.body().decode(), "attempt": 0}
         raw = orjson.dumps(item)
-        await self._store.outbox_put(event.webhook_id, raw, time.time() + self._lease, release)
+        leased_until = time.time() + self._lease
+        await self._store.outbox_put(event.webhook_id, raw, leased_until, release)
         self._metrics.outbox_pending.inc()
-        self._waiting.append((item, raw))
+        if len(self._in_flight) + len(self._waiting) >= MAX_DIRECT_QUEUE:
+            # The control plane is not keeping up: the report is durable in the store,
+            # and the deliverer loop claims it once its lease runs out.
+            return
+        self._waiting.append((item, raw, leased_until))
         if self._linger <= 0 or len(self._waiting) >= self._max_direct:
             self._post_waiting()
         elif self._linger_timer is None:
@@ -116,8 +129,8 @@ class Outbox:
             self._linger_timer.cancel()
             self._linger_timer = None
         waiting, self._waiting = self._waiting, []
-        for item, raw in waiting:
-            task = asyncio.create_task(self._deliver_now(item, raw))
+        for item, raw, leased_until in waiting:
+            task = asyncio.create_task(self._deliver_now(item, raw, leased_until))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -182,9 +195,14 @@ class Outbox:
             log.info("moved %d spooled usage webhooks into the outbox", moved)
         return moved
 
-    async def _deliver_now(self, item: dict[str, Any], raw: bytes) -> None:
+    async def _deliver_now(self, item: dict[str, Any], raw: bytes, leased_until: float) -> None:
         try:
             async with self._direct:
+                if time.time() > leased_until - LEASE_MARGIN:
+                    # Waited its turn past the lease: the deliverer loop may have claimed
+                    # it, and two posts of one report would double the load on a
+                    # control plane that is already slow.
+                    return
                 await self._post(item, raw)
         except Exception:  # the store is down: the lease expires, the loop retries
             log.warning("usage webhook %s left for a retry", item["id"])

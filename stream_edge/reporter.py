@@ -25,6 +25,13 @@ ENQUEUE_ATTEMPTS = 3
 # Full jitter under ceilings of 0.2 s and 0.4 s: on average the 0.1 s and 0.2 s the
 # waits were before they were jittered, without every stream retrying at once.
 ENQUEUE_BACKOFF = Backoff(base=0.2, cap=1.0)
+# All the attempts together: a store that stops answering (a partition, a failover to
+# a silent address) fails a command only after the pipelined connection's 20 s
+# reply timeout, and the stream's end runs under a 10 s limit
+# (`EventStream.finish_timeout`) that would cancel the report before the spool. Past
+# this budget the report goes to the spool: an enqueue that did land meanwhile is
+# a second delivery of one webhook id, which the receiver charges once.
+ENQUEUE_BUDGET_SECONDS = 4.0
 
 
 @dataclass(slots=True)
@@ -36,6 +43,7 @@ class Reporter:
     grant: StreamGrant
     accepted_at: float
     backoff: Backoff = ENQUEUE_BACKOFF
+    enqueue_budget: float = ENQUEUE_BUDGET_SECONDS
     _reported: bool = field(default=False, init=False)
     _counted_active: bool = field(default=False, init=False)
 
@@ -77,14 +85,18 @@ class Reporter:
         # The slots go back in the same round trip as the report is stored.
         release = SlotRelease(slot_keys(grant), grant.jti)
         outbox = self.state.outbox
-        for attempt in range(ENQUEUE_ATTEMPTS):
-            try:
-                await outbox.enqueue(event, release)
-                return
-            except Exception as exc:  # the store is overloaded or briefly down
-                log.warning("enqueueing usage failed (%s)", type(exc).__name__)
-                if attempt + 1 < ENQUEUE_ATTEMPTS:
-                    await asyncio.sleep(self.backoff.delay(attempt))
+        try:
+            async with asyncio.timeout(self.enqueue_budget):
+                for attempt in range(ENQUEUE_ATTEMPTS):
+                    try:
+                        await outbox.enqueue(event, release)
+                        return
+                    except Exception as exc:  # the store is overloaded or briefly down
+                        log.warning("enqueueing usage failed (%s)", type(exc).__name__)
+                        if attempt + 1 < ENQUEUE_ATTEMPTS:
+                            await asyncio.sleep(self.backoff.delay(attempt))
+        except TimeoutError:
+            log.warning("the store did not take the usage report in %g s", self.enqueue_budget)
         # Still refused: the report waits in the local spool (and is posted at once),
         # and the slots go back on their own — not held until the stream's maximum
         # life for want of the outbox write they normally share.

@@ -38,16 +38,27 @@ class Spool:
         """Append one record durably (blocking: call it in a thread)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / PENDING
+        record = line.rstrip(b"\n") + b"\n"
         while True:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if not _same_file(fd, path):
                     continue  # a drainer renamed it meanwhile: write to the new one
-                created = os.fstat(fd).st_size == 0
-                os.write(fd, line.rstrip(b"\n") + b"\n")
-                os.fsync(fd)
-                if created:
+                size = os.fstat(fd).st_size
+                # A torn record before this one (a crash mid-append) is ended first,
+                # or this record would be glued to it and lost with it at the drain.
+                data = record if size == 0 or os.pread(fd, 1, size - 1) == b"\n" else b"\n" + record
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except OSError:
+                    # A short or failed write (a full disk): take the partial record
+                    # back, so the caller's error is the whole truth.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
+                if size == 0:
                     _fsync_dir(self.directory)
                 return
             finally:
@@ -103,6 +114,15 @@ class Spool:
         self._mine.discard(path.name)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError("the spool write made no progress")
+        view = view[written:]
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -194,6 +194,16 @@ class FlakyStore(MemoryStore):
         await super().outbox_put(item_id, payload, due_at, release)
 
 
+class SilentStore(MemoryStore):
+    """A store that takes outbox writes and never answers them (a partition, a
+    failover to an address gone silent); every other command works."""
+
+    async def outbox_put(
+        self, item_id: str, payload: bytes, due_at: float, release: SlotRelease | None = None
+    ) -> None:
+        await asyncio.Event().wait()
+
+
 @dataclass
 class Receiver:
     """The control plane's usage webhook, in process: records what is posted."""
@@ -226,7 +236,7 @@ class Edge:
     """A reporter's surroundings: the store, a real outbox posting through the
     in-process transport to `receiver`, its spool, and a stream holding its slots."""
 
-    store: FlakyStore
+    store: MemoryStore
     outbox: Outbox
     spool: Spool
     receiver: Receiver
@@ -254,11 +264,11 @@ class Edge:
         return [orjson.loads(line) for path in self.spool.claim() for line in self.spool.read(path)]
 
 
-def edge(tmp_path: Path, failures: int) -> Edge:
+def edge(tmp_path: Path, failures: int, store: MemoryStore | None = None) -> Edge:
     receiver = Receiver()
     cp = Starlette(routes=[HttpRoute("/v1/webhooks/usage", receiver.hook, methods=["POST"])])
     transport = InMemoryTransport({WEBHOOK_URL: cp})
-    store, spool = FlakyStore(failures), Spool(tmp_path / "spool")
+    store, spool = store or FlakyStore(failures), Spool(tmp_path / "spool")
     outbox = Outbox(store, transport, WEBHOOK_URL, SECRET, EdgeMetrics(), spool=spool)
     return Edge(store, outbox, spool, receiver)
 
@@ -276,6 +286,23 @@ async def test_the_report_retries_a_refused_enqueue_with_the_backoff(tmp_path: P
     assert await e.outbox.flush(timeout=30) == 0
     assert e.receiver.statuses() == ["completed"]
     assert not e.spool.has_pending()
+
+
+async def test_a_store_that_never_answers_gets_the_report_spooled_within_the_budget(
+    tmp_path: Path,
+) -> None:
+    """The stream's end is cut off after 10 s; a store that stays silent longer must not
+    take the report down with it: past the enqueue budget it goes to the spool."""
+    e = edge(tmp_path, failures=0, store=SilentStore())
+    await e.admit()
+    job = e.reporter(RecordingBackoff())
+    job.enqueue_budget = 0.05
+    await job.report(backend(), "completed")
+    assert await e.outbox.flush(timeout=30) == 0
+    assert e.receiver.statuses() == ["completed"]  # posted directly
+    [record] = e.spooled()  # and kept until the store takes it
+    assert record["item"]["id"] == f"usage_{GRANT.jti}"
+    assert await e.slots_held() == [[], []]
 
 
 async def test_a_report_the_store_keeps_refusing_is_spooled_and_the_slots_freed(

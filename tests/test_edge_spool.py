@@ -73,6 +73,41 @@ def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     assert spool.read(claimed) == [b'{"ok": 1}', b'{"torn']
 
 
+def test_a_record_after_a_torn_one_stays_whole(tmp_path: Path) -> None:
+    """A crash mid-append leaves a record without its newline; the next append must
+    not be glued to it (both would fail to parse, and the drain drops the file)."""
+    spool = Spool(tmp_path)
+    spool.append(b'{"ok": 1}')
+    with (tmp_path / PENDING).open("ab") as file:
+        file.write(b'{"torn')
+    spool.append(b'{"ok": 2}')
+    [claimed] = spool.claim()
+    assert spool.read(claimed) == [b'{"ok": 1}', b'{"torn', b'{"ok": 2}']
+
+
+def test_a_failed_write_takes_its_partial_record_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    spool.append(b'{"ok": 1}')
+    real_write = os.write
+
+    def half_then_full_disk(fd: int, data: bytes) -> int:
+        monkeypatch.setattr(os, "write", failing)
+        return real_write(fd, bytes(data[: len(data) // 2]))
+
+    def failing(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full_disk)
+    with pytest.raises(OSError):
+        spool.append(b'{"lost": "the caller knows"}')
+    monkeypatch.setattr(os, "write", real_write)
+    spool.append(b'{"ok": 3}')
+    [claimed] = spool.claim()
+    assert spool.read(claimed) == [b'{"ok": 1}', b'{"ok": 3}']
+
+
 def event(jti: str) -> UsageEvent:
     return UsageEvent(
         jti=jti, reservation_id="r", company_id="c", user_id="u", session_id="s",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +16,7 @@ from starlette.routing import Route
 
 from shared.store_memory import MemoryStore
 from shared.webhooks import UsageEvent, generate_secret, verify
+from stream_edge import outbox as outbox_module
 from stream_edge.memory_transport import InMemoryTransport
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
@@ -135,3 +137,35 @@ async def test_a_report_left_waiting_by_a_dead_process_is_delivered_by_another()
     assert receiver.jtis == []
     assert await process().deliver_due() == 1
     assert receiver.jtis == ["a"]
+
+
+async def test_a_direct_post_that_waited_past_its_lease_is_left_to_the_loop() -> None:
+    """A slow control plane: by the time a direct post gets its turn the lease is over
+    and the deliverer loop owns the report. It is posted once, by the loop."""
+    receiver, store = Receiver(), MemoryStore()
+    box = Outbox(
+        store, InMemoryTransport({URL: receiver_app(receiver)}), URL, SECRET, EdgeMetrics(),
+        linger=0, lease_seconds=0.0,
+    )  # fmt: skip
+    await box.enqueue(event("a"))
+    await settle_loop()
+    assert receiver.jtis == []  # the direct post stood down
+    assert await box.deliver_due() == 1
+    assert receiver.jtis == ["a"]
+    assert await box.flush(timeout=30) == 0
+
+
+async def test_past_the_direct_queue_reports_wait_for_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(outbox_module, "MAX_DIRECT_QUEUE", 1)
+    receiver, store = Receiver(), MemoryStore()
+    box = Outbox(
+        store, InMemoryTransport({URL: receiver_app(receiver)}), URL, SECRET, EdgeMetrics(),
+        linger=NEVER, lease_seconds=0.0,
+    )  # fmt: skip
+    await box.enqueue(event("a"))  # waits to be posted directly
+    await box.enqueue(event("b"))  # over the bound: left in the store
+    assert await store.outbox_size() == 2
+    assert await box.deliver_due() == 2  # the loop takes both (a's lease is over too)
+    assert sorted(receiver.jtis) == ["a", "b"]
