@@ -13,6 +13,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+# The longest line (bytes) and the most data an event may carry (characters, each at
+# least a byte on the wire) that the decoder holds. The spec sets no limit; a peer that
+# never ends a line or an event would otherwise grow our memory without end. Far above
+# any LLM event (a few hundred bytes; a tool call's arguments a few KiB): a stream
+# beyond them fails with `SSEError`.
+MAX_LINE = 1024 * 1024
+MAX_EVENT = 1024 * 1024
+
+
+class SSEError(ValueError):
+    """The stream broke one of the decoder's limits; the decoder holds nothing more."""
+
 
 @dataclass(frozen=True, slots=True)
 class ServerSentEvent:
@@ -47,12 +59,24 @@ def encode_data(payload: bytes) -> bytes:
 class SSEDecoder:
     """Incremental event-stream decoder: ``feed(bytes)`` yields complete events."""
 
-    __slots__ = ("_buffer", "_data", "_event", "_id", "_last_id", "_pending_cr", "_retry")
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_event",
+        "_id",
+        "_last_id",
+        "_pending_cr",
+        "_retry",
+        "_size",
+    )
 
     def __init__(self) -> None:
-        self._buffer = b""
+        # The unfinished line, grown in place: a line arriving in many reads costs
+        # linear time, not a copy of all of it per read.
+        self._buffer = bytearray()
         self._pending_cr = False
         self._data: list[str] = []
+        self._size = 0  # of `_data`, joined
         self._event = ""
         self._id: str | None = None
         self._last_id: str | None = None
@@ -65,7 +89,10 @@ class SSEDecoder:
             # events at C speed instead of walking the chunk line by line.
             end = chunk.rfind(b"\n\n")
             if end != -1:
-                for block in chunk[:end].split(b"\n\n"):
+                blocks = chunk[:end].split(b"\n\n")
+                if end > MAX_LINE:
+                    _check_lines(blocks)
+                for block in blocks:
                     if block.startswith(b"data: ") and b"\n" not in block:
                         yield ServerSentEvent(
                             data=block[6:].decode("utf-8", errors="replace"),
@@ -94,7 +121,10 @@ class SSEDecoder:
             end = chunk.rfind(b"\n\n")
             if end != -1:
                 out: list[bytes] = []
-                for block in chunk[:end].split(b"\n\n"):
+                blocks = chunk[:end].split(b"\n\n")
+                if end > MAX_LINE:
+                    _check_lines(blocks)
+                for block in blocks:
                     if block.startswith(b"data: ") and b"\n" not in block:
                         data = block[6:]
                         # ASCII is valid UTF-8 as it is; anything else goes through the
@@ -115,12 +145,17 @@ class SSEDecoder:
             # The CR of a CRLF pair ended the previous chunk: the line was already handled.
             chunk = chunk[1:]
         self._pending_cr = False
-        buffer = self._buffer + chunk
+        buffer: bytes | bytearray = chunk
+        # The held line has no line end: the search resumes where it stopped.
+        scan = len(self._buffer)
+        if scan:
+            buffer = self._buffer
+            buffer += chunk
         start = 0
         length = len(buffer)
         while start < length:
-            lf = buffer.find(b"\n", start)
-            cr = buffer.find(b"\r", start, lf if lf != -1 else length)
+            lf = buffer.find(b"\n", scan)
+            cr = buffer.find(b"\r", scan, lf if lf != -1 else length)
             if cr != -1:
                 end, next_start = cr, cr + 1
                 if next_start < length:
@@ -132,11 +167,18 @@ class SSEDecoder:
                 end, next_start = lf, lf + 1
             else:
                 break
+            if end - start > MAX_LINE:
+                self._overflow(f"a line longer than {MAX_LINE} bytes")
             event = self._line(buffer[start:end].decode("utf-8", errors="replace"))
             if event is not None:
                 yield event
-            start = next_start
-        self._buffer = buffer[start:]
+            start = scan = next_start
+        if buffer is self._buffer:
+            del buffer[:start]
+        elif start < length:
+            self._buffer += buffer[start:]
+        if len(self._buffer) > MAX_LINE:
+            self._overflow(f"a line longer than {MAX_LINE} bytes")
 
     def _line(self, line: str) -> ServerSentEvent | None:
         if not line:
@@ -147,6 +189,9 @@ class SSEDecoder:
         if sep and value.startswith(" "):
             value = value[1:]
         if name == "data":
+            self._size += len(value) + 1
+            if self._size > MAX_EVENT:
+                self._overflow(f"an event with over {MAX_EVENT} characters of data")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -168,6 +213,23 @@ class SSEDecoder:
             retry=self._retry,
         )
         self._data = []
+        self._size = 0
         self._event = ""
         self._retry = None
         return event
+
+    def _overflow(self, what: str) -> None:
+        self._buffer = bytearray()
+        self._data = []
+        self._size = 0
+        raise SSEError(f"the event stream sent {what}")
+
+
+def _check_lines(blocks: list[bytes]) -> None:
+    """The fast paths' check, for a chunk long enough to hold an oversized line: a
+    one-line block is one line (blocks of several go through `_feed_lines`, which
+    checks each of their lines)."""
+    if max(map(len, blocks)) > MAX_LINE and any(
+        len(block) > MAX_LINE and b"\n" not in block for block in blocks
+    ):
+        raise SSEError(f"the event stream sent a line longer than {MAX_LINE} bytes")

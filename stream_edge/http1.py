@@ -251,6 +251,9 @@ class Http1Client:
     async def _exchange(self, conn: Connection, request: bytes) -> Http1Response:
         conn.reset()
         conn.busy = True
+        # The head's deadline: sending the request and receiving the whole head share
+        # one read timeout (Connection.wait does not move it until the head is in).
+        conn.started = conn.loop.time()
         try:
             conn.transport.write(request)
             # Until the headers are in, the wait also covers draining the write buffer:

@@ -21,6 +21,12 @@ from stream_edge import transport as t
 # pushes back on the backend through TCP instead of growing our memory.
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
+# A response's head (interim 1xx heads included) may not exceed these: httptools joins
+# a header value split across reads by concatenation, so a backend streaming an endless
+# header would cost quadratic CPU as well as memory. Bytes are counted per read while
+# the head is incomplete, so the read that ends it may add up to one read beyond.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_FIELDS = 100
 
 Origin = tuple[str, str, int]
 
@@ -80,6 +86,7 @@ class Connection(asyncio.Protocol):
 
     def reset(self) -> None:
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = self.head_fields = 0
         self.status = 0
         self.headers_done = self.complete = self.got_bytes = False
         self.keep = True
@@ -100,8 +107,19 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self.complete:
-                self.error = t.RemoteProtocolError(f"malformed response: {exc}")
+                # A callback's own refusal (too many header fields) is its cause.
+                cause = exc.__context__
+                if not isinstance(cause, t.RemoteProtocolError):
+                    cause = t.RemoteProtocolError(f"malformed response: {exc}")
+                self.error = cause
             self.close()
+        if not self.headers_done and not self.lost:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.error = t.RemoteProtocolError(
+                    f"response headers longer than {MAX_HEAD_BYTES} bytes"
+                )
+                self.close()
         parts = self.parts
         if parts:
             # One item per network read, even when a read held several chunks.
@@ -153,6 +171,9 @@ class Connection(asyncio.Protocol):
             raise RuntimeError("data after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_fields += 1
+        if self.head_fields > MAX_HEAD_FIELDS:
+            raise t.RemoteProtocolError(f"more than {MAX_HEAD_FIELDS} response header fields")
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -177,7 +198,10 @@ class Connection(asyncio.Protocol):
     # used by the client and the response
     def wait(self) -> asyncio.Future[None]:
         self.waiter = waiter = self.loop.create_future()
-        self.started = self.loop.time()
+        # Until the head is in, `started` stays when the request was sent (`_exchange`):
+        # the head has one read timeout in all, so a byte now and then cannot hold it open.
+        if self.headers_done:
+            self.started = self.loop.time()
         # One timer re-armed lazily from `started`, rather than one per wait: a stream
         # of many small reads then costs a timer per read_timeout, not per read.
         if self.timer is None:
@@ -194,6 +218,8 @@ class Connection(asyncio.Protocol):
             return
         if self.write_paused:  # the server is not even reading the request
             self.error = t.WriteTimeout(f"request not drained in {self.read_timeout} s")
+        elif not self.headers_done:
+            self.error = t.ReadTimeout(f"no response headers within {self.read_timeout} s")
         else:
             self.error = t.ReadTimeout(f"no data from the server for {self.read_timeout} s")
         self.wake()

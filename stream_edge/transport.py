@@ -122,3 +122,19 @@ class Transport(Protocol):
     ) -> Response: ...
 
     async def aclose(self) -> None: ...
+
+
+async def read_at_most(response: Response, limit: int) -> tuple[bytes, bool]:
+    """The body, or its first `limit` bytes and True when it is longer than that.
+
+    Reading stops past `limit`, so a backend cannot make us hold more; the caller's
+    `aclose()` then drops the connection, whose body was not read to its end (it is
+    never reused). For whole bodies only: a stream is read with `aiter_raw()`."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts)[:limit], True
+    return b"".join(parts), False

@@ -24,6 +24,7 @@ from stream_edge.transport import (
     Timeout,
     Transport,
     TransportError,
+    read_at_most,
 )
 from stream_edge.upstream.base import HttpRequest
 
@@ -53,6 +54,9 @@ def error_for_status(status: int, retry_after: str | None) -> EdgeError:
 
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# The most of a non-2xx answer's body read (adapters look into it for the vendor's
+# error code): the rest is never read, and its connection is closed.
+MAX_ERROR_BODY = 64 * 1024
 # A backend asking us to wait longer than this is answered to the client instead.
 MAX_RETRY_AFTER_SECONDS = 5.0
 
@@ -146,7 +150,9 @@ async def _attempt(
         return response, None
     body = b""
     try:
-        body = await response.aread()  # vendor error bodies are small
+        # Vendor error bodies are small; a hostile one is cut at the cap (and its
+        # connection closed) rather than read whole into memory.
+        body, _ = await read_at_most(response, MAX_ERROR_BODY)
     except TransportError:
         pass
     finally:

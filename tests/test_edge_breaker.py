@@ -6,6 +6,7 @@ and one provider fails fast forever. Injected clock, fake transport: no sockets.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -39,6 +40,9 @@ class FakeResponse:
 
     async def aread(self) -> bytes:
         return b'{"error": {"message": "no"}}'
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        yield await self.aread()
 
     async def aclose(self) -> None:
         return None

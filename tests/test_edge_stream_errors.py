@@ -134,3 +134,34 @@ async def test_an_unexpected_failure_while_relaying_ends_with_an_error_event_and
     for _ in range(2):  # both of the user's slots are free again
         fine = await gw.init_ok(access, {"query": "after [[mock tokens=2]]"})
         assert (await status_and_body(gw, fine["stream_url"]))[0] == 200
+
+
+async def test_an_endless_line_from_the_backend_ends_with_an_error_event_and_a_report(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.sse import MAX_LINE
+    from stream_edge.upstream.openai_chat import OpenAIStreamParser
+
+    feed = OpenAIStreamParser.feed
+    reads: dict[int, int] = {}  # per parser: other streams may still run on this edge
+
+    def a_line_without_end_on_the_fourth_read(self: OpenAIStreamParser, chunk: bytes) -> Any:
+        reads[id(self)] = reads.get(id(self), 0) + 1
+        if reads[id(self)] == 4:
+            chunk = b"data: " + b"x" * MAX_LINE
+        return feed(self, chunk)
+
+    monkeypatch.setattr(OpenAIStreamParser, "feed", a_line_without_end_on_the_fourth_read)
+    access = await gw.new_user()
+    grant = await gw.init_ok(access, {"query": "endless [[mock tokens=20]]"})
+    async with opened(await gw.get(grant["stream_url"])) as response:
+        assert response.status_code == 200
+        got = await events(response)
+    assert got[-1].event == "error"
+    error = orjson.loads(got[-1].data)
+    assert (error["code"], error["message"]) == (
+        "upstream_error",
+        "the backend sent an event or line over 1 MiB",
+    )
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert record["status"] == "failed"

@@ -5,7 +5,7 @@ store and an injected clock. No sockets."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -197,6 +197,9 @@ class Answer:
 
     async def aread(self) -> bytes:
         return b"{}"
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        yield await self.aread()
 
     async def aclose(self) -> None:
         return None

@@ -21,11 +21,12 @@ from urllib.parse import quote
 
 import orjson
 
-from shared.sse import SSEDecoder
+from shared.sse import MAX_EVENT, SSEDecoder, SSEError
 
 log = logging.getLogger("llmgw.edge.upstream")
 
 MALFORMED_EVENT = "the backend sent a malformed event"
+OVERSIZED_EVENT = f"the backend sent an event or line over {MAX_EVENT >> 20} MiB"
 VENDOR_ERROR = "the backend reported an error mid-stream"
 
 
@@ -229,7 +230,11 @@ class JsonEventParser:
         # Each event's data as bytes: parsed by orjson as is and kept as the raw
         # pass-through payload, never decoded to a str and encoded back.
         marker = self.done_marker
-        for data in self._decoder.feed_data(chunk):
+        try:
+            datas = self._decoder.feed_data(chunk)
+        except SSEError:  # an endless line or event: the stream cannot go on
+            return [Failure(OVERSIZED_EVENT)]
+        for data in datas:
             if data == marker:
                 self.done = True
                 continue
