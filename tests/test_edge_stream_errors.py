@@ -6,7 +6,7 @@ tests need a real socket (bodies too large to read, many reconnecting clients)."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import quote
@@ -106,21 +106,28 @@ async def test_an_unexpected_failure_while_opening_is_openai_shaped_reported_and
     assert (await status_and_body(gw, fine["stream_url"]))[0] == 200
 
 
-async def test_an_unexpected_failure_while_relaying_ends_with_an_error_event_and_a_report(
-    gw: Gateway, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def on_the_fourth_read(monkeypatch: pytest.MonkeyPatch, change: Callable[[bytes], bytes]) -> None:
+    """What the edge's OpenAI parser reads fourth in each stream goes through `change`
+    (per parser: other streams may still run on this edge)."""
     from stream_edge.upstream.openai_chat import OpenAIStreamParser
 
     feed = OpenAIStreamParser.feed
-    reads: dict[int, int] = {}  # per parser: other streams may still run on this edge
+    reads: dict[int, int] = {}
 
-    def breaks_on_the_fourth_read(self: OpenAIStreamParser, chunk: bytes) -> Any:
+    def fourth_changed(self: OpenAIStreamParser, chunk: bytes) -> Any:
         reads[id(self)] = reads.get(id(self), 0) + 1
-        if reads[id(self)] == 4:
-            raise RuntimeError("a parser bug")
-        return feed(self, chunk)
+        return feed(self, change(chunk) if reads[id(self)] == 4 else chunk)
 
-    monkeypatch.setattr(OpenAIStreamParser, "feed", breaks_on_the_fourth_read)
+    monkeypatch.setattr(OpenAIStreamParser, "feed", fourth_changed)
+
+
+async def test_an_unexpected_failure_while_relaying_ends_with_an_error_event_and_a_report(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def breaks(chunk: bytes) -> bytes:
+        raise RuntimeError("a parser bug")
+
+    on_the_fourth_read(monkeypatch, breaks)
     access = await gw.new_user()
     grant = await gw.init_ok(access, {"query": "breaks [[mock tokens=20]]"})
     async with opened(await gw.get(grant["stream_url"])) as response:
@@ -140,18 +147,8 @@ async def test_an_endless_line_from_the_backend_ends_with_an_error_event_and_a_r
     gw: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from shared.sse import MAX_LINE
-    from stream_edge.upstream.openai_chat import OpenAIStreamParser
 
-    feed = OpenAIStreamParser.feed
-    reads: dict[int, int] = {}  # per parser: other streams may still run on this edge
-
-    def a_line_without_end_on_the_fourth_read(self: OpenAIStreamParser, chunk: bytes) -> Any:
-        reads[id(self)] = reads.get(id(self), 0) + 1
-        if reads[id(self)] == 4:
-            chunk = b"data: " + b"x" * MAX_LINE
-        return feed(self, chunk)
-
-    monkeypatch.setattr(OpenAIStreamParser, "feed", a_line_without_end_on_the_fourth_read)
+    on_the_fourth_read(monkeypatch, lambda chunk: b"data: " + b"x" * MAX_LINE)
     access = await gw.new_user()
     grant = await gw.init_ok(access, {"query": "endless [[mock tokens=20]]"})
     async with opened(await gw.get(grant["stream_url"])) as response:
