@@ -8,9 +8,10 @@ with the set-up outside the window). As `docs/edge-profile.md` explains, the clo
 is each thread's own CPU time (`time.thread_time`): waiting for a CPU, for `epoll`
 or for PostgreSQL is not charged to whatever ran just before.
 
-The control plane runs its transactions on a thread pool (`control_plane/db.py`):
-each work item a pool thread runs while profiling is on gets that thread's own
-profiler, merged into the same file as the event loop's.
+The control plane runs its database calls on threads of its own
+(`control_plane/db_threads.py`; `concurrent.futures` pools elsewhere): each job such
+a thread runs while profiling is on gets that thread's own profiler, merged into the
+same file as the event loop's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from concurrent.futures import thread as pool_thread
 from types import FrameType
 from typing import Any
+
+from control_plane import db_threads
 
 
 class Window:
@@ -68,15 +71,17 @@ class Window:
         return profile
 
 
-def _profiled_work_item(window: Window, original: Any) -> Any:
-    def run(self: Any) -> None:
+def _profiled(window: Window, original: Any) -> Any:
+    """`original`, profiled on its thread while the window is open."""
+
+    def run(*args: Any) -> None:
         if not window.on:
-            original(self)
+            original(*args)
             return
         profile = window.worker_profile()
         profile.enable()
         try:
-            original(self)
+            original(*args)
         finally:
             profile.disable()
 
@@ -87,7 +92,9 @@ def main(argv: list[str]) -> int:
     out, command = argv[0], argv[1:]
     window = Window(out)
     work_item: Any = pool_thread._WorkItem
-    work_item.run = _profiled_work_item(window, work_item.run)
+    work_item.run = _profiled(window, work_item.run)
+    # `DbThreads._work` looks `_run_job` up in its module on every job.
+    db_threads._run_job = _profiled(window, db_threads._run_job)
     signal.signal(signal.SIGUSR1, window.start)
     signal.signal(signal.SIGUSR2, window.stop)
     from llm_gateway.cli import main as cli_main
