@@ -1,7 +1,8 @@
 """Malformed resumes and unexpected exceptions at the edge, in one process (no
 sockets): a bad `Last-Event-ID` is a 400 that burns nothing, and an exception nobody
 foresaw while opening or relaying still ends the stream OpenAI-shaped, reported and
-with its slots back. Moved from test_edge_stream_lifecycle.py, whose remaining
+with its slots back; a stream cut off before its first frame closes the
+backend's answer. Moved from test_edge_stream_lifecycle.py, whose remaining
 tests need a real socket (bodies too large to read, many reconnecting clients)."""
 
 from __future__ import annotations
@@ -162,3 +163,52 @@ async def test_an_endless_line_from_the_backend_ends_with_an_error_event_and_a_r
     )
     record = await gw.wait_usage(access, grant["reservation_id"])
     assert record["status"] == "failed"
+
+
+async def test_an_event_stream_cut_off_before_its_first_frame_closes_the_backend_answer(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client is gone at the very first write (the retry hint), before the pump
+    took the backend's answer: the answer is closed there, else its connection stays
+    taken until the backend ends it; the stream is still reported and its slots
+    freed."""
+    from stream_edge import eventsource
+    from stream_edge.jobs import StreamJob
+    from stream_edge.streaming import Emit, EventStreamResponse
+
+    closed: list[str] = []
+    open_backend = StreamJob.open
+
+    async def spied_open(self: StreamJob, stream: bool) -> Any:
+        response = await open_backend(self, stream)
+        close = response.aclose
+
+        async def aclose() -> None:
+            closed.append(self.grant.reservation_id)
+            await close()
+
+        monkeypatch.setattr(response, "aclose", aclose)
+        return response
+
+    def gone_at_first_write(produce: Any, *args: Any, **kwargs: Any) -> EventStreamResponse:
+        async def cut(emit: Emit) -> None:
+            async def gone(frame: bytes) -> None:
+                raise OSError("the client disconnected")
+
+            await produce(gone)
+
+        return EventStreamResponse(cut, *args, **kwargs)
+
+    monkeypatch.setattr(StreamJob, "open", spied_open)
+    monkeypatch.setattr(eventsource, "EventStreamResponse", gone_at_first_write)
+    access = await gw.new_user()
+    grant = await gw.init_ok(access, {"query": "cut off [[mock tokens=20]]"})
+    async with opened(await gw.get(grant["stream_url"])) as response:
+        await response.aread()
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert closed == [grant["reservation_id"]]
+    assert record["status"] == "cancelled"  # the client left
+    monkeypatch.undo()
+    for _ in range(2):  # both of the user's slots are free again
+        fine = await gw.init_ok(access, {"query": "after [[mock tokens=2]]"})
+        assert (await status_and_body(gw, fine["stream_url"]))[0] == 200
