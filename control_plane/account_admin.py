@@ -172,13 +172,14 @@ def create_revocation(
     return row
 
 
-def lift_revocation(session: Session, a: Actor, revocation_id: str) -> Revocation:
+def lift_revocation(session: Session, a: Actor, revocation_id: str) -> revoking.Lifted:
     """`revoking.lift_revocation` (404 unless the caller may), audited when it
     changed something."""
     found = session.get(Revocation, revocation_id)
     before = None if found is None else revoking.revocation_public(found)
-    row = revoking.lift_revocation(session, a.principal, revocation_id)
+    lifted = revoking.lift_revocation(session, a.principal, revocation_id)
+    row = lifted.row
     after = revoking.revocation_public(row)
     subject = f"{row.kind}:{row.value}"
     _if_changed(session, a, audit.REVOCATION_LIFT, row.company_id, subject, before, after)
-    return row
+    return lifted

@@ -12,7 +12,8 @@ A revocation does two things:
   ones with an ``error`` event ``revoked``.
 
 Lifting a revocation (``DELETE /v1/admin/revocations/{id}``) clears ``disabled_at``
-and deletes the store's key. Who may: the platform admin anything; an owner its own
+and deletes the store's key, unless another revocation of the same target is still
+in force. Who may: the platform admin anything; an owner its own
 company's users and tokens (not the company itself), of users ranked at or below it,
 and lift only revocations made by someone not ranked above it (`policy`).
 """
@@ -135,7 +136,43 @@ def create_revocation(
     return row
 
 
-def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Revocation:
+@dataclass(frozen=True, slots=True)
+class Lifted:
+    """A lifted revocation, and whether its target is still revoked by another one
+    (then the target stays disabled and the edges' key stays)."""
+
+    row: Revocation
+    still_revoked: bool
+
+
+def _lock_target(session: Session, kind: str, value: str) -> None:
+    """Lock the user's or company's row, as `create_revocation`'s UPDATE does: a lift
+    and a new revocation of the same target then run one after the other, so the
+    lift sees the other's row before deciding to re-enable."""
+    if kind in ("user", "company"):
+        table: type[User] | type[Company] = User if kind == "user" else Company
+        session.execute(select(col(table.id)).where(col(table.id) == value).with_for_update())
+
+
+def _other_active(session: Session, row: Revocation) -> bool:
+    """Another revocation of the same target still in force: not lifted and, for a
+    token (whose only effect is the edges' expiring key), not expired either; a
+    user's or company's holds until lifted (`disabled_at`)."""
+    stmt = select(col(Revocation.id)).where(
+        col(Revocation.kind) == row.kind,
+        col(Revocation.value) == row.value,
+        col(Revocation.id) != row.id,
+        col(Revocation.lifted_at).is_(None),
+    )
+    if row.kind == "jti":
+        stmt = stmt.where(col(Revocation.expires_at) > utcnow())
+    return session.execute(stmt.limit(1)).first() is not None
+
+
+def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Lifted:
+    """Lift one revocation. Its target comes back only when no other revocation of
+    it is still in force: an owner lifting its own revocation of a member must not
+    undo the platform admin's revocation of the same member."""
     row = session.get(Revocation, revocation_id)
     if row is None or row.company_id is None:
         raise NotFound("No such revocation.")
@@ -144,12 +181,14 @@ def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Revoc
     revoker_role = _revoker_role(session, row.actor)
     if not policy.can_lift_revocation(p, row.kind, row.company_id, target_role, revoker_role):
         raise NotFound("No such revocation.")
+    _lock_target(session, row.kind, row.value)
+    still_revoked = _other_active(session, row)
     if row.lifted_at is None:
         row.lifted_at = utcnow()
-        if row.kind in ("user", "company"):
+        if row.kind in ("user", "company") and not still_revoked:
             _set_disabled(session, row.kind, row.value, None)
         session.flush()
-    return row
+    return Lifted(row, still_revoked)
 
 
 def list_revocations(

@@ -110,6 +110,48 @@ def test_revoking_a_company_and_a_token(cp: CP) -> None:
     error_of(cp.admin.delete("/v1/admin/revocations/nope"), 404, "not_found")
 
 
+def test_an_owner_cannot_undo_the_platform_admins_revocation_with_one_of_its_own(
+    cp: CP,
+) -> None:
+    """Attack: the owner may not lift the admin's revocation of a member, so it
+    revokes the member itself and lifts that one, or lifts an old lifted one again.
+    The member stays out and the edges keep their key while any revocation of the
+    member is in force; lifting the last one lets the member back in."""
+    client, company_id = cp.owner_client("10")
+    member = cp.user(company_id, role="member")
+    member_client = cp.client(cp.api_key(member["id"]))
+    old = data_of(client.post("/v1/admin/revocations", json={"user_id": member["id"]}), 201)
+    assert client.delete(f"/v1/admin/revocations/{old['id']}").status_code == 204
+    assert member_client.get("/v1/me").status_code == 200
+
+    admins = data_of(cp.admin.post("/v1/admin/revocations", json={"user_id": member["id"]}), 201)
+    error_of(client.delete(f"/v1/admin/revocations/{admins['id']}"), 404, "not_found")
+    mine = data_of(client.post("/v1/admin/revocations", json={"user_id": member["id"]}), 201)
+    for lifted in (mine, old):  # its own fresh one, then the long-lifted one again
+        assert client.delete(f"/v1/admin/revocations/{lifted['id']}").status_code == 204
+        error_of(member_client.get("/v1/me"), 403, "revoked")
+        assert _stored(cp, "user", member["id"], company_id) is not None
+    listed = data_of(cp.admin.get("/v1/admin/revocations", params={"company_id": company_id}))
+    by_id = {r["id"]: r for r in listed["items"]}
+    assert by_id[admins["id"]]["lifted_at"] is None and by_id[mine["id"]]["lifted_at"]
+
+    assert cp.admin.delete(f"/v1/admin/revocations/{admins['id']}").status_code == 204
+    assert member_client.get("/v1/me").status_code == 200
+    assert _stored(cp, "user", member["id"], company_id) is None
+
+
+def test_lifting_one_of_two_revocations_of_a_token_keeps_it_revoked(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
+    jti = jwt.decode(init["stream_token"], options={"verify_signature": False})["jti"]
+    admins = data_of(cp.admin.post("/v1/admin/revocations", json={"jti": jti}), 201)
+    mine = data_of(client.post("/v1/admin/revocations", json={"jti": jti}), 201)
+    assert client.delete(f"/v1/admin/revocations/{mine['id']}").status_code == 204
+    assert _stored(cp, "jti", jti, company_id) is not None
+    assert cp.admin.delete(f"/v1/admin/revocations/{admins['id']}").status_code == 204
+    assert _stored(cp, "jti", jti, company_id) is None
+
+
 def test_init_rate_limits_per_user(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     extra = {"LLMGW_INIT_RATE_PER_USER": "3", "LLMGW_INIT_RATE_PER_COMPANY": "5"}
     with start_cp(request, tmp_path, "sqlite", extra) as cp:

@@ -47,15 +47,19 @@ async def create_revocation(request: Request) -> Response:
 
 
 async def lift_revocation(request: Request) -> Response:
-    """Lift a revocation: re-enable the user or company, forget the token."""
+    """Lift a revocation: re-enable the user or company, forget the token (unless
+    another revocation of the same target is still in force)."""
     principal = await authenticate(request)
     revocation_id = str(request.path_params["revocation_id"])
     deps = get_deps(request)
     actor = account_admin.Actor(principal, request_id(request))
-    row = await deps.db.transaction(
+    lifted = await deps.db.transaction(
         lambda s: account_admin.lift_revocation(s, actor, revocation_id)
     )
+    row = lifted.row
     assert row.company_id is not None  # lift_revocation refuses one without
+    if lifted.still_revoked:  # another revocation of the target keeps the edges' key
+        return no_content()
     try:
         await deps.store.delete(revocation_key(row.kind, row.value, row.company_id))
     except Exception:
