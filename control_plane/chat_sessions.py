@@ -25,7 +25,7 @@ from control_plane import hot_statements, policy, settle_statements
 from control_plane.errors import Forbidden, SessionNotFound
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
-from control_plane.tables import ChatMessage, ChatSession, iso, new_id, rowcount, utcnow
+from control_plane.tables import ChatMessage, ChatSession, User, iso, new_id, rowcount, utcnow
 from control_plane.validation import without_nul
 
 TITLE_MAX = 80
@@ -188,16 +188,32 @@ def list_sessions(session: Session, p: Principal, req: PageRequest) -> Page[Chat
     """The caller's sessions (its whole company's for those who see it all), the
     most recently active first."""
     stmt = select(ChatSession).where(col(ChatSession.company_id) == p.company_id)
-    if not policy.sees_whole_company(p):
+    if policy.sees_whole_company(p):
+        # Of its own users ranked at or below it (`policy.can_read_session`).
+        readable = select(col(User.id)).where(
+            col(User.company_id) == p.company_id,
+            col(User.role).in_(policy.roles_at_or_below(p)),
+        )
+        stmt = stmt.where(col(ChatSession.user_id).in_(readable))
+    else:
         stmt = stmt.where(col(ChatSession.user_id) == p.user_id)
     return read_page(session, stmt, col(ChatSession.updated_at), col(ChatSession.id), req)
 
 
-def _readable(session: Session, p: Principal, session_id: str) -> ChatSession:
+def _owner_role(session: Session, chat: ChatSession) -> str | None:
+    user = session.get(User, chat.user_id)
+    return user.role if user is not None else None
+
+
+def _readable(session: Session, p: Principal, session_id: str) -> tuple[ChatSession, str | None]:
+    """The session and its user's role; 404 unless the caller may read it."""
     chat = session.get(ChatSession, session_id)
-    if chat is None or not policy.can_read_session(p, chat.user_id, chat.company_id):
+    if chat is None:
         raise SessionNotFound()
-    return chat
+    role = _owner_role(session, chat)
+    if not policy.can_read_session(p, chat.user_id, chat.company_id, role):
+        raise SessionNotFound()
+    return chat, role
 
 
 def read_session(
@@ -205,7 +221,7 @@ def read_session(
 ) -> tuple[ChatSession, list[ChatMessage], int | None]:
     """A session the caller may read, a page of its messages and where the next
     page starts (`messages_page`); 404 for one it may not, as for one that is not."""
-    chat = _readable(session, p, session_id)
+    chat, _role = _readable(session, p, session_id)
     messages, last_seq = messages_page(session, chat.id, limit, after_seq)
     return chat, messages, last_seq
 
@@ -213,8 +229,8 @@ def read_session(
 def remove_session(session: Session, p: Principal, session_id: str) -> None:
     """Delete a session and its messages: 404 unless the caller may read it, 403
     unless it may also delete it."""
-    chat = _readable(session, p, session_id)
-    if not policy.can_delete_session(p, chat.user_id, chat.company_id):
+    chat, role = _readable(session, p, session_id)
+    if not policy.can_delete_session(p, chat.user_id, chat.company_id, role):
         raise Forbidden("This needs the llm:chat:delete scope.")
     delete_session(session, chat.id)
 

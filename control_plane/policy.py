@@ -85,14 +85,23 @@ def sees_whole_company(p: Principal) -> bool:
     return p.is_user and p.role in ("owner", "admin")
 
 
-def can_read_session(p: Principal, owner_user_id: str, company_id: str) -> bool:
+def can_read_session(
+    p: Principal, owner_user_id: str, company_id: str, owner_role: str | None
+) -> bool:
+    """Its own user, or who sees the whole company, of a user ranked at or below it:
+    an owner does not read the transcripts of an admin placed in its company.
+    `owner_role` None (the user is gone) ranks above everyone (deny by default)."""
     if not can_read_own_data(p) or p.company_id != company_id:
         return False
-    return p.user_id == owner_user_id or sees_whole_company(p)
+    if p.user_id == owner_user_id:
+        return True
+    return sees_whole_company(p) and owner_role is not None and ranks_at_least(p, owner_role)
 
 
-def can_delete_session(p: Principal, owner_user_id: str, company_id: str) -> bool:
-    return SCOPE_DELETE in p.scopes and can_read_session(p, owner_user_id, company_id)
+def can_delete_session(
+    p: Principal, owner_user_id: str, company_id: str, owner_role: str | None
+) -> bool:
+    return SCOPE_DELETE in p.scopes and can_read_session(p, owner_user_id, company_id, owner_role)
 
 
 def can_use_session(p: Principal, owner_user_id: str, company_id: str) -> bool:

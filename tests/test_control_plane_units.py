@@ -362,9 +362,12 @@ def test_policy_table() -> None:
     assert not can_admin_company(_p("owner", scopes=ALL_SCOPES), "c1")  # no admin scope
     assert not can_admin_company(MEMBER, "c1") and can_admin_company(ADMIN_TOKEN, "c2")
     assert can_assign_role(OWNER, "owner") and not can_assign_role(OWNER, "admin")
-    assert can_read_session(MEMBER, "u1", "c1") and not can_read_session(MEMBER, "u2", "c1")
-    assert can_read_session(OWNER, "u2", "c1") and not can_read_session(OWNER, "u2", "c2")
-    assert not can_delete_session(MEMBER, "u1", "c1") and can_delete_session(OWNER, "u2", "c1")
+    assert can_read_session(MEMBER, "u1", "c1", "member")
+    assert not can_read_session(MEMBER, "u2", "c1", "member")
+    assert can_read_session(OWNER, "u2", "c1", "member")
+    assert not can_read_session(OWNER, "u2", "c2", "member")
+    assert not can_delete_session(MEMBER, "u1", "c1", "member")
+    assert can_delete_session(OWNER, "u2", "c1", "member")
 
 
 # --- fitting the input, features --------------------------------------------------

@@ -53,14 +53,18 @@ TABLE: list[tuple[F, Principal, tuple[Any, ...], bool]] = [
     (policy.can_read_own_data, ADMIN_TOKEN, (), False),
     (policy.sees_whole_company, OWNER, (), True),
     (policy.sees_whole_company, MEMBER, (), False),
-    (policy.can_read_session, MEMBER, ("u1", "c1"), True),
-    (policy.can_read_session, MEMBER, ("u2", "c1"), False),
-    (policy.can_read_session, OWNER, ("u2", "c1"), True),
-    (policy.can_read_session, OWNER, ("u2", "c2"), False),  # another company
-    (policy.can_read_session, SENDER, ("u1", "c1"), False),  # no read scope
-    (policy.can_delete_session, MEMBER, ("u1", "c1"), False),  # no delete scope
-    (policy.can_delete_session, OWNER, ("u2", "c1"), True),
-    (policy.can_delete_session, OWNER, ("u2", "c2"), False),
+    (policy.can_read_session, MEMBER, ("u1", "c1", "member"), True),
+    (policy.can_read_session, MEMBER, ("u2", "c1", "member"), False),
+    (policy.can_read_session, OWNER, ("u2", "c1", "member"), True),
+    (policy.can_read_session, OWNER, ("u2", "c1", "owner"), True),
+    (policy.can_read_session, OWNER, ("u2", "c1", "admin"), False),  # ranked above
+    (policy.can_read_session, OWNER, ("u2", "c1", None), False),  # its user is gone
+    (policy.can_read_session, OWNER, ("u2", "c2", "member"), False),  # another company
+    (policy.can_read_session, SENDER, ("u1", "c1", "member"), False),  # no read scope
+    (policy.can_delete_session, MEMBER, ("u1", "c1", "member"), False),  # no delete scope
+    (policy.can_delete_session, OWNER, ("u2", "c1", "member"), True),
+    (policy.can_delete_session, OWNER, ("u2", "c1", "admin"), False),
+    (policy.can_delete_session, OWNER, ("u2", "c2", "member"), False),
     (policy.can_use_session, MEMBER, ("u1", "c1"), True),
     (policy.can_use_session, OWNER, ("u2", "c1"), False),  # only its own user
     (policy.can_use_session, READER, ("u1", "c1"), False),

@@ -73,3 +73,25 @@ def test_sessions_scopes_and_tenancy(cp: CP) -> None:
     error_of(alice.delete(f"/v1/sessions/{sid}"), 403, "forbidden")
     assert owner.delete(f"/v1/sessions/{sid}").status_code == 204
     error_of(alice.get(f"/v1/sessions/{sid}"), 404, "session_not_found")
+
+
+def test_an_owner_neither_lists_reads_nor_deletes_the_sessions_of_an_admin_in_its_company(
+    cp: CP,
+) -> None:
+    """Attack: the platform placed an admin-ranked user in the owner's company; the
+    owner, who may see its members' transcripts, goes for the admin's."""
+    company_id = cp.company("10")
+    owner = cp.client(cp.api_key(cp.user(company_id, "owner")["id"]))
+    admin_user = cp.user(company_id, role="admin", password=None)
+    admin = cp.client(cp.api_key(admin_user["id"]))
+    member = cp.client(cp.api_key(cp.user(company_id, "member")["id"]))
+    secret = data_of(admin.post("/v1/chat/init", json={"query": "the secret plan"}), 201)
+    mine = data_of(member.post("/v1/chat/init", json={"query": "lunch?"}), 201)
+
+    listed = [s["id"] for s in data_of(owner.get("/v1/sessions"))["items"]]
+    assert mine["session_id"] in listed and secret["session_id"] not in listed
+    assert data_of(owner.get(f"/v1/sessions/{mine['session_id']}"))["id"] == mine["session_id"]
+    error_of(owner.get(f"/v1/sessions/{secret['session_id']}"), 404, "session_not_found")
+    error_of(owner.delete(f"/v1/sessions/{secret['session_id']}"), 404, "session_not_found")
+    # Still there, for its own user.
+    assert data_of(admin.get(f"/v1/sessions/{secret['session_id']}"))["id"] == secret["session_id"]
