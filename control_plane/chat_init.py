@@ -291,7 +291,7 @@ def reserve(
         raise Revoked("Your company has been revoked.")
     # The company's own keys decide which of its overrides apply (`company_llm`):
     # a key that no longer decrypts routes to the platform's key, at packaged terms.
-    llm = _company_llm(unit, fernet, company.id, llm_cache)
+    llm = _company_llm(unit, catalog, fernet, company.id, llm_cache)
     pools = llm.pools
     keys = {provider: pool[0] for provider, pool in pools.items()}
     cat = company_llm.company_catalog(
@@ -428,6 +428,7 @@ def plan_chain(
 
 def _company_llm(
     unit: Unit,
+    catalog: Catalog,
     fernet: MultiFernet | None,
     company_id: str,
     cached: catalog_cache.Lookup | None,
@@ -441,7 +442,11 @@ def _company_llm(
         overrides=tuple(
             catalog_cache.detached(row) for row in company_llm.load_overrides(session, company_id)
         ),
-        pools=company_llm.own_key_pools(session, fernet, company_id) if fernet is not None else {},
+        pools=(
+            company_llm.own_key_pools(session, fernet, company_id, catalog)
+            if fernet is not None
+            else {}
+        ),
     )
     if cached is not None:
         cached.put(company_id, llm)
