@@ -54,6 +54,9 @@ OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled", "fallbacks")
 # is called or what it costs. `fallbacks` names other models of the company's own
 # view, each at its own (view's) price, so it changes neither (issue 16.2).
 PLATFORM_KEY_FIELDS = frozenset({"context_length", "max_output_tokens", "enabled", "fallbacks"})
+# Of those, the limits: on the platform's key at most the packaged model's own (its
+# backend gives no more; a larger one only makes inits fail, review 3A finding 6).
+LIMIT_FIELDS = ("context_length", "max_output_tokens")
 MAX_MODELS = 200
 MODEL_ID_MAX = 200
 API_KEY_MAX = 4096
@@ -148,7 +151,8 @@ def own_key_field(
 
 
 def check_platform_key(provider: str, models: dict[str, dict[str, Any]], base: Catalog) -> None:
-    """422 naming the first override that the platform's key cannot carry."""
+    """422 naming the first override that the platform's key cannot carry: a field
+    beyond `PLATFORM_KEY_FIELDS`, or a limit above the packaged model's."""
     for model_id, partial in models.items():
         field = own_key_field(model_id, provider, partial, base)
         if field is not None:
@@ -158,6 +162,25 @@ def check_platform_key(provider: str, models: dict[str, dict[str, Any]], base: C
                 f"needs the company's own api_key for {provider} (on the platform's key "
                 "the packaged model, price and features apply)",
             )
+        packaged = base.models[model_id]  # `own_key_field` None: a packaged model
+        for key in LIMIT_FIELDS:
+            value, most = partial.get(key), getattr(packaged, key)
+            if isinstance(value, int) and value > most:
+                raise ValidationFailed(
+                    f"models.{model_id}.{key}",
+                    f"must be at most {most} on the platform's key (the packaged model's)",
+                )
+
+
+def within_packaged(partial: dict[str, Any], packaged: ModelSpec) -> dict[str, Any]:
+    """`partial` with its limits cut to the packaged model's (an override stored
+    before `check_platform_key` refused larger ones)."""
+    return {
+        key: min(value, getattr(packaged, key))
+        if key in LIMIT_FIELDS and isinstance(value, int)
+        else value
+        for key, value in partial.items()
+    }
 
 
 def takes_own_key(provider: Provider) -> bool:
@@ -230,6 +253,7 @@ def company_catalog(
             if own_key_field(row.model_id, row.provider, {}, base) is not None:
                 continue  # an added or moved model needs the company's key
             partial = {k: v for k, v in partial.items() if k in PLATFORM_KEY_FIELDS}
+            partial = within_packaged(partial, base.models[row.model_id])
         try:
             spec = merge_model(base.model(row.model_id), row.model_id, row.provider, partial)
         except CatalogError:
