@@ -59,7 +59,7 @@ from control_plane.ledger import release_reservation, take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ChatSession, Reservation, new_id, utcnow
-from shared.catalog import Catalog, ModelSpec
+from shared.catalog import MAX_TOKEN_COUNT, Catalog, ModelSpec
 from shared.input_size import InputRejected, content_text, missing_features, params_tokens
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
 from shared.route_claim import CLAIM as ROUTE_CLAIM
@@ -180,7 +180,10 @@ def plan_hold(
     estimate = estimate_input_tokens(messages, model.image_input_tokens)
     estimate += params_tokens(params or {})
     if max_tokens is None:
-        max_tokens = max(1, min(model.max_output_tokens, model.context_length - estimate))
+        # Capped by what the reservation's `max_tokens` column holds too, whatever
+        # limits the model was given (a 500 on every init otherwise).
+        room = min(model.max_output_tokens, model.context_length - estimate, MAX_TOKEN_COUNT)
+        max_tokens = max(1, room)
     elif max_tokens > model.max_output_tokens:
         raise ValidationFailed(
             "max_tokens", f"must be at most {model.max_output_tokens} for {model.id}"
@@ -291,7 +294,7 @@ def reserve(
         raise Revoked("Your company has been revoked.")
     # The company's own keys decide which of its overrides apply (`company_llm`):
     # a key that no longer decrypts routes to the platform's key, at packaged terms.
-    llm = _company_llm(unit, fernet, company.id, llm_cache)
+    llm = _company_llm(unit, catalog, fernet, company.id, llm_cache)
     pools = llm.pools
     keys = {provider: pool[0] for provider, pool in pools.items()}
     cat = company_llm.company_catalog(
@@ -428,6 +431,7 @@ def plan_chain(
 
 def _company_llm(
     unit: Unit,
+    catalog: Catalog,
     fernet: MultiFernet | None,
     company_id: str,
     cached: catalog_cache.Lookup | None,
@@ -441,7 +445,11 @@ def _company_llm(
         overrides=tuple(
             catalog_cache.detached(row) for row in company_llm.load_overrides(session, company_id)
         ),
-        pools=company_llm.own_key_pools(session, fernet, company_id) if fernet is not None else {},
+        pools=(
+            company_llm.own_key_pools(session, fernet, company_id, catalog)
+            if fernet is not None
+            else {}
+        ),
     )
     if cached is not None:
         cached.put(company_id, llm)

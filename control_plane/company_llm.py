@@ -30,7 +30,14 @@ from sqlmodel import col
 
 from control_plane.errors import ValidationFailed
 from control_plane.tables import CompanyModel, CompanyProvider, new_id, utcnow
-from shared.catalog import Catalog, CatalogError, ModelSpec, parse_catalog, parse_fallbacks
+from shared.catalog import (
+    Catalog,
+    CatalogError,
+    ModelSpec,
+    Provider,
+    parse_catalog,
+    parse_fallbacks,
+)
 from shared.key_pool import key_id
 from shared.route_claim import UpstreamRoute
 
@@ -47,6 +54,9 @@ OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled", "fallbacks")
 # is called or what it costs. `fallbacks` names other models of the company's own
 # view, each at its own (view's) price, so it changes neither (issue 16.2).
 PLATFORM_KEY_FIELDS = frozenset({"context_length", "max_output_tokens", "enabled", "fallbacks"})
+# Of those, the limits: on the platform's key at most the packaged model's own (its
+# backend gives no more; a larger one only makes inits fail, review 3A finding 6).
+LIMIT_FIELDS = ("context_length", "max_output_tokens")
 MAX_MODELS = 200
 MODEL_ID_MAX = 200
 API_KEY_MAX = 4096
@@ -141,7 +151,8 @@ def own_key_field(
 
 
 def check_platform_key(provider: str, models: dict[str, dict[str, Any]], base: Catalog) -> None:
-    """422 naming the first override that the platform's key cannot carry."""
+    """422 naming the first override that the platform's key cannot carry: a field
+    beyond `PLATFORM_KEY_FIELDS`, or a limit above the packaged model's."""
     for model_id, partial in models.items():
         field = own_key_field(model_id, provider, partial, base)
         if field is not None:
@@ -151,6 +162,62 @@ def check_platform_key(provider: str, models: dict[str, dict[str, Any]], base: C
                 f"needs the company's own api_key for {provider} (on the platform's key "
                 "the packaged model, price and features apply)",
             )
+        packaged = base.models[model_id]  # `own_key_field` None: a packaged model
+        for key in LIMIT_FIELDS:
+            value, most = partial.get(key), getattr(packaged, key)
+            if isinstance(value, int) and value > most:
+                raise ValidationFailed(
+                    f"models.{model_id}.{key}",
+                    f"must be at most {most} on the platform's key (the packaged model's)",
+                )
+
+
+def within_packaged(partial: dict[str, Any], packaged: ModelSpec) -> dict[str, Any]:
+    """`partial` with its limits cut to the packaged model's (an override stored
+    before `check_platform_key` refused larger ones)."""
+    return {
+        key: min(value, getattr(packaged, key))
+        if key in LIMIT_FIELDS and isinstance(value, int)
+        else value
+        for key, value in partial.items()
+    }
+
+
+def takes_own_key(provider: Provider) -> bool:
+    """Whether a company's own key for `provider` is a credential its backend checks.
+    Not for an in-house backend that authenticates the platform by `service_token_env`
+    (the edge sends the platform's `X-Service-Token`), nor for one the platform calls
+    with no key at all (no key variable, as the packaged ``mock``): there any string
+    would pass as an "own key" and unlock price and model overrides on the platform's
+    own backend (review 3A, finding 1)."""
+    return provider.service_token_env is None and bool(provider.key_envs())
+
+
+def check_own_key(provider: Provider) -> None:
+    """422 when a company may not store a key for `provider` (`takes_own_key`)."""
+    if takes_own_key(provider):
+        return
+    why = (
+        "authenticates the platform with its service token"
+        if provider.service_token_env is not None
+        else "is called without a key"
+    )
+    raise ValidationFailed(
+        "api_key",
+        f"{provider.name} takes no company key: its backend is the platform's and {why}, "
+        "so only the platform's key and the packaged models, prices and features apply",
+    )
+
+
+def own_keyed(base: Catalog, providers: Iterable[str]) -> frozenset[str]:
+    """Of `providers` (those for which a company stores a key), the ones whose key
+    counts: a stored key for a provider that `takes_own_key` refuses (stored before
+    that rule) unlocks nothing and is never sent."""
+    return frozenset(
+        name
+        for name in providers
+        if (provider := base.providers.get(name)) is not None and takes_own_key(provider)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +240,10 @@ def company_catalog(
     keyed: frozenset[str] = frozenset(),
 ) -> CompanyCatalog:
     """The packaged catalog merged with the company's overrides. `keyed`: the
-    providers for which the company has its own key; on any other provider only
-    `PLATFORM_KEY_FIELDS` of an override of a packaged model apply."""
+    providers for which the company has its own key (only those that take one count,
+    `own_keyed`); on any other provider only `PLATFORM_KEY_FIELDS` of an override of
+    a packaged model apply."""
+    keyed = own_keyed(base, keyed)
     models = dict(base.models)
     custom: set[str] = set()
     disabled: set[str] = set()
@@ -184,6 +253,7 @@ def company_catalog(
             if own_key_field(row.model_id, row.provider, {}, base) is not None:
                 continue  # an added or moved model needs the company's key
             partial = {k: v for k, v in partial.items() if k in PLATFORM_KEY_FIELDS}
+            partial = within_packaged(partial, base.models[row.model_id])
         try:
             spec = merge_model(base.model(row.model_id), row.model_id, row.provider, partial)
         except CatalogError:
@@ -311,16 +381,21 @@ def remove_provider(session: Session, company_id: str, provider: str) -> None:
 
 
 def keyed_providers(session: Session, company_id: str) -> frozenset[str]:
-    """Providers for which the company stores a key (for views; init decrypts)."""
+    """Providers for which the company stores a key (for views; init decrypts).
+    `company_catalog` counts only those that take a company key (`own_keyed`)."""
     return frozenset(
         r.provider for r in provider_rows(session, company_id) if r.api_key_encrypted is not None
     )
 
 
-def own_key_pools(session: Session, fernet: MultiFernet, company_id: str) -> dict[str, list[str]]:
+def own_key_pools(
+    session: Session, fernet: MultiFernet, company_id: str, base: Catalog
+) -> dict[str, list[str]]:
     """provider → the company's key pool (first key first), for pools whose first key
-    still decrypts."""
-    pools = {r.provider: decrypt_keys(fernet, r) for r in provider_rows(session, company_id)}
+    still decrypts, of providers that take a company key (`own_keyed`)."""
+    rows = provider_rows(session, company_id)
+    usable = own_keyed(base, (r.provider for r in rows))
+    pools = {r.provider: decrypt_keys(fernet, r) for r in rows if r.provider in usable}
     return {provider: keys for provider, keys in pools.items() if keys}
 
 

@@ -96,8 +96,13 @@ def _usable_view(session: Session, c: Caller, company_id: str) -> company_llm.Co
 
 def _apply(session: Session, c: Caller, company: Company, change: Change) -> None:
     provider = change.provider
+    spec = c.catalog.providers[provider]
+    if change.api_keys is not UNSET and change.api_keys is not None:
+        company_llm.check_own_key(spec)
     row = company_llm.provider_row(session, company.id, provider)
-    has_key = row is not None and row.api_key_encrypted is not None
+    # A key stored before `takes_own_key` refused it counts as none.
+    stored = row is not None and row.api_key_encrypted is not None
+    has_key = stored and company_llm.takes_own_key(spec)
     if not (has_key if change.api_keys is UNSET else change.api_keys is not None):
         # On the platform's key: what is sent now, or else what stays stored, must be
         # something that key can carry (`company_llm.own_key_field`).

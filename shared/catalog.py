@@ -21,6 +21,10 @@ from shared.input_size import IMAGE_TOKENS
 # Credits per million tokens; far above any real price, low enough that a cost
 # (tokens x price) stays exact in decimal arithmetic.
 MAX_PRICE = Decimal(10**9)
+# Any token count of the catalog (context, output, per image): a reservation keeps
+# its token counts in 32-bit columns (PostgreSQL `integer`), so a larger limit would
+# fail every init on the model with a 500 (review 3A, finding 6).
+MAX_TOKEN_COUNT = 2**31 - 1
 
 API_TYPES = frozenset({"openai_chat", "anthropic_messages", "gemini", "sse_backend"})
 # Content features a wire format cannot carry (`stream_edge/upstream/parts.py`):
@@ -177,8 +181,8 @@ def _price(price: dict[str, Any], where: str) -> Price:
 
 
 def _positive_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise CatalogError(f"{where} must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TOKEN_COUNT:
+        raise CatalogError(f"{where} must be a positive integer of at most {MAX_TOKEN_COUNT}")
     return value
 
 

@@ -80,8 +80,14 @@ def upstream_call(
     key: str | None,
 ) -> UpstreamCall:
     """What goes to the attempt's backend, with `key` (None: the provider needs none)."""
-    provider, model = attempt.route.provider, attempt.route.model
-    service_token = settings.service_tokens.get(provider.name)
+    route = attempt.route
+    provider, model = route.provider, route.model
+    # The platform's service token authenticates the platform's own traffic; a route
+    # on the company's own key is the company's, so it never carries that token (a
+    # company "key" for an in-house backend would otherwise ride the platform's
+    # credential; the control plane refuses such keys, `company_llm.takes_own_key`).
+    own_key = route.api_key is not None or bool(route.api_keys)
+    service_token = None if own_key else settings.service_tokens.get(provider.name)
     return UpstreamCall(
         base_url=provider.base_url,
         api_key=key,

@@ -3,6 +3,7 @@ overrides and additions, the company's catalog, and what init does with them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,15 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
-from control_plane.company_llm import company_catalog, merge_model, parse_models
+from control_plane.chat_init import plan_hold
+from control_plane.company_llm import company_catalog, merge_model, parse_models, replace_models
 from control_plane.errors import ValidationFailed
 from control_plane.tables import CompanyModel, CompanyProvider, SigningKey
 from shared.catalog import CatalogError, load_catalog
 from shared.key_pool import key_id
 from shared.pricing import estimate_input_tokens
 from shared.route_claim import CLAIM, route_ciphers, unseal
+from tests.stack import keyed_mock_models
 from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
 
 CATALOG = load_catalog(None)
@@ -153,8 +156,16 @@ def test_provider_key_is_encrypted_never_returned_and_routes_the_stream(cp: CP) 
     assert _route(cp, init) is None
 
 
-@sqlite_only
-def test_company_models_default_model_and_init_checks(cp: CP) -> None:
+@pytest.fixture
+def keyed_mock_cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    """A control plane whose `mock` provider checks keys (`keyed_mock_models`)."""
+    env = {"LLMGW_MODELS_FILE": keyed_mock_models(tmp_path)}
+    with start_cp(request, tmp_path, "sqlite", env) as handle:
+        yield handle
+
+
+def test_company_models_default_model_and_init_checks(keyed_mock_cp: CP) -> None:
+    cp = keyed_mock_cp
     client, company_id = cp.owner_client("10")
     other, _ = cp.owner_client("10")
     body = {
@@ -291,3 +302,87 @@ def test_encryption_key_rotation_reencrypts_stored_secrets(cp: CP) -> None:
     cp.app.state.deps.fernet = MultiFernet([new_key])
     init = data_of(client.post("/v1/chat/init", json={"model": "gpt-4o-mini", "query": "x"}), 201)
     assert _route(cp, init).api_key == "sk-old-key"
+
+
+# --- limits a reservation cannot hold (review 3A, finding 6) ------------------------
+
+HUGE = [2**31, 2**53, 2**63 - 1, 2**64 - 1]
+
+
+def _put_limits(client: Any, company_id: str, provider: str, model: str, value: int) -> Any:
+    """Both limits at `value` (raw JSON: an integer past 2**63 goes as written); on
+    openai with the company's own key."""
+    body = b'{"api_key": "sk-own-openai-key", ' if provider == "openai" else b"{"
+    body += b'"models": {"%s": {"max_output_tokens": %d, "context_length": %d}}}' % (
+        model.encode(),
+        value,
+        value,
+    )
+    return client.put(
+        f"/v1/admin/companies/{company_id}/providers/{provider}",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+
+
+@pytest.mark.parametrize("value", HUGE)
+def test_limits_past_a_reservations_columns_are_refused(cp: CP, value: int) -> None:
+    """Such a limit, once stored, made every later init on the model a 500 (integer
+    out of range): refused at PUT, on the platform's key and on the company's own."""
+    client, company_id = cp.owner_client("1000000")
+    for provider, model in (("mock", "mock-fast"), ("openai", "gpt-4o-mini")):
+        response = _put_limits(client, company_id, provider, model, value)
+        message = error_of(response, 422, "validation_error")
+        assert message.startswith(f"models.{model}") and str(2**31 - 1) in message
+    assert data_of(client.get(f"/v1/admin/companies/{company_id}/providers"))["items"] == []
+    init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
+    assert init["model"] == "mock-fast" and init["max_tokens"] == 1024
+
+
+def test_the_largest_limits_on_a_companys_own_key_still_init(cp: CP) -> None:
+    """At the cap, on the company's own key: the default output budget fits the
+    reservation (the hold is huge, and paid for)."""
+    client, company_id = cp.owner_client("1000000")
+    data_of(_put_limits(client, company_id, "openai", "gpt-4o-mini", 2**31 - 1))
+    init = data_of(client.post("/v1/chat/init", json={"model": "gpt-4o-mini", "query": "hi"}), 201)
+    assert 2**31 - 100 < init["max_tokens"] < 2**31
+
+
+def test_platform_key_limits_stay_within_the_packaged_models(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    path = f"/v1/admin/companies/{company_id}/providers/mock"
+    for field, value in (("max_output_tokens", 1025), ("context_length", 8193)):
+        r = client.put(path, json={"models": {"mock-fast": {field: value}}})
+        message = error_of(r, 422, "validation_error")
+        assert message.startswith(f"models.mock-fast.{field}") and "platform's key" in message
+    assert data_of(client.get(f"/v1/admin/companies/{company_id}/providers"))["items"] == []
+    limits = {"max_output_tokens": 1024, "context_length": 4096}
+    data_of(client.put(path, json={"models": {"mock-fast": limits}}))
+    init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
+    assert init["max_tokens"] == 1024
+
+
+@pytest.mark.parametrize("value", [2**31 - 1, *HUGE])
+def test_limits_stored_before_the_caps_do_not_break_init(cp: CP, value: int) -> None:
+    """Rows an older version accepted: on the platform's key the packaged limits
+    apply; past the columns the override is ignored. Init answers either way."""
+    client, company_id = cp.owner_client("10")
+    limits = {"max_output_tokens": value, "context_length": value}
+
+    def store(session: Any) -> None:
+        replace_models(session, company_id, "mock", {"mock-fast": limits})
+
+    cp.on_loop(lambda: cp.app.state.db.transaction(store))
+    init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
+    assert init["model"] == "mock-fast" and init["max_tokens"] == 1024
+    listed = data_of(client.get("/v1/models"))["models"]
+    (fast,) = [m for m in listed if m["id"] == "mock-fast"]
+    assert (fast["context_length"], fast["max_output_tokens"]) == (8192, 1024)
+
+
+def test_the_default_output_budget_fits_a_reservation_whatever_the_model() -> None:
+    huge = dataclasses.replace(
+        CATALOG.models["mock-fast"], context_length=2**62, max_output_tokens=2**62
+    )
+    plan = plan_hold(huge, [{"role": "user", "content": "hi"}], None)
+    assert plan.max_tokens == 2**31 - 1
