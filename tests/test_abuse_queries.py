@@ -1,0 +1,75 @@
+"""Hostile ids in paths (review 3): a 4xx, never a 500, and a refused request writes
+nothing, not even a key in the store. One control plane on PostgreSQL + Redis for
+the whole module (Redis is where a stray key would stay for a week)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import REDIS_URL
+from tests.test_abuse_input import pg_cp
+from tests.test_control_plane import CP, error_of
+
+
+@pytest.fixture(scope="module")
+def cp(pg_server: str) -> Iterator[CP]:
+    with pg_cp(pg_server) as handle:
+        yield handle
+
+
+def _member(cp: CP, company_id: str) -> httpx.Client:
+    return cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
+
+
+def _version_keys(cp: CP) -> list[bytes]:
+    """Every LLM-config version key the control plane wrote (`catalog_cache.version_key`)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return list(client.scan_iter(match=f"{cp.settings.redis_prefix}llm:config:version:*"))
+    finally:
+        client.close()
+
+
+# --- ids in paths: a refused provider change writes nothing to the store -----------
+
+
+def test_a_refused_provider_change_writes_no_store_key(cp: CP) -> None:
+    company_id = cp.company("0")
+    member = _member(cp, company_id)  # the attack needs no more than this
+    owner, own_company = cp.owner_client("1")
+    huge = uuid.uuid4().hex + "x" * 40_000  # a week-long 40 KB key per request, before
+    refused: list[tuple[httpx.Client, str, str]] = [
+        (member, "DELETE", f"/v1/admin/companies/{huge}/providers/openai"),
+        (member, "PUT", f"/v1/admin/companies/{huge}/providers/openai"),
+        (member, "DELETE", f"/v1/admin/companies/{company_id}/providers/openai"),
+        (owner, "DELETE", f"/v1/admin/companies/{company_id}/providers/openai"),
+        (cp.admin, "DELETE", f"/v1/admin/companies/{huge}/providers/openai"),
+        (cp.admin, "DELETE", f"/v1/admin/companies/{uuid.uuid4().hex}/providers/openai"),
+        (cp.admin, "PUT", f"/v1/admin/companies/{uuid.uuid4().hex}/providers/openai"),
+    ]
+    for who, method, path in refused:
+        r = who.request(method, path, json={"default_model": None})
+        error_of(r, 404, "not_found")
+    assert _version_keys(cp) == []
+    # The owner's own change, committed, is what moves its company's version.
+    assert owner.delete(f"/v1/admin/companies/{own_company}/providers/openai").status_code == 204
+    assert [k.decode().rsplit(":", 1)[1] for k in _version_keys(cp)] == [own_company]
+
+
+def test_ids_in_admin_paths_longer_than_any_id_are_404(cp: CP) -> None:
+    huge = "x" * 40_000
+    for method, path, body in [
+        ("GET", f"/v1/admin/companies/{huge}/providers", None),
+        ("GET", f"/v1/admin/companies/{huge}/agents", None),
+        ("GET", f"/v1/admin/companies/{huge}/budgets", None),
+        ("POST", f"/v1/admin/companies/{huge}/credits", {"amount": "1"}),
+        ("PATCH", f"/v1/admin/users/{huge}", {"role": "member"}),
+        ("DELETE", f"/v1/admin/api-keys/{huge}", None),
+        ("DELETE", f"/v1/admin/revocations/{huge}", None),
+    ]:
+        error_of(cp.admin.request(method, path, json=body), 404, "not_found")
