@@ -1,19 +1,22 @@
-"""Hostile ids in paths (review 3): a 4xx, never a 500, and a refused request writes
-nothing, not even a key in the store. One control plane on PostgreSQL + Redis for
-the whole module (Redis is where a stray key would stay for a week)."""
+"""Hostile ids in paths and cursors in query strings (review 3): each is a 4xx, never
+a 500, and a refused request writes nothing, not even a key in the store. One
+control plane on PostgreSQL + Redis for the whole module (Redis is where a stray
+key would stay for a week)."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
 import redis
 
 from tests.conftest import REDIS_URL
 from tests.test_abuse_input import pg_cp
-from tests.test_control_plane import CP, error_of
+from tests.test_control_plane import CP, data_of, error_of
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +76,33 @@ def test_ids_in_admin_paths_longer_than_any_id_are_404(cp: CP) -> None:
         ("DELETE", f"/v1/admin/revocations/{huge}", None),
     ]:
         error_of(cp.admin.request(method, path, json=body), 404, "not_found")
+
+
+# --- cursors: a forged one is a 422 on every keyset listing ------------------------
+
+
+def _cursor(moment: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([moment, "a"])).decode().rstrip("=")
+
+
+# Aware, and inside `datetime`'s range, but not once moved to UTC.
+FORGED = [_cursor("0001-01-01T00:00:00+14:00"), _cursor("9999-12-31T23:59:59-14:00")]
+
+
+def test_a_forged_cursor_at_the_edge_of_time_is_422_on_every_listing(cp: CP) -> None:
+    owner, company_id = cp.owner_client("1")
+    member = _member(cp, company_id)
+    listings = [
+        (member, "/v1/usage"),
+        (member, "/v1/credits"),
+        (member, "/v1/sessions"),
+        (owner, "/v1/admin/users"),
+        (owner, "/v1/admin/api-keys"),
+        (owner, "/v1/admin/revocations"),
+        (owner, "/v1/admin/audit"),
+    ]
+    for who, path in listings:
+        data_of(who.get(path))  # the listing itself answers
+        for cursor in FORGED:
+            message = error_of(who.get(path, params={"cursor": cursor}), 422, "validation_error")
+            assert "cursor" in message, (path, message)
