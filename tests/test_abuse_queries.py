@@ -1,5 +1,5 @@
-"""Hostile ids in paths and cursors in query strings (review 3): each is a 4xx, never
-a 500, and a refused request writes nothing, not even a key in the store. One
+"""Hostile ids in paths, cursors and days in query strings (review 3): each is a 4xx,
+never a 500, and a refused request writes nothing, not even a key in the store. One
 control plane on PostgreSQL + Redis for the whole module (Redis is where a stray
 key would stay for a week)."""
 
@@ -106,3 +106,34 @@ def test_a_forged_cursor_at_the_edge_of_time_is_422_on_every_listing(cp: CP) -> 
         for cursor in FORGED:
             message = error_of(who.get(path, params={"cursor": cursor}), 422, "validation_error")
             assert "cursor" in message, (path, message)
+
+
+# --- days: the edges of the calendar are a 422 -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/v1/admin/audit", {"to": "9999-12-31"}),  # the day after `to` overflowed
+        ("/v1/admin/audit", {"from": "0001-01-01"}),
+        ("/v1/usage/summary", {"to": "0001-01-01"}),  # 30 days before `to` overflowed
+        ("/v1/usage/summary", {"from": "9999-12-30", "to": "9999-12-31"}),
+        ("/v1/usage/ttft", {"to": "0001-01-02"}),
+        ("/v1/usage/ttft", {"from": "9999-12-31", "to": "9999-12-31"}),
+    ],
+)
+def test_days_past_the_calendars_margins_are_422(cp: CP, path: str, params: dict[str, str]) -> None:
+    owner, _ = cp.owner_client("1")
+    for who in (owner, cp.admin):
+        message = error_of(who.get(path, params=params), 422, "validation_error")
+        assert "from" in message or "to" in message, message
+
+
+def test_the_first_and_last_days_allowed_still_answer(cp: CP) -> None:
+    owner, _ = cp.owner_client("1")
+    for first, last in [("0002-01-01", "0002-01-01"), ("9998-12-31", "9998-12-31")]:
+        days = {"from": first, "to": last}
+        assert data_of(owner.get("/v1/admin/audit", params=days))["items"] == []
+        assert data_of(owner.get("/v1/usage/summary", params=days))["items"]
+        assert data_of(owner.get("/v1/usage/ttft", params=days)) is not None
+    assert data_of(owner.get("/v1/usage/summary", params={"to": "0002-01-30"}))["items"]
