@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -69,11 +70,12 @@ def _named_local(host: str) -> bool:
 
 
 def parse_url(value: Any, *, allow_private: bool = False) -> str:
-    """An absolute http(s) URL with a host, at most `URL_MAX` characters. Without
-    `allow_private` (``LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE``), a literal private,
-    loopback or link-local address, or ``localhost``, is refused: a company's URL
-    must not make the control plane post inward (SSRF). Names are checked again,
-    resolved, at each delivery (`deliver_due`)."""
+    """An absolute http(s) URL with a host and, if any, a port from 1 to 65535, at
+    most `URL_MAX` characters. Without `allow_private`
+    (``LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE``), a literal private, loopback or
+    link-local address, or ``localhost``, is refused: a company's URL must not make
+    the control plane post inward (SSRF). Names are checked again, resolved, at each
+    delivery (`deliver_due`)."""
     if not isinstance(value, str) or not 0 < len(value) <= URL_MAX or NUL in value:
         raise ValidationFailed("url", f"must be a URL of 1-{URL_MAX} characters")
     try:
@@ -82,6 +84,12 @@ def parse_url(value: Any, *, allow_private: bool = False) -> str:
         raise ValidationFailed("url", "must be an http(s) URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationFailed("url", "must be an absolute http:// or https:// URL")
+    try:
+        port = parts.port  # ValueError: not a number, or past 65535
+    except ValueError:
+        port = 0
+    if port == 0:  # nothing listens there: every delivery would fail
+        raise ValidationFailed("url", "must have a port from 1 to 65535, or none")
     if any(c.isspace() for c in value):
         raise ValidationFailed("url", "must not contain whitespace")
     host = parts.hostname
@@ -96,16 +104,23 @@ def parse_url(value: Any, *, allow_private: bool = False) -> str:
     return value
 
 
-async def resolves_public(url: str) -> bool:
-    """Every address the URL's host resolves to is public (see `is_public`)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+async def resolve(url: httpx.URL, *, allow_private: bool = False) -> str | None:
+    """The address a delivery to `url` connects to: the first its host resolves to,
+    provided every one is public (see `is_public`; any, with `allow_private`). None
+    when the name does not resolve, or resolves inward. Resolved once per delivery,
+    and `post` connects to this very address: a name that answers a public address
+    to this check and an inward one to a second lookup (DNS rebinding) gains
+    nothing."""
+    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
-    except OSError:
-        return False
-    return bool(infos) and all(is_public(str(info[4][0])) for info in infos)
+        host = url.raw_host.decode("ascii")  # IDNA-encoded, no brackets
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError, OverflowError):  # OverflowError: a port past 65535
+        return None
+    addresses = [str(info[4][0]) for info in infos]
+    if not addresses or not (allow_private or all(map(is_public, addresses))):
+        return None
+    return addresses[0]
 
 
 def webhook_public(row: CompanyWebhook, secret: str | None = None) -> dict[str, Any]:
@@ -216,21 +231,48 @@ def record_outcome(session: Session, delivery: Delivery, delivered: bool, now: d
     session.flush()
 
 
-async def post(client: httpx.AsyncClient, delivery: Delivery) -> bool:
+async def post(client: httpx.AsyncClient, delivery: Delivery, address: str) -> bool:
+    """POST the event to `address` (what `resolve` answered for the URL's host), with
+    the name kept where it belongs: the ``Host`` header (set from the URL as the
+    request is built) and TLS, whose SNI and certificate check use it."""
     headers = sign(delivery.secret, delivery.event_id, delivery.body)
+    request = client.build_request("POST", delivery.url, content=delivery.body, headers=headers)
+    request.extensions["sni_hostname"] = request.url.raw_host.decode("ascii")
+    request.url = request.url.copy_with(host=address)
+    # Pooled connections are keyed by address, not name: one opened for another
+    # company's name on the same address (a shared host) must not carry this post.
+    request.headers["Connection"] = "close"
     try:
-        response = await client.post(delivery.url, content=delivery.body, headers=headers)
+        response = await client.send(request, follow_redirects=False)
     except httpx.HTTPError as exc:
         log.warning("company webhook %s failed: %s", delivery.event_id, type(exc).__name__)
         return False
     return 200 <= response.status_code < 300
 
 
+async def attempt(
+    client: httpx.AsyncClient, delivery: Delivery, *, allow_private: bool = False
+) -> bool:
+    """One delivery attempt: resolve and check the host once, then post to it.
+    A host that does not resolve, or resolves inward, is not posted to (False)."""
+    try:
+        url = httpx.URL(delivery.url)
+    except httpx.InvalidURL:
+        log.warning("company webhook %s has an unusable URL; not sent", delivery.event_id)
+        return False
+    address = await resolve(url, allow_private=allow_private)
+    if address is None:
+        log.warning("company webhook %s resolves inward or not at all", delivery.event_id)
+        return False
+    return await post(client, delivery, address)
+
+
 async def deliver_due(
     db: Database, fernet: MultiFernet, client: httpx.AsyncClient, *, allow_private: bool = False
 ) -> int:
     """One pass: claim, post, record. Returns how many were delivered. A URL whose
-    host now resolves to a non-public address is not posted to (a failed attempt)."""
+    host now resolves to a non-public address is not posted to, and any failure of
+    one delivery is a failed attempt (counted towards `MAX_ATTEMPTS`)."""
     claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
     # Concurrently, a few at a time: one company's slow receiver (up to the timeout)
     # must not hold up every other company's events.
@@ -238,10 +280,13 @@ async def deliver_due(
 
     async def one(delivery: Delivery) -> bool:
         async with gate:
-            if allow_private or await resolves_public(delivery.url):
-                ok = await post(client, delivery)
-            else:
-                log.warning("company webhook %s resolves inward; not sent", delivery.event_id)
+            try:
+                ok = await attempt(client, delivery, allow_private=allow_private)
+            except Exception:
+                # Whatever went wrong (a URL stored before it was checked as now, a
+                # bug), it is a failed attempt: recorded, so the event backs off and
+                # is given up after MAX_ATTEMPTS instead of coming back every lease.
+                log.exception("company webhook %s failed", delivery.event_id)
                 ok = False
             await db.transaction(_recorder(delivery, ok))
             return ok

@@ -1,5 +1,6 @@
 """What a request handler needs, built once by the lifespan and kept on
-``app.state.deps`` (no module globals), plus the request-body reader."""
+``app.state.deps`` (no module globals), plus the readers of a request's body and
+path ids."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from starlette.requests import Request
 
 from control_plane.catalog_cache import CatalogCache
 from control_plane.db import Database
-from control_plane.errors import PayloadTooLarge
+from control_plane.errors import NotFound, PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.settings import ControlPlaneSettings
@@ -69,3 +70,18 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 async def read_json(request: Request) -> dict[str, Any]:
     return parse_json_object(await read_body(request))
+
+
+PATH_ID_MAX = 64
+"""Longer than any id a row can have (ours are 32 hex characters)."""
+
+
+def path_id(request: Request, name: str) -> str:
+    """A path parameter that names a row (a company, a user, a key...): 404 when it is
+    longer than any id can be, before the database or the store sees it. Only the
+    server's request-line limit bounds a path otherwise (tens of KB), and an id can
+    end up in a store key (`catalog_cache.version_key`)."""
+    value = str(request.path_params[name])
+    if len(value) > PATH_ID_MAX:
+        raise NotFound()
+    return value

@@ -16,7 +16,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -56,7 +56,19 @@ def decode_cursor(raw: str | None) -> Cursor | None:
         row_id = doc[1]
         if moment.tzinfo is None or not isinstance(row_id, str) or NUL in row_id:
             raise ValueError
-    except (ValueError, TypeError, IndexError, KeyError, binascii.Error, orjson.JSONDecodeError):
+        # In UTC here, as the columns hold it: an offset that moves the moment past
+        # year 1 or 9999 (a forged cursor) is then a 422, not an OverflowError when
+        # the moment is bound to the query.
+        moment = moment.astimezone(UTC)
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        binascii.Error,
+        orjson.JSONDecodeError,
+    ):
         raise ValidationFailed("cursor", _NOT_OURS) from None
     return moment, row_id
 

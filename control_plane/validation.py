@@ -16,6 +16,12 @@ from shared.pricing import parse_credits
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
+# The days a query may name: a year inside each end of what `date` holds, so what
+# callers do with them (the day after `to`, a window of days before it) cannot
+# overflow into a 500.
+FIRST_DAY = date(2, 1, 1)
+LAST_DAY = date(9998, 12, 31)
+
 
 NUL = "\x00"
 
@@ -111,15 +117,21 @@ def credits_amount(value: Any, name: str) -> int:
 
 
 def parse_day(raw: str | None, name: str) -> date | None:
-    """A query parameter ``YYYY-MM-DD`` (a UTC day); None when absent."""
+    """A query parameter ``YYYY-MM-DD`` (a UTC day from `FIRST_DAY` to `LAST_DAY`);
+    None when absent."""
     if raw is None or raw == "":
         return None
     try:
         if len(raw) != 10:
             raise ValueError
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
         raise ValidationFailed(name, "must be a date YYYY-MM-DD") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ValidationFailed(
+            name, f"must be a day from {FIRST_DAY.isoformat()} to {LAST_DAY.isoformat()}"
+        )
+    return day
 
 
 def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:

@@ -157,6 +157,10 @@ def test_fits_counts_holds_like_the_balance() -> None:
         ("ftp://example.com/", False),
         ("https:///nohost", False),
         ("https://exa mple.com/", False),
+        ("https://hooks.example.com:8443/budget", True),
+        ("http://example.com:99999/hook", False),  # every delivery would fail, for ever
+        ("http://example.com:0/hook", False),
+        ("http://example.com:http/hook", False),
     ],
 )
 def test_company_webhook_urls_never_point_inward(url: str, allowed: bool) -> None:
@@ -173,10 +177,11 @@ def test_company_webhook_urls_never_point_inward(url: str, allowed: bool) -> Non
 
 
 def test_a_name_resolving_inward_is_not_posted_to() -> None:
-    from control_plane.company_webhooks import resolves_public
+    from control_plane.company_webhooks import resolve
 
-    assert asyncio.run(resolves_public("http://localhost:9/hook")) is False
-    assert asyncio.run(resolves_public("http://127.0.0.1:9/hook")) is False
+    for url in ("http://localhost:9/hook", "http://127.0.0.1:9/hook"):
+        assert asyncio.run(resolve(httpx.URL(url))) is None
+        assert asyncio.run(resolve(httpx.URL(url), allow_private=True)) is not None
 
 
 # --- pure: tokens per minute -------------------------------------------------------------

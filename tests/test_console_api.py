@@ -94,12 +94,25 @@ TODAY = date(2026, 11, 30)
         ({"from": "2026-12-01", "to": "2026-11-30"}, "from"),
         ({"from": "2024-01-01", "to": "2026-11-30"}, "from"),  # over 366 days
         ({"order": "random"}, "order"),
+        # Days whose arithmetic (30 days before `to`, the day after it) overflows `date`.
+        ({"to": "0001-01-01"}, "to"),
+        ({"to": "0001-12-31"}, "to"),
+        ({"from": "0001-12-31", "to": "0002-01-01"}, "from"),
+        ({"from": "9999-12-30", "to": "9999-12-31"}, "to"),
+        ({"from": "9998-12-31", "to": "9999-01-01"}, "to"),
     ],
 )
 def test_summary_query_rejects(params: dict[str, str], problem: str) -> None:
     with pytest.raises(ValidationFailed) as info:
         usage_summary.parse_query(params, TODAY, across_companies=False)
     assert info.value.field == problem
+
+
+def test_summary_query_reaches_the_first_and_last_days_allowed() -> None:
+    first = usage_summary.parse_query({"to": "0002-01-01"}, TODAY, across_companies=False)
+    assert (first.start, first.since.year) == (date(1, 12, 3), 1)
+    last = {"from": "9998-12-31", "to": "9998-12-31"}
+    assert usage_summary.parse_query(last, TODAY, across_companies=False).until.year == 9999
 
 
 def test_summary_query_defaults_to_the_last_30_days() -> None:

@@ -3,10 +3,12 @@ real PostgreSQL walk through rows that share a moment (the id must break ties)."
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import orjson
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.dialects import postgresql
@@ -62,13 +64,30 @@ def test_page_public_shapes_items_and_keeps_the_cursor() -> None:
     assert page.public(lambda r: r.id) == {"items": ["r3", "r2"], "next_cursor": page.next_cursor}
 
 
+def _forged(moment: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([moment, "a"])).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("query", "error"),
-    [({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"cursor": "!!"}, "cursor")],
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"cursor": "!!"}, "cursor"),
+        ({"cursor": _forged("2026-11-30T12:00:00")}, "cursor"),  # naive
+        # Aware, but past year 1 or 9999 once in UTC: an OverflowError (a 500) at the query.
+        ({"cursor": _forged("0001-01-01T00:00:00+14:00")}, "cursor"),
+        ({"cursor": _forged("9999-12-31T23:59:59-14:00")}, "cursor"),
+    ],
 )
 def test_page_request_refuses_bad_queries(query: dict[str, str], error: str) -> None:
     with pytest.raises(ValidationFailed, match=error):
         page_request(query)
+
+
+def test_a_cursor_is_read_in_utc() -> None:
+    moment, _ = decode_cursor(_forged("2026-11-30T14:00:00+02:00")) or (None, None)
+    assert moment == T0 and moment.tzinfo is UTC
 
 
 def test_page_request_defaults_and_round_trip() -> None:

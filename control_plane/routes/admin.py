@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Route
 from control_plane import account_admin, accounts, policy
 from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate
 from control_plane.credentials import hash_password
-from control_plane.deps import get_deps, read_json
+from control_plane.deps import get_deps, path_id, read_json
 from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
@@ -111,7 +111,7 @@ async def list_users(request: Request) -> Response:
 async def update_user(request: Request) -> Response:
     """Change a user's role (``{"role"}``), within the caller's own rank."""
     principal = await authenticate(request)
-    user_id = str(request.path_params["user_id"])
+    user_id = path_id(request, "user_id")
     doc = await read_json(request)
     unknown = sorted(set(doc) - {"role"})
     if unknown:
@@ -153,7 +153,7 @@ async def list_api_keys(request: Request) -> Response:
 
 async def revoke_api_key(request: Request) -> Response:
     principal = await authenticate(request)
-    key_id = str(request.path_params["key_id"])
+    key_id = path_id(request, "key_id")
     actor = _actor(request, principal)
     await get_deps(request).db.transaction(lambda s: account_admin.revoke_api_key(s, actor, key_id))
     return no_content()

@@ -19,24 +19,15 @@ from starlette.routing import BaseRoute, Route
 from control_plane import budget_admin, company_webhooks
 from control_plane.auth import authenticate
 from control_plane.budget_math import parse_budget
-from control_plane.deps import get_deps, read_json
-from control_plane.errors import Conflict, NotFound, ValidationFailed
+from control_plane.deps import get_deps, path_id, read_json
+from control_plane.errors import Conflict, ValidationFailed
 from control_plane.responses import no_content, ok
 from control_plane.tables import utcnow
-
-ID_MAX = 64
-
-
-def _path_id(request: Request, name: str) -> str:
-    value = str(request.path_params[name])
-    if len(value) > ID_MAX:
-        raise NotFound()
-    return value
 
 
 async def list_budgets(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     now = utcnow()
     items = await get_deps(request).db.transaction(
         lambda s: budget_admin.list_budgets(s, principal, company_id, now)
@@ -46,7 +37,7 @@ async def list_budgets(request: Request) -> Response:
 
 async def create_budget(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     body = parse_budget(await read_json(request), partial=False)
     now = utcnow()
     data = await get_deps(request).db.transaction(
@@ -57,8 +48,8 @@ async def create_budget(request: Request) -> Response:
 
 async def update_budget(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
-    budget_id = _path_id(request, "budget_id")
+    company_id = path_id(request, "company_id")
+    budget_id = path_id(request, "budget_id")
     body = parse_budget(await read_json(request), partial=True)
     now = utcnow()
     data = await get_deps(request).db.transaction(
@@ -69,8 +60,8 @@ async def update_budget(request: Request) -> Response:
 
 async def delete_budget(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
-    budget_id = _path_id(request, "budget_id")
+    company_id = path_id(request, "company_id")
+    budget_id = path_id(request, "budget_id")
     await get_deps(request).db.transaction(
         lambda s: budget_admin.remove_budget(s, principal, company_id, budget_id)
     )
@@ -79,7 +70,7 @@ async def delete_budget(request: Request) -> Response:
 
 async def list_teams(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     items = await get_deps(request).db.transaction(
         lambda s: budget_admin.list_teams(s, principal, company_id)
     )
@@ -88,7 +79,7 @@ async def list_teams(request: Request) -> Response:
 
 async def create_team(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     body = budget_admin.parse_team(await read_json(request), partial=False)
     now = utcnow()
     try:
@@ -102,8 +93,8 @@ async def create_team(request: Request) -> Response:
 
 async def update_team(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
-    team_id = _path_id(request, "team_id")
+    company_id = path_id(request, "company_id")
+    team_id = path_id(request, "team_id")
     body = budget_admin.parse_team(await read_json(request), partial=True)
     try:
         data = await get_deps(request).db.transaction(
@@ -116,8 +107,8 @@ async def update_team(request: Request) -> Response:
 
 async def delete_team(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
-    team_id = _path_id(request, "team_id")
+    company_id = path_id(request, "company_id")
+    team_id = path_id(request, "team_id")
     await get_deps(request).db.transaction(
         lambda s: budget_admin.delete_team(s, principal, company_id, team_id)
     )
@@ -127,7 +118,7 @@ async def delete_team(request: Request) -> Response:
 async def put_webhook(request: Request) -> Response:
     """Set the company's webhook URL; the first time, answer its new secret (once)."""
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     doc = await read_json(request)
     unknown = sorted(set(doc) - {"url"})
     if unknown:
@@ -151,7 +142,7 @@ async def put_webhook(request: Request) -> Response:
 
 async def get_webhook(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     data = await get_deps(request).db.transaction(
         lambda s: budget_admin.get_webhook(s, principal, company_id)
     )
@@ -160,7 +151,7 @@ async def get_webhook(request: Request) -> Response:
 
 async def delete_webhook(request: Request) -> Response:
     principal = await authenticate(request)
-    company_id = _path_id(request, "company_id")
+    company_id = path_id(request, "company_id")
     await get_deps(request).db.transaction(
         lambda s: budget_admin.delete_webhook(s, principal, company_id)
     )

@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane import accounts, audit, billing, policy
 from control_plane.auth import authenticate
-from control_plane.deps import get_deps, read_json
+from control_plane.deps import get_deps, path_id, read_json
 from control_plane.errors import Forbidden, ValidationFailed
 from control_plane.grants import MoveKind, move
 from control_plane.middleware import request_id
@@ -79,7 +79,7 @@ _ADJUST = _Movement("adjustment", policy.can_adjust_credits, "adjust")
 
 async def _move_credits(request: Request, how: _Movement) -> Response:
     principal = await authenticate(request)
-    company_id = str(request.path_params["company_id"])
+    company_id = path_id(request, "company_id")
     if not how.allowed(principal, company_id):
         raise Forbidden(f"Only a platform admin can {how.verb} credits.")
     doc = await read_json(request)

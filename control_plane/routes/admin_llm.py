@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane import accounts, catalog_cache, company_llm, policy, provider_admin, reencryption
 from control_plane.auth import authenticate
-from control_plane.deps import Deps, get_deps, read_json
+from control_plane.deps import Deps, get_deps, path_id, read_json
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.policy import Principal
@@ -108,18 +108,20 @@ async def put_provider(request: Request) -> Response:
     principal = await authenticate(request)
     deps = get_deps(request)
     catalog = deps.settings.catalog
-    company_id = str(request.path_params["company_id"])
+    company_id = path_id(request, "company_id")
     if not policy.can_configure_llm(principal, company_id):
         raise NotFound("No such company.")
     provider = _provider(request, catalog)
     change = _change(await read_json(request), provider, catalog)
     caller = _caller(request, deps, principal)
-    try:
-        data = await deps.db.transaction(
-            lambda s: provider_admin.configure(s, caller, company_id, change)
-        )
-    finally:  # committed or not: inits reload the company's configuration
-        await catalog_cache.invalidate(deps.store, company_id)
+    data = await deps.db.transaction(
+        lambda s: provider_admin.configure(s, caller, company_id, change)
+    )
+    # Only once the change committed, so only for a caller allowed to make it: a
+    # refused request must not write a week-long version key for whatever id its
+    # path names. A commit whose outcome is unknown (the transaction raised) leaves
+    # cached entries to expire within `catalog_cache.MAX_AGE_SECONDS`.
+    await catalog_cache.invalidate(deps.store, company_id)
     await provider_admin.with_key_states(deps.store, company_id, [data])
     return ok(data)
 
@@ -128,7 +130,7 @@ async def list_providers(request: Request) -> Response:
     """A company's provider configuration (has_key, models), keys never included."""
     principal = await authenticate(request)
     deps = get_deps(request)
-    company_id = str(request.path_params["company_id"])
+    company_id = path_id(request, "company_id")
     caller = _caller(request, deps, principal)
     items = await deps.db.transaction(lambda s: provider_admin.list_views(s, caller, company_id))
     await provider_admin.with_key_states(deps.store, company_id, items)
@@ -139,13 +141,11 @@ async def delete_provider(request: Request) -> Response:
     """Forget a company's key and models for one provider."""
     principal = await authenticate(request)
     deps = get_deps(request)
-    company_id = str(request.path_params["company_id"])
+    company_id = path_id(request, "company_id")
     provider = _provider(request, deps.settings.catalog)
     caller = _caller(request, deps, principal)
-    try:
-        await deps.db.transaction(lambda s: provider_admin.remove(s, caller, company_id, provider))
-    finally:
-        await catalog_cache.invalidate(deps.store, company_id)
+    await deps.db.transaction(lambda s: provider_admin.remove(s, caller, company_id, provider))
+    await catalog_cache.invalidate(deps.store, company_id)  # after the commit: see put_provider
     return no_content()
 
 

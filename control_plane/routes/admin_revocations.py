@@ -10,7 +10,7 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane import account_admin, policy, revoking
 from control_plane.auth import authenticate
-from control_plane.deps import get_deps, read_json
+from control_plane.deps import get_deps, path_id, read_json
 from control_plane.errors import ServiceUnavailable
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
@@ -50,7 +50,7 @@ async def lift_revocation(request: Request) -> Response:
     """Lift a revocation: re-enable the user or company, forget the token (unless
     another revocation of the same target is still in force)."""
     principal = await authenticate(request)
-    revocation_id = str(request.path_params["revocation_id"])
+    revocation_id = path_id(request, "revocation_id")
     deps = get_deps(request)
     actor = account_admin.Actor(principal, request_id(request))
     lifted = await deps.db.transaction(

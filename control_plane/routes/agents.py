@@ -9,13 +9,13 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane import agent_spec, agents
 from control_plane.auth import authenticate
-from control_plane.deps import get_deps, read_json
+from control_plane.deps import get_deps, path_id, read_json
 from control_plane.middleware import request_id
 from control_plane.responses import no_content, ok
 
 
 def _path(request: Request) -> tuple[str, str]:
-    return str(request.path_params["company_id"]), str(request.path_params.get("name", ""))
+    return path_id(request, "company_id"), str(request.path_params.get("name", ""))
 
 
 async def list_agents(request: Request) -> Response:

@@ -1,0 +1,278 @@
+"""Delivering a company's own webhook (`company_webhooks.deliver_due`), attacked: a
+name that answers a public address to the check and an inward one next (DNS
+rebinding) still gets its post at the address checked; a URL no delivery can use,
+or any failure of one delivery, is a failed attempt, so the event backs off and is
+given up after `MAX_ATTEMPTS` instead of coming back every lease for ever.
+
+Each test has its own SQLite outbox (no background deliverer: the test runs the
+passes) and its own answers for one DNS name."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.fernet import Fernet, MultiFernet
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from control_plane.company_webhooks import MAX_ATTEMPTS, claim_due, deliver_due
+from control_plane.db import Database
+from control_plane.migrate import upgrade
+from control_plane.tables import BudgetEvent, Company, CompanyWebhook, new_id, utcnow
+from shared.webhooks import generate_secret, verify
+from tests.harness import bind_free_socket
+
+NAME = "hooks.example.com"
+PUBLIC = "93.184.216.34"  # a globally routable address
+
+
+@dataclass
+class Outbox:
+    """One company, its webhook secret, and one due `budget.threshold` event."""
+
+    db: Database
+    fernet: MultiFernet
+    secret: str
+    company_id: str
+    event_id: str
+
+    def set_url(self, url: str) -> None:
+        """Store the URL as it is: rows written before today's checks look like this."""
+
+        def write(session: Any) -> None:
+            session.get(CompanyWebhook, self.company_id).url = url
+
+        asyncio.run(self.db.transaction(write))
+
+    def deliver(self, client: httpx.AsyncClient, *, allow_private: bool = False) -> int:
+        async def run() -> int:
+            async with client:
+                return await deliver_due(self.db, self.fernet, client, allow_private=allow_private)
+
+        return asyncio.run(run())
+
+    def event(self) -> BudgetEvent:
+        event = asyncio.run(self.db.transaction(lambda s: s.get(BudgetEvent, self.event_id)))
+        assert event is not None
+        return event
+
+    def make_due(self, attempts: int) -> None:
+        def write(session: Any) -> None:
+            event = session.get(BudgetEvent, self.event_id)
+            event.attempts, event.next_attempt_at = attempts, utcnow()
+
+        asyncio.run(self.db.transaction(write))
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    url = f"sqlite:///{tmp_path}/cp.db"
+    upgrade(url)
+    db = Database(url)
+    fernet, secret = MultiFernet([Fernet(Fernet.generate_key())]), generate_secret()
+    company_id, event_id = new_id(), new_id()
+    now = utcnow()
+
+    def seed(session: Any) -> None:
+        session.add(Company(id=company_id, name="c", balance_micro=0, held_micro=0, created_at=now))
+        session.flush()
+        session.add(
+            CompanyWebhook(
+                company_id=company_id,
+                url=f"https://{NAME}/budget",
+                secret_encrypted=fernet.encrypt(secret.encode()).decode(),
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.add(
+            BudgetEvent(
+                id=event_id,
+                company_id=company_id,
+                budget_id="b",
+                period_start=now,
+                percent=80,
+                payload={"type": "budget.threshold", "id": event_id},
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now - datetime.timedelta(seconds=1),
+            )
+        )
+
+    asyncio.run(db.transaction(seed))
+    try:
+        yield Outbox(db, fernet, secret, company_id, event_id)
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What `NAME` resolves to, one answer per lookup (then no answer); every other
+    name and address resolves as usual. Both our check and httpx's connection
+    resolve through the event loop's `getaddrinfo`."""
+    answers: list[str] = []
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+
+    async def getaddrinfo(loop: Any, host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if (host.decode() if isinstance(host, bytes) else host) != NAME:
+            return await real(loop, host, port, *args, **kw)
+        if not answers:
+            raise socket.gaierror(socket.EAI_NONAME, "no more answers")
+        address = answers.pop(0)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    return answers
+
+
+def _recording(seen: list[httpx.Request], status: int = 204) -> httpx.AsyncClient:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(handle))
+
+
+def test_a_delivery_connects_to_the_address_it_checked(outbox: Outbox, dns: list[str]) -> None:
+    dns += [PUBLIC, "127.0.0.1"]  # public to the first lookup, inward to any later one
+    seen: list[httpx.Request] = []
+    assert outbox.deliver(_recording(seen)) == 1
+    (request,) = seen
+    assert (request.url.scheme, request.url.host, request.url.path) == ("https", PUBLIC, "/budget")
+    assert request.headers["host"] == NAME
+    assert request.extensions["sni_hostname"] == NAME  # TLS: SNI and certificate check
+    assert request.headers["connection"] == "close"  # a pooled connection is by address
+    verify([outbox.secret], request.content, dict(request.headers))
+    assert dns == ["127.0.0.1"]  # nobody looked the name up a second time
+    assert outbox.event().delivered_at is not None
+
+
+def test_a_name_resolving_inward_is_a_failed_attempt(outbox: Outbox, dns: list[str]) -> None:
+    dns += ["10.0.0.7"]
+    seen: list[httpx.Request] = []
+    assert outbox.deliver(_recording(seen)) == 0
+    assert seen == []
+    assert outbox.event().attempts == 1
+
+
+@pytest.mark.parametrize("url", ["http://example.com:99999/hook", "http://[::1/hook"])
+def test_a_stored_url_no_delivery_can_use_is_a_failed_attempt(outbox: Outbox, url: str) -> None:
+    """It used to raise out of the pass before the attempt was recorded: `attempts`
+    stayed 0 and the event came back every lease, for ever."""
+    outbox.set_url(url)
+    seen: list[httpx.Request] = []
+    assert outbox.deliver(_recording(seen)) == 0
+    event = outbox.event()
+    assert (event.attempts, event.delivered_at, seen) == (1, None, [])
+    assert event.next_attempt_at > utcnow()  # backing off
+    # The last attempt allowed fails too; then the event is never claimed again.
+    outbox.make_due(MAX_ATTEMPTS - 1)
+    outbox.deliver(_recording(seen))
+    assert outbox.event().attempts == MAX_ATTEMPTS
+    outbox.make_due(MAX_ATTEMPTS)
+    claimed = asyncio.run(outbox.db.transaction(lambda s: claim_due(s, outbox.fernet, utcnow(), 9)))
+    assert claimed == []
+
+
+def test_any_exception_in_one_delivery_is_a_failed_attempt(outbox: Outbox) -> None:
+    outbox.set_url("http://127.0.0.1:9/hook")
+
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("not an httpx error")
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(explode))
+    assert outbox.deliver(client, allow_private=True) == 0
+    assert outbox.event().attempts == 1
+
+
+# --- a real TLS receiver: the pinned post keeps the name for SNI and the certificate ---
+
+
+def _certificate_for(name: str, tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting only it): valid for `name`, not for
+    any address, so connecting by address with the name lost would fail the check."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return server, ssl.create_default_context(cafile=str(cert_file))
+
+
+def test_a_pinned_delivery_over_tls_keeps_the_name(
+    outbox: Outbox, dns: list[str], tmp_path: Path
+) -> None:
+    server_context, client_context = _certificate_for(NAME, tmp_path)
+    names: list[str | None] = []
+
+    def record_sni(_obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        names.append(name)
+
+    server_context.sni_callback = record_sni
+    heads: list[bytes] = []
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        heads.append(head)
+        writer.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    sock = bind_free_socket()
+    outbox.set_url(f"https://{NAME}:{sock.getsockname()[1]}/budget")
+    dns.append("127.0.0.1")  # one answer: a second lookup would find nothing
+
+    async def run() -> int:
+        server = await asyncio.start_server(receive, sock=sock, ssl=server_context)
+        try:
+            async with httpx.AsyncClient(verify=client_context) as client:
+                return await deliver_due(outbox.db, outbox.fernet, client, allow_private=True)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(run()) == 1
+    assert names == [NAME]
+    (head,) = heads
+    assert f"host: {NAME}:".encode() in head.lower()
+    assert outbox.event().delivered_at is not None
