@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from control_plane import catalog_cache
 from control_plane.app import create_app as control_plane_app
 from control_plane.company_llm import company_catalog, route_for
 from control_plane.tables import CompanyModel
@@ -125,6 +126,8 @@ class Gateway:
     client: Client
     backend: Backend
     db_path: Path
+    store: MemoryStore
+    servers: ServerGroup
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +157,9 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     client = Client(
         url_of(cp_sock), url_of(edge_sock), url_of(backend_sock), env["LLMGW_WEBHOOK_SECRET"]
     )
-    with ServerGroup(apps):
+    with ServerGroup(apps) as servers:
         try:
-            yield Gateway(client, backend, tmp / "gw.db")
+            yield Gateway(client, backend, tmp / "gw.db", store, servers)
         finally:
             client.close()
 
@@ -309,13 +312,15 @@ def test_zero_price_override_rides_the_platform_key_for_free(gw: Gateway) -> Non
 
 
 def _forget_key(gw: Gateway, company_id: str) -> None:
-    """Clear the stored key without going through the PUT's checks."""
+    """Clear the stored key without going through the PUT's checks, and tell the
+    control plane's config cache (`catalog_cache`) as a committed change would."""
     with sqlite3.connect(gw.db_path) as conn:
         conn.execute(
             "UPDATE company_providers SET api_key_encrypted = NULL WHERE company_id = ?",
             (company_id,),
         )
     conn.close()
+    gw.servers.call(lambda: catalog_cache.invalidate(gw.store, company_id))
 
 
 # --- 11.13 provider keys that cannot travel in a header --------------------------------
