@@ -49,6 +49,13 @@ IMAGE_TOKENS = 1445
 # Deeper JSON is refused (400 `json_too_deep`) before anything is written: no real
 # tool schema nests this far, and orjson cannot re-encode past 254 levels.
 MAX_JSON_DEPTH = 64
+# A body with more `[` and `{` than this (inside strings too) is refused (400
+# `json_too_complex`) before it is parsed: each array or object becomes a Python
+# object that the parse builds and the depth walk visits, so 1 MiB of `[],[],…`
+# (350,000 of them) cost over a second of the event loop. A long conversation with
+# content parts and 128 tool schemas has a few thousand; at the cap, parsing and
+# walking them costs about 10 ms, what a 1 MiB list of numbers costs anyway.
+MAX_JSON_CONTAINERS = 50_000
 
 # Which model feature each non-text content part needs (DESIGN §11).
 PART_FEATURES = {"image_url": "vision", "input_audio": "audio", "file": "files"}
@@ -66,21 +73,31 @@ class InputRejected(ValueError):
         self.problem = message
 
 
+def json_too_complex(body: bytes, limit: int = MAX_JSON_CONTAINERS) -> bool:
+    """Whether a raw JSON body may open more than `limit` arrays and objects: counted
+    on the bytes before parsing, at C speed. Brackets inside strings count too (an
+    overestimate that only makes the check stricter)."""
+    return body.count(b"[") + body.count(b"{") > limit
+
+
 def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether arrays/objects nest more than `limit` levels (iterative: a hostile
-    document cannot exhaust the stack)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Iterable[Any] = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
+    """Whether the arrays/objects of a decoded JSON value (exact dicts and lists, as
+    orjson builds them) nest more than `limit` levels. Level by level, keeping only
+    the containers of each: scalars are looked at once and never stacked, so the walk
+    is linear, and a hostile document cannot exhaust the stack."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        # `type(…) is` rather than isinstance: half the cost on a list of 500,000 scalars.
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) is dict or type(child) is list
+        ]
     return False
 
 
