@@ -536,6 +536,12 @@ async def init_chat(
     """Reserve, stash, mint. Returns the response's `data`."""
     if not can_chat(principal):
         raise Forbidden("This needs a user with the llm:chat:send scope.")
+    # The key to sign with, as of at most a minute ago (a clock check, a read once a
+    # minute): an instance that only serves API-key or the edges' inits never logs
+    # anyone in, the other refresh, and would sign with a key another instance
+    # retired, which the edges refuse (`unknown_kid`). Before the hold: a failed
+    # read holds nothing.
+    keyring = await deps.fresh_keyring()
     settings = deps.settings
     now = utcnow()
     issued = int(now.timestamp())
@@ -623,7 +629,7 @@ async def init_chat(
             ).claim()
             for entry in reserved.chain
         ]
-    kid, key = deps.keyring.active()
+    kid, key = keyring.active()
     token = sign_token(claims, key, kid)
     edge = settings.edge_public_url
     return {

@@ -7,6 +7,7 @@ logs the traceback server-side.
 
     AppError
     ├── BadRequest (400 malformed_json)
+    │   ├── JsonTooDeep (400 json_too_deep), JsonTooComplex (400 json_too_complex)
     │   ├── InvalidCharacters (400 invalid_characters)
     │   └── AgentOverride (400 agent_override)
     ├── Unauthenticated (401 unauthenticated)
@@ -70,6 +71,11 @@ class BadRequest(AppError):
 class JsonTooDeep(BadRequest):
     code = "json_too_deep"
     default_message = "The request body nests arrays and objects too deeply."
+
+
+class JsonTooComplex(BadRequest):
+    code = "json_too_complex"
+    default_message = "The request body has too many arrays and objects."
 
 
 class UnsupportedContent(BadRequest):

@@ -76,7 +76,7 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
     sub = _claim_str(claims, "sub", required=True)
     company_id = _claim_str(claims, "company_id", required=True)
     role = claims.get("role")
-    if role not in policy.ROLE_SCOPES:
+    if not isinstance(role, str) or role not in policy.ROLE_SCOPES:  # a list is unhashable
         raise Unauthenticated("The token's 'role' claim must be member or owner.")
     if role == "admin":
         role = "owner"  # never a platform admin from another app's token

@@ -9,8 +9,14 @@ from typing import Any
 
 import orjson
 
-from control_plane.errors import BadRequest, InvalidCharacters, JsonTooDeep, ValidationFailed
-from shared.input_size import MAX_JSON_DEPTH, json_too_deep
+from control_plane.errors import (
+    BadRequest,
+    InvalidCharacters,
+    JsonTooComplex,
+    JsonTooDeep,
+    ValidationFailed,
+)
+from shared.input_size import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, json_too_complex, json_too_deep
 from shared.pricing import parse_credits
 
 DEFAULT_LIMIT = 50
@@ -27,14 +33,22 @@ NUL = "\x00"
 
 
 def parse_json_object(body: bytes, *, allow_nul: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object: 400 when it is not JSON or nests deeper
-    than `MAX_JSON_DEPTH` (it could not be stored or sent on), 422 when it is JSON
-    but not an object, 400 `invalid_characters` when a string in it holds NUL.
+    """The request body as a JSON object: 400 when it is not JSON, opens more than
+    `MAX_JSON_CONTAINERS` arrays and objects or nests deeper than `MAX_JSON_DEPTH`
+    (it could not be stored or sent on), 422 when it is JSON but not an object, 400
+    `invalid_characters` when a string in it holds NUL.
+
+    Every check is linear and the first runs on the raw bytes, before the parse: this
+    runs for anonymous bodies too (login), on the event loop.
 
     NUL is refused once here, for every body, because PostgreSQL cannot store it in
     a text column (DESIGN §11): a NUL in an email, a name or a message would
     otherwise fail the write with a 500. `allow_nul` is for the usage webhook,
     whose model output must settle whatever it contains."""
+    if json_too_complex(body):
+        raise JsonTooComplex(
+            f"The request body has more than {MAX_JSON_CONTAINERS} arrays and objects."
+        )
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -45,27 +59,19 @@ def parse_json_object(body: bytes, *, allow_nul: bool = False) -> dict[str, Any]
         )
     if not isinstance(doc, dict):
         raise ValidationFailed("body", "must be a JSON object")
-    # Inside JSON a NUL can only be written as the escape `\u0000` (raw control
-    # characters are invalid JSON), so most bodies skip the walk.
-    if not allow_nul and b"\\u0000" in body and has_nul(doc):
+    if not allow_nul and escapes_nul(body):
         raise InvalidCharacters()
     return doc
 
 
-def has_nul(value: Any) -> bool:
-    """Whether any string in a decoded JSON value (keys included) contains NUL."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if NUL in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+def escapes_nul(body: bytes) -> bool:
+    """Whether a valid JSON text has a string holding NUL, read from its bytes (no
+    walk of the decoded document). Inside JSON a NUL can only be written as the escape
+    `\\u0000` (raw control characters are invalid JSON); an escaped backslash then
+    "u0000" is text. A backslash only ever starts or ends an escape, so dropping the
+    escaped-backslash pairs, left to right as a parser reads them, leaves `\\u0000`
+    exactly where a NUL is."""
+    return b"\\u0000" in body and b"\\u0000" in body.replace(b"\\\\", b"")
 
 
 def without_nul(text: str) -> str:

@@ -7,13 +7,16 @@ gives the same count) and never below what a vendor bills.
 
 The formula, in tokens:
 
-- **text** (a message's role and its text, or its ``text`` parts): one token per 3
-  UTF-8 bytes, rounded up per message, plus 4 per message for the framing. Real
-  tokenizers average about 4 bytes a token on English text. An assistant's
-  ``tool_calls`` and a tool result's ``tool_call_id`` count as their compact JSON.
+- **text** (a message's role and its text, or its ``text`` parts), per message:
+  `shared.text_tokens`, the larger of one token per 3 UTF-8 bytes and one per piece
+  a tokenizer cannot merge across plus one per 24 bytes, plus 4 per message for the
+  framing. Real tokenizers average about 4 bytes a token on English text, where the
+  first term rules; text like ``"1,2,3,…"`` costs a token per byte, and the second
+  does. An assistant's ``tool_calls`` and a tool result's ``tool_call_id`` count as
+  their compact JSON.
 - **everything else that goes upstream beside the messages** (``tools``,
-  ``tool_choice``, ``response_format``, ``stop``, ``user``, …): one token per 3
-  bytes of its compact JSON. A tool schema is text the vendor tokenizes too.
+  ``tool_choice``, ``response_format``, ``stop``, ``user``, …): the same text count
+  of its compact JSON. A tool schema is text the vendor tokenizes too.
 - **an image** (``image_url`` part): a fixed count per image, whatever its size:
   the model's ``image_input_tokens`` (catalog field; default 1445, OpenAI's
   high-detail formula ``85 + 170 * tiles`` at its largest shape, 2048x768 px = 8
@@ -42,13 +45,20 @@ from typing import Any
 import orjson
 
 from shared import media
+from shared.text_tokens import BYTES_PER_TOKEN, text_tokens
 
-BYTES_PER_TOKEN = 3
 TOKENS_PER_MESSAGE = 4
 IMAGE_TOKENS = 1445
 # Deeper JSON is refused (400 `json_too_deep`) before anything is written: no real
 # tool schema nests this far, and orjson cannot re-encode past 254 levels.
 MAX_JSON_DEPTH = 64
+# A body with more `[` and `{` than this (inside strings too) is refused (400
+# `json_too_complex`) before it is parsed: each array or object becomes a Python
+# object that the parse builds and the depth walk visits, so 1 MiB of `[],[],…`
+# (350,000 of them) cost over a second of the event loop. A long conversation with
+# content parts and 128 tool schemas has a few thousand; at the cap, parsing and
+# walking them costs about 10 ms, what a 1 MiB list of numbers costs anyway.
+MAX_JSON_CONTAINERS = 50_000
 
 # Which model feature each non-text content part needs (DESIGN §11).
 PART_FEATURES = {"image_url": "vision", "input_audio": "audio", "file": "files"}
@@ -66,21 +76,31 @@ class InputRejected(ValueError):
         self.problem = message
 
 
+def json_too_complex(body: bytes, limit: int = MAX_JSON_CONTAINERS) -> bool:
+    """Whether a raw JSON body may open more than `limit` arrays and objects: counted
+    on the bytes before parsing, at C speed. Brackets inside strings count too (an
+    overestimate that only makes the check stricter)."""
+    return body.count(b"[") + body.count(b"{") > limit
+
+
 def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether arrays/objects nest more than `limit` levels (iterative: a hostile
-    document cannot exhaust the stack)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Iterable[Any] = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
+    """Whether the arrays/objects of a decoded JSON value (exact dicts and lists, as
+    orjson builds them) nest more than `limit` levels. Level by level, keeping only
+    the containers of each: scalars are looked at once and never stacked, so the walk
+    is linear, and a hostile document cannot exhaust the stack."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        # `type(…) is` rather than isinstance: half the cost on a list of 500,000 scalars.
+        level = [
+            child
+            for node in level
+            for child in (node.values() if type(node) is dict else node)
+            if type(child) is dict or type(child) is list
+        ]
     return False
 
 
@@ -166,27 +186,27 @@ def _part_tokens(part: Mapping[str, Any], image_tokens: int) -> int:
     if kind == "input_audio":
         return -(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN)
     # Anything unforeseen that got this far is priced as its JSON text, never as 0.
-    return -(-len(orjson.dumps(part)) // BYTES_PER_TOKEN)
+    return text_tokens([orjson.dumps(part)])
 
 
 def message_tokens(message: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -> int:
     content = message.get("content")
-    size = len(str(message.get("role", "")).encode("utf-8"))
+    texts = [str(message.get("role", "")).encode("utf-8")]
     for key in ("tool_calls", "tool_call_id"):
         if message.get(key) is not None:
-            size += len(orjson.dumps(message[key]))
+            texts.append(orjson.dumps(message[key]))
     extra = 0
     if isinstance(content, str):
-        size += len(content.encode("utf-8"))
+        texts.append(content.encode("utf-8"))
     elif isinstance(content, list):
         for part in content:
             if not isinstance(part, dict):
                 continue
             if part.get("type", "text") == "text" and isinstance(part.get("text", ""), str):
-                size += len(part.get("text", "").encode("utf-8"))
+                texts.append(part.get("text", "").encode("utf-8"))
             else:
                 extra += _part_tokens(part, image_tokens)
-    return -(-size // BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE + extra
+    return text_tokens(texts) + TOKENS_PER_MESSAGE + extra
 
 
 def estimate_input_tokens(
@@ -200,7 +220,7 @@ def params_tokens(params: Mapping[str, Any]) -> int:
     """Everything sent upstream beside the messages (tools, stop, response_format…)."""
     if not params:
         return 0
-    return -(-len(orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)) // BYTES_PER_TOKEN)
+    return text_tokens([orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)])
 
 
 def content_text(content: Any) -> str:

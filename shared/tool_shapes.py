@@ -79,7 +79,9 @@ def check_tool_params(doc: Mapping[str, Any]) -> dict[str, Any]:
             function = choice.get("function")
             if choice.get("type") != "function" or not isinstance(function, dict):
                 raise _tools_error("tool_choice", "must name a function as OpenAI does")
-            if function.get("name") not in names:
+            # A string first: `in names` (a set) raises TypeError on a list or an object.
+            name = function.get("name")
+            if not isinstance(name, str) or name not in names:
                 raise _tools_error("tool_choice.function.name", "must name one of the tools")
         elif choice not in ("none", "auto", "required"):
             raise _tools_error("tool_choice", "must be none, auto, required or a function")

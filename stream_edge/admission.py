@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from shared.bodies import read_limited
 from shared.catalog import ModelSpec, Price, Provider
+from shared.input_size import MAX_JSON_CONTAINERS, json_too_complex
 from shared.request_id import current_request_id
 from shared.revocations import grant_keys
 from shared.route_claim import unseal
@@ -187,6 +188,12 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
 
 async def read_json(request: Request) -> Any:
     body = await read_body(request)
+    # Before the parse (it builds an object per array and object): counted on the bytes.
+    if json_too_complex(body):
+        raise BadRequest(
+            f"the request body has more than {MAX_JSON_CONTAINERS} arrays and objects",
+            code="json_too_complex",
+        )
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -190,7 +190,9 @@ class ControlPlaneLink:
             await self._client.aclose()
 
 
-def _link(state: EdgeState) -> ControlPlaneLink:
+def link(state: EdgeState) -> ControlPlaneLink:
+    """The way to the control plane; 401 `api_keys_disabled` when this edge has none
+    (checked before a key caller's body is even read)."""
     if state.control_plane is None:
         raise Unauthorized(
             "API keys are not accepted by this edge; use a stream token from /v1/chat/init",
@@ -201,7 +203,7 @@ def _link(state: EdgeState) -> ControlPlaneLink:
 
 async def grant_for_key(state: EdgeState, key: str, body: dict[str, Any]) -> StreamGrant:
     """Init for the key's caller; the stream token, verified as any other."""
-    data = await _link(state).call(INIT_PATH, key, {"request": init_request(body)})
+    data = await link(state).call(INIT_PATH, key, {"request": init_request(body)})
     token = str(data["stream_token"])
     try:
         return await verified_grant(state, token)
@@ -254,7 +256,7 @@ async def list_models(request: Request) -> Response:
     token = bearer(request)
     if is_api_key(token):
         assert token is not None
-        data = await _link(state).call(MODELS_PATH, token, {})
+        data = await link(state).call(MODELS_PATH, token, {})
         return JSONResponse(openai_models(data))
     grant = await verified_grant(state, token)
     spec = state.settings.catalog.model(grant.model)

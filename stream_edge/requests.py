@@ -66,7 +66,9 @@ def validate_messages(
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
     clean: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        # A string first: `in ROLES` (a set) raises TypeError on a list or an object.
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(f"messages[{i}] needs a valid 'role'", code="invalid_messages")
         content = message.get("content")
         extra: dict[str, Any] = {}

@@ -56,6 +56,7 @@ async def chat_completions(request: Request) -> Response:
     # A gateway API key (issue 16.5): the control plane inits for it, then the
     # request goes the stream-token way; a hold whose stream never starts goes back.
     assert token is not None
+    key_callers.link(state)  # an edge without API keys refuses before reading the body
     body = key_callers.normalised(await read_json(request))
     grant = await key_callers.grant_for_key(state, token, body)
     try:

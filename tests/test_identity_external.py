@@ -223,6 +223,8 @@ def test_identity_from_claims(claims: dict[str, Any], role: str, scopes: Any) ->
         {"sub": "s", "role": "member"},
         {"sub": "s", "company_id": "c"},
         {"sub": "s", "company_id": "c", "role": "member", "scopes": [1]},
+        {"sub": "s", "company_id": "c", "role": ["member"]},  # unhashable: was a TypeError
+        {"sub": "s", "company_id": "c", "role": {"member": 1}},
         {"sub": "", "company_id": "c", "role": "member"},
         {"sub": "s", "company_id": "c" * 201, "role": "member"},
     ],

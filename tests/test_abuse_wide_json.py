@@ -1,0 +1,126 @@
+"""Wide JSON: a 1 MiB body of 350,000 empty arrays (review 3B, finding 1).
+
+Parsing builds a Python object per array and object, and the depth walk visited
+each, synchronously: over a second of the event loop per request, for anyone (login
+parses before it counts anything; the edge parsed a `Bearer sk_…` caller's body
+before asking whether it takes API keys at all). Now such a body is refused on its
+raw bytes before the parse (400 `json_too_complex`), an edge without API keys does
+not read a key caller's body, and the NUL check reads the bytes instead of walking
+the document. The whole gateway in one event loop (`tests/inproc.py`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from control_plane.validation import escapes_nul
+from shared.input_size import MAX_JSON_CONTAINERS, json_too_complex
+from tests.conftest import new_webhook_secret
+from tests.inproc import Gateway, gateway_env, opened
+
+on_loop = pytest.mark.asyncio(loop_scope="module")
+
+MIB = 1 << 20
+# {"x":[[],[],…]}: 1 MiB, about 350,000 empty arrays.
+WIDE = b'{"x":[' + b",".join([b"[]"] * ((MIB - 200) // 3)) + b"]}"
+HI = {"role": "user", "content": "hi [[mock tokens=2]]"}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    env = gateway_env(
+        str(tmp_path_factory.mktemp("wide")), LLMGW_EDGE_SERVICE_SECRET=new_webhook_secret()
+    )
+    async with Gateway(env) as gateway:
+        await gateway.add_edge("nokeys", LLMGW_EDGE_SERVICE_SECRET="")
+        yield gateway
+
+
+async def _edge(gw: Gateway, body: bytes, token: str, edge: str = "edge") -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with opened(await gw.post("/v1/chat/completions", body, headers, edge)) as response:
+        return response.status_code, await response.aread()
+
+
+def _code(body: bytes) -> str:
+    doc = orjson.loads(body)
+    error = doc["error"]
+    return str(error["code"])
+
+
+@on_loop
+async def test_a_wide_body_is_refused_before_the_parse_by_the_control_plane(gw: Gateway) -> None:
+    hdr = {"content-type": "application/json"}
+    refused = await gw.http.post("/v1/auth/login", content=WIDE, headers=hdr)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "json_too_complex"
+    # Under the cap, brackets in strings (code in a message) are read as before.
+    login = {"email": f"{uuid.uuid4().hex}@x.io", "password": "pw-123456",
+             "note": "[{" * (MAX_JSON_CONTAINERS // 3)}  # fmt: skip
+    answer = await gw.http.post("/v1/auth/login", json=login)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (401, "invalid_credentials")
+
+
+@on_loop
+async def test_a_wide_body_is_refused_at_the_edge_and_burns_nothing(gw: Gateway) -> None:
+    grant = await gw.init_ok(await gw.new_user(), {"messages": [HI], "max_tokens": 16})
+    token = grant["stream_token"]
+    # Valid messages beside the wide field: before the fix, parsed, walked and served.
+    body = b'{"messages":' + orjson.dumps([HI]) + b"," + WIDE[1:]
+    status, answer = await _edge(gw, body, token)
+    assert (status, _code(answer)) == (400, "json_too_complex")
+    status, answer = await _edge(gw, orjson.dumps({"messages": [HI]}), token)
+    assert status == 200, answer
+
+
+@on_loop
+async def test_a_key_callers_wide_body_never_reaches_the_parse(gw: Gateway) -> None:
+    # An edge that takes API keys refuses the body before asking the control plane.
+    status, answer = await _edge(gw, WIDE, "sk_" + uuid.uuid4().hex)
+    assert (status, _code(answer)) == (400, "json_too_complex")
+    # An edge that takes none refuses the key before reading the body at all.
+    status, answer = await _edge(gw, b"{not json", "sk_x", edge="nokeys")
+    assert (status, _code(answer)) == (401, "api_keys_disabled")
+
+
+def test_the_container_count_is_on_the_raw_bytes() -> None:
+    assert not json_too_complex(b"[" + b"[]," * (MAX_JSON_CONTAINERS - 2) + b"[]]")
+    assert json_too_complex(b"[" + b"{}," * (MAX_JSON_CONTAINERS - 1) + b"{}]")
+    # Brackets inside strings count too: stricter, never looser.
+    assert json_too_complex(orjson.dumps({"x": "[" * MAX_JSON_CONTAINERS}))
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [*value, *(s for v in value.values() for s in _strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"a": "x\u0000y"}',
+        rb'{"a\u0000": 1}',
+        rb'{"a": "\\u0000"}',
+        rb'{"a": "\\\u0000"}',
+        rb'{"a": "\\\\u0000"}',
+        rb'{"a": "\\\\\u0000"}',
+        rb'{"a": ["\"\\", "\\\"\u0000"]}',
+        rb'{"a": "\u005cu0000"}',
+        rb'{"a": "\\"}',
+        rb'{"a": "u0000\\", "b": "\u0000"}',
+        rb'{"a": "\n\t\\\\\\"}',
+    ],
+)
+def test_nul_is_found_in_the_bytes_exactly_where_a_parser_finds_it(raw: bytes) -> None:
+    expected = any("\x00" in s for s in _strings(orjson.loads(raw)))
+    assert escapes_nul(raw) is expected
+    assert escapes_nul(orjson.dumps(orjson.loads(raw))) is expected
