@@ -107,20 +107,25 @@ class Gateway:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         return await self.http.request(method, path, headers=headers, **kwargs)
 
-    async def new_user(self, credits: str = "5") -> str:
-        """A user of a new company; returns an access token from a real login."""
+    async def _new_company(self, credits: str) -> str:
         company = await self.admin(
             "POST",
             "/v1/admin/companies",
             json={"name": f"co-{uuid.uuid4().hex[:10]}", "credits": credits},
         )
         assert company.status_code == 201, company.text
+        company_id: str = company.json()["data"]["id"]
+        return company_id
+
+    async def new_user(self, credits: str = "5") -> str:
+        """A user of a new company; returns an access token from a real login."""
+        company_id = await self._new_company(credits)
         email = f"u-{uuid.uuid4().hex[:10]}@example.com"
         created = await self.admin(
             "POST",
             "/v1/admin/users",
             json={
-                "company_id": company.json()["data"]["id"],
+                "company_id": company_id,
                 "email": email,
                 "password": "pw-123456",
                 "role": "member",
@@ -133,6 +138,24 @@ class Gateway:
         assert login.status_code == 200, login.text
         token: str = login.json()["data"]["access_token"]
         return token
+
+    async def new_api_key(self, credits: str = "5") -> str:
+        """An API key (`sk_…`) of a new member of a new company."""
+        user = await self.admin(
+            "POST",
+            "/v1/admin/users",
+            json={
+                "company_id": await self._new_company(credits),
+                "email": f"u-{uuid.uuid4().hex[:10]}@example.com",
+            },
+        )
+        assert user.status_code == 201, user.text
+        created = await self.admin(
+            "POST", "/v1/admin/api-keys", json={"user_id": user.json()["data"]["id"]}
+        )
+        assert created.status_code == 201, created.text
+        key: str = created.json()["data"]["key"]
+        return key
 
     async def init_ok(self, token: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self.http.post(

@@ -22,15 +22,13 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.fernet import Fernet, MultiFernet
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from control_plane.company_webhooks import MAX_ATTEMPTS, claim_due, deliver_due
 from control_plane.db import Database
 from control_plane.migrate import upgrade
 from control_plane.tables import BudgetEvent, Company, CompanyWebhook, new_id, utcnow
 from shared.webhooks import generate_secret, verify
+from tests import tls_certs
 from tests.harness import bind_free_socket
 
 NAME = "hooks.example.com"
@@ -204,33 +202,7 @@ def test_any_exception_in_one_delivery_is_a_failed_attempt(outbox: Outbox) -> No
 def _certificate_for(name: str, tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context, client context trusting only it): valid for `name`, not for
     any address, so connecting by address with the name lost would fail the check."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_file, key_file)
-    return server, ssl.create_default_context(cafile=str(cert_file))
+    return tls_certs.self_signed(tmp, name, [x509.DNSName(name)])
 
 
 def test_a_pinned_delivery_over_tls_keeps_the_name(

@@ -13,7 +13,6 @@ Two control planes (A and B) on one database, one event loop (`tests/inproc.py`)
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -52,23 +51,6 @@ async def instance_b(gw: Gateway) -> AsyncIterator[Starlette]:
         yield app
 
 
-async def _api_key(gw: Gateway) -> str:
-    company = await gw.admin(
-        "POST", "/v1/admin/companies", json={"name": f"co-{uuid.uuid4().hex[:8]}", "credits": "5"}
-    )
-    user = await gw.admin(
-        "POST",
-        "/v1/admin/users",
-        json={"company_id": company.json()["data"]["id"], "email": f"{uuid.uuid4().hex}@x.io"},
-    )
-    created = await gw.admin(
-        "POST", "/v1/admin/api-keys", json={"user_id": user.json()["data"]["id"]}
-    )
-    assert created.status_code == 201, created.text
-    key: str = created.json()["data"]["key"]
-    return key
-
-
 async def _rotate_twice(deps: Deps) -> None:
     """Two rotations, the second once the longest token life has passed: it retires
     the key every instance started with (what the admin route does at those times)."""
@@ -87,7 +69,7 @@ async def _rotate_twice(deps: Deps) -> None:
 async def test_an_api_key_only_instance_signs_with_a_live_key_after_two_rotations(
     gw: Gateway, instance_b: Starlette
 ) -> None:
-    key = await _api_key(gw)
+    key = await gw.new_api_key()
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(instance_b), base_url="http://cp-b.test"

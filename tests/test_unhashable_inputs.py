@@ -10,7 +10,6 @@ usable. The whole gateway in one event loop (`tests/inproc.py`).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -108,19 +107,7 @@ async def test_an_unhashable_tool_choice_name_at_init_is_422_and_holds_nothing(
 async def test_an_api_key_callers_unhashable_values_are_400_and_hold_nothing(
     gw: Gateway,
 ) -> None:
-    company = await gw.admin(
-        "POST", "/v1/admin/companies", json={"name": f"co-{uuid.uuid4().hex[:8]}", "credits": "5"}
-    )
-    user = await gw.admin(
-        "POST",
-        "/v1/admin/users",
-        json={"company_id": company.json()["data"]["id"], "email": f"{uuid.uuid4().hex}@x.io"},
-    )
-    created = await gw.admin(
-        "POST", "/v1/admin/api-keys", json={"user_id": user.json()["data"]["id"]}
-    )
-    assert created.status_code == 201, created.text
-    key = created.json()["data"]["key"]
+    key = await gw.new_api_key()
     for body, _ in BAD_EDGE:
         status, answer = await _edge(gw, key, body)
         assert 400 <= status < 500, answer
