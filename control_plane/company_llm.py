@@ -184,28 +184,24 @@ def within_packaged(partial: dict[str, Any], packaged: ModelSpec) -> dict[str, A
 
 
 def takes_own_key(provider: Provider) -> bool:
-    """Whether a company's own key for `provider` is a credential its backend checks.
-    Not for an in-house backend that authenticates the platform by `service_token_env`
-    (the edge sends the platform's `X-Service-Token`), nor for one the platform calls
-    with no key at all (no key variable, as the packaged ``mock``): there any string
+    """Whether a company may bring its own key for `provider`: not for an in-house
+    backend that authenticates the platform by `service_token_env`, where any string
     would pass as an "own key" and unlock price and model overrides on the platform's
-    own backend (review 3A, finding 1)."""
-    return provider.service_token_env is None and bool(provider.key_envs())
+    own backend (review 3A, finding 1). A backend called with no key at all (the
+    packaged ``mock``) takes one, as DESIGN §4 lets every company: it guards nothing
+    the platform pays for with a credential, so there is nothing to ride."""
+    return provider.service_token_env is None
 
 
 def check_own_key(provider: Provider) -> None:
     """422 when a company may not store a key for `provider` (`takes_own_key`)."""
     if takes_own_key(provider):
         return
-    why = (
-        "authenticates the platform with its service token"
-        if provider.service_token_env is not None
-        else "is called without a key"
-    )
     raise ValidationFailed(
         "api_key",
-        f"{provider.name} takes no company key: its backend is the platform's and {why}, "
-        "so only the platform's key and the packaged models, prices and features apply",
+        f"{provider.name} takes no company key: its backend is the platform's and "
+        "authenticates the platform with its service token, so only the platform's key "
+        "and the packaged models, prices and features apply",
     )
 
 

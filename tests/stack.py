@@ -17,13 +17,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import yaml
 from cryptography.fernet import Fernet
 
 from control_plane.app import create_app as control_plane_app
@@ -61,20 +59,6 @@ def base_env(database_url: str, redis_url: str | None = None, prefix: str = "") 
         env["LLMGW_REDIS_URL"] = redis_url
         env["LLMGW_REDIS_PREFIX"] = prefix
     return env
-
-
-def keyed_mock_models(tmp: Path) -> str:
-    """A `LLMGW_MODELS_FILE`: the packaged catalog, its `mock` provider declaring a key
-    variable that stays unset. The packaged `mock` takes no key, so a company may store
-    none for it (`company_llm.takes_own_key`); this one stands for a vendor that checks
-    keys, where the platform has none and a company brings its own."""
-    doc = yaml.safe_load(
-        resources.files("shared").joinpath("models.yaml").read_text(encoding="utf-8")
-    )
-    doc["providers"]["mock"]["api_key_env"] = "LLMGW_TEST_UNSET_MOCK_KEY"
-    path = tmp / "keyed-mock-models.yaml"
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return str(path)
 
 
 class Client:

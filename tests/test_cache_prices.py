@@ -162,12 +162,10 @@ def test_vendor_usage_clamps_write_after_cached() -> None:
 
 
 def _catalog(price: dict[str, Any]) -> Any:
-    # `p` checks keys (it names a key variable): a company may bring its own for it.
-    provider = {"api_type": "openai_chat", "base_url": "https://x", "api_key_env": "P_KEY"}
     return parse_catalog(
         {
             "default_model": "m",
-            "providers": {"p": provider},
+            "providers": {"p": {"api_type": "openai_chat", "base_url": "https://x"}},
             "models": {"m": {"provider": "p", "context_length": 100, "max_output_tokens": 10,
                              "price": price}},
         }

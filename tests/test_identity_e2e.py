@@ -17,7 +17,7 @@ from mock_llm.app import create_app as mock_app
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.stack import Client, base_env, keyed_mock_models
+from tests.stack import Client, base_env
 
 COMPANY_KEY = "sk-company-own-mock-key"
 
@@ -25,8 +25,7 @@ COMPANY_KEY = "sk-company-own-mock-key"
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[Client]:
     """Control plane + edge + a mock backend that demands `COMPANY_KEY`; the platform
-    has no key for it (its catalog names a key variable left unset), so only the
-    company's own key gets through."""
+    has no key for it, so only the company's own key gets through."""
     socks = [bind_free_socket() for _ in range(3)]
     mock_sock, cp_sock, edge_sock = socks
     env = {
@@ -34,7 +33,6 @@ def client(tmp_path: Path) -> Iterator[Client]:
         "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
         "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
         "LLMGW_UPSTREAM_RETRIES": "0",
-        "LLMGW_MODELS_FILE": keyed_mock_models(tmp_path),
     }
     settings, edge_settings = settings_from_env(env, mock_url=f"{url_of(mock_sock)}/v1")
     store = MemoryStore()

@@ -21,7 +21,6 @@ from shared.catalog import CatalogError, load_catalog
 from shared.key_pool import key_id
 from shared.pricing import estimate_input_tokens
 from shared.route_claim import CLAIM, route_ciphers, unseal
-from tests.stack import keyed_mock_models
 from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
 
 CATALOG = load_catalog(None)
@@ -156,16 +155,8 @@ def test_provider_key_is_encrypted_never_returned_and_routes_the_stream(cp: CP) 
     assert _route(cp, init) is None
 
 
-@pytest.fixture
-def keyed_mock_cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    """A control plane whose `mock` provider checks keys (`keyed_mock_models`)."""
-    env = {"LLMGW_MODELS_FILE": keyed_mock_models(tmp_path)}
-    with start_cp(request, tmp_path, "sqlite", env) as handle:
-        yield handle
-
-
-def test_company_models_default_model_and_init_checks(keyed_mock_cp: CP) -> None:
-    cp = keyed_mock_cp
+@sqlite_only
+def test_company_models_default_model_and_init_checks(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     other, _ = cp.owner_client("10")
     body = {

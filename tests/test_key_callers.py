@@ -31,7 +31,7 @@ from stream_edge.key_callers import init_request, normalised, openai_models, ref
 from stream_edge.requests import parse_chat_request
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
-from tests.stack import InProcessStack, base_env, keyed_mock_models
+from tests.stack import InProcessStack, base_env
 
 SERVICE_SECRET = new_webhook_secret()
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
@@ -264,8 +264,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
         # No test here inits more than twice per user but the one that hits this.
         "LLMGW_INIT_RATE_PER_USER": "3",
         "LLMGW_SPOOL_DIR": str(tmp / "spool"),
-        # Company A brings its own key for `mock` (a vendor that checks keys here).
-        "LLMGW_MODELS_FILE": keyed_mock_models(tmp),
     }
     with InProcessStack(env) as running:
         yield running

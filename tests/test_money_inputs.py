@@ -346,10 +346,8 @@ def test_a_companys_own_model_features_travel_to_the_edge(gw: Gateway) -> None:
     """With its own key a company may let a model take images: init and the edge (which
     reads the features from the sealed route) agree; without a key they both refuse."""
     company_id, token = _owner(gw)
-    # `mock` takes no company key (the platform calls it without one): the company
-    # routes the model to a provider that does, under its own key.
     body = {"api_key": COMPANY_KEY, "models": {"mock-fast": {"features": ["streaming", "vision"]}}}
-    assert _put(gw, token, company_id, "openai", body).status_code == 200
+    assert _put(gw, token, company_id, "mock", body).status_code == 200
     init = gw.client.init_ok(token, {"model": "mock-fast", "max_tokens": 16, **_parts_body(1)})
     gw.backend.calls.clear()
     response = _completions(gw, init["stream_token"], _parts_body(1))
