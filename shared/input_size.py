@@ -77,10 +77,19 @@ class InputRejected(ValueError):
 
 
 def json_too_complex(body: bytes, limit: int = MAX_JSON_CONTAINERS) -> bool:
-    """Whether a raw JSON body may open more than `limit` arrays and objects: counted
-    on the bytes before parsing, at C speed. Brackets inside strings count too (an
-    overestimate that only makes the check stricter)."""
-    return body.count(b"[") + body.count(b"{") > limit
+    """Whether a raw JSON body opens more than `limit` arrays and objects: counted on
+    the bytes before parsing, at C speed. Every bracket first; only past `limit`
+    (a JSON document pasted into a message, a tool's output, a transcript in a usage
+    webhook) again without the strings' contents, so that text full of brackets is
+    never refused: exact for valid JSON, whose strings hold every backslash and every
+    escaped quote. Dropping the escaped backslashes, then the escaped quotes (left to
+    right, as a parser reads them), leaves only the quotes that open and close
+    strings. No regex: one that skips strings goes quadratic on unclosed ones."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(plain.split(b'"')[::2])
+    return outside.count(b"[") + outside.count(b"{") > limit
 
 
 def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:

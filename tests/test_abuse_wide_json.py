@@ -11,6 +11,7 @@ the document. The whole gateway in one event loop (`tests/inproc.py`).
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -89,11 +90,62 @@ async def test_a_key_callers_wide_body_never_reaches_the_parse(gw: Gateway) -> N
     assert (status, _code(answer)) == (401, "api_keys_disabled")
 
 
+@on_loop
+async def test_text_full_of_brackets_is_read_not_refused_as_wide(gw: Gateway) -> None:
+    """A pasted JSON document or a tool's output: more brackets than the cap, all in
+    strings. Each service reads the body and answers what it says (here: wrong
+    password, over the model's context), never `json_too_complex`."""
+    pasted = "[{" * MAX_JSON_CONTAINERS
+    login = {"email": f"{uuid.uuid4().hex}@x.io", "password": "pw-123456", "note": pasted}
+    answer = await gw.http.post("/v1/auth/login", json=login)
+    assert (answer.status_code, answer.json()["error"]["code"]) == (401, "invalid_credentials")
+    grant = await gw.init_ok(await gw.new_user(), {"messages": [HI], "max_tokens": 16})
+    body = orjson.dumps({"messages": [{"role": "user", "content": pasted}]})
+    status, answer = await _edge(gw, body, grant["stream_token"])
+    assert (status, _code(answer)) == (413, "input_too_large")
+
+
 def test_the_container_count_is_on_the_raw_bytes() -> None:
     assert not json_too_complex(b"[" + b"[]," * (MAX_JSON_CONTAINERS - 2) + b"[]]")
     assert json_too_complex(b"[" + b"{}," * (MAX_JSON_CONTAINERS - 1) + b"{}]")
-    # Brackets inside strings count too: stricter, never looser.
-    assert json_too_complex(orjson.dumps({"x": "[" * MAX_JSON_CONTAINERS}))
+    # Brackets inside strings open nothing: a pasted document is never refused.
+    assert not json_too_complex(orjson.dumps({"x": "[" * MAX_JSON_CONTAINERS}))
+    assert not json_too_complex(orjson.dumps({"x": '\\"[{' * MAX_JSON_CONTAINERS}))
+
+
+def _containers(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + sum(_containers(v) for v in value.values())
+    if isinstance(value, list):
+        return 1 + sum(_containers(v) for v in value)
+    return 0
+
+
+def test_the_container_count_is_exact_whatever_the_strings_hold() -> None:
+    """Differential: the byte count against a parser's, on documents whose strings
+    and keys are full of brackets, quotes and backslashes."""
+    rng = random.Random(14)
+    alphabet = '[]{}"\\\\ab,: \n'
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+
+    def value(depth: int) -> Any:
+        pick = rng.randrange(6 if depth < 4 else 2)
+        if pick == 0:
+            return text()
+        if pick == 1:
+            return rng.choice([1, None, True, 2.5])
+        if pick < 4:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {text(): value(depth + 1) for _ in range(rng.randrange(4))}
+
+    for _ in range(2000):
+        raw = orjson.dumps(value(0))
+        count = _containers(orjson.loads(raw))
+        for limit in (0, count - 1, count):
+            if limit >= 0:
+                assert json_too_complex(raw, limit) is (count > limit), raw
 
 
 def _strings(value: Any) -> list[str]:
