@@ -34,7 +34,7 @@ from control_plane import (
     raw_pg,
     tpm,
 )
-from control_plane.chat_request import InitRequest
+from control_plane.chat_request import AGENT_FIXED_ROLES, InitRequest
 from control_plane.db import Unit
 from control_plane.deps import Deps
 from control_plane.errors import (
@@ -314,6 +314,11 @@ def reserve(
     if req.query is not None or req.tool_results is not None:
         new_turn = req.tool_results or [{"role": "user", "content": req.query}]
         past = chat_sessions.history(unit.session(), chat.id) if chat else []
+        if req.agent is not None:
+            # The agent's prompt is the only instruction of its turns: a system message
+            # the session kept from a turn without the agent would override it, as the
+            # body may not (`chat_request._agent`).
+            past = [m for m in past if m.get("role") not in AGENT_FIXED_ROLES]
         messages = fit_history(model, [*prefix, *past], new_turn, req.max_tokens, req.params)
         if req.tool_results is not None:
             try:  # each result must answer a call the session's assistant made

@@ -200,6 +200,8 @@ def _tool_results(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
 
 # What an agent fixes (issue 15.4): a body naming an agent may not set these.
 AGENT_FIXED = ("model", "tools", "tool_choice", "parallel_tool_calls")
+# Messages that instruct the model: an agent's turn carries only its own prompt.
+AGENT_FIXED_ROLES = ("system", "developer")
 AGENT_NAME_MAX = 64
 
 
@@ -212,7 +214,7 @@ def _agent(doc: dict[str, Any]) -> str | None:
     fixed = [key for key in AGENT_FIXED if doc.get(key) is not None]
     messages = doc.get("messages")
     if isinstance(messages, list) and any(
-        isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages
+        isinstance(m, dict) and m.get("role") in AGENT_FIXED_ROLES for m in messages
     ):
         fixed.append("a system message")
     if fixed:
