@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
+
 from control_plane.errors import UnsupportedFeature, ValidationFailed
 from shared.catalog import ModelSpec
 from shared.input_size import InputRejected, estimate_input_tokens, json_too_deep, params_tokens
@@ -26,6 +28,9 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 SYSTEM_PROMPT_MAX_CHARS = 32_000
 MAX_FEATURES = 16
 MODEL_ID_MAX = 200
+# Tools ride every turn and every listing reads them: bounded in bytes (compact JSON),
+# as the prompt is in characters, so one definition costs a listing little.
+TOOLS_MAX_BYTES = 64 * 1024
 # The stash nests tools two levels below the request body (``params.tools``); keep
 # that within the body depth every service accepts.
 STASH_DEPTH = 62
@@ -72,6 +77,8 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         raise ValidationFailed(exc.where, exc.problem) from None
     if json_too_deep(tools, STASH_DEPTH):
         raise ValidationFailed("tools", f"must not nest more than {STASH_DEPTH} levels deep")
+    if len(orjson.dumps(tools)) > TOOLS_MAX_BYTES:
+        raise ValidationFailed("tools", f"must be at most {TOOLS_MAX_BYTES} bytes as JSON")
     return tools
 
 
@@ -124,6 +131,12 @@ def parse_agent(doc: dict[str, Any], *, create: bool) -> dict[str, Any]:
 def needed_features(features: list[str], tools: list[dict[str, Any]] | None) -> tuple[str, ...]:
     """What the model must support: the declared features, and `tools` for tools."""
     return tuple(dict.fromkeys([*features, *(["tools"] if tools else [])]))
+
+
+def definition_bytes(system_prompt: str | None, tools: list[dict[str, Any]] | None) -> int:
+    """What a definition weighs in a listing: its prompt and tools, as stored."""
+    prompt = len(system_prompt.encode("utf-8")) if system_prompt else 0
+    return prompt + (len(orjson.dumps(tools)) if tools else 0)
 
 
 def system_messages(system_prompt: str | None) -> list[dict[str, Any]]:

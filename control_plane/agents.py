@@ -45,6 +45,10 @@ from control_plane.tables import Agent, Company, iso, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
 
 MAX_AGENTS_PER_COMPANY = 200
+# Every listing (`GET /v1/agents`, a member's) reads and checks every definition: all of
+# a company's prompts and tools together are bounded, so a listing stays milliseconds
+# of work whatever an owner stores (each alone is bounded by `agent_spec`).
+MAX_DEFINITION_BYTES_PER_COMPANY = 2 * 1024 * 1024
 
 
 def agent_public(agent: Agent) -> dict[str, Any]:
@@ -104,6 +108,28 @@ def _check(session: Session, catalog: Catalog, company: Company, agent: Agent) -
     )
 
 
+def _lock_company(session: Session, company_id: str) -> None:
+    """Agents are counted and weighed under the company's row lock (PostgreSQL), so
+    two concurrent saves cannot both pass the caps."""
+    session.execute(select(col(Company.id)).where(col(Company.id) == company_id).with_for_update())
+
+
+def _check_room(session: Session, agent: Agent) -> None:
+    others = session.execute(
+        select(col(Agent.system_prompt), col(Agent.tools))
+        .where(col(Agent.company_id) == agent.company_id)
+        .where(col(Agent.id) != agent.id)
+    )
+    total = sum(agent_spec.definition_bytes(prompt, tools) for prompt, tools in others)
+    total += agent_spec.definition_bytes(agent.system_prompt, agent.tools)
+    if total > MAX_DEFINITION_BYTES_PER_COMPANY:
+        raise ValidationFailed(
+            "tools",
+            f"the company's agents would hold {total:,} bytes of prompts and tools; "
+            f"at most {MAX_DEFINITION_BYTES_PER_COMPANY:,} in all",
+        )
+
+
 def _audit(
     session: Session, p: Principal, action: str, agent: Agent, request_id: str, changed: list[str]
 ) -> None:
@@ -128,6 +154,7 @@ def create(
     now: datetime | None = None,
 ) -> Agent:
     company = _managed_company(session, p, company_id)
+    _lock_company(session, company.id)
     if _find(session, company.id, fields["name"]) is not None:
         raise AgentExists(f"The company already has an agent named {fields['name']!r}.")
     count = session.scalar(
@@ -149,6 +176,7 @@ def create(
         updated_at=moment,
     )
     _check(session, catalog, company, agent)
+    _check_room(session, agent)
     session.add(agent)
     try:
         session.flush()
@@ -187,9 +215,11 @@ def update(
     agent = get(session, p, company_id, name)
     company = session.get(Company, agent.company_id)
     assert company is not None
+    _lock_company(session, company.id)
     for key, value in fields.items():
         setattr(agent, key, value)
     _check(session, catalog, company, agent)
+    _check_room(session, agent)
     agent.updated_at = utcnow()
     session.flush()
     _audit(session, p, "updated", agent, request_id, sorted(fields))

@@ -139,6 +139,8 @@ _AGENT_FIELDS: dict[str, Any] = {
         "items": _AGENT_TOOL,
         "minItems": 1,
         "maxItems": 128,
+        "description": "At most 64 KiB as compact JSON; a company's prompts and tools "
+        "together at most 2 MiB.",
     },
     "max_tokens": {"type": ["integer", "null"], "minimum": 1},
     "features": {"type": ["array", "null"], "items": {"type": "string"}, "maxItems": 16},

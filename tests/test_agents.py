@@ -25,7 +25,14 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from control_plane.agent_spec import SYSTEM_PROMPT_MAX_CHARS, check_model, parse_agent
+from control_plane.agent_spec import (
+    SYSTEM_PROMPT_MAX_CHARS,
+    TOOLS_MAX_BYTES,
+    check_model,
+    definition_bytes,
+    parse_agent,
+)
+from control_plane.agents import MAX_DEFINITION_BYTES_PER_COMPANY
 from control_plane.app import create_app as control_plane_app
 from control_plane.errors import UnsupportedFeature, ValidationFailed
 from llm_gateway.admin import _request, add_admin_parser
@@ -158,6 +165,17 @@ for _ in range(MAX_JSON_DEPTH):
     DEEP = {"a": DEEP}
 
 
+def _tools_of(size: int) -> list[dict[str, Any]]:
+    """128 tools whose compact JSON is `size` bytes."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": ""}}
+             for i in range(128)]  # fmt: skip
+    short = size - len(orjson.dumps(tools))
+    for i, tool in enumerate(tools):
+        tool["function"]["description"] = "w" * (short // 128 + (i < short % 128))
+    assert len(orjson.dumps(tools)) == size
+    return tools
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -179,6 +197,7 @@ for _ in range(MAX_JSON_DEPTH):
         ({"name": "ok", "tools": [TOOL, TOOL]}, "tools[1].function.name"),
         ({"name": "ok", "tools": [{"type": "function",
                                    "function": {"name": "f", "parameters": DEEP}}]}, "tools"),
+        ({"name": "ok", "tools": _tools_of(TOOLS_MAX_BYTES + 1)}, "tools"),
         ({"name": "ok", "max_tokens": 0}, "max_tokens"),
         ({"name": "ok", "max_tokens": True}, "max_tokens"),
         ({"name": "ok", "max_tokens": 1.5}, "max_tokens"),
@@ -190,6 +209,11 @@ def test_a_bad_definition_names_its_field(body: dict[str, Any], field: str) -> N
     with pytest.raises(ValidationFailed) as caught:
         parse_agent(body, create=True)
     assert caught.value.field == field
+
+
+def test_tools_up_to_their_byte_cap_are_a_definition() -> None:
+    tools = _tools_of(TOOLS_MAX_BYTES)
+    assert parse_agent({"name": "ok", "tools": tools}, create=True)["tools"] == tools
 
 
 def test_a_patch_cannot_rename_and_may_clear() -> None:
@@ -431,6 +455,35 @@ def test_a_sessions_own_system_message_never_rides_an_agent_turn(gw: Gateway) ->
     # Without the agent the session's own history is the client's, as before.
     third = gw.client.init_ok(co.member, {"query": "three", "session_id": first["session_id"]})
     assert [m["content"] for m in _stream(gw, third)["messages"]][:2] == [override, override]
+
+
+def test_a_companys_agents_are_bounded_in_bytes_together(gw: Gateway) -> None:
+    # Attack: an owner stores as many of the largest definitions as it may, so that
+    # every member's `GET /v1/agents` (which reads and checks them all) costs seconds.
+    co = _company(gw)
+    prompt, tools = "é" * SYSTEM_PROMPT_MAX_CHARS, _tools_of(TOOLS_MAX_BYTES)
+    big = {"model": "gpt-4o-mini", "system_prompt": prompt, "tools": tools}
+    fits = MAX_DEFINITION_BYTES_PER_COMPANY // definition_bytes(prompt, tools)
+    for i in range(fits):
+        _create(gw, co, name=f"big{i}", **big)
+    message = _error(
+        gw.client.as_user(co.owner, "POST", _agents(co), json={"name": "one-more", **big}),
+        422,
+        "validation_error",
+    )
+    assert f"at most {MAX_DEFINITION_BYTES_PER_COMPANY:,}" in message
+    # A small one still fits in what is left; growing it past the cap is refused too.
+    _create(gw, co, name="small", model="gpt-4o-mini", system_prompt=PROMPT)
+    path = f"{_agents(co)}/small"
+    _error(gw.client.as_user(co.owner, "PATCH", path, json={"tools": tools}), 422,
+           "validation_error")  # fmt: skip
+    assert _data(gw.client.as_user(co.owner, "GET", path))["tools"] is None
+    # Freeing room (a smaller definition) lets it grow again.
+    shrink = {"system_prompt": PROMPT, "tools": None}
+    _data(gw.client.as_user(co.owner, "PATCH", f"{_agents(co)}/big0", json=shrink))
+    _data(gw.client.as_user(co.owner, "PATCH", path, json={"tools": tools}))
+    items = _data(gw.client.as_user(co.member, "GET", "/v1/agents"))["items"]
+    assert len(items) == fits + 1
 
 
 def test_a_disabled_or_changed_model_makes_the_agent_unusable(gw: Gateway) -> None:
