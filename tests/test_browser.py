@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -190,7 +191,10 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    # Playwright's `wait_for_function` evaluates its string in the page, which the
+    # page's Content-Security-Policy forbids: these tests set the policy aside, and
+    # `test_the_page_runs_only_its_own_script` signs in and streams under it.
+    context = browser.new_context(viewport={"width": 1100, "height": 760}, bypass_csp=True)
     page = context.new_page()
     page.set_default_timeout(15_000)
     errors: list[str] = []
@@ -380,6 +384,59 @@ def test_an_upstream_failure_is_explained(stack: BrowserStack, page: Any) -> Non
     # The hold is settled for what was relayed; the page shows the new balance.
     page.wait_for_selector(".meta[data-settled=true]")
     assert float(balance(page)) < 5
+
+
+def test_the_page_runs_only_its_own_script(stack: BrowserStack, browser: Any) -> None:
+    """Attack: markup slipped into the page (an answer rendered as HTML by a future
+    edit, a proxy's injection) runs no script and sends nothing elsewhere: the policy
+    allows only the page's own inline script, by its hash, and connections only to
+    this origin and the edge's."""
+    page_bytes = (Path(__file__).resolve().parents[1] / "web" / "index.html").read_bytes()
+    script = page_bytes.split(b"<script>", 1)[1].split(b"</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        console: list[str] = []
+        page.on("console", lambda msg: console.append(msg.text))
+        page.on("pageerror", lambda exc: console.append(str(exc)))
+        response = page.goto(stack.page_url + "/")
+        policy = response.headers["content-security-policy"]
+        assert f"script-src 'sha256-{digest}';" in policy
+        assert f"connect-src 'self' {stack.stream_origin};" in policy
+        assert "frame-ancestors 'none'" in policy
+        # The page itself works under the policy: sign in, stream, settle.
+        page.fill("#email", stack.new_user(credits="5"))
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        page.wait_for_selector("#model option", state="attached")
+        send(page, "Hello under a policy")
+        assert finished_answer(page).inner_text()
+        assert not [text for text in console if "Content Security Policy" in text], console
+
+        def refusal(msg: Any) -> bool:
+            return "Content Security Policy" in msg.text
+
+        with page.expect_console_message(refusal):
+            page.evaluate(
+                """() => {
+                    const s = document.createElement('script');
+                    s.textContent = 'window.injected = true';
+                    document.body.appendChild(s);
+                }"""
+            )
+        with page.expect_console_message(refusal):
+            page.evaluate(
+                """() => {
+                    const img = document.createElement('img');
+                    img.src = 'http://127.0.0.1:9/leak.png';
+                    document.body.appendChild(img);
+                }"""
+            )
+        assert page.evaluate("window.injected === undefined")
+    finally:
+        context.close()
 
 
 def test_the_demo_tool_runs_in_the_page(stack: BrowserStack, page: Any) -> None:
