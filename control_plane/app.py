@@ -139,6 +139,8 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
                         await task
             if deps is not None and deps.settler is not None:
                 await deps.settler.close()
+            if deps is not None and deps.external is not None:
+                await deps.external.aclose()
             if own_store:
                 await active_store.close()
             await asyncio.to_thread(db.close)

@@ -3,10 +3,13 @@
 
 * ``LLMGW_AUTH_JWT_SECRET``: HS256 with that shared secret, and nothing else.
 * ``LLMGW_AUTH_JWKS_URL``: RS256, ES256 or EdDSA with a key from that JWKS, chosen by
-  the token's ``kid`` (`jwt.PyJWKClient`, keys cached for 5 minutes; it is sync, so
-  it runs in a thread). HS256 is never accepted with a JWKS (the public-key-as-HMAC-
-  secret confusion), ``none`` never at all; the algorithm list is pinned per source
-  before any key is touched (RFC 8725 §3.1).
+  the token's ``kid``. The set is fetched and cached as the edge caches ours
+  (`shared.jwks`): refreshed after 5 minutes, one async fetch at a time, at most one
+  attempt per 5 s whatever the kids, the last good set kept while the provider is
+  slow or silent. Made-up tokens cannot queue fetches in the thread pool that hashes
+  passwords, nor make real users' known keys expire. HS256 is never accepted with a
+  JWKS (the public-key-as-HMAC-secret confusion), ``none`` never at all; the
+  algorithm list is pinned per source before any key is touched (RFC 8725 §3.1).
 * ``LLMGW_AUTH_JWT_AUDIENCE`` and ``LLMGW_AUTH_JWT_ISSUER`` must be set (the
   control plane refuses to start without them), and every token must carry both:
   a token the provider minted for another of its services (``aud:
@@ -24,12 +27,13 @@ in one company presenting another company's token is refused.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import jwt
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -41,6 +45,7 @@ from control_plane.accounts import find_user_by_email
 from control_plane.errors import Unauthenticated, ValidationFailed
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, User, new_id, utcnow
+from shared.jwks import JWKSCache, KeysUnavailable
 from shared.settings import ConfigError
 from shared.tokens import API_AUDIENCE, ISSUER
 
@@ -112,22 +117,28 @@ def looks_like_ours(token: str) -> bool:
     return claims.get("iss") == ISSUER and claims.get("aud") == API_AUDIENCE
 
 
+def signing_keys(document: object) -> dict[str, jwt.PyJWK]:
+    """Pure: a JWKS document's signing keys by kid, as `jwt.PyJWKClient` picks them
+    (``use`` ``sig`` or absent, a ``kid``); unusable entries skipped, a document with
+    none raises (the fetch failed: the last good set stays)."""
+    if not isinstance(document, dict):
+        raise ValueError("not a JWKS document")
+    return {
+        key.key_id: key
+        for key in jwt.PyJWKSet.from_dict(document).keys
+        if key.key_id and key.public_key_use in ("sig", None)
+    }
+
+
 class ExternalVerifier:
     """Verifies an existing app's JWTs; one per control-plane app."""
 
-    def __init__(self, settings: ControlPlaneSettings) -> None:
-        self._secret = settings.auth_jwt_secret
-        self._jwks = (
-            jwt.PyJWKClient(
-                settings.auth_jwks_url,
-                cache_keys=True,
-                lifespan=JWKS_CACHE_SECONDS,
-                timeout=5,
-            )
-            if settings.auth_jwks_url
-            else None
-        )
-        self._last_refetch = float("-inf")
+    def __init__(
+        self,
+        settings: ControlPlaneSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if settings.auth_jwt_audience is None or settings.auth_jwt_issuer is None:
             # `ControlPlaneSettings.from_env` already refuses this; settings built otherwise too.
             missing = "AUDIENCE" if settings.auth_jwt_audience is None else "ISSUER"
@@ -136,6 +147,22 @@ class ExternalVerifier:
             )
         self._audience: str = settings.auth_jwt_audience
         self._issuer: str = settings.auth_jwt_issuer
+        self._secret = settings.auth_jwt_secret
+        self._client: httpx.AsyncClient | None = None
+        self._jwks: JWKSCache[jwt.PyJWK] | None = None
+        if settings.auth_jwks_url:
+            # Redirects followed as `jwt.PyJWKClient` (urllib) did before: a provider
+            # may move its keys behind one. The cache times each fetch out (5 s).
+            self._client = httpx.AsyncClient(follow_redirects=True)
+            self._jwks = JWKSCache(
+                self._client,
+                settings.auth_jwks_url,
+                signing_keys,
+                max_age_seconds=JWKS_CACHE_SECONDS,
+                min_refetch_seconds=JWKS_REFETCH_SECONDS,
+                clock=clock,
+                source="the identity provider",
+            )
 
     @classmethod
     def from_settings(cls, settings: ControlPlaneSettings) -> ExternalVerifier | None:
@@ -143,21 +170,12 @@ class ExternalVerifier:
             return None
         return cls(settings)
 
-    def _jwk_for(self, kid: Any) -> jwt.PyJWK | None:
-        """The JWKS key named `kid` (sync: runs in a thread). An unknown `kid` refetches
-        the set at most every `JWKS_REFETCH_SECONDS`, so tokens with made-up kids cannot
-        turn into a flood of requests to the identity provider."""
-        assert self._jwks is not None
-        for refresh in (False, True):
-            if refresh:
-                now = time.monotonic()
-                if now - self._last_refetch < JWKS_REFETCH_SECONDS:
-                    return None
-                self._last_refetch = now
-            for key in self._jwks.get_signing_keys(refresh=refresh):
-                if key.key_id == kid:
-                    return key
-        return None
+    async def aclose(self) -> None:
+        """The lifespan's end: a refresh still running, then the client."""
+        if self._jwks is not None:
+            await self._jwks.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     async def _key(self, token: str, alg: Any) -> Any:
         if alg == SECRET_ALGORITHM and self._secret is not None:
@@ -165,9 +183,11 @@ class ExternalVerifier:
         if alg in JWKS_ALGORITHMS and self._jwks is not None:
             kid = jwt.get_unverified_header(token).get("kid")
             try:
-                signing_key = await asyncio.to_thread(self._jwk_for, kid)
-            except jwt.PyJWTError as exc:  # the JWKS cannot be fetched or parsed
-                raise Unauthenticated(f"The token's signing key is not available: {exc}.") from None
+                # A kid-less token names no key: nothing to fetch for it.
+                signing_key = await self._jwks.key(kid) if isinstance(kid, str) else None
+            except KeysUnavailable:
+                # The fetch's error stays in our log: it may name the provider's hosts.
+                raise Unauthenticated("The token's signing keys are not available.") from None
             if signing_key is None:
                 raise Unauthenticated("The token was signed by an unknown key.")
             if signing_key.algorithm_name not in (None, alg):

@@ -67,20 +67,25 @@ async def claim_attempt(
     store: CounterStore, *, email: str, address: str, limit: int, now: float
 ) -> Attempt:
     """Count one attempt for `email` and `address`; LoginThrottled (429) when either
-    has already used its `limit` in this window. Call before verifying the password."""
+    has already used its `limit` in this window. Call before verifying the password.
+
+    The address is counted and checked first: an address over its limit is refused
+    before its email is counted, or every made-up email it sends would still leave a
+    counter in the store for the window."""
     window = window_at(now, WINDOW_SECONDS)
-    keys = attempt_keys(email, address, window)
-    try:
-        counts = [await store.hit(key, WINDOW_SECONDS) for key in keys]
-    except Exception:
-        log.exception("login counter unavailable")
-        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
-    if any(count > limit for count in counts):
-        raise LoginThrottled(
-            f"Too many failed logins ({limit} per 15 minutes) for this account or "
-            f"address; retry in {window.retry_after} s.",
-            window.retry_after,
-        )
+    email_key, address_key = keys = attempt_keys(email, address, window)
+    for key in (address_key, email_key):
+        try:
+            count = await store.hit(key, WINDOW_SECONDS)
+        except Exception:
+            log.exception("login counter unavailable")
+            raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+        if count > limit:
+            raise LoginThrottled(
+                f"Too many failed logins ({limit} per 15 minutes) for this account or "
+                f"address; retry in {window.retry_after} s.",
+                window.retry_after,
+            )
     return Attempt(keys)
 
 

@@ -18,9 +18,44 @@ from shared.settings import (
     env_url,
     read_common,
 )
-from shared.webhooks import parse_backend_secrets
+from shared.webhooks import check_random, is_placeholder, parse_backend_secrets
 
 DEFAULT_DATABASE_URL = "sqlite:///var/llm-gateway.db"
+# The admin token is any opaque bearer string, not a whsec key, so it is judged as
+# text: 32 characters at least, 10 of them distinct (`secrets.token_urlsafe(32)` has
+# ~31 of 43; `changeme` repeated has 7; 32 random hex digits fail 1 time in 10,000).
+MIN_ADMIN_TOKEN_CHARS = 32
+MIN_ADMIN_TOKEN_DISTINCT = 10
+ADMIN_TOKEN_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def _admin_token(env: Mapping[str, str], others: Mapping[str, set[str]]) -> str | None:
+    """LLMGW_ADMIN_TOKEN (unset: no platform admin by token), refused when it is a
+    placeholder, short, patterned, or the value of another secret (`others`: each
+    variable's values): the edge, which faces the internet, holds the webhook and edge
+    service secrets, and a backend holds its own; none of them may be the admin."""
+    token = env.get("LLMGW_ADMIN_TOKEN") or None
+    if token is None:
+        return None
+    if is_placeholder(token):
+        raise ConfigError(
+            f"LLMGW_ADMIN_TOKEN is the placeholder from the examples; {ADMIN_TOKEN_HINT}"
+        )
+    try:
+        check_random(
+            token,
+            minimum=MIN_ADMIN_TOKEN_CHARS,
+            distinct=MIN_ADMIN_TOKEN_DISTINCT,
+            unit="characters",
+            hint=ADMIN_TOKEN_HINT,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"LLMGW_ADMIN_TOKEN {exc}") from None
+    for name, values in others.items():
+        # A whsec secret's key without its prefix is the same secret.
+        if token in values or f"whsec_{token}" in values:
+            raise ConfigError(f"LLMGW_ADMIN_TOKEN must differ from {name}; {ADMIN_TOKEN_HINT}")
+    return token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,13 +113,20 @@ class ControlPlaneSettings(CommonSettings):
         database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
         if not database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError("LLMGW_DATABASE_URL must be a sqlite:// or postgresql:// URL")
-        admin_token = env.get("LLMGW_ADMIN_TOKEN") or None
-        if admin_token is not None and len(admin_token) < 16:
-            raise ConfigError("LLMGW_ADMIN_TOKEN must be at least 16 characters")
         auth_jwt_secret = env.get("LLMGW_AUTH_JWT_SECRET") or None
         if auth_jwt_secret is not None and len(auth_jwt_secret.encode("utf-8")) < 32:
             # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
             raise ConfigError("LLMGW_AUTH_JWT_SECRET must be at least 32 bytes (HS256)")
+        admin_token = _admin_token(
+            env,
+            {
+                "LLMGW_WEBHOOK_SECRET": {s.reveal() for s in common.webhook_secrets},
+                "LLMGW_EDGE_SERVICE_SECRET": {s.reveal() for s in common.edge_service_secrets},
+                "LLMGW_BACKEND_WEBHOOK_SECRETS": backend_all,
+                "LLMGW_AUTH_JWT_SECRET": {auth_jwt_secret} if auth_jwt_secret else set(),
+                "LLMGW_ENCRYPTION_KEY": {k.reveal() for k in common.encryption_keys},
+            },
+        )
         auth_jwks_url = (
             env_url(env, "LLMGW_AUTH_JWKS_URL", "") if env.get("LLMGW_AUTH_JWKS_URL") else None
         )

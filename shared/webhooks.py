@@ -57,10 +57,26 @@ GENERATE_HINT = (
 )
 
 
+def is_placeholder(secret: str) -> bool:
+    """Whether `secret` is, or embeds, a placeholder of our examples, however it is
+    cased or punctuated (``CHANGE_ME``, ``changeme-changeme``, ``REPLACE_ME…``)."""
+    letters = "".join(c for c in secret.upper() if c.isalpha())
+    return secret in PLACEHOLDER_SECRETS or "CHANGEME" in letters or "REPLACEME" in letters
+
+
+def check_random(value: str | bytes, *, minimum: int, distinct: int, unit: str, hint: str) -> None:
+    """Raise ValueError unless `value` is long enough and not an obvious pattern (a
+    generated value almost never repeats few symbols; a typed one does)."""
+    if len(value) < minimum:
+        raise ValueError(f"must carry at least {minimum} random {unit}, got {len(value)}; {hint}")
+    if len(set(value)) < distinct:
+        raise ValueError(f"is not random (too few distinct {unit}); {hint}")
+
+
 def validate_secret(secret: str) -> None:
     """Raise ValueError unless `secret` is a strong Standard Webhooks secret: not one
     of our placeholders, at least 24 bytes, and not an obviously patterned key."""
-    if secret in PLACEHOLDER_SECRETS or "CHANGE_ME" in secret or "REPLACE_ME" in secret:
+    if is_placeholder(secret):
         raise ValueError(f"is the placeholder from the examples; {GENERATE_HINT}")
     try:
         Webhook(secret)
@@ -69,12 +85,9 @@ def validate_secret(secret: str) -> None:
         raise ValueError(
             f"must be a Standard Webhooks secret like whsec_<base64>; {GENERATE_HINT}"
         ) from exc
-    if len(raw) < MIN_SECRET_BYTES:
-        raise ValueError(
-            f"must carry at least {MIN_SECRET_BYTES} random bytes, got {len(raw)}; {GENERATE_HINT}"
-        )
-    if len(set(raw)) < MIN_DISTINCT_BYTES:
-        raise ValueError(f"is not random (too few distinct bytes); {GENERATE_HINT}")
+    check_random(
+        raw, minimum=MIN_SECRET_BYTES, distinct=MIN_DISTINCT_BYTES, unit="bytes", hint=GENERATE_HINT
+    )
 
 
 def iso_utc(moment: datetime) -> str:

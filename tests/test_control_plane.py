@@ -46,7 +46,7 @@ from shared.webhooks import UsageEvent, sign
 from tests.conftest import REDIS_URL, new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, url_of
 
-ADMIN_TOKEN = "test-admin-token-" + "x" * 16
+ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 # Tests that do not depend on the backend run on SQLite only, to keep the file fast.
 sqlite_only = pytest.mark.parametrize("cp", ["sqlite"], indirect=True)
 PASSWORD = "correct horse"

@@ -3,12 +3,15 @@ served by a tiny test server; users and companies provisioned on first sight."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -17,9 +20,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from control_plane.app import create_app
 from control_plane.errors import Unauthenticated
-from control_plane.external_auth import identity_from_claims
+from control_plane.external_auth import JWKS_CACHE_SECONDS, ExternalVerifier, identity_from_claims
+from control_plane.settings import ControlPlaneSettings
+from shared.store_memory import MemoryStore
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.stack import ADMIN_TOKEN, base_env
 from tests.test_control_plane import CP, data_of, error_of, start_cp
 
 SECRET = "an-existing-apps-hs256-secret-of-32-bytes+"
@@ -293,3 +300,123 @@ def test_settings_for_identity_and_limits() -> None:
 def test_only_a_verified_email_is_used(extra: dict[str, Any], email: str | None) -> None:
     ident = identity_from_claims({"sub": "s", "company_id": "c", "role": "member", **extra})
     assert ident.email == email
+
+
+class IdentityProvider:
+    """A JWKS server on a real socket that counts connections; once `silent`, it
+    accepts them and never answers (a hung or partitioned provider)."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.body = json.dumps(document).encode()
+        self.silent = False
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> IdentityProvider:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/.well-known/jwks.json"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        if self.silent:
+            await reader.read()  # until the client gives up
+            return
+        await reader.readuntil(b"\r\n\r\n")
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(self.body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + self.body)
+        await writer.drain()
+        writer.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self._writers:
+            writer.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def until(condition: Any, deadline: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not condition():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_silent_idp_neither_stalls_logins_nor_drops_known_keys(
+    tmp_path: Path, keys: dict[str, Any]
+) -> None:
+    """Review 4: the keys were fetched by `jwt.PyJWKClient` in the default thread pool,
+    one blocking fetch per made-up token, and dropped once their lifespan passed."""
+    async with IdentityProvider({"keys": [_jwk("RS256", keys["RS256"])]}) as idp:
+        env = {
+            **base_env(f"sqlite:///{tmp_path}/cp.db"),
+            "LLMGW_AUTH_JWKS_URL": idp.url,
+            "LLMGW_AUTH_JWT_AUDIENCE": AUDIENCE,
+            "LLMGW_AUTH_JWT_ISSUER": ISSUER,
+        }
+        settings = ControlPlaneSettings.from_env(env)
+
+        # A token verified while the provider answers still verifies once it has gone
+        # silent past the cache's lifespan (a clock moved on, not slept through).
+        now = [0.0]
+        verifier = ExternalVerifier(settings, clock=lambda: now[0])
+        token = _token(keys, "RS256")
+        try:
+            assert (await verifier.verify(token)).role == "member"
+            idp.silent = True
+            now[0] += JWKS_CACHE_SECONDS + 1
+            assert (await verifier.verify(token)).role == "member"
+            await verifier.verify(token)  # the refresh in the background, not a second
+            await until(lambda: idp.connections >= 2)
+        finally:
+            await verifier.aclose()
+
+        # A control plane whose provider never answered: made-up RS256 tokens queue
+        # behind one fetch, and password logins do not queue behind them.
+        app = create_app(settings, MemoryStore())
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://cp") as http,
+        ):
+            admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            company = await http.post("/v1/admin/companies", json={"name": "a"}, headers=admin)
+            user = {"email": f"{uuid.uuid4().hex[:8]}@a.example", "password": "pw-123456"}
+            created = await http.post(
+                "/v1/admin/users",
+                headers=admin,
+                json={"company_id": company.json()["data"]["id"], "role": "member", **user},
+            )
+            assert created.status_code == 201, created.text
+            other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            before = idp.connections
+            assert before == 2  # the verifier's: one fetch, one refresh
+
+            async def junk() -> httpx.Response:
+                forged = jwt.encode(
+                    _claims(), other, "RS256", headers={"kid": f"made-up-{uuid.uuid4().hex}"}
+                )
+                return await http.get("/v1/me", headers={"Authorization": f"Bearer {forged}"})
+
+            attacks = [asyncio.create_task(junk()) for _ in range(30)]
+            try:
+                await until(lambda: idp.connections > before)
+                login = await asyncio.wait_for(http.post("/v1/auth/login", json=user), 3.0)
+                assert login.status_code == 200, login.text
+                assert idp.connections == before + 1
+                assert not any(attack.done() for attack in attacks)  # all wait on that one
+            finally:
+                for attack in attacks:
+                    attack.cancel()
+                await asyncio.gather(*attacks, return_exceptions=True)

@@ -20,6 +20,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from control_plane import login_limits
+from control_plane.rate_limits import window_at
 from control_plane.routes import account, admin
 from shared.store_redis import RedisStore
 from tests.conftest import REDIS_URL, fresh_redis_prefix
@@ -139,6 +140,25 @@ def test_failures_per_address_are_limited(server: Login) -> None:
         assert len(server.verifies) == verified
         # The same accounts from another address still log in.
         assert _login(bystander, emails[0], PASSWORD).status_code == 200
+
+
+def test_a_refused_address_writes_no_email_counters(server: Login) -> None:
+    """Review 4: both counters were hit before either was checked, so an address over
+    its limit still left a counter in the store for each made-up email it sent."""
+    with server.client("127.0.0.8") as attacker:
+        for _ in range(LIMIT):
+            _login(attacker, f"nobody-{uuid.uuid4().hex}@example.com", "wrong")
+        fresh = [f"fresh-{uuid.uuid4().hex}@example.com" for _ in range(5)]
+        for email in fresh:
+            _refused(_login(attacker, email, "wrong"))
+    store = server.app.state.store
+    window = window_at(NOW, login_limits.WINDOW_SECONDS)
+
+    async def email_counters() -> list[bytes | None]:
+        keys = [login_limits.attempt_keys(email, "127.0.0.8", window)[0] for email in fresh]
+        return [await store.get(key) for key in keys]
+
+    assert server.group.call(email_counters) == [None] * len(fresh)
 
 
 @pytest.mark.parametrize("server", ["redis"], indirect=True)

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ from control_plane.chat_init import plan_hold
 from control_plane.chat_request import parse_init_request
 from control_plane.credentials import hash_api_key
 from shared.catalog import load_catalog
-from shared.service_calls import INIT_PATH, MODELS_PATH, key_digest, signed_headers
+from shared.service_calls import INIT_PATH, MODELS_PATH, key_digest, nonce_key, signed_headers
 from shared.settings import ConfigError
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, InitRefused, ServiceUnavailable
@@ -31,6 +32,7 @@ from stream_edge.key_callers import init_request, normalised, openai_models, ref
 from stream_edge.requests import parse_chat_request
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
+from tests.inproc import Gateway, edge_url
 from tests.stack import InProcessStack, base_env
 
 SERVICE_SECRET = new_webhook_secret()
@@ -603,3 +605,64 @@ def test_the_edge_never_sends_the_key_itself(stack: InProcessStack) -> None:
         assert caller.key[3:].encode() not in wire
         assert key_digest(caller.key).encode() in body
         assert "authorization" not in {h.lower() for h in headers}
+
+
+# What writes a key to the store; reads, and the outbox loop's own claims, do not count.
+STORE_WRITES = (
+    "set", "set_if_absent", "hit", "add", "bounded_add", "log_append", "outbox_put",
+    "admit", "init_gate",
+)  # fmt: skip
+
+
+async def test_unknown_keys_leave_nothing_in_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 4: each anonymous `Bearer sk_<random>` at the edge left its call's nonce
+    in the store for 10 minutes, recorded before the key was looked up."""
+    env = {**base_env(f"sqlite:///{tmp_path}/gw.db"), "LLMGW_EDGE_SERVICE_SECRET": SERVICE_SECRET}
+    async with Gateway(env) as gw:
+        link = gw.edge_state().control_plane
+        assert link is not None
+        recorder = Recorder(link._client)
+        monkeypatch.setattr(link, "_client", recorder)
+        writes: list[str] = []
+        for name in STORE_WRITES:
+            method = getattr(gw.store, name)
+
+            def spy(*args: Any, _name: str = name, _method: Any = method, **kw: Any) -> Any:
+                writes.append(f"{_name} {args[:1]}")
+                return _method(*args, **kw)
+
+            monkeypatch.setattr(gw.store, name, spy)
+
+        async def edge(method: str, path: str, key: str, body: bytes = b"") -> int:
+            headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+            answer = await gw.clients.send(method, f"{edge_url('edge')}{path}", headers, body)
+            await answer.aread()
+            await answer.aclose()
+            return answer.status_code
+
+        chat = orjson.dumps(HI)
+        for _ in range(3):
+            assert await edge("POST", "/v1/chat/completions", f"sk_{uuid.uuid4().hex}", chat) == 401
+            assert await edge("GET", "/v1/models", f"sk_{uuid.uuid4().hex}") == 401
+        assert len(recorder.sent) == 6  # each reached the control plane, signed
+        assert writes == []
+        for _url, headers, _body in recorder.sent:
+            assert await gw.store.get(nonce_key(headers["webhook-id"])) is None
+
+        # A live key's call is still recorded, and its replay refused.
+        company = await gw._new_company("5")
+        user = await gw.admin(
+            "POST", "/v1/admin/users",
+            json={"company_id": company, "email": f"k-{uuid.uuid4().hex}@x.io", "role": "member"},
+        )  # fmt: skip
+        created = await gw.admin(
+            "POST", "/v1/admin/api-keys", json={"user_id": user.json()["data"]["id"]}
+        )
+        assert await edge("GET", "/v1/models", created.json()["data"]["key"]) == 200
+        url, headers, body = recorder.sent[-1]
+        assert await gw.store.get(nonce_key(headers["webhook-id"])) is not None
+        replayed = await gw.http.post(httpx.URL(url).path, content=body, headers=headers)
+        assert replayed.status_code == 401, replayed.text
+        assert replayed.json()["error"]["code"] == "invalid_signature"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,54 @@ def test_placeholder_and_weak_webhook_secrets_are_refused(value: str) -> None:
         # A weak one among several (a rotation) is refused too.
         with pytest.raises(ConfigError, match="LLMGW_WEBHOOK_SECRET"):
             service.from_env({"LLMGW_WEBHOOK_SECRET": f"{new_webhook_secret()},{value}"})
+
+
+def test_weak_placeholder_or_shared_admin_tokens_are_refused() -> None:
+    """Review 4: only the length (16) was checked, so `changeme-changeme`, the k8s
+    example's placeholder or a secret the internet-facing edge holds made a platform
+    admin."""
+    webhook, service, backend = new_webhook_secret(), new_webhook_secret(), new_webhook_secret()
+    jwt_secret, ring = secrets.token_urlsafe(32), Fernet.generate_key().decode()
+    env = {
+        "LLMGW_WEBHOOK_SECRET": webhook,
+        "LLMGW_EDGE_SERVICE_SECRET": service,
+        "LLMGW_BACKEND_WEBHOOK_SECRETS": f"mock={backend}",
+        "LLMGW_AUTH_JWT_SECRET": jwt_secret,
+        "LLMGW_AUTH_JWT_AUDIENCE": "aud",
+        "LLMGW_AUTH_JWT_ISSUER": "iss",
+        "LLMGW_ENCRYPTION_KEY": ring,
+    }
+    weak = {
+        "k8s-example": example_value(ROOT / "deploy/k8s/secret.example.yaml", "LLMGW_ADMIN_TOKEN"),
+        "changeme": "changeme-changeme",
+        "placeholder-inside": "REPLACE_ME-" + secrets.token_urlsafe(32),
+        "placeholder-spelled-otherwise": secrets.token_urlsafe(24) + "Change-Me",
+        "31-characters": secrets.token_urlsafe(32)[:31],
+        "pattern": "ab12" * 10,
+        "typed": "passwordpasswordpasswordpassword",
+        "the-webhook-secret": webhook,
+        "the-webhook-secrets-key": webhook.removeprefix("whsec_"),
+        "the-edge-service-secret": service,
+        "a-backend-secret": backend,
+        "the-external-jwt-secret": jwt_secret,
+        "the-encryption-key": ring,
+    }
+    for name, token in weak.items():
+        with pytest.raises(ConfigError, match="LLMGW_ADMIN_TOKEN") as refused:
+            ControlPlaneSettings.from_env({**env, "LLMGW_ADMIN_TOKEN": token})
+        message = str(refused.value)
+        assert "generate one with" in message and "\n" not in message, name
+        assert token not in message, name  # the refusal never prints the secret
+    # What we tell operators to use starts: gen-env.sh's output, a urlsafe or hex token.
+    printed = subprocess.run(
+        ["bash", str(ROOT / "deploy/gen-env.sh")], capture_output=True, text=True, check=True
+    ).stdout
+    generated = dict(line.split("=", 1) for line in printed.splitlines() if "=" in line)
+    assert ControlPlaneSettings.from_env(generated).admin_token is not None
+    for token in (secrets.token_urlsafe(32), secrets.token_hex(32)):
+        settings = ControlPlaneSettings.from_env({**env, "LLMGW_ADMIN_TOKEN": token})
+        assert settings.admin_token is not None and settings.admin_token.reveal() == token
+    assert ControlPlaneSettings.from_env({**env, "LLMGW_ADMIN_TOKEN": ""}).admin_token is None
 
 
 def test_generated_secrets_are_accepted() -> None:

@@ -3,8 +3,10 @@
 Not public API and not in ``/openapi.json``: each call must be signed by an edge
 with ``LLMGW_EDGE_SERVICE_SECRET`` (`shared.service_calls`), once (its id is a
 nonce), and carries the caller's key as its SHA-256 (``key_hash``), never the key.
-Anything else is 401 ``invalid_signature``, before the body is parsed or the key
-looked up.
+An unsigned call is 401 ``invalid_signature`` before the body is parsed or the key
+looked up. The nonce is recorded once the key is found live, before anything is
+held: a call for an unknown key (``Bearer sk_<anything>`` at the edge) leaves no key
+in the store, and its replay is refused like the call itself.
 
 The init is the public one (`chat.serve_init` → `init_chat`): the key's scopes,
 revocation, the init rates, TPM, pending-init caps, budgets and the hold all apply
@@ -39,32 +41,38 @@ MAX_CALL_BYTES = 2 * MAX_BODY_BYTES
 
 @dataclass(frozen=True, slots=True)
 class EdgeCall:
+    call_id: str
     key_hash: str
     doc: dict[str, Any]
 
 
 async def edge_call(request: Request, deps: Deps) -> EdgeCall:
-    """The verified call, or 401: signature first (nothing of an unsigned body is
-    parsed), then the nonce (a replayed call is refused even within the window)."""
+    """The signed call, or 401 (nothing of an unsigned body is parsed). Its nonce
+    is claimed by `key_principal`."""
     body = await read_body(request, MAX_CALL_BYTES)
     secrets = [s.reveal() for s in deps.settings.edge_service_secrets]
     try:
         call_id = verify_call(secrets, body, dict(request.headers))
     except BadSignature:
         raise InvalidSignature("This endpoint is for the stream edge only.") from None
-    if not await deps.store.set_if_absent(nonce_key(call_id), b"1", NONCE_TTL_SECONDS):
-        raise InvalidSignature("This call was already made once.")
     doc = parse_json_object(body)
     key_hash = doc.get("key_hash")
     if not isinstance(key_hash, str) or not _KEY_HASH.fullmatch(key_hash):
         raise ValidationFailed("key_hash", "must be the key's SHA-256 in hex")
-    return EdgeCall(key_hash, doc)
+    return EdgeCall(call_id, key_hash, doc)
 
 
-async def key_principal(deps: Deps, key_hash: str) -> Principal:
+async def key_principal(deps: Deps, call: EdgeCall) -> Principal:
+    """The live key's caller, then the call's nonce (a replay is refused even within
+    the signature's window). Only then: anonymous `sk_<random>` calls at the edge
+    would otherwise each leave a nonce in the store for 10 minutes, and replaying a
+    call for a key that is not live gets nothing anyway."""
+    key_hash = call.key_hash
     principal = await deps.db.lookup(lambda on: api_key_row(on, key_hash), api_key_principal)
     if principal is None:
         raise Unauthenticated("The API key is unknown or revoked.")
+    if not await deps.store.set_if_absent(nonce_key(call.call_id), b"1", NONCE_TTL_SECONDS):
+        raise InvalidSignature("This call was already made once.")
     return principal
 
 
@@ -74,7 +82,8 @@ async def edge_chat_init(request: Request) -> Response:
     call = await edge_call(request, deps)
 
     async def caller(_: Request) -> Principal:
-        return await key_principal(deps, call.key_hash)
+        # `serve_init` asks for the caller before it reads the body or holds.
+        return await key_principal(deps, call)
 
     async def body(_: Request) -> dict[str, Any]:
         init = call.doc.get("request")
@@ -89,7 +98,7 @@ async def edge_models(request: Request) -> Response:
     """The model catalog of an edge's API-key caller (internal)."""
     deps = get_deps(request)
     call = await edge_call(request, deps)
-    principal = await key_principal(deps, call.key_hash)
+    principal = await key_principal(deps, call)
     return ok(await models_data(deps, principal, None))
 
 

@@ -1,0 +1,123 @@
+"""A JWKS document fetched over HTTP and cached by ``kid``, for key servers that can
+be slow, down or hostile: the edge's copy of the control plane's keys
+(`stream_edge.jwks`) and the control plane's copy of an identity provider's
+(`control_plane.external_auth`).
+
+An unknown `kid` triggers a refetch (a key was just rotated in), but at most once
+per `min_refetch_seconds`, so a flood of tokens with made-up kids cannot turn the
+service into a request amplifier against the key server.
+
+With a slow or failing key server (issue 11.14) there is one refresh at a time:
+look-ups that need it join the one in flight; the floor counts attempts, failed
+ones too (the first included); a failed fetch keeps the keys of the last good one;
+and a known `kid` whose cache is merely stale is answered at once from the cache
+while the refresh runs in the background, so a slow key server never stalls
+requests, and a silent one does not drop keys that were known. The fetch is async:
+it holds no thread that password hashing (``asyncio.to_thread``) would wait behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import httpx
+
+log = logging.getLogger("llmgw.jwks")
+
+K = TypeVar("K")
+
+
+class KeysUnavailable(Exception):
+    """The key set could not be fetched and nothing usable is cached."""
+
+
+class JWKSCache(Generic[K]):
+    """`parse` turns a JWKS document into the usable keys by kid (raising when the
+    document is not one); the cache keeps the last set it returned."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        parse: Callable[[object], dict[str, K]],
+        *,
+        max_age_seconds: float = 300.0,
+        min_refetch_seconds: float = 5.0,
+        fetch_timeout_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        source: str = "the key server",
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._parse = parse
+        self._max_age = max_age_seconds
+        self._min_refetch = min_refetch_seconds
+        self._timeout = fetch_timeout_seconds
+        self._clock = clock
+        self._source = source
+        self._keys: dict[str, K] = {}
+        self._fetched_at: float | None = None  # last success
+        self._attempted_at: float | None = None  # last attempt, failed or not
+        self._inflight: asyncio.Task[None] | None = None
+
+    @property
+    def refreshing(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    async def key(self, kid: str) -> K | None:
+        """The key for `kid`, or None when the key server does not know it."""
+        known = self._keys.get(kid)
+        if known is not None:
+            assert self._fetched_at is not None
+            if self._clock() - self._fetched_at > self._max_age:
+                self._start_refresh()  # in the background: stale keys are still good
+            return known
+        refresh = self._start_refresh()
+        if refresh is not None:
+            # Shielded: a caller that gives up must not cancel everyone's refresh.
+            await asyncio.shield(refresh)
+        if self._fetched_at is None:
+            raise KeysUnavailable(f"cannot fetch {self._source}'s signing keys")
+        return self._keys.get(kid)
+
+    def _start_refresh(self) -> asyncio.Task[None] | None:
+        """The refresh in flight, or a new one unless the last attempt is more recent
+        than the floor (None: nothing to wait for)."""
+        if self.refreshing:
+            return self._inflight
+        now = self._clock()
+        if self._attempted_at is not None and now - self._attempted_at < self._min_refetch:
+            return None
+        self._attempted_at = now
+        self._inflight = asyncio.create_task(self._refresh(), name="jwks-refresh")
+        return self._inflight
+
+    async def _refresh(self) -> None:
+        try:
+            response = await self._client.get(self._url, timeout=self._timeout)
+            response.raise_for_status()
+            keys = self._parse(response.json())
+        except Exception as exc:  # in the background too: nothing may escape
+            log.warning("jwks fetch from %s failed: %r", self._url, exc)
+            return  # keep serving with the keys we have
+        self._keys = keys
+        self._fetched_at = self._clock()
+
+    async def aclose(self) -> None:
+        """Cancel a refresh still running (the app's lifespan, before its client closes)."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inflight
+
+    async def ready(self) -> bool:
+        try:
+            await self.key("")
+        except KeysUnavailable:
+            return False
+        return bool(self._keys)
