@@ -16,8 +16,9 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
 - the body must arrive within `body_deadline` of the header block's end: the header
   timeout again plus its size at `MIN_BODY_RATE` (the declared size, or the largest
   body an app reads when it is chunked). Otherwise the client gets a 408 (when no
-  response has started) and the connection is closed: nothing else times a body,
-  and the app waits for it for ever;
+  response has started) and the connection is closed, at the first deadline after
+  any response under way has ended: nothing else times a body, and the app would
+  wait for it for ever;
 - at most `max_connections` connections are open: a new one beyond that evicts the
   connection that has waited longest with nothing to lose (a half-sent header block,
   a body that has not arrived, an idle keep-alive), so an attacker holding the slots
@@ -133,15 +134,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._start_header_timer()
 
+    def _response_under_way(self) -> bool:
+        # A pipelined request waits in `pipeline` while the one before it is answered.
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started and not cycle.response_complete
+        return started or bool(self.pipeline)
+
     def _evictable(self) -> bool:
         """Nothing would be lost by closing: no response under way, and the request,
         if any, has not all arrived (the app cannot have acted on it yet)."""
-        cycle = self.cycle
-        if cycle is not None and cycle.response_started and not cycle.response_complete:
+        if self._response_under_way():
             return False
         if self.awaiting_body:
             return True
-        return self.awaiting_headers and (cycle is None or cycle.response_complete)
+        return self.awaiting_headers and (self.cycle is None or self.cycle.response_complete)
 
     def _evict_one(self) -> bool:
         waiting = [
@@ -221,6 +227,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.body_timer = None
         if not self.awaiting_body or self.transport.is_closing():
             return
+        if self._response_under_way():
+            # Never cut a stream (nor write into it): look again once more time passes.
+            self._start_body_timer()
+            return
         cycle = self.cycle
         if not cycle.response_started:
             self.transport.write(BODY_TIMED_OUT)
@@ -228,11 +238,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # answer it sends is dropped (as uvicorn does when the client leaves).
             cycle.disconnected = True
             cycle.message_event.set()
-        elif not cycle.response_complete:
-            # A response under way (a stream) is not cut: the connection closes when
-            # it ends, as the body can never complete.
-            cycle.keep_alive = False
-            return
         log.debug("closing a connection whose body did not arrive in time")
         self.transport.close()
 
