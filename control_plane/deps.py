@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from control_plane.catalog_cache import CatalogCache
 from control_plane.db import Database
-from control_plane.errors import NotFound, PayloadTooLarge
+from control_plane.errors import ClientClosedRequest, NotFound, PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.settings import ControlPlaneSettings
@@ -65,7 +65,7 @@ def get_deps(request: Request) -> Deps:
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The raw body, refusing more than `limit` bytes (413) without buffering them."""
-    return await read_limited(request, limit, PayloadTooLarge)
+    return await read_limited(request, limit, PayloadTooLarge, ClientClosedRequest)
 
 
 async def read_json(request: Request) -> dict[str, Any]:

@@ -30,6 +30,7 @@ logs the traceback server-side.
     │   ├── InputTooLarge (413 input_too_large)
     │   ├── SessionFull (413 session_full)
     │   └── RequestTooLarge (413 request_too_large)
+├── ClientClosedRequest (499 client_closed_request: the client left mid-body; never seen)
     ├── ValidationFailed (422 validation_error)
     │   ├── ReservationMismatch (422 reservation_mismatch)
     │   └── UnsupportedFeature (422 unsupported_feature)
@@ -234,6 +235,13 @@ class SessionFull(PayloadTooLarge):
 class RequestTooLarge(PayloadTooLarge):
     code = "request_too_large"
     default_message = "The request, with the session's history, is too large to stash."
+
+
+class ClientClosedRequest(AppError):
+    # nginx's code for a client that left before its answer: counted in the metrics,
+    # sent to no one.
+    status, code = 499, "client_closed_request"
+    default_message = "The client closed the connection before its request arrived."
 
 
 class ValidationFailed(AppError):

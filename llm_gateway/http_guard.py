@@ -13,12 +13,19 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
   connection); otherwise the connection is closed;
 - at most `max_header_bytes` may be read before the header block ends; more gets a
   431 and the connection is closed (memory grows by at most one read);
+- the body must arrive within `body_deadline` of the header block's end: the header
+  timeout again plus its size at `MIN_BODY_RATE` (the declared size, or the largest
+  body an app reads when it is chunked). Otherwise the client gets a 408 (when no
+  response has started) and the connection is closed, at the first deadline after
+  any response under way has ended: nothing else times a body, and the app would
+  wait for it for ever;
 - at most `max_connections` connections are open: a new one beyond that evicts the
-  oldest connection that has no request in progress (a half-sent header block or an
-  idle keep-alive), so an attacker holding the slots cannot lock out real clients;
-  when every connection is serving a request, the new one is closed.
+  connection that has waited longest with nothing to lose (a half-sent header block,
+  a body that has not arrived, an idle keep-alive), so an attacker holding the slots
+  cannot lock out real clients; a connection whose response is under way (a stream)
+  is never evicted, and when every connection has one the new one is closed.
 
-Streams are not affected: the bounds stop at the end of the header block. httptools
+Streams are not affected: the bounds stop once the request has arrived. httptools
 comes with uvicorn[standard], a dependency; the services always run this protocol.
 """
 
@@ -39,6 +46,14 @@ log = logging.getLogger("llm_gateway.http_guard")
 # socket, Redis and database pools, log files).
 FD_RESERVE = 64
 MIN_CONNECTIONS = 16
+
+# A body's deadline: the header timeout plus its size at 16 KiB/s (128 kbit/s, a poor
+# mobile uplink), counting at most the largest body an app reads (the control plane's
+# internal calls, 2 MiB): 2 MiB on such a link fits in 128 s. Generous on purpose: the
+# connection cap, not this deadline, is what keeps waiting bodies from locking real
+# clients out; the deadline only stops any one of them living for ever.
+MIN_BODY_RATE = 16 * 1024
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,12 +76,29 @@ def fd_soft_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def body_deadline(header_timeout: float, content_length: bytes | None) -> float:
+    """Seconds a body may take after its header block (module docstring). A chunked
+    body (no length) or a malformed length counts as the largest one."""
+    size = MAX_BODY_BYTES
+    if content_length is not None and content_length.isdigit():
+        size = min(int(content_length), MAX_BODY_BYTES)
+    return header_timeout + size / MIN_BODY_RATE
+
+
 REFUSED_HEADERS = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"content-type: text/plain; charset=utf-8\r\n"
     b"content-length: 35\r\n"
     b"connection: close\r\n\r\n"
     b"Request header fields are too large"
+)
+
+BODY_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 40\r\n"
+    b"connection: close\r\n\r\n"
+    b"The request body did not arrive in time."
 )
 
 
@@ -88,6 +120,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_bytes = 0
         self.awaiting_since = self.loop.time()
         self.header_timer: asyncio.TimerHandle | None = None
+        # From the end of a header block to the end of its body.
+        self.awaiting_body = False
+        self.body_timer: asyncio.TimerHandle | None = None
 
     # Connection cap -------------------------------------------------------------------
 
@@ -99,28 +134,40 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._start_header_timer()
 
-    def _idle(self) -> bool:
-        """No request in progress: nothing would be lost by closing."""
+    def _response_under_way(self) -> bool:
+        # A pipelined request waits in `pipeline` while the one before it is answered.
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started and not cycle.response_complete
+        return started or bool(self.pipeline)
+
+    def _evictable(self) -> bool:
+        """Nothing would be lost by closing: no response under way, and the request,
+        if any, has not all arrived (the app cannot have acted on it yet)."""
+        if self._response_under_way():
+            return False
+        if self.awaiting_body:
+            return True
         return self.awaiting_headers and (self.cycle is None or self.cycle.response_complete)
 
     def _evict_one(self) -> bool:
-        idle = [
+        waiting = [
             c
             for c in self.connections
             if c is not self
             and isinstance(c, GuardedHttpToolsProtocol)
-            and c._idle()
+            and c._evictable()
             and not c.transport.is_closing()
         ]
-        if not idle:
+        if not waiting:
             return False
-        oldest = min(idle, key=lambda c: c.awaiting_since)
-        log.debug("connection cap reached: closing the longest-idle connection")
+        oldest = min(waiting, key=lambda c: c.awaiting_since)
+        log.debug("connection cap reached: closing the longest-waiting connection")
         oldest.transport.close()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     # Header time -------------------------------------------------------------------
@@ -151,11 +198,48 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_bytes = 0
         self._cancel_header_timer()
         super().on_headers_complete()
+        # An upgrade (WebSocket) hands the transport to another protocol.
+        if not (self.parser.should_upgrade() and self._should_upgrade()):
+            self.awaiting_body = True
+            self.awaiting_since = self.loop.time()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self.awaiting_body = False
+        self._cancel_body_timer()
         self.awaiting_headers = True
         self.awaiting_since = self.loop.time()
+
+    # Body time ---------------------------------------------------------------------
+
+    def _start_body_timer(self) -> None:
+        length = next((v for k, v in self.headers if k == b"content-length"), None)
+        self.body_timer = self.loop.call_later(
+            body_deadline(self.limits.header_timeout, length), self._body_timeout
+        )
+
+    def _cancel_body_timer(self) -> None:
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
+
+    def _body_timeout(self) -> None:
+        self.body_timer = None
+        if not self.awaiting_body or self.transport.is_closing():
+            return
+        if self._response_under_way():
+            # Never cut a stream (nor write into it): look again once more time passes.
+            self._start_body_timer()
+            return
+        cycle = self.cycle
+        if not cycle.response_started:
+            self.transport.write(BODY_TIMED_OUT)
+            # The app, still waiting in receive(), now sees a disconnect and any
+            # answer it sends is dropped (as uvicorn does when the client leaves).
+            cycle.disconnected = True
+            cycle.message_event.set()
+        log.debug("closing a connection whose body did not arrive in time")
+        self.transport.close()
 
     # Header size -------------------------------------------------------------------
 
@@ -163,6 +247,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.awaiting_headers:
             self.header_bytes += len(data)
         super().data_received(data)
+        # Armed after the parse, not in on_headers_complete: a request whose body came
+        # in the same read (most of them) never needs a timer.
+        if self.awaiting_body and self.body_timer is None and not self.transport.is_closing():
+            self._start_body_timer()
         if (
             self.awaiting_headers
             and self.header_bytes > self.limits.max_header_bytes

@@ -26,7 +26,14 @@ from shared.revocations import grant_keys
 from shared.route_claim import unseal
 from shared.store import Admission, Admitted
 from shared.tokens import StreamGrant
-from stream_edge.errors import BadRequest, EdgeError, NotFound, PayloadTooLarge, Unauthorized
+from stream_edge.errors import (
+    BadRequest,
+    ClientClosedRequest,
+    EdgeError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from stream_edge.grants import TokenUnauthorized, used_key
 from stream_edge.limits import slot_keys
 from stream_edge.state import EdgeState
@@ -183,7 +190,9 @@ async def claim(
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     """The raw body, refusing more than `limit` bytes (413) without buffering them."""
-    return await read_limited(request, limit, PayloadTooLarge)
+    return await read_limited(
+        request, limit, PayloadTooLarge, lambda: ClientClosedRequest("the client left mid-body")
+    )
 
 
 async def read_json(request: Request) -> Any:

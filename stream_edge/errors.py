@@ -8,6 +8,7 @@ EdgeError
 ├── InputTooLarge       413
 │   └── PayloadTooLarge 413  (the body itself; the connection is closed)
 ├── TooManyRequests     429  (+ Retry-After)
+├── ClientClosedRequest 499  (the client left mid-body; the answer reaches no one)
 ├── ServiceUnavailable  503
 ├── UpstreamError       502 / 504 (before the first byte of a stream)
 └── InitRefused         4xx  (the control plane refused an API-key caller's init)
@@ -79,6 +80,12 @@ class PayloadTooLarge(InputTooLarge):
 
     def headers(self) -> dict[str, str]:
         return {"Connection": "close"}
+
+
+class ClientClosedRequest(EdgeError):
+    status = 499  # nginx's "client closed request"
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class TooManyRequests(EdgeError):

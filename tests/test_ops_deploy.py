@@ -379,6 +379,50 @@ def test_the_ingress_does_not_buffer_event_streams() -> None:
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > 15
 
 
+def ingress_routes(path: str) -> bool:
+    """Whether any Ingress rule sends `path` to a service, by the Kubernetes matching
+    rules (Prefix: whole path elements; ImplementationSpecific taken as a plain prefix,
+    the loosest reading)."""
+    for ingress in (d for d in manifests() if d["kind"] == "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for route in rule["http"]["paths"]:
+                wanted, kind = route["path"], route["pathType"]
+                if kind == "Exact" and path == wanted:
+                    return True
+                if kind == "Prefix":
+                    elements = [e for e in wanted.split("/") if e]
+                    if [e for e in path.split("/") if e][: len(elements)] == elements:
+                        return True
+                if kind == "ImplementationSpecific" and path.startswith(wanted):
+                    return True
+    return False
+
+
+def test_the_ingress_does_not_publish_metrics() -> None:
+    """Prometheus scrapes the pods (the PodMonitor); the public reaches only the API."""
+    for public in ("/v1/chat/completions", "/v1/stream", "/v1/models"):
+        assert ingress_routes(public), public
+    for private in ("/metrics", "/metrics/", "/readyz", "/"):
+        assert not ingress_routes(private), private
+    (endpoint,) = find("PodMonitor", "llm-gateway")["spec"]["podMetricsEndpoints"]
+    assert endpoint == {"port": "http", "path": "/metrics", "interval": "15s"}
+
+
+def test_compose_publishes_no_metrics_beyond_the_host() -> None:
+    """Each service serves /metrics on its API port, and Prometheus shows the same
+    without a login: published on loopback only. The public way in is the proxy,
+    whose config refuses /metrics (tested in test_ops_nginx.py)."""
+    services = compose()["services"]
+    for name in ("control-plane", "stream-edge", "prometheus"):
+        for published in services[name]["ports"]:
+            assert published.startswith("127.0.0.1:"), (name, published)
+    nginx = services["nginx"]
+    assert "./nginx/edge.conf:/etc/nginx/conf.d/default.conf:ro" in nginx["volumes"]
+    assert re.search(
+        r"location = /metrics \{\s*return 404;", (DEPLOY / "nginx" / "edge.conf").read_text()
+    )
+
+
 # nginx variables that carry the query string (`$request` is the whole request line).
 QUERY_VARIABLES = re.compile(r"\$(request(?![_a-z])|request_uri|args|query_string|arg_\w+|is_args)")
 

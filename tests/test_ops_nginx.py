@@ -179,3 +179,31 @@ def test_a_buffering_proxy_would_be_noticed(tmp_path: Path, stack: InProcessStac
     arrivals = stream_through(stack, tmp_path, "none")
     assert not spread_out(arrivals), arrivals
     assert arrivals[0] > 0.8, arrivals
+
+
+def test_the_proxy_does_not_publish_metrics(tmp_path: Path, stack: InProcessStack) -> None:
+    """Prometheus scrapes the edges directly; through the public proxy `/metrics`, in
+    any spelling nginx normalises, is a 404 while the edge behind it still answers."""
+    port = free_port()
+    process = start_nginx(render(tmp_path, edge_port(stack), port), port)
+    try:
+        proxy = f"http://127.0.0.1:{port}"
+        assert stack.client.http.get(f"{stack.client.edge_url}/metrics").status_code == 200
+        assert stack.client.http.get(f"{proxy}/healthz").status_code == 200
+        for path in ("/metrics", "/metrics?format=text", "//metrics", "/./metrics", "/%6Detrics"):
+            # httpx would normalise the path; a raw request line sends it as written.
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 404 "), (path, answer[:80])
+            assert b"llmgw_" not in answer, path
+        # A trailing slash goes through to the edge, which only redirects to /metrics.
+        slash = stack.client.http.get(f"{proxy}/metrics/")
+        assert slash.status_code != 200 and "llmgw_" not in slash.text
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

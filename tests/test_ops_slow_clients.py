@@ -1,17 +1,20 @@
-"""Slow and huge headers, and too many connections (12.2), against the real edge app
-on a real uvicorn socket built by `llm_gateway.servers.server_for`, as the CLI runs
-it: a slowloris client is cut off and a huge header block refused while /healthz on
-other connections keeps answering. Polls with deadlines; asserts no durations."""
+"""Slow and huge headers, bodies that never arrive, and too many connections (12.2,
+review 4), against the real apps on a real uvicorn socket built by
+`llm_gateway.servers.server_for`, as the CLI runs it: a slowloris client is cut off, a
+huge header block refused and a missing body timed out while /healthz on other
+connections keeps answering. Polls with deadlines; asserts no durations."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -19,12 +22,24 @@ import pytest
 import uvicorn
 from cryptography.fernet import Fernet
 
-from llm_gateway.http_guard import MIN_CONNECTIONS, ConnectionLimits, connection_cap
+from control_plane.app import create_app as control_plane_app
+from control_plane.migrate import upgrade
+from control_plane.settings import ControlPlaneSettings
+from llm_gateway.http_guard import (
+    MAX_BODY_BYTES,
+    MIN_BODY_RATE,
+    MIN_CONNECTIONS,
+    ConnectionLimits,
+    body_deadline,
+    connection_cap,
+)
 from llm_gateway.servers import server_for
+from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 from tests.harness import bind_free_socket, url_of
+from tests.stack import base_env
 
 DEADLINE = 20.0  # seconds; generous on a loaded machine, never reached when it works
 CAPPED = 8
@@ -40,14 +55,32 @@ def edge() -> Any:
     return edge_app(settings)
 
 
+def key_edge() -> Any:
+    """An edge that takes gateway API keys (`sk_…`): it reads their body first."""
+    settings = EdgeSettings.from_env(
+        {
+            "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+            "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+            "LLMGW_EDGE_SERVICE_SECRET": new_webhook_secret(),
+        }
+    )
+    return edge_app(settings)
+
+
 @contextlib.contextmanager
-def serving(limits: list[ConnectionLimits]) -> Iterator[list[str]]:
-    """One edge per `limits`, on ephemeral ports, in a background event loop."""
+def serving(
+    limits: list[ConnectionLimits],
+    app: Callable[[], Any] = edge,
+    servers: list[uvicorn.Server] | None = None,
+) -> Iterator[list[str]]:
+    """One app per `limits`, on ephemeral ports, in a background event loop (the
+    servers go into `servers` when given, for a test to watch their requests)."""
     socks = [bind_free_socket() for _ in limits]
-    servers = [
-        server_for(edge(), "127.0.0.1", 0, access_log=False, graceful_seconds=1, limits=lim)
+    servers = [] if servers is None else servers
+    servers.extend(
+        server_for(app(), "127.0.0.1", 0, access_log=False, graceful_seconds=1, limits=lim)
         for lim in limits
-    ]
+    )
 
     async def serve() -> None:
         await asyncio.gather(*(s.serve(sockets=[k]) for s, k in zip(servers, socks, strict=True)))
@@ -204,3 +237,137 @@ def test_servers_carry_the_limits() -> None:
     )
     assert (settings.header_timeout_seconds, settings.max_header_bytes) == (2.5, 4096)
     assert settings.max_connections == 300
+
+
+# Bodies that never arrive (review 4) -------------------------------------------------
+
+# The routes that read a body before anything else: a login, and an API-key caller
+# on the edge (with a service secret, so the edge takes keys).
+HELD_REQUESTS = {
+    "control_plane": b"POST /v1/auth/login HTTP/1.1\r\nHost: cp\r\n"
+    b"Content-Type: application/json\r\n",
+    "edge": b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\nAuthorization: Bearer sk_x\r\n",
+}
+
+
+@dataclasses.dataclass
+class BodyServers:
+    service: str
+    capped: str  # a small cap, a long header timeout: only the cap closes a waiting body
+    short: str  # a short header timeout: the body deadline closes it
+    servers: list[uvicorn.Server]
+
+    def quiet(self) -> bool:
+        """No request in progress on either server."""
+        return not any(server.server_state.tasks for server in self.servers)
+
+
+@pytest.fixture(scope="module", params=sorted(HELD_REQUESTS))
+def body_servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BodyServers]:
+    """A service twice: at a small cap with a long header timeout (only the cap can
+    close a waiting body there), and with a short one (the body deadline closes it)."""
+    service: str = request.param
+    if service == "control_plane":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'cp.db'}"
+        upgrade(url)  # once, here: two apps migrating at once in one process collide
+        settings = ControlPlaneSettings.from_env({**base_env(url), "LLMGW_AUTO_MIGRATE": "0"})
+
+        def app() -> Any:
+            return control_plane_app(settings, MemoryStore())
+
+    else:
+        app = key_edge
+    limits = [
+        ConnectionLimits(header_timeout=120.0, max_connections=CAPPED),
+        ConnectionLimits(header_timeout=0.2),
+    ]
+    servers: list[uvicorn.Server] = []
+    with serving(limits, app, servers) as (capped, short):
+        yield BodyServers(service, capped, short, servers)
+
+
+def waiting_for_its_body(url: str, service: str) -> socket.socket:
+    """A connection whose request the app is reading, with 1 of 100 body bytes sent.
+    `Expect: 100-continue` makes the server say when the app asks for the body, so
+    the header block is known to be in (no sleep)."""
+    sock = raw(url)
+    try:
+        sock.sendall(
+            HELD_REQUESTS[service] + b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 "), "the app never read the body"
+        sock.sendall(b"{")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def final_answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (a reset counts as a close)."""
+    assert closed_by_server(sock, DEADLINE), "the connection was never closed"
+    received = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_body_that_never_arrives_is_cut_off_and_frees_the_cap(
+    body_servers: BodyServers,
+) -> None:
+    service, capped, short = body_servers.service, body_servers.capped, body_servers.short
+    held = [waiting_for_its_body(capped, service) for _ in range(CAPPED)]
+    try:
+        # Every slot waits for a body; a real client still gets in, by closing one.
+        healthy(capped)
+        evicted, _, _ = select.select(held, [], [], DEADLINE)
+        assert evicted
+        assert final_answer(evicted[0]) == b""
+    finally:
+        for sock in held:
+            sock.close()
+    # With no cap in reach, the body deadline closes it, with a 408 as nothing was sent.
+    late = waiting_for_its_body(short, service)
+    try:
+        answer = final_answer(late)
+    finally:
+        late.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+    assert b"connection: close" in answer
+    healthy(short)
+
+
+def test_a_client_leaving_mid_body_logs_no_error(
+    body_servers: BodyServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    deadline = time.monotonic() + DEADLINE
+    while not body_servers.quiet():  # the previous test's requests, still ending
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with contextlib.closing(waiting_for_its_body(body_servers.capped, body_servers.service)):
+        pass  # gone mid-body
+    while not body_servers.quiet():
+        assert time.monotonic() < deadline, "the request never ended"
+        time.sleep(0.01)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    healthy(body_servers.capped)
+
+
+@pytest.mark.parametrize(
+    ("length", "seconds"),
+    [
+        (b"100", 10 + 100 / MIN_BODY_RATE),
+        # 2 MiB at 16 KiB/s (128 kbit/s): a slow mobile uplink still gets it in.
+        (b"2097152", 10 + 128),
+        (None, 10 + MAX_BODY_BYTES / MIN_BODY_RATE),  # chunked: as the largest body
+        (b"999999999", 10 + MAX_BODY_BYTES / MIN_BODY_RATE),  # refused by the app anyway
+        (b"1e9", 10 + MAX_BODY_BYTES / MIN_BODY_RATE),
+    ],
+)
+def test_a_body_deadline_fits_a_slow_link(length: bytes | None, seconds: float) -> None:
+    assert body_deadline(10, length) == pytest.approx(seconds)
