@@ -13,9 +13,14 @@ A revocation does two things:
 
 Lifting a revocation (``DELETE /v1/admin/revocations/{id}``) clears ``disabled_at``
 and deletes the store's key, unless another revocation of the same target is still
-in force. Who may: the platform admin anything; an owner its own
-company's users and tokens (not the company itself), of users ranked at or below it,
-and lift only revocations made by someone not ranked above it (`policy`).
+in force. The store's key is deleted after the lift commits; a revocation of the
+same target committed in between publishes its key before or after that delete, so
+the route looks again once the key is gone and publishes it back when another
+revocation is then in force (`in_force_besides`).
+
+Who may: the platform admin anything; an owner its own company's users and tokens
+(not the company itself), of users ranked at or below it, and lift only revocations
+made by someone not ranked above it (`policy`).
 """
 
 from __future__ import annotations
@@ -154,7 +159,7 @@ def _lock_target(session: Session, kind: str, value: str) -> None:
         session.execute(select(col(table.id)).where(col(table.id) == value).with_for_update())
 
 
-def _other_active(session: Session, row: Revocation) -> bool:
+def in_force_besides(session: Session, row: Revocation) -> bool:
     """Another revocation of the same target still in force: not lifted and, for a
     token (whose only effect is the edges' expiring key), not expired either; a
     user's or company's holds until lifted (`disabled_at`)."""
@@ -182,7 +187,7 @@ def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Lifte
     if not policy.can_lift_revocation(p, row.kind, row.company_id, target_role, revoker_role):
         raise NotFound("No such revocation.")
     _lock_target(session, row.kind, row.value)
-    still_revoked = _other_active(session, row)
+    still_revoked = in_force_besides(session, row)
     if row.lifted_at is None:
         row.lifted_at = utcnow()
         if row.kind in ("user", "company") and not still_revoked:

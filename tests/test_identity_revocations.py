@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 
@@ -15,7 +16,15 @@ from control_plane.rate_limits import check_init_rate, window_at
 from shared.revocations import revocation_key
 from shared.store_redis import RedisStore
 from tests.conftest import REDIS_URL
-from tests.test_control_plane import CP, PASSWORD, data_of, error_of, sqlite_only, start_cp
+from tests.test_control_plane import (
+    ADMIN_TOKEN,
+    CP,
+    PASSWORD,
+    data_of,
+    error_of,
+    sqlite_only,
+    start_cp,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -137,6 +146,42 @@ def test_an_owner_cannot_undo_the_platform_admins_revocation_with_one_of_its_own
 
     assert cp.admin.delete(f"/v1/admin/revocations/{admins['id']}").status_code == 204
     assert member_client.get("/v1/me").status_code == 200
+    assert _stored(cp, "user", member["id"], company_id) is None
+
+
+def test_a_revocation_made_while_another_is_lifted_keeps_the_edges_key(cp: CP) -> None:
+    """Race: the owner lifts its revocation of a member while the platform admin
+    revokes the same member. The admin's revocation commits after the lift looked
+    for others, and publishes its key just before the lift deletes the key. The
+    member must stay out at the edges too, not only at init."""
+    client, company_id = cp.owner_client("10")
+    member = cp.user(company_id, role="member")
+    mine = data_of(client.post("/v1/admin/revocations", json={"user_id": member["id"]}), 201)
+    store = cp.app.state.store
+    delete = store.delete
+    admins: list[dict[str, Any]] = []
+
+    async def admin_revokes_first(key: str) -> None:
+        transport = httpx.ASGITransport(app=cp.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as admin:
+            r = await admin.post(
+                "/v1/admin/revocations",
+                json={"user_id": member["id"]},
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            )
+        admins.append(data_of(r, 201))
+        await delete(key)
+
+    store.delete = admin_revokes_first
+    try:
+        assert client.delete(f"/v1/admin/revocations/{mine['id']}").status_code == 204
+    finally:
+        store.delete = delete
+    assert admins, "the lift never reached the store"
+    assert _stored(cp, "user", member["id"], company_id) is not None
+    error_of(cp.client(cp.api_key(member["id"])).get("/v1/me"), 403, "revoked")
+    # Lifting the admin's revocation, the last one in force, lets the member back.
+    assert cp.admin.delete(f"/v1/admin/revocations/{admins[0]['id']}").status_code == 204
     assert _stored(cp, "user", member["id"], company_id) is None
 
 
