@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from control_plane import budget_math, budgets, init_gate, tpm
+from control_plane import budget_admin, budget_math, budgets, init_gate, tpm
 from control_plane.errors import TpmExceeded
 from control_plane.rate_limits import window_at
 from control_plane.settings import ControlPlaneSettings
@@ -737,3 +737,47 @@ def test_company_webhook_secrets_are_encrypted_and_rotate(world: World) -> None:
     done, failed = world.db(lambda s: rotate_secrets(s, MultiFernet([*current, retired])))
     assert done >= 1 and failed == []
     assert MultiFernet(current).decrypt(world.db(stored).encode()).decode() == secret
+
+
+def test_an_owner_cannot_multiply_the_budgets_one_request_is_counted_against(
+    world: World,
+) -> None:
+    """Every budget that caps a request costs its init and its settlement a few
+    statements under the company's lock, on one of the control plane's database
+    threads. Unbounded, an owner put thousands of budgets on one member (500 made
+    each init and settlement take over a second; the cap allowed 10,000) and a
+    handful of that member's inits held every database thread, for every tenant.
+    One budget per target and period; a user in at most TEAMS_PER_USER_MAX teams."""
+    w = world
+    company = w.new_company()
+    owner = w.as_(w.user_key(company, "owner")[1])
+    member, member_key = w.user_key(company)
+    on_member = {"scope": "user", "target_id": member, "amount": "50", "period": "day"}
+    daily = data_of(_budget(owner, company, **on_member), 201)
+    error_of(_budget(owner, company, **{**on_member, "amount": "60"}), 409, "conflict")
+    weekly = data_of(_budget(owner, company, **{**on_member, "period": "week"}), 201)
+    path = f"/v1/admin/companies/{company}/budgets/{weekly['id']}"
+    error_of(owner.patch(path, json={"period": "day"}), 409, "conflict")
+    assert {b["id"]: b["period"] for b in _budgets_of(w, company)} == {
+        daily["id"]: "day",
+        weekly["id"]: "week",
+    }
+    # Teams: each may carry its own budgets, so a user's teams are bounded too.
+    teams = f"/v1/admin/companies/{company}/teams"
+    for i in range(budget_admin.TEAMS_PER_USER_MAX):
+        body = {"name": f"t{i}", "user_ids": [member]}
+        team = data_of(owner.post(teams, json=body), 201)
+        _budget(owner, company, scope="team", target_id=team["id"], amount="50", period="day")
+    message = error_of(
+        owner.post(teams, json={"name": "one-more", "user_ids": [member]}), 422, "validation_error"
+    )
+    assert "user_ids[0]" in message
+    other = data_of(owner.post(teams, json={"name": "one-more"}), 201)
+    refused = owner.patch(f"{teams}/{other['id']}", json={"user_ids": [member]})
+    error_of(refused, 422, "validation_error")
+    listed = {t["id"]: t["user_ids"] for t in data_of(owner.get(teams))["items"]}
+    assert listed[other["id"]] == []
+    # What the member's requests are counted against: 2 of its own, 1 per team.
+    counted = data_of(w.as_(member_key).get("/v1/me"))["budgets"]
+    assert len(counted) == 2 + budget_admin.TEAMS_PER_USER_MAX
+    data_of(_init(w.as_(member_key)), 201)
