@@ -331,9 +331,8 @@ def list_budgets(
 ) -> list[dict[str, Any]]:
     company_for(session, p, company_id)
     stmt = select(Budget).where(col(Budget.company_id) == company_id).order_by(col(Budget.id))
-    return [
-        budgets.standing_public(budgets.standing(session, b, now)) for b in session.scalars(stmt)
-    ]
+    listed = budgets.standings(session, list(session.scalars(stmt)), now)
+    return [budgets.standing_public(s) for s in listed]
 
 
 def update_budget(
@@ -374,10 +373,8 @@ def my_budgets(
     session: Session, company_id: str, user_id: str, api_key_id: str | None, now: datetime
 ) -> list[dict[str, Any]]:
     """What `/v1/me` shows: the budgets that cap the caller's own requests."""
-    return [
-        budgets.standing_public(budgets.standing(session, b, now))
-        for b in budgets.applicable(session, company_id, user_id, api_key_id)
-    ]
+    mine = budgets.applicable(session, company_id, user_id, api_key_id)
+    return [budgets.standing_public(s) for s in budgets.standings(session, mine, now)]
 
 
 def set_webhook(
