@@ -167,12 +167,12 @@ def _members(session: Session, team_id: str) -> list[str]:
     return sorted(session.scalars(stmt))
 
 
-def team_public(session: Session, team: Team) -> dict[str, Any]:
+def team_public(session: Session, team: Team, members: list[str] | None = None) -> dict[str, Any]:
     return {
         "id": team.id,
         "company_id": team.company_id,
         "name": team.name,
-        "user_ids": _members(session, team.id),
+        "user_ids": _members(session, team.id) if members is None else members,
         "created_at": iso(team.created_at),
     }
 
@@ -255,7 +255,17 @@ def _team(session: Session, company_id: str, team_id: str) -> Team:
 def list_teams(session: Session, p: Principal, company_id: str) -> list[dict[str, Any]]:
     company_for(session, p, company_id)
     stmt = select(Team).where(col(Team.company_id) == company_id).order_by(col(Team.name))
-    return [team_public(session, t) for t in session.scalars(stmt)]
+    teams = list(session.scalars(stmt))
+    # Every team's members in one SELECT, not one per team (up to 1,000 of them).
+    members: dict[str, list[str]] = {t.id: [] for t in teams}
+    rows = session.execute(
+        select(col(TeamMember.team_id), col(TeamMember.user_id))
+        .join(Team, col(Team.id) == col(TeamMember.team_id))
+        .where(col(Team.company_id) == company_id)
+    )
+    for team_id, user_id in rows:
+        members[team_id].append(user_id)
+    return [team_public(session, t, sorted(members[t.id])) for t in teams]
 
 
 def update_team(

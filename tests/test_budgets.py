@@ -817,3 +817,35 @@ def test_listing_a_companys_budgets_reads_their_counters_at_once(world: World) -
                 data_of(_budget(owner, company, **body), 201)
         counted.append(statements_of_listing(company, owner))
     assert counted[1] == counted[0], counted
+
+
+def test_listing_a_companys_teams_reads_their_members_at_once(world: World) -> None:
+    """Teams were unbounded in number and their listing read each one's members with
+    a query of its own; now at most TEAMS_PER_COMPANY_MAX, read in one SELECT."""
+    from sqlalchemy import event as sa_event
+
+    w = world
+    engine = w.cp.app.state.db.engine
+    counted = []
+    for teams in (1, 12):
+        company = w.new_company()
+        owner = w.as_(w.user_key(company, "owner")[1])
+        member = w.user_key(company)[0]
+        path = f"/v1/admin/companies/{company}/teams"
+        for i in range(teams):
+            data_of(owner.post(path, json={"name": f"t{i}", "user_ids": [member][: i % 2]}), 201)
+        sent: list[str] = []
+
+        def count(*args: Any, into: list[str] = sent) -> None:
+            into.append(str(args[2]))
+
+        sa_event.listen(engine, "before_cursor_execute", count)
+        try:
+            listed = data_of(owner.get(path))["items"]
+        finally:
+            sa_event.remove(engine, "before_cursor_execute", count)
+        assert {t["name"]: t["user_ids"] for t in listed} == {
+            f"t{i}": [member][: i % 2] for i in range(teams)
+        }
+        counted.append(len(sent))
+    assert counted[1] == counted[0], counted
