@@ -43,6 +43,15 @@ from control_plane.validation import NUL
 TEAM_NAME_MAX = 200
 TEAM_USERS_MAX = 1000
 BUDGETS_PER_COMPANY_MAX = 10_000
+# What one request can be counted against is bounded (review 5): init holds on, and
+# settlement moves, every budget that caps its user, key and teams, a few statements
+# each under the company's row lock and on one of the database threads. With no
+# bound an owner put 10,000 budgets on one member and each of its inits and
+# settlements took ~25 s: ten of them held every database thread of the control
+# plane, for every tenant. One budget per target and period, and at most
+# `TEAMS_PER_USER_MAX` teams per user: at most 4 + 4 + 4 x 10 budgets per request.
+TEAMS_PER_USER_MAX = 10
+TEAMS_PER_COMPANY_MAX = 1_000
 
 
 def company_for(session: Session, p: Principal, company_id: str, *, lock: bool = False) -> Company:
@@ -100,6 +109,26 @@ def check_target(session: Session, p: Principal, company_id: str, scope: str, ta
             raise ValidationFailed("target_id", "no such team in this company")
 
 
+def _one_per_period(
+    session: Session, company_id: str, budget: BudgetInput, budget_id: str | None = None
+) -> None:
+    """409 when the target already has a budget for this period: a second one adds
+    nothing a lower amount would not, only work to every request it caps."""
+    other = session.scalar(
+        select(col(Budget.id)).where(
+            col(Budget.company_id) == company_id,
+            col(Budget.scope) == budget.scope,
+            col(Budget.target_id) == budget.target_id,
+            col(Budget.period) == budget.period,
+        )
+    )
+    if other is not None and other != budget_id:
+        raise Conflict(
+            f"This {budget.scope} already has a budget for the period {budget.period!r} "
+            f"({other}); change its amount instead."
+        )
+
+
 # --- teams -------------------------------------------------------------------------
 
 
@@ -138,12 +167,12 @@ def _members(session: Session, team_id: str) -> list[str]:
     return sorted(session.scalars(stmt))
 
 
-def team_public(session: Session, team: Team) -> dict[str, Any]:
+def team_public(session: Session, team: Team, members: list[str] | None = None) -> dict[str, Any]:
     return {
         "id": team.id,
         "company_id": team.company_id,
         "name": team.name,
-        "user_ids": _members(session, team.id),
+        "user_ids": _members(session, team.id) if members is None else members,
         "created_at": iso(team.created_at),
     }
 
@@ -161,6 +190,7 @@ def _set_members(
     for index, user_id in enumerate(user_ids):
         _company_user(session, p, company_id, user_id, f"user_ids[{index}]")
     current = set(_members(session, team_id))
+    _check_team_counts(session, [u for u in user_ids if u not in current], user_ids)
     # Nobody removes from a team a user ranked above itself either.
     for user_id in current - set(user_ids):
         user = session.get(User, user_id)
@@ -175,11 +205,36 @@ def _set_members(
         session.add(TeamMember(team_id=team_id, user_id=user_id))
 
 
+def _check_team_counts(session: Session, added: list[str], user_ids: list[str]) -> None:
+    """422 naming the first user `added` to a team who is in `TEAMS_PER_USER_MAX`
+    teams already (the company's row lock serialises the counts)."""
+    if not added:
+        return
+    counts = dict(
+        session.execute(
+            select(col(TeamMember.user_id), func.count())
+            .where(col(TeamMember.user_id).in_(added))
+            .group_by(col(TeamMember.user_id))
+        ).all()
+    )
+    for user_id in added:
+        if counts.get(user_id, 0) >= TEAMS_PER_USER_MAX:
+            raise ValidationFailed(
+                f"user_ids[{user_ids.index(user_id)}]",
+                f"is in {TEAMS_PER_USER_MAX} teams already, the most a user may be in",
+            )
+
+
 def create_team(
     session: Session, p: Principal, company_id: str, body: TeamInput, now: datetime
 ) -> dict[str, Any]:
     company = company_for(session, p, company_id, lock=True)
     assert body.name is not None
+    teams = session.scalar(
+        select(func.count()).select_from(Team).where(col(Team.company_id) == company.id)
+    )
+    if (teams or 0) >= TEAMS_PER_COMPANY_MAX:
+        raise Conflict(f"A company keeps at most {TEAMS_PER_COMPANY_MAX} teams.")
     _name_free(session, company.id, body.name, None)
     team = Team(id=new_id(), company_id=company.id, name=body.name, created_at=now)
     session.add(team)
@@ -200,7 +255,17 @@ def _team(session: Session, company_id: str, team_id: str) -> Team:
 def list_teams(session: Session, p: Principal, company_id: str) -> list[dict[str, Any]]:
     company_for(session, p, company_id)
     stmt = select(Team).where(col(Team.company_id) == company_id).order_by(col(Team.name))
-    return [team_public(session, t) for t in session.scalars(stmt)]
+    teams = list(session.scalars(stmt))
+    # Every team's members in one SELECT, not one per team (up to 1,000 of them).
+    members: dict[str, list[str]] = {t.id: [] for t in teams}
+    rows = session.execute(
+        select(col(TeamMember.team_id), col(TeamMember.user_id))
+        .join(Team, col(Team.id) == col(TeamMember.team_id))
+        .where(col(Team.company_id) == company_id)
+    )
+    for team_id, user_id in rows:
+        members[team_id].append(user_id)
+    return [team_public(session, t, sorted(members[t.id])) for t in teams]
 
 
 def update_team(
@@ -249,6 +314,7 @@ def create_budget(
     company = company_for(session, p, company_id, lock=True)
     assert body.scope and body.target_id and body.period and body.amount_micro is not None
     check_target(session, p, company.id, body.scope, body.target_id)
+    _one_per_period(session, company.id, body)
     count = session.scalar(
         select(func.count()).select_from(Budget).where(col(Budget.company_id) == company.id)
     )
@@ -275,9 +341,8 @@ def list_budgets(
 ) -> list[dict[str, Any]]:
     company_for(session, p, company_id)
     stmt = select(Budget).where(col(Budget.company_id) == company_id).order_by(col(Budget.id))
-    return [
-        budgets.standing_public(budgets.standing(session, b, now)) for b in session.scalars(stmt)
-    ]
+    listed = budgets.standings(session, list(session.scalars(stmt)), now)
+    return [budgets.standing_public(s) for s in listed]
 
 
 def update_budget(
@@ -293,6 +358,9 @@ def update_budget(
     company_for(session, p, company_id, lock=True)
     budget = _budget(session, company_id, budget_id)
     check_target(session, p, company_id, budget.scope, budget.target_id)
+    if body.period is not None and body.period != budget.period:
+        moved = BudgetInput(budget.scope, budget.target_id, period=body.period)
+        _one_per_period(session, company_id, moved, budget.id)
     if body.amount_micro is not None:
         budget.amount_micro = body.amount_micro
     if body.period is not None:
@@ -315,10 +383,8 @@ def my_budgets(
     session: Session, company_id: str, user_id: str, api_key_id: str | None, now: datetime
 ) -> list[dict[str, Any]]:
     """What `/v1/me` shows: the budgets that cap the caller's own requests."""
-    return [
-        budgets.standing_public(budgets.standing(session, b, now))
-        for b in budgets.applicable(session, company_id, user_id, api_key_id)
-    ]
+    mine = budgets.applicable(session, company_id, user_id, api_key_id)
+    return [budgets.standing_public(s) for s in budgets.standings(session, mine, now)]
 
 
 def set_webhook(

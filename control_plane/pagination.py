@@ -74,6 +74,9 @@ def decode_cursor(raw: str | None) -> Cursor | None:
 
 
 SEQ_CURSOR = "seq"
+# A position is a message's `seq` or a summary's row offset: both within PostgreSQL's
+# `integer`, which a forged larger one overflowed as it was bound (a 500, review 5).
+MAX_SEQ = 2**31 - 1
 
 
 def encode_seq_cursor(seq: int) -> str:
@@ -89,7 +92,7 @@ def decode_seq_cursor(raw: str | None) -> int | None:
         if not isinstance(doc, list) or len(doc) != 2 or doc[0] != SEQ_CURSOR:
             raise ValueError
         seq = doc[1]
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**62:
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
             raise ValueError
     except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
         raise ValidationFailed("cursor", _NOT_OURS) from None

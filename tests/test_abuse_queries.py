@@ -137,3 +137,26 @@ def test_the_first_and_last_days_allowed_still_answer(cp: CP) -> None:
         assert data_of(owner.get("/v1/usage/summary", params=days))["items"]
         assert data_of(owner.get("/v1/usage/ttft", params=days)) is not None
     assert data_of(owner.get("/v1/usage/summary", params={"to": "0002-01-30"}))["items"]
+
+
+# --- integer cursors: a position past the columns' range is a 422 ------------------
+
+
+def _seq_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(["seq", seq])).decode().rstrip("=")
+
+
+def test_a_forged_message_cursor_past_an_integer_column_is_422(cp: CP) -> None:
+    """A session's messages are paged by their `seq`, an `integer` column: a forged
+    cursor past 2^31 - 1 overflowed on PostgreSQL as it was bound (500)."""
+    owner, _ = cp.owner_client("1")
+    init = data_of(owner.post("/v1/chat/init", json={"model": "mock-fast", "query": "hi"}), 201)
+    path = f"/v1/sessions/{init['session_id']}"
+    last = data_of(owner.get(path, params={"cursor": _seq_cursor(2**31 - 1)}))
+    assert last["messages"] == [] and last["next_cursor"] is None
+    for seq in (2**31, 2**40, 2**62 - 1):
+        for listing in (path, "/v1/usage/summary"):
+            message = error_of(
+                owner.get(listing, params={"cursor": _seq_cursor(seq)}), 422, "validation_error"
+            )
+            assert "cursor" in message, (listing, message)

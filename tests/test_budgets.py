@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from control_plane import budget_math, budgets, init_gate, tpm
+from control_plane import budget_admin, budget_math, budgets, init_gate, tpm
 from control_plane.errors import TpmExceeded
 from control_plane.rate_limits import window_at
 from control_plane.settings import ControlPlaneSettings
@@ -737,3 +737,123 @@ def test_company_webhook_secrets_are_encrypted_and_rotate(world: World) -> None:
     done, failed = world.db(lambda s: rotate_secrets(s, MultiFernet([*current, retired])))
     assert done >= 1 and failed == []
     assert MultiFernet(current).decrypt(world.db(stored).encode()).decode() == secret
+
+
+def test_an_owner_cannot_multiply_the_budgets_one_request_is_counted_against(
+    world: World,
+) -> None:
+    """Every budget that caps a request costs its init and its settlement a few
+    statements under the company's lock, on one of the control plane's database
+    threads. Unbounded, an owner put thousands of budgets on one member (500 made
+    each init and settlement take over a second; the cap allowed 10,000) and a
+    handful of that member's inits held every database thread, for every tenant.
+    One budget per target and period; a user in at most TEAMS_PER_USER_MAX teams."""
+    w = world
+    company = w.new_company()
+    owner = w.as_(w.user_key(company, "owner")[1])
+    member, member_key = w.user_key(company)
+    on_member = {"scope": "user", "target_id": member, "amount": "50", "period": "day"}
+    daily = data_of(_budget(owner, company, **on_member), 201)
+    error_of(_budget(owner, company, **{**on_member, "amount": "60"}), 409, "conflict")
+    weekly = data_of(_budget(owner, company, **{**on_member, "period": "week"}), 201)
+    path = f"/v1/admin/companies/{company}/budgets/{weekly['id']}"
+    error_of(owner.patch(path, json={"period": "day"}), 409, "conflict")
+    assert {b["id"]: b["period"] for b in _budgets_of(w, company)} == {
+        daily["id"]: "day",
+        weekly["id"]: "week",
+    }
+    # Teams: each may carry its own budgets, so a user's teams are bounded too.
+    teams = f"/v1/admin/companies/{company}/teams"
+    for i in range(budget_admin.TEAMS_PER_USER_MAX):
+        body = {"name": f"t{i}", "user_ids": [member]}
+        team = data_of(owner.post(teams, json=body), 201)
+        _budget(owner, company, scope="team", target_id=team["id"], amount="50", period="day")
+    message = error_of(
+        owner.post(teams, json={"name": "one-more", "user_ids": [member]}), 422, "validation_error"
+    )
+    assert "user_ids[0]" in message
+    other = data_of(owner.post(teams, json={"name": "one-more"}), 201)
+    refused = owner.patch(f"{teams}/{other['id']}", json={"user_ids": [member]})
+    error_of(refused, 422, "validation_error")
+    listed = {t["id"]: t["user_ids"] for t in data_of(owner.get(teams))["items"]}
+    assert listed[other["id"]] == []
+    # What the member's requests are counted against: 2 of its own, 1 per team.
+    counted = data_of(w.as_(member_key).get("/v1/me"))["budgets"]
+    assert len(counted) == 2 + budget_admin.TEAMS_PER_USER_MAX
+    data_of(_init(w.as_(member_key)), 201)
+
+
+def test_listing_a_companys_budgets_reads_their_counters_at_once(world: World) -> None:
+    """A company may keep 10,000 budgets: its listing read each one's counters with a
+    query of its own (2,000 budgets: 2.3 s of a database thread per GET, which an
+    owner could repeat on every thread). The statements it sends do not grow with the
+    budgets."""
+    from sqlalchemy import event as sa_event
+
+    w = world
+    engine = w.cp.app.state.db.engine
+
+    def statements_of_listing(company: str, owner: httpx.Client) -> int:
+        sent: list[str] = []
+
+        def count(*args: Any) -> None:
+            # Only the counters' reads: the sweeper shares the engine meanwhile.
+            if "budget_periods" in str(args[2]):
+                sent.append(str(args[2]))
+
+        sa_event.listen(engine, "before_cursor_execute", count)
+        try:
+            assert owner.get(f"/v1/admin/companies/{company}/budgets").status_code == 200
+        finally:
+            sa_event.remove(engine, "before_cursor_execute", count)
+        return len(sent)
+
+    counted = []
+    for users in (1, 10):
+        company = w.new_company()
+        owner = w.as_(w.user_key(company, "owner")[1])
+        for _ in range(users):
+            member = w.user_key(company)[0]
+            for period in budget_math.PERIODS:
+                body = {"scope": "user", "target_id": member, "amount": "5", "period": period}
+                data_of(_budget(owner, company, **body), 201)
+        counted.append(statements_of_listing(company, owner))
+    assert counted[1] == counted[0], counted
+
+
+def test_listing_a_companys_teams_reads_their_members_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Teams were unbounded in number and their listing read each one's members with
+    a query of its own; now at most TEAMS_PER_COMPANY_MAX, read in one SELECT."""
+    from sqlalchemy import event as sa_event
+
+    w = world
+    monkeypatch.setattr(budget_admin, "TEAMS_PER_COMPANY_MAX", 12)  # the server's thread
+    engine = w.cp.app.state.db.engine
+    counted = []
+    for teams in (1, 12):
+        company = w.new_company()
+        owner = w.as_(w.user_key(company, "owner")[1])
+        member = w.user_key(company)[0]
+        path = f"/v1/admin/companies/{company}/teams"
+        for i in range(teams):
+            data_of(owner.post(path, json={"name": f"t{i}", "user_ids": [member][: i % 2]}), 201)
+        sent: list[str] = []
+
+        def count(*args: Any, into: list[str] = sent) -> None:
+            # Only the members' reads: the sweeper shares the engine meanwhile.
+            if "team_members" in str(args[2]):
+                into.append(str(args[2]))
+
+        sa_event.listen(engine, "before_cursor_execute", count)
+        try:
+            listed = data_of(owner.get(path))["items"]
+        finally:
+            sa_event.remove(engine, "before_cursor_execute", count)
+        assert {t["name"]: t["user_ids"] for t in listed} == {
+            f"t{i}": [member][: i % 2] for i in range(teams)
+        }
+        counted.append(len(sent))
+    assert counted[1] == counted[0], counted
+    error_of(owner.post(path, json={"name": "one-more"}), 409, "conflict")
