@@ -19,11 +19,19 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
   response has started) and the connection is closed, at the first deadline after
   any response under way has ended: nothing else times a body, and the app would
   wait for it for ever;
+- a client must read what it is sent: once its connection's writes are paused (the
+  kernel's buffers toward it are full) for `send_timeout` seconds, the connection is
+  aborted (nginx's `send_timeout`); nothing else times a response, and a client that
+  pipelines requests for a large answer and never reads would hold its connection,
+  and the app's task, for ever;
 - at most `max_connections` connections are open: a new one beyond that evicts the
   connection that has waited longest with nothing to lose (a half-sent header block,
   a body that has not arrived, an idle keep-alive), so an attacker holding the slots
-  cannot lock out real clients; a connection whose response is under way (a stream)
-  is never evicted, and when every connection has one the new one is closed.
+  cannot lock out real clients; failing that, the one whose client has read nothing
+  for longest, past `stall_grace` (a response under way, but to a client that is
+  not taking it: at the cap, a client that reads comes first). Any other connection
+  whose response is under way (a stream) is never evicted, and when every
+  connection has one the new one is closed.
 
 Streams are not affected: the bounds stop once the request has arrived. httptools
 comes with uvicorn[standard], a dependency; the services always run this protocol.
@@ -32,6 +40,7 @@ comes with uvicorn[standard], a dependency; the services always run this protoco
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import resource
@@ -61,6 +70,10 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     max_header_bytes: int = 64 * 1024
     max_connections: int = 1000
+    # Longer than the edge's slow-client cut (10 s by default, see `limits_of`), which
+    # ends a stream to a client that stopped reading with its own `slow_client` outcome.
+    send_timeout: float = 60.0
+    stall_grace: float = 5.0
 
 
 def connection_cap(wanted: int, fd_soft_limit: int) -> int:
@@ -123,6 +136,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # From the end of a header block to the end of its body.
         self.awaiting_body = False
         self.body_timer: asyncio.TimerHandle | None = None
+        # Since when the client has not taken what we write (None: it keeps up).
+        self.write_paused_since: float | None = None
+        self.send_timer: asyncio.TimerHandle | None = None
 
     # Connection cap -------------------------------------------------------------------
 
@@ -149,26 +165,63 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return True
         return self.awaiting_headers and (self.cycle is None or self.cycle.response_complete)
 
+    def _stalled_since(self, now: float) -> float | None:
+        """When the client stopped reading, if that was `stall_grace` ago or more."""
+        since = self.write_paused_since
+        if since is None or now - since < self.limits.stall_grace:
+            return None
+        return since
+
     def _evict_one(self) -> bool:
-        waiting = [
-            c
-            for c in self.connections
-            if c is not self
-            and isinstance(c, GuardedHttpToolsProtocol)
-            and c._evictable()
-            and not c.transport.is_closing()
+        others = [
+            c for c in self.connections if c is not self and isinstance(c, GuardedHttpToolsProtocol)
         ]
-        if not waiting:
+        waiting = [c for c in others if c._evictable() and not c.transport.is_closing()]
+        if waiting:
+            oldest = min(waiting, key=lambda c: c.awaiting_since)
+            log.debug("connection cap reached: closing the longest-waiting connection")
+            oldest.transport.close()
+            return True
+        # A closing one counts too: `close` waits for its unread bytes to leave.
+        now = self.loop.time()
+        stalled = [(since, c) for c in others if (since := c._stalled_since(now)) is not None]
+        if not stalled:
             return False
-        oldest = min(waiting, key=lambda c: c.awaiting_since)
-        log.debug("connection cap reached: closing the longest-waiting connection")
-        oldest.transport.close()
+        _, slowest = min(stalled, key=lambda pair: pair[0])
+        log.debug("connection cap reached: aborting the connection that reads nothing")
+        # Aborted, not closed: a close would keep it open until its client read the rest.
+        slowest.transport.abort()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self._cancel_body_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
+
+    # Send time ---------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.write_paused_since = self.loop.time()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_paused_since = None
+        self._cancel_send_timer()
+
+    def _cancel_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_timeout(self) -> None:
+        self.send_timer = None
+        if self.write_paused_since is not None:
+            log.debug("aborting a connection whose client read nothing in time")
+            self.transport.abort()
 
     # Header time -------------------------------------------------------------------
 
@@ -263,9 +316,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 def http_protocol(limits: ConnectionLimits) -> Any:
     """uvicorn's `http=` for these limits (a picklable partial: `--workers` sends the
     config to its worker processes)."""
-    capped = ConnectionLimits(
-        header_timeout=limits.header_timeout,
-        max_header_bytes=limits.max_header_bytes,
-        max_connections=connection_cap(limits.max_connections, fd_soft_limit()),
+    capped = dataclasses.replace(
+        limits, max_connections=connection_cap(limits.max_connections, fd_soft_limit())
     )
     return functools.partial(GuardedHttpToolsProtocol, limits=capped)

@@ -25,10 +25,14 @@ class _Server(uvicorn.Server):
 
 
 def limits_of(settings: CommonSettings) -> ConnectionLimits:
+    # The edge ends a stream to a client that stopped reading itself (`slow_client`,
+    # then the usage report): the server's own cut comes only after it.
+    slow_client = float(getattr(settings, "slow_client_timeout", 0.0))
     return ConnectionLimits(
         header_timeout=settings.header_timeout_seconds,
         max_header_bytes=settings.max_header_bytes,
         max_connections=settings.max_connections,
+        send_timeout=max(ConnectionLimits.send_timeout, slow_client + 10),
     )
 
 

@@ -151,7 +151,14 @@ async def wait_for_reconnect(
     key = attached_key(jti)
     alone_since = time.monotonic()
     while not finished.is_set():
-        if await store.get(key) is not None:
+        try:
+            attached = await store.get(key) is not None
+        except Exception as exc:
+            # No follower can attach through a store that fails either: count the
+            # grace on. Raising would leave the backend running for nobody, billed.
+            log.warning("could not look for a reconnect: %s", type(exc).__name__)
+            attached = False
+        if attached:
             alone_since = time.monotonic()
         elif time.monotonic() - alone_since >= grace:
             return

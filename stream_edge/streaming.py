@@ -114,9 +114,12 @@ class EventStreamResponse:
             self.connected = False
             if self.outcome == "finished":
                 self.outcome = "client_gone"
-            if self._linger is not None:
-                await self._linger()
-            producer.cancel()
+            try:
+                if self._linger is not None:
+                    await self._linger()
+            finally:
+                # Whatever ended the wait (a failure included): nobody is reading.
+                producer.cancel()
 
         async def watch_detach() -> None:
             await self._detached.wait()

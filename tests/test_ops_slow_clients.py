@@ -371,3 +371,81 @@ def test_a_client_leaving_mid_body_logs_no_error(
 )
 def test_a_body_deadline_fits_a_slow_link(length: bytes | None, seconds: float) -> None:
     assert body_deadline(10, length) == pytest.approx(seconds)
+
+
+# Clients that read nothing (review 5) -----------------------------------------------
+
+# 50 pipelined requests for the console's 200 KiB chart library: ~10 MiB, far past
+# what the kernel's buffers take for a client that reads nothing.
+STALLING_REQUESTS = b"GET /console/vendor/chart.umd.min.js HTTP/1.1\r\nHost: cp\r\n\r\n" * 50
+
+
+@pytest.fixture(scope="module")
+def console_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BodyServers]:
+    """The control plane twice: at a small cap with long timeouts (only the cap can
+    close a stalled connection there), and with a short send timeout."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'cp.db'}"
+    upgrade(url)
+    settings = ControlPlaneSettings.from_env({**base_env(url), "LLMGW_AUTO_MIGRATE": "0"})
+    limits = [
+        ConnectionLimits(
+            header_timeout=120.0, max_connections=CAPPED, send_timeout=120.0, stall_grace=0.2
+        ),
+        ConnectionLimits(header_timeout=120.0, send_timeout=0.5),
+    ]
+    servers: list[uvicorn.Server] = []
+    with serving(limits, lambda: control_plane_app(settings, MemoryStore()), servers) as urls:
+        capped, short = urls
+        yield BodyServers("control_plane", capped, short, servers)
+
+
+def reading_nothing(url: str) -> socket.socket:
+    """A connection asking for megabytes it never reads (a tiny receive buffer)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.settimeout(DEADLINE)
+    sock.connect((host, int(port)))
+    sock.sendall(STALLING_REQUESTS[:4096])  # the server reads one request at a time
+    return sock
+
+
+def stalled_connections(server: uvicorn.Server, for_seconds: float = 0.0) -> int:
+    """Connections whose writes have waited `for_seconds` for a client that does not
+    read (the servers' loop is asyncio's: its clock is `time.monotonic`)."""
+    since = [getattr(c, "write_paused_since", None) for c in server.server_state.connections]
+    now = time.monotonic()
+    return sum(s is not None and now - s >= for_seconds for s in since)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_clients_that_read_nothing_cannot_hold_the_connection_cap(
+    console_servers: BodyServers,
+) -> None:
+    capped_server = console_servers.servers[0]
+    held = [reading_nothing(console_servers.capped) for _ in range(CAPPED)]
+    try:
+        # Every slot holds a response its client does not take; before the fix a
+        # real client was refused for as long as they liked (minutes, measured).
+        grace = capped_server.config.http.keywords["limits"].stall_grace  # type: ignore[union-attr]
+        wait_until(lambda: stalled_connections(capped_server, grace) == CAPPED, "never stalled")
+        healthy(console_servers.capped)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_client_that_reads_nothing_is_cut_off_after_the_send_timeout(
+    console_servers: BodyServers,
+) -> None:
+    short_server = console_servers.servers[1]
+    with contextlib.closing(reading_nothing(console_servers.short)):
+        wait_until(lambda: stalled_connections(short_server) == 1, "never stalled")
+        wait_until(lambda: not short_server.server_state.connections, "never cut off")
+    healthy(console_servers.short)
