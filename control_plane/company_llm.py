@@ -47,6 +47,7 @@ SPEC_KEYS = (
     "max_output_tokens",
     "features",
     "image_input_tokens",
+    "file_page_tokens",
     "price",
 )
 OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled", "fallbacks")
@@ -71,6 +72,7 @@ def model_raw(spec: ModelSpec) -> dict[str, Any]:
         "max_output_tokens": spec.max_output_tokens,
         "features": list(spec.features),
         "image_input_tokens": spec.image_input_tokens,
+        "file_page_tokens": spec.file_page_tokens,
         "price": spec.price.raw(),
         "fallbacks": list(spec.fallbacks),
     }
@@ -463,6 +465,7 @@ def route_for(
         api_key=api_key,
         features=model.features,
         image_input_tokens=model.image_input_tokens,
+        file_page_tokens=model.file_page_tokens,
         api_keys=api_keys if len(api_keys) > 1 else (),
     )
 

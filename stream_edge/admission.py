@@ -145,6 +145,7 @@ def _route(
             price=Price(Decimal(0), Decimal(0)),  # the control plane prices; the edge meters
             features=sealed.features,
             image_input_tokens=sealed.image_input_tokens,
+            file_page_tokens=sealed.file_page_tokens,
         )
         return Route(model, provider, sealed.api_key, sealed.keys(), max_input_tokens, max_tokens)
     spec = catalog.model(model_id)

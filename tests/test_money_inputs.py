@@ -35,11 +35,14 @@ from control_plane.tables import CompanyModel
 from llm_gateway.dev import settings_from_env
 from shared.catalog import Catalog, load_catalog
 from shared.input_size import (
+    FILE_PAGE_TOKENS,
     IMAGE_TOKENS,
     MAX_JSON_DEPTH,
+    InputRates,
     InputRejected,
     check_parts,
     estimate_input_tokens,
+    input_rates,
     json_too_deep,
     params_tokens,
 )
@@ -529,11 +532,12 @@ def test_the_estimate_prices_every_part() -> None:
     assert estimate_input_tokens(as_parts) == estimate_input_tokens(text)
     with_image = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, IMAGE]}]
     assert estimate_input_tokens(with_image) == estimate_input_tokens(text) + IMAGE_TOKENS
-    assert estimate_input_tokens(with_image, 48169) == estimate_input_tokens(text) + 48169
+    dear = InputRates(image_tokens=48169)
+    assert estimate_input_tokens(with_image, dear) == estimate_input_tokens(text) + 48169
     with_file = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, FILE]}]
     data = FILE["file"]["file_data"]  # type: ignore[index]
     assert estimate_input_tokens(with_file) == (
-        estimate_input_tokens(text) + IMAGE_TOKENS + len(data)
+        estimate_input_tokens(text) + max(IMAGE_TOKENS + len(data), FILE_PAGE_TOKENS) + 5
     )
     audio = {"type": "input_audio", "input_audio": {"data": "A" * 300, "format": "wav"}}
     with_audio = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, audio]}]
@@ -541,6 +545,13 @@ def test_the_estimate_prices_every_part() -> None:
     tools = {"tools": _tools(2, 10)}
     assert params_tokens(tools) == math.ceil(len(orjson.dumps(tools)) / 3)
     assert params_tokens({}) == 0
+    # Anthropic: its own tool prompt, and at least 1600 per image.
+    anthropic = input_rates("anthropic_messages")
+    assert params_tokens(tools, anthropic) == params_tokens(tools) + 350
+    assert params_tokens({"stop": ["x"]}, anthropic) == params_tokens({"stop": ["x"]})
+    assert estimate_input_tokens(with_image, anthropic) == estimate_input_tokens(text) + 1600
+    assert input_rates("anthropic_messages", 48169).image_tokens == 48169
+    assert input_rates("openai_chat") == InputRates()
     # Deterministic: key order does not change the count.
     assert params_tokens({"a": 1, "stop": ["x"]}) == params_tokens({"stop": ["x"], "a": 1})
 
