@@ -11,6 +11,7 @@ capped by a hold that did not cover it.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import sqlite3
@@ -49,12 +50,14 @@ from shared.input_size import (
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.pdf_samples import as_file_part, objstm_pdf, plain_pdf
 from tests.stack import Client, base_env, micro
 
 PLATFORM_KEY = "sk-platform-openai-key"
 COMPANY_KEY = "sk-company-own-key"
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 FILE = {"type": "file", "file": {"filename": "a.pdf", "file_data": "JVBERi0x" * 64}}
+PDF_PLAIN = base64.b64encode(plain_pdf(1)).decode()
 
 
 def _true_prompt_tokens(body: dict[str, Any]) -> int:
@@ -448,6 +451,108 @@ def test_garbage_media_is_refused_at_init_and_edge(gw: Gateway) -> None:
     assert gw.backend.calls == []
     ok = _completions(gw, init["stream_token"], {"messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200, ok.text
+
+
+# --- review 5: what vendors bill beside the text: PDF pages, part keys ------------------
+
+
+def _pdf_body(pdf: bytes, **extra: Any) -> dict[str, Any]:
+    content = [{"type": "text", "text": "Summarise."}, as_file_part(pdf)]
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_a_pdf_of_thousands_of_tiny_pages_is_held_per_page_at_init_and_edge(
+    gw: Gateway,
+) -> None:
+    """Vendors bill a PDF per page (~3,000 tokens each); 2,000 empty pages packed in a
+    compressed object stream are a few hundred bytes, once held at one token a byte."""
+    pdf = objstm_pdf(2000)
+    assert len(pdf) < 1000
+    _, token = _owner(gw)
+    before = _state(gw, token)
+    response = gw.client.init(token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(pdf)})
+    _cp_error(response, 413, "input_too_large")
+    assert _state(gw, token) == before
+    init = gw.client.init_ok(token, {"model": "mock-vision", "query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    _edge_error(_completions(gw, init["stream_token"], _pdf_body(pdf)), 413, "input_too_large")
+    assert gw.backend.calls == []
+    # A real two-page PDF fits mock-vision's 8,192 tokens, held at 3,000 tokens a page.
+    init = gw.client.init_ok(
+        token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(plain_pdf(2))}
+    )
+    assert micro(init["reserved_credits"]) >= _cost(2 * FILE_PAGE_TOKENS, 16, "1.0", "2.0")
+    _stream(gw, init)
+
+
+def test_a_pdf_whose_pages_cannot_be_counted_is_refused_naming_the_part(gw: Gateway) -> None:
+    _, token = _owner(gw)
+    before = _state(gw, token)
+    encrypted = plain_pdf(1) + b"trailer <</Encrypt 5 0 R>>\n"
+    response = gw.client.init(
+        token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(encrypted)}
+    )
+    message = _cp_error(response, 400, "unsupported_content")
+    assert "messages[0].content[1].file.file_data" in message and "/Encrypt" in message
+    assert _state(gw, token) == before
+    init = gw.client.init_ok(token, {"model": "mock-vision", "query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], _pdf_body(encrypted))
+    _edge_error(response, 400, "unsupported_content")
+    assert gw.backend.calls == []
+
+
+def test_unknown_keys_inside_content_parts_never_ride_upstream(gw: Gateway) -> None:
+    """An image is held at a fixed count: 200 KB more inside its part, or beside a
+    text part's text, would reach the vendor uncounted (a message's own unknown keys,
+    like `name`, were never forwarded)."""
+    _, token = _owner(gw)
+    padding = "A" * 200_000
+    url = "https://example.com/cat.png"
+    content = [
+        {"type": "text", "text": "Describe it.", "cache": padding},
+        {"type": "image_url", "image_url": {"url": url, "detail": "high", "x": padding},
+         "y": padding},
+    ]  # fmt: skip
+    body = {"model": "gpt-4o-mini", "max_tokens": 16,
+            "messages": [{"role": "user", "content": content, "name": padding}]}  # fmt: skip
+    sent = [
+        {"type": "text", "text": "Describe it."},
+        {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+    ]
+    init = gw.client.init_ok(token, body)
+    gw.backend.calls.clear()
+    _stream(gw, init)
+    assert gw.backend.calls[0][1]["messages"] == [{"role": "user", "content": sent}]
+    init = gw.client.init_ok(token, body)
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], {"messages": body["messages"]})
+    assert response.status_code == 200, response.text
+    assert gw.backend.calls[0][1]["messages"] == [{"role": "user", "content": sent}]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "x"}},
+        {"type": "file", "file": {"filename": "f" * 256, "file_data": PDF_PLAIN}},
+        {"type": "file", "file": {"filename": ["a.pdf"], "file_data": PDF_PLAIN}},
+    ],
+    ids=["detail", "long-filename", "filename-not-a-string"],
+)
+def test_a_part_key_out_of_bounds_is_refused_at_init_and_edge(
+    gw: Gateway, part: dict[str, Any]
+) -> None:
+    _, token = _owner(gw)
+    before = _state(gw, token)
+    body = {"messages": [{"role": "user", "content": [part]}]}
+    response = gw.client.init(token, {"model": "mock-vision", "max_tokens": 16, **body})
+    assert "content[0]" in _cp_error(response, 422, "validation_error")
+    assert _state(gw, token) == before
+    init = gw.client.init_ok(token, {"model": "mock-vision", "query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    _edge_error(_completions(gw, init["stream_token"], body), 400, "invalid_messages")
+    assert gw.backend.calls == []
 
 
 def _tools(count: int, size: int) -> list[dict[str, Any]]:
