@@ -30,10 +30,10 @@ The formula, in tokens:
 - **a file** (``file`` part, inline ``file_data``, a PDF): the larger of one token
   per byte of its base64 data plus one image, and its pages times the model's
   ``file_page_tokens`` (catalog field, default 3000: vendors bill each page's text
-  plus an image of it). Pages are counted from above by `shared.pdf_pages` (page
-  objects, also inside compressed object streams, and any ``/Count``); a PDF it
-  cannot bound (encrypted, a filter it does not decode, a zip bomb) is refused (400
-  ``unsupported_content``). Its ``filename`` adds a token per byte. A ``file_id``
+  plus an image of it; never below the image count). Pages are counted from above
+  by `shared.pdf_pages` (page objects, also inside compressed object streams, and
+  any ``/Count``); a PDF it cannot bound (encrypted, a filter it does not decode, a
+  zip bomb) is refused (400 ``unsupported_content``). Its ``filename`` adds a token per byte. A ``file_id``
   refers to bytes we never see, so it cannot be priced and is refused.
 - **audio** (``input_audio`` part): one token per 3 bytes of its base64 data (far
   above any vendor's audio rate, about 10 tokens per second of speech).
@@ -106,14 +106,13 @@ def input_rates(
     api_type: str, image_tokens: int = IMAGE_TOKENS, file_page_tokens: int = FILE_PAGE_TOKENS
 ) -> InputRates:
     """A model's rates (its catalog counts) on its provider's wire format: Anthropic
-    bills an image above the default and adds a prompt of its own with tools."""
+    bills an image above the default and adds a prompt of its own with tools. A PDF
+    page is billed as an image of it plus its text, so it never costs less than an
+    image."""
     if api_type == "anthropic_messages":
-        return InputRates(
-            max(image_tokens, ANTHROPIC_IMAGE_TOKENS),
-            file_page_tokens,
-            ANTHROPIC_TOOL_PROMPT_TOKENS,
-        )
-    return InputRates(image_tokens, file_page_tokens)
+        image = max(image_tokens, ANTHROPIC_IMAGE_TOKENS)
+        return InputRates(image, max(file_page_tokens, image), ANTHROPIC_TOOL_PROMPT_TOKENS)
+    return InputRates(image_tokens, max(file_page_tokens, image_tokens))
 
 
 DEFAULT_RATES = InputRates()

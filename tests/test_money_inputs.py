@@ -241,6 +241,9 @@ NEW_MODEL = {
         ({"gpt-4o-mini": {"features": ["streaming", "vision", "files"]}},
          "models.gpt-4o-mini.features"),
         ({"free-4o": NEW_MODEL}, "models.free-4o"),
+        # Review 5: what an image or a PDF page is held at is a price too.
+        ({"gpt-4o-mini": {"image_input_tokens": 1}}, "models.gpt-4o-mini.image_input_tokens"),
+        ({"gpt-4o-mini": {"file_page_tokens": 1}}, "models.gpt-4o-mini.file_page_tokens"),
     ],
 )  # fmt: skip
 def test_price_model_and_additions_need_the_companys_own_key(
@@ -718,3 +721,14 @@ def test_overrides_on_the_platform_key_keep_the_packaged_terms() -> None:
     route = route_for(catalog, packaged, COMPANY_KEY)
     assert route is not None and route.features == packaged.features
     assert route.image_input_tokens == packaged.image_input_tokens == 48169
+    assert route.file_page_tokens == packaged.file_page_tokens == FILE_PAGE_TOKENS
+    # A stored override of the page rate on the platform's key is not applied.
+    rows = [CompanyModel(model_id="gpt-4o-mini", provider="openai",
+                         spec={"file_page_tokens": 1, "image_input_tokens": 1})]  # fmt: skip
+    platform = company_catalog(catalog, rows, None)
+    assert platform.models["gpt-4o-mini"].file_page_tokens == FILE_PAGE_TOKENS
+    assert platform.models["gpt-4o-mini"].image_input_tokens == 48169
+    keyed = company_catalog(catalog, rows, None, frozenset({"openai"}))
+    assert keyed.models["gpt-4o-mini"].file_page_tokens == 1
+    own = route_for(catalog, keyed.models["gpt-4o-mini"], COMPANY_KEY)
+    assert own is not None and own.file_page_tokens == 1
