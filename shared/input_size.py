@@ -33,8 +33,9 @@ The formula, in tokens:
   plus an image of it; never below the image count). Pages are counted from above
   by `shared.pdf_pages` (page objects, also inside compressed object streams, and
   any ``/Count``); a PDF it cannot bound (encrypted, a filter it does not decode, a
-  zip bomb) is refused (400 ``unsupported_content``). Its ``filename`` adds a token per byte. A ``file_id``
-  refers to bytes we never see, so it cannot be priced and is refused.
+  zip bomb) is refused (400 ``unsupported_content``). Its ``filename`` adds a token
+  per byte. A ``file_id`` refers to bytes we never see, so it cannot be priced and
+  is refused.
 - **audio** (``input_audio`` part): one token per 3 bytes of its base64 data (far
   above any vendor's audio rate, about 10 tokens per second of speech).
 
