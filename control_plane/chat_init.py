@@ -60,7 +60,13 @@ from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import MAX_TOKEN_COUNT, Catalog, ModelSpec
-from shared.input_size import InputRejected, content_text, missing_features, params_tokens
+from shared.input_size import (
+    InputRejected,
+    carries_files,
+    content_text,
+    missing_features,
+    params_tokens,
+)
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
@@ -181,7 +187,9 @@ def plan_hold(
     (Anthropic's image and tool-prompt overheads). Without an explicit `max_tokens`
     the output budget is the model's maximum, cut down to what the context leaves
     after the input (the input is fitted, not refused, as long as some room for an
-    answer remains)."""
+    answer remains). A request carrying a file is held at the whole context left
+    after the output: vendors bill a PDF per page, which no cheap scan bounds, and
+    never bill more input than that (`input_size.carries_files`)."""
     rates = model.input_rates(api_type)
     estimate = estimate_input_tokens(messages, rates) + params_tokens(params or {}, rates)
     if max_tokens is None:
@@ -198,6 +206,8 @@ def plan_hold(
             f"The input (about {estimate} tokens) plus max_tokens ({max_tokens}) exceeds "
             f"{model.id}'s context of {model.context_length} tokens."
         )
+    if carries_files(messages):
+        estimate = model.context_length - max_tokens
     # Every input token at the dearest input rate: the hold covers any cache split.
     return HoldPlan(max_tokens, estimate, hold_cost_micro(estimate, max_tokens, model.price))
 

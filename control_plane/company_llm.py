@@ -47,7 +47,6 @@ SPEC_KEYS = (
     "max_output_tokens",
     "features",
     "image_input_tokens",
-    "file_page_tokens",
     "price",
 )
 OVERRIDE_KEYS = (*SPEC_KEYS, "provider", "enabled", "fallbacks")
@@ -72,7 +71,6 @@ def model_raw(spec: ModelSpec) -> dict[str, Any]:
         "max_output_tokens": spec.max_output_tokens,
         "features": list(spec.features),
         "image_input_tokens": spec.image_input_tokens,
-        "file_page_tokens": spec.file_page_tokens,
         "price": spec.price.raw(),
         "fallbacks": list(spec.fallbacks),
     }
@@ -465,7 +463,7 @@ def route_for(
         api_key=api_key,
         features=model.features,
         image_input_tokens=model.image_input_tokens,
-        file_page_tokens=model.file_page_tokens,
+        context_length=model.context_length,
         api_keys=api_keys if len(api_keys) > 1 else (),
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from shared.decimals import parse_decimal
-from shared.input_size import FILE_PAGE_TOKENS, IMAGE_TOKENS, InputRates, input_rates
+from shared.input_size import IMAGE_TOKENS, InputRates, input_rates
 
 # Credits per million tokens; far above any real price, low enough that a cost
 # (tokens x price) stays exact in decimal arithmetic.
@@ -126,14 +126,12 @@ class ModelSpec:
     features: tuple[str, ...] = ("streaming",)
     # What one image costs in the input estimate (`shared.input_size`).
     image_input_tokens: int = IMAGE_TOKENS
-    # What one PDF page costs in the input estimate.
-    file_page_tokens: int = FILE_PAGE_TOKENS
     # Models tried in order when this one fails before its first byte (DESIGN §11).
     fallbacks: tuple[str, ...] = ()
 
     def input_rates(self, api_type: str) -> InputRates:
         """The estimate's rates for this model on a provider of `api_type`."""
-        return input_rates(api_type, self.image_input_tokens, self.file_page_tokens)
+        return input_rates(api_type, self.image_input_tokens)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -300,9 +298,6 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
             features=tuple(features),
             image_input_tokens=_positive_int(
                 spec.get("image_input_tokens", IMAGE_TOKENS), f"{where}.image_input_tokens"
-            ),
-            file_page_tokens=_positive_int(
-                spec.get("file_page_tokens", FILE_PAGE_TOKENS), f"{where}.file_page_tokens"
             ),
             fallbacks=parse_fallbacks(spec.get("fallbacks"), str(model_id), f"{where}.fallbacks"),
         )

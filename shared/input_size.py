@@ -27,15 +27,16 @@ The formula, in tokens:
   ``2833 + 5667 * 8 = 48169``, sets its own). On an Anthropic route at least 1600
   (1.15 megapixels / 750, its largest image before it scales one down). A URL
   fetched by the vendor is never tokenized as text, so its bytes do not count.
-- **a file** (``file`` part, inline ``file_data``, a PDF): the larger of one token
-  per byte of its base64 data plus one image, and its pages times the model's
-  ``file_page_tokens`` (catalog field, default 3000: vendors bill each page's text
-  plus an image of it; never below the image count). Pages are counted from above
-  by `shared.pdf_pages` (page objects, also inside compressed object streams, and
-  any ``/Count``); a PDF it cannot bound (encrypted, a filter it does not decode, a
-  zip bomb) is refused (400 ``unsupported_content``). Its ``filename`` adds a token
-  per byte. A ``file_id`` refers to bytes we never see, so it cannot be priced and
-  is refused.
+- **a file** (``file`` part, inline ``file_data``, a PDF): one token per byte of
+  its base64 data plus one image, plus a token per byte of its ``filename``. That
+  fits the request into the context; the hold takes more: vendors bill a PDF per
+  page (each page's text plus an image of it), and a file of a few hundred bytes
+  can hold thousands of empty pages (a compressed object stream, untyped page
+  objects; no cheap scan bounds them all). No vendor bills more input than the
+  model's context leaves after the output budget, so a request that carries a file
+  is held at that (`carries_files`): init holds it, and the edge sends a file only
+  under a token that holds it. A ``file_id`` refers to bytes we never see, so it
+  cannot be priced and is refused.
 - **audio** (``input_audio`` part): one token per 3 bytes of its base64 data (far
   above any vendor's audio rate, about 10 tokens per second of speech).
 
@@ -53,22 +54,17 @@ bare base64), audio ``wav``/``mp3``, all data canonical base64.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from shared import media, pdf_pages
+from shared import media
 from shared.text_tokens import BYTES_PER_TOKEN, text_tokens
 
 TOKENS_PER_MESSAGE = 4
 IMAGE_TOKENS = 1445
-# What one PDF page may cost: its text plus an image of the page (Anthropic and
-# OpenAI bill about 1,500-3,000 tokens a page).
-FILE_PAGE_TOKENS = 3000
 # Anthropic (https://docs.anthropic.com/en/docs/build-with-claude/vision): an image
 # up to 1.15 megapixels costs up to 1,600 tokens (pixels / 750); and with tools it
 # adds its own tool-use system prompt, up to about 350 tokens
@@ -96,24 +92,18 @@ _PLACEHOLDERS = {"image_url": "[image]", "input_audio": "[audio]", "file": "[fil
 @dataclass(frozen=True, slots=True)
 class InputRates:
     """What the estimate charges for what text cannot measure, per route: an image,
-    a PDF page, the vendor's own prompt when tools are sent (`input_rates`)."""
+    the vendor's own prompt when tools are sent (`input_rates`)."""
 
     image_tokens: int = IMAGE_TOKENS
-    file_page_tokens: int = FILE_PAGE_TOKENS
     tool_prompt_tokens: int = 0
 
 
-def input_rates(
-    api_type: str, image_tokens: int = IMAGE_TOKENS, file_page_tokens: int = FILE_PAGE_TOKENS
-) -> InputRates:
+def input_rates(api_type: str, image_tokens: int = IMAGE_TOKENS) -> InputRates:
     """A model's rates (its catalog counts) on its provider's wire format: Anthropic
-    bills an image above the default and adds a prompt of its own with tools. A PDF
-    page is billed as an image of it plus its text, so it never costs less than an
-    image."""
+    bills an image above the default and adds a prompt of its own with tools."""
     if api_type == "anthropic_messages":
-        image = max(image_tokens, ANTHROPIC_IMAGE_TOKENS)
-        return InputRates(image, max(file_page_tokens, image), ANTHROPIC_TOOL_PROMPT_TOKENS)
-    return InputRates(image_tokens, max(file_page_tokens, image_tokens))
+        return InputRates(max(image_tokens, ANTHROPIC_IMAGE_TOKENS), ANTHROPIC_TOOL_PROMPT_TOKENS)
+    return InputRates(image_tokens)
 
 
 DEFAULT_RATES = InputRates()
@@ -253,8 +243,7 @@ def _known_keys(kind: str, body: Mapping[str, Any], where: str) -> dict[str, Any
 
 def _check_media(kind: str, body: Mapping[str, Any], at: str) -> None:
     """The part's bytes or URL as a vendor will take them (`shared.media`): garbage is
-    `invalid_content`, a media type we do not send, or a PDF whose pages cannot be
-    counted (`shared.pdf_pages`), `unsupported_content`."""
+    `invalid_content`, a media type we do not send `unsupported_content`."""
     where = f"{at}.{kind}"
     try:
         if kind == "image_url":
@@ -269,39 +258,9 @@ def _check_media(kind: str, body: Mapping[str, Any], at: str) -> None:
             file_data = _string(body, "file_data", where)
             where += ".file_data"
             media.file_source(file_data)
-            reason = file_pages(file_data)
-            if isinstance(reason, str):
-                raise InputRejected(
-                    "unsupported_content", where, f"a PDF whose pages we cannot count: {reason}"
-                )
     except media.MediaError as exc:
         code = "unsupported_content" if exc.unsupported else "invalid_content"
         raise InputRejected(code, where, str(exc)) from None
-
-
-# Page counts by a digest of the file's base64: one request is sized several times
-# (init: its model and each fallback; the edge: the same), the scan runs once.
-_PAGES: dict[bytes, int | str] = {}
-_PAGES_KEPT = 256
-
-
-def file_pages(file_data: str) -> int | str:
-    """A `file` part's page bound (`shared.pdf_pages`), or why there is none."""
-    key = hashlib.blake2b(file_data.encode("utf-8", "replace"), digest_size=16).digest()
-    found = _PAGES.get(key)
-    if found is not None:
-        return found
-    try:
-        pdf = base64.b64decode(media.file_source(file_data).data)
-        result: int | str = pdf_pages.page_bound(pdf)
-    except media.MediaError as exc:
-        result = str(exc)
-    except pdf_pages.PdfUnbounded as exc:
-        result = str(exc)
-    if len(_PAGES) >= _PAGES_KEPT:
-        _PAGES.clear()
-    _PAGES[key] = result
-    return result
 
 
 def missing_features(needed: Iterable[str], features: Iterable[str]) -> list[str]:
@@ -315,12 +274,8 @@ def _part_tokens(part: Mapping[str, Any], rates: InputRates) -> int:
         return rates.image_tokens
     if kind == "file":
         body = part["file"]
-        file_data = str(body.get("file_data", ""))
-        pages = file_pages(file_data)
-        # Unbounded (refused by `check_parts`; never sent): more than any context.
-        by_page = pages * rates.file_page_tokens if isinstance(pages, int) else 2**40
-        by_byte = rates.image_tokens + len(file_data)
-        return max(by_byte, by_page) + len(str(body.get("filename") or "").encode("utf-8"))
+        filename = str(body.get("filename") or "").encode("utf-8")
+        return rates.image_tokens + len(str(body.get("file_data", ""))) + len(filename)
     if kind == "input_audio":
         return -(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN)
     # Anything unforeseen that got this far is priced as its JSON text, never as 0.
@@ -352,6 +307,17 @@ def estimate_input_tokens(
 ) -> int:
     """Deterministic, conservative count of the messages' tokens (see the module doc)."""
     return sum(message_tokens(message, rates) for message in messages)
+
+
+def carries_files(messages: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any message carries a ``file`` part: such a request is held at the
+    model's whole context (see the module doc), whatever its estimate."""
+    return any(
+        isinstance(part, dict) and part.get("type") == "file"
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
 
 
 def params_tokens(params: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:

@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.input_size import FILE_PAGE_TOKENS, IMAGE_TOKENS
+from shared.input_size import IMAGE_TOKENS
 
 CLAIM = "upr"
 
@@ -35,13 +35,13 @@ class UpstreamRoute:
     base_url: str
     upstream_model: str
     api_key: str | None = None
-    # What the company's model accepts and what an image or a PDF page costs in the
-    # estimate, so
+    # What the company's model accepts and what an image costs in the estimate, so
     # the edge checks a request's parts as init did (`shared.input_size`).
     features: tuple[str, ...] = ("streaming",)
     image_input_tokens: int = IMAGE_TOKENS
-    # Absent from routes sealed before it: the default then.
-    file_page_tokens: int = FILE_PAGE_TOKENS
+    # The model's context: a request carrying a file must hold all of it
+    # (`input_size.carries_files`). 0 in routes sealed before it: no file is sent.
+    context_length: int = 0
     # The company's whole key pool (issue 16.1), `api_key` first; empty in routes
     # sealed before pools, which carry `api_key` alone.
     api_keys: tuple[str, ...] = ()

@@ -17,6 +17,7 @@ from shared.catalog import ModelSpec
 from shared.input_size import (
     MAX_JSON_DEPTH,
     InputRejected,
+    carries_files,
     clean_parts,
     estimate_input_tokens,
     json_too_deep,
@@ -108,7 +109,7 @@ def validate_messages(
 def parse_chat_request(
     body: Any, grant: StreamGrant, model: ModelSpec, api_type: str = "openai_chat"
 ) -> ChatRequest:
-    """`model`: the grant's model as routed (its features and image and page prices),
+    """`model`: the grant's model as routed (its features, image price and context),
     `api_type`: its provider's wire format (the vendor's own overheads)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
@@ -149,6 +150,15 @@ def parse_chat_request(
     if estimate > grant.max_input_tokens:
         raise InputTooLarge(
             f"the input is about {estimate} tokens; this token allows {grant.max_input_tokens}"
+        )
+    # A file is billed per page, up to what the context leaves the input: only a token
+    # that holds all of it carries one (`input_size.carries_files`, as init holds it).
+    if carries_files(messages) and grant.max_input_tokens < model.context_length - max_tokens:
+        raise InputTooLarge(
+            "a request carrying a file is held at the model's whole context "
+            f"({model.context_length - max_tokens} input tokens with max_tokens "
+            f"{max_tokens}); this token holds {grant.max_input_tokens}: "
+            "send the file in the init"
         )
     return ChatRequest(
         messages=messages,

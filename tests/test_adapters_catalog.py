@@ -62,18 +62,9 @@ def test_sse_backend_fields_are_validated(changes: dict[str, Any], message: str)
 
 
 @pytest.mark.parametrize("value", [0, -1, 2**31, "3000", True, 1.5])
-def test_token_counts_per_image_and_page_are_validated(value: Any) -> None:
-    for field in ("image_input_tokens", "file_page_tokens"):
-        doc = copy.deepcopy(CATALOG)
-        model = next(iter(doc["models"]))
-        doc["models"][model][field] = value
-        with pytest.raises(CatalogError, match=f"models.{model}.{field}"):
-            parse_catalog(doc)
-
-
-def test_the_page_rate_defaults_and_can_be_raised() -> None:
+def test_token_counts_per_image_are_validated(value: Any) -> None:
     doc = copy.deepcopy(CATALOG)
     model = next(iter(doc["models"]))
-    assert parse_catalog(doc).models[model].file_page_tokens == 3000
-    doc["models"][model]["file_page_tokens"] = 2**31 - 1
-    assert parse_catalog(doc).models[model].file_page_tokens == 2**31 - 1
+    doc["models"][model]["image_input_tokens"] = value
+    with pytest.raises(CatalogError, match=f"models.{model}.image_input_tokens"):
+        parse_catalog(doc)

@@ -36,11 +36,11 @@ from control_plane.tables import CompanyModel
 from llm_gateway.dev import settings_from_env
 from shared.catalog import Catalog, load_catalog
 from shared.input_size import (
-    FILE_PAGE_TOKENS,
     IMAGE_TOKENS,
     MAX_JSON_DEPTH,
     InputRates,
     InputRejected,
+    carries_files,
     check_parts,
     estimate_input_tokens,
     input_rates,
@@ -50,14 +50,14 @@ from shared.input_size import (
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.pdf_samples import as_file_part, objstm_pdf, plain_pdf
+from tests.pdf_samples import as_file_part, objstm_pdf
 from tests.stack import Client, base_env, micro
 
 PLATFORM_KEY = "sk-platform-openai-key"
 COMPANY_KEY = "sk-company-own-key"
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 FILE = {"type": "file", "file": {"filename": "a.pdf", "file_data": "JVBERi0x" * 64}}
-PDF_PLAIN = base64.b64encode(plain_pdf(1)).decode()
+PDF_PLAIN = base64.b64encode(objstm_pdf(1)).decode()
 
 
 def _true_prompt_tokens(body: dict[str, Any]) -> int:
@@ -241,9 +241,8 @@ NEW_MODEL = {
         ({"gpt-4o-mini": {"features": ["streaming", "vision", "files"]}},
          "models.gpt-4o-mini.features"),
         ({"free-4o": NEW_MODEL}, "models.free-4o"),
-        # Review 5: what an image or a PDF page is held at is a price too.
+        # Review 5: what an image is held at is a price too.
         ({"gpt-4o-mini": {"image_input_tokens": 1}}, "models.gpt-4o-mini.image_input_tokens"),
-        ({"gpt-4o-mini": {"file_page_tokens": 1}}, "models.gpt-4o-mini.file_page_tokens"),
     ],
 )  # fmt: skip
 def test_price_model_and_additions_need_the_companys_own_key(
@@ -464,45 +463,54 @@ def _pdf_body(pdf: bytes, **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": content}], **extra}
 
 
-def test_a_pdf_of_thousands_of_tiny_pages_is_held_per_page_at_init_and_edge(
+def test_a_pdf_of_thousands_of_tiny_pages_is_held_at_the_whole_context_at_init_and_edge(
     gw: Gateway,
 ) -> None:
-    """Vendors bill a PDF per page (~3,000 tokens each); 2,000 empty pages packed in a
-    compressed object stream are a few hundred bytes, once held at one token a byte."""
+    """Vendors bill a PDF per page (~1,500-3,000 tokens each); 2,000 empty pages
+    packed in a compressed object stream are a few hundred bytes, once held at a
+    token a byte. No vendor bills more input than the context leaves after the
+    output, so a request carrying a file is held at that, and the edge sends a file
+    only under a token that holds it."""
     pdf = objstm_pdf(2000)
     assert len(pdf) < 1000
     _, token = _owner(gw)
-    before = _state(gw, token)
-    response = gw.client.init(token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(pdf)})
-    _cp_error(response, 413, "input_too_large")
-    assert _state(gw, token) == before
-    init = gw.client.init_ok(token, {"model": "mock-vision", "query": "hi", "max_tokens": 16})
+    context = 8192  # mock-vision's (shared/models.yaml), its dearest input rate a cache write
+    init = gw.client.init_ok(token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(pdf)})
+    assert micro(init["reserved_credits"]) == _cost(context - 16, 16, "1.25", "2.0")
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], _pdf_body(pdf))
+    assert response.status_code == 200, response.text
+    assert [p["type"] for p in gw.backend.calls[0][1]["messages"][0]["content"]] == [
+        "text",
+        "file",
+    ]
+    # A token held for text alone does not carry the file, however much text it held.
+    body = {"messages": [{"role": "user", "content": "word " * 3000}]}
+    init = gw.client.init_ok(token, {"model": "mock-vision", "max_tokens": 16, **body})
     gw.backend.calls.clear()
     _edge_error(_completions(gw, init["stream_token"], _pdf_body(pdf)), 413, "input_too_large")
     assert gw.backend.calls == []
-    # A real two-page PDF fits mock-vision's 8,192 tokens, held at 3,000 tokens a page.
-    init = gw.client.init_ok(
-        token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(plain_pdf(2))}
-    )
-    assert micro(init["reserved_credits"]) >= _cost(2 * FILE_PAGE_TOKENS, 16, "1.0", "2.0")
-    _stream(gw, init)
+    # The refusal did not burn the token.
+    assert _completions(gw, init["stream_token"], body).status_code == 200
 
 
-def test_a_pdf_whose_pages_cannot_be_counted_is_refused_naming_the_part(gw: Gateway) -> None:
-    _, token = _owner(gw)
-    before = _state(gw, token)
-    encrypted = plain_pdf(1) + b"trailer <</Encrypt 5 0 R>>\n"
-    response = gw.client.init(
-        token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(encrypted)}
-    )
-    message = _cp_error(response, 400, "unsupported_content")
-    assert "messages[0].content[1].file.file_data" in message and "/Encrypt" in message
-    assert _state(gw, token) == before
-    init = gw.client.init_ok(token, {"model": "mock-vision", "query": "hi", "max_tokens": 16})
+def test_a_companys_own_files_model_holds_its_whole_context_through_the_sealed_route(
+    gw: Gateway,
+) -> None:
+    """The edge reads a company model's context from the sealed route."""
+    company_id, token = _owner(gw)
+    body = {"api_key": COMPANY_KEY, "models": {"mock-fast": {"features": ["streaming", "files"]}}}
+    assert _put(gw, token, company_id, "mock", body).status_code == 200
+    pdf = objstm_pdf(2000)
+    init = gw.client.init_ok(token, {"model": "mock-fast", "max_tokens": 16, **_pdf_body(pdf)})
+    assert micro(init["reserved_credits"]) == _cost(8192 - 16, 16, "1.0", "2.0")
     gw.backend.calls.clear()
-    response = _completions(gw, init["stream_token"], _pdf_body(encrypted))
-    _edge_error(response, 400, "unsupported_content")
-    assert gw.backend.calls == []
+    response = _completions(gw, init["stream_token"], _pdf_body(pdf))
+    assert response.status_code == 200, response.text
+    assert gw.backend.calls[0][0] == f"Bearer {COMPANY_KEY}"
+    body = {"messages": [{"role": "user", "content": "word " * 3000}]}
+    init = gw.client.init_ok(token, {"model": "mock-fast", "max_tokens": 16, **body})
+    _edge_error(_completions(gw, init["stream_token"], _pdf_body(pdf)), 413, "input_too_large")
 
 
 def test_unknown_keys_inside_content_parts_never_ride_upstream(gw: Gateway) -> None:
@@ -645,8 +653,9 @@ def test_the_estimate_prices_every_part() -> None:
     with_file = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, FILE]}]
     data = FILE["file"]["file_data"]  # type: ignore[index]
     assert estimate_input_tokens(with_file) == (
-        estimate_input_tokens(text) + max(IMAGE_TOKENS + len(data), FILE_PAGE_TOKENS) + 5
+        estimate_input_tokens(text) + IMAGE_TOKENS + len(data) + len("a.pdf")
     )
+    assert carries_files(with_file) and not carries_files([*with_image, *text])
     audio = {"type": "input_audio", "input_audio": {"data": "A" * 300, "format": "wav"}}
     with_audio = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, audio]}]
     assert estimate_input_tokens(with_audio) == estimate_input_tokens(text) + 100
@@ -721,14 +730,12 @@ def test_overrides_on_the_platform_key_keep_the_packaged_terms() -> None:
     route = route_for(catalog, packaged, COMPANY_KEY)
     assert route is not None and route.features == packaged.features
     assert route.image_input_tokens == packaged.image_input_tokens == 48169
-    assert route.file_page_tokens == packaged.file_page_tokens == FILE_PAGE_TOKENS
-    # A stored override of the page rate on the platform's key is not applied.
+    assert route.context_length == packaged.context_length
+    # A stored override of the image rate on the platform's key is not applied.
     rows = [CompanyModel(model_id="gpt-4o-mini", provider="openai",
-                         spec={"file_page_tokens": 1, "image_input_tokens": 1})]  # fmt: skip
+                         spec={"image_input_tokens": 1})]  # fmt: skip
     platform = company_catalog(catalog, rows, None)
-    assert platform.models["gpt-4o-mini"].file_page_tokens == FILE_PAGE_TOKENS
     assert platform.models["gpt-4o-mini"].image_input_tokens == 48169
     keyed = company_catalog(catalog, rows, None, frozenset({"openai"}))
-    assert keyed.models["gpt-4o-mini"].file_page_tokens == 1
     own = route_for(catalog, keyed.models["gpt-4o-mini"], COMPANY_KEY)
-    assert own is not None and own.file_page_tokens == 1
+    assert own is not None and own.image_input_tokens == 1
