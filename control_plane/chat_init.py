@@ -60,7 +60,13 @@ from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import MAX_TOKEN_COUNT, Catalog, ModelSpec
-from shared.input_size import InputRejected, content_text, missing_features, params_tokens
+from shared.input_size import (
+    InputRejected,
+    carries_files,
+    content_text,
+    missing_features,
+    params_tokens,
+)
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
@@ -121,6 +127,7 @@ def fit_history(
     new_turn: list[dict[str, Any]],
     max_tokens: int | None,
     params: dict[str, Any] | None = None,
+    api_type: str = "openai_chat",
 ) -> list[dict[str, Any]]:
     """A stored session's history plus the new turn, dropping the oldest non-system
     history messages until the input leaves room for the output (`max_tokens`, or at
@@ -130,10 +137,11 @@ def fit_history(
         max_tokens if max_tokens is not None else min(model.max_output_tokens, MIN_OUTPUT_TOKENS)
     )
     # What goes upstream beside the messages (tools, stop…) takes its room first.
-    room = model.context_length - output - params_tokens(params or {})
+    rates = model.input_rates(api_type)
+    room = model.context_length - output - params_tokens(params or {}, rates)
     # The estimate is a sum over messages, so dropping one subtracts its share:
     # one pass, however long the session.
-    total = estimate_input_tokens(history) + estimate_input_tokens(new_turn)
+    total = estimate_input_tokens(history, rates) + estimate_input_tokens(new_turn, rates)
     kept: list[dict[str, Any]] = []
     dropped = False
     dropped_calls: set[str] = set()
@@ -145,7 +153,7 @@ def fit_history(
             # nor keep a tool result whose call was dropped: no vendor takes it
             or message.get("tool_call_id") in dropped_calls
         ):
-            total -= estimate_input_tokens([message])
+            total -= estimate_input_tokens([message], rates)
             dropped = True
             dropped_calls |= {c["id"] for c in message.get("tool_calls") or []}
             continue
@@ -169,16 +177,21 @@ def plan_hold(
     messages: list[dict[str, Any]],
     max_tokens: int | None,
     params: dict[str, Any] | None = None,
+    api_type: str = "openai_chat",
 ) -> HoldPlan:
     """The worst case: the input estimate plus `max_tokens` output, at the model's price.
 
     The estimate covers every byte that goes upstream: the messages with their
     content parts, and `params` (tools, stop…), by `shared.input_size`'s formula, the
-    one the edge applies too. Without an explicit `max_tokens` the output budget is
-    the model's maximum, cut down to what the context leaves after the input (the
-    input is fitted, not refused, as long as some room for an answer remains)."""
-    estimate = estimate_input_tokens(messages, model.image_input_tokens)
-    estimate += params_tokens(params or {})
+    one the edge applies too, at the rates of the model on its provider's `api_type`
+    (Anthropic's image and tool-prompt overheads). Without an explicit `max_tokens`
+    the output budget is the model's maximum, cut down to what the context leaves
+    after the input (the input is fitted, not refused, as long as some room for an
+    answer remains). A request carrying a file is held at the whole context left
+    after the output: vendors bill a PDF per page, which no cheap scan bounds, and
+    never bill more input than that (`input_size.carries_files`)."""
+    rates = model.input_rates(api_type)
+    estimate = estimate_input_tokens(messages, rates) + params_tokens(params or {}, rates)
     if max_tokens is None:
         # Capped by what the reservation's `max_tokens` column holds too, whatever
         # limits the model was given (a 500 on every init otherwise).
@@ -193,6 +206,8 @@ def plan_hold(
             f"The input (about {estimate} tokens) plus max_tokens ({max_tokens}) exceeds "
             f"{model.id}'s context of {model.context_length} tokens."
         )
+    if carries_files(messages):
+        estimate = model.context_length - max_tokens
     # Every input token at the dearest input rate: the hold covers any cache split.
     return HoldPlan(max_tokens, estimate, hold_cost_micro(estimate, max_tokens, model.price))
 
@@ -319,7 +334,9 @@ def reserve(
             # the session kept from a turn without the agent would override it, as the
             # body may not (`chat_request._agent`).
             past = [m for m in past if m.get("role") not in AGENT_FIXED_ROLES]
-        messages = fit_history(model, [*prefix, *past], new_turn, req.max_tokens, req.params)
+        messages = fit_history(
+            model, [*prefix, *past], new_turn, req.max_tokens, req.params, _api_type(catalog, model)
+        )
         if req.tool_results is not None:
             try:  # each result must answer a call the session's assistant made
                 check_tool_sequence(messages)
@@ -335,7 +352,7 @@ def reserve(
         # The client owns the history; an existing session records only the new turn.
         new_turn = storable(req.messages if chat is None else new_turn_of(req.messages))
         messages = [*prefix, *req.messages]
-    plan = plan_hold(model, messages, req.max_tokens, req.params)
+    plan = plan_hold(model, messages, req.max_tokens, req.params, _api_type(catalog, model))
     chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
@@ -407,6 +424,12 @@ def reserve(
     return Reserved(reservation, messages, stash, route, tuple(chain))
 
 
+def _api_type(catalog: Catalog, model: ModelSpec) -> str:
+    """The wire format `model` is sent in (a company's models route to packaged
+    providers only, `company_llm.company_catalog`)."""
+    return catalog.providers[model.provider].api_type
+
+
 def plan_chain(
     catalog: Catalog,
     cat: company_llm.CompanyCatalog,
@@ -425,7 +448,7 @@ def plan_chain(
             check_features(spec, req.features)
             check_content(spec, req.content_features)
             cap = min(max_tokens, spec.max_output_tokens)
-            plan = plan_hold(spec, messages, cap, req.params)
+            plan = plan_hold(spec, messages, cap, req.params, _api_type(catalog, spec))
         except (UnsupportedFeature, UnsupportedContent, ValidationFailed, InputTooLarge):
             continue
         pool = tuple(pools.get(spec.provider, ()))

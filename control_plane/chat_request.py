@@ -22,7 +22,7 @@ from typing import Any
 
 from control_plane.errors import AgentOverride, UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
-from shared.input_size import InputRejected, check_parts
+from shared.input_size import InputRejected, clean_parts
 from shared.tool_shapes import (
     check_tool_calls,
     check_tool_params,
@@ -66,9 +66,11 @@ def _rejected(exc: InputRejected) -> Exception:
 def _content(content: Any, where: str, needed: set[str]) -> Any:
     if isinstance(content, list):
         try:
-            needed |= check_parts(content, where)
+            # Rebuilt from the keys the estimate counts: nothing else goes upstream.
+            content, features = clean_parts(content, where)
         except InputRejected as exc:
             raise _rejected(exc) from None
+        needed |= features
     elif not isinstance(content, str):
         raise ValidationFailed(where, "must be a string or content parts")
     return content

@@ -463,6 +463,7 @@ def route_for(
         api_key=api_key,
         features=model.features,
         image_input_tokens=model.image_input_tokens,
+        context_length=model.context_length,
         api_keys=api_keys if len(api_keys) > 1 else (),
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from shared.decimals import parse_decimal
-from shared.input_size import IMAGE_TOKENS
+from shared.input_size import IMAGE_TOKENS, InputRates, input_rates
 
 # Credits per million tokens; far above any real price, low enough that a cost
 # (tokens x price) stays exact in decimal arithmetic.
@@ -129,6 +129,10 @@ class ModelSpec:
     # Models tried in order when this one fails before its first byte (DESIGN §11).
     fallbacks: tuple[str, ...] = ()
 
+    def input_rates(self, api_type: str) -> InputRates:
+        """The estimate's rates for this model on a provider of `api_type`."""
+        return input_rates(api_type, self.image_input_tokens)
+
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -148,6 +152,10 @@ class Catalog:
 
     def model(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
+
+    def input_rates(self, model: ModelSpec) -> InputRates:
+        """`model`'s estimate rates on its provider's wire format."""
+        return model.input_rates(self.providers[model.provider].api_type)
 
 
 def _decimal(value: Any, where: str) -> Decimal:

@@ -2,8 +2,9 @@
 
 The hold must cover the input (DESIGN §9 "Money"; §11 "Content parts"), so the
 control plane at init and the edge at ``/v1/chat/completions`` both size a request
-with `estimate_input_tokens` + `params_tokens`: deterministic (the same body always
-gives the same count) and never below what a vendor bills.
+with `estimate_input_tokens` + `params_tokens`, at the rates of the model's route
+(`input_rates`: its catalog counts and its provider's wire format): deterministic
+(the same body always gives the same count) and never below what a vendor bills.
 
 The formula, in tokens:
 
@@ -16,19 +17,33 @@ The formula, in tokens:
   their compact JSON.
 - **everything else that goes upstream beside the messages** (``tools``,
   ``tool_choice``, ``response_format``, ``stop``, ``user``, …): the same text count
-  of its compact JSON. A tool schema is text the vendor tokenizes too.
+  of its compact JSON. A tool schema is text the vendor tokenizes too. On an
+  Anthropic route, 350 more whenever tools are sent: Anthropic's own tool-use system
+  prompt (up to 346 with ``tool_choice`` auto or any).
 - **an image** (``image_url`` part): a fixed count per image, whatever its size:
   the model's ``image_input_tokens`` (catalog field; default 1445, OpenAI's
   high-detail formula ``85 + 170 * tiles`` at its largest shape, 2048x768 px = 8
   tiles of 512 px; a model that bills images dearer, like gpt-4o-mini at
-  ``2833 + 5667 * 8 = 48169``, sets its own). A URL fetched by the vendor is never
-  tokenized as text, so its bytes do not count.
-- **a file** (``file`` part, inline ``file_data``): one token per byte of its
-  base64 data (four times the text rate: a PDF is billed as its text plus one image
-  per page) plus one image. A ``file_id`` refers to bytes we never see, so it
+  ``2833 + 5667 * 8 = 48169``, sets its own). On an Anthropic route at least 1600
+  (1.15 megapixels / 750, its largest image before it scales one down). A URL
+  fetched by the vendor is never tokenized as text, so its bytes do not count.
+- **a file** (``file`` part, inline ``file_data``, a PDF): one token per byte of
+  its base64 data plus one image, plus a token per byte of its ``filename``. That
+  fits the request into the context; the hold takes more: vendors bill a PDF per
+  page (each page's text plus an image of it), and a file of a few hundred bytes
+  can hold thousands of empty pages (a compressed object stream, untyped page
+  objects; no cheap scan bounds them all). No vendor bills more input than the
+  model's context leaves after the output budget, so a request that carries a file
+  is held at that (`carries_files`): init holds it, and the edge sends a file only
+  under a token that holds it. A ``file_id`` refers to bytes we never see, so it
   cannot be priced and is refused.
 - **audio** (``input_audio`` part): one token per 3 bytes of its base64 data (far
   above any vendor's audio rate, about 10 tokens per second of speech).
+
+Each part is forwarded rebuilt from the keys counted here (`clean_parts`): ``text``;
+``image_url: {url, detail?}`` with ``detail`` one of auto/low/high; ``input_audio:
+{data, format}``; ``file: {file_data, filename?}`` with a ``filename`` of at most
+255 characters; anything else in a part is dropped, never sent uncounted.
 
 Parts other than text need the model to list a feature (`PART_FEATURES`); the
 callers refuse a request whose model lacks one (400 ``unsupported_content``). Their
@@ -40,6 +55,7 @@ bare base64), audio ``wav``/``mp3``, all data canonical base64.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -49,6 +65,14 @@ from shared.text_tokens import BYTES_PER_TOKEN, text_tokens
 
 TOKENS_PER_MESSAGE = 4
 IMAGE_TOKENS = 1445
+# Anthropic (https://docs.anthropic.com/en/docs/build-with-claude/vision): an image
+# up to 1.15 megapixels costs up to 1,600 tokens (pixels / 750); and with tools it
+# adds its own tool-use system prompt, up to about 350 tokens
+# (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/overview#pricing).
+ANTHROPIC_IMAGE_TOKENS = 1600
+ANTHROPIC_TOOL_PROMPT_TOKENS = 350
+IMAGE_DETAILS = frozenset({"auto", "low", "high"})
+MAX_FILENAME_CHARS = 255
 # Deeper JSON is refused (400 `json_too_deep`) before anything is written: no real
 # tool schema nests this far, and orjson cannot re-encode past 254 levels.
 MAX_JSON_DEPTH = 64
@@ -63,6 +87,26 @@ MAX_JSON_CONTAINERS = 50_000
 # Which model feature each non-text content part needs (DESIGN §11).
 PART_FEATURES = {"image_url": "vision", "input_audio": "audio", "file": "files"}
 _PLACEHOLDERS = {"image_url": "[image]", "input_audio": "[audio]", "file": "[file]"}
+
+
+@dataclass(frozen=True, slots=True)
+class InputRates:
+    """What the estimate charges for what text cannot measure, per route: an image,
+    the vendor's own prompt when tools are sent (`input_rates`)."""
+
+    image_tokens: int = IMAGE_TOKENS
+    tool_prompt_tokens: int = 0
+
+
+def input_rates(api_type: str, image_tokens: int = IMAGE_TOKENS) -> InputRates:
+    """A model's rates (its catalog counts) on its provider's wire format: Anthropic
+    bills an image above the default and adds a prompt of its own with tools."""
+    if api_type == "anthropic_messages":
+        return InputRates(max(image_tokens, ANTHROPIC_IMAGE_TOKENS), ANTHROPIC_TOOL_PROMPT_TOKENS)
+    return InputRates(image_tokens)
+
+
+DEFAULT_RATES = InputRates()
 
 
 class InputRejected(ValueError):
@@ -129,9 +173,18 @@ def _string(doc: Mapping[str, Any], key: str, where: str) -> str:
 
 def check_parts(content: list[Any], where: str) -> set[str]:
     """Validate a content-part array (OpenAI's shapes); the features it needs."""
+    return clean_parts(content, where)[1]
+
+
+def clean_parts(content: list[Any], where: str) -> tuple[list[dict[str, Any]], set[str]]:
+    """Validate a content-part array (OpenAI's shapes): each part rebuilt from the
+    keys we know and count (`text`; `image_url: {url, detail?}`; `input_audio:
+    {data, format}`; `file: {file_data, filename?}`), so nothing else in a part rides
+    upstream uncounted; and the features the parts need."""
     if not content:
         raise InputRejected("invalid_content", where, "must not be an empty array")
     needed: set[str] = set()
+    clean: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         at = f"{where}[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -140,6 +193,7 @@ def check_parts(content: list[Any], where: str) -> set[str]:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise InputRejected("invalid_content", f"{at}.text", "must be a string")
+            clean.append({"type": "text", "text": part["text"]})
             continue
         if kind not in PART_FEATURES:
             raise InputRejected(
@@ -155,8 +209,36 @@ def check_parts(content: list[Any], where: str) -> set[str]:
                 "needs inline file_data (a file_id cannot be priced before it is sent)",
             )
         _check_media(kind, body, at)
+        clean.append({"type": kind, kind: _known_keys(kind, body, f"{at}.{kind}")})
         needed.add(PART_FEATURES[kind])
-    return needed
+    return clean, needed
+
+
+def _known_keys(kind: str, body: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A checked part's body with only the keys the estimate counts."""
+    if kind == "input_audio":
+        return {"data": body["data"], "format": body["format"]}
+    if kind == "image_url":
+        out = {"url": body["url"]}
+        detail = body.get("detail")
+        if detail is not None:
+            if detail not in IMAGE_DETAILS:
+                raise InputRejected(
+                    "invalid_content", f"{where}.detail", "must be one of auto, low, high"
+                )
+            out["detail"] = detail
+        return out
+    out = {"file_data": body["file_data"]}
+    filename = body.get("filename")
+    if filename is not None:
+        if not isinstance(filename, str) or len(filename) > MAX_FILENAME_CHARS:
+            raise InputRejected(
+                "invalid_content",
+                f"{where}.filename",
+                f"must be a string of at most {MAX_FILENAME_CHARS} characters",
+            )
+        out["filename"] = filename
+    return out
 
 
 def _check_media(kind: str, body: Mapping[str, Any], at: str) -> None:
@@ -186,19 +268,21 @@ def missing_features(needed: Iterable[str], features: Iterable[str]) -> list[str
     return sorted(f for f in set(needed) if f not in have)
 
 
-def _part_tokens(part: Mapping[str, Any], image_tokens: int) -> int:
+def _part_tokens(part: Mapping[str, Any], rates: InputRates) -> int:
     kind = part.get("type")
     if kind == "image_url":
-        return image_tokens
+        return rates.image_tokens
     if kind == "file":
-        return image_tokens + len(str(part["file"].get("file_data", "")))
+        body = part["file"]
+        filename = str(body.get("filename") or "").encode("utf-8")
+        return rates.image_tokens + len(str(body.get("file_data", ""))) + len(filename)
     if kind == "input_audio":
         return -(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN)
     # Anything unforeseen that got this far is priced as its JSON text, never as 0.
     return text_tokens([orjson.dumps(part)])
 
 
-def message_tokens(message: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -> int:
+def message_tokens(message: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:
     content = message.get("content")
     texts = [str(message.get("role", "")).encode("utf-8")]
     for key in ("tool_calls", "tool_call_id"):
@@ -214,22 +298,35 @@ def message_tokens(message: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS)
             if part.get("type", "text") == "text" and isinstance(part.get("text", ""), str):
                 texts.append(part.get("text", "").encode("utf-8"))
             else:
-                extra += _part_tokens(part, image_tokens)
+                extra += _part_tokens(part, rates)
     return text_tokens(texts) + TOKENS_PER_MESSAGE + extra
 
 
 def estimate_input_tokens(
-    messages: Iterable[Mapping[str, Any]], image_tokens: int = IMAGE_TOKENS
+    messages: Iterable[Mapping[str, Any]], rates: InputRates = DEFAULT_RATES
 ) -> int:
     """Deterministic, conservative count of the messages' tokens (see the module doc)."""
-    return sum(message_tokens(message, image_tokens) for message in messages)
+    return sum(message_tokens(message, rates) for message in messages)
 
 
-def params_tokens(params: Mapping[str, Any]) -> int:
-    """Everything sent upstream beside the messages (tools, stop, response_format…)."""
+def carries_files(messages: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any message carries a ``file`` part: such a request is held at the
+    model's whole context (see the module doc), whatever its estimate."""
+    return any(
+        isinstance(part, dict) and part.get("type") == "file"
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
+def params_tokens(params: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:
+    """Everything sent upstream beside the messages (tools, stop, response_format…),
+    and the vendor's own tool-use prompt when tools are sent."""
     if not params:
         return 0
-    return text_tokens([orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)])
+    vendor = rates.tool_prompt_tokens if params.get("tools") else 0
+    return text_tokens([orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)]) + vendor
 
 
 def content_text(content: Any) -> str:

@@ -39,6 +39,9 @@ class UpstreamRoute:
     # the edge checks a request's parts as init did (`shared.input_size`).
     features: tuple[str, ...] = ("streaming",)
     image_input_tokens: int = IMAGE_TOKENS
+    # The model's context: a request carrying a file must hold all of it
+    # (`input_size.carries_files`). 0 in routes sealed before it: no file is sent.
+    context_length: int = 0
     # The company's whole key pool (issue 16.1), `api_key` first; empty in routes
     # sealed before pools, which carry `api_key` alone.
     api_keys: tuple[str, ...] = ()

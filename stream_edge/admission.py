@@ -140,7 +140,9 @@ def _route(
             id=model_id,
             provider=provider.name,
             upstream_model=sealed.upstream_model,
-            context_length=max_input_tokens + max_tokens,
+            # Routes sealed before they carried it: only what the token holds, and
+            # no file is sent on them (`requests.parse_chat_request`).
+            context_length=sealed.context_length or max_input_tokens + max_tokens + 1,
             max_output_tokens=max_tokens,
             price=Price(Decimal(0), Decimal(0)),  # the control plane prices; the edge meters
             features=sealed.features,

@@ -17,7 +17,8 @@ from shared.catalog import ModelSpec
 from shared.input_size import (
     MAX_JSON_DEPTH,
     InputRejected,
-    check_parts,
+    carries_files,
+    clean_parts,
     estimate_input_tokens,
     json_too_deep,
     missing_features,
@@ -85,9 +86,11 @@ def validate_messages(
             continue
         if isinstance(content, list):
             try:
-                missing = missing_features(check_parts(content, f"messages[{i}].content"), features)
+                # Rebuilt from the keys the estimate counts: nothing else goes upstream.
+                content, needed = clean_parts(content, f"messages[{i}].content")
             except InputRejected as exc:
                 raise _rejected(exc) from None
+            missing = missing_features(needed, features)
             if missing:
                 raise BadRequest(
                     f"messages[{i}].content: this model cannot take {', '.join(missing)} content",
@@ -103,8 +106,11 @@ def validate_messages(
     return clean
 
 
-def parse_chat_request(body: Any, grant: StreamGrant, model: ModelSpec) -> ChatRequest:
-    """`model`: the grant's model as routed (its features and image price)."""
+def parse_chat_request(
+    body: Any, grant: StreamGrant, model: ModelSpec, api_type: str = "openai_chat"
+) -> ChatRequest:
+    """`model`: the grant's model as routed (its features, image price and context),
+    `api_type`: its provider's wire format (the vendor's own overheads)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     if json_too_deep(body):
@@ -139,10 +145,20 @@ def parse_chat_request(body: Any, grant: StreamGrant, model: ModelSpec) -> ChatR
     if uses_tools(messages, params) and "tools" not in model.features:
         raise BadRequest(f"{model.id} cannot call tools", code="unsupported_feature")
     # Everything that goes upstream counts: the messages and the parameters.
-    estimate = estimate_input_tokens(messages, model.image_input_tokens) + params_tokens(params)
+    rates = model.input_rates(api_type)
+    estimate = estimate_input_tokens(messages, rates) + params_tokens(params, rates)
     if estimate > grant.max_input_tokens:
         raise InputTooLarge(
             f"the input is about {estimate} tokens; this token allows {grant.max_input_tokens}"
+        )
+    # A file is billed per page, up to what the context leaves the input: only a token
+    # that holds all of it carries one (`input_size.carries_files`, as init holds it).
+    if carries_files(messages) and grant.max_input_tokens < model.context_length - max_tokens:
+        raise InputTooLarge(
+            "a request carrying a file is held at the model's whole context "
+            f"({model.context_length - max_tokens} input tokens with max_tokens "
+            f"{max_tokens}); this token holds {grant.max_input_tokens}: "
+            "send the file in the init"
         )
     return ChatRequest(
         messages=messages,

@@ -86,7 +86,7 @@ async def admit(
         )
     target = route(state, grant)
     body = await read()
-    chat = parse_chat_request(body, grant, target.model)
+    chat = parse_chat_request(body, grant, target.model, target.provider.api_type)
     attempts = [_attempt(target, chat), *_fallbacks(state, grant, body)]
     if (await claim(state, grant, "completions")).verdict != "ok":
         # A POST cannot resume: a second request with the token is a second use.
@@ -150,7 +150,7 @@ def _fallbacks(state: EdgeState, grant: StreamGrant, body: object) -> list[Attem
             grant, max_input_tokens=fallback.max_input_tokens, max_tokens=fallback.max_tokens
         )
         try:
-            chat = parse_chat_request(body, limited, fallback.model)
+            chat = parse_chat_request(body, limited, fallback.model, fallback.provider.api_type)
         except EdgeError:
             continue
         attempts.append(_attempt(fallback, chat))

@@ -59,3 +59,12 @@ def test_sse_backend_fields_are_validated(changes: dict[str, Any], message: str)
     doc["providers"]["inhouse"] |= changes
     with pytest.raises(CatalogError, match=message):
         parse_catalog(doc)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2**31, "3000", True, 1.5])
+def test_token_counts_per_image_are_validated(value: Any) -> None:
+    doc = copy.deepcopy(CATALOG)
+    model = next(iter(doc["models"]))
+    doc["models"][model]["image_input_tokens"] = value
+    with pytest.raises(CatalogError, match=f"models.{model}.image_input_tokens"):
+        parse_catalog(doc)

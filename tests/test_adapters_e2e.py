@@ -402,3 +402,48 @@ def test_a_backend_claiming_more_cached_than_input_pays_cached_at_most(
         price_of(prompt, prompt, 0, 1004), micro(grant["reserved_credits"])
     )
     assert micro(record["cost"]) > 0
+
+
+# --- review 5: Anthropic's own overheads are held for, at init and at the edge ------------
+
+SCHEMA = {"type": "object", "properties": {}}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
+
+
+def test_an_anthropic_hold_covers_its_tool_prompt_and_dearer_images(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    """Anthropic adds a tool-use system prompt (~350 tokens) whenever tools are sent,
+    and bills an image at up to 1,600 tokens: the same body is held dearer on an
+    Anthropic route than on Gemini's, and the edge sizes it the same way."""
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+    ]
+    body = {"max_tokens": 8, "tools": [TOOL],
+            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    grants = {}
+    for model in ("claude-test", "gemini-test"):
+        grant = vendors.client.init_ok(user_token, {"model": model, **body})
+        STREAM_TOKENS.append(grant["stream_token"])
+        grants[model] = jwt.decode(grant["stream_token"], options={"verify_signature": False})
+        grants[model]["stream_token"] = grant["stream_token"]
+    claude, gemini = grants["claude-test"], grants["gemini-test"]
+    assert claude["max_input_tokens"] == gemini["max_input_tokens"] + 350 + (1600 - 1445)
+    # At the edge: ~300 tokens more text than init held fits the allowance only if
+    # the edge forgets Anthropic's overheads.
+    longer = [{"role": "user", "content": [*content, {"type": "text", "text": "a" * 900}]}]
+    response = vendors.client.http.post(
+        f"{vendors.client.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {claude['stream_token']}"},
+        json={"messages": longer, "tools": [TOOL], "max_tokens": 8},
+    )
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "input_too_large"
+    # The very body init held for fits.
+    response = vendors.client.http.post(
+        f"{vendors.client.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {claude['stream_token']}"},
+        json={"messages": body["messages"], "tools": [TOOL], "max_tokens": 8},
+    )
+    assert response.status_code == 200, response.text

@@ -11,6 +11,7 @@ capped by a hold that did not cover it.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import sqlite3
@@ -37,21 +38,26 @@ from shared.catalog import Catalog, load_catalog
 from shared.input_size import (
     IMAGE_TOKENS,
     MAX_JSON_DEPTH,
+    InputRates,
     InputRejected,
+    carries_files,
     check_parts,
     estimate_input_tokens,
+    input_rates,
     json_too_deep,
     params_tokens,
 )
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.pdf_samples import as_file_part, objstm_pdf
 from tests.stack import Client, base_env, micro
 
 PLATFORM_KEY = "sk-platform-openai-key"
 COMPANY_KEY = "sk-company-own-key"
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 FILE = {"type": "file", "file": {"filename": "a.pdf", "file_data": "JVBERi0x" * 64}}
+PDF_PLAIN = base64.b64encode(objstm_pdf(1)).decode()
 
 
 def _true_prompt_tokens(body: dict[str, Any]) -> int:
@@ -235,6 +241,8 @@ NEW_MODEL = {
         ({"gpt-4o-mini": {"features": ["streaming", "vision", "files"]}},
          "models.gpt-4o-mini.features"),
         ({"free-4o": NEW_MODEL}, "models.free-4o"),
+        # Review 5: what an image is held at is a price too.
+        ({"gpt-4o-mini": {"image_input_tokens": 1}}, "models.gpt-4o-mini.image_input_tokens"),
     ],
 )  # fmt: skip
 def test_price_model_and_additions_need_the_companys_own_key(
@@ -447,6 +455,117 @@ def test_garbage_media_is_refused_at_init_and_edge(gw: Gateway) -> None:
     assert ok.status_code == 200, ok.text
 
 
+# --- review 5: what vendors bill beside the text: PDF pages, part keys ------------------
+
+
+def _pdf_body(pdf: bytes, **extra: Any) -> dict[str, Any]:
+    content = [{"type": "text", "text": "Summarise."}, as_file_part(pdf)]
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_a_pdf_of_thousands_of_tiny_pages_is_held_at_the_whole_context_at_init_and_edge(
+    gw: Gateway,
+) -> None:
+    """Vendors bill a PDF per page (~1,500-3,000 tokens each); 2,000 empty pages
+    packed in a compressed object stream are a few hundred bytes, once held at a
+    token a byte. No vendor bills more input than the context leaves after the
+    output, so a request carrying a file is held at that, and the edge sends a file
+    only under a token that holds it."""
+    pdf = objstm_pdf(2000)
+    assert len(pdf) < 1000
+    _, token = _owner(gw)
+    context = 8192  # mock-vision's (shared/models.yaml), its dearest input rate a cache write
+    init = gw.client.init_ok(token, {"model": "mock-vision", "max_tokens": 16, **_pdf_body(pdf)})
+    assert micro(init["reserved_credits"]) == _cost(context - 16, 16, "1.25", "2.0")
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], _pdf_body(pdf))
+    assert response.status_code == 200, response.text
+    assert [p["type"] for p in gw.backend.calls[0][1]["messages"][0]["content"]] == [
+        "text",
+        "file",
+    ]
+    # A token held for text alone does not carry the file, however much text it held.
+    body = {"messages": [{"role": "user", "content": "word " * 3000}]}
+    init = gw.client.init_ok(token, {"model": "mock-vision", "max_tokens": 16, **body})
+    gw.backend.calls.clear()
+    _edge_error(_completions(gw, init["stream_token"], _pdf_body(pdf)), 413, "input_too_large")
+    assert gw.backend.calls == []
+    # The refusal did not burn the token.
+    assert _completions(gw, init["stream_token"], body).status_code == 200
+
+
+def test_a_companys_own_files_model_holds_its_whole_context_through_the_sealed_route(
+    gw: Gateway,
+) -> None:
+    """The edge reads a company model's context from the sealed route."""
+    company_id, token = _owner(gw)
+    body = {"api_key": COMPANY_KEY, "models": {"mock-fast": {"features": ["streaming", "files"]}}}
+    assert _put(gw, token, company_id, "mock", body).status_code == 200
+    pdf = objstm_pdf(2000)
+    init = gw.client.init_ok(token, {"model": "mock-fast", "max_tokens": 16, **_pdf_body(pdf)})
+    assert micro(init["reserved_credits"]) == _cost(8192 - 16, 16, "1.0", "2.0")
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], _pdf_body(pdf))
+    assert response.status_code == 200, response.text
+    assert gw.backend.calls[0][0] == f"Bearer {COMPANY_KEY}"
+    body = {"messages": [{"role": "user", "content": "word " * 3000}]}
+    init = gw.client.init_ok(token, {"model": "mock-fast", "max_tokens": 16, **body})
+    _edge_error(_completions(gw, init["stream_token"], _pdf_body(pdf)), 413, "input_too_large")
+
+
+def test_unknown_keys_inside_content_parts_never_ride_upstream(gw: Gateway) -> None:
+    """An image is held at a fixed count: 200 KB more inside its part, or beside a
+    text part's text, would reach the vendor uncounted (a message's own unknown keys,
+    like `name`, were never forwarded)."""
+    _, token = _owner(gw)
+    padding = "A" * 200_000
+    url = "https://example.com/cat.png"
+    content = [
+        {"type": "text", "text": "Describe it.", "cache": padding},
+        {"type": "image_url", "image_url": {"url": url, "detail": "high", "x": padding},
+         "y": padding},
+    ]  # fmt: skip
+    body = {"model": "gpt-4o-mini", "max_tokens": 16,
+            "messages": [{"role": "user", "content": content, "name": padding}]}  # fmt: skip
+    sent = [
+        {"type": "text", "text": "Describe it."},
+        {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+    ]
+    init = gw.client.init_ok(token, body)
+    gw.backend.calls.clear()
+    _stream(gw, init)
+    assert gw.backend.calls[0][1]["messages"] == [{"role": "user", "content": sent}]
+    init = gw.client.init_ok(token, body)
+    gw.backend.calls.clear()
+    response = _completions(gw, init["stream_token"], {"messages": body["messages"]})
+    assert response.status_code == 200, response.text
+    assert gw.backend.calls[0][1]["messages"] == [{"role": "user", "content": sent}]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "x"}},
+        {"type": "file", "file": {"filename": "f" * 256, "file_data": PDF_PLAIN}},
+        {"type": "file", "file": {"filename": ["a.pdf"], "file_data": PDF_PLAIN}},
+    ],
+    ids=["detail", "long-filename", "filename-not-a-string"],
+)
+def test_a_part_key_out_of_bounds_is_refused_at_init_and_edge(
+    gw: Gateway, part: dict[str, Any]
+) -> None:
+    _, token = _owner(gw)
+    before = _state(gw, token)
+    body = {"messages": [{"role": "user", "content": [part]}]}
+    response = gw.client.init(token, {"model": "mock-vision", "max_tokens": 16, **body})
+    assert "content[0]" in _cp_error(response, 422, "validation_error")
+    assert _state(gw, token) == before
+    init = gw.client.init_ok(token, {"model": "mock-vision", "query": "hi", "max_tokens": 16})
+    gw.backend.calls.clear()
+    _edge_error(_completions(gw, init["stream_token"], body), 400, "invalid_messages")
+    assert gw.backend.calls == []
+
+
 def _tools(count: int, size: int) -> list[dict[str, Any]]:
     return [
         {
@@ -529,18 +648,27 @@ def test_the_estimate_prices_every_part() -> None:
     assert estimate_input_tokens(as_parts) == estimate_input_tokens(text)
     with_image = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, IMAGE]}]
     assert estimate_input_tokens(with_image) == estimate_input_tokens(text) + IMAGE_TOKENS
-    assert estimate_input_tokens(with_image, 48169) == estimate_input_tokens(text) + 48169
+    dear = InputRates(image_tokens=48169)
+    assert estimate_input_tokens(with_image, dear) == estimate_input_tokens(text) + 48169
     with_file = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, FILE]}]
     data = FILE["file"]["file_data"]  # type: ignore[index]
     assert estimate_input_tokens(with_file) == (
-        estimate_input_tokens(text) + IMAGE_TOKENS + len(data)
+        estimate_input_tokens(text) + IMAGE_TOKENS + len(data) + len("a.pdf")
     )
+    assert carries_files(with_file) and not carries_files([*with_image, *text])
     audio = {"type": "input_audio", "input_audio": {"data": "A" * 300, "format": "wav"}}
     with_audio = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, audio]}]
     assert estimate_input_tokens(with_audio) == estimate_input_tokens(text) + 100
     tools = {"tools": _tools(2, 10)}
     assert params_tokens(tools) == math.ceil(len(orjson.dumps(tools)) / 3)
     assert params_tokens({}) == 0
+    # Anthropic: its own tool prompt, and at least 1600 per image.
+    anthropic = input_rates("anthropic_messages")
+    assert params_tokens(tools, anthropic) == params_tokens(tools) + 350
+    assert params_tokens({"stop": ["x"]}, anthropic) == params_tokens({"stop": ["x"]})
+    assert estimate_input_tokens(with_image, anthropic) == estimate_input_tokens(text) + 1600
+    assert input_rates("anthropic_messages", 48169).image_tokens == 48169
+    assert input_rates("openai_chat") == InputRates()
     # Deterministic: key order does not change the count.
     assert params_tokens({"a": 1, "stop": ["x"]}) == params_tokens({"stop": ["x"], "a": 1})
 
@@ -602,3 +730,12 @@ def test_overrides_on_the_platform_key_keep_the_packaged_terms() -> None:
     route = route_for(catalog, packaged, COMPANY_KEY)
     assert route is not None and route.features == packaged.features
     assert route.image_input_tokens == packaged.image_input_tokens == 48169
+    assert route.context_length == packaged.context_length
+    # A stored override of the image rate on the platform's key is not applied.
+    rows = [CompanyModel(model_id="gpt-4o-mini", provider="openai",
+                         spec={"image_input_tokens": 1})]  # fmt: skip
+    platform = company_catalog(catalog, rows, None)
+    assert platform.models["gpt-4o-mini"].image_input_tokens == 48169
+    keyed = company_catalog(catalog, rows, None, frozenset({"openai"}))
+    own = route_for(catalog, keyed.models["gpt-4o-mini"], COMPANY_KEY)
+    assert own is not None and own.image_input_tokens == 1
