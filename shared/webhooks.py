@@ -21,6 +21,9 @@ import orjson
 from standardwebhooks import Webhook, WebhookVerificationError
 
 STATUSES = ("completed", "cancelled", "failed", "revoked")
+# The largest usage webhook body the control plane reads (413 past it, which the
+# edge's outbox takes as permanent); the edge trims a report's transcript to fit.
+MAX_USAGE_BODY_BYTES = 1024 * 1024
 USAGE_SOURCES = ("upstream", "estimated")
 # How the input and output split (DESIGN §11 "Prices"): parts of `input_tokens` read
 # from and written to the vendor's cache, and the part of `output_tokens` spent

@@ -7,7 +7,8 @@ estimate and the output is counted from what was relayed, marked `estimated`:
 OpenAI-compatible backends send one token per delta, so deltas are counted; other
 vendors batch several tokens per delta, so there it is the larger of the deltas and
 one token per 4 UTF-8 bytes (the usual tokenizer average). A tool call's name and
-argument fragments count like text (DESIGN §11).
+argument fragments count like text (DESIGN §11), and so does the reasoning an
+OpenAI-compatible backend streams (`ReasoningDelta`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from stream_edge.upstream.base import (
     Delta,
     Finish,
+    ReasoningDelta,
     ToolCall,
     ToolCallDelta,
     ToolCalls,
@@ -68,6 +70,12 @@ class Meter:
             if not self.delta_is_token:
                 self.text_bytes += len((event.name or "").encode()) + len(event.arguments.encode())
             self.calls.add(event)
+        elif isinstance(event, ReasoningDelta):
+            # Output the client may read (the passthrough writer forwards it): billed
+            # like text when the backend's usage never comes (the client left).
+            self.deltas += 1
+            if not self.delta_is_token:
+                self.text_bytes += len(event.text.encode())
         elif isinstance(event, Usage):
             self.usage = event
         elif isinstance(event, Finish):

@@ -19,7 +19,7 @@ from control_plane.usage_events import parse_time, parse_usage_event
 from control_plane.validation import parse_json_object
 from control_plane.webhook_settlement import Delivery, settle_delivery
 from shared.pricing import format_credits
-from shared.webhooks import BadSignature, verify_signer
+from shared.webhooks import MAX_USAGE_BODY_BYTES, BadSignature, verify_signer
 
 log = logging.getLogger("control_plane.webhooks")
 
@@ -30,7 +30,7 @@ async def usage_webhook(request: Request) -> Response:
     deps = get_deps(request)
     outcome = "error"
     try:
-        body = await read_body(request)
+        body = await read_body(request, MAX_USAGE_BODY_BYTES)
         settings = deps.settings
         backends = {
             provider: [s.reveal() for s in group]

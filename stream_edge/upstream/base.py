@@ -217,6 +217,15 @@ class Passthrough:
     raw: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta(Passthrough):
+    """Reasoning an OpenAI-compatible backend streams beside the answer (DeepSeek's
+    and vLLM's `reasoning_content`, OpenRouter's `reasoning`): forwarded as it came,
+    like any passthrough, and counted as output (the vendor bills it as such)."""
+
+    text: str = ""
+
+
 UpstreamEvent = Delta | ToolCallDelta | Usage | Finish | Failure | Passthrough
 
 

@@ -19,6 +19,7 @@ from stream_edge.upstream.base import (
     HttpRequest,
     JsonEventParser,
     Passthrough,
+    ReasoningDelta,
     UpstreamCall,
     UpstreamEvent,
     Usage,
@@ -72,6 +73,11 @@ class OpenAIStreamParser(JsonEventParser):
         text = delta.get("content") if delta else None
         if isinstance(text, str) and text:
             out.append(Delta(text, raw))
+        elif delta:
+            thought = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(thought, str) and thought:
+                # Output the client reads: billed even when the usage never comes.
+                out.append(ReasoningDelta(raw, thought))
         # Per event, a text delta with `usage: null`: the helpers below are called
         # only when there is something for them (a call saved is ~1 µs an event).
         if delta and delta.get("tool_calls") is not None:

@@ -1,0 +1,153 @@
+"""A usage report always fits the body the control plane reads (review 6).
+
+The receiver reads at most 1 MiB of a webhook; a longer body is a 413, which the
+edge's outbox takes as permanent (a dead letter). An answer's text has no such
+bound: 200,000 tokens of newlines and tabs (two bytes each once escaped in JSON)
+made a 1.6 MB report. Before the fix the streamed answer was billed only at its
+hold's deadline, from its checkpoint; a `stream: false` answer (which writes no
+checkpoint) had its hold released: served for free. Now the report's transcript is
+cut to fit and the usage settles at once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from shared.tokens import StreamGrant
+from shared.webhooks import MAX_USAGE_BODY_BYTES
+from stream_edge.meter import Meter
+from stream_edge.upstream.base import ToolCallDelta, Usage
+from stream_edge.usage_report import usage_event
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.stack import InProcessStack, base_env
+
+PIECE = "\n\t\t\t"  # a token of indentation: eight bytes once escaped in JSON
+ANSWER_TOKENS = 200_000
+
+
+def _frame(doc: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+async def _chat(request: Request) -> Response:
+    """An OpenAI-compatible backend answering `max_tokens` tokens of indentation."""
+    body = await request.json()
+    count = int(body["max_tokens"])
+    usage = {"prompt_tokens": 10, "completion_tokens": count, "total_tokens": count + 10}
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": PIECE * count}
+        choice = {"index": 0, "message": message, "finish_reason": "length"}
+        doc = {"id": "c", "object": "chat.completion", "choices": [choice], "usage": usage}
+        return Response(orjson.dumps(doc), media_type="application/json")
+
+    async def frames() -> AsyncIterator[bytes]:
+        for start in range(0, count, 1000):
+            delta = {"content": PIECE * min(1000, count - start)}
+            yield _frame({"choices": [{"index": 0, "delta": delta}]})
+        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        yield _frame({"choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+def _catalog(directory: Path, backend_url: str) -> str:
+    doc = yaml.safe_load((Path(__file__).parent.parent / "shared" / "models.yaml").read_text())
+    doc["providers"]["long"] = {"api_type": "openai_chat", "base_url": f"{backend_url}/v1"}
+    doc["models"]["long-model"] = {
+        "provider": "long",
+        "upstream_model": "long-model",
+        "context_length": 400_000,
+        "max_output_tokens": ANSWER_TOKENS,
+        "features": ["streaming"],
+        "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+    }
+    path = directory / "models.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    directory = tmp_path_factory.mktemp("long")
+    sock = bind_free_socket()
+    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
+    with ServerGroup([(backend, sock)]):
+        env = base_env(f"sqlite:///{directory / 'gateway.db'}")
+        env["LLMGW_MODELS_FILE"] = _catalog(directory, url_of(sock))
+        with InProcessStack(env) as gateway:
+            yield gateway
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_huge_answer_is_charged_at_once_not_dead_lettered(
+    stack: InProcessStack, stream: bool
+) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    messages = [{"role": "user", "content": "indent"}]
+    grant = c.init_ok(
+        token, {"model": "long-model", "messages": messages, "max_tokens": ANSWER_TOKENS}
+    )
+    answer = c.http.post(
+        f"{c.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {grant['stream_token']}"},
+        json={"messages": messages, "stream": stream},
+        timeout=60,
+    )
+    assert answer.status_code == 200
+    assert len(answer.content) > MAX_USAGE_BODY_BYTES  # the client got all of it
+    record = c.wait_usage(token, grant["reservation_id"], timeout=30)
+    assert (record["status"], record["output_tokens"]) == ("completed", ANSWER_TOKENS)
+    assert record["cost"] == grant["reserved_credits"]  # 10 + 2 x 200,000 micro-credits
+    assert c.credits(token)["held"] == "0.000000"
+
+
+def _grant() -> StreamGrant:
+    return StreamGrant(
+        jti="j" * 32,
+        company_id="c" * 32,
+        user_id="u" * 32,
+        role="member",
+        scopes=("llm:chat:send",),
+        session_id="s" * 32,
+        model="m",
+        max_tokens=10,
+        max_input_tokens=10,
+        reservation_id="r" * 32,
+        request_id="q" * 32,
+        issued_at=0,
+        expires_at=0,
+    )
+
+
+def test_a_report_keeps_its_tool_calls_and_as_much_text_as_fits() -> None:
+    meter = Meter(input_estimate=10, keep_transcript=True)
+    meter.record(Usage(10, 5))
+    meter.parts.append("\x01" * 400_000)  # six bytes each once escaped
+    meter.record(ToolCallDelta(0, "call_0", "save", '{"a": 1}'))
+    event = usage_event(_grant(), "p", meter, "completed")
+    assert MAX_USAGE_BODY_BYTES - 8192 < len(event.body()) <= MAX_USAGE_BODY_BYTES
+    assert event.tool_calls and event.content and set(event.content) == {"\x01"}
+    small = Meter(input_estimate=10, keep_transcript=True)
+    small.parts.append("hello")
+    assert usage_event(_grant(), "p", small, "completed").content == "hello"
+
+
+def test_tool_calls_past_the_cap_go_and_the_usage_stays() -> None:
+    meter = Meter(input_estimate=10, keep_transcript=True)
+    meter.record(Usage(10, 5))
+    meter.record(ToolCallDelta(0, "call_0", "save", "\x01" * 400_000))
+    event = usage_event(_grant(), "p", meter, "completed")
+    assert len(event.body()) <= MAX_USAGE_BODY_BYTES
+    assert event.tool_calls is None
+    assert (event.input_tokens, event.output_tokens) == (10, 5)
