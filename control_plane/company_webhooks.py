@@ -51,6 +51,10 @@ MAX_ATTEMPTS = 20  # then the event stays undelivered, for an operator to look a
 BATCH = 50
 PARALLEL = 10  # posts in flight per pass
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+# One attempt in all: the lookup, the connection and the answer's head. httpx's
+# timeouts are per read, so a receiver dribbling a byte every few seconds would
+# otherwise hold its post, and the pass that waits for it, for ever.
+ATTEMPT_SECONDS = 30.0
 BACKOFF = Backoff(base=2.0, cap=3600.0)
 
 
@@ -243,7 +247,11 @@ async def post(client: httpx.AsyncClient, delivery: Delivery, address: str) -> b
     # company's name on the same address (a shared host) must not carry this post.
     request.headers["Connection"] = "close"
     try:
-        response = await client.send(request, follow_redirects=False)
+        # Streamed and closed unread: the status is the whole answer we need, and a
+        # receiver's body (the company's own server: endless, if it likes) must
+        # never be pulled into this process's memory.
+        response = await client.send(request, follow_redirects=False, stream=True)
+        await response.aclose()
     except httpx.HTTPError as exc:
         log.warning("company webhook %s failed: %s", delivery.event_id, type(exc).__name__)
         return False
@@ -253,18 +261,24 @@ async def post(client: httpx.AsyncClient, delivery: Delivery, address: str) -> b
 async def attempt(
     client: httpx.AsyncClient, delivery: Delivery, *, allow_private: bool = False
 ) -> bool:
-    """One delivery attempt: resolve and check the host once, then post to it.
-    A host that does not resolve, or resolves inward, is not posted to (False)."""
+    """One delivery attempt: resolve and check the host once, then post to it,
+    within `ATTEMPT_SECONDS` in all. A host that does not resolve, or resolves
+    inward, is not posted to (False)."""
     try:
         url = httpx.URL(delivery.url)
     except httpx.InvalidURL:
         log.warning("company webhook %s has an unusable URL; not sent", delivery.event_id)
         return False
-    address = await resolve(url, allow_private=allow_private)
-    if address is None:
-        log.warning("company webhook %s resolves inward or not at all", delivery.event_id)
+    try:
+        async with asyncio.timeout(ATTEMPT_SECONDS):
+            address = await resolve(url, allow_private=allow_private)
+            if address is None:
+                log.warning("company webhook %s resolves inward or not at all", delivery.event_id)
+                return False
+            return await post(client, delivery, address)
+    except TimeoutError:
+        log.warning("company webhook %s took over %.0f s", delivery.event_id, ATTEMPT_SECONDS)
         return False
-    return await post(client, delivery, address)
 
 
 async def deliver_due(

@@ -23,6 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.fernet import Fernet, MultiFernet
 
+from control_plane import company_webhooks
 from control_plane.company_webhooks import MAX_ATTEMPTS, claim_due, deliver_due
 from control_plane.db import Database
 from control_plane.migrate import upgrade
@@ -248,3 +249,84 @@ def test_a_pinned_delivery_over_tls_keeps_the_name(
     (head,) = heads
     assert f"host: {NAME}:".encode() in head.lower()
     assert outbox.event().delivered_at is not None
+
+
+# --- a hostile receiver: the company's own server answers as it likes ------------------
+
+
+def _deliver_to(outbox: Outbox, receive: Any) -> int:
+    """One pass against `receive` on a real socket of this host (the company's URL
+    points at it; private addresses allowed, as with
+    LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE). A pass that never returns fails the test
+    at a generous deadline instead of hanging the suite."""
+    sock = bind_free_socket()
+    outbox.set_url(f"http://127.0.0.1:{sock.getsockname()[1]}/budget")
+
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await receive(reader, writer)
+        finally:  # also when the loop cancels a handler still at it
+            writer.close()
+
+    async def run() -> int:
+        server = await asyncio.start_server(closing, sock=sock)
+        try:
+            async with httpx.AsyncClient(timeout=company_webhooks.TIMEOUT) as client:
+                return await asyncio.wait_for(
+                    deliver_due(outbox.db, outbox.fernet, client, allow_private=True), 60
+                )
+        finally:
+            server.close()
+
+    return asyncio.run(run())
+
+
+def test_a_receivers_endless_answer_is_never_read_into_memory(outbox: Outbox) -> None:
+    """It was read whole (`client.send` without `stream`): a company's server
+    answering 200 with an endless chunked body pushed ~850 MB into the control plane
+    in 5 s, on its way to exhausting its memory, and held the pass meanwhile."""
+    pushed = 0
+    limit = 256 * 1024 * 1024  # where the receiver gives up (the unfixed reader got it all)
+    chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal pushed
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while pushed < limit:
+                writer.write(chunk)
+                await writer.drain()
+                pushed += len(chunk)
+        except ConnectionError:
+            return  # the control plane hung up: what we want
+        await asyncio.Event().wait()  # never ends the body
+
+    assert _deliver_to(outbox, receive) == 1  # a 2xx is a delivery, whatever follows
+    assert outbox.event().delivered_at is not None
+    # What the sockets' kernel buffers absorb before the hang-up, no more.
+    assert pushed < 32 * 1024 * 1024
+
+
+def test_a_receiver_dribbling_its_answer_cannot_hold_the_delivery_pass(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx's timeouts are per read: a head sent a byte every 0.2 s never tripped
+    them, and the pass (which waits for every post) never ended, so no company's
+    event was delivered again. One attempt now has `ATTEMPT_SECONDS` in all."""
+    monkeypatch.setattr(company_webhooks, "ATTEMPT_SECONDS", 1.0, raising=False)
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            for byte in iter(lambda: b"H", None):
+                writer.write(byte)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            return
+
+    assert _deliver_to(outbox, receive) == 0
+    event = outbox.event()
+    assert (event.attempts, event.delivered_at) == (1, None)  # a failed attempt, backing off
+    assert event.next_attempt_at > utcnow()
