@@ -58,13 +58,46 @@ ATTEMPT_SECONDS = 30.0
 BACKOFF = Backoff(base=2.0, cap=3600.0)
 
 
+# IPv6 addresses that carry an IPv4 address, which a translator on the path (NAT64,
+# as on IPv6-only cloud subnets) or the host itself connects to: Python's `is_global`
+# judges the IPv6 prefix, not the address inside (`64:ff9b::7f00:1` is "global").
+_V4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "64:ff9b::/96",  # NAT64, RFC 6052's well-known prefix
+        "::/96",  # IPv4-compatible (deprecated, RFC 4291)
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT, RFC 2765)
+    )
+)
+# The operator's own translators (RFC 8215) and the deprecated site-local range:
+# inward by definition, whatever they carry.
+_INWARD_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in net for net in _V4_IN_LAST_32_BITS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public(address: str) -> bool:
     """A globally routable address: not private, loopback, link-local (the cloud
-    metadata service), shared, reserved or multicast."""
+    metadata service), shared, reserved or multicast; for an IPv6 address that
+    carries an IPv4 one (NAT64, 6to4, mapped, compatible), neither is that one."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _INWARD_V6):
+            return False
+        carried = _carried_ipv4(ip)
+        if carried is not None and not is_public(str(carried)):
+            return False
     return ip.is_global and not ip.is_multicast
 
 

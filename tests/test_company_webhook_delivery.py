@@ -330,3 +330,48 @@ def test_a_receiver_dribbling_its_answer_cannot_hold_the_delivery_pass(
     event = outbox.event()
     assert (event.attempts, event.delivered_at) == (1, None)  # a failed attempt, backing off
     assert event.next_attempt_at > utcnow()
+
+
+# --- IPv6 addresses that carry an inward IPv4 one -----------------------------------------
+
+# `ipaddress` calls each of these "global" (it judges the IPv6 prefix); a NAT64
+# translator on the path (IPv6-only cloud subnets) or the host itself connects to
+# the IPv4 address inside: loopback, the cloud metadata service, the private network.
+WRAPPED_INWARD = [
+    "64:ff9b::7f00:1",  # NAT64 (RFC 6052) of 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "64:ff9b::a00:7",  # NAT64 of 10.0.0.7
+    "64:ff9b:1::5db8:d822",  # the operator's own NAT64 prefix (RFC 8215)
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "::7f00:1",  # IPv4-compatible 127.0.0.1
+    "fec0::1",  # site-local
+]
+PUBLIC_V4_IN_V6 = "5db8:d822"  # 93.184.216.34, PUBLIC
+
+
+def test_an_owner_cannot_aim_its_webhook_inward_through_an_ipv6_wrapper(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from tests.test_control_plane import start_cp
+
+    with start_cp(request, tmp_path, "sqlite") as cp:
+        company = cp.company("1")
+        owner = cp.client(cp.api_key(cp.user(company, "owner", password=None)["id"]))
+        hook = f"/v1/admin/companies/{company}/webhook"
+        for address in WRAPPED_INWARD:
+            answer = owner.put(hook, json={"url": f"http://[{address}]/hook"})
+            assert answer.status_code == 422, (address, answer.text)
+        assert owner.get(hook).status_code == 404  # nothing was stored
+        # A public address behind NAT64 (an IPv6-only host's DNS64 answer) still works.
+        assert owner.put(hook, json={"url": f"http://[64:ff9b::{PUBLIC_V4_IN_V6}]/h"}).is_success
+
+
+@pytest.mark.parametrize("address", WRAPPED_INWARD)
+def test_a_name_resolving_to_a_wrapped_inward_address_is_not_posted_to(
+    outbox: Outbox, dns: list[str], address: str
+) -> None:
+    dns.append(address)
+    seen: list[httpx.Request] = []
+    assert outbox.deliver(_recording(seen)) == 0
+    assert seen == []
+    assert outbox.event().attempts == 1
