@@ -4,9 +4,11 @@ Pure: fed the normalised upstream events, it answers the usage figures for the
 webhook. The backend's own usage wins (`usage_source: upstream`); without it
 (cancelled, failed, or a backend that reports none) the input is the reservation's
 estimate and the output is counted from what was relayed, marked `estimated`:
-OpenAI-compatible backends send one token per delta, so deltas are counted; other
-vendors batch several tokens per delta, so there it is the larger of the deltas and
-one token per 4 UTF-8 bytes (the usual tokenizer average). A tool call's name and
+OpenAI-compatible backends send one token per delta, so deltas are counted, except
+that a delta longer than any one token (`ONE_TOKEN_CHARS`: OpenRouter and vLLM may
+batch several) counts a token per 4 UTF-8 bytes; other vendors batch several tokens
+per delta, so there it is the larger of the deltas and one token per 4 UTF-8 bytes
+(the usual tokenizer average). A tool call's name and
 argument fragments count like text (DESIGN §11), and so does the reasoning an
 OpenAI-compatible backend streams (`ReasoningDelta`).
 """
@@ -40,6 +42,19 @@ class Billing:
     reasoning_tokens: int = 0
 
 
+# Longer than nearly every single token (a long word, a run of spaces): a delta past
+# it from an OpenAI-compatible backend carries several, and counted as one, a client
+# leaving before the backend's usage came would pay for a fraction of what it read.
+ONE_TOKEN_CHARS = 16
+
+
+def _batched(text: str) -> int:
+    """The tokens beyond the first that an OpenAI-compatible delta of `text` carries."""
+    if len(text) <= ONE_TOKEN_CHARS:
+        return 0
+    return -(-len(text.encode()) // 4) - 1
+
+
 @dataclass(slots=True)
 class Meter:
     input_estimate: int
@@ -48,6 +63,8 @@ class Meter:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     first_token_at: datetime | None = None
     deltas: int = 0
+    # Tokens past one per delta, where deltas count as tokens (`_batched`).
+    batched: int = 0
     text_bytes: int = 0
     usage: Usage | None = None
     finish_reason: str | None = None
@@ -61,6 +78,8 @@ class Meter:
             self.deltas += 1
             if not self.delta_is_token:
                 self.text_bytes += len(event.text.encode())
+            elif len(event.text) > ONE_TOKEN_CHARS:
+                self.batched += _batched(event.text)
             if self.keep_transcript:
                 self.parts.append(event.text)
         elif isinstance(event, ToolCallDelta):
@@ -69,6 +88,8 @@ class Meter:
             self.deltas += 1
             if not self.delta_is_token:
                 self.text_bytes += len((event.name or "").encode()) + len(event.arguments.encode())
+            else:
+                self.batched += _batched(event.arguments)
             self.calls.add(event)
         elif isinstance(event, ReasoningDelta):
             # Output the client may read (the passthrough writer forwards it): billed
@@ -76,6 +97,8 @@ class Meter:
             self.deltas += 1
             if not self.delta_is_token:
                 self.text_bytes += len(event.text.encode())
+            else:
+                self.batched += _batched(event.text)
         elif isinstance(event, Usage):
             self.usage = event
         elif isinstance(event, Finish):
@@ -127,5 +150,5 @@ class Meter:
     @property
     def relayed_tokens(self) -> int:
         if self.delta_is_token:
-            return self.deltas
+            return self.deltas + self.batched
         return max(self.deltas, -(-self.text_bytes // 4))

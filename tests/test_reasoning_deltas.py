@@ -41,3 +41,25 @@ def test_a_reasoning_field_that_is_no_string_counts_nothing() -> None:
     for event in parser.feed(_frame({"reasoning": None}) + _frame({"reasoning_content": ""})):  # type: ignore[dict-item]
         meter.record(event)
     assert meter.billing().output_tokens == 0
+
+
+def test_a_backend_batching_tokens_per_delta_is_billed_for_them_when_the_usage_never_comes() -> (
+    None
+):
+    """OpenRouter and vLLM (its stream interval) may send several tokens in one
+    OpenAI-compatible delta: counted one a delta, a member reading ten 176-byte
+    deltas (~40 tokens each) and leaving before the usage chunk paid for 10 tokens."""
+    parser, meter = OpenAIStreamParser(), Meter(10, keep_transcript=False)
+    batch = "The quick brown fox jumps over the lazy dog. " * 4  # 180 bytes
+    call = {"index": 0, "id": "c", "function": {"name": "f", "arguments": batch}}
+    calls = {"tool_calls": [call]}
+    for delta in [{"content": batch}] * 10 + [{"reasoning": batch}, calls]:
+        for event in parser.feed(_frame(delta)):  # type: ignore[arg-type]
+            meter.record(event)
+    assert meter.billing().output_tokens == 12 * 45
+    # One token a delta stays one token: a word, a long word, a run of spaces.
+    meter = Meter(10, keep_transcript=False)
+    for word in (" the", " international", " " * 16):
+        for event in parser.feed(_frame({"content": word})):
+            meter.record(event)
+    assert meter.billing().output_tokens == 3
