@@ -24,6 +24,7 @@ import pytest_asyncio
 from stream_edge.fallback import await_first_token
 from stream_edge.meter import Meter
 from stream_edge.upstream.anthropic_messages import AnthropicStreamParser
+from stream_edge.upstream.base import Usage
 from stream_edge.upstream.openai_chat import OpenAIStreamParser
 from tests.inproc import Gateway, events, gateway_env, opened
 
@@ -177,3 +178,19 @@ def test_reasoning_sharing_a_delta_with_the_answer_is_billed_too() -> None:
     # The answer's token, and the reasoning's 13 (a token per 4 bytes, `meter._batched`).
     assert (billing.source, billing.output_tokens) == ("estimated", 1 + 13)
     assert meter.content == "42"
+
+
+# --- an in-house SSE backend's counts ----------------------------------------------------
+
+
+def test_an_in_house_backends_negative_count_is_clamped_like_every_vendors() -> None:
+    """A negative count reached the usage report as is, which the control plane
+    refuses (422): the report went to the dead letters instead of settling."""
+    from stream_edge.upstream.sse_backend import SSEBackendAdapter
+
+    frame = {"usage": {"input": 12, "output": -3}, "finish": "stop"}
+    parser = SSEBackendAdapter().stream_parser()
+    usages = [
+        e for e in parser.feed(b"data: " + orjson.dumps(frame) + b"\n\n") if isinstance(e, Usage)
+    ]
+    assert [u.counts() for u in usages] == [(12, 0, 0, 0, 0)]
