@@ -9,8 +9,9 @@ answer what the first one refused. Nor does a refused key (401/403): that is the
 pool's business (`stream_edge.key_pool`), and a chain is not a way around it.
 
 With a fallback left, the edge reads the backend's stream until its first token
-(`await_first_token`), keeping those chunks; the relay then replays them
-(`Prefetched`) before reading on. Nothing has been written to the client meanwhile.
+(`await_first_token`: text, a tool call or reasoning), keeping those chunks; the
+relay then replays them (`Prefetched`) before reading on. Nothing has been written
+to the client meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from collections.abc import AsyncIterator, Mapping
 
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
 from stream_edge.transport import Response, TransportError
-from stream_edge.upstream.base import Delta, Failure, Finish, StreamParser, ToolCallDelta
+from stream_edge.upstream.base import (
+    Delta,
+    Failure,
+    Finish,
+    ReasoningDelta,
+    StreamParser,
+    ToolCallDelta,
+)
 
 
 def falls_back(exc: EdgeError) -> bool:
@@ -79,7 +87,9 @@ async def await_first_token(response: Response, parser: StreamParser, timeout: f
                     if isinstance(event, Failure):
                         # The vendor's words stay out of client-facing errors.
                         raise UpstreamError("the backend failed before its first token")
-                    if isinstance(event, Delta | ToolCallDelta | Finish):
+                    # Reasoning is a token too: the backend is answering, and moving on
+                    # would leave its reasoning paid to the vendor and billed to no one.
+                    if isinstance(event, Delta | ToolCallDelta | ReasoningDelta | Finish):
                         return Prefetched(response, head)
                 if parser.done:
                     return Prefetched(response, head)

@@ -94,6 +94,8 @@ class Meter:
         elif isinstance(event, ReasoningDelta):
             # Output the client may read (the passthrough writer forwards it): billed
             # like text when the backend's usage never comes (the client left).
+            if self.first_token_at is None:
+                self.first_token_at = datetime.now(UTC)
             self.deltas += 1
             if not self.delta_is_token:
                 self.text_bytes += len(event.text.encode())

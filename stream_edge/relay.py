@@ -23,7 +23,14 @@ from typing import Protocol
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.transport import Response, Timeout, TransportError
-from stream_edge.upstream.base import Delta, Failure, StreamParser, ToolCallDelta, UpstreamEvent
+from stream_edge.upstream.base import (
+    Delta,
+    Failure,
+    ReasoningDelta,
+    StreamParser,
+    ToolCallDelta,
+    UpstreamEvent,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +100,11 @@ async def relay(
                         if first_token:  # the tokens before the failure had a first one
                             sink.first_token()
                         return RelayResult("failed", "upstream_error", event.message)
-                    if meter.first_token_at is None and isinstance(event, Delta | ToolCallDelta):
+                    # Streamed reasoning is output the client reads: a token for the
+                    # first-token clock, or a model thinking longer than it fails.
+                    if meter.first_token_at is None and isinstance(
+                        event, Delta | ToolCallDelta | ReasoningDelta
+                    ):
                         first_token = True
                         waiting_for = "next token"
                     meter.record(event)

@@ -75,6 +75,12 @@ def _input_tokens(usage: dict[str, Any]) -> tuple[int, int, int] | None:
     return fresh + write + read, read, write
 
 
+def _parts(input_counts: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`_input_tokens`'s answer back in `_INPUT_FIELDS` order (fresh, writes, reads)."""
+    total, read, write = input_counts
+    return total - read - write, write, read
+
+
 def _usage(input_counts: tuple[int, int, int], output: int, raw: bytes = b"") -> Usage:
     total, read, write = input_counts
     return vendor_usage(total, output, raw, cached=read, cache_write=write)
@@ -131,8 +137,17 @@ class AnthropicStreamParser(JsonEventParser):
             out.append(Finish(finish_reason(stop_reason), raw))
         usage = _dict(doc.get("usage"))
         output = usage.get("output_tokens")
-        # Newer API versions repeat the (cumulative) input counts here; prefer them.
-        input_tokens = _input_tokens(usage)
+        # Newer API versions repeat the (cumulative) input counts here, each left out
+        # when it does not apply: a count given replaces `message_start`'s, one left
+        # out keeps it (as the official client does). Replacing all three with the
+        # delta's dropped the cache reads and writes from the bill.
+        if self._input is not None and any(isinstance(usage.get(n), int) for n in _INPUT_FIELDS):
+            start = dict(zip(_INPUT_FIELDS, _parts(self._input), strict=True))
+            input_tokens = _input_tokens(
+                {n: usage[n] if isinstance(usage.get(n), int) else start[n] for n in _INPUT_FIELDS}
+            )
+        else:
+            input_tokens = _input_tokens(usage)
         if input_tokens is not None:
             self._input = input_tokens
         if isinstance(output, int) and self._input is not None:

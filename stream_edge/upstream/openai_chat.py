@@ -70,14 +70,16 @@ class OpenAIStreamParser(JsonEventParser):
         choices = doc.get("choices") or []
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        text = delta.get("content") if delta else None
-        if isinstance(text, str) and text:
-            out.append(Delta(text, raw))
-        elif delta:
+        if delta:
             thought = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(thought, str) and thought:
-                # Output the client reads: billed even when the usage never comes.
+                # Output the client reads: billed even when the usage never comes. It
+                # may share a delta with the answer's first text (vLLM's reasoning
+                # parser, a batching stream interval): both count.
                 out.append(ReasoningDelta(raw, thought))
+            text = delta.get("content")
+            if isinstance(text, str) and text:
+                out.append(Delta(text, raw))
         # Per event, a text delta with `usage: null`: the helpers below are called
         # only when there is something for them (a call saved is ~1 µs an event).
         if delta and delta.get("tool_calls") is not None:

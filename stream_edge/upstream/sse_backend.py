@@ -32,6 +32,7 @@ from stream_edge.upstream.base import (
     openai_tool_deltas,
     trusted_headers,
     vendor_failure,
+    vendor_usage,
 )
 
 DONE = "[DONE]"
@@ -104,7 +105,9 @@ class SSEBackendParser(JsonEventParser):
         input_tokens = _count(lookup(doc, paths.usage_input))
         output = _count(lookup(doc, paths.usage_output))
         if input_tokens is not None and output is not None:
-            out.append(Usage(input_tokens, output, raw))
+            # Clamped as every vendor's: a negative count is refused by the control
+            # plane (422), which sent the whole report to the dead letters.
+            out.append(vendor_usage(input_tokens, output, raw))
         return out
 
 
