@@ -63,11 +63,12 @@ from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import Usage, settle_usage
 from control_plane.tables import Reservation, utcnow
-from control_plane.usage_events import MAX_TOKENS_REPORTED, parse_time
+from control_plane.usage_events import parse_time
 from shared.catalog import Price
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revoke
 from shared.store import KeyValueStore
+from shared.webhooks import MAX_TOKENS_REPORTED
 
 log = logging.getLogger("control_plane.sweeper")
 

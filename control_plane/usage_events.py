@@ -14,9 +14,13 @@ from control_plane.validation import NUL, without_nul
 from shared.input_size import InputRejected
 from shared.pricing import TokenUsage, split_problem
 from shared.tool_shapes import check_tool_calls
-from shared.webhooks import STATUSES, USAGE_DETAILS, USAGE_SOURCES, UsageEvent
-
-MAX_TOKENS_REPORTED = 10**9
+from shared.webhooks import (
+    MAX_TOKENS_REPORTED,
+    STATUSES,
+    USAGE_DETAILS,
+    USAGE_SOURCES,
+    UsageEvent,
+)
 
 
 def _str(data: dict[str, Any], name: str, *, required: bool, max_len: int = 200) -> str:

@@ -25,6 +25,10 @@ STATUSES = ("completed", "cancelled", "failed", "revoked")
 # edge's outbox takes as permanent); the edge trims a report's transcript to fit.
 MAX_USAGE_BODY_BYTES = 1024 * 1024
 USAGE_SOURCES = ("upstream", "estimated")
+# The largest token count a usage webhook may carry (422 past it): far above any
+# context, so the edge clamps a backend's wilder counts to it rather than lose the
+# report (the charge is capped at the hold anyway).
+MAX_TOKENS_REPORTED = 10**9
 # How the input and output split (DESIGN §11 "Prices"): parts of `input_tokens` read
 # from and written to the vendor's cache, and the part of `output_tokens` spent
 # reasoning; 0 when unknown.

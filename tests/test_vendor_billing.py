@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 import pytest_asyncio
 
+from control_plane.usage_events import parse_usage_event
+from shared.webhooks import MAX_TOKENS_REPORTED, UsageEvent
 from stream_edge.fallback import await_first_token
 from stream_edge.meter import Meter
 from stream_edge.upstream.anthropic_messages import AnthropicStreamParser
@@ -194,3 +197,27 @@ def test_an_in_house_backends_negative_count_is_clamped_like_every_vendors() -> 
         e for e in parser.feed(b"data: " + orjson.dumps(frame) + b"\n\n") if isinstance(e, Usage)
     ]
     assert [u.counts() for u in usages] == [(12, 0, 0, 0, 0)]
+
+
+def test_a_backends_count_past_any_context_is_clamped_so_its_report_still_settles() -> None:
+    """A backend reporting 10**12 tokens: the control plane refuses a count past 10**9
+    (422), so the report went to the dead letters and the stream stayed unsettled
+    until its hold's end. Clamped at the edge, the report is taken (and the charge,
+    as always, capped at the hold)."""
+    usage = {"prompt_tokens": 10**12, "completion_tokens": 10**12, "total_tokens": 2 * 10**12}
+    frame = {"choices": [], "usage": usage}
+    parser = OpenAIStreamParser()
+    (counted,) = [
+        e for e in parser.feed(b"data: " + orjson.dumps(frame) + b"\n\n") if isinstance(e, Usage)
+    ]
+    assert (counted.input_tokens, counted.output_tokens) == (MAX_TOKENS_REPORTED,) * 2
+    now = datetime.now(UTC).isoformat()
+    event = UsageEvent(
+        jti="j", reservation_id="r", company_id="c", user_id="u", session_id=None,
+        request_id="q", model="mock-fast", provider="mock", status="completed",
+        finish_reason="stop", input_tokens=counted.input_tokens,
+        output_tokens=counted.output_tokens, usage_source="upstream", started_at=now,
+        first_token_at=None, ended_at=now, content=None,
+    )  # fmt: skip
+    parsed = parse_usage_event(orjson.loads(event.body()))
+    assert parsed.output_tokens == MAX_TOKENS_REPORTED

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import orjson
 
 from shared.sse import MAX_EVENT, SSEDecoder, SSEError
+from shared.webhooks import MAX_TOKENS_REPORTED
 
 log = logging.getLogger("llmgw.edge.upstream")
 
@@ -167,8 +168,12 @@ class Usage:
 
 
 def token_count(value: Any) -> int:
-    """A vendor's count, or 0 when it is not a positive integer (JSON `true` is not 1)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A vendor's count, or 0 when it is not a positive integer (JSON `true` is not 1),
+    at most what a usage webhook may carry: a wilder count would have the control
+    plane refuse the report (422) and the stream go unsettled until its hold's end."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return 0
+    return min(value, MAX_TOKENS_REPORTED)
 
 
 def vendor_usage(
