@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from stream_edge.upstream.base import (
     Delta,
     Finish,
+    OutputSoFar,
     ReasoningDelta,
     ToolCall,
     ToolCallDelta,
@@ -65,6 +66,8 @@ class Meter:
     deltas: int = 0
     # Tokens past one per delta, where deltas count as tokens (`_batched`).
     batched: int = 0
+    # The vendor's own running output count (`OutputSoFar`).
+    output_floor: int = 0
     text_bytes: int = 0
     usage: Usage | None = None
     finish_reason: str | None = None
@@ -101,6 +104,10 @@ class Meter:
                 self.text_bytes += len(event.text.encode())
             else:
                 self.batched += _batched(event.text)
+        elif isinstance(event, OutputSoFar):
+            # Output the vendor has generated (its thinking too) though the client
+            # may have read little of it: what an estimate never goes below.
+            self.output_floor = max(self.output_floor, event.output_tokens)
         elif isinstance(event, Usage):
             self.usage = event
         elif isinstance(event, Finish):
@@ -152,5 +159,5 @@ class Meter:
     @property
     def relayed_tokens(self) -> int:
         if self.delta_is_token:
-            return self.deltas + self.batched
-        return max(self.deltas, -(-self.text_bytes // 4))
+            return max(self.deltas + self.batched, self.output_floor)
+        return max(self.deltas, -(-self.text_bytes // 4), self.output_floor)

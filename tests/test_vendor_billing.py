@@ -221,3 +221,27 @@ def test_a_backends_count_past_any_context_is_clamped_so_its_report_still_settle
     )  # fmt: skip
     parsed = parse_usage_event(orjson.loads(event.body()))
     assert parsed.output_tokens == MAX_TOKENS_REPORTED
+
+
+def test_gemini_thinking_is_billed_when_the_client_leaves_before_the_usage() -> None:
+    """Gemini thinks before it writes (2.5: by default), and bills the thinking as
+    output; its running `usageMetadata` came on every frame but counted only from the
+    finishing one: a member who left while the model thought paid for no output.
+    The running count is the estimate's floor."""
+    from stream_edge.upstream.gemini import GeminiStreamParser
+
+    def frame(thoughts: int, text: str | None = None) -> bytes:
+        doc: dict[str, object] = {
+            "usageMetadata": {"promptTokenCount": 10, "thoughtsTokenCount": thoughts}
+        }
+        if text is not None:
+            doc["candidates"] = [{"content": {"parts": [{"text": text}], "role": "model"}}]
+        return b"data: " + orjson.dumps(doc) + b"\r\n\r\n"
+
+    parser, meter = GeminiStreamParser(), Meter(10, keep_transcript=True)
+    for read in (frame(200), frame(900), frame(900, "Hi")):  # the client leaves here
+        for event in parser.feed(read):
+            meter.record(event)
+    billing = meter.billing()
+    assert (billing.source, billing.output_tokens) == ("estimated", 900)
+    assert meter.content == "Hi"

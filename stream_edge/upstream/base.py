@@ -231,6 +231,15 @@ class ReasoningDelta(Passthrough):
     text: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class OutputSoFar(Passthrough):
+    """A vendor's running count of the output generated so far, before its final
+    usage (Gemini's `usageMetadata` on every frame, thinking included): not billable
+    as the usage, but a floor for the estimate when that never comes."""
+
+    output_tokens: int = 0
+
+
 UpstreamEvent = Delta | ToolCallDelta | Usage | Finish | Failure | Passthrough
 
 

@@ -7,7 +7,9 @@ handles split anywhere. There is no `[DONE]`: the stream is over at the frame wi
 `finishReason` (or a blocked prompt's `promptFeedback.blockReason`).
 
 `usageMetadata` rides on many frames and grows as the answer does, so a partial count
-is not billable: we emit `Usage` only from the finishing frame on. Output counts the
+is not billable: we emit `Usage` only from the finishing frame on, and before it the
+output counted so far (`OutputSoFar`, thinking included), the floor of the estimate
+for a stream that ends before its usage (a client leaving while the model thinks). Output counts the
 model's thinking tokens too (`thoughtsTokenCount`), which Google bills as output; they
 are also reported as `reasoning_tokens`, and `cachedContentTokenCount` (part of
 `promptTokenCount`) as `cached_input_tokens`.
@@ -38,6 +40,7 @@ from stream_edge.upstream.base import (
     Finish,
     HttpRequest,
     JsonEventParser,
+    OutputSoFar,
     ToolCall,
     ToolCallDelta,
     UpstreamCall,
@@ -115,11 +118,12 @@ def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
 
 
 class GeminiStreamParser(JsonEventParser):
-    __slots__ = ("_calls", "_last_usage")
+    __slots__ = ("_calls", "_last_usage", "_output_so_far")
 
     def __init__(self) -> None:
         super().__init__()
         self._last_usage: tuple[int, ...] | None = None
+        self._output_so_far = 0
         self._calls = 0
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
@@ -136,7 +140,12 @@ class GeminiStreamParser(JsonEventParser):
         if reason is not None and not self.done:
             self.done = True
             out.append(Finish("tool_calls" if self._calls and reason == "stop" else reason, raw))
-        usage = _usage(doc, raw) if self.done else None
+        usage = _usage(doc, raw)
+        if usage is not None and not self.done:
+            if usage.output_tokens > self._output_so_far:
+                self._output_so_far = usage.output_tokens
+                out.append(OutputSoFar(raw, usage.output_tokens))
+            usage = None
         if usage is not None and usage.counts() != self._last_usage:
             self._last_usage = usage.counts()
             out.append(usage)
