@@ -8,9 +8,9 @@ OpenAI-compatible backends send one token per delta, so deltas are counted, exce
 that a delta longer than any one token (`ONE_TOKEN_CHARS`: OpenRouter and vLLM may
 batch several) counts a token per 4 UTF-8 bytes; other vendors batch several tokens
 per delta, so there it is the larger of the deltas and one token per 4 UTF-8 bytes
-(the usual tokenizer average); never below a vendor's running count of its
-output when it sends one (`OutputSoFar`: Gemini's, thinking included). A tool call's name and
-argument fragments count like text (DESIGN §11), and so does the reasoning an
+(the usual tokenizer average); never below a vendor's running count of its output
+when it sends one (`OutputSoFar`: Gemini's, thinking included). A tool call's name
+and argument fragments count like text (DESIGN §11), and so does the reasoning an
 OpenAI-compatible backend streams (`ReasoningDelta`).
 """
 
