@@ -14,6 +14,9 @@ and a known `kid` whose cache is merely stale is answered at once from the cache
 while the refresh runs in the background, so a slow key server never stalls
 requests, and a silent one does not drop keys that were known. The fetch is async:
 it holds no thread that password hashing (``asyncio.to_thread``) would wait behind.
+A fetch has `fetch_timeout_seconds` in all, not per read (a key server trickling its
+answer a byte at a time would otherwise keep the one refresh, and every look-up of
+an unknown `kid` waiting on it, for ever), and reads at most `MAX_JWKS_BYTES`.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import httpx
+import orjson
 
 log = logging.getLogger("llmgw.jwks")
 
 K = TypeVar("K")
+# A key set is a few keys of a few hundred bytes each; a provider publishing more
+# than this is answering something else.
+MAX_JWKS_BYTES = 256 * 1024
 
 
 class KeysUnavailable(Exception):
@@ -99,14 +106,23 @@ class JWKSCache(Generic[K]):
 
     async def _refresh(self) -> None:
         try:
-            response = await self._client.get(self._url, timeout=self._timeout)
-            response.raise_for_status()
-            keys = self._parse(response.json())
+            async with asyncio.timeout(self._timeout):
+                keys = self._parse(orjson.loads(await self._fetch()))
         except Exception as exc:  # in the background too: nothing may escape
             log.warning("jwks fetch from %s failed: %r", self._url, exc)
             return  # keep serving with the keys we have
         self._keys = keys
         self._fetched_at = self._clock()
+
+    async def _fetch(self) -> bytes:
+        async with self._client.stream("GET", self._url, timeout=self._timeout) as response:
+            response.raise_for_status()
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError(f"the key set is over {MAX_JWKS_BYTES} bytes")
+            return bytes(body)
 
     async def aclose(self) -> None:
         """Cancel a refresh still running (the app's lifespan, before its client closes)."""

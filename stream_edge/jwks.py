@@ -48,6 +48,7 @@ class JWKSCache(jwks.JWKSCache[Ed25519PublicKey]):
         *,
         max_age_seconds: float = 300.0,
         min_refetch_seconds: float = 5.0,
+        fetch_timeout_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(
@@ -56,6 +57,7 @@ class JWKSCache(jwks.JWKSCache[Ed25519PublicKey]):
             parse_jwks,
             max_age_seconds=max_age_seconds,
             min_refetch_seconds=min_refetch_seconds,
+            fetch_timeout_seconds=fetch_timeout_seconds,
             clock=clock,
             source="the control plane",
         )

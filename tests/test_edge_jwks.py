@@ -5,13 +5,14 @@ stale keys served while a refresh runs. Fake transport and injected clock."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.jwks import MAX_JWKS_BYTES
 from stream_edge.jwks import JWKSCache, KeysUnavailable
 
 URL = "http://cp.invalid/.well-known/jwks.json"
@@ -152,3 +153,45 @@ async def test_closing_cancels_a_refresh_in_flight() -> None:
         assert not cache.refreshing
         with pytest.raises(asyncio.CancelledError):
             await lookup
+
+
+async def test_a_key_server_trickling_its_answer_cannot_hold_the_refresh() -> None:
+    """httpx's timeouts are per read: a key server sending a byte every 50 ms kept
+    the one refresh, and every look-up of an unknown kid waiting on it, for ever.
+    A fetch has its timeout in all."""
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"keys": ['
+        while True:
+            await asyncio.sleep(0.05)
+            yield b" "
+
+    cp = ControlPlane(lambda: httpx.Response(200, content=trickle()))
+    client = httpx.AsyncClient(transport=httpx.MockTransport(cp))
+    cache = JWKSCache(client, URL, fetch_timeout_seconds=0.3, clock=Clock())
+    async with client:
+        [result] = await all_done([_unavailable(cache.key("k1"))], within=30.0)
+        assert result is KeysUnavailable
+
+
+async def test_a_key_set_past_its_size_cap_is_refused_and_the_known_keys_kept() -> None:
+    answers = [httpx.Response(200, json=jwks_doc("k1"))]
+    huge = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "A" * 43, "kid": f"k{i}"}
+                     for i in range(MAX_JWKS_BYTES // 40)]}  # fmt: skip
+    cp = ControlPlane(lambda: answers[-1])
+    clock = Clock()
+    cache, client = cache_for(cp, clock)
+    async with client:
+        assert await cache.key("k1") is not None
+        answers.append(httpx.Response(200, json=huge))
+        clock.now += MAX_AGE + FLOOR
+        assert await cache.key("k2") is None  # the huge set's kid: not read
+        assert cp.fetches == 2
+        assert await cache.key("k1") is not None
+
+
+async def _unavailable(lookup: Awaitable[object]) -> object:
+    try:
+        return await lookup
+    except KeysUnavailable:
+        return KeysUnavailable
