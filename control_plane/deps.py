@@ -16,10 +16,13 @@ from control_plane.catalog_cache import CatalogCache
 from control_plane.db import Database
 from control_plane.errors import ClientClosedRequest, NotFound, PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
+from control_plane.ledger import active_hold_count
 from control_plane.metrics import Metrics
+from control_plane.readiness import failing
+from control_plane.recent_answer import RecentAnswer
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
-from control_plane.signing_keys import KeyRing, load_snapshot
+from control_plane.signing_keys import KeyRing, load_snapshot, published_jwks
 from control_plane.validation import parse_json_object
 from control_plane.verified_tokens import VerifiedSignatures
 from shared.bodies import read_limited
@@ -45,11 +48,22 @@ class Deps:
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
     # Access tokens whose signature was checked, by the key that checked it.
     verified_signatures: VerifiedSignatures = field(default_factory=VerifiedSignatures)
+    # What anonymous routes read of the database, once a second whatever the traffic
+    # (`recent_answer`): the JWKS, readiness (the failing components), the hold count.
+    published_keys: RecentAnswer[list[dict[str, Any]]] = field(init=False)
+    readiness: RecentAnswer[list[str]] = field(init=False)
+    hold_count: RecentAnswer[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.published_keys = RecentAnswer(lambda: self.db.transaction(published_jwks))
+        self.readiness = RecentAnswer(lambda: failing(self.db, self.store))
+        self.hold_count = RecentAnswer(lambda: self.db.transaction(active_hold_count))
 
     async def refresh_keys(self) -> None:
         fernet = self.fernet
         snapshot = await self.db.transaction(lambda s: load_snapshot(s, fernet))
         self.keyring.replace(snapshot)
+        self.published_keys.forget()
 
     async def fresh_keyring(self, *, unknown_kid: bool = False) -> KeyRing:
         if self.keyring.stale(unknown_kid=unknown_kid):

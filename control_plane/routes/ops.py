@@ -4,19 +4,14 @@ These answer bare documents, not the ``/v1`` envelope (DESIGN §9)."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane.deps import get_deps
-from control_plane.ledger import active_hold_count
 from control_plane.metrics import CONTENT_TYPE
 from control_plane.openapi import openapi_document
 from control_plane.responses import json_response
-from control_plane.signing_keys import published_jwks
 
 
 async def healthz(request: Request) -> Response:
@@ -24,16 +19,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    deps = get_deps(request)
-
-    async def store_ok() -> bool:
-        try:
-            return await asyncio.wait_for(deps.store.ping(), timeout=5)
-        except Exception:
-            return False
-
-    database, store = await asyncio.gather(deps.db.ping(), store_ok())
-    failing = [name for name, good in (("database", database), ("store", store)) if not good]
+    failing = await get_deps(request).readiness.get()
     if failing:
         return json_response({"status": "unavailable", "failing": failing}, 503)
     return json_response({"status": "ok"})
@@ -42,14 +28,14 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     deps = get_deps(request)
     try:
-        deps.metrics.holds_active.set(await deps.db.transaction(active_hold_count))
+        deps.metrics.holds_active.set(await deps.hold_count.get())
     except Exception:  # a scrape must not fail because the database is down
         pass
     return Response(deps.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def jwks(request: Request) -> Response:
-    keys: list[dict[str, Any]] = await get_deps(request).db.transaction(published_jwks)
+    keys = await get_deps(request).published_keys.get()
     return json_response({"keys": keys}, headers={"Cache-Control": "public, max-age=60"})
 
 
