@@ -19,6 +19,7 @@ from control_plane.policy import scopes_for_role
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ApiKey, Company, User, new_id, utcnow
 from shared.pricing import MICRO
+from shared.settings import ConfigError
 
 DEMO_COMPANY = "demo"
 DEMO_EMAIL = "demo@example.com"
@@ -27,7 +28,23 @@ DEMO_ROLE = "owner"
 DEMO_CREDITS_MICRO = 1_000 * MICRO
 
 
-def _seed(session: Session, password_hash: str) -> str:
+FOREIGN_DATABASE = (
+    "llm-gateway dev would add the owner demo@example.com with the published password "
+    "'demo' (and 1,000 credits) to a database that holds other users: point "
+    "LLMGW_DATABASE_URL at a database of its own, or unset it"
+)
+
+
+def _holds_other_users(session: Session) -> bool:
+    """No demo owner yet, but other users: a deployment's database, not dev's."""
+    if session.scalars(select(col(User.id)).where(col(User.email) == DEMO_EMAIL)).first():
+        return False
+    return session.scalars(select(col(User.id)).limit(1)).first() is not None
+
+
+def _seed(session: Session, password_hash: str, own_database_only: bool = False) -> str:
+    if own_database_only and _holds_other_users(session):
+        raise ConfigError(FOREIGN_DATABASE)
     company = session.scalars(select(Company).where(col(Company.name) == DEMO_COMPANY)).first()
     if company is None:
         company = Company(
@@ -71,16 +88,16 @@ def _seed(session: Session, password_hash: str) -> str:
     return key.key
 
 
-async def seed_demo_with(db: Database) -> str:
+async def seed_demo_with(db: Database, *, own_database_only: bool = False) -> str:
     """`seed_demo` on an open `Database` (e.g. ``app.state.db``)."""
     password_hash = await asyncio.to_thread(hash_password, DEMO_PASSWORD)
     try:
-        return await db.transaction(lambda s: _seed(s, password_hash))
+        return await db.transaction(lambda s: _seed(s, password_hash, own_database_only))
     except IntegrityError:  # a concurrent seed created the company or user: use theirs
-        return await db.transaction(lambda s: _seed(s, password_hash))
+        return await db.transaction(lambda s: _seed(s, password_hash, own_database_only))
 
 
-async def seed_demo(target: str | ControlPlaneSettings) -> str:
+async def seed_demo(target: str | ControlPlaneSettings, *, own_database_only: bool = False) -> str:
     """Idempotently create the demo company (1,000 credits, granted once through the
     ledger) and its owner, then mint a NEW API key for that owner and return it
     (the plain ``sk_…``; only its hash is stored).
@@ -90,10 +107,15 @@ async def seed_demo(target: str | ControlPlaneSettings) -> str:
     once an app with ``LLMGW_AUTO_MIGRATE=1`` has started). It opens and closes its
     own small connection pool; with a running app, `seed_demo_with(app.state.db)`
     reuses the app's.
+
+    `own_database_only` (``llm-gateway dev``): refuse (ConfigError) a database that
+    holds users but no demo owner yet. An operator who ran ``dev`` with production's
+    environment would otherwise publish an owner whose password is in the README,
+    with 1,000 credits granted from nowhere, to every control plane on that database.
     """
     database_url = target.database_url if isinstance(target, ControlPlaneSettings) else target
     db = Database(database_url, pool_size=1)
     try:
-        return await seed_demo_with(db)
+        return await seed_demo_with(db, own_database_only=own_database_only)
     finally:
         await asyncio.to_thread(db.close)

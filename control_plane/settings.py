@@ -58,6 +58,44 @@ def _admin_token(env: Mapping[str, str], others: Mapping[str, set[str]]) -> str 
     return token
 
 
+AUTH_JWT_SECRET_HINT = (
+    "use the existing app's own random HS256 key (at least 32 bytes), or its JWKS "
+    "(LLMGW_AUTH_JWKS_URL)"
+)
+
+
+def _auth_jwt_secret(env: Mapping[str, str], others: Mapping[str, set[str]]) -> str | None:
+    """LLMGW_AUTH_JWT_SECRET (unset: no HS256 sign-in), refused when it is a
+    placeholder, short, patterned, or the value of another secret (`others`).
+    Whoever holds it signs in as an owner of any external company, so it gets the
+    admin token's checks: the edge, which faces the internet, holds the webhook and
+    edge service secrets, and a backend holds its own; none of them may sign users in."""
+    secret = env.get("LLMGW_AUTH_JWT_SECRET") or None
+    if secret is None:
+        return None
+    if is_placeholder(secret):
+        raise ConfigError(
+            f"LLMGW_AUTH_JWT_SECRET is the placeholder from the examples; {AUTH_JWT_SECRET_HINT}"
+        )
+    try:
+        # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
+        check_random(
+            secret.encode("utf-8"),
+            minimum=32,
+            distinct=MIN_ADMIN_TOKEN_DISTINCT,
+            unit="bytes (HS256)",
+            hint=AUTH_JWT_SECRET_HINT,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"LLMGW_AUTH_JWT_SECRET {exc}") from None
+    for name, values in others.items():
+        if secret in values or f"whsec_{secret}" in values:
+            raise ConfigError(
+                f"LLMGW_AUTH_JWT_SECRET must differ from {name}; {AUTH_JWT_SECRET_HINT}"
+            )
+    return secret
+
+
 @dataclass(frozen=True, kw_only=True)
 class ControlPlaneSettings(CommonSettings):
     database_url: str
@@ -113,10 +151,15 @@ class ControlPlaneSettings(CommonSettings):
         database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
         if not database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError("LLMGW_DATABASE_URL must be a sqlite:// or postgresql:// URL")
-        auth_jwt_secret = env.get("LLMGW_AUTH_JWT_SECRET") or None
-        if auth_jwt_secret is not None and len(auth_jwt_secret.encode("utf-8")) < 32:
-            # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
-            raise ConfigError("LLMGW_AUTH_JWT_SECRET must be at least 32 bytes (HS256)")
+        auth_jwt_secret = _auth_jwt_secret(
+            env,
+            {
+                "LLMGW_WEBHOOK_SECRET": {s.reveal() for s in common.webhook_secrets},
+                "LLMGW_EDGE_SERVICE_SECRET": {s.reveal() for s in common.edge_service_secrets},
+                "LLMGW_BACKEND_WEBHOOK_SECRETS": backend_all,
+                "LLMGW_ENCRYPTION_KEY": {k.reveal() for k in common.encryption_keys},
+            },
+        )
         admin_token = _admin_token(
             env,
             {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
@@ -18,11 +19,32 @@ from cryptography.fernet import Fernet
 
 from control_plane.settings import ControlPlaneSettings
 from shared.catalog import Catalog
+from shared.settings import ConfigError
 from shared.store_memory import MemoryStore
 from shared.webhooks import generate_secret
 from stream_edge.settings import EdgeSettings
 
 SECRETS_FILE = Path("var/dev-secrets.json")
+DEV_ONLY_LOCAL = (
+    "llm-gateway dev serves the owner demo@example.com with the published password "
+    "'demo' (and the platform's keys from this environment), so it listens on loopback "
+    "only: drop --host {host}, or serve others with llm-gateway control-plane and "
+    "stream-edge and your own users"
+)
+
+
+def check_local_host(host: str) -> None:
+    """Refuse a `--host` other people can reach: anyone who reads the README (or the
+    demo page, which prefills it) signs in as the demo owner and spends its credits,
+    on the platform's real keys when the environment holds some."""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass  # a name, or a wildcard spelled otherwise: it may resolve anywhere
+    raise ConfigError(DEV_ONLY_LOCAL.format(host=host))
 
 
 def dev_secrets(path: Path = SECRETS_FILE) -> dict[str, str]:
@@ -85,13 +107,14 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     from mock_llm.app import create_app as mock_app
     from stream_edge.app import create_app as edge_app
 
+    check_local_host(host)
     settings, edge_settings = settings_from_env(
         dev_env(os.environ, port_base), dev=True, mock_url=f"http://127.0.0.1:{port_base + 2}/v1"
     )
     if settings.database_url.startswith("sqlite:///var/"):
         Path("var").mkdir(exist_ok=True)
     await asyncio.to_thread(upgrade, settings.database_url)
-    api_key = await seed_demo(settings.database_url)
+    api_key = await seed_demo(settings.database_url, own_database_only=True)
     store = MemoryStore()
     limits = limits_of(settings)
     servers = [

@@ -114,6 +114,42 @@ def test_weak_placeholder_or_shared_admin_tokens_are_refused() -> None:
     assert ControlPlaneSettings.from_env({**env, "LLMGW_ADMIN_TOKEN": ""}).admin_token is None
 
 
+def test_weak_placeholder_or_shared_external_jwt_secrets_are_refused() -> None:
+    """Review 6: only the length (32 bytes) was checked, so `changeme…`, 40 times the
+    same letter, or the webhook secret the internet-facing edge holds started: whoever
+    knew it signed an HS256 token and was an owner of any external company (checked
+    against a running control plane: `/v1/me` answered role `owner`)."""
+    webhook, service, backend = new_webhook_secret(), new_webhook_secret(), new_webhook_secret()
+    ring = Fernet.generate_key().decode()
+    env = {
+        "LLMGW_WEBHOOK_SECRET": webhook,
+        "LLMGW_EDGE_SERVICE_SECRET": service,
+        "LLMGW_BACKEND_WEBHOOK_SECRETS": f"mock={backend}",
+        "LLMGW_AUTH_JWT_AUDIENCE": "aud",
+        "LLMGW_AUTH_JWT_ISSUER": "iss",
+        "LLMGW_ENCRYPTION_KEY": ring,
+    }
+    weak = {
+        "changeme": "changeme-changeme-changeme-changeme",
+        "placeholder-inside": "REPLACE_ME-" + secrets.token_urlsafe(32),
+        "31-bytes": secrets.token_urlsafe(32)[:31],
+        "pattern": "a" * 40,
+        "the-webhook-secret": webhook,
+        "the-webhook-secrets-key": webhook.removeprefix("whsec_"),
+        "the-edge-service-secret": service,
+        "a-backend-secret": backend,
+        "the-encryption-key": ring,
+    }
+    for name, secret in weak.items():
+        with pytest.raises(ConfigError, match="LLMGW_AUTH_JWT_SECRET") as refused:
+            ControlPlaneSettings.from_env({**env, "LLMGW_AUTH_JWT_SECRET": secret})
+        message = str(refused.value)
+        assert "\n" not in message and secret not in message, name
+    for secret in (secrets.token_urlsafe(32), secrets.token_hex(32)):
+        settings = ControlPlaneSettings.from_env({**env, "LLMGW_AUTH_JWT_SECRET": secret})
+        assert settings.auth_jwt_secret is not None and settings.auth_jwt_secret.reveal() == secret
+
+
 def test_generated_secrets_are_accepted() -> None:
     for raw in (secrets.token_bytes(24), secrets.token_bytes(32), secrets.token_bytes(64)):
         settings = EdgeSettings.from_env({"LLMGW_WEBHOOK_SECRET": whsec(raw)})
