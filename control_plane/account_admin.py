@@ -16,7 +16,11 @@ from sqlalchemy.orm import Session
 
 from control_plane import accounts, audit, revoking
 from control_plane.policy import Principal
-from control_plane.signing_keys import create_signing_key, retire_superseded_keys
+from control_plane.signing_keys import (
+    create_signing_key,
+    retire_all_but,
+    retire_superseded_keys,
+)
 from control_plane.tables import ApiKey, Company, Revocation, User
 
 
@@ -152,12 +156,22 @@ def revoke_api_key(session: Session, a: Actor, key_id: str) -> None:
 
 
 def rotate_signing_key(
-    session: Session, a: Actor, fernet: MultiFernet, now: datetime, max_life: int
+    session: Session,
+    a: Actor,
+    fernet: MultiFernet,
+    now: datetime,
+    max_life: int,
+    *,
+    retire_others: bool = False,
 ) -> tuple[str, list[str]]:
-    """A new signing key, and the kids of the keys retired (superseded more than
-    `max_life` seconds ago, so they signed only expired tokens)."""
+    """A new signing key, and the kids of the keys retired: superseded more than
+    `max_life` seconds ago (they signed only expired tokens), or with
+    `retire_others` every other key at once (one leaked: its tokens stop verifying,
+    and everyone signs in again)."""
     retired = retire_superseded_keys(session, now, max_life)
     kid, _ = create_signing_key(session, fernet)
+    if retire_others:
+        retired += retire_all_but(session, kid, now)
     done = {"kid": kid, "retired": retired}
     _record(session, a, audit.SIGNING_KEY_ROTATE, None, f"signing_key:{kid}", after=done)
     return kid, retired

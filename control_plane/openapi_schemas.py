@@ -152,6 +152,8 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    # Optional: a bare POST rotates, retiring only keys whose tokens have all expired.
+    ("post", "/v1/admin/signing-keys/rotate"): _obj([], retire_others={"type": "boolean"}),
     ("post", "/v1/auth/login"): _obj(
         ["email", "password"], email={"type": "string", "format": "email"}, password=_STR
     ),

@@ -114,6 +114,17 @@ def retire_superseded_keys(session: Session, now: datetime, max_token_seconds: i
     return retired
 
 
+def retire_all_but(session: Session, kid: str, now: datetime) -> list[str]:
+    """Retire every live key but `kid` at once (a leaked key: the tokens it signed
+    stop verifying here now, and at the edges once they refetch the JWKS). Returns
+    the retired kids."""
+    retired = [key for key in _live_keys(session) if key.kid != kid]
+    for key in retired:
+        key.retired_at = now
+    session.flush()
+    return [key.kid for key in retired]
+
+
 def reencrypt_private_keys(session: Session, fernet: MultiFernet) -> tuple[int, list[str]]:
     """Re-encrypt every stored private key under the newest Fernet key: how many
     were, and the keys none of the configured Fernet keys opens."""

@@ -105,7 +105,12 @@ def add_admin_parser(sub: Any) -> None:
     lift = actions.add_parser("unrevoke", help="lift a revocation")
     lift.add_argument("revocation_id")
     actions.add_parser("list-revocations")
-    actions.add_parser("rotate-signing-key")
+    rotate = actions.add_parser("rotate-signing-key")
+    rotate.add_argument(
+        "--retire-others",
+        action="store_true",
+        help="retire every other key now (one leaked): their tokens stop verifying",
+    )
     actions.add_parser(
         "rotate-encryption-key",
         help="re-encrypt stored secrets under the newest LLMGW_ENCRYPTION_KEY",
@@ -271,7 +276,8 @@ def _request(args: argparse.Namespace) -> Request:
         return "GET", "/v1/admin/revocations", None, headers
     if action == "rotate-encryption-key":
         return "POST", "/v1/admin/encryption-keys/rotate", {}, headers
-    return "POST", "/v1/admin/signing-keys/rotate", {}, headers
+    body = {"retire_others": True} if getattr(args, "retire_others", False) else {}
+    return "POST", "/v1/admin/signing-keys/rotate", body, headers
 
 
 def _route_key() -> int:

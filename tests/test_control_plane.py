@@ -731,6 +731,30 @@ def test_usage_visibility_and_pagination(cp: CP) -> None:
 
 
 @sqlite_only
+def test_a_leaked_signing_key_is_retired_at_once(cp: CP) -> None:
+    """Rotation keeps the keys it replaced for the longest token life, by design; a
+    leaked one must go now: whoever holds it could sign access tokens for anyone
+    until a later rotation, an hour on, retired it."""
+    user = cp.user(cp.company())
+    login = {"email": user["email"], "password": PASSWORD}
+    leaked = data_of(cp.client().post("/v1/auth/login", json=login))["access_token"]
+    plain = data_of(cp.admin.post("/v1/admin/signing-keys/rotate"), 201)
+    assert plain["retired"] == []
+    error_of(cp.admin.post("/v1/admin/signing-keys/rotate", json={"retire_others": 1}), 422,
+             "validation_error")  # fmt: skip
+    fresh = data_of(
+        cp.admin.post("/v1/admin/signing-keys/rotate", json={"retire_others": True}), 201
+    )
+    assert jwt.get_unverified_header(leaked)["kid"] in fresh["retired"]
+    assert plain["kid"] in fresh["retired"]
+    kids = {k["kid"] for k in cp.client().get("/.well-known/jwks.json").json()["keys"]}
+    assert kids == {fresh["kid"]}
+    error_of(cp.client(leaked).get("/v1/me"), 401, "unauthenticated")
+    again = data_of(cp.client().post("/v1/auth/login", json=login))["access_token"]
+    assert jwt.get_unverified_header(again)["kid"] == fresh["kid"]
+    assert cp.client(again).get("/v1/me").status_code == 200
+
+
 def test_signing_key_rotation_keeps_old_tokens_valid(cp: CP) -> None:
     company_id = cp.company()
     user = cp.user(company_id)

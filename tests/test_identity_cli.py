@@ -78,7 +78,10 @@ def test_cli_provider_keys_adjustments_revocations_and_rotation(cp: CP) -> None:
     assert admin(cp, "unrevoke", record["id"]) == "ok"
     data_of(client.get("/v1/me"))
 
-    assert admin(cp, "rotate-signing-key")["kid"]
+    first = admin(cp, "rotate-signing-key")
+    assert first["kid"] and first["retired"] == []
+    second = admin(cp, "rotate-signing-key", "--retire-others")
+    assert first["kid"] in second["retired"]
     rotated = admin(cp, "rotate-encryption-key")
     assert rotated["provider_keys"] == 1 and rotated["failed"] == []
 

@@ -17,14 +17,20 @@ from starlette.routing import BaseRoute, Route
 from control_plane import account_admin, accounts, policy
 from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate
 from control_plane.credentials import hash_password
-from control_plane.deps import get_deps, path_id, read_json
+from control_plane.deps import get_deps, path_id, read_body, read_json
 from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
 from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
 from control_plane.tables import ROLES, utcnow
-from control_plane.validation import credits_amount, one_of, optional_str, required_str
+from control_plane.validation import (
+    credits_amount,
+    one_of,
+    optional_str,
+    parse_json_object,
+    required_str,
+)
 
 PASSWORD_MIN, PASSWORD_MAX = 4, 1024
 
@@ -163,6 +169,11 @@ async def rotate_signing_key(request: Request) -> Response:
     principal = await authenticate(request)
     if not policy.can_rotate_signing_keys(principal):
         raise Forbidden("Only a platform admin can rotate signing keys.")
+    body = await read_body(request)
+    doc = parse_json_object(body) if body.strip() else {}  # a bare POST, as before
+    retire_others = doc.get("retire_others", False)
+    if not isinstance(retire_others, bool):
+        raise ValidationFailed("retire_others", "must be a boolean")
     deps = get_deps(request)
     fernet = deps.fernet
     # Keys superseded longer ago than the longest token life (access tokens, plus
@@ -170,7 +181,9 @@ async def rotate_signing_key(request: Request) -> Response:
     max_life = max(ACCESS_TOKEN_TTL_SECONDS, deps.settings.token_ttl_seconds) + 60
     actor = _actor(request, principal)
     kid, retired = await deps.db.transaction(
-        lambda s: account_admin.rotate_signing_key(s, actor, fernet, utcnow(), max_life)
+        lambda s: account_admin.rotate_signing_key(
+            s, actor, fernet, utcnow(), max_life, retire_others=retire_others
+        )
     )
     await deps.refresh_keys()
     return ok({"kid": kid, "retired": retired}, 201)
