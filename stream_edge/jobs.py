@@ -9,6 +9,7 @@ key pools, breaker, retries), `pump.Pump` (a streamed answer) or
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -75,8 +76,18 @@ class StreamJob:
         return self.result
 
     async def read_completion(self, response: Response) -> Completion:
+        # A whole answer has the streamed one's maximum life: an SSE backend sends it
+        # token by token, each read within the idle timeout, so nothing else ends it,
+        # and the hold's deadline and the stream slots assume no stream outlives it.
         try:
-            completion = await read_completion(response, self.backend)
+            async with asyncio.timeout(self.state.settings.max_stream_seconds):
+                completion = await read_completion(response, self.backend)
+        except TimeoutError:
+            error = UpstreamError(
+                "the answer reached its maximum length", code="upstream_timeout", status=504
+            )
+            await self._failed(error)
+            raise error from None
         except EdgeError as exc:
             await self._failed(exc)
             raise

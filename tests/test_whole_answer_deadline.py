@@ -1,0 +1,51 @@
+"""A whole answer (`"stream": false`) has a streamed answer's maximum life.
+
+An in-house SSE backend serves a whole answer as a stream the edge reads to its end,
+each read within the idle timeout: without a limit of its own, such a request ran
+past `LLMGW_MAX_STREAM_SECONDS`, past the slot that expires then and past the hold's
+deadline (sized for the longest stream), where the hold of an answer that has no
+checkpoint is released for free and its real report becomes a duplicate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.adapter_stack import AdapterStack
+from tests.stack import base_env
+
+MAX_STREAM_SECONDS = 10  # the smallest the setting takes
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdapterStack]:
+    workdir = tmp_path_factory.mktemp("whole-answer-deadline")
+    env = {
+        **base_env(f"sqlite:///{workdir / 'gateway.db'}"),
+        "LLMGW_MAX_STREAM_SECONDS": str(MAX_STREAM_SECONDS),
+    }
+    with AdapterStack(env, workdir) as running:
+        yield running
+
+
+def test_a_whole_answer_cannot_outlive_the_maximum_stream_life(stack: AdapterStack) -> None:
+    client = stack.client
+    token = client.new_user(client.new_company("100"))
+    # 600 tokens 100 ms apart: a minute of answer, each token well within the idle
+    # timeout, six times the maximum life.
+    slow = "slow [[mock tokens=600 delay_ms=100]]"
+    grant = client.init_ok(
+        token, {"model": "inhouse-test", "messages": [{"role": "user", "content": slow}]}
+    )
+    response = client.http.post(
+        f"{client.edge_url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {grant['stream_token']}"},
+        json={"messages": [{"role": "user", "content": slow}], "stream": False},
+        timeout=httpx.Timeout(180.0),
+    )
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    record = client.wait_usage(token, grant["reservation_id"])
+    assert record["status"] == "failed"
