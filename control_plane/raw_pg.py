@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import ClauseElement
 _DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
 
 
-def _db_error(sql: str, params: Any, exc: psycopg.Error) -> DBAPIError:
+def _db_error(sql: str, params: Any, exc: psycopg.Error) -> StatementError:
     """psycopg's error as SQLAlchemy's, like the engine's (`db.create_sync_engine`):
     without its parameters, which are prompts, answers and password hashes, and
     would otherwise reach the log in every traceback of a failed statement."""

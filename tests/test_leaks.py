@@ -1,0 +1,72 @@
+"""What leaks out (review 8): secrets a hostile backend echoes never reach a log line,
+the client or a usage report.
+
+A backend's mid-stream error event is logged for the operator. A backend that echoes
+the credential it was sent (a company's own key, which may have any shape) put that
+key into the edge's log: the pattern redaction of `shared.logs` only catches the
+shapes it knows (`sk-…`, bearer values, JWTs)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import pytest_asyncio
+
+from mock_llm import openai_api
+from shared.logs import JsonFormatter
+from tests.inproc import Gateway, events, gateway_env, opened
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("leaks")
+    async with Gateway(gateway_env(str(tmp))) as gateway:
+        yield gateway
+
+
+async def _member_of_company_with_key(gw: Gateway, key: str) -> str:
+    """A member's access token, in a new company that stores `key` for the mock."""
+    company = await gw.admin("POST", "/v1/admin/companies", json={"name": "c", "credits": "5"})
+    company_id = company.json()["data"]["id"]
+    stored = await gw.admin(
+        "PUT", f"/v1/admin/companies/{company_id}/providers/mock", json={"api_key": key}
+    )
+    assert stored.status_code == 200, stored.text
+    email = f"u-{uuid.uuid4().hex[:10]}@example.com"
+    user = {"company_id": company_id, "email": email, "password": "pw-123456", "role": "member"}
+    assert (await gw.admin("POST", "/v1/admin/users", json=user)).status_code == 201
+    login = await gw.http.post("/v1/auth/login", json={"email": email, "password": "pw-123456"})
+    token: str = login.json()["data"]["access_token"]
+    return token
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_backend_echoing_the_key_it_was_sent_into_its_error_never_logs_it(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = f"acme.{uuid.uuid4().hex}"  # a company's key: no shape the redaction knows
+    access = await _member_of_company_with_key(gw, key)
+
+    def echoing(self: openai_api.ChunkFrames) -> bytes:
+        error = {"message": f"quota exceeded for key {key}", "type": "insufficient_quota"}
+        return openai_api.sse_frame({"error": error})
+
+    monkeypatch.setattr(openai_api.ChunkFrames, "error", echoing)
+    caplog.set_level(logging.INFO)
+    query = "hello [[mock tokens=8 error_after=3]]"
+    grant = await gw.init_ok(access, {"query": query})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    body = orjson.dumps({"stream": True, "messages": [{"role": "user", "content": query}]})
+    async with opened(await gw.post("/v1/chat/completions", body, headers)) as response:
+        assert response.status_code == 200
+        got = await events(response)
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert record["status"] == "failed"
+    assert not [e.data for e in got if key in e.data]  # the client is told nothing of it
+    assert [r for r in caplog.records if "upstream error event" in r.getMessage()]
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    assert not [line for line in lines if key in line]
