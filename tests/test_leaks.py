@@ -16,8 +16,10 @@ import orjson
 import pytest
 import pytest_asyncio
 
+from llm_gateway import cli
 from mock_llm import openai_api
 from shared.logs import JsonFormatter
+from shared.webhooks import generate_secret
 from tests.inproc import Gateway, events, gateway_env, opened
 
 
@@ -70,3 +72,25 @@ async def test_a_backend_echoing_the_key_it_was_sent_into_its_error_never_logs_i
     assert [r for r in caplog.records if "upstream error event" in r.getMessage()]
     lines = [JsonFormatter().format(r) for r in caplog.records]
     assert not [line for line in lines if key in line]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LLMGW_REDIS_URL", "redis//:{secret}@redis.internal:6379/0"),
+        ("LLMGW_CONTROL_PLANE_URL", "htp://ops:{secret}@cp.internal"),
+    ],
+)
+def test_a_mistyped_url_is_refused_without_printing_its_password(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The start-up refusal echoed the whole URL, password included, to stderr: the
+    operator's log pipeline (the `://user:pass@` redaction needs a well-formed URL)."""
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("LLMGW_WEBHOOK_SECRET", generate_secret())
+    monkeypatch.setenv("LLMGW_REDIS_URL", "redis://127.0.0.1:6379")
+    monkeypatch.setenv(name, value.format(secret=secret))
+    assert cli.main(["stream-edge"]) == 2
+    err = capsys.readouterr().err
+    assert name in err
+    assert secret not in err
