@@ -287,13 +287,20 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# A failed statement's SQLAlchemy error prints its parameters (prompts, answers,
+# password hashes) into every traceback the services log: they stay out of it.
+_ENGINE_OPTIONS: dict[str, Any] = {"hide_parameters": True}
+
+
 def create_sync_engine(
     database_url: str, *, pool_size: int = POOL_SIZE, pgbouncer: bool = False
 ) -> Engine:
     url = engine_url(database_url)
     prepare_sqlite_path(url)
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=30)
+        engine = create_engine(
+            url, pool_size=pool_size, max_overflow=0, pool_timeout=30, **_ENGINE_OPTIONS
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -303,6 +310,7 @@ def create_sync_engine(
         max_overflow=0,
         pool_timeout=30,
         connect_args={"prepare_threshold": None if pgbouncer else PG_PREPARE_THRESHOLD},
+        **_ENGINE_OPTIONS,
     )
     event.listen(engine, "checkout", pg_ping)
     return engine

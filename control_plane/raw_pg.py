@@ -26,13 +26,20 @@ from typing import Any
 
 import psycopg
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
 _DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+
+
+def _db_error(sql: str, params: Any, exc: psycopg.Error) -> StatementError:
+    """psycopg's error as SQLAlchemy's, like the engine's (`db.create_sync_engine`):
+    without its parameters, which are prompts, answers and password hashes, and
+    would otherwise reach the log in every traceback of a failed statement."""
+    return DBAPIError.instance(sql, params, exc, psycopg.Error, hide_parameters=True)
 
 
 class RawStatement:
@@ -79,7 +86,7 @@ class RawStatement:
                 fetched = cursor.fetchall() if cursor.description is not None else []
         except psycopg.Error as exc:
             # As SQLAlchemy would raise it (IntegrityError, OperationalError…).
-            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+            raise _db_error(self.sql, params, exc) from exc
         return [self._row_of(values_) for values_ in fetched]
 
     def first(self, session: Session, values: Mapping[str, Any]) -> Any | None:
@@ -109,7 +116,7 @@ class RawStatement:
                 # `description` builds a Column object per column on every call.
                 row = cursor.fetchone() if self._results else None
         except psycopg.Error as exc:
-            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error) from exc
+            raise _db_error(self.sql, params, exc) from exc
         return None if row is None else self._row_of(row)
 
 
@@ -176,7 +183,7 @@ def run(driver: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]) ->
             raw.execute(text, [params[name] for name in names])
             return raw.fetchall() if _has_rows(raw) else []
     except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+        raise _db_error(sql, params, exc) from exc
 
 
 def _has_rows(cursor: psycopg.Cursor[Any]) -> bool:

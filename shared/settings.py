@@ -89,7 +89,8 @@ def env_url(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name) or default
     parsed = urlparse(value)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(f"{name} must be an http(s) URL, got {value!r}")
+        # Never the value: a URL may carry a password, and this line goes to the logs.
+        raise ConfigError(f"{name} must be an http(s) URL, got scheme {parsed.scheme!r}")
     return value.rstrip("/")
 
 
@@ -188,7 +189,8 @@ def read_common(env: Mapping[str, str], *, dev: bool = False) -> CommonSettings:
     # `redis+cluster://` / `rediss+cluster://`: a Redis Cluster (shared/store_redis.py).
     schemes = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
     if redis_url and urlparse(redis_url).scheme not in schemes:
-        raise ConfigError(f"LLMGW_REDIS_URL must be a redis:// URL, got {redis_url!r}")
+        scheme = urlparse(redis_url).scheme
+        raise ConfigError(f"LLMGW_REDIS_URL must be a redis:// URL, got scheme {scheme!r}")
     common = CommonSettings(
         redis_url=redis_url,
         redis_prefix=env.get("LLMGW_REDIS_PREFIX") or "llmgw:",

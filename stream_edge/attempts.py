@@ -39,6 +39,9 @@ class Backend:
     # Bounded metric labels: a company's own model and provider names are `custom`.
     model_label: str
     provider_label: str
+    # The key and service token the backend was last sent: kept out of what its
+    # errors log (`upstream.base.vendor_failure`).
+    credentials: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, attempt: Attempt, settings: EdgeSettings) -> Backend:

@@ -25,7 +25,7 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
             raise UpstreamError(
                 f"the backend's answer was longer than {MAX_COMPLETION_BYTES >> 20} MiB"
             )
-        completion = adapter.parse_completion(body)
+        completion = adapter.parse_completion(body, backend.credentials)
     except (TransportError, ValueError) as exc:
         raise UpstreamError("the backend's answer was malformed") from exc
     finally:

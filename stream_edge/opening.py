@@ -61,6 +61,7 @@ class Opener:
             call = upstream_call(
                 backend.attempt, self._grant, state.settings, stream=stream, key=key
             )
+            backend.credentials = tuple(c for c in (call.api_key, call.service_token) if c)
             return await open_stream(
                 state.client,
                 adapter.build_request(call),
@@ -73,9 +74,9 @@ class Opener:
         response = await self._pool().open(open_with)
         if wait_first_token:
             # A fallback is left: commit to this backend only once it has answered.
-            return await await_first_token(
-                response, adapter.stream_parser(), state.settings.first_token_timeout
-            )
+            parser = adapter.stream_parser()
+            parser.withhold(backend.credentials)
+            return await await_first_token(response, parser, state.settings.first_token_timeout)
         return response
 
     def _pool(self) -> KeyPool:

@@ -72,11 +72,13 @@ class Pump:
         adapter = self._backend.adapter
         assert adapter is not None  # opening refused a provider without one
         settings = self._state.settings
+        parser = adapter.stream_parser()
+        parser.withhold(self._backend.credentials)
         self._checkpointer.start()
         try:
             return await relay(
                 response,
-                adapter.stream_parser(),
+                parser,
                 self._backend.meter,
                 self,
                 self._state.metrics,

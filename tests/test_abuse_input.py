@@ -7,6 +7,7 @@ real socket for the whole module (PostgreSQL is what refuses NUL)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,6 +22,7 @@ from control_plane import chat_sessions
 from control_plane.app import create_app
 from control_plane.tables import ChatSession, Reservation
 from shared.decimals import parse_decimal
+from shared.logs import JsonFormatter
 from shared.pricing import MICRO, cost_micro, parse_credits
 from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
 from tests.harness import ServerGroup, bind_free_socket, url_of
@@ -152,6 +154,23 @@ def test_a_failing_transcript_write_never_undoes_the_charge(
     assert [m["role"] for m in messages] == ["user"]  # the reply alone was lost
     (item,) = data_of(client.get("/v1/usage"))["items"]
     assert item["cost"] == answer.json()["data"]["charged"]
+
+
+def test_a_failed_transcript_write_keeps_the_answer_out_of_the_log(
+    cp: CP, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed statement's error printed its parameters (here the model's answer;
+    elsewhere prompts and password hashes) into the traceback the control plane logs,
+    and so into the operator's log pipeline (review 8)."""
+    monkeypatch.setattr(chat_sessions, "without_nul", lambda text: text)
+    answer_text = uuid.uuid4().hex  # SQLAlchemy prints a long value's first ~20 characters
+    caplog.set_level(logging.WARNING)
+    _, _, _, answer = _settle_with_reply(cp, f"{answer_text}\u0000")
+    assert data_of(answer)["settled"] is True
+    failed = [r for r in caplog.records if r.exc_info and "transcript" in r.getMessage()]
+    assert failed, "the failed write was logged"
+    lines = [JsonFormatter().format(record) for record in caplog.records]
+    assert not [line for line in lines if answer_text[:16] in line]
 
 
 # --- 12.5: amounts and prices that overflow decimal arithmetic ----------------------

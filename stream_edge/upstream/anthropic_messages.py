@@ -125,7 +125,7 @@ class AnthropicStreamParser(JsonEventParser):
             self.done = True
         elif kind == "error":
             error = _dict(doc.get("error"))
-            return [vendor_failure(str(error.get("type")), error.get("message"))]
+            return [vendor_failure(str(error.get("type")), error.get("message"), self.withheld)]
         # ping, content_block_stop, and event types added later carry nothing
         # we bill or show; Anthropic's versioning policy says to ignore unknown ones.
         return []
@@ -282,7 +282,7 @@ class AnthropicMessagesAdapter:
     def stream_parser(self) -> AnthropicStreamParser:
         return AnthropicStreamParser()
 
-    def parse_completion(self, body: bytes) -> Completion:
+    def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

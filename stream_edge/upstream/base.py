@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import orjson
 
+from shared.logs import REDACTED
 from shared.sse import MAX_EVENT, SSEDecoder, SSEError
 from shared.webhooks import MAX_TOKENS_REPORTED
 
@@ -258,12 +259,18 @@ class JsonEventParser:
     data as a JSON object, hand it to `_interpret`. A vendor with an end marker line
     (OpenAI's `[DONE]`) sets `done_marker`; the others set `done` in `_interpret`."""
 
-    __slots__ = ("_decoder", "done")
+    __slots__ = ("_decoder", "done", "withheld")
     done_marker: bytes | None = None
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
         self.done = False
+        self.withheld: tuple[str, ...] = ()
+
+    def withhold(self, secrets: tuple[str, ...]) -> None:
+        """The credentials this stream was sent with: a vendor's error that echoes
+        one is logged without it (`vendor_failure`)."""
+        self.withheld = tuple(s for s in secrets if s)
 
     def feed(self, chunk: bytes) -> list[UpstreamEvent]:
         events: list[UpstreamEvent] = []
@@ -296,6 +303,10 @@ class JsonEventParser:
 class StreamParser(Protocol):
     def feed(self, chunk: bytes) -> list[UpstreamEvent]: ...
 
+    def withhold(self, secrets: tuple[str, ...]) -> None:
+        """Keep `secrets` (the credentials sent) out of whatever the parser logs."""
+        ...
+
     @property
     def done(self) -> bool:
         """True once the vendor's end-of-stream marker arrived."""
@@ -307,8 +318,9 @@ class Adapter(Protocol):
 
     def stream_parser(self) -> StreamParser: ...
 
-    def parse_completion(self, body: bytes) -> Completion:
-        """Raise ValueError when the body is not a valid answer."""
+    def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
+        """Raise ValueError when the body is not a valid answer; `withheld` are the
+        credentials sent, never logged should the answer quote them."""
         ...
 
     def error_status(self, status: int, body: bytes) -> int:
@@ -317,9 +329,17 @@ class Adapter(Protocol):
         ...
 
 
-def vendor_failure(kind: str, detail: object) -> Failure:
-    """A mid-stream vendor error: logged briefly, reported to the client generically."""
-    log.warning("upstream error event: %s %.200s", kind, detail)
+def vendor_failure(kind: str, detail: object, withheld: tuple[str, ...] = ()) -> Failure:
+    """A mid-stream vendor error: logged briefly, reported to the client generically.
+
+    A backend may echo the credential it was sent (a hostile one, or a vendor quoting
+    the key it refuses); a company's own key has any shape, so the log's pattern
+    redaction cannot be trusted to know it: each credential sent is cut out by value.
+    """
+    text = f"{kind} {detail}"
+    for secret in withheld:
+        text = text.replace(secret, REDACTED)
+    log.warning("upstream error event: %.240s", text)
     return Failure(VENDOR_ERROR)
 
 

@@ -129,7 +129,7 @@ class GeminiStreamParser(JsonEventParser):
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         if "error" in doc:
             error = _dict(doc["error"])
-            return [vendor_failure(str(error.get("status")), error.get("message"))]
+            return [vendor_failure(str(error.get("status")), error.get("message"), self.withheld)]
         text, calls, reason = _read(doc)
         out: list[UpstreamEvent] = []
         if text:
@@ -267,7 +267,7 @@ class GeminiAdapter:
     def stream_parser(self) -> GeminiStreamParser:
         return GeminiStreamParser()
 
-    def parse_completion(self, body: bytes) -> Completion:
+    def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

@@ -63,9 +63,8 @@ class OpenAIStreamParser(JsonEventParser):
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         if "error" in doc:
             error = doc["error"]
-            return [
-                vendor_failure("openai", error.get("message") if isinstance(error, dict) else error)
-            ]
+            detail = error.get("message") if isinstance(error, dict) else error
+            return [vendor_failure("openai", detail, self.withheld)]
         out: list[UpstreamEvent] = []
         choices = doc.get("choices") or []
         choice = choices[0] if choices and isinstance(choices[0], dict) else {}
@@ -120,7 +119,7 @@ class OpenAIChatAdapter:
     def stream_parser(self) -> OpenAIStreamParser:
         return OpenAIStreamParser()
 
-    def parse_completion(self, body: bytes) -> Completion:
+    def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
         try:
             doc = orjson.loads(body)
             choice = doc["choices"][0]

@@ -92,7 +92,7 @@ class SSEBackendParser(JsonEventParser):
         problem = lookup(doc, paths.error)
         if problem is not None:
             detail = problem.get("message") if isinstance(problem, dict) else problem
-            return [vendor_failure("sse_backend", detail)]
+            return [vendor_failure("sse_backend", detail, self.withheld)]
         out: list[UpstreamEvent] = []
         text = lookup(doc, paths.content)
         if isinstance(text, str) and text:
@@ -141,9 +141,11 @@ class SSEBackendAdapter:
     def stream_parser(self) -> SSEBackendParser:
         return SSEBackendParser(self._paths)
 
-    def parse_completion(self, body: bytes) -> Completion:
-        """The whole stream, read at once (the answer to a `stream: false` request)."""
+    def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
+        """The whole stream, read at once (the answer to a `stream: false` request);
+        `withheld`: the credentials sent, kept out of a logged error."""
         parser = self.stream_parser()
+        parser.withhold(withheld)
         text: list[str] = []
         calls = ToolCalls()
         reason: str | None = None
