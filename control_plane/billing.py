@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import policy
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
-from control_plane.tables import Company, LedgerEntry, UsageRecord, iso
+from control_plane.tables import Company, LedgerEntry, Reservation, UsageRecord, iso
 from shared.pricing import format_credits
 
 
@@ -58,10 +58,19 @@ def usage_page(session: Session, p: Principal, req: PageRequest) -> Page[UsageRe
 
 
 def credits_page(
-    session: Session, company_id: str, req: PageRequest
+    session: Session, p: Principal, company_id: str, req: PageRequest
 ) -> tuple[Company | None, Page[LedgerEntry]]:
     """The company (its balance and holds; None once it is gone) and a page of its
-    ledger, read in one transaction so the balance matches the entries."""
+    ledger, read in one transaction so the balance matches the entries. A member
+    sees the company's own entries (grants, adjustments) and its own streams' holds,
+    charges and releases, not its colleagues' (DESIGN §9: "a member sees its own
+    usage"); who sees the whole company sees every entry."""
     stmt = select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
+    if not policy.sees_whole_company(p):
+        mine = exists().where(
+            col(Reservation.id) == col(LedgerEntry.reservation_id),
+            col(Reservation.user_id) == p.user_id,
+        )
+        stmt = stmt.where(or_(col(LedgerEntry.reservation_id).is_(None), mine))
     page = read_page(session, stmt, col(LedgerEntry.created_at), col(LedgerEntry.id), req)
     return session.get(Company, company_id), page

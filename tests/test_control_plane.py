@@ -731,6 +731,27 @@ def test_usage_visibility_and_pagination(cp: CP) -> None:
 
 
 @sqlite_only
+def test_a_member_reads_its_own_streams_in_the_ledger_not_its_colleagues(cp: CP) -> None:
+    """`/v1/credits` showed a member every colleague's holds and charges (when, how
+    much, which reservation). DESIGN §9: a member sees its own usage; the pool's
+    balance and the company's own entries (grants, adjustments) stay everyone's."""
+    owner, company_id = cp.owner_client("10")
+    members = [cp.client(cp.api_key(cp.user(company_id, role="member")["id"])) for _ in range(2)]
+    inits = [data_of(m.post("/v1/chat/init", json={"query": "hi"}), 201) for m in members]
+
+    def reservations(client: httpx.Client) -> set[str]:
+        entries = data_of(client.get("/v1/credits", params={"limit": 200}))["entries"]
+        assert any(e["kind"] == "grant" for e in entries)
+        return {e["reservation_id"] for e in entries if e["reservation_id"]}
+
+    mine, theirs = (init["reservation_id"] for init in inits)
+    assert reservations(members[0]) == {mine}
+    assert reservations(members[1]) == {theirs}
+    assert reservations(owner) == {mine, theirs}
+    everyone = {data_of(c.get("/v1/credits"))["held"] for c in (owner, *members)}
+    assert len(everyone) == 1  # one pool, one balance
+
+
 def test_a_leaked_signing_key_is_retired_at_once(cp: CP) -> None:
     """Rotation keeps the keys it replaced for the longest token life, by design; a
     leaked one must go now: whoever holds it could sign access tokens for anyone

@@ -35,7 +35,7 @@ async def credits(request: Request) -> Response:
     company_id = _reader(principal)
     req = page_request(request.query_params)
     company, page = await get_deps(request).db.transaction(
-        lambda s: billing.credits_page(s, company_id, req)
+        lambda s: billing.credits_page(s, principal, company_id, req)
     )
     if company is None:
         raise Forbidden("Your company no longer exists.")
