@@ -18,7 +18,7 @@ from stream_edge.attempts import Attempt, Backend
 from stream_edge.completion import read_completion
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.opening import Opener
-from stream_edge.pump import Pump
+from stream_edge.pump import Pump, remaining_life
 from stream_edge.relay import RelayResult
 from stream_edge.reporter import Reporter
 from stream_edge.state import EdgeState
@@ -80,7 +80,7 @@ class StreamJob:
         # token by token, each read within the idle timeout, so nothing else ends it,
         # and the hold's deadline and the stream slots assume no stream outlives it.
         try:
-            async with asyncio.timeout(self.state.settings.max_stream_seconds):
+            async with asyncio.timeout(remaining_life(self.state.settings, self.accepted_at)):
                 completion = await read_completion(response, self.backend)
         except TimeoutError:
             error = UpstreamError(

@@ -13,12 +13,21 @@ from shared.tokens import StreamGrant
 from stream_edge.attempts import Backend
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.relay import Deadlines, RelayResult, relay
+from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 from stream_edge.transport import Response
 from stream_edge.upstream.base import UpstreamEvent
 
 # The stream's log lines keep the job's logger name: operators filter on it.
 log = logging.getLogger("llmgw.edge.jobs")
+
+
+def remaining_life(settings: EdgeSettings, accepted_at: float) -> float:
+    """What is left of a stream's maximum life, counted from its request's arrival
+    (`accepted_at`, `time.perf_counter`): its slots expire `max_stream_seconds` after
+    admission, and the hold's deadline assumes no stream outlives that, however long
+    opening took (retries, fallbacks, a slow backend's head)."""
+    return max(0.0, settings.max_stream_seconds - (time.perf_counter() - accepted_at))
 
 
 class Pump:
@@ -85,7 +94,7 @@ class Pump:
                 Deadlines(
                     first_token=settings.first_token_timeout,
                     idle=settings.idle_timeout,
-                    max_life=settings.max_stream_seconds,
+                    max_life=remaining_life(settings, self._accepted_at),
                 ),
             )
         except OSError:

@@ -7,7 +7,10 @@ in `test_credits_sweeper.py`."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -25,6 +28,8 @@ from shared.store_memory import MemoryStore
 from shared.tokens import LEEWAY_SECONDS, StreamGrant
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.meter import Meter
+from stream_edge.pump import remaining_life
+from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 
 BASE = {"LLMGW_WEBHOOK_SECRET": new_webhook_secret()}
@@ -173,3 +178,16 @@ async def test_the_edge_heartbeats_while_no_token_flows_and_ends_last() -> None:
     others = asyncio.all_tasks() - {asyncio.current_task()}
     assert all(task.done() for task in others), others
     assert await _read(store) == final
+
+
+def test_a_streams_life_counts_from_its_request_not_from_its_backends_answer() -> None:
+    """The stream's slots expire `LLMGW_MAX_STREAM_SECONDS` after admission and its
+    hold's deadline assumes no stream outlives that; the relay's clock started only
+    once the backend had answered, so a stream whose opening took long (retries, a
+    fallback waiting up to a minute for its first token) ran past its slots, and its
+    whole answer past the hold's deadline. What is left is counted from arrival."""
+    settings = cast(EdgeSettings, SimpleNamespace(max_stream_seconds=10))
+    opened_late = remaining_life(settings, time.perf_counter() - 4)
+    assert 5.0 < opened_late <= 6.0
+    assert remaining_life(settings, time.perf_counter() - 60) == 0.0
+    assert 9.0 < remaining_life(settings, time.perf_counter()) <= 10.0
