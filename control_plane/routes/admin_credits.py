@@ -150,6 +150,9 @@ async def list_audit(request: Request) -> Response:
     filters = _audit_filters(query)
     start = parse_day(query.get("from"), "from")
     end = parse_day(query.get("to"), "to")
+    if start is not None and end is not None and start > end:
+        # As the aggregates answer it: an empty page would read as "nothing happened".
+        raise ValidationFailed("from", "must not be after to")
     since = None if start is None else datetime.combine(start, time(), tzinfo=UTC)
     until = None if end is None else datetime.combine(end + timedelta(days=1), time(), tzinfo=UTC)
     req = page_request(query)
