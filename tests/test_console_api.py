@@ -600,7 +600,7 @@ def test_slow_aggregates_cannot_take_every_database_thread_from_inits(cp: CP) ->
             ] + [pool.submit(owner.get, "/v1/usage/ttft") for _ in range(5)]
             with psycopg.connect(url, autocommit=True) as watcher:
                 deadline = time.monotonic() + 60
-                while _waiting_on_records(watcher) < AGGREGATE_THREADS:
+                while _waiting_on(watcher, "usage_records") < AGGREGATE_THREADS:
                     assert time.monotonic() < deadline, "the aggregates never reached the table"
                     time.sleep(0.05)
             # The victim's init runs while the aggregates still wait on the records.
@@ -612,9 +612,38 @@ def test_slow_aggregates_cannot_take_every_database_thread_from_inits(cp: CP) ->
         assert all(s.result().status_code == 200 for s in summaries)
 
 
-def _waiting_on_records(conn: psycopg.Connection[Any]) -> int:
-    """Backends of this database waiting for a lock on `usage_records`."""
+def _waiting_on(conn: psycopg.Connection[Any], table: str) -> int:
+    """Backends of this database waiting for a lock on `table`."""
     row = conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'usage_records'::regclass"
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass", (table,)
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+@pytest.mark.parametrize("cp", ["postgres"], indirect=True)
+def test_slow_audit_searches_cannot_take_every_database_thread(cp: CP) -> None:
+    """`?actor=` that matches nothing reads the company's whole audit: 0.5 s of a
+    database thread with two million events (a million streams), measured. Thirty at
+    once took all 10 threads from everyone else. Made slow here by a lock on the audit."""
+    owner, _ = cp.owner_client("10")
+    victim, _ = cp.owner_client("10")
+    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(url) as locker, ThreadPoolExecutor(30) as pool:
+        locker.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        try:
+            searches = [
+                pool.submit(owner.get, "/v1/admin/audit", params={"actor": "nobody"})
+                for _ in range(30)
+            ]
+            with psycopg.connect(url, autocommit=True) as watcher:
+                deadline = time.monotonic() + 60
+                while _waiting_on(watcher, "audit_events") < AGGREGATE_THREADS:
+                    assert time.monotonic() < deadline, "the searches never reached the table"
+                    time.sleep(0.05)
+            # Another company's reads still get a database thread meanwhile.
+            assert victim.get("/v1/me").status_code == 200
+            assert victim.get("/v1/credits").status_code == 200
+            assert not any(s.done() for s in searches)
+        finally:
+            locker.rollback()
+        assert all(s.result().status_code == 200 for s in searches)
