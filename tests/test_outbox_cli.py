@@ -1,8 +1,10 @@
-"""`llm-gateway outbox` over a store holding more dead letters than one read of them:
+"""Operator commands. `llm-gateway outbox` over a store holding more dead letters
+than one read of them:
 a receiver that refuses every report (a rotated webhook secret) dead-letters a busy
 gateway's whole traffic within the hour. The store is in memory here (replaying
 100,001 letters through Redis is 200,000 round trips); the Redis side of the two
-store calls the command uses is in `test_store_contract.py`."""
+store calls the command uses is in `test_store_contract.py`. `llm-gateway admin`
+with ids that are not ids."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import argparse
 import json
 from collections.abc import Iterator
 
+import httpx
 import orjson
 import pytest
 
@@ -56,3 +59,43 @@ def test_listing_no_dead_letters_is_refused_not_one_shown(limit: str) -> None:
     outbox_cli.add_outbox_parser(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit):
         parser.parse_args(["outbox", "dead-letters", "--limit", limit])
+
+
+@pytest.mark.parametrize(
+    ("argv", "route"),
+    [
+        (["delete-team", "c1", "../../../api-keys/K1"], "/v1/admin/companies/c1/teams/"),
+        (["delete-budget", "../api-keys/K1#", "b1"], "/v1/admin/companies/"),
+        (["revoke-api-key", "../revocations/R1"], "/v1/admin/api-keys/"),
+        (["grant", "victim/credits?", "10"], "/v1/admin/companies/"),
+        (["delete-agent", "c1", "../../../api-keys/K1"], "/v1/admin/companies/c1/agents/"),
+        (["unrevoke", "../api-keys/K1"], "/v1/admin/revocations/"),
+    ],
+)
+def test_an_id_pasted_into_the_admin_cli_cannot_aim_it_at_another_route(
+    argv: list[str], route: str
+) -> None:
+    """An id copied from a ticket or a chat, holding `../` or `?`, turned `delete-team`
+    into `DELETE /v1/admin/api-keys/K1` (httpx resolves the dot segments) and a grant
+    into one for another company."""
+    from llm_gateway.admin import _request, add_admin_parser
+
+    parser = argparse.ArgumentParser()
+    add_admin_parser(parser.add_subparsers(dest="command"))
+    method, path, _, _ = _request(parser.parse_args(["admin", *argv]))
+    url = httpx.Request(method, "http://cp" + path).url
+    sent = url.raw_path.decode()
+    assert sent == path and sent.startswith(route), sent  # nothing resolved away
+    assert "/.." not in sent[len(route) :] and not url.query and not url.fragment, sent
+
+
+def test_the_admin_cli_encodes_its_listing_filters() -> None:
+    from llm_gateway.admin import _request, add_admin_parser
+
+    parser = argparse.ArgumentParser()
+    add_admin_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["admin", "list-api-keys", "--user-id", "u1&company_id=other"])
+    _, path, _, _ = _request(args)
+    assert httpx.Request("GET", "http://cp" + path).url.params.multi_items() == [
+        ("user_id", "u1&company_id=other")
+    ]
