@@ -4,6 +4,7 @@ path ids."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,12 @@ from shared.bodies import read_limited
 from shared.store import Store
 
 MAX_BODY_BYTES = 1024 * 1024
+# The console's aggregates (`/v1/usage/summary`, `/v1/usage/ttft`) scan up to a year of
+# a company's usage records: seconds of a database thread each for a large company (a
+# million records: 3 to 5 s). At most this many of the process's database threads
+# (`db.POOL_SIZE`) run them at once; the others stay free for inits, settlements and
+# logins, which waited behind a burst of aggregates before.
+AGGREGATE_THREADS = 2
 
 
 @dataclass
@@ -46,6 +53,9 @@ class Deps:
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
+    aggregates: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(AGGREGATE_THREADS)
+    )
     # Access tokens whose signature was checked, by the key that checked it.
     verified_signatures: VerifiedSignatures = field(default_factory=VerifiedSignatures)
     # What anonymous routes read of the database, once a second whatever the traffic

@@ -18,11 +18,12 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
 from llm_gateway.admin_budgets import ACTIONS as BUDGET_ACTIONS
-from llm_gateway.admin_budgets import add_budget_parsers, budget_request
+from llm_gateway.admin_budgets import add_budget_parsers, budget_request, segment
 
 Request = tuple[str, str, dict[str, Any] | None, dict[str, str]]
 
@@ -173,12 +174,12 @@ def _agent_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _agent_request(args: argparse.Namespace) -> Request | None:
-    agents = f"/v1/admin/companies/{args.company_id}/agents"
+    agents = f"/v1/admin/companies/{segment(args.company_id)}/agents"
     if args.action == "list-agents":
         return "GET", agents, None, {}
     if args.action == "create-agent":
         return "POST", agents, _agent_body(args), {}
-    one = f"{agents}/{args.name}"
+    one = f"{agents}/{segment(args.name)}"
     if args.action == "update-agent":
         return "PATCH", one, _agent_body(args), {}
     if args.action == "get-agent":
@@ -241,24 +242,26 @@ def _request(args: argparse.Namespace) -> Request:
             body_key["scopes"] = args.scopes
         return "POST", "/v1/admin/api-keys", body_key, headers
     if action == "list-api-keys":
-        query = "&".join(
-            f"{name}={value}"
-            for name, value in (("user_id", args.user_id), ("company_id", args.company_id))
-            if value
+        query = urlencode(
+            [
+                (name, value)
+                for name, value in (("user_id", args.user_id), ("company_id", args.company_id))
+                if value
+            ]
         )
         return "GET", "/v1/admin/api-keys" + (f"?{query}" if query else ""), None, headers
     if action in ("grant", "adjust"):
         headers["Idempotency-Key"] = args.idempotency_key or uuid.uuid4().hex
         kind = "credits" if action == "grant" else "adjustments"
-        path = f"/v1/admin/companies/{args.company_id}/{kind}"
+        path = f"/v1/admin/companies/{segment(args.company_id)}/{kind}"
         return "POST", path, {"amount": args.amount, "reason": args.reason}, headers
     if action == "revoke-api-key":
-        return "DELETE", f"/v1/admin/api-keys/{args.key_id}", None, headers
+        return "DELETE", f"/v1/admin/api-keys/{segment(args.key_id)}", None, headers
     if action == "set-provider":
-        path = f"/v1/admin/companies/{args.company_id}/providers/{args.provider}"
+        path = f"/v1/admin/companies/{segment(args.company_id)}/providers/{segment(args.provider)}"
         return "PUT", path, _provider_body(args), headers
     if action == "list-providers":
-        return "GET", f"/v1/admin/companies/{args.company_id}/providers", None, headers
+        return "GET", f"/v1/admin/companies/{segment(args.company_id)}/providers", None, headers
     if action == "revoke":
         body_rev: dict[str, Any] = (
             {"user_id": args.user_id}
@@ -271,7 +274,7 @@ def _request(args: argparse.Namespace) -> Request:
             body_rev["reason"] = args.reason
         return "POST", "/v1/admin/revocations", body_rev, headers
     if action == "unrevoke":
-        return "DELETE", f"/v1/admin/revocations/{args.revocation_id}", None, headers
+        return "DELETE", f"/v1/admin/revocations/{segment(args.revocation_id)}", None, headers
     if action == "list-revocations":
         return "GET", "/v1/admin/revocations", None, headers
     if action == "rotate-encryption-key":

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+from urllib.parse import quote
 
 Request = tuple[str, str, dict[str, Any] | None, dict[str, str]]
 
 PERIODS = ["day", "week", "month", "none"]
+
+
+def segment(value: str) -> str:
+    """An id as one path segment: an id pasted from elsewhere (a ticket, a chat)
+    holding ``../`` or ``?`` would otherwise aim the request at another route, as
+    ``delete-team c1 ../../../api-keys/K`` revoked the key K."""
+    return quote(value, safe="")
 
 
 def add_budget_parsers(actions: Any) -> None:
@@ -66,7 +74,7 @@ ACTIONS = frozenset(
 
 
 def budget_request(args: argparse.Namespace) -> Request:
-    base = f"/v1/admin/companies/{args.company_id}"
+    base = f"/v1/admin/companies/{segment(args.company_id)}"
     action = args.action
     if action == "create-budget":
         body = {
@@ -80,9 +88,9 @@ def budget_request(args: argparse.Namespace) -> Request:
         return "GET", f"{base}/budgets", None, {}
     if action == "update-budget":
         changes = {k: v for k, v in (("amount", args.amount), ("period", args.period)) if v}
-        return "PATCH", f"{base}/budgets/{args.budget_id}", changes, {}
+        return "PATCH", f"{base}/budgets/{segment(args.budget_id)}", changes, {}
     if action == "delete-budget":
-        return "DELETE", f"{base}/budgets/{args.budget_id}", None, {}
+        return "DELETE", f"{base}/budgets/{segment(args.budget_id)}", None, {}
     if action == "create-team":
         return "POST", f"{base}/teams", {"name": args.name, "user_ids": args.user_ids}, {}
     if action == "list-teams":
@@ -93,8 +101,8 @@ def budget_request(args: argparse.Namespace) -> Request:
             team["name"] = args.name
         if args.user_ids is not None:
             team["user_ids"] = args.user_ids
-        return "PATCH", f"{base}/teams/{args.team_id}", team, {}
+        return "PATCH", f"{base}/teams/{segment(args.team_id)}", team, {}
     if action == "delete-team":
-        return "DELETE", f"{base}/teams/{args.team_id}", None, {}
+        return "DELETE", f"{base}/teams/{segment(args.team_id)}", None, {}
     assert action == "set-webhook", action
     return "PUT", f"{base}/webhook", {"url": args.url}, {}

@@ -17,12 +17,19 @@ from shared.store_factory import open_store
 from stream_edge.outbox import replay_dead_letter
 
 
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def add_outbox_parser(sub: Any) -> None:
     outbox = sub.add_parser("outbox", help="inspect pending usage events and dead letters")
     actions = outbox.add_subparsers(dest="action", required=True)
     actions.add_parser("status", help="how many events wait for delivery")
     dead = actions.add_parser("dead-letters", help="events the control plane refused")
-    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--limit", type=_positive, default=100)
     replay = actions.add_parser("replay", help="send dead letters again")
     replay.add_argument("ids", nargs="*", help="webhook ids (usage_<jti>); none = all")
 
@@ -32,14 +39,18 @@ async def _run(args: argparse.Namespace, redis_url: str) -> int:
     try:
         if args.action == "status":
             pending = await store.outbox_size()
-            dead = len(await store.dead_letters(100_000))
+            # Counted in the store: reading them to count them stopped at 100,000 (and
+            # held them all in memory), so a flood of refusals looked smaller than it was.
+            dead = await store.dead_letter_count()
             print(json.dumps({"pending": pending, "dead_letters": dead}))
         elif args.action == "dead-letters":
             for item_id, raw in await store.dead_letters(args.limit):
                 body = orjson.loads(orjson.loads(raw)["body"])
                 print(json.dumps({"id": item_id, "type": body["type"], "data": body["data"]}))
         else:
-            ids = args.ids or [item_id for item_id, _ in await store.dead_letters(100_000)]
+            # All of them, not the first 100,000: the rest stayed dead while the answer
+            # said every one was replayed.
+            ids = args.ids or await store.dead_letter_ids()
             replayed = [item_id for item_id in ids if await replay_dead_letter(store, item_id)]
             missing = sorted(set(ids) - set(replayed))
             print(json.dumps({"replayed": replayed, "not_found": missing}))

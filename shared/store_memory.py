@@ -96,6 +96,12 @@ class MemoryStore:
     async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]:
         return list(self._dead.items())[:limit]
 
+    async def dead_letter_count(self) -> int:
+        return len(self._dead)
+
+    async def dead_letter_ids(self) -> list[str]:
+        return list(self._dead)
+
     async def dead_letter_take(self, item_id: str) -> bytes | None:
         return self._dead.pop(item_id, None)
 

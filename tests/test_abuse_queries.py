@@ -129,6 +129,18 @@ def test_days_past_the_calendars_margins_are_422(cp: CP, path: str, params: dict
         assert "from" in message or "to" in message, message
 
 
+def test_an_audit_range_ending_before_it_starts_is_a_422_not_an_empty_page(cp: CP) -> None:
+    """The aggregates refused it; the audit answered an empty page, which reads as "no
+    money moved" to whoever typed the days the wrong way round."""
+    owner, _ = cp.owner_client("1")
+    days = {"from": "2026-02-01", "to": "2026-01-31"}
+    for who in (owner, cp.admin):
+        message = error_of(who.get("/v1/admin/audit", params=days), 422, "validation_error")
+        assert "from" in message, message
+        one_day = {"from": "2026-01-31", "to": "2026-01-31"}
+        assert data_of(who.get("/v1/admin/audit", params=one_day)) is not None
+
+
 def test_the_first_and_last_days_allowed_still_answer(cp: CP) -> None:
     owner, _ = cp.owner_client("1")
     for first, last in [("0002-01-01", "0002-01-01"), ("9998-12-31", "9998-12-31")]:

@@ -176,6 +176,8 @@ def test_outbox_and_admission_on_a_redis_cluster(cluster_url: str) -> None:
             assert await store.outbox_size() == 0
             await store.dead_letter_put("usage_3", b"three")
             assert await store.dead_letters(10) == [("usage_3", b"three")]
+            assert await store.dead_letter_count() == 1
+            assert await store.dead_letter_ids() == ["usage_3"]
             assert await store.dead_letter_take("usage_3") == b"three"
         finally:
             await store.close()

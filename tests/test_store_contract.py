@@ -306,6 +306,10 @@ async def test_dead_letters_are_kept_listed_and_taken_once(backend: Backend) -> 
     assert await store.dead_letter_take("d1") is None
     assert await store.dead_letters(10) == [("d2", b"two")]
     assert await store.outbox_size() == 0  # dead letters are not pending deliveries
+    assert await store.dead_letter_count() == 1
+    assert await store.dead_letter_ids() == ["d2"]
+    await store.dead_letter_take("d2")
+    assert await store.dead_letter_count() == 0 and await store.dead_letter_ids() == []
 
 
 # --- resume log -------------------------------------------------------------------
