@@ -29,33 +29,41 @@ MIN_ADMIN_TOKEN_DISTINCT = 10
 ADMIN_TOKEN_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
+def _strong_secret(
+    name: str, value: str, others: Mapping[str, set[str]], hint: str, *, as_bytes: bool
+) -> str:
+    """`value` of the secret variable `name`, refused (one line naming it, never
+    printing it) when it is a placeholder, short, patterned, or the value of another
+    secret (`others`: each variable's values; a whsec secret's key without its
+    prefix is the same secret). `as_bytes`: judged as a key's bytes, else as text."""
+    if is_placeholder(value):
+        raise ConfigError(f"{name} is the placeholder from the examples; {hint}")
+    try:
+        check_random(
+            value.encode("utf-8") if as_bytes else value,
+            minimum=MIN_ADMIN_TOKEN_CHARS,
+            distinct=MIN_ADMIN_TOKEN_DISTINCT,
+            # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
+            unit="bytes (HS256)" if as_bytes else "characters",
+            hint=hint,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{name} {exc}") from None
+    for other, values in others.items():
+        if value in values or f"whsec_{value}" in values:
+            raise ConfigError(f"{name} must differ from {other}; {hint}")
+    return value
+
+
 def _admin_token(env: Mapping[str, str], others: Mapping[str, set[str]]) -> str | None:
-    """LLMGW_ADMIN_TOKEN (unset: no platform admin by token), refused when it is a
-    placeholder, short, patterned, or the value of another secret (`others`: each
-    variable's values): the edge, which faces the internet, holds the webhook and edge
-    service secrets, and a backend holds its own; none of them may be the admin."""
+    """LLMGW_ADMIN_TOKEN (unset: no platform admin by token), refused when weak or
+    shared (`_strong_secret`): the edge, which faces the internet, holds the webhook
+    and edge service secrets, and a backend holds its own; none of them may be the
+    admin."""
     token = env.get("LLMGW_ADMIN_TOKEN") or None
     if token is None:
         return None
-    if is_placeholder(token):
-        raise ConfigError(
-            f"LLMGW_ADMIN_TOKEN is the placeholder from the examples; {ADMIN_TOKEN_HINT}"
-        )
-    try:
-        check_random(
-            token,
-            minimum=MIN_ADMIN_TOKEN_CHARS,
-            distinct=MIN_ADMIN_TOKEN_DISTINCT,
-            unit="characters",
-            hint=ADMIN_TOKEN_HINT,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"LLMGW_ADMIN_TOKEN {exc}") from None
-    for name, values in others.items():
-        # A whsec secret's key without its prefix is the same secret.
-        if token in values or f"whsec_{token}" in values:
-            raise ConfigError(f"LLMGW_ADMIN_TOKEN must differ from {name}; {ADMIN_TOKEN_HINT}")
-    return token
+    return _strong_secret("LLMGW_ADMIN_TOKEN", token, others, ADMIN_TOKEN_HINT, as_bytes=False)
 
 
 AUTH_JWT_SECRET_HINT = (
@@ -65,35 +73,15 @@ AUTH_JWT_SECRET_HINT = (
 
 
 def _auth_jwt_secret(env: Mapping[str, str], others: Mapping[str, set[str]]) -> str | None:
-    """LLMGW_AUTH_JWT_SECRET (unset: no HS256 sign-in), refused when it is a
-    placeholder, short, patterned, or the value of another secret (`others`).
-    Whoever holds it signs in as an owner of any external company, so it gets the
-    admin token's checks: the edge, which faces the internet, holds the webhook and
-    edge service secrets, and a backend holds its own; none of them may sign users in."""
+    """LLMGW_AUTH_JWT_SECRET (unset: no HS256 sign-in), refused when weak or shared
+    (`_strong_secret`): whoever holds it signs in as an owner of any external
+    company, so it gets the admin token's checks."""
     secret = env.get("LLMGW_AUTH_JWT_SECRET") or None
     if secret is None:
         return None
-    if is_placeholder(secret):
-        raise ConfigError(
-            f"LLMGW_AUTH_JWT_SECRET is the placeholder from the examples; {AUTH_JWT_SECRET_HINT}"
-        )
-    try:
-        # RFC 7518 §3.2: an HS256 key must have at least 256 bits.
-        check_random(
-            secret.encode("utf-8"),
-            minimum=32,
-            distinct=MIN_ADMIN_TOKEN_DISTINCT,
-            unit="bytes (HS256)",
-            hint=AUTH_JWT_SECRET_HINT,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"LLMGW_AUTH_JWT_SECRET {exc}") from None
-    for name, values in others.items():
-        if secret in values or f"whsec_{secret}" in values:
-            raise ConfigError(
-                f"LLMGW_AUTH_JWT_SECRET must differ from {name}; {AUTH_JWT_SECRET_HINT}"
-            )
-    return secret
+    return _strong_secret(
+        "LLMGW_AUTH_JWT_SECRET", secret, others, AUTH_JWT_SECRET_HINT, as_bytes=True
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
