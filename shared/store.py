@@ -190,7 +190,9 @@ class OutboxStore(Protocol):
     async def outbox_size(self) -> int: ...
 
     async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
-        """Keep an event the receiver refused for good, for an operator to inspect."""
+        """Keep an event the receiver refused for good, for an operator to inspect,
+        and take it out of the outbox in the same step: done in two, an operator's
+        replay landing between them was deleted by the second (the report lost)."""
         ...
 
     async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]: ...

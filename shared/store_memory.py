@@ -91,6 +91,7 @@ class MemoryStore:
         return len(self._outbox)
 
     async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
+        await self.outbox_ack([item_id])
         self._dead[item_id] = payload
 
     async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]:

@@ -316,7 +316,12 @@ class RedisStore:
         return int(await self._redis.zcard(self._outbox_due))
 
     async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
-        await self._redis.hset(self._dead, item_id, payload)
+        # One transaction (the three keys share the `{outbox}` hash tag on a cluster).
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._outbox_due, item_id)
+            pipe.hdel(self._outbox_items, item_id)
+            pipe.hset(self._dead, item_id, payload)
+            await pipe.execute()
 
     async def dead_letters(self, limit: int) -> list[tuple[str, bytes]]:
         items: list[tuple[str, bytes]] = []

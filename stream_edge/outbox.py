@@ -290,8 +290,7 @@ class Outbox:
         elif status and is_permanent(status):
             self._metrics.webhook_deliveries.labels("rejected").inc()
             log.error("usage webhook %s rejected with %s; moved to dead letters", item_id, status)
-            await self._store.dead_letter_put(item_id, raw)
-            await self._store.outbox_ack([item_id])
+            await self._store.dead_letter_put(item_id, raw)  # out of the outbox too
             self._metrics.outbox_pending.dec()
         else:
             self._metrics.webhook_deliveries.labels("retry").inc()

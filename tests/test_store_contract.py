@@ -28,6 +28,7 @@ from shared.store import Admission, SlotRelease, Store
 from shared.store_factory import open_store
 from shared.store_memory import MemoryStore
 from shared.store_redis import RedisStore, cluster_url
+from stream_edge.outbox import replay_dead_letter
 from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.scale_servers import redis_cluster
 
@@ -358,3 +359,16 @@ def test_the_protocols_import_no_backend() -> None:
         for alias in node.names
     }
     assert not {name for name in imported if name and name.startswith("shared")}, imported
+
+
+async def test_a_dead_letter_leaves_the_outbox_in_the_same_step(backend: Backend) -> None:
+    """Moved in two steps (keep the dead letter, then acknowledge the outbox item),
+    an operator's replay landing between them put the item back in the outbox, and
+    the acknowledgement then deleted it: the report was lost while the replay said
+    it was sent. One step now: a replay after it finds the item to put back."""
+    store = backend.store
+    await store.outbox_put("usage_x", b'{"attempt": 3}', T)
+    await store.dead_letter_put("usage_x", b'{"attempt": 3}')
+    assert await store.outbox_get("usage_x") is None and await store.outbox_size() == 0
+    assert await replay_dead_letter(store, "usage_x")
+    assert await store.outbox_size() == 1 and await store.dead_letter_count() == 0
