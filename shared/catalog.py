@@ -153,10 +153,6 @@ class Catalog:
     def model(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
 
-    def input_rates(self, model: ModelSpec) -> InputRates:
-        """`model`'s estimate rates on its provider's wire format."""
-        return model.input_rates(self.providers[model.provider].api_type)
-
 
 def _decimal(value: Any, where: str) -> Decimal:
     if isinstance(value, float):

@@ -77,13 +77,7 @@ class Meter:
 
     def record(self, event: UpstreamEvent) -> None:
         if isinstance(event, Delta):
-            if self.first_token_at is None:
-                self.first_token_at = datetime.now(UTC)
-            self.deltas += 1
-            if not self.delta_is_token:
-                self.text_bytes += len(event.text.encode())
-            elif len(event.text) > ONE_TOKEN_CHARS:
-                self.batched += _batched(event.text)
+            self._text(event.text)
             if self.keep_transcript:
                 self.parts.append(event.text)
         elif isinstance(event, ToolCallDelta):
@@ -98,13 +92,7 @@ class Meter:
         elif isinstance(event, ReasoningDelta):
             # Output the client may read (the passthrough writer forwards it): billed
             # like text when the backend's usage never comes (the client left).
-            if self.first_token_at is None:
-                self.first_token_at = datetime.now(UTC)
-            self.deltas += 1
-            if not self.delta_is_token:
-                self.text_bytes += len(event.text.encode())
-            else:
-                self.batched += _batched(event.text)
+            self._text(event.text)
         elif isinstance(event, OutputSoFar):
             # Output the vendor has generated (its thinking too) though the client
             # may have read little of it: what an estimate never goes below.
@@ -113,6 +101,16 @@ class Meter:
             self.usage = event
         elif isinstance(event, Finish):
             self.finish_reason = event.reason
+
+    def _text(self, text: str) -> None:
+        """A delta of text output (the answer's, or streamed reasoning)."""
+        if self.first_token_at is None:
+            self.first_token_at = datetime.now(UTC)
+        self.deltas += 1
+        if not self.delta_is_token:
+            self.text_bytes += len(text.encode())
+        elif len(text) > ONE_TOKEN_CHARS:
+            self.batched += _batched(text)
 
     def record_text(
         self,
