@@ -55,7 +55,7 @@ TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 # timeouts are per read, so a receiver dribbling a byte every few seconds would
 # otherwise hold its post, and the pass that waits for it, for ever.
 ATTEMPT_SECONDS = 30.0
-BACKOFF = Backoff(base=2.0, cap=3600.0)
+BACKOFF = Backoff(base=2.0, cap=3600.0, floor=1.0)
 
 
 # IPv6 addresses that carry an IPv4 address, which a translator on the path (NAT64,

@@ -2,7 +2,9 @@
 
 Exponential backoff with "full jitter" (AWS architecture blog, 2015): the delay for
 attempt n is uniform in [0, min(cap, base * 2**n)], which spreads a thundering herd of
-retries after an outage. A server's `Retry-After` wins when it asks for longer.
+retries after an outage. A server's `Retry-After` wins when it asks for longer. A
+`floor` raises the low end, for a retry that must never come straight back (a
+receiver that just failed is not asked again within milliseconds).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from email.utils import parsedate_to_datetime
 class Backoff:
     base: float = 0.5
     cap: float = 300.0
+    floor: float = 0.0
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         ceiling = min(self.cap, self.base * (2 ** min(attempt, 32)))
-        jittered = self.rng.uniform(0, ceiling)
+        jittered = self.rng.uniform(min(self.floor, ceiling), ceiling)
         if retry_after is not None:
             return max(jittered, min(retry_after, self.cap))
         return jittered

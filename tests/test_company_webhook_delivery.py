@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.fernet import Fernet, MultiFernet
 
 from control_plane import company_webhooks
-from control_plane.company_webhooks import MAX_ATTEMPTS, claim_due, deliver_due
+from control_plane.company_webhooks import BACKOFF, MAX_ATTEMPTS, claim_due, deliver_due
 from control_plane.db import Database
 from control_plane.migrate import upgrade
 from control_plane.tables import BudgetEvent, Company, CompanyWebhook, new_id, utcnow
@@ -173,10 +173,13 @@ def test_a_stored_url_no_delivery_can_use_is_a_failed_attempt(outbox: Outbox, ur
     stayed 0 and the event came back every lease, for ever."""
     outbox.set_url(url)
     seen: list[httpx.Request] = []
+    before = utcnow()
     assert outbox.deliver(_recording(seen)) == 0
     event = outbox.event()
     assert (event.attempts, event.delivered_at, seen) == (1, None, [])
-    assert event.next_attempt_at > utcnow()  # backing off
+    # Backing off, never straight back: full jitter alone once drew a few
+    # milliseconds, and the event was due again before this line read it.
+    assert event.next_attempt_at >= before + datetime.timedelta(seconds=BACKOFF.floor)
     # The last attempt allowed fails too; then the event is never claimed again.
     outbox.make_due(MAX_ATTEMPTS - 1)
     outbox.deliver(_recording(seen))

@@ -244,6 +244,14 @@ def test_backoff_is_bounded_jittered_and_honours_retry_after() -> None:
     assert backoff.delay(1, retry_after=7) >= 7
 
 
+def test_a_backoff_floor_keeps_every_delay_off_zero_and_under_its_ceiling() -> None:
+    backoff = Backoff(base=2.0, cap=60, floor=1.0, rng=random.Random(3))
+    delays = [backoff.delay(n) for n in range(1, 12) for _ in range(50)]
+    assert min(delays) >= 1.0 and max(delays) <= 60
+    # A ceiling below the floor wins: never longer than the schedule allows.
+    assert Backoff(base=0.1, cap=0.2, floor=1.0).delay(1) <= 0.2
+
+
 @pytest.mark.parametrize(
     ("header", "seconds"),
     [("5", 5.0), (None, None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
