@@ -329,10 +329,11 @@ def test_a_receiver_dribbling_its_answer_cannot_hold_the_delivery_pass(
         except ConnectionError:
             return
 
+    before = utcnow()
     assert _deliver_to(outbox, receive) == 0
     event = outbox.event()
     assert (event.attempts, event.delivered_at) == (1, None)  # a failed attempt, backing off
-    assert event.next_attempt_at > utcnow()
+    assert event.next_attempt_at >= before + datetime.timedelta(seconds=BACKOFF.floor)
 
 
 # --- IPv6 addresses that carry an inward IPv4 one -----------------------------------------
