@@ -6,7 +6,8 @@ vendors' real paths:
 
 * OpenAI ``POST /v1/chat/completions``, ``GET /v1/models`` (`openai_api`)
 * Anthropic ``POST /v1/messages`` (`anthropic_api`)
-* Gemini ``POST /v1beta/models/{model}:(stream)GenerateContent`` (`gemini_api`)
+* Gemini ``POST /v1beta/models/{model}:(stream)GenerateContent``, also under ``/v1/``
+  (`gemini_api`)
 * an in-house SSE service ``POST /sse/chat`` (`inhouse_api`)
 
 Errors, unknown paths included, answer in the shape of the vendor whose path was hit.
@@ -31,7 +32,8 @@ from mock_llm.server import MockServer, json_response
 def vendor_of(path: str) -> str:
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith("/v1beta/"):
+    # Gemini's methods are `models/{model}:{method}`; OpenAI's model paths have no colon.
+    if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
         return "google"
     return "openai"
 

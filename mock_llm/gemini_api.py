@@ -1,5 +1,5 @@
 """Google Gemini API: ``POST /v1beta/models/{model}:generateContent`` and
-``:streamGenerateContent?alt=sse``.
+``:streamGenerateContent?alt=sse``, the same under ``/v1/``.
 
 Shapes follow https://ai.google.dev/api/generate-content: every stream frame is a
 whole ``GenerateContentResponse``, framed ``data: …\\r\\n\\r\\n`` (CRLF, as Google sends);
@@ -9,7 +9,10 @@ whole ``GenerateContentResponse``, framed ``data: …\\r\\n\\r\\n`` (CRLF, as Go
 one is 400 ``API_KEY_INVALID``. Errors use Google's ``{"error": {code, message,
 status}}`` shape. Tool calls (``[[mock tool_calls=N]]`` with ``functionDeclarations``)
 come as whole ``functionCall`` parts without ids, one frame each, finishing ``STOP``
-as Gemini does; ``functionResponse`` parts answer them.
+as Gemini does; ``functionResponse`` parts answer them. Requests are proto3 JSON:
+every field is read in either spelling (``maxOutputTokens`` or ``max_output_tokens``),
+as Google reads them, and schema types in either case (``INTEGER``, ``integer``).
+Checked with Google's own client, ``google-genai`` (``tests/test_mock_llm_gemini_sdk.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from starlette.routing import Route
 
 from mock_llm.errors import MockAPIError
 from mock_llm.media import gemini_part_text
-from mock_llm.request import invalid
+from mock_llm.request import invalid, proto_field
 from mock_llm.script import Completion, Message
 from mock_llm.server import MockServer, json_response, require_json, secret_matches
 from mock_llm.tools import ToolSpec
 
 FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS"}
+API_VERSIONS = ("v1beta", "v1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +50,14 @@ def _part_text(part: object) -> str | None:
     if isinstance(part.get("text"), str):
         return str(part["text"])
     for key, field in (("functionCall", "args"), ("functionResponse", "response")):
-        value = part.get(key)
+        value = proto_field(part, key)
         if isinstance(value, dict) and isinstance(value.get("name"), str):
             return orjson.dumps(value.get(field, {})).decode()
     return None
 
 
 def _parts_text(value: object, where: str) -> str:
-    parts = value.get("parts") if isinstance(value, dict) else None
+    parts = proto_field(value, "parts")
     if not isinstance(parts, list) or not parts:
         raise invalid(f"* GenerateContentRequest.{where}.parts: must not be empty", where)
     texts = [
@@ -72,18 +76,20 @@ def _parts_text(value: object, where: str) -> str:
 
 
 def _is_response(content: object) -> bool:
-    parts = content.get("parts") if isinstance(content, dict) else None
+    parts = proto_field(content, "parts")
     return isinstance(parts, list) and all(
-        isinstance(p, dict) and "functionResponse" in p for p in parts
+        proto_field(p, "functionResponse") is not None for p in parts
     )
 
 
 def _tools(value: object) -> tuple[ToolSpec, ...]:
     specs: list[ToolSpec] = []
     for tool in value if isinstance(value, list) else []:
-        declarations = tool.get("functionDeclarations") if isinstance(tool, dict) else None
+        declarations = proto_field(tool, "functionDeclarations")
         for d in declarations if isinstance(declarations, list) else []:
-            spec = ToolSpec.of(d.get("name"), d.get("parameters")) if isinstance(d, dict) else None
+            # An OpenAPI-style `parameters` Schema, or a plain JSON Schema beside it.
+            schema = proto_field(d, "parameters") or proto_field(d, "parametersJsonSchema")
+            spec = ToolSpec.of(proto_field(d, "name"), schema)
             if spec is not None:
                 specs.append(spec)
     return tuple(specs)
@@ -96,19 +102,19 @@ def parse_generate_request(body: object) -> GenerateRequest:
     if not isinstance(contents, list) or not contents:
         raise invalid("* GenerateContentRequest.contents: contents is not specified", "contents")
     messages: list[Message] = []
-    if body.get("systemInstruction") is not None:
-        messages.append(Message("system", _parts_text(body["systemInstruction"], "system")))
+    system = proto_field(body, "systemInstruction")
+    if system is not None:
+        messages.append(Message("system", _parts_text(system, "system")))
     for index, content in enumerate(contents):
         role = content.get("role", "user") if isinstance(content, dict) else None
         if role not in ("user", "model"):
             raise invalid(f"* contents[{index}].role: must be 'user' or 'model'", "contents")
         text = _parts_text(content, f"contents[{index}]")
         messages.append(Message("tool" if _is_response(content) else str(role), text))
-    config = body.get("generationConfig") or {}
-    limit = config.get("maxOutputTokens") if isinstance(config, dict) else None
+    limit = proto_field(proto_field(body, "generationConfig"), "maxOutputTokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise invalid("* generationConfig.max_output_tokens: must be positive", "generationConfig")
-    return GenerateRequest(tuple(messages), limit, _tools(body.get("tools")))
+    return GenerateRequest(tuple(messages), limit, _tools(proto_field(body, "tools")))
 
 
 class GenerateFrames:
@@ -193,7 +199,7 @@ def routes(server: MockServer) -> list[Route]:
 
     async def generate(request: Request) -> Response:
         body = await server.accept(request)
-        model, _, method = request.path_params["target"].partition(":")
+        model, method = request.path_params["model"], request.path_params["method"]
         if method not in ("generateContent", "streamGenerateContent"):
             raise MockAPIError(404, f"method {method!r} is not found for this model")
         authorize(request)
@@ -211,4 +217,9 @@ def routes(server: MockServer) -> list[Route]:
         parts = frames.calls(range(len(completion.calls))) if completion.calls else None
         return json_response(frames.response(completion.text, len(completion.tokens), True, parts))
 
-    return [Route("/v1beta/models/{target}", generate, methods=["POST"])]
+    # Google serves both versions; the edge calls v1beta, google-genai defaults to v1.
+    # The colon keeps OpenAI's `/v1/models/{id}` (no colon) out of these routes.
+    return [
+        Route(f"/{version}/models/{{model}}:{{method}}", generate, methods=["POST"])
+        for version in API_VERSIONS
+    ]

@@ -14,7 +14,7 @@ import base64
 import binascii
 from typing import Any
 
-from mock_llm.request import invalid
+from mock_llm.request import invalid, proto_field
 
 ANTHROPIC_IMAGES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 ANTHROPIC_DOCUMENTS = frozenset({"application/pdf"})
@@ -56,19 +56,20 @@ def anthropic_block_text(block: dict[str, Any], where: str) -> str:
 
 
 def gemini_part_text(part: dict[str, Any], where: str) -> str | None:
-    """An `inlineData` / `fileData` part's placeholder text; None for other parts."""
-    if "inlineData" in part:
-        blob = part["inlineData"]
-        if not isinstance(blob, dict) or blob.get("mimeType") not in GEMINI_TYPES:
+    """An `inlineData` / `fileData` part's placeholder text; None for other parts.
+    Field names in either proto3 JSON spelling (`proto_field`)."""
+    blob = proto_field(part, "inlineData")
+    if blob is not None:
+        if not isinstance(blob, dict) or proto_field(blob, "mimeType") not in GEMINI_TYPES:
             raise invalid(f"* GenerateContentRequest.{where}.inline_data: bad mime type", where)
         _base64(blob.get("data"), f"* GenerateContentRequest.{where}.inline_data.data")
         return "[media]"
-    if "fileData" in part:
-        data = part["fileData"]
+    data = proto_field(part, "fileData")
+    if data is not None:
         if (
             not isinstance(data, dict)
-            or data.get("mimeType") not in GEMINI_TYPES
-            or not str(data.get("fileUri", "")).startswith("https://")
+            or proto_field(data, "mimeType") not in GEMINI_TYPES
+            or not str(proto_field(data, "fileUri") or "").startswith("https://")
         ):
             raise invalid(f"* GenerateContentRequest.{where}.file_data: invalid", where)
         return "[media]"

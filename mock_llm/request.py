@@ -4,11 +4,13 @@ Only the fields the mock acts on are checked (``tools`` by name and schema, for
 ``[[mock tool_calls=N]]``); anything else OpenAI accepts (``temperature``, ...) is
 ignored. An assistant message may carry ``tool_calls`` with no content, and a
 ``tool`` message answers one. Every problem is a 400 in OpenAI's
-error shape, never a 500.
+error shape, never a 500. `proto_field` reads a Gemini request's fields in either
+proto3 JSON spelling.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,24 @@ class ChatRequest:
 
 def invalid(message: str, param: str | None) -> MockAPIError:
     return MockAPIError(400, message, code="invalid_request", param=param)
+
+
+_UPPER = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def proto_field(message: object, name: str) -> Any:
+    """A field of a Google (proto3 JSON) message by its lowerCamelCase ``name`` or the
+    proto's own snake_case name; None when absent or null.
+
+    A proto3 JSON parser must accept both (https://protobuf.dev/programming-guides/json/),
+    Google's does, and its own SDK sends both (``{"inlineData": {"mime_type": …}}``).
+    Only message fields are looked up so: the keys inside a Struct (a call's ``args``,
+    a schema's ``properties``) are the caller's own names.
+    """
+    if not isinstance(message, dict):
+        return None
+    value = message.get(name)
+    return value if value is not None else message.get(_UPPER.sub(r"_\1", name).lower())
 
 
 def content_text(content: object, param: str) -> str:

@@ -33,8 +33,9 @@ class ToolSpec:
         if not isinstance(name, str) or not name:
             return None
         props = schema.get("properties") if isinstance(schema, dict) else None
+        # Lower case: Gemini's Schema spells its types `INTEGER`, JSON Schema `integer`.
         pairs = tuple(
-            (key, str(value.get("type", "string")) if isinstance(value, dict) else "string")
+            (key, str(value.get("type", "string")).lower() if isinstance(value, dict) else "string")
             for key, value in (props.items() if isinstance(props, dict) else [])
         )
         return cls(name, pairs)

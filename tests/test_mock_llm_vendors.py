@@ -2,7 +2,8 @@
 
 Fidelity is checked with the official `anthropic` client (streaming and not, usage,
 errors) and, for Gemini and the in-house service, by parsing the raw bytes with the
-edge's own adapters. The OpenAI format is covered in `test_mock_llm.py`; the new
+edge's own adapters (Google's `google-genai` client reads Gemini's in
+`test_mock_llm_gemini_sdk.py`). The OpenAI format is covered in `test_mock_llm.py`; the new
 directives (`retry_after`, `error_after`, `usage`) are checked here for all four.
 """
 
