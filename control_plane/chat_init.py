@@ -338,19 +338,27 @@ def reserve(
             model, [*prefix, *past], new_turn, req.max_tokens, req.params, _api_type(catalog, model)
         )
         if req.tool_results is not None:
-            try:  # each result must answer a call the session's assistant made
-                check_tool_sequence(messages)
-            except InputRejected as exc:
-                if chat is not None and _turn_unsettled(unit.session(), chat.id):
-                    # The calls arrive in the session with the previous turn's usage
-                    # webhook: a client quick off the mark is early, not wrong.
-                    raise TurnInProgress() from None
-                raise ValidationFailed("tool_results", exc.problem) from None
+            # each result must answer a call the session's assistant made
+            _check_results(unit.session(), chat, messages, "tool_results")
             new_turn = storable(new_turn)
     else:
         assert req.messages is not None
         # The client owns the history; an existing session records only the new turn.
         new_turn = storable(req.messages if chat is None else new_turn_of(req.messages))
+        if chat is not None and any(m["role"] == "tool" for m in new_turn):
+            # Tool results the session will keep must answer calls ITS assistant made,
+            # not calls the client's own copy of the history claims: else a forged
+            # call stores an orphan `tool` message that every later turn of the
+            # session sends upstream (which vendors refuse), or a "tool" answer the
+            # session's model never asked for.
+            past = chat_sessions.history(unit.session(), chat.id)
+            _check_results(
+                unit.session(),
+                chat,
+                [*past, *new_turn],
+                "messages",
+                "a tool message must answer a tool call this session's assistant made",
+            )
         messages = [*prefix, *req.messages]
     plan = plan_hold(model, messages, req.max_tokens, req.params, _api_type(catalog, model))
     chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools)
@@ -482,6 +490,27 @@ def _company_llm(
     if cached is not None:
         cached.put(company_id, llm)
     return llm
+
+
+def _check_results(
+    session: Session,
+    chat: ChatSession | None,
+    messages: list[dict[str, Any]],
+    field: str,
+    problem: str | None = None,
+) -> None:
+    """422 unless every `tool` message of `messages` (a stored session's history and
+    the new turn) answers a call an earlier assistant message made; 409
+    ``turn_in_progress`` when the calls may still be on their way (the session's
+    previous turn is unsettled)."""
+    try:
+        check_tool_sequence(messages)
+    except InputRejected as exc:
+        if chat is not None and _turn_unsettled(session, chat.id):
+            # The calls arrive in the session with the previous turn's usage
+            # webhook: a client quick off the mark is early, not wrong.
+            raise TurnInProgress() from None
+        raise ValidationFailed(field, problem or exc.problem) from None
 
 
 def _turn_unsettled(session: Session, session_id: str) -> bool:

@@ -32,6 +32,7 @@ from control_plane.errors import (
     Conflict,
     ReservationMismatch,
     ReservationNotFound,
+    ValidationFailed,
     WebhookProviderMismatch,
 )
 from control_plane.fallbacks import served_price
@@ -200,28 +201,48 @@ def _check(
 ) -> tuple[HeldRow, tuple[str, str, Price] | None]:
     """The delivery's reservation and the model that served, or the refusal."""
     event = delivery.event
+    signer = delivery.signer_provider
+    if signer is not None and delivery.webhook_id != event.webhook_id:
+        # Webhook ids are one namespace shared by every signer, and the edge's id for
+        # a stream is `usage_<jti>` (DESIGN §7). A backend free to pick its ids could
+        # record another stream's id for its own reservation, and the edge's report
+        # of that stream would then be refused as a conflict (dead-lettered, released
+        # unbilled). Bound to its event's jti, checked below to be a reservation
+        # routed to it, a backend can only ever take the ids of its own streams.
+        raise ValidationFailed(
+            "webhook-id", "a backend's event must carry its stream's id, usage_<jti>"
+        )
     reservation = reservations.get(event.reservation_id)
     if reservation is None:
         raise ReservationNotFound(f"No reservation {event.reservation_id!r}.")
     if reservation.jti != event.jti or reservation.company_id != event.company_id:
         raise ReservationMismatch("The event's jti or company_id does not match the reservation.")
-    signer = delivery.signer_provider
-    if signer is not None and reservation.provider != signer:
+    if signer is not None:
+        _check_backend(reservation, signer)
+    # A served model other than the reservation's must be one of its chain (422
+    # otherwise): a forged event cannot pick a cheaper model to be billed at.
+    fallback = served_price(reservation, event.model)
+    return reservation, (event.model, *fallback) if fallback is not None else None
+
+
+def _check_backend(reservation: HeldRow, signer: str) -> None:
+    """Refuse a backend's event for a reservation it may not settle: one routed to
+    another provider, or one whose fallback chain reaches another provider. A
+    backend speaks only for streams that nobody but itself can have served: when a
+    fallback may have served, only the edge (the platform's secret) knows which did,
+    and a backend's "failed" report of its own attempt, settled first, would bill
+    nothing for the fallback's whole answer and make the edge's report a duplicate."""
+    if reservation.provider != signer:
         raise WebhookProviderMismatch(
             f"This reservation is routed to {reservation.provider!r}, "
             f"not to {signer!r} whose secret signed the event."
         )
-    # A served model other than the reservation's must be one of its chain (422
-    # otherwise): a forged event cannot pick a cheaper model to be billed at.
-    fallback = served_price(reservation, event.model)
-    if signer is not None and fallback is not None and fallback[0] != signer:
-        # A backend speaks only for what it served itself: another provider's
-        # fallback is reported by the edge (the platform's secret), never by it.
-        raise WebhookProviderMismatch(
-            f"{event.model[:200]!r} is served by {fallback[0]!r}, "
-            f"not by {signer!r} whose secret signed the event."
-        )
-    return reservation, (event.model, *fallback) if fallback is not None else None
+    for entry in reservation.fallbacks or []:
+        if entry.get("provider") != signer:
+            raise WebhookProviderMismatch(
+                f"This reservation may fall back to {entry.get('model')!r} at "
+                f"{entry.get('provider')!r}: only the edge reports it."
+            )
 
 
 def _settling(
