@@ -215,8 +215,9 @@ class LogStore(Protocol):
         """Append to the log `key`, restarting its TTL; returns its length."""
         ...
 
-    async def log_range(self, key: str, start: int) -> list[bytes]:
-        """Items from index `start` (0-based) to the end."""
+    async def log_range(self, key: str, start: int, count: int) -> list[bytes]:
+        """At most `count` items from index `start` (0-based): a reader never holds
+        more of a log than it asked for (a reconnect flood on a long log)."""
         ...
 
 

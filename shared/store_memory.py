@@ -195,11 +195,11 @@ class MemoryStore:
         self._logs[key] = (log, now + ttl_seconds)
         return len(log)
 
-    async def log_range(self, key: str, start: int) -> list[bytes]:
+    async def log_range(self, key: str, start: int, count: int) -> list[bytes]:
         entry = self._logs.get(key)
-        if entry is None or entry[1] <= self._clock():
+        if entry is None or entry[1] <= self._clock() or count <= 0:
             return []
-        return entry[0][start:]
+        return entry[0][start : start + count]
 
     async def ping(self) -> bool:
         return True

@@ -488,8 +488,11 @@ class RedisStore:
             length, _ = await pipe.execute()
         return int(length)
 
-    async def log_range(self, key: str, start: int) -> list[bytes]:
-        return cast(list[bytes], await self._redis.lrange(self._key(key), start, -1))
+    async def log_range(self, key: str, start: int, count: int) -> list[bytes]:
+        if count <= 0:
+            return []
+        # LRANGE's end is inclusive.
+        return cast(list[bytes], await self._redis.lrange(self._key(key), start, start + count - 1))
 
     async def ping(self) -> bool:
         try:

@@ -4,6 +4,7 @@ EdgeError
 ├── Unauthorized        401  (token rejected: bad, expired, used, revoked)
 ├── Forbidden           403  (scope, model, an agent's token on completions)
 ├── NotFound            404
+├── Gone                410  (a resume asks for events its log did not keep)
 ├── BadRequest          400
 ├── InputTooLarge       413
 │   └── PayloadTooLarge 413  (the body itself; the connection is closed)
@@ -55,6 +56,12 @@ class NotFound(EdgeError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class Gone(EdgeError):
+    status = 410
+    type = "invalid_request_error"
+    code = "gone"
 
 
 class BadRequest(EdgeError):

@@ -28,14 +28,18 @@ from stream_edge.admission import (
     verified_grant,
 )
 from stream_edge.attempts import Attempt
-from stream_edge.errors import BadRequest, NotFound, Unauthorized
+from stream_edge.errors import BadRequest, Gone, NotFound, Unauthorized
 from stream_edge.formats import EventSourceWriter
 from stream_edge.jobs import StreamJob
 from stream_edge.resume import (
+    GAP_CODE,
+    Follower,
     ResumeLog,
     done_key,
     events_key,
-    follow,
+    gap_key,
+    gap_message,
+    kept_events,
     live_key,
     parse_last_event_id,
     wait_for_reconnect,
@@ -111,6 +115,14 @@ async def event_stream(request: Request) -> Response:
             log.append(frame)
         return frame
 
+    def closing_frame(code: str, message: str) -> bytes:
+        # A revocation or a shutdown ends the stream with this event: logged too, so
+        # followers on any edge see the end the producer's client sees.
+        frame = writer.error(code, message)
+        log.append(frame)
+        log.seal()
+        return frame
+
     async def produce(emit: Emit) -> None:
         try:
             # Browsers wait 3 s by default before reconnecting; ask for 1 s.
@@ -155,7 +167,7 @@ async def event_stream(request: Request) -> Response:
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
     )
-    return Streamed(state.active, stream, grant, writer.error, live=(live_key(grant.jti), None))
+    return Streamed(state.active, stream, grant, closing_frame, live=(live_key(grant.jti), None))
 
 
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
@@ -172,42 +184,45 @@ async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> No
 
 
 async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
-    done = await state.store.get(done_key(grant.jti))
+    done, gap = await state.store.get_many([done_key(grant.jti), gap_key(grant.jti)])
+    kept = kept_events(gap)
+    if kept is not None and after >= kept:
+        # The events asked for were never kept (resume.py): say so, rather than a 204
+        # or an empty follow that would pass for the end of the answer.
+        raise Gone(gap_message(kept), code=GAP_CODE)
     if done is not None:
         if not within_grace(done, time.time(), state.settings.resume_grace_seconds):
             return Response(status_code=204)  # ended long ago: EventSource stops here
-        remaining = await state.store.log_range(events_key(grant.jti), after)
-        if not remaining:
+        if not await state.store.log_range(events_key(grant.jti), after, 1):
             return Response(status_code=204)
     # This connection now serves the stream; the one before it is ended by the
     # process's watcher (one live connection per stream).
     connection = secrets.token_hex(8).encode()
     await state.store.set(live_key(grant.jti), connection, _log_ttl(state, grant))
-
-    async def produce(emit: Emit) -> None:
-        async def is_done() -> bool:
-            return await state.store.get(done_key(grant.jti)) is not None
-
-        await follow(
-            state.store, grant.jti, after, emit, is_done,
-            give_up_after=max(state.settings.idle_timeout, state.settings.first_token_timeout),
-        )  # fmt: skip
+    follower = Follower(
+        state.store,
+        grant.jti,
+        after,
+        give_up_after=max(state.settings.idle_timeout, state.settings.first_token_timeout),
+    )
 
     async def nothing_to_report(outcome: str) -> None:
         return None  # the stream's own edge reports its usage
 
     stream = EventStreamResponse(
-        produce,
+        follower.run,
         nothing_to_report,
         headers=[(b"x-request-id", grant.request_id.encode())],
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
         detachable=True,
     )
+    # With its grant, the process's watcher ends this connection on a revocation
+    # too, with the `error` event the producer's client gets (`Follower.final_frame`).
     return Streamed(
         state.active,
         stream,
-        None,
-        lambda code, message: b"",
+        grant,
+        follower.final_frame,
         live=(live_key(grant.jti), connection),
     )

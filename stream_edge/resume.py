@@ -10,6 +10,15 @@ producer cancels the backend and bills what was generated.
 
 Event ids are 1, 2, 3… so event `n` sits at index `n - 1` of the log.
 
+The log is bounded by bytes (`LOG_BUDGET_BYTES`), not only by events: a backend
+sending 1 MiB deltas once filled 20,000 events, ~21 GB of Redis for one stream. The
+log keeps a prefix of the stream: the first frame past the budget (or a write the
+store failed) ends it, and `gap:<jti>` records how many events were kept. The live
+stream and its billing go on untouched; a resume that needs an event past the kept
+ones gets a clear answer instead of a silent hole: a follower reaching the end of the
+kept events ends with an `error` event `resume_gap`, and a reconnect asking for
+events after it is refused 410 `resume_gap` (EventSource stops there).
+
 Who may resume (DESIGN §9 "Disconnects and resume"): only a request that carries
 `Last-Event-ID` (a bare GET on a used token is a second use, 401), only until the
 resume grace after the stream ended (then 204), and only one connection at a time:
@@ -26,14 +35,29 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import orjson
+
+from shared.sse import encode_event
 from shared.store import KeyValueStore, LogStore
 
 log = logging.getLogger("llmgw.edge.resume")
 
-MAX_EVENTS = 20_000  # bounds a stream's log; far above any model's output length
+# What a legitimate long answer needs, with room: an EventSource `chunk` frame is
+# ~65 bytes of framing plus its text (one token, ~4 bytes, per delta at most vendors),
+# so a 128,000-token answer — the longest output any model offers today, 8x the
+# packaged catalog's largest `max_output_tokens` — is ~10 MB with the per-entry cost
+# below. 16 MiB keeps it whole; past it, the rest of the stream is not resumable.
+LOG_BUDGET_BYTES = 16 * 1024 * 1024
+# Counted per frame on top of its bytes (Redis' own cost per list entry), so a
+# stream of a million tiny frames is bounded too.
+ENTRY_OVERHEAD = 16
 FLUSH_DELAY = 0.05  # batch frames written within 50 ms into one store round trip
 POLL_INTERVAL = 0.05
 HEARTBEAT_TTL = 3.0
+# Frames a follower reads per store round trip: what it holds at once is at most
+# this many frames, and never more than the log's budget.
+READ_BATCH = 256
+GAP_CODE = "resume_gap"
 
 
 # Our event ids never get near this; a longer Last-Event-ID is not one of ours (and
@@ -66,6 +90,35 @@ def within_grace(done_marker: bytes, now: float, grace: float) -> bool:
     return now - ended_at <= grace
 
 
+def kept_events(gap_marker: bytes | None) -> int | None:
+    """How many events the log kept, from its `gap:` marker; None: no gap (so far).
+    A marker we cannot read keeps nothing: better no replay than a wrong one."""
+    if gap_marker is None:
+        return None
+    return int(gap_marker) if gap_marker.isdigit() else 0
+
+
+def gap_message(kept: int) -> str:
+    return (
+        f"events after {kept} were not kept for resuming (the answer outgrew the resume "
+        "log); the rest of this answer cannot be recovered by reconnecting"
+    )
+
+
+def error_frame(event_id: int, code: str, message: str) -> bytes:
+    """An `error` event as `EventSourceWriter.error` writes it, for a follower that
+    has no writer of its own."""
+    payload = orjson.dumps({"code": code, "message": message}).decode()
+    return encode_event(payload, event="error", id=event_id)
+
+
+def ends_stream(frame: bytes) -> bool:
+    """Whether `frame` is a stream's last event (`complete` or `error`): frames are
+    `id: n\nevent: name\n…` (`EventSourceWriter`)."""
+    lines = frame.split(b"\n", 2)
+    return len(lines) > 1 and lines[1] in (b"event: complete", b"event: error")
+
+
 def events_key(jti: str) -> str:
     return f"events:{jti}"
 
@@ -79,6 +132,11 @@ def done_key(jti: str) -> str:
     return f"done:{jti}"
 
 
+def gap_key(jti: str) -> str:
+    """Holds how many events the log kept, once it stopped keeping them."""
+    return f"gap:{jti}"
+
+
 def live_key(jti: str) -> str:
     """Names the one connection that may serve the stream now (absent: the first)."""
     return f"live:{jti}"
@@ -86,51 +144,99 @@ def live_key(jti: str) -> str:
 
 class ResumeLog:
     """Producer side: frames go to memory at once and to the store in batches, at
-    most one write per `FLUSH_DELAY`.
+    most one write per `FLUSH_DELAY`, until the log's byte budget is spent.
 
     Frames that arrive while a write is in flight wait for the next delay rather
     than going out straight after it: under load a store round trip lasts as long
     as the gap between chunks, and writing back to back turned into one write (four
     Redis commands: MULTI, RPUSH, PEXPIRE, EXEC) per one or two chunks — 73 writes
-    for a 200-chunk answer paced 5 ms apart, where the delay allows ~20."""
+    for a 200-chunk answer paced 5 ms apart, where the delay allows ~20.
 
-    def __init__(self, store: LogStore, jti: str, ttl_seconds: float) -> None:
+    The log is a prefix of the stream: once a frame does not fit the budget, or a
+    write fails (its frames are lost, and later ones would sit at the wrong index),
+    nothing more is kept and `gap:<jti>` says how many events were (`kept`)."""
+
+    def __init__(
+        self,
+        store: ResumeStore,
+        jti: str,
+        ttl_seconds: float,
+        budget_bytes: int = LOG_BUDGET_BYTES,
+    ) -> None:
         self._store = store
         self._key = events_key(jti)
+        self._gap_key = gap_key(jti)
         self._ttl = ttl_seconds
+        self._budget = budget_bytes
         self._pending: list[bytes] = []
         self._count = 0
+        self._size = 0
+        self._written = 0
+        # Events 1..kept are in the log and nothing after; None: all of them so far.
+        self.kept: int | None = None
+        self._gap_stored = False
+        self._sealed = False
         self._flusher: asyncio.Task[None] | None = None
         self._writing = False
         self._closing = False
 
+    def seal(self) -> None:
+        """Keep nothing after the frames appended so far (the stream's final event
+        went in: frames the producer writes before its cancellation lands must not
+        follow it)."""
+        self._sealed = True
+
     def append(self, frame: bytes) -> None:
-        if self._count >= MAX_EVENTS:
+        if self.kept is not None or self._sealed:
             return
-        self._count += 1
-        self._pending.append(frame)
+        cost = len(frame) + ENTRY_OVERHEAD
+        if self._size + cost > self._budget:
+            self._stop_keeping(self._count, "it outgrew its budget")
+        else:
+            self._size += cost
+            self._count += 1
+            self._pending.append(frame)
         if not self._closing and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.create_task(self._flush_every_delay())
 
+    def _stop_keeping(self, kept: int, why: str) -> None:
+        self.kept = kept if self.kept is None else min(self.kept, kept)
+        log.warning("the resume log keeps no events after %d: %s", self.kept, why)
+
+    def _gap_unrecorded(self) -> bool:
+        return self.kept is not None and not self._gap_stored
+
     async def _flush_every_delay(self) -> None:
-        while self._pending and not self._closing:
+        while (self._pending or self._gap_unrecorded()) and not self._closing:
             await asyncio.sleep(FLUSH_DELAY)  # `close` cancels the task only here
             self._writing = True
             try:
                 await self._write_pending()
             finally:
                 self._writing = False
+            if self._gap_unrecorded() and not self._pending:
+                return  # the store failed to take the marker: `close` tries again
 
     async def _write_pending(self) -> None:
         batch, self._pending = self._pending, []
-        try:
-            await self._store.log_append(self._key, batch, self._ttl)
-        except Exception as exc:  # a resume may then miss events; the stream goes on
-            log.warning("resume log write failed: %s", type(exc).__name__)
+        if batch:
+            try:
+                await self._store.log_append(self._key, batch, self._ttl)
+                self._written += len(batch)
+            except Exception as exc:  # the stream goes on; its log stops here
+                self._pending = []
+                self._stop_keeping(self._written, f"a write failed ({type(exc).__name__})")
+        if self._gap_unrecorded() and not self._pending:
+            # After every batch it counts, so a follower reads up to it and no further.
+            try:
+                await self._store.set(self._gap_key, str(self.kept).encode(), self._ttl)
+                self._gap_stored = True
+            except Exception as exc:
+                log.warning("could not mark the resume log's gap: %s", type(exc).__name__)
 
     async def close(self) -> None:
         """Write everything still pending (the final event included), after the
-        write in flight, so the log keeps the events' order."""
+        write in flight, so the log keeps the events' order; then the gap marker."""
         self._closing = True
         flusher = self._flusher
         if flusher is not None and not flusher.done():
@@ -139,6 +245,8 @@ class ResumeLog:
             else:
                 flusher.cancel()
         while self._pending:
+            await self._write_pending()
+        if self._gap_unrecorded():
             await self._write_pending()
 
 
@@ -168,39 +276,71 @@ async def wait_for_reconnect(
             pass
 
 
-async def follow(
-    store: ResumeStore,
-    jti: str,
-    after_id: int,
-    emit: Callable[[bytes], Awaitable[None]],
-    is_done: Callable[[], Awaitable[bool]],
-    give_up_after: float,
-) -> None:
+class Follower:
     """Resumer side: emit every frame after `after_id` until the stream's last one.
 
-    Stops when the producer marked the stream done and the log is drained, or when no
-    new frame arrived for `give_up_after` seconds (the producer died)."""
-    key = events_key(jti)
-    next_index = after_id
-    last_progress = time.monotonic()
-    last_heartbeat = 0.0
-    while True:
-        now = time.monotonic()
-        if now - last_heartbeat >= HEARTBEAT_TTL / 3:
-            await store.set(attached_key(jti), b"1", HEARTBEAT_TTL)
-            last_heartbeat = now
-        frames = await store.log_range(key, next_index)
-        if frames:
-            await emit(b"".join(frames))
-            next_index += len(frames)
-            last_progress = now
-            continue
-        if await is_done():
-            # The producer writes the log before the done marker: read once more.
-            frames = await store.log_range(key, next_index)
+    `position` is the id of the last event handed to the client; `final_frame` makes
+    the `error` event that ends this connection early (a revocation, a shutdown) with
+    the next id, as the producer's own client gets it — or nothing, when the stream's
+    last event already went out."""
+
+    def __init__(self, store: ResumeStore, jti: str, after_id: int, give_up_after: float) -> None:
+        self._store = store
+        self._jti = jti
+        self._give_up_after = give_up_after
+        self.position = after_id
+        self.kept: int | None = None
+        self.ended = False
+
+    def final_frame(self, code: str, message: str) -> bytes:
+        if self.ended:
+            return b""
+        self.ended = True
+        return error_frame(self.position + 1, code, message)
+
+    async def _read(self) -> list[bytes]:
+        count = READ_BATCH
+        if self.kept is not None:
+            count = min(count, self.kept - self.position)
+        return await self._store.log_range(events_key(self._jti), self.position, count)
+
+    async def _emit(self, emit: Callable[[bytes], Awaitable[None]], frames: list[bytes]) -> None:
+        # Counted before the write: a frame cut off mid-write must not be numbered again.
+        self.position += len(frames)
+        self.ended = ends_stream(frames[-1])
+        await emit(b"".join(frames))
+
+    async def run(self, emit: Callable[[bytes], Awaitable[None]]) -> None:
+        """Stops when the producer marked the stream done and the log is drained, at
+        the end of the kept events (`resume_gap`), or when no new frame arrived for
+        `give_up_after` seconds (the producer died)."""
+        jti = self._jti
+        last_progress = time.monotonic()
+        last_heartbeat = 0.0
+        drained_after_done = False
+        while not self.ended:
+            now = time.monotonic()
+            if now - last_heartbeat >= HEARTBEAT_TTL / 3:
+                await self._store.set(attached_key(jti), b"1", HEARTBEAT_TTL)
+                last_heartbeat = now
+            frames = await self._read()
             if frames:
-                await emit(b"".join(frames))
-            return
-        if now - last_progress > give_up_after:
-            return
-        await asyncio.sleep(POLL_INTERVAL)
+                await self._emit(emit, frames)
+                last_progress = now
+                continue
+            if drained_after_done:
+                return
+            done, gap = await self._store.get_many([done_key(jti), gap_key(jti)])
+            if self.kept is None:
+                self.kept = kept_events(gap)
+            if self.kept is not None and self.position >= self.kept:
+                await emit(self.final_frame(GAP_CODE, gap_message(self.kept)))
+                return
+            if done is not None:
+                # The producer writes the log (and its gap marker) before the done
+                # marker: read to the end once more.
+                drained_after_done = True
+                continue
+            if now - last_progress > self._give_up_after:
+                return
+            await asyncio.sleep(POLL_INTERVAL)

@@ -67,11 +67,17 @@ class EventStreamResponse:
         self._detachable = detachable
         self._detached = asyncio.Event()
 
-    def abort(self, final_frame: bytes, outcome: str = "aborted") -> None:
-        """End the stream now with `final_frame` (e.g. an `error` event)."""
-        if self._scope is not None and self.outcome == "finished":
+    def abort(self, final_frame: Callable[[], bytes], outcome: str = "aborted") -> None:
+        """End the stream now with the frame `final_frame()` makes (e.g. an `error`
+        event), made only when this ends the stream. A revocation ends it even after
+        its client left: a resumable stream runs on for a reconnect (`linger`), and a
+        revoked one must not, for a follower or for nobody."""
+        if self._scope is None:
+            return
+        lingering = self._linger is not None and self.outcome == "client_gone"
+        if self.outcome == "finished" or (outcome == "revoked" and lingering):
             self.outcome = outcome
-            self._abort_frame = final_frame
+            self._abort_frame = final_frame()
             self._scope.cancel()
 
     def detach(self) -> None:
@@ -95,7 +101,10 @@ class EventStreamResponse:
 
         async def emit(data: bytes) -> None:
             nonlocal last_write, send_started
-            if data and self.connected:
+            # Once aborted, nothing but the abort's own frame goes out: a producer may
+            # write on until the cancellation reaches it, and its frames would follow
+            # the final `error` event (a follower's numbered before them).
+            if data and self.connected and not self._abort_frame:
                 send_started = time.monotonic()
                 try:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -170,7 +179,8 @@ class EventStreamResponse:
                 task.cancel()
             if self.connected:
                 if self._abort_frame:
-                    await emit(self._abort_frame)
+                    frame, self._abort_frame = self._abort_frame, b""
+                    await emit(frame)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             self.connected = False
@@ -208,12 +218,14 @@ class Streamed(Response):
 
     def shut_down(self) -> None:
         self._inner.abort(
-            self._final_frame("shutting_down", "the edge is restarting; reconnect or retry")
+            lambda: self._final_frame("shutting_down", "the edge is restarting; reconnect or retry")
         )
 
     def revoke(self) -> None:
-        frame = self._final_frame("revoked", "access to this stream was revoked")
-        self._inner.abort(frame, outcome="revoked")
+        self._inner.abort(
+            lambda: self._final_frame("revoked", "access to this stream was revoked"),
+            outcome="revoked",
+        )
 
     def supersede(self) -> None:
         """A reconnect took over: end this client's response (the stream itself goes

@@ -89,6 +89,67 @@ def test_revocation_ends_a_running_stream_within_two_seconds(split: SplitStack, 
         assert c.mock_stats()["requests"] == before
 
 
+@pytest.mark.parametrize("kind", ["jti", "user", "company"])
+def test_a_revocation_ends_a_resumed_stream_on_another_edge_too(
+    split: SplitStack, kind: str
+) -> None:
+    """Attack: the client drops and resumes (here on the second edge), then its user,
+    company or token is revoked. Before the fix the follower had no grant for the
+    watcher to check, and the producer, its client gone, ignored the revocation: the
+    follower read 991 more events over 31 s and the answer was billed `completed`.
+    Now both end at the next check, the follower with the producer's `revoked` event."""
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "resume me [[mock tokens=1000 delay_ms=30]]"})
+    claims = claims_of(grant["stream_token"])
+    value = {"jti": claims["jti"], "user": claims["sub"], "company": claims["company_id"]}[kind]
+    cancelled_before = c.mock_stats()["cancelled"]
+    split.start("edge2")
+    try:
+        decoder = SSEDecoder()
+        head: list[Any] = []
+        with httpx.stream("GET", grant["stream_url"], timeout=10) as first:
+            for raw in first.iter_raw():
+                head.extend(decoder.feed(raw))
+                if sum(e.event == "chunk" for e in head) >= 5:
+                    break
+        other = grant["stream_url"].replace(c.edge_url, split.url("edge2"))
+        decoder = SSEDecoder()
+        tail: list[Any] = []
+        after_revocation = None
+        with httpx.stream("GET", other, headers={"Last-Event-ID": head[-1].id}, timeout=10) as r:
+            assert r.status_code == 200
+            for raw in r.iter_raw():
+                tail.extend(decoder.feed(raw))
+                if after_revocation is None and len(tail) >= 5:
+                    if kind == "jti":  # through the control plane's API, as an owner would
+                        answer = c.admin("POST", "/v1/admin/revocations", json={"jti": value})
+                        assert answer.status_code == 201, answer.text
+                    else:
+                        store_revoke(split, kind, value, claims["company_id"])
+                    after_revocation = len(tail)
+        assert after_revocation is not None
+        # Ended at the next check (1 s, ~33 tokens), far from the ~30 s left to run.
+        assert len(tail) - after_revocation < 200
+        assert tail[-1].event == "error"
+        assert json.loads(tail[-1].data)["code"] == "revoked"
+        assert int(tail[-1].id) == int(tail[-2].id) + 1  # numbered on, like the producer's
+        record = c.wait_usage(token, grant["reservation_id"]) if kind == "jti" else None
+        if record is not None:
+            assert record["status"] == "revoked"
+            assert record["output_tokens"] < 1000
+        # The backend was stopped, not left to run its answer out for nobody.
+        deadline = time.monotonic() + 10
+        while c.mock_stats()["cancelled"] == cancelled_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.mock_stats()["cancelled"] == cancelled_before + 1
+        # The revoked token cannot resume again, on either edge.
+        again = c.http.get(other, headers={"Last-Event-ID": tail[-1].id})
+        assert again.status_code == 401 and again.json()["error"]["code"] == "revoked"
+    finally:
+        split.stop("edge2")
+
+
 def test_a_sealed_company_route_is_used_with_the_companys_key(split: SplitStack) -> None:
     c = split.client
     token = c.new_user(c.new_company("5"))

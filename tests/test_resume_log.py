@@ -76,4 +76,4 @@ async def test_close_during_a_write_lets_it_land_first_and_keeps_the_order(
     store.release.set()
     await closing
     assert store.batches == [[b"1"], [b"2"]]
-    assert await store.log_range(resume.events_key("jti-2"), 0) == [b"1", b"2"]
+    assert await store.log_range(resume.events_key("jti-2"), 0, 10) == [b"1", b"2"]

@@ -316,20 +316,24 @@ async def test_dead_letters_are_kept_listed_and_taken_once(backend: Backend) -> 
 # --- resume log -------------------------------------------------------------------
 async def test_a_log_appends_ranges_and_expires(backend: Backend) -> None:
     store = backend.store
-    assert await store.log_range("events:none", 0) == []
+    assert await store.log_range("events:none", 0, 100) == []
     assert await store.log_append("events:j", [b"e0", b"e1"], 60) == 2
     assert await store.log_append("events:j", [b"e2"], 60) == 3
-    assert await store.log_range("events:j", 0) == [b"e0", b"e1", b"e2"]
-    assert await store.log_range("events:j", 2) == [b"e2"]
-    assert await store.log_range("events:j", 3) == []
+    assert await store.log_range("events:j", 0, 100) == [b"e0", b"e1", b"e2"]
+    assert await store.log_range("events:j", 2, 100) == [b"e2"]
+    assert await store.log_range("events:j", 3, 100) == []
     assert await store.log_append("events:brief", [b"x"], SHORT) == 1
     assert await store.log_append("events:cut", [b"x"], 60) == 1
     assert await store.log_append("events:cut", [b"y"], SHORT) == 2  # the last TTL holds
     await backend.elapse(SHORT)
-    assert await store.log_range("events:brief", 0) == []
-    assert await store.log_range("events:cut", 0) == []
+    assert await store.log_range("events:brief", 0, 100) == []
+    assert await store.log_range("events:cut", 0, 100) == []
     assert await store.log_append("events:brief", [b"y"], 60) == 1  # a new log
-    assert await store.log_range("events:j", 1) == [b"e1", b"e2"]
+    assert await store.log_range("events:j", 1, 100) == [b"e1", b"e2"]
+    # A reader takes at most `count` items: never a whole long log at once.
+    assert await store.log_range("events:j", 0, 2) == [b"e0", b"e1"]
+    assert await store.log_range("events:j", 1, 1) == [b"e1"]
+    assert await store.log_range("events:j", 0, 0) == []
 
 
 async def test_a_live_store_answers_ping(backend: Backend) -> None:
