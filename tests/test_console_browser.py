@@ -6,6 +6,7 @@ the page: the console never ships it). Never downloads a browser."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -524,3 +525,28 @@ def test_hostile_names_render_as_text_on_every_tab(cp: CP, page: Any) -> None:
         page.goto(f"{cp.url}/console?tab={tab}")
         page.wait_for_selector("body[data-loaded=usage]")
         assert page.is_visible("#tab-usage")
+
+
+# sha256 of `package/dist/chart.umd.min.js` in `npm pack chart.js@4.6.1` (the release
+# vendor/README.md names); an update changes both this and the page's `integrity`.
+CHART_JS_4_6_1 = "87364cc2b2a76a6684929e7d6b80b18a897794db38400caff1fcf1791c6925d2"
+
+
+def test_a_tampered_chart_library_never_runs(cp: CP, company: Company, page: Any) -> None:
+    """Attack: the vendored 200 KB minified library, which no reviewer reads, is
+    swapped for one that also reads the owner's token (a hostile update, a cache or
+    proxy in between). The page pins its hash (Subresource Integrity): the browser
+    refuses any other bytes, and the console works on without charts."""
+    vendored = Path(__file__).parents[1] / "control_plane/console/vendor/chart.umd.min.js"
+    original = vendored.read_bytes()
+    assert hashlib.sha256(original).hexdigest() == CHART_JS_4_6_1
+    # It ran: on a later sign-in it could read `sessionStorage` as well.
+    tampered = original + b"\n;window.pwned = 'ran';"
+    page.route(
+        cp.url + "/console/vendor/chart.umd.min.js",
+        lambda route: route.fulfill(body=tampered, content_type="text/javascript"),
+    )
+    sign_in(page, cp, company.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    assert page.evaluate("[window.pwned, typeof Chart]") == [None, "undefined"]
+    assert "credits from" in page.inner_text("#usage-totals")  # the numbers remain
