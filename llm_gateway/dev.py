@@ -15,9 +15,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import orjson
 from cryptography.fernet import Fernet
+from starlette.types import ASGIApp
 
 from control_plane.settings import ControlPlaneSettings
+from llm_gateway.local_hosts import MESSAGE, LocalHostsOnly, configured_names
 from shared.catalog import Catalog
 from shared.settings import ConfigError
 from shared.store_memory import MemoryStore
@@ -99,13 +102,32 @@ def with_mock_at(catalog: Catalog, url: str) -> Catalog:
     return dataclasses.replace(catalog, providers=providers)
 
 
-async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
+def dev_apps(
+    settings: ControlPlaneSettings, edge_settings: EdgeSettings, store: MemoryStore
+) -> tuple[ASGIApp, ASGIApp, ASGIApp]:
+    """The control plane, the edge and the mock LLM of `dev`, each answering only
+    requests addressed to this machine (`local_hosts`: no DNS rebinding)."""
     from control_plane.app import create_app as control_plane_app
+    from mock_llm.app import create_app as mock_app
+    from stream_edge.app import create_app as edge_app
+    from stream_edge.errors import error_body
+
+    extra = configured_names([edge_settings.control_plane_url, settings.edge_public_url])
+    envelope = {"success": False, "message": MESSAGE, "error": {"code": "untrusted_host"}}
+    openai_shape = error_body(MESSAGE, "invalid_request_error", "untrusted_host")
+    return (
+        LocalHostsOnly(
+            control_plane_app(settings, store), extra=extra, body=orjson.dumps(envelope)
+        ),
+        LocalHostsOnly(edge_app(edge_settings, store), extra=extra, body=openai_shape),
+        LocalHostsOnly(mock_app(), extra=extra, body=openai_shape),
+    )
+
+
+async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     from control_plane.migrate import upgrade
     from control_plane.seed import seed_demo
     from llm_gateway.servers import limits_of, serve_all, server_for
-    from mock_llm.app import create_app as mock_app
-    from stream_edge.app import create_app as edge_app
 
     check_local_host(host)
     settings, edge_settings = settings_from_env(
@@ -115,18 +137,18 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
         Path("var").mkdir(exist_ok=True)
     await asyncio.to_thread(upgrade, settings.database_url)
     api_key = await seed_demo(settings.database_url, own_database_only=True)
-    store = MemoryStore()
+    control_plane, edge, mock = dev_apps(settings, edge_settings, MemoryStore())
     limits = limits_of(settings)
     servers = [
-        server_for(control_plane_app(settings, store), host, port_base, limits=limits),
+        server_for(control_plane, host, port_base, limits=limits),
         server_for(
-            edge_app(edge_settings, store),
+            edge,
             host,
             port_base + 1,
             graceful_seconds=edge_settings.drain_seconds + 10,
             limits=limits,
         ),
-        server_for(mock_app(), host, port_base + 2, limits=limits),
+        server_for(mock, host, port_base + 2, limits=limits),
     ]
     cp = f"http://127.0.0.1:{port_base}"
     print(

@@ -490,3 +490,31 @@ def test_an_attached_image_goes_upstream_as_a_content_part(stack: BrowserStack, 
     sessions = stack.client.as_user(token, "GET", "/v1/sessions").json()["data"]["items"]
     chat = stack.client.as_user(token, "GET", f"/v1/sessions/{sessions[0]['id']}").json()
     assert "[image]" in chat["data"]["messages"][0]["content"]
+
+
+def test_a_members_markup_renders_as_text_on_the_owners_page(
+    stack: BrowserStack, page: Any
+) -> None:
+    """Attack: a member writes markup into a chat (its session's title and history)
+    and the company a model id; the owner's page lists the company's sessions and
+    models. The `page` fixture sets the CSP aside: only the rendering stands between
+    the markup and the owner's token."""
+    hostile = "<img/src/onerror=window.pwned=1>"
+    company_id = stack.client.new_company("5")
+    owner = f"o-{uuid.uuid4().hex[:10]}@example.com"
+    created = stack.client.admin(
+        "POST",
+        "/v1/admin/users",
+        json={"company_id": company_id, "email": owner, "password": PASSWORD, "role": "owner"},
+    )
+    assert created.status_code == 201, created.text
+    member = stack.client.new_user(company_id)
+    grant = stack.client.init_ok(member, {"query": f"hi {hostile}", "max_tokens": 20})
+    with stack.client.http.stream("GET", grant["stream_url"]) as stream:
+        assert b"event: complete" in b"".join(stream.iter_bytes())
+    sign_in(page, stack, owner)
+    title = page.locator("#sessions button", has_text=hostile)
+    title.click()
+    page.wait_for_selector(f".msg.user:has-text('{hostile}')")
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("#app img:not(#attachment-preview), #app svg, #app iframe").count() == 0

@@ -6,9 +6,11 @@ the page: the console never ships it). Never downloads a browser."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from control_plane.app import create_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, assert_not_blank
 from tests.test_console_api import SECRET_PROVIDER_KEY, _stream
-from tests.test_control_plane import ADMIN_TOKEN, CP, PASSWORD, _settings, data_of
+from tests.test_control_plane import ADMIN_TOKEN, CP, PASSWORD, _settings, data_of, usage_event
 
 AXE = Path(__file__).parent / "fixtures" / "axe" / "axe.min.js"
 TABS = ("usage", "credits", "users", "keys", "providers", "audit")
@@ -407,3 +409,144 @@ def test_agents_teams_and_budgets_through_the_console(
     page.wait_for_selector("#agents tbody tr.empty")
     assert dialogs == ["Delete agent support?"]
     assert company.owner_api.get(f"{base}/agents/support").status_code == 404
+
+
+# Markup that runs a script wherever it is parsed as HTML (the CSP is set aside by the
+# `page` fixture, so only the rendering stands between it and the page).
+HOSTILE = "<img/src/onerror=window.pwned=1>"
+
+
+def test_hostile_names_render_as_text_on_every_tab(cp: CP, page: Any) -> None:
+    """Attack: an owner (or a company the platform admin created) puts markup in
+    every string the console shows another owner or the platform admin: emails, the
+    company's name, model ids, agent and team names, revocation and grant reasons,
+    the audit's details, the usage chart's series."""
+    company_id = data_of(
+        cp.admin.post("/v1/admin/companies", json={"name": f"co{HOSTILE}", "credits": "50"}), 201
+    )["id"]
+    owner_email = f"{HOSTILE}-{uuid.uuid4().hex[:6]}@x.co"
+    owner = data_of(
+        cp.admin.post(
+            "/v1/admin/users",
+            json={
+                "company_id": company_id,
+                "email": owner_email,
+                "password": PASSWORD,
+                "role": "owner",
+            },
+        ),
+        201,
+    )
+    api = cp.client(cp.api_key(owner["id"]))
+    base = f"/v1/admin/companies/{company_id}"
+    model = f"m{HOSTILE}"
+    data_of(
+        api.put(
+            f"{base}/providers/openai",
+            json={
+                "api_key": SECRET_PROVIDER_KEY,
+                "models": {
+                    model: {
+                        "context_length": 8000,
+                        "max_output_tokens": 500,
+                        "price": {"input_per_mtok": "1", "output_per_mtok": "1"},
+                    }
+                },
+            },
+        )
+    )
+    data_of(api.post(f"{base}/agents", json={"name": "bot", "model": model}), 201)
+    team = data_of(api.post(f"{base}/teams", json={"name": f"t{HOSTILE}", "user_ids": []}), 201)
+    data_of(
+        api.post(
+            f"{base}/budgets",
+            json={"scope": "team", "target_id": team["id"], "amount": "1", "period": "month"},
+        ),
+        201,
+    )
+    member = cp.user(company_id, "member")
+    data_of(
+        api.post("/v1/admin/revocations", json={"user_id": member["id"], "reason": f"r{HOSTILE}"}),
+        201,
+    )
+    data_of(
+        cp.admin.post(
+            f"{base}/credits",
+            json={"amount": "1", "reason": f"g{HOSTILE}"},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        ),
+        201,
+    )
+    init = data_of(
+        api.post("/v1/chat/init", json={"query": "hi", "model": model, "max_tokens": 10}), 201
+    )
+    first_token = (datetime.now(UTC) - timedelta(seconds=2)).isoformat()
+    event = usage_event(init, company_id, provider="openai", first_token_at=first_token)
+    assert cp.webhook(event).status_code == 200
+
+    def nothing_ran(tab: str) -> None:
+        injected = page.evaluate(
+            """() => [window.pwned, document.querySelectorAll(
+                'main img, main svg, main iframe, main object, main embed').length]"""
+        )
+        assert injected == [None, 0], tab
+
+    def use_token(token: str) -> None:
+        page.goto(cp.url + "/console")
+        page.click("summary")
+        page.fill("#token", token)
+        page.click("#use-token")
+        page.wait_for_selector("body[data-loaded=usage]")
+
+    use_token(cp.api_key(owner["id"]))
+    assert HOSTILE in page.text_content("#who")
+    assert page.evaluate("() => Chart.getChart('spend-chart').data.datasets[0].label") == model
+    assert HOSTILE in page.text_content("#ttft")
+    nothing_ran("usage")
+    page.select_option("#split", "user")
+    page.click("#apply-range")
+    page.wait_for_selector("body[data-loaded=usage]")
+    assert HOSTILE in page.text_content("#spend-table")
+    nothing_ran("usage by user")
+    for tab in ("credits", "users", "keys", "providers", "plans", "audit"):
+        open_tab(page, tab)
+        assert HOSTILE in page.text_content(f"#tab-{tab}"), tab
+        nothing_ran(tab)
+    # The platform admin: every company's name, in the picker and the balances.
+    page.click("#sign-out")
+    page.wait_for_selector("#signin", state="visible")
+    use_token(ADMIN_TOKEN)
+    open_tab(page, "credits")
+    assert f"co{HOSTILE}" in page.text_content("#companies")
+    assert f"co{HOSTILE}" in page.locator("#company option").all_inner_texts()
+    nothing_ran("admin credits")
+    # A link naming a tab that is no tab (an Object.prototype member) opens the usage.
+    for tab in ("__proto__", "constructor"):
+        page.goto(f"{cp.url}/console?tab={tab}")
+        page.wait_for_selector("body[data-loaded=usage]")
+        assert page.is_visible("#tab-usage")
+
+
+# sha256 of `package/dist/chart.umd.min.js` in `npm pack chart.js@4.6.1` (the release
+# vendor/README.md names); an update changes both this and the page's `integrity`.
+CHART_JS_4_6_1 = "87364cc2b2a76a6684929e7d6b80b18a897794db38400caff1fcf1791c6925d2"
+
+
+def test_a_tampered_chart_library_never_runs(cp: CP, company: Company, page: Any) -> None:
+    """Attack: the vendored 200 KB minified library, which no reviewer reads, is
+    swapped for one that also reads the owner's token (a hostile update, a cache or
+    proxy in between). The page pins its hash (Subresource Integrity): the browser
+    refuses any other bytes, and the console works on without charts."""
+    vendored = Path(__file__).parents[1] / "control_plane/console/vendor/chart.umd.min.js"
+    original = vendored.read_bytes()
+    assert hashlib.sha256(original).hexdigest() == CHART_JS_4_6_1
+    # It ran: on a later sign-in it could read `sessionStorage` as well.
+    tampered = original + b"\n;window.pwned = 'ran';"
+    page.route(
+        cp.url + "/console/vendor/chart.umd.min.js",
+        lambda route: route.fulfill(body=tampered, content_type="text/javascript"),
+    )
+    sign_in(page, cp, company.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    assert page.evaluate("[window.pwned, typeof Chart]") == [None, "undefined"]
+    assert "credits from" in page.inner_text("#usage-totals")  # the numbers remain

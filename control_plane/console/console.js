@@ -179,7 +179,9 @@ const LOADERS = {
 };
 
 async function openTab(name) {
-  if (!LOADERS[name]) name = "usage";
+  // `?tab=` comes from a link anyone can write: only the loaders' own names count
+  // (`__proto__` or `constructor` would find Object's members and break the page).
+  if (!Object.hasOwn(LOADERS, name)) name = "usage";
   for (const button of document.querySelectorAll(".tab")) {
     if (button.dataset.tab === name) button.setAttribute("aria-current", "page");
     else button.removeAttribute("aria-current");
