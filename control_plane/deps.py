@@ -4,7 +4,6 @@ path ids."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from control_plane.catalog_cache import CatalogCache
 from control_plane.db import Database
 from control_plane.errors import ClientClosedRequest, NotFound, PayloadTooLarge
 from control_plane.external_auth import ExternalVerifier
+from control_plane.heavy_reads import HeavyReads
 from control_plane.ledger import active_hold_count
 from control_plane.metrics import Metrics
 from control_plane.readiness import failing
@@ -30,12 +30,6 @@ from shared.bodies import read_limited
 from shared.store import Store
 
 MAX_BODY_BYTES = 1024 * 1024
-# The console's aggregates (`/v1/usage/summary`, `/v1/usage/ttft`) scan up to a year of
-# a company's usage records: seconds of a database thread each for a large company (a
-# million records: 3 to 5 s). At most this many of the process's database threads
-# (`db.POOL_SIZE`) run them at once; the others stay free for inits, settlements and
-# logins, which waited behind a burst of aggregates before.
-AGGREGATE_THREADS = 2
 
 
 @dataclass
@@ -53,9 +47,6 @@ class Deps:
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
-    aggregates: asyncio.Semaphore = field(
-        default_factory=lambda: asyncio.Semaphore(AGGREGATE_THREADS)
-    )
     # Access tokens whose signature was checked, by the key that checked it.
     verified_signatures: VerifiedSignatures = field(default_factory=VerifiedSignatures)
     # What anonymous routes read of the database, once a second whatever the traffic
@@ -63,8 +54,12 @@ class Deps:
     published_keys: RecentAnswer[list[dict[str, Any]]] = field(init=False)
     readiness: RecentAnswer[list[str]] = field(init=False)
     hold_count: RecentAnswer[int] = field(init=False)
+    # The console's aggregates and audit searches: a bounded, fair share of the
+    # database threads per company, under a statement timeout (`heavy_reads`).
+    heavy_reads: HeavyReads = field(init=False)
 
     def __post_init__(self) -> None:
+        self.heavy_reads = HeavyReads(self.db)
         self.published_keys = RecentAnswer(lambda: self.db.transaction(published_jwks))
         self.readiness = RecentAnswer(lambda: failing(self.db, self.store))
         self.hold_count = RecentAnswer(lambda: self.db.transaction(active_hold_count))

@@ -37,8 +37,10 @@ logs the traceback server-side.
     ├── RateLimited (429 rate_limited, Retry-After)
     │   ├── LoginThrottled (429 too_many_login_failures)
     │   ├── TooManyPendingInits (429 too_many_pending_inits)
-    │   └── TpmExceeded (429 tpm_exceeded)
+    │   ├── TpmExceeded (429 tpm_exceeded)
+    │   └── TooManyHeavyReads (429 too_many_heavy_reads)
     └── ServiceUnavailable (503 unavailable)
+        └── QueryTimeout (503 query_timeout, Retry-After)
 """
 
 from __future__ import annotations
@@ -291,9 +293,26 @@ class TpmExceeded(RateLimited):
     code = "tpm_exceeded"
 
 
+class TooManyHeavyReads(RateLimited):
+    """A company's share of the console's aggregates and audit searches is taken
+    (`heavy_reads`)."""
+
+    code = "too_many_heavy_reads"
+
+
 class ServiceUnavailable(AppError):
     status, code = 503, "unavailable"
     default_message = "The service is temporarily unavailable; retry shortly."
+
+
+class QueryTimeout(ServiceUnavailable):
+    """A heavy read ran past its statement timeout and was cancelled (`heavy_reads`)."""
+
+    code = "query_timeout"
+    default_message = "The query took too long and was stopped; retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 _HTTP_STATUS: dict[int, type[AppError]] = {

@@ -6,10 +6,8 @@ secret) and the audit's filters. One control plane per backend for the module.""
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -17,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy import delete
 
 from control_plane import usage_summary
 from control_plane.app import create_app
 from control_plane.audit import REDACTED, redact
-from control_plane.deps import AGGREGATE_THREADS
 from control_plane.errors import ValidationFailed
 from control_plane.tables import UsageRecord, new_id
 from control_plane.usage_events import ttft_ms
@@ -579,71 +575,3 @@ async def test_the_console_can_be_switched_off(tmp_path: Path) -> None:
             for path in ("/console", "/console/console.js"):
                 r = await client.get(path)
                 assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-
-
-@pytest.mark.parametrize("cp", ["postgres"], indirect=True)
-def test_slow_aggregates_cannot_take_every_database_thread_from_inits(cp: CP) -> None:
-    """An owner of a large company (a year of a million streams: 3 to 5 s of one
-    database thread per summary, measured) asks for its aggregates 30 at a time: every
-    one of the control plane's 10 database threads waited on them, and every other
-    company's inits, logins and settlements waited behind. Here the aggregates are made
-    slow by a lock on the records, held until the init has answered."""
-    owner, _ = cp.owner_client("10")
-    victim, _ = cp.owner_client("10")
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(url) as locker, ThreadPoolExecutor(30) as pool:
-        locker.execute("LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE")
-        try:
-            summaries = [
-                pool.submit(owner.get, "/v1/usage/summary", params={"group_by": "day,model"})
-                for _ in range(25)
-            ] + [pool.submit(owner.get, "/v1/usage/ttft") for _ in range(5)]
-            with psycopg.connect(url, autocommit=True) as watcher:
-                deadline = time.monotonic() + 60
-                while _waiting_on(watcher, "usage_records") < AGGREGATE_THREADS:
-                    assert time.monotonic() < deadline, "the aggregates never reached the table"
-                    time.sleep(0.05)
-            # The victim's init runs while the aggregates still wait on the records.
-            init = victim.post("/v1/chat/init", json={"query": "hi", "max_tokens": 100})
-            assert init.status_code == 201, init.text
-            assert not any(s.done() for s in summaries)
-        finally:
-            locker.rollback()
-        assert all(s.result().status_code == 200 for s in summaries)
-
-
-def _waiting_on(conn: psycopg.Connection[Any], table: str) -> int:
-    """Backends of this database waiting for a lock on `table`."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass", (table,)
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-@pytest.mark.parametrize("cp", ["postgres"], indirect=True)
-def test_slow_audit_searches_cannot_take_every_database_thread(cp: CP) -> None:
-    """`?actor=` that matches nothing reads the company's whole audit: 0.5 s of a
-    database thread with two million events (a million streams), measured. Thirty at
-    once took all 10 threads from everyone else. Made slow here by a lock on the audit."""
-    owner, _ = cp.owner_client("10")
-    victim, _ = cp.owner_client("10")
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(url) as locker, ThreadPoolExecutor(30) as pool:
-        locker.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        try:
-            searches = [
-                pool.submit(owner.get, "/v1/admin/audit", params={"actor": "nobody"})
-                for _ in range(30)
-            ]
-            with psycopg.connect(url, autocommit=True) as watcher:
-                deadline = time.monotonic() + 60
-                while _waiting_on(watcher, "audit_events") < AGGREGATE_THREADS:
-                    assert time.monotonic() < deadline, "the searches never reached the table"
-                    time.sleep(0.05)
-            # Another company's reads still get a database thread meanwhile.
-            assert victim.get("/v1/me").status_code == 200
-            assert victim.get("/v1/credits").status_code == 200
-            assert not any(s.done() for s in searches)
-        finally:
-            locker.rollback()
-        assert all(s.result().status_code == 200 for s in searches)

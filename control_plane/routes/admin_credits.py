@@ -32,6 +32,7 @@ from control_plane.auth import authenticate
 from control_plane.deps import get_deps, path_id, read_json
 from control_plane.errors import Forbidden, ValidationFailed
 from control_plane.grants import MoveKind, move
+from control_plane.heavy_reads import caller_key
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
 from control_plane.policy import Principal
@@ -156,14 +157,12 @@ async def list_audit(request: Request) -> Response:
     since = None if start is None else datetime.combine(start, time(), tzinfo=UTC)
     until = None if end is None else datetime.combine(end + timedelta(days=1), time(), tzinfo=UTC)
     req = page_request(query)
-    deps = get_deps(request)
     # A filter nothing matches reads the company's whole audit (two events a stream: a
-    # second of a database thread for a million streams), so it waits for a place among
-    # the aggregates' (`deps.AGGREGATE_THREADS`) as they do.
-    async with deps.aggregates:
-        page = await deps.db.transaction(
-            lambda s: audit.page(s, company_id, req, filters, since, until)
-        )
+    # second of a database thread for a million streams): a heavy read, as the
+    # aggregates are (`heavy_reads`).
+    page = await get_deps(request).heavy_reads.run(
+        caller_key(principal), lambda s: audit.page(s, company_id, req, filters, since, until)
+    )
     return ok(page.public(audit.event_public))
 
 

@@ -9,8 +9,8 @@
 
 Who: an owner (with ``llm:admin``) sees its company; a platform admin any one
 company (``company_id``) or all of them, where ``group_by`` may add ``company``; a
-member, or a key without the admin scope, gets 403. Nothing here writes. Both wait
-for one of `deps.AGGREGATE_THREADS` places before taking a database thread.
+member, or a key without the admin scope, gets 403. Nothing here writes. Both run
+as heavy reads (`heavy_reads`): a fair share per company, a statement timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from control_plane import policy, usage_summary
 from control_plane.auth import authenticate
 from control_plane.deps import get_deps
 from control_plane.errors import Forbidden
+from control_plane.heavy_reads import caller_key
 from control_plane.pagination import decode_seq_cursor, encode_seq_cursor
 from control_plane.policy import Principal
 from control_plane.responses import ok
@@ -53,11 +54,9 @@ async def summary(request: Request) -> Response:
     query = _query(request, company_id)
     limit = page_limit(request.query_params.get("limit"))
     offset = decode_seq_cursor(request.query_params.get("cursor")) or 0
-    deps = get_deps(request)
-    async with deps.aggregates:
-        rows = await deps.db.transaction(
-            lambda s: usage_summary.summary(s, query, company_id, limit, offset)
-        )
+    rows = await get_deps(request).heavy_reads.run(
+        caller_key(principal), lambda s: usage_summary.summary(s, query, company_id, limit, offset)
+    )
     next_cursor = encode_seq_cursor(offset + limit) if len(rows) > limit else None
     return ok(
         {"items": rows[:limit], "next_cursor": next_cursor},
@@ -69,9 +68,9 @@ async def ttft(request: Request) -> Response:
     principal = await authenticate(request)
     company_id = _scope(request, principal)
     query = _query(request, company_id)
-    deps = get_deps(request)
-    async with deps.aggregates:
-        rows = await deps.db.transaction(lambda s: usage_summary.ttft(s, query, company_id))
+    rows = await get_deps(request).heavy_reads.run(
+        caller_key(principal), lambda s: usage_summary.ttft(s, query, company_id)
+    )
     return ok({"items": rows}, meta={"from": query.start.isoformat(), "to": query.end.isoformat()})
 
 
