@@ -178,6 +178,7 @@ def plan_hold(
     max_tokens: int | None,
     params: dict[str, Any] | None = None,
     api_type: str = "openai_chat",
+    billed_context: int | None = None,
 ) -> HoldPlan:
     """The worst case: the input estimate plus `max_tokens` output, at the model's price.
 
@@ -189,7 +190,9 @@ def plan_hold(
     after the input (the input is fitted, not refused, as long as some room for an
     answer remains). A request carrying a file is held at the whole context left
     after the output: vendors bill a PDF per page, which no cheap scan bounds, and
-    never bill more input than that (`input_size.carries_files`)."""
+    never bill more input than that (`input_size.carries_files`). That context is
+    the backend's, `billed_context` (`billed_context_of`), when it differs from the
+    company's view of the model."""
     rates = model.input_rates(api_type)
     estimate = estimate_input_tokens(messages, rates) + params_tokens(params or {}, rates)
     if max_tokens is None:
@@ -207,9 +210,21 @@ def plan_hold(
             f"{model.id}'s context of {model.context_length} tokens."
         )
     if carries_files(messages):
-        estimate = model.context_length - max_tokens
+        estimate = max(model.context_length, billed_context or 0) - max_tokens
     # Every input token at the dearest input rate: the hold covers any cache split.
     return HoldPlan(max_tokens, estimate, hold_cost_micro(estimate, max_tokens, model.price))
+
+
+def billed_context_of(catalog: Catalog, model: ModelSpec, own_key: bool) -> int:
+    """The context up to which the backend may bill a file's pages. On the platform's
+    key an owner may lower a packaged model's `context_length` (a limit,
+    `company_llm.PLATFORM_KEY_FIELDS`), but the vendor never sees that override and
+    bills the pages up to its own context: the packaged one. On the company's own key
+    its own view stands (its vendor bills the company)."""
+    packaged = catalog.model(model.id)
+    if own_key or packaged is None or packaged.provider != model.provider:
+        return model.context_length
+    return max(model.context_length, packaged.context_length)
 
 
 def _rate(value: Decimal | None) -> str | None:
@@ -360,7 +375,14 @@ def reserve(
                 "a tool message must answer a tool call this session's assistant made",
             )
         messages = [*prefix, *req.messages]
-    plan = plan_hold(model, messages, req.max_tokens, req.params, _api_type(catalog, model))
+    plan = plan_hold(
+        model,
+        messages,
+        req.max_tokens,
+        req.params,
+        _api_type(catalog, model),
+        billed_context_of(catalog, model, own_key=model.provider in keys),
+    )
     chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
@@ -456,7 +478,14 @@ def plan_chain(
             check_features(spec, req.features)
             check_content(spec, req.content_features)
             cap = min(max_tokens, spec.max_output_tokens)
-            plan = plan_hold(spec, messages, cap, req.params, _api_type(catalog, spec))
+            plan = plan_hold(
+                spec,
+                messages,
+                cap,
+                req.params,
+                _api_type(catalog, spec),
+                billed_context_of(catalog, spec, own_key=spec.provider in pools),
+            )
         except (UnsupportedFeature, UnsupportedContent, ValidationFailed, InputTooLarge):
             continue
         pool = tuple(pools.get(spec.provider, ()))

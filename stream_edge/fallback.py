@@ -9,7 +9,8 @@ answer what the first one refused. Nor does a refused key (401/403): that is the
 pool's business (`stream_edge.key_pool`), and a chain is not a way around it.
 
 With a fallback left, the edge reads the backend's stream until its first token
-(`await_first_token`: text, a tool call or reasoning), keeping those chunks; the
+(`await_first_token`: text, a tool call, reasoning or a vendor's running count of its
+thinking), keeping those chunks; the
 relay then replays them (`Prefetched`) before reading on. Nothing has been written
 to the client meanwhile.
 """
@@ -25,6 +26,7 @@ from stream_edge.upstream.base import (
     Delta,
     Failure,
     Finish,
+    OutputSoFar,
     ReasoningDelta,
     StreamParser,
     ToolCallDelta,
@@ -88,8 +90,11 @@ async def await_first_token(response: Response, parser: StreamParser, timeout: f
                         # The vendor's words stay out of client-facing errors.
                         raise UpstreamError("the backend failed before its first token")
                     # Reasoning is a token too: the backend is answering, and moving on
-                    # would leave its reasoning paid to the vendor and billed to no one.
-                    if isinstance(event, Delta | ToolCallDelta | ReasoningDelta | Finish):
+                    # would leave its reasoning paid to the vendor and billed to no one;
+                    # so is a running count of hidden thinking (Gemini's `OutputSoFar`).
+                    if isinstance(
+                        event, Delta | ToolCallDelta | ReasoningDelta | OutputSoFar | Finish
+                    ):
                         return Prefetched(response, head)
                 if parser.done:
                     return Prefetched(response, head)

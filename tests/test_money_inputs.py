@@ -513,6 +513,35 @@ def test_a_companys_own_files_model_holds_its_whole_context_through_the_sealed_r
     _edge_error(_completions(gw, init["stream_token"], _pdf_body(pdf)), 413, "input_too_large")
 
 
+def test_an_owner_shrinking_a_files_models_context_on_the_platforms_key_keeps_the_whole_hold(
+    gw: Gateway,
+) -> None:
+    """An owner may lower a packaged model's `context_length` on the platform's key (a
+    limit, `PLATFORM_KEY_FIELDS`), and a file was then held at that lowered context:
+    the vendor, which never sees the override, bills the PDF's pages up to its own
+    context. Measured on mock-vision (context 8192): with the context set to 4096 a
+    2,000-page PDF was held 5,132 micro-credits instead of 10,252 (on a 200k-token
+    vendor model, ~3k instead of ~200k input tokens), and streamed under that hold."""
+    pdf = objstm_pdf(2000)
+    company_id, token = _owner(gw)
+    body = {"models": {"mock-vision": {"context_length": 4096}}}
+    assert _put(gw, token, company_id, "mock", body).status_code == 200
+    models = gw.client.as_user(token, "GET", "/v1/models").json()["data"]["models"]
+    assert next(m for m in models if m["id"] == "mock-vision")["context_length"] == 4096
+    request = {"model": "mock-vision", "max_tokens": 16, **_pdf_body(pdf)}
+    whole = _cost(8192 - 16, 16, "1.25", "2.0")  # the backend's context, not the view's
+    init = gw.client.init_ok(token, request)
+    assert micro(init["reserved_credits"]) == whole
+    gw.backend.calls.clear()
+    _stream(gw, init)
+    assert gw.backend.calls[0][1]["messages"][0]["content"][1]["type"] == "file"
+    # The completions path sends the file under such a token too (it was a 413).
+    init = gw.client.init_ok(token, request)
+    assert micro(init["reserved_credits"]) == whole
+    response = _completions(gw, init["stream_token"], _pdf_body(pdf))
+    assert response.status_code == 200, response.text
+
+
 def test_unknown_keys_inside_content_parts_never_ride_upstream(gw: Gateway) -> None:
     """An image is held at a fixed count: 200 KB more inside its part, or beside a
     text part's text, would reach the vendor uncounted (a message's own unknown keys,

@@ -121,6 +121,27 @@ async def test_a_reasoning_backend_is_committed_to_not_abandoned_for_its_fallbac
     assert b"reasoning_content" in await prefetched.__anext__()
 
 
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_thinking_gemini_backend_is_committed_to_not_abandoned_for_its_fallback() -> None:
+    """Gemini's running count of its thinking (`OutputSoFar`) is output it bills, like
+    a reasoning delta: with a fallback left, the edge waited for text or a call only,
+    so a model thinking past the first-token clock was closed and the fallback served,
+    the thinking paid to Google and billed to no one (the fallback's meter is fresh)."""
+    from stream_edge.errors import UpstreamError
+    from stream_edge.upstream.gemini import GeminiStreamParser
+
+    answer = _Chunks()
+    doc = {"usageMetadata": {"promptTokenCount": 10, "thoughtsTokenCount": 900}}
+    answer.queue.put_nowait(b"data: " + orjson.dumps(doc) + b"\r\n\r\n")
+    try:
+        # No text ever comes within the clock: only the thinking's running count.
+        prefetched = await await_first_token(answer, GeminiStreamParser(), timeout=2)  # type: ignore[arg-type]
+    except UpstreamError as exc:
+        pytest.fail(f"the thinking backend was abandoned: {exc}")
+    assert not answer.closed
+    assert b"thoughtsTokenCount" in await prefetched.__anext__()
+
+
 # --- Anthropic's repeated usage --------------------------------------------------------
 
 
