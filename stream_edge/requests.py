@@ -24,6 +24,7 @@ from shared.input_size import (
     missing_features,
     params_tokens,
 )
+from shared.request_bounds import check_item_counts
 from shared.tokens import StreamGrant
 from shared.tool_shapes import (
     TOOL_PARAMS,
@@ -65,6 +66,11 @@ def validate_messages(
     `features` (400 `unsupported_content`)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    try:
+        # Before any item is looked at: their count bounds the work (`request_bounds`).
+        check_item_counts(messages)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     clean: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         # A string first: `in ROLES` (a set) raises TypeError on a list or an object.
