@@ -62,8 +62,10 @@ from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import MAX_TOKEN_COUNT, Catalog, ModelSpec
 from shared.input_size import (
     InputRejected,
+    InputSize,
     carries_files,
     content_text,
+    measure_input,
     missing_features,
     params_tokens,
 )
@@ -178,6 +180,7 @@ def plan_hold(
     max_tokens: int | None,
     params: dict[str, Any] | None = None,
     api_type: str = "openai_chat",
+    size: InputSize | None = None,
 ) -> HoldPlan:
     """The worst case: the input estimate plus `max_tokens` output, at the model's price.
 
@@ -189,9 +192,13 @@ def plan_hold(
     after the input (the input is fitted, not refused, as long as some room for an
     answer remains). A request carrying a file is held at the whole context left
     after the output: vendors bill a PDF per page, which no cheap scan bounds, and
-    never bill more input than that (`input_size.carries_files`)."""
-    rates = model.input_rates(api_type)
-    estimate = estimate_input_tokens(messages, rates) + params_tokens(params or {}, rates)
+    never bill more input than that (`input_size.carries_files`).
+
+    `size`: `measure_input(messages, params)`, when the caller measured it already
+    (once for the whole fallback chain: each model only prices it)."""
+    if size is None:
+        size = measure_input(messages, params)
+    estimate = size.at(model.input_rates(api_type))
     if max_tokens is None:
         # Capped by what the reservation's `max_tokens` column holds too, whatever
         # limits the model was given (a 500 on every init otherwise).
@@ -360,8 +367,10 @@ def reserve(
                 "a tool message must answer a tool call this session's assistant made",
             )
         messages = [*prefix, *req.messages]
-    plan = plan_hold(model, messages, req.max_tokens, req.params, _api_type(catalog, model))
-    chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools)
+    # Measured once: the chain's models only price it (`InputSize.at`).
+    size = measure_input(messages, req.params)
+    plan = plan_hold(model, messages, req.max_tokens, req.params, _api_type(catalog, model), size)
+    chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools, size)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
         raise RequestTooLarge(
@@ -446,6 +455,7 @@ def plan_chain(
     messages: list[dict[str, Any]],
     max_tokens: int,
     pools: dict[str, list[str]],
+    size: InputSize | None = None,
 ) -> list[ChainEntry]:
     """`model`'s fallbacks the company may use that can take this request, each with
     its own input estimate, output cap (`max_tokens`, or less if the fallback allows
@@ -456,7 +466,7 @@ def plan_chain(
             check_features(spec, req.features)
             check_content(spec, req.content_features)
             cap = min(max_tokens, spec.max_output_tokens)
-            plan = plan_hold(spec, messages, cap, req.params, _api_type(catalog, spec))
+            plan = plan_hold(spec, messages, cap, req.params, _api_type(catalog, spec), size)
         except (UnsupportedFeature, UnsupportedContent, ValidationFailed, InputTooLarge):
             continue
         pool = tuple(pools.get(spec.provider, ()))

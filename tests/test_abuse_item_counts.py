@@ -18,6 +18,7 @@ The whole gateway in one event loop (`tests/inproc.py`).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,43 @@ def sized(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     yield counted
 
 
+CHAIN_MESSAGES = [{"role": "user", "content": f"m{i}"} for i in range(MAX_MESSAGES - 1)] + [HI]
+
+
+@on_loop
+async def test_a_fallback_chain_sizes_a_body_once_at_init(gw: Gateway, sized: list[int]) -> None:
+    """A six-model chain: init measures the request once and prices it per model
+    (before: six times)."""
+    user = await gw.new_user()
+    sized.clear()
+    grant = await gw.init_ok(user, {"model": CHAIN[0], "messages": CHAIN_MESSAGES})
+    assert len(sized) <= MAX_MESSAGES + 1, len(sized)
+    claims = orjson.loads(_segment(grant["stream_token"]))
+    assert [entry["model"] for entry in claims["fallbacks"]] == CHAIN[1:]
+
+
+@on_loop
+async def test_a_fallback_chain_sizes_a_body_once_at_the_edge_even_for_a_used_token(
+    gw: Gateway, sized: list[int]
+) -> None:
+    """The edge checks and sizes a body before it claims the token: before, once per
+    model of the chain, so a used token replayed with a large body cost six passes
+    each time (a 401 in the end)."""
+    user = await gw.new_user()
+    grant = await gw.init_ok(user, {"model": CHAIN[0], "messages": CHAIN_MESSAGES})
+    status, answer = await _edge(gw, {"messages": CHAIN_MESSAGES}, grant["stream_token"])
+    assert status == 200, answer
+    sized.clear()
+    status, answer = await _edge(gw, {"messages": CHAIN_MESSAGES}, grant["stream_token"])
+    assert (status, answer["error"]["code"]) == (401, "token_used"), answer
+    assert len(sized) <= MAX_MESSAGES + 1, len(sized)
+
+
+def _segment(token: str) -> bytes:
+    payload = token.split(".")[1]
+    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+
+
 @pytest.mark.parametrize(
     ("messages", "where"),
     [
@@ -191,3 +229,23 @@ def test_the_counts_are_of_the_whole_request(messages: list[Any], where: str) ->
     check_item_counts(messages[: len(messages) // 2])  # half of it passes
     check_item_counts([None, "x", {"content": "text", "tool_calls": None}] * 300)
     check_item_counts({"not": "a list"})  # shapes are the validators' business
+
+
+def test_a_measure_prices_like_the_estimate_at_every_rate() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://x.io/a.png"}}
+    file = {"type": "file", "file": {"file_data": "JVBERi0=", "filename": "a.pdf"}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "1,2,3"}, image, file]},
+        {"role": "assistant", "content": None, "tool_calls": _calls("c", 2)},
+        {"role": "tool", "tool_call_id": "c.0", "content": "ok"},
+    ]
+    params = {"tools": [{"type": "function", "function": {"name": "f"}}], "stop": ["x"]}
+    size = input_size.measure_input(messages, params)
+    for rates in (
+        input_size.DEFAULT_RATES,
+        input_size.input_rates("anthropic_messages"),
+        input_size.input_rates("gemini", 48169),
+    ):
+        expected = input_size.estimate_input_tokens(messages, rates)
+        assert size.at(rates) == expected + input_size.params_tokens(params, rates)
+    assert size.images == 2 and size.tools
