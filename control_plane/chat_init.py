@@ -62,8 +62,10 @@ from control_plane.tables import ChatSession, Reservation, new_id, utcnow
 from shared.catalog import MAX_TOKEN_COUNT, Catalog, ModelSpec
 from shared.input_size import (
     InputRejected,
+    InputSize,
     carries_files,
     content_text,
+    measure_input,
     missing_features,
     params_tokens,
 )
@@ -178,7 +180,9 @@ def plan_hold(
     max_tokens: int | None,
     params: dict[str, Any] | None = None,
     api_type: str = "openai_chat",
+    *,
     billed_context: int | None = None,
+    size: InputSize | None = None,
 ) -> HoldPlan:
     """The worst case: the input estimate plus `max_tokens` output, at the model's price.
 
@@ -192,9 +196,13 @@ def plan_hold(
     after the output: vendors bill a PDF per page, which no cheap scan bounds, and
     never bill more input than that (`input_size.carries_files`). That context is
     the backend's, `billed_context` (`billed_context_of`), when it differs from the
-    company's view of the model."""
-    rates = model.input_rates(api_type)
-    estimate = estimate_input_tokens(messages, rates) + params_tokens(params or {}, rates)
+    company's view of the model.
+
+    `size`: `measure_input(messages, params)`, when the caller measured it already
+    (once for the whole fallback chain: each model only prices it)."""
+    if size is None:
+        size = measure_input(messages, params)
+    estimate = size.at(model.input_rates(api_type))
     if max_tokens is None:
         # Capped by what the reservation's `max_tokens` column holds too, whatever
         # limits the model was given (a 500 on every init otherwise).
@@ -375,15 +383,18 @@ def reserve(
                 "a tool message must answer a tool call this session's assistant made",
             )
         messages = [*prefix, *req.messages]
+    # Measured once: the chain's models only price it (`InputSize.at`).
+    size = measure_input(messages, req.params)
     plan = plan_hold(
         model,
         messages,
         req.max_tokens,
         req.params,
         _api_type(catalog, model),
-        billed_context_of(catalog, model, own_key=model.provider in keys),
+        billed_context=billed_context_of(catalog, model, own_key=model.provider in keys),
+        size=size,
     )
-    chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools)
+    chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools, size)
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
         raise RequestTooLarge(
@@ -468,6 +479,7 @@ def plan_chain(
     messages: list[dict[str, Any]],
     max_tokens: int,
     pools: dict[str, list[str]],
+    size: InputSize | None = None,
 ) -> list[ChainEntry]:
     """`model`'s fallbacks the company may use that can take this request, each with
     its own input estimate, output cap (`max_tokens`, or less if the fallback allows
@@ -484,7 +496,8 @@ def plan_chain(
                 cap,
                 req.params,
                 _api_type(catalog, spec),
-                billed_context_of(catalog, spec, own_key=spec.provider in pools),
+                billed_context=billed_context_of(catalog, spec, own_key=spec.provider in pools),
+                size=size,
             )
         except (UnsupportedFeature, UnsupportedContent, ValidationFailed, InputTooLarge):
             continue

@@ -23,6 +23,7 @@ from typing import Any
 from control_plane.errors import AgentOverride, UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
 from shared.input_size import InputRejected, clean_parts
+from shared.request_bounds import MAX_MESSAGES, check_item_counts
 from shared.tool_shapes import (
     check_tool_calls,
     check_tool_params,
@@ -33,7 +34,6 @@ from shared.tool_shapes import (
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 QUERY_MAX_CHARS = 2000
-MAX_MESSAGES = 1000
 STOP_MAX = 4
 MAX_FEATURES = 16
 MAX_TOOLS = 128
@@ -82,6 +82,11 @@ def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
         raise ValidationFailed("messages", "must be a non-empty array")
     if len(value) > MAX_MESSAGES:
         raise ValidationFailed("messages", f"must have at most {MAX_MESSAGES} items")
+    try:
+        # Before any item is looked at: their count bounds the work (`request_bounds`).
+        check_item_counts(value)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     result: list[dict[str, Any]] = []
     needed: set[str] = set()
     for i, item in enumerate(value):
@@ -186,6 +191,10 @@ def _tool_results(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
     """`tool_results` as the `tool` messages they become."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_TOOLS:
         raise ValidationFailed("tool_results", f"must be an array of 1-{MAX_TOOLS} results")
+    try:
+        check_item_counts(value, "tool_results")
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     needed: set[str] = set()
     out: list[dict[str, Any]] = []
     for i, item in enumerate(value):

@@ -268,27 +268,50 @@ def missing_features(needed: Iterable[str], features: Iterable[str]) -> list[str
     return sorted(f for f in set(needed) if f not in have)
 
 
-def _part_tokens(part: Mapping[str, Any], rates: InputRates) -> int:
+@dataclass(frozen=True, slots=True)
+class InputSize:
+    """A request's input estimate apart from the route's rates: what costs the same on
+    every route (`tokens`), how many images it holds (a file counts as one) and
+    whether tools are sent. A request is measured once (`measure_input`) and priced
+    for each model of its fallback chain with `at`, in constant time: the chain's
+    models differ only in their rates, and measuring it again for each of them cost
+    up to six passes over a 1 MiB body before the edge even checked its token's use."""
+
+    tokens: int = 0
+    images: int = 0
+    tools: bool = False
+
+    def at(self, rates: InputRates) -> int:
+        vendor = rates.tool_prompt_tokens if self.tools else 0
+        return self.tokens + self.images * rates.image_tokens + vendor
+
+    def __add__(self, other: InputSize) -> InputSize:
+        return InputSize(
+            self.tokens + other.tokens, self.images + other.images, self.tools or other.tools
+        )
+
+
+def _part_size(part: Mapping[str, Any]) -> InputSize:
     kind = part.get("type")
     if kind == "image_url":
-        return rates.image_tokens
+        return InputSize(images=1)
     if kind == "file":
         body = part["file"]
         filename = str(body.get("filename") or "").encode("utf-8")
-        return rates.image_tokens + len(str(body.get("file_data", ""))) + len(filename)
+        return InputSize(len(str(body.get("file_data", ""))) + len(filename), images=1)
     if kind == "input_audio":
-        return -(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN)
+        return InputSize(-(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN))
     # Anything unforeseen that got this far is priced as its JSON text, never as 0.
-    return text_tokens([orjson.dumps(part)])
+    return InputSize(text_tokens([orjson.dumps(part)]))
 
 
-def message_tokens(message: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:
+def message_size(message: Mapping[str, Any]) -> InputSize:
     content = message.get("content")
     texts = [str(message.get("role", "")).encode("utf-8")]
     for key in ("tool_calls", "tool_call_id"):
         if message.get(key) is not None:
             texts.append(orjson.dumps(message[key]))
-    extra = 0
+    extra = InputSize()
     if isinstance(content, str):
         texts.append(content.encode("utf-8"))
     elif isinstance(content, list):
@@ -298,15 +321,38 @@ def message_tokens(message: Mapping[str, Any], rates: InputRates = DEFAULT_RATES
             if part.get("type", "text") == "text" and isinstance(part.get("text", ""), str):
                 texts.append(part.get("text", "").encode("utf-8"))
             else:
-                extra += _part_tokens(part, rates)
-    return text_tokens(texts) + TOKENS_PER_MESSAGE + extra
+                extra += _part_size(part)
+    return InputSize(text_tokens(texts) + TOKENS_PER_MESSAGE) + extra
+
+
+def message_tokens(message: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:
+    return message_size(message).at(rates)
+
+
+def params_size(params: Mapping[str, Any]) -> InputSize:
+    """Everything sent upstream beside the messages (tools, stop, response_format…)."""
+    if not params:
+        return InputSize()
+    text = text_tokens([orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)])
+    return InputSize(text, tools=bool(params.get("tools")))
+
+
+def measure_input(
+    messages: Iterable[Mapping[str, Any]], params: Mapping[str, Any] | None = None
+) -> InputSize:
+    """The messages' and `params`' size, to price per route with `InputSize.at`:
+    `measure_input(m, p).at(r) == estimate_input_tokens(m, r) + params_tokens(p, r)`."""
+    total = params_size(params or {})
+    for message in messages:
+        total += message_size(message)
+    return total
 
 
 def estimate_input_tokens(
     messages: Iterable[Mapping[str, Any]], rates: InputRates = DEFAULT_RATES
 ) -> int:
     """Deterministic, conservative count of the messages' tokens (see the module doc)."""
-    return sum(message_tokens(message, rates) for message in messages)
+    return measure_input(messages).at(rates)
 
 
 def carries_files(messages: Iterable[Mapping[str, Any]]) -> bool:
@@ -323,10 +369,7 @@ def carries_files(messages: Iterable[Mapping[str, Any]]) -> bool:
 def params_tokens(params: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:
     """Everything sent upstream beside the messages (tools, stop, response_format…),
     and the vendor's own tool-use prompt when tools are sent."""
-    if not params:
-        return 0
-    vendor = rates.tool_prompt_tokens if params.get("tools") else 0
-    return text_tokens([orjson.dumps(dict(params), option=orjson.OPT_SORT_KEYS)]) + vendor
+    return params_size(params).at(rates)
 
 
 def content_text(content: Any) -> str:

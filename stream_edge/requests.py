@@ -1,6 +1,9 @@
 """Validate an OpenAI-style chat request against the stream grant (pure).
 
 Runs before the token is claimed, so a malformed request does not burn the token.
+The body is checked and measured once (`read_chat_body`), then fitted to each model
+of the grant's fallback chain (`fit_chat_body`: features, limits, the estimate at its
+rates), so a chain of six costs one pass over the body, not six.
 The input is sized with `shared.input_size`, the formula init used for the hold:
 the messages with their content parts and every parameter passed upstream must fit
 the grant's `max_input_tokens`, and non-text parts need the model's feature. Tool
@@ -17,13 +20,14 @@ from shared.catalog import ModelSpec
 from shared.input_size import (
     MAX_JSON_DEPTH,
     InputRejected,
+    InputSize,
     carries_files,
     clean_parts,
-    estimate_input_tokens,
     json_too_deep,
+    measure_input,
     missing_features,
-    params_tokens,
 )
+from shared.request_bounds import check_item_counts
 from shared.tokens import StreamGrant
 from shared.tool_shapes import (
     TOOL_PARAMS,
@@ -57,15 +61,38 @@ class ChatRequest:
     input_estimate: int
 
 
-def validate_messages(
-    messages: Any, features: tuple[str, ...] = ("streaming",)
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class CheckedMessages:
+    """Messages as sent upstream, and which of them need model features: `needs`
+    holds (index, features) for each message with parts other than text."""
+
+    messages: list[dict[str, Any]]
+    needs: tuple[tuple[int, frozenset[str]], ...] = ()
+
+    def require(self, features: tuple[str, ...]) -> None:
+        """400 `unsupported_content` naming the first message a model with `features`
+        cannot take."""
+        for i, needed in self.needs:
+            missing = missing_features(needed, features)
+            if missing:
+                raise BadRequest(
+                    f"messages[{i}].content: this model cannot take {', '.join(missing)} content",
+                    code="unsupported_content",
+                )
+
+
+def check_messages(messages: Any) -> CheckedMessages:
     """The messages as sent upstream (role and content, an assistant's `tool_calls`,
-    a tool result's `tool_call_id`); content parts other than text need the model's
-    `features` (400 `unsupported_content`)."""
+    a tool result's `tool_call_id`), whatever the model; what each needs of it."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array", code="invalid_messages")
+    try:
+        # Before any item is looked at: their count bounds the work (`request_bounds`).
+        check_item_counts(messages)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     clean: list[dict[str, Any]] = []
+    needs: list[tuple[int, frozenset[str]]] = []
     for i, message in enumerate(messages):
         # A string first: `in ROLES` (a set) raises TypeError on a list or an object.
         role = message.get("role") if isinstance(message, dict) else None
@@ -90,12 +117,8 @@ def validate_messages(
                 content, needed = clean_parts(content, f"messages[{i}].content")
             except InputRejected as exc:
                 raise _rejected(exc) from None
-            missing = missing_features(needed, features)
-            if missing:
-                raise BadRequest(
-                    f"messages[{i}].content: this model cannot take {', '.join(missing)} content",
-                    code="unsupported_content",
-                )
+            if needed:
+                needs.append((i, frozenset(needed)))
         elif not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string", code="invalid_messages")
         clean.append({"role": message["role"], "content": content, **extra})
@@ -103,14 +126,36 @@ def validate_messages(
         check_tool_sequence(clean)
     except InputRejected as exc:
         raise _rejected(exc) from None
-    return clean
+    return CheckedMessages(clean, tuple(needs))
 
 
-def parse_chat_request(
-    body: Any, grant: StreamGrant, model: ModelSpec, api_type: str = "openai_chat"
-) -> ChatRequest:
-    """`model`: the grant's model as routed (its features, image price and context),
-    `api_type`: its provider's wire format (the vendor's own overheads)."""
+def validate_messages(
+    messages: Any, features: tuple[str, ...] = ("streaming",)
+) -> list[dict[str, Any]]:
+    """`check_messages` for a model with `features`: content parts other than text
+    need the model's features (400 `unsupported_content`)."""
+    checked = check_messages(messages)
+    checked.require(features)
+    return checked.messages
+
+
+@dataclass(frozen=True, slots=True)
+class ChatBody:
+    """A request body checked and measured once, for whichever model of the grant's
+    chain serves it (`fit_chat_body` sizes it for each in constant time)."""
+
+    checked: CheckedMessages
+    requested_max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    params: dict[str, Any]
+    size: InputSize
+    uses_tools: bool
+    carries_files: bool
+
+
+def read_chat_body(body: Any, grant: StreamGrant) -> ChatBody:
+    """Everything about the body that does not depend on the model that serves it."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     if json_too_deep(body):
@@ -120,14 +165,12 @@ def parse_chat_request(
         )
     if body.get("model") is not None and body.get("model") != grant.model:
         raise Forbidden(f"this token grants model {grant.model!r} only", code="model_not_allowed")
-    messages = validate_messages(body.get("messages"), model.features)
+    checked = check_messages(body.get("messages"))
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
-    if requested is None:
-        max_tokens = grant.max_tokens
-    elif isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+    if requested is not None and (
+        isinstance(requested, bool) or not isinstance(requested, int) or requested < 1
+    ):
         raise BadRequest("'max_tokens' must be a positive integer", code="invalid_max_tokens")
-    else:
-        max_tokens = min(requested, grant.max_tokens)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", code="invalid_stream")
@@ -142,18 +185,37 @@ def parse_chat_request(
         params |= check_tool_params(tool_doc)
     except InputRejected as exc:
         raise _rejected(exc) from None
-    if uses_tools(messages, params) and "tools" not in model.features:
+    return ChatBody(
+        checked=checked,
+        requested_max_tokens=requested,
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+        params=params,
+        # Everything that goes upstream counts: the messages and the parameters.
+        size=measure_input(checked.messages, params),
+        uses_tools=uses_tools(checked.messages, params),
+        carries_files=carries_files(checked.messages),
+    )
+
+
+def fit_chat_body(
+    chat: ChatBody, grant: StreamGrant, model: ModelSpec, api_type: str = "openai_chat"
+) -> ChatRequest:
+    """`chat` for `model` as routed (its features, image price and context) on its
+    provider's wire format `api_type` (the vendor's own overheads), within `grant`."""
+    chat.checked.require(model.features)
+    requested = chat.requested_max_tokens
+    max_tokens = grant.max_tokens if requested is None else min(requested, grant.max_tokens)
+    if chat.uses_tools and "tools" not in model.features:
         raise BadRequest(f"{model.id} cannot call tools", code="unsupported_feature")
-    # Everything that goes upstream counts: the messages and the parameters.
-    rates = model.input_rates(api_type)
-    estimate = estimate_input_tokens(messages, rates) + params_tokens(params, rates)
+    estimate = chat.size.at(model.input_rates(api_type))
     if estimate > grant.max_input_tokens:
         raise InputTooLarge(
             f"the input is about {estimate} tokens; this token allows {grant.max_input_tokens}"
         )
     # A file is billed per page, up to what the context leaves the input: only a token
     # that holds all of it carries one (`input_size.carries_files`, as init holds it).
-    if carries_files(messages) and grant.max_input_tokens < model.context_length - max_tokens:
+    if chat.carries_files and grant.max_input_tokens < model.context_length - max_tokens:
         raise InputTooLarge(
             "a request carrying a file is held at the model's whole context "
             f"({model.context_length - max_tokens} input tokens with max_tokens "
@@ -161,10 +223,18 @@ def parse_chat_request(
             "send the file in the init"
         )
     return ChatRequest(
-        messages=messages,
+        messages=chat.checked.messages,
         max_tokens=max_tokens,
-        stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-        params=params,
+        stream=chat.stream,
+        include_usage=chat.include_usage,
+        params=chat.params,
         input_estimate=estimate,
     )
+
+
+def parse_chat_request(
+    body: Any, grant: StreamGrant, model: ModelSpec, api_type: str = "openai_chat"
+) -> ChatRequest:
+    """`model`: the grant's model as routed (its features, image price and context),
+    `api_type`: its provider's wire format (the vendor's own overheads)."""
+    return fit_chat_body(read_chat_body(body, grant), grant, model, api_type)

@@ -37,7 +37,7 @@ from stream_edge.errors import (
 )
 from stream_edge.formats import OpenAIChunkWriter, completion_object
 from stream_edge.jobs import StreamJob
-from stream_edge.requests import ChatRequest, parse_chat_request
+from stream_edge.requests import ChatBody, ChatRequest, fit_chat_body, read_chat_body
 from stream_edge.state import EdgeState
 from stream_edge.streaming import Emit, EventStreamResponse, Streamed
 from stream_edge.upstream.base import Usage
@@ -85,8 +85,9 @@ async def admit(
             code="agent_stream_only",
         )
     target = route(state, grant)
-    body = await read()
-    chat = parse_chat_request(body, grant, target.model, target.provider.api_type)
+    # Checked and measured once; each model of the chain only prices the measure.
+    body = read_chat_body(await read(), grant)
+    chat = fit_chat_body(body, grant, target.model, target.provider.api_type)
     attempts = [_attempt(target, chat), *_fallbacks(state, grant, body)]
     if (await claim(state, grant, "completions")).verdict != "ok":
         # A POST cannot resume: a second request with the token is a second use.
@@ -140,7 +141,7 @@ def _attempt(target: Route, chat: ChatRequest) -> Attempt:
     return Attempt(target, chat.messages, chat.params, chat.max_tokens, chat.input_estimate)
 
 
-def _fallbacks(state: EdgeState, grant: StreamGrant, body: object) -> list[Attempt]:
+def _fallbacks(state: EdgeState, grant: StreamGrant, body: ChatBody) -> list[Attempt]:
     """The grant's fallbacks that can take this body: each model checks it with its own
     features and input estimate against its own signed `max_input_tokens`; one that
     cannot is left out of the chain (the first model already accepted the body)."""
@@ -150,7 +151,7 @@ def _fallbacks(state: EdgeState, grant: StreamGrant, body: object) -> list[Attem
             grant, max_input_tokens=fallback.max_input_tokens, max_tokens=fallback.max_tokens
         )
         try:
-            chat = parse_chat_request(body, limited, fallback.model, fallback.provider.api_type)
+            chat = fit_chat_body(body, limited, fallback.model, fallback.provider.api_type)
         except EdgeError:
             continue
         attempts.append(_attempt(fallback, chat))
