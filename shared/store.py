@@ -215,9 +215,17 @@ class LogStore(Protocol):
         """Append to the log `key`, restarting its TTL; returns its length."""
         ...
 
-    async def log_range(self, key: str, start: int, count: int) -> list[bytes]:
+    async def log_range(
+        self, key: str, start: int, count: int, max_bytes: int | None = None
+    ) -> list[bytes]:
         """At most `count` items from index `start` (0-based): a reader never holds
-        more of a log than it asked for (a reconnect flood on a long log)."""
+        more of a log than it asked for (a reconnect flood on a long log). With
+        `max_bytes`, also no more items than fit in that many bytes, but always the
+        first one (a reader must get past an item larger than its budget)."""
+        ...
+
+    async def log_length(self, key: str) -> int:
+        """How many items the log holds (0: none, or expired), without reading any."""
         ...
 
 

@@ -195,11 +195,27 @@ class MemoryStore:
         self._logs[key] = (log, now + ttl_seconds)
         return len(log)
 
-    async def log_range(self, key: str, start: int, count: int) -> list[bytes]:
+    async def log_range(
+        self, key: str, start: int, count: int, max_bytes: int | None = None
+    ) -> list[bytes]:
         entry = self._logs.get(key)
         if entry is None or entry[1] <= self._clock() or count <= 0:
             return []
-        return entry[0][start : start + count]
+        items = entry[0][start : start + count]
+        if max_bytes is None:
+            return items
+        size = 0
+        for taken, item in enumerate(items):
+            size += len(item)
+            if taken and size > max_bytes:
+                return items[:taken]
+        return items
+
+    async def log_length(self, key: str) -> int:
+        entry = self._logs.get(key)
+        if entry is None or entry[1] <= self._clock():
+            return 0
+        return len(entry[0])
 
     async def ping(self) -> bool:
         return True

@@ -100,6 +100,27 @@ return false
 """
 
 
+# A log's items from ARGV[1], at most ARGV[2] of them and no more than ARGV[3] bytes in
+# all, the first always (`LogStore.log_range`). Read a few at a time, so neither the
+# reply nor the script holds much more than the budget when the items are large.
+_LOG_RANGE = """
+local first, last = tonumber(ARGV[1]), tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1
+local budget, out, size = tonumber(ARGV[3]), {}, 0
+local i = first
+while i <= last do
+  local items = redis.call('LRANGE', KEYS[1], i, math.min(i + 7, last))
+  if #items == 0 then return out end
+  for _, item in ipairs(items) do
+    size = size + #item
+    if #out > 0 and size > budget then return out end
+    out[#out + 1] = item
+  end
+  i = i + 8
+end
+return out
+"""
+
+
 # --- init's gate (issue 14.3) --------------------------------------------------------
 # See `InitGate`. KEYS: the rate counters, the TPM counters, the pending set, then the
 # key to fetch (if any). ARGV: n_rate, n_tpm, window_ms, now, member, expires_at,
@@ -170,7 +191,7 @@ class RedisStore:
         self._dead = f"{outbox}:dead"
         self._scripts = {
             source: client.register_script(source)
-            for source in (_CLAIM, _ADMIT, _PUT, _RESCHEDULE, _BOUNDED_ADD, _INIT_GATE)
+            for source in (_CLAIM, _ADMIT, _PUT, _RESCHEDULE, _BOUNDED_ADD, _INIT_GATE, _LOG_RANGE)
         }
 
     async def _run(self, source: str, keys: list[str], args: list[Any]) -> Any:
@@ -488,11 +509,22 @@ class RedisStore:
             length, _ = await pipe.execute()
         return int(length)
 
-    async def log_range(self, key: str, start: int, count: int) -> list[bytes]:
+    async def log_range(
+        self, key: str, start: int, count: int, max_bytes: int | None = None
+    ) -> list[bytes]:
         if count <= 0:
             return []
+        if max_bytes is not None:
+            # Through the pool, not the pipe every stream's commands share: a
+            # follower's reads are large, and would hold those up behind them.
+            script = self._scripts[_LOG_RANGE]
+            items = await script(keys=[self._key(key)], args=[start, count, max_bytes])
+            return cast(list[bytes], items)
         # LRANGE's end is inclusive.
         return cast(list[bytes], await self._redis.lrange(self._key(key), start, start + count - 1))
+
+    async def log_length(self, key: str) -> int:
+        return int(await self._redis.llen(self._key(key)))
 
     async def ping(self) -> bool:
         try:

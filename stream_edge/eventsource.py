@@ -167,7 +167,14 @@ async def event_stream(request: Request) -> Response:
             state.store, grant.jti, state.settings.resume_grace_seconds, finished
         ),
     )
-    return Streamed(state.active, stream, grant, closing_frame, live=(live_key(grant.jti), None))
+    return Streamed(
+        state.active,
+        stream,
+        grant,
+        closing_frame,
+        live=(live_key(grant.jti), None),
+        connections=state.connections,
+    )
 
 
 async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> None:
@@ -193,12 +200,19 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
     if done is not None:
         if not within_grace(done, time.time(), state.settings.resume_grace_seconds):
             return Response(status_code=204)  # ended long ago: EventSource stops here
-        if not await state.store.log_range(events_key(grant.jti), after, 1):
+        # Counted, not read: a flood of reconnects must not each load an event.
+        if await state.store.log_length(events_key(grant.jti)) <= after:
             return Response(status_code=204)
-    # This connection now serves the stream; the one before it is ended by the
-    # process's watcher (one live connection per stream).
-    connection = secrets.token_hex(8).encode()
-    await state.store.set(live_key(grant.jti), connection, _log_ttl(state, grant))
+    # This connection now serves the stream (one live connection per stream): the one
+    # before it on this edge ends at once (live_connections.py), one on another edge
+    # at its process's next watch (revocation_watch.py).
+    key, connection = live_key(grant.jti), secrets.token_hex(8).encode()
+    state.connections.claim(key, connection)
+    try:
+        await state.store.set(key, connection, _log_ttl(state, grant))
+    except BaseException:
+        state.connections.forget(key, connection)
+        raise
     follower = Follower(
         state.store,
         grant.jti,
@@ -224,5 +238,6 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         stream,
         grant,
         follower.final_frame,
-        live=(live_key(grant.jti), connection),
+        live=(key, connection),
+        connections=state.connections,
     )

@@ -24,7 +24,9 @@ Who may resume (DESIGN §9 "Disconnects and resume"): only a request that carrie
 resume grace after the stream ended (then 204), and only one connection at a time:
 each reconnect writes its own id under `live_key`, and the process's watcher
 (revocation_watch.py) ends any connection whose id is no longer there — the
-producer's client included, which has no id and yields to the first reconnect.
+producer's client included, which has no id and yields to the first reconnect. On
+the reconnect's own edge the connection before it ends at once, so a flood of
+reconnects runs one follower per stream per edge (live_connections.py).
 """
 
 from __future__ import annotations
@@ -54,9 +56,13 @@ ENTRY_OVERHEAD = 16
 FLUSH_DELAY = 0.05  # batch frames written within 50 ms into one store round trip
 POLL_INTERVAL = 0.05
 HEARTBEAT_TTL = 3.0
-# Frames a follower reads per store round trip: what it holds at once is at most
-# this many frames, and never more than the log's budget.
+# What a follower reads per store round trip: at most this many frames, and no more
+# than `READ_BYTES` of them (but always one, however large). By count alone a batch
+# of 1 MiB deltas was 256 MiB (the whole 16 MiB log, in practice) per follower, twice
+# over once joined for the client; ordinary ~70-byte frames fill the count long
+# before the bytes.
 READ_BATCH = 256
+READ_BYTES = 256 * 1024
 GAP_CODE = "resume_gap"
 
 
@@ -302,7 +308,9 @@ class Follower:
         count = READ_BATCH
         if self.kept is not None:
             count = min(count, self.kept - self.position)
-        return await self._store.log_range(events_key(self._jti), self.position, count)
+        return await self._store.log_range(
+            events_key(self._jti), self.position, count, max_bytes=READ_BYTES
+        )
 
     async def _emit(self, emit: Callable[[bytes], Awaitable[None]], frames: list[bytes]) -> None:
         # Counted before the write: a frame cut off mid-write must not be numbered again.

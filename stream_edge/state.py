@@ -12,6 +12,7 @@ from shared.tokens import StreamGrant
 from stream_edge.breaker import Breakers
 from stream_edge.grants import GrantVerifier
 from stream_edge.limits import StreamLimits
+from stream_edge.live_connections import LiveConnections
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.settings import EdgeSettings
@@ -53,3 +54,6 @@ class EdgeState:
     draining: bool = False
     # Streams being served (streaming.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)
+    # The connection serving each resumable stream here: a reconnect ends the one
+    # before it at once (live_connections.py).
+    connections: LiveConnections = field(default_factory=LiveConnections)

@@ -12,9 +12,17 @@ when the client is gone.
 
 Outcomes: `finished` (the producer returned), `client_gone`, `slow_client`,
 `aborted` (the edge is shutting down) and `revoked` (see `abort`). `detach` ends the
-client's response but not the producer: to the producer it looks like the client
-left (ASGI answers `receive` with `http.disconnect` once the response is complete).
-`Streamed` serves one as a Starlette response that shutdown and revocation can reach.
+client's response as if the client had left: a stream that lingers for a reconnect
+(the producer of a resumable stream) goes on; any other (a resume follower) stops at
+once. `Streamed` serves one as a Starlette response that shutdown, revocation and a
+superseding reconnect can reach.
+
+What one response holds is bounded in bytes: a body goes to the server in slices of
+`SEND_SLICE`, because uvicorn puts each `send` into the connection's buffer whole and
+only waits for the client before the next one. A 16 MiB catch-up handed over in one
+piece sat in memory until the client read it, or the connection was dropped a minute
+later; in slices, a client that reads nothing holds the transport's high-water mark
+(64 KiB) plus one slice.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from shared.tokens import StreamGrant
+from stream_edge.live_connections import LiveConnections
 from stream_edge.state import RunningStream
 
 Emit = Callable[[bytes], Awaitable[None]]
@@ -38,6 +47,7 @@ STREAM_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 PING = b": ping\n\n"
+SEND_SLICE = 64 * 1024
 
 
 class EventStreamResponse:
@@ -66,6 +76,11 @@ class EventStreamResponse:
         self.connected = True
         self._detachable = detachable
         self._detached = asyncio.Event()
+        # Detached with nothing to carry on for: nothing more is written.
+        self._stopped = False
+        # A body is half sent (its slices cut off): an event written now would be
+        # glued to half of another.
+        self._torn = False
 
     def abort(self, final_frame: Callable[[], bytes], outcome: str = "aborted") -> None:
         """End the stream now with the frame `final_frame()` makes (e.g. an `error`
@@ -81,8 +96,9 @@ class EventStreamResponse:
             self._scope.cancel()
 
     def detach(self) -> None:
-        """End the client's response now, cleanly, and carry on as if it had left
-        (only for a response made `detachable`)."""
+        """End the client's response now and carry on as if it had left (only for a
+        response made `detachable`): cleanly, unless a send to the client is stuck
+        (then the connection is cut: that client is not reading what it has)."""
         self._detached.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,21 +115,35 @@ class EventStreamResponse:
             if self._linger is None and self._scope is not None:
                 self._scope.cancel()
 
+        async def emit_sliced(data: bytes) -> None:
+            nonlocal send_started
+            self._torn = True
+            for start in range(0, len(data), SEND_SLICE):
+                # Set before each slice, never cleared in between: `watch_detach`
+                # must not end the response between two halves of a frame.
+                send_started = time.monotonic()
+                piece = data[start : start + SEND_SLICE]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            self._torn = False
+
         async def emit(data: bytes) -> None:
             nonlocal last_write, send_started
             # Once aborted, nothing but the abort's own frame goes out: a producer may
             # write on until the cancellation reaches it, and its frames would follow
             # the final `error` event (a follower's numbered before them).
-            if data and self.connected and not self._abort_frame:
-                send_started = time.monotonic()
+            if data and self.connected and not self._abort_frame and not self._stopped:
                 try:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    if len(data) <= SEND_SLICE:
+                        send_started = time.monotonic()
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    else:
+                        await emit_sliced(data)
                 except OSError:
-                    send_started = None
                     gone()
                     return
+                finally:
+                    send_started = None
                 last_write = time.monotonic()
-                send_started = None
 
         async def watch_disconnect(producer: anyio.CancelScope) -> None:
             while True:
@@ -130,8 +160,18 @@ class EventStreamResponse:
                 # Whatever ended the wait (a failure included): nobody is reading.
                 producer.cancel()
 
-        async def watch_detach() -> None:
+        async def watch_detach(producer: anyio.CancelScope) -> None:
             await self._detached.wait()
+            if self._linger is None:
+                # Nothing goes on without this client (a resume follower superseded by
+                # a reconnect): stop now, before it reads or writes another frame. The
+                # response then ends cleanly (`__call__`), unless a send is stuck: that
+                # client is behind on what it has, so it is cut, never waited on.
+                self._stopped = True
+                if send_started is not None:
+                    self.connected = False
+                producer.cancel()
+                return
             while send_started is not None:  # never two sends at once
                 await asyncio.sleep(0.01)
             if not self.connected:
@@ -173,15 +213,22 @@ class EventStreamResponse:
                 watchers.append(asyncio.create_task(watch_disconnect(producer)))
                 watchers.append(asyncio.create_task(watchdog(producer)))
                 if self._detachable:  # resumable streams only: one task fewer otherwise
-                    watchers.append(asyncio.create_task(watch_detach()))
+                    watchers.append(asyncio.create_task(watch_detach(producer)))
                 await self._produce(emit)
             for task in watchers:
                 task.cancel()
             if self.connected:
-                if self._abort_frame:
-                    frame, self._abort_frame = self._abort_frame, b""
-                    await emit(frame)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # Bounded: a client that reads nothing does not keep this response
+                # open (the server closes a response the app left unfinished, with at
+                # most a slice past the high-water mark still in its buffer).
+                with anyio.move_on_after(self._slow_client_timeout):
+                    if self._abort_frame:
+                        frame, self._abort_frame = self._abort_frame, b""
+                        # After half a frame the client sees the stream end mid-event,
+                        # which EventSource drops (WHATWG SSE), and reconnects.
+                        if not self._torn:
+                            await emit(frame)
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             self.connected = False
             if self.outcome == "finished":
@@ -200,7 +247,8 @@ class Streamed(Response):
     `final_frame(code, message)` makes the closing error frame only when needed (an
     EventSource frame takes the next event id). `live`: the store key naming the
     stream's one live connection and this connection's id in it (None: the first
-    connection, which has none), for resumable streams."""
+    connection, which has none), for resumable streams, registered in `connections`
+    while it runs so that a reconnect on this edge supersedes it at once."""
 
     def __init__(
         self,
@@ -209,12 +257,14 @@ class Streamed(Response):
         grant: StreamGrant | None,
         final_frame: Callable[[str, str], bytes],
         live: tuple[str, bytes | None] | None = None,
+        connections: LiveConnections | None = None,
     ) -> None:
         self._active = active
         self._inner = inner
         self.grant = grant
         self._final_frame = final_frame
         self.live = live
+        self._connections = connections
 
     def shut_down(self) -> None:
         self._inner.abort(
@@ -234,7 +284,12 @@ class Streamed(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._active.add(self)
+        registry, live = self._connections, self.live
+        if registry is not None and live is not None and not registry.attach(*live, self):
+            self.supersede()  # a later reconnect took the stream before this one started
         try:
             await self._inner(scope, receive, send)
         finally:
             self._active.discard(self)
+            if registry is not None and live is not None:
+                registry.release(live[0], self)

@@ -90,6 +90,20 @@ class ServerGroup:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
 
+    def pending_writes(self, app: Any) -> list[int]:
+        """Bytes each open connection to `app` has yet to send its client: the
+        transports' write buffers, where what a client does not read is held."""
+        server = self._servers[[a for a, _ in self._apps].index(app)]
+
+        async def sizes() -> list[int]:
+            return [
+                p.transport.get_write_buffer_size()
+                for p in list(server.server_state.connections)
+                if getattr(p, "transport", None) is not None
+            ]
+
+        return list(self.call(sizes))
+
     def stop(self) -> None:
         for server in self._servers:
             server.should_exit = True

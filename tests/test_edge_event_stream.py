@@ -71,3 +71,126 @@ async def test_a_failed_write_stops_a_stream_nobody_can_resume() -> None:
     steps, outcomes = await run(resumable=False)
     assert "finished" not in steps
     assert outcomes == ["client_gone"]
+
+
+# --- a reconnect flood: what a superseded or stuck response holds -------------------
+
+
+class StuckClient:
+    """An ASGI peer that takes `takes` body writes, then reads nothing more: the next
+    write waits for ever (the server's buffer toward it is full)."""
+
+    def __init__(self, takes: int) -> None:
+        self.takes = takes
+        self.bodies: list[bytes] = []
+        self.ended = False
+        self.stuck = asyncio.Event()
+        self.never = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        if len(self.bodies) >= self.takes:
+            self.stuck.set()
+            await self.never.wait()
+        if message.get("more_body", False):
+            self.bodies.append(message["body"])
+        else:
+            self.ended = True
+
+
+def follower_like(client: StuckClient, frames: list[bytes]) -> tuple[EventStreamResponse, Any]:
+    """A non-lingering, detachable response (as a resume follower's) emitting
+    `frames`, then waiting for more that never come."""
+    more = asyncio.Event()
+
+    async def produce(emit: Emit) -> None:
+        for frame in frames:
+            await emit(frame)
+        await more.wait()
+
+    async def on_finish(outcome: str) -> None:
+        return None
+
+    response = EventStreamResponse(
+        produce, on_finish, ping_interval=60, slow_client_timeout=600, detachable=True
+    )
+    task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
+    return response, task
+
+
+async def test_a_large_body_goes_out_in_slices_so_a_stuck_client_holds_one() -> None:
+    from stream_edge.streaming import SEND_SLICE
+
+    client = StuckClient(takes=2)
+    frame = b"data: " + b"x" * (5 * SEND_SLICE) + b"\n\n"
+    response, task = follower_like(client, [frame])
+    async with asyncio.timeout(10):  # a bound on a broken test, not a timing check
+        await client.stuck.wait()
+        assert [len(b) for b in client.bodies] == [SEND_SLICE, SEND_SLICE]
+        # Superseded while a send is stuck: cut at once, never waited on, and no
+        # other event glued to half a frame.
+        response.detach()
+        await task
+    assert not client.ended
+    assert b"".join(client.bodies) == frame[: 2 * SEND_SLICE]
+
+
+async def test_a_superseded_follower_stops_at_once_and_its_reading_client_sees_a_clean_end() -> (
+    None
+):
+    client = StuckClient(takes=100)
+    response, task = follower_like(client, [b"id: 1\ndata: a\n\n"])
+    async with asyncio.timeout(10):
+        while not client.bodies:
+            await asyncio.sleep(0)
+        response.detach()
+        await task  # the producer was cancelled: it waited for more frames for ever
+    assert client.ended and client.bodies == [b"id: 1\ndata: a\n\n"]
+
+
+async def test_an_abort_after_half_a_frame_writes_no_event_into_it() -> None:
+    from stream_edge.streaming import SEND_SLICE
+
+    client = StuckClient(takes=1)
+    response, task = follower_like(client, [b"data: " + b"x" * (2 * SEND_SLICE) + b"\n\n"])
+    async with asyncio.timeout(10):
+        await client.stuck.wait()
+        client.takes = 100  # the client would read again: only the frame is cut off
+        response.abort(lambda: b"id: 2\nevent: error\ndata: {}\n\n", outcome="revoked")
+        await task
+    assert b"event: error" not in b"".join(client.bodies)
+    assert client.ended
+
+
+def test_live_connections_keep_the_latest_reconnect() -> None:
+    from stream_edge.live_connections import LiveConnections
+
+    class Conn:
+        def __init__(self) -> None:
+            self.superseded = False
+
+        def supersede(self) -> None:
+            self.superseded = True
+
+    live = LiveConnections()
+    producer, a, b = Conn(), Conn(), Conn()
+    assert live.attach("live:j", None, producer)  # the first connection needs no claim
+    live.claim("live:j", b"a")
+    assert producer.superseded  # at once, not at the watcher's next pass
+    live.claim("live:j", b"b")  # before a's response started
+    assert not live.attach("live:j", b"a", a)  # a lost meanwhile: its caller ends it
+    assert live.attach("live:j", b"b", b) and live.serving("live:j") is b
+    live.release("live:j", a)  # not the serving one: nothing changes
+    assert live.serving("live:j") is b
+    live.claim("live:j", b"c")
+    assert b.superseded
+    live.forget("live:j", b"c")  # c's request failed before its response
+    assert live.serving("live:j") is None
+    assert not live.attach("live:j", b"c", Conn())
+    live.release("live:j", b)
+    assert live.attach("live:j", None, Conn())

@@ -336,6 +336,24 @@ async def test_a_log_appends_ranges_and_expires(backend: Backend) -> None:
     assert await store.log_range("events:j", 0, 0) == []
 
 
+async def test_a_log_read_is_bounded_by_bytes_and_always_makes_progress(backend: Backend) -> None:
+    store = backend.store
+    items = [b"a" * 10, b"b" * 10, b"c" * 100, b"d" * 10] + [b"e"] * 20
+    await store.log_append("events:sized", items, 60)
+    assert await store.log_length("events:sized") == 24
+    assert await store.log_length("events:none") == 0
+    assert await store.log_range("events:sized", 0, 10, max_bytes=20) == items[:2]
+    assert await store.log_range("events:sized", 0, 10, max_bytes=19) == items[:1]
+    # An item larger than the budget still comes, alone: a reader must get past it.
+    assert await store.log_range("events:sized", 2, 10, max_bytes=20) == [items[2]]
+    assert await store.log_range("events:sized", 3, 2, max_bytes=1000) == items[3:5]
+    # Past the script's batches of eight, and to the end of the log.
+    assert await store.log_range("events:sized", 3, 100, max_bytes=1000) == items[3:]
+    assert await store.log_range("events:sized", 4, 100, max_bytes=12) == items[4:16]
+    assert await store.log_range("events:sized", 24, 10, max_bytes=1000) == []
+    assert await store.log_range("events:none", 0, 10, max_bytes=1000) == []
+
+
 async def test_a_live_store_answers_ping(backend: Backend) -> None:
     assert await backend.store.ping()
 
