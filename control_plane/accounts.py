@@ -22,6 +22,10 @@ from control_plane.policy import Principal
 from control_plane.tables import ApiKey, Company, User, iso, new_id, utcnow
 from shared.pricing import format_credits
 
+# The addresses users of a trusted external app get when their token carries no
+# verified email (`external_auth`): an `.invalid` domain (RFC 2606), reserved for them.
+EXTERNAL_EMAIL_DOMAIN = "external.invalid"
+
 
 def actor_of(p: Principal) -> str:
     """Who a money movement is attributed to in the ledger and the audit log."""
@@ -128,6 +132,10 @@ def create_user(
         raise Forbidden(f"You cannot create a user with role {role}: only a platform admin can.")
     if session.get(Company, company_id) is None:
         raise NotFound("No such company.")
+    if email.endswith("@" + EXTERNAL_EMAIL_DOMAIN):
+        # An owner taking the address an external user of any company is given at
+        # first sight made that user's every token fail on the unique email.
+        raise ValidationFailed("email", f"@{EXTERNAL_EMAIL_DOMAIN} is reserved for external users")
     if find_user_by_email(session, email) is not None:
         raise Conflict("A user with this email already exists.")
     user = User(

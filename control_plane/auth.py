@@ -9,6 +9,9 @@
   company are provisioned on first sight.
 
 A revoked user, or any user of a revoked company, is refused (403 ``revoked``).
+
+A request with a body names its caller once the whole body has arrived
+(`caller_and_json`), so what it does is decided by who the caller is then.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from starlette.requests import Request
 
 from control_plane import hot_statements, raw_pg
 from control_plane.credentials import hash_api_key, looks_like_api_key
-from control_plane.deps import Deps, get_deps
+from control_plane.deps import Deps, get_deps, read_body
 from control_plane.errors import Revoked, Unauthenticated
 from control_plane.external_auth import looks_like_ours, provision_with_retry
 from control_plane.policy import Principal, scopes_for_role
 from control_plane.tables import ApiKey, Company, User, utcnow
+from control_plane.validation import parse_json_object
 from shared import jws_fast
 from shared.tokens import (
     API_AUDIENCE,
@@ -273,3 +277,25 @@ async def authenticate(request: Request) -> Principal:
         ensure_not_revoked(user, company)
         return user_principal(user, "external_jwt", identity.scopes)
     return await _access_token_principal(deps, token)
+
+
+async def caller_and_body(request: Request) -> tuple[Principal, bytes]:
+    """The caller of a request that carries a body, authenticated once the whole body
+    has arrived; the body as bytes, not parsed yet.
+
+    Authenticated from its headers alone, a request may hold its body back for the
+    server's body deadline (`llm_gateway.http_guard`: over a minute for 1 MiB, two
+    with a chunked body) and was then acted on with the role, scopes and standing its
+    caller had when the headers came: an owner revoked or demoted meanwhile still
+    created owners and minted owner keys, a key revoked meanwhile still took a hold
+    and got a stream token. Read first, the body is bounded as any body is and costs
+    no parse until the caller is known; between this lookup and the use case's
+    transaction the client has nothing left to send."""
+    body = await read_body(request)
+    return await authenticate(request), body
+
+
+async def caller_and_json(request: Request) -> tuple[Principal, dict[str, Any]]:
+    """`caller_and_body`, the body parsed as a JSON object for the caller only."""
+    principal, body = await caller_and_body(request)
+    return principal, parse_json_object(body)

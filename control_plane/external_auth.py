@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import policy
-from control_plane.accounts import find_user_by_email
+from control_plane.accounts import EXTERNAL_EMAIL_DOMAIN, find_user_by_email
 from control_plane.errors import Unauthenticated, ValidationFailed
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, User, new_id, utcnow
@@ -226,6 +226,10 @@ def _unique_company_name(session: Session, wanted: str) -> str:
 
 
 def _email_for(session: Session, ident: ExternalIdentity) -> str:
+    """The new user's address: its verified email, else one derived from its `sub`
+    in the reserved domain; either only while no user has it (an existing account is
+    never taken over, and a taken address must not fail the sign-in for good: one
+    stored before the domain was reserved gets a suffix)."""
     from control_plane.accounts import normalise_email
 
     if ident.email is not None:
@@ -233,11 +237,13 @@ def _email_for(session: Session, ident: ExternalIdentity) -> str:
             email = normalise_email(ident.email)
         except ValidationFailed:
             email = None
-        # An existing account with this email is never taken over by an outside token.
         if email is not None and find_user_by_email(session, email) is None:
             return email
     digest = hashlib.sha256(ident.sub.encode("utf-8")).hexdigest()[:32]
-    return f"{digest}@external.invalid"
+    email = f"{digest}@{EXTERNAL_EMAIL_DOMAIN}"
+    if find_user_by_email(session, email) is None:
+        return email
+    return f"{digest}-{new_id()[:12]}@{EXTERNAL_EMAIL_DOMAIN}"
 
 
 def provision(session: Session, ident: ExternalIdentity) -> tuple[User, Company]:

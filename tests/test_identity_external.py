@@ -4,6 +4,7 @@ served by a tiny test server; users and companies provisioned on first sight."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -15,6 +16,8 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -24,6 +27,7 @@ from control_plane.app import create_app
 from control_plane.errors import Unauthenticated
 from control_plane.external_auth import JWKS_CACHE_SECONDS, ExternalVerifier, identity_from_claims
 from control_plane.settings import ControlPlaneSettings
+from control_plane.tables import User, new_id, utcnow
 from shared.store_memory import MemoryStore
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import ADMIN_TOKEN, base_env
@@ -420,3 +424,49 @@ async def test_a_silent_idp_neither_stalls_logins_nor_drops_known_keys(
                 for attack in attacks:
                     attack.cancel()
                 await asyncio.gather(*attacks, return_exceptions=True)
+
+
+def test_an_owner_cannot_squat_the_address_an_external_user_is_given(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """Attack: an owner of a company of its own creates a user at the address an
+    external user without a verified email gets (`sha256(sub)[:32]@external.invalid`,
+    its `sub` read off a profile URL): that user's every token was a 500."""
+    victim = _claims(company_id=f"victims-{uuid.uuid4().hex[:6]}")
+    squatted = hashlib.sha256(victim["sub"].encode()).hexdigest()[:32] + "@external.invalid"
+    company_id = cp.company()
+    owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
+    r = owner.post("/v1/admin/users", json={"company_id": company_id, "email": squatted})
+    error_of(r, 422, "validation_error")
+
+    me = data_of(cp.client(_token(keys, "HS256", **victim)).get("/v1/me"))
+    assert me["user"]["email"] == squatted
+
+
+def test_an_address_squatted_before_the_rule_does_not_lock_the_external_user_out(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """A user stored at an external user's address before the domain was reserved:
+    that user still signs in (before the fix: 500 on every token), at another
+    address of the reserved domain."""
+    victim = _claims(company_id=f"victims-{uuid.uuid4().hex[:6]}")
+    squatted = hashlib.sha256(victim["sub"].encode()).hexdigest()[:32] + "@external.invalid"
+    company_id = cp.company()
+    engine = create_engine(cp.settings.database_url)
+    with Session(engine) as session:
+        session.add(
+            User(
+                id=new_id(),
+                company_id=company_id,
+                email=squatted,
+                role="owner",
+                created_at=utcnow(),
+            )
+        )
+        session.commit()
+    engine.dispose()
+
+    me = data_of(cp.client(_token(keys, "HS256", **victim)).get("/v1/me"))
+    assert me["user"]["email"].endswith("@external.invalid") and me["user"]["email"] != squatted
+    again = data_of(cp.client(_token(keys, "HS256", **victim)).get("/v1/me"))
+    assert again["user"] == me["user"]

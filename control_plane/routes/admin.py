@@ -15,9 +15,14 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import account_admin, accounts, policy
-from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate
+from control_plane.auth import (
+    ACCESS_TOKEN_TTL_SECONDS,
+    authenticate,
+    caller_and_body,
+    caller_and_json,
+)
 from control_plane.credentials import hash_password
-from control_plane.deps import get_deps, path_id, read_body, read_json
+from control_plane.deps import get_deps, path_id
 from control_plane.errors import Conflict, Forbidden, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
@@ -40,10 +45,9 @@ def _actor(request: Request, principal: Principal) -> account_admin.Actor:
 
 
 async def create_company(request: Request) -> Response:
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     if not policy.can_create_company(principal):
         raise Forbidden("Only a platform admin can create companies.")
-    doc = await read_json(request)
     name = required_str(doc, "name", max_len=200).strip()
     credits = doc.get("credits")
     micro = 0 if credits is None else credits_amount(credits, "credits")
@@ -70,8 +74,7 @@ async def list_companies(request: Request) -> Response:
 
 
 async def create_user(request: Request) -> Response:
-    principal = await authenticate(request)
-    doc = await read_json(request)
+    principal, doc = await caller_and_json(request)
     company_id = required_str(doc, "company_id", max_len=64)
     email = accounts.normalise_email(required_str(doc, "email", max_len=320))
     role = one_of(doc.get("role", "member"), "role", ROLES)
@@ -116,9 +119,8 @@ async def list_users(request: Request) -> Response:
 
 async def update_user(request: Request) -> Response:
     """Change a user's role (``{"role"}``), within the caller's own rank."""
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     user_id = path_id(request, "user_id")
-    doc = await read_json(request)
     unknown = sorted(set(doc) - {"role"})
     if unknown:
         raise ValidationFailed(unknown[0], "is not a field (role)")
@@ -131,8 +133,7 @@ async def update_user(request: Request) -> Response:
 
 
 async def create_api_key(request: Request) -> Response:
-    principal = await authenticate(request)
-    doc = await read_json(request)
+    principal, doc = await caller_and_json(request)
     user_id = required_str(doc, "user_id", max_len=64)
     scopes = doc.get("scopes")
     actor = _actor(request, principal)
@@ -166,10 +167,9 @@ async def revoke_api_key(request: Request) -> Response:
 
 
 async def rotate_signing_key(request: Request) -> Response:
-    principal = await authenticate(request)
+    principal, body = await caller_and_body(request)
     if not policy.can_rotate_signing_keys(principal):
         raise Forbidden("Only a platform admin can rotate signing keys.")
-    body = await read_body(request)
     doc = parse_json_object(body) if body.strip() else {}  # a bare POST, as before
     retire_others = doc.get("retire_others", False)
     if not isinstance(retire_others, bool):

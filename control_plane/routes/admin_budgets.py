@@ -17,9 +17,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import budget_admin, company_webhooks
-from control_plane.auth import authenticate
+from control_plane.auth import authenticate, caller_and_json
 from control_plane.budget_math import parse_budget
-from control_plane.deps import get_deps, path_id, read_json
+from control_plane.deps import get_deps, path_id
 from control_plane.errors import Conflict, ValidationFailed
 from control_plane.responses import no_content, ok
 from control_plane.tables import utcnow
@@ -36,9 +36,9 @@ async def list_budgets(request: Request) -> Response:
 
 
 async def create_budget(request: Request) -> Response:
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     company_id = path_id(request, "company_id")
-    body = parse_budget(await read_json(request), partial=False)
+    body = parse_budget(doc, partial=False)
     now = utcnow()
     data = await get_deps(request).db.transaction(
         lambda s: budget_admin.create_budget(s, principal, company_id, body, now)
@@ -47,10 +47,10 @@ async def create_budget(request: Request) -> Response:
 
 
 async def update_budget(request: Request) -> Response:
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     company_id = path_id(request, "company_id")
     budget_id = path_id(request, "budget_id")
-    body = parse_budget(await read_json(request), partial=True)
+    body = parse_budget(doc, partial=True)
     now = utcnow()
     data = await get_deps(request).db.transaction(
         lambda s: budget_admin.update_budget(s, principal, company_id, budget_id, body, now)
@@ -78,9 +78,9 @@ async def list_teams(request: Request) -> Response:
 
 
 async def create_team(request: Request) -> Response:
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     company_id = path_id(request, "company_id")
-    body = budget_admin.parse_team(await read_json(request), partial=False)
+    body = budget_admin.parse_team(doc, partial=False)
     now = utcnow()
     try:
         data = await get_deps(request).db.transaction(
@@ -92,10 +92,10 @@ async def create_team(request: Request) -> Response:
 
 
 async def update_team(request: Request) -> Response:
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     company_id = path_id(request, "company_id")
     team_id = path_id(request, "team_id")
-    body = budget_admin.parse_team(await read_json(request), partial=True)
+    body = budget_admin.parse_team(doc, partial=True)
     try:
         data = await get_deps(request).db.transaction(
             lambda s: budget_admin.update_team(s, principal, company_id, team_id, body)
@@ -117,9 +117,8 @@ async def delete_team(request: Request) -> Response:
 
 async def put_webhook(request: Request) -> Response:
     """Set the company's webhook URL; the first time, answer its new secret (once)."""
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     company_id = path_id(request, "company_id")
-    doc = await read_json(request)
     unknown = sorted(set(doc) - {"url"})
     if unknown:
         raise ValidationFailed(unknown[0], "is not a field (url)")

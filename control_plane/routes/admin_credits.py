@@ -28,8 +28,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import accounts, audit, billing, policy
-from control_plane.auth import authenticate
-from control_plane.deps import get_deps, path_id, read_json
+from control_plane.auth import authenticate, caller_and_json
+from control_plane.deps import get_deps, path_id
 from control_plane.errors import Forbidden, ValidationFailed
 from control_plane.grants import MoveKind, move
 from control_plane.heavy_reads import caller_key
@@ -79,11 +79,10 @@ _ADJUST = _Movement("adjustment", policy.can_adjust_credits, "adjust")
 
 
 async def _move_credits(request: Request, how: _Movement) -> Response:
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     company_id = path_id(request, "company_id")
     if not how.allowed(principal, company_id):
         raise Forbidden(f"Only a platform admin can {how.verb} credits.")
-    doc = await read_json(request)
     micro = _amount(doc)
     if micro < 0 and how.kind == "grant":
         raise ValidationFailed(

@@ -18,8 +18,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import accounts, catalog_cache, company_llm, policy, provider_admin, reencryption
-from control_plane.auth import authenticate
-from control_plane.deps import Deps, get_deps, path_id, read_json
+from control_plane.auth import authenticate, caller_and_json
+from control_plane.deps import Deps, get_deps, path_id
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.policy import Principal
@@ -105,14 +105,14 @@ def _change(doc: dict[str, Any], provider: str, catalog: Catalog) -> provider_ad
 
 async def put_provider(request: Request) -> Response:
     """Store a company's own provider key, default model and models (never returns the key)."""
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     deps = get_deps(request)
     catalog = deps.settings.catalog
     company_id = path_id(request, "company_id")
     if not policy.can_configure_llm(principal, company_id):
         raise NotFound("No such company.")
     provider = _provider(request, catalog)
-    change = _change(await read_json(request), provider, catalog)
+    change = _change(doc, provider, catalog)
     caller = _caller(request, deps, principal)
     data = await deps.db.transaction(
         lambda s: provider_admin.configure(s, caller, company_id, change)

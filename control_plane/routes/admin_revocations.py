@@ -9,8 +9,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import account_admin, policy, revoking
-from control_plane.auth import authenticate
-from control_plane.deps import get_deps, path_id, read_json
+from control_plane.auth import authenticate, caller_and_json
+from control_plane.deps import get_deps, path_id
 from control_plane.errors import ServiceUnavailable
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
@@ -23,8 +23,7 @@ log = logging.getLogger("control_plane.revocations")
 
 async def create_revocation(request: Request) -> Response:
     """Revoke a user, a company or one stream token (jti)."""
-    principal = await authenticate(request)
-    doc = await read_json(request)
+    principal, doc = await caller_and_json(request)
     target = revoking.parse_target(doc)
     reason = optional_str(doc, "reason", max_len=500)
     deps = get_deps(request)

@@ -8,8 +8,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import agent_spec, agents
-from control_plane.auth import authenticate
-from control_plane.deps import get_deps, path_id, read_json
+from control_plane.auth import authenticate, caller_and_json
+from control_plane.deps import get_deps, path_id
 from control_plane.middleware import request_id
 from control_plane.responses import no_content, ok
 
@@ -30,10 +30,10 @@ async def list_agents(request: Request) -> Response:
 
 async def create_agent(request: Request) -> Response:
     """Define an agent: name, model, system prompt, tools, max_tokens, features."""
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     deps = get_deps(request)
     company_id, _ = _path(request)
-    fields = agent_spec.parse_agent(await read_json(request), create=True)
+    fields = agent_spec.parse_agent(doc, create=True)
     rid = request_id(request)
     data = await deps.db.transaction(
         lambda s: agents.agent_public(
@@ -55,10 +55,10 @@ async def get_agent(request: Request) -> Response:
 
 async def patch_agent(request: Request) -> Response:
     """Change an agent's model, system prompt, tools, max_tokens or features."""
-    principal = await authenticate(request)
+    principal, doc = await caller_and_json(request)
     deps = get_deps(request)
     company_id, name = _path(request)
-    fields = agent_spec.parse_agent(await read_json(request), create=False)
+    fields = agent_spec.parse_agent(doc, create=False)
     rid = request_id(request)
     data = await deps.db.transaction(
         lambda s: agents.agent_public(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,37 +13,43 @@ from control_plane import chat_sessions, policy
 from control_plane.auth import authenticate
 from control_plane.chat_init import init_chat
 from control_plane.chat_request import parse_init_request
-from control_plane.deps import get_deps, read_json
+from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, Forbidden
 from control_plane.middleware import request_id
 from control_plane.pagination import decode_seq_cursor, encode_seq_cursor, page_request
 from control_plane.policy import Principal
 from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
-from control_plane.validation import page_limit
+from control_plane.validation import page_limit, parse_json_object
+
+Body = TypeVar("Body")
 
 
 async def chat_init(request: Request) -> Response:
-    return await serve_init(request, authenticate, read_json)
+    return await serve_init(request, read_body, authenticate, parse_json_object)
 
 
 async def serve_init(
     request: Request,
+    read: Callable[[Request], Awaitable[Body]],
     caller: Callable[[Request], Awaitable[Principal]],
-    body: Callable[[Request], Awaitable[dict[str, Any]]],
+    parse: Callable[[Body], dict[str, Any]],
 ) -> Response:
     """Init for `caller` (the public route's bearer, or an edge's API-key caller:
-    routes/internal.py): scope, body, `init_chat` (which counts the init rate).
-    `body` is read only once the caller may init."""
+    routes/internal.py): body, caller, scope, `init_chat` (which counts the init
+    rate). The body is `read` whole before the caller is named (a key revoked while
+    its request held its body back must not take a hold: `auth.caller_and_body`),
+    and `parse`d only once the caller may init."""
     deps = get_deps(request)
     outcome = "error"
     try:
+        body = await read(request)
         principal = await caller(request)
         if not policy.can_chat(principal):
             raise Forbidden("This needs a user with the llm:chat:send scope.")
         assert principal.user_id is not None and principal.company_id is not None
         try:
-            req = parse_init_request(await body(request))
+            req = parse_init_request(parse(body))
         except AppError:
             # A refused body still counts as an init, and over the rate its answer
             # is the 429: `init_chat` counts the others with the rest of its store

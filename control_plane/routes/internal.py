@@ -81,17 +81,20 @@ async def edge_chat_init(request: Request) -> Response:
     deps = get_deps(request)
     call = await edge_call(request, deps)
 
+    async def arrived(_: Request) -> dict[str, Any]:
+        return call.doc  # the edge's call is read whole (`edge_call`)
+
     async def caller(_: Request) -> Principal:
-        # `serve_init` asks for the caller before it reads the body or holds.
+        # `serve_init` asks for the caller before it parses the body or holds.
         return await key_principal(deps, call)
 
-    async def body(_: Request) -> dict[str, Any]:
-        init = call.doc.get("request")
+    def body(doc: dict[str, Any]) -> dict[str, Any]:
+        init = doc.get("request")
         if not isinstance(init, dict):
             raise ValidationFailed("request", "must be an object")
         return init
 
-    return await serve_init(request, caller, body)
+    return await serve_init(request, arrived, caller, body)
 
 
 async def edge_models(request: Request) -> Response:
