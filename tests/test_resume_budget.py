@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 import redis
-import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -33,6 +31,7 @@ from stream_edge import resume
 from stream_edge.resume import Follower, ResumeLog, events_key, gap_key
 from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.hostile_catalog import catalog_with_backend
 from tests.stack import InProcessStack, base_env
 
 BIG_DELTAS = 24
@@ -57,22 +56,6 @@ async def _chat(request: Request) -> Response:
     return StreamingResponse(frames(), media_type="text/event-stream")
 
 
-def _catalog(directory: Path, backend_url: str) -> str:
-    doc = yaml.safe_load((Path(__file__).parent.parent / "shared" / "models.yaml").read_text())
-    doc["providers"]["bulky"] = {"api_type": "openai_chat", "base_url": f"{backend_url}/v1"}
-    doc["models"]["bulky-model"] = {
-        "provider": "bulky",
-        "upstream_model": "bulky-model",
-        "context_length": 8192,
-        "max_output_tokens": 1024,
-        "features": ["streaming"],
-        "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-    }
-    path = directory / "models.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcessStack, str]]:
     directory = tmp_path_factory.mktemp("bulky")
@@ -80,7 +63,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcessS
     backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
     with fresh_redis_prefix() as prefix, ServerGroup([(backend, sock)]):
         env = base_env(f"sqlite:///{directory / 'gateway.db'}", REDIS_URL, prefix)
-        env["LLMGW_MODELS_FILE"] = _catalog(directory, url_of(sock))
+        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
+            directory, "bulky", url_of(sock), context_length=8192, max_output_tokens=1024
+        )
         with InProcessStack(env) as gateway:
             yield gateway, prefix
 

@@ -11,12 +11,10 @@ cut to fit and the usage settles at once."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -28,6 +26,7 @@ from stream_edge.meter import Meter
 from stream_edge.upstream.base import ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.hostile_catalog import catalog_with_backend
 from tests.stack import InProcessStack, base_env
 
 PIECE = "\n\t\t\t"  # a token of indentation: eight bytes once escaped in JSON
@@ -60,22 +59,6 @@ async def _chat(request: Request) -> Response:
     return StreamingResponse(frames(), media_type="text/event-stream")
 
 
-def _catalog(directory: Path, backend_url: str) -> str:
-    doc = yaml.safe_load((Path(__file__).parent.parent / "shared" / "models.yaml").read_text())
-    doc["providers"]["long"] = {"api_type": "openai_chat", "base_url": f"{backend_url}/v1"}
-    doc["models"]["long-model"] = {
-        "provider": "long",
-        "upstream_model": "long-model",
-        "context_length": 400_000,
-        "max_output_tokens": ANSWER_TOKENS,
-        "features": ["streaming"],
-        "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-    }
-    path = directory / "models.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
     directory = tmp_path_factory.mktemp("long")
@@ -83,7 +66,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
     backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
     with ServerGroup([(backend, sock)]):
         env = base_env(f"sqlite:///{directory / 'gateway.db'}")
-        env["LLMGW_MODELS_FILE"] = _catalog(directory, url_of(sock))
+        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
+            directory, "long", url_of(sock), context_length=400_000, max_output_tokens=ANSWER_TOKENS
+        )
         with InProcessStack(env) as gateway:
             yield gateway
 
