@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import policy
+from control_plane import owners, policy
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.credentials import new_api_key
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
@@ -155,8 +155,10 @@ def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[U
     """Change a user's role; returns the user and its previous role. Nobody climbs:
     the caller must manage the user as it is now (ranked at or above it) and may give
     only a role it could create. Nobody changes its own role (an owner demoting
-    itself could leave the company without one). Keys follow at once: a key's scopes
-    are cut to its user's role on every request (`auth.user_principal`)."""
+    itself could leave the company without one), and the company's owners never
+    demote its last one between them (`owners`: the role is read, and the owners
+    counted, under the company's row lock). Keys follow at once: a key's scopes are
+    cut to its user's role on every request (`auth.user_principal`)."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
@@ -164,6 +166,12 @@ def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[U
         raise Forbidden("You cannot change your own role.")
     if not policy.can_assign_role(p, role):
         raise Forbidden(f"You cannot give the role {role}: only a platform admin can.")
+    owners.lock_company(session, user.company_id)
+    session.refresh(user)  # as it is now that changes to the company's owners queue
+    if not policy.can_manage_user(p, user.company_id, user.role):
+        raise NotFound("No such user.")
+    if user.role == "owner" and role != "owner":
+        owners.keep_an_owner(session, p, user.company_id, user.id)
     previous = user.role
     user.role = role
     session.flush()

@@ -16,7 +16,6 @@ prompt and the tools: a body that also sets them is 400 ``agent_override``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,7 @@ from control_plane.errors import AgentOverride, UnsupportedContent, ValidationFa
 from control_plane.validation import optional_int, optional_str
 from shared.input_size import InputRejected, clean_parts
 from shared.request_bounds import MAX_MESSAGES, check_item_counts
+from shared.sampling import check_sampling_params
 from shared.tool_shapes import (
     check_tool_calls,
     check_tool_params,
@@ -34,10 +34,8 @@ from shared.tool_shapes import (
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 QUERY_MAX_CHARS = 2000
-STOP_MAX = 4
 MAX_FEATURES = 16
 MAX_TOOLS = 128
-USER_MAX = 256  # OpenAI's end-user id, passed upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,49 +118,13 @@ def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
     return result, frozenset(needed)
 
 
-def _number(doc: dict[str, Any], name: str, low: float, high: float) -> float | int | None:
-    value = doc.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValidationFailed(name, "must be a number")
-    if not low <= value <= high:
-        raise ValidationFailed(name, f"must be between {low:g} and {high:g}")
-    return value
-
-
 def _params(doc: dict[str, Any]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for name, low, high in (
-        ("temperature", 0.0, 2.0),
-        ("top_p", 0.0, 1.0),
-        # OpenAI's other pass-through parameters, which the edge's completions take
-        # too: an API-key caller's body reaches init as it is (issue 16.5).
-        ("presence_penalty", -2.0, 2.0),
-        ("frequency_penalty", -2.0, 2.0),
-    ):
-        value = _number(doc, name, low, high)
-        if value is not None:
-            params[name] = value
-    seed = doc.get("seed")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63:
-            raise ValidationFailed("seed", "must be a 64-bit integer")
-        params["seed"] = seed
-    user = optional_str(doc, "user", max_len=USER_MAX)
-    if user is not None:
-        params["user"] = user
-    stop = doc.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if (
-            not isinstance(stops, list)
-            or not 1 <= len(stops) <= STOP_MAX
-            or not all(isinstance(s, str) and s for s in stops)
-        ):
-            raise ValidationFailed("stop", f"must be a string or 1-{STOP_MAX} strings")
-        params["stop"] = stops
-    return params
+    """The sampling parameters, by the rule the edge applies too (`shared.sampling`):
+    an API-key caller's body reaches init as it is (issue 16.5)."""
+    try:
+        return check_sampling_params(doc)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
 
 
 def _features(doc: dict[str, Any], params: dict[str, Any]) -> tuple[str, ...]:

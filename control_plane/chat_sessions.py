@@ -1,10 +1,11 @@
 """Chat sessions and their messages: data functions that take a DB session and do
 not commit (the calling use case owns the transaction).
 
-A session holds at most `SessionLimits` messages and content bytes
-(``LLMGW_MAX_SESSION_MESSAGES`` / ``LLMGW_MAX_SESSION_BYTES``, issue 12.6): its row
-counts both, and an append is one conditional UPDATE of those counters, so two
-concurrent appends can never pass the caps together. Messages are read a page at a
+A session holds at most `SessionLimits` messages and bytes
+(``LLMGW_MAX_SESSION_MESSAGES`` / ``LLMGW_MAX_SESSION_BYTES``, issue 12.6; every
+stored byte of a message counts, `stored_bytes`): its row counts both, and an append
+is one conditional UPDATE of those counters, so two concurrent appends can never
+pass the caps together. Messages are read a page at a
 time (`messages_page`): a full session is never loaded whole into one response.
 """
 
@@ -39,12 +40,16 @@ class SessionLimits:
     max_bytes: int = 1024 * 1024
 
 
-def content_bytes(messages: Iterable[dict[str, Any]]) -> int:
-    """What a message costs against the session's byte cap: its text, plus its tool
-    calls as the JSON they are stored as."""
+def stored_bytes(messages: Iterable[dict[str, Any]]) -> int:
+    """What messages cost against the session's byte cap: every field a message row
+    stores (`_message_rows`), its role, its text, its tool calls as the JSON they are
+    stored as and a tool result's call id. The call id (up to 256 characters) once
+    went uncounted: 1,000 `tool` messages stored about 256 KB past the cap."""
     return sum(
-        len(m["content"].encode("utf-8"))
+        len(m["role"].encode("utf-8"))
+        + len(m["content"].encode("utf-8"))
         + (len(orjson.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+        + len((m.get("tool_call_id") or "").encode("utf-8"))
         for m in messages
     )
 
@@ -91,7 +96,7 @@ def append_messages(
     # Inputs with NUL are refused at the door (400); a model's reply is not ours to
     # refuse, so it is made storable here: PostgreSQL text cannot hold NUL.
     rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
-    added, size = len(rows), content_bytes(rows)
+    added, size = len(rows), stored_bytes(rows)
     now = utcnow()
     touched = session.execute(
         hot_statements.APPEND_TO_SESSION,
@@ -131,7 +136,7 @@ def append_replies(
     for session_id, indexes in grouped.items():
         limits = replies[indexes[0]][2]
         if all(replies[i][2] == limits for i in indexes):
-            size = content_bytes(rows[i] for i in indexes)
+            size = stored_bytes(rows[i] for i in indexes)
             growth.append((session_id, len(indexes), size, limits.max_messages, limits.max_bytes))
     grown = settle_statements.grow_sessions(session, growth, now) if growth else set()
     values = [
@@ -159,7 +164,7 @@ def append_reply(
     lone reply has no others to be retried apart from)."""
     row = {**message, "content": without_nul(message.get("content") or "")}
     now = utcnow()
-    growth = (session_id, 1, content_bytes([row]), limits.max_messages, limits.max_bytes)
+    growth = (session_id, 1, stored_bytes([row]), limits.max_messages, limits.max_bytes)
     if not settle_statements.grow_sessions(driver, [growth], now):
         return "full" if settle_statements.session_exists(driver, session_id) else "gone"
     settle_statements.insert_messages_after_last(driver, _message_rows(session_id, [row], 1, now))
@@ -279,7 +284,7 @@ def new_session_rows(
     go as two INSERTs (`create_with_messages`) or with init's hold in one
     statement (`init_writes.first_turn`)."""
     rows = [{**m, "content": without_nul(m.get("content") or "")} for m in messages]
-    size = content_bytes(rows)
+    size = stored_bytes(rows)
     if len(rows) > limits.max_messages or size > limits.max_bytes:
         return None
     session = {

@@ -219,6 +219,13 @@ class AgentExists(Conflict):
     default_message = "The company already has an agent of this name."
 
 
+class LastOwner(Conflict):
+    """A company user's change would leave the company with no active owner."""
+
+    code = "last_owner"
+    default_message = "This would leave the company without an owner."
+
+
 class PayloadTooLarge(AppError):
     status, code = 413, "payload_too_large"
     default_message = "The request body is too large."

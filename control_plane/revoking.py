@@ -33,7 +33,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import policy
+from control_plane import owners, policy
 from control_plane.accounts import actor_of
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.errors import NotFound, ValidationFailed
@@ -111,6 +111,14 @@ def _set_disabled(session: Session, kind: str, value: str, moment: datetime | No
     session.execute(update(table).where(col(table.id) == value).values(disabled_at=moment))
 
 
+def _takes_an_owner(session: Session, user_id: str) -> bool:
+    """The user is an active owner, read after the company's lock is taken."""
+    found = session.execute(
+        select(col(User.role), col(User.disabled_at)).where(col(User.id) == user_id)
+    ).first()
+    return found is not None and found[0] == "owner" and found[1] is None
+
+
 def create_revocation(
     session: Session,
     p: Principal,
@@ -122,6 +130,11 @@ def create_revocation(
     if owner is None or not policy.can_revoke(p, target.kind, *owner):
         raise NotFound(f"No such {target.kind.replace('jti', 'token')}.")
     company_id = owner[0]
+    if target.kind == "user":
+        # Two owners revoking each other at once would leave the company none.
+        owners.lock_company(session, company_id)
+        if _takes_an_owner(session, target.value):
+            owners.keep_an_owner(session, p, company_id, target.value)
     now = utcnow()
     row = Revocation(
         id=new_id(),

@@ -33,6 +33,11 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
   whose response is under way (a stream) is never evicted, and when every
   connection has one the new one is closed.
 
+It also lets an app cut its client on purpose (`shared.asgi_abort`: a slow client, a
+superseded resume follower stuck in a send) without uvicorn reporting the response it
+left unfinished as an ERROR, as it does for an app that returns mid-response by
+mistake.
+
 Streams are not affected: the bounds stop once the request has arrived. httptools
 comes with uvicorn[standard], a dependency; the services always run this protocol.
 """
@@ -47,7 +52,9 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from shared.asgi_abort import ABORT, abort_extension
 
 log = logging.getLogger("llm_gateway.http_guard")
 
@@ -255,6 +262,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not (self.parser.should_upgrade() and self._should_upgrade()):
             self.awaiting_body = True
             self.awaiting_since = self.loop.time()
+            cut = abort_extension(functools.partial(self._abort_cycle, self.cycle))
+            self.scope.setdefault("extensions", {})[ABORT] = cut
+
+    # A cut on purpose --------------------------------------------------------------
+
+    def _abort_cycle(self, cycle: RequestResponseCycle) -> None:
+        """The app cuts its client (`shared.asgi_abort`): a response it will not finish,
+        to a client it will not wait on. Marked gone as a disconnect marks it, so
+        uvicorn does not report an unfinished response (an ERROR meant for app bugs);
+        aborted, not closed, as a close would wait for the client to read the rest."""
+        if cycle.response_complete or cycle.disconnected:
+            return  # its response is over: the connection may serve another by now
+        cycle.disconnected = True
+        cycle.message_event.set()
+        log.debug("aborting a connection the app cut on purpose")
+        self.transport.abort()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -28,6 +28,7 @@ from shared.input_size import (
     missing_features,
 )
 from shared.request_bounds import check_item_counts
+from shared.sampling import check_sampling_params
 from shared.tokens import StreamGrant
 from shared.tool_shapes import (
     TOOL_PARAMS,
@@ -40,14 +41,12 @@ from shared.tool_shapes import (
 from stream_edge.errors import BadRequest, Forbidden, InputTooLarge
 
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
-# Sampling parameters a client may pass through; everything else is ours to set.
-PASSTHROUGH_PARAMS = frozenset(
-    {"temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed", "user"}
-)
 
 
 def _rejected(exc: InputRejected) -> BadRequest:
     code = "invalid_messages" if exc.code == "invalid_content" else exc.code
+    if exc.code == "invalid_parameter":
+        code = f"invalid_{exc.where}"  # `invalid_stop`, as `invalid_max_tokens`
     return BadRequest(str(exc), code=code)
 
 
@@ -177,7 +176,12 @@ def read_chat_body(body: Any, grant: StreamGrant) -> ChatBody:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", code="invalid_stream_options")
-    params = {k: v for k, v in body.items() if k in PASSTHROUGH_PARAMS}
+    try:
+        # The sampling parameters a client may pass through, by init's rule; everything
+        # else is ours to set.
+        params = check_sampling_params(body)
+    except InputRejected as exc:
+        raise _rejected(exc) from None
     tool_doc = {k: body.get(k) for k in TOOL_PARAMS}
     if tool_doc["tools"] == []:
         tool_doc["tools"] = None  # some clients send an empty list for "no tools"

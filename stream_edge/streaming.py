@@ -35,6 +35,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from shared.asgi_abort import abort_connection
 from shared.tokens import StreamGrant
 from stream_edge.live_connections import LiveConnections
 from stream_edge.state import RunningStream
@@ -105,6 +106,13 @@ class EventStreamResponse:
         last_write = time.monotonic()
         send_started: float | None = None
 
+        def cut() -> None:
+            # A client we will not wait on (stuck in a send): nothing more is written
+            # to it, and the server aborts its connection now, as for a client that
+            # left (`shared.asgi_abort`), rather than report an unfinished response.
+            self.connected = False
+            abort_connection(scope)
+
         def gone() -> None:
             # A write found the client gone before `watch_disconnect` heard it leave.
             # A resumable stream goes on for a reconnect (`watch_disconnect` lingers,
@@ -169,7 +177,7 @@ class EventStreamResponse:
                 # client is behind on what it has, so it is cut, never waited on.
                 self._stopped = True
                 if send_started is not None:
-                    self.connected = False
+                    cut()
                 producer.cancel()
                 return
             while send_started is not None:  # never two sends at once
@@ -177,8 +185,10 @@ class EventStreamResponse:
             if not self.connected:
                 return
             self.connected = False  # from here on `emit` writes nothing
-            with anyio.move_on_after(self._slow_client_timeout, shield=True):
+            with anyio.move_on_after(self._slow_client_timeout, shield=True) as ending:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if ending.cancelled_caught:
+                cut()
 
         async def watchdog(producer: anyio.CancelScope) -> None:
             tick = min(self._ping_interval, self._slow_client_timeout) / 4
@@ -186,7 +196,7 @@ class EventStreamResponse:
                 await asyncio.sleep(tick)
                 now = time.monotonic()
                 if send_started is not None and now - send_started > self._slow_client_timeout:
-                    self.connected = False
+                    cut()
                     self.outcome = "slow_client"
                     producer.cancel()
                     return
@@ -219,9 +229,9 @@ class EventStreamResponse:
                 task.cancel()
             if self.connected:
                 # Bounded: a client that reads nothing does not keep this response
-                # open (the server closes a response the app left unfinished, with at
-                # most a slice past the high-water mark still in its buffer).
-                with anyio.move_on_after(self._slow_client_timeout):
+                # open (it is cut, with at most a slice past the high-water mark
+                # still in its buffer).
+                with anyio.move_on_after(self._slow_client_timeout) as ending:
                     if self._abort_frame:
                         frame, self._abort_frame = self._abort_frame, b""
                         # After half a frame the client sees the stream end mid-event,
@@ -229,6 +239,8 @@ class EventStreamResponse:
                         if not self._torn:
                             await emit(frame)
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if ending.cancelled_caught:
+                    cut()
         except OSError:
             self.connected = False
             if self.outcome == "finished":

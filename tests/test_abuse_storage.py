@@ -13,14 +13,18 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
+from sqlmodel import col
 
 from control_plane.db import create_sync_engine
 from control_plane.migrate import upgrade
+from control_plane.tables import ChatMessage, ChatSession
 from shared.store import Admission, Store
 from shared.store_memory import MemoryStore
 from shared.store_redis import RedisStore
+from shared.tool_shapes import MAX_ID_CHARS
 from stream_edge import grants
 from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.test_abuse_input import counts, pg_cp
@@ -128,6 +132,51 @@ def test_a_session_keeps_at_most_its_caps(cp: CP) -> None:
     _settle(cp, more, company_id, "")
     r = client.post("/v1/chat/init", json={"query": "z" * 1700, "session_id": init["session_id"]})
     error_of(r, 413, "session_full")
+
+
+def _tool_turn(prefix: str, calls: int, result: str) -> list[dict[str, Any]]:
+    """An assistant's `calls` tool calls, with ids of the longest allowed (256
+    characters), and a `tool` message answering each with `result`."""
+    ids = [f"{prefix}{i}".ljust(MAX_ID_CHARS, "i") for i in range(calls)]
+    asked = [{"id": i, "type": "function", "function": {"name": "f", "arguments": ""}} for i in ids]
+    answers = [{"role": "tool", "tool_call_id": i, "content": result} for i in ids]
+    return [{"role": "assistant", "content": None, "tool_calls": asked}, *answers]
+
+
+def _counted_and_stored(cp: CP, session_id: str) -> tuple[int, int]:
+    """The session's byte counter, and every byte its message rows hold (each field
+    as stored: the tool calls as their JSON)."""
+
+    def read(session: Any) -> tuple[int, int]:
+        chat = session.get(ChatSession, session_id)
+        rows = session.scalars(select(ChatMessage).where(col(ChatMessage.session_id) == session_id))
+        stored = sum(
+            len(m.role.encode()) + len(m.content.encode()) + len((m.tool_call_id or "").encode())
+            + (len(orjson.dumps(m.tool_calls)) if m.tool_calls else 0)
+            for m in rows
+        )  # fmt: skip
+        return int(chat.content_bytes), stored
+
+    return cp.on_loop(lambda: cp.app.state.db.transaction(read))  # type: ignore[no-any-return]
+
+
+def test_every_stored_byte_of_a_message_counts_against_the_session_cap(cp: CP) -> None:
+    """Attack: a member fills its sessions with `tool` messages whose call ids are the
+    longest allowed (256 characters): the id was not counted (nor the role), so a
+    session of 1,000 messages stored ~256 KB past its 1 MB cap. Measured here with a
+    6,000-byte cap: 5 tool calls answered with 800 bytes each were counted 5,616
+    bytes and stored (201) while their rows held 6,925."""
+    client, company_id = _member(cp)
+    small = _init(client, messages=_tool_turn("s", 2, "ok"), max_tokens=16)
+    counted, stored = _counted_and_stored(cp, small["session_id"])
+    assert counted == stored, (counted, stored)
+
+    before, rows = credits_of(client), counts(cp, company_id)
+    r = client.post(
+        "/v1/chat/init", json={"messages": _tool_turn("b", 5, "c" * 800), "max_tokens": 16}
+    )
+    error_of(r, 413, "session_full")
+    assert credits_of(client) == before and counts(cp, company_id) == rows
 
 
 def test_one_stashed_request_is_capped(cp: CP) -> None:

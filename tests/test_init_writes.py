@@ -199,8 +199,9 @@ def test_only_a_single_message_within_the_caps_is_written_with_the_hold() -> Non
     def turn(messages: list[dict[str, Any]]) -> init_writes.FirstTurn | None:
         return init_writes.first_turn("s", "c", "u", messages, LIMITS, utcnow())
 
-    assert turn([{"role": "user", "content": "x" * 100}]) is not None
-    assert turn([{"role": "user", "content": "x" * 101}]) is None  # "full": the usual way
+    # The cap counts every stored byte: the role's 4 and the text's.
+    assert turn([{"role": "user", "content": "x" * 96}]) is not None
+    assert turn([{"role": "user", "content": "x" * 97}]) is None  # "full": the usual way
     assert turn([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]) is None
 
 
