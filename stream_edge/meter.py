@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from shared.text_tokens import BYTES_PER_EXTRA_TOKEN, BYTES_PER_TOKEN
+from shared.text_tokens import BYTES_PER_EXTRA_TOKEN, BYTES_PER_TOKEN, text_tokens
 from stream_edge.output_estimate import MEASURED, delta_measure
 from stream_edge.upstream.base import (
     Delta,
@@ -134,6 +134,13 @@ class Meter:
             self.calls.add(ToolCallDelta(index, call.id, call.name, call.arguments))
         self.usage = usage
         self.finish_reason = finish_reason
+
+    def record_unread(self, raw: bytes, most: int) -> None:
+        """Bytes of a whole answer that failed (`completion.bill_unread`): the output
+        they can hold, by the text bound over every byte, at most `most`."""
+        self.first_token_at = datetime.now(UTC)
+        self.deltas = max(self.deltas, 1)
+        self.output_floor = max(self.output_floor, min(text_tokens((raw,)), most))
 
     def tool_calls(self) -> list[ToolCall]:
         return self.calls.complete()
