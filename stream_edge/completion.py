@@ -1,12 +1,19 @@
 """A non-streamed answer (`"stream": false`): the backend's whole body, read, parsed
-by the backend's adapter and accounted on its meter."""
+by the backend's adapter and accounted on its meter.
+
+An answer that fails once the backend has generated it (longer than we read, past the
+stream's maximum life, malformed, its connection broken) was still generated, and
+the vendor bills it: the meter is given what was read (`bill_unread`), so the report
+bills the input estimate and the output that could be in it, `failed` and
+`estimated`, as a cut stream is billed. Nothing read, nothing billed (DESIGN §9).
+"""
 
 from __future__ import annotations
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
 from stream_edge.transport import Response, TransportError, read_at_most
-from stream_edge.upstream.base import Completion
+from stream_edge.upstream.base import Completion, Failure
 
 # The largest whole answer read; past it the answer is a 502, its connection closed.
 # Room for the longest answers: an in-house SSE backend sends `stream: false` answers
@@ -16,21 +23,48 @@ MAX_COMPLETION_BYTES = 8 * 1024 * 1024
 
 async def read_completion(response: Response, backend: Backend) -> Completion:
     """Raise `UpstreamError` when the answer cannot be read or understood; the
-    response is closed either way."""
+    response is closed either way, and what was read of a failed answer is billed."""
     adapter = backend.adapter
     assert adapter is not None  # opening refused a provider without one
+    parts: list[bytes] = []
     try:
-        body, longer = await read_at_most(response, MAX_COMPLETION_BYTES)
+        body, longer = await read_at_most(response, MAX_COMPLETION_BYTES, parts)
         if longer:
             raise UpstreamError(
                 f"the backend's answer was longer than {MAX_COMPLETION_BYTES >> 20} MiB"
             )
         completion = adapter.parse_completion(body, backend.credentials)
-    except (TransportError, ValueError) as exc:
-        raise UpstreamError("the backend's answer was malformed") from exc
+    except BaseException as exc:
+        # Also a cancellation: the stream's maximum life (`StreamJob.read_completion`).
+        bill_unread(backend, b"".join(parts)[:MAX_COMPLETION_BYTES])
+        if isinstance(exc, TransportError | ValueError):
+            raise UpstreamError("the backend's answer was malformed") from exc
+        raise
     finally:
         await response.aclose()
     backend.meter.record_text(
         completion.text, completion.usage, completion.finish_reason, completion.tool_calls
     )
     return completion
+
+
+def bill_unread(backend: Backend, raw: bytes) -> None:
+    """Put on the meter what `raw`, the bytes read of an answer that could not be
+    read as one, can hold. An in-house SSE backend's answer is its stream: its events
+    up to a failure are counted as the relay counts them. Any other answer is one
+    document (JSON) whose text cannot be picked out of a part of it: every byte,
+    markup included, is counted as text, never past the `max_tokens` the backend
+    was asked for."""
+    if not raw.strip():
+        return
+    assert backend.adapter is not None
+    meter = backend.meter
+    parser = backend.adapter.stream_parser()
+    parser.withhold(backend.credentials)
+    # A document has no `data:` line: a stream parser finds no event in one.
+    for event in parser.feed(raw + b"\n\n"):
+        if isinstance(event, Failure):
+            break
+        meter.record(event)
+    if meter.first_token_at is None:
+        meter.record_unread(raw, backend.attempt.max_tokens)

@@ -3,15 +3,15 @@
 Pure: fed the normalised upstream events, it answers the usage figures for the
 webhook. The backend's own usage wins (`usage_source: upstream`); without it
 (cancelled, failed, or a backend that reports none) the input is the reservation's
-estimate and the output is counted from what was relayed, marked `estimated`:
-OpenAI-compatible backends send one token per delta, so deltas are counted, except
-that a delta longer than any one token (`ONE_TOKEN_CHARS`: OpenRouter and vLLM may
-batch several) counts a token per 4 UTF-8 bytes; other vendors batch several tokens
-per delta, so there it is the larger of the deltas and one token per 4 UTF-8 bytes
-(the usual tokenizer average); never below a vendor's running count of its output
-when it sends one (`OutputSoFar`: Gemini's, thinking included). A tool call's name
-and argument fragments count like text (DESIGN §11), and so does the reasoning an
-OpenAI-compatible backend streams (`ReasoningDelta`).
+estimate and the output is counted from what was relayed, marked `estimated`, by
+the input estimate's upper bound (`stream_edge.output_estimate`): OpenAI-compatible
+backends send one token per delta, so a delta counts one token, or its pieces when
+it holds several (OpenRouter and vLLM may batch), or past `ONE_TOKEN_CHARS` the
+whole bound; other vendors batch several tokens per delta, so there it is the larger
+of the deltas and the bound over all the text; never below a vendor's running count
+of its output when it sends one (`OutputSoFar`: Gemini's, thinking included). A tool
+call's name and argument fragments count like text (DESIGN §11), and so does the
+reasoning an OpenAI-compatible backend streams (`ReasoningDelta`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from shared.text_tokens import BYTES_PER_EXTRA_TOKEN, BYTES_PER_TOKEN, text_tokens
+from stream_edge.output_estimate import MEASURED, delta_measure
 from stream_edge.upstream.base import (
     Delta,
     Finish,
@@ -44,19 +46,6 @@ class Billing:
     reasoning_tokens: int = 0
 
 
-# Longer than nearly every single token (a long word, a run of spaces): a delta past
-# it from an OpenAI-compatible backend carries several, and counted as one, a client
-# leaving before the backend's usage came would pay for a fraction of what it read.
-ONE_TOKEN_CHARS = 16
-
-
-def _batched(text: str) -> int:
-    """The tokens beyond the first that an OpenAI-compatible delta of `text` carries."""
-    if len(text) <= ONE_TOKEN_CHARS:
-        return 0
-    return -(-len(text.encode()) // 4) - 1
-
-
 @dataclass(slots=True)
 class Meter:
     input_estimate: int
@@ -65,11 +54,13 @@ class Meter:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     first_token_at: datetime | None = None
     deltas: int = 0
-    # Tokens past one per delta, where deltas count as tokens (`_batched`).
+    # Tokens past one per delta, where deltas count as tokens (`delta_tokens`).
     batched: int = 0
     # The vendor's own running output count (`OutputSoFar`).
     output_floor: int = 0
+    # Where deltas batch tokens: the text's UTF-8 bytes and pieces (`text_pieces`).
     text_bytes: int = 0
+    text_pieces: int = 0
     usage: Usage | None = None
     finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)
@@ -84,10 +75,12 @@ class Meter:
             if self.first_token_at is None:
                 self.first_token_at = datetime.now(UTC)
             self.deltas += 1
-            if not self.delta_is_token:
-                self.text_bytes += len((event.name or "").encode()) + len(event.arguments.encode())
+            if self.delta_is_token:
+                self.batched += delta_measure(event.arguments)[0] - 1
             else:
-                self.batched += _batched(event.arguments)
+                if event.name:
+                    self._batch(event.name)
+                self._batch(event.arguments)
             self.calls.add(event)
         elif isinstance(event, ReasoningDelta):
             # Output the client may read (the passthrough writer forwards it): billed
@@ -107,10 +100,19 @@ class Meter:
         if self.first_token_at is None:
             self.first_token_at = datetime.now(UTC)
         self.deltas += 1
-        if not self.delta_is_token:
-            self.text_bytes += len(text.encode())
-        elif len(text) > ONE_TOKEN_CHARS:
-            self.batched += _batched(text)
+        # `delta_measure`, its memory read inline: this runs for every delta.
+        tokens, size, count = MEASURED.get(text) or delta_measure(text)
+        if self.delta_is_token:
+            self.batched += tokens - 1
+        else:
+            self.text_bytes += size
+            self.text_pieces += count
+
+    def _batch(self, text: str) -> None:
+        """Text from a backend whose deltas batch tokens: measured for the bound."""
+        _, size, count = delta_measure(text)
+        self.text_bytes += size
+        self.text_pieces += count
 
     def record_text(
         self,
@@ -120,20 +122,25 @@ class Meter:
         tool_calls: tuple[ToolCall, ...] = (),
     ) -> None:
         """A whole non-streamed answer."""
-        size = len(text.encode()) + sum(
-            len(c.name.encode()) + len(c.arguments.encode()) for c in tool_calls
-        )
-        if size:
+        self.delta_is_token = False  # one "delta" here is the whole answer
+        for part in (text, *(piece for c in tool_calls for piece in (c.name, c.arguments))):
+            self._batch(part)
+        if self.text_bytes:
             self.first_token_at = datetime.now(UTC)
             self.deltas = 1
-            self.delta_is_token = False  # one "delta" here is the whole answer
-            self.text_bytes = size
             if self.keep_transcript and text:
                 self.parts.append(text)
         for index, call in enumerate(tool_calls):
             self.calls.add(ToolCallDelta(index, call.id, call.name, call.arguments))
         self.usage = usage
         self.finish_reason = finish_reason
+
+    def record_unread(self, raw: bytes, most: int) -> None:
+        """Bytes of a whole answer that failed (`completion.bill_unread`): the output
+        they can hold, by the text bound over every byte, at most `most`."""
+        self.first_token_at = datetime.now(UTC)
+        self.deltas = max(self.deltas, 1)
+        self.output_floor = max(self.output_floor, min(text_tokens((raw,)), most))
 
     def tool_calls(self) -> list[ToolCall]:
         return self.calls.complete()
@@ -159,4 +166,10 @@ class Meter:
     def relayed_tokens(self) -> int:
         if self.delta_is_token:
             return max(self.deltas + self.batched, self.output_floor)
-        return max(self.deltas, -(-self.text_bytes // 4), self.output_floor)
+        size = self.text_bytes
+        return max(
+            self.deltas,
+            -(-size // BYTES_PER_TOKEN),
+            self.text_pieces + size // BYTES_PER_EXTRA_TOKEN,
+            self.output_floor,
+        )

@@ -8,7 +8,10 @@ reads slowly, `emit` waits, we stop reading, and TCP slows the backend (see
 interface, `RelaySink`: the job's pump in service (`pump.py`), a recording one in tests.
 
 Three clocks bound a stream: the first token must come within `first_token`, then
-no gap between chunks may exceed `idle`, and no stream outlives `max_life`. One
+no gap between chunks may exceed `idle`, and no stream outlives `max_life`. A token
+here is output the vendor bills: text, a tool call, streamed reasoning, or a running
+count of hidden thinking (Gemini's `OutputSoFar`); a model that thinks longer than
+`first_token` is answering, not stalled. One
 `asyncio.timeout` is re-armed as chunks arrive rather than a timer per read.
 """
 
@@ -26,6 +29,7 @@ from stream_edge.transport import Response, Timeout, TransportError
 from stream_edge.upstream.base import (
     Delta,
     Failure,
+    OutputSoFar,
     ReasoningDelta,
     StreamParser,
     ToolCallDelta,
@@ -84,6 +88,8 @@ async def relay(
     hard_stop = started + deadlines.max_life
     observe_delay = metrics.relay_delay.observe
     waiting_for = "first token"
+    # Whether the backend has started its output (`answering` below): the idle clock.
+    answering = False
     slack = min(1.0, deadlines.idle / 10)
     armed_at = started - slack
     try:
@@ -105,7 +111,14 @@ async def relay(
                     if meter.first_token_at is None and isinstance(
                         event, Delta | ToolCallDelta | ReasoningDelta
                     ):
-                        first_token = True
+                        first_token = answering = True
+                        waiting_for = "next token"
+                    elif not answering and isinstance(event, OutputSoFar):
+                        # Hidden thinking, counted as it grows: the client reads
+                        # nothing yet (no first token for its metric), but the
+                        # backend is answering, and cutting it now would leave the
+                        # thinking paid to the vendor and the member served an error.
+                        answering = True
                         waiting_for = "next token"
                     meter.record(event)
                     frame = write(event)
@@ -118,7 +131,7 @@ async def relay(
                 if first_token:
                     # Bookkeeping after the client has the token, not before it.
                     sink.first_token()
-                if meter.first_token_at is not None:
+                if answering:
                     now = loop.time()
                     # Re-arming the timer costs a heap operation; doing it at most
                     # once per `slack` keeps the idle limit within 10% of its setting.

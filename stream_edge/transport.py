@@ -124,13 +124,17 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-async def read_at_most(response: Response, limit: int) -> tuple[bytes, bool]:
+async def read_at_most(
+    response: Response, limit: int, parts: list[bytes] | None = None
+) -> tuple[bytes, bool]:
     """The body, or its first `limit` bytes and True when it is longer than that.
 
     Reading stops past `limit`, so a backend cannot make us hold more; the caller's
     `aclose()` then drops the connection, whose body was not read to its end (it is
-    never reused). For whole bodies only: a stream is read with `aiter_raw()`."""
-    parts: list[bytes] = []
+    never reused). For whole bodies only: a stream is read with `aiter_raw()`.
+    `parts`, when given, gets each chunk as it is read: what the caller keeps of a
+    body whose reading failed (a timeout, a broken connection)."""
+    parts = [] if parts is None else parts
     size = 0
     async for chunk in response.aiter_raw():
         parts.append(chunk)

@@ -22,6 +22,7 @@ import pytest
 
 from mock_llm.script import Message, answer_tokens, count_prompt_tokens
 from shared.sse import ServerSentEvent, SSEDecoder
+from shared.text_tokens import pieces
 from tests.adapter_stack import MODELS, SERVICE_TOKEN, VENDOR_KEY, WRONG_KEY, AdapterStack
 from tests.stack import base_env, micro
 
@@ -248,12 +249,16 @@ def test_mid_stream_failure_is_an_error_event(
 
 
 def estimated_output(model: str, received: list[ServerSentEvent]) -> int:
-    """The edge's count when a backend gives no usage: OpenAI-compatible backends send
-    a token per delta; other vendors batch tokens, so at least one per 4 UTF-8 bytes."""
-    texts = [orjson.loads(e.data)["content"] for e in received if e.event == "chunk"]
+    """The edge's count when a backend gives no usage (`stream_edge.output_estimate`):
+    OpenAI-compatible backends send a token per delta, so a delta is one token, or its
+    pieces when it holds several (the mock's `" word."` ending a sentence: a real
+    vendor streams the word and the period apart); other vendors batch tokens, so
+    the input estimate's bound: a token per 3 UTF-8 bytes at least, and per piece."""
+    raws = [orjson.loads(e.data)["content"].encode() for e in received if e.event == "chunk"]
     if MODELS[model][1] == "openai_chat":
-        return len(texts)
-    return max(len(texts), -(-sum(len(t.encode()) for t in texts) // 4))
+        return sum(max(1, pieces(raw)) for raw in raws)
+    size = sum(map(len, raws))
+    return max(len(raws), -(-size // 3), sum(map(pieces, raws)) + size // 24)
 
 
 def test_inhouse_backend_gets_the_service_token_and_caller_context(

@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from shared.retry import Backoff
 from shared.sse import ServerSentEvent
+from shared.text_tokens import pieces
 from stream_edge.upstream_client import RetryPolicy
 from tests.inproc import MOCK, Gateway, events, eventually, gateway_env, opened
 
@@ -101,7 +102,7 @@ async def test_idle_streams_get_ping_comments(gw: Gateway) -> None:
 
 
 @pytest.mark.parametrize(
-    ("directive", "fault", "code", "billed_output"),
+    ("directive", "fault", "code", "relayed"),
     [
         ("[[mock tokens=20]]", {"reset_after": 5}, "upstream_error", 4),
         ("[[mock tokens=20 drop_after=5]]", {}, "upstream_error", 5),
@@ -111,7 +112,7 @@ async def test_idle_streams_get_ping_comments(gw: Gateway) -> None:
     ids=["reset", "drop", "first-token-stall", "idle-stall"],
 )
 async def test_backend_failures_end_with_an_error_event_and_a_failed_report(
-    gw: Gateway, directive: str, fault: dict[str, int], code: str, billed_output: int
+    gw: Gateway, directive: str, fault: dict[str, int], code: str, relayed: int
 ) -> None:
     token = await gw.new_user()
     faults = gw.backends.faults_for(MOCK)
@@ -128,10 +129,14 @@ async def test_backend_failures_end_with_an_error_event_and_a_failed_report(
     faults.release.clear()
     assert got[-1].event == "error"
     assert data(got[-1])["code"] == code
-    assert len([e for e in got if e.event == "chunk"]) == billed_output
+    texts = [data(e)["content"] for e in got if e.event == "chunk"]
+    assert len(texts) == relayed
+    # A token a delta, but the mock's `" word."` ending a sentence is two (a real
+    # vendor streams the word and the period apart: `stream_edge.output_estimate`).
+    billed_output = sum(max(1, pieces(text.encode())) for text in texts)
     record = await gw.wait_usage(token, grant["reservation_id"])
     assert (record["status"], record["output_tokens"]) == ("failed", billed_output)
-    if billed_output == 0:
+    if relayed == 0:
         assert record["cost"] == "0.000000"  # nothing generated, nothing billed
 
 

@@ -199,8 +199,9 @@ def test_reasoning_sharing_a_delta_with_the_answer_is_billed_too() -> None:
     for event in OpenAIStreamParser().feed(b"data: " + orjson.dumps(frame) + b"\n\n"):
         meter.record(event)
     billing = meter.billing()
-    # The answer's token, and the reasoning's 13 (a token per 4 bytes, `meter._batched`).
-    assert (billing.source, billing.output_tokens) == ("estimated", 1 + 13)
+    # The answer's token, and the reasoning's 17 (past a token's length a delta is a
+    # batch: a token per 3 bytes, `stream_edge.output_estimate`).
+    assert (billing.source, billing.output_tokens) == ("estimated", 1 + 17)
     assert meter.content == "42"
 
 

@@ -49,3 +49,6 @@ def test_a_whole_answer_cannot_outlive_the_maximum_stream_life(stack: AdapterSta
     assert response.json()["error"]["code"] == "upstream_timeout"
     record = client.wait_usage(token, grant["reservation_id"])
     assert record["status"] == "failed"
+    # What the backend sent before the cut is billed, read as the stream it is
+    # (`completion.bill_unread`): before, nothing was.
+    assert record["usage_source"] == "estimated" and record["output_tokens"] > 0
