@@ -13,6 +13,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import psycopg
+import sqlalchemy.exc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -26,6 +28,7 @@ from control_plane.db import Database
 from control_plane.deps import Deps
 from control_plane.errors import (
     AppError,
+    DatabaseUnavailable,
     ServiceUnavailable,
     error_response,
     from_http_exception,
@@ -46,6 +49,13 @@ from shared.store_redis import STORE_ERRORS
 
 log = logging.getLogger("control_plane")
 
+# What the database raises when it is unreachable or gives up on a statement: the
+# engine's wrapped error and psycopg's own (the raw hot paths, `raw_pg`).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,
+    psycopg.OperationalError,
+)
+
 
 async def _app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
@@ -59,6 +69,15 @@ async def _store_error(request: Request, exc: Exception) -> Response:
             "The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"}
         )
     )
+
+
+async def _database_error(request: Request, exc: Exception) -> Response:
+    # A database that went away (or gave up on a statement: a deadlock) is nobody's
+    # fault the client could fix: a 503 to retry, as for the store, not a 500 and a
+    # traceback per request for as long as the outage lasts. The transaction was
+    # rolled back (or never began); the pool replaces dead connections at checkout.
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return error_response(DatabaseUnavailable())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -164,6 +183,7 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
             AppError: _app_error,
             HTTPException: _http_error,
             **{error: _store_error for error in STORE_ERRORS},
+            **{error: _database_error for error in DATABASE_ERRORS},
         },
         lifespan=lifespan,
     )

@@ -40,7 +40,8 @@ logs the traceback server-side.
     │   ├── TpmExceeded (429 tpm_exceeded)
     │   └── TooManyHeavyReads (429 too_many_heavy_reads)
     └── ServiceUnavailable (503 unavailable)
-        └── QueryTimeout (503 query_timeout, Retry-After)
+        ├── QueryTimeout (503 query_timeout, Retry-After)
+        └── DatabaseUnavailable (503 database_unavailable, Retry-After)
 """
 
 from __future__ import annotations
@@ -320,6 +321,18 @@ class QueryTimeout(ServiceUnavailable):
 
     def __init__(self, message: str | None = None, *, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database could not run the request: unreachable (a restart, a failover),
+    or a statement it gave up on (a deadlock). Nothing was committed; a retry is
+    the answer, as for a store outage (`app._database_error`)."""
+
+    code = "database_unavailable"
+    default_message = "The gateway's database is unavailable; retry shortly."
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
 
 
 _HTTP_STATUS: dict[int, type[AppError]] = {

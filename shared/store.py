@@ -23,7 +23,13 @@ class Admission:
     """Everything a stream's first request checks in the store, done in one atomic
     step (one round trip to Redis): not revoked, not used on another path, a free
     slot in each of `slot_keys`; then the token is marked used by `path` and the
-    slots taken. `fetch_key`'s value (the stashed request) comes back with it."""
+    slots taken. `fetch_key`'s value (the stashed request) comes back with it.
+
+    `issued_key`: a key the issuer wrote before the token existed (its stashed
+    request), which must still be there for a first use. A store that lost its data
+    (restarted empty, a new instance, keys evicted) has lost the used mark too, so
+    without it every used token would pass for a first use: it gets `unknown`, and
+    nothing is taken or marked."""
 
     revocation_keys: list[str]
     used_key: str
@@ -35,6 +41,7 @@ class Admission:
     now: float
     slots_expire_at: float
     fetch_key: str | None = None
+    issued_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +55,9 @@ class SlotRelease:
 @dataclass(frozen=True, slots=True)
 class Admitted:
     # ok: first use, slots taken; reconnect: used before by the same path (nothing
-    # taken); used: used by another path; revoked; full: `full_index` names the key.
-    verdict: Literal["ok", "reconnect", "used", "revoked", "full"]
+    # taken); used: used by another path; revoked; full: `full_index` names the key;
+    # unknown: `issued_key` is gone, the token cannot be shown unused (nothing taken).
+    verdict: Literal["ok", "reconnect", "used", "revoked", "full", "unknown"]
     full_index: int = -1
     fetched: bytes | None = None
 

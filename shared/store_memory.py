@@ -113,6 +113,8 @@ class MemoryStore:
         first = self._live(a.used_key)
         if first is not None:
             return Admitted("reconnect" if first.decode() == a.path else "used")
+        if a.issued_key is not None and self._live(a.issued_key) is None:
+            return Admitted("unknown")
         sets = []
         for index, (key, limit) in enumerate(zip(a.slot_keys, a.limits, strict=True)):
             members = self._bounded(key, a.now)

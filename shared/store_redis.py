@@ -30,10 +30,12 @@ return ids
 
 
 # See `Admission`. KEYS: the revocation keys, the used key, the slot sets, then the
-# key to fetch (if any). ARGV: n_revocations, n_slots, path, used_ttl_ms, now,
-# slots_expire_at, member, slots_ttl_ms, then one limit per slot set.
+# key to fetch (if any), then the issued key (if any). ARGV: n_revocations, n_slots,
+# path, used_ttl_ms, now, slots_expire_at, member, slots_ttl_ms, has_fetch,
+# has_issued, then one limit per slot set.
 _ADMIT = """
 local n_rev, n_slots = tonumber(ARGV[1]), tonumber(ARGV[2])
+local fetch = ARGV[9] == '1' and KEYS[n_rev + n_slots + 2] or nil
 for i = 1, n_rev do
   if redis.call('EXISTS', KEYS[i]) == 1 then return {'revoked'} end
 end
@@ -43,11 +45,12 @@ if first then
   if first == ARGV[3] then return {'reconnect'} end
   return {'used'}
 end
+if ARGV[10] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {'unknown'} end
 for i = 1, n_slots do
   local key = KEYS[n_rev + 1 + i]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[5])
   if redis.call('ZSCORE', key, ARGV[7]) == false
-     and redis.call('ZCARD', key) >= tonumber(ARGV[8 + i]) then
+     and redis.call('ZCARD', key) >= tonumber(ARGV[10 + i]) then
     return {'full', i - 1}
   end
 end
@@ -57,9 +60,7 @@ for i = 1, n_slots do
   redis.call('PEXPIRE', key, ARGV[8])
 end
 redis.call('SET', used_key, ARGV[3], 'PX', ARGV[4])
-if #KEYS > n_rev + 1 + n_slots then
-  return {'ok', -1, redis.call('GET', KEYS[#KEYS])}
-end
+if fetch then return {'ok', -1, redis.call('GET', fetch)} end
 return {'ok', -1}
 """
 
@@ -376,6 +377,8 @@ class RedisStore:
         keys = [*a.revocation_keys, a.used_key, *a.slot_keys]
         if a.fetch_key is not None:
             keys.append(a.fetch_key)
+        if a.issued_key is not None:
+            keys.append(a.issued_key)
         args: list[str | int | float] = [
             len(a.revocation_keys),
             len(a.slot_keys),
@@ -385,6 +388,8 @@ class RedisStore:
             a.slots_expire_at,
             a.member,
             max(1, int((a.slots_expire_at - a.now) * 1000)),
+            int(a.fetch_key is not None),
+            int(a.issued_key is not None),
             *a.limits,
         ]
         prefixed = [self._key(k) for k in keys]

@@ -24,6 +24,7 @@ from shared.input_size import MAX_JSON_CONTAINERS, json_too_complex
 from shared.request_id import current_request_id
 from shared.revocations import grant_keys
 from shared.route_claim import unseal
+from shared.stash import stash_key
 from shared.store import Admission, Admitted
 from shared.tokens import StreamGrant
 from stream_edge.errors import (
@@ -156,15 +157,25 @@ def _route(
 
 
 async def claim(
-    state: EdgeState, grant: StreamGrant, path: str, fetch_key: str | None = None
+    state: EdgeState, grant: StreamGrant, path: str, *, fetch: bool = False
 ) -> Admitted:
     """Single use: verdict `ok` on first use (the caller now runs the stream; the
     stream's concurrency slots, keyed by jti, are taken and released by its report),
     `reconnect` on a reconnect to the same path (nothing taken). A revoked token, a
-    token used on another path (401) and a full limit (429) raise.
+    token used on another path, a token the store no longer knows (401) and a full
+    limit (429) raise.
 
-    `fetch_key`: a key read in the same round trip on first use (the stashed request)."""
+    A first use needs the request init stashed before it minted the token: a store
+    that lost it (restarted empty, a new instance, evicted) lost the token's used
+    mark too, and cannot tell a first use from a replay or a reconnect. Refused, such
+    a token is not reported either: its stream may be running on an edge, and a
+    report under its webhook id would settle the hold before that stream's own
+    (which would then be a duplicate, its answer unbilled). An unused one's hold is
+    released by the sweeper at its deadline.
+
+    `fetch`: the stashed request comes back in the same round trip on first use."""
     now = time.time()
+    stashed = stash_key(grant.company_id, grant.jti)
     admitted = await state.store.admit(
         Admission(
             revocation_keys=grant_keys(grant),
@@ -176,7 +187,8 @@ async def claim(
             member=grant.jti,
             now=now,
             slots_expire_at=now + state.settings.max_stream_seconds,
-            fetch_key=fetch_key,
+            fetch_key=stashed if fetch else None,
+            issued_key=stashed,
         )
     )
     if admitted.verdict == "revoked":
@@ -185,6 +197,13 @@ async def claim(
     if admitted.verdict == "used":
         state.metrics.token_rejections.labels("used").inc()
         raise Unauthorized("this stream token was already used", code="token_used")
+    if admitted.verdict == "unknown":
+        state.metrics.token_rejections.labels("unknown").inc()
+        raise Unauthorized(
+            "the gateway's store has no record of this stream token (it lost its data):"
+            " it cannot be shown unused; ask for a new one",
+            code="token_unknown",
+        )
     if admitted.verdict == "full":
         raise state.limits.too_many(admitted.full_index)
     return admitted

@@ -17,7 +17,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.stash import StashedRequest, stash_key
+from shared.stash import StashedRequest
 from shared.tokens import StreamGrant
 from stream_edge.admission import (
     bearer,
@@ -87,7 +87,7 @@ async def event_stream(request: Request) -> Response:
     target = route(state, grant)
     chain = [target, *fallback_routes(state, grant)]
     after = _last_event_id(request)
-    admitted = await claim(state, grant, "stream", fetch_key=stash_key(grant.company_id, grant.jti))
+    admitted = await claim(state, grant, "stream", fetch=True)
     if admitted.verdict == "reconnect":
         if after is None:
             # Without Last-Event-ID this is not a resume but a second use of the

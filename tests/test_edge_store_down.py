@@ -116,8 +116,9 @@ def test_usage_survives_the_store_dying_before_the_stream_ends(
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(split.__exit__)
         split.start("mock")
-        split.start("cp")
-        # The edge's store is the private Redis, the one that dies.
+        # The store is the private Redis, the one that dies: both services' (the
+        # edge starts only the streams whose request init stashed in it).
+        split.start("cp", LLMGW_REDIS_URL=private_redis.url)
         split.start("edge", LLMGW_REDIS_URL=private_redis.url)
         c = split.client
         access = c.new_user(c.new_company("5"))

@@ -224,6 +224,25 @@ async def test_admission_takes_slots_and_returns_the_stash(backend: Backend) -> 
     assert (bare.verdict, bare.fetched) == ("ok", None)
 
 
+async def test_a_first_use_needs_the_issued_key_and_takes_nothing_without_it(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    issued = dataclasses.replace(admission("j1"), fetch_key=None, issued_key="stash:{c}:j1")
+    # A store that lost its data: the token's stash is gone, so is any used mark.
+    assert (await store.admit(issued)).verdict == "unknown"
+    assert await store.get("used:{c}:j1") is None  # not marked used
+    assert await store.bounded_members("slots:{c}:company", T) == []  # nothing taken
+    await store.set("stash:{c}:j1", b"request", 60)
+    first = await store.admit(dataclasses.replace(issued, fetch_key="stash:{c}:j1"))
+    assert (first.verdict, first.fetched) == ("ok", b"request")
+    # Its reconnect is known by the used mark; revocations still come first.
+    await store.delete("stash:{c}:j1")
+    assert (await store.admit(issued)).verdict == "reconnect"
+    await store.set("rev:{c}:user", b"1", 60)
+    assert (await store.admit(dataclasses.replace(issued, member="j2"))).verdict == "revoked"
+
+
 async def test_admission_refuses_revoked_and_full(backend: Backend) -> None:
     store = backend.store
     assert (await store.admit(admission("j1"))).verdict == "ok"
