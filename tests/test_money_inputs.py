@@ -632,12 +632,16 @@ def test_stop_sequences_count_at_init_and_edge(gw: Gateway) -> None:
     body = {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 16}
     held = micro(gw.client.init_ok(token, {**body, "stop": stops})["reserved_credits"])
     assert held >= _cost(80_000 // 3, 16, "0.15", "0.6")
-    # At the edge: a token minted for "hi" cannot carry 80 KB of `stop` or `user`.
+    # At the edge: a token minted for "hi" cannot carry 80 KB of `stop` (not held for)
+    # or of `user` (past init's own 256-character rule, which the edge applies too).
     small = gw.client.init_ok(token, {"query": "hi", "max_tokens": 16})
     gw.backend.calls.clear()
-    for extra in ({"stop": stops}, {"user": "u" * 60_000}):
+    for extra, status, code in (
+        ({"stop": stops}, 413, "input_too_large"),
+        ({"user": "u" * 60_000}, 400, "invalid_user"),
+    ):
         body = {"messages": [{"role": "user", "content": "hi"}], **extra}
-        _edge_error(_completions(gw, small["stream_token"], body), 413, "input_too_large")
+        _edge_error(_completions(gw, small["stream_token"], body), status, code)
     assert gw.backend.calls == []
 
 
