@@ -47,8 +47,8 @@ from stream_edge.resume import Follower, ResumeLog, done_key, live_key
 from stream_edge.streaming import SEND_SLICE
 from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.hostile_catalog import catalog_with_backend
 from tests.stack import InProcessStack, base_env
-from tests.test_resume_budget import _catalog
 
 DELTAS = 6
 BIG = "x" * 1_000_000
@@ -87,7 +87,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack
     backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
     with fresh_redis_prefix() as prefix, ServerGroup([(backend, sock)]):
         env = base_env(f"sqlite:///{directory / 'gateway.db'}", REDIS_URL, prefix)
-        env["LLMGW_MODELS_FILE"] = _catalog(directory, url_of(sock))
+        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
+            directory, "bulky", url_of(sock), context_length=8192, max_output_tokens=1024
+        )
         env["LLMGW_IDLE_TIMEOUT_SECONDS"] = "120"  # the held stream stays open
         env["LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS"] = "120"
         # A superseded client that reads nothing is let go after this, not 10 s.
