@@ -10,6 +10,8 @@ bills the input estimate and the output that could be in it, `failed` and
 
 from __future__ import annotations
 
+import re
+
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
 from stream_edge.transport import Response, TransportError, read_at_most
@@ -19,6 +21,7 @@ from stream_edge.upstream.base import Completion, Failure
 # Room for the longest answers: an in-house SSE backend sends `stream: false` answers
 # as a whole stream, some 200 bytes a token, so 16k tokens come to about 3 MiB.
 MAX_COMPLETION_BYTES = 8 * 1024 * 1024
+_DOCUMENT = re.compile(rb"\s*[{\[]")
 
 
 async def read_completion(response: Response, backend: Backend) -> Completion:
@@ -59,12 +62,15 @@ def bill_unread(backend: Backend, raw: bytes) -> None:
         return
     assert backend.adapter is not None
     meter = backend.meter
-    parser = backend.adapter.stream_parser()
-    parser.withhold(backend.credentials)
-    # A document has no `data:` line: a stream parser finds no event in one.
-    for event in parser.feed(raw + b"\n\n"):
-        if isinstance(event, Failure):
-            break
-        meter.record(event)
+    # A document (JSON: `{` or `[` first) has no `data:` line, so no event is in it:
+    # it is not fed to a stream parser, whose pass over 8 MiB of a pretty-printed one
+    # held the event loop 0.44 s (measured), for nothing.
+    if _DOCUMENT.match(raw) is None:
+        parser = backend.adapter.stream_parser()
+        parser.withhold(backend.credentials)
+        for event in parser.feed(raw + b"\n\n"):
+            if isinstance(event, Failure):
+                break
+            meter.record(event)
     if meter.first_token_at is None:
         meter.record_unread(raw, backend.attempt.max_tokens)

@@ -223,6 +223,14 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
     async def nothing_to_report(outcome: str) -> None:
         return None  # the stream's own edge reports its usage
 
+    def closing_frame(code: str, message: str) -> bytes:
+        # A revocation ends the stream, for this client too. This edge's shutdown does
+        # not: the stream runs on at its producer, so the client is let go with no
+        # ending and its reconnect (Last-Event-ID: the last event it got) resumes it
+        # elsewhere. A `shutting_down` event would end the answer for it, and its id,
+        # the stream's next, would make that reconnect skip a real event.
+        return follower.final_frame(code, message) if code == "revoked" else b""
+
     stream = EventStreamResponse(
         follower.run,
         nothing_to_report,
@@ -237,7 +245,7 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         state.active,
         stream,
         grant,
-        follower.final_frame,
+        closing_frame,
         live=(key, connection),
         connections=state.connections,
     )

@@ -140,7 +140,11 @@ class Meter:
         they can hold, by the text bound over every byte, at most `most`."""
         self.first_token_at = datetime.now(UTC)
         self.deltas = max(self.deltas, 1)
-        self.output_floor = max(self.output_floor, min(text_tokens((raw,)), most))
+        # The bound is never below the byte rate: past `most` by that alone, the
+        # pieces of up to 8 MiB (60 ms of the event loop) need no counting.
+        by_bytes = -(-len(raw) // BYTES_PER_TOKEN)
+        tokens = most if by_bytes >= most else min(text_tokens((raw,)), most)
+        self.output_floor = max(self.output_floor, tokens)
 
     def tool_calls(self) -> list[ToolCall]:
         return self.calls.complete()

@@ -286,9 +286,10 @@ class Follower:
     """Resumer side: emit every frame after `after_id` until the stream's last one.
 
     `position` is the id of the last event handed to the client; `final_frame` makes
-    the `error` event that ends this connection early (a revocation, a shutdown) with
-    the next id, as the producer's own client gets it — or nothing, when the stream's
-    last event already went out."""
+    the `error` event that ends this connection early (a revocation, the end of the
+    kept events) with the next id, as the producer's own client gets it — or nothing,
+    when the stream's last event already went out. Not for a shutdown of this edge:
+    the stream goes on at its producer (`eventsource._resume`)."""
 
     def __init__(self, store: ResumeStore, jti: str, after_id: int, give_up_after: float) -> None:
         self._store = store

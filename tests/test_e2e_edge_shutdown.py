@@ -75,3 +75,61 @@ def test_sigterm_drains_then_ends_streams_and_flushes_usage(
     for grant in (short, long):
         assert grant["stream_token"] not in log
         assert grant["stream_token"].split(".")[2] not in log
+
+
+def test_a_follower_on_a_stopping_edge_is_let_go_to_resume_elsewhere(
+    split: SplitStack, tmp_path: Path
+) -> None:
+    """The producer runs on one edge (edge2), the client resumed on another, which is
+    then restarted (SIGTERM). The answer goes on at its producer: the follower's
+    client must reconnect and resume right after the last event it got. It was sent
+    the producer-style `shutting_down` error instead (the demo page then gives up an
+    answer still being billed), numbered as the stream's next event, so a client that
+    does reconnect skips a real event: measured, the resume began one id late."""
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "resume me [[mock tokens=400 delay_ms=20]]"})
+    with edge_process(split, tmp_path, LLMGW_DRAIN_SECONDS="0.2") as edge:
+        split.start("edge2")
+        try:
+            producer_url = grant["stream_url"].replace(c.edge_url, split.url("edge2"))
+            decoder = SSEDecoder()
+            head: list[ServerSentEvent] = []
+            with httpx.stream("GET", producer_url, timeout=10) as first:
+                for raw in first.iter_raw():
+                    head.extend(decoder.feed(raw))
+                    if sum(e.event == "chunk" for e in head) >= 5:
+                        break
+            decoder = SSEDecoder()
+            tail: list[ServerSentEvent] = []
+            signalled = False
+            with httpx.stream(
+                "GET", grant["stream_url"], headers={"Last-Event-ID": head[-1].id}, timeout=10
+            ) as followed:
+                assert followed.status_code == 200
+                for raw in followed.iter_raw():
+                    tail.extend(decoder.feed(raw))
+                    if not signalled and sum(e.event == "chunk" for e in tail) >= 5:
+                        edge.send_signal(signal.SIGTERM)
+                        signalled = True
+            assert signalled
+            assert edge.wait(timeout=20) == 0
+            # Let go without an ending: the stream has not ended.
+            assert [e for e in tail if e.event == "error"] == []
+            # As EventSource does: resume after the last id received, on the live edge.
+            last_id = next(e.id for e in reversed(tail) if e.id)
+            decoder = SSEDecoder()
+            rest: list[ServerSentEvent] = []
+            with httpx.stream(
+                "GET", producer_url, headers={"Last-Event-ID": last_id}, timeout=30
+            ) as resumed:
+                assert resumed.status_code == 200
+                for raw in resumed.iter_raw():
+                    rest.extend(decoder.feed(raw))
+        finally:
+            split.stop("edge2")
+    events = [e for e in head + tail + rest if e.id]
+    ids = [int(e.id) for e in events]
+    assert ids == list(range(ids[0], ids[0] + len(ids))), "an event was skipped"
+    assert events[-1].event == "complete"
+    assert sum(e.event == "chunk" for e in events) == 400
