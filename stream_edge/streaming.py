@@ -104,7 +104,19 @@ class EventStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         last_write = time.monotonic()
+        # One body send at a time, a sliced body's slices together: a ping, the
+        # producer's frames and `watch_detach`'s clean end each wait for the send
+        # before them, so nothing lands between two slices of a frame or after the
+        # response's end. (A ping stuck on a stalled client once finished mid-frame and
+        # cleared the one "send in progress" mark, and a reconnect then ended the
+        # response between two slices.)
+        sending = asyncio.Lock()
+        # When the send in progress began (None: none is). Only `sending`'s holder sets
+        # and clears it, so it always times that one send.
         send_started: float | None = None
+        # Emits waiting for `sending` or holding it: the watchdog pings only when none
+        # is, so a ping never waits behind (and is never timed with) a producer's send.
+        in_flight = 0
 
         def cut() -> None:
             # A client we will not wait on (stuck in a send): nothing more is written
@@ -134,24 +146,37 @@ class EventStreamResponse:
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             self._torn = False
 
-        async def emit(data: bytes) -> None:
-            nonlocal last_write, send_started
+        def may_write() -> bool:
             # Once aborted, nothing but the abort's own frame goes out: a producer may
             # write on until the cancellation reaches it, and its frames would follow
             # the final `error` event (a follower's numbered before them).
-            if data and self.connected and not self._abort_frame and not self._stopped:
-                try:
-                    if len(data) <= SEND_SLICE:
-                        send_started = time.monotonic()
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                    else:
-                        await emit_sliced(data)
-                except OSError:
-                    gone()
-                    return
-                finally:
-                    send_started = None
-                last_write = time.monotonic()
+            return self.connected and not self._abort_frame and not self._stopped
+
+        async def emit(data: bytes) -> None:
+            nonlocal last_write, send_started, in_flight
+            if not data or not may_write():
+                return
+            in_flight += 1
+            try:
+                async with sending:
+                    if not may_write():  # the send waited on ended the response
+                        return
+                    try:
+                        if len(data) <= SEND_SLICE:
+                            send_started = time.monotonic()
+                            await send(
+                                {"type": "http.response.body", "body": data, "more_body": True}
+                            )
+                        else:
+                            await emit_sliced(data)
+                    except OSError:
+                        gone()
+                        return
+                    finally:
+                        send_started = None
+                    last_write = time.monotonic()
+            finally:
+                in_flight -= 1
 
         async def watch_disconnect(producer: anyio.CancelScope) -> None:
             while True:
@@ -180,15 +205,19 @@ class EventStreamResponse:
                     cut()
                 producer.cancel()
                 return
-            while send_started is not None:  # never two sends at once
-                await asyncio.sleep(0.01)
-            if not self.connected:
-                return
-            self.connected = False  # from here on `emit` writes nothing
-            with anyio.move_on_after(self._slow_client_timeout, shield=True) as ending:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async with sending:  # after the send in progress: never two at once
+                if not self.connected:
+                    return
+                self.connected = False  # from here on `emit` writes nothing
+                with anyio.move_on_after(self._slow_client_timeout, shield=True) as ending:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             if ending.cancelled_caught:
                 cut()
+
+        def too_slow(producer: anyio.CancelScope) -> None:
+            cut()
+            self.outcome = "slow_client"
+            producer.cancel()
 
         async def watchdog(producer: anyio.CancelScope) -> None:
             tick = min(self._ping_interval, self._slow_client_timeout) / 4
@@ -196,16 +225,17 @@ class EventStreamResponse:
                 await asyncio.sleep(tick)
                 now = time.monotonic()
                 if send_started is not None and now - send_started > self._slow_client_timeout:
-                    cut()
-                    self.outcome = "slow_client"
-                    producer.cancel()
+                    too_slow(producer)
                     return
-                if (
-                    self.connected
-                    and send_started is None
-                    and now - last_write >= self._ping_interval
-                ):
-                    await emit(PING)
+                if self.connected and in_flight == 0 and now - last_write >= self._ping_interval:
+                    # Bounded like any other send: while its own ping is stuck the
+                    # watchdog does not tick, and nothing else would notice a client
+                    # that reads nothing (nor let a reconnect's clean end through).
+                    with anyio.move_on_after(self._slow_client_timeout) as pinging:
+                        await emit(PING)
+                    if pinging.cancelled_caught:
+                        too_slow(producer)
+                        return
                     if not self.connected:  # the client is gone (`gone`)
                         return
 
@@ -238,7 +268,11 @@ class EventStreamResponse:
                         # which EventSource drops (WHATWG SSE), and reconnects.
                         if not self._torn:
                             await emit(frame)
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    async with sending:  # after a cancelled watcher's send unwinds
+                        if self.connected:
+                            await send(
+                                {"type": "http.response.body", "body": b"", "more_body": False}
+                            )
                 if ending.cancelled_caught:
                     cut()
         except OSError:
