@@ -83,17 +83,25 @@ class EventStreamResponse:
         # glued to half of another.
         self._torn = False
 
-    def abort(self, final_frame: Callable[[], bytes], outcome: str = "aborted") -> None:
+    def abort(self, final_frame: Callable[[], bytes | None], outcome: str = "aborted") -> None:
         """End the stream now with the frame `final_frame()` makes (e.g. an `error`
         event), made only when this ends the stream. A revocation ends it even after
         its client left: a resumable stream runs on for a reconnect (`linger`), and a
-        revoked one must not, for a follower or for nobody."""
+        revoked one must not, for a follower or for nobody.
+
+        Too late once the stream has ended by itself: after the producer returned, or
+        when `final_frame()` says None (its last event is written, and only its
+        delivery or clean-up is left). The outcome stays what it was, and no `error`
+        follows the `complete` a client or a resume log already has."""
         if self._scope is None:
             return
         lingering = self._linger is not None and self.outcome == "client_gone"
         if self.outcome == "finished" or (outcome == "revoked" and lingering):
+            frame = final_frame()
+            if frame is None:
+                return
             self.outcome = outcome
-            self._abort_frame = final_frame()
+            self._abort_frame = frame
             self._scope.cancel()
 
     def detach(self) -> None:
@@ -255,6 +263,7 @@ class EventStreamResponse:
                 if self._detachable:  # resumable streams only: one task fewer otherwise
                     watchers.append(asyncio.create_task(watch_detach(producer)))
                 await self._produce(emit)
+            self._scope = None  # the producer is over: an abort now changes nothing
             for task in watchers:
                 task.cancel()
             if self.connected:
@@ -280,6 +289,7 @@ class EventStreamResponse:
             if self.outcome == "finished":
                 self.outcome = "client_gone"
         finally:
+            self._scope = None
             for task in watchers:
                 task.cancel()
             with anyio.move_on_after(self._finish_timeout, shield=True):
@@ -291,17 +301,19 @@ class Streamed(Response):
     the app's `active` set, so a shutdown can end it (`shut_down`) and the process's
     revocation watcher can (`revoke`, `supersede`: see revocation_watch.py).
     `final_frame(code, message)` makes the closing error frame only when needed (an
-    EventSource frame takes the next event id). `live`: the store key naming the
-    stream's one live connection and this connection's id in it (None: the first
-    connection, which has none), for resumable streams, registered in `connections`
-    while it runs so that a reconnect on this edge supersedes it at once."""
+    EventSource frame takes the next event id), or says None when the stream has
+    already written its last event (`EventStreamResponse.abort`). `live`: the store
+    key naming the stream's one live connection and this connection's id in it (None:
+    the first connection, which has none), for resumable streams, registered in
+    `connections` while it runs so that a reconnect on this edge supersedes it at
+    once."""
 
     def __init__(
         self,
         active: set[RunningStream],
         inner: EventStreamResponse,
         grant: StreamGrant | None,
-        final_frame: Callable[[str, str], bytes],
+        final_frame: Callable[[str, str], bytes | None],
         live: tuple[str, bytes | None] | None = None,
         connections: LiveConnections | None = None,
     ) -> None:
