@@ -108,6 +108,9 @@ async def event_stream(request: Request) -> Response:
     writer = EventSourceWriter(grant.session_id)
     log = ResumeLog(state.store, grant.jti, _log_ttl(state, grant))
     finished = asyncio.Event()
+    # The stream's last event (`complete` or `error`) is in the log: the stream has
+    # ended, whatever its delivery and the log's closing still take.
+    ended = False
 
     def write(event: UpstreamEvent) -> bytes:
         frame = writer.write(event)
@@ -115,15 +118,19 @@ async def event_stream(request: Request) -> Response:
             log.append(frame)
         return frame
 
-    def closing_frame(code: str, message: str) -> bytes:
+    def closing_frame(code: str, message: str) -> bytes | None:
         # A revocation or a shutdown ends the stream with this event: logged too, so
-        # followers on any edge see the end the producer's client sees.
+        # followers on any edge see the end the producer's client sees. None once
+        # the stream ended by itself: a second last event would follow its first.
+        if ended:
+            return None
         frame = writer.error(code, message)
         log.append(frame)
         log.seal()
         return frame
 
     async def produce(emit: Emit) -> None:
+        nonlocal ended
         try:
             # Browsers wait 3 s by default before reconnecting; ask for 1 s.
             try:
@@ -151,6 +158,7 @@ async def event_stream(request: Request) -> Response:
                     result.error_code or "upstream_error", result.error_message or ""
                 )
             log.append(final)
+            ended = True
             await emit(final)
         finally:
             await _close_log(state, grant, log)
@@ -223,12 +231,15 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
     async def nothing_to_report(outcome: str) -> None:
         return None  # the stream's own edge reports its usage
 
-    def closing_frame(code: str, message: str) -> bytes:
+    def closing_frame(code: str, message: str) -> bytes | None:
         # A revocation ends the stream, for this client too. This edge's shutdown does
         # not: the stream runs on at its producer, so the client is let go with no
         # ending and its reconnect (Last-Event-ID: the last event it got) resumes it
         # elsewhere. A `shutting_down` event would end the answer for it, and its id,
-        # the stream's next, would make that reconnect skip a real event.
+        # the stream's next, would make that reconnect skip a real event. Nothing at
+        # all once the stream's last event is on its way to this client.
+        if follower.ended:
+            return None
         return follower.final_frame(code, message) if code == "revoked" else b""
 
     stream = EventStreamResponse(

@@ -119,13 +119,22 @@ async def serve(
         passthrough=provider.api_type == "openai_chat" and model.upstream_model == model.id,
     )
 
+    ended = False  # the last chunk (`[DONE]` or an error) is on its way
+
     async def produce(emit: Emit) -> None:
+        nonlocal ended
         result = await job.pump(response, writer.write, emit)
         if result.status == "completed":
-            await emit(writer.done())
+            final = writer.done()
         else:
-            code = result.error_code or "upstream_error"
-            await emit(writer.error(code, result.error_message or ""))
+            final = writer.error(result.error_code or "upstream_error", result.error_message or "")
+        ended = True
+        await emit(final)
+
+    def closing_frame(code: str, message: str) -> bytes | None:
+        # A revocation or shutdown after the last chunk changes nothing: no error
+        # chunk after `[DONE]`, and the stream's own outcome is reported.
+        return None if ended else OpenAIChunkWriter.error(code, message)
 
     stream = EventStreamResponse(
         produce,
@@ -134,7 +143,7 @@ async def serve(
         ping_interval=state.settings.ping_interval,
         slow_client_timeout=state.settings.slow_client_timeout,
     )
-    return Streamed(state.active, stream, grant, OpenAIChunkWriter.error)
+    return Streamed(state.active, stream, grant, closing_frame)
 
 
 def _attempt(target: Route, chat: ChatRequest) -> Attempt:

@@ -83,17 +83,25 @@ class EventStreamResponse:
         # glued to half of another.
         self._torn = False
 
-    def abort(self, final_frame: Callable[[], bytes], outcome: str = "aborted") -> None:
+    def abort(self, final_frame: Callable[[], bytes | None], outcome: str = "aborted") -> None:
         """End the stream now with the frame `final_frame()` makes (e.g. an `error`
         event), made only when this ends the stream. A revocation ends it even after
         its client left: a resumable stream runs on for a reconnect (`linger`), and a
-        revoked one must not, for a follower or for nobody."""
+        revoked one must not, for a follower or for nobody.
+
+        Too late once the stream has ended by itself: after the producer returned, or
+        when `final_frame()` says None (its last event is written, and only its
+        delivery or clean-up is left). The outcome stays what it was, and no `error`
+        follows the `complete` a client or a resume log already has."""
         if self._scope is None:
             return
         lingering = self._linger is not None and self.outcome == "client_gone"
         if self.outcome == "finished" or (outcome == "revoked" and lingering):
+            frame = final_frame()
+            if frame is None:
+                return
             self.outcome = outcome
-            self._abort_frame = final_frame()
+            self._abort_frame = frame
             self._scope.cancel()
 
     def detach(self) -> None:
@@ -104,7 +112,19 @@ class EventStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         last_write = time.monotonic()
+        # One body send at a time, a sliced body's slices together: a ping, the
+        # producer's frames and `watch_detach`'s clean end each wait for the send
+        # before them, so nothing lands between two slices of a frame or after the
+        # response's end. (A ping stuck on a stalled client once finished mid-frame and
+        # cleared the one "send in progress" mark, and a reconnect then ended the
+        # response between two slices.)
+        sending = asyncio.Lock()
+        # When the send in progress began (None: none is). Only `sending`'s holder sets
+        # and clears it, so it always times that one send.
         send_started: float | None = None
+        # Emits waiting for `sending` or holding it: the watchdog pings only when none
+        # is, so a ping never waits behind (and is never timed with) a producer's send.
+        in_flight = 0
 
         def cut() -> None:
             # A client we will not wait on (stuck in a send): nothing more is written
@@ -134,24 +154,37 @@ class EventStreamResponse:
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             self._torn = False
 
-        async def emit(data: bytes) -> None:
-            nonlocal last_write, send_started
+        def may_write() -> bool:
             # Once aborted, nothing but the abort's own frame goes out: a producer may
             # write on until the cancellation reaches it, and its frames would follow
             # the final `error` event (a follower's numbered before them).
-            if data and self.connected and not self._abort_frame and not self._stopped:
-                try:
-                    if len(data) <= SEND_SLICE:
-                        send_started = time.monotonic()
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                    else:
-                        await emit_sliced(data)
-                except OSError:
-                    gone()
-                    return
-                finally:
-                    send_started = None
-                last_write = time.monotonic()
+            return self.connected and not self._abort_frame and not self._stopped
+
+        async def emit(data: bytes) -> None:
+            nonlocal last_write, send_started, in_flight
+            if not data or not may_write():
+                return
+            in_flight += 1
+            try:
+                async with sending:
+                    if not may_write():  # the send waited on ended the response
+                        return
+                    try:
+                        if len(data) <= SEND_SLICE:
+                            send_started = time.monotonic()
+                            await send(
+                                {"type": "http.response.body", "body": data, "more_body": True}
+                            )
+                        else:
+                            await emit_sliced(data)
+                    except OSError:
+                        gone()
+                        return
+                    finally:
+                        send_started = None
+                    last_write = time.monotonic()
+            finally:
+                in_flight -= 1
 
         async def watch_disconnect(producer: anyio.CancelScope) -> None:
             while True:
@@ -180,15 +213,19 @@ class EventStreamResponse:
                     cut()
                 producer.cancel()
                 return
-            while send_started is not None:  # never two sends at once
-                await asyncio.sleep(0.01)
-            if not self.connected:
-                return
-            self.connected = False  # from here on `emit` writes nothing
-            with anyio.move_on_after(self._slow_client_timeout, shield=True) as ending:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            async with sending:  # after the send in progress: never two at once
+                if not self.connected:
+                    return
+                self.connected = False  # from here on `emit` writes nothing
+                with anyio.move_on_after(self._slow_client_timeout, shield=True) as ending:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             if ending.cancelled_caught:
                 cut()
+
+        def too_slow(producer: anyio.CancelScope) -> None:
+            cut()
+            self.outcome = "slow_client"
+            producer.cancel()
 
         async def watchdog(producer: anyio.CancelScope) -> None:
             tick = min(self._ping_interval, self._slow_client_timeout) / 4
@@ -196,16 +233,17 @@ class EventStreamResponse:
                 await asyncio.sleep(tick)
                 now = time.monotonic()
                 if send_started is not None and now - send_started > self._slow_client_timeout:
-                    cut()
-                    self.outcome = "slow_client"
-                    producer.cancel()
+                    too_slow(producer)
                     return
-                if (
-                    self.connected
-                    and send_started is None
-                    and now - last_write >= self._ping_interval
-                ):
-                    await emit(PING)
+                if self.connected and in_flight == 0 and now - last_write >= self._ping_interval:
+                    # Bounded like any other send: while its own ping is stuck the
+                    # watchdog does not tick, and nothing else would notice a client
+                    # that reads nothing (nor let a reconnect's clean end through).
+                    with anyio.move_on_after(self._slow_client_timeout) as pinging:
+                        await emit(PING)
+                    if pinging.cancelled_caught:
+                        too_slow(producer)
+                        return
                     if not self.connected:  # the client is gone (`gone`)
                         return
 
@@ -225,6 +263,7 @@ class EventStreamResponse:
                 if self._detachable:  # resumable streams only: one task fewer otherwise
                     watchers.append(asyncio.create_task(watch_detach(producer)))
                 await self._produce(emit)
+            self._scope = None  # the producer is over: an abort now changes nothing
             for task in watchers:
                 task.cancel()
             if self.connected:
@@ -238,7 +277,11 @@ class EventStreamResponse:
                         # which EventSource drops (WHATWG SSE), and reconnects.
                         if not self._torn:
                             await emit(frame)
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    async with sending:  # after a cancelled watcher's send unwinds
+                        if self.connected:
+                            await send(
+                                {"type": "http.response.body", "body": b"", "more_body": False}
+                            )
                 if ending.cancelled_caught:
                     cut()
         except OSError:
@@ -246,6 +289,7 @@ class EventStreamResponse:
             if self.outcome == "finished":
                 self.outcome = "client_gone"
         finally:
+            self._scope = None
             for task in watchers:
                 task.cancel()
             with anyio.move_on_after(self._finish_timeout, shield=True):
@@ -257,17 +301,19 @@ class Streamed(Response):
     the app's `active` set, so a shutdown can end it (`shut_down`) and the process's
     revocation watcher can (`revoke`, `supersede`: see revocation_watch.py).
     `final_frame(code, message)` makes the closing error frame only when needed (an
-    EventSource frame takes the next event id). `live`: the store key naming the
-    stream's one live connection and this connection's id in it (None: the first
-    connection, which has none), for resumable streams, registered in `connections`
-    while it runs so that a reconnect on this edge supersedes it at once."""
+    EventSource frame takes the next event id), or says None when the stream has
+    already written its last event (`EventStreamResponse.abort`). `live`: the store
+    key naming the stream's one live connection and this connection's id in it (None:
+    the first connection, which has none), for resumable streams, registered in
+    `connections` while it runs so that a reconnect on this edge supersedes it at
+    once."""
 
     def __init__(
         self,
         active: set[RunningStream],
         inner: EventStreamResponse,
         grant: StreamGrant | None,
-        final_frame: Callable[[str, str], bytes],
+        final_frame: Callable[[str, str], bytes | None],
         live: tuple[str, bytes | None] | None = None,
         connections: LiveConnections | None = None,
     ) -> None:

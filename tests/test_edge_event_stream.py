@@ -194,3 +194,120 @@ def test_live_connections_keep_the_latest_reconnect() -> None:
     assert not live.attach("live:j", b"c", Conn())
     live.release("live:j", b)
     assert live.attach("live:j", None, Conn())
+
+
+# --- sends in flight: a ping, a sliced frame and a reconnect's clean end ------------
+
+
+class PausedClient:
+    """An ASGI peer that reads nothing until the test lets sends through, as uvicorn
+    holds each `send` while the client's buffer is full: they wait in order, each is
+    written when let through, and a body after the response's end raises as uvicorn's
+    "Unexpected ASGI message … after response already completed" does."""
+
+    def __init__(self) -> None:
+        self.paused = True
+        self.waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self.bodies: list[bytes] = []
+        self.ended = False
+        self.blocked = asyncio.Event()
+        self.never = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        if self.paused:
+            gate = asyncio.get_running_loop().create_future()
+            self.waiting.append((message["body"], gate))
+            self.blocked.set()
+            await gate
+        if self.ended:
+            raise RuntimeError("Unexpected ASGI message sent, after response already completed.")
+        if message.get("more_body", False):
+            self.bodies.append(message["body"])
+        else:
+            self.ended = True
+
+    def let_one_through(self) -> bytes:
+        body, gate = self.waiting.pop(0)
+        gate.set_result(None)
+        return body
+
+    def read_all(self) -> None:
+        self.paused = False
+        for _, gate in self.waiting:
+            gate.set_result(None)
+        self.waiting.clear()
+
+
+async def test_a_ping_ending_mid_frame_lets_no_reconnect_end_the_response_between_slices() -> None:
+    """The review's race: a `: ping` stuck on a client that reads nothing, the
+    producer's large frame queued behind it in slices; the ping goes out, then a
+    reconnect supersedes this connection. The ping's end once cleared the one
+    "send in progress" mark while the frame was half sent, so the clean end went out
+    between two slices and the next slice raised (uvicorn: after the response ended)."""
+    from stream_edge.streaming import PING, SEND_SLICE
+
+    client = PausedClient()
+    frame = b"id: 1\nevent: chunk\ndata: " + b"x" * (2 * SEND_SLICE) + b"\n\n"
+    go, emitting = asyncio.Event(), asyncio.Event()
+
+    async def produce(emit: Emit) -> None:
+        await go.wait()
+        emitting.set()  # the producer runs on to its send (or its turn) before the test
+        await emit(frame)
+
+    async def linger() -> None:  # the producer of a resumable stream goes on
+        await client.never.wait()
+
+    async def on_finish(outcome: str) -> None:
+        return None
+
+    response = EventStreamResponse(
+        produce,
+        on_finish,
+        ping_interval=0.001,  # the first ping goes out at once; nothing waits on time
+        slow_client_timeout=600,
+        linger=linger,
+        detachable=True,
+    )
+    task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
+    async with asyncio.timeout(10):  # a bound on a broken test, not a timing check
+        await client.blocked.wait()
+        assert [body for body, _ in client.waiting] == [PING]
+        go.set()
+        await emitting.wait()
+        assert client.let_one_through() == PING
+        response.detach()  # a reconnect took the stream meanwhile
+        client.read_all()
+        await task  # raised RuntimeError: a slice went out after the response's end
+    sent = b"".join(client.bodies)
+    assert client.ended
+    assert frame in sent and sent.replace(PING, b"") == frame  # whole, pings around it
+
+
+async def test_a_ping_stuck_on_a_client_that_reads_nothing_ends_it_as_a_slow_client() -> None:
+    """The watchdog once waited on its own stuck ping for ever: nothing was left to
+    notice the client read nothing, and the stream (and a reconnect's clean end of it)
+    waited with it."""
+    client = PausedClient()
+    outcomes: list[str] = []
+
+    async def produce(emit: Emit) -> None:
+        await client.never.wait()  # a backend that is slow to start
+
+    async def on_finish(outcome: str) -> None:
+        outcomes.append(outcome)
+
+    response = EventStreamResponse(
+        produce, on_finish, ping_interval=0.001, slow_client_timeout=0.05
+    )
+    task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
+    async with asyncio.timeout(10):  # a bound on a broken test, not a timing check
+        await task
+    assert outcomes == ["slow_client"]
+    assert not client.ended
