@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from control_plane.catalog_cache import CatalogCache
 from control_plane.company_webhooks import run_deliveries
-from control_plane.db import Database
+from control_plane.db import Database, DatabaseTimeout
 from control_plane.deps import Deps
 from control_plane.errors import (
     AppError,
@@ -51,9 +51,11 @@ log = logging.getLogger("control_plane")
 
 # What the database raises when it is unreachable or gives up on a statement: the
 # engine's wrapped error and psycopg's own (the raw hot paths, `raw_pg`).
+# `DatabaseTimeout`: it did not answer within LLMGW_DATABASE_TIMEOUT_SECONDS.
 DATABASE_ERRORS: tuple[type[Exception], ...] = (
     sqlalchemy.exc.OperationalError,
     psycopg.OperationalError,
+    DatabaseTimeout,
 )
 
 
@@ -104,7 +106,11 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
                 "the database schema is not up to date: run `llm-gateway migrate` "
                 "or set LLMGW_AUTO_MIGRATE=1"
             )
-        db = Database(settings.database_url, pgbouncer=settings.database_pgbouncer)
+        db = Database(
+            settings.database_url,
+            pgbouncer=settings.database_pgbouncer,
+            timeout=settings.database_timeout_seconds,
+        )
         own_store = store is None
         active_store = (
             store

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import (
+    abandoned_holds,
     agents,
     budgets,
     catalog_cache,
@@ -675,8 +676,11 @@ async def init_chat(
                 llm_cache=llm,
             ),
             begin=False,
+            # Committed after this init was answered 503: nobody has its token.
+            late=lambda late: abandoned_holds.release_later(deps.db, late.reservation.id, user_id),
         )
-    except Exception:  # 402, 404, 413…: this grant never existed
+    except Exception:  # 402, 404, 413…: this grant never existed (a 503 past the
+        # database's bound: never, or released by `late` once it commits)
         await pending_inits.forget(deps.store, user_id, jti)
         raise
     reservation = reserved.reservation

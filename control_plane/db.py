@@ -10,6 +10,16 @@ begun lazily run one-statement reads and a lone last write in autocommit, issue 
 thread pool also bounds how many transactions run at once to the connection pool's
 size.)
 
+Every call is bounded (`DB_TIMEOUT_SECONDS`, ``LLMGW_DATABASE_TIMEOUT_SECONDS``):
+a database that goes silent answers 503 ``database_unavailable`` past it rather
+than holding each request, and each later one queued behind it, for as long as it
+lasts (`db_threads`). The sockets carry client-side bounds of their own
+(`PG_CLIENT_TIMEOUTS`: libpq's ``connect_timeout``, keepalives and
+``tcp_user_timeout``), which free a thread from a dead network; a server that is
+alive but stuck (a lock) is PostgreSQL's own ``statement_timeout``, set on the
+role or database (docs/operations.md), not per transaction: a ``SET`` costs a
+round trip on the hot path, and a startup ``options=-c …`` is refused by PgBouncer.
+
 Behind PgBouncer in transaction mode (``pgbouncer=True``) PostgreSQL connections never
 prepare statements server-side (`PG_PREPARE_THRESHOLD`).
 
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,7 +54,9 @@ from control_plane.db_checkout import (
     pg_ping,
     thrown_away_if_dead,
 )
-from control_plane.db_threads import DbThreads
+from control_plane.db_threads import DatabaseTimeout, DbThreads
+
+__all__ = ["Database", "DatabaseTimeout", "Unit"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,6 +70,24 @@ POOL_SIZE = 10
 # may run on another server connection, where a statement prepared earlier is
 # missing or clashes, and `LLMGW_DATABASE_PGBOUNCER=1` turns preparation off.
 PG_PREPARE_THRESHOLD = 5
+# How long a request waits for the database (a thread, a connection, its
+# statements) before 503 `database_unavailable`: init and settlement take
+# milliseconds, a console aggregate has its own longer bound (`heavy_reads`).
+DB_TIMEOUT_SECONDS = 10.0
+# libpq's own socket bounds, client-side (none is a startup parameter, so PgBouncer
+# takes them): a connect to a server that accepts the TCP connection but never
+# answers (a stopped postmaster) fails after `connect_timeout` (libpq counts whole
+# seconds, at least 2); keepalives find a peer gone without a word (a partition, a
+# failed-over host) after about idle + interval * count = 25 s, and `tcp_user_timeout`
+# drops a connection whose sent data stays unacknowledged for 30 s. A live but slow
+# server answers keepalives, so a long statement is never cut by them.
+PG_CLIENT_TIMEOUTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 Sessions = sessionmaker[Session]
 
@@ -292,8 +323,23 @@ def _sqlite_begin(conn: Any) -> None:
 _ENGINE_OPTIONS: dict[str, Any] = {"hide_parameters": True}
 
 
+def pg_connect_args(url: URL, *, pgbouncer: bool, timeout: float) -> dict[str, Any]:
+    """psycopg's connect arguments: the prepare threshold, and the client-side socket
+    bounds (`PG_CLIENT_TIMEOUTS`, ``connect_timeout`` from `timeout`) unless the URL
+    sets its own (``?connect_timeout=…``)."""
+    bounds: dict[str, Any] = {"connect_timeout": max(2, math.ceil(timeout)), **PG_CLIENT_TIMEOUTS}
+    return {
+        "prepare_threshold": None if pgbouncer else PG_PREPARE_THRESHOLD,
+        **{name: value for name, value in bounds.items() if name not in url.query},
+    }
+
+
 def create_sync_engine(
-    database_url: str, *, pool_size: int = POOL_SIZE, pgbouncer: bool = False
+    database_url: str,
+    *,
+    pool_size: int = POOL_SIZE,
+    pgbouncer: bool = False,
+    timeout: float = DB_TIMEOUT_SECONDS,
 ) -> Engine:
     url = engine_url(database_url)
     prepare_sqlite_path(url)
@@ -309,7 +355,7 @@ def create_sync_engine(
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=30,
-        connect_args={"prepare_threshold": None if pgbouncer else PG_PREPARE_THRESHOLD},
+        connect_args=pg_connect_args(url, pgbouncer=pgbouncer, timeout=timeout),
         **_ENGINE_OPTIONS,
     )
     event.listen(engine, "checkout", pg_ping)
@@ -317,13 +363,25 @@ def create_sync_engine(
 
 
 class Database:
-    """The engine, the session factory and the worker threads that use them."""
+    """The engine, the session factory and the worker threads that use them.
+
+    Each call fails with `DatabaseTimeout` (503) once it has waited `timeout`
+    seconds (or its own ``timeout=``) for a thread and the database together
+    (`db_threads`)."""
 
     def __init__(
-        self, database_url: str, *, pool_size: int = POOL_SIZE, pgbouncer: bool = False
+        self,
+        database_url: str,
+        *,
+        pool_size: int = POOL_SIZE,
+        pgbouncer: bool = False,
+        timeout: float = DB_TIMEOUT_SECONDS,
     ) -> None:
-        self.engine = create_sync_engine(database_url, pool_size=pool_size, pgbouncer=pgbouncer)
+        self.engine = create_sync_engine(
+            database_url, pool_size=pool_size, pgbouncer=pgbouncer, timeout=timeout
+        )
         self.sessions: Sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.timeout = timeout
         self._threads = DbThreads(pool_size, "db")
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
@@ -342,17 +400,30 @@ class Database:
         unit.end(commit=True)
         return result
 
-    async def unit(self, fn: Callable[[Unit], T], *, begin: bool = True) -> T:
+    async def unit(
+        self,
+        fn: Callable[[Unit], T],
+        *,
+        begin: bool = True,
+        late: Callable[[T], None] | None = None,
+    ) -> T:
         """Run ``fn(unit)`` in a worker thread, in one transaction, as `transaction`
         but with the session made only if ``fn`` asks for it (`Unit`). With
         ``begin=False`` the transaction begins only at the first statement that
         needs one (`_PooledUnit`): init's unit, a read and one write statement in
-        the common case, then sends neither BEGIN nor COMMIT."""
-        return await self._threads.run(functools.partial(self._in_unit, fn, begin))
+        the common case, then sends neither BEGIN nor COMMIT. ``late`` gets the
+        result of a unit that committed after its caller was told 503
+        (`DatabaseTimeout`), to undo what nobody will use."""
+        return await self._threads.run(
+            functools.partial(self._in_unit, fn, begin), timeout=self.timeout, late=late
+        )
 
-    async def transaction(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn(session)`` in a worker thread, in one transaction."""
-        return await self._threads.run(functools.partial(self._in_transaction, fn))
+    async def transaction(self, fn: Callable[[Session], T], *, timeout: float | None = None) -> T:
+        """Run ``fn(session)`` in a worker thread, in one transaction; `DatabaseTimeout`
+        past ``timeout`` (default: the database's)."""
+        return await self._threads.run(
+            functools.partial(self._in_transaction, fn), timeout=timeout or self.timeout
+        )
 
     @property
     def postgres(self) -> bool:
@@ -395,11 +466,13 @@ class Database:
         again: ``read`` must be ONE statement without effects (a plain SELECT, no
         FOR UPDATE, no function that writes), since it may run twice. `then` runs
         once, after a read that succeeded, and is never retried."""
-        return await self._threads.run(functools.partial(self._lookup, read, then))
+        return await self._threads.run(
+            functools.partial(self._lookup, read, then), timeout=self.timeout
+        )
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking function that manages its own sessions on the DB threads."""
-        return await self._threads.run(functools.partial(fn, *args))
+        return await self._threads.run(functools.partial(fn, *args), timeout=self.timeout)
 
     async def ping(self) -> bool:
         def check(session: Session) -> bool:

@@ -16,6 +16,18 @@ before a thread took it never runs, one already running finishes (its result is
 dropped, as `run_in_executor`'s is); `close` lets running calls finish, cancels
 those still waiting and joins the threads. Threads start on demand, as the
 executor's do, up to `workers`.
+
+A call may be bounded (`run(fn, timeout=…)`): a PostgreSQL that goes silent (a
+stopped server, a lock, a partition the sockets have not noticed) would otherwise
+hold every thread and queue every later call for as long as it lasts, each client
+waiting with it, and the queued calls would all run once it is back, taking holds
+for clients long gone (measured: 16 requests all still waiting after 40 s, 10
+threads held, 13 holds taken after `SIGCONT`). Past its bound a call's caller gets
+`DatabaseTimeout` (503 ``database_unavailable``): a call no thread took by then
+never runs; one already running cannot be stopped from here (its thread waits on
+the socket), so its outcome is dropped, and a success is handed to its `late`
+callback, which undoes what nobody will use (init releases its hold). The bound
+costs one timer per call (`loop.call_later`), no round trip.
 """
 
 from __future__ import annotations
@@ -29,7 +41,30 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+class DatabaseTimeout(TimeoutError):
+    """A database call was not done within its bound (`DbThreads.run`)."""
+
+
+class _Job:
+    """One call: `fn` (None once it expired, so a long queue of expired calls keeps
+    none of their requests' data), its caller's future and loop, its timer, and
+    what to do with a success that came too late."""
+
+    __slots__ = ("fn", "future", "late", "loop", "timer")
+
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        future: asyncio.Future[Any],
+        loop: asyncio.AbstractEventLoop,
+        late: Callable[[Any], None] | None,
+    ) -> None:
+        self.fn: Callable[[], Any] | None = fn
+        self.future = future
+        self.loop = loop
+        self.late = late
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class DbThreads:
@@ -41,16 +76,28 @@ class DbThreads:
         self._lock = threading.Lock()
         self._closed = False
 
-    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    def run(
+        self,
+        fn: Callable[[], T],
+        *,
+        timeout: float | None = None,
+        late: Callable[[T], None] | None = None,
+    ) -> asyncio.Future[T]:
         """``fn()`` on a worker thread; await the returned future for its outcome.
-        Call it on the running event loop."""
+        Call it on the running event loop. With a `timeout` (seconds, from now: the
+        wait for a thread included), the future fails with `DatabaseTimeout` past
+        it; ``fn`` then never starts if no thread took it, and if it was running its
+        result is handed to ``late`` (on the loop) when it comes."""
         if self._closed:
             raise RuntimeError("cannot run database calls after close")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         if len(self._threads) < self._workers:
             self._start_one()
-        self._jobs.put((fn, future, loop))
+        job = _Job(fn, future, loop, late)
+        if timeout is not None:
+            job.timer = loop.call_later(timeout, _expire, job, timeout)
+        self._jobs.put(job)
         return future
 
     def _start_one(self) -> None:
@@ -70,7 +117,7 @@ class DbThreads:
             job = self._jobs.get()
             if job is None:
                 return
-            _run_job(*job)
+            _run_job(job)
 
     def close(self) -> None:
         """Let running calls finish, cancel the waiting ones, join the threads."""
@@ -83,7 +130,7 @@ class DbThreads:
             except queue.Empty:
                 break
             if job is not None:
-                _deliver(job[2], _cancel, job[1], None)
+                _deliver(job, _cancel, None)
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:
@@ -91,35 +138,49 @@ class DbThreads:
                 thread.join()
 
 
-def _run_job(
-    fn: Callable[[], Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop
-) -> None:
-    if future.cancelled():  # its caller gave up before a thread took it
+def _run_job(job: _Job) -> None:
+    fn = job.fn
+    # Its caller gave up (cancelled, or past its bound) before a thread took it.
+    if fn is None or job.future.done():
         return
     try:
         result = fn()
     except BaseException as exc:  # handed to the caller, as the executor does
-        _deliver(loop, _fail, future, exc)
+        _deliver(job, _fail, exc)
     else:
-        _deliver(loop, _succeed, future, result)
+        _deliver(job, _succeed, result)
 
 
-def _deliver(
-    loop: asyncio.AbstractEventLoop,
-    outcome: Callable[[asyncio.Future[Any], Any], None],
-    future: asyncio.Future[Any],
-    value: Any,
-) -> None:
+def _deliver(job: _Job, outcome: Callable[[_Job, Any], None], value: Any) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-        loop.call_soon_threadsafe(outcome, future, value)
+        job.loop.call_soon_threadsafe(outcome, job, value)
 
 
-def _succeed(future: asyncio.Future[Any], result: Any) -> None:
+def _expire(job: _Job, timeout: float) -> None:
+    if job.future.done():
+        return
+    job.fn = None  # if still queued: it never runs, and its data can go now
+    job.future.set_exception(DatabaseTimeout(f"the database did not answer within {timeout:g} s"))
+
+
+def _stop_timer(job: _Job) -> None:
+    if job.timer is not None:
+        job.timer.cancel()
+
+
+def _succeed(job: _Job, result: Any) -> None:
+    _stop_timer(job)
+    future = job.future
     if not future.done():
         future.set_result(result)
+    elif job.late is not None and not future.cancelled():
+        # Done too late: its caller already answered 503.
+        job.late(result)
 
 
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+def _fail(job: _Job, exc: BaseException) -> None:
+    _stop_timer(job)
+    future = job.future
     if future.done():
         return
     if isinstance(exc, StopIteration):  # a future refuses it: as the executor converts it
@@ -127,5 +188,6 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     future.set_exception(exc)
 
 
-def _cancel(future: asyncio.Future[Any], _value: Any) -> None:
-    future.cancel()
+def _cancel(job: _Job, _value: Any) -> None:
+    _stop_timer(job)
+    job.future.cancel()

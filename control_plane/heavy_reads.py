@@ -108,7 +108,12 @@ class HeavyReads:
         company and the process have a place for it, under the statement timeout."""
         async with self._turn(key):
             try:
-                return await self.db.transaction(functools.partial(_timed, self.timeout_ms, fn))
+                # Its own statement timeout answers first (`query_timeout`); the
+                # database's bound, past it, is for a database gone silent.
+                return await self.db.transaction(
+                    functools.partial(_timed, self.timeout_ms, fn),
+                    timeout=self.timeout_ms / 1000 + self.db.timeout,
+                )
             except DBAPIError as exc:
                 if isinstance(exc.orig, psycopg.errors.QueryCanceled):
                     raise QueryTimeout(

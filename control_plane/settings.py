@@ -90,6 +90,9 @@ class ControlPlaneSettings(CommonSettings):
     # LLMGW_DATABASE_PGBOUNCER: the database is reached through PgBouncer in
     # transaction mode, so no server-side prepared statements (control_plane/db.py).
     database_pgbouncer: bool
+    # LLMGW_DATABASE_TIMEOUT_SECONDS: how long a request waits for the database
+    # before 503 database_unavailable (control_plane/db_threads.py).
+    database_timeout_seconds: float = 10.0
     edge_public_url: str  # stream URLs point there
     admin_token: Secret | None
     token_ttl_seconds: int
@@ -179,6 +182,9 @@ class ControlPlaneSettings(CommonSettings):
             **common_of(common),
             database_url=database_url,
             database_pgbouncer=env_flag(env, "LLMGW_DATABASE_PGBOUNCER", False),
+            database_timeout_seconds=env_float(
+                env, "LLMGW_DATABASE_TIMEOUT_SECONDS", 10.0, 0.1, 3600
+            ),
             edge_public_url=env_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
             admin_token=Secret(admin_token) if admin_token else None,
             token_ttl_seconds=env_int(env, "LLMGW_TOKEN_TTL_SECONDS", 120, 1, 300),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from control_plane.db import Database
+from control_plane.db import Database, DatabaseTimeout
 from control_plane.errors import ServiceUnavailable
 from control_plane.settlement import Outcome
 from control_plane.webhook_settlement import Delivery, settle_delivery, settle_webhooks
@@ -77,17 +77,29 @@ class SettlementBatcher:
     async def _settle(self, batch: list[tuple[Delivery, asyncio.Future[Outcome]]]) -> None:
         deliveries = [delivery for delivery, _ in batch]
         results: list[Outcome | BaseException] = []
+        silent: DatabaseTimeout | None = None
         try:
             if len(deliveries) > 1:
                 results.extend(await self._db.transaction(lambda s: settle_webhooks(s, deliveries)))
+        except DatabaseTimeout as exc:
+            silent = exc
         except Exception as exc:
             # Rolled back as a whole: nothing of it was kept. Each event on its own.
             log.info("settlement batch of %d rolled back (%r); one by one", len(batch), exc)
         if not results:
             # In its own transaction: a failing one answers its error, others settle.
             for delivery in deliveries:
+                if silent is not None:
+                    # The database went silent: the rest would each wait the whole
+                    # bound again, one after the other. All get the 503 the edge
+                    # retries (a settlement that commits late is then a duplicate).
+                    results.append(silent)
+                    continue
                 try:
                     results.append(await settle_delivery(self._db, delivery))
+                except DatabaseTimeout as settle_error:
+                    silent = settle_error
+                    results.append(settle_error)
                 except Exception as settle_error:
                     results.append(settle_error)
         for (_, future), result in zip(batch, results, strict=True):

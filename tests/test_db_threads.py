@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from control_plane.db_threads import DbThreads
+from control_plane.db_threads import DatabaseTimeout, DbThreads
 
 
 def test_results_and_errors_come_back_on_the_loop() -> None:
@@ -121,3 +121,62 @@ def test_close_cancels_the_waiting_and_refuses_new_calls() -> None:
             threads.run(lambda: None)
 
     asyncio.run(main())
+
+
+def test_a_bounded_call_past_its_bound_fails_and_one_no_thread_took_never_runs() -> None:
+    # A database gone silent: the one thread is stuck in its call (released only by
+    # the test). The stuck call's caller and the one queued behind it both get
+    # `DatabaseTimeout`; once the thread is free the queued call never runs, and the
+    # stuck one's late result goes to `late`, on the loop.
+    threads = DbThreads(1, "t")
+    stuck = threading.Event()
+    free = threading.Event()
+    ran: list[str] = []
+    late: list[str] = []
+
+    def silent() -> str:
+        stuck.set()
+        free.wait(30)
+        ran.append("silent")
+        return "committed late"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        came = asyncio.Event()
+
+        def on_late(result: str) -> None:
+            late.append(result)
+            came.set()
+
+        first = threads.run(silent, timeout=0.05, late=on_late)
+        await loop.run_in_executor(None, stuck.wait, 30)
+        queued = threads.run(lambda: ran.append("queued"), timeout=0.05)
+        for call in (first, queued):
+            with pytest.raises(DatabaseTimeout):
+                await call
+        free.set()
+        # A bounded call after them: the thread has taken and skipped `queued`.
+        assert await threads.run(lambda: "next", timeout=30) == "next"
+        await asyncio.wait_for(came.wait(), 30)  # delivered on the loop, after `free`
+
+    try:
+        asyncio.run(main())
+    finally:
+        free.set()
+        threads.close()
+    assert ran == ["silent"]
+    assert late == ["committed late"]
+
+
+def test_a_bounded_call_that_answers_in_time_is_not_late() -> None:
+    threads = DbThreads(1, "t")
+    late: list[int] = []
+
+    async def main() -> int:
+        return await threads.run(lambda: 7, timeout=30, late=late.append)
+
+    try:
+        assert asyncio.run(main()) == 7
+    finally:
+        threads.close()
+    assert late == []
