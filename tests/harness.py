@@ -8,6 +8,7 @@ tests talk to them over real HTTP with sync or async clients.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 from collections.abc import Callable
@@ -24,6 +25,33 @@ def bind_free_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port() -> int:
+    """A port nothing listens on, for a server bound later (a subprocess, a service
+    restarted on its address). Taken below the kernel's ephemeral range: a port from
+    `bind(0)` has to be closed before the server binds it, and in between any
+    outgoing connection on the machine may take it as its source port ("Address
+    already in use", seen once in a full run)."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10_000, low) if low > 11_000 else rng.randrange(1024, 65536)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def url_of(sock: socket.socket) -> str:

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.harness import bind_free_socket
+from tests.harness import free_port
 from tests.stack import Client, base_env, wait_healthy
 
 CLI = [sys.executable, "-m", "llm_gateway.cli"]
@@ -41,13 +41,6 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    sock = bind_free_socket()
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 class ProcessStack:

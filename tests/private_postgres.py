@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.harness import bind_free_socket
+from tests.harness import free_port
 
 
 def _bin_dir() -> Path | None:
@@ -30,9 +30,7 @@ class PrivatePostgres:
         self.bin_dir = bin_dir
         self.directory = directory
         self.data = directory / "data"
-        sock = bind_free_socket()
-        self.port = sock.getsockname()[1]
-        sock.close()
+        self.port = free_port()
         as_root = os.geteuid() == 0
         self._prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
         if as_root:

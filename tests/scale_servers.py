@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,13 +23,7 @@ import psycopg
 import pytest
 
 from tests.conftest import _unavailable
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.harness import free_port
 
 
 def _binary(name: str) -> str:
@@ -74,7 +67,7 @@ def redis_cluster(tmp: Path, masters: int = 3) -> Iterator[str]:
     cluster (no replicas) and yield ``redis+cluster://127.0.0.1:<first port>``."""
     server = _binary("redis-server")
     cli = _binary("redis-cli")
-    ports = [_free_port() for _ in range(masters)]
+    ports = [free_port() for _ in range(masters)]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for port in ports:
@@ -85,7 +78,7 @@ def redis_cluster(tmp: Path, masters: int = 3) -> Iterator[str]:
                     [server, "--port", str(port), "--bind", "127.0.0.1",
                      # The bus port defaults to port + 10000, past 65535 for a high
                      # ephemeral port (the node then never starts): pick one too.
-                     "--cluster-port", str(_free_port()),
+                     "--cluster-port", str(free_port()),
                      "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--appendonly", "no", "--save", "", "--dir", str(node)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -138,7 +131,7 @@ def pgbouncer(upstream_port: int = 5432, pool_size: int = 4) -> Iterator[int]:
     port. `pool_size` server connections per database, far fewer than the clients, so
     consecutive transactions of one client land on different server connections."""
     binary = _binary("pgbouncer")
-    port = _free_port()
+    port = free_port()
     # Its own temp dir, not pytest's: pytest's base dir is private to the test user,
     # and pgbouncer may run as another one.
     tmp = Path(tempfile.mkdtemp(prefix="llmgw-pgbouncer-"))

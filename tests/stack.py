@@ -33,7 +33,7 @@ from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
-from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.harness import ServerGroup, bind_free_socket, free_port, url_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
@@ -201,9 +201,7 @@ class SplitStack:
         assert env.get("LLMGW_REDIS_URL"), "SplitStack needs Redis"
         self.ports = {}
         for name in ("mock", "cp", "edge", "edge2"):
-            sock = bind_free_socket()
-            self.ports[name] = sock.getsockname()[1]
-            sock.close()
+            self.ports[name] = free_port()
         urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
         self.env = {
             **env,

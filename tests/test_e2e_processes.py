@@ -16,18 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.harness import bind_free_socket
+from tests.harness import free_port
 from tests.stack import Client, base_env, micro, wait_healthy
 
 CLI = [sys.executable, "-m", "llm_gateway.cli"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    sock = bind_free_socket()
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 @pytest.fixture

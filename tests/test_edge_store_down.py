@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL
-from tests.harness import bind_free_socket
+from tests.harness import bind_free_socket, free_port
 from tests.stack import SplitStack, base_env, micro
 
 
@@ -58,9 +58,7 @@ class PrivateRedis:
     harshest case for what the edge kept in it."""
 
     def __init__(self, directory: Path) -> None:
-        sock = bind_free_socket()
-        self.port = sock.getsockname()[1]
-        sock.close()
+        self.port = free_port()
         self.directory = directory
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None

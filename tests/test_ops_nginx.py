@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops_processes import ROOT, free_port, require_tool, sse_events
+from tests.harness import free_port
+from tests.ops_processes import ROOT, require_tool, sse_events
 from tests.stack import InProcessStack, base_env
 
 CONF = ROOT / "deploy" / "nginx" / "edge.conf"
