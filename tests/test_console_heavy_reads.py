@@ -10,8 +10,7 @@ are waiting on it. On PostgreSQL only: SQLite has neither the lock nor the timeo
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from control_plane.heavy_reads import (
     WAITING_PER_COMPANY,
     HeavyReads,
 )
+from tests.polling import wait_until
 from tests.test_control_plane import CP, data_of, error_of, start_cp
 
 ADMITTED = RUNNING_PER_COMPANY + WAITING_PER_COMPANY
@@ -57,14 +57,6 @@ def _waiting_on(conn: psycopg.Connection[Any], table: str) -> int:
         "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass", (table,)
     ).fetchone()
     return int(row[0]) if row else 0
-
-
-def _until(what: str, check: Callable[[], bool]) -> None:
-    """Poll `check` (a fact of the database or of the answers, not of time)."""
-    deadline = time.monotonic() + 60
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -114,14 +106,14 @@ def test_slow_aggregates_cannot_take_every_database_thread_from_inits(pg_cp: CP)
             for owner in owners
             for f in _fire(pool, owner, SUMMARY, 10) + _fire(pool, owner, TTFT, 5)
         ]
-        _until(
-            "the aggregates never reached the table",
+        wait_until(
             lambda: _waiting_on(watcher, "usage_records") >= THREADS,
+            "the aggregates never reached the table",
         )
         # Each company's reads past its share were refused at once.
-        _until(
-            "the surplus was not refused",
+        wait_until(
             lambda: len(_answered(reads)) == len(reads) - 2 * ADMITTED,
+            "the surplus was not refused",
         )
         assert all(_refused(r) for r in _answered(reads))
         init = victim.post("/v1/chat/init", json={"query": "hi", "max_tokens": 100})
@@ -141,9 +133,9 @@ def test_slow_audit_searches_cannot_take_every_database_thread(pg_cp: CP) -> Non
     victim, _ = pg_cp.owner_client("10")
     with ThreadPoolExecutor(30) as pool, _locked(pg_cp, "audit_events") as watcher:
         searches = [f for owner in owners for f in _fire(pool, owner, AUDIT, 15)]
-        _until(
-            "the searches never reached the table",
+        wait_until(
             lambda: _waiting_on(watcher, "audit_events") >= THREADS,
+            "the searches never reached the table",
         )
         # Another company's reads still get a database thread meanwhile.
         assert victim.get("/v1/me").status_code == 200
@@ -164,10 +156,10 @@ def test_one_companys_burst_of_heavy_reads_leaves_other_companies_a_thread(pg_cp
     b, _ = pg_cp.owner_client("10")
     with ThreadPoolExecutor(20) as pool, _locked(pg_cp, "audit_events") as watcher:
         searches = _fire(pool, a, AUDIT, 20)
-        _until(
-            "A's search never reached the audit", lambda: _waiting_on(watcher, "audit_events") >= 1
+        wait_until(
+            lambda: _waiting_on(watcher, "audit_events") >= 1, "A's search never reached the audit"
         )
-        _until("A's surplus was not refused", lambda: len(_answered(searches)) == 20 - ADMITTED)
+        wait_until(lambda: len(_answered(searches)) == 20 - ADMITTED, "A's surplus was not refused")
         assert all(_refused(r) for r in _answered(searches))
         assert data_of(b.get(SUMMARY[0], params=SUMMARY[1]))["items"] == []
         assert data_of(b.get(TTFT[0]))["items"] == []
@@ -217,11 +209,11 @@ def test_a_companys_members_cannot_take_every_thread_with_their_ledger(pg_cp: CP
     victim, _ = pg_cp.owner_client("10")
     with ThreadPoolExecutor(30) as pool, _locked(pg_cp, "ledger_entries") as watcher:
         pages = _fire(pool, member, ("/v1/credits", {}), 30)
-        _until(
-            "the listings never reached the ledger",
+        wait_until(
             lambda: _waiting_on(watcher, "ledger_entries") >= 1,
+            "the listings never reached the ledger",
         )
-        _until("the surplus was not refused", lambda: len(_answered(pages)) == 30 - ADMITTED)
+        wait_until(lambda: len(_answered(pages)) == 30 - ADMITTED, "the surplus was not refused")
         assert all(_refused(r) for r in _answered(pages))
         # Another company's requests still get a database thread meanwhile.
         assert victim.get("/v1/me").status_code == 200

@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +23,7 @@ import psycopg
 import pytest
 
 from shared.webhooks import sign
+from tests.polling import wait_until
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.stack import SplitStack, base_env, micro
 from tests.test_control_plane import usage_event
@@ -90,15 +90,6 @@ def _statuses(server: PrivatePostgres, split: SplitStack, company_id: str) -> li
     return [(str(row[0]), str(row[1])) for row in rows]
 
 
-def _until(check: Callable[[], bool]) -> None:
-    """Wait for what the services finish in the background (a late release), with a
-    generous limit that fails the test if it never happens."""
-    deadline = time.monotonic() + POLL_SECONDS
-    while not check():
-        assert time.monotonic() < deadline, "never happened"
-        time.sleep(0.05)
-
-
 def _assert_503(answer: httpx.Response) -> None:
     assert answer.status_code == 503, answer.text
     assert answer.headers["retry-after"] == "1"
@@ -139,12 +130,14 @@ def test_a_silent_database_is_a_bounded_503_and_holds_nothing_once_back(
     # taken before is active (one an init took too late was released); the
     # settlement may have committed late, and the edge's redelivery (the 503 asks
     # for it) charges it exactly once.
-    _until(
+    wait_until(
         lambda: all(
             status == "released"
             for reservation_id, status in _statuses(private_postgres, split, company_id)
             if reservation_id != grant["reservation_id"]
-        )
+        ),
+        "a hold taken too late was never released",
+        within=POLL_SECONDS,
     )
     redelivered = c.http.post(
         f"{c.cp_url}/v1/webhooks/usage",
@@ -174,9 +167,11 @@ def test_an_init_whose_hold_commits_after_its_503_releases_it(
         answer = c.init(access, {"query": "stuck behind a lock"})
         locker.execute("ROLLBACK")
     _assert_503(answer)
-    _until(
+    wait_until(
         lambda: (
             [status for _, status in _statuses(private_postgres, split, company_id)] == ["released"]
-        )
+        ),
+        "the hold that committed after its 503 was never released",
+        within=POLL_SECONDS,
     )
     assert c.credits(access) == before

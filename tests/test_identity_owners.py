@@ -12,7 +12,6 @@ at a time (``BEGIN IMMEDIATE``), so there the second always sees the first.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.polling import wait_until
 from tests.test_control_plane import CP, data_of, error_of, start_cp
 
 
@@ -62,14 +62,6 @@ def _lock_waiters(watcher: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def _until(what: str, check: Callable[[], bool]) -> None:
-    """Poll `check` (a fact of the database or of the answers, not of time)."""
-    deadline = time.monotonic() + 60
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def _two_owners(cp: CP) -> tuple[str, list[dict[str, Any]], list[httpx.Client]]:
     company_id = cp.company("1")
     owners = [cp.user(company_id, "owner", password=None) for _ in range(2)]
@@ -83,9 +75,9 @@ def _at_once(
     them wait on it (or, without the lock in their path, once all have answered)."""
     with ThreadPoolExecutor(len(calls)) as pool, _company_locked(cp, company_id) as watcher:
         futures: list[Future[httpx.Response]] = [pool.submit(call) for call in calls]
-        _until(
-            "the requests neither queued on the company's row nor answered",
+        wait_until(
             lambda: _lock_waiters(watcher) == len(calls) or all(f.done() for f in futures),
+            "the requests neither queued on the company's row nor answered",
         )
     return [f.result() for f in futures]
 

@@ -28,7 +28,7 @@ import socket
 import termios
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +48,7 @@ from stream_edge.streaming import SEND_SLICE
 from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.hostile_catalog import catalog_with_backend
+from tests.polling import wait_until
 from tests.stack import InProcessStack, base_env
 
 DELTAS = 6
@@ -122,13 +123,6 @@ def _waiting_bytes(sock: socket.socket) -> int:
     return int.from_bytes(raw, "little")
 
 
-def _until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_a_reconnect_flood_runs_one_follower_and_pins_no_frames(gateway: InProcessStack) -> None:
     c = gateway.client
     state = gateway.edge.state.edge
@@ -165,7 +159,7 @@ def test_a_reconnect_flood_runs_one_follower_and_pins_no_frames(gateway: InProce
             flood.append(sock)
             # Its follower is sending (the frames reach the client's socket) before
             # the next reconnect comes.
-            _until(lambda sock=sock: _waiting_bytes(sock) > 1024, "a follower sent nothing")
+            wait_until(lambda sock=sock: _waiting_bytes(sock) > 1024, "a follower sent nothing")
         first.join(timeout=30)
         # The producer's own client was superseded with a clean end, not cut.
         assert not first.is_alive()
@@ -173,7 +167,7 @@ def test_a_reconnect_flood_runs_one_follower_and_pins_no_frames(gateway: InProce
 
         # One follower serves the stream on this edge; the superseded ones are gone
         # (was: all ten, for as long as the stream ran).
-        _until(lambda: followers() == 1, "superseded followers still run")
+        wait_until(lambda: followers() == 1, "superseded followers still run")
         # And no connection holds the frames its client did not read (was: megabytes
         # each, the whole log handed to the server in one piece).
         held = gateway.group.pending_writes(gateway.edge)
@@ -195,7 +189,7 @@ def test_a_reconnect_flood_runs_one_follower_and_pins_no_frames(gateway: InProce
             sock.close()
     record = c.wait_usage(token, grant["reservation_id"])
     assert (record["status"], record["output_tokens"]) == ("completed", 60)
-    _until(lambda: followers() == 0, "a follower outlived the stream")
+    wait_until(lambda: followers() == 0, "a follower outlived the stream")
 
 
 class CountingStore(MemoryStore):

@@ -10,7 +10,6 @@ then a duplicate: the answer went unbilled.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.private_redis import PrivateRedis, private_redis
 from tests.stack import SplitStack, base_env, micro
-from tests.test_edge_store_down import PrivateRedis
+
+__all__ = ["private_redis"]  # the fixture, used by name
 
 TOKENS = 30
 # Long enough that the store's restart and the second request land mid-stream
@@ -28,22 +29,10 @@ QUERY = f"store lost [[mock tokens={TOKENS} delay_ms=200]]"
 
 
 @pytest.fixture
-def lost_store(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def split(tmp_path: Path, lost_store: PrivateRedis) -> Iterator[SplitStack]:
+def split(tmp_path: Path, private_redis: PrivateRedis) -> Iterator[SplitStack]:
     # Both services on the private Redis: the stash init wrote is lost too.
     env = {
-        **base_env(f"sqlite:///{tmp_path}/gw.db", lost_store.url, "lost:"),
+        **base_env(f"sqlite:///{tmp_path}/gw.db", private_redis.url, "lost:"),
         "LLMGW_SPOOL_DIR": str(tmp_path / "spool"),
     }
     with SplitStack(env) as stack:
@@ -63,7 +52,7 @@ def _settled(split: SplitStack, access: str, grant: dict[str, Any]) -> dict[str,
 
 
 def test_a_reconnect_after_the_store_lost_its_memory_cannot_zero_the_running_streams_bill(
-    split: SplitStack, lost_store: PrivateRedis
+    split: SplitStack, private_redis: PrivateRedis
 ) -> None:
     c = split.client
     access = c.new_user(c.new_company("5"))
@@ -73,7 +62,7 @@ def test_a_reconnect_after_the_store_lost_its_memory_cannot_zero_the_running_str
         assert response.status_code == 200
         lines = response.iter_lines()
         seen = [next(lines) for _ in range(6)]  # the stream runs...
-        _restart_empty(lost_store)  # ...and its store comes back empty
+        _restart_empty(private_redis)  # ...and its store comes back empty
         # The browser's EventSource reconnects, as it does after any network blip.
         reconnect = httpx.get(grant["stream_url"], headers={"Last-Event-ID": "1"}, timeout=30)
         rest = "\n".join([*seen, *lines])
@@ -89,7 +78,7 @@ def test_a_reconnect_after_the_store_lost_its_memory_cannot_zero_the_running_str
 
 
 def test_a_used_token_is_not_replayed_after_the_store_lost_its_memory(
-    split: SplitStack, lost_store: PrivateRedis
+    split: SplitStack, private_redis: PrivateRedis
 ) -> None:
     c = split.client
     access = c.new_user(c.new_company("5"))
@@ -103,7 +92,7 @@ def test_a_used_token_is_not_replayed_after_the_store_lost_its_memory(
         assert first.status_code == 200
         chunks = first.iter_raw()
         received = next(chunks)
-        _restart_empty(lost_store)
+        _restart_empty(private_redis)
         requests_before = c.mock_stats()["requests"]
         replay = httpx.post(grant["completions_url"], headers=headers, json=body, timeout=30)
         # No second answer from the backend on the same hold, however the replay ends.
