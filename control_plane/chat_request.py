@@ -22,7 +22,7 @@ from typing import Any
 from control_plane.errors import AgentOverride, UnsupportedContent, ValidationFailed
 from control_plane.validation import optional_int, optional_str
 from shared.input_size import InputRejected, clean_parts
-from shared.request_bounds import MAX_MESSAGES, check_item_counts
+from shared.request_bounds import check_item_counts
 from shared.sampling import check_sampling_params
 from shared.tool_shapes import (
     check_tool_calls,
@@ -78,8 +78,6 @@ def _messages(value: Any) -> tuple[list[dict[str, Any]], frozenset[str]]:
     """The messages, and the features their content parts need."""
     if not isinstance(value, list) or not value:
         raise ValidationFailed("messages", "must be a non-empty array")
-    if len(value) > MAX_MESSAGES:
-        raise ValidationFailed("messages", f"must have at most {MAX_MESSAGES} items")
     try:
         # Before any item is looked at: their count bounds the work (`request_bounds`).
         check_item_counts(value)

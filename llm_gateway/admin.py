@@ -279,7 +279,7 @@ def _request(args: argparse.Namespace) -> Request:
         return "GET", "/v1/admin/revocations", None, headers
     if action == "rotate-encryption-key":
         return "POST", "/v1/admin/encryption-keys/rotate", {}, headers
-    body = {"retire_others": True} if getattr(args, "retire_others", False) else {}
+    body = {"retire_others": True} if args.retire_others else {}
     return "POST", "/v1/admin/signing-keys/rotate", body, headers
 
 

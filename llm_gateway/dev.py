@@ -108,16 +108,18 @@ def dev_apps(
     """The control plane, the edge and the mock LLM of `dev`, each answering only
     requests addressed to this machine (`local_hosts`: no DNS rebinding)."""
     from control_plane.app import create_app as control_plane_app
+    from control_plane.errors import error_body as cp_error_body
     from mock_llm.app import create_app as mock_app
     from stream_edge.app import create_app as edge_app
     from stream_edge.errors import error_body
 
     extra = configured_names([edge_settings.control_plane_url, settings.edge_public_url])
-    envelope = {"success": False, "message": MESSAGE, "error": {"code": "untrusted_host"}}
     openai_shape = error_body(MESSAGE, "invalid_request_error", "untrusted_host")
     return (
         LocalHostsOnly(
-            control_plane_app(settings, store), extra=extra, body=orjson.dumps(envelope)
+            control_plane_app(settings, store),
+            extra=extra,
+            body=orjson.dumps(cp_error_body(MESSAGE, "untrusted_host")),
         ),
         LocalHostsOnly(edge_app(edge_settings, store), extra=extra, body=openai_shape),
         LocalHostsOnly(mock_app(), extra=extra, body=openai_shape),

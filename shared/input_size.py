@@ -1,8 +1,9 @@
 """How much input a chat request sends upstream, sized before it is sent (pure).
 
 The hold must cover the input (DESIGN §9 "Money"; §11 "Content parts"), so the
-control plane at init and the edge at ``/v1/chat/completions`` both size a request
-with `estimate_input_tokens` + `params_tokens`, at the rates of the model's route
+control plane at init and the edge at ``/v1/chat/completions`` both measure a request
+once (`measure_input`, equal to `estimate_input_tokens` + `params_tokens`) and price
+that measure for each model of its fallback chain (`InputSize.at`) at the rates of its route
 (`input_rates`: its catalog counts and its provider's wire format): deterministic
 (the same body always gives the same count) and never below what a vendor bills.
 
@@ -323,10 +324,6 @@ def message_size(message: Mapping[str, Any]) -> InputSize:
             else:
                 extra += _part_size(part)
     return InputSize(text_tokens(texts) + TOKENS_PER_MESSAGE) + extra
-
-
-def message_tokens(message: Mapping[str, Any], rates: InputRates = DEFAULT_RATES) -> int:
-    return message_size(message).at(rates)
 
 
 def params_size(params: Mapping[str, Any]) -> InputSize:

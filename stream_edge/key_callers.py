@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 
 from shared.input_size import MAX_JSON_DEPTH, json_too_deep
 from shared.request_id import current_request_id
+from shared.sampling import SAMPLING_PARAMS
 from shared.service_calls import INIT_PATH, MODELS_PATH, is_api_key, key_digest, signed_headers
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
@@ -50,13 +51,7 @@ log = logging.getLogger("llmgw.edge.keys")
 INIT_FIELDS = (
     "model",
     "messages",
-    "temperature",
-    "top_p",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "user",
+    *SAMPLING_PARAMS,
     "tools",
     "tool_choice",
     "parallel_tool_calls",
