@@ -142,7 +142,7 @@ def _route(
             provider=provider.name,
             upstream_model=sealed.upstream_model,
             # Routes sealed before they carried it: only what the token holds, and
-            # no file is sent on them (`requests.parse_chat_request`).
+            # no file is sent on them (`requests.fit_chat_body`).
             context_length=sealed.context_length or max_input_tokens + max_tokens + 1,
             max_output_tokens=max_tokens,
             price=Price(Decimal(0), Decimal(0)),  # the control plane prices; the edge meters

@@ -54,7 +54,7 @@ class Meter:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     first_token_at: datetime | None = None
     deltas: int = 0
-    # Tokens past one per delta, where deltas count as tokens (`delta_tokens`).
+    # Tokens past one per delta, where deltas count as tokens (`output_estimate.delta_measure`).
     batched: int = 0
     # The vendor's own running output count (`OutputSoFar`).
     output_floor: int = 0
@@ -123,9 +123,13 @@ class Meter:
     ) -> None:
         """A whole non-streamed answer."""
         self.delta_is_token = False  # one "delta" here is the whole answer
-        for part in (text, *(piece for c in tool_calls for piece in (c.name, c.arguments))):
-            self._batch(part)
-        if self.text_bytes:
+        parts = (text, *(piece for c in tool_calls for piece in (c.name, c.arguments)))
+        if usage is None:
+            # The bound is billed only without the vendor's usage: an answer of up to
+            # 8 MiB that carries it is not run through `pieces` for nothing.
+            for part in parts:
+                self._batch(part)
+        if any(parts):
             self.first_token_at = datetime.now(UTC)
             self.deltas = 1
             if self.keep_transcript and text:

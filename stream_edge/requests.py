@@ -128,16 +128,6 @@ def check_messages(messages: Any) -> CheckedMessages:
     return CheckedMessages(clean, tuple(needs))
 
 
-def validate_messages(
-    messages: Any, features: tuple[str, ...] = ("streaming",)
-) -> list[dict[str, Any]]:
-    """`check_messages` for a model with `features`: content parts other than text
-    need the model's features (400 `unsupported_content`)."""
-    checked = check_messages(messages)
-    checked.require(features)
-    return checked.messages
-
-
 @dataclass(frozen=True, slots=True)
 class ChatBody:
     """A request body checked and measured once, for whichever model of the grant's

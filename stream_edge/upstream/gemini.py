@@ -90,6 +90,16 @@ def _usage(doc: dict[str, Any], raw: bytes = b"") -> Usage | None:
     )
 
 
+def _output_so_far(doc: dict[str, Any]) -> int:
+    """The output `_usage` would count (answer and thoughts), 0 without a usage."""
+    meta = _dict(doc.get("usageMetadata"))
+    if not isinstance(meta.get("promptTokenCount"), int):
+        return 0
+    return token_count(
+        token_count(meta.get("candidatesTokenCount")) + token_count(meta.get("thoughtsTokenCount"))
+    )
+
+
 def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
     """The text of the first candidate (thought summaries left out), its function
     calls (ids made up where Gemini sends none) and its finish."""
@@ -140,12 +150,15 @@ class GeminiStreamParser(JsonEventParser):
         if reason is not None and not self.done:
             self.done = True
             out.append(Finish("tool_calls" if self._calls and reason == "stop" else reason, raw))
+        if not self.done:
+            # Before the finish only the running output count matters (a floor for a
+            # client that leaves): read it alone, not the whole usage, on every frame.
+            so_far = _output_so_far(doc)
+            if so_far > self._output_so_far:
+                self._output_so_far = so_far
+                out.append(OutputSoFar(raw, so_far))
+            return out
         usage = _usage(doc, raw)
-        if usage is not None and not self.done:
-            if usage.output_tokens > self._output_so_far:
-                self._output_so_far = usage.output_tokens
-                out.append(OutputSoFar(raw, usage.output_tokens))
-            usage = None
         if usage is not None and usage.counts() != self._last_usage:
             self._last_usage = usage.counts()
             out.append(usage)
