@@ -77,7 +77,9 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     # A database that went away (or gave up on a statement: a deadlock) is nobody's
     # fault the client could fix: a 503 to retry, as for the store, not a 500 and a
     # traceback per request for as long as the outage lasts. The transaction was
-    # rolled back (or never began); the pool replaces dead connections at checkout.
+    # rolled back (or never began), except past the time limit (`DatabaseTimeout`),
+    # where it may still commit later: init then releases its hold (`late`), and a
+    # retried settlement is found a duplicate. The pool replaces dead connections.
     log.warning("database unavailable: %s", type(exc).__name__)
     return error_response(DatabaseUnavailable())
 

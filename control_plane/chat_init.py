@@ -219,7 +219,7 @@ def plan_hold(
             f"{model.id}'s context of {model.context_length} tokens."
         )
     if carries_files(messages):
-        estimate = max(model.context_length, billed_context or 0) - max_tokens
+        estimate = (billed_context or model.context_length) - max_tokens
     # Every input token at the dearest input rate: the hold covers any cache split.
     return HoldPlan(max_tokens, estimate, hold_cost_micro(estimate, max_tokens, model.price))
 

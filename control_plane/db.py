@@ -31,7 +31,6 @@ to upgrade to a write.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from control_plane.db_checkout import (
     thrown_away_if_dead,
 )
 from control_plane.db_threads import DatabaseTimeout, DbThreads
+from control_plane.settings import DB_TIMEOUT_SECONDS
 
 __all__ = ["Database", "DatabaseTimeout", "Unit"]
 
@@ -70,10 +70,6 @@ POOL_SIZE = 10
 # may run on another server connection, where a statement prepared earlier is
 # missing or clashes, and `LLMGW_DATABASE_PGBOUNCER=1` turns preparation off.
 PG_PREPARE_THRESHOLD = 5
-# How long a request waits for the database (a thread, a connection, its
-# statements) before 503 `database_unavailable`: init and settlement take
-# milliseconds, a console aggregate has its own longer bound (`heavy_reads`).
-DB_TIMEOUT_SECONDS = 10.0
 # libpq's own socket bounds, client-side (none is a startup parameter, so PgBouncer
 # takes them): a connect to a server that accepts the TCP connection but never
 # answers (a stopped postmaster) fails after `connect_timeout` (libpq counts whole
@@ -470,16 +466,12 @@ class Database:
             functools.partial(self._lookup, read, then), timeout=self.timeout
         )
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking function that manages its own sessions on the DB threads."""
-        return await self._threads.run(functools.partial(fn, *args), timeout=self.timeout)
-
     async def ping(self) -> bool:
         def check(session: Session) -> bool:
             return session.execute(text("SELECT 1")).scalar() == 1
 
         try:
-            return await asyncio.wait_for(self.transaction(check), timeout=5)
+            return await self.transaction(check, timeout=5)
         except Exception:
             return False
 

@@ -325,8 +325,9 @@ class QueryTimeout(ServiceUnavailable):
 
 class DatabaseUnavailable(ServiceUnavailable):
     """The database could not run the request: unreachable (a restart, a failover),
-    or a statement it gave up on (a deadlock). Nothing was committed; a retry is
-    the answer, as for a store outage (`app._database_error`)."""
+    or a statement it gave up on (a deadlock), or no answer within the time limit
+    (then the work may still commit later: `db_threads`). A retry is the answer, as
+    for a store outage (`app._database_error`)."""
 
     code = "database_unavailable"
     default_message = "The gateway's database is unavailable; retry shortly."

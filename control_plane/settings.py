@@ -28,6 +28,11 @@ MIN_ADMIN_TOKEN_CHARS = 32
 MIN_ADMIN_TOKEN_DISTINCT = 10
 ADMIN_TOKEN_HINT = 'generate one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
+# How long a request waits for the database (a thread, a connection, its
+# statements) before 503 `database_unavailable`: init and settlement take
+# milliseconds, a console aggregate has its own longer bound (`heavy_reads`).
+DB_TIMEOUT_SECONDS = 10.0
+
 
 def _strong_secret(
     name: str, value: str, others: Mapping[str, set[str]], hint: str, *, as_bytes: bool
@@ -92,7 +97,7 @@ class ControlPlaneSettings(CommonSettings):
     database_pgbouncer: bool
     # LLMGW_DATABASE_TIMEOUT_SECONDS: how long a request waits for the database
     # before 503 database_unavailable (control_plane/db_threads.py).
-    database_timeout_seconds: float = 10.0
+    database_timeout_seconds: float = DB_TIMEOUT_SECONDS
     edge_public_url: str  # stream URLs point there
     admin_token: Secret | None
     token_ttl_seconds: int
@@ -142,23 +147,18 @@ class ControlPlaneSettings(CommonSettings):
         database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
         if not database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError("LLMGW_DATABASE_URL must be a sqlite:// or postgresql:// URL")
-        auth_jwt_secret = _auth_jwt_secret(
-            env,
-            {
-                "LLMGW_WEBHOOK_SECRET": {s.reveal() for s in common.webhook_secrets},
-                "LLMGW_EDGE_SERVICE_SECRET": {s.reveal() for s in common.edge_service_secrets},
-                "LLMGW_BACKEND_WEBHOOK_SECRETS": backend_all,
-                "LLMGW_ENCRYPTION_KEY": {k.reveal() for k in common.encryption_keys},
-            },
-        )
+        other_secrets = {
+            "LLMGW_WEBHOOK_SECRET": {s.reveal() for s in common.webhook_secrets},
+            "LLMGW_EDGE_SERVICE_SECRET": {s.reveal() for s in common.edge_service_secrets},
+            "LLMGW_BACKEND_WEBHOOK_SECRETS": backend_all,
+            "LLMGW_ENCRYPTION_KEY": {k.reveal() for k in common.encryption_keys},
+        }
+        auth_jwt_secret = _auth_jwt_secret(env, other_secrets)
         admin_token = _admin_token(
             env,
             {
-                "LLMGW_WEBHOOK_SECRET": {s.reveal() for s in common.webhook_secrets},
-                "LLMGW_EDGE_SERVICE_SECRET": {s.reveal() for s in common.edge_service_secrets},
-                "LLMGW_BACKEND_WEBHOOK_SECRETS": backend_all,
+                **other_secrets,
                 "LLMGW_AUTH_JWT_SECRET": {auth_jwt_secret} if auth_jwt_secret else set(),
-                "LLMGW_ENCRYPTION_KEY": {k.reveal() for k in common.encryption_keys},
             },
         )
         auth_jwks_url = (
@@ -183,7 +183,7 @@ class ControlPlaneSettings(CommonSettings):
             database_url=database_url,
             database_pgbouncer=env_flag(env, "LLMGW_DATABASE_PGBOUNCER", False),
             database_timeout_seconds=env_float(
-                env, "LLMGW_DATABASE_TIMEOUT_SECONDS", 10.0, 0.1, 3600
+                env, "LLMGW_DATABASE_TIMEOUT_SECONDS", DB_TIMEOUT_SECONDS, 0.1, 3600
             ),
             edge_public_url=env_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
             admin_token=Secret(admin_token) if admin_token else None,
