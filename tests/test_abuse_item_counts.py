@@ -183,7 +183,7 @@ async def test_a_fallback_chain_sizes_a_body_once_at_init(gw: Gateway, sized: li
     user = await gw.new_user()
     sized.clear()
     grant = await gw.init_ok(user, {"model": CHAIN[0], "messages": CHAIN_MESSAGES})
-    assert len(sized) <= MAX_MESSAGES + 1, len(sized)
+    assert 0 < len(sized) <= MAX_MESSAGES + 1, len(sized)
     claims = orjson.loads(_segment(grant["stream_token"]))
     assert [entry["model"] for entry in claims["fallbacks"]] == CHAIN[1:]
 
@@ -202,7 +202,7 @@ async def test_a_fallback_chain_sizes_a_body_once_at_the_edge_even_for_a_used_to
     sized.clear()
     status, answer = await _edge(gw, {"messages": CHAIN_MESSAGES}, grant["stream_token"])
     assert (status, answer["error"]["code"]) == (401, "token_used"), answer
-    assert len(sized) <= MAX_MESSAGES + 1, len(sized)
+    assert 0 < len(sized) <= MAX_MESSAGES + 1, len(sized)
 
 
 def _segment(token: str) -> bytes:

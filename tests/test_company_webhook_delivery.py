@@ -317,7 +317,7 @@ def test_a_receiver_dribbling_its_answer_cannot_hold_the_delivery_pass(
     """httpx's timeouts are per read: a head sent a byte every 0.2 s never tripped
     them, and the pass (which waits for every post) never ended, so no company's
     event was delivered again. One attempt now has `ATTEMPT_SECONDS` in all."""
-    monkeypatch.setattr(company_webhooks, "ATTEMPT_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(company_webhooks, "ATTEMPT_SECONDS", 1.0)
 
     async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -26,7 +26,8 @@ from starlette.types import Receive, Scope, Send
 
 from llm_gateway.http_guard import ConnectionLimits
 from stream_edge.streaming import EventStreamResponse
-from tests.test_ops_slow_clients import DEADLINE, serving, stalled_connections, wait_until
+from tests.polling import wait_until
+from tests.test_ops_slow_clients import DEADLINE, serving, stalled_connections
 
 UNFINISHED = "ASGI callable returned without completing response."
 CHUNK = b"data: " + b"x" * 65_536 + b"\n\n"
@@ -102,9 +103,10 @@ def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def _closed(sock: socket.socket) -> bool:
-    """The server has cut the connection: what is left to read ends in EOF or a reset."""
+    """The server has cut the connection: what is left to read ends in EOF or a reset
+    (a timeout, a connection still open after `DEADLINE`, raises and fails the test)."""
     sock.settimeout(DEADLINE)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(ConnectionResetError):
         while sock.recv(1 << 20):
             pass
     return True
@@ -116,8 +118,12 @@ def test_a_slow_client_cut_logs_no_error(
     app, url, server = served
     caplog.set_level(logging.INFO)
     with contextlib.closing(_reading_nothing(url, "/slow")) as sock:
-        wait_until(lambda: app.outcomes == ["slow_client"], "the slow client was never cut")
-        wait_until(_ended(server), "the request never ended")
+        wait_until(
+            lambda: app.outcomes == ["slow_client"],
+            "the slow client was never cut",
+            within=DEADLINE,
+        )
+        wait_until(_ended(server), "the request never ended", within=DEADLINE)
         assert _closed(sock)
     assert _errors(caplog) == []
 
@@ -128,12 +134,16 @@ def test_a_superseded_follower_stuck_in_a_send_is_cut_without_an_error(
     app, url, server = served
     caplog.set_level(logging.INFO)
     with contextlib.closing(_reading_nothing(url, "/follower")) as sock:
-        wait_until(lambda: stalled_connections(server) == 1, "the follower's send never stuck")
+        wait_until(
+            lambda: stalled_connections(server) == 1,
+            "the follower's send never stuck",
+            within=DEADLINE,
+        )
         follower, loop = app.follower, app.loop
         assert follower is not None and loop is not None
         loop.call_soon_threadsafe(follower.detach)
-        wait_until(lambda: len(app.outcomes) == 1, "the follower never stopped")
-        wait_until(_ended(server), "the request never ended")
+        wait_until(lambda: len(app.outcomes) == 1, "the follower never stopped", within=DEADLINE)
+        wait_until(_ended(server), "the request never ended", within=DEADLINE)
         assert _closed(sock)
     assert _errors(caplog) == [], app.outcomes
 
@@ -145,5 +155,5 @@ def test_an_app_that_leaves_a_response_unfinished_is_still_an_error(
     caplog.set_level(logging.INFO)
     with contextlib.closing(_reading_nothing(url, "/broken")) as sock:
         assert _closed(sock)
-        wait_until(_ended(server), "the request never ended")
+        wait_until(_ended(server), "the request never ended", within=DEADLINE)
     assert _errors(caplog) == [UNFINISHED]

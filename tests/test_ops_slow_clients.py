@@ -39,6 +39,7 @@ from stream_edge.app import create_app as edge_app
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 from tests.harness import bind_free_socket, url_of
+from tests.polling import wait_until
 from tests.stack import base_env
 
 DEADLINE = 20.0  # seconds; generous on a loaded machine, never reached when it works
@@ -418,13 +419,6 @@ def stalled_connections(server: uvicorn.Server, for_seconds: float = 0.0) -> int
     return sum(s is not None and now - s >= for_seconds for s in since)
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def test_clients_that_read_nothing_cannot_hold_the_connection_cap(
     console_servers: BodyServers,
 ) -> None:
@@ -434,7 +428,11 @@ def test_clients_that_read_nothing_cannot_hold_the_connection_cap(
         # Every slot holds a response its client does not take; before the fix a
         # real client was refused for as long as they liked (minutes, measured).
         grace = capped_server.config.http.keywords["limits"].stall_grace  # type: ignore[union-attr]
-        wait_until(lambda: stalled_connections(capped_server, grace) == CAPPED, "never stalled")
+        wait_until(
+            lambda: stalled_connections(capped_server, grace) == CAPPED,
+            "never stalled",
+            within=DEADLINE,
+        )
         healthy(console_servers.capped)
     finally:
         for sock in held:
@@ -446,6 +444,8 @@ def test_a_client_that_reads_nothing_is_cut_off_after_the_send_timeout(
 ) -> None:
     short_server = console_servers.servers[1]
     with contextlib.closing(reading_nothing(console_servers.short)):
-        wait_until(lambda: stalled_connections(short_server) == 1, "never stalled")
-        wait_until(lambda: not short_server.server_state.connections, "never cut off")
+        wait_until(lambda: stalled_connections(short_server) == 1, "never stalled", within=DEADLINE)
+        wait_until(
+            lambda: not short_server.server_state.connections, "never cut off", within=DEADLINE
+        )
     healthy(console_servers.short)

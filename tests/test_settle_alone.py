@@ -178,7 +178,7 @@ def test_a_failed_reply_on_the_driver_keeps_the_charge(
     [row] = tenant.rows(hot_statements.RESERVATIONS, id=reservation.id)
     assert row["status"] == "settled" and row["charged_micro"] == outcome.charged_micro
     [chat] = tenant.rows(hot_statements.SESSIONS, id=reservation.session_id)
-    assert (chat["message_count"], chat["content_bytes"]) == (1, 6)  # the user's "hi" only
+    assert (chat["message_count"], chat["content_bytes"]) == (1, 6)  # the user's "hi" and its role
     messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
     assert [m["role"] for m in messages] == ["user"]
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
