@@ -78,9 +78,9 @@ def test_a_flood_of_anonymous_reads_costs_the_database_one_transaction(
         db = cp.app.state.deps.db
         transaction, seen = db.transaction, []
 
-        def counted(work: Any) -> Any:
+        def counted(work: Any, **options: Any) -> Any:
             seen.append(work)
-            return transaction(work)
+            return transaction(work, **options)
 
         db.transaction = counted
 
