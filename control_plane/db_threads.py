@@ -12,10 +12,10 @@ average 2): 43 to 48 µs of CPU a hop through the executor, 31 to 35 µs through
 
 The executor's behaviour is kept: at most `workers` calls run at once (one per
 pooled connection), the rest wait in order; a call whose caller was cancelled
-before a thread took it never runs, one already running finishes (its result is
-dropped, as `run_in_executor`'s is); `close` lets running calls finish, cancels
-those still waiting and joins the threads. Threads start on demand, as the
-executor's do, up to `workers`.
+before a thread took it never runs (its timer stops when the thread skips it), one
+already running finishes (its result is dropped, as `run_in_executor`'s is);
+`close` lets running calls finish, cancels those still waiting and joins the
+threads. Threads start on demand, as the executor's do, up to `workers`.
 
 A call may be bounded (`run(fn, timeout=…)`): a PostgreSQL that goes silent (a
 stopped server, a lock, a partition the sockets have not noticed) would otherwise
@@ -140,8 +140,16 @@ class DbThreads:
 
 def _run_job(job: _Job) -> None:
     fn = job.fn
-    # Its caller gave up (cancelled, or past its bound) before a thread took it.
-    if fn is None or job.future.done():
+    if fn is None:  # past its bound before a thread took it: its timer has fired
+        return
+    if job.future.done():
+        # Its caller was cancelled before a thread took it. Its timer would keep
+        # the job, and the request's data in `fn`, for the rest of the bound: it is
+        # stopped here, on this rare path, rather than by a done-callback on every
+        # call's future (~2.4 µs a call, measured).
+        job.fn = None
+        if job.timer is not None:
+            _deliver(job, _cancel, None)  # the future is cancelled already
         return
     try:
         result = fn()

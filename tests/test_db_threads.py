@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -180,3 +182,46 @@ def test_a_bounded_call_that_answers_in_time_is_not_late() -> None:
     finally:
         threads.close()
     assert late == []
+
+
+def test_a_cancelled_call_lets_go_of_its_data_once_its_thread_is_past_it() -> None:
+    # A client gone while its call waited for a thread: once the thread has skipped
+    # the call, nothing may keep the call's data (the request's body, its messages)
+    # until the call's bound would have fired; the one that was running lets go as
+    # soon as it finishes. Its timer held both for the whole bound before.
+    threads = DbThreads(1, "t")
+    release = threading.Event()
+    started = threading.Event()
+
+    class Data:
+        pass
+
+    def blocker(_: Data) -> None:
+        started.set()
+        release.wait(5)
+
+    async def cancelled_calls() -> tuple[weakref.ref[Data], weakref.ref[Data]]:
+        running_data, queued_data = Data(), Data()
+        calls = (
+            threads.run(functools.partial(blocker, running_data), timeout=60),
+            threads.run(functools.partial(lambda _: None, queued_data), timeout=60),
+        )
+        await asyncio.to_thread(started.wait, 5)
+        for call in calls:
+            call.cancel()  # as its awaiting task's cancel does
+        return weakref.ref(running_data), weakref.ref(queued_data)
+
+    async def main() -> None:
+        running, queued = await cancelled_calls()
+        release.set()
+        # One thread, calls taken in order: past this, it has finished the first and
+        # skipped the second, and what it handed back has run on the loop.
+        assert await threads.run(lambda: "after", timeout=60) == "after"
+        gc.collect()
+        assert running() is None
+        assert queued() is None
+
+    try:
+        asyncio.run(main())
+    finally:
+        threads.close()

@@ -10,10 +10,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import chat_sessions, policy
-from control_plane.auth import authenticate
+from control_plane.auth import authenticate, caller_and_body
 from control_plane.chat_init import init_chat
 from control_plane.chat_request import parse_init_request
-from control_plane.deps import get_deps, read_body
+from control_plane.deps import get_deps
 from control_plane.errors import AppError, Forbidden
 from control_plane.middleware import request_id
 from control_plane.pagination import decode_seq_cursor, encode_seq_cursor, page_request
@@ -26,25 +26,23 @@ Body = TypeVar("Body")
 
 
 async def chat_init(request: Request) -> Response:
-    return await serve_init(request, read_body, authenticate, parse_json_object)
+    return await serve_init(request, caller_and_body, parse_json_object)
 
 
 async def serve_init(
     request: Request,
-    read: Callable[[Request], Awaitable[Body]],
-    caller: Callable[[Request], Awaitable[Principal]],
+    arrive: Callable[[Request], Awaitable[tuple[Principal, Body]]],
     parse: Callable[[Body], dict[str, Any]],
 ) -> Response:
-    """Init for `caller` (the public route's bearer, or an edge's API-key caller:
-    routes/internal.py): body, caller, scope, `init_chat` (which counts the init
-    rate). The body is `read` whole before the caller is named (a key revoked while
-    its request held its body back must not take a hold: `auth.caller_and_body`),
-    and `parse`d only once the caller may init."""
+    """Init for the caller `arrive` names (the public route's bearer:
+    `auth.caller_and_body`; an edge's API-key caller: routes/internal.py) once the
+    whole body has arrived (a key revoked while its request held its body back
+    must not take a hold), then scope, then `init_chat` (which counts the init
+    rate). The body is `parse`d only once the caller may init."""
     deps = get_deps(request)
     outcome = "error"
     try:
-        body = await read(request)
-        principal = await caller(request)
+        principal, body = await arrive(request)
         if not policy.can_chat(principal):
             raise Forbidden("This needs a user with the llm:chat:send scope.")
         assert principal.user_id is not None and principal.company_id is not None

@@ -81,12 +81,10 @@ async def edge_chat_init(request: Request) -> Response:
     deps = get_deps(request)
     call = await edge_call(request, deps)
 
-    async def arrived(_: Request) -> dict[str, Any]:
-        return call.doc  # the edge's call is read whole (`edge_call`)
-
-    async def caller(_: Request) -> Principal:
-        # `serve_init` asks for the caller before it parses the body or holds.
-        return await key_principal(deps, call)
+    async def arrived(_: Request) -> tuple[Principal, dict[str, Any]]:
+        # The edge's call is read whole (`edge_call`); `serve_init` asks for its
+        # caller before it parses the init or holds.
+        return await key_principal(deps, call), call.doc
 
     def body(doc: dict[str, Any]) -> dict[str, Any]:
         init = doc.get("request")
@@ -94,7 +92,7 @@ async def edge_chat_init(request: Request) -> Response:
             raise ValidationFailed("request", "must be an object")
         return init
 
-    return await serve_init(request, arrived, caller, body)
+    return await serve_init(request, arrived, body)
 
 
 async def edge_models(request: Request) -> Response:
