@@ -5,13 +5,21 @@ edge's own settings (the platform's keys), plus each key's state in the shared s
 (`shared.key_pool`): one `get_many` per stream, no control-plane call.
 
 Order: usable keys, least recently rate-limited first. A key answering 429 rests for
-its `Retry-After` and the next key is tried at once; one answering 401/403 is marked
-bad, counted in metrics, shown to the company's admins (`GET …/providers`) and
-skipped. When every key is bad they are still tried (a restored key recovers at its
+its `Retry-After` and the next key is tried at once; one answering 401/403 is tried
+past, and marked bad (counted in metrics, shown to the company's admins,
+`GET …/providers`, and skipped) once another key of the pool has accepted the same
+request. When every key is bad they are still tried (a restored key recovers at its
 first success); when every usable key rests, the stream gets a 429 with the time the
 first one is back ("no key left": a fallback trigger, `stream_edge.fallback`). A
 provider with a single key always tries it (nothing to spread over), waiting out a
 short `Retry-After` on it as before pools.
+
+Why a refusal needs another key's success before it marks: a vendor may answer 403
+to what a request carries rather than to the key (Gemini to an image whose `fileUri`
+is another project's file), and the platform's pool is shared by every tenant. When
+every key refuses one request, that request is the likelier culprit: marking them
+let one member take all but one of the platform's keys out of rotation for a day
+(the first key to serve again cleared only itself).
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ class KeyPool:
             # recorded, for the admins), as before pools.
             order, rest_until = (0,), None
         last: EdgeError | None = None
+        refused: list[int] = []  # marked bad only if another key then takes the request
         for index in order:
             try:
                 # One key: it may wait out a short Retry-After itself, as before pools.
@@ -102,12 +111,15 @@ class KeyPool:
                 if exc.code != "upstream_auth":
                     raise
                 log.warning("provider %s refused key %s", self._provider, self._ids[index])
-                await self._mark(index, BAD, BAD_SECONDS)
-                self._metrics.key_events.labels(
-                    self._provider_label, self._label(index), "bad"
-                ).inc()
+                refused.append(index)
+                if len(self.keys) == 1:
+                    # Always tried whatever its state: the mark is only what the
+                    # admins see, and moves no stream of anyone's elsewhere.
+                    await self._mark_bad(index)
                 last = exc
                 continue
+            for bad in refused:  # this request was fine: those keys are what failed
+                await self._mark_bad(bad)
             if states[index].state == "bad":
                 await self._forget(index)  # it works again
             return response
@@ -120,6 +132,10 @@ class KeyPool:
         raise last or UpstreamError(
             "the gateway's credentials were refused by the backend", code="upstream_auth"
         )
+
+    async def _mark_bad(self, index: int) -> None:
+        await self._mark(index, BAD, BAD_SECONDS)
+        self._metrics.key_events.labels(self._provider_label, self._label(index), "bad").inc()
 
     async def _mark(self, index: int, value: bytes, ttl: float) -> None:
         try:

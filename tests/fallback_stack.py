@@ -80,6 +80,8 @@ def catalog(open_url: str, strict_url: str, dead_url: str) -> dict[str, Any]:
         "p-cheap": openai(open_url),
         "p-claude": {"api_type": "anthropic_messages", "base_url": open_url},
         "p-pool": openai(strict_url, api_key_envs=["FB_TEST_WRONG_KEY", "FB_TEST_VENDOR_KEY"]),
+        # Two good platform keys every tenant's streams share.
+        "p-shared": openai(open_url, api_key_envs=["FB_TEST_KEY_A", "FB_TEST_KEY_B"]),
     }
     models = {
         model_id: _model(provider, upstream, (pin, pout), fallbacks=["claude-ok"])
@@ -93,6 +95,7 @@ def catalog(open_url: str, strict_url: str, dead_url: str) -> dict[str, Any]:
     models["claude-ok"] = _model("p-claude", "ok", CLAUDE_PRICE)
     models["gpt-cheap"] = _model("p-cheap", "ok", (0, 0))
     models["pooled"] = _model("p-pool", "ok", (1, 1))
+    models["shared"] = _model("p-shared", "ok", (1, 1))
     return {"default_model": "claude-ok", "providers": providers, "models": models}
 
 
@@ -144,6 +147,19 @@ class FallbackStack:
 
         assert self.settings.redis_url, "the stack shares Redis with the test"
         asyncio.run(run())
+
+    def store_get(self, key: str) -> bytes | None:
+        """Read a key of the apps' store, from the test's thread."""
+
+        async def run() -> bytes | None:
+            store = open_store(self.settings.redis_url, prefix=self.settings.redis_prefix)
+            try:
+                return await store.get(key)
+            finally:
+                await store.close()
+
+        assert self.settings.redis_url, "the stack shares Redis with the test"
+        return asyncio.run(run())
 
     def requests(self, mock_url: str | None = None) -> list[dict[str, Any]]:
         """What a mock received (path, query, headers, body), oldest first."""

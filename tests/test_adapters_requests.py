@@ -225,6 +225,17 @@ def test_parse_completion_rejects(api_type: str, body: bytes) -> None:
     [
         ("gemini", 400, b'{"error":{"details":[{"reason":"API_KEY_INVALID"}]}}', 401),
         ("gemini", 400, b'{"error":{"status":"INVALID_ARGUMENT"}}', 400),
+        # Google quoting a member's tool schema back: the words are not the reason.
+        (
+            "gemini",
+            400,
+            b'{"error":{"code":400,"message":"Invalid JSON payload received. Unknown name '
+            b"\\\"API_KEY_INVALID\\\" at 'tools[0].function_declarations[0].parameters': "
+            b'Cannot find field.","status":"INVALID_ARGUMENT","details":[{"@type":'
+            b'"type.googleapis.com/google.rpc.BadRequest"}]}}',
+            400,
+        ),
+        ("gemini", 400, b"API_KEY_INVALID", 400),
         ("gemini", 403, b"", 403),
         ("anthropic_messages", 529, b"", 529),
         ("openai_chat", 401, b"", 401),

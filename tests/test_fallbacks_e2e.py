@@ -28,7 +28,7 @@ from shared.pricing import cost_micro
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
-from tests.fallback_stack import CLAUDE_PRICE, VENDOR_KEY, WRONG_KEY, FallbackStack
+from tests.fallback_stack import CLAUDE_PRICE, KEY_ENV, VENDOR_KEY, WRONG_KEY, FallbackStack
 from tests.stack import base_env, micro
 
 TOOLS = [
@@ -352,6 +352,42 @@ def test_a_companys_key_states_are_its_own_and_shown_by_id(gw: FallbackStack) ->
     # A company's key ids never become metric labels.
     assert metric(gw, "llmgw_edge_upstream_key_events_total", provider="p-pool",
                   key="custom", event="bad") >= 1  # fmt: skip
+
+
+def test_a_request_every_key_refuses_takes_no_platform_key_out_of_rotation(
+    gw: FallbackStack,
+) -> None:
+    """A vendor may answer 403 to what a request carries, not to the key: Gemini to an
+    image whose `fileUri` is another project's file, any vendor quoting a tenant's
+    words back in its error. Here the stand-in refuses one member's request with 403
+    on every key. That says nothing about the keys: the platform's shared pool stays
+    whole for every other tenant (before: both keys were marked bad for 24 hours, the
+    first to serve again cleared only itself, and every tenant's streams went through
+    one key)."""
+    c = gw.client
+    attacker = c.new_user(c.new_company("10"))
+    victim = c.new_user(c.new_company("10"))
+    pool = {key_id(KEY_ENV[name]): name for name in ("FB_TEST_KEY_A", "FB_TEST_KEY_B")}
+
+    grant = init(gw, attacker, "shared", "hello [[mock fail=403]]")
+    with gw.client.http.stream("GET", grant["stream_url"]) as response:
+        response.read()
+    sent = [
+        r["headers"].get("authorization")
+        for r in gw.requests()
+        if r["headers"].get("x-request-id") == grant_request_id(grant)
+    ]
+    # Each key was asked once and refused the request: the stream fails...
+    assert sorted(sent) == sorted(f"Bearer {KEY_ENV[name]}" for name in pool.values())
+    assert response.status_code == 502 and "upstream_auth" in response.text
+    # ...and no key is marked bad for it.
+    for kid in pool:
+        assert gw.store_get(state_key("platform", "p-shared", kid)) is None
+    # Another company's streams still spread over the whole pool.
+    grant = init(gw, victim, "shared", "hi")
+    assert [e.event for e in events(gw, grant)][-1] == "complete"
+    for kid in pool:
+        assert gw.store_get(state_key("platform", "p-shared", kid)) is None
 
 
 def test_a_companys_chain_names_only_models_it_may_use(gw: FallbackStack) -> None:

@@ -292,14 +292,41 @@ async def test_a_refused_key_is_bad_and_skipped_until_it_works(store: MemoryStor
     assert backend.sent.count("k1") == 1
     raw = await store.get(state_key(PLATFORM, "openai", key_id("k1")))
     assert raw == BAD
-    # Every key bad: still tried (a restored key recovers at its first success).
+    # A request no key takes proves nothing against the keys: none is marked.
     backend.statuses = {"k2": 403}
     with pytest.raises(UpstreamError) as caught:
         await open_via(pool(store, ("k1", "k2"), clock), backend)
     assert caught.value.code == "upstream_auth"
+    assert await store.get(state_key(PLATFORM, "openai", key_id("k2"))) is None
+    # Every key bad: still tried (a restored key recovers at its first success).
+    await store.set(state_key(PLATFORM, "openai", key_id("k2")), BAD, 60)
     backend.statuses = {}
     await open_via(pool(store, ("k1", "k2"), clock), backend)
     assert await store.get(state_key(PLATFORM, "openai", key_id("k1"))) is None
+
+
+async def test_a_request_every_key_refuses_marks_no_key(store: MemoryStore) -> None:
+    """A 403 may answer what the request carries (a file the vendor will not fetch),
+    not the key: refused by every key of a shared pool, it takes none of them out of
+    rotation; refused by one and taken by another, the refusing key is marked."""
+    clock = Clock()
+    keys = ("k1", "k2", "k3")
+    backend = Backend(k1=403, k2=403, k3=403)
+    with pytest.raises(UpstreamError):
+        await open_via(pool(store, keys, clock), backend)
+    assert sorted(backend.sent) == list(keys)
+    for key in keys:
+        assert await store.get(state_key(PLATFORM, "openai", key_id(key))) is None
+    backend = Backend(k1=403)
+    for _ in range(200):  # until k1 is asked before a key that takes the request
+        await open_via(pool(store, keys, clock), backend)
+        if "k1" in backend.sent:
+            break
+    assert await store.get(state_key(PLATFORM, "openai", key_id("k1"))) == BAD
+    # A lone key is always tried: its mark is only what its admins see, kept as before.
+    with pytest.raises(UpstreamError):
+        await open_via(pool(store, ("solo",), clock), Backend(solo=401))
+    assert await store.get(state_key(PLATFORM, "openai", key_id("solo"))) == BAD
 
 
 async def test_one_companys_429s_never_rest_another_companys_keys(store: MemoryStore) -> None:

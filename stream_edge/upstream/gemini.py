@@ -297,6 +297,22 @@ class GeminiAdapter:
     def error_status(self, status: int, body: bytes) -> int:
         # Google answers a wrong or expired key with 400 INVALID_ARGUMENT, reason
         # API_KEY_INVALID (a missing key is 403): it is an auth failure, not a bad request.
-        if status == 400 and b"API_KEY_INVALID" in body:
+        if status == 400 and _key_invalid(body):
             return 401
         return status
+
+
+def _key_invalid(body: bytes) -> bool:
+    """Whether Google's error says the key is invalid: a ``google.rpc.ErrorInfo``
+    detail with that reason. Not the words anywhere in the body: Google quotes a
+    request's own names in its 400s (``Unknown name "…" at 'tools[0]…'``), and a
+    member's tool schema would then read as a refused platform key."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = doc.get("error") if isinstance(doc, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    return isinstance(details, list) and any(
+        isinstance(d, dict) and d.get("reason") == "API_KEY_INVALID" for d in details
+    )
