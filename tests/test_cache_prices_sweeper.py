@@ -10,6 +10,7 @@ that edge would have sent, and the two charges must agree.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -184,13 +185,18 @@ def test_a_lost_report_is_swept_at_the_cache_rates_it_would_have_paid(
     assert (swept["status"], swept["usage_source"]) == ("failed", "estimated")
 
 
-def test_a_stream_cut_mid_way_is_swept_as_its_report_would_bill_it(cp: CP) -> None:
-    """Killed mid-stream, before the vendor's usage: the sweeper's charge is the
-    cancelled report's, no more."""
+def test_a_stream_cut_mid_way_is_billed_the_input_anthropic_counted(cp: CP) -> None:
+    """Killed (or left by its client) mid-stream, before the vendor's final usage:
+    `message_start` already gave the input and its cache parts, and both the sweeper
+    and the cancelled report bill those at their rates, plus the relayed output. They
+    billed the hold's input estimate at the full input rate: 1132 against 345."""
     meter = _meter([MESSAGE_START, *[TEXT] * 30])
     swept, reported = _swept_and_reported(cp, meter, ended=False, status="cancelled")
-    assert micro(swept["cost"]) == micro(reported["cost"])
-    assert [swept[f] for f in FIELDS] == [reported[f] for f in FIELDS]
+    output = swept["output_tokens"]
+    assert output == meter.relayed_tokens > 0
+    assert [swept[f] for f in FIELDS] == [reported[f] for f in FIELDS] == [1000, output, 900, 90, 0]
+    cost = 10 * 1 + 900 * D("0.1") + 90 * D("1.25") + output * 2
+    assert micro(swept["cost"]) == micro(reported["cost"]) == math.ceil(cost)
 
 
 def test_a_checkpoint_whose_split_exceeds_its_whole_still_settles(cp: CP) -> None:
