@@ -28,7 +28,9 @@ deadline and, for each, reads the edge's checkpoint from the store
 * a checkpoint for this stream → settled through `settlement.settle_usage`, the same
   exactly-once path as a webhook, as status ``failed`` with usage source
   ``estimated``: input plus the output relayed so far, nothing when no output token
-  was relayed, capped at the hold (DESIGN §9 "What is billed");
+  was relayed, capped at the hold (DESIGN §9 "What is billed"), each part of the
+  usage the checkpoint carries (cache reads and writes) at its own rate, as the
+  edge's report would have been (DESIGN §11 "Prices");
 * none (or one that is unreadable or belongs to another stream) → released.
 
 Each reservation is its own conditional transaction, so several control planes may
@@ -131,6 +133,10 @@ def reconcile(
                 input_tokens=checkpoint.input_tokens,
                 output_tokens=checkpoint.output_tokens,
                 usage_source="estimated",
+                # Priced by `settle_usage` at their own rates, as a webhook's are.
+                cached_input_tokens=checkpoint.cached_input_tokens,
+                cache_write_tokens=checkpoint.cache_write_tokens,
+                reasoning_tokens=checkpoint.reasoning_tokens,
             ),
             actor=SWEEPER_ACTOR,
             request_id=reservation.request_id,

@@ -10,11 +10,17 @@ dead (or badly stalled) edge, and the sweeper settles it then instead of waiting
 for the hold's deadline (issue 11.5). When the stream ends the edge writes a last
 checkpoint with ``ended`` set: its report is on its way through the outbox, so the
 sweeper leaves that hold to the report until the deadline.
+
+A checkpoint carries the usage the edge's report would bill (`Meter.billing`),
+its cache and reasoning parts included (DESIGN §11 "Prices"), so that the sweeper
+prices a dead edge's stream as the report would have: a cache read at its own
+rate, not the input's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -47,6 +53,11 @@ class UsageCheckpoint:
     ended: bool = False  # the stream is over; its report is in the edge's outbox
     # The fallback of the chain that serves (issue 16.2); None: the grant's own model.
     model: str | None = None
+    # Parts of the input and output above, as the backend reported them (DESIGN §11
+    # "Prices"); 0 while only an estimate is known.
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def marker(self) -> tuple[int, str, int]:
         """What changes with every write (the timestamp alone may repeat)."""
@@ -60,19 +71,43 @@ class UsageCheckpoint:
 
     @classmethod
     def loads(cls, raw: bytes) -> UsageCheckpoint:
-        """Raise ValueError when `raw` is not a checkpoint."""
+        """Raise ValueError when `raw` is not a checkpoint (its parts: `_parts`)."""
         try:
             doc = orjson.loads(raw)
+            input_tokens, output_tokens = int(doc["input_tokens"]), int(doc["output_tokens"])
+            cached, write, reasoning = _parts(doc, input_tokens, output_tokens)
             return cls(
                 jti=str(doc["jti"]),
                 reservation_id=str(doc["reservation_id"]),
-                input_tokens=int(doc["input_tokens"]),
-                output_tokens=int(doc["output_tokens"]),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
                 updated_at=str(doc["updated_at"]),
                 # Absent in checkpoints written before heartbeats (a rolling upgrade).
                 beat=int(doc.get("beat", 0)),
                 ended=doc.get("ended", False) is True,
                 model=str(doc["model"]) if doc.get("model") else None,
+                cached_input_tokens=cached,
+                cache_write_tokens=write,
+                reasoning_tokens=reasoning,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError("not a usage checkpoint") from exc
+
+
+def _parts(doc: dict[str, Any], input_tokens: int, output_tokens: int) -> tuple[int, int, int]:
+    """(cached, cache write, reasoning): 0 when absent (an older edge's checkpoint,
+    in a rolling deploy) or not a count. A split that exceeds its whole proves
+    nothing and is dropped, its totals billed at the plain rates: the webhook path
+    refuses such a report outright, but refusing here would release the hold for
+    nothing, and settling it raw would make `usage_cost_micro` refuse on every
+    sweep, holding up the holds queued behind it."""
+    cached = _count(doc.get("cached_input_tokens"))
+    write = _count(doc.get("cache_write_tokens"))
+    reasoning = _count(doc.get("reasoning_tokens"))
+    if cached + write > input_tokens:
+        cached = write = 0
+    return cached, write, reasoning if reasoning <= output_tokens else 0
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -60,7 +60,7 @@ class Checkpointer:
 
     async def _beats(self) -> None:
         while not self._stop.is_set():
-            await self._write(self._meter.relayed_tokens)
+            await self._write()
             # `asyncio.timeout`, not `wait_for`: on Python 3.11 the latter wraps the
             # wait in a task of its own, one more per beat of every stream.
             with contextlib.suppress(TimeoutError):
@@ -75,7 +75,7 @@ class Checkpointer:
         if self._task is not None and not self._task.done():
             return
         self._written_tokens = output
-        self._task = asyncio.create_task(self._write(output))
+        self._task = asyncio.create_task(self._write())
 
     async def close(self) -> None:
         """Stop the heartbeat, let in-flight writes land, then write the ended
@@ -86,22 +86,29 @@ class Checkpointer:
                 for task in (self._heartbeat, self._task):
                     if task is not None:
                         await task
-                await self._write(self._meter.relayed_tokens, ended=True)
+                await self._write(ended=True)
         except TimeoutError:
             log.warning("final checkpoint not written in time")
 
-    async def _write(self, output_tokens: int, *, ended: bool = False) -> None:
+    async def _write(self, *, ended: bool = False) -> None:
+        # What the report would bill at this instant, parts included, so that the
+        # sweeper bills a dead edge's stream as its report would have (the vendor's
+        # output count, once it came, not the relayed estimate: that is an upper
+        # bound, and `relayed_tokens` only grows, so the estimate is never stale).
         billing = self._meter.billing()
         self._beat += 1
         checkpoint = UsageCheckpoint(
             jti=self._grant.jti,
             reservation_id=self._grant.reservation_id,
             input_tokens=billing.input_tokens,
-            output_tokens=max(output_tokens, billing.output_tokens),
+            output_tokens=billing.output_tokens,
             updated_at=iso_utc(datetime.now(UTC)),
             beat=self._beat,
             ended=ended,
             model=self._model,
+            cached_input_tokens=billing.cached_input_tokens,
+            cache_write_tokens=billing.cache_write_tokens,
+            reasoning_tokens=billing.reasoning_tokens,
         )
         try:
             await self._store.set(

@@ -2,8 +2,9 @@
 
 Pure: fed the normalised upstream events, it answers the usage figures for the
 webhook. The backend's own usage wins (`usage_source: upstream`); without it
-(cancelled, failed, or a backend that reports none) the input is the reservation's
-estimate and the output is counted from what was relayed, marked `estimated`, by
+(cancelled, failed, or a backend that reports none) the input is the backend's own
+early count when it sent one (`InputUsage`: Anthropic's `message_start`), else the
+reservation's estimate, and the output is counted from what was relayed, marked `estimated`, by
 the input estimate's upper bound (`stream_edge.output_estimate`): OpenAI-compatible
 backends send one token per delta, so a delta counts one token, or its pieces when
 it holds several (OpenRouter and vLLM may batch), or past `ONE_TOKEN_CHARS` the
@@ -24,6 +25,7 @@ from stream_edge.output_estimate import MEASURED, delta_measure
 from stream_edge.upstream.base import (
     Delta,
     Finish,
+    InputUsage,
     OutputSoFar,
     ReasoningDelta,
     ToolCall,
@@ -62,6 +64,8 @@ class Meter:
     text_bytes: int = 0
     text_pieces: int = 0
     usage: Usage | None = None
+    # The vendor's input count before its usage (`InputUsage`), billed in its place.
+    input_usage: InputUsage | None = None
     finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)
     calls: ToolCalls = field(default_factory=ToolCalls)
@@ -92,6 +96,8 @@ class Meter:
             self.output_floor = max(self.output_floor, event.output_tokens)
         elif isinstance(event, Usage):
             self.usage = event
+        elif isinstance(event, InputUsage):
+            self.input_usage = event
         elif isinstance(event, Finish):
             self.finish_reason = event.reason
 
@@ -167,6 +173,17 @@ class Meter:
                 usage.cached_input_tokens,
                 usage.cache_write_tokens,
                 usage.reasoning_tokens,
+            )
+        known = self.input_usage
+        if known is not None:
+            # The vendor's own input count, its cache parts at their rates: what it
+            # bills for this input, whether or not its final usage comes.
+            return Billing(
+                known.input_tokens,
+                self.relayed_tokens,
+                "estimated",
+                known.cached_input_tokens,
+                known.cache_write_tokens,
             )
         return Billing(self.input_estimate, self.relayed_tokens, "estimated")
 

@@ -18,7 +18,9 @@ delta's cumulative output, so every `Usage` is complete when emitted (the meter 
 the last). Input counts cache reads and writes too: the model processed them, and
 Anthropic's `input_tokens` leaves them out; they are also reported apart
 (`cached_input_tokens` = `cache_read_input_tokens`, `cache_write_tokens` =
-`cache_creation_input_tokens`) to be priced at their own rates.
+`cache_creation_input_tokens`) to be priced at their own rates. `message_start`'s
+input is also emitted at once (`InputUsage`): a stream cut before the last
+`message_delta` is billed that input, not the estimate.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from stream_edge.upstream.base import (
     Delta,
     Finish,
     HttpRequest,
+    InputUsage,
     JsonEventParser,
     ToolCall,
     ToolCallDelta,
@@ -119,6 +122,13 @@ class AnthropicStreamParser(JsonEventParser):
         elif kind == "message_start":
             # Its `output_tokens` is a placeholder (usually 1): only the input counts.
             self._input = _input_tokens(_dict(_dict(doc.get("message")).get("usage")))
+            if self._input is not None:
+                known = _usage(self._input, 0)  # clamped as the final usage will be
+                return [
+                    InputUsage(
+                        raw, known.input_tokens, known.cached_input_tokens, known.cache_write_tokens
+                    )
+                ]
         elif kind == "message_delta":
             return self._message_delta(doc, raw)
         elif kind == "message_stop":

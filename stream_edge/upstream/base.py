@@ -241,6 +241,18 @@ class OutputSoFar(Passthrough):
     output_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class InputUsage(Passthrough):
+    """A vendor's count of the input before its final usage (Anthropic's
+    `message_start`), cache reads and writes apart: what a stream cut before that
+    usage is billed for its input, each part at its own rate, instead of every token
+    of the estimate at the input rate. Parts within the whole, as `vendor_usage`."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
 UpstreamEvent = Delta | ToolCallDelta | Usage | Finish | Failure | Passthrough
 
 
