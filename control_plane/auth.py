@@ -8,7 +8,8 @@
 * when configured, a trusted external app's JWT (`external_auth`), whose user and
   company are provisioned on first sight.
 
-A revoked user, or any user of a revoked company, is refused (403 ``revoked``).
+A revoked user, or any user of a revoked company, is refused (403 ``revoked``); a
+token its user signed out (`logout`) is refused with 401 ``signed_out``.
 
 A request with a body names its caller once the whole body has arrived
 (`caller_and_json`), so what it does is decided by who the caller is then.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hmac
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -28,11 +30,11 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from control_plane import hot_statements, raw_pg
+from control_plane import hot_statements, logout, raw_pg
 from control_plane.credentials import hash_api_key, looks_like_api_key
 from control_plane.deps import Deps, get_deps, read_body
-from control_plane.errors import Revoked, Unauthenticated
-from control_plane.external_auth import looks_like_ours, provision_with_retry
+from control_plane.errors import Revoked, SignedOut, Unauthenticated
+from control_plane.external_auth import ExternalIdentity, looks_like_ours, provision_with_retry
 from control_plane.policy import Principal, scopes_for_role
 from control_plane.tables import ApiKey, Company, User, utcnow
 from control_plane.validation import parse_json_object
@@ -72,6 +74,14 @@ def user_principal(
         scopes=frozenset(granted),
         via=via,
         api_key_id=api_key_id,
+    )
+
+
+def external_principal(user: User, identity: ExternalIdentity) -> Principal:
+    return replace(
+        user_principal(user, "external_jwt", identity.scopes),
+        token_id=identity.token_id,
+        token_expires_at=identity.expires_at,
     )
 
 
@@ -184,8 +194,9 @@ def issue_access_token(deps: Deps, user_id: str) -> str:
     return sign_token(claims, key, kid)
 
 
-# An access token's user and company, as plain values (one prebuilt SELECT, no ORM
-# entities): read on every request, so revoking either takes effect at once.
+# An access token's user and company, and whether the token was signed out, as
+# plain values (one prebuilt SELECT, no ORM entities): read on every request, so
+# revoking either, or signing the token out, takes effect at once.
 _LOOKUP_USER = (
     select(
         _USERS.c.id,
@@ -194,6 +205,7 @@ _LOOKUP_USER = (
         _USERS.c.disabled_at,
         _COMPANIES.c.id.label("company_found"),
         _COMPANIES.c.disabled_at.label("company_disabled_at"),
+        logout.SIGNED_OUT.label("signed_out"),
     )
     .outerjoin(_COMPANIES, _COMPANIES.c.id == _USERS.c.company_id)
     .where(_USERS.c.id == bindparam("p_id"))
@@ -201,16 +213,22 @@ _LOOKUP_USER = (
 _RAW_LOOKUP_USER = raw_pg.RawStatement(_LOOKUP_USER)
 
 
-def access_token_row(on: Session | psycopg.Connection[Any], user_id: str) -> Any | None:
-    """An access token's user's row with its company's: one read, no effects."""
-    return _RAW_LOOKUP_USER.first_on(on, {"p_id": user_id})
+def access_token_row(on: Session | psycopg.Connection[Any], user_id: str, jti: str) -> Any | None:
+    """An access token's user's row with its company's, and whether the token `jti`
+    was signed out: one read, no effects."""
+    return _RAW_LOOKUP_USER.first_on(on, {"p_id": user_id, **logout.signed_out_params(jti)})
 
 
-def access_token_principal(row: Any | None) -> Principal:
+def access_token_principal(
+    row: Any | None, jti: str, expires_at: int, *, signed_out_ok: bool = False
+) -> Principal:
     """The principal of an access token's user (`access_token_row`); 401 when the
-    user no longer exists, 403 ``revoked`` as `ensure_not_revoked`."""
+    user no longer exists or the token was signed out (unless `signed_out_ok`: a
+    repeated sign-out), 403 ``revoked`` as `ensure_not_revoked`."""
     if row is None:
         raise Unauthenticated("The access token's user no longer exists.")
+    if row.signed_out and not signed_out_ok:
+        raise SignedOut()
     if row.disabled_at is not None:
         raise Revoked("This user has been revoked.")
     if row.company_found is None or row.company_disabled_at is not None:
@@ -221,10 +239,12 @@ def access_token_principal(row: Any | None) -> Principal:
         role=row.role,
         scopes=frozenset(scopes_for_role(row.role)),
         via="access_token",
+        token_id=jti,
+        token_expires_at=expires_at,
     )
 
 
-async def _access_token_principal(deps: Deps, token: str) -> Principal:
+async def _access_token_principal(deps: Deps, token: str, signed_out_ok: bool) -> Principal:
     try:
         # One pass (`shared.jws_fast`, as the edge verifies stream tokens): pyjwt
         # decodes the token twice and checks base64 in a Python loop.
@@ -250,14 +270,17 @@ async def _access_token_principal(deps: Deps, token: str) -> Principal:
         )
     except TokenRejected as exc:
         raise Unauthenticated(f"The access token is not valid: {exc.message}.") from None
-    user_id = str(claims["sub"])
+    user_id, jti, expires_at = str(claims["sub"]), str(claims["jti"]), int(claims["exp"])
     # The read is the checkout's ping (`Database.lookup`).
     return await deps.db.lookup(
-        lambda on: access_token_row(on, user_id), lambda _on, row: access_token_principal(row)
+        lambda on: access_token_row(on, user_id, jti),
+        lambda _on, row: access_token_principal(row, jti, expires_at, signed_out_ok=signed_out_ok),
     )
 
 
-async def authenticate(request: Request) -> Principal:
+async def authenticate(request: Request, *, signed_out_ok: bool = False) -> Principal:
+    """The caller. `signed_out_ok`: a token its user signed out still names its
+    caller (only for ``POST /v1/auth/logout`` itself, whose repeat is a no-op)."""
     deps = get_deps(request)
     token = bearer_token(request)
     admin_token = deps.settings.admin_token
@@ -273,10 +296,12 @@ async def authenticate(request: Request) -> Principal:
         return principal
     if deps.external is not None and not looks_like_ours(token):
         identity = await deps.external.verify(token)
-        user, company = await provision_with_retry(deps.db, identity)
+        user, company, signed_out = await provision_with_retry(deps.db, identity)
+        if signed_out and not signed_out_ok:
+            raise SignedOut()
         ensure_not_revoked(user, company)
-        return user_principal(user, "external_jwt", identity.scopes)
-    return await _access_token_principal(deps, token)
+        return external_principal(user, identity)
+    return await _access_token_principal(deps, token, signed_out_ok)
 
 
 async def caller_and_body(request: Request) -> tuple[Principal, bytes]:

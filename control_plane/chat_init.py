@@ -78,6 +78,7 @@ from shared.tokens import (
     AGENT_CLAIM,
     ALL_SCOPES,
     FALLBACKS_CLAIM,
+    PARENT_CLAIM,
     FallbackGrant,
     sign_token,
     stream_claims,
@@ -715,6 +716,9 @@ async def init_chat(
         ttl_seconds=ttl,
         jti=jti,
     )
+    if principal.token_id is not None:
+        # Signing the session out (`logout`) then ends this stream token too.
+        claims[PARENT_CLAIM] = principal.token_id
     if req.agent is not None:
         # The edge's POST /v1/chat/completions takes its messages and tools from the
         # body, which would bypass the agent: it refuses tokens that carry this claim.

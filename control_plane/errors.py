@@ -9,9 +9,11 @@ logs the traceback server-side.
     ├── BadRequest (400 malformed_json)
     │   ├── JsonTooDeep (400 json_too_deep), JsonTooComplex (400 json_too_complex)
     │   ├── InvalidCharacters (400 invalid_characters)
-    │   └── AgentOverride (400 agent_override)
+    │   ├── AgentOverride (400 agent_override)
+    │   └── NotSignedIn (400 not_signed_in: logout with an API key or the admin token)
     ├── Unauthenticated (401 unauthenticated)
-    │   └── InvalidCredentials (401 invalid_credentials)
+    │   ├── InvalidCredentials (401 invalid_credentials)
+    │   └── SignedOut (401 signed_out: a token ended by POST /v1/auth/logout)
     ├── InvalidSignature (401 invalid_signature)
     ├── InsufficientCredits (402 insufficient_credits)
     ├── BudgetExceeded (402 budget_exceeded, error.details)
@@ -97,6 +99,11 @@ class AgentOverride(BadRequest):
     default_message = "An agent's model, system prompt and tools cannot be changed at init."
 
 
+class NotSignedIn(BadRequest):
+    code = "not_signed_in"
+    default_message = "Only a signed-in token (an access token) can sign out."
+
+
 class Unauthenticated(AppError):
     status, code = 401, "unauthenticated"
     default_message = "Authentication is required: send Authorization: Bearer <token>."
@@ -108,6 +115,11 @@ class Unauthenticated(AppError):
 class InvalidCredentials(Unauthenticated):
     code = "invalid_credentials"
     default_message = "The email or password is wrong."
+
+
+class SignedOut(Unauthenticated):
+    code = "signed_out"
+    default_message = "This token was signed out (POST /v1/auth/logout): sign in again."
 
 
 class InvalidSignature(AppError):

@@ -43,6 +43,7 @@ from sqlmodel import col
 from control_plane import policy
 from control_plane.accounts import EXTERNAL_EMAIL_DOMAIN, find_user_by_email
 from control_plane.errors import Unauthenticated, ValidationFailed
+from control_plane.logout import is_signed_out
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, User, new_id, utcnow
 from shared.jwks import JWKSCache, KeysUnavailable
@@ -65,6 +66,17 @@ class ExternalIdentity:
     scopes: tuple[str, ...] | None
     email: str | None = None
     company_name: str | None = None
+    # The token's revocable id (`external_token_id`) and expiry: what a sign-out revokes.
+    token_id: str | None = None
+    expires_at: int | None = None
+
+
+def external_token_id(sub: str, jti: str) -> str:
+    """An external JWT's revocable id: its `sub` and `jti` hashed, so that whatever
+    the other app puts there is a bounded value that never equals one of our own
+    jtis (hex uuids) nor another user's: a sign-out ends its own user's token only."""
+    digest = hashlib.sha256(f"{len(sub)}:{sub}:{jti}".encode()).hexdigest()
+    return f"ext:{digest}"
 
 
 def _claim_str(claims: dict[str, Any], name: str, *, required: bool) -> str | None:
@@ -94,6 +106,7 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
     elif raw_scopes is not None:
         raise Unauthenticated("The token's 'scopes' claim must be a list of strings.")
     assert sub is not None and company_id is not None
+    jti, exp = claims.get("jti"), claims.get("exp")
     return ExternalIdentity(
         sub=sub,
         company_id=company_id,
@@ -105,6 +118,9 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
             else None
         ),
         company_name=_claim_str(claims, "company_name", required=False),
+        # Optional (RFC 7519 §4.1.7): a token without one can only expire.
+        token_id=external_token_id(sub, jti) if isinstance(jti, str) and jti else None,
+        expires_at=int(exp) if isinstance(exp, int | float) else None,
     )
 
 
@@ -285,11 +301,21 @@ def provision(session: Session, ident: ExternalIdentity) -> tuple[User, Company]
     return user, company
 
 
-async def provision_with_retry(db: Any, ident: ExternalIdentity) -> tuple[User, Company]:
-    """Two first requests of a new user race on the unique external ids: the loser's
-    transaction rolls back and the retry finds the winner's rows."""
+def _provision_checked(session: Session, ident: ExternalIdentity) -> tuple[User, Company, bool]:
+    user, company = provision(session, ident)
+    signed_out = ident.token_id is not None and is_signed_out(session, ident.token_id)
+    return user, company, signed_out
+
+
+async def provision_with_retry(db: Any, ident: ExternalIdentity) -> tuple[User, Company, bool]:
+    """The identity's user and company, and whether its token was signed out (read
+    in the same transaction). Two first requests of a new user race on the unique
+    external ids: the loser's transaction rolls back and the retry finds the
+    winner's rows."""
     try:
-        result: tuple[User, Company] = await db.transaction(lambda s: provision(s, ident))
+        result: tuple[User, Company, bool] = await db.transaction(
+            lambda s: _provision_checked(s, ident)
+        )
     except IntegrityError:
-        result = await db.transaction(lambda s: provision(s, ident))
+        result = await db.transaction(lambda s: _provision_checked(s, ident))
     return result

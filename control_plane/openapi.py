@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.routing import BaseRoute, Route
 
-from control_plane.openapi_schemas import BODIES, HEADERS, QUERIES
+from control_plane.openapi_schemas import BODIES, HEADERS, OPTIONAL_BODIES, QUERIES
 
 _PATH_PARAM = re.compile(r"{([^}:]+)(?::[^}]+)?}")
 
@@ -55,7 +55,7 @@ def openapi_document(routes: list[BaseRoute]) -> dict[str, Any]:
                 operation["parameters"] = parameters
             if key in BODIES:
                 operation["requestBody"] = {
-                    "required": True,
+                    "required": key not in OPTIONAL_BODIES,
                     "content": {"application/json": {"schema": BODIES[key]}},
                 }
             paths.setdefault(route.path, {})[method.lower()] = {

@@ -151,12 +151,17 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": required}
 
 
+# Operations whose body may be left out altogether.
+OPTIONAL_BODIES = {("post", "/v1/admin/signing-keys/rotate"), ("post", "/v1/auth/logout")}
+
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     # Optional: a bare POST rotates, retiring only keys whose tokens have all expired.
     ("post", "/v1/admin/signing-keys/rotate"): _obj([], retire_others={"type": "boolean"}),
     ("post", "/v1/auth/login"): _obj(
         ["email", "password"], email={"type": "string", "format": "email"}, password=_STR
     ),
+    # Optional and empty: no field names a token, only the one presented is ended.
+    ("post", "/v1/auth/logout"): {**_obj([]), "additionalProperties": False},
     ("post", "/v1/chat/init"): _obj(
         [],
         agent=_AGENT_NAME,

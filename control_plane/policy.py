@@ -42,6 +42,12 @@ class Principal:
     scopes: frozenset[str]
     via: str  # "access_token" | "api_key" | "admin_token" | "external_jwt"
     api_key_id: str | None = None  # the key used, when `via` is "api_key" (budgets, usage)
+    # The presented token's revocable id and expiry (epoch seconds), when it is a
+    # signed-in token with one: an access token's jti, a trusted external JWT's
+    # (`external_auth.external_token_id`). Logout revokes it; init signs it into the stream
+    # token so that signing out ends the streams it opened too.
+    token_id: str | None = None
+    token_expires_at: int | None = None
 
     @property
     def is_user(self) -> bool:

@@ -11,6 +11,8 @@ A revocation does two things:
   token that could concern it. Edges refuse new streams at once and end running
   ones with an ``error`` event ``revoked``.
 
+A user's sign-out of its own token (`logout`) is listed here too, and cannot be lifted.
+
 Lifting a revocation (``DELETE /v1/admin/revocations/{id}``) clears ``disabled_at``
 and deletes the store's key, unless another revocation of the same target is still
 in force. The store's key is deleted after the lift commits; a revocation of the
@@ -33,10 +35,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import owners, policy
+from control_plane import logout, owners, policy
 from control_plane.accounts import actor_of
 from control_plane.audit import ADMIN_TOKEN_ACTOR
-from control_plane.errors import NotFound, ValidationFailed
+from control_plane.errors import Conflict, NotFound, ValidationFailed
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
 from control_plane.settings import ControlPlaneSettings
@@ -199,6 +201,10 @@ def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Lifte
     revoker_role = _revoker_role(session, row.actor)
     if not policy.can_lift_revocation(p, row.kind, row.company_id, target_role, revoker_role):
         raise NotFound("No such revocation.")
+    if logout.is_logout(row):
+        # Only the token's holder asked; lifting would revive a token that may sit on
+        # a lost laptop. Its user signs in again instead.
+        raise Conflict("A sign-out cannot be lifted: the user signs in again.")
     _lock_target(session, row.kind, row.value)
     still_revoked = in_force_besides(session, row)
     if row.lifted_at is None:

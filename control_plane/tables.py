@@ -377,12 +377,15 @@ class CompanyModel(SQLModel, table=True):
 
 
 class Revocation(SQLModel, table=True):
-    """An admin's revocation of a user, a company or one token (`jti`), for audit and
-    listing; the edge reads the copy in the store (`shared.revocations`)."""
+    """An admin's revocation of a user, a company or one token (`jti`), or a user's
+    sign-out of its own access token (`logout`), for audit and listing; the edge
+    reads the copy in the store (`shared.revocations`)."""
 
     __tablename__ = "revocations"
     __table_args__ = (
         Index("ix_revocations_company_created", "company_id", "created_at"),
+        # Every access-token request asks whether its jti was signed out (`auth`).
+        Index("ix_revocations_kind_value", "kind", "value"),
         CheckConstraint("kind IN ('user', 'company', 'jti')", name="ck_revocations_kind"),
     )
     id: str = _id()

@@ -23,11 +23,15 @@ def revocation_key(kind: str, value: str, company_id: str) -> str:
 
 
 def grant_keys(grant: StreamGrant) -> list[str]:
-    return [
+    keys = [
         revocation_key("user", grant.user_id, grant.company_id),
         revocation_key("company", grant.company_id, grant.company_id),
         revocation_key("jti", grant.jti, grant.company_id),
     ]
+    if grant.parent_jti is not None:
+        # The access token that minted it was signed out (``POST /v1/auth/logout``).
+        keys.append(revocation_key("jti", grant.parent_jti, grant.company_id))
+    return keys
 
 
 async def revoke(

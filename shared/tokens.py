@@ -40,6 +40,12 @@ AGENT_CLAIM = "agent"
 # add a cheaper model; the edge tries them in order before the first byte.
 FALLBACKS_CLAIM = "fallbacks"
 
+# The revocable id of the signed-in token that minted this stream token (the access
+# token's jti, or a trusted external JWT's, `control_plane.external_auth.token_id`);
+# absent for API keys. The edge treats a revocation of it as one of the token itself,
+# so ``POST /v1/auth/logout`` also ends the streams the session opened.
+PARENT_CLAIM = "parent_jti"
+
 
 @dataclass(frozen=True, slots=True)
 class FallbackGrant:
@@ -102,6 +108,7 @@ class StreamGrant:
     sealed_route: str | None = None
     agent: str | None = None  # `AGENT_CLAIM`
     fallbacks: tuple[FallbackGrant, ...] = ()  # `FALLBACKS_CLAIM`
+    parent_jti: str | None = None  # `PARENT_CLAIM`
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> StreamGrant:
@@ -126,6 +133,7 @@ class StreamGrant:
                 sealed_route=str(claims["upr"]) if claims.get("upr") else None,
                 agent=str(claims[AGENT_CLAIM]) if claims.get(AGENT_CLAIM) else None,
                 fallbacks=_fallbacks(claims.get(FALLBACKS_CLAIM)),
+                parent_jti=str(claims[PARENT_CLAIM]) if claims.get(PARENT_CLAIM) else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TokenRejected("malformed", "the token's claims are malformed") from exc

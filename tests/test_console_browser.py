@@ -22,7 +22,15 @@ from control_plane.app import create_app
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, assert_not_blank
 from tests.test_console_api import SECRET_PROVIDER_KEY, _stream
-from tests.test_control_plane import ADMIN_TOKEN, CP, PASSWORD, _settings, data_of, usage_event
+from tests.test_control_plane import (
+    ADMIN_TOKEN,
+    CP,
+    PASSWORD,
+    _settings,
+    data_of,
+    error_of,
+    usage_event,
+)
 
 AXE = Path(__file__).parent / "fixtures" / "axe" / "axe.min.js"
 TABS = ("usage", "credits", "users", "keys", "providers", "audit")
@@ -525,6 +533,19 @@ def test_hostile_names_render_as_text_on_every_tab(cp: CP, page: Any) -> None:
         page.goto(f"{cp.url}/console?tab={tab}")
         page.wait_for_selector("body[data-loaded=usage]")
         assert page.is_visible("#tab-usage")
+
+
+def test_sign_out_ends_the_token_on_the_server(cp: CP, company: Company, page: Any) -> None:
+    """The console's *Sign out* ends its access token (`POST /v1/auth/logout`), not
+    only its own copy: a copy taken before (a lost laptop's) is refused after."""
+    sign_in(page, cp, company.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    token = page.evaluate("() => window.llmgwConsole.token")
+    assert data_of(cp.client(token).get("/v1/me"))["user"]["id"] == company.owner["id"]
+    page.click("#sign-out")
+    page.wait_for_selector("#signin", state="visible")
+    assert page.evaluate("() => sessionStorage.length") == 0
+    assert error_of(cp.client(token).get("/v1/me"), 401, "signed_out")
 
 
 # sha256 of `package/dist/chart.umd.min.js` in `npm pack chart.js@4.6.1` (the release

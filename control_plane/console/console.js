@@ -143,7 +143,12 @@ async function start(token) {
   await openTab(new URLSearchParams(location.search).get("tab") || "usage");
 }
 
-function signOut() {
+async function signOut() {
+  // Ends the token on the server too, so a copy of it (a lost laptop, a shared
+  // screen) is dead as well. API keys and the admin token are not sessions: the
+  // API refuses those with 400 and the page just forgets them.
+  if (state.token) await api("POST", "/v1/auth/logout");
+  state.token = null;
   sessionStorage.removeItem(TOKEN_KEY);
   location.href = "/console";
 }

@@ -1,26 +1,35 @@
-"""Login, who am I, and the model catalog."""
+"""Login, logout, who am I, and the model catalog."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import login_limits, profile
+from control_plane import login_limits, logout, profile, revoking
 from control_plane.accounts import find_user_by_email
 from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate, issue_access_token
 from control_plane.company_llm import CompanyCatalog
 from control_plane.credentials import verify_password
-from control_plane.deps import Deps, get_deps, read_json
-from control_plane.errors import Forbidden, InvalidCredentials
+from control_plane.deps import Deps, get_deps, read_body, read_json
+from control_plane.errors import (
+    Forbidden,
+    InvalidCredentials,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from control_plane.policy import Principal
 from control_plane.responses import ok
-from control_plane.validation import optional_str, required_str
+from control_plane.validation import optional_str, parse_json_object, required_str
 from shared.catalog import Catalog
 from shared.pricing import format_credits
+from shared.revocations import revoke
+
+log = logging.getLogger("control_plane.logout")
 
 PASSWORD_MAX = 1024
 
@@ -50,6 +59,36 @@ async def login(request: Request) -> Response:
     return ok(
         {"access_token": token, "token_type": "bearer", "expires_in": ACCESS_TOKEN_TTL_SECONDS}
     )
+
+
+async def sign_out(request: Request) -> Response:
+    """Sign out: end the access token sent, and the stream tokens it minted.
+
+    Idempotent: a repeat with the same token answers the same (`logout`)."""
+    body = await read_body(request)
+    principal = await authenticate(request, signed_out_ok=True)
+    # No parameter names a token: only the one presented can be ended.
+    if body.strip() and parse_json_object(body):
+        raise ValidationFailed("body", "logout takes no fields: it ends the token it is sent with")
+    company_id, token_id, expires_at = logout.session_of(principal)
+    deps = get_deps(request)
+    ttl = logout.revocation_seconds(
+        expires_at, deps.clock(), revoking.revocation_ttl(deps.settings)
+    )
+    await deps.db.transaction(
+        lambda s: logout.record_logout(s, principal, company_id, token_id, ttl)
+    )
+    try:
+        # Published on every call, so a retry after a store failure completes it.
+        await revoke(deps.store, "jti", token_id, company_id, ttl)
+    except Exception:
+        # The record is committed: the control plane refuses the token already; only
+        # the edges (its stream tokens) are not told yet. Repeating is safe.
+        log.exception("could not publish a sign-out to the store")
+        raise ServiceUnavailable(
+            "The sign-out is recorded but the edges could not be told; retry."
+        ) from None
+    return ok({"signed_out": True})
 
 
 async def me(request: Request) -> Response:
@@ -108,6 +147,7 @@ async def models_data(deps: Deps, principal: Principal, provider: str | None) ->
 
 routes: list[BaseRoute] = [
     Route("/v1/auth/login", login, methods=["POST"]),
+    Route("/v1/auth/logout", sign_out, methods=["POST"]),
     Route("/v1/me", me, methods=["GET"]),
     Route("/v1/models", models, methods=["GET"]),
 ]
