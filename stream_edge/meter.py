@@ -7,12 +7,13 @@ early count when it sent one (`InputUsage`: Anthropic's `message_start`), else t
 reservation's estimate, and the output is counted from what was relayed, marked `estimated`, by
 the input estimate's upper bound (`stream_edge.output_estimate`): OpenAI-compatible
 backends send one token per delta, so a delta counts one token, or its pieces when
-it holds several (OpenRouter and vLLM may batch), or past `ONE_TOKEN_CHARS` the
-whole bound; other vendors batch several tokens per delta, so there it is the larger
-of the deltas and the bound over all the text; never below a vendor's running count
-of its output when it sends one (`OutputSoFar`: Gemini's, thinking included). A tool
-call's name and argument fragments count like text (DESIGN §11), and so does the
-reasoning an OpenAI-compatible backend streams (`ReasoningDelta`).
+it holds several (OpenRouter and vLLM may batch), or past `ONE_TOKEN_CHARS` or
+`CJK_ONE_TOKEN_CHARS` CJK characters the whole bound; other vendors batch several
+tokens per delta, so there it is the larger of the deltas and the bound over all the
+text; never below a vendor's running count of its output when it sends one
+(`OutputSoFar`: Gemini's, thinking included). A tool call's name and argument
+fragments count like text (DESIGN §11), and so does the reasoning an
+OpenAI-compatible backend streams (`ReasoningDelta`).
 """
 
 from __future__ import annotations
