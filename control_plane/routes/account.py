@@ -39,9 +39,11 @@ async def login(request: Request) -> Response:
         now=deps.clock(),
     )
     user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
-    # Unknown emails are verified against a dummy hash: same answer, same time.
+    # An unknown email is verified too (against a dummy hash): same answer, same time.
+    # Skipping argon2 for it answered ~50x faster, telling who has an account.
     password_hash = user.password_hash if user is not None else None
-    if user is None or not await asyncio.to_thread(verify_password, password_hash, password):
+    verified = await asyncio.to_thread(verify_password, password_hash, password)
+    if user is None or not verified:
         raise InvalidCredentials()
     await login_limits.forgive(deps.store, attempt)
     await deps.db.transaction(lambda s: profile.check_not_revoked(s, user))
