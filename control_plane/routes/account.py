@@ -31,10 +31,12 @@ async def login(request: Request) -> Response:
     email = required_str(doc, "email", max_len=320).strip().lower()
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
     # Counted before the argon2 verify: a refused guess costs no hashing CPU.
+    host = request.client.host if request.client else None
     attempt = await login_limits.claim_attempt(
         deps.store,
         email=email,
-        address=login_limits.client_bucket(request.client.host if request.client else None),
+        address=login_limits.client_bucket(host),
+        site=login_limits.site_bucket(host),
         limit=deps.settings.login_failures_per_15min,
         now=deps.clock(),
     )
