@@ -8,6 +8,7 @@ by hash stays a cheap unique-index probe on every request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -18,14 +19,16 @@ from argon2.exceptions import InvalidHashError, VerificationError
 API_KEY_PREFIX = "sk_"
 _DISPLAY_PREFIX_LEN = 11  # "sk_" + 8 characters: enough to tell keys apart in a list
 
-# The hash of a random, forgotten password: verifying unknown emails against it
-# makes "no such user" take as long as "wrong password".
-_DUMMY_HASH = (
-    "$argon2id$v=19$m=65536,t=3,p=4$"
-    "8V7UK+hLsbchNaEAM5sZvw$"
-    "BsaFFThxkVguFLT0LsHZ8Xk0uIgDaVys0ds/EXid4o8"
-)
 _hasher = PasswordHasher()
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """The hash of a random, forgotten password: verifying unknown emails against it
+    makes "no such user" take as long as "wrong password". Made by `_hasher` itself,
+    so its cost follows the hasher's parameters (a literal would drift from them when
+    argon2-cffi changes its defaults)."""
+    return str(_hasher.hash(secrets.token_urlsafe(32)))
 
 
 def hash_password(password: str) -> str:
@@ -35,7 +38,7 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """Constant-ish time whether or not the user exists (`password_hash` None)."""
     try:
-        return bool(_hasher.verify(password_hash or _DUMMY_HASH, password)) and (
+        return bool(_hasher.verify(password_hash or _dummy_hash(), password)) and (
             password_hash is not None
         )
     except (VerificationError, InvalidHashError):

@@ -12,8 +12,12 @@ so only failures add up.
 
 The address is the connection's peer (uvicorn runs with ``proxy_headers``, so
 behind a trusted proxy it is the forwarded client); IPv6 addresses are counted per
-/64, the block one subscriber usually holds. The email is hashed in the key: no
-addresses of people in Redis.
+/64, the block one subscriber usually holds. A /64 alone is not enough: one holder of
+a /48 (a site's usual delegation, RFC 6177; free from tunnel brokers) has 65,536 of
+them, 655,360 guesses per window at the default limit. So an IPv6 attempt also counts
+in its /48, at `SITE_FACTOR` times the limit: room for a site's (or a carrier pool's)
+many subscribers, still 4,096 times fewer guesses for one attacker. The email is
+hashed in the key: no addresses of people in Redis.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ log = logging.getLogger("control_plane.login_limits")
 
 WINDOW_SECONDS = 15 * 60
 IPV6_PREFIX = 64
+IPV6_SITE_PREFIX = 48
+SITE_FACTOR = 16
 
 
 def client_bucket(host: str | None) -> str:
@@ -48,12 +54,27 @@ def client_bucket(host: str | None) -> str:
     return str(ip)
 
 
-def attempt_keys(email: str, address: str, window: Window) -> list[str]:
+def site_bucket(host: str | None) -> str | None:
+    """Pure: the /48 an IPv6 client address lies in (None for IPv4 and the rest)."""
+    try:
+        ip = ipaddress.ip_address(host or "")
+    except ValueError:
+        return None
+    if not isinstance(ip, ipaddress.IPv6Address) or ip.ipv4_mapped is not None:
+        return None
+    return str(ipaddress.IPv6Network((ip, IPV6_SITE_PREFIX), strict=False))
+
+
+def attempt_keys(email: str, address: str, window: Window, site: str | None = None) -> list[str]:
+    """The email's key, the address's, then the site's when there is one."""
     email_digest = hashlib.sha256(email.encode("utf-8")).hexdigest()[:32]
-    return [
+    keys = [
         f"rl:login:email:{email_digest}:{window.start}",
         f"rl:login:addr:{address}:{window.start}",
     ]
+    if site is not None:
+        keys.append(f"rl:login:site:{site}:{window.start}")
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,23 +85,34 @@ class Attempt:
 
 
 async def claim_attempt(
-    store: CounterStore, *, email: str, address: str, limit: int, now: float
+    store: CounterStore,
+    *,
+    email: str,
+    address: str,
+    limit: int,
+    now: float,
+    site: str | None = None,
 ) -> Attempt:
-    """Count one attempt for `email` and `address`; LoginThrottled (429) when either
-    has already used its `limit` in this window. Call before verifying the password.
+    """Count one attempt for `email`, `address` and its IPv6 `site` (`site_bucket`);
+    LoginThrottled (429) when any has already used its `limit` (the site
+    `SITE_FACTOR` times it) in this window. Call before verifying the password.
 
-    The address is counted and checked first: an address over its limit is refused
-    before its email is counted, or every made-up email it sends would still leave a
-    counter in the store for the window."""
+    The widest is counted and checked first: a site or an address over its limit is
+    refused before the narrower counters are hit, or every made-up email (or /64) it
+    sends would still leave a counter in the store for the window."""
     window = window_at(now, WINDOW_SECONDS)
-    email_key, address_key = keys = attempt_keys(email, address, window)
-    for key in (address_key, email_key):
+    keys = attempt_keys(email, address, window, site)
+    email_key, address_key = keys[0], keys[1]
+    checks = [(address_key, limit), (email_key, limit)]
+    if site is not None:
+        checks.insert(0, (keys[2], limit * SITE_FACTOR))
+    for key, allowed in checks:
         try:
             count = await store.hit(key, WINDOW_SECONDS)
         except Exception:
             log.exception("login counter unavailable")
             raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
-        if count > limit:
+        if count > allowed:
             raise LoginThrottled(
                 f"Too many failed logins ({limit} per 15 minutes) for this account or "
                 f"address; retry in {window.retry_after} s.",

@@ -161,6 +161,61 @@ def test_a_refused_address_writes_no_email_counters(server: Login) -> None:
     assert server.group.call(email_counters) == [None] * len(fresh)
 
 
+def test_one_site_rotating_its_64s_is_limited(server: Login) -> None:
+    """Review 5: IPv6 was counted per /64 only, so the holder of one /48 (a tunnel
+    broker gives them away) had 65,536 addresses of `LIMIT` guesses each: measured
+    through a trusted proxy, 120 guesses from 40 /64s of one /48 at a limit of 3, all
+    verified. Now the /48 holds `SITE_FACTOR` times the limit in all."""
+    site_limit = LIMIT * login_limits.SITE_FACTOR
+    users = [server.user() for _ in range(site_limit // LIMIT)]
+    guesses = [email for email in users for _ in range(LIMIT)]  # each email at its limit
+    # 127.0.0.1 is a trusted proxy (uvicorn's default): the client is its X-Forwarded-For.
+    with server.client("127.0.0.1") as proxy:
+
+        def from_(address: str, email: str, password: str) -> httpx.Response:
+            body = {"email": email, "password": password}
+            return proxy.post("/v1/auth/login", json=body, headers={"X-Forwarded-For": address})
+
+        for n, email in enumerate(guesses):  # one guess from each of 48 /64s
+            assert from_(f"2001:db8:5a:{n:x}::1", email, "wrong").status_code == 401
+        verified = len(server.verifies)
+        fresh = server.user()
+        _refused(from_("2001:db8:5a:ffff::1", fresh, "wrong"))
+        _refused(from_("2001:db8:5a:fffe::1", fresh, PASSWORD))
+        assert len(server.verifies) == verified
+        # Another site, and an IPv4 client, are untouched.
+        assert from_("2001:db8:5b::1", fresh, PASSWORD).status_code == 200
+        assert from_("198.51.100.20", fresh, PASSWORD).status_code == 200
+
+
+def test_an_unknown_email_pays_the_same_argon2_verify_as_a_wrong_password(server: Login) -> None:
+    """Review 5: an unknown email skipped the verify, so it was refused ~60x faster
+    than a wrong password (median 9 ms against 556 ms on a loaded 2-core machine):
+    anyone could tell which addresses have an account, one login each."""
+    email = server.user()
+    with server.client("127.0.0.10") as client:
+        before = len(server.verifies)
+        wrong = _login(client, email, "wrong")
+        after_wrong = len(server.verifies)
+        unknown = _login(client, f"nobody-{uuid.uuid4().hex}@example.com", "wrong")
+        after_unknown = len(server.verifies)
+    assert (wrong.status_code, wrong.json()) == (unknown.status_code, unknown.json())
+    assert wrong.status_code == 401
+    assert (after_wrong - before, after_unknown - after_wrong) == (1, 1)
+
+
+def test_the_dummy_hash_costs_what_a_real_one_does() -> None:
+    """Unknown emails are verified against a hash made with the live parameters."""
+    from argon2 import extract_parameters
+
+    from control_plane import credentials
+
+    dummy = extract_parameters(credentials._dummy_hash())
+    real = extract_parameters(credentials.hash_password("any password"))
+    assert dummy == real
+    assert credentials.verify_password(None, "any password") is False
+
+
 @pytest.mark.parametrize("server", ["redis"], indirect=True)
 def test_the_counters_are_shared_through_the_store(server: Login) -> None:
     """Another control-plane process counted failures for this email: this one
@@ -196,3 +251,18 @@ def test_the_counters_are_shared_through_the_store(server: Login) -> None:
 )
 def test_client_buckets(host: str | None, bucket: str) -> None:
     assert login_limits.client_bucket(host) == bucket
+
+
+@pytest.mark.parametrize(
+    ("host", "site"),
+    [
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1::/48"),
+        ("2001:db8:1:ffff::2", "2001:db8:1::/48"),  # another /64 of the same site
+        ("203.0.113.9", None),
+        ("::ffff:203.0.113.9", None),  # an IPv4 client, counted as one
+        (None, None),
+        ("not-an-ip", None),
+    ],
+)
+def test_site_buckets(host: str | None, site: str | None) -> None:
+    assert login_limits.site_bucket(host) == site

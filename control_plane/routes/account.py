@@ -40,17 +40,21 @@ async def login(request: Request) -> Response:
     email = required_str(doc, "email", max_len=320).strip().lower()
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
     # Counted before the argon2 verify: a refused guess costs no hashing CPU.
+    host = request.client.host if request.client else None
     attempt = await login_limits.claim_attempt(
         deps.store,
         email=email,
-        address=login_limits.client_bucket(request.client.host if request.client else None),
+        address=login_limits.client_bucket(host),
+        site=login_limits.site_bucket(host),
         limit=deps.settings.login_failures_per_15min,
         now=deps.clock(),
     )
     user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
-    # Unknown emails are verified against a dummy hash: same answer, same time.
+    # An unknown email is verified too (against a dummy hash): same answer, same time.
+    # Skipping argon2 for it answered ~50x faster, telling who has an account.
     password_hash = user.password_hash if user is not None else None
-    if user is None or not await asyncio.to_thread(verify_password, password_hash, password):
+    verified = await asyncio.to_thread(verify_password, password_hash, password)
+    if user is None or not verified:
         raise InvalidCredentials()
     await login_limits.forgive(deps.store, attempt)
     await deps.db.transaction(lambda s: profile.check_not_revoked(s, user))
