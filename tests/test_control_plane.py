@@ -379,6 +379,17 @@ def test_admin_login_me_and_models(cp: CP) -> None:
         403,
         "forbidden",
     )
+    # A blank password is refused as login would refuse it, and nobody is created.
+    error_of(
+        owner.post(
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": "blank@x.io", "password": " " * 12},
+        ),
+        422,
+        "validation_error",
+    )
+    blank = {"email": "blank@x.io", "password": "correct horse battery"}
+    data_of(cp.admin.post("/v1/admin/users", json={**blank, "company_id": company_id}), 201)
     # A user without a password can use API keys but cannot log in.
     error_of(
         cp.client().post("/v1/auth/login", json={"email": made["email"], "password": "x"}),

@@ -85,6 +85,8 @@ async def create_user(request: Request) -> Response:
             raise ValidationFailed(
                 "password", f"must be a string of {PASSWORD_MIN}-{PASSWORD_MAX} characters"
             )
+        if not password.strip():  # login refuses a blank one: the user could never sign in
+            raise ValidationFailed("password", "must not be blank")
         # Refused callers cost no argon2 (the use case checks again, in its transaction).
         if not policy.can_admin_company(principal, company_id):
             raise Forbidden("You cannot add users to this company.")
