@@ -213,4 +213,13 @@ class EventSourceWriter:
         return self._next("complete", payload)
 
     def error(self, code: str, message: str) -> bytes:
-        return self._next("error", {"code": code, "message": message})
+        self.last_id += 1
+        return error_event(self.last_id, code, message)
+
+
+def error_event(event_id: int, code: str, message: str) -> bytes:
+    """The `error` event numbered `event_id`: `EventSourceWriter.error`'s, and a
+    resume follower's, which has no writer of its own (`resume.Follower`)."""
+    return encode_event(
+        orjson.dumps({"code": code, "message": message}).decode(), event="error", id=event_id
+    )
