@@ -15,7 +15,7 @@ import re
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
 from stream_edge.transport import Response, TransportError, read_at_most
-from stream_edge.upstream.base import Completion, Failure
+from stream_edge.upstream.base import Completion, Failure, parser_for
 
 # The largest whole answer read; past it the answer is a 502, its connection closed.
 # Room for the longest answers: an in-house SSE backend sends `stream: false` answers
@@ -66,9 +66,7 @@ def bill_unread(backend: Backend, raw: bytes) -> None:
     # it is not fed to a stream parser, whose pass over 8 MiB of a pretty-printed one
     # held the event loop 0.44 s (measured), for nothing.
     if _DOCUMENT.match(raw) is None:
-        parser = backend.adapter.stream_parser()
-        parser.withhold(backend.credentials)
-        for event in parser.feed(raw + b"\n\n"):
+        for event in parser_for(backend.adapter, backend.credentials).feed(raw + b"\n\n"):
             if isinstance(event, Failure):
                 break
             meter.record(event)

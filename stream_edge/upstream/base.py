@@ -329,6 +329,14 @@ class Adapter(Protocol):
         ...
 
 
+def parser_for(adapter: Adapter, withheld: tuple[str, ...]) -> StreamParser:
+    """`adapter`'s parser for one stream sent `withheld` (its credentials): made here
+    only, so no stream is parsed by one that could log them (`vendor_failure`)."""
+    parser = adapter.stream_parser()
+    parser.withhold(withheld)
+    return parser
+
+
 def vendor_failure(kind: str, detail: object, withheld: tuple[str, ...] = ()) -> Failure:
     """A mid-stream vendor error: logged briefly, reported to the client generically.
 

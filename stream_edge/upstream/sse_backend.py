@@ -30,6 +30,7 @@ from stream_edge.upstream.base import (
     UpstreamEvent,
     Usage,
     openai_tool_deltas,
+    parser_for,
     trusted_headers,
     vendor_failure,
     vendor_usage,
@@ -144,8 +145,7 @@ class SSEBackendAdapter:
     def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
         """The whole stream, read at once (the answer to a `stream: false` request);
         `withheld`: the credentials sent, kept out of a logged error."""
-        parser = self.stream_parser()
-        parser.withhold(withheld)
+        parser = parser_for(self, withheld)
         text: list[str] = []
         calls = ToolCalls()
         reason: str | None = None
