@@ -254,6 +254,17 @@ class Completion:
     tool_calls: tuple[ToolCall, ...] = ()
 
 
+class CutStream(ValueError):
+    """A whole answer that is a stream (an in-house SSE backend's) and is not a whole
+    one: it failed or ended early. `events` are all its parse read, so that billing
+    what was generated (`completion.bill_unread`) need not parse it again: up to
+    8 MiB, some 300,000 events."""
+
+    def __init__(self, message: str, events: list[UpstreamEvent]) -> None:
+        super().__init__(message)
+        self.events = events
+
+
 class JsonEventParser:
     """The shared loop of every JSON-over-SSE vendor: decode SSE, parse each event's
     data as a JSON object, hand it to `_interpret`. A vendor with an end marker line

@@ -19,6 +19,7 @@ import orjson
 from shared.catalog import Provider, SSEBackendSpec
 from stream_edge.upstream.base import (
     Completion,
+    CutStream,
     Delta,
     Failure,
     Finish,
@@ -150,9 +151,10 @@ class SSEBackendAdapter:
         calls = ToolCalls()
         reason: str | None = None
         usage: Usage | None = None
-        for event in parser.feed(body + b"\n\n"):
+        events = parser.feed(body + b"\n\n")
+        for event in events:
             if isinstance(event, Failure):
-                raise ValueError(event.message)
+                raise CutStream(event.message, events)
             if isinstance(event, Delta):
                 text.append(event.text)
             elif isinstance(event, ToolCallDelta):
@@ -162,7 +164,7 @@ class SSEBackendAdapter:
             elif isinstance(event, Usage):
                 usage = Usage(event.input_tokens, event.output_tokens)
         if not parser.done and reason is None:
-            raise ValueError("the backend's stream ended early")
+            raise CutStream("the backend's stream ended early", events)
         return Completion("".join(text), reason or "stop", usage, tuple(calls.complete()))
 
     def error_status(self, status: int, body: bytes) -> int:
