@@ -62,7 +62,7 @@ from typing import Any
 import orjson
 
 from shared import media
-from shared.text_tokens import BYTES_PER_TOKEN, text_tokens
+from shared.text_tokens import byte_tokens, text_tokens
 
 TOKENS_PER_MESSAGE = 4
 IMAGE_TOKENS = 1445
@@ -301,7 +301,7 @@ def _part_size(part: Mapping[str, Any]) -> InputSize:
         filename = str(body.get("filename") or "").encode("utf-8")
         return InputSize(len(str(body.get("file_data", ""))) + len(filename), images=1)
     if kind == "input_audio":
-        return InputSize(-(-len(str(part["input_audio"].get("data", ""))) // BYTES_PER_TOKEN))
+        return InputSize(byte_tokens(len(str(part["input_audio"].get("data", "")))))
     # Anything unforeseen that got this far is priced as its JSON text, never as 0.
     return InputSize(text_tokens([orjson.dumps(part)]))
 

@@ -126,6 +126,21 @@ def text_tokens(texts: Sequence[bytes]) -> int:
     """The most tokens these texts (UTF-8) can cost, counted as one: see the module
     doc. Each text's pieces are its own (a line break between them is not counted)."""
     size = sum(map(len, texts))
-    count = pieces(b"\n".join(texts)) - max(len(texts) - 1, 0)
-    by_bytes = -(-size // BYTES_PER_TOKEN)
-    return max(by_bytes, count + size // BYTES_PER_EXTRA_TOKEN)
+    return text_bound(size, pieces(b"\n".join(texts)) - max(len(texts) - 1, 0))
+
+
+def text_bound(size: int, count: int) -> int:
+    """The most tokens a text of `size` UTF-8 bytes cut into `count` pieces can cost:
+    the larger of the byte rate and the piece rate (see the module doc)."""
+    return max(byte_tokens(size), piece_tokens(size, count))
+
+
+def byte_tokens(size: int) -> int:
+    """The bound's byte rate alone: a token per `BYTES_PER_TOKEN` bytes, rounded up."""
+    return -(-size // BYTES_PER_TOKEN)
+
+
+def piece_tokens(size: int, count: int) -> int:
+    """The bound's piece rate alone: a token per piece, plus one per full
+    `BYTES_PER_EXTRA_TOKEN` bytes (a rare word is a piece of several tokens)."""
+    return count + size // BYTES_PER_EXTRA_TOKEN

@@ -11,11 +11,12 @@ bills the input estimate and the output that could be in it, `failed` and
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
 from stream_edge.transport import Response, TransportError, read_at_most
-from stream_edge.upstream.base import Completion, Failure
+from stream_edge.upstream.base import Completion, CutStream, Failure, UpstreamEvent, parser_for
 
 # The largest whole answer read; past it the answer is a 502, its connection closed.
 # Room for the longest answers: an in-house SSE backend sends `stream: false` answers
@@ -39,7 +40,8 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
         completion = adapter.parse_completion(body, backend.credentials)
     except BaseException as exc:
         # Also a cancellation: the stream's maximum life (`StreamJob.read_completion`).
-        bill_unread(backend, b"".join(parts)[:MAX_COMPLETION_BYTES])
+        read = exc.events if isinstance(exc, CutStream) else None
+        bill_unread(backend, b"".join(parts)[:MAX_COMPLETION_BYTES], read)
         if isinstance(exc, TransportError | ValueError):
             raise UpstreamError("the backend's answer was malformed") from exc
         raise
@@ -51,13 +53,15 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
     return completion
 
 
-def bill_unread(backend: Backend, raw: bytes) -> None:
+def bill_unread(
+    backend: Backend, raw: bytes, events: Sequence[UpstreamEvent] | None = None
+) -> None:
     """Put on the meter what `raw`, the bytes read of an answer that could not be
     read as one, can hold. An in-house SSE backend's answer is its stream: its events
-    up to a failure are counted as the relay counts them. Any other answer is one
-    document (JSON) whose text cannot be picked out of a part of it: every byte,
-    markup included, is counted as text, never past the `max_tokens` the backend
-    was asked for."""
+    up to a failure are counted as the relay counts them (`events`: those its parse
+    read, `CutStream`, not parsed again). Any other answer is one document (JSON)
+    whose text cannot be picked out of a part of it: every byte, markup included, is
+    counted as text, never past the `max_tokens` the backend was asked for."""
     if not raw.strip():
         return
     assert backend.adapter is not None
@@ -66,9 +70,9 @@ def bill_unread(backend: Backend, raw: bytes) -> None:
     # it is not fed to a stream parser, whose pass over 8 MiB of a pretty-printed one
     # held the event loop 0.44 s (measured), for nothing.
     if _DOCUMENT.match(raw) is None:
-        parser = backend.adapter.stream_parser()
-        parser.withhold(backend.credentials)
-        for event in parser.feed(raw + b"\n\n"):
+        if events is None:
+            events = parser_for(backend.adapter, backend.credentials).feed(raw + b"\n\n")
+        for event in events:
             if isinstance(event, Failure):
                 break
             meter.record(event)

@@ -29,7 +29,6 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from shared.input_size import MAX_JSON_DEPTH, json_too_deep
 from shared.request_id import current_request_id
 from shared.sampling import SAMPLING_PARAMS
 from shared.service_calls import INIT_PATH, MODELS_PATH, is_api_key, key_digest, signed_headers
@@ -40,6 +39,7 @@ from stream_edge.admission import bearer, edge_state, verified_grant
 from stream_edge.errors import BadRequest, EdgeError, InitRefused, ServiceUnavailable, Unauthorized
 from stream_edge.http1 import Http1Client
 from stream_edge.limits import slot_keys
+from stream_edge.requests import chat_object
 from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 from stream_edge.transport import Transport, TransportError
@@ -62,13 +62,7 @@ def normalised(body: Any) -> dict[str, Any]:
     """OpenAI's body with its explicit nulls and empty `tools` dropped (both mean
     "not set"), so that the init and the edge size exactly the same parameters: the
     hold's input estimate is the grant's `max_input_tokens`, which the edge checks."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object", code="invalid_json")
-    if json_too_deep(body):
-        raise BadRequest(
-            f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
-            code="json_too_deep",
-        )
+    body = chat_object(body)
     return {k: v for k, v in body.items() if v is not None and not (k == "tools" and v == [])}
 
 

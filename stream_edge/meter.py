@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from shared.text_tokens import BYTES_PER_EXTRA_TOKEN, BYTES_PER_TOKEN, text_tokens
+from shared.text_tokens import byte_tokens, text_bound, text_tokens
 from stream_edge.output_estimate import MEASURED, delta_measure
 from stream_edge.upstream.base import (
     Delta,
@@ -153,8 +153,7 @@ class Meter:
         self.deltas = max(self.deltas, 1)
         # The bound is never below the byte rate: past `most` by that alone, the
         # pieces of up to 8 MiB (60 ms of the event loop) need no counting.
-        by_bytes = -(-len(raw) // BYTES_PER_TOKEN)
-        tokens = most if by_bytes >= most else min(text_tokens((raw,)), most)
+        tokens = most if byte_tokens(len(raw)) >= most else min(text_tokens((raw,)), most)
         self.output_floor = max(self.output_floor, tokens)
 
     def tool_calls(self) -> list[ToolCall]:
@@ -192,10 +191,4 @@ class Meter:
     def relayed_tokens(self) -> int:
         if self.delta_is_token:
             return max(self.deltas + self.batched, self.output_floor)
-        size = self.text_bytes
-        return max(
-            self.deltas,
-            -(-size // BYTES_PER_TOKEN),
-            self.text_pieces + size // BYTES_PER_EXTRA_TOKEN,
-            self.output_floor,
-        )
+        return max(self.deltas, text_bound(self.text_bytes, self.text_pieces), self.output_floor)

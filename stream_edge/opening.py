@@ -15,6 +15,7 @@ from stream_edge.fallback import await_first_token, falls_back
 from stream_edge.key_pool import KeyPool
 from stream_edge.state import EdgeState
 from stream_edge.transport import Response
+from stream_edge.upstream.base import parser_for
 from stream_edge.upstream_client import open_stream
 
 log = logging.getLogger("llmgw.edge.jobs")
@@ -74,8 +75,7 @@ class Opener:
         response = await self._pool().open(open_with)
         if wait_first_token:
             # A fallback is left: commit to this backend only once it has answered.
-            parser = adapter.stream_parser()
-            parser.withhold(backend.credentials)
+            parser = parser_for(adapter, backend.credentials)
             return await await_first_token(response, parser, state.settings.first_token_timeout)
         return response
 

@@ -44,7 +44,7 @@ Korean, and only when the usage never comes.
 
 from __future__ import annotations
 
-from shared.text_tokens import BYTES_PER_EXTRA_TOKEN, BYTES_PER_TOKEN, pieces
+from shared.text_tokens import piece_tokens, pieces, text_bound
 
 # Longer than nearly every single token (a long word, a run of spaces): a delta past
 # it from an OpenAI-compatible backend carries several.
@@ -80,11 +80,12 @@ def measure(text: str) -> tuple[int, int, int]:
     raw = text.encode()
     size = len(raw)
     count = 1 if one_piece(text) else pieces(raw)
-    tokens = count + size // BYTES_PER_EXTRA_TOKEN
     if len(text) > ONE_TOKEN_CHARS or (
         size > len(text) and len(raw.translate(None, _NOT_CJK_START)) > CJK_ONE_TOKEN_CHARS
-    ):  # surely a batch: the byte rate too (a token per CJK character)
-        tokens = max(tokens, -(-size // BYTES_PER_TOKEN))
+    ):  # surely a batch: the whole bound (a token per CJK character)
+        tokens = text_bound(size, count)
+    else:  # no byte rate: OpenAI's " the" would be 2
+        tokens = piece_tokens(size, count)
     return max(1, tokens), size, count
 
 

@@ -16,7 +16,7 @@ from stream_edge.relay import Deadlines, RelayResult, relay
 from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 from stream_edge.transport import Response
-from stream_edge.upstream.base import UpstreamEvent
+from stream_edge.upstream.base import UpstreamEvent, parser_for
 
 # The stream's log lines keep the job's logger name: operators filter on it.
 log = logging.getLogger("llmgw.edge.jobs")
@@ -81,8 +81,7 @@ class Pump:
         adapter = self._backend.adapter
         assert adapter is not None  # opening refused a provider without one
         settings = self._state.settings
-        parser = adapter.stream_parser()
-        parser.withhold(self._backend.credentials)
+        parser = parser_for(adapter, self._backend.credentials)
         self._checkpointer.start()
         try:
             return await relay(

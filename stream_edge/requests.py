@@ -143,8 +143,9 @@ class ChatBody:
     carries_files: bool
 
 
-def read_chat_body(body: Any, grant: StreamGrant) -> ChatBody:
-    """Everything about the body that does not depend on the model that serves it."""
+def chat_object(body: Any) -> dict[str, Any]:
+    """`body`, parsed JSON, if it can be a chat request at all: a JSON object, nested
+    no deeper than `MAX_JSON_DEPTH` (deeper, walking it could exhaust the stack)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     if json_too_deep(body):
@@ -152,6 +153,12 @@ def read_chat_body(body: Any, grant: StreamGrant) -> ChatBody:
             f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
             code="json_too_deep",
         )
+    return body
+
+
+def read_chat_body(body: Any, grant: StreamGrant) -> ChatBody:
+    """Everything about the body that does not depend on the model that serves it."""
+    body = chat_object(body)
     if body.get("model") is not None and body.get("model") != grant.model:
         raise Forbidden(f"this token grants model {grant.model!r} only", code="model_not_allowed")
     checked = check_messages(body.get("messages"))

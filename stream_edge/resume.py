@@ -37,10 +37,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import orjson
-
-from shared.sse import encode_event
 from shared.store import KeyValueStore, LogStore
+from stream_edge.formats import error_event
 
 log = logging.getLogger("llmgw.edge.resume")
 
@@ -109,13 +107,6 @@ def gap_message(kept: int) -> str:
         f"events after {kept} were not kept for resuming (the answer outgrew the resume "
         "log); the rest of this answer cannot be recovered by reconnecting"
     )
-
-
-def error_frame(event_id: int, code: str, message: str) -> bytes:
-    """An `error` event as `EventSourceWriter.error` writes it, for a follower that
-    has no writer of its own."""
-    payload = orjson.dumps({"code": code, "message": message}).decode()
-    return encode_event(payload, event="error", id=event_id)
 
 
 def ends_stream(frame: bytes) -> bool:
@@ -303,7 +294,7 @@ class Follower:
         if self.ended:
             return b""
         self.ended = True
-        return error_frame(self.position + 1, code, message)
+        return error_event(self.position + 1, code, message)
 
     async def _read(self) -> list[bytes]:
         count = READ_BATCH

@@ -10,6 +10,7 @@ parser's pass over 8 MiB of a pretty-printed one held the event loop 0.44 s
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,10 +18,34 @@ import orjson
 import pytest
 
 from shared.text_tokens import text_tokens
-from stream_edge.completion import MAX_COMPLETION_BYTES, bill_unread
+from stream_edge.completion import MAX_COMPLETION_BYTES, bill_unread, read_completion
+from stream_edge.errors import UpstreamError
 from stream_edge.meter import Meter
 from stream_edge.upstream.openai_chat import OpenAIChatAdapter
 from stream_edge.upstream.sse_backend import SSEBackendAdapter
+
+
+class CountedParsers(SSEBackendAdapter):
+    """The in-house SSE backend's adapter, counting the stream parsers it makes."""
+
+    made = 0
+
+    def stream_parser(self) -> Any:
+        self.made += 1
+        return super().stream_parser()
+
+
+class WholeBody:
+    """A backend's whole answer as `read_completion` reads it, in one chunk."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    async def aclose(self) -> None:
+        return None
 
 
 class DocumentOnly(OpenAIChatAdapter):
@@ -60,4 +85,16 @@ def test_an_sse_backends_answer_is_still_counted_event_by_event() -> None:
     events = b"".join(b"data: " + orjson.dumps({"delta": "word "}) + b"\n\n" for _ in range(50))
     cut = backend(SSEBackendAdapter(), max_tokens=10**9)
     bill_unread(cut, events + b"data: {broken")
+    assert cut.meter.deltas == 50
+
+
+@pytest.mark.parametrize("end", [b"data: {broken", b""], ids=["malformed", "ended_early"])
+async def test_a_failed_sse_answer_is_parsed_once_for_its_error_and_its_bill(end: bytes) -> None:
+    # Parsed again to bill it, an 8 MiB answer held the event loop twice as long.
+    events = b"".join(b"data: " + orjson.dumps({"delta": "word "}) + b"\n\n" for _ in range(50))
+    adapter = CountedParsers()
+    cut = backend(adapter, max_tokens=10**9)
+    with pytest.raises(UpstreamError, match="malformed"):
+        await read_completion(WholeBody(events + end), cut)
+    assert adapter.made == 1
     assert cut.meter.deltas == 50

@@ -266,6 +266,17 @@ class Completion:
     tool_calls: tuple[ToolCall, ...] = ()
 
 
+class CutStream(ValueError):
+    """A whole answer that is a stream (an in-house SSE backend's) and is not a whole
+    one: it failed or ended early. `events` are all its parse read, so that billing
+    what was generated (`completion.bill_unread`) need not parse it again: up to
+    8 MiB, some 300,000 events."""
+
+    def __init__(self, message: str, events: list[UpstreamEvent]) -> None:
+        super().__init__(message)
+        self.events = events
+
+
 class JsonEventParser:
     """The shared loop of every JSON-over-SSE vendor: decode SSE, parse each event's
     data as a JSON object, hand it to `_interpret`. A vendor with an end marker line
@@ -339,6 +350,14 @@ class Adapter(Protocol):
         """The HTTP status that best describes a vendor's error answer (usually
         `status`; Gemini reports a refused key as 400 `API_KEY_INVALID`, i.e. 401)."""
         ...
+
+
+def parser_for(adapter: Adapter, withheld: tuple[str, ...]) -> StreamParser:
+    """`adapter`'s parser for one stream sent `withheld` (its credentials): made here
+    only, so no stream is parsed by one that could log them (`vendor_failure`)."""
+    parser = adapter.stream_parser()
+    parser.withhold(withheld)
+    return parser
 
 
 def vendor_failure(kind: str, detail: object, withheld: tuple[str, ...] = ()) -> Failure:

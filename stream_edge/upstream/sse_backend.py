@@ -19,6 +19,7 @@ import orjson
 from shared.catalog import Provider, SSEBackendSpec
 from stream_edge.upstream.base import (
     Completion,
+    CutStream,
     Delta,
     Failure,
     Finish,
@@ -30,6 +31,7 @@ from stream_edge.upstream.base import (
     UpstreamEvent,
     Usage,
     openai_tool_deltas,
+    parser_for,
     trusted_headers,
     vendor_failure,
     vendor_usage,
@@ -144,15 +146,15 @@ class SSEBackendAdapter:
     def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
         """The whole stream, read at once (the answer to a `stream: false` request);
         `withheld`: the credentials sent, kept out of a logged error."""
-        parser = self.stream_parser()
-        parser.withhold(withheld)
+        parser = parser_for(self, withheld)
         text: list[str] = []
         calls = ToolCalls()
         reason: str | None = None
         usage: Usage | None = None
-        for event in parser.feed(body + b"\n\n"):
+        events = parser.feed(body + b"\n\n")
+        for event in events:
             if isinstance(event, Failure):
-                raise ValueError(event.message)
+                raise CutStream(event.message, events)
             if isinstance(event, Delta):
                 text.append(event.text)
             elif isinstance(event, ToolCallDelta):
@@ -162,7 +164,7 @@ class SSEBackendAdapter:
             elif isinstance(event, Usage):
                 usage = Usage(event.input_tokens, event.output_tokens)
         if not parser.done and reason is None:
-            raise ValueError("the backend's stream ended early")
+            raise CutStream("the backend's stream ended early", events)
         return Completion("".join(text), reason or "stop", usage, tuple(calls.complete()))
 
     def error_status(self, status: int, body: bytes) -> int:
