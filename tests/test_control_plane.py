@@ -45,6 +45,7 @@ from shared.tokens import (
 from shared.webhooks import UsageEvent, sign
 from tests.conftest import REDIS_URL, new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.token_claims import claims_of, jti_of
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 # Tests that do not depend on the backend run on SQLite only, to keep the file fast.
@@ -198,7 +199,7 @@ def micro(value: str) -> int:
 
 
 def usage_event(init: dict[str, Any], company_id: str, **changes: Any) -> UsageEvent:
-    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
+    claims = claims_of(init["stream_token"])
     now = datetime.now(UTC)
     event = UsageEvent(
         jti=claims["jti"],
@@ -303,10 +304,7 @@ def test_admin_login_me_and_models(cp: CP) -> None:
     assert token["token_type"] == "bearer" and token["expires_in"] == 3600
     header = jwt.get_unverified_header(token["access_token"])
     assert header["alg"] == "EdDSA"
-    assert (
-        jwt.decode(token["access_token"], options={"verify_signature": False})["aud"]
-        == API_AUDIENCE
-    )
+    assert claims_of(token["access_token"])["aud"] == API_AUDIENCE
 
     bad = error_of(
         cp.client().post("/v1/auth/login", json={"email": user["email"], "password": "nope"}),
@@ -471,7 +469,7 @@ def test_init_reserves_and_mints_a_stream_token(cp: CP) -> None:
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "EdDSA" and header["typ"] == "JWT"
     grant = verify_stream_token(token, _jwks_key(cp, token))
-    claims = jwt.decode(token, options={"verify_signature": False})
+    claims = claims_of(token)
     assert set(claims) == set(STREAM_CLAIMS)
     assert claims["iss"] == "llm-gateway" and claims["aud"] == "llm-stream"
     assert grant.company_id == company_id and grant.role == "owner"
@@ -506,7 +504,7 @@ def test_init_with_query_continues_a_session(cp: CP) -> None:
         201,
     )
     assert second["session_id"] == first["session_id"]
-    jti = jwt.decode(second["stream_token"], options={"verify_signature": False})["jti"]
+    jti = jti_of(second["stream_token"])
     store = cp.app.state.store
     stashed = StashedRequest.loads(cp.on_loop(lambda: store.get(stash_key(company_id, jti))))
     assert stashed.messages == [

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
@@ -26,6 +25,7 @@ from shared.tokens import sign_token
 from shared.webhooks import secret_bytes
 from tests.conftest import REDIS_URL
 from tests.stack import SplitStack, base_env
+from tests.token_claims import claims_of
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,6 @@ def store_revoke(split: SplitStack, kind: str, value: str, company_id: str) -> N
             await store.close()
 
     asyncio.run(go())
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
 
 
 @pytest.mark.parametrize("kind", ["jti", "user", "company"])

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
@@ -22,6 +21,7 @@ from shared.key_pool import key_id
 from shared.pricing import estimate_input_tokens
 from shared.route_claim import CLAIM, route_ciphers, unseal
 from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
+from tests.token_claims import claims_of
 
 CATALOG = load_catalog(None)
 
@@ -32,12 +32,8 @@ def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
         yield handle
 
 
-def _claims(init: dict[str, Any]) -> dict[str, Any]:
-    return dict(jwt.decode(init["stream_token"], options={"verify_signature": False}))
-
-
 def _route(cp: CP, init: dict[str, Any]) -> Any:
-    claims = _claims(init)
+    claims = claims_of(init["stream_token"])
     if CLAIM not in claims:
         return None
     keys = [k.reveal() for k in cp.settings.encryption_keys]

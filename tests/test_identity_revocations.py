@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 
 from control_plane.errors import RateLimited
@@ -25,6 +24,7 @@ from tests.test_control_plane import (
     sqlite_only,
     start_cp,
 )
+from tests.token_claims import jti_of
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -90,7 +90,7 @@ def test_revoking_a_user_disables_it_and_tells_the_edges(cp: CP) -> None:
 def test_revoking_a_company_and_a_token(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
-    jti = jwt.decode(init["stream_token"], options={"verify_signature": False})["jti"]
+    jti = jti_of(init["stream_token"])
 
     # Owners revoke single tokens of their company, not other companies' or the company.
     stranger, _ = cp.owner_client("10")
@@ -188,7 +188,7 @@ def test_a_revocation_made_while_another_is_lifted_keeps_the_edges_key(cp: CP) -
 def test_lifting_one_of_two_revocations_of_a_token_keeps_it_revoked(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
-    jti = jwt.decode(init["stream_token"], options={"verify_signature": False})["jti"]
+    jti = jti_of(init["stream_token"])
     admins = data_of(cp.admin.post("/v1/admin/revocations", json={"jti": jti}), 201)
     mine = data_of(client.post("/v1/admin/revocations", json={"jti": jti}), 201)
     assert client.delete(f"/v1/admin/revocations/{mine['id']}").status_code == 204
