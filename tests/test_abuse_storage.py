@@ -26,8 +26,16 @@ from shared.store_redis import RedisStore
 from shared.tool_shapes import MAX_ID_CHARS
 from stream_edge import grants
 from tests.conftest import REDIS_URL, fresh_redis_prefix
-from tests.test_abuse_input import counts, pg_cp
-from tests.test_control_plane import CP, credits_of, data_of, error_of, usage_event
+from tests.test_abuse_input import counts
+from tests.test_control_plane import (
+    CP,
+    credits_of,
+    data_of,
+    error_of,
+    pg_settings,
+    serve_cp,
+    usage_event,
+)
 from tests.token_claims import claims_of
 
 PENDING = 3
@@ -41,7 +49,7 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def cp(pg_server: str) -> Iterator[CP]:
-    with pg_cp(pg_server, LIMITS) as handle:
+    with pg_settings(pg_server, LIMITS) as settings, serve_cp(settings) as handle:
         yield handle
 
 

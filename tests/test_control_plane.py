@@ -43,7 +43,7 @@ from shared.tokens import (
     verify_stream_token,
 )
 from shared.webhooks import UsageEvent, sign
-from tests.conftest import REDIS_URL, new_webhook_secret
+from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix, new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.token_claims import claims_of, jti_of
 
@@ -153,11 +153,35 @@ def start_cp(
     else:
         database_url = request.getfixturevalue("pg_database_url")
         prefix = request.getfixturevalue("redis_prefix")
-        extra.update({"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
-        settings = _settings(database_url, extra)
-    app = create_app(settings)
+        settings = _settings(database_url, {**redis_env(prefix), **extra})
+    with serve_cp(settings) as handle:
+        yield handle
+
+
+def redis_env(prefix: str) -> dict[str, str]:
+    return {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix}
+
+
+@contextlib.contextmanager
+def pg_settings(
+    pg_server: str, extra_env: dict[str, str] | None = None
+) -> Iterator[ControlPlaneSettings]:
+    """Settings on a fresh PostgreSQL database and Redis prefix, both removed at the
+    end: for a fixture wider than one test (`pg_database_url` and `redis_prefix` are
+    a test's own)."""
+    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
+        yield _settings(url, {**redis_env(prefix), **(extra_env or {})})
+
+
+@contextlib.contextmanager
+def serve_cp(
+    settings: ControlPlaneSettings, app: Starlette | None = None, *, served: Any = None
+) -> Iterator[CP]:
+    """The control plane `app` (by default built from `settings`) on a real socket;
+    `served` is what the socket serves instead, when a test wraps the app."""
+    app = create_app(settings) if app is None else app
     sock = bind_free_socket()
-    with ServerGroup([(app, sock)]) as group:
+    with ServerGroup([(served or app, sock)]) as group:
         url = url_of(sock)
         admin = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30

@@ -26,9 +26,8 @@ from shared.key_pool import company_scope, key_id, state_key
 from shared.pricing import cost_micro
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.webhooks import sign
-from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
 from tests.fallback_stack import CLAUDE_PRICE, VENDOR_KEY, WRONG_KEY, FallbackStack
-from tests.stack import base_env, micro
+from tests.stack import micro, postgres_env
 from tests.token_claims import claims_of
 
 TOOLS = [
@@ -52,10 +51,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[Fal
     """PostgreSQL and Redis, as in production: key states cross from the edge to the
     control plane through Redis, the chain is a JSON column on PostgreSQL."""
     workdir = tmp_path_factory.mktemp("fallbacks")
-    with fresh_pg_database(pg_server) as database_url, fresh_redis_prefix() as prefix:
-        env = base_env(database_url, REDIS_URL, prefix)
-        with FallbackStack(env, workdir) as stack:
-            yield stack
+    with postgres_env(pg_server) as env, FallbackStack(env, workdir) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
