@@ -33,6 +33,7 @@ from shared.revocations import revocation_key
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
+    cp,
     credits_of,
     data_of,
     micro,
@@ -41,18 +42,14 @@ from tests.test_control_plane import (
 )
 from tests.token_claims import claims_of, jti_of
 
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
+
 FAST = {"LLMGW_SWEEP_INTERVAL_SECONDS": "0.1"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def fast(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
     with start_cp(request, tmp_path, request.param, FAST) as handle:
-        yield handle
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
         yield handle
 
 

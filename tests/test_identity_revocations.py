@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from tests.test_control_plane import (
     ADMIN_TOKEN,
     CP,
     PASSWORD,
+    cp,
     data_of,
     error_of,
     sqlite_only,
@@ -26,11 +26,7 @@ from tests.test_control_plane import (
 )
 from tests.token_claims import jti_of
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 
 def _stored(cp: CP, kind: str, value: str, company_id: str) -> bytes | None:
