@@ -27,6 +27,7 @@ made by someone not ranked above it (`policy`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -66,7 +67,7 @@ def parse_target(doc: dict[str, Any]) -> Target:
 
 
 def revocation_ttl(settings: ControlPlaneSettings) -> int:
-    return settings.token_ttl_seconds + settings.max_stream_seconds + 60
+    return settings.token_ttl_seconds + math.ceil(settings.max_stream_seconds) + 60
 
 
 def revocation_public(row: Revocation) -> dict[str, Any]:

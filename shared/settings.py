@@ -146,7 +146,9 @@ class CommonSettings:
     # resume grace (edge: replay; control plane: the sweeper's silence limit) are
     # read by both, so both check at start that a hold outlives its longest stream.
     hold_grace_seconds: int
-    max_stream_seconds: int
+    # Whole seconds from the environment (10 at least); a float so that a caller
+    # building settings itself (a test) may give a stream a shorter life.
+    max_stream_seconds: float
     resume_grace_seconds: float
     # Each service's server waits this + 10 s on SIGTERM; the edge's streams get
     # this long to finish before they end with `shutting_down`.
@@ -240,7 +242,7 @@ def _check_hold_outlives_streams(settings: CommonSettings) -> None:
     turns its real report into a duplicate, so such settings never start."""
     needed = (
         LEEWAY_SECONDS
-        + settings.max_stream_seconds
+        + math.ceil(settings.max_stream_seconds)
         + math.ceil(settings.resume_grace_seconds)
         + REPORT_MARGIN_SECONDS
     )

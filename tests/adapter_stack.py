@@ -10,6 +10,7 @@ credentials.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,12 @@ def catalog(mock_url: str) -> dict[str, Any]:
 
 
 class AdapterStack:
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+    """`edge_changes`: edge settings to set past what the environment allows (a
+    stream life under the 10 s minimum, say), given to the edge's factory as is."""
+
+    def __init__(
+        self, env: dict[str, str], workdir: Path, *, edge_changes: dict[str, Any] | None = None
+    ) -> None:
         mock_sock, cp_sock, edge_sock = (bind_free_socket() for _ in range(3))
         models_file = workdir / "models.yaml"
         models_file.write_text(yaml.safe_dump(catalog(url_of(mock_sock))))
@@ -110,7 +116,8 @@ class AdapterStack:
             "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
             "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
         }
-        self.settings, self.edge_settings = settings_from_env(env)
+        self.settings, edge_settings = settings_from_env(env)
+        self.edge_settings = dataclasses.replace(edge_settings, **(edge_changes or {}))
         store = MemoryStore()
         self.mock = mock_app(api_key=VENDOR_KEY, service_token=SERVICE_TOKEN)
         self.group = ServerGroup(

@@ -94,15 +94,12 @@ def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """The whole gateway on SQLite + memory, then on PostgreSQL + Redis (one per module)."""
-    from tests.stack import InProcessStack, base_env
+    from tests.stack import InProcessStack, base_env, postgres_env
 
     with contextlib.ExitStack() as resources:
         if request.param == "embedded":
             path = tmp_path_factory.mktemp("db") / "gateway.db"
             env = base_env(f"sqlite:///{path}")
         else:
-            server = request.getfixturevalue("pg_server")
-            url = resources.enter_context(fresh_pg_database(server))
-            prefix = resources.enter_context(fresh_redis_prefix())
-            env = base_env(url, REDIS_URL, prefix)
+            env = resources.enter_context(postgres_env(request.getfixturevalue("pg_server")))
         yield resources.enter_context(InProcessStack(env))

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import orjson
 from starlette.applications import Starlette
 
 from control_plane.app import create_app as control_plane_app
@@ -205,6 +206,17 @@ class Gateway:
     ) -> InMemoryResponse:
         all_headers = {"content-type": "application/json", **headers}
         return await self.clients.send("POST", edge_url(edge) + path, all_headers, body)
+
+    async def complete(
+        self, token: str, body: dict[str, Any] | bytes, edge: str = "edge"
+    ) -> tuple[int, Any]:
+        """Edge `edge`'s whole answer (or its error) to `body` (bytes go as they are)
+        on `/v1/chat/completions` for `token`, a stream token or an API key: the
+        status and the JSON it answered."""
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with opened(await self.post("/v1/chat/completions", raw, headers, edge)) as r:
+            return r.status_code, orjson.loads(await r.aread())
 
 
 async def events(

@@ -32,7 +32,7 @@ from shared.store import Store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from stream_edge.settings import EdgeSettings
-from tests.conftest import new_webhook_secret
+from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix, new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, free_port, url_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +59,15 @@ def base_env(database_url: str, redis_url: str | None = None, prefix: str = "") 
         env["LLMGW_REDIS_URL"] = redis_url
         env["LLMGW_REDIS_PREFIX"] = prefix
     return env
+
+
+@contextlib.contextmanager
+def postgres_env(pg_server: str) -> Iterator[dict[str, str]]:
+    """`base_env` on a fresh PostgreSQL database and Redis prefix, both removed at the
+    end: for a fixture wider than one test (`pg_database_url` and `redis_prefix` are
+    a test's own)."""
+    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
+        yield base_env(url, REDIS_URL, prefix)
 
 
 class Client:

@@ -6,7 +6,6 @@ real socket for the whole module (PostgreSQL is what refuses NUL)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -19,48 +18,26 @@ from sqlalchemy import func, select
 from sqlmodel import col
 
 from control_plane import chat_sessions
-from control_plane.app import create_app
 from control_plane.tables import ChatSession, Reservation
 from shared.decimals import parse_decimal
 from shared.logs import JsonFormatter
 from shared.pricing import MICRO, cost_micro, parse_credits
-from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
-from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_control_plane import (
-    ADMIN_TOKEN,
     CP,
     PASSWORD,
-    _settings,
     credits_of,
     data_of,
     error_of,
     micro,
+    pg_settings,
+    serve_cp,
     usage_event,
 )
 
 
-@contextlib.contextmanager
-def pg_cp(pg_server: str, extra: dict[str, str] | None = None) -> Iterator[CP]:
-    """A control plane on PostgreSQL + Redis on a real socket, fresh database."""
-    with contextlib.ExitStack() as resources:
-        url = resources.enter_context(fresh_pg_database(pg_server))
-        prefix = resources.enter_context(fresh_redis_prefix())
-        env = {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix, **(extra or {})}
-        settings = _settings(url, env)
-        app = create_app(settings)
-        sock = bind_free_socket()
-        group = resources.enter_context(ServerGroup([(app, sock)]))
-        admin = httpx.Client(
-            base_url=url_of(sock), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
-        )
-        handle = CP(url=url_of(sock), app=app, group=group, settings=settings, admin=admin)
-        resources.callback(handle.close)
-        yield handle
-
-
 @pytest.fixture(scope="module")
 def cp(pg_server: str) -> Iterator[CP]:
-    with pg_cp(pg_server) as handle:
+    with pg_settings(pg_server) as settings, serve_cp(settings) as handle:
         yield handle
 
 

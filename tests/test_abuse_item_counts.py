@@ -35,7 +35,7 @@ from shared.request_bounds import (
     MAX_TOOL_CALLS,
     check_item_counts,
 )
-from tests.inproc import Gateway, gateway_env, opened
+from tests.inproc import Gateway, gateway_env
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -70,12 +70,10 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
         yield gateway
 
 
-async def _edge(gw: Gateway, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {token}"}
+async def _edge(gw: Gateway, body: dict[str, Any], token: str) -> tuple[int, Any]:
     raw = orjson.dumps(body)
     assert len(raw) <= 1 << 20 and not input_size.json_too_complex(raw)  # within the caps
-    async with opened(await gw.post("/v1/chat/completions", raw, headers)) as response:
-        return response.status_code, orjson.loads(await response.aread())
+    return await gw.complete(token, raw)
 
 
 async def _init(gw: Gateway, token: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -15,13 +15,12 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL
-from tests.test_abuse_input import pg_cp
-from tests.test_control_plane import CP, data_of, error_of
+from tests.test_control_plane import CP, data_of, error_of, pg_settings, serve_cp
 
 
 @pytest.fixture(scope="module")
 def cp(pg_server: str) -> Iterator[CP]:
-    with pg_cp(pg_server) as handle:
+    with pg_settings(pg_server) as settings, serve_cp(settings) as handle:
         yield handle
 
 

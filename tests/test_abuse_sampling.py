@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import pytest_asyncio
 
 from shared.input_size import InputRejected
 from shared.sampling import STOP_MAX, USER_MAX, check_sampling_params
-from tests.inproc import Gateway, gateway_env, opened
+from tests.inproc import Gateway, gateway_env
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -75,12 +74,6 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
         yield gateway
 
 
-async def _edge(gw: Gateway, body: dict[str, Any], token: str) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with opened(await gw.post("/v1/chat/completions", orjson.dumps(body), headers)) as r:
-        return r.status_code, orjson.loads(await r.aread())
-
-
 @on_loop
 async def test_the_edge_refuses_the_sampling_params_init_refuses(gw: Gateway) -> None:
     """Attack: a stream token's holder sends the edge what init refuses (5 or 10,000
@@ -90,7 +83,7 @@ async def test_the_edge_refuses_the_sampling_params_init_refuses(gw: Gateway) ->
     good = {"messages": [HI], "stop": ["a"] * STOP_MAX, "temperature": 0.5, "user": "u"}
     token = (await gw.init_ok(user, {**good, "max_tokens": 16}))["stream_token"]
     for params, field in BAD_PARAMS:
-        status, answer = await _edge(gw, {"messages": [HI], **params}, token)
+        status, answer = await gw.complete(token, {"messages": [HI], **params})
         assert status == 400, (params, answer)
         assert answer["error"]["code"] == f"invalid_{field}", answer
         assert answer["error"]["type"] == "invalid_request_error"
@@ -102,6 +95,6 @@ async def test_the_edge_refuses_the_sampling_params_init_refuses(gw: Gateway) ->
         )
         assert refused.status_code == 422, refused.text
         assert refused.json()["error"]["code"] == "validation_error"
-    status, answer = await _edge(gw, good, token)
+    status, answer = await gw.complete(token, good)
     assert status == 200, answer
     assert answer["choices"][0]["message"]["content"]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import orjson
 import pytest
 from sqlalchemy import select, text
@@ -27,8 +26,17 @@ from shared.store_redis import RedisStore
 from shared.tool_shapes import MAX_ID_CHARS
 from stream_edge import grants
 from tests.conftest import REDIS_URL, fresh_redis_prefix
-from tests.test_abuse_input import counts, pg_cp
-from tests.test_control_plane import CP, credits_of, data_of, error_of, usage_event
+from tests.test_abuse_input import counts
+from tests.test_control_plane import (
+    CP,
+    credits_of,
+    data_of,
+    error_of,
+    pg_settings,
+    serve_cp,
+    usage_event,
+)
+from tests.token_claims import claims_of
 
 PENDING = 3
 LIMITS = {
@@ -41,7 +49,7 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def cp(pg_server: str) -> Iterator[CP]:
-    with pg_cp(pg_server, LIMITS) as handle:
+    with pg_settings(pg_server, LIMITS) as settings, serve_cp(settings) as handle:
         yield handle
 
 
@@ -58,7 +66,7 @@ def _init(client: httpx.Client, **body: Any) -> dict[str, Any]:
 
 def _start_stream(cp: CP, init: dict[str, Any]) -> None:
     """What the edge does when the token is first used (`Store.admit`)."""
-    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
+    claims = claims_of(init["stream_token"])
     admission = Admission(
         revocation_keys=[],
         used_key=grants.used_key(claims["company_id"], claims["jti"]),

@@ -23,7 +23,7 @@ import pytest_asyncio
 from control_plane.validation import escapes_nul
 from shared.input_size import MAX_JSON_CONTAINERS, json_too_complex
 from tests.conftest import new_webhook_secret
-from tests.inproc import Gateway, gateway_env, opened
+from tests.inproc import Gateway, gateway_env
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,18 +41,6 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
     async with Gateway(env) as gateway:
         await gateway.add_edge("nokeys", LLMGW_EDGE_SERVICE_SECRET="")
         yield gateway
-
-
-async def _edge(gw: Gateway, body: bytes, token: str, edge: str = "edge") -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with opened(await gw.post("/v1/chat/completions", body, headers, edge)) as response:
-        return response.status_code, await response.aread()
-
-
-def _code(body: bytes) -> str:
-    doc = orjson.loads(body)
-    error = doc["error"]
-    return str(error["code"])
 
 
 @on_loop
@@ -74,20 +62,20 @@ async def test_a_wide_body_is_refused_at_the_edge_and_burns_nothing(gw: Gateway)
     token = grant["stream_token"]
     # Valid messages beside the wide field: before the fix, parsed, walked and served.
     body = b'{"messages":' + orjson.dumps([HI]) + b"," + WIDE[1:]
-    status, answer = await _edge(gw, body, token)
-    assert (status, _code(answer)) == (400, "json_too_complex")
-    status, answer = await _edge(gw, orjson.dumps({"messages": [HI]}), token)
+    status, answer = await gw.complete(token, body)
+    assert (status, answer["error"]["code"]) == (400, "json_too_complex")
+    status, answer = await gw.complete(token, {"messages": [HI]})
     assert status == 200, answer
 
 
 @on_loop
 async def test_a_key_callers_wide_body_never_reaches_the_parse(gw: Gateway) -> None:
     # An edge that takes API keys refuses the body before asking the control plane.
-    status, answer = await _edge(gw, WIDE, "sk_" + uuid.uuid4().hex)
-    assert (status, _code(answer)) == (400, "json_too_complex")
+    status, answer = await gw.complete("sk_" + uuid.uuid4().hex, WIDE)
+    assert (status, answer["error"]["code"]) == (400, "json_too_complex")
     # An edge that takes none refuses the key before reading the body at all.
-    status, answer = await _edge(gw, b"{not json", "sk_x", edge="nokeys")
-    assert (status, _code(answer)) == (401, "api_keys_disabled")
+    status, answer = await gw.complete("sk_x", b"{not json", edge="nokeys")
+    assert (status, answer["error"]["code"]) == (401, "api_keys_disabled")
 
 
 @on_loop
@@ -101,8 +89,8 @@ async def test_text_full_of_brackets_is_read_not_refused_as_wide(gw: Gateway) ->
     assert (answer.status_code, answer.json()["error"]["code"]) == (401, "invalid_credentials")
     grant = await gw.init_ok(await gw.new_user(), {"messages": [HI], "max_tokens": 16})
     body = orjson.dumps({"messages": [{"role": "user", "content": pasted}]})
-    status, answer = await _edge(gw, body, grant["stream_token"])
-    assert (status, _code(answer)) == (413, "input_too_large")
+    status, answer = await gw.complete(grant["stream_token"], body)
+    assert (status, answer["error"]["code"]) == (413, "input_too_large")
 
 
 def test_the_container_count_is_on_the_raw_bytes() -> None:

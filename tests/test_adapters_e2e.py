@@ -15,7 +15,6 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import jwt
 import openai
 import orjson
 import pytest
@@ -25,6 +24,7 @@ from shared.sse import ServerSentEvent, SSEDecoder
 from shared.text_tokens import pieces
 from tests.adapter_stack import MODELS, SERVICE_TOKEN, VENDOR_KEY, WRONG_KEY, AdapterStack
 from tests.stack import base_env, micro
+from tests.token_claims import claims_of
 
 WORKING = ["claude-test", "gemini-test", "gpt-test", "inhouse-test"]
 STREAM_TOKENS: list[str] = []  # every stream token issued here; no backend may see one
@@ -51,7 +51,7 @@ def start(vendors: AdapterStack, token: str, model: str, text: str, **extra: Any
         token, {"model": model, "messages": [{"role": "user", "content": text}], **extra}
     )
     STREAM_TOKENS.append(grant["stream_token"])
-    claims: dict[str, Any] = jwt.decode(grant["stream_token"], options={"verify_signature": False})
+    claims: dict[str, Any] = claims_of(grant["stream_token"])
     return {**grant, "claims": claims}
 
 
@@ -343,7 +343,7 @@ def test_images_and_files_reach_the_vendor_in_its_shape(
         {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": parts}]},
     )
     STREAM_TOKENS.append(grant["stream_token"])
-    grant["claims"] = jwt.decode(grant["stream_token"], options={"verify_signature": False})
+    grant["claims"] = claims_of(grant["stream_token"])
     received = events(vendors, grant)
     assert received[-1].event == "complete", received[-1]
     body = upstream_request(vendors, grant)["body"]
@@ -431,7 +431,7 @@ def test_an_anthropic_hold_covers_its_tool_prompt_and_dearer_images(
     for model in ("claude-test", "gemini-test"):
         grant = vendors.client.init_ok(user_token, {"model": model, **body})
         STREAM_TOKENS.append(grant["stream_token"])
-        grants[model] = jwt.decode(grant["stream_token"], options={"verify_signature": False})
+        grants[model] = claims_of(grant["stream_token"])
         grants[model]["stream_token"] = grant["stream_token"]
     claude, gemini = grants["claude-test"], grants["gemini-test"]
     assert claude["max_input_tokens"] == gemini["max_input_tokens"] + 350 + (1600 - 1445)

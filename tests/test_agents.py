@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import orjson
 import pytest
 from starlette.applications import Starlette
@@ -45,6 +44,7 @@ from tests.conftest import fresh_pg_database
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import Client, base_env
 from tests.test_money_inputs import Backend, _pointed_at
+from tests.token_claims import claims_of
 
 PLATFORM_KEY = "sk-platform-openai-key"
 TOOL = {
@@ -152,10 +152,6 @@ def _agents(company: Company) -> str:
 def _create(gw: Gateway, company: Company, **body: Any) -> dict[str, Any]:
     r = gw.client.as_user(company.owner, "POST", _agents(company), json=body)
     return dict(_data(r, 201))
-
-
-def _claims(init: dict[str, Any]) -> dict[str, Any]:
-    return dict(jwt.decode(init["stream_token"], options={"verify_signature": False}))
 
 
 # --- the definition, pure ---------------------------------------------------------------
@@ -371,7 +367,7 @@ def test_init_applies_the_agent_end_to_end(gw: Gateway) -> None:
             max_tokens=300)  # fmt: skip
     init = gw.client.init_ok(co.member, {"agent": "support", "query": "Weather in Oslo?"})
     assert (init["model"], init["max_tokens"]) == ("gpt-4o-mini", 300)
-    claims = _claims(init)
+    claims = claims_of(init["stream_token"])
     assert claims["agent"] == "support"
     # The hold covers the prompt and the tools: the estimate counts every byte sent.
     sent = [{"role": "system", "content": PROMPT}, {"role": "user", "content": "Weather in Oslo?"}]
@@ -451,7 +447,7 @@ def test_a_sessions_own_system_message_never_rides_an_agent_turn(gw: Gateway) ->
     ]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["one", "two"]
     # The hold counts what was sent, not the dropped instructions.
-    assert _claims(second)["max_input_tokens"] == estimate_input_tokens(messages)
+    assert claims_of(second["stream_token"])["max_input_tokens"] == estimate_input_tokens(messages)
     # Without the agent the session's own history is the client's, as before.
     third = gw.client.init_ok(co.member, {"query": "three", "session_id": first["session_id"]})
     assert [m["content"] for m in _stream(gw, third)["messages"]][:2] == [override, override]

@@ -16,7 +16,6 @@ import base64
 import dataclasses
 import hashlib
 import json
-import os
 import socket
 import threading
 import uuid
@@ -31,20 +30,10 @@ from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
+from tests.chromium import assert_not_blank, launched, watched_page
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import Client, base_env
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PASSWORD = "browser-pw-123"
 
 
@@ -175,18 +164,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserStack]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        message = f"{CHROMIUM} is missing: run `make install-system` (apt-get install chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with launched() as chromium:
+        yield chromium
 
 
 @pytest.fixture
@@ -194,16 +173,8 @@ def page(browser: Any) -> Iterator[Any]:
     # Playwright's `wait_for_function` evaluates its string in the page, which the
     # page's Content-Security-Policy forbids: these tests set the policy aside, and
     # `test_the_page_runs_only_its_own_script` signs in and streams under it.
-    context = browser.new_context(viewport={"width": 1100, "height": 760}, bypass_csp=True)
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with watched_page(browser, 1100, 760) as page:
         yield page
-    finally:
-        context.close()
-    assert not errors, f"the page threw: {errors}"
 
 
 def sign_in(page: Any, stack: BrowserStack, email: str) -> None:
@@ -239,36 +210,6 @@ def finished_answer(page: Any) -> Any:
     page.wait_for_selector(".msg.assistant[data-state=done]")
     page.wait_for_selector(".meta[data-settled=true]")
     return page.locator(".msg.assistant").last
-
-
-def assert_not_blank(browser: Any, png: bytes) -> None:
-    """Decode the screenshot in the browser and require real content: many colours and
-    a good share of pixels unlike the background."""
-    context = browser.new_context()
-    try:
-        stats = context.new_page().evaluate(
-            """async (src) => {
-                const img = new Image(); img.src = src; await img.decode();
-                const canvas = document.createElement("canvas");
-                canvas.width = img.width; canvas.height = img.height;
-                const ctx = canvas.getContext("2d"); ctx.drawImage(img, 0, 0);
-                const d = ctx.getImageData(0, 0, img.width, img.height).data;
-                const colours = new Set(); let unlike = 0;
-                for (let i = 0; i < d.length; i += 4) {
-                    colours.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
-                    if (Math.abs(d[i] - d[0]) + Math.abs(d[i + 1] - d[1])
-                        + Math.abs(d[i + 2] - d[2]) > 24) unlike++;
-                }
-                return {width: img.width, height: img.height, colours: colours.size,
-                        unlike: unlike / (d.length / 4)};
-            }""",
-            "data:image/png;base64," + base64.b64encode(png).decode(),
-        )
-    finally:
-        context.close()
-    assert stats["width"] >= 800 and stats["height"] >= 600, stats
-    assert stats["colours"] > 50, f"the screenshot looks blank: {stats}"
-    assert stats["unlike"] > 0.05, f"the screenshot looks blank: {stats}"
 
 
 def test_sign_in_stream_an_answer_and_see_the_balance_change(

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 
 from control_plane.app import create_app
 from control_plane.catalog_cache import CatalogCache, CompanyLLM
 from shared.route_claim import CLAIM, route_ciphers, unseal
 from shared.store_memory import MemoryStore
 from tests.test_control_plane import ADMIN_TOKEN, _settings
+from tests.token_claims import claims_of
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -34,7 +34,7 @@ async def _routed_key(client: httpx.AsyncClient, auth: dict[str, str], settings:
     body = {"model": "gpt-4o-mini", "query": "hi", "max_tokens": 5}
     r = await client.post("/v1/chat/init", json=body, headers=auth)
     assert r.status_code == 201, r.text
-    claims = jwt.decode(r.json()["data"]["stream_token"], options={"verify_signature": False})
+    claims = claims_of(r.json()["data"]["stream_token"])
     if CLAIM not in claims:
         return None
     keys = [k.reveal() for k in settings.encryption_keys]

@@ -22,17 +22,17 @@ from control_plane import usage_summary
 from control_plane.app import create_app
 from control_plane.audit import REDACTED, redact
 from control_plane.errors import ValidationFailed
+from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import UsageRecord, new_id
 from control_plane.usage_events import ttft_ms
-from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
-from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_control_plane import (
-    ADMIN_TOKEN,
     CP,
     PASSWORD,
     _settings,
     data_of,
     error_of,
+    pg_settings,
+    serve_cp,
     usage_event,
 )
 
@@ -129,33 +129,21 @@ def test_summary_query_defaults_to_the_last_30_days() -> None:
 
 
 @contextlib.contextmanager
-def _backend(kind: str, tmp: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def _settings_on(
+    kind: str, request: pytest.FixtureRequest, tmp: Path
+) -> Iterator[ControlPlaneSettings]:
     if kind == "sqlite":
-        yield f"sqlite:///{tmp}/cp.db", {}
+        yield _settings(f"sqlite:///{tmp}/cp.db")
         return
-    with fresh_pg_database("postgresql://postgres@127.0.0.1:5432/postgres") as url:
-        with fresh_redis_prefix() as prefix:
-            yield url, {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix}
+    with pg_settings(request.getfixturevalue("pg_server")) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def cp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CP]:
-    if request.param == "postgres":
-        request.getfixturevalue("pg_server")  # skips cleanly without PostgreSQL
-    with _backend(request.param, tmp_path_factory.mktemp("console")) as (url, extra):
-        settings = _settings(url, extra)
-        app = create_app(settings)
-        sock = bind_free_socket()
-        with ServerGroup([(app, sock)]) as group:
-            base = url_of(sock)
-            admin = httpx.Client(
-                base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
-            )
-            handle = CP(url=base, app=app, group=group, settings=settings, admin=admin)
-            try:
-                yield handle
-            finally:
-                handle.close()
+    tmp = tmp_path_factory.mktemp("console")
+    with _settings_on(request.param, request, tmp) as settings, serve_cp(settings) as handle:
+        yield handle
 
 
 def _login(cp: CP, email: str) -> httpx.Client:

@@ -7,7 +7,6 @@ the page: the console never ships it). Never downloads a browser."""
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,12 +14,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from control_plane.app import create_app
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, assert_not_blank
+from tests.chromium import assert_not_blank, launched, watched_page
 from tests.test_console_api import SECRET_PROVIDER_KEY, _stream
 from tests.test_control_plane import (
     ADMIN_TOKEN,
@@ -29,6 +25,7 @@ from tests.test_control_plane import (
     _settings,
     data_of,
     error_of,
+    serve_cp,
     usage_event,
 )
 
@@ -39,51 +36,22 @@ TABS = ("usage", "credits", "users", "keys", "providers", "audit")
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CP]:
     database = tmp_path_factory.mktemp("console-browser") / "cp.db"
-    settings = _settings(f"sqlite:///{database}")
-    app = create_app(settings)
-    sock = bind_free_socket()
-    with ServerGroup([(app, sock)]) as group:
-        base = url_of(sock)
-        admin = httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
-        )
-        handle = CP(url=base, app=app, group=group, settings=settings, admin=admin)
-        try:
-            yield handle
-        finally:
-            handle.close()
+    with serve_cp(_settings(f"sqlite:///{database}")) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        message = f"{CHROMIUM} is missing: run `make install-system` (apt-get install chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with launched() as chromium:
+        yield chromium
 
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
     # bypass_csp: only so the test can inject axe-core; the page itself loads no
     # script of another origin.
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with watched_page(browser, 1280, 900) as page:
         yield page
-    finally:
-        context.close()
-    assert not errors, f"the page threw: {errors}"
 
 
 class Company:

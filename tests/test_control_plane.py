@@ -43,8 +43,9 @@ from shared.tokens import (
     verify_stream_token,
 )
 from shared.webhooks import UsageEvent, sign
-from tests.conftest import REDIS_URL, new_webhook_secret
+from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix, new_webhook_secret
 from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.token_claims import claims_of, jti_of
 
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
 # Tests that do not depend on the backend run on SQLite only, to keep the file fast.
@@ -152,11 +153,35 @@ def start_cp(
     else:
         database_url = request.getfixturevalue("pg_database_url")
         prefix = request.getfixturevalue("redis_prefix")
-        extra.update({"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
-        settings = _settings(database_url, extra)
-    app = create_app(settings)
+        settings = _settings(database_url, {**redis_env(prefix), **extra})
+    with serve_cp(settings) as handle:
+        yield handle
+
+
+def redis_env(prefix: str) -> dict[str, str]:
+    return {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix}
+
+
+@contextlib.contextmanager
+def pg_settings(
+    pg_server: str, extra_env: dict[str, str] | None = None
+) -> Iterator[ControlPlaneSettings]:
+    """Settings on a fresh PostgreSQL database and Redis prefix, both removed at the
+    end: for a fixture wider than one test (`pg_database_url` and `redis_prefix` are
+    a test's own)."""
+    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
+        yield _settings(url, {**redis_env(prefix), **(extra_env or {})})
+
+
+@contextlib.contextmanager
+def serve_cp(
+    settings: ControlPlaneSettings, app: Starlette | None = None, *, served: Any = None
+) -> Iterator[CP]:
+    """The control plane `app` (by default built from `settings`) on a real socket;
+    `served` is what the socket serves instead, when a test wraps the app."""
+    app = create_app(settings) if app is None else app
     sock = bind_free_socket()
-    with ServerGroup([(app, sock)]) as group:
+    with ServerGroup([(served or app, sock)]) as group:
         url = url_of(sock)
         admin = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
@@ -198,7 +223,7 @@ def micro(value: str) -> int:
 
 
 def usage_event(init: dict[str, Any], company_id: str, **changes: Any) -> UsageEvent:
-    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
+    claims = claims_of(init["stream_token"])
     now = datetime.now(UTC)
     event = UsageEvent(
         jti=claims["jti"],
@@ -303,10 +328,7 @@ def test_admin_login_me_and_models(cp: CP) -> None:
     assert token["token_type"] == "bearer" and token["expires_in"] == 3600
     header = jwt.get_unverified_header(token["access_token"])
     assert header["alg"] == "EdDSA"
-    assert (
-        jwt.decode(token["access_token"], options={"verify_signature": False})["aud"]
-        == API_AUDIENCE
-    )
+    assert claims_of(token["access_token"])["aud"] == API_AUDIENCE
 
     bad = error_of(
         cp.client().post("/v1/auth/login", json={"email": user["email"], "password": "nope"}),
@@ -482,7 +504,7 @@ def test_init_reserves_and_mints_a_stream_token(cp: CP) -> None:
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "EdDSA" and header["typ"] == "JWT"
     grant = verify_stream_token(token, _jwks_key(cp, token))
-    claims = jwt.decode(token, options={"verify_signature": False})
+    claims = claims_of(token)
     assert set(claims) == set(STREAM_CLAIMS)
     assert claims["iss"] == "llm-gateway" and claims["aud"] == "llm-stream"
     assert grant.company_id == company_id and grant.role == "owner"
@@ -517,7 +539,7 @@ def test_init_with_query_continues_a_session(cp: CP) -> None:
         201,
     )
     assert second["session_id"] == first["session_id"]
-    jti = jwt.decode(second["stream_token"], options={"verify_signature": False})["jti"]
+    jti = jti_of(second["stream_token"])
     store = cp.app.state.store
     stashed = StashedRequest.loads(cp.on_loop(lambda: store.get(stash_key(company_id, jti))))
     assert stashed.messages == [

@@ -4,29 +4,21 @@ and PostgreSQL + Redis."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
+    cp,
     credits_of,
     data_of,
     error_of,
     micro,
-    start_cp,
     usage_event,
 )
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 
 def test_grants_are_idempotent(cp: CP) -> None:

@@ -30,8 +30,7 @@ from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.webhook_settlement import Delivery
 from shared.webhooks import sign
-from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
-from tests.test_control_plane import ADMIN_TOKEN, _settings, usage_event
+from tests.test_control_plane import ADMIN_TOKEN, _settings, pg_settings, usage_event
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -41,9 +40,8 @@ def settings_env(
     if request.param == "sqlite":
         yield _settings(f"sqlite:///{tmp_path_factory.mktemp('batch')}/cp.db")
         return
-    server = request.getfixturevalue("pg_server")
-    with fresh_pg_database(server) as url, fresh_redis_prefix() as prefix:
-        yield _settings(url, {"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
+    with pg_settings(request.getfixturevalue("pg_server")) as settings:
+        yield settings
 
 
 class Counting:

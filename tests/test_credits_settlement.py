@@ -5,15 +5,12 @@ over real HTTP with correctly signed webhooks."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import select, update
 from sqlmodel import col
 
@@ -23,19 +20,15 @@ from shared.pricing import MICRO, cost_micro, format_credits
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
+    cp,
     credits_of,
     data_of,
     error_of,
     micro,
-    start_cp,
     usage_event,
 )
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 
 def _init(client: httpx.Client, query: str = "hello", max_tokens: int = 200) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from sqlalchemy import update
 from sqlmodel import col
@@ -34,12 +33,16 @@ from shared.revocations import revocation_key
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
+    cp,
     credits_of,
     data_of,
     micro,
     start_cp,
     usage_event,
 )
+from tests.token_claims import claims_of, jti_of
+
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 FAST = {"LLMGW_SWEEP_INTERVAL_SECONDS": "0.1"}
 
@@ -47,12 +50,6 @@ FAST = {"LLMGW_SWEEP_INTERVAL_SECONDS": "0.1"}
 @pytest.fixture(params=["sqlite", "postgres"])
 def fast(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
     with start_cp(request, tmp_path, request.param, FAST) as handle:
-        yield handle
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
         yield handle
 
 
@@ -64,7 +61,7 @@ def _init(client: httpx.Client, max_tokens: int = 200) -> dict[str, Any]:
 def _checkpoint(
     cp: CP, init: dict[str, Any], input_tokens: int, output_tokens: int, jti: str | None = None
 ) -> None:
-    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
+    claims = claims_of(init["stream_token"])
     point = UsageCheckpoint(
         jti=jti or claims["jti"],
         reservation_id=init["reservation_id"],
@@ -284,7 +281,7 @@ def test_a_silent_stream_is_settled_from_its_checkpoint_once_and_revoked(cp: CP)
     _checkpoint(cp, dead, input_tokens=12, output_tokens=70)
     _checkpoint(cp, alive, input_tokens=12, output_tokens=1)
     _checkpoint(cp, foreign, input_tokens=12, output_tokens=70, jti="someone-elses-jti")
-    claims = jwt.decode(ended["stream_token"], options={"verify_signature": False})
+    claims = claims_of(ended["stream_token"])
     over = UsageCheckpoint(claims["jti"], ended["reservation_id"], 12, 70, "t", beat=9, ended=True)
     store = cp.app.state.store
     cp.on_loop(lambda: store.set(checkpoint_key(ended["reservation_id"]), over.dumps(), 600))
@@ -314,7 +311,7 @@ def test_a_silent_stream_is_settled_from_its_checkpoint_once_and_revoked(cp: CP)
     assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
     others = [alive, ended, foreign]
     assert micro(credits_of(client)["held"]) == sum(micro(i["reserved_credits"]) for i in others)
-    dead_jti = jwt.decode(dead["stream_token"], options={"verify_signature": False})["jti"]
+    dead_jti = jti_of(dead["stream_token"])
     revoked = cp.on_loop(lambda: store.get(revocation_key("jti", dead_jti, company_id)))
     assert revoked is not None
     # The edge was only slow: its report arrives afterwards and charges nothing more.

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.conftest import REDIS_URL
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.stack import SplitStack, base_env, micro
 
@@ -17,9 +18,7 @@ __all__ = ["private_postgres"]  # the fixture, used by name
 
 @pytest.fixture
 def split(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
-    from tests.conftest import REDIS_URL
-
-    url = private_postgres.create_database(f"gw_{redis_prefix.split('_')[-1].rstrip(':')}")
+    url = private_postgres.new_database()
     with SplitStack(base_env(url, REDIS_URL, redis_prefix)) as stack:
         yield stack
 

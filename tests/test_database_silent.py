@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from shared.webhooks import sign
+from tests.conftest import REDIS_URL
 from tests.polling import wait_until
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.stack import SplitStack, base_env, micro
@@ -40,9 +41,7 @@ REQUESTS = 14  # more than the control plane's 10 database threads
 
 @pytest.fixture
 def split(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
-    from tests.conftest import REDIS_URL
-
-    url = private_postgres.create_database(f"gw_{redis_prefix.split('_')[-1].rstrip(':')}")
+    url = private_postgres.new_database()
     env = base_env(url, REDIS_URL, redis_prefix)
     env["LLMGW_DATABASE_TIMEOUT_SECONDS"] = BOUND_SECONDS
     with SplitStack(env) as stack:

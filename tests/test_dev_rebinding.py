@@ -5,7 +5,6 @@ demo owner seeded as `dev` seeds it. Never downloads a browser."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,10 @@ from control_plane.seed import DEMO_EMAIL, seed_demo
 from llm_gateway.dev import dev_apps, settings_from_env
 from llm_gateway.local_hosts import host_allowed, host_name
 from shared.store_memory import MemoryStore
+from tests.chromium import launched
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import base_env
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, finished_answer, send
+from tests.test_browser import finished_answer, send
 
 REBOUND = "rebound.attacker.test"
 
@@ -81,19 +81,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{CHROMIUM} is missing")
-        pytest.skip(f"{CHROMIUM} is missing")
-    sync_api = pytest.importorskip("playwright.sync_api")
     # The rebinding, done: the attacker's name now resolves to this machine.
-    args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with launched(f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1") as browser:
+        yield browser
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from shared.sse import ServerSentEvent, SSEDecoder
-from tests.conftest import REDIS_URL
-from tests.stack import SplitStack, base_env
+from tests.stack import SplitStack, postgres_env
 
 FAST = {
     "LLMGW_WEBHOOK_RETRY_BASE_SECONDS": "0.05",
@@ -33,11 +32,8 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def split(pg_server: str) -> Iterator[SplitStack]:
-    from tests.conftest import fresh_pg_database, fresh_redis_prefix
-
-    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
-        with SplitStack({**base_env(url, REDIS_URL, prefix), **FAST}) as stack:
-            yield stack
+    with postgres_env(pg_server) as env, SplitStack({**env, **FAST}) as stack:
+        yield stack
 
 
 def events_of(response: httpx.Response, stop_after: int | None = None) -> list[ServerSentEvent]:

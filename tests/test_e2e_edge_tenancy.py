@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
@@ -25,17 +24,15 @@ from shared.store_redis import RedisStore
 from shared.tokens import sign_token
 from shared.webhooks import secret_bytes
 from tests.conftest import REDIS_URL
-from tests.stack import SplitStack, base_env
+from tests.stack import SplitStack, postgres_env
+from tests.token_claims import claims_of
 
 
 @pytest.fixture(scope="module")
 def split(pg_server: str) -> Iterator[SplitStack]:
-    from tests.conftest import fresh_pg_database, fresh_redis_prefix
-
     env_extra = {"LLMGW_WEBHOOK_RETRY_BASE_SECONDS": "0.05"}
-    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
-        with SplitStack({**base_env(url, REDIS_URL, prefix), **env_extra}) as stack:
-            yield stack
+    with postgres_env(pg_server) as env, SplitStack({**env, **env_extra}) as stack:
+        yield stack
 
 
 def store_revoke(split: SplitStack, kind: str, value: str, company_id: str) -> None:
@@ -47,11 +44,6 @@ def store_revoke(split: SplitStack, kind: str, value: str, company_id: str) -> N
             await store.close()
 
     asyncio.run(go())
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
 
 
 @pytest.mark.parametrize("kind", ["jti", "user", "company"])

@@ -13,7 +13,6 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-import jwt
 import openai
 import orjson
 import pytest
@@ -22,6 +21,7 @@ from shared.pricing import estimate_input_tokens
 from shared.sse import SSEDecoder
 from shared.webhooks import UsageEvent, iso_utc, sign
 from tests.stack import InProcessStack, micro
+from tests.token_claims import claims_of
 
 MOCK_FAST_IN, MOCK_FAST_OUT = Decimal("1.0"), Decimal("2.0")  # credits per million tokens
 
@@ -145,7 +145,7 @@ def test_webhook_duplicates_charge_once_and_bad_signature_is_401(stack: InProces
     token = c.new_user(c.new_company("5"))
     before = c.credits(token)
     grant = c.init_ok(token, {"query": "never streamed", "max_tokens": 50})
-    claims = _claims(grant["stream_token"])
+    claims = claims_of(grant["stream_token"])
     now = iso_utc(datetime.now(UTC))
     event = UsageEvent(
         jti=claims["jti"], reservation_id=grant["reservation_id"], company_id=claims["company_id"],
@@ -178,11 +178,6 @@ def test_webhook_duplicates_charge_once_and_bad_signature_is_401(stack: InProces
     assert micro(after["held"]) == 0
     usage = c.as_user(token, "GET", "/v1/usage").json()["data"]["items"]
     assert [u["reservation_id"] for u in usage].count(grant["reservation_id"]) == 1
-
-
-def _claims(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
 
 
 @pytest.mark.parametrize("path", ["completions", "stream"])

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jwt
 import pytest
@@ -16,11 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.tokens import sign_token
 from tests.stack import InProcessStack
-
-
-def _claims(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
+from tests.token_claims import claims_of
 
 
 def _real_key(stack: InProcessStack) -> tuple[str, Ed25519PrivateKey]:
@@ -39,32 +34,32 @@ def expired(stack: InProcessStack, token: str) -> str:
     kid, key = _real_key(stack)
     now = int(time.time())
     return sign_token(
-        {**_claims(token), "iat": now - 400, "nbf": now - 400, "exp": now - 60}, key, kid
+        {**claims_of(token), "iat": now - 400, "nbf": now - 400, "exp": now - 60}, key, kid
     )
 
 
 def not_yet_valid(stack: InProcessStack, token: str) -> str:
     kid, key = _real_key(stack)
-    return sign_token({**_claims(token), "nbf": int(time.time()) + 120}, key, kid)
+    return sign_token({**claims_of(token), "nbf": int(time.time()) + 120}, key, kid)
 
 
 def wrong_audience(stack: InProcessStack, token: str) -> str:
     kid, key = _real_key(stack)
-    return sign_token({**_claims(token), "aud": "llm-api"}, key, kid)
+    return sign_token({**claims_of(token), "aud": "llm-api"}, key, kid)
 
 
 def wrong_issuer(stack: InProcessStack, token: str) -> str:
     kid, key = _real_key(stack)
-    return sign_token({**_claims(token), "iss": "evil"}, key, kid)
+    return sign_token({**claims_of(token), "iss": "evil"}, key, kid)
 
 
 def wrongly_signed(stack: InProcessStack, token: str) -> str:
     kid, _ = _real_key(stack)
-    return sign_token(_claims(token), Ed25519PrivateKey.generate(), kid)
+    return sign_token(claims_of(token), Ed25519PrivateKey.generate(), kid)
 
 
 def unknown_kid(stack: InProcessStack, token: str) -> str:
-    return sign_token(_claims(token), Ed25519PrivateKey.generate(), "no-such-kid")
+    return sign_token(claims_of(token), Ed25519PrivateKey.generate(), "no-such-kid")
 
 
 def alg_none(stack: InProcessStack, token: str) -> str:
@@ -132,7 +127,9 @@ def test_missing_scope_and_other_model_are_403(stack: InProcessStack) -> None:
     token = c.new_user(c.new_company("5"))
     grant = c.init_ok(token, {"query": "hello"})
     kid, key = _real_key(stack)
-    no_scope = sign_token({**_claims(grant["stream_token"]), "scopes": ["llm:chat:read"]}, key, kid)
+    no_scope = sign_token(
+        {**claims_of(grant["stream_token"]), "scopes": ["llm:chat:read"]}, key, kid
+    )
     before = c.mock_stats()["requests"]
     response = c.http.get(f"{c.edge_url}/v1/stream", params={"token": no_scope})
     assert response.status_code == 403

@@ -11,7 +11,6 @@ that the backend refuses is marked bad and skipped, per company.
 
 from __future__ import annotations
 
-import base64
 import re
 import uuid
 from collections.abc import Iterator
@@ -27,9 +26,9 @@ from shared.key_pool import company_scope, key_id, state_key
 from shared.pricing import cost_micro
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.webhooks import sign
-from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix
 from tests.fallback_stack import CLAUDE_PRICE, KEY_ENV, VENDOR_KEY, WRONG_KEY, FallbackStack
-from tests.stack import base_env, micro
+from tests.stack import micro, postgres_env
+from tests.token_claims import claims_of
 
 TOOLS = [
     {
@@ -52,10 +51,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterator[Fal
     """PostgreSQL and Redis, as in production: key states cross from the edge to the
     control plane through Redis, the chain is a JSON column on PostgreSQL."""
     workdir = tmp_path_factory.mktemp("fallbacks")
-    with fresh_pg_database(pg_server) as database_url, fresh_redis_prefix() as prefix:
-        env = base_env(database_url, REDIS_URL, prefix)
-        with FallbackStack(env, workdir) as stack:
-            yield stack
+    with postgres_env(pg_server) as env, FallbackStack(env, workdir) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +104,7 @@ def test_openai_to_anthropic_with_tools_is_billed_at_the_serving_model(
     grant = init(gw, token, "first-down", text, tools=TOOLS)
     # first-down costs 1/1 per Mtok, claude-ok 3/6: the hold is claude-ok's worst case.
     hold = micro(grant["reserved_credits"])
-    claims = claims_of(grant)
+    claims = claims_of(grant["stream_token"])
     assert [f["model"] for f in claims["fallbacks"]] == ["claude-ok"]
     worst = cost_micro(claims["fallbacks"][0]["max_input_tokens"], grant["max_tokens"],
                        Price(Decimal(3), Decimal(6)))  # fmt: skip
@@ -145,16 +142,8 @@ def test_openai_to_anthropic_with_tools_is_billed_at_the_serving_model(
     assert after == before + 1
 
 
-def claims_of(grant: dict[str, Any]) -> dict[str, Any]:
-    payload = grant["stream_token"].split(".")[1]
-    claims: dict[str, Any] = orjson.loads(
-        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    )
-    return claims
-
-
 def grant_request_id(grant: dict[str, Any]) -> str:
-    request_id: str = claims_of(grant)["request_id"]
+    request_id: str = claims_of(grant["stream_token"])["request_id"]
     return request_id
 
 
@@ -200,7 +189,7 @@ def test_a_pool_with_every_key_resting_falls_back_without_asking(
 def test_a_fallback_with_less_output_room_gets_its_own_cap(gw: FallbackStack, token: str) -> None:
     grant = init(gw, token, "first-big", "long answer please")
     assert grant["max_tokens"] == 4096
-    [fallback] = claims_of(grant)["fallbacks"]
+    [fallback] = claims_of(grant["stream_token"])["fallbacks"]
     assert (fallback["model"], fallback["max_tokens"]) == ("claude-ok", 1024)
     assert [e.event for e in events(gw, grant)][-1] == "complete"
     [sent] = [
@@ -247,7 +236,7 @@ def test_a_failure_after_the_first_byte_never_falls_back(gw: FallbackStack, toke
 def _post_usage(
     gw: FallbackStack, grant: dict[str, Any], company_id: str, model: str, output: int = 500
 ) -> Any:
-    claims = claims_of(grant)
+    claims = claims_of(grant["stream_token"])
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     body = orjson.dumps(
         {
@@ -406,11 +395,14 @@ def test_a_companys_chain_names_only_models_it_may_use(gw: FallbackStack) -> Non
     # ...but a cheaper price for a chain model is not (issue 11's rule).
     cheap = {"models": {"claude-ok": {"price": {"input_per_mtok": "0", "output_per_mtok": "0"}}}}
     assert c.as_user(owner, "PUT", path + "p-claude", json=cheap).status_code == 422
-    assert claims_of(init(gw, owner, "first-down", "x"))["fallbacks"][0]["model"] == "gpt-cheap"
+    assert (
+        claims_of(init(gw, owner, "first-down", "x")["stream_token"])["fallbacks"][0]["model"]
+        == "gpt-cheap"
+    )
     # A model the company disabled drops out of its chain.
     off = {"models": {"gpt-cheap": {"enabled": False}}}
     assert c.as_user(owner, "PUT", path + "p-cheap", json=off).status_code == 200
-    fallbacks = claims_of(init(gw, owner, "first-down", "y"))["fallbacks"]
+    fallbacks = claims_of(init(gw, owner, "first-down", "y")["stream_token"])["fallbacks"]
     assert [f["model"] for f in fallbacks] == ["claude-ok"]
 
 

@@ -4,20 +4,18 @@ recorded; listed newest first with pagination."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from control_plane.tables import ApiKey
-from tests.test_control_plane import CP, data_of, error_of, start_cp
+from tests.test_control_plane import (
+    CP,
+    cp,
+    data_of,
+    error_of,
+)
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 
 def test_api_key_lifecycle_and_listing(cp: CP) -> None:

@@ -4,11 +4,8 @@ overrides and additions, the company's catalog, and what init does with them."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy import select
@@ -21,23 +18,22 @@ from shared.catalog import CatalogError, load_catalog
 from shared.key_pool import key_id
 from shared.pricing import estimate_input_tokens
 from shared.route_claim import CLAIM, route_ciphers, unseal
-from tests.test_control_plane import CP, data_of, error_of, sqlite_only, start_cp
+from tests.test_control_plane import (
+    CP,
+    cp,
+    data_of,
+    error_of,
+    sqlite_only,
+)
+from tests.token_claims import claims_of
+
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 CATALOG = load_catalog(None)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
-
-
-def _claims(init: dict[str, Any]) -> dict[str, Any]:
-    return dict(jwt.decode(init["stream_token"], options={"verify_signature": False}))
-
-
 def _route(cp: CP, init: dict[str, Any]) -> Any:
-    claims = _claims(init)
+    claims = claims_of(init["stream_token"])
     if CLAIM not in claims:
         return None
     keys = [k.reveal() for k in cp.settings.encryption_keys]

@@ -25,12 +25,10 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
 from control_plane.app import create_app
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.test_control_plane import ADMIN_TOKEN, CP, PASSWORD, _settings, data_of
+from tests.test_control_plane import CP, PASSWORD, _settings, data_of, serve_cp
 
 
 class BodyWatch:
@@ -62,17 +60,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
     settings = _settings(f"sqlite:///{tmp_path_factory.mktemp('parked')}/cp.db")
     app = create_app(settings)
     watch = BodyWatch(app)
-    sock = bind_free_socket()
-    with ServerGroup([(watch, sock)]) as group:
-        url = url_of(sock)
-        admin = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
-        )
-        handle = CP(url=url, app=app, group=group, settings=settings, admin=admin)
-        try:
-            yield handle, watch
-        finally:
-            handle.close()
+    with serve_cp(settings, app, served=watch) as handle:
+        yield handle, watch
 
 
 class Parked:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 
 from control_plane.errors import RateLimited
@@ -20,17 +18,15 @@ from tests.test_control_plane import (
     ADMIN_TOKEN,
     CP,
     PASSWORD,
+    cp,
     data_of,
     error_of,
     sqlite_only,
     start_cp,
 )
+from tests.token_claims import jti_of
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 
 def _stored(cp: CP, kind: str, value: str, company_id: str) -> bytes | None:
@@ -90,7 +86,7 @@ def test_revoking_a_user_disables_it_and_tells_the_edges(cp: CP) -> None:
 def test_revoking_a_company_and_a_token(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
-    jti = jwt.decode(init["stream_token"], options={"verify_signature": False})["jti"]
+    jti = jti_of(init["stream_token"])
 
     # Owners revoke single tokens of their company, not other companies' or the company.
     stranger, _ = cp.owner_client("10")
@@ -188,7 +184,7 @@ def test_a_revocation_made_while_another_is_lifted_keeps_the_edges_key(cp: CP) -
 def test_lifting_one_of_two_revocations_of_a_token_keeps_it_revoked(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     init = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)
-    jti = jwt.decode(init["stream_token"], options={"verify_signature": False})["jti"]
+    jti = jti_of(init["stream_token"])
     admins = data_of(cp.admin.post("/v1/admin/revocations", json={"jti": jti}), 201)
     mine = data_of(client.post("/v1/admin/revocations", json={"jti": jti}), 201)
     assert client.delete(f"/v1/admin/revocations/{mine['id']}").status_code == 204

@@ -3,19 +3,18 @@ which session; the webhook's answer lands in the history."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.test_control_plane import (
+    CP,
+    cp,
+    credits_of,
+    data_of,
+    error_of,
+    usage_event,
+)
 
-from tests.test_control_plane import CP, credits_of, data_of, error_of, start_cp, usage_event
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 
 def test_sessions_scopes_and_tenancy(cp: CP) -> None:

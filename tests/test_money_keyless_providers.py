@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import orjson
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
@@ -40,6 +39,7 @@ from stream_edge.attempts import Attempt, upstream_call
 from stream_edge.settings import EdgeSettings
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import Client, base_env, micro
+from tests.token_claims import claims_of
 
 SERVICE_TOKEN = "inhouse-service-secret-0123456789"
 MADE_UP = "not-a-real-key"
@@ -153,7 +153,7 @@ def _put(gw: Gateway, token: str, company_id: str, provider: str, body: Any) -> 
 def _run(gw: Gateway, token: str, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Init and stream `model`; its usage row and the init's stream-token claims."""
     init = gw.client.init_ok(token, {"model": model, "query": "hi"})
-    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
+    claims = claims_of(init["stream_token"])
     gw.backend.calls.clear()
     response = gw.client.http.get(init["stream_url"])
     assert "event: complete" in response.text, response.text

@@ -21,9 +21,7 @@ connection, RSS unchanged.
 from __future__ import annotations
 
 import asyncio
-import base64
 import fcntl
-import json
 import socket
 import termios
 import threading
@@ -50,6 +48,7 @@ from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.hostile_catalog import catalog_with_backend
 from tests.polling import wait_until
 from tests.stack import InProcessStack, base_env
+from tests.token_claims import jti_of
 
 DELTAS = 6
 BIG = "x" * 1_000_000
@@ -99,11 +98,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack
             yield stack
 
 
-def _jti(stream_token: str) -> str:
-    payload = stream_token.split(".")[1]
-    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"])
-
-
 def _reconnect_reading_nothing(url: str, after: int) -> socket.socket:
     """Send a resume request, then never read (a tiny receive window, so the edge's
     writes back up at once)."""
@@ -128,7 +122,7 @@ def test_a_reconnect_flood_runs_one_follower_and_pins_no_frames(gateway: InProce
     state = gateway.edge.state.edge
     token = c.new_user(c.new_company("100"))
     grant = c.init_ok(token, {"model": "bulky-model", "query": "bulk"})
-    key = live_key(_jti(grant["stream_token"]))
+    key = live_key(jti_of(grant["stream_token"]))
 
     def followers() -> int:
         """Resume connections of this stream the edge is serving."""

@@ -13,14 +13,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import pytest_asyncio
 
 from shared.input_size import InputRejected
 from shared.tool_shapes import check_tool_params
 from tests.conftest import new_webhook_secret
-from tests.inproc import Gateway, gateway_env, opened
+from tests.inproc import Gateway, gateway_env
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -66,20 +65,14 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
         yield gateway
 
 
-async def _edge(gw: Gateway, token: str, body: dict[str, Any]) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with opened(await gw.post("/v1/chat/completions", orjson.dumps(body), headers)) as r:
-        return r.status_code, orjson.loads(await r.aread())
-
-
 @on_loop
 async def test_unhashable_values_at_the_edge_are_400_and_burn_nothing(gw: Gateway) -> None:
     access = await gw.new_user()
     grant = await gw.init_ok(access, {"messages": [HI], "tools": TOOLS, "max_tokens": 16})
     for body, code in BAD_EDGE:
-        status, answer = await _edge(gw, grant["stream_token"], body)
+        status, answer = await gw.complete(grant["stream_token"], body)
         assert (status, answer["error"]["code"]) == (400, code), answer
-    status, answer = await _edge(gw, grant["stream_token"], {"messages": [HI], "tools": TOOLS})
+    status, answer = await gw.complete(grant["stream_token"], {"messages": [HI], "tools": TOOLS})
     assert status == 200, answer
 
 
@@ -109,7 +102,7 @@ async def test_an_api_key_callers_unhashable_values_are_400_and_hold_nothing(
 ) -> None:
     key = await gw.new_api_key()
     for body, _ in BAD_EDGE:
-        status, answer = await _edge(gw, key, body)
+        status, answer = await gw.complete(key, body)
         assert 400 <= status < 500, answer
     me = await gw.http.get("/v1/me", headers={"Authorization": f"Bearer {key}"})
     assert me.json()["data"]["credits"]["held"] == "0.000000"

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import jwt
 import pytest
 
 from shared.pricing import MICRO
@@ -27,6 +25,7 @@ from tests.test_control_plane import (
     start_cp,
     usage_event,
 )
+from tests.token_claims import jti_of
 
 MOCK_NEW, MOCK_OLD, OPENAI = (new_webhook_secret() for _ in range(3))
 
@@ -99,10 +98,6 @@ def test_a_backend_secret_cannot_settle_at_another_providers_fallback(cp: CP) ->
     assert_books_balance(cp, company_id, client)
 
 
-def _jti(init: dict[str, Any]) -> str:
-    return str(jwt.decode(init["stream_token"], options={"verify_signature": False})["jti"])
-
-
 def test_a_backend_cannot_squat_another_streams_webhook_id(cp: CP) -> None:
     """The `mock` backend reports its own stream (routed to it) under the id the edge
     will use for another company's stream, `usage_<that jti>`. Before the fix this
@@ -118,7 +113,7 @@ def test_a_backend_cannot_squat_another_streams_webhook_id(cp: CP) -> None:
     squatting = usage_event(init, own_company, output_tokens=1)
     body = squatting.body()
     for secret in (MOCK_NEW, MOCK_OLD):
-        squat = post(cp, body, sign(secret, f"usage_{_jti(target)}", body))
+        squat = post(cp, body, sign(secret, f"usage_{jti_of(target['stream_token'])}", body))
         error_of(squat, 422, "validation_error")
     assert credits_of(own) == held  # refused: nothing settled, no id recorded
     # The edge's report of the victim's stream settles, with its reply.
