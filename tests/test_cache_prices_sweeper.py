@@ -17,7 +17,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import yaml
 
@@ -34,6 +33,7 @@ from stream_edge.upstream.openai_chat import OpenAIStreamParser
 from stream_edge.usage_report import usage_event
 from tests.test_cache_prices import CATALOG
 from tests.test_control_plane import CP, data_of, micro, start_cp
+from tests.token_claims import claims_of
 
 D = Decimal
 # 10 fresh input tokens, 900 read from the cache (at a tenth of the input rate), 90
@@ -81,8 +81,7 @@ def cp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
 
 
 def _grant(init: dict[str, Any]) -> StreamGrant:
-    claims = jwt.decode(init["stream_token"], options={"verify_signature": False})
-    return StreamGrant.from_claims(claims)
+    return StreamGrant.from_claims(claims_of(init["stream_token"]))
 
 
 def _init(client: Any) -> dict[str, Any]:

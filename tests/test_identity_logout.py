@@ -21,6 +21,7 @@ from shared.tokens import PARENT_CLAIM, StreamGrant
 from tests.stack import InProcessStack
 from tests.test_control_plane import CP, PASSWORD, data_of, error_of, start_cp
 from tests.test_identity_external import AUDIENCE, ISSUER, SECRET
+from tests.token_claims import claims_of
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -32,11 +33,6 @@ def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
     }
     with start_cp(request, tmp_path, request.param, extra) as handle:
         yield handle
-
-
-def _claims(token: str) -> dict[str, Any]:
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
 
 
 def _login(cp: CP, email: str) -> str:
@@ -62,11 +58,11 @@ def test_logout_ends_the_token_sent_and_no_other(cp: CP) -> None:
     laptop, phone = _login(cp, member["email"]), _login(cp, member["email"])
     laptop_client, phone_client = cp.client(laptop), cp.client(phone)
     minted = data_of(laptop_client.post("/v1/chat/init", json={"query": "hi"}), 201)
-    jti = _claims(laptop)["jti"]
-    assert _claims(minted["stream_token"])[PARENT_CLAIM] == jti
+    jti = claims_of(laptop)["jti"]
+    assert claims_of(minted["stream_token"])[PARENT_CLAIM] == jti
 
     # Naming another token is refused, and changes nothing: both still work.
-    for body in ({"jti": _claims(phone)["jti"]}, {"token": phone}, {"user_id": member["id"]}):
+    for body in ({"jti": claims_of(phone)["jti"]}, {"token": phone}, {"user_id": member["id"]}):
         error_of(laptop_client.post("/v1/auth/logout", json=body), 422, "validation_error")
     error_of(laptop_client.post("/v1/auth/logout", content=b"[]"), 422, "validation_error")
     error_of(laptop_client.post("/v1/auth/logout", content=b"{"), 400, "malformed_json")
