@@ -100,11 +100,21 @@ def record_logout(
             reason=LOGOUT_REASON,
             actor=p.user_id,
             created_at=now,
-            expires_at=now + timedelta(seconds=ttl_seconds),
+            expires_at=_after(now, ttl_seconds),
             lifted_at=None,
         )
     )
     session.flush()
+
+
+def _after(now: datetime, seconds: int) -> datetime:
+    """`seconds` after `now`, or the last datetime there is: a trusted external app's
+    "never expires" token (``exp`` at 9999-12-31 or later) is then signed out until
+    the end of time, never swept while it lives (`purge_expired`)."""
+    try:
+        return now + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=now.tzinfo)
 
 
 def is_logout(row: Revocation) -> bool:

@@ -201,6 +201,18 @@ def test_logout_with_an_external_jwt(cp: CP) -> None:
     data_of(without.get("/v1/me"))
 
 
+def test_an_external_jwt_that_never_expires_can_be_signed_out(cp: CP) -> None:
+    """An external app's "never expires" token (``exp`` at 9999-12-31, or past any
+    date): its sign-out ran past the last datetime (500, nothing recorded, the token
+    alive); now recorded until the end of time, so never swept while it lives."""
+    company = f"ext-co-{uuid.uuid4().hex[:8]}"
+    for exp in (253_402_300_799, 10**12):
+        sub = f"ext-{uuid.uuid4().hex[:8]}"
+        client = cp.client(_external(company, sub, jti="forever", exp=exp))
+        assert data_of(client.post("/v1/auth/logout")) == {"signed_out": True}
+        error_of(client.get("/v1/me"), 401, "signed_out")
+
+
 def test_stream_tokens_die_with_the_sign_in(stack: InProcessStack) -> None:
     """Attack: a stream token minted before the sign-out is refused by the edge, and a
     stream it runs ends with ``revoked`` (billed as such); a stream of the user's
