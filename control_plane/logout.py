@@ -16,16 +16,21 @@ admin's revocation of a token (`revoking`):
 
 A sign-out cannot be lifted (`revoking.lift_revocation`): only the token's holder
 asked for it, and lifting it would bring back a token that may sit on a lost laptop.
+Once expired (the token and the stream tokens it minted are dead by then) the row
+decides nothing more, and the sweeper deletes it (`purge_expired`): successful
+logins are not limited, so a member looping login and logout would otherwise grow
+the table, and its company's revocations list, for good.
 API keys (revoked with ``DELETE /v1/admin/api-keys/{id}``), the admin token and an
 external JWT without a ``jti`` are not sessions: 400 ``not_signed_in``.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, exists, select
+from sqlalchemy import bindparam, delete, exists, select
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from control_plane import hot_statements
 from control_plane.errors import NotSignedIn
@@ -95,12 +100,42 @@ def record_logout(
             reason=LOGOUT_REASON,
             actor=p.user_id,
             created_at=now,
-            expires_at=now + timedelta(seconds=ttl_seconds),
+            expires_at=_after(now, ttl_seconds),
             lifted_at=None,
         )
     )
     session.flush()
 
 
+def _after(now: datetime, seconds: int) -> datetime:
+    """`seconds` after `now`, or the last datetime there is: a trusted external app's
+    "never expires" token (``exp`` at 9999-12-31 or later) is then signed out until
+    the end of time, never swept while it lives (`purge_expired`)."""
+    try:
+        return now + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=now.tzinfo)
+
+
 def is_logout(row: Revocation) -> bool:
     return row.kind == _KIND and row.reason == LOGOUT_REASON
+
+
+def purge_expired(session: Session, now: datetime, limit: int) -> int:
+    """Delete up to `limit` sign-outs past their expiry (``ix_revocations_reason_expires``);
+    how many went. Their token, with the verifier's leeway, and every stream token it
+    minted ended before the row's expiry (`revocation_seconds`)."""
+    ids = (
+        session.execute(
+            select(col(Revocation.id))
+            .where(col(Revocation.reason) == LOGOUT_REASON)
+            .where(col(Revocation.expires_at) < now)
+            .where(col(Revocation.kind) == _KIND)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    if ids:
+        session.execute(delete(Revocation).where(col(Revocation.id).in_(ids)))
+    return len(ids)

@@ -2,7 +2,8 @@
 stream never reports (the edge died) is settled after its deadline from the edge's
 last usage checkpoint, or released if none").
 
-Every ``LLMGW_SWEEP_INTERVAL_SECONDS`` the sweeper makes two passes.
+Every ``LLMGW_SWEEP_INTERVAL_SECONDS`` the sweeper makes two passes over holds, and
+deletes expired sign-outs (`sweep_signed_out`, `logout.purge_expired`).
 
 **Silent streams** (`sweep_silent_streams`, issue 11.5). A running stream's edge
 rewrites its checkpoint every 2 s. A checkpoint that has not changed for
@@ -50,6 +51,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from control_plane import logout
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.db import Database
 from control_plane.errors import ModelNotInChain
@@ -276,6 +278,18 @@ async def sweep_silent_streams(
     return SweepResult(settled=settled)
 
 
+async def sweep_signed_out(db: Database, *, now: datetime | None = None) -> int:
+    """Delete every sign-out past its expiry, a batch a transaction; how many went."""
+    moment = now or utcnow()
+    purged = 0
+    for _ in range(MAX_BATCHES):
+        count = await db.transaction(lambda s: logout.purge_expired(s, moment, BATCH))
+        purged += count
+        if count < BATCH:
+            break
+    return purged
+
+
 async def run_sweeper(
     db: Database, store: KeyValueStore, metrics: Metrics, settings: ControlPlaneSettings
 ) -> None:
@@ -285,7 +299,7 @@ async def run_sweeper(
     watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
     while True:
         await asyncio.sleep(interval)
-        # Separately: one pass failing (a database blip) must not starve the other.
+        # Separately: one pass failing (a database blip) must not starve the others.
         try:
             await sweep_silent_streams(
                 db, store, metrics, watch, revoke_ttl=revocation_ttl(settings)
@@ -296,3 +310,7 @@ async def run_sweeper(
             await sweep_expired_holds(db, store, metrics)
         except Exception:
             log.exception("hold sweep failed; retrying in %.1f s", interval)
+        try:
+            await sweep_signed_out(db)
+        except Exception:
+            log.exception("sign-out sweep failed; retrying in %.1f s", interval)

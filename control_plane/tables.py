@@ -386,6 +386,8 @@ class Revocation(SQLModel, table=True):
         Index("ix_revocations_company_created", "company_id", "created_at"),
         # Every access-token request asks whether its jti was signed out (`auth`).
         Index("ix_revocations_kind_value", "kind", "value"),
+        # The sweeper deletes expired sign-outs (`logout.purge_expired`).
+        Index("ix_revocations_reason_expires", "reason", "expires_at"),
         CheckConstraint("kind IN ('user', 'company', 'jti')", name="ck_revocations_kind"),
     )
     id: str = _id()

@@ -7,17 +7,22 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+from sqlalchemy import select, update
+from sqlmodel import col
 
 from control_plane.logout import revocation_seconds
+from control_plane.tables import Revocation, utcnow
 from shared.revocations import grant_keys, revocation_key
 from shared.sse import SSEDecoder
 from shared.tokens import PARENT_CLAIM, StreamGrant
+from tests.polling import wait_until
 from tests.stack import InProcessStack
 from tests.test_control_plane import CP, PASSWORD, data_of, error_of, start_cp
 from tests.test_identity_external import AUDIENCE, ISSUER, SECRET
@@ -97,6 +102,57 @@ def test_logout_ends_the_token_sent_and_no_other(cp: CP) -> None:
     error_of(laptop_client.get("/v1/me"), 401, "signed_out")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def swept_cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, request.param, {"LLMGW_SWEEP_INTERVAL_SECONDS": "0.1"}) as cp:
+        yield cp
+
+
+def _revocations(cp: CP) -> list[tuple[str, str | None]]:
+    db = cp.app.state.db
+    rows = cp.on_loop(
+        lambda: db.transaction(
+            lambda s: s.execute(select(col(Revocation.value), col(Revocation.reason))).all()
+        )
+    )
+    return sorted((str(value), reason) for value, reason in rows)
+
+
+def _expire(cp: CP, values: list[str]) -> None:
+    """What the clock does to these rows an hour and a half later."""
+    db = cp.app.state.db
+    past = utcnow() - timedelta(seconds=1)
+    cp.on_loop(
+        lambda: db.transaction(
+            lambda s: s.execute(
+                update(Revocation).where(col(Revocation.value).in_(values)).values(expires_at=past)
+            )
+        )
+    )
+
+
+def test_expired_sign_outs_are_swept_and_nothing_else(swept_cp: CP) -> None:
+    """Attack: successful logins are not limited, so a member looping login and
+    logout (measured: 1.4 a second from one client on this box) left a row for good
+    at each turn, growing the table and its company's revocations list without
+    bound (before the fix no row ever went). A sign-out past its expiry, when its
+    token and the stream tokens it minted are dead, is deleted by the sweeper; one
+    still in force and an admin's revocation are kept."""
+    cp = swept_cp
+    company_id = cp.company("10")
+    member, other = cp.user(company_id, role="member"), cp.user(company_id, role="member")
+    tokens = [_login(cp, member["email"]) for _ in range(3)]
+    for token in tokens:
+        data_of(cp.client(token).post("/v1/auth/logout"))
+    data_of(cp.admin.post("/v1/admin/revocations", json={"user_id": other["id"]}), 201)
+    jtis = [str(claims_of(token)["jti"]) for token in tokens]
+    _expire(cp, [*jtis[:2], other["id"]])
+
+    kept = sorted([(jtis[2], "logout"), (other["id"], None)])
+    wait_until(lambda: _revocations(cp) == kept, "the expired sign-outs are swept")
+    error_of(cp.client(tokens[2]).get("/v1/me"), 401, "signed_out")
+
+
 def test_logout_refuses_what_is_not_a_sign_in(cp: CP) -> None:
     company_id = cp.company("10")
     member = cp.user(company_id, role="member")
@@ -143,6 +199,18 @@ def test_logout_with_an_external_jwt(cp: CP) -> None:
     data_of(second.post("/v1/auth/logout"))
     error_of(second.get("/v1/me"), 401, "signed_out")
     data_of(without.get("/v1/me"))
+
+
+def test_an_external_jwt_that_never_expires_can_be_signed_out(cp: CP) -> None:
+    """An external app's "never expires" token (``exp`` at 9999-12-31, or past any
+    date): its sign-out ran past the last datetime (500, nothing recorded, the token
+    alive); now recorded until the end of time, so never swept while it lives."""
+    company = f"ext-co-{uuid.uuid4().hex[:8]}"
+    for exp in (253_402_300_799, 10**12):
+        sub = f"ext-{uuid.uuid4().hex[:8]}"
+        client = cp.client(_external(company, sub, jti="forever", exp=exp))
+        assert data_of(client.post("/v1/auth/logout")) == {"signed_out": True}
+        error_of(client.get("/v1/me"), 401, "signed_out")
 
 
 def test_stream_tokens_die_with_the_sign_in(stack: InProcessStack) -> None:
