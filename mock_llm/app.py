@@ -63,8 +63,9 @@ def _operator_routes(server: MockServer) -> list[Route]:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MockAPIError)
-    response = json_response(exc.body_for(vendor_of(request.url.path)), exc.status)
-    response.headers.update(exc.headers)
+    vendor = vendor_of(request.url.path)
+    response = json_response(exc.body_for(vendor), exc.status)
+    response.headers.update(exc.headers_for(vendor))
     return response
 
 

@@ -114,6 +114,10 @@ class MockAPIError(Exception):
             ]
         return {"error": error}
 
+    def headers_for(self, vendor: str) -> dict[str, str]:
+        """The answer's extra headers (a vendor's own, such as its rate-limit headers)."""
+        return self.headers
+
     def body_for(self, vendor: str) -> dict[str, Any]:
         if vendor == "anthropic":
             return self.anthropic_body()

@@ -6,7 +6,7 @@ is a prefix of the longer one. Timing and failures come from the model's default
 overridden per request by a directive inside any message::
 
     [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S fail_times=N drop_after=N
-            error_after=N usage=0|1 tool_calls=N cached=N cache_write=N reasoning=N]]
+            error_after=N usage=0|1 tool_calls=N cached=N cache_write=N reasoning=N tpm=N]]
 
 (every key optional; several directives merge, later ones win), and then by the
 ``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
@@ -62,6 +62,9 @@ class MockBehaviour:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    # The organization's tokens per minute: a request asking more on its own (prompt
+    # plus max_tokens) is refused with the vendor's 429 (`mock_llm.rate_limits`).
+    tpm_limit: int | None = None
 
 
 MODEL_DEFAULTS: dict[str, MockBehaviour] = {
@@ -88,6 +91,7 @@ class Overrides:
     cached_tokens: int | None = None
     cache_write_tokens: int | None = None
     reasoning_tokens: int | None = None
+    tpm_limit: int | None = None
 
     def merged(self, later: Overrides) -> Overrides:
         changes = {
@@ -152,11 +156,13 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(cache_write_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
     if key == "reasoning":
         return Overrides(reasoning_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
+    if key == "tpm":
+        return Overrides(tpm_limit=_int_value(name, raw, 1, 100_000_000))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
         "retry_after, fail_times, drop_after, error_after, usage, tool_calls, cached, "
-        "cache_write, reasoning)",
+        "cache_write, reasoning, tpm)",
         code="invalid_mock_directive",
     )
 

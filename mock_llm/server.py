@@ -17,7 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mock_llm.errors import MockAPIError
-from mock_llm.script import Completion, Message, MockBehaviour, plan_completion, resolve_behaviour
+from mock_llm.rate_limits import RequestTooLarge
+from mock_llm.script import (
+    Completion,
+    Message,
+    MockBehaviour,
+    count_prompt_tokens,
+    plan_completion,
+    resolve_behaviour,
+)
 from mock_llm.streaming import Frames, MockStats, TrackedStream, take_as_long_as_a_stream
 from mock_llm.tools import ToolSpec
 
@@ -124,6 +132,11 @@ class MockServer:
                 code="mock_failure",
                 headers=headers_out,
             )
+        if behaviour.tpm_limit is not None:
+            requested = count_prompt_tokens(messages) + (max_tokens or 0)
+            if requested > behaviour.tpm_limit:
+                self.stats.failed += 1
+                raise RequestTooLarge(model, behaviour.tpm_limit, requested)
         return plan_completion(messages, behaviour, max_tokens, tools), behaviour
 
     def stream(

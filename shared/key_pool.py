@@ -32,6 +32,9 @@ REMEMBER_SECONDS = 3600
 DEFAULT_REST_SECONDS = 10.0
 MAX_REST_SECONDS = 3600.0
 MAX_KEYS = 20
+# A request every key of the platform's pool answered 429 rests those keys only when
+# another company's request met the same within this long (`stream_edge.key_pool`).
+CORROBORATE_SECONDS = 60.0
 
 
 def key_id(key: str) -> str:
@@ -45,6 +48,25 @@ def company_scope(company_id: str) -> str:
 
 def state_key(scope: str, provider: str, kid: str) -> str:
     return f"keypool:{scope}:{provider}:{kid}"
+
+
+def limited_key(scope: str, provider: str) -> str:
+    """Where the last company whose request every key answered 429 is kept (a key id is
+    12 hex digits: no state key has this name)."""
+    return f"keypool:{scope}:{provider}:all-limited"
+
+
+def rests_pool(shared: bool, last_company: bytes | None, company_id: str) -> bool:
+    """Whether a request every key answered 429 rests those keys (pure).
+
+    A company's own pool: yes, as any 429 (only its own streams use it). The
+    platform's: only when another company's request also met every key refusing it
+    (`last_company`, within `CORROBORATE_SECONDS`): load is everyone's, while a
+    request too large for the vendor's per-minute limit is one company's, refused
+    alike by every key, and would otherwise rest the pool for every tenant."""
+    if not shared:
+        return True
+    return last_company is not None and last_company != company_id.encode("utf-8")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,15 +4,15 @@ Decided at the edge from what the token carries (a company's keys, sealed) or th
 edge's own settings (the platform's keys), plus each key's state in the shared store
 (`shared.key_pool`): one `get_many` per stream, no control-plane call.
 
-Order: usable keys, least recently rate-limited first. A key answering 429 rests for
-its `Retry-After` and the next key is tried at once; one answering 401/403 is tried
-past, and marked bad (counted in metrics, shown to the company's admins,
-`GET …/providers`, and skipped) once another key of the pool has accepted the same
-request. When every key is bad they are still tried (a restored key recovers at its
-first success); when every usable key rests, the stream gets a 429 with the time the
-first one is back ("no key left": a fallback trigger, `stream_edge.fallback`). A
-provider with a single key always tries it (nothing to spread over), waiting out a
-short `Retry-After` on it as before pools.
+Order: usable keys, least recently rate-limited first. A key answering 429 is tried
+past at once, and rests for its `Retry-After` once the request's outcome is known
+(below); one answering 401/403 is tried past, and marked bad (counted in metrics,
+shown to the company's admins, `GET …/providers`, and skipped) once another key of
+the pool has accepted the same request. When every key is bad they are still tried
+(a restored key recovers at its first success); when every usable key rests, the
+stream gets a 429 with the time the first one is back ("no key left": a fallback
+trigger, `stream_edge.fallback`). A provider with a single key always tries it
+(nothing to spread over), waiting out a short `Retry-After` on it as before pools.
 
 Why a refusal needs another key's success before it marks: a vendor may answer 403
 to what a request carries rather than to the key (Gemini to an image whose `fileUri`
@@ -20,6 +20,18 @@ is another project's file), and the platform's pool is shared by every tenant. W
 every key refuses one request, that request is the likelier culprit: marking them
 let one member take all but one of the platform's keys out of rotation for a day
 (the first key to serve again cleared only itself).
+
+Why a 429 may not rest its key: a vendor answers 429 to a request too large for the
+organization's per-minute limit on its own (Gemini's RESOURCE_EXHAUSTED looks the same
+either way). Every key answers it alike, and resting them on it let one member's
+oversized request every few seconds keep the platform's pool resting for every
+tenant. So: 429s followed by another key's success rest their keys (the request was
+fine: load); a request every key answers 429 rests the platform's keys only when
+another company's request met the same within `CORROBORATE_SECONDS` (load is
+everyone's; the oversized request is one company's), and a company's own keys as
+before. OpenAI says outright when it is the request ("Request too large"): the
+adapter makes that a 413 (`upstream_client.error_for_status`), raised at once, no
+other key tried.
 """
 
 from __future__ import annotations
@@ -31,12 +43,15 @@ from collections.abc import Awaitable, Callable
 from shared.key_pool import (
     BAD,
     BAD_SECONDS,
+    CORROBORATE_SECONDS,
     PLATFORM,
     REMEMBER_SECONDS,
     key_id,
+    limited_key,
     order_keys,
     parse_state,
     rest_seconds,
+    rests_pool,
     state_key,
 )
 from shared.store import KeyValueStore
@@ -59,9 +74,11 @@ class KeyPool:
         keys: tuple[str, ...],
         metrics: EdgeMetrics,
         provider_label: str,
+        company_id: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._company_id = company_id  # whose request this pool opens
         self._scope = scope
         self._provider = provider
         self.keys = keys
@@ -92,6 +109,7 @@ class KeyPool:
             order, rest_until = (0,), None
         last: EdgeError | None = None
         refused: list[int] = []  # marked bad only if another key then takes the request
+        limited: list[tuple[int, float]] = []  # (key, rest until): rested once judged
         for index in order:
             try:
                 # One key: it may wait out a short Retry-After itself, as before pools.
@@ -100,10 +118,7 @@ class KeyPool:
                 if exc.code != "upstream_rate_limited":
                     raise
                 until = self._clock() + rest_seconds(exc.retry_after)
-                await self._mark(index, repr(until).encode(), until - now + REMEMBER_SECONDS)
-                self._metrics.key_events.labels(
-                    self._provider_label, self._label(index), "rate_limited"
-                ).inc()
+                limited.append((index, until))
                 rest_until = until if rest_until is None else min(rest_until, until)
                 last = exc
                 continue
@@ -118,11 +133,19 @@ class KeyPool:
                     await self._mark_bad(index)
                 last = exc
                 continue
-            for bad in refused:  # this request was fine: those keys are what failed
+            # This request was fine: the keys that refused it or were limited are what failed.
+            await self._rest(limited, now)
+            for bad in refused:
                 await self._mark_bad(bad)
             if states[index].state == "bad":
                 await self._forget(index)  # it works again
             return response
+        if limited:
+            if await self._whole_pool_rests():
+                await self._rest(limited, now)
+            else:
+                for index, _ in limited:
+                    self._event(index, "limited_not_rested")
         if rest_until is not None:
             raise TooManyRequests(
                 "every key of this provider is rate limited; retry later",
@@ -133,9 +156,34 @@ class KeyPool:
             "the gateway's credentials were refused by the backend", code="upstream_auth"
         )
 
+    async def _whole_pool_rests(self) -> bool:
+        """Every key tried answered 429: whether they rest (`shared.key_pool.rests_pool`).
+        The platform's pool remembers this company as the last to meet it, so that
+        another company meeting it next confirms the load."""
+        shared = self._scope == PLATFORM and len(self.keys) > 1
+        if not shared:
+            return True
+        name = limited_key(self._scope, self._provider)
+        try:
+            last_company = await self._store.get(name)
+            rests = rests_pool(shared, last_company, self._company_id)
+            await self._store.set(name, self._company_id.encode("utf-8"), CORROBORATE_SECONDS)
+        except Exception as exc:  # the state is advice: unknown, nothing rests
+            log.warning("could not record a pool's limits: %s", type(exc).__name__)
+            return False
+        return rests
+
+    async def _rest(self, limited: list[tuple[int, float]], now: float) -> None:
+        for index, until in limited:
+            await self._mark(index, repr(until).encode(), until - now + REMEMBER_SECONDS)
+            self._event(index, "rate_limited")
+
+    def _event(self, index: int, event: str) -> None:
+        self._metrics.key_events.labels(self._provider_label, self._label(index), event).inc()
+
     async def _mark_bad(self, index: int) -> None:
         await self._mark(index, BAD, BAD_SECONDS)
-        self._metrics.key_events.labels(self._provider_label, self._label(index), "bad").inc()
+        self._event(index, "bad")
 
     async def _mark(self, index: int, value: bytes, ttl: float) -> None:
         try:

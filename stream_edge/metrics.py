@@ -106,7 +106,8 @@ class EdgeMetrics:
         # (`shared.key_pool.key_id`, never the key) or `custom` for a company's.
         self.key_events = Counter(
             "llmgw_edge_upstream_key_events",
-            "Backend keys rate limited (rested) or refused (marked bad), by provider and key id.",
+            "Backend keys rate limited (rested, or not when one company's request was limited "
+            "by every key) or refused (marked bad), by provider and key id.",
             ["provider", "key", "event"],
             registry=r,
         )

@@ -95,4 +95,5 @@ class Opener:
             keys,
             self._state.metrics,
             self.backend.provider_label,
+            self._grant.company_id,
         )

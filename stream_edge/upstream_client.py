@@ -1,7 +1,8 @@
 """Open a request to the backend and map its failures before the first byte.
 
 Everything that can go wrong before the stream starts becomes an `UpstreamError`
-(502/504) or `TooManyRequests` (429, the vendor's `Retry-After` kept), so the client
+(502/504), `TooManyRequests` (429, the vendor's `Retry-After` kept) or, for a request
+the backend finds too large, `InputTooLarge` (413 `request_too_large`), so the client
 gets a clean HTTP error instead of a broken stream. The vendor's raw body and our
 upstream key never reach the client.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from shared.retry import Backoff, parse_retry_after
 from stream_edge.breaker import CircuitBreaker
-from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
+from stream_edge.errors import EdgeError, InputTooLarge, TooManyRequests, UpstreamError
 from stream_edge.transport import (
     ConnectTimeout,
     InvalidURL,
@@ -45,6 +46,15 @@ def error_for_status(status: int, retry_after: str | None) -> EdgeError:
             "the backend is rate limiting; retry later",
             retry_after=max(1, int(seconds or 1)),
             code="upstream_rate_limited",
+        )
+    if status == 413:
+        # The request is too large for the backend (Anthropic's `request_too_large`;
+        # OpenAI's "Request too large" 429, `error_status`): the client's to fix, and
+        # no other key or model of the same vendor would take it.
+        return InputTooLarge(
+            "the backend refused this request as too large for its limits; send less "
+            "input or ask for fewer max_tokens",
+            code="request_too_large",
         )
     if status in (408, 504):
         return UpstreamError(

@@ -33,6 +33,7 @@ KEY_ENV = {
     "FB_TEST_KEY_A": "key-a-" + uuid.uuid4().hex,
     "FB_TEST_KEY_B": "key-b-" + uuid.uuid4().hex,
 }
+TPM_LIMIT = 3000
 MOCK_MODELS = {
     "ok": MockBehaviour(tokens=8),
     "down": MockBehaviour(tokens=8, fail_status=503),
@@ -40,6 +41,9 @@ MOCK_MODELS = {
     "too-large": MockBehaviour(tokens=8, fail_status=413),
     "limited": MockBehaviour(tokens=8, fail_status=429, retry_after_s=30),
     "slow": MockBehaviour(tokens=8, first_token_delay_s=30),
+    # A vendor organization's tokens-per-minute limit: a request asking more on its
+    # own is refused with the vendor's 429 on every key (`mock_llm.rate_limits`).
+    "tpm": MockBehaviour(tokens=8, tpm_limit=TPM_LIMIT),
 }
 # Our model id → (provider, upstream model, input price, output price).
 FIRST = {
@@ -82,6 +86,13 @@ def catalog(open_url: str, strict_url: str, dead_url: str) -> dict[str, Any]:
         "p-pool": openai(strict_url, api_key_envs=["FB_TEST_WRONG_KEY", "FB_TEST_VENDOR_KEY"]),
         # Two good platform keys every tenant's streams share.
         "p-shared": openai(open_url, api_key_envs=["FB_TEST_KEY_A", "FB_TEST_KEY_B"]),
+        # The same, in front of a per-minute token limit, in OpenAI's and Google's words.
+        "p-tpm": openai(open_url, api_key_envs=["FB_TEST_KEY_A", "FB_TEST_KEY_B"]),
+        "p-tpm-gemini": {
+            "api_type": "gemini",
+            "base_url": open_url,
+            "api_key_envs": ["FB_TEST_KEY_A", "FB_TEST_KEY_B"],
+        },
     }
     models = {
         model_id: _model(provider, upstream, (pin, pout), fallbacks=["claude-ok"])
@@ -96,6 +107,8 @@ def catalog(open_url: str, strict_url: str, dead_url: str) -> dict[str, Any]:
     models["gpt-cheap"] = _model("p-cheap", "ok", (0, 0))
     models["pooled"] = _model("p-pool", "ok", (1, 1))
     models["shared"] = _model("p-shared", "ok", (1, 1))
+    models["tpm-openai"] = _model("p-tpm", "tpm", (1, 1))
+    models["tpm-gemini"] = _model("p-tpm-gemini", "tpm", (1, 1))
     return {"default_model": "claude-ok", "providers": providers, "models": models}
 
 

@@ -176,10 +176,17 @@ def test_each_trigger_falls_back_before_the_first_byte(
 def test_a_pool_with_every_key_resting_falls_back_without_asking(
     gw: FallbackStack, token: str
 ) -> None:
-    """After a 429 on both of p-limited's keys (30 s Retry-After), the next stream does
-    not even ask p-limited: no key is left, the chain moves on."""
-    first = init(gw, token, "first-limited", "warm up")
-    events(gw, first)
+    """Load: two companies' streams each met a 429 on both of p-limited's platform keys
+    (30 s Retry-After), so the keys rest and the next stream does not even ask
+    p-limited: no key is left, the chain moves on. (One company's request alone may be
+    its own doing, too large for the vendor's per-minute limit: it rests nothing,
+    `test_one_members_oversized_requests_never_rest_the_platform_pool`.)"""
+    c = gw.client
+    for company in (c.new_company("10"), c.new_company("10")):
+        first = init(gw, c.new_user(company), "first-limited", "warm up")
+        events(gw, first)
+    for kid in (key_id(KEY_ENV["FB_TEST_KEY_A"]), key_id(KEY_ENV["FB_TEST_KEY_B"])):
+        assert gw.store_get(state_key("platform", "p-limited", kid)) is not None
     grant = init(gw, token, "first-limited", "again")
     got = events(gw, grant)
     assert [orjson.loads(e.data)["model"] for e in got if e.event == "complete"] == ["claude-ok"]
@@ -204,9 +211,15 @@ def test_a_fallback_with_less_output_room_gets_its_own_cap(gw: FallbackStack, to
 # --- never a fallback -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("model", "status"), [("first-refuses", 400), ("first-too-large", 413)])
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [
+        ("first-refuses", 502, "upstream_error"),  # the backend's 400
+        ("first-too-large", 413, "request_too_large"),  # the backend's 413: the client's to fix
+    ],
+)
 def test_a_request_error_never_falls_back(
-    gw: FallbackStack, token: str, model: str, status: int
+    gw: FallbackStack, token: str, model: str, status: int, code: str
 ) -> None:
     grant = init(gw, token, model, "refused")
     response = gw.client.http.post(
@@ -214,7 +227,7 @@ def test_a_request_error_never_falls_back(
         headers={"Authorization": f"Bearer {grant['stream_token']}"},
         json={"messages": [{"role": "user", "content": "refused"}], "stream": True},
     )
-    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_error"
+    assert response.status_code == status and response.json()["error"]["code"] == code
     assert asked(gw, grant_request_id(grant)) == ["/v1/chat/completions"]
     usage = gw.client.wait_usage(token, grant["reservation_id"])
     assert (usage["model"], usage["status"], usage["cost"]) == (model, "failed", "0.000000")
@@ -377,6 +390,48 @@ def test_a_request_every_key_refuses_takes_no_platform_key_out_of_rotation(
     assert [e.event for e in events(gw, grant)][-1] == "complete"
     for kid in pool:
         assert gw.store_get(state_key("platform", "p-shared", kid)) is None
+
+
+# Over the stand-in's per-minute limit on its own (prompt plus the default max_tokens).
+OVERSIZED = "word " * 1700
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "status", "code", "keys_asked"),
+    [
+        # OpenAI says "Request too large": a 413 at once, no other key asked.
+        ("tpm-openai", "p-tpm", 413, "request_too_large", 1),
+        # Google's RESOURCE_EXHAUSTED reads as load: every key asked, a 429.
+        ("tpm-gemini", "p-tpm-gemini", 429, "upstream_rate_limited", 2),
+    ],
+)
+def test_one_members_oversized_requests_never_rest_the_platform_pool(
+    gw: FallbackStack, model: str, provider: str, status: int, code: str, keys_asked: int
+) -> None:
+    """A vendor answers 429 to a request too large for the organization's tokens per
+    minute on its own, on every key. One member sending such requests kept the
+    platform's shared pool resting for every tenant (measured: 17 of 46 of another
+    company's streams refused with 429 in 20 s, one oversized request every 3 s). Now
+    its requests rest no key, and another company's streams are served at once."""
+    c = gw.client
+    attacker = c.new_user(c.new_company("10"))
+    victim = c.new_user(c.new_company("10"))
+    pool = [key_id(KEY_ENV["FB_TEST_KEY_A"]), key_id(KEY_ENV["FB_TEST_KEY_B"])]
+    for _ in range(3):
+        grant = init(gw, attacker, model, OVERSIZED)
+        response = c.http.get(grant["stream_url"])
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["code"] == code
+        assert len(asked(gw, grant_request_id(grant))) == keys_asked
+    for kid in pool:
+        assert gw.store_get(state_key("platform", provider, kid)) is None
+    for _ in range(4):
+        grant = init(gw, victim, model, "hi")
+        assert [e.event for e in events(gw, grant)][-1] == "complete"
+        assert len(asked(gw, grant_request_id(grant))) == 1
+    if keys_asked > 1:  # what the operators see of it
+        assert sum(metric(gw, "llmgw_edge_upstream_key_events_total", provider=provider,
+                          key=kid, event="limited_not_rested") for kid in pool) == 6  # fmt: skip
 
 
 def test_a_companys_chain_names_only_models_it_may_use(gw: FallbackStack) -> None:

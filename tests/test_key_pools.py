@@ -10,6 +10,7 @@ from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 
 from control_plane.errors import ModelNotInChain
@@ -23,19 +24,27 @@ from shared.key_pool import (
     KeyState,
     company_scope,
     key_id,
+    limited_key,
     order_keys,
     parse_state,
     state_key,
 )
 from shared.store_memory import MemoryStore
 from stream_edge.breaker import CircuitBreaker
-from stream_edge.errors import BadRequest, EdgeError, TooManyRequests, UpstreamError
+from stream_edge.errors import (
+    BadRequest,
+    EdgeError,
+    InputTooLarge,
+    TooManyRequests,
+    UpstreamError,
+)
 from stream_edge.fallback import falls_back
 from stream_edge.http1_connection import Headers
 from stream_edge.key_pool import KeyPool
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.transport import Response
 from stream_edge.upstream.base import HttpRequest
+from stream_edge.upstream.openai_chat import OpenAIChatAdapter
 from stream_edge.upstream_client import RetryPolicy, error_for_status, open_stream
 
 NOW = 1_000_000.0
@@ -191,12 +200,13 @@ def test_the_sweeper_bills_a_checkpoint_at_its_serving_model_if_in_the_chain() -
 
 
 class Answer:
-    def __init__(self, status: int, retry_after: str | None = None) -> None:
+    def __init__(self, status: int, retry_after: str | None = None, body: bytes = b"{}") -> None:
         self.status_code = status
         self.headers = Headers([(b"retry-after", retry_after.encode())] if retry_after else [])
+        self.body = body
 
     async def aread(self) -> bytes:
-        return b"{}"
+        return self.body
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         yield await self.aread()
@@ -208,15 +218,18 @@ class Answer:
 class Backend:
     """Answers by key: `statuses[key]` (default 200); records which keys were sent."""
 
-    def __init__(self, **statuses: int) -> None:
+    def __init__(self, body: bytes = b"{}", **statuses: int) -> None:
         self.statuses = statuses
+        self.body = body  # of every error answer
         self.sent: list[str] = []
 
     async def send(self, method: str, url: str, headers: Any, body: bytes) -> Answer:
         key = dict(headers)["authorization"].removeprefix("Bearer ")
         self.sent.append(key)
         status = self.statuses.get(key, 200)
-        return Answer(status, "30" if status == 429 else None)
+        return Answer(
+            status, "30" if status == 429 else None, self.body if status >= 300 else b"{}"
+        )
 
 
 class Clock:
@@ -232,8 +245,14 @@ def store() -> Iterator[MemoryStore]:
     yield MemoryStore()
 
 
-def pool(store: MemoryStore, keys: tuple[str, ...], clock: Clock, scope: str = PLATFORM) -> Any:
-    return KeyPool(store, scope, "openai", keys, EdgeMetrics(), "openai", clock)
+def pool(
+    store: MemoryStore,
+    keys: tuple[str, ...],
+    clock: Clock,
+    scope: str = PLATFORM,
+    company: str = "company-a",
+) -> Any:
+    return KeyPool(store, scope, "openai", keys, EdgeMetrics(), "openai", company, clock)
 
 
 async def open_via(pool_: KeyPool, backend: Backend) -> Response:
@@ -245,6 +264,7 @@ async def open_via(pool_: KeyPool, backend: Backend) -> Response:
             backend,  # type: ignore[arg-type]
             request,
             policy=RetryPolicy(retries=0),
+            error_status=OpenAIChatAdapter().error_status,
             retry_rate_limited=retry_rate_limited,
         )
 
@@ -273,6 +293,13 @@ async def test_a_rate_limited_key_rests_for_its_retry_after(store: MemoryStore) 
         await open_via(pool(store, keys, clock), backend)
     assert backend.sent == ["k3"] and caught.value.code == "upstream_rate_limited"
     assert 24 <= caught.value.retry_after <= 25  # when the first key is back
+    # A request every usable key refuses may be its own doing: nothing rests until
+    # another company's request meets the same (load is everyone's).
+    assert await store.get(state_key(PLATFORM, "openai", key_id("k3"))) is None
+    with pytest.raises(TooManyRequests):
+        await open_via(pool(store, keys, clock, company="company-b"), backend)
+    k3 = await store.get(state_key(PLATFORM, "openai", key_id("k3")))
+    assert parse_state(k3, clock.now).state == "resting"
     clock.now += 40  # all rested: the least recently limited come first
     backend.statuses = {}
     backend.sent.clear()
@@ -340,6 +367,95 @@ async def test_one_companys_429s_never_rest_another_companys_keys(store: MemoryS
     await open_via(pool(store, ("shared", "other"), clock, b), fine)
     await open_via(pool(store, ("shared", "other"), clock, PLATFORM), fine)
     assert len(fine.sent) == 2  # both asked at once, neither resting
+
+
+def openai_429(message: str, type_: str = "tokens", code: str = "rate_limit_exceeded") -> bytes:
+    error = {"message": message, "type": type_, "param": None, "code": code}
+    return orjson.dumps({"error": error})
+
+
+TOO_LARGE = openai_429(
+    "Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit "
+    "30000, Requested 50000. The input or output tokens must be reduced in order to run "
+    "successfully. Visit https://platform.openai.com/account/rate-limits to learn more."
+)
+LOAD = openai_429(
+    "Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM): Limit "
+    "30000, Used 29000, Requested 2000. Please try again in 2s."
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (TOO_LARGE, 413),  # the request alone is over the limit
+        (LOAD, 429),  # the key's load
+        (openai_429("You exceeded your quota", "insufficient_quota", "insufficient_quota"), 429),
+        (openai_429("Request too large for gpt-4o …", code="something_else"), 429),
+        (b"Request too large for gpt-4o", 429),  # not OpenAI's JSON: its words prove nothing
+        (b"[]", 429),
+        (b"", 429),
+    ],
+)
+def test_openais_request_too_large_is_the_requests_fault(body: bytes, status: int) -> None:
+    assert OpenAIChatAdapter().error_status(429, body) == status
+    too_large = error_for_status(413, None)
+    assert isinstance(too_large, InputTooLarge) and too_large.code == "request_too_large"
+    assert not falls_back(too_large)
+
+
+async def test_a_request_openai_calls_too_large_rests_no_key_and_tries_no_other(
+    store: MemoryStore,
+) -> None:
+    clock = Clock()
+    keys = ("k1", "k2", "k3")
+    backend = Backend(TOO_LARGE, k1=429, k2=429, k3=429)
+    with pytest.raises(InputTooLarge):
+        await open_via(pool(store, keys, clock), backend)
+    assert len(backend.sent) == 1
+    for key in keys:
+        assert await store.get(state_key(PLATFORM, "openai", key_id(key))) is None
+
+
+async def test_one_companys_request_every_platform_key_limits_rests_none(
+    store: MemoryStore,
+) -> None:
+    """A 429 on every key may answer the request (too large for the vendor's per-minute
+    limit on its own, in words that look like load): one company's such requests rest
+    none of the platform's keys, however many. Load is everyone's: once another
+    company's request meets every key limited too, they rest; a company's own pool
+    rests at its first."""
+    clock = Clock()
+    keys = ("k1", "k2")
+    limited = Backend(LOAD, k1=429, k2=429)
+    for _ in range(5):
+        with pytest.raises(TooManyRequests) as caught:
+            await open_via(pool(store, keys, clock, company="member"), limited)
+        assert caught.value.code == "upstream_rate_limited" and caught.value.retry_after == 30
+    assert len(limited.sent) == 10  # each request asked each key: none rested
+    for key in keys:
+        assert await store.get(state_key(PLATFORM, "openai", key_id(key))) is None
+    fine = Backend()
+    await open_via(pool(store, keys, clock, company="other"), fine)
+    assert len(fine.sent) == 1  # another company is served at once
+    # Load: another company's request meets every key limited too, and they rest.
+    with pytest.raises(TooManyRequests):
+        await open_via(pool(store, keys, clock, company="other"), limited)
+    for key in keys:
+        raw = await store.get(state_key(PLATFORM, "openai", key_id(key)))
+        assert parse_state(raw, clock.now).state == "resting"
+    limited.sent.clear()
+    with pytest.raises(TooManyRequests):
+        await open_via(pool(store, keys, clock, company="third"), limited)
+    assert limited.sent == []  # every key rests: nothing asked
+    # A company's own pool is its alone: its first request every key limits rests them.
+    own = company_scope("member")
+    with pytest.raises(TooManyRequests):
+        await open_via(pool(store, keys, clock, own, company="member"), limited)
+    for key in keys:
+        raw = await store.get(state_key(own, "openai", key_id(key)))
+        assert parse_state(raw, clock.now).state == "resting"
+    assert await store.get(limited_key(own, "openai")) is None
 
 
 def test_a_fallback_is_billed_at_its_own_cache_rates() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -277,3 +278,38 @@ def test_openai_mid_stream_error_and_retry_after(http: httpx.Client) -> None:
     limited = http.post("/v1/chat/completions", json=body, headers=auth)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "9"
     assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_a_request_over_the_tpm_limit_is_refused_in_each_vendors_words(
+    url: str, claude: anthropic.Anthropic, http: httpx.Client
+) -> None:
+    """`[[mock tpm=N]]`: a request asking more than the per-minute limit on its own is
+    refused with each vendor's 429, read by the official clients as a rate limit."""
+    text = "big [[mock tpm=50]]"
+    requested = count_prompt_tokens([Message("user", text)]) + 100
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0) as gpt:
+        with pytest.raises(openai.RateLimitError) as too_large:
+            gpt.chat.completions.create(model="mock-fast", messages=user(text), max_tokens=100)
+    error = too_large.value.body
+    assert isinstance(error, dict) and error["code"] == "rate_limit_exceeded"
+    assert error["type"] == "tokens" and error["message"].startswith(
+        f"Request too large for mock-fast in organization org-mock on tokens per min (TPM): "
+        f"Limit 50, Requested {requested}."
+    )
+    headers = too_large.value.response.headers
+    assert headers["x-ratelimit-limit-tokens"] == headers["x-ratelimit-remaining-tokens"] == "50"
+    with pytest.raises(anthropic.RateLimitError) as claude_limited:
+        claude.messages.create(model="mock-fast", max_tokens=100, messages=user(text))
+    assert claude_limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert claude_limited.value.response.headers["retry-after"] == "7"
+    google = gemini_post(http, "generateContent", text)
+    assert google.status_code == 429 and "retry-after" not in google.headers
+    doc = google.json()["error"]
+    assert (doc["code"], doc["status"]) == (429, "RESOURCE_EXHAUSTED")
+    [quota, _help, retry] = doc["details"]
+    assert quota["violations"][0]["quotaValue"] == "50"
+    assert retry == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
+    # Within the limit, the same prompt is answered.
+    small = {"model": "mock-fast", "messages": user("hi [[mock tpm=5000]]"), "max_tokens": 3}
+    auth = {"authorization": f"Bearer {KEY}"}
+    assert http.post("/v1/chat/completions", json=small, headers=auth).status_code == 200

@@ -133,4 +133,25 @@ class OpenAIChatAdapter:
         return Completion(text, str(reason), _usage(doc.get("usage")), calls)
 
     def error_status(self, status: int, body: bytes) -> int:
+        # OpenAI answers a request over its organization's tokens per minute on its own
+        # with a 429 like a load 429's: its size, not the key's load (every key would
+        # refuse it, and resting them would rest them for everyone): a 413.
+        if status == 429 and _too_large_for_the_limit(body):
+            return 413
         return status
+
+
+def _too_large_for_the_limit(body: bytes) -> bool:
+    """Whether OpenAI's 429 says the request alone exceeds the limit: code
+    ``rate_limit_exceeded`` and a message starting ``Request too large for`` (a load
+    429 starts ``Rate limit reached for``). The message is OpenAI's own words, never
+    the request's."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict) or error.get("code") != "rate_limit_exceeded":
+        return False
+    message = error.get("message")
+    return isinstance(message, str) and message.startswith("Request too large for ")
