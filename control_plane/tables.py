@@ -249,7 +249,12 @@ class LedgerEntry(SQLModel, table=True):
 
     A reservation has at most one row of each kind (one hold, one charge, one
     release): the unique index is the database's own guard against settling twice.
-    Entries without a reservation have a NULL there, and NULLs never collide."""
+    Entries without a reservation have a NULL there, and NULLs never collide.
+
+    `user_id` is the reservation's user, copied onto its rows (NULL exactly when
+    `reservation_id` is, a CHECK): a member's ledger (its own streams' rows and the
+    company's own) is then two ranges of one index, not a pick through the whole
+    company's ledger (`billing.credits_page`, migration 0011)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
@@ -258,9 +263,13 @@ class LedgerEntry(SQLModel, table=True):
         ),
         Index("ix_ledger_entries_company_created", "company_id", "created_at"),
         Index("uq_ledger_entries_reservation_kind", "reservation_id", "kind", unique=True),
+        Index("ix_ledger_entries_company_user_created", "company_id", "user_id", "created_at"),
         CheckConstraint(
             "kind IN ('grant', 'hold', 'release', 'charge', 'adjustment')",
             name="ck_ledger_entries_kind",
+        ),
+        CheckConstraint(
+            "(user_id IS NULL) = (reservation_id IS NULL)", name="ck_ledger_entries_user"
         ),
     )
     id: str = _id()
@@ -268,6 +277,7 @@ class LedgerEntry(SQLModel, table=True):
     kind: str = _str(16)
     amount_micro: int = _money()
     reservation_id: str | None = _str(32, nullable=True)
+    user_id: str | None = _str(32, nullable=True)  # the reservation's user, migration 0011
     reason: str | None = _str(500, nullable=True)
     actor: str | None = _str(100, nullable=True)
     request_id: str | None = _str(128, nullable=True)

@@ -1,0 +1,55 @@
+"""A member's ledger as index ranges: ``ledger_entries.user_id``.
+
+A member's ``GET /v1/credits`` lists the company's own entries (grants,
+adjustments) and its own streams' holds, charges and releases. Whose stream an
+entry was for lived only on its reservation, so a member's page was picked out of
+the company's whole ledger, one reservation lookup per entry (a member with no
+streams read all 900,000 entries of a company of 300,000 streams: 0.5 s a page).
+
+* ``user_id``: the reservation's user, copied onto each of its rows (the existing
+  ones from their reservations here); NULL exactly when ``reservation_id`` is
+  (``ck_ledger_entries_user``), so no write path can leave a stream's row out of
+  its member's view unnoticed.
+* ``ix_ledger_entries_company_user_created``: a member's page is then two ranges of
+  it, the company's own entries (``user_id IS NULL``) and its own, newest first.
+
+The backfill rewrites every stream row once and the index and check are built
+under a write lock: measured on 900,000 entries, 14 s on PostgreSQL.
+Keep `control_plane/tables.py` in step.
+
+Revision ID: 0011
+Revises: 0010
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0011"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+INDEX = "ix_ledger_entries_company_user_created"
+CHECK = "ck_ledger_entries_user"
+
+
+def upgrade() -> None:
+    op.add_column("ledger_entries", sa.Column("user_id", sa.String(32), nullable=True))
+    # Reservations are never deleted, so every stream row finds its user.
+    op.execute(
+        "UPDATE ledger_entries SET user_id = (SELECT reservations.user_id FROM reservations"
+        " WHERE reservations.id = ledger_entries.reservation_id)"
+        " WHERE reservation_id IS NOT NULL"
+    )
+    with op.batch_alter_table("ledger_entries") as batch:
+        batch.create_check_constraint(CHECK, "(user_id IS NULL) = (reservation_id IS NULL)")
+    op.create_index(INDEX, "ledger_entries", ["company_id", "user_id", "created_at"])
+
+
+def downgrade() -> None:
+    op.drop_index(INDEX, table_name="ledger_entries")
+    with op.batch_alter_table("ledger_entries") as batch:
+        batch.drop_constraint(CHECK, type_="check")
+        batch.drop_column("user_id")
