@@ -10,11 +10,13 @@ listing read it before entries carried their user."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +31,7 @@ from control_plane.migrate import upgrade
 from control_plane.pagination import PageRequest, decode_cursor
 from control_plane.policy import Principal, scopes_for_role
 from control_plane.tables import Company, LedgerEntry, Reservation, User, new_id, utcnow
+from tests.test_control_plane import CP, data_of, error_of, start_cp
 
 T = TypeVar("T")
 
@@ -253,3 +256,61 @@ def test_a_page_of_a_huge_companys_ledger_reads_about_a_page(pg_database_url: st
                 assert len(shown.items) == (LIMIT if user != "alice" else 0 if after else 2)
     finally:
         engine.dispose()
+
+
+# --- the cursor over HTTP: tampered is a 422, forged is only a position -------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, request.param) as handle:
+        yield handle
+
+
+def _b64(doc: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(doc)).decode().rstrip("=")
+
+
+TAMPERED = [
+    "!!",
+    base64.urlsafe_b64encode(b"\xff\xfe not json").decode(),
+    _b64({"at": "2026-01-01T00:00:00Z"}),
+    _b64([]),
+    _b64(["2026-01-01T00:00:00Z"]),
+    _b64([20260101, "a"]),
+    _b64(["2026-01-01T00:00:00", "a"]),  # naive
+    _b64(["2026-01-01T00:00:00Z", 5]),
+    _b64(["2026-01-01T00:00:00Z", "a\u0000"]),
+    _b64(["seq", 3]),  # a session's message cursor
+]
+
+
+def test_a_tampered_ledger_cursor_is_a_422_and_a_forged_one_only_a_position(cp: CP) -> None:
+    """For a member (two merged index ranges) and an owner alike: a cursor that is not
+    one this API returned is 422 `validation_error` naming the cursor, never a 500; a
+    well-formed one that it never returned (any moment, any id) is only a place in the
+    newest-first order: it shows nobody else's entries and changes nothing."""
+    owner, company_id = cp.owner_client("10")
+    member = cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
+    colleague = cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
+    for chatter in (member, colleague):
+        data_of(chatter.post("/v1/chat/init", json={"query": "hi"}), 201)
+    # The member: the grant and its own hold; the owner: its colleague's hold too.
+    for client, shown in ((member, 2), (owner, 3)):
+        whole = data_of(client.get("/v1/credits", params={"limit": 200}))
+        assert len(whole["entries"]) == shown
+        for cursor in TAMPERED:
+            r = client.get("/v1/credits", params={"cursor": cursor})
+            assert "cursor" in error_of(r, 422, "validation_error"), cursor
+        future = data_of(
+            client.get(
+                "/v1/credits",
+                params={"cursor": _b64(["2999-01-01T00:00:00Z", "~" * 500]), "limit": 200},
+            )
+        )
+        assert future["entries"] == whole["entries"] and future["next_cursor"] is None
+        past = data_of(
+            client.get("/v1/credits", params={"cursor": _b64(["2000-01-01T00:00:00+05:00", ""])})
+        )
+        assert past["entries"] == [] and past["next_cursor"] is None
+        assert data_of(client.get("/v1/credits", params={"limit": 200})) == whole
