@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.types import TypeDecorator
@@ -258,8 +259,15 @@ class LedgerEntry(SQLModel, table=True):
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        UniqueConstraint(
-            "company_id", "idempotency_key", name="uq_ledger_entries_company_idempotency_key"
+        # Partial: only admin grants and adjustments carry a key, and the stream rows
+        # (all but a few) then cost this index nothing (migration 0011).
+        Index(
+            "uq_ledger_entries_company_idempotency_key",
+            "company_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
         ),
         Index("ix_ledger_entries_company_created", "company_id", "created_at"),
         Index("uq_ledger_entries_reservation_kind", "reservation_id", "kind", unique=True),
