@@ -255,12 +255,12 @@ class LedgerEntry(SQLModel, table=True):
     `user_id` is the reservation's user, copied onto its rows (NULL exactly when
     `reservation_id` is, a CHECK): a member's ledger (its own streams' rows and the
     company's own) is then two ranges of one index, not a pick through the whole
-    company's ledger (`billing.credits_page`, migration 0011)."""
+    company's ledger (`billing.credits_page`, migration 0013)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
         # Partial: only admin grants and adjustments carry a key, and the stream rows
-        # (all but a few) then cost this index nothing (migration 0011).
+        # (all but a few) then cost this index nothing (migration 0013).
         Index(
             "uq_ledger_entries_company_idempotency_key",
             "company_id",
@@ -285,7 +285,7 @@ class LedgerEntry(SQLModel, table=True):
     kind: str = _str(16)
     amount_micro: int = _money()
     reservation_id: str | None = _str(32, nullable=True)
-    user_id: str | None = _str(32, nullable=True)  # the reservation's user, migration 0011
+    user_id: str | None = _str(32, nullable=True)  # the reservation's user, migration 0013
     reason: str | None = _str(500, nullable=True)
     actor: str | None = _str(100, nullable=True)
     request_id: str | None = _str(128, nullable=True)

@@ -22,8 +22,8 @@ under a write lock: 25 to 45 s for 900,000 entries on PostgreSQL (a shared, nois
 machine), writes to the ledger blocked meanwhile.
 Keep `control_plane/tables.py` in step.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0013
+Revises: 0012
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0013"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
