@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import exists, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import policy
-from control_plane.pagination import Page, PageRequest, read_page
+from control_plane.pagination import Page, PageRequest, read_merged_page, read_page
 from control_plane.policy import Principal
-from control_plane.tables import Company, LedgerEntry, Reservation, UsageRecord, iso
+from control_plane.tables import Company, LedgerEntry, UsageRecord, iso
 from shared.pricing import format_credits
 
 
@@ -64,13 +64,19 @@ def credits_page(
     ledger, read in one transaction so the balance matches the entries. A member
     sees the company's own entries (grants, adjustments) and its own streams' holds,
     charges and releases, not its colleagues' (DESIGN §9: "a member sees its own
-    usage"); who sees the whole company sees every entry."""
-    stmt = select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
-    if not policy.sees_whole_company(p):
-        mine = exists().where(
-            col(Reservation.id) == col(LedgerEntry.reservation_id),
-            col(Reservation.user_id) == p.user_id,
+    usage"); who sees the whole company sees every entry. Either way a page reads
+    index ranges of about its own size, however large the company's ledger."""
+    created, entry_id = col(LedgerEntry.created_at), col(LedgerEntry.id)
+    company = select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
+    if policy.sees_whole_company(p):
+        page = read_page(session, company, created, entry_id, req)
+    else:
+        # Two ranges of `ix_ledger_entries_company_user_created`: the company's own
+        # entries (no reservation, so no user: `ck_ledger_entries_user`) and the
+        # caller's streams' (each row carries its reservation's user).
+        own = company.where(col(LedgerEntry.user_id) == p.user_id)
+        unreserved = company.where(
+            col(LedgerEntry.user_id).is_(None), col(LedgerEntry.reservation_id).is_(None)
         )
-        stmt = stmt.where(or_(col(LedgerEntry.reservation_id).is_(None), mine))
-    page = read_page(session, stmt, col(LedgerEntry.created_at), col(LedgerEntry.id), req)
+        page = read_merged_page(session, LedgerEntry, [unreserved, own], created, entry_id, req)
     return session.get(Company, company_id), page

@@ -75,6 +75,8 @@ def _reservation_problems(r: Reservation, rows: list[LedgerEntry]) -> list[str]:
         problems.append(f"reservation {r.id}: expected one hold of {-r.hold_micro}")
     if kinds["charge"] > 1 or kinds["release"] > 1:
         problems.append(f"reservation {r.id}: charged or released more than once")
+    if any(e.user_id != r.user_id for e in rows):  # a member's ledger goes by it
+        problems.append(f"reservation {r.id}: an entry names another user than {r.user_id}")
     expected: dict[str, tuple[int, int]] = {
         "active": (0, 0),
         "settled": (1, 1),

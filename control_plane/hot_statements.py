@@ -94,13 +94,15 @@ def entry_rows(
     *,
     actor: str,
     reservation_id: str | None,
+    user_id: str | None,
     reason: str | None,
     request_id: str | None,
     idempotency_key: str | None,
     details: dict[str, Any],
     now: datetime,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One ledger row and its audit event, as `ledger.add_entry` writes them."""
+    """One ledger row and its audit event, as `ledger.add_entry` writes them.
+    `user_id`: the reservation's user (None with no reservation)."""
     entry_id = new_id()
     context: dict[str, Any] = {"ledger_entry_id": entry_id}
     if reason is not None:
@@ -113,6 +115,7 @@ def entry_rows(
         "kind": kind,
         "amount_micro": amount_micro,
         "reservation_id": reservation_id,
+        "user_id": user_id,
         "reason": reason,
         "actor": actor,
         "request_id": request_id,

@@ -62,6 +62,7 @@ LEDGER_COLUMNS = (
     "kind",
     "amount_micro",
     "reservation_id",
+    "user_id",
     "reason",
     "actor",
     "request_id",

@@ -133,13 +133,15 @@ def add_entry(
     *,
     actor: str,
     reservation_id: str | None = None,
+    user_id: str | None = None,
     reason: str | None = None,
     request_id: str | None = None,
     idempotency_key: str | None = None,
     details: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> LedgerEntry:
-    """Append one ledger row and its audit event (same transaction, same instant)."""
+    """Append one ledger row and its audit event (same transaction, same instant).
+    `user_id`: the user of the reservation, with one."""
     assert kind in KINDS
     moment = now or utcnow()
     entry = LedgerEntry(
@@ -148,6 +150,7 @@ def add_entry(
         kind=kind,
         amount_micro=amount_micro,
         reservation_id=reservation_id,
+        user_id=user_id,
         reason=reason,
         actor=actor,
         request_id=request_id,
@@ -186,6 +189,7 @@ def hold_entry(
         -r.hold_micro,
         actor=r.user_id,
         reservation_id=r.id,
+        user_id=r.user_id,
         reason=f"hold for {r.model}",
         request_id=r.request_id,
         idempotency_key=None,
@@ -359,6 +363,7 @@ def _entry_rows(
             amount,
             actor=item.actor,
             reservation_id=item.reservation.id,
+            user_id=item.reservation.user_id,
             reason=reason,
             request_id=item.request_id,
             idempotency_key=None,
@@ -409,6 +414,7 @@ def release_reservation(
         hold,
         actor=actor,
         reservation_id=reservation_id,
+        user_id=reservation.user_id,
         reason=reason,
         request_id=reservation.request_id,
         details={"hold_micro": hold, **(details or {})},

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import orjson
-from sqlalchemy import Select, and_, or_
-from sqlalchemy.orm import Mapped, QueryableAttribute, Session
+from sqlalchemy import Select, and_, or_, select, union_all
+from sqlalchemy.orm import Mapped, QueryableAttribute, Session, aliased
 
 from control_plane.errors import ValidationFailed
 from control_plane.validation import NUL, page_limit
@@ -132,7 +132,13 @@ def newest_first(
     The id breaks ties between rows written in the same microsecond."""
     if req.after is not None:
         last_moment, last_id = req.after
-        stmt = stmt.where(or_(moment < last_moment, and_(moment == last_moment, row_id < last_id)))
+        stmt = stmt.where(
+            # The bound an index on the moment seeks to: PostgreSQL makes none of the
+            # OR below, and walked every newer row to reach a deep page (an owner's
+            # ledger at 450,000 entries down: 0.3 to 0.6 s a page, measured).
+            moment <= last_moment,
+            or_(moment < last_moment, and_(moment == last_moment, row_id < last_id)),
+        )
     return stmt.order_by(moment.desc(), row_id.desc()).limit(req.limit + 1)
 
 
@@ -167,3 +173,25 @@ def read_page(
     """One page of `stmt`'s rows, newest first by (`moment`, `row_id`)."""
     rows = session.scalars(newest_first(stmt, moment, row_id, req)).all()
     return cut(rows, req, moment, row_id)
+
+
+def read_merged_page(
+    session: Session,
+    model: type[T],
+    branches: Sequence[Select[T]],
+    moment: Mapped[datetime],
+    row_id: Mapped[str],
+    req: PageRequest,
+) -> Page[T]:
+    """One page of the union of `branches` (statements on `model`'s rows that never
+    share a row), newest first: each branch stops at its own `limit + 1` rows after
+    the cursor (an index range each), and the page is the newest of those. One
+    statement whose OR spans both ranges would have to read every row of the wider
+    one to find the newest."""
+    parts = [select(newest_first(b, moment, row_id, req).subquery()) for b in branches]
+    merged = aliased(model, union_all(*parts).subquery())
+    newest = newest_first(
+        select(merged), getattr(merged, _name(moment)), getattr(merged, _name(row_id)),
+        PageRequest(req.limit),
+    )  # fmt: skip
+    return cut(session.scalars(newest).all(), req, moment, row_id)

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.types import TypeDecorator
@@ -249,18 +250,34 @@ class LedgerEntry(SQLModel, table=True):
 
     A reservation has at most one row of each kind (one hold, one charge, one
     release): the unique index is the database's own guard against settling twice.
-    Entries without a reservation have a NULL there, and NULLs never collide."""
+    Entries without a reservation have a NULL there, and NULLs never collide.
+
+    `user_id` is the reservation's user, copied onto its rows (NULL exactly when
+    `reservation_id` is, a CHECK): a member's ledger (its own streams' rows and the
+    company's own) is then two ranges of one index, not a pick through the whole
+    company's ledger (`billing.credits_page`, migration 0013)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        UniqueConstraint(
-            "company_id", "idempotency_key", name="uq_ledger_entries_company_idempotency_key"
+        # Partial: only admin grants and adjustments carry a key, and the stream rows
+        # (all but a few) then cost this index nothing (migration 0013).
+        Index(
+            "uq_ledger_entries_company_idempotency_key",
+            "company_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
         ),
         Index("ix_ledger_entries_company_created", "company_id", "created_at"),
         Index("uq_ledger_entries_reservation_kind", "reservation_id", "kind", unique=True),
+        Index("ix_ledger_entries_company_user_created", "company_id", "user_id", "created_at"),
         CheckConstraint(
             "kind IN ('grant', 'hold', 'release', 'charge', 'adjustment')",
             name="ck_ledger_entries_kind",
+        ),
+        CheckConstraint(
+            "(user_id IS NULL) = (reservation_id IS NULL)", name="ck_ledger_entries_user"
         ),
     )
     id: str = _id()
@@ -268,6 +285,7 @@ class LedgerEntry(SQLModel, table=True):
     kind: str = _str(16)
     amount_micro: int = _money()
     reservation_id: str | None = _str(32, nullable=True)
+    user_id: str | None = _str(32, nullable=True)  # the reservation's user, migration 0013
     reason: str | None = _str(500, nullable=True)
     actor: str | None = _str(100, nullable=True)
     request_id: str | None = _str(128, nullable=True)

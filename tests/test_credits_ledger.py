@@ -21,7 +21,15 @@ from control_plane.grants import move
 from control_plane.ledger import add_entry, release_reservation, settle_reservation, take_hold
 from control_plane.migrate import upgrade
 from control_plane.sweeper import reconcile
-from control_plane.tables import AuditEvent, Company, Reservation, User, new_id, utcnow
+from control_plane.tables import (
+    AuditEvent,
+    Company,
+    LedgerEntry,
+    Reservation,
+    User,
+    new_id,
+    utcnow,
+)
 from shared.checkpoints import UsageCheckpoint
 
 T = TypeVar("T")
@@ -141,12 +149,35 @@ def test_the_database_refuses_a_second_row_of_a_kind_for_one_reservation(
     books.tx(_settle(r, 300))
 
     def again(s: Session) -> None:
-        add_entry(s, books.company_id, kind, -1, actor="bug", reservation_id=r.id)
+        add_entry(
+            s, books.company_id, kind, -1, actor="bug", reservation_id=r.id, user_id=r.user_id
+        )
         s.flush()
 
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="UNIQUE constraint failed"):
         books.tx(again)
     assert books.problems() == []
+
+
+def test_a_stream_row_must_name_its_reservations_user(books: Books) -> None:
+    """A member's ledger is read by `user_id` (`billing.credits_page`): a stream row
+    without it is refused by the database (it would vanish from its member's view),
+    and one naming another user is a problem `check_books` lists."""
+    r = books.hold()
+
+    def unnamed(s: Session) -> None:
+        add_entry(s, books.company_id, "release", HOLD, actor="bug", reservation_id=r.id)
+        s.flush()
+
+    with pytest.raises(IntegrityError, match="ck_ledger_entries_user"):
+        books.tx(unnamed)
+    problems = _tamper(
+        books,
+        lambda s: s.execute(
+            update(LedgerEntry).where(col(LedgerEntry.reservation_id) == r.id).values(user_id="x")
+        ),
+    )
+    assert problems == [f"reservation {r.id}: an entry names another user than {r.user_id}"]
 
 
 def _tamper(books: Books, fn: Callable[[Session], Any]) -> list[str]:
