@@ -31,7 +31,9 @@ from control_plane.migrate import upgrade
 from control_plane.pagination import PageRequest, decode_cursor
 from control_plane.policy import Principal, scopes_for_role
 from control_plane.tables import Company, LedgerEntry, Reservation, User, new_id, utcnow
-from tests.test_control_plane import CP, data_of, error_of, start_cp
+from tests.test_control_plane import CP, cp, data_of, error_of
+
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 T = TypeVar("T")
 
@@ -259,12 +261,6 @@ def test_a_page_of_a_huge_companys_ledger_reads_about_a_page(pg_database_url: st
 
 
 # --- the cursor over HTTP: tampered is a 422, forged is only a position -------------
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, request.param) as handle:
-        yield handle
 
 
 def _b64(doc: Any) -> str:
