@@ -90,26 +90,38 @@ class SSEBackendParser(JsonEventParser):
         self._paths = paths
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
+        # Each path's first key is looked up inline and the rest only when it is
+        # there: most events hold the text alone, and six `lookup` calls an event
+        # were two thirds of the parse (8 MiB of events, some 335,000: 1.3 s of 1.8 s).
         paths = self._paths
-        problem = lookup(doc, paths.error)
+        problem = doc.get(paths.error[0])
+        if problem is not None and len(paths.error) > 1:
+            problem = lookup(problem, paths.error[1:])
         if problem is not None:
             detail = problem.get("message") if isinstance(problem, dict) else problem
             return [vendor_failure("sse_backend", detail, self.withheld)]
         out: list[UpstreamEvent] = []
-        text = lookup(doc, paths.content)
+        text = doc.get(paths.content[0])
+        if text is not None and len(paths.content) > 1:
+            text = lookup(text, paths.content[1:])
         if isinstance(text, str) and text:
             out.append(Delta(text, raw))
-        # Tool calls in OpenAI's delta shape (`[{index, id?, function: {name?, arguments}}]`).
-        out.extend(openai_tool_deltas(lookup(doc, paths.tool_calls), raw))
-        reason = lookup(doc, paths.finish)
+        calls = doc.get(paths.tool_calls[0])
+        if calls is not None:
+            # Tool calls in OpenAI's delta shape (`[{index, id?, function: {name?, arguments}}]`).
+            out.extend(openai_tool_deltas(lookup(calls, paths.tool_calls[1:]), raw))
+        reason = doc.get(paths.finish[0])
+        if reason is not None and len(paths.finish) > 1:
+            reason = lookup(reason, paths.finish[1:])
         if isinstance(reason, str) and reason:
             out.append(Finish(reason, raw))
-        input_tokens = _count(lookup(doc, paths.usage_input))
-        output = _count(lookup(doc, paths.usage_output))
-        if input_tokens is not None and output is not None:
-            # Clamped as every vendor's: a negative count is refused by the control
-            # plane (422), which sent the whole report to the dead letters.
-            out.append(vendor_usage(input_tokens, output, raw))
+        if doc.get(paths.usage_input[0]) is not None:
+            input_tokens = _count(lookup(doc, paths.usage_input))
+            output = _count(lookup(doc, paths.usage_output))
+            if input_tokens is not None and output is not None:
+                # Clamped as every vendor's: a negative count is refused by the control
+                # plane (422), which sent the whole report to the dead letters.
+                out.append(vendor_usage(input_tokens, output, raw))
         return out
 
 
