@@ -10,14 +10,19 @@ bills the input estimate and the output that could be in it, `failed` and
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
 from stream_edge.transport import Response, TransportError, read_at_most
-from stream_edge.upstream.base import Completion, CutStream, Failure, UpstreamEvent, parser_for
+from stream_edge.upstream.base import Completion, Failure, UpstreamEvent, parser_for
+from stream_edge.upstream.stream_answer import AnswersAsStream, StreamAnswer
 
+# The most of an answer parsed between two turns of the event loop: some 2,700
+# in-house SSE events, a few ms of parsing; small answers never wait for a turn.
+PARSE_SLICE = 64 * 1024
 # The largest whole answer read; past it the answer is a 502, its connection closed.
 # Room for the longest answers: an in-house SSE backend sends `stream: false` answers
 # as a whole stream, some 200 bytes a token, so 16k tokens come to about 3 MiB.
@@ -30,18 +35,27 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
     response is closed either way, and what was read of a failed answer is billed."""
     adapter = backend.adapter
     assert adapter is not None  # opening refused a provider without one
+    answer = (
+        adapter.stream_answer(backend.credentials) if isinstance(adapter, AnswersAsStream) else None
+    )
     parts: list[bytes] = []
     try:
-        body, longer = await read_at_most(response, MAX_COMPLETION_BYTES, parts)
-        if longer:
-            raise UpstreamError(
-                f"the backend's answer was longer than {MAX_COMPLETION_BYTES >> 20} MiB"
-            )
-        completion = adapter.parse_completion(body, backend.credentials)
+        if answer is None:
+            body, longer = await read_at_most(response, MAX_COMPLETION_BYTES, parts)
+            if longer:
+                raise _too_long()
+            completion = adapter.parse_completion(body, backend.credentials)
+        else:
+            completion = await _read_stream(response, answer, parts)
     except BaseException as exc:
         # Also a cancellation: the stream's maximum life (`StreamJob.read_completion`).
-        read = exc.events if isinstance(exc, CutStream) else None
-        bill_unread(backend, b"".join(parts)[:MAX_COMPLETION_BYTES], read)
+        raw = b"".join(parts)[:MAX_COMPLETION_BYTES]
+        read = None
+        if answer is not None:
+            # The rest of a read that a cancellation cut between two of its pieces.
+            answer.feed(raw[answer.fed :])
+            read = answer.end()
+        bill_unread(backend, raw, read)
         if isinstance(exc, TransportError | ValueError):
             raise UpstreamError("the backend's answer was malformed") from exc
         raise
@@ -51,6 +65,32 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
         completion.text, completion.usage, completion.finish_reason, completion.tool_calls
     )
     return completion
+
+
+async def _read_stream(response: Response, answer: StreamAnswer, parts: list[bytes]) -> Completion:
+    """Read as `read_at_most(response, MAX_COMPLETION_BYTES, parts)` does, each read
+    parsed by `answer` as it comes, and the event loop let go every `PARSE_SLICE`
+    bytes: a read does not always let it go (one already buffered returns at once),
+    and one read may be the whole answer."""
+    size = unyielded = 0
+    async for chunk in response.aiter_raw():
+        parts.append(chunk)
+        size += len(chunk)
+        within = chunk[: MAX_COMPLETION_BYTES - answer.fed]
+        for start in range(0, len(within), PARSE_SLICE):
+            piece = within[start : start + PARSE_SLICE]
+            answer.feed(piece)
+            unyielded += len(piece)
+            if unyielded >= PARSE_SLICE:
+                unyielded = 0
+                await asyncio.sleep(0)
+        if size > MAX_COMPLETION_BYTES:
+            raise _too_long()
+    return answer.completion()
+
+
+def _too_long() -> UpstreamError:
+    return UpstreamError(f"the backend's answer was longer than {MAX_COMPLETION_BYTES >> 20} MiB")
 
 
 def bill_unread(

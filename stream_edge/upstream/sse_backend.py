@@ -19,23 +19,19 @@ import orjson
 from shared.catalog import Provider, SSEBackendSpec
 from stream_edge.upstream.base import (
     Completion,
-    CutStream,
     Delta,
-    Failure,
     Finish,
     HttpRequest,
     JsonEventParser,
-    ToolCallDelta,
-    ToolCalls,
     UpstreamCall,
     UpstreamEvent,
-    Usage,
     openai_tool_deltas,
     parser_for,
     trusted_headers,
     vendor_failure,
     vendor_usage,
 )
+from stream_edge.upstream.stream_answer import StreamAnswer
 
 DONE = "[DONE]"
 Path = tuple[str, ...]
@@ -155,29 +151,16 @@ class SSEBackendAdapter:
     def stream_parser(self) -> SSEBackendParser:
         return SSEBackendParser(self._paths)
 
+    def stream_answer(self, withheld: tuple[str, ...] = ()) -> StreamAnswer:
+        """A whole answer (`stream: false`), parsed as it is read; `withheld`: the
+        credentials sent, kept out of a logged error."""
+        return StreamAnswer(parser_for(self, withheld))
+
     def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
-        """The whole stream, read at once (the answer to a `stream: false` request);
-        `withheld`: the credentials sent, kept out of a logged error."""
-        parser = parser_for(self, withheld)
-        text: list[str] = []
-        calls = ToolCalls()
-        reason: str | None = None
-        usage: Usage | None = None
-        events = parser.feed(body + b"\n\n")
-        for event in events:
-            if isinstance(event, Failure):
-                raise CutStream(event.message, events)
-            if isinstance(event, Delta):
-                text.append(event.text)
-            elif isinstance(event, ToolCallDelta):
-                calls.add(event)
-            elif isinstance(event, Finish):
-                reason = event.reason
-            elif isinstance(event, Usage):
-                usage = Usage(event.input_tokens, event.output_tokens)
-        if not parser.done and reason is None:
-            raise CutStream("the backend's stream ended early", events)
-        return Completion("".join(text), reason or "stop", usage, tuple(calls.complete()))
+        """The whole stream, read at once (the answer to a `stream: false` request)."""
+        answer = self.stream_answer(withheld)
+        answer.feed(body)
+        return answer.completion()
 
     def error_status(self, status: int, body: bytes) -> int:
         return status
