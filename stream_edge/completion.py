@@ -11,11 +11,13 @@ bills the input estimate and the output that could be in it, `failed` and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Sequence
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
+from stream_edge.meter import Meter
 from stream_edge.transport import Response, TransportError, read_at_most
 from stream_edge.upstream.base import Completion, Failure, UpstreamEvent, parser_for
 from stream_edge.upstream.stream_answer import AnswersAsStream, StreamAnswer
@@ -38,6 +40,7 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
     answer = (
         adapter.stream_answer(backend.credentials) if isinstance(adapter, AnswersAsStream) else None
     )
+    tally = _Tally(backend.meter)
     parts: list[bytes] = []
     try:
         if answer is None:
@@ -46,16 +49,18 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
                 raise _too_long()
             completion = adapter.parse_completion(body, backend.credentials)
         else:
-            completion = await _read_stream(response, answer, parts)
+            completion = await _read_stream(response, answer, tally, parts)
     except BaseException as exc:
         # Also a cancellation: the stream's maximum life (`StreamJob.read_completion`).
         raw = b"".join(parts)[:MAX_COMPLETION_BYTES]
-        read = None
-        if answer is not None:
+        if answer is None or _DOCUMENT.match(raw) is not None:
+            bill_unread(backend, raw)
+        else:
             # The rest of a read that a cancellation cut between two of its pieces.
             answer.feed(raw[answer.fed :])
-            read = answer.end()
-        bill_unread(backend, raw, read)
+            tally.catch_up(answer.end())
+            backend.meter = tally.meter
+            bill_unread(backend, raw, ())
         if isinstance(exc, TransportError | ValueError):
             raise UpstreamError("the backend's answer was malformed") from exc
         raise
@@ -67,11 +72,13 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
     return completion
 
 
-async def _read_stream(response: Response, answer: StreamAnswer, parts: list[bytes]) -> Completion:
+async def _read_stream(
+    response: Response, answer: StreamAnswer, tally: _Tally, parts: list[bytes]
+) -> Completion:
     """Read as `read_at_most(response, MAX_COMPLETION_BYTES, parts)` does, each read
-    parsed by `answer` as it comes, and the event loop let go every `PARSE_SLICE`
-    bytes: a read does not always let it go (one already buffered returns at once),
-    and one read may be the whole answer."""
+    parsed by `answer` and its events put on `tally` as they come, and the event loop
+    let go every `PARSE_SLICE` bytes: a read does not always let it go (one already
+    buffered returns at once), and one read may be the whole answer."""
     size = unyielded = 0
     async for chunk in response.aiter_raw():
         parts.append(chunk)
@@ -80,6 +87,7 @@ async def _read_stream(response: Response, answer: StreamAnswer, parts: list[byt
         for start in range(0, len(within), PARSE_SLICE):
             piece = within[start : start + PARSE_SLICE]
             answer.feed(piece)
+            tally.catch_up(answer.events)
             unyielded += len(piece)
             if unyielded >= PARSE_SLICE:
                 unyielded = 0
@@ -87,6 +95,28 @@ async def _read_stream(response: Response, answer: StreamAnswer, parts: list[byt
         if size > MAX_COMPLETION_BYTES:
             raise _too_long()
     return answer.completion()
+
+
+class _Tally:
+    """The bill of a stream answer should it fail, kept as its events are parsed: put
+    on the meter once the answer had failed, the 335,000 events of 8 MiB held the
+    event loop 0.1 to 0.3 s more (measured). A meter of its own, as `meter` was
+    before anything was recorded, since a whole answer that arrives is billed by
+    `Meter.record_text` alone."""
+
+    __slots__ = ("_counted", "meter")
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = Meter(
+            meter.input_estimate, meter.keep_transcript, meter.delta_is_token, meter.started_at
+        )
+        self._counted = 0
+
+    def catch_up(self, events: list[UpstreamEvent]) -> None:
+        """Record the events not yet recorded (`events` only grows)."""
+        for event in itertools.islice(events, self._counted, None):
+            self.meter.record(event)
+        self._counted = len(events)
 
 
 def _too_long() -> UpstreamError:

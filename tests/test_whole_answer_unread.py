@@ -16,6 +16,7 @@ let go every `PARSE_SLICE` bytes, and billed exactly as the one-go parse billed 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -170,6 +171,40 @@ async def test_other_streams_run_while_a_large_sse_answer_is_parsed(end: bytes) 
             assert end != ENDED
 
     assert await loop_turns_during(read) >= len(body) // PARSE_SLICE - 1
+
+
+async def test_a_failed_sse_answers_bill_is_counted_a_piece_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Counted only once the answer had failed, its events (all 335,000 at 8 MiB) held
+    # the loop in one go after the parse: at most a piece's worth now between turns.
+    recorded = 0
+    record = Meter.record
+
+    def counted(meter: Meter, event: Any) -> None:
+        nonlocal recorded
+        recorded += 1
+        record(meter, event)
+
+    monkeypatch.setattr(Meter, "record", counted)
+    body = sse_answer(1 << 20, b"data: {broken")
+    cut = backend(SSEBackendAdapter(), max_tokens=10**9)
+    at_turns: list[int] = []  # events recorded by each turn of another task
+    done = False
+
+    async def other_stream() -> None:
+        while not done:
+            at_turns.append(recorded)
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_stream())
+    with pytest.raises(UpstreamError, match="malformed"):
+        await read_completion(WholeBody(body), cut)
+    at_turns.append(recorded)
+    done = True
+    await other
+    assert cut.meter.deltas == len(body) // len(EVENT)
+    assert max(b - a for a, b in itertools.pairwise(at_turns)) <= PARSE_SLICE // len(EVENT) + 1
 
 
 async def test_a_small_sse_answer_is_parsed_without_waiting_for_a_turn() -> None:

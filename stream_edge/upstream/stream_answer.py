@@ -28,9 +28,10 @@ from stream_edge.upstream.base import (
 class StreamAnswer:
     """`feed` the answer's bytes in order, any split; `completion()` once all are in.
 
-    `events` is everything parsed up to the first failure, what billing an answer
-    that failed counts (`completion.bill_unread`); after a failure nothing more is
-    parsed, as nothing after it is billed or answered. `fed` counts the bytes given."""
+    `events` is everything parsed up to the first failure (the last of them), what
+    billing an answer that failed counts (`completion.bill_unread`); after a failure
+    nothing more is parsed, as nothing after it is billed or answered. `fed` counts
+    the bytes given."""
 
     __slots__ = (
         "_calls",
@@ -63,11 +64,11 @@ class StreamAnswer:
         if self._failure is not None:
             return
         events = self._parser.feed(data)
-        self.events.extend(events)
-        for event in events:
+        for index, event in enumerate(events):
             if isinstance(event, Failure):
                 self._failure = event.message
-                return
+                events = events[: index + 1]
+                break
             if isinstance(event, Delta):
                 self._text.append(event.text)
             elif isinstance(event, ToolCallDelta):
@@ -76,6 +77,7 @@ class StreamAnswer:
                 self._reason = event.reason
             elif isinstance(event, Usage):
                 self._usage = Usage(event.input_tokens, event.output_tokens)
+        self.events.extend(events)
 
     def end(self) -> list[UpstreamEvent]:
         """The answer's bytes are all in (or no more will be read): an event its last
