@@ -113,6 +113,18 @@ class SSEDecoder:
         common case no `ServerSentEvent` is built and no payload decoded and encoded
         again. At one event per read (tokens 20 ms apart) this halves the decoder's
         CPU per event (docs/edge-profile.md, "Paced streams")."""
+        out: list[bytes] = []
+        if self._retry is None and b"\r" not in chunk:
+            if self._buffer or self._data or self._event or self._pending_cr:
+                # A read ends anywhere, mostly inside an event: the held event is
+                # finished line by line and the rest of the chunk goes the fast way
+                # below. Going line by line for all of it made a stream read in
+                # 64 KiB pieces 7 times slower to decode than the same bytes whole.
+                first = chunk.find(b"\n\n")
+                if first == -1:
+                    return [e.data.encode() for e in self._feed_lines(chunk)]
+                out = [e.data.encode() for e in self._feed_lines(chunk[: first + 2])]
+                chunk = chunk[first + 2 :]
         if (
             not (self._buffer or self._data or self._event or self._pending_cr)
             and self._retry is None
@@ -120,7 +132,6 @@ class SSEDecoder:
         ):
             end = chunk.rfind(b"\n\n")
             if end != -1:
-                out: list[bytes] = []
                 blocks = chunk[:end].split(b"\n\n")
                 if end > MAX_LINE:
                     _check_lines(blocks)
@@ -138,7 +149,8 @@ class SSEDecoder:
                 if chunk:
                     out.extend(e.data.encode() for e in self._feed_lines(chunk))
                 return out
-        return [e.data.encode() for e in self._feed_lines(chunk)]
+        out.extend(e.data.encode() for e in self._feed_lines(chunk))
+        return out
 
     def _feed_lines(self, chunk: bytes) -> Iterator[ServerSentEvent]:
         if self._pending_cr and chunk.startswith(b"\n"):

@@ -297,3 +297,28 @@ def test_sse_backend_paths_are_configurable() -> None:
 )
 def test_lookup(doc: Any, path: tuple[str, ...], value: Any) -> None:
     assert lookup(doc, path) == value
+
+
+@pytest.mark.parametrize(
+    ("event", "kinds"),
+    [
+        ({"meta": {"error": ""}, "out": {"text": "x"}}, ["Failure"]),  # present, however falsy
+        ({"meta": {"error": None}, "out": {"text": "x"}}, ["Delta"]),
+        ({"meta": [], "out": {"text": 5}, "calls": None}, []),
+        ({"calls": {"list": [{"index": 0, "function": {"arguments": "{}"}}]}}, ["ToolCallDelta"]),
+        ({"n": {"in": 3}, "m": {"out": 1}}, ["Usage"]),  # input and output under other keys
+        ({"m": {"out": 1}}, []),
+    ],
+)
+def test_sse_backend_nested_paths_read_as_lookup_reads_them(
+    event: dict[str, Any], kinds: list[str]
+) -> None:
+    spec = SSEBackendSpec(
+        content_path="out.text",
+        error_path="meta.error",
+        tool_calls_path="calls.list",
+        usage_input_path="n.in",
+        usage_output_path="m.out",
+    )
+    events = SSEBackendAdapter(spec).stream_parser().feed(b"data: " + orjson.dumps(event) + b"\n\n")
+    assert [type(e).__name__ for e in events] == kinds

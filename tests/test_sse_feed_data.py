@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.sse import SSEDecoder
+from shared.sse import ServerSentEvent, SSEDecoder
 
 # Pieces that make up real and hostile event streams: whole JSON events, the end
 # marker, comments, other fields, every line ending, blank lines, non-ASCII and
@@ -56,3 +57,27 @@ def test_feed_data_keeps_the_common_payload_as_is() -> None:
         payload,
         b"[DONE]",
     ]
+
+
+def test_a_stream_read_in_pieces_cut_inside_events_is_not_walked_line_by_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A read ends anywhere, mostly inside an event. Only the event held across the
+    # cut goes line by line; the whole events after it are split at C speed. Before,
+    # every piece after the first went line by line: 8 MiB of events read in 64 KiB
+    # pieces took 7 times as long to decode as the same bytes in one piece.
+    walked: list[str] = []
+    line = SSEDecoder._line
+
+    def counted(self: SSEDecoder, text: str) -> ServerSentEvent | None:
+        walked.append(text)
+        return line(self, text)
+
+    monkeypatch.setattr(SSEDecoder, "_line", counted)
+    stream = b'data: {"delta":"word "}\n\n' * 1000
+    decoder, got = SSEDecoder(), []
+    for start in range(0, len(stream), 1001):  # never on an event's boundary
+        got.extend(decoder.feed_data(stream[start : start + 1001]))
+    assert got == [b'{"delta":"word "}'] * 1000
+    pieces = -(-len(stream) // 1001)
+    assert len(walked) <= 2 * pieces  # the held event's line and its blank line

@@ -19,23 +19,19 @@ import orjson
 from shared.catalog import Provider, SSEBackendSpec
 from stream_edge.upstream.base import (
     Completion,
-    CutStream,
     Delta,
-    Failure,
     Finish,
     HttpRequest,
     JsonEventParser,
-    ToolCallDelta,
-    ToolCalls,
     UpstreamCall,
     UpstreamEvent,
-    Usage,
     openai_tool_deltas,
     parser_for,
     trusted_headers,
     vendor_failure,
     vendor_usage,
 )
+from stream_edge.upstream.stream_answer import StreamAnswer
 
 DONE = "[DONE]"
 Path = tuple[str, ...]
@@ -90,26 +86,38 @@ class SSEBackendParser(JsonEventParser):
         self._paths = paths
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
+        # Each path's first key is looked up inline and the rest only when it is
+        # there: most events hold the text alone, and six `lookup` calls an event
+        # were two thirds of the parse (8 MiB of events, some 335,000: 1.3 s of 1.8 s).
         paths = self._paths
-        problem = lookup(doc, paths.error)
+        problem = doc.get(paths.error[0])
+        if problem is not None and len(paths.error) > 1:
+            problem = lookup(problem, paths.error[1:])
         if problem is not None:
             detail = problem.get("message") if isinstance(problem, dict) else problem
             return [vendor_failure("sse_backend", detail, self.withheld)]
         out: list[UpstreamEvent] = []
-        text = lookup(doc, paths.content)
+        text = doc.get(paths.content[0])
+        if text is not None and len(paths.content) > 1:
+            text = lookup(text, paths.content[1:])
         if isinstance(text, str) and text:
             out.append(Delta(text, raw))
-        # Tool calls in OpenAI's delta shape (`[{index, id?, function: {name?, arguments}}]`).
-        out.extend(openai_tool_deltas(lookup(doc, paths.tool_calls), raw))
-        reason = lookup(doc, paths.finish)
+        calls = doc.get(paths.tool_calls[0])
+        if calls is not None:
+            # Tool calls in OpenAI's delta shape (`[{index, id?, function: {name?, arguments}}]`).
+            out.extend(openai_tool_deltas(lookup(calls, paths.tool_calls[1:]), raw))
+        reason = doc.get(paths.finish[0])
+        if reason is not None and len(paths.finish) > 1:
+            reason = lookup(reason, paths.finish[1:])
         if isinstance(reason, str) and reason:
             out.append(Finish(reason, raw))
-        input_tokens = _count(lookup(doc, paths.usage_input))
-        output = _count(lookup(doc, paths.usage_output))
-        if input_tokens is not None and output is not None:
-            # Clamped as every vendor's: a negative count is refused by the control
-            # plane (422), which sent the whole report to the dead letters.
-            out.append(vendor_usage(input_tokens, output, raw))
+        if doc.get(paths.usage_input[0]) is not None:
+            input_tokens = _count(lookup(doc, paths.usage_input))
+            output = _count(lookup(doc, paths.usage_output))
+            if input_tokens is not None and output is not None:
+                # Clamped as every vendor's: a negative count is refused by the control
+                # plane (422), which sent the whole report to the dead letters.
+                out.append(vendor_usage(input_tokens, output, raw))
         return out
 
 
@@ -143,29 +151,16 @@ class SSEBackendAdapter:
     def stream_parser(self) -> SSEBackendParser:
         return SSEBackendParser(self._paths)
 
+    def stream_answer(self, withheld: tuple[str, ...] = ()) -> StreamAnswer:
+        """A whole answer (`stream: false`), parsed as it is read; `withheld`: the
+        credentials sent, kept out of a logged error."""
+        return StreamAnswer(parser_for(self, withheld))
+
     def parse_completion(self, body: bytes, withheld: tuple[str, ...] = ()) -> Completion:
-        """The whole stream, read at once (the answer to a `stream: false` request);
-        `withheld`: the credentials sent, kept out of a logged error."""
-        parser = parser_for(self, withheld)
-        text: list[str] = []
-        calls = ToolCalls()
-        reason: str | None = None
-        usage: Usage | None = None
-        events = parser.feed(body + b"\n\n")
-        for event in events:
-            if isinstance(event, Failure):
-                raise CutStream(event.message, events)
-            if isinstance(event, Delta):
-                text.append(event.text)
-            elif isinstance(event, ToolCallDelta):
-                calls.add(event)
-            elif isinstance(event, Finish):
-                reason = event.reason
-            elif isinstance(event, Usage):
-                usage = Usage(event.input_tokens, event.output_tokens)
-        if not parser.done and reason is None:
-            raise CutStream("the backend's stream ended early", events)
-        return Completion("".join(text), reason or "stop", usage, tuple(calls.complete()))
+        """The whole stream, read at once (the answer to a `stream: false` request)."""
+        answer = self.stream_answer(withheld)
+        answer.feed(body)
+        return answer.completion()
 
     def error_status(self, status: int, body: bytes) -> int:
         return status
