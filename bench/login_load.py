@@ -202,8 +202,9 @@ async def main(loopers: int, seconds: float, flood: int) -> None:
                 drained = time.perf_counter() - started
                 print(
                     f"flood ({flood} unknown-email logins at once): drained in {drained:.1f} s, "
-                    f"answered {dict(answers)}; a real login during it: {during}; RSS after {memory(server.pid).rss / 2**20:.0f} "
-                    f"MiB (peak {memory(server.pid).peak / 2**20:.0f} MiB)"
+                    f"answered {dict(answers)}; a real login during it: {during}; RSS after "
+                    f"{memory(server.pid).rss / 2**20:.0f} MiB "
+                    f"(peak {memory(server.pid).peak / 2**20:.0f} MiB)"
                 )
         finally:
             server.terminate()

@@ -4,10 +4,10 @@ behind them, and a fast 503 past it.
 One argon2id verify with argon2-cffi's defaults (t=3, m=64 MiB, p=4) costs ~200 ms of
 CPU and 64 MiB, on four threads. `asyncio.to_thread` ran as many at once as the
 default executor has threads (CPUs + 4) and queued the rest without bound, on the
-CPUs that inits and settlements need (measured on 2 CPUs: eight clients looping
-logins took init from p50 5 ms / p95 14 ms to 94 / 297 ms and the RSS from 122 to
-505 MiB; 150 logins at once took 27 s to drain, a real login waiting 23 s behind
-them).
+CPUs that inits and settlements need (measured on 2 CPUs, `bench/login_load.py`:
+eight clients looping logins took init from p50 6 ms / p95 12 ms to 61 / 177 ms and
+the RSS from 122 to 507 MiB; 150 logins at once took 35 s to drain, a real login
+waiting 13 s behind them).
 
 Here a password check needs a *place* first: at most `slots` run and `waiting` more
 wait their turn (in order); a login finding every place taken is refused at once
@@ -54,6 +54,7 @@ class PasswordChecks:
     slots: int = field(default_factory=default_slots)
     waiting: int = -1  # -1: `WAITING_PER_SLOT` per slot
     _inside: int = field(init=False, default=0)
+    _running_now: int = field(init=False, default=0)
     _running: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +66,11 @@ class PasswordChecks:
     def inside(self) -> int:
         """Checks running or waiting now."""
         return self._inside
+
+    @property
+    def running(self) -> int:
+        """Hashes on a thread now (a caller that stopped waiting counts until done)."""
+        return self._running_now
 
     @asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
@@ -84,10 +90,14 @@ class PasswordChecks:
         waiting: a cancelled caller cannot let more than `slots` hashes run."""
         await self._running.acquire()
         try:
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(None, fn, *args)
+            work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except BaseException:
             self._running.release()
             raise
-        work.add_done_callback(lambda _: self._running.release())
+        self._running_now += 1
+        work.add_done_callback(self._done)
         return await asyncio.shield(work)
+
+    def _done(self, _: object) -> None:
+        self._running_now -= 1
+        self._running.release()
