@@ -348,7 +348,7 @@ class LoginsBusy(ServiceUnavailable):
     """Every place for a password check in this process is taken (`password_checks`)."""
 
     code = "logins_busy"
-    default_message = "Too many sign-ins are being checked right now; retry shortly."
+    default_message = "Too many passwords are being checked right now; retry shortly."
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(headers={"Retry-After": str(retry_after)})
