@@ -19,14 +19,15 @@ in its /48, at `SITE_FACTOR` times the limit: room for a site's (or a carrier po
 many subscribers, still 4,096 times fewer guesses for one attacker. The email is
 hashed in the key: no addresses of people in Redis.
 
-Every login of an email, right password or not, also counts in a one-minute window
-(``LLMGW_LOGIN_RATE_PER_ACCOUNT``, default 10): past it, 429 `too_many_logins`
+An account's sign-ins also count in a one-minute window
+(``LLMGW_LOGIN_RATE_PER_ACCOUNT``, default 60): past it, 429 `too_many_logins`
 before argon2. Successes were not limited at all, so one member looping its own
-login ran a ~200 ms, 64 MiB argon2 verify as fast as the server answered. It is
-counted per email as sent, before the user is looked up, so an unknown email meets
-the same limit at the same count as an account's (nothing tells them apart); no
-person logs in ten times a minute. An attempt it refuses is no failure: the failure
-counts it took are given back.
+login ran a ~200 ms, 64 MiB argon2 verify as fast as the server answered. The
+attempt is counted in advance (per email as sent, before the user is looked up) and
+taken back when the password turns out wrong (`not_a_login`): wrong passwords and
+unknown emails are the failure limit's, so they meet the same limits with the same
+answers and the failure limit keeps its meaning whatever it is set to. An attempt
+this limit refuses is no failure: the failure counts it took are given back.
 """
 
 from __future__ import annotations
@@ -166,12 +167,19 @@ async def forgive(store: CounterStore, attempt: Attempt) -> None:
         log.exception("could not take back a login attempt")
 
 
-async def withdraw(store: CounterStore, attempt: Attempt) -> None:
-    """The password was never checked (every place for a check was taken): the
-    attempt counts nowhere, neither as a failure nor as a login of the account."""
-    await forgive(store, attempt)
+async def not_a_login(store: CounterStore, attempt: Attempt) -> None:
+    """The password was wrong (or the email unknown): a failure, not a sign-in of the
+    account, so its one-minute count is taken back."""
     if attempt.rate_key is not None:
         try:
             await store.unhit(attempt.rate_key, RATE_WINDOW_SECONDS)
         except Exception:
+            # An attempt left counted only tightens the limit, for a minute.
             log.exception("could not take back a login attempt")
+
+
+async def withdraw(store: CounterStore, attempt: Attempt) -> None:
+    """The password was never checked (every place for a check was taken): the
+    attempt counts nowhere, neither as a failure nor as a login of the account."""
+    await forgive(store, attempt)
+    await not_a_login(store, attempt)

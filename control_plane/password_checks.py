@@ -32,9 +32,11 @@ T = TypeVar("T")
 # Each check already runs its four argon2 lanes on four threads: one check per two
 # CPUs leaves the other half (and more, between checks) to inits and settlements.
 CPUS_PER_SLOT = 2
-# A login waits behind at most this many checks per slot (~1 s on an idle 2-CPU box)
-# before it is told to come back: longer queues only make every login slower.
-WAITING_PER_SLOT = 4
+# A login waits behind at most this many checks per slot (~6 s on an idle 2-CPU box)
+# before it is told to come back. Waiting costs no CPU and no argon2 memory, so the
+# queue is long enough for a burst of honest sign-ins (a team logging in at nine, a
+# client's test suite signing users in at once); past it, waits only grow.
+WAITING_PER_SLOT = 32
 BUSY_RETRY_AFTER_S = 1
 
 

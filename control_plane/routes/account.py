@@ -63,6 +63,9 @@ async def login(request: Request) -> Response:
         await login_limits.withdraw(deps.store, attempt)  # nothing was checked
         raise
     if user is None or not verified:
+        # Only sign-ins count as logins of the account: a wrong password (or an
+        # unknown email) is the failure limit's, so the two meet the same limits.
+        await login_limits.not_a_login(deps.store, attempt)
         raise InvalidCredentials()
     await login_limits.forgive(deps.store, attempt)
     await deps.db.transaction(lambda s: profile.check_not_revoked(s, user))
