@@ -1,7 +1,8 @@
 """Passwords (argon2id) and API keys (``sk_…``).
 
-Password hashing is deliberately slow (tens of ms): callers run it off the event
-loop (`asyncio.to_thread`). API keys are 256 bits from `secrets`, so a single fast
+Password hashing is deliberately slow (~200 ms of CPU and 64 MiB with argon2-cffi's
+defaults): callers run it off the event loop through the process's bounded gate
+(`password_checks`). API keys are 256 bits from `secrets`, so a single fast
 SHA-256 is the right hash for them: there is nothing to brute-force, and the lookup
 by hash stays a cheap unique-index probe on every request.
 """

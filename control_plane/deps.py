@@ -19,6 +19,7 @@ from control_plane.external_auth import ExternalVerifier
 from control_plane.heavy_reads import HeavyReads
 from control_plane.ledger import active_hold_count
 from control_plane.metrics import Metrics
+from control_plane.password_checks import PasswordChecks
 from control_plane.readiness import failing
 from control_plane.recent_answer import RecentAnswer
 from control_plane.settings import ControlPlaneSettings
@@ -47,6 +48,8 @@ class Deps:
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
+    # Argon2 hashes and verifies: a few at once, a short queue, 503 past it.
+    password_checks: PasswordChecks = field(default_factory=PasswordChecks)
     # Access tokens whose signature was checked, by the key that checked it.
     verified_signatures: VerifiedSignatures = field(default_factory=VerifiedSignatures)
     # What anonymous routes read of the database, once a second whatever the traffic

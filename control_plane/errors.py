@@ -38,11 +38,13 @@ logs the traceback server-side.
     │   └── UnsupportedFeature (422 unsupported_feature)
     ├── RateLimited (429 rate_limited, Retry-After)
     │   ├── LoginThrottled (429 too_many_login_failures)
+    │   ├── TooManyLogins (429 too_many_logins: one account's logins per minute)
     │   ├── TooManyPendingInits (429 too_many_pending_inits)
     │   ├── TpmExceeded (429 tpm_exceeded)
     │   └── TooManyHeavyReads (429 too_many_heavy_reads)
     └── ServiceUnavailable (503 unavailable)
         ├── QueryTimeout (503 query_timeout, Retry-After)
+        ├── LoginsBusy (503 logins_busy, Retry-After: every password-check place taken)
         └── DatabaseUnavailable (503 database_unavailable, Retry-After)
 """
 
@@ -305,6 +307,13 @@ class LoginThrottled(RateLimited):
     code = "too_many_login_failures"
 
 
+class TooManyLogins(RateLimited):
+    """An account's logins (right password or not) past their per-minute limit
+    (`login_limits`)."""
+
+    code = "too_many_logins"
+
+
 class TooManyPendingInits(RateLimited):
     code = "too_many_pending_inits"
 
@@ -333,6 +342,16 @@ class QueryTimeout(ServiceUnavailable):
 
     def __init__(self, message: str | None = None, *, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class LoginsBusy(ServiceUnavailable):
+    """Every place for a password check in this process is taken (`password_checks`)."""
+
+    code = "logins_busy"
+    default_message = "Too many passwords are being checked right now; retry shortly."
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(headers={"Retry-After": str(retry_after)})
 
 
 class DatabaseUnavailable(ServiceUnavailable):

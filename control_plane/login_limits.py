@@ -18,6 +18,16 @@ them, 655,360 guesses per window at the default limit. So an IPv6 attempt also c
 in its /48, at `SITE_FACTOR` times the limit: room for a site's (or a carrier pool's)
 many subscribers, still 4,096 times fewer guesses for one attacker. The email is
 hashed in the key: no addresses of people in Redis.
+
+An account's sign-ins also count in a one-minute window
+(``LLMGW_LOGIN_RATE_PER_ACCOUNT``, default 60): past it, 429 `too_many_logins`
+before argon2. Successes were not limited at all, so one member looping its own
+login ran a ~200 ms, 64 MiB argon2 verify as fast as the server answered. The
+attempt is counted in advance (per email as sent, before the user is looked up) and
+taken back when the password turns out wrong (`not_a_login`): wrong passwords and
+unknown emails are the failure limit's, so they meet the same limits with the same
+answers and the failure limit keeps its meaning whatever it is set to. An attempt
+this limit refuses is no failure: the failure counts it took are given back.
 """
 
 from __future__ import annotations
@@ -27,13 +37,14 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from control_plane.errors import LoginThrottled, ServiceUnavailable
+from control_plane.errors import LoginThrottled, ServiceUnavailable, TooManyLogins
 from control_plane.rate_limits import Window, window_at
 from shared.store import CounterStore
 
 log = logging.getLogger("control_plane.login_limits")
 
 WINDOW_SECONDS = 15 * 60
+RATE_WINDOW_SECONDS = 60
 IPV6_PREFIX = 64
 IPV6_SITE_PREFIX = 48
 SITE_FACTOR = 16
@@ -77,11 +88,19 @@ def attempt_keys(email: str, address: str, window: Window, site: str | None = No
     return keys
 
 
+def rate_key(email: str, window: Window) -> str:
+    """The email's key in the one-minute window of all its logins."""
+    email_digest = hashlib.sha256(email.encode("utf-8")).hexdigest()[:32]
+    return f"rl:login:rate:{email_digest}:{window.start}"
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """A counted login attempt, to `forgive` if the password turns out right."""
+    """A counted login attempt, to `forgive` if the password turns out right, or to
+    `withdraw` if it was never checked."""
 
-    keys: list[str]
+    keys: list[str]  # the failure counters
+    rate_key: str | None = None  # the email's one-minute count of all logins
 
 
 async def claim_attempt(
@@ -92,10 +111,13 @@ async def claim_attempt(
     limit: int,
     now: float,
     site: str | None = None,
+    per_minute: int | None = None,
 ) -> Attempt:
     """Count one attempt for `email`, `address` and its IPv6 `site` (`site_bucket`);
     LoginThrottled (429) when any has already used its `limit` (the site
-    `SITE_FACTOR` times it) in this window. Call before verifying the password.
+    `SITE_FACTOR` times it) in this window. Then, with `per_minute`, count it in the
+    email's one-minute window of all logins: TooManyLogins (429) past it, the
+    failure counts just taken given back. Call before verifying the password.
 
     The widest is counted and checked first: a site or an address over its limit is
     refused before the narrower counters are hit, or every made-up email (or /64) it
@@ -107,18 +129,32 @@ async def claim_attempt(
     if site is not None:
         checks.insert(0, (keys[2], limit * SITE_FACTOR))
     for key, allowed in checks:
-        try:
-            count = await store.hit(key, WINDOW_SECONDS)
-        except Exception:
-            log.exception("login counter unavailable")
-            raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
-        if count > allowed:
+        if await _hit(store, key, WINDOW_SECONDS) > allowed:
             raise LoginThrottled(
                 f"Too many failed logins ({limit} per 15 minutes) for this account or "
                 f"address; retry in {window.retry_after} s.",
                 window.retry_after,
             )
-    return Attempt(keys)
+    if per_minute is None:
+        return Attempt(keys)
+    minute = window_at(now, RATE_WINDOW_SECONDS)
+    counted = rate_key(email, minute)
+    if await _hit(store, counted, RATE_WINDOW_SECONDS) > per_minute:
+        await forgive(store, Attempt(keys))
+        raise TooManyLogins(
+            f"Too many logins for this account ({per_minute} per minute); "
+            f"retry in {minute.retry_after} s.",
+            minute.retry_after,
+        )
+    return Attempt(keys, counted)
+
+
+async def _hit(store: CounterStore, key: str, window_seconds: int) -> int:
+    try:
+        return await store.hit(key, window_seconds)
+    except Exception:
+        log.exception("login counter unavailable")
+        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
 
 
 async def forgive(store: CounterStore, attempt: Attempt) -> None:
@@ -129,3 +165,21 @@ async def forgive(store: CounterStore, attempt: Attempt) -> None:
     except Exception:
         # The login itself succeeded; an attempt left counted only tightens the limit.
         log.exception("could not take back a login attempt")
+
+
+async def not_a_login(store: CounterStore, attempt: Attempt) -> None:
+    """The password was wrong (or the email unknown): a failure, not a sign-in of the
+    account, so its one-minute count is taken back."""
+    if attempt.rate_key is not None:
+        try:
+            await store.unhit(attempt.rate_key, RATE_WINDOW_SECONDS)
+        except Exception:
+            # An attempt left counted only tightens the limit, for a minute.
+            log.exception("could not take back a login attempt")
+
+
+async def withdraw(store: CounterStore, attempt: Attempt) -> None:
+    """The password was never checked (every place for a check was taken): the
+    attempt counts nowhere, neither as a failure nor as a login of the account."""
+    await forgive(store, attempt)
+    await not_a_login(store, attempt)

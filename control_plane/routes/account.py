@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -19,6 +18,7 @@ from control_plane.deps import Deps, get_deps, read_body, read_json
 from control_plane.errors import (
     Forbidden,
     InvalidCredentials,
+    LoginsBusy,
     ServiceUnavailable,
     ValidationFailed,
 )
@@ -48,13 +48,24 @@ async def login(request: Request) -> Response:
         site=login_limits.site_bucket(host),
         limit=deps.settings.login_failures_per_15min,
         now=deps.clock(),
+        per_minute=deps.settings.login_rate_per_account,
     )
-    user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
-    # An unknown email is verified too (against a dummy hash): same answer, same time.
-    # Skipping argon2 for it answered ~50x faster, telling who has an account.
-    password_hash = user.password_hash if user is not None else None
-    verified = await asyncio.to_thread(verify_password, password_hash, password)
+    checks = deps.password_checks
+    try:
+        async with checks.place():
+            user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
+            # An unknown email is verified too (against a dummy hash): same answer, same
+            # time, same place in the queue. Skipping argon2 for it answered ~50x
+            # faster, telling who has an account.
+            password_hash = user.password_hash if user is not None else None
+            verified = await checks.run(verify_password, password_hash, password)
+    except LoginsBusy:
+        await login_limits.withdraw(deps.store, attempt)  # nothing was checked
+        raise
     if user is None or not verified:
+        # Only sign-ins count as logins of the account: a wrong password (or an
+        # unknown email) is the failure limit's, so the two meet the same limits.
+        await login_limits.not_a_login(deps.store, attempt)
         raise InvalidCredentials()
     await login_limits.forgive(deps.store, attempt)
     await deps.db.transaction(lambda s: profile.check_not_revoked(s, user))

@@ -7,8 +7,6 @@ and API keys (`policy`). Creates answer 201, deletes 204.
 
 from __future__ import annotations
 
-import asyncio
-
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -92,7 +90,9 @@ async def create_user(request: Request) -> Response:
             raise Forbidden("You cannot add users to this company.")
         if not policy.can_assign_role(principal, role):
             raise Forbidden(f"You cannot create a user with role {role}.")
-        password_hash = await asyncio.to_thread(hash_password, password)
+        checks = get_deps(request).password_checks
+        async with checks.place():  # the same argon2 cost as a login's verify
+            password_hash = await checks.run(hash_password, password)
     actor = _actor(request, principal)
     try:
         user = await get_deps(request).db.transaction(

@@ -1,0 +1,105 @@
+"""Password hashing's share of the process: a few argon2 runs at once, a short queue
+behind them, and a fast 503 past it.
+
+One argon2id verify with argon2-cffi's defaults (t=3, m=64 MiB, p=4) costs ~200 ms of
+CPU and 64 MiB, on four threads. `asyncio.to_thread` ran as many at once as the
+default executor has threads (CPUs + 4) and queued the rest without bound, on the
+CPUs that inits and settlements need (measured on 2 CPUs, `bench/login_load.py`:
+eight clients looping logins took init from p50 6 ms / p95 12 ms to 61 / 177 ms and
+the RSS from 122 to 507 MiB; 150 logins at once took 35 s to drain, a real login
+waiting 13 s behind them).
+
+Here a password check needs a *place* first: at most `slots` run and `waiting` more
+wait their turn (in order); a login finding every place taken is refused at once
+with 503 `logins_busy` and ``Retry-After``, before it costs a database lookup or a
+hash. So the hashing never holds more than `slots` x 64 MiB, and a fresh login waits
+behind at most `waiting` others. The bound is per process, as the CPUs it protects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from control_plane.errors import LoginsBusy
+
+T = TypeVar("T")
+
+# Each check already runs its four argon2 lanes on four threads: one check per two
+# CPUs leaves the other half (and more, between checks) to inits and settlements.
+CPUS_PER_SLOT = 2
+# A login waits behind at most this many checks per slot (~6 s on an idle 2-CPU box)
+# before it is told to come back. Waiting costs no CPU and no argon2 memory, so the
+# queue is long enough for a burst of honest sign-ins (a team logging in at nine, a
+# client's test suite signing users in at once); past it, waits only grow.
+WAITING_PER_SLOT = 32
+BUSY_RETRY_AFTER_S = 1
+
+
+def default_slots() -> int:
+    """One check per `CPUS_PER_SLOT` CPUs this process may run on, at least one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // CPUS_PER_SLOT)
+
+
+@dataclass
+class PasswordChecks:
+    """The process's password-hashing gate (`place`, then `run`)."""
+
+    slots: int = field(default_factory=default_slots)
+    waiting: int = -1  # -1: `WAITING_PER_SLOT` per slot
+    _inside: int = field(init=False, default=0)
+    _running_now: int = field(init=False, default=0)
+    _running: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.waiting < 0:
+            self.waiting = WAITING_PER_SLOT * self.slots
+        self._running = asyncio.Semaphore(self.slots)
+
+    @property
+    def inside(self) -> int:
+        """Checks running or waiting now."""
+        return self._inside
+
+    @property
+    def running(self) -> int:
+        """Hashes on a thread now (a caller that stopped waiting counts until done)."""
+        return self._running_now
+
+    @asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        """Hold a place for one login's check, or LoginsBusy (503) when all are taken.
+        Taken before the login's database lookup, so a refused one costs nothing."""
+        if self._inside >= self.slots + self.waiting:
+            raise LoginsBusy(BUSY_RETRY_AFTER_S)
+        self._inside += 1
+        try:
+            yield
+        finally:
+            self._inside -= 1
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` (a hash or a verify) on a thread, once one of the `slots` is
+        free. A slot is freed when the thread is done, not when the caller stops
+        waiting: a cancelled caller cannot let more than `slots` hashes run."""
+        await self._running.acquire()
+        try:
+            work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except BaseException:
+            self._running.release()
+            raise
+        self._running_now += 1
+        work.add_done_callback(self._done)
+        return await asyncio.shield(work)
+
+    def _done(self, _: object) -> None:
+        self._running_now -= 1
+        self._running.release()

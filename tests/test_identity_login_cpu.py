@@ -1,0 +1,182 @@
+"""Password hashing cannot starve the money path: an account's sign-ins are
+limited per minute (``LLMGW_LOGIN_RATE_PER_ACCOUNT``: 429 `too_many_logins` before
+argon2), and a process runs a few password checks at once behind a short queue,
+answering 503 `logins_busy` with ``Retry-After`` past it instead of queueing without
+bound (`control_plane/password_checks.py`).
+
+Before: a member looping its own login with the right password was never refused,
+each attempt a ~200 ms, 64 MiB argon2 verify; 150 logins at once queued in the
+default executor and took 35 s to drain, a real login waiting 13 s behind them
+(`bench/login_load.py`, 2 CPUs).
+
+A real control plane per test (SQLite + in-memory store), with a fixed clock; slow
+verifies are a fake verifier held by a gate, so nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from control_plane import login_limits
+from control_plane.password_checks import PasswordChecks
+from control_plane.rate_limits import window_at
+from control_plane.routes import account, admin
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.polling import wait_until
+from tests.test_control_plane import PASSWORD, _settings
+from tests.test_identity_login_limits import CHEAP_HASH, NOW, Login, _login
+
+RATE = 4
+FAILURES = 100  # out of the way: the per-minute limit is what is tested here
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Login]:
+    from control_plane.app import create_app
+
+    extra = {
+        "LLMGW_LOGIN_RATE_PER_ACCOUNT": str(RATE),
+        "LLMGW_LOGIN_FAILURES_PER_15MIN": str(FAILURES),
+    }
+    app = create_app(_settings(f"sqlite:///{tmp_path}/cp.db", extra))
+    verifies: list[str] = []
+    real_verify = account.verify_password
+
+    def counting_verify(password_hash: str | None, password: str) -> bool:
+        verifies.append(password)
+        return real_verify(password_hash, password)
+
+    sock = bind_free_socket()
+    with ServerGroup([(app, sock)]) as group, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(account, "verify_password", counting_verify)
+        patch.setattr(admin, "hash_password", CHEAP_HASH)
+        app.state.deps.clock = lambda: NOW
+        yield Login(url_of(sock), app, group, None, verifies)
+
+
+def _counter(server: Login, key: str) -> int:
+    async def read() -> bytes | None:
+        return await server.app.state.store.get(key)  # type: ignore[no-any-return]
+
+    return int(server.group.call(read) or 0)
+
+
+def _failures_of(server: Login, email: str, address: str) -> tuple[int, int]:
+    window = window_at(NOW, login_limits.WINDOW_SECONDS)
+    email_key, address_key = login_limits.attempt_keys(email, address, window)
+    return _counter(server, email_key), _counter(server, address_key)
+
+
+def test_a_member_looping_its_own_login_is_refused_past_the_limit_before_argon2(
+    server: Login,
+) -> None:
+    email = server.user()
+    with server.client("127.0.0.2") as looper:
+        for _ in range(RATE):
+            assert _login(looper, email, PASSWORD).status_code == 200
+        verified = len(server.verifies)
+        r = _login(looper, email, PASSWORD)
+        assert r.status_code == 429, r.text
+        body = r.json()
+        assert body["success"] is False and body["error"]["code"] == "too_many_logins"
+        assert r.headers["retry-after"] == "30"  # the rest of the minute at NOW
+        assert len(server.verifies) == verified  # no argon2 for a refused login
+        # A refused login is no failure: the address and the email count none.
+        assert _failures_of(server, email, "127.0.0.2") == (0, 0)
+        # The same address signs another account in.
+        assert _login(looper, server.user(), PASSWORD).status_code == 200
+
+
+def test_wrong_passwords_and_unknown_emails_are_failures_not_sign_ins(server: Login) -> None:
+    """Counted per email as sent, before the lookup, and taken back when the password
+    is wrong: an account's wrong passwords and an unknown email's get the same answers
+    at the same counts (the failure limit's, whatever it is set to), and a looping
+    guesser cannot spend the account's sign-ins."""
+    answers = []
+    emails = (server.user(), f"nobody-{uuid.uuid4().hex}@example.com")
+    for email in emails:
+        with server.client("127.0.0.3") as client:
+            seen = [_login(client, email, "wrong") for _ in range(RATE * 3)]
+        answers.append([(r.status_code, r.json(), r.headers.get("retry-after")) for r in seen])
+        assert _counter(server, login_limits.rate_key(email, window_at(NOW, 60))) == 0
+    assert answers[0] == answers[1]
+    assert [status for status, _, _ in answers[0]] == [401] * (RATE * 3)
+    # The account still signs in, its minute untouched by the guesses.
+    with server.client("127.0.0.6") as owner:
+        assert _login(owner, emails[0], PASSWORD).status_code == 200
+
+
+def test_with_every_check_place_taken_the_next_login_is_a_fast_503(server: Login) -> None:
+    """One check running (held in a fake verify), one waiting: the third login is
+    refused at once, without a lookup or a verify, and counts nowhere; the two
+    held logins then finish."""
+    checks = PasswordChecks(slots=1, waiting=1)
+    server.app.state.deps.password_checks = checks
+    gate = threading.Event()
+    entered: list[str] = []
+
+    def held_verify(password_hash: str | None, password: str) -> bool:
+        entered.append(password)
+        gate.wait()
+        return False
+
+    emails = [server.user(), server.user()]
+    third = server.user()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        ThreadPoolExecutor(2) as pool,
+        server.client("127.0.0.4") as held,
+        server.client("127.0.0.5") as probe,
+    ):
+        patch.setattr(account, "verify_password", held_verify)
+        try:
+            pending = [pool.submit(_login, held, e, "wrong") for e in emails]
+            wait_until(
+                lambda: len(entered) == 1 and checks.inside == 2,
+                "one login's check runs and another waits for it",
+            )
+            r = _login(probe, third, "wrong")
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["success"] is False and body["error"]["code"] == "logins_busy"
+            assert r.headers["retry-after"] == "1"
+            assert len(entered) == 1  # the refused login reached no verify
+            # Nothing was checked: it counts as no failure and no login of the account.
+            assert _failures_of(server, third, "127.0.0.5") == (0, 0)
+            rate_key = login_limits.rate_key(third, window_at(NOW, 60))
+            assert _counter(server, rate_key) == 0
+        finally:
+            gate.set()
+        assert [f.result().status_code for f in pending] == [401, 401]
+    assert checks.inside == 0
+    assert len(entered) == 2
+
+
+async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> None:
+    """Hashing cannot be stopped from the loop: a caller that leaves must not free
+    its slot while its argon2 still runs, or more than `slots` would run at once."""
+    checks = PasswordChecks(slots=1, waiting=0)
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait()
+        return "done"
+
+    caller = asyncio.create_task(checks.run(slow))
+    await asyncio.to_thread(started.wait)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert checks.running == 1  # its argon2 still runs: the slot stays taken
+    second = asyncio.create_task(checks.run(lambda: "second"))
+    release.set()
+    assert await second == "second"
+    assert checks.running == 0
