@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from control_plane import login_limits
 from control_plane.password_checks import PasswordChecks
@@ -157,6 +158,29 @@ def test_with_every_check_place_taken_the_next_login_is_a_fast_503(server: Login
         assert [f.result().status_code for f in pending] == [401, 401]
     assert checks.inside == 0
     assert len(entered) == 2
+
+
+def test_a_login_the_database_fails_before_its_check_counts_nowhere(server: Login) -> None:
+    """The account's lookup fails (503): no password was checked, so the attempt
+    counts neither as a failure nor as a sign-in of the account, as a `logins_busy`
+    one. Before, each such 503 spent a failure and a sign-in: a user retrying
+    through a database blip was locked out once it was back."""
+    email = server.user()
+
+    def unavailable(session: object, email: str) -> None:
+        raise OperationalError("SELECT", None, Exception("connection refused"))
+
+    with pytest.MonkeyPatch.context() as patch, server.client("127.0.0.7") as client:
+        patch.setattr(account, "find_user_by_email", unavailable)
+        for _ in range(RATE + 1):
+            r = _login(client, email, PASSWORD)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "database_unavailable"
+    assert _failures_of(server, email, "127.0.0.7") == (0, 0)
+    assert _counter(server, login_limits.rate_key(email, window_at(NOW, 60))) == 0
+    assert server.app.state.deps.password_checks.inside == 0
+    with server.client("127.0.0.7") as client:
+        assert _login(client, email, PASSWORD).status_code == 200
 
 
 async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> None:

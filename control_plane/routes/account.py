@@ -18,7 +18,6 @@ from control_plane.deps import Deps, get_deps, read_body, read_json
 from control_plane.errors import (
     Forbidden,
     InvalidCredentials,
-    LoginsBusy,
     ServiceUnavailable,
     ValidationFailed,
 )
@@ -59,8 +58,12 @@ async def login(request: Request) -> Response:
             # faster, telling who has an account.
             password_hash = user.password_hash if user is not None else None
             verified = await checks.run(verify_password, password_hash, password)
-    except LoginsBusy:
-        await login_limits.withdraw(deps.store, attempt)  # nothing was checked
+    except Exception:
+        # Nothing was checked (every place taken, or the lookup failed: 503s): the
+        # attempt counts as no failure and no sign-in, or a user retrying through a
+        # database blip is locked out once it is back. A cancelled login stays
+        # counted: its check may run on, and a guesser must not get it for free.
+        await login_limits.withdraw(deps.store, attempt)
         raise
     if user is None or not verified:
         # Only sign-ins count as logins of the account: a wrong password (or an
