@@ -68,23 +68,26 @@ def throwaway_state() -> Iterator[tuple[str, str]]:
         client.close()
 
 
+def bench_env(database_url: str, prefix: str, secret: str) -> dict[str, str]:
+    """A benchmark control plane's environment: its own database and prefix, the
+    per-user limits far above the load."""
+    return {
+        "LLMGW_WEBHOOK_SECRET": secret,
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "LLMGW_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LLMGW_DATABASE_URL": database_url,
+        "LLMGW_REDIS_URL": REDIS_URL,
+        "LLMGW_REDIS_PREFIX": prefix,
+        "LLMGW_AUTO_MIGRATE": "1",
+        "LLMGW_EDGE_PUBLIC_URL": "http://edge.test:8001",
+        "LLMGW_INIT_RATE_PER_USER": "1000000",
+        "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
+        "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
+    }
+
+
 def bench_settings(database_url: str, prefix: str, secret: str) -> ControlPlaneSettings:
-    return ControlPlaneSettings.from_env(
-        {
-            "LLMGW_WEBHOOK_SECRET": secret,
-            "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-            "LLMGW_ADMIN_TOKEN": ADMIN_TOKEN,
-            "LLMGW_DATABASE_URL": database_url,
-            "LLMGW_REDIS_URL": REDIS_URL,
-            "LLMGW_REDIS_PREFIX": prefix,
-            "LLMGW_AUTO_MIGRATE": "1",
-            "LLMGW_EDGE_PUBLIC_URL": "http://edge.test:8001",
-            "LLMGW_INIT_RATE_PER_USER": "1000000",
-            "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
-            "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
-        },
-        dev=False,
-    )
+    return ControlPlaneSettings.from_env(bench_env(database_url, prefix, secret), dev=False)
 
 
 class ThreadProfiles:

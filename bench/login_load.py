@@ -29,9 +29,8 @@ import time
 from typing import Any
 
 import httpx
-from cryptography.fernet import Fernet
 
-from bench.cp_cpu import ADMIN_TOKEN, REDIS_URL, throwaway_state
+from bench.cp_cpu import ADMIN_TOKEN, bench_env, throwaway_state
 from bench.procfs import cpu_seconds, memory
 from shared.webhooks import generate_secret
 
@@ -47,16 +46,7 @@ def _free_port() -> int:
 def _start(database_url: str, prefix: str, port: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
-        "LLMGW_WEBHOOK_SECRET": generate_secret(),
-        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "LLMGW_ADMIN_TOKEN": ADMIN_TOKEN,
-        "LLMGW_DATABASE_URL": database_url,
-        "LLMGW_REDIS_URL": REDIS_URL,
-        "LLMGW_REDIS_PREFIX": prefix,
-        "LLMGW_AUTO_MIGRATE": "1",
-        "LLMGW_INIT_RATE_PER_USER": "1000000",
-        "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
-        "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
+        **bench_env(database_url, prefix, generate_secret()),
         "LLMGW_LOG_LEVEL": "warning",
     }
     cmd = [sys.executable, "-m", "llm_gateway.cli", "control-plane", "--port", str(port)]

@@ -28,11 +28,10 @@ from sqlalchemy.exc import OperationalError
 from control_plane import login_limits
 from control_plane.password_checks import PasswordChecks
 from control_plane.rate_limits import window_at
-from control_plane.routes import account, admin
-from tests.harness import ServerGroup, bind_free_socket, url_of
+from control_plane.routes import account
 from tests.polling import wait_until
-from tests.test_control_plane import PASSWORD, _settings
-from tests.test_identity_login_limits import CHEAP_HASH, NOW, Login, _login
+from tests.test_control_plane import PASSWORD
+from tests.test_identity_login_limits import NOW, Login, _login, login_server
 
 RATE = 4
 FAILURES = 100  # out of the way: the per-minute limit is what is tested here
@@ -40,26 +39,12 @@ FAILURES = 100  # out of the way: the per-minute limit is what is tested here
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Login]:
-    from control_plane.app import create_app
-
     extra = {
         "LLMGW_LOGIN_RATE_PER_ACCOUNT": str(RATE),
         "LLMGW_LOGIN_FAILURES_PER_15MIN": str(FAILURES),
     }
-    app = create_app(_settings(f"sqlite:///{tmp_path}/cp.db", extra))
-    verifies: list[str] = []
-    real_verify = account.verify_password
-
-    def counting_verify(password_hash: str | None, password: str) -> bool:
-        verifies.append(password)
-        return real_verify(password_hash, password)
-
-    sock = bind_free_socket()
-    with ServerGroup([(app, sock)]) as group, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(account, "verify_password", counting_verify)
-        patch.setattr(admin, "hash_password", CHEAP_HASH)
-        app.state.deps.clock = lambda: NOW
-        yield Login(url_of(sock), app, group, None, verifies)
+    with login_server(f"sqlite:///{tmp_path}/cp.db", extra, None) as server:
+        yield server
 
 
 def _counter(server: Login, key: str) -> int:

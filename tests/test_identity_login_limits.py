@@ -9,6 +9,7 @@ Client addresses differ by binding the client socket to another loopback address
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,27 +65,36 @@ class Login:
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Login]:
-    from control_plane.app import create_app
 
     path: Path = tmp_path_factory.mktemp("login") / "cp.db"
     extra = {"LLMGW_LOGIN_FAILURES_PER_15MIN": str(LIMIT)}
     with fresh_redis_prefix() if request.param == "redis" else _nothing() as prefix:
         if prefix is not None:
             extra.update({"LLMGW_REDIS_URL": REDIS_URL, "LLMGW_REDIS_PREFIX": prefix})
-        app = create_app(_settings(f"sqlite:///{path}", extra))
-        verifies: list[str] = []
-        real_verify = account.verify_password
+        with login_server(f"sqlite:///{path}", extra, prefix) as server:
+            yield server
 
-        def counting_verify(password_hash: str | None, password: str) -> bool:
-            verifies.append(password)
-            return real_verify(password_hash, password)
 
-        sock = bind_free_socket()
-        with ServerGroup([(app, sock)]) as group, pytest.MonkeyPatch.context() as patch:
-            patch.setattr(account, "verify_password", counting_verify)
-            patch.setattr(admin, "hash_password", CHEAP_HASH)
-            app.state.deps.clock = lambda: NOW
-            yield Login(url_of(sock), app, group, prefix, verifies)
+@contextlib.contextmanager
+def login_server(database_url: str, extra: dict[str, str], prefix: str | None) -> Iterator[Login]:
+    """A control plane on a real socket whose clock stands at `NOW`, counting the
+    argon2 verifies it runs (new users are hashed cheaply)."""
+    from control_plane.app import create_app
+
+    app = create_app(_settings(database_url, extra))
+    verifies: list[str] = []
+    real_verify = account.verify_password
+
+    def counting_verify(password_hash: str | None, password: str) -> bool:
+        verifies.append(password)
+        return real_verify(password_hash, password)
+
+    sock = bind_free_socket()
+    with ServerGroup([(app, sock)]) as group, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(account, "verify_password", counting_verify)
+        patch.setattr(admin, "hash_password", CHEAP_HASH)
+        app.state.deps.clock = lambda: NOW
+        yield Login(url_of(sock), app, group, prefix, verifies)
 
 
 class _nothing:
