@@ -20,7 +20,7 @@ many subscribers, still 4,096 times fewer guesses for one attacker. The email is
 hashed in the key: no addresses of people in Redis.
 
 An account's sign-ins also count in a one-minute window
-(``LLMGW_LOGIN_RATE_PER_ACCOUNT``, default 60): past it, 429 `too_many_logins`
+(``LLMGW_LOGIN_RATE_PER_ACCOUNT``, default 300): past it, 429 `too_many_logins`
 before argon2. Successes were not limited at all, so one member looping its own
 login ran a ~200 ms, 64 MiB argon2 verify as fast as the server answered. The
 attempt is counted in advance (per email as sent, before the user is looked up) and

@@ -119,7 +119,7 @@ class ControlPlaneSettings(CommonSettings):
     company_webhooks_allow_private: bool = False
     login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
     # Sign-ins of one account per minute (login_limits).
-    login_rate_per_account: int = 60
+    login_rate_per_account: int = 300
     # Abuse limits (issue 12.6): unused stream grants per user, what one chat session
     # may hold, and the size of one init's stashed request.
     max_pending_inits_per_user: int = 20
@@ -208,7 +208,7 @@ class ControlPlaneSettings(CommonSettings):
             login_failures_per_15min=env_int(
                 env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000
             ),
-            login_rate_per_account=env_int(env, "LLMGW_LOGIN_RATE_PER_ACCOUNT", 60, 1, 1_000_000),
+            login_rate_per_account=env_int(env, "LLMGW_LOGIN_RATE_PER_ACCOUNT", 300, 1, 1_000_000),
             max_pending_inits_per_user=env_int(
                 env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000
             ),
