@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import _unavailable
 from tests.harness import free_port
 
 
@@ -69,7 +70,7 @@ class PrivatePostgres:
 def private_postgres() -> Iterator[PrivatePostgres]:
     bin_dir = _bin_dir()
     if bin_dir is None:
-        pytest.skip("the PostgreSQL server binaries are not installed")
+        _unavailable("the PostgreSQL server binaries", FileNotFoundError("no initdb"))
     directory = Path(tempfile.mkdtemp(prefix="llmgw-pg-"))
     server = PrivatePostgres(bin_dir, directory)
     try:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from tests.conftest import _unavailable
 from tests.harness import free_port
+from tests.polling import wait_until
 
 
 class PrivateRedis:
@@ -33,15 +34,15 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
         try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline, "redis-server did not start"
-                    time.sleep(0.02)
+            wait_until(answers, "redis-server did not start", within=10)
         finally:
             client.close()
 
@@ -55,7 +56,7 @@ class PrivateRedis:
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        _unavailable("redis-server", FileNotFoundError("not on PATH"))
     server = PrivateRedis(tmp_path)
     server.start()
     try:

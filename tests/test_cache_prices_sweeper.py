@@ -9,7 +9,6 @@ that edge would have sent, and the two charges must agree.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,6 +30,7 @@ from stream_edge.upstream.base import StreamParser
 from stream_edge.upstream.gemini import GeminiStreamParser
 from stream_edge.upstream.openai_chat import OpenAIStreamParser
 from stream_edge.usage_report import usage_event
+from tests.inproc import eventually
 from tests.test_cache_prices import CATALOG
 from tests.test_control_plane import CP, data_of, micro, start_cp
 from tests.token_claims import claims_of
@@ -112,8 +112,9 @@ def _checkpoint_then_die(cp: CP, init: dict[str, Any], meter: Meter, *, ended: b
             await checkpointer.close()
             return
         checkpointer.start()
-        while await store.get(checkpoint_key(init["reservation_id"])) is None:
-            await asyncio.sleep(0)
+        await eventually(
+            lambda: store.get(checkpoint_key(init["reservation_id"])), "the first beat is written"
+        )
         await checkpointer.close()  # stops the beats; then "un-end" it, as a kill would
         raw = await store.get(checkpoint_key(init["reservation_id"]))
         assert raw is not None

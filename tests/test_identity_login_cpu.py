@@ -185,7 +185,12 @@ async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> No
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert checks.running == 1  # its argon2 still runs: the slot stays taken
-    second = asyncio.create_task(checks.run(lambda: "second"))
+    ran: list[str] = []
+    second = asyncio.create_task(checks.run(lambda: ran.append("second") or "second"))
+    for _ in range(5):  # loop turns and a thread hop: a free slot would have run it
+        await asyncio.sleep(0)
+        await asyncio.to_thread(lambda: None)
+    assert not ran and not second.done()
     release.set()
     assert await second == "second"
     assert checks.running == 0

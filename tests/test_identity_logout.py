@@ -4,7 +4,6 @@ the stream tokens that token minted; nothing else, and nobody else's."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 from sqlalchemy import select, update
 from sqlmodel import col
@@ -26,6 +24,7 @@ from tests.polling import wait_until
 from tests.stack import InProcessStack
 from tests.test_control_plane import CP, PASSWORD, data_of, error_of, start_cp
 from tests.test_identity_external import AUDIENCE, ISSUER, SECRET
+from tests.test_identity_external import _token as external_token
 from tests.token_claims import claims_of
 
 
@@ -167,18 +166,7 @@ def test_logout_refuses_what_is_not_a_sign_in(cp: CP) -> None:
 
 
 def _external(company: str, sub: str, **extra: Any) -> str:
-    now = int(time.time())
-    claims = {
-        "sub": sub,
-        "company_id": company,
-        "role": "member",
-        "aud": AUDIENCE,
-        "iss": ISSUER,
-        "iat": now,
-        "exp": now + 300,
-        **extra,
-    }
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return external_token({}, "HS256", company_id=company, sub=sub, **extra)
 
 
 def test_logout_with_an_external_jwt(cp: CP) -> None:

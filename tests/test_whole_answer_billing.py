@@ -26,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from shared.text_tokens import text_tokens
-from tests.inproc import MOCK, Gateway, gateway_env, opened
+from tests.inproc import MOCK, Gateway, gateway_env
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -116,11 +116,10 @@ async def test_a_whole_answer_that_fails_after_it_was_generated_is_billed(
         monkeypatch.setattr("stream_edge.jobs.remaining_life", lambda settings, accepted: 0.5)
     access = await gw.new_user()
     grant = await gw.init_ok(access, {"query": prompt, "model": "whole"})
-    body = orjson.dumps({"stream": False, "messages": [{"role": "user", "content": prompt}]})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
-    async with opened(await gw.post("/v1/chat/completions", body, headers)) as response:
-        assert response.status_code == status
-        assert orjson.loads(await response.aread())["error"]["code"] == code
+    body = {"stream": False, "messages": [{"role": "user", "content": prompt}]}
+    answered, answer = await gw.complete(grant["stream_token"], body)
+    assert answered == status
+    assert answer["error"]["code"] == code
     record = await gw.wait_usage(access, grant["reservation_id"])
     assert (record["status"], record["usage_source"]) == ("failed", "estimated")
     # Before: 0 output, nothing charged.
