@@ -75,7 +75,7 @@ def session_of(p: Principal) -> tuple[str, str, int]:
 
 
 def revocation_seconds(expires_at: int, now: float, stream_seconds: int) -> int:
-    """How long the revocation must last: the token's remaining life (with the
+    """How long the sign-out's row must last: the token's remaining life (with the
     verifier's leeway), then `stream_seconds` (`revoking.revocation_ttl`: a stream
     token minted at its last second, and that token's stream)."""
     remaining = max(0, int(expires_at - now) + 1) + LEEWAY_SECONDS

@@ -90,15 +90,17 @@ async def sign_out(request: Request) -> Response:
         raise ValidationFailed("body", "logout takes no fields: it ends the token it is sent with")
     company_id, token_id, expires_at = logout.session_of(principal)
     deps = get_deps(request)
-    ttl = logout.revocation_seconds(
-        expires_at, deps.clock(), revoking.revocation_ttl(deps.settings)
-    )
+    stream_life = revoking.revocation_ttl(deps.settings)
+    ttl = logout.revocation_seconds(expires_at, deps.clock(), stream_life)
     await deps.db.transaction(
         lambda s: logout.record_logout(s, principal, company_id, token_id, ttl)
     )
     try:
-        # Published on every call, so a retry after a store failure completes it.
-        await revoke(deps.store, "jti", token_id, company_id, ttl)
+        # Published on every call, so a retry after a store failure completes it. The
+        # edges need it only as long as a stream token minted before it can live (the
+        # row refuses new mints): the token's own life could pass Redis's longest
+        # expiry (a "never expires" external JWT), and its key would outlive it.
+        await revoke(deps.store, "jti", token_id, company_id, stream_life)
     except Exception:
         # The record is committed: the control plane refuses the token already; only
         # the edges (its stream tokens) are not told yet. Repeating is safe.
