@@ -56,16 +56,13 @@ def limited_key(scope: str, provider: str) -> str:
     return f"keypool:{scope}:{provider}:all-limited"
 
 
-def rests_pool(shared: bool, last_company: bytes | None, company_id: str) -> bool:
-    """Whether a request every key answered 429 rests those keys (pure).
-
-    A company's own pool: yes, as any 429 (only its own streams use it). The
-    platform's: only when another company's request also met every key refusing it
-    (`last_company`, within `CORROBORATE_SECONDS`): load is everyone's, while a
+def rests_pool(last_company: bytes | None, company_id: str) -> bool:
+    """Whether a request every key of the platform's shared pool answered 429 rests
+    those keys (pure; a company's own pool rests as on any 429, only its own streams
+    use it): only when another company's request also met every key refusing it
+    (`last_company`, within `CORROBORATE_SECONDS`). Load is everyone's, while a
     request too large for the vendor's per-minute limit is one company's, refused
     alike by every key, and would otherwise rest the pool for every tenant."""
-    if not shared:
-        return True
     return last_company is not None and last_company != company_id.encode("utf-8")
 
 

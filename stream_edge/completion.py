@@ -11,9 +11,7 @@ bills the input estimate and the output that could be in it, `failed` and
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
-from collections.abc import Sequence
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
@@ -57,10 +55,10 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
             bill_unread(backend, raw)
         else:
             # The rest of a read that a cancellation cut between two of its pieces.
-            answer.feed(raw[answer.fed :])
-            tally.catch_up(answer.end())
+            tally.record(answer.feed(raw[answer.fed :]))
+            tally.record(answer.end())
             backend.meter = tally.meter
-            bill_unread(backend, raw, ())
+            bill_unread(backend, raw, parse=False)
         if isinstance(exc, TransportError | ValueError):
             raise UpstreamError("the backend's answer was malformed") from exc
         raise
@@ -86,14 +84,14 @@ async def _read_stream(
         within = chunk[: MAX_COMPLETION_BYTES - answer.fed]
         for start in range(0, len(within), PARSE_SLICE):
             piece = within[start : start + PARSE_SLICE]
-            answer.feed(piece)
-            tally.catch_up(answer.events)
+            tally.record(answer.feed(piece))
             unyielded += len(piece)
             if unyielded >= PARSE_SLICE:
                 unyielded = 0
                 await asyncio.sleep(0)
         if size > MAX_COMPLETION_BYTES:
             raise _too_long()
+    tally.record(answer.end())
     return answer.completion()
 
 
@@ -104,32 +102,27 @@ class _Tally:
     before anything was recorded, since a whole answer that arrives is billed by
     `Meter.record_text` alone."""
 
-    __slots__ = ("_counted", "meter")
+    __slots__ = ("meter",)
 
     def __init__(self, meter: Meter) -> None:
         self.meter = Meter(
             meter.input_estimate, meter.keep_transcript, meter.delta_is_token, meter.started_at
         )
-        self._counted = 0
 
-    def catch_up(self, events: list[UpstreamEvent]) -> None:
-        """Record the events not yet recorded (`events` only grows)."""
-        for event in itertools.islice(events, self._counted, None):
+    def record(self, events: list[UpstreamEvent]) -> None:
+        for event in events:
             self.meter.record(event)
-        self._counted = len(events)
 
 
 def _too_long() -> UpstreamError:
     return UpstreamError(f"the backend's answer was longer than {MAX_COMPLETION_BYTES >> 20} MiB")
 
 
-def bill_unread(
-    backend: Backend, raw: bytes, events: Sequence[UpstreamEvent] | None = None
-) -> None:
+def bill_unread(backend: Backend, raw: bytes, *, parse: bool = True) -> None:
     """Put on the meter what `raw`, the bytes read of an answer that could not be
     read as one, can hold. An in-house SSE backend's answer is its stream: its events
-    up to a failure are counted as the relay counts them (`events`: those its parse
-    read, `CutStream`, not parsed again). Any other answer is one document (JSON)
+    up to a failure are counted as the relay counts them (parsed here, or with
+    `parse=False` already counted by the reader as it read). Any other answer is one document (JSON)
     whose text cannot be picked out of a part of it: every byte, markup included, is
     counted as text, never past the `max_tokens` the backend was asked for."""
     if not raw.strip():
@@ -139,9 +132,8 @@ def bill_unread(
     # A document (JSON: `{` or `[` first) has no `data:` line, so no event is in it:
     # it is not fed to a stream parser, whose pass over 8 MiB of a pretty-printed one
     # held the event loop 0.44 s (measured), for nothing.
-    if _DOCUMENT.match(raw) is None:
-        if events is None:
-            events = parser_for(backend.adapter, backend.credentials).feed(raw + b"\n\n")
+    if parse and _DOCUMENT.match(raw) is None:
+        events = parser_for(backend.adapter, backend.credentials).feed(raw + b"\n\n")
         for event in events:
             if isinstance(event, Failure):
                 break

@@ -160,13 +160,12 @@ class KeyPool:
         """Every key tried answered 429: whether they rest (`shared.key_pool.rests_pool`).
         The platform's pool remembers this company as the last to meet it, so that
         another company meeting it next confirms the load."""
-        shared = self._scope == PLATFORM and len(self.keys) > 1
-        if not shared:
+        if self._scope != PLATFORM or len(self.keys) == 1:
             return True
         name = limited_key(self._scope, self._provider)
         try:
             last_company = await self._store.get(name)
-            rests = rests_pool(shared, last_company, self._company_id)
+            rests = rests_pool(last_company, self._company_id)
             await self._store.set(name, self._company_id.encode("utf-8"), CORROBORATE_SECONDS)
         except Exception as exc:  # the state is advice: unknown, nothing rests
             log.warning("could not record a pool's limits: %s", type(exc).__name__)

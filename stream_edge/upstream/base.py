@@ -268,13 +268,8 @@ class Completion:
 
 class CutStream(ValueError):
     """A whole answer that is a stream (an in-house SSE backend's) and is not a whole
-    one: it failed or ended early. `events` are all its parse read, so that billing
-    what was generated (`completion.bill_unread`) need not parse it again: up to
-    8 MiB, some 300,000 events."""
-
-    def __init__(self, message: str, events: list[UpstreamEvent]) -> None:
-        super().__init__(message)
-        self.events = events
+    one: it failed or ended early. What it generated is billed from the events its
+    reader counted as they were parsed (`completion._Tally`), not parsed again."""
 
 
 class JsonEventParser:

@@ -83,10 +83,17 @@ def _usage(doc: dict[str, Any], raw: bytes = b"") -> Usage | None:
     if not isinstance(prompt, int):
         return None
     thoughts = meta.get("thoughtsTokenCount")
-    output = token_count(meta.get("candidatesTokenCount")) + token_count(thoughts)
+    output = _answer_and_thoughts(meta)
     # `promptTokenCount` includes `cachedContentTokenCount`; thoughts are reasoning.
     return vendor_usage(
         prompt, output, raw, cached=meta.get("cachedContentTokenCount"), reasoning=thoughts
+    )
+
+
+def _answer_and_thoughts(meta: dict[str, Any]) -> int:
+    """Gemini's output: its answer and its thoughts (reasoning), both billed."""
+    return token_count(meta.get("candidatesTokenCount")) + token_count(
+        meta.get("thoughtsTokenCount")
     )
 
 
@@ -95,9 +102,7 @@ def _output_so_far(doc: dict[str, Any]) -> int:
     meta = _dict(doc.get("usageMetadata"))
     if not isinstance(meta.get("promptTokenCount"), int):
         return 0
-    return token_count(
-        token_count(meta.get("candidatesTokenCount")) + token_count(meta.get("thoughtsTokenCount"))
-    )
+    return token_count(_answer_and_thoughts(meta))
 
 
 def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:

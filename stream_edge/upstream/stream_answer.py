@@ -28,10 +28,10 @@ from stream_edge.upstream.base import (
 class StreamAnswer:
     """`feed` the answer's bytes in order, any split; `completion()` once all are in.
 
-    `events` is everything parsed up to the first failure (the last of them), what
-    billing an answer that failed counts (`completion.bill_unread`); after a failure
-    nothing more is parsed, as nothing after it is billed or answered. `fed` counts
-    the bytes given."""
+    `feed` and `end` return the events just parsed, up to the first failure (the last
+    of them), for the reader to bill should the answer fail (`completion._Tally`);
+    after a failure nothing more is parsed, as nothing after it is billed or
+    answered. Nothing else is kept of them. `fed` counts the bytes given."""
 
     __slots__ = (
         "_calls",
@@ -41,7 +41,6 @@ class StreamAnswer:
         "_reason",
         "_text",
         "_usage",
-        "events",
         "fed",
     )
 
@@ -53,16 +52,15 @@ class StreamAnswer:
         self._usage: Usage | None = None
         self._failure: str | None = None
         self._ended = False
-        self.events: list[UpstreamEvent] = []
         self.fed = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> list[UpstreamEvent]:
         self.fed += len(data)
-        self._parse(data)
+        return self._parse(data)
 
-    def _parse(self, data: bytes) -> None:
+    def _parse(self, data: bytes) -> list[UpstreamEvent]:
         if self._failure is not None:
-            return
+            return []
         events = self._parser.feed(data)
         for index, event in enumerate(events):
             if isinstance(event, Failure):
@@ -77,23 +75,24 @@ class StreamAnswer:
                 self._reason = event.reason
             elif isinstance(event, Usage):
                 self._usage = Usage(event.input_tokens, event.output_tokens)
-        self.events.extend(events)
+        return events
 
     def end(self) -> list[UpstreamEvent]:
         """The answer's bytes are all in (or no more will be read): an event its last
-        bytes left open is complete. Returns `events`."""
-        if not self._ended:
-            self._ended = True
-            self._parse(b"\n\n")
-        return self.events
+        bytes left open is complete, and returned."""
+        if self._ended:
+            return []
+        self._ended = True
+        return self._parse(b"\n\n")
 
     def completion(self) -> Completion:
-        """Raise `CutStream` when the answer failed or ended before its end."""
-        events = self.end()
+        """The answer; `CutStream` when it failed or ended before its end. Call `end`
+        first to have the events its last bytes hold."""
+        self.end()
         if self._failure is not None:
-            raise CutStream(self._failure, events)
+            raise CutStream(self._failure)
         if not self._parser.done and self._reason is None:
-            raise CutStream("the backend's stream ended early", events)
+            raise CutStream("the backend's stream ended early")
         text = "".join(self._text)
         return Completion(text, self._reason or "stop", self._usage, tuple(self._calls.complete()))
 
