@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import collections
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,15 +31,10 @@ import httpx
 
 from bench.cp_cpu import ADMIN_TOKEN, bench_env, throwaway_state
 from bench.procfs import cpu_seconds, memory
+from bench.stack import _die_with_parent, free_port
 from shared.webhooks import generate_secret
 
 PASSWORD = "correct horse battery"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _start(database_url: str, prefix: str, port: int) -> subprocess.Popen[bytes]:
@@ -50,7 +44,9 @@ def _start(database_url: str, prefix: str, port: int) -> subprocess.Popen[bytes]
         "LLMGW_LOG_LEVEL": "warning",
     }
     cmd = [sys.executable, "-m", "llm_gateway.cli", "control-plane", "--port", str(port)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )  # a killed benchmark takes its control plane with it
 
 
 async def _ready(client: httpx.AsyncClient) -> None:
@@ -131,7 +127,7 @@ async def _login_once(client: httpx.AsyncClient, email: str) -> str:
 
 
 async def main(loopers: int, seconds: float, flood: int) -> None:
-    port = _free_port()
+    port = free_port()
     with throwaway_state() as (database_url, prefix):
         server = _start(database_url, prefix, port)
         try:

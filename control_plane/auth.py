@@ -304,7 +304,9 @@ async def authenticate(request: Request, *, signed_out_ok: bool = False) -> Prin
     return await _access_token_principal(deps, token, signed_out_ok)
 
 
-async def caller_and_body(request: Request) -> tuple[Principal, bytes]:
+async def caller_and_body(
+    request: Request, *, signed_out_ok: bool = False
+) -> tuple[Principal, bytes]:
     """The caller of a request that carries a body, authenticated once the whole body
     has arrived; the body as bytes, not parsed yet.
 
@@ -317,7 +319,7 @@ async def caller_and_body(request: Request) -> tuple[Principal, bytes]:
     no parse until the caller is known; between this lookup and the use case's
     transaction the client has nothing left to send."""
     body = await read_body(request)
-    return await authenticate(request), body
+    return await authenticate(request, signed_out_ok=signed_out_ok), body
 
 
 async def caller_and_json(request: Request) -> tuple[Principal, dict[str, Any]]:

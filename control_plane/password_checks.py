@@ -74,11 +74,16 @@ class PasswordChecks:
         """Hashes on a thread now (a caller that stopped waiting counts until done)."""
         return self._running_now
 
+    @property
+    def full(self) -> bool:
+        """Every place is taken: a login would get `LoginsBusy` from `place`."""
+        return self._inside >= self.slots + self.waiting
+
     @asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
         """Hold a place for one login's check, or LoginsBusy (503) when all are taken.
         Taken before the login's database lookup, so a refused one costs nothing."""
-        if self._inside >= self.slots + self.waiting:
+        if self.full:
             raise LoginsBusy(BUSY_RETRY_AFTER_S)
         self._inside += 1
         try:

@@ -11,16 +11,23 @@ from starlette.routing import BaseRoute, Route
 
 from control_plane import login_limits, logout, profile, revoking
 from control_plane.accounts import find_user_by_email
-from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS, authenticate, issue_access_token
+from control_plane.auth import (
+    ACCESS_TOKEN_TTL_SECONDS,
+    authenticate,
+    caller_and_body,
+    issue_access_token,
+)
 from control_plane.company_llm import CompanyCatalog
 from control_plane.credentials import verify_password
-from control_plane.deps import Deps, get_deps, read_body, read_json
+from control_plane.deps import Deps, get_deps, read_json
 from control_plane.errors import (
     Forbidden,
     InvalidCredentials,
+    LoginsBusy,
     ServiceUnavailable,
     ValidationFailed,
 )
+from control_plane.password_checks import BUSY_RETRY_AFTER_S
 from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.validation import optional_str, parse_json_object, required_str
@@ -38,6 +45,9 @@ async def login(request: Request) -> Response:
     doc = await read_json(request)
     email = required_str(doc, "email", max_len=320).strip().lower()
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
+    checks = deps.password_checks
+    if checks.full:  # refused before the counters: a flood costs the store nothing
+        raise LoginsBusy(BUSY_RETRY_AFTER_S)
     # Counted before the argon2 verify: a refused guess costs no hashing CPU.
     host = request.client.host if request.client else None
     attempt = await login_limits.claim_attempt(
@@ -49,7 +59,6 @@ async def login(request: Request) -> Response:
         now=deps.clock(),
         per_minute=deps.settings.login_rate_per_account,
     )
-    checks = deps.password_checks
     try:
         async with checks.place():
             user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
@@ -83,8 +92,7 @@ async def sign_out(request: Request) -> Response:
     """Sign out: end the access token sent, and the stream tokens it minted.
 
     Idempotent: a repeat with the same token answers the same (`logout`)."""
-    body = await read_body(request)
-    principal = await authenticate(request, signed_out_ok=True)
+    principal, body = await caller_and_body(request, signed_out_ok=True)
     # No parameter names a token: only the one presented can be ended.
     if body.strip() and parse_json_object(body):
         raise ValidationFailed("body", "logout takes no fields: it ends the token it is sent with")
