@@ -23,15 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
 from control_plane import login_limits
 from control_plane.password_checks import PasswordChecks
 from control_plane.rate_limits import window_at
 from control_plane.routes import account
 from tests.polling import wait_until
+from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.test_control_plane import PASSWORD
 from tests.test_identity_login_limits import NOW, Login, _login, login_server
+
+__all__ = ["private_postgres"]  # the fixture, used by name
 
 RATE = 4
 FAILURES = 100  # out of the way: the per-minute limit is what is tested here
@@ -145,27 +147,33 @@ def test_with_every_check_place_taken_the_next_login_is_a_fast_503(server: Login
     assert len(entered) == 2
 
 
-def test_a_login_the_database_fails_before_its_check_counts_nowhere(server: Login) -> None:
-    """The account's lookup fails (503): no password was checked, so the attempt
-    counts neither as a failure nor as a sign-in of the account, as a `logins_busy`
-    one. Before, each such 503 spent a failure and a sign-in: a user retrying
-    through a database blip was locked out once it was back."""
-    email = server.user()
-
-    def unavailable(session: object, email: str) -> None:
-        raise OperationalError("SELECT", None, Exception("connection refused"))
-
-    with pytest.MonkeyPatch.context() as patch, server.client("127.0.0.7") as client:
-        patch.setattr(account, "find_user_by_email", unavailable)
-        for _ in range(RATE + 1):
-            r = _login(client, email, PASSWORD)
-            assert r.status_code == 503, r.text
-            assert r.json()["error"]["code"] == "database_unavailable"
-    assert _failures_of(server, email, "127.0.0.7") == (0, 0)
-    assert _counter(server, login_limits.rate_key(email, window_at(NOW, 60))) == 0
-    assert server.app.state.deps.password_checks.inside == 0
-    with server.client("127.0.0.7") as client:
-        assert _login(client, email, PASSWORD).status_code == 200
+def test_a_login_the_database_fails_before_its_check_counts_nowhere(
+    private_postgres: PrivatePostgres,
+) -> None:
+    """PostgreSQL goes away: the account's lookup fails (503) and no password was
+    checked, so the attempt counts neither as a failure nor as a sign-in of the
+    account, as a `logins_busy` one. Before, each such 503 spent a failure and a
+    sign-in: a user retrying through a database blip was locked out once it was back."""
+    extra = {
+        "LLMGW_LOGIN_RATE_PER_ACCOUNT": str(RATE),
+        "LLMGW_LOGIN_FAILURES_PER_15MIN": str(RATE),
+    }
+    with login_server(private_postgres.new_database(), extra, None) as server:
+        email = server.user()
+        private_postgres.stop()
+        try:
+            with server.client("127.0.0.7") as client:
+                for _ in range(RATE + 1):
+                    r = _login(client, email, PASSWORD)
+                    assert r.status_code == 503, r.text
+                    assert r.json()["error"]["code"] == "database_unavailable"
+        finally:
+            private_postgres.start()
+        assert _failures_of(server, email, "127.0.0.7") == (0, 0)
+        assert _counter(server, login_limits.rate_key(email, window_at(NOW, 60))) == 0
+        assert server.app.state.deps.password_checks.inside == 0
+        with server.client("127.0.0.7") as client:
+            assert _login(client, email, PASSWORD).status_code == 200
 
 
 async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> None:
