@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import orjson
 import pytest
+from alembic import command
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
@@ -27,7 +28,7 @@ from control_plane.books import check_books
 from control_plane.db import create_sync_engine
 from control_plane.grants import move
 from control_plane.ledger import release_reservation, settle_reservation, take_hold
-from control_plane.migrate import upgrade
+from control_plane.migrate import alembic_config, upgrade
 from control_plane.pagination import PageRequest, decode_cursor
 from control_plane.policy import Principal, scopes_for_role
 from control_plane.tables import Company, LedgerEntry, Reservation, User, new_id, utcnow
@@ -163,6 +164,49 @@ def test_each_user_pages_through_exactly_what_it_may_see(ledger: Ledger) -> None
     alice, bob = set(ledger.visible("alice")), set(ledger.visible("bob"))
     assert alice | bob == set(everything)
     assert len(alice & bob) == 3  # the two grants and the adjustment
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_migration_0013_gives_existing_stream_entries_their_user(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A ledger written before 0013 (its entries carry no user): the migration names
+    each stream entry's user from its reservation and leaves the company's own
+    entries without one, so every member's listing shows exactly what it showed."""
+    url = (
+        f"sqlite:///{tmp_path}/old.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_database_url")
+    )
+    upgrade(url)
+    engine = create_sync_engine(url)
+    try:
+        ledger = Ledger(sessionmaker(engine, expire_on_commit=False))
+        for i in range(4):
+            r = ledger.hold(("alice", "bob")[i % 2])
+            if i < 2:
+                ledger.tx(lambda s, r=r: settle_reservation(s, r, 300, actor="e", request_id=None))
+        ledger.grant()
+    finally:
+        engine.dispose()
+    command.downgrade(alembic_config(url), "0012")  # the ledger as it was before
+    upgrade(url)
+    engine = create_sync_engine(url)
+    try:
+        ledger.sessions = sessionmaker(engine, expire_on_commit=False)
+        users_of = (
+            select(col(LedgerEntry.user_id), col(Reservation.user_id))
+            .select_from(LedgerEntry)
+            .outerjoin(Reservation, col(Reservation.id) == col(LedgerEntry.reservation_id))
+            .where(col(LedgerEntry.company_id) == ledger.company_id)
+        )
+        rows = ledger.tx(lambda s: s.execute(users_of).all())
+        assert len(rows) == 2 + 4 + 2 * 2  # grants, holds, charges and releases
+        assert all(entry_user == stream_user for entry_user, stream_user in rows)
+        for user in ("alice", "bob", "owner"):
+            assert ledger.walk(user, 2) == ledger.visible(user), user
+    finally:
+        engine.dispose()
 
 
 # --- cost: a page of a huge company's ledger ----------------------------------------
