@@ -4,6 +4,7 @@ spread, and the settings that select a cluster or PgBouncer parse strictly."""
 
 from __future__ import annotations
 
+import random
 import uuid
 
 import pytest
@@ -35,7 +36,14 @@ def _slot(key: str) -> int:
     return int(key_slot((PREFIX + key).encode()))
 
 
-@pytest.mark.parametrize("company_id", [uuid.uuid4().hex for _ in range(5)])
+# Random company ids, drawn from a seeded generator: every pytest-xdist worker must
+# collect the same test ids.
+_SEEDED = random.Random(7)
+
+
+@pytest.mark.parametrize(
+    "company_id", [uuid.UUID(int=_SEEDED.getrandbits(128)).hex for _ in range(5)]
+)
 def test_every_admission_key_of_a_stream_hashes_to_one_slot(company_id: str) -> None:
     grant = _grant(company_id)
     keys = [
