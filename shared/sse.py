@@ -52,7 +52,13 @@ def encode_event(
 
 
 def encode_data(payload: bytes) -> bytes:
-    """Fast path for the common single-line JSON payload (JSON never contains a raw newline)."""
+    """`payload` as one event's data, for a payload that holds no CR (our own JSON,
+    or a decoded event's data, whose lines the decoder joined with LF). `orjson.dumps`
+    never writes a raw newline, but a backend's event over several `data:` lines is
+    one JSON text with newlines in it (JSON whitespace): each line goes out as its own
+    `data:` line, or the client would read the first line alone (`{"choices": [`)."""
+    if b"\n" in payload:
+        payload = payload.replace(b"\n", b"\ndata: ")
     return b"data: " + payload + b"\n\n"
 
 
