@@ -45,7 +45,12 @@ def encode_event(
         parts.append(f"event: {event}\n")
     if retry is not None:
         parts.append(f"retry: {retry}\n")
-    for line in data.splitlines() or [""]:
+    # Cut at CR, LF and CRLF only, the lines SSE knows: `str.splitlines` also cuts
+    # at U+2028, U+2029, U+0085 and more, which JSON (orjson's) leaves raw inside a
+    # string, and the client would join the pieces back with a newline JSON refuses.
+    if "\r" in data:
+        data = data.replace("\r\n", "\n").replace("\r", "\n")
+    for line in data.split("\n"):
         parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts).encode()

@@ -7,7 +7,15 @@ whitespace): before the fix its data was written back as one `data:` line with r
 newlines in it, so the client read the first line alone, `{"choices": [` and the
 like, and the official OpenAI client failed on every chunk (measured: JSONDecodeError
 on the first chunk, nothing of the answer read). Now each line of the data goes out
-as its own `data:` line, and the client joins them back (review: edge DoS)."""
+as its own `data:` line, and the client joins them back (review: edge DoS).
+
+EventSource events are our own JSON, written by `orjson`, which leaves U+2028,
+U+2029 and U+0085 raw in strings (JSON allows them). The encoder cut data into lines
+with `str.splitlines`, which also breaks at those: an answer holding one (text copied
+from a web page or a PDF, or a backend or prompt that wants it) went out as two
+`data:` lines, joined back by the client with a newline inside a JSON string, which
+`JSON.parse` refuses (measured: every such `chunk` event unreadable). SSE lines end
+at CR, LF or CRLF only, and the encoder now splits there only."""
 
 from __future__ import annotations
 
@@ -15,18 +23,19 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from shared.sse import SSEDecoder, encode_data
+from shared.sse import SSEDecoder, encode_data, encode_event
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.hostile_catalog import catalog_with_backend
 from tests.stack import InProcessStack, base_env
 
-WORDS = ["Hello", " there", ",", " friend"]
+WORDS = ["Hello", " there\u2028", ",\u0085", " friend\u2029"]
 
 
 def _spread(doc: dict[str, Any]) -> bytes:
@@ -89,3 +98,26 @@ def test_data_with_newlines_is_written_as_several_data_lines() -> None:
     assert frame.count(b"\n\n") == 1 and frame.endswith(b"\n\n")
     assert [e.data.encode() for e in SSEDecoder().feed(frame)] == [payload]
     assert encode_data(b'{"a":1}') == b'data: {"a":1}\n\n'
+
+
+def test_an_answer_with_unicode_line_separators_reaches_an_eventsource_client_as_json(
+    stack: InProcessStack,
+) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    grant = c.init_ok(token, {"model": "spread-model", "query": "hi"})
+    decoder = SSEDecoder()
+    with httpx.stream("GET", grant["stream_url"], timeout=30) as response:
+        assert response.status_code == 200
+        events = [e for raw in response.iter_raw() for e in decoder.feed(raw)]
+    assert [e.event for e in events] == ["chunk"] * len(WORDS) + ["complete"]
+    # What a browser does with each event: JSON.parse (json.loads is as strict).
+    assert [json.loads(e.data)["content"] for e in events[:-1]] == WORDS
+    record = c.wait_usage(token, grant["reservation_id"])
+    assert (record["status"], record["output_tokens"]) == ("completed", len(WORDS))
+
+
+@pytest.mark.parametrize("data", ["a\u2028b\x85c\u2029", "a\nb", "a\r\nb\rc", "", "a\n"])
+def test_an_event_is_cut_into_lines_where_sse_ends_lines_only(data: str) -> None:
+    [event] = SSEDecoder().feed(encode_event(data, event="chunk", id=1))
+    assert event.data == data.replace("\r\n", "\n").replace("\r", "\n")
