@@ -20,6 +20,10 @@ from dataclasses import dataclass
 # beyond them fails with `SSEError`.
 MAX_LINE = 1024 * 1024
 MAX_EVENT = 1024 * 1024
+# A `retry:` delay (milliseconds) longer than this is no delay anyone means, and past
+# 4,300 digits `int()` raises (CPython's conversion limit): ignored, as a field that
+# is no number is (WHATWG), rather than failing the stream it came in.
+MAX_RETRY_DIGITS = 12
 
 
 class SSEError(ValueError):
@@ -221,7 +225,12 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
+        elif (
+            name == "retry"
+            and value.isascii()
+            and value.isdigit()
+            and len(value) <= MAX_RETRY_DIGITS
+        ):
             self._retry = int(value)
         return None
 
