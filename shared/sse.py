@@ -20,6 +20,10 @@ from dataclasses import dataclass
 # beyond them fails with `SSEError`.
 MAX_LINE = 1024 * 1024
 MAX_EVENT = 1024 * 1024
+# A `retry:` delay (milliseconds) longer than this is no delay anyone means, and past
+# 4,300 digits `int()` raises (CPython's conversion limit): ignored, as a field that
+# is no number is (WHATWG), rather than failing the stream it came in.
+MAX_RETRY_DIGITS = 12
 
 
 class SSEError(ValueError):
@@ -45,14 +49,25 @@ def encode_event(
         parts.append(f"event: {event}\n")
     if retry is not None:
         parts.append(f"retry: {retry}\n")
-    for line in data.splitlines() or [""]:
+    # Cut at CR, LF and CRLF only, the lines SSE knows: `str.splitlines` also cuts
+    # at U+2028, U+2029, U+0085 and more, which JSON (orjson's) leaves raw inside a
+    # string, and the client would join the pieces back with a newline JSON refuses.
+    if "\r" in data:
+        data = data.replace("\r\n", "\n").replace("\r", "\n")
+    for line in data.split("\n"):
         parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts).encode()
 
 
 def encode_data(payload: bytes) -> bytes:
-    """Fast path for the common single-line JSON payload (JSON never contains a raw newline)."""
+    """`payload` as one event's data, for a payload that holds no CR (our own JSON,
+    or a decoded event's data, whose lines the decoder joined with LF). `orjson.dumps`
+    never writes a raw newline, but a backend's event over several `data:` lines is
+    one JSON text with newlines in it (JSON whitespace): each line goes out as its own
+    `data:` line, or the client would read the first line alone (`{"choices": [`)."""
+    if b"\n" in payload:
+        payload = payload.replace(b"\n", b"\ndata: ")
     return b"data: " + payload + b"\n\n"
 
 
@@ -210,7 +225,12 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
+        elif (
+            name == "retry"
+            and value.isascii()
+            and value.isdigit()
+            and len(value) <= MAX_RETRY_DIGITS
+        ):
             self._retry = int(value)
         return None
 

@@ -14,6 +14,11 @@ text; never below a vendor's running count of its output when it sends one
 (`OutputSoFar`: Gemini's, thinking included). A tool call's name and argument
 fragments count like text (DESIGN §11), and so does the reasoning an
 OpenAI-compatible backend streams (`ReasoningDelta`).
+
+The transcript (the answer's text and tool calls, for the report when transcripts
+are on) keeps what a report can carry, no more: a backend that streams for the
+stream's whole life, ignoring `max_tokens`, once grew the edge's memory by all it
+sent (a report is cut to fit its cap anyway, `usage_report.fit_transcript`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from shared.text_tokens import byte_tokens, text_bound, text_tokens
+from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.output_estimate import MEASURED, delta_measure
 from stream_edge.upstream.base import (
     Delta,
@@ -35,6 +41,13 @@ from stream_edge.upstream.base import (
     UpstreamEvent,
     Usage,
 )
+
+# A transcript's text, and apart its tool calls, in characters: each is at least a
+# byte of the report's body, which holds at most `MAX_USAGE_BODY_BYTES`, so whatever
+# is past this could never be reported. Pieces (deltas, fragments) are bounded too,
+# each a string's overhead: 2x the longest answer any model offers (128k tokens).
+TRANSCRIPT_CHARS = MAX_USAGE_BODY_BYTES
+TRANSCRIPT_PIECES = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +83,17 @@ class Meter:
     finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)
     calls: ToolCalls = field(default_factory=ToolCalls)
+    # What the transcript may still keep (`TRANSCRIPT_CHARS`, `TRANSCRIPT_PIECES`); a
+    # tool call past its room drops them all, as its report would.
+    text_room: int = TRANSCRIPT_CHARS
+    calls_room: int = TRANSCRIPT_CHARS
+    pieces_room: int = TRANSCRIPT_PIECES
 
     def record(self, event: UpstreamEvent) -> None:
         if isinstance(event, Delta):
             self._text(event.text)
-            if self.keep_transcript:
-                self.parts.append(event.text)
+            if self.keep_transcript and self.text_room > 0:
+                self._keep_text(event.text)
         elif isinstance(event, ToolCallDelta):
             if self.first_token_at is None:
                 self.first_token_at = datetime.now(UTC)
@@ -86,7 +104,8 @@ class Meter:
                 if event.name:
                     self._batch(event.name)
                 self._batch(event.arguments)
-            self.calls.add(event)
+            if self.keep_transcript:
+                self._keep_call(event)
         elif isinstance(event, ReasoningDelta):
             # Output the client may read (the passthrough writer forwards it): billed
             # like text when the backend's usage never comes (the client left).
@@ -115,6 +134,28 @@ class Meter:
             self.text_bytes += size
             self.text_pieces += count
 
+    def _keep_text(self, text: str) -> None:
+        """`text` into the transcript, as much as its room takes."""
+        if self.pieces_room <= 0:
+            self.text_room = 0
+            return
+        self.pieces_room -= 1
+        self.parts.append(text if len(text) <= self.text_room else text[: self.text_room])
+        self.text_room -= len(text)
+
+    def _keep_call(self, delta: ToolCallDelta) -> None:
+        """A tool call fragment into the transcript; past the room, no call is kept
+        (a call cut short is no call: `fit_transcript` would drop them all too)."""
+        if self.calls_room < 0:
+            return
+        self.calls_room -= len(delta.arguments) + len(delta.id or "") + len(delta.name or "")
+        self.pieces_room -= 1
+        if self.calls_room < 0 or self.pieces_room < 0:
+            self.calls_room = -1
+            self.calls = ToolCalls()
+            return
+        self.calls.add(delta)
+
     def _batch(self, text: str) -> None:
         """Text from a backend whose deltas batch tokens: measured for the bound."""
         _, size, count = delta_measure(text)
@@ -140,9 +181,10 @@ class Meter:
             self.first_token_at = datetime.now(UTC)
             self.deltas = 1
             if self.keep_transcript and text:
-                self.parts.append(text)
-        for index, call in enumerate(tool_calls):
-            self.calls.add(ToolCallDelta(index, call.id, call.name, call.arguments))
+                self._keep_text(text)
+        if self.keep_transcript:
+            for index, call in enumerate(tool_calls):
+                self._keep_call(ToolCallDelta(index, call.id, call.name, call.arguments))
         self.usage = usage
         self.finish_reason = finish_reason
 

@@ -69,3 +69,16 @@ def test_a_retry_field_that_is_no_number_leaves_the_stream_whole() -> None:
     ]
     events = OpenAIStreamParser().feed(chunk.encode())
     assert [e.text for e in events if isinstance(e, Delta)] == ["hi"]
+
+
+def test_a_retry_field_too_long_for_int_leaves_the_stream_whole() -> None:
+    """Past 4,300 digits `int()` refuses a string (CPython's limit on conversions):
+    the ValueError escaped the parser (measured), and the relay's catch-all ended the
+    stream as broken off, the answer lost. Our parsers never use `retry`; one too
+    long to be a delay is no number."""
+    data = 'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    chunk = "retry: " + "9" * 5000 + "\n" + data
+    assert [e.retry for e in SSEDecoder().feed(chunk.encode())] == [None]
+    events = OpenAIStreamParser().feed(chunk.encode())
+    assert [e.text for e in events if isinstance(e, Delta)] == ["hi"]
+    assert [e.retry for e in SSEDecoder().feed(b"retry: 1000\ndata: x\n\n")] == [1000]

@@ -1,0 +1,163 @@
+"""A stream's transcript holds what its usage report can carry, not all it relayed.
+
+Attack (measured before the fix): a backend (in-house, or a vendor gone wrong) that
+ignores `max_tokens` and streams for the stream's whole life. With transcripts on
+(the default) the meter kept every delta's text, and every tool call fragment
+whether transcripts were on or not, until the stream's end, then joined them once
+more for the report, which cut them to 1 MiB anyway: 48 MB relayed, the traced
+peak was 628 MB (35 MB with the fix, the relay's own buffers in flight), growing
+with every byte, so one stream running its 15 minutes at network speed, or a few
+shorter ones, ran an edge out of memory. Now the meter
+keeps at most what a report can carry (`meter.TRANSCRIPT_CHARS`, a piece count
+beside it); the stream, its bill and the report's cut are as before."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from shared.tokens import StreamGrant
+from shared.webhooks import MAX_USAGE_BODY_BYTES
+from stream_edge.meter import TRANSCRIPT_CHARS, TRANSCRIPT_PIECES, Meter
+from stream_edge.upstream.base import Delta, ToolCallDelta, Usage
+from stream_edge.usage_report import usage_event
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.hostile_catalog import catalog_with_backend
+from tests.stack import InProcessStack, base_env
+
+BIG_DELTAS = 48
+BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
+MB = 1_000_000
+
+
+def _frame(doc: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+async def _chat(request: Request) -> Response:
+    """An OpenAI-compatible backend streaming `BIG_DELTAS` deltas of 1 MB each."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        for _ in range(BIG_DELTAS):
+            yield _frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
+        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
+        yield _frame({"choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    directory = tmp_path_factory.mktemp("endless")
+    sock = bind_free_socket()
+    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
+    with ServerGroup([(backend, sock)]):
+        env = base_env(f"sqlite:///{directory / 'gateway.db'}")
+        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
+            directory, "endless", url_of(sock), context_length=8192, max_output_tokens=1024
+        )
+        with InProcessStack(env) as gateway:
+            yield gateway
+
+
+def test_a_backend_streaming_past_any_report_holds_no_more_than_a_report(
+    stack: InProcessStack,
+) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    messages = [{"role": "user", "content": "go on"}]
+    grant = c.init_ok(token, {"model": "endless-model", "messages": messages})
+    relayed = 0
+    tracemalloc.start()  # the edge serves in this process: its allocations are traced
+    try:
+        with c.http.stream(
+            "POST",
+            f"{c.edge_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {grant['stream_token']}"},
+            json={"messages": messages, "stream": True},
+            timeout=60,
+        ) as answer:
+            assert answer.status_code == 200
+            for raw in answer.iter_raw():
+                relayed += len(raw)
+        record = c.wait_usage(token, grant["reservation_id"], timeout=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert relayed > BIG_DELTAS * MB  # the client got all of it
+    assert (record["status"], record["output_tokens"]) == ("completed", 500)
+    # Before: every delta kept, then joined and encoded for the report (628 MB).
+    assert peak < 128 * MB, f"{peak / MB:.0f} MB traced at the peak"
+
+
+def _grant() -> StreamGrant:
+    return StreamGrant(
+        jti="j" * 32,
+        company_id="c" * 32,
+        user_id="u" * 32,
+        role="member",
+        scopes=("llm:chat:send",),
+        session_id="s" * 32,
+        model="m",
+        max_tokens=10,
+        max_input_tokens=10,
+        reservation_id="r" * 32,
+        request_id="q" * 32,
+        issued_at=0,
+        expires_at=0,
+    )
+
+
+def _kept(meter: Meter) -> int:
+    calls = meter.tool_calls()
+    return sum(map(len, meter.parts)) + sum(len(c.arguments) for c in calls)
+
+
+def test_the_transcript_keeps_what_a_report_can_carry_and_reports_as_before() -> None:
+    meter = Meter(input_estimate=10, keep_transcript=True, delta_is_token=False)
+    for _ in range(8):
+        meter.record(Delta(BIG))
+    meter.record(Usage(10, 5))
+    assert sum(map(len, meter.parts)) == TRANSCRIPT_CHARS
+    event = usage_event(_grant(), "p", meter, "completed")
+    assert len(event.body()) <= MAX_USAGE_BODY_BYTES
+    assert event.content and set(event.content) == {"x"}
+    assert (event.input_tokens, event.output_tokens) == (10, 5)
+
+
+def test_tool_calls_past_a_report_are_not_kept_and_none_without_transcripts() -> None:
+    without = Meter(input_estimate=10, keep_transcript=False)
+    kept = Meter(input_estimate=10, keep_transcript=True)
+    for meter in (without, kept):
+        meter.record(ToolCallDelta(0, "call_0", "save", ""))
+        for _ in range(8):
+            meter.record(ToolCallDelta(0, None, None, BIG))
+        meter.record(Delta("done"))
+    assert not without.calls and _kept(without) == 0
+    # Past what a report carries: no call kept, as the report would have none.
+    assert not kept.calls and kept.parts == ["done"]
+    assert usage_event(_grant(), "p", kept, "completed").tool_calls is None
+    # Within it, calls and text are kept whole.
+    small = Meter(input_estimate=10, keep_transcript=True)
+    small.record(ToolCallDelta(0, "call_0", "save", '{"a": 1}'))
+    small.record(Delta("hi"))
+    assert [c.arguments for c in small.tool_calls()] == ['{"a": 1}']
+    assert small.content == "hi"
+
+
+def test_a_million_tiny_deltas_keep_a_bounded_count_of_pieces() -> None:
+    meter = Meter(input_estimate=10, keep_transcript=True)
+    for _ in range(TRANSCRIPT_PIECES + 1000):
+        meter.record(Delta("a"))
+    assert len(meter.parts) == TRANSCRIPT_PIECES
+    assert meter.relayed_tokens == TRANSCRIPT_PIECES + 1000  # every delta still billed
