@@ -318,7 +318,9 @@ ROUTES: dict[tuple[str, str], list[Spec]] = {
         _spec("/v1/admin/revocations", body={"user_id": "{member2}"}),
         _spec("/v1/admin/revocations", body={"user_id": "{owner}"}),
         _spec("/v1/admin/revocations", body={"company_id": A}),
-        _spec("/v1/admin/revocations", body={"jti": "{jti_member2}"}),
+        # A stream token's id (an access token's is no revocable target: 404 for all).
+        _spec("/v1/admin/revocations", body={"jti": "{jti_session_member2}"}),
+        _spec("/v1/admin/revocations", body={"jti": "{jti_session_owner}"}),
     ],
     ("GET", "/v1/admin/revocations"): [
         _spec("/v1/admin/revocations", query={"company_id": A}),
@@ -470,6 +472,7 @@ def _build(cp: CP, path: Path) -> World:
         init = data_of(client.post("/v1/chat/init", json={"query": "secret"}), 201)
         sessions[name] = init["session_id"]
         sessions[f"reservation_{name}"] = init["reservation_id"]
+        sessions[f"jti_{name}"] = jti_of(init["stream_token"])
     base = f"/v1/admin/companies/{a}"
     budget = data_of(
         owner_client.post(
@@ -501,7 +504,6 @@ def _build(cp: CP, path: Path) -> World:
         "team": team["id"],
         "agent": "helper",
         "revocation": revocation["id"],
-        "jti_member2": jti_of(member2_token),
         "webhook_secret": hook["secret"],
         **sessions,
     }
