@@ -23,7 +23,10 @@ The routes come from the app itself (`ROUTES` must name every one, so a route ad
 later fails `test_every_route_is_swept` until it is swept or said to take no id).
 Each attack must be refused (401/403/404, as `Spec.refused` says) and leave every
 database row and every store key as it was; a listing the attacker may call must not
-show a single id of the things it may not see.
+show a single id of the things it may not see. The same attacks made by who may
+make them (A's owner or user, the platform admin) are served, on a world of their
+own (`test_each_attack_is_served_to_its_rightful_caller`): no refusal above comes
+from a request nobody could make.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from starlette.routing import Route
 from control_plane.app import create_app
 from control_plane.deps import Deps
 from shared.tokens import ALL_SCOPES
-from tests.test_control_plane import CP, PASSWORD, _settings, data_of, serve_cp
+from tests.test_control_plane import ADMIN_TOKEN, CP, PASSWORD, _settings, data_of, serve_cp
 from tests.token_claims import jti_of
 
 SECRET = "an-existing-apps-hs256-secret-of-32-bytes+"
@@ -91,6 +94,9 @@ class Spec:
     query: dict[str, str] = field(default_factory=dict)
     body: Any = None
     actors: tuple[str, ...] = ACTORS
+    # Who may make it (served 2xx): a refusal is then about the caller, never about
+    # a request nobody could make. None: the attacker's own ids, or a listing.
+    rightful: str | None = "platform"
     listing: bool = False
     refused: frozenset[int] = DENIED
     headers: dict[str, str] = field(default_factory=dict)
@@ -118,23 +124,29 @@ ROUTES: dict[tuple[str, str], list[Spec]] = {
     ],
     ("GET", "/v1/usage/ttft"): [_spec("/v1/usage/ttft", query={"company_id": A}, listing=True)],
     ("GET", "/v1/sessions/{session_id}"): [
-        _spec("/v1/sessions/{session_member2}"),
-        _spec("/v1/sessions/{session_owner}"),
+        _spec("/v1/sessions/{session_member2}", rightful="owner"),
+        _spec("/v1/sessions/{session_owner}", rightful="owner"),
     ],
     ("DELETE", "/v1/sessions/{session_id}"): [
-        _spec("/v1/sessions/{session_member2}"),
-        _spec("/v1/sessions/{session_owner}"),
+        _spec("/v1/sessions/{session_member2}", rightful="owner"),
+        _spec("/v1/sessions/{session_owner}", rightful="owner"),
     ],
     ("POST", "/v1/chat/init"): [
-        _spec("/v1/chat/init", body={"session_id": "{session_member2}", "query": "hi"}),
+        _spec(
+            "/v1/chat/init",
+            body={"session_id": "{session_member2}", "query": "hi"},
+            rightful="member2",
+        ),
         _spec(
             "/v1/chat/init",
             body={"session_id": "{session_owner}", "query": "hi"},
+            rightful="owner",
             actors=tuple(a for a in ACTORS if a != "send_key"),  # the owner's own key
         ),
         _spec(
             "/v1/chat/init",
             body={"agent": "{agent}", "query": "hi"},
+            rightful="member2",
             actors=(*OUTSIDERS, "signed_out"),
             # B has no agent of that name (404); the external company has no credits.
             refused=DENIED | {402},
@@ -427,6 +439,16 @@ def _external_token(company_id: str, sub: str) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    yield from _served_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """A world of its own for the rightful callers, whose requests change it."""
+    yield from _served_world(tmp_path_factory)
+
+
+def _served_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     from control_plane.routes import admin
 
     path: Path = tmp_path_factory.mktemp("sweep") / "cp.db"
@@ -531,6 +553,10 @@ def _build(cp: CP, path: Path) -> World:
         "signed_out": signed_out,
         "signed_out_external": external_out,
         "revoked_key": revoked_key["key"],
+        # The rightful callers (`test_each_attack_is_served_to_its_rightful_caller`).
+        "platform": ADMIN_TOKEN,
+        "owner": owner_token,
+        "member2": member2_token,
     }
     selves = {
         "other_owner": (owner_b["id"], b),
@@ -542,6 +568,9 @@ def _build(cp: CP, path: Path) -> World:
         "signed_out": (owner["id"], a),
         "signed_out_external": (owner["id"], a),
         "revoked_key": (owner["id"], a),
+        "platform": ("", ""),
+        "owner": (owner["id"], a),
+        "member2": (member2["id"], a),
     }
     everything = {v for k, v in ids.items() if k not in ("agent",)}
     # A's member may see its company, its colleagues and its own; never another's
@@ -617,3 +646,32 @@ def test_no_attacker_reaches_another_users_or_companys_things(
         assert r.status_code in spec.refused, r.text
     assert world.rows() == rows, "a refused request changed the database"
     assert world.store_keys() == keys, "a refused request changed the store"
+
+
+def _last(method: str, spec: Spec) -> tuple[bool, bool, bool, bool]:
+    """The rightful callers' order: what ends things (deletes, role changes,
+    revocations, retiring the keys every token was signed with) after the rest."""
+    return (
+        spec.path.endswith("/rotate"),
+        spec.path == "/v1/admin/revocations",
+        spec.path.startswith("/v1/admin/users/"),
+        method == "DELETE",
+    )
+
+
+def test_each_attack_is_served_to_its_rightful_caller(control: World) -> None:
+    """Every attack of the sweep that names only the company's own ids, made by who
+    may make it, is served: each refusal above is about its caller."""
+    made = [
+        (method, spec)
+        for (method, _), specs in ROUTES.items()
+        for spec in specs
+        if spec.rightful is not None and not spec.listing and "{self" not in repr(spec)
+    ]
+    refused = []
+    for method, spec in sorted(made, key=lambda m: _last(*m)):
+        r = control.call(spec.rightful or "", method, spec)
+        if not 200 <= r.status_code < 300:
+            refused.append((method, spec.path, spec.body, r.status_code, r.text[:300]))
+    assert not refused, refused
+    assert len(made) >= 45  # the filter above leaves most of the sweep in
