@@ -48,7 +48,15 @@ from starlette.routing import Route
 from control_plane.app import create_app
 from control_plane.deps import Deps
 from shared.tokens import ALL_SCOPES
-from tests.test_control_plane import ADMIN_TOKEN, CP, PASSWORD, _settings, data_of, serve_cp
+from tests.test_control_plane import (
+    ADMIN_TOKEN,
+    CP,
+    PASSWORD,
+    _settings,
+    data_of,
+    serve_cp,
+    usage_event,
+)
 from tests.token_claims import jti_of
 
 SECRET = "an-existing-apps-hs256-secret-of-32-bytes+"
@@ -491,7 +499,11 @@ def _build(cp: CP, path: Path) -> World:
     owner_client, member2_client = cp.client(owner_token), cp.client(member2_token)
     sessions = {}
     for name, client in (("session_owner", owner_client), ("session_member2", member2_client)):
-        init = data_of(client.post("/v1/chat/init", json={"query": "secret"}), 201)
+        words = f"words-of-{name}-{uuid.uuid4().hex}"  # the transcript, to be kept
+        init = data_of(client.post("/v1/chat/init", json={"query": words}), 201)
+        # Settled: a usage record, ledger entries and the answer in the transcript.
+        data_of(cp.webhook(usage_event(init, a, content=f"answer-{words}")))
+        sessions[f"words_{name}"] = words
         sessions[name] = init["session_id"]
         sessions[f"reservation_{name}"] = init["reservation_id"]
         sessions[f"jti_{name}"] = jti_of(init["stream_token"])
@@ -582,6 +594,8 @@ def _build(cp: CP, path: Path) -> World:
             "session_member2",
             "reservation_session_owner",
             "reservation_session_member2",
+            "words_session_owner",
+            "words_session_member2",
             "key_owner",
             "key_member2",
             "budget",
