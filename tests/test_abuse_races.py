@@ -9,10 +9,14 @@ time, so there the second always sees the first.
 
 from __future__ import annotations
 
-import httpx
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import psycopg
+
+from tests.polling import wait_until
 from tests.test_control_plane import CP, data_of
-from tests.test_identity_owners import _at_once, pg_cp
+from tests.test_identity_owners import _at_once, _lock_waiters, _raw_url, pg_cp
 
 __all__ = ["pg_cp"]
 
@@ -45,3 +49,33 @@ def test_an_agent_deleted_twice_at_once_is_204_then_404(pg_cp: CP) -> None:
     answers = _at_once(pg_cp, company_id, [lambda: client.delete(f"{base}/helper")] * 2)
     assert sorted(r.status_code for r in answers) == [204, 404], [r.text for r in answers]
     assert _audited(client, company_id, "admin.agent.deleted") == 1
+
+
+def test_a_session_deleted_while_a_turn_is_appended_is_deleted_whole(pg_cp: CP) -> None:
+    """Attack: a member deletes a chat session while its next turn's init appends to
+    it (two tabs, or a client deleting what it still sends to). The delete removed
+    the messages it saw, then the session; the init's message, committed between the
+    two, still pointed at it: a foreign-key violation and a 500 `internal_error`
+    (measured: 201 and 500, the session left in place).
+
+    The test holds the session's row until the init waits on it, then sends the
+    delete and lets go once both wait: the init goes first, as PostgreSQL queues them.
+    """
+    client, _ = pg_cp.owner_client("10")
+    session_id = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)["session_id"]
+    url = _raw_url(pg_cp)
+    with (
+        ThreadPoolExecutor(2) as pool,
+        psycopg.connect(url) as locker,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        locker.execute("SELECT id FROM chat_sessions WHERE id = %s FOR UPDATE", (session_id,))
+        turn = {"query": "and then?", "session_id": session_id}
+        init = pool.submit(client.post, "/v1/chat/init", json=turn)
+        wait_until(lambda: _lock_waiters(watcher) == 1, "the init never waited on the session")
+        deleted = pool.submit(client.delete, f"/v1/sessions/{session_id}")
+        wait_until(lambda: _lock_waiters(watcher) == 2, "the delete never waited")
+        locker.rollback()
+        answers = [init.result(), deleted.result()]
+    assert [r.status_code for r in answers] == [201, 204], [r.text for r in answers]
+    assert client.get(f"/v1/sessions/{session_id}").status_code == 404
