@@ -186,8 +186,14 @@ def create(
     return agent
 
 
-def get(session: Session, p: Principal, company_id: str, name: str) -> Agent:
+def get(session: Session, p: Principal, company_id: str, name: str, *, lock: bool = False) -> Agent:
+    """The agent `name`; `lock`: for a change, found under the company's row lock, so
+    a change or delete at once with a delete waits and then finds it gone (404)
+    instead of writing to a row no longer there (no row changed, a second
+    deletion audited)."""
     company = _managed_company(session, p, company_id)
+    if lock:
+        _lock_company(session, company.id)
     agent = _find(session, company.id, name)
     if agent is None:
         raise AgentNotFound(f"No agent named {name[:64]!r}.")
@@ -212,10 +218,9 @@ def update(
     fields: dict[str, Any],
     request_id: str,
 ) -> Agent:
-    agent = get(session, p, company_id, name)
+    agent = get(session, p, company_id, name, lock=True)
     company = session.get(Company, agent.company_id)
     assert company is not None
-    _lock_company(session, company.id)
     for key, value in fields.items():
         setattr(agent, key, value)
     _check(session, catalog, company, agent)
@@ -227,7 +232,7 @@ def update(
 
 
 def delete(session: Session, p: Principal, company_id: str, name: str, request_id: str) -> None:
-    agent = get(session, p, company_id, name)
+    agent = get(session, p, company_id, name, lock=True)
     _audit(session, p, "deleted", agent, request_id, [])
     session.delete(agent)
     session.flush()

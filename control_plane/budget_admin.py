@@ -392,7 +392,7 @@ def set_webhook(
 ) -> tuple[dict[str, Any], bool]:
     """Set the company's webhook URL: its public view (with the secret, the first
     time only) and whether the secret was generated now."""
-    company_for(session, p, company_id)
+    company_for(session, p, company_id, lock=True)
     row, secret = company_webhooks.set_url(session, fernet, company_id, url, now)
     _audit(session, p, "webhook.set", company_id, url=url, new_secret=secret is not None)
     return company_webhooks.webhook_public(row, secret), secret is not None
@@ -411,6 +411,8 @@ def get_webhook(session: Session, p: Principal, company_id: str) -> dict[str, An
 
 
 def delete_webhook(session: Session, p: Principal, company_id: str) -> None:
-    company_for(session, p, company_id)
+    # Locked as a set is: a second delete at once waits, then finds no row (404)
+    # instead of deleting none and auditing a second deletion.
+    company_for(session, p, company_id, lock=True)
     session.delete(_webhook(session, company_id))
     _audit(session, p, "webhook.delete", company_id)

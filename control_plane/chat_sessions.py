@@ -185,6 +185,13 @@ def messages_page(
 
 
 def delete_session(session: Session, session_id: str) -> None:
+    # The session's row first, as an append's counter UPDATE takes it: a turn being
+    # appended commits before the messages are read for deletion (they go with the
+    # rest), or finds the session gone. Unlocked, its message committed between the
+    # two DELETEs and the second broke the messages' foreign key (a 500).
+    session.execute(
+        select(col(ChatSession.id)).where(col(ChatSession.id) == session_id).with_for_update()
+    )
     session.execute(delete(ChatMessage).where(col(ChatMessage.session_id) == session_id))
     session.execute(delete(ChatSession).where(col(ChatSession.id) == session_id))
 

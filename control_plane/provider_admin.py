@@ -49,9 +49,16 @@ class Caller:
     fernet: MultiFernet
 
 
-def _company(session: Session, p: Principal, company_id: str) -> Company:
-    company = session.get(Company, company_id)
-    if company is None or not policy.can_configure_llm(p, company_id):
+def _company(session: Session, p: Principal, company_id: str, *, lock: bool = False) -> Company:
+    """The company `p` configures; 404 otherwise. `lock`: a change takes the company
+    row first, so two changes at once queue: each reads the provider and model rows
+    the one before it committed, where both found none and both inserted one (the
+    second broke `uq_company_providers_company_provider` or `uq_company_models_…`: a
+    500)."""
+    if not policy.can_configure_llm(p, company_id):
+        raise NotFound("No such company.")
+    company = session.get(Company, company_id, with_for_update=lock)
+    if company is None:
         raise NotFound("No such company.")
     return company
 
@@ -155,7 +162,7 @@ def _audit(
 def configure(session: Session, c: Caller, company_id: str, change: Change) -> dict[str, Any]:
     """Store `change` and audit it (the views carry `has_key`, never a key;
     `key_changed` says one was sent). Returns the provider's view."""
-    company = _company(session, c.principal, company_id)
+    company = _company(session, c.principal, company_id, lock=True)
     before = _view(session, c, company, change.provider, with_overrides=True)
     _apply(session, c, company, change)
     after = _view(session, c, company, change.provider, with_overrides=True)
@@ -185,7 +192,7 @@ def list_views(session: Session, c: Caller, company_id: str) -> list[dict[str, A
 
 def remove(session: Session, c: Caller, company_id: str, provider: str) -> None:
     """Forget the company's key and models for `provider`, and audit it."""
-    company = _company(session, c.principal, company_id)
+    company = _company(session, c.principal, company_id, lock=True)
     before = _view(session, c, company, provider, with_overrides=True)
     company_llm.remove_provider(session, company_id, provider)
     _audit(session, c, audit.PROVIDER_DELETE, company_id, provider, before)

@@ -25,9 +25,10 @@ from tests.test_control_plane import (
     error_of,
     sqlite_only,
 )
+from tests.test_identity_owners import _at_once, pg_cp
 from tests.token_claims import claims_of
 
-__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
+__all__ = ["cp", "pg_cp"]  # the fixtures shared with test_control_plane, test_identity_owners
 
 CATALOG = load_catalog(None)
 
@@ -149,6 +150,24 @@ def test_provider_key_is_encrypted_never_returned_and_routes_the_stream(cp: CP) 
     assert data_of(r)["has_key"] is False
     init = data_of(client.post("/v1/chat/init", json={"model": "gpt-4o-mini", "query": "x"}), 201)
     assert _route(cp, init) is None
+
+
+def test_two_provider_changes_at_once_both_answer(pg_cp: CP) -> None:
+    """Attack: an owner sends the same provider change twice at once (a double click,
+    a retrying script). Each found no row for the provider (or the model) and added
+    one: the second insert broke the unique constraint and answered 500 (measured on
+    PostgreSQL: 200 and 500 ``internal_error``). The changes now queue on the
+    company's row, so the second sees the first's rows and updates them."""
+    client, company_id = pg_cp.owner_client("10")
+    path = f"/v1/admin/companies/{company_id}/providers/openai"
+    own = {"upstream_model": "gpt-4o", "context_length": 1000, "max_output_tokens": 100}
+    own["price"] = {"input_per_mtok": "1", "output_per_mtok": "2"}
+    body = {"api_key": "sk-company-own-" + "z" * 20, "models": {"mine": own}}
+    body["default_model"] = "mine"  # the company's row: both requests meet it
+    answers = _at_once(pg_cp, company_id, [lambda: client.put(path, json=body)] * 2)
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    (view,) = data_of(client.get(f"/v1/admin/companies/{company_id}/providers"))["items"]
+    assert view["has_key"] is True and [m["id"] for m in view["models"]] == ["mine"]
 
 
 @sqlite_only
