@@ -57,6 +57,23 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
     DatabaseTimeout,
 )
+# SQLSTATE 25006 ``read_only_sql_transaction``: the server is up but takes no write,
+# a standby that a failover left behind the app's address, or a primary an operator
+# set read-only (``default_transaction_read_only``, a full disk, a switchover). We
+# never open a read-only transaction ourselves, so it is the database unable to run
+# the request, as an outage is; psycopg files it under InternalError, with bugs.
+READ_ONLY_SQLSTATE = "25006"
+INTERNAL_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.InternalError,
+    psycopg.InternalError,
+)
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether `exc` (the engine's wrapper or psycopg's own) says the database is
+    read-only (`READ_ONLY_SQLSTATE`)."""
+    cause = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    return isinstance(cause, psycopg.Error) and cause.sqlstate == READ_ONLY_SQLSTATE
 
 
 async def _app_error(request: Request, exc: Exception) -> Response:
@@ -82,6 +99,12 @@ async def _database_error(request: Request, exc: Exception) -> Response:
     # retried settlement is found a duplicate. The pool replaces dead connections.
     log.warning("database unavailable: %s", type(exc).__name__)
     return error_response(DatabaseUnavailable())
+
+
+async def _internal_database_error(request: Request, exc: Exception) -> Response:
+    if refuses_writes(exc):  # a failover's standby, a read-only primary: retry later
+        return await _database_error(request, exc)
+    raise exc  # any other: a bug, the middleware's 500 with its traceback
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -192,6 +215,7 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
             HTTPException: _http_error,
             **{error: _store_error for error in STORE_ERRORS},
             **{error: _database_error for error in DATABASE_ERRORS},
+            **{error: _internal_database_error for error in INTERNAL_DATABASE_ERRORS},
         },
         lifespan=lifespan,
     )

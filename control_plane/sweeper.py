@@ -17,7 +17,9 @@ its last checkpoint, so what it relayed while silent and until it saw the
 revocation goes unbilled, an error that favours the customer and is bounded by
 the silence limit (an edge cut off from the store altogether can neither
 checkpoint, nor see the revocation, nor enqueue its report: what it relays after
-its last checkpoint goes unbilled). An ``ended`` checkpoint (the stream is over,
+its last checkpoint goes unbilled). A store outage the sweeper sees too is not
+silence: the edges could not write either, so the watch starts again once the
+store answers. An ``ended`` checkpoint (the stream is over,
 its report is in the outbox) is left to that report until the deadline.
 
 **Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
@@ -247,6 +249,12 @@ async def sweep_silent_streams(
             raws = await store.get_many([checkpoint_key(rid) for rid in page]) if page else []
         except Exception:
             log.warning("store unreachable; silence check retries next sweep", exc_info=True)
+            # The edges could not write their checkpoints either (the stream relays
+            # on), and Redis back with its data may still hold the last one before
+            # the outage: counted from before it, a live stream would be settled
+            # from that checkpoint and revoked, its answer since then unbilled.
+            # What this sweeper saw before it was blind counts from the next read.
+            watch.keep_only(())
             return SweepResult(settled=settled)
         for reservation_id, raw in zip(page, raws, strict=True):
             checkpoint = _decode(reservation_id, raw)

@@ -1,0 +1,97 @@
+"""The silence check across a store outage (issue 11.5). A running stream's
+checkpoint stops changing while Redis is away because its edge cannot write it,
+not because the edge died: the stream relays on (a stale checkpoint is better than
+a broken stream, `stream_edge.checkpoints`). Redis back with its data (``appendonly
+yes``, as docs/operations.md asks; here: restarted, then the checkpoint it kept
+written back), the first sweep may read that checkpoint before the edge's next
+heartbeat lands. Time the sweeper could not see the store must not count as
+silence: the stream is settled from its own report, not from its pre-outage
+checkpoint, and is not revoked.
+
+A private redis-server (`tests.private_redis`), never the machine's shared one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from control_plane.liveness import SilenceWatch
+from control_plane.sweeper import sweep_silent_streams
+from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
+from shared.pricing import MICRO, cost_micro
+from shared.revocations import revocation_key
+from tests.private_redis import PrivateRedis, private_redis
+from tests.test_control_plane import (
+    CP,
+    _settings,
+    assert_books_balance,
+    credits_of,
+    data_of,
+    micro,
+    serve_cp,
+    usage_event,
+)
+from tests.token_claims import claims_of
+
+__all__ = ["private_redis"]  # the fixture, used by name
+
+
+@pytest.fixture
+def cp(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
+    # The app's own sweeper stays out of the way: the test drives the sweeps.
+    env = {
+        "LLMGW_REDIS_URL": private_redis.url,
+        "LLMGW_REDIS_PREFIX": "t:",
+        "LLMGW_SWEEP_INTERVAL_SECONDS": "3600",
+    }
+    with serve_cp(_settings(pg_database_url, env)) as handle:
+        yield handle
+
+
+def test_a_store_outage_is_not_silence_the_running_stream_bills_its_report(
+    cp: CP, private_redis: PrivateRedis
+) -> None:
+    client, company_id = cp.owner_client("10")
+    grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
+    jti = claims_of(grant["stream_token"])["jti"]
+    reservation_id = grant["reservation_id"]
+    store = cp.app.state.store
+    state = cp.app.state
+    before_outage = UsageCheckpoint(
+        jti, reservation_id, 12, 70, datetime.now(UTC).isoformat(), beat=5
+    ).dumps()
+    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), before_outage, 600))
+    clock = [0.0]
+    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+
+    def sweep() -> Any:
+        return cp.on_loop(
+            lambda: sweep_silent_streams(
+                state.db, state.store, state.metrics, watch, revoke_ttl=600
+            )
+        )
+
+    assert sweep().settled == 0  # the checkpoint, first seen
+    private_redis.stop()
+    # Redis away longer than the silence limit: every sweep meanwhile is blind.
+    for _ in range(3):
+        clock[0] += watch.silent_after / 2
+        assert sweep().settled == 0
+    private_redis.start()
+    # Back with what it kept (AOF), before the edge's next heartbeat is written.
+    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), before_outage, 600))
+    assert sweep().settled == 0, "a live stream settled from its pre-outage checkpoint"
+    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", jti, company_id)))
+    assert revoked is None
+    # The stream ran on and its edge reports it: the whole answer is billed, once.
+    report = usage_event(grant, company_id, input_tokens=12, output_tokens=300)
+    settled = data_of(cp.webhook(report))
+    assert settled["settled"] is True
+    price = cp.settings.catalog.models[grant["model"]].price
+    expected = cost_micro(12, 300, price)
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
+    assert credits_of(client)["held"] == "0.000000"
+    assert_books_balance(cp, company_id, client)
