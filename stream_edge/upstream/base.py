@@ -216,6 +216,16 @@ class Failure:
     message: str
 
 
+class OutputLimit(Exception):
+    """Raised by a stream's writer for an event past what it may hold for its client
+    (`formats.EventSourceWriter`'s tool calls): the relay ends the stream as on a
+    backend's `Failure`, with this message (a generic one, as a `Failure`'s)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class Passthrough:
     """A vendor event with nothing for billing (e.g. the role chunk); `raw` as received."""
