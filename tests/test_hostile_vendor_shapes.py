@@ -9,6 +9,16 @@ event is malformed and skipped, as OpenAI's tool-call entry without an integer
 `index` is (`base.openai_tool_deltas`): the rest of the answer goes on. Gemini's
 events carry no index; its parser has no lookup of that kind.
 
+Attack (measured before the fix): an Anthropic or Gemini whole answer (`stream:
+false`) whose tool call's input is nested 300 levels deep, valid JSON that orjson
+reads (to 1024 levels) but will not write (255): re-encoding the arguments raised
+TypeError, answered 502 "the edge could not open the backend stream" with "unexpected
+TypeError while reading the backend's answer" logged; Gemini's stream parser raised
+it too ("the stream broke off"). The bill was right already (`bill_unread` runs
+before the error goes up). Now such an answer is a malformed one, 502 `upstream_error`
+"the backend's answer was malformed", billed as before, and such a Gemini event a
+malformed event (`base.json_text`).
+
 Driven through the control plane and the edge against an in-memory backend
 (`tests/inproc.py`), the way the whole-answer billing tests are."""
 
@@ -28,14 +38,25 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from shared.text_tokens import text_tokens
 from stream_edge.upstream.anthropic_messages import AnthropicStreamParser
-from stream_edge.upstream.base import Delta, Finish, ToolCallDelta
+from stream_edge.upstream.base import (
+    MALFORMED_EVENT,
+    Delta,
+    Failure,
+    Finish,
+    ToolCallDelta,
+    json_text,
+    openai_tool_calls,
+)
+from stream_edge.upstream.gemini import GeminiStreamParser
 from tests.inproc import MOCK, Gateway, events, gateway_env, opened
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
 ANTHROPIC, GEMINI = "http://anthropic-shaped.test", "http://gemini-shaped.test"
 PRICE = {"input_per_mtok": "1.0", "output_per_mtok": "2.0"}
+MAX_OUT = 4096
 CATALOG = {
     "default_model": "mock-fast",
     "providers": {
@@ -48,7 +69,7 @@ CATALOG = {
             "provider": provider,
             "upstream_model": name,
             "context_length": 131_072,
-            "max_output_tokens": 4096,
+            "max_output_tokens": MAX_OUT,
             "features": ["streaming"],
             "price": PRICE,
         }
@@ -78,12 +99,30 @@ def anthropic_stream(index: Any) -> list[bytes]:
     ]
 
 
+# A tool call's input nested 300 levels deep: JSON that orjson reads (up to 1024
+# levels) but does not write (255 at most).
+NESTED = b'{"a":' * 300 + b"1" + b"}" * 300
+ANTHROPIC_WHOLE = (
+    b'{"type":"message","role":"assistant","stop_reason":"tool_use","content":['
+    b'{"type":"tool_use","id":"toolu_1","name":"save","input":' + NESTED + b"}],"
+    b'"usage":{"input_tokens":12,"output_tokens":900}}'
+)
+GEMINI_CALL = b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"save","args":'
+GEMINI_WHOLE = (
+    GEMINI_CALL + NESTED + b'}}]},"finishReason":"STOP"}],'
+    b'"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":900}}'
+)
+GEMINI_FRAME = b"data: " + GEMINI_CALL + NESTED + b"}}]}}]}\r\n\r\n"
+
+
 def vendor_backend() -> Starlette:
     """Anthropic's and Gemini's endpoints, answering as the prompt asks."""
 
     async def messages(request: Request) -> Response:
         body = orjson.loads(await request.body())
         prompt = body["messages"][-1]["content"]
+        if not body["stream"]:
+            return Response(ANTHROPIC_WHOLE, media_type="application/json")
         index: Any = {"list": [], "object": {}, "text": "0"}[prompt]
 
         async def frames() -> AsyncIterator[bytes]:
@@ -92,7 +131,21 @@ def vendor_backend() -> Starlette:
 
         return StreamingResponse(frames(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/messages", messages, methods=["POST"])])
+    async def gemini(request: Request) -> Response:
+        if request.path_params["call"].endswith(":generateContent"):
+            return Response(GEMINI_WHOLE, media_type="application/json")
+
+        async def frames() -> AsyncIterator[bytes]:
+            yield GEMINI_FRAME
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
+    return Starlette(
+        routes=[
+            Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1beta/models/{call}", gemini, methods=["POST"]),
+        ]
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -154,3 +207,46 @@ def test_the_anthropic_parser_skips_blocks_whose_index_is_no_integer() -> None:
         (0, "toolu_1", "save", ""),
         (0, None, None, '{"a": 1}'),
     ]
+
+
+@on_loop
+@pytest.mark.parametrize(("model", "body"), [("claude", ANTHROPIC_WHOLE), ("gemini", GEMINI_WHOLE)])
+async def test_a_whole_answer_with_a_tool_call_nested_too_deep_is_an_upstream_error_billed(
+    gw: Gateway, caplog: pytest.LogCaptureFixture, model: str, body: bytes
+) -> None:
+    caplog.set_level(logging.ERROR)
+    access = await gw.new_user()
+    grant = await gw.init_ok(access, {"query": "deep", "model": model})
+    request = {"stream": False, "messages": [{"role": "user", "content": "deep"}]}
+    answered, answer = await gw.complete(grant["stream_token"], request)
+    # Before: 502 "the edge could not open the backend stream", an unexpected TypeError.
+    assert answered == 502
+    assert answer["error"]["code"] == "upstream_error"
+    assert answer["error"]["message"] == "the backend's answer was malformed"
+    assert unexpected(caplog) == []
+    # Billed as any whole answer that failed once generated (`completion.bill_unread`).
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert (record["status"], record["usage_source"]) == ("failed", "estimated")
+    assert record["output_tokens"] == min(text_tokens((body,)), MAX_OUT)
+
+
+@on_loop
+async def test_a_gemini_stream_with_a_tool_call_nested_too_deep_ends_as_malformed(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    chunks, record = await stream(gw, "gemini", "deep")
+    # Before: "the stream broke off", an unexpected TypeError logged.
+    assert chunks[-1]["error"]["message"] == MALFORMED_EVENT
+    assert record["status"] == "failed"
+    assert unexpected(caplog) == []
+
+
+def test_arguments_nested_too_deep_are_malformed_for_every_vendor_shape() -> None:
+    deep = orjson.loads(NESTED)
+    with pytest.raises(ValueError, match="nested too deep"):
+        json_text(deep)
+    with pytest.raises(ValueError, match="nested too deep"):  # OpenAI, non-string arguments
+        openai_tool_calls([{"id": "c", "function": {"name": "save", "arguments": deep}}])
+    assert GeminiStreamParser().feed(GEMINI_FRAME) == [Failure(MALFORMED_EVENT)]
+    assert json_text({"a": [1, "b"]}) == '{"a":[1,"b"]}'

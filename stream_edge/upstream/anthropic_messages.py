@@ -42,6 +42,7 @@ from stream_edge.upstream.base import (
     UpstreamEvent,
     Usage,
     arguments_object,
+    json_text,
     message_text,
     token_count,
     trusted_headers,
@@ -322,7 +323,7 @@ class AnthropicMessagesAdapter:
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         calls = tuple(
-            ToolCall(str(b.get("id") or ""), b["name"], orjson.dumps(b.get("input", {})).decode())
+            ToolCall(str(b.get("id") or ""), b["name"], json_text(b.get("input", {})))
             for b in blocks
             if isinstance(b, dict)
             and b.get("type") == "tool_use"
