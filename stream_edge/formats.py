@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 
-from shared.sse import encode_data, encode_event
+from shared.sse import MAX_EVENT, encode_data, encode_event
+from stream_edge.meter import TRANSCRIPT_PIECES
 from stream_edge.upstream.base import (
     Delta,
     Failure,
     Finish,
+    OutputLimit,
     ToolCall,
     ToolCallDelta,
     ToolCalls,
@@ -27,6 +29,15 @@ from stream_edge.upstream.base import (
 )
 
 DONE_FRAME = b"data: [DONE]\n\n"
+# What an EventSource stream holds of its tool calls until `complete`, over all its
+# calls: argument characters, and fragments (each a string's overhead). No legitimate
+# stream reaches either: 1 Mi characters is 2x the arguments of the longest output any
+# model offers (128k tokens, ~4 characters each), and a call's `tool_call` event past
+# it is longer than an SSE decoder's event (`MAX_EVENT`, our own client's), so no
+# client of ours could read it anyway; vendors stream one token or more a fragment.
+TOOL_CALL_CHARS = MAX_EVENT
+TOOL_CALL_PIECES = TRANSCRIPT_PIECES
+TOO_MANY_TOOL_CALLS = f"the backend's tool calls ran over {TOOL_CALL_CHARS >> 20} MiB"
 
 
 class OpenAIChunkWriter:
@@ -150,13 +161,20 @@ def completion_object(
 class EventSourceWriter:
     """`chunk` / `tool_call` / `complete` / `error` events, numbered from 1 so
     `Last-Event-ID` can resume. Tool calls are gathered as they stream and sent
-    whole, one `tool_call` event each, just before `complete` (`tool_call_frames`)."""
+    whole, one `tool_call` event each, just before `complete` (`tool_call_frames`).
+
+    What is gathered is bounded (`TOOL_CALL_CHARS`, `TOOL_CALL_PIECES`): a backend
+    streaming argument fragments for the stream's whole life once grew the edge's
+    memory by all it sent (32 MB sent, 362 MB traced at the peak). Past the bound
+    `write` raises `OutputLimit`, and the relay ends the stream as a failed one."""
 
     def __init__(self, session_id: str) -> None:
         self._session_id = session_id
         self.last_id = 0
         self._index = 0
         self._tool_calls = ToolCalls()
+        self._chars_room = TOOL_CALL_CHARS
+        self._pieces_room = TOOL_CALL_PIECES
 
     def _next(self, event: str, payload: dict[str, Any]) -> bytes:
         self.last_id += 1
@@ -168,6 +186,10 @@ class EventSourceWriter:
             self._index += 1
             return frame
         if isinstance(event, ToolCallDelta):
+            self._chars_room -= len(event.arguments)
+            self._pieces_room -= 1
+            if self._chars_room < 0 or self._pieces_room < 0:
+                raise OutputLimit(TOO_MANY_TOOL_CALLS)
             self._tool_calls.add(event)
         return b""
 

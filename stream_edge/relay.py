@@ -29,6 +29,7 @@ from stream_edge.transport import Response, Timeout, TransportError
 from stream_edge.upstream.base import (
     Delta,
     Failure,
+    OutputLimit,
     OutputSoFar,
     ReasoningDelta,
     StreamParser,
@@ -99,31 +100,41 @@ async def relay(
                 out: list[bytes] = []
                 first_token = False
                 for event in parser.feed(chunk):
-                    if isinstance(event, Failure):
-                        if out:
-                            await emit(b"".join(out))
-                            observe_delay(time.perf_counter() - received)
-                        if first_token:  # the tokens before the failure had a first one
-                            sink.first_token()
-                        return RelayResult("failed", "upstream_error", event.message)
-                    # Streamed reasoning is output the client reads: a token for the
-                    # first-token clock, or a model thinking longer than it fails.
-                    if meter.first_token_at is None and isinstance(
-                        event, Delta | ToolCallDelta | ReasoningDelta
-                    ):
-                        first_token = answering = True
-                        waiting_for = "next token"
-                    elif not answering and isinstance(event, OutputSoFar):
-                        # Hidden thinking, counted as it grows: the client reads
-                        # nothing yet (no first token for its metric), but the
-                        # backend is answering, and cutting it now would leave the
-                        # thinking paid to the vendor and the member served an error.
-                        answering = True
-                        waiting_for = "next token"
-                    meter.record(event)
-                    frame = write(event)
-                    if frame:
-                        out.append(frame)
+                    if not isinstance(event, Failure):
+                        # Streamed reasoning is output the client reads: a token for
+                        # the first-token clock, or a model thinking longer than it
+                        # fails.
+                        if meter.first_token_at is None and isinstance(
+                            event, Delta | ToolCallDelta | ReasoningDelta
+                        ):
+                            first_token = answering = True
+                            waiting_for = "next token"
+                        elif not answering and isinstance(event, OutputSoFar):
+                            # Hidden thinking, counted as it grows: the client reads
+                            # nothing yet (no first token for its metric), but the
+                            # backend is answering, and cutting it now would leave
+                            # the thinking paid to the vendor and the member served
+                            # an error.
+                            answering = True
+                            waiting_for = "next token"
+                        meter.record(event)
+                        try:
+                            frame = write(event)
+                        except OutputLimit as exc:
+                            # More than the client's writer may hold (billed above):
+                            # the stream ends as on the backend's own failure.
+                            event = Failure(exc.message)
+                        else:
+                            if frame:
+                                out.append(frame)
+                            continue
+                    # The backend failed, or sent more than its client's writer holds.
+                    if out:
+                        await emit(b"".join(out))
+                        observe_delay(time.perf_counter() - received)
+                    if first_token:  # the tokens before the failure had a first one
+                        sink.first_token()
+                    return RelayResult("failed", "upstream_error", event.message)
                 if out:
                     await emit(out[0] if len(out) == 1 else b"".join(out))
                     observe_delay(time.perf_counter() - received)

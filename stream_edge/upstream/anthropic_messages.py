@@ -42,6 +42,7 @@ from stream_edge.upstream.base import (
     UpstreamEvent,
     Usage,
     arguments_object,
+    json_text,
     message_text,
     token_count,
     trusted_headers,
@@ -93,6 +94,14 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _block_index(doc: dict[str, Any]) -> int | None:
+    """A content block event's `index`, None when it is no integer: such an event is
+    malformed and skipped, as OpenAI's tool-call entry without one is. Looked up as
+    it came, `[]` or `{}` raised TypeError (unhashable) and broke the stream off."""
+    index = doc.get("index")
+    return None if isinstance(index, bool) or not isinstance(index, int) else index
+
+
 class AnthropicStreamParser(JsonEventParser):
     __slots__ = ("_input", "_last_usage", "_tool_blocks")
 
@@ -100,7 +109,7 @@ class AnthropicStreamParser(JsonEventParser):
         super().__init__()
         self._input: tuple[int, int, int] | None = None
         self._last_usage: Usage | None = None
-        self._tool_blocks: dict[Any, int] = {}  # content block index → tool call index
+        self._tool_blocks: dict[int, int] = {}  # content block index → tool call index
 
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         kind = doc.get("type")
@@ -110,14 +119,20 @@ class AnthropicStreamParser(JsonEventParser):
             if delta.get("type") == "text_delta" and isinstance(text, str) and text:
                 return [Delta(text, raw)]
             fragment = delta.get("partial_json")
-            tool = self._tool_blocks.get(doc.get("index"))
+            index = _block_index(doc)
+            tool = None if index is None else self._tool_blocks.get(index)
             if delta.get("type") == "input_json_delta" and isinstance(fragment, str):
                 if tool is not None and fragment:
                     return [ToolCallDelta(tool, None, None, fragment, raw)]
         elif kind == "content_block_start":
             block = _dict(doc.get("content_block"))
-            if block.get("type") == "tool_use" and isinstance(block.get("name"), str):
-                tool = self._tool_blocks[doc.get("index")] = len(self._tool_blocks)
+            index = _block_index(doc)
+            if (
+                index is not None
+                and block.get("type") == "tool_use"
+                and isinstance(block.get("name"), str)
+            ):
+                tool = self._tool_blocks[index] = len(self._tool_blocks)
                 return [ToolCallDelta(tool, str(block.get("id") or ""), block["name"], "", raw)]
         elif kind == "message_start":
             # Its `output_tokens` is a placeholder (usually 1): only the input counts.
@@ -308,7 +323,7 @@ class AnthropicMessagesAdapter:
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         calls = tuple(
-            ToolCall(str(b.get("id") or ""), b["name"], orjson.dumps(b.get("input", {})).decode())
+            ToolCall(str(b.get("id") or ""), b["name"], json_text(b.get("input", {})))
             for b in blocks
             if isinstance(b, dict)
             and b.get("type") == "tool_use"

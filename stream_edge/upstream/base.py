@@ -216,6 +216,16 @@ class Failure:
     message: str
 
 
+class OutputLimit(Exception):
+    """Raised by a stream's writer for an event past what it may hold for its client
+    (`formats.EventSourceWriter`'s tool calls): the relay ends the stream as on a
+    backend's `Failure`, with this message (a generic one, as a `Failure`'s)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class Passthrough:
     """A vendor event with nothing for billing (e.g. the role chunk); `raw` as received."""
@@ -408,6 +418,18 @@ def openai_tool_deltas(value: Any, raw: bytes) -> list[ToolCallDelta]:
     return out
 
 
+def json_text(value: Any) -> str:
+    """A tool call's arguments that a backend sent as JSON (Anthropic's `input`,
+    Gemini's `args`) as JSON text again. ValueError when it cannot be: orjson writes
+    at most 255 levels of nesting where it reads up to 1024, and its TypeError made a
+    backend's unusable answer pass for an edge bug ("could not open the backend
+    stream", an unexpected exception logged)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        raise ValueError("the backend sent a tool call nested too deep") from None
+
+
 def openai_tool_calls(value: Any) -> tuple[ToolCall, ...]:
     """A whole message's `tool_calls` (OpenAI's non-streamed shape)."""
     calls: list[ToolCall] = []
@@ -420,7 +442,7 @@ def openai_tool_calls(value: Any) -> tuple[ToolCall, ...]:
             ToolCall(
                 str(item.get("id") or ""),
                 function["name"],
-                arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode(),
+                arguments if isinstance(arguments, str) else json_text(arguments),
             )
         )
     return tuple(calls)

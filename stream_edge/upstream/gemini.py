@@ -35,8 +35,10 @@ from urllib.parse import quote
 import orjson
 
 from stream_edge.upstream.base import (
+    MALFORMED_EVENT,
     Completion,
     Delta,
+    Failure,
     Finish,
     HttpRequest,
     JsonEventParser,
@@ -48,6 +50,7 @@ from stream_edge.upstream.base import (
     Usage,
     arguments_object,
     json_object,
+    json_text,
     message_text,
     token_count,
     trusted_headers,
@@ -119,7 +122,7 @@ def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
         ToolCall(
             str(call.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
             call["name"],
-            orjson.dumps(_dict(call.get("args"))).decode(),
+            json_text(_dict(call.get("args"))),
         )
         for call in (_dict(p.get("functionCall")) for p in parts)
         if isinstance(call.get("name"), str)
@@ -145,7 +148,10 @@ class GeminiStreamParser(JsonEventParser):
         if "error" in doc:
             error = _dict(doc["error"])
             return [vendor_failure(str(error.get("status")), error.get("message"), self.withheld)]
-        text, calls, reason = _read(doc)
+        try:
+            text, calls, reason = _read(doc)
+        except ValueError:  # a call whose args cannot be forwarded (`json_text`)
+            return [Failure(MALFORMED_EVENT)]
         out: list[UpstreamEvent] = []
         if text:
             out.append(Delta(text, raw))
