@@ -1,11 +1,24 @@
 """The packaged catalog plus one OpenAI-compatible provider and model of a test's own
-(a hostile or unusual backend on the test's socket), written for `LLMGW_MODELS_FILE`."""
+(a hostile or unusual backend on the test's socket), written for `LLMGW_MODELS_FILE`;
+and the gateway in this process in front of such a backend."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.conftest import REDIS_URL
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.stack import InProcessStack, base_env
 
 PACKAGED = Path(__file__).parent.parent / "shared" / "models.yaml"
 
@@ -28,3 +41,44 @@ def catalog_with_backend(
     path = directory / "models.yaml"
     path.write_text(yaml.safe_dump(doc))
     return str(path)
+
+
+def sse_frame(doc: dict[str, Any]) -> bytes:
+    """One SSE event carrying `doc` as JSON, as an OpenAI-compatible backend sends it."""
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+@contextlib.contextmanager
+def hostile_backend_stack(
+    directory: Path,
+    provider: str,
+    chat: Callable[[Request], Awaitable[Response]],
+    *,
+    context_length: int = 8192,
+    max_output_tokens: int = 1024,
+    redis_prefix: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[InProcessStack]:
+    """The gateway in this process (SQLite in `directory`; Redis under `redis_prefix`
+    when given, else its in-memory store), whose `<provider>-model` streams from
+    `chat`, an OpenAI-compatible endpoint of the test's own on a free socket. `env`
+    adds to or overrides the gateway's settings."""
+    sock = bind_free_socket()
+    backend = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with ServerGroup([(backend, sock)]):
+        database = f"sqlite:///{directory / 'gateway.db'}"
+        settings = (
+            base_env(database)
+            if redis_prefix is None
+            else base_env(database, REDIS_URL, redis_prefix)
+        )
+        settings["LLMGW_MODELS_FILE"] = catalog_with_backend(
+            directory,
+            provider,
+            url_of(sock),
+            context_length=context_length,
+            max_output_tokens=max_output_tokens,
+        )
+        settings.update(env or {})
+        with InProcessStack(settings) as gateway:
+            yield gateway

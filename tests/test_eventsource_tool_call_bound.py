@@ -20,25 +20,18 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from shared.sse import SSEDecoder
 from stream_edge.formats import TOOL_CALL_CHARS, TOOL_CALL_PIECES, EventSourceWriter
 from stream_edge.upstream.base import OutputLimit, ToolCallDelta
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.hostile_catalog import catalog_with_backend
-from tests.stack import InProcessStack, base_env
+from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.stack import InProcessStack
 
 FRAGMENTS = 64
 BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
 MB = 1_000_000
-
-
-def _frame(doc: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 def _call(fragment: dict[str, Any]) -> dict[str, Any]:
@@ -49,12 +42,12 @@ async def _chat(request: Request) -> Response:
     """One tool call whose arguments come in `FRAGMENTS` fragments of 1 MB each."""
 
     async def frames() -> AsyncIterator[bytes]:
-        yield _frame(_call({"id": "call_0", "type": "function", "function": {"name": "save"}}))
+        yield sse_frame(_call({"id": "call_0", "type": "function", "function": {"name": "save"}}))
         for _ in range(FRAGMENTS):
-            yield _frame(_call({"function": {"arguments": BIG}}))
-        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+            yield sse_frame(_call({"function": {"arguments": BIG}}))
+        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
         usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
-        yield _frame({"choices": [], "usage": usage})
+        yield sse_frame({"choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")
@@ -62,16 +55,8 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
-    directory = tmp_path_factory.mktemp("calls")
-    sock = bind_free_socket()
-    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    with ServerGroup([(backend, sock)]):
-        env = base_env(f"sqlite:///{directory / 'gateway.db'}")
-        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
-            directory, "calls", url_of(sock), context_length=8192, max_output_tokens=1024
-        )
-        with InProcessStack(env) as gateway:
-            yield gateway
+    with hostile_backend_stack(tmp_path_factory.mktemp("calls"), "calls", _chat) as gateway:
+        yield gateway
 
 
 def test_an_endless_tool_call_ends_an_eventsource_stream_within_a_bound(

@@ -25,15 +25,12 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from shared.sse import SSEDecoder, encode_data, encode_event
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.hostile_catalog import catalog_with_backend
-from tests.stack import InProcessStack, base_env
+from tests.hostile_catalog import hostile_backend_stack
+from tests.stack import InProcessStack
 
 WORDS = ["Hello", " there\u2028", ",\u0085", " friend\u2029"]
 
@@ -58,16 +55,8 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
-    directory = tmp_path_factory.mktemp("spread")
-    sock = bind_free_socket()
-    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    with ServerGroup([(backend, sock)]):
-        env = base_env(f"sqlite:///{directory / 'gateway.db'}")
-        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
-            directory, "spread", url_of(sock), context_length=8192, max_output_tokens=1024
-        )
-        with InProcessStack(env) as gateway:
-            yield gateway
+    with hostile_backend_stack(tmp_path_factory.mktemp("spread"), "spread", _chat) as gateway:
+        yield gateway
 
 
 def test_an_event_over_several_data_lines_reaches_the_openai_client_whole(

@@ -14,32 +14,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.store_memory import MemoryStore
 from stream_edge import resume
 from stream_edge.resume import Follower, ResumeLog, events_key, gap_key
 from tests.conftest import REDIS_URL, fresh_redis_prefix
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.hostile_catalog import catalog_with_backend
-from tests.stack import InProcessStack, base_env
+from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.stack import InProcessStack
 
 BIG_DELTAS = 24
 BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
-
-
-def _frame(doc: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 async def _chat(request: Request) -> Response:
@@ -47,10 +38,10 @@ async def _chat(request: Request) -> Response:
 
     async def frames() -> AsyncIterator[bytes]:
         for _ in range(BIG_DELTAS):
-            yield _frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
+        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
-        yield _frame({"choices": [], "usage": usage})
+        yield sse_frame({"choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")
@@ -59,15 +50,11 @@ async def _chat(request: Request) -> Response:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcessStack, str]]:
     directory = tmp_path_factory.mktemp("bulky")
-    sock = bind_free_socket()
-    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    with fresh_redis_prefix() as prefix, ServerGroup([(backend, sock)]):
-        env = base_env(f"sqlite:///{directory / 'gateway.db'}", REDIS_URL, prefix)
-        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
-            directory, "bulky", url_of(sock), context_length=8192, max_output_tokens=1024
-        )
-        with InProcessStack(env) as gateway:
-            yield gateway, prefix
+    with (
+        fresh_redis_prefix() as prefix,
+        hostile_backend_stack(directory, "bulky", _chat, redis_prefix=prefix) as gateway,
+    ):
+        yield gateway, prefix
 
 
 def _events(response: httpx.Response) -> list[ServerSentEvent]:

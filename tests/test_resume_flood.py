@@ -27,27 +27,22 @@ import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.store_memory import MemoryStore
 from stream_edge import resume
 from stream_edge.resume import Follower, ResumeLog, done_key, live_key
 from stream_edge.streaming import SEND_SLICE
-from tests.conftest import REDIS_URL, fresh_redis_prefix
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.hostile_catalog import catalog_with_backend
+from tests.conftest import fresh_redis_prefix
+from tests.hostile_catalog import hostile_backend_stack, sse_frame
 from tests.polling import wait_until
-from tests.stack import InProcessStack, base_env
+from tests.stack import InProcessStack
 from tests.token_claims import jti_of
 
 DELTAS = 6
@@ -59,22 +54,18 @@ HELD_PER_CONNECTION = 64 * 1024 + SEND_SLICE + 4096
 release = threading.Event()
 
 
-def _frame(doc: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
-
-
 async def _chat(request: Request) -> Response:
     """An in-house backend answering `DELTAS` deltas of 1 MB, then holding the stream
     open until the test releases it."""
 
     async def frames() -> AsyncIterator[bytes]:
         for _ in range(DELTAS):
-            yield _frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
+            yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
         while not release.is_set():
             await asyncio.sleep(0.02)
-        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         usage = {"prompt_tokens": 10, "completion_tokens": 60, "total_tokens": 70}
-        yield _frame({"choices": [], "usage": usage})
+        yield sse_frame({"choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")
@@ -82,20 +73,18 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
-    directory = tmp_path_factory.mktemp("flood")
-    sock = bind_free_socket()
-    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    with fresh_redis_prefix() as prefix, ServerGroup([(backend, sock)]):
-        env = base_env(f"sqlite:///{directory / 'gateway.db'}", REDIS_URL, prefix)
-        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
-            directory, "bulky", url_of(sock), context_length=8192, max_output_tokens=1024
-        )
-        env["LLMGW_IDLE_TIMEOUT_SECONDS"] = "120"  # the held stream stays open
-        env["LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS"] = "120"
+    env = {
+        "LLMGW_IDLE_TIMEOUT_SECONDS": "120",  # the held stream stays open
+        "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS": "120",
         # A superseded client that reads nothing is let go after this, not 10 s.
-        env["LLMGW_SLOW_CLIENT_TIMEOUT_SECONDS"] = "1"
-        with InProcessStack(env) as stack:
-            yield stack
+        "LLMGW_SLOW_CLIENT_TIMEOUT_SECONDS": "1",
+    }
+    directory = tmp_path_factory.mktemp("flood")
+    with (
+        fresh_redis_prefix() as prefix,
+        hostile_backend_stack(directory, "bulky", _chat, redis_prefix=prefix, env=env) as stack,
+    ):
+        yield stack
 
 
 def _reconnect_reading_nothing(url: str, after: int) -> socket.socket:

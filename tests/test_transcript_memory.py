@@ -15,31 +15,22 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
-import orjson
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from shared.tokens import StreamGrant
 from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.meter import TRANSCRIPT_CHARS, TRANSCRIPT_PIECES, Meter
 from stream_edge.upstream.base import Delta, ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.hostile_catalog import catalog_with_backend
-from tests.stack import InProcessStack, base_env
+from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.stack import InProcessStack
 
 BIG_DELTAS = 48
 BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
 MB = 1_000_000
-
-
-def _frame(doc: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 async def _chat(request: Request) -> Response:
@@ -47,10 +38,10 @@ async def _chat(request: Request) -> Response:
 
     async def frames() -> AsyncIterator[bytes]:
         for _ in range(BIG_DELTAS):
-            yield _frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
+        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
-        yield _frame({"choices": [], "usage": usage})
+        yield sse_frame({"choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")
@@ -58,16 +49,8 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
-    directory = tmp_path_factory.mktemp("endless")
-    sock = bind_free_socket()
-    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    with ServerGroup([(backend, sock)]):
-        env = base_env(f"sqlite:///{directory / 'gateway.db'}")
-        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
-            directory, "endless", url_of(sock), context_length=8192, max_output_tokens=1024
-        )
-        with InProcessStack(env) as gateway:
-            yield gateway
+    with hostile_backend_stack(tmp_path_factory.mktemp("endless"), "endless", _chat) as gateway:
+        yield gateway
 
 
 def test_a_backend_streaming_past_any_report_holds_no_more_than_a_report(

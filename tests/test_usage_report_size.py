@@ -11,30 +11,22 @@ cut to fit and the usage settles at once."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import orjson
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from shared.tokens import StreamGrant
 from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.meter import Meter
 from stream_edge.upstream.base import ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.hostile_catalog import catalog_with_backend
-from tests.stack import InProcessStack, base_env
+from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.stack import InProcessStack
 
 PIECE = "\n\t\t\t"  # a token of indentation: eight bytes once escaped in JSON
 ANSWER_TOKENS = 200_000
-
-
-def _frame(doc: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 async def _chat(request: Request) -> Response:
@@ -51,9 +43,9 @@ async def _chat(request: Request) -> Response:
     async def frames() -> AsyncIterator[bytes]:
         for start in range(0, count, 1000):
             delta = {"content": PIECE * min(1000, count - start)}
-            yield _frame({"choices": [{"index": 0, "delta": delta}]})
-        yield _frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
-        yield _frame({"choices": [], "usage": usage})
+            yield sse_frame({"choices": [{"index": 0, "delta": delta}]})
+        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        yield sse_frame({"choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")
@@ -61,16 +53,14 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
-    directory = tmp_path_factory.mktemp("long")
-    sock = bind_free_socket()
-    backend = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])
-    with ServerGroup([(backend, sock)]):
-        env = base_env(f"sqlite:///{directory / 'gateway.db'}")
-        env["LLMGW_MODELS_FILE"] = catalog_with_backend(
-            directory, "long", url_of(sock), context_length=400_000, max_output_tokens=ANSWER_TOKENS
-        )
-        with InProcessStack(env) as gateway:
-            yield gateway
+    with hostile_backend_stack(
+        tmp_path_factory.mktemp("long"),
+        "long",
+        _chat,
+        context_length=400_000,
+        max_output_tokens=ANSWER_TOKENS,
+    ) as gateway:
+        yield gateway
 
 
 @pytest.mark.parametrize("stream", [False, True])
