@@ -20,13 +20,13 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from shared.tokens import StreamGrant
 from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.meter import TRANSCRIPT_CHARS, TRANSCRIPT_PIECES, Meter
 from stream_edge.upstream.base import Delta, ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
 from tests.hostile_catalog import hostile_backend_stack, sse_frame
 from tests.stack import InProcessStack
+from tests.test_usage_report_size import _grant
 
 BIG_DELTAS = 48
 BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
@@ -81,24 +81,6 @@ def test_a_backend_streaming_past_any_report_holds_no_more_than_a_report(
     assert (record["status"], record["output_tokens"]) == ("completed", 500)
     # Before: every delta kept, then joined and encoded for the report (628 MB).
     assert peak < 128 * MB, f"{peak / MB:.0f} MB traced at the peak"
-
-
-def _grant() -> StreamGrant:
-    return StreamGrant(
-        jti="j" * 32,
-        company_id="c" * 32,
-        user_id="u" * 32,
-        role="member",
-        scopes=("llm:chat:send",),
-        session_id="s" * 32,
-        model="m",
-        max_tokens=10,
-        max_input_tokens=10,
-        reservation_id="r" * 32,
-        request_id="q" * 32,
-        issued_at=0,
-        expires_at=0,
-    )
 
 
 def _kept(meter: Meter) -> int:
