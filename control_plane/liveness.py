@@ -5,6 +5,12 @@ Only this process's monotonic clock is used, never the edge's timestamps, so clo
 skew between the edge and the control plane cannot make a live stream look dead.
 A marker first seen now counts from now: a stream is silent once two sweeps at
 least `silent_after` seconds apart read the same checkpoint.
+
+A store that answers late (frozen, a stalled host, less than its client's timeout)
+holds the edge's writes queued behind the read as well, so the time a read waits
+is no proof of silence. A marker is first seen when its answer came back, and a
+later reading counts from when its request was sent: a late answer can only make a
+stream look younger, never older.
 """
 
 from __future__ import annotations
@@ -19,15 +25,24 @@ class SilenceWatch:
         self._clock = clock
         self._seen: dict[str, tuple[Hashable, float]] = {}
 
-    def is_silent(self, reservation_id: str, marker: Hashable) -> bool:
-        """Record `marker` as seen now; True when it has not changed for
-        `silent_after` seconds."""
+    def now(self) -> float:
+        """This watch's clock: what a sweep notes just before it sends its read."""
+        return self._clock()
+
+    def is_silent(
+        self, reservation_id: str, marker: Hashable, sent_at: float | None = None
+    ) -> bool:
+        """Record `marker`, read by a request sent at `sent_at` (`now()` taken before
+        the read; None: now, a read answered at once) and answered now; True when a
+        read sent `silent_after` seconds or more after an earlier one was answered
+        found the same marker."""
         now = self._clock()
         seen = self._seen.get(reservation_id)
         if seen is None or seen[0] != marker:
             self._seen[reservation_id] = (marker, now)
             return False
-        return now - seen[1] >= self.silent_after
+        asked = now if sent_at is None else min(sent_at, now)
+        return asked - seen[1] >= self.silent_after
 
     def keep_only(self, reservation_ids: Iterable[str]) -> None:
         """Forget streams no longer running (settled, released, ended)."""

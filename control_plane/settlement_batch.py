@@ -27,7 +27,7 @@ import asyncio
 import logging
 
 from control_plane.db import Database, DatabaseTimeout
-from control_plane.errors import ServiceUnavailable
+from control_plane.errors import DatabaseUnavailable
 from control_plane.settlement import Outcome
 from control_plane.webhook_settlement import Delivery, settle_delivery, settle_webhooks
 
@@ -64,14 +64,13 @@ class SettlementBatcher:
                 await self._settle(batch)
         finally:
             # Cancelled (shutdown) or broken: whoever still waits gets a 503, which
-            # the edge retries, rather than a request that never ends. A batch cut
-            # off mid-transaction rolled back; one cut off mid-commit is found
-            # settled by the retry (a duplicate).
+            # the edge retries, rather than a request that never ends: the one any
+            # database outage answers (`database_unavailable`, ``Retry-After: 1``),
+            # since it is one to the caller. A batch cut off mid-transaction rolled
+            # back; one cut off mid-commit is found settled by the retry (a duplicate).
             for _, future in [*batch, *self._queue]:
                 if not future.done():
-                    future.set_exception(
-                        ServiceUnavailable("Settlement was interrupted; retry shortly.")
-                    )
+                    future.set_exception(DatabaseUnavailable())
             self._queue.clear()
 
     async def _settle(self, batch: list[tuple[Delivery, asyncio.Future[Outcome]]]) -> None:

@@ -19,7 +19,9 @@ the silence limit (an edge cut off from the store altogether can neither
 checkpoint, nor see the revocation, nor enqueue its report: what it relays after
 its last checkpoint goes unbilled). A store outage the sweeper sees too is not
 silence: the edges could not write either, so the watch starts again once the
-store answers. An ``ended`` checkpoint (the stream is over,
+store answers; nor is the time a read waits for a store answering late (frozen),
+which holds the edges' heartbeats queued behind it: a reading counts from when it
+was asked. An ``ended`` checkpoint (the stream is over,
 its report is in the outbox) is left to that report until the deadline.
 
 **Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
@@ -245,6 +247,10 @@ async def sweep_silent_streams(
         page = await db.transaction(
             functools.partial(active_reservation_ids, after_id=after, limit=BATCH)
         )
+        # Taken before the read: a store that answers late (frozen, less than its
+        # client's timeout) also held the edges' heartbeats queued behind it, so
+        # the wait must not count as silence (`liveness.SilenceWatch`).
+        sent_at = watch.now()
         try:
             raws = await store.get_many([checkpoint_key(rid) for rid in page]) if page else []
         except Exception:
@@ -261,7 +267,7 @@ async def sweep_silent_streams(
             if checkpoint is None or checkpoint.ended:
                 continue  # not started (the deadline handles it) or its report is coming
             running.append(reservation_id)
-            if not watch.is_silent(reservation_id, checkpoint.marker()):
+            if not watch.is_silent(reservation_id, checkpoint.marker(), sent_at):
                 continue
             done = await db.transaction(
                 functools.partial(

@@ -4,6 +4,7 @@ shared Redis): `PrivateRedis`, and the `private_redis` fixture that starts one."
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +47,31 @@ class PrivateRedis:
         finally:
             client.close()
 
+    def freeze(self) -> None:
+        """SIGSTOP: its sockets stay open, what is sent to it waits unread."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def unread_bytes(self) -> int:
+        """Bytes its clients sent that it has not read (the kernel's receive queues
+        of its established sockets, from /proc/net/tcp): while frozen, > 0 once a
+        command was sent to it."""
+        port = f"{self.port:04X}"
+        total = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if local.endswith(":" + port) and state == "01":  # ESTABLISHED
+                total += int(queues.split(":")[1], 16)
+        return total
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen one cannot terminate
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None

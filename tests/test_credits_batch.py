@@ -262,3 +262,63 @@ async def test_a_batch_mixing_duplicates_and_refusals_is_one_transaction(
     roles = [m["role"] for m in r.json()["data"]["messages"]]
     # Six turns asked; the replies of a, b, c and e kept once each.
     assert roles.count("user") == 6 and roles.count("assistant") == 4
+
+
+class Held:
+    """The app's `Database`, each settlement held before it starts until the test's
+    gate opens (it never does here); the statements are the database's own."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def transaction(self, fn: Any) -> Any:
+        self.entered.set()
+        await self.gate.wait()
+        return await self.db.transaction(fn)
+
+    async def unit(self, fn: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        await self.gate.wait()
+        return await self.db.unit(fn, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+async def test_a_settlement_cut_off_is_the_databases_503_to_retry_and_settles_once_after(
+    app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """The settlement under way is cut off (its drain cancelled, as at shutdown): the
+    webhook gets what any database outage gets, 503 `database_unavailable` with
+    `Retry-After: 1`, nothing kept; the edge's redelivery settles it once."""
+    app, client = app_client
+    auth, company_id = await _owner(client)
+    (init,) = await _inits(client, auth, 1)
+    deps = app.state.deps
+    held = Held(app.state.db)
+    own, deps.settler = deps.settler, SettlementBatcher(held)
+    event = usage_event(init, company_id)
+    body = event.body()
+    headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+    try:
+        posting = asyncio.create_task(
+            client.post("/v1/webhooks/usage", content=body, headers=headers)
+        )
+        await held.entered.wait()
+        (drain,) = [t for t in asyncio.all_tasks() if t.get_name() == "settlement-batch"]
+        drain.cancel()
+        cut = await posting
+    finally:
+        deps.settler = own
+    assert cut.status_code == 503, cut.text
+    assert cut.json()["error"]["code"] == "database_unavailable"
+    assert cut.headers["retry-after"] == "1"
+    again = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["data"]["settled"] is True
+    twice = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+    assert twice.json()["data"] == {"duplicate": True}
+    problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
+    assert problems == []

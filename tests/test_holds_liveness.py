@@ -123,6 +123,19 @@ def test_silence_watch_counts_only_an_unchanged_marker() -> None:
     assert not watch.is_silent("r1", (2, "t2", 5))
 
 
+def test_silence_watch_counts_a_late_answer_from_its_request() -> None:
+    clock = FakeClock()
+    watch = SilenceWatch(16, clock)
+    sent = watch.now()
+    clock.now += 18  # a frozen store answers the first read late: seen from its answer
+    assert not watch.is_silent("r1", "m", sent)
+    sent = watch.now()
+    clock.now += 17  # the next one too: not 16 s since the first was answered
+    assert not watch.is_silent("r1", "m", sent)
+    sent = watch.now()
+    assert watch.is_silent("r1", "m", sent)  # asked 17 s after the first answer
+
+
 def test_checkpoints_from_before_heartbeats_still_load() -> None:
     old = b'{"jti":"j","reservation_id":"r","input_tokens":1,"output_tokens":2,"updated_at":"x"}'
     point = UsageCheckpoint.loads(old)

@@ -12,6 +12,7 @@ A private redis-server (`tests.private_redis`), never the machine's shared one."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,7 @@ from control_plane.sweeper import sweep_silent_streams
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.pricing import MICRO, cost_micro
 from shared.revocations import revocation_key
+from tests.polling import wait_until
 from tests.private_redis import PrivateRedis, private_redis
 from tests.test_control_plane import (
     CP,
@@ -93,5 +95,58 @@ def test_a_store_outage_is_not_silence_the_running_stream_bills_its_report(
     price = cp.settings.catalog.models[grant["model"]].price
     expected = cost_micro(12, 300, price)
     assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
+    assert credits_of(client)["held"] == "0.000000"
+    assert_books_balance(cp, company_id, client)
+
+
+def test_a_read_answered_late_by_a_frozen_store_is_not_silence(
+    cp: CP, private_redis: PrivateRedis
+) -> None:
+    """Redis frozen (SIGSTOP, a stalled host) for longer than the silence limit but
+    less than the store client's 20 s timeout: the sweep's read does not fail, it
+    is answered late, before the edge's heartbeat queued behind it. Counted from when
+    the answer came back, the pre-freeze checkpoint would look silent and the live
+    stream be settled from it and revoked. A reading is as old as its request."""
+    client, company_id = cp.owner_client("10")
+    grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
+    jti = claims_of(grant["stream_token"])["jti"]
+    reservation_id = grant["reservation_id"]
+    store = cp.app.state.store
+    state = cp.app.state
+    before_freeze = UsageCheckpoint(
+        jti, reservation_id, 12, 70, datetime.now(UTC).isoformat(), beat=5
+    ).dumps()
+    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), before_freeze, 600))
+    clock = [0.0]
+    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+
+    def sweep() -> Any:
+        return sweep_silent_streams(state.db, state.store, state.metrics, watch, revoke_ttl=600)
+
+    assert cp.on_loop(sweep).settled == 0  # the checkpoint, first seen
+    assert private_redis.unread_bytes() == 0
+    private_redis.freeze()
+    try:
+        assert cp.group.loop is not None
+        running = asyncio.run_coroutine_threadsafe(sweep(), cp.group.loop)
+        # The sweep's read is in the frozen server's socket, unanswered ...
+        wait_until(lambda: private_redis.unread_bytes() > 0, "the sweep never read the store")
+        # ... and answered past the silence limit, before the edge's next heartbeat.
+        clock[0] += watch.silent_after + 1
+    finally:
+        private_redis.thaw()
+    assert running.result(30).settled == 0, "a live stream settled from its pre-freeze checkpoint"
+    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", jti, company_id)))
+    assert revoked is None
+    # The edge's heartbeat lands, the stream runs on and its edge reports it whole.
+    after_freeze = UsageCheckpoint(
+        jti, reservation_id, 12, 150, datetime.now(UTC).isoformat(), beat=6
+    ).dumps()
+    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), after_freeze, 600))
+    assert cp.on_loop(sweep).settled == 0
+    report = usage_event(grant, company_id, input_tokens=12, output_tokens=300)
+    assert data_of(cp.webhook(report))["settled"] is True
+    price = cp.settings.catalog.models[grant["model"]].price
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - cost_micro(12, 300, price)
     assert credits_of(client)["held"] == "0.000000"
     assert_books_balance(cp, company_id, client)
