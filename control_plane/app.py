@@ -29,7 +29,7 @@ from control_plane.deps import Deps
 from control_plane.errors import (
     AppError,
     DatabaseUnavailable,
-    ServiceUnavailable,
+    StoreUnavailable,
     error_response,
     from_http_exception,
 )
@@ -83,11 +83,7 @@ async def _app_error(request: Request, exc: Exception) -> Response:
 
 async def _store_error(request: Request, exc: Exception) -> Response:
     log.warning("store unavailable: %s", type(exc).__name__)
-    return error_response(
-        ServiceUnavailable(
-            "The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"}
-        )
-    )
+    return error_response(StoreUnavailable())
 
 
 async def _database_error(request: Request, exc: Exception) -> Response:

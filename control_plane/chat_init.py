@@ -46,9 +46,9 @@ from control_plane.errors import (
     ModelNotFound,
     RequestTooLarge,
     Revoked,
-    ServiceUnavailable,
     SessionFull,
     SessionNotFound,
+    StoreUnavailable,
     TurnInProgress,
     UnsupportedContent,
     UnsupportedFeature,
@@ -698,7 +698,7 @@ async def init_chat(
             )
         )
         await pending_inits.forget(deps.store, user_id, jti)
-        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+        raise StoreUnavailable() from None
     deps.metrics.reserved(reservation.hold_micro)
     assert principal.user_id is not None and principal.company_id is not None
     claims = stream_claims(

@@ -354,6 +354,18 @@ class LoginsBusy(ServiceUnavailable):
         super().__init__(headers={"Retry-After": str(retry_after)})
 
 
+class StoreUnavailable(ServiceUnavailable):
+    """The store (Redis) did not answer: the counters, limits and single-use marks
+    live there, so the request is refused rather than served unchecked. The edge's
+    code for the same (`store_unavailable`); a retry is the answer."""
+
+    code = "store_unavailable"
+    default_message = "The request store is unavailable; retry shortly."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
 class DatabaseUnavailable(ServiceUnavailable):
     """The database could not run the request: unreachable (a restart, a failover),
     or a statement it gave up on (a deadlock), or no answer within the time limit

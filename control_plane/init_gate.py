@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from control_plane import catalog_cache, pending_inits, rate_limits, tpm
-from control_plane.errors import ServiceUnavailable
+from control_plane.errors import StoreUnavailable
 from control_plane.settings import ControlPlaneSettings
 from shared.store import InitGate, InitGateStore
 
@@ -73,7 +73,7 @@ async def enter(
         gated = await store.init_gate(gate)
     except Exception:
         log.exception("init's counters unavailable")
-        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+        raise StoreUnavailable() from None
     if gated.verdict == "rate":
         scope, _, per_minute = rates[gated.index]
         raise rate_limits.refusal(scope, per_minute, rate_window)

@@ -37,7 +37,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from control_plane.errors import LoginThrottled, ServiceUnavailable, TooManyLogins
+from control_plane.errors import LoginThrottled, StoreUnavailable, TooManyLogins
 from control_plane.rate_limits import Window, window_at
 from shared.store import CounterStore
 
@@ -154,7 +154,7 @@ async def _hit(store: CounterStore, key: str, window_seconds: int) -> int:
         return await store.hit(key, window_seconds)
     except Exception:
         log.exception("login counter unavailable")
-        raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+        raise StoreUnavailable() from None
 
 
 async def forgive(store: CounterStore, attempt: Attempt) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from control_plane.errors import RateLimited, ServiceUnavailable
+from control_plane.errors import RateLimited, StoreUnavailable
 from shared.store import CounterStore
 
 log = logging.getLogger("control_plane.rate_limits")
@@ -53,7 +53,7 @@ async def check_init_rate(
             count = await store.hit(limit_key(scope, subject, window), WINDOW_SECONDS)
         except Exception:
             log.exception("rate-limit counter unavailable")
-            raise ServiceUnavailable("The request store is unavailable; retry shortly.") from None
+            raise StoreUnavailable() from None
         if count > limit:
             raise refusal(scope, limit, window)
 

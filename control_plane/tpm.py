@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from control_plane.errors import ServiceUnavailable, TpmExceeded
+from control_plane.errors import StoreUnavailable, TpmExceeded
 from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
 from control_plane.settings import ControlPlaneSettings
 from shared.store import CounterStore
@@ -61,9 +61,9 @@ def refusal(scope: str, limit: int, window: Window) -> TpmExceeded:
     )
 
 
-def _unavailable() -> ServiceUnavailable:
+def _unavailable() -> StoreUnavailable:
     log.exception("tokens-per-minute counter unavailable")
-    return ServiceUnavailable("The request store is unavailable; retry shortly.")
+    return StoreUnavailable()
 
 
 async def take(

@@ -853,7 +853,9 @@ def test_a_failed_stash_releases_the_hold(cp: CP) -> None:
 
     store.set = broken
     try:
-        error_of(client.post("/v1/chat/init", json={"query": "hi"}), 503, "unavailable")
+        refused = client.post("/v1/chat/init", json={"query": "hi"})
+        error_of(refused, 503, "store_unavailable")  # the edge's code for the same
+        assert refused.headers["Retry-After"] == "1"
     finally:
         store.set = original
     assert credits_of(client) == {
