@@ -15,6 +15,7 @@ midnight: the money was promised from that period's allowance.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,13 +64,16 @@ def available(amount: int, spent: int, held: int) -> int:
     return max(0, amount - spent - held)
 
 
-def crossed(amount: int, before: int, after: int) -> list[int]:
-    """The thresholds (percent of `amount`) that spending from `before` to `after`
-    crossed: each one at most once, because `before` already counted the earlier
-    crossings. A zero budget has no thresholds (nothing can be spent from it)."""
+def due(amount: int, spent: int, sent: Collection[int]) -> list[int]:
+    """The thresholds (percent of `amount`) that `spent` has reached in its period
+    and that no event told yet (`sent`): each one once per period. Reached, not
+    crossed by the last charge: an amount lowered under the spend already made (or
+    a webhook set after the spend passed a threshold) is told by the next charge,
+    where a crossing never happens (the spend starts above both thresholds). A zero
+    budget has no thresholds (nothing can be spent from it)."""
     if amount <= 0:
         return []
-    return [p for p in THRESHOLDS if before * 100 < p * amount <= after * 100]
+    return [p for p in THRESHOLDS if p not in sent and p * amount <= spent * 100]
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,32 +178,39 @@ def settle_many(session: Session, charges: Sequence[tuple[str, int]], now: datet
         )
         if budget is None or spent is None:
             continue
-        # The thresholds each charge crossed in turn, each event with the spend just
+        if not budget_math.due(budget.amount_micro, spent, ()):
+            continue  # under 80 %: the common case reads no more
+        if session.get(CompanyWebhook, budget.company_id) is None:
+            continue  # nobody to tell: no event is queued
+        sent = _sent(session, budget_id, start)
+        # The thresholds each charge reached in turn, each event with the spend just
         # after it: the same events as settling the reservations one by one.
-        before = spent - charged
+        after = spent - charged
         for charge in spent_each:
-            for percent in budget_math.crossed(budget.amount_micro, before, before + charge):
-                _queue_threshold(session, budget, start, percent, before + charge, now)
-            before += charge
+            after += charge
+            for percent in budget_math.due(budget.amount_micro, after, sent):
+                _queue_threshold(session, budget, start, percent, after, now)
+                sent.add(percent)
     session.flush()
+
+
+def _sent(session: Session, budget_id: str, start: datetime) -> set[int]:
+    """The thresholds of this budget's period already queued (once per period). The
+    company row is locked (settlement moved its money first), so read-then-insert
+    cannot race; the unique key stays the database's guard."""
+    return set(
+        session.scalars(
+            select(col(BudgetEvent.percent))
+            .where(col(BudgetEvent.budget_id) == budget_id)
+            .where(col(BudgetEvent.period_start) == start)
+        )
+    )
 
 
 def _queue_threshold(
     session: Session, budget: Budget, start: datetime, percent: int, spent: int, now: datetime
 ) -> None:
-    """One outbox row per budget x period x threshold, only for a company that set a
-    webhook URL. The company row is locked (settlement moved its money first), so
-    check-then-insert cannot race; the unique key stays the database's guard."""
-    if session.get(CompanyWebhook, budget.company_id) is None:
-        return
-    exists = session.scalar(
-        select(col(BudgetEvent.id))
-        .where(col(BudgetEvent.budget_id) == budget.id)
-        .where(col(BudgetEvent.period_start) == start)
-        .where(col(BudgetEvent.percent) == percent)
-    )
-    if exists is not None:
-        return
+    """One outbox row for this budget x period x threshold."""
     event_id = new_id()
     payload = {
         "id": event_id,

@@ -115,20 +115,23 @@ def test_periods_are_utc_calendar_periods(
 
 
 @pytest.mark.parametrize(
-    ("amount", "before", "after", "crossed"),
+    ("amount", "spent", "sent", "due"),
     [
-        (100, 0, 79, []),
-        (100, 0, 80, [80]),
-        (100, 79, 100, [80, 100]),
-        (100, 80, 99, []),  # 80 was crossed before: once per period
-        (100, 99, 150, [100]),
-        (100, 100, 120, []),
-        (0, 0, 0, []),
-        (3, 2, 3, [80, 100]),  # 66% -> 100% crosses both
+        (100, 79, set(), []),
+        (100, 80, set(), [80]),
+        (100, 100, set(), [80, 100]),
+        (100, 99, {80}, []),  # 80 was told before: once per period
+        (100, 150, {80}, [100]),
+        (100, 120, {80, 100}, []),
+        (0, 0, set(), []),
+        (3, 3, set(), [80, 100]),
+        (50, 140, set(), [80, 100]),  # an amount lowered under the spend: told too
     ],
 )
-def test_thresholds_cross_once(amount: int, before: int, after: int, crossed: list[int]) -> None:
-    assert budget_math.crossed(amount, before, after) == crossed
+def test_thresholds_are_told_once_when_reached(
+    amount: int, spent: int, sent: set[int], due: list[int]
+) -> None:
+    assert budget_math.due(amount, spent, sent) == due
 
 
 def test_fits_counts_holds_like_the_balance() -> None:
@@ -632,6 +635,40 @@ def test_threshold_webhooks_are_signed_and_sent_once_per_threshold(world: World)
     _wait(lambda: [e[:2] for e in w.db(events)] == [(80, True), (100, True)])
     # One per threshold, and the refused first post was retried (one failed attempt).
     assert sum(e[2] for e in w.db(events)) == 1 and w.receiver.fail == 0
+
+
+def test_a_budget_lowered_below_its_spend_still_sends_its_thresholds(world: World) -> None:
+    """An owner lowers a monthly budget under what was already spent; the stream still
+    open settles past it. The thresholds were counted only when a charge went from
+    under one to over it, and the spend started above both: no 80 % nor 100 %
+    webhook for the period, though its spend ended at four times the budget."""
+    w = world
+    hold = _hold(w.cp)
+    company = w.new_company("100")
+    _, owner_key = w.user_key(company, "owner")
+    owner = w.as_(owner_key)
+    data_of(owner.put(f"/v1/admin/companies/{company}/webhook", json={"url": w.receiver_url}), 201)
+    user_id, key = w.user_key(company)
+    client = w.as_(key)
+    body = {"scope": "user", "target_id": user_id, "amount": format_credits(4 * hold)}
+    budget = data_of(_budget(owner, company, **body, period="month"), 201)
+    first, second = data_of(_init(client), 201), data_of(_init(client), 201)
+    whole = {"input_tokens": 10**6, "output_tokens": 10**6}  # each charged its whole hold
+    assert w.cp.webhook(usage_event(first, company, **whole)).status_code == 200  # 25 %
+    path = f"/v1/admin/companies/{company}/budgets/{budget['id']}"
+    lowered = data_of(owner.patch(path, json={"amount": format_credits(hold // 2)}))
+    assert micro(lowered["available"]) == 0  # 200 %: no new stream fits
+    assert w.cp.webhook(usage_event(second, company, **whole)).status_code == 200
+    [mine] = data_of(client.get("/v1/me"))["budgets"]
+    assert (micro(mine["spent"]), micro(mine["held"])) == (2 * hold, 0)
+
+    def events(session: Any) -> list[tuple[int, str]]:
+        stmt = select(BudgetEvent).where(col(BudgetEvent.budget_id) == budget["id"])
+        rows = session.scalars(stmt)
+        return sorted((e.percent, e.payload["data"]["budget"]["spent"]) for e in rows)
+
+    spent = format_credits(2 * hold)
+    assert w.db(events) == [(80, spent), (100, spent)]
 
 
 def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(

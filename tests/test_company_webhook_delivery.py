@@ -336,6 +336,90 @@ def test_a_receiver_dribbling_its_answer_cannot_hold_the_delivery_pass(
     assert event.next_attempt_at >= before + datetime.timedelta(seconds=BACKOFF.floor)
 
 
+def test_one_companys_stalling_receiver_cannot_hold_back_another_companys_events(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass claimed the 50 events due first, whoever they were for, and waited for
+    every post. An owner whose budgets crossed their thresholds by the thousand (up
+    to 10,000 budgets, 48 on one request: 96 events a cheap stream) and whose server
+    holds each post to the end of its attempt (30 s) filled every pass with its own:
+    another company's event due a moment later waited for all of them (20,000 events
+    at 10 posts in flight: hours). Each pass now takes a few events of each company
+    (`PER_COMPANY`), the longest waiting first."""
+    monkeypatch.setattr(company_webhooks, "ATTEMPT_SECONDS", 1.0)
+    first = utcnow() - datetime.timedelta(minutes=5)
+
+    def flood(session: Any) -> None:
+        for i in range(company_webhooks.BATCH + 10):
+            session.add(
+                BudgetEvent(
+                    id=new_id(), company_id=outbox.company_id, budget_id=f"b{i}",
+                    period_start=first, percent=80, payload={"type": "budget.threshold"},
+                    attempts=0, created_at=first, next_attempt_at=first,
+                )
+            )  # fmt: skip
+
+    asyncio.run(outbox.db.transaction(flood))
+    stalling, prompt = bind_free_socket(), bind_free_socket()
+    outbox.set_url(f"http://127.0.0.1:{stalling.getsockname()[1]}/budget")
+    other, other_event = new_id(), new_id()
+    now = utcnow()
+
+    def seed(session: Any) -> None:
+        session.add(Company(id=other, name="o", balance_micro=0, held_micro=0, created_at=now))
+        session.flush()
+        session.add(
+            CompanyWebhook(
+                company_id=other, url=f"http://127.0.0.1:{prompt.getsockname()[1]}/budget",
+                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
+                created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+        session.add(
+            BudgetEvent(
+                id=other_event, company_id=other, budget_id="theirs", period_start=now,
+                percent=80, payload={"type": "budget.threshold"}, attempts=0,
+                created_at=now, next_attempt_at=now,
+            )
+        )  # fmt: skip
+
+    asyncio.run(outbox.db.transaction(seed))
+    held = 0
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal held
+        held += 1
+        try:
+            await reader.read()  # never answers
+        finally:
+            writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> int:
+        servers = [
+            await asyncio.start_server(hold, sock=stalling),
+            await asyncio.start_server(answer, sock=prompt),
+        ]
+        try:
+            async with httpx.AsyncClient(timeout=company_webhooks.TIMEOUT) as client:
+                return await asyncio.wait_for(
+                    deliver_due(outbox.db, outbox.fernet, client, allow_private=True), 60
+                )
+        finally:
+            for server in servers:
+                server.close()
+
+    assert asyncio.run(run()) == 1  # the other company's event, in the first pass
+    delivered = asyncio.run(outbox.db.transaction(lambda s: s.get(BudgetEvent, other_event)))
+    assert delivered is not None and delivered.delivered_at is not None
+    assert held <= company_webhooks.PER_COMPANY  # the stalling company's share, no more
+
+
 # --- IPv6 addresses that carry an inward IPv4 one -----------------------------------------
 
 # `ipaddress` calls each of these "global" (it judges the IPv6 prefix); a NAT64
