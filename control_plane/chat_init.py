@@ -87,7 +87,7 @@ from shared.tool_shapes import check_tool_sequence
 
 log = logging.getLogger("control_plane.chat_init")
 
-STASH_EXTRA_TTL_SECONDS = 600  # outlive the token so a resume still finds the request
+STASH_EXTRA_TTL_SECONDS = 600  # outlive the token; its first use deletes it (`Store.admit`)
 MIN_OUTPUT_TOKENS = 256  # what trimming a session's history leaves room for, at least
 
 

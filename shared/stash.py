@@ -1,7 +1,8 @@
 """The chat request the control plane stashes at init for the edge to run.
 
 Keyed by the token's `jti` so only the holder of that token can start it; the TTL
-outlives the token so a resume within the token's life still finds it.
+outlives the token, and the token's first use deletes it (`Store.admit`): a resume
+reads the stream's resume log, never the request.
 """
 
 from __future__ import annotations

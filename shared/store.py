@@ -29,7 +29,10 @@ class Admission:
     request), which must still be there for a first use. A store that lost its data
     (restarted empty, a new instance, keys evicted) has lost the used mark too, so
     without it every used token would pass for a first use: it gets `unknown`, and
-    nothing is taken or marked."""
+    nothing is taken or marked. A first use deletes it (after `fetch_key`'s read):
+    from then on the used mark answers and nothing reads it, whereas kept, a started
+    stream's request (up to ``LLMGW_MAX_REQUEST_BYTES``) stayed for the token's life
+    plus 10 minutes, outside the pending-init cap that bounds unstarted ones."""
 
     revocation_keys: list[str]
     used_key: str

@@ -125,6 +125,8 @@ class MemoryStore:
             members[a.member] = a.slots_expire_at
         await self.set(a.used_key, a.path.encode(), a.used_ttl_seconds)
         fetched = self._live(a.fetch_key) if a.fetch_key is not None else None
+        if a.issued_key is not None:
+            self._values.pop(a.issued_key, None)
         return Admitted("ok", fetched=fetched)
 
     async def hit(self, key: str, window_seconds: float) -> int:

@@ -30,9 +30,9 @@ return ids
 
 
 # See `Admission`. KEYS: the revocation keys, the used key, the slot sets, then the
-# key to fetch (if any), then the issued key (if any). ARGV: n_revocations, n_slots,
-# path, used_ttl_ms, now, slots_expire_at, member, slots_ttl_ms, has_fetch,
-# has_issued, then one limit per slot set.
+# key to fetch (if any), then the issued key (if any; deleted on a first use, after
+# the fetch). ARGV: n_revocations, n_slots, path, used_ttl_ms, now, slots_expire_at,
+# member, slots_ttl_ms, has_fetch, has_issued, then one limit per slot set.
 _ADMIT = """
 local n_rev, n_slots = tonumber(ARGV[1]), tonumber(ARGV[2])
 local fetch = ARGV[9] == '1' and KEYS[n_rev + n_slots + 2] or nil
@@ -60,7 +60,9 @@ for i = 1, n_slots do
   redis.call('PEXPIRE', key, ARGV[8])
 end
 redis.call('SET', used_key, ARGV[3], 'PX', ARGV[4])
-if fetch then return {'ok', -1, redis.call('GET', fetch)} end
+local fetched = fetch and redis.call('GET', fetch) or nil
+if ARGV[10] == '1' then redis.call('DEL', KEYS[#KEYS]) end
+if fetch then return {'ok', -1, fetched} end
 return {'ok', -1}
 """
 

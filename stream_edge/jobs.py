@@ -13,6 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+import anyio
+
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Attempt, Backend
 from stream_edge.completion import read_completion
@@ -63,6 +65,9 @@ class StreamJob:
         except EdgeError as exc:
             await self._failed(exc)
             raise
+        except asyncio.CancelledError:
+            await self._cancelled()
+            raise
         except Exception as exc:
             # Not a failure we foresaw (e.g. a company key that cannot go into an HTTP
             # header): still a failed report, slots back, an OpenAI-shaped 502.
@@ -91,6 +96,9 @@ class StreamJob:
         except EdgeError as exc:
             await self._failed(exc)
             raise
+        except asyncio.CancelledError:
+            await self._cancelled()
+            raise
         except Exception as exc:
             raise await self._fail_unexpectedly(exc, "reading the backend's answer") from None
         if completion.text or completion.tool_calls:
@@ -106,6 +114,17 @@ class StreamJob:
     async def _failed(self, exc: EdgeError) -> None:
         self.result = RelayResult("failed", exc.code, exc.message)
         await self.report("finished")
+
+    async def _cancelled(self) -> None:
+        """The request was cancelled before its answer was served: the server's
+        graceful shutdown ran out while it opened the backend or read a whole answer,
+        which no drain can end as it ends a running stream. Still a `failed` report,
+        billing what was read (`completion.bill_unread`): without it the stream's slots
+        stayed taken until its maximum life, and its hold waited for the sweeper.
+        Shielded: the cancellation is the reason to report, not a reason to stop."""
+        self.result = RelayResult("failed", "shutting_down", "the edge stopped mid-request")
+        with anyio.CancelScope(shield=True):
+            await self.report("finished")
 
     async def _fail_unexpectedly(self, exc: Exception, doing: str) -> UpstreamError:
         """Report the stream as failed after an exception nobody foresaw; returns the

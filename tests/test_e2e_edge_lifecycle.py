@@ -12,9 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+import redis
 
 from shared.sse import ServerSentEvent, SSEDecoder
+from shared.stash import stash_key
+from tests.conftest import REDIS_URL
 from tests.stack import SplitStack, postgres_env
 
 FAST = {
@@ -151,3 +155,37 @@ def test_no_reconnect_within_the_grace_cancels_and_bills_what_was_generated(
     # disconnect, it would be 3 or 4.
     assert 20 <= record["output_tokens"] < 400
     assert c.mock_stats()["cancelled"] == cancelled_before + 1
+
+
+def test_a_started_streams_stashed_request_leaves_the_store(split: SplitStack) -> None:
+    """The request init stashes (`req:<jti>`, up to `LLMGW_MAX_REQUEST_BYTES`) is read
+    only at the token's first use. It stayed for the token's life plus 10 minutes, so
+    the pending-init cap bounded only the stashes of streams not yet started: a member
+    starting each stream at once kept every request it sent (the init rate times 12
+    minutes, some 1,400 of up to 2 MiB at the defaults). Measured: the stash of each
+    finished stream, both paths, still there with ~720 s to live."""
+    c = split.client
+    company_id = c.new_company("5")
+    token = c.new_user(company_id)
+    store = redis.Redis.from_url(REDIS_URL)
+    prefix = split.env["LLMGW_REDIS_PREFIX"]
+    try:
+        for path in ("stream", "completions"):
+            messages = [{"role": "user", "content": f"{path} [[mock tokens=3]]"}]
+            grant = c.init_ok(token, {"messages": messages})
+            jti = jwt.decode(grant["stream_token"], options={"verify_signature": False})["jti"]
+            stashed = prefix + stash_key(company_id, jti)
+            assert store.exists(stashed)
+            if path == "stream":
+                with c.http.stream("GET", grant["stream_url"]) as response:
+                    assert events_of(response)[-1].event == "complete"
+            else:
+                answer = c.http.post(
+                    f"{c.edge_url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {grant['stream_token']}"},
+                    json={"messages": messages, "stream": False},
+                )
+                assert answer.status_code == 200, answer.text
+            assert not store.exists(stashed), f"{path}: ttl {store.ttl(stashed)} s"
+    finally:
+        store.close()

@@ -16,6 +16,7 @@ import pytest
 
 from shared.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import REDIS_URL
+from tests.polling import wait_until
 from tests.stack import SplitStack, base_env, edge_process
 
 
@@ -133,3 +134,54 @@ def test_a_follower_on_a_stopping_edge_is_let_go_to_resume_elsewhere(
     assert ids == list(range(ids[0], ids[0] + len(ids))), "an event was skipped"
     assert events[-1].event == "complete"
     assert sum(e.event == "chunk" for e in events) == 400
+
+
+def test_a_whole_answer_cut_by_the_shutdown_gives_its_stream_slot_back(
+    split: SplitStack, tmp_path: Path
+) -> None:
+    """A whole answer (`"stream": false`) is no running stream the drain can end: it
+    is read in its request, which the server cancels once its graceful time is over.
+    The cancellation went past the job's report, so the answer's stream slot stayed
+    taken in the store until the stream's maximum life (15 minutes by default): a
+    user at `LLMGW_MAX_STREAMS_PER_USER` = 1 was measured refused 429
+    `too_many_streams` on another edge after the edge had exited, and the hold was
+    left to the sweeper."""
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    slow = "whole [[mock tokens=3000 delay_ms=20]]"  # a minute of answer
+    messages = [{"role": "user", "content": slow}]
+    whole = c.init_ok(token, {"messages": messages})
+    after = c.init_ok(token, {"query": "after [[mock tokens=3]]"})
+    answers: list[httpx.Response | Exception] = []
+
+    def ask() -> None:
+        try:
+            answers.append(
+                httpx.post(
+                    f"{c.edge_url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {whole['stream_token']}"},
+                    json={"messages": messages, "stream": False},
+                    timeout=60,
+                )
+            )
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    limits = {"LLMGW_MAX_STREAMS_PER_USER": "1"}
+    with edge_process(split, tmp_path, LLMGW_DRAIN_SECONDS="0.2", **limits) as edge:
+        asker = threading.Thread(target=ask)
+        asker.start()
+        wait_until(lambda: c.mock_stats()["active"] >= 1, "the whole answer under way", 10)
+        edge.send_signal(signal.SIGTERM)
+        assert edge.wait(timeout=30) == 0
+        asker.join(timeout=10)
+    split.start("edge2", **limits)
+    try:
+        url = after["stream_url"].replace(c.edge_url, split.url("edge2"))
+        with httpx.stream("GET", url, timeout=10) as response:
+            assert response.status_code == 200, response.read().decode()
+            response.read()
+    finally:
+        split.stop("edge2")
+    record = c.wait_usage(token, whole["reservation_id"], timeout=10)
+    assert record["status"] == "failed"
