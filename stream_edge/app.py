@@ -31,6 +31,7 @@ from stream_edge.key_callers import ControlPlaneLink
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
+from stream_edge.reporter import ENQUEUE_BUDGET_SECONDS
 from stream_edge.revocation_watch import watch_revocations
 from stream_edge.settings import EdgeSettings
 from stream_edge.spool import Spool
@@ -39,6 +40,9 @@ from stream_edge.transport import Transport
 from stream_edge.upstream_client import RetryPolicy
 
 log = logging.getLogger("llmgw.edge")
+
+# A report is stored, or spooled, within its enqueue budget (`reporter`).
+REPORTS_WAIT_SECONDS = ENQUEUE_BUDGET_SECONDS + 1.0
 
 
 def upstream_client(settings: EdgeSettings) -> Http1Client:
@@ -82,6 +86,19 @@ async def drain(state: EdgeState) -> None:
         stream.shut_down()
     if state.active:
         log.info("ended %d streams still running after the drain", len(state.active))
+
+
+async def reports_stored(state: EdgeState, timeout: float) -> None:
+    """Wait, at most `timeout`, until every admitted stream's report is stored. The
+    server cancels the requests still open when its graceful time runs out (one
+    opening its backend, one reading a whole answer) and then shuts the app down at
+    once: their reports, made as they unwind, reached the outbox after its last flush
+    and waited there for another edge's loop (a lease later), the hold meanwhile."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while state.reports_owed > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    if state.reports_owed > 0:
+        log.warning("%d stream reports still unwritten at shutdown", state.reports_owed)
 
 
 def create_app(
@@ -146,6 +163,7 @@ def create_app(
             yield
         finally:
             state.draining = True
+            await reports_stored(state, REPORTS_WAIT_SECONDS)
             for task in (deliverer, revocations):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

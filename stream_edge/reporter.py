@@ -47,6 +47,10 @@ class Reporter:
     _reported: bool = field(default=False, init=False)
     _counted_active: bool = field(default=False, init=False)
 
+    def __post_init__(self) -> None:
+        # Made once the stream's slots are taken: owed a report from here on.
+        self.state.reports_owed += 1
+
     def started(self) -> None:
         """The stream counts as active from here until its report."""
         self.state.metrics.streams_active.inc()
@@ -58,6 +62,12 @@ class Reporter:
         if self._reported:
             return
         self._reported = True
+        try:
+            await self._report(backend, status)
+        finally:
+            self.state.reports_owed -= 1
+
+    async def _report(self, backend: Backend, status: str) -> None:
         grant = self.grant
         event = usage_event(grant, backend.provider.name, backend.meter, status, backend.model.id)
         metrics = self.state.metrics

@@ -54,6 +54,9 @@ class EdgeState:
     draining: bool = False
     # Streams being served (streaming.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)
+    # Admitted streams whose report is not stored yet (`reporter.Reporter`): the
+    # shutdown's last outbox flush waits for them.
+    reports_owed: int = 0
     # The connection serving each resumable stream here: a reconnect ends the one
     # before it at once (live_connections.py).
     connections: LiveConnections = field(default_factory=LiveConnections)
