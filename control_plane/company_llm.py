@@ -111,12 +111,17 @@ def parse_models(value: Any, provider: str, catalog: Catalog) -> dict[str, dict[
     result: dict[str, dict[str, Any]] = {}
     for model_id, partial in value.items():
         where = f"models.{model_id}"
+        # Printable: an id reaches the edge's log lines (`model=`) and so the
+        # operator's terminal, where an ESC sequence rewrites what is shown.
         if (
             not model_id.strip()
             or len(model_id) > MODEL_ID_MAX
             or any(c.isspace() for c in model_id)
+            or not model_id.isprintable()
         ):
-            raise ValidationFailed(where, f"ids are 1-{MODEL_ID_MAX} characters, no spaces")
+            raise ValidationFailed(
+                where, f"ids are 1-{MODEL_ID_MAX} printable characters, no spaces"
+            )
         if not isinstance(partial, dict):
             raise ValidationFailed(where, "must be an object")
         unknown = sorted(set(partial) - set(OVERRIDE_KEYS))

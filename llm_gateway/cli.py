@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shared.logs import configure_logging
 from shared.settings import ConfigError
+
+if TYPE_CHECKING:
+    from stream_edge.settings import EdgeSettings
 
 
 def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
@@ -25,6 +29,7 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
     else:
         settings = EdgeSettings.from_env(os.environ)
         settings.route_cipher_keys()  # the `upr` claim's keys: the ring or LLMGW_ROUTE_KEY
+        _require_spool(settings)
     graceful = settings.drain_seconds + 10
     if workers > 1:
         from llm_gateway.workers import serve_workers
@@ -46,6 +51,23 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
     freeze_startup_heap()
     server = server_for(app, host, port, graceful_seconds=graceful, limits=limits_of(settings))
     run_loop(serve_all([server]))
+
+
+def _require_spool(settings: EdgeSettings) -> None:
+    """The spool keeps the usage reports the store would not take: one the edge cannot
+    write loses them (unbilled streams) at the next store outage, so refuse to start."""
+    from stream_edge.app import spool_directory
+    from stream_edge.spool import probe
+
+    try:
+        probe(spool_directory(settings))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"LLMGW_SPOOL_DIR {settings.spool_dir!r} is not writable ({reason}): usage "
+            "reports of streams that end while Redis is down are kept there; give it a "
+            "writable volume"
+        ) from None
 
 
 def _mock(host: str, port: int) -> None:

@@ -78,6 +78,24 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
 }
 
 
+# What a text line must not carry raw: C0 and C1 controls, DEL and the Unicode line
+# separators. Logged values come from clients, companies (their model ids) and
+# backends (their error text): a line break there forged a whole log line, an ESC
+# sequence moved the reading terminal's cursor and erased lines. JSON lines escape
+# them already (orjson).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """Pure: `text` with every control character shown as ``\\xNN`` (``\\uNNNN``)."""
+
+    def shown(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROLS.sub(shown, text)
+
+
 def redact(text: str) -> str:
     """`text` with every secret we can recognise replaced by ``[redacted]``."""
     for pattern, replacement in _RULES:
@@ -179,6 +197,11 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The line itself, one line whatever it quotes; a traceback is added after it
+        # on lines of its own.
+        return escape_controls(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         _cap_access_path(record)
         if not hasattr(record, "request_id"):
@@ -186,7 +209,7 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         extras = extra_fields(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(f"{k}={escape_controls(str(v))}" for k, v in extras.items())
         return redact(line)
 
 

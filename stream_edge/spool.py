@@ -29,6 +29,22 @@ DRAINING_PREFIX = "draining-"
 STALE_DRAIN_SECONDS = 60.0
 
 
+def probe(directory: Path) -> None:
+    """Create `directory` and write, sync and remove a file in it; raises OSError when
+    the spool could not keep a report there (a read-only root, a path under a file).
+    Checked at start: otherwise the first report it fails to keep is that of a stream
+    ending during a store outage, and that stream goes unbilled."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe_file = directory / f".probe-{os.getpid()}-{uuid.uuid4().hex}"
+    fd = os.open(probe_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        _write_all(fd, b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        probe_file.unlink(missing_ok=True)
+
+
 class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory

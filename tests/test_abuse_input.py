@@ -234,3 +234,23 @@ def test_grants_past_the_largest_balance_are_409_not_a_bigint_overflow(cp: CP) -
     error_of(r, 409, "balance_limit_exceeded")
     error_of(cp.admin.post(path, json={"amount": "1"}), 409, "balance_limit_exceeded")
     assert credits_of(owner)["balance"] == "1000000000000.000000"
+
+
+def test_model_ids_with_control_characters_are_422(cp: CP) -> None:
+    """A company's model id reaches the edge's log lines (`model=`) and the operator's
+    terminal: an ESC sequence in it is refused, as whitespace is."""
+    company_id = cp.company("10")
+    spec = {
+        "upstream_model": "m",
+        "context_length": 8192,
+        "max_output_tokens": 1024,
+        "price": {"input_per_mtok": "1", "output_per_mtok": "1"},
+    }
+    for model_id in ["mine\x1b[2K", "mine\x7f", "mine\x9b31m"]:
+        body = {"api_key": "sk-test-0123456789", "models": {model_id: spec}}
+        r = cp.admin.put(f"/v1/admin/companies/{company_id}/providers/mock", json=body)
+        error_of(r, 422, "validation_error")
+    ok = {"api_key": "sk-test-0123456789", "models": {"mine-é.v2": spec}}
+    assert (
+        cp.admin.put(f"/v1/admin/companies/{company_id}/providers/mock", json=ok).status_code == 200
+    )

@@ -445,3 +445,97 @@ def test_no_proxy_logs_the_stream_token() -> None:
     # The checker itself catches ingress-nginx's default format.
     default = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent'
     assert QUERY_VARIABLES.search(default)
+
+
+# --- The edge's spool -----------------------------------------------------------
+
+
+def edge_workdir() -> str:
+    text = (DEPLOY / "docker" / "stream-edge.Dockerfile").read_text()
+    return re.findall(r"^WORKDIR (\S+)$", text, re.MULTILINE)[-1]
+
+
+def edge_spool_path(env: dict[str, Any]) -> str:
+    """Where the edge image writes its spool under `env` (a relative path is taken
+    from the image's working directory)."""
+    spool = str(env.get("LLMGW_SPOOL_DIR") or "var/spool")
+    return spool if spool.startswith("/") else f"{edge_workdir()}/{spool}"
+
+
+def under(path: str, mount: str) -> bool:
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+def test_the_edge_spool_is_on_a_writable_volume_in_compose_and_kubernetes() -> None:
+    """The spool keeps the usage reports of streams that end while Redis is down.
+    Both shipped deployments run the edge on a read-only root file system: a spool
+    left there cannot be written, and those streams go unbilled."""
+    edge = compose()["services"]["stream-edge"]
+    assert edge["read_only"] is True
+    path = edge_spool_path(edge["environment"])
+    named = compose()["volumes"]
+    mounts = [v.split(":") for v in edge.get("volumes", [])]
+    # A named volume: the root is read-only, and /tmp (tmpfs) dies with the container.
+    assert any(
+        source in named and under(path, target) and "ro" not in rest
+        for source, target, *rest in mounts
+    ), f"compose: the edge's spool {path} is on its read-only root"
+    # The image creates the directory as its user, so a new named volume (which copies
+    # the image's directory) is writable by uid 10001, not root-owned.
+    dockerfile = (DEPLOY / "docker" / "stream-edge.Dockerfile").read_text()
+    assert re.search(rf"install -d -o llmgw -g llmgw .*{re.escape(path)}\b", dockerfile)
+
+    deployment = find("Deployment", "stream-edge")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = find("ConfigMap", "llm-gateway")["data"]
+    own = {e["name"]: e.get("value") for e in container.get("env", [])}
+    path = edge_spool_path({**config, **own})
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [
+        m
+        for m in container["volumeMounts"]
+        if under(path, m["mountPath"])
+        and not m.get("readOnly")
+        # A memory-backed volume counts against the pod's memory limit; the spool
+        # grows for as long as Redis is down.
+        and volumes[m["name"]].get("emptyDir", {}).get("medium") != "Memory"
+    ]
+    assert writable, f"kubernetes: the edge's spool {path} is on its read-only root"
+
+
+def test_an_edge_that_cannot_write_its_spool_refuses_to_start(tmp_path: Path) -> None:
+    """A careless deployment (a read-only root, a mistyped path) is told at start,
+    not during the next Redis outage, when the reports it cannot keep are lost."""
+    from cryptography.fernet import Fernet
+
+    from shared.route_claim import route_key
+    from tests.conftest import REDIS_URL, new_webhook_secret
+    from tests.harness import free_port
+    from tests.ops_processes import CLI
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # even root cannot make a directory under a file
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ROUTE_KEY": route_key(Fernet.generate_key().decode()),
+        "LLMGW_REDIS_URL": REDIS_URL,
+        "LLMGW_SPOOL_DIR": str(blocker / "spool"),
+    }
+    process = subprocess.Popen(
+        [*CLI, "stream-edge", "--port", str(free_port())],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the edge started with a spool it cannot write")
+    assert process.returncode == 2
+    (line,) = stderr.decode().strip().splitlines()
+    assert line.startswith("llm-gateway: configuration error: LLMGW_SPOOL_DIR")

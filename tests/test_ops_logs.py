@@ -303,3 +303,30 @@ def test_a_64kb_hostile_path_costs_milliseconds(captured: io.StringIO) -> None:
     cut = access("/v1/stream?pad=" + "p" * 2020 + f"&token={JWT}")
     root.handle(cut)
     assert "eyJhbGci" not in captured.getvalue().splitlines()[-1]
+
+
+# --- Log injection: text lines are one line each, with no terminal controls --------
+
+
+def test_text_lines_cannot_be_forged_or_rewrite_the_terminal(captured: io.StringIO) -> None:
+    """A hostile backend's error text is logged (`upstream error event: …`), and a
+    company owner names its own models (the stream line's `model=`): a newline in
+    either forged a whole log line, an ESC sequence moved the operator's cursor up and
+    erased the line before it. Each record stays one line; controls are shown escaped."""
+    configure_logging("INFO", "text", stream=captured)
+    log = logging.getLogger("llmgw.test")
+    forged = "2026-12-01 00:00:00,000 INFO control_plane [-] admin token rotated"
+    log.warning("upstream error event: %.240s", f"overloaded\n{forged}")
+    log.warning("upstream error event: %.240s", "x\r\u2028\x85\x00")
+    log.info("stream completed", extra={"model": "mine\x1b[1A\x1b[2K", "status": "completed"})
+    text = captured.getvalue()
+    assert len(text.splitlines()) == 3, text
+    assert not text.splitlines()[1].startswith("2026-12-01 00:00:00,000")
+    for control in ("\x1b", "\r", "\u2028", "\x85", "\x00"):
+        assert control not in text, repr(control)
+    assert "overloaded\\x0a2026-12-01" in text and "model=mine\\x1b[1A\\x1b[2K" in text
+    try:  # a traceback keeps its lines
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    assert "\nValueError: boom" in captured.getvalue()

@@ -17,13 +17,16 @@ import re
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
 from tests.harness import free_port
-from tests.ops_processes import ROOT, require_tool, sse_events
+from tests.ops_processes import ROOT, ProcessStack, require_tool, sse_events
 from tests.stack import InProcessStack, base_env
 
 CONF = ROOT / "deploy" / "nginx" / "edge.conf"
@@ -208,3 +211,95 @@ def test_the_proxy_does_not_publish_metrics(tmp_path: Path, stack: InProcessStac
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- The client address behind the proxy (login limits) ------------------------
+
+# Where the proxy connects from, as a containerised control plane sees it: not
+# loopback (compose's published port arrives from the bridge's gateway; an ingress
+# controller from its pod address).
+PROXY_ADDRESS = "127.0.0.5"
+
+
+def compose_env(service: str, dotenv: dict[str, str]) -> dict[str, str]:
+    """What compose puts in `service`'s environment when deploy/.env holds `dotenv`
+    (`${VAR}`, `${VAR:-default}` and `${VAR:?message}` substituted)."""
+    doc = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+
+    def value(match: re.Match[str]) -> str:
+        name, op, default = match.group(1), match.group(2), match.group(3)
+        if name in dotenv:
+            return dotenv[name]
+        return default if op == ":-" else ""
+
+    pattern = re.compile(r"\$\{([A-Z_]+)(?:(:-|:\?)([^}]*))?\}")
+    environment = doc["services"][service]["environment"]
+    return {name: pattern.sub(value, str(raw)) for name, raw in environment.items()}
+
+
+def login_from(proxy: str, source: str, email: str, password: str, spoof: str) -> int:
+    """A login through the proxy from the client address `source`, claiming to be
+    `spoof` in its own X-Forwarded-For."""
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=30) as client:
+        response = client.post(
+            f"{proxy}/v1/auth/login",
+            json={"email": email, "password": password},
+            headers={"X-Forwarded-For": spoof},
+        )
+    return response.status_code
+
+
+@pytest.mark.postgres
+def test_behind_the_proxy_each_client_has_its_own_login_limit(
+    tmp_path: Path, pg_database_url: str, redis_prefix: str
+) -> None:
+    """The control plane behind a proxy (docs/operations.md: the edge's config, the
+    same `/metrics` refusal) as compose runs it, with the proxy's address in
+    deploy/.env's FORWARDED_ALLOW_IPS. An attacker's failed logins must lock out
+    only the attacker, whatever X-Forwarded-For it sends: not every client of the
+    proxy (which all shared the proxy's one address), and not nobody (a fresh
+    spoofed address per guess)."""
+    forwarded = compose_env("control-plane", {"FORWARDED_ALLOW_IPS": PROXY_ADDRESS})
+    limit = 3
+    overrides = {"LLMGW_LOGIN_FAILURES_PER_15MIN": str(limit)}
+    if "FORWARDED_ALLOW_IPS" in forwarded:
+        overrides["FORWARDED_ALLOW_IPS"] = forwarded["FORWARDED_ALLOW_IPS"]
+    stack = ProcessStack(tmp_path, pg_database_url, redis_prefix, **overrides)
+    with stack:
+        port = free_port()
+        main = render(tmp_path, int(stack.urls["cp"].rsplit(":", 1)[1]), port)
+        conf = tmp_path / "edge.conf"
+        conf.write_text(
+            conf.read_text().replace(
+                "proxy_pass http://llmgw_stream_edge;",
+                f"proxy_pass http://llmgw_stream_edge;\n        proxy_bind {PROXY_ADDRESS};",
+            )
+        )
+        process = start_nginx(main, port)
+        try:
+            proxy = f"http://127.0.0.1:{port}"
+            c = stack.client
+            company = c.new_company("1")
+            emails = []
+            for _ in range(2):
+                email = f"xff-{uuid.uuid4().hex[:8]}@example.com"
+                c.admin(
+                    "POST",
+                    "/v1/admin/users",
+                    json={"company_id": company, "email": email, "password": "pw-123456"},
+                )
+                emails.append(email)
+            # The attacker guesses other accounts' passwords, a new spoofed address
+            # and a new email each time (the per-email limit never trips).
+            answers = [
+                login_from(proxy, "127.0.0.2", f"guess-{n}@example.com", "wrong", f"10.9.8.{n}")
+                for n in range(limit + 2)
+            ]
+            assert answers[:limit] == [401] * limit, answers
+            assert answers[limit:] == [429, 429], answers  # its own address is over
+            # Another client of the same proxy still signs in.
+            assert login_from(proxy, "127.0.0.3", emails[0], "pw-123456", "10.9.8.0") == 200
+        finally:
+            process.terminate()
+            process.wait(timeout=10)

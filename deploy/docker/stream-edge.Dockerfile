@@ -25,13 +25,17 @@ FROM python:${PYTHON_VERSION}-slim AS runtime
 RUN groupadd --system --gid 10001 llmgw \
     && useradd --system --uid 10001 --gid llmgw --home-dir /srv/llm-gateway \
        --shell /usr/sbin/nologin llmgw \
-    && install -d -o llmgw -g llmgw /srv/llm-gateway
+    && install -d -o llmgw -g llmgw /srv/llm-gateway /srv/llm-gateway/var/spool
 COPY --from=build /opt/llm-gateway /opt/llm-gateway
 ENV PATH=/opt/llm-gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LLMGW_LOG_FORMAT=json
 WORKDIR /srv/llm-gateway
+# The spool (LLMGW_SPOOL_DIR, var/spool here) keeps usage reports while Redis is down:
+# mount a writable volume on it (the root may be read-only). Created here as the
+# service's user, so a new Docker volume there is writable by it.
+VOLUME ["/srv/llm-gateway/var/spool"]
 USER 10001:10001
 EXPOSE 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
