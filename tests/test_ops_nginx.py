@@ -303,3 +303,17 @@ def test_behind_the_proxy_each_client_has_its_own_login_limit(
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+def test_the_proxy_lets_idle_connections_go_before_the_edge_does() -> None:
+    """nginx kept an idle connection to the edge for 60 s (its default) while the edge
+    closes one after its keep-alive timeout: a POST sent on a connection the edge was
+    closing came back 502, never retried on another (a POST is not idempotent)."""
+    from llm_gateway.servers import server_for
+
+    edge_keeps = server_for(object(), "127.0.0.1", 0).config.timeout_keep_alive
+    upstream = re.search(r"upstream llmgw_stream_edge \{(.*?)\n\}", CONF.read_text(), re.S)
+    assert upstream is not None
+    timeout = re.search(r"^\s*keepalive_timeout\s+(\d+)s;", upstream.group(1), re.M)
+    assert timeout is not None, "no keepalive_timeout in the upstream block (60 s)"
+    assert int(timeout.group(1)) < edge_keeps
