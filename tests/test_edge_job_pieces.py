@@ -257,7 +257,9 @@ class Edge:
         return [await self.store.bounded_members(key, now) for key in slot_keys(GRANT)]
 
     def reporter(self, backoff: Backoff) -> Reporter:
-        state = SimpleNamespace(metrics=EdgeMetrics(), outbox=self.outbox, store=self.store)
+        state = SimpleNamespace(
+            metrics=EdgeMetrics(), outbox=self.outbox, store=self.store, reports_owed=0
+        )
         return Reporter(state, GRANT, accepted_at=0.0, backoff=backoff)  # type: ignore[arg-type]
 
     def spooled(self) -> list[dict[str, Any]]:
@@ -277,8 +279,10 @@ async def test_the_report_retries_a_refused_enqueue_with_the_backoff(tmp_path: P
     e, backoff = edge(tmp_path, failures=ENQUEUE_ATTEMPTS - 1), RecordingBackoff()
     await e.admit()
     job = e.reporter(backoff)
+    assert job.state.reports_owed == 1  # owed from admission: the shutdown waits for it
     await job.report(backend(), "completed")
     await job.report(backend(), "failed")  # once only
+    assert job.state.reports_owed == 0
     assert backoff.asked == list(range(ENQUEUE_ATTEMPTS - 1))
     # Stored with the slots given back in the same write, then posted and acknowledged.
     assert await e.store.outbox_size() == 1
