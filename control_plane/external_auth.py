@@ -46,6 +46,7 @@ from control_plane.errors import Unauthenticated, ValidationFailed
 from control_plane.logout import is_signed_out
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, User, new_id, utcnow
+from control_plane.validation import NUL
 from shared.jwks import JWKSCache, KeysUnavailable
 from shared.settings import ConfigError
 from shared.tokens import API_AUDIENCE, ISSUER
@@ -83,7 +84,9 @@ def _claim_str(claims: dict[str, Any], name: str, *, required: bool) -> str | No
     value = claims.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX:
+    # NUL: each of these is looked up or stored, and PostgreSQL text cannot hold it
+    # (the statement fails: a 500 on every request with the token).
+    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX or NUL in value:
         raise Unauthenticated(f"The token's {name!r} claim is missing or invalid.")
     return value
 

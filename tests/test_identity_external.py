@@ -470,3 +470,19 @@ def test_an_address_squatted_before_the_rule_does_not_lock_the_external_user_out
     assert me["user"]["email"].endswith("@external.invalid") and me["user"]["email"] != squatted
     again = data_of(cp.client(_token(keys, "HS256", **victim)).get("/v1/me"))
     assert again["user"] == me["user"]
+
+
+@pytest.mark.parametrize("claim", ["sub", "company_id", "company_name", "email"])
+def test_a_claim_with_nul_is_a_401_not_a_500(cp: CP, keys: dict[str, Any], claim: str) -> None:
+    """Attack: a user of the trusted app puts a NUL in what the app signs for it (its
+    display name as `company_name`, an address): PostgreSQL text cannot hold it, and
+    each of its requests was a 500 (measured on postgres: 500 for all four claims).
+    Now the token is refused (401), and nothing is stored."""
+    company_id = f"nul-co-{uuid.uuid4().hex[:6]}"
+    value = "a\x00b@example.com" if claim == "email" else "a\x00b"
+    claims = {"company_id": company_id, "email_verified": True, claim: value}
+    token = _token(keys, "HS256", **claims)
+    error_of(cp.client(token).get("/v1/me"), 401, "unauthenticated")
+    # The same user without the NUL signs in, in a company no NUL token made.
+    clean = _token(keys, "HS256", company_id=company_id)
+    assert data_of(cp.client(clean).get("/v1/me"))["company"]["name"] == company_id
