@@ -109,6 +109,13 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
     elif raw_scopes is not None:
         raise Unauthenticated("The token's 'scopes' claim must be a list of strings.")
     assert sub is not None and company_id is not None
+    for name in ("exp", "nbf", "iat"):
+        # NumericDate is a JSON number (RFC 7519 §2), as our own verifier reads it
+        # (`shared.jws_fast`); pyjwt takes a digit string too, and a token whose
+        # `exp` is one had no expiry here, so its sign-out was refused.
+        value = claims.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise Unauthenticated(f"The token's {name!r} claim is not a number.")
     jti, exp = claims.get("jti"), claims.get("exp")
     return ExternalIdentity(
         sub=sub,

@@ -486,3 +486,23 @@ def test_a_claim_with_nul_is_a_401_not_a_500(cp: CP, keys: dict[str, Any], claim
     # The same user without the NUL signs in, in a company no NUL token made.
     clean = _token(keys, "HS256", company_id=company_id)
     assert data_of(cp.client(clean).get("/v1/me"))["company"]["name"] == company_id
+
+
+def test_a_token_whose_exp_is_a_string_is_refused_not_left_unsignable(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """Attack: the trusted app writes `exp` as a digit string (pyjwt reads it as a
+    date); the token signed in, but had no expiry here, so its holder's sign-out was
+    refused (measured: 200 at /v1/me, then 400 not_signed_in "carries no jti" for a
+    token that has one, and the token worked on). A NumericDate is a JSON number, as
+    our own verifier reads it: such a token is refused (401)."""
+    now = int(time.time())
+    for claim, value in (("exp", str(now + 300)), ("iat", str(now)), ("exp", True)):
+        token = _token(keys, "HS256", jti="session-1", **{claim: value})
+        error_of(cp.client(token).get("/v1/me"), 401, "unauthenticated")
+        error_of(cp.client(token).post("/v1/auth/logout"), 401, "unauthenticated")
+    # A float exp is a number: signed in, and signed out.
+    client = cp.client(_token(keys, "HS256", jti="session-2", exp=now + 300.5))
+    data_of(client.get("/v1/me"))
+    assert data_of(client.post("/v1/auth/logout")) == {"signed_out": True}
+    error_of(client.get("/v1/me"), 401, "signed_out")
