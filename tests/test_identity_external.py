@@ -506,3 +506,40 @@ def test_a_token_whose_exp_is_a_string_is_refused_not_left_unsignable(
     data_of(client.get("/v1/me"))
     assert data_of(client.post("/v1/auth/logout")) == {"signed_out": True}
     error_of(client.get("/v1/me"), 401, "signed_out")
+
+
+def test_a_demoted_owner_replaying_an_older_token_does_not_climb_back(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """Attack: an external owner mints itself an owner key, is demoted at the trusted
+    app (whose next token says `member`), then replays a token issued before the
+    demotion and still unexpired. The role followed whichever token came last: the
+    old token made it an owner again in our rows, and its key then kept `llm:admin`
+    for good, long after that token expired (measured: /v1/me role owner, the key's
+    GET /v1/admin/users 200). Now a role is taken from a token only when it was
+    issued no earlier than the token that set the current one (`iat`)."""
+    now = int(time.time())
+    company_id = f"demoted-{uuid.uuid4().hex[:6]}"
+    who = {"sub": f"ext-{uuid.uuid4().hex[:8]}", "company_id": company_id}
+    old_owner = cp.client(_token(keys, "RS256", role="owner", iat=now - 60, exp=now + 600, **who))
+    me = data_of(old_owner.get("/v1/me"))["user"]
+    assert me["role"] == "owner"
+    r = old_owner.post("/v1/admin/api-keys", json={"user_id": me["id"]})
+    key = cp.client(data_of(r, 201)["key"])
+    # An owner's key lists its company's users; a member's finds no such list (404).
+    data_of(key.get("/v1/admin/users"))
+
+    # Demoted at the trusted app: its new token says member, and the key follows.
+    new_member = cp.client(_token(keys, "RS256", role="member", iat=now, exp=now + 600, **who))
+    assert data_of(new_member.get("/v1/me"))["user"]["role"] == "member"
+    error_of(key.get("/v1/admin/users"), 404, "not_found")
+
+    # The older owner token, replayed: a member it stays, and so does its key.
+    assert data_of(old_owner.get("/v1/me"))["user"]["role"] == "member"
+    error_of(old_owner.get("/v1/admin/users"), 404, "not_found")
+    error_of(key.get("/v1/admin/users"), 404, "not_found")
+
+    # A promotion the app makes later (a newer token) still takes effect.
+    promoted = cp.client(_token(keys, "RS256", role="owner", iat=now + 1, exp=now + 600, **who))
+    assert data_of(promoted.get("/v1/me"))["user"]["role"] == "owner"
+    data_of(key.get("/v1/admin/users"))
