@@ -85,13 +85,25 @@ def external_token_id(sub: str, jti: str) -> str:
     return f"ext:{digest}"
 
 
+def is_text(value: str) -> bool:
+    """Pure: whether a claim's string can be hashed and stored. Not with NUL, which
+    PostgreSQL text cannot hold, nor with a lone surrogate (JSON's ``"\\ud800"``
+    escape decodes to one), which has no UTF-8: either failed the statement or the
+    hash, a 500 on every request with the token."""
+    if NUL in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _claim_str(claims: dict[str, Any], name: str, *, required: bool) -> str | None:
     value = claims.get(name)
     if value is None and not required:
         return None
-    # NUL: each of these is looked up or stored, and PostgreSQL text cannot hold it
-    # (the statement fails: a 500 on every request with the token).
-    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX or NUL in value:
+    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX or not is_text(value):
         raise Unauthenticated(f"The token's {name!r} claim is missing or invalid.")
     return value
 
@@ -122,6 +134,8 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise Unauthenticated(f"The token's {name!r} claim is not a number.")
     jti, exp, iat = claims.get("jti"), claims.get("exp"), claims.get("iat")
+    if isinstance(jti, str) and not is_text(jti):
+        raise Unauthenticated("The token's 'jti' claim is invalid.")
     return ExternalIdentity(
         sub=sub,
         company_id=company_id,

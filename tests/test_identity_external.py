@@ -543,3 +543,18 @@ def test_a_demoted_owner_replaying_an_older_token_does_not_climb_back(
     promoted = cp.client(_token(keys, "RS256", role="owner", iat=now + 1, exp=now + 600, **who))
     assert data_of(promoted.get("/v1/me"))["user"]["role"] == "owner"
     data_of(key.get("/v1/admin/users"))
+
+
+@pytest.mark.parametrize("claim", ["sub", "company_id", "company_name", "email", "jti"])
+def test_a_claim_with_a_lone_surrogate_is_a_401_not_a_500(
+    cp: CP, keys: dict[str, Any], claim: str
+) -> None:
+    """Attack: what the trusted app signs carries a JSON ``\\ud800`` escape (a lone
+    surrogate: the JSON is valid, the string has no UTF-8). Hashing the `sub` or
+    `jti`, or storing any of them, raised: each request with the token, its sign-out
+    too, was a 500 (measured on sqlite and postgres, all five claims). Now 401."""
+    value = "a\ud800b@example.com" if claim == "email" else "a\ud800b"
+    claims = {"email_verified": True, "jti": "session-1", claim: value}
+    token = _token(keys, "HS256", **claims)
+    error_of(cp.client(token).get("/v1/me"), 401, "unauthenticated")
+    error_of(cp.client(token).post("/v1/auth/logout"), 401, "unauthenticated")
