@@ -21,8 +21,10 @@ optional ``scopes`` (narrowed to the role's), optional ``email`` (used only with
 ``email_verified: true``: an address the provider did not verify must not claim
 that address here for good) and ``company_name``; ``exp`` is required. On first
 sight the company (0 credits) and the user (no password: it can only come back
-through its app) are created; later the role follows the token. A user provisioned
-in one company presenting another company's token is refused.
+through its app) are created; later the role follows the token, unless it was
+issued (``iat``) before the token that set the current role: an old token replayed
+after a demotion does not climb back. A user provisioned in one company presenting
+another company's token is refused.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from control_plane.errors import Unauthenticated, ValidationFailed
 from control_plane.logout import is_signed_out
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import Company, User, new_id, utcnow
+from control_plane.validation import NUL
 from shared.jwks import JWKSCache, KeysUnavailable
 from shared.settings import ConfigError
 from shared.tokens import API_AUDIENCE, ISSUER
@@ -69,6 +72,9 @@ class ExternalIdentity:
     # The token's revocable id (`external_token_id`) and expiry: what a sign-out revokes.
     token_id: str | None = None
     expires_at: int | None = None
+    # When the token was issued (`iat`, clamped at 0), absent without one: which of
+    # two tokens states the user's current role (`provision`).
+    issued_at: int | None = None
 
 
 def external_token_id(sub: str, jti: str) -> str:
@@ -79,11 +85,25 @@ def external_token_id(sub: str, jti: str) -> str:
     return f"ext:{digest}"
 
 
+def is_text(value: str) -> bool:
+    """Pure: whether a claim's string can be hashed and stored. Not with NUL, which
+    PostgreSQL text cannot hold, nor with a lone surrogate (JSON's ``"\\ud800"``
+    escape decodes to one), which has no UTF-8: either failed the statement or the
+    hash, a 500 on every request with the token."""
+    if NUL in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _claim_str(claims: dict[str, Any], name: str, *, required: bool) -> str | None:
     value = claims.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX:
+    if not isinstance(value, str) or not value.strip() or len(value) > ID_MAX or not is_text(value):
         raise Unauthenticated(f"The token's {name!r} claim is missing or invalid.")
     return value
 
@@ -106,7 +126,16 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
     elif raw_scopes is not None:
         raise Unauthenticated("The token's 'scopes' claim must be a list of strings.")
     assert sub is not None and company_id is not None
-    jti, exp = claims.get("jti"), claims.get("exp")
+    for name in ("exp", "nbf", "iat"):
+        # NumericDate is a JSON number (RFC 7519 §2), as our own verifier reads it
+        # (`shared.jws_fast`); pyjwt takes a digit string too, and a token whose
+        # `exp` is one had no expiry here, so its sign-out was refused.
+        value = claims.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise Unauthenticated(f"The token's {name!r} claim is not a number.")
+    jti, exp, iat = claims.get("jti"), claims.get("exp"), claims.get("iat")
+    if isinstance(jti, str) and not is_text(jti):
+        raise Unauthenticated("The token's 'jti' claim is invalid.")
     return ExternalIdentity(
         sub=sub,
         company_id=company_id,
@@ -121,6 +150,8 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
         # Optional (RFC 7519 §4.1.7): a token without one can only expire.
         token_id=external_token_id(sub, jti) if isinstance(jti, str) and jti else None,
         expires_at=int(exp) if isinstance(exp, int | float) else None,
+        # Not in the future (pyjwt's check, with leeway); a negative one fits no column.
+        issued_at=max(0, int(iat)) if isinstance(iat, int | float) else None,
     )
 
 
@@ -290,15 +321,27 @@ def provision(session: Session, ident: ExternalIdentity) -> tuple[User, Company]
             role=ident.role,
             created_at=utcnow(),
             external_id=ident.sub,
+            external_role_iat=ident.issued_at,
         )
         session.add(user)
         session.flush()
     elif user.company_id != company.id:
         raise Unauthenticated("This user belongs to another company.")
-    elif user.role != ident.role:
+    elif user.role != ident.role and takes_role(user.external_role_iat, ident.issued_at):
         user.role = ident.role
+        user.external_role_iat = ident.issued_at
         session.flush()
     return user, company
+
+
+def takes_role(role_iat: int | None, issued_at: int | None) -> bool:
+    """Pure: whether a token issued at `issued_at` sets the role of a user whose
+    role was last set by a token issued at `role_iat`. A token issued before that
+    one is older than the app's latest word on the role: a demoted owner replaying
+    a token from before its demotion (unexpired) would otherwise be an owner again
+    in our rows, and its API keys with it, long after that token expired. Without
+    an `iat` on either side there is no order: the token's role is taken."""
+    return role_iat is None or issued_at is None or issued_at >= role_iat
 
 
 def _provision_checked(session: Session, ident: ExternalIdentity) -> tuple[User, Company, bool]:

@@ -144,6 +144,9 @@ class User(SQLModel, table=True):
     created_at: datetime = _time()
     external_id: str | None = _str(200, nullable=True)  # the external JWT's `sub`
     disabled_at: datetime | None = _time(nullable=True)  # a revoked user
+    # The `iat` of the external JWT that last set `role` (migration 0014): an older
+    # token's role is not taken (`external_auth.provision`).
+    external_role_iat: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class ApiKey(SQLModel, table=True):

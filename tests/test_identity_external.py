@@ -470,3 +470,91 @@ def test_an_address_squatted_before_the_rule_does_not_lock_the_external_user_out
     assert me["user"]["email"].endswith("@external.invalid") and me["user"]["email"] != squatted
     again = data_of(cp.client(_token(keys, "HS256", **victim)).get("/v1/me"))
     assert again["user"] == me["user"]
+
+
+@pytest.mark.parametrize("claim", ["sub", "company_id", "company_name", "email"])
+def test_a_claim_with_nul_is_a_401_not_a_500(cp: CP, keys: dict[str, Any], claim: str) -> None:
+    """Attack: a user of the trusted app puts a NUL in what the app signs for it (its
+    display name as `company_name`, an address): PostgreSQL text cannot hold it, and
+    each of its requests was a 500 (measured on postgres: 500 for all four claims).
+    Now the token is refused (401), and nothing is stored."""
+    company_id = f"nul-co-{uuid.uuid4().hex[:6]}"
+    value = "a\x00b@example.com" if claim == "email" else "a\x00b"
+    claims = {"company_id": company_id, "email_verified": True, claim: value}
+    token = _token(keys, "HS256", **claims)
+    error_of(cp.client(token).get("/v1/me"), 401, "unauthenticated")
+    # The same user without the NUL signs in, in a company no NUL token made.
+    clean = _token(keys, "HS256", company_id=company_id)
+    assert data_of(cp.client(clean).get("/v1/me"))["company"]["name"] == company_id
+
+
+def test_a_token_whose_exp_is_a_string_is_refused_not_left_unsignable(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """Attack: the trusted app writes `exp` as a digit string (pyjwt reads it as a
+    date); the token signed in, but had no expiry here, so its holder's sign-out was
+    refused (measured: 200 at /v1/me, then 400 not_signed_in "carries no jti" for a
+    token that has one, and the token worked on). A NumericDate is a JSON number, as
+    our own verifier reads it: such a token is refused (401)."""
+    now = int(time.time())
+    for claim, value in (("exp", str(now + 300)), ("iat", str(now)), ("exp", True)):
+        token = _token(keys, "HS256", jti="session-1", **{claim: value})
+        error_of(cp.client(token).get("/v1/me"), 401, "unauthenticated")
+        error_of(cp.client(token).post("/v1/auth/logout"), 401, "unauthenticated")
+    # A float exp is a number: signed in, and signed out.
+    client = cp.client(_token(keys, "HS256", jti="session-2", exp=now + 300.5))
+    data_of(client.get("/v1/me"))
+    assert data_of(client.post("/v1/auth/logout")) == {"signed_out": True}
+    error_of(client.get("/v1/me"), 401, "signed_out")
+
+
+def test_a_demoted_owner_replaying_an_older_token_does_not_climb_back(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """Attack: an external owner mints itself an owner key, is demoted at the trusted
+    app (whose next token says `member`), then replays a token issued before the
+    demotion and still unexpired. The role followed whichever token came last: the
+    old token made it an owner again in our rows, and its key then kept `llm:admin`
+    for good, long after that token expired (measured: /v1/me role owner, the key's
+    GET /v1/admin/users 200). Now a role is taken from a token only when it was
+    issued no earlier than the token that set the current one (`iat`)."""
+    now = int(time.time())
+    company_id = f"demoted-{uuid.uuid4().hex[:6]}"
+    who = {"sub": f"ext-{uuid.uuid4().hex[:8]}", "company_id": company_id}
+    old_owner = cp.client(_token(keys, "RS256", role="owner", iat=now - 60, exp=now + 600, **who))
+    me = data_of(old_owner.get("/v1/me"))["user"]
+    assert me["role"] == "owner"
+    r = old_owner.post("/v1/admin/api-keys", json={"user_id": me["id"]})
+    key = cp.client(data_of(r, 201)["key"])
+    # An owner's key lists its company's users; a member's finds no such list (404).
+    data_of(key.get("/v1/admin/users"))
+
+    # Demoted at the trusted app: its new token says member, and the key follows.
+    new_member = cp.client(_token(keys, "RS256", role="member", iat=now, exp=now + 600, **who))
+    assert data_of(new_member.get("/v1/me"))["user"]["role"] == "member"
+    error_of(key.get("/v1/admin/users"), 404, "not_found")
+
+    # The older owner token, replayed: a member it stays, and so does its key.
+    assert data_of(old_owner.get("/v1/me"))["user"]["role"] == "member"
+    error_of(old_owner.get("/v1/admin/users"), 404, "not_found")
+    error_of(key.get("/v1/admin/users"), 404, "not_found")
+
+    # A promotion the app makes later (a newer token) still takes effect.
+    promoted = cp.client(_token(keys, "RS256", role="owner", iat=now + 1, exp=now + 600, **who))
+    assert data_of(promoted.get("/v1/me"))["user"]["role"] == "owner"
+    data_of(key.get("/v1/admin/users"))
+
+
+@pytest.mark.parametrize("claim", ["sub", "company_id", "company_name", "email", "jti"])
+def test_a_claim_with_a_lone_surrogate_is_a_401_not_a_500(
+    cp: CP, keys: dict[str, Any], claim: str
+) -> None:
+    """Attack: what the trusted app signs carries a JSON ``\\ud800`` escape (a lone
+    surrogate: the JSON is valid, the string has no UTF-8). Hashing the `sub` or
+    `jti`, or storing any of them, raised: each request with the token, its sign-out
+    too, was a 500 (measured on sqlite and postgres, all five claims). Now 401."""
+    value = "a\ud800b@example.com" if claim == "email" else "a\ud800b"
+    claims = {"email_verified": True, "jti": "session-1", claim: value}
+    token = _token(keys, "HS256", **claims)
+    error_of(cp.client(token).get("/v1/me"), 401, "unauthenticated")
+    error_of(cp.client(token).post("/v1/auth/logout"), 401, "unauthenticated")
