@@ -225,7 +225,7 @@ def routes(server: MockServer) -> list[Route]:
         if call.stream:
             frames = MessageFrames(call.model, completion, behaviour.report_usage)
             return server.stream(frames, completion, behaviour)
-        await server.whole(completion, behaviour)
+        await server.whole(request, completion, behaviour)
         return json_response(message_object(call.model, completion, behaviour.report_usage))
 
     return [Route("/v1/messages", messages, methods=["POST"])]

@@ -213,7 +213,7 @@ def routes(server: MockServer) -> list[Route]:
         frames = GenerateFrames(model, completion, behaviour.report_usage)
         if stream:
             return server.stream(frames, completion, behaviour)
-        await server.whole(completion, behaviour)
+        await server.whole(request, completion, behaviour)
         parts = frames.calls(range(len(completion.calls))) if completion.calls else None
         return json_response(frames.response(completion.text, len(completion.tokens), True, parts))
 

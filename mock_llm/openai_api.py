@@ -166,7 +166,7 @@ def routes(server: MockServer) -> list[Route]:
         if chat.stream:
             frames = ChunkFrames(chat.model, completion, chat.include_usage, behaviour.report_usage)
             return server.stream(frames, completion, behaviour)
-        await server.whole(completion, behaviour)
+        await server.whole(request, completion, behaviour)
         return json_response(completion_object(chat.model, completion, behaviour.report_usage))
 
     async def list_models(request: Request) -> Response:

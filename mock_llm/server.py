@@ -147,5 +147,7 @@ class MockServer:
     ) -> Response:
         return TrackedStream(frames, completion, behaviour, self.stats)
 
-    async def whole(self, completion: Completion, behaviour: MockBehaviour) -> None:
-        await take_as_long_as_a_stream(self.stats, completion, behaviour)
+    async def whole(
+        self, request: Request, completion: Completion, behaviour: MockBehaviour
+    ) -> None:
+        await take_as_long_as_a_stream(self.stats, completion, behaviour, request.receive)

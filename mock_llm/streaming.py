@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, fields
 from typing import Protocol
 
+import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -139,15 +140,22 @@ class TrackedStream(StreamingResponse):
 
 
 async def take_as_long_as_a_stream(
-    stats: MockStats, completion: Completion, behaviour: MockBehaviour
+    stats: MockStats, completion: Completion, behaviour: MockBehaviour, receive: Receive
 ) -> None:
-    """A non-streaming answer takes as long as the stream would: timeouts stay honest."""
+    """A non-streaming answer takes as long as the stream would: timeouts stay honest.
+    A client that leaves first (`receive` says `http.disconnect`; the body has been
+    read) stops it, `cancelled`, as it stops a stream: the answer it is then sent is
+    dropped by the server."""
     stats.active += 1
     outcome = "cancelled"
     try:
         steps = len(completion.tokens)
-        if steps:
-            await pause(behaviour.first_token_delay_s + (steps - 1) * behaviour.token_delay_s)
+        duration = behaviour.first_token_delay_s + (steps - 1) * behaviour.token_delay_s
+        if steps and duration > 0:
+            with anyio.move_on_after(duration):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                return  # the client left before the answer was ready
         outcome = "completed"
     finally:
         stats.active -= 1

@@ -49,7 +49,8 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
         else:
             completion = await _read_stream(response, answer, tally, parts)
     except BaseException as exc:
-        # Also a cancellation: the stream's maximum life (`StreamJob.read_completion`).
+        # Also a cancellation: the stream's maximum life (`StreamJob._read_completion`),
+        # the client leaving (`StreamJob.whole_answer`).
         raw = b"".join(parts)[:MAX_COMPLETION_BYTES]
         if answer is None or _DOCUMENT.match(raw) is not None:
             bill_unread(backend, raw)

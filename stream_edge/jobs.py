@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import anyio
+from starlette.types import Receive
 
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Attempt, Backend
@@ -51,6 +52,7 @@ class StreamJob:
         self.result: RelayResult | None = None
         self._opener = Opener(state, grant, attempts)
         self._reporter = Reporter(state, grant, accepted_at)
+        self._client_left = False  # the client of a whole answer left before it came
 
     @property
     def backend(self) -> Backend:
@@ -80,7 +82,35 @@ class StreamJob:
         self.result = await pump.run(response)
         return self.result
 
-    async def read_completion(self, response: Response) -> Completion:
+    async def whole_answer(self, receive: Receive) -> Completion | None:
+        """Open the backend and read its whole answer (`"stream": false`), or None when
+        the client left first: `receive` (the request's, its body read) said
+        `http.disconnect`. Whichever of the two was under way is then cancelled, which
+        closes the backend's request (the backend stops generating, DESIGN §9), and the
+        stream is reported `cancelled` (`_cancelled`), billed for what was generated:
+        what was read of an answer sent as a stream, the input alone for a JSON
+        document (`completion.read_completion`). Both are watched: a vendor sends its
+        JSON answer's headers only once the answer is generated. Left to run, the
+        backend generated for nobody, the stream's slots stayed taken all along, and
+        the stream was reported `completed`."""
+        with anyio.CancelScope() as answering:
+            # One task per answer, parked in `receive` until the client leaves or the
+            # answer is in: nothing per read, no latency for a client that stays.
+            watcher = asyncio.create_task(self._until_client_leaves(receive, answering))
+            try:
+                return await self._read_completion(await self.open(stream=False))
+            finally:
+                watcher.cancel()
+        return None  # the client left: `answering` was cancelled, the stream reported
+
+    async def _until_client_leaves(self, receive: Receive, answering: anyio.CancelScope) -> None:
+        # Nothing more than the disconnect comes once the request's body is read.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_left = True
+        answering.cancel()
+
+    async def _read_completion(self, response: Response) -> Completion:
         # A whole answer has the streamed one's maximum life: an SSE backend sends it
         # token by token, each read within the idle timeout, so nothing else ends it,
         # and the hold's deadline and the stream slots assume no stream outlives it.
@@ -113,18 +143,25 @@ class StreamJob:
 
     async def _failed(self, exc: EdgeError) -> None:
         self.result = RelayResult("failed", exc.code, exc.message)
-        await self.report("finished")
-
-    async def _cancelled(self) -> None:
-        """The request was cancelled before its answer was served: the server's
-        graceful shutdown ran out while it opened the backend or read a whole answer,
-        which no drain can end as it ends a running stream. Still a `failed` report,
-        billing what was read (`completion.bill_unread`): without it the stream's slots
-        stayed taken until its maximum life, and its hold waited for the sweeper.
-        Shielded: the cancellation is the reason to report, not a reason to stop."""
-        self.result = RelayResult("failed", "shutting_down", "the edge stopped mid-request")
+        # Shielded: a client leaving now (`whole_answer`) must not cut the report short.
         with anyio.CancelScope(shield=True):
             await self.report("finished")
+
+    async def _cancelled(self) -> None:
+        """The request was cancelled before its answer was served: its client left
+        (`whole_answer`), a `cancelled` report; or the server's graceful shutdown ran
+        out while it opened the backend or read a whole answer, which no drain can end
+        as it ends a running stream, still a `failed` report. Either bills what was read
+        (`completion.bill_unread`): without it the stream's slots stayed taken until its
+        maximum life, and its hold waited for the sweeper. Shielded: the cancellation
+        is the reason to report, not a reason to stop."""
+        if self._client_left:
+            outcome = "client_gone"
+        else:
+            self.result = RelayResult("failed", "shutting_down", "the edge stopped mid-request")
+            outcome = "finished"
+        with anyio.CancelScope(shield=True):
+            await self.report(outcome)
 
     async def _fail_unexpectedly(self, exc: Exception, doing: str) -> UpstreamError:
         """Report the stream as failed after an exception nobody foresaw; returns the

@@ -52,7 +52,7 @@ async def chat_completions(request: Request) -> Response:
     if not is_api_key(token):
         grant = await verified_grant(state, token)
         job, chat = await admit(state, grant, lambda: read_json(request), accepted)
-        return await serve(state, grant, job, chat)
+        return await serve(state, grant, job, chat, request)
     # A gateway API key (issue 16.5): the control plane inits for it, then the
     # request goes the stream-token way; a hold whose stream never starts goes back.
     assert token is not None
@@ -64,7 +64,7 @@ async def chat_completions(request: Request) -> Response:
     except Exception:  # refused (4xx), or the store failed: nothing started
         await key_callers.abandon(state, grant)
         raise
-    return await serve(state, grant, job, chat)
+    return await serve(state, grant, job, chat, request)
 
 
 async def _given(body: Any) -> Any:
@@ -97,14 +97,16 @@ async def admit(
 
 
 async def serve(
-    state: EdgeState, grant: StreamGrant, job: StreamJob, chat: ChatRequest
+    state: EdgeState, grant: StreamGrant, job: StreamJob, chat: ChatRequest, request: Request
 ) -> Response:
-    response = await job.open(stream=chat.stream)
-    # What serves: the grant's model, or the fallback the chain moved to.
-    model, provider = job.backend.model, job.backend.provider
     if not chat.stream:
-        completion = await job.read_completion(response)
+        completion = await job.whole_answer(request.receive)
+        if completion is None:
+            # The client left (reported `cancelled`): the server drops this answer.
+            return Response(status_code=499, headers={"X-Request-Id": grant.request_id})
         await job.report("finished")
+        # What served: the grant's model, or the fallback the chain moved to.
+        model = job.backend.model
         billing = job.backend.meter.billing()
         usage = completion.usage or Usage(billing.input_tokens, billing.output_tokens)
         return JSONResponse(
@@ -113,6 +115,9 @@ async def serve(
             ),
             headers={"X-Request-Id": grant.request_id},
         )
+    response = await job.open(stream=True)
+    # What serves: the grant's model, or the fallback the chain moved to.
+    model, provider = job.backend.model, job.backend.provider
     writer = OpenAIChunkWriter(
         model.id,
         include_usage=chat.include_usage,
