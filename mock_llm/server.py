@@ -123,14 +123,11 @@ class MockServer:
         if behaviour.fail_status is not None and self._should_fail(messages, behaviour):
             self.stats.failed += 1
             status = behaviour.fail_status
-            headers_out = {}
-            if behaviour.retry_after_s is not None:
-                headers_out["Retry-After"] = str(behaviour.retry_after_s)
             raise MockAPIError(
                 status,
                 f"mock: failing with {status} as asked",
                 code="mock_failure",
-                headers=headers_out,
+                retry_after_s=behaviour.retry_after_s,
             )
         if behaviour.tpm_limit is not None:
             requested = count_prompt_tokens(messages) + (max_tokens or 0)
