@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# OpenAI's ``type`` per status, so clients that branch on it behave as with the real API.
+# OpenAI's ``type`` per status, so clients that branch on it behave as with the real API:
+# a refused key is an ``invalid_request_error`` (code ``invalid_api_key``), a load 429
+# names the limit it hit, ``requests`` or ``tokens`` (code ``rate_limit_exceeded``).
 _TYPE_BY_STATUS = {
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
-    429: "rate_limit_error",
+    429: "requests",
 }
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",

@@ -117,7 +117,11 @@ class MockServer:
         """The answer and its behaviour, or the error the directives or model ask for."""
         default = self.models.get(model)
         if default is None:
-            raise MockAPIError(404, f"The model `{model}` does not exist.", code="model_not_found")
+            raise MockAPIError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
         messages = list(messages)
         behaviour = resolve_behaviour(default, messages, headers)
         if behaviour.fail_status is not None and self._should_fail(messages, behaviour):

@@ -280,7 +280,7 @@ def test_openai_mid_stream_error_and_retry_after(http: httpx.Client) -> None:
     body = {"model": "mock-fast", "messages": user("[[mock fail=429 retry_after=9]]")}
     limited = http.post("/v1/chat/completions", json=body, headers=auth)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "9"
-    assert limited.json()["error"]["type"] == "rate_limit_error"
+    assert limited.json()["error"]["type"] == "requests"  # OpenAI names the limit hit
 
 
 def test_a_request_over_the_tpm_limit_is_refused_in_each_vendors_words(
