@@ -219,6 +219,8 @@ def routes(server: MockServer) -> list[Route]:
         body = await server.accept(request)
         authorize(request)
         call = parse_messages_request(require_json(body))
+        if call.model not in server.models:
+            raise MockAPIError(404, f"model: {call.model}")  # Anthropic's words
         completion, behaviour = server.plan(
             call.model, call.messages, request.headers, call.max_tokens, call.tools
         )

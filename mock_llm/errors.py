@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# OpenAI's ``type`` per status, so clients that branch on it behave as with the real API.
+# OpenAI's ``type`` per status, so clients that branch on it behave as with the real API:
+# a refused key is an ``invalid_request_error`` (code ``invalid_api_key``), a load 429
+# names the limit it hit, ``requests`` or ``tokens`` (code ``rate_limit_exceeded``).
 _TYPE_BY_STATUS = {
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
-    429: "rate_limit_error",
+    429: "requests",
 }
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
@@ -71,6 +73,7 @@ class MockAPIError(Exception):
         param: str | None = None,
         type: str | None = None,
         headers: dict[str, str] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -79,6 +82,9 @@ class MockAPIError(Exception):
         self.param = param
         self.type = type or error_type_for(status)
         self.headers = headers or {}
+        # When the client may come back: a ``Retry-After`` header for OpenAI and
+        # Anthropic, a ``google.rpc.RetryInfo`` in Google's body (it sends no header).
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         """OpenAI's shape (also the in-house backend's)."""
@@ -103,20 +109,35 @@ class MockAPIError(Exception):
             "message": self.message,
             "status": google_status_for(self.status),
         }
+        details: list[dict[str, Any]] = []
         if self.code and self.code.isupper():  # a google.rpc reason such as API_KEY_INVALID
-            error["details"] = [
+            details.append(
                 {
                     "@type": "type.googleapis.com/google.rpc.ErrorInfo",
                     "reason": self.code,
                     "domain": "googleapis.com",
                     "metadata": {"service": "generativelanguage.googleapis.com"},
                 }
-            ]
+            )
+        if self.retry_after_s is not None:
+            # A protobuf Duration in JSON: seconds with an "s" (Google also sends
+            # fractions, "45.837906927s").
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                    "retryDelay": f"{self.retry_after_s}s",
+                }
+            )
+        if details:
+            error["details"] = details
         return {"error": error}
 
     def headers_for(self, vendor: str) -> dict[str, str]:
-        """The answer's extra headers (a vendor's own, such as its rate-limit headers)."""
-        return self.headers
+        """The answer's extra headers (a vendor's own, such as its rate-limit headers).
+        Google answers a 429 with no ``Retry-After``: its wait is in the body."""
+        if self.retry_after_s is None or vendor == "google":
+            return self.headers
+        return {**self.headers, "Retry-After": str(self.retry_after_s)}
 
     def body_for(self, vendor: str) -> dict[str, Any]:
         if vendor == "anthropic":

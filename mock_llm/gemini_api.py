@@ -207,6 +207,14 @@ def routes(server: MockServer) -> list[Route]:
         if stream and request.query_params.get("alt") != "sse":
             raise MockAPIError(400, "mock: only alt=sse streaming is supported")
         call = parse_generate_request(require_json(body))
+        if model not in server.models:
+            version = request.url.path.split("/")[1]
+            raise MockAPIError(
+                404,
+                f"models/{model} is not found for API version {version}, or is not supported "
+                f"for {method}. Call ListModels to see the list of available models and "
+                "their supported methods.",
+            )
         completion, behaviour = server.plan(
             model, call.messages, request.headers, call.max_tokens, call.tools
         )

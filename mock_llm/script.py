@@ -47,7 +47,8 @@ class MockBehaviour:
     drop_after: int | None = None
     # Send the vendor's own mid-stream error event after this many tokens, then end.
     error_after: int | None = None
-    # The ``Retry-After`` header (seconds) sent with a ``fail`` status.
+    # When to come back (seconds) with a ``fail`` status: OpenAI and Anthropic say it
+    # in ``Retry-After``, Google in its body's ``RetryInfo`` (`MockAPIError`).
     retry_after_s: int | None = None
     # Fail only the first N requests with this prompt, then answer (None: always fail).
     fail_times: int | None = None

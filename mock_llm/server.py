@@ -117,20 +117,21 @@ class MockServer:
         """The answer and its behaviour, or the error the directives or model ask for."""
         default = self.models.get(model)
         if default is None:
-            raise MockAPIError(404, f"The model `{model}` does not exist.", code="model_not_found")
+            raise MockAPIError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
         messages = list(messages)
         behaviour = resolve_behaviour(default, messages, headers)
         if behaviour.fail_status is not None and self._should_fail(messages, behaviour):
             self.stats.failed += 1
             status = behaviour.fail_status
-            headers_out = {}
-            if behaviour.retry_after_s is not None:
-                headers_out["Retry-After"] = str(behaviour.retry_after_s)
             raise MockAPIError(
                 status,
                 f"mock: failing with {status} as asked",
                 code="mock_failure",
-                headers=headers_out,
+                retry_after_s=behaviour.retry_after_s,
             )
         if behaviour.tpm_limit is not None:
             requested = count_prompt_tokens(messages) + (max_tokens or 0)

@@ -70,6 +70,7 @@ class Opener:
                 policy=state.retry,
                 error_status=adapter.error_status,
                 retry_rate_limited=retry_rate_limited,
+                body_retry_after=adapter.retry_after,
             )
 
         response = await self._pool().open(open_with)

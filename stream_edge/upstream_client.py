@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -87,6 +88,7 @@ async def open_stream(
     policy: RetryPolicy | None = None,
     error_status: Callable[[int, bytes], int] | None = None,
     retry_rate_limited: bool = True,
+    body_retry_after: Callable[[bytes], float | None] | None = None,
 ) -> Response:
     """Send `request` and return the streaming response once its headers are in.
 
@@ -94,14 +96,17 @@ async def open_stream(
     with jittered backoff, honouring `Retry-After`; nothing has reached the client
     yet, so a retry is invisible to it. A circuit breaker fails fast while the
     backend keeps failing. `retry_rate_limited=False`: a 429 is raised at once (a key
-    pool tries its next key instead of waiting on this one)."""
+    pool tries its next key instead of waiting on this one). `body_retry_after`: the
+    wait an error body states, for a vendor that sends no `Retry-After` (Gemini)."""
     policy = policy or RetryPolicy()
     attempt = 0
     while True:
         if breaker is not None and not breaker.allow():
             raise UpstreamError("the backend is failing; try again shortly", code="upstream_error")
         try:
-            error, retry_after = await _attempt(client, request, breaker, error_status)
+            error, retry_after = await _attempt(
+                client, request, breaker, error_status, body_retry_after
+            )
         except BaseException:
             # Cancelled (the client left) mid-attempt: a half-open trial must still
             # end, or the breaker refuses this provider forever (issue 11.11).
@@ -123,6 +128,7 @@ async def _attempt(
     request: HttpRequest,
     breaker: CircuitBreaker | None,
     error_status: Callable[[int, bytes], int] | None,
+    body_retry_after: Callable[[bytes], float | None] | None = None,
 ) -> tuple[Response | EdgeError, float | None]:
     """One try: the response, or (error, retry-after seconds or None if not retryable)."""
     try:
@@ -176,6 +182,11 @@ async def _attempt(
     elif breaker is not None:
         breaker.record_answer()  # a 4xx: the backend is up
     retry_after_header = response.headers.get("retry-after")
+    if retry_after_header is None and body_retry_after is not None:
+        # Gemini says when in its body (RetryInfo), never in a header.
+        delay = body_retry_after(body)
+        if delay is not None:
+            retry_after_header = str(math.ceil(delay))
     error = error_for_status(status, retry_after_header)
     if status not in RETRYABLE_STATUSES:
         return error, None

@@ -246,6 +246,42 @@ def test_error_status(api_type: str, status: int, body: bytes, expected: int) ->
     assert ADAPTERS[api_type].error_status(status, body) == expected
 
 
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+def google_error(*details: object) -> bytes:
+    return orjson.dumps(
+        {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": details}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("api_type", "body", "expected"),
+    [
+        # Google's 429: no Retry-After header, the wait is a RetryInfo Duration.
+        ("gemini", google_error({"@type": RETRY_INFO, "retryDelay": "17s"}), 17.0),
+        (
+            "gemini",
+            google_error(
+                {"@type": "x.QuotaFailure"}, {"@type": RETRY_INFO, "retryDelay": "45.837906927s"}
+            ),
+            45.837906927,
+        ),
+        ("gemini", google_error({"@type": RETRY_INFO, "retryDelay": "-3s"}), None),
+        ("gemini", google_error({"@type": RETRY_INFO, "retryDelay": "1e400s"}), None),
+        ("gemini", google_error({"@type": RETRY_INFO, "retryDelay": 17}), None),
+        ("gemini", google_error({"retryDelay": "17s"}), None),
+        ("gemini", orjson.dumps({"error": {"details": "17s"}}), None),
+        ("gemini", b"not json", None),
+        ("openai_chat", google_error({"@type": RETRY_INFO, "retryDelay": "17s"}), None),
+    ],
+)
+def test_retry_after_read_from_the_error_body(
+    api_type: str, body: bytes, expected: float | None
+) -> None:
+    assert ADAPTERS[api_type].retry_after(body) == expected
+
+
 def test_registry_picks_the_adapter_by_api_type() -> None:
     kinds = {
         api_type: type(adapter_for(Provider("p", api_type, "http://x")))

@@ -213,7 +213,11 @@ def test_errors_are_the_sdk_classes(
     assert (raised.value.code, raised.value.status) == (code, status)
     assert raised.value.message == f"mock: failing with {code} as asked"
     if code == 429:
-        assert raised.value.response.headers["retry-after"] == "4"
+        # Google says when to come back in the body's RetryInfo, never in a header.
+        assert "retry-after" not in raised.value.response.headers
+        assert raised.value.details["error"]["details"] == [
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "4s"}
+        ]
 
 
 def test_a_wrong_key_is_api_key_invalid(url: str) -> None:

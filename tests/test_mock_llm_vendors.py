@@ -219,7 +219,10 @@ def test_gemini_non_streaming_and_errors(http: httpx.Client) -> None:
     assert missing.status_code == 403 and missing.json()["error"]["status"] == "PERMISSION_DENIED"
     limited = gemini_post(http, "generateContent", "[[mock fail=429 retry_after=3]]")
     assert limited.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
-    assert limited.headers["retry-after"] == "3"
+    # Google's wait is in the body (google.rpc.RetryInfo), never a Retry-After header.
+    assert "retry-after" not in limited.headers
+    retry = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "3s"}
+    assert limited.json()["error"]["details"] == [retry]
     assert gemini_post(http, "generateContent", "[[mock fail=503]]").status_code == 503
     broken = gemini_post(http, "streamGenerateContent", "[[mock tokens=5 error_after=2]]")
     read = parse("gemini", broken.content)
@@ -277,7 +280,7 @@ def test_openai_mid_stream_error_and_retry_after(http: httpx.Client) -> None:
     body = {"model": "mock-fast", "messages": user("[[mock fail=429 retry_after=9]]")}
     limited = http.post("/v1/chat/completions", json=body, headers=auth)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "9"
-    assert limited.json()["error"]["type"] == "rate_limit_error"
+    assert limited.json()["error"]["type"] == "requests"  # OpenAI names the limit hit
 
 
 def test_a_request_over_the_tpm_limit_is_refused_in_each_vendors_words(

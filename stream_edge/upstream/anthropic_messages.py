@@ -342,3 +342,6 @@ class AnthropicMessagesAdapter:
 
     def error_status(self, status: int, body: bytes) -> int:
         return status
+
+    def retry_after(self, body: bytes) -> float | None:
+        return None  # its wait comes in the `Retry-After` header

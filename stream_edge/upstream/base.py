@@ -356,6 +356,11 @@ class Adapter(Protocol):
         `status`; Gemini reports a refused key as 400 `API_KEY_INVALID`, i.e. 401)."""
         ...
 
+    def retry_after(self, body: bytes) -> float | None:
+        """The seconds an error answer's body says to wait, for a vendor that says it
+        there rather than in `Retry-After` (Gemini's `RetryInfo`); None otherwise."""
+        ...
+
 
 def parser_for(adapter: Adapter, withheld: tuple[str, ...]) -> StreamParser:
     """`adapter`'s parser for one stream sent `withheld` (its credentials): made here

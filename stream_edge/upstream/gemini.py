@@ -28,6 +28,7 @@ Images, PDFs and audio become `inlineData` / `fileData` parts
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -311,6 +312,36 @@ class GeminiAdapter:
         if status == 400 and _key_invalid(body):
             return 401
         return status
+
+    def retry_after(self, body: bytes) -> float | None:
+        return retry_delay(body)
+
+
+# A protobuf Duration in JSON: decimal seconds, up to nine fractional digits, then "s".
+_DURATION = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,9}))?s")
+
+
+def retry_delay(body: bytes) -> float | None:
+    """The wait a Google error asks for: its ``google.rpc.RetryInfo`` detail's
+    ``retryDelay`` ("17s", "45.837906927s"). Google sends no ``Retry-After`` header
+    with a 429: without this the edge told clients to come back in 1 s and rested the
+    key for its default, whatever Google said."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else []:
+        if not isinstance(detail, dict) or not str(detail.get("@type", "")).endswith(
+            "google.rpc.RetryInfo"
+        ):
+            continue
+        delay = detail.get("retryDelay")
+        match = _DURATION.fullmatch(delay) if isinstance(delay, str) else None
+        if match is not None:
+            return int(match[1]) + float(f"0.{match[2] or 0}")
+    return None
 
 
 def _key_invalid(body: bytes) -> bool:

@@ -140,6 +140,9 @@ class OpenAIChatAdapter:
             return 413
         return status
 
+    def retry_after(self, body: bytes) -> float | None:
+        return None  # its wait comes in the `Retry-After` header
+
 
 def _too_large_for_the_limit(body: bytes) -> bool:
     """Whether OpenAI's 429 says the request alone exceeds the limit: code
