@@ -365,7 +365,14 @@ def reserve(
         # Sent paired (the transcript keeps all): a call the member never answered,
         # or a result apart from its call, would have every vendor refuse this turn
         # and each later one of the session.
-        history = paired([*prefix, *past, *new_turn])[: -len(new_turn)]
+        history = [
+            m
+            for m in paired([*prefix, *past, *new_turn])[: -len(new_turn)]
+            # An empty message a client-owned history stored carries nothing, and
+            # Anthropic refuses every request holding one ("all messages must have
+            # non-empty content"): sent, it broke each later turn of the session.
+            if m["content"] or m.get("tool_calls") or m["role"] == "tool"
+        ]
         messages = fit_history(
             model, history, new_turn, req.max_tokens, req.params, _api_type(catalog, model)
         )

@@ -42,6 +42,10 @@ def vendor_problem(messages: list[dict[str, Any]]) -> str | None:
     its run of results."""
     expected: set[str] = set()
     for i, message in enumerate(messages):
+        # Anthropic's rule: "all messages must have non-empty content except for the
+        # optional final assistant message" (a call is content).
+        if not message.get("content") and not message.get("tool_calls"):
+            return f"messages.{i}: all messages must have non-empty content"
         if message["role"] == "tool":
             if message.get("tool_call_id") not in expected:
                 return f"messages[{i}]: a tool message must answer a preceding tool call"
@@ -233,3 +237,31 @@ def test_a_stored_history_is_sent_with_each_call_next_to_its_results(
 ) -> None:
     assert paired(stored) == sent
     assert vendor_problem(paired(stored)) is None
+
+
+def test_an_empty_message_stored_in_a_session_is_not_sent_again(stack: InProcessStack) -> None:
+    """Attack: a client-owned history holding an empty message (OpenAI takes it) starts
+    a session; the session keeps it, and every later turn sent it to a vendor that
+    refuses empty content (Anthropic): the session was broken for good."""
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    grant = c.init_ok(
+        token,
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": ""},
+                {"role": "assistant", "content": "?"},
+                {"role": "user", "content": "hello"},
+            ],
+        },
+    )
+    sid = grant["session_id"]
+    with c.http.stream("GET", grant["stream_url"]) as response:
+        response.read()  # the client's own history: refused as sent, its own choice
+    c.wait_usage(token, grant["reservation_id"])
+    SEEN.clear()
+    last, record = _turn(stack, token, {"session_id": sid, "query": "and now?"})
+    assert vendor_problem(SEEN[-1]) is None, SEEN[-1]
+    assert last == "complete" and record["status"] == "completed"
+    assert _roles(stack, token, sid)[:3] == ["user", "assistant", "user"]  # kept as stored
