@@ -83,7 +83,7 @@ from shared.tokens import (
     sign_token,
     stream_claims,
 )
-from shared.tool_shapes import check_tool_sequence
+from shared.tool_shapes import check_results_follow_calls, paired
 
 log = logging.getLogger("control_plane.chat_init")
 
@@ -359,12 +359,28 @@ def reserve(
             # the session kept from a turn without the agent would override it, as the
             # body may not (`chat_request._agent`).
             past = [m for m in past if m.get("role") not in AGENT_FIXED_ROLES]
+        if req.tool_results is not None:
+            # each result must answer a call of the session's last assistant message
+            _check_results(unit.session(), chat, past, new_turn, "tool_results")
+        # Sent paired (the transcript keeps all): a call the member never answered,
+        # or a result apart from its call, would have every vendor refuse this turn
+        # and each later one of the session.
+        history = [
+            m
+            for m in paired([*prefix, *past, *new_turn])[: -len(new_turn)]
+            # An empty message a client-owned history stored carries nothing, and
+            # Anthropic refuses every request holding one ("all messages must have
+            # non-empty content"): sent, it broke each later turn of the session.
+            if m["content"] or m.get("tool_calls") or m["role"] == "tool"
+        ]
         messages = fit_history(
-            model, [*prefix, *past], new_turn, req.max_tokens, req.params, _api_type(catalog, model)
+            model, history, new_turn, req.max_tokens, req.params, _api_type(catalog, model)
         )
         if req.tool_results is not None:
-            # each result must answer a call the session's assistant made
-            _check_results(unit.session(), chat, messages, "tool_results")
+            # trimming the history to fit may not have kept their calls
+            _check_results(
+                unit.session(), chat, messages[: -len(new_turn)], new_turn, "tool_results"
+            )
             new_turn = storable(new_turn)
     else:
         assert req.messages is not None
@@ -380,7 +396,8 @@ def reserve(
             _check_results(
                 unit.session(),
                 chat,
-                [*past, *new_turn],
+                past,
+                new_turn,
                 "messages",
                 "a tool message must answer a tool call this session's assistant made",
             )
@@ -539,16 +556,17 @@ def _company_llm(
 def _check_results(
     session: Session,
     chat: ChatSession | None,
-    messages: list[dict[str, Any]],
+    history: list[dict[str, Any]],
+    results: list[dict[str, Any]],
     field: str,
     problem: str | None = None,
 ) -> None:
-    """422 unless every `tool` message of `messages` (a stored session's history and
-    the new turn) answers a call an earlier assistant message made; 409
-    ``turn_in_progress`` when the calls may still be on their way (the session's
-    previous turn is unsettled)."""
+    """422 unless every `tool` message of `results` (the new turn) answers, once, a
+    call of the assistant message that ends `history` (a stored session's), so that
+    it is sent next to its call (`tool_shapes.paired`); 409 ``turn_in_progress`` when
+    the calls may still be on their way (the session's previous turn is unsettled)."""
     try:
-        check_tool_sequence(messages)
+        check_results_follow_calls(history, results, field)
     except InputRejected as exc:
         if chat is not None and _turn_unsettled(session, chat.id):
             # The calls arrive in the session with the previous turn's usage

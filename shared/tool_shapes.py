@@ -153,6 +153,64 @@ def check_tool_sequence(messages: Sequence[Mapping[str, Any]], where: str = "mes
             open_calls.discard(str(call_id))
 
 
+def paired(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` as every vendor takes them: each assistant message's tool calls cut
+    down to those answered by the run of `tool` messages right after it, with those
+    results only (the first for each call), and no `tool` message anywhere else.
+
+    OpenAI, Anthropic and Gemini refuse a call without its result before the next
+    turn, and a result that does not follow its call. A stored session holds both
+    when a member answered calls with a query, answered some of them, or a turn
+    settled between two others: sent as stored, that turn and every later one of the
+    session were refused. An assistant message left with neither calls nor text is
+    left out."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        message = dict(messages[i])
+        i += 1
+        if message.get("role") == "tool":
+            continue  # not in the run right after its call
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if not calls:
+            out.append(message)
+            continue
+        ids = {call["id"] for call in calls}
+        results: list[dict[str, Any]] = []
+        answered: set[str] = set()
+        while i < len(messages) and messages[i].get("role") == "tool":
+            call_id = messages[i].get("tool_call_id")
+            if call_id in ids and call_id not in answered:
+                answered.add(str(call_id))
+                results.append(dict(messages[i]))
+            i += 1
+        kept: list[dict[str, Any]] = []
+        for call in calls:
+            if call["id"] in answered:
+                answered.discard(call["id"])  # one call per id, as one result per id
+                kept.append(call)
+        if kept:
+            out.append({**message, "tool_calls": kept})
+        elif message.get("content"):
+            del message["tool_calls"]
+            out.append(message)
+        out.extend(results)
+    return out
+
+
+def check_results_follow_calls(
+    history: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], where: str
+) -> None:
+    """The `tool` messages `results`, appended to `history`, each answer once a call
+    of the assistant message they follow (`paired` keeps them all): a result that
+    cannot be sent next to its call is refused, not stored."""
+    sent = paired([*history, *results])
+    if len(sent) < len(results) or sent[len(sent) - len(results) :] != list(results):
+        raise _call_error(
+            where, "must answer, once each, tool calls of the session's last assistant message"
+        )
+
+
 def uses_tools(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> bool:
     """Whether the request needs the model's ``tools`` feature."""
     return bool(params.get("tools")) or any(

@@ -24,10 +24,17 @@ PACKAGED = Path(__file__).parent.parent / "shared" / "models.yaml"
 
 
 def catalog_with_backend(
-    directory: Path, provider: str, backend_url: str, *, context_length: int, max_output_tokens: int
+    directory: Path,
+    provider: str,
+    backend_url: str,
+    *,
+    context_length: int,
+    max_output_tokens: int,
+    features: tuple[str, ...] = ("streaming",),
 ) -> str:
     """Write the catalog to `directory` and return its path: `provider` on
-    `backend_url` serves `<provider>-model`, streaming only, at 1 / 2 per million."""
+    `backend_url` serves `<provider>-model` (streaming only unless `features` says
+    more), at 1 / 2 per million."""
     doc = yaml.safe_load(PACKAGED.read_text())
     doc["providers"][provider] = {"api_type": "openai_chat", "base_url": f"{backend_url}/v1"}
     doc["models"][f"{provider}-model"] = {
@@ -35,7 +42,7 @@ def catalog_with_backend(
         "upstream_model": f"{provider}-model",
         "context_length": context_length,
         "max_output_tokens": max_output_tokens,
-        "features": ["streaming"],
+        "features": list(features),
         "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
     }
     path = directory / "models.yaml"
@@ -58,11 +65,12 @@ def hostile_backend_stack(
     max_output_tokens: int = 1024,
     redis_prefix: str | None = None,
     env: dict[str, str] | None = None,
+    features: tuple[str, ...] = ("streaming",),
 ) -> Iterator[InProcessStack]:
     """The gateway in this process (SQLite in `directory`; Redis under `redis_prefix`
     when given, else its in-memory store), whose `<provider>-model` streams from
     `chat`, an OpenAI-compatible endpoint of the test's own on a free socket. `env`
-    adds to or overrides the gateway's settings."""
+    adds to or overrides the gateway's settings; `features`: the model's."""
     sock = bind_free_socket()
     backend = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     with ServerGroup([(backend, sock)]):
@@ -78,6 +86,7 @@ def hostile_backend_stack(
             url_of(sock),
             context_length=context_length,
             max_output_tokens=max_output_tokens,
+            features=features,
         )
         settings.update(env or {})
         with InProcessStack(settings) as gateway:
