@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 import jwt
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
@@ -327,11 +327,37 @@ def provision(session: Session, ident: ExternalIdentity) -> tuple[User, Company]
         session.flush()
     elif user.company_id != company.id:
         raise Unauthenticated("This user belongs to another company.")
-    elif user.role != ident.role and takes_role(user.external_role_iat, ident.issued_at):
-        user.role = ident.role
-        user.external_role_iat = ident.issued_at
-        session.flush()
+    elif takes_role(user.external_role_iat, ident.issued_at) and (
+        user.role != ident.role or newer(ident.issued_at, user.external_role_iat)
+    ):
+        _take_role(session, user, ident)
     return user, company
+
+
+def newer(issued_at: int | None, role_iat: int | None) -> bool:
+    """Pure: whether a token issued at `issued_at` is newer than the app's last word
+    on the role (`role_iat`)."""
+    return issued_at is not None and (role_iat is None or issued_at > role_iat)
+
+
+def _take_role(session: Session, user: User, ident: ExternalIdentity) -> None:
+    """The token's role, and its `iat` as the app's last word, even when the role does
+    not change: kept at the first token's, a token older than the latest but newer
+    than that first one (a promotion the app made, then undid) took the role back.
+    One conditional statement: of two tokens at once, the older cannot commit over
+    the newer (a read, then a write, let it)."""
+    statement = update(User).where(col(User.id) == user.id)
+    values: dict[str, Any] = {"role": ident.role}
+    if ident.issued_at is not None:
+        statement = statement.where(
+            or_(
+                col(User.external_role_iat).is_(None),
+                col(User.external_role_iat) <= ident.issued_at,
+            )
+        )
+        values["external_role_iat"] = ident.issued_at
+    session.execute(statement.values(**values))
+    session.refresh(user)
 
 
 def takes_role(role_iat: int | None, issued_at: int | None) -> bool:

@@ -545,6 +545,27 @@ def test_a_demoted_owner_replaying_an_older_token_does_not_climb_back(
     data_of(key.get("/v1/admin/users"))
 
 
+def test_an_older_token_cannot_undo_a_newer_one_that_kept_the_role(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """Attack: the app promotes a member (an owner token, kept unused) and demotes it
+    again (a member token, presented). The newer token changed no role, so the row
+    kept the first token's `iat`, and the kept owner token, older than the app's last
+    word but newer than that, made the member an owner (measured: /v1/me owner, the
+    company's users listed). Every token at least as new as the last one seen moves
+    the row's `iat`, whatever it says of the role."""
+    now = int(time.time())
+    who = {"sub": f"ext-{uuid.uuid4().hex[:8]}", "company_id": f"kept-{uuid.uuid4().hex[:6]}"}
+    first = cp.client(_token(keys, "RS256", role="member", iat=now - 120, exp=now + 600, **who))
+    assert data_of(first.get("/v1/me"))["user"]["role"] == "member"
+    kept_owner = cp.client(_token(keys, "RS256", role="owner", iat=now - 60, exp=now + 600, **who))
+    latest = cp.client(_token(keys, "RS256", role="member", iat=now, exp=now + 600, **who))
+    assert data_of(latest.get("/v1/me"))["user"]["role"] == "member"
+
+    assert data_of(kept_owner.get("/v1/me"))["user"]["role"] == "member"
+    error_of(kept_owner.get("/v1/admin/users"), 404, "not_found")
+
+
 @pytest.mark.parametrize("claim", ["sub", "company_id", "company_name", "email", "jti"])
 def test_a_claim_with_a_lone_surrogate_is_a_401_not_a_500(
     cp: CP, keys: dict[str, Any], claim: str
