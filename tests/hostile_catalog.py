@@ -55,6 +55,20 @@ def sse_frame(doc: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
+def openai_ending(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> list[bytes]:
+    """The frames an OpenAI-compatible stream ends with: its finish, its usage, `[DONE]`."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return [
+        sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]}),
+        sse_frame({"choices": [], "usage": usage}),
+        b"data: [DONE]\n\n",
+    ]
+
+
 @contextlib.contextmanager
 def hostile_backend_stack(
     directory: Path,

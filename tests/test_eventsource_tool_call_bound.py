@@ -26,7 +26,7 @@ from starlette.responses import Response, StreamingResponse
 from shared.sse import SSEDecoder
 from stream_edge.formats import TOOL_CALL_CHARS, TOOL_CALL_PIECES, EventSourceWriter
 from stream_edge.upstream.base import OutputLimit, ToolCallDelta
-from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.hostile_catalog import hostile_backend_stack, openai_ending, sse_frame
 from tests.stack import InProcessStack
 
 FRAGMENTS = 64
@@ -45,10 +45,8 @@ async def _chat(request: Request) -> Response:
         yield sse_frame(_call({"id": "call_0", "type": "function", "function": {"name": "save"}}))
         for _ in range(FRAGMENTS):
             yield sse_frame(_call({"function": {"arguments": BIG}}))
-        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
-        usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
-        yield sse_frame({"choices": [], "usage": usage})
-        yield b"data: [DONE]\n\n"
+        for frame in openai_ending("tool_calls", 10, 500):
+            yield frame
 
     return StreamingResponse(frames(), media_type="text/event-stream")
 

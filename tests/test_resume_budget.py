@@ -26,7 +26,7 @@ from shared.store_memory import MemoryStore
 from stream_edge import resume
 from stream_edge.resume import Follower, ResumeLog, events_key, gap_key
 from tests.conftest import REDIS_URL, fresh_redis_prefix
-from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.hostile_catalog import hostile_backend_stack, openai_ending, sse_frame
 from tests.stack import InProcessStack
 
 BIG_DELTAS = 24
@@ -39,10 +39,8 @@ async def _chat(request: Request) -> Response:
     async def frames() -> AsyncIterator[bytes]:
         for _ in range(BIG_DELTAS):
             yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
-        yield sse_frame({"choices": [], "usage": usage})
-        yield b"data: [DONE]\n\n"
+        for frame in openai_ending("stop", 10, 500):
+            yield frame
 
     return StreamingResponse(frames(), media_type="text/event-stream")
 

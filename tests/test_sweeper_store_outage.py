@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import pytest
 
 from control_plane.liveness import SilenceWatch
@@ -53,26 +55,63 @@ def cp(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
         yield handle
 
 
-def test_a_store_outage_is_not_silence_the_running_stream_bills_its_report(
-    cp: CP, private_redis: PrivateRedis
-) -> None:
+@dataclass
+class Running:
+    """A stream under way: its grant, its last checkpoint in the store (beat 5, 12 +
+    70 tokens), and a silence watch on a clock the test moves."""
+
+    client: httpx.Client
+    company_id: str
+    grant: dict[str, Any]
+    jti: str
+    reservation_id: str
+    checkpoint: bytes
+    clock: list[float]
+    watch: SilenceWatch
+
+    def revoked(self, cp: CP) -> bytes | None:
+        store = cp.app.state.store
+        return cast(
+            "bytes | None",
+            cp.on_loop(lambda: store.get(revocation_key("jti", self.jti, self.company_id))),
+        )
+
+    def billed_whole_once(self, cp: CP) -> None:
+        """The stream ran on and its edge reports it: the whole answer billed, once."""
+        report = usage_event(self.grant, self.company_id, input_tokens=12, output_tokens=300)
+        assert data_of(cp.webhook(report))["settled"] is True
+        price = cp.settings.catalog.models[self.grant["model"]].price
+        balance = micro(credits_of(self.client)["balance"])
+        assert balance == 10 * MICRO - cost_micro(12, 300, price)
+        assert credits_of(self.client)["held"] == "0.000000"
+        assert_books_balance(cp, self.company_id, self.client)
+
+
+def running(cp: CP) -> Running:
     client, company_id = cp.owner_client("10")
     grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
     jti = claims_of(grant["stream_token"])["jti"]
     reservation_id = grant["reservation_id"]
-    store = cp.app.state.store
-    state = cp.app.state
-    before_outage = UsageCheckpoint(
+    checkpoint = UsageCheckpoint(
         jti, reservation_id, 12, 70, datetime.now(UTC).isoformat(), beat=5
     ).dumps()
-    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), before_outage, 600))
+    store = cp.app.state.store
+    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), checkpoint, 600))
     clock = [0.0]
     watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+    return Running(client, company_id, grant, jti, reservation_id, checkpoint, clock, watch)
+
+
+def test_a_store_outage_is_not_silence_the_running_stream_bills_its_report(
+    cp: CP, private_redis: PrivateRedis
+) -> None:
+    stream = running(cp)
+    state = cp.app.state
 
     def sweep() -> Any:
         return cp.on_loop(
             lambda: sweep_silent_streams(
-                state.db, state.store, state.metrics, watch, revoke_ttl=600
+                state.db, state.store, state.metrics, stream.watch, revoke_ttl=600
             )
         )
 
@@ -80,23 +119,15 @@ def test_a_store_outage_is_not_silence_the_running_stream_bills_its_report(
     private_redis.stop()
     # Redis away longer than the silence limit: every sweep meanwhile is blind.
     for _ in range(3):
-        clock[0] += watch.silent_after / 2
+        stream.clock[0] += stream.watch.silent_after / 2
         assert sweep().settled == 0
     private_redis.start()
     # Back with what it kept (AOF), before the edge's next heartbeat is written.
-    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), before_outage, 600))
+    key = checkpoint_key(stream.reservation_id)
+    cp.on_loop(lambda: state.store.set(key, stream.checkpoint, 600))
     assert sweep().settled == 0, "a live stream settled from its pre-outage checkpoint"
-    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", jti, company_id)))
-    assert revoked is None
-    # The stream ran on and its edge reports it: the whole answer is billed, once.
-    report = usage_event(grant, company_id, input_tokens=12, output_tokens=300)
-    settled = data_of(cp.webhook(report))
-    assert settled["settled"] is True
-    price = cp.settings.catalog.models[grant["model"]].price
-    expected = cost_micro(12, 300, price)
-    assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
-    assert credits_of(client)["held"] == "0.000000"
-    assert_books_balance(cp, company_id, client)
+    assert stream.revoked(cp) is None
+    stream.billed_whole_once(cp)
 
 
 def test_a_read_answered_late_by_a_frozen_store_is_not_silence(
@@ -107,46 +138,34 @@ def test_a_read_answered_late_by_a_frozen_store_is_not_silence(
     is answered late, before the edge's heartbeat queued behind it. Counted from when
     the answer came back, the pre-freeze checkpoint would look silent and the live
     stream be settled from it and revoked. A reading is as old as its request."""
-    client, company_id = cp.owner_client("10")
-    grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
-    jti = claims_of(grant["stream_token"])["jti"]
-    reservation_id = grant["reservation_id"]
-    store = cp.app.state.store
+    stream = running(cp)
     state = cp.app.state
-    before_freeze = UsageCheckpoint(
-        jti, reservation_id, 12, 70, datetime.now(UTC).isoformat(), beat=5
-    ).dumps()
-    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), before_freeze, 600))
-    clock = [0.0]
-    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
 
     def sweep() -> Any:
-        return sweep_silent_streams(state.db, state.store, state.metrics, watch, revoke_ttl=600)
+        return sweep_silent_streams(
+            state.db, state.store, state.metrics, stream.watch, revoke_ttl=600
+        )
 
     assert cp.on_loop(sweep).settled == 0  # the checkpoint, first seen
     assert private_redis.unread_bytes() == 0
     private_redis.freeze()
     try:
         assert cp.group.loop is not None
-        running = asyncio.run_coroutine_threadsafe(sweep(), cp.group.loop)
+        under_way = asyncio.run_coroutine_threadsafe(sweep(), cp.group.loop)
         # The sweep's read is in the frozen server's socket, unanswered ...
         wait_until(lambda: private_redis.unread_bytes() > 0, "the sweep never read the store")
         # ... and answered past the silence limit, before the edge's next heartbeat.
-        clock[0] += watch.silent_after + 1
+        stream.clock[0] += stream.watch.silent_after + 1
     finally:
         private_redis.thaw()
-    assert running.result(30).settled == 0, "a live stream settled from its pre-freeze checkpoint"
-    revoked = cp.on_loop(lambda: store.get(revocation_key("jti", jti, company_id)))
-    assert revoked is None
+    settled = under_way.result(30).settled
+    assert settled == 0, "a live stream settled from its pre-freeze checkpoint"
+    assert stream.revoked(cp) is None
     # The edge's heartbeat lands, the stream runs on and its edge reports it whole.
     after_freeze = UsageCheckpoint(
-        jti, reservation_id, 12, 150, datetime.now(UTC).isoformat(), beat=6
+        stream.jti, stream.reservation_id, 12, 150, datetime.now(UTC).isoformat(), beat=6
     ).dumps()
-    cp.on_loop(lambda: store.set(checkpoint_key(reservation_id), after_freeze, 600))
+    key = checkpoint_key(stream.reservation_id)
+    cp.on_loop(lambda: state.store.set(key, after_freeze, 600))
     assert cp.on_loop(sweep).settled == 0
-    report = usage_event(grant, company_id, input_tokens=12, output_tokens=300)
-    assert data_of(cp.webhook(report))["settled"] is True
-    price = cp.settings.catalog.models[grant["model"]].price
-    assert micro(credits_of(client)["balance"]) == 10 * MICRO - cost_micro(12, 300, price)
-    assert credits_of(client)["held"] == "0.000000"
-    assert_books_balance(cp, company_id, client)
+    stream.billed_whole_once(cp)

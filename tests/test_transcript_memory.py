@@ -24,7 +24,7 @@ from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.meter import TRANSCRIPT_CHARS, TRANSCRIPT_PIECES, Meter
 from stream_edge.upstream.base import Delta, ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
-from tests.hostile_catalog import hostile_backend_stack, sse_frame
+from tests.hostile_catalog import hostile_backend_stack, openai_ending, sse_frame
 from tests.stack import InProcessStack
 from tests.test_usage_report_size import _grant
 
@@ -39,10 +39,8 @@ async def _chat(request: Request) -> Response:
     async def frames() -> AsyncIterator[bytes]:
         for _ in range(BIG_DELTAS):
             yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        usage = {"prompt_tokens": 10, "completion_tokens": 500, "total_tokens": 510}
-        yield sse_frame({"choices": [], "usage": usage})
-        yield b"data: [DONE]\n\n"
+        for frame in openai_ending("stop", 10, 500):
+            yield frame
 
     return StreamingResponse(frames(), media_type="text/event-stream")
 
