@@ -1,0 +1,167 @@
+"""Anthropic's own rules, applied by a test backend behind the gateway in this process.
+
+- Anthropic answers 529 (`overloaded_error`) when it is overloaded, and its own
+  client retries it as it retries a 503. Attack (measured before the fix): the edge
+  retried 429/502/503/504 only, so a single 529 reached the member as a 502
+  "the backend answered 529" where one retry would have served.
+- Anthropic takes only tool-use ids matching `^[a-zA-Z0-9_-]+$` (its 400 says
+  "String should match pattern"); an OpenAI-compatible backend may make ids of any
+  characters. Attack (measured before the fix): a session whose tool calls an
+  OpenAI-compatible model made, continued on an Anthropic model, sent those ids as
+  they were: Anthropic refused every later turn (502 upstream_error), for good.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from shared.sse import SSEDecoder
+from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.hostile_catalog import PACKAGED, sse_frame
+from tests.stack import InProcessStack, base_env
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+# Ids an OpenAI-compatible backend may make (OpenAI allows any characters).
+ODD_IDS = ["call:7/a.b c", "x" * 200]
+ANTHROPIC_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+SEEN: list[dict[str, Any]] = []  # every Anthropic request body, as the backend got it
+OVERLOADED: set[str] = set()  # prompts already answered 529 once
+
+
+def anthropic_problem(messages: list[dict[str, Any]]) -> str | None:
+    """Anthropic's rules on tool ids: each `tool_use` id matches its pattern (at most
+    64 characters kept as the safe bound), and each `tool_result` answers a
+    `tool_use` of the assistant turn right before it."""
+    previous: set[str] = set()
+    for i, turn in enumerate(messages):
+        blocks = turn["content"] if isinstance(turn["content"], list) else []
+        uses = set()
+        for j, block in enumerate(blocks):
+            if block.get("type") == "tool_use":
+                if not ANTHROPIC_ID.match(block["id"]) or len(block["id"]) > 64:
+                    return f"messages.{i}.content.{j}.tool_use.id: String should match pattern"
+                uses.add(block["id"])
+            if block.get("type") == "tool_result" and block["tool_use_id"] not in previous:
+                return f"messages.{i}.content.{j}: unexpected `tool_use_id` found"
+        previous = uses
+    return None
+
+
+def _event(kind: str, doc: dict[str, Any]) -> bytes:
+    return f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, **doc}) + b"\n\n"
+
+
+async def _messages(request: Request) -> Response:
+    body = orjson.loads(await request.body())
+    SEEN.append(body)
+    last = str(body["messages"][-1]["content"])
+    if "[[overloaded]]" in last and last not in OVERLOADED:
+        OVERLOADED.add(last)
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        return JSONResponse(error, status_code=529)
+    problem = anthropic_problem(body["messages"])
+    if problem is not None:
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": problem}}
+        return JSONResponse(error, status_code=400)
+
+    async def frames() -> AsyncIterator[bytes]:
+        usage = {"input_tokens": 20, "output_tokens": 1}
+        yield _event("message_start", {"message": {"usage": usage}})
+        yield _event("content_block_start", {"index": 0, "content_block": {"type": "text"}})
+        delta = {"type": "text_delta", "text": "ok"}
+        yield _event("content_block_delta", {"index": 0, "delta": delta})
+        yield _event("content_block_stop", {"index": 0})
+        done = {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}}
+        yield _event("message_delta", done)
+        yield _event("message_stop", {})
+
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+async def _chat(request: Request) -> Response:
+    """An OpenAI-compatible backend that calls tools with ids Anthropic would refuse."""
+    body = orjson.loads(await request.body())
+
+    async def frames() -> AsyncIterator[bytes]:
+        for index, call_id in enumerate(ODD_IDS):
+            call = {
+                "index": index,
+                "id": call_id,
+                "type": "function",
+                "function": {"name": "lookup", "arguments": "{}"},
+            }
+            yield sse_frame({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+        yield sse_frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        usage = {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}
+        yield sse_frame({"choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    assert body["messages"]
+    return StreamingResponse(frames(), media_type="text/event-stream")
+
+
+def _catalog(directory: Path, backend_url: str) -> str:
+    doc = yaml.safe_load(PACKAGED.read_text())
+    doc["providers"]["compat"] = {"api_type": "openai_chat", "base_url": f"{backend_url}/v1"}
+    doc["providers"]["claude"] = {"api_type": "anthropic_messages", "base_url": backend_url}
+    for provider in ("compat", "claude"):
+        doc["models"][f"{provider}-model"] = {
+            "provider": provider,
+            "upstream_model": f"{provider}-model",
+            "context_length": 8192,
+            "max_output_tokens": 1024,
+            "features": ["streaming", "tools"],
+            "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+        }
+    path = directory / "models.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    directory: Path = tmp_path_factory.mktemp("anthropic-rules")
+    sock = bind_free_socket()
+    backend = Starlette(
+        routes=[
+            Route("/v1/chat/completions", _chat, methods=["POST"]),
+            Route("/v1/messages", _messages, methods=["POST"]),
+        ]
+    )
+    with ServerGroup([(backend, sock)]):
+        settings = base_env(f"sqlite:///{directory / 'gateway.db'}")
+        settings["LLMGW_MODELS_FILE"] = _catalog(directory, url_of(sock))
+        with InProcessStack(settings) as gateway:
+            yield gateway
+
+
+def _turn(stack: InProcessStack, token: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One turn streamed: its stream's status code, and its usage record."""
+    c = stack.client
+    grant = c.init_ok(token, {"tools": TOOLS, **body})
+    decoder, events = SSEDecoder(), []
+    with c.http.stream("GET", grant["stream_url"]) as response:
+        for raw in response.iter_raw():
+            events.extend(decoder.feed(raw))
+    return response.status_code, c.wait_usage(token, grant["reservation_id"])
+
+
+def test_anthropics_529_is_retried_like_a_503(stack: InProcessStack) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    SEEN.clear()
+    status, record = _turn(stack, token, {"model": "claude-model", "query": "hi [[overloaded]]"})
+    assert status == 200  # before: 502, "the backend answered 529"
+    assert record["status"] == "completed"
+    assert len(SEEN) == 2  # the 529, then the retry that served
