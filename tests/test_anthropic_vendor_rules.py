@@ -165,3 +165,27 @@ def test_anthropics_529_is_retried_like_a_503(stack: InProcessStack) -> None:
     assert status == 200  # before: 502, "the backend answered 529"
     assert record["status"] == "completed"
     assert len(SEEN) == 2  # the 529, then the retry that served
+
+
+def test_tool_ids_from_another_vendor_are_sent_to_anthropic_in_its_alphabet(
+    stack: InProcessStack,
+) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    status, record = _turn(stack, token, {"model": "compat-model", "query": "look both up"})
+    assert status == 200 and record["status"] == "completed"
+    sid = record["session_id"]
+    stored = c.as_user(token, "GET", f"/v1/sessions/{sid}").json()["data"]["messages"]
+    assert [call["id"] for call in stored[-1]["tool_calls"]] == ODD_IDS  # kept as made
+    SEEN.clear()
+    results = [{"tool_call_id": i, "content": "42"} for i in ODD_IDS]
+    body = {"model": "claude-model", "session_id": sid, "tool_results": results}
+    status, record = _turn(stack, token, body)
+    assert anthropic_problem(SEEN[-1]["messages"]) is None, SEEN[-1]["messages"]
+    assert status == 200 and record["status"] == "completed"  # before: 502, for good
+    # A later turn sends the same history again, mapped the same way.
+    status, record = _turn(stack, token, {"model": "claude-model", "session_id": sid, "query": "?"})
+    assert status == 200 and record["status"] == "completed"
+    uses = [b["id"] for b in SEEN[-1]["messages"][1]["content"] if b["type"] == "tool_use"]
+    results_sent = [b["tool_use_id"] for b in SEEN[-1]["messages"][2]["content"]]
+    assert uses == results_sent and len(set(uses)) == 2
