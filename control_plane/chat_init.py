@@ -83,7 +83,7 @@ from shared.tokens import (
     sign_token,
     stream_claims,
 )
-from shared.tool_shapes import check_results_follow_calls, paired
+from shared.tool_shapes import check_results_follow_calls, paired, uses_tools, without_tool_calls
 
 log = logging.getLogger("control_plane.chat_init")
 
@@ -373,6 +373,13 @@ def reserve(
             # non-empty content"): sent, it broke each later turn of the session.
             if m["content"] or m.get("tool_calls") or m["role"] == "tool"
         ]
+        if "tools" not in model.features:
+            # A model without tools gets the session's text only (docs/tool-calls.md:
+            # a model must list `tools` to get tool messages). Refusing the turn would
+            # strand every session that ever used tools on this model; sending them
+            # anyway, vendors refuse (Anthropic: tool blocks without `tools`). Cut
+            # here, before the fit and the hold: the hold counts what is sent.
+            history = without_tool_calls(history)
         messages = fit_history(
             model, history, new_turn, req.max_tokens, req.params, _api_type(catalog, model)
         )
@@ -504,9 +511,14 @@ def plan_chain(
     its own input estimate, output cap (`max_tokens`, or less if the fallback allows
     less) and hold (`control_plane.fallbacks`)."""
     chain = []
+    # The messages carry tool calls or results (a stored session's, sent to a model
+    # with tools): a fallback without tools could not take them, so it is skipped.
+    wanted = (
+        tuple(dict.fromkeys((*req.features, "tools"))) if uses_tools(messages, {}) else req.features
+    )
     for spec in company_llm.chain_of(cat, model):
         try:
-            check_features(spec, req.features)
+            check_features(spec, wanted)
             check_content(spec, req.content_features)
             cap = min(max_tokens, spec.max_output_tokens)
             plan = plan_hold(

@@ -198,6 +198,23 @@ def paired(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def without_tool_calls(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` for a model without the ``tools`` feature: no `tool` message, and
+    each assistant message without its calls (its text kept; one with no text left
+    out). A stored session keeps the calls a model with tools made; a later turn on a
+    model without tools sends the conversation's text, not what it cannot take."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.get("role") == "tool":
+            continue
+        if message.get("role") == "assistant" and "tool_calls" in message:
+            if not message.get("content"):
+                continue
+            message = {k: v for k, v in message.items() if k != "tool_calls"}
+        out.append(dict(message))
+    return out
+
+
 def check_results_follow_calls(
     history: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]], where: str
 ) -> None:

@@ -64,7 +64,10 @@ def error_for_status(status: int, retry_after: str | None) -> EdgeError:
     return UpstreamError(f"the backend answered {status}", upstream_status=status)
 
 
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# 529: Anthropic's `overloaded_error`, a 503 in its own words (its client retries
+# it as it retries a 503); like a 503 it counts against the breaker (>= 500) and
+# moves a fallback chain on (`fallback.falls_back`).
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504, 529})
 # The most of a non-2xx answer's body read (adapters look into it for the vendor's
 # error code): the rest is never read, and its connection is closed.
 MAX_ERROR_BODY = 64 * 1024
@@ -92,7 +95,7 @@ async def open_stream(
 ) -> Response:
     """Send `request` and return the streaming response once its headers are in.
 
-    Retries only before the first byte — connection failures and 429/502/503/504 —
+    Retries only before the first byte — connection failures and 429/502/503/504/529 —
     with jittered backoff, honouring `Retry-After`; nothing has reached the client
     yet, so a retry is invisible to it. A circuit breaker fails fast while the
     backend keeps failing. `retry_rate_limited=False`: a 429 is raised at once (a key

@@ -25,6 +25,8 @@ input is also emitted at once (`InputUsage`): a stream cut before the last
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
 import orjson
@@ -183,6 +185,23 @@ class AnthropicStreamParser(JsonEventParser):
         return out
 
 
+# Anthropic takes only tool-use ids of this alphabet (its 400: "String should match
+# pattern '^[a-zA-Z0-9_-]+$'"); OpenAI-compatible backends make ids of any
+# characters, up to 256 of them. 64 is kept as a safe bound on the length.
+_ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def tool_use_id(call_id: str) -> str:
+    """`call_id` as Anthropic takes it (pure, deterministic): as it is when Anthropic
+    would accept it, else a valid id derived from a hash of it, so a `tool_use` and
+    its `tool_result` still match and a session sends the same id on every turn. A
+    session may hold ids another vendor made (a turn on an OpenAI-compatible model):
+    sent as they were, Anthropic refused every later turn of the session."""
+    if _ANTHROPIC_ID.fullmatch(call_id):
+        return call_id
+    return "toolu_gw_" + hashlib.sha256(call_id.encode()).hexdigest()[:32]
+
+
 def _tool_use_turn(message: dict[str, Any]) -> dict[str, Any]:
     text = message_text(message)
     blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
@@ -191,7 +210,7 @@ def _tool_use_turn(message: dict[str, Any]) -> dict[str, Any]:
         blocks.append(
             {
                 "type": "tool_use",
-                "id": call["id"],
+                "id": tool_use_id(call["id"]),
                 "name": function["name"],
                 "input": arguments_object(function["arguments"]),
             }
@@ -215,7 +234,7 @@ def _system_and_messages(
             # requires right after the assistant's tool_use blocks.
             result = {
                 "type": "tool_result",
-                "tool_use_id": message["tool_call_id"],
+                "tool_use_id": tool_use_id(message["tool_call_id"]),
                 "content": text,
             }
             last = turns[-1] if turns else None
