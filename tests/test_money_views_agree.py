@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlmodel import col
 
 from control_plane.sweeper import sweep_expired_holds
-from control_plane.tables import Reservation
+from control_plane.tables import LedgerEntry, Reservation, UsageRecord
 from shared.checkpoints import UsageCheckpoint, checkpoint_key
 from shared.pricing import MICRO
 from tests.test_control_plane import CP, assert_books_balance, cp, credits_of, data_of, micro
@@ -111,12 +111,24 @@ def test_usage_ledger_balance_budget_summary_and_metrics_agree(cp: CP) -> None:
         report(failed_early, status="failed", finish_reason=None, output_tokens=0, content=None),
         report(failed_late, status="failed", finish_reason=None, output_tokens=7),
         # A whole answer that failed once generated (`completion.bill_unread`).
-        report(whole, status="failed", finish_reason=None, output_tokens=33,
-               usage_source="estimated", content=None),  # fmt: skip
-        report(fallback, model="gpt-4o-mini", provider="openai", fallback_from="mock-fast",
-               output_tokens=21),  # fmt: skip
-        report(cached, input_tokens=40, cached_input_tokens=27, cache_write_tokens=3,
-               output_tokens=11),  # fmt: skip
+        report(
+            whole,
+            status="failed",
+            finish_reason=None,
+            output_tokens=33,
+            usage_source="estimated",
+            content=None,
+        ),
+        report(
+            fallback,
+            model="gpt-4o-mini",
+            provider="openai",
+            fallback_from="mock-fast",
+            output_tokens=21,
+        ),
+        report(
+            cached, input_tokens=40, cached_input_tokens=27, cache_write_tokens=3, output_tokens=11
+        ),
     ]
     for event in events:
         assert data_of(cp.webhook(event))["settled"] is True
@@ -195,3 +207,44 @@ def test_usage_ledger_balance_budget_summary_and_metrics_agree(cp: CP) -> None:
         assert item["streams"] == len(records)
         assert micro(item["cost"]) == sum(micro(r["cost"]) for r in records)
     assert_books_balance(cp, company_id, client)
+
+
+def test_a_streams_usage_record_is_dated_the_instant_of_its_charge(cp: CP) -> None:
+    """The console's days (`GET /v1/usage/summary?group_by=day`) come from the usage
+    records, the ledger's from the charge entries: written in one transaction, they
+    must carry one instant, or a stream settled across midnight UTC is on one day in
+    the summary and on the next (or the day before) in the ledger. Before, the record
+    took its own clock reading after the flip and the budgets' statements (measured:
+    every record some 100 µs to ms after its charge), alone, in a batch and by the
+    sweeper alike."""
+    client, company_id = cp.owner_client("10")
+    alone = _init(client)
+    batch = [_init(client) for _ in range(4)]
+    swept = _init(client)
+    assert data_of(cp.webhook(event_of(alone, company_id, output_tokens=4)))["settled"]
+    barrier = threading.Barrier(len(batch))
+
+    def deliver(init: dict[str, Any]) -> httpx.Response:
+        barrier.wait()
+        return cp.webhook(event_of(init, company_id, output_tokens=6))
+
+    with ThreadPoolExecutor(len(batch)) as pool:
+        assert all(data_of(r)["settled"] for r in pool.map(deliver, batch))
+    _checkpoint(cp, swept, 8, None)
+    _expire(cp, swept["reservation_id"])
+    state = cp.app.state
+    assert cp.on_loop(lambda: sweep_expired_holds(state.db, state.store, state.metrics)).settled
+    db = cp.app.state.db
+
+    def instants(session: Any) -> list[tuple[Any, Any]]:
+        rows = session.execute(
+            select(col(UsageRecord.created_at), col(LedgerEntry.created_at))
+            .join(LedgerEntry, col(LedgerEntry.reservation_id) == col(UsageRecord.reservation_id))
+            .where(col(UsageRecord.company_id) == company_id, col(LedgerEntry.kind) == "charge")
+        )
+        return [tuple(row) for row in rows]
+
+    pairs = cp.on_loop(lambda: db.transaction(instants))
+    assert len(pairs) == 6
+    gaps = [(record - charge).total_seconds() for record, charge in pairs]
+    assert gaps == [0.0] * len(pairs)
