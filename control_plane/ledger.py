@@ -235,8 +235,12 @@ class ToSettle:
 
 
 # Rows of other tables that a batch's settlements add (the usage records), by what
-# each item came to: written in the ledger rows' one statement.
-AlsoRows = Callable[[Sequence["Settled | None"]], Sequence[tuple[Table, Sequence[dict[str, Any]]]]]
+# each item came to and at the settlement's instant (the ledger rows' own, so that a
+# stream's record and its charge fall on one UTC day): written in the ledger rows'
+# one statement.
+AlsoRows = Callable[
+    [Sequence["Settled | None"], datetime], Sequence[tuple[Table, Sequence[dict[str, Any]]]]
+]
 
 
 def settle_reservation(
@@ -312,7 +316,7 @@ def settle_reservations(
         session,
         (hot_statements.LEDGER, [entry for entry, _ in rows]),
         (hot_statements.AUDIT, [event for _, event in rows]),
-        *(also(outcomes) if also is not None else ()),
+        *(also(outcomes, now) if also is not None else ()),
     )
     return outcomes
 
@@ -347,7 +351,7 @@ def settle_claimed(
         claim,
         (hot_statements.LEDGER, [entry for entry, _ in rows]),
         (hot_statements.AUDIT, [event for _, event in rows]),
-        *(also([settled]) if also is not None else ()),
+        *(also([settled], now) if also is not None else ()),
     )
     return settled if wrote else None
 

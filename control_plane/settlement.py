@@ -32,7 +32,7 @@ from control_plane.ledger import (
     settle_reservations,
 )
 from control_plane.reservation_row import ReservationTerms
-from control_plane.tables import ReservationBudget, new_id, utcnow
+from control_plane.tables import ReservationBudget, new_id
 from shared.catalog import Price
 from shared.webhooks import USAGE_DETAILS
 
@@ -191,9 +191,8 @@ def usage_rows(items: Sequence[Settling]) -> AlsoRows:
     """The usage records of the items settled, for the ledger rows' statement."""
 
     def usage_records(
-        settled: Sequence[Settled | None],
+        settled: Sequence[Settled | None], now: datetime
     ) -> list[tuple[Table, Sequence[dict[str, Any]]]]:
-        now = utcnow()
         records = [
             _usage_record(item, done.charged_micro, now)
             for item, done in zip(items, settled, strict=True)
