@@ -4,7 +4,10 @@
 A page is read newest first by a (moment, id) pair, and `limit + 1` rows are
 fetched: the extra row is never shown, it only says another page exists. Keyset
 rather than OFFSET, so a deep page costs what the first one does and rows written
-meanwhile neither repeat nor go missing on the pages still to come.
+meanwhile neither repeat nor go missing on the pages still to come. Except where
+the moment itself moves: chat sessions are listed by `updated_at`, so one continued
+during a walk jumps ahead of the cursor and shows on a new first page, not on the
+rest of that walk (`test_pagination_walks.py` checks the rest).
 
 Apart from `read_page`, which runs the statement it builds on the session it is
 given, everything here is pure: the cursor codec, the statement, the cut.

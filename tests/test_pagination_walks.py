@@ -1,0 +1,255 @@
+"""Every keyset listing walked through the real app (SQLite and PostgreSQL) under
+what breaks keyset pagination: many rows sharing one moment, rows written or
+deleted between two page reads, pages of 1 and of 200, and cursors that are not
+the list's own (another list's, another company's, the member's used by the owner
+and the reverse, forged, truncated). Each walk must show every item once, newest
+first with the id breaking ties; a foreign cursor is only a position in the
+caller's own list, a mangled one a 422."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy import update
+from sqlmodel import SQLModel
+
+from control_plane.db import create_sync_engine
+from control_plane.tables import (
+    ApiKey,
+    AuditEvent,
+    ChatSession,
+    Company,
+    LedgerEntry,
+    Revocation,
+    UsageRecord,
+    User,
+)
+from tests.test_control_plane import CP, cp, data_of, error_of, usage_event
+from tests.token_claims import jti_of
+
+__all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
+
+# One moment, microseconds and all, for every row of a table: the id alone orders them.
+T0 = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
+
+TIED: list[tuple[type[SQLModel], str]] = [
+    (Company, "created_at"),
+    (User, "created_at"),
+    (ApiKey, "created_at"),
+    (UsageRecord, "created_at"),
+    (LedgerEntry, "created_at"),
+    (ChatSession, "updated_at"),
+    (AuditEvent, "created_at"),
+    (Revocation, "created_at"),
+]
+
+
+def tie(cp: CP, only: list[tuple[type[SQLModel], str]] | None = None) -> None:
+    """Every row of the tables given the same moment, through the columns' own type
+    (SQLite stores text: a raw string would not compare as the app's do)."""
+    engine = create_sync_engine(cp.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            for model, column in only or TIED:
+                table = model.__table__  # type: ignore[attr-defined]
+                conn.execute(update(table).values({column: T0}))
+    finally:
+        engine.dispose()
+
+
+def walk(
+    client: httpx.Client,
+    path: str,
+    limit: int,
+    params: dict[str, str] | None = None,
+    key: str = "items",
+    between: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Every id `client` is shown, page after page of `limit`; `between(n)` runs
+    after the n-th page."""
+    seen: list[str] = []
+    cursor = None
+    for pages in range(1, 1000):
+        query: dict[str, Any] = {**(params or {}), "limit": limit}
+        if cursor is not None:
+            query["cursor"] = cursor
+        doc = data_of(client.get(path, params=query))
+        assert len(doc[key]) <= limit
+        seen += [item["id"] for item in doc[key]]
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            return seen
+        if between is not None:
+            between(pages)
+    raise AssertionError(f"{path}: no end after 1000 pages")
+
+
+class Tenant:
+    """A company with an owner and two members, each of whose streams was settled."""
+
+    def __init__(self, cp: CP, streams: int = 3) -> None:
+        self.owner, self.company_id = cp.owner_client("10")
+        self.member_ids = [cp.user(self.company_id, role="member")["id"] for _ in range(2)]
+        self.members = [cp.client(cp.api_key(user_id)) for user_id in self.member_ids]
+        self.inits: list[dict[str, Any]] = []
+        for i in range(streams):
+            for client in (*self.members, self.owner):
+                init = data_of(client.post("/v1/chat/init", json={"query": f"q{i}"}), 201)
+                event = usage_event(init, self.company_id, output_tokens=1)
+                assert cp.webhook(event).status_code == 200
+                self.inits.append(init)
+
+
+def lists(cp: CP, t: Tenant) -> list[tuple[httpx.Client, str, dict[str, str], str]]:
+    """(caller, path, query, key) of every keyset listing, as the owner, a member and
+    the platform admin read them."""
+    c = {"company_id": t.company_id}
+    member = t.members[0]
+    return [
+        (cp.admin, "/v1/admin/companies", {}, "items"),
+        (cp.admin, "/v1/admin/users", c, "items"),
+        (t.owner, "/v1/admin/users", {}, "items"),
+        (cp.admin, "/v1/admin/api-keys", c, "items"),
+        (t.owner, "/v1/admin/api-keys", {}, "items"),
+        (t.owner, "/v1/usage", {}, "items"),
+        (member, "/v1/usage", {}, "items"),
+        (t.owner, "/v1/credits", {}, "entries"),
+        (member, "/v1/credits", {}, "entries"),
+        (t.owner, "/v1/sessions", {}, "items"),
+        (member, "/v1/sessions", {}, "items"),
+        (cp.admin, "/v1/admin/audit", c, "items"),
+        (t.owner, "/v1/admin/audit", {}, "items"),
+        (cp.admin, "/v1/admin/revocations", {}, "items"),
+        (t.owner, "/v1/admin/revocations", {}, "items"),
+    ]
+
+
+def test_every_listing_walks_rows_sharing_one_moment_once_each_by_id(cp: CP) -> None:
+    t = Tenant(cp)
+    Tenant(cp, streams=1)  # a neighbour whose rows must never show
+    for init in t.inits[:3]:
+        body = {"jti": jti_of(init["stream_token"]), "reason": "test"}
+        data_of(cp.admin.post("/v1/admin/revocations", json=body), 201)
+    tie(cp)
+    for client, path, params, key in lists(cp, t):
+        whole = walk(client, path, 200, params, key)
+        assert len(whole) >= 2, (path, params)
+        assert whole == sorted(set(whole), reverse=True), (path, params)  # once each, by id
+        for limit in (1, 2):
+            assert walk(client, path, limit, params, key) == whole, (path, params, limit)
+
+
+def test_rows_written_and_deleted_between_pages_neither_repeat_nor_hide_others(cp: CP) -> None:
+    """Between two pages of the owner's sessions (all sharing one moment), a session
+    not yet shown and the one the cursor stands on are deleted, and new users and
+    sessions are written; between pages of the company's users, users are added
+    at the same moment as the rest: each row there from the start is shown once,
+    none that was deleted before its page is shown, nothing twice."""
+    t = Tenant(cp, streams=2)
+    for _ in range(4):
+        cp.user(t.company_id, role="member", password=None)
+    tie(cp)
+    sessions = walk(t.owner, "/v1/sessions", 200)
+    assert len(sessions) == 6
+    gone: list[str] = []
+
+    def churn(page: int) -> None:
+        if page == 1:
+            for sid in (sessions[1], sessions[4]):  # the cursor's row and one not yet shown
+                assert t.owner.delete(f"/v1/sessions/{sid}").status_code == 204
+                gone.append(sid)
+            data_of(t.members[0].post("/v1/chat/init", json={"query": "new"}), 201)
+
+    seen = walk(t.owner, "/v1/sessions", 2, between=churn)
+    assert seen == [s for s in sessions if s != sessions[4]]
+
+    users = walk(t.owner, "/v1/admin/users", 200)
+    assert len(users) == 7
+
+    def grow(page: int) -> None:
+        for _ in range(3):
+            cp.user(t.company_id, role="member", password=None)
+        tie(cp, [(User, "created_at")])
+
+    seen = walk(t.owner, "/v1/admin/users", 2, between=grow)
+    assert len(seen) == len(set(seen))
+    assert set(users) <= set(seen)
+    assert seen == sorted(seen, reverse=True)
+
+
+def _b64(doc: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(doc)).decode().rstrip("=")
+
+
+def test_a_foreign_cursor_is_only_a_position_in_the_callers_own_list(cp: CP) -> None:
+    """A cursor from another list, another company's list, or the member's page used
+    by the owner (and the reverse): the answer is the caller's own list after that
+    position, never a row of another company or another member."""
+    a, b = Tenant(cp), Tenant(cp)
+    tie(cp)
+    mine = {
+        (id(client), path, tuple(params.items())): walk(client, path, 200, params, key)
+        for client, path, params, key in lists(cp, a) + lists(cp, b)
+    }
+    cursors = []
+    for client, path, params, _key in lists(cp, a) + lists(cp, b):
+        doc = data_of(client.get(path, params={**params, "limit": 1}))
+        if doc["next_cursor"]:
+            cursors.append(doc["next_cursor"])
+    assert len(cursors) >= 20
+    for client, path, params, key in lists(cp, a) + lists(cp, b):
+        own = mine[(id(client), path, tuple(params.items()))]
+        for cursor in cursors:
+            doc = data_of(client.get(path, params={**params, "cursor": cursor, "limit": 200}))
+            shown = [item["id"] for item in doc[key]]
+            # The tail of the caller's own list (all share a moment: after the id).
+            assert shown == own[len(own) - len(shown) :], (path, cursor)
+
+
+TAMPERED = [
+    "!!",
+    "%00",
+    "a",
+    "=" * 8,
+    _b64(["2026-11-30T12:00:00Z", "x"])[:-3],  # truncated
+    _b64(["seq", 3]),
+    _b64(["2026-11-30T12:00:00Z", None]),
+    _b64(["2026-11-30T12:00:00Z", ["x"]]),
+    _b64(["2026-11-30T12:00:00Z", "x\u0000"]),
+    _b64(["9999-12-31T23:59:59.999999-14:00", "x"]),
+    _b64(["not a time", "x"]),
+    _b64("2026-11-30T12:00:00Z"),
+    _b64({"0": "2026-11-30T12:00:00Z", "1": "x"}),
+    _b64(None),
+    _b64(12),
+    base64.urlsafe_b64encode(b"\xff\xfe\x00").decode(),
+    "x" * 5000,
+]
+
+
+def test_a_mangled_cursor_is_a_422_on_every_listing(cp: CP) -> None:
+    t = Tenant(cp, streams=1)
+    sid = t.inits[0]["session_id"]
+    targets = [(c, p, q) for c, p, q, _ in lists(cp, t)]
+    targets += [
+        (t.owner, f"/v1/sessions/{sid}", {}),
+        (t.owner, "/v1/usage/summary", {}),
+    ]
+    for client, path, params in targets:
+        for cursor in TAMPERED:
+            r = client.get(path, params={**params, "cursor": cursor})
+            if path.startswith("/v1/sessions/") or path == "/v1/usage/summary":
+                if cursor == _b64(["seq", 3]):
+                    assert r.status_code == 200, (path, r.text)
+                    continue
+            assert "cursor" in error_of(r, 422, "validation_error"), (path, cursor)
+        for limit in ("0", "201", "-1", "1.5", "", "99999999999999999999"):
+            r = client.get(path, params={**params, "limit": limit})
+            assert r.status_code in (200, 422), (path, limit, r.text)
+            if limit != "":
+                error_of(r, 422, "validation_error")
