@@ -414,11 +414,19 @@ class Database:
             functools.partial(self._in_unit, fn, begin), timeout=self.timeout, late=late
         )
 
-    async def transaction(self, fn: Callable[[Session], T], *, timeout: float | None = None) -> T:
+    async def transaction(
+        self,
+        fn: Callable[[Session], T],
+        *,
+        timeout: float | None = None,
+        late: Callable[[T], None] | None = None,
+    ) -> T:
         """Run ``fn(session)`` in a worker thread, in one transaction; `DatabaseTimeout`
-        past ``timeout`` (default: the database's)."""
+        past ``timeout`` (default: the database's). ``late``: as `unit`'s."""
         return await self._threads.run(
-            functools.partial(self._in_transaction, fn), timeout=timeout or self.timeout
+            functools.partial(self._in_transaction, fn),
+            timeout=timeout or self.timeout,
+            late=late,
         )
 
     @property

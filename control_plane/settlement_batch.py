@@ -24,16 +24,26 @@ nothing of it was kept, and each of its events is then settled alone by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from control_plane.db import Database, DatabaseTimeout
-from control_plane.errors import DatabaseUnavailable
+from control_plane.errors import AppError, DatabaseUnavailable
 from control_plane.settlement import Outcome
-from control_plane.webhook_settlement import Delivery, settle_delivery, settle_webhooks
+from control_plane.webhook_settlement import (
+    Delivery,
+    Late,
+    settle_delivery,
+    settle_webhooks,
+    settled_late,
+)
 
 log = logging.getLogger("control_plane.settlement_batch")
 
 MAX_BATCH = 64  # events per transaction: bounds how long one batch holds its locks
+
+# A queued delivery, the future its webhook awaits, and its `late`.
+_Queued = tuple[Delivery, asyncio.Future[Outcome], Late | None]
 
 
 class SettlementBatcher:
@@ -42,21 +52,22 @@ class SettlementBatcher:
     def __init__(self, db: Database, *, max_batch: int = MAX_BATCH) -> None:
         self._db = db
         self._max_batch = max_batch
-        self._queue: list[tuple[Delivery, asyncio.Future[Outcome]]] = []
+        self._queue: list[_Queued] = []
         self._drain: asyncio.Task[None] | None = None
 
-    async def settle(self, delivery: Delivery) -> Outcome:
+    async def settle(self, delivery: Delivery, late: Late | None = None) -> Outcome:
         """`delivery` settled in the next batch; returns once that batch has
-        committed, or raises its refusal."""
+        committed, or raises its refusal. ``late`` gets its Outcome if it settles
+        after the 503 (`webhook_settlement.Late`)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.append((delivery, future))
+        self._queue.append((delivery, future, late))
         if self._drain is None or self._drain.done():
             self._drain = asyncio.create_task(self._run(), name="settlement-batch")
         # Shielded: a client that goes away does not cancel a settlement under way.
         return await asyncio.shield(future)
 
     async def _run(self) -> None:
-        batch: list[tuple[Delivery, asyncio.Future[Outcome]]] = []
+        batch: list[_Queued] = []
         try:
             while self._queue:
                 batch = self._queue[: self._max_batch]
@@ -68,18 +79,24 @@ class SettlementBatcher:
             # database outage answers (`database_unavailable`, ``Retry-After: 1``),
             # since it is one to the caller. A batch cut off mid-transaction rolled
             # back; one cut off mid-commit is found settled by the retry (a duplicate).
-            for _, future in [*batch, *self._queue]:
+            for _, future, _ in [*batch, *self._queue]:
                 if not future.done():
                     future.set_exception(DatabaseUnavailable())
             self._queue.clear()
 
-    async def _settle(self, batch: list[tuple[Delivery, asyncio.Future[Outcome]]]) -> None:
-        deliveries = [delivery for delivery, _ in batch]
+    async def _settle(self, batch: list[_Queued]) -> None:
+        deliveries = [delivery for delivery, _, _ in batch]
+        lates = [late for _, _, late in batch]
         results: list[Outcome | BaseException] = []
         silent: DatabaseTimeout | None = None
         try:
             if len(deliveries) > 1:
-                results.extend(await self._db.transaction(lambda s: settle_webhooks(s, deliveries)))
+                results.extend(
+                    await self._db.transaction(
+                        lambda s: settle_webhooks(s, deliveries),
+                        late=functools.partial(_settled_late, lates),
+                    )
+                )
         except DatabaseTimeout as exc:
             silent = exc
         except Exception as exc:
@@ -87,21 +104,22 @@ class SettlementBatcher:
             log.info("settlement batch of %d rolled back (%r); one by one", len(batch), exc)
         if not results:
             # In its own transaction: a failing one answers its error, others settle.
-            for delivery in deliveries:
+            for delivery, late in zip(deliveries, lates, strict=True):
                 if silent is not None:
                     # The database went silent: the rest would each wait the whole
                     # bound again, one after the other. All get the 503 the edge
-                    # retries (a settlement that commits late is then a duplicate).
+                    # retries (a settlement that commits late is then a duplicate,
+                    # and its commit goes to its `late`).
                     results.append(silent)
                     continue
                 try:
-                    results.append(await settle_delivery(self._db, delivery))
+                    results.append(await settle_delivery(self._db, delivery, late))
                 except DatabaseTimeout as settle_error:
                     silent = settle_error
                     results.append(settle_error)
                 except Exception as settle_error:
                     results.append(settle_error)
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, Outcome):
@@ -113,3 +131,11 @@ class SettlementBatcher:
         """Let the batch under way (and what is queued) finish."""
         if self._drain is not None:
             await asyncio.gather(self._drain, return_exceptions=True)
+
+
+def _settled_late(lates: list[Late | None], results: list[Outcome | AppError]) -> None:
+    """A batch that committed after its webhooks were told 503: what each settled
+    delivery's commit implies (`webhook_settlement.Late`)."""
+    for late, result in zip(lates, results, strict=True):
+        if late is not None:
+            settled_late(late, result)

@@ -13,8 +13,9 @@ reply (its one write statement is atomic by itself), else in one transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,18 +382,34 @@ def already_settled(session: Session, webhook_id: str, reservation_id: str) -> b
     return status is not None and status != "active"
 
 
-async def settle_delivery(db: Database, delivery: Delivery) -> Outcome:
+# What a settlement's commit implies outside the database (its counters, the
+# tokens-per-minute correction: `late_settlements`), for a delivery whose caller was
+# answered 503 before its transaction committed. Called on the loop, at most once,
+# and only with an Outcome that settled (never a duplicate): the redelivery the 503
+# asks for finds it settled and counts nothing.
+Late = Callable[[Outcome], None]
+
+
+def settled_late(late: Late, result: Outcome | AppError) -> None:
+    """A lone delivery's `late` (`Database.unit`'s), given what its unit returned."""
+    if isinstance(result, Outcome) and not result.duplicate:
+        late(result)
+
+
+async def settle_delivery(db: Database, delivery: Delivery, late: Late | None = None) -> Outcome:
     """One delivery in its own transaction, on the database threads (the webhook
     route's without a batcher, and the batcher's when a batch rolled back); raises
-    its refusal."""
+    its refusal. ``late`` gets its Outcome if it settles after its caller was told
+    503 (`DatabaseTimeout`)."""
+    on_late = None if late is None else functools.partial(settled_late, late)
     try:
         result: Outcome | AppError
         # SQLite takes the session path: the same answers.
         if db.postgres:
             begin = _reply(delivery) is not None  # a reply commits with the charge
-            result = await db.unit(lambda u: settle_alone(u, delivery), begin=begin)
+            result = await db.unit(lambda u: settle_alone(u, delivery), begin=begin, late=on_late)
         else:
-            result = await db.transaction(lambda s: settle_webhooks(s, [delivery])[0])
+            result = await db.transaction(lambda s: settle_webhooks(s, [delivery])[0], late=on_late)
     except IntegrityError:
         # Lost a race on a unique key with a concurrent delivery of the same
         # stream: its transaction committed the settlement, ours rolled back.

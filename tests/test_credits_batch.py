@@ -13,11 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlmodel import col
 
 from control_plane.app import create_app
 from control_plane.books import check_books
+from control_plane.db import Database, DatabaseTimeout
 from control_plane.errors import (
     Conflict,
     ModelNotInChain,
@@ -53,9 +54,9 @@ class Counting:
         self.db = db
         self.transactions = 0
 
-    async def transaction(self, fn: Any) -> Any:
+    async def transaction(self, fn: Any, **kwargs: Any) -> Any:
         self.transactions += 1
-        return await self.db.transaction(fn)
+        return await self.db.transaction(fn, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
@@ -273,10 +274,10 @@ class Held:
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def transaction(self, fn: Any) -> Any:
+    async def transaction(self, fn: Any, **kwargs: Any) -> Any:
         self.entered.set()
         await self.gate.wait()
-        return await self.db.transaction(fn)
+        return await self.db.transaction(fn, **kwargs)
 
     async def unit(self, fn: Any, **kwargs: Any) -> Any:
         self.entered.set()
@@ -320,5 +321,73 @@ async def test_a_settlement_cut_off_is_the_databases_503_to_retry_and_settles_on
     assert again.json()["data"]["settled"] is True
     twice = await client.post("/v1/webhooks/usage", content=body, headers=headers)
     assert twice.json()["data"] == {"duplicate": True}
+    problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
+    assert problems == []
+
+
+async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_once(
+    app_client: tuple[Any, httpx.AsyncClient], settings_env: Any
+) -> None:
+    """A batch's transaction waits on a lock past the database's bound: its webhooks
+    are answered 503, then it commits. Before, nothing learnt of that commit (the
+    route counts money and corrects the TPM window only for an answer it got), so
+    these settlements were never counted (the batcher took no hook for it). Now
+    each settlement of the batch goes to its delivery's `late` once, with what the
+    ledger has; the redeliveries are duplicates and go nowhere."""
+    app, client = app_client
+    if not app.state.db.postgres:
+        pytest.skip("a row lock held by another connection past the bound: PostgreSQL")
+    auth, company_id = await _owner(client)
+    a, b = await _inits(client, auth, 2)
+    deliveries = [
+        Delivery(event.webhook_id, event, transcripts=False)
+        for event in (usage_event(a, company_id), usage_event(b, company_id))
+    ]
+    # The same database, with a bound this test's lock outlasts.
+    quick = Database(settings_env.database_url, pool_size=2, timeout=0.5)
+    db = Counting(quick)
+    batcher = SettlementBatcher(db)  # type: ignore[arg-type]
+    late: list[tuple[str, Outcome]] = []
+
+    def hook(webhook_id: str) -> Any:
+        return lambda outcome: late.append((webhook_id, outcome))
+
+    try:
+        with app.state.db.engine.connect() as locker:
+            locker.execute(
+                text("SELECT 1 FROM reservations WHERE id = :id FOR UPDATE"),
+                {"id": a["reservation_id"]},
+            )
+            answers = await asyncio.gather(
+                *(batcher.settle(d, hook(d.webhook_id)) for d in deliveries),
+                return_exceptions=True,
+            )
+            locker.rollback()
+        assert db.transactions == 1  # one batch, one transaction
+        assert all(isinstance(x, DatabaseTimeout) for x in answers), answers
+        for _ in range(600):  # the commit, once the lock is gone (30 s at most)
+            if len(late) == len(deliveries):
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(w for w, _ in late) == sorted(d.webhook_id for d in deliveries)
+
+        def charges(session: Any) -> dict[str, int]:
+            rows = session.scalars(
+                select(LedgerEntry).where(
+                    col(LedgerEntry.company_id) == company_id, col(LedgerEntry.kind) == "charge"
+                )
+            )
+            return {str(e.reservation_id): -e.amount_micro for e in rows}
+
+        charged = await app.state.db.transaction(charges)
+        by_id = {d.webhook_id: d.event.reservation_id for d in deliveries}
+        assert {by_id[w]: o.charged_micro for w, o in late} == charged
+        # The edge's redeliveries: duplicates, handed to nobody.
+        again = await asyncio.gather(*(batcher.settle(d, hook(d.webhook_id)) for d in deliveries))
+        assert [x.duplicate for x in again] == [True, True]
+        assert len(late) == len(deliveries)
+    finally:
+        await batcher.close()
+        quick.close()
     problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
     assert problems == []

@@ -21,9 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psycopg
 import pytest
+import redis
 
+from control_plane.rate_limits import window_at
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL
+from tests.ops_processes import scrape
 from tests.polling import wait_until
 from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.stack import SplitStack, base_env, micro
@@ -174,3 +177,111 @@ def test_an_init_whose_hold_commits_after_its_503_releases_it(
         within=POLL_SECONDS,
     )
     assert c.credits(access) == before
+
+
+@pytest.fixture
+def split_tpm(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
+    """`split` with a per-user tokens-per-minute limit (far above what a test takes):
+    each settlement then corrects the user's window."""
+    url = private_postgres.new_database()
+    env = base_env(url, REDIS_URL, redis_prefix)
+    env["LLMGW_DATABASE_TIMEOUT_SECONDS"] = BOUND_SECONDS
+    env["LLMGW_TPM_PER_USER"] = "1000000"
+    with SplitStack(env) as stack:
+        yield stack
+
+
+def _money_counted(split: SplitStack) -> tuple[float, float]:
+    """(charged, released) credits as the control plane's counters have them."""
+    cp = scrape(split.client.cp_url)
+    return cp.value("llmgw_cp_credits_charged_total"), cp.value("llmgw_cp_credits_released_total")
+
+
+def _settled_money(
+    server: PrivatePostgres, split: SplitStack, reservation_id: str
+) -> tuple[float, float]:
+    """(charged, released) credits in the ledger for `reservation_id`."""
+    with _direct(server, split) as conn:
+        rows = conn.execute(
+            "SELECT kind, amount_micro FROM ledger_entries WHERE reservation_id = %s",
+            (reservation_id,),
+        ).fetchall()
+    amounts = {str(kind): abs(int(str(amount))) for kind, amount in rows}
+    return amounts.get("charge", 0) / 1_000_000, amounts.get("release", 0) / 1_000_000
+
+
+def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tpm(
+    split_tpm: SplitStack, private_postgres: PrivatePostgres, redis_prefix: str
+) -> None:
+    """A usage webhook's settlement waits on a lock past the bound (503), then
+    commits; the edge's redelivery is a duplicate. Before, only the route counted
+    what a settlement commits, after it returned: this one was never counted in
+    ``llmgw_cp_credits_charged_total`` / ``_released_total`` (measured: both
+    deltas 0 while the ledger had the charge and the release), and the user's
+    tokens-per-minute window kept the hold's whole estimate (1034 tokens for 8
+    used) until it ended. Now the database job's own success counts it and corrects
+    the window, once: the duplicate adds nothing."""
+    split = split_tpm
+    c = split.client
+    company_id = c.new_company("5")
+    access = c.new_user(company_id)
+    grant = c.init_ok(access, {"query": "settled late"})
+    event = usage_event(grant, company_id, input_tokens=3, output_tokens=5)
+    body = event.body()
+    headers = sign(split.env["LLMGW_WEBHOOK_SECRET"], event.webhook_id, body)
+    with _direct(private_postgres, split) as conn:
+        row = conn.execute(
+            "SELECT created_at FROM reservations WHERE id = %s", (grant["reservation_id"],)
+        ).fetchone()
+    assert row is not None
+    counted_at = row[0].timestamp()
+    # The settlement's "now" inside the init's window, whatever the test's pace: a
+    # correction past the window's end changes nothing by design.
+    split.apps["cp"].state.deps.clock = lambda: counted_at
+    window = f"{redis_prefix}tpm:user:{event.user_id}:{window_at(counted_at).start}"
+    tokens = redis.Redis.from_url(REDIS_URL)
+    held_tokens = int(tokens.get(window) or 0)
+    assert held_tokens > 8, held_tokens
+    before = _money_counted(split)
+
+    # Another connection holds the reservation's row: the settlement waits on the
+    # lock past its bound (503), then commits when the lock goes.
+    with _direct(private_postgres, split) as locker:
+        locker.execute("BEGIN")
+        locker.execute(
+            "SELECT 1 FROM reservations WHERE id = %s FOR UPDATE", (grant["reservation_id"],)
+        )
+        answer = c.http.post(f"{c.cp_url}/v1/webhooks/usage", content=body, headers=headers)
+        locker.execute("ROLLBACK")
+    _assert_503(answer)
+    wait_until(
+        lambda: (
+            _statuses(private_postgres, split, company_id) == [(grant["reservation_id"], "settled")]
+        ),
+        "the settlement that waited on the lock never committed",
+        within=POLL_SECONDS,
+    )
+    charged, released = _settled_money(private_postgres, split, grant["reservation_id"])
+    assert charged > 0 and released > 0
+
+    def counted() -> tuple[float, float]:
+        now = _money_counted(split)
+        return round(now[0] - before[0], 6), round(now[1] - before[1], 6)
+
+    wait_until(
+        lambda: counted() == (charged, released),
+        "the settlement that committed after its 503 was never counted",
+        within=POLL_SECONDS,
+    )
+    wait_until(
+        lambda: int(tokens.get(window) or 0) == 8,
+        "the settlement that committed after its 503 never corrected the TPM window",
+        within=POLL_SECONDS,
+    )
+    # The edge's redelivery finds it settled: a duplicate, which counts nothing.
+    again = c.http.post(f"{c.cp_url}/v1/webhooks/usage", content=body, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["data"] == {"duplicate": True}
+    assert counted() == (charged, released)
+    assert int(tokens.get(window) or 0) == 8
+    tokens.close()

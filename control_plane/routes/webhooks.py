@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import pending_inits, tpm
+from control_plane import late_settlements, pending_inits
 from control_plane.chat_sessions import SessionLimits
 from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
@@ -62,27 +63,20 @@ async def usage_webhook(request: Request) -> Response:
                 deps.settings.max_session_messages, deps.settings.max_session_bytes
             ),
         )
+        # What the commit implies, should it come after this webhook's 503: the
+        # redelivery is then a duplicate, which counts nothing (`late_settlements`).
+        late = functools.partial(late_settlements.late, deps, event)
         if deps.settler is not None:  # with the webhooks that arrive meanwhile
-            result = await deps.settler.settle(delivery)
+            result = await deps.settler.settle(delivery, late)
         else:
-            result = await settle_delivery(deps.db, delivery)
+            result = await settle_delivery(deps.db, delivery, late)
         if event.user_id:  # the hold has ended: no longer a pending grant (12.6)
             await pending_inits.forget(deps.store, event.user_id, event.jti)
         if result.duplicate:
             outcome = "duplicate"
             return ok({"duplicate": True})
         outcome = "settled"
-        deps.metrics.settled(result.charged_micro, result.released_micro)
-        await tpm.correct(
-            deps.store,
-            tpm.TpmLimits.of(settings),
-            user_id=result.user_id,
-            company_id=event.company_id,
-            held_tokens=result.held_tokens,
-            used_tokens=event.input_tokens + event.output_tokens,
-            counted_at=result.held_at,
-            now=deps.clock(),
-        )
+        await late_settlements.settled(deps, event, result)
         ended = parse_time(event.ended_at) if event.ended_at else None
         if ended is not None:
             lag = (utcnow() - ended).total_seconds()

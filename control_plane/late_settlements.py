@@ -1,0 +1,69 @@
+"""What a usage webhook's settlement implies outside the database, once per
+settlement that commits, whether its answer reached the edge or not.
+
+A settlement past the database's bound (`db_threads`,
+``LLMGW_DATABASE_TIMEOUT_SECONDS``) answers 503 ``database_unavailable`` while its
+transaction may still commit; the edge's redelivery then finds it settled and is a
+duplicate, which counts nothing. Before, the route alone did what follows the commit,
+so such a settlement was never counted in ``llmgw_cp_credits_charged_total`` /
+``llmgw_cp_credits_released_total`` (DESIGN §8: the ledger had the money, the
+counters never did), and its tokens-per-minute estimate was never corrected (the user
+over-counted until the window ended: 429 ``tpm_exceeded``). The route does it for a
+settlement answered in time (`settled`); `late` does the same for one that committed
+after its 503 (the database job's ``late`` callback, on the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from control_plane import pending_inits, tpm
+from control_plane.deps import Deps
+from control_plane.settlement import Outcome
+from shared.webhooks import UsageEvent
+
+log = logging.getLogger("control_plane.late_settlements")
+
+# The corrections under way: the loop keeps only weak references to tasks.
+_CORRECTING: set[asyncio.Task[None]] = set()
+
+
+async def settled(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
+    """A settlement answered in time has committed: count its money, correct the
+    user's window (the route)."""
+    deps.metrics.settled(outcome.charged_micro, outcome.released_micro)
+    await _correct(deps, event, outcome)
+
+
+def late(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
+    """`settled` for a settlement that committed after its webhook was answered 503
+    (`webhook_settlement.Late`, on the loop): counted now, the store's part in the
+    background, the hold no longer a pending grant (as the redelivery would say,
+    should the edge have given up)."""
+    deps.metrics.settled(outcome.charged_micro, outcome.released_micro)
+    task = asyncio.get_running_loop().create_task(
+        _late_rest(deps, event, outcome), name="late-settlement"
+    )
+    _CORRECTING.add(task)
+    task.add_done_callback(_CORRECTING.discard)
+
+
+async def _correct(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
+    # Best effort: `tpm.correct` logs a store error, never raises it.
+    await tpm.correct(
+        deps.store,
+        tpm.TpmLimits.of(deps.settings),
+        user_id=outcome.user_id,
+        company_id=event.company_id,
+        held_tokens=outcome.held_tokens,
+        used_tokens=event.input_tokens + event.output_tokens,
+        counted_at=outcome.held_at,
+        now=deps.clock(),
+    )
+
+
+async def _late_rest(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
+    await _correct(deps, event, outcome)
+    if event.user_id:
+        await pending_inits.forget(deps.store, event.user_id, event.jti)
