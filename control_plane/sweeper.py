@@ -204,7 +204,8 @@ async def sweep_expired_holds(
                 return SweepResult(settled, released)
             checkpoint = _decode(reservation_id, raw)
             done = await db.transaction(
-                functools.partial(reconcile, reservation_id=reservation_id, checkpoint=checkpoint)
+                functools.partial(reconcile, reservation_id=reservation_id, checkpoint=checkpoint),
+                late=functools.partial(_counted_late, metrics),
             )
             if done.action == "none":
                 continue
@@ -272,7 +273,8 @@ async def sweep_silent_streams(
             done = await db.transaction(
                 functools.partial(
                     reconcile, reservation_id=reservation_id, checkpoint=checkpoint, silent=True
-                )
+                ),
+                late=functools.partial(_revoked_late, metrics, store, checkpoint.jti, revoke_ttl),
             )
             if done.action != "settled":
                 continue
@@ -290,6 +292,42 @@ async def sweep_silent_streams(
     if settled:
         log.warning("settled %d silent streams from their checkpoints", settled)
     return SweepResult(settled=settled)
+
+
+# Revocations of silent streams whose settlement committed after its sweep gave up on
+# it: the loop keeps only weak references to tasks.
+_LATE_REVOCATIONS: set[asyncio.Task[None]] = set()
+
+
+def _counted_late(metrics: Metrics, done: Reconciled) -> None:
+    """A reconciliation that committed after its sweep's call gave up on it (past the
+    database's bound, `db_threads`): counted now, as the sweep counts one in time.
+    The next sweep finds it settled and counts nothing, so without this its money
+    never reached ``llmgw_cp_credits_charged_total`` / ``_released_total``."""
+    if done.action != "none":
+        metrics.settled(done.charged_micro, done.released_micro)
+
+
+def _revoked_late(
+    metrics: Metrics, store: KeyValueStore, jti: str, revoke_ttl: float, done: Reconciled
+) -> None:
+    """`_counted_late` for a silent stream, whose token is also revoked, as the sweep
+    revokes one settled in time: settled late and left unrevoked, a stream whose edge
+    was only cut off would relay on, unbilled past its checkpoint."""
+    _counted_late(metrics, done)
+    if done.action != "settled":
+        return
+    task = asyncio.get_running_loop().create_task(
+        revoke(store, "jti", jti, done.company_id, revoke_ttl), name="late-revocation"
+    )
+    _LATE_REVOCATIONS.add(task)
+    task.add_done_callback(_late_revocation_done)
+
+
+def _late_revocation_done(task: asyncio.Task[None]) -> None:
+    _LATE_REVOCATIONS.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not revoke a silent stream settled late: %r", task.exception())
 
 
 async def sweep_signed_out(db: Database, *, now: datetime | None = None) -> int:

@@ -11,6 +11,7 @@ A private cluster (`tests.private_postgres`), never the machine's shared server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -23,7 +24,9 @@ import psycopg
 import pytest
 import redis
 
+from control_plane.db_threads import DatabaseTimeout
 from control_plane.rate_limits import window_at
+from control_plane.sweeper import SweepResult, sweep_expired_holds
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL
 from tests.ops_processes import scrape
@@ -285,3 +288,72 @@ def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tp
     assert counted() == (charged, released)
     assert int(tokens.get(window) or 0) == 8
     tokens.close()
+
+
+@pytest.fixture
+def split_unswept(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
+    """`split` whose control plane never sweeps on its own: the test sweeps."""
+    url = private_postgres.new_database()
+    env = base_env(url, REDIS_URL, redis_prefix)
+    env["LLMGW_DATABASE_TIMEOUT_SECONDS"] = BOUND_SECONDS
+    env["LLMGW_SWEEP_INTERVAL_SECONDS"] = "3600"
+    with SplitStack(env) as stack:
+        yield stack
+
+
+def test_a_hold_the_sweeper_releases_after_its_bound_is_counted_once(
+    split_unswept: SplitStack, private_postgres: PrivatePostgres
+) -> None:
+    """The hold sweeper's release waits on a lock past the database's bound (the
+    sweep gives up), then commits. Before, only the sweep counted what it committed,
+    after the call returned: this release was never counted in
+    ``llmgw_cp_credits_released_total`` (the next sweep finds it released and counts
+    nothing). Now the database job's own success counts it, once."""
+    split = split_unswept
+    c = split.client
+    company_id = c.new_company("5")
+    access = c.new_user(company_id)
+    grant = c.init_ok(access, {"query": "never streamed"})
+    reservation_id = grant["reservation_id"]
+    with _direct(private_postgres, split) as conn:
+        conn.execute(
+            "UPDATE reservations SET expires_at = now() - interval '1 minute' WHERE id = %s",
+            (reservation_id,),
+        )
+    state = split.apps["cp"].state
+    loop = split.groups["cp"].loop
+    assert loop is not None
+
+    def sweep() -> SweepResult:
+        return asyncio.run_coroutine_threadsafe(
+            sweep_expired_holds(state.db, state.store, state.metrics), loop
+        ).result(POLL_SECONDS)
+
+    before = _money_counted(split)
+    # Another connection holds the company's row: the release waits on it past the
+    # bound (the sweep gives up), then commits when the lock goes.
+    with _direct(private_postgres, split) as locker:
+        locker.execute("BEGIN")
+        locker.execute("SELECT 1 FROM companies WHERE id = %s FOR UPDATE", (company_id,))
+        with pytest.raises(DatabaseTimeout):
+            sweep()
+        locker.execute("ROLLBACK")
+    wait_until(
+        lambda: _statuses(private_postgres, split, company_id) == [(reservation_id, "released")],
+        "the release that waited on the lock never committed",
+        within=POLL_SECONDS,
+    )
+    charged, released = _settled_money(private_postgres, split, reservation_id)
+    assert (charged, released) == (0, micro(grant["reserved_credits"]) / 1_000_000)
+
+    def counted() -> tuple[float, float]:
+        now = _money_counted(split)
+        return round(now[0] - before[0], 6), round(now[1] - before[1], 6)
+
+    wait_until(
+        lambda: counted() == (charged, released),
+        "the release that committed after its sweep gave up was never counted",
+        within=POLL_SECONDS,
+    )
+    assert sweep() == SweepResult(0, 0)  # already released: counted nothing more
+    assert counted() == (charged, released)

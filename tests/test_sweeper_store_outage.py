@@ -19,8 +19,10 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import httpx
+import psycopg
 import pytest
 
+from control_plane.db_threads import DatabaseTimeout
 from control_plane.liveness import SilenceWatch
 from control_plane.sweeper import sweep_silent_streams
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
@@ -50,6 +52,19 @@ def cp(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
         "LLMGW_REDIS_URL": private_redis.url,
         "LLMGW_REDIS_PREFIX": "t:",
         "LLMGW_SWEEP_INTERVAL_SECONDS": "3600",
+    }
+    with serve_cp(_settings(pg_database_url, env)) as handle:
+        yield handle
+
+
+@pytest.fixture
+def cp_bounded(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
+    """`cp` whose database calls give up after a second."""
+    env = {
+        "LLMGW_REDIS_URL": private_redis.url,
+        "LLMGW_REDIS_PREFIX": "t:",
+        "LLMGW_SWEEP_INTERVAL_SECONDS": "3600",
+        "LLMGW_DATABASE_TIMEOUT_SECONDS": "1",
     }
     with serve_cp(_settings(pg_database_url, env)) as handle:
         yield handle
@@ -169,3 +184,51 @@ def test_a_read_answered_late_by_a_frozen_store_is_not_silence(
     cp.on_loop(lambda: state.store.set(key, after_freeze, 600))
     assert cp.on_loop(sweep).settled == 0
     stream.billed_whole_once(cp)
+
+
+def test_a_silent_stream_settled_after_its_sweep_gave_up_is_counted_and_revoked(
+    cp_bounded: CP, pg_database_url: str
+) -> None:
+    """The silent-stream sweep settles a stream whose checkpoint stopped, then revokes
+    its token (its edge may only be cut off). Its settlement waited on a lock past
+    the database's bound (the sweep gave up), then committed: before, neither the
+    credit counters nor the revocation followed, and the next sweep found it settled;
+    the stream's edge, if alive, relayed on unbilled. Now the database job's own
+    success counts it and revokes the token, once."""
+    cp = cp_bounded
+    stream = running(cp)
+    state = cp.app.state
+    assert cp.group.loop is not None
+
+    def sweep() -> Any:
+        return asyncio.run_coroutine_threadsafe(
+            sweep_silent_streams(
+                state.db, state.store, state.metrics, stream.watch, revoke_ttl=600
+            ),
+            cp.group.loop,
+        ).result(30)
+
+    def counted() -> float:
+        return float(state.metrics.credits_charged._value.get())
+
+    assert sweep().settled == 0  # the checkpoint, first seen
+    stream.clock[0] += stream.watch.silent_after + 1
+    before = counted()
+    # Another connection holds the company's row: the settlement waits on it past
+    # the bound (the sweep gives up), then commits when the lock goes.
+    dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as locker:
+        locker.execute("BEGIN")
+        locker.execute("SELECT 1 FROM companies WHERE id = %s FOR UPDATE", (stream.company_id,))
+        with pytest.raises(DatabaseTimeout):
+            sweep()
+        locker.execute("ROLLBACK")
+    wait_until(lambda: stream.revoked(cp) is not None, "the late settlement was never revoked")
+    assert credits_of(stream.client)["held"] == "0.000000"
+    charged = 10 * MICRO - micro(credits_of(stream.client)["balance"])
+    assert charged > 0  # from its checkpoint: 12 + 70 tokens
+    wait_until(
+        lambda: round(counted() - before, 6) == round(charged / MICRO, 6),
+        "the late settlement was never counted",
+    )
+    assert sweep().settled == 0  # already settled: nothing more
