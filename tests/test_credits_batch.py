@@ -6,6 +6,7 @@ PostgreSQL + Redis, one app per module."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -81,13 +82,27 @@ async def _owner(client: httpx.AsyncClient) -> tuple[dict[str, str], str]:
     return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
 
 
-@pytest.fixture
-async def app_client(settings_env: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(settings_env)
+@contextlib.asynccontextmanager
+async def _served(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
             yield app, client
+
+
+@pytest.fixture
+async def app_client(settings_env: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    async with _served(settings_env) as served:
+        yield served
+
+
+@pytest.fixture
+async def pg_app_client(pg_server: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """`app_client` on PostgreSQL only: for a row lock another connection holds."""
+    with pg_settings(pg_server) as settings:
+        async with _served(settings) as served:
+            yield served
 
 
 async def _inits(
@@ -326,7 +341,7 @@ async def test_a_settlement_cut_off_is_the_databases_503_to_retry_and_settles_on
 
 
 async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_once(
-    app_client: tuple[Any, httpx.AsyncClient], settings_env: Any
+    pg_app_client: tuple[Any, httpx.AsyncClient],
 ) -> None:
     """A batch's transaction waits on a lock past the database's bound: its webhooks
     are answered 503, then it commits. Before, nothing learnt of that commit (the
@@ -334,9 +349,7 @@ async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_
     these settlements were never counted (the batcher took no hook for it). Now
     each settlement of the batch goes to its delivery's `late` once, with what the
     ledger has; the redeliveries are duplicates and go nowhere."""
-    app, client = app_client
-    if not app.state.db.postgres:
-        pytest.skip("a row lock held by another connection past the bound: PostgreSQL")
+    app, client = pg_app_client
     auth, company_id = await _owner(client)
     a, b = await _inits(client, auth, 2)
     deliveries = [
@@ -344,7 +357,7 @@ async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_
         for event in (usage_event(a, company_id), usage_event(b, company_id))
     ]
     # The same database, with a bound this test's lock outlasts.
-    quick = Database(settings_env.database_url, pool_size=2, timeout=0.5)
+    quick = Database(app.state.settings.database_url, pool_size=2, timeout=0.5)
     db = Counting(quick)
     batcher = SettlementBatcher(db)  # type: ignore[arg-type]
     late: list[tuple[str, Outcome]] = []
