@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -63,6 +65,14 @@ async def chat_completions(request: Request) -> Response:
         job, chat = await admit(state, grant, lambda: _given(body), accepted)
     except Exception:  # refused (4xx), or the store failed: nothing started
         await key_callers.abandon(state, grant)
+        raise
+    except asyncio.CancelledError:
+        # The server's shutdown cancelled the request before its stream existed (no
+        # job, so no report owed: `admit` has no await after the claim). Its hold, and
+        # any slots a claim whose reply was lost took, go back now, not at the
+        # sweeper's deadline. Shielded: the cancellation is the reason to abandon.
+        with anyio.CancelScope(shield=True):
+            await key_callers.abandon(state, grant)
         raise
     return await serve(state, grant, job, chat, request)
 

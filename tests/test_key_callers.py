@@ -8,6 +8,8 @@ control plane's internal endpoint and through the edge with the official client.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -32,7 +34,7 @@ from stream_edge.key_callers import init_request, normalised, openai_models, ref
 from stream_edge.requests import parse_chat_request
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
-from tests.inproc import Gateway, edge_url
+from tests.inproc import Gateway, edge_url, eventually
 from tests.stack import InProcessStack, base_env
 
 SERVICE_SECRET = new_webhook_secret()
@@ -666,3 +668,77 @@ async def test_unknown_keys_leave_nothing_in_the_store(
         replayed = await gw.http.post(httpx.URL(url).path, content=body, headers=headers)
         assert replayed.status_code == 401, replayed.text
         assert replayed.json()["error"]["code"] == "invalid_signature"
+
+
+# --- a key caller cancelled between its init and its claim ---------------------------
+
+
+class HeldAdmit:
+    """Wraps the store's `admit`: parks the call on `release` (never set here), before
+    the real store runs it (`ran_first=False`) or after (`ran_first=True`: the claim is
+    taken in the store, its reply not yet back). The real store does the work."""
+
+    def __init__(self, inner: Any, ran_first: bool) -> None:
+        self.inner = inner
+        self.ran_first = ran_first
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, admission: Any) -> Any:
+        answer = await self.inner(admission) if self.ran_first else None
+        self.reached.set()
+        await self.release.wait()
+        return answer if self.ran_first else await self.inner(admission)
+
+
+@pytest.mark.parametrize("ran_first", [False, True], ids=["before-claim", "claim-taken"])
+async def test_a_key_caller_cancelled_before_its_stream_gives_its_hold_back_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ran_first: bool
+) -> None:
+    """Review: the server's graceful shutdown cancels a key caller's request after the
+    edge's init took its hold and before its stream exists (the claim under way). Only
+    `Exception` abandoned the hold: it stayed held until the sweeper's deadline, and a
+    claim already taken in the store kept the user's stream slot until its expiry."""
+    env = {
+        **base_env(f"sqlite:///{tmp_path}/gw.db"),
+        "LLMGW_EDGE_SERVICE_SECRET": SERVICE_SECRET,
+        "LLMGW_MAX_STREAMS_PER_USER": "1",
+    }
+    async with Gateway(env) as gw:
+        key = await gw.new_api_key()
+        state = gw.edge_state()
+        held = HeldAdmit(gw.store.admit, ran_first)
+        monkeypatch.setattr(gw.store, "admit", held)
+        reports: list[str] = []
+        enqueue = state.outbox.enqueue
+
+        async def counted(event: Any, release: Any = None) -> None:
+            reports.append(event.jti)
+            await enqueue(event, release)
+
+        monkeypatch.setattr(state.outbox, "enqueue", counted)
+        caller = asyncio.create_task(gw.complete(key, HI))
+        await held.reached.wait()
+        await gw.clients.aclose()  # the server shuts down: the request task is cancelled
+        with contextlib.suppress(Exception):
+            await caller
+
+        async def usage() -> list[dict[str, Any]]:
+            answer = await gw.http.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == 200, answer.text
+            items: list[dict[str, Any]] = answer.json()["data"]["items"]
+            return items
+
+        async def given_back() -> bool:
+            return (await gw.credits(key))["held"] == "0.000000" and len(await usage()) == 1
+
+        await eventually(given_back, "the hold given back", within=5)
+        assert len(reports) == 1
+        (record,) = await usage()
+        assert record["status"] == "failed"
+        assert record["output_tokens"] == 0
+        # The stream slot (the user's only one) is free: the next call streams.
+        monkeypatch.setattr(gw.store, "admit", held.inner)
+        status, answer = await gw.complete(key, HI)
+        assert status == 200, answer
+        assert len(reports) == 2
