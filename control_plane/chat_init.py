@@ -510,13 +510,16 @@ def plan_chain(
     """`model`'s fallbacks the company may use that can take this request, each with
     its own input estimate, output cap (`max_tokens`, or less if the fallback allows
     less) and hold (`control_plane.fallbacks`)."""
-    chain = []
+    chain: list[ChainEntry] = []
+    specs = company_llm.chain_of(cat, model)
+    if not specs:
+        return chain  # the common init: no scan of the messages below
     # The messages carry tool calls or results (a stored session's, sent to a model
     # with tools): a fallback without tools could not take them, so it is skipped.
-    wanted = (
-        tuple(dict.fromkeys((*req.features, "tools"))) if uses_tools(messages, {}) else req.features
-    )
-    for spec in company_llm.chain_of(cat, model):
+    wanted = req.features
+    if "tools" not in wanted and uses_tools(messages, {}):
+        wanted = (*wanted, "tools")
+    for spec in specs:
         try:
             check_features(spec, wanted)
             check_content(spec, req.content_features)
