@@ -326,16 +326,8 @@ def retry_delay(body: bytes) -> float | None:
     ``retryDelay`` ("17s", "45.837906927s"). Google sends no ``Retry-After`` header
     with a 429: without this the edge told clients to come back in 1 s and rested the
     key for its default, whatever Google said."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    error = doc.get("error") if isinstance(doc, dict) else None
-    details = error.get("details") if isinstance(error, dict) else None
-    for detail in details if isinstance(details, list) else []:
-        if not isinstance(detail, dict) or not str(detail.get("@type", "")).endswith(
-            "google.rpc.RetryInfo"
-        ):
+    for detail in _error_details(body):
+        if not str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
             continue
         delay = detail.get("retryDelay")
         match = _DURATION.fullmatch(delay) if isinstance(delay, str) else None
@@ -349,12 +341,15 @@ def _key_invalid(body: bytes) -> bool:
     detail with that reason. Not the words anywhere in the body: Google quotes a
     request's own names in its 400s (``Unknown name "…" at 'tools[0]…'``), and a
     member's tool schema would then read as a refused platform key."""
+    return any(d.get("reason") == "API_KEY_INVALID" for d in _error_details(body))
+
+
+def _error_details(body: bytes) -> list[dict[str, Any]]:
+    """The ``error.details`` objects of a Google error body (none if it is not one)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
+        return []
     error = doc.get("error") if isinstance(doc, dict) else None
     details = error.get("details") if isinstance(error, dict) else None
-    return isinstance(details, list) and any(
-        isinstance(d, dict) and d.get("reason") == "API_KEY_INVALID" for d in details
-    )
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
