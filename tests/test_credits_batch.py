@@ -32,6 +32,7 @@ from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.webhook_settlement import Delivery
 from shared.webhooks import sign
+from tests.inproc import eventually
 from tests.test_control_plane import ADMIN_TOKEN, _settings, pg_settings, usage_event
 
 
@@ -378,10 +379,8 @@ async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_
             locker.rollback()
         assert db.transactions == 1  # one batch, one transaction
         assert all(isinstance(x, DatabaseTimeout) for x in answers), answers
-        for _ in range(600):  # the commit, once the lock is gone (30 s at most)
-            if len(late) == len(deliveries):
-                break
-            await asyncio.sleep(0.05)
+        # The commit, once the lock is gone.
+        await eventually(lambda: len(late) == len(deliveries), "the late batch never committed", 30)
         assert sorted(w for w, _ in late) == sorted(d.webhook_id for d in deliveries)
 
         def charges(session: Any) -> dict[str, int]:
