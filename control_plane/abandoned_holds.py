@@ -11,9 +11,9 @@ grace: ~22 minutes by default).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from control_plane.background import in_background
 from control_plane.db import Database
 from control_plane.ledger import release_reservation
 
@@ -21,18 +21,11 @@ log = logging.getLogger("control_plane.abandoned_holds")
 
 REASON = "init answered before the database"
 
-# The release tasks under way: the loop keeps only weak references to tasks.
-_RELEASING: set[asyncio.Task[None]] = set()
-
 
 def release_later(db: Database, reservation_id: str, user_id: str) -> None:
     """Release `reservation_id` in the background (called on the loop, by
     `Database.unit`'s ``late``)."""
-    task = asyncio.get_running_loop().create_task(
-        _release(db, reservation_id, user_id), name="release-abandoned-hold"
-    )
-    _RELEASING.add(task)
-    task.add_done_callback(_RELEASING.discard)
+    in_background(_release(db, reservation_id, user_id), "release-abandoned-hold")
 
 
 async def _release(db: Database, reservation_id: str, user_id: str) -> None:

@@ -15,18 +15,15 @@ after its 503 (the database job's ``late`` callback, on the loop).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from control_plane import pending_inits, tpm
+from control_plane.background import in_background
 from control_plane.deps import Deps
 from control_plane.settlement import Outcome
 from shared.webhooks import UsageEvent
 
 log = logging.getLogger("control_plane.late_settlements")
-
-# The corrections under way: the loop keeps only weak references to tasks.
-_CORRECTING: set[asyncio.Task[None]] = set()
 
 
 async def settled(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
@@ -42,11 +39,7 @@ def late(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
     background, the hold no longer a pending grant (as the redelivery would say,
     should the edge have given up)."""
     deps.metrics.settled(outcome.charged_micro, outcome.released_micro)
-    task = asyncio.get_running_loop().create_task(
-        _late_rest(deps, event, outcome), name="late-settlement"
-    )
-    _CORRECTING.add(task)
-    task.add_done_callback(_CORRECTING.discard)
+    in_background(_late_rest(deps, event, outcome), "late-settlement")
 
 
 async def _correct(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:

@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session
 
 from control_plane import logout
 from control_plane.audit import SWEEPER_ACTOR
+from control_plane.background import in_background
 from control_plane.db import Database
 from control_plane.errors import ModelNotInChain
 from control_plane.fallbacks import served_price
@@ -294,11 +295,6 @@ async def sweep_silent_streams(
     return SweepResult(settled=settled)
 
 
-# Revocations of silent streams whose settlement committed after its sweep gave up on
-# it: the loop keeps only weak references to tasks.
-_LATE_REVOCATIONS: set[asyncio.Task[None]] = set()
-
-
 def _counted_late(metrics: Metrics, done: Reconciled) -> None:
     """A reconciliation that committed after its sweep's call gave up on it (past the
     database's bound, `db_threads`): counted now, as the sweep counts one in time.
@@ -317,17 +313,7 @@ def _revoked_late(
     _counted_late(metrics, done)
     if done.action != "settled":
         return
-    task = asyncio.get_running_loop().create_task(
-        revoke(store, "jti", jti, done.company_id, revoke_ttl), name="late-revocation"
-    )
-    _LATE_REVOCATIONS.add(task)
-    task.add_done_callback(_late_revocation_done)
-
-
-def _late_revocation_done(task: asyncio.Task[None]) -> None:
-    _LATE_REVOCATIONS.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("could not revoke a silent stream settled late: %r", task.exception())
+    in_background(revoke(store, "jti", jti, done.company_id, revoke_ttl), "late-revocation")
 
 
 async def sweep_signed_out(db: Database, *, now: datetime | None = None) -> int:
