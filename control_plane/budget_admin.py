@@ -354,11 +354,14 @@ def update_budget(
     now: datetime,
 ) -> dict[str, Any]:
     """A new amount and/or period. A new period counts from zero: spend is kept per
-    (budget, period start), and the new period's start names a new row."""
+    (budget, period start), and the new period's start names a new row, or one of
+    the old period's, whose spend is then zeroed (`budgets.rearm`). Thresholds the
+    spend no longer reaches are re-armed."""
     company_for(session, p, company_id, lock=True)
     budget = _budget(session, company_id, budget_id)
     check_target(session, p, company_id, budget.scope, budget.target_id)
-    if body.period is not None and body.period != budget.period:
+    new_period = body.period is not None and body.period != budget.period
+    if new_period:
         moved = BudgetInput(budget.scope, budget.target_id, period=body.period)
         _one_per_period(session, company_id, moved, budget.id)
     if body.amount_micro is not None:
@@ -367,6 +370,7 @@ def update_budget(
         budget.period = body.period
     budget.updated_at = now
     session.flush()
+    budgets.rearm(session, budget, new_period=new_period, now=now)
     _audit(session, p, "budget.update", company_id, **budgets.budget_public(budget))
     return budgets.standing_public(budgets.standing(session, budget, now))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, or_, select, update
@@ -46,6 +46,10 @@ from control_plane.tables import (
 from shared.pricing import format_credits
 
 EVENT_TYPE = "budget.threshold"
+# How long a threshold event is kept once done with (delivered, given up, or of a
+# deleted budget). Longer than the longest calendar period (31 days): an event
+# pruned is never one of the current period, which would be told again.
+EVENT_RETENTION = timedelta(days=45)
 
 
 def applicable(
@@ -195,15 +199,48 @@ def settle_many(session: Session, charges: Sequence[tuple[str, int]], now: datet
 
 
 def _sent(session: Session, budget_id: str, start: datetime) -> set[int]:
-    """The thresholds of this budget's period already queued (once per period). The
-    company row is locked (settlement moved its money first), so read-then-insert
-    cannot race; the unique key stays the database's guard."""
+    """The thresholds of this budget's period already queued (once per period, until
+    an edit re-arms them: `rearm`). The company row is locked (settlement moved its
+    money first), so read-then-insert cannot race; the unique key stays the
+    database's guard."""
     return set(
         session.scalars(
             select(col(BudgetEvent.percent))
             .where(col(BudgetEvent.budget_id) == budget_id)
             .where(col(BudgetEvent.period_start) == start)
+            .where(col(BudgetEvent.superseded_at).is_(None))
         )
+    )
+
+
+def rearm(session: Session, budget: Budget, *, new_period: bool, now: datetime) -> None:
+    """After an edit of `budget` (its new amount and period already set, the company
+    row locked): its current period's thresholds that the spend no longer reaches
+    can be told again. Raised from 100 to 1,000 after its 80 % event, a budget tells
+    80 % of 1,000 when the spend gets there; an edit the spend still reaches re-arms
+    nothing (no second event for news already told).
+
+    `new_period`: the period changed, and a new period counts from zero. Its start
+    may be that of a period of the old one (daily to weekly on a Monday, monthly to
+    daily on the 1st), whose counters row it would otherwise inherit with a part of
+    the old spend and the old events: that row's spend is zeroed. Its held stays,
+    the holds counted on it are still out and settle on it."""
+    start = budget_math.period_start(budget.period, now)
+    where = (col(BudgetPeriod.budget_id) == budget.id, col(BudgetPeriod.period_start) == start)
+    if new_period:
+        session.execute(update(BudgetPeriod).where(*where).values(spent_micro=0))
+    spent = session.scalar(select(col(BudgetPeriod.spent_micro)).where(*where)) or 0
+    reached = budget_math.due(budget.amount_micro, spent, ())
+    unreached = [p for p in budget_math.THRESHOLDS if p not in reached]
+    if not unreached:
+        return
+    session.execute(
+        update(BudgetEvent)
+        .where(col(BudgetEvent.budget_id) == budget.id)
+        .where(col(BudgetEvent.period_start) == start)
+        .where(col(BudgetEvent.percent).in_(unreached))
+        .where(col(BudgetEvent.superseded_at).is_(None))
+        .values(superseded_at=now)
     )
 
 
@@ -297,6 +334,35 @@ def standing_public(s: Standing) -> dict[str, Any]:
         ),
         "resets_at": s.resets_at,
     }
+
+
+def prune_events(session: Session, now: datetime, limit: int, give_up_after: int) -> int:
+    """Delete up to `limit` threshold events created more than `EVENT_RETENTION`
+    before `now`; how many went. Kept: those still to deliver (fewer than
+    `give_up_after` attempts), and those of a living budget's period ``none``,
+    which never ends: they stop its thresholds being told twice."""
+    cutoff = now - EVENT_RETENTION
+    living = select(col(Budget.id))
+    done = or_(
+        col(BudgetEvent.delivered_at).is_not(None),
+        col(BudgetEvent.attempts) >= give_up_after,
+    )
+    ended = or_(
+        col(BudgetEvent.period_start) != budget_math.NO_PERIOD_START,
+        col(BudgetEvent.budget_id).not_in(living),
+    )
+    ids = list(
+        session.scalars(
+            select(col(BudgetEvent.id))
+            .where(col(BudgetEvent.created_at) < cutoff)
+            .where(done)
+            .where(ended)
+            .limit(limit)
+        )
+    )
+    if ids:
+        session.execute(delete(BudgetEvent).where(col(BudgetEvent.id).in_(ids)))
+    return len(ids)
 
 
 def delete_budget(session: Session, budget_id: str) -> None:

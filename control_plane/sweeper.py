@@ -3,7 +3,8 @@ stream never reports (the edge died) is settled after its deadline from the edge
 last usage checkpoint, or released if none").
 
 Every ``LLMGW_SWEEP_INTERVAL_SECONDS`` the sweeper makes two passes over holds, and
-deletes expired sign-outs (`sweep_signed_out`, `logout.purge_expired`).
+deletes expired sign-outs (`sweep_signed_out`, `logout.purge_expired`) and budget threshold
+events past their retention (`sweep_budget_events`, `budgets.prune_events`).
 
 **Silent streams** (`sweep_silent_streams`, issue 11.5). A running stream's edge
 rewrites its checkpoint every 2 s. A checkpoint that has not changed for
@@ -55,7 +56,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from control_plane import logout
+from control_plane import budgets, company_webhooks, logout
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.background import in_background
 from control_plane.db import Database
@@ -328,6 +329,21 @@ async def sweep_signed_out(db: Database, *, now: datetime | None = None) -> int:
     return purged
 
 
+async def sweep_budget_events(db: Database, *, now: datetime | None = None) -> int:
+    """Delete the threshold events past their retention (`budgets.prune_events`), a
+    batch a transaction, at most `MAX_BATCHES` a sweep; how many went."""
+    moment = now or utcnow()
+    purged = 0
+    for _ in range(MAX_BATCHES):
+        count = await db.transaction(
+            lambda s: budgets.prune_events(s, moment, BATCH, company_webhooks.MAX_ATTEMPTS)
+        )
+        purged += count
+        if count < BATCH:
+            break
+    return purged
+
+
 async def run_sweeper(
     db: Database, store: KeyValueStore, metrics: Metrics, settings: ControlPlaneSettings
 ) -> None:
@@ -352,3 +368,7 @@ async def run_sweeper(
             await sweep_signed_out(db)
         except Exception:
             log.exception("sign-out sweep failed; retrying in %.1f s", interval)
+        try:
+            await sweep_budget_events(db)
+        except Exception:
+            log.exception("budget event sweep failed; retrying in %.1f s", interval)

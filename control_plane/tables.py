@@ -531,14 +531,22 @@ class CompanyWebhook(SQLModel, table=True):
 class BudgetEvent(SQLModel, table=True):
     """The outbox of ``budget.threshold`` webhooks: written in the settlement's
     transaction, delivered at least once by `budget_webhooks`. The unique key makes
-    it one event per budget x period x threshold."""
+    it one event per budget x period x threshold, among those an edit of the budget
+    has not superseded (`budgets.rearm`, migration 0015)."""
 
     __tablename__ = "budget_events"
     __table_args__ = (
-        UniqueConstraint(
-            "budget_id", "period_start", "percent", name="uq_budget_events_budget_period_percent"
+        Index(
+            "uq_budget_events_budget_period_percent",
+            "budget_id",
+            "period_start",
+            "percent",
+            unique=True,
+            postgresql_where=text("superseded_at IS NULL"),
+            sqlite_where=text("superseded_at IS NULL"),
         ),
         Index("ix_budget_events_due", "delivered_at", "next_attempt_at"),
+        Index("ix_budget_events_created", "created_at"),
     )
     id: str = _id()
     company_id: str = _fk("companies.id")
@@ -550,3 +558,4 @@ class BudgetEvent(SQLModel, table=True):
     created_at: datetime = _time()
     next_attempt_at: datetime = _time()
     delivered_at: datetime | None = _time(nullable=True)
+    superseded_at: datetime | None = _time(nullable=True)
