@@ -9,6 +9,7 @@ a full limit (429) leaves the token unused.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
@@ -223,7 +224,30 @@ async def claim(
         )
     if admitted.verdict == "full":
         raise state.limits.too_many(admitted.full_index)
+    _forget_stash(state, stashed)
     return admitted
+
+
+# The deletions `_forget_stash` started, kept referenced until they end.
+_forgetting: set[asyncio.Task[None]] = set()
+
+
+def _forget_stash(state: EdgeState, stashed: str) -> None:
+    """The admission kept the stash (for a repeat after a lost reply, or for
+    `_take_back`); its reply arrived, so neither can happen now: delete it, without
+    holding up the stream (a started stream's request must not sit in the store for
+    `REPEAT_SECONDS`, up to ``LLMGW_MAX_REQUEST_BYTES`` each). If the store fails,
+    the stash's expiry removes it."""
+    task = asyncio.create_task(_delete_quietly(state, stashed))
+    _forgetting.add(task)
+    task.add_done_callback(_forgetting.discard)
+
+
+async def _delete_quietly(state: EdgeState, key: str) -> None:
+    try:
+        await state.store.delete(key)
+    except Exception as exc:
+        logger.warning("could not delete a started stream's stash (%s)", type(exc).__name__)
 
 
 async def _take_back(state: EdgeState, admission: Admission) -> None:
