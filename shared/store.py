@@ -17,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+# How long a first use with a nonce keeps its stash for a repeat of the same
+# admission (a retry after a lost reply) or its take-back (`unadmit`).
+REPEAT_SECONDS = 120.0
+
 
 @dataclass(frozen=True, slots=True)
 class Admission:
@@ -32,7 +36,16 @@ class Admission:
     nothing is taken or marked. A first use deletes it (after `fetch_key`'s read):
     from then on the used mark answers and nothing reads it, whereas kept, a started
     stream's request (up to ``LLMGW_MAX_REQUEST_BYTES``) stayed for the token's life
-    plus 10 minutes, outside the pending-init cap that bounds unstarted ones."""
+    plus 10 minutes, outside the pending-init cap that bounds unstarted ones.
+
+    `nonce`: random, one per edge request (never derived from the token), kept in
+    the used mark (``path nonce``; `path` has no space). The same admission run again
+    (redis-py retrying a script whose reply was lost) is then `ok` again, with the
+    stash, instead of a refusal of its own first use; any other request with the token
+    still gets `reconnect` / `used`. With a nonce a first use keeps `issued_key` for
+    `REPEAT_SECONDS` more at most (its repeat reads it) instead of deleting it, and
+    `AdmissionStore.unadmit` can take the admission back. Empty: no repeat is
+    recognised (the mark is the path alone, as before nonces)."""
 
     revocation_keys: list[str]
     used_key: str
@@ -45,6 +58,12 @@ class Admission:
     slots_expire_at: float
     fetch_key: str | None = None
     issued_key: str | None = None
+    nonce: str = ""
+    repeat_seconds: float = REPEAT_SECONDS
+
+    def mark(self) -> str:
+        """The used mark's value: the path, and the nonce when there is one."""
+        return f"{self.path} {self.nonce}" if self.nonce else self.path
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +186,14 @@ class AdmissionStore(Protocol):
         """Run `admission` atomically. Slots are sets of live members, at most
         `limits[i]` each, taken all or none; members expire at `slots_expire_at`, so a
         crashed process leaks its slots only until then."""
+        ...
+
+    async def unadmit(self, admission: Admission) -> bool:
+        """Take back `admission` (its nonce is required) when its reply was lost and its
+        request will not stream: only if the used mark is still its own (its nonce),
+        delete it, give back its slots and keep `issued_key` for `used_ttl_seconds`
+        again, so the token is unused as before. False (nothing changed) when the mark
+        is absent or another request's: that admission never ran, or was refused."""
         ...
 
     async def release_slots(self, release: SlotRelease) -> None:

@@ -112,7 +112,10 @@ class MemoryStore:
             return Admitted("revoked")
         first = self._live(a.used_key)
         if first is not None:
-            return Admitted("reconnect" if first.decode() == a.path else "used")
+            if a.nonce and first.decode() == a.mark():  # this admission again: taken
+                fetched = self._live(a.fetch_key) if a.fetch_key is not None else None
+                return Admitted("ok", fetched=fetched)
+            return Admitted("reconnect" if first.decode().split(" ")[0] == a.path else "used")
         if a.issued_key is not None and self._live(a.issued_key) is None:
             return Admitted("unknown")
         sets = []
@@ -123,11 +126,28 @@ class MemoryStore:
             sets.append(members)
         for members in sets:
             members[a.member] = a.slots_expire_at
-        await self.set(a.used_key, a.path.encode(), a.used_ttl_seconds)
+        await self.set(a.used_key, a.mark().encode(), a.used_ttl_seconds)
         fetched = self._live(a.fetch_key) if a.fetch_key is not None else None
-        if a.issued_key is not None:
+        if a.issued_key is not None and not a.nonce:
             self._values.pop(a.issued_key, None)
+        elif a.issued_key is not None:
+            value, expires = self._values[a.issued_key]
+            self._values[a.issued_key] = (value, min(expires, self._clock() + a.repeat_seconds))
         return Admitted("ok", fetched=fetched)
+
+    async def unadmit(self, admission: Admission) -> bool:
+        a = admission
+        if not a.nonce:
+            raise ValueError("only an admission with a nonce can be taken back")
+        mark = self._live(a.used_key)
+        if mark is None or mark.decode() != a.mark():
+            return False
+        del self._values[a.used_key]
+        await self.release_slots(SlotRelease(a.slot_keys, a.member))
+        issued = self._live(a.issued_key) if a.issued_key is not None else None
+        if a.issued_key is not None and issued is not None:
+            self._values[a.issued_key] = (issued, self._clock() + a.used_ttl_seconds)
+        return True
 
     async def hit(self, key: str, window_seconds: float) -> int:
         return await self.add(key, 1, window_seconds)

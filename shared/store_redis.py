@@ -30,9 +30,10 @@ return ids
 
 
 # See `Admission`. KEYS: the revocation keys, the used key, the slot sets, then the
-# key to fetch (if any), then the issued key (if any; deleted on a first use, after
-# the fetch). ARGV: n_revocations, n_slots, path, used_ttl_ms, now, slots_expire_at,
-# member, slots_ttl_ms, has_fetch, has_issued, then one limit per slot set.
+# key to fetch (if any), then the issued key (if any; on a first use deleted after the
+# fetch, or with a nonce kept repeat_seconds at most). ARGV: n_revocations, n_slots,
+# path, used_ttl_ms, now, slots_expire_at, member, slots_ttl_ms, has_fetch,
+# has_issued, nonce ('' for none), repeat_ms, then one limit per slot set.
 _ADMIT = """
 local n_rev, n_slots = tonumber(ARGV[1]), tonumber(ARGV[2])
 local fetch = ARGV[9] == '1' and KEYS[n_rev + n_slots + 2] or nil
@@ -40,9 +41,17 @@ for i = 1, n_rev do
   if redis.call('EXISTS', KEYS[i]) == 1 then return {'revoked'} end
 end
 local used_key = KEYS[n_rev + 1]
+local nonce = ARGV[11]
+local mark = nonce == '' and ARGV[3] or ARGV[3] .. ' ' .. nonce
 local first = redis.call('GET', used_key)
 if first then
-  if first == ARGV[3] then return {'reconnect'} end
+  if nonce ~= '' and first == mark then
+    -- This very admission again (its reply was lost): what it took is still taken.
+    local again = fetch and redis.call('GET', fetch) or nil
+    if fetch then return {'ok', -1, again} end
+    return {'ok', -1}
+  end
+  if string.match(first, '^[^ ]*') == ARGV[3] then return {'reconnect'} end
   return {'used'}
 end
 if ARGV[10] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {'unknown'} end
@@ -50,7 +59,7 @@ for i = 1, n_slots do
   local key = KEYS[n_rev + 1 + i]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[5])
   if redis.call('ZSCORE', key, ARGV[7]) == false
-     and redis.call('ZCARD', key) >= tonumber(ARGV[10 + i]) then
+     and redis.call('ZCARD', key) >= tonumber(ARGV[12 + i]) then
     return {'full', i - 1}
   end
 end
@@ -59,11 +68,33 @@ for i = 1, n_slots do
   redis.call('ZADD', key, ARGV[6], ARGV[7])
   redis.call('PEXPIRE', key, ARGV[8])
 end
-redis.call('SET', used_key, ARGV[3], 'PX', ARGV[4])
+redis.call('SET', used_key, mark, 'PX', ARGV[4])
 local fetched = fetch and redis.call('GET', fetch) or nil
-if ARGV[10] == '1' then redis.call('DEL', KEYS[#KEYS]) end
+if ARGV[10] == '1' then
+  if nonce == '' then
+    redis.call('DEL', KEYS[#KEYS])
+  else
+    local left = redis.call('PTTL', KEYS[#KEYS])
+    if left < 0 or left > tonumber(ARGV[12]) then redis.call('PEXPIRE', KEYS[#KEYS], ARGV[12]) end
+  end
+end
 if fetch then return {'ok', -1, fetched} end
 return {'ok', -1}
+"""
+
+
+# See `AdmissionStore.unadmit`. KEYS: the used key, the slot sets, then the issued key
+# (if any). ARGV: the mark (path and nonce), member, has_issued, issued_ttl_ms.
+_UNADMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+local last = #KEYS
+if ARGV[3] == '1' then
+  last = last - 1
+  if redis.call('EXISTS', KEYS[#KEYS]) == 1 then redis.call('PEXPIRE', KEYS[#KEYS], ARGV[4]) end
+end
+for i = 2, last do redis.call('ZREM', KEYS[i], ARGV[2]) end
+return 1
 """
 
 
@@ -194,7 +225,16 @@ class RedisStore:
         self._dead = f"{outbox}:dead"
         self._scripts = {
             source: client.register_script(source)
-            for source in (_CLAIM, _ADMIT, _PUT, _RESCHEDULE, _BOUNDED_ADD, _INIT_GATE, _LOG_RANGE)
+            for source in (
+                _CLAIM,
+                _ADMIT,
+                _UNADMIT,
+                _PUT,
+                _RESCHEDULE,
+                _BOUNDED_ADD,
+                _INIT_GATE,
+                _LOG_RANGE,
+            )
         }
 
     async def _run(self, source: str, keys: list[str], args: list[Any]) -> Any:
@@ -392,6 +432,8 @@ class RedisStore:
             max(1, int((a.slots_expire_at - a.now) * 1000)),
             int(a.fetch_key is not None),
             int(a.issued_key is not None),
+            a.nonce,
+            max(1, int(a.repeat_seconds * 1000)),
             *a.limits,
         ]
         prefixed = [self._key(k) for k in keys]
@@ -402,6 +444,19 @@ class RedisStore:
         if verdict == "ok":
             return Admitted("ok", fetched=reply[2] if len(reply) > 2 else None)
         return Admitted(cast(Any, verdict))
+
+    async def unadmit(self, admission: Admission) -> bool:
+        a = admission
+        if not a.nonce:
+            raise ValueError("only an admission with a nonce can be taken back")
+        keys = [a.used_key, *a.slot_keys, *([a.issued_key] if a.issued_key else [])]
+        args: list[str | int] = [
+            a.mark(),
+            a.member,
+            int(a.issued_key is not None),
+            max(1, int(a.used_ttl_seconds * 1000)),
+        ]
+        return bool(await self._run(_UNADMIT, [self._key(k) for k in keys], args))
 
     async def hit(self, key: str, window_seconds: float) -> int:
         return await self.add(key, 1, window_seconds)

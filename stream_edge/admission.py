@@ -9,12 +9,16 @@ a full limit (429) leaves the token unused.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import secrets
 import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 
@@ -40,6 +44,10 @@ from stream_edge.limits import slot_keys
 from stream_edge.state import EdgeState
 
 MAX_BODY = 1 << 20
+# How long a claim whose reply was lost may wait to take its admission back.
+UNADMIT_SECONDS = 5.0
+
+logger = logging.getLogger("llmgw.edge.admission")
 
 
 def edge_state(request: Request) -> EdgeState:
@@ -173,24 +181,34 @@ async def claim(
     (which would then be a duplicate, its answer unbilled). An unused one's hold is
     released by the sweeper at its deadline.
 
-    `fetch`: the stashed request comes back in the same round trip on first use."""
+    `fetch`: the stashed request comes back in the same round trip on first use.
+
+    The admission carries a nonce of this request's own (random, never the token's):
+    a store client that retries the script after losing its reply gets `ok` again
+    rather than this request's own use refused. When the call fails or is cancelled
+    all the same, the store may have run it: `_take_back` undoes it, so the client
+    can retry with its token and its slots are not held until their expiry."""
     now = time.time()
     stashed = stash_key(grant.company_id, grant.jti)
-    admitted = await state.store.admit(
-        Admission(
-            revocation_keys=grant_keys(grant),
-            used_key=used_key(grant.company_id, grant.jti),
-            path=path,
-            used_ttl_seconds=max(1, grant.expires_at - int(now) + 60),
-            slot_keys=slot_keys(grant),
-            limits=state.limits.limits,
-            member=grant.jti,
-            now=now,
-            slots_expire_at=now + state.settings.max_stream_seconds,
-            fetch_key=stashed if fetch else None,
-            issued_key=stashed,
-        )
+    admission = Admission(
+        revocation_keys=grant_keys(grant),
+        used_key=used_key(grant.company_id, grant.jti),
+        path=path,
+        used_ttl_seconds=max(1, grant.expires_at - int(now) + 60),
+        slot_keys=slot_keys(grant),
+        limits=state.limits.limits,
+        member=grant.jti,
+        now=now,
+        slots_expire_at=now + state.settings.max_stream_seconds,
+        fetch_key=stashed if fetch else None,
+        issued_key=stashed,
+        nonce=secrets.token_urlsafe(16),
     )
+    try:
+        admitted = await state.store.admit(admission)
+    except BaseException:
+        await _take_back(state, admission)
+        raise
     if admitted.verdict == "revoked":
         state.metrics.token_rejections.labels("revoked").inc()
         raise Unauthorized("this stream's access was revoked", code="revoked")
@@ -206,7 +224,43 @@ async def claim(
         )
     if admitted.verdict == "full":
         raise state.limits.too_many(admitted.full_index)
+    _forget_stash(state, stashed)
     return admitted
+
+
+# The deletions `_forget_stash` started, kept referenced until they end.
+_forgetting: set[asyncio.Task[None]] = set()
+
+
+def _forget_stash(state: EdgeState, stashed: str) -> None:
+    """The admission kept the stash (for a repeat after a lost reply, or for
+    `_take_back`); its reply arrived, so neither can happen now: delete it, without
+    holding up the stream (a started stream's request must not sit in the store for
+    `REPEAT_SECONDS`, up to ``LLMGW_MAX_REQUEST_BYTES`` each). If the store fails,
+    the stash's expiry removes it."""
+    task = asyncio.create_task(_delete_quietly(state, stashed))
+    _forgetting.add(task)
+    task.add_done_callback(_forgetting.discard)
+
+
+async def _delete_quietly(state: EdgeState, key: str) -> None:
+    try:
+        await state.store.delete(key)
+    except Exception as exc:
+        logger.warning("could not delete a started stream's stash (%s)", type(exc).__name__)
+
+
+async def _take_back(state: EdgeState, admission: Admission) -> None:
+    """Best effort, bounded, and shielded (a cancelled request is the likeliest to
+    have lost its reply): removes only a used mark carrying this request's nonce, so
+    it cannot reopen a token another request used. If the store cannot be reached,
+    the token stays used and its slots expire with the stream's maximum life."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(UNADMIT_SECONDS):
+        try:
+            if await state.store.unadmit(admission):
+                logger.info("a claim whose reply was lost was taken back")
+        except Exception as exc:
+            logger.warning("could not take back a failed claim (%s)", type(exc).__name__)
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:

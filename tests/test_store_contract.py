@@ -246,6 +246,56 @@ async def test_a_first_use_needs_the_issued_key_and_takes_nothing_without_it(
     assert (await store.admit(dataclasses.replace(issued, member="j2"))).verdict == "revoked"
 
 
+async def test_a_repeated_admission_is_ok_again_and_can_be_taken_back(backend: Backend) -> None:
+    """A lost reply: the store ran the admission, its caller did not hear. The same
+    admission again (its nonce) is `ok`, with the stash; another request with the
+    token is still refused; `unadmit` undoes only its own admission."""
+    store = backend.store
+    await store.set("stash:{c}:j1", b"request", 60)
+    mine = dataclasses.replace(admission("j1"), issued_key="stash:{c}:j1", nonce="n-1")
+    first = await store.admit(mine)
+    assert (first.verdict, first.fetched) == ("ok", b"request")
+    assert await store.get("used:{c}:j1") == b"stream n-1"
+    again = await store.admit(mine)  # a retry of the same request
+    assert (again.verdict, again.fetched) == ("ok", b"request")
+    assert await store.bounded_members("slots:{c}:user", T) == ["j1"]
+    # Any other request with the token: its own nonce, or none.
+    assert (await store.admit(dataclasses.replace(mine, nonce="n-2"))).verdict == "reconnect"
+    assert (await store.admit(dataclasses.replace(mine, nonce=""))).verdict == "reconnect"
+    other_path = dataclasses.replace(mine, path="completions", nonce="n-3")
+    assert (await store.admit(other_path)).verdict == "used"
+    # A take-back by another request changes nothing; by its own, everything.
+    assert not await store.unadmit(dataclasses.replace(mine, nonce="n-2"))
+    assert await store.get("used:{c}:j1") == b"stream n-1"
+    assert await store.unadmit(mine)
+    assert await store.get("used:{c}:j1") is None
+    assert await store.bounded_members("slots:{c}:company", T) == []
+    assert await store.bounded_members("slots:{c}:user", T) == []
+    assert not await store.unadmit(mine)  # once
+    # The token is unused again: its next request is a first use, with the stash.
+    retried = await store.admit(dataclasses.replace(mine, nonce="n-4"))
+    assert (retried.verdict, retried.fetched) == ("ok", b"request")
+    with pytest.raises(ValueError):
+        await store.unadmit(dataclasses.replace(mine, nonce=""))
+
+
+async def test_a_first_use_with_a_nonce_keeps_its_stash_only_briefly(backend: Backend) -> None:
+    store = backend.store
+    await store.set("stash:{c}:j1", b"request", 3600)
+    mine = dataclasses.replace(
+        admission("j1"), issued_key="stash:{c}:j1", nonce="n-1", repeat_seconds=SHORT
+    )
+    assert (await store.admit(mine)).verdict == "ok"
+    await store.set("stash:{c}:j2", b"brief", SHORT / 2)  # never made longer
+    brief = dataclasses.replace(
+        admission("j2", limits=(2, 2)), issued_key="stash:{c}:j2", nonce="n-2", repeat_seconds=3600
+    )
+    assert (await store.admit(brief)).verdict == "ok"
+    await backend.elapse(SHORT)
+    assert await store.get("stash:{c}:j2") is None
+    assert await store.get("stash:{c}:j1") is None
+
+
 async def test_admission_refuses_revoked_and_full(backend: Backend) -> None:
     store = backend.store
     assert (await store.admit(admission("j1"))).verdict == "ok"
