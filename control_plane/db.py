@@ -409,7 +409,8 @@ class Database:
         needs one (`_PooledUnit`): init's unit, a read and one write statement in
         the common case, then sends neither BEGIN nor COMMIT. ``late`` gets the
         result of a unit that committed after its caller was told 503
-        (`DatabaseTimeout`), to undo what nobody will use."""
+        (`DatabaseTimeout`) or was cancelled (`db_threads`), to undo or finish
+        what nobody will."""
         return await self._threads.run(
             functools.partial(self._in_unit, fn, begin), timeout=self.timeout, late=late
         )

@@ -13,7 +13,8 @@ average 2): 43 to 48 µs of CPU a hop through the executor, 31 to 35 µs through
 The executor's behaviour is kept: at most `workers` calls run at once (one per
 pooled connection), the rest wait in order; a call whose caller was cancelled
 before a thread took it never runs (its timer stops when the thread skips it), one
-already running finishes (its result is dropped, as `run_in_executor`'s is);
+already running finishes (its result is dropped, as `run_in_executor`'s is, or
+handed to its `late`, as a call's past its bound is);
 `close` lets running calls finish, cancels those still waiting and joins the
 threads. Threads start on demand, as the executor's do, up to `workers`.
 
@@ -26,7 +27,9 @@ threads held, 13 holds taken after `SIGCONT`). Past its bound a call's caller ge
 `DatabaseTimeout` (503 ``database_unavailable``): a call no thread took by then
 never runs; one already running cannot be stopped from here (its thread waits on
 the socket), so its outcome is dropped, and a success is handed to its `late`
-callback, which undoes what nobody will use (init releases its hold). The bound
+callback, which undoes what nobody will use (init releases its hold). A caller
+cancelled while its call runs (the server's shutdown cuts its request off, the
+sweeper is stopped) takes the same path: its commit goes to `late`. The bound
 costs one timer per call (`loop.call_later`), no round trip.
 """
 
@@ -87,7 +90,8 @@ class DbThreads:
         Call it on the running event loop. With a `timeout` (seconds, from now: the
         wait for a thread included), the future fails with `DatabaseTimeout` past
         it; ``fn`` then never starts if no thread took it, and if it was running its
-        result is handed to ``late`` (on the loop) when it comes."""
+        result is handed to ``late`` (on the loop) when it comes. The same for a
+        caller cancelled while ``fn`` runs: a commit nobody awaits goes to ``late``."""
         if self._closed:
             raise RuntimeError("cannot run database calls after close")
         loop = asyncio.get_running_loop()
@@ -181,8 +185,10 @@ def _succeed(job: _Job, result: Any) -> None:
     future = job.future
     if not future.done():
         future.set_result(result)
-    elif job.late is not None and not future.cancelled():
-        # Done too late: its caller already answered 503.
+    elif job.late is not None:
+        # Done after its caller stopped waiting: told 503 past its bound, or
+        # cancelled while it ran (its request cut off by the server's shutdown, the
+        # sweeper stopped). Either way the commit is nobody's: `late` takes it.
         job.late(result)
 
 

@@ -58,13 +58,20 @@ class SettlementBatcher:
     async def settle(self, delivery: Delivery, late: Late | None = None) -> Outcome:
         """`delivery` settled in the next batch; returns once that batch has
         committed, or raises its refusal. ``late`` gets its Outcome if it settles
-        after the 503 (`webhook_settlement.Late`)."""
+        after the 503 (`webhook_settlement.Late`) or after this call was cancelled."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.append((delivery, future, late))
         if self._drain is None or self._drain.done():
             self._drain = asyncio.create_task(self._run(), name="settlement-batch")
         # Shielded: a client that goes away does not cancel a settlement under way.
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Its request cut off (the server's shutdown): a commit nobody awaits,
+            # which goes to `late` as a call's cancelled on the database threads does.
+            if late is not None:
+                future.add_done_callback(functools.partial(_left_late, late))
+            raise
 
     async def _run(self) -> None:
         batch: list[_Queued] = []
@@ -131,6 +138,13 @@ class SettlementBatcher:
         """Let the batch under way (and what is queued) finish."""
         if self._drain is not None:
             await asyncio.gather(self._drain, return_exceptions=True)
+
+
+def _left_late(late: Late, future: asyncio.Future[Outcome]) -> None:
+    """What a cancelled webhook's delivery settled, once its batch has committed; a
+    refusal or an error (the 503's own `late`, `_settled_late`) is nobody's."""
+    if not future.cancelled() and future.exception() is None:
+        settled_late(late, future.result())
 
 
 def _settled_late(lates: list[Late | None], results: list[Outcome | AppError]) -> None:

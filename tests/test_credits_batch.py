@@ -341,6 +341,50 @@ async def test_a_settlement_cut_off_is_the_databases_503_to_retry_and_settles_on
     assert problems == []
 
 
+async def test_a_webhook_cancelled_while_its_batch_settles_hands_the_settlement_to_late(
+    app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """A webhook's request is cut off (the server's shutdown cancels it) while its
+    batch settles: the settlement goes on (shielded) and commits. Before, its Outcome
+    went to a future nobody awaited: the route never counted it nor corrected the
+    TPM window, and the edge's redelivery is a duplicate, which counts nothing. Now
+    it goes to the delivery's `late`, once, as a settlement past its 503 does; one
+    the caller waited for goes nowhere."""
+    app, client = app_client
+    auth, company_id = await _owner(client)
+    a, b = await _inits(client, auth, 2)
+    cut, waited = (
+        Delivery(event.webhook_id, event, transcripts=False)
+        for event in (usage_event(a, company_id), usage_event(b, company_id))
+    )
+    held = Held(app.state.db)
+    batcher = SettlementBatcher(held)  # type: ignore[arg-type]
+    late: list[tuple[str, Outcome]] = []
+
+    def hook(webhook_id: str) -> Any:
+        return lambda outcome: late.append((webhook_id, outcome))
+
+    try:
+        leaving = asyncio.create_task(batcher.settle(cut, hook(cut.webhook_id)))
+        staying = asyncio.create_task(batcher.settle(waited, hook(waited.webhook_id)))
+        await held.entered.wait()
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        held.gate.set()
+        outcome = await staying
+        await eventually(lambda: len(late) == 1, "the cut-off settlement never went to late", 30)
+    finally:
+        held.gate.set()
+        await batcher.close()
+    assert not outcome.duplicate
+    ((webhook_id, settled),) = late
+    assert webhook_id == cut.webhook_id
+    assert not settled.duplicate and settled.charged_micro > 0
+    problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
+    assert problems == []
+
+
 async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_once(
     pg_app_client: tuple[Any, httpx.AsyncClient],
 ) -> None:

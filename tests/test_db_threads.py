@@ -170,6 +170,49 @@ def test_a_bounded_call_past_its_bound_fails_and_one_no_thread_took_never_runs()
     assert late == ["committed late"]
 
 
+def test_a_call_cancelled_while_it_runs_hands_its_success_to_late() -> None:
+    # A request cut off (the server's shutdown cancels it) while its transaction
+    # runs: the transaction commits anyway. Before, its result was dropped, and what
+    # `late` does for a commit past the bound (init releases its hold, a settlement
+    # is counted and corrects the TPM window, a silent stream's token is revoked)
+    # never happened. Now a cancelled caller's commit goes to `late`, as a timed-out
+    # one's does; a call cancelled before a thread took it never runs, nor is late.
+    threads = DbThreads(1, "t")
+    started = threading.Event()
+    release = threading.Event()
+    late: list[str] = []
+
+    def committing() -> str:
+        started.set()
+        release.wait(30)
+        return "committed"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        came = asyncio.Event()
+
+        def on_late(result: str) -> None:
+            late.append(result)
+            came.set()
+
+        running = asyncio.ensure_future(threads.run(committing, timeout=60, late=on_late))
+        queued = asyncio.ensure_future(threads.run(lambda: "never", timeout=60, late=on_late))
+        await loop.run_in_executor(None, started.wait, 30)
+        running.cancel()
+        queued.cancel()
+        release.set()
+        await asyncio.wait_for(came.wait(), 30)
+        # One thread, calls in order: past this, the queued call has been skipped.
+        assert await threads.run(lambda: "after", timeout=60) == "after"
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        threads.close()
+    assert late == ["committed"]
+
+
 def test_a_bounded_call_that_answers_in_time_is_not_late() -> None:
     threads = DbThreads(1, "t")
     late: list[int] = []
