@@ -4,6 +4,7 @@ path ids."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class Deps:
     # The console's aggregates and audit searches: a bounded, fair share of the
     # database threads per company, under a statement timeout (`heavy_reads`).
     heavy_reads: HeavyReads = field(init=False)
+    # The key ring's read that callers finding it stale share (`fresh_keyring`).
+    _key_read: asyncio.Future[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.heavy_reads = HeavyReads(self.db)
@@ -74,9 +77,25 @@ class Deps:
         self.published_keys.forget()
 
     async def fresh_keyring(self, *, unknown_kid: bool = False) -> KeyRing:
+        """The ring, read again first when it is older than its floor. Every caller
+        finding it stale joins the one read in flight: the floor counts from the last
+        read that finished, so a crowd of made-up `kid`s (or of inits a minute on)
+        otherwise put a transaction each on the database threads. A failed read fails
+        those waiting on it and is not kept: the next caller reads again."""
         if self.keyring.stale(unknown_kid=unknown_kid):
-            await self.refresh_keys()
+            read = self._key_read
+            if read is None or read.done():
+                read = self._key_read = asyncio.ensure_future(self.refresh_keys())
+                read.add_done_callback(_retrieved)
+            # Shielded: a caller that gives up must not cancel everyone's read.
+            await asyncio.shield(read)
         return self.keyring
+
+
+def _retrieved(read: asyncio.Future[None]) -> None:
+    """Its waiters may all have left: the failure is theirs, not an unretrieved one."""
+    if not read.cancelled():
+        read.exception()
 
 
 def get_deps(request: Request) -> Deps:
