@@ -11,7 +11,11 @@ Nothing is cached: every call is an init, so a revoked key, user or company is
 refused by the control plane at once, and budgets, init rates and TPM apply as for a
 public init. A hold whose stream then does not start (the body does not fit the
 grant, the stream limit is full: 429) is given back at once by a `failed` usage
-report with no tokens (`abandon`), not left to the sweeper.
+report with no tokens (`abandon`), not left to the sweeper. So is one whose
+request is cancelled (the caller gone, the server's shutdown) while the control
+plane inits for it: the control plane holds whatever happens to the request, so
+its answer is still awaited (`despite_cancellation`) and a token it minted
+abandoned; a refusal held nothing and is dropped.
 
 The pure part — translating OpenAI's body into an init request (`init_request`),
 mapping a refusal to an OpenAI-shaped error (`refusal`), the models list
@@ -20,10 +24,14 @@ mapping a refusal to an OpenAI-shaped error (`refusal`), the models list
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import jwt
 import orjson
 from starlette.requests import Request
@@ -191,17 +199,60 @@ def link(state: EdgeState) -> ControlPlaneLink:
 
 
 async def grant_for_key(state: EdgeState, key: str, body: dict[str, Any]) -> StreamGrant:
-    """Init for the key's caller; the stream token, verified as any other."""
-    data = await link(state).call(INIT_PATH, key, {"request": init_request(body)})
+    """Init for the key's caller; the stream token, verified as any other. A hold
+    taken for a request cancelled meanwhile goes back at once (`abandon`)."""
+    request = init_request(body)  # a body the edge would refuse is refused first
+    # Its own task: once sent, the init may hold whatever happens to this request.
+    init = asyncio.ensure_future(link(state).call(INIT_PATH, key, {"request": request}))
+    try:
+        data = await asyncio.shield(init)
+    except asyncio.CancelledError:
+        await despite_cancellation(_abandon_when_answered(state, init))
+        raise
     token = str(data["stream_token"])
     try:
         return await verified_grant(state, token)
-    except EdgeError:
+    except (EdgeError, asyncio.CancelledError):
         # Our own control plane's token does not verify here (a key rotation racing,
-        # a misconfigured JWKS URL): the hold goes back now.
-        claims = jwt.decode(token, options={"verify_signature": False})
-        await abandon(state, StreamGrant.from_claims(claims))
+        # a misconfigured JWKS URL), or the request was cancelled while it was
+        # checked (a JWKS refresh): the hold goes back now.
+        await despite_cancellation(abandon(state, unverified_grant(token)))
         raise
+
+
+def unverified_grant(token: str) -> StreamGrant:
+    """The grant our own control plane just minted, read without its signature: only
+    to name the hold `abandon` gives back."""
+    return StreamGrant.from_claims(jwt.decode(token, options={"verify_signature": False}))
+
+
+async def _abandon_when_answered(state: EdgeState, init: asyncio.Future[dict[str, Any]]) -> None:
+    """The init's answer for a request already cancelled: a token is a hold, given
+    back; a refusal or a failed call took none this edge can name. Counted as a
+    report owed, so that a shutdown's last outbox flush waits for it (bounded)."""
+    state.reports_owed += 1
+    try:
+        try:
+            data = await init
+        except Exception:  # refused, unreachable, or no answer: nothing to give back
+            return
+        await abandon(state, unverified_grant(str(data["stream_token"])))
+    finally:
+        state.reports_owed -= 1
+
+
+async def despite_cancellation(work: Awaitable[None]) -> None:
+    """Run `work` to its end though the calling task is being cancelled: the short,
+    bounded clean-up a cancelled request still owes, awaited in its `except` that
+    raises the cancellation again afterwards. anyio's shield stops only anyio's own
+    cancellations; a server's `task.cancel()` (again) reaches through it, so `work`
+    runs in a task of its own, awaited through any of them."""
+    task = asyncio.ensure_future(work)
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+    task.result()
 
 
 async def abandon(state: EdgeState, grant: StreamGrant) -> None:

@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -70,9 +69,9 @@ async def chat_completions(request: Request) -> Response:
         # The server's shutdown cancelled the request before its stream existed (no
         # job, so no report owed: `admit` has no await after the claim). Its hold, and
         # any slots a claim whose reply was lost took, go back now, not at the
-        # sweeper's deadline. Shielded: the cancellation is the reason to abandon.
-        with anyio.CancelScope(shield=True):
-            await key_callers.abandon(state, grant)
+        # sweeper's deadline, whatever cancels it again: the cancellation is the
+        # reason to abandon.
+        await key_callers.despite_cancellation(key_callers.abandon(state, grant))
         raise
     return await serve(state, grant, job, chat, request)
 

@@ -742,3 +742,181 @@ async def test_a_key_caller_cancelled_before_its_stream_gives_its_hold_back_once
         status, answer = await gw.complete(key, HI)
         assert status == 200, answer
         assert len(reports) == 2
+
+
+# --- a key caller cancelled while the edge's init is in flight -----------------------
+
+
+class SlowInit:
+    """Wraps the control plane's init behind its internal endpoint: parks the edge's
+    call on `release` before the init runs (`held_first=False`: the hold not yet
+    taken) or after (`held_first=True`: the hold taken and the token minted, the
+    answer not yet sent). The real init does the work."""
+
+    def __init__(self, inner: Any, held_first: bool) -> None:
+        self.inner = inner
+        self.held_first = held_first
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, request: Any, arrive: Any, parse: Any) -> Any:
+        answer = await self.inner(request, arrive, parse) if self.held_first else None
+        self.reached.set()
+        await self.release.wait()
+        return answer if self.held_first else await self.inner(request, arrive, parse)
+
+
+class SlowVerify:
+    """Wraps the edge's token verification: parks it on `release` (the control
+    plane's answer is in, its token not yet checked: a JWKS refresh under way)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, token: str) -> Any:
+        self.reached.set()
+        await self.release.wait()
+        return await self.inner(token)
+
+
+def _counted_reports(state: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The jti of each usage report the edge enqueues from here on."""
+    reports: list[str] = []
+    enqueue = state.outbox.enqueue
+
+    async def counted(event: Any, release: Any = None) -> None:
+        reports.append(event.jti)
+        await enqueue(event, release)
+
+    monkeypatch.setattr(state.outbox, "enqueue", counted)
+    return reports
+
+
+async def _cancel_while_parked(gw: Gateway, key: str, parked: SlowInit | SlowVerify) -> None:
+    """The key caller's request, cancelled while parked at `parked`, which is
+    released only after the cancellation (the control plane goes on by itself)."""
+    caller = asyncio.create_task(gw.complete(key, HI))
+    await parked.reached.wait()
+    # The server cancels the request task (its shutdown; another server: the caller
+    # leaving). `aclose` waits for the task to end, so the park is released meanwhile.
+    closing = asyncio.create_task(gw.clients.aclose())
+    await asyncio.sleep(0)  # the cancellation is delivered before the answer exists
+    parked.release.set()
+    await closing
+    with contextlib.suppress(Exception):
+        await caller
+
+
+@pytest.mark.parametrize(
+    "where", ["before-hold", "hold-taken", "verifying"], ids=lambda where: str(where)
+)
+async def test_a_key_caller_cancelled_during_its_init_gives_the_hold_back_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Review: a key caller's request cancelled while the edge's internal init was in
+    flight (or its token being verified). The control plane took the hold and minted
+    the token anyway; the edge dropped the answer, so the hold stayed held (credits
+    locked, the init counted pending) until its deadline or the sweeper."""
+    from control_plane.routes import internal
+
+    env = {
+        **base_env(f"sqlite:///{tmp_path}/gw.db"),
+        "LLMGW_EDGE_SERVICE_SECRET": SERVICE_SECRET,
+        "LLMGW_MAX_STREAMS_PER_USER": "1",
+    }
+    async with Gateway(env) as gw:
+        key = await gw.new_api_key()
+        before = await gw.credits(key)
+        state = gw.edge_state()
+        reports = _counted_reports(state, monkeypatch)
+        parked: SlowInit | SlowVerify
+        if where == "verifying":
+            parked = SlowVerify(state.grants.verify)
+            monkeypatch.setattr(state.grants, "verify", parked)
+        else:
+            parked = SlowInit(internal.serve_init, held_first=where == "hold-taken")
+            monkeypatch.setattr(internal, "serve_init", parked)
+        await _cancel_while_parked(gw, key, parked)
+
+        async def usage() -> list[dict[str, Any]]:
+            answer = await gw.http.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == 200, answer.text
+            items: list[dict[str, Any]] = answer.json()["data"]["items"]
+            return items
+
+        async def given_back() -> bool:
+            return (await gw.credits(key))["held"] == "0.000000" and len(await usage()) == 1
+
+        # Bounded well below the hold's deadline (the sweeper never runs here).
+        await eventually(given_back, "the hold given back", within=5)
+        assert (await gw.credits(key))["available"] == before["available"]
+        assert len(reports) == 1
+        (record,) = await usage()
+        assert record["status"] == "failed"
+        assert record["output_tokens"] == 0
+        # The next call streams, and is its own report: nothing was given back twice.
+        monkeypatch.undo()
+        reports = _counted_reports(state, monkeypatch)
+        status, answer = await gw.complete(key, HI)
+        assert status == 200, answer
+        assert len(reports) == 1
+
+        async def both_settled() -> bool:
+            return len(await usage()) == 2
+
+        await eventually(both_settled, "the next call settled", within=5)
+        assert (await gw.credits(key))["held"] == "0.000000"
+
+
+async def test_a_key_callers_init_refused_after_its_cancellation_abandons_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the above: the control plane refuses the init (no credits)
+    after the caller is gone. Nothing was held, so the edge reports nothing."""
+    from control_plane.routes import internal
+
+    env = {**base_env(f"sqlite:///{tmp_path}/gw.db"), "LLMGW_EDGE_SERVICE_SECRET": SERVICE_SECRET}
+    async with Gateway(env) as gw:
+        key = await gw.new_api_key(credits="0")
+        state = gw.edge_state()
+        reports = _counted_reports(state, monkeypatch)
+        parked = SlowInit(internal.serve_init, held_first=False)
+        monkeypatch.setattr(internal, "serve_init", parked)
+        await _cancel_while_parked(gw, key, parked)
+        assert reports == []
+        assert (await gw.credits(key))["held"] == "0.000000"
+
+
+async def test_clean_up_after_a_cancellation_runs_through_a_second_one() -> None:
+    """`despite_cancellation`: the server cancels again (or anyio's shield is passed
+    by a native `task.cancel()`) while a cancelled request gives its hold back; the
+    giving back still runs to its end, and the cancellation is the request's end."""
+    from stream_edge.key_callers import despite_cancellation
+
+    started, release, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def give_back() -> None:
+        started.set()
+        await release.wait()
+        done.set()
+
+    async def request() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await despite_cancellation(give_back())
+            raise
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    task.cancel()
+    await started.wait()
+    task.cancel()  # again, while the clean-up runs
+    await asyncio.sleep(0)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done.is_set()
