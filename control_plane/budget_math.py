@@ -28,6 +28,9 @@ PERIODS = ("day", "week", "month", "none")
 THRESHOLDS = (80, 100)  # percent of the amount spent: one webhook each, per period
 # The start of the one period of a budget without a period (any fixed instant will do).
 NO_PERIOD_START = datetime(1970, 1, 1, tzinfo=UTC)
+# The longest period (a 31-day month): a period that started longer ago has ended,
+# whatever the budget's period is now (an edit may have changed it since).
+LONGEST_PERIOD = timedelta(days=31)
 ID_MAX = 64
 
 

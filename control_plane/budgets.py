@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -50,6 +50,10 @@ EVENT_TYPE = "budget.threshold"
 # deleted budget). Longer than the longest calendar period (31 days): an event
 # pruned is never one of the current period, which would be told again.
 EVENT_RETENTION = timedelta(days=45)
+# How long a period's counters are kept once the period has ended (`prune_periods`).
+# No API reads an ended period (the views show the current one), so this only
+# bounds the table: a daily budget wrote 365 rows a year.
+PERIOD_RETENTION = timedelta(days=45)
 
 
 def applicable(
@@ -363,6 +367,50 @@ def prune_events(session: Session, now: datetime, limit: int, give_up_after: int
     if ids:
         session.execute(delete(BudgetEvent).where(col(BudgetEvent.id).in_(ids)))
     return len(ids)
+
+
+def prune_periods(session: Session, now: datetime, limit: int) -> int:
+    """Delete up to `limit` counters rows of periods that ended more than
+    `PERIOD_RETENTION` before `now`; how many went. A row's period length is not
+    stored and an edit may have changed the budget's, so a period counts as ended
+    once the longest one would have (`budget_math.LONGEST_PERIOD`): no current
+    period is that old, and no hold can be counted on such a row any more (a hold
+    counts on its budget's current period).
+
+    Kept: the endless period ``none`` (one row a budget, deleted with it), and any
+    row a hold still out is counted on, or its settlement, however late, would
+    find no row to move its hold off and add its charge to. ``held_micro`` is the
+    sum of those holds (`check`); the active reservations are asked as well, so
+    that a zero hold, or books `check` would flag, keep the row too. The DELETE
+    repeats the conditions: PostgreSQL rechecks ``held_micro`` on a row a
+    settlement changed meanwhile."""
+    cutoff = now - budget_math.LONGEST_PERIOD - PERIOD_RETENTION
+    out = (
+        select(col(ReservationBudget.reservation_id))
+        .join(Reservation, col(Reservation.id) == col(ReservationBudget.reservation_id))
+        .where(col(ReservationBudget.budget_id) == col(BudgetPeriod.budget_id))
+        .where(col(ReservationBudget.period_start) == col(BudgetPeriod.period_start))
+        .where(col(Reservation.status) == "active")
+    )
+    prunable = (
+        col(BudgetPeriod.period_start) > budget_math.NO_PERIOD_START,
+        col(BudgetPeriod.period_start) < cutoff,
+        col(BudgetPeriod.held_micro) == 0,
+        ~out.exists(),
+    )
+    keys = session.execute(
+        select(col(BudgetPeriod.budget_id), col(BudgetPeriod.period_start))
+        .where(*prunable)
+        .limit(limit)
+    ).all()
+    if not keys:
+        return 0
+    result = session.execute(
+        delete(BudgetPeriod)
+        .where(tuple_(col(BudgetPeriod.budget_id), col(BudgetPeriod.period_start)).in_(keys))
+        .where(*prunable)
+    )
+    return rowcount(result)
 
 
 def delete_budget(session: Session, budget_id: str) -> None:

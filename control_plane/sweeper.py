@@ -3,8 +3,9 @@ stream never reports (the edge died) is settled after its deadline from the edge
 last usage checkpoint, or released if none").
 
 Every ``LLMGW_SWEEP_INTERVAL_SECONDS`` the sweeper makes two passes over holds, and
-deletes expired sign-outs (`sweep_signed_out`, `logout.purge_expired`) and budget threshold
-events past their retention (`sweep_budget_events`, `budgets.prune_events`).
+deletes expired sign-outs (`sweep_signed_out`, `logout.purge_expired`), budget threshold
+events past their retention (`sweep_budget_events`, `budgets.prune_events`) and the
+counters of budget periods long ended (`sweep_budget_periods`, `budgets.prune_periods`).
 
 **Silent streams** (`sweep_silent_streams`, issue 11.5). A running stream's edge
 rewrites its checkpoint every 2 s. A checkpoint that has not changed for
@@ -344,6 +345,19 @@ async def sweep_budget_events(db: Database, *, now: datetime | None = None) -> i
     return purged
 
 
+async def sweep_budget_periods(db: Database, *, now: datetime | None = None) -> int:
+    """Delete the counters of periods long ended (`budgets.prune_periods`), a batch
+    a transaction, at most `MAX_BATCHES` a sweep; how many went."""
+    moment = now or utcnow()
+    purged = 0
+    for _ in range(MAX_BATCHES):
+        count = await db.transaction(lambda s: budgets.prune_periods(s, moment, BATCH))
+        purged += count
+        if count < BATCH:
+            break
+    return purged
+
+
 async def run_sweeper(
     db: Database, store: KeyValueStore, metrics: Metrics, settings: ControlPlaneSettings
 ) -> None:
@@ -372,3 +386,7 @@ async def run_sweeper(
             await sweep_budget_events(db)
         except Exception:
             log.exception("budget event sweep failed; retrying in %.1f s", interval)
+        try:
+            await sweep_budget_periods(db)
+        except Exception:
+            log.exception("budget period sweep failed; retrying in %.1f s", interval)

@@ -489,11 +489,13 @@ class Budget(SQLModel, table=True):
 
 class BudgetPeriod(SQLModel, table=True):
     """One budget's counters for one period (its UTC start): created by the period's
-    first hold, so a new period starts at zero with no job resetting anything."""
+    first hold, so a new period starts at zero with no job resetting anything;
+    deleted by the sweeper once the period has long ended (`budgets.prune_periods`)."""
 
     __tablename__ = "budget_periods"
     __table_args__ = (
         CheckConstraint("held_micro >= 0", name="ck_budget_periods_held_nonnegative"),
+        Index("ix_budget_periods_start", "period_start"),  # retention (migration 0016)
     )
     budget_id: str = Field(
         sa_column=Column(String(32), ForeignKey("budgets.id"), primary_key=True, nullable=False)
