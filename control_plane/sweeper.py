@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -318,44 +319,40 @@ def _revoked_late(
     in_background(revoke(store, "jti", jti, done.company_id, revoke_ttl), "late-revocation")
 
 
-async def sweep_signed_out(db: Database, *, now: datetime | None = None) -> int:
-    """Delete every sign-out past its expiry, a batch a transaction; how many went."""
+Prune = Callable[[Session, datetime, int], int]
+
+
+async def _purge(db: Database, prune: Prune, now: datetime | None) -> int:
+    """Run `prune` (delete at most a batch, say how many went) a transaction a batch,
+    at most `MAX_BATCHES` a sweep, so one sweep's deletions never hold a lock long;
+    how many went in all."""
     moment = now or utcnow()
     purged = 0
     for _ in range(MAX_BATCHES):
-        count = await db.transaction(lambda s: logout.purge_expired(s, moment, BATCH))
+        count = await db.transaction(lambda s: prune(s, moment, BATCH))
         purged += count
         if count < BATCH:
             break
     return purged
+
+
+async def sweep_signed_out(db: Database, *, now: datetime | None = None) -> int:
+    """Delete every sign-out past its expiry (`logout.purge_expired`)."""
+    return await _purge(db, logout.purge_expired, now)
 
 
 async def sweep_budget_events(db: Database, *, now: datetime | None = None) -> int:
-    """Delete the threshold events past their retention (`budgets.prune_events`), a
-    batch a transaction, at most `MAX_BATCHES` a sweep; how many went."""
-    moment = now or utcnow()
-    purged = 0
-    for _ in range(MAX_BATCHES):
-        count = await db.transaction(
-            lambda s: budgets.prune_events(s, moment, BATCH, company_webhooks.MAX_ATTEMPTS)
-        )
-        purged += count
-        if count < BATCH:
-            break
-    return purged
+    """Delete the threshold events past their retention (`budgets.prune_events`)."""
+
+    def prune(session: Session, moment: datetime, limit: int) -> int:
+        return budgets.prune_events(session, moment, limit, company_webhooks.MAX_ATTEMPTS)
+
+    return await _purge(db, prune, now)
 
 
 async def sweep_budget_periods(db: Database, *, now: datetime | None = None) -> int:
-    """Delete the counters of periods long ended (`budgets.prune_periods`), a batch
-    a transaction, at most `MAX_BATCHES` a sweep; how many went."""
-    moment = now or utcnow()
-    purged = 0
-    for _ in range(MAX_BATCHES):
-        count = await db.transaction(lambda s: budgets.prune_periods(s, moment, BATCH))
-        purged += count
-        if count < BATCH:
-            break
-    return purged
+    """Delete the counters of periods long ended (`budgets.prune_periods`)."""
+    return await _purge(db, budgets.prune_periods, now)
 
 
 async def run_sweeper(
