@@ -253,3 +253,29 @@ def test_a_mangled_cursor_is_a_422_on_every_listing(cp: CP) -> None:
             assert r.status_code in (200, 422), (path, limit, r.text)
             if limit != "":
                 error_of(r, 422, "validation_error")
+
+
+def test_a_session_continued_during_a_walk_is_shown_once_all_the_same(cp: CP) -> None:
+    """Sessions are listed most recently active first, a moment a new turn moves:
+    between two pages the owner's session not yet shown and the one just shown are
+    continued. The rest of the walk still shows each session that existed when it
+    started exactly once, in the order they had then; a new first page shows the
+    continued ones first."""
+    t = Tenant(cp, streams=2)
+    before = walk(t.owner, "/v1/sessions", 200)
+    assert len(before) == 6
+    callers = (*t.members, t.owner)  # who started each of `t.inits`, in turn
+    owner_of = {init["session_id"]: callers[i % 3] for i, init in enumerate(t.inits)}
+
+    def continue_two(page: int) -> None:
+        if page == 1:
+            for sid in (before[0], before[-1]):  # shown on page 1, and not yet shown
+                init = data_of(
+                    owner_of[sid].post("/v1/chat/init", json={"query": "again", "session_id": sid}),
+                    201,
+                )
+                assert cp.webhook(usage_event(init, t.company_id)).status_code == 200
+
+    seen = walk(t.owner, "/v1/sessions", 2, between=continue_two)
+    assert seen == before
+    assert walk(t.owner, "/v1/sessions", 200)[:2] == [before[-1], before[0]]
