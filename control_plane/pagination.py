@@ -245,3 +245,39 @@ def read_merged_page(
         PageRequest(req.limit),
     )  # fmt: skip
     return cut(session.scalars(newest).all(), req, moment, row_id)
+
+
+SUMMARY_CURSOR = "sum"
+_KEY_MAX = 512
+_MICRO_MAX = 2**63 - 1
+
+
+def encode_summary_cursor(as_of: datetime, cost_micro: int, keys: Sequence[str | None]) -> str:
+    """A position in a usage summary read as of `as_of`: its last group's cost and keys."""
+    return _b64([SUMMARY_CURSOR, as_of.isoformat(), cost_micro, list(keys)])
+
+
+def decode_summary_cursor(
+    raw: str | None, key_count: int
+) -> tuple[int, datetime | None, int, tuple[str | None, ...]] | None:
+    """(offset, as_of, cost, keys) of a summary cursor: an old one (a row offset,
+    still honoured) or a position; 422 when mangled or not of this query's keys."""
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = _unb64(raw)
+        if isinstance(doc, list) and doc[:1] == [SEQ_CURSOR]:
+            return decode_seq_cursor(raw) or 0, None, 0, ()
+        if not isinstance(doc, list) or len(doc) != 4 or doc[0] != SUMMARY_CURSOR:
+            raise ValueError
+        as_of, cost, keys = _utc_moment(doc[1]), doc[2], doc[3]
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MICRO_MAX:
+            raise ValueError
+        if not isinstance(keys, list) or len(keys) != key_count:
+            raise ValueError
+        for key in keys:
+            if key is not None and (not isinstance(key, str) or NUL in key or len(key) > _KEY_MAX):
+                raise ValueError
+    except _BAD_CURSOR:
+        raise ValidationFailed("cursor", _NOT_OURS) from None
+    return 0, as_of, cost, tuple(keys)

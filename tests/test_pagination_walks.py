@@ -279,3 +279,39 @@ def test_a_session_continued_during_a_walk_is_shown_once_all_the_same(cp: CP) ->
     seen = walk(t.owner, "/v1/sessions", 2, between=continue_two)
     assert seen == before
     assert walk(t.owner, "/v1/sessions", 200)[:2] == [before[-1], before[0]]
+
+
+def test_a_usage_summary_walk_shows_each_group_once_while_streams_settle(cp: CP) -> None:
+    """The summary by user, top spenders first, walked one group a page: between two
+    pages the last user outspends the rest, and a new user's stream settles. The
+    walk is the summary as it stood when it began: every user once, none twice,
+    their totals unchanged."""
+    t = Tenant(cp, streams=1)
+    params = {"group_by": "user", "order": "cost"}
+    whole = data_of(t.owner.get("/v1/usage/summary", params={**params, "limit": 200}))["items"]
+    assert len(whole) == 3
+    late = cp.user(t.company_id, role="member")["id"]
+    late_client = cp.client(cp.api_key(late))
+
+    def spend(page: int) -> None:
+        if page == 1:
+            last = whole[-1]["user_id"]
+            member = t.members[t.member_ids.index(last)] if last in t.member_ids else t.owner
+            for client in (member, late_client):
+                init = data_of(client.post("/v1/chat/init", json={"query": "more"}), 201)
+                event = usage_event(init, t.company_id, output_tokens=5000)
+                assert cp.webhook(event).status_code == 200
+
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    for page in range(1, 10):
+        query: dict[str, Any] = {**params, "limit": 1}
+        if cursor is not None:
+            query["cursor"] = cursor
+        doc = data_of(t.owner.get("/v1/usage/summary", params=query))
+        seen += doc["items"]
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            break
+        spend(page)
+    assert seen == whole
