@@ -23,7 +23,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -99,9 +99,31 @@ def decode_as_of(raw: str | None) -> datetime | None:
         return None
     try:
         doc = _unb64(raw)
+        if isinstance(doc, list) and len(doc) > 3:
+            raise ValueError
         return _utc_moment(doc[2]) if isinstance(doc, list) and len(doc) > 2 else None
     except _BAD_CURSOR:
         raise ValidationFailed("cursor", _NOT_OURS) from None
+
+
+# How long a walk may last, and how far ahead of this clock another process's may
+# be. A walk's moment comes back from the client: a forged one far back sent every
+# session active since through the listing's slower query (its cost grew with the
+# company's sessions), and one at the calendar's ends overflowed the summary's days.
+WALK_MAX_AGE = timedelta(hours=1)
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def walk_began(as_of: datetime | None, now: datetime) -> datetime:
+    """The moment a walk reads as of: its cursor's, else `now` (a first page); 422
+    when that moment is over `WALK_MAX_AGE` old or ahead of `now` past `CLOCK_SKEW`."""
+    if as_of is None:
+        return now
+    if as_of < now - WALK_MAX_AGE or as_of > now + CLOCK_SKEW:
+        raise ValidationFailed(
+            "cursor", "is of a walk begun over an hour ago (or ahead of this clock); start again"
+        )
+    return as_of
 
 
 SEQ_CURSOR = "seq"

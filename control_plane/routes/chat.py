@@ -73,6 +73,10 @@ async def serve_init(
 
 
 async def list_sessions(request: Request) -> Response:
+    """Sessions, most recently active first; a walk (``cursor``) lasts at most an hour.
+
+    Its pages keep the order sessions had when it began (`chat_sessions.list_sessions`);
+    a cursor older than that is 422 ``cursor``: start again from the first page."""
     principal = await authenticate(request)
     if not policy.can_read_own_data(principal):
         raise Forbidden("This needs a user with the llm:chat:read scope.")

@@ -24,7 +24,7 @@ from control_plane.auth import authenticate
 from control_plane.deps import get_deps
 from control_plane.errors import Forbidden
 from control_plane.heavy_reads import caller_key
-from control_plane.pagination import decode_summary_cursor, encode_summary_cursor
+from control_plane.pagination import decode_summary_cursor, encode_summary_cursor, walk_began
 from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.tables import utcnow
@@ -49,16 +49,18 @@ def _query(request: Request, company_id: str | None) -> usage_summary.SummaryQue
 
 
 async def summary(request: Request) -> Response:
-    """A walk (``cursor``) reads the summary as it stood at its first page: its
-    positions are the groups' own cost and keys, not row offsets that records
-    settling meanwhile would shift (a group skipped or shown twice)."""
+    """Usage totals per group; ``cursor`` is opaque (old ``["seq", n]`` ones still work).
+
+    A walk (``cursor``) reads the summary as it stood at its first page, for at most
+    an hour: its positions are the groups' own cost and keys, not row offsets that
+    records settling meanwhile would shift (a group skipped or shown twice)."""
     principal = await authenticate(request)
     company_id = _scope(request, principal)
     group_by = _query(request, company_id).group_by
     cursor = decode_summary_cursor(request.query_params.get("cursor"), len(group_by))
-    offset, walk_began, cost, keys = cursor or (0, None, 0, ())
-    after = usage_summary.After(cost, keys) if walk_began is not None else None
-    as_of = walk_began or utcnow()
+    offset, began, cost, keys = cursor or (0, None, 0, ())
+    after = usage_summary.After(cost, keys) if began is not None else None
+    as_of = walk_began(began, utcnow())
     # The default range is the walk's: a walk across midnight keeps its days.
     query = usage_summary.parse_query(
         dict(request.query_params), as_of.date(), across_companies=company_id is None
