@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import hot_statements, policy, settle_statements
 from control_plane.errors import Forbidden, SessionNotFound
-from control_plane.pagination import Page, PageRequest, read_page
+from control_plane.pagination import Page, PageRequest, merged_page, newest_first, walk_began
 from control_plane.policy import Principal
 from control_plane.tables import ChatMessage, ChatSession, User, iso, new_id, rowcount, utcnow
 from control_plane.validation import without_nul
@@ -196,9 +196,16 @@ def delete_session(session: Session, session_id: str) -> None:
     session.execute(delete(ChatSession).where(col(ChatSession.id) == session_id))
 
 
-def list_sessions(session: Session, p: Principal, req: PageRequest) -> Page[ChatSession]:
+def list_sessions(
+    session: Session, p: Principal, req: PageRequest, now: datetime
+) -> Page[ChatSession]:
     """The caller's sessions (its whole company's for those who see it all), the
-    most recently active first."""
+    most recently active first, as they stood when the walk began (`req.as_of`,
+    `now` on a first page): a session continued since then keeps the place it had,
+    so the walk shows it once, neither skipped (it moved ahead of the cursor) nor
+    repeated; one created since then waits for a new first page. A walk lasts at
+    most an hour (`walk_began`): the sessions continued since it began take the
+    slower second query."""
     stmt = select(ChatSession).where(col(ChatSession.company_id) == p.company_id)
     if policy.sees_whole_company(p):
         # Of its own users ranked at or below it (`policy.can_read_session`).
@@ -209,7 +216,25 @@ def list_sessions(session: Session, p: Principal, req: PageRequest) -> Page[Chat
         stmt = stmt.where(col(ChatSession.user_id).in_(readable))
     else:
         stmt = stmt.where(col(ChatSession.user_id) == p.user_id)
-    return read_page(session, stmt, col(ChatSession.updated_at), col(ChatSession.id), req)
+    as_of = walk_began(req.as_of, now)
+    updated, sid = col(ChatSession.updated_at), col(ChatSession.id)
+    # Untouched since: placed by `updated_at`, an index range as before.
+    still = [(row, row.updated_at) for row in session.scalars(
+        newest_first(stmt.where(updated <= as_of), updated, sid, req)
+    )]  # fmt: skip
+    # Continued since (a few: those active during the walk): placed by their last
+    # message then, which is what `updated_at` said (a turn stamps both alike).
+    then = func.coalesce(
+        select(func.max(col(ChatMessage.created_at)))
+        .where(col(ChatMessage.session_id) == sid, col(ChatMessage.created_at) <= as_of)
+        .scalar_subquery(),
+        col(ChatSession.created_at),
+    ).label("then")
+    moved = stmt.add_columns(then).where(updated > as_of, col(ChatSession.created_at) <= as_of)
+    continued = [(row, moment) for row, moment in session.execute(
+        newest_first(moved, then, sid, req)
+    )]  # fmt: skip
+    return merged_page(still + continued, req, as_of)
 
 
 def _owner_role(session: Session, chat: ChatSession) -> str | None:

@@ -4,10 +4,14 @@
 A page is read newest first by a (moment, id) pair, and `limit + 1` rows are
 fetched: the extra row is never shown, it only says another page exists. Keyset
 rather than OFFSET, so a deep page costs what the first one does and rows written
-meanwhile neither repeat nor go missing on the pages still to come. Except where
-the moment itself moves: chat sessions are listed by `updated_at`, so one continued
-during a walk jumps ahead of the cursor and shows on a new first page, not on the
-rest of that walk (`test_pagination_walks.py` checks the rest).
+meanwhile neither repeat nor go missing on the pages still to come. Where the
+moment itself moves (chat sessions, listed by `updated_at`, which a new turn
+moves ahead of the cursor), the cursor also carries the moment its walk began
+(`PageRequest.as_of`) and the listing orders every page as things stood then
+(`chat_sessions.list_sessions`); `test_pagination_walks.py` checks both.
+
+A cursor is only a position: every listing still filters by its caller, so one
+from another company's list, or forged, shows nothing but the caller's own rows.
 
 Apart from `read_page`, which runs the statement it builds on the session it is
 given, everything here is pure: the cursor codec, the statement, the cut.
@@ -19,11 +23,11 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import orjson
-from sqlalchemy import Select, and_, or_, select, union_all
+from sqlalchemy import ColumnElement, Select, and_, or_, select, union_all
 from sqlalchemy.orm import Mapped, QueryableAttribute, Session, aliased
 
 from control_plane.errors import ValidationFailed
@@ -45,8 +49,32 @@ def _unb64(raw: str) -> Any:
     return orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
 
 
-def encode_cursor(moment: datetime, row_id: str) -> str:
-    return _b64([moment.isoformat(), row_id])
+def encode_cursor(moment: datetime, row_id: str, as_of: datetime | None = None) -> str:
+    doc = [moment.isoformat(), row_id]
+    return _b64(doc if as_of is None else [*doc, as_of.isoformat()])
+
+
+def _utc_moment(raw: Any) -> datetime:
+    """A cursor's ISO moment, in UTC; ValueError (or another the callers catch) when
+    it is not one."""
+    moment = datetime.fromisoformat(raw)
+    if moment.tzinfo is None:
+        raise ValueError
+    # In UTC here, as the columns hold it: an offset that moves the moment past
+    # year 1 or 9999 (a forged cursor) is then a 422, not an OverflowError when
+    # the moment is bound to the query.
+    return moment.astimezone(UTC)
+
+
+_BAD_CURSOR = (
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    binascii.Error,
+    orjson.JSONDecodeError,
+)
 
 
 def decode_cursor(raw: str | None) -> Cursor | None:
@@ -55,25 +83,47 @@ def decode_cursor(raw: str | None) -> Cursor | None:
         return None
     try:
         doc = _unb64(raw)
-        moment = datetime.fromisoformat(doc[0])
+        moment = _utc_moment(doc[0])
         row_id = doc[1]
-        if moment.tzinfo is None or not isinstance(row_id, str) or NUL in row_id:
+        if not isinstance(row_id, str) or NUL in row_id:
             raise ValueError
-        # In UTC here, as the columns hold it: an offset that moves the moment past
-        # year 1 or 9999 (a forged cursor) is then a 422, not an OverflowError when
-        # the moment is bound to the query.
-        moment = moment.astimezone(UTC)
-    except (
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        OverflowError,
-        binascii.Error,
-        orjson.JSONDecodeError,
-    ):
+    except _BAD_CURSOR:
         raise ValidationFailed("cursor", _NOT_OURS) from None
     return moment, row_id
+
+
+def decode_as_of(raw: str | None) -> datetime | None:
+    """The moment a walk began, when its cursor carries one (a third element);
+    422 when that element is there but not a moment."""
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = _unb64(raw)
+        if isinstance(doc, list) and len(doc) > 3:
+            raise ValueError
+        return _utc_moment(doc[2]) if isinstance(doc, list) and len(doc) > 2 else None
+    except _BAD_CURSOR:
+        raise ValidationFailed("cursor", _NOT_OURS) from None
+
+
+# How long a walk may last, and how far ahead of this clock another process's may
+# be. A walk's moment comes back from the client: a forged one far back sent every
+# session active since through the listing's slower query (its cost grew with the
+# company's sessions), and one at the calendar's ends overflowed the summary's days.
+WALK_MAX_AGE = timedelta(hours=1)
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def walk_began(as_of: datetime | None, now: datetime) -> datetime:
+    """The moment a walk reads as of: its cursor's, else `now` (a first page); 422
+    when that moment is over `WALK_MAX_AGE` old or ahead of `now` past `CLOCK_SKEW`."""
+    if as_of is None:
+        return now
+    if as_of < now - WALK_MAX_AGE or as_of > now + CLOCK_SKEW:
+        raise ValidationFailed(
+            "cursor", "is of a walk begun over an hour ago (or ahead of this clock); start again"
+        )
+    return as_of
 
 
 SEQ_CURSOR = "seq"
@@ -104,15 +154,18 @@ def decode_seq_cursor(raw: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class PageRequest:
-    """What a listing's query asks for: how many rows, and after which one."""
+    """What a listing's query asks for: how many rows, after which one, and (for a
+    listing whose order moves, read as of a moment) when its walk began."""
 
     limit: int
     after: Cursor | None = None
+    as_of: datetime | None = None
 
 
 def page_request(query: Mapping[str, str]) -> PageRequest:
     """``?limit=`` and ``?cursor=`` from a query string (422 naming the bad one)."""
-    return PageRequest(page_limit(query.get("limit")), decode_cursor(query.get("cursor")))
+    raw = query.get("cursor")
+    return PageRequest(page_limit(query.get("limit")), decode_cursor(raw), decode_as_of(raw))
 
 
 @dataclass(frozen=True)
@@ -126,11 +179,11 @@ class Page(Generic[T]):
 
 
 def newest_first(
-    stmt: Select[T],
-    moment: Mapped[datetime],
+    stmt: Select[Any],
+    moment: Mapped[datetime] | ColumnElement[datetime],
     row_id: Mapped[str],
     req: PageRequest,
-) -> Select[T]:
+) -> Select[Any]:
     """`stmt` narrowed to the rows after `req.after`, newest first, `limit + 1` of them.
     The id breaks ties between rows written in the same microsecond."""
     if req.after is not None:
@@ -158,6 +211,22 @@ def cut(
         return Page(items, None)
     last = items[-1]
     return Page(items, encode_cursor(getattr(last, _name(moment)), getattr(last, _name(row_id))))
+
+
+def merged_page(placed: Sequence[tuple[T, datetime]], req: PageRequest, as_of: datetime) -> Page[T]:
+    """The page of rows placed by a moment other than a column of theirs (each
+    `(row, moment)`, `limit + 1` after the cursor from each of a listing's parts),
+    newest first, id breaking ties; its cursor carries `as_of` for the next page."""
+    ordered = sorted(placed, key=lambda pair: (pair[1], _id_of(pair[0])), reverse=True)
+    items = [row for row, _ in ordered[: req.limit]]
+    if len(ordered) <= req.limit:
+        return Page(items, None)
+    row, moment = ordered[req.limit - 1]
+    return Page(items, encode_cursor(moment, _id_of(row), as_of))
+
+
+def _id_of(row: Any) -> str:
+    return str(row.id)
 
 
 def _name(column: Mapped[Any]) -> str:
@@ -198,3 +267,39 @@ def read_merged_page(
         PageRequest(req.limit),
     )  # fmt: skip
     return cut(session.scalars(newest).all(), req, moment, row_id)
+
+
+SUMMARY_CURSOR = "sum"
+_KEY_MAX = 512
+_MICRO_MAX = 2**63 - 1
+
+
+def encode_summary_cursor(as_of: datetime, cost_micro: int, keys: Sequence[str | None]) -> str:
+    """A position in a usage summary read as of `as_of`: its last group's cost and keys."""
+    return _b64([SUMMARY_CURSOR, as_of.isoformat(), cost_micro, list(keys)])
+
+
+def decode_summary_cursor(
+    raw: str | None, key_count: int
+) -> tuple[int, datetime | None, int, tuple[str | None, ...]] | None:
+    """(offset, as_of, cost, keys) of a summary cursor: an old one (a row offset,
+    still honoured) or a position; 422 when mangled or not of this query's keys."""
+    if raw is None or raw == "":
+        return None
+    try:
+        doc = _unb64(raw)
+        if isinstance(doc, list) and doc[:1] == [SEQ_CURSOR]:
+            return decode_seq_cursor(raw) or 0, None, 0, ()
+        if not isinstance(doc, list) or len(doc) != 4 or doc[0] != SUMMARY_CURSOR:
+            raise ValueError
+        as_of, cost, keys = _utc_moment(doc[1]), doc[2], doc[3]
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= _MICRO_MAX:
+            raise ValueError
+        if not isinstance(keys, list) or len(keys) != key_count:
+            raise ValueError
+        for key in keys:
+            if key is not None and (not isinstance(key, str) or NUL in key or len(key) > _KEY_MAX):
+                raise ValueError
+    except _BAD_CURSOR:
+        raise ValidationFailed("cursor", _NOT_OURS) from None
+    return 0, as_of, cost, tuple(keys)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, literal_column, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -91,22 +91,54 @@ def _day(dialect: str) -> ColumnElement[Any]:
     return func.strftime("%Y-%m-%d", col(UsageRecord.created_at))
 
 
-def _in_scope(query: SummaryQuery, company_id: str | None) -> list[ColumnElement[bool]]:
+def _in_scope(
+    query: SummaryQuery, company_id: str | None, as_of: datetime | None = None
+) -> list[ColumnElement[bool]]:
     where = [
         col(UsageRecord.created_at) >= query.since,
         col(UsageRecord.created_at) < query.until,
     ]
+    if as_of is not None:
+        where.append(col(UsageRecord.created_at) <= as_of)
     if company_id is not None:
         where.append(col(UsageRecord.company_id) == company_id)
     return where
 
 
+@dataclass(frozen=True, slots=True)
+class After:
+    """Where a summary page ends: the last group's cost (micro-credits) and keys,
+    in `group_by`'s order (None for a key a record lacks, such as an API key)."""
+
+    cost_micro: int
+    keys: tuple[str | None, ...]
+
+
+def _after(parts: list[tuple[ColumnElement[Any], Any, bool]]) -> ColumnElement[bool]:
+    """Rows after a position in a lexicographic order of (expression, value,
+    descending) parts: the first part that differs decides."""
+    clauses = []
+    for i, (expr, value, descending) in enumerate(parts):
+        equal = [e == v for e, v, _ in parts[:i]]
+        clauses.append(and_(*equal, expr < value if descending else expr > value))
+    return or_(*clauses)
+
+
 def summary(
-    session: Session, query: SummaryQuery, company_id: str | None, limit: int, offset: int
-) -> list[dict[str, Any]]:
-    """One item per group (a single item without `group_by`), `limit + 1` of them
-    from `offset` so the caller sees whether more exist. `company_id` None: every
-    company (platform admin only; the caller checks)."""
+    session: Session,
+    query: SummaryQuery,
+    company_id: str | None,
+    limit: int,
+    offset: int = 0,
+    after: After | None = None,
+    as_of: datetime | None = None,
+) -> list[tuple[dict[str, Any], After]]:
+    """One item per group (a single item without `group_by`), each with its position,
+    `limit + 1` of them after `after` (or from `offset`, the old cursors' way) so the
+    caller sees whether more exist. Only records written by `as_of` count: a walk
+    reads the summary as it stood when it began, so groups neither move nor change
+    between its pages. `company_id` None: every company (platform admin only; the
+    caller checks)."""
     dialect = session.get_bind().dialect.name
     columns: dict[str, ColumnElement[Any]] = {
         "day": _day(dialect).label("day"),
@@ -123,18 +155,29 @@ def summary(
         func.coalesce(func.sum(col(UsageRecord.input_tokens)), 0).label("input_tokens"),
         func.coalesce(func.sum(col(UsageRecord.output_tokens)), 0).label("output_tokens"),
         cost.label("cost_micro"),
-    ).where(*_in_scope(query, company_id))
+    ).where(*_in_scope(query, company_id, as_of))
     if keys:
         stmt = stmt.group_by(*keys)
-        ordering: list[ColumnElement[Any]] = [literal_column(k.name) for k in keys]
+        # Each key as (is it missing, its text): one order in SQLite and PostgreSQL
+        # (which put NULL at opposite ends), and a position a cursor can compare to.
+        parts: list[tuple[ColumnElement[Any], Any, bool]] = []
+        for i, key in enumerate(keys):
+            element = key.element
+            value = after.keys[i] if after is not None else None
+            parts.append((case((element.is_(None), 1), else_=0), int(value is None), False))
+            parts.append((func.coalesce(element, ""), value or "", False))
         if query.order == "cost":
-            stmt = stmt.order_by(cost.desc(), *ordering)
-        else:
-            stmt = stmt.order_by(*ordering)
+            parts.insert(0, (cost, after.cost_micro if after is not None else 0, True))
+        stmt = stmt.order_by(*(e.desc() if d else e for e, _, d in parts))
+        if after is not None:
+            stmt = stmt.having(_after(parts))
     rows = session.execute(stmt.offset(offset).limit(limit + 1)).mappings().all()
     items = [_item(row, query.group_by) for row in rows]
     _label(session, items)
-    return items
+    return [
+        (item, After(int(row["cost_micro"]), tuple(row[k.name] for k in keys)))
+        for item, row in zip(items, rows, strict=True)
+    ]
 
 
 def _item(row: Any, group_by: tuple[str, ...]) -> dict[str, Any]:

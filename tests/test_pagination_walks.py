@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -253,3 +253,205 @@ def test_a_mangled_cursor_is_a_422_on_every_listing(cp: CP) -> None:
             assert r.status_code in (200, 422), (path, limit, r.text)
             if limit != "":
                 error_of(r, 422, "validation_error")
+
+
+def test_a_session_continued_during_a_walk_is_shown_once_all_the_same(cp: CP) -> None:
+    """Sessions are listed most recently active first, a moment a new turn moves:
+    between two pages the owner's session not yet shown and the one just shown are
+    continued. The rest of the walk still shows each session that existed when it
+    started exactly once, in the order they had then; a new first page shows the
+    continued ones first."""
+    t = Tenant(cp, streams=2)
+    before = walk(t.owner, "/v1/sessions", 200)
+    assert len(before) == 6
+    callers = (*t.members, t.owner)  # who started each of `t.inits`, in turn
+    owner_of = {init["session_id"]: callers[i % 3] for i, init in enumerate(t.inits)}
+
+    def continue_two(page: int) -> None:
+        if page == 1:
+            for sid in (before[0], before[-1]):  # shown on page 1, and not yet shown
+                init = data_of(
+                    owner_of[sid].post("/v1/chat/init", json={"query": "again", "session_id": sid}),
+                    201,
+                )
+                assert cp.webhook(usage_event(init, t.company_id)).status_code == 200
+
+    seen = walk(t.owner, "/v1/sessions", 2, between=continue_two)
+    assert seen == before
+    assert walk(t.owner, "/v1/sessions", 200)[:2] == [before[-1], before[0]]
+
+
+def test_a_usage_summary_walk_shows_each_group_once_while_streams_settle(cp: CP) -> None:
+    """The summary by user, top spenders first, walked one group a page: between two
+    pages the last user outspends the rest, and a new user's stream settles. The
+    walk is the summary as it stood when it began: every user once, none twice,
+    their totals unchanged."""
+    t = Tenant(cp, streams=1)
+    params = {"group_by": "user", "order": "cost"}
+    whole = data_of(t.owner.get("/v1/usage/summary", params={**params, "limit": 200}))["items"]
+    assert len(whole) == 3
+    late = cp.user(t.company_id, role="member")["id"]
+    late_client = cp.client(cp.api_key(late))
+
+    def spend(page: int) -> None:
+        if page == 1:
+            last = whole[-1]["user_id"]
+            member = t.members[t.member_ids.index(last)] if last in t.member_ids else t.owner
+            for client in (member, late_client):
+                init = data_of(client.post("/v1/chat/init", json={"query": "more"}), 201)
+                event = usage_event(init, t.company_id, output_tokens=5000)
+                assert cp.webhook(event).status_code == 200
+
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    for page in range(1, 10):
+        query: dict[str, Any] = {**params, "limit": 1}
+        if cursor is not None:
+            query["cursor"] = cursor
+        doc = data_of(t.owner.get("/v1/usage/summary", params=query))
+        seen += doc["items"]
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            break
+        spend(page)
+    assert seen == whole
+
+
+# --- forged walk cursors: type-checked positions, never a 500, never a scope -------
+
+
+def _raw(json_text: str) -> str:
+    """A cursor of JSON text as given (a number orjson would not write, such as 2^70)."""
+    return base64.urlsafe_b64encode(json_text.encode()).decode().rstrip("=")
+
+
+def _ago(**delta: float) -> str:
+    return (datetime.now(UTC) - timedelta(**delta)).isoformat()
+
+
+def test_a_forged_usage_summary_cursor_is_a_422_or_a_page_never_a_500(cp: CP) -> None:
+    """The summary's cursor is (walk start, last group's cost, its keys), all read from
+    the client: each is checked before it reaches SQL. A wrong count or type, a cost
+    no column holds, a key no id is, a walk moment at the calendar's ends (its default
+    days overflowed) or older than a walk may last is a 422; a well-typed position is
+    only a place in the caller's own summary."""
+    t = Tenant(cp, streams=1)
+    params = {"group_by": "user", "order": "cost"}
+    mine = {
+        item["user_id"]
+        for item in data_of(t.owner.get("/v1/usage/summary", params=params))["items"]
+    }
+    now = _ago(seconds=0)
+    refused = [
+        _b64(["sum", now, 0, []]),  # fewer keys than `group_by`
+        _b64(["sum", now, 0, ["a", "b"]]),  # more
+        _b64(["sum", now, 0, "a"]),
+        _b64(["sum", now, 0, [1]]),  # a key that is not text
+        _b64(["sum", now, 0, [True]]),
+        _b64(["sum", now, 0, [["a"]]]),
+        _b64(["sum", now, 0, [{"a": 1}]]),
+        _b64(["sum", now, 0, ["a\u0000b"]]),
+        _b64(["sum", now, 0, ["k" * 600]]),
+        _b64(["sum", now, True, ["a"]]),  # a cost that is not a count of micro-credits
+        _b64(["sum", now, -1, ["a"]]),
+        _b64(["sum", now, 2**63, ["a"]]),
+        _raw(f'["sum", "{now}", 1180591620717411303424, ["a"]]'),  # 2^70
+        _b64(["sum", now, 1.5, ["a"]]),
+        _b64(["sum", now, "10", ["a"]]),
+        _b64(["sum", now, None, ["a"]]),
+        _b64(["sum", "0001-01-01T00:00:00+00:00", 0, ["a"]]),  # the calendar's ends
+        _b64(["sum", "9999-12-31T23:59:59+00:00", 0, ["a"]]),
+        _b64(["sum", "0001-01-01T00:00:00+14:00", 0, ["a"]]),
+        _b64(["sum", "2026-11-30T12:00:00", 0, ["a"]]),  # naive
+        _b64(["sum", True, 0, ["a"]]),
+        _b64(["sum", _ago(hours=2), 0, ["a"]]),  # a walk begun too long ago
+        _b64(["sum", _ago(days=-1), 0, ["a"]]),  # one not begun yet
+        _b64(["sum", now, 0, ["a"], "extra"]),
+        _b64(["other", now, 0, ["a"]]),
+    ]
+    for cursor in refused:
+        r = t.owner.get("/v1/usage/summary", params={**params, "cursor": cursor})
+        assert "cursor" in error_of(r, 422, "validation_error"), cursor
+    shown = [
+        _b64(["sum", now, 0, ["k" * 512]]),
+        _b64(["sum", now, 2**63 - 1, [""]]),
+        _b64(["sum", now, 2**63 - 1, [None]]),  # a group without the key (an API key)
+        _b64(["sum", _ago(minutes=30), 0, ["a"]]),
+        _b64(["sum", _ago(minutes=-1), 0, ["a"]]),  # a clock a minute ahead
+    ]
+    for cursor in shown:
+        doc = data_of(t.owner.get("/v1/usage/summary", params={**params, "cursor": cursor}))
+        assert {item["user_id"] for item in doc["items"]} <= mine, cursor
+
+
+def test_another_companys_usage_summary_cursor_shows_only_the_callers_groups(cp: CP) -> None:
+    """A cursor is a position, never a scope: one from another company's summary (its
+    users' ids as keys) walks the caller's own groups after that position."""
+    a, b = Tenant(cp, streams=1), Tenant(cp, streams=2)
+    for params in ({"group_by": "user", "order": "cost"}, {"group_by": "user,model"}):
+        whole = data_of(a.owner.get("/v1/usage/summary", params={**params, "limit": 200}))
+        mine = [orjson.dumps(item) for item in whole["items"]]
+        theirs = data_of(b.owner.get("/v1/usage/summary", params={**params, "limit": 1}))
+        assert theirs["next_cursor"] is not None
+        doc = data_of(
+            a.owner.get("/v1/usage/summary", params={**params, "cursor": theirs["next_cursor"]})
+        )
+        shown = [orjson.dumps(item) for item in doc["items"]]
+        assert shown == mine[len(mine) - len(shown) :], params  # a tail of the caller's own
+        assert {item["user_id"] for item in doc["items"]}.isdisjoint(b.member_ids)
+    other_keys = data_of(b.owner.get("/v1/usage/summary", params={"group_by": "user", "limit": 1}))
+    r = a.owner.get(
+        "/v1/usage/summary",
+        params={"group_by": "user,model", "cursor": other_keys["next_cursor"]},
+    )
+    assert "cursor" in error_of(r, 422, "validation_error")
+
+
+def test_a_sessions_cursor_whose_walk_moment_is_forged_is_a_422(cp: CP) -> None:
+    """The sessions cursor carries the moment its walk began (`as_of`), which orders
+    the pages. Not a moment, or one at the calendar's ends, is a 422; so is one more
+    than an hour old (a forged old one sent most sessions through the slower
+    "continued" query: its cost grew with every session of the company, 4.8 ms a
+    page of 2,000 sessions read as of now against 17.8 ms as of two hours ago) or
+    ahead of the clock past a small skew, each saying to start the walk again."""
+    t = Tenant(cp, streams=1)
+    first = data_of(t.owner.get("/v1/sessions", params={"limit": 1}))
+    moment, row_id, _as_of = orjson.loads(
+        base64.urlsafe_b64decode(first["next_cursor"] + "=" * (-len(first["next_cursor"]) % 4))
+    )
+    mine = walk(t.owner, "/v1/sessions", 200)
+
+    def cursor(as_of: Any) -> str:
+        return _b64([moment, row_id, as_of])
+
+    refused = [
+        cursor("x"),
+        cursor("NaN"),
+        cursor(True),
+        cursor(None),
+        cursor(-1),
+        cursor(1.5),
+        cursor(["2026-11-30T12:00:00+00:00"]),
+        _raw(f'["{moment}", "{row_id}", 1180591620717411303424]'),  # 2^70
+        cursor("2026-11-30T12:00:00"),  # naive
+        cursor("0001-01-01T00:00:00+14:00"),
+        cursor("0001-01-01T00:00:00+00:00"),
+        cursor("9999-12-31T23:59:59+00:00"),
+        cursor(_ago(hours=2)),
+        cursor(_ago(days=-1)),
+        _b64([moment, row_id, _ago(seconds=0), "extra"]),
+    ]
+    for forged in refused:
+        message = error_of(
+            t.owner.get("/v1/sessions", params={"cursor": forged}), 422, "validation_error"
+        )
+        assert "cursor" in message, forged
+    assert "start" in error_of(
+        t.owner.get("/v1/sessions", params={"cursor": cursor(_ago(hours=2))}),
+        422,
+        "validation_error",
+    )
+    # Within the window, a page as of then: sessions created since wait for a new walk.
+    for as_of, shown in ((_ago(minutes=30), []), (_ago(minutes=-1), mine[1:])):
+        doc = data_of(t.owner.get("/v1/sessions", params={"cursor": cursor(as_of), "limit": 200}))
+        assert [item["id"] for item in doc["items"]] == shown, as_of

@@ -20,6 +20,7 @@ from control_plane.pagination import decode_seq_cursor, encode_seq_cursor, page_
 from control_plane.policy import Principal
 from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
+from control_plane.tables import utcnow
 from control_plane.validation import page_limit, parse_json_object
 
 Body = TypeVar("Body")
@@ -72,12 +73,16 @@ async def serve_init(
 
 
 async def list_sessions(request: Request) -> Response:
+    """Sessions, most recently active first; a walk (``cursor``) lasts at most an hour.
+
+    Its pages keep the order sessions had when it began (`chat_sessions.list_sessions`);
+    a cursor older than that is 422 ``cursor``: start again from the first page."""
     principal = await authenticate(request)
     if not policy.can_read_own_data(principal):
         raise Forbidden("This needs a user with the llm:chat:read scope.")
     req = page_request(request.query_params)
     page = await get_deps(request).db.transaction(
-        lambda s: chat_sessions.list_sessions(s, principal, req)
+        lambda s: chat_sessions.list_sessions(s, principal, req, utcnow())
     )
     return ok(page.public(chat_sessions.session_public))
 

@@ -24,7 +24,7 @@ from control_plane.auth import authenticate
 from control_plane.deps import get_deps
 from control_plane.errors import Forbidden
 from control_plane.heavy_reads import caller_key
-from control_plane.pagination import decode_seq_cursor, encode_seq_cursor
+from control_plane.pagination import decode_summary_cursor, encode_summary_cursor, walk_began
 from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.tables import utcnow
@@ -49,17 +49,33 @@ def _query(request: Request, company_id: str | None) -> usage_summary.SummaryQue
 
 
 async def summary(request: Request) -> Response:
+    """Usage totals per group; ``cursor`` is opaque (old ``["seq", n]`` ones still work).
+
+    A walk (``cursor``) reads the summary as it stood at its first page, for at most
+    an hour: its positions are the groups' own cost and keys, not row offsets that
+    records settling meanwhile would shift (a group skipped or shown twice)."""
     principal = await authenticate(request)
     company_id = _scope(request, principal)
-    query = _query(request, company_id)
-    limit = page_limit(request.query_params.get("limit"))
-    offset = decode_seq_cursor(request.query_params.get("cursor")) or 0
-    rows = await get_deps(request).heavy_reads.run(
-        caller_key(principal), lambda s: usage_summary.summary(s, query, company_id, limit, offset)
+    group_by = _query(request, company_id).group_by
+    cursor = decode_summary_cursor(request.query_params.get("cursor"), len(group_by))
+    offset, began, cost, keys = cursor or (0, None, 0, ())
+    after = usage_summary.After(cost, keys) if began is not None else None
+    as_of = walk_began(began, utcnow())
+    # The default range is the walk's: a walk across midnight keeps its days.
+    query = usage_summary.parse_query(
+        dict(request.query_params), as_of.date(), across_companies=company_id is None
     )
-    next_cursor = encode_seq_cursor(offset + limit) if len(rows) > limit else None
+    limit = page_limit(request.query_params.get("limit"))
+    rows = await get_deps(request).heavy_reads.run(
+        caller_key(principal),
+        lambda s: usage_summary.summary(s, query, company_id, limit, offset, after, as_of),
+    )
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1][1]
+        next_cursor = encode_summary_cursor(as_of, last.cost_micro, last.keys)
     return ok(
-        {"items": rows[:limit], "next_cursor": next_cursor},
+        {"items": [item for item, _ in rows[:limit]], "next_cursor": next_cursor},
         meta={"from": query.start.isoformat(), "to": query.end.isoformat()},
     )
 
