@@ -104,7 +104,23 @@ def parse_messages_request(body: object) -> MessagesRequest:
     if system is not None:
         messages = (Message("system", content_text(system, "system")), *messages)
     stream = flag(body, "stream", "stream")
+    if not body.get("tools") and _has_tool_blocks(body["messages"]):
+        # Anthropic's own refusal (anthropic-sdk-python#494): the history's tool
+        # blocks need tool definitions, even on a turn that wants none called.
+        raise invalid(
+            "Requests which include `tool_use` or `tool_result` blocks must define tools.",
+            "tools",
+        )
     return MessagesRequest(model, messages, max_tokens, stream, _tools(body.get("tools")))
+
+
+def _has_tool_blocks(messages: list[Any]) -> bool:
+    return any(
+        isinstance(block, dict) and block.get("type") in ("tool_use", "tool_result")
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for block in message["content"]
+    )
 
 
 def _tool_id(call_id: str) -> str:

@@ -29,8 +29,11 @@ from mock_llm.script import MODEL_DEFAULTS, MockBehaviour
 from mock_llm.server import MockServer, json_response
 
 
-def vendor_of(path: str) -> str:
-    if path.startswith("/v1/messages"):
+def vendor_of(path: str, anthropic_version: str | None = None) -> str:
+    """Whose error shape a request gets. Anthropic's clients send ``anthropic-version``
+    on every request, and its other paths (``/v1/complete``, ``/v1/models/…``) overlap
+    OpenAI's: by path alone, an Anthropic client's unknown path got OpenAI's body."""
+    if path.startswith("/v1/messages") or anthropic_version:
         return "anthropic"
     # Gemini's methods are `models/{model}:{method}`; OpenAI's model paths have no colon.
     if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
@@ -63,7 +66,7 @@ def _operator_routes(server: MockServer) -> list[Route]:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MockAPIError)
-    vendor = vendor_of(request.url.path)
+    vendor = vendor_of(request.url.path, request.headers.get("anthropic-version"))
     response = json_response(exc.body_for(vendor), exc.status)
     response.headers.update(exc.headers_for(vendor))
     return response

@@ -277,3 +277,32 @@ def test_a_fallback_without_tools_is_not_sent_a_history_with_tool_calls(
     assert not [b for b in to_plain if anthropic_problem(b["messages"], defines_tools=False)]
     assert [b["model"] for b in SEEN] == ["claude-chain"] * len(SEEN)
     assert record["status"] == "failed" and record["cost"] == "0.000000"
+
+
+def test_a_query_without_tools_after_tool_calls_declares_them_forbidden(
+    stack: InProcessStack,
+) -> None:
+    """Anthropic refuses a request whose history holds `tool_use` / `tool_result`
+    blocks but that defines no `tools` ("Requests which include `tool_use` or
+    `tool_result` blocks must define tools", anthropic-sdk-python#494). Attack
+    (measured before the fix): a session with tool calls, continued with a `query`
+    that offers no tools on a model that has the feature, sent the blocks without
+    `tools`: 502 on that turn and every later one without tools. Now the tools the
+    history used are declared, open schemas, with `tool_choice: none`."""
+    c = stack.client
+    token = c.new_user(c.new_company("100"))
+    _status, record = _turn(stack, token, {"model": "compat-model", "query": "look both up"})
+    sid = record["session_id"]
+    results = [{"tool_call_id": i, "content": "42"} for i in ODD_IDS]
+    _turn(stack, token, {"model": "claude-model", "session_id": sid, "tool_results": results})
+    SEEN.clear()
+    body = {"model": "claude-model", "session_id": sid, "query": "thanks"}
+    status, record = _turn(stack, token, body, tools=False)
+    sent = SEEN[-1]
+    assert anthropic_problem(sent["messages"], defines_tools=bool(sent.get("tools"))) is None
+    assert status == 200 and record["status"] == "completed"  # before: 502
+    assert sent["tools"] == [
+        {"name": "lookup", "input_schema": {"type": "object", "properties": {}}}
+    ]
+    assert sent["tool_choice"] == {"type": "none"}
+    assert [b["type"] for b in sent["messages"][1]["content"]] == ["tool_use", "tool_use"]

@@ -158,6 +158,27 @@ def test_anthropic_unknown_model_in_anthropics_words(claude: anthropic.Anthropic
     }
 
 
+@pytest.mark.parametrize("path", ["/v1/nothing", "/v1/complete", "/v1/models/claude-x"])
+def test_anthropic_unknown_path_in_anthropics_words(claude: anthropic.Anthropic, path: str) -> None:
+    """An Anthropic client's unknown path answers as Anthropic does, not in OpenAI's
+    shape (measured before: `/v1/…` paths outside `/v1/messages` were OpenAI's)."""
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        claude.get(path, cast_to=object)
+    assert unknown.value.body == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "Not Found"},
+    }
+
+
+def test_anthropic_bad_request_in_anthropics_words(claude: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.post("/v1/messages", body={"model": "mock-fast"}, cast_to=object)
+    assert bad.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+    }
+
+
 def test_anthropic_cache_counts_whole_and_streamed(claude: anthropic.Anthropic) -> None:
     text = "hi [[mock tokens=3 cached=2 cache_write=5 reasoning=4]]"
     prompt = count_prompt_tokens([Message("user", text)])

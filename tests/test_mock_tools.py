@@ -20,7 +20,8 @@ import pytest
 from mock_llm.app import create_app
 from shared.catalog import Provider, SSEBackendSpec
 from stream_edge.upstream import adapter_for
-from stream_edge.upstream.base import Delta, Finish, ToolCallDelta, ToolCalls
+from stream_edge.upstream.anthropic_messages import AnthropicMessagesAdapter
+from stream_edge.upstream.base import Delta, Finish, ToolCallDelta, ToolCalls, UpstreamCall
 
 KEY = "mock-key-tools"
 ASK = "What is the weather in two cities? [[mock tool_calls=2]]"
@@ -171,3 +172,48 @@ async def test_tool_calls_directive_without_tools_is_refused(http: httpx.AsyncCl
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_mock_directive"
+
+
+async def test_anthropic_history_with_tool_blocks_needs_tools_and_the_adapter_declares_them() -> (
+    None
+):
+    """Anthropic refuses tool blocks in a request that defines no tools (its 400,
+    anthropic-sdk-python#494), and so does the mock now. Our adapter's request for
+    such a history, with no tools offered, goes through the official client."""
+    transport = httpx2.ASGITransport(app=create_app(api_key=KEY))
+    http = httpx2.AsyncClient(transport=transport, base_url="http://mock")
+    client = anthropic.AsyncAnthropic(base_url="http://mock", api_key=KEY, http_client=http)
+    use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Rome"}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}
+    history: list[Any] = [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": [result]},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    with pytest.raises(anthropic.BadRequestError, match="must define tools"):
+        await client.messages.create(model="mock-fast", max_tokens=50, messages=history)
+    openai_history = [
+        {"role": "user", "content": "Weather in Rome?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    call = UpstreamCall("http://mock", KEY, "mock-fast", openai_history, 500, False, {}, "r1")
+    body = orjson.loads(AnthropicMessagesAdapter().build_request(call).body)
+    assert body["messages"] == history
+    answer = await client.messages.create(**body)  # before: BadRequestError, no tools
+    assert answer.stop_reason == "end_turn" and answer.content[0].type == "text"
+    await http.aclose()

@@ -16,6 +16,7 @@ from typing import Any
 import openai.types.chat as oa
 import orjson
 import pytest
+from google.genai import types as genai_types
 
 from shared.catalog import ModelSpec, Price, Provider, SSEBackendSpec
 from shared.tokens import StreamGrant
@@ -263,7 +264,7 @@ def test_gemini_request_uses_function_declarations_calls_and_responses() -> None
                 {
                     "name": "get_weather",
                     "description": "Weather in a city",
-                    "parameters": TOOLS[0]["function"]["parameters"],
+                    "parametersJsonSchema": TOOLS[0]["function"]["parameters"],
                 }
             ]
         }
@@ -273,7 +274,10 @@ def test_gemini_request_uses_function_declarations_calls_and_responses() -> None
         {
             "role": "model",
             "parts": [
-                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                {
+                    "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                    "thoughtSignature": "skip_thought_signature_validator",
+                },
                 {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
             ],
         },
@@ -285,6 +289,62 @@ def test_gemini_request_uses_function_declarations_calls_and_responses() -> None
             ],
         },
     ]
+
+
+# What OpenAI clients send as `parameters`: full JSON Schema, with keywords Gemini's
+# `parameters` (an OpenAPI subset Schema) refuses.
+JSON_SCHEMA_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "book",
+        "parameters": {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": {
+                "kind": {"const": "room"},
+                "when": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                "nights": {"type": "integer", "default": 1, "examples": [2]},
+                "guest": {"$ref": "#/$defs/guest"},
+            },
+            "$defs": {"guest": {"type": "object", "patternProperties": {"^x-": {}}}},
+            "required": ["kind"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_gemini_declarations_carry_openais_json_schema_as_parameters_json_schema() -> None:
+    """Gemini's `parameters` is an OpenAPI subset: google-genai's `Schema` forbids
+    `$schema`, `oneOf`, `const`, `examples`, `patternProperties` (and the SDK refuses
+    `additionalProperties` for the Gemini API), and Gemini answers 400 to the whole
+    turn. Before: the schema went as `parameters`, which the SDK's own type refuses.
+    Now it goes as `parametersJsonSchema` (JSON Schema, kept as the member wrote it)."""
+    params = {"tools": [JSON_SCHEMA_TOOL]}
+    upstream = UpstreamCall("http://b", "k", "m", HISTORY[:2], 100, True, params, "r1")
+    body = orjson.loads(adapter("gemini").build_request(upstream).body)
+    [tool] = body["tools"]
+    parsed = genai_types.Tool.model_validate_json(orjson.dumps(tool))  # the SDK's own type
+    [declaration] = parsed.function_declarations or []
+    assert declaration.parameters is None
+    assert declaration.parameters_json_schema == JSON_SCHEMA_TOOL["function"]["parameters"]
+
+
+def test_gemini_history_calls_carry_a_thought_signature_gemini_3_accepts() -> None:
+    """Gemini 3 refuses a history whose first function call of a step has no
+    `thoughtSignature` ("Function call is missing a thought_signature"). We hold no
+    signature for a call (OpenAI's shape has none; the call may be another vendor's),
+    so it carries Google's documented stand-in; the other parallel calls carry none,
+    as Gemini sends them. Before: no signature, a 400 on every turn after a call."""
+    body = body_of("gemini")
+    model_turn = genai_types.Content.model_validate_json(orjson.dumps(body["contents"][1]))
+    parts = model_turn.parts or []
+    assert [p.function_call.name for p in parts if p.function_call] == ["get_weather"] * 2
+    assert parts[0].thought_signature is not None
+    assert parts[1].thought_signature is None
+    assert body["contents"][1]["parts"][0]["thoughtSignature"] == (
+        "skip_thought_signature_validator"
+    )
 
 
 @pytest.mark.parametrize("api_type", ["openai_chat", "sse_backend"])

@@ -298,12 +298,35 @@ def _sampling(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _history_tools(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tools to declare for a request that offers none while its history holds
+    `tool_use` blocks: Anthropic refuses such a request ("Requests which include
+    `tool_use` or `tool_result` blocks must define tools"), as when a session that
+    used tools goes on with a query without them. Each name the history used is
+    declared with an open schema, and `tool_choice: none` keeps the model from
+    calling any: the turn gets text, as asked."""
+    names = dict.fromkeys(
+        block["name"]
+        for turn in messages
+        if isinstance(turn["content"], list)
+        for block in turn["content"]
+        if block.get("type") == "tool_use"
+    )
+    if not names:
+        return {}
+    return {
+        "tools": [_tool({"name": name}) for name in names],
+        "tool_choice": {"type": "none"},
+    }
+
+
 class AnthropicMessagesAdapter:
     def build_request(self, call: UpstreamCall) -> HttpRequest:
         system, messages = _system_and_messages(call.messages)
+        tools = _tool_params(call.params) or _history_tools(messages)
         body: dict[str, Any] = {
             **_sampling(call.params),
-            **_tool_params(call.params),
+            **tools,
             "model": call.upstream_model,
             "max_tokens": call.max_tokens,  # required by Anthropic
             "messages": messages,

@@ -198,14 +198,27 @@ def _generation_config(call: UpstreamCall) -> dict[str, Any]:
     return config
 
 
+# Google's documented stand-in for a thought signature we do not hold
+# (https://ai.google.dev/gemini-api/docs/thought-signatures, "dummy signatures").
+SKIP_SIGNATURE = "skip_thought_signature_validator"
+
+
 def _function_call_turn(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A `model` turn of `functionCall` parts. Gemini 3 refuses a history whose
+    function call (the first of each step) comes back without the `thoughtSignature`
+    it was made with; we keep no signatures (a call carries OpenAI's id, name and
+    arguments only, and may come from another vendor), so the first call of each
+    turn carries Google's stand-in. Gemini 2.5 takes it too."""
     text = message_text(message)
     parts: list[dict[str, Any]] = [{"text": text}] if text else []
-    for call in message["tool_calls"]:
+    for i, call in enumerate(message["tool_calls"]):
         function = call["function"]
         names[call["id"]] = function["name"]
         args = arguments_object(function["arguments"])
-        parts.append({"functionCall": {"name": function["name"], "args": args}})
+        part: dict[str, Any] = {"functionCall": {"name": function["name"], "args": args}}
+        if i == 0:
+            part["thoughtSignature"] = SKIP_SIGNATURE
+        parts.append(part)
     return {"role": "model", "parts": parts}
 
 
@@ -231,7 +244,11 @@ def _tool_config(params: dict[str, Any]) -> dict[str, Any]:
         if "description" in function:
             declaration["description"] = function["description"]
         if function.get("parameters"):
-            declaration["parameters"] = function["parameters"]
+            # OpenAI's `parameters` is full JSON Schema; Gemini's `parameters` is an
+            # OpenAPI subset that refuses `additionalProperties`, `$schema`, `$ref`,
+            # `oneOf`, `const`… (a 400 for the whole turn). `parametersJsonSchema`
+            # takes JSON Schema as it is.
+            declaration["parametersJsonSchema"] = function["parameters"]
         declarations.append(declaration)
     out: dict[str, Any] = {"tools": [{"functionDeclarations": declarations}]}
     choice = params.get("tool_choice")
