@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from control_plane import background
 from control_plane.catalog_cache import CatalogCache
 from control_plane.company_webhooks import run_deliveries
 from control_plane.db import Database, DatabaseTimeout
@@ -48,6 +49,9 @@ from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
 
 log = logging.getLogger("control_plane")
+
+# How long the shutdown waits for running database calls and background work.
+SHUTDOWN_DRAIN_SECONDS = 5.0
 
 # What the database raises when it is unreachable or gives up on a statement: the
 # engine's wrapped error and psycopg's own (the raw hot paths, `raw_pg`).
@@ -185,6 +189,11 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
                         await task
             if deps is not None and deps.settler is not None:
                 await deps.settler.close()
+            # What commits nobody awaited started (`late`: a hold's release, a
+            # tokens-per-minute correction, a revocation) and what cancelled
+            # requests still owed (`background.finish`) needs the store and the
+            # database: they close after it, or after the bound.
+            await background.drain(db.busy, SHUTDOWN_DRAIN_SECONDS)
             if deps is not None and deps.external is not None:
                 await deps.external.aclose()
             if own_store:

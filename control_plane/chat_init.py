@@ -8,6 +8,7 @@ stash in the store and the signed stream token (DESIGN §5).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -35,6 +36,7 @@ from control_plane import (
     raw_pg,
     tpm,
 )
+from control_plane.background import in_background
 from control_plane.chat_request import AGENT_FIXED_ROLES, InitRequest
 from control_plane.db import Unit
 from control_plane.deps import Deps
@@ -650,6 +652,46 @@ async def count_tokens(deps: Deps, reservation: NewReservation) -> None:
         raise
 
 
+@dataclass(slots=True)
+class _Held:
+    """How far an init got: what its clean-up must give back if it is cancelled."""
+
+    user_id: str
+    jti: str
+    reservation: NewReservation | None = None  # its hold committed (and was returned)
+    counted: bool = False  # its tokens were counted in the TPM window (`count_tokens`)
+
+
+async def _give_back(deps: Deps, held: _Held) -> None:
+    """The clean-up of an init cancelled after `init_gate` counted it: its grant is
+    no longer pending; its hold, if the init had it back, released (one still in
+    flight is `late`'s to release) and its tokens taken out of the window. Nobody
+    has its token. Best effort, as each clean-up above: what fails waits for its
+    deadline (the sweeper, the window's end)."""
+    reservation = held.reservation
+    if reservation is not None:
+        try:
+            await deps.db.transaction(
+                lambda s: release_reservation(
+                    s, reservation.id, "init cancelled", actor=reservation.user_id
+                )
+            )
+        except Exception as exc:
+            log.warning("could not release cancelled init's hold %s: %r", reservation.id, exc)
+        if held.counted:
+            await tpm.correct(
+                deps.store,
+                tpm.TpmLimits.of(deps.settings),
+                user_id=reservation.user_id,
+                company_id=reservation.company_id,
+                held_tokens=reservation.input_estimate + reservation.max_tokens,
+                used_tokens=0,
+                counted_at=reservation.created_at.timestamp(),
+                now=deps.clock(),
+            )
+    await pending_inits.forget(deps.store, held.user_id, held.jti)
+
+
 def hold_deadline(issued: int, settings: ControlPlaneSettings) -> datetime:
     """When the sweeper may reconcile a hold whose stream never reported: the
     token's expiry plus `LLMGW_HOLD_GRACE_SECONDS`. `ControlPlaneSettings` guarantees that grace
@@ -694,44 +736,55 @@ async def init_chat(
         at=init_gate.Moment(rate_now=deps.clock(), tpm_now=now.timestamp(), wall_now=time.time()),
         cache=deps.catalog_cache,
     )
+    # What a cancelled init (the server's shutdown cuts its request off) gives back.
+    held: _Held = _Held(user_id, jti)
     try:
-        reserved = await deps.db.unit(
-            lambda unit: reserve(
-                unit,
-                settings.catalog,
-                principal,
-                req,
-                jti=jti,
-                request_id=request_id,
-                now=now,
-                hold_expires_at=hold_expires_at,
-                fernet=deps.fernet,
-                limits=StorageLimits.of(settings),
-                llm_cache=llm,
-            ),
-            begin=False,
-            # Committed after this init was answered 503: nobody has its token.
-            late=lambda late: abandoned_holds.release_later(deps.db, late.reservation.id, user_id),
-        )
-    except Exception:  # 402, 404, 413…: this grant never existed (a 503 past the
-        # database's bound: never, or released by `late` once it commits)
-        await pending_inits.forget(deps.store, user_id, jti)
-        raise
-    reservation = reserved.reservation
-    await count_tokens(deps, reservation)
-    try:
-        await deps.store.set(
-            stash_key(principal.company_id, jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS
-        )
-    except Exception:
-        log.exception("could not stash request %s; releasing its hold", request_id)
-        await deps.db.transaction(
-            lambda s: release_reservation(
-                s, reservation.id, "stash failed", actor=reservation.user_id
+        try:
+            reserved = await deps.db.unit(
+                lambda unit: reserve(
+                    unit,
+                    settings.catalog,
+                    principal,
+                    req,
+                    jti=jti,
+                    request_id=request_id,
+                    now=now,
+                    hold_expires_at=hold_expires_at,
+                    fernet=deps.fernet,
+                    limits=StorageLimits.of(settings),
+                    llm_cache=llm,
+                ),
+                begin=False,
+                # Committed after this init was answered 503: nobody has its token.
+                late=lambda late: abandoned_holds.release_later(
+                    deps.db, late.reservation.id, user_id
+                ),
             )
-        )
-        await pending_inits.forget(deps.store, user_id, jti)
-        raise StoreUnavailable() from None
+        except Exception:  # 402, 404, 413…: this grant never existed (a 503 past the
+            # database's bound: never, or released by `late` once it commits)
+            await pending_inits.forget(deps.store, user_id, jti)
+            raise
+        reservation = held.reservation = reserved.reservation
+        await count_tokens(deps, reservation)
+        held.counted = tpm.TpmLimits.of(settings).on
+        try:
+            await deps.store.set(
+                stash_key(principal.company_id, jti), reserved.stash, ttl + STASH_EXTRA_TTL_SECONDS
+            )
+        except Exception:
+            log.exception("could not stash request %s; releasing its hold", request_id)
+            await deps.db.transaction(
+                lambda s: release_reservation(
+                    s, reservation.id, "stash failed", actor=reservation.user_id
+                )
+            )
+            await pending_inits.forget(deps.store, user_id, jti)
+            raise StoreUnavailable() from None
+    except asyncio.CancelledError:
+        # Not an `Exception`: the clean-ups above miss it. Run in the background,
+        # so the cancellation goes on up at once; the lifespan waits for it.
+        in_background(_give_back(deps, held), "cancelled-init")
+        raise
     deps.metrics.reserved(reservation.hold_micro)
     assert principal.user_id is not None and principal.company_id is not None
     claims = stream_claims(

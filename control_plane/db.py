@@ -484,6 +484,10 @@ class Database:
         except Exception:
             return False
 
+    def busy(self) -> bool:
+        """A call is still queued or running (`DbThreads.busy`)."""
+        return self._threads.busy()
+
     def close(self) -> None:
         self._threads.close()
         self.engine.dispose()

@@ -78,6 +78,8 @@ class DbThreads:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        # Calls a thread took whose outcome the loop has not handled yet (`busy`).
+        self._running = 0
 
     def run(
         self,
@@ -121,7 +123,26 @@ class DbThreads:
             job = self._jobs.get()
             if job is None:
                 return
-            _run_job(job)
+            with self._lock:
+                self._running += 1
+            try:
+                _run_job(job)
+            finally:
+                # After the outcome on the loop (callbacks run in order): by then
+                # a commit nobody awaited has been handed to its `late`.
+                try:
+                    job.loop.call_soon_threadsafe(self._one_done)
+                except RuntimeError:  # the loop is closed
+                    self._one_done()
+
+    def _one_done(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+    def busy(self) -> bool:
+        """Whether a call is queued, running, or its outcome not yet handled on
+        the loop (the lifespan waits for them before it closes the database)."""
+        return self._running > 0 or not self._jobs.empty()
 
     def close(self) -> None:
         """Let running calls finish, cancel the waiting ones, join the threads."""

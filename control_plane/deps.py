@@ -72,9 +72,10 @@ class Deps:
 
     async def refresh_keys(self) -> None:
         fernet = self.fernet
+        read = self.keyring.read_begins()  # reads may finish out of order
         snapshot = await self.db.transaction(lambda s: load_snapshot(s, fernet))
-        self.keyring.replace(snapshot)
-        self.published_keys.forget()
+        if self.keyring.replace(snapshot, read):
+            self.published_keys.forget()
 
     async def fresh_keyring(self, *, unknown_kid: bool = False) -> KeyRing:
         """The ring, read again first when it is older than its floor. Every caller

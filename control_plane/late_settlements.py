@@ -9,7 +9,7 @@ so such a settlement was never counted in ``llmgw_cp_credits_charged_total`` /
 ``llmgw_cp_credits_released_total`` (DESIGN §8: the ledger had the money, the
 counters never did), and its tokens-per-minute estimate was never corrected (the user
 over-counted until the window ended: 429 ``tpm_exceeded``). The route does it for a
-settlement answered in time (`settled`); `late` does the same for one that committed
+settlement answered in time (`count`, `after_commit`); `late` does the same for one that committed
 after its 503 (the database job's ``late`` callback, on the loop).
 """
 
@@ -26,15 +26,24 @@ from shared.webhooks import UsageEvent
 log = logging.getLogger("control_plane.late_settlements")
 
 
-async def settled(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
-    """A settlement answered in time has committed: count its money, correct the
-    user's window (the route)."""
+def count(deps: Deps, outcome: Outcome) -> None:
+    """A settlement answered in time has committed: count its money (the route,
+    before anything it awaits)."""
     deps.metrics.settled(outcome.charged_micro, outcome.released_micro)
-    await _correct(deps, event, outcome)
+
+
+async def after_commit(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
+    """The store's part of a delivery answered in time, settled or duplicate (the
+    route, through `background.finish`): the hold has ended, so it is no longer a
+    pending grant (12.6); a settlement's window is corrected."""
+    if event.user_id:
+        await pending_inits.forget(deps.store, event.user_id, event.jti)
+    if not outcome.duplicate:
+        await _correct(deps, event, outcome)
 
 
 def late(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
-    """`settled` for a settlement that committed after its webhook was answered 503
+    """`count` and `after_commit` for a settlement that committed after its webhook was answered 503
     (`webhook_settlement.Late`, on the loop): counted now, the store's part in the
     background, the hold no longer a pending grant (as the redelivery would say,
     should the edge have given up)."""

@@ -167,10 +167,27 @@ class KeyRing:
     def __init__(self, snapshot: KeyRingSnapshot) -> None:
         self._snapshot = snapshot
         self.loaded_at = time.monotonic()
+        self._reads_begun = 0  # reads stamped by `read_begins`, in the order they began
+        self._installed = 0  # the stamp of the read installed
 
-    def replace(self, snapshot: KeyRingSnapshot) -> None:
+    def read_begins(self) -> int:
+        """The stamp of a read of the keys about to begin, for `replace`."""
+        self._reads_begun += 1
+        return self._reads_begun
+
+    def replace(self, snapshot: KeyRingSnapshot, read: int | None = None) -> bool:
+        """Install `snapshot`, unless it comes from a `read` that began before the
+        one installed: a shared read that started before a rotation and finished
+        after the rotation's own would bring the rotated-out key back (to sign
+        with, or a retired one to trust) until the next refresh. Whether it was
+        installed. Without a stamp, always (tests)."""
+        if read is not None:
+            if read < self._installed:
+                return False
+            self._installed = read
         self._snapshot = snapshot
         self.loaded_at = time.monotonic()
+        return True
 
     def active(self) -> tuple[str, Ed25519PrivateKey]:
         return self._snapshot.active_kid, self._snapshot.active_key

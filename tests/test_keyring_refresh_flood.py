@@ -130,3 +130,39 @@ async def test_a_failed_read_fails_its_crowd_and_the_next_caller_reads_again(
     assert all(isinstance(r, RuntimeError) for r in crowd)
     assert await deps.fresh_keyring() is deps.keyring
     assert len(calls) == 2 and not deps.keyring.stale()
+
+
+async def test_an_older_shared_read_never_replaces_a_rotations_newer_ring(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller finding the ring stale starts the shared read; a rotation commits
+    and forces its own read, which finishes first; the older read finishes last.
+    Before, the last to finish was installed: the ring went back to the old key for
+    up to a minute (signing with the rotated-out key, or trusting a retired one).
+    Now each read is stamped when it begins and only a newer one is installed."""
+    deps: Deps = gw.cp.state.deps
+    db = deps.db
+    transaction = db.transaction
+    old_read_loaded = asyncio.Event()
+    let_old_read_finish = asyncio.Event()
+    held: list[bool] = []
+
+    async def ordered(fn: Any, **kwargs: Any) -> Any:
+        result = await transaction(fn, **kwargs)
+        if not held:  # the shared read: committed before the rotation, answered after
+            held.append(True)
+            old_read_loaded.set()
+            await let_old_read_finish.wait()
+        return result
+
+    monkeypatch.setattr(db, "transaction", ordered)
+    deps.keyring.loaded_at -= REFRESH_SECONDS + 1
+    shared = asyncio.create_task(deps.fresh_keyring())
+    await old_read_loaded.wait()
+    rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate")  # its forced read
+    assert rotated.status_code == 201, rotated.text
+    kid = rotated.json()["data"]["kid"]
+    assert deps.keyring.active()[0] == kid
+    let_old_read_finish.set()
+    await shared
+    assert deps.keyring.active()[0] == kid

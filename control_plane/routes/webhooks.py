@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import late_settlements, pending_inits
+from control_plane import late_settlements
+from control_plane.background import finish
 from control_plane.chat_sessions import SessionLimits
 from control_plane.deps import get_deps, read_body
 from control_plane.errors import AppError, InvalidSignature, ValidationFailed
@@ -70,13 +71,15 @@ async def usage_webhook(request: Request) -> Response:
             result = await deps.settler.settle(delivery, late)
         else:
             result = await settle_delivery(deps.db, delivery, late)
-        if event.user_id:  # the hold has ended: no longer a pending grant (12.6)
-            await pending_inits.forget(deps.store, event.user_id, event.jti)
+        # Committed: what follows is bookkeeping, which a request cancelled from
+        # here on (the server's shutdown) must not lose. The money is counted at
+        # once; the store's part runs to its end (`background.finish`).
+        outcome = "duplicate" if result.duplicate else "settled"
+        if not result.duplicate:
+            late_settlements.count(deps, result)
+        await finish(late_settlements.after_commit(deps, event, result), "settled-webhook")
         if result.duplicate:
-            outcome = "duplicate"
             return ok({"duplicate": True})
-        outcome = "settled"
-        await late_settlements.settled(deps, event, result)
         ended = parse_time(event.ended_at) if event.ended_at else None
         if ended is not None:
             lag = (utcnow() - ended).total_seconds()
