@@ -411,7 +411,7 @@ class Database:
         result of a unit that committed after its caller was told 503
         (`DatabaseTimeout`) or was cancelled (`db_threads`), to undo or finish
         what nobody will."""
-        return await self._threads.run(
+        return await self._threads.call(
             functools.partial(self._in_unit, fn, begin), timeout=self.timeout, late=late
         )
 
@@ -424,7 +424,7 @@ class Database:
     ) -> T:
         """Run ``fn(session)`` in a worker thread, in one transaction; `DatabaseTimeout`
         past ``timeout`` (default: the database's). ``late``: as `unit`'s."""
-        return await self._threads.run(
+        return await self._threads.call(
             functools.partial(self._in_transaction, fn),
             timeout=timeout or self.timeout,
             late=late,
@@ -471,7 +471,7 @@ class Database:
         again: ``read`` must be ONE statement without effects (a plain SELECT, no
         FOR UPDATE, no function that writes), since it may run twice. `then` runs
         once, after a read that succeeded, and is never retried."""
-        return await self._threads.run(
+        return await self._threads.call(
             functools.partial(self._lookup, read, then), timeout=self.timeout
         )
 

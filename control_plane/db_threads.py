@@ -106,6 +106,26 @@ class DbThreads:
         self._jobs.put(job)
         return future
 
+    async def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        timeout: float | None = None,
+        late: Callable[[T], None] | None = None,
+    ) -> T:
+        """`run` awaited. A cancellation that lands after ``fn``'s result is set but
+        before the caller resumes (delivered in the same turn of the loop) loses
+        the result at the ``await``, and `_succeed` found the future not yet done:
+        that result too is nobody's, and goes to ``late`` here, once."""
+        future = self.run(fn, timeout=timeout, late=late)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if late is not None and future.done() and not future.cancelled():
+                if future.exception() is None:
+                    late(future.result())
+            raise
+
     def _start_one(self) -> None:
         with self._lock:
             if self._closed:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import pathlib
 import threading
 import time
 import weakref
@@ -268,3 +269,40 @@ def test_a_cancelled_call_lets_go_of_its_data_once_its_thread_is_past_it() -> No
         asyncio.run(main())
     finally:
         threads.close()
+
+
+def test_a_call_cancelled_as_its_result_comes_hands_it_to_late(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancellation lands after the commit's result is set on the future but
+    # before the awaiting task resumes (a cancel delivered in the same turn of the
+    # loop, as anyio's cancel scopes deliver theirs): the task gets CancelledError
+    # at its await, the result is lost, and `_succeed` saw a future not yet done,
+    # so it did not hand it to `late` either. Before: an init's hold (its
+    # `_give_back` never learned of it) stayed held until the sweeper's deadline, a
+    # webhook's settlement was never counted. Now the caller's await hands it on.
+    from control_plane import db_threads
+    from control_plane.db import Database
+
+    db = Database(f"sqlite:///{tmp_path}/race.db", pool_size=1)
+    late: list[int] = []
+    caller: list[asyncio.Task[int]] = []
+    real = db_threads._succeed
+
+    def succeed_then_cancel(job: object, result: object) -> None:
+        real(job, result)  # type: ignore[arg-type]
+        caller[0].cancel()  # before the task's wake-up, queued by set_result
+
+    monkeypatch.setattr(db_threads, "_succeed", succeed_then_cancel)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(db.transaction(lambda s: 7, late=late.append))
+        caller.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        db.close()
+    assert late == [7]
