@@ -15,7 +15,10 @@ The formula, in tokens:
   framing. Real tokenizers average about 4 bytes a token on English text, where the
   first term rules; text like ``"1,2,3,…"`` costs a token per byte, and the second
   does. An assistant's ``tool_calls`` and a tool result's ``tool_call_id`` count as
-  their compact JSON.
+  their compact JSON; each call once more as the tool an Anthropic route declares
+  for a turn that offers none after such a history (its name, an open schema, with
+  ``tool_choice`` none), and, on that route, Anthropic's tool-use prompt once
+  more (below): such a turn is billed for them.
 - **everything else that goes upstream beside the messages** (``tools``,
   ``tool_choice``, ``response_format``, ``stop``, ``user``, …): the same text count
   of its compact JSON. A tool schema is text the vendor tokenizes too. On an
@@ -72,6 +75,10 @@ IMAGE_TOKENS = 1445
 # (https://docs.anthropic.com/en/docs/agents-and-tools/tool-use/overview#pricing).
 ANTHROPIC_IMAGE_TOKENS = 1600
 ANTHROPIC_TOOL_PROMPT_TOKENS = 350
+# The schema a tool declared without one gets (Anthropic requires one).
+OPEN_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+# The `tool_choice` such a declaration goes with: the model answers in text.
+TOOL_CHOICE_NONE = orjson.dumps({"type": "none"})
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
 MAX_FILENAME_CHARS = 255
 # Deeper JSON is refused (400 `json_too_deep`) before anything is written: no real
@@ -281,14 +288,23 @@ class InputSize:
     tokens: int = 0
     images: int = 0
     tools: bool = False
+    # The history holds tool calls: a turn offering no tools declares theirs on an
+    # Anthropic route (`message_size`). Apart from `tools` and counted on top of it,
+    # so that the messages' estimate and the params' add up to the request's
+    # measure (`measure_input`): a turn that also offers tools is held for the
+    # vendor's prompt twice, a few hundred tokens held and never charged.
+    history_tools: bool = False
 
     def at(self, rates: InputRates) -> int:
-        vendor = rates.tool_prompt_tokens if self.tools else 0
+        vendor = rates.tool_prompt_tokens * (int(self.tools) + int(self.history_tools))
         return self.tokens + self.images * rates.image_tokens + vendor
 
     def __add__(self, other: InputSize) -> InputSize:
         return InputSize(
-            self.tokens + other.tokens, self.images + other.images, self.tools or other.tools
+            self.tokens + other.tokens,
+            self.images + other.images,
+            self.tools or other.tools,
+            self.history_tools or other.history_tools,
         )
 
 
@@ -313,6 +329,13 @@ def message_size(message: Mapping[str, Any]) -> InputSize:
         if message.get(key) is not None:
             texts.append(orjson.dumps(message[key]))
     extra = InputSize()
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        # A turn that offers no tools after a history of calls declares those tools
+        # on an Anthropic route (its refusal of tool blocks without definitions):
+        # each call's tool once more, with the vendor's tool-use prompt.
+        declared = [_declared(call) for call in calls]
+        extra = InputSize(text_tokens([*declared, TOOL_CHOICE_NONE]), history_tools=True)
     if isinstance(content, str):
         texts.append(content.encode("utf-8"))
     elif isinstance(content, list):
@@ -324,6 +347,14 @@ def message_size(message: Mapping[str, Any]) -> InputSize:
             else:
                 extra += _part_size(part)
     return InputSize(text_tokens(texts) + TOKENS_PER_MESSAGE) + extra
+
+
+def _declared(call: Any) -> bytes:
+    """A history's tool declared as `anthropic_messages._history_tools` does: its
+    name and an open schema."""
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return orjson.dumps({"name": str(name or ""), "input_schema": OPEN_SCHEMA})
 
 
 def params_size(params: Mapping[str, Any]) -> InputSize:

@@ -224,7 +224,10 @@ async def claim(
         )
     if admitted.verdict == "full":
         raise state.limits.too_many(admitted.full_index)
-    _forget_stash(state, stashed)
+    if admitted.verdict == "ok":
+        # Not on `reconnect`: that stash is another admission's, still needed by
+        # its take-back (a lost reply) and its retry.
+        _forget_stash(state, stashed)
     return admitted
 
 

@@ -11,6 +11,7 @@ different request with the same token is still refused while the mark stands.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.store import Admission, Admitted
+from stream_edge import admission as edge_admission
 from tests.inproc import Gateway
 from tests.stack import base_env
 
@@ -87,3 +89,48 @@ async def test_a_lost_reply_taken_back_never_reopens_a_token_another_request_hol
         assert await gw.store.get(lost.ran[0].used_key) is not None  # the mark stands
         status, answer = await gw.complete(token, {"messages": [HI]})
         assert (status, answer["error"]["code"]) == (401, "token_used"), answer
+
+
+class LostReplyWhileAnotherTries(LostReply):
+    """The first admission runs and, before its reply is lost, another request with
+    the same token arrives (a client whose own timeout retried meanwhile): that one
+    is refused, its admission meeting the first's mark."""
+
+    def __init__(self, inner: Any, meanwhile: Any) -> None:
+        super().__init__(inner, times=1)
+        self.meanwhile = meanwhile
+        self.answered: list[tuple[int, Any]] = []
+
+    async def __call__(self, admission: Admission) -> Admitted:
+        if self.times == 0:
+            return await super().__call__(admission)
+        await self.inner(admission)
+        self.ran.append(admission)
+        self.times = 0
+        self.answered.append(await self.meanwhile())
+        raise RedisConnectionError("the Redis connection was lost")
+
+
+async def test_a_request_refused_by_a_lost_admissions_mark_leaves_its_stash_for_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused request must not delete the stash: it belongs to the admission whose
+    mark refused it. Before, every `reconnect` verdict deleted it as a started stream's
+    would: the lost admission's take-back then reopened a token whose request was gone,
+    and the client's retry was refused 401 `token_unknown`, its hold kept until the
+    sweeper's deadline."""
+    async with Gateway(base_env(f"sqlite:///{tmp_path}/gw.db")) as gw:
+        user = await gw.new_user()
+        token = (await gw.init_ok(user, {"messages": [HI], "max_tokens": 16}))["stream_token"]
+        lost = LostReplyWhileAnotherTries(
+            gw.store.admit, lambda: gw.complete(token, {"messages": [HI]})
+        )
+        monkeypatch.setattr(gw.store, "admit", lost)
+        status, answer = await gw.complete(token, {"messages": [HI]})
+        assert status == 503, answer
+        ((status, answer),) = lost.answered
+        assert (status, answer["error"]["code"]) == (401, "token_used"), answer
+        await asyncio.gather(*edge_admission._forgetting)  # any stash deletion has happened
+        assert await gw.store.get(lost.ran[0].used_key) is None  # taken back
+        status, answer = await gw.complete(token, {"messages": [HI]})
+        assert status == 200, answer

@@ -772,3 +772,44 @@ def test_overrides_on_the_platform_key_keep_the_packaged_terms() -> None:
     keyed = company_catalog(catalog, rows, None, frozenset({"openai"}))
     own = route_for(catalog, keyed.models["gpt-4o-mini"], COMPANY_KEY)
     assert own is not None and own.image_input_tokens == 1
+
+
+def test_a_tool_history_sent_to_anthropic_without_tools_is_held_for_the_tools_declared() -> None:
+    """Attack: a request without tools whose history holds tool calls goes to
+    Anthropic with those tools declared (`tool_choice: none`, its own refusal of tool
+    blocks without definitions); Anthropic bills their definitions and its tool-use
+    prompt (about 350 tokens), but the measure saw no tools, so the hold, and the
+    charge (`min(cost, hold)`), stayed below the bill: the rest unbilled, on every
+    such turn. Now it is held as the same request offering those tools."""
+    from shared.input_size import input_rates, measure_input
+    from shared.text_tokens import text_tokens
+    from stream_edge.upstream.anthropic_messages import AnthropicMessagesAdapter
+    from stream_edge.upstream.base import UpstreamCall
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "look it up"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "user", "content": "thanks"},
+    ]
+    sent = orjson.loads(
+        AnthropicMessagesAdapter()
+        .build_request(UpstreamCall("http://x", None, "claude", messages, 16, True, {}, "r"))
+        .body
+    )
+    assert sent["tool_choice"] == {"type": "none"}
+    rates = input_rates("anthropic_messages")
+    # What Anthropic bills, in our formula: the messages (the calls as the text they
+    # are), the declared tools and their `tool_choice` as sent, and its tool prompt.
+    plain = [
+        {"role": m["role"], "content": orjson.dumps(m["tool_calls"]).decode()}
+        if m.get("tool_calls")
+        else m
+        for m in messages
+    ]
+    declared = text_tokens(
+        [orjson.dumps(tool) for tool in sent["tools"]] + [orjson.dumps(sent["tool_choice"])]
+    )
+    bill = measure_input(plain, {}).at(rates) + declared + rates.tool_prompt_tokens
+    assert measure_input(messages, {}).at(rates) >= bill
