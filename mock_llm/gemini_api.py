@@ -9,7 +9,9 @@ whole ``GenerateContentResponse``, framed ``data: …\\r\\n\\r\\n`` (CRLF, as Go
 one is 400 ``API_KEY_INVALID``. Errors use Google's ``{"error": {code, message,
 status}}`` shape. Tool calls (``[[mock tool_calls=N]]`` with ``functionDeclarations``)
 come as whole ``functionCall`` parts without ids, one frame each, finishing ``STOP``
-as Gemini does; ``functionResponse`` parts answer them. Requests are proto3 JSON:
+as Gemini does, the first signed with a ``thoughtSignature`` (as Gemini 3 signs the
+first call of a step; ``[[mock signatures=1]]`` refuses a history without it, as
+Gemini 3 does); ``functionResponse`` parts answer them. Requests are proto3 JSON:
 every field is read in either spelling (``maxOutputTokens`` or ``max_output_tokens``),
 as Google reads them, and schema types in either case (``INTEGER``, ``integer``).
 Checked with Google's own client, ``google-genai`` (``tests/test_mock_llm_gemini_sdk.py``).
@@ -31,7 +33,7 @@ from mock_llm.media import gemini_part_text
 from mock_llm.request import invalid, proto_field
 from mock_llm.script import Completion, Message
 from mock_llm.server import MockServer, json_response, require_json, secret_matches
-from mock_llm.tools import ToolSpec
+from mock_llm.tools import ToolSpec, mock_signature
 
 FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS"}
 API_VERSIONS = ("v1beta", "v1")
@@ -117,6 +119,34 @@ def parse_generate_request(body: object) -> GenerateRequest:
     return GenerateRequest(tuple(messages), limit, _tools(proto_field(body, "tools")))
 
 
+MISSING_SIGNATURE = (
+    "Function call is missing a thought_signature in functionCall parts. This is required "
+    "for tools to work correctly, and missing thought_signature may lead to degraded model "
+    "performance. Additional data, function call `default_api:{name}` , position {position}. "
+    "Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures for more "
+    "details."
+)
+
+
+def check_signatures(body: object) -> None:
+    """Gemini 3's rule (with ``[[mock signatures=1]]``): the first ``functionCall`` of
+    each ``model`` turn comes back with the signature it was given, or a 400 in
+    Google's shape. Only the mock's own signature counts (`mock_signature`)."""
+    contents = proto_field(body, "contents")
+    for index, content in enumerate(contents if isinstance(contents, list) else []):
+        parts = proto_field(content, "parts")
+        calls = (
+            [p for p in parts if proto_field(p, "functionCall")] if isinstance(parts, list) else []
+        )
+        if proto_field(content, "role") != "model" or not calls:
+            continue
+        call = proto_field(calls[0], "functionCall")
+        name = str(proto_field(call, "name"))
+        expected = mock_signature(name, proto_field(call, "args") or {})
+        if proto_field(calls[0], "thoughtSignature") != expected:
+            raise MockAPIError(400, MISSING_SIGNATURE.format(name=name, position=index + 1))
+
+
 class GenerateFrames:
     def __init__(self, model: str, completion: Completion, report_usage: bool) -> None:
         self._model = model
@@ -160,7 +190,14 @@ class GenerateFrames:
 
     def calls(self, numbers: range) -> list[dict[str, Any]]:
         calls = self._completion.calls
-        return [{"functionCall": {"name": calls[n].name, "args": calls[n].args()}} for n in numbers]
+        parts: list[dict[str, Any]] = []
+        for n in numbers:
+            call = calls[n]
+            part: dict[str, Any] = {"functionCall": {"name": call.name, "args": call.args()}}
+            if n == 0:  # as Gemini 3: the first call of a step is signed
+                part["thoughtSignature"] = mock_signature(call.name, call.args())
+            parts.append(part)
+        return parts
 
     def token(self, index: int, text: str) -> bytes:
         if not self._completion.calls:
@@ -206,7 +243,8 @@ def routes(server: MockServer) -> list[Route]:
         stream = method == "streamGenerateContent"
         if stream and request.query_params.get("alt") != "sse":
             raise MockAPIError(400, "mock: only alt=sse streaming is supported")
-        call = parse_generate_request(require_json(body))
+        body_doc = require_json(body)
+        call = parse_generate_request(body_doc)
         if model not in server.models:
             version = request.url.path.split("/")[1]
             raise MockAPIError(
@@ -218,6 +256,8 @@ def routes(server: MockServer) -> list[Route]:
         completion, behaviour = server.plan(
             model, call.messages, request.headers, call.max_tokens, call.tools
         )
+        if behaviour.require_signatures:
+            check_signatures(body_doc)
         frames = GenerateFrames(model, completion, behaviour.report_usage)
         if stream:
             return server.stream(frames, completion, behaviour)

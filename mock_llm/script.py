@@ -6,7 +6,8 @@ is a prefix of the longer one. Timing and failures come from the model's default
 overridden per request by a directive inside any message::
 
     [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S fail_times=N drop_after=N
-            error_after=N usage=0|1 tool_calls=N cached=N cache_write=N reasoning=N tpm=N]]
+            error_after=N usage=0|1 tool_calls=N cached=N cache_write=N reasoning=N tpm=N
+            signatures=0|1]]
 
 (every key optional; several directives merge, later ones win), and then by the
 ``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
@@ -66,6 +67,10 @@ class MockBehaviour:
     # The organization's tokens per minute: a request asking more on its own (prompt
     # plus max_tokens) is refused with the vendor's 429 (`mock_llm.rate_limits`).
     tpm_limit: int | None = None
+    # Gemini only: refuse (400, as Gemini 3) a history whose first function call of a
+    # step lacks the `thoughtSignature` the mock gave it (`tools.mock_signature`);
+    # Google's stand-in does not count here, so a test sees the real one came back.
+    require_signatures: bool = False
 
 
 MODEL_DEFAULTS: dict[str, MockBehaviour] = {
@@ -93,6 +98,7 @@ class Overrides:
     cache_write_tokens: int | None = None
     reasoning_tokens: int | None = None
     tpm_limit: int | None = None
+    require_signatures: bool | None = None
 
     def merged(self, later: Overrides) -> Overrides:
         changes = {
@@ -159,11 +165,13 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(reasoning_tokens=_int_value(name, raw, 0, _MAX_TOKENS))
     if key == "tpm":
         return Overrides(tpm_limit=_int_value(name, raw, 1, 100_000_000))
+    if key == "signatures":
+        return Overrides(require_signatures=bool(_int_value(name, raw, 0, 1)))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
         "retry_after, fail_times, drop_after, error_after, usage, tool_calls, cached, "
-        "cache_write, reasoning, tpm)",
+        "cache_write, reasoning, tpm, signatures)",
         code="invalid_mock_directive",
     )
 

@@ -10,6 +10,7 @@ a tool result gets an ordinary text answer: the loop ends.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,13 @@ def plan_calls(prompt: str, tools: tuple[ToolSpec, ...], count: int) -> tuple[Pl
         call_id = f"call_{digest[i : i + 20]}{i:02d}"
         calls.append(PlannedCall(call_id, tool.name, orjson.dumps(args).decode()))
     return tuple(calls)
+
+
+def mock_signature(name: str, args: Any) -> str:
+    """The `thoughtSignature` the mock's Gemini gives a call: base64 (as Google's are)
+    of a digest of the call, so the same call always gets the same one."""
+    body = orjson.dumps([name, args], option=orjson.OPT_SORT_KEYS)
+    return base64.b64encode(b"mock-thought:" + hashlib.sha256(body).digest()).decode()
 
 
 def openai_tools(value: Any) -> tuple[ToolSpec, ...]:

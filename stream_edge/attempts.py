@@ -4,6 +4,7 @@ the backend it puts the stream on, and the call that carries it (pure: no I/O)."
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,10 @@ def upstream_call(
     *,
     stream: bool,
     key: str | None,
+    thought_signatures: Mapping[str, str] | None = None,
 ) -> UpstreamCall:
-    """What goes to the attempt's backend, with `key` (None: the provider needs none)."""
+    """What goes to the attempt's backend, with `key` (None: the provider needs none)
+    and the history calls' kept `thought_signatures` (Gemini's, by call id)."""
     route = attempt.route
     provider, model = route.provider, route.model
     # The platform's service token authenticates the platform's own traffic; a route
@@ -104,4 +107,5 @@ def upstream_call(
             grant.user_id, grant.company_id, grant.role, grant.session_id, grant.request_id
         ),
         service_token=service_token.reveal() if service_token else None,
+        thought_signatures=thought_signatures or {},
     )

@@ -19,6 +19,8 @@ The transcript (the answer's text and tool calls, for the report when transcript
 are on) keeps what a report can carry, no more: a backend that streams for the
 stream's whole life, ignoring `max_tokens`, once grew the edge's memory by all it
 sent (a report is cut to fit its cap anyway, `usage_report.fit_transcript`).
+It also keeps the thought signatures of the answer's calls (bounded, whatever the
+transcript setting) for the report to store (`stream_edge.thought_signatures`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from datetime import UTC, datetime
 from shared.text_tokens import byte_tokens, text_bound, text_tokens
 from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.output_estimate import MEASURED, delta_measure
+from stream_edge.thought_signatures import MAX_PER_ANSWER, SignedCall, keepable
 from stream_edge.upstream.base import (
     Delta,
     Finish,
@@ -83,6 +86,8 @@ class Meter:
     finish_reason: str | None = None
     parts: list[str] = field(default_factory=list)
     calls: ToolCalls = field(default_factory=ToolCalls)
+    # Gemini's thought signatures of the answer's calls (`thought_signatures`).
+    signatures: list[SignedCall] = field(default_factory=list)
     # What the transcript may still keep (`TRANSCRIPT_CHARS`, `TRANSCRIPT_PIECES`); a
     # tool call past its room drops them all, as its report would.
     text_room: int = TRANSCRIPT_CHARS
@@ -106,6 +111,8 @@ class Meter:
                 self._batch(event.arguments)
             if self.keep_transcript:
                 self._keep_call(event)
+            if event.signature:
+                self._keep_signature(event.id, event.name, event.arguments, event.signature)
         elif isinstance(event, ReasoningDelta):
             # Output the client may read (the passthrough writer forwards it): billed
             # like text when the backend's usage never comes (the client left).
@@ -156,6 +163,14 @@ class Meter:
             return
         self.calls.add(delta)
 
+    def _keep_signature(
+        self, call_id: str | None, name: str | None, arguments: str, signature: str
+    ) -> None:
+        """A call's thought signature, kept server-side at the stream's end (Gemini
+        sends each call whole, signature included, in one fragment)."""
+        if call_id and name and len(self.signatures) < MAX_PER_ANSWER and keepable(signature):
+            self.signatures.append(SignedCall(call_id, name, arguments, signature))
+
     def _batch(self, text: str) -> None:
         """Text from a backend whose deltas batch tokens: measured for the bound."""
         _, size, count = delta_measure(text)
@@ -185,6 +200,9 @@ class Meter:
         if self.keep_transcript:
             for index, call in enumerate(tool_calls):
                 self._keep_call(ToolCallDelta(index, call.id, call.name, call.arguments))
+        for call in tool_calls:
+            if call.signature:
+                self._keep_signature(call.id, call.name, call.arguments, call.signature)
         self.usage = usage
         self.finish_reason = finish_reason
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from shared.key_pool import PLATFORM, company_scope
 from shared.tokens import StreamGrant
+from stream_edge import thought_signatures
 from stream_edge.attempts import Attempt, Backend, upstream_call
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.fallback import await_first_token, falls_back
@@ -31,6 +32,8 @@ class Opener:
         self._attempts = list(attempts)
         self.backend = Backend.of(self._attempts[0], state.settings)
         self._first_label = self.backend.model_label
+        # Call id → its kept thought signature (None: none kept), as read for this stream.
+        self._signatures_read: dict[str, str | None] = {}
 
     async def open(self, stream: bool) -> Response:
         """Connect to the backend — the chain's next model after a failure that
@@ -57,10 +60,16 @@ class Opener:
             raise UpstreamError(f"the edge cannot speak the {backend.provider.api_type} format")
         state = self._state
         breaker = state.breakers.for_provider(backend.provider.name)
+        signatures = await self._thought_signatures(backend)
 
         async def open_with(key: str | None, retry_rate_limited: bool) -> Response:
             call = upstream_call(
-                backend.attempt, self._grant, state.settings, stream=stream, key=key
+                backend.attempt,
+                self._grant,
+                state.settings,
+                stream=stream,
+                key=key,
+                thought_signatures=signatures,
             )
             backend.credentials = tuple(c for c in (call.api_key, call.service_token) if c)
             return await open_stream(
@@ -79,6 +88,22 @@ class Opener:
             parser = parser_for(adapter, backend.credentials)
             return await await_first_token(response, parser, state.settings.first_token_timeout)
         return response
+
+    async def _thought_signatures(self, backend: Backend) -> dict[str, str]:
+        """The signatures kept for the history's calls, for a Gemini backend only, read
+        under the grant's company (never the client's say) in one round trip; a later
+        Gemini attempt of the chain reuses what was read."""
+        if backend.provider.api_type != "gemini":
+            return {}
+        calls = thought_signatures.history_calls(backend.attempt.messages)
+        missing = [c for c in calls if c[0] not in self._signatures_read]
+        if missing:
+            found = await thought_signatures.load(
+                self._state.store, self._grant.company_id, missing
+            )
+            for call_id, _, _ in missing:
+                self._signatures_read[call_id] = found.get(call_id)
+        return {c[0]: s for c in calls if (s := self._signatures_read.get(c[0])) is not None}
 
     def _pool(self) -> KeyPool:
         """The company's keys for its own route, else the platform's for the provider."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from shared.retry import Backoff
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
+from stream_edge import thought_signatures
 from stream_edge.attempts import Backend
 from stream_edge.limits import slot_keys
 from stream_edge.state import EdgeState
@@ -92,6 +93,12 @@ class Reporter:
                 "duration_ms": round(duration * 1000, 1),
             },
         )
+        if backend.meter.signatures:
+            # Before the report: a session's next turn starts once it is settled, and
+            # then finds them (bounded by the module's own budget; a failure is logged).
+            await thought_signatures.save(
+                self.state.store, grant.company_id, backend.meter.signatures
+            )
         # The slots go back in the same round trip as the report is stored.
         release = SlotRelease(slot_keys(grant), grant.jti)
         outbox = self.state.outbox

@@ -118,7 +118,7 @@ class AdapterStack:
         }
         self.settings, edge_settings = settings_from_env(env)
         self.edge_settings = dataclasses.replace(edge_settings, **(edge_changes or {}))
-        store = MemoryStore()
+        store = self.store = MemoryStore()  # shared by both services, as Redis would be
         self.mock = mock_app(api_key=VENDOR_KEY, service_token=SERVICE_TOKEN)
         self.group = ServerGroup(
             [

@@ -21,6 +21,7 @@ from google.genai import errors, types
 
 from mock_llm.app import create_app
 from mock_llm.script import Message, answer_tokens, count_prompt_tokens
+from mock_llm.tools import mock_signature
 from tests.harness import ServerGroup, bind_free_socket, url_of
 
 KEY = "mock-key-gemini"
@@ -289,7 +290,8 @@ def test_snake_case_field_names_are_read_as_google_reads_them(http: httpx.Client
         "tools": [{"function_declarations": [{"name": "f", "parameters": {"type": "object"}}]}],
     }
     answer = http.post(path, json=calls, headers=headers).json()
-    call = {"functionCall": {"name": "f", "args": {}}}
+    # Signed as Gemini 3 signs the first call of a step (`tools.mock_signature`).
+    call = {"functionCall": {"name": "f", "args": {}}, "thoughtSignature": mock_signature("f", {})}
     assert answer["candidates"][0]["content"]["parts"] == [call]
     reply = {
         "contents": [

@@ -15,7 +15,8 @@ account id or worse. Adapters log a short vendor message instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -58,6 +59,10 @@ class UpstreamCall:
     request_id: str
     context: CallerContext | None = None
     service_token: str | None = None
+    # Gemini's thought signatures for the history's calls, by call id: the ones the
+    # edge kept for this company (`stream_edge.thought_signatures`); other vendors
+    # have none.
+    thought_signatures: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,10 @@ class ToolCallDelta:
     name: str | None
     arguments: str
     raw: bytes = b""
+    # Gemini's `thoughtSignature` on the call's part (opaque, up to kilobytes): kept
+    # server-side and sent back with the call (`stream_edge.thought_signatures`),
+    # never shown to the client. Not part of the call's identity.
+    signature: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,7 @@ class ToolCall:
     id: str
     name: str
     arguments: str
+    signature: str = field(default="", compare=False, repr=False)  # see `ToolCallDelta`
 
     def openai(self) -> dict[str, Any]:
         return {

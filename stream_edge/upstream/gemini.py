@@ -20,7 +20,10 @@ become `functionDeclarations`, `tool_choice` a `toolConfig`; an assistant's
 `tool_calls` become `functionCall` parts and `tool` messages `functionResponse` parts
 (named after the call they answer). Gemini streams each call whole, in one part,
 often without an id, and finishes with `STOP`: we give each call an id, send its
-arguments as one fragment and report `tool_calls` as the finish reason.
+arguments as one fragment and report `tool_calls` as the finish reason. A call's
+`thoughtSignature` rides on its `ToolCallDelta` / `ToolCall` (never to the client);
+the edge keeps it and passes it back in `UpstreamCall.thought_signatures`
+(`stream_edge.thought_signatures`).
 
 Images, PDFs and audio become `inlineData` / `fileData` parts
 (`stream_edge/upstream/parts.py`).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -109,6 +113,12 @@ def _output_so_far(doc: dict[str, Any]) -> int:
     return token_count(_answer_and_thoughts(meta))
 
 
+def _signature(part: dict[str, Any]) -> str:
+    """A part's `thoughtSignature` (Gemini 3 signs the first call of each step)."""
+    value = part.get("thoughtSignature")
+    return value if isinstance(value, str) else ""
+
+
 def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
     """The text of the first candidate (thought summaries left out), its function
     calls (ids made up where Gemini sends none) and its finish."""
@@ -124,8 +134,9 @@ def _read(doc: dict[str, Any]) -> tuple[str, list[ToolCall], str | None]:
             str(call.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
             call["name"],
             json_text(_dict(call.get("args"))),
+            _signature(part),
         )
-        for call in (_dict(p.get("functionCall")) for p in parts)
+        for part, call in ((p, _dict(p.get("functionCall"))) for p in parts)
         if isinstance(call.get("name"), str)
     ]
     reason = candidate.get("finishReason")
@@ -157,7 +168,9 @@ class GeminiStreamParser(JsonEventParser):
         if text:
             out.append(Delta(text, raw))
         for call in calls:
-            out.append(ToolCallDelta(self._calls, call.id, call.name, call.arguments, raw))
+            out.append(
+                ToolCallDelta(self._calls, call.id, call.name, call.arguments, raw, call.signature)
+            )
             self._calls += 1
         if reason is not None and not self.done:
             self.done = True
@@ -203,12 +216,17 @@ def _generation_config(call: UpstreamCall) -> dict[str, Any]:
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 
 
-def _function_call_turn(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+def _function_call_turn(
+    message: dict[str, Any], names: dict[str, str], signatures: Mapping[str, str]
+) -> dict[str, Any]:
     """A `model` turn of `functionCall` parts. Gemini 3 refuses a history whose
     function call (the first of each step) comes back without the `thoughtSignature`
-    it was made with; we keep no signatures (a call carries OpenAI's id, name and
-    arguments only, and may come from another vendor), so the first call of each
-    turn carries Google's stand-in. Gemini 2.5 takes it too."""
+    it was made with, and without its own signature loses the reasoning behind the
+    call. A call's OpenAI shape carries no signature: the edge keeps the model's
+    server-side (`stream_edge.thought_signatures`) and `signatures` holds those found
+    for this history's calls. A turn whose first call has none (a call the edge did
+    not keep: another vendor's, expired, the store down) gets Google's stand-in there.
+    Gemini 2.5 takes both."""
     text = message_text(message)
     parts: list[dict[str, Any]] = [{"text": text}] if text else []
     for i, call in enumerate(message["tool_calls"]):
@@ -216,8 +234,9 @@ def _function_call_turn(message: dict[str, Any], names: dict[str, str]) -> dict[
         names[call["id"]] = function["name"]
         args = arguments_object(function["arguments"])
         part: dict[str, Any] = {"functionCall": {"name": function["name"], "args": args}}
-        if i == 0:
-            part["thoughtSignature"] = SKIP_SIGNATURE
+        signature = signatures.get(call["id"]) or (SKIP_SIGNATURE if i == 0 else None)
+        if signature:
+            part["thoughtSignature"] = signature
         parts.append(part)
     return {"role": "model", "parts": parts}
 
@@ -270,7 +289,7 @@ def request_body(call: UpstreamCall) -> dict[str, Any]:
         if role in ("system", "developer"):
             system.append({"text": text})
         elif role == "assistant" and message.get("tool_calls"):
-            contents.append(_function_call_turn(message, names))
+            contents.append(_function_call_turn(message, names, call.thought_signatures))
         elif role == "tool":
             part = _function_response(message, names)
             last = contents[-1] if contents else None
