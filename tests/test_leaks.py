@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import orjson
 import pytest
@@ -21,6 +21,10 @@ from llm_gateway import cli
 from mock_llm import openai_api
 from shared.logs import JsonFormatter
 from shared.webhooks import generate_secret
+from stream_edge.upstream.anthropic_messages import AnthropicMessagesAdapter
+from stream_edge.upstream.base import VENDOR_ERROR, Adapter, Failure, parser_for
+from stream_edge.upstream.gemini import GeminiAdapter
+from stream_edge.upstream.openai_chat import OpenAIChatAdapter
 from tests.inproc import Gateway, events, gateway_env, opened
 
 
@@ -33,7 +37,9 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
 
 async def _member_of_company_with_key(gw: Gateway, key: str) -> str:
     """A member's access token, in a new company that stores `key` for the mock."""
-    company = await gw.admin("POST", "/v1/admin/companies", json={"name": "c", "credits": "5"})
+    company = await gw.admin(
+        "POST", "/v1/admin/companies", json={"name": f"c-{uuid.uuid4().hex[:10]}", "credits": "5"}
+    )
     company_id = company.json()["data"]["id"]
     stored = await gw.admin(
         "PUT", f"/v1/admin/companies/{company_id}/providers/mock", json={"api_key": key}
@@ -111,3 +117,59 @@ def test_a_mistyped_url_is_refused_without_printing_its_password(
     err = capsys.readouterr().err
     assert name in err
     assert secret not in err
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_backend_echoing_the_key_inside_a_structured_error_never_logs_it(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error whose `message` is no string (a list, an object) was logged as its
+    Python repr, which doubles a backslash and escapes a quote: a company key holding
+    one (`_valid_key` takes any printable ASCII) was no longer the text cut out, and
+    reached the log whole."""
+    secret = uuid.uuid4().hex
+    key = f"acme\\{secret}'\""  # a backslash and both quotes: repr escapes all three
+    access = await _member_of_company_with_key(gw, key)
+
+    def echoing(self: openai_api.ChunkFrames) -> bytes:
+        error = {"message": ["quota exceeded for key", {"key": key}], "type": "x"}
+        return openai_api.sse_frame({"error": error})
+
+    monkeypatch.setattr(openai_api.ChunkFrames, "error", echoing)
+    caplog.set_level(logging.INFO)
+    query = "hello [[mock tokens=8 error_after=3]]"
+    grant = await gw.init_ok(access, {"query": query})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    body = orjson.dumps({"stream": True, "messages": [{"role": "user", "content": query}]})
+    async with opened(await gw.post("/v1/chat/completions", body, headers)) as response:
+        assert response.status_code == 200
+        got = await events(response)
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert record["status"] == "failed"
+    assert not [e.data for e in got if secret in e.data]
+    logged = [r for r in caplog.records if "upstream error event" in r.getMessage()]
+    assert logged and "quota exceeded" in logged[0].getMessage()
+    assert not [r for r in caplog.records if secret in JsonFormatter().format(r)]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "event"),
+    [
+        (OpenAIChatAdapter, b'{"error": %s}'),
+        (OpenAIChatAdapter, b'{"error": {"message": %s}}'),
+        (AnthropicMessagesAdapter, b'{"type": "error", "error": {"type": %s}}'),
+        (GeminiAdapter, b'{"error": {"status": %s, "message": "m"}}'),
+    ],
+    ids=["openai-error", "openai-message", "anthropic-type", "gemini-status"],
+)
+def test_an_error_event_nested_too_deep_is_a_vendor_error_not_a_crash(
+    adapter: Callable[[], Adapter], event: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend's error detail nested 1,000 levels (orjson reads 1,024): its repr
+    raised RecursionError inside the parser, an unexpected exception for the stream."""
+    deep = b"[" * 1000 + b"]" * 1000
+    parser = parser_for(adapter(), ("k",))
+    caplog.set_level(logging.WARNING)
+    out = parser.feed(b"data: " + event % deep + b"\n\n")
+    assert out == [Failure(VENDOR_ERROR)]
+    assert [r for r in caplog.records if "upstream error event" in r.getMessage()]

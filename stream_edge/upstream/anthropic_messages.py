@@ -152,7 +152,7 @@ class AnthropicStreamParser(JsonEventParser):
             self.done = True
         elif kind == "error":
             error = _dict(doc.get("error"))
-            return [vendor_failure(str(error.get("type")), error.get("message"), self.withheld)]
+            return [vendor_failure(error.get("type"), error.get("message"), self.withheld)]
         # ping, content_block_stop, and event types added later carry nothing
         # we bill or show; Anthropic's versioning policy says to ignore unknown ones.
         return []

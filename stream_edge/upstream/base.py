@@ -380,16 +380,32 @@ def parser_for(adapter: Adapter, withheld: tuple[str, ...]) -> StreamParser:
     return parser
 
 
-def vendor_failure(kind: str, detail: object, withheld: tuple[str, ...] = ()) -> Failure:
+def _as_text(value: object) -> str:
+    """A vendor's error field as log text: a string as it came, anything else as
+    compact JSON. Not its Python repr: repr escapes a backslash or a quote depending
+    on what surrounds it, so a credential holding one no longer matched the value
+    cut out; and on a list nested 1,000 deep (orjson reads 1,024) repr raised
+    RecursionError inside the parser. JSON escapes each character on its own, and
+    orjson refuses what it cannot write (past 255 levels) with a TypeError."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return "(unprintable)"
+
+
+def vendor_failure(kind: object, detail: object, withheld: tuple[str, ...] = ()) -> Failure:
     """A mid-stream vendor error: logged briefly, reported to the client generically.
 
     A backend may echo the credential it was sent (a hostile one, or a vendor quoting
     the key it refuses); a company's own key has any shape, so the log's pattern
-    redaction cannot be trusted to know it: each credential sent is cut out by value.
+    redaction cannot be trusted to know it: each credential sent is cut out by value,
+    as sent and as JSON writes it (`_as_text`).
     """
-    text = f"{kind} {detail}"
+    text = f"{_as_text(kind)} {_as_text(detail)}"
     for secret in withheld:
-        text = text.replace(secret, REDACTED)
+        text = text.replace(secret, REDACTED).replace(_as_text([secret])[2:-2], REDACTED)
     log.warning("upstream error event: %.240s", text)
     return Failure(VENDOR_ERROR)
 

@@ -159,7 +159,7 @@ class GeminiStreamParser(JsonEventParser):
     def _interpret(self, doc: dict[str, Any], raw: bytes) -> list[UpstreamEvent]:
         if "error" in doc:
             error = _dict(doc["error"])
-            return [vendor_failure(str(error.get("status")), error.get("message"), self.withheld)]
+            return [vendor_failure(error.get("status"), error.get("message"), self.withheld)]
         try:
             text, calls, reason = _read(doc)
         except ValueError:  # a call whose args cannot be forwarded (`json_text`)
