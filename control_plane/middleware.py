@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.errors import InvalidCharacters, error_response, internal_error_response
 from control_plane.metrics import Metrics
+from shared.logs import cap_path
 from shared.request_id import choose_request_id, current_request_id
 
 log = logging.getLogger("control_plane")
@@ -84,7 +85,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception(
-                "unhandled error on %s %s (request %s)", scope["method"], scope["path"], rid
+                "unhandled error on %s %s (request %s)",
+                scope["method"],
+                cap_path(scope["path"]),
+                rid,
             )
             if response_started:
                 raise

@@ -330,3 +330,26 @@ def test_text_lines_cannot_be_forged_or_rewrite_the_terminal(captured: io.String
     except ValueError:
         log.exception("failed")
     assert "\nValueError: boom" in captured.getvalue()
+
+
+def test_an_unhandled_errors_log_line_caps_the_path(caplog: pytest.LogCaptureFixture) -> None:
+    """The error line names the request's path, which the client chose: cut at
+    `MAX_LOGGED_PATH` as the access line is, not a megabyte per failing request."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from control_plane.metrics import Metrics
+    from control_plane.middleware import RequestContextMiddleware
+    from shared.logs import MAX_LOGGED_PATH
+
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("a bug")
+
+    app = Starlette()
+    app.mount("/", broken)
+    app.add_middleware(RequestContextMiddleware, metrics=Metrics())
+    path = "/" + "a" * 50_000
+    with caplog.at_level(logging.ERROR), TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get(path).status_code == 500
+    lines = [r.getMessage() for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert lines and all(len(line) < MAX_LOGGED_PATH + 200 for line in lines)
