@@ -140,9 +140,11 @@ def create_api_key(session: Session, a: Actor, user_id: str, scopes: Any) -> acc
     return created
 
 
-def revoke_api_key(session: Session, a: Actor, key_id: str) -> None:
+def revoke_api_key(session: Session, a: Actor, key_id: str) -> tuple[str, list[str]]:
     """`accounts.revoke_api_key` (404 unless the caller may), audited when it
-    changed something."""
+    changed something; the key's company and the ids of the stream tokens it minted
+    that still hold credits (unused, or streaming): the caller revokes them at the
+    edges, which know nothing of API keys."""
     row = session.get(ApiKey, key_id)
     before = None if row is None else accounts.api_key_public(row)
     accounts.revoke_api_key(session, a.principal, key_id)
@@ -153,6 +155,7 @@ def revoke_api_key(session: Session, a: Actor, key_id: str) -> None:
     _if_changed(
         session, a, audit.API_KEY_REVOKE, user.company_id, f"api_key:{key_id}", before, after
     )
+    return user.company_id, accounts.open_stream_ids(session, user.company_id, key_id)
 
 
 def rotate_signing_key(

@@ -19,7 +19,7 @@ from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from control_plane.grants import move
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
-from control_plane.tables import ApiKey, Company, User, iso, new_id, utcnow
+from control_plane.tables import ApiKey, Company, Reservation, User, iso, new_id, utcnow
 from shared.pricing import format_credits
 
 # The addresses users of a trusted external app get when their token carries no
@@ -254,6 +254,21 @@ def revoke_api_key(session: Session, p: Principal, key_id: str) -> None:
         .where(col(ApiKey.id) == key_id)
         .where(col(ApiKey.revoked_at).is_(None))
         .values(revoked_at=utcnow())
+    )
+
+
+def open_stream_ids(session: Session, company_id: str, key_id: str) -> list[str]:
+    """The `jti`s of the stream tokens `key_id` minted whose holds are still active:
+    not yet used, or streaming (a settled one's stream has ended). Read by the
+    active holds' index, which only the company's open streams fill."""
+    return list(
+        session.scalars(
+            select(col(Reservation.jti)).where(
+                col(Reservation.status) == "active",
+                col(Reservation.company_id) == company_id,
+                col(Reservation.api_key_id) == key_id,
+            )
+        )
     )
 
 

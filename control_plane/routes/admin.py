@@ -7,12 +7,14 @@ and API keys (`policy`). Creates answer 201, deletes 204.
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import account_admin, accounts, policy
+from control_plane import account_admin, accounts, policy, revoking
 from control_plane.auth import (
     ACCESS_TOKEN_TTL_SECONDS,
     authenticate,
@@ -21,7 +23,7 @@ from control_plane.auth import (
 )
 from control_plane.credentials import hash_password
 from control_plane.deps import get_deps, path_id
-from control_plane.errors import Conflict, Forbidden, ValidationFailed
+from control_plane.errors import Conflict, Forbidden, ServiceUnavailable, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
 from control_plane.policy import Principal
@@ -34,6 +36,9 @@ from control_plane.validation import (
     parse_json_object,
     required_str,
 )
+from shared.revocations import revoke
+
+log = logging.getLogger("control_plane.admin")
 
 PASSWORD_MIN, PASSWORD_MAX = 4, 1024
 
@@ -164,7 +169,24 @@ async def revoke_api_key(request: Request) -> Response:
     principal = await authenticate(request)
     key_id = path_id(request, "key_id")
     actor = _actor(request, principal)
-    await get_deps(request).db.transaction(lambda s: account_admin.revoke_api_key(s, actor, key_id))
+    deps = get_deps(request)
+    company_id, jtis = await deps.db.transaction(
+        lambda s: account_admin.revoke_api_key(s, actor, key_id)
+    )
+    # The stream tokens the key minted outlived it: a leaked key's thief started
+    # them, and resumed them, after the revocation. Each is revoked at the edges as
+    # `POST /v1/admin/revocations {"jti"}` would (refused, or ended `revoked`).
+    # Published on every call (a repeat is a no-op in the database), so a retry after
+    # a store failure completes it.
+    ttl = revoking.revocation_ttl(deps.settings)
+    try:
+        for jti in jtis:
+            await revoke(deps.store, "jti", jti, company_id, ttl)
+    except Exception:
+        log.exception("could not publish an API key's stream tokens' revocation")
+        raise ServiceUnavailable(
+            "The key is revoked but the edges could not be told to end its streams; retry."
+        ) from None
     return no_content()
 
 
