@@ -272,6 +272,25 @@ def test_sign_in_stream_an_answer_and_see_the_balance_change(
     assert texts == [query, stack.expected_answer(query), second, stack.expected_answer(second)]
 
 
+def test_signing_out_of_the_demo_page_ends_the_token_on_the_server(
+    stack: BrowserStack, page: Any
+) -> None:
+    """Attack: a member signs out of the demo page on a shared machine (the page
+    members use: the console is for owners); a copy of its access token taken before
+    (a lost laptop's, a shared screen's) stayed valid for its whole hour, as did the
+    stream tokens it minted. *Sign out* ends it on the server (`POST
+    /v1/auth/logout`), as the console's does, before forgetting it."""
+    sign_in(page, stack, stack.new_user(credits="5"))
+    token = page_token(page)
+    assert stack.client.as_user(token, "GET", "/v1/me").status_code == 200
+    page.click("#sign-out")
+    page.wait_for_selector("#signin", state="visible")
+    assert page.evaluate("() => sessionStorage.length") == 0
+    after = stack.client.as_user(token, "GET", "/v1/me")
+    assert after.status_code == 401, after.text
+    assert after.json()["error"]["code"] == "signed_out"
+
+
 def test_out_of_credits_shows_a_readable_message(stack: BrowserStack, page: Any) -> None:
     # Less than one request's hold (input estimate + 1,024 output tokens at 2/Mtok).
     email = stack.new_user(credits="0.001")
