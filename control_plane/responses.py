@@ -8,12 +8,20 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+# Answers carry transcripts, tokens and keys: a browser kept them all in its disk
+# cache (past a sign-out, for the machine's next user) unless told not to. A route
+# may say otherwise (the public JWKS is cacheable).
+NO_STORE = {"Cache-Control": "no-store"}
+
 
 def json_response(
     body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     return Response(
-        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
+        orjson.dumps(body),
+        status_code=status,
+        headers={**NO_STORE, **(headers or {})},
+        media_type="application/json",
     )
 
 
@@ -28,4 +36,4 @@ def ok(
 
 
 def no_content() -> Response:
-    return Response(status_code=204)
+    return Response(status_code=204, headers=NO_STORE)

@@ -45,6 +45,20 @@ def launched(*extra_args: str) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
+def persistent(browser: Any, user_data_dir: str) -> Iterator[Any]:
+    """A headless chromium context keeping its profile (disk cache included) in
+    `user_data_dir`, as a person's browser does, from the playwright that launched
+    `browser` (one a thread); closed, and so flushed to disk, at the end."""
+    context = browser.browser_type.launch_persistent_context(
+        user_data_dir, executable_path=CHROMIUM, args=CHROMIUM_ARGS
+    )
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
 def watched_page(browser: Any, width: int, height: int) -> Iterator[Any]:
     """A page in a context of its own that fails the test if its script threw. The
     context bypasses the page's Content-Security-Policy: the caller says why."""

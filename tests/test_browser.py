@@ -30,7 +30,7 @@ from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
-from tests.chromium import assert_not_blank, launched, watched_page
+from tests.chromium import assert_not_blank, launched, persistent, watched_page
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import Client, base_env
 
@@ -270,6 +270,57 @@ def test_sign_in_stream_an_answer_and_see_the_balance_change(
     page.wait_for_function("document.querySelectorAll('#history .msg').length === 4")
     texts = page.locator("#history .msg").all_inner_texts()
     assert texts == [query, stack.expected_answer(query), second, stack.expected_answer(second)]
+
+
+def test_signing_out_of_the_demo_page_ends_the_token_on_the_server(
+    stack: BrowserStack, page: Any
+) -> None:
+    """Attack: a member signs out of the demo page on a shared machine (the page
+    members use: the console is for owners); a copy of its access token taken before
+    (a lost laptop's, a shared screen's) stayed valid for its whole hour, as did the
+    stream tokens it minted. *Sign out* ends it on the server (`POST
+    /v1/auth/logout`), as the console's does, before forgetting it."""
+    sign_in(page, stack, stack.new_user(credits="5"))
+    token = page_token(page)
+    assert stack.client.as_user(token, "GET", "/v1/me").status_code == 200
+    page.click("#sign-out")
+    page.wait_for_selector("#signin", state="visible")
+    assert page.evaluate("() => sessionStorage.length") == 0
+    after = stack.client.as_user(token, "GET", "/v1/me")
+    assert after.status_code == 401, after.text
+    assert after.json()["error"]["code"] == "signed_out"
+
+
+def test_a_chat_and_its_tokens_are_not_left_in_the_browsers_disk_cache(
+    stack: BrowserStack, browser: Any, tmp_path: Path
+) -> None:
+    """Attack: a member chats on the demo page on a shared machine and signs out; the
+    next user of the machine reads the browser's disk cache, where every API answer
+    stayed (no `Cache-Control`): the transcript (`GET /v1/sessions/{id}`), and the
+    answers carrying credentials. Every control plane JSON answer is `no-store`."""
+    marker = f"secret-{uuid.uuid4().hex}"
+    profile = tmp_path / "profile"
+    with persistent(browser, str(profile)) as context:
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(stack.page_url + "/")
+        page.fill("#email", stack.new_user(credits="5"))
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        page.wait_for_selector("#model option", state="attached")
+        send(page, f"Remember {marker}")
+        assert finished_answer(page).inner_text()
+        page.click("#sessions button")  # reads the transcript back: GET /v1/sessions/{id}
+        page.wait_for_selector(".msg.user")
+        token = page.evaluate("sessionStorage.getItem('llmgw.demo.access_token')")
+        page.click("#sign-out")
+        page.wait_for_selector("#signin", state="visible")
+    cached = [path for path in profile.rglob("*") if path.is_file() and "Cache" in str(path)]
+    assert cached  # the profile has its cache (the page and its script are in it)
+    for path in cached:
+        body = path.read_bytes()
+        assert marker.encode() not in body, path
+        assert token.encode() not in body, path
 
 
 def test_out_of_credits_shows_a_readable_message(stack: BrowserStack, page: Any) -> None:
