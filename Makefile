@@ -40,9 +40,10 @@ run: install
 ## make test: lint, types and the whole suite against real servers, PostgreSQL and Redis.
 ## One pytest worker per CPU (pytest-xdist); a file's tests stay on one worker, so its
 ## module-scoped servers start once. Most tests wait on sockets and subprocesses, so two
-## workers on two CPUs take the suite from ~10 to ~7 minutes.
+## workers on two CPUs take the suite from ~10 to ~7 minutes. The slowest tests are
+## listed at the end, to watch the 10-minute budget.
 test: install-system install-test lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 lint: install-test
 	$(BIN)/ruff check .
