@@ -170,6 +170,11 @@ class CreditsMachine(RuleBasedStateMachine):
         hold.status = "settled"
         self.charged += charge
 
+    def _released(self, rid: str) -> None:
+        hold = self.holds[rid]
+        assert hold.status == "active"
+        hold.status = "released"
+
     # --- rules -------------------------------------------------------------------
 
     @rule(amount=st.integers(min_value=1, max_value=50_000))
@@ -366,7 +371,7 @@ class CreditsMachine(RuleBasedStateMachine):
             if hold.status != "active" or not hold.expired:
                 continue
             if hold.checkpoint is None:
-                hold.status = "released"
+                self._released(rid)
                 released += 1
             else:
                 inp, out = hold.checkpoint
