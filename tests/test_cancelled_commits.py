@@ -206,6 +206,7 @@ async def test_a_late_release_started_during_shutdown_completes(
         async def closing() -> None:  # the lifespan's first steps of shutdown
             shutting_down.set()
             locker.rollback()  # the hold commits now, its caller long gone
+            locker.close()  # back to the pool before the lifespan disposes of it
             await close_settler()
 
         monkeypatch.setattr(settler, "close", closing)
@@ -218,7 +219,6 @@ async def test_a_late_release_started_during_shutdown_completes(
             await init
         await served.__aexit__(None, None, None)
         assert shutting_down.is_set()
-        locker.close()
         after = await asyncio.to_thread(_statuses_now, settings.database_url, company_id)
         assert after == ["released"]
 
