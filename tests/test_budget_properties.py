@@ -624,7 +624,7 @@ def test_budget_properties_on_sqlite(tmp_path: Path) -> None:
     upgrade(url)
     db, loop = Database(url), asyncio.new_event_loop()
     try:
-        _run(db, loop, examples=40, steps=30)
+        _run(db, loop, examples=25, steps=30)
     finally:
         loop.close()
         db.close()
@@ -635,7 +635,7 @@ def test_budget_properties_on_postgresql(pg_database_url: str) -> None:
     upgrade(pg_database_url)
     db, loop = Database(pg_database_url), asyncio.new_event_loop()
     try:
-        _run(db, loop, examples=20, steps=30)
+        _run(db, loop, examples=12, steps=25)
     finally:
         loop.close()
         db.close()
