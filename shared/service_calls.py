@@ -28,6 +28,10 @@ MODELS_PATH = "/v1/internal/models"
 NONCE_TTL_SECONDS = 600
 CALL_ID_PREFIX = "edgecall_"
 API_KEY_PREFIX = "sk_"
+# The key's hash again, outside the signed body: the control plane looks the key up
+# by it before it parses the body (an unknown key costs one indexed read, no parse).
+# Not signed, so the body's `key_hash` must equal it.
+KEY_HASH_HEADER = "x-llmgw-key-hash"
 
 
 def is_api_key(token: str | None) -> bool:

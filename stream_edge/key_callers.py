@@ -39,7 +39,14 @@ from starlette.responses import JSONResponse, Response
 
 from shared.request_id import current_request_id
 from shared.sampling import SAMPLING_PARAMS
-from shared.service_calls import INIT_PATH, MODELS_PATH, is_api_key, key_digest, signed_headers
+from shared.service_calls import (
+    INIT_PATH,
+    KEY_HASH_HEADER,
+    MODELS_PATH,
+    is_api_key,
+    key_digest,
+    signed_headers,
+)
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from shared.webhooks import UsageEvent, iso_utc
@@ -160,8 +167,11 @@ class ControlPlaneLink:
 
     async def call(self, path: str, key: str, extra: dict[str, Any]) -> dict[str, Any]:
         """POST `extra` plus the key's hash; the envelope's `data`, or the refusal."""
-        body = orjson.dumps({"key_hash": key_digest(key), **extra})
+        digest = key_digest(key)
+        body = orjson.dumps({"key_hash": digest, **extra})
         headers = signed_headers(self._secret, body)
+        # Named again outside the body: an unknown key is refused before it is parsed.
+        headers[KEY_HASH_HEADER] = digest
         request_id = current_request_id.get()
         if request_id:  # the init's request id, and so the stream's, is the caller's
             headers["x-request-id"] = request_id

@@ -25,8 +25,16 @@ import pytest
 from control_plane.chat_init import plan_hold
 from control_plane.chat_request import parse_init_request
 from control_plane.credentials import hash_api_key
+from control_plane.routes import internal
 from shared.catalog import load_catalog
-from shared.service_calls import INIT_PATH, MODELS_PATH, key_digest, nonce_key, signed_headers
+from shared.service_calls import (
+    INIT_PATH,
+    KEY_HASH_HEADER,
+    MODELS_PATH,
+    key_digest,
+    nonce_key,
+    signed_headers,
+)
 from shared.settings import ConfigError
 from shared.tokens import StreamGrant
 from stream_edge.errors import BadRequest, InitRefused, ServiceUnavailable
@@ -560,6 +568,65 @@ def test_a_replayed_internal_call_is_refused(stack: InProcessStack) -> None:
     again = stack.client.http.post(url, content=body, headers=headers)
     assert again.status_code == 401
     assert caller.held() == held  # no second hold
+
+
+def _signed_for(key_hash: str, body: bytes) -> dict[str, str]:
+    """An edge's headers: signed, naming the key's hash ahead of the body."""
+    headers = {**signed_headers(SERVICE_SECRET, body), "content-type": "application/json"}
+    headers[KEY_HASH_HEADER] = key_hash
+    return headers
+
+
+def test_an_unknown_key_is_refused_before_its_body_is_parsed(
+    stack: InProcessStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 5: an anonymous `Bearer sk_<random>` with a 1 MiB body made the control
+    plane parse the whole forwarded body before finding the key unknown (CPU spent
+    for a credential that costs nothing). The key is now looked up first, by the
+    hash the edge sends in a header, right after the signature."""
+    parsed: list[int] = []
+    real = internal.parse_json_object
+
+    def counting(body: bytes, **kw: Any) -> dict[str, Any]:
+        parsed.append(len(body))
+        return real(body, **kw)
+
+    monkeypatch.setattr(internal, "parse_json_object", counting)
+    # Straight at the endpoint: a signed body that is not even JSON gets the unknown
+    # key's 401, not the parse's 400.
+    unknown = key_digest("sk_" + uuid.uuid4().hex)
+    for path in (INIT_PATH, MODELS_PATH):
+        answer = stack.client.http.post(
+            f"{stack.client.cp_url}{path}",
+            content=b"{not json",
+            headers=_signed_for(unknown, b"{not json"),
+        )
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["code"] == "unauthenticated"
+    # Through the edge: a large body for a random key is never parsed by the control plane.
+    big = {"messages": [{"role": "user", "content": "x" * 40}] * 5000}
+    refused = Caller(stack).post(big, key="sk_" + uuid.uuid4().hex)
+    assert refused.status_code == 401
+    assert parsed == []
+
+
+def test_the_key_hash_header_must_match_the_signed_body(stack: InProcessStack) -> None:
+    """The header is not signed: it only lets an unknown key be refused early. A
+    live key's header over another key's signed body inits for neither."""
+    caller, other = Caller(stack), Caller(stack)
+    body = orjson.dumps({"key_hash": key_digest(other.key), "request": HI})
+    answer = stack.client.http.post(
+        f"{stack.client.cp_url}{INIT_PATH}",
+        content=body,
+        headers=_signed_for(key_digest(caller.key), body),
+    )
+    assert answer.status_code == 401, answer.text
+    assert caller.held() == other.held() == "0.000000"
+    bad = stack.client.http.post(
+        f"{stack.client.cp_url}{INIT_PATH}", content=body, headers=_signed_for("nothex", body)
+    )
+    assert bad.status_code == 401, bad.text
+    assert other.held() == "0.000000"
 
 
 def test_internal_endpoints_are_not_in_the_public_openapi(stack: InProcessStack) -> None:

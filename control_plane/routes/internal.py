@@ -4,9 +4,13 @@ Not public API and not in ``/openapi.json``: each call must be signed by an edge
 with ``LLMGW_EDGE_SERVICE_SECRET`` (`shared.service_calls`), once (its id is a
 nonce), and carries the caller's key as its SHA-256 (``key_hash``), never the key.
 An unsigned call is 401 ``invalid_signature`` before the body is parsed or the key
-looked up. The nonce is recorded once the key is found live, before anything is
-held: a call for an unknown key (``Bearer sk_<anything>`` at the edge) leaves no key
-in the store, and its replay is refused like the call itself.
+looked up. The key is looked up next, by the hash the edge also sends in a header
+(``KEY_HASH_HEADER``), before the body is parsed: an unknown or revoked key
+(``Bearer sk_<anything>`` at the edge, with a body of up to 1 MiB) costs one indexed
+read, not a parse. The header is not signed, so the signed body's ``key_hash`` must
+equal it. The nonce is recorded once the key is found live, before anything is
+held: a call for an unknown key leaves no key in the store, and its replay is
+refused like the call itself.
 
 The init is the public one (`chat.serve_init` → `init_chat`): the key's scopes,
 revocation, the init rates, TPM, pending-init caps, budgets and the hold all apply
@@ -31,7 +35,14 @@ from control_plane.responses import ok
 from control_plane.routes.account import models_data
 from control_plane.routes.chat import serve_init
 from control_plane.validation import parse_json_object
-from shared.service_calls import INIT_PATH, MODELS_PATH, NONCE_TTL_SECONDS, nonce_key, verify_call
+from shared.service_calls import (
+    INIT_PATH,
+    KEY_HASH_HEADER,
+    MODELS_PATH,
+    NONCE_TTL_SECONDS,
+    nonce_key,
+    verify_call,
+)
 from shared.webhooks import BadSignature
 
 _KEY_HASH = re.compile(r"[0-9a-f]{64}")
@@ -44,22 +55,42 @@ class EdgeCall:
     call_id: str
     key_hash: str
     doc: dict[str, Any]
+    # Found before the body was parsed (the edge named the key in its header).
+    principal: Principal | None = None
 
 
 async def edge_call(request: Request, deps: Deps) -> EdgeCall:
-    """The signed call, or 401 (nothing of an unsigned body is parsed). Its nonce
-    is claimed by `key_principal`."""
+    """The signed call, or 401 (nothing of an unsigned body is parsed). A key named
+    in the header is looked up before the body is parsed: unknown or revoked, 401
+    at the cost of one indexed read. Its nonce is claimed by `key_principal`."""
     body = await read_body(request, MAX_CALL_BYTES)
     secrets = [s.reveal() for s in deps.settings.edge_service_secrets]
     try:
         call_id = verify_call(secrets, body, dict(request.headers))
     except BadSignature:
         raise InvalidSignature("This endpoint is for the stream edge only.") from None
+    named = request.headers.get(KEY_HASH_HEADER)
+    principal = None
+    if named is not None:  # an edge of an earlier release names it only in the body
+        if not _KEY_HASH.fullmatch(named):
+            raise InvalidSignature("This call's key hash header is not a SHA-256.")
+        principal = await live_key(deps, named)
     doc = parse_json_object(body)
     key_hash = doc.get("key_hash")
     if not isinstance(key_hash, str) or not _KEY_HASH.fullmatch(key_hash):
         raise ValidationFailed("key_hash", "must be the key's SHA-256 in hex")
-    return EdgeCall(call_id, key_hash, doc)
+    if named is not None and key_hash != named:
+        # Only the body is signed: the header must name the same key.
+        raise InvalidSignature("This call's key hash header does not match its body.")
+    return EdgeCall(call_id, key_hash, doc, principal)
+
+
+async def live_key(deps: Deps, key_hash: str) -> Principal:
+    """The caller of the live key with this hash; 401 if it is unknown or revoked."""
+    principal = await deps.db.lookup(lambda on: api_key_row(on, key_hash), api_key_principal)
+    if principal is None:
+        raise Unauthenticated("The API key is unknown or revoked.")
+    return principal
 
 
 async def key_principal(deps: Deps, call: EdgeCall) -> Principal:
@@ -67,10 +98,9 @@ async def key_principal(deps: Deps, call: EdgeCall) -> Principal:
     the signature's window). Only then: anonymous `sk_<random>` calls at the edge
     would otherwise each leave a nonce in the store for 10 minutes, and replaying a
     call for a key that is not live gets nothing anyway."""
-    key_hash = call.key_hash
-    principal = await deps.db.lookup(lambda on: api_key_row(on, key_hash), api_key_principal)
+    principal = call.principal
     if principal is None:
-        raise Unauthenticated("The API key is unknown or revoked.")
+        principal = await live_key(deps, call.key_hash)
     if not await deps.store.set_if_absent(nonce_key(call.call_id), b"1", NONCE_TTL_SECONDS):
         raise InvalidSignature("This call was already made once.")
     return principal
