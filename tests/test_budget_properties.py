@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     invariant,
     multiple,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -53,7 +52,6 @@ from control_plane.chat_request import parse_init_request
 from control_plane.db import Database
 from control_plane.errors import BudgetExceeded, Conflict, InsufficientCredits
 from control_plane.grants import move
-from control_plane.migrate import upgrade
 from control_plane.policy import Principal
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import (
@@ -81,6 +79,7 @@ from tests.test_credits_properties import (
     Hold,
     expected_charge,
     expected_cost,
+    run_machine,
 )
 
 ADMIN = Principal(
@@ -605,37 +604,12 @@ class BudgetsMachine(CreditsMachine):
                         assert (budget.id, start, p) in live
 
 
-def _run(db: Database, loop: asyncio.AbstractEventLoop, examples: int, steps: int) -> None:
-    run_state_machine_as_test(
-        lambda: BudgetsMachine(db, loop),
-        settings=settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
-
-
 def test_budget_properties_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/budget-props.db"
-    upgrade(url)
-    db, loop = Database(url), asyncio.new_event_loop()
-    try:
-        _run(db, loop, examples=25, steps=30)
-    finally:
-        loop.close()
-        db.close()
+    run_machine(BudgetsMachine, url, examples=25, steps=30, derandomize=True, database=None)
 
 
 @pytest.mark.postgres
 def test_budget_properties_on_postgresql(pg_database_url: str) -> None:
-    upgrade(pg_database_url)
-    db, loop = Database(pg_database_url), asyncio.new_event_loop()
-    try:
-        _run(db, loop, examples=12, steps=25)
-    finally:
-        loop.close()
-        db.close()
+    url = pg_database_url
+    run_machine(BudgetsMachine, url, examples=12, steps=25, derandomize=True, database=None)

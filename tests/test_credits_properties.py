@@ -410,35 +410,37 @@ class CreditsMachine(RuleBasedStateMachine):
         assert statuses == {rid: h.status for rid, h in self.holds.items()}
 
 
-def _run(db: Database, loop: asyncio.AbstractEventLoop, examples: int, steps: int) -> None:
-    run_state_machine_as_test(
-        lambda: CreditsMachine(db, loop),
-        settings=settings(
-            max_examples=examples,
-            stateful_step_count=steps,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
-
-
-def test_credits_properties_on_sqlite(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/props.db"
+def run_machine(
+    machine: Callable[[Database, asyncio.AbstractEventLoop], RuleBasedStateMachine],
+    url: str,
+    examples: int,
+    steps: int,
+    **extra: Any,
+) -> None:
+    """`machine` on a database at `url` migrated to head, `examples` runs of up to
+    `steps` rules; `extra`: more hypothesis settings."""
     upgrade(url)
     db, loop = Database(url), asyncio.new_event_loop()
     try:
-        _run(db, loop, examples=25, steps=30)
+        run_state_machine_as_test(
+            lambda: machine(db, loop),
+            settings=settings(
+                max_examples=examples,
+                stateful_step_count=steps,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                **extra,
+            ),
+        )
     finally:
         loop.close()
         db.close()
+
+
+def test_credits_properties_on_sqlite(tmp_path: Path) -> None:
+    run_machine(CreditsMachine, f"sqlite:///{tmp_path}/props.db", examples=25, steps=30)
 
 
 @pytest.mark.postgres
 def test_credits_properties_on_postgresql(pg_database_url: str) -> None:
-    upgrade(pg_database_url)
-    db, loop = Database(pg_database_url), asyncio.new_event_loop()
-    try:
-        _run(db, loop, examples=12, steps=25)
-    finally:
-        loop.close()
-        db.close()
+    run_machine(CreditsMachine, pg_database_url, examples=12, steps=25)
