@@ -8,12 +8,16 @@ pass.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -45,16 +49,64 @@ def pg_server() -> str:
     return PG_ADMIN_DSN
 
 
-@contextlib.contextmanager
-def fresh_pg_database(server: str) -> Iterator[str]:
-    name = f"llmgw_t_{uuid.uuid4().hex[:12]}"
+def _pg_url(name: str) -> str:
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def _drop_pg_database(server: str, name: str) -> None:
     with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# Per test process (each xdist worker has its own): a database migrated to head once,
+# which `fresh_pg_database(migrated=True)` clones. A migration run costs ~1 s, a clone
+# ~0.07 s, and most tests start a control plane on a fresh database.
+_MIGRATED_TEMPLATES: dict[str, str] = {}
+
+
+def _migrated_template(server: str) -> str:
+    name = _MIGRATED_TEMPLATES.get(server)
+    if name is None:
+        from control_plane.migrate import upgrade
+
+        name = f"llmgw_t_tmpl_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        atexit.register(_drop_pg_database, server, name)
+        upgrade(_pg_url(name))
+        _MIGRATED_TEMPLATES[server] = name
+    return name
+
+
+@contextlib.contextmanager
+def fresh_pg_database(server: str, *, migrated: bool = False) -> Iterator[str]:
+    """A new database, dropped afterwards: empty, or `migrated` to head (a clone of
+    this process's migrated template)."""
+    name = f"llmgw_t_{uuid.uuid4().hex[:12]}"
+    template = f' TEMPLATE "{_migrated_template(server)}"' if migrated else ""
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{template}')
+    try:
+        yield _pg_url(name)
+    finally:
+        _drop_pg_database(server, name)
+
+
+_MIGRATED_SQLITE: list[Path] = []
+
+
+def migrated_sqlite(path: Path) -> str:
+    """A SQLite database at `path`, migrated to head: a copy of this process's
+    migrated file (a migration run costs ~0.3 s)."""
+    if not _MIGRATED_SQLITE:
+        from control_plane.migrate import upgrade
+
+        template = Path(tempfile.mkdtemp(prefix="llmgw-t-sqlite-")) / "migrated.db"
+        upgrade(f"sqlite:///{template}")
+        atexit.register(shutil.rmtree, template.parent, True)
+        _MIGRATED_SQLITE.append(template)
+    shutil.copyfile(_MIGRATED_SQLITE[0], path)
+    return f"sqlite:///{path}"
 
 
 @contextlib.contextmanager

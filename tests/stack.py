@@ -66,7 +66,7 @@ def postgres_env(pg_server: str) -> Iterator[dict[str, str]]:
     """`base_env` on a fresh PostgreSQL database and Redis prefix, both removed at the
     end: for a fixture wider than one test (`pg_database_url` and `redis_prefix` are
     a test's own)."""
-    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
+    with fresh_pg_database(pg_server, migrated=True) as url, fresh_redis_prefix() as prefix:
         yield base_env(url, REDIS_URL, prefix)
 
 

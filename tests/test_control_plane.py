@@ -43,7 +43,13 @@ from shared.tokens import (
     verify_stream_token,
 )
 from shared.webhooks import UsageEvent, sign
-from tests.conftest import REDIS_URL, fresh_pg_database, fresh_redis_prefix, new_webhook_secret
+from tests.conftest import (
+    REDIS_URL,
+    fresh_pg_database,
+    fresh_redis_prefix,
+    migrated_sqlite,
+    new_webhook_secret,
+)
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.token_claims import claims_of, jti_of
 
@@ -148,14 +154,16 @@ def start_cp(
     """A control plane on a real socket: ``sqlite`` (+ in-memory store) or ``postgres``
     (+ Redis), each on a fresh database. The tests in ``test_credits_*.py`` use it too."""
     extra = dict(extra_env or {})
-    if backend == "sqlite":
-        settings = _settings(f"sqlite:///{tmp_path}/cp.db", extra)
-    else:
-        database_url = request.getfixturevalue("pg_database_url")
-        prefix = request.getfixturevalue("redis_prefix")
-        settings = _settings(database_url, {**redis_env(prefix), **extra})
-    with serve_cp(settings) as handle:
-        yield handle
+    with contextlib.ExitStack() as resources:
+        # Migrated copies: the app's own migration at start then finds nothing to do.
+        if backend == "sqlite":
+            settings = _settings(migrated_sqlite(tmp_path / "cp.db"), extra)
+        else:
+            pg_server = request.getfixturevalue("pg_server")
+            database_url = resources.enter_context(fresh_pg_database(pg_server, migrated=True))
+            prefix = request.getfixturevalue("redis_prefix")
+            settings = _settings(database_url, {**redis_env(prefix), **extra})
+        yield resources.enter_context(serve_cp(settings))
 
 
 def redis_env(prefix: str) -> dict[str, str]:
@@ -169,7 +177,7 @@ def pg_settings(
     """Settings on a fresh PostgreSQL database and Redis prefix, both removed at the
     end: for a fixture wider than one test (`pg_database_url` and `redis_prefix` are
     a test's own)."""
-    with fresh_pg_database(pg_server) as url, fresh_redis_prefix() as prefix:
+    with fresh_pg_database(pg_server, migrated=True) as url, fresh_redis_prefix() as prefix:
         yield _settings(url, {**redis_env(prefix), **(extra_env or {})})
 
 
