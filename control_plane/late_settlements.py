@@ -43,12 +43,12 @@ async def after_commit(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
 
 
 def late(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
-    """`count` and `after_commit` for a settlement that committed after its webhook was answered 503
-    (`webhook_settlement.Late`, on the loop): counted now, the store's part in the
-    background, the hold no longer a pending grant (as the redelivery would say,
-    should the edge have given up)."""
-    deps.metrics.settled(outcome.charged_micro, outcome.released_micro)
-    in_background(_late_rest(deps, event, outcome), "late-settlement")
+    """`count` and `after_commit` for a settlement that committed after its webhook
+    was answered 503 (`webhook_settlement.Late`, on the loop, never a duplicate):
+    counted now, the store's part in the background (the hold no longer a pending
+    grant, as the redelivery would say, should the edge have given up)."""
+    count(deps, outcome)
+    in_background(after_commit(deps, event, outcome), "late-settlement")
 
 
 async def _correct(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
@@ -63,9 +63,3 @@ async def _correct(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
         counted_at=outcome.held_at,
         now=deps.clock(),
     )
-
-
-async def _late_rest(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
-    await _correct(deps, event, outcome)
-    if event.user_id:
-        await pending_inits.forget(deps.store, event.user_id, event.jti)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import anyio
 import orjson
 from starlette.requests import Request
 
@@ -31,6 +30,7 @@ from shared.route_claim import unseal
 from shared.stash import stash_key
 from shared.store import Admission, Admitted
 from shared.tokens import StreamGrant
+from stream_edge.cancellation import despite_cancellation
 from stream_edge.errors import (
     BadRequest,
     ClientClosedRequest,
@@ -254,16 +254,21 @@ async def _delete_quietly(state: EdgeState, key: str) -> None:
 
 
 async def _take_back(state: EdgeState, admission: Admission) -> None:
-    """Best effort, bounded, and shielded (a cancelled request is the likeliest to
-    have lost its reply): removes only a used mark carrying this request's nonce, so
-    it cannot reopen a token another request used. If the store cannot be reached,
-    the token stays used and its slots expire with the stream's maximum life."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(UNADMIT_SECONDS):
-        try:
+    """Best effort, bounded, and run to its end whatever cancels the request (a
+    cancelled request is the likeliest to have lost its reply): removes only a used
+    mark carrying this request's nonce, so it cannot reopen a token another request
+    used. If the store cannot be reached, the token stays used and its slots expire
+    with the stream's maximum life."""
+    await despite_cancellation(_unadmit(state, admission))
+
+
+async def _unadmit(state: EdgeState, admission: Admission) -> None:
+    try:
+        async with asyncio.timeout(UNADMIT_SECONDS):
             if await state.store.unadmit(admission):
                 logger.info("a claim whose reply was lost was taken back")
-        except Exception as exc:
-            logger.warning("could not take back a failed claim (%s)", type(exc).__name__)
+    except Exception as exc:  # the store down or slow (TimeoutError) too
+        logger.warning("could not take back a failed claim (%s)", type(exc).__name__)
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:

@@ -25,13 +25,10 @@ mapping a refusal to an OpenAI-shaped error (`refusal`), the models list
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
-import anyio
 import jwt
 import orjson
 from starlette.requests import Request
@@ -51,6 +48,7 @@ from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from shared.webhooks import UsageEvent, iso_utc
 from stream_edge.admission import bearer, edge_state, verified_grant
+from stream_edge.cancellation import despite_cancellation
 from stream_edge.errors import BadRequest, EdgeError, InitRefused, ServiceUnavailable, Unauthorized
 from stream_edge.http1 import Http1Client
 from stream_edge.limits import slot_keys
@@ -249,20 +247,6 @@ async def _abandon_when_answered(state: EdgeState, init: asyncio.Future[dict[str
         await abandon(state, unverified_grant(str(data["stream_token"])))
     finally:
         state.reports_owed -= 1
-
-
-async def despite_cancellation(work: Awaitable[None]) -> None:
-    """Run `work` to its end though the calling task is being cancelled: the short,
-    bounded clean-up a cancelled request still owes, awaited in its `except` that
-    raises the cancellation again afterwards. anyio's shield stops only anyio's own
-    cancellations; a server's `task.cancel()` (again) reaches through it, so `work`
-    runs in a task of its own, awaited through any of them."""
-    task = asyncio.ensure_future(work)
-    with anyio.CancelScope(shield=True):
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([task])
-    task.result()
 
 
 async def abandon(state: EdgeState, grant: StreamGrant) -> None:

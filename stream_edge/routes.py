@@ -28,6 +28,7 @@ from stream_edge.admission import (
     verified_grant,
 )
 from stream_edge.attempts import Attempt
+from stream_edge.cancellation import despite_cancellation
 from stream_edge.errors import (
     EdgeError,
     Forbidden,
@@ -71,7 +72,7 @@ async def chat_completions(request: Request) -> Response:
         # any slots a claim whose reply was lost took, go back now, not at the
         # sweeper's deadline, whatever cancels it again: the cancellation is the
         # reason to abandon.
-        await key_callers.despite_cancellation(key_callers.abandon(state, grant))
+        await despite_cancellation(key_callers.abandon(state, grant))
         raise
     return await serve(state, grant, job, chat, request)
 

@@ -960,7 +960,7 @@ async def test_clean_up_after_a_cancellation_runs_through_a_second_one() -> None
     """`despite_cancellation`: the server cancels again (or anyio's shield is passed
     by a native `task.cancel()`) while a cancelled request gives its hold back; the
     giving back still runs to its end, and the cancellation is the request's end."""
-    from stream_edge.key_callers import despite_cancellation
+    from stream_edge.cancellation import despite_cancellation
 
     started, release, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
