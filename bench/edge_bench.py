@@ -31,7 +31,14 @@ import orjson
 
 from bench import report, turns
 from bench import turn_report as tr
-from bench.procfs import cpu_seconds, load_average, machine, machine_busy_seconds, memory
+from bench.procfs import (
+    cpu_seconds,
+    load_average,
+    machine,
+    machine_busy_seconds,
+    memory,
+    speed_gauge_ms,
+)
 from bench.sse_client import OpenStreams, Pool, StreamResult, chat_request
 from bench.stack import ROOT, BenchStack, mint
 
@@ -401,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {line}", flush=True)
 
-    load_before = load_average()
+    load_before, gauge_before = load_average(), speed_gauge_ms()
     cells, mem, turn_results, elapsed = run(plan, args.pg_dsn, args.redis_url, log)
+    gauge = (gauge_before, speed_gauge_ms())
+    log(f"speed gauge: {gauge[0]:.1f} ms before, {gauge[1]:.1f} ms after")
     verdicts = report.verdicts(cells, mem)
     print()
     print(report.stdout_table(cells))
@@ -424,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts=verdicts,
         elapsed_s=elapsed,
         load_before=load_before,
+        gauge=gauge,
         method_extra=tr.method_lines(),
         results_extra=tr.markdown_sections(cells, turn_results),
         targets_extra=tr.target_section(cells, turn_results),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import timeit
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,10 @@ def machine() -> Machine:
         python=platform.python_version(),
         kernel=platform.release(),
     )
+
+
+def speed_gauge_ms() -> float:
+    """Best of five timings of one fixed pure-Python loop, in ms: how fast this host runs
+    this interpreter right now. A shared VM's speed drifts by half from day to day;
+    runs read apart only compare at similar gauges (the ratios in one run always do)."""
+    return min(timeit.repeat("sum(range(10**6))", repeat=5, number=3)) / 3 * 1000

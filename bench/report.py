@@ -337,6 +337,7 @@ def markdown(
     verdicts: Sequence[Verdict],
     elapsed_s: float,
     load_before: float,
+    gauge: tuple[float, float] | None = None,
     method_extra: Sequence[str] = (),
     results_extra: Sequence[str] = (),
     targets_extra: Sequence[str] = (),
@@ -361,6 +362,16 @@ def markdown(
         "## Machine",
         "",
         f"- {host.describe()}.",
+        *(
+            [
+                f"- Speed gauge (`python -m timeit 'sum(range(10**6))'`, best of 5, this "
+                f"Python): {gauge[0]:.1f} ms before the run, {gauge[1]:.1f} ms after. A shared "
+                "VM's speed drifts from day to day: absolute figures from runs apart compare "
+                "only at similar gauges; the ratios and deltas within one run always do."
+            ]
+            if gauge
+            else []
+        ),
         f"- 1-minute load average when the run started: {load_before:.2f}. The CPU table's "
         "last process column, *rest of the machine*, is every other process's CPU "
         "during the phase: PostgreSQL and Redis serving this run, plus whatever else ran; "

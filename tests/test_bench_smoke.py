@@ -7,6 +7,7 @@ asked to stop (SIGTERM), so it still stops its services and drops its database.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def test_quick_bench_writes_every_row(pg_server: str, redis_prefix: str, tmp_pat
         # once in each of the latency, throughput and sizes tables, twice in the CPU one
         assert report.count(row) >= 3, f"missing row {row}"
     assert "## Memory" in report and "## Targets" in report
+    assert re.search(r"Speed gauge .*: \d+\.\d ms before the run, \d+\.\d ms after", report)
     # The whole turn (issue 14): the init phase at three concurrencies, whole turns,
     # TTFT with the control plane idle and busy, and the issue's target table.
     for concurrency in (1, 32, 128):
