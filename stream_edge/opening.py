@@ -59,7 +59,7 @@ class Opener:
         if adapter is None:
             raise UpstreamError(f"the edge cannot speak the {backend.provider.api_type} format")
         state = self._state
-        breaker = state.breakers.for_provider(backend.provider.name)
+        breaker = state.breakers.for_call(backend.provider.name, self._grant.company_id)
         signatures = await self._thought_signatures(backend)
 
         async def open_with(key: str | None, retry_rate_limited: bool) -> Response:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shared.retry import Backoff, parse_retry_after
-from stream_edge.breaker import CircuitBreaker
+from stream_edge.breaker import Breaker
 from stream_edge.errors import EdgeError, InputTooLarge, TooManyRequests, UpstreamError
 from stream_edge.transport import (
     ConnectTimeout,
@@ -87,7 +87,7 @@ async def open_stream(
     client: Transport,
     request: HttpRequest,
     *,
-    breaker: CircuitBreaker | None = None,
+    breaker: Breaker | None = None,
     policy: RetryPolicy | None = None,
     error_status: Callable[[int, bytes], int] | None = None,
     retry_rate_limited: bool = True,
@@ -129,7 +129,7 @@ async def open_stream(
 async def _attempt(
     client: Transport,
     request: HttpRequest,
-    breaker: CircuitBreaker | None,
+    breaker: Breaker | None,
     error_status: Callable[[int, bytes], int] | None,
     body_retry_after: Callable[[bytes], float | None] | None = None,
 ) -> tuple[Response | EdgeError, float | None]:
@@ -196,6 +196,6 @@ async def _attempt(
     return error, parse_retry_after(retry_after_header) or 0.0
 
 
-def _failed(breaker: CircuitBreaker | None) -> None:
+def _failed(breaker: Breaker | None) -> None:
     if breaker is not None:
         breaker.record_failure()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from shared.retry import Backoff
-from stream_edge.breaker import CircuitBreaker
+from stream_edge.breaker import Breakers, CircuitBreaker
 from stream_edge.errors import EdgeError
 from stream_edge.http1_connection import Headers
 from stream_edge.upstream.base import HttpRequest
@@ -142,3 +142,48 @@ def test_a_trial_that_never_reports_is_given_up_after_the_reset_time() -> None:
     assert not breaker.allow()
     clock.now += 1
     assert breaker.allow()
+
+
+def test_a_dead_backend_failing_two_companies_opens_for_every_company() -> None:
+    """The shared circuit still fails fast for everyone once the failures are not one
+    company's alone, and a company failing alone opens only its own."""
+    clock = Clock()
+    breakers = Breakers(failures=3, reset_seconds=RESET, clock=clock)
+    a, b, c = (breakers.for_call("p", co) for co in ("a", "b", "c"))
+    for _ in range(3):
+        assert a.allow()
+        a.record_failure()
+    assert not a.allow() and b.allow() and c.allow()  # a's failures stay a's
+    b.record_failure()
+    assert not b.allow() and not c.allow()  # two companies: the backend is down
+    assert breakers.for_provider("p").state == "open"
+
+
+def test_a_companys_success_forgets_its_own_circuit() -> None:
+    """Only companies failing right now hold an own breaker in memory."""
+    breakers = Breakers(failures=3, reset_seconds=RESET)
+    call = breakers.for_call("p", "a")
+    call.record_failure()
+    assert breakers.own("p", "a") is not None
+    call.record_success()
+    assert breakers.own("p", "a") is None
+
+
+def test_a_trial_is_not_started_for_a_request_the_other_circuit_refuses() -> None:
+    """The shared circuit half-open while the company's own is open: the request is
+    refused without taking the shared trial, which another company then gets."""
+    clock = Clock()
+    breakers = Breakers(failures=1, reset_seconds=RESET, clock=clock)
+    shared = breakers.for_provider("p")
+    for co in ("a", "b"):
+        breakers.for_call("p", co).record_failure()
+    assert shared.state == "open"
+    clock.now += RESET / 2
+    own = breakers.own("p", "a")
+    assert own is not None
+    own.record_failure()  # a's own circuit opened again, later than the shared one
+    clock.now += RESET / 2
+    assert shared.state == "half_open" and own.state == "open"
+    assert not breakers.for_call("p", "a").allow()
+    assert shared.would_allow() and not shared.in_trial
+    assert breakers.for_call("p", "c").allow() and shared.in_trial

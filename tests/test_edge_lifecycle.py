@@ -186,6 +186,41 @@ async def test_circuit_breaker_fails_fast_after_repeated_backend_failures(gw: Ga
     assert gw.stats.requests == before
 
 
+async def test_one_companys_failing_requests_cannot_open_the_breaker_for_another(
+    gw: Gateway,
+) -> None:
+    """A tenant whose own requests the shared backend fails on (a prompt that crashes
+    an in-house backend, an input a vendor answers 500 to) sends a few of them: free,
+    as a stream that fails before its first token bills nothing. The provider's one
+    breaker counted them as the backend failing and opened for every company on the
+    edge. Measured before the fix: the other company's healthy request was refused
+    502 "the backend is failing", never sent to the backend."""
+    await gw.add_edge("shared-breaker")  # a fresh breaker
+    attacker = await gw.new_user()
+    for _ in range(3):  # LLMGW_BREAKER_FAILURES
+        grant = await gw.init_ok(attacker, {"query": "poison [[mock fail=500]]"})
+        async with opened(await gw.get(grant["stream_url"], edge="shared-breaker")) as r:
+            assert r.status_code == 502
+        record = await gw.wait_usage(attacker, grant["reservation_id"])
+        assert record["status"] == "failed" and record["cost"] == "0.000000"  # free
+
+    victim = await gw.new_user()
+    before = gw.stats.requests
+    grant = await gw.init_ok(victim, {"query": "hello [[mock tokens=2]]"})
+    async with opened(await gw.get(grant["stream_url"], edge="shared-breaker")) as r:
+        assert r.status_code == 200
+        got = await events(r)
+    assert got[-1].event == "complete"
+    assert gw.stats.requests == before + 1
+
+    # The attacker's own circuit is open: its next request fails fast, unsent.
+    before = gw.stats.requests
+    grant = await gw.init_ok(attacker, {"query": "healthy [[mock tokens=2]]"})
+    async with opened(await gw.get(grant["stream_url"], edge="shared-breaker")) as r:
+        assert r.status_code == 502
+    assert gw.stats.requests == before
+
+
 def record_retry_delays(gw: Gateway, edge: str) -> list[float]:
     """Make `edge`'s retries record their backoff instead of sleeping it (a fake clock
     for the retry schedule); returns the list the delays go to."""
