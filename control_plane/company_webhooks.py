@@ -12,9 +12,11 @@ deduplicates retries by it.
 Delivery never blocks init or settlement: settlement writes an outbox row
 (`budgets`, same transaction), and `run_deliveries` posts due rows in the
 background, at least once, with backoff (`shared.retry.Backoff`). Several control
-plane processes share the outbox: a row is claimed by moving its due time forward
-with a conditional UPDATE, so two processes rarely post the same event (at most
-once per lease).
+plane processes (``--workers``, replicas) share the outbox: a row is claimed by
+moving its due time forward by a lease with a conditional UPDATE. The lease outlasts
+the longest pass, and a pass never starts a post once its claim could have run out,
+so two live processes never post the same event; one that died leaves its claims to
+the others after the lease.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from shared.webhooks import generate_secret, sign
 log = logging.getLogger("control_plane.company_webhooks")
 
 URL_MAX = 2000
-LEASE_SECONDS = 60.0  # a claimed event waits this long before another process retries it
 MAX_ATTEMPTS = 20  # then the event stays undelivered, for an operator to look at
 BATCH = 50
 PARALLEL = 10  # posts in flight per pass
@@ -60,6 +61,15 @@ TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 # timeouts are per read, so a receiver dribbling a byte every few seconds would
 # otherwise hold its post, and the pass that waits for it, for ever.
 ATTEMPT_SECONDS = 30.0
+# A claimed event waits this long before another process may claim it. A pass posts
+# its claims `PARALLEL` at a time, so its last one starts up to `ceil(BATCH /
+# PARALLEL) - 1` attempts after the claim: with a lease of 60 s (two attempts),
+# receivers that hang left the rest of a pass queued past it, and another process
+# claimed and posted those events too. The lease covers every wave, plus room for
+# recording each outcome; a post that would still start past `START_BEFORE` (a
+# database that stalled the records) is left for the next claim instead.
+LEASE_SECONDS = (-(-BATCH // PARALLEL) + 1) * ATTEMPT_SECONDS
+START_BEFORE = LEASE_SECONDS - ATTEMPT_SECONDS - 10.0
 BACKOFF = Backoff(base=2.0, cap=3600.0, floor=1.0)
 
 
@@ -340,6 +350,8 @@ async def deliver_due(
     """One pass: claim, post, record. Returns how many were delivered. A URL whose
     host now resolves to a non-public address is not posted to, and any failure of
     one delivery is a failed attempt (counted towards `MAX_ATTEMPTS`)."""
+    loop = asyncio.get_running_loop()
+    claimed_at = loop.time()  # before the claim: its lease counts from no earlier
     claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
     # Concurrently, a few at a time: one company's slow receiver (up to the timeout)
     # must not hold up every other company's events.
@@ -347,6 +359,10 @@ async def deliver_due(
 
     async def one(delivery: Delivery) -> bool:
         async with gate:
+            if loop.time() - claimed_at > START_BEFORE:
+                # The claim may run out during the post: another process may then
+                # claim the event too. Left unrecorded, it is due at the lease's end.
+                return False
             try:
                 ok = await attempt(client, delivery, allow_private=allow_private)
             except Exception:

@@ -463,3 +463,101 @@ def test_a_name_resolving_to_a_wrapped_inward_address_is_not_posted_to(
     assert outbox.deliver(_recording(seen)) == 0
     assert seen == []
     assert outbox.event().attempts == 1
+
+
+# --- several control-plane processes share the outbox -------------------------------------
+
+
+def test_a_pass_working_through_its_claims_never_sees_another_process_post_them(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every control-plane process (`--workers N`, replicas) runs a deliverer. A pass
+    claims up to `BATCH` events and posts them `PARALLEL` at a time, each attempt up
+    to `ATTEMPT_SECONDS`: its last claims are posted up to five attempts (150 s)
+    after the claim, but the lease was 60 s. Receivers that hang (ten of a pass's
+    companies) left the rest of the pass queued past its lease, and another process
+    claimed those events and posted them as well (measured: all 50 events of the
+    pass posted by both). A lease now outlasts a pass; an event whose process died
+    still comes back to another one once it has run out."""
+    start = utcnow()
+    clock = [start]
+    monkeypatch.setattr(company_webhooks, "utcnow", lambda: clock[0])
+    outbox.set_url("http://127.0.0.1:9/budget")
+
+    def seed(session: Any) -> None:
+        for i in range(company_webhooks.BATCH - 1):
+            company = new_id()
+            session.add(Company(id=company, name=f"c{i}", balance_micro=0, held_micro=0,
+                                created_at=start))  # fmt: skip
+            session.flush()
+            session.add(
+                CompanyWebhook(
+                    company_id=company, url=f"http://127.0.0.1:9/c{i}",
+                    secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
+                    created_at=start, updated_at=start,
+                )
+            )  # fmt: skip
+            session.add(
+                BudgetEvent(
+                    id=new_id(), company_id=company, budget_id=f"b{i}", period_start=start,
+                    percent=80, payload={"type": "budget.threshold"}, attempts=0,
+                    created_at=start, next_attempt_at=start - datetime.timedelta(seconds=1),
+                )
+            )  # fmt: skip
+
+    asyncio.run(outbox.db.transaction(seed))
+    posted_by_a: list[str] = []
+    posted_by_b: list[str] = []
+
+    async def run() -> None:
+        in_flight, release = asyncio.Event(), asyncio.Event()
+
+        async def hanging(request: httpx.Request) -> httpx.Response:
+            posted_by_a.append(request.headers["webhook-id"])
+            if len(posted_by_a) == company_webhooks.PARALLEL:
+                in_flight.set()
+            await release.wait()  # the receivers hang until the test lets them answer
+            return httpx.Response(204)
+
+        def prompt(request: httpx.Request) -> httpx.Response:
+            posted_by_b.append(request.headers["webhook-id"])
+            return httpx.Response(204)
+
+        a = httpx.AsyncClient(transport=httpx.MockTransport(hanging))
+        b = httpx.AsyncClient(transport=httpx.MockTransport(prompt))
+        async with a, b:
+            pass_a = asyncio.create_task(
+                deliver_due(outbox.db, outbox.fernet, a, allow_private=True)
+            )
+            await asyncio.wait_for(in_flight.wait(), 30)
+            # Process B's pass while A still works through what it claimed: at the
+            # end of the time its five waves of attempts may take.
+            waves = -(-company_webhooks.BATCH // company_webhooks.PARALLEL)
+            clock[0] = start + datetime.timedelta(seconds=waves * company_webhooks.ATTEMPT_SECONDS)
+            await deliver_due(outbox.db, outbox.fernet, b, allow_private=True)
+            assert posted_by_b == [], f"{len(posted_by_b)} of A's claims posted by B too"
+            # Had A died, its claims come back to B once the lease has run out.
+            clock[0] = start + datetime.timedelta(seconds=company_webhooks.LEASE_SECONDS + 1)
+            await deliver_due(outbox.db, outbox.fernet, b, allow_private=True)
+            assert len(set(posted_by_b)) == company_webhooks.BATCH
+            release.set()
+            await asyncio.wait_for(pass_a, 30)
+
+    asyncio.run(run())
+
+
+def test_a_post_that_could_outlive_its_claim_is_left_for_the_next_claim(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass whose records stalled (a slow database) reaches a claim late: posting it
+    then could overlap another process's claim of it, so it is not posted, nor
+    counted as an attempt; the event is due again when its lease ends."""
+    outbox.set_url("http://127.0.0.1:9/hook")
+    monkeypatch.setattr(company_webhooks, "START_BEFORE", -1.0)  # every claim is late
+    seen: list[httpx.Request] = []
+    before = utcnow()
+    assert outbox.deliver(_recording(seen), allow_private=True) == 0
+    event = outbox.event()
+    assert (seen, event.attempts, event.delivered_at) == ([], 0, None)
+    lease = datetime.timedelta(seconds=company_webhooks.LEASE_SECONDS)
+    assert before + lease <= event.next_attempt_at <= utcnow() + lease
