@@ -124,6 +124,7 @@ class BenchStack:
             "LLMGW_INIT_RATE_PER_USER": UNLIMITED,
             "LLMGW_INIT_RATE_PER_COMPANY": UNLIMITED,
             "LLMGW_MAX_PENDING_INITS_PER_USER": UNLIMITED,
+            "LLMGW_MAX_PENDING_INITS_PER_COMPANY": UNLIMITED,
             # The memory phase holds 2,000 streams open (the default cap is 1,000).
             "LLMGW_MAX_CONNECTIONS": UNLIMITED,
         }
@@ -233,8 +234,9 @@ class BenchStack:
         return int(self.redis.zcard(f"{self.prefix}outbox:due"))
 
     def forget_pending_inits(self) -> None:
-        """Empty every user's set of pending grants (`control_plane/pending_inits.py`)."""
-        keys = list(self.redis.scan_iter(match=f"{self.prefix}pending:init:*", count=1000))
+        """Empty every user's and company's set of pending grants
+        (`control_plane/pending_inits.py`)."""
+        keys = list(self.redis.scan_iter(match=f"{self.prefix}pending:*", count=1000))
         if keys:
             self.redis.delete(*keys)
 

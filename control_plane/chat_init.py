@@ -648,7 +648,9 @@ async def count_tokens(deps: Deps, reservation: NewReservation) -> None:
                 s, reservation.id, "tokens per minute", actor=reservation.user_id
             )
         )
-        await pending_inits.forget(deps.store, reservation.user_id, reservation.jti)
+        await pending_inits.forget(
+            deps.store, reservation.user_id, reservation.company_id, reservation.jti
+        )
         raise
 
 
@@ -657,6 +659,7 @@ class _Held:
     """How far an init got: what its clean-up must give back if it is cancelled."""
 
     user_id: str
+    company_id: str
     jti: str
     reservation: NewReservation | None = None  # its hold committed (and was returned)
     counted: bool = False  # its tokens were counted in the TPM window (`count_tokens`)
@@ -689,7 +692,7 @@ async def _give_back(deps: Deps, held: _Held) -> None:
                 counted_at=reservation.created_at.timestamp(),
                 now=deps.clock(),
             )
-    await pending_inits.forget(deps.store, held.user_id, held.jti)
+    await pending_inits.forget(deps.store, held.user_id, held.company_id, held.jti)
 
 
 def hold_deadline(issued: int, settings: ControlPlaneSettings) -> datetime:
@@ -737,7 +740,7 @@ async def init_chat(
         cache=deps.catalog_cache,
     )
     # What a cancelled init (the server's shutdown cuts its request off) gives back.
-    held: _Held = _Held(user_id, jti)
+    held: _Held = _Held(user_id, principal.company_id, jti)
     try:
         try:
             reserved = await deps.db.unit(
@@ -762,7 +765,7 @@ async def init_chat(
             )
         except Exception:  # 402, 404, 413…: this grant never existed (a 503 past the
             # database's bound: never, or released by `late` once it commits)
-            await pending_inits.forget(deps.store, user_id, jti)
+            await pending_inits.forget(deps.store, user_id, principal.company_id, jti)
             raise
         reservation = held.reservation = reserved.reservation
         await count_tokens(deps, reservation)
@@ -778,7 +781,7 @@ async def init_chat(
                     s, reservation.id, "stash failed", actor=reservation.user_id
                 )
             )
-            await pending_inits.forget(deps.store, user_id, jti)
+            await pending_inits.forget(deps.store, user_id, principal.company_id, jti)
             raise StoreUnavailable() from None
     except asyncio.CancelledError:
         # Not an `Exception`: the clean-ups above miss it. Run in the background,

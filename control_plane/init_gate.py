@@ -44,9 +44,10 @@ async def enter(
     at: Moment,
     cache: catalog_cache.CatalogCache | None,
 ) -> catalog_cache.Lookup | None:
-    """Count the init and add `jti` to the user's pending grants, or raise the 429 of
-    the first check that refuses (503 when the store fails). Returns the lookup of
-    the company's cached LLM configuration under the version read in the same step."""
+    """Count the init and add `jti` to the user's and the company's pending grants,
+    or raise the 429 of the first check that refuses (503 when the store fails).
+    Returns the lookup of the company's cached LLM configuration under the version
+    read in the same step."""
     rate_window = rate_limits.window_at(at.rate_now)
     tpm_window = rate_limits.window_at(at.tpm_now)
     rates = (
@@ -54,19 +55,19 @@ async def enter(
         ("company", company_id, settings.init_rate_per_company),
     )
     tpms = tpm.TpmLimits.of(settings).scopes(user_id, company_id)
-    limit = settings.max_pending_inits_per_user
+    pending_limits = [settings.max_pending_inits_per_user, settings.max_pending_inits_per_company]
     gate = InitGate(
         rate_keys=[rate_limits.limit_key(scope, who, rate_window) for scope, who, _ in rates],
         rate_limits=[n for _, _, n in rates],
         rate_window_seconds=rate_limits.WINDOW_SECONDS,
         tpm_keys=[tpm.tpm_key(scope, subject, tpm_window) for scope, subject, _ in tpms],
         tpm_limits=[n for _, _, n in tpms],
-        pending_key=pending_inits.pending_key(user_id),
+        pending_keys=pending_inits.keys(user_id, company_id),
+        pending_limits=pending_limits,
         used_prefix=pending_inits.used_key(company_id, ""),
         member=jti,
         now=at.wall_now,
         expires_at=expires_at,
-        pending_limit=limit,
         fetch_key=catalog_cache.version_key(company_id) if cache is not None else None,
     )
     try:
@@ -81,5 +82,6 @@ async def enter(
         scope, _, per_minute = tpms[gated.index]
         raise tpm.refusal(scope, per_minute, tpm_window)
     if gated.verdict == "pending":
-        raise pending_inits.refusal(limit, gated.frees_at, at.wall_now)
+        scope, limit = pending_inits.SCOPES[gated.index], pending_limits[gated.index]
+        raise pending_inits.refusal(scope, limit, gated.frees_at, at.wall_now)
     return catalog_cache.lookup_of(cache, gated.fetched)

@@ -37,7 +37,7 @@ async def after_commit(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
     route, through `background.finish`): the hold has ended, so it is no longer a
     pending grant (12.6); a settlement's window is corrected."""
     if event.user_id:
-        await pending_inits.forget(deps.store, event.user_id, event.jti)
+        await pending_inits.forget(deps.store, event.user_id, event.company_id, event.jti)
     if not outcome.duplicate:
         await _correct(deps, event, outcome)
 

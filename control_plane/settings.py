@@ -120,9 +120,12 @@ class ControlPlaneSettings(CommonSettings):
     login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
     # Sign-ins of one account per minute (login_limits).
     login_rate_per_account: int = 300
-    # Abuse limits (issue 12.6): unused stream grants per user, what one chat session
-    # may hold, and the size of one init's stashed request.
+    # Abuse limits (issue 12.6): unused stream grants per user and per company (an
+    # owner creates members at will: the company's bound keeps one tenant from filling
+    # the shared store with stashed requests), what one chat session may hold, and
+    # the size of one init's stashed request.
     max_pending_inits_per_user: int = 20
+    max_pending_inits_per_company: int = 2000
     max_session_messages: int = 1000
     max_session_bytes: int = 1024 * 1024
     max_request_bytes: int = 2 * 1024 * 1024
@@ -211,6 +214,9 @@ class ControlPlaneSettings(CommonSettings):
             login_rate_per_account=env_int(env, "LLMGW_LOGIN_RATE_PER_ACCOUNT", 300, 1, 1_000_000),
             max_pending_inits_per_user=env_int(
                 env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000
+            ),
+            max_pending_inits_per_company=env_int(
+                env, "LLMGW_MAX_PENDING_INITS_PER_COMPANY", 2000, 1, 10_000_000
             ),
             max_session_messages=env_int(env, "LLMGW_MAX_SESSION_MESSAGES", 1000, 2, 1_000_000),
             max_session_bytes=env_int(env, "LLMGW_MAX_SESSION_BYTES", 1024 * 1024, 1024, 2**40),

@@ -94,10 +94,11 @@ class InitGate:
        later counters uncounted;
     2. the tokens-per-minute counters `tpm_keys`: refused when one already holds
        `tpm_limits[i]` or more (read only; empty when TPM is off);
-    3. `member` added to the bounded set `pending_key` until `expires_at`, unless it
-       already holds `pending_limit` others once the expired members and those whose
-       stream started (`used_prefix` + member exists: the edge's used mark) are
-       dropped; the started ones are looked up only when the set is full;
+    3. the bounded sets `pending_keys` (user, company), in order: `member` is added
+       to every one of them until `expires_at`, or to none when one already holds
+       `pending_limits[i]` others once the expired members and those whose stream
+       started (`used_prefix` + member exists: the edge's used mark) are dropped; the
+       started ones are looked up only in a set that is full;
     4. `fetch_key`'s value read back (the company's LLM-config version).
     """
 
@@ -106,19 +107,19 @@ class InitGate:
     rate_window_seconds: float
     tpm_keys: list[str]
     tpm_limits: list[int]
-    pending_key: str
+    pending_keys: list[str]
+    pending_limits: list[int]
     used_prefix: str
     member: str
     now: float
     expires_at: float
-    pending_limit: int
     fetch_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class InitGated:
-    # ok: counted and added; rate / tpm: `index` names the refusing key; pending:
-    # the set is full and a place frees at `frees_at` at the latest.
+    # ok: counted and added; rate / tpm / pending: `index` names the refusing key;
+    # pending: that set is full and a place frees at `frees_at` at the latest.
     verdict: Literal["ok", "rate", "tpm", "pending"]
     index: int = -1
     frees_at: float = 0.0
@@ -176,7 +177,9 @@ class BoundedSetStore(Protocol):
         added; otherwise the earliest expiry, i.e. when a place frees up at the latest."""
         ...
 
-    async def bounded_remove(self, key: str, member: str) -> None: ...
+    async def bounded_remove(self, keys: list[str], member: str) -> None:
+        """Forget `member` from each set of `keys` (one round trip)."""
+        ...
 
 
 class AdmissionStore(Protocol):

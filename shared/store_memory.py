@@ -184,8 +184,9 @@ class MemoryStore:
         members[member] = expires_at
         return None
 
-    async def bounded_remove(self, key: str, member: str) -> None:
-        self._slots.get(key, {}).pop(member, None)
+    async def bounded_remove(self, keys: list[str], member: str) -> None:
+        for key in keys:
+            self._slots.get(key, {}).pop(member, None)
 
     # --- init's gate (issue 14.3) -------------------------------------------------
 
@@ -198,13 +199,15 @@ class MemoryStore:
             raw = self._live(key)
             if raw is not None and int(raw) >= limit:
                 return InitGated("tpm", index)
-        members = self._bounded(g.pending_key, g.now)
-        if g.member not in members and len(members) >= g.pending_limit:
-            for started in [m for m in members if self._live(g.used_prefix + m) is not None]:
-                del members[started]
-            if len(members) >= g.pending_limit:
-                return InitGated("pending", frees_at=min(members.values()))
-        members[g.member] = g.expires_at
+        sets = [self._bounded(key, g.now) for key in g.pending_keys]
+        for index, (members, limit) in enumerate(zip(sets, g.pending_limits, strict=True)):
+            if g.member not in members and len(members) >= limit:
+                for started in [m for m in members if self._live(g.used_prefix + m) is not None]:
+                    del members[started]
+                if len(members) >= limit:
+                    return InitGated("pending", index, frees_at=min(members.values()))
+        for members in sets:
+            members[g.member] = g.expires_at
         fetched = self._live(g.fetch_key) if g.fetch_key is not None else None
         return InitGated("ok", fetched=fetched)
 

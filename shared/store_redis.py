@@ -156,13 +156,15 @@ return out
 
 
 # --- init's gate (issue 14.3) --------------------------------------------------------
-# See `InitGate`. KEYS: the rate counters, the TPM counters, the pending set, then the
-# key to fetch (if any). ARGV: n_rate, n_tpm, window_ms, now, member, expires_at,
-# pending_limit, pending_ttl_ms, used_prefix, then the rate limits, the TPM limits.
+# See `InitGate`. KEYS: the rate counters, the TPM counters, the pending sets (user,
+# company), then the key to fetch (if any). ARGV: n_rate, n_tpm, window_ms, now,
+# member, expires_at, n_pending, pending_ttl_ms, used_prefix, then the rate limits,
+# the TPM limits, the pending limits. Every pending set is checked before the member
+# is added to any: refused by one, it is in none.
 # The used marks (`used_prefix` .. member) are named here, not in KEYS: a single
 # Redis only (on a cluster `init_gate` runs the steps one by one instead).
 _INIT_GATE = """
-local n_rate, n_tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n_rate, n_tpm, n_pending = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
 for i = 1, n_rate do
   local count = redis.call('INCR', KEYS[i])
   redis.call('PEXPIRE', KEYS[i], ARGV[3], 'NX')
@@ -172,19 +174,24 @@ for i = 1, n_tpm do
   local held = redis.call('GET', KEYS[n_rate + i])
   if held and tonumber(held) >= tonumber(ARGV[9 + n_rate + i]) then return {'tpm', i - 1} end
 end
-local set, limit = KEYS[n_rate + n_tpm + 1], tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', set, '-inf', ARGV[4])
-if redis.call('ZSCORE', set, ARGV[5]) == false and redis.call('ZCARD', set) >= limit then
-  for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do
-    if redis.call('EXISTS', ARGV[9] .. m) == 1 then redis.call('ZREM', set, m) end
-  end
-  if redis.call('ZCARD', set) >= limit then
-    return {'pending', -1, redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]}
+local sets = n_rate + n_tpm
+for i = 1, n_pending do
+  local set, limit = KEYS[sets + i], tonumber(ARGV[9 + sets + i])
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', ARGV[4])
+  if redis.call('ZSCORE', set, ARGV[5]) == false and redis.call('ZCARD', set) >= limit then
+    for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+      if redis.call('EXISTS', ARGV[9] .. m) == 1 then redis.call('ZREM', set, m) end
+    end
+    if redis.call('ZCARD', set) >= limit then
+      return {'pending', i - 1, redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]}
+    end
   end
 end
-redis.call('ZADD', set, ARGV[6], ARGV[5])
-redis.call('PEXPIRE', set, ARGV[8])
-if #KEYS > n_rate + n_tpm + 1 then return {'ok', -1, '', redis.call('GET', KEYS[#KEYS])} end
+for i = 1, n_pending do
+  redis.call('ZADD', KEYS[sets + i], ARGV[6], ARGV[5])
+  redis.call('PEXPIRE', KEYS[sets + i], ARGV[8])
+end
+if #KEYS > sets + n_pending then return {'ok', -1, '', redis.call('GET', KEYS[#KEYS])} end
 return {'ok'}
 """
 # --- end of init's gate ------------------------------------------------------------
@@ -492,11 +499,16 @@ class RedisStore:
         reply = await self._run(_BOUNDED_ADD, [self._key(key)], args)
         return None if reply is None else float(reply)
 
-    async def bounded_remove(self, key: str, member: str) -> None:
+    async def bounded_remove(self, keys: list[str], member: str) -> None:
+        names = [self._key(key) for key in keys]
         if self._pipe is not None:  # once per settled webhook: the pipelined connection
-            await self._pipe.execute("ZREM", self._key(key), member)
+            await self._pipe.batch([("ZREM", name, member) for name in names])
             return
-        await self._redis.zrem(self._key(key), member)
+        # Not a transaction: on a cluster the sets may live on different shards.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.zrem(name, member)
+            await pipe.execute()
 
     # --- init's gate (issue 14.3) -------------------------------------------------
 
@@ -506,7 +518,7 @@ class RedisStore:
             # The gate's keys span a user, a company and their tokens without one
             # hash tag in common: the same steps, a round trip each.
             return await self._init_gate_steps(g)
-        keys = [*g.rate_keys, *g.tpm_keys, g.pending_key]
+        keys = [*g.rate_keys, *g.tpm_keys, *g.pending_keys]
         if g.fetch_key is not None:
             keys.append(g.fetch_key)
         args: list[str | int | float] = [
@@ -516,11 +528,12 @@ class RedisStore:
             g.now,
             g.member,
             g.expires_at,
-            g.pending_limit,
+            len(g.pending_keys),
             max(1, int((g.expires_at - g.now) * 1000)),
             self._key(g.used_prefix),
             *g.rate_limits,
             *g.tpm_limits,
+            *g.pending_limits,
         ]
         prefixed = [self._key(k) for k in keys]
         reply: list[Any] = await self._run(_INIT_GATE, prefixed, args)
@@ -530,7 +543,7 @@ class RedisStore:
         if verdict == "tpm":
             return InitGated("tpm", index=int(reply[1]))
         if verdict == "pending":
-            return InitGated("pending", frees_at=float(reply[2]))
+            return InitGated("pending", index=int(reply[1]), frees_at=float(reply[2]))
         return InitGated("ok", fetched=reply[3] if len(reply) > 3 else None)
 
     async def _init_gate_steps(self, g: InitGate) -> InitGated:
@@ -541,18 +554,23 @@ class RedisStore:
         for index, (raw, limit) in enumerate(zip(held, g.tpm_limits, strict=True)):
             if raw is not None and int(raw) >= limit:
                 return InitGated("tpm", index)
-        # As the script: the pending grants' marks are read only when the set is at
-        # its limit (an add refused). Most inits find a place at the first add.
-        add = (g.pending_key, g.member, g.expires_at, g.now, g.pending_limit)
-        frees_at = await self.bounded_add(*add, [])
-        if frees_at is not None:
-            members = await self.bounded_members(g.pending_key, g.now)
-            marks = await self.get_many([g.used_prefix + m for m in members]) if members else []
-            started = [m for m, mark in zip(members, marks, strict=True) if mark is not None]
-            if started:
-                frees_at = await self.bounded_add(*add, started)
-        if frees_at is not None:
-            return InitGated("pending", frees_at=frees_at)
+        # As the script: the pending grants' marks are read only when a set is at
+        # its limit (an add refused). Most inits find a place at the first add. Not
+        # atomic: refused by a later set, the member is taken out of the earlier ones
+        # (a fresh jti: it was in none of them before).
+        for index, (key, limit) in enumerate(zip(g.pending_keys, g.pending_limits, strict=True)):
+            add = (key, g.member, g.expires_at, g.now, limit)
+            frees_at = await self.bounded_add(*add, [])
+            if frees_at is not None:
+                members = await self.bounded_members(key, g.now)
+                marks = await self.get_many([g.used_prefix + m for m in members]) if members else []
+                started = [m for m, mark in zip(members, marks, strict=True) if mark is not None]
+                if started:
+                    frees_at = await self.bounded_add(*add, started)
+            if frees_at is not None:
+                if index:
+                    await self.bounded_remove(g.pending_keys[:index], g.member)
+                return InitGated("pending", index, frees_at=frees_at)
         fetched = await self.get(g.fetch_key) if g.fetch_key is not None else None
         return InitGated("ok", fetched=fetched)
 

@@ -39,8 +39,10 @@ from tests.test_control_plane import (
 from tests.token_claims import claims_of
 
 PENDING = 3
+COMPANY_PENDING = 8
 LIMITS = {
     "LLMGW_MAX_PENDING_INITS_PER_USER": str(PENDING),
+    "LLMGW_MAX_PENDING_INITS_PER_COMPANY": str(COMPANY_PENDING),
     "LLMGW_MAX_SESSION_MESSAGES": "6",
     "LLMGW_MAX_SESSION_BYTES": "6000",
     "LLMGW_MAX_REQUEST_BYTES": "8192",
@@ -102,6 +104,52 @@ def test_abandoned_inits_count_against_a_limit(cp: CP) -> None:
     # The limit is per user: a colleague is not blocked.
     colleague = cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
     _init(colleague)
+
+
+def _stashes(cp: CP, company_id: str) -> int:
+    """How many requests the company has stashed in the store (`shared.stash`)."""
+    store = cp.app.state.store
+    pattern = f"{store._prefix}req:{{c:{company_id}}}:*"
+    return len(cp.on_loop(lambda: store._redis.keys(pattern)))
+
+
+def test_a_companys_members_together_cannot_fill_the_store(cp: CP) -> None:
+    """The pending-init cap was per user only: an owner creates members at will and
+    each member's abandoned inits (a stashed request of up to
+    ``LLMGW_MAX_REQUEST_BYTES`` each) stay until their holds' deadlines, so one
+    company could fill the shared Redis for every tenant. Now the company's pending
+    inits are capped too (``LLMGW_MAX_PENDING_INITS_PER_COMPANY``)."""
+    company_id = cp.company("10")
+
+    def member() -> httpx.Client:
+        return cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
+
+    members = [member() for _ in range(-(-COMPANY_PENDING // PENDING))]
+    # Each member stays under its own cap; together they fill the company's.
+    inits = [_init(members[i // PENDING]) for i in range(COMPANY_PENDING)]
+    fresh = member()
+    before = credits_of(fresh), counts(cp, company_id), _stashes(cp, company_id)
+    assert before[2] == COMPANY_PENDING
+    r = fresh.post("/v1/chat/init", json={"query": "one more"})
+    message = error_of(r, 429, "too_many_pending_inits")
+    assert "company" in message and "You have" not in message, message
+    settings = cp.settings
+    retry_after = int(r.headers["Retry-After"])
+    assert 0 < retry_after <= settings.token_ttl_seconds + settings.hold_grace_seconds + 1
+    # changed nothing: no hold, no session, no stash
+    assert (credits_of(fresh), counts(cp, company_id), _stashes(cp, company_id)) == before
+
+    # Another company is not blocked.
+    _init(_member(cp)[0])
+    # A stream that starts frees its place...
+    _start_stream(cp, inits[0])
+    _init(fresh)
+    error_of(fresh.post("/v1/chat/init", json={"query": "hi"}), 429, "too_many_pending_inits")
+    # ...so does a hold that ends (here: settled by its usage webhook).
+    event = usage_event(inits[1], company_id, status="failed", output_tokens=0, content=None)
+    assert data_of(cp.webhook(event))["settled"] is True
+    _init(fresh)
+    error_of(fresh.post("/v1/chat/init", json={"query": "hi"}), 429, "too_many_pending_inits")
 
 
 def test_the_edge_and_the_control_plane_agree_on_the_used_key() -> None:
@@ -274,7 +322,7 @@ async def test_bounded_set_limits_expires_and_drops(store: Store) -> None:
     assert await store.bounded_add(key, "c", now + 30, now, 2, ["a"]) is None  # a started
     assert await store.bounded_add(key, "d", now + 40, now + 25, 2, []) is None  # b expired
     assert sorted(await store.bounded_members(key, now + 25)) == ["c", "d"]
-    await store.bounded_remove(key, "c")
+    await store.bounded_remove([key], "c")
     assert await store.bounded_members(key, now + 25) == ["d"]
     await store.close()
 
@@ -345,12 +393,14 @@ def test_the_limits_are_settings_with_safe_defaults() -> None:
     defaults = ControlPlaneSettings.from_env(base)
     assert (
         defaults.max_pending_inits_per_user,
+        defaults.max_pending_inits_per_company,
         defaults.max_session_messages,
         defaults.max_session_bytes,
         defaults.max_request_bytes,
-    ) == (20, 1000, 1024 * 1024, 2 * 1024 * 1024)
+    ) == (20, 2000, 1000, 1024 * 1024, 2 * 1024 * 1024)
     for name in (
         "LLMGW_MAX_PENDING_INITS_PER_USER",
+        "LLMGW_MAX_PENDING_INITS_PER_COMPANY",
         "LLMGW_MAX_SESSION_MESSAGES",
         "LLMGW_MAX_SESSION_BYTES",
         "LLMGW_MAX_REQUEST_BYTES",

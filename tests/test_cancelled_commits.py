@@ -133,8 +133,12 @@ async def test_an_init_cancelled_after_its_hold_gives_back_the_hold_and_the_pend
     await stashing.reached.wait()
     (held,) = await _reservations(db, company_id)
     assert held.status == "active"
-    key = pending_inits.pending_key(held.user_id)
-    assert await store.bounded_members(key, time.time()) == [held.jti]
+    sets = pending_inits.keys(held.user_id, company_id)  # the user's and the company's
+
+    async def pending() -> list[list[str]]:
+        return [await store.bounded_members(key, time.time()) for key in sets]
+
+    assert await pending() == [[held.jti], [held.jti]]
     init.cancel()
     with pytest.raises(asyncio.CancelledError):
         await init
@@ -144,7 +148,7 @@ async def test_an_init_cancelled_after_its_hold_gives_back_the_hold_and_the_pend
         30,
     )
     await eventually(
-        lambda: _is(store.bounded_members(key, time.time()), []),
+        lambda: _is(pending(), [[], []]),
         "the grant of a cancelled init stayed pending",
         30,
     )

@@ -43,12 +43,12 @@ def gate_of(**changes: object) -> InitGate:
         rate_window_seconds=60,
         tpm_keys=[],
         tpm_limits=[],
-        pending_key=f"pending:init:{tag}",
+        pending_keys=[f"pending:init:{tag}", f"pending:company:{tag}"],
+        pending_limits=[100, 100],
         used_prefix=f"jti:{{c:{tag}}}:",
         member="a",
         now=NOW,
         expires_at=NOW + 10,
-        pending_limit=100,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -63,7 +63,7 @@ async def test_the_first_rate_over_its_limit_refuses_and_stops_counting(
     assert await gate(replace(g, member="c")) == InitGated("rate", index=0)
     # the company's counter was not counted for the refused init, nor was it pending
     assert await store.get_many(g.rate_keys) == [b"3", b"2"]
-    assert sorted(await store.bounded_members(g.pending_key, NOW)) == ["a", "b"]
+    assert sorted(await store.bounded_members(g.pending_keys[0], NOW)) == ["a", "b"]
     company_only = replace(g, rate_keys=g.rate_keys[1:], rate_limits=[2], member="d")
     assert await gate(company_only) == InitGated("rate", index=0)
 
@@ -74,24 +74,56 @@ async def test_a_full_tpm_window_refuses(backend: tuple[Store, Gate]) -> None:
     await store.add(g.tpm_keys[1], 50, 60)
     assert (await gate(replace(g, tpm_limits=[10, 51]))).verdict == "ok"
     assert await gate(replace(g, tpm_limits=[10, 50], member="b")) == InitGated("tpm", index=1)
-    assert await store.bounded_members(g.pending_key, NOW) == ["a"]
+    assert await store.bounded_members(g.pending_keys[0], NOW) == ["a"]
 
 
+@pytest.mark.parametrize("scope", [0, 1])
 async def test_pending_grants_are_capped_until_started_or_expired(
-    backend: tuple[Store, Gate],
+    backend: tuple[Store, Gate], scope: int
 ) -> None:
+    """The same for the user's set (0) and the company's (1), the other roomy."""
     store, gate = backend
-    g = gate_of(pending_limit=2)
+    g = gate_of()
+    limits = [100, 100]
+    limits[scope] = 2
+    g, key = replace(g, pending_limits=limits), g.pending_keys[scope]
     assert (await gate(replace(g, member="a", expires_at=NOW + 10))).verdict == "ok"
     assert (await gate(replace(g, member="b", expires_at=NOW + 20))).verdict == "ok"
-    assert await gate(replace(g, member="c")) == InitGated("pending", frees_at=NOW + 10)
+    assert await gate(replace(g, member="c")) == InitGated("pending", scope, frees_at=NOW + 10)
     assert (await gate(replace(g, member="a"))).verdict == "ok"  # already in: no new place
     await store.set(g.used_prefix + "a", b"stream", 60)  # a's stream started
     assert (await gate(replace(g, member="c", expires_at=NOW + 30))).verdict == "ok"
-    assert sorted(await store.bounded_members(g.pending_key, NOW)) == ["b", "c"]
+    assert sorted(await store.bounded_members(key, NOW)) == ["b", "c"]
     later = replace(g, member="d", now=NOW + 25, expires_at=NOW + 40)  # b expired
     assert (await gate(later)).verdict == "ok"
-    assert sorted(await store.bounded_members(g.pending_key, NOW + 25)) == ["c", "d"]
+    assert sorted(await store.bounded_members(key, NOW + 25)) == ["c", "d"]
+
+
+async def test_a_full_company_set_refuses_a_user_with_room_and_adds_to_neither(
+    backend: tuple[Store, Gate],
+) -> None:
+    """Members of one company, each under its own cap, fill the company's set: the
+    next init (a fresh user) is refused and is in no set; a started stream or a
+    forgotten grant frees a place."""
+    store, gate = backend
+    g = replace(gate_of(), pending_limits=[2, 3])
+    users = [replace(g, pending_keys=[f"pending:init:{u}-{uuid.uuid4().hex}", g.pending_keys[1]])
+             for u in "xyz"]  # fmt: skip
+    assert (await gate(replace(users[0], member="a", expires_at=NOW + 10))).verdict == "ok"
+    assert (await gate(replace(users[0], member="b", expires_at=NOW + 20))).verdict == "ok"
+    assert (await gate(replace(users[1], member="c", expires_at=NOW + 30))).verdict == "ok"
+    refused = await gate(replace(users[2], member="d"))
+    assert refused == InitGated("pending", 1, frees_at=NOW + 10)
+    assert await store.bounded_members(users[2].pending_keys[0], NOW) == []
+    assert sorted(await store.bounded_members(g.pending_keys[1], NOW)) == ["a", "b", "c"]
+    # the user's set is checked first: a full user set names the user
+    assert await gate(replace(users[0], member="e")) == InitGated("pending", 0, frees_at=NOW + 10)
+    await store.set(g.used_prefix + "c", b"stream", 60)  # c's stream started
+    assert (await gate(replace(users[2], member="d"))).verdict == "ok"
+    assert sorted(await store.bounded_members(g.pending_keys[1], NOW)) == ["a", "b", "d"]
+    await store.bounded_remove([users[0].pending_keys[0], g.pending_keys[1]], "a")  # settled
+    assert (await gate(replace(users[2], member="f"))).verdict == "ok"
+    assert sorted(await store.bounded_members(users[2].pending_keys[0], NOW)) == ["d", "f"]
 
 
 async def test_the_fetched_key_comes_back(backend: tuple[Store, Gate]) -> None:

@@ -192,10 +192,11 @@ def test_the_init_gate_reads_pending_marks_only_when_full_on_a_redis_cluster(
     tag = uuid.uuid4().hex
     gate = InitGate(
         rate_keys=[f"rl:user:{tag}"], rate_limits=[100], rate_window_seconds=60,
-        tpm_keys=[], tpm_limits=[], pending_key=f"pending:init:{tag}",
+        tpm_keys=[], tpm_limits=[],
+        pending_keys=[f"pending:init:{tag}", f"pending:company:{tag}"], pending_limits=[2, 3],
         used_prefix=f"jti:{{c:{tag}}}:", member="a", now=now, expires_at=now + 10,
-        pending_limit=2,
     )  # fmt: skip
+    colleague = replace(gate, pending_keys=[f"pending:init:{tag}-2", gate.pending_keys[1]])
     # (the init, the mark of a started grant to set first, whether the set is full)
     steps: list[tuple[InitGate, str | None, bool]] = [
         (gate, None, False),
@@ -204,6 +205,13 @@ def test_the_init_gate_reads_pending_marks_only_when_full_on_a_redis_cluster(
         (gate, None, False),  # a is already in: no new place
         (replace(gate, member="c", expires_at=now + 30), "a", True),  # a started
         (replace(gate, member="d", now=now + 25, expires_at=now + 40), None, False),  # b expired
+        # a colleague: the company's set (c, d) has room for one (e), then is full
+        (replace(colleague, member="e", now=now + 25, expires_at=now + 50), None, False),
+        (
+            replace(colleague, member="f", now=now + 25, expires_at=now + 60),
+            None,
+            True,
+        ),  # c frees 1st
     ]
 
     async def run(store: RedisStore) -> list[Any]:
@@ -225,7 +233,10 @@ def test_the_init_gate_reads_pending_marks_only_when_full_on_a_redis_cluster(
             before = reads
             gated = await store.init_gate(step)
             read_marks = reads > before
-            members = sorted(await store.bounded_members(gate.pending_key, step.now))
+            members = [
+                sorted(await store.bounded_members(key, step.now))
+                for key in (*gate.pending_keys, colleague.pending_keys[0])
+            ]
             seen.append((gated, members))
             if store.is_cluster:
                 assert read_marks is full, (step.member, full)
@@ -246,10 +257,13 @@ def test_the_init_gate_reads_pending_marks_only_when_full_on_a_redis_cluster(
                 await single.close()
         assert on_cluster == by_script
         assert [gated.verdict for gated, _ in on_cluster] == [
-            "ok", "ok", "pending", "ok", "ok", "ok"
+            "ok", "ok", "pending", "ok", "ok", "ok", "ok", "pending"
         ]  # fmt: skip
-        assert on_cluster[2][0] == InitGated("pending", frees_at=now + 10)
-        assert [members for _, members in on_cluster[-2:]] == [["b", "c"], ["c", "d"]]
+        assert on_cluster[2][0] == InitGated("pending", 0, frees_at=now + 10)
+        assert on_cluster[-1][0] == InitGated("pending", 1, frees_at=now + 30)
+        assert [members[0] for _, members in on_cluster[4:6]] == [["b", "c"], ["c", "d"]]
+        # refused by the company's set, f is in neither
+        assert on_cluster[-1][1] == [["c", "d"], ["c", "d", "e"], ["e"]]
 
     asyncio.run(go())
 

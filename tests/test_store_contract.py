@@ -203,10 +203,22 @@ async def test_a_bounded_set_caps_expires_and_drops(backend: Backend) -> None:
     assert await store.bounded_add(key, "c", T + 30, T, 2, ["a", "gone"]) is None  # a dropped
     assert await store.bounded_add(key, "d", T + 40, T + 25, 2, []) is None  # b expired
     assert sorted(await store.bounded_members(key, T + 25)) == ["c", "d"]
-    await store.bounded_remove(key, "c")
-    await store.bounded_remove(key, "never")
+    await store.bounded_remove([key], "c")
+    await store.bounded_remove([key, "pending:other"], "never")
     assert await store.bounded_members(key, T + 25) == ["d"]
     assert await store.bounded_add(key, "e", T + 50, T + 25, 1, []) == T + 40
+
+
+async def test_a_member_is_forgotten_from_several_bounded_sets_at_once(backend: Backend) -> None:
+    """`pending_inits.forget`: the user's and the company's set (other shards on a
+    cluster), one call."""
+    store = backend.store
+    sets = ["pending:init:u", "pending:company:c"]
+    for key in sets:
+        assert await store.bounded_add(key, "a", T + 10, T, 5, []) is None
+        assert await store.bounded_add(key, "b", T + 10, T, 5, []) is None
+    await store.bounded_remove(sets, "a")
+    assert [await store.bounded_members(key, T) for key in sets] == [["b"], ["b"]]
 
 
 # --- admission --------------------------------------------------------------------
