@@ -83,7 +83,6 @@ def bench_env(database_url: str, prefix: str, secret: str) -> dict[str, str]:
         "LLMGW_INIT_RATE_PER_USER": "1000000",
         "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
         "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
-        "LLMGW_MAX_PENDING_INITS_PER_COMPANY": "1000000",
     }
 
 

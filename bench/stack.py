@@ -124,7 +124,6 @@ class BenchStack:
             "LLMGW_INIT_RATE_PER_USER": UNLIMITED,
             "LLMGW_INIT_RATE_PER_COMPANY": UNLIMITED,
             "LLMGW_MAX_PENDING_INITS_PER_USER": UNLIMITED,
-            "LLMGW_MAX_PENDING_INITS_PER_COMPANY": UNLIMITED,
             # The memory phase holds 2,000 streams open (the default cap is 1,000).
             "LLMGW_MAX_CONNECTIONS": UNLIMITED,
         }

@@ -32,6 +32,11 @@ ADMIN_TOKEN_HINT = 'generate one with: python -c "import secrets; print(secrets.
 # statements) before 503 `database_unavailable`: init and settlement take
 # milliseconds, a console aggregate has its own longer bound (`heavy_reads`).
 DB_TIMEOUT_SECONDS = 10.0
+# The company-wide pending-init cap defaults to this many users' worth of the per-user
+# cap (2,000 with its default of 20): an operator or a harness that raised the per-user
+# cap for many unstarted inits is not refused by a company cap it never set.
+COMPANY_PENDING_USERS = 100
+MAX_PENDING_PER_COMPANY = 10_000_000
 
 
 def _strong_secret(
@@ -183,6 +188,7 @@ class ControlPlaneSettings(CommonSettings):
                         f"{name} is required when LLMGW_AUTH_JWT_SECRET or "
                         "LLMGW_AUTH_JWKS_URL is set"
                     )
+        pending_per_user = env_int(env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000)
         return cls(
             **common_of(common),
             database_url=database_url,
@@ -212,11 +218,13 @@ class ControlPlaneSettings(CommonSettings):
                 env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000
             ),
             login_rate_per_account=env_int(env, "LLMGW_LOGIN_RATE_PER_ACCOUNT", 300, 1, 1_000_000),
-            max_pending_inits_per_user=env_int(
-                env, "LLMGW_MAX_PENDING_INITS_PER_USER", 20, 1, 1_000_000
-            ),
+            max_pending_inits_per_user=pending_per_user,
             max_pending_inits_per_company=env_int(
-                env, "LLMGW_MAX_PENDING_INITS_PER_COMPANY", 2000, 1, 10_000_000
+                env,
+                "LLMGW_MAX_PENDING_INITS_PER_COMPANY",
+                min(COMPANY_PENDING_USERS * pending_per_user, MAX_PENDING_PER_COMPANY),
+                1,
+                MAX_PENDING_PER_COMPANY,
             ),
             max_session_messages=env_int(env, "LLMGW_MAX_SESSION_MESSAGES", 1000, 2, 1_000_000),
             max_session_bytes=env_int(env, "LLMGW_MAX_SESSION_BYTES", 1024 * 1024, 1024, 2**40),

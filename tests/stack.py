@@ -54,7 +54,6 @@ def base_env(database_url: str, redis_url: str | None = None, prefix: str = "") 
         # Many tests mint tokens they never stream with; the pending-init limit has
         # its own tests (test_abuse_storage.py).
         "LLMGW_MAX_PENDING_INITS_PER_USER": "1000",
-        "LLMGW_MAX_PENDING_INITS_PER_COMPANY": "100000",
     }
     if redis_url:
         env["LLMGW_REDIS_URL"] = redis_url

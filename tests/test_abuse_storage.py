@@ -407,3 +407,24 @@ def test_the_limits_are_settings_with_safe_defaults() -> None:
     ):
         with pytest.raises(ConfigError, match=name):
             ControlPlaneSettings.from_env({**base, name: "0"})
+
+
+def test_the_company_cap_follows_a_raised_user_cap_unless_set() -> None:
+    """An operator (or a harness) that raised the per-user cap for many unstarted inits
+    meets no company cap it never set; one it sets is kept as set."""
+    from cryptography.fernet import Fernet
+
+    from control_plane.settings import ControlPlaneSettings
+    from tests.conftest import new_webhook_secret
+
+    base = {
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    read = ControlPlaneSettings.from_env
+    raised = read({**base, "LLMGW_MAX_PENDING_INITS_PER_USER": "50"})
+    assert raised.max_pending_inits_per_company == 5000
+    huge = read({**base, "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000"})
+    assert huge.max_pending_inits_per_company == 10_000_000
+    both = {"LLMGW_MAX_PENDING_INITS_PER_USER": "50", "LLMGW_MAX_PENDING_INITS_PER_COMPANY": "70"}
+    assert read({**base, **both}).max_pending_inits_per_company == 70

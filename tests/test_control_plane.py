@@ -139,7 +139,6 @@ def _settings(database_url: str, extra: dict[str, str] | None = None) -> Control
         "LLMGW_INIT_RATE_PER_USER": "1000000",
         "LLMGW_INIT_RATE_PER_COMPANY": "10000000",
         "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
-        "LLMGW_MAX_PENDING_INITS_PER_COMPANY": "1000000",
         **(extra or {}),
     }
     return ControlPlaneSettings.from_env(env, dev=False)

@@ -35,7 +35,6 @@ def split(pg_database_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[S
         "LLMGW_INIT_RATE_PER_USER": "1000000",
         "LLMGW_INIT_RATE_PER_COMPANY": "1000000",
         "LLMGW_MAX_PENDING_INITS_PER_USER": "1000000",
-        "LLMGW_MAX_PENDING_INITS_PER_COMPANY": "1000000",
     }
     with SplitStack(env) as stack, edge_process(stack, tmp_path, LLMGW_LOG_LEVEL="WARNING"):
         yield stack
