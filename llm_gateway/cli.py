@@ -116,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             default_format="text" if args.command in ("dev", "admin", "outbox", "chat") else "json",
         )
         if args.command == "dev":
+            from llm_gateway.local_hosts import check_local_host
+
+            check_local_host(args.host)  # before the heavy imports: refused at once
             from llm_gateway.dev import run_dev
             from llm_gateway.servers import run_loop
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import json
 import os
 from collections.abc import Mapping
@@ -20,34 +19,13 @@ from cryptography.fernet import Fernet
 from starlette.types import ASGIApp
 
 from control_plane.settings import ControlPlaneSettings
-from llm_gateway.local_hosts import MESSAGE, LocalHostsOnly, configured_names
+from llm_gateway.local_hosts import MESSAGE, LocalHostsOnly, check_local_host, configured_names
 from shared.catalog import Catalog
-from shared.settings import ConfigError
 from shared.store_memory import MemoryStore
 from shared.webhooks import generate_secret
 from stream_edge.settings import EdgeSettings
 
 SECRETS_FILE = Path("var/dev-secrets.json")
-DEV_ONLY_LOCAL = (
-    "llm-gateway dev serves the owner demo@example.com with the published password "
-    "'demo' (and the platform's keys from this environment), so it listens on loopback "
-    "only: drop --host {host}, or serve others with llm-gateway control-plane and "
-    "stream-edge and your own users"
-)
-
-
-def check_local_host(host: str) -> None:
-    """Refuse a `--host` other people can reach: anyone who reads the README (or the
-    demo page, which prefills it) signs in as the demo owner and spends its credits,
-    on the platform's real keys when the environment holds some."""
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass  # a name, or a wildcard spelled otherwise: it may resolve anywhere
-    raise ConfigError(DEV_ONLY_LOCAL.format(host=host))
 
 
 def dev_secrets(path: Path = SECRETS_FILE) -> dict[str, str]:

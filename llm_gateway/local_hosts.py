@@ -1,6 +1,6 @@
 """`llm-gateway dev` answers only requests addressed to this machine by name.
 
-Listening on loopback (`dev.check_local_host`) keeps other machines out, but not
+Listening on loopback (`check_local_host`) keeps other machines out, but not
 other websites: a page the developer visits can point its own name at 127.0.0.1
 (DNS rebinding). The browser then counts the gateway as that page's origin, so the
 page reads every answer, signs in as the demo owner with its published password,
@@ -25,6 +25,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shared.settings import ConfigError
 
 MESSAGE = (
     "This development gateway answers only requests addressed to this machine "
@@ -108,3 +110,25 @@ class LocalHostsOnly:
             }
         )
         await send({"type": "http.response.body", "body": self.body})
+
+
+DEV_ONLY_LOCAL = (
+    "llm-gateway dev serves the owner demo@example.com with the published password "
+    "'demo' (and the platform's keys from this environment), so it listens on loopback "
+    "only: drop --host {host}, or serve others with llm-gateway control-plane and "
+    "stream-edge and your own users"
+)
+
+
+def check_local_host(host: str) -> None:
+    """Refuse a `--host` other people can reach: anyone who reads the README (or the
+    demo page, which prefills it) signs in as the demo owner and spends its credits,
+    on the platform's real keys when the environment holds some."""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass  # a name, or a wildcard spelled otherwise: it may resolve anywhere
+    raise ConfigError(DEV_ONLY_LOCAL.format(host=host))
