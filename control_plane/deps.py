@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +25,16 @@ from control_plane.readiness import failing
 from control_plane.recent_answer import RecentAnswer
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
-from control_plane.signing_keys import KeyRing, load_snapshot, published_jwks
+from control_plane.signing_keys import (
+    UNKNOWN_KID_REFRESH_SECONDS,
+    KeyRing,
+    load_snapshot,
+    published_jwks,
+)
 from control_plane.validation import parse_json_object
 from control_plane.verified_tokens import VerifiedSignatures
 from shared.bodies import read_limited
+from shared.jwks import PUBLISHED_KEYS_AGE_SECONDS
 from shared.store import Store
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -49,6 +55,9 @@ class Deps:
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
+    # When the key ring's reads begin, and the waits between them (`fresh_keyring`).
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     # Argon2 hashes and verifies: a few at once, a short queue, 503 past it.
     password_checks: PasswordChecks = field(default_factory=PasswordChecks)
     # Access tokens whose signature was checked, by the key that checked it.
@@ -63,34 +72,67 @@ class Deps:
     heavy_reads: HeavyReads = field(init=False)
     # The key ring's read that callers finding it stale share (`fresh_keyring`).
     _key_read: asyncio.Future[None] | None = field(init=False, default=None)
+    # When the last read of the key ring began; the stamp of the latest that finished.
+    _key_read_began: float = field(init=False, default=float("-inf"))
+    _key_read_finished: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.heavy_reads = HeavyReads(self.db)
-        self.published_keys = RecentAnswer(lambda: self.db.transaction(published_jwks))
+        self.published_keys = RecentAnswer(
+            lambda: self.db.transaction(published_jwks), max_age=PUBLISHED_KEYS_AGE_SECONDS
+        )
         self.readiness = RecentAnswer(lambda: failing(self.db, self.store))
         self.hold_count = RecentAnswer(lambda: self.db.transaction(active_hold_count))
 
     async def refresh_keys(self) -> None:
         fernet = self.fernet
+        began = self.monotonic()
+        self._key_read_began = max(self._key_read_began, began)
         read = self.keyring.read_begins()  # reads may finish out of order
         snapshot = await self.db.transaction(lambda s: load_snapshot(s, fernet))
         if self.keyring.replace(snapshot, read):
             self.published_keys.forget()
+        # Installed or not (then a newer read was): the keys as of this read are known.
+        self._key_read_finished = max(self._key_read_finished, read)
 
     async def fresh_keyring(self, *, unknown_kid: bool = False) -> KeyRing:
-        """The ring, read again first when it is older than its floor. Every caller
-        finding it stale joins the one read in flight: the floor counts from the last
-        read that finished, so a crowd of made-up `kid`s (or of inits a minute on)
-        otherwise put a transaction each on the database threads. A failed read fails
-        those waiting on it and is not kept: the next caller reads again."""
-        if self.keyring.stale(unknown_kid=unknown_kid):
-            read = self._key_read
-            if read is None or read.done():
-                read = self._key_read = asyncio.ensure_future(self.refresh_keys())
-                read.add_done_callback(_retrieved)
+        """The ring, read again first when it is older than a minute, or, for a
+        token whose `kid` it lacks, once a read that began after the call has
+        finished (another instance may have just rotated: its key signed after its
+        rotation committed, so that read sees it). Every caller needing a read joins
+        the one in flight (a crowd of made-up `kid`s, or of inits a minute on, would
+        otherwise put a transaction each on the database threads). A failed read
+        fails those waiting on it and is not kept: the next caller reads again."""
+        if unknown_kid:
+            await self._keys_read_after(self.keyring.reads_begun)
+        elif self.keyring.stale():
             # Shielded: a caller that gives up must not cancel everyone's read.
-            await asyncio.shield(read)
+            await asyncio.shield(self._shared_key_read())
         return self.keyring
+
+    def _shared_key_read(self) -> asyncio.Future[None]:
+        read = self._key_read
+        if read is None or read.done():
+            read = self._key_read = asyncio.ensure_future(self.refresh_keys())
+            read.add_done_callback(_retrieved)
+        return read
+
+    async def _keys_read_after(self, stamp: int) -> None:
+        """Return once a read stamped after `stamp` (begun after it) has finished:
+        joining the shared one in flight, else starting one once
+        `UNKNOWN_KID_REFRESH_SECONDS` have passed since the last began (sleeping until
+        then). At most a read begun before, the floor, then one read: each under the
+        database's timeout. Stamps, not times: a clock may read the same twice."""
+        while self._key_read_finished <= stamp:
+            read = self._key_read
+            if read is not None and not read.done():
+                await asyncio.shield(read)  # a caller giving up leaves it running
+                continue
+            wait = self._key_read_began + UNKNOWN_KID_REFRESH_SECONDS - self.monotonic()
+            if wait > 0:
+                await self.sleep(wait)
+                continue
+            self._shared_key_read()
 
 
 def _retrieved(read: asyncio.Future[None]) -> None:

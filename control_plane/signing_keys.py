@@ -8,6 +8,15 @@ superseded longer ago than any token lives (`retire_superseded_keys`). Private
 keys are stored as their 32 raw bytes encrypted with `MultiFernet`
 (``LLMGW_ENCRYPTION_KEY``, newest key first, so old keys still decrypt after a
 Fernet key rotation).
+
+A rotated-in key signs at once on the instance that rotated. Another instance meeting
+its `kid` answers only after a read of the keys that began after the token arrived
+(`Deps.fresh_keyring(unknown_kid=True)`): a rotation commits before its key signs,
+so such a read sees it, and the token is accepted instead of refused. Those reads
+are shared (one in flight, every waiter joins it) and begin at least
+`UNKNOWN_KID_REFRESH_SECONDS` (1 s) apart, counted from when the last one began: a
+flood of tokens with made-up kids costs the database at most one read a second per
+process, and each such request waits at most about a second plus a read.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from shared.tokens import public_jwk
 log = logging.getLogger("control_plane.signing_keys")
 
 REFRESH_SECONDS = 60.0
-UNKNOWN_KID_REFRESH_SECONDS = 5.0
+UNKNOWN_KID_REFRESH_SECONDS = 1.0
 
 
 def make_fernet(keys: tuple[Secret, ...]) -> MultiFernet:
@@ -162,13 +171,19 @@ def load_snapshot(session: Session, fernet: MultiFernet) -> KeyRingSnapshot:
 class KeyRing:
     """The keys one app instance signs and verifies with, refreshed from the
     database every minute (another instance may have rotated) and on an unknown
-    `kid` (at most every few seconds, so junk tokens cannot hammer the database)."""
+    `kid` (`Deps.fresh_keyring`: at most a read a second, so junk tokens cannot
+    hammer the database)."""
 
     def __init__(self, snapshot: KeyRingSnapshot) -> None:
         self._snapshot = snapshot
         self.loaded_at = time.monotonic()
         self._reads_begun = 0  # reads stamped by `read_begins`, in the order they began
         self._installed = 0  # the stamp of the read installed
+
+    @property
+    def reads_begun(self) -> int:
+        """The stamp of the last read begun (0: none yet): a later one began after now."""
+        return self._reads_begun
 
     def read_begins(self) -> int:
         """The stamp of a read of the keys about to begin, for `replace`."""
@@ -195,6 +210,5 @@ class KeyRing:
     def public_key(self, kid: str) -> Ed25519PublicKey | None:
         return self._snapshot.public.get(kid)
 
-    def stale(self, *, unknown_kid: bool = False) -> bool:
-        age = time.monotonic() - self.loaded_at
-        return age > (UNKNOWN_KID_REFRESH_SECONDS if unknown_kid else REFRESH_SECONDS)
+    def stale(self) -> bool:
+        return time.monotonic() - self.loaded_at > REFRESH_SECONDS

@@ -3,9 +3,16 @@ be slow, down or hostile: the edge's copy of the control plane's keys
 (`stream_edge.jwks`) and the control plane's copy of an identity provider's
 (`control_plane.external_auth`).
 
-An unknown `kid` triggers a refetch (a key was just rotated in), but at most once
-per `min_refetch_seconds`, so a flood of tokens with made-up kids cannot turn the
-service into a request amplifier against the key server.
+An unknown `kid` is answered only once a fetch that began after the look-up arrived
+has finished (a key rotated in just before the token was signed is then known; a
+refusal there would be a valid token refused), and fetches begin at least
+`min_refetch_seconds` apart (1 s by default), so a flood of tokens with made-up kids
+cannot turn the service into a request amplifier against the key server: it costs
+the key server at most one fetch a second, and each such look-up waits at most
+about the floor plus a fetch. A key server answering from a copy up to
+`answer_age_seconds` old (the control plane's, `PUBLISHED_KEYS_AGE_SECONDS`) is
+fetched that much after the look-up arrived, so its answer was read after it. Every
+wait is bounded (`_fresh_bound`); a known `kid` is answered at once from the cache.
 
 With a slow or failing key server (issue 11.14) there is one refresh at a time:
 look-ups that need it join the one in flight; the floor counts attempts, failed
@@ -25,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import httpx
@@ -37,6 +44,11 @@ K = TypeVar("K")
 # A key set is a few keys of a few hundred bytes each; a provider publishing more
 # than this is answering something else.
 MAX_JWKS_BYTES = 256 * 1024
+# How old the control plane's answer to `/.well-known/jwks.json` may be (it serves one
+# read a second whatever the traffic, `control_plane.recent_answer`): the edge asks
+# that much after a token with an unknown `kid` arrived, so the answer it gets was
+# read after the token was signed.
+PUBLISHED_KEYS_AGE_SECONDS = 1.0
 
 
 class KeysUnavailable(Exception):
@@ -54,9 +66,11 @@ class JWKSCache(Generic[K]):
         parse: Callable[[object], dict[str, K]],
         *,
         max_age_seconds: float = 300.0,
-        min_refetch_seconds: float = 5.0,
+        min_refetch_seconds: float = 1.0,
         fetch_timeout_seconds: float = 5.0,
+        answer_age_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         source: str = "the key server",
     ) -> None:
         self._client = client
@@ -65,11 +79,14 @@ class JWKSCache(Generic[K]):
         self._max_age = max_age_seconds
         self._min_refetch = min_refetch_seconds
         self._timeout = fetch_timeout_seconds
+        self._answer_age = answer_age_seconds
         self._clock = clock
+        self._sleep = sleep  # with `clock`: tests drive both
         self._source = source
         self._keys: dict[str, K] = {}
         self._fetched_at: float | None = None  # last success
         self._attempted_at: float | None = None  # last attempt, failed or not
+        self._finished_from: float | None = None  # when the latest attempt finished began
         self._inflight: asyncio.Task[None] | None = None
 
     @property
@@ -84,13 +101,35 @@ class JWKSCache(Generic[K]):
             if self._clock() - self._fetched_at > self._max_age:
                 self._start_refresh()  # in the background: stale keys are still good
             return known
-        refresh = self._start_refresh()
-        if refresh is not None:
-            # Shielded: a caller that gives up must not cancel everyone's refresh.
-            await asyncio.shield(refresh)
+        with contextlib.suppress(TimeoutError):  # then answer with what we have
+            async with asyncio.timeout(self._fresh_bound()):
+                await self._fetched_since(self._clock() + self._answer_age)
         if self._fetched_at is None:
             raise KeysUnavailable(f"cannot fetch {self._source}'s signing keys")
         return self._keys.get(kid)
+
+    def _fresh_bound(self) -> float:
+        """The longest `_fetched_since` can take: a fetch begun before it (its
+        timeout), the floor or the answer's age, then its own fetch."""
+        return self._min_refetch + self._answer_age + 2 * self._timeout
+
+    async def _fetched_since(self, since: float) -> None:
+        """Return once a fetch (failed or not) that began at or after `since` has
+        finished: joining the one in flight, else starting one once the floor since
+        the last attempt has passed, sleeping until then."""
+        while self._finished_from is None or self._finished_from < since:
+            if self._inflight is not None and not self._inflight.done():
+                # Shielded: a caller that gives up must not cancel everyone's refresh.
+                await asyncio.shield(self._inflight)
+                continue
+            now = self._clock()
+            start_at = since
+            if self._attempted_at is not None:
+                start_at = max(start_at, self._attempted_at + self._min_refetch)
+            if now < start_at:
+                await self._sleep(start_at - now)
+                continue
+            self._begin_refresh(now)
 
     def _start_refresh(self) -> asyncio.Task[None] | None:
         """The refresh in flight, or a new one unless the last attempt is more recent
@@ -100,19 +139,26 @@ class JWKSCache(Generic[K]):
         now = self._clock()
         if self._attempted_at is not None and now - self._attempted_at < self._min_refetch:
             return None
+        return self._begin_refresh(now)
+
+    def _begin_refresh(self, now: float) -> asyncio.Task[None]:
         self._attempted_at = now
-        self._inflight = asyncio.create_task(self._refresh(), name="jwks-refresh")
+        self._inflight = asyncio.create_task(self._refresh(now), name="jwks-refresh")
         return self._inflight
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, began: float) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 keys = self._parse(orjson.loads(await self._fetch()))
         except Exception as exc:  # in the background too: nothing may escape
             log.warning("jwks fetch from %s failed: %r", self._url, exc)
             return  # keep serving with the keys we have
-        self._keys = keys
-        self._fetched_at = self._clock()
+        else:
+            self._keys = keys
+            self._fetched_at = self._clock()
+        finally:
+            if self._finished_from is None or began > self._finished_from:
+                self._finished_from = began
 
     async def _fetch(self) -> bytes:
         async with self._client.stream("GET", self._url, timeout=self._timeout) as response:
@@ -132,8 +178,10 @@ class JWKSCache(Generic[K]):
                 await self._inflight
 
     async def ready(self) -> bool:
-        try:
-            await self.key("")
-        except KeysUnavailable:
-            return False
+        """Whether keys are cached: fetched now if none are (within the floor), never
+        waiting out the floor as an unknown `kid` does (a probe would stall on it)."""
+        if not self._keys:
+            refresh = self._start_refresh()
+            if refresh is not None:
+                await asyncio.shield(refresh)
         return bool(self._keys)

@@ -5,6 +5,7 @@ stale keys served while a refresh runs. Fake transport and injected clock."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -32,11 +33,20 @@ def jwks_doc(*kids: str) -> dict[str, object]:
 
 
 class Clock:
+    """The cache's clock; its `sleep` moves it on (sleepers at once: to the latest end)."""
+
     def __init__(self) -> None:
         self.now = 0.0
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        until = self.now + seconds
+        self.slept.append(seconds)
+        await asyncio.sleep(0)
+        self.now = max(self.now, until)
 
 
 class ControlPlane:
@@ -54,9 +64,19 @@ class ControlPlane:
         return self.answer()
 
 
-def cache_for(cp: ControlPlane, clock: Clock) -> tuple[JWKSCache, httpx.AsyncClient]:
+def cache_for(
+    cp: ControlPlane, clock: Clock, answer_age: float = 0.0
+) -> tuple[JWKSCache, httpx.AsyncClient]:
     client = httpx.AsyncClient(transport=httpx.MockTransport(cp))
-    cache = JWKSCache(client, URL, max_age_seconds=MAX_AGE, min_refetch_seconds=FLOOR, clock=clock)
+    cache = JWKSCache(
+        client,
+        URL,
+        max_age_seconds=MAX_AGE,
+        min_refetch_seconds=FLOOR,
+        answer_age_seconds=answer_age,
+        clock=clock,
+        sleep=clock.sleep,
+    )
     return cache, client
 
 
@@ -108,11 +128,11 @@ async def test_failed_refreshes_are_remembered_and_not_repeated_by_every_look_up
         assert found == [known] * 5 + [None] * 5
         assert cp.fetches == 2  # the first fill, then ONE failed refresh
         clock.now += FLOOR - 1
+        # Within the floor of a failed attempt: they wait for the floor, then share
+        # one fetch, begun once it has passed.
         await all_done([cache.key("kX") for _ in range(5)])
-        assert cp.fetches == 2  # the floor holds for a failure too
-        clock.now += 1
-        await cache.key("kX")
         assert cp.fetches == 3
+        assert clock.now == MAX_AGE + 1 + FLOOR
 
 
 async def test_an_unknown_kid_joins_the_refresh_in_flight() -> None:
@@ -168,7 +188,8 @@ async def test_a_key_server_trickling_its_answer_cannot_hold_the_refresh() -> No
 
     cp = ControlPlane(lambda: httpx.Response(200, content=trickle()))
     client = httpx.AsyncClient(transport=httpx.MockTransport(cp))
-    cache = JWKSCache(client, URL, fetch_timeout_seconds=0.3, clock=Clock())
+    clock = Clock()
+    cache = JWKSCache(client, URL, fetch_timeout_seconds=0.3, clock=clock, sleep=clock.sleep)
     async with client:
         [result] = await all_done([_unavailable(cache.key("k1"))], within=30.0)
         assert result is KeysUnavailable
@@ -195,3 +216,70 @@ async def _unavailable(lookup: Awaitable[object]) -> object:
         return await lookup
     except KeysUnavailable:
         return KeysUnavailable
+
+
+AGE = 1.0  # the control plane's answer age (`PUBLISHED_KEYS_AGE_SECONDS`)
+
+
+async def test_made_up_kids_wait_at_most_the_bound_and_cost_one_fetch_per_floor() -> None:
+    """An unknown kid waits for a fetch begun after it arrived (plus the answer's
+    age), never longer than the floor and that age (a fetch takes no time here), and
+    a stream of made-up kids makes the fetches begin at least a floor apart."""
+    clock = Clock()
+    began: list[float] = []
+    doc = jwks_doc("k1")
+
+    def answer() -> httpx.Response:
+        began.append(clock.now)
+        return httpx.Response(200, json=doc)
+
+    cp = ControlPlane(answer)
+    cache, client = cache_for(cp, clock, answer_age=AGE)
+    async with client:
+        await cache.key("k1")
+        for step in range(12):
+            arrived = clock.now
+            found = await all_done([cache.key(f"made-up-{step}-{i}") for i in range(5)])
+            assert found == [None] * 5
+            assert arrived + AGE <= began[-1] and clock.now - arrived <= FLOOR + AGE
+            clock.now += FLOOR / 3  # the next crowd, a third of a floor on
+        assert all(b - a >= FLOOR for a, b in itertools.pairwise(began)), began
+        assert await cache.key("k1") is not None  # a known kid: at once, no fetch
+        assert len(began) == cp.fetches
+
+
+async def test_a_new_kid_is_found_by_the_fetch_begun_after_its_token_arrived() -> None:
+    """A fetch in flight began before the key was rotated in (its answer lacks it):
+    a look-up of the new kid arriving meanwhile waits for the next fetch, begun the
+    answer's age after it arrived, instead of refusing the token."""
+    clock = Clock()
+    published = [jwks_doc("k1")]
+    began: list[float] = []
+    gate = asyncio.Event()
+
+    async def control_plane(request: httpx.Request) -> httpx.Response:
+        served = published[-1]  # what the key server reads as the fetch begins
+        began.append(clock.now)
+        if len(began) == 2:
+            await gate.wait()
+        return httpx.Response(200, json=served)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(control_plane))
+    cache = JWKSCache(
+        client, URL, min_refetch_seconds=FLOOR, answer_age_seconds=AGE,
+        clock=clock, sleep=clock.sleep,
+    )  # fmt: skip
+    async with client:
+        assert await cache.key("k1") is not None
+        clock.now += FLOOR
+        earlier = asyncio.ensure_future(cache.key("made-up"))
+        while len(began) < 2:
+            await asyncio.sleep(0)
+        published.append(jwks_doc("k1", "k2"))  # rotated in; its token arrives
+        arrived = clock.now
+        lookup = asyncio.ensure_future(cache.key("k2"))
+        await asyncio.sleep(0)
+        gate.set()
+        assert await earlier is None
+        assert await lookup is not None
+        assert len(began) == 3 and began[-1] >= arrived + AGE
