@@ -6,7 +6,10 @@ PostgreSQL that went silent (stopped, a lock held) runs the statement once it is
 back. For init that statement takes the hold, for a client that has its 503 and
 no token: nobody can ever stream on it, so it is released at once rather than
 held until the sweeper reaches its deadline (the token's lifetime plus the hold
-grace: ~22 minutes by default).
+grace: ~22 minutes by default). Its hold is counted in ``llmgw_cp_credits_reserved``
+once it has committed and its release in ``_released``, as the ledger has both: the
+sweeper's release of one whose release here failed is then not a release of credits
+never reserved.
 """
 
 from __future__ import annotations
@@ -15,23 +18,31 @@ import logging
 
 from control_plane.background import in_background
 from control_plane.db import Database
+from control_plane.init_writes import NewReservation
 from control_plane.ledger import release_reservation
+from control_plane.metrics import Metrics
 
 log = logging.getLogger("control_plane.abandoned_holds")
 
 REASON = "init answered before the database"
 
 
-def release_later(db: Database, reservation_id: str, user_id: str) -> None:
-    """Release `reservation_id` in the background (called on the loop, by
-    `Database.unit`'s ``late``)."""
-    in_background(_release(db, reservation_id, user_id), "release-abandoned-hold")
+def release_later(
+    db: Database, metrics: Metrics, reservation: NewReservation, user_id: str
+) -> None:
+    """Count `reservation`'s hold, which has just committed, and release it in the
+    background (called on the loop, by `Database.unit`'s ``late``)."""
+    metrics.reserved(reservation.hold_micro)
+    in_background(_release(db, metrics, reservation.id, user_id), "release-abandoned-hold")
 
 
-async def _release(db: Database, reservation_id: str, user_id: str) -> None:
+async def _release(db: Database, metrics: Metrics, reservation_id: str, user_id: str) -> None:
     try:
-        await db.transaction(
-            lambda s: release_reservation(s, reservation_id, REASON, actor=user_id)
+        released = await db.transaction(
+            lambda s: release_reservation(s, reservation_id, REASON, actor=user_id),
+            late=metrics.released,
         )
     except Exception as exc:  # still unreachable: the sweeper releases it at its deadline
         log.warning("could not release abandoned hold %s: %r", reservation_id, exc)
+        return
+    metrics.released(released)

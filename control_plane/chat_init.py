@@ -643,11 +643,7 @@ async def count_tokens(deps: Deps, reservation: NewReservation) -> None:
             now=reservation.created_at.timestamp(),
         )
     except Exception:
-        await deps.db.transaction(
-            lambda s: release_reservation(
-                s, reservation.id, "tokens per minute", actor=reservation.user_id
-            )
-        )
+        await release_hold(deps, reservation, "tokens per minute")
         await pending_inits.forget(
             deps.store, reservation.user_id, reservation.company_id, reservation.jti
         )
@@ -665,6 +661,19 @@ class _Held:
     counted: bool = False  # its tokens were counted in the TPM window (`count_tokens`)
 
 
+async def release_hold(deps: Deps, reservation: NewReservation, reason: str) -> None:
+    """Give back an init's own hold (its request refused or cut off after the hold
+    committed) and count the release in ``llmgw_cp_credits_released``, as the hold was
+    counted in ``_reserved``. Before, neither was: a give-back that failed left the
+    hold to the sweeper, whose release was then counted against a hold never
+    reserved. One that commits after its 503 is counted then (``late``)."""
+    released = await deps.db.transaction(
+        lambda s: release_reservation(s, reservation.id, reason, actor=reservation.user_id),
+        late=deps.metrics.released,
+    )
+    deps.metrics.released(released)
+
+
 async def _give_back(deps: Deps, held: _Held) -> None:
     """The clean-up of an init cancelled after `init_gate` counted it: its grant is
     no longer pending; its hold, if the init had it back, released (one still in
@@ -674,11 +683,7 @@ async def _give_back(deps: Deps, held: _Held) -> None:
     reservation = held.reservation
     if reservation is not None:
         try:
-            await deps.db.transaction(
-                lambda s: release_reservation(
-                    s, reservation.id, "init cancelled", actor=reservation.user_id
-                )
-            )
+            await release_hold(deps, reservation, "init cancelled")
         except Exception as exc:
             log.warning("could not release cancelled init's hold %s: %r", reservation.id, exc)
         if held.counted:
@@ -760,7 +765,7 @@ async def init_chat(
                 begin=False,
                 # Committed after this init was answered 503: nobody has its token.
                 late=lambda late: abandoned_holds.release_later(
-                    deps.db, late.reservation.id, user_id
+                    deps.db, deps.metrics, late.reservation, user_id
                 ),
             )
         except Exception:  # 402, 404, 413…: this grant never existed (a 503 past the
@@ -768,6 +773,10 @@ async def init_chat(
             await pending_inits.forget(deps.store, user_id, principal.company_id, jti)
             raise
         reservation = held.reservation = reserved.reservation
+        # Counted once committed, as the ledger's hold entry: whatever ends it, its
+        # release by this init included, is counted too (`release_hold`), so that
+        # reserved - charged - released is what is held at every moment.
+        deps.metrics.reserved(reservation.hold_micro)
         await count_tokens(deps, reservation)
         held.counted = tpm.TpmLimits.of(settings).on
         try:
@@ -776,11 +785,7 @@ async def init_chat(
             )
         except Exception:
             log.exception("could not stash request %s; releasing its hold", request_id)
-            await deps.db.transaction(
-                lambda s: release_reservation(
-                    s, reservation.id, "stash failed", actor=reservation.user_id
-                )
-            )
+            await release_hold(deps, reservation, "stash failed")
             await pending_inits.forget(deps.store, user_id, principal.company_id, jti)
             raise StoreUnavailable() from None
     except asyncio.CancelledError:
@@ -788,7 +793,6 @@ async def init_chat(
         # so the cancellation goes on up at once; the lifespan waits for it.
         in_background(_give_back(deps, held), "cancelled-init")
         raise
-    deps.metrics.reserved(reservation.hold_micro)
     assert principal.user_id is not None and principal.company_id is not None
     claims = stream_claims(
         user_id=principal.user_id,

@@ -75,6 +75,12 @@ class Metrics:
     def reserved(self, micro: int) -> None:
         self.credits_reserved.inc(micro / MICRO)
 
+    def released(self, micro: int | None) -> None:
+        """A hold given back whole (`ledger.release_reservation`'s answer: None when
+        it released nothing)."""
+        if micro is not None:
+            self.credits_released.inc(micro / MICRO)
+
     def settled(self, charged_micro: int, released_micro: int) -> None:
         self.credits_charged.inc(charged_micro / MICRO)
         self.credits_released.inc(released_micro / MICRO)

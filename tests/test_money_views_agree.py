@@ -15,9 +15,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
+from control_plane import chat_init
 from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import LedgerEntry, Reservation, UsageRecord
 from shared.checkpoints import UsageCheckpoint, checkpoint_key
@@ -248,3 +251,81 @@ def test_a_streams_usage_record_is_dated_the_instant_of_its_charge(cp: CP) -> No
     assert len(pairs) == 6
     gaps = [(record - charge).total_seconds() for record, charge in pairs]
     assert gaps == [0.0] * len(pairs)
+
+
+def test_holds_an_init_gives_back_are_counted_as_the_ledger_has_them(
+    cp: CP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An init that holds, then fails (its stash: the store is down), gives its hold
+    back: the ledger has a hold and a release. Before, ``llmgw_cp_credits_reserved``
+    counted a hold only once init answered 201, and none of init's own releases
+    (stash failed, 429 ``tpm_exceeded``, a cancelled or abandoned init) counted in
+    ``_released``. Both missing, the two cancelled out, until such a give-back
+    failed too (the database blinking with the store): the hold then stayed held
+    (measured: ``held`` 0.000407 while reserved - charged - released said 0) and
+    the sweeper's release at its deadline counted it in ``_released`` (then -0.000407
+    against 0 held: credits released that were never reserved). Now each hold counts
+    once it commits, each release once it commits: the counters move by exactly the
+    ledger's entries at every moment."""
+    client, company_id = cp.owner_client("10")
+    store, db = cp.app.state.store, cp.app.state.db
+    before = _counters(cp)
+
+    async def store_down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store down")
+
+    def database_blinks(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("UPDATE reservations", {}, Exception("connection reset"))
+
+    body = {"model": "mock-fast", "query": "hello", "max_tokens": 200}
+    monkeypatch.setattr(store, "set", store_down)
+    refused = client.post("/v1/chat/init", json=body)
+    assert refused.status_code == 503, refused.text  # given back at once
+    monkeypatch.setattr(chat_init, "release_reservation", database_blinks)
+    stuck = client.post("/v1/chat/init", json=body)
+    assert stuck.status_code >= 500, stuck.text  # its give-back failed: held
+    monkeypatch.undo()
+
+    def ledger(session: Any) -> dict[str, int]:
+        rows = session.execute(
+            select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
+                col(LedgerEntry.company_id) == company_id
+            )
+        )
+        sums: dict[str, int] = {"hold": 0, "charge": 0, "release": 0}
+        for kind, amount in rows:
+            if kind in sums:
+                sums[kind] += amount
+        return sums
+
+    def agree() -> None:
+        now = _counters(cp)
+        moved = {k: round((now[k] - before[k]) * MICRO) for k in COUNTERS}
+        sums = cp.on_loop(lambda: db.transaction(ledger))
+        held = micro(credits_of(client)["held"])
+        assert (moved["reserved"], moved["charged"], moved["released"]) == (
+            -sums["hold"],
+            -sums["charge"],
+            sums["release"],
+        )
+        assert moved["reserved"] - moved["charged"] - moved["released"] == held
+
+    agree()
+    [stuck_id] = cp.on_loop(
+        lambda: db.transaction(
+            lambda s: list(
+                s.scalars(
+                    select(col(Reservation.id)).where(
+                        col(Reservation.company_id) == company_id,
+                        col(Reservation.status) == "active",
+                    )
+                )
+            )
+        )
+    )
+    _expire(cp, stuck_id)
+    state = cp.app.state
+    swept = cp.on_loop(lambda: sweep_expired_holds(state.db, state.store, state.metrics))
+    assert swept.released == 1
+    assert credits_of(client)["held"] == "0.000000"
+    agree()
