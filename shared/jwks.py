@@ -101,17 +101,23 @@ class JWKSCache(Generic[K]):
             if self._clock() - self._fetched_at > self._max_age:
                 self._start_refresh()  # in the background: stale keys are still good
             return known
+        arrived = self._clock()
         with contextlib.suppress(TimeoutError):  # then answer with what we have
             async with asyncio.timeout(self._fresh_bound()):
-                await self._fetched_since(self._clock() + self._answer_age)
+                # A fetch begun now (floor permitting) knows the usual unknown kid: an
+                # edge's first token, a key published a while ago. Only one still
+                # unknown waits for an answer the key server read after it arrived.
+                await self._fetched_since(arrived)
+                if kid not in self._keys and self._answer_age > 0:
+                    await self._fetched_since(arrived + self._answer_age)
         if self._fetched_at is None:
             raise KeysUnavailable(f"cannot fetch {self._source}'s signing keys")
         return self._keys.get(kid)
 
     def _fresh_bound(self) -> float:
-        """The longest `_fetched_since` can take: a fetch begun before it (its
-        timeout), the floor or the answer's age, then its own fetch."""
-        return self._min_refetch + self._answer_age + 2 * self._timeout
+        """The longest the two `_fetched_since` can take: a fetch begun before them
+        (its timeout), the floor, a fetch, the answer's age, then a last fetch."""
+        return self._min_refetch + self._answer_age + 3 * self._timeout
 
     async def _fetched_since(self, since: float) -> None:
         """Return once a fetch (failed or not) that began at or after `since` has

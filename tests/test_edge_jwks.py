@@ -283,3 +283,15 @@ async def test_a_new_kid_is_found_by_the_fetch_begun_after_its_token_arrived() -
         assert await earlier is None
         assert await lookup is not None
         assert len(began) == 3 and began[-1] >= arrived + AGE
+
+
+async def test_a_kid_the_first_fetch_knows_waits_for_nothing_more() -> None:
+    """An edge's first token (a cold cache), or a key published a while ago: one fetch
+    begun at once knows it, so the look-up neither sleeps nor waits for the answer's
+    age (before: every first stream of a fresh edge waited that age, 1 s)."""
+    clock = Clock()
+    cp = ControlPlane(lambda: httpx.Response(200, json=jwks_doc("k1")))
+    cache, client = cache_for(cp, clock, answer_age=AGE)
+    async with client:
+        assert await cache.key("k1") is not None
+        assert (cp.fetches, clock.slept, clock.now) == (1, [], 0.0)
