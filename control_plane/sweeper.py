@@ -60,7 +60,7 @@ from sqlalchemy.orm import Session
 
 from control_plane import budgets, company_webhooks, logout
 from control_plane.audit import SWEEPER_ACTOR
-from control_plane.background import in_background
+from control_plane.background import finish, in_background
 from control_plane.db import Database
 from control_plane.errors import ModelNotInChain
 from control_plane.fallbacks import served_price
@@ -285,10 +285,14 @@ async def sweep_silent_streams(
             settled += 1
             metrics.settled(done.charged_micro, done.released_micro)
             _observe_lag(metrics, checkpoint)
-            try:
-                await revoke(store, "jti", checkpoint.jti, done.company_id, revoke_ttl)
-            except Exception:
-                log.warning("could not revoke silent stream %s", checkpoint.jti, exc_info=True)
+            # Runs to its end even if the sweeper is stopped meanwhile (a deploy's
+            # SIGTERM): the settlement has committed, and unrevoked, an edge that was
+            # only cut off relays on unbilled. The lifespan waits for it
+            # (`background.drain`) before it closes the store.
+            await finish(
+                _revoke_silent(store, checkpoint.jti, done.company_id, revoke_ttl),
+                "silent-revocation",
+            )
         if len(page) < BATCH:
             watch.keep_only(running)  # a full scan: forget what stopped running
             break
@@ -296,6 +300,13 @@ async def sweep_silent_streams(
     if settled:
         log.warning("settled %d silent streams from their checkpoints", settled)
     return SweepResult(settled=settled)
+
+
+async def _revoke_silent(store: KeyValueStore, jti: str, company_id: str, ttl: float) -> None:
+    try:
+        await revoke(store, "jti", jti, company_id, ttl)
+    except Exception:
+        log.warning("could not revoke silent stream %s", jti, exc_info=True)
 
 
 def _counted_late(metrics: Metrics, done: Reconciled) -> None:

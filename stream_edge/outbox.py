@@ -233,6 +233,16 @@ class Outbox:
         self._post_waiting()
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=timeout)
+        # The spool first: a report kept there while the store was down, whose direct
+        # post failed too, would otherwise wait on a disk that may go with this
+        # process (Kubernetes' `emptyDir` goes with the pod a rolling deploy
+        # replaces); the deliverer loop that drains it is already stopped.
+        # Bounded, as the rest: a store that went silent must not hold the shutdown.
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                await self.drain_spool()
+        except Exception as exc:  # the store is still down: the spool keeps them
+            log.warning("spooled usage webhooks left on disk at shutdown: %s", type(exc).__name__)
         while time.monotonic() < deadline:
             if not await self.deliver_due():
                 break

@@ -13,6 +13,7 @@ A private redis-server (`tests.private_redis`), never the machine's shared one."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ import httpx
 import psycopg
 import pytest
 
+from control_plane import background
 from control_plane.db_threads import DatabaseTimeout
 from control_plane.liveness import SilenceWatch
 from control_plane.sweeper import sweep_silent_streams
@@ -232,3 +234,56 @@ def test_a_silent_stream_settled_after_its_sweep_gave_up_is_counted_and_revoked(
         "the late settlement was never counted",
     )
     assert sweep().settled == 0  # already settled: nothing more
+
+
+class GatedSets:
+    """The app's store, whose writes wait at a gate once they have begun: a sweep
+    stopped there is stopped mid-revocation."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        await self._store.set(key, value, ttl_seconds)
+
+
+def test_a_sweeper_stopped_while_it_revokes_a_settled_silent_stream_still_revokes_it(
+    cp: CP,
+) -> None:
+    """A rolling deploy stops the control plane (the lifespan cancels its sweeper)
+    just after a silent stream's settlement committed, while its token's revocation
+    is on its way to Redis. The settlement stands (from the checkpoint): unrevoked,
+    an edge that was only cut off relays on, unbilled past the checkpoint."""
+    stream = running(cp)
+    state = cp.app.state
+
+    async def sweep(store: Any) -> Any:
+        return await sweep_silent_streams(
+            state.db, store, state.metrics, stream.watch, revoke_ttl=600
+        )
+
+    assert cp.on_loop(lambda: sweep(state.store)).settled == 0  # the checkpoint, first seen
+    stream.clock[0] += stream.watch.silent_after + 1
+
+    async def stopped_mid_revocation() -> bytes | None:
+        gated = GatedSets(state.store)
+        sweeper = asyncio.create_task(sweep(gated))
+        await gated.entered.wait()  # settled; the revocation is under way
+        sweeper.cancel()  # the lifespan stops the sweeper ...
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        gated.gate.set()
+        # ... then waits for the background work before it closes the store.
+        await background.drain(state.db.busy, 5.0)
+        key = revocation_key("jti", stream.jti, stream.company_id)
+        return cast("bytes | None", await state.store.get(key))
+
+    assert cp.on_loop(stopped_mid_revocation) is not None, "settled, never revoked"
+    assert credits_of(stream.client)["held"] == "0.000000"  # settled from its checkpoint
