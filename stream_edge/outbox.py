@@ -26,8 +26,10 @@ each attempt afresh (the signature timestamp must be within the receiver's
 When the store will not take a report (`keep`, after `enqueue` failed), the report
 is appended to the local spool (spool.py) and posted at once, straight from memory;
 the loop moves the spool into the store when the store answers again, together with
-the stream's slots still to give back. The receiver recognises a report delivered
-twice by its webhook id and charges it once.
+the stream's slots still to give back. At shutdown (`flush`) the spool may be on a
+disk that goes with the process: a store still down, each spooled report is posted
+directly, and leaves the spool once accepted. The receiver recognises a report
+delivered twice by its webhook id and charges it once.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class Outbox:
         self._linger = linger
         self._waiting: list[tuple[dict[str, Any], bytes, float]] = []
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Task[Any]] = set()
         # Acknowledgements wait up to ACK_DELAY and go to the store together. Losing
         # them in a crash costs only a redelivery after the lease, which the
         # receiver recognises by its webhook id and answers 200 without charging.
@@ -152,23 +154,20 @@ class Outbox:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _post_direct(self, item: dict[str, Any]) -> None:
-        """One delivery attempt with no store bookkeeping: the spool keeps the report
-        until the store has it, whatever this attempt's fate."""
-        body = item["body"].encode()
-        headers = {**sign(self._secret, item["id"], body), "content-type": "application/json"}
-        try:
-            async with self._direct:
-                response = await self._client.send("POST", self._url, headers, body)
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-        except TransportError as exc:
-            log.warning("usage webhook %s not delivered: %s", item["id"], type(exc).__name__)
-            return
-        outcome = "delivered" if 200 <= response.status_code < 300 else "retry"
-        self._metrics.webhook_deliveries.labels(outcome).inc()
+    async def _post_direct(self, item: dict[str, Any]) -> bool:
+        """One delivery attempt with no store bookkeeping; whether it was accepted.
+        The spool keeps the report until the store has it, whatever this attempt's
+        fate (or, at shutdown, until this attempt is accepted: `post_spool`)."""
+        async with self._direct:
+            status, _ = await self._send(item["id"], item["body"].encode())
+        if not status:
+            return False
+        # 2xx only: the receiver answers a report it already settled 200 (a
+        # duplicate); anything else is either a retry or a refusal an operator must
+        # see, and with no store there is no dead-letter list: the spool keeps it.
+        accepted = 200 <= status < 300
+        self._metrics.webhook_deliveries.labels("delivered" if accepted else "retry").inc()
+        return accepted
 
     async def drain_spool(self) -> int:
         """Move spooled reports into the store (due now, their slots released in the
@@ -178,22 +177,40 @@ class Outbox:
         spool, moved = self._spool, 0
         for path in await asyncio.to_thread(spool.claim):
             for line in await asyncio.to_thread(spool.read, path):
-                try:
-                    record = orjson.loads(line)
-                    item, freed = record["item"], record.get("release")
-                    release = SlotRelease(freed["slot_keys"], freed["member"]) if freed else None
-                    raw = orjson.dumps(item)
-                    item_id = item["id"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    log.error("skipping a malformed spool record in %s", path.name)
+                parsed = _spooled(line, path.name)
+                if parsed is None:
                     continue
-                await self._store.outbox_put(item_id, raw, time.time(), release)
+                item, release = parsed
+                await self._store.outbox_put(item["id"], orjson.dumps(item), time.time(), release)
                 self._metrics.outbox_pending.inc()
                 moved += 1
             await asyncio.to_thread(spool.remove, path)
         if moved:
             log.info("moved %d spooled usage webhooks into the outbox", moved)
         return moved
+
+    async def post_spool(self) -> int:
+        """Post each spooled report directly (at shutdown, the store still refusing
+        them); returns how many were accepted. Only those leave the spool: the rest
+        stay for whoever drains it next. Their slots stay held until they expire
+        (releasing them needs the store)."""
+        if self._spool is None or not self._spool.has_pending():
+            return 0
+        spool, accepted = self._spool, 0
+        for path in await asyncio.to_thread(spool.claim):
+            posts: list[tuple[bytes, dict[str, Any]]] = []
+            for line in await asyncio.to_thread(spool.read, path):
+                parsed = _spooled(line, path.name)  # a malformed one goes, as in the drain
+                if parsed is not None:
+                    posts.append((line, parsed[0]))
+            # Together, as many at once as the direct posts allow (`_direct`).
+            results = await asyncio.gather(*(self._post_direct(item) for _, item in posts))
+            left = [line for (line, _), ok in zip(posts, results, strict=True) if not ok]
+            accepted += len(posts) - len(left)
+            await asyncio.to_thread(spool.keep_only, path, left)
+        if accepted:
+            log.info("posted %d spooled usage webhooks directly at shutdown", accepted)
+        return accepted
 
     async def _deliver_now(self, item: dict[str, Any], raw: bytes, leased_until: float) -> None:
         try:
@@ -237,11 +254,20 @@ class Outbox:
         # post failed too, would otherwise wait on a disk that may go with this
         # process (Kubernetes' `emptyDir` goes with the pod a rolling deploy
         # replaces); the deliverer loop that drains it is already stopped.
-        # Bounded, as the rest: a store that went silent must not hold the shutdown.
+        # Bounded, as the rest: a store that went silent must not hold the shutdown,
+        # nor take more than half the time left, which the direct posts below need.
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0) / 2):
+                await self.drain_spool()
+        except Exception as exc:  # the store is still down
+            log.warning("could not move the spool into the store: %s", type(exc).__name__)
+        # Still spooled (the store is down): the control plane is the only place
+        # left. It recognises a report already delivered (the direct post at the
+        # stream's end, a partial drain) by its webhook id and charges it once.
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                await self.drain_spool()
-        except Exception as exc:  # the store is still down: the spool keeps them
+                await self.post_spool()
+        except Exception as exc:  # a control plane down too: the files stay, as before
             log.warning("spooled usage webhooks left on disk at shutdown: %s", type(exc).__name__)
         while time.monotonic() < deadline:
             if not await self.deliver_due():
@@ -277,11 +303,8 @@ class Outbox:
             return
         await self._post(orjson.loads(raw), raw)
 
-    async def _post(self, item: dict[str, Any], raw: bytes) -> None:
-        """One delivery attempt of a leased item, and its bookkeeping in the store."""
-        item_id: str = item["id"]
-        body = item["body"].encode()
-        retry_after: float | None = None
+    async def _send(self, item_id: str, body: bytes) -> tuple[int, float | None]:
+        """One signed POST of a report: its status (0: no answer) and Retry-After."""
         headers = {**sign(self._secret, item_id, body), "content-type": "application/json"}
         try:
             response = await self._client.send("POST", self._url, headers, body)
@@ -289,11 +312,15 @@ class Outbox:
                 await response.aread()  # read to the end: the connection is then reused
             finally:
                 await response.aclose()
-            status = response.status_code
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
         except TransportError as exc:
             log.warning("usage webhook %s not delivered: %s", item_id, type(exc).__name__)
-            status = 0
+            return 0, None
+        return response.status_code, parse_retry_after(response.headers.get("retry-after"))
+
+    async def _post(self, item: dict[str, Any], raw: bytes) -> None:
+        """One delivery attempt of a leased item, and its bookkeeping in the store."""
+        item_id: str = item["id"]
+        status, retry_after = await self._send(item_id, item["body"].encode())
         if 200 <= status < 300:
             self._metrics.webhook_deliveries.labels("delivered").inc()
             self._ack(item_id)
@@ -307,6 +334,20 @@ class Outbox:
             item["attempt"] += 1
             delay = self._backoff.delay(item["attempt"], retry_after)
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
+
+
+def _spooled(line: bytes, file: str) -> tuple[dict[str, Any], SlotRelease | None] | None:
+    """A spool record's outbox item and the slots to give back; None if malformed."""
+    try:
+        record = orjson.loads(line)
+        item, freed = record["item"], record.get("release")
+        release = SlotRelease(freed["slot_keys"], freed["member"]) if freed else None
+        if not isinstance(item["id"], str) or not isinstance(item["body"], str):
+            raise TypeError("item")
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        log.error("skipping a malformed spool record in %s", file)
+        return None
+    return item, release
 
 
 async def replay_dead_letter(store: OutboxStore, item_id: str) -> bool:

@@ -131,6 +131,27 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
+    def keep_only(self, path: Path, records: list[bytes]) -> None:
+        """Leave only `records` in a claimed file (blocking: call it in a thread):
+        written to a side file, synced, then renamed over it, so a crash midway
+        leaves the file as it was (a report delivered twice is deduplicated; one
+        dropped is lost). No append writes to a claimed file (`read` waited them out)."""
+        if not records:
+            self.remove(path)
+            return
+        side = self.directory / f".rewrite-{uuid.uuid4().hex}"  # not `.jsonl`: never claimed
+        fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, b"".join(record.rstrip(b"\n") + b"\n" for record in records))
+            os.fsync(fd)
+        except OSError:
+            side.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        os.rename(side, path)
+        _fsync_dir(self.directory)
+
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
