@@ -17,12 +17,13 @@ from starlette.routing import Route
 
 from shared.store import SlotRelease
 from shared.store_memory import MemoryStore
-from shared.webhooks import UsageEvent, generate_secret, verify
+from shared.webhooks import generate_secret, verify
 from stream_edge.memory_transport import InMemoryTransport
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from stream_edge.spool import Spool
 from tests.inproc import eventually
+from tests.test_outbox_linger import event
 
 URL = "http://cp.test/v1/webhooks/usage"
 SECRET = generate_secret()
@@ -49,16 +50,6 @@ class ControlPlane:
             return JSONResponse({"error": {"code": "database_unavailable"}}, status_code=503)
         self.settled.append(jti)
         return JSONResponse({"ok": True})
-
-
-def event(jti: str) -> UsageEvent:
-    return UsageEvent(
-        jti=jti, reservation_id=f"r-{jti}", company_id="c", user_id="u", session_id="s",
-        request_id="q", model="m", provider="p", status="completed", finish_reason="stop",
-        input_tokens=1, output_tokens=2, usage_source="upstream",
-        started_at="2026-01-01T00:00:00Z", first_token_at=None,
-        ended_at="2026-01-01T00:00:01Z",
-    )  # fmt: skip
 
 
 async def test_a_spooled_report_is_handed_on_by_the_shutdown_flush(tmp_path: Path) -> None:
