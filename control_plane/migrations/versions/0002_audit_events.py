@@ -19,6 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -40,7 +42,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_audit_events_company_created", "audit_events", ["company_id", "created_at"])
     op.create_index("ix_audit_events_created", "audit_events", ["created_at"])
-    op.create_index(
+    # An existing table: built concurrently (control_plane/migrations/online.py).
+    create_index_online(
         "uq_ledger_entries_reservation_kind",
         "ledger_entries",
         ["reservation_id", "kind"],

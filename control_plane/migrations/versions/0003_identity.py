@@ -22,6 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -36,7 +38,7 @@ def upgrade() -> None:
     for table in ("companies", "users"):
         op.add_column(table, sa.Column("external_id", sa.String(200), nullable=True))
         op.add_column(table, _time("disabled_at", nullable=True))
-        op.create_index(f"uq_{table}_external_id", table, ["external_id"], unique=True)
+        create_index_online(f"uq_{table}_external_id", table, ["external_id"], unique=True)
     op.create_table(
         "company_providers",
         sa.Column("id", sa.String(32), primary_key=True),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -38,14 +40,18 @@ def upgrade() -> None:
         if op.get_bind().dialect.name == "postgresql"
         else "length(CAST(m.content AS BLOB))"
     )
-    op.execute(
-        "UPDATE chat_sessions SET "
-        "message_count = (SELECT count(*) FROM chat_messages m"
-        " WHERE m.session_id = chat_sessions.id), "
-        f"content_bytes = (SELECT coalesce(sum({octets}), 0) FROM chat_messages m"
-        " WHERE m.session_id = chat_sessions.id)"
-    )
-    op.create_index(
+    # The backfill commits on its own, so the ADD COLUMNs' ACCESS EXCLUSIVE lock is
+    # released before it rather than held for all of it (it still locks every
+    # session's row while it runs: an accepted exception in test_migration_safety).
+    with op.get_context().autocommit_block():
+        op.execute(
+            "UPDATE chat_sessions SET "
+            "message_count = (SELECT count(*) FROM chat_messages m"
+            " WHERE m.session_id = chat_sessions.id), "
+            f"content_bytes = (SELECT coalesce(sum({octets}), 0) FROM chat_messages m"
+            " WHERE m.session_id = chat_sessions.id)"
+        )
+    create_index_online(
         "ix_chat_sessions_company_updated", "chat_sessions", ["company_id", "updated_at", "id"]
     )
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
@@ -34,7 +36,7 @@ def upgrade() -> None:
     op.add_column("usage_records", sa.Column("api_key_id", sa.String(32), nullable=True))
     op.add_column("usage_records", sa.Column("ttft_ms", sa.Integer(), nullable=True))
     op.add_column("audit_events", sa.Column("target", sa.String(200), nullable=True))
-    op.create_index(
+    create_index_online(
         "ix_usage_records_company_model_created",
         "usage_records",
         ["company_id", "model", "created_at"],

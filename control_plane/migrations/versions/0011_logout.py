@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0011"
 down_revision = "0010"
 branch_labels = None
@@ -16,7 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_revocations_kind_value", "revocations", ["kind", "value"])
+    create_index_online("ix_revocations_kind_value", "revocations", ["kind", "value"])
 
 
 def downgrade() -> None:

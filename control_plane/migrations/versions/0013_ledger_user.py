@@ -31,6 +31,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0013"
 down_revision = "0012"
 branch_labels = None
@@ -57,7 +59,8 @@ def upgrade() -> None:
         KEYS, "ledger_entries", ["company_id", "idempotency_key"], unique=True,
         postgresql_where=HAS_KEY, sqlite_where=HAS_KEY,
     )  # fmt: skip
-    op.create_index(INDEX, "ledger_entries", ["company_id", "user_id", "created_at"])
+    # The member index is new, not a swap: built concurrently once the rest committed.
+    create_index_online(INDEX, "ledger_entries", ["company_id", "user_id", "created_at"])
 
 
 def downgrade() -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0015"
 down_revision = "0014"
 branch_labels = None
@@ -39,7 +41,7 @@ def upgrade() -> None:
         KEY, "budget_events", ["budget_id", "period_start", "percent"], unique=True,
         postgresql_where=LIVE, sqlite_where=LIVE,
     )  # fmt: skip
-    op.create_index(CREATED, "budget_events", ["created_at"])
+    create_index_online(CREATED, "budget_events", ["created_at"])
 
 
 def downgrade() -> None:

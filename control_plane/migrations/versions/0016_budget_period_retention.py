@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from control_plane.migrations.online import create_index_online
+
 revision = "0016"
 down_revision = "0015"
 branch_labels = None
@@ -22,7 +24,7 @@ START = "ix_budget_periods_start"
 
 
 def upgrade() -> None:
-    op.create_index(START, "budget_periods", ["period_start"])
+    create_index_online(START, "budget_periods", ["period_start"])
 
 
 def downgrade() -> None:
