@@ -390,3 +390,25 @@ def test_on_postgresql_index_builds_run_concurrently_outside_a_transaction(
     }
     others = {settings for statement, _, settings in sent if "CONCURRENTLY" not in statement}
     assert others == {"('5s', '0')"}
+
+
+def test_two_migrate_runs_at_once_both_succeed(pg_database_url: str) -> None:
+    """Two control planes booting together with LLMGW_AUTO_MIGRATE=1 (or two migrate
+    jobs): before, the second waited inside `pg_advisory_lock`, holding a snapshot
+    the first's CREATE INDEX CONCURRENTLY waited out while it waited for the first's
+    lock; PostgreSQL broke the deadlock by failing the second run (exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    from control_plane.migrate import current, head
+
+    env = {**os.environ, "LLMGW_DATABASE_URL": pg_database_url}
+    command = [sys.executable, "-m", "llm_gateway.cli", "migrate"]
+    runs = [
+        subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    errors = [run.communicate(timeout=180)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for err in errors]
+    assert current(pg_database_url) == head()

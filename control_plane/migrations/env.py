@@ -21,13 +21,29 @@ PostgreSQL the run is shaped not to stall it:
 
 from __future__ import annotations
 
+import time
+
 from alembic import context
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from control_plane.db import create_sync_engine
 
 MIGRATION_LOCK_ID = 0x6C6C6D67  # "llmg"
 MIGRATION_LOCK_TIMEOUT = "5s"
+MIGRATION_LOCK_POLL_SECONDS = 0.2
+
+
+def _take_migration_lock(connection: Connection) -> None:
+    """The advisory lock that serialises migrate runs, polled rather than awaited: a
+    run waiting inside `pg_advisory_lock` holds a snapshot, which the holder's
+    `CREATE INDEX CONCURRENTLY` must wait out, while the waiter waits for the
+    holder's lock: PostgreSQL found the deadlock and failed the second of two
+    control planes booting together with ``LLMGW_AUTO_MIGRATE=1``. Between tries
+    this session holds no transaction, so a concurrent build never waits on it."""
+    query = text("SELECT pg_try_advisory_lock(:id)")
+    while not connection.execute(query, {"id": MIGRATION_LOCK_ID}).scalar_one():
+        connection.commit()
+        time.sleep(MIGRATION_LOCK_POLL_SECONDS)
 
 
 def run_migrations_online() -> None:
@@ -39,7 +55,7 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             is_postgres = connection.dialect.name == "postgresql"
             if is_postgres:
-                connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+                _take_migration_lock(connection)
                 # Session settings, after the advisory lock (whose wait is another
                 # migrate run's, not traffic's).
                 connection.execute(text("SET statement_timeout = 0"))
