@@ -36,13 +36,21 @@ def release_later(
     in_background(_release(db, metrics, reservation.id, user_id), "release-abandoned-hold")
 
 
+async def release_counted(
+    db: Database, metrics: Metrics, reservation_id: str, reason: str, actor: str
+) -> None:
+    """Give back an init's own hold (counted in ``_reserved`` when it committed) and
+    count the release in ``llmgw_cp_credits_released``; one that commits after its
+    caller gave up is counted then (``late``)."""
+    released = await db.transaction(
+        lambda s: release_reservation(s, reservation_id, reason, actor=actor),
+        late=metrics.released,
+    )
+    metrics.released(released)
+
+
 async def _release(db: Database, metrics: Metrics, reservation_id: str, user_id: str) -> None:
     try:
-        released = await db.transaction(
-            lambda s: release_reservation(s, reservation_id, REASON, actor=user_id),
-            late=metrics.released,
-        )
+        await release_counted(db, metrics, reservation_id, REASON, user_id)
     except Exception as exc:  # still unreachable: the sweeper releases it at its deadline
         log.warning("could not release abandoned hold %s: %r", reservation_id, exc)
-        return
-    metrics.released(released)

@@ -58,7 +58,7 @@ from control_plane.errors import (
 )
 from control_plane.fallbacks import ChainEntry
 from control_plane.init_writes import NewReservation
-from control_plane.ledger import release_reservation, take_hold
+from control_plane.ledger import take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.settings import ControlPlaneSettings
 from control_plane.tables import ChatSession, Reservation, new_id, utcnow
@@ -667,11 +667,9 @@ async def release_hold(deps: Deps, reservation: NewReservation, reason: str) -> 
     counted in ``_reserved``. Before, neither was: a give-back that failed left the
     hold to the sweeper, whose release was then counted against a hold never
     reserved. One that commits after its 503 is counted then (``late``)."""
-    released = await deps.db.transaction(
-        lambda s: release_reservation(s, reservation.id, reason, actor=reservation.user_id),
-        late=deps.metrics.released,
+    await abandoned_holds.release_counted(
+        deps.db, deps.metrics, reservation.id, reason, reservation.user_id
     )
-    deps.metrics.released(released)
 
 
 async def _give_back(deps: Deps, held: _Held) -> None:

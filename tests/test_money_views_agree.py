@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
-from control_plane import chat_init
+from control_plane import abandoned_holds
 from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import LedgerEntry, Reservation, UsageRecord
 from shared.checkpoints import UsageCheckpoint, checkpoint_key
@@ -281,7 +281,7 @@ def test_holds_an_init_gives_back_are_counted_as_the_ledger_has_them(
     monkeypatch.setattr(store, "set", store_down)
     refused = client.post("/v1/chat/init", json=body)
     assert refused.status_code == 503, refused.text  # given back at once
-    monkeypatch.setattr(chat_init, "release_reservation", database_blinks)
+    monkeypatch.setattr(abandoned_holds, "release_reservation", database_blinks)
     stuck = client.post("/v1/chat/init", json=body)
     assert stuck.status_code >= 500, stuck.text  # its give-back failed: held
     monkeypatch.undo()
