@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,6 +39,7 @@ from sqlmodel import col
 
 from control_plane.db import Database
 from control_plane.errors import ValidationFailed
+from control_plane.host_lookups import HostLookups
 from control_plane.tables import BudgetEvent, CompanyWebhook, iso, rowcount, utcnow
 from control_plane.validation import NUL
 from shared.retry import Backoff
@@ -156,20 +156,22 @@ def parse_url(value: Any, *, allow_private: bool = False) -> str:
     return value
 
 
-async def resolve(url: httpx.URL, *, allow_private: bool = False) -> str | None:
+async def resolve(
+    url: httpx.URL, lookups: HostLookups, *, allow_private: bool = False
+) -> str | None:
     """The address a delivery to `url` connects to: the first its host resolves to,
     provided every one is public (see `is_public`; any, with `allow_private`). None
     when the name does not resolve, or resolves inward. Resolved once per delivery,
     and `post` connects to this very address: a name that answers a public address
     to this check and an inward one to a second lookup (DNS rebinding) gains
-    nothing."""
+    nothing. Looked up on `lookups`' threads, never the loop's resolver: the company
+    chose the name, and so how long its lookups hang (`host_lookups`)."""
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         host = url.raw_host.decode("ascii")  # IDNA-encoded, no brackets
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = await lookups.addresses(host, port)
     except (OSError, UnicodeError, OverflowError):  # OverflowError: a port past 65535
         return None
-    addresses = [str(info[4][0]) for info in infos]
     if not addresses or not (allow_private or all(map(is_public, addresses))):
         return None
     return addresses[0]
@@ -322,7 +324,11 @@ async def post(client: httpx.AsyncClient, delivery: Delivery, address: str) -> b
 
 
 async def attempt(
-    client: httpx.AsyncClient, delivery: Delivery, *, allow_private: bool = False
+    client: httpx.AsyncClient,
+    delivery: Delivery,
+    lookups: HostLookups,
+    *,
+    allow_private: bool = False,
 ) -> bool:
     """One delivery attempt: resolve and check the host once, then post to it,
     within `ATTEMPT_SECONDS` in all. A host that does not resolve, or resolves
@@ -334,7 +340,7 @@ async def attempt(
         return False
     try:
         async with asyncio.timeout(ATTEMPT_SECONDS):
-            address = await resolve(url, allow_private=allow_private)
+            address = await resolve(url, lookups, allow_private=allow_private)
             if address is None:
                 log.warning("company webhook %s resolves inward or not at all", delivery.event_id)
                 return False
@@ -345,11 +351,24 @@ async def attempt(
 
 
 async def deliver_due(
-    db: Database, fernet: MultiFernet, client: httpx.AsyncClient, *, allow_private: bool = False
+    db: Database,
+    fernet: MultiFernet,
+    client: httpx.AsyncClient,
+    *,
+    lookups: HostLookups | None = None,
+    allow_private: bool = False,
 ) -> int:
     """One pass: claim, post, record. Returns how many were delivered. A URL whose
     host now resolves to a non-public address is not posted to, and any failure of
-    one delivery is a failed attempt (counted towards `MAX_ATTEMPTS`)."""
+    one delivery is a failed attempt (counted towards `MAX_ATTEMPTS`). `lookups`
+    should outlive the pass (`run_deliveries` keeps one): a name hanging since an
+    earlier pass is then still one thread; without, the pass has its own."""
+    if lookups is None:
+        own = HostLookups()
+        try:
+            return await deliver_due(db, fernet, client, lookups=own, allow_private=allow_private)
+        finally:
+            own.close()
     loop = asyncio.get_running_loop()
     claimed_at = loop.time()  # before the claim: its lease counts from no earlier
     claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
@@ -364,7 +383,7 @@ async def deliver_due(
                 # claim the event too. Left unrecorded, it is due at the lease's end.
                 return False
             try:
-                ok = await attempt(client, delivery, allow_private=allow_private)
+                ok = await attempt(client, delivery, lookups, allow_private=allow_private)
             except Exception:
                 # Whatever went wrong (a URL stored before it was checked as now, a
                 # bug), it is a failed attempt: recorded, so the event backs off and
@@ -385,11 +404,17 @@ async def run_deliveries(
     db: Database, fernet: MultiFernet, interval: float, *, allow_private: bool = False
 ) -> None:
     """Deliver due company events every `interval` seconds until cancelled (the app's
-    lifespan owns this task and its HTTP client)."""
-    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await deliver_due(db, fernet, client, allow_private=allow_private)
-            except Exception:
-                log.exception("company webhook delivery failed; retrying in %.1f s", interval)
+    lifespan owns this task, and the task its HTTP client and its lookups' threads)."""
+    lookups = HostLookups()
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await deliver_due(
+                        db, fernet, client, lookups=lookups, allow_private=allow_private
+                    )
+                except Exception:
+                    log.exception("company webhook delivery failed; retrying in %.1f s", interval)
+    finally:
+        lookups.close()

@@ -181,10 +181,15 @@ def test_company_webhook_urls_never_point_inward(url: str, allowed: bool) -> Non
 
 def test_a_name_resolving_inward_is_not_posted_to() -> None:
     from control_plane.company_webhooks import resolve
+    from control_plane.host_lookups import HostLookups
 
-    for url in ("http://localhost:9/hook", "http://127.0.0.1:9/hook"):
-        assert asyncio.run(resolve(httpx.URL(url))) is None
-        assert asyncio.run(resolve(httpx.URL(url), allow_private=True)) is not None
+    lookups = HostLookups()
+    try:
+        for url in ("http://localhost:9/hook", "http://127.0.0.1:9/hook"):
+            assert asyncio.run(resolve(httpx.URL(url), lookups)) is None
+            assert asyncio.run(resolve(httpx.URL(url), lookups, allow_private=True)) is not None
+    finally:
+        lookups.close()
 
 
 # --- pure: tokens per minute -------------------------------------------------------------

@@ -13,6 +13,7 @@ import asyncio
 import datetime
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,17 @@ from typing import Any
 
 import httpx
 import pytest
+from argon2 import PasswordHasher
 from cryptography import x509
 from cryptography.fernet import Fernet, MultiFernet
 
 from control_plane import company_webhooks
 from control_plane.company_webhooks import BACKOFF, MAX_ATTEMPTS, claim_due, deliver_due
+from control_plane.credentials import verify_password
 from control_plane.db import Database
+from control_plane.host_lookups import HostLookups
 from control_plane.migrate import upgrade
+from control_plane.password_checks import PasswordChecks
 from control_plane.tables import BudgetEvent, Company, CompanyWebhook, new_id, utcnow
 from shared.webhooks import generate_secret, verify
 from tests import tls_certs
@@ -34,6 +39,7 @@ from tests.harness import bind_free_socket
 
 NAME = "hooks.example.com"
 PUBLIC = "93.184.216.34"  # a globally routable address
+CHEAP_HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash
 
 
 @dataclass
@@ -119,21 +125,22 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
 @pytest.fixture
 def dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """What `NAME` resolves to, one answer per lookup (then no answer); every other
-    name and address resolves as usual. Both our check and httpx's connection
-    resolve through the event loop's `getaddrinfo`."""
+    name and address resolves as usual. Our check resolves through the system's
+    `getaddrinfo` on threads of its own (`host_lookups`); the post then connects to
+    the address it got, with no lookup of its own."""
     answers: list[str] = []
-    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+    real = socket.getaddrinfo
 
-    async def getaddrinfo(loop: Any, host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
         if (host.decode() if isinstance(host, bytes) else host) != NAME:
-            return await real(loop, host, port, *args, **kw)
+            return real(host, port, *args, **kw)
         if not answers:
             raise socket.gaierror(socket.EAI_NONAME, "no more answers")
         address = answers.pop(0)
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))]
 
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return answers
 
 
@@ -561,3 +568,116 @@ def test_a_post_that_could_outlive_its_claim_is_left_for_the_next_claim(
     assert (seen, event.attempts, event.delivered_at) == ([], 0, None)
     lease = datetime.timedelta(seconds=company_webhooks.LEASE_SECONDS)
     assert before + lease <= event.next_attempt_at <= utcnow() + lease
+
+
+# --- a name whose lookups hang ------------------------------------------------------------
+
+
+def test_a_name_whose_lookups_hang_holds_one_thread_and_stalls_nobody_else(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner points its webhook at a name whose DNS never answers (its own name
+    server, told to stay silent). `asyncio.timeout` ended each attempt but not its
+    `getaddrinfo`, which blocks its thread until the resolver gives up; every pass
+    left two more hanging on the process's shared resolver threads (on the plain
+    asyncio loop the default executor, where password checks run too; on uvloop
+    libuv's four, which every other name waits for). Four passes later, another
+    company's delivery and a login's password check waited behind them. Now lookups
+    run on threads of their own, and a name being looked up is not looked up again."""
+    monkeypatch.setattr(company_webhooks, "ATTEMPT_SECONDS", 0.3)
+    released = threading.Event()
+    hanging: list[str] = []
+    real = socket.getaddrinfo
+    other_name = "other.example.com"
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        if host == NAME:
+            hanging.append(host)
+            released.wait()
+            raise socket.gaierror(socket.EAI_AGAIN, "the name server never answered")
+        if host == other_name:
+            return real("127.0.0.1", port, *args, **kw)
+        return real(host, port, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    receiver = bind_free_socket()
+    other, other_event = new_id(), new_id()
+    first = utcnow() - datetime.timedelta(minutes=5)
+
+    def seed(session: Any) -> None:
+        for i in range(10):  # the owner's events: thresholds crossed on ten budgets
+            session.add(
+                BudgetEvent(
+                    id=new_id(), company_id=outbox.company_id, budget_id=f"b{i}",
+                    period_start=first, percent=80, payload={"type": "budget.threshold"},
+                    attempts=0, created_at=first, next_attempt_at=first,
+                )
+            )  # fmt: skip
+        session.add(Company(id=other, name="o", balance_micro=0, held_micro=0, created_at=first))
+        session.flush()
+        session.add(
+            CompanyWebhook(
+                company_id=other,
+                url=f"http://{other_name}:{receiver.getsockname()[1]}/budget",
+                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
+                created_at=first,
+                updated_at=first,
+            )
+        )
+
+    def all_due(session: Any) -> None:
+        for event in session.query(BudgetEvent).filter(BudgetEvent.delivered_at.is_(None)):
+            event.next_attempt_at = first
+
+    def the_others(session: Any) -> None:
+        session.add(
+            BudgetEvent(
+                id=other_event, company_id=other, budget_id="theirs", period_start=first,
+                percent=80, payload={"type": "budget.threshold"}, attempts=0,
+                created_at=first, next_attempt_at=first - datetime.timedelta(minutes=1),
+            )
+        )  # fmt: skip
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> tuple[int, bool]:
+        server = await asyncio.start_server(answer, sock=receiver)
+        lookups = HostLookups()
+        try:
+            await outbox.db.transaction(seed)
+            async with httpx.AsyncClient(timeout=company_webhooks.TIMEOUT) as client:
+                for _ in range(4):  # four passes, each ending its attempts at 0.3 s
+                    await outbox.db.transaction(all_due)
+                    await asyncio.wait_for(
+                        deliver_due(
+                            outbox.db, outbox.fernet, client, lookups=lookups, allow_private=True
+                        ),
+                        20,
+                    )
+                await outbox.db.transaction(the_others)
+                delivered = await asyncio.wait_for(
+                    deliver_due(
+                        outbox.db, outbox.fernet, client, lookups=lookups, allow_private=True
+                    ),
+                    20,
+                )
+            # A login's password check, while the owner's name still hangs.
+            checked = await asyncio.wait_for(
+                PasswordChecks().run(verify_password, CHEAP_HASH("pw"), "pw"), 20
+            )
+            return delivered, checked
+        finally:
+            released.set()  # the resolver gives up at last: the threads end
+            lookups.close()
+            server.close()
+
+    delivered, checked = asyncio.run(run())
+    assert delivered == 1  # the other company's event, in the pass after the four
+    event = asyncio.run(outbox.db.transaction(lambda s: s.get(BudgetEvent, other_event)))
+    assert event is not None and event.delivered_at is not None
+    assert checked is True
+    assert hanging == [NAME]  # one lookup of the hanging name, shared by every attempt
