@@ -1,0 +1,101 @@
+"""What a deletion leaves behind: a deleted chat session's streams, the stream URLs
+that could replay them and the requests stashed for its turns not yet started, on
+the real gateway (PostgreSQL + Redis)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis
+
+from shared.sse import ServerSentEvent, SSEDecoder
+from shared.stash import stash_key
+from tests.conftest import REDIS_URL
+from tests.stack import InProcessStack, postgres_env
+
+
+@pytest.fixture(scope="module")
+def stack(pg_server: str) -> Iterator[InProcessStack]:
+    # A resume grace long enough that the test's steps all fall within it.
+    with (
+        postgres_env(pg_server) as env,
+        InProcessStack({**env, "LLMGW_RESUME_GRACE_SECONDS": "30"}) as running,
+    ):
+        yield running
+
+
+def _jti(grant: dict[str, Any]) -> str:
+    jti: str = jwt.decode(grant["stream_token"], options={"verify_signature": False})["jti"]
+    return jti
+
+
+def _events(response: httpx.Response) -> list[ServerSentEvent]:
+    decoder = SSEDecoder()
+    return [event for raw in response.iter_raw() for event in decoder.feed(raw)]
+
+
+def test_a_deleted_sessions_streams_end_and_nothing_replays_or_starts_them(
+    stack: InProcessStack,
+) -> None:
+    """Attack: an owner deletes a member's chat session (what it held must go), while
+    the member's next turn streams, another turn's token waits unused, and the turn
+    before has just ended. Before the fix the deletion touched none of them: the
+    running stream went on to its end (400 of 400 chunks), its URL and the finished
+    turn's URL replayed their answers with `Last-Event-ID` (200) within the resume
+    grace, and the unused token still started its stream (200) from the request
+    stashed at init, the deleted session's history with it, kept in Redis
+    (`req:<jti>`) for the token's life plus 10 minutes."""
+    c = stack.client
+    company_id = c.new_company("5")
+    owner = c.new_user(company_id, role="owner")
+    member = c.new_user(company_id)
+    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
+    session_id = finished["session_id"]
+    with c.http.stream("GET", finished["stream_url"]) as r:
+        assert _events(r)[-1].event == "complete"
+    c.wait_usage(member, finished["reservation_id"])
+    turn = {"query": "long [[mock tokens=400 delay_ms=25]]", "session_id": session_id}
+    running = c.init_ok(member, turn)
+    unused = c.init_ok(member, {"query": "later", "session_id": session_id})
+    kept = c.init_ok(member, {"query": "another chat [[mock tokens=5]]"})
+    store = redis.Redis.from_url(REDIS_URL)
+    stashed = stack.settings.redis_prefix + stash_key(company_id, _jti(unused))
+    try:
+        assert store.exists(stashed)
+        decoder = SSEDecoder()
+        events: list[ServerSentEvent] = []
+        deleted_at = None
+        with httpx.stream("GET", running["stream_url"], timeout=10) as r:
+            assert r.status_code == 200
+            for raw in r.iter_raw():
+                events.extend(decoder.feed(raw))
+                if deleted_at is None and sum(e.event == "chunk" for e in events) >= 5:
+                    answer = c.as_user(owner, "DELETE", f"/v1/sessions/{session_id}")
+                    assert answer.status_code == 204, answer.text
+                    deleted_at = len(events)
+        assert deleted_at is not None
+        chunks = sum(e.event == "chunk" for e in events)
+        assert events[-1].event == "error", f"ran on to its end: {chunks} chunks"
+        assert json.loads(events[-1].data)["code"] == "revoked"
+        assert len(events) - deleted_at < 200  # ended at the edge's next check
+        assert c.wait_usage(owner, running["reservation_id"])["status"] == "revoked"
+        for grant in (running, finished):
+            resumed = c.http.get(grant["stream_url"], headers={"Last-Event-ID": "1"})
+            assert resumed.status_code == 401, resumed.text
+        started = c.http.get(unused["stream_url"])
+        assert started.status_code == 401, started.text
+        assert started.json()["error"]["code"] == "revoked"
+        assert not store.exists(stashed), "the deleted session's request is still stashed"
+    finally:
+        store.close()
+    # Settling the ended stream put nothing back, and the session stays gone.
+    assert c.as_user(member, "GET", f"/v1/sessions/{session_id}").status_code == 404
+    assert c.init(member, {"query": "again", "session_id": session_id}).status_code == 404
+    # The member's other chat streams on.
+    with c.http.stream("GET", kept["stream_url"]) as r:
+        assert _events(r)[-1].event == "complete"
