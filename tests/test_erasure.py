@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import jwt
+import psycopg
 import pytest
 import redis
 
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.stash import stash_key
 from tests.conftest import REDIS_URL
+from tests.polling import wait_until
 from tests.stack import InProcessStack, postgres_env
+from tests.test_control_plane import CP, data_of
+from tests.test_identity_owners import _lock_waiters, _raw_url, pg_cp
+
+__all__ = ["pg_cp"]
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +106,39 @@ def test_a_deleted_sessions_streams_end_and_nothing_replays_or_starts_them(
     # The member's other chat streams on.
     with c.http.stream("GET", kept["stream_url"]) as r:
         assert _events(r)[-1].event == "complete"
+
+
+def test_a_turn_racing_the_sessions_deletion_holds_nothing_and_mints_no_token(
+    pg_cp: CP,
+) -> None:
+    """Attack: an owner deletes a chat session while the next turn of it is being
+    initialised (a member's tab still sending to it). When the delete took the
+    session's row first, the turn's append then found the session gone and init
+    went on regardless (measured: 201, a hold and a stream token for the deleted
+    session, whose history it had read and stashed for the edge to send; the
+    session itself 404).
+
+    The test holds the session's row until the delete, then the turn, wait on it:
+    PostgreSQL lets the delete go first."""
+    client, _ = pg_cp.owner_client("10")
+    session_id = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)["session_id"]
+    held_before = data_of(client.get("/v1/me"))["credits"]["held"]
+    url = _raw_url(pg_cp)
+    with (
+        ThreadPoolExecutor(2) as pool,
+        psycopg.connect(url) as locker,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        locker.execute("SELECT id FROM chat_sessions WHERE id = %s FOR UPDATE", (session_id,))
+        deleted = pool.submit(client.delete, f"/v1/sessions/{session_id}")
+        wait_until(lambda: _lock_waiters(watcher) == 1, "the delete never waited")
+        turn = {"query": "and then?", "session_id": session_id}
+        init = pool.submit(client.post, "/v1/chat/init", json=turn)
+        wait_until(lambda: _lock_waiters(watcher) == 2, "the turn never waited on the session")
+        locker.rollback()
+        answers = [deleted.result(), init.result()]
+    assert answers[0].status_code == 204, answers[0].text
+    assert answers[1].status_code == 404, answers[1].text
+    assert answers[1].json()["error"]["code"] == "session_not_found"
+    assert data_of(client.get("/v1/me"))["credits"]["held"] == held_before
+    assert client.get(f"/v1/sessions/{session_id}").status_code == 404
