@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,9 +18,10 @@ import redis
 
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.stash import stash_key
+from shared.store_memory import MemoryStore
 from tests.conftest import REDIS_URL
 from tests.polling import wait_until
-from tests.stack import InProcessStack, postgres_env
+from tests.stack import InProcessStack, base_env, postgres_env
 from tests.test_control_plane import CP, data_of
 from tests.test_identity_owners import _lock_waiters, _raw_url, pg_cp
 
@@ -142,3 +144,41 @@ def test_a_turn_racing_the_sessions_deletion_holds_nothing_and_mints_no_token(
     assert answers[1].json()["error"]["code"] == "session_not_found"
     assert data_of(client.get("/v1/me"))["credits"]["held"] == held_before
     assert client.get(f"/v1/sessions/{session_id}").status_code == 404
+
+
+class RevocationsRefused(MemoryStore):
+    """A memory store that can be made to refuse revocations (a store refusing
+    writes), every other command still working."""
+
+    refuse = False
+
+    async def set(self, key: str, value: bytes, ttl_seconds: float) -> None:
+        if self.refuse and key.startswith("revoked:"):
+            raise ConnectionError("the store refused the write")
+        await super().set(key, value, ttl_seconds)
+
+
+def test_a_deletion_the_edges_cannot_be_told_of_deletes_nothing_and_can_be_retried(
+    tmp_path: Path,
+) -> None:
+    """The deletion tells the edges first: with the store refusing, it is 503 and the
+    session is left whole, so the retry (204 once the store is back) still finds
+    the streams to end. Deleted first, the retry would be 404 and the streams left
+    running."""
+    store = RevocationsRefused()
+    with InProcessStack(base_env(f"sqlite:///{tmp_path}/gw.db"), store=store) as running:
+        c = running.client
+        company_id = c.new_company("5")
+        owner = c.new_user(company_id, role="owner")
+        member = c.new_user(company_id)
+        turn = c.init_ok(member, {"query": "hi [[mock tokens=3]]"})
+        path = f"/v1/sessions/{turn['session_id']}"
+        store.refuse = True
+        refused = c.as_user(owner, "DELETE", path)
+        assert refused.status_code == 503, refused.text
+        assert c.as_user(member, "GET", path).status_code == 200
+        store.refuse = False
+        assert c.as_user(owner, "DELETE", path).status_code == 204
+        assert c.as_user(member, "GET", path).status_code == 404
+        started = c.http.get(turn["stream_url"])
+        assert started.status_code == 401, started.text
