@@ -485,6 +485,10 @@ def reserve(
         appended = chat_sessions.create_with_messages(
             unit.session(), session_id, company.id, principal.user_id, new_turn, limits.session, now
         )
+    if appended == "gone":
+        # Deleted since it was read above (the delete held its row): this turn would
+        # hold, and stream the deleted history, for a session that no longer exists.
+        raise SessionNotFound()
     if appended == "full":
         raise SessionFull(
             f"This chat session is full (at most {limits.session.max_messages} messages and "

@@ -26,7 +26,17 @@ from control_plane import hot_statements, policy, settle_statements
 from control_plane.errors import Forbidden, SessionNotFound
 from control_plane.pagination import Page, PageRequest, merged_page, newest_first, walk_began
 from control_plane.policy import Principal
-from control_plane.tables import ChatMessage, ChatSession, User, iso, new_id, rowcount, utcnow
+from control_plane.tables import (
+    ChatMessage,
+    ChatSession,
+    Reservation,
+    UsageRecord,
+    User,
+    iso,
+    new_id,
+    rowcount,
+    utcnow,
+)
 from control_plane.validation import without_nul
 
 TITLE_MAX = 80
@@ -263,13 +273,60 @@ def read_session(
     return chat, messages, last_seq
 
 
-def remove_session(session: Session, p: Principal, session_id: str) -> None:
-    """Delete a session and its messages: 404 unless the caller may read it, 403
-    unless it may also delete it."""
+@dataclass(frozen=True, slots=True)
+class SessionStreams:
+    """A session's company and the `jti` of each stream token of its turns that may
+    still start, run or be resumed (`stream_ids`)."""
+
+    company_id: str
+    jtis: frozenset[str]
+
+
+def stream_ids(session: Session, chat: ChatSession, ended_since: datetime) -> frozenset[str]:
+    """The `jti`s of the session's turns whose stream tokens still work at the edges:
+    a hold still active (the token unused, or its stream running or waiting for its
+    report) or settled since `ended_since` (its stream ended within the resume grace,
+    so its URL still replays the answer with `Last-Event-ID`). Read by the active
+    holds' index and the user's usage index: a few rows each."""
+    active = select(col(Reservation.jti)).where(
+        col(Reservation.status) == "active",
+        col(Reservation.company_id) == chat.company_id,
+        col(Reservation.session_id) == chat.id,
+    )
+    ended = select(col(UsageRecord.jti)).where(
+        col(UsageRecord.user_id) == chat.user_id,
+        col(UsageRecord.created_at) >= ended_since,
+        col(UsageRecord.session_id) == chat.id,
+    )
+    return frozenset([*session.scalars(active), *session.scalars(ended)])
+
+
+def _deletable(session: Session, p: Principal, session_id: str) -> ChatSession:
+    """404 unless the caller may read the session, 403 unless it may also delete it."""
     chat, role = _readable(session, p, session_id)
     if not policy.can_delete_session(p, chat.user_id, chat.company_id, role):
         raise Forbidden("This needs the llm:chat:delete scope.")
+    return chat
+
+
+def streams_to_end(
+    session: Session, p: Principal, session_id: str, ended_since: datetime
+) -> SessionStreams:
+    """Before a deletion: the session's streams (`stream_ids`), for a caller that may
+    delete it (404 / 403 as `remove_session`); nothing is changed."""
+    chat = _deletable(session, p, session_id)
+    return SessionStreams(chat.company_id, stream_ids(session, chat, ended_since))
+
+
+def remove_session(
+    session: Session, p: Principal, session_id: str, ended_since: datetime
+) -> SessionStreams:
+    """Delete a session and its messages (404 / 403 as `_deletable`), and say which
+    streams its turns still have (`stream_ids`, read once the session's row is held:
+    a turn appended meanwhile committed first, and its hold is among them)."""
+    chat = _deletable(session, p, session_id)
     delete_session(session, chat.id)
+    return SessionStreams(chat.company_id, stream_ids(session, chat, ended_since))
 
 
 def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None) -> dict[str, Any]:

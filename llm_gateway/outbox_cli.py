@@ -34,6 +34,25 @@ def add_outbox_parser(sub: Any) -> None:
     replay.add_argument("ids", nargs="*", help="webhook ids (usage_<jti>); none = all")
 
 
+# A report's transcript (DESIGN §11): the model's answer and its tool calls. What the
+# operator needs of a refused report is its ids, status and usage; the member's
+# conversation is not theirs to read, and the listing goes to terminals, tickets and
+# log pipelines, where it outlived the session its owner deleted.
+TRANSCRIPT_FIELDS = ("content", "tool_calls")
+
+
+def listed(data: dict[str, Any]) -> dict[str, Any]:
+    """A dead letter's `data` as `dead-letters` prints it: the transcript's fields as
+    their sizes (`content_chars`, `tool_calls_count`), never their text. The letter
+    itself keeps them, so a replay still stores the reply."""
+    shown = {k: v for k, v in data.items() if k not in TRANSCRIPT_FIELDS}
+    if isinstance(data.get("content"), str):
+        shown["content_chars"] = len(data["content"])
+    if isinstance(data.get("tool_calls"), list):
+        shown["tool_calls_count"] = len(data["tool_calls"])
+    return shown
+
+
 async def _run(args: argparse.Namespace, redis_url: str) -> int:
     store = open_store(redis_url, prefix=os.environ.get("LLMGW_REDIS_PREFIX") or "llmgw:")
     try:
@@ -46,7 +65,8 @@ async def _run(args: argparse.Namespace, redis_url: str) -> int:
         elif args.action == "dead-letters":
             for item_id, raw in await store.dead_letters(args.limit):
                 body = orjson.loads(orjson.loads(raw)["body"])
-                print(json.dumps({"id": item_id, "type": body["type"], "data": body["data"]}))
+                shown = {"id": item_id, "type": body["type"], "data": listed(body["data"])}
+                print(json.dumps(shown))
         else:
             # All of them, not the first 100,000: the rest stayed dead while the answer
             # said every one was replayed.

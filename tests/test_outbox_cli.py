@@ -99,3 +99,38 @@ def test_the_admin_cli_encodes_its_listing_filters() -> None:
     assert httpx.Request("GET", "http://cp" + path).url.params.multi_items() == [
         ("user_id", "u1&company_id=other")
     ]
+
+
+def test_listing_dead_letters_prints_no_members_conversation(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attack on erasure: a report refused by the control plane is a dead letter with
+    its transcript (the model's answer and tool calls, when transcripts are on). An
+    operator listing them (`outbox dead-letters`, after a rotated webhook secret:
+    every report of the hour) printed each member's answers to its terminal, and on
+    to the tickets and logs it pastes them into, long after an owner deleted the
+    session they belonged to. The listing shows the sizes; the letter keeps the text
+    for the replay."""
+    store = MemoryStore()
+    data = {
+        "jti": "j1",
+        "session_id": "s1",
+        "status": "completed",
+        "output_tokens": 7,
+        "content": "the member's private answer",
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "lookup"}}],
+    }
+    body = orjson.dumps({"type": "stream.completed", "data": data}).decode()
+    letter = orjson.dumps({"id": "usage_j1", "body": body, "attempt": 4})
+    store._dead["usage_j1"] = letter
+    monkeypatch.setattr(outbox_cli, "open_store", lambda *_a, **_k: store)
+    monkeypatch.setenv("LLMGW_REDIS_URL", "redis://unused")
+    parser = argparse.ArgumentParser()
+    outbox_cli.add_outbox_parser(parser.add_subparsers(dest="command"))
+    assert outbox_cli.run_outbox(parser.parse_args(["outbox", "dead-letters"])) == 0
+    out = capsys.readouterr().out
+    assert "private answer" not in out and "lookup" not in out, out
+    shown = json.loads(out)["data"]
+    assert shown["jti"] == "j1" and shown["output_tokens"] == 7
+    assert (shown["content_chars"], shown["tool_calls_count"]) == (27, 1)
+    assert store._dead["usage_j1"] == letter  # kept whole for the replay

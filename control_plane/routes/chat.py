@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import chat_sessions, policy
+from control_plane import chat_sessions, policy, revoking
 from control_plane.auth import authenticate, caller_and_body
 from control_plane.chat_init import init_chat
 from control_plane.chat_request import parse_init_request
-from control_plane.deps import get_deps
-from control_plane.errors import AppError, Forbidden
+from control_plane.deps import Deps, get_deps
+from control_plane.errors import AppError, Forbidden, ServiceUnavailable
 from control_plane.middleware import request_id
 from control_plane.pagination import decode_seq_cursor, encode_seq_cursor, page_request
 from control_plane.policy import Principal
@@ -22,6 +24,10 @@ from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
 from control_plane.tables import utcnow
 from control_plane.validation import page_limit, parse_json_object
+from shared.revocations import revoke
+from shared.stash import stash_key
+
+log = logging.getLogger("control_plane.chat")
 
 Body = TypeVar("Body")
 
@@ -103,12 +109,46 @@ async def get_session(request: Request) -> Response:
 
 
 async def delete_session(request: Request) -> Response:
+    """Delete a session and its messages; its turns' stream tokens stop working."""
     principal = await authenticate(request)
     session_id = str(request.path_params["session_id"])
-    await get_deps(request).db.transaction(
-        lambda s: chat_sessions.remove_session(s, principal, session_id)
+    deps = get_deps(request)
+    # A stream that ended within the resume grace still replays from its URL; the
+    # minute covers the edge's clock (which stamps the end) against ours.
+    since = utcnow() - timedelta(seconds=deps.settings.resume_grace_seconds + 60)
+    # Told before the deletion, so a store failure leaves the session for a retry
+    # (a retry after it would find nothing to delete, and its streams running).
+    first = await deps.db.transaction(
+        lambda s: chat_sessions.streams_to_end(s, principal, session_id, since)
     )
+    try:
+        await _end_streams(deps, first.company_id, first.jtis)
+    except Exception:
+        log.exception("could not end a chat session's streams")
+        raise ServiceUnavailable(
+            "The edges could not be told to end the session's streams; nothing was deleted: retry."
+        ) from None
+    erased = await deps.db.transaction(
+        lambda s: chat_sessions.remove_session(s, principal, session_id, since)
+    )
+    try:  # a turn begun between the two transactions
+        await _end_streams(deps, erased.company_id, erased.jtis - first.jtis)
+    except Exception:
+        log.exception("could not end a deleted chat session's latest stream")
     return no_content()
+
+
+async def _end_streams(deps: Deps, company_id: str, jtis: Iterable[str]) -> None:
+    """Each stream token of a deleted session's turns is revoked at the edges, as
+    `POST /v1/admin/revocations {"jti"}` would (an unused one refused, a running
+    stream ended `revoked` and billed so, a resume refused), and the request stashed
+    for it (the session's history) leaves the store. Otherwise the deletion reached
+    none of them: the stream ran on, its URL and a just-ended one's replayed the
+    answer, and an unused token streamed the deleted history."""
+    ttl = revoking.revocation_ttl(deps.settings)
+    for jti in sorted(jtis):
+        await revoke(deps.store, "jti", jti, company_id, ttl)
+        await deps.store.delete(stash_key(company_id, jti))
 
 
 routes: list[BaseRoute] = [
