@@ -73,6 +73,7 @@ from shared.input_size import (
     params_tokens,
 )
 from shared.pricing import estimate_input_tokens, format_credits, hold_cost_micro
+from shared.revocations import api_key_parent
 from shared.route_claim import CLAIM as ROUTE_CLAIM
 from shared.route_claim import UpstreamRoute, seal
 from shared.stash import StashedRequest, stash_key
@@ -814,6 +815,10 @@ async def init_chat(
     if principal.token_id is not None:
         # Signing the session out (`logout`) then ends this stream token too.
         claims[PARENT_CLAIM] = principal.token_id
+    elif principal.api_key_id is not None:
+        # So does revoking the key, even when this init's hold commits after the
+        # revocation looked for the key's open holds (`routes.admin.revoke_api_key`).
+        claims[PARENT_CLAIM] = api_key_parent(principal.api_key_id)
     if req.agent is not None:
         # The edge's POST /v1/chat/completions takes its messages and tools from the
         # body, which would bypass the agent: it refuses tokens that carry this claim.

@@ -22,6 +22,13 @@ def revocation_key(kind: str, value: str, company_id: str) -> str:
     return f"revoked:{company_tag(company_id)}:{kind}:{value}"
 
 
+def api_key_parent(key_id: str) -> str:
+    """The `parent_jti` of the stream tokens an API key mints: revoked with the key, it
+    ends every one of them at the edges, minted before or while the key died. Never
+    a token id's shape (those are hex), so it names no signed-in session."""
+    return f"key-{key_id}"
+
+
 def grant_keys(grant: StreamGrant) -> list[str]:
     keys = [
         revocation_key("user", grant.user_id, grant.company_id),
@@ -29,7 +36,8 @@ def grant_keys(grant: StreamGrant) -> list[str]:
         revocation_key("jti", grant.jti, grant.company_id),
     ]
     if grant.parent_jti is not None:
-        # The access token that minted it was signed out (``POST /v1/auth/logout``).
+        # The access token that minted it was signed out (``POST /v1/auth/logout``),
+        # or the API key was revoked (`api_key_parent`).
         keys.append(revocation_key("jti", grant.parent_jti, grant.company_id))
     return keys
 

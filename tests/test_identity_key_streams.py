@@ -5,12 +5,18 @@ the user's other credentials stream on."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import psycopg
+import pytest
 
 from shared.sse import SSEDecoder
-from tests.stack import InProcessStack
+from tests.polling import wait_until
+from tests.stack import InProcessStack, postgres_env
+from tests.test_identity_owners import _lock_waiters
 
 
 def _api_key(stack: InProcessStack, access: str) -> tuple[str, str]:
@@ -66,3 +72,46 @@ def test_a_revoked_api_keys_stream_tokens_stop_streaming(stack: InProcessStack) 
         assert r.status_code == 200
         tail = [e for raw in r.iter_raw() for e in decoder.feed(raw)]
     assert tail[-1].event == "complete"
+
+
+@pytest.fixture(scope="module")
+def pg_stack(pg_server: str) -> Iterator[InProcessStack]:
+    with postgres_env(pg_server) as env, InProcessStack(env) as running:
+        yield running
+
+
+def test_a_token_minted_as_its_key_is_revoked_is_refused_too(pg_stack: InProcessStack) -> None:
+    """Attack: the thief of a leaked key keeps inits in flight while the owner
+    revokes it (each waits its turn on the company's row, as a burst of them does).
+    An init authenticated before the revocation committed, whose hold committed
+    after the revocation looked for the key's open holds, was in none of them: its
+    token was minted, not revoked at the edges, and streamed (measured: 201, then
+    200 and a whole answer on the company's credits, after the 204). Now every token
+    a key mints names the key as its parent, and the revocation revokes that parent
+    at the edges: whatever the order, the token is refused."""
+    c = pg_stack.client
+    company_id = c.new_company("5")
+    owner = c.new_user(company_id, role="owner")
+    member = c.new_user(company_id)
+    key_id, key = _api_key(pg_stack, member)
+    url = pg_stack.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with (
+        ThreadPoolExecutor(1) as pool,
+        psycopg.connect(url) as locker,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        # The row init's hold updates; FOR NO KEY UPDATE leaves the revocation's
+        # audit row (a foreign key to it) free to commit meanwhile.
+        locker.execute("SELECT id FROM companies WHERE id = %s FOR NO KEY UPDATE", (company_id,))
+        init = pool.submit(c.init, key, {"query": "minted as the key dies"})
+        wait_until(lambda: _lock_waiters(watcher) == 1, "the init never waited on the company")
+        revoked = c.as_user(owner, "DELETE", f"/v1/admin/api-keys/{key_id}")
+        assert revoked.status_code == 204, revoked.text
+        locker.rollback()
+        minted = init.result()
+    if minted.status_code != 201:  # refused outright: nothing to stream either way
+        assert minted.status_code in (401, 403), minted.text
+        return
+    refused = c.http.get(minted.json()["data"]["stream_url"])
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["error"]["code"] == "revoked"

@@ -36,7 +36,7 @@ from control_plane.validation import (
     parse_json_object,
     required_str,
 )
-from shared.revocations import revoke
+from shared.revocations import api_key_parent, revoke
 
 log = logging.getLogger("control_plane.admin")
 
@@ -174,12 +174,15 @@ async def revoke_api_key(request: Request) -> Response:
         lambda s: account_admin.revoke_api_key(s, actor, key_id)
     )
     # The stream tokens the key minted outlived it: a leaked key's thief started
-    # them, and resumed them, after the revocation. Each is revoked at the edges as
-    # `POST /v1/admin/revocations {"jti"}` would (refused, or ended `revoked`).
-    # Published on every call (a repeat is a no-op in the database), so a retry after
-    # a store failure completes it.
+    # them, and resumed them, after the revocation. Each names the key as its parent
+    # (`api_key_parent`), revoked at the edges as `POST /v1/admin/revocations
+    # {"jti"}` would (refused, or ended `revoked`): that reaches a token whose hold
+    # commits after the look-up below, too. The look-up's own ids cover tokens
+    # minted before their parent was signed in. Published on every call (a repeat is
+    # a no-op in the database), so a retry after a store failure completes it.
     ttl = revoking.revocation_ttl(deps.settings)
     try:
+        await revoke(deps.store, "jti", api_key_parent(key_id), company_id, ttl)
         for jti in jtis:
             await revoke(deps.store, "jti", jti, company_id, ttl)
     except Exception:
