@@ -15,6 +15,7 @@ logs the traceback server-side.
     │   ├── InvalidCredentials (401 invalid_credentials)
     │   └── SignedOut (401 signed_out: a token ended by POST /v1/auth/logout)
     ├── InvalidSignature (401 invalid_signature)
+    │   └── TimestampOutOfWindow (401 timestamp_out_of_window, error.details.server_time)
     ├── InsufficientCredits (402 insufficient_credits)
     ├── BudgetExceeded (402 budget_exceeded, error.details)
     ├── Forbidden (403 forbidden)
@@ -127,6 +128,20 @@ class SignedOut(Unauthenticated):
 class InvalidSignature(AppError):
     status, code = 401, "invalid_signature"
     default_message = "The webhook signature does not verify."
+
+
+class TimestampOutOfWindow(InvalidSignature):
+    """Signed with a secret we hold but dated more than 5 minutes off our clock
+    (DESIGN §7: 401): the sender's clock disagrees with ours. `server_time` (ours,
+    Unix seconds) lets it date its retry by our clock; told only to a holder of the
+    secret, since the signature had to verify first."""
+
+    code = "timestamp_out_of_window"
+    default_message = "The webhook is signed, but dated more than 5 minutes off our clock."
+
+    def __init__(self, server_time: int) -> None:
+        super().__init__()
+        self.details = {"server_time": server_time}
 
 
 class InsufficientCredits(AppError):

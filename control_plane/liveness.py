@@ -24,6 +24,8 @@ class SilenceWatch:
         self.silent_after = silent_after
         self._clock = clock
         self._seen: dict[str, tuple[Hashable, float]] = {}
+        # The streams whose checkpoint this watch saw change: alive, not just written.
+        self._changed: set[str] = set()
 
     def now(self) -> float:
         """This watch's clock: what a sweep notes just before it sends its read."""
@@ -39,15 +41,24 @@ class SilenceWatch:
         now = self._clock()
         seen = self._seen.get(reservation_id)
         if seen is None or seen[0] != marker:
+            if seen is not None:
+                self._changed.add(reservation_id)
             self._seen[reservation_id] = (marker, now)
             return False
         asked = now if sent_at is None else min(sent_at, now)
         return asked - seen[1] >= self.silent_after
 
+    def seen_alive(self, reservation_id: str) -> bool:
+        """Whether this watch saw the stream's checkpoint change and has not found it
+        silent since (a silent one is settled, or forgotten at the pass's end): its
+        edge is writing it. A checkpoint seen once, or never changing, proves nothing."""
+        return reservation_id in self._changed and reservation_id in self._seen
+
     def keep_only(self, reservation_ids: Iterable[str]) -> None:
         """Forget streams no longer running (settled, released, ended)."""
         keep = set(reservation_ids)
         self._seen = {rid: seen for rid, seen in self._seen.items() if rid in keep}
+        self._changed &= keep
 
     def __len__(self) -> int:
         return len(self._seen)

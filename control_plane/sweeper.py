@@ -125,14 +125,19 @@ def reconcile(
     checkpoint: UsageCheckpoint | None,
     *,
     silent: bool = False,
+    running: bool = False,
 ) -> Reconciled:
     """One reservation's use case (one transaction): settle it from `checkpoint`,
     or release it. A `silent` stream is before its deadline: it is settled only
-    from a checkpoint of its own, never released."""
+    from a checkpoint of its own, never released. `running`: the silence watch
+    saw `checkpoint` change and not fall silent; one of this stream's own is left alone, past the
+    deadline or not (`sweep_expired_holds`)."""
     reservation = session.get(Reservation, reservation_id)
     if reservation is None or reservation.status != "active":
         return NOTHING
     if silent and (checkpoint is None or not _usable(checkpoint, reservation)):
+        return NOTHING
+    if running and _usable(checkpoint, reservation):
         return NOTHING
     if checkpoint is not None and _usable(checkpoint, reservation):
         outcome = settle_usage(
@@ -193,11 +198,27 @@ def _decode(reservation_id: str, raw: bytes | None) -> UsageCheckpoint | None:
 
 
 async def sweep_expired_holds(
-    db: Database, store: KeyValueStore, metrics: Metrics, *, now: datetime | None = None
+    db: Database,
+    store: KeyValueStore,
+    metrics: Metrics,
+    *,
+    now: datetime | None = None,
+    watch: SilenceWatch | None = None,
 ) -> SweepResult:
-    """Reconcile every active reservation whose deadline is before `now`."""
+    """Reconcile every active reservation whose deadline is before `now`.
+
+    Except a stream still running: the deadline (the token's expiry on the clock of
+    the process that minted it, plus the grace) is read on this process's wall
+    clock, and an edge starts a stream by its own: with clocks minutes apart (a host
+    without time sync, a VM resumed from a pause) the deadline passed mid-stream,
+    the hold was settled from the checkpoint of the moment, unrevoked, and the rest
+    of the answer went unbilled, its report a duplicate. A checkpoint that `watch`
+    (the silent-stream pass's, on this process's monotonic clock) saw change and has
+    not found silent since is left to the stream's report, or to that pass once it
+    falls silent, which settles it and revokes its token. One seen once or never
+    changing is settled at the deadline as before (a dead edge's)."""
     moment = now or utcnow()
-    settled = released = 0
+    settled = released = running = 0
     for _ in range(MAX_BATCHES):
         ids = await db.transaction(lambda s: expired_reservation_ids(s, moment, BATCH))
         for reservation_id in ids:
@@ -207,8 +228,17 @@ async def sweep_expired_holds(
                 log.warning("store unreachable; reconciliation retries next sweep", exc_info=True)
                 return SweepResult(settled, released)
             checkpoint = _decode(reservation_id, raw)
+            live = (
+                watch is not None
+                and checkpoint is not None
+                and not checkpoint.ended
+                and watch.seen_alive(reservation_id)
+            )
+            running += live
             done = await db.transaction(
-                functools.partial(reconcile, reservation_id=reservation_id, checkpoint=checkpoint),
+                functools.partial(
+                    reconcile, reservation_id=reservation_id, checkpoint=checkpoint, running=live
+                ),
                 late=functools.partial(_counted_late, metrics),
             )
             if done.action == "none":
@@ -224,6 +254,12 @@ async def sweep_expired_holds(
     if settled or released:
         log.warning(
             "reconciled expired holds: %d settled from checkpoints, %d released", settled, released
+        )
+    if running:
+        log.warning(
+            "%d holds past their deadline belong to streams still running: do this host's"
+            " clock and the edges' agree (time sync)?",
+            running,
         )
     return SweepResult(settled, released)
 
@@ -375,26 +411,40 @@ async def run_sweeper(
     watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
     while True:
         await asyncio.sleep(interval)
-        # Separately: one pass failing (a database blip) must not starve the others.
-        try:
-            await sweep_silent_streams(
-                db, store, metrics, watch, revoke_ttl=revocation_ttl(settings)
-            )
-        except Exception:
-            log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
-        try:
-            await sweep_expired_holds(db, store, metrics)
-        except Exception:
-            log.exception("hold sweep failed; retrying in %.1f s", interval)
-        try:
-            await sweep_signed_out(db)
-        except Exception:
-            log.exception("sign-out sweep failed; retrying in %.1f s", interval)
-        try:
-            await sweep_budget_events(db)
-        except Exception:
-            log.exception("budget event sweep failed; retrying in %.1f s", interval)
-        try:
-            await sweep_budget_periods(db)
-        except Exception:
-            log.exception("budget period sweep failed; retrying in %.1f s", interval)
+        await sweep_round(db, store, metrics, settings, watch)
+
+
+async def sweep_round(
+    db: Database,
+    store: KeyValueStore,
+    metrics: Metrics,
+    settings: ControlPlaneSettings,
+    watch: SilenceWatch,
+    *,
+    now: datetime | None = None,
+) -> None:
+    """One round of `run_sweeper`: every pass, `now` (None: this process's clock)
+    for those that read the wall clock."""
+    interval = settings.sweep_interval_seconds
+    # Separately: one pass failing (a database blip) must not starve the others.
+    # The silent streams first: the hold pass leaves to it those it sees running.
+    try:
+        await sweep_silent_streams(db, store, metrics, watch, revoke_ttl=revocation_ttl(settings))
+    except Exception:
+        log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
+    try:
+        await sweep_expired_holds(db, store, metrics, now=now, watch=watch)
+    except Exception:
+        log.exception("hold sweep failed; retrying in %.1f s", interval)
+    try:
+        await sweep_signed_out(db, now=now)
+    except Exception:
+        log.exception("sign-out sweep failed; retrying in %.1f s", interval)
+    try:
+        await sweep_budget_events(db, now=now)
+    except Exception:
+        log.exception("budget event sweep failed; retrying in %.1f s", interval)
+    try:
+        await sweep_budget_periods(db, now=now)
+    except Exception:
+        log.exception("budget period sweep failed; retrying in %.1f s", interval)

@@ -9,8 +9,10 @@ library; this module only builds the payload and normalises its errors.
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -37,6 +39,21 @@ USAGE_DETAILS = ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens"
 
 class BadSignature(Exception):
     """The webhook's signature or timestamp does not verify."""
+
+
+# Standard Webhooks' window around the receiver's clock (the library's, fixed).
+TOLERANCE_SECONDS = 5 * 60
+
+
+class StaleTimestamp(BadSignature):
+    """A configured secret did sign the webhook, but it is dated more than
+    `TOLERANCE_SECONDS` off this process's clock: the sender's clock disagrees with
+    ours (or it is a replay, which the receiver refuses all the same). `server_time`
+    is our clock, told to whoever holds the secret so it can date its retry by it."""
+
+    def __init__(self, server_time: int) -> None:
+        super().__init__("the webhook timestamp is outside the tolerance window")
+        self.server_time = server_time
 
 
 def generate_secret() -> str:
@@ -209,6 +226,14 @@ def verify_signer(
     for signer, secrets_ in ((None, platform), *backends.items()):
         if any(_signed_by(secret, text, headers) for secret in secrets_):
             return signer
+    # Refused: only now (never on the hot path) is it worth asking whether the
+    # signature was good and only its date was off.
+    all_secrets = [*platform, *(s for group in backends.values() for s in group)]
+    out_of_window = _out_of_window(headers)
+    if out_of_window is not None and any(
+        _signed_at(secret, text, headers, out_of_window) for secret in all_secrets
+    ):
+        raise StaleTimestamp(int(time.time()))
     raise BadSignature("no matching signature")
 
 
@@ -225,6 +250,29 @@ def _text(body: bytes) -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadSignature("body is not UTF-8") from exc
+
+
+def _out_of_window(headers: dict[str, str]) -> datetime | None:
+    """The webhook's date when it is outside the window of our clock; None when it is
+    within (so the signature itself was wrong), missing or unreadable."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        stamp = float(lowered.get("webhook-timestamp", ""))
+        moment = datetime.fromtimestamp(stamp, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return moment if abs(stamp - time.time()) > TOLERANCE_SECONDS else None
+
+
+def _signed_at(secret: str, text: str, headers: dict[str, str], moment: datetime) -> bool:
+    """Whether `secret` signed the webhook dated `moment`, whatever our clock says:
+    the library's own HMAC and comparison, without its window."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    expected = _webhook(secret).sign(lowered.get("webhook-id", ""), moment, text)
+    return any(
+        hmac.compare_digest(expected.encode(), given.encode())
+        for given in lowered.get("webhook-signature", "").split(" ")
+    )
 
 
 def _signed_by(secret: str, text: str, headers: dict[str, str]) -> bool:

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -107,11 +108,13 @@ def create_app(
     *,
     transport: Transport | None = None,
     jwks_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """`transport`: what the edge sends its backend requests, usage webhooks and
     control-plane calls through, owned by the caller (tests: one routing each origin
     to an app in-process); by default its own lean clients. `jwks_transport`: the
-    same for the JWKS fetch, which goes through httpx."""
+    same for the JWKS fetch, which goes through httpx. `clock`: the wall clock the
+    usage webhooks' signatures are dated by (tests skew it)."""
     # The `upr` claim's keys (DESIGN §11): refuse to start without them.
     route_cipher = route_ciphers_from_keys(settings.route_cipher_keys())
 
@@ -141,6 +144,7 @@ def create_app(
             ),
             spool=Spool(spool_directory(settings)),
             linger=settings.webhook_linger_seconds,
+            clock=clock,
         )
         state = EdgeState(
             settings,

@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -59,6 +61,9 @@ ACK_DELAY = 0.05
 # loop (they are in the store), so a slow control plane cannot grow the edge's memory
 # without bound.
 MAX_DIRECT_QUEUE = 10_000
+# The control plane's 401 for a webhook its secret signed but dated more than 5
+# minutes off its clock (`control_plane.errors.TimestampOutOfWindow`).
+TIMESTAMP_OUT_OF_WINDOW = "timestamp_out_of_window"
 # A direct post starts only this long before its lease runs out, at the latest.
 LEASE_MARGIN = 2.0
 
@@ -81,8 +86,13 @@ class Outbox:
         max_direct: int = 64,
         spool: Spool | None = None,
         linger: float = 0.05,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        # The wall clock a signature's timestamp is read from (tests skew it), and
+        # how far the control plane's is from it, once it told us (`_send`).
+        self._clock = clock
+        self._offset = 0.0
         self._client = client
         self._url = url
         self._secret = secret
@@ -304,18 +314,43 @@ class Outbox:
         await self._post(orjson.loads(raw), raw)
 
     async def _send(self, item_id: str, body: bytes) -> tuple[int, float | None]:
-        """One signed POST of a report: its status (0: no answer) and Retry-After."""
-        headers = {**sign(self._secret, item_id, body), "content-type": "application/json"}
+        """One signed POST of a report: its status (0: no answer) and Retry-After.
+
+        Dated by the control plane's clock as last learned: a signature more than 5
+        minutes off the receiver's clock is a 401, which would be permanent (the
+        report dead-lettered, its hold left to the sweeper's deadline). When the
+        control plane says that was the only fault (`timestamp_out_of_window`, with
+        its time), the report is signed again by that time and posted once more."""
+        status, retry_after, server_time = await self._post_signed(item_id, body)
+        if server_time is not None:
+            offset = server_time - self._clock()
+            log.warning(
+                "the control plane's clock is %+.0f s from this edge's: usage webhooks are"
+                " now dated by the control plane's (fix this host's time sync)",
+                offset,
+            )
+            self._offset = offset
+            status, retry_after, _ = await self._post_signed(item_id, body)
+        return status, retry_after
+
+    async def _post_signed(self, item_id: str, body: bytes) -> tuple[int, float | None, int | None]:
+        """`_send`'s one POST: also the control plane's time when it refused the
+        signature's date alone."""
+        moment = datetime.fromtimestamp(self._clock() + self._offset, UTC)
+        headers = {**sign(self._secret, item_id, body, moment), "content-type": "application/json"}
         try:
             response = await self._client.send("POST", self._url, headers, body)
             try:
-                await response.aread()  # read to the end: the connection is then reused
+                # Read to the end: the connection is then reused.
+                answer = await response.aread()
             finally:
                 await response.aclose()
         except TransportError as exc:
             log.warning("usage webhook %s not delivered: %s", item_id, type(exc).__name__)
-            return 0, None
-        return response.status_code, parse_retry_after(response.headers.get("retry-after"))
+            return 0, None, None
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        server_time = _server_time(answer) if response.status_code == 401 else None
+        return response.status_code, retry_after, server_time
 
     async def _post(self, item: dict[str, Any], raw: bytes) -> None:
         """One delivery attempt of a leased item, and its bookkeeping in the store."""
@@ -334,6 +369,21 @@ class Outbox:
             item["attempt"] += 1
             delay = self._backoff.delay(item["attempt"], retry_after)
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
+
+
+def _server_time(answer: bytes) -> int | None:
+    """The control plane's clock from a 401 `timestamp_out_of_window` (our secret's
+    signature verified, only its date was off); None for any other refusal."""
+    try:
+        error = orjson.loads(answer)["error"]
+        if error["code"] != TIMESTAMP_OUT_OF_WINDOW:
+            return None
+        server_time = error["details"]["server_time"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if isinstance(server_time, bool) or not isinstance(server_time, int):
+        return None
+    return server_time
 
 
 def _spooled(line: bytes, file: str) -> tuple[dict[str, Any], SlotRelease | None] | None:

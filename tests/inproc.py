@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -80,13 +81,17 @@ class Gateway:
         await self.backends.aclose()
         await self.http.aclose()
 
-    async def add_edge(self, name: str, **overrides: str) -> Starlette:
-        """Start (or replace) edge `name`, reachable at `edge_url(name)`."""
+    async def add_edge(
+        self, name: str, *, clock: Callable[[], float] = time.time, **overrides: str
+    ) -> Starlette:
+        """Start (or replace) edge `name`, reachable at `edge_url(name)`; `clock`: its
+        wall clock (a host whose clock disagrees with the control plane's)."""
         app = edge_app(
             self.settings(**overrides),
             self.store,
             transport=self.backends,
             jwks_transport=httpx.ASGITransport(self.cp),
+            clock=clock,
         )
         self.edges[name] = app
         await self._resources.enter_async_context(app.router.lifespan_context(app))

@@ -723,10 +723,11 @@ def test_webhook_rejections(cp: CP) -> None:
         body,
         datetime.now(UTC) - timedelta(minutes=10),
     )
+    # Still a 401 (DESIGN §7); its own code tells the signer its clock is off.
     error_of(
         httpx.post(f"{cp.url}/v1/webhooks/usage", content=body, headers=old),
         401,
-        "invalid_signature",
+        "timestamp_out_of_window",
     )
     error_of(httpx.post(f"{cp.url}/v1/webhooks/usage", content=body), 401, "invalid_signature")
     bad_json = b"{nope"

@@ -13,7 +13,12 @@ from control_plane import late_settlements
 from control_plane.background import finish
 from control_plane.chat_sessions import SessionLimits
 from control_plane.deps import get_deps, read_body
-from control_plane.errors import AppError, InvalidSignature, ValidationFailed
+from control_plane.errors import (
+    AppError,
+    InvalidSignature,
+    TimestampOutOfWindow,
+    ValidationFailed,
+)
 from control_plane.middleware import request_id
 from control_plane.responses import ok
 from control_plane.tables import utcnow
@@ -21,7 +26,7 @@ from control_plane.usage_events import parse_time, parse_usage_event
 from control_plane.validation import parse_json_object
 from control_plane.webhook_settlement import Delivery, settle_delivery
 from shared.pricing import format_credits
-from shared.webhooks import MAX_USAGE_BODY_BYTES, BadSignature, verify_signer
+from shared.webhooks import MAX_USAGE_BODY_BYTES, BadSignature, StaleTimestamp, verify_signer
 
 log = logging.getLogger("control_plane.webhooks")
 
@@ -46,6 +51,8 @@ async def usage_webhook(request: Request) -> Response:
                 body,
                 dict(request.headers),
             )
+        except StaleTimestamp as exc:  # our secret, another clock: the sender may retry
+            raise TimestampOutOfWindow(exc.server_time) from None
         except BadSignature:
             raise InvalidSignature() from None
         # A model's reply may hold anything, NUL included: it is made storable, not
