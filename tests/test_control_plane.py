@@ -38,6 +38,7 @@ from shared.store_memory import MemoryStore
 from shared.tokens import (
     API_AUDIENCE,
     ISSUER,
+    PARENT_CLAIM,
     STREAM_CLAIMS,
     sign_token,
     verify_stream_token,
@@ -513,7 +514,9 @@ def test_init_reserves_and_mints_a_stream_token(cp: CP) -> None:
     assert header["alg"] == "EdDSA" and header["typ"] == "JWT"
     grant = verify_stream_token(token, _jwks_key(cp, token))
     claims = claims_of(token)
-    assert set(claims) == set(STREAM_CLAIMS)
+    # DESIGN's claims, and the API key it was minted with, whose revocation ends it.
+    assert set(claims) == {*STREAM_CLAIMS, PARENT_CLAIM}
+    assert claims[PARENT_CLAIM].startswith("key-")
     assert claims["iss"] == "llm-gateway" and claims["aud"] == "llm-stream"
     assert grant.company_id == company_id and grant.role == "owner"
     assert grant.reservation_id == data["reservation_id"] and grant.session_id == data["session_id"]
