@@ -34,7 +34,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, func, select, tuple_, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -428,29 +428,35 @@ def release_reservation(
     return hold
 
 
-def expired_reservation_ids(session: Session, now: datetime, limit: int = 100) -> list[str]:
-    """Active reservations past their deadline, oldest deadline first."""
+def expired_reservations(
+    session: Session, now: datetime, after: tuple[datetime, str] | None = None, limit: int = 100
+) -> list[tuple[datetime, str, str]]:
+    """Active reservations past their deadline, oldest deadline first: (deadline, id,
+    company id), after `after` (a page's last deadline and id: keyset pages, so that
+    one the sweep could not reconcile is not listed again in the same pass)."""
     stmt = (
-        select(col(Reservation.id))
+        select(col(Reservation.expires_at), col(Reservation.id), col(Reservation.company_id))
         .where(col(Reservation.status) == "active")
         .where(col(Reservation.expires_at) < now)
-        .order_by(col(Reservation.expires_at))
+        .order_by(col(Reservation.expires_at), col(Reservation.id))
         .limit(limit)
     )
-    return list(session.scalars(stmt))
+    if after is not None:
+        stmt = stmt.where(tuple_(col(Reservation.expires_at), col(Reservation.id)) > after)
+    return [(at, rid, company) for at, rid, company in session.execute(stmt)]
 
 
-def active_reservation_ids(session: Session, after_id: str, limit: int = 100) -> list[str]:
-    """Active reservations by id, after `after_id` (keyset pages): those whose stream
-    may be running, or may have gone silent."""
+def active_reservations(session: Session, after_id: str, limit: int = 100) -> list[tuple[str, str]]:
+    """Active reservations by id, after `after_id` (keyset pages): (id, company id) of
+    those whose stream may be running, or may have gone silent."""
     stmt = (
-        select(col(Reservation.id))
+        select(col(Reservation.id), col(Reservation.company_id))
         .where(col(Reservation.status) == "active")
         .where(col(Reservation.id) > after_id)
         .order_by(col(Reservation.id))
         .limit(limit)
     )
-    return list(session.scalars(stmt))
+    return [(rid, company) for rid, company in session.execute(stmt)]
 
 
 def active_hold_count(session: Session) -> int:

@@ -100,9 +100,28 @@ _HELD_ONE_PG = raw_pg.substituted(
 _CREATED_AT = _HELD_COLUMNS.index("created_at")
 
 
-def held_rows(on: Session | psycopg.Connection[Any], ids: Sequence[str]) -> dict[str, HeldRow]:
+def _lock_waits_bounded(sql: str) -> str:
+    """`sql` that also bounds the row-lock waits of the rest of its transaction
+    (``lock_timeout``, as ``SET LOCAL`` does), with no round trip of its own: the
+    setting is made once, before the first row (a materialized CTE joined to every
+    row). With no row found there is nothing to settle, nor lock to wait for."""
+    bound = "WITH bound AS MATERIALIZED (SELECT set_config('lock_timeout', %(lock_ms)s, true)) "
+    return bound + raw_pg.substituted(
+        sql, "FROM reservations AS r", "FROM bound, reservations AS r"
+    )
+
+
+_HELD_BOUNDED_PG = _lock_waits_bounded(_HELD_PG)
+_HELD_ONE_BOUNDED_PG = _lock_waits_bounded(_HELD_ONE_PG)
+
+
+def held_rows(
+    on: Session | psycopg.Connection[Any], ids: Sequence[str], *, lock_wait: float | None = None
+) -> dict[str, HeldRow]:
     """The reservations `ids` that exist, by id, in one SELECT (in a session's
-    transaction, or on a psycopg connection itself)."""
+    transaction, or on a psycopg connection itself). `lock_wait`: seconds each row
+    lock the rest of the transaction waits for at most (PostgreSQL; SQLite has one
+    writer at a time), then it fails (SQLSTATE 55P03: rolled back, a 503 to retry)."""
     if not ids:
         return {}
     driver = on if isinstance(on, psycopg.Connection) else raw_pg.driver_connection(on)
@@ -113,7 +132,11 @@ def held_rows(on: Session | psycopg.Connection[Any], ids: Sequence[str]) -> dict
     else:
         one = len(ids) == 1
         sql, values = (_HELD_ONE_PG, ids[0]) if one else (_HELD_PG, list(ids))
-        rows = raw_pg.run(driver, sql, {"ids": values})
+        params: dict[str, Any] = {"ids": values}
+        if lock_wait is not None:
+            sql = _HELD_ONE_BOUNDED_PG if one else _HELD_BOUNDED_PG
+            params["lock_ms"] = str(max(1, round(lock_wait * 1000)))
+        rows = raw_pg.run(driver, sql, params)
         # As the column's type reads it (`tables.UTCDateTime`): in UTC.
         rows = [
             (*row[:_CREATED_AT], row[_CREATED_AT].astimezone(UTC), *row[_CREATED_AT + 1 :])

@@ -18,7 +18,9 @@ delivery of a reservation settles it, later ones are DUPLICATE. A refused event
 error and writes nothing; the others settle. If the transaction itself fails (a
 deadlock, the database gone, a unique key lost to another process, the commit),
 nothing of it was kept, and each of its events is then settled alone by
-`webhook_settlement.settle_delivery`, exactly as without batching.
+`webhook_settlement.settle_delivery`, exactly as without batching. The batch and
+those events wait at most `LOCK_WAIT_SECONDS` for a row lock: one company's row
+held by a long transaction fails its own events only.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ from control_plane.webhook_settlement import (
 log = logging.getLogger("control_plane.settlement_batch")
 
 MAX_BATCH = 64  # events per transaction: bounds how long one batch holds its locks
+# How long a batch (and each of its events settled alone after it failed) may wait
+# for a row lock, at most; half the database's bound when that is shorter. A batch
+# holds every company's rows it has updated while it waits for the next: one company
+# row held by a long transaction (an admin's, an operator's psql) made the batch
+# wait past its bound, so every company's webhook in it was a 503, and the batch's
+# statement, waiting on, kept the other companies' rows from their own inits. A
+# settlement waits for a row a few milliseconds when all is well.
+LOCK_WAIT_SECONDS = 1.0
 
 # A queued delivery, the future its webhook awaits, and its `late`.
 _Queued = tuple[Delivery, asyncio.Future[Outcome], Late | None]
@@ -49,9 +59,17 @@ _Queued = tuple[Delivery, asyncio.Future[Outcome], Late | None]
 class SettlementBatcher:
     """The webhook route's way to settle (one per app, made by the lifespan)."""
 
-    def __init__(self, db: Database, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int = MAX_BATCH,
+        lock_wait: float | None = LOCK_WAIT_SECONDS,
+    ) -> None:
         self._db = db
         self._max_batch = max_batch
+        # None: lock waits bounded by the database's bound only.
+        self._lock_wait = None if lock_wait is None else min(lock_wait, db.timeout / 2)
         self._queue: list[_Queued] = []
         self._drain: asyncio.Task[None] | None = None
 
@@ -96,11 +114,14 @@ class SettlementBatcher:
         lates = [late for _, _, late in batch]
         results: list[Outcome | BaseException] = []
         silent: DatabaseTimeout | None = None
+        batched = len(deliveries) > 1  # a lone webhook takes its own path, unbounded
         try:
-            if len(deliveries) > 1:
+            if batched:
                 results.extend(
                     await self._db.transaction(
-                        lambda s: settle_webhooks(s, deliveries),
+                        functools.partial(
+                            settle_webhooks, deliveries=deliveries, lock_wait=self._lock_wait
+                        ),
                         late=functools.partial(_settled_late, lates),
                     )
                 )
@@ -120,7 +141,12 @@ class SettlementBatcher:
                     results.append(silent)
                     continue
                 try:
-                    results.append(await settle_delivery(self._db, delivery, late))
+                    # Its lock waits bounded too: the event whose company's row is
+                    # held fails alone (503, retried), the others settle.
+                    lock_wait = self._lock_wait if batched else None
+                    results.append(
+                        await settle_delivery(self._db, delivery, late, lock_wait=lock_wait)
+                    )
                 except DatabaseTimeout as settle_error:
                     silent = settle_error
                     results.append(settle_error)

@@ -42,7 +42,9 @@ deadline and, for each, reads the edge's checkpoint from the store
 
 Each reservation is its own conditional transaction, so several control planes may
 sweep at once, and a webhook that arrives afterwards finds the reservation no longer
-active: a harmless duplicate (200, nothing charged). When the store cannot be read
+active: a harmless duplicate (200, nothing charged). One that fails is skipped for the
+pass, never the pass's end (`sweep_failures`): a poison pill holds up no other
+company's holds. When the store cannot be read
 the sweep stops and retries next time: releasing a hold because Redis blinked would
 give away usage that a checkpoint recorded.
 """
@@ -65,8 +67,8 @@ from control_plane.db import Database
 from control_plane.errors import ModelNotInChain
 from control_plane.fallbacks import served_price
 from control_plane.ledger import (
-    active_reservation_ids,
-    expired_reservation_ids,
+    active_reservations,
+    expired_reservations,
     release_reservation,
 )
 from control_plane.liveness import SilenceWatch
@@ -74,6 +76,7 @@ from control_plane.metrics import Metrics
 from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import Usage, settle_usage
+from control_plane.sweep_failures import PassFailures
 from control_plane.tables import Reservation, utcnow
 from control_plane.usage_events import parse_time
 from shared.catalog import Price
@@ -205,7 +208,9 @@ async def sweep_expired_holds(
     now: datetime | None = None,
     watch: SilenceWatch | None = None,
 ) -> SweepResult:
-    """Reconcile every active reservation whose deadline is before `now`.
+    """Reconcile every active reservation whose deadline is before `now`. One that
+    fails is skipped and the pass goes on; the pass then raises its first failure
+    (`sweep_failures`).
 
     Except a stream still running: the deadline (the token's expiry on the clock of
     the process that minted it, plus the grace) is read on this process's wall
@@ -219,9 +224,15 @@ async def sweep_expired_holds(
     changing is settled at the deadline as before (a dead edge's)."""
     moment = now or utcnow()
     settled = released = running = 0
+    failures = PassFailures("hold sweep")
+    after: tuple[datetime, str] | None = None
     for _ in range(MAX_BATCHES):
-        ids = await db.transaction(lambda s: expired_reservation_ids(s, moment, BATCH))
-        for reservation_id in ids:
+        page = await db.transaction(
+            functools.partial(expired_reservations, now=moment, after=after, limit=BATCH)
+        )
+        for _, reservation_id, company_id in page:
+            if failures.skips(company_id):
+                continue
             try:
                 raw = await store.get(checkpoint_key(reservation_id))
             except Exception:
@@ -235,12 +246,21 @@ async def sweep_expired_holds(
                 and watch.seen_alive(reservation_id)
             )
             running += live
-            done = await db.transaction(
-                functools.partial(
-                    reconcile, reservation_id=reservation_id, checkpoint=checkpoint, running=live
-                ),
-                late=functools.partial(_counted_late, metrics),
-            )
+            try:
+                done = await db.transaction(
+                    functools.partial(
+                        reconcile,
+                        reservation_id=reservation_id,
+                        checkpoint=checkpoint,
+                        running=live,
+                    ),
+                    late=functools.partial(_counted_late, metrics),
+                )
+            except Exception as exc:
+                failures.failed(reservation_id, company_id, exc)
+                if failures.stops:
+                    break
+                continue
             if done.action == "none":
                 continue
             metrics.settled(done.charged_micro, done.released_micro)
@@ -249,8 +269,9 @@ async def sweep_expired_holds(
                 _observe_lag(metrics, checkpoint)
             else:
                 released += 1
-        if len(ids) < BATCH:
+        if len(page) < BATCH or failures.stops:
             break
+        after = page[-1][:2]
     if settled or released:
         log.warning(
             "reconciled expired holds: %d settled from checkpoints, %d released", settled, released
@@ -261,6 +282,7 @@ async def sweep_expired_holds(
             " clock and the edges' agree (time sync)?",
             running,
         )
+    failures.raise_first()
     return SweepResult(settled, released)
 
 
@@ -283,17 +305,19 @@ async def sweep_silent_streams(
     its token so that an edge that was only stalled stops relaying."""
     settled = 0
     running: list[str] = []
+    failures = PassFailures("silent-stream sweep")
     after = ""
     for _ in range(MAX_BATCHES):
         page = await db.transaction(
-            functools.partial(active_reservation_ids, after_id=after, limit=BATCH)
+            functools.partial(active_reservations, after_id=after, limit=BATCH)
         )
         # Taken before the read: a store that answers late (frozen, less than its
         # client's timeout) also held the edges' heartbeats queued behind it, so
         # the wait must not count as silence (`liveness.SilenceWatch`).
         sent_at = watch.now()
         try:
-            raws = await store.get_many([checkpoint_key(rid) for rid in page]) if page else []
+            keys = [checkpoint_key(rid) for rid, _ in page]
+            raws = await store.get_many(keys) if page else []
         except Exception:
             log.warning("store unreachable; silence check retries next sweep", exc_info=True)
             # The edges could not write their checkpoints either (the stream relays
@@ -303,19 +327,29 @@ async def sweep_silent_streams(
             # What this sweeper saw before it was blind counts from the next read.
             watch.keep_only(())
             return SweepResult(settled=settled)
-        for reservation_id, raw in zip(page, raws, strict=True):
+        for (reservation_id, company_id), raw in zip(page, raws, strict=True):
             checkpoint = _decode(reservation_id, raw)
             if checkpoint is None or checkpoint.ended:
                 continue  # not started (the deadline handles it) or its report is coming
             running.append(reservation_id)
             if not watch.is_silent(reservation_id, checkpoint.marker(), sent_at):
                 continue
-            done = await db.transaction(
-                functools.partial(
-                    reconcile, reservation_id=reservation_id, checkpoint=checkpoint, silent=True
-                ),
-                late=functools.partial(_revoked_late, metrics, store, checkpoint.jti, revoke_ttl),
-            )
+            if failures.skips(company_id):
+                continue  # the database failed on its company: the next pass
+            try:
+                done = await db.transaction(
+                    functools.partial(
+                        reconcile, reservation_id=reservation_id, checkpoint=checkpoint, silent=True
+                    ),
+                    late=functools.partial(
+                        _revoked_late, metrics, store, checkpoint.jti, revoke_ttl
+                    ),
+                )
+            except Exception as exc:
+                failures.failed(reservation_id, company_id, exc)
+                if failures.stops:
+                    break
+                continue
             if done.action != "settled":
                 continue
             settled += 1
@@ -329,12 +363,15 @@ async def sweep_silent_streams(
                 _revoke_silent(store, checkpoint.jti, done.company_id, revoke_ttl),
                 "silent-revocation",
             )
+        if failures.stops:
+            break  # not a full scan: the watch forgets nothing
         if len(page) < BATCH:
             watch.keep_only(running)  # a full scan: forget what stopped running
             break
-        after = page[-1]
+        after = page[-1][0]
     if settled:
         log.warning("settled %d silent streams from their checkpoints", settled)
+    failures.raise_first()
     return SweepResult(settled=settled)
 
 

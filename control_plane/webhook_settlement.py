@@ -76,7 +76,9 @@ class Delivery:
     session_limits: chat_sessions.SessionLimits | None = None
 
 
-def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Outcome | AppError]:
+def settle_webhooks(
+    session: Session, deliveries: Sequence[Delivery], *, lock_wait: float | None = None
+) -> list[Outcome | AppError]:
     """The webhooks' use case, for a batch in the caller's transaction: each
     delivery's Outcome, or the AppError that refuses it (and wrote nothing for it).
 
@@ -89,9 +91,11 @@ def settle_webhooks(session: Session, deliveries: Sequence[Delivery]) -> list[Ou
     others are DUPLICATE. Then the replies of those settled are appended to their
     sessions. A batch of one checked delivery on PostgreSQL records its id in the
     statement that settles it (`_claim_and_settle`): same answers, fewer round
-    trips."""
+    trips. `lock_wait`: how long it may wait for each row lock (`held_rows`), at most:
+    a settlement batch's (`settlement_batch.LOCK_WAIT_SECONDS`)."""
     now = utcnow()
-    reservations = held_rows(session, sorted({d.event.reservation_id for d in deliveries}))
+    ids = sorted({d.event.reservation_id for d in deliveries})
+    reservations = held_rows(session, ids, lock_wait=lock_wait)
     results: list[Outcome | AppError | None] = [None] * len(deliveries)
     checked: list[tuple[int, HeldRow, tuple[str, str, Price] | None]] = []
     for i, delivery in enumerate(deliveries):
@@ -396,16 +400,25 @@ def settled_late(late: Late, result: Outcome | AppError) -> None:
         late(result)
 
 
-async def settle_delivery(db: Database, delivery: Delivery, late: Late | None = None) -> Outcome:
+async def settle_delivery(
+    db: Database, delivery: Delivery, late: Late | None = None, *, lock_wait: float | None = None
+) -> Outcome:
     """One delivery in its own transaction, on the database threads (the webhook
     route's without a batcher, and the batcher's when a batch rolled back); raises
     its refusal. ``late`` gets its Outcome if it settles after its caller was told
-    503 (`DatabaseTimeout`)."""
+    503 (`DatabaseTimeout`). `lock_wait`: how long it may wait for a row lock
+    (`held_rows`; the batcher's, on the session path, which `settle_alone` saves a
+    round trip or two of)."""
     on_late = None if late is None else functools.partial(settled_late, late)
     try:
         result: Outcome | AppError
+        if lock_wait is not None:
+            wait = lock_wait
+            result = await db.transaction(
+                lambda s: settle_webhooks(s, [delivery], lock_wait=wait)[0], late=on_late
+            )
         # SQLite takes the session path: the same answers.
-        if db.postgres:
+        elif db.postgres:
             begin = _reply(delivery) is not None  # a reply commits with the charge
             result = await db.unit(lambda u: settle_alone(u, delivery), begin=begin, late=on_late)
         else:
