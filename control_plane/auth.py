@@ -41,6 +41,7 @@ from control_plane.validation import parse_json_object
 from shared import jws_fast
 from shared.tokens import (
     API_AUDIENCE,
+    EARLY_LEEWAY_SECONDS,
     ISSUER,
     LEEWAY_SECONDS,
     REQUIRED_CLAIMS,
@@ -266,6 +267,7 @@ async def _access_token_principal(deps: Deps, token: str, signed_out_ok: bool) -
             audience=API_AUDIENCE,
             issuer=ISSUER,
             leeway=LEEWAY_SECONDS,
+            early_leeway=EARLY_LEEWAY_SECONDS,  # minted by a sibling whose clock is ahead
             require=REQUIRED_CLAIMS,
         )
     except TokenRejected as exc:

@@ -118,11 +118,18 @@ def verify(
     leeway: int,
     require: tuple[str, ...],
     now: float | None = None,
+    early_leeway: int | None = None,
 ) -> dict[str, Any]:
     """Check the signature, then the registered claims; return the claims."""
     check_signature(parsed, key)
     return check_claims(
-        parsed, audience=audience, issuer=issuer, leeway=leeway, require=require, now=now
+        parsed,
+        audience=audience,
+        issuer=issuer,
+        leeway=leeway,
+        require=require,
+        now=now,
+        early_leeway=early_leeway,
     )
 
 
@@ -143,8 +150,10 @@ def check_claims(
     leeway: int,
     require: tuple[str, ...],
     now: float | None = None,
+    early_leeway: int | None = None,
 ) -> dict[str, Any]:
-    """`verify`'s second half: the registered claims, read at `now`; the claims."""
+    """`verify`'s second half: the registered claims, read at `now`; the claims.
+    `early_leeway` (default `leeway`): how far ahead of `now` `iat` and `nbf` may be."""
     try:
         claims = orjson.loads(parsed.payload)
     except orjson.JSONDecodeError:
@@ -158,7 +167,8 @@ def check_claims(
     # several ways is refused for the same reason by both.
     moment = time.time() if now is None else now
     exp, nbf, iat = (_numeric(claims, name) for name in ("exp", "nbf", "iat"))
-    if (iat is not None and iat > moment + leeway) or (nbf is not None and nbf > moment + leeway):
+    ahead = moment + (leeway if early_leeway is None else early_leeway)
+    if (iat is not None and iat > ahead) or (nbf is not None and nbf > ahead):
         raise TokenRejected("not_yet_valid", "the token is not valid yet")
     if exp is not None and exp <= moment - leeway:
         raise TokenRejected("expired", "the token has expired")

@@ -23,6 +23,11 @@ STREAM_AUDIENCE = "llm-stream"
 API_AUDIENCE = "llm-api"  # control-plane access tokens; never valid at the edge
 ALGORITHM = "EdDSA"
 LEEWAY_SECONDS = 5  # DESIGN §5 allows at most 30
+# How far ahead of the verifier's clock `iat` and `nbf` may be: DESIGN's whole 30 s.
+# A token dated ahead comes from a clock ahead (the minting host's), never lives any
+# longer for it; with 5 s, an edge 5 s behind the control plane refused every fresh
+# token (its hold taken until the sweeper's deadline). `exp` keeps `LEEWAY_SECONDS`.
+EARLY_LEEWAY_SECONDS = 30
 REQUIRED_CLAIMS = ("exp", "nbf", "iat", "aud", "iss", "sub", "jti")
 SCOPE_SEND = "llm:chat:send"
 SCOPE_READ = "llm:chat:read"
@@ -204,6 +209,7 @@ def verify_parsed_stream_token(
         audience=STREAM_AUDIENCE,
         issuer=ISSUER,
         leeway=LEEWAY_SECONDS,
+        early_leeway=EARLY_LEEWAY_SECONDS,
         require=REQUIRED_CLAIMS,
     )
     return StreamGrant.from_claims(claims)

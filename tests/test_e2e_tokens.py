@@ -141,3 +141,22 @@ def test_missing_scope_and_other_model_are_403(stack: InProcessStack) -> None:
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "model_not_allowed"
     assert c.mock_stats()["requests"] == before
+
+
+def test_a_token_minted_by_a_clock_ahead_of_the_edges_streams(stack: InProcessStack) -> None:
+    """An edge host whose clock runs 20 s behind the control plane's (no time sync,
+    a VM resumed from a pause): every token init mints is dated 20 s ahead of it.
+    With 5 s of leeway on `iat` and `nbf` the edge refused every fresh token
+    `not_yet_valid` (401), each leaving its hold taken until the sweeper's deadline.
+    DESIGN §5 allows 30 s; the early side takes it (a token dated ahead can only come
+    from a clock, never lets one live longer); `exp` keeps 5 s."""
+    c = stack.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "hello"})
+    kid, key = _real_key(stack)
+    ahead = int(time.time()) + 20
+    claims = {**claims_of(grant["stream_token"]), "iat": ahead, "nbf": ahead}
+    skewed = sign_token(claims, key, kid)
+    with c.http.stream("GET", f"{c.edge_url}/v1/stream", params={"token": skewed}) as r:
+        assert r.status_code == 200, r.read()
+        assert b"event: complete" in r.read()
