@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from control_plane import hot_statements, logout, raw_pg
+from control_plane import db_shares, hot_statements, logout, raw_pg
 from control_plane.credentials import hash_api_key, looks_like_api_key
 from control_plane.deps import Deps, get_deps, read_body
 from control_plane.errors import Revoked, SignedOut, Unauthenticated
@@ -282,7 +282,15 @@ async def _access_token_principal(deps: Deps, token: str, signed_out_ok: bool) -
 
 async def authenticate(request: Request, *, signed_out_ok: bool = False) -> Principal:
     """The caller. `signed_out_ok`: a token its user signed out still names its
-    caller (only for ``POST /v1/auth/logout`` itself, whose repeat is a no-op)."""
+    caller (only for ``POST /v1/auth/logout`` itself, whose repeat is a no-op).
+    The request's later database calls count against the caller's company's share
+    of the threads (`db_shares`)."""
+    principal = await _caller(request, signed_out_ok)
+    db_shares.acting_for(principal.company_id)
+    return principal
+
+
+async def _caller(request: Request, signed_out_ok: bool) -> Principal:
     deps = get_deps(request)
     token = bearer_token(request)
     admin_token = deps.settings.admin_token

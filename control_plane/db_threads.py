@@ -51,10 +51,10 @@ class DatabaseTimeout(TimeoutError):
 
 class _Job:
     """One call: `fn` (None once it expired, so a long queue of expired calls keeps
-    none of their requests' data), its caller's future and loop, its timer, and
-    what to do with a success that came too late."""
+    none of their requests' data), its caller's future and loop, its timer, what to
+    do with a success that came too late, and what to call once no thread holds it."""
 
-    __slots__ = ("fn", "future", "late", "loop", "timer")
+    __slots__ = ("done", "fn", "future", "late", "loop", "timer")
 
     def __init__(
         self,
@@ -62,11 +62,13 @@ class _Job:
         future: asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop,
         late: Callable[[Any], None] | None,
+        done: Callable[[], None] | None,
     ) -> None:
         self.fn: Callable[[], Any] | None = fn
         self.future = future
         self.loop = loop
         self.late = late
+        self.done = done
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -87,20 +89,29 @@ class DbThreads:
         *,
         timeout: float | None = None,
         late: Callable[[T], None] | None = None,
+        done: Callable[[], None] | None = None,
     ) -> asyncio.Future[T]:
         """``fn()`` on a worker thread; await the returned future for its outcome.
         Call it on the running event loop. With a `timeout` (seconds, from now: the
         wait for a thread included), the future fails with `DatabaseTimeout` past
         it; ``fn`` then never starts if no thread took it, and if it was running its
         result is handed to ``late`` (on the loop) when it comes. The same for a
-        caller cancelled while ``fn`` runs: a commit nobody awaits goes to ``late``."""
-        if self._closed:
-            raise RuntimeError("cannot run database calls after close")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        if len(self._threads) < self._workers:
-            self._start_one()
-        job = _Job(fn, future, loop, late)
+        caller cancelled while ``fn`` runs: a commit nobody awaits goes to ``late``.
+        ``done`` is called on the loop once no thread holds the call any more (it
+        ran, or a thread skipped it), however its caller was answered: a call past
+        its bound may hold its thread long after (`db_shares` counts it till then)."""
+        try:
+            if self._closed:
+                raise RuntimeError("cannot run database calls after close")
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[T] = loop.create_future()
+            if len(self._threads) < self._workers:
+                self._start_one()
+        except BaseException:
+            if done is not None:  # no thread will ever hold it
+                done()
+            raise
+        job = _Job(fn, future, loop, late, done)
         if timeout is not None:
             job.timer = loop.call_later(timeout, _expire, job, timeout)
         self._jobs.put(job)
@@ -112,12 +123,13 @@ class DbThreads:
         *,
         timeout: float | None = None,
         late: Callable[[T], None] | None = None,
+        done: Callable[[], None] | None = None,
     ) -> T:
         """`run` awaited. A cancellation that lands after ``fn``'s result is set but
         before the caller resumes (delivered in the same turn of the loop) loses
         the result at the ``await``, and `_succeed` found the future not yet done:
         that result too is nobody's, and goes to ``late`` here, once."""
-        future = self.run(fn, timeout=timeout, late=late)
+        future = self.run(fn, timeout=timeout, late=late, done=done)
         try:
             return await future
         except asyncio.CancelledError:
@@ -151,13 +163,15 @@ class DbThreads:
                 # After the outcome on the loop (callbacks run in order): by then
                 # a commit nobody awaited has been handed to its `late`.
                 try:
-                    job.loop.call_soon_threadsafe(self._one_done)
-                except RuntimeError:  # the loop is closed
-                    self._one_done()
+                    job.loop.call_soon_threadsafe(self._one_done, job)
+                except RuntimeError:  # the loop is closed: nobody waits on `done`
+                    self._one_done(None)
 
-    def _one_done(self) -> None:
+    def _one_done(self, job: _Job | None) -> None:
         with self._lock:
             self._running -= 1
+        if job is not None and job.done is not None:
+            job.done()
 
     def busy(self) -> bool:
         """Whether a call is queued, running, or its outcome not yet handled on
@@ -176,6 +190,9 @@ class DbThreads:
                 break
             if job is not None:
                 _deliver(job, _cancel, None)
+                if job.done is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed
+                        job.loop.call_soon_threadsafe(job.done)
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:

@@ -13,6 +13,7 @@ from typing import Any
 from cryptography.fernet import MultiFernet
 from starlette.requests import Request
 
+from control_plane import db_shares
 from control_plane.catalog_cache import CatalogCache
 from control_plane.db import Database
 from control_plane.errors import ClientClosedRequest, NotFound, PayloadTooLarge
@@ -113,7 +114,8 @@ class Deps:
     def _shared_key_read(self) -> asyncio.Future[None]:
         read = self._key_read
         if read is None or read.done():
-            read = self._key_read = asyncio.ensure_future(self.refresh_keys())
+            # No company's: inits of every company join it (`db_shares`).
+            read = self._key_read = db_shares.shared_task(self.refresh_keys())
             read.add_done_callback(_retrieved)
         return read
 

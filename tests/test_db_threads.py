@@ -306,3 +306,38 @@ def test_a_call_cancelled_as_its_result_comes_hands_it_to_late(
     finally:
         db.close()
     assert late == [7]
+
+
+def test_done_is_called_once_no_thread_holds_the_call_past_its_bound_too() -> None:
+    """`done` (what gives a company's slot back, `db_shares`) comes once per call,
+    when its thread is finished with it: for a call past its bound, not at the 503
+    but when the thread lets go; for one that never ran, when a thread skipped it."""
+    threads = DbThreads(1, "t")
+    release = threading.Event()
+    done: list[str] = []
+
+    def boom() -> None:
+        raise ValueError("no")
+
+    async def main() -> None:
+        await threads.run(lambda: 1, done=lambda: done.append("ok"))
+        with pytest.raises(ValueError):
+            await threads.run(boom, done=lambda: done.append("failed"))
+        stuck = threads.run(
+            lambda: release.wait(10), timeout=0.05, done=lambda: done.append("stuck")
+        )
+        queued = threads.run(lambda: 2, timeout=0.05, done=lambda: done.append("skipped"))
+        for future in (stuck, queued):
+            with pytest.raises(DatabaseTimeout):
+                await future
+        assert done == ["ok", "failed"]  # the thread still holds the stuck call
+        release.set()
+        while len(done) < 4:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        threads.close()
+    assert done == ["ok", "failed", "stuck", "skipped"]

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from control_plane import db_shares
 from control_plane.auth import api_key_principal, api_key_row
 from control_plane.deps import MAX_BODY_BYTES, Deps, get_deps, read_body
 from control_plane.errors import InvalidSignature, Unauthenticated, ValidationFailed
@@ -86,10 +87,13 @@ async def edge_call(request: Request, deps: Deps) -> EdgeCall:
 
 
 async def live_key(deps: Deps, key_hash: str) -> Principal:
-    """The caller of the live key with this hash; 401 if it is unknown or revoked."""
+    """The caller of the live key with this hash; 401 if it is unknown or revoked.
+    The call's later database work counts against its company's share, as a
+    bearer's does (`auth.authenticate`, `db_shares`)."""
     principal = await deps.db.lookup(lambda on: api_key_row(on, key_hash), api_key_principal)
     if principal is None:
         raise Unauthenticated("The API key is unknown or revoked.")
+    db_shares.acting_for(principal.company_id)
     return principal
 
 
