@@ -21,6 +21,15 @@ nothing of it was kept, and each of its events is then settled alone by
 `webhook_settlement.settle_delivery`, exactly as without batching. The batch and
 those events wait at most `LOCK_WAIT_SECONDS` for a row lock: one company's row
 held by a long transaction fails its own events only.
+
+A company whose settlement met its row held (a lock given up, or the database's
+bound passed on a webhook settled alone) settles on a lane of its own for
+`APART_SECONDS`: its queue, its drain, in its share of the database threads
+(`db_shares`), side by side with the shared one. Otherwise each of its webhooks
+reaching the shared queue held up every other company's again (a lone webhook's
+path waits for a lock up to the database's bound). Every other company keeps
+batching together: lanes per company for all would cost a transaction per company
+per batch.
 """
 
 from __future__ import annotations
@@ -29,6 +38,10 @@ import asyncio
 import functools
 import logging
 
+import psycopg
+import sqlalchemy.exc
+
+from control_plane import db_shares
 from control_plane.db import Database, DatabaseTimeout
 from control_plane.errors import AppError, DatabaseUnavailable
 from control_plane.settlement import Outcome
@@ -51,6 +64,9 @@ MAX_BATCH = 64  # events per transaction: bounds how long one batch holds its lo
 # statement, waiting on, kept the other companies' rows from their own inits. A
 # settlement waits for a row a few milliseconds when all is well.
 LOCK_WAIT_SECONDS = 1.0
+# How long a company whose settlement met its row held settles apart (renewed at
+# each such meeting): an owner's burst of long transactions lasts seconds to minutes.
+APART_SECONDS = 60.0
 
 # A queued delivery, the future its webhook awaits, and its `late`.
 _Queued = tuple[Delivery, asyncio.Future[Outcome], Late | None]
@@ -70,17 +86,22 @@ class SettlementBatcher:
         self._max_batch = max_batch
         # None: lock waits bounded by the database's bound only.
         self._lock_wait = None if lock_wait is None else min(lock_wait, db.timeout / 2)
-        self._queue: list[_Queued] = []
-        self._drain: asyncio.Task[None] | None = None
+        # The shared lane (None) and each apart company's: its queue and its drain.
+        self._queues: dict[str | None, list[_Queued]] = {}
+        self._drains: dict[str | None, asyncio.Task[None]] = {}
+        self._apart_until: dict[str, float] = {}  # company -> the loop's time
 
     async def settle(self, delivery: Delivery, late: Late | None = None) -> Outcome:
-        """`delivery` settled in the next batch; returns once that batch has
+        """`delivery` settled in its lane's next batch; returns once that batch has
         committed, or raises its refusal. ``late`` gets its Outcome if it settles
         after the 503 (`webhook_settlement.Late`) or after this call was cancelled."""
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.append((delivery, future, late))
-        if self._drain is None or self._drain.done():
-            self._drain = asyncio.create_task(self._run(), name="settlement-batch")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        lane = self._lane(delivery.event.company_id, loop.time())
+        self._queues.setdefault(lane, []).append((delivery, future, late))
+        drain = self._drains.get(lane)
+        if drain is None or drain.done():
+            self._drains[lane] = asyncio.create_task(self._run(lane), name="settlement-batch")
         # Shielded: a client that goes away does not cancel a settlement under way.
         try:
             return await asyncio.shield(future)
@@ -91,12 +112,39 @@ class SettlementBatcher:
                 future.add_done_callback(functools.partial(_left_late, late))
             raise
 
-    async def _run(self) -> None:
+    def _lane(self, company_id: str, now: float) -> str | None:
+        """The company's own lane while it settles apart, else the shared one. (The
+        event's company: one naming another than its reservation's is refused in its
+        batch and touches no row.)"""
+        until = self._apart_until.get(company_id)
+        if until is None:
+            return None
+        if until <= now:
+            del self._apart_until[company_id]
+            return None
+        return company_id
+
+    def _stalled(self, company_id: str) -> None:
+        """`company_id`'s settlement met its row held: it settles apart for a while."""
+        if company_id not in self._apart_until:
+            log.warning(
+                "company %s's settlement waited for its row past the bound; it settles"
+                " apart for %.0f s",
+                company_id,
+                APART_SECONDS,
+            )
+        self._apart_until[company_id] = asyncio.get_running_loop().time() + APART_SECONDS
+
+    async def _run(self, lane: str | None) -> None:
+        # This task's own context: an apart lane's calls are its company's, the
+        # shared lane's nobody's (`db_shares`), whichever request started it.
+        db_shares.acting_for(lane)
+        queue = self._queues[lane]
         batch: list[_Queued] = []
         try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
+            while queue:
+                batch = queue[: self._max_batch]
+                del queue[: self._max_batch]
                 await self._settle(batch)
         finally:
             # Cancelled (shutdown) or broken: whoever still waits gets a 503, which
@@ -104,10 +152,14 @@ class SettlementBatcher:
             # database outage answers (`database_unavailable`, ``Retry-After: 1``),
             # since it is one to the caller. A batch cut off mid-transaction rolled
             # back; one cut off mid-commit is found settled by the retry (a duplicate).
-            for _, future, _ in [*batch, *self._queue]:
+            for _, future, _ in [*batch, *queue]:
                 if not future.done():
                     future.set_exception(DatabaseUnavailable())
-            self._queue.clear()
+            queue.clear()
+            # Nothing is queued between the loop's end and here (no await): the
+            # lane's next webhook finds no drain and starts one.
+            del self._queues[lane]
+            del self._drains[lane]
 
     async def _settle(self, batch: list[_Queued]) -> None:
         deliveries = [delivery for delivery, _, _ in batch]
@@ -150,8 +202,13 @@ class SettlementBatcher:
                 except DatabaseTimeout as settle_error:
                     silent = settle_error
                     results.append(settle_error)
+                    # Alone, past the bound: a held row (or a silent database, when
+                    # settling apart costs nothing).
+                    self._stalled(delivery.event.company_id)
                 except Exception as settle_error:
                     results.append(settle_error)
+                    if _lock_given_up(settle_error):
+                        self._stalled(delivery.event.company_id)
         for (_, future, _), result in zip(batch, results, strict=True):
             if future.done():
                 continue
@@ -161,9 +218,14 @@ class SettlementBatcher:
                 future.set_exception(result)
 
     async def close(self) -> None:
-        """Let the batch under way (and what is queued) finish."""
-        if self._drain is not None:
-            await asyncio.gather(self._drain, return_exceptions=True)
+        """Let the batches under way (and what is queued) finish."""
+        await asyncio.gather(*self._drains.values(), return_exceptions=True)
+
+
+def _lock_given_up(exc: BaseException) -> bool:
+    """A statement that waited for a row lock past its ``lock_timeout`` (55P03)."""
+    cause = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    return isinstance(cause, psycopg.errors.LockNotAvailable)
 
 
 def _left_late(late: Late, future: asyncio.Future[Outcome]) -> None:
