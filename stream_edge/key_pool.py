@@ -40,6 +40,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import anyio
+
 from shared.key_pool import (
     BAD,
     BAD_SECONDS,
@@ -134,11 +136,20 @@ class KeyPool:
                 last = exc
                 continue
             # This request was fine: the keys that refused it or were limited are what failed.
-            await self._rest(limited, now)
-            for bad in refused:
-                await self._mark_bad(bad)
-            if states[index].state == "bad":
-                await self._forget(index)  # it works again
+            try:
+                await self._rest(limited, now)
+                for bad in refused:
+                    await self._mark_bad(bad)
+                if states[index].state == "bad":
+                    await self._forget(index)  # it works again
+            except BaseException:
+                # Cancelled while recording (a whole answer's client left, the
+                # shutdown): the response is still ours to close. Dropped, its
+                # connection stayed busy under the origin's cap, which every
+                # company's streams share, for as long as the backend kept it open.
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+                raise
             return response
         if limited:
             if await self._whole_pool_rests():

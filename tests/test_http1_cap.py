@@ -9,10 +9,16 @@ from collections.abc import Callable
 
 import pytest
 
+from shared.key_pool import BAD, PLATFORM, key_id, state_key
 from shared.settings import ConfigError
+from shared.store_memory import MemoryStore
 from stream_edge import transport
 from stream_edge.http1 import Http1Client
+from stream_edge.key_pool import KeyPool
+from stream_edge.metrics import EdgeMetrics
 from stream_edge.settings import EdgeSettings
+from stream_edge.upstream.base import HttpRequest
+from stream_edge.upstream_client import RetryPolicy, open_stream
 from tests.stack import base_env
 from tests.test_http1 import Server, read_request
 
@@ -150,3 +156,42 @@ def test_the_cap_is_a_setting() -> None:
     assert EdgeSettings.from_env(tuned).max_connections_per_origin == 64
     with pytest.raises(ConfigError, match="LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN"):
         EdgeSettings.from_env({**env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "0"})
+
+
+async def test_an_open_cancelled_while_its_key_pool_records_closes_the_connection() -> None:
+    """A whole answer's client leaves (or the shutdown cuts it off) just as its backend
+    answered, while the key pool records what it learned (a key found working again):
+    the response was dropped unclosed, its connection counted against the origin's
+    cap, busy, for as long as the backend kept it open, the backend generating for
+    nobody. Every such leak is a place fewer for every company's streams."""
+    release = asyncio.Event()
+    server = held_server(release)
+    store = MemoryStore()
+    recording = asyncio.Event()
+
+    async def silent_delete(key: str) -> None:  # the store does not answer, for now
+        recording.set()
+        await asyncio.Event().wait()
+
+    client = Http1Client(connect_timeout=5.0, read_timeout=5.0, max_per_origin=2)
+    try:
+        async with server:
+            await store.set(state_key(PLATFORM, "openai", key_id("k1")), BAD, 60)
+            store.delete = silent_delete  # type: ignore[method-assign]
+            keys = KeyPool(store, PLATFORM, "openai", ("k1",), EdgeMetrics(), "openai", "c")
+
+            async def open_with(key: str | None, retry_rate_limited: bool) -> transport.Response:
+                request = HttpRequest(server.url, {"authorization": f"Bearer {key}"}, b"")
+                return await open_stream(client, request, policy=RetryPolicy(retries=0))
+
+            opening = asyncio.create_task(keys.open(open_with))
+            await until(recording.is_set, "the pool records that k1 works again")
+            assert client.open_connections(server.url) == 1
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            # Before: still 1, until the backend closed it.
+            assert client.open_connections(server.url) == 0
+            release.set()
+    finally:
+        await client.aclose()

@@ -114,21 +114,58 @@ class ToolCall:
         }
 
 
+# Pieces a `Joined` keeps apart before joining them into one string.
+JOIN_EVERY = 64
+
+
+class Joined:
+    """Text gathered a piece at a time (a stream's deltas, a call's argument
+    fragments) and read once at the end, held as a few strings rather than one per
+    piece. A delta kept whole is a str object of its own, ~60 bytes for a 4-character
+    token (plus its list slot), for the stream's life: a 128k-token answer held 8 MB,
+    200 such streams of one company 1.6 GB of the edge every company streams through.
+    Every `JOIN_EVERY` pieces are joined into one (linear: each character is copied
+    once more), so a token costs its characters and ~1 byte."""
+
+    __slots__ = ("_joined", "_pieces")
+
+    def __init__(self) -> None:
+        self._joined: list[str] = []
+        self._pieces: list[str] = []
+
+    def append(self, piece: str) -> None:
+        pieces = self._pieces
+        pieces.append(piece)
+        if len(pieces) >= JOIN_EVERY:
+            self._joined.append("".join(pieces))
+            pieces.clear()
+
+    def text(self) -> str:
+        return "".join(self._joined) + "".join(self._pieces)
+
+    def __len__(self) -> int:
+        """Characters held."""
+        return sum(map(len, self._joined)) + sum(map(len, self._pieces))
+
+    def __bool__(self) -> bool:
+        return bool(self._joined or self._pieces)
+
+
 class _PendingCall:
     __slots__ = ("arguments", "id", "name")
 
     def __init__(self) -> None:
         self.id = ""
         self.name = ""
-        self.arguments: list[str] = []
+        self.arguments = Joined()
 
 
 class ToolCalls:
     """Gathers `ToolCallDelta` fragments into whole calls, in index order.
 
-    The fragments are kept and joined once at the end: appending each to a growing
-    string copies it whole every time, quadratic in the call's length (a backend
-    sending 200,000 fragments of 10 bytes held the event loop for over a minute)."""
+    The fragments are gathered in a `Joined`: appending each to a growing string
+    copies it whole every time, quadratic in the call's length (a backend sending
+    200,000 fragments of 10 bytes held the event loop for over a minute)."""
 
     __slots__ = ("_calls",)
 
@@ -151,7 +188,7 @@ class ToolCalls:
 
     def complete(self) -> list[ToolCall]:
         calls = (self._calls[i] for i in sorted(self._calls))
-        return [ToolCall(c.id, c.name, "".join(c.arguments)) for c in calls]
+        return [ToolCall(c.id, c.name, c.arguments.text()) for c in calls]
 
 
 @dataclass(frozen=True, slots=True)
