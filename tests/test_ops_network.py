@@ -1,0 +1,173 @@
+"""Who else can reach the gateway's stores and services in the shipped deployments:
+a neighbour container on the compose host, another pod of the cluster.
+
+The compose file is read as compose reads it (`${VAR}` from the deploy/.env that
+deploy/gen-env.sh prints, `$$` for a literal `$`) and its Redis is started as a real
+redis-server with the shipped command and health check; the Kubernetes
+NetworkPolicies are evaluated by the API's rules (`allowed`, below).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import yaml
+
+from tests.harness import free_port
+from tests.ops_processes import ROOT, require_tool
+from tests.polling import wait_until
+
+DEPLOY = ROOT / "deploy"
+
+# --- compose ---------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return doc
+
+
+def generated_env() -> dict[str, str]:
+    """A fresh deploy/.env, as the quick start makes it."""
+    printed = subprocess.run(
+        ["bash", str(DEPLOY / "gen-env.sh")], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(line.split("=", 1) for line in printed.splitlines() if "=" in line)
+
+
+INTERPOLATION = re.compile(r"\$\$|\$\{([A-Z_][A-Z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+
+
+def interpolate(raw: object, dotenv: dict[str, str]) -> str:
+    """`raw` as compose passes it to the container when deploy/.env holds `dotenv`."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, default = match.group(1), match.group(2), match.group(3)
+        if dotenv.get(name):
+            return dotenv[name]
+        if op == ":?":
+            raise AssertionError(f"compose refuses to start: {name} unset ({default})")
+        return default if op == ":-" else ""
+
+    return INTERPOLATION.sub(value, str(raw))
+
+
+def service_env(service: dict[str, Any], dotenv: dict[str, str]) -> dict[str, str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    return {name: interpolate(raw, dotenv) for name, raw in environment.items()}
+
+
+def on_local_port(url: str, port: int) -> str:
+    """`url` (a compose service name as its host) aimed at 127.0.0.1:`port`, its user
+    and password kept."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+def test_the_compose_redis_answers_only_clients_with_its_password(tmp_path: Path) -> None:
+    """Redis holds the single-use marks, revocations, stream slots, the outbox of
+    unbilled usage and (with transcripts on) the stashed prompts. Started as compose
+    starts it, a client without the password is refused; the control plane and the
+    edge, with the URLs compose gives them, get in; the health check still passes."""
+    dotenv = generated_env()
+    service = compose()["services"]["redis"]
+    command = [interpolate(arg, dotenv) for arg in service["command"]]
+    assert command[0] == "redis-server", command
+    port = free_port()
+    process = subprocess.Popen(
+        [require_tool("redis-server"), *command[1:],
+         "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def listening() -> bool:
+            assert process.poll() is None, "redis-server refused the shipped command"
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, "redis-server did not start", within=10)
+        # A neighbour container on the same network: no password.
+        neighbour = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        try:
+            with pytest.raises(redis.AuthenticationError):
+                neighbour.set("llmgw:revoked:parent-of-everything", "1")
+            with pytest.raises(redis.AuthenticationError):
+                neighbour.keys("llmgw:*")
+        finally:
+            neighbour.close()
+        for name in ("control-plane", "stream-edge"):
+            url = service_env(compose()["services"][name], dotenv)["LLMGW_REDIS_URL"]
+            gateway = redis.Redis.from_url(on_local_port(url, port), socket_timeout=5)
+            try:
+                assert gateway.set(f"llmgw:probe:{name}", "1"), name
+            finally:
+                gateway.close()
+        health = service["healthcheck"]["test"]
+        assert health[:2] == ["CMD", "redis-cli"], health
+        checked = subprocess.run(
+            [require_tool("redis-cli"), "-p", str(port), *health[2:]],
+            env={"PATH": "/usr/bin:/bin", **service_env(service, dotenv)},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert checked.stdout.strip() == "PONG", checked.stdout + checked.stderr
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def networks_of(service: dict[str, Any]) -> set[str]:
+    """The compose networks a service joins (none named: the project's `default`)."""
+    return set(service.get("networks") or ["default"])
+
+
+# Who must reach whom for the stack to work at all.
+NEEDED = {
+    ("migrate", "postgres"),
+    ("control-plane", "postgres"),
+    ("control-plane", "redis"),
+    ("stream-edge", "redis"),
+    ("stream-edge", "control-plane"),
+    ("stream-edge", "mock-llm"),
+    ("prometheus", "control-plane"),
+    ("prometheus", "stream-edge"),
+    ("grafana", "prometheus"),
+    ("nginx", "stream-edge"),
+}
+DATA_CLIENTS = {"migrate", "control-plane", "stream-edge"}
+
+
+def test_compose_keeps_postgres_and_redis_on_a_network_of_their_own() -> None:
+    """Grafana and nginx are published to every address, mock-llm stands for a vendor:
+    none of them has any business with PostgreSQL or Redis, so a flaw in one of
+    them must not put the ledger or the hot state one hop away."""
+    doc = compose()
+    services = doc["services"]
+    networks = doc.get("networks") or {}
+
+    def reaches(a: str, b: str) -> bool:
+        return bool(networks_of(services[a]) & networks_of(services[b]))
+
+    for a, b in sorted(NEEDED):
+        assert reaches(a, b), f"{a} cannot reach {b}"
+    for store in ("postgres", "redis"):
+        neighbours = {name for name in services if name != store and reaches(name, store)}
+        assert neighbours <= DATA_CLIENTS | {"postgres", "redis"}, (store, neighbours)
+        # Nor do the stores reach anywhere else (an internal network has no way out).
+        for network in networks_of(services[store]):
+            assert (networks.get(network) or {}).get("internal") is True, (store, network)
