@@ -9,6 +9,7 @@ NetworkPolicies are evaluated by the API's rules (`allowed`, below).
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import subprocess
@@ -171,3 +172,132 @@ def test_compose_keeps_postgres_and_redis_on_a_network_of_their_own() -> None:
         # Nor do the stores reach anywhere else (an internal network has no way out).
         for network in networks_of(services[store]):
             assert (networks.get(network) or {}).get("internal") is True, (store, network)
+
+
+# --- Kubernetes ------------------------------------------------------------------
+
+K8S = DEPLOY / "k8s"
+NAMESPACE = "llm-gateway"
+
+
+@functools.cache
+def k8s_docs() -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/k8s` applies: the kustomization's resources."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((K8S / resource).read_text()) if d]
+    return docs
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions) against `labels`; `{}` selects all."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if op == "In" and not (present and labels[key] in values):
+            return False
+        if op == "NotIn" and present and labels[key] in values:
+            return False
+        if op == "Exists" and not present:
+            return False
+        if op == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def pod_of(name: str) -> tuple[dict[str, str], dict[str, int]]:
+    """A Deployment's pod labels and its container ports by name."""
+    for doc in k8s_docs():
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == name:
+            template = doc["spec"]["template"]
+            ports = {
+                p["name"]: p["containerPort"]
+                for c in template["spec"]["containers"]
+                for p in c.get("ports", [])
+            }
+            return template["metadata"]["labels"], ports
+    raise AssertionError(f"no Deployment {name}")
+
+
+def allowed(source_namespace: str, source_labels: dict[str, str], target: str, port: int) -> bool:
+    """Whether a pod (`source_labels` in `source_namespace`) may open a TCP connection to
+    `target`'s pods on `port`, by the NetworkPolicy API's rules: a pod no Ingress policy
+    selects takes everything; one that some select takes what any of their rules
+    allows. An ipBlock is taken to match every pod (the loosest reading)."""
+    labels, named_ports = pod_of(target)
+    policies = [
+        doc
+        for doc in k8s_docs()
+        if doc["kind"] == "NetworkPolicy"
+        and doc["metadata"].get("namespace", NAMESPACE) == NAMESPACE
+        and "Ingress" in doc["spec"].get("policyTypes", ["Ingress"])
+        and selects(doc["spec"].get("podSelector"), labels)
+    ]
+    if not policies:
+        return True
+    namespace_labels = {"kubernetes.io/metadata.name": source_namespace}
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        if "ipBlock" in peer:
+            return True
+        if "namespaceSelector" in peer:
+            if not selects(peer["namespaceSelector"], namespace_labels):
+                return False
+        elif source_namespace != NAMESPACE:
+            return False  # a podSelector alone means the policy's own namespace
+        return selects(peer.get("podSelector"), source_labels)
+
+    def port_matches(rule_port: dict[str, Any]) -> bool:
+        if rule_port.get("protocol", "TCP") != "TCP":
+            return False
+        wanted = rule_port.get("port")
+        if wanted is None:
+            return True
+        return (named_ports.get(wanted) if isinstance(wanted, str) else wanted) == port
+
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            peers, ports = rule.get("from") or [], rule.get("ports") or []
+            if (not peers or any(map(peer_matches, peers))) and (
+                not ports or any(map(port_matches, ports))
+            ):
+                return True
+    return False
+
+
+CP, EDGE = 8000, 8001
+EDGE_POD = pod_of("stream-edge")[0]
+# Where the shipped Ingress's controller runs (deploy/k8s/ingress-nginx/) and, as
+# deploy/k8s/networkpolicy.yaml assumes, Prometheus.
+CONTROLLER = ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+
+
+def test_other_pods_of_the_cluster_cannot_reach_the_gateways_pods() -> None:
+    """Without a NetworkPolicy any pod of the cluster (another team's, a compromised
+    one) reached both services directly, around the Ingress that routes only `/v1/…`:
+    `/metrics` (revenue, volume, upstream errors), the control plane's login (where,
+    with `FORWARDED_ALLOW_IPS` set to the pod network as config.yaml suggests, it sent
+    its own X-Forwarded-For and picked its address for the login limit) and its
+    internal and webhook routes. Only the ingress controller, Prometheus and, for the
+    control plane, the edge get in."""
+    outsiders = [
+        ("default", {"app": "anything"}),
+        ("kube-system", {"k8s-app": "kube-dns"}),
+        (NAMESPACE, {"run": "debug"}),  # `kubectl run` in the gateway's own namespace
+        ("other-team", EDGE_POD),  # a pod wearing the edge's labels elsewhere
+    ]
+    for namespace, labels in outsiders:
+        assert not allowed(namespace, labels, "control-plane", CP), (namespace, labels)
+        assert not allowed(namespace, labels, "stream-edge", EDGE), (namespace, labels)
+    assert allowed(NAMESPACE, EDGE_POD, "control-plane", CP)  # keys, JWKS, usage webhooks
+    for namespace, labels in (CONTROLLER, PROMETHEUS):
+        assert allowed(namespace, labels, "stream-edge", EDGE), namespace
+        # The control plane's public API goes through the operator's own Ingress.
+        assert allowed(namespace, labels, "control-plane", CP), namespace
+    # The edge serves nothing to the control plane, nor to another edge.
+    assert not allowed(NAMESPACE, pod_of("control-plane")[0], "stream-edge", EDGE)
