@@ -9,10 +9,12 @@ NetworkPolicies are evaluated by the API's rules (`allowed`, below).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -78,12 +80,10 @@ def on_local_port(url: str, port: int) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def test_the_compose_redis_answers_only_clients_with_its_password(tmp_path: Path) -> None:
-    """Redis holds the single-use marks, revocations, stream slots, the outbox of
-    unbilled usage and (with transcripts on) the stashed prompts. Started as compose
-    starts it, a client without the password is refused; the control plane and the
-    edge, with the URLs compose gives them, get in; the health check still passes."""
-    dotenv = generated_env()
+@contextlib.contextmanager
+def shipped_redis(tmp_path: Path, dotenv: dict[str, str]) -> Iterator[int]:
+    """A real redis-server started with compose's command for it (on a free port of
+    loopback, its files in `tmp_path`); yields the port."""
     service = compose()["services"]["redis"]
     command = [interpolate(arg, dotenv) for arg in service["command"]]
     assert command[0] == "redis-server", command
@@ -101,6 +101,26 @@ def test_the_compose_redis_answers_only_clients_with_its_password(tmp_path: Path
                 return probe.connect_ex(("127.0.0.1", port)) == 0
 
         wait_until(listening, "redis-server did not start", within=10)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def gateway_redis(dotenv: dict[str, str], port: int, service: str) -> redis.Redis:
+    """A client with the Redis URL compose gives `service`, aimed at `port`."""
+    url = service_env(compose()["services"][service], dotenv)["LLMGW_REDIS_URL"]
+    return redis.Redis.from_url(on_local_port(url, port), socket_timeout=5)
+
+
+def test_the_compose_redis_answers_only_clients_with_its_password(tmp_path: Path) -> None:
+    """Redis holds the single-use marks, revocations, stream slots, the outbox of
+    unbilled usage and (with transcripts on) the stashed prompts. Started as compose
+    starts it, a client without the password is refused; the control plane and the
+    edge, with the URLs compose gives them, get in; the health check still passes."""
+    dotenv = generated_env()
+    service = compose()["services"]["redis"]
+    with shipped_redis(tmp_path, dotenv) as port:
         # A neighbour container on the same network: no password.
         neighbour = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
         try:
@@ -111,8 +131,7 @@ def test_the_compose_redis_answers_only_clients_with_its_password(tmp_path: Path
         finally:
             neighbour.close()
         for name in ("control-plane", "stream-edge"):
-            url = service_env(compose()["services"][name], dotenv)["LLMGW_REDIS_URL"]
-            gateway = redis.Redis.from_url(on_local_port(url, port), socket_timeout=5)
+            gateway = gateway_redis(dotenv, port, name)
             try:
                 assert gateway.set(f"llmgw:probe:{name}", "1"), name
             finally:
@@ -127,9 +146,26 @@ def test_the_compose_redis_answers_only_clients_with_its_password(tmp_path: Path
             timeout=10,
         )
         assert checked.stdout.strip() == "PONG", checked.stdout + checked.stderr
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+
+
+def test_the_compose_redis_is_bounded_and_never_evicts(tmp_path: Path) -> None:
+    """A tenant's unstarted inits alone may stash 2,000 requests of up to 2 MiB each
+    for their tokens' life (LLMGW_MAX_PENDING_INITS_PER_COMPANY,
+    LLMGW_MAX_REQUEST_BYTES): 4 GiB per company. An unbounded Redis grows into the
+    host's memory, where the kernel's OOM killer picks a victim (PostgreSQL and its
+    ledger share the host); operations.md asks for a `maxmemory` with `noeviction`
+    (a full Redis refuses writes: inits and streams answer 503, no used mark or outbox
+    report is dropped). Compose's Redis, as started, has both."""
+    dotenv = generated_env()
+    with shipped_redis(tmp_path, dotenv) as port:
+        gateway = gateway_redis(dotenv, port, "control-plane")
+        try:
+            maxmemory = int(gateway.config_get("maxmemory")["maxmemory"])
+            policy = gateway.config_get("maxmemory-policy")["maxmemory-policy"]
+        finally:
+            gateway.close()
+    assert maxmemory > 0, "compose's Redis grows until the host runs out of memory"
+    assert policy == "noeviction", policy
 
 
 def networks_of(service: dict[str, Any]) -> set[str]:
