@@ -337,3 +337,18 @@ def test_other_pods_of_the_cluster_cannot_reach_the_gateways_pods() -> None:
         assert allowed(namespace, labels, "control-plane", CP), namespace
     # The edge serves nothing to the control plane, nor to another edge.
     assert not allowed(NAMESPACE, pod_of("control-plane")[0], "stream-edge", EDGE)
+
+
+def test_no_gateway_pod_carries_a_kubernetes_api_token() -> None:
+    """Nothing in the gateway talks to the Kubernetes API, yet each pod had the
+    namespace's default service account token mounted (the default): an edge broken
+    into from the internet handed its attacker a credential for the API server, worth
+    whatever RBAC the cluster grants that account (CIS Kubernetes 5.1.6)."""
+    pods = [
+        (doc["kind"], doc["metadata"]["name"], doc["spec"]["template"]["spec"])
+        for doc in k8s_docs()
+        if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")
+    ]
+    assert {name for _, name, _ in pods} >= {"control-plane", "stream-edge", "llm-gateway-migrate"}
+    for kind, name, spec in pods:
+        assert spec.get("automountServiceAccountToken") is False, (kind, name)
