@@ -17,6 +17,7 @@ from shared.settings import (
     env_int,
     env_url,
     read_common,
+    refuse_placeholder_password,
 )
 from shared.webhooks import check_random, is_placeholder, parse_backend_secrets
 
@@ -157,6 +158,7 @@ class ControlPlaneSettings(CommonSettings):
         database_url = env.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
         if not database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError("LLMGW_DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        refuse_placeholder_password("LLMGW_DATABASE_URL", database_url)
         other_secrets = {
             "LLMGW_WEBHOOK_SECRET": {s.reveal() for s in common.webhook_secrets},
             "LLMGW_EDGE_SERVICE_SECRET": {s.reveal() for s in common.edge_service_secrets},

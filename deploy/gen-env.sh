@@ -8,6 +8,8 @@ set -euo pipefail
 python3 - <<'PY'
 import base64, hashlib, hmac, secrets
 print("POSTGRES_PASSWORD=" + secrets.token_urlsafe(24))
+# Redis asks for it (compose: `--requirepass`); URL-safe, as it sits in LLMGW_REDIS_URL.
+print("REDIS_PASSWORD=" + secrets.token_urlsafe(24))
 print("LLMGW_WEBHOOK_SECRET=whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
 # Signs the edge's calls for API-key callers to the control plane (both services).
 print("LLMGW_EDGE_SERVICE_SECRET=whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())

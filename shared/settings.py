@@ -19,13 +19,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from cryptography.fernet import Fernet
 
 from shared.catalog import Catalog, CatalogError, load_catalog
 from shared.tokens import LEEWAY_SECONDS
-from shared.webhooks import validate_secret
+from shared.webhooks import is_placeholder, validate_secret
 
 # What a hold's grace must leave, after the longest stream ends, for its usage
 # webhook to arrive (the outbox's first retries) before the sweeper steps in.
@@ -92,6 +92,21 @@ def env_url(env: Mapping[str, str], name: str, default: str) -> str:
         # Never the value: a URL may carry a password, and this line goes to the logs.
         raise ConfigError(f"{name} must be an http(s) URL, got scheme {parsed.scheme!r}")
     return value.rstrip("/")
+
+
+def refuse_placeholder_password(name: str, url: str) -> None:
+    """Stop the start when the store URL in `name` carries one of the examples'
+    placeholder passwords (`deploy/k8s/secret.example.yaml` writes `REPLACE_ME`): a
+    store given that password so the services connect is open to anyone who read the
+    examples. The password may sit in the URL's user part or, for libpq, in a
+    `password=` parameter. One line naming the variable, never the URL."""
+    parsed = urlparse(url)
+    passwords = [parsed.password or "", *parse_qs(parsed.query).get("password", [])]
+    if any(is_placeholder(password) for password in passwords if password):
+        raise ConfigError(
+            f"{name} carries the placeholder password from the examples; give the store "
+            "a random password and put that in the URL"
+        )
 
 
 def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -193,6 +208,8 @@ def read_common(env: Mapping[str, str], *, dev: bool = False) -> CommonSettings:
     if redis_url and urlparse(redis_url).scheme not in schemes:
         scheme = urlparse(redis_url).scheme
         raise ConfigError(f"LLMGW_REDIS_URL must be a redis:// URL, got scheme {scheme!r}")
+    if redis_url:
+        refuse_placeholder_password("LLMGW_REDIS_URL", redis_url)
     common = CommonSettings(
         redis_url=redis_url,
         redis_prefix=env.get("LLMGW_REDIS_PREFIX") or "llmgw:",

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -163,7 +164,10 @@ def test_compose_runs_the_whole_stack() -> None:
         assert_cli_accepts(services[name]["command"])
         env = services[name]["environment"]
         if name != "migrate":
-            assert env["LLMGW_REDIS_URL"].startswith("redis://redis:")
+            # `${…}` holds a message with slashes: a value in its place, as compose puts it.
+            redis_url = urlsplit(re.sub(r"\$\{[^}]*\}", "pw", env["LLMGW_REDIS_URL"]))
+            assert (redis_url.scheme, redis_url.hostname) == ("redis", "redis")
+            assert redis_url.password, "compose's Redis asks for a password"
         if name != "stream-edge":
             assert env["LLMGW_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert services[name]["read_only"] is True
@@ -410,11 +414,17 @@ def test_the_ingress_does_not_publish_metrics() -> None:
 
 def test_compose_publishes_no_metrics_beyond_the_host() -> None:
     """Each service serves /metrics on its API port, and Prometheus shows the same
-    without a login: published on loopback only. The public way in is the proxy,
+    without a login: published on loopback only. So is Grafana, which shows it behind
+    a password its login form takes over plain HTTP. The public way in is the proxy,
     whose config refuses /metrics (tested in test_ops_nginx.py)."""
     services = compose()["services"]
-    for name in ("control-plane", "stream-edge", "prometheus"):
-        for published in services[name]["ports"]:
+    assert {"control-plane", "stream-edge", "prometheus", "grafana"} <= {
+        name for name, service in services.items() if service.get("ports")
+    }
+    for name, service in services.items():
+        if name == "nginx":
+            continue
+        for published in service.get("ports", []):
             assert published.startswith("127.0.0.1:"), (name, published)
     nginx = services["nginx"]
     assert "./nginx/edge.conf:/etc/nginx/conf.d/default.conf:ro" in nginx["volumes"]

@@ -320,3 +320,46 @@ def test_verify_signer_names_who_signed() -> None:
     assert verify_signer([platform], {"mock": [mock_new]}, body, both) == "mock"
     with pytest.raises(BadSignature):
         verify_signer([platform], backends, body, sign(new_webhook_secret(), "w1", body))
+
+
+# --- passwords inside URLs ------------------------------------------------------------
+
+
+def test_the_examples_placeholder_passwords_in_urls_are_refused() -> None:
+    """deploy/k8s/secret.example.yaml sets the database and Redis URLs with the password
+    REPLACE_ME: applied as it is, with the stores set to the password the URLs name
+    (so that the services connect), both services started (measured) on a password
+    anyone who reads this repository knows. Each is refused as the whsec placeholders
+    are, one line naming the variable and never the URL."""
+    strong = {
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    manifest = ROOT / "deploy/k8s/secret.example.yaml"
+    urls = {
+        name: example_value(manifest, name) for name in ("LLMGW_DATABASE_URL", "LLMGW_REDIS_URL")
+    }
+    cases = [
+        (ControlPlaneSettings, "LLMGW_DATABASE_URL", urls["LLMGW_DATABASE_URL"]),
+        (ControlPlaneSettings, "LLMGW_REDIS_URL", urls["LLMGW_REDIS_URL"]),
+        (EdgeSettings, "LLMGW_REDIS_URL", urls["LLMGW_REDIS_URL"]),
+        # However it is spelt, and as a libpq query parameter too.
+        (ControlPlaneSettings, "LLMGW_DATABASE_URL", "postgresql://u:change-me@db/llmgw"),
+        (ControlPlaneSettings, "LLMGW_DATABASE_URL", "postgresql://db/llmgw?password=CHANGE_ME"),
+        (EdgeSettings, "LLMGW_REDIS_URL", "rediss://default:Replace-Me@redis:6380/0"),
+    ]
+    for service, name, url in cases:
+        with pytest.raises(ConfigError, match=name) as refused:
+            service.from_env({**strong, name: url})
+        message = str(refused.value)
+        assert "placeholder" in message and "\n" not in message, (name, url)
+        assert url not in message and "://" not in message, message
+    # A real password, or none (a local store on trust auth), starts as before.
+    password = secrets.token_urlsafe(24)
+    for service, name, url in (
+        (ControlPlaneSettings, "LLMGW_DATABASE_URL", f"postgresql+psycopg://llmgw:{password}@db/x"),
+        (ControlPlaneSettings, "LLMGW_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1/x"),
+        (EdgeSettings, "LLMGW_REDIS_URL", f"redis://:{password}@redis:6379/0"),
+        (EdgeSettings, "LLMGW_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    ):
+        service.from_env({**strong, name: url})
