@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -155,3 +156,15 @@ def stack(
         else:
             env = resources.enter_context(postgres_env(request.getfixturevalue("pg_server")))
         yield resources.enter_context(InProcessStack(env))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs the CLI in-process (`llm_gateway.cli.main`) installs the
+    services' stderr handler at INFO on the root logger: restored after it, or every
+    later test of that worker printed its servers' INFO lines into the suite's output."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
