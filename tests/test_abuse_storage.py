@@ -390,6 +390,46 @@ def test_an_init_refused_after_its_hold_stores_no_turn(pg_server: str) -> None:
         assert _held_turns(tpm_cp, small["session_id"]) == before
 
 
+def test_an_owner_cannot_add_members_without_end(cp: CP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: an owner's script creates members in a loop (no password: no hash to
+    wait for). Nothing bounded it (measured through the control plane on
+    PostgreSQL: 130 to 190 users a second from one client, each a user row and an
+    audit row, ~1.2 KB: 11 to 16 million rows, ~15 GB, a day from one loop), and
+    each one may then create its own keys, sessions and pending inits. Now a
+    company holds at most `accounts.USERS_PER_COMPANY_MAX` users its owners created
+    (409 naming the limit, nothing written); the platform admin is not bound by it."""
+    from control_plane import accounts
+
+    monkeypatch.setattr(accounts, "USERS_PER_COMPANY_MAX", 4)
+    owner, company_id = cp.owner_client("1")  # the owner is the first user
+
+    def add(client: httpx.Client) -> httpx.Response:
+        body = {"company_id": company_id, "email": f"m-{uuid.uuid4().hex}@x.io"}
+        return client.post("/v1/admin/users", json={**body, "role": "member"})
+
+    for _ in range(3):
+        data_of(add(owner), 201)
+
+    def rows(session: Any) -> tuple[int, int]:
+        users = session.execute(
+            text("SELECT count(*) FROM users WHERE company_id = :c"), {"c": company_id}
+        ).scalar()
+        audits = session.execute(
+            text("SELECT count(*) FROM audit_events WHERE company_id = :c"), {"c": company_id}
+        ).scalar()
+        return int(users), int(audits)
+
+    before = cp.on_loop(lambda: cp.app.state.db.transaction(rows))
+    assert before[0] == 4
+    message = error_of(add(owner), 409, "conflict")
+    assert "4 users" in message, message
+    assert cp.on_loop(lambda: cp.app.state.db.transaction(rows)) == before
+    data_of(add(cp.admin), 201)  # the platform admin may
+    other, other_company = cp.owner_client("1")  # another company is not blocked
+    body = {"company_id": other_company, "email": f"o-{uuid.uuid4().hex}@x.io"}
+    data_of(other.post("/v1/admin/users", json=body), 201)
+
+
 # --- the store primitive, on both backends --------------------------------------------
 @pytest.fixture(params=["memory", "redis"])
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
