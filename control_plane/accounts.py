@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -117,6 +117,30 @@ def list_users(session: Session, p: Principal, company_id: str, req: PageRequest
     return read_page(session, stmt, col(User.created_at), col(User.id), req)
 
 
+# An owner's users, at most: each user may then hold its own keys, sessions and
+# pending inits, and nothing else bounded how many an owner's script created (~150 a
+# second from one client, a user and an audit row each: ~15 GB a day). 100,000 is
+# past any company managing its people here by hand or script (~120 MB of rows); a
+# larger workforce signs in through the external identity provider, which provisions
+# its users without this bound, as the platform admin creates them.
+USERS_PER_COMPANY_MAX = 100_000
+
+
+def _check_room_for_a_user(session: Session, company_id: str) -> None:
+    """409 when the company already has `USERS_PER_COMPANY_MAX` users. Counted under
+    the company's row lock (`owners`' lock, the order of init and budgets), so two
+    creations at once cannot both take the last place."""
+    session.execute(select(col(Company.id)).where(col(Company.id) == company_id).with_for_update())
+    users = session.scalar(
+        select(func.count()).select_from(User).where(col(User.company_id) == company_id)
+    )
+    if (users or 0) >= USERS_PER_COMPANY_MAX:
+        raise Conflict(
+            f"A company keeps at most {USERS_PER_COMPANY_MAX} users; "
+            "the platform's administrator can add more."
+        )
+
+
 def create_user(
     session: Session,
     p: Principal,
@@ -132,6 +156,8 @@ def create_user(
         raise Forbidden(f"You cannot create a user with role {role}: only a platform admin can.")
     if session.get(Company, company_id) is None:
         raise NotFound("No such company.")
+    if not policy.is_platform_admin(p):
+        _check_room_for_a_user(session, company_id)
     if email.endswith("@" + EXTERNAL_EMAIL_DOMAIN):
         # An owner taking the address an external user of any company is given at
         # first sight made that user's every token fail on the unique email.

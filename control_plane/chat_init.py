@@ -481,7 +481,11 @@ def reserve(
         hold_budgets(unit.session(), principal, reservation)
     appended: chat_sessions.Appended = "appended"
     if chat is not None:
-        appended = chat_sessions.append_messages(unit.session(), chat.id, new_turn, limits.session)
+        # Dated the reservation's instant, as a first turn's rows are: what its
+        # hold's release takes back (`chat_sessions.take_back_turn`).
+        appended = chat_sessions.append_messages(
+            unit.session(), chat.id, new_turn, limits.session, turn_at=now
+        )
     elif first_turn is None:
         appended = chat_sessions.create_with_messages(
             unit.session(), session_id, company.id, principal.user_id, new_turn, limits.session, now

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -96,9 +96,12 @@ def append_messages(
     session_id: str,
     messages: Iterable[dict[str, Any]],
     limits: SessionLimits | None = None,
+    turn_at: datetime | None = None,
 ) -> Appended:
     """Append in order: ``"appended"``, ``"gone"`` when the session no longer exists,
-    ``"full"`` (nothing written) when the messages would pass `limits`.
+    ``"full"`` (nothing written) when the messages would pass `limits`. `turn_at`
+    dates the messages (init passes its reservation's instant: what names the turn
+    for `take_back_turn`); the session's `updated_at` is the moment of the append.
 
     The counters' UPDATE also locks the session row (PostgreSQL), so two concurrent
     appends number their messages one after the other."""
@@ -123,8 +126,65 @@ def append_messages(
         exists = session.scalar(hot_statements.SELECT_SESSION_ID, {"p_id": session_id})
         return "gone" if exists is None else "full"
     last = session.scalar(hot_statements.SELECT_LAST_SEQ, {"p_id": session_id})
-    _insert_messages(session, session_id, rows, int(last or 0) + 1, now)
+    _insert_messages(session, session_id, rows, int(last or 0) + 1, turn_at or now)
     return "appended"
+
+
+def take_back_turn(session: Session, session_id: str, turn_at: datetime) -> int:
+    """Remove what an init stored of its turn, dated `turn_at` (its reservation's
+    instant: the first turn's rows, or the messages it appended), once its hold was
+    given back whole: the init was refused after its hold (429 ``tpm_exceeded``, a
+    failed stash, a cancellation), or its stream never ran (the sweeper released the
+    hold at its deadline). Nothing was billed for it, so it is not kept: else each
+    abandoned init was free storage, up to a model's context of text for good.
+
+    The session's counters go down by what left; a session left with no message
+    goes too. Its row is taken first, as an append's counter UPDATE and
+    `delete_session` take it, so a turn being appended meanwhile is numbered and
+    counted after. The messages the session's answers appended carry their own
+    moments (the settlement's), never a turn's; a client-owned history is the
+    first turn's, its `assistant` messages included. Returns how many messages were removed."""
+    chat = session.execute(
+        select(col(ChatSession.message_count), col(ChatSession.content_bytes))
+        .where(col(ChatSession.id) == session_id)
+        .with_for_update()
+    ).first()
+    if chat is None:
+        return 0
+    gone = session.execute(
+        delete(ChatMessage)
+        .where(
+            col(ChatMessage.session_id) == session_id,
+            col(ChatMessage.created_at) == turn_at,
+        )
+        .returning(
+            col(ChatMessage.role),
+            col(ChatMessage.content),
+            col(ChatMessage.tool_calls),
+            col(ChatMessage.tool_call_id),
+        )
+    ).all()
+    if not gone:
+        return 0
+    remaining = session.scalar(
+        select(col(ChatMessage.id)).where(col(ChatMessage.session_id) == session_id).limit(1)
+    )
+    if remaining is None:
+        session.execute(delete(ChatSession).where(col(ChatSession.id) == session_id))
+        return len(gone)
+    size = stored_bytes(
+        {"role": role, "content": content, "tool_calls": calls, "tool_call_id": call_id}
+        for role, content, calls, call_id in gone
+    )
+    session.execute(
+        update(ChatSession)
+        .where(col(ChatSession.id) == session_id)
+        .values(
+            message_count=max(int(chat.message_count) - len(gone), 0),
+            content_bytes=max(int(chat.content_bytes) - size, 0),
+        )
+    )
+    return len(gone)
 
 
 def append_replies(

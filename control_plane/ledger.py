@@ -38,7 +38,7 @@ from sqlalchemy import Table, func, select, tuple_, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import audit, budgets, hot_statements, settle_statements
+from control_plane import audit, budgets, chat_sessions, hot_statements, settle_statements
 from control_plane.errors import InsufficientCredits
 from control_plane.reservation_row import ReservationTerms
 from control_plane.tables import Company, LedgerEntry, Reservation, new_id, rowcount, utcnow
@@ -411,6 +411,9 @@ def release_reservation(
         .values(held_micro=col(Company.held_micro) - hold)
     )
     budgets.settle(session, reservation_id, 0, now)
+    # Nothing was billed, so what the init stored of its turn goes with the hold: an
+    # abandoned init is not free storage (a session it created and left empty too).
+    chat_sessions.take_back_turn(session, reservation.session_id, reservation.created_at)
     add_entry(
         session,
         reservation.company_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from sqlmodel import col
 
 from control_plane.db import create_sync_engine
 from control_plane.migrate import upgrade
-from control_plane.tables import ChatMessage, ChatSession
+from control_plane.sweeper import sweep_expired_holds
+from control_plane.tables import ChatMessage, ChatSession, utcnow
 from shared.store import Admission, Store
 from shared.store_memory import MemoryStore
 from shared.store_redis import RedisStore
@@ -299,6 +301,133 @@ def test_an_owners_listing_reads_its_company_index(cp: CP) -> None:
     plan = cp.on_loop(lambda: cp.app.state.db.transaction(fill_and_explain))
     assert "ix_chat_sessions_company_updated" in plan, plan
     assert len(data_of(owner_client.get("/v1/sessions"))["items"]) == 1
+
+
+# --- turns given back whole -------------------------------------------------------
+def _held_turns(cp: CP, session_id: str) -> tuple[int, int, list[str]] | None:
+    """A session's counters and its messages' contents as stored; None once gone."""
+
+    def read(session: Any) -> tuple[int, int, list[str]] | None:
+        chat = session.get(ChatSession, session_id)
+        rows = session.scalars(
+            select(ChatMessage)
+            .where(col(ChatMessage.session_id) == session_id)
+            .order_by(col(ChatMessage.seq))
+        )
+        contents = [m.content for m in rows]
+        if chat is None:
+            assert contents == [], contents  # no orphan message
+            return None
+        return int(chat.message_count), int(chat.content_bytes), contents
+
+    return cp.on_loop(lambda: cp.app.state.db.transaction(read))  # type: ignore[no-any-return]
+
+
+def _sweep_expired(cp: CP) -> None:
+    state = cp.app.state
+    later = utcnow() + timedelta(days=1)  # past every hold's deadline
+    cp.on_loop(lambda: sweep_expired_holds(state.db, state.store, state.metrics, now=later))
+
+
+def test_an_abandoned_inits_turn_goes_with_its_released_hold(cp: CP) -> None:
+    """Attack: a member inits and never streams, again and again. The hold was
+    released at its deadline (nothing billed) but the session the init created, and
+    the turn it appended to one, stayed for good: within the pending-init caps one
+    company kept 2,000 such turns every 22 minutes (131,000 a day), each up to the
+    model's context or the session's 1 MiB cap (measured: after the sweeper's
+    release, 5 of 5 sessions and their messages still there). Now a hold released
+    whole takes its turn out of its session, and a session left empty goes."""
+    client, company_id = _member(cp)
+    lone = _init(client, messages=[{"role": "user", "content": "q" * 500}])
+    answered = _init(client, query="kept")
+    _settle(cp, answered, company_id, "an answer")
+    unanswered = _init(client, query="never streamed", session_id=answered["session_id"])
+    # A colleague (the pending-init cap is per user) abandons both turns of a session.
+    colleague = cp.client(cp.api_key(cp.user(company_id, role="member", password=None)["id"]))
+    twice = _init(colleague, query="first")
+    again = _init(colleague, query="second", session_id=twice["session_id"])
+    assert {unanswered["session_id"], again["session_id"]} == {
+        answered["session_id"],
+        twice["session_id"],
+    }
+    _sweep_expired(cp)
+
+    assert _held_turns(cp, lone["session_id"]) is None
+    error_of(client.get(f"/v1/sessions/{lone['session_id']}"), 404, "session_not_found")
+    assert _held_turns(cp, twice["session_id"]) is None
+    assert data_of(colleague.get("/v1/sessions"))["items"] == []
+    kept = _held_turns(cp, answered["session_id"])
+    assert kept is not None and kept[2] == ["kept", "an answer"], kept
+    expected = len("user" + "kept" + "assistant" + "an answer")  # ASCII: a byte a character
+    assert kept[:2] == (2, expected), kept
+    listed = {s["id"] for s in data_of(client.get("/v1/sessions"))["items"]}
+    assert listed == {answered["session_id"]}
+
+
+def test_an_init_refused_after_its_hold_stores_no_turn(pg_server: str) -> None:
+    """Attack: a member sends inits whose token estimate alone passes its tokens per
+    minute: each took its hold, was refused 429 ``tpm_exceeded`` and released it, but
+    its new session (up to the model's context of text) stayed, at the init rate
+    (1,200 a minute per company) and with nothing held for long or billed (measured:
+    5 refused inits of 18 KB each left 5 sessions holding 90,000 bytes); the turn
+    of an existing session stayed in it too, there twice once retried. Now the
+    refusal takes its turn back with its hold: it changed nothing."""
+    env = {**LIMITS, "LLMGW_TPM_PER_USER": "1200"}
+    with pg_settings(pg_server, env) as settings, serve_cp(settings) as tpm_cp:
+        client, company_id = _member(tpm_cp)
+        small = _init(client, query="hi", max_tokens=16)
+        before = _held_turns(tpm_cp, small["session_id"])
+        sessions = counts(tpm_cp, company_id)[0]
+        over = {"messages": [{"role": "user", "content": "w " * 400}], "max_tokens": 1024}
+        for _ in range(3):
+            error_of(client.post("/v1/chat/init", json=over), 429, "tpm_exceeded")
+        r = client.post(
+            "/v1/chat/init",
+            json={"query": "w " * 400, "max_tokens": 1024, "session_id": small["session_id"]},
+        )
+        error_of(r, 429, "tpm_exceeded")
+        assert counts(tpm_cp, company_id)[0] == sessions
+        assert _held_turns(tpm_cp, small["session_id"]) == before
+
+
+def test_an_owner_cannot_add_members_without_end(cp: CP, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack: an owner's script creates members in a loop (no password: no hash to
+    wait for). Nothing bounded it (measured through the control plane on
+    PostgreSQL: 130 to 190 users a second from one client, each a user row and an
+    audit row, ~1.2 KB: 11 to 16 million rows, ~15 GB, a day from one loop), and
+    each one may then create its own keys, sessions and pending inits. Now a
+    company holds at most `accounts.USERS_PER_COMPANY_MAX` users its owners created
+    (409 naming the limit, nothing written); the platform admin is not bound by it."""
+    from control_plane import accounts
+
+    monkeypatch.setattr(accounts, "USERS_PER_COMPANY_MAX", 4)
+    owner, company_id = cp.owner_client("1")  # the owner is the first user
+
+    def add(client: httpx.Client) -> httpx.Response:
+        body = {"company_id": company_id, "email": f"m-{uuid.uuid4().hex}@x.io"}
+        return client.post("/v1/admin/users", json={**body, "role": "member"})
+
+    for _ in range(3):
+        data_of(add(owner), 201)
+
+    def rows(session: Any) -> tuple[int, int]:
+        users = session.execute(
+            text("SELECT count(*) FROM users WHERE company_id = :c"), {"c": company_id}
+        ).scalar()
+        audits = session.execute(
+            text("SELECT count(*) FROM audit_events WHERE company_id = :c"), {"c": company_id}
+        ).scalar()
+        return int(users), int(audits)
+
+    before = cp.on_loop(lambda: cp.app.state.db.transaction(rows))
+    assert before[0] == 4
+    message = error_of(add(owner), 409, "conflict")
+    assert "4 users" in message, message
+    assert cp.on_loop(lambda: cp.app.state.db.transaction(rows)) == before
+    data_of(add(cp.admin), 201)  # the platform admin may
+    other, other_company = cp.owner_client("1")  # another company is not blocked
+    body = {"company_id": other_company, "email": f"o-{uuid.uuid4().hex}@x.io"}
+    data_of(other.post("/v1/admin/users", json=body), 201)
 
 
 # --- the store primitive, on both backends --------------------------------------------
