@@ -11,7 +11,6 @@ long transaction is stood in for by a connection of the test holding the row
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,6 @@ from typing import Any
 
 import httpx
 import orjson
-import psycopg
 import pytest
 
 from control_plane.signing_keys import REFRESH_SECONDS
@@ -28,6 +26,8 @@ from shared.service_calls import INIT_PATH, key_digest, signed_headers
 from tests.conftest import new_webhook_secret
 from tests.polling import wait_until
 from tests.test_control_plane import CP, error_of, start_cp
+from tests.test_identity_owners import _company_locked as _row_held
+from tests.test_identity_owners import _lock_waiters
 
 # Short, so that a call refused for want of a thread says so within the test.
 TIMEOUT_S = "3"
@@ -39,31 +39,6 @@ def pg_cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
     env = {"LLMGW_DATABASE_TIMEOUT_SECONDS": TIMEOUT_S, "LLMGW_EDGE_SERVICE_SECRET": EDGE_SECRET}
     with start_cp(request, tmp_path, "postgres", env) as handle:
         yield handle
-
-
-def _raw_url(cp: CP) -> str:
-    return cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def _lock_waiters(conn: psycopg.Connection[Any]) -> int:
-    """Backends of this database waiting for a lock (a row's, here)."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-@contextlib.contextmanager
-def _row_held(cp: CP, company_id: str) -> Iterator[psycopg.Connection[Any]]:
-    """The company's row locked until the block ends; yields a watcher connection."""
-    url = _raw_url(cp)
-    with psycopg.connect(url) as locker, psycopg.connect(url, autocommit=True) as watcher:
-        locker.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
-        try:
-            yield watcher
-        finally:
-            locker.rollback()
 
 
 def _init(client: httpx.Client) -> httpx.Response:
