@@ -19,11 +19,11 @@ from datetime import datetime
 from typing import Any
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import accounts, audit, budgets, company_webhooks, policy
+from control_plane import accounts, audit, budgets, company_locks, company_webhooks, policy
 from control_plane.budget_math import BudgetInput
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from control_plane.policy import Principal
@@ -187,27 +187,62 @@ def _name_free(session: Session, company_id: str, name: str, team_id: str | None
 def _set_members(
     session: Session, p: Principal, company_id: str, team_id: str, user_ids: list[str]
 ) -> None:
-    for index, user_id in enumerate(user_ids):
-        _company_user(session, p, company_id, user_id, f"user_ids[{index}]")
+    """The team's members become `user_ids` (sorted, distinct), in a handful of
+    statements whatever their number: one read of the current members, one of the
+    users (locked), one count, one DELETE, one INSERT. The caller holds the team's
+    row, so the current members cannot change meanwhile.
+
+    The users' rows are locked (``FOR NO KEY UPDATE``, in id order: two edits over
+    the same users cannot deadlock), which serialises what the company's row lock
+    did before and no more: a user's team count (two edits adding the same user to
+    two teams cannot both pass `TEAMS_PER_USER_MAX`) and its role (a change of role
+    updates the row, so the rank is read as it is). That lock conflicts with no init
+    nor settlement (their foreign keys take ``FOR KEY SHARE``); one per member read
+    before, a team of 1,000 swapped held the company's row ~1 s (review rowlock)."""
     current = set(_members(session, team_id))
-    _check_team_counts(session, [u for u in user_ids if u not in current], user_ids)
-    # Nobody removes from a team a user ranked above itself either.
-    for user_id in current - set(user_ids):
-        user = session.get(User, user_id)
-        if user is not None and not policy.ranks_at_least(p, user.role):
-            raise Forbidden("Nobody manages the team of a user ranked above itself.")
-    session.execute(
-        delete(TeamMember)
-        .where(col(TeamMember.team_id) == team_id)
-        .where(col(TeamMember.user_id).not_in(user_ids))
+    wanted = set(user_ids)
+    roles = _locked_roles(session, company_id, sorted(wanted | current))
+    for index, user_id in enumerate(user_ids):
+        role = roles.get(user_id)
+        if role is None:
+            raise ValidationFailed(f"user_ids[{index}]", "no such user in this company")
+        if not policy.ranks_at_least(p, role):
+            raise Forbidden("Nobody manages the budget of a user ranked above itself.")
+    removed = sorted(current - wanted)
+    # Nobody removes from a team a user ranked above itself either (a member gone
+    # from the company has no role left to rank).
+    if any(not policy.ranks_at_least(p, roles[u]) for u in removed if u in roles):
+        raise Forbidden("Nobody manages the team of a user ranked above itself.")
+    added = sorted(wanted - current)
+    _check_team_counts(session, added, user_ids)
+    if removed:
+        session.execute(
+            delete(TeamMember)
+            .where(col(TeamMember.team_id) == team_id)
+            .where(col(TeamMember.user_id).in_(removed))
+        )
+    if added:
+        session.execute(insert(TeamMember), [{"team_id": team_id, "user_id": u} for u in added])
+
+
+def _locked_roles(session: Session, company_id: str, user_ids: list[str]) -> dict[str, str]:
+    """The role of each of `user_ids` that is in this company, its row locked for the
+    transaction (another company's users are neither found nor locked)."""
+    if not user_ids:
+        return {}
+    rows = session.execute(
+        select(col(User.id), col(User.role))
+        .where(col(User.id).in_(user_ids))
+        .where(col(User.company_id) == company_id)
+        .order_by(col(User.id))
+        .with_for_update(key_share=True)
     )
-    for user_id in sorted(set(user_ids) - current):
-        session.add(TeamMember(team_id=team_id, user_id=user_id))
+    return {str(user_id): str(role) for user_id, role in rows}
 
 
 def _check_team_counts(session: Session, added: list[str], user_ids: list[str]) -> None:
     """422 naming the first user `added` to a team who is in `TEAMS_PER_USER_MAX`
-    teams already (the company's row lock serialises the counts)."""
+    teams already (`_set_members` holds the users' rows: the counts cannot race)."""
     if not added:
         return
     counts = dict(
@@ -228,7 +263,10 @@ def _check_team_counts(session: Session, added: list[str], user_ids: list[str]) 
 def create_team(
     session: Session, p: Principal, company_id: str, body: TeamInput, now: datetime
 ) -> dict[str, Any]:
-    company = company_for(session, p, company_id, lock=True)
+    """Team creations queue on the company's configuration lock (they count its
+    teams), not on its row (`company_locks`); the members as `_set_members`."""
+    company = company_for(session, p, company_id)
+    company_locks.hold_configuration(session, company.id)
     assert body.name is not None
     teams = session.scalar(
         select(func.count()).select_from(Team).where(col(Team.company_id) == company.id)
@@ -238,15 +276,23 @@ def create_team(
     _name_free(session, company.id, body.name, None)
     team = Team(id=new_id(), company_id=company.id, name=body.name, created_at=now)
     session.add(team)
-    session.flush()
-    _set_members(session, p, company.id, team.id, body.user_ids or [])
-    session.flush()
     _audit(session, p, "team.create", company.id, team_id=team.id, name=team.name)
-    return team_public(session, team)
+    session.flush()  # the company's key share (foreign keys) before its users' rows
+    members = body.user_ids or []
+    _set_members(session, p, company.id, team.id, members)
+    return team_public(session, team, members)
 
 
-def _team(session: Session, company_id: str, team_id: str) -> Team:
-    team = session.get(Team, team_id)
+def _team(session: Session, company_id: str, team_id: str, *, deleting: bool = False) -> Team:
+    """The team, its row locked for the transaction: its edits and its deletion
+    queue on it (each then reads the members the one before it left, or 404). An
+    edit's lock (``FOR NO KEY UPDATE``) lets its own members' foreign keys in."""
+    team = session.scalars(
+        select(Team)
+        .where(col(Team.id) == team_id)
+        .with_for_update(key_share=not deleting)
+        .execution_options(populate_existing=True)
+    ).first()
     if team is None or team.company_id != company_id:
         raise NotFound("No such team.")
     return team
@@ -271,7 +317,17 @@ def list_teams(session: Session, p: Principal, company_id: str) -> list[dict[str
 def update_team(
     session: Session, p: Principal, company_id: str, team_id: str, body: TeamInput
 ) -> dict[str, Any]:
-    company_for(session, p, company_id, lock=True)
+    """Without the company's row, which every init and settlement of the company
+    updates: an edit needs only the team's row (its members), its members' rows
+    (`_set_members`) and the unique name (a concurrent twin: IntegrityError, 409 at
+    the route). What an init reads of it changes at the commit, at once."""
+    company_for(session, p, company_id)
+    # The audit row's foreign key takes the company's key share before any other
+    # lock: a team's deletion (the company's row, then the team's) and a role change
+    # (the company's row, then the user's) must never find the team's or a member's
+    # row held by an edit that waits for the company. Gone with a 404's rollback.
+    _audit(session, p, "team.update", company_id, team_id=team_id)
+    session.flush()
     team = _team(session, company_id, team_id)
     if body.name is not None:
         _name_free(session, company_id, body.name, team.id)
@@ -279,15 +335,26 @@ def update_team(
     if body.user_ids is not None:
         _set_members(session, p, company_id, team.id, body.user_ids)
     session.flush()
-    _audit(session, p, "team.update", company_id, team_id=team.id)
-    return team_public(session, team)
+    return team_public(session, team, body.user_ids)
 
 
 def delete_team(session: Session, p: Principal, company_id: str, team_id: str) -> None:
-    """The team, its memberships and the budgets on it."""
+    """The team, its memberships and the budgets on it: the company's row first, as
+    deleting budgets needs (`company_for`), then the team's. Two statements for the
+    members whatever their number: a role changes under the company's row too
+    (`owners`), so their ranks are read as they are without locking each member."""
     company_for(session, p, company_id, lock=True)
-    team = _team(session, company_id, team_id)
-    _set_members(session, p, company_id, team.id, [])
+    team = _team(session, company_id, team_id, deleting=True)
+    above = session.scalar(
+        select(func.count())
+        .select_from(TeamMember)
+        .join(User, col(User.id) == col(TeamMember.user_id))
+        .where(col(TeamMember.team_id) == team.id)
+        .where(col(User.role).not_in(policy.roles_at_or_below(p)))
+    )
+    if above:
+        raise Forbidden("Nobody manages the team of a user ranked above itself.")
+    session.execute(delete(TeamMember).where(col(TeamMember.team_id) == team.id))
     on_team = select(col(Budget.id)).where(
         col(Budget.scope) == "team", col(Budget.target_id) == team.id
     )
