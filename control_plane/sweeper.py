@@ -132,9 +132,9 @@ def reconcile(
 ) -> Reconciled:
     """One reservation's use case (one transaction): settle it from `checkpoint`,
     or release it. A `silent` stream is before its deadline: it is settled only
-    from a checkpoint of its own, never released. `running`: the silence watch
-    saw `checkpoint` change and not fall silent; one of this stream's own is left alone, past the
-    deadline or not (`sweep_expired_holds`)."""
+    from a checkpoint of its own, never released. `running`: the silence watch saw
+    `checkpoint` change and not fall silent, so a checkpoint of the stream's own is
+    left to its report, past the deadline or not (`sweep_expired_holds`)."""
     reservation = session.get(Reservation, reservation_id)
     if reservation is None or reservation.status != "active":
         return NOTHING
