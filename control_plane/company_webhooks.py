@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,6 +71,10 @@ ATTEMPT_SECONDS = 30.0
 # database that stalled the records) is left for the next claim instead.
 LEASE_SECONDS = (-(-BATCH // PARALLEL) + 1) * ATTEMPT_SECONDS
 START_BEFORE = LEASE_SECONDS - ATTEMPT_SECONDS - 10.0
+# Delivery passes running at once (`run_deliveries`): a pass that waits on receivers
+# that hang no longer holds up the next; each leaves out the companies it would wait
+# on, so it takes as many companies with receivers that hang to fill them all.
+MAX_PASSES = 4
 BACKOFF = Backoff(base=2.0, cap=3600.0, floor=1.0)
 
 
@@ -232,11 +237,19 @@ class Delivery:
     secret: str
     body: bytes
     attempts: int
+    company_id: str = ""
 
 
-def claim_due(session: Session, fernet: MultiFernet, now: datetime, limit: int) -> list[Delivery]:
+def claim_due(
+    session: Session,
+    fernet: MultiFernet,
+    now: datetime,
+    limit: int,
+    exclude: Collection[str] = (),
+) -> list[Delivery]:
     """Claim up to `limit` due events, at most `PER_COMPANY` of each company (their
-    due time moves a lease ahead)."""
+    due time moves a lease ahead), none of the companies in `exclude` (their posts
+    still in flight in another pass)."""
     rank = (
         func.row_number()
         .over(
@@ -245,13 +258,15 @@ def claim_due(session: Session, fernet: MultiFernet, now: datetime, limit: int) 
         )
         .label("rank")
     )
-    due = (
+    due_now = (
         select(col(BudgetEvent.id), rank)
         .where(col(BudgetEvent.delivered_at).is_(None))
         .where(col(BudgetEvent.next_attempt_at) <= now)
         .where(col(BudgetEvent.attempts) < MAX_ATTEMPTS)
-        .subquery()
     )
+    if exclude:
+        due_now = due_now.where(col(BudgetEvent.company_id).not_in(sorted(exclude)))
+    due = due_now.subquery()
     rows = session.scalars(
         select(BudgetEvent)
         .join(due, due.c.id == col(BudgetEvent.id))
@@ -282,7 +297,14 @@ def claim_due(session: Session, fernet: MultiFernet, now: datetime, limit: int) 
             event.next_attempt_at = now + timedelta(seconds=BACKOFF.delay(event.attempts))
             continue
         claimed.append(
-            Delivery(event.id, hook.url, secret, orjson.dumps(event.payload), event.attempts)
+            Delivery(
+                event.id,
+                hook.url,
+                secret,
+                orjson.dumps(event.payload),
+                event.attempts,
+                event.company_id,
+            )
         )
     session.flush()
     return claimed
@@ -357,41 +379,59 @@ async def deliver_due(
     *,
     lookups: HostLookups | None = None,
     allow_private: bool = False,
+    in_flight: Counter[str] | None = None,
 ) -> int:
     """One pass: claim, post, record. Returns how many were delivered. A URL whose
     host now resolves to a non-public address is not posted to, and any failure of
     one delivery is a failed attempt (counted towards `MAX_ATTEMPTS`). `lookups`
     should outlive the pass (`run_deliveries` keeps one): a name hanging since an
-    earlier pass is then still one thread; without, the pass has its own."""
+    earlier pass is then still one thread; without, the pass has its own.
+    `in_flight`: the posts of each company under way in passes running beside this
+    one (shared by them): those companies are left out of this pass's claim."""
     if lookups is None:
         own = HostLookups()
         try:
-            return await deliver_due(db, fernet, client, lookups=own, allow_private=allow_private)
+            return await deliver_due(
+                db,
+                fernet,
+                client,
+                lookups=own,
+                allow_private=allow_private,
+                in_flight=in_flight,
+            )
         finally:
             own.close()
+    busy: Counter[str] = Counter() if in_flight is None else in_flight
     loop = asyncio.get_running_loop()
     claimed_at = loop.time()  # before the claim: its lease counts from no earlier
-    claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH))
+    exclude = frozenset(busy)
+    claimed = await db.transaction(lambda s: claim_due(s, fernet, utcnow(), BATCH, exclude))
+    busy.update(d.company_id for d in claimed)
     # Concurrently, a few at a time: one company's slow receiver (up to the timeout)
     # must not hold up every other company's events.
     gate = asyncio.Semaphore(PARALLEL)
 
     async def one(delivery: Delivery) -> bool:
-        async with gate:
-            if loop.time() - claimed_at > START_BEFORE:
-                # The claim may run out during the post: another process may then
-                # claim the event too. Left unrecorded, it is due at the lease's end.
-                return False
-            try:
-                ok = await attempt(client, delivery, lookups, allow_private=allow_private)
-            except Exception:
-                # Whatever went wrong (a URL stored before it was checked as now, a
-                # bug), it is a failed attempt: recorded, so the event backs off and
-                # is given up after MAX_ATTEMPTS instead of coming back every lease.
-                log.exception("company webhook %s failed", delivery.event_id)
-                ok = False
-            await db.transaction(_recorder(delivery, ok))
-            return ok
+        try:
+            async with gate:
+                if loop.time() - claimed_at > START_BEFORE:
+                    # The claim may run out during the post: another process may then
+                    # claim the event too. Left unrecorded, it is due at the lease's end.
+                    return False
+                try:
+                    ok = await attempt(client, delivery, lookups, allow_private=allow_private)
+                except Exception:
+                    # Whatever went wrong (a URL stored before it was checked as now, a
+                    # bug), it is a failed attempt: recorded, so the event backs off and
+                    # is given up after MAX_ATTEMPTS instead of coming back every lease.
+                    log.exception("company webhook %s failed", delivery.event_id)
+                    ok = False
+                await db.transaction(_recorder(delivery, ok))
+                return ok
+        finally:
+            busy[delivery.company_id] -= 1
+            if busy[delivery.company_id] <= 0:
+                del busy[delivery.company_id]
 
     return sum(await asyncio.gather(*(one(d) for d in claimed)))
 
@@ -406,15 +446,39 @@ async def run_deliveries(
     """Deliver due company events every `interval` seconds until cancelled (the app's
     lifespan owns this task, and the task its HTTP client and its lookups' threads)."""
     lookups = HostLookups()
+    in_flight: Counter[str] = Counter()
+    passes: set[asyncio.Task[int]] = set()
+
+    async def one_pass(client: httpx.AsyncClient) -> int:
+        try:
+            return await deliver_due(
+                db,
+                fernet,
+                client,
+                lookups=lookups,
+                allow_private=allow_private,
+                in_flight=in_flight,
+            )
+        except Exception:
+            log.exception("company webhook delivery failed; retrying in %.1f s", interval)
+            return 0
+
     try:
         async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    await deliver_due(
-                        db, fernet, client, lookups=lookups, allow_private=allow_private
-                    )
-                except Exception:
-                    log.exception("company webhook delivery failed; retrying in %.1f s", interval)
+            try:
+                while True:
+                    await asyncio.sleep(interval)
+                    # A pass waits for its slowest post (up to `ATTEMPT_SECONDS`): awaited
+                    # one after the other, one company's receiver that hangs held every
+                    # other company's events for that long, pass after pass. Passes run
+                    # side by side, each leaving out the companies with posts in flight.
+                    if len(passes) < MAX_PASSES:
+                        task = asyncio.create_task(one_pass(client), name="company-webhook-pass")
+                        passes.add(task)
+                        task.add_done_callback(passes.discard)
+            finally:
+                for task in passes:
+                    task.cancel()
+                await asyncio.gather(*passes, return_exceptions=True)
     finally:
         lookups.close()

@@ -10,6 +10,7 @@ passes) and its own answers for one DNS name."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import ssl
@@ -681,3 +682,86 @@ def test_a_name_whose_lookups_hang_holds_one_thread_and_stalls_nobody_else(
     assert event is not None and event.delivered_at is not None
     assert checked is True
     assert hanging == [NAME]  # one lookup of the hanging name, shared by every attempt
+
+
+def test_a_receiver_that_hangs_holds_up_no_other_companys_events_in_later_passes(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner's receiver accepts each post and never answers (up to the attempt's
+    30 s). The delivery loop awaited each pass whole before the next, so another
+    company's event that fell due meanwhile waited for the hanging posts to time out
+    (every pass, for as long as the owner's events kept coming due). Now passes run
+    side by side (a few at once), and a company with posts in flight is left out of
+    the next ones: the other company's event goes out at the next tick."""
+    stalling, prompt = bind_free_socket(), bind_free_socket()
+    outbox.set_url(f"http://127.0.0.1:{stalling.getsockname()[1]}/budget")
+    other, other_event = new_id(), new_id()
+    now = utcnow()
+
+    def seed(session: Any) -> None:
+        session.add(Company(id=other, name="o", balance_micro=0, held_micro=0, created_at=now))
+        session.flush()
+        session.add(
+            CompanyWebhook(
+                company_id=other, url=f"http://127.0.0.1:{prompt.getsockname()[1]}/budget",
+                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
+                created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+
+    def the_others_due(session: Any) -> None:
+        session.add(
+            BudgetEvent(
+                id=other_event, company_id=other, budget_id="theirs", period_start=now,
+                percent=80, payload={"type": "budget.threshold"}, attempts=0,
+                created_at=now, next_attempt_at=utcnow(),
+            )
+        )  # fmt: skip
+
+    def delivered(session: Any) -> bool:
+        event = session.get(BudgetEvent, other_event)
+        return event is not None and event.delivered_at is not None
+
+    asyncio.run(outbox.db.transaction(seed))
+    held = given_up = 0
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal held, given_up
+        held += 1
+        try:
+            await reader.read()  # never answers: until the poster gives up
+            given_up += 1
+        finally:
+            writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> bool:
+        servers = [
+            await asyncio.start_server(hold, sock=stalling),
+            await asyncio.start_server(answer, sock=prompt),
+        ]
+        loop = asyncio.create_task(
+            company_webhooks.run_deliveries(outbox.db, outbox.fernet, 0.05, allow_private=True)
+        )
+        try:
+            while held == 0:  # the owner's event is posted, and hangs
+                await asyncio.sleep(0.01)
+            await outbox.db.transaction(the_others_due)
+            async with asyncio.timeout(40):  # a guard only, past the hanging post's bound
+                while not await outbox.db.transaction(delivered):
+                    await asyncio.sleep(0.02)
+            # Delivered while the owner's post still hung, not after it gave up.
+            return held == 1 and given_up == 0
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+            for server in servers:
+                server.close()
+
+    assert asyncio.run(run())
