@@ -145,6 +145,44 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return answers
 
 
+async def _answer_204(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A receiver that takes each post at once."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+def _other_company(outbox: Outbox, url: str) -> str:
+    """Another company, its webhook at `url`; its id."""
+    company_id, now = new_id(), utcnow()
+
+    def seed(session: Any) -> None:
+        session.add(Company(id=company_id, name="o", balance_micro=0, held_micro=0, created_at=now))
+        session.flush()
+        session.add(
+            CompanyWebhook(
+                company_id=company_id, url=url,
+                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
+                created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+
+    asyncio.run(outbox.db.transaction(seed))
+    return company_id
+
+
+def _event(
+    event_id: str, company_id: str, due: datetime.datetime, budget_id: str = "theirs"
+) -> BudgetEvent:
+    """A company's `budget.threshold` event (80 % of `budget_id`), due at `due`."""
+    return BudgetEvent(
+        id=event_id, company_id=company_id, budget_id=budget_id, period_start=due,
+        percent=80, payload={"type": "budget.threshold"}, attempts=0,
+        created_at=due, next_attempt_at=due,
+    )  # fmt: skip
+
+
 def _recording(seen: list[httpx.Request], status: int = 204) -> httpx.AsyncClient:
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
@@ -370,28 +408,9 @@ def test_one_companys_stalling_receiver_cannot_hold_back_another_companys_events
     asyncio.run(outbox.db.transaction(flood))
     stalling, prompt = bind_free_socket(), bind_free_socket()
     outbox.set_url(f"http://127.0.0.1:{stalling.getsockname()[1]}/budget")
-    other, other_event = new_id(), new_id()
-    now = utcnow()
-
-    def seed(session: Any) -> None:
-        session.add(Company(id=other, name="o", balance_micro=0, held_micro=0, created_at=now))
-        session.flush()
-        session.add(
-            CompanyWebhook(
-                company_id=other, url=f"http://127.0.0.1:{prompt.getsockname()[1]}/budget",
-                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
-                created_at=now, updated_at=now,
-            )
-        )  # fmt: skip
-        session.add(
-            BudgetEvent(
-                id=other_event, company_id=other, budget_id="theirs", period_start=now,
-                percent=80, payload={"type": "budget.threshold"}, attempts=0,
-                created_at=now, next_attempt_at=now,
-            )
-        )  # fmt: skip
-
-    asyncio.run(outbox.db.transaction(seed))
+    other = _other_company(outbox, f"http://127.0.0.1:{prompt.getsockname()[1]}/budget")
+    other_event = new_id()
+    asyncio.run(outbox.db.transaction(lambda s: s.add(_event(other_event, other, utcnow()))))
     held = 0
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -402,16 +421,10 @@ def test_one_companys_stalling_receiver_cannot_hold_back_another_companys_events
         finally:
             writer.close()
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     async def run() -> int:
         servers = [
             await asyncio.start_server(hold, sock=stalling),
-            await asyncio.start_server(answer, sock=prompt),
+            await asyncio.start_server(_answer_204, sock=prompt),
         ]
         try:
             async with httpx.AsyncClient(timeout=company_webhooks.TIMEOUT) as client:
@@ -602,51 +615,23 @@ def test_a_name_whose_lookups_hang_holds_one_thread_and_stalls_nobody_else(
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     receiver = bind_free_socket()
-    other, other_event = new_id(), new_id()
+    other = _other_company(outbox, f"http://{other_name}:{receiver.getsockname()[1]}/budget")
+    other_event = new_id()
     first = utcnow() - datetime.timedelta(minutes=5)
 
     def seed(session: Any) -> None:
         for i in range(10):  # the owner's events: thresholds crossed on ten budgets
-            session.add(
-                BudgetEvent(
-                    id=new_id(), company_id=outbox.company_id, budget_id=f"b{i}",
-                    period_start=first, percent=80, payload={"type": "budget.threshold"},
-                    attempts=0, created_at=first, next_attempt_at=first,
-                )
-            )  # fmt: skip
-        session.add(Company(id=other, name="o", balance_micro=0, held_micro=0, created_at=first))
-        session.flush()
-        session.add(
-            CompanyWebhook(
-                company_id=other,
-                url=f"http://{other_name}:{receiver.getsockname()[1]}/budget",
-                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
-                created_at=first,
-                updated_at=first,
-            )
-        )
+            session.add(_event(new_id(), outbox.company_id, first, f"b{i}"))
 
     def all_due(session: Any) -> None:
         for event in session.query(BudgetEvent).filter(BudgetEvent.delivered_at.is_(None)):
             event.next_attempt_at = first
 
     def the_others(session: Any) -> None:
-        session.add(
-            BudgetEvent(
-                id=other_event, company_id=other, budget_id="theirs", period_start=first,
-                percent=80, payload={"type": "budget.threshold"}, attempts=0,
-                created_at=first, next_attempt_at=first - datetime.timedelta(minutes=1),
-            )
-        )  # fmt: skip
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
+        session.add(_event(other_event, other, first - datetime.timedelta(minutes=1)))
 
     async def run() -> tuple[int, bool]:
-        server = await asyncio.start_server(answer, sock=receiver)
+        server = await asyncio.start_server(_answer_204, sock=receiver)
         lookups = HostLookups()
         try:
             await outbox.db.transaction(seed)
@@ -695,34 +680,16 @@ def test_a_receiver_that_hangs_holds_up_no_other_companys_events_in_later_passes
     the next ones: the other company's event goes out at the next tick."""
     stalling, prompt = bind_free_socket(), bind_free_socket()
     outbox.set_url(f"http://127.0.0.1:{stalling.getsockname()[1]}/budget")
-    other, other_event = new_id(), new_id()
-    now = utcnow()
-
-    def seed(session: Any) -> None:
-        session.add(Company(id=other, name="o", balance_micro=0, held_micro=0, created_at=now))
-        session.flush()
-        session.add(
-            CompanyWebhook(
-                company_id=other, url=f"http://127.0.0.1:{prompt.getsockname()[1]}/budget",
-                secret_encrypted=outbox.fernet.encrypt(generate_secret().encode()).decode(),
-                created_at=now, updated_at=now,
-            )
-        )  # fmt: skip
+    other = _other_company(outbox, f"http://127.0.0.1:{prompt.getsockname()[1]}/budget")
+    other_event = new_id()
 
     def the_others_due(session: Any) -> None:
-        session.add(
-            BudgetEvent(
-                id=other_event, company_id=other, budget_id="theirs", period_start=now,
-                percent=80, payload={"type": "budget.threshold"}, attempts=0,
-                created_at=now, next_attempt_at=utcnow(),
-            )
-        )  # fmt: skip
+        session.add(_event(other_event, other, utcnow()))
 
     def delivered(session: Any) -> bool:
         event = session.get(BudgetEvent, other_event)
         return event is not None and event.delivered_at is not None
 
-    asyncio.run(outbox.db.transaction(seed))
     held = given_up = 0
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -734,16 +701,10 @@ def test_a_receiver_that_hangs_holds_up_no_other_companys_events_in_later_passes
         finally:
             writer.close()
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     async def run() -> bool:
         servers = [
             await asyncio.start_server(hold, sock=stalling),
-            await asyncio.start_server(answer, sock=prompt),
+            await asyncio.start_server(_answer_204, sock=prompt),
         ]
         loop = asyncio.create_task(
             company_webhooks.run_deliveries(outbox.db, outbox.fernet, 0.05, allow_private=True)
