@@ -38,6 +38,7 @@ from control_plane.external_auth import ExternalVerifier
 from control_plane.metrics import Metrics
 from control_plane.middleware import RequestContextMiddleware
 from control_plane.migrate import current, head, upgrade
+from control_plane.retired_keys import watch_retired_keys
 from control_plane.routes import all_routes
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
@@ -145,6 +146,7 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
         deps: Deps | None = None
         sweeper: asyncio.Task[None] | None = None
         deliveries: asyncio.Task[None] | None = None
+        retired: asyncio.Task[None] | None = None
         try:
             snapshot = await db.transaction(lambda s: load_snapshot(s, fernet))
             deps = Deps(
@@ -180,9 +182,10 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
                 ),
                 name="company-webhooks",
             )
+            retired = asyncio.create_task(watch_retired_keys(deps), name="retired-keys")
             yield
         finally:
-            for task in (sweeper, deliveries):
+            for task in (sweeper, deliveries, retired):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -150,6 +150,17 @@ def reencrypt_private_keys(session: Session, fernet: MultiFernet) -> tuple[int, 
     return done, failed
 
 
+def retired_since(session: Session, since: datetime) -> list[tuple[str, datetime]]:
+    """The keys retired at or after `since`, with when: a token they signed may still
+    be unexpired (`shared.revocations.announce_retired_signing_keys`)."""
+    rows = session.execute(
+        select(col(SigningKey.kid), col(SigningKey.retired_at)).where(
+            col(SigningKey.retired_at) >= since
+        )
+    )
+    return [(kid, retired_at) for kid, retired_at in rows if retired_at is not None]
+
+
 def published_jwks(session: Session) -> list[dict[str, Any]]:
     return [orjson.loads(row.public_jwk) for row in _live_keys(session)]
 
@@ -179,6 +190,7 @@ class KeyRing:
         self.loaded_at = time.monotonic()
         self._reads_begun = 0  # reads stamped by `read_begins`, in the order they began
         self._installed = 0  # the stamp of the read installed
+        self._retired: frozenset[str] = frozenset()  # `retire`
 
     @property
     def reads_begun(self) -> int:
@@ -200,9 +212,24 @@ class KeyRing:
             if read < self._installed:
                 return False
             self._installed = read
-        self._snapshot = snapshot
+        self._snapshot = self._without_retired(snapshot)
         self.loaded_at = time.monotonic()
         return True
+
+    def retire(self, kids: frozenset[str]) -> bool:
+        """Trust none of `kids` from now on (a platform admin retired them, maybe on
+        another instance: `shared.revocations.RETIRED_SIGNING_KEYS`), whatever a
+        read of the keys begun before that brings back. Whether the key this ring
+        signs with is one of them: the ring must then be read again."""
+        self._retired = kids
+        self._snapshot = self._without_retired(self._snapshot)
+        return self._snapshot.active_kid in kids
+
+    def _without_retired(self, snapshot: KeyRingSnapshot) -> KeyRingSnapshot:
+        if not any(kid in self._retired for kid in snapshot.public):
+            return snapshot
+        public = {kid: key for kid, key in snapshot.public.items() if kid not in self._retired}
+        return KeyRingSnapshot(snapshot.active_kid, snapshot.active_key, public)
 
     def active(self) -> tuple[str, Ed25519PrivateKey]:
         return self._snapshot.active_kid, self._snapshot.active_key

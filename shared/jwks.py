@@ -84,6 +84,7 @@ class JWKSCache(Generic[K]):
         self._sleep = sleep  # with `clock`: tests drive both
         self._source = source
         self._keys: dict[str, K] = {}
+        self._retired: frozenset[str] = frozenset()  # `retire`
         self._fetched_at: float | None = None  # last success
         self._attempted_at: float | None = None  # last attempt, failed or not
         self._finished_from: float | None = None  # when the latest attempt finished began
@@ -93,8 +94,20 @@ class JWKSCache(Generic[K]):
     def refreshing(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
 
+    def retire(self, kids: frozenset[str]) -> None:
+        """Refuse `kids` from now on, whatever the cache or a fetch holds: the key
+        server retired them (a leaked key), and an answer read before that, cached
+        here for minutes or by the key server for a second, still lists them."""
+        if kids == self._retired:
+            return
+        self._retired = kids
+        self._keys = {kid: key for kid, key in self._keys.items() if kid not in kids}
+
     async def key(self, kid: str) -> K | None:
-        """The key for `kid`, or None when the key server does not know it."""
+        """The key for `kid`, or None when the key server does not know it (or
+        retired it)."""
+        if kid in self._retired:
+            return None
         known = self._keys.get(kid)
         if known is not None:
             assert self._fetched_at is not None
@@ -160,7 +173,7 @@ class JWKSCache(Generic[K]):
             log.warning("jwks fetch from %s failed: %r", self._url, exc)
             return  # keep serving with the keys we have
         else:
-            self._keys = keys
+            self._keys = {kid: key for kid, key in keys.items() if kid not in self._retired}
             self._fetched_at = self._clock()
         finally:
             if self._finished_from is None or began > self._finished_from:

@@ -7,11 +7,23 @@ plus the longest stream), then expires by itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from shared.hash_tags import company_tag
-from shared.store import KeyValueStore
+from shared.store import BoundedSetStore, KeyValueStore
 from shared.tokens import StreamGrant
 
 KINDS = ("user", "company", "jti")
+# The signing keys a platform admin retired (`POST /v1/admin/signing-keys/rotate` with
+# `retire_others`: a key leaked), each until the last token it signed has expired.
+# Every edge and control-plane process reads it once a second: a retired key's tokens
+# are refused, and its streams end, within about a second everywhere, where each
+# process otherwise learnt it at its next read of the keys (an edge's JWKS cache: up
+# to 5 minutes; a sibling control plane's key ring: up to a minute). One key, read on
+# its own, so it needs no hash tag on a Redis Cluster.
+RETIRED_SIGNING_KEYS = "signing-keys:retired"
+# Rotations retire a few keys each: a set this large is not ours to grow.
+RETIRED_SIGNING_KEYS_LIMIT = 10_000
 
 
 def revocation_key(kind: str, value: str, company_id: str) -> str:
@@ -46,3 +58,18 @@ async def revoke(
     store: KeyValueStore, kind: str, value: str, company_id: str, ttl_seconds: float
 ) -> None:
     await store.set(revocation_key(kind, value, company_id), b"1", ttl_seconds)
+
+
+async def announce_retired_signing_keys(
+    store: BoundedSetStore, kids: Iterable[str], until: float, now: float
+) -> None:
+    """Tell every edge and control plane that `kids` are retired, until `until`
+    (epoch seconds: when the last token they signed has expired)."""
+    for kid in kids:
+        await store.bounded_add(
+            RETIRED_SIGNING_KEYS, kid, until, now, RETIRED_SIGNING_KEYS_LIMIT, []
+        )
+
+
+async def retired_signing_keys(store: BoundedSetStore, now: float) -> frozenset[str]:
+    return frozenset(await store.bounded_members(RETIRED_SIGNING_KEYS, now))

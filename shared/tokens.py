@@ -114,9 +114,12 @@ class StreamGrant:
     agent: str | None = None  # `AGENT_CLAIM`
     fallbacks: tuple[FallbackGrant, ...] = ()  # `FALLBACKS_CLAIM`
     parent_jti: str | None = None  # `PARENT_CLAIM`
+    # The key that signed it (the header's `kid`; "" when read unverified): a stream
+    # runs only while that key is not retired (`shared.revocations.retired_signing_keys`).
+    kid: str = ""
 
     @classmethod
-    def from_claims(cls, claims: Mapping[str, Any]) -> StreamGrant:
+    def from_claims(cls, claims: Mapping[str, Any], kid: str = "") -> StreamGrant:
         try:
             scopes = claims["scopes"]
             if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
@@ -139,6 +142,7 @@ class StreamGrant:
                 agent=str(claims[AGENT_CLAIM]) if claims.get(AGENT_CLAIM) else None,
                 fallbacks=_fallbacks(claims.get(FALLBACKS_CLAIM)),
                 parent_jti=str(claims[PARENT_CLAIM]) if claims.get(PARENT_CLAIM) else None,
+                kid=kid,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TokenRejected("malformed", "the token's claims are malformed") from exc
@@ -212,7 +216,7 @@ def verify_parsed_stream_token(
         early_leeway=EARLY_LEEWAY_SECONDS,
         require=REQUIRED_CLAIMS,
     )
-    return StreamGrant.from_claims(claims)
+    return StreamGrant.from_claims(claims, parsed.kid or "")
 
 
 def verify_stream_token(token: str, public_key: Ed25519PublicKey) -> StreamGrant:

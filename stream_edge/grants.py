@@ -22,6 +22,10 @@ class GrantVerifier:
     def __init__(self, jwks: JWKSCache) -> None:
         self._jwks = jwks
 
+    def retire(self, kids: frozenset[str]) -> None:
+        """Refuse the tokens `kids` signed from now on (`revocation_watch`)."""
+        self._jwks.retire(kids)
+
     async def verify(self, token: str) -> StreamGrant:
         """Check signature, alg, aud, iss, time window and scope; raise Unauthorized/Forbidden.
 

@@ -1,5 +1,6 @@
-"""Running streams end within about a second of a revocation, and connections to a
-resumable stream within about a second of a reconnect that superseded them.
+"""Running streams end within about a second of a revocation (or of the retirement
+of the key that signed their token), and connections to a resumable stream within
+about a second of a reconnect that superseded them.
 
 One task per edge process, not one per stream: each pass reads the revocation keys of
 every running stream — and, for EventSource connections, the key naming the stream's
@@ -7,14 +8,20 @@ live connection (see resume.py) — in a single store round trip; it aborts the 
 streams with an `error` event `revoked` and detaches the superseded connections. With
 2,000 streams open that is one read a second instead of 2,000, and no watcher task to
 start and cancel with each stream.
+
+Each pass also reads the signing keys a platform admin retired
+(`shared.revocations.RETIRED_SIGNING_KEYS`, one read): new tokens they signed are
+refused from then on, where the JWKS cache would have kept them up to 5 minutes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
-from shared.revocations import grant_keys
+from shared.revocations import grant_keys, retired_signing_keys
 from stream_edge.state import EdgeState, RunningStream
 
 log = logging.getLogger("llmgw.edge.revocations")
@@ -30,14 +37,24 @@ async def watch_revocations(state: EdgeState, interval: float = CHECK_SECONDS) -
     while True:
         await asyncio.sleep(interval)
         try:
-            await check_running(state)
+            await check_pass(state)
         except Exception as exc:  # the store is briefly down: check again next pass
             log.warning("revocation check failed: %s", type(exc).__name__)
 
 
-async def check_running(state: EdgeState) -> None:
+async def check_pass(state: EdgeState, clock: Callable[[], float] = time.time) -> None:
+    """One pass: the retired signing keys, then the running streams."""
+    retired = await retired_signing_keys(state.store, clock())
+    state.grants.retire(retired)
+    await check_running(state, retired)
+
+
+async def check_running(state: EdgeState, retired: frozenset[str] = frozenset()) -> None:
     watched: list[tuple[RunningStream, list[str]]] = []
     for stream in list(state.active):
+        if stream.grant is not None and stream.grant.kid in retired:
+            stream.revoke()
+            continue
         keys = grant_keys(stream.grant) if stream.grant is not None else []
         if stream.live is not None:
             keys.append(stream.live[0])

@@ -8,6 +8,8 @@ and API keys (`policy`). Creates answer 201, deletes 204.
 from __future__ import annotations
 
 import logging
+import time
+from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
@@ -28,6 +30,7 @@ from control_plane.middleware import request_id
 from control_plane.pagination import page_request
 from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
+from control_plane.signing_keys import retired_since
 from control_plane.tables import ROLES, utcnow
 from control_plane.validation import (
     credits_amount,
@@ -36,7 +39,7 @@ from control_plane.validation import (
     parse_json_object,
     required_str,
 )
-from shared.revocations import api_key_parent, revoke
+from shared.revocations import announce_retired_signing_keys, api_key_parent, revoke
 
 log = logging.getLogger("control_plane.admin")
 
@@ -207,12 +210,31 @@ async def rotate_signing_key(request: Request) -> Response:
     # leeway) signed only expired tokens: they leave the JWKS now.
     max_life = max(ACCESS_TOKEN_TTL_SECONDS, deps.settings.token_ttl_seconds) + 60
     actor = _actor(request, principal)
+    now = utcnow()
     kid, retired = await deps.db.transaction(
         lambda s: account_admin.rotate_signing_key(
-            s, actor, fernet, utcnow(), max_life, retire_others=retire_others
+            s, actor, fernet, now, max_life, retire_others=retire_others
         )
     )
     await deps.refresh_keys()
+    # Every instance and edge stops trusting the retired keys within about a second
+    # (`shared.revocations.RETIRED_SIGNING_KEYS`), instead of at its next read of the
+    # keys (up to 5 minutes at an edge). Each rotation announces every key retired
+    # within the longest token life, so a retry after a store failure completes the
+    # announcement of the one before.
+    since = now - timedelta(seconds=max_life)
+    try:
+        recent = await deps.db.transaction(lambda s: retired_since(s, since))
+        for old_kid, retired_at in recent:
+            until = retired_at.timestamp() + max_life  # UTCDateTime: aware, UTC
+            await announce_retired_signing_keys(deps.store, [old_kid], until, time.time())
+    except Exception:
+        log.exception("could not announce the retired signing keys")
+        raise ServiceUnavailable(
+            f"A new key ({kid}) signs now and the others are retired here, but the edges "
+            "and other instances could not be told at once (they learn it within 5 "
+            "minutes); rotate again to tell them."
+        ) from None
     return ok({"kid": kid, "retired": retired}, 201)
 
 

@@ -1,0 +1,43 @@
+"""Signing keys retired on any instance, refused by this one within about a second.
+
+A platform admin retires every key but a new one when a key may have leaked
+(`POST /v1/admin/signing-keys/rotate` with `retire_others`). The instance that
+rotated reloads its key ring at once; a sibling (`--workers N`, replicas) trusted
+the leaked key until its ring's next read, up to a minute on, and whoever held the
+key could sign access tokens it accepted for anyone, the platform admin included.
+The rotation announces the retired keys in the store
+(`shared.revocations.RETIRED_SIGNING_KEYS`); each control-plane process reads that
+set once a second and stops trusting them, and reads its ring again at once if it
+was signing with one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from control_plane.deps import Deps
+from shared.revocations import retired_signing_keys
+
+log = logging.getLogger("control_plane.retired_keys")
+
+CHECK_SECONDS = 1.0
+
+
+async def watch_retired_keys(deps: Deps, interval: float = CHECK_SECONDS) -> None:
+    """Check forever; cancelled by the app's lifespan at shutdown."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await check_retired_keys(deps)
+        except Exception as exc:  # the store or the database is briefly down: next pass
+            log.warning("retired signing keys check failed: %s", type(exc).__name__)
+
+
+async def check_retired_keys(deps: Deps, clock: Callable[[], float] = time.time) -> None:
+    kids = await retired_signing_keys(deps.store, clock())
+    if deps.keyring.retire(kids):
+        # Another instance retired the key this one signs with: read the new one.
+        await deps.fresh_keyring(unknown_kid=True)
