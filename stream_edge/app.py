@@ -31,6 +31,7 @@ from stream_edge.jwks import JWKSCache
 from stream_edge.key_callers import ControlPlaneLink
 from stream_edge.limits import StreamLimits
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.origin_share import company_share
 from stream_edge.outbox import Outbox
 from stream_edge.reporter import ENQUEUE_BUDGET_SECONDS
 from stream_edge.revocation_watch import watch_revocations
@@ -54,6 +55,9 @@ def upstream_client(settings: EdgeSettings) -> Http1Client:
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
         max_per_origin=settings.max_connections_per_origin,
+        company_share=company_share(
+            settings.max_connections_per_origin, settings.company_origin_share_percent
+        ),
     )
 
 

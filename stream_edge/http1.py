@@ -32,7 +32,7 @@ from functools import lru_cache
 from urllib.parse import urlsplit
 
 from stream_edge import transport as t
-from stream_edge.http1_connection import LOW_WATER, Connection, Headers, Origin
+from stream_edge.http1_connection import LOW_WATER, Connection, Headers, Holder, Origin
 from stream_edge.transport import RequestHeaders
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -107,7 +107,12 @@ class Http1Client:
     At most `max_per_origin` connections (busy or idle) are open to one origin: a
     request finding them all busy waits for one to come back or close, for no longer
     than the connect timeout, then fails with `PoolTimeout`. So a burst of streams
-    cannot open more sockets to a backend than it was sized for."""
+    cannot open more sockets to a backend than it was sized for.
+
+    A request sent for a company (`send(..., company=)`) also waits while that company
+    holds `company_share` of the origin's connections (`stream_edge.origin_share`), so
+    one company cannot take an origin every company shares. Waiters are served in
+    order, skipping those whose company is at its share."""
 
     def __init__(
         self,
@@ -118,21 +123,30 @@ class Http1Client:
         max_idle_per_origin: int = 256,
         idle_seconds: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
+        company_share: int | None = None,
     ) -> None:
         if max_per_origin < 1:
             raise ValueError("max_per_origin must be at least 1")
+        if company_share is not None and company_share < 1:
+            raise ValueError("company_share must be at least 1")
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._max_open = max_per_origin
+        self._share = max_per_origin if company_share is None else company_share
         self._max_idle, self._idle_seconds = max_idle_per_origin, idle_seconds
         self._ssl = ssl_context
         self._idle: dict[Origin, deque[Connection]] = {}
         self._open: dict[Origin, int] = {}  # connections counted against the cap
-        self._waiters: dict[Origin, deque[asyncio.Future[None]]] = {}
+        self._waiters: dict[Origin, deque[tuple[asyncio.Future[None], Holder | None]]] = {}
+        self._held: dict[Holder, int] = {}  # busy connections per (origin, company)
         self._closed = False
 
     def open_connections(self, origin_url: str) -> int:
         """Connections open (or opening) to the origin of `origin_url`."""
         return self._open.get(_parse_url(origin_url)[0], 0)
+
+    def held_connections(self, origin_url: str, company: str) -> int:
+        """Connections to the origin of `origin_url` that `company`'s requests hold."""
+        return self._held.get((_parse_url(origin_url)[0], company), 0)
 
     async def send(
         self,
@@ -140,16 +154,21 @@ class Http1Client:
         url: str,
         headers: RequestHeaders,
         body: bytes,
+        *,
+        company: str | None = None,
     ) -> Http1Response:
-        """Send the request; return once the status line and headers are in."""
+        """Send the request; return once the status line and headers are in.
+        `company`: whose request it is, held to its share of the origin."""
         if self._closed:
             raise RuntimeError("the client has been closed")
         if method == "HEAD":  # its response is framed like a GET's but has no body
             raise ValueError("HEAD is not supported")
         origin, host, target = _parse_url(url)
         request = _encode(method, target, host, headers, body)
-        conn = self._checkout(origin)
+        holder = None if company is None else (origin, company)
+        conn = self._checkout(origin) if self._may_hold(holder) else None
         if conn is not None:
+            self._hold(conn, holder)
             try:
                 return await self._exchange(conn, request)
             except (t.ReadError, t.WriteError, t.RemoteProtocolError):
@@ -158,7 +177,7 @@ class Http1Client:
                 # so one retry on a fresh connection is safe (httpcore does the same).
                 if conn.got_bytes:
                     raise
-        return await self._exchange(await self._acquire(origin), request)
+        return await self._exchange(await self._acquire(origin, holder), request)
 
     async def aclose(self) -> None:
         """Close every pooled connection; responses still open close on their own."""
@@ -168,31 +187,33 @@ class Http1Client:
                 stack.pop().close()
         self._idle.clear()
 
-    async def _acquire(self, origin: Origin) -> Connection:
+    async def _acquire(self, origin: Origin, holder: Holder | None) -> Connection:
         """An idle connection, else a new one if the origin is under its cap, else
-        whichever of the two comes first, waiting at most the connect timeout."""
+        whichever of the two comes first, waiting at most the connect timeout. A
+        company at its share waits for one of its own connections to end first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
         while True:
-            conn = self._checkout(origin)
-            if conn is not None:
-                return conn
-            if self._open.get(origin, 0) < self._max_open:
-                return await self._connect(origin)
-            waiter: asyncio.Future[None] = loop.create_future()
+            # Woken but unable to hold (another request of its company came first):
+            # that request took the connection it was woken for, so nothing is lost.
+            if self._may_hold(holder):
+                conn = self._checkout(origin)
+                if conn is not None:
+                    self._hold(conn, holder)
+                    return conn
+                if self._open.get(origin, 0) < self._max_open:
+                    return await self._connect(origin, holder)
+            entry: tuple[asyncio.Future[None], Holder | None] = (loop.create_future(), holder)
+            waiter = entry[0]
             waiters = self._waiters.setdefault(origin, deque())
-            waiters.append(waiter)
+            waiters.append(entry)
             woken = False
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
                 woken = True
             except TimeoutError:
-                _, host, port = origin
-                raise t.PoolTimeout(
-                    f"all {self._max_open} connections to {host}:{port} stayed busy for "
-                    f"{self._connect_timeout} s"
-                ) from None
+                raise self._timed_out(origin, holder) from None
             finally:
                 if not woken and waiter.done() and not waiter.cancelled():
                     # Woken, but leaving (timed out or cancelled): pass the turn on.
@@ -200,18 +221,54 @@ class Http1Client:
                 elif not waiter.done():
                     waiter.cancel()
                 with contextlib.suppress(ValueError):
-                    waiters.remove(waiter)
+                    waiters.remove(entry)
+
+    def _timed_out(self, origin: Origin, holder: Holder | None) -> t.PoolTimeout:
+        _, host, port = origin
+        if not self._may_hold(holder):
+            return t.PoolTimeout(
+                f"this company's share ({self._share}) of the connections to {host}:{port} "
+                f"stayed busy for {self._connect_timeout} s"
+            )
+        return t.PoolTimeout(
+            f"all {self._max_open} connections to {host}:{port} stayed busy for "
+            f"{self._connect_timeout} s"
+        )
 
     def _wake(self, origin: Origin) -> None:
-        """A connection came back or closed: the longest waiter may try again."""
+        """A connection came back or closed: the longest waiter whose company is under
+        its share may try again (the others keep their place)."""
         waiters = self._waiters.get(origin)
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        if not waiters:
+            return
+        for index, (waiter, holder) in enumerate(waiters):
+            if waiter.done() or not self._may_hold(holder):
+                continue
+            del waiters[index]
+            waiter.set_result(None)
+            return
+
+    def _may_hold(self, holder: Holder | None) -> bool:
+        return holder is None or self._held.get(holder, 0) < self._share
+
+    def _hold(self, conn: Connection, holder: Holder | None) -> None:
+        if holder is not None:
+            self._held[holder] = self._held.get(holder, 0) + 1
+            conn.holder = holder
+
+    def _unhold(self, conn: Connection) -> None:
+        holder = conn.holder
+        if holder is None:
+            return
+        conn.holder = None
+        left = self._held[holder] - 1
+        if left > 0:
+            self._held[holder] = left
+        else:
+            del self._held[holder]
 
     def _gone(self, conn: Connection) -> None:
+        self._unhold(conn)
         origin = conn.origin
         left = self._open.get(origin, 0) - 1
         if left > 0:
@@ -220,12 +277,14 @@ class Http1Client:
             self._open.pop(origin, None)
         self._wake(origin)
 
-    async def _connect(self, origin: Origin) -> Connection:
+    async def _connect(self, origin: Origin, holder: Holder | None) -> Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         conn = Connection(loop, origin, self._read_timeout, on_gone=self._gone)
-        # Counted from now: a connection being opened holds its place under the cap.
+        # Counted from now: a connection being opened holds its place under the cap,
+        # and under its company's share.
         self._open[origin] = self._open.get(origin, 0) + 1
+        self._hold(conn, holder)
         context = None
         if scheme == "https":
             if self._ssl is None:
@@ -280,6 +339,7 @@ class Http1Client:
         return None
 
     def _release(self, conn: Connection) -> None:
+        self._unhold(conn)  # before the wake below: its company may be under its share again
         conn.busy = False
         conn.cancel_timer()
         conn.chunks.clear()

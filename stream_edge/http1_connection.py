@@ -29,6 +29,8 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEAD_FIELDS = 100
 
 Origin = tuple[str, str, int]
+# (origin, company): whose request a busy connection serves, for the company's share.
+Holder = tuple[Origin, str]
 
 
 class Headers(Mapping[str, str]):
@@ -82,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.started = self.idle_since = 0.0
         self.busy = self.lost = self.paused = self.write_paused = self.interim = False
+        self.holder: Holder | None = None
         self.reset()
 
     def reset(self) -> None:

@@ -205,7 +205,13 @@ class InMemoryTransport:
         return self.faults.setdefault(origin_of(url), Faults())
 
     async def send(
-        self, method: str, url: str, headers: RequestHeaders, body: bytes
+        self,
+        method: str,
+        url: str,
+        headers: RequestHeaders,
+        body: bytes,
+        *,
+        company: str | None = None,  # no connections here, so no share to keep
     ) -> InMemoryResponse:
         origin = origin_of(url)
         self.sent.append((method, url))

@@ -80,6 +80,7 @@ class Opener:
                 error_status=adapter.error_status,
                 retry_rate_limited=retry_rate_limited,
                 body_retry_after=adapter.retry_after,
+                company=self._grant.company_id,
             )
 
         response = await self._pool().open(open_with)

@@ -19,6 +19,7 @@ from shared.settings import (
     fernet_keys,
     read_common,
 )
+from stream_edge.origin_share import DEFAULT_PERCENT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,8 @@ class EdgeSettings(CommonSettings):
     # them all busy waits up to the connect timeout. The default matches
     # LLMGW_MAX_CONNECTIONS, so a full edge is never held back by it.
     max_connections_per_origin: int
+    # The most of those one company's streams hold at once (`stream_edge.origin_share`).
+    company_origin_share_percent: int
     first_token_timeout: float
     idle_timeout: float
     upstream_retries: int
@@ -75,6 +78,9 @@ class EdgeSettings(CommonSettings):
                 common.max_connections,
                 1,
                 1_000_000,
+            ),
+            company_origin_share_percent=env_int(
+                env, "LLMGW_EDGE_COMPANY_ORIGIN_SHARE_PERCENT", DEFAULT_PERCENT, 1, 100
             ),
             first_token_timeout=env_float(env, "LLMGW_FIRST_TOKEN_TIMEOUT_SECONDS", 60, 0.1, 3600),
             idle_timeout=env_float(env, "LLMGW_IDLE_TIMEOUT_SECONDS", 60, 0.1, 3600),

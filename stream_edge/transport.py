@@ -115,10 +115,18 @@ class Response(Protocol):
 
 class Transport(Protocol):
     """Sends one request with a whole body; returns once the response headers are in.
-    Raises only `TransportError`s (and ValueError for a request it cannot send)."""
+    Raises only `TransportError`s (and ValueError for a request it cannot send).
+    `company`: whose request it is, for a transport that shares an origin's
+    connections between companies (`Http1Client`, `stream_edge.origin_share`)."""
 
     async def send(
-        self, method: str, url: str, headers: RequestHeaders, body: bytes
+        self,
+        method: str,
+        url: str,
+        headers: RequestHeaders,
+        body: bytes,
+        *,
+        company: str | None = None,
     ) -> Response: ...
 
     async def aclose(self) -> None: ...

@@ -92,6 +92,7 @@ async def open_stream(
     error_status: Callable[[int, bytes], int] | None = None,
     retry_rate_limited: bool = True,
     body_retry_after: Callable[[bytes], float | None] | None = None,
+    company: str | None = None,
 ) -> Response:
     """Send `request` and return the streaming response once its headers are in.
 
@@ -100,7 +101,8 @@ async def open_stream(
     yet, so a retry is invisible to it. A circuit breaker fails fast while the
     backend keeps failing. `retry_rate_limited=False`: a 429 is raised at once (a key
     pool tries its next key instead of waiting on this one). `body_retry_after`: the
-    wait an error body states, for a vendor that sends no `Retry-After` (Gemini)."""
+    wait an error body states, for a vendor that sends no `Retry-After` (Gemini).
+    `company`: whose stream it is, held to its share of the backend's connections."""
     policy = policy or RetryPolicy()
     attempt = 0
     while True:
@@ -108,7 +110,7 @@ async def open_stream(
             raise UpstreamError("the backend is failing; try again shortly", code="upstream_error")
         try:
             error, retry_after = await _attempt(
-                client, request, breaker, error_status, body_retry_after
+                client, request, breaker, error_status, body_retry_after, company
             )
         except BaseException:
             # Cancelled (the client left) mid-attempt: a half-open trial must still
@@ -132,10 +134,13 @@ async def _attempt(
     breaker: Breaker | None,
     error_status: Callable[[int, bytes], int] | None,
     body_retry_after: Callable[[bytes], float | None] | None = None,
+    company: str | None = None,
 ) -> tuple[Response | EdgeError, float | None]:
     """One try: the response, or (error, retry-after seconds or None if not retryable)."""
     try:
-        response = await client.send("POST", request.url, request.headers, request.body)
+        response = await client.send(
+            "POST", request.url, request.headers, request.body, company=company
+        )
     except InvalidURL:
         raise  # the provider's configured URL, not the backend, is broken
     except PoolTimeout:

@@ -56,7 +56,9 @@ class FakeClient:
         self.sent = 0
         self.waiting = asyncio.Event()
 
-    async def send(self, method: str, url: str, headers: Any, body: bytes) -> FakeResponse:
+    async def send(
+        self, method: str, url: str, headers: Any, body: bytes, company: str | None = None
+    ) -> FakeResponse:
         self.sent += 1
         answer = self.answers.pop(0)
         if answer == "hang":

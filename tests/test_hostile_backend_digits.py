@@ -42,7 +42,9 @@ class Backend:
     def __init__(self, status: int, retry_after: bytes) -> None:
         self.answer = Answer(status, [(b"retry-after", retry_after)])
 
-    async def send(self, method: str, url: str, headers: Any, body: bytes) -> Answer:
+    async def send(
+        self, method: str, url: str, headers: Any, body: bytes, company: str | None = None
+    ) -> Answer:
         return self.answer
 
 

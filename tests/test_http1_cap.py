@@ -1,25 +1,31 @@
 """Http1Client's cap on connections per origin (LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN),
 against a real socket: requests beyond the cap wait for a connection to come back, at
-most the connect timeout, then fail with a clear `PoolTimeout`."""
+most the connect timeout, then fail with a clear `PoolTimeout`. Likewise a company's
+requests beyond its share of an origin (LLMGW_EDGE_COMPANY_ORIGIN_SHARE_PERCENT)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import pytest
 
 from shared.key_pool import BAD, PLATFORM, key_id, state_key
 from shared.settings import ConfigError
+from shared.sse import SSEDecoder
 from shared.store_memory import MemoryStore
 from stream_edge import transport
 from stream_edge.http1 import Http1Client
 from stream_edge.key_pool import KeyPool
 from stream_edge.metrics import EdgeMetrics
+from stream_edge.origin_share import company_share
 from stream_edge.settings import EdgeSettings
 from stream_edge.upstream.base import HttpRequest
 from stream_edge.upstream_client import RetryPolicy, open_stream
-from tests.stack import base_env
+from tests.stack import InProcessStack, base_env
 from tests.test_http1 import Server, read_request
 
 
@@ -146,6 +152,88 @@ async def test_refused_connects_give_their_place_back() -> None:
         await client.aclose()
 
 
+async def test_a_company_at_its_share_waits_while_another_company_connects() -> None:
+    release = asyncio.Event()
+    client = Http1Client(connect_timeout=5.0, read_timeout=5.0, max_per_origin=4, company_share=3)
+    try:
+        async with held_server(release) as server:
+            url = server.url
+            held = [await client.send("GET", url, {}, b"", company="a") for _ in range(3)]
+            assert client.held_connections(url, "a") == 3
+            fourth = asyncio.create_task(client.send("GET", url, {}, b"", company="a"))
+            await until(lambda: waiting(client) == 1, "the company's fourth request waits")
+            other = await client.send("GET", url, {}, b"", company="b")  # at once
+            assert client.held_connections(url, "b") == 1 and not fourth.done()
+            release.set()
+            assert await held[0].aread() == b"done"
+            await held[0].aclose()  # back in the pool: the company's waiter takes it
+            response = await fourth
+            assert client.held_connections(url, "a") == 3
+            for done in [*held[1:], response, other]:
+                await done.aread()
+                await done.aclose()
+            assert client.held_connections(url, "a") == client.held_connections(url, "b") == 0
+            assert server.connections == 4
+    finally:
+        await client.aclose()
+
+
+async def test_a_waiter_at_its_share_keeps_its_place_and_the_next_is_served() -> None:
+    """Cap 2, share 1: a's second request waits for a's own connection, c's for any.
+    b's connection coming back goes to c, who came later; a's turn comes with a's own."""
+    release = asyncio.Event()
+    client = Http1Client(connect_timeout=5.0, read_timeout=5.0, max_per_origin=2, company_share=1)
+    try:
+        async with held_server(release) as server:
+            url = server.url
+            a = await client.send("GET", url, {}, b"", company="a")
+            b = await client.send("GET", url, {}, b"", company="b")
+            a2 = asyncio.create_task(client.send("GET", url, {}, b"", company="a"))
+            await until(lambda: waiting(client) == 1, "a's second request waits")
+            c = asyncio.create_task(client.send("GET", url, {}, b"", company="c"))
+            await until(lambda: waiting(client) == 2, "c's request waits")
+            release.set()
+            await b.aread()
+            await b.aclose()
+            served_c = await c
+            assert not a2.done() and waiting(client) == 1
+            await a.aread()
+            await a.aclose()
+            served_a = await a2
+            for response in (served_c, served_a):
+                await response.aread()
+                await response.aclose()
+            assert server.connections == 2 and waiting(client) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_company_waiting_past_the_connect_timeout_for_its_share_is_a_pool_timeout() -> None:
+    release = asyncio.Event()
+    client = Http1Client(connect_timeout=0.2, read_timeout=5.0, max_per_origin=2, company_share=1)
+    try:
+        async with held_server(release) as server:
+            first = await client.send("GET", server.url, {}, b"", company="a")
+            with pytest.raises(transport.PoolTimeout, match="this company's share"):
+                await client.send("GET", server.url, {}, b"", company="a")
+            assert waiting(client) == 0 and server.connections == 1
+            release.set()
+            await first.aread()
+            await first.aclose()
+            assert client.held_connections(server.url, "a") == 0
+    finally:
+        await client.aclose()
+
+
+def test_a_companys_share_of_an_origin() -> None:
+    assert [company_share(cap) for cap in (1, 2, 3, 4, 8, 64, 1000)] == [
+        1, 1, 2, 3, 6, 48, 750
+    ]  # fmt: skip
+    assert company_share(64, 100) == 64 and company_share(4, 1) == 1
+    with pytest.raises(ValueError):
+        company_share(4, 0)
+
+
 def test_the_cap_is_a_setting() -> None:
     env = base_env("sqlite:///unused.db")
     assert EdgeSettings.from_env(env).max_connections_per_origin == 1000
@@ -156,6 +244,11 @@ def test_the_cap_is_a_setting() -> None:
     assert EdgeSettings.from_env(tuned).max_connections_per_origin == 64
     with pytest.raises(ConfigError, match="LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN"):
         EdgeSettings.from_env({**env, "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "0"})
+    assert EdgeSettings.from_env(env).company_origin_share_percent == 75
+    whole = {**env, "LLMGW_EDGE_COMPANY_ORIGIN_SHARE_PERCENT": "100"}
+    assert EdgeSettings.from_env(whole).company_origin_share_percent == 100
+    with pytest.raises(ConfigError, match="LLMGW_EDGE_COMPANY_ORIGIN_SHARE_PERCENT"):
+        EdgeSettings.from_env({**env, "LLMGW_EDGE_COMPANY_ORIGIN_SHARE_PERCENT": "0"})
 
 
 async def test_an_open_cancelled_while_its_key_pool_records_closes_the_connection() -> None:
@@ -195,3 +288,45 @@ async def test_an_open_cancelled_while_its_key_pool_records_closes_the_connectio
             release.set()
     finally:
         await client.aclose()
+
+
+def first_chunk(response: httpx.Response) -> str:
+    """The name of the stream's first event ("ended": it had none)."""
+    decoder = SSEDecoder()
+    for raw in response.iter_raw():
+        for event in decoder.feed(raw):
+            return event.event
+    return "ended"
+
+
+def test_one_company_cannot_take_every_connection_to_a_shared_origin(tmp_path: Path) -> None:
+    """Attack: on an edge whose cap per origin (4) is below a company's stream cap, one
+    company opens slow streams to the platform's backend, every one within its own
+    limits. Before: its 4 streams held all 4 connections to the origin, and another
+    company's stream waited the whole connect timeout for one, then 504
+    `upstream_timeout`. Now a company holds at most its share of an origin's
+    connections (`origin_share.company_share`: 3 of 4), and the other company's
+    stream starts at once."""
+    env = {
+        **base_env(f"sqlite:///{tmp_path / 'gateway.db'}"),
+        "LLMGW_EDGE_MAX_CONNECTIONS_PER_ORIGIN": "4",
+        "LLMGW_UPSTREAM_CONNECT_TIMEOUT": "1",
+    }
+    with InProcessStack(env) as stack, contextlib.ExitStack() as streams:
+        c = stack.client
+        hog = c.new_user(c.new_company("50"))
+        other = c.new_user(c.new_company("50"))
+        slow = {"query": "hold on [[mock tokens=150 delay_ms=50]]"}
+        started = []
+        for _ in range(4):
+            grant = c.init_ok(hog, slow)
+            response = streams.enter_context(c.http.stream("GET", grant["stream_url"]))
+            started.append(response.status_code == 200 and first_chunk(response) == "chunk")
+        # Served up to its share (3 of 4); its 4th waits for one of its own: 504.
+        assert started == [True, True, True, False]
+
+        grant = c.init_ok(other, {"query": "me too [[mock tokens=5]]"})
+        with c.http.stream("GET", grant["stream_url"]) as response:
+            # Before: 504 upstream_timeout after the 1 s connect timeout.
+            assert response.status_code == 200, response.read()
+            assert first_chunk(response) == "chunk"

@@ -641,9 +641,11 @@ class Recorder:
         self.inner = inner
         self.sent: list[tuple[str, dict[str, str], bytes]] = []
 
-    async def send(self, method: str, url: str, headers: Any, body: bytes) -> Any:
+    async def send(
+        self, method: str, url: str, headers: Any, body: bytes, company: str | None = None
+    ) -> Any:
         self.sent.append((url, dict(headers), body))
-        return await self.inner.send(method, url, headers, body)
+        return await self.inner.send(method, url, headers, body, company=company)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

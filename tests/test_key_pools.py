@@ -223,7 +223,9 @@ class Backend:
         self.body = body  # of every error answer
         self.sent: list[str] = []
 
-    async def send(self, method: str, url: str, headers: Any, body: bytes) -> Answer:
+    async def send(
+        self, method: str, url: str, headers: Any, body: bytes, company: str | None = None
+    ) -> Answer:
         key = dict(headers)["authorization"].removeprefix("Bearer ")
         self.sent.append(key)
         status = self.statuses.get(key, 200)
