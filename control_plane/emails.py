@@ -29,8 +29,9 @@ EMAIL_MAX = 320  # the users.email column; RFC 5321's 64 + 1 + 255
 
 def canonical_email(value: str) -> str:
     """The one spelling of `value` (surrounding space dropped, NFKC, lowercase)."""
-    folded = unicodedata.normalize("NFKC", value.strip()).lower()
-    return unicodedata.normalize("NFKC", folded)
+    folded = unicodedata.normalize("NFKC", value).lower()
+    # Stripped last: a compatibility character can become a space and a mark.
+    return unicodedata.normalize("NFKC", folded).strip()
 
 
 def _shows_as_another(char: str) -> bool:

@@ -12,7 +12,7 @@ from control_plane.accounts import key_scopes
 from control_plane.chat_init import check_features, fit_history, plan_hold, resolve_model
 from control_plane.chat_request import parse_init_request
 from control_plane.db import engine_url
-from control_plane.emails import normalise_email
+from control_plane.emails import canonical_email, normalise_email
 from control_plane.errors import (
     BadRequest,
     Forbidden,
@@ -320,6 +320,14 @@ def test_normalise_email(raw: str, ok: str | None) -> None:
             normalise_email(raw)
     else:
         assert normalise_email(raw) == ok
+
+
+def test_a_canonical_email_is_its_own_canonical_form() -> None:
+    """Every character, canonical once, stays so: stored and typed spellings meet."""
+    for code in range(0x110000):
+        if not 0xD800 <= code <= 0xDFFF:
+            once = canonical_email(f"{chr(code)}a@b.c{chr(code)}")
+            assert canonical_email(once) == once, hex(code)
 
 
 def test_key_scopes() -> None:
