@@ -15,6 +15,7 @@ from sqlmodel import col
 from control_plane import owners, policy
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.credentials import new_api_key
+from control_plane.emails import canonical_email
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
 from control_plane.grants import move
 from control_plane.pagination import Page, PageRequest, read_page
@@ -32,16 +33,20 @@ def actor_of(p: Principal) -> str:
     return p.user_id or ADMIN_TOKEN_ACTOR
 
 
-def normalise_email(value: str) -> str:
-    email = value.strip().lower()
-    local, at, domain = email.partition("@")
-    if not at or not local or "." not in domain or any(c.isspace() for c in email):
-        raise ValidationFailed("email", "must be an email address")
-    return email
-
-
 def find_user_by_email(session: Session, email: str) -> User | None:
     return session.scalars(select(User).where(col(User.email) == email)).first()
+
+
+def find_user_signing_in(session: Session, typed: str) -> User | None:
+    """The user whose address `typed` spells (`emails.canonical_email`). An address
+    stored before spellings were made one, in a form not canonical, is found by the
+    spelling it was stored with (lowercased, as it was then), only when no account
+    has the canonical one."""
+    user = find_user_by_email(session, canonical_email(typed))
+    legacy = typed.strip().lower()
+    if user is None and legacy != canonical_email(typed):
+        user = find_user_by_email(session, legacy)
+    return user
 
 
 def company_public(company: Company) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from sqlmodel import col
 
 from control_plane import policy
 from control_plane.accounts import EXTERNAL_EMAIL_DOMAIN, find_user_by_email
+from control_plane.emails import normalise_email
 from control_plane.errors import Unauthenticated, ValidationFailed
 from control_plane.logout import is_signed_out
 from control_plane.settings import ControlPlaneSettings
@@ -277,8 +278,6 @@ def _email_for(session: Session, ident: ExternalIdentity) -> str:
     in the reserved domain; either only while no user has it (an existing account is
     never taken over, and a taken address must not fail the sign-in for good: one
     stored before the domain was reserved gets a suffix)."""
-    from control_plane.accounts import normalise_email
-
     if ident.email is not None:
         try:
             email = normalise_email(ident.email)

@@ -14,11 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlmodel import col
 
 from control_plane import chat_sessions
-from control_plane.tables import ChatSession, Reservation
+from control_plane.tables import ChatSession, Reservation, User
 from shared.decimals import parse_decimal
 from shared.logs import JsonFormatter
 from shared.pricing import MICRO, cost_micro, parse_credits
@@ -254,3 +254,71 @@ def test_model_ids_with_control_characters_are_422(cp: CP) -> None:
     assert (
         cp.admin.put(f"/v1/admin/companies/{company_id}/providers/mock", json=ok).status_code == 200
     )
+
+
+# --- identity strings: one address, one spelling ------------------------------------
+def _users_of(cp: CP, company_id: str) -> list[dict[str, Any]]:
+    r = cp.admin.get("/v1/admin/users", params={"company_id": company_id, "limit": 200})
+    return list(data_of(r)["items"])
+
+
+def _new_user(cp: CP, company_id: str, email: str) -> httpx.Response:
+    body = {"company_id": company_id, "email": email, "password": PASSWORD}
+    return cp.admin.post("/v1/admin/users", json=body)
+
+
+def test_an_email_longer_once_lowercased_is_422_not_500(cp: CP) -> None:
+    """ "İ" lowercases to two characters: 300 of them passed the 320-character check
+    and then overflowed the column (a 500 from PostgreSQL)."""
+    company_id = cp.company("10")
+    for email in ["\u0130" * 300 + "@example.com", "a" * 310 + "@example.com"]:
+        error_of(_new_user(cp, company_id, email), 422, "validation_error")
+    assert _users_of(cp, company_id) == []
+
+
+def test_one_address_spelled_differently_is_one_account(cp: CP) -> None:
+    """Canonically equivalent or compatibility spellings of one address (NFC and NFD
+    "é", fullwidth letters, a fullwidth "@") were each a new account beside the first,
+    shown with the same address; bidi overrides and invisible characters made an
+    address show as another."""
+    company_id = cp.company("10")
+    local = f"jos\u00e9-{uuid.uuid4().hex[:8]}"
+    email = f"{local}@example.com"
+    created = data_of(_new_user(cp, company_id, email), 201)
+    assert created["email"] == email
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in local)
+    for spelling in [
+        email.replace("\u00e9", "e\u0301"),  # NFD
+        f"{fullwidth}@example.com",
+        f"{local}\uff20example.com",  # fullwidth commercial at
+        email.upper(),
+    ]:
+        error_of(_new_user(cp, company_id, spelling), 409, "conflict")
+        r = cp.client().post("/v1/auth/login", json={"email": spelling, "password": PASSWORD})
+        token = data_of(r)["access_token"]
+        assert data_of(cp.client(token).get("/v1/me"))["user"]["id"] == created["id"]
+    for spoof in [
+        f"\u202e{local}@example.com",  # right-to-left override
+        f"{local}\u200b@example.com",  # zero-width space
+        f"{local}@example.com\u2060",  # word joiner
+        f"{local}@exam\u00adple.com",  # soft hyphen
+    ]:
+        error_of(_new_user(cp, company_id, spoof), 422, "validation_error")
+    assert [u["id"] for u in _users_of(cp, company_id)] == [created["id"]]
+
+
+def test_an_address_stored_before_spellings_were_one_still_signs_in(cp: CP) -> None:
+    """A row written when only case was folded may hold a non-canonical spelling (NFD
+    here): its user still signs in with it, and nobody else can take it."""
+    company_id = cp.company("10")
+    canonical = f"jos\u00e9-{uuid.uuid4().hex[:8]}@example.com"
+    legacy = canonical.replace("\u00e9", "e\u0301")
+    user_id = data_of(_new_user(cp, company_id, canonical), 201)["id"]
+
+    def store_as_before(session: Any) -> None:
+        session.execute(update(User).where(col(User.id) == user_id).values(email=legacy))
+
+    cp.on_loop(lambda: cp.app.state.db.transaction(store_as_before))
+    r = cp.client().post("/v1/auth/login", json={"email": legacy, "password": PASSWORD})
+    token = data_of(r)["access_token"]
+    assert data_of(cp.client(token).get("/v1/me"))["user"]["id"] == user_id

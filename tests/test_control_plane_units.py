@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from control_plane.accounts import key_scopes, normalise_email
+from control_plane.accounts import key_scopes
 from control_plane.chat_init import check_features, fit_history, plan_hold, resolve_model
 from control_plane.chat_request import parse_init_request
 from control_plane.db import engine_url
+from control_plane.emails import canonical_email, normalise_email
 from control_plane.errors import (
     BadRequest,
     Forbidden,
@@ -299,7 +300,19 @@ def test_parse_json_object() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "ok"),
-    [(" Ann@Example.COM ", "ann@example.com"), ("no-at", None), ("a@b", None), ("a b@c.d", None)],
+    [
+        (" Ann@Example.COM ", "ann@example.com"),
+        ("no-at", None),
+        ("a@b", None),
+        ("a b@c.d", None),
+        ("Jose\u0301@Example.com", "jos\u00e9@example.com"),  # NFD: one spelling
+        ("\uff2a\uff4f\uff53\u00e9\uff20x.io", "jos\u00e9@x.io"),  # fullwidth
+        ("\u212aate@x.io", "kate@x.io"),  # the Kelvin sign
+        ("a\u200b@b.c", None),  # invisible
+        ("\u202ea@b.c", None),  # bidi override
+        ("a@b.c\u00a0x", None),  # no-break space
+        ("\u0130" * 300 + "@x.io", None),  # 605 characters once lowercased
+    ],
 )
 def test_normalise_email(raw: str, ok: str | None) -> None:
     if ok is None:
@@ -307,6 +320,14 @@ def test_normalise_email(raw: str, ok: str | None) -> None:
             normalise_email(raw)
     else:
         assert normalise_email(raw) == ok
+
+
+def test_a_canonical_email_is_its_own_canonical_form() -> None:
+    """Every character, canonical once, stays so: stored and typed spellings meet."""
+    for code in range(0x110000):
+        if not 0xD800 <= code <= 0xDFFF:
+            once = canonical_email(f"{chr(code)}a@b.c{chr(code)}")
+            assert canonical_email(once) == once, hex(code)
 
 
 def test_key_scopes() -> None:

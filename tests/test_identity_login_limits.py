@@ -139,6 +139,27 @@ def test_failures_per_email_are_limited_before_argon2(server: Login) -> None:
             assert _login(third, other, PASSWORD).status_code == 200
 
 
+def test_every_spelling_of_an_email_signs_in_to_it_and_counts_against_its_limit(
+    server: Login,
+) -> None:
+    """Each spelling of the address (its case, fullwidth letters, a fullwidth "@")
+    signs in to the one account, and its failures all count as the email's: the
+    limit is per address, not per way of typing it. Before, the fullwidth spellings
+    were unknown emails, counted apart (401 where 200)."""
+    email = server.user()
+    local, _, domain = email.partition("@")
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in local)
+    spellings = [email.upper(), f"{fullwidth}@{domain}", f"{local}\uff20{domain}"]
+    for i, spelling in enumerate(spellings):  # an address each: under its own limit
+        with server.client(f"127.0.0.{30 + i}") as client:
+            assert _login(client, spelling, PASSWORD).status_code == 200
+            assert _login(client, spelling, "wrong").status_code == 401
+    verified = len(server.verifies)
+    with server.client("127.0.0.34") as client:
+        _refused(_login(client, email, PASSWORD))
+    assert len(server.verifies) == verified
+
+
 def test_failures_per_address_are_limited(server: Login) -> None:
     emails = [server.user() for _ in range(LIMIT + 1)]
     with server.client("127.0.0.5") as attacker, server.client("127.0.0.6") as bystander:

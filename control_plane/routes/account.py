@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from control_plane import login_limits, logout, profile, revoking
-from control_plane.accounts import find_user_by_email
+from control_plane.accounts import find_user_signing_in
 from control_plane.auth import (
     ACCESS_TOKEN_TTL_SECONDS,
     authenticate,
@@ -20,6 +20,7 @@ from control_plane.auth import (
 from control_plane.company_llm import CompanyCatalog
 from control_plane.credentials import verify_password
 from control_plane.deps import Deps, get_deps, read_json
+from control_plane.emails import EMAIL_MAX, canonical_email
 from control_plane.errors import (
     Forbidden,
     InvalidCredentials,
@@ -43,7 +44,9 @@ PASSWORD_MAX = 1024
 async def login(request: Request) -> Response:
     deps = get_deps(request)
     doc = await read_json(request)
-    email = required_str(doc, "email", max_len=320).strip().lower()
+    typed = required_str(doc, "email", max_len=EMAIL_MAX)
+    # Every spelling of one address is one account and one count (`emails`).
+    email = canonical_email(typed)
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
     checks = deps.password_checks
     if checks.full:  # refused before the counters: a flood costs the store nothing
@@ -61,7 +64,7 @@ async def login(request: Request) -> Response:
     )
     try:
         async with checks.place():
-            user = await deps.db.transaction(lambda s: find_user_by_email(s, email))
+            user = await deps.db.transaction(lambda s: find_user_signing_in(s, typed))
             # An unknown email is verified too (against a dummy hash): same answer, same
             # time, same place in the queue. Skipping argon2 for it answered ~50x
             # faster, telling who has an account.

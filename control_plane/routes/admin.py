@@ -25,6 +25,7 @@ from control_plane.auth import (
 )
 from control_plane.credentials import hash_password
 from control_plane.deps import get_deps, path_id
+from control_plane.emails import EMAIL_MAX, normalise_email
 from control_plane.errors import Conflict, Forbidden, ServiceUnavailable, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
@@ -82,7 +83,7 @@ async def list_companies(request: Request) -> Response:
 async def create_user(request: Request) -> Response:
     principal, doc = await caller_and_json(request)
     company_id = required_str(doc, "company_id", max_len=64)
-    email = accounts.normalise_email(required_str(doc, "email", max_len=320))
+    email = normalise_email(required_str(doc, "email", max_len=EMAIL_MAX))
     role = one_of(doc.get("role", "member"), "role", ROLES)
     password = doc.get("password")
     password_hash = None
