@@ -4,6 +4,8 @@ minute in the store. One control plane on PostgreSQL + Redis per fixture."""
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -11,14 +13,28 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import text
+from starlette.routing import Route
 
 from control_plane import accounts
+from control_plane.routes import all_routes
 from tests.test_control_plane import CP, data_of, error_of, pg_settings, serve_cp
+
+WRITES_PER_MINUTE = 6
+# In the middle of a window: every write of a test counts in the same one.
+PINNED = 1_800_000_030.0
 
 
 @pytest.fixture(scope="module")
 def cp(pg_server: str) -> Iterator[CP]:
     with pg_settings(pg_server) as settings, serve_cp(settings) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def limited(pg_server: str) -> Iterator[CP]:
+    extra = {"LLMGW_ADMIN_WRITE_RATE_PER_COMPANY": str(WRITES_PER_MINUTE)}
+    with pg_settings(pg_server, extra) as settings, serve_cp(settings) as handle:
+        handle.app.state.deps.clock = lambda: PINNED
         yield handle
 
 
@@ -97,3 +113,92 @@ def test_keys_minted_at_once_at_the_cap_take_only_the_places_left(
         answers = list(pool.map(lambda c: _mint(c, member).status_code, clients))
     assert sorted(answers) == [201, 201] + [409] * 6, answers
     assert _rows(cp, company_id)[0] == 5  # the owner's, the member's two, two more
+
+
+# --- admin writes: a rate per company --------------------------------------------------
+def test_an_owner_looping_an_admin_write_is_held_to_the_rate(limited: CP) -> None:
+    """Attack: an owner's script loops an admin write (here a member's role, back and
+    forth): every one an audit row, kept forever, as fast as the server answers.
+    Now a company's admin writes count per minute in the store: past
+    LLMGW_ADMIN_WRITE_RATE_PER_COMPANY the answer is 429 with Retry-After, before
+    anything is written (no audit row, the role unchanged); the platform admin and
+    other companies are not held by it."""
+    cp = limited
+    owner, company_id = cp.owner_client("1")
+    member = cp.user(company_id, role="member", password=None)["id"]
+    audits = _rows(cp, company_id)[1]
+    roles = ["owner", "member"] * WRITES_PER_MINUTE
+    answers = [owner.patch(f"/v1/admin/users/{member}", json={"role": r}) for r in roles]
+    passed = [r for r in answers if r.status_code == 200]
+    assert len(passed) == WRITES_PER_MINUTE, [r.status_code for r in answers]
+    assert _rows(cp, company_id)[1] == audits + WRITES_PER_MINUTE
+    refused = answers[WRITES_PER_MINUTE]
+    message = error_of(refused, 429, "rate_limited")
+    assert refused.headers["retry-after"] == "30"
+    assert f"admin writes for this company ({WRITES_PER_MINUTE} per minute)" in message, message
+    # The last write that passed set "member"; the refused ones changed nothing.
+    users = data_of(owner.get("/v1/admin/users", params={"company_id": company_id}))
+    assert {u["id"]: u["role"] for u in users["items"]}[member] == "member"
+    # Reads are not writes.
+    data_of(owner.get("/v1/admin/api-keys"))
+    # The platform admin is not held by the company's rate; another company neither.
+    data_of(cp.admin.patch(f"/v1/admin/users/{member}", json={"role": "owner"}))
+    elsewhere, other_company = cp.owner_client("1")
+    other = cp.user(other_company, role="member", password=None)["id"]
+    data_of(elsewhere.patch(f"/v1/admin/users/{other}", json={"role": "owner"}))
+    # The next window starts afresh.
+    cp.app.state.deps.clock = lambda: PINNED + 60
+    try:
+        data_of(owner.patch(f"/v1/admin/users/{member}", json={"role": "member"}))
+    finally:
+        cp.app.state.deps.clock = lambda: PINNED
+
+
+def _admin_writes() -> list[tuple[str, str]]:
+    """(method, path) of every state-changing route under /v1/admin/, path
+    parameters filled with made-up ids."""
+    found = []
+    for route in all_routes():
+        if not isinstance(route, Route) or not route.path.startswith("/v1/admin/"):
+            continue
+        for method in sorted((route.methods or set()) - {"GET", "HEAD"}):
+            found.append((method, re.sub(r"\{[^}]+\}", "x" + uuid.uuid4().hex[:8], route.path)))
+    return found
+
+
+def test_every_admin_write_counts_against_the_rate(limited: CP) -> None:
+    """Once a company's window is full, every state-changing admin route answers
+    429 to its owner (a route added later is covered by the same rule)."""
+    cp = limited
+    owner, company_id = cp.owner_client("1")
+    writes = _admin_writes()
+    assert len(writes) >= 20, writes
+    member = cp.user(company_id, role="member", password=None)["id"]
+    for _ in range(WRITES_PER_MINUTE):
+        data_of(owner.patch(f"/v1/admin/users/{member}", json={"role": "member"}))
+    audits = _rows(cp, company_id)[1]
+    for method, path in writes:
+        r = owner.request(method, path, json={})
+        assert r.status_code == 429, (method, path, r.status_code, r.text)
+    assert _rows(cp, company_id)[1] == audits
+
+
+def test_the_admin_write_rate_is_a_setting_with_a_safe_default() -> None:
+    from cryptography.fernet import Fernet
+
+    from control_plane import admin_writes
+    from control_plane.settings import ControlPlaneSettings
+    from shared.settings import ConfigError
+    from tests.conftest import new_webhook_secret
+
+    base = {
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+    }
+    assert ControlPlaneSettings.from_env(base).admin_write_rate_per_company == 600
+    with pytest.raises(ConfigError, match="LLMGW_ADMIN_WRITE_RATE_PER_COMPANY"):
+        ControlPlaneSettings.from_env({**base, "LLMGW_ADMIN_WRITE_RATE_PER_COMPANY": "0"})
+    assert admin_writes.is_admin_write("POST", "/v1/admin/api-keys")
+    assert admin_writes.is_admin_write("DELETE", "/v1/admin/companies/c/webhook")
+    assert not admin_writes.is_admin_write("GET", "/v1/admin/api-keys")
+    assert not admin_writes.is_admin_write("POST", "/v1/chat/init")
