@@ -154,6 +154,27 @@ def test_an_owner_looping_an_admin_write_is_held_to_the_rate(limited: CP) -> Non
         cp.app.state.deps.clock = lambda: PINNED
 
 
+def test_with_the_store_down_an_owners_admin_write_is_a_503_and_writes_nothing(
+    limited: CP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counter lives in the store: an admin write it cannot count is refused
+    (503 `store_unavailable`), not let through unchecked; the platform admin's is
+    not counted, so it still passes."""
+    cp = limited
+    owner, company_id = cp.owner_client("1")
+    member = cp.user(company_id, role="member", password=None)["id"]
+    audits = _rows(cp, company_id)[1]
+
+    async def down(key: str, window_seconds: float) -> int:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(cp.app.state.deps.store, "hit", down)
+    r = owner.patch(f"/v1/admin/users/{member}", json={"role": "owner"})
+    error_of(r, 503, "store_unavailable")
+    assert _rows(cp, company_id)[1] == audits
+    data_of(cp.admin.patch(f"/v1/admin/users/{member}", json={"role": "owner"}))
+
+
 def _admin_writes() -> list[tuple[str, str]]:
     """(method, path) of every state-changing route under /v1/admin/, path
     parameters filled with made-up ids."""
