@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import owners, policy
+from control_plane import company_locks, owners, policy
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.credentials import new_api_key
 from control_plane.emails import canonical_email
@@ -247,11 +247,53 @@ def key_scopes(requested: Any, role: str, held: Collection[str]) -> list[str]:
     return [s for s in allowed if s in requested]
 
 
+# Live (unrevoked) API keys an owner may mint, per user and per company: nothing
+# bounded them, and an owner's script minted ~55-80 a second from one client (a key
+# row and an audit row each, ~0.75 KB: ~5 GB a day), kept until revoked. 100 a user
+# is past one key per service, environment and colleague's laptop; 10,000 a company
+# past any company handing keys to its own services (its people sign in). A revoked
+# key frees its place; the platform admin is not bound, and can mint more.
+API_KEYS_PER_USER_MAX = 100
+API_KEYS_PER_COMPANY_MAX = 10_000
+
+
+def _live_keys(session: Session, company_id: str, user_id: str | None, cap: int) -> int:
+    """The live keys of `user_id` (or of the whole company), counted up to `cap`: a
+    company's count stops there rather than reading every key it holds."""
+    stmt = select(col(ApiKey.id)).where(col(ApiKey.revoked_at).is_(None))
+    if user_id is not None:
+        stmt = stmt.where(col(ApiKey.user_id) == user_id)
+    else:
+        stmt = stmt.join(User, col(User.id) == col(ApiKey.user_id)).where(
+            col(User.company_id) == company_id
+        )
+    return session.scalar(select(func.count()).select_from(stmt.limit(cap).subquery())) or 0
+
+
+def _check_room_for_a_key(session: Session, company_id: str, user_id: str) -> None:
+    """409 when the user already has `API_KEYS_PER_USER_MAX` live keys, or the company
+    `API_KEYS_PER_COMPANY_MAX`. Counted under the company's configuration lock (not
+    its row, which every init updates), so two mints at once cannot both take the
+    last place."""
+    company_locks.hold_configuration(session, company_id)
+    if _live_keys(session, company_id, user_id, API_KEYS_PER_USER_MAX) >= API_KEYS_PER_USER_MAX:
+        raise Conflict(
+            f"A user keeps at most {API_KEYS_PER_USER_MAX} API keys; revoke one it no longer uses."
+        )
+    if _live_keys(session, company_id, None, API_KEYS_PER_COMPANY_MAX) >= API_KEYS_PER_COMPANY_MAX:
+        raise Conflict(
+            f"A company keeps at most {API_KEYS_PER_COMPANY_MAX} API keys; revoke those "
+            "no longer used, or ask the platform's administrator."
+        )
+
+
 def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) -> CreatedKey:
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
     granted = key_scopes(scopes, user.role, p.scopes)
+    if not policy.is_platform_admin(p):
+        _check_room_for_a_key(session, user.company_id, user.id)
     new = new_api_key()
     row = ApiKey(
         id=new_id(),

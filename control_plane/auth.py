@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 
-from control_plane import db_shares, hot_statements, logout, raw_pg
+from control_plane import admin_writes, db_shares, hot_statements, logout, policy, raw_pg
 from control_plane.credentials import hash_api_key, looks_like_api_key
 from control_plane.deps import Deps, get_deps, read_body
 from control_plane.errors import Revoked, SignedOut, Unauthenticated
@@ -284,10 +284,32 @@ async def authenticate(request: Request, *, signed_out_ok: bool = False) -> Prin
     """The caller. `signed_out_ok`: a token its user signed out still names its
     caller (only for ``POST /v1/auth/logout`` itself, whose repeat is a no-op).
     The request's later database calls count against the caller's company's share
-    of the threads (`db_shares`)."""
+    of the threads (`db_shares`). An admin write counts against its company's
+    per-minute rate here, before its handler reads or writes anything
+    (`admin_writes`)."""
     principal = await _caller(request, signed_out_ok)
     db_shares.acting_for(principal.company_id)
+    await _count_admin_write(request, principal)
     return principal
+
+
+async def _count_admin_write(request: Request, principal: Principal) -> None:
+    """Every handler names its caller here, so no admin route can forget the rate;
+    the platform admin is not counted (`admin_writes`)."""
+    company_id = principal.company_id
+    if (
+        company_id is None
+        or policy.is_platform_admin(principal)
+        or not admin_writes.is_admin_write(request.method, request.url.path)
+    ):
+        return
+    deps = get_deps(request)
+    await admin_writes.check_admin_write_rate(
+        deps.store,
+        company_id=company_id,
+        per_minute=deps.settings.admin_write_rate_per_company,
+        now=deps.clock(),
+    )
 
 
 async def _caller(request: Request, signed_out_ok: bool) -> Principal:

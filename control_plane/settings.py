@@ -123,6 +123,9 @@ class ControlPlaneSettings(CommonSettings):
     # Companies' own webhooks (budget.threshold) may go to private, loopback or
     # link-local addresses only when this is on (off: no SSRF inward).
     company_webhooks_allow_private: bool = False
+    # Admin writes (each an audit row) per minute of one company, its owners' together
+    # (admin_writes); the platform admin is not counted.
+    admin_write_rate_per_company: int = 600
     login_failures_per_15min: int = 10  # per email and per client address, DESIGN §11
     # Sign-ins of one account per minute (login_limits).
     login_rate_per_account: int = 300
@@ -215,6 +218,9 @@ class ControlPlaneSettings(CommonSettings):
             tpm_per_company=env_int(env, "LLMGW_TPM_PER_COMPANY", 0, 0, 10**12),
             company_webhooks_allow_private=env_flag(
                 env, "LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE", False
+            ),
+            admin_write_rate_per_company=env_int(
+                env, "LLMGW_ADMIN_WRITE_RATE_PER_COMPANY", 600, 1, 1_000_000
             ),
             login_failures_per_15min=env_int(
                 env, "LLMGW_LOGIN_FAILURES_PER_15MIN", 10, 1, 1_000_000
