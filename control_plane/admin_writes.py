@@ -13,13 +13,17 @@ audited nowhere. A refused request still counts, as for inits.
 The platform admin (the operator's token, or a user with the admin role) is not
 counted: it is the operator, provisioning companies and credits by script, whose
 storage it pays for; the limit is on what a tenant may make the operator store.
+
+With the store down the write is let through, uncounted (logged): the limit bounds
+storage over hours, which an outage's minutes do not change, while an owner demoting
+or deleting a rogue member in those minutes must not be refused.
 """
 
 from __future__ import annotations
 
 import logging
 
-from control_plane.errors import RateLimited, StoreUnavailable
+from control_plane.errors import RateLimited
 from control_plane.rate_limits import WINDOW_SECONDS, Window, window_at
 from shared.store import CounterStore
 
@@ -42,13 +46,13 @@ async def check_admin_write_rate(
     store: CounterStore, *, company_id: str, per_minute: int, now: float
 ) -> None:
     """Count this admin write for its company; RateLimited (429) past `per_minute`.
-    The store failing is 503: the limit is not skipped, as for inits."""
+    The store failing lets it through, uncounted."""
     window = window_at(now)
     try:
         count = await store.hit(limit_key(company_id, window), WINDOW_SECONDS)
-    except Exception:
-        log.exception("admin-write counter unavailable")
-        raise StoreUnavailable() from None
+    except Exception as exc:
+        log.warning("admin write of company %s not counted: %s", company_id, type(exc).__name__)
+        return
     if count > per_minute:
         raise RateLimited(
             f"Too many admin writes for this company ({per_minute} per minute); "

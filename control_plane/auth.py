@@ -297,10 +297,11 @@ async def _count_admin_write(request: Request, principal: Principal) -> None:
     """Every handler names its caller here, so no admin route can forget the rate;
     the platform admin is not counted (`admin_writes`)."""
     company_id = principal.company_id
+    scope = request.scope  # not `request.url`: every request of every route comes here
     if (
-        company_id is None
+        not admin_writes.is_admin_write(scope["method"], scope["path"])
+        or company_id is None
         or policy.is_platform_admin(principal)
-        or not admin_writes.is_admin_write(request.method, request.url.path)
     ):
         return
     deps = get_deps(request)
