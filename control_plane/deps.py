@@ -56,6 +56,9 @@ class Deps:
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
     clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
+    # An init's instant: its token's times, its hold's deadline. A test skews one
+    # replica's with it (replicas whose clocks disagree).
+    wall_clock: Callable[[], float] = time.time
     # When the key ring's reads begin, and the waits between them (`fresh_keyring`).
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
