@@ -55,7 +55,9 @@ class Deps:
     settler: SettlementBatcher | None = None
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
-    clock: Callable[[], float] = time.time  # wall clock for rate windows; tests fix it
+    # The clock the shared windows (init rate, logins) are read on: in the app the
+    # store's (`shared.store_clock`), which every replica agrees on; tests fix it.
+    clock: Callable[[], float] = time.time
     # An init's instant: its token's times, its hold's deadline. A test skews one
     # replica's with it (replicas whose clocks disagree).
     wall_clock: Callable[[], float] = time.time

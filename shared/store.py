@@ -6,7 +6,8 @@ carries a TTL so a crashed process leaks nothing for long, except the outbox, th
 durable record of unbilled usage.
 
 Each caller names the protocol it uses (`KeyValueStore`, `CounterStore`,
-`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`, `InitGateStore`);
+`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`, `InitGateStore`,
+`ClockStore`);
 `Store` joins them for the app state that hands one object to all.
 `shared/store_factory.py` picks a backend; this module imports neither, so the
 backends can import it.
@@ -284,6 +285,15 @@ class LogStore(Protocol):
         ...
 
 
+class ClockStore(Protocol):
+    """The store's own clock: the one time every process sharing the store agrees on
+    (`shared.store_clock` keeps it without a round trip)."""
+
+    async def server_time(self) -> float:
+        """Seconds since the epoch on the store's clock (Redis's `TIME`)."""
+        ...
+
+
 class InitGateStore(Protocol):
     """Init's checks and counters in one atomic step (rates, TPM, pending grants)."""
 
@@ -300,6 +310,7 @@ class Store(
     OutboxStore,
     LogStore,
     InitGateStore,
+    ClockStore,
     Protocol,
 ):
     """All of the above in one object, as the apps keep it in their state."""

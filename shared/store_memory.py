@@ -13,8 +13,11 @@ class MemoryStore:
     counters' windows and the bounded sets' members, as Redis's own clock does for
     the Redis store (seconds, `time.monotonic` unless a test passes a fake one)."""
 
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], float] | None = None, wall: Callable[[], float] | None = None
+    ) -> None:
         self._clock = clock or time.monotonic
+        self._wall = wall or time.time  # `server_time`: one process, its own wall clock
         self._values: dict[str, tuple[bytes, float]] = {}
         self._outbox: dict[str, bytes] = {}
         self._due: dict[str, float] = {}
@@ -255,6 +258,9 @@ class MemoryStore:
         if entry is None or entry[1] <= self._clock():
             return 0
         return len(entry[0])
+
+    async def server_time(self) -> float:
+        return self._wall()
 
     async def ping(self) -> bool:
         return True

@@ -643,6 +643,17 @@ class RedisStore:
     async def log_length(self, key: str) -> int:
         return int(await self._redis.llen(self._key(key)))
 
+    async def server_time(self) -> float:
+        if self._cluster is not None:
+            # Each node has a clock: every process reads the same one, the node of
+            # one fixed key.
+            await self._cluster.initialize()  # (the slots' map, on a first command)
+            node = self._cluster.get_node_from_key(self._key("clock"))
+            seconds, micros = await self._cluster.time(target_nodes=node)
+        else:
+            seconds, micros = await self._redis.time()
+        return int(seconds) + int(micros) / 1_000_000
+
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())

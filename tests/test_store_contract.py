@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -465,6 +466,12 @@ async def test_a_log_read_is_bounded_by_bytes_and_always_makes_progress(backend:
 
 async def test_a_live_store_answers_ping(backend: Backend) -> None:
     assert await backend.store.ping()
+
+
+async def test_the_store_tells_its_own_time(backend: Backend) -> None:
+    """Epoch seconds on the store's clock (`shared.store_clock` runs on from them);
+    this host's and the test Redis's clocks are one."""
+    assert abs(await backend.store.server_time() - time.time()) < 60
 
 
 # --- the factory --------------------------------------------------------------------
