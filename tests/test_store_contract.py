@@ -5,7 +5,9 @@ uses, `RedisStore` on redis-py's pool alone, and `RedisStore` on a Redis Cluster
 Time is never slept through and then guessed at: the memory store runs on a fake
 clock that the test moves; on Redis, `elapse` polls the server's own clock (the one
 its expiry uses) until the time has passed, so an expired key is gone for certain.
-Times passed as arguments (`now`, `due_at`) are plain numbers.
+Times passed as arguments (`now`, `due_at`) are plain numbers: a bounded set or a
+stream slot keeps only the life between them (`expires_at - now`), on the store's
+clock, which `elapse` moves.
 """
 
 from __future__ import annotations
