@@ -701,7 +701,7 @@ async def _give_back(deps: Deps, held: _Held) -> None:
                 held_tokens=reservation.input_estimate + reservation.max_tokens,
                 used_tokens=0,
                 counted_at=reservation.created_at.timestamp(),
-                now=deps.clock(),
+                now=deps.wall_clock(),
             )
     await pending_inits.forget(deps.store, held.user_id, held.company_id, held.jti)
 
