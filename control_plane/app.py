@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import psycopg
 import sqlalchemy.exc
@@ -46,6 +47,7 @@ from control_plane.signing_keys import KeyRing, load_snapshot, make_fernet
 from control_plane.sweeper import run_sweeper
 from shared.route_claim import route_ciphers
 from shared.store import Store
+from shared.store_clock import StoreClock
 from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS
 
@@ -113,12 +115,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(from_http_exception(exc))
 
 
-def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> Starlette:
+def create_app(
+    settings: ControlPlaneSettings,
+    store: Store | None = None,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+) -> Starlette:
     """Build the control plane.
 
     `store`: pass one to share it (``llm-gateway dev`` shares its in-memory store with
     the edge); the app then uses it but does not close it. Without one, the lifespan
     opens ``settings.redis_url`` (or an in-memory store) and closes it.
+    `wall_clock`: this host's (a test runs a replica whose clock disagrees); the
+    windows shared with other replicas are read on the store's clock instead.
     """
     fernet = make_fernet(settings.require_encryption_key())
     metrics = Metrics()
@@ -147,7 +156,10 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
         sweeper: asyncio.Task[None] | None = None
         deliveries: asyncio.Task[None] | None = None
         retired: asyncio.Task[None] | None = None
+        store_clock = StoreClock(wall=wall_clock)
+        clock_reads: asyncio.Task[None] | None = None
         try:
+            clock_reads = asyncio.create_task(store_clock.run(active_store), name="store-clock")
             snapshot = await db.transaction(lambda s: load_snapshot(s, fernet))
             deps = Deps(
                 settings=settings,
@@ -160,6 +172,8 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
                 external=ExternalVerifier.from_settings(settings),
                 settler=SettlementBatcher(db),
                 catalog_cache=CatalogCache(),
+                clock=store_clock.now,
+                wall_clock=wall_clock,
             )
             app.state.deps = deps
             app.state.settings = settings
@@ -167,6 +181,7 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
             app.state.db = db
             app.state.keyring = deps.keyring
             app.state.store = active_store
+            app.state.store_clock = store_clock
             app.state.metrics = metrics
             sweeper = asyncio.create_task(
                 run_sweeper(db, active_store, metrics, settings),
@@ -185,7 +200,7 @@ def create_app(settings: ControlPlaneSettings, store: Store | None = None) -> St
             retired = asyncio.create_task(watch_retired_keys(deps), name="retired-keys")
             yield
         finally:
-            for task in (sweeper, deliveries, retired):
+            for task in (sweeper, deliveries, retired, clock_reads):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,7 +60,7 @@ from control_plane.init_writes import NewReservation
 from control_plane.ledger import take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
 from control_plane.settings import ControlPlaneSettings
-from control_plane.tables import ChatSession, Reservation, new_id, utcnow
+from control_plane.tables import ChatSession, Reservation, new_id
 from shared.catalog import MAX_TOKEN_COUNT, Catalog, ModelSpec
 from shared.input_size import (
     InputRejected,
@@ -702,7 +701,7 @@ async def _give_back(deps: Deps, held: _Held) -> None:
                 held_tokens=reservation.input_estimate + reservation.max_tokens,
                 used_tokens=0,
                 counted_at=reservation.created_at.timestamp(),
-                now=deps.clock(),
+                now=deps.wall_clock(),
             )
     await pending_inits.forget(deps.store, held.user_id, held.company_id, held.jti)
 
@@ -734,7 +733,7 @@ async def init_chat(
     # read holds nothing.
     keyring = await deps.fresh_keyring()
     settings = deps.settings
-    now = utcnow()
+    now = datetime.fromtimestamp(deps.wall_clock(), UTC)
     issued = int(now.timestamp())
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
@@ -748,7 +747,9 @@ async def init_chat(
         company_id=principal.company_id,
         jti=jti,
         expires_at=hold_expires_at.timestamp(),
-        at=init_gate.Moment(rate_now=deps.clock(), tpm_now=now.timestamp(), wall_now=time.time()),
+        at=init_gate.Moment(
+            rate_now=deps.clock(), tpm_now=now.timestamp(), wall_now=now.timestamp()
+        ),
         cache=deps.catalog_cache,
     )
     # What a cancelled init (the server's shutdown cuts its request off) gives back.

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 from control_plane.deps import Deps
 from shared.revocations import retired_signing_keys
@@ -36,8 +34,8 @@ async def watch_retired_keys(deps: Deps, interval: float = CHECK_SECONDS) -> Non
             log.warning("retired signing keys check failed: %s", type(exc).__name__)
 
 
-async def check_retired_keys(deps: Deps, clock: Callable[[], float] = time.time) -> None:
-    kids = await retired_signing_keys(deps.store, clock())
+async def check_retired_keys(deps: Deps) -> None:
+    kids = await retired_signing_keys(deps.store)
     if deps.keyring.retire(kids):
         # Another instance retired the key this one signs with: read the new one.
         await deps.fresh_keyring(unknown_kid=True)

@@ -71,5 +71,5 @@ async def announce_retired_signing_keys(
         )
 
 
-async def retired_signing_keys(store: BoundedSetStore, now: float) -> frozenset[str]:
-    return frozenset(await store.bounded_members(RETIRED_SIGNING_KEYS, now))
+async def retired_signing_keys(store: BoundedSetStore) -> frozenset[str]:
+    return frozenset(await store.bounded_members(RETIRED_SIGNING_KEYS))

@@ -6,7 +6,8 @@ carries a TTL so a crashed process leaks nothing for long, except the outbox, th
 durable record of unbilled usage.
 
 Each caller names the protocol it uses (`KeyValueStore`, `CounterStore`,
-`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`, `InitGateStore`);
+`BoundedSetStore`, `AdmissionStore`, `OutboxStore`, `LogStore`, `InitGateStore`,
+`ClockStore`);
 `Store` joins them for the app state that hands one object to all.
 `shared/store_factory.py` picks a backend; this module imports neither, so the
 backends can import it.
@@ -28,6 +29,10 @@ class Admission:
     step (one round trip to Redis): not revoked, not used on another path, a free
     slot in each of `slot_keys`; then the token is marked used by `path` and the
     slots taken. `fetch_key`'s value (the stashed request) comes back with it.
+
+    `now`, `slots_expire_at`: the slots' deadline on the caller's clock, kept for
+    `slots_expire_at - now` on the store's (see `BoundedSetStore`): an edge whose
+    clock runs ahead must not free the slots of another edge's live streams.
 
     `issued_key`: a key the issuer wrote before the token existed (its stashed
     request), which must still be there for a first use. A store that lost its data
@@ -98,7 +103,9 @@ class InitGate:
        to every one of them until `expires_at`, or to none when one already holds
        `pending_limits[i]` others once the expired members and those whose stream
        started (`used_prefix` + member exists: the edge's used mark) are dropped; the
-       started ones are looked up only in a set that is full;
+       started ones are looked up only in a set that is full; `now` and
+       `expires_at` are read as `BoundedSetStore.bounded_add` reads them (the
+       store's clock decides what expired, `frees_at` is on the caller's);
     4. `fetch_key`'s value read back (the company's LLM-config version).
     """
 
@@ -163,18 +170,26 @@ class CounterStore(Protocol):
 
 
 class BoundedSetStore(Protocol):
-    """Sets of members that each expire at their own time, capped in size."""
+    """Sets of members that each expire at their own time, capped in size.
 
-    async def bounded_members(self, key: str, now: float) -> list[str]:
-        """The members of the bounded set `key` that expire after `now`."""
+    Times are kept on the store's clock (Redis's `TIME`; the memory store's
+    `clock`), never on a caller's: processes whose clocks disagree share these sets,
+    and one whose clock runs ahead would expire the others' live members. A caller
+    passes its deadline with its `now` (both on its clock): the store keeps the
+    member for `expires_at - now` from its own present, and answers times back on
+    that caller's clock. `Admission`'s slots are kept alike."""
+
+    async def bounded_members(self, key: str) -> list[str]:
+        """The members of the bounded set `key` that have not expired."""
         ...
 
     async def bounded_add(
         self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
     ) -> float | None:
-        """Atomically forget `drop` and the members expired by `now`, then add `member`
-        (until `expires_at`) unless the set already holds `limit` others. None when
-        added; otherwise the earliest expiry, i.e. when a place frees up at the latest."""
+        """Atomically forget `drop` and the expired members, then add `member` (for
+        `expires_at - now`) unless the set already holds `limit` others. None when
+        added; otherwise the earliest expiry on the caller's clock, i.e. when a
+        place frees up at the latest."""
         ...
 
     async def bounded_remove(self, keys: list[str], member: str) -> None:
@@ -270,6 +285,15 @@ class LogStore(Protocol):
         ...
 
 
+class ClockStore(Protocol):
+    """The store's own clock: the one time every process sharing the store agrees on
+    (`shared.store_clock` keeps it without a round trip)."""
+
+    async def server_time(self) -> float:
+        """Seconds since the epoch on the store's clock (Redis's `TIME`)."""
+        ...
+
+
 class InitGateStore(Protocol):
     """Init's checks and counters in one atomic step (rates, TPM, pending grants)."""
 
@@ -286,6 +310,7 @@ class Store(
     OutboxStore,
     LogStore,
     InitGateStore,
+    ClockStore,
     Protocol,
 ):
     """All of the above in one object, as the apps keep it in their state."""

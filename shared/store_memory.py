@@ -9,11 +9,15 @@ from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 
 class MemoryStore:
-    """Every store protocol in one process's dicts. `clock` times the TTLs and the
-    counters' windows (seconds, `time.monotonic` unless a test passes a fake one)."""
+    """Every store protocol in one process's dicts. `clock` times the TTLs, the
+    counters' windows and the bounded sets' members, as Redis's own clock does for
+    the Redis store (seconds, `time.monotonic` unless a test passes a fake one)."""
 
-    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, clock: Callable[[], float] | None = None, wall: Callable[[], float] | None = None
+    ) -> None:
         self._clock = clock or time.monotonic
+        self._wall = wall or time.time  # `server_time`: one process, its own wall clock
         self._values: dict[str, tuple[bytes, float]] = {}
         self._outbox: dict[str, bytes] = {}
         self._due: dict[str, float] = {}
@@ -120,12 +124,12 @@ class MemoryStore:
             return Admitted("unknown")
         sets = []
         for index, (key, limit) in enumerate(zip(a.slot_keys, a.limits, strict=True)):
-            members = self._bounded(key, a.now)
+            members = self._bounded(key)
             if a.member not in members and len(members) >= limit:
                 return Admitted("full", full_index=index)
             sets.append(members)
         for members in sets:
-            members[a.member] = a.slots_expire_at
+            members[a.member] = self._at(a.slots_expire_at, a.now)
         await self.set(a.used_key, a.mark().encode(), a.used_ttl_seconds)
         fetched = self._live(a.fetch_key) if a.fetch_key is not None else None
         if a.issued_key is not None and not a.nonce:
@@ -164,24 +168,34 @@ class MemoryStore:
         self._values[key] = (str(total).encode(), expires or self._clock() + window_seconds)
         return total
 
-    def _bounded(self, key: str, now: float) -> dict[str, float]:
+    def _bounded(self, key: str) -> dict[str, float]:
+        """A bounded set's live members, each with its deadline on `clock`."""
         members = self._slots.setdefault(key, {})
+        now = self._clock()
         for stale in [m for m, exp in members.items() if exp <= now]:
             del members[stale]
         return members
 
-    async def bounded_members(self, key: str, now: float) -> list[str]:
-        return list(self._bounded(key, now))
+    def _at(self, deadline: float, now: float) -> float:
+        """A caller's deadline (`now` on its clock) on the store's clock."""
+        return self._clock() + (deadline - now)
+
+    def _theirs(self, at: float, now: float) -> float:
+        """A deadline on the store's clock back on a caller's (`now` on its clock)."""
+        return now + (at - self._clock())
+
+    async def bounded_members(self, key: str) -> list[str]:
+        return list(self._bounded(key))
 
     async def bounded_add(
         self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
     ) -> float | None:
-        members = self._bounded(key, now)
+        members = self._bounded(key)
         for gone in drop:
             members.pop(gone, None)
         if member not in members and len(members) >= limit:
-            return min(members.values())
-        members[member] = expires_at
+            return self._theirs(min(members.values()), now)
+        members[member] = self._at(expires_at, now)
         return None
 
     async def bounded_remove(self, keys: list[str], member: str) -> None:
@@ -199,15 +213,16 @@ class MemoryStore:
             raw = self._live(key)
             if raw is not None and int(raw) >= limit:
                 return InitGated("tpm", index)
-        sets = [self._bounded(key, g.now) for key in g.pending_keys]
+        sets = [self._bounded(key) for key in g.pending_keys]
         for index, (members, limit) in enumerate(zip(sets, g.pending_limits, strict=True)):
             if g.member not in members and len(members) >= limit:
                 for started in [m for m in members if self._live(g.used_prefix + m) is not None]:
                     del members[started]
                 if len(members) >= limit:
-                    return InitGated("pending", index, frees_at=min(members.values()))
+                    frees_at = self._theirs(min(members.values()), g.now)
+                    return InitGated("pending", index, frees_at=frees_at)
         for members in sets:
-            members[g.member] = g.expires_at
+            members[g.member] = self._at(g.expires_at, g.now)
         fetched = self._live(g.fetch_key) if g.fetch_key is not None else None
         return InitGated("ok", fetched=fetched)
 
@@ -243,6 +258,9 @@ class MemoryStore:
         if entry is None or entry[1] <= self._clock():
             return 0
         return len(entry[0])
+
+    async def server_time(self) -> float:
+        return self._wall()
 
     async def ping(self) -> bool:
         return True

@@ -22,6 +22,23 @@ from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 # answer these with 503 instead of an unhandled 500.
 STORE_ERRORS: tuple[type[Exception], ...] = (RedisError,)
 
+# The store's clock, for scripts that compare times written by different processes:
+# each caller's `now` only turns its deadline into a life (`expires_at - now`),
+# counted here from Redis's own `TIME`. Replicas whose clocks disagree (no NTP, a VM
+# resumed from pause) then agree on which members still live; a caller's clock ahead
+# of the others' no longer expires their live members. (Redis 7 replicates a
+# script's effects, so `TIME` is allowed in one.) `at(deadline, now)`: a caller's
+# deadline on the store's clock; `theirs(score, now)`: a stored one back on the
+# caller's clock (as text: a Lua number comes back as an integer).
+_CLOCK = """
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function at(deadline, now) return clock + (tonumber(deadline) - tonumber(now)) end
+local function theirs(score, now)
+  return string.format('%.17g', tonumber(now) + (tonumber(score) - clock))
+end
+"""
+
 _CLAIM = """
 local ids = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
@@ -34,7 +51,9 @@ return ids
 # fetch, or with a nonce kept repeat_seconds at most). ARGV: n_revocations, n_slots,
 # path, used_ttl_ms, now, slots_expire_at, member, slots_ttl_ms, has_fetch,
 # has_issued, nonce ('' for none), repeat_ms, then one limit per slot set.
-_ADMIT = """
+_ADMIT = (
+    _CLOCK
+    + """
 local n_rev, n_slots = tonumber(ARGV[1]), tonumber(ARGV[2])
 local fetch = ARGV[9] == '1' and KEYS[n_rev + n_slots + 2] or nil
 for i = 1, n_rev do
@@ -57,7 +76,7 @@ end
 if ARGV[10] == '1' and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {'unknown'} end
 for i = 1, n_slots do
   local key = KEYS[n_rev + 1 + i]
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', clock)
   if redis.call('ZSCORE', key, ARGV[7]) == false
      and redis.call('ZCARD', key) >= tonumber(ARGV[12 + i]) then
     return {'full', i - 1}
@@ -65,7 +84,7 @@ for i = 1, n_slots do
 end
 for i = 1, n_slots do
   local key = KEYS[n_rev + 1 + i]
-  redis.call('ZADD', key, ARGV[6], ARGV[7])
+  redis.call('ZADD', key, at(ARGV[6], ARGV[5]), ARGV[7])
   redis.call('PEXPIRE', key, ARGV[8])
 end
 redis.call('SET', used_key, mark, 'PX', ARGV[4])
@@ -81,6 +100,7 @@ end
 if fetch then return {'ok', -1, fetched} end
 return {'ok', -1}
 """
+)
 
 
 # See `AdmissionStore.unadmit`. KEYS: the used key, the slot sets, then the issued key
@@ -121,17 +141,29 @@ return 1
 
 # See `BoundedSetStore.bounded_add`. KEYS: the set; ARGV: now, member, expires_at, limit,
 # ttl_ms, then the members to drop.
-_BOUNDED_ADD = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+_BOUNDED_ADD = (
+    _CLOCK
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', clock)
 for i = 6, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false
    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+  return theirs(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2], ARGV[1])
 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[1], at(ARGV[3], ARGV[1]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return false
 """
+)
+
+
+# See `BoundedSetStore.bounded_members`: the members still live on the store's clock.
+_BOUNDED_MEMBERS = (
+    _CLOCK
+    + """
+return redis.call('ZRANGE', KEYS[1], '(' .. string.format('%.17g', clock), '+inf', 'BYSCORE')
+"""
+)
 
 
 # A log's items from ARGV[1], at most ARGV[2] of them and no more than ARGV[3] bytes in
@@ -163,7 +195,9 @@ return out
 # is added to any: refused by one, it is in none.
 # The used marks (`used_prefix` .. member) are named here, not in KEYS: a single
 # Redis only (on a cluster `init_gate` runs the steps one by one instead).
-_INIT_GATE = """
+_INIT_GATE = (
+    _CLOCK
+    + """
 local n_rate, n_tpm, n_pending = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
 for i = 1, n_rate do
   local count = redis.call('INCR', KEYS[i])
@@ -177,23 +211,25 @@ end
 local sets = n_rate + n_tpm
 for i = 1, n_pending do
   local set, limit = KEYS[sets + i], tonumber(ARGV[9 + sets + i])
-  redis.call('ZREMRANGEBYSCORE', set, '-inf', ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', clock)
   if redis.call('ZSCORE', set, ARGV[5]) == false and redis.call('ZCARD', set) >= limit then
     for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do
       if redis.call('EXISTS', ARGV[9] .. m) == 1 then redis.call('ZREM', set, m) end
     end
     if redis.call('ZCARD', set) >= limit then
-      return {'pending', i - 1, redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]}
+      local first = redis.call('ZRANGE', set, 0, 0, 'WITHSCORES')[2]
+      return {'pending', i - 1, theirs(first, ARGV[4])}
     end
   end
 end
 for i = 1, n_pending do
-  redis.call('ZADD', KEYS[sets + i], ARGV[6], ARGV[5])
+  redis.call('ZADD', KEYS[sets + i], at(ARGV[6], ARGV[4]), ARGV[5])
   redis.call('PEXPIRE', KEYS[sets + i], ARGV[8])
 end
 if #KEYS > sets + n_pending then return {'ok', -1, '', redis.call('GET', KEYS[#KEYS])} end
 return {'ok'}
 """
+)
 # --- end of init's gate ------------------------------------------------------------
 
 
@@ -239,6 +275,7 @@ class RedisStore:
                 _PUT,
                 _RESCHEDULE,
                 _BOUNDED_ADD,
+                _BOUNDED_MEMBERS,
                 _INIT_GATE,
                 _LOG_RANGE,
             )
@@ -486,8 +523,8 @@ class RedisStore:
             total, _ = await pipe.execute()
         return int(total)
 
-    async def bounded_members(self, key: str, now: float) -> list[str]:
-        raw = await self._redis.zrangebyscore(self._key(key), f"({now}", "+inf")
+    async def bounded_members(self, key: str) -> list[str]:
+        raw: list[Any] = await self._run(_BOUNDED_MEMBERS, [self._key(key)], [])
         return [_text(m) for m in raw]
 
     async def bounded_add(
@@ -562,7 +599,7 @@ class RedisStore:
             add = (key, g.member, g.expires_at, g.now, limit)
             frees_at = await self.bounded_add(*add, [])
             if frees_at is not None:
-                members = await self.bounded_members(key, g.now)
+                members = await self.bounded_members(key)
                 marks = await self.get_many([g.used_prefix + m for m in members]) if members else []
                 started = [m for m, mark in zip(members, marks, strict=True) if mark is not None]
                 if started:
@@ -605,6 +642,17 @@ class RedisStore:
 
     async def log_length(self, key: str) -> int:
         return int(await self._redis.llen(self._key(key)))
+
+    async def server_time(self) -> float:
+        if self._cluster is not None:
+            # Each node has a clock: every process reads the same one, the node of
+            # one fixed key.
+            await self._cluster.initialize()  # (the slots' map, on a first command)
+            node = self._cluster.get_node_from_key(self._key("clock"))
+            seconds, micros = await self._cluster.time(target_nodes=node)
+        else:
+            seconds, micros = await self._redis.time()
+        return int(seconds) + int(micros) / 1_000_000
 
     async def ping(self) -> bool:
         try:

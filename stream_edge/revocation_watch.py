@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 from shared.revocations import grant_keys, retired_signing_keys
 from stream_edge.state import EdgeState, RunningStream
@@ -42,9 +40,9 @@ async def watch_revocations(state: EdgeState, interval: float = CHECK_SECONDS) -
             log.warning("revocation check failed: %s", type(exc).__name__)
 
 
-async def check_pass(state: EdgeState, clock: Callable[[], float] = time.time) -> None:
+async def check_pass(state: EdgeState) -> None:
     """One pass: the retired signing keys, then the running streams."""
-    retired = await retired_signing_keys(state.store, clock())
+    retired = await retired_signing_keys(state.store)
     state.grants.retire(retired)
     await check_running(state, retired)
 

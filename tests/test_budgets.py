@@ -684,10 +684,11 @@ def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
     user_id, key = w.user_key(company)
     client = w.as_(key)
     deps = w.cp.app.state.deps
-    # The settlement's "is the window still current" reads the app's clock: pinned to
-    # now, the correction always applies whatever minute the test runs in.
+    # The settlement's "is the window still current" reads the app's wall clock, the
+    # one its window was named on: pinned to now, the correction always applies
+    # whatever minute the test runs in.
     pinned = time.time()
-    deps.clock = lambda: pinned
+    deps.wall_clock = lambda: pinned
     try:
         before = credits_of(client)
         big = {"messages": MESSAGES, "max_tokens": TPM_PER_USER + 1}
@@ -711,7 +712,7 @@ def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
         assert w.cp.webhook(event).status_code == 200
         assert w.cp.on_loop(read) == b"5"
     finally:
-        deps.clock = time.time
+        deps.wall_clock = time.time
 
 
 def test_cli_sets_budgets_teams_and_the_webhook(

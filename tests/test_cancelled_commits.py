@@ -7,7 +7,6 @@ uvicorn's shutdown does), on PostgreSQL for a row lock another connection holds.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -136,7 +135,7 @@ async def test_an_init_cancelled_after_its_hold_gives_back_the_hold_and_the_pend
     sets = pending_inits.keys(held.user_id, company_id)  # the user's and the company's
 
     async def pending() -> list[list[str]]:
-        return [await store.bounded_members(key, time.time()) for key in sets]
+        return [await store.bounded_members(key) for key in sets]
 
     assert await pending() == [[held.jti], [held.jti]]
     init.cancel()

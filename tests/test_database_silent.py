@@ -240,7 +240,7 @@ def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tp
     counted_at = row[0].timestamp()
     # The settlement's "now" inside the init's window, whatever the test's pace: a
     # correction past the window's end changes nothing by design.
-    split.apps["cp"].state.deps.clock = lambda: counted_at
+    split.apps["cp"].state.deps.wall_clock = lambda: counted_at
     window = f"{redis_prefix}tpm:user:{event.user_id}:{window_at(counted_at).start}"
     tokens = redis.Redis.from_url(REDIS_URL)
     held_tokens = int(tokens.get(window) or 0)

@@ -60,7 +60,7 @@ async def test_a_lost_admission_reply_leaves_the_token_usable_and_its_slots_free
         # Taken back: no used mark, no slot held.
         assert await gw.store.get(first.used_key) is None
         for key in first.slot_keys:
-            assert await gw.store.bounded_members(key, first.now) == []
+            assert await gw.store.bounded_members(key) == []
         # The client's retry with the same token streams (a first use, its own nonce).
         status, answer = await gw.complete(token, {"messages": [HI]})
         assert status == 200, answer

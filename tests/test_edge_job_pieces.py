@@ -254,8 +254,7 @@ class Edge:
         assert admitted.verdict == "ok"
 
     async def slots_held(self) -> list[list[str]]:
-        now = time.time()
-        return [await self.store.bounded_members(key, now) for key in slot_keys(GRANT)]
+        return [await self.store.bounded_members(key) for key in slot_keys(GRANT)]
 
     def reporter(self, backoff: Backoff) -> Reporter:
         state = SimpleNamespace(

@@ -212,7 +212,7 @@ async def test_a_streams_store_calls_go_through_the_one_connection(redis_prefix:
         # Everything landed (outbox empty, slots all given back, tokens used) ...
         assert await store.outbox_size() == 0
         assert await store.get_many([f"used:jti{i}" for i in (0, 49)]) == [b"completions"] * 2
-        assert await store.bounded_members("slots:company:c", now) == []
+        assert await store.bounded_members("slots:company:c") == []
         # ... and redis-py's pool opened only the connection those last reads took.
         assert len(pool._available_connections) + len(pool._in_use_connections) <= 1
     finally:

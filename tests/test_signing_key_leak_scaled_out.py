@@ -86,7 +86,7 @@ async def test_a_retired_key_is_refused_by_every_instance_and_edge_within_a_pass
         )
         assert rotated.status_code == 201, rotated.text
         assert leaked_kid in rotated.json()["data"]["retired"]
-        assert leaked_kid in await gw.store.bounded_members(RETIRED_SIGNING_KEYS, 0.0)
+        assert leaked_kid in await gw.store.bounded_members(RETIRED_SIGNING_KEYS)
 
         await check_retired_keys(deps_b)
         await check_pass(gw.edge_state())

@@ -5,7 +5,9 @@ uses, `RedisStore` on redis-py's pool alone, and `RedisStore` on a Redis Cluster
 Time is never slept through and then guessed at: the memory store runs on a fake
 clock that the test moves; on Redis, `elapse` polls the server's own clock (the one
 its expiry uses) until the time has passed, so an expired key is gone for certain.
-Times passed as arguments (`now`, `due_at`) are plain numbers.
+Times passed as arguments (`now`, `due_at`) are plain numbers: a bounded set or a
+stream slot keeps only the life between them (`expires_at - now`), on the store's
+clock, which `elapse` moves.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import shared.store
-from shared.store import Admission, SlotRelease, Store
+from shared.store import Admission, Admitted, SlotRelease, Store
 from shared.store_factory import open_store
 from shared.store_memory import MemoryStore
 from shared.store_redis import RedisStore, cluster_url
@@ -193,20 +196,42 @@ async def test_add_sums_within_a_window(backend: Backend) -> None:
 async def test_a_bounded_set_caps_expires_and_drops(backend: Backend) -> None:
     store = backend.store
     key = "pending:u"
-    assert await store.bounded_members(key, T) == []
-    assert await store.bounded_add(key, "a", T + 10, T, 2, []) is None
-    assert await store.bounded_add(key, "b", T + 20, T, 2, []) is None
-    assert await store.bounded_add(key, "c", T + 30, T, 2, []) == T + 10  # full: a frees first
-    assert await store.bounded_add(key, "a", T + 15, T, 2, []) is None  # a member may renew
-    assert sorted(await store.bounded_members(key, T)) == ["a", "b"]
-    assert await store.bounded_members(key, T + 15) == ["b"]  # a expired by then
-    assert await store.bounded_add(key, "c", T + 30, T, 2, ["a", "gone"]) is None  # a dropped
-    assert await store.bounded_add(key, "d", T + 40, T + 25, 2, []) is None  # b expired
-    assert sorted(await store.bounded_members(key, T + 25)) == ["c", "d"]
+    assert await store.bounded_members(key) == []
+    assert await store.bounded_add(key, "a", T + SHORT, T, 2, []) is None
+    assert await store.bounded_add(key, "a", T + SHORT, T, 2, []) is None  # a member may renew
+    assert await store.bounded_add(key, "b", T + 60, T, 2, []) is None
+    # full: a frees first, said on the caller's clock (T: its `now`)
+    assert await store.bounded_add(key, "c", T + 30, T, 2, []) == pytest.approx(T + SHORT, abs=1)
+    assert sorted(await store.bounded_members(key)) == ["a", "b"]
+    await backend.elapse(SHORT)
+    assert await store.bounded_members(key) == ["b"]  # a expired by then
+    assert await store.bounded_add(key, "c", T + 30, T, 2, ["b", "gone"]) is None  # b dropped
+    assert await store.bounded_add(key, "d", T + 40, T, 2, []) is None
+    assert sorted(await store.bounded_members(key)) == ["c", "d"]
     await store.bounded_remove([key], "c")
     await store.bounded_remove([key, "pending:other"], "never")
-    assert await store.bounded_members(key, T + 25) == ["d"]
-    assert await store.bounded_add(key, "e", T + 50, T + 25, 1, []) == T + 40
+    assert await store.bounded_members(key) == ["d"]
+    # the answer on this caller's clock, whatever it reads: d frees 40 s on
+    assert await store.bounded_add(key, "e", 5.0 + 50, 5.0, 1, []) == pytest.approx(45.0, abs=1)
+
+
+async def test_callers_whose_clocks_disagree_agree_on_what_lives(backend: Backend) -> None:
+    """Replicas (control planes, edges) share these sets, each with its own clock:
+    members were scored with the writer's deadline and pruned with the reader's
+    `now`, so one running ten minutes ahead dropped the others' live members (a
+    pending-init cap, a stream-slot limit passed). Now a life is counted on the
+    store's clock from the moment the store took it."""
+    store = backend.store
+    ahead = T + 600  # the same instant on a clock ten minutes fast
+    assert await store.bounded_add("pending:u", "a", T + 220, T, 1, []) is None
+    assert await store.bounded_add("pending:u", "b", ahead + 220, ahead, 1, []) == pytest.approx(
+        ahead + 220, abs=1
+    )
+    assert await store.bounded_members("pending:u") == ["a"]
+    assert (await store.admit(admission("j1"))).verdict == "ok"
+    skewed = dataclasses.replace(admission("j2"), now=T + 1000, slots_expire_at=T + 1060)
+    assert (await store.admit(skewed)) == Admitted("full", full_index=1)  # j1 still streams
+    assert await store.bounded_members("slots:{c}:user") == ["j1"]
 
 
 async def test_a_member_is_forgotten_from_several_bounded_sets_at_once(backend: Backend) -> None:
@@ -218,7 +243,7 @@ async def test_a_member_is_forgotten_from_several_bounded_sets_at_once(backend: 
         assert await store.bounded_add(key, "a", T + 10, T, 5, []) is None
         assert await store.bounded_add(key, "b", T + 10, T, 5, []) is None
     await store.bounded_remove(sets, "a")
-    assert [await store.bounded_members(key, T) for key in sets] == [["b"], ["b"]]
+    assert [await store.bounded_members(key) for key in sets] == [["b"], ["b"]]
 
 
 # --- admission --------------------------------------------------------------------
@@ -228,8 +253,8 @@ async def test_admission_takes_slots_and_returns_the_stash(backend: Backend) -> 
     first = await store.admit(admission("j1"))
     assert (first.verdict, first.fetched) == ("ok", b"request")
     assert await store.get("used:{c}:j1") == b"stream"  # marked used by its path
-    assert await store.bounded_members("slots:{c}:company", T) == ["j1"]
-    assert await store.bounded_members("slots:{c}:user", T) == ["j1"]
+    assert await store.bounded_members("slots:{c}:company") == ["j1"]
+    assert await store.bounded_members("slots:{c}:user") == ["j1"]
     # The same path again is a reconnect; another path is a second use. Neither
     # takes anything.
     assert (await store.admit(admission("j1"))).verdict == "reconnect"
@@ -247,7 +272,7 @@ async def test_a_first_use_needs_the_issued_key_and_takes_nothing_without_it(
     # A store that lost its data: the token's stash is gone, so is any used mark.
     assert (await store.admit(issued)).verdict == "unknown"
     assert await store.get("used:{c}:j1") is None  # not marked used
-    assert await store.bounded_members("slots:{c}:company", T) == []  # nothing taken
+    assert await store.bounded_members("slots:{c}:company") == []  # nothing taken
     await store.set("stash:{c}:j1", b"request", 60)
     first = await store.admit(dataclasses.replace(issued, fetch_key="stash:{c}:j1"))
     assert (first.verdict, first.fetched) == ("ok", b"request")
@@ -270,7 +295,7 @@ async def test_a_repeated_admission_is_ok_again_and_can_be_taken_back(backend: B
     assert await store.get("used:{c}:j1") == b"stream n-1"
     again = await store.admit(mine)  # a retry of the same request
     assert (again.verdict, again.fetched) == ("ok", b"request")
-    assert await store.bounded_members("slots:{c}:user", T) == ["j1"]
+    assert await store.bounded_members("slots:{c}:user") == ["j1"]
     # Any other request with the token: its own nonce, or none.
     assert (await store.admit(dataclasses.replace(mine, nonce="n-2"))).verdict == "reconnect"
     assert (await store.admit(dataclasses.replace(mine, nonce=""))).verdict == "reconnect"
@@ -281,8 +306,8 @@ async def test_a_repeated_admission_is_ok_again_and_can_be_taken_back(backend: B
     assert await store.get("used:{c}:j1") == b"stream n-1"
     assert await store.unadmit(mine)
     assert await store.get("used:{c}:j1") is None
-    assert await store.bounded_members("slots:{c}:company", T) == []
-    assert await store.bounded_members("slots:{c}:user", T) == []
+    assert await store.bounded_members("slots:{c}:company") == []
+    assert await store.bounded_members("slots:{c}:user") == []
     assert not await store.unadmit(mine)  # once
     # The token is unused again: its next request is a first use, with the stash.
     retried = await store.admit(dataclasses.replace(mine, nonce="n-4"))
@@ -314,7 +339,7 @@ async def test_admission_refuses_revoked_and_full(backend: Backend) -> None:
     full = await store.admit(admission("j2"))
     assert (full.verdict, full.full_index) == ("full", 1)  # the user's slot (limit 1)
     # All or none: the company's set did not take j2, and j2 is not marked used.
-    assert await store.bounded_members("slots:{c}:company", T) == ["j1"]
+    assert await store.bounded_members("slots:{c}:company") == ["j1"]
     assert await store.get("used:{c}:j2") is None
     await store.set("rev:{c}:user", b"1", 60)  # the user's tokens are revoked
     assert (await store.admit(admission("j2"))).verdict == "revoked"
@@ -335,11 +360,14 @@ async def test_slots_come_back_by_release_report_or_expiry(backend: Backend) -> 
     # The usage report gives the slots back in the same step as it is stored.
     release = SlotRelease(["slots:{c}:company", "slots:{c}:user"], "j2")
     await store.outbox_put("usage_j2", b"report", T, release=release)
-    assert await store.bounded_members("slots:{c}:company", T) == []
+    assert await store.bounded_members("slots:{c}:company") == []
     assert (await store.admit(admission("j3", limits=limits))).verdict == "ok"
-    # A crashed edge's slots expire: j3 holds them until T + 60.
-    late = dataclasses.replace(admission("j4", limits=limits), now=T + 60)
-    assert (await store.admit(late)).verdict == "ok"
+    # A crashed edge's slots expire: j3 holds them for their life, on the store's clock.
+    brief = dataclasses.replace(admission("j5", limits=(2, 2)), slots_expire_at=T + SHORT)
+    assert (await store.admit(brief)).verdict == "ok"
+    assert (await store.admit(admission("j4", limits=(2, 2)))).verdict == "full"
+    await backend.elapse(SHORT)
+    assert (await store.admit(admission("j4", limits=(2, 2)))).verdict == "ok"
 
 
 # --- outbox -----------------------------------------------------------------------
@@ -440,6 +468,12 @@ async def test_a_log_read_is_bounded_by_bytes_and_always_makes_progress(backend:
 
 async def test_a_live_store_answers_ping(backend: Backend) -> None:
     assert await backend.store.ping()
+
+
+async def test_the_store_tells_its_own_time(backend: Backend) -> None:
+    """Epoch seconds on the store's clock (`shared.store_clock` runs on from them);
+    this host's and the test Redis's clocks are one."""
+    assert abs(await backend.store.server_time() - time.time()) < 60
 
 
 # --- the factory --------------------------------------------------------------------

@@ -102,7 +102,7 @@ async def sign_out(request: Request) -> Response:
     company_id, token_id, expires_at = logout.session_of(principal)
     deps = get_deps(request)
     stream_life = revoking.revocation_ttl(deps.settings)
-    ttl = logout.revocation_seconds(expires_at, deps.clock(), stream_life)
+    ttl = logout.revocation_seconds(expires_at, deps.wall_clock(), stream_life)
     await deps.db.transaction(
         lambda s: logout.record_logout(s, principal, company_id, token_id, ttl)
     )

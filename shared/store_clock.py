@@ -1,0 +1,72 @@
+"""The shared store's clock, read without a round trip.
+
+Fixed windows are named by their start (``rl:init:user:<id>:<start>``, the TPM and
+login windows): processes sharing a store must agree on the minute, or each counts
+in a window of its own and a caller spreading its requests over replicas whose clocks
+disagree gets each one's limit (measured: two control planes ten minutes apart let a
+member make 8 inits a minute past a limit of 4). Every process reads the store's
+time (Redis's ``TIME``) now and then and runs it on here on its own monotonic clock,
+so the hosts' wall clocks do not matter; until the first reading, and whenever the
+store cannot answer, the last reading goes on (the host's wall clock before any).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger("shared.store_clock")
+
+# How often the reading is renewed: a monotonic clock drifts by parts per million,
+# but a paused VM's stands still while it is paused, until the next reading.
+SYNC_SECONDS = 15.0
+
+
+class TimeSource(Protocol):
+    async def server_time(self) -> float: ...
+
+
+class StoreClock:
+    """`now()`: the store's time as of the latest reading plus the time passed since on
+    `monotonic`. `wall`: the time before any reading."""
+
+    def __init__(
+        self,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._monotonic = monotonic
+        self._wall = wall
+        self._reading: tuple[float, float] | None = None  # (store time, monotonic then)
+
+    def now(self) -> float:
+        if self._reading is None:
+            return self._wall()
+        at, then = self._reading
+        return at + (self._monotonic() - then)
+
+    def learn(self, store_time: float, sent: float, received: float) -> None:
+        """A reading of the store's clock, asked at `sent` and answered at `received`
+        (both on `monotonic`): taken as of halfway, the round trip's error halved."""
+        self._reading = (store_time, (sent + received) / 2)
+
+    async def sync(self, store: TimeSource) -> bool:
+        """Read the store's clock once; False (the last reading kept) when it fails."""
+        sent = self._monotonic()
+        try:
+            store_time = await store.server_time()
+        except Exception as exc:
+            log.warning("could not read the store's clock: %r", exc)
+            return False
+        self.learn(store_time, sent, self._monotonic())
+        return True
+
+    async def run(self, store: TimeSource, every: float = SYNC_SECONDS) -> None:
+        """Read now, then keep the reading fresh until cancelled (a lifespan's task:
+        a store slow to answer at start never holds the start up)."""
+        while True:
+            await self.sync(store)
+            await asyncio.sleep(every)
