@@ -8,19 +8,50 @@ delays the item by the lease.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from shared.redis_pipe import PipelinedRedis
+from shared.redis_pipe import REPLY_TIMEOUT, PipelinedRedis
 from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
 # answer these with 503 instead of an unhandled 500.
 STORE_ERRORS: tuple[type[Exception], ...] = (RedisError,)
+
+# Connections of the admissions that wait for replicas (`ReplicaAcks`): each is held
+# for the script and its WAIT, a replica round trip when the replicas keep up, the
+# whole timeout when they do not.
+ACKED_CONNECTIONS = 64
+
+logger = logging.getLogger("llmgw.store.redis")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAcks:
+    """An admission counts once `count` replicas have it (``WAIT count timeout``
+    right after the script, on its connection): a failover to any of them keeps
+    the token's single use. `timeout_seconds`: how long to wait for them."""
+
+    count: int
+    timeout_seconds: float
+
+    def timeout_ms(self) -> int:
+        # Never 0: WAIT's 0 is "block forever".
+        return max(1, round(self.timeout_seconds * 1000))
+
+
+class ReplicaAckMissing(RedisError):
+    """An admission ran on the primary but too few replicas acknowledged it in time:
+    a failover now could lose it. A `RedisError`, so callers handle it as the store
+    being unavailable (the edge takes the admission back and answers 503)."""
+
 
 _CLAIM = """
 local ids = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
@@ -212,14 +243,29 @@ class RedisStore:
     """`pipe`: the connection every stream's commands share (admission, checkpoints,
     the usage report and its acknowledgement, the revocation watch's reads); the
     rest goes through redis-py's pool. Without it, everything does. A Redis Cluster
-    has no pipe: its commands go to each key's shard through the cluster client."""
+    has no pipe: its commands go to each key's shard through the cluster client.
+
+    `acks` (with `acked`, a client of its own small pool): admissions then run there,
+    each followed by WAIT on its own connection. Not on the pipe: WAIT holds its
+    connection until the replicas answer, and every stream's commands would queue
+    behind it; and WAIT counts only the writes of the connection it is sent on."""
 
     def __init__(
-        self, client: redis.Redis | RedisCluster, prefix: str, pipe: PipelinedRedis | None = None
+        self,
+        client: redis.Redis | RedisCluster,
+        prefix: str,
+        pipe: PipelinedRedis | None = None,
+        *,
+        acks: ReplicaAcks | None = None,
+        acked: redis.Redis | None = None,
     ) -> None:
+        if (acks is None) != (acked is None):
+            raise ValueError("replica acknowledgements need their own client, and only they")
         # Typed as the single-node client: the cluster client has the same commands.
         self._redis = cast(redis.Redis, client)
         self._pipe = pipe
+        self._acks = acks
+        self._acked = acked
         self._prefix = prefix
         self.is_cluster = isinstance(client, RedisCluster)
         self._cluster = client if isinstance(client, RedisCluster) else None
@@ -251,11 +297,36 @@ class RedisStore:
             return await self._pipe.script(source, keys, args)
         return await self._scripts[source](keys=keys, args=args)
 
+    async def _run_acknowledged(
+        self, acks: ReplicaAcks, acked: redis.Redis, source: str, keys: list[str], args: list[Any]
+    ) -> tuple[Any, int]:
+        """The script and WAIT in one write on one connection (one round trip, plus
+        the replicas'): its reply and how many replicas have its writes."""
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        for command in ("EVALSHA", "EVAL"):  # EVAL caches a script a fresh Redis lacks
+            async with acked.pipeline(transaction=False) as pipe:
+                script = sha if command == "EVALSHA" else source
+                pipe.execute_command(command, script, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", acks.count, acks.timeout_ms())
+                reply, replicas = await pipe.execute(raise_on_error=False)
+            if not isinstance(reply, NoScriptError):
+                break
+        for outcome in (reply, replicas):
+            if isinstance(outcome, Exception):
+                raise outcome
+        return reply, int(replicas)
+
     @classmethod
-    def from_url(cls, url: str, *, prefix: str) -> RedisStore:
+    def from_url(
+        cls, url: str, *, prefix: str, replica_acks: ReplicaAcks | None = None
+    ) -> RedisStore:
         """A single Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
-        (``redis+cluster://`` / ``rediss+cluster://`` naming any of its nodes)."""
+        (``redis+cluster://`` / ``rediss+cluster://`` naming any of its nodes).
+        `replica_acks`: a single Redis only (see `RedisStore`)."""
         nodes = cluster_url(url)
+        if nodes is not None and replica_acks is not None:
+            # WAIT has no key to route by; the edge's settings refuse this at start.
+            raise ValueError("replica acknowledgements are for a single Redis, not a cluster")
         if nodes is not None:
             # One pool per node. The cluster client cannot wait for a free
             # connection (past the cap it raises, a RedisError: 503), so each node
@@ -280,7 +351,26 @@ class RedisStore:
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )
-        return cls(redis.Redis(connection_pool=pool), prefix, PipelinedRedis.from_url(url))
+        acked = None
+        if replica_acks is not None:
+            # A caller waits for a connection as long as the pool's: a burst waits
+            # its turn; replicas that stall make admissions fail after their timeout.
+            acked_pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=ACKED_CONNECTIONS,
+                timeout=REPLY_TIMEOUT,
+                socket_timeout=REPLY_TIMEOUT + replica_acks.timeout_seconds,
+                socket_connect_timeout=2.0,
+                health_check_interval=30,
+            )
+            acked = redis.Redis(connection_pool=acked_pool)
+        return cls(
+            redis.Redis(connection_pool=pool),
+            prefix,
+            PipelinedRedis.from_url(url),
+            acks=replica_acks,
+            acked=acked,
+        )
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -444,7 +534,24 @@ class RedisStore:
             *a.limits,
         ]
         prefixed = [self._key(k) for k in keys]
-        reply: list[Any] = await self._run(_ADMIT, prefixed, args)
+        if self._acks is None or self._acked is None:
+            reply: list[Any] = await self._run(_ADMIT, prefixed, args)
+        else:
+            reply, replicas = await self._run_acknowledged(
+                self._acks, self._acked, _ADMIT, prefixed, args
+            )
+            # Only a first use took anything a lost write would give back; a refusal
+            # stands whether or not the replicas have its expiry of old slots.
+            if _text(reply[0]) == "ok" and replicas < self._acks.count:
+                logger.warning(
+                    "an admission reached %d of the %d replicas asked for in %g s",
+                    replicas,
+                    self._acks.count,
+                    self._acks.timeout_seconds,
+                )
+                raise ReplicaAckMissing(
+                    f"{replicas} of {self._acks.count} replicas acknowledged the admission"
+                )
         verdict = _text(reply[0])
         if verdict == "full":
             return Admitted("full", full_index=int(reply[1]))
@@ -618,6 +725,8 @@ class RedisStore:
             return
         if self._pipe is not None:
             await self._pipe.close()
+        if self._acked is not None:
+            await self._acked.aclose(close_connection_pool=True)
         await self._redis.aclose(close_connection_pool=True)
 
 
