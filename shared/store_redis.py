@@ -18,7 +18,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from shared.redis_pipe import REPLY_TIMEOUT, PipelinedRedis
+from shared.redis_pipe import REPLY_TIMEOUT, PipeLender, PipelinedRedis
 from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
@@ -257,7 +257,7 @@ class RedisStore:
         pipe: PipelinedRedis | None = None,
         *,
         acks: ReplicaAcks | None = None,
-        acked: redis.Redis | None = None,
+        acked: PipeLender | redis.Redis | None = None,
     ) -> None:
         if (acks is None) != (acked is None):
             raise ValueError("replica acknowledgements need their own client, and only they")
@@ -298,16 +298,33 @@ class RedisStore:
         return await self._scripts[source](keys=keys, args=args)
 
     async def _run_acknowledged(
-        self, acks: ReplicaAcks, acked: redis.Redis, source: str, keys: list[str], args: list[Any]
+        self,
+        acks: ReplicaAcks,
+        acked: PipeLender | redis.Redis,
+        source: str,
+        keys: list[str],
+        args: list[Any],
     ) -> tuple[Any, int]:
         """The script and WAIT in one write on one connection (one round trip, plus
         the replicas'): its reply and how many replicas have its writes."""
         sha = hashlib.sha1(source.encode()).hexdigest()
-        for command in ("EVALSHA", "EVAL"):  # EVAL caches a script a fresh Redis lacks
+        wait = ("WAIT", acks.count, acks.timeout_ms())
+        if isinstance(acked, PipeLender):
+            try:
+                reply, replicas = await acked.batch(
+                    [("EVALSHA", sha, len(keys), *keys, *args), wait]
+                )
+            except NoScriptError:  # a fresh Redis: EVAL caches it
+                reply, replicas = await acked.batch(
+                    [("EVAL", source, len(keys), *keys, *args), wait]
+                )
+            return reply, int(replicas)
+        # TLS or a Unix socket: redis-py's pipeline, one connection of its own pool.
+        for command in ("EVALSHA", "EVAL"):
             async with acked.pipeline(transaction=False) as pipe:
                 script = sha if command == "EVALSHA" else source
                 pipe.execute_command(command, script, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", acks.count, acks.timeout_ms())
+                pipe.execute_command(*wait)
                 reply, replicas = await pipe.execute(raise_on_error=False)
             if not isinstance(reply, NoScriptError):
                 break
@@ -351,26 +368,11 @@ class RedisStore:
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )
-        acked = None
+        pipe = PipelinedRedis.from_url(url)
+        acked: PipeLender | redis.Redis | None = None
         if replica_acks is not None:
-            # A caller waits for a connection as long as the pool's: a burst waits
-            # its turn; replicas that stall make admissions fail after their timeout.
-            acked_pool = redis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=ACKED_CONNECTIONS,
-                timeout=REPLY_TIMEOUT,
-                socket_timeout=REPLY_TIMEOUT + replica_acks.timeout_seconds,
-                socket_connect_timeout=2.0,
-                health_check_interval=30,
-            )
-            acked = redis.Redis(connection_pool=acked_pool)
-        return cls(
-            redis.Redis(connection_pool=pool),
-            prefix,
-            PipelinedRedis.from_url(url),
-            acks=replica_acks,
-            acked=acked,
-        )
+            acked = _acked_connections(url, replica_acks, lean=pipe is not None)
+        return cls(redis.Redis(connection_pool=pool), prefix, pipe, acks=replica_acks, acked=acked)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -725,9 +727,31 @@ class RedisStore:
             return
         if self._pipe is not None:
             await self._pipe.close()
-        if self._acked is not None:
+        if isinstance(self._acked, PipeLender):
+            await self._acked.close()
+        elif self._acked is not None:
             await self._acked.aclose(close_connection_pool=True)
         await self._redis.aclose(close_connection_pool=True)
+
+
+def _acked_connections(url: str, acks: ReplicaAcks, *, lean: bool) -> PipeLender | redis.Redis:
+    """The connections admissions wait for replicas on: lean ones where the URL allows
+    (redis-py costs ~2 ms more per admission on a loaded host, docs/operations.md),
+    else a small redis-py pool. Either way a caller past `ACKED_CONNECTIONS` waits its
+    turn, and replicas that stall make admissions fail after their timeout."""
+    if lean:
+        return PipeLender(
+            lambda: cast(PipelinedRedis, PipelinedRedis.from_url(url)), ACKED_CONNECTIONS
+        )
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=ACKED_CONNECTIONS,
+        timeout=REPLY_TIMEOUT,
+        socket_timeout=REPLY_TIMEOUT + acks.timeout_seconds,
+        socket_connect_timeout=2.0,
+        health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def _text(value: Any) -> str:

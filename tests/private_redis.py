@@ -57,25 +57,27 @@ class PrivateRedis:
 
     def caught_up(self) -> None:
         """Wait until its primary counts it as a replica that has acknowledged
-        everything the primary has written so far."""
+        everything the primary has written so far (a write of its own included: just
+        after its first sync a replica may not be sent the command stream until its
+        first ack, which WAIT then waits for)."""
         assert self.replica_of is not None
         primary = redis.Redis.from_url(self.replica_of.url, socket_connect_timeout=1)
 
-        def synced() -> bool:
-            # As the primary sees it: a replica it counts in WAIT (online, which after
-            # a first sync waits for the replica's first ack) with its whole offset.
-            theirs = primary.info("replication")
+        def synced(written: int) -> bool:
+            links = primary.info("replication")
             return any(
                 isinstance(link, dict)
                 and link.get("port") == self.port
                 and link.get("state") == "online"
-                and link.get("offset") == theirs.get("master_repl_offset")
-                for name, link in theirs.items()
+                and int(link.get("offset", -1)) >= written
+                for name, link in links.items()
                 if name.startswith("slave")
             )
 
         try:
-            wait_until(synced, "the replica did not catch up with its primary", within=10)
+            primary.set("test:replica-probe", self.port)
+            written = int(primary.info("replication")["master_repl_offset"])
+            wait_until(lambda: synced(written), "the replica did not catch up", within=10)
         finally:
             primary.close()
 

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from shared.settings import ConfigError
-from shared.store import Store
+from shared.store import Admission, Store
 from shared.store_factory import open_store
-from shared.store_redis import ReplicaAcks
+from shared.store_redis import RedisStore, ReplicaAckMissing, ReplicaAcks, _acked_connections
 from stream_edge.grants import used_key
 from stream_edge.settings import EdgeSettings
 from tests.conftest import _unavailable
@@ -175,3 +177,56 @@ def test_replica_acks_are_a_single_redis_setting_checked_at_start() -> None:
             EdgeSettings.from_env(bad)
         assert "LLMGW_REDIS_MIN_REPLICA_ACKS" in str(error.value)
         assert "\n" not in str(error.value)
+
+
+def _admission(jti: str, nonce: str = "first") -> Admission:
+    now = time.time()
+    return Admission(
+        revocation_keys=[f"rev:{jti}"],
+        used_key=f"jti:{jti}",
+        path="stream",
+        used_ttl_seconds=300,
+        slot_keys=[f"slots:{jti}"],
+        limits=[5],
+        member=jti,
+        now=now,
+        slots_expire_at=now + 900,
+        nonce=nonce,
+    )
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["pipelined", "redis-py"])
+async def test_an_admission_returns_once_the_replica_has_it_and_not_before(
+    primary: PrivateRedis, replica: PrivateRedis, lean: bool
+) -> None:
+    """Both ways the store waits (the lean connections of `redis://`, redis-py's for
+    TLS and Unix sockets): `ok` means the replica has the used mark, read from the
+    replica itself as soon as `admit` returns; a frozen replica means no `ok`."""
+    acks = ReplicaAcks(1, 0.3)
+    plain = RedisStore.from_url(primary.url, prefix="t:")
+    store = RedisStore(
+        redis.asyncio.Redis.from_url(primary.url),
+        "t:",
+        acks=acks,
+        acked=_acked_connections(primary.url, acks, lean=lean),
+    )
+    on_replica = redis.Redis.from_url(replica.url)
+    try:
+        admitted = await store.admit(_admission("a"))
+        assert admitted.verdict == "ok"
+        assert on_replica.get("t:jti:a") is not None
+        replica.freeze()
+        try:
+            with pytest.raises(ReplicaAckMissing, match="0 of 1 replicas"):
+                await store.admit(_admission("b"))
+            # The primary ran it: taking it back is the caller's (`admission.claim`).
+            assert await plain.unadmit(_admission("b"))
+            # Another request on the same path takes nothing (a reconnect): its
+            # verdict stands without the replicas.
+            assert (await store.admit(_admission("a", "again"))).verdict == "reconnect"
+        finally:
+            replica.thaw()
+    finally:
+        on_replica.close()
+        await store.close()
+        await plain.close()
