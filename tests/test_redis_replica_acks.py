@@ -29,6 +29,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from shared.hash_tags import company_tag
 from shared.settings import ConfigError
 from shared.store import Admission, Store
 from shared.store_factory import open_store
@@ -111,8 +112,12 @@ async def test_an_admission_no_replica_acknowledged_starts_no_upstream_request(
             replica.thaw()
         assert (status, gw.stats.requests) == (503, 0), answer  # nothing reached the backend
         assert answer["error"]["code"] == "store_unavailable", answer
-        # Taken back on the primary: the token is unused, the retry can have it.
-        assert await gw.store.get(used_key(claims["company_id"], claims["jti"])) is None
+        # Taken back on the primary: the token is unused, the retry can have it, and
+        # the company's stream slot is free.
+        company = claims["company_id"]
+        assert await gw.store.get(used_key(company, claims["jti"])) is None
+        slots = f"streams:{company_tag(company)}:company:{company}"
+        assert await gw.store.bounded_members(slots, time.time()) == []
         replica.caught_up()
         waits = wait_calls(primary)
         status, answer = await gw.complete(token, {"messages": [HI]})
@@ -212,6 +217,9 @@ async def test_an_admission_returns_once_the_replica_has_it_and_not_before(
     )
     on_replica = redis.Redis.from_url(replica.url)
     try:
+        # The option off: the admission as it always was, no WAIT.
+        assert (await plain.admit(_admission("off"))).verdict == "ok"
+        assert wait_calls(primary) == 0
         admitted = await store.admit(_admission("a"))
         assert admitted.verdict == "ok"
         assert on_replica.get("t:jti:a") is not None
@@ -221,6 +229,7 @@ async def test_an_admission_returns_once_the_replica_has_it_and_not_before(
                 await store.admit(_admission("b"))
             # The primary ran it: taking it back is the caller's (`admission.claim`).
             assert await plain.unadmit(_admission("b"))
+            assert await plain.bounded_members("slots:b", time.time()) == []
             # Another request on the same path takes nothing (a reconnect): its
             # verdict stands without the replicas.
             assert (await store.admit(_admission("a", "again"))).verdict == "reconnect"
