@@ -245,8 +245,8 @@ class RedisStore:
     rest goes through redis-py's pool. Without it, everything does. A Redis Cluster
     has no pipe: its commands go to each key's shard through the cluster client.
 
-    `acks` (with `acked`, a client of its own small pool): admissions then run there,
-    each followed by WAIT on its own connection. Not on the pipe: WAIT holds its
+    `acks` (with `acked`, connections of their own: `_acked_connections`): admissions
+    then run there, each followed by WAIT on its own connection. Not on the pipe: WAIT holds its
     connection until the replicas answer, and every stream's commands would queue
     behind it; and WAIT counts only the writes of the connection it is sent on."""
 
