@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -316,3 +316,36 @@ class PipelinedRedis:
         protocol, self._protocol = self._protocol, None
         if protocol is not None and protocol.transport is not None:
             protocol.transport.close()
+
+
+class PipeLender:
+    """Up to `size` connections, each lent to one caller at a time: for commands
+    that hold their connection (WAIT) or must share one with the caller's own
+    earlier command, which the shared `PipelinedRedis` cannot give. A caller past
+    the `size`th waits for one to come back."""
+
+    def __init__(self, make: Callable[[], PipelinedRedis], size: int) -> None:
+        self._make = make
+        self._idle: list[PipelinedRedis] = []
+        self._made: list[PipelinedRedis] = []
+        self._slots = asyncio.Semaphore(size)
+
+    async def batch(self, commands: Sequence[tuple[Arg, ...]]) -> list[Reply]:
+        """`PipelinedRedis.batch` on a connection no one else uses meanwhile."""
+        async with self._slots:
+            if self._idle:
+                pipe = self._idle.pop()
+            else:
+                pipe = self._make()
+                self._made.append(pipe)
+            try:
+                return await pipe.batch(commands)
+            finally:
+                # Even after a cancellation: a reply still due is matched and dropped
+                # before the next caller's, whose own commands go after it.
+                self._idle.append(pipe)
+
+    async def close(self) -> None:
+        made, self._made, self._idle = self._made, [], []
+        for pipe in made:
+            await pipe.close()

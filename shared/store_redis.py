@@ -8,14 +8,17 @@ delays the item by the lease.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from shared.redis_pipe import PipelinedRedis
+from shared.redis_pipe import REPLY_TIMEOUT, PipeLender, PipelinedRedis
 from shared.store import Admission, Admitted, InitGate, InitGated, SlotRelease
 
 # What a Redis store raises when Redis is unreachable or too slow to answer; the apps
@@ -38,6 +41,34 @@ local function theirs(score, now)
   return string.format('%.17g', tonumber(now) + (tonumber(score) - clock))
 end
 """
+
+# Connections of the admissions that wait for replicas (`ReplicaAcks`): each is held
+# for the script and its WAIT, a replica round trip when the replicas keep up, the
+# whole timeout when they do not.
+ACKED_CONNECTIONS = 64
+
+logger = logging.getLogger("llmgw.store.redis")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAcks:
+    """An admission counts once `count` replicas have it (``WAIT count timeout``
+    right after the script, on its connection): a failover to any of them keeps
+    the token's single use. `timeout_seconds`: how long to wait for them."""
+
+    count: int
+    timeout_seconds: float
+
+    def timeout_ms(self) -> int:
+        # Never 0: WAIT's 0 is "block forever".
+        return max(1, round(self.timeout_seconds * 1000))
+
+
+class ReplicaAckMissing(RedisError):
+    """An admission ran on the primary but too few replicas acknowledged it in time:
+    a failover now could lose it. A `RedisError`, so callers handle it as the store
+    being unavailable (the edge takes the admission back and answers 503)."""
+
 
 _CLAIM = """
 local ids = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
@@ -248,14 +279,29 @@ class RedisStore:
     """`pipe`: the connection every stream's commands share (admission, checkpoints,
     the usage report and its acknowledgement, the revocation watch's reads); the
     rest goes through redis-py's pool. Without it, everything does. A Redis Cluster
-    has no pipe: its commands go to each key's shard through the cluster client."""
+    has no pipe: its commands go to each key's shard through the cluster client.
+
+    `acks` (with `acked`, connections of their own: `_acked_connections`): admissions
+    then run there, each followed by WAIT on its own connection. Not on the pipe: WAIT holds its
+    connection until the replicas answer, and every stream's commands would queue
+    behind it; and WAIT counts only the writes of the connection it is sent on."""
 
     def __init__(
-        self, client: redis.Redis | RedisCluster, prefix: str, pipe: PipelinedRedis | None = None
+        self,
+        client: redis.Redis | RedisCluster,
+        prefix: str,
+        pipe: PipelinedRedis | None = None,
+        *,
+        acks: ReplicaAcks | None = None,
+        acked: PipeLender | redis.Redis | None = None,
     ) -> None:
+        if (acks is None) != (acked is None):
+            raise ValueError("replica acknowledgements need their own client, and only they")
         # Typed as the single-node client: the cluster client has the same commands.
         self._redis = cast(redis.Redis, client)
         self._pipe = pipe
+        self._acks = acks
+        self._acked = acked
         self._prefix = prefix
         self.is_cluster = isinstance(client, RedisCluster)
         self._cluster = client if isinstance(client, RedisCluster) else None
@@ -288,11 +334,53 @@ class RedisStore:
             return await self._pipe.script(source, keys, args)
         return await self._scripts[source](keys=keys, args=args)
 
+    async def _run_acknowledged(
+        self,
+        acks: ReplicaAcks,
+        acked: PipeLender | redis.Redis,
+        source: str,
+        keys: list[str],
+        args: list[Any],
+    ) -> tuple[Any, int]:
+        """The script and WAIT in one write on one connection (one round trip, plus
+        the replicas'): its reply and how many replicas have its writes."""
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        wait = ("WAIT", acks.count, acks.timeout_ms())
+        if isinstance(acked, PipeLender):
+            try:
+                reply, replicas = await acked.batch(
+                    [("EVALSHA", sha, len(keys), *keys, *args), wait]
+                )
+            except NoScriptError:  # a fresh Redis: EVAL caches it
+                reply, replicas = await acked.batch(
+                    [("EVAL", source, len(keys), *keys, *args), wait]
+                )
+            return reply, int(replicas)
+        # TLS or a Unix socket: redis-py's pipeline, one connection of its own pool.
+        for command in ("EVALSHA", "EVAL"):
+            async with acked.pipeline(transaction=False) as pipe:
+                script = sha if command == "EVALSHA" else source
+                pipe.execute_command(command, script, len(keys), *keys, *args)
+                pipe.execute_command(*wait)
+                reply, replicas = await pipe.execute(raise_on_error=False)
+            if not isinstance(reply, NoScriptError):
+                break
+        for outcome in (reply, replicas):
+            if isinstance(outcome, Exception):
+                raise outcome
+        return reply, int(replicas)
+
     @classmethod
-    def from_url(cls, url: str, *, prefix: str) -> RedisStore:
+    def from_url(
+        cls, url: str, *, prefix: str, replica_acks: ReplicaAcks | None = None
+    ) -> RedisStore:
         """A single Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
-        (``redis+cluster://`` / ``rediss+cluster://`` naming any of its nodes)."""
+        (``redis+cluster://`` / ``rediss+cluster://`` naming any of its nodes).
+        `replica_acks`: a single Redis only (see `RedisStore`)."""
         nodes = cluster_url(url)
+        if nodes is not None and replica_acks is not None:
+            # WAIT has no key to route by; the edge's settings refuse this at start.
+            raise ValueError("replica acknowledgements are for a single Redis, not a cluster")
         if nodes is not None:
             # One pool per node. The cluster client cannot wait for a free
             # connection (past the cap it raises, a RedisError: 503), so each node
@@ -317,7 +405,11 @@ class RedisStore:
             socket_connect_timeout=2.0,
             health_check_interval=30,
         )
-        return cls(redis.Redis(connection_pool=pool), prefix, PipelinedRedis.from_url(url))
+        pipe = PipelinedRedis.from_url(url)
+        acked: PipeLender | redis.Redis | None = None
+        if replica_acks is not None:
+            acked = _acked_connections(url, replica_acks, lean=pipe is not None)
+        return cls(redis.Redis(connection_pool=pool), prefix, pipe, acks=replica_acks, acked=acked)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -481,7 +573,24 @@ class RedisStore:
             *a.limits,
         ]
         prefixed = [self._key(k) for k in keys]
-        reply: list[Any] = await self._run(_ADMIT, prefixed, args)
+        if self._acks is None or self._acked is None:
+            reply: list[Any] = await self._run(_ADMIT, prefixed, args)
+        else:
+            reply, replicas = await self._run_acknowledged(
+                self._acks, self._acked, _ADMIT, prefixed, args
+            )
+            # Only a first use took anything a lost write would give back; a refusal
+            # stands whether or not the replicas have its expiry of old slots.
+            if _text(reply[0]) == "ok" and replicas < self._acks.count:
+                logger.warning(
+                    "an admission reached %d of the %d replicas asked for in %g s",
+                    replicas,
+                    self._acks.count,
+                    self._acks.timeout_seconds,
+                )
+                raise ReplicaAckMissing(
+                    f"{replicas} of {self._acks.count} replicas acknowledged the admission"
+                )
         verdict = _text(reply[0])
         if verdict == "full":
             return Admitted("full", full_index=int(reply[1]))
@@ -666,7 +775,31 @@ class RedisStore:
             return
         if self._pipe is not None:
             await self._pipe.close()
+        if isinstance(self._acked, PipeLender):
+            await self._acked.close()
+        elif self._acked is not None:
+            await self._acked.aclose(close_connection_pool=True)
         await self._redis.aclose(close_connection_pool=True)
+
+
+def _acked_connections(url: str, acks: ReplicaAcks, *, lean: bool) -> PipeLender | redis.Redis:
+    """The connections admissions wait for replicas on: lean ones where the URL allows
+    (redis-py costs ~2 ms more per admission on a loaded host, docs/operations.md),
+    else a small redis-py pool. Either way a caller past `ACKED_CONNECTIONS` waits its
+    turn, and replicas that stall make admissions fail after their timeout."""
+    if lean:
+        return PipeLender(
+            lambda: cast(PipelinedRedis, PipelinedRedis.from_url(url)), ACKED_CONNECTIONS
+        )
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=ACKED_CONNECTIONS,
+        timeout=REPLY_TIMEOUT,
+        socket_timeout=REPLY_TIMEOUT + acks.timeout_seconds,
+        socket_connect_timeout=2.0,
+        health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def _text(value: Any) -> str:

@@ -187,7 +187,9 @@ async def claim(
     a store client that retries the script after losing its reply gets `ok` again
     rather than this request's own use refused. When the call fails or is cancelled
     all the same, the store may have run it: `_take_back` undoes it, so the client
-    can retry with its token and its slots are not held until their expiry."""
+    can retry with its token and its slots are not held until their expiry. So is an
+    admission too few Redis replicas acknowledged (LLMGW_REDIS_MIN_REPLICA_ACKS:
+    `ReplicaAckMissing`): a failover could lose it, so its stream must not start."""
     now = time.time()
     stashed = stash_key(grant.company_id, grant.jti)
     admission = Admission(
@@ -266,7 +268,7 @@ async def _unadmit(state: EdgeState, admission: Admission) -> None:
     try:
         async with asyncio.timeout(UNADMIT_SECONDS):
             if await state.store.unadmit(admission):
-                logger.info("a claim whose reply was lost was taken back")
+                logger.info("a failed claim was taken back (reply lost, or replicas behind)")
     except Exception as exc:  # the store down or slow (TimeoutError) too
         logger.warning("could not take back a failed claim (%s)", type(exc).__name__)
 

@@ -21,7 +21,7 @@ from shared.retry import Backoff
 from shared.route_claim import route_ciphers_from_keys
 from shared.store import Store
 from shared.store_factory import open_store
-from shared.store_redis import STORE_ERRORS
+from shared.store_redis import STORE_ERRORS, ReplicaAckMissing
 from stream_edge import eventsource, key_callers, routes
 from stream_edge.breaker import Breakers
 from stream_edge.errors import EdgeError, handle_edge_error
@@ -128,7 +128,11 @@ def create_app(
         active_store = (
             store
             if store is not None
-            else open_store(settings.redis_url, prefix=settings.redis_prefix)
+            else open_store(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                replica_acks=settings.replica_acks(),
+            )
         )
         client = transport or upstream_client(settings)
         cp_client = control_plane_client(jwks_transport)
@@ -218,6 +222,7 @@ def create_app(
         exception_handlers={
             EdgeError: handle_edge_error,
             **{error: routes.store_unavailable for error in STORE_ERRORS},
+            ReplicaAckMissing: routes.replicas_behind,
             404: routes.not_found,
             Exception: routes.internal_error,
         },

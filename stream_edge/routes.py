@@ -212,6 +212,19 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+async def replicas_behind(request: Request, exc: Exception) -> Response:
+    """An admission too few Redis replicas acknowledged (LLMGW_REDIS_MIN_REPLICA_ACKS):
+    taken back before this answer (`admission.claim`), so the same token may retry."""
+    logger.warning("store replicas behind: %s", exc)
+    return error_response(
+        ServiceUnavailable(
+            "the gateway's store could not copy this stream's admission to its replicas"
+            " in time; nothing was started: retry shortly with the same token",
+            code="store_unavailable",
+        )
+    )
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """The last resort (Starlette's ServerErrorMiddleware): an OpenAI-shaped 500, never
     a plain-text one. Streams report and free their slots before it comes to this."""

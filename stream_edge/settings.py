@@ -19,6 +19,7 @@ from shared.settings import (
     fernet_keys,
     read_common,
 )
+from shared.store_redis import ReplicaAcks, cluster_url
 from stream_edge.origin_share import DEFAULT_PERCENT
 
 
@@ -52,6 +53,10 @@ class EdgeSettings(CommonSettings):
     # streams spread across them (`stream_edge.key_pool`).
     provider_key_pools: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     service_tokens: Mapping[str, Secret] = field(default_factory=dict)
+    # A stream starts once this many Redis replicas have its admission (0: once the
+    # primary has it); see docs/operations.md, "Redis failover and single use".
+    redis_min_replica_acks: int = 0
+    redis_replica_ack_timeout: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, dev: bool = False) -> EdgeSettings:
@@ -63,6 +68,17 @@ class EdgeSettings(CommonSettings):
             "(`llm-gateway admin route-key` or deploy/gen-env.sh prints them)",
         )
         providers = common.catalog.providers
+        min_replica_acks = env_int(env, "LLMGW_REDIS_MIN_REPLICA_ACKS", 0, 0, 100)
+        if min_replica_acks and common.redis_url is None:
+            raise ConfigError(
+                "LLMGW_REDIS_MIN_REPLICA_ACKS needs LLMGW_REDIS_URL: the in-memory store "
+                "has no replicas"
+            )
+        if min_replica_acks and cluster_url(common.redis_url or "") is not None:
+            raise ConfigError(
+                "LLMGW_REDIS_MIN_REPLICA_ACKS is for a single Redis with replicas, not a "
+                "Redis Cluster (redis+cluster://)"
+            )
         return cls(
             **common_of(common),
             control_plane_url=env_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
@@ -111,7 +127,17 @@ class EdgeSettings(CommonSettings):
                 for name, provider in providers.items()
                 if (var := provider.service_token_env) and env.get(var)
             },
+            redis_min_replica_acks=min_replica_acks,
+            redis_replica_ack_timeout=env_float(
+                env, "LLMGW_REDIS_REPLICA_ACK_TIMEOUT_SECONDS", 0.5, 0.001, 10
+            ),
         )
+
+    def replica_acks(self) -> ReplicaAcks | None:
+        """What the edge's store waits for after each admission; None: nothing."""
+        if not self.redis_min_replica_acks:
+            return None
+        return ReplicaAcks(self.redis_min_replica_acks, self.redis_replica_ack_timeout)
 
     def route_cipher_keys(self) -> list[str]:
         """The `upr` sub-keys, newest first: LLMGW_ROUTE_KEY as given, else derived from

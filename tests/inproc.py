@@ -26,6 +26,7 @@ from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from mock_llm.streaming import MockStats
 from shared.sse import ServerSentEvent, SSEDecoder
+from shared.store import Store
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
 from stream_edge.memory_transport import InMemoryResponse, InMemoryTransport
@@ -42,15 +43,17 @@ def edge_url(name: str) -> str:
 
 class Gateway:
     """Start with `async with Gateway(env) as gw`; `await gw.add_edge("edge2", ...)`
-    for more edges (own settings, same store)."""
+    for more edges (own settings, same store unless given one). `store`: what the
+    control plane and the first edge share (by default a `MemoryStore`); the
+    gateway closes it."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], store: Store | None = None) -> None:
         self.env = {
             **env,
             "LLMGW_CONTROL_PLANE_URL": CP,
             "LLMGW_EDGE_PUBLIC_URL": edge_url("edge"),
         }
-        self.store = MemoryStore()
+        self.store: Store = store if store is not None else MemoryStore()
         self.mock = mock_app()
         cp_settings, _ = settings_from_env(self.env, mock_url=f"{MOCK}/v1")
         self.cp = control_plane_app(cp_settings, self.store)
@@ -80,15 +83,24 @@ class Gateway:
         await self._resources.__aexit__(None, None, None)
         await self.backends.aclose()
         await self.http.aclose()
+        await self.store.close()
 
     async def add_edge(
-        self, name: str, *, clock: Callable[[], float] = time.time, **overrides: str
+        self,
+        name: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        store: Store | None = None,
+        **overrides: str,
     ) -> Starlette:
         """Start (or replace) edge `name`, reachable at `edge_url(name)`; `clock`: its
-        wall clock (a host whose clock disagrees with the control plane's)."""
+        wall clock (a host whose clock disagrees with the control plane's); `store`:
+        its own store instead of the gateway's (closed once the edge has stopped)."""
+        if store is not None:
+            self._resources.push_async_callback(store.close)
         app = edge_app(
             self.settings(**overrides),
-            self.store,
+            store if store is not None else self.store,
             transport=self.backends,
             jwks_transport=httpx.ASGITransport(self.cp),
             clock=clock,
