@@ -33,6 +33,7 @@ from control_plane import (
     init_writes,
     pending_inits,
     raw_pg,
+    time_ids,
     tpm,
 )
 from control_plane.background import in_background
@@ -319,11 +320,13 @@ def reserve(
     fernet: MultiFernet | None = None,
     limits: StorageLimits | None = None,
     llm_cache: catalog_cache.Lookup | None = None,
+    reservation_id: str | None = None,
 ) -> Reserved:
     """Init's transaction: resolve the model (in the company's catalog) and session,
     plan the hold, take it atomically, record the reservation and the user's turn.
     InsufficientCredits (402), a full session or a too large request (413) roll all
-    of it back."""
+    of it back. `reservation_id`: init's, which carries its tokens' instant
+    (`time_ids`); a new random one by default."""
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
     # The common init (a cached company config, no agent, no session id, no budgets)
@@ -431,7 +434,7 @@ def reserve(
         )
     session_id = chat.id if chat is not None else new_id()
     reservation = NewReservation(
-        id=new_id(),
+        id=reservation_id or new_id(),
         company_id=company.id,
         user_id=principal.user_id,
         jti=jti,
@@ -635,9 +638,10 @@ def hold_budgets(session: Session, principal: Principal, reservation: NewReserva
     )
 
 
-async def count_tokens(deps: Deps, reservation: NewReservation) -> None:
-    """Tokens per minute (`tpm`): the hold's token estimate counted in the init's
-    window. Refused (429 ``tpm_exceeded``), the hold just taken is released."""
+async def count_tokens(deps: Deps, reservation: NewReservation, at: float) -> None:
+    """Tokens per minute (`tpm`): the hold's token estimate counted in the window of
+    `at`, the init's instant on the store's clock (its reservation's id carries it).
+    Refused (429 ``tpm_exceeded``), the hold just taken is released."""
     limits = tpm.TpmLimits.of(deps.settings)
     if not limits.on:
         return
@@ -648,7 +652,7 @@ async def count_tokens(deps: Deps, reservation: NewReservation) -> None:
             user_id=reservation.user_id,
             company_id=reservation.company_id,
             tokens=reservation.input_estimate + reservation.max_tokens,
-            now=reservation.created_at.timestamp(),
+            now=at,
         )
     except Exception:
         await release_hold(deps, reservation, "tokens per minute")
@@ -700,8 +704,8 @@ async def _give_back(deps: Deps, held: _Held) -> None:
                 company_id=reservation.company_id,
                 held_tokens=reservation.input_estimate + reservation.max_tokens,
                 used_tokens=0,
-                counted_at=reservation.created_at.timestamp(),
-                now=deps.wall_clock(),
+                counted_at=tpm.counted_at(reservation.id),
+                now=deps.clock(),
             )
     await pending_inits.forget(deps.store, held.user_id, held.company_id, held.jti)
 
@@ -738,6 +742,13 @@ async def init_chat(
     ttl = settings.token_ttl_seconds
     jti = uuid.uuid4().hex
     hold_expires_at = hold_deadline(issued, settings)
+    # Its tokens' window is named on the store's clock, as every replica's, and its
+    # reservation's id carries that instant to the settlement's correction, which
+    # may run on a replica whose clocks disagree with this one's (`time_ids`).
+    store_now = deps.clock()
+    reservation_id = time_ids.time_id(store_now)
+    tpm_at = tpm.counted_at(reservation_id)
+    assert tpm_at is not None
     assert principal.user_id is not None and principal.company_id is not None
     user_id = principal.user_id
     llm = await init_gate.enter(
@@ -747,9 +758,7 @@ async def init_chat(
         company_id=principal.company_id,
         jti=jti,
         expires_at=hold_expires_at.timestamp(),
-        at=init_gate.Moment(
-            rate_now=deps.clock(), tpm_now=now.timestamp(), wall_now=now.timestamp()
-        ),
+        at=init_gate.Moment(rate_now=store_now, tpm_now=tpm_at, wall_now=now.timestamp()),
         cache=deps.catalog_cache,
     )
     # What a cancelled init (the server's shutdown cuts its request off) gives back.
@@ -769,6 +778,7 @@ async def init_chat(
                     fernet=deps.fernet,
                     limits=StorageLimits.of(settings),
                     llm_cache=llm,
+                    reservation_id=reservation_id,
                 ),
                 begin=False,
                 # Committed after this init was answered 503: nobody has its token.
@@ -785,7 +795,7 @@ async def init_chat(
         # release by this init included, is counted too (`release_hold`), so that
         # reserved - charged - released is what is held at every moment.
         deps.metrics.reserved(reservation.hold_micro)
-        await count_tokens(deps, reservation)
+        await count_tokens(deps, reservation, tpm_at)
         held.counted = tpm.TpmLimits.of(settings).on
         try:
             await deps.store.set(

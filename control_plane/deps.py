@@ -55,12 +55,12 @@ class Deps:
     settler: SettlementBatcher | None = None
     # Companies' LLM overrides and keys between inits (`catalog_cache`); None: no cache.
     catalog_cache: CatalogCache | None = None
-    # The clock the shared windows (init rate, logins) are read on: in the app the
-    # store's (`shared.store_clock`), which every replica agrees on; tests fix it.
+    # The clock the shared windows (init rate, logins, tokens per minute, and whether
+    # a settling init's window still runs) are read on: in the app the store's
+    # (`shared.store_clock`), which every replica agrees on; tests fix it.
     clock: Callable[[], float] = time.time
     # This host's: an init's instant (its token's times, its hold's deadline, its
-    # tokens-per-minute window, and whether that window still runs when it settles),
-    # a sign-out's (against its token's expiry).
+    # rows' dates), a sign-out's (against its token's expiry).
     # `create_app` takes it: a test runs a replica whose clock disagrees.
     wall_clock: Callable[[], float] = time.time
     # When the key ring's reads begin, and the waits between them (`fresh_keyring`).

@@ -25,8 +25,9 @@ log = logging.getLogger("control_plane.init_gate")
 @dataclass(frozen=True, slots=True)
 class Moment:
     """The clocks init's windows are read on: the init-rate window's (the app's
-    clock, which tests fix), the TPM window's (the init's instant) and the wall
-    clock of the pending-init deadlines."""
+    clock, which tests fix), the TPM window's (the init's instant on that clock, as
+    its reservation's id carries it) and the wall clock of the pending-init
+    deadlines."""
 
     rate_now: float
     tpm_now: float

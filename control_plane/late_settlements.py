@@ -61,5 +61,5 @@ async def _correct(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
         held_tokens=outcome.held_tokens,
         used_tokens=event.input_tokens + event.output_tokens,
         counted_at=outcome.held_at,
-        now=deps.wall_clock(),  # the clock its window was named on (`held_at`)
+        now=deps.clock(),  # the store's, which its window was named on (`held_at`)
     )

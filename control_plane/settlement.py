@@ -20,7 +20,7 @@ import psycopg
 from sqlalchemy import Table, bindparam, exists, select
 from sqlalchemy.orm import Session
 
-from control_plane import hot_statements, raw_pg
+from control_plane import hot_statements, raw_pg, tpm
 from control_plane.hot_statements import table_of
 from control_plane.ledger import (
     AlsoRows,
@@ -58,10 +58,11 @@ class Outcome:
     charged_micro: int = 0
     released_micro: int = 0
     # For the tokens-per-minute correction (`tpm.correct`): who, the hold's token
-    # estimate, when it was counted (the init's instant, epoch seconds).
+    # estimate, when it was counted (the init's instant on the store's clock, which
+    # its reservation's id carries: `tpm.counted_at`; None for an older id).
     user_id: str = ""
     held_tokens: int = 0
-    held_at: float = 0.0
+    held_at: float | None = None
 
 
 DUPLICATE = Outcome(duplicate=True)
@@ -235,7 +236,7 @@ def outcome_of(item: Settling, done: Settled | None) -> Outcome:
         released_micro=done.released_micro,
         user_id=item.reservation.user_id,
         held_tokens=item.reservation.input_estimate + item.reservation.max_tokens,
-        held_at=item.reservation.created_at.timestamp(),
+        held_at=tpm.counted_at(item.reservation.id),
     )
 
 

@@ -236,6 +236,13 @@ def test_tpm_counts_refuses_and_corrects_in_the_init_window() -> None:
         )  # fmt: skip
         assert await store.get(f"tpm:user:u:{int(t0)}") == b"10"
         assert await store.get(f"tpm:company:c:{int(t0)}") == b"90"
+        # A reservation whose id carries no instant (made before ids did): its window
+        # is unknown, nothing is corrected.
+        await tpm.correct(
+            store, limits, user_id="u", company_id="c", held_tokens=10, used_tokens=0,
+            counted_at=None, now=t0 + 50,
+        )  # fmt: skip
+        assert await store.get(f"tpm:user:u:{int(t0)}") == b"10"
         await gate(t0 + 55)
         await tpm.take(store, limits, user_id="z", company_id="c", tokens=60, now=t0 + 56)
         # Now the company is full: refused before any hold.
@@ -684,11 +691,11 @@ def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
     user_id, key = w.user_key(company)
     client = w.as_(key)
     deps = w.cp.app.state.deps
-    # The settlement's "is the window still current" reads the app's wall clock, the
-    # one its window was named on: pinned to now, the correction always applies
-    # whatever minute the test runs in.
-    pinned = time.time()
-    deps.wall_clock = lambda: pinned
+    # The init's window and the settlement's "is it still current" read the app's
+    # clock (the store's): pinned, the correction always applies whatever minute the
+    # test runs in.
+    pinned, clock = time.time(), deps.clock
+    deps.clock = lambda: pinned
     try:
         before = credits_of(client)
         big = {"messages": MESSAGES, "max_tokens": TPM_PER_USER + 1}
@@ -702,7 +709,7 @@ def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
             return session.get(Reservation, init["reservation_id"])
 
         res = w.db(reservation)
-        window = window_at(res.created_at.timestamp())
+        window = window_at(pinned)
 
         async def read() -> bytes | None:
             return await deps.store.get(tpm.tpm_key("user", user_id, window))
@@ -712,7 +719,7 @@ def test_tokens_per_minute_refuse_with_retry_after_and_correct_at_settlement(
         assert w.cp.webhook(event).status_code == 200
         assert w.cp.on_loop(read) == b"5"
     finally:
-        deps.wall_clock = time.time
+        deps.clock = clock
 
 
 def test_cli_sets_budgets_teams_and_the_webhook(

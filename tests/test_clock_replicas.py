@@ -11,10 +11,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis
 
 from control_plane.app import create_app
+from tests.conftest import REDIS_URL
 from tests.test_abuse_storage import _stashes
-from tests.test_control_plane import CP, error_of, pg_settings, serve_cp
+from tests.test_control_plane import CP, data_of, error_of, pg_settings, serve_cp, usage_event
 
 PENDING = 3
 SKEW_SECONDS = 600.0
@@ -119,3 +121,85 @@ def test_a_replica_whose_clock_runs_ahead_keeps_the_login_failure_limit(pg_serve
             for i in range(8)
         ]
     assert [r.status_code for r in answers] == [401] * 3 + [429] * 5
+
+
+TPM = 250  # two inits of 100 tokens and a short query fit, a third does not
+TPM_ENV = {
+    "LLMGW_TPM_PER_USER": str(TPM),
+    "LLMGW_TPM_PER_COMPANY": "1000000",
+    "LLMGW_INIT_RATE_PER_USER": "100",
+    "LLMGW_MAX_PENDING_INITS_PER_USER": "50",
+    "LLMGW_MAX_PENDING_INITS_PER_COMPANY": "50",
+}
+SMALL = {"query": "hi", "max_tokens": 100}
+
+
+def _store_time(replica: CP) -> float:
+    async def read() -> float:
+        return float(await replica.app.state.store.server_time())
+
+    return float(replica.on_loop(read))
+
+
+def _clear_of_a_minute_boundary(replica: CP, margin: float = 10.0) -> int:
+    """The start of the store's current minute, with at least `margin` seconds of it
+    left (a test's inits then all fall in it); waits the minute out otherwise."""
+    now = _store_time(replica)
+    left = 60 - now % 60
+    if left < margin:
+        time.sleep(left + 0.1)
+        now = _store_time(replica)
+    return int(now // 60 * 60)
+
+
+def test_a_replica_whose_clock_runs_ahead_keeps_the_tokens_per_minute(pg_server: str) -> None:
+    """The tokens-per-minute windows were named by the minute of each replica's host
+    clock: ten minutes apart, each counted in a window of its own, so a member
+    alternating between them had 4 inits of ~105 tokens counted in a minute past a
+    limit of 250 (each replica's 2). Now every replica counts in the store clock's
+    minute: 2 inits, the rest 429 ``tpm_exceeded``."""
+    with replicas_of(pg_server, TPM_ENV) as both:
+        for replica in both:
+            assert _read_store_clock(replica)
+        _, clients = _member_on_both(both)
+        _clear_of_a_minute_boundary(both[0])
+        answers = [clients[i % 2].post("/v1/chat/init", json=SMALL) for i in range(6)]
+    granted = [r for r in answers if r.status_code == 201]
+    assert len(granted) == 2, [r.status_code for r in answers]
+    for refused in answers[2:]:
+        error_of(refused, 429, "tpm_exceeded")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+def _tpm_windows(replica: CP, user_id: str) -> dict[int, int]:
+    """The user's tokens-per-minute counters in the store, by their window's start."""
+    prefix = f"{replica.settings.redis_prefix}tpm:user:{user_id}:"
+    with redis.Redis.from_url(REDIS_URL) as client:
+        keys = client.keys(f"{prefix}*")
+        return {int(k.decode()[len(prefix) :]): int(client.get(k) or 0) for k in keys}
+
+
+def test_a_settlement_on_another_replica_corrects_the_window_its_init_counted_in(
+    pg_server: str,
+) -> None:
+    """An init on either replica counts its estimate in the store clock's minute, and
+    its settlement, whichever replica (clock ahead or not) takes the webhook, puts
+    the tokens used in place of the estimate in that same window, nowhere else: the
+    member's next inits fit again."""
+    with replicas_of(pg_server, TPM_ENV) as both:
+        for replica in both:
+            assert _read_store_clock(replica)
+        company_id, clients = _member_on_both(both)
+        minute = _clear_of_a_minute_boundary(both[0])
+        inits = [data_of(clients[i].post("/v1/chat/init", json=SMALL), 201) for i in (1, 0)]
+        user_id = usage_event(inits[0], company_id).user_id
+        [(start, estimate)] = _tpm_windows(both[0], user_id).items()
+        assert start == minute and estimate > 200, (start, minute, estimate)
+        error_of(clients[0].post("/v1/chat/init", json=SMALL), 429, "tpm_exceeded")
+        # The ahead replica's init settled on the other, the other's on the ahead one.
+        for init, settler in zip(inits, both, strict=True):
+            event = usage_event(init, company_id, input_tokens=2, output_tokens=3)
+            assert settler.webhook(event).status_code == 200
+        assert _tpm_windows(both[0], user_id) == {minute: 10}
+        for client in clients:
+            data_of(client.post("/v1/chat/init", json=SMALL), 201)

@@ -27,6 +27,7 @@ import redis
 from control_plane.db_threads import DatabaseTimeout
 from control_plane.rate_limits import window_at
 from control_plane.sweeper import SweepResult, sweep_expired_holds
+from control_plane.time_ids import instant_of
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL
 from tests.ops_processes import scrape
@@ -232,15 +233,12 @@ def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tp
     event = usage_event(grant, company_id, input_tokens=3, output_tokens=5)
     body = event.body()
     headers = sign(split.env["LLMGW_WEBHOOK_SECRET"], event.webhook_id, body)
-    with _direct(private_postgres, split) as conn:
-        row = conn.execute(
-            "SELECT created_at FROM reservations WHERE id = %s", (grant["reservation_id"],)
-        ).fetchone()
-    assert row is not None
-    counted_at = row[0].timestamp()
+    # The instant (the store's clock) the init counted its tokens at, in its id.
+    counted_at = instant_of(grant["reservation_id"])
+    assert counted_at is not None
     # The settlement's "now" inside the init's window, whatever the test's pace: a
     # correction past the window's end changes nothing by design.
-    split.apps["cp"].state.deps.wall_clock = lambda: counted_at
+    split.apps["cp"].state.deps.clock = lambda: counted_at
     window = f"{redis_prefix}tpm:user:{event.user_id}:{window_at(counted_at).start}"
     tokens = redis.Redis.from_url(REDIS_URL)
     held_tokens = int(tokens.get(window) or 0)
