@@ -199,7 +199,8 @@ class Http1Client:
                 # Woken while under its share, at it now: another request of its company
                 # came first, maybe one woken in the same turn for another connection,
                 # so the one this waiter was woken for may still be free: pass it on.
-                self._wake(origin)
+                if self._idle.get(origin) or self._open.get(origin, 0) < self._max_open:
+                    self._wake(origin)
             elif self._may_hold(holder):
                 conn = self._checkout(origin)
                 if conn is not None:
