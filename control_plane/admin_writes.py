@@ -8,7 +8,8 @@ from one client, an audit row each. Counted in the store's fixed one-minute wind
 (`rate_limits`, another key), so every control-plane process shares one counter per
 company; checked once the caller is known (`auth.authenticate`) and before any
 handler reads its input or writes, so a refused write changes nothing and is
-audited nowhere. A refused request still counts, as for inits.
+audited nowhere. A request refused by the rate still counts, as for inits; one
+from a caller without the admin scope does not (the handler can only refuse it).
 
 The platform admin (the operator's token, or a user with the admin role) is not
 counted: it is the operator, provisioning companies and credits by script, whose

@@ -295,12 +295,15 @@ async def authenticate(request: Request, *, signed_out_ok: bool = False) -> Prin
 
 async def _count_admin_write(request: Request, principal: Principal) -> None:
     """Every handler names its caller here, so no admin route can forget the rate;
-    the platform admin is not counted (`admin_writes`)."""
+    the platform admin is not counted (`admin_writes`), nor a caller without the
+    admin scope: every admin write of its is refused, writing nothing, and counted
+    it would spend its owners' writes (a rogue member keeping them from revoking it)."""
     company_id = principal.company_id
     scope = request.scope  # not `request.url`: every request of every route comes here
     if (
         not admin_writes.is_admin_write(scope["method"], scope["path"])
         or company_id is None
+        or not policy.has_admin_scope(principal)
         or policy.is_platform_admin(principal)
     ):
         return

@@ -182,7 +182,8 @@ if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false
   return theirs(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2], ARGV[1])
 end
 redis.call('ZADD', KEYS[1], at(ARGV[3], ARGV[1]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+-- Only ever longer: a member with less life left must not cut the others' short.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return false
 """
 )
@@ -639,7 +640,7 @@ class RedisStore:
     async def bounded_add(
         self, key: str, member: str, expires_at: float, now: float, limit: int, drop: list[str]
     ) -> float | None:
-        # The set lives as long as its latest member (each add extends it).
+        # The set lives as long as its longest-lived member (an add only extends it).
         ttl_ms = max(1, int((expires_at - now) * 1000))
         args: list[str | int | float] = [now, member, expires_at, limit, ttl_ms, *drop]
         reply = await self._run(_BOUNDED_ADD, [self._key(key)], args)

@@ -193,10 +193,15 @@ class Http1Client:
         company at its share waits for one of its own connections to end first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
+        woken = False
         while True:
-            # Woken but unable to hold (another request of its company came first):
-            # that request took the connection it was woken for, so nothing is lost.
-            if self._may_hold(holder):
+            if woken and not self._may_hold(holder):
+                # Woken while under its share, at it now: another request of its company
+                # came first, maybe one woken in the same turn for another connection,
+                # so the one this waiter was woken for may still be free: pass it on.
+                if self._idle.get(origin) or self._open.get(origin, 0) < self._max_open:
+                    self._wake(origin)
+            elif self._may_hold(holder):
                 conn = self._checkout(origin)
                 if conn is not None:
                     self._hold(conn, holder)

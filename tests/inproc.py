@@ -18,10 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import jwt
 import orjson
 from starlette.applications import Starlette
 
 from control_plane.app import create_app as control_plane_app
+from control_plane.deps import Deps
 from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from mock_llm.streaming import MockStats
@@ -264,6 +266,24 @@ async def eventually(condition: Callable[[], Any], what: str, within: float = 10
                 await asyncio.sleep(0.005)
     except TimeoutError:
         raise AssertionError(f"not within {within} s: {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def second_control_plane(gw: Gateway) -> AsyncIterator[tuple[Deps, httpx.AsyncClient]]:
+    """A second control plane on `gw`'s database and store, its keys read just now
+    (a sibling instance: `--workers N`, replicas)."""
+    settings = gw.cp.state.deps.settings
+    app: Starlette = control_plane_app(settings, gw.store)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://cp-b.test"
+        ) as client:
+            yield app.state.deps, client
+
+
+def kid_of(token: str) -> str:
+    """The signing key a token names (read unverified)."""
+    return str(jwt.get_unverified_header(token)["kid"])
 
 
 @contextlib.asynccontextmanager

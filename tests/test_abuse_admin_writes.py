@@ -172,6 +172,23 @@ def test_with_the_store_down_an_owners_admin_write_goes_through_uncounted(
     assert demoted["role"] == "member"
 
 
+def test_a_member_cannot_spend_its_companys_admin_writes(limited: CP) -> None:
+    """Attack: a rogue member (no `llm:admin` scope: every admin write of its is
+    refused 403, nothing written) loops an admin write anyway. Each was counted
+    against its company's window all the same, so the member kept the owners from
+    every admin write, demoting or revoking it included, for as long as it looped.
+    Only a caller that may make an admin write (one with the admin scope) counts."""
+    cp = limited
+    owner, company_id = cp.owner_client("1")
+    rogue_id = cp.user(company_id, role="member", password=None)["id"]
+    rogue = cp.client(cp.api_key(rogue_id))
+    for _ in range(WRITES_PER_MINUTE * 2):
+        r = rogue.patch(f"/v1/admin/users/{rogue_id}", json={"role": "owner"})
+        assert r.status_code in (403, 404), (r.status_code, r.text)  # never 429: not counted
+    revoked = owner.post("/v1/admin/revocations", json={"user_id": rogue_id})
+    assert revoked.status_code == 201, (revoked.status_code, revoked.text)
+
+
 def _admin_writes() -> list[tuple[str, str]]:
     """(method, path) of every state-changing route under /v1/admin/, path
     parameters filled with made-up ids."""

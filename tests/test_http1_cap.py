@@ -225,6 +225,42 @@ async def test_a_company_waiting_past_the_connect_timeout_for_its_share_is_a_poo
         await client.aclose()
 
 
+async def test_a_waiter_woken_past_its_share_passes_the_turn_on() -> None:
+    """Cap 3, share 2; a holds 1, b 1, c 1 (full). Waiting: a, a, then b. b's and c's
+    connections come back in one turn: each wakes the first waiter under its share,
+    a and a (a holds 1 as they are woken). The first a takes one connection and a is
+    at its share; the second, woken for the other, can no longer hold and waited again
+    without passing its turn on: b, under its share, was never woken, and the
+    connection sat idle until b's wait ran out (PoolTimeout)."""
+    release = asyncio.Event()
+    client = Http1Client(connect_timeout=1.0, read_timeout=5.0, max_per_origin=3, company_share=2)
+    try:
+        async with held_server(release) as server:
+            url = server.url
+            a1, b1, c1 = [await client.send("GET", url, {}, b"", company=c) for c in "abc"]
+            a2 = asyncio.create_task(client.send("GET", url, {}, b"", company="a"))
+            await until(lambda: waiting(client) == 1, "a's second request waits")
+            a3 = asyncio.create_task(client.send("GET", url, {}, b"", company="a"))
+            await until(lambda: waiting(client) == 2, "a's third request waits")
+            b2 = asyncio.create_task(client.send("GET", url, {}, b"", company="b"))
+            await until(lambda: waiting(client) == 3, "b's second request waits")
+            release.set()
+            assert await b1.aread() == await c1.aread() == b"done"
+            await b1.aclose()  # both back in one turn of the loop
+            await c1.aclose()
+            served_b = await b2  # before: PoolTimeout, a connection idle all along
+            assert client.held_connections(url, "a") == 2 and not a3.done()
+            await a1.aread()
+            await a1.aclose()  # a under its share again: its last waiter's turn
+            served_a3 = await a3
+            for response in (await a2, served_a3, served_b):
+                await response.aread()
+                await response.aclose()
+            assert waiting(client) == 0 and server.connections == 3
+    finally:
+        await client.aclose()
+
+
 def test_a_companys_share_of_an_origin() -> None:
     assert [company_share(cap) for cap in (1, 2, 3, 4, 8, 64, 1000)] == [
         1, 1, 2, 3, 6, 48, 750

@@ -21,18 +21,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
-import jwt
 import orjson
 import pytest
 import pytest_asyncio
-from starlette.applications import Starlette
 
-from control_plane.app import create_app as control_plane_app
 from control_plane.deps import Deps
 from control_plane.retired_keys import check_retired_keys
 from shared.revocations import RETIRED_SIGNING_KEYS
 from stream_edge.revocation_watch import check_pass
-from tests.inproc import Gateway, events, gateway_env, opened
+from tests.inproc import Gateway, events, gateway_env, kid_of, opened, second_control_plane
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
@@ -47,17 +44,8 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
 @pytest_asyncio.fixture(loop_scope="module")
 async def instance_b(gw: Gateway) -> AsyncIterator[tuple[Deps, httpx.AsyncClient]]:
     """A second control plane on A's database and store, its keys read just now."""
-    deps: Deps = gw.cp.state.deps
-    app: Starlette = control_plane_app(deps.settings, gw.store)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app), base_url="http://cp-b.test"
-        ) as client:
-            yield app.state.deps, client
-
-
-def kid_of(token: str) -> str:
-    return str(jwt.get_unverified_header(token)["kid"])
+    async with second_control_plane(gw) as instance:
+        yield instance
 
 
 async def me(client: httpx.AsyncClient, token: str) -> int:

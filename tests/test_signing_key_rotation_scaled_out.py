@@ -20,14 +20,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
-import jwt
 import pytest
 import pytest_asyncio
-from starlette.applications import Starlette
 
-from control_plane.app import create_app as control_plane_app
-from control_plane.deps import Deps
-from tests.inproc import Gateway, gateway_env
+from tests.inproc import Gateway, gateway_env, kid_of, second_control_plane
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
@@ -42,17 +38,8 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
 @pytest_asyncio.fixture(loop_scope="module")
 async def instance_b(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     """A second control plane on A's database and store, its keys read just now."""
-    deps: Deps = gw.cp.state.deps
-    app: Starlette = control_plane_app(deps.settings, gw.store)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app), base_url="http://cp-b.test"
-        ) as client:
-            yield client
-
-
-def kid_of(token: str) -> str:
-    return str(jwt.get_unverified_header(token)["kid"])
+    async with second_control_plane(gw) as (_, client):
+        yield client
 
 
 async def test_a_token_signed_right_after_a_rotation_is_accepted_by_every_worker_and_edge(

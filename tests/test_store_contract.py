@@ -215,6 +215,21 @@ async def test_a_bounded_set_caps_expires_and_drops(backend: Backend) -> None:
     assert await store.bounded_add(key, "e", 5.0 + 50, 5.0, 1, []) == pytest.approx(45.0, abs=1)
 
 
+async def test_a_member_with_a_shorter_life_does_not_cut_the_others_short(
+    backend: Backend,
+) -> None:
+    """The retired signing keys' set holds keys with lives of their own (each until
+    its last token expires), announced in no set order: a key retired long ago,
+    added after one retired just now, set the whole set's expiry to its own few
+    seconds left, and the leaked key was forgotten with it."""
+    store = backend.store
+    key = "signing-keys:retired"
+    assert await store.bounded_add(key, "leaked", T + 3600, T, 10, []) is None
+    assert await store.bounded_add(key, "old", T + SHORT, T, 10, []) is None
+    await backend.elapse(SHORT)
+    assert await store.bounded_members(key) == ["leaked"]
+
+
 async def test_callers_whose_clocks_disagree_agree_on_what_lives(backend: Backend) -> None:
     """Replicas (control planes, edges) share these sets, each with its own clock:
     members were scored with the writer's deadline and pruned with the reader's
