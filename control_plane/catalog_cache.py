@@ -23,9 +23,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from control_plane import company_llm
+from control_plane.company_llm import CompanyCatalog
 from control_plane.tables import CompanyModel
+from shared.catalog import Catalog
 from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.catalog_cache")
@@ -57,6 +60,24 @@ def detached(row: CompanyModel) -> CompanyModel:
 class CompanyLLM:
     overrides: tuple[CompanyModel, ...]  # `detached` copies, read only
     pools: dict[str, list[str]]  # provider → the company's key pool, decrypted
+    # The company's catalogs merged from these overrides (`catalog`), by what else
+    # decides them: an entry lives as long as its overrides are current.
+    _views: dict[tuple[int, str | None, frozenset[str]], tuple[Catalog, CompanyCatalog]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def catalog(
+        self, base: Catalog, default_model: str | None, keyed: frozenset[str]
+    ) -> CompanyCatalog:
+        """`company_llm.company_catalog` of these overrides, merged once per entry:
+        init's hot path merged every override again for each init (~20 us each even
+        with `company_llm.merged_model`, an owner's 1,000 overrides ~20 ms an init)."""
+        key = (id(base), default_model, keyed)
+        found = self._views.get(key)
+        if found is None or found[0] is not base:
+            view = company_llm.company_catalog(base, self.overrides, default_model, keyed)
+            found = self._views[key] = (base, view)
+        return found[1]
 
 
 @dataclass(slots=True)

@@ -342,9 +342,7 @@ def reserve(
     llm = _company_llm(unit, catalog, fernet, company.id, llm_cache)
     pools = llm.pools
     keys = {provider: pool[0] for provider, pool in pools.items()}
-    cat = company_llm.company_catalog(
-        catalog, llm.overrides, company.default_model, frozenset(keys)
-    )
+    cat = llm.catalog(catalog, company.default_model, frozenset(keys))
     req, prefix = _with_agent(unit, cat, company.id, req)
     if req.model is not None and req.model in cat.disabled:
         raise ModelNotAllowed(f"Your company cannot use {req.model!r}.")

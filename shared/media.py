@@ -13,6 +13,7 @@ alphabet, padding, length a multiple of 4; no whitespace, no URL-safe alphabet).
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -36,7 +37,6 @@ _EXTENSION_TYPES = {
 DEFAULT_IMAGE_TYPE = "image/jpeg"
 MAX_URL_CHARS = 2048
 
-_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _DATA_URL = re.compile(r"data:([a-z0-9.+-]+/[a-z0-9.+-]+);base64,(.*)", re.DOTALL)
 
 
@@ -57,7 +57,18 @@ class Inline:
 
 
 def is_base64(data: str) -> bool:
-    return bool(data) and _BASE64.fullmatch(data) is not None
+    """Whether `data` is canonical base64: one strict decode at C speed (~3 ms a MiB).
+    A regular expression backtracked through every group of a 1 MiB part whose last
+    character was wrong (45 ms of the event loop, for a request refused at will). The
+    decode alone also takes padding past a whole group ("AAAA===="), which no
+    canonical text has: "=" only in the last two places, in groups of 4."""
+    if not data or len(data) % 4 or not data.isascii() or data.find("=", 0, len(data) - 2) != -1:
+        return False
+    try:
+        binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error:
+        return False
+    return True
 
 
 def parse_data_url(url: str, allowed: frozenset[str]) -> Inline:

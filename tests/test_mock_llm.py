@@ -28,6 +28,7 @@ from mock_llm.app import create_app
 from mock_llm.errors import MockAPIError
 from mock_llm.request import parse_chat_request
 from mock_llm.script import (
+    MAX_DIRECTIVE_CHARS,
     MODEL_DEFAULTS,
     Message,
     MockBehaviour,
@@ -466,3 +467,13 @@ def test_api_key_is_enforced_when_set() -> None:
             assert good.chat.completions.create(model="mock-fast", messages=user("hi")).choices
         # Health and stats stay open: they are for operators and tests, not clients.
         assert httpx.get(f"{url}/_mock/stats").json()["requests"] == 2
+
+
+def test_a_directive_is_short_and_holds_no_bracket() -> None:
+    """A directive runs to the next `]` or `[`, at most `MAX_DIRECTIVE_CHARS`: each
+    "[[mock" of a prompt was scanned to the next `]` however far, so a prompt of them
+    with none took quadratic time, every stream of the stand-in vendor stalled (32 KB:
+    2.2 s; 1 MiB: the better part of an hour)."""
+    assert parse_directives("[[mock tokens=3" + " " * MAX_DIRECTIVE_CHARS + "]]") == Overrides()
+    assert parse_directives("[[mock tokens=3 [[mock tokens=4]]") == Overrides(tokens=4)
+    assert parse_directives("[[mock " * 150_000) == Overrides()
