@@ -136,12 +136,30 @@ def json_too_complex(body: bytes, limit: int = MAX_JSON_CONTAINERS) -> bool:
     never refused: exact for valid JSON, whose strings hold every backslash and every
     escaped quote. Dropping the escaped backslashes, then the escaped quotes (left to
     right, as a parser reads them), leaves only the quotes that open and close
-    strings. No regex: one that skips strings goes quadratic on unclosed ones."""
+    strings. No regex: one that skips strings goes quadratic on unclosed ones.
+
+    The split costs a Python object a quote, so first every byte but quotes and
+    brackets goes, and then every pair of adjacent quotes, at C speed: a pair flips
+    in and out of a string and back, so what lies on either side keeps its side.
+    Quotes are then at most one per bracket: 50,001 brackets and a megabyte of `"`
+    (or of `"a",`) split into a few pieces instead of half a million (72 ms of the
+    event loop, an anonymous login's body; now ~25 ms at worst, `"[` repeated: a
+    piece per two bytes)."""
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
-    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside = b"".join(plain.split(b'"')[::2])
+    outside = b"".join(structure_marks(body).split(b'"')[::2])
     return outside.count(b"[") + outside.count(b"{") > limit
+
+
+# Every byte `structure_marks` drops: all but quotes and opening brackets.
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[{')
+
+
+def structure_marks(body: bytes) -> bytes:
+    """`body`'s opening brackets and the quotes that open and close its strings, with
+    no two quotes side by side (`json_too_complex`)."""
+    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return plain.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
 
 
 def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
