@@ -6,24 +6,12 @@ held the loop 0.85 s), and each blank line was a round of the line loop (0.7 s).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from shared.sse import SSEDecoder
-
-
-def by_feed(decoder: SSEDecoder, chunk: bytes) -> list[bytes]:
-    return [event.data.encode() for event in decoder.feed(chunk)]
-
-
-def by_feed_data(decoder: SSEDecoder, chunk: bytes) -> list[bytes]:
-    return decoder.feed_data(chunk)
-
-
-Feed = Callable[[SSEDecoder, bytes], list[bytes]]
-FEEDS = pytest.mark.parametrize("feed", [by_feed, by_feed_data], ids=["feed", "feed_data"])
+from tests.test_sse_limits import FEEDS, Feed
 
 
 @pytest.fixture
