@@ -237,7 +237,14 @@ class OutboxStore(Protocol):
 
     async def outbox_get(self, item_id: str) -> bytes | None: ...
 
-    async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None: ...
+    async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
+        """A failed delivery: the item backs off until `due_at`."""
+        ...
+
+    async def outbox_expedite(self, now: float) -> int:
+        """Make every item backing off (rescheduled, not claimed since) due at `now`:
+        the receiver answers again. Returns how many were brought forward."""
+        ...
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         """Forget delivered items (several in one round trip)."""

@@ -21,6 +21,7 @@ class MemoryStore:
         self._values: dict[str, tuple[bytes, float]] = {}
         self._outbox: dict[str, bytes] = {}
         self._due: dict[str, float] = {}
+        self._backing_off: dict[str, float] = {}
         self._dead: dict[str, bytes] = {}
         self._slots: dict[str, dict[str, float]] = {}
         self._logs: dict[str, tuple[list[bytes], float]] = {}
@@ -76,6 +77,7 @@ class MemoryStore:
         due = sorted((at, item) for item, at in self._due.items() if at <= now)[:limit]
         for _, item in due:
             self._due[item] = now + lease_seconds
+            self._backing_off.pop(item, None)
         return [item for _, item in due]
 
     async def outbox_get(self, item_id: str) -> bytes | None:
@@ -85,11 +87,22 @@ class MemoryStore:
         if item_id in self._outbox:
             self._outbox[item_id] = payload
             self._due[item_id] = due_at
+            self._backing_off[item_id] = due_at
+
+    async def outbox_expedite(self, now: float) -> int:
+        moved = 0
+        for item_id, at in self._backing_off.items():
+            if self._due.get(item_id) == at and at > now:
+                self._due[item_id] = now
+                moved += 1
+        self._backing_off.clear()
+        return moved
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         for item_id in item_ids:
             self._outbox.pop(item_id, None)
             self._due.pop(item_id, None)
+            self._backing_off.pop(item_id, None)
 
     async def outbox_size(self) -> int:
         return len(self._outbox)

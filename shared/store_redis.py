@@ -70,9 +70,14 @@ class ReplicaAckMissing(RedisError):
     being unavailable (the edge takes the admission back and answers 503)."""
 
 
+# KEYS: the due set, the waiting set. A claimed item no longer waits for a retry
+# (`_EXPEDITE` must not move its lease).
 _CLAIM = """
 local ids = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  redis.call('ZREM', KEYS[2], id)
+end
 return ids
 """
 
@@ -159,14 +164,35 @@ return 1
 """
 
 
-# KEYS: the outbox hash, the due set; ARGV: id, payload, due time. An item
-# acknowledged meanwhile (another edge delivered it once its lease ran out) stays
-# gone: writing its payload back would keep it in the hash forever.
+# KEYS: the outbox hash, the due set, the waiting set; ARGV: id, payload, due time.
+# An item acknowledged meanwhile (another edge delivered it once its lease ran out)
+# stays gone: writing its payload back would keep it in the hash forever. The waiting
+# set holds the same due time, marking the item as backing off, not leased.
 _RESCHEDULE = """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 1
+"""
+
+
+# KEYS: the due set, the waiting set; ARGV: now, how many at most. Items backing off
+# become due now; one whose due time is no longer its backoff's (claimed by an edge
+# of an older release, which does not clear the waiting set) keeps its lease.
+_EXPEDITE = """
+local waiting = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1, 'WITHSCORES')
+local moved = 0
+for i = 1, #waiting, 2 do
+  local id, at = waiting[i], waiting[i + 1]
+  local due = redis.call('ZSCORE', KEYS[1], id)
+  if due and tonumber(due) == tonumber(at) and tonumber(at) > tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], id)
+    moved = moved + 1
+  end
+  redis.call('ZREM', KEYS[2], id)
+end
+return {moved, #waiting / 2}
 """
 
 
@@ -312,6 +338,7 @@ class RedisStore:
         outbox = f"{prefix}{{outbox}}" if self.is_cluster else f"{prefix}outbox"
         self._outbox_items = f"{outbox}:items"
         self._outbox_due = f"{outbox}:due"
+        self._outbox_waiting = f"{outbox}:waiting"
         self._dead = f"{outbox}:dead"
         self._scripts = {
             source: client.register_script(source)
@@ -321,6 +348,7 @@ class RedisStore:
                 _UNADMIT,
                 _PUT,
                 _RESCHEDULE,
+                _EXPEDITE,
                 _BOUNDED_ADD,
                 _BOUNDED_MEMBERS,
                 _INIT_GATE,
@@ -480,7 +508,7 @@ class RedisStore:
 
     async def outbox_claim(self, now: float, lease_seconds: float, limit: int) -> list[str]:
         ids: list[Any] = await self._run(
-            _CLAIM, [self._outbox_due], [now, now + lease_seconds, limit]
+            _CLAIM, [self._outbox_due, self._outbox_waiting], [now, now + lease_seconds, limit]
         )
         return [_text(i) for i in ids]
 
@@ -494,20 +522,37 @@ class RedisStore:
 
     async def outbox_reschedule(self, item_id: str, payload: bytes, due_at: float) -> None:
         await self._run(
-            _RESCHEDULE, [self._outbox_items, self._outbox_due], [item_id, payload, due_at]
+            _RESCHEDULE,
+            [self._outbox_items, self._outbox_due, self._outbox_waiting],
+            [item_id, payload, due_at],
         )
+
+    async def outbox_expedite(self, now: float) -> int:
+        moved, batch = 0, 1000
+        while True:  # in batches: one script over a huge backlog would stall Redis
+            done, seen = await self._run(
+                _EXPEDITE, [self._outbox_due, self._outbox_waiting], [now, batch]
+            )
+            moved += int(done)
+            if int(seen) < batch:
+                return moved
 
     async def outbox_ack(self, item_ids: list[str]) -> None:
         if not item_ids:
             return
         if self._pipe is not None:
             await self._pipe.batch(
-                [("ZREM", self._outbox_due, *item_ids), ("HDEL", self._outbox_items, *item_ids)],
+                [
+                    ("ZREM", self._outbox_due, *item_ids),
+                    ("ZREM", self._outbox_waiting, *item_ids),
+                    ("HDEL", self._outbox_items, *item_ids),
+                ],
                 transaction=True,
             )
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._outbox_due, *item_ids)
+            pipe.zrem(self._outbox_waiting, *item_ids)
             pipe.hdel(self._outbox_items, *item_ids)
             await pipe.execute()
 
@@ -517,9 +562,10 @@ class RedisStore:
         return int(await self._redis.zcard(self._outbox_due))
 
     async def dead_letter_put(self, item_id: str, payload: bytes) -> None:
-        # One transaction (the three keys share the `{outbox}` hash tag on a cluster).
+        # One transaction (the keys share the `{outbox}` hash tag on a cluster).
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._outbox_due, item_id)
+            pipe.zrem(self._outbox_waiting, item_id)
             pipe.hdel(self._outbox_items, item_id)
             pipe.hset(self._dead, item_id, payload)
             await pipe.execute()

@@ -21,7 +21,10 @@ The deliverer loop claims due items (retries, other processes' leftovers), signs
 each attempt afresh (the signature timestamp must be within the receiver's
 5-minute window even on a late retry), and posts it. 2xx acknowledges;
 408/429/5xx and network errors retry with jittered exponential backoff; any other
-4xx is permanent and the event moves to the dead-letter list for an operator.
+4xx is permanent and the event moves to the dead-letter list for an operator. The
+first post that passes after the receiver was unavailable brings every report still
+backing off forward (`_expedite`): once the control plane is back, the backlog is
+settled at the pace it answers, not over as long again as the outage lasted.
 
 When the store will not take a report (`keep`, after `enqueue` failed), the report
 is appended to the local spool (spool.py) and posted at once, straight from memory;
@@ -66,10 +69,19 @@ MAX_DIRECT_QUEUE = 10_000
 TIMESTAMP_OUT_OF_WINDOW = "timestamp_out_of_window"
 # A direct post starts only this long before its lease runs out, at the latest.
 LEASE_MARGIN = 2.0
+# Bringing the backlog forward (`_expedite`) at most this often: a report the
+# receiver keeps failing (while others pass) is retried no more often than that.
+EXPEDITE_INTERVAL = 5.0
 
 
 def is_permanent(status: int) -> bool:
     return 400 <= status < 500 and status not in (408, 425, 429)
+
+
+def receiver_unavailable(status: int) -> bool:
+    """No answer, or the receiver (or its proxy) says it cannot serve: an outage,
+    over when a post passes again. 429 asks us to slow down, and is obeyed."""
+    return status == 0 or status in (502, 503, 504)
 
 
 class Outbox:
@@ -87,6 +99,7 @@ class Outbox:
         spool: Spool | None = None,
         linger: float = 0.05,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         # The wall clock a signature's timestamp is read from (tests skew it), and
@@ -115,6 +128,12 @@ class Outbox:
         # receiver recognises by its webhook id and answers 200 without charging.
         self._acks: list[str] = []
         self._ack_timer: asyncio.Task[None] | None = None
+        # Whether the receiver was unavailable since the backlog was last brought
+        # forward. A new process cannot know what happened before it: it assumes so.
+        # Monotonic time of the last expedite (`EXPEDITE_INTERVAL`).
+        self._outage_seen = True
+        self._monotonic = monotonic
+        self._expedited_at: float | None = None
 
     async def enqueue(self, event: UsageEvent, release: SlotRelease | None = None) -> None:
         """Store the event durably (giving back `release`'s slots in the same round
@@ -359,6 +378,7 @@ class Outbox:
         if 200 <= status < 300:
             self._metrics.webhook_deliveries.labels("delivered").inc()
             self._ack(item_id)
+            await self._expedite()
         elif status and is_permanent(status):
             self._metrics.webhook_deliveries.labels("rejected").inc()
             log.error("usage webhook %s rejected with %s; moved to dead letters", item_id, status)
@@ -366,9 +386,31 @@ class Outbox:
             self._metrics.outbox_pending.dec()
         else:
             self._metrics.webhook_deliveries.labels("retry").inc()
+            self._outage_seen = self._outage_seen or receiver_unavailable(status)
             item["attempt"] += 1
             delay = self._backoff.delay(item["attempt"], retry_after)
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
+
+    async def _expedite(self) -> None:
+        """A post passed after the receiver was unavailable: the reports that backed
+        off meanwhile become due now, rather than each after its own backoff (up to
+        the 300 s cap, about as long as the outage lasted), holds unsettled and
+        credits unavailable all that time. The deliverer loop then drains them at the
+        pace the receiver answers, 50 claimed at a time."""
+        now = self._monotonic()
+        if not self._outage_seen:
+            return
+        if self._expedited_at is not None and now - self._expedited_at < EXPEDITE_INTERVAL:
+            return
+        self._outage_seen, self._expedited_at = False, now
+        try:
+            moved = await self._store.outbox_expedite(time.time())
+        except Exception as exc:  # the store is down: the next passing post tries again
+            self._outage_seen = True
+            log.warning("could not bring the outbox's backlog forward: %s", type(exc).__name__)
+            return
+        if moved:
+            log.info("the control plane answers again: %d usage webhooks due now", moved)
 
 
 def _server_time(answer: bytes) -> int | None:

@@ -423,6 +423,40 @@ async def test_the_outbox_reschedules_and_forgets_acknowledged_items(backend: Ba
     assert await store.outbox_size() == 1
 
 
+async def test_the_outbox_brings_forward_only_what_backs_off(backend: Backend) -> None:
+    """`outbox_expedite`: a report backing off is due now; one leased to an edge keeps
+    its lease (posting it twice would double a recovering receiver's load), as does
+    one already due, one put afresh, acknowledged or dead-lettered."""
+    store = backend.store
+    for item in ("backing", "leased", "early", "acked", "dead", "new"):
+        await store.outbox_put(item, item.encode(), T)
+    assert len(await store.outbox_claim(T, 30, 10)) == 6
+    for item in ("backing", "acked", "dead", "new"):
+        await store.outbox_reschedule(item, item.encode(), T + 100)
+    await store.outbox_reschedule("early", b"early", T + 2)
+    await store.outbox_reschedule("leased", b"leased", T + 1)
+    assert await store.outbox_claim(T + 1, 200, 1) == ["leased"]  # leased to T + 201
+    await store.outbox_ack(["acked"])
+    await store.dead_letter_put("dead", b"dead")
+    await store.outbox_put("new", b"new", T + 50)  # put afresh (a replayed dead letter)
+    assert await store.outbox_expedite(T + 3) == 1  # "backing"
+    assert await store.outbox_claim(T + 3, 30, 10) == ["early", "backing"]
+    assert await store.outbox_expedite(T + 3) == 0  # nothing backs off any more
+    assert await store.outbox_claim(T + 32, 30, 10) == []  # "leased", "new" not due
+    assert await store.outbox_size() == 4  # backing, early, leased, new
+
+
+async def test_the_outbox_brings_a_large_backlog_forward_in_batches(backend: Backend) -> None:
+    store = backend.store
+    for i in range(2_500):
+        await store.outbox_put(f"r{i}", b"r", T)
+    assert len(await store.outbox_claim(T, 30, 3_000)) == 2_500
+    for i in range(2_500):
+        await store.outbox_reschedule(f"r{i}", b"r", T + 100 + i)
+    assert await store.outbox_expedite(T) == 2_500
+    assert len(await store.outbox_claim(T, 30, 3_000)) == 2_500
+
+
 async def test_dead_letters_are_kept_listed_and_taken_once(backend: Backend) -> None:
     store = backend.store
     assert await store.dead_letters(10) == []
