@@ -44,7 +44,10 @@ deadline and, for each, reads the edge's checkpoint from the store
   was relayed, capped at the hold (DESIGN §9 "What is billed"), each part of the
   usage the checkpoint carries (cache reads and writes) at its own rate, as the
   edge's report would have been (DESIGN §11 "Prices");
-* none (or one that is unreadable or belongs to another stream) → released.
+* none (or one that is unreadable or belongs to another stream) → released; but
+  one past its deadline by more than a checkpoint lives, only after the sweeper has
+  seen the database and the store for a while (`reports_wait`: a stream that ended
+  during a long outage has its report on the way and its checkpoint expired).
 
 Each reservation is its own conditional transaction, so several control planes may
 sweep at once, and a webhook that arrives afterwards finds the reservation no longer
@@ -80,6 +83,7 @@ from control_plane.ledger import (
 )
 from control_plane.liveness import SilenceWatch
 from control_plane.metrics import Metrics
+from control_plane.reports_wait import ReportsWait, beyond_checkpoints
 from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import Usage, settle_usage
@@ -224,10 +228,13 @@ async def sweep_expired_holds(
     *,
     now: datetime | None = None,
     watch: SilenceWatch | None = None,
+    reports: ReportsWait | None = None,
 ) -> SweepResult:
     """Reconcile every active reservation whose deadline is before `now`. One that
     fails is skipped and the pass goes on; the pass then raises its first failure
-    (`sweep_failures`).
+    (`sweep_failures`). `reports`: told whether the pass saw the database and the
+    store; until its wait is over, a hold past its deadline by more than a
+    checkpoint lives, with none, is left for its report (None: released at once).
 
     Except a stream still running: the deadline (the token's expiry on the clock of
     the process that minted it, plus the grace) is read on this process's wall
@@ -240,21 +247,34 @@ async def sweep_expired_holds(
     falls silent, which settles it and revokes its token. One seen once or never
     changing is settled at the deadline as before (a dead edge's)."""
     moment = now or utcnow()
-    settled = released = running = 0
+    settled = released = running = waiting = 0
     failures = PassFailures("hold sweep")
     after: tuple[datetime, str] | None = None
     for _ in range(MAX_BATCHES):
-        page = await db.transaction(
-            functools.partial(expired_reservations, now=moment, after=after, limit=BATCH)
-        )
-        for _, reservation_id, company_id in page:
+        try:
+            page = await db.transaction(
+                functools.partial(expired_reservations, now=moment, after=after, limit=BATCH)
+            )
+        except Exception:
+            if reports is not None:
+                reports.lost()
+            raise
+        if reports is not None:
+            reports.seen()
+        for deadline, reservation_id, company_id in page:
             if failures.skips(company_id):
                 continue
             try:
                 raw = await store.get(checkpoint_key(reservation_id))
             except Exception:
                 log.warning("store unreachable; reconciliation retries next sweep", exc_info=True)
+                if reports is not None:
+                    reports.lost()
                 return SweepResult(settled, released)
+            if raw is None and reports is not None and not reports.over():
+                if beyond_checkpoints(deadline, moment):
+                    waiting += 1
+                    continue
             checkpoint = _decode(reservation_id, raw)
             live = (
                 watch is not None
@@ -298,6 +318,14 @@ async def sweep_expired_holds(
             "%d holds past their deadline belong to streams still running: do this host's"
             " clock and the edges' agree (time sync)?",
             running,
+        )
+    if waiting:
+        log.warning(
+            "%d holds past their deadline by over an hour have no checkpoint: their reports"
+            " may still come (an outage); released %.0f s after the database and the store"
+            " answer again",
+            waiting,
+            reports.wait if reports is not None else 0.0,
         )
     failures.raise_first()
     return SweepResult(settled, released)
@@ -468,9 +496,10 @@ async def run_sweeper(
     lifespan owns it)."""
     interval = settings.sweep_interval_seconds
     watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
+    reports = ReportsWait()
     while True:
         await asyncio.sleep(interval)
-        await sweep_round(db, store, metrics, settings, watch)
+        await sweep_round(db, store, metrics, settings, watch, reports=reports)
 
 
 async def sweep_round(
@@ -481,9 +510,10 @@ async def sweep_round(
     watch: SilenceWatch,
     *,
     now: datetime | None = None,
+    reports: ReportsWait | None = None,
 ) -> None:
     """One round of `run_sweeper`: every pass, `now` (None: this process's clock)
-    for those that read the wall clock."""
+    for those that read the wall clock; `reports`: `sweep_expired_holds`'."""
     interval = settings.sweep_interval_seconds
     # Separately: one pass failing (a database blip) must not starve the others.
     # The silent streams first: the hold pass leaves to it those it sees running.
@@ -492,7 +522,7 @@ async def sweep_round(
     except Exception:
         log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
     try:
-        await sweep_expired_holds(db, store, metrics, now=now, watch=watch)
+        await sweep_expired_holds(db, store, metrics, now=now, watch=watch, reports=reports)
     except Exception:
         log.exception("hold sweep failed; retrying in %.1f s", interval)
     try:
