@@ -19,7 +19,13 @@ its last checkpoint, so what it relayed while silent and until it saw the
 revocation goes unbilled, an error that favours the customer and is bounded by
 the silence limit (an edge cut off from the store altogether can neither
 checkpoint, nor see the revocation, nor enqueue its report: what it relays after
-its last checkpoint goes unbilled). A store outage the sweeper sees too is not
+its last checkpoint goes unbilled). The stream's concurrency slots go back then too
+(`shared.stream_slots`): the edge gives them back with its report, which a dead
+edge never sends, so they stayed taken until their expiry
+(``LLMGW_MAX_STREAM_SECONDS``, 15 minutes), the user (or the company, for an edge
+that carried many of its streams) refused 429 ``too_many_streams`` all that while
+after the edge was gone. A stalled edge's own release, later, removes nothing
+more. A store outage the sweeper sees too is not
 silence: the edges could not write either, so the watch starts again once the
 store answers; nor is the time a read waits for a store answering late (frozen),
 which holds the edges' heartbeats queued behind it: a reading counts from when it
@@ -38,7 +44,10 @@ deadline and, for each, reads the edge's checkpoint from the store
   was relayed, capped at the hold (DESIGN §9 "What is billed"), each part of the
   usage the checkpoint carries (cache reads and writes) at its own rate, as the
   edge's report would have been (DESIGN §11 "Prices");
-* none (or one that is unreadable or belongs to another stream) → released.
+* none (or one that is unreadable or belongs to another stream) → released; but
+  one past its deadline by more than a checkpoint lives, only after the sweeper has
+  seen the database and the store for a while (`reports_wait`: a stream that ended
+  during a long outage has its report on the way and its checkpoint expired).
 
 Each reservation is its own conditional transaction, so several control planes may
 sweep at once, and a webhook that arrives afterwards finds the reservation no longer
@@ -57,6 +66,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from sqlalchemy.orm import Session
 
@@ -73,6 +83,7 @@ from control_plane.ledger import (
 )
 from control_plane.liveness import SilenceWatch
 from control_plane.metrics import Metrics
+from control_plane.reports_wait import ReportsWait, beyond_checkpoints
 from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import Usage, settle_usage
@@ -82,7 +93,8 @@ from control_plane.usage_events import parse_time
 from shared.catalog import Price
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revoke
-from shared.store import KeyValueStore
+from shared.store import AdmissionStore, KeyValueStore, SlotRelease
+from shared.stream_slots import slot_keys
 from shared.webhooks import MAX_TOKENS_REPORTED
 
 log = logging.getLogger("control_plane.sweeper")
@@ -101,6 +113,11 @@ class Reconciled:
     charged_micro: int = 0
     released_micro: int = 0
     company_id: str = ""  # of a settled reservation: its revocation key's hash tag
+    user_id: str = ""  # of a settled reservation: its stream slots' key
+
+
+class SweepStore(KeyValueStore, AdmissionStore, Protocol):
+    """What the sweeper uses of the store: checkpoints, revocations, stream slots."""
 
 
 NOTHING = Reconciled("none")
@@ -167,7 +184,11 @@ def reconcile(
         if outcome.duplicate:
             return NOTHING
         return Reconciled(
-            "settled", outcome.charged_micro, outcome.released_micro, reservation.company_id
+            "settled",
+            outcome.charged_micro,
+            outcome.released_micro,
+            reservation.company_id,
+            reservation.user_id,
         )
     details = {"source": "no checkpoint" if checkpoint is None else "checkpoint of another stream"}
     released = release_reservation(
@@ -207,10 +228,13 @@ async def sweep_expired_holds(
     *,
     now: datetime | None = None,
     watch: SilenceWatch | None = None,
+    reports: ReportsWait | None = None,
 ) -> SweepResult:
     """Reconcile every active reservation whose deadline is before `now`. One that
     fails is skipped and the pass goes on; the pass then raises its first failure
-    (`sweep_failures`).
+    (`sweep_failures`). `reports`: told whether the pass saw the database and the
+    store; until its wait is over, a hold past its deadline by more than a
+    checkpoint lives, with none, is left for its report (None: released at once).
 
     Except a stream still running: the deadline (the token's expiry on the clock of
     the process that minted it, plus the grace) is read on this process's wall
@@ -223,21 +247,34 @@ async def sweep_expired_holds(
     falls silent, which settles it and revokes its token. One seen once or never
     changing is settled at the deadline as before (a dead edge's)."""
     moment = now or utcnow()
-    settled = released = running = 0
+    settled = released = running = waiting = 0
     failures = PassFailures("hold sweep")
     after: tuple[datetime, str] | None = None
     for _ in range(MAX_BATCHES):
-        page = await db.transaction(
-            functools.partial(expired_reservations, now=moment, after=after, limit=BATCH)
-        )
-        for _, reservation_id, company_id in page:
+        try:
+            page = await db.transaction(
+                functools.partial(expired_reservations, now=moment, after=after, limit=BATCH)
+            )
+        except Exception:
+            if reports is not None:
+                reports.lost()
+            raise
+        if reports is not None:
+            reports.seen()
+        for deadline, reservation_id, company_id in page:
             if failures.skips(company_id):
                 continue
             try:
                 raw = await store.get(checkpoint_key(reservation_id))
             except Exception:
                 log.warning("store unreachable; reconciliation retries next sweep", exc_info=True)
+                if reports is not None:
+                    reports.lost()
                 return SweepResult(settled, released)
+            if raw is None and reports is not None and not reports.over():
+                if beyond_checkpoints(deadline, moment):
+                    waiting += 1
+                    continue
             checkpoint = _decode(reservation_id, raw)
             live = (
                 watch is not None
@@ -282,6 +319,14 @@ async def sweep_expired_holds(
             " clock and the edges' agree (time sync)?",
             running,
         )
+    if waiting:
+        log.warning(
+            "%d holds past their deadline by over an hour have no checkpoint: their reports"
+            " may still come (an outage); released %.0f s after the database and the store"
+            " answer again",
+            waiting,
+            reports.wait if reports is not None else 0.0,
+        )
     failures.raise_first()
     return SweepResult(settled, released)
 
@@ -295,14 +340,15 @@ def _observe_lag(metrics: Metrics, checkpoint: UsageCheckpoint | None) -> None:
 
 async def sweep_silent_streams(
     db: Database,
-    store: KeyValueStore,
+    store: SweepStore,
     metrics: Metrics,
     watch: SilenceWatch,
     *,
     revoke_ttl: float,
 ) -> SweepResult:
-    """Settle every running stream whose checkpoint `watch` finds silent, and revoke
-    its token so that an edge that was only stalled stops relaying."""
+    """Settle every running stream whose checkpoint `watch` finds silent, revoke its
+    token so that an edge that was only stalled stops relaying, and give its stream
+    slots back (its dead edge never will)."""
     settled = 0
     running: list[str] = []
     failures = PassFailures("silent-stream sweep")
@@ -359,10 +405,7 @@ async def sweep_silent_streams(
             # SIGTERM): the settlement has committed, and unrevoked, an edge that was
             # only cut off relays on unbilled. The lifespan waits for it
             # (`background.drain`) before it closes the store.
-            await finish(
-                _revoke_silent(store, checkpoint.jti, done.company_id, revoke_ttl),
-                "silent-revocation",
-            )
+            await finish(_end_silent(store, checkpoint.jti, done, revoke_ttl), "silent-revocation")
         if failures.stops:
             break  # not a full scan: the watch forgets nothing
         if len(page) < BATCH:
@@ -375,11 +418,17 @@ async def sweep_silent_streams(
     return SweepResult(settled=settled)
 
 
-async def _revoke_silent(store: KeyValueStore, jti: str, company_id: str, ttl: float) -> None:
+async def _end_silent(store: SweepStore, jti: str, done: Reconciled, ttl: float) -> None:
+    """A silent stream settled: revoke its token (first: a stalled edge stops), then
+    give its slots back. Each best effort: a slot left taken still expires."""
     try:
-        await revoke(store, "jti", jti, company_id, ttl)
+        await revoke(store, "jti", jti, done.company_id, ttl)
     except Exception:
         log.warning("could not revoke silent stream %s", jti, exc_info=True)
+    try:
+        await store.release_slots(SlotRelease(slot_keys(done.company_id, done.user_id), jti))
+    except Exception:
+        log.warning("could not free silent stream %s's slots", jti, exc_info=True)
 
 
 def _counted_late(metrics: Metrics, done: Reconciled) -> None:
@@ -392,15 +441,16 @@ def _counted_late(metrics: Metrics, done: Reconciled) -> None:
 
 
 def _revoked_late(
-    metrics: Metrics, store: KeyValueStore, jti: str, revoke_ttl: float, done: Reconciled
+    metrics: Metrics, store: SweepStore, jti: str, revoke_ttl: float, done: Reconciled
 ) -> None:
-    """`_counted_late` for a silent stream, whose token is also revoked, as the sweep
-    revokes one settled in time: settled late and left unrevoked, a stream whose edge
-    was only cut off would relay on, unbilled past its checkpoint."""
+    """`_counted_late` for a silent stream, whose token is also revoked and its slots
+    freed, as the sweep does for one settled in time: settled late and left
+    unrevoked, a stream whose edge was only cut off would relay on, unbilled past
+    its checkpoint."""
     _counted_late(metrics, done)
     if done.action != "settled":
         return
-    in_background(revoke(store, "jti", jti, done.company_id, revoke_ttl), "late-revocation")
+    in_background(_end_silent(store, jti, done, revoke_ttl), "late-revocation")
 
 
 Prune = Callable[[Session, datetime, int], int]
@@ -440,28 +490,30 @@ async def sweep_budget_periods(db: Database, *, now: datetime | None = None) -> 
 
 
 async def run_sweeper(
-    db: Database, store: KeyValueStore, metrics: Metrics, settings: ControlPlaneSettings
+    db: Database, store: SweepStore, metrics: Metrics, settings: ControlPlaneSettings
 ) -> None:
     """Sweep every ``LLMGW_SWEEP_INTERVAL_SECONDS`` until cancelled (the app's
     lifespan owns it)."""
     interval = settings.sweep_interval_seconds
     watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
+    reports = ReportsWait()
     while True:
         await asyncio.sleep(interval)
-        await sweep_round(db, store, metrics, settings, watch)
+        await sweep_round(db, store, metrics, settings, watch, reports=reports)
 
 
 async def sweep_round(
     db: Database,
-    store: KeyValueStore,
+    store: SweepStore,
     metrics: Metrics,
     settings: ControlPlaneSettings,
     watch: SilenceWatch,
     *,
     now: datetime | None = None,
+    reports: ReportsWait | None = None,
 ) -> None:
     """One round of `run_sweeper`: every pass, `now` (None: this process's clock)
-    for those that read the wall clock."""
+    for those that read the wall clock; `reports`: `sweep_expired_holds`'."""
     interval = settings.sweep_interval_seconds
     # Separately: one pass failing (a database blip) must not starve the others.
     # The silent streams first: the hold pass leaves to it those it sees running.
@@ -470,7 +522,7 @@ async def sweep_round(
     except Exception:
         log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
     try:
-        await sweep_expired_holds(db, store, metrics, now=now, watch=watch)
+        await sweep_expired_holds(db, store, metrics, now=now, watch=watch, reports=reports)
     except Exception:
         log.exception("hold sweep failed; retrying in %.1f s", interval)
     try:

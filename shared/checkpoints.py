@@ -29,6 +29,10 @@ CHECKPOINT_EVERY_SECONDS = 2.0
 # Heartbeats a stream may miss (a slow store write, a busy event loop) before its
 # edge counts as gone.
 SILENT_AFTER_BEATS = 3
+# How long a checkpoint outlives its hold's deadline (the edge's TTL on each write):
+# past that, a hold with no checkpoint may have had a stream whose checkpoint expired
+# (`control_plane.reports_wait`).
+KEPT_PAST_DEADLINE_SECONDS = 3600
 
 
 def checkpoint_key(reservation_id: str) -> str:

@@ -1,19 +1,20 @@
 """Concurrent-stream limits per user and per company, shared by every edge through
-the store. Each stream holds a slot that expires at the stream's maximum life, so an
-edge that crashes leaks its slots for no longer than that."""
+the store. Each stream holds a slot that expires at the stream's maximum life. An
+edge that crashes gives none back: the control plane's sweeper frees those of each
+stream whose checkpoint it finds silent (about 20 s on, `control_plane.sweeper`);
+one that died before its first checkpoint (still opening) leaks its slots until
+their expiry."""
 
 from __future__ import annotations
 
-from shared.hash_tags import company_tag
+from shared import stream_slots
 from shared.tokens import StreamGrant
 from stream_edge.errors import TooManyRequests
 from stream_edge.settings import EdgeSettings
 
 
 def slot_keys(grant: StreamGrant) -> list[str]:
-    # Both under the company's hash tag: admission takes them in one script.
-    tag = company_tag(grant.company_id)
-    return [f"streams:{tag}:user:{grant.user_id}", f"streams:{tag}:company:{grant.company_id}"]
+    return stream_slots.slot_keys(grant.company_id, grant.user_id)
 
 
 class StreamLimits:

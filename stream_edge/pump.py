@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from shared.checkpoints import KEPT_PAST_DEADLINE_SECONDS
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Backend
 from stream_edge.checkpoints import Checkpointer
@@ -53,7 +54,9 @@ class Pump:
             state.store,
             grant,
             backend.meter,
-            ttl_seconds=max(0, grant.expires_at - time.time()) + settings.hold_grace_seconds + 3600,
+            ttl_seconds=max(0, grant.expires_at - time.time())
+            + settings.hold_grace_seconds
+            + KEPT_PAST_DEADLINE_SECONDS,
             model=model if model != grant.model else None,
         )
         self.write = write

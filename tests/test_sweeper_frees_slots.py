@@ -1,0 +1,113 @@
+"""An edge that dies mid-stream (SIGKILL, OOM, a lost node) sends no report, and the
+report is what gives the stream's concurrency slots back. The sweeper finds the
+stream's checkpoint silent within `silent_after` (16 s by default) and settles its
+hold then; its slots must go back then too, not at their expiry
+(``LLMGW_MAX_STREAM_SECONDS``, 15 minutes by default), or the user (and, for an edge
+that carried many of them, the company) is refused 429 ``too_many_streams`` for a
+quarter of an hour after the edge is gone and replaced.
+
+Driven on the app's real store (MemoryStore on SQLite, Redis on PostgreSQL) and a
+silence watch on a clock the test moves; the slots are taken by the store's own
+admission, as the edge takes them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from control_plane.liveness import SilenceWatch
+from control_plane.pending_inits import used_key
+from control_plane.sweeper import sweep_silent_streams
+from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
+from shared.store import Admission, SlotRelease
+from shared.stream_slots import slot_keys
+from tests.test_control_plane import CP, cp, data_of, usage_event
+from tests.token_claims import claims_of
+
+__all__ = ["cp"]  # the fixture (sqlite, postgres)
+
+ONE_STREAM_PER_USER = [1, 200]  # user, company
+MAX_STREAM_SECONDS = 900.0  # the slots' own expiry, the default
+
+
+def admit(cp: CP, company_id: str, user_id: str, jti: str) -> str:
+    """Take `jti`'s stream slots as the edge's admission does; the verdict."""
+    now = time.time()
+    admission = Admission(
+        revocation_keys=[],
+        used_key=used_key(company_id, jti),
+        path="stream",
+        used_ttl_seconds=300,
+        slot_keys=slot_keys(company_id, user_id),
+        limits=ONE_STREAM_PER_USER,
+        member=jti,
+        now=now,
+        slots_expire_at=now + MAX_STREAM_SECONDS,
+    )
+    store = cp.app.state.store
+    return str(cp.on_loop(lambda: store.admit(admission)).verdict)
+
+
+def test_a_dead_edges_stream_gives_its_slots_back_when_the_sweeper_settles_it(cp: CP) -> None:
+    client, company_id = cp.owner_client("10")
+    first = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    claims = claims_of(first["stream_token"])
+    user_id, jti = str(claims["sub"]), str(claims["jti"])
+    assert admit(cp, company_id, user_id, jti) == "ok"
+    point = UsageCheckpoint(jti, first["reservation_id"], 12, 70, "t", beat=4)
+    store = cp.app.state.store
+    cp.on_loop(lambda: store.set(checkpoint_key(first["reservation_id"]), point.dumps(), 600))
+
+    # The edge is killed: no report, the checkpoint stops changing.
+    clock = [0.0]
+    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+    state = cp.app.state
+
+    def sweep() -> Any:
+        return cp.on_loop(
+            lambda: sweep_silent_streams(
+                state.db, state.store, state.metrics, watch, revoke_ttl=600
+            )
+        )
+
+    assert sweep().settled == 0  # first sight
+    clock[0] += watch.silent_after
+    assert sweep().settled == 1  # 16 s on: settled from its checkpoint
+
+    # The user's next stream, on a healthy edge, seconds after the settlement: its
+    # slot is free, where it stayed taken for the 15 minutes of the slot's life.
+    second = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    assert admit(cp, company_id, user_id, str(claims_of(second["stream_token"])["jti"])) == "ok"
+
+
+def test_a_stalled_edges_late_report_after_the_sweep_changes_nothing_more(cp: CP) -> None:
+    """The edge was only stalled: the sweeper settled and freed the stream, then its
+    own report arrives with its slot release. A duplicate, and the other stream's
+    slot, taken meanwhile, stays taken."""
+    client, company_id = cp.owner_client("10")
+    first = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    claims = claims_of(first["stream_token"])
+    user_id, jti = str(claims["sub"]), str(claims["jti"])
+    assert admit(cp, company_id, user_id, jti) == "ok"
+    point = UsageCheckpoint(jti, first["reservation_id"], 12, 70, "t", beat=4)
+    store = cp.app.state.store
+    cp.on_loop(lambda: store.set(checkpoint_key(first["reservation_id"]), point.dumps(), 600))
+    clock = [0.0]
+    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+    state = cp.app.state
+    for step in (0.0, watch.silent_after):
+        clock[0] += step
+        cp.on_loop(
+            lambda: sweep_silent_streams(
+                state.db, state.store, state.metrics, watch, revoke_ttl=600
+            )
+        )
+    second = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    second_jti = str(claims_of(second["stream_token"])["jti"])
+    assert admit(cp, company_id, user_id, second_jti) == "ok"
+
+    late = usage_event(first, company_id, input_tokens=12, output_tokens=90)
+    assert data_of(cp.webhook(late)) == {"duplicate": True}
+    cp.on_loop(lambda: store.release_slots(SlotRelease(slot_keys(company_id, user_id), jti)))
+    third = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    assert admit(cp, company_id, user_id, str(claims_of(third["stream_token"])["jti"])) == "full"
