@@ -10,10 +10,17 @@ them) and the control plane (which shows a company's admins each key's state).
   where `scope` is ``platform`` for the edge's own keys and ``co:<company id>`` for a
   company's: one company's 429s and 401s never touch another's keys (nor the
   platform's), whatever ids they share.
-- The stored value is ``bad`` (the backend refused the key: 401/403) or the Unix
-  time until which the key rests after a 429 (its `Retry-After`). A resting key's
-  value outlives its rest by `REMEMBER_SECONDS`, so "least recently rate-limited
-  first" still knows it was limited.
+- The stored value is ``bad <strikes> <until>`` (the backend refused the key:
+  401/403; ``bad`` alone as an older release wrote it) or the Unix time until which
+  the key rests after a 429 (its `Retry-After`). A resting key's value outlives its
+  rest by `REMEMBER_SECONDS`, so "least recently rate-limited first" still knows it
+  was limited.
+- A bad key is skipped for a while, then tried again like any usable key: each
+  refusal in a row doubles the wait (`bad_value`), from 5 minutes to a day. A key
+  skipped a whole day on its first refusal stayed out of rotation that long after a
+  vendor's passing fault (an authentication blip), the pool's load on the others;
+  a key really revoked costs one refused attempt at each retry, about nine in its
+  first day.
 """
 
 from __future__ import annotations
@@ -24,9 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 PLATFORM = "platform"
-BAD = b"bad"
-# A bad key stays skipped this long (then it is tried again: it may have been restored).
-BAD_SECONDS = 24 * 3600
+BAD = b"bad"  # as an older release marked a key: bad for the whole of its TTL
+# A key refused once is skipped this long, then tried again (it may have been
+# restored, or the refusal was the vendor's passing fault); each refusal in a row
+# doubles it, up to BAD_MAX_SECONDS. The strikes are remembered that long after the
+# last skip ends.
+BAD_FIRST_SECONDS = 300.0
+BAD_MAX_SECONDS = 24 * 3600.0
 REMEMBER_SECONDS = 3600
 # A 429 without a usable Retry-After rests the key this long.
 DEFAULT_REST_SECONDS = 10.0
@@ -74,6 +85,7 @@ class KeyState:
 
     state: str
     rest_until: float = 0.0
+    strikes: int = 0  # refusals in a row (`bad_value`), remembered past the skip
 
     def public(self, kid: str) -> dict[str, object]:
         doc: dict[str, object] = {"id": kid, "state": self.state}
@@ -90,12 +102,26 @@ def parse_state(raw: bytes | None, now: float) -> KeyState:
     if raw is None:
         return OK
     if raw == BAD:
-        return KeyState("bad")
+        return KeyState("bad", strikes=1)
+    if raw.startswith(BAD + b" "):
+        try:
+            _, count, until_text = raw.split(b" ")
+            strikes, until = int(count), float(until_text)
+        except ValueError:
+            return OK
+        return KeyState("bad" if until > now else "ok", strikes=max(strikes, 1))
     try:
         until = float(raw)
     except ValueError:
         return OK
     return KeyState("resting" if until > now else "ok", until)
+
+
+def bad_value(previous: KeyState, now: float) -> tuple[bytes, float]:
+    """A key refused once more after `previous`: its stored value and that value's TTL."""
+    strikes = previous.strikes + 1
+    skip = min(BAD_FIRST_SECONDS * 2 ** min(strikes - 1, 32), BAD_MAX_SECONDS)
+    return b"bad %d %r" % (strikes, now + skip), skip + BAD_MAX_SECONDS
 
 
 def rest_seconds(retry_after: float | None) -> float:

@@ -7,8 +7,9 @@ edge's own settings (the platform's keys), plus each key's state in the shared s
 Order: usable keys, least recently rate-limited first. A key answering 429 is tried
 past at once, and rests for its `Retry-After` once the request's outcome is known
 (below); one answering 401/403 is tried past, and marked bad (counted in metrics,
-shown to the company's admins, `GET …/providers`, and skipped) once another key of
-the pool has accepted the same request. When every key is bad they are still tried
+shown to the company's admins, `GET …/providers`, and skipped, from 5 minutes to a
+day as its refusals repeat: `shared.key_pool.bad_value`) once another key of the
+pool has accepted the same request. When every key is bad they are still tried
 (a restored key recovers at its first success); when every usable key rests, the
 stream gets a 429 with the time the first one is back ("no key left": a fallback
 trigger, `stream_edge.fallback`). A provider with a single key always tries it
@@ -43,11 +44,11 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from shared.key_pool import (
-    BAD,
-    BAD_SECONDS,
     CORROBORATE_SECONDS,
     PLATFORM,
     REMEMBER_SECONDS,
+    KeyState,
+    bad_value,
     key_id,
     limited_key,
     order_keys,
@@ -132,16 +133,16 @@ class KeyPool:
                 if len(self.keys) == 1:
                     # Always tried whatever its state: the mark is only what the
                     # admins see, and moves no stream of anyone's elsewhere.
-                    await self._mark_bad(index)
+                    await self._mark_bad(index, states[index])
                 last = exc
                 continue
             # This request was fine: the keys that refused it or were limited are what failed.
             try:
                 await self._rest(limited, now)
                 for bad in refused:
-                    await self._mark_bad(bad)
-                if states[index].state == "bad":
-                    await self._forget(index)  # it works again
+                    await self._mark_bad(bad, states[bad])
+                if states[index].strikes:
+                    await self._forget(index)  # it works again: its strikes go
             except BaseException:
                 # Cancelled while recording (a whole answer's client left, the
                 # shutdown): the response is still ours to close. Dropped, its
@@ -191,8 +192,9 @@ class KeyPool:
     def _event(self, index: int, event: str) -> None:
         self._metrics.key_events.labels(self._provider_label, self._label(index), event).inc()
 
-    async def _mark_bad(self, index: int) -> None:
-        await self._mark(index, BAD, BAD_SECONDS)
+    async def _mark_bad(self, index: int, previous: KeyState) -> None:
+        value, ttl = bad_value(previous, self._clock())
+        await self._mark(index, value, ttl)
         self._event(index, "bad")
 
     async def _mark(self, index: int, value: bytes, ttl: float) -> None:

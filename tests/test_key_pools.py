@@ -20,8 +20,10 @@ from shared.catalog import CatalogError, Price, parse_catalog
 from shared.checkpoints import UsageCheckpoint
 from shared.key_pool import (
     BAD,
+    BAD_MAX_SECONDS,
     PLATFORM,
     KeyState,
+    bad_value,
     company_scope,
     key_id,
     limited_key,
@@ -74,7 +76,11 @@ def test_key_states_are_scoped_per_company() -> None:
     ("raw", "state"),
     [
         (None, "ok"),
-        (BAD, "bad"),
+        (BAD, "bad"),  # as an older release wrote it: bad for its TTL
+        (b"bad 2 %r" % (NOW + 5), "bad"),
+        (b"bad 2 %r" % (NOW - 5), "ok"),  # tried again; its strikes remembered
+        (b"bad x y", "ok"),
+        (b"bad 1", "ok"),
         (repr(NOW + 5).encode(), "resting"),
         (repr(NOW - 5).encode(), "ok"),
         (b"garbage", "ok"),  # unreadable never locks a key out
@@ -320,7 +326,7 @@ async def test_a_refused_key_is_bad_and_skipped_until_it_works(store: MemoryStor
         await open_via(pool(store, ("k1", "k2"), clock), backend)
     assert backend.sent.count("k1") == 1
     raw = await store.get(state_key(PLATFORM, "openai", key_id("k1")))
-    assert raw == BAD
+    assert parse_state(raw, clock.now) == KeyState("bad", strikes=1)
     # A request no key takes proves nothing against the keys: none is marked.
     backend.statuses = {"k2": 403}
     with pytest.raises(UpstreamError) as caught:
@@ -332,6 +338,46 @@ async def test_a_refused_key_is_bad_and_skipped_until_it_works(store: MemoryStor
     backend.statuses = {}
     await open_via(pool(store, ("k1", "k2"), clock), backend)
     assert await store.get(state_key(PLATFORM, "openai", key_id("k1"))) is None
+
+
+async def state_of(store: MemoryStore, key: str, clock: Clock) -> KeyState:
+    return parse_state(await store.get(state_key(PLATFORM, "openai", key_id(key))), clock.now)
+
+
+async def test_a_bad_key_is_tried_again_after_a_wait_that_doubles_while_it_is_refused(
+    store: MemoryStore,
+) -> None:
+    """Before, a key refused once (while another took the request) was skipped for a
+    day: a vendor's passing authentication fault kept it out of rotation that long.
+    Now 5 minutes, doubling with each refusal in a row (up to a day); a success
+    clears its strikes."""
+    clock = Clock()
+    backend = Backend(k1=401)
+    for strikes, skip in ((1, 300), (2, 600), (3, 1200)):
+        for _ in range(200):  # until k1 is asked (random order among usable keys)
+            await open_via(pool(store, ("k1", "k2"), clock), backend)
+            if "k1" in backend.sent:
+                break
+        assert backend.sent.count("k1") == 1
+        assert await state_of(store, "k1", clock) == KeyState("bad", strikes=strikes)
+        backend.sent.clear()
+        clock.now += skip - 1
+        for _ in range(20):  # skipped all through its wait
+            await open_via(pool(store, ("k1", "k2"), clock), backend)
+        assert "k1" not in backend.sent
+        clock.now += 1
+        backend.sent.clear()
+    backend.statuses = {}  # the vendor takes k1 again: its first success clears it
+    for _ in range(200):
+        await open_via(pool(store, ("k1", "k2"), clock), backend)
+        if "k1" in backend.sent:
+            break
+    assert await store.get(state_key(PLATFORM, "openai", key_id("k1"))) is None
+    # However long it stays refused, a day at most between two tries.
+    value, ttl = bad_value(KeyState("ok", strikes=500), NOW)
+    assert parse_state(value, NOW + BAD_MAX_SECONDS - 1).state == "bad"
+    assert parse_state(value, NOW + BAD_MAX_SECONDS).state == "ok"
+    assert ttl == 2 * BAD_MAX_SECONDS
 
 
 async def test_a_request_every_key_refuses_marks_no_key(store: MemoryStore) -> None:
@@ -351,11 +397,11 @@ async def test_a_request_every_key_refuses_marks_no_key(store: MemoryStore) -> N
         await open_via(pool(store, keys, clock), backend)
         if "k1" in backend.sent:
             break
-    assert await store.get(state_key(PLATFORM, "openai", key_id("k1"))) == BAD
+    assert (await state_of(store, "k1", clock)).state == "bad"
     # A lone key is always tried: its mark is only what its admins see, kept as before.
     with pytest.raises(UpstreamError):
         await open_via(pool(store, ("solo",), clock), Backend(solo=401))
-    assert await store.get(state_key(PLATFORM, "openai", key_id("solo"))) == BAD
+    assert (await state_of(store, "solo", clock)).state == "bad"
 
 
 async def test_one_companys_429s_never_rest_another_companys_keys(store: MemoryStore) -> None:
