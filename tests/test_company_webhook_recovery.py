@@ -5,8 +5,9 @@ Before: an event was given up after `MAX_ATTEMPTS` (20) whatever the time they t
 (backoff capped at an hour): after a 6-hour outage 84 % of events were never
 delivered, though the product promises at least once. And each backed-off event
 waited out its own backoff once the receiver was back (after 30 min down: median
-13.5 min, p90 38 min). Now an event is given up by age (`GIVE_UP_AFTER`) and backs
-off to at most 15 min."""
+13.5 min, p90 38 min). Now an event is given up by age (`GIVE_UP_AFTER`), backs off
+to at most 15 min, and a post that passes makes its company's other events that
+are backing off due at once, never one another pass or process has leased."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
+from sqlalchemy import select
+from sqlmodel import col
 
 from control_plane import budgets, company_webhooks
 from control_plane.company_webhooks import claim_due, deliver_due
@@ -166,3 +169,64 @@ def test_an_event_is_given_up_by_age_and_only_then_pruned(world: World) -> None:
     after_retention = created + budgets.EVENT_RETENTION + timedelta(days=1)
     prune = budgets.prune_events
     assert world.tx(lambda s: prune(s, after_retention, 9, give_up)) == 1
+
+
+def test_one_passing_post_brings_the_companys_backed_off_events_forward(
+    world: World,
+) -> None:
+    """Company A's receiver was down: two events back off (7.5 min at the middle of
+    the range), a third is leased by another process, which is posting it right now.
+    Company B's receiver is still down, its events backing off too. A's receiver
+    comes back and a new event of A passes: A's two are due for the next pass, which
+    posts them; the leased one is not posted a second time (its lease stands), and
+    B's keep their backoff."""
+    a, b = world.company(), world.company()
+    backed_off = [world.event(a, attempts=8) for _ in range(2)]
+    leased = world.event(a)
+    b_events = [world.event(b, attempts=8) for _ in range(2)]
+    start = world.clock[0]
+    for _ in range(3):  # two of a company a pass
+        world.deliver(503)
+    for event_id in (*backed_off, *b_events):
+        assert world.row(event_id).next_attempt_at >= start + timedelta(minutes=7)
+    # The leased event's short backoff ran out: another process claims it.
+    world.clock[0] = start + timedelta(seconds=10)
+    assert world.row(leased).next_attempt_at <= world.clock[0]
+    other = world.tx(lambda s: claim_due(s, world.fernet, world.clock[0], 9))
+    assert [d.event_id for d in other] == [leased]
+    lease_end = world.row(leased).next_attempt_at
+    b_due = {e: world.row(e).next_attempt_at for e in b_events}
+
+    world.clock[0] = start + timedelta(seconds=12)
+    fresh = world.event(a)
+    seen: list[str] = []
+    assert world.deliver(204, seen) == 1
+    assert seen == [fresh]
+
+    world.clock[0] = start + timedelta(seconds=14)
+    assert world.deliver(204, seen) == 2
+    assert sorted(seen[1:]) == sorted(backed_off)  # not the leased one
+    assert world.row(leased).next_attempt_at == lease_end
+    assert world.row(leased).delivered_at is None
+    assert {e: world.row(e).next_attempt_at for e in b_events} == b_due
+    assert all(world.row(e).delivered_at is None for e in b_events)
+
+
+def test_bringing_the_backlog_forward_is_bounded_per_success(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One statement per passing post, at most `EXPEDITE_LIMIT` events, the longest
+    waiting first; the next passing post brings the rest."""
+    monkeypatch.setattr(company_webhooks, "EXPEDITE_LIMIT", 3)
+    monkeypatch.setattr(company_webhooks, "PER_COMPANY", 10)
+    a = world.company()
+    waiting = [world.event(a, attempts=8) for _ in range(5)]
+    start = world.clock[0]
+    world.deliver(503)
+    world.clock[0] = start + timedelta(seconds=5)
+    world.event(a)
+    assert world.deliver(204) == 1
+    due = select(col(BudgetEvent.id)).where(
+        col(BudgetEvent.id).in_(waiting), col(BudgetEvent.next_attempt_at) <= world.clock[0]
+    )
+    assert len(world.tx(lambda s: list(s.scalars(due)))) == 3
