@@ -340,16 +340,17 @@ def standing_public(s: Standing) -> dict[str, Any]:
     }
 
 
-def prune_events(session: Session, now: datetime, limit: int, give_up_after: int) -> int:
+def prune_events(session: Session, now: datetime, limit: int, give_up_after: timedelta) -> int:
     """Delete up to `limit` threshold events created more than `EVENT_RETENTION`
-    before `now`; how many went. Kept: those still to deliver (fewer than
-    `give_up_after` attempts), and those of a living budget's period ``none``,
-    which never ends: they stop its thresholds being told twice."""
+    before `now`; how many went. Kept: those still to deliver (created less than
+    `give_up_after` ago: `company_webhooks.GIVE_UP_AFTER`), and those of a living
+    budget's period ``none``, which never ends: they stop its thresholds being told
+    twice."""
     cutoff = now - EVENT_RETENTION
     living = select(col(Budget.id))
     done = or_(
         col(BudgetEvent.delivered_at).is_not(None),
-        col(BudgetEvent.attempts) >= give_up_after,
+        col(BudgetEvent.created_at) < now - give_up_after,
     )
     ended = or_(
         col(BudgetEvent.period_start) != budget_math.NO_PERIOD_START,

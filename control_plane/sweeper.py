@@ -479,7 +479,7 @@ async def sweep_budget_events(db: Database, *, now: datetime | None = None) -> i
     """Delete the threshold events past their retention (`budgets.prune_events`)."""
 
     def prune(session: Session, moment: datetime, limit: int) -> int:
-        return budgets.prune_events(session, moment, limit, company_webhooks.MAX_ATTEMPTS)
+        return budgets.prune_events(session, moment, limit, company_webhooks.GIVE_UP_AFTER)
 
     return await _purge(db, prune, now)
 

@@ -549,6 +549,13 @@ class BudgetEvent(SQLModel, table=True):
         ),
         Index("ix_budget_events_due", "delivered_at", "next_attempt_at"),
         Index("ix_budget_events_created", "created_at"),
+        Index(  # a company's events backing off (`company_webhooks.expedite`, 0017)
+            "ix_budget_events_backing_off",
+            "company_id",
+            "created_at",
+            postgresql_where=text("backoff_until IS NOT NULL"),
+            sqlite_where=text("backoff_until IS NOT NULL"),
+        ),
     )
     id: str = _id()
     company_id: str = _fk("companies.id")
@@ -561,3 +568,6 @@ class BudgetEvent(SQLModel, table=True):
     next_attempt_at: datetime = _time()
     delivered_at: datetime | None = _time(nullable=True)
     superseded_at: datetime | None = _time(nullable=True)
+    # Set with `next_attempt_at` by a failed attempt: backing off while the two are
+    # equal, as against leased by a pass (`company_webhooks.expedite`).
+    backoff_until: datetime | None = _time(nullable=True)

@@ -19,7 +19,7 @@ from sqlmodel import col
 from control_plane import budget_admin, budget_math, budgets, init_writes
 from control_plane.books import check_books
 from control_plane.budget_math import BudgetInput
-from control_plane.company_webhooks import MAX_ATTEMPTS
+from control_plane.company_webhooks import GIVE_UP_AFTER
 from control_plane.db import Database, create_sync_engine
 from control_plane.migrate import upgrade
 from control_plane.policy import Principal
@@ -146,9 +146,11 @@ def test_holds_taken_before_a_budget_existed_are_not_counted_on_it(budgeted: Bud
 def test_old_threshold_events_are_pruned_in_bounded_batches(
     budgeted: Budgeted, pg_database_url: str
 ) -> None:
-    """Kept: an event still to deliver, a recent one, and one of a living budget's
+    """Kept: an event still to deliver (were events retried longer than they are
+    kept), a recent one, and one of a living budget's
     period ``none`` (it never ends: pruning it would tell its threshold twice).
-    Pruned: old events delivered, given up, or of a deleted budget, a batch at most
+    Pruned: old events delivered, given up (undelivered `GIVE_UP_AFTER` after their
+    creation, whatever their attempts), or of a deleted budget, a batch at most
     `limit` a transaction."""
     b = budgeted
     now = utcnow()
@@ -160,8 +162,8 @@ def test_old_threshold_events_are_pruned_in_bounded_batches(
     # (budget, period start, percent, created, delivered, attempts, pruned)
     rows = [
         (b.budget_id, month, 80, old, True, 1, True),
-        (b.budget_id, month, 100, old, False, MAX_ATTEMPTS, True),
-        (b.budget_id, month - timedelta(days=31), 80, old, False, 3, False),  # still to deliver
+        (b.budget_id, month, 100, old, False, 20, True),  # given up
+        (b.budget_id, month - timedelta(days=31), 80, old, False, 3, True),  # given up too
         (b.budget_id, budget_math.period_start("month", now), 80, recent, True, 1, False),
         (b.budget_id, none, 80, old, True, 1, False),  # the budget's endless period
         (gone, none, 80, old, True, 1, True),
@@ -183,9 +185,13 @@ def test_old_threshold_events_are_pruned_in_bounded_batches(
 
     b.tenant.tx(insert)
     prune = budgets.prune_events
-    assert b.tenant.tx(lambda s: prune(s, now, 2, MAX_ATTEMPTS)) == 2  # bounded
-    assert b.tenant.tx(lambda s: prune(s, now, 2, MAX_ATTEMPTS)) == 1
-    assert b.tenant.tx(lambda s: prune(s, now, 2, MAX_ATTEMPTS)) == 0
+    # Retried for longer than the retention, the undelivered ones would be kept.
+    longer = budgets.EVENT_RETENTION + timedelta(days=2)
+    assert b.tenant.tx(lambda s: prune(s, now, 9, longer)) == 2
+    assert GIVE_UP_AFTER < budgets.EVENT_RETENTION
+    assert b.tenant.tx(lambda s: prune(s, now, 1, GIVE_UP_AFTER)) == 1  # bounded
+    assert b.tenant.tx(lambda s: prune(s, now, 1, GIVE_UP_AFTER)) == 1
+    assert b.tenant.tx(lambda s: prune(s, now, 1, GIVE_UP_AFTER)) == 0
     query = select(col(BudgetEvent.id)).where(col(BudgetEvent.id).in_(ids))
     left = set(b.tenant.tx(lambda s: list(s.scalars(query))))
     assert left == {i for i, row in zip(ids, rows, strict=True) if not row[-1]}

@@ -2,7 +2,7 @@
 name that answers a public address to the check and an inward one next (DNS
 rebinding) still gets its post at the address checked; a URL no delivery can use,
 or any failure of one delivery, is a failed attempt, so the event backs off and is
-given up after `MAX_ATTEMPTS` instead of coming back every lease for ever.
+given up after `GIVE_UP_AFTER` instead of coming back every lease for ever.
 
 Each test has its own SQLite outbox (no background deliverer: the test runs the
 passes) and its own answers for one DNS name."""
@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.fernet import Fernet, MultiFernet
 
 from control_plane import company_webhooks
-from control_plane.company_webhooks import BACKOFF, MAX_ATTEMPTS, claim_due, deliver_due
+from control_plane.company_webhooks import BACKOFF, GIVE_UP_AFTER, claim_due, deliver_due
 from control_plane.credentials import verify_password
 from control_plane.db import Database
 from control_plane.host_lookups import HostLookups
@@ -73,10 +73,12 @@ class Outbox:
         assert event is not None
         return event
 
-    def make_due(self, attempts: int) -> None:
+    def make_due(self, age: datetime.timedelta) -> None:
+        """Due now, created `age` ago."""
+
         def write(session: Any) -> None:
             event = session.get(BudgetEvent, self.event_id)
-            event.attempts, event.next_attempt_at = attempts, utcnow()
+            event.created_at, event.next_attempt_at = utcnow() - age, utcnow()
 
         asyncio.run(self.db.transaction(write))
 
@@ -227,10 +229,10 @@ def test_a_stored_url_no_delivery_can_use_is_a_failed_attempt(outbox: Outbox, ur
     # milliseconds, and the event was due again before this line read it.
     assert event.next_attempt_at >= before + datetime.timedelta(seconds=BACKOFF.floor)
     # The last attempt allowed fails too; then the event is never claimed again.
-    outbox.make_due(MAX_ATTEMPTS - 1)
+    outbox.make_due(GIVE_UP_AFTER - datetime.timedelta(minutes=1))
     outbox.deliver(_recording(seen))
-    assert outbox.event().attempts == MAX_ATTEMPTS
-    outbox.make_due(MAX_ATTEMPTS)
+    assert outbox.event().attempts == 2
+    outbox.make_due(GIVE_UP_AFTER + datetime.timedelta(seconds=1))
     claimed = asyncio.run(outbox.db.transaction(lambda s: claim_due(s, outbox.fernet, utcnow(), 9)))
     assert claimed == []
 
