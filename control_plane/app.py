@@ -40,6 +40,7 @@ from control_plane.metrics import Metrics
 from control_plane.middleware import RequestContextMiddleware
 from control_plane.migrate import current, head, upgrade
 from control_plane.retired_keys import watch_retired_keys
+from control_plane.revocation_republish import republish_revocations
 from control_plane.routes import all_routes
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement_batch import SettlementBatcher
@@ -156,6 +157,7 @@ def create_app(
         sweeper: asyncio.Task[None] | None = None
         deliveries: asyncio.Task[None] | None = None
         retired: asyncio.Task[None] | None = None
+        republish: asyncio.Task[None] | None = None
         store_clock = StoreClock(wall=wall_clock)
         clock_reads: asyncio.Task[None] | None = None
         try:
@@ -198,9 +200,13 @@ def create_app(
                 name="company-webhooks",
             )
             retired = asyncio.create_task(watch_retired_keys(deps), name="retired-keys")
+            # The edges' revocation keys again, should the store have lost them.
+            republish = asyncio.create_task(
+                republish_revocations(deps), name="revocations-republish"
+            )
             yield
         finally:
-            for task in (sweeper, deliveries, retired, clock_reads):
+            for task in (sweeper, deliveries, retired, republish, clock_reads):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

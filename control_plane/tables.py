@@ -154,6 +154,14 @@ class ApiKey(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
         Index("ix_api_keys_user_id", "user_id"),
+        # The keys revoked within a revocation's life, republished to the edges
+        # (`revocation_republish`).
+        Index(
+            "ix_api_keys_revoked_at",
+            "revoked_at",
+            postgresql_where=text("revoked_at IS NOT NULL"),
+            sqlite_where=text("revoked_at IS NOT NULL"),
+        ),
     )
     id: str = _id()
     user_id: str = _fk("users.id")
@@ -409,6 +417,14 @@ class Revocation(SQLModel, table=True):
         Index("ix_revocations_kind_value", "kind", "value"),
         # The sweeper deletes expired sign-outs (`logout.purge_expired`).
         Index("ix_revocations_reason_expires", "reason", "expires_at"),
+        # The revocations in force made within a revocation's life, republished to
+        # the edges (`revocation_republish`).
+        Index(
+            "ix_revocations_in_force_created",
+            "created_at",
+            postgresql_where=text("lifted_at IS NULL"),
+            sqlite_where=text("lifted_at IS NULL"),
+        ),
         CheckConstraint("kind IN ('user', 'company', 'jti')", name="ck_revocations_kind"),
     )
     id: str = _id()

@@ -1,0 +1,176 @@
+"""The edges' revocation keys, published again every few seconds from the database.
+
+A revocation is recorded in the database, then told to the edges by a key in the
+store (`shared.revocations.revoke`). That key can be lost while the record stands:
+the store's write failed (a Redis blip; the route answers 503 "retry", and an admin
+may not), or Redis failed over to a replica the key had not reached. The edges then
+let the revoked user's, key's or session's already-minted stream tokens start, and
+their running streams relay on, for up to a token's life and a stream's.
+
+So each control-plane process, every `REPUBLISH_SECONDS`, reads what must still be
+known at the edges and sets those keys again, each with the life it has left:
+
+* the revocations not lifted made within `revoking.revocation_ttl` (an admin's of a
+  user, a company or a token; a sign-out), ``ix_revocations_in_force_created``;
+* the API keys revoked within it (their `api_key_parent`), ``ix_api_keys_revoked_at``.
+
+Two indexed reads in one transaction and the keys' writes, sent together on the
+store's pipelined connection.
+
+A lift must win over a pass that read the revocation before the lift committed.
+The lift commits, then deletes the key (`routes.admin_revocations`); a pass's write
+landing after that delete would bring the key back for up to the whole TTL. So,
+after writing, a pass reads again which of the liftable revocations it wrote are now
+lifted: a lift whose delete came before the pass's write committed before it, so
+this read sees it, and the pass deletes the key itself, then looks once more and
+puts it back if another revocation of that target is in force, as the lift route
+does. A lift whose delete came after the pass's write needs nothing. Sign-outs and
+API keys cannot be lifted.
+
+Not republished: a deleted chat session's stream tokens and a silent stream's (the
+sweeper's), whose only record is the store's key (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from control_plane import logout
+from control_plane.db import Database
+from control_plane.deps import Deps
+from control_plane.revoking import in_force_besides, revocation_ttl
+from control_plane.tables import ApiKey, Revocation, User, utcnow
+from shared.revocations import api_key_parent, revocation_key, revoke
+from shared.store import KeyValueStore
+
+log = logging.getLogger("control_plane.revocation_republish")
+
+# A lost key is back at the edges within this, plus their one-second check.
+REPUBLISH_SECONDS = 5.0
+# Writes sent together; a pass over more sends a few batches.
+BATCH_KEYS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A key the edges must still hold, for `seconds` more. `revocation_id`: the
+    revocation a lift may still end (None: a sign-out's or an API key's)."""
+
+    kind: str
+    value: str
+    company_id: str
+    seconds: int
+    revocation_id: str | None
+
+
+def standing(session: Session, now: datetime, ttl: int) -> list[Standing]:
+    """What the edges must know now: revocations and revoked API keys younger than
+    `ttl` (`revoking.revocation_ttl`), each with the life its key has left."""
+    since = now - timedelta(seconds=ttl)
+    found: list[Standing] = []
+    rows = session.execute(
+        select(
+            col(Revocation.id),
+            col(Revocation.kind),
+            col(Revocation.value),
+            col(Revocation.company_id),
+            col(Revocation.reason),
+            col(Revocation.created_at),
+            col(Revocation.expires_at),
+        ).where(col(Revocation.lifted_at).is_(None), col(Revocation.created_at) > since)
+    ).all()
+    for rid, kind, value, company_id, reason, created_at, expires_at in rows:
+        # A sign-out's row outlives its key: the key's life is the stream's, from the
+        # sign-out (`routes.account.sign_out`).
+        seconds = _left(min(expires_at, created_at + timedelta(seconds=ttl)), now)
+        if company_id is None or seconds <= 0:
+            continue
+        signed_out = kind == "jti" and reason == logout.LOGOUT_REASON  # `logout.is_logout`
+        found.append(Standing(kind, value, company_id, seconds, None if signed_out else rid))
+    keys = session.execute(
+        select(col(ApiKey.id), col(User.company_id), col(ApiKey.revoked_at))
+        .join(User, col(User.id) == col(ApiKey.user_id))
+        .where(col(ApiKey.revoked_at).is_not(None), col(ApiKey.revoked_at) > since)
+    ).all()
+    for key_id, company_id, revoked_at in keys:
+        assert revoked_at is not None  # the statement's own condition
+        seconds = _left(revoked_at + timedelta(seconds=ttl), now)
+        if seconds > 0:
+            found.append(Standing("jti", api_key_parent(key_id), company_id, seconds, None))
+    return found
+
+
+def _left(until: datetime, now: datetime) -> int:
+    return math.ceil((until - now).total_seconds())
+
+
+def lifted_among(session: Session, ids: list[str]) -> list[Revocation]:
+    """Those of `ids` lifted by now whose target no other revocation keeps revoked:
+    their keys must go (`in_force_besides`)."""
+    rows = session.scalars(
+        select(Revocation).where(
+            col(Revocation.id).in_(ids), col(Revocation.lifted_at).is_not(None)
+        )
+    ).all()
+    return [row for row in rows if not in_force_besides(session, row)]
+
+
+def still_revoked(session: Session, rows: list[Revocation]) -> list[Revocation]:
+    return [row for row in rows if in_force_besides(session, row)]
+
+
+async def _publish(store: KeyValueStore, keys: list[Standing]) -> None:
+    for start in range(0, len(keys), BATCH_KEYS):
+        await asyncio.gather(
+            *(
+                revoke(store, k.kind, k.value, k.company_id, k.seconds)
+                for k in keys[start : start + BATCH_KEYS]
+            )
+        )
+
+
+async def republish_pass(db: Database, store: KeyValueStore, ttl: int) -> int:
+    """One pass; how many keys it set."""
+    now = utcnow()
+    keys = await db.transaction(lambda s: standing(s, now, ttl))
+    await publish(db, store, ttl, keys)
+    return len(keys)
+
+
+async def publish(db: Database, store: KeyValueStore, ttl: int, keys: list[Standing]) -> None:
+    """Set `keys` (read by `standing`), then undo those of revocations lifted since."""
+    await _publish(store, keys)
+    ids = [k.revocation_id for k in keys if k.revocation_id is not None]
+    if not ids:
+        return
+    # A lift committed since the read above whose delete our write may have undone.
+    lifted = await db.transaction(lambda s: lifted_among(s, ids))
+    if lifted:
+        for row in lifted:
+            assert row.company_id is not None  # `standing` skips those without
+            await store.delete(revocation_key(row.kind, row.value, row.company_id))
+        # A revocation of the same target committed meanwhile: back, as the lift
+        # route does after its own delete.
+        back = await db.transaction(lambda s: still_revoked(s, lifted))
+        for row in back:
+            assert row.company_id is not None
+            await revoke(store, row.kind, row.value, row.company_id, ttl)
+
+
+async def republish_revocations(deps: Deps, interval: float = REPUBLISH_SECONDS) -> None:
+    """Republish forever; cancelled by the app's lifespan at shutdown."""
+    ttl = revocation_ttl(deps.settings)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await republish_pass(deps.db, deps.store, ttl)
+        except Exception as exc:  # the store or the database is briefly down: next pass
+            log.warning("revocations republish failed: %s", type(exc).__name__)
