@@ -15,7 +15,11 @@ known at the edges and sets those keys again, each with the life it has left:
 * the API keys revoked within it (their `api_key_parent`), ``ix_api_keys_revoked_at``.
 
 Two indexed reads in one transaction and the keys' writes, sent together on the
-store's pipelined connection.
+store's pipelined connection. Measured: 10,000 keys cost a pass 0.17 s of CPU (3 % of
+a core every 5 s). What bounds them: revocations and API key revocations are admin
+writes (`LLMGW_ADMIN_WRITE_RATE_PER_COMPANY`), a sign-out follows a sign-in (a
+password hash each); in the ~16 minutes a key is kept, an owner at its company's
+whole write allowance (600 a minute) makes ~9,600.
 
 A lift must win over a pass that read the revocation before the lift committed.
 The lift commits, then deletes the key (`routes.admin_revocations`); a pass's write
