@@ -2,9 +2,9 @@
 
 Each CREATE DATABASE (a WAL-logged copy of its template, fsynced) and each DROP
 DATABASE costs the shared server 0.1 to 1.4 s, mostly waiting on the disk, and a
-run makes several hundred. One thread per test process does both in the
-background: the next database of each kind is made while a test runs, and a test's
-database is dropped while the next test runs. A test still gets a database no
+run makes several hundred. Two threads per test process do them in the
+background: the next databases of each kind are made while a test runs, and a
+test's database is dropped while the next test runs. A test still gets a database no
 other test ever used, made exactly as before; only the waiting moves.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import uuid
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import psycopg
@@ -34,30 +35,35 @@ def drop_database(server: str, name: str) -> None:
 
 
 class SpareDatabases:
-    """One server's databases, one spare kept ready per template. Every CREATE and
-    DROP runs on one thread, in the order asked, so two never race on a template."""
+    """One server's databases, `depth` spares kept ready per template. CREATEs run
+    on one thread in the order asked and DROPs on another, so a short test does not
+    wait for the last one's drop before its own database is made."""
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, depth: int = 2) -> None:
         self.server = server
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-spares")
-        self._spares: dict[str | None, Future[str]] = {}
+        self.depth = depth
+        self._creator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-create")
+        self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-drop")
+        self._spares: dict[str | None, deque[Future[str]]] = {}
         self._failed_drops: list[str] = []
         self._lock = threading.Lock()
 
     def take(self, template: str | None) -> str:
-        """A database no test has used: the spare made in advance (waiting for it if
-        it is not ready yet), or a new one; the next spare is then started."""
+        """A database no test has used: the oldest spare (waiting for it if it is not
+        ready yet), or a new one; then spares are started up to `depth` again."""
         with self._lock:
-            spare = self._spares.pop(template, None)
-            if spare is None:
-                spare = self._worker.submit(create_database, self.server, template)
-            self._spares[template] = self._worker.submit(create_database, self.server, template)
+            spares = self._spares.setdefault(template, deque())
+            if not spares:
+                spares.append(self._creator.submit(create_database, self.server, template))
+            taken = spares.popleft()
+            while len(spares) < self.depth:
+                spares.append(self._creator.submit(create_database, self.server, template))
         # A failed CREATE raises here, in the test that asked, as it did in line.
-        return spare.result()
+        return taken.result()
 
     def give_back(self, name: str) -> None:
-        """Drop `name` after the work queued before it."""
-        self._worker.submit(self._drop, name)
+        """Drop `name` in the background."""
+        self._dropper.submit(self._drop, name)
 
     def _drop(self, name: str) -> None:
         try:
@@ -68,10 +74,12 @@ class SpareDatabases:
     def close(self) -> None:
         """Drop the unused spares and wait for every queued drop."""
         with self._lock:
-            spares, self._spares = list(self._spares.values()), {}
-        # Run at the process's exit, when the thread takes no new work: wait for it,
-        # then drop the spares here.
-        self._worker.shutdown(wait=True)
+            spares = [spare for queue in self._spares.values() for spare in queue]
+            self._spares = {}
+        # Run at the process's exit, when the threads take no new work: wait for
+        # them, then drop the spares here.
+        self._creator.shutdown(wait=True)
+        self._dropper.shutdown(wait=True)
         for spare in spares:
             try:
                 self._drop(spare.result())
