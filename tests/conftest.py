@@ -152,6 +152,17 @@ def pg_database_url(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def migrated_pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database already migrated to head (a clone of the template), dropped
+    afterwards: for a test that would migrate an empty one first (`upgrade`, or a
+    control plane's LLMGW_AUTO_MIGRATE), ~1 s a run; the app's own migration then
+    finds nothing to do. Migrating from empty keeps its own tests
+    (test_migration_safety, test_e2e_processes, the ops process stacks)."""
+    with fresh_pg_database(pg_server, migrated=True) as url:
+        yield url
+
+
+@pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A unique key prefix on the real Redis; every key under it is deleted afterwards."""
     with fresh_redis_prefix() as prefix:

@@ -27,9 +27,9 @@ OPENING_AT_ONCE = 50
 
 
 @pytest.fixture
-def split(pg_database_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[SplitStack]:
+def split(migrated_pg_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[SplitStack]:
     env = {
-        **base_env(pg_database_url, REDIS_URL, redis_prefix),
+        **base_env(migrated_pg_url, REDIS_URL, redis_prefix),
         "LLMGW_MAX_STREAMS_PER_USER": "1000",
         "LLMGW_MAX_STREAMS_PER_COMPANY": "1000",
         "LLMGW_INIT_RATE_PER_USER": "1000000",

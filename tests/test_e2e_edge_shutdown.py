@@ -21,8 +21,8 @@ from tests.stack import SplitStack, base_env, edge_process
 
 
 @pytest.fixture
-def split(pg_database_url: str, redis_prefix: str) -> Iterator[SplitStack]:
-    with SplitStack(base_env(pg_database_url, REDIS_URL, redis_prefix)) as stack:
+def split(migrated_pg_url: str, redis_prefix: str) -> Iterator[SplitStack]:
+    with SplitStack(base_env(migrated_pg_url, REDIS_URL, redis_prefix)) as stack:
         yield stack
 
 
