@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from argon2 import PasswordHasher
 
 from tests.pg_spares import SpareDatabases, drop_database
 
@@ -183,6 +184,50 @@ def stack(
         else:
             env = resources.enter_context(postgres_env(request.getfixturevalue("pg_server")))
         yield resources.enter_context(InProcessStack(env))
+
+
+# argon2id with argon2-cffi's defaults costs ~0.23 s of CPU per hash and per verify
+# (t=3, m=64 MiB, p=4), and most tests create and sign in users only to reach what
+# they test: measured, 40-50 % of test_e2e_flow's and test_console_api's time. In the
+# test processes the control plane hashes with the cheapest argon2id instead (what
+# a stored hash verifies against is in the hash itself), except in the modules
+# marked `real_password_hashes`: the tests of the hashing's cost and its bounds.
+# Services started as subprocesses always hash with the defaults.
+CHEAP_PASSWORD_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+_REAL_PASSWORD_HASHER: list[PasswordHasher] = []
+
+
+def _hash_passwords_with(hasher: PasswordHasher) -> None:
+    from control_plane import credentials
+
+    credentials._hasher = hasher
+    credentials._dummy_hash.cache_clear()  # unknown emails verify against one of its own
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes() -> Iterator[None]:
+    from control_plane import credentials
+
+    _REAL_PASSWORD_HASHER.append(credentials._hasher)
+    _hash_passwords_with(CHEAP_PASSWORD_HASHER)
+    yield
+    _hash_passwords_with(_REAL_PASSWORD_HASHER[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_password_hashes_where_marked(
+    request: pytest.FixtureRequest, _cheap_password_hashes: None
+) -> Iterator[None]:
+    """Module scope, so that a marked module's own module fixtures (users made once
+    for all its tests) already hash with the defaults."""
+    if request.node.get_closest_marker("real_password_hashes") is None:
+        yield
+        return
+    _hash_passwords_with(_REAL_PASSWORD_HASHER[0])
+    try:
+        yield
+    finally:
+        _hash_passwords_with(CHEAP_PASSWORD_HASHER)
 
 
 @pytest.fixture(autouse=True)
