@@ -24,6 +24,9 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from argon2 import PasswordHasher
+
+from tests.pg_spares import SpareDatabases, drop_database
 
 PG_ADMIN_DSN = os.environ.get("LLMGW_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LLMGW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -54,15 +57,31 @@ def _pg_url(name: str) -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
-def _drop_pg_database(server: str, name: str) -> None:
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 # Per test process (each xdist worker has its own): a database migrated to head once,
 # which `fresh_pg_database(migrated=True)` clones. A migration run costs ~1 s, a clone
-# ~0.07 s, and most tests start a control plane on a fresh database.
+# 0.1 to 0.6 s (most of it waiting on the disk), and most tests start a control plane
+# on a fresh database. Clones and drops run in the background (`tests.pg_spares`).
 _MIGRATED_TEMPLATES: dict[str, str] = {}
+_TEMPLATES_MADE: list[tuple[str, str]] = []  # (server, name), to drop at the end
+_SPARES: dict[str, SpareDatabases] = {}
+
+
+def _drop_throwaway_databases() -> None:
+    """At the process's exit: the spares and every queued drop first, then the
+    templates (a clone still being made holds its template)."""
+    for spares in _SPARES.values():
+        spares.close()
+    for server, name in _TEMPLATES_MADE:
+        drop_database(server, name)
+
+
+atexit.register(_drop_throwaway_databases)
+
+
+def _spares(server: str) -> SpareDatabases:
+    if server not in _SPARES:
+        _SPARES[server] = SpareDatabases(server)
+    return _SPARES[server]
 
 
 def _migrated_template(server: str) -> str:
@@ -73,7 +92,7 @@ def _migrated_template(server: str) -> str:
         name = f"llmgw_t_tmpl_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        atexit.register(_drop_pg_database, server, name)
+        _TEMPLATES_MADE.append((server, name))
         upgrade(_pg_url(name))
         _MIGRATED_TEMPLATES[server] = name
     return name
@@ -83,14 +102,12 @@ def _migrated_template(server: str) -> str:
 def fresh_pg_database(server: str, *, migrated: bool = False) -> Iterator[str]:
     """A new database, dropped afterwards: empty, or `migrated` to head (a clone of
     this process's migrated template)."""
-    name = f"llmgw_t_{uuid.uuid4().hex[:12]}"
-    template = f' TEMPLATE "{_migrated_template(server)}"' if migrated else ""
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"{template}')
+    spares = _spares(server)
+    name = spares.take(_migrated_template(server) if migrated else None)
     try:
         yield _pg_url(name)
     finally:
-        _drop_pg_database(server, name)
+        spares.give_back(name)
 
 
 _MIGRATED_SQLITE: list[Path] = []
@@ -136,6 +153,17 @@ def pg_database_url(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def migrated_pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database already migrated to head (a clone of the template), dropped
+    afterwards: for a test that would migrate an empty one first (`upgrade`, or a
+    control plane's LLMGW_AUTO_MIGRATE), ~1 s a run; the app's own migration then
+    finds nothing to do. Migrating from empty keeps its own tests
+    (test_migration_safety, test_e2e_processes, the ops process stacks)."""
+    with fresh_pg_database(pg_server, migrated=True) as url:
+        yield url
+
+
+@pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A unique key prefix on the real Redis; every key under it is deleted afterwards."""
     with fresh_redis_prefix() as prefix:
@@ -156,6 +184,50 @@ def stack(
         else:
             env = resources.enter_context(postgres_env(request.getfixturevalue("pg_server")))
         yield resources.enter_context(InProcessStack(env))
+
+
+# argon2id with argon2-cffi's defaults costs ~0.23 s of CPU per hash and per verify
+# (t=3, m=64 MiB, p=4), and most tests create and sign in users only to reach what
+# they test: measured, 40-50 % of test_e2e_flow's and test_console_api's time. In the
+# test processes the control plane hashes with the cheapest argon2id instead (what
+# a stored hash verifies against is in the hash itself), except in the modules
+# marked `real_password_hashes`: the tests of the hashing's cost and its bounds.
+# Services started as subprocesses always hash with the defaults.
+CHEAP_PASSWORD_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+_REAL_PASSWORD_HASHER: list[PasswordHasher] = []
+
+
+def _hash_passwords_with(hasher: PasswordHasher) -> None:
+    from control_plane import credentials
+
+    credentials._hasher = hasher
+    credentials._dummy_hash.cache_clear()  # unknown emails verify against one of its own
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes() -> Iterator[None]:
+    from control_plane import credentials
+
+    _REAL_PASSWORD_HASHER.append(credentials._hasher)
+    _hash_passwords_with(CHEAP_PASSWORD_HASHER)
+    yield
+    _hash_passwords_with(_REAL_PASSWORD_HASHER[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_password_hashes_where_marked(
+    request: pytest.FixtureRequest, _cheap_password_hashes: None
+) -> Iterator[None]:
+    """Module scope, so that a marked module's own module fixtures (users made once
+    for all its tests) already hash with the defaults."""
+    if request.node.get_closest_marker("real_password_hashes") is None:
+        yield
+        return
+    _hash_passwords_with(_REAL_PASSWORD_HASHER[0])
+    try:
+        yield
+    finally:
+        _hash_passwords_with(CHEAP_PASSWORD_HASHER)
 
 
 @pytest.fixture(autouse=True)

@@ -34,9 +34,9 @@ ADMIN = Principal(
 
 
 @pytest.fixture
-def budgeted(pg_database_url: str) -> Iterator[Budgeted]:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url)
+def budgeted(migrated_pg_url: str) -> Iterator[Budgeted]:
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url)
     try:
         yield Budgeted(Tenant(sessionmaker(engine, expire_on_commit=False)))
     finally:
@@ -144,7 +144,7 @@ def test_holds_taken_before_a_budget_existed_are_not_counted_on_it(budgeted: Bud
 
 
 def test_old_threshold_events_are_pruned_in_bounded_batches(
-    budgeted: Budgeted, pg_database_url: str
+    budgeted: Budgeted, migrated_pg_url: str
 ) -> None:
     """Kept: an event still to deliver (were events retried longer than they are
     kept), a recent one, and one of a living budget's
@@ -197,7 +197,7 @@ def test_old_threshold_events_are_pruned_in_bounded_batches(
     assert left == {i for i, row in zip(ids, rows, strict=True) if not row[-1]}
 
     # The sweeper's pass runs the same pruning (nothing left to prune here).
-    db = Database(pg_database_url, pool_size=1)
+    db = Database(migrated_pg_url, pool_size=1)
     try:
         assert asyncio.run(sweep_budget_events(db, now=now)) == 0
     finally:

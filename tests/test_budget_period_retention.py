@@ -41,9 +41,9 @@ AGE = budget_math.LONGEST_PERIOD + budgets.PERIOD_RETENTION
 
 
 @pytest.fixture
-def budgeted(pg_database_url: str) -> Iterator[Budgeted]:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url)
+def budgeted(migrated_pg_url: str) -> Iterator[Budgeted]:
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url)
     try:
         yield Budgeted(Tenant(sessionmaker(engine, expire_on_commit=False)))
     finally:
@@ -87,7 +87,7 @@ def _rows(b: Budgeted, budget_ids: list[str]) -> dict[tuple[str, datetime], tupl
 
 
 def test_ended_periods_are_pruned_in_bounded_batches_and_held_ones_kept(
-    budgeted: Budgeted, pg_database_url: str
+    budgeted: Budgeted, migrated_pg_url: str
 ) -> None:
     b = budgeted
     company_id = b.tenant.company_id
@@ -151,7 +151,7 @@ def test_ended_periods_are_pruned_in_bounded_batches_and_held_ones_kept(
     assert b.tenant.tx(lambda s: budgets.check(s, company_id)) == []
 
     # Settled, that month is done with: the sweeper's pass prunes it.
-    db = Database(pg_database_url, pool_size=1)
+    db = Database(migrated_pg_url, pool_size=1)
     try:
         assert asyncio.run(sweep_budget_periods(db, now=now)) == 1
         assert asyncio.run(sweep_budget_periods(db, now=now)) == 0
@@ -176,7 +176,7 @@ def test_migrations_0015_and_0016_go_down_and_up_again(
     url = (
         f"sqlite:///{tmp_path}/old.db"
         if backend == "sqlite"
-        else request.getfixturevalue("pg_database_url")
+        else request.getfixturevalue("migrated_pg_url")
     )
     upgrade(url)
     engine = create_sync_engine(url)

@@ -610,6 +610,6 @@ def test_budget_properties_on_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_budget_properties_on_postgresql(pg_database_url: str) -> None:
-    url = pg_database_url
+def test_budget_properties_on_postgresql(migrated_pg_url: str) -> None:
+    url = migrated_pg_url
     run_machine(BudgetsMachine, url, examples=12, steps=25, derandomize=True, database=None)

@@ -96,9 +96,9 @@ class Budgeted:
 
 
 @pytest.fixture
-def budgeted(pg_database_url: str) -> Iterator[Budgeted]:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url)
+def budgeted(migrated_pg_url: str) -> Iterator[Budgeted]:
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url)
     try:
         yield Budgeted(Tenant(sessionmaker(engine, expire_on_commit=False)))
     finally:

@@ -29,9 +29,9 @@ TOKENS = 7
 
 @pytest.mark.parametrize("skew", [360.0, -360.0], ids=["ahead", "behind"])
 async def test_an_edge_whose_clock_is_minutes_off_still_settles_each_stream_once(
-    pg_database_url: str, skew: float
+    migrated_pg_url: str, skew: float
 ) -> None:
-    async with Gateway(base_env(pg_database_url)) as gw:
+    async with Gateway(base_env(migrated_pg_url)) as gw:
         await gw.add_edge("skewed", clock=lambda: time.time() + skew)
         access = await gw.new_user("5")
         before = micro((await gw.credits(access))["balance"])
@@ -61,9 +61,9 @@ async def test_an_edge_whose_clock_is_minutes_off_still_settles_each_stream_once
 
 
 async def test_a_webhook_dated_out_of_the_window_is_refused_and_only_its_signer_learns_why(
-    pg_database_url: str,
+    migrated_pg_url: str,
 ) -> None:
-    async with Gateway(base_env(pg_database_url)) as gw:
+    async with Gateway(base_env(migrated_pg_url)) as gw:
         body = event("late").body()
         late = datetime.now(UTC) - timedelta(minutes=6)
         ours = sign(gw.env["LLMGW_WEBHOOK_SECRET"], "usage_late", body, late)
@@ -94,13 +94,13 @@ async def sweep_round_ahead(deps: Deps, watch: SilenceWatch, ahead: timedelta) -
 
 
 async def test_a_sweeper_whose_clock_is_ahead_leaves_a_running_stream_to_its_report(
-    pg_database_url: str,
+    migrated_pg_url: str,
 ) -> None:
     # A hold's deadline is its token's expiry (the minting process's clock) plus the
     # grace; here the grace is the least the settings allow, so a sweeper 6 minutes
     # ahead of that clock finds a stream just begun already past its deadline.
     env = {
-        **base_env(pg_database_url),
+        **base_env(migrated_pg_url),
         "LLMGW_SWEEP_INTERVAL_SECONDS": "3600",  # the test runs the sweeper's round
         "LLMGW_MAX_STREAM_SECONDS": "60",
         "LLMGW_RESUME_GRACE_SECONDS": "0",
@@ -139,9 +139,9 @@ async def test_a_sweeper_whose_clock_is_ahead_leaves_a_running_stream_to_its_rep
 
 
 async def test_a_dead_streams_hold_past_its_deadline_is_still_settled_once_silent(
-    pg_database_url: str,
+    migrated_pg_url: str,
 ) -> None:
-    env = {**base_env(pg_database_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
+    env = {**base_env(migrated_pg_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
     async with Gateway(env) as gw:
         deps = gw.cp.state.deps
         access = await gw.new_user("5")
@@ -180,9 +180,9 @@ async def test_a_dead_streams_hold_past_its_deadline_is_still_settled_once_silen
 
 
 async def test_a_hold_past_its_deadline_whose_checkpoint_never_changed_is_settled_at_once(
-    pg_database_url: str,
+    migrated_pg_url: str,
 ) -> None:
-    env = {**base_env(pg_database_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
+    env = {**base_env(migrated_pg_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
     async with Gateway(env) as gw:
         deps = gw.cp.state.deps
         access = await gw.new_user("5")

@@ -126,7 +126,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/ledger.db"
     else:
-        url = request.getfixturevalue("pg_database_url")
+        url = request.getfixturevalue("migrated_pg_url")
     upgrade(url)
     engine = create_sync_engine(url)
     try:
@@ -176,7 +176,7 @@ def test_migration_0013_gives_existing_stream_entries_their_user(
     url = (
         f"sqlite:///{tmp_path}/old.db"
         if backend == "sqlite"
-        else request.getfixturevalue("pg_database_url")
+        else request.getfixturevalue("migrated_pg_url")
     )
     upgrade(url)
     engine = create_sync_engine(url)
@@ -262,14 +262,14 @@ def _ledger_rows_read(s: Session, statement: str, params: Any) -> int:
     return int(read(plan[0]["Plan"]))
 
 
-def test_a_page_of_a_huge_companys_ledger_reads_about_a_page(pg_database_url: str) -> None:
+def test_a_page_of_a_huge_companys_ledger_reads_about_a_page(migrated_pg_url: str) -> None:
     """A member's page was picked out of the company's whole ledger (a member with
     no streams read all 900,000 entries of a company of 300,000 streams: 0.55 s), and
     any deep page, an owner's too, walked every newer entry to reach its cursor.
     Now the first and a deep page read a few rows more than they show, for an
     owner, a member with no streams and a member whose streams fill the ledger."""
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url)
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url)
     try:
         ledger = Ledger(sessionmaker(engine, expire_on_commit=False))
         ledger.tx(lambda s: _fill(s, ledger.company_id, ledger.users["bob"]))

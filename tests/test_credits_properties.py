@@ -442,5 +442,5 @@ def test_credits_properties_on_sqlite(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_credits_properties_on_postgresql(pg_database_url: str) -> None:
-    run_machine(CreditsMachine, pg_database_url, examples=12, steps=25)
+def test_credits_properties_on_postgresql(migrated_pg_url: str) -> None:
+    run_machine(CreditsMachine, migrated_pg_url, examples=12, steps=25)

@@ -88,22 +88,22 @@ def _demo_rows(db: Database) -> tuple[int, int]:
 
 
 def test_dev_never_seeds_the_demo_owner_into_a_database_of_other_users(
-    tmp_path: Path, pg_database_url: str
+    tmp_path: Path, migrated_pg_url: str
 ) -> None:
     """Before: `dev` run with production's LLMGW_DATABASE_URL (a shell that sourced
     deploy/.env) added `demo@example.com` / `demo`, an owner with 1,000 credits granted
     from nowhere, which every production control plane then signed in."""
-    upgrade(pg_database_url)
-    db = Database(pg_database_url, pool_size=1)
+    upgrade(migrated_pg_url)
+    db = Database(migrated_pg_url, pool_size=1)
     try:
         _add_user(db)
-        done = run_dev(tmp_path, "--port-base", "1", LLMGW_DATABASE_URL=pg_database_url)
+        done = run_dev(tmp_path, "--port-base", "1", LLMGW_DATABASE_URL=migrated_pg_url)
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert "holds other users" in lines[-1], done.stderr
         assert _demo_rows(db) == (0, 0)
         with pytest.raises(ConfigError):
-            asyncio.run(seed_demo(pg_database_url, own_database_only=True))
+            asyncio.run(seed_demo(migrated_pg_url, own_database_only=True))
         assert _demo_rows(db) == (0, 0)
     finally:
         db.close()

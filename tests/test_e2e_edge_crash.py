@@ -28,9 +28,9 @@ SETTLED_WITHIN_SECONDS = 60  # issue 11.5, with the default grace and sweep inte
 
 @pytest.fixture
 def stack_with_edge_process(
-    pg_database_url: str, redis_prefix: str, tmp_path: Path
+    migrated_pg_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[tuple[SplitStack, subprocess.Popen[bytes]]]:
-    env = base_env(pg_database_url, REDIS_URL, redis_prefix)
+    env = base_env(migrated_pg_url, REDIS_URL, redis_prefix)
     assert not any("GRACE" in name or "SWEEP" in name for name in env)
     with SplitStack(env) as split, edge_process(split, tmp_path) as edge:
         yield split, edge

@@ -21,8 +21,8 @@ from tests.stack import SplitStack, base_env, edge_process
 
 
 @pytest.fixture
-def split(pg_database_url: str, redis_prefix: str) -> Iterator[SplitStack]:
-    with SplitStack(base_env(pg_database_url, REDIS_URL, redis_prefix)) as stack:
+def split(migrated_pg_url: str, redis_prefix: str) -> Iterator[SplitStack]:
+    with SplitStack(base_env(migrated_pg_url, REDIS_URL, redis_prefix)) as stack:
         yield stack
 
 
@@ -89,7 +89,11 @@ def test_a_follower_on_a_stopping_edge_is_let_go_to_resume_elsewhere(
     does reconnect skips a real event: measured, the resume began one id late."""
     c = split.client
     token = c.new_user(c.new_company("5"))
-    grant = c.init_ok(token, {"query": "resume me [[mock tokens=400 delay_ms=20]]"})
+    # 4 s of answer (was 8): the edge has let the follower go and exited 0.4 s after
+    # the SIGTERM (measured at load 4), over 300 tokens before the end; were the
+    # answer over first, the `complete` check below fails rather than the test
+    # passing without a let-go.
+    grant = c.init_ok(token, {"query": "resume me [[mock tokens=400 delay_ms=10]]"})
     with edge_process(split, tmp_path, LLMGW_DRAIN_SECONDS="0.2") as edge:
         split.start("edge2")
         try:
@@ -117,6 +121,7 @@ def test_a_follower_on_a_stopping_edge_is_let_go_to_resume_elsewhere(
             assert edge.wait(timeout=20) == 0
             # Let go without an ending: the stream has not ended.
             assert [e for e in tail if e.event == "error"] == []
+            assert [e for e in tail if e.event == "complete"] == []
             # As EventSource does: resume after the last id received, on the live edge.
             last_id = next(e.id for e in reversed(tail) if e.id)
             decoder = SSEDecoder()

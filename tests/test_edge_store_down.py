@@ -21,11 +21,11 @@ __all__ = ["private_redis"]  # the fixture, used by name
 
 
 @pytest.fixture
-def edge_without_store(pg_database_url: str, redis_prefix: str) -> Iterator[SplitStack]:
+def edge_without_store(migrated_pg_url: str, redis_prefix: str) -> Iterator[SplitStack]:
     sock = bind_free_socket()
     dead_port = sock.getsockname()[1]
     sock.close()  # nothing listens there: every Redis command fails to connect
-    with SplitStack(base_env(pg_database_url, REDIS_URL, redis_prefix)) as split:
+    with SplitStack(base_env(migrated_pg_url, REDIS_URL, redis_prefix)) as split:
         split.stop("edge")
         split.start("edge", LLMGW_REDIS_URL=f"redis://127.0.0.1:{dead_port}/0")
         yield split

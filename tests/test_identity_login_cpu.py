@@ -33,6 +33,9 @@ from tests.private_postgres import PrivatePostgres, private_postgres
 from tests.test_control_plane import PASSWORD
 from tests.test_identity_login_limits import NOW, Login, _login, login_server
 
+# Their subject is the cost of the real argon2 (tests/conftest.py).
+pytestmark = pytest.mark.real_password_hashes
+
 __all__ = ["private_postgres"]  # the fixture, used by name
 
 RATE = 4

@@ -28,6 +28,9 @@ from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.test_control_plane import ADMIN_TOKEN, PASSWORD, _settings
 
+# Their subject is the cost of the real argon2 (tests/conftest.py).
+pytestmark = pytest.mark.real_password_hashes
+
 LIMIT = 3
 # Users' passwords hashed with cheap argon2 parameters (verify reads them from the
 # hash): the limit is what is tested here, not argon2's cost.

@@ -99,9 +99,9 @@ class Tenant:
 
 
 @pytest.fixture
-def company(pg_database_url: str) -> Iterator[Tenant]:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url)
+def company(migrated_pg_url: str) -> Iterator[Tenant]:
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url)
     try:
         yield Tenant(sessionmaker(engine, expire_on_commit=False))
     finally:
@@ -222,9 +222,9 @@ def test_the_hold_on_the_raw_connection_is_in_the_sessions_transaction(company: 
 
 
 @pytest.mark.parametrize("pgbouncer", [False, True])
-def test_behind_pgbouncer_the_hold_is_never_prepared(pg_database_url: str, pgbouncer: bool) -> None:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url, pool_size=1, pgbouncer=pgbouncer)
+def test_behind_pgbouncer_the_hold_is_never_prepared(migrated_pg_url: str, pgbouncer: bool) -> None:
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url, pool_size=1, pgbouncer=pgbouncer)
     try:
         tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
         for _ in range(7):  # past psycopg's prepare threshold (db.PG_PREPARE_THRESHOLD)

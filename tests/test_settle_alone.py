@@ -35,9 +35,9 @@ from tests.test_settle_raw import HOLD, _turn, usage_delivery
 
 
 @pytest.fixture
-def db(pg_database_url: str) -> Iterator[Database]:
-    upgrade(pg_database_url)
-    database = Database(pg_database_url, pool_size=4)
+def db(migrated_pg_url: str) -> Iterator[Database]:
+    upgrade(migrated_pg_url)
+    database = Database(migrated_pg_url, pool_size=4)
     try:
         yield database
     finally:

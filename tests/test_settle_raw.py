@@ -88,9 +88,9 @@ def _settle(tenant: Tenant, delivery: webhook_settlement.Delivery) -> settlement
 
 
 @pytest.fixture
-def tenant(pg_database_url: str) -> Iterator[Tenant]:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url)
+def tenant(migrated_pg_url: str) -> Iterator[Tenant]:
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url)
     try:
         yield Tenant(sessionmaker(engine, expire_on_commit=False))
     finally:
@@ -227,10 +227,10 @@ def test_a_failed_transcript_rolls_back_to_its_savepoint_and_keeps_the_charge(
 
 @pytest.mark.parametrize("pgbouncer", [False, True])
 def test_behind_pgbouncer_settlement_is_never_prepared(
-    pg_database_url: str, pgbouncer: bool
+    migrated_pg_url: str, pgbouncer: bool
 ) -> None:
-    upgrade(pg_database_url)
-    engine = create_sync_engine(pg_database_url, pool_size=1, pgbouncer=pgbouncer)
+    upgrade(migrated_pg_url)
+    engine = create_sync_engine(migrated_pg_url, pool_size=1, pgbouncer=pgbouncer)
     try:
         tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
         for _ in range(7):  # past psycopg's prepare threshold (db.PG_PREPARE_THRESHOLD)

@@ -48,19 +48,19 @@ __all__ = ["private_redis"]  # the fixture, used by name
 
 
 @pytest.fixture
-def cp(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
+def cp(migrated_pg_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
     # The app's own sweeper stays out of the way: the test drives the sweeps.
     env = {
         "LLMGW_REDIS_URL": private_redis.url,
         "LLMGW_REDIS_PREFIX": "t:",
         "LLMGW_SWEEP_INTERVAL_SECONDS": "3600",
     }
-    with serve_cp(_settings(pg_database_url, env)) as handle:
+    with serve_cp(_settings(migrated_pg_url, env)) as handle:
         yield handle
 
 
 @pytest.fixture
-def cp_bounded(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
+def cp_bounded(migrated_pg_url: str, private_redis: PrivateRedis) -> Iterator[CP]:
     """`cp` whose database calls give up after a second."""
     env = {
         "LLMGW_REDIS_URL": private_redis.url,
@@ -68,7 +68,7 @@ def cp_bounded(pg_database_url: str, private_redis: PrivateRedis) -> Iterator[CP
         "LLMGW_SWEEP_INTERVAL_SECONDS": "3600",
         "LLMGW_DATABASE_TIMEOUT_SECONDS": "1",
     }
-    with serve_cp(_settings(pg_database_url, env)) as handle:
+    with serve_cp(_settings(migrated_pg_url, env)) as handle:
         yield handle
 
 
@@ -189,7 +189,7 @@ def test_a_read_answered_late_by_a_frozen_store_is_not_silence(
 
 
 def test_a_silent_stream_settled_after_its_sweep_gave_up_is_counted_and_revoked(
-    cp_bounded: CP, pg_database_url: str
+    cp_bounded: CP, migrated_pg_url: str
 ) -> None:
     """The silent-stream sweep settles a stream whose checkpoint stopped, then revokes
     its token (its edge may only be cut off). Its settlement waited on a lock past
@@ -218,7 +218,7 @@ def test_a_silent_stream_settled_after_its_sweep_gave_up_is_counted_and_revoked(
     before = counted()
     # Another connection holds the company's row: the settlement waits on it past
     # the bound (the sweep gives up), then commits when the lock goes.
-    dsn = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = migrated_pg_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn, autocommit=True) as locker:
         locker.execute("BEGIN")
         locker.execute("SELECT 1 FROM companies WHERE id = %s FOR UPDATE", (stream.company_id,))
