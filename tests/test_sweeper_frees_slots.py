@@ -13,6 +13,7 @@ admission, as the edge takes them."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from control_plane.liveness import SilenceWatch
@@ -48,66 +49,73 @@ def admit(cp: CP, company_id: str, user_id: str, jti: str) -> str:
     return str(cp.on_loop(lambda: store.admit(admission)).verdict)
 
 
-def test_a_dead_edges_stream_gives_its_slots_back_when_the_sweeper_settles_it(cp: CP) -> None:
+@dataclass
+class Running:
+    """A stream admitted as the edge admits it, its checkpoint written, and a silence
+    watch on a clock the test moves."""
+
+    client: Any
+    company_id: str
+    user_id: str
+    jti: str
+    grant: dict[str, Any]
+    clock: list[float]
+    watch: SilenceWatch
+
+
+def running_stream(cp: CP) -> Running:
     client, company_id = cp.owner_client("10")
-    first = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
-    claims = claims_of(first["stream_token"])
+    grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    claims = claims_of(grant["stream_token"])
     user_id, jti = str(claims["sub"]), str(claims["jti"])
     assert admit(cp, company_id, user_id, jti) == "ok"
-    point = UsageCheckpoint(jti, first["reservation_id"], 12, 70, "t", beat=4)
+    point = UsageCheckpoint(jti, grant["reservation_id"], 12, 70, "t", beat=4)
     store = cp.app.state.store
-    cp.on_loop(lambda: store.set(checkpoint_key(first["reservation_id"]), point.dumps(), 600))
-
-    # The edge is killed: no report, the checkpoint stops changing.
+    cp.on_loop(lambda: store.set(checkpoint_key(grant["reservation_id"]), point.dumps(), 600))
     clock = [0.0]
     watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
+    return Running(client, company_id, user_id, jti, grant, clock, watch)
+
+
+def sweep(cp: CP, run: Running) -> Any:
     state = cp.app.state
-
-    def sweep() -> Any:
-        return cp.on_loop(
-            lambda: sweep_silent_streams(
-                state.db, state.store, state.metrics, watch, revoke_ttl=600
-            )
+    return cp.on_loop(
+        lambda: sweep_silent_streams(
+            state.db, state.store, state.metrics, run.watch, revoke_ttl=600
         )
+    )
 
-    assert sweep().settled == 0  # first sight
-    clock[0] += watch.silent_after
-    assert sweep().settled == 1  # 16 s on: settled from its checkpoint
 
-    # The user's next stream, on a healthy edge, seconds after the settlement: its
-    # slot is free, where it stayed taken for the 15 minutes of the slot's life.
-    second = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
-    assert admit(cp, company_id, user_id, str(claims_of(second["stream_token"])["jti"])) == "ok"
+def next_stream(cp: CP, run: Running) -> str:
+    """The user's next stream's admission, on a healthy edge."""
+    grant = data_of(run.client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
+    return admit(cp, run.company_id, run.user_id, str(claims_of(grant["stream_token"])["jti"]))
+
+
+def test_a_dead_edges_stream_gives_its_slots_back_when_the_sweeper_settles_it(cp: CP) -> None:
+    # The edge is killed: no report, the checkpoint stops changing.
+    run = running_stream(cp)
+    assert sweep(cp, run).settled == 0  # first sight
+    run.clock[0] += run.watch.silent_after
+    assert sweep(cp, run).settled == 1  # 16 s on: settled from its checkpoint
+    # The user's next stream, seconds after the settlement: its slot is free, where it
+    # stayed taken for the 15 minutes of the slot's life.
+    assert next_stream(cp, run) == "ok"
 
 
 def test_a_stalled_edges_late_report_after_the_sweep_changes_nothing_more(cp: CP) -> None:
     """The edge was only stalled: the sweeper settled and freed the stream, then its
     own report arrives with its slot release. A duplicate, and the other stream's
     slot, taken meanwhile, stays taken."""
-    client, company_id = cp.owner_client("10")
-    first = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
-    claims = claims_of(first["stream_token"])
-    user_id, jti = str(claims["sub"]), str(claims["jti"])
-    assert admit(cp, company_id, user_id, jti) == "ok"
-    point = UsageCheckpoint(jti, first["reservation_id"], 12, 70, "t", beat=4)
-    store = cp.app.state.store
-    cp.on_loop(lambda: store.set(checkpoint_key(first["reservation_id"]), point.dumps(), 600))
-    clock = [0.0]
-    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
-    state = cp.app.state
-    for step in (0.0, watch.silent_after):
-        clock[0] += step
-        cp.on_loop(
-            lambda: sweep_silent_streams(
-                state.db, state.store, state.metrics, watch, revoke_ttl=600
-            )
-        )
-    second = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
-    second_jti = str(claims_of(second["stream_token"])["jti"])
-    assert admit(cp, company_id, user_id, second_jti) == "ok"
+    run = running_stream(cp)
+    sweep(cp, run)
+    run.clock[0] += run.watch.silent_after
+    sweep(cp, run)
+    assert next_stream(cp, run) == "ok"
 
-    late = usage_event(first, company_id, input_tokens=12, output_tokens=90)
+    late = usage_event(run.grant, run.company_id, input_tokens=12, output_tokens=90)
     assert data_of(cp.webhook(late)) == {"duplicate": True}
-    cp.on_loop(lambda: store.release_slots(SlotRelease(slot_keys(company_id, user_id), jti)))
-    third = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 200}), 201)
-    assert admit(cp, company_id, user_id, str(claims_of(third["stream_token"])["jti"])) == "full"
+    store = cp.app.state.store
+    keys = slot_keys(run.company_id, run.user_id)
+    cp.on_loop(lambda: store.release_slots(SlotRelease(keys, run.jti)))
+    assert next_stream(cp, run) == "full"
