@@ -8,7 +8,10 @@ let the revoked user's, key's or session's already-minted stream tokens start, a
 their running streams relay on, for up to a token's life and a stream's.
 
 So each control-plane process, every `REPUBLISH_SECONDS`, reads what must still be
-known at the edges and sets those keys again, each with the life it has left:
+known at the edges and sets again those of the keys the store lost, each with the
+life it has left (`shared.revocations.restore`: a key still standing is not
+touched, since the life left is read on this process's clock from another's
+`created_at`, and a clock running ahead, rewriting the TTL, cut it short):
 
 * the revocations not lifted made within `revoking.revocation_ttl` (an admin's of a
   user, a company or a token; a sign-out), ``ix_revocations_in_force_created``;
@@ -52,7 +55,7 @@ from control_plane.db import Database
 from control_plane.deps import Deps
 from control_plane.revoking import in_force_besides, revocation_ttl
 from control_plane.tables import ApiKey, Revocation, User, utcnow
-from shared.revocations import api_key_parent, revocation_key, revoke
+from shared.revocations import api_key_parent, restore, revocation_key, revoke
 from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.revocation_republish")
@@ -135,7 +138,7 @@ async def _publish(store: KeyValueStore, keys: list[Standing]) -> None:
     for start in range(0, len(keys), BATCH_KEYS):
         await asyncio.gather(
             *(
-                revoke(store, k.kind, k.value, k.company_id, k.seconds)
+                restore(store, k.kind, k.value, k.company_id, k.seconds)
                 for k in keys[start : start + BATCH_KEYS]
             )
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -193,3 +194,49 @@ def test_a_lift_committed_after_a_pass_read_wins_over_its_write(
     grant = c.init_ok(alone, {"query": "lifted"})
     assert c.http.get(grant["stream_url"]).status_code == 200
     assert c.init(twice, {"query": "still revoked"}).status_code == 403
+
+
+def test_a_pass_on_a_clock_running_ahead_never_shortens_a_standing_key(
+    shared_stack: InProcessStack, redis_prefix: str
+) -> None:
+    """A control-plane host whose clock runs ahead (no time sync, a VM resumed from a
+    pause) republishes: each key's life left is read on its clock from the row's
+    `created_at` (another host's clock), and a plain SET rewrote the standing key's
+    TTL with it. 600 s ahead, the revoked user's key lost 600 s of the TTL the
+    revocation gave it (token life + longest stream + only 60 s of margin), so a
+    stream token minted before the revocation relayed on after the key expired.
+    A republish only brings back a key the store lost; one still standing keeps the
+    life its revocation gave it."""
+    c = shared_stack.client
+    settings = shared_stack.settings
+    company_id = c.new_company("5")
+    member = c.new_user(company_id)
+    user_id = c.as_user(member, "GET", "/v1/me").json()["data"]["user"]["id"]
+    answer = c.admin("POST", "/v1/admin/revocations", json={"user_id": user_id})
+    assert answer.status_code == 201, answer.text
+    ttl = revocation_ttl(settings)
+    name = redis_prefix + revocation_key("user", user_id, company_id)
+    client = redis.Redis.from_url(REDIS_URL)
+    ahead = 600
+
+    async def skewed_pass() -> None:
+        db = Database(settings.database_url)
+        store = open_store(REDIS_URL, prefix=redis_prefix)
+        try:
+            now = utcnow() + timedelta(seconds=ahead)
+            read = await db.transaction(lambda s: standing(s, now, ttl))
+            assert user_id in {k.value for k in read}
+            await publish(db, store, ttl, read)
+        finally:
+            await store.close()
+            await asyncio.to_thread(db.close)
+
+    try:
+        before = client.pttl(name)
+        assert before > (ttl - ahead) * 1000, before  # as the revocation route set it
+        asyncio.run(skewed_pass())
+        after = client.pttl(name)
+        # Not a timing bound: the pass takes nowhere near half the skew.
+        assert after > before - ahead * 1000 // 2, (before, after)
+    finally:
+        client.close()
