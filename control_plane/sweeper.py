@@ -65,7 +65,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy.orm import Session
@@ -91,7 +91,12 @@ from control_plane.sweep_failures import PassFailures
 from control_plane.tables import Reservation, utcnow
 from control_plane.usage_events import parse_time
 from shared.catalog import Price
-from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
+from shared.checkpoints import (
+    KEPT_PAST_DEADLINE_SECONDS,
+    UsageCheckpoint,
+    checkpoint_key,
+    silent_after,
+)
 from shared.revocations import revoke
 from shared.store import AdmissionStore, KeyValueStore, SlotRelease
 from shared.stream_slots import slot_keys
@@ -250,6 +255,19 @@ async def sweep_expired_holds(
     settled = released = running = waiting = 0
     failures = PassFailures("hold sweep")
     after: tuple[datetime, str] | None = None
+    if reports is not None and not reports.over():
+        # Those past their deadline by more than a checkpoint lives are left for their
+        # reports meanwhile. Listed first (oldest deadline first), thousands of them
+        # (a long outage) filled the pass's pages, and the holds whose checkpoints
+        # still live, behind them, went unread until their checkpoints expired (a
+        # dead edge's stream then released, unbilled): the pass starts after them.
+        after = (moment - timedelta(seconds=KEPT_PAST_DEADLINE_SECONDS), "")
+        try:  # whether any wait, for the log
+            older = functools.partial(expired_reservations, now=after[0], limit=1)
+            waiting = len(await db.transaction(older))
+        except Exception:
+            reports.lost()
+            raise
     for _ in range(MAX_BATCHES):
         try:
             page = await db.transaction(
@@ -321,10 +339,9 @@ async def sweep_expired_holds(
         )
     if waiting:
         log.warning(
-            "%d holds past their deadline by over an hour have no checkpoint: their reports"
+            "holds past their deadline by over an hour have no checkpoint: their reports"
             " may still come (an outage); released %.0f s after the database and the store"
             " answer again",
-            waiting,
             reports.wait if reports is not None else 0.0,
         )
     failures.raise_first()

@@ -15,12 +15,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
+from control_plane import sweeper as sweeper_module
 from control_plane.reports_wait import ReportsWait
 from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import Reservation
+from shared.checkpoints import UsageCheckpoint, checkpoint_key
 from shared.pricing import MICRO, cost_micro
 from tests.test_control_plane import (
     CP,
@@ -31,6 +34,7 @@ from tests.test_control_plane import (
     micro,
     usage_event,
 )
+from tests.token_claims import claims_of
 
 __all__ = ["cp"]
 
@@ -109,6 +113,34 @@ def test_a_hold_within_its_checkpoints_life_is_released_at_once(cp: CP) -> None:
     _deadline_ago(cp, grant["reservation_id"], 60)
     assert Recovered(cp).sweep().released == 1
     assert credits_of(client)["held"] == "0.000000"
+
+
+def test_holds_waiting_for_their_reports_do_not_starve_younger_ones(
+    cp: CP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Oldest deadline first, the holds left waiting for their reports filled the
+    pass's pages (5,000 holds here scaled to 2): a younger dead stream's hold, whose
+    checkpoint still lives, went unread until its checkpoint expired, then was
+    released unbilled. The pass now starts after the waiting ones."""
+    monkeypatch.setattr(sweeper_module, "BATCH", 2)
+    monkeypatch.setattr(sweeper_module, "MAX_BATCHES", 1)
+    client, _ = cp.owner_client("10")
+    for _ in range(3):  # a long outage's leftovers
+        old = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
+        _deadline_ago(cp, old["reservation_id"], LONG_PAST)
+    young = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
+    _deadline_ago(cp, young["reservation_id"], 60)
+    point = UsageCheckpoint(
+        str(claims_of(young["stream_token"])["jti"]), young["reservation_id"], 12, 70, "t", beat=3
+    )
+    store = cp.app.state.store
+    cp.on_loop(lambda: store.set(checkpoint_key(young["reservation_id"]), point.dumps(), 600))
+    sweeper = Recovered(cp)
+    result = sweeper.sweep()
+    assert (result.settled, result.released) == (1, 0)  # the young one, from its checkpoint
+    sweeper.clock[0] += sweeper.reports.wait
+    assert sweeper.sweep().released == 2  # the wait over: the old ones, a page at a time
+    assert sweeper.sweep().released == 1
 
 
 def test_the_wait_starts_again_after_each_outage() -> None:
