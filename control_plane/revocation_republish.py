@@ -134,14 +134,20 @@ def still_revoked(session: Session, rows: list[Revocation]) -> list[Revocation]:
     return [row for row in rows if in_force_besides(session, row)]
 
 
-async def _publish(store: KeyValueStore, keys: list[Standing]) -> None:
+async def _publish(store: KeyValueStore, keys: list[Standing]) -> BaseException | None:
+    """Every write is made, whichever fail (a gather stopping at the first left the
+    others landing unwatched, past the lift check); the first failure, if any."""
+    failure: BaseException | None = None
     for start in range(0, len(keys), BATCH_KEYS):
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(
                 restore(store, k.kind, k.value, k.company_id, k.seconds)
                 for k in keys[start : start + BATCH_KEYS]
-            )
+            ),
+            return_exceptions=True,
         )
+        failure = failure or next((r for r in results if isinstance(r, BaseException)), None)
+    return failure
 
 
 async def republish_pass(db: Database, store: KeyValueStore, ttl: int) -> int:
@@ -153,11 +159,18 @@ async def republish_pass(db: Database, store: KeyValueStore, ttl: int) -> int:
 
 
 async def publish(db: Database, store: KeyValueStore, ttl: int, keys: list[Standing]) -> None:
-    """Set `keys` (read by `standing`), then undo those of revocations lifted since."""
-    await _publish(store, keys)
+    """Set `keys` (read by `standing`), then undo those of revocations lifted since;
+    raises the first write's failure once that is done (a write that landed after a
+    lift's delete must still be undone)."""
+    failure = await _publish(store, keys)
     ids = [k.revocation_id for k in keys if k.revocation_id is not None]
-    if not ids:
-        return
+    if ids:
+        await _undo_lifted(db, store, ttl, ids)
+    if failure is not None:
+        raise failure
+
+
+async def _undo_lifted(db: Database, store: KeyValueStore, ttl: int, ids: list[str]) -> None:
     # A lift committed since the read above whose delete our write may have undone.
     lifted = await db.transaction(lambda s: lifted_among(s, ids))
     if lifted:
