@@ -72,6 +72,8 @@ LEASE_MARGIN = 2.0
 # Bringing the backlog forward (`_expedite`) at most this often: a report the
 # receiver keeps failing (while others pass) is retried no more often than that.
 EXPEDITE_INTERVAL = 5.0
+# Posts failing in a row (no answer, 502/503/504) that make an outage.
+OUTAGE_AFTER = 2
 
 
 def is_permanent(status: int) -> bool:
@@ -130,8 +132,12 @@ class Outbox:
         self._ack_timer: asyncio.Task[None] | None = None
         # Whether the receiver was unavailable since the backlog was last brought
         # forward. A new process cannot know what happened before it: it assumes so.
-        # Monotonic time of the last expedite (`EXPEDITE_INTERVAL`).
+        # Monotonic time of the last expedite (`EXPEDITE_INTERVAL`). An outage is two
+        # posts failing in a row (`OUTAGE_AFTER`): one report failing between others
+        # that pass (one the receiver chokes on, a timeout every time) is that
+        # report's trouble, and keeps backing off instead of coming back every 5 s.
         self._outage_seen = True
+        self._failed_in_a_row = 0
         self._monotonic = monotonic
         self._expedited_at: float | None = None
 
@@ -378,6 +384,7 @@ class Outbox:
         if 200 <= status < 300:
             self._metrics.webhook_deliveries.labels("delivered").inc()
             self._ack(item_id)
+            self._failed_in_a_row = 0
             await self._expedite()
         elif status and is_permanent(status):
             self._metrics.webhook_deliveries.labels("rejected").inc()
@@ -386,7 +393,9 @@ class Outbox:
             self._metrics.outbox_pending.dec()
         else:
             self._metrics.webhook_deliveries.labels("retry").inc()
-            self._outage_seen = self._outage_seen or receiver_unavailable(status)
+            if receiver_unavailable(status):
+                self._failed_in_a_row += 1
+                self._outage_seen = self._outage_seen or self._failed_in_a_row >= OUTAGE_AFTER
             item["attempt"] += 1
             delay = self._backoff.delay(item["attempt"], retry_after)
             await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)

@@ -140,21 +140,39 @@ async def test_a_throttling_control_plane_keeps_its_backoff() -> None:
     assert await pending(box) == 1  # "a" waits out its backoff
 
 
-async def test_a_report_the_control_plane_keeps_failing_is_not_retried_at_every_success() -> None:
-    """One report fails (503) while every other passes: it is brought forward at most
-    once per `EXPEDITE_INTERVAL`, not at each passing post."""
+async def test_a_report_the_control_plane_keeps_failing_is_not_brought_forward() -> None:
+    """One report fails (503, or a timeout every time) while the others pass: that is
+    the report's trouble, not an outage. It waits out its own backoff, and is not
+    brought forward by the posts that pass, even past `EXPEDITE_INTERVAL`."""
     cp, store, clock = ControlPlane(), MemoryStore(), Clock()
     box, _ = edge(cp, store, clock)
     await stream_ends(box, "warm")  # the new process's first post brings nothing forward
     cp.failing.add("poison")
     await stream_ends(box, "poison")
-    for i in range(5):  # within one interval: the poison waits out its backoff
-        clock.now += EXPEDITE_INTERVAL / 10
+    for i in range(5):
+        clock.now += EXPEDITE_INTERVAL
         await stream_ends(box, f"ok{i}")
         assert await box.deliver_due() == 0
     assert cp.posts == 7  # the poison was posted once
-    clock.now += EXPEDITE_INTERVAL
-    await stream_ends(box, "ok5")
-    assert await box.deliver_due() == 1  # brought forward once more, and fails again
-    assert cp.posts == 9
     assert "poison" not in cp.settled and await pending(box) == 1
+
+
+async def test_an_outage_is_posts_failing_in_a_row_and_comes_forward_at_most_every_interval() -> (
+    None
+):
+    """Two reports failing in a row are an outage: the next post that passes brings
+    them forward, but no sooner than `EXPEDITE_INTERVAL` after the last time."""
+    cp, store, clock = ControlPlane(), MemoryStore(), Clock()
+    box, _ = edge(cp, store, clock)
+    await stream_ends(box, "warm")  # an expedite at 0 (a new process)
+    cp.status = 503
+    await stream_ends(box, "a")
+    await stream_ends(box, "b")
+    cp.status = 200
+    clock.now += EXPEDITE_INTERVAL / 2
+    await stream_ends(box, "c")
+    assert await box.deliver_due() == 0  # too soon after the last
+    clock.now += EXPEDITE_INTERVAL / 2
+    await stream_ends(box, "d")
+    assert await box.deliver_due() == 2
+    assert sorted(cp.settled) == ["a", "b", "c", "d", "warm"]
