@@ -257,6 +257,9 @@ class Delivery:
     body: bytes
     attempts: int
     company_id: str = ""
+    # The claim's lease (the event's `next_attempt_at` while this pass owns it): a
+    # failure is recorded only while it is still so (`record_outcome`).
+    leased_until: datetime | None = None
 
 
 def claim_due(
@@ -295,12 +298,13 @@ def claim_due(
     ).all()
     claimed: list[Delivery] = []
     for event in rows:
+        leased_until = now + timedelta(seconds=LEASE_SECONDS)
         result = session.execute(
             update(BudgetEvent)
             .where(col(BudgetEvent.id) == event.id)
             .where(col(BudgetEvent.next_attempt_at) == event.next_attempt_at)
             .where(col(BudgetEvent.delivered_at).is_(None))
-            .values(next_attempt_at=now + timedelta(seconds=LEASE_SECONDS), backoff_until=None)
+            .values(next_attempt_at=leased_until, backoff_until=None)
         )
         if rowcount(result) == 0:
             continue  # another process claimed it
@@ -324,6 +328,7 @@ def claim_due(
                 orjson.dumps(event.payload),
                 event.attempts,
                 event.company_id,
+                leased_until,
             )
         )
     session.flush()
@@ -331,16 +336,30 @@ def claim_due(
 
 
 def record_outcome(session: Session, delivery: Delivery, delivered: bool, now: datetime) -> None:
+    """A delivery is recorded whenever it comes (the receiver has the event); a
+    failure only while the claim's lease still stands. Recorded after the lease ran
+    out (a database that stalled the record), it overwrote another process's newer
+    claim with a backoff, which a passing post could then bring forward while that
+    process was posting it: one event posted three times."""
     event = session.get(BudgetEvent, delivery.event_id)
     if event is None or event.delivered_at is not None:
         return
     if delivered:
         event.delivered_at = now
-    else:
-        event.attempts = delivery.attempts + 1
-        event.next_attempt_at = now + timedelta(seconds=BACKOFF.delay(event.attempts))
-        event.backoff_until = event.next_attempt_at  # backing off, not leased
-    session.flush()
+        session.flush()
+        return
+    attempts = delivery.attempts + 1
+    retry_at = now + timedelta(seconds=BACKOFF.delay(attempts))
+    failed = (
+        update(BudgetEvent)
+        .where(col(BudgetEvent.id) == delivery.event_id)
+        .where(col(BudgetEvent.delivered_at).is_(None))
+        .values(attempts=attempts, next_attempt_at=retry_at, backoff_until=retry_at)
+        .execution_options(synchronize_session=False)
+    )
+    if delivery.leased_until is not None:
+        failed = failed.where(col(BudgetEvent.next_attempt_at) == delivery.leased_until)
+    session.execute(failed)
 
 
 def expedite(session: Session, company_id: str, now: datetime) -> int:

@@ -230,3 +230,24 @@ def test_bringing_the_backlog_forward_is_bounded_per_success(
         col(BudgetEvent.id).in_(waiting), col(BudgetEvent.next_attempt_at) <= world.clock[0]
     )
     assert len(world.tx(lambda s: list(s.scalars(due)))) == 3
+
+
+def test_a_failure_recorded_after_its_lease_ran_out_leaves_the_new_claim_alone(
+    world: World,
+) -> None:
+    """A pass whose record of a failed post came after its lease ran out (a database
+    that stalled it): another process has claimed the event since. The late record
+    overwrote that claim with a backoff, which a passing post could then bring forward
+    while the other process was posting it. Now only the claim that stands records."""
+    company = world.company()
+    event_id = world.event(company)
+    late = world.tx(lambda s: claim_due(s, world.fernet, world.clock[0], 10))
+    world.clock[0] += timedelta(seconds=company_webhooks.LEASE_SECONDS + 1)
+    fresh = world.tx(lambda s: claim_due(s, world.fernet, world.clock[0], 10))
+    assert [d.event_id for d in late] == [d.event_id for d in fresh] == [event_id]
+    world.tx(lambda s: company_webhooks.record_outcome(s, late[0], False, world.clock[0]))
+    row = world.row(event_id)
+    assert (row.attempts, row.backoff_until) == (0, None)  # the fresh claim stands
+    world.tx(lambda s: company_webhooks.record_outcome(s, fresh[0], False, world.clock[0]))
+    row = world.row(event_id)
+    assert row.attempts == 1 and row.backoff_until is not None
