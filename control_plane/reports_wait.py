@@ -22,18 +22,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime
-
-from shared.checkpoints import KEPT_PAST_DEADLINE_SECONDS
 
 # Two of the edge outbox's longest default waits: each report queued during the
 # outage is retried at least once within it, with room for a backlog.
 REPORTS_WAIT_SECONDS = 600.0
-
-
-def beyond_checkpoints(deadline: datetime, now: datetime) -> bool:
-    """Whether a hold's checkpoint, had its stream run, may have expired by `now`."""
-    return (now - deadline).total_seconds() > KEPT_PAST_DEADLINE_SECONDS
 
 
 class ReportsWait:

@@ -83,7 +83,7 @@ from control_plane.ledger import (
 )
 from control_plane.liveness import SilenceWatch
 from control_plane.metrics import Metrics
-from control_plane.reports_wait import ReportsWait, beyond_checkpoints
+from control_plane.reports_wait import ReportsWait
 from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import Usage, settle_usage
@@ -279,7 +279,7 @@ async def sweep_expired_holds(
             raise
         if reports is not None:
             reports.seen()
-        for deadline, reservation_id, company_id in page:
+        for _, reservation_id, company_id in page:
             if failures.skips(company_id):
                 continue
             try:
@@ -289,10 +289,6 @@ async def sweep_expired_holds(
                 if reports is not None:
                     reports.lost()
                 return SweepResult(settled, released)
-            if raw is None and reports is not None and not reports.over():
-                if beyond_checkpoints(deadline, moment):
-                    waiting += 1
-                    continue
             checkpoint = _decode(reservation_id, raw)
             live = (
                 watch is not None
