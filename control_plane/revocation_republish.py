@@ -174,15 +174,21 @@ async def _undo_lifted(db: Database, store: KeyValueStore, ttl: int, ids: list[s
     # A lift committed since the read above whose delete our write may have undone.
     lifted = await db.transaction(lambda s: lifted_among(s, ids))
     if lifted:
-        for row in lifted:
-            assert row.company_id is not None  # `standing` skips those without
-            await store.delete(revocation_key(row.kind, row.value, row.company_id))
-        # A revocation of the same target committed meanwhile: back, as the lift
-        # route does after its own delete.
-        back = await db.transaction(lambda s: still_revoked(s, lifted))
-        for row in back:
-            assert row.company_id is not None
-            await revoke(store, row.kind, row.value, row.company_id, ttl)
+        await withdraw(db, store, lifted, ttl)
+
+
+async def withdraw(db: Database, store: KeyValueStore, rows: list[Revocation], ttl: int) -> None:
+    """Take lifted revocations' keys from the edges (a lift, or a pass undoing its own
+    write after one). A revocation of the same target committed after the lift looked
+    may have published its key before the delete: looked for again once the keys are
+    gone, and put back. (One published after the delete needs nothing.)"""
+    for row in rows:
+        assert row.company_id is not None  # a lifted revocation is of a company's subject
+        await store.delete(revocation_key(row.kind, row.value, row.company_id))
+    back = await db.transaction(lambda s: still_revoked(s, rows))
+    for row in back:
+        assert row.company_id is not None
+        await revoke(store, row.kind, row.value, row.company_id, ttl)
 
 
 async def republish_revocations(deps: Deps, interval: float = REPUBLISH_SECONDS) -> None:

@@ -15,8 +15,9 @@ from control_plane.errors import ServiceUnavailable
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
 from control_plane.responses import no_content, ok
+from control_plane.revocation_republish import withdraw
 from control_plane.validation import optional_str
-from shared.revocations import revocation_key, revoke
+from shared.revocations import revoke
 
 log = logging.getLogger("control_plane.revocations")
 
@@ -59,15 +60,8 @@ async def lift_revocation(request: Request) -> Response:
     assert row.company_id is not None  # lift_revocation refuses one without
     if lifted.still_revoked:  # another revocation of the target keeps the edges' key
         return no_content()
-    company_id = row.company_id
     try:
-        await deps.store.delete(revocation_key(row.kind, row.value, company_id))
-        # A revocation of the same target committed after this lift looked may have
-        # published its key before the delete above: look again now that the key is
-        # gone, and put it back. (One published after the delete needs nothing.)
-        if await deps.db.transaction(lambda s: revoking.in_force_besides(s, row)):
-            ttl = revoking.revocation_ttl(deps.settings)
-            await revoke(deps.store, row.kind, row.value, company_id, ttl)
+        await withdraw(deps.db, deps.store, [row], revoking.revocation_ttl(deps.settings))
     except Exception:
         log.exception("could not remove revocation %s from the store", row.id)
         raise ServiceUnavailable("The store or the database is unavailable; retry.") from None
