@@ -1,5 +1,13 @@
 """Write usage checkpoints while a stream runs (see `shared/checkpoints.py`).
 
+The heartbeat starts when the edge begins opening the backend (`StreamJob.open`),
+not when the answer starts: opening can take a minute (retries, a fallback chain
+waiting for its first token) and a whole answer has no relay at all, and an edge
+killed meanwhile must leave a checkpoint the sweeper sees fall silent, or the
+stream's hold and slots wait for their deadlines. Until the stream is on the
+backend that serves it (`follow`), the checkpoints carry the first attempt's
+meter: no output yet.
+
 Writes never block the relay: the heartbeat is its own task, a 64-token write is a
 background task (at most one in flight), and a failed write only means a staler
 checkpoint. `close` stops the heartbeat and writes the ended checkpoint last, so
@@ -52,11 +60,21 @@ class Checkpointer:
         self._task: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        return self._heartbeat is not None
 
     def start(self) -> None:
         """Write a checkpoint now and every few seconds until `close`: the stream
         has started, and its edge is alive."""
         self._heartbeat = asyncio.create_task(self._beats())
+
+    def follow(self, meter: Meter, model: str | None) -> None:
+        """The stream is on the backend that serves it (a fallback has a meter of its
+        own); `model`: that fallback, when not the grant's model."""
+        self._meter, self._model = meter, model
 
     async def _beats(self) -> None:
         while not self._stop.is_set():
@@ -79,7 +97,11 @@ class Checkpointer:
 
     async def close(self) -> None:
         """Stop the heartbeat, let in-flight writes land, then write the ended
-        checkpoint (bounded: the caller shields this from cancellation)."""
+        checkpoint (bounded: the caller shields this from cancellation). Once: a
+        second call (the report after the relay's own) writes nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import anyio
 from starlette.types import Receive
 
+from shared.checkpoints import KEPT_PAST_DEADLINE_SECONDS
 from shared.tokens import StreamGrant
 from stream_edge.attempts import Attempt, Backend
+from stream_edge.checkpoints import Checkpointer
 from stream_edge.completion import read_completion
 from stream_edge.errors import EdgeError, UpstreamError
 from stream_edge.opening import Opener
@@ -52,6 +55,14 @@ class StreamJob:
         self.result: RelayResult | None = None
         self._opener = Opener(state, grant, attempts)
         self._reporter = Reporter(state, grant, accepted_at)
+        self._checkpointer = Checkpointer(
+            state.store,
+            grant,
+            self._opener.backend.meter,
+            ttl_seconds=max(0, grant.expires_at - time.time())
+            + state.settings.hold_grace_seconds
+            + KEPT_PAST_DEADLINE_SECONDS,
+        )
         self._client_left = False  # the client of a whole answer left before it came
 
     @property
@@ -60,10 +71,12 @@ class StreamJob:
 
     async def open(self, stream: bool) -> Response:
         """Connect to the backend (or a fallback); on a final failure report the
-        stream as failed and re-raise."""
+        stream as failed and re-raise. The checkpoints' heartbeat starts here: an
+        edge that dies while it opens leaves one to fall silent (checkpoints.py)."""
         self._reporter.started()
+        self._checkpointer.start()
         try:
-            return await self._opener.open(stream)
+            response = await self._opener.open(stream)
         except EdgeError as exc:
             await self._failed(exc)
             raise
@@ -74,11 +87,14 @@ class StreamJob:
             # Not a failure we foresaw (e.g. a company key that cannot go into an HTTP
             # header): still a failed report, slots back, an OpenAI-shaped 502.
             raise await self._fail_unexpectedly(exc, "opening the backend stream") from None
+        model = self.backend.model.id
+        self._checkpointer.follow(self.backend.meter, model if model != self.grant.model else None)
+        return response
 
     async def pump(
         self, response: Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
     ) -> RelayResult:
-        pump = Pump(self.state, self.grant, self.backend, self.accepted_at, write, emit)
+        pump = Pump(self.state, self.backend, self.accepted_at, self._checkpointer, write, emit)
         self.result = await pump.run(response)
         return self.result
 
@@ -137,7 +153,12 @@ class StreamJob:
         return completion
 
     async def report(self, outcome: str) -> None:
-        """Release the stream's slots and enqueue the usage webhook, once."""
+        """Release the stream's slots and enqueue the usage webhook, once; the ended
+        checkpoint first (a streamed answer's relay wrote it already), so the
+        sweeper leaves the stream to this report."""
+        if self._checkpointer.started:
+            with anyio.CancelScope(shield=True):
+                await self._checkpointer.close()
         completed = self.result is not None and self.result.status == "completed"
         await self._reporter.report(self.backend, webhook_status(completed, outcome))
 

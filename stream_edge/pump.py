@@ -9,8 +9,6 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from shared.checkpoints import KEPT_PAST_DEADLINE_SECONDS
-from shared.tokens import StreamGrant
 from stream_edge.attempts import Backend
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.relay import Deadlines, RelayResult, relay
@@ -39,26 +37,18 @@ class Pump:
     def __init__(
         self,
         state: EdgeState,
-        grant: StreamGrant,
         backend: Backend,
         accepted_at: float,
+        checkpointer: Checkpointer,
         write: Callable[[UpstreamEvent], bytes],
         emit: Callable[[bytes], Awaitable[None]],
     ) -> None:
+        """`checkpointer`: the stream's, beating since the opening began; the pump
+        ticks it per chunk and closes it (the ended checkpoint) as the relay ends."""
         self._state = state
         self._backend = backend
         self._accepted_at = accepted_at
-        settings = state.settings
-        model = backend.model.id
-        self._checkpointer = Checkpointer(
-            state.store,
-            grant,
-            backend.meter,
-            ttl_seconds=max(0, grant.expires_at - time.time())
-            + settings.hold_grace_seconds
-            + KEPT_PAST_DEADLINE_SECONDS,
-            model=model if model != grant.model else None,
-        )
+        self._checkpointer = checkpointer
         self.write = write
         self.emit = emit
         self.chunk_sent = self._checkpointer.tick
@@ -85,7 +75,6 @@ class Pump:
         assert adapter is not None  # opening refused a provider without one
         settings = self._state.settings
         parser = parser_for(adapter, self._backend.credentials)
-        self._checkpointer.start()
         try:
             return await relay(
                 response,

@@ -1,7 +1,8 @@
 """An edge process killed mid-stream (SIGKILL: no webhook, no cleanup) still gets its
 hold settled: the control plane's sweeper sees the stream's checkpoint fall silent
 and bills it from that checkpoint within a minute, with the default grace and sweep
-settings (issue 11.5; PostgreSQL + Redis)."""
+settings (issue 11.5; PostgreSQL + Redis). Killed while it still waits for the
+backend's answer, likewise: its hold goes back unbilled and its slots are freed."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from shared.checkpoints import CHECKPOINT_EVERY_TOKENS, UsageCheckpoint, checkpoint_key
 from shared.pricing import cost_micro
 from shared.sse import SSEDecoder
 from shared.store_redis import RedisStore
+from shared.stream_slots import slot_keys
 from tests.conftest import REDIS_URL
+from tests.polling import wait_until
 from tests.stack import SplitStack, base_env, edge_process, micro
+from tests.token_claims import claims_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTLED_WITHIN_SECONDS = 60  # issue 11.5, with the default grace and sweep interval
@@ -89,3 +95,61 @@ def test_sigkilled_edge_hold_is_settled_within_a_minute_by_default(
     after = c.credits(token)
     assert micro(before["balance"]) - micro(after["balance"]) == expected
     assert micro(after["held"]) == 0
+
+
+def test_an_edge_killed_while_its_backend_has_not_answered_frees_the_hold_and_slots(
+    stack_with_edge_process: tuple[SplitStack, subprocess.Popen[bytes]],
+) -> None:
+    """A whole answer (`"stream": false`): the backend answers only once its 600
+    tokens are generated (30 s), so the edge is still opening the stream when it is
+    killed. Before, nothing of the stream was in the store for the sweeper: the hold
+    waited for its deadline (~20 min) and the slots for their expiry (15 min)."""
+    split, edge = stack_with_edge_process
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    before = c.credits(token)
+    messages = [{"role": "user", "content": "slow [[mock tokens=600 delay_ms=50]]"}]
+    grant = c.init_ok(token, {"messages": messages})
+    claims = claims_of(grant["stream_token"])
+    answering = c.mock_stats()["active"]
+
+    def ask() -> None:
+        with pytest.raises(httpx.TransportError):  # the edge dies under the request
+            httpx.post(
+                f"{c.edge_url}/v1/chat/completions",
+                headers={"authorization": f"Bearer {grant['stream_token']}"},
+                json={"messages": messages, "stream": False},
+                timeout=60,
+            )
+
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(ask)
+        wait_until(lambda: c.mock_stats()["active"] > answering, "the backend is generating")
+        prefix = split.env["LLMGW_REDIS_PREFIX"]
+        wait_until(
+            lambda: read_checkpoint(prefix, grant["reservation_id"]) is not None,
+            "the opening stream's checkpoint",
+        )
+        edge.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        edge.wait(timeout=10)
+        asked.result(timeout=30)
+
+    checkpoint = read_checkpoint(prefix, grant["reservation_id"])
+    assert checkpoint is not None and not checkpoint.ended
+    assert checkpoint.output_tokens == 0
+    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
+    with redis.Redis.from_url(REDIS_URL) as raw:
+        assert all(raw.zscore(prefix + key, claims["jti"]) is not None for key in slots)
+
+    left = SETTLED_WITHIN_SECONDS - (time.monotonic() - killed_at)
+    record = c.wait_usage(token, grant["reservation_id"], timeout=left)
+    assert record["status"] == "failed"  # before its first output token: free
+    assert micro(record["cost"]) == 0
+    after = c.credits(token)
+    assert (micro(after["balance"]), micro(after["held"])) == (micro(before["balance"]), 0)
+    with redis.Redis.from_url(REDIS_URL) as raw:
+        wait_until(
+            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
+            "the stream's slots freed",
+        )
