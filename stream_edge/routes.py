@@ -214,8 +214,11 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
 
 async def replicas_behind(request: Request, exc: Exception) -> Response:
     """An admission too few Redis replicas acknowledged (LLMGW_REDIS_MIN_REPLICA_ACKS):
-    taken back before this answer (`admission.claim`), so the same token may retry."""
+    taken back before this answer (`admission.claim`), so the same token may retry.
+    Counted as a token refusal: a replica lagging or gone shows in Prometheus as
+    streams refused, not only in the log."""
     logger.warning("store replicas behind: %s", exc)
+    edge_state(request).metrics.token_rejections.labels("replicas_behind").inc()
     return error_response(
         ServiceUnavailable(
             "the gateway's store could not copy this stream's admission to its replicas"

@@ -112,6 +112,10 @@ async def test_an_admission_no_replica_acknowledged_starts_no_upstream_request(
             replica.thaw()
         assert (status, gw.stats.requests) == (503, 0), answer  # nothing reached the backend
         assert answer["error"]["code"] == "store_unavailable", answer
+        # Operators see the shortfall in Prometheus, not only in the log.
+        registry = gw.edge_state().metrics.registry
+        sample = ("llmgw_edge_token_rejections_total", {"reason": "replicas_behind"})
+        assert registry.get_sample_value(*sample) == 1
         # Taken back on the primary: the token is unused, the retry can have it, and
         # the company's stream slot is free.
         company = claims["company_id"]
