@@ -7,7 +7,7 @@ signed usage webhooks an edge posts."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -17,13 +17,14 @@ from sqlmodel import col
 
 from control_plane import budget_math, budgets
 from control_plane.app import create_app
-from control_plane.tables import BudgetEvent, Reservation, iso
+from control_plane.tables import BudgetEvent, BudgetPeriod, Reservation, iso
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
     credits_of,
     data_of,
+    error_of,
     micro,
     pg_settings,
     serve_cp,
@@ -43,11 +44,24 @@ def D(year: int, month: int, day: int) -> datetime:
     return datetime(year, month, day, tzinfo=UTC)
 
 
+class Wall:
+    """The control plane's host clock, set by each test."""
+
+    def __init__(self) -> None:
+        self.at = LAST_OF_JANUARY
+
+    def time(self) -> float:
+        return self.at.timestamp()
+
+
+WALL = Wall()
+
+
 @pytest.fixture(scope="module")
 def cp(pg_server: str) -> Iterator[CP]:
     env = {"LLMGW_COMPANY_WEBHOOKS_ALLOW_PRIVATE": "1"}
     with pg_settings(pg_server, env) as settings:
-        app = create_app(settings, wall_clock=LAST_OF_JANUARY.timestamp)
+        app = create_app(settings, wall_clock=WALL.time)
         with serve_cp(settings, app) as handle:
             yield handle
 
@@ -85,6 +99,7 @@ def test_a_daily_budget_made_monthly_still_settles_the_holds_of_a_31st(cp: CP) -
     again on each redelivery and on each sweep: the stream's usage was never billed
     and its hold never ended (measured: 0 of 0.000xx credits charged, the
     reservation still active, the company's credits held)."""
+    WALL.at = LAST_OF_JANUARY
     company_id = cp.company("10")
     owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
     member = cp.user(company_id, "member", password=None)
@@ -118,6 +133,69 @@ def test_a_daily_budget_made_monthly_still_settles_the_holds_of_a_31st(cp: CP) -
     assert [
         (e["percent"], e["budget"]["period_start"], e["budget"]["resets_at"]) for e in events
     ] == [(percent, iso(LAST_OF_JANUARY.replace(hour=0)), iso(FEBRUARY)) for percent in (80, 100)]
+
+
+def test_holds_just_before_midnight_fill_their_day_and_never_the_next(cp: CP) -> None:
+    """A member takes all its daily budget at 23:59:59 on the last day of February and
+    all of it again at 00:00:01 on 1 March; its team's monthly budget rolls over at
+    the same instant. The streams settle after midnight, one failed before its first
+    token (nothing billed: its hold released): each charge and release lands on the
+    period its hold was counted in, never on the new day, so neither day nor month
+    holds or spends more than its amount, and the new day is full for good."""
+    hold = _hold(cp)
+    year = LAST_OF_JANUARY.year
+    evening = datetime(year, 3, 1, tzinfo=UTC) - timedelta(seconds=1)
+    morning = evening + timedelta(seconds=2)
+    company_id = cp.company("10")
+    owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
+    member = cp.user(company_id, "member", password=None)
+    client = cp.client(cp.api_key(member["id"]))
+    admin = f"/v1/admin/companies/{company_id}"
+    team = data_of(
+        owner.post(f"{admin}/teams", json={"name": "t", "user_ids": [member["id"]]}), 201
+    )
+    daily = {"scope": "user", "target_id": member["id"], "amount": format_credits(2 * hold)}
+    monthly = {"scope": "team", "target_id": team["id"], "amount": format_credits(10 * hold)}
+    day = data_of(owner.post(f"{admin}/budgets", json={**daily, "period": "day"}), 201)["id"]
+    month = data_of(owner.post(f"{admin}/budgets", json={**monthly, "period": "month"}), 201)["id"]
+    body = {"messages": MESSAGES, "max_tokens": MAX_TOKENS}
+    taken: dict[datetime, list[dict[str, Any]]] = {}
+    for instant in (evening, morning):
+        WALL.at = instant
+        answers = [client.post("/v1/chat/init", json=body) for _ in range(3)]
+        assert [r.status_code for r in answers] == [201, 201, 402]
+        assert answers[2].json()["error"]["details"]["budget_id"] == day
+        taken[instant] = [data_of(r, 201) for r in answers[:2]]
+    failed = {"status": "failed", "finish_reason": "error", "output_tokens": 0}
+    reports = [
+        usage_event(taken[evening][0], company_id, input_tokens=INPUT, output_tokens=MAX_TOKENS),
+        usage_event(taken[evening][1], company_id, input_tokens=INPUT, **failed),
+        *(
+            usage_event(init, company_id, input_tokens=INPUT, output_tokens=MAX_TOKENS)
+            for init in taken[morning]
+        ),
+    ]
+    for report in reports:
+        assert data_of(cp.webhook(report))["settled"] is True
+    db = cp.app.state.db
+    rows = cp.on_loop(lambda: db.transaction(lambda s: _periods(s, [day, month])))
+    assert rows == {
+        (day, budget_math.period_start("day", evening)): (hold, 0),  # the 28th or 29th
+        (day, datetime(year, 3, 1, tzinfo=UTC)): (2 * hold, 0),
+        (month, datetime(year, 2, 1, tzinfo=UTC)): (hold, 0),
+        (month, datetime(year, 3, 1, tzinfo=UTC)): (2 * hold, 0),
+    }
+    # The day the holds were released on has room, but it is over: the new one is full.
+    error_of(client.post("/v1/chat/init", json=body), 402, "budget_exceeded")
+    assert cp.on_loop(lambda: db.transaction(lambda s: budgets.check(s, company_id))) == []
+    assert_books_balance(cp, company_id, owner)
+
+
+def _periods(session: Any, budget_ids: list[str]) -> dict[tuple[str, datetime], tuple[int, int]]:
+    stmt = select(BudgetPeriod).where(col(BudgetPeriod.budget_id).in_(budget_ids))
+    return {
+        (p.budget_id, p.period_start): (p.spent_micro, p.held_micro) for p in session.scalars(stmt)
+    }
 
 
 def _events(session: Any, budget_id: str) -> list[dict[str, Any]]:
