@@ -96,9 +96,10 @@ def test_a_daily_budget_made_monthly_still_settles_the_holds_of_a_31st(cp: CP) -
     queues a ``budget.threshold`` event naming when that period resets, which took
     the budget's new period from the hold's start: 31 January plus a month, no such
     day. Before, every such settlement raised (ValueError, 500 ``internal_error``),
-    again on each redelivery and on each sweep: the stream's usage was never billed
-    and its hold never ended (measured: 0 of 0.000xx credits charged, the
-    reservation still active, the company's credits held)."""
+    again on each redelivery and on each sweep settling from a checkpoint; with no
+    checkpoint the sweeper released the hold at its deadline (measured: 3 webhooks
+    500, the reservation active with its 0.000038 credits held, then released:
+    the stream served and never billed)."""
     WALL.at = LAST_OF_JANUARY
     company_id = cp.company("10")
     owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
