@@ -48,15 +48,25 @@ def period_start(period: str, now: datetime) -> datetime:
 
 
 def resets_at(period: str, start: datetime) -> datetime | None:
-    """When the period that began at `start` ends; None for ``none``."""
+    """When the `period` that contains `start` ends; None for ``none``.
+
+    `start` is usually that period's own start, but not always: a hold settles on
+    the counters row it was counted on, whose start belongs to the budget's period
+    at the time (`budgets.settle_many`). Once an owner has made a daily budget
+    monthly, a threshold event of a hold taken on 31 January asked for the month
+    that began on the 31st, a day February does not have: the settlement raised,
+    on every redelivery and every sweep, and the stream was never billed. The end
+    is taken from the start of the period that contains `start`, a valid date for
+    any instant."""
+    if period == "none":
+        return None
+    begin = period_start(period, start)
     if period == "day":
-        return start + timedelta(days=1)
+        return begin + timedelta(days=1)
     if period == "week":
-        return start + timedelta(days=7)
-    if period == "month":
-        year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
-        return start.replace(year=year, month=month)
-    return None
+        return begin + timedelta(days=7)
+    year, month = (begin.year + 1, 1) if begin.month == 12 else (begin.year, begin.month + 1)
+    return begin.replace(year=year, month=month)
 
 
 def fits(amount: int, spent: int, held: int, hold: int) -> bool:
