@@ -1,9 +1,10 @@
-"""Init whose hold commits while its connection dies before the answer (a lost
+"""Writes that commit while their connection dies before the answer (a lost
 acknowledgement: a network cut, a proxy or PostgreSQL's backend killed right after
-the commit). The client gets 503 and no token: nobody can stream on that hold, so it
-must not stay held until the sweeper's deadline (the token's lifetime plus the hold
-grace, ~22 minutes by default), during which the client's retry finds the credits
-gone (402). In-process (ASGITransport) on PostgreSQL + Redis."""
+the commit). An init's client gets 503 and no token: nobody can stream on that hold,
+so it must not stay held until the sweeper's deadline (the token's lifetime plus the
+hold grace, ~22 minutes by default), during which the client's retry finds the
+credits gone (402). A usage webhook's sender gets 503 and retries: the retry is a
+duplicate, charged once. In-process (ASGITransport) on PostgreSQL + Redis."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import col
 
 from control_plane import db as db_module
-from control_plane import init_writes
+from control_plane import init_writes, webhook_settlement
 from control_plane.app import create_app
 from control_plane.books import check_books
 from control_plane.tables import LedgerEntry, Reservation
 from shared.pricing import format_credits
+from shared.webhooks import sign
 from tests.inproc import eventually
-from tests.test_control_plane import ADMIN_TOKEN, pg_settings
+from tests.test_control_plane import ADMIN_TOKEN, pg_settings, usage_event
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 BODY = {"query": "hello", "max_tokens": 50}
@@ -66,6 +68,31 @@ async def _member(client: httpx.AsyncClient, credits: str) -> tuple[dict[str, st
     return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
 
 
+def _lose_the_answer_of(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]
+) -> None:
+    """The unit running `module.name` commits, then its caller hears what a cut
+    connection says (once): armed on that unit's thread only."""
+    real, real_end = getattr(module, name), db_module._PooledUnit.end
+    marked: set[int] = set()
+
+    def mark(*args: Any, **kwargs: Any) -> Any:
+        if not cut:
+            marked.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    def end_then_connection_lost(unit: Any, commit: bool) -> None:
+        real_end(unit, commit)
+        if commit and threading.get_ident() in marked:
+            marked.discard(threading.get_ident())
+            cut.append("after the commit")
+            lost = psycopg.OperationalError("server closed the connection unexpectedly")
+            raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
+
+    monkeypatch.setattr(module, name, mark)
+    monkeypatch.setattr(db_module._PooledUnit, "end", end_then_connection_lost)
+
+
 def _micro(credits: str) -> int:
     whole, _, frac = credits.partition(".")
     return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
@@ -94,25 +121,9 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
 
         # The lost acknowledgement: init's unit commits (its one autocommit statement,
         # or its COMMIT when a session was needed), then its caller hears what a cut
-        # connection says. Armed by the hold of this init only, on its thread.
-        real_hold, real_end = init_writes.hold, db_module._PooledUnit.end
-        holding: set[int] = set()
+        # connection says.
         cut: list[str] = []
-
-        def hold_marked(*args: Any, **kwargs: Any) -> bool:
-            holding.add(threading.get_ident())
-            return real_hold(*args, **kwargs)
-
-        def end_then_connection_lost(unit: Any, commit: bool) -> None:
-            real_end(unit, commit)
-            if commit and threading.get_ident() in holding:
-                holding.discard(threading.get_ident())
-                cut.append("after the commit")
-                lost = psycopg.OperationalError("server closed the connection unexpectedly")
-                raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
-
-        monkeypatch.setattr(init_writes, "hold", hold_marked)
-        monkeypatch.setattr(db_module._PooledUnit, "end", end_then_connection_lost)
+        _lose_the_answer_of(monkeypatch, init_writes, "hold", cut)
         r = await client.post("/v1/chat/init", json=BODY, headers=auth)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "database_unavailable"
@@ -149,3 +160,43 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
         problems, kinds = await db.transaction(books)
         assert problems == []
         assert kinds == ["hold"] * (2 + warm) + ["release"]
+
+
+async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_retried(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lone webhook's unit (its charge and its reply, one transaction) commits
+    and its answer is lost: 503, and the edge's retry is a duplicate, charged once,
+    its reply kept once."""
+    async with _served(settings) as (app, client):
+        auth, company_id = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        init = r.json()["data"]
+        event = usage_event(init, company_id)
+        body = event.body()
+        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        cut: list[str] = []
+        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut)
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 503, r.text
+        assert cut == ["after the commit"]
+        monkeypatch.undo()
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"] == {"duplicate": True}
+
+        def books(session: Any) -> tuple[list[str], list[str]]:
+            kinds = session.scalars(
+                select(col(LedgerEntry.kind)).where(
+                    col(LedgerEntry.reservation_id) == init["reservation_id"]
+                )
+            )
+            return check_books(session, company_id), sorted(kinds)
+
+        problems, kinds = await app.state.deps.db.transaction(books)
+        assert problems == []
+        assert kinds == ["charge", "hold", "release"]
+        r = await client.get(f"/v1/sessions/{init['session_id']}", headers=auth)
+        roles = [m["role"] for m in r.json()["data"]["messages"]]
+        assert roles == ["user", "assistant"]
