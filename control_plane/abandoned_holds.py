@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import logging
 
-import psycopg
-from sqlalchemy.exc import DBAPIError
-
 from control_plane.background import in_background
 from control_plane.db import Database
 from control_plane.init_writes import NewReservation
@@ -67,21 +64,11 @@ async def _release(db: Database, metrics: Metrics, reservation_id: str, user_id:
         log.warning("could not release abandoned hold %s: %r", reservation_id, exc)
 
 
-def outcome_unknown(exc: BaseException) -> bool:
-    """Whether `exc`, raised by a unit whose write was sent, leaves unknown whether it
-    committed: the connection failed (psycopg's OperationalError, InterfaceError, as
-    themselves or as SQLAlchemy's wrapper). A statement the server refused (a unique
-    key, a check) rolled back for certain; a unit past the database's bound
-    (`DatabaseTimeout`) hands a late commit to its ``late``."""
-    cause = exc.orig if isinstance(exc, DBAPIError) else exc
-    return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
-
-
 def release_unacknowledged(
     db: Database, metrics: Metrics, reservation_id: str, user_id: str
 ) -> None:
     """An init whose hold may have committed, though its caller heard a lost
-    connection (`outcome_unknown`): released in the background if it is there, and
+    connection (`db.outcome_unknown`): released in the background if it is there, and
     then counted as reserved and released, as the ledger has both; nothing if it
     never committed (the release is conditional: an unknown id releases nothing)."""
     in_background(_release_if_held(db, metrics, reservation_id, user_id), "release-lost-hold")

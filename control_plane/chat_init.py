@@ -39,7 +39,7 @@ from control_plane import (
 )
 from control_plane.background import in_background
 from control_plane.chat_request import AGENT_FIXED_ROLES, InitRequest
-from control_plane.db import Unit
+from control_plane.db import Unit, outcome_unknown
 from control_plane.deps import Deps
 from control_plane.errors import (
     Forbidden,
@@ -795,7 +795,7 @@ async def init_chat(
         except Exception as exc:  # 402, 404, 413…: this grant never existed (a 503
             # past the database's bound: never, or released by `late` once it commits)
             await pending_inits.forget(deps.store, user_id, principal.company_id, jti)
-            if written and abandoned_holds.outcome_unknown(exc):
+            if written and outcome_unknown(exc):
                 # The connection died with the write sent: it may have committed, for
                 # a client told 503 with no token. Given back if it did.
                 abandoned_holds.release_unacknowledged(
