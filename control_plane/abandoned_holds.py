@@ -10,6 +10,13 @@ grace: ~22 minutes by default). Its hold is counted in ``llmgw_cp_credits_reserv
 once it has committed and its release in ``_released``, as the ledger has both: the
 sweeper's release of one whose release here failed is then not a release of credits
 never reserved.
+
+The same for a hold whose init heard a lost connection instead of its answer
+(`release_unacknowledged`): the write was sent, then the connection died (a cut
+network, a killed backend, a proxy restarting) after or during its commit. Its
+outcome is unknown to the caller, which answers 503 with no token, but PostgreSQL
+may have committed it: before, such a hold stayed until its deadline (~22 minutes),
+and the client's retry found those credits gone (402).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from control_plane.metrics import Metrics
 log = logging.getLogger("control_plane.abandoned_holds")
 
 REASON = "init answered before the database"
+LOST_REASON = "init's answer from the database lost"
 
 
 def release_later(
@@ -54,3 +62,33 @@ async def _release(db: Database, metrics: Metrics, reservation_id: str, user_id:
         await release_counted(db, metrics, reservation_id, REASON, user_id)
     except Exception as exc:  # still unreachable: the sweeper releases it at its deadline
         log.warning("could not release abandoned hold %s: %r", reservation_id, exc)
+
+
+def release_unacknowledged(
+    db: Database, metrics: Metrics, reservation_id: str, user_id: str
+) -> None:
+    """An init whose hold may have committed, though its caller heard a lost
+    connection (`db.outcome_unknown`): released in the background if it is there, and
+    then counted as reserved and released, as the ledger has both; nothing if it
+    never committed (the release is conditional: an unknown id releases nothing)."""
+    in_background(_release_if_held(db, metrics, reservation_id, user_id), "release-lost-hold")
+
+
+def _reserved_and_released(metrics: Metrics, released: int | None) -> None:
+    if released is not None:
+        metrics.reserved(released)
+        metrics.released(released)
+
+
+async def _release_if_held(
+    db: Database, metrics: Metrics, reservation_id: str, user_id: str
+) -> None:
+    try:
+        released = await db.transaction(
+            lambda s: release_reservation(s, reservation_id, LOST_REASON, actor=user_id),
+            late=lambda late: _reserved_and_released(metrics, late),
+        )
+    except Exception as exc:  # still unreachable: the sweeper releases it at its deadline
+        log.warning("could not release hold %s whose init lost its answer: %r", reservation_id, exc)
+        return
+    _reserved_and_released(metrics, released)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,7 +39,7 @@ from control_plane import (
 )
 from control_plane.background import in_background
 from control_plane.chat_request import AGENT_FIXED_ROLES, InitRequest
-from control_plane.db import Unit
+from control_plane.db import Unit, outcome_unknown
 from control_plane.deps import Deps
 from control_plane.errors import (
     Forbidden,
@@ -321,12 +322,15 @@ def reserve(
     limits: StorageLimits | None = None,
     llm_cache: catalog_cache.Lookup | None = None,
     reservation_id: str | None = None,
+    on_write: Callable[[], None] | None = None,
 ) -> Reserved:
     """Init's transaction: resolve the model (in the company's catalog) and session,
     plan the hold, take it atomically, record the reservation and the user's turn.
     InsufficientCredits (402), a full session or a too large request (413) roll all
     of it back. `reservation_id`: init's, which carries its tokens' instant
-    (`time_ids`); a new random one by default."""
+    (`time_ids`); a new random one by default. `on_write`: called just before the
+    hold's write is sent, from when a lost connection leaves its outcome unknown
+    (`abandoned_holds.release_unacknowledged`)."""
     limits = limits or StorageLimits()
     assert principal.user_id is not None and principal.company_id is not None
     # The common init (a cached company config, no agent, no session id, no budgets)
@@ -473,6 +477,8 @@ def reserve(
     # BEGIN or COMMIT round trip (issue 14). Budgets or an existing session follow
     # it in the same transaction.
     last = first_turn is not None and not company.has_budgets
+    if on_write is not None:
+        on_write()
     if not postgres:
         take_hold(unit.session(), Reservation(**reservation.row()))
     elif not init_writes.hold(unit.last_on if last else unit.on, reservation, first_turn):
@@ -761,6 +767,7 @@ async def init_chat(
     )
     # What a cancelled init (the server's shutdown cuts its request off) gives back.
     held: _Held = _Held(user_id, principal.company_id, jti)
+    written: list[bool] = []  # set on the database thread once the hold's write is sent
     try:
         try:
             reserved = await deps.db.unit(
@@ -777,6 +784,7 @@ async def init_chat(
                     limits=StorageLimits.of(settings),
                     llm_cache=llm,
                     reservation_id=reservation_id,
+                    on_write=lambda: written.append(True),
                 ),
                 begin=False,
                 # Committed after this init was answered 503: nobody has its token.
@@ -784,9 +792,15 @@ async def init_chat(
                     deps.db, deps.metrics, late.reservation, user_id
                 ),
             )
-        except Exception:  # 402, 404, 413…: this grant never existed (a 503 past the
-            # database's bound: never, or released by `late` once it commits)
+        except Exception as exc:  # 402, 404, 413…: this grant never existed (a 503
+            # past the database's bound: never, or released by `late` once it commits)
             await pending_inits.forget(deps.store, user_id, principal.company_id, jti)
+            if written and outcome_unknown(exc):
+                # The connection died with the write sent: it may have committed, for
+                # a client told 503 with no token. Given back if it did.
+                abandoned_holds.release_unacknowledged(
+                    deps.db, deps.metrics, reservation_id, user_id
+                )
             raise
         reservation = held.reservation = reserved.reservation
         # Counted once committed, as the ledger's hold entry: whatever ends it, its

@@ -285,6 +285,17 @@ class _PooledUnit(Unit):
                 self._pooled.close()
 
 
+def outcome_unknown(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a call whose write was sent, leaves unknown whether it
+    committed: the connection failed (psycopg's OperationalError, InterfaceError, as
+    themselves or as SQLAlchemy's wrapper) after or while the write or its COMMIT
+    went out: a cut network, a killed backend, a proxy restarting. A statement the
+    server refused (a unique key, a check) rolled back for certain; a call past the
+    database's bound (`DatabaseTimeout`) hands a late commit to its ``late``."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
+
+
 def _with_driver(database_url: str) -> URL:
     url = make_url(database_url)
     backend = url.get_backend_name()

@@ -68,12 +68,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlmodel import col
 
 from control_plane import budgets, company_webhooks, logout
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.background import finish, in_background
-from control_plane.db import Database
+from control_plane.db import Database, outcome_unknown
 from control_plane.errors import ModelNotInChain
 from control_plane.fallbacks import served_price
 from control_plane.ledger import (
@@ -406,6 +408,17 @@ async def sweep_silent_streams(
                 )
             except Exception as exc:
                 failures.failed(reservation_id, company_id, exc)
+                if outcome_unknown(exc):
+                    # Its settlement may have committed, its answer lost: every later
+                    # pass would find the hold settled and neither revoke the stream
+                    # nor give its slots back. Silent either way: ended now (a stream
+                    # whose settlement did not commit is settled by the next pass).
+                    in_background(
+                        _end_lost(
+                            db, store, checkpoint.jti, reservation_id, company_id, revoke_ttl
+                        ),
+                        "lost-silent-revocation",
+                    )
                 if failures.stops:
                     break
                 continue
@@ -442,6 +455,33 @@ async def _end_silent(store: SweepStore, jti: str, done: Reconciled, ttl: float)
         await store.release_slots(SlotRelease(slot_keys(done.company_id, done.user_id), jti))
     except Exception:
         log.warning("could not free silent stream %s's slots", jti, exc_info=True)
+
+
+async def _end_lost(
+    db: Database, store: SweepStore, jti: str, reservation_id: str, company_id: str, ttl: float
+) -> None:
+    """`_end_silent` for a silent stream whose settlement's outcome is unknown (its
+    answer lost): its user (its slots' key) read back first; without it, the
+    revocation alone (the slots expire)."""
+
+    def user_of(session: Session) -> str | None:
+        stmt = select(col(Reservation.user_id)).where(col(Reservation.id) == reservation_id)
+        return session.scalar(stmt)
+
+    try:
+        user_id = await db.transaction(user_of)
+    except Exception:
+        log.warning("could not read silent stream %s's user", jti, exc_info=True)
+        user_id = None
+    if user_id is None:
+        try:
+            await revoke(store, "jti", jti, company_id, ttl)
+        except Exception:
+            log.warning("could not revoke silent stream %s", jti, exc_info=True)
+        return
+    await _end_silent(
+        store, jti, Reconciled("settled", company_id=company_id, user_id=user_id), ttl
+    )
 
 
 def _counted_late(metrics: Metrics, done: Reconciled) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 from shared import input_size
@@ -29,6 +29,12 @@ MICRO = 1_000_000
 # re-exported here because the hold is priced from it.
 estimate_input_tokens = input_size.estimate_input_tokens
 MAX_CREDITS = Decimal(10**12)  # one amount; balances are bigints of micro-credits
+# The context every price is computed in. Python's default (28 significant digits)
+# rounds each product and sum: a price has up to 22 digits (10^9, 12 places), a count
+# up to 10 (2^31), so a sum past 10^16 micro-credits lost its fraction and the ceiling
+# came out 1 below the formula's (DESIGN §9: exact). 64 digits hold any sum of four
+# such products exactly.
+EXACT = Context(prec=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,20 +79,28 @@ def usage_cost_micro(usage: TokenUsage, price: Price) -> int:
     if problem is not None:
         raise ValueError(problem)
     uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
-    exact = (
-        uncached * price.input_per_mtok
-        + usage.cached_input_tokens * price.cached_input_rate
-        + usage.cache_write_tokens * price.cache_write_rate
-        + usage.output_tokens * price.output_per_mtok
+    terms = (
+        (uncached, price.input_per_mtok),
+        (usage.cached_input_tokens, price.cached_input_rate),
+        (usage.cache_write_tokens, price.cache_write_rate),
+        (usage.output_tokens, price.output_per_mtok),
     )
-    return math.ceil(exact)
+    return _ceiling(terms)
+
+
+def _ceiling(terms: tuple[tuple[int, Decimal], ...]) -> int:
+    """ceil(sum of count * rate), every step in `EXACT`."""
+    total = Decimal(0)
+    for count, rate in terms:
+        total = EXACT.add(total, EXACT.multiply(Decimal(count), rate))
+    return math.ceil(total)
 
 
 def hold_cost_micro(input_tokens: int, output_tokens: int, price: Price) -> int:
     """The hold for an input estimate and `max_tokens`: every input token at the
     dearest input rate (a cache write can cost more than a plain input token)."""
     worst = max(price.input_per_mtok, price.cached_input_rate, price.cache_write_rate)
-    return math.ceil(input_tokens * worst + output_tokens * price.output_per_mtok)
+    return _ceiling(((input_tokens, worst), (output_tokens, price.output_per_mtok)))
 
 
 def format_credits(micro: int) -> str:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import orjson
@@ -87,6 +88,48 @@ def test_the_hold_prices_input_at_the_dearest_rate() -> None:
         for write in range(0, 1001 - cached, 250):
             usage = TokenUsage(1000, 100, cached, write)
             assert usage_cost_micro(usage, PRICE) <= hold_cost_micro(1000, 100, PRICE)
+
+
+def _exact_ceiling(usage: TokenUsage, price: Price) -> int:
+    """The DESIGN's formula in rationals: no decimal context to round anything."""
+    uncached = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    exact = (
+        uncached * Fraction(price.input_per_mtok)
+        + usage.cached_input_tokens * Fraction(price.cached_input_rate)
+        + usage.cache_write_tokens * Fraction(price.cache_write_rate)
+        + usage.output_tokens * Fraction(price.output_per_mtok)
+    )
+    return math.ceil(exact)
+
+
+@pytest.mark.parametrize(
+    ("usage", "price"),
+    [
+        # 10^17 micro-credits of output and one input token at 10^-12: a sum of 30
+        # significant digits, which Python's default context (28) rounded to 10^17.
+        (TokenUsage(1, 10**9), Price(D("0.000000000001"), D("100000000"))),
+        # Prices at the catalog's bounds (10^9, 12 places), counts at a webhook's.
+        (TokenUsage(10**9, 10**9, 1, 1), Price(D("999999999.999999999999"), D("0.000000000001"),
+                                               cached_input_per_mtok=D("0.000000000003"),
+                                               cache_write_per_mtok=D("123456789.123456789123"))),
+        (TokenUsage(999_999_999, 1), Price(D("100000000.000000000001"), D("0.000000000001"))),
+    ],
+)  # fmt: skip
+def test_money_is_exact_at_the_bounds_of_prices_and_counts(usage: TokenUsage, price: Price) -> None:
+    """DESIGN §9 "Money": exact decimal arithmetic, one ceiling. Before, each product
+    and sum was rounded to 28 significant digits (the decimal module's default
+    context), so a sum past 10^16 micro-credits lost its fraction: 1 micro-credit
+    under the formula, on the charge and on the hold that caps it."""
+    exact = _exact_ceiling(usage, price)
+    assert usage_cost_micro(usage, price) == exact
+    worst = max(price.input_per_mtok, price.cached_input_rate, price.cache_write_rate)
+    held = math.ceil(
+        usage.input_tokens * Fraction(worst) + usage.output_tokens * Fraction(price.output_per_mtok)
+    )
+    assert hold_cost_micro(usage.input_tokens, usage.output_tokens, price) == held
+    assert charge_for("completed", usage.input_tokens, usage.output_tokens, price, held,
+                      cached_input_tokens=usage.cached_input_tokens,
+                      cache_write_tokens=usage.cache_write_tokens) == exact  # fmt: skip
 
 
 def test_charge_for_is_capped_and_free_before_the_first_token() -> None:

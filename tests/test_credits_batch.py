@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -450,3 +451,74 @@ async def test_a_batch_that_commits_after_its_503_hands_each_settlement_to_late_
         quick.close()
     problems = await app.state.db.transaction(lambda s: check_books(s, company_id))
     assert problems == []
+
+
+async def test_a_batch_racing_the_sweepers_release_of_one_of_its_holds_charges_nothing_for_it(
+    pg_app_client: tuple[Any, httpx.AsyncClient],
+) -> None:
+    """The sweeper's release of a hold has flipped it and not yet committed when a
+    batch arrives with two reports of that stream (two webhook ids) and another
+    company's report: the batch waits on the row, then finds it released (both
+    duplicates, nothing charged), and settles the other company's."""
+    app, client = pg_app_client
+    (auth, company_id), (other_auth, other_id) = [await _owner(client) for _ in range(2)]
+    [raced] = await _inits(client, auth, 1)
+    [other] = await _inits(client, other_auth, 1)
+    event = usage_event(raced, company_id)
+    deliveries = [
+        Delivery(event.webhook_id, event, transcripts=True),
+        Delivery("a-second-id", replace(event, output_tokens=7), transcripts=True),
+        Delivery(
+            f"usage_{other['reservation_id']}", usage_event(other, other_id), transcripts=True
+        ),
+    ]
+    db = app.state.db
+    flipped, commit = threading.Event(), threading.Event()
+
+    def sweeper_release() -> None:
+        with db.sessions.begin() as session:
+            released = release_reservation(
+                session, raced["reservation_id"], "expired", actor="sweeper"
+            )
+            assert released is not None
+            flipped.set()
+            assert commit.wait(30)
+
+    releasing = threading.Thread(target=sweeper_release)
+    releasing.start()
+    try:
+        assert await asyncio.to_thread(flipped.wait, 30)
+        batcher = SettlementBatcher(db)
+        settling = asyncio.gather(*(batcher.settle(d) for d in deliveries), return_exceptions=True)
+
+        def batch_waits_on_the_row(session: Any) -> bool:
+            waiting = session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                )
+            )
+            return bool(waiting)
+
+        async def waits() -> bool:
+            return bool(await db.transaction(batch_waits_on_the_row))
+
+        await eventually(waits, "the batch waits on the row the release holds")
+    finally:
+        commit.set()
+        await asyncio.to_thread(releasing.join, 30)
+    answers = await settling
+    await batcher.close()
+    assert [a.duplicate if isinstance(a, Outcome) else a for a in answers] == [True, True, False]
+
+    def read(session: Any) -> tuple[list[str], list[str], list[str]]:
+        kinds = session.scalars(
+            select(col(LedgerEntry.kind)).where(
+                col(LedgerEntry.reservation_id) == raced["reservation_id"]
+            )
+        )
+        return sorted(kinds), check_books(session, company_id), check_books(session, other_id)
+
+    kinds, problems, other_problems = await db.transaction(read)
+    assert kinds == ["hold", "release"]
+    assert problems == other_problems == []

@@ -12,17 +12,27 @@ admission, as the edge takes them."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
+from sqlalchemy.exc import DBAPIError
+
+from control_plane import sweeper
+from control_plane.db import Database
 from control_plane.liveness import SilenceWatch
 from control_plane.pending_inits import used_key
 from control_plane.sweeper import sweep_silent_streams
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
+from shared.revocations import revocation_key
 from shared.store import Admission, SlotRelease
 from shared.stream_slots import slot_keys
-from tests.test_control_plane import CP, cp, data_of, usage_event
+from tests.polling import wait_until
+from tests.test_control_plane import CP, cp, data_of, micro, start_cp, usage_event
 from tests.token_claims import claims_of
 
 __all__ = ["cp"]  # the fixture (sqlite, postgres)
@@ -119,3 +129,52 @@ def test_a_stalled_edges_late_report_after_the_sweep_changes_nothing_more(cp: CP
     keys = slot_keys(run.company_id, run.user_id)
     cp.on_loop(lambda: store.release_slots(SlotRelease(keys, run.jti)))
     assert next_stream(cp, run) == "full"
+
+
+def test_a_silent_settlement_whose_answer_was_lost_still_revokes_and_frees_the_stream(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweeper's settlement of a silent stream commits and the connection dies
+    before its answer (a cut network, a killed backend). Before, the pass saw only a
+    failure: no revocation, no slots given back, and every later pass found the hold
+    settled (nothing to do), so a stalled edge relayed the rest of its answer
+    unbilled and the user's slot stayed taken for its 15 minutes."""
+    with start_cp(request, tmp_path, "postgres") as cp:
+        run = running_stream(cp)
+        sweep(cp, run)  # first sight
+        run.clock[0] += run.watch.silent_after
+        real_reconcile, real_transaction = sweeper.reconcile, Database._in_transaction
+        marked: set[int] = set()
+        cut: list[str] = []
+
+        def mark(*args: Any, **kwargs: Any) -> Any:
+            marked.add(threading.get_ident())
+            return real_reconcile(*args, **kwargs)
+
+        def commit_then_connection_lost(db: Any, fn: Any) -> Any:
+            result = real_transaction(db, fn)  # committed
+            if threading.get_ident() in marked:
+                marked.discard(threading.get_ident())
+                cut.append("after the commit")
+                lost = psycopg.OperationalError("server closed the connection unexpectedly")
+                raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
+            return result
+
+        monkeypatch.setattr(sweeper, "reconcile", mark)
+        monkeypatch.setattr(Database, "_in_transaction", commit_then_connection_lost)
+        with pytest.raises(DBAPIError):
+            sweep(cp, run)
+        assert cut == ["after the commit"]
+        monkeypatch.undo()
+        # It did commit: the hold is settled from the checkpoint.
+        credits = data_of(run.client.get("/v1/credits"))
+        assert micro(credits["held"]) == 0 and micro(credits["balance"]) < 10_000_000
+        store = cp.app.state.store
+        revoked = revocation_key("jti", run.jti, run.company_id)
+        wait_until(
+            lambda: cp.on_loop(lambda: store.get(revoked)) is not None,
+            "the stream whose settlement's answer was lost is revoked",
+            within=15,
+        )
+        wait_until(lambda: next_stream(cp, run) == "ok", "its slot is given back", within=15)
+        assert sweep(cp, run).settled == 0  # nothing more to do

@@ -1,0 +1,202 @@
+"""Writes that commit while their connection dies before the answer (a lost
+acknowledgement: a network cut, a proxy or PostgreSQL's backend killed right after
+the commit). An init's client gets 503 and no token: nobody can stream on that hold,
+so it must not stay held until the sweeper's deadline (the token's lifetime plus the
+hold grace, ~22 minutes by default), during which the client's retry finds the
+credits gone (402). A usage webhook's sender gets 503 and retries: the retry is a
+duplicate, charged once. In-process (ASGITransport) on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlmodel import col
+
+from control_plane import db as db_module
+from control_plane import init_writes, webhook_settlement
+from control_plane.app import create_app
+from control_plane.books import check_books
+from control_plane.tables import LedgerEntry, Reservation
+from shared.pricing import format_credits
+from shared.webhooks import sign
+from tests.inproc import eventually
+from tests.test_control_plane import ADMIN_TOKEN, pg_settings, usage_event
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+BODY = {"query": "hello", "max_tokens": 50}
+
+
+@pytest.fixture(scope="module")
+def settings(pg_server: str) -> Iterator[Any]:
+    with pg_settings(pg_server) as value:
+        yield value
+
+
+@contextlib.asynccontextmanager
+async def _served(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
+            yield app, client
+
+
+async def _member(client: httpx.AsyncClient, credits: str) -> tuple[dict[str, str], str]:
+    r = await client.post(
+        "/v1/admin/companies",
+        json={"name": f"lost-{uuid.uuid4().hex[:8]}", "credits": credits},
+        headers=ADMIN,
+    )
+    company_id = r.json()["data"]["id"]
+    r = await client.post(
+        "/v1/admin/users",
+        json={"company_id": company_id, "email": f"{company_id}@example.com", "role": "owner"},
+        headers=ADMIN,
+    )
+    r = await client.post(
+        "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=ADMIN
+    )
+    return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
+
+
+def _lose_the_answer_of(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]
+) -> None:
+    """The unit running `module.name` commits, then its caller hears what a cut
+    connection says (once): armed on that unit's thread only."""
+    real, real_end = getattr(module, name), db_module._PooledUnit.end
+    marked: set[int] = set()
+
+    def mark(*args: Any, **kwargs: Any) -> Any:
+        if not cut:
+            marked.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    def end_then_connection_lost(unit: Any, commit: bool) -> None:
+        real_end(unit, commit)
+        if commit and threading.get_ident() in marked:
+            marked.discard(threading.get_ident())
+            cut.append("after the commit")
+            lost = psycopg.OperationalError("server closed the connection unexpectedly")
+            raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
+
+    monkeypatch.setattr(module, name, mark)
+    monkeypatch.setattr(db_module._PooledUnit, "end", end_then_connection_lost)
+
+
+def _micro(credits: str) -> int:
+    whole, _, frac = credits.partition(".")
+    return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["in-a-transaction", "autocommit"])
+async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, warm: bool
+) -> None:
+    """`warm`: the company's LLM configuration is cached by an init before, so the
+    lost init's one write runs alone in autocommit (no session, no COMMIT); else it
+    reads the configuration through a session and its COMMIT is what is lost."""
+    async with _served(settings) as (app, client):
+        # The hold this body takes (deterministic), from a company of its own.
+        probe, _ = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=probe)
+        assert r.status_code == 201, r.text
+        hold = _micro(r.json()["data"]["reserved_credits"])
+        # Room for one such hold and a half (beside the warm-up's): the retry fits
+        # only if the lost one is gone.
+        credits = hold + hold // 2 + (hold if warm else 0)
+        auth, company_id = await _member(client, format_credits(credits))
+        if warm:
+            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+            assert r.status_code == 201, r.text
+
+        # The lost acknowledgement: init's unit commits (its one autocommit statement,
+        # or its COMMIT when a session was needed), then its caller hears what a cut
+        # connection says.
+        cut: list[str] = []
+        _lose_the_answer_of(monkeypatch, init_writes, "hold", cut)
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "database_unavailable"
+        assert cut == ["after the commit"]
+        monkeypatch.undo()
+
+        db = app.state.deps.db
+
+        def reservations(session: Any) -> list[str]:
+            stmt = select(col(Reservation.status)).where(col(Reservation.company_id) == company_id)
+            return sorted(session.scalars(stmt))
+
+        # The hold did commit: the lost answer is what is tested, not a rollback.
+        assert len(await db.transaction(reservations)) == 1 + warm
+
+        async def given_back() -> bool:
+            return await db.transaction(reservations) == ["active"] * warm + ["released"]
+
+        await eventually(given_back, "the hold whose answer was lost is released")
+        r = await client.get("/v1/credits", headers=auth)
+        assert _micro(r.json()["data"]["held"]) == hold * warm
+        # The client's retry gets its grant (402 while the lost hold stayed held).
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+
+        def books(session: Any) -> tuple[list[str], list[str]]:
+            kinds = session.scalars(
+                select(col(LedgerEntry.kind))
+                .where(col(LedgerEntry.company_id) == company_id)
+                .where(col(LedgerEntry.kind).in_(["hold", "release"]))
+            )
+            return check_books(session, company_id), sorted(kinds)
+
+        problems, kinds = await db.transaction(books)
+        assert problems == []
+        assert kinds == ["hold"] * (2 + warm) + ["release"]
+
+
+async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_retried(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lone webhook's unit (its charge and its reply, one transaction) commits
+    and its answer is lost: 503, and the edge's retry is a duplicate, charged once,
+    its reply kept once."""
+    async with _served(settings) as (app, client):
+        auth, company_id = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        init = r.json()["data"]
+        event = usage_event(init, company_id)
+        body = event.body()
+        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        cut: list[str] = []
+        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut)
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 503, r.text
+        assert cut == ["after the commit"]
+        monkeypatch.undo()
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"] == {"duplicate": True}
+
+        def books(session: Any) -> tuple[list[str], list[str]]:
+            kinds = session.scalars(
+                select(col(LedgerEntry.kind)).where(
+                    col(LedgerEntry.reservation_id) == init["reservation_id"]
+                )
+            )
+            return check_books(session, company_id), sorted(kinds)
+
+        problems, kinds = await app.state.deps.db.transaction(books)
+        assert problems == []
+        assert kinds == ["charge", "hold", "release"]
+        r = await client.get(f"/v1/sessions/{init['session_id']}", headers=auth)
+        roles = [m["role"] for m in r.json()["data"]["messages"]]
+        assert roles == ["user", "assistant"]
