@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import anyio
 from starlette.types import Receive
@@ -33,6 +34,8 @@ from stream_edge.usage_report import webhook_status
 # The stream's log lines keep the job's logger name: operators filter on it.
 log = logging.getLogger("llmgw.edge.jobs")
 
+T = TypeVar("T")
+
 
 class StreamJob:
     """`attempts`: the grant's model, then its fallbacks, tried in order before the
@@ -52,7 +55,7 @@ class StreamJob:
         self.result: RelayResult | None = None
         self._opener = Opener(state, grant, attempts)
         self._reporter = Reporter(state, grant, accepted_at)
-        self._client_left = False  # the client of a whole answer left before it came
+        self._client_left = False  # the client left before its answer started
 
     @property
     def backend(self) -> Backend:
@@ -82,6 +85,16 @@ class StreamJob:
         self.result = await pump.run(response)
         return self.result
 
+    async def open_stream(self, receive: Receive) -> Response | None:
+        """`open(stream=True)`, or None when the client left first (`receive` said
+        `http.disconnect`): the opening is cancelled and the stream reported
+        `cancelled` (`_cancelled`). Opening lasts until the backend's headers, or its
+        first token when a fallback is left (`fallback.await_first_token`), retries
+        and fallbacks included: up to a minute a model. Unwatched, a client gone
+        meanwhile left the edge waiting on the backend, its slots and hold taken,
+        then the backend generating for nobody (DESIGN §9: cancelled within 1 s)."""
+        return await self._while_client_stays(receive, lambda: self.open(stream=True))
+
     async def whole_answer(self, receive: Receive) -> Completion | None:
         """Open the backend and read its whole answer (`"stream": false`), or None when
         the client left first: `receive` (the request's, its body read) said
@@ -93,12 +106,21 @@ class StreamJob:
         JSON answer's headers only once the answer is generated. Left to run, the
         backend generated for nobody, the stream's slots stayed taken all along, and
         the stream was reported `completed`."""
+        return await self._while_client_stays(receive, self._open_and_read)
+
+    async def _open_and_read(self) -> Completion:
+        return await self._read_completion(await self.open(stream=False))
+
+    async def _while_client_stays(
+        self, receive: Receive, work: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """`work()`, cancelled (None) if the client leaves before it is done."""
         with anyio.CancelScope() as answering:
-            # One task per answer, parked in `receive` until the client leaves or the
-            # answer is in: nothing per read, no latency for a client that stays.
+            # One task per request, parked in `receive` until the client leaves or the
+            # work is done: nothing per read, no latency for a client that stays.
             watcher = asyncio.create_task(self._until_client_leaves(receive, answering))
             try:
-                return await self._read_completion(await self.open(stream=False))
+                return await work()
             finally:
                 watcher.cancel()
         return None  # the client left: `answering` was cancelled, the stream reported

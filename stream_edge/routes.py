@@ -125,7 +125,10 @@ async def serve(
             ),
             headers={"X-Request-Id": grant.request_id},
         )
-    response = await job.open(stream=True)
+    response = await job.open_stream(request.receive)
+    if response is None:
+        # The client left while the backend opened (reported `cancelled`).
+        return Response(status_code=499, headers={"X-Request-Id": grant.request_id})
     # What serves: the grant's model, or the fallback the chain moved to.
     model, provider = job.backend.model, job.backend.provider
     writer = OpenAIChunkWriter(

@@ -7,6 +7,8 @@ only show on a socket stay in test_e2e_edge_lifecycle.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -338,3 +340,42 @@ async def test_a_reconnect_on_another_edge_supersedes_the_live_connection(gw: Ga
     finally:
         faults.stall_after = None
         faults.release.clear()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole-answer"])
+async def test_a_client_leaving_while_the_backend_opens_stops_the_opening(
+    gw: Gateway, stream: bool
+) -> None:
+    """The client of `POST /v1/chat/completions` leaves before the backend has
+    answered its headers (a vendor queueing the request, retries, a fallback chain
+    waiting for a first token). DESIGN §9: its upstream is cancelled within 1 s. A
+    whole answer (`stream: false`) watched for the disconnect while it opened; a
+    streamed one did not. Measured before the fix (`stream: true`): the edge waited
+    on the backend until LLMGW_UPSTREAM_READ_TIMEOUT (120 s), the stream's slot and
+    hold held all along, then sent the request the client had left (the backend
+    generated the whole answer: 40 tokens for nobody, the client's two slots used)."""
+    token = await gw.new_user()
+    faults = gw.backends.faults_for(MOCK)
+    messages = [{"role": "user", "content": "left early [[mock tokens=40]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": stream})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    requests_before = gw.stats.requests
+    faults.stalled.clear()
+    faults.stall_headers = 1  # the backend's answer does not start until released
+    try:
+        client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
+        await faults.stalled.wait()
+        client.cancel()  # the client gives up waiting: its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        record = await gw.wait_usage(token, grant["reservation_id"], within=5)
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()  # let a stall the edge still waits on go
+    await asyncio.sleep(0)
+    faults.release.clear()
+    assert record["status"] == "cancelled"
+    assert record["output_tokens"] == 0
+    assert gw.stats.requests == requests_before  # the answer was never asked for
+    assert (await gw.credits(token))["held"] == "0.000000"
