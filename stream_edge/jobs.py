@@ -56,6 +56,9 @@ class StreamJob:
         self._opener = Opener(state, grant, attempts)
         self._reporter = Reporter(state, grant, accepted_at)
         self._client_left = False  # the client left before its answer started
+        # The backend's answer, opened and not yet handed to what reads it (the pump,
+        # the completion reader), which close it: `report` closes one left over.
+        self._opened: Response | None = None
 
     @property
     def backend(self) -> Backend:
@@ -66,7 +69,8 @@ class StreamJob:
         stream as failed and re-raise."""
         self._reporter.started()
         try:
-            return await self._opener.open(stream)
+            self._opened = await self._opener.open(stream)
+            return self._opened
         except EdgeError as exc:
             await self._failed(exc)
             raise
@@ -82,6 +86,7 @@ class StreamJob:
         self, response: Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
     ) -> RelayResult:
         pump = Pump(self.state, self.grant, self.backend, self.accepted_at, write, emit)
+        self._opened = None  # the pump closes it, whatever happens
         self.result = await pump.run(response)
         return self.result
 
@@ -133,6 +138,7 @@ class StreamJob:
         answering.cancel()
 
     async def _read_completion(self, response: Response) -> Completion:
+        self._opened = None  # `read_completion` closes it, whatever happens
         # A whole answer has the streamed one's maximum life: an SSE backend sends it
         # token by token, each read within the idle timeout, so nothing else ends it,
         # and the hold's deadline and the stream slots assume no stream outlives it.
@@ -159,7 +165,14 @@ class StreamJob:
         return completion
 
     async def report(self, outcome: str) -> None:
-        """Release the stream's slots and enqueue the usage webhook, once."""
+        """Release the stream's slots and enqueue the usage webhook, once; close a
+        backend answer opened and never read (the client gone before the stream's
+        first frame, e.g. the response's start refused: the producer never ran),
+        or the backend generated the whole answer for nobody."""
+        if self._opened is not None:
+            opened, self._opened = self._opened, None
+            with anyio.CancelScope(shield=True):
+                await opened.aclose()
         completed = self.result is not None and self.result.status == "completed"
         await self._reporter.report(self.backend, webhook_status(completed, outcome))
 
