@@ -55,7 +55,9 @@ class StreamJob:
         self.result: RelayResult | None = None
         self._opener = Opener(state, grant, attempts)
         self._reporter = Reporter(state, grant, accepted_at)
-        self._client_left = False  # the client left before its answer started
+        # Why the answer was stopped before it was served (`_while_client_stays`):
+        # `client_gone`, `revoked`; None: it was not (or the server cancelled it).
+        self.stopped_by: str | None = None
         # The backend's answer, opened and not yet handed to what reads it (the pump,
         # the completion reader), which close it: `report` closes one left over.
         self._opened: Response | None = None
@@ -119,23 +121,36 @@ class StreamJob:
     async def _while_client_stays(
         self, receive: Receive, work: Callable[[], Awaitable[T]]
     ) -> T | None:
-        """`work()`, cancelled (None) if the client leaves before it is done."""
+        """`work()`, or None when it was stopped first (`stopped_by`): the client
+        left, or the stream was revoked. Meanwhile the request is in the edge's
+        `answering` set, which the revocation watcher checks with the running
+        streams: a whole answer is no running stream, and it ran to its end, served
+        and billed `completed`, however long after its token, user or company was
+        revoked."""
         with anyio.CancelScope() as answering:
             # One task per request, parked in `receive` until the client leaves or the
             # work is done: nothing per read, no latency for a client that stays.
             watcher = asyncio.create_task(self._until_client_leaves(receive, answering))
+            watched = _Answering(self, answering)
+            self.state.answering.add(watched)
             try:
                 return await work()
             finally:
+                self.state.answering.discard(watched)
                 watcher.cancel()
-        return None  # the client left: `answering` was cancelled, the stream reported
+        return None  # stopped: `answering` was cancelled, the stream reported
+
+    def _stop(self, why: str, answering: anyio.CancelScope) -> None:
+        """Cancel the answer's opening or reading; the first reason is the one reported."""
+        if self.stopped_by is None:
+            self.stopped_by = why
+        answering.cancel()
 
     async def _until_client_leaves(self, receive: Receive, answering: anyio.CancelScope) -> None:
         # Nothing more than the disconnect comes once the request's body is read.
         while (await receive())["type"] != "http.disconnect":
             pass
-        self._client_left = True
-        answering.cancel()
+        self._stop("client_gone", answering)
 
     async def _read_completion(self, response: Response) -> Completion:
         self._opened = None  # `read_completion` closes it, whatever happens
@@ -184,14 +199,18 @@ class StreamJob:
 
     async def _cancelled(self) -> None:
         """The request was cancelled before its answer was served: its client left
-        (`whole_answer`), a `cancelled` report; or the server's graceful shutdown ran
+        (`whole_answer`), a `cancelled` report; its stream was revoked, a `revoked`
+        one; or the server's graceful shutdown ran
         out while it opened the backend or read a whole answer, which no drain can end
         as it ends a running stream, still a `failed` report. Either bills what was read
         (`completion.bill_unread`): without it the stream's slots stayed taken until its
         maximum life, and its hold waited for the sweeper. Shielded: the cancellation
         is the reason to report, not a reason to stop."""
-        if self._client_left:
+        if self.stopped_by == "client_gone":
             outcome = "client_gone"
+        elif self.stopped_by == "revoked":
+            self.result = RelayResult("failed", "revoked", "access to this stream was revoked")
+            outcome = "revoked"
         else:
             self.result = RelayResult("failed", "shutting_down", "the edge stopped mid-request")
             outcome = "finished"
@@ -209,3 +228,25 @@ class StreamJob:
         error = UpstreamError("the edge could not open the backend stream")
         await self._failed(error)
         return error
+
+
+class _Answering:
+    """A request opening its backend or reading a whole answer, as the revocation
+    watcher sees it (`EdgeState.answering`, a `RunningStream`)."""
+
+    live: tuple[str, bytes | None] | None = None  # not resumable: none to supersede
+
+    def __init__(self, job: StreamJob, answering: anyio.CancelScope) -> None:
+        self.grant: StreamGrant | None = job.grant
+        self._job = job
+        self._answering = answering
+
+    def revoke(self) -> None:
+        self._job._stop("revoked", self._answering)
+
+    def shut_down(self) -> None:
+        """Nothing: the server cancels the request once its graceful time is over,
+        a `failed` report (`StreamJob._cancelled`)."""
+
+    def supersede(self) -> None:
+        """Nothing: only resumable streams have connections to supersede."""

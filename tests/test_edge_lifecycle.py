@@ -23,6 +23,7 @@ from shared.sse import ServerSentEvent
 from shared.text_tokens import pieces
 from stream_edge.upstream_client import RetryPolicy
 from tests.inproc import MOCK, Gateway, events, eventually, gateway_env, opened
+from tests.token_claims import jti_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -379,3 +380,31 @@ async def test_a_client_leaving_while_the_backend_opens_stops_the_opening(
     assert record["output_tokens"] == 0
     assert gw.stats.requests == requests_before  # the answer was never asked for
     assert (await gw.credits(token))["held"] == "0.000000"
+
+
+async def test_a_revocation_ends_a_whole_answer_in_progress(gw: Gateway) -> None:
+    """A whole answer (`stream: false`) is read in its request, not served as a
+    running stream, so the revocation watcher never saw it: a token, user or company
+    revoked (a leaked key, a member let go) still got its answer to the end.
+    Measured before the fix: revoked 0.5 s into a 12 s answer, the answer ran its
+    12 s, 200 with all 600 tokens, reported and billed `completed`; a streamed one
+    ends within a second, `revoked`."""
+    token = await gw.new_user()
+    messages = [{"role": "user", "content": "whole [[mock tokens=600 delay_ms=20]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    stats = gw.stats
+    active, cancelled = stats.active, stats.cancelled
+    body = {"model": "mock-fast", "messages": messages, "stream": False}
+    answer = asyncio.create_task(gw.complete(grant["stream_token"], body))
+    await eventually(lambda: stats.active > active, "the whole answer under way")
+    revoked = await gw.admin(
+        "POST", "/v1/admin/revocations", json={"jti": jti_of(grant["stream_token"])}
+    )
+    assert revoked.status_code == 201, revoked.text
+    async with asyncio.timeout(6):  # a bound: the watcher passes every second
+        status, error = await answer
+    assert (status, error["error"]["code"]) == (401, "revoked")
+    await eventually(lambda: stats.cancelled == cancelled + 1, "the backend's answer cancelled")
+    record = await gw.wait_usage(token, grant["reservation_id"])
+    assert record["status"] == "revoked"
+    assert record["output_tokens"] == 0  # a JSON answer: nothing of it had come
