@@ -68,11 +68,27 @@ class StreamJob:
 
     async def open(self, stream: bool) -> Response:
         """Connect to the backend (or a fallback); on a final failure report the
-        stream as failed and re-raise."""
+        stream as failed and re-raise. Within what is left of the stream's maximum
+        life, as the relay and a whole answer's read are: its slots expire then and
+        its hold's deadline assumes no stream outlives it, and a backend may hold its
+        headers back for `LLMGW_UPSTREAM_READ_TIMEOUT` per try (a vendor's JSON answer
+        comes only once generated), a chain of fallbacks as many times over."""
         self._reporter.started()
+        life = asyncio.timeout(remaining_life(self.state.settings, self.accepted_at))
         try:
-            self._opened = await self._opener.open(stream)
+            async with life:
+                self._opened = await self._opener.open(stream)
             return self._opened
+        except TimeoutError as exc:
+            if not life.expired():  # not ours: a failure nobody foresaw
+                raise await self._fail_unexpectedly(exc, "opening the backend stream") from None
+            error = UpstreamError(
+                "the stream reached its maximum length before its backend answered",
+                code="upstream_timeout",
+                status=504,
+            )
+            await self._failed(error)
+            raise error from None
         except EdgeError as exc:
             await self._failed(exc)
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -408,3 +409,39 @@ async def test_a_revocation_ends_a_whole_answer_in_progress(gw: Gateway) -> None
     record = await gw.wait_usage(token, grant["reservation_id"])
     assert record["status"] == "revoked"
     assert record["output_tokens"] == 0  # a JSON answer: nothing of it had come
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole-answer"])
+async def test_opening_the_backend_cannot_outlive_the_maximum_stream_life(
+    gw: Gateway, stream: bool
+) -> None:
+    """The stream's slots expire `LLMGW_MAX_STREAM_SECONDS` after its admission and its
+    hold's deadline assumes no stream outlives that; the relay and a whole answer's
+    read were bounded by what was left of it, but opening the backend was not: a
+    backend slow to answer its headers (a vendor's JSON answer comes only once it is
+    generated; `LLMGW_UPSTREAM_READ_TIMEOUT` is allowed an hour) held the request past
+    its life, its slots expired under it. Measured before the fix, with a life of
+    0.5 s: still waiting on the backend's headers at the test's 5 s bound (it waits
+    for the read timeout, 120 s); headers released 1 s in, a whole answer was then
+    served and billed `completed` at twice its life."""
+    app = await gw.add_edge("short-lived")
+    state = gw.edge_state("short-lived")
+    state.settings = dataclasses.replace(state.settings, max_stream_seconds=0.5)
+    token = await gw.new_user()
+    faults = gw.backends.faults_for(MOCK)
+    messages = [{"role": "user", "content": "slow to answer [[mock tokens=5]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    body = {"model": "mock-fast", "messages": messages, "stream": stream}
+    faults.stall_headers = 1  # the backend's answer does not start until released
+    try:
+        async with asyncio.timeout(5):  # a bound on a broken test: the life is 0.5 s
+            status, error = await gw.complete(grant["stream_token"], body, edge="short-lived")
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()
+        await asyncio.sleep(0)
+        faults.release.clear()
+    assert (status, error["error"]["code"]) == (504, "upstream_timeout")
+    record = await gw.wait_usage(token, grant["reservation_id"])
+    assert (record["status"], record["cost"]) == ("failed", "0.000000")
+    assert app.state.edge.reports_owed == 0
