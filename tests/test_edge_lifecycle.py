@@ -445,3 +445,41 @@ async def test_opening_the_backend_cannot_outlive_the_maximum_stream_life(
     record = await gw.wait_usage(token, grant["reservation_id"])
     assert (record["status"], record["cost"]) == ("failed", "0.000000")
     assert app.state.edge.reports_owed == 0
+
+
+async def test_a_report_cut_by_the_servers_cancellation_is_still_stored(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server cancels the requests still running when its graceful time is over
+    (uvicorn's `task.cancel()`, which anyio's shields do not stop). One whose usage
+    report was on its way to the store lost it: the report is made once (`Reporter`
+    marks it made before it is stored), so nothing made it again, nothing spooled it,
+    and the edge's shutdown, counting it as no longer owed, did not wait for it.
+    Measured before the fix: a whole answer of 40 tokens generated, its report never
+    stored (its hold, with no checkpoint, released unbilled at its deadline)."""
+    state = gw.edge_state()
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    enqueue = state.outbox.enqueue
+
+    async def slow_enqueue(*args: Any, **kwargs: Any) -> None:
+        reached.set()
+        await go_on.wait()  # a store answering slowly at the shutdown
+        await enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(state.outbox, "enqueue", slow_enqueue)
+    token = await gw.new_user()
+    messages = [{"role": "user", "content": "reported [[mock tokens=40]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    body = {"model": "mock-fast", "messages": messages, "stream": False}
+    asking = asyncio.create_task(gw.complete(grant["stream_token"], body))
+    await reached.wait()
+    (request,) = [e for e in gw.clients._open if not e.task.done()]
+    request.task.cancel()  # the server's graceful time is over
+    await asyncio.sleep(0)
+    go_on.set()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asking, 5)
+    monkeypatch.undo()
+    record = await gw.wait_usage(token, grant["reservation_id"], within=5)
+    assert (record["status"], record["output_tokens"]) == ("completed", 40)
+    assert state.reports_owed == 0
