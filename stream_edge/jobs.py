@@ -215,10 +215,10 @@ class StreamJob:
 
     async def _cancelled(self) -> None:
         """The request was cancelled before its answer was served: its client left
-        (`whole_answer`), a `cancelled` report; its stream was revoked, a `revoked`
-        one; or the server's graceful shutdown ran
-        out while it opened the backend or read a whole answer, which no drain can end
-        as it ends a running stream, still a `failed` report. Either bills what was read
+        (`_while_client_stays`), a `cancelled` report; its stream was revoked, a
+        `revoked` one; or the server's graceful shutdown ran out while it opened the
+        backend or read a whole answer, which no drain can end as it ends a running
+        stream, still a `failed` report. Each bills what was read
         (`completion.bill_unread`): without it the stream's slots stayed taken until its
         maximum life, and its hold waited for the sweeper. Shielded: the cancellation
         is the reason to report, not a reason to stop."""
