@@ -132,15 +132,10 @@ async def event_stream(request: Request) -> Response:
     async def produce(emit: Emit) -> None:
         nonlocal ended
         try:
-            # Browsers wait 3 s by default before reconnecting; ask for 1 s.
-            try:
-                await emit(RETRY_FRAME)
-            except BaseException:
-                # Cut off before the pump took the backend's answer (the client left,
-                # the slow-client watchdog): close it here, or its connection stays
-                # taken until the backend ends it. `aclose` does not await.
-                await response.aclose()
-                raise
+            # Browsers wait 3 s by default before reconnecting; ask for 1 s. Cut off
+            # here (the client left, the slow-client watchdog), the backend's answer
+            # is closed by the report (`StreamJob.report`).
+            await emit(RETRY_FRAME)
             result = await job.pump(response, write, emit)
             if result.status == "completed":
                 for frame in writer.tool_call_frames():  # whole calls, before `complete`

@@ -74,6 +74,14 @@ class Prefetched:
 
 
 NO_FIRST_TOKEN = "the backend sent no first token in time"
+# What a backend may send before its first token while the edge waits to commit to
+# it: the chunks are kept to be replayed, so without a bound a backend sending what
+# is no token (comments, role-only chunks) for the whole first-token timeout grew the
+# edge's memory by all of it (27 MB traced for 24 MB sent, measured). What comes before
+# a first token is a few hundred bytes (a role chunk, Anthropic's `message_start`,
+# pings, OpenRouter's keep-alive comments): past this the backend is misbehaving,
+# and the stream moves on as for any failure before its first byte.
+MAX_HEAD_BYTES = 1 << 20
 
 
 async def await_first_token(response: Response, parser: StreamParser, timeout: float) -> Prefetched:
@@ -81,10 +89,12 @@ async def await_first_token(response: Response, parser: StreamParser, timeout: f
     the response — when none comes within `timeout`, the stream breaks or the backend
     reports an error first. `parser` is a throwaway: the relay re-parses the chunks."""
     head: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout(timeout):
             async for chunk in response.aiter_raw():
                 head.append(chunk)
+                size += len(chunk)
                 for event in parser.feed(chunk):
                     if isinstance(event, Failure):
                         # The vendor's words stay out of client-facing errors.
@@ -98,6 +108,10 @@ async def await_first_token(response: Response, parser: StreamParser, timeout: f
                         return Prefetched(response, head)
                 if parser.done:
                     return Prefetched(response, head)
+                if size > MAX_HEAD_BYTES:
+                    raise UpstreamError(
+                        f"the backend sent over {MAX_HEAD_BYTES >> 20} MiB before its first token"
+                    )
     except TimeoutError:
         await response.aclose()
         raise UpstreamError(NO_FIRST_TOKEN, code="upstream_timeout", status=504) from None

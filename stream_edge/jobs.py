@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import anyio
 from starlette.types import Receive
@@ -35,6 +36,8 @@ from stream_edge.usage_report import webhook_status
 
 # The stream's log lines keep the job's logger name: operators filter on it.
 log = logging.getLogger("llmgw.edge.jobs")
+
+T = TypeVar("T")
 
 
 class StreamJob:
@@ -63,7 +66,12 @@ class StreamJob:
             + state.settings.hold_grace_seconds
             + KEPT_PAST_DEADLINE_SECONDS,
         )
-        self._client_left = False  # the client of a whole answer left before it came
+        # Why the answer was stopped before it was served (`_while_client_stays`):
+        # `client_gone`, `revoked`; None: it was not (or the server cancelled it).
+        self.stopped_by: str | None = None
+        # The backend's answer, opened and not yet handed to what reads it (the pump,
+        # the completion reader), which close it: `report` closes one left over.
+        self._opened: Response | None = None
 
     @property
     def backend(self) -> Backend:
@@ -71,12 +79,30 @@ class StreamJob:
 
     async def open(self, stream: bool) -> Response:
         """Connect to the backend (or a fallback); on a final failure report the
-        stream as failed and re-raise. The checkpoints' heartbeat starts here: an
-        edge that dies while it opens leaves one to fall silent (checkpoints.py)."""
+        stream as failed and re-raise. Within what is left of the stream's maximum
+        life, as the relay and a whole answer's read are: its slots expire then and
+        its hold's deadline assumes no stream outlives it, and a backend may hold its
+        headers back for `LLMGW_UPSTREAM_READ_TIMEOUT` per try (a vendor's JSON answer
+        comes only once generated), a chain of fallbacks as many times over.
+
+        The checkpoints' heartbeat starts here: an edge that dies while it opens
+        leaves one to fall silent (checkpoints.py)."""
         self._reporter.started()
         self._checkpointer.start()
+        life = asyncio.timeout(remaining_life(self.state.settings, self.accepted_at))
         try:
-            response = await self._opener.open(stream)
+            async with life:
+                opened = self._opened = await self._opener.open(stream)
+        except TimeoutError as exc:
+            if not life.expired():  # not ours: a failure nobody foresaw
+                raise await self._fail_unexpectedly(exc, "opening the backend stream") from None
+            error = UpstreamError(
+                "the stream reached its maximum length before its backend answered",
+                code="upstream_timeout",
+                status=504,
+            )
+            await self._failed(error)
+            raise error from None
         except EdgeError as exc:
             await self._failed(exc)
             raise
@@ -89,14 +115,25 @@ class StreamJob:
             raise await self._fail_unexpectedly(exc, "opening the backend stream") from None
         model = self.backend.model.id
         self._checkpointer.follow(self.backend.meter, model if model != self.grant.model else None)
-        return response
+        return opened
 
     async def pump(
         self, response: Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
     ) -> RelayResult:
         pump = Pump(self.state, self.backend, self.accepted_at, self._checkpointer, write, emit)
+        self._opened = None  # the pump closes it, whatever happens
         self.result = await pump.run(response)
         return self.result
+
+    async def open_stream(self, receive: Receive) -> Response | None:
+        """`open(stream=True)`, or None when the client left first (`receive` said
+        `http.disconnect`): the opening is cancelled and the stream reported
+        `cancelled` (`_cancelled`). Opening lasts until the backend's headers, or its
+        first token when a fallback is left (`fallback.await_first_token`), retries
+        and fallbacks included: up to a minute a model. Unwatched, a client gone
+        meanwhile left the edge waiting on the backend, its slots and hold taken,
+        then the backend generating for nobody (DESIGN §9: cancelled within 1 s)."""
+        return await self._while_client_stays(receive, lambda: self.open(stream=True))
 
     async def whole_answer(self, receive: Receive) -> Completion | None:
         """Open the backend and read its whole answer (`"stream": false`), or None when
@@ -109,24 +146,47 @@ class StreamJob:
         JSON answer's headers only once the answer is generated. Left to run, the
         backend generated for nobody, the stream's slots stayed taken all along, and
         the stream was reported `completed`."""
+        return await self._while_client_stays(receive, self._open_and_read)
+
+    async def _open_and_read(self) -> Completion:
+        return await self._read_completion(await self.open(stream=False))
+
+    async def _while_client_stays(
+        self, receive: Receive, work: Callable[[], Awaitable[T]]
+    ) -> T | None:
+        """`work()`, or None when it was stopped first (`stopped_by`): the client
+        left, or the stream was revoked. Meanwhile the request is in the edge's
+        `answering` set, which the revocation watcher checks with the running
+        streams: a whole answer is no running stream, and it ran to its end, served
+        and billed `completed`, however long after its token, user or company was
+        revoked."""
         with anyio.CancelScope() as answering:
-            # One task per answer, parked in `receive` until the client leaves or the
-            # answer is in: nothing per read, no latency for a client that stays.
+            # One task per request, parked in `receive` until the client leaves or the
+            # work is done: nothing per read, no latency for a client that stays.
             watcher = asyncio.create_task(self._until_client_leaves(receive, answering))
+            watched = _Answering(self, answering)
+            self.state.answering.add(watched)
             try:
-                return await self._read_completion(await self.open(stream=False))
+                return await work()
             finally:
+                self.state.answering.discard(watched)
                 watcher.cancel()
-        return None  # the client left: `answering` was cancelled, the stream reported
+        return None  # stopped: `answering` was cancelled, the stream reported
+
+    def _stop(self, why: str, answering: anyio.CancelScope) -> None:
+        """Cancel the answer's opening or reading; the first reason is the one reported."""
+        if self.stopped_by is None:
+            self.stopped_by = why
+        answering.cancel()
 
     async def _until_client_leaves(self, receive: Receive, answering: anyio.CancelScope) -> None:
         # Nothing more than the disconnect comes once the request's body is read.
         while (await receive())["type"] != "http.disconnect":
             pass
-        self._client_left = True
-        answering.cancel()
+        self._stop("client_gone", answering)
 
     async def _read_completion(self, response: Response) -> Completion:
+        self._opened = None  # `read_completion` closes it, whatever happens
         # A whole answer has the streamed one's maximum life: an SSE backend sends it
         # token by token, each read within the idle timeout, so nothing else ends it,
         # and the hold's deadline and the stream slots assume no stream outlives it.
@@ -153,14 +213,24 @@ class StreamJob:
         return completion
 
     async def report(self, outcome: str) -> None:
-        """Release the stream's slots and enqueue the usage webhook, once; the ended
-        checkpoint first (a streamed answer's relay wrote it already), so the
-        sweeper leaves the stream to this report."""
-        if self._checkpointer.started:
-            with anyio.CancelScope(shield=True):
-                await self._checkpointer.close()
-        completed = self.result is not None and self.result.status == "completed"
-        await self._reporter.report(self.backend, webhook_status(completed, outcome))
+        """Release the stream's slots and enqueue the usage webhook, once; close a
+        backend answer opened and never read (the client gone before the stream's
+        first frame, e.g. the response's start refused: the producer never ran),
+        or the backend generated the whole answer for nobody. The ended checkpoint
+        first (a streamed answer's relay wrote it already), so the sweeper leaves the
+        stream to this report. The report is made even if a cancellation the shields
+        do not stop (the server's, at the end of its graceful time) cuts these short."""
+        try:
+            if self._opened is not None:
+                opened, self._opened = self._opened, None
+                with anyio.CancelScope(shield=True):
+                    await opened.aclose()
+            if self._checkpointer.started:
+                with anyio.CancelScope(shield=True):
+                    await self._checkpointer.close()
+        finally:
+            completed = self.result is not None and self.result.status == "completed"
+            await self._reporter.report(self.backend, webhook_status(completed, outcome))
 
     async def _failed(self, exc: EdgeError) -> None:
         self.result = RelayResult("failed", exc.code, exc.message)
@@ -170,14 +240,18 @@ class StreamJob:
 
     async def _cancelled(self) -> None:
         """The request was cancelled before its answer was served: its client left
-        (`whole_answer`), a `cancelled` report; or the server's graceful shutdown ran
-        out while it opened the backend or read a whole answer, which no drain can end
-        as it ends a running stream, still a `failed` report. Either bills what was read
+        (`_while_client_stays`), a `cancelled` report; its stream was revoked, a
+        `revoked` one; or the server's graceful shutdown ran out while it opened the
+        backend or read a whole answer, which no drain can end as it ends a running
+        stream, still a `failed` report. Each bills what was read
         (`completion.bill_unread`): without it the stream's slots stayed taken until its
         maximum life, and its hold waited for the sweeper. Shielded: the cancellation
         is the reason to report, not a reason to stop."""
-        if self._client_left:
+        if self.stopped_by == "client_gone":
             outcome = "client_gone"
+        elif self.stopped_by == "revoked":
+            self.result = RelayResult("failed", "revoked", "access to this stream was revoked")
+            outcome = "revoked"
         else:
             self.result = RelayResult("failed", "shutting_down", "the edge stopped mid-request")
             outcome = "finished"
@@ -195,3 +269,25 @@ class StreamJob:
         error = UpstreamError("the edge could not open the backend stream")
         await self._failed(error)
         return error
+
+
+class _Answering:
+    """A request opening its backend or reading a whole answer, as the revocation
+    watcher sees it (`EdgeState.answering`, a `RunningStream`)."""
+
+    live: tuple[str, bytes | None] | None = None  # not resumable: none to supersede
+
+    def __init__(self, job: StreamJob, answering: anyio.CancelScope) -> None:
+        self.grant: StreamGrant | None = job.grant
+        self._job = job
+        self._answering = answering
+
+    def revoke(self) -> None:
+        self._job._stop("revoked", self._answering)
+
+    def shut_down(self) -> None:
+        """Nothing: the server cancels the request once its graceful time is over,
+        a `failed` report (`StreamJob._cancelled`)."""
+
+    def supersede(self) -> None:
+        """Nothing: only resumable streams have connections to supersede."""

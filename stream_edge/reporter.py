@@ -13,6 +13,7 @@ from shared.store import SlotRelease
 from shared.tokens import StreamGrant
 from stream_edge import thought_signatures
 from stream_edge.attempts import Backend
+from stream_edge.cancellation import despite_cancellation
 from stream_edge.limits import slot_keys
 from stream_edge.state import EdgeState
 from stream_edge.usage_report import usage_event
@@ -33,6 +34,9 @@ ENQUEUE_BACKOFF = Backoff(base=0.2, cap=1.0)
 # this budget the report goes to the spool: an enqueue that did land meanwhile is
 # a second delivery of one webhook id, which the receiver charges once.
 ENQUEUE_BUDGET_SECONDS = 4.0
+# Giving the slots back apart, once the report is spooled (which gives them back
+# when the store takes it): a try, not a wait on a store that is failing.
+RELEASE_BUDGET_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -63,8 +67,16 @@ class Reporter:
         if self._reported:
             return
         self._reported = True
+        # Run to its end whatever cancels the caller: it is made once, so a report cut
+        # off (the server cancelling the request once its graceful time is over, which
+        # anyio's shields do not stop) was never stored, nor spooled, nor made again.
+        # Bounded: the enqueue's budget, then the spool.
+        reporting = asyncio.ensure_future(self._report(backend, status))
         try:
-            await self._report(backend, status)
+            await asyncio.shield(reporting)
+        except asyncio.CancelledError:
+            await despite_cancellation(reporting)
+            raise
         finally:
             self.state.reports_owed -= 1
 
@@ -119,6 +131,8 @@ class Reporter:
         # life for want of the outbox write they normally share.
         await outbox.keep(event, release)
         try:
-            await self.state.store.release_slots(release)
+            # Bounded: a store that did not take the report may not answer at all.
+            async with asyncio.timeout(RELEASE_BUDGET_SECONDS):
+                await self.state.store.release_slots(release)
         except Exception as exc:  # the spooled report releases them once stored
             log.warning("could not release the stream's slots: %s", type(exc).__name__)

@@ -49,7 +49,7 @@ async def check_pass(state: EdgeState) -> None:
 
 async def check_running(state: EdgeState, retired: frozenset[str] = frozenset()) -> None:
     watched: list[tuple[RunningStream, list[str]]] = []
-    for stream in list(state.active):
+    for stream in [*state.active, *state.answering]:
         if stream.grant is not None and stream.grant.kid in retired:
             stream.revoke()
             continue

@@ -112,8 +112,7 @@ async def serve(
     if not chat.stream:
         completion = await job.whole_answer(request.receive)
         if completion is None:
-            # The client left (reported `cancelled`): the server drops this answer.
-            return Response(status_code=499, headers={"X-Request-Id": grant.request_id})
+            return _stopped(job, grant)
         await job.report("finished")
         # What served: the grant's model, or the fallback the chain moved to.
         model = job.backend.model
@@ -125,7 +124,9 @@ async def serve(
             ),
             headers={"X-Request-Id": grant.request_id},
         )
-    response = await job.open(stream=True)
+    response = await job.open_stream(request.receive)
+    if response is None:
+        return _stopped(job, grant)
     # What serves: the grant's model, or the fallback the chain moved to.
     model, provider = job.backend.model, job.backend.provider
     writer = OpenAIChunkWriter(
@@ -159,6 +160,14 @@ async def serve(
         slow_client_timeout=state.settings.slow_client_timeout,
     )
     return Streamed(state.active, stream, grant, closing_frame)
+
+
+def _stopped(job: StreamJob, grant: StreamGrant) -> Response:
+    """The answer for a request stopped before it was served (reported already)."""
+    if job.stopped_by == "revoked":
+        raise Unauthorized("this stream's access was revoked", code="revoked")
+    # The client left (`cancelled`): the server drops this answer.
+    return Response(status_code=499, headers={"X-Request-Id": grant.request_id})
 
 
 def _attempt(target: Route, chat: ChatRequest) -> Attempt:

@@ -54,6 +54,9 @@ class EdgeState:
     draining: bool = False
     # Streams being served (streaming.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)
+    # Requests opening their backend or reading a whole answer (`StreamJob`), which
+    # the revocation watcher ends too; not the drain's to end (the server cancels).
+    answering: set[RunningStream] = field(default_factory=set)
     # Admitted streams whose report is not stored yet (`reporter.Reporter`): the
     # shutdown's last outbox flush waits for them.
     reports_owed: int = 0

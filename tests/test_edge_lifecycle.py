@@ -7,6 +7,9 @@ only show on a socket stay in test_e2e_edge_lifecycle.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +24,7 @@ from shared.sse import ServerSentEvent
 from shared.text_tokens import pieces
 from stream_edge.upstream_client import RetryPolicy
 from tests.inproc import MOCK, Gateway, events, eventually, gateway_env, opened
+from tests.token_claims import jti_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -338,3 +342,144 @@ async def test_a_reconnect_on_another_edge_supersedes_the_live_connection(gw: Ga
     finally:
         faults.stall_after = None
         faults.release.clear()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole-answer"])
+async def test_a_client_leaving_while_the_backend_opens_stops_the_opening(
+    gw: Gateway, stream: bool
+) -> None:
+    """The client of `POST /v1/chat/completions` leaves before the backend has
+    answered its headers (a vendor queueing the request, retries, a fallback chain
+    waiting for a first token). DESIGN §9: its upstream is cancelled within 1 s. A
+    whole answer (`stream: false`) watched for the disconnect while it opened; a
+    streamed one did not. Measured before the fix (`stream: true`): the edge waited
+    on the backend until LLMGW_UPSTREAM_READ_TIMEOUT (120 s), the stream's slot and
+    hold held all along, then sent the request the client had left (the backend
+    generated the whole answer: 40 tokens for nobody, the client's two slots used)."""
+    token = await gw.new_user()
+    faults = gw.backends.faults_for(MOCK)
+    messages = [{"role": "user", "content": "left early [[mock tokens=40]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": stream})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    requests_before = gw.stats.requests
+    faults.stalled.clear()
+    faults.stall_headers = 1  # the backend's answer does not start until released
+    try:
+        client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
+        await faults.stalled.wait()
+        client.cancel()  # the client gives up waiting: its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        record = await gw.wait_usage(token, grant["reservation_id"], within=5)
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()  # let a stall the edge still waits on go
+    await asyncio.sleep(0)
+    faults.release.clear()
+    assert record["status"] == "cancelled"
+    assert record["output_tokens"] == 0
+    assert gw.stats.requests == requests_before  # the answer was never asked for
+    assert (await gw.credits(token))["held"] == "0.000000"
+
+
+async def test_a_revocation_ends_a_whole_answer_in_progress(gw: Gateway) -> None:
+    """A whole answer (`stream: false`) is read in its request, not served as a
+    running stream, so the revocation watcher never saw it: a token, user or company
+    revoked (a leaked key, a member let go) still got its answer to the end.
+    Measured before the fix: revoked 0.5 s into a 12 s answer, the answer ran its
+    12 s, 200 with all 600 tokens, reported and billed `completed`; a streamed one
+    ends within a second, `revoked`."""
+    token = await gw.new_user()
+    messages = [{"role": "user", "content": "whole [[mock tokens=600 delay_ms=20]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    stats = gw.stats
+    active, cancelled = stats.active, stats.cancelled
+    body = {"model": "mock-fast", "messages": messages, "stream": False}
+    answer = asyncio.create_task(gw.complete(grant["stream_token"], body))
+    await eventually(lambda: stats.active > active, "the whole answer under way")
+    revoked = await gw.admin(
+        "POST", "/v1/admin/revocations", json={"jti": jti_of(grant["stream_token"])}
+    )
+    assert revoked.status_code == 201, revoked.text
+    async with asyncio.timeout(6):  # a bound: the watcher passes every second
+        status, error = await answer
+    assert (status, error["error"]["code"]) == (401, "revoked")
+    await eventually(lambda: stats.cancelled == cancelled + 1, "the backend's answer cancelled")
+    record = await gw.wait_usage(token, grant["reservation_id"])
+    assert record["status"] == "revoked"
+    assert record["output_tokens"] == 0  # a JSON answer: nothing of it had come
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole-answer"])
+async def test_opening_the_backend_cannot_outlive_the_maximum_stream_life(
+    gw: Gateway, stream: bool
+) -> None:
+    """The stream's slots expire `LLMGW_MAX_STREAM_SECONDS` after its admission and its
+    hold's deadline assumes no stream outlives that; the relay and a whole answer's
+    read were bounded by what was left of it, but opening the backend was not: a
+    backend slow to answer its headers (a vendor's JSON answer comes only once it is
+    generated; `LLMGW_UPSTREAM_READ_TIMEOUT` is allowed an hour) held the request past
+    its life, its slots expired under it. Measured before the fix, with a life of
+    0.5 s: still waiting on the backend's headers at the test's 5 s bound (it waits
+    for the read timeout, 120 s); headers released 1 s in, a whole answer was then
+    served and billed `completed` at twice its life."""
+    app = await gw.add_edge("short-lived")
+    state = gw.edge_state("short-lived")
+    state.settings = dataclasses.replace(state.settings, max_stream_seconds=0.5)
+    token = await gw.new_user()
+    faults = gw.backends.faults_for(MOCK)
+    messages = [{"role": "user", "content": "slow to answer [[mock tokens=5]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    body = {"model": "mock-fast", "messages": messages, "stream": stream}
+    faults.stall_headers = 1  # the backend's answer does not start until released
+    try:
+        async with asyncio.timeout(5):  # a bound on a broken test: the life is 0.5 s
+            status, error = await gw.complete(grant["stream_token"], body, edge="short-lived")
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()
+        await asyncio.sleep(0)
+        faults.release.clear()
+    assert (status, error["error"]["code"]) == (504, "upstream_timeout")
+    record = await gw.wait_usage(token, grant["reservation_id"])
+    assert (record["status"], record["cost"]) == ("failed", "0.000000")
+    assert app.state.edge.reports_owed == 0
+
+
+async def test_a_report_cut_by_the_servers_cancellation_is_still_stored(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server cancels the requests still running when its graceful time is over
+    (uvicorn's `task.cancel()`, which anyio's shields do not stop). One whose usage
+    report was on its way to the store lost it: the report is made once (`Reporter`
+    marks it made before it is stored), so nothing made it again, nothing spooled it,
+    and the edge's shutdown, counting it as no longer owed, did not wait for it.
+    Measured before the fix: a whole answer of 40 tokens generated, its report never
+    stored (its hold, with no checkpoint, released unbilled at its deadline)."""
+    state = gw.edge_state()
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    enqueue = state.outbox.enqueue
+
+    async def slow_enqueue(*args: Any, **kwargs: Any) -> None:
+        reached.set()
+        await go_on.wait()  # a store answering slowly at the shutdown
+        await enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(state.outbox, "enqueue", slow_enqueue)
+    token = await gw.new_user()
+    messages = [{"role": "user", "content": "reported [[mock tokens=40]]"}]
+    grant = await gw.init_ok(token, {"messages": messages})
+    body = {"model": "mock-fast", "messages": messages, "stream": False}
+    asking = asyncio.create_task(gw.complete(grant["stream_token"], body))
+    await reached.wait()
+    (request,) = [e for e in gw.clients._open if not e.task.done()]
+    request.task.cancel()  # the server's graceful time is over
+    await asyncio.sleep(0)
+    go_on.set()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asking, 5)
+    monkeypatch.undo()
+    record = await gw.wait_usage(token, grant["reservation_id"], within=5)
+    assert (record["status"], record["output_tokens"]) == ("completed", 40)
+    assert state.reports_owed == 0

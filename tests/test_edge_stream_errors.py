@@ -18,7 +18,8 @@ import pytest_asyncio
 
 from shared.route_claim import UpstreamRoute
 from shared.tokens import sign_token
-from tests.inproc import Gateway, events, gateway_env, opened
+from stream_edge.transport import RemoteProtocolError
+from tests.inproc import Gateway, events, eventually, gateway_env, opened
 from tests.token_claims import claims_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -212,3 +213,38 @@ async def test_an_event_stream_cut_off_before_its_first_frame_closes_the_backend
     for _ in range(2):  # both of the user's slots are free again
         fine = await gw.init_ok(access, {"query": "after [[mock tokens=2]]"})
         assert (await status_and_body(gw, fine["stream_url"]))[0] == 200
+
+
+async def test_a_completions_stream_refused_its_first_send_closes_the_backend_answer(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client is gone when the response starts: the server's `send` raises
+    (ASGI 2.4: an `OSError` on a closed connection), so the producer, which hands the
+    backend's answer to the pump that closes it, never runs. Measured before the fix:
+    the answer was never closed, the backend generated all of it for nobody (its
+    request `completed`, 30 tokens, none billed: the report says `cancelled`, output
+    0); on a pooled connection, the socket stays taken until the backend ends."""
+    from stream_edge import routes
+    from stream_edge.streaming import EventStreamResponse
+
+    class RefusedStart(EventStreamResponse):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            async def closed(message: Any) -> None:
+                raise OSError("the client disconnected")
+
+            await super().__call__(scope, receive, closed)
+
+    monkeypatch.setattr(routes, "EventStreamResponse", RefusedStart)
+    access = await gw.new_user()
+    messages = [{"role": "user", "content": "gone at once [[mock tokens=30 delay_ms=5]]"}]
+    grant = await gw.init_ok(access, {"messages": messages})
+    stats = gw.mock.state.mock.stats
+    completed_before = stats.completed
+    body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": True})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    with pytest.raises(RemoteProtocolError):  # no response ever started
+        await gw.post("/v1/chat/completions", body, headers)
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert record["status"] == "cancelled"
+    await eventually(lambda: stats.active == 0, "the backend's answer ended")
+    assert stats.completed == completed_before  # closed, not generated to its end
