@@ -114,9 +114,11 @@ def create_user(
     return user
 
 
-def set_role(session: Session, a: Actor, user_id: str, role: str) -> User:
-    """`accounts.set_role`, audited when the role did change."""
-    user, previous = accounts.set_role(session, a.principal, user_id, role)
+def set_role(session: Session, a: Actor, user_id: str, role: str) -> accounts.RoleChange:
+    """`accounts.set_role`, audited when the role did change, with each API key the
+    change revoked."""
+    change = accounts.set_role(session, a.principal, user_id, role)
+    user, previous = change.user, change.previous
     if previous != role:
         _record(
             session,
@@ -127,7 +129,13 @@ def set_role(session: Session, a: Actor, user_id: str, role: str) -> User:
             before={"role": previous},
             after={"role": role},
         )
-    return user
+    for row, before in change.voided:
+        after = accounts.api_key_public(row)
+        target = f"api_key:{row.id}"
+        _record(
+            session, a, audit.API_KEY_REVOKE, user.company_id, target, before=before, after=after
+        )
+    return change
 
 
 def create_api_key(session: Session, a: Actor, user_id: str, scopes: Any) -> accounts.CreatedKey:

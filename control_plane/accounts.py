@@ -182,14 +182,27 @@ def create_user(
     return user
 
 
-def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[User, str]:
-    """Change a user's role; returns the user and its previous role. Nobody climbs:
+@dataclass(frozen=True, slots=True)
+class RoleChange:
+    """A user whose role was set, the role it had, and the API keys the change revoked
+    (`policy.promotion_voids_keys`), each with its listing as it was before."""
+
+    user: User
+    previous: str
+    voided: list[tuple[ApiKey, dict[str, Any]]]
+
+
+def set_role(session: Session, p: Principal, user_id: str, role: str) -> RoleChange:
+    """Change a user's role (`RoleChange`). Nobody climbs:
     the caller must manage the user as it is now (ranked at or above it) and may give
     only a role it could create. Nobody changes its own role (an owner demoting
     itself could leave the company without one), and the company's owners never
     demote its last one between them (`owners`: the role is read, and the owners
     counted, under the company's row lock). Keys follow at once: a key's scopes are
-    cut to its user's role on every request (`auth.user_principal`)."""
+    cut to its user's role on every request (`auth.user_principal`). That works both
+    ways, so a promotion past what an owner may mint for revokes the user's keys
+    (`policy.promotion_voids_keys`): an owner's key for a colleague must not become a
+    platform admin's when the platform promotes that colleague."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
@@ -206,7 +219,29 @@ def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[U
     previous = user.role
     user.role = role
     session.flush()
-    return user, previous
+    voided = (
+        revoke_live_keys(session, user.id) if policy.promotion_voids_keys(previous, role) else []
+    )
+    return RoleChange(user, previous, voided)
+
+
+def revoke_live_keys(session: Session, user_id: str) -> list[tuple[ApiKey, dict[str, Any]]]:
+    """Revoke every live API key of `user_id`: the rows, each with its listing as it
+    was before. At most `API_KEYS_PER_USER_MAX` for a key an owner minted."""
+    rows = list(
+        session.scalars(
+            select(ApiKey)
+            .where(col(ApiKey.user_id) == user_id)
+            .where(col(ApiKey.revoked_at).is_(None))
+            .with_for_update()
+        )
+    )
+    before = [api_key_public(row) for row in rows]
+    now = utcnow()
+    for row in rows:
+        row.revoked_at = now
+    session.flush()
+    return list(zip(rows, before, strict=True))
 
 
 @dataclass(frozen=True, slots=True)

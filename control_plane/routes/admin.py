@@ -137,10 +137,21 @@ async def update_user(request: Request) -> Response:
         raise ValidationFailed(unknown[0], "is not a field (role)")
     role = one_of(doc.get("role"), "role", ROLES)
     actor = _actor(request, principal)
-    user = await get_deps(request).db.transaction(
-        lambda s: account_admin.set_role(s, actor, user_id, role)
-    )
-    return ok(accounts.user_public(user))
+    deps = get_deps(request)
+    change = await deps.db.transaction(lambda s: account_admin.set_role(s, actor, user_id, role))
+    if change.voided:
+        # The keys a promotion revoked end their stream tokens at the edges as
+        # `DELETE /v1/admin/api-keys/{id}` does. The role change is committed either
+        # way; a failed publish is made by the republishing pass within seconds
+        # (`revocation_republish`: API keys revoked within the revocation TTL).
+        ttl = revoking.revocation_ttl(deps.settings)
+        company_id = change.user.company_id
+        try:
+            for row, _ in change.voided:
+                await revoke(deps.store, "jti", api_key_parent(row.id), company_id, ttl)
+        except Exception:
+            log.exception("could not publish the revocation of a promoted user's keys")
+    return ok(accounts.user_public(change.user))
 
 
 async def create_api_key(request: Request) -> Response:

@@ -1,0 +1,126 @@
+"""A key minted for a user by someone ranked below the user's *later* role.
+
+A key's power follows its user's current role (`auth.api_key_principal` cuts its
+scopes to the role's on every request), and an owner's scopes are already every
+scope a platform admin has. So a key an owner minted for a co-owner (or a member)
+became a platform admin's key the moment the platform promoted that colleague to
+``admin``: the owner who minted it climbed without meeting a rank check. A
+promotion past what an owner may mint for now revokes the user's keys
+(`policy.promotion_voids_keys`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from control_plane.audit import ADMIN_TOKEN_ACTOR
+from control_plane.policy import promotion_voids_keys
+from tests.test_control_plane import CP, PASSWORD, data_of, error_of, start_cp
+
+
+@pytest.fixture
+def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, "sqlite") as handle:
+        yield handle
+
+
+def _login(cp: CP, email: str) -> str:
+    r = cp.client().post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+    return str(data_of(r)["access_token"])
+
+
+def _balances(cp: CP) -> dict[str, str]:
+    items = data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"]
+    return {c["id"]: c["credits"] for c in items}
+
+
+@pytest.mark.parametrize("target_role", ["owner", "member"])
+def test_a_key_an_owner_minted_does_not_become_a_platform_admins_key(
+    cp: CP, target_role: str
+) -> None:
+    """Attack: an owner mints a key for a colleague ranked at or below it, then the
+    platform promotes the colleague to platform admin. Before the fix, with a
+    co-owner's key the owner listed every company, granted its own 1,000,000
+    credits and created a platform admin elsewhere (200, 201, 201); with a member's,
+    it chatted and read sessions as the platform admin (200)."""
+    company_id = cp.company("1")
+    elsewhere = cp.company("1")
+    rogue = cp.user(company_id, "owner")
+    colleague = cp.user(company_id, target_role)
+    rogue_client = cp.client(_login(cp, rogue["email"]))
+    key = data_of(rogue_client.post("/v1/admin/api-keys", json={"user_id": colleague["id"]}), 201)
+    thief = cp.client(key["key"])
+    assert thief.get("/v1/sessions").status_code == 200  # the colleague's, at its rank
+
+    data_of(cp.admin.patch(f"/v1/admin/users/{colleague['id']}", json={"role": "admin"}))
+
+    balances = _balances(cp)
+    answers = [
+        thief.get("/v1/admin/companies"),
+        thief.post(
+            f"/v1/admin/companies/{company_id}/credits",
+            json={"amount": "1000000", "reason": "mine"},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        ),
+        thief.post(
+            "/v1/admin/users",
+            json={
+                "company_id": elsewhere,
+                "email": f"p-{uuid.uuid4().hex[:8]}@x.io",
+                "role": "admin",
+                "password": PASSWORD,
+            },
+        ),
+        thief.get("/v1/sessions"),
+        thief.post("/v1/chat/init", json={"query": "hi"}),
+    ]
+    for answer in answers:
+        error_of(answer, 401, "unauthenticated")
+    assert _balances(cp) == balances
+    # The revocation is on record, in the listing and the audit, as the platform's.
+    listed = data_of(cp.admin.get("/v1/admin/api-keys", params={"user_id": colleague["id"]}))
+    assert [k["revoked_at"] is not None for k in listed["items"]] == [True]
+    events = data_of(
+        cp.admin.get(
+            "/v1/admin/audit",
+            params={"kind": "admin.api_key.revoke", "target": f"api_key:{key['id']}"},
+        )
+    )["items"]
+    assert [e["actor"] for e in events] == [ADMIN_TOKEN_ACTOR]
+    # The platform admin mints the promoted user keys of its new rank, which work.
+    fresh = cp.client(cp.api_key(colleague["id"]))
+    assert fresh.get("/v1/admin/companies").status_code == 200
+
+
+def test_a_promotion_an_owner_could_mint_for_keeps_the_users_keys(cp: CP) -> None:
+    """A member made an owner keeps its keys: every key it holds was minted by an
+    owner or the platform admin, ranked at or above its new role."""
+    company_id = cp.company("1")
+    member = cp.user(company_id, "member")
+    key = cp.client(cp.api_key(member["id"]))
+    data_of(cp.admin.patch(f"/v1/admin/users/{member['id']}", json={"role": "owner"}))
+    assert key.get("/v1/sessions").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("previous", "role", "voids"),
+    [
+        ("member", "member", False),
+        ("member", "owner", False),
+        ("owner", "member", False),
+        ("owner", "owner", False),
+        ("admin", "owner", False),
+        ("admin", "member", False),
+        ("admin", "admin", False),
+        ("member", "admin", True),
+        ("owner", "admin", True),
+        ("member", "boss", True),  # an unknown role ranks above everyone
+        ("boss", "admin", True),
+    ],
+)
+def test_which_role_changes_void_keys(previous: str, role: str, voids: bool) -> None:
+    assert promotion_voids_keys(previous, role) is voids
