@@ -184,15 +184,24 @@ def create_user(
 
 @dataclass(frozen=True, slots=True)
 class RoleChange:
-    """A user whose role was set, the role it had, and the API keys the change revoked
-    (`policy.promotion_voids_keys`), each with its listing as it was before."""
+    """A user whose role was set, the role it had, and what a promotion past what an
+    owner may mint for (`policy.promotion_voids_keys`) ended: the API keys revoked,
+    each with its listing as it was before, and whether the user had a password."""
 
     user: User
     previous: str
     voided: list[tuple[ApiKey, dict[str, Any]]]
+    credentials_ended: bool = False
+    had_password: bool = False
 
 
-def set_role(session: Session, p: Principal, user_id: str, role: str) -> RoleChange:
+def set_role(
+    session: Session,
+    p: Principal,
+    user_id: str,
+    role: str,
+    new_password_hash: str | None = None,
+) -> RoleChange:
     """Change a user's role (`RoleChange`). Nobody climbs:
     the caller must manage the user as it is now (ranked at or above it) and may give
     only a role it could create. Nobody changes its own role (an owner demoting
@@ -202,7 +211,11 @@ def set_role(session: Session, p: Principal, user_id: str, role: str) -> RoleCha
     cut to its user's role on every request (`auth.user_principal`). That works both
     ways, so a promotion past what an owner may mint for revokes the user's keys
     (`policy.promotion_voids_keys`): an owner's key for a colleague must not become a
-    platform admin's when the platform promotes that colleague."""
+    platform admin's when the platform promotes that colleague. Nor its password,
+    which whoever created the user chose (an owner knows it), nor a sign-in made with
+    it: the password goes (`new_password_hash` replaces it: the platform admin's
+    choice) and every sign-in of the user ends (`User.sign_in_epoch`). A password is
+    given only with such a promotion (422 otherwise)."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
@@ -217,12 +230,19 @@ def set_role(session: Session, p: Principal, user_id: str, role: str) -> RoleCha
     if user.role == "owner" and role != "owner":
         owners.keep_an_owner(session, p, user.company_id, user.id)
     previous = user.role
+    ends_credentials = policy.promotion_voids_keys(previous, role)
+    if new_password_hash is not None and not ends_credentials:
+        raise ValidationFailed("password", "is set only with a promotion to admin")
+    had_password = user.password_hash is not None
     user.role = role
+    if ends_credentials:
+        user.password_hash = new_password_hash
+        user.sign_in_epoch += 1
     session.flush()
-    voided = (
-        revoke_live_keys(session, user.id) if policy.promotion_voids_keys(previous, role) else []
-    )
-    return RoleChange(user, previous, voided)
+    if not ends_credentials:
+        return RoleChange(user, previous, [])
+    voided = revoke_live_keys(session, user.id)
+    return RoleChange(user, previous, voided, credentials_ended=True, had_password=had_password)
 
 
 def revoke_live_keys(session: Session, user_id: str) -> list[tuple[ApiKey, dict[str, Any]]]:

@@ -147,6 +147,11 @@ class User(SQLModel, table=True):
     # The `iat` of the external JWT that last set `role` (migration 0014): an older
     # token's role is not taken (`external_auth.provision`).
     external_role_iat: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # Access tokens carry the epoch they were issued in (migration 0019): moving it
+    # on ends every sign-in of the user (`auth.access_token_principal`).
+    sign_in_epoch: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
 
 
 class ApiKey(SQLModel, table=True):

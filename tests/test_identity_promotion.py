@@ -124,3 +124,68 @@ def test_a_promotion_an_owner_could_mint_for_keeps_the_users_keys(cp: CP) -> Non
 )
 def test_which_role_changes_void_keys(previous: str, role: str, voids: bool) -> None:
     assert promotion_voids_keys(previous, role) is voids
+
+
+def test_an_owner_who_chose_a_colleagues_password_does_not_sign_in_as_a_platform_admin(
+    cp: CP,
+) -> None:
+    """Attack: an owner creates a colleague with a password it chooses (no user can
+    change its own) and signs in as it once; the platform then promotes the colleague
+    to platform admin. Before the fix the owner's token of before the promotion, and
+    a new login with the password it chose, each listed every company (200, 200)."""
+    company_id = cp.company("1")
+    rogue = cp.client(_login(cp, cp.user(company_id, "owner")["email"]))
+    email = f"c-{uuid.uuid4().hex[:8]}@x.io"
+    body = {"company_id": company_id, "email": email, "role": "member", "password": PASSWORD}
+    colleague = data_of(rogue.post("/v1/admin/users", json=body), 201)
+    early = cp.client(_login(cp, email))
+    assert early.get("/v1/sessions").status_code == 200
+
+    promoted = cp.admin.patch(f"/v1/admin/users/{colleague['id']}", json={"role": "admin"})
+    assert data_of(promoted)["role"] == "admin"
+
+    error_of(early.get("/v1/admin/companies"), 401, "signed_out")
+    error_of(early.get("/v1/sessions"), 401, "signed_out")
+    login = cp.client().post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+    error_of(login, 401, "invalid_credentials")
+    events = data_of(
+        cp.admin.get(
+            "/v1/admin/audit",
+            params={"kind": "admin.user.role", "target": f"user:{colleague['id']}"},
+        )
+    )["items"]
+    assert [(e["details"]["before"], e["details"]["after"]) for e in events] == [
+        (
+            {"role": "member", "has_password": True},
+            {"role": "admin", "has_password": False, "sign_ins_ended": True},
+        )
+    ]
+
+
+def test_the_platform_admin_gives_the_promoted_user_a_password_only_it_knows(cp: CP) -> None:
+    """The promotion may carry a new password, the platform admin's choice; only the
+    platform admin sets one, only with a promotion to admin, and a refusal changes
+    nothing (the old password still signs in, the role is kept)."""
+    company_id = cp.company("1")
+    owner = cp.client(_login(cp, cp.user(company_id, "owner")["email"]))
+    member = cp.user(company_id, "member")
+    path = f"/v1/admin/users/{member['id']}"
+    refused = [
+        (owner.patch(path, json={"role": "owner", "password": "chosen-by-owner"}), 403),
+        (cp.admin.patch(path, json={"role": "owner", "password": "new-password"}), 422),
+        (cp.admin.patch(path, json={"role": "admin", "password": "   "}), 422),
+        (cp.admin.patch(path, json={"role": "admin", "password": 7}), 422),
+    ]
+    assert [r.status_code for r, _ in refused] == [status for _, status in refused]
+    assert _login(cp, member["email"])  # unchanged
+    data_of(cp.admin.patch(path, json={"role": "admin", "password": "the-platforms-choice"}))
+    login = cp.client().post(
+        "/v1/auth/login", json={"email": member["email"], "password": "the-platforms-choice"}
+    )
+    fresh = cp.client(str(data_of(login)["access_token"]))
+    assert fresh.get("/v1/admin/companies").status_code == 200
+    # A promotion the platform admin makes of an admin it demoted ends them again.
+    data_of(cp.admin.patch(path, json={"role": "owner"}))
+    assert fresh.get("/v1/sessions").status_code == 200  # a demotion ends nothing
+    data_of(cp.admin.patch(path, json={"role": "admin"}))
+    error_of(fresh.get("/v1/sessions"), 401, "signed_out")
