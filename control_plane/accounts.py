@@ -343,12 +343,23 @@ def _check_room_for_a_key(session: Session, company_id: str, user_id: str) -> No
 
 
 def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) -> CreatedKey:
+    """A key for `user_id` (`key_scopes`). The user's role is read again under its
+    row's lock (after the company's configuration lock: `company_locks`' order), so
+    a promotion committing meanwhile either comes first, and is seen (404 for a
+    caller now ranked below the user), or waits for this key and revokes it
+    (`set_role`): a key read at the user's old rank never outlives a promotion."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
-    granted = key_scopes(scopes, user.role, p.scopes)
+    key_scopes(scopes, user.role, p.scopes)  # a bad request is refused before any lock
     if not policy.is_platform_admin(p):
         _check_room_for_a_key(session, user.company_id, user.id)
+    role = session.execute(
+        select(col(User.role)).where(col(User.id) == user.id).with_for_update(key_share=True)
+    ).scalar()
+    if role is None or not policy.can_manage_user(p, user.company_id, role):
+        raise NotFound("No such user.")
+    granted = key_scopes(scopes, role, p.scopes)
     new = new_api_key()
     row = ApiKey(
         id=new_id(),

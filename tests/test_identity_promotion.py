@@ -11,14 +11,20 @@ promotion past what an owner may mint for now revokes the user's keys
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from control_plane.audit import ADMIN_TOKEN_ACTOR
+from control_plane.company_locks import CONFIGURATION
 from control_plane.policy import promotion_voids_keys
+from tests.polling import wait_until
 from tests.test_control_plane import CP, PASSWORD, data_of, error_of, start_cp
 
 
@@ -189,3 +195,56 @@ def test_the_platform_admin_gives_the_promoted_user_a_password_only_it_knows(cp:
     assert fresh.get("/v1/sessions").status_code == 200  # a demotion ends nothing
     data_of(cp.admin.patch(path, json={"role": "admin"}))
     error_of(fresh.get("/v1/sessions"), 401, "signed_out")
+
+
+@pytest.fixture
+def pg_cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
+    with start_cp(request, tmp_path, "postgres") as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _configuration_held(cp: CP, company_id: str) -> Iterator[psycopg.Connection[Any]]:
+    """The company's configuration lock (`company_locks`, which an owner's mint takes
+    after reading its target) held until the block ends; yields a watcher."""
+    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher:
+        holder.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CONFIGURATION, company_id)
+        )
+        try:
+            yield watcher
+        finally:
+            holder.rollback()
+
+
+def _waiting(watcher: psycopg.Connection[Any]) -> int:
+    row = watcher.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_key_minted_while_its_user_is_promoted_is_not_a_platform_admins(pg_cp: CP) -> None:
+    """Attack: the owner's mint for a co-owner reads the co-owner's role, then the
+    platform's promotion of the co-owner commits (finding no key to revoke), then the
+    mint inserts its key. Made to happen in that order by holding the lock the mint
+    takes after its read; before the fix the key was minted (201) and listed every
+    company (200). The mint reads the role again under the user's row lock."""
+    cp = pg_cp
+    company_id = cp.company("1")
+    rogue = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
+    colleague = cp.user(company_id, "owner", password=None)
+    path = f"/v1/admin/users/{colleague['id']}"
+    with ThreadPoolExecutor(1) as pool, _configuration_held(cp, company_id) as watcher:
+        mint = pool.submit(rogue.post, "/v1/admin/api-keys", json={"user_id": colleague["id"]})
+        wait_until(lambda: _waiting(watcher) == 1 or mint.done(), "the mint never queued")
+        data_of(cp.admin.patch(path, json={"role": "admin"}))
+    answer = mint.result()
+    if answer.status_code == 201:
+        key = cp.client(answer.json()["data"]["key"])
+        assert key.get("/v1/admin/companies").status_code == 401, "a platform admin's key"
+    error_of(answer, 404, "not_found")
+    listed = data_of(cp.admin.get("/v1/admin/api-keys", params={"user_id": colleague["id"]}))
+    assert [k for k in listed["items"] if k["revoked_at"] is None] == []
