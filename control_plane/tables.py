@@ -438,6 +438,9 @@ class Revocation(SQLModel, table=True):
     company_id: str | None = _str(32, nullable=True)
     reason: str | None = _str(500, nullable=True)
     actor: str = _str(100)
+    # The role `actor` acted with (migration 0020; None before): a lift needs a rank
+    # at least this one, whatever the actor's role later (`revoking.lift_revocation`).
+    actor_role: str | None = _str(16, nullable=True)
     created_at: datetime = _time()
     expires_at: datetime = _time()  # when the store's copy lapses (the edge stops checking)
     lifted_at: datetime | None = _time(nullable=True)
