@@ -141,6 +141,11 @@ def create_revocation(
     if target.kind == "user":
         # Two owners revoking each other at once would leave the company none.
         owners.lock_company(session, company_id)
+        # A role changes under that lock too (`accounts.set_role`): read as it is now,
+        # a user promoted while this waited is not revoked with the rank it had.
+        role = session.execute(select(col(User.role)).where(col(User.id) == target.value)).scalar()
+        if role is None or not policy.can_revoke(p, target.kind, company_id, role):
+            raise NotFound("No such user.")
         if _takes_an_owner(session, target.value):
             owners.keep_an_owner(session, p, company_id, target.value)
     now = utcnow()

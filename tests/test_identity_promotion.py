@@ -248,3 +248,32 @@ def test_a_key_minted_while_its_user_is_promoted_is_not_a_platform_admins(pg_cp:
     error_of(answer, 404, "not_found")
     listed = data_of(cp.admin.get("/v1/admin/api-keys", params={"user_id": colleague["id"]}))
     assert [k for k in listed["items"] if k["revoked_at"] is None] == []
+
+
+def test_an_owner_revoking_a_user_as_it_is_promoted_does_not_disable_a_platform_admin(
+    pg_cp: CP,
+) -> None:
+    """Attack: an owner revokes a member at the moment the platform promotes it. The
+    revocation read the member's role, then queued on the company's row (`owners`)
+    behind the promotion, and went on with the role it had read: the platform admin
+    was disabled by an owner (measured: 201, its key 403 ``revoked``). The role is read
+    again once the company's row is held. The promotion's commit is made here by the
+    transaction holding that row, exactly when the revocation waits on it."""
+    cp = pg_cp
+    company_id = cp.company("1")
+    owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
+    member = cp.user(company_id, "member", password=None)
+    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with (
+        ThreadPoolExecutor(1) as pool,
+        psycopg.connect(url) as promoter,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
+        revoking = pool.submit(owner.post, "/v1/admin/revocations", json={"user_id": member["id"]})
+        wait_until(lambda: _waiting(watcher) == 1 or revoking.done(), "the revocation never queued")
+        promoter.execute("UPDATE users SET role = 'admin' WHERE id = %s", (member["id"],))
+        promoter.commit()
+    error_of(revoking.result(), 404, "not_found")
+    users = data_of(cp.admin.get("/v1/admin/users", params={"company_id": company_id}))
+    assert [u["disabled_at"] for u in users["items"] if u["id"] == member["id"]] == [None]
