@@ -15,7 +15,6 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,13 +23,24 @@ import pytest
 from control_plane.audit import ADMIN_TOKEN_ACTOR
 from control_plane.company_locks import CONFIGURATION
 from control_plane.policy import promotion_voids_keys
+from tests.conftest import migrated_sqlite
 from tests.polling import wait_until
-from tests.test_control_plane import CP, PASSWORD, data_of, error_of, start_cp
+from tests.test_control_plane import (
+    CP,
+    PASSWORD,
+    _settings,
+    data_of,
+    error_of,
+    pg_settings,
+    serve_cp,
+)
 
 
-@pytest.fixture
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, "sqlite") as handle:
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CP]:
+    """One control plane (SQLite) for the module: each test makes its own company."""
+    path = tmp_path_factory.mktemp("promotion") / "cp.db"
+    with serve_cp(_settings(migrated_sqlite(path))) as handle:
         yield handle
 
 
@@ -197,9 +207,10 @@ def test_the_platform_admin_gives_the_promoted_user_a_password_only_it_knows(cp:
     error_of(fresh.get("/v1/sessions"), 401, "signed_out")
 
 
-@pytest.fixture
-def pg_cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, "postgres") as handle:
+@pytest.fixture(scope="module")
+def pg_cp(pg_server: str) -> Iterator[CP]:
+    """One control plane on PostgreSQL (+ Redis) for the module's races."""
+    with pg_settings(pg_server) as settings, serve_cp(settings) as handle:
         yield handle
 
 
