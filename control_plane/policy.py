@@ -82,7 +82,9 @@ def can_chat(p: Principal) -> bool:
 
 
 def can_read_own_data(p: Principal) -> bool:
-    """/v1/me, /v1/usage, /v1/credits, listing sessions."""
+    """/v1/usage, /v1/credits, listing and reading sessions. Not /v1/me, which any
+    user's credential reads (who it is, its company's credits, the budgets that cap
+    it: what a send-only key needs to know before it sends)."""
     return p.is_user and SCOPE_READ in p.scopes
 
 
