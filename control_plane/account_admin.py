@@ -114,20 +114,37 @@ def create_user(
     return user
 
 
-def set_role(session: Session, a: Actor, user_id: str, role: str) -> User:
-    """`accounts.set_role`, audited when the role did change."""
-    user, previous = accounts.set_role(session, a.principal, user_id, role)
+def set_role(
+    session: Session, a: Actor, user_id: str, role: str, password_hash: str | None = None
+) -> accounts.RoleChange:
+    """`accounts.set_role`, audited when the role did change (with whether the user
+    had a password, and has one, when the change ended its credentials), and each
+    API key the change revoked."""
+    change = accounts.set_role(session, a.principal, user_id, role, password_hash)
+    user, previous = change.user, change.previous
     if previous != role:
+        before: dict[str, Any] = {"role": previous}
+        after: dict[str, Any] = {"role": role}
+        if change.credentials_ended:
+            before["has_password"] = change.had_password
+            after["has_password"] = user.password_hash is not None
+            after["sign_ins_ended"] = True
         _record(
             session,
             a,
             audit.USER_ROLE,
             user.company_id,
             f"user:{user.id}",
-            before={"role": previous},
-            after={"role": role},
+            before=before,
+            after=after,
         )
-    return user
+    for row, before in change.voided:
+        after = accounts.api_key_public(row)
+        target = f"api_key:{row.id}"
+        _record(
+            session, a, audit.API_KEY_REVOKE, user.company_id, target, before=before, after=after
+        )
+    return change
 
 
 def create_api_key(session: Session, a: Actor, user_id: str, scopes: Any) -> accounts.CreatedKey:

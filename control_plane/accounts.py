@@ -182,14 +182,40 @@ def create_user(
     return user
 
 
-def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[User, str]:
-    """Change a user's role; returns the user and its previous role. Nobody climbs:
+@dataclass(frozen=True, slots=True)
+class RoleChange:
+    """A user whose role was set, the role it had, and what a promotion past what an
+    owner may mint for (`policy.promotion_voids_keys`) ended: the API keys revoked,
+    each with its listing as it was before, and whether the user had a password."""
+
+    user: User
+    previous: str
+    voided: list[tuple[ApiKey, dict[str, Any]]]
+    credentials_ended: bool = False
+    had_password: bool = False
+
+
+def set_role(
+    session: Session,
+    p: Principal,
+    user_id: str,
+    role: str,
+    new_password_hash: str | None = None,
+) -> RoleChange:
+    """Change a user's role (`RoleChange`). Nobody climbs:
     the caller must manage the user as it is now (ranked at or above it) and may give
     only a role it could create. Nobody changes its own role (an owner demoting
     itself could leave the company without one), and the company's owners never
     demote its last one between them (`owners`: the role is read, and the owners
     counted, under the company's row lock). Keys follow at once: a key's scopes are
-    cut to its user's role on every request (`auth.user_principal`)."""
+    cut to its user's role on every request (`auth.user_principal`). That works both
+    ways, so a promotion past what an owner may mint for revokes the user's keys
+    (`policy.promotion_voids_keys`): an owner's key for a colleague must not become a
+    platform admin's when the platform promotes that colleague. Nor its password,
+    which whoever created the user chose (an owner knows it), nor a sign-in made with
+    it: the password goes (`new_password_hash` replaces it: the platform admin's
+    choice) and every sign-in of the user ends (`User.sign_in_epoch`). A password is
+    given only with such a promotion (422 otherwise)."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
@@ -204,9 +230,38 @@ def set_role(session: Session, p: Principal, user_id: str, role: str) -> tuple[U
     if user.role == "owner" and role != "owner":
         owners.keep_an_owner(session, p, user.company_id, user.id)
     previous = user.role
+    ends_credentials = policy.promotion_voids_keys(previous, role)
+    if new_password_hash is not None and not ends_credentials:
+        raise ValidationFailed("password", "is set only with a promotion to admin")
+    had_password = user.password_hash is not None
     user.role = role
+    if ends_credentials:
+        user.password_hash = new_password_hash
+        user.sign_in_epoch += 1
     session.flush()
-    return user, previous
+    if not ends_credentials:
+        return RoleChange(user, previous, [])
+    voided = revoke_live_keys(session, user.id)
+    return RoleChange(user, previous, voided, credentials_ended=True, had_password=had_password)
+
+
+def revoke_live_keys(session: Session, user_id: str) -> list[tuple[ApiKey, dict[str, Any]]]:
+    """Revoke every live API key of `user_id`: the rows, each with its listing as it
+    was before. At most `API_KEYS_PER_USER_MAX` for a key an owner minted."""
+    rows = list(
+        session.scalars(
+            select(ApiKey)
+            .where(col(ApiKey.user_id) == user_id)
+            .where(col(ApiKey.revoked_at).is_(None))
+            .with_for_update()
+        )
+    )
+    before = [api_key_public(row) for row in rows]
+    now = utcnow()
+    for row in rows:
+        row.revoked_at = now
+    session.flush()
+    return list(zip(rows, before, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,12 +343,23 @@ def _check_room_for_a_key(session: Session, company_id: str, user_id: str) -> No
 
 
 def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) -> CreatedKey:
+    """A key for `user_id` (`key_scopes`). The user's role is read again under its
+    row's lock (after the company's configuration lock: `company_locks`' order), so
+    a promotion committing meanwhile either comes first, and is seen (404 for a
+    caller now ranked below the user), or waits for this key and revokes it
+    (`set_role`): a key read at the user's old rank never outlives a promotion."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
-    granted = key_scopes(scopes, user.role, p.scopes)
+    key_scopes(scopes, user.role, p.scopes)  # a bad request is refused before any lock
     if not policy.is_platform_admin(p):
         _check_room_for_a_key(session, user.company_id, user.id)
+    role = session.execute(
+        select(col(User.role)).where(col(User.id) == user.id).with_for_update(key_share=True)
+    ).scalar()
+    if role is None or not policy.can_manage_user(p, user.company_id, role):
+        raise NotFound("No such user.")
+    granted = key_scopes(scopes, role, p.scopes)
     new = new_api_key()
     row = ApiKey(
         id=new_id(),

@@ -51,6 +51,9 @@ from shared.tokens import (
 )
 
 ACCESS_TOKEN_TTL_SECONDS = 3600
+# An access token's claim: its user's `sign_in_epoch` when it was issued; a token
+# from an epoch the user has left is refused (absent: 0, as tokens issued before it).
+SIGN_IN_EPOCH_CLAIM = "sep"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # don't write on every request
 
 
@@ -180,7 +183,8 @@ def api_key_principal(on: Session | psycopg.Connection[Any], row: Any | None) ->
     )
 
 
-def issue_access_token(deps: Deps, user_id: str) -> str:
+def issue_access_token(deps: Deps, user_id: str, sign_in_epoch: int = 0) -> str:
+    """An access token for `user_id`, in its user's current `sign_in_epoch`."""
     kid, key = deps.keyring.active()
     now = int(time.time())
     claims: dict[str, Any] = {
@@ -191,6 +195,7 @@ def issue_access_token(deps: Deps, user_id: str) -> str:
         "nbf": now,
         "exp": now + ACCESS_TOKEN_TTL_SECONDS,
         "jti": uuid.uuid4().hex,
+        SIGN_IN_EPOCH_CLAIM: sign_in_epoch,
     }
     return sign_token(claims, key, kid)
 
@@ -204,6 +209,7 @@ _LOOKUP_USER = (
         _USERS.c.company_id,
         _USERS.c.role,
         _USERS.c.disabled_at,
+        _USERS.c.sign_in_epoch,
         _COMPANIES.c.id.label("company_found"),
         _COMPANIES.c.disabled_at.label("company_disabled_at"),
         logout.SIGNED_OUT.label("signed_out"),
@@ -221,13 +227,22 @@ def access_token_row(on: Session | psycopg.Connection[Any], user_id: str, jti: s
 
 
 def access_token_principal(
-    row: Any | None, jti: str, expires_at: int, *, signed_out_ok: bool = False
+    row: Any | None,
+    jti: str,
+    expires_at: int,
+    *,
+    signed_out_ok: bool = False,
+    sign_in_epoch: int = 0,
 ) -> Principal:
     """The principal of an access token's user (`access_token_row`); 401 when the
-    user no longer exists or the token was signed out (unless `signed_out_ok`: a
-    repeated sign-out), 403 ``revoked`` as `ensure_not_revoked`."""
+    user no longer exists, the token was signed out (unless `signed_out_ok`: a
+    repeated sign-out) or issued in a `sign_in_epoch` its user has left (every
+    sign-in of the user ended at once: `accounts.set_role`), 403 ``revoked`` as
+    `ensure_not_revoked`."""
     if row is None:
         raise Unauthenticated("The access token's user no longer exists.")
+    if row.sign_in_epoch != sign_in_epoch:
+        raise SignedOut("This sign-in has ended (the user's role changed): sign in again.")
     if row.signed_out and not signed_out_ok:
         raise SignedOut()
     if row.disabled_at is not None:
@@ -273,10 +288,15 @@ async def _access_token_principal(deps: Deps, token: str, signed_out_ok: bool) -
     except TokenRejected as exc:
         raise Unauthenticated(f"The access token is not valid: {exc.message}.") from None
     user_id, jti, expires_at = str(claims["sub"]), str(claims["jti"]), int(claims["exp"])
+    epoch = claims.get(SIGN_IN_EPOCH_CLAIM, 0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise Unauthenticated("The access token is not valid: its sign-in epoch is malformed.")
     # The read is the checkout's ping (`Database.lookup`).
     return await deps.db.lookup(
         lambda on: access_token_row(on, user_id, jti),
-        lambda _on, row: access_token_principal(row, jti, expires_at, signed_out_ok=signed_out_ok),
+        lambda _on, row: access_token_principal(
+            row, jti, expires_at, signed_out_ok=signed_out_ok, sign_in_epoch=epoch
+        ),
     )
 
 

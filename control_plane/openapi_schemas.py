@@ -199,7 +199,12 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         role={"enum": ["member", "owner", "admin"]},
     ),
     ("patch", "/v1/admin/users/{user_id}"): {
-        **_obj(["role"], role={"enum": ["member", "owner", "admin"]}),
+        **_obj(
+            ["role"],
+            role={"enum": ["member", "owner", "admin"]},
+            # Only with a promotion to admin, by the platform admin (`accounts.set_role`).
+            password={"type": "string", "minLength": 4, "maxLength": 1024},
+        ),
         "additionalProperties": False,
     },
     ("post", "/v1/admin/api-keys"): _obj(["user_id"], user_id=_ID, scopes=_SCOPES),

@@ -82,7 +82,9 @@ def can_chat(p: Principal) -> bool:
 
 
 def can_read_own_data(p: Principal) -> bool:
-    """/v1/me, /v1/usage, /v1/credits, listing sessions."""
+    """/v1/usage, /v1/credits, listing and reading sessions. Not /v1/me, which any
+    user's credential reads (who it is, its company's credits, the budgets that cap
+    it: what a send-only key needs to know before it sends)."""
     return p.is_user and SCOPE_READ in p.scopes
 
 
@@ -146,6 +148,19 @@ def can_manage_user(p: Principal, company_id: str, role: str) -> bool:
     """Mint API keys for, revoke or list the keys of one user of `company_id` whose
     role is `role`: an admin of the company, ranked at or above that user."""
     return can_admin_company(p, company_id) and ranks_at_least(p, role)
+
+
+def promotion_voids_keys(previous: str, role: str) -> bool:
+    """Whether a user moved from `previous` to `role` must lose its API keys: someone
+    ranked below `role` may have minted them. A key's power follows its user's role
+    as it is now (`auth.api_key_principal`), and a company's owner mints keys for any
+    of its users ranked at or below itself (`can_manage_user`), so the lowest minter of
+    a key of a `previous` user ranks as `previous` or as an owner, whichever is higher.
+    Past that rank (an owner or a member made a platform admin), a key an owner minted
+    for the user would carry the new rank: an owner's key for a co-owner, once the
+    co-owner is promoted, is a platform admin's. Unknown roles: deny by default."""
+    lowest_minter = max(ROLE_RANK.get(previous, -1), ROLE_RANK["owner"])
+    return ROLE_RANK.get(role, len(ROLE_RANK)) > lowest_minter
 
 
 def can_assign_role(p: Principal, role: str) -> bool:

@@ -100,13 +100,18 @@ def _owner_of(session: Session, target: Target) -> tuple[str, str | None] | None
     return (str(found[0]), str(found[1])) if found is not None else None
 
 
-def _revoker_role(session: Session, actor: str) -> str:
-    """The role of whoever made a revocation. The admin token is the platform admin;
-    a user that no longer exists counts as the highest rank (deny by default)."""
-    if actor == ADMIN_TOKEN_ACTOR:
+def _revoker_role(session: Session, row: Revocation) -> str:
+    """The rank a revocation's lift needs: the higher of the role its maker acted
+    with (`Revocation.actor_role`; None for one made before it was recorded) and the
+    maker's role now. A platform admin demoted since keeps its decisions out of the
+    company owners' reach. The admin token is the platform admin; a user that no
+    longer exists counts as the highest rank (deny by default)."""
+    if row.actor == ADMIN_TOKEN_ACTOR:
         return "admin"
-    user = session.get(User, actor)
-    return user.role if user is not None else "admin"
+    user = session.get(User, row.actor)
+    now = user.role if user is not None else "admin"
+    made = row.actor_role if row.actor_role is not None else now
+    return max(made, now, key=lambda role: policy.ROLE_RANK.get(role, len(policy.ROLE_RANK)))
 
 
 def _set_disabled(session: Session, kind: str, value: str, moment: datetime | None) -> None:
@@ -136,6 +141,11 @@ def create_revocation(
     if target.kind == "user":
         # Two owners revoking each other at once would leave the company none.
         owners.lock_company(session, company_id)
+        # A role changes under that lock too (`accounts.set_role`): read as it is now,
+        # a user promoted while this waited is not revoked with the rank it had.
+        role = session.execute(select(col(User.role)).where(col(User.id) == target.value)).scalar()
+        if role is None or not policy.can_revoke(p, target.kind, company_id, role):
+            raise NotFound("No such user.")
         if _takes_an_owner(session, target.value):
             owners.keep_an_owner(session, p, company_id, target.value)
     now = utcnow()
@@ -146,6 +156,7 @@ def create_revocation(
         company_id=company_id,
         reason=reason,
         actor=actor_of(p),
+        actor_role=p.role,
         created_at=now,
         expires_at=now + timedelta(seconds=ttl_seconds),
         lifted_at=None,
@@ -199,7 +210,7 @@ def lift_revocation(session: Session, p: Principal, revocation_id: str) -> Lifte
         raise NotFound("No such revocation.")
     owner = _owner_of(session, Target(row.kind, row.value))
     target_role = owner[1] if owner is not None else None
-    revoker_role = _revoker_role(session, row.actor)
+    revoker_role = _revoker_role(session, row)
     if not policy.can_lift_revocation(p, row.kind, row.company_id, target_role, revoker_role):
         raise NotFound("No such revocation.")
     if logout.is_logout(row):

@@ -147,6 +147,11 @@ class User(SQLModel, table=True):
     # The `iat` of the external JWT that last set `role` (migration 0014): an older
     # token's role is not taken (`external_auth.provision`).
     external_role_iat: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # Access tokens carry the epoch they were issued in (migration 0019): moving it
+    # on ends every sign-in of the user (`auth.access_token_principal`).
+    sign_in_epoch: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
 
 
 class ApiKey(SQLModel, table=True):
@@ -433,6 +438,9 @@ class Revocation(SQLModel, table=True):
     company_id: str | None = _str(32, nullable=True)
     reason: str | None = _str(500, nullable=True)
     actor: str = _str(100)
+    # The role `actor` acted with (migration 0020; None before): a lift needs a rank
+    # at least this one, whatever the actor's role later (`revoking.lift_revocation`).
+    actor_role: str | None = _str(16, nullable=True)
     created_at: datetime = _time()
     expires_at: datetime = _time()  # when the store's copy lapses (the edge stops checking)
     lifted_at: datetime | None = _time(nullable=True)

@@ -269,3 +269,27 @@ def test_signing_keys_leave_the_jwks_once_their_tokens_have_expired(cp: CP) -> N
     assert first["kid"] in third["retired"] and second["kid"] not in third["retired"]
     kids = {k["kid"] for k in cp.client().get("/.well-known/jwks.json").json()["keys"]}
     assert kids == {second["kid"], third["kid"]}
+
+
+@sqlite_only
+def test_a_platform_admins_revocation_stays_its_own_after_it_is_demoted(cp: CP) -> None:
+    """Attack: a platform admin (a user placed in the company) revokes a member; the
+    platform later demotes that admin to owner. The lift rule read the revoker's role
+    as it is now, so the company's owner lifted the platform admin's decision (204,
+    the member back in) once its author was no longer ranked above it. The rank a
+    revocation was made with is recorded with it (`revocations.actor_role`)."""
+    client, company_id = cp.owner_client("10")
+    member = cp.user(company_id, role="member")
+    member_client = cp.client(cp.api_key(member["id"]))
+    platform_admin = cp.user(company_id, role="admin", password=None)
+    admin_client = cp.client(cp.api_key(platform_admin["id"]))
+    made = data_of(admin_client.post("/v1/admin/revocations", json={"user_id": member["id"]}), 201)
+    error_of(client.delete(f"/v1/admin/revocations/{made['id']}"), 404, "not_found")
+
+    data_of(cp.admin.patch(f"/v1/admin/users/{platform_admin['id']}", json={"role": "owner"}))
+
+    error_of(client.delete(f"/v1/admin/revocations/{made['id']}"), 404, "not_found")
+    error_of(member_client.get("/v1/me"), 403, "revoked")
+    # The platform admin still lifts it.
+    assert cp.admin.delete(f"/v1/admin/revocations/{made['id']}").status_code == 204
+    assert member_client.get("/v1/me").status_code == 200

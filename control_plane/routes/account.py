@@ -85,7 +85,7 @@ async def login(request: Request) -> Response:
     await login_limits.forgive(deps.store, attempt)
     await deps.db.transaction(lambda s: profile.check_not_revoked(s, user))
     await deps.fresh_keyring()
-    token = issue_access_token(deps, user.id)
+    token = issue_access_token(deps, user.id, user.sign_in_epoch)
     return ok(
         {"access_token": token, "token_type": "bearer", "expires_in": ACCESS_TOKEN_TTL_SECONDS}
     )

@@ -51,6 +51,21 @@ def _actor(request: Request, principal: Principal) -> account_admin.Actor:
     return account_admin.Actor(principal, request_id(request))
 
 
+def _check_password(password: object) -> None:
+    if not isinstance(password, str) or not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        raise ValidationFailed(
+            "password", f"must be a string of {PASSWORD_MIN}-{PASSWORD_MAX} characters"
+        )
+    if not password.strip():  # login refuses a blank one: the user could never sign in
+        raise ValidationFailed("password", "must not be blank")
+
+
+async def _hashed(request: Request, password: str) -> str:
+    checks = get_deps(request).password_checks
+    async with checks.place():  # the same argon2 cost as a login's verify
+        return await checks.run(hash_password, password)
+
+
 async def create_company(request: Request) -> Response:
     principal, doc = await caller_and_json(request)
     if not policy.can_create_company(principal):
@@ -88,20 +103,13 @@ async def create_user(request: Request) -> Response:
     password = doc.get("password")
     password_hash = None
     if password is not None:
-        if not isinstance(password, str) or not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
-            raise ValidationFailed(
-                "password", f"must be a string of {PASSWORD_MIN}-{PASSWORD_MAX} characters"
-            )
-        if not password.strip():  # login refuses a blank one: the user could never sign in
-            raise ValidationFailed("password", "must not be blank")
+        _check_password(password)
         # Refused callers cost no argon2 (the use case checks again, in its transaction).
         if not policy.can_admin_company(principal, company_id):
             raise Forbidden("You cannot add users to this company.")
         if not policy.can_assign_role(principal, role):
             raise Forbidden(f"You cannot create a user with role {role}.")
-        checks = get_deps(request).password_checks
-        async with checks.place():  # the same argon2 cost as a login's verify
-            password_hash = await checks.run(hash_password, password)
+        password_hash = await _hashed(request, password)
     actor = _actor(request, principal)
     try:
         user = await get_deps(request).db.transaction(
@@ -129,18 +137,42 @@ async def list_users(request: Request) -> Response:
 
 
 async def update_user(request: Request) -> Response:
-    """Change a user's role (``{"role"}``), within the caller's own rank."""
+    """Change a user's role (``{"role"}``), within the caller's own rank. A promotion
+    to platform admin ends the user's password, sign-ins and API keys (`accounts.set_role`);
+    ``"password"`` gives it a new one, the platform admin's choice."""
     principal, doc = await caller_and_json(request)
     user_id = path_id(request, "user_id")
-    unknown = sorted(set(doc) - {"role"})
+    unknown = sorted(set(doc) - {"role", "password"})
     if unknown:
-        raise ValidationFailed(unknown[0], "is not a field (role)")
+        raise ValidationFailed(unknown[0], "is not a field (role, password)")
     role = one_of(doc.get("role"), "role", ROLES)
+    password_hash = None
+    if doc.get("password") is not None:
+        _check_password(doc["password"])
+        # Refused before argon2 (the use case checks again, against the user's role).
+        if not policy.can_assign_role(principal, "admin"):
+            raise Forbidden("Only a platform admin sets a password, with a promotion to admin.")
+        if role != "admin":
+            raise ValidationFailed("password", "is set only with a promotion to admin")
+        password_hash = await _hashed(request, doc["password"])
     actor = _actor(request, principal)
-    user = await get_deps(request).db.transaction(
-        lambda s: account_admin.set_role(s, actor, user_id, role)
+    deps = get_deps(request)
+    change = await deps.db.transaction(
+        lambda s: account_admin.set_role(s, actor, user_id, role, password_hash)
     )
-    return ok(accounts.user_public(user))
+    if change.voided:
+        # The keys a promotion revoked end their stream tokens at the edges as
+        # `DELETE /v1/admin/api-keys/{id}` does. The role change is committed either
+        # way; a failed publish is made by the republishing pass within seconds
+        # (`revocation_republish`: API keys revoked within the revocation TTL).
+        ttl = revoking.revocation_ttl(deps.settings)
+        company_id = change.user.company_id
+        try:
+            for row, _ in change.voided:
+                await revoke(deps.store, "jti", api_key_parent(row.id), company_id, ttl)
+        except Exception:
+            log.exception("could not publish the revocation of a promoted user's keys")
+    return ok(accounts.user_public(change.user))
 
 
 async def create_api_key(request: Request) -> Response:
