@@ -22,9 +22,9 @@ optional ``scopes`` (narrowed to the role's), optional ``email`` (used only with
 that address here for good) and ``company_name``; ``exp`` is required. On first
 sight the company (0 credits) and the user (no password: it can only come back
 through its app) are created; later the role follows the token, unless it was
-issued (``iat``) before the token that set the current role: an old token replayed
-after a demotion does not climb back. A user provisioned in one company presenting
-another company's token is refused.
+issued (``iat``; without one, ``exp``) before the token that set the current role: an
+old token replayed after a demotion does not climb back. A user provisioned in one
+company presenting another company's token is refused.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class ExternalIdentity:
     # The token's revocable id (`external_token_id`) and expiry: what a sign-out revokes.
     token_id: str | None = None
     expires_at: int | None = None
-    # When the token was issued (`iat`, clamped at 0), absent without one: which of
-    # two tokens states the user's current role (`provision`).
+    # The token's place in its app's order (`iat`, clamped at 0; without one, its
+    # `exp`): which of two tokens states the user's current role (`provision`).
     issued_at: int | None = None
 
 
@@ -151,9 +151,22 @@ def identity_from_claims(claims: dict[str, Any]) -> ExternalIdentity:
         # Optional (RFC 7519 §4.1.7): a token without one can only expire.
         token_id=external_token_id(sub, jti) if isinstance(jti, str) and jti else None,
         expires_at=int(exp) if isinstance(exp, int | float) else None,
-        # Not in the future (pyjwt's check, with leeway); a negative one fits no column.
-        issued_at=max(0, int(iat)) if isinstance(iat, int | float) else None,
+        issued_at=_order_of(iat, exp),
     )
+
+
+def _order_of(iat: object, exp: object) -> int | None:
+    """Pure: a token's place in its app's order, for its role (`takes_role`): when it
+    was issued (`iat`: not in the future, pyjwt checks it with leeway; a negative one
+    fits no column), else its expiry. `iat` is optional (RFC 7519; pyjwt leaves it out
+    unless asked), and without an order the role followed whichever token came last:
+    a demoted owner replaying an older, unexpired owner token was an owner again, its
+    API keys with it. An app that sends no `iat` issues a later token with a later
+    `exp` for the same life, and `exp` is required."""
+    for moment in (iat, exp):
+        if isinstance(moment, int | float) and not isinstance(moment, bool):
+            return max(0, int(moment))
+    return None
 
 
 def looks_like_ours(token: str) -> bool:

@@ -545,6 +545,35 @@ def test_a_demoted_owner_replaying_an_older_token_does_not_climb_back(
     data_of(key.get("/v1/admin/users"))
 
 
+def test_without_iat_a_demoted_owner_replaying_an_older_token_does_not_climb_back(
+    cp: CP, keys: dict[str, Any]
+) -> None:
+    """The same attack against a trusted app whose tokens carry no `iat` (optional in
+    RFC 7519; pyjwt, among others, leaves it out unless asked): with no order between
+    tokens the role followed whichever came last, so the replayed owner token made the
+    demoted user an owner again, and its key kept `llm:admin` after that token expired
+    (measured: /v1/me owner, the key's GET /v1/admin/users 200). Such an app's tokens
+    are ordered by `exp`, which it must send: a token issued later, for the same life,
+    expires later."""
+    now = int(time.time())
+    who = {"sub": f"ext-{uuid.uuid4().hex[:8]}", "company_id": f"no-iat-{uuid.uuid4().hex[:6]}"}
+    # Issued a minute apart, each for ten minutes.
+    old_owner = cp.client(_token(keys, "RS256", role="owner", iat=None, exp=now + 540, **who))
+    me = data_of(old_owner.get("/v1/me"))["user"]
+    key = cp.client(
+        data_of(old_owner.post("/v1/admin/api-keys", json={"user_id": me["id"]}), 201)["key"]
+    )
+    new_member = cp.client(_token(keys, "RS256", role="member", iat=None, exp=now + 600, **who))
+    assert data_of(new_member.get("/v1/me"))["user"]["role"] == "member"
+
+    assert data_of(old_owner.get("/v1/me"))["user"]["role"] == "member"
+    error_of(key.get("/v1/admin/users"), 404, "not_found")
+
+    promoted = cp.client(_token(keys, "RS256", role="owner", iat=None, exp=now + 601, **who))
+    assert data_of(promoted.get("/v1/me"))["user"]["role"] == "owner"
+    data_of(key.get("/v1/admin/users"))
+
+
 def test_an_older_token_cannot_undo_a_newer_one_that_kept_the_role(
     cp: CP, keys: dict[str, Any]
 ) -> None:
