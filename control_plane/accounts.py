@@ -392,6 +392,15 @@ def revoke_api_key(session: Session, p: Principal, key_id: str) -> None:
     _, user = row
     if not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such API key.")
+    # Before the key's row, as a promotion (which revokes the user's keys) locks the
+    # company, then the user, then the keys: holding the key's row, this revocation's
+    # audit row (a foreign key to the company) waited for a promotion that waited for
+    # the key's row, a deadlock PostgreSQL broke with a 503. The rank is then read
+    # again: a promotion that went first is seen.
+    owners.queue_behind_company_lock(session, user.company_id)
+    session.refresh(user)
+    if not policy.can_manage_user(p, user.company_id, user.role):
+        raise NotFound("No such API key.")
     # Already revoked: revoking again is a no-op.
     session.execute(
         update(ApiKey)
