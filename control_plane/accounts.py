@@ -347,13 +347,18 @@ def create_api_key(session: Session, p: Principal, user_id: str, scopes: Any) ->
     row's lock (after the company's configuration lock: `company_locks`' order), so
     a promotion committing meanwhile either comes first, and is seen (404 for a
     caller now ranked below the user), or waits for this key and revokes it
-    (`set_role`): a key read at the user's old rank never outlives a promotion."""
+    (`set_role`): a key read at the user's old rank never outlives a promotion.
+    The company's row is queued on first (`owners.queue_behind_company_lock`), as a
+    promotion locks it before the user's: holding the user's row, the key's audit
+    row (a foreign key to the company) waited for a promotion that waited for the
+    user's row, a deadlock PostgreSQL broke with a 503."""
     user = session.get(User, user_id)
     if user is None or not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such user.")
     key_scopes(scopes, user.role, p.scopes)  # a bad request is refused before any lock
     if not policy.is_platform_admin(p):
         _check_room_for_a_key(session, user.company_id, user.id)
+    owners.queue_behind_company_lock(session, user.company_id)
     role = session.execute(
         select(col(User.role)).where(col(User.id) == user.id).with_for_update(key_share=True)
     ).scalar()
@@ -385,6 +390,15 @@ def revoke_api_key(session: Session, p: Principal, key_id: str) -> None:
     if row is None:
         raise NotFound("No such API key.")
     _, user = row
+    if not policy.can_manage_user(p, user.company_id, user.role):
+        raise NotFound("No such API key.")
+    # Before the key's row, as a promotion (which revokes the user's keys) locks the
+    # company, then the user, then the keys: holding the key's row, this revocation's
+    # audit row (a foreign key to the company) waited for a promotion that waited for
+    # the key's row, a deadlock PostgreSQL broke with a 503. The rank is then read
+    # again: a promotion that went first is seen.
+    owners.queue_behind_company_lock(session, user.company_id)
+    session.refresh(user)
     if not policy.can_manage_user(p, user.company_id, user.role):
         raise NotFound("No such API key.")
     # Already revoked: revoking again is a no-op.

@@ -31,6 +31,18 @@ def lock_company(session: Session, company_id: str) -> None:
     session.execute(select(col(Company.id)).where(col(Company.id) == company_id).with_for_update())
 
 
+def queue_behind_company_lock(session: Session, company_id: str) -> None:
+    """Wait for a transaction holding the company's row lock (`lock_company`: a role
+    change, a user's revocation), and keep the next from taking it until this one
+    ends, before locking any user row: theirs lock the company, then the user. A key
+    share (``FOR KEY SHARE``): inits and settlements, which update the row, go on."""
+    session.execute(
+        select(col(Company.id))
+        .where(col(Company.id) == company_id)
+        .with_for_update(read=True, key_share=True)
+    )
+
+
 def active_owners_besides(session: Session, company_id: str, user_id: str) -> int:
     """The company's owners that can still act (not revoked), `user_id` left out."""
     found = session.scalar(

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 
+import anyio
+
 from stream_edge.errors import EdgeError, TooManyRequests, UpstreamError
 from stream_edge.transport import Response, TransportError
 from stream_edge.upstream.base import (
@@ -120,5 +122,13 @@ async def await_first_token(response: Response, parser: StreamParser, timeout: f
         raise UpstreamError("the backend's stream broke off") from None
     except UpstreamError:
         await response.aclose()
+        raise
+    except BaseException:
+        # Cancelled while waiting (the client left, a revocation, the stream's maximum
+        # life, the shutdown): the answer is still ours to close, or the backend keeps
+        # its request and generates the whole answer for nobody. Shielded: this task
+        # is being cancelled.
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
         raise
     return Prefetched(response, head)  # ended without a token: the relay says so

@@ -288,3 +288,73 @@ def test_an_owner_revoking_a_user_as_it_is_promoted_does_not_disable_a_platform_
     error_of(revoking.result(), 404, "not_found")
     users = data_of(cp.admin.get("/v1/admin/users", params={"company_id": company_id}))
     assert [u["disabled_at"] for u in users["items"] if u["id"] == member["id"]] == [None]
+
+
+def test_a_key_minted_while_its_user_is_promoted_does_not_deadlock(pg_cp: CP) -> None:
+    """The mint's user row lock against a promotion's lock order (the company's row,
+    then the user's: `accounts.set_role`, as a revocation's). The mint took the
+    user's row, then its audit row's foreign key waited for the company's row, held
+    by a promotion waiting for the user's row: a deadlock. Measured before the fix:
+    PostgreSQL broke it after its `deadlock_timeout` (1 s), the mint answered 503 or
+    the promotion failed. The promotion's statements are made here by a transaction
+    holding the company's row, exactly when the mint waits on it. The mint now queues
+    on the company's row (a key share: inits go on) before it takes the user's."""
+    cp = pg_cp
+    company_id = cp.company("1")
+    rogue = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
+    colleague = cp.user(company_id, "owner", password=None)
+    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with (
+        ThreadPoolExecutor(1) as pool,
+        psycopg.connect(url) as promoter,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
+        mint = pool.submit(rogue.post, "/v1/admin/api-keys", json={"user_id": colleague["id"]})
+        wait_until(lambda: _waiting(watcher) == 1 or mint.done(), "the mint never queued")
+        try:
+            promoter.execute("UPDATE users SET role = 'admin' WHERE id = %s", (colleague["id"],))
+        except psycopg.errors.DeadlockDetected:
+            pytest.fail("the promotion deadlocked with the mint")
+        promoter.commit()
+        answer = mint.result()
+    assert answer.status_code != 503, answer.text
+    error_of(answer, 404, "not_found")  # the promotion came first: seen under the lock
+
+
+def test_a_key_revoked_while_its_user_is_promoted_does_not_deadlock(pg_cp: CP) -> None:
+    """An owner revokes a colleague's key as the platform promotes the colleague (whose
+    promotion revokes the user's keys, `accounts.revoke_live_keys`). The revocation
+    held the key's row, then its audit row's foreign key waited for the company's row,
+    held by the promotion, which waited for the key's row: a deadlock. Measured before
+    the fix: PostgreSQL broke it after 1 s, the revocation answered 503 or the
+    promotion failed. The promotion's statements are made here by a transaction
+    holding the company's row, exactly when the revocation waits on it."""
+    cp = pg_cp
+    company_id = cp.company("1")
+    owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
+    colleague = cp.user(company_id, "owner", password=None)
+    cp.api_key(colleague["id"])
+    listed = data_of(cp.admin.get("/v1/admin/api-keys", params={"user_id": colleague["id"]}))
+    key_id = listed["items"][0]["id"]
+    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with (
+        ThreadPoolExecutor(1) as pool,
+        psycopg.connect(url) as promoter,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
+        revoking = pool.submit(owner.delete, f"/v1/admin/api-keys/{key_id}")
+        wait_until(lambda: _waiting(watcher) == 1 or revoking.done(), "the revocation never queued")
+        try:
+            promoter.execute("UPDATE users SET role = 'admin' WHERE id = %s", (colleague["id"],))
+            promoter.execute(
+                "SELECT id FROM api_keys WHERE user_id = %s AND revoked_at IS NULL FOR UPDATE",
+                (colleague["id"],),
+            )
+        except psycopg.errors.DeadlockDetected:
+            pytest.fail("the promotion deadlocked with the key's revocation")
+        promoter.commit()
+        answer = revoking.result()
+    assert answer.status_code != 503, answer.text
+    error_of(answer, 404, "not_found")  # the promotion came first: seen under the lock
