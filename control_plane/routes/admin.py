@@ -137,9 +137,11 @@ async def list_users(request: Request) -> Response:
 
 
 async def update_user(request: Request) -> Response:
-    """Change a user's role (``{"role"}``), within the caller's own rank. A promotion
-    to platform admin ends the user's password, sign-ins and API keys (`accounts.set_role`);
-    ``"password"`` gives it a new one, the platform admin's choice."""
+    """Change a user's role within the caller's rank (a password only with one to admin).
+
+    A promotion to platform admin ends the user's password, sign-ins and API keys
+    (`accounts.set_role`); ``"password"`` gives it a new one, the platform admin's
+    choice."""
     principal, doc = await caller_and_json(request)
     user_id = path_id(request, "user_id")
     unknown = sorted(set(doc) - {"role", "password"})
