@@ -1,6 +1,14 @@
 """A non-streamed answer (`"stream": false`): the backend's whole body, read, parsed
 by the backend's adapter and accounted on its meter.
 
+The edge asks every backend for a whole answer as a stream (`StreamJob.whole_answer`)
+and joins it here (`StreamAnswer`): a vendor sends a JSON answer's headers only once
+it is generated, and a long one took longer than the edge waits for headers
+(`LLMGW_UPSTREAM_READ_TIMEOUT`, 120 s), so the edge gave up with nothing read, billed
+nothing and moved to the chain's fallback, while the vendor billed the answer it
+went on generating. Streamed, the first token comes at once and every token read is
+billed; a backend that answers with one JSON document anyway is read as before.
+
 An answer that fails once the backend has generated it (longer than we read, past the
 stream's maximum life, malformed, its connection broken) was still generated, and
 the vendor bills it: the meter is given what was read (`bill_unread`), so the report
@@ -33,11 +41,9 @@ _DOCUMENT = re.compile(rb"\s*[{\[]")
 async def read_completion(response: Response, backend: Backend) -> Completion:
     """Raise `UpstreamError` when the answer cannot be read or understood; the
     response is closed either way, and what was read of a failed answer is billed."""
+    answer = _stream_answer(response, backend)
     adapter = backend.adapter
     assert adapter is not None  # opening refused a provider without one
-    answer = (
-        adapter.stream_answer(backend.credentials) if isinstance(adapter, AnswersAsStream) else None
-    )
     tally = _Tally(backend.meter)
     parts: list[bytes] = []
     try:
@@ -69,6 +75,26 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
         completion.text, completion.usage, completion.finish_reason, completion.tool_calls
     )
     return completion
+
+
+def _stream_answer(response: Response, backend: Backend) -> StreamAnswer | None:
+    """How the answer is read: as a stream (an in-house SSE backend's answer always
+    is; a vendor's when it streamed, as the edge asks it to: `StreamJob.whole_answer`),
+    else None: one JSON document (a backend that answered `stream: true` with one)."""
+    adapter = backend.adapter
+    assert adapter is not None  # opening refused a provider without one
+    if isinstance(adapter, AnswersAsStream):
+        return adapter.stream_answer(backend.credentials)
+    if _media_type(response) == "text/event-stream":
+        return StreamAnswer(parser_for(adapter, backend.credentials))
+    return None
+
+
+def _media_type(response: Response) -> str:
+    for name, value in response.headers.items():
+        if name.lower() == "content-type":
+            return value.split(";", 1)[0].strip().lower()
+    return ""
 
 
 async def _read_stream(

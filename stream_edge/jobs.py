@@ -149,7 +149,13 @@ class StreamJob:
         return await self._while_client_stays(receive, self._open_and_read)
 
     async def _open_and_read(self) -> Completion:
-        return await self._read_completion(await self.open(stream=False))
+        # Asked of the backend as a stream, joined by `read_completion`: a vendor's JSON
+        # answer comes only once generated, a long one past the read timeout, which
+        # gave up with nothing read (billed nothing) and moved to the chain's next
+        # model while the vendor billed the answer it went on generating. Streamed,
+        # the headers and the first token come at once, every token read is billed,
+        # and a chain commits to its backend at the first token, as a stream does.
+        return await self._read_completion(await self.open(stream=True))
 
     async def _while_client_stays(
         self, receive: Receive, work: Callable[[], Awaitable[T]]

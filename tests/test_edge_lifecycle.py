@@ -408,7 +408,8 @@ async def test_a_revocation_ends_a_whole_answer_in_progress(gw: Gateway) -> None
     await eventually(lambda: stats.cancelled == cancelled + 1, "the backend's answer cancelled")
     record = await gw.wait_usage(token, grant["reservation_id"])
     assert record["status"] == "revoked"
-    assert record["output_tokens"] == 0  # a JSON answer: nothing of it had come
+    # Asked of the backend as a stream: what was read of it before the revocation.
+    assert 0 < record["output_tokens"] < 600
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole-answer"])

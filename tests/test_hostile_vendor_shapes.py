@@ -121,7 +121,7 @@ def vendor_backend() -> Starlette:
     async def messages(request: Request) -> Response:
         body = orjson.loads(await request.body())
         prompt = body["messages"][-1]["content"]
-        if not body["stream"]:
+        if prompt == "whole":  # one JSON document, though asked for a stream
             return Response(ANTHROPIC_WHOLE, media_type="application/json")
         index: Any = {"list": [], "object": {}, "text": "0"}[prompt]
 
@@ -132,7 +132,8 @@ def vendor_backend() -> Starlette:
         return StreamingResponse(frames(), media_type="text/event-stream")
 
     async def gemini(request: Request) -> Response:
-        if request.path_params["call"].endswith(":generateContent"):
+        body = orjson.loads(await request.body())
+        if body["contents"][-1]["parts"][0].get("text") == "whole":
             return Response(GEMINI_WHOLE, media_type="application/json")
 
         async def frames() -> AsyncIterator[bytes]:
@@ -216,8 +217,8 @@ async def test_a_whole_answer_with_a_tool_call_nested_too_deep_is_an_upstream_er
 ) -> None:
     caplog.set_level(logging.ERROR)
     access = await gw.new_user()
-    grant = await gw.init_ok(access, {"query": "deep", "model": model})
-    request = {"stream": False, "messages": [{"role": "user", "content": "deep"}]}
+    grant = await gw.init_ok(access, {"query": "whole", "model": model})
+    request = {"stream": False, "messages": [{"role": "user", "content": "whole"}]}
     answered, answer = await gw.complete(grant["stream_token"], request)
     # Before: 502 "the edge could not open the backend stream", an unexpected TypeError.
     assert answered == 502

@@ -152,12 +152,13 @@ class Joined:
 
 
 class _PendingCall:
-    __slots__ = ("arguments", "id", "name")
+    __slots__ = ("arguments", "id", "name", "signature")
 
     def __init__(self) -> None:
         self.id = ""
         self.name = ""
         self.arguments = Joined()
+        self.signature = ""  # Gemini's, kept server-side (`ToolCallDelta.signature`)
 
 
 class ToolCalls:
@@ -182,13 +183,15 @@ class ToolCalls:
             call.name = delta.name
         if delta.arguments:
             call.arguments.append(delta.arguments)
+        if delta.signature:
+            call.signature = delta.signature
 
     def __bool__(self) -> bool:
         return bool(self._calls)
 
     def complete(self) -> list[ToolCall]:
         calls = (self._calls[i] for i in sorted(self._calls))
-        return [ToolCall(c.id, c.name, c.arguments.text()) for c in calls]
+        return [ToolCall(c.id, c.name, c.arguments.text(), c.signature) for c in calls]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,7 @@
-"""A whole answer that is a stream (an in-house SSE backend's answer to `stream: false`),
-joined as its bytes are read.
+"""A whole answer that is a stream, joined as its bytes are read: an in-house SSE
+backend's answer to `stream: false`, and every vendor's, which the edge asks for as a
+stream (`completion.read_completion`: a JSON answer comes only once generated, past
+the edge's read timeout for a long one, while the vendor bills it).
 
 Parsed in one go once read, an 8 MiB answer (some 335,000 events) held the edge's
 event loop for 1.6 s; fed piece by piece as it arrives, the reader
@@ -9,6 +11,7 @@ pieces. Pure: no I/O, no waiting; the reader decides when to yield.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, runtime_checkable
 
 from stream_edge.upstream.base import (
@@ -74,7 +77,9 @@ class StreamAnswer:
             elif isinstance(event, Finish):
                 self._reason = event.reason
             elif isinstance(event, Usage):
-                self._usage = Usage(event.input_tokens, event.output_tokens)
+                # Every count kept (a vendor's cache reads are billed at their own
+                # rate), not the raw frame.
+                self._usage = dataclasses.replace(event, raw=b"")
         return events
 
     def end(self) -> list[UpstreamEvent]:
