@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -45,6 +46,17 @@ log = logging.getLogger("llmgw.edge")
 
 # A report is stored, or spooled, within its enqueue budget (`reporter`).
 REPORTS_WAIT_SECONDS = ENQUEUE_BUDGET_SECONDS + 1.0
+
+
+def _get_only(path: str, endpoint: Callable[..., Any]) -> Route:
+    """A GET route that does not also answer HEAD (Starlette adds HEAD to every GET
+    route): a GET of `/v1/stream` claims the token and runs the upstream call, and a
+    HEAD, which link checkers and preview bots send freely, must change nothing. It
+    gets 405 with ``Allow: GET``."""
+    route = Route(path, endpoint, methods=["GET"])
+    assert route.methods is not None
+    route.methods.discard("HEAD")
+    return route
 
 
 def upstream_client(settings: EdgeSettings) -> Http1Client:
@@ -212,7 +224,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
-            Route("/v1/stream", eventsource.event_stream, methods=["GET"]),
+            _get_only("/v1/stream", eventsource.event_stream),
             Route("/v1/models", key_callers.list_models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

@@ -179,6 +179,24 @@ def test_a_finished_stream_is_not_replayed_to_whoever_has_the_url(stack: InProce
     assert b"secret" not in late.content
 
 
+def test_a_head_request_neither_runs_nor_uses_a_stream(stack: InProcessStack) -> None:
+    """HEAD is safe (RFC 9110 §9.3.2): a link checker or preview bot may send one for
+    any URL it sees. Starlette answers HEAD on every GET route, so a HEAD of the
+    stream URL used to claim the token, run the whole upstream call and bill it
+    (a 200 with no body: 64 output tokens charged, nothing delivered), and the
+    client's own GET then got 401 token_used."""
+    c = stack.client
+    grant = c.init_ok(user(stack), {"query": "hello [[mock tokens=5]]"})
+    before = c.mock_stats()
+    head = c.http.head(grant["stream_url"])
+    assert head.status_code == 405
+    assert head.headers["allow"] == "GET"
+    stream = c.http.get(grant["stream_url"])
+    assert stream.status_code == 200 and b"event: complete" in stream.content
+    # Exactly the GET's one upstream call: the HEAD ran none.
+    assert c.mock_stats()["requests"] == before["requests"] + 1
+
+
 def test_one_live_connection_per_stream_a_reconnect_supersedes(stack: InProcessStack) -> None:
     c = stack.client
     grant = c.init_ok(user(stack), {"query": "long [[mock tokens=600 delay_ms=25]]"})

@@ -50,11 +50,13 @@ from stream_edge.upstream.base import (
     openai_tool_calls,
 )
 from stream_edge.upstream.gemini import GeminiStreamParser
+from stream_edge.upstream.openai_chat import OpenAIStreamParser
 from tests.inproc import MOCK, Gateway, events, gateway_env, opened
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
 ANTHROPIC, GEMINI = "http://anthropic-shaped.test", "http://gemini-shaped.test"
+OPENAI = "http://openai-shaped.test"
 PRICE = {"input_per_mtok": "1.0", "output_per_mtok": "2.0"}
 MAX_OUT = 4096
 CATALOG = {
@@ -63,6 +65,7 @@ CATALOG = {
         "mock": {"api_type": "openai_chat", "base_url": f"{MOCK}/v1"},
         "claude": {"api_type": "anthropic_messages", "base_url": ANTHROPIC},
         "gemini": {"api_type": "gemini", "base_url": GEMINI},
+        "openai-shaped": {"api_type": "openai_chat", "base_url": OPENAI},
     },
     "models": {
         name: {
@@ -73,7 +76,12 @@ CATALOG = {
             "features": ["streaming"],
             "price": PRICE,
         }
-        for name, provider in (("mock-fast", "mock"), ("claude", "claude"), ("gemini", "gemini"))
+        for name, provider in (
+            ("mock-fast", "mock"),
+            ("claude", "claude"),
+            ("gemini", "gemini"),
+            ("gpt-shaped", "openai-shaped"),
+        )
     },
 }
 
@@ -115,8 +123,34 @@ GEMINI_WHOLE = (
 GEMINI_FRAME = b"data: " + GEMINI_CALL + NESTED + b"}}]}}]}\r\n\r\n"
 
 
+# What an OpenAI-compatible backend sends as an event's `choices` instead of a list;
+# the prompt picks one.
+ODD_CHOICES: dict[str, Any] = {"int": 5, "object": {"a": 1}, "true": True, "float": 1.5}
+
+
+def openai_stream(choices: Any) -> list[bytes]:
+    """A text delta, an event whose `choices` is `choices`, more text, the end."""
+
+    def frame(doc: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    def text(word: str) -> bytes:
+        return frame({"choices": [{"index": 0, "delta": {"content": word}}]})
+
+    usage = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+    return [
+        text("Hello"),
+        frame({"choices": choices}),
+        text(" there"),
+        frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        frame({"choices": [], "usage": usage}),
+        b"data: [DONE]\n\n",
+    ]
+
+
 def vendor_backend() -> Starlette:
-    """Anthropic's and Gemini's endpoints, answering as the prompt asks."""
+    """Anthropic's, Gemini's and an OpenAI-compatible endpoint, answering as the
+    prompt asks."""
 
     async def messages(request: Request) -> Response:
         body = orjson.loads(await request.body())
@@ -141,8 +175,18 @@ def vendor_backend() -> Starlette:
 
         return StreamingResponse(frames(), media_type="text/event-stream")
 
+    async def chat(request: Request) -> Response:
+        prompt = orjson.loads(await request.body())["messages"][-1]["content"]
+
+        async def frames() -> AsyncIterator[bytes]:
+            for frame in openai_stream(ODD_CHOICES[prompt]):
+                yield frame
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
     return Starlette(
         routes=[
+            Route("/chat/completions", chat, methods=["POST"]),
             Route("/v1/messages", messages, methods=["POST"]),
             Route("/v1beta/models/{call}", gemini, methods=["POST"]),
         ]
@@ -158,6 +202,7 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
         backend = vendor_backend()
         gateway.backends.route(ANTHROPIC, backend)
         gateway.backends.route(GEMINI, backend)
+        gateway.backends.route(OPENAI, backend)
         yield gateway
 
 
@@ -251,3 +296,34 @@ def test_arguments_nested_too_deep_are_malformed_for_every_vendor_shape() -> Non
         openai_tool_calls([{"id": "c", "function": {"name": "save", "arguments": deep}}])
     assert GeminiStreamParser().feed(GEMINI_FRAME) == [Failure(MALFORMED_EVENT)]
     assert json_text({"a": [1, "b"]}) == '{"a":[1,"b"]}'
+
+
+@on_loop
+@pytest.mark.parametrize("prompt", sorted(ODD_CHOICES))
+async def test_an_openai_event_whose_choices_is_no_list_is_skipped(
+    gw: Gateway, caplog: pytest.LogCaptureFixture, prompt: str
+) -> None:
+    """Attack (measured before the fix): an OpenAI-compatible backend sends one event
+    whose `choices` is a number, an object or `true` instead of a list. The parser
+    indexed it (`choices[0]`) and raised TypeError or KeyError; the pump's catch-all
+    ended the stream after "Hello" with "the stream broke off", reported it `failed`,
+    and logged "unexpected TypeError while relaying". Now an event with no list of
+    choices carries no choice, as one whose first choice is no object already did."""
+    caplog.set_level(logging.ERROR)
+    chunks, record = await stream(gw, "gpt-shaped", prompt)
+    assert not [c for c in chunks if "error" in c]
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in chunks
+        if isinstance(c.get("choices"), list) and c["choices"]
+    )
+    assert text == "Hello there"
+    assert (record["status"], record["output_tokens"]) == ("completed", 7)
+    assert unexpected(caplog) == []
+
+
+def test_the_openai_parser_takes_an_event_whose_choices_is_no_list_as_no_choice() -> None:
+    for choices in [*ODD_CHOICES.values(), "text", None, []]:
+        events = OpenAIStreamParser().feed(b"".join(openai_stream(choices)))
+        assert [e.text for e in events if isinstance(e, Delta)] == ["Hello", " there"], choices
+        assert [e.reason for e in events if isinstance(e, Finish)] == ["stop"]

@@ -66,8 +66,15 @@ class OpenAIStreamParser(JsonEventParser):
             detail = error.get("message") if isinstance(error, dict) else error
             return [vendor_failure("openai", detail, self.withheld)]
         out: list[UpstreamEvent] = []
-        choices = doc.get("choices") or []
-        choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+        choices = doc.get("choices")
+        # A backend's `choices` that is no list of objects (a number, an object, `true`)
+        # carries no choice: indexed as it came, it raised out of the parser and the
+        # pump's catch-all ended a healthy stream as "the stream broke off".
+        choice = (
+            choices[0]
+            if isinstance(choices, list) and choices and isinstance(choices[0], dict)
+            else {}
+        )
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
         if delta:
             thought = delta.get("reasoning_content") or delta.get("reasoning")
