@@ -101,6 +101,9 @@ class StreamJob:
                 code="upstream_timeout",
                 status=504,
             )
+            # A backend that had not answered: as one past the read timeout counts
+            # (`Opener.open`), and as the relay counts the life running out.
+            self._count_failure(error)
             await self._failed(error)
             raise error from None
         except EdgeError as exc:

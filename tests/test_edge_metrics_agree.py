@@ -9,13 +9,18 @@ while the backend opened or while it answered. Through the in-process gateway
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
 
-from tests.inproc import Gateway, events, gateway_env, opened
+from tests.inproc import MOCK, Gateway, events, eventually, gateway_env, opened
+from tests.token_claims import jti_of
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -27,26 +32,26 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
         yield gateway
 
 
-def _sample(gw: Gateway, name: str, **labels: str) -> float:
-    value = gw.edge_state().metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
+def _snapshot(gw: Gateway, edge: str = "edge") -> dict[str, float]:
+    registry = gw.edge_state(edge).metrics.registry
 
+    def _sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
 
-def _snapshot(gw: Gateway) -> dict[str, float]:
     found = {
-        "active": _sample(gw, "llmgw_edge_streams_active"),
+        "active": _sample("llmgw_edge_streams_active"),
         "errors": sum(
             s.value
-            for metric in gw.edge_state().metrics.registry.collect()
+            for metric in registry.collect()
             if metric.name == "llmgw_edge_upstream_errors"
             for s in metric.samples
             if s.name == "llmgw_edge_upstream_errors_total"
         ),
-        "input": _sample(gw, "llmgw_edge_tokens_total", direction="input"),
-        "output": _sample(gw, "llmgw_edge_tokens_total", direction="output"),
+        "input": _sample("llmgw_edge_tokens_total", direction="input"),
+        "output": _sample("llmgw_edge_tokens_total", direction="output"),
     }
     for status in ("completed", "cancelled", "failed", "revoked"):
-        found[status] = _sample(gw, "llmgw_edge_streams_total", status=status)
+        found[status] = _sample("llmgw_edge_streams_total", status=status)
     return found
 
 
@@ -94,3 +99,109 @@ async def test_each_stream_moves_the_edge_metrics_once(
         record["output_tokens"],
     )
     assert moved["errors"] == errors
+
+
+async def _until_reported(
+    gw: Gateway, access: str, grant: dict[str, Any], before: dict[str, float], edge: str
+) -> tuple[dict[str, float], dict[str, Any]]:
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    await eventually(lambda: gw.edge_state(edge).reports_owed == 0, "every report made")
+    after = _snapshot(gw, edge)
+    return {k: after[k] - before[k] for k in after}, record
+
+
+def _assert_once(moved: dict[str, float], record: dict[str, Any], errors: int) -> None:
+    assert moved["active"] == 0  # else a phantom stream on the operator's dashboard
+    assert moved[record["status"]] == 1
+    assert sum(moved[s] for s in ("completed", "cancelled", "failed", "revoked")) == 1
+    assert (moved["input"], moved["output"]) == (record["input_tokens"], record["output_tokens"])
+    assert moved["errors"] == errors
+
+
+@on_loop
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+async def test_a_client_leaving_while_the_backend_opens_moves_the_metrics_once(
+    gw: Gateway, stream: bool
+) -> None:
+    access = await gw.new_user()
+    faults = gw.backends.faults_for(MOCK)
+    messages = [{"role": "user", "content": "left early [[mock tokens=40]]"}]
+    grant = await gw.init_ok(access, {"messages": messages})
+    body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": stream})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    before = _snapshot(gw)
+    faults.stalled.clear()
+    faults.stall_headers = 1
+    try:
+        client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
+        await faults.stalled.wait()
+        assert _snapshot(gw)["active"] == before["active"] + 1  # opening: active
+        client.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        moved, record = await _until_reported(gw, access, grant, before, "edge")
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()
+        await asyncio.sleep(0)
+        faults.release.clear()
+    assert record["status"] == "cancelled"
+    _assert_once(moved, record, errors=0)
+
+
+@on_loop
+async def test_a_whole_answer_revoked_in_progress_moves_the_metrics_once(gw: Gateway) -> None:
+    access = await gw.new_user()
+    messages = [{"role": "user", "content": "whole [[mock tokens=600 delay_ms=20]]"}]
+    grant = await gw.init_ok(access, {"messages": messages})
+    stats = gw.stats
+    active = stats.active
+    before = _snapshot(gw)
+    body = {"model": "mock-fast", "messages": messages, "stream": False}
+    answer = asyncio.create_task(gw.complete(grant["stream_token"], body))
+    await eventually(lambda: stats.active > active, "the whole answer under way")
+    revoked = await gw.admin(
+        "POST", "/v1/admin/revocations", json={"jti": jti_of(grant["stream_token"])}
+    )
+    assert revoked.status_code == 201, revoked.text
+    async with asyncio.timeout(6):  # a bound: the watcher passes every second
+        status, _ = await answer
+    assert status == 401
+    moved, record = await _until_reported(gw, access, grant, before, "edge")
+    assert record["status"] == "revoked"
+    _assert_once(moved, record, errors=0)
+
+
+@on_loop
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+async def test_the_maximum_life_reached_while_opening_moves_the_metrics_once(
+    gw: Gateway, stream: bool
+) -> None:
+    """Before, a backend that had not answered its headers when the stream's maximum
+    life ran out was counted in no `llmgw_edge_upstream_errors_total` (measured: 0),
+    though the same backend past the upstream read timeout counts one
+    `upstream_timeout`, and the relay counts the same life running out once the
+    backend answers."""
+    name = f"short-{int(stream)}"
+    await gw.add_edge(name)
+    state = gw.edge_state(name)
+    state.settings = dataclasses.replace(state.settings, max_stream_seconds=0.5)
+    access = await gw.new_user()
+    faults = gw.backends.faults_for(MOCK)
+    messages = [{"role": "user", "content": "slow to answer [[mock tokens=5]]"}]
+    grant = await gw.init_ok(access, {"messages": messages})
+    body = {"model": "mock-fast", "messages": messages, "stream": stream}
+    before = _snapshot(gw, name)
+    faults.stall_headers = 1
+    try:
+        async with asyncio.timeout(5):  # a bound on a broken test: the life is 0.5 s
+            status, _ = await gw.complete(grant["stream_token"], body, edge=name)
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()
+        await asyncio.sleep(0)
+        faults.release.clear()
+    assert status == 504
+    moved, record = await _until_reported(gw, access, grant, before, name)
+    assert record["status"] == "failed"
+    _assert_once(moved, record, errors=1)
