@@ -155,6 +155,7 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
             r = await client.post("/v1/chat/init", json=BODY, headers=auth)
             assert r.status_code == 201, r.text
 
+        counted = _money_counters(app)
         # The lost acknowledgement: init's unit commits (its one autocommit statement,
         # or its COMMIT when a session was needed), then its caller hears what a cut
         # connection says.
@@ -196,6 +197,11 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
         problems, kinds = await db.transaction(books)
         assert problems == []
         assert kinds == ["hold"] * (2 + warm) + ["release"]
+        # The counters moved by the lost hold and its release, and the retry's hold:
+        # reserved - charged - released is what is held.
+        now = _money_counters(app)
+        moved = {k: now[k] - counted[k] for k in now}
+        assert moved == {"reserved": 2 * hold, "charged": 0, "released": hold}
 
 
 async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_retried(
