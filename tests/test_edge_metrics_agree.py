@@ -32,7 +32,7 @@ async def gw(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]
         yield gateway
 
 
-def _snapshot(gw: Gateway, edge: str = "edge") -> dict[str, float]:
+def snapshot(gw: Gateway, edge: str = "edge") -> dict[str, float]:
     registry = gw.edge_state(edge).metrics.registry
 
     def _sample(name: str, **labels: str) -> float:
@@ -59,7 +59,7 @@ async def _run(gw: Gateway, prompt: str, stream: bool) -> tuple[dict[str, Any], 
     """One stream of `prompt`, streamed or whole; the metrics' moves and its record."""
     access = await gw.new_user()
     grant = await gw.init_ok(access, {"query": prompt, "max_tokens": 200})
-    before = _snapshot(gw)
+    before = snapshot(gw)
     if stream:
         async with opened(await gw.get(grant["stream_url"])) as response:
             await events(response)
@@ -67,7 +67,7 @@ async def _run(gw: Gateway, prompt: str, stream: bool) -> tuple[dict[str, Any], 
         body = {"stream": False, "messages": [{"role": "user", "content": prompt}]}
         await gw.complete(grant["stream_token"], body)
     record = await gw.wait_usage(access, grant["reservation_id"])
-    after = _snapshot(gw)
+    after = snapshot(gw)
     return {k: after[k] - before[k] for k in after}, record
 
 
@@ -106,11 +106,11 @@ async def _until_reported(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     record = await gw.wait_usage(access, grant["reservation_id"])
     await eventually(lambda: gw.edge_state(edge).reports_owed == 0, "every report made")
-    after = _snapshot(gw, edge)
+    after = snapshot(gw, edge)
     return {k: after[k] - before[k] for k in after}, record
 
 
-def _assert_once(moved: dict[str, float], record: dict[str, Any], errors: int) -> None:
+def assert_once(moved: dict[str, float], record: dict[str, Any], errors: int) -> None:
     assert moved["active"] == 0  # else a phantom stream on the operator's dashboard
     assert moved[record["status"]] == 1
     assert sum(moved[s] for s in ("completed", "cancelled", "failed", "revoked")) == 1
@@ -129,13 +129,13 @@ async def test_a_client_leaving_while_the_backend_opens_moves_the_metrics_once(
     grant = await gw.init_ok(access, {"messages": messages})
     body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": stream})
     headers = {"Authorization": f"Bearer {grant['stream_token']}"}
-    before = _snapshot(gw)
+    before = snapshot(gw)
     faults.stalled.clear()
     faults.stall_headers = 1
     try:
         client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
         await faults.stalled.wait()
-        assert _snapshot(gw)["active"] == before["active"] + 1  # opening: active
+        assert snapshot(gw)["active"] == before["active"] + 1  # opening: active
         client.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await client
@@ -146,7 +146,7 @@ async def test_a_client_leaving_while_the_backend_opens_moves_the_metrics_once(
         await asyncio.sleep(0)
         faults.release.clear()
     assert record["status"] == "cancelled"
-    _assert_once(moved, record, errors=0)
+    assert_once(moved, record, errors=0)
 
 
 @on_loop
@@ -156,7 +156,7 @@ async def test_a_whole_answer_revoked_in_progress_moves_the_metrics_once(gw: Gat
     grant = await gw.init_ok(access, {"messages": messages})
     stats = gw.stats
     active = stats.active
-    before = _snapshot(gw)
+    before = snapshot(gw)
     body = {"model": "mock-fast", "messages": messages, "stream": False}
     answer = asyncio.create_task(gw.complete(grant["stream_token"], body))
     await eventually(lambda: stats.active > active, "the whole answer under way")
@@ -169,7 +169,7 @@ async def test_a_whole_answer_revoked_in_progress_moves_the_metrics_once(gw: Gat
     assert status == 401
     moved, record = await _until_reported(gw, access, grant, before, "edge")
     assert record["status"] == "revoked"
-    _assert_once(moved, record, errors=0)
+    assert_once(moved, record, errors=0)
 
 
 @on_loop
@@ -191,7 +191,7 @@ async def test_the_maximum_life_reached_while_opening_moves_the_metrics_once(
     messages = [{"role": "user", "content": "slow to answer [[mock tokens=5]]"}]
     grant = await gw.init_ok(access, {"messages": messages})
     body = {"model": "mock-fast", "messages": messages, "stream": stream}
-    before = _snapshot(gw, name)
+    before = snapshot(gw, name)
     faults.stall_headers = 1
     try:
         async with asyncio.timeout(5):  # a bound on a broken test: the life is 0.5 s
@@ -204,4 +204,4 @@ async def test_the_maximum_life_reached_while_opening_moves_the_metrics_once(
     assert status == 504
     moved, record = await _until_reported(gw, access, grant, before, name)
     assert record["status"] == "failed"
-    _assert_once(moved, record, errors=1)
+    assert_once(moved, record, errors=1)
