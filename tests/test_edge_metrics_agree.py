@@ -205,3 +205,51 @@ async def test_the_maximum_life_reached_while_opening_moves_the_metrics_once(
     moved, record = await _until_reported(gw, access, grant, before, name)
     assert record["status"] == "failed"
     assert_once(moved, record, errors=1)
+
+
+@on_loop
+@pytest.mark.parametrize("when", ["opening", "reporting"])
+async def test_a_server_cancellation_moves_the_metrics_once(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The server cancels a whole answer's request once its graceful time is over
+    (uvicorn's `task.cancel()`): while the backend opens (a `failed` report, no
+    backend error: the edge stopped) or while the report goes to the store (the
+    report runs on in its own task: counted once, `completed`)."""
+    state = gw.edge_state()
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    faults = gw.backends.faults_for(MOCK)
+    if when == "reporting":
+        enqueue = state.outbox.enqueue
+
+        async def slow_enqueue(*args: Any, **kwargs: Any) -> None:
+            reached.set()
+            await go_on.wait()
+            await enqueue(*args, **kwargs)
+
+        monkeypatch.setattr(state.outbox, "enqueue", slow_enqueue)
+    access = await gw.new_user()
+    messages = [{"role": "user", "content": "cut by the server [[mock tokens=40]]"}]
+    grant = await gw.init_ok(access, {"messages": messages})
+    body = {"model": "mock-fast", "messages": messages, "stream": False}
+    before = snapshot(gw)
+    faults.stalled.clear()
+    faults.stall_headers = 1 if when == "opening" else 0
+    try:
+        asking = asyncio.create_task(gw.complete(grant["stream_token"], body))
+        await (reached.wait() if when == "reporting" else faults.stalled.wait())
+        (request,) = [e for e in gw.clients._open if not e.task.done()]
+        request.task.cancel()  # the server's graceful time is over
+        await asyncio.sleep(0)
+        go_on.set()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(asking, 5)
+        monkeypatch.undo()
+        moved, record = await _until_reported(gw, access, grant, before, "edge")
+    finally:
+        faults.stall_headers = 0
+        faults.release.set()
+        await asyncio.sleep(0)
+        faults.release.clear()
+    assert record["status"] == ("completed" if when == "reporting" else "failed")
+    assert_once(moved, record, errors=0)
