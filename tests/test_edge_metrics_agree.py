@@ -52,6 +52,13 @@ def snapshot(gw: Gateway, edge: str = "edge") -> dict[str, float]:
     }
     for status in ("completed", "cancelled", "failed", "revoked"):
         found[status] = _sample("llmgw_edge_streams_total", status=status)
+    for outcome in ("delivered", "retry", "rejected"):
+        found[outcome] = _sample("llmgw_edge_webhook_deliveries_total", outcome=outcome)
+    settled = gw.cp.state.deps.metrics.registry
+    for outcome in ("settled", "duplicate"):
+        found[f"cp_{outcome}"] = (
+            settled.get_sample_value("llmgw_cp_webhooks_total", {"outcome": outcome}) or 0.0
+        )
     return found
 
 
@@ -66,9 +73,7 @@ async def _run(gw: Gateway, prompt: str, stream: bool) -> tuple[dict[str, Any], 
     else:
         body = {"stream": False, "messages": [{"role": "user", "content": prompt}]}
         await gw.complete(grant["stream_token"], body)
-    record = await gw.wait_usage(access, grant["reservation_id"])
-    after = snapshot(gw)
-    return {k: after[k] - before[k] for k in after}, record
+    return await until_reported(gw, access, grant, before)
 
 
 @on_loop
@@ -91,21 +96,19 @@ async def test_each_stream_moves_the_edge_metrics_once(
     counts 1): only the opening and the stream's relay counted backend failures."""
     moved, record = await _run(gw, prompt, stream)
     assert record["status"] == status
-    assert moved["active"] == 0
-    assert moved[status] == 1
-    assert sum(moved[s] for s in ("completed", "cancelled", "failed", "revoked")) == 1
-    assert (moved["input"], moved["output"]) == (
-        record["input_tokens"],
-        record["output_tokens"],
-    )
-    assert moved["errors"] == errors
+    assert_once(moved, record, errors)
 
 
-async def _until_reported(
-    gw: Gateway, access: str, grant: dict[str, Any], before: dict[str, float], edge: str
+async def until_reported(
+    gw: Gateway, access: str, grant: dict[str, Any], before: dict[str, float], edge: str = "edge"
 ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The stream's usage record once settled and its delivery counted; what the
+    metrics moved since `before`."""
     record = await gw.wait_usage(access, grant["reservation_id"])
     await eventually(lambda: gw.edge_state(edge).reports_owed == 0, "every report made")
+    await eventually(
+        lambda: snapshot(gw, edge)["delivered"] > before["delivered"], "the delivery counted"
+    )
     after = snapshot(gw, edge)
     return {k: after[k] - before[k] for k in after}, record
 
@@ -116,6 +119,9 @@ def assert_once(moved: dict[str, float], record: dict[str, Any], errors: int) ->
     assert sum(moved[s] for s in ("completed", "cancelled", "failed", "revoked")) == 1
     assert (moved["input"], moved["output"]) == (record["input_tokens"], record["output_tokens"])
     assert moved["errors"] == errors
+    # Its report delivered once and settled once.
+    assert (moved["delivered"], moved["retry"], moved["rejected"]) == (1, 0, 0)
+    assert (moved["cp_settled"], moved["cp_duplicate"]) == (1, 0)
 
 
 @on_loop
@@ -139,7 +145,7 @@ async def test_a_client_leaving_while_the_backend_opens_moves_the_metrics_once(
         client.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await client
-        moved, record = await _until_reported(gw, access, grant, before, "edge")
+        moved, record = await until_reported(gw, access, grant, before, "edge")
     finally:
         faults.stall_headers = 0
         faults.release.set()
@@ -167,7 +173,7 @@ async def test_a_whole_answer_revoked_in_progress_moves_the_metrics_once(gw: Gat
     async with asyncio.timeout(6):  # a bound: the watcher passes every second
         status, _ = await answer
     assert status == 401
-    moved, record = await _until_reported(gw, access, grant, before, "edge")
+    moved, record = await until_reported(gw, access, grant, before, "edge")
     assert record["status"] == "revoked"
     assert_once(moved, record, errors=0)
 
@@ -202,7 +208,7 @@ async def test_the_maximum_life_reached_while_opening_moves_the_metrics_once(
         await asyncio.sleep(0)
         faults.release.clear()
     assert status == 504
-    moved, record = await _until_reported(gw, access, grant, before, name)
+    moved, record = await until_reported(gw, access, grant, before, name)
     assert record["status"] == "failed"
     assert_once(moved, record, errors=1)
 
@@ -245,7 +251,7 @@ async def test_a_server_cancellation_moves_the_metrics_once(
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(asking, 5)
         monkeypatch.undo()
-        moved, record = await _until_reported(gw, access, grant, before, "edge")
+        moved, record = await until_reported(gw, access, grant, before, "edge")
     finally:
         faults.stall_headers = 0
         faults.release.set()

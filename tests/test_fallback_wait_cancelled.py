@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.inproc import Gateway, eventually, gateway_env
-from tests.test_edge_metrics_agree import assert_once, snapshot
+from tests.test_edge_metrics_agree import assert_once, snapshot, until_reported
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -157,13 +157,10 @@ async def test_a_first_token_wait_cancelled_moves_the_edge_metrics_once(
         client.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await client
-        record = await gw.wait_usage(token, grant["reservation_id"], within=5)
-        await eventually(lambda: gw.edge_state().reports_owed == 0, "every report made")
+        moved, record = await until_reported(gw, token, grant, before)
     finally:
         backend.go.set()
     await eventually(lambda: backend.waiting == 0, "the backend's answer over")
-    after = snapshot(gw)
-    moved = {k: after[k] - before[k] for k in after}
     assert record["status"] == "cancelled"
     assert_once(moved, record, errors=0)
     assert (
