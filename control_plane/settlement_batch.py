@@ -41,8 +41,8 @@ import logging
 import psycopg
 import sqlalchemy.exc
 
-from control_plane import db_shares
-from control_plane.db import Database, DatabaseTimeout
+from control_plane import db_shares, lost_settlements
+from control_plane.db import Database, DatabaseTimeout, outcome_unknown
 from control_plane.errors import AppError, DatabaseUnavailable
 from control_plane.settlement import Outcome
 from control_plane.webhook_settlement import (
@@ -167,12 +167,15 @@ class SettlementBatcher:
         results: list[Outcome | BaseException] = []
         silent: DatabaseTimeout | None = None
         batched = len(deliveries) > 1  # a lone webhook takes its own path, unbounded
+        attempt = lost_settlements.marked(deliveries)
         try:
             if batched:
                 results.extend(
                     await self._db.transaction(
                         functools.partial(
-                            settle_webhooks, deliveries=deliveries, lock_wait=self._lock_wait
+                            settle_webhooks,
+                            deliveries=attempt.deliveries,
+                            lock_wait=self._lock_wait,
                         ),
                         late=functools.partial(_settled_late, lates),
                     )
@@ -180,7 +183,13 @@ class SettlementBatcher:
         except DatabaseTimeout as exc:
             silent = exc
         except Exception as exc:
-            # Rolled back as a whole: nothing of it was kept. Each event on its own.
+            if outcome_unknown(exc):
+                # Its COMMIT's answer lost: it may have committed, and each event
+                # on its own is then a duplicate. What it settled goes to the
+                # deliveries' `late`s once read back (`lost_settlements`).
+                lost_settlements.read_back(self._db, attempt, lates)
+            # Rolled back as a whole (or committed: its events are duplicates now).
+            # Each event on its own.
             log.info("settlement batch of %d rolled back (%r); one by one", len(batch), exc)
         if not results:
             # In its own transaction: a failing one answers its error, others settle.

@@ -72,7 +72,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import budgets, company_webhooks, logout
+from control_plane import budgets, company_webhooks, logout, lost_settlements
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.background import finish, in_background
 from control_plane.db import Database, outcome_unknown
@@ -153,12 +153,16 @@ def reconcile(
     *,
     silent: bool = False,
     running: bool = False,
+    attempt: str | None = None,
 ) -> Reconciled:
     """One reservation's use case (one transaction): settle it from `checkpoint`,
     or release it. A `silent` stream is before its deadline: it is settled only
     from a checkpoint of its own, never released. `running`: the silence watch saw
     `checkpoint` change and not fall silent, so a checkpoint of the stream's own is
-    left to its report, past the deadline or not (`sweep_expired_holds`)."""
+    left to its report, past the deadline or not (`sweep_expired_holds`). `attempt`:
+    this transaction's mark on its audit events, by which a commit whose answer was
+    lost is read back (`lost_settlements.count_reconciled`)."""
+    mark = {} if attempt is None else {"attempt": attempt}
     reservation = session.get(Reservation, reservation_id)
     if reservation is None or reservation.status != "active":
         return NOTHING
@@ -185,6 +189,7 @@ def reconcile(
             details={
                 "source": "silent checkpoint" if silent else "checkpoint",
                 "checkpoint_updated_at": checkpoint.updated_at,
+                **mark,
             },
             served=checkpoint_served(reservation, checkpoint),
         )
@@ -197,7 +202,10 @@ def reconcile(
             reservation.company_id,
             reservation.user_id,
         )
-    details = {"source": "no checkpoint" if checkpoint is None else "checkpoint of another stream"}
+    details = {
+        "source": "no checkpoint" if checkpoint is None else "checkpoint of another stream",
+        **mark,
+    }
     released = release_reservation(
         session, reservation_id, RELEASE_REASON, actor=SWEEPER_ACTOR, details=details
     )
@@ -299,6 +307,7 @@ async def sweep_expired_holds(
                 and watch.seen_alive(reservation_id)
             )
             running += live
+            attempt, began = lost_settlements.new_mark()
             try:
                 done = await db.transaction(
                     functools.partial(
@@ -306,11 +315,18 @@ async def sweep_expired_holds(
                         reservation_id=reservation_id,
                         checkpoint=checkpoint,
                         running=live,
+                        attempt=attempt,
                     ),
                     late=functools.partial(_counted_late, metrics),
                 )
             except Exception as exc:
                 failures.failed(reservation_id, company_id, exc)
+                if outcome_unknown(exc):
+                    # It may have committed, its answer lost: every later pass finds
+                    # the hold done and counts nothing. Counted if it did.
+                    lost_settlements.count_reconciled(
+                        db, metrics, reservation_id, company_id, attempt, began
+                    )
                 if failures.stops:
                     break
                 continue
@@ -397,10 +413,15 @@ async def sweep_silent_streams(
                 continue
             if failures.skips(company_id):
                 continue  # the database failed on its company: the next pass
+            attempt, began = lost_settlements.new_mark()
             try:
                 done = await db.transaction(
                     functools.partial(
-                        reconcile, reservation_id=reservation_id, checkpoint=checkpoint, silent=True
+                        reconcile,
+                        reservation_id=reservation_id,
+                        checkpoint=checkpoint,
+                        silent=True,
+                        attempt=attempt,
                     ),
                     late=functools.partial(
                         _revoked_late, metrics, store, checkpoint.jti, revoke_ttl
@@ -418,6 +439,9 @@ async def sweep_silent_streams(
                             db, store, checkpoint.jti, reservation_id, company_id, revoke_ttl
                         ),
                         "lost-silent-revocation",
+                    )
+                    lost_settlements.count_reconciled(
+                        db, metrics, reservation_id, company_id, attempt, began
                     )
                 if failures.stops:
                     break

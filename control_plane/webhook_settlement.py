@@ -25,9 +25,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from control_plane import chat_sessions, raw_pg, settle_statements
+from control_plane import chat_sessions, lost_settlements, raw_pg, settle_statements
 from control_plane.audit import WEBHOOK_ACTOR
-from control_plane.db import Database, Unit
+from control_plane.db import Database, Unit, outcome_unknown
 from control_plane.errors import (
     AppError,
     Conflict,
@@ -74,6 +74,9 @@ class Delivery:
     http_request_id: str | None = None
     signer_provider: str | None = None
     session_limits: chat_sessions.SessionLimits | None = None
+    # The transaction that settles it (`lost_settlements.marked`), on its audit
+    # events: what a commit whose answer was lost settled is read back by it.
+    attempt: str | None = None
 
 
 def settle_webhooks(
@@ -257,6 +260,8 @@ def _settling(
     details: dict[str, Any] = {"source": "webhook", "webhook_id": delivery.webhook_id}
     if delivery.http_request_id is not None:
         details["http_request_id"] = delivery.http_request_id
+    if delivery.attempt is not None:
+        details["attempt"] = delivery.attempt
     usage = Usage(
         status=event.status,
         input_tokens=event.input_tokens,
@@ -410,6 +415,8 @@ async def settle_delivery(
     (`held_rows`; the batcher's, on the session path, which `settle_alone` saves a
     round trip or two of)."""
     on_late = None if late is None else functools.partial(settled_late, late)
+    attempt = lost_settlements.marked([delivery])
+    [delivery] = attempt.deliveries
     try:
         result: Outcome | AppError
         if lock_wait is not None:
@@ -430,6 +437,12 @@ async def settle_delivery(
             lambda s: already_settled(s, delivery.webhook_id, delivery.event.reservation_id)
         ):
             return DUPLICATE
+        raise
+    except Exception as exc:
+        if outcome_unknown(exc):
+            # It may have committed, its answer lost: the redelivery is then a
+            # duplicate, so what it settled goes to `late` once read back.
+            lost_settlements.read_back(db, attempt, [late])
         raise
     if isinstance(result, AppError):
         raise result

@@ -101,6 +101,9 @@ class StreamJob:
                 code="upstream_timeout",
                 status=504,
             )
+            # A backend that had not answered: as one past the read timeout counts
+            # (`Opener.open`), and as the relay counts the life running out.
+            self._count_failure(error)
             await self._failed(error)
             raise error from None
         except EdgeError as exc:
@@ -203,9 +206,13 @@ class StreamJob:
             error = UpstreamError(
                 "the answer reached its maximum length", code="upstream_timeout", status=504
             )
+            self._count_failure(error)
             await self._failed(error)
             raise error from None
         except EdgeError as exc:
+            # The backend failed once it had begun answering: counted as the relay
+            # counts a streamed answer's failure (`Pump.run`); the opening counts its own.
+            self._count_failure(exc)
             await self._failed(exc)
             raise
         except asyncio.CancelledError:
@@ -263,6 +270,10 @@ class StreamJob:
             outcome = "finished"
         with anyio.CancelScope(shield=True):
             await self.report(outcome)
+
+    def _count_failure(self, exc: EdgeError) -> None:
+        """One backend failure in ``llmgw_edge_upstream_errors_total``."""
+        self.state.metrics.upstream_errors.labels(self.backend.provider_label, exc.code).inc()
 
     async def _fail_unexpectedly(self, exc: Exception, doing: str) -> UpstreamError:
         """Report the stream as failed after an exception nobody foresaw; returns the

@@ -30,6 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.inproc import Gateway, eventually, gateway_env
+from tests.test_edge_metrics_agree import assert_once, snapshot, until_reported
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -128,3 +129,43 @@ async def test_a_client_leaving_during_the_first_token_wait_closes_the_backend(
         backend.go.set()  # a request the edge still holds runs to its end
     await eventually(lambda: backend.waiting == 0, "the backend's answer over")
     assert backend.generated == 0
+
+
+@on_loop
+async def test_a_first_token_wait_cancelled_moves_the_edge_metrics_once(
+    gateway: Gateway,
+) -> None:
+    """The client leaving while the chain waits for a first token: one `cancelled`
+    stream, the active gauge back where it was, its tokens as its record has them, no
+    backend error and no fallback counted (the chain never moved on)."""
+    gw, backend = gateway, FirstTokenHeld()
+    app = Starlette(routes=[Route("/v1/chat/completions", backend.completions, methods=["POST"])])
+    gw.backends.route(BACKEND, app)
+    token = await gw.new_user()
+    messages = [{"role": "user", "content": "hello"}]
+    grant = await gw.init_ok(token, {"model": "slow-first", "messages": messages})
+    body = orjson.dumps({"model": "slow-first", "messages": messages, "stream": True})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    registry = gw.edge_state().metrics.registry
+    before = snapshot(gw)
+    fallbacks = registry.get_sample_value(
+        "llmgw_edge_fallbacks_total", {"from_model": "slow-first", "to_model": "spare"}
+    )
+    client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
+    try:
+        await eventually(lambda: backend.waiting == 1, "the edge waits for the first token")
+        client.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        moved, record = await until_reported(gw, token, grant, before)
+    finally:
+        backend.go.set()
+    await eventually(lambda: backend.waiting == 0, "the backend's answer over")
+    assert record["status"] == "cancelled"
+    assert_once(moved, record, errors=0)
+    assert (
+        registry.get_sample_value(
+            "llmgw_edge_fallbacks_total", {"from_model": "slow-first", "to_model": "spare"}
+        )
+        == fallbacks
+    )

@@ -8,13 +8,16 @@ duplicate, charged once. In-process (ASGITransport) on PostgreSQL + Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 from sqlalchemy import select
@@ -22,10 +25,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import col
 
 from control_plane import db as db_module
-from control_plane import init_writes, webhook_settlement
+from control_plane import init_writes, late_settlements, settlement_batch, webhook_settlement
 from control_plane.app import create_app
 from control_plane.books import check_books
 from control_plane.tables import LedgerEntry, Reservation
+from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
 from shared.webhooks import sign
 from tests.inproc import eventually
@@ -69,10 +73,16 @@ async def _member(client: httpx.AsyncClient, credits: str) -> tuple[dict[str, st
 
 
 def _lose_the_answer_of(
-    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]
+    monkeypatch: pytest.MonkeyPatch,
+    module: Any,
+    name: str,
+    cut: list[str],
+    *,
+    commits: bool = True,
 ) -> None:
-    """The unit running `module.name` commits, then its caller hears what a cut
-    connection says (once): armed on that unit's thread only."""
+    """The unit running `module.name` commits (or, not `commits`, rolls back), then
+    its caller hears what a cut connection says (once): armed on that unit's thread
+    only."""
     real, real_end = getattr(module, name), db_module._PooledUnit.end
     marked: set[int] = set()
 
@@ -82,15 +92,41 @@ def _lose_the_answer_of(
         return real(*args, **kwargs)
 
     def end_then_connection_lost(unit: Any, commit: bool) -> None:
-        real_end(unit, commit)
-        if commit and threading.get_ident() in marked:
+        armed = commit and threading.get_ident() in marked
+        real_end(unit, commit and (commits or not armed))
+        if armed:
             marked.discard(threading.get_ident())
-            cut.append("after the commit")
+            cut.append("after the commit" if commits else "before the commit")
             lost = psycopg.OperationalError("server closed the connection unexpectedly")
             raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
 
     monkeypatch.setattr(module, name, mark)
     monkeypatch.setattr(db_module._PooledUnit, "end", end_then_connection_lost)
+
+
+def _lose_the_transaction_answer_of(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]
+) -> None:
+    """`_lose_the_answer_of` for a `Database.transaction` (a session's COMMIT)."""
+    real, real_in = getattr(module, name), db_module.Database._in_transaction
+    marked: set[int] = set()
+
+    def mark(*args: Any, **kwargs: Any) -> Any:
+        if not cut:
+            marked.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    def commit_then_connection_lost(db: Any, fn: Any) -> Any:
+        result = real_in(db, fn)
+        if threading.get_ident() in marked:
+            marked.discard(threading.get_ident())
+            cut.append("after the commit")
+            lost = psycopg.OperationalError("server closed the connection unexpectedly")
+            raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
+        return result
+
+    monkeypatch.setattr(module, name, mark)
+    monkeypatch.setattr(db_module.Database, "_in_transaction", commit_then_connection_lost)
 
 
 def _micro(credits: str) -> int:
@@ -119,6 +155,7 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
             r = await client.post("/v1/chat/init", json=BODY, headers=auth)
             assert r.status_code == 201, r.text
 
+        counted = _money_counters(app)
         # The lost acknowledgement: init's unit commits (its one autocommit statement,
         # or its COMMIT when a session was needed), then its caller hears what a cut
         # connection says.
@@ -160,6 +197,11 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
         problems, kinds = await db.transaction(books)
         assert problems == []
         assert kinds == ["hold"] * (2 + warm) + ["release"]
+        # The counters moved by the lost hold and its release, and the retry's hold:
+        # reserved - charged - released is what is held.
+        now = _money_counters(app)
+        moved = {k: now[k] - counted[k] for k in now}
+        assert moved == {"reserved": 2 * hold, "charged": 0, "released": hold}
 
 
 async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_retried(
@@ -200,3 +242,126 @@ async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_
         r = await client.get(f"/v1/sessions/{init['session_id']}", headers=auth)
         roles = [m["role"] for m in r.json()["data"]["messages"]]
         assert roles == ["user", "assistant"]
+
+
+def _money_counters(app: Any) -> dict[str, int]:
+    registry = app.state.deps.metrics.registry
+    return {
+        name: round(
+            (registry.get_sample_value(f"llmgw_cp_credits_{name}_total") or 0.0) * 1_000_000
+        )
+        for name in ("reserved", "charged", "released")
+    }
+
+
+@pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
+async def test_a_settlement_whose_answer_was_lost_is_counted_once(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, commits: bool
+) -> None:
+    """The lone webhook's settlement commits and its answer is lost: the edge's retry
+    is a duplicate, which counts nothing, and the route heard an error, so nothing
+    counted its money. Before: `llmgw_cp_credits_charged_total` and `_released_total`
+    moved by 0 while the ledger had the charge and the release (measured: 0 and 0
+    against 18 and 89 micro-credits). Now what the lost commit settled is read back
+    (its own mark, never a later delivery's) and counted once; one that rolled back
+    is settled and counted by the retry alone."""
+    async with _served(settings) as (app, client):
+        auth, company_id = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        init = r.json()["data"]
+        event = usage_event(init, company_id, output_tokens=3)  # a charge and a release
+        body = event.body()
+        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        before = _money_counters(app)
+        cut: list[str] = []
+        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 503, r.text
+        assert cut == ["after the commit" if commits else "before the commit"]
+        monkeypatch.undo()
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert ("duplicate" in r.json()["data"]) is commits
+
+        def amounts(session: Any) -> dict[str, int]:
+            rows = session.execute(
+                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
+                    col(LedgerEntry.reservation_id) == init["reservation_id"]
+                )
+            )
+            return dict(rows.all())
+
+        ledger = await app.state.deps.db.transaction(amounts)
+        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
+
+        def moved() -> dict[str, int]:
+            now = _money_counters(app)
+            return {k: now[k] - before[k] for k in ("charged", "released")}
+
+        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+        # Once: nothing more comes of it.
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert moved() == expected
+
+
+async def test_a_batch_whose_answer_was_lost_is_counted_once(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two webhooks settled in one batch whose COMMIT's answer was lost: the batcher
+    took it for rolled back and settled each on its own, each a duplicate then, so
+    neither was counted (measured: 0 of the two settlements' charges and releases in
+    the counters). Now each is counted once, from the batch's own mark."""
+    async with _served(settings) as (app, client):
+        deps = app.state.deps
+        auth, company_id = await _member(client, "10")
+        inits = []
+        for _ in range(2):
+            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+            assert r.status_code == 201, r.text
+            inits.append(r.json()["data"])
+        events = [usage_event(init, company_id, output_tokens=3) for init in inits]
+        deliveries = [
+            webhook_settlement.Delivery(
+                e.webhook_id, parse_usage_event(orjson.loads(e.body())), False
+            )
+            for e in events
+        ]
+        before = _money_counters(app)
+        cut: list[str] = []
+        _lose_the_transaction_answer_of(monkeypatch, settlement_batch, "settle_webhooks", cut)
+        results = await asyncio.gather(
+            *(
+                deps.settler.settle(d, functools.partial(late_settlements.late, deps, d.event))
+                for d in deliveries
+            )
+        )
+        monkeypatch.undo()
+        assert cut == ["after the commit"]
+        assert [r.duplicate for r in results] == [True, True]  # the batch had settled them
+
+        def amounts(session: Any) -> dict[str, int]:
+            rows = session.execute(
+                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
+                    col(LedgerEntry.reservation_id).in_([i["reservation_id"] for i in inits]),
+                    col(LedgerEntry.kind).in_(["charge", "release"]),
+                )
+            )
+            sums = {"charge": 0, "release": 0}
+            for kind, amount in rows:
+                sums[kind] += amount
+            return sums
+
+        ledger = await deps.db.transaction(amounts)
+        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
+        assert expected["charged"] > 0
+
+        def moved() -> dict[str, int]:
+            now = _money_counters(app)
+            return {k: now[k] - before[k] for k in ("charged", "released")}
+
+        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert moved() == expected
