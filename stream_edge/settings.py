@@ -23,6 +23,23 @@ from shared.store_redis import ReplicaAcks, cluster_url
 from stream_edge.origin_share import DEFAULT_PERCENT
 
 
+def _bare_key(env: Mapping[str, str], name: str) -> Secret:
+    """A backend key variable the catalog names (`api_key_env`, `api_key_envs`,
+    `service_token_env`), refused when it carries whitespace, a control character or
+    surrounding quotes: a secret file's newline made every stream's header illegal
+    (httpx refuses it), a .env line's quotes reached the vendor as the key (401), so
+    the edge started and then failed every stream of the provider. One line naming the
+    variable, never the value."""
+    value = env[name]
+    quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "\"'"
+    if quoted or any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(
+            f"{name} has whitespace, a newline or quotes in it (a .env line's quotes, a "
+            "secret file's trailing newline); set the bare key"
+        )
+    return Secret(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class EdgeSettings(CommonSettings):
     control_plane_url: str  # its JWKS, usage webhooks and key callers' calls
@@ -120,10 +137,10 @@ class EdgeSettings(CommonSettings):
             provider_key_pools={
                 name: pool
                 for name, provider in providers.items()
-                if (pool := tuple(Secret(env[v]) for v in provider.key_envs() if env.get(v)))
+                if (pool := tuple(_bare_key(env, v) for v in provider.key_envs() if env.get(v)))
             },
             service_tokens={
-                name: Secret(env[var])
+                name: _bare_key(env, var)
                 for name, provider in providers.items()
                 if (var := provider.service_token_env) and env.get(var)
             },

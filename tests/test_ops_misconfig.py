@@ -1,0 +1,41 @@
+"""A careless or confused operator (threat model, attacker 5): settings each service
+accepted at start that later lost money, refused everyone, or failed at runtime.
+Each is now refused at start with one line naming the variable and the fix, or
+warned about where refusing would break a legitimate setup. Pure: settings only."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.settings import ConfigError
+from stream_edge.settings import EdgeSettings
+from tests.conftest import new_webhook_secret
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), **extra}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sk-live-abc123\n",  # a Kubernetes secret made from a file `echo` wrote
+        "sk-live-abc123 ",  # a trailing space on a .env line
+        '"sk-live-abc123"',  # a .env line's quotes, kept by `docker run --env-file`
+        "'sk-live-abc123'",
+        "sk-live abc123",  # two values pasted on one line
+    ],
+)
+def test_a_platform_key_with_whitespace_or_quotes_is_refused_at_start(value: str) -> None:
+    # Before: accepted; every stream on the provider then failed, the whitespace as an
+    # illegal header value (httpx LocalProtocolError), the quotes as the vendor's 401.
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY") as refused:
+        EdgeSettings.from_env(_env(OPENAI_API_KEY=value))
+    message = str(refused.value)
+    assert "\n" not in message and "abc123" not in message  # never the key itself
+    assert "bare key" in message
+
+
+def test_a_bare_platform_key_is_still_taken() -> None:
+    settings = EdgeSettings.from_env(_env(OPENAI_API_KEY="sk-live-abc123"))
+    assert [k.reveal() for k in settings.provider_key_pools["openai"]] == ["sk-live-abc123"]
