@@ -196,6 +196,25 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _upstream_model(spec: dict[str, Any], model_id: str, where: str) -> str:
+    """The name the vendor knows (absent: the model's id). Set, it must be a name: a
+    YAML `upstream_model:` left empty was the model "None", a space or a newline went
+    to the vendor as given, so every stream of the model failed after a clean start."""
+    if "upstream_model" not in spec:
+        return model_id
+    value = spec["upstream_model"]
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= 1000
+        or any(c.isspace() or not c.isprintable() for c in value)
+    ):
+        raise CatalogError(
+            f"{where} must be the vendor's model name (non-empty, no spaces); "
+            "leave it out to use the model's id"
+        )
+    return value
+
+
 MAX_FALLBACKS = 5
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 
@@ -285,7 +304,7 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
         models[str(model_id)] = ModelSpec(
             id=str(model_id),
             provider=provider,
-            upstream_model=str(spec.get("upstream_model", model_id)),
+            upstream_model=_upstream_model(spec, str(model_id), f"{where}.upstream_model"),
             context_length=_positive_int(spec.get("context_length"), f"{where}.context_length"),
             max_output_tokens=_positive_int(
                 spec.get("max_output_tokens"), f"{where}.max_output_tokens"

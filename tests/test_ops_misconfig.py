@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.catalog import CatalogError, parse_catalog
 from shared.settings import ConfigError
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
@@ -39,3 +40,35 @@ def test_a_platform_key_with_whitespace_or_quotes_is_refused_at_start(value: str
 def test_a_bare_platform_key_is_still_taken() -> None:
     settings = EdgeSettings.from_env(_env(OPENAI_API_KEY="sk-live-abc123"))
     assert [k.reveal() for k in settings.provider_key_pools["openai"]] == ["sk-live-abc123"]
+
+
+def _catalog_doc(**model: object) -> dict[str, object]:
+    spec = {
+        "provider": "p",
+        "context_length": 1000,
+        "max_output_tokens": 100,
+        "price": {"input_per_mtok": "1", "output_per_mtok": "2"},
+        **model,
+    }
+    return {
+        "default_model": "m",
+        "providers": {"p": {"api_type": "openai_chat", "base_url": "http://vendor/v1"}},
+        "models": {"m": spec},
+    }
+
+
+@pytest.mark.parametrize("value", [None, "", " ", " gpt-4o", "gpt-4o\n", 4, ["gpt-4o"]])
+def test_a_models_file_whose_upstream_model_is_empty_or_not_a_name_is_refused(
+    value: object,
+) -> None:
+    # Before: `upstream_model:` left empty in YAML became the model "None" (str(None)),
+    # "" and " gpt-4o" went to the vendor as they were: every stream of the model a
+    # vendor's 404, `4` the model "4"; the catalog loaded and the services started.
+    with pytest.raises(CatalogError, match=r"models\.m\.upstream_model"):
+        parse_catalog(_catalog_doc(upstream_model=value))
+
+
+def test_an_absent_upstream_model_is_still_the_models_id() -> None:
+    assert parse_catalog(_catalog_doc()).models["m"].upstream_model == "m"
+    named = parse_catalog(_catalog_doc(upstream_model="org/gpt-4o:free"))
+    assert named.models["m"].upstream_model == "org/gpt-4o:free"
