@@ -5,8 +5,13 @@ warned about where refusing would break a legitimate setup. Pure: settings only.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import pytest
 
+from llm_gateway import apidoc
+from llm_gateway.setting_names import warn_unknown_settings
 from shared.catalog import CatalogError, parse_catalog
 from shared.settings import ConfigError
 from stream_edge.settings import EdgeSettings
@@ -72,3 +77,36 @@ def test_an_absent_upstream_model_is_still_the_models_id() -> None:
     assert parse_catalog(_catalog_doc()).models["m"].upstream_model == "m"
     named = parse_catalog(_catalog_doc(upstream_model="org/gpt-4o:free"))
     assert named.models["m"].upstream_model == "org/gpt-4o:free"
+
+
+def test_a_misspelled_setting_is_named_at_start_with_the_one_meant(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: `LLMGW_MAX_STREAMS_PER_USR=5` (and the same typo of any limit or
+    # timeout) was ignored without a word; the edge ran with 20 streams per user.
+    env = _env(LLMGW_MAX_STREAMS_PER_USR="5", LLMGW_TOKEN_TTL="30", LLMGW_SOMETHING_ELSE="x")
+    settings = EdgeSettings.from_env(env)
+    assert settings.max_streams_per_user == 20  # the typo still changes nothing
+    with caplog.at_level(logging.WARNING, logger="llmgw.settings"):
+        lines = warn_unknown_settings(env, settings.catalog)
+    assert lines == [
+        "LLMGW_MAX_STREAMS_PER_USR is set but no llm-gateway process reads it: it is "
+        "ignored; did you mean LLMGW_MAX_STREAMS_PER_USER?",
+        "LLMGW_SOMETHING_ELSE is set but no llm-gateway process reads it: it is ignored; "
+        "remove it or fix its name",
+        "LLMGW_TOKEN_TTL is set but no llm-gateway process reads it: it is ignored; "
+        "did you mean LLMGW_TOKEN_TTL_SECONDS?",
+    ]
+    assert [r.getMessage() for r in caplog.records] == lines
+
+
+def test_every_documented_setting_and_catalog_key_variable_starts_without_a_warning() -> None:
+    # Any documented variable, for either service, in the one environment compose
+    # shares; and a catalog may name its key variables `LLMGW_…` too.
+    documented = {name: "x" for name, _, _, _ in apidoc.settings_documented()}
+    assert len(documented) > 50
+    catalog = parse_catalog(_catalog_doc())
+    pooled = dataclasses.replace(catalog.providers["p"], api_key_envs=("LLMGW_OPENAI_KEY_2",))
+    catalog = dataclasses.replace(catalog, providers={"p": pooled})
+    env = {**documented, "LLMGW_OPENAI_KEY_2": "k", "LLMGW_TEST_PG_DSN": "x", "PATH": "/bin"}
+    assert warn_unknown_settings(env, catalog) == []
