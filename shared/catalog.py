@@ -339,7 +339,25 @@ def load_catalog(path: str | None) -> Catalog:
         except OSError as exc:
             raise CatalogError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise CatalogError(f"invalid YAML: {exc}") from exc
     return parse_catalog(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice: YAML kept the
+    last without a word, so a model block pasted below its original, or a price's
+    second `output_per_mtok`, silently set the price in force."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: a merged key may be overridden, as YAML means
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise CatalogError(f"{key!r} is named twice in one mapping (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 
 import pytest
 
@@ -110,3 +111,41 @@ def test_every_documented_setting_and_catalog_key_variable_starts_without_a_warn
     catalog = dataclasses.replace(catalog, providers={"p": pooled})
     env = {**documented, "LLMGW_OPENAI_KEY_2": "k", "LLMGW_TEST_PG_DSN": "x", "PATH": "/bin"}
     assert warn_unknown_settings(env, catalog) == []
+
+
+DUPLICATE_PRICE = """\
+default_model: m
+providers:
+  p: {api_type: openai_chat, base_url: "http://vendor/v1"}
+models:
+  m:
+    provider: p
+    context_length: 1000
+    max_output_tokens: 100
+    price: {input_per_mtok: "2.5", output_per_mtok: "10"}
+  m:
+    provider: p
+    context_length: 1000
+    max_output_tokens: 100
+    price: {input_per_mtok: "0.01", output_per_mtok: "0.01"}
+"""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        DUPLICATE_PRICE,
+        DUPLICATE_PRICE.split("  m:\n")[0]
+        + "  m:\n    provider: p\n    context_length: 1000\n    max_output_tokens: 100\n"
+        + '    price: {input_per_mtok: "2.5", output_per_mtok: "10", output_per_mtok: "0.01"}\n',
+    ],
+)
+def test_a_models_file_that_names_a_key_twice_is_refused(tmp_path: pathlib.Path, text: str) -> None:
+    # Before: YAML kept the last of two entries with one name, without a word: a model
+    # block pasted below its original (or a price's second `output_per_mtok`) set the
+    # price in force, here 0.01 for 10 credits per million output tokens (1,000x less).
+    path = tmp_path / "models.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"LLMGW_MODELS_FILE.*twice") as refused:
+        EdgeSettings.from_env(_env(LLMGW_MODELS_FILE=str(path)))
+    assert "line" in str(refused.value)
