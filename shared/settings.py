@@ -126,6 +126,31 @@ def env_list(env: Mapping[str, str], name: str) -> list[str]:
     return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
 
 
+def cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """LLMGW_CORS_ORIGINS: `*` or origins exactly as a browser sends them
+    (`scheme://host[:port]`). CORS compares whole strings, so an entry with a path, a
+    trailing slash, quotes or no scheme matched no browser: every preflight of the
+    operator's app was refused while the services started without a word."""
+    origins = tuple(env_list(env, "LLMGW_CORS_ORIGINS"))
+    for origin in origins:
+        if origin == "*":
+            continue
+        parsed = urlparse(origin)
+        if (
+            parsed.scheme not in ("http", "https")
+            or not parsed.hostname
+            or f"{parsed.scheme}://{parsed.netloc}" != origin
+            or "@" in parsed.netloc
+            or origin != origin.lower()  # a browser sends its host in lower case
+        ):
+            raise ConfigError(
+                f"LLMGW_CORS_ORIGINS entry {origin!r} is not an origin a browser sends: write "
+                "scheme://host[:port] (no path, no trailing slash, no quotes), "
+                "e.g. https://app.example.com"
+            )
+    return origins
+
+
 def fernet_keys(env: Mapping[str, str], name: str, refusal: str) -> tuple[Secret, ...]:
     keys = tuple(Secret(k) for k in env_list(env, name))
     for key in keys:
@@ -216,7 +241,7 @@ def read_common(env: Mapping[str, str], *, dev: bool = False) -> CommonSettings:
         webhook_secret=Secret(webhook_secrets[0]),
         webhook_secrets=tuple(Secret(s) for s in webhook_secrets),
         catalog=catalog,
-        cors_origins=tuple(env_list(env, "LLMGW_CORS_ORIGINS")),
+        cors_origins=cors_origins(env),
         encryption_keys=encryption_keys,
         store_transcripts=env_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
         hold_grace_seconds=env_int(env, "LLMGW_HOLD_GRACE_SECONDS", 1200, 1, 86400),

@@ -9,12 +9,16 @@ import dataclasses
 import logging
 import pathlib
 
+import httpx
 import pytest
+from cryptography.fernet import Fernet
 
+from control_plane.settings import ControlPlaneSettings
 from llm_gateway import apidoc
 from llm_gateway.setting_names import warn_unknown_settings
 from shared.catalog import CatalogError, parse_catalog
 from shared.settings import ConfigError
+from stream_edge.app import create_app as edge_app
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 
@@ -149,3 +153,46 @@ def test_a_models_file_that_names_a_key_twice_is_refused(tmp_path: pathlib.Path,
     with pytest.raises(ConfigError, match=r"LLMGW_MODELS_FILE.*twice") as refused:
         EdgeSettings.from_env(_env(LLMGW_MODELS_FILE=str(path)))
     assert "line" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://app.example.com/",  # copied from the address bar
+        '"https://app.example.com"',  # a .env line's quotes
+        "app.example.com",  # no scheme
+        "https://app.example.com/console",
+        "https://App.example.com",
+        "https://app.example.com,https://admin.example.com/",
+    ],
+)
+def test_a_cors_origin_no_browser_sends_is_refused_at_start(value: str) -> None:
+    # Before: accepted; a browser sends `Origin: https://app.example.com` (no path, no
+    # slash) and CORS compares whole strings, so every preflight from the operator's
+    # app was a 400 and its calls blocked (measured below with the exact origin).
+    for service in (ControlPlaneSettings, EdgeSettings):
+        with pytest.raises(ConfigError, match="LLMGW_CORS_ORIGINS") as refused:
+            service.from_env(_env(LLMGW_CORS_ORIGINS=value))
+        assert "scheme://host[:port]" in str(refused.value)
+
+
+async def test_an_exact_origin_still_passes_a_browsers_preflight() -> None:
+    env = _env(
+        LLMGW_CORS_ORIGINS=" https://app.example.com , http://localhost:3000,*",
+        LLMGW_ENCRYPTION_KEY=Fernet.generate_key().decode(),
+    )
+    settings = EdgeSettings.from_env(env)
+    assert settings.cors_origins == ("https://app.example.com", "http://localhost:3000", "*")
+    settings = dataclasses.replace(settings, cors_origins=("https://app.example.com",))
+    transport = httpx.ASGITransport(app=edge_app(settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+        preflight = await client.options(
+            "/v1/chat/stream",
+            headers={
+                "Origin": "https://app.example.com",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
