@@ -219,6 +219,17 @@ MAX_FALLBACKS = 5
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 
 
+def _env_name(value: Any, where: str) -> str | None:
+    """A provider's key variable (unset: None). Any other value was looked up as given
+    (`7`, `"OPENAI_API_KEY "`), found nothing, and the provider's streams went to the
+    vendor without the platform's key, each refused, after a clean start."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise CatalogError(f"{where} must be an environment variable name like OPENAI_API_KEY")
+    return value
+
+
 def _env_names(value: Any, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -279,8 +290,10 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
             name=str(name),
             api_type=api_type,
             base_url=base_url.rstrip("/"),
-            api_key_env=spec.get("api_key_env"),
-            service_token_env=spec.get("service_token_env"),
+            api_key_env=_env_name(spec.get("api_key_env"), f"providers.{name}.api_key_env"),
+            service_token_env=_env_name(
+                spec.get("service_token_env"), f"providers.{name}.service_token_env"
+            ),
             sse=_sse_spec(spec, api_type, f"providers.{name}"),
             api_key_envs=_env_names(spec.get("api_key_envs"), f"providers.{name}.api_key_envs"),
         )

@@ -196,3 +196,27 @@ async def test_an_exact_origin_still_passes_a_browsers_preflight() -> None:
         )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+@pytest.mark.parametrize("field", ["api_key_env", "service_token_env"])
+@pytest.mark.parametrize("value", [7, "", "OPENAI_API_KEY ", "$OPENAI_API_KEY", ["OPENAI_API_KEY"]])
+def test_a_provider_whose_key_variable_is_not_a_variable_name_is_refused(
+    field: str, value: object
+) -> None:
+    # Before: the catalog took any value; the edge looked the key up under it
+    # (`env.get(7)`, `"OPENAI_API_KEY "`), found nothing, and sent every stream of the
+    # provider without the platform's key: the vendor's 401 for each, after a clean start.
+    doc = _catalog_doc()
+    doc["providers"] = {
+        "p": {"api_type": "openai_chat", "base_url": "http://vendor/v1", field: value}
+    }
+    with pytest.raises(CatalogError, match=rf"providers\.p\.{field}"):
+        parse_catalog(doc)
+
+
+def test_a_provider_key_variable_name_is_still_taken() -> None:
+    doc = _catalog_doc()
+    doc["providers"] = {
+        "p": {"api_type": "openai_chat", "base_url": "http://v/v1", "api_key_env": "OPENAI_API_KEY"}
+    }
+    assert parse_catalog(doc).providers["p"].api_key_env == "OPENAI_API_KEY"
