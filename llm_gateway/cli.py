@@ -30,9 +30,9 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
         settings = EdgeSettings.from_env(os.environ)
         settings.route_cipher_keys()  # the `upr` claim's keys: the ring or LLMGW_ROUTE_KEY
         _require_spool(settings)
-    from llm_gateway.setting_names import warn_unknown_settings
+    from llm_gateway.setting_names import warn_misconfiguration
 
-    warn_unknown_settings(os.environ, settings.catalog)  # a misspelled LLMGW_* is named
+    warn_misconfiguration(os.environ, settings.catalog)  # a misspelled LLMGW_*, a free model
     graceful = settings.drain_seconds + 10
     if workers > 1:
         from llm_gateway.workers import serve_workers

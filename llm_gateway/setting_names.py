@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 
-from shared.catalog import Catalog
+from shared.catalog import Catalog, free_on_platform_key
 
 log = logging.getLogger("llmgw.settings")
 
@@ -89,9 +89,10 @@ def unknown_settings(env: Iterable[str], also_known: Iterable[str] = ()) -> list
     return lines
 
 
-def warn_unknown_settings(env: Mapping[str, str], catalog: Catalog) -> list[str]:
-    """Log (WARNING) each `LLMGW_*` variable of `env` nothing reads; the lines logged."""
-    lines = unknown_settings(env, catalog_names(catalog))
+def warn_misconfiguration(env: Mapping[str, str], catalog: Catalog) -> list[str]:
+    """Log (WARNING) at start each `LLMGW_*` variable of `env` nothing reads, and each
+    model free on a key the platform pays for; the lines logged."""
+    lines = unknown_settings(env, catalog_names(catalog)) + free_on_platform_key(catalog)
     for line in lines:
         log.warning(line)
     return lines

@@ -342,6 +342,31 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
     return Catalog(default_model=default_model, providers=providers, models=models)
 
 
+def free_on_platform_key(catalog: Catalog) -> list[str]:
+    """One line per model priced 0 (every rate) on a provider the platform pays for
+    (a vendor key, `api_key_env`/`api_key_envs`): every tenant streams it free on the
+    platform's account. Warned about, not refused: a price of 0 may be meant (an
+    offer, a trial); a provider with no vendor key (the in-house backend's service
+    token, the keyless mock) is nobody's cost and is not named."""
+    lines = []
+    for model in catalog.models.values():
+        provider = catalog.providers[model.provider]
+        price = model.price
+        rates = (
+            price.input_per_mtok,
+            price.output_per_mtok,
+            price.cached_input_rate,
+            price.cache_write_rate,
+        )
+        if provider.key_envs() and not any(rates):
+            lines.append(
+                f"models.{model.id} costs 0 credits on provider {provider.name}, which the "
+                f"platform's key ({', '.join(provider.key_envs())}) pays for: every tenant "
+                "streams it free; give it a price in LLMGW_MODELS_FILE if that is not meant"
+            )
+    return lines
+
+
 def load_catalog(path: str | None) -> Catalog:
     """Load `path`, or the packaged catalog when `path` is None."""
     if path is None:

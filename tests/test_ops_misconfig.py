@@ -15,7 +15,7 @@ from cryptography.fernet import Fernet
 
 from control_plane.settings import ControlPlaneSettings
 from llm_gateway import apidoc
-from llm_gateway.setting_names import warn_unknown_settings
+from llm_gateway.setting_names import warn_misconfiguration
 from shared.catalog import CatalogError, parse_catalog
 from shared.settings import ConfigError
 from stream_edge.app import create_app as edge_app
@@ -93,7 +93,7 @@ def test_a_misspelled_setting_is_named_at_start_with_the_one_meant(
     settings = EdgeSettings.from_env(env)
     assert settings.max_streams_per_user == 20  # the typo still changes nothing
     with caplog.at_level(logging.WARNING, logger="llmgw.settings"):
-        lines = warn_unknown_settings(env, settings.catalog)
+        lines = warn_misconfiguration(env, settings.catalog)
     assert lines == [
         "LLMGW_MAX_STREAMS_PER_USR is set but no llm-gateway process reads it: it is "
         "ignored; did you mean LLMGW_MAX_STREAMS_PER_USER?",
@@ -114,7 +114,7 @@ def test_every_documented_setting_and_catalog_key_variable_starts_without_a_warn
     pooled = dataclasses.replace(catalog.providers["p"], api_key_envs=("LLMGW_OPENAI_KEY_2",))
     catalog = dataclasses.replace(catalog, providers={"p": pooled})
     env = {**documented, "LLMGW_OPENAI_KEY_2": "k", "LLMGW_TEST_PG_DSN": "x", "PATH": "/bin"}
-    assert warn_unknown_settings(env, catalog) == []
+    assert warn_misconfiguration(env, catalog) == []
 
 
 DUPLICATE_PRICE = """\
@@ -220,3 +220,40 @@ def test_a_provider_key_variable_name_is_still_taken() -> None:
         "p": {"api_type": "openai_chat", "base_url": "http://v/v1", "api_key_env": "OPENAI_API_KEY"}
     }
     assert parse_catalog(doc).providers["p"].api_key_env == "OPENAI_API_KEY"
+
+
+def test_a_free_model_on_a_paid_platform_key_is_warned_about_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: a model priced 0 on a provider the platform pays (its `api_key_env`; a
+    # price left at 0 while a block was drafted) started without a word, and every
+    # tenant streamed it free on the platform's account (0 credits per token).
+    doc = _catalog_doc(price={"input_per_mtok": 0, "output_per_mtok": "0.0"})
+    doc["providers"] = {
+        "p": {"api_type": "openai_chat", "base_url": "http://v/v1", "api_key_env": "OPENAI_API_KEY"}
+    }
+    with caplog.at_level(logging.WARNING, logger="llmgw.settings"):
+        lines = warn_misconfiguration({}, parse_catalog(doc))
+    assert lines == [
+        "models.m costs 0 credits on provider p, which the platform's key "
+        "(OPENAI_API_KEY) pays for: every tenant streams it free; give it a price in "
+        "LLMGW_MODELS_FILE if that is not meant"
+    ]
+    assert [r.getMessage() for r in caplog.records] == lines
+
+
+def test_a_free_model_nobody_pays_for_starts_without_a_warning() -> None:
+    # The in-house backend (a service token, no vendor key) or the keyless mock may be
+    # free by design; a model with any price is not free.
+    for provider in (
+        {"api_type": "openai_chat", "base_url": "http://v/v1", "service_token_env": "TOKEN"},
+        {"api_type": "openai_chat", "base_url": "http://v/v1"},
+    ):
+        doc = _catalog_doc(price={"input_per_mtok": 0, "output_per_mtok": 0})
+        doc["providers"] = {"p": provider}
+        assert warn_misconfiguration({}, parse_catalog(doc)) == []
+    doc = _catalog_doc(price={"input_per_mtok": 0, "output_per_mtok": "0.000001"})
+    doc["providers"] = {
+        "p": {"api_type": "openai_chat", "base_url": "http://v/v1", "api_key_env": "K"}
+    }
+    assert warn_misconfiguration({}, parse_catalog(doc)) == []
