@@ -40,6 +40,24 @@ def _bare_key(env: Mapping[str, str], name: str) -> Secret:
     return Secret(value)
 
 
+def _key_pool(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[Secret, ...]:
+    """A provider's platform keys, in the catalog's order, each once: two variables
+    holding one key made a pool of two, so each 429 or 401 of that key cost a second
+    vendor call on it, and a lone key lost its short Retry-After wait."""
+    pool: dict[Secret, str] = {}
+    for name in names:
+        if not env.get(name):
+            continue
+        key = _bare_key(env, name)
+        if key in pool:
+            raise ConfigError(
+                f"{name} holds the same key as {pool[key]}: give each variable of a "
+                "provider's pool its own key, or drop one from api_key_envs"
+            )
+        pool[key] = name
+    return tuple(pool)
+
+
 @dataclass(frozen=True, kw_only=True)
 class EdgeSettings(CommonSettings):
     control_plane_url: str  # its JWKS, usage webhooks and key callers' calls
@@ -137,7 +155,7 @@ class EdgeSettings(CommonSettings):
             provider_key_pools={
                 name: pool
                 for name, provider in providers.items()
-                if (pool := tuple(_bare_key(env, v) for v in provider.key_envs() if env.get(v)))
+                if (pool := _key_pool(env, provider.key_envs()))
             },
             service_tokens={
                 name: _bare_key(env, var)

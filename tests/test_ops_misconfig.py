@@ -257,3 +257,32 @@ def test_a_free_model_nobody_pays_for_starts_without_a_warning() -> None:
         "p": {"api_type": "openai_chat", "base_url": "http://v/v1", "api_key_env": "K"}
     }
     assert warn_misconfiguration({}, parse_catalog(doc)) == []
+
+
+def _pooled_catalog_file(tmp_path: pathlib.Path) -> str:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "default_model: m\n"
+        "providers:\n"
+        "  p: {api_type: openai_chat, base_url: 'http://vendor/v1', api_key_env: KEY_A,\n"
+        "      api_key_envs: [KEY_B, KEY_C]}\n"
+        "models:\n"
+        "  m: {provider: p, context_length: 1000, max_output_tokens: 100,\n"
+        "      price: {input_per_mtok: 1, output_per_mtok: 2}}\n",
+        encoding="utf-8",
+    )
+    return str(path)
+
+
+def test_a_key_pool_holding_one_key_twice_is_refused_at_start(tmp_path: pathlib.Path) -> None:
+    # Before: two variables of a pool holding one key made a pool of two: each 429 or
+    # 401 of that key cost a second vendor call on the same key (measured: 2 calls
+    # where one), and a lone key lost its short Retry-After wait (a 429 to the caller).
+    models = _pooled_catalog_file(tmp_path)
+    env = _env(LLMGW_MODELS_FILE=models, KEY_A="sk-one", KEY_B="sk-two", KEY_C="sk-one")
+    with pytest.raises(ConfigError, match="KEY_C holds the same key as KEY_A") as refused:
+        EdgeSettings.from_env(env)
+    assert "sk-one" not in str(refused.value)
+    distinct = _env(LLMGW_MODELS_FILE=models, KEY_A="sk-one", KEY_B="sk-two")
+    pool = EdgeSettings.from_env(distinct).provider_key_pools["p"]
+    assert [k.reveal() for k in pool] == ["sk-one", "sk-two"]
