@@ -73,6 +73,24 @@ def _require_spool(settings: EdgeSettings) -> None:
         ) from None
 
 
+def _migrate() -> None:
+    """Apply the migrations to LLMGW_DATABASE_URL (unset: the default SQLite file),
+    naming the database migrated and any LLMGW_* variable nothing reads first: a
+    misspelled URL variable migrated the default file without a word."""
+    import logging
+
+    from control_plane.migrate import head, migrated_line, upgrade
+    from control_plane.settings import DEFAULT_DATABASE_URL
+    from llm_gateway.setting_names import unknown_settings
+
+    log = logging.getLogger("llmgw.migrate")
+    for line in unknown_settings(os.environ):
+        log.warning(line)
+    database_url = os.environ.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
+    upgrade(database_url)
+    log.info(migrated_line(database_url, head()))
+
+
 def _mock(host: str, port: int) -> None:
     from llm_gateway.http_guard import ConnectionLimits
     from llm_gateway.servers import run_loop, serve_all, server_for
@@ -131,10 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "mock-llm":
             _mock(args.host, args.port)
         elif args.command == "migrate":
-            from control_plane.migrate import upgrade
-            from control_plane.settings import DEFAULT_DATABASE_URL
-
-            upgrade(os.environ.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL)
+            _migrate()
         elif args.command == "admin":
             from llm_gateway.admin import run_admin
 

@@ -1,20 +1,23 @@
 """A careless or confused operator (threat model, attacker 5): settings each service
 accepted at start that later lost money, refused everyone, or failed at runtime.
 Each is now refused at start with one line naming the variable and the fix, or
-warned about where refusing would break a legitimate setup. Pure: settings only."""
+warned about where refusing would break a legitimate setup. Mostly pure (settings,
+the catalog); `migrate` runs for real on a SQLite file."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 
 import httpx
 import pytest
 from cryptography.fernet import Fernet
 
+from control_plane.migrate import head, migrated_line
 from control_plane.settings import ControlPlaneSettings
-from llm_gateway import apidoc
+from llm_gateway import apidoc, cli
 from llm_gateway.setting_names import warn_misconfiguration
 from shared.catalog import CatalogError, parse_catalog
 from shared.settings import ConfigError
@@ -286,3 +289,28 @@ def test_a_key_pool_holding_one_key_twice_is_refused_at_start(tmp_path: pathlib.
     distinct = _env(LLMGW_MODELS_FILE=models, KEY_A="sk-one", KEY_B="sk-two")
     pool = EdgeSettings.from_env(distinct).provider_key_pools["p"]
     assert [k.reveal() for k in pool] == ["sk-one", "sk-two"]
+
+
+def test_migrate_names_the_database_it_migrated_and_a_misspelled_url(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a migrate job whose secret spelled the variable `LLMGW_DATABSE_URL`
+    # migrated a SQLite file inside its own container, printed nothing and exited 0;
+    # the release's control planes then refused to start on the real, outdated schema.
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("LLMGW_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LLMGW_DATABSE_URL", "postgresql+psycopg://gw:s3cret@db.internal/llmgw")
+    assert cli.main(["migrate"]) == 0
+    err = capsys.readouterr().err
+    assert "LLMGW_DATABSE_URL is set but no llm-gateway process reads it" in err
+    assert "did you mean LLMGW_DATABASE_URL?" in err
+    assert f"migrated sqlite:///var/llm-gateway.db to {head()}" in err
+    assert "s3cret" not in err
+
+
+def test_migrate_never_prints_the_databases_password(tmp_path: pathlib.Path) -> None:
+    url = f"sqlite:///{tmp_path}/gw.db"
+    assert migrated_line(url, "abc") == f"migrated {url} to abc"
+    hidden = migrated_line("postgresql+psycopg://gw:s3cret@db.internal:5432/llmgw", "abc")
+    assert hidden == "migrated postgresql+psycopg://gw:***@db.internal:5432/llmgw to abc"
