@@ -6,24 +6,30 @@ the catalog); `migrate` runs for real on a SQLite file."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import dataclasses
+import json
 import logging
 import os
 import pathlib
+import uuid
 
 import httpx
+import orjson
 import pytest
 from cryptography.fernet import Fernet
 
 from control_plane.migrate import head, migrated_line
 from control_plane.settings import ControlPlaneSettings
-from llm_gateway import apidoc, cli
+from llm_gateway import apidoc, cli, outbox_cli
 from llm_gateway.setting_names import warn_misconfiguration
 from shared.catalog import CatalogError, parse_catalog
 from shared.settings import ConfigError
+from shared.store_factory import open_store
 from stream_edge.app import create_app as edge_app
 from stream_edge.settings import EdgeSettings
-from tests.conftest import new_webhook_secret
+from tests.conftest import REDIS_URL, new_webhook_secret
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -314,3 +320,38 @@ def test_migrate_never_prints_the_databases_password(tmp_path: pathlib.Path) -> 
     assert migrated_line(url, "abc") == f"migrated {url} to abc"
     hidden = migrated_line("postgresql+psycopg://gw:s3cret@db.internal:5432/llmgw", "abc")
     assert hidden == "migrated postgresql+psycopg://gw:***@db.internal:5432/llmgw to abc"
+
+
+async def test_the_outbox_command_on_another_prefix_says_where_the_reports_are(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: run from a shell without the services' LLMGW_REDIS_PREFIX, `outbox status`
+    # printed {"pending": 0, "dead_letters": 0} and exited 0 while the edges' dead
+    # letters sat under their prefix: the operator, told nothing was dead, replayed
+    # nothing, and those reports' holds went to the sweeper instead.
+    services = f"optest-{uuid.uuid4().hex[:8]}:"
+    store = open_store(REDIS_URL, prefix=services)
+    body = orjson.dumps({"type": "stream.completed", "data": {}}).decode()
+    letter = orjson.dumps({"id": "usage_1", "body": body, "attempt": 4})
+    try:
+        await store.dead_letter_put("usage_1", letter)
+        monkeypatch.setenv("LLMGW_REDIS_URL", REDIS_URL)
+        monkeypatch.setenv("LLMGW_REDIS_PREFIX", f"optest-{uuid.uuid4().hex[:8]}:")
+        parser = argparse.ArgumentParser()
+        outbox_cli.add_outbox_parser(parser.add_subparsers(dest="command"))
+        code = await asyncio.to_thread(
+            outbox_cli.run_outbox, parser.parse_args(["outbox", "status"])
+        )
+        out, err = capsys.readouterr()
+        assert code == 0 and json.loads(out) == {"pending": 0, "dead_letters": 0}
+        assert f"an outbox under {services!r}" in err and "LLMGW_REDIS_PREFIX" in err
+        # Under the services' own prefix: the count, and no warning.
+        monkeypatch.setenv("LLMGW_REDIS_PREFIX", services)
+        code = await asyncio.to_thread(
+            outbox_cli.run_outbox, parser.parse_args(["outbox", "status"])
+        )
+        out, err = capsys.readouterr()
+        assert json.loads(out) == {"pending": 0, "dead_letters": 1} and err == ""
+    finally:
+        await store.dead_letter_take("usage_1")
+        await store.close()
