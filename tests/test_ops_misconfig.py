@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import uuid
 
 import httpx
@@ -355,3 +356,28 @@ async def test_the_outbox_command_on_another_prefix_says_where_the_reports_are(
     finally:
         await store.dead_letter_take("usage_1")
         await store.close()
+
+
+@pytest.mark.parametrize("name", ["LLMGW_ADMIN_TOKEN", "LLMGW_AUTH_JWT_SECRET"])
+@pytest.mark.parametrize("wrap", ["{}\n", " {}", '"{}"', "'{}'", "{}\r"])
+def test_a_control_plane_secret_with_a_newline_or_quotes_around_it_is_refused(
+    name: str, wrap: str
+) -> None:
+    # Before: accepted as given. The admin token a Kubernetes secret file left a newline
+    # on can never be sent in a header (httpx refuses it) and one kept with its .env
+    # quotes matches no bearer the operator sends: the platform admin locked out. An
+    # external app's HS256 key with them verified none of that app's tokens: every
+    # external user refused sign-in.
+    value = secrets.token_urlsafe(40)
+    env = _env(
+        **{name: wrap.format(value)},
+        LLMGW_AUTH_JWT_AUDIENCE="gateway",
+        LLMGW_AUTH_JWT_ISSUER="https://app.example.com",
+    )
+    with pytest.raises(ConfigError, match=name) as refused:
+        ControlPlaneSettings.from_env(env)
+    assert value not in str(refused.value) and "bare value" in str(refused.value)
+    env[name] = value  # the bare value starts
+    settings = ControlPlaneSettings.from_env(env)
+    taken = settings.admin_token if name == "LLMGW_ADMIN_TOKEN" else settings.auth_jwt_secret
+    assert taken is not None and taken.reveal() == value
