@@ -381,3 +381,38 @@ def test_a_control_plane_secret_with_a_newline_or_quotes_around_it_is_refused(
     settings = ControlPlaneSettings.from_env(env)
     taken = settings.admin_token if name == "LLMGW_ADMIN_TOKEN" else settings.auth_jwt_secret
     assert taken is not None and taken.reveal() == value
+
+
+async def test_an_edge_waiting_for_more_replicas_than_its_redis_has_says_so_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before: `LLMGW_REDIS_MIN_REPLICA_ACKS=1` against a Redis with no replica (a copied
+    # setting, a replica not yet set up) started without a word; every admission then
+    # waited for an acknowledgement that never came and every stream was refused 503.
+    env = _env(
+        LLMGW_REDIS_URL=REDIS_URL,
+        LLMGW_REDIS_PREFIX=f"optest-{uuid.uuid4().hex[:8]}:",
+        LLMGW_REDIS_MIN_REPLICA_ACKS="1",
+        LLMGW_REDIS_REPLICA_ACK_TIMEOUT_SECONDS="0.05",
+        LLMGW_ENCRYPTION_KEY=Fernet.generate_key().decode(),
+    )
+    settings = EdgeSettings.from_env(env)
+    store = open_store(REDIS_URL, prefix=settings.redis_prefix)
+    try:
+        replicas = await store.connected_replicas()  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+    if replicas:
+        pytest.skip("this test's Redis has replicas")
+    with caplog.at_level(logging.WARNING, logger="llmgw.edge"):
+        app = edge_app(settings)
+        async with app.router.lifespan_context(app):
+            pass
+    warned = [
+        r.getMessage() for r in caplog.records if "LLMGW_REDIS_MIN_REPLICA_ACKS" in r.getMessage()
+    ]
+    assert warned == [
+        "LLMGW_REDIS_MIN_REPLICA_ACKS is 1 but the Redis has 0 replicas connected: every "
+        "stream is refused 503 until that many replicas follow it; lower the setting or "
+        "add replicas"
+    ]
