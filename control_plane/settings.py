@@ -12,6 +12,7 @@ from shared.settings import (
     ConfigError,
     Secret,
     common_of,
+    env_base_url,
     env_flag,
     env_float,
     env_int,
@@ -215,7 +216,7 @@ class ControlPlaneSettings(CommonSettings):
             database_timeout_seconds=env_float(
                 env, "LLMGW_DATABASE_TIMEOUT_SECONDS", DB_TIMEOUT_SECONDS, 0.1, 3600
             ),
-            edge_public_url=env_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
+            edge_public_url=env_base_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
             admin_token=Secret(admin_token) if admin_token else None,
             token_ttl_seconds=env_int(env, "LLMGW_TOKEN_TTL_SECONDS", 120, 1, 300),
             auto_migrate=env_flag(env, "LLMGW_AUTO_MIGRATE", dev),

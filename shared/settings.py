@@ -94,6 +94,21 @@ def env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return value.rstrip("/")
 
 
+def env_base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """A service's base URL (LLMGW_CONTROL_PLANE_URL, LLMGW_EDGE_PUBLIC_URL): the
+    services add `/v1/…` themselves, so one given in the vendors' style (`…/v1`) made
+    every stream URL `/v1/v1/stream` and every JWKS fetch and usage webhook a 404; a
+    query or fragment broke them the same way. A path prefix (a proxy's) is fine."""
+    value = env_url(env, name, default)
+    parsed = urlparse(value)
+    if parsed.query or parsed.fragment or parsed.path.lower().endswith("/v1"):
+        raise ConfigError(
+            f"{name} must be the service's base URL without /v1, a query or a fragment "
+            "(the services add /v1/... themselves), e.g. https://stream.example.com"
+        )
+    return value
+
+
 def refuse_placeholder_password(name: str, url: str) -> None:
     """Stop the start when the store URL in `name` carries one of the examples'
     placeholder passwords (`deploy/k8s/secret.example.yaml` writes `REPLACE_ME`): a

@@ -13,9 +13,9 @@ from shared.settings import (
     ConfigError,
     Secret,
     common_of,
+    env_base_url,
     env_float,
     env_int,
-    env_url,
     fernet_keys,
     read_common,
 )
@@ -116,7 +116,7 @@ class EdgeSettings(CommonSettings):
             )
         return cls(
             **common_of(common),
-            control_plane_url=env_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
+            control_plane_url=env_base_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
             route_keys=route_keys,
             upstream_connect_timeout=env_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=env_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),

@@ -416,3 +416,30 @@ async def test_an_edge_waiting_for_more_replicas_than_its_redis_has_says_so_at_s
         "stream is refused 503 until that many replicas follow it; lower the setting or "
         "add replicas"
     ]
+
+
+@pytest.mark.parametrize(
+    ("service", "name"),
+    [(ControlPlaneSettings, "LLMGW_EDGE_PUBLIC_URL"), (EdgeSettings, "LLMGW_CONTROL_PLANE_URL")],
+)
+@pytest.mark.parametrize("tail", ["/v1", "/v1/", "/V1", "/api/v1", "?x=1", "#top"])
+def test_a_base_url_given_with_the_api_path_is_refused(
+    service: type[ControlPlaneSettings] | type[EdgeSettings], name: str, tail: str
+) -> None:
+    # Before: a base URL copied in the vendors' style (`https://stream.example.com/v1`)
+    # was accepted; the services add `/v1/...` themselves, so every init answered a
+    # `stream_url` of `/v1/v1/stream` (404 for every client), and an edge fetched its
+    # JWKS at `/v1/.well-known/jwks.json` (every token refused) and posted its usage
+    # webhooks to `/v1/v1/webhooks/usage`, a 404 the outbox takes as permanent: every
+    # report a dead letter. A query or fragment broke the URLs the same way.
+    with pytest.raises(ConfigError, match=name) as refused:
+        service.from_env(_env(**{name: f"https://gw.example.com{tail}"}))
+    assert "without /v1" in str(refused.value)
+
+
+def test_a_base_url_behind_a_path_prefix_is_still_taken() -> None:
+    # A proxy routing a path to the service is a legitimate base (`…/edge`).
+    cp = ControlPlaneSettings.from_env(_env(LLMGW_EDGE_PUBLIC_URL="https://gw.example.com/edge/"))
+    assert cp.edge_public_url == "https://gw.example.com/edge"
+    edge = EdgeSettings.from_env(_env(LLMGW_CONTROL_PLANE_URL="http://cp:8000"))
+    assert edge.control_plane_url == "http://cp:8000"
