@@ -27,6 +27,15 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def migrated_line(database_url: str, revision: str) -> str:
+    """What `llm-gateway migrate` says it did, the password hidden: a migrate run
+    against the wrong database (a misspelled LLMGW_DATABASE_URL fell back to a SQLite
+    file in the job's container) said nothing and exited 0."""
+    from sqlalchemy.engine import make_url
+
+    return f"migrated {make_url(database_url).render_as_string(hide_password=True)} to {revision}"
+
+
 def head() -> str:
     """The newest revision this code knows."""
     from alembic.script import ScriptDirectory

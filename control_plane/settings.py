@@ -12,6 +12,7 @@ from shared.settings import (
     ConfigError,
     Secret,
     common_of,
+    env_base_url,
     env_flag,
     env_float,
     env_int,
@@ -40,6 +41,13 @@ COMPANY_PENDING_USERS = 100
 MAX_PENDING_PER_COMPANY = 10_000_000
 
 
+def _wrapped(value: str) -> bool:
+    """Whitespace around `value`, a control character in it, or matching quotes around
+    it. Inner spaces pass: an existing app's HS256 key may be a passphrase."""
+    quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "\"'"
+    return quoted or value != value.strip() or any(not c.isprintable() for c in value)
+
+
 def _strong_secret(
     name: str, value: str, others: Mapping[str, set[str]], hint: str, *, as_bytes: bool
 ) -> str:
@@ -47,6 +55,13 @@ def _strong_secret(
     printing it) when it is a placeholder, short, patterned, or the value of another
     secret (`others`: each variable's values; a whsec secret's key without its
     prefix is the same secret). `as_bytes`: judged as a key's bytes, else as text."""
+    if _wrapped(value):
+        # A secret file's newline, a .env line's quotes: the admin token could never
+        # be sent (or matched no bearer sent), an HS256 key verified no token.
+        raise ConfigError(
+            f"{name} has whitespace, a newline or quotes around it (a secret file's "
+            "trailing newline, a .env line's quotes); set the bare value"
+        )
     if is_placeholder(value):
         raise ConfigError(f"{name} is the placeholder from the examples; {hint}")
     try:
@@ -201,7 +216,7 @@ class ControlPlaneSettings(CommonSettings):
             database_timeout_seconds=env_float(
                 env, "LLMGW_DATABASE_TIMEOUT_SECONDS", DB_TIMEOUT_SECONDS, 0.1, 3600
             ),
-            edge_public_url=env_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
+            edge_public_url=env_base_url(env, "LLMGW_EDGE_PUBLIC_URL", "http://127.0.0.1:8001"),
             admin_token=Secret(admin_token) if admin_token else None,
             token_ttl_seconds=env_int(env, "LLMGW_TOKEN_TTL_SECONDS", 120, 1, 300),
             auto_migrate=env_flag(env, "LLMGW_AUTO_MIGRATE", dev),

@@ -20,12 +20,14 @@ import inspect
 import re
 import sys
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
 from starlette.routing import Route
+
+from llm_gateway.setting_names import settings_lookups
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "api.md"
@@ -132,41 +134,15 @@ def settings_documented() -> list[tuple[str, str, str, str]]:
     return out
 
 
-class _Recording(Mapping[str, str]):
-    """An environment that notes every name looked up in it."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self._env = env
-        self.read: set[str] = set()
-
-    def __getitem__(self, name: str) -> str:
-        self.read.add(name)
-        return self._env[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._env)
-
-    def __len__(self) -> int:
-        return len(self._env)
-
-
 def settings_read_by() -> dict[str, str]:
     """`LLMGW_*` name → "both", "control plane" or "edge": which service's settings
-    look it up in the environment, found by building each from a recording one
-    (the `from_env`s look every name up, set or not, so defaults are enough)."""
-    from control_plane.settings import ControlPlaneSettings
-    from shared.webhooks import generate_secret
-    from stream_edge.settings import EdgeSettings
-
-    env = {"LLMGW_WEBHOOK_SECRET": generate_secret()}
-    cp, edge = _Recording(env), _Recording(env)
-    ControlPlaneSettings.from_env(cp)
-    EdgeSettings.from_env(edge)
+    look it up in the environment (`setting_names.settings_lookups`)."""
+    cp_read, edge_read = settings_lookups()
     out = {}
-    for name in sorted(cp.read | edge.read):
+    for name in sorted(cp_read | edge_read):
         if name.startswith("LLMGW_"):
             out[name] = (
-                "both" if name in cp.read & edge.read else "control plane" if name in cp.read
+                "both" if name in cp_read & edge_read else "control plane" if name in cp_read
                 else "edge"
             )  # fmt: skip
     return out

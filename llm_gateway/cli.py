@@ -30,6 +30,9 @@ def _serve(app_factory: str, host: str, port: int, workers: int = 1) -> None:
         settings = EdgeSettings.from_env(os.environ)
         settings.route_cipher_keys()  # the `upr` claim's keys: the ring or LLMGW_ROUTE_KEY
         _require_spool(settings)
+    from llm_gateway.setting_names import warn_misconfiguration
+
+    warn_misconfiguration(os.environ, settings.catalog)  # a misspelled LLMGW_*, a free model
     graceful = settings.drain_seconds + 10
     if workers > 1:
         from llm_gateway.workers import serve_workers
@@ -68,6 +71,24 @@ def _require_spool(settings: EdgeSettings) -> None:
             "reports of streams that end while Redis is down are kept there; give it a "
             "writable volume"
         ) from None
+
+
+def _migrate() -> None:
+    """Apply the migrations to LLMGW_DATABASE_URL (unset: the default SQLite file),
+    naming the database migrated and any LLMGW_* variable nothing reads first: a
+    misspelled URL variable migrated the default file without a word."""
+    import logging
+
+    from control_plane.migrate import head, migrated_line, upgrade
+    from control_plane.settings import DEFAULT_DATABASE_URL
+    from llm_gateway.setting_names import unknown_settings
+
+    log = logging.getLogger("llmgw.migrate")
+    for line in unknown_settings(os.environ):
+        log.warning(line)
+    database_url = os.environ.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL
+    upgrade(database_url)
+    log.info(migrated_line(database_url, head()))
 
 
 def _mock(host: str, port: int) -> None:
@@ -128,10 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "mock-llm":
             _mock(args.host, args.port)
         elif args.command == "migrate":
-            from control_plane.migrate import upgrade
-            from control_plane.settings import DEFAULT_DATABASE_URL
-
-            upgrade(os.environ.get("LLMGW_DATABASE_URL") or DEFAULT_DATABASE_URL)
+            _migrate()
         elif args.command == "admin":
             from llm_gateway.admin import run_admin
 

@@ -108,11 +108,13 @@ async def run_dev(port_base: int, host: str = "127.0.0.1") -> None:
     from control_plane.migrate import upgrade
     from control_plane.seed import seed_demo
     from llm_gateway.servers import limits_of, serve_all, server_for
+    from llm_gateway.setting_names import warn_misconfiguration
 
     check_local_host(host)
     settings, edge_settings = settings_from_env(
         dev_env(os.environ, port_base), dev=True, mock_url=f"http://127.0.0.1:{port_base + 2}/v1"
     )
+    warn_misconfiguration(os.environ, settings.catalog)  # a misspelled LLMGW_*, a free model
     if settings.database_url.startswith("sqlite:///var/"):
         Path("var").mkdir(exist_ok=True)
     await asyncio.to_thread(upgrade, settings.database_url)

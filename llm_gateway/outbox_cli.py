@@ -12,8 +12,10 @@ import sys
 from typing import Any
 
 import orjson
+import redis.asyncio
 
 from shared.store_factory import open_store
+from shared.store_redis import cluster_url
 from stream_edge.outbox import replay_dead_letter
 
 
@@ -54,16 +56,22 @@ def listed(data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, redis_url: str) -> int:
-    store = open_store(redis_url, prefix=os.environ.get("LLMGW_REDIS_PREFIX") or "llmgw:")
+    prefix = os.environ.get("LLMGW_REDIS_PREFIX") or "llmgw:"
+    store = open_store(redis_url, prefix=prefix)
+    found = True  # whether the prefix held anything the action asked for
+    code = 0
     try:
         if args.action == "status":
             pending = await store.outbox_size()
             # Counted in the store: reading them to count them stopped at 100,000 (and
             # held them all in memory), so a flood of refusals looked smaller than it was.
             dead = await store.dead_letter_count()
+            found = bool(pending or dead)
             print(json.dumps({"pending": pending, "dead_letters": dead}))
         elif args.action == "dead-letters":
-            for item_id, raw in await store.dead_letters(args.limit):
+            letters = await store.dead_letters(args.limit)
+            found = bool(letters)
+            for item_id, raw in letters:
                 body = orjson.loads(orjson.loads(raw)["body"])
                 shown = {"id": item_id, "type": body["type"], "data": listed(body["data"])}
                 print(json.dumps(shown))
@@ -73,11 +81,47 @@ async def _run(args: argparse.Namespace, redis_url: str) -> int:
             ids = args.ids or await store.dead_letter_ids()
             replayed = [item_id for item_id in ids if await replay_dead_letter(store, item_id)]
             missing = sorted(set(ids) - set(replayed))
+            found = bool(replayed)
             print(json.dumps({"replayed": replayed, "not_found": missing}))
-            return 1 if missing else 0
+            code = 1 if missing else 0
     finally:
         await store.close()
-    return 0
+    if not found:
+        for other in await other_prefixes(redis_url, prefix):
+            print(
+                f"llm-gateway outbox: nothing under LLMGW_REDIS_PREFIX {prefix!r}, but this "
+                f"Redis holds an outbox under {other!r}: if that is the services' prefix, "
+                f"run with LLMGW_REDIS_PREFIX={other}",
+                file=sys.stderr,
+            )
+    return code
+
+
+# The outbox's keys on a single Redis (`shared.store_redis`: `<prefix>outbox:…`).
+OUTBOX_SUFFIXES = ("outbox:items", "outbox:dead")
+
+
+async def other_prefixes(redis_url: str, prefix: str) -> list[str]:
+    """The prefixes other than `prefix` under which this Redis holds an outbox. Run
+    from a shell without the services' LLMGW_REDIS_PREFIX, the command read an empty
+    outbox and said `{"pending": 0, "dead_letters": 0}` over the edges' dead letters.
+    Only when the prefix held nothing (a SCAN walks every key); not on a cluster,
+    whose keys are spread over its shards."""
+    if cluster_url(redis_url) is not None:
+        return []
+    client = redis.asyncio.Redis.from_url(redis_url)
+    found: set[str] = set()
+    try:
+        for suffix in OUTBOX_SUFFIXES:
+            async for key in client.scan_iter(match=f"*{suffix}", count=1000):
+                other = key.decode("utf-8", "replace").removesuffix(suffix)
+                if other != prefix:
+                    found.add(other)
+    except redis.RedisError:
+        return []  # advice only: the answer above stands
+    finally:
+        await client.aclose()
+    return sorted(found)
 
 
 def run_outbox(args: argparse.Namespace) -> int:

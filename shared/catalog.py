@@ -196,8 +196,38 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _upstream_model(spec: dict[str, Any], model_id: str, where: str) -> str:
+    """The name the vendor knows (absent: the model's id). Set, it must be a name: a
+    YAML `upstream_model:` left empty was the model "None", a space or a newline went
+    to the vendor as given, so every stream of the model failed after a clean start."""
+    if "upstream_model" not in spec:
+        return model_id
+    value = spec["upstream_model"]
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= 1000
+        or any(c.isspace() or not c.isprintable() for c in value)
+    ):
+        raise CatalogError(
+            f"{where} must be the vendor's model name (non-empty, no spaces); "
+            "leave it out to use the model's id"
+        )
+    return value
+
+
 MAX_FALLBACKS = 5
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def _env_name(value: Any, where: str) -> str | None:
+    """A provider's key variable (unset: None). Any other value was looked up as given
+    (`7`, `"OPENAI_API_KEY "`), found nothing, and the provider's streams went to the
+    vendor without the platform's key, each refused, after a clean start."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise CatalogError(f"{where} must be an environment variable name like OPENAI_API_KEY")
+    return value
 
 
 def _env_names(value: Any, where: str) -> tuple[str, ...]:
@@ -260,8 +290,10 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
             name=str(name),
             api_type=api_type,
             base_url=base_url.rstrip("/"),
-            api_key_env=spec.get("api_key_env"),
-            service_token_env=spec.get("service_token_env"),
+            api_key_env=_env_name(spec.get("api_key_env"), f"providers.{name}.api_key_env"),
+            service_token_env=_env_name(
+                spec.get("service_token_env"), f"providers.{name}.service_token_env"
+            ),
             sse=_sse_spec(spec, api_type, f"providers.{name}"),
             api_key_envs=_env_names(spec.get("api_key_envs"), f"providers.{name}.api_key_envs"),
         )
@@ -285,7 +317,7 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
         models[str(model_id)] = ModelSpec(
             id=str(model_id),
             provider=provider,
-            upstream_model=str(spec.get("upstream_model", model_id)),
+            upstream_model=_upstream_model(spec, str(model_id), f"{where}.upstream_model"),
             context_length=_positive_int(spec.get("context_length"), f"{where}.context_length"),
             max_output_tokens=_positive_int(
                 spec.get("max_output_tokens"), f"{where}.max_output_tokens"
@@ -310,6 +342,31 @@ def parse_catalog(raw: Any, *, check_fallbacks: bool = True) -> Catalog:
     return Catalog(default_model=default_model, providers=providers, models=models)
 
 
+def free_on_platform_key(catalog: Catalog) -> list[str]:
+    """One line per model priced 0 (every rate) on a provider the platform pays for
+    (a vendor key, `api_key_env`/`api_key_envs`): every tenant streams it free on the
+    platform's account. Warned about, not refused: a price of 0 may be meant (an
+    offer, a trial); a provider with no vendor key (the in-house backend's service
+    token, the keyless mock) is nobody's cost and is not named."""
+    lines = []
+    for model in catalog.models.values():
+        provider = catalog.providers[model.provider]
+        price = model.price
+        rates = (
+            price.input_per_mtok,
+            price.output_per_mtok,
+            price.cached_input_rate,
+            price.cache_write_rate,
+        )
+        if provider.key_envs() and not any(rates):
+            lines.append(
+                f"models.{model.id} costs 0 credits on provider {provider.name}, which the "
+                f"platform's key ({', '.join(provider.key_envs())}) pays for: every tenant "
+                "streams it free; give it a price in LLMGW_MODELS_FILE if that is not meant"
+            )
+    return lines
+
+
 def load_catalog(path: str | None) -> Catalog:
     """Load `path`, or the packaged catalog when `path` is None."""
     if path is None:
@@ -320,7 +377,25 @@ def load_catalog(path: str | None) -> Catalog:
         except OSError as exc:
             raise CatalogError(f"cannot read {path}: {exc.strerror}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise CatalogError(f"invalid YAML: {exc}") from exc
     return parse_catalog(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice: YAML kept the
+    last without a word, so a model block pasted below its original, or a price's
+    second `output_per_mtok`, silently set the price in force."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: a merged key may be overridden, as YAML means
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise CatalogError(f"{key!r} is named twice in one mapping (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

@@ -94,6 +94,21 @@ def env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return value.rstrip("/")
 
 
+def env_base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """A service's base URL (LLMGW_CONTROL_PLANE_URL, LLMGW_EDGE_PUBLIC_URL): the
+    services add `/v1/…` themselves, so one given in the vendors' style (`…/v1`) made
+    every stream URL `/v1/v1/stream` and every JWKS fetch and usage webhook a 404; a
+    query or fragment broke them the same way. A path prefix (a proxy's) is fine."""
+    value = env_url(env, name, default)
+    parsed = urlparse(value)
+    if parsed.query or parsed.fragment or parsed.path.lower().endswith("/v1"):
+        raise ConfigError(
+            f"{name} must be the service's base URL without /v1, a query or a fragment "
+            "(the services add /v1/... themselves), e.g. https://stream.example.com"
+        )
+    return value
+
+
 def refuse_placeholder_password(name: str, url: str) -> None:
     """Stop the start when the store URL in `name` carries one of the examples'
     placeholder passwords (`deploy/k8s/secret.example.yaml` writes `REPLACE_ME`): a
@@ -124,6 +139,31 @@ def env_list(env: Mapping[str, str], name: str) -> list[str]:
     """A comma-separated variable; several secrets (newest first) allow a rotation
     without downtime: the signer uses the first, the verifier accepts any."""
     return [item.strip() for item in env.get(name, "").split(",") if item.strip()]
+
+
+def cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """LLMGW_CORS_ORIGINS: `*` or origins exactly as a browser sends them
+    (`scheme://host[:port]`). CORS compares whole strings, so an entry with a path, a
+    trailing slash, quotes or no scheme matched no browser: every preflight of the
+    operator's app was refused while the services started without a word."""
+    origins = tuple(env_list(env, "LLMGW_CORS_ORIGINS"))
+    for origin in origins:
+        if origin == "*":
+            continue
+        parsed = urlparse(origin)
+        if (
+            parsed.scheme not in ("http", "https")
+            or not parsed.hostname
+            or f"{parsed.scheme}://{parsed.netloc}" != origin
+            or "@" in parsed.netloc
+            or origin != origin.lower()  # a browser sends its host in lower case
+        ):
+            raise ConfigError(
+                f"LLMGW_CORS_ORIGINS entry {origin!r} is not an origin a browser sends: write "
+                "scheme://host[:port] (no path, no trailing slash, no quotes), "
+                "e.g. https://app.example.com"
+            )
+    return origins
 
 
 def fernet_keys(env: Mapping[str, str], name: str, refusal: str) -> tuple[Secret, ...]:
@@ -216,7 +256,7 @@ def read_common(env: Mapping[str, str], *, dev: bool = False) -> CommonSettings:
         webhook_secret=Secret(webhook_secrets[0]),
         webhook_secrets=tuple(Secret(s) for s in webhook_secrets),
         catalog=catalog,
-        cors_origins=tuple(env_list(env, "LLMGW_CORS_ORIGINS")),
+        cors_origins=cors_origins(env),
         encryption_keys=encryption_keys,
         store_transcripts=env_flag(env, "LLMGW_STORE_TRANSCRIPTS", True),
         hold_grace_seconds=env_int(env, "LLMGW_HOLD_GRACE_SECONDS", 1200, 1, 86400),

@@ -399,6 +399,12 @@ class RedisStore:
                 raise outcome
         return reply, int(replicas)
 
+    async def connected_replicas(self) -> int:
+        """How many replicas follow this Redis now (`INFO replication`); a single
+        Redis only, what `LLMGW_REDIS_MIN_REPLICA_ACKS` waits for."""
+        info = await self._redis.info("replication")
+        return int(info.get("connected_slaves", 0))
+
     @classmethod
     def from_url(
         cls, url: str, *, prefix: str, replica_acks: ReplicaAcks | None = None

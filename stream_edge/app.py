@@ -22,7 +22,7 @@ from shared.retry import Backoff
 from shared.route_claim import route_ciphers_from_keys
 from shared.store import Store
 from shared.store_factory import open_store
-from shared.store_redis import STORE_ERRORS, ReplicaAckMissing
+from shared.store_redis import STORE_ERRORS, RedisStore, ReplicaAckMissing
 from stream_edge import eventsource, key_callers, routes
 from stream_edge.breaker import Breakers
 from stream_edge.errors import EdgeError, handle_edge_error
@@ -118,6 +118,26 @@ async def reports_stored(state: EdgeState, timeout: float) -> None:
         log.warning("%d stream reports still unwritten at shutdown", state.reports_owed)
 
 
+async def warn_missing_replicas(store: RedisStore, wanted: int) -> None:
+    """A warning at start when the Redis has fewer replicas than each admission waits
+    for (LLMGW_REDIS_MIN_REPLICA_ACKS): every stream would be refused 503 while the
+    edge started without a word. Not a refusal: a replica may be restarting as the
+    edge does, and admissions recover once it follows."""
+    try:
+        replicas = await store.connected_replicas()
+    except Exception as exc:  # the store down at start: its own errors say so
+        log.warning("could not count the Redis replicas: %s", type(exc).__name__)
+        return
+    if replicas < wanted:
+        log.warning(
+            "LLMGW_REDIS_MIN_REPLICA_ACKS is %d but the Redis has %d replicas connected: "
+            "every stream is refused 503 until that many replicas follow it; lower the "
+            "setting or add replicas",
+            wanted,
+            replicas,
+        )
+
+
 def create_app(
     settings: EdgeSettings,
     store: Store | None = None,
@@ -146,6 +166,8 @@ def create_app(
                 replica_acks=settings.replica_acks(),
             )
         )
+        if (acks := settings.replica_acks()) is not None and isinstance(active_store, RedisStore):
+            await warn_missing_replicas(active_store, acks.count)
         client = transport or upstream_client(settings)
         cp_client = control_plane_client(jwks_transport)
         metrics = EdgeMetrics()

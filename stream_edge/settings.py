@@ -13,14 +13,49 @@ from shared.settings import (
     ConfigError,
     Secret,
     common_of,
+    env_base_url,
     env_float,
     env_int,
-    env_url,
     fernet_keys,
     read_common,
 )
 from shared.store_redis import ReplicaAcks, cluster_url
 from stream_edge.origin_share import DEFAULT_PERCENT
+
+
+def _bare_key(env: Mapping[str, str], name: str) -> Secret:
+    """A backend key variable the catalog names (`api_key_env`, `api_key_envs`,
+    `service_token_env`), refused when it carries whitespace, a control character or
+    surrounding quotes: a secret file's newline made every stream's header illegal
+    (httpx refuses it), a .env line's quotes reached the vendor as the key (401), so
+    the edge started and then failed every stream of the provider. One line naming the
+    variable, never the value."""
+    value = env[name]
+    quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "\"'"
+    if quoted or any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(
+            f"{name} has whitespace, a newline or quotes in it (a .env line's quotes, a "
+            "secret file's trailing newline); set the bare key"
+        )
+    return Secret(value)
+
+
+def _key_pool(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[Secret, ...]:
+    """A provider's platform keys, in the catalog's order, each once: two variables
+    holding one key made a pool of two, so each 429 or 401 of that key cost a second
+    vendor call on it, and a lone key lost its short Retry-After wait."""
+    pool: dict[Secret, str] = {}
+    for name in names:
+        if not env.get(name):
+            continue
+        key = _bare_key(env, name)
+        if key in pool:
+            raise ConfigError(
+                f"{name} holds the same key as {pool[key]}: give each variable of a "
+                "provider's pool its own key, or drop one from api_key_envs"
+            )
+        pool[key] = name
+    return tuple(pool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +116,7 @@ class EdgeSettings(CommonSettings):
             )
         return cls(
             **common_of(common),
-            control_plane_url=env_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
+            control_plane_url=env_base_url(env, "LLMGW_CONTROL_PLANE_URL", "http://127.0.0.1:8000"),
             route_keys=route_keys,
             upstream_connect_timeout=env_float(env, "LLMGW_UPSTREAM_CONNECT_TIMEOUT", 5.0, 0.1, 60),
             upstream_read_timeout=env_float(env, "LLMGW_UPSTREAM_READ_TIMEOUT", 120.0, 1, 3600),
@@ -120,10 +155,10 @@ class EdgeSettings(CommonSettings):
             provider_key_pools={
                 name: pool
                 for name, provider in providers.items()
-                if (pool := tuple(Secret(env[v]) for v in provider.key_envs() if env.get(v)))
+                if (pool := _key_pool(env, provider.key_envs()))
             },
             service_tokens={
-                name: Secret(env[var])
+                name: _bare_key(env, var)
                 for name, provider in providers.items()
                 if (var := provider.service_token_env) and env.get(var)
             },
