@@ -470,11 +470,14 @@ async def sweep_silent_streams(
 
 async def _end_silent(store: SweepStore, jti: str, done: Reconciled, ttl: float) -> None:
     """A silent stream settled: revoke its token (first: a stalled edge stops), then
-    give its slots back. Each best effort: a slot left taken still expires."""
+    give its slots back (not when its user is unknown: `_end_lost`). Each best
+    effort: a slot left taken still expires."""
     try:
         await revoke(store, "jti", jti, done.company_id, ttl)
     except Exception:
         log.warning("could not revoke silent stream %s", jti, exc_info=True)
+    if not done.user_id:
+        return
     try:
         await store.release_slots(SlotRelease(slot_keys(done.company_id, done.user_id), jti))
     except Exception:
@@ -497,15 +500,8 @@ async def _end_lost(
     except Exception:
         log.warning("could not read silent stream %s's user", jti, exc_info=True)
         user_id = None
-    if user_id is None:
-        try:
-            await revoke(store, "jti", jti, company_id, ttl)
-        except Exception:
-            log.warning("could not revoke silent stream %s", jti, exc_info=True)
-        return
-    await _end_silent(
-        store, jti, Reconciled("settled", company_id=company_id, user_id=user_id), ttl
-    )
+    done = Reconciled("settled", company_id=company_id, user_id=user_id or "")
+    await _end_silent(store, jti, done, ttl)
 
 
 def _counted_late(metrics: Metrics, done: Reconciled) -> None:
