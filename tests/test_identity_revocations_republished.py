@@ -265,7 +265,9 @@ def test_a_deleted_sessions_stream_tokens_stay_refused_after_the_store_lost_thei
     deletion's (the `jti` revocations, the stash's removal). The only record of
     those revocations was the store's key: before the fix the finished turn's URL
     replayed the deleted answer with `Last-Event-ID` and the unused token streamed
-    the deleted history to the backend; no pass ever brought the keys back."""
+    the deleted history to the backend; no pass ever brought the keys back. Once the
+    pass did, the stash the replica kept (the deleted history) stayed in Redis for
+    the token's life plus 10 minutes."""
     c = grace_stack.client
     company_id = c.new_company("5")
     owner = c.new_user(company_id, role="owner")
@@ -293,6 +295,10 @@ def test_a_deleted_sessions_stream_tokens_stay_refused_after_the_store_lost_thei
     finally:
         client.close()
     wait_until(lambda: _prefixed(redis_prefix, keys), "the revocations were not republished")
+    # The deleted history leaves the store again with them (deleted just after).
+    wait_until(
+        lambda: not _prefixed("", [stashed]), "the deleted session's request is still stashed"
+    )
     resumed = c.http.get(finished["stream_url"], headers={"Last-Event-ID": "1"})
     assert resumed.status_code == 401, resumed.text
     assert resumed.json()["error"]["code"] == "revoked"
