@@ -32,7 +32,8 @@ writes (`LLMGW_ADMIN_WRITE_RATE_PER_COMPANY`), a sign-out follows a sign-in (a
 password hash each); in the ~16 minutes a key is kept, an owner at its company's
 whole write allowance (600 a minute) makes ~9,600. The stream tokens are one per
 silent stream and a few per deleted session (those of its turns still active or
-ended within the resume grace).
+ended within the resume grace): each was an init, a hold of credits and one of
+`LLMGW_INIT_RATE_PER_COMPANY` (1,200 a minute, ~19,200 in the window at most).
 
 A lift must win over a pass that read the revocation before the lift committed.
 The lift commits, then deletes the key (`routes.admin_revocations`); a pass's write
