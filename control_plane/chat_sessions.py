@@ -26,6 +26,7 @@ from control_plane import hot_statements, policy, settle_statements
 from control_plane.errors import Forbidden, SessionNotFound
 from control_plane.pagination import Page, PageRequest, merged_page, newest_first, walk_began
 from control_plane.policy import Principal
+from control_plane.stream_revocations import mark_revoked
 from control_plane.tables import (
     ChatMessage,
     ChatSession,
@@ -386,7 +387,12 @@ def remove_session(
     a turn appended meanwhile committed first, and its hold is among them)."""
     chat = _deletable(session, p, session_id)
     delete_session(session, chat.id)
-    return SessionStreams(chat.company_id, stream_ids(session, chat, ended_since))
+    ended = SessionStreams(chat.company_id, stream_ids(session, chat, ended_since))
+    # Their tokens are revoked at the edges (`routes.chat`); recorded with the
+    # deletion, so a store that loses those keys gets them back
+    # (`revocation_republish`).
+    mark_revoked(session, chat.company_id, ended.jtis, utcnow())
+    return ended
 
 
 def session_public(chat: ChatSession, messages: list[ChatMessage] | None = None) -> dict[str, Any]:

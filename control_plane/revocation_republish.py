@@ -15,14 +15,25 @@ touched, since the life left is read on this process's clock from another's
 
 * the revocations not lifted made within `revoking.revocation_ttl` (an admin's of a
   user, a company or a token; a sign-out), ``ix_revocations_in_force_created``;
-* the API keys revoked within it (their `api_key_parent`), ``ix_api_keys_revoked_at``.
+* the API keys revoked within it (their `api_key_parent`), ``ix_api_keys_revoked_at``;
+* the stream tokens revoked within it with no revocation row: a deleted chat
+  session's and a silent stream's the sweeper settled (``reservations.revoked_at``,
+  set in the deletion's and the settlement's transaction, `stream_revocations`),
+  ``ix_reservations_revoked_at``. Without them a failover that lost those keys let
+  the deleted session's URLs replay and its unused tokens stream its history, and
+  a stalled edge relay a settled stream on, unbilled. Where such a key was lost,
+  the request stashed for its token (a deleted session's history, which the
+  deletion had removed) may be back too: it is removed again.
 
-Two indexed reads in one transaction and the keys' writes, sent together on the
+Three indexed reads in one transaction and the keys' writes, sent together on the
 store's pipelined connection. Measured: 10,000 keys cost a pass 0.17 s of CPU (3 % of
 a core every 5 s). What bounds them: revocations and API key revocations are admin
 writes (`LLMGW_ADMIN_WRITE_RATE_PER_COMPANY`), a sign-out follows a sign-in (a
 password hash each); in the ~16 minutes a key is kept, an owner at its company's
-whole write allowance (600 a minute) makes ~9,600.
+whole write allowance (600 a minute) makes ~9,600. The stream tokens are one per
+silent stream and a few per deleted session (those of its turns still active or
+ended within the resume grace): each was an init, a hold of credits and one of
+`LLMGW_INIT_RATE_PER_COMPANY` (1,200 a minute, ~19,200 in the window at most).
 
 A lift must win over a pass that read the revocation before the lift committed.
 The lift commits, then deletes the key (`routes.admin_revocations`); a pass's write
@@ -32,10 +43,7 @@ lifted: a lift whose delete came before the pass's write committed before it, so
 this read sees it, and the pass deletes the key itself, then looks once more and
 puts it back if another revocation of that target is in force, as the lift route
 does. A lift whose delete came after the pass's write needs nothing. Sign-outs and
-API keys cannot be lifted.
-
-Not republished: a deleted chat session's stream tokens and a silent stream's (the
-sweeper's), whose only record is the store's key (see docs/architecture.md).
+API keys cannot be lifted, nor a deleted session's or a silent stream's token.
 """
 
 from __future__ import annotations
@@ -54,8 +62,10 @@ from control_plane import logout
 from control_plane.db import Database
 from control_plane.deps import Deps
 from control_plane.revoking import in_force_besides, revocation_ttl
+from control_plane.stream_revocations import revoked_since
 from control_plane.tables import ApiKey, Revocation, User, utcnow
 from shared.revocations import api_key_parent, restore, revocation_key, revoke
+from shared.stash import stash_key
 from shared.store import KeyValueStore
 
 log = logging.getLogger("control_plane.revocation_republish")
@@ -76,11 +86,15 @@ class Standing:
     company_id: str
     seconds: int
     revocation_id: str | None
+    # A deleted session's or a silent stream's token (`stream_revocations`): a store
+    # that lost its key may have kept the request stashed for it, which goes too.
+    stashed: bool = False
 
 
 def standing(session: Session, now: datetime, ttl: int) -> list[Standing]:
-    """What the edges must know now: revocations and revoked API keys younger than
-    `ttl` (`revoking.revocation_ttl`), each with the life its key has left."""
+    """What the edges must know now: revocations, revoked API keys and stream tokens
+    (`stream_revocations`) younger than `ttl` (`revoking.revocation_ttl`), each with
+    the life its key has left."""
     since = now - timedelta(seconds=ttl)
     found: list[Standing] = []
     rows = session.execute(
@@ -112,6 +126,10 @@ def standing(session: Session, now: datetime, ttl: int) -> list[Standing]:
         seconds = _left(revoked_at + timedelta(seconds=ttl), now)
         if seconds > 0:
             found.append(Standing("jti", api_key_parent(key_id), company_id, seconds, None))
+    for jti, company_id, revoked_at in revoked_since(session, since):
+        seconds = _left(revoked_at + timedelta(seconds=ttl), now)
+        if seconds > 0:
+            found.append(Standing("jti", jti, company_id, seconds, None, stashed=True))
     return found
 
 
@@ -140,14 +158,19 @@ async def _publish(store: KeyValueStore, keys: list[Standing]) -> BaseException 
     failure: BaseException | None = None
     for start in range(0, len(keys), BATCH_KEYS):
         results = await asyncio.gather(
-            *(
-                restore(store, k.kind, k.value, k.company_id, k.seconds)
-                for k in keys[start : start + BATCH_KEYS]
-            ),
+            *(_restore(store, k) for k in keys[start : start + BATCH_KEYS]),
             return_exceptions=True,
         )
         failure = failure or next((r for r in results if isinstance(r, BaseException)), None)
     return failure
+
+
+async def _restore(store: KeyValueStore, key: Standing) -> None:
+    if await restore(store, key.kind, key.value, key.company_id, key.seconds) and key.stashed:
+        # The key was lost, so the stash's removal may have been too (a failover to a
+        # replica without the deletion's writes): a deleted session's history left
+        # in the store for the token's life plus 10 minutes.
+        await store.delete(stash_key(key.company_id, key.value))
 
 
 async def republish_pass(db: Database, store: KeyValueStore, ttl: int) -> int:

@@ -89,6 +89,7 @@ from control_plane.reports_wait import ReportsWait
 from control_plane.revoking import revocation_ttl
 from control_plane.settings import ControlPlaneSettings
 from control_plane.settlement import Usage, settle_usage
+from control_plane.stream_revocations import mark_revoked
 from control_plane.sweep_failures import PassFailures
 from control_plane.tables import Reservation, utcnow
 from control_plane.usage_events import parse_time
@@ -195,6 +196,10 @@ def reconcile(
         )
         if outcome.duplicate:
             return NOTHING
+        if silent:
+            # Its token is revoked once this commits (`_end_silent`); recorded here, so
+            # a store that loses the key gets it back (`revocation_republish`).
+            mark_revoked(session, reservation.company_id, [reservation.jti], utcnow())
         return Reconciled(
             "settled",
             outcome.charged_micro,

@@ -193,6 +193,14 @@ class Reservation(SQLModel, table=True):
         UniqueConstraint("jti", name="uq_reservations_jti"),
         Index("ix_reservations_company_id", "company_id"),
         Index("ix_reservations_status_expires_at", "status", "expires_at"),
+        # The stream tokens revoked with no `revocations` row (a deleted session's, a
+        # silent stream's) that the edges must still refuse (`stream_revocations`).
+        Index(
+            "ix_reservations_revoked_at",
+            "revoked_at",
+            postgresql_where=text("revoked_at IS NOT NULL"),
+            sqlite_where=text("revoked_at IS NOT NULL"),
+        ),
         CheckConstraint(
             "status IN ('active', 'settled', 'released')", name="ck_reservations_status"
         ),
@@ -221,6 +229,9 @@ class Reservation(SQLModel, table=True):
     expires_at: datetime = _time()
     settled_at: datetime | None = _time(nullable=True)
     api_key_id: str | None = _str(32, nullable=True)  # the key the stream was opened with
+    # Its token revoked at the edges with no `revocations` row: its chat session was
+    # deleted, or the sweeper settled it as silent (`stream_revocations`).
+    revoked_at: datetime | None = _time(nullable=True)
     # The fallback chain signed into the token (issue 16.2): `[{"model", "provider",
     # "price_input_per_mtok", "price_output_per_mtok"}]`, after `model`. Settlement
     # bills a served model only if it is `model` or one of these, at its price here.

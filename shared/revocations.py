@@ -62,12 +62,13 @@ async def revoke(
 
 async def restore(
     store: KeyValueStore, kind: str, value: str, company_id: str, ttl_seconds: float
-) -> None:
+) -> bool:
     """`revoke` only if the store lost the key: one standing keeps the TTL its
     revocation gave it. `ttl_seconds` is the life left as read on the caller's clock
     from another process's `created_at`: a clock running ahead would otherwise cut a
-    standing key short (`control_plane.revocation_republish`)."""
-    await store.set_if_absent(revocation_key(kind, value, company_id), b"1", ttl_seconds)
+    standing key short (`control_plane.revocation_republish`). True: the key was lost
+    and is set again."""
+    return await store.set_if_absent(revocation_key(kind, value, company_id), b"1", ttl_seconds)
 
 
 async def announce_retired_signing_keys(

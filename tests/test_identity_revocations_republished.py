@@ -23,6 +23,7 @@ from control_plane.revoking import revocation_ttl
 from control_plane.tables import utcnow
 from shared.revocations import revocation_key
 from shared.sse import SSEDecoder
+from shared.stash import stash_key
 from shared.store_factory import open_store
 from tests.conftest import REDIS_URL, fresh_pg_database
 from tests.polling import wait_until
@@ -238,5 +239,77 @@ def test_a_pass_on_a_clock_running_ahead_never_shortens_a_standing_key(
         after = client.pttl(name)
         # Not a timing bound: the pass takes nowhere near half the skew.
         assert after > before - ahead * 1000 // 2, (before, after)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def grace_stack(pg_server: str, redis_prefix: str) -> Iterator[InProcessStack]:
+    # A resume grace long enough that the test's steps all fall within it.
+    env = {**base_env("", REDIS_URL, redis_prefix), "LLMGW_RESUME_GRACE_SECONDS": "60"}
+    with fresh_pg_database(pg_server, migrated=True) as url:
+        with InProcessStack({**env, "LLMGW_DATABASE_URL": url}) as running:
+            yield running
+
+
+def _replay(response: httpx.Response) -> list[Any]:
+    decoder = SSEDecoder()
+    return [event for raw in response.iter_raw() for event in decoder.feed(raw)]
+
+
+def test_a_deleted_sessions_stream_tokens_stay_refused_after_the_store_lost_their_keys(
+    grace_stack: InProcessStack, redis_prefix: str
+) -> None:
+    """Attack: a member's chat session is deleted (its owner erases it), then Redis
+    fails over to a replica that had the session's init writes but not the
+    deletion's (the `jti` revocations, the stash's removal). The only record of
+    those revocations was the store's key: before the fix the finished turn's URL
+    replayed the deleted answer with `Last-Event-ID` and the unused token streamed
+    the deleted history to the backend; no pass ever brought the keys back. Once the
+    pass did, the stash the replica kept (the deleted history) stayed in Redis for
+    the token's life plus 10 minutes."""
+    c = grace_stack.client
+    company_id = c.new_company("5")
+    owner = c.new_user(company_id, role="owner")
+    member = c.new_user(company_id)
+    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
+    session_id = finished["session_id"]
+    with c.http.stream("GET", finished["stream_url"]) as r:
+        assert _replay(r)[-1].event == "complete"
+    c.wait_usage(member, finished["reservation_id"])
+    unused = c.init_ok(member, {"query": "later [[mock tokens=5]]", "session_id": session_id})
+    client = redis.Redis.from_url(REDIS_URL)
+    stashed = redis_prefix + stash_key(company_id, jti_of(unused["stream_token"]))
+    try:
+        stash = client.dump(stashed)
+        assert isinstance(stash, bytes)
+        answer = c.as_user(owner, "DELETE", f"/v1/sessions/{session_id}")
+        assert answer.status_code == 204, answer.text
+        keys = [
+            revocation_key("jti", jti_of(grant["stream_token"]), company_id)
+            for grant in (finished, unused)
+        ]
+        # The failover: the replica promoted has the stash, not the deletion's keys.
+        client.delete(*[redis_prefix + k for k in keys])
+        client.restore(stashed, 600_000, stash)
+    finally:
+        client.close()
+    wait_until(lambda: _prefixed(redis_prefix, keys), "the revocations were not republished")
+    # The deleted history leaves the store again with them (deleted just after).
+    wait_until(
+        lambda: not _prefixed("", [stashed]), "the deleted session's request is still stashed"
+    )
+    resumed = c.http.get(finished["stream_url"], headers={"Last-Event-ID": "1"})
+    assert resumed.status_code == 401, resumed.text
+    assert resumed.json()["error"]["code"] == "revoked"
+    started = c.http.get(unused["stream_url"])
+    assert started.status_code == 401, started.text
+    assert started.json()["error"]["code"] == "revoked"
+
+
+def _prefixed(prefix: str, keys: list[str]) -> bool:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return bool(client.exists(*[prefix + k for k in keys]) == len(keys))
     finally:
         client.close()

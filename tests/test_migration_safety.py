@@ -384,7 +384,7 @@ def test_on_postgresql_index_builds_run_concurrently_outside_a_transaction(
     finally:
         event.remove(Engine, "before_cursor_execute", record)
     concurrent = [s for s in sent if "CONCURRENTLY" in s[0]]
-    assert len(concurrent) == 13, [s[0] for s in concurrent]
+    assert len(concurrent) == 14, [s[0] for s in concurrent]
     assert {(autocommit, settings) for _, autocommit, settings in concurrent} == {
         (True, "('0', '0')")
     }

@@ -26,6 +26,8 @@ from control_plane import sweeper
 from control_plane.db import Database
 from control_plane.liveness import SilenceWatch
 from control_plane.pending_inits import used_key
+from control_plane.revocation_republish import republish_pass
+from control_plane.revoking import revocation_ttl
 from control_plane.sweeper import sweep_silent_streams
 from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revocation_key
@@ -178,3 +180,37 @@ def test_a_silent_settlement_whose_answer_was_lost_still_revokes_and_frees_the_s
         )
         wait_until(lambda: next_stream(cp, run) == "ok", "its slot is given back", within=15)
         assert sweep(cp, run).settled == 0  # nothing more to do
+
+
+def test_a_silent_streams_revocation_the_store_lost_is_republished(cp: CP) -> None:
+    """Attack: the sweeper settles a silent stream (its edge only stalled) and revokes
+    its token, then the store loses that key (Redis fails over to a replica that had
+    not got it). Its hold is settled, so whatever the edge relays once it wakes is
+    never billed (its report a duplicate), and the revocation was the only thing
+    ending it. Before the fix no pass brought the key back: the stream's reconnect
+    was admitted (`reconnect`) for the rest of the token's life."""
+    run = running_stream(cp)
+    sweep(cp, run)
+    run.clock[0] += run.watch.silent_after
+    assert sweep(cp, run).settled == 1
+    state = cp.app.state
+    revoked = revocation_key("jti", run.jti, run.company_id)
+    assert cp.on_loop(lambda: state.store.get(revoked)) is not None
+    cp.on_loop(lambda: state.store.delete(revoked))  # the failover
+
+    ttl = revocation_ttl(cp.settings)
+    cp.on_loop(lambda: republish_pass(state.db, state.store, ttl))
+    reconnect = Admission(
+        revocation_keys=[revocation_key("user", run.user_id, run.company_id), revoked],
+        used_key=used_key(run.company_id, run.jti),
+        path="stream",
+        used_ttl_seconds=300,
+        slot_keys=slot_keys(run.company_id, run.user_id),
+        limits=ONE_STREAM_PER_USER,
+        member=run.jti,
+        now=time.time(),
+        slots_expire_at=time.time() + MAX_STREAM_SECONDS,
+    )
+    assert cp.on_loop(lambda: state.store.admit(reconnect)).verdict == "revoked"
+    late = usage_event(run.grant, run.company_id, input_tokens=12, output_tokens=900)
+    assert data_of(cp.webhook(late)) == {"duplicate": True}  # what it relays is free
