@@ -288,14 +288,13 @@ def common_of(settings: CommonSettings) -> dict[str, Any]:
 def _max_header_bytes(env: Mapping[str, str]) -> int:
     """LLMGW_MAX_HEADER_BYTES, at least `MIN_HEADER_BYTES`: a smaller cap refused
     (431) the streams whose token carries a company's key pool and fallbacks."""
-    value = env_int(env, "LLMGW_MAX_HEADER_BYTES", 64 * 1024, 1, 1024 * 1024)
-    if value < MIN_HEADER_BYTES:
+    try:
+        return env_int(env, "LLMGW_MAX_HEADER_BYTES", 64 * 1024, MIN_HEADER_BYTES, 1024 * 1024)
+    except ConfigError as exc:
         raise ConfigError(
-            f"LLMGW_MAX_HEADER_BYTES must be at least {MIN_HEADER_BYTES}: a stream token "
-            f"may take {STREAM_TOKEN_MAX_BYTES} bytes with a company's key pool and "
-            f"fallbacks, plus a browser's other headers; got {value}"
-        )
-    return value
+            f"{exc} (a stream token may take {STREAM_TOKEN_MAX_BYTES} bytes with a "
+            "company's key pool and fallbacks, and a browser sends more headers beside it)"
+        ) from None
 
 
 def _edge_service_secrets(env: Mapping[str, str]) -> list[str]:
