@@ -430,7 +430,7 @@ def reserve(
     chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools, size)
     pool = tuple(pools.get(model.provider, ()))
     route = company_llm.route_for(catalog, model, keys.get(model.provider), pool)
-    check_token_room(model, route, chain)
+    check_token_room(model, [route, *(entry.route for entry in chain)])
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
         raise RequestTooLarge(

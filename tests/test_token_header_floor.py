@@ -36,7 +36,7 @@ from shared.tokens import STREAM_TOKEN_MAX_BYTES
 from stream_edge.settings import EdgeSettings
 from tests.conftest import new_webhook_secret
 from tests.harness import bind_free_socket, url_of
-from tests.stack import Client, InProcessStack, base_env, micro
+from tests.stack import Client, InProcessStack, base_env
 
 # A browser's EventSource request beside the token: a long Referer (Chrome keeps
 # 4 KiB of it), its client hints, a language list, a few cookies of the edge's domain.
@@ -94,10 +94,15 @@ def _largest_first_key(stack: InProcessStack) -> int:
     return max(n for n in range(1, 4096) if sealed(n) <= SEALED_ROUTES_MAX_BYTES)
 
 
-def _configure(c: Client, owner: str, company: str, first: int) -> None:
+def _configure(c: Client, owner: str, company: str, first: int) -> httpx.Response:
     path = f"/v1/admin/companies/{company}/providers/mock"
-    put = c.as_user(owner, "PUT", path, json={"api_keys": _pool(first), "models": MODELS})
-    assert put.status_code == 200, put.text
+    return c.as_user(owner, "PUT", path, json={"api_keys": _pool(first), "models": MODELS})
+
+
+def _key_ids(c: Client, owner: str, company: str) -> list[str]:
+    view = c.as_user(owner, "GET", f"/v1/admin/companies/{company}/providers").json()
+    [mock] = [v for v in view["data"]["items"] if v["provider"] == "mock"]
+    return [key["id"] for key in mock["keys"]]
 
 
 INIT = {"model": IDS[0], "query": "hi [[mock tokens=3]]", "max_tokens": 16}
@@ -181,7 +186,7 @@ def test_the_largest_mintable_token_passes_an_edge_at_the_least_header_block(
         company = c.new_company("100")
         owner = c.new_user(company, role="owner")
         first = _largest_first_key(stack)
-        _configure(c, owner, company, first)
+        assert _configure(c, owner, company, first).status_code == 200
         grant = c.init_ok(owner, INIT)
         assert STREAM_TOKEN_MAX_BYTES - 4096 < len(grant["stream_token"]) <= STREAM_TOKEN_MAX_BYTES
         assert stack.edge_settings.max_header_bytes == MIN_HEADER_BYTES
@@ -212,15 +217,49 @@ def test_the_largest_mintable_token_passes_an_edge_at_the_least_header_block(
         )
         assert answer.status_code == 200, answer.text[:200]
 
-        # One block more of key: refused at init, nothing held.
+        # One block more of key: refused where the owner sets it, nothing changed.
+        kept = _key_ids(c, owner, company)
         for longer in (first + 16, 4095):
-            _configure(c, owner, company, longer)
-            before = c.credits(owner)
-            refused = c.init(owner, INIT)
+            refused = _configure(c, owner, company, longer)
             assert refused.status_code == 422, refused.text
             assert refused.json()["error"]["code"] == "validation_error"
+            assert refused.json()["message"].startswith("api_keys: ")
             assert "shorten the key pool" in refused.json()["message"]
-            assert micro(c.credits(owner)["held"]) == micro(before["held"])
+            assert _key_ids(c, owner, company) == kept
+        c.init_ok(owner, INIT)
+
+
+def test_a_token_grown_past_the_budget_by_the_catalog_is_refused_at_init(
+    tmp_path: Path,
+) -> None:
+    """An operator gives a packaged model fallbacks after a company stored a long
+    key for their provider (no owner's PUT to refuse it): init refuses that model
+    with 422 before its hold; the company's other models still stream."""
+    env = base_env(f"sqlite:///{tmp_path}/gw.db")
+    with InProcessStack(env) as stack:
+        c = stack.client
+        company = c.new_company("100")
+        owner = c.new_user(company, role="owner")
+        path = f"/v1/admin/companies/{company}/providers/mock"
+        put = c.as_user(owner, "PUT", path, json={"api_keys": _pool(3900)})
+        assert put.status_code == 200, put.text
+    packaged = (Path(__file__).parent.parent / "shared" / "models.yaml").read_text()
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        packaged.replace(
+            "    upstream_model: mock-fast\n",
+            "    upstream_model: mock-fast\n    fallbacks: [mock-chat, mock-vision]\n",
+            1,
+        )
+    )
+    with InProcessStack({**env, "LLMGW_MODELS_FILE": str(models)}) as stack:
+        c = stack.client
+        before = c.credits(owner)
+        refused = c.init(owner, {"model": "mock-fast", "query": "hi", "max_tokens": 16})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["message"].startswith("model: 'mock-fast' with its fallbacks")
+        assert c.credits(owner) == before
+        c.init_ok(owner, {"model": "mock-chat", "query": "hi", "max_tokens": 16})
 
 
 def test_the_budget_keeps_the_token_and_its_url_under_the_clients_limits() -> None:
