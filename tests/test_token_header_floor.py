@@ -263,6 +263,9 @@ def test_a_token_grown_past_the_budget_by_the_catalog_is_refused_at_init(
 
 
 def test_the_budget_keeps_the_token_and_its_url_under_the_clients_limits() -> None:
+    # The sealed routes and 4 KiB of other claims, in base64url, with the header and
+    # the signature: within the token's bound.
+    assert (SEALED_ROUTES_MAX_BYTES + 4096) * 4 // 3 + 300 <= STREAM_TOKEN_MAX_BYTES
     # httpx (the OpenAI SDK's client) refuses a URL over 64 KiB.
     assert STREAM_TOKEN_MAX_BYTES + 200 < httpx._urlparse.MAX_URL_LENGTH
     assert MIN_HEADER_BYTES >= STREAM_TOKEN_MAX_BYTES + 16 * 1024
