@@ -57,7 +57,7 @@ from control_plane.errors import (
     UnsupportedFeature,
     ValidationFailed,
 )
-from control_plane.fallbacks import ChainEntry
+from control_plane.fallbacks import ChainEntry, check_token_room
 from control_plane.init_writes import NewReservation
 from control_plane.ledger import take_hold
 from control_plane.policy import Principal, can_chat, can_use_session
@@ -428,6 +428,9 @@ def reserve(
         size=size,
     )
     chain = plan_chain(catalog, cat, model, req, messages, plan.max_tokens, pools, size)
+    pool = tuple(pools.get(model.provider, ()))
+    route = company_llm.route_for(catalog, model, keys.get(model.provider), pool)
+    check_token_room(model, [route, *(entry.route for entry in chain)])
     stash = StashedRequest(messages=messages, params=req.params).dumps()
     if len(stash) > limits.max_request_bytes:
         raise RequestTooLarge(
@@ -470,8 +473,6 @@ def reserve(
         first_turn = init_writes.first_turn(
             session_id, company.id, principal.user_id, new_turn, limits.session, now
         )
-    pool = tuple(pools.get(model.provider, ()))
-    route = company_llm.route_for(catalog, model, keys.get(model.provider), pool)
     # The common init's one write is its unit's last statement: begun lazily
     # (`Database.unit(begin=False)`), it runs on its own, atomic by itself, with no
     # BEGIN or COMMIT round trip (issue 14). Budgets or an existing session follow

@@ -12,14 +12,15 @@ and refuses a served model outside the chain.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from control_plane.errors import ModelNotInChain
+from control_plane.errors import ModelNotInChain, ValidationFailed
 from control_plane.ledger import Held
 from shared.catalog import ModelSpec, Price
-from shared.route_claim import UpstreamRoute
+from shared.route_claim import SEALED_ROUTES_MAX_BYTES, UpstreamRoute, sealed_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +68,22 @@ def served_price(reservation: Held, model: str) -> tuple[str, Price] | None:
     raise ModelNotInChain(
         f"{model[:200]!r} is neither this reservation's model nor one of its fallbacks."
     )
+
+
+def check_token_room(
+    model: ModelSpec, routes: Iterable[UpstreamRoute | None], field: str = "model"
+) -> None:
+    """422 (naming `field`) before any write when the routes sealed into a stream
+    token of `model` (the company's key pool, once for the model and once for each
+    fallback on a provider it keys) exceed `SEALED_ROUTES_MAX_BYTES`: the token would
+    pass `STREAM_TOKEN_MAX_BYTES`, and an edge's header cap or the client's URL
+    limit (httpx's, 64 KiB) refuse it, every stream of the model failing after its
+    hold."""
+    sealed = sum(sealed_length(r) for r in routes if r is not None)
+    if sealed > SEALED_ROUTES_MAX_BYTES:
+        raise ValidationFailed(
+            field,
+            f"{model.id[:200]!r} with its fallbacks would carry {sealed} bytes of the "
+            f"company's provider keys in its stream token, at most {SEALED_ROUTES_MAX_BYTES} "
+            "fit; an owner can shorten the key pool or the model's fallbacks",
+        )

@@ -19,10 +19,12 @@ from sqlalchemy.orm import Session
 
 from control_plane import accounts, audit, company_llm, policy
 from control_plane.errors import NotFound, ValidationFailed
+from control_plane.fallbacks import check_token_room
 from control_plane.policy import Principal
 from control_plane.tables import Company
-from shared.catalog import Catalog
+from shared.catalog import Catalog, ModelSpec
 from shared.key_pool import company_scope, parse_state, state_key
+from shared.route_claim import UpstreamRoute
 from shared.store import KeyValueStore
 
 UNSET: Any = object()
@@ -136,6 +138,29 @@ def _apply(session: Session, c: Caller, company: Company, change: Change) -> Non
             raise ValidationFailed("default_model", f"{default_model!r} is not a usable model")
         company.default_model = default_model
         session.flush()
+    _check_token_room(session, c, company.id, change)
+
+
+def _check_token_room(session: Session, c: Caller, company_id: str, change: Change) -> None:
+    """422 when a model of the company's view, with its whole chain, would seal more
+    of its key pools into a stream token than fits (`fallbacks.check_token_room`):
+    refused here, where an owner can fix it, not at each member's init."""
+    view = _usable_view(session, c, company_id)
+    pools = {
+        provider: tuple(keys)
+        for provider, keys in company_llm.own_key_pools(
+            session, c.fernet, company_id, c.catalog
+        ).items()
+    }
+
+    def route(spec: ModelSpec) -> UpstreamRoute | None:
+        pool = pools.get(spec.provider, ())
+        return company_llm.route_for(c.catalog, spec, pool[0] if pool else None, pool)
+
+    for spec in view.models.values():
+        chain = company_llm.chain_of(view, spec)
+        field = "api_keys" if change.api_keys is not UNSET else f"models.{spec.id}"
+        check_token_room(spec, [route(spec), *map(route, chain)], field)
 
 
 def _audit(

@@ -39,11 +39,19 @@ def checkpoint_key(reservation_id: str) -> str:
     return f"ckpt:{reservation_id}"
 
 
+# The least margin the silence limit keeps past its missed heartbeats, whatever the
+# resume grace: the default grace's. A grace of 0 means no resume (a client that
+# leaves has its backend cancelled at once), not an edge or a store that may pause
+# for less; with it as the margin, a 6 s pause settled a live stream and revoked it.
+SILENCE_MARGIN_SECONDS = 10.0
+
+
 def silent_after(resume_grace_seconds: float) -> float:
     """Seconds a running stream's checkpoint may stay unchanged before the sweeper
-    settles it: a few missed heartbeats, plus the resume grace as a margin (with the
-    defaults 3 x 2 s + 10 s = 16 s)."""
-    return SILENT_AFTER_BEATS * CHECKPOINT_EVERY_SECONDS + resume_grace_seconds
+    settles it: a few missed heartbeats, plus the resume grace as a margin, never
+    less than `SILENCE_MARGIN_SECONDS` (with the defaults 3 x 2 s + 10 s = 16 s)."""
+    margin = max(resume_grace_seconds, SILENCE_MARGIN_SECONDS)
+    return SILENT_AFTER_BEATS * CHECKPOINT_EVERY_SECONDS + margin
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,21 @@ def seal(route: UpstreamRoute, cipher: Fernet | MultiFernet) -> str:
     return cipher.encrypt(orjson.dumps(asdict(route))).decode()
 
 
+# What the sealed routes of one stream token (the model's and each fallback's) may
+# take in all, so that the token stays under `shared.tokens.STREAM_TOKEN_MAX_BYTES`
+# with its other claims (model ids, ids, limits: under 4 KiB of JSON).
+SEALED_ROUTES_MAX_BYTES = 31 * 1024
+
+
+def sealed_length(route: UpstreamRoute) -> int:
+    """`len(seal(route, ...))` without the key: a Fernet token is 57 bytes (version,
+    time, IV, HMAC) around the plaintext padded to a whole 16-byte block, in padded
+    url-safe base64."""
+    plain = len(orjson.dumps(asdict(route)))
+    raw = 57 + 16 * (plain // 16 + 1)
+    return 4 * -(-raw // 3)
+
+
 def unseal(sealed: str, cipher: Fernet | MultiFernet) -> UpstreamRoute:
     """Raise ValueError when the claim was not sealed by our control plane."""
     try:

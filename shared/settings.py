@@ -24,12 +24,19 @@ from urllib.parse import parse_qs, urlparse
 from cryptography.fernet import Fernet
 
 from shared.catalog import Catalog, CatalogError, load_catalog
-from shared.tokens import LEEWAY_SECONDS
+from shared.tokens import LEEWAY_SECONDS, STREAM_TOKEN_MAX_BYTES
 from shared.webhooks import is_placeholder, validate_secret
 
 # What a hold's grace must leave, after the longest stream ends, for its usage
 # webhook to arrive (the outbox's first retries) before the sweeper steps in.
 REPORT_MARGIN_SECONDS = 60
+
+
+# The least LLMGW_MAX_HEADER_BYTES: the largest stream token the control plane mints
+# (in the query of `GET /v1/stream`, or `Authorization: Bearer`) and what a browser
+# sends beside it (a Referer of up to 4 KiB, client hints, cookies). Below it, every
+# stream of a company whose key pool rides in its tokens was refused 431.
+MIN_HEADER_BYTES = STREAM_TOKEN_MAX_BYTES + 16 * 1024
 
 
 class ConfigError(ValueError):
@@ -264,7 +271,7 @@ def read_common(env: Mapping[str, str], *, dev: bool = False) -> CommonSettings:
         resume_grace_seconds=env_float(env, "LLMGW_RESUME_GRACE_SECONDS", 10, 0, 600),
         drain_seconds=env_float(env, "LLMGW_DRAIN_SECONDS", 20, 0, 3600),
         header_timeout_seconds=env_float(env, "LLMGW_HEADER_TIMEOUT_SECONDS", 10, 0.1, 300),
-        max_header_bytes=env_int(env, "LLMGW_MAX_HEADER_BYTES", 64 * 1024, 1024, 1024 * 1024),
+        max_header_bytes=_max_header_bytes(env),
         max_connections=env_int(env, "LLMGW_MAX_CONNECTIONS", 1000, 1, 1_000_000),
         edge_service_secrets=tuple(Secret(s) for s in edge_secrets),
         dev=dev,
@@ -276,6 +283,18 @@ def read_common(env: Mapping[str, str], *, dev: bool = False) -> CommonSettings:
 def common_of(settings: CommonSettings) -> dict[str, Any]:
     """`settings`' common fields as keyword arguments for a service's class."""
     return {f.name: getattr(settings, f.name) for f in fields(CommonSettings)}
+
+
+def _max_header_bytes(env: Mapping[str, str]) -> int:
+    """LLMGW_MAX_HEADER_BYTES, at least `MIN_HEADER_BYTES`: a smaller cap refused
+    (431) the streams whose token carries a company's key pool and fallbacks."""
+    try:
+        return env_int(env, "LLMGW_MAX_HEADER_BYTES", 64 * 1024, MIN_HEADER_BYTES, 1024 * 1024)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} (a stream token may take {STREAM_TOKEN_MAX_BYTES} bytes with a "
+            "company's key pool and fallbacks, and a browser sends more headers beside it)"
+        ) from None
 
 
 def _edge_service_secrets(env: Mapping[str, str]) -> list[str]:

@@ -45,6 +45,12 @@ AGENT_CLAIM = "agent"
 # add a cheaper model; the edge tries them in order before the first byte.
 FALLBACKS_CLAIM = "fallbacks"
 
+# The largest stream token the control plane mints: its sealed routes within
+# `route_claim.SEALED_ROUTES_MAX_BYTES` (init refuses more), the other claims under
+# 4 KiB, the whole in base64url. Every edge takes a header block that holds it and a
+# browser's other headers (`settings.MIN_HEADER_BYTES`).
+STREAM_TOKEN_MAX_BYTES = 48 * 1024
+
 # The revocable id of the signed-in token that minted this stream token (the access
 # token's jti, or a trusted external JWT's, `control_plane.external_auth.token_id`);
 # absent for API keys. The edge treats a revocation of it as one of the token itself,

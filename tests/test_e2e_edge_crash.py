@@ -46,8 +46,9 @@ def stack_with_edge_process(
 def quick_sweep_stack(
     migrated_pg_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[tuple[SplitStack, subprocess.Popen[bytes]]]:
-    """As above, with a silence noticed in 7 s rather than 16 (1 s of resume grace)
-    and a sweep every second: the test waits less, the mechanism is the same."""
+    """As above, with a sweep every second: the test waits less, the mechanism is the
+    same (the silence limit stays 16 s: a resume grace under 10 s does not shorten it,
+    `shared.checkpoints.SILENCE_MARGIN_SECONDS`)."""
     env = {
         **base_env(migrated_pg_url, REDIS_URL, redis_prefix),
         "LLMGW_RESUME_GRACE_SECONDS": "1",

@@ -103,6 +103,45 @@ def test_silence_limit_with_the_defaults_is_well_under_a_minute() -> None:
     assert limit + 2 * settings.sweep_interval_seconds < 60
 
 
+def _shortest_settling_stall(limit: float, sweep_every: float) -> float:
+    """The shortest pause in a live stream's heartbeats (its edge or the store
+    stalled) after which a sweep finds it silent: the edge writes a checkpoint every
+    `CHECKPOINT_EVERY_SECONDS` up to t = 0 and its next at t = stall; the sweeps run
+    every `sweep_every` seconds at any phase (quarter seconds: exact floats)."""
+    for quarters in range(1, 4 * 120):
+        stall = quarters / 4
+        for phase in range(int(sweep_every * 4)):
+            clock = FakeClock()
+            watch = SilenceWatch(limit, clock)
+            clock.now = -40 + phase / 4
+            while clock.now < stall:
+                last_write = min(0.0, (clock.now // CHECKPOINT_EVERY_SECONDS) * 2)
+                if watch.is_silent("r1", last_write):
+                    return stall
+                clock.now += sweep_every
+    raise AssertionError("no stall under two minutes settles")
+
+
+@pytest.mark.parametrize("sweep_every", ["5", "0.5"])
+def test_a_resume_grace_of_0_leaves_the_silence_limit_its_margin(sweep_every: str) -> None:
+    """`LLMGW_RESUME_GRACE_SECONDS=0` means no resume (DESIGN §9: a client that leaves
+    has its backend cancelled at once), not an edge that may stall less: the silence
+    limit took the grace as its margin, 3 heartbeats + 0 = 6 s, so a pause of a few
+    heartbeats (a store failover, a GC, a busy event loop) settled a live stream and
+    revoked its token. Measured before: a 10.25 s pause settled it with the default
+    sweep, 6.25 s with a 0.5 s sweep (3 heartbeats), against 20.25 s and 16.25 s
+    with the default grace."""
+    zero = ControlPlaneSettings.from_env(
+        {**BASE, "LLMGW_RESUME_GRACE_SECONDS": "0", "LLMGW_SWEEP_INTERVAL_SECONDS": sweep_every}
+    )
+    default = ControlPlaneSettings.from_env({**BASE, "LLMGW_SWEEP_INTERVAL_SECONDS": sweep_every})
+    assert zero.resume_grace_seconds == 0  # still accepted: no resume
+    every = zero.sweep_interval_seconds
+    shortest = _shortest_settling_stall(silent_after(zero.resume_grace_seconds), every)
+    assert shortest == _shortest_settling_stall(silent_after(default.resume_grace_seconds), every)
+    assert shortest > 8 * CHECKPOINT_EVERY_SECONDS
+
+
 def test_silence_watch_counts_only_an_unchanged_marker() -> None:
     clock = FakeClock()
     watch = SilenceWatch(16, clock)

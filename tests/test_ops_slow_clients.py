@@ -232,11 +232,11 @@ def test_servers_carry_the_limits() -> None:
         {
             "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
             "LLMGW_HEADER_TIMEOUT_SECONDS": "2.5",
-            "LLMGW_MAX_HEADER_BYTES": "4096",
+            "LLMGW_MAX_HEADER_BYTES": "131072",
             "LLMGW_MAX_CONNECTIONS": "300",
         }
     )
-    assert (settings.header_timeout_seconds, settings.max_header_bytes) == (2.5, 4096)
+    assert (settings.header_timeout_seconds, settings.max_header_bytes) == (2.5, 131072)
     assert settings.max_connections == 300
 
 
