@@ -23,6 +23,7 @@ import yaml
 
 from llm_gateway.cli import build_parser
 from shared.catalog import load_catalog
+from shared.tokens import STREAM_TOKEN_MAX_BYTES
 from tests.ops_processes import require_tool
 from tests.test_ops_metrics import CP_METRICS, EDGE_METRICS
 
@@ -400,6 +401,16 @@ def ingress_routes(path: str) -> bool:
                 if kind == "ImplementationSpecific" and path.startswith(wanted):
                     return True
     return False
+
+
+def test_the_ingress_controller_takes_the_largest_stream_token() -> None:
+    """The controller's header buffers hold a request line or header of the largest
+    stream token, as deploy/nginx/edge.conf's do (`test_ops_nginx` runs that one)."""
+    config = yaml.safe_load((K8S / "ingress-nginx" / "controller-config.yaml").read_text())
+    count, size = config["data"]["large-client-header-buffers"].split()
+    assert int(count) >= 2 and int(size.removesuffix("k")) * 1024 > STREAM_TOKEN_MAX_BYTES + 4096
+    edge_conf = (DEPLOY / "nginx" / "edge.conf").read_text()
+    assert f"large_client_header_buffers {count} {size};" in edge_conf
 
 
 def test_the_ingress_does_not_publish_metrics() -> None:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from shared.tokens import STREAM_TOKEN_MAX_BYTES
 from tests.harness import free_port
 from tests.ops_processes import ROOT, ProcessStack, require_tool, sse_events
 from tests.stack import InProcessStack, base_env
@@ -208,6 +209,30 @@ def test_the_proxy_does_not_publish_metrics(tmp_path: Path, stack: InProcessStac
         # A trailing slash goes through to the edge, which only redirects to /metrics.
         slash = stack.client.http.get(f"{proxy}/metrics/")
         assert slash.status_code != 200 and "llmgw_" not in slash.text
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_proxy_passes_the_largest_stream_token(tmp_path: Path, stack: InProcessStack) -> None:
+    """A stream token may take `STREAM_TOKEN_MAX_BYTES` (a company's key pool and
+    fallbacks sealed in it), in `?token=` for EventSource or in `Authorization`: the
+    proxy passes both to the edge, which judges the token (here 401, a forged one),
+    instead of nginx's own 414 / 400 at its default 8 KiB header buffers."""
+    port = free_port()
+    process = start_nginx(render(tmp_path, edge_port(stack), port), port)
+    try:
+        proxy = f"http://127.0.0.1:{port}"
+        token = "e" * (STREAM_TOKEN_MAX_BYTES - 2)
+        by_query = stack.client.http.get(f"{proxy}/v1/stream?token={token}")
+        by_header = stack.client.http.post(
+            f"{proxy}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        for answer in (by_query, by_header):
+            assert answer.status_code == 401, (answer.status_code, answer.text[:200])
+            assert "x-request-id" in answer.headers  # the edge's answer, not nginx's
     finally:
         process.terminate()
         process.wait(timeout=10)
