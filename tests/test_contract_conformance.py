@@ -1,0 +1,217 @@
+"""DESIGN §3-§11 read as an outside suite reads it: statements no other test checked
+through HTTP, each driven against the real services.
+
+- §9 "The edge's errors use OpenAI's shape", for a method the edge does not serve.
+- §7/§9 the usage webhook the edge really sends: `type` = ``stream.`` + status,
+  ISO 8601 UTC timestamps, `content` on by default, the §11 token counts, and
+  `webhook-id` = ``usage_<jti>``.
+- §5/§9 `X-Request-Id` echoed by both services on successes, errors, 404s and 204s;
+  the envelope on control-plane `/v1/` errors; bare JWKS/OpenAPI; health shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.stack import InProcessStack
+
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class WebhookTap:
+    """An ASGI wrapper around the control plane that keeps a copy of every usage
+    webhook the edge posts (headers and body) and passes it on unchanged."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[tuple[dict[str, str], bytes]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/webhooks/usage":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self.seen.append((headers, body))
+        sent = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _swap(stack: InProcessStack, old: Any, new: Any) -> None:
+    """Serve `new` where the running server serves `old` (uvicorn wraps the app in
+    its own middleware: the wrapper's `app` is replaced)."""
+    for server in stack.group._servers:
+        holder: Any = server.config
+        attr = "loaded_app"
+        for _ in range(5):
+            inner = getattr(holder, attr, None)
+            if inner is old:
+                setattr(holder, attr, new)
+                return
+            holder, attr = inner, "app"
+    raise AssertionError("the control plane's server was not found")
+
+
+@contextlib.contextmanager
+def webhook_tap(stack: InProcessStack) -> Iterator[WebhookTap]:
+    tap = WebhookTap(stack.control_plane)
+    _swap(stack, stack.control_plane, tap)
+    try:
+        yield tap
+    finally:
+        _swap(stack, tap, stack.control_plane)
+
+
+def data_of(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["success"] is True and "meta" in body, body
+    return body["data"]
+
+
+# --- §9 the edge's errors use OpenAI's shape; both services send X-Request-Id -------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/chat/completions"), ("PUT", "/v1/chat/completions"),
+     ("POST", "/v1/stream"), ("HEAD", "/v1/stream"), ("DELETE", "/v1/models")],
+)  # fmt: skip
+def test_the_edge_answers_a_wrong_method_in_openais_error_shape(
+    stack: InProcessStack, method: str, path: str
+) -> None:
+    c = stack.client
+    rid = f"conf-{uuid.uuid4().hex[:12]}"
+    r = c.http.request(method, c.edge_url + path, headers={"X-Request-Id": rid})
+    assert r.status_code == 405, r.text
+    assert r.headers["x-request-id"] == rid
+    assert "GET" in r.headers["allow"] or "POST" in r.headers["allow"]
+    if method == "HEAD":
+        return  # no body on a HEAD
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "code"}, error
+    assert error["type"] == "invalid_request_error" and error["code"] == "method_not_allowed"
+
+
+def test_both_services_echo_x_request_id_on_every_kind_of_answer(stack: InProcessStack) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("5"))
+
+    def rid_of(method: str, url: str, **kwargs: Any) -> httpx.Response:
+        rid = f"conf-{uuid.uuid4().hex[:12]}"
+        headers = {"X-Request-Id": rid, **kwargs.pop("headers", {})}
+        r = c.http.request(method, url, headers=headers, **kwargs)
+        assert r.headers.get("x-request-id") == rid, (method, url, r.status_code)
+        return r
+
+    auth = {"Authorization": f"Bearer {token}"}
+    # Control plane: success, 201, 204, 401, 404, 405, 400, 422, bare documents, health.
+    envelope_errors = [
+        rid_of("GET", f"{c.cp_url}/v1/me"),  # 401: no credentials
+        rid_of("GET", f"{c.cp_url}/v1/no-such-route", headers=auth),
+        rid_of("PUT", f"{c.cp_url}/v1/me", headers=auth),
+        rid_of("POST", f"{c.cp_url}/v1/chat/init", headers=auth, content=b"{"),
+        rid_of("GET", f"{c.cp_url}/v1/usage", headers=auth, params={"limit": "201"}),
+        rid_of("POST", f"{c.cp_url}/v1/auth/login", json={"email": "a@b.c", "password": "x"}),
+    ]
+    for r in envelope_errors:
+        body = r.json()
+        assert body["success"] is False and isinstance(body["message"], str), body
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", body["error"]["code"]), body
+    assert [r.status_code for r in envelope_errors] == [401, 404, 405, 400, 422, 401]
+    data_of(rid_of("GET", f"{c.cp_url}/v1/me", headers=auth))
+    init = rid_of("POST", f"{c.cp_url}/v1/chat/init", headers=auth, json={"query": "hello"})
+    grant = data_of(init, 201)
+    for path in ("/.well-known/jwks.json", "/openapi.json"):
+        doc = rid_of("GET", c.cp_url + path).json()
+        assert "success" not in doc and "data" not in doc
+    for base in (c.cp_url, c.edge_url):
+        for path in ("/healthz", "/readyz"):
+            assert rid_of("GET", base + path).json() == {"status": "ok"}
+        assert rid_of("GET", base + "/metrics").headers["content-type"].startswith("text/plain")
+    # Edge: 404, 401, a stream, and the 204 after its end.
+    for r in (
+        rid_of("GET", f"{c.edge_url}/v1/no-such-route"),
+        rid_of("POST", f"{c.edge_url}/v1/chat/completions", json={}),
+    ):
+        assert set(r.json()["error"]) == {"message", "type", "code"}
+    # A stream answers with its init's request id (the token's `request_id` claim),
+    # which is the one the client sent to init: one id from init to settlement.
+    with c.http.stream("GET", grant["stream_url"]) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["x-request-id"] == init.headers["x-request-id"]
+        text = stream.read().decode()
+    last = [line for line in text.splitlines() if line.startswith("id:")][-1][3:].strip()
+    done = rid_of("GET", grant["stream_url"], headers={"Last-Event-ID": last})
+    assert done.status_code == 204 and done.content == b""
+
+
+# --- §7/§9/§11 the usage webhook the edge sends -----------------------------------------
+
+
+def test_the_edges_usage_webhook_has_the_contracts_shape(stack: InProcessStack) -> None:
+    c = stack.client
+    with webhook_tap(stack) as tap:
+        token = c.new_user(c.new_company("5"))
+        grant = c.init_ok(token, {"query": "hello"})
+        with c.http.stream("GET", grant["stream_url"]) as stream:
+            stream.read()
+        c.wait_usage(token, grant["reservation_id"])
+        sent = [
+            (headers, orjson.loads(body))
+            for headers, body in tap.seen
+            if orjson.loads(body)["data"].get("reservation_id") == grant["reservation_id"]
+        ]
+    assert sent, "no usage webhook reached the control plane"
+    headers, event = sent[0]
+    jti = event["data"]["jti"]
+    assert headers["webhook-id"] == f"usage_{jti}"
+    assert headers["webhook-signature"].startswith("v1,")
+    assert re.fullmatch(r"\d+", headers["webhook-timestamp"])
+    assert set(event) >= {"type", "timestamp", "data"}
+    assert event["type"] == "stream." + event["data"]["status"] == "stream.completed"
+    data = event["data"]
+    for key in ("timestamp",):
+        assert ISO_UTC.match(event[key]), event[key]
+    for key in ("started_at", "first_token_at", "ended_at"):
+        assert ISO_UTC.match(data[key]), (key, data[key])
+        datetime.fromisoformat(data[key])
+    assert {
+        "jti", "reservation_id", "company_id", "user_id", "session_id", "request_id",
+        "model", "provider", "status", "finish_reason", "input_tokens", "output_tokens",
+        "usage_source", "content", "cached_input_tokens", "cache_write_tokens",
+        "reasoning_tokens",
+    } <= set(data)  # fmt: skip
+    assert data["model"] == "mock-fast" and data["provider"] == "mock"
+    assert data["usage_source"] in ("upstream", "estimated")
+    assert isinstance(data["content"], str) and data["content"]
+    assert "fallback_from" not in data  # the first choice served
+    for key in ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens"):
+        assert isinstance(data[key], int) and data[key] >= 0
