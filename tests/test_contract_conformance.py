@@ -1,6 +1,8 @@
 """DESIGN §3-§11 read as an outside suite reads it: statements no other test checked
 through HTTP, each driven against the real services.
 
+- §9 "Lists paginate with ?limit= (default 50, max 200) and ?cursor=<next_cursor>":
+  the company listings of §11 (budgets, teams, agents, providers, `/v1/agents`).
 - §9 "The edge's errors use OpenAI's shape", for a method the edge does not serve.
 - §7/§9 the usage webhook the edge really sends: `type` = ``stream.`` + status,
   ISO 8601 UTC timestamps, `content` on by default, the §11 token counts, and
@@ -93,6 +95,110 @@ def data_of(response: httpx.Response, status: int = 200) -> Any:
     body = response.json()
     assert body["success"] is True and "meta" in body, body
     return body["data"]
+
+
+# --- §9 pagination on the §11 company listings ------------------------------------------
+
+
+def _owner(stack: InProcessStack) -> tuple[str, str]:
+    c = stack.client
+    company_id = c.new_company("10")
+    return company_id, c.new_user(company_id, "owner")
+
+
+def _walk(stack: InProcessStack, token: str, path: str, limit: int) -> list[list[Any]]:
+    pages: list[list[Any]] = []
+    cursor: str | None = None
+    for _ in range(50):
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        doc = data_of(stack.client.as_user(token, "GET", path, params=params))
+        assert set(doc) == {"items", "next_cursor"}, doc
+        pages.append(doc["items"])
+        cursor = doc["next_cursor"]
+        if cursor is None:
+            return pages
+    raise AssertionError(f"{path}: the walk did not end")
+
+
+def _made(stack: InProcessStack, company_id: str, token: str, what: str, n: int) -> set[str]:
+    """`n` budgets, teams or agents of the company; the keys that name them."""
+    c = stack.client
+    base = f"/v1/admin/companies/{company_id}"
+    made: set[str] = set()
+    if what == "budgets":
+        me = data_of(c.as_user(token, "GET", "/v1/me"))["user"]["id"]
+        periods = ["day", "week", "month", "none"]
+        keys: list[str] = []
+        for i in range(n):
+            if i % len(periods) == 0:
+                key = data_of(c.admin("POST", "/v1/admin/api-keys", json={"user_id": me}), 201)
+                keys.append(key["id"])
+            body = {"scope": "api_key", "target_id": keys[-1], "amount": "1",
+                    "period": periods[i % len(periods)]}  # fmt: skip
+            made.add(data_of(c.as_user(token, "POST", f"{base}/budgets", json=body), 201)["id"])
+    elif what == "teams":
+        for i in range(n):
+            body = {"name": f"team-{i:03d}", "user_ids": []}
+            made.add(data_of(c.as_user(token, "POST", f"{base}/teams", json=body), 201)["id"])
+    else:
+        for i in range(n):
+            body = {"name": f"agent-{i:03d}", "system_prompt": "be brief"}
+            made.add(data_of(c.as_user(token, "POST", f"{base}/agents", json=body), 201)["name"])
+    return made
+
+
+def _key(what: str, item: dict[str, Any]) -> str:
+    return str(item["name"] if what == "agents" else item["id"])
+
+
+@pytest.mark.parametrize("what", ["budgets", "teams", "agents"])
+def test_company_listings_page_by_limit_and_cursor(stack: InProcessStack, what: str) -> None:
+    company_id, owner = _owner(stack)
+    path = f"/v1/admin/companies/{company_id}/{what}"
+    made = _made(stack, company_id, owner, what, 5)
+    pages = _walk(stack, owner, path, 2)
+    assert [len(p) for p in pages] == [2, 2, 1]
+    seen = [_key(what, item) for page in pages for item in page]
+    assert len(seen) == len(set(seen)) and set(seen) == made
+    for limit in ("0", "201", "x"):
+        r = stack.client.as_user(owner, "GET", path, params={"limit": limit})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
+    r = stack.client.as_user(owner, "GET", path, params={"cursor": "not-a-cursor"})
+    assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("what", ["budgets", "teams", "agents"])
+def test_company_listings_show_50_by_default(stack: InProcessStack, what: str) -> None:
+    company_id, owner = _owner(stack)
+    path = f"/v1/admin/companies/{company_id}/{what}"
+    made = _made(stack, company_id, owner, what, 51)
+    first = data_of(stack.client.as_user(owner, "GET", path))
+    assert len(first["items"]) == 50 and first["next_cursor"], len(first["items"])
+    rest = data_of(
+        stack.client.as_user(owner, "GET", path, params={"cursor": first["next_cursor"]})
+    )
+    assert rest["next_cursor"] is None
+    assert {_key(what, i) for i in first["items"] + rest["items"]} == made
+    whole = data_of(stack.client.as_user(owner, "GET", path, params={"limit": 200}))
+    assert len(whole["items"]) == 51 and whole["next_cursor"] is None
+
+
+def test_usable_agents_and_providers_listings_page_too(stack: InProcessStack) -> None:
+    c = stack.client
+    company_id, owner = _owner(stack)
+    made = _made(stack, company_id, owner, "agents", 3)
+    pages = _walk(stack, owner, "/v1/agents", 2)
+    assert [len(p) for p in pages] == [2, 1]
+    assert {a["name"] for p in pages for a in p} == made
+    for provider in ("openai", "anthropic", "mock"):
+        body = {"api_key": f"sk-{uuid.uuid4().hex}"}
+        path = f"/v1/admin/companies/{company_id}/providers/{provider}"
+        data_of(c.as_user(owner, "PUT", path, json=body))
+    pages = _walk(stack, owner, f"/v1/admin/companies/{company_id}/providers", 2)
+    assert [len(p) for p in pages] == [2, 1]
+    assert {p["provider"] for page in pages for p in page} == {"openai", "anthropic", "mock"}
 
 
 # --- §9 the edge's errors use OpenAI's shape; both services send X-Request-Id -------------
