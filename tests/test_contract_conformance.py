@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -321,3 +322,31 @@ def test_the_edges_usage_webhook_has_the_contracts_shape(stack: InProcessStack) 
     assert "fallback_from" not in data  # the first choice served
     for key in ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens"):
         assert isinstance(data[key], int) and data[key] >= 0
+
+
+# --- §11 "NUL (\u0000) in any input is 400 invalid_characters": the edge's input too ------
+
+
+def test_a_nul_in_a_chat_body_at_the_edge_is_400_invalid_characters(stack: InProcessStack) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("5"))
+    ask = [{"role": "user", "content": "hello there, how are you today?"}]
+    grant = c.init_ok(token, {"messages": ask})
+    client = c.openai(grant["stream_token"], max_retries=0)
+    before = c.mock_stats()["requests"]
+    bad_bodies: list[dict[str, Any]] = [
+        {"messages": [{"role": "user", "content": "hello\u0000"}]},
+        {"messages": ask, "user": "u\u0000"},
+        {"messages": ask, "stop": ["\u0000"]},
+    ]
+    for bad in bad_bodies:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock-fast", **bad)
+        assert refused.value.status_code == 400
+        assert refused.value.code == "invalid_characters", refused.value.body
+    assert c.mock_stats()["requests"] == before  # nothing reached the backend
+    # Refused before the token was claimed; an escaped backslash then "u0000" is text.
+    answer = client.chat.completions.create(
+        model="mock-fast", messages=[{"role": "user", "content": "a \\u0000 b"}]
+    )
+    assert answer.choices[0].message.content
