@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,9 @@ import openai
 import orjson
 import pytest
 
-from tests.stack import InProcessStack
+from tests.fallback_stack import FallbackStack
+from tests.harness import ServerGroup
+from tests.stack import InProcessStack, base_env
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 Scope = MutableMapping[str, Any]
@@ -66,10 +69,10 @@ class WebhookTap:
         await self.app(scope, replay, send)
 
 
-def _swap(stack: InProcessStack, old: Any, new: Any) -> None:
+def _swap(group: ServerGroup, old: Any, new: Any) -> None:
     """Serve `new` where the running server serves `old` (uvicorn wraps the app in
     its own middleware: the wrapper's `app` is replaced)."""
-    for server in stack.group._servers:
+    for server in group._servers:
         holder: Any = server.config
         attr = "loaded_app"
         for _ in range(5):
@@ -82,13 +85,21 @@ def _swap(stack: InProcessStack, old: Any, new: Any) -> None:
 
 
 @contextlib.contextmanager
-def webhook_tap(stack: InProcessStack) -> Iterator[WebhookTap]:
-    tap = WebhookTap(stack.control_plane)
-    _swap(stack, stack.control_plane, tap)
+def webhook_tap(group: ServerGroup, control_plane: Any) -> Iterator[WebhookTap]:
+    tap = WebhookTap(control_plane)
+    _swap(group, control_plane, tap)
     try:
         yield tap
     finally:
-        _swap(stack, tap, stack.control_plane)
+        _swap(group, tap, control_plane)
+
+
+def _sent_for(tap: WebhookTap, reservation_id: str) -> list[tuple[dict[str, str], Any]]:
+    return [
+        (headers, event)
+        for headers, event in ((h, orjson.loads(b)) for h, b in tap.seen)
+        if event["data"].get("reservation_id") == reservation_id
+    ]
 
 
 def data_of(response: httpx.Response, status: int = 200) -> Any:
@@ -136,7 +147,7 @@ def _made(stack: InProcessStack, company_id: str, token: str, what: str, n: int)
             if i % len(periods) == 0:
                 key = data_of(c.admin("POST", "/v1/admin/api-keys", json={"user_id": me}), 201)
                 keys.append(key["id"])
-            body = {"scope": "api_key", "target_id": keys[-1], "amount": "1",
+            body: dict[str, Any] = {"scope": "api_key", "target_id": keys[-1], "amount": "1",
                     "period": periods[i % len(periods)]}  # fmt: skip
             made.add(data_of(c.as_user(token, "POST", f"{base}/budgets", json=body), 201)["id"])
     elif what == "teams":
@@ -285,17 +296,13 @@ def test_both_services_echo_x_request_id_on_every_kind_of_answer(stack: InProces
 
 def test_the_edges_usage_webhook_has_the_contracts_shape(stack: InProcessStack) -> None:
     c = stack.client
-    with webhook_tap(stack) as tap:
+    with webhook_tap(stack.group, stack.control_plane) as tap:
         token = c.new_user(c.new_company("5"))
         grant = c.init_ok(token, {"query": "hello"})
         with c.http.stream("GET", grant["stream_url"]) as stream:
             stream.read()
         c.wait_usage(token, grant["reservation_id"])
-        sent = [
-            (headers, orjson.loads(body))
-            for headers, body in tap.seen
-            if orjson.loads(body)["data"].get("reservation_id") == grant["reservation_id"]
-        ]
+        sent = _sent_for(tap, grant["reservation_id"])
     assert sent, "no usage webhook reached the control plane"
     headers, event = sent[0]
     jti = event["data"]["jti"]
@@ -350,3 +357,24 @@ def test_a_nul_in_a_chat_body_at_the_edge_is_400_invalid_characters(stack: InPro
         model="mock-fast", messages=[{"role": "user", "content": "a \\u0000 b"}]
     )
     assert answer.choices[0].message.content
+
+
+# --- §11 fallbacks: the webhook names what served and `data.fallback_from` the first choice --
+
+
+def test_a_fallback_webhook_names_the_serving_model_and_fallback_from(tmp_path: Path) -> None:
+    with FallbackStack(base_env(f"sqlite:///{tmp_path / 'gateway.db'}"), tmp_path) as gw:
+        c = gw.client
+        token = c.new_user(c.new_company("100"))
+        control_plane = gw.group._apps[2][0]
+        with webhook_tap(gw.group, control_plane) as tap:
+            grant = c.init_ok(token, {"model": "first-down", "query": "hello"})
+            with c.http.stream("GET", grant["stream_url"]) as stream:
+                assert stream.status_code == 200
+                stream.read()
+            usage = c.wait_usage(token, grant["reservation_id"])
+            sent = _sent_for(tap, grant["reservation_id"])
+    assert (usage["model"], usage["provider"]) == ("claude-ok", "p-claude")
+    data = sent[0][1]["data"]
+    assert (data["model"], data["provider"]) == ("claude-ok", "p-claude")
+    assert data["fallback_from"] == "first-down"
