@@ -29,6 +29,7 @@ import pytest
 from tests.fallback_stack import FallbackStack
 from tests.harness import ServerGroup
 from tests.stack import InProcessStack, base_env
+from tests.token_claims import claims_of
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 Scope = MutableMapping[str, Any]
@@ -378,3 +379,31 @@ def test_a_fallback_webhook_names_the_serving_model_and_fallback_from(tmp_path: 
     data = sent[0][1]["data"]
     assert (data["model"], data["provider"]) == ("claude-ok", "p-claude")
     assert data["fallback_from"] == "first-down"
+
+
+# --- §6 `max_tokens` clamped to the token's; `model` omitted or the token's -------------------
+
+
+def test_the_edge_clamps_max_tokens_to_the_tokens_and_takes_model_omitted(
+    stack: InProcessStack,
+) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("5"))
+    for asked in ({"max_tokens": 1000}, {"max_completion_tokens": 1000}):
+        grant = c.init_ok(token, {"query": "tell me a long story", "max_tokens": 5})
+        client = c.openai(grant["stream_token"], max_retries=0)
+        rid = claims_of(grant["stream_token"])["request_id"]
+        answer = client.chat.completions.create(
+            model=openai.NOT_GIVEN,  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": "tell me a long story"}],
+            **asked,  # type: ignore[arg-type]
+        )
+        assert answer.model == "mock-fast"
+        assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 5
+        sent = [
+            r["body"]
+            for r in c.http.get(f"{c.mock_url}/_mock/requests").json()["requests"]
+            if r["headers"].get("x-request-id") == rid
+        ]
+        assert len(sent) == 1
+        assert sent[0].get("max_tokens", sent[0].get("max_completion_tokens")) == 5, sent[0]
