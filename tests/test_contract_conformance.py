@@ -26,6 +26,7 @@ import openai
 import orjson
 import pytest
 
+from shared.sse import SSEDecoder
 from tests.fallback_stack import FallbackStack
 from tests.harness import ServerGroup
 from tests.stack import InProcessStack, base_env
@@ -407,3 +408,36 @@ def test_the_edge_clamps_max_tokens_to_the_tokens_and_takes_model_omitted(
         ]
         assert len(sent) == 1
         assert sent[0].get("max_tokens", sent[0].get("max_completion_tokens")) == 5, sent[0]
+
+
+# --- §6 `GET /v1/stream`: the token as `Authorization: Bearer`, the events' shapes ----------
+
+
+def test_the_eventsource_takes_the_token_as_a_bearer_header(stack: InProcessStack) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("5"))
+    grant = c.init_ok(token, {"query": "hello [[mock tokens=4]]"})
+    url = f"{c.edge_url}/v1/stream"
+    bearer = {"Authorization": f"Bearer {grant['stream_token']}"}
+    with c.http.stream("GET", url, headers=bearer) as stream:
+        assert stream.status_code == 200, stream.read()
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["cache-control"] == "no-cache"
+        assert stream.headers["x-accel-buffering"] == "no"
+        assert "content-encoding" not in stream.headers
+        events = list(SSEDecoder().feed(stream.read()))
+    assert all(e.id for e in events)
+    chunks = [orjson.loads(e.data) for e in events if e.event == "chunk"]
+    assert [set(c) for c in chunks] == [{"content", "index"}] * len(chunks)
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    [complete] = [orjson.loads(e.data) for e in events if e.event == "complete"]
+    assert events[-1].event == "complete"
+    assert complete["done"] is True and complete["finish_reason"] == "stop"
+    assert complete["session_id"] == grant["session_id"]
+    assert set(complete["usage"]) >= {"input_tokens", "output_tokens"}
+    assert complete["usage"]["output_tokens"] == 4
+    # A second GET without Last-Event-ID is a second use; with it, after the end, 204.
+    again = c.http.get(url, headers=bearer)
+    assert again.status_code == 401 and again.json()["error"]["code"] == "token_used"
+    done = c.http.get(url, headers={**bearer, "Last-Event-ID": events[-1].id or ""})
+    assert done.status_code == 204
