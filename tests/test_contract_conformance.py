@@ -390,14 +390,15 @@ def test_the_edge_clamps_max_tokens_to_the_tokens_and_takes_model_omitted(
 ) -> None:
     c = stack.client
     token = c.new_user(c.new_company("5"))
-    for asked in ({"max_tokens": 1000}, {"max_completion_tokens": 1000}):
+    for field in ("max_tokens", "max_completion_tokens"):
         grant = c.init_ok(token, {"query": "tell me a long story", "max_tokens": 5})
         client = c.openai(grant["stream_token"], max_retries=0)
         rid = claims_of(grant["stream_token"])["request_id"]
-        answer = client.chat.completions.create(
-            model=openai.NOT_GIVEN,  # type: ignore[arg-type]
+        answer = client.chat.completions.create(  # type: ignore[call-overload]
+            model=openai.NOT_GIVEN,
             messages=[{"role": "user", "content": "tell me a long story"}],
-            **asked,  # type: ignore[arg-type]
+            max_tokens=1000 if field == "max_tokens" else openai.NOT_GIVEN,
+            max_completion_tokens=1000 if field != "max_tokens" else openai.NOT_GIVEN,
         )
         assert answer.model == "mock-fast"
         assert answer.usage is not None and 0 < answer.usage.completion_tokens <= 5
