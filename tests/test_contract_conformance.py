@@ -442,3 +442,68 @@ def test_the_eventsource_takes_the_token_as_a_bearer_header(stack: InProcessStac
     assert again.status_code == 401 and again.json()["error"]["code"] == "token_used"
     done = c.http.get(url, headers={**bearer, "Last-Event-ID": events[-1].id or ""})
     assert done.status_code == 204
+
+
+# --- §6/§11 OpenAI's exact chunk shapes on the wire, tool calls included -------------------
+
+WEATHER_TOOL: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def test_streamed_chunks_and_tool_call_deltas_are_openais_shape_on_the_wire(
+    stack: InProcessStack,
+) -> None:
+    c = stack.client
+    token = c.new_user(c.new_company("5"))
+    ask = [{"role": "user", "content": "Weather in two cities? [[mock tool_calls=2]]"}]
+    grant = c.init_ok(token, {"messages": ask, "tools": WEATHER_TOOL})
+    body = {"messages": ask, "tools": WEATHER_TOOL, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    r = c.http.post(f"{c.edge_url}/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    datas = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert datas[-1] == "[DONE]"
+    chunks = [orjson.loads(d) for d in datas[:-1]]
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk" and chunk["model"] == "mock-fast"
+        assert chunk["id"].startswith("chatcmpl-") and isinstance(chunk["created"], int)
+    *with_choices, usage = chunks
+    assert usage["choices"] == []
+    assert set(usage["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+    deltas = [tc for ch in with_choices for tc in ch["choices"][0]["delta"].get("tool_calls", [])]
+    firsts = [tc for tc in deltas if "id" in tc]
+    assert [(tc["index"], tc["type"], tc["function"]["name"]) for tc in firsts] == [
+        (0, "function", "get_weather"),
+        (1, "function", "get_weather"),
+    ]
+    for tc in firsts:
+        assert set(tc) == {"index", "id", "type", "function"}
+        assert set(tc["function"]) == {"name", "arguments"}
+    for tc in deltas:
+        if "id" not in tc:
+            assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+    for index in (0, 1):
+        joined = "".join(tc["function"]["arguments"] for tc in deltas if tc["index"] == index)
+        assert isinstance(orjson.loads(joined), dict)
+    finishes = [ch["choices"][0]["finish_reason"] for ch in with_choices]
+    assert finishes[-1] == "tool_calls" and all(f is None for f in finishes[:-1])
+
+    # EventSource: one `tool_call` event per call, its data exactly the four fields.
+    grant = c.init_ok(token, {"messages": ask, "tools": WEATHER_TOOL})
+    with c.http.stream("GET", grant["stream_url"]) as stream:
+        events = list(SSEDecoder().feed(stream.read()))
+    kinds = [e.event for e in events]
+    assert kinds[-3:] == ["tool_call", "tool_call", "complete"]
+    for e in events[-3:-1]:
+        call = orjson.loads(e.data)
+        assert set(call) == {"index", "id", "name", "arguments"}
+        assert isinstance(orjson.loads(call["arguments"]), dict)
+    assert orjson.loads(events[-1].data)["finish_reason"] == "tool_calls"
