@@ -14,7 +14,10 @@ through HTTP, each driven against the real services.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from datetime import datetime
@@ -26,10 +29,13 @@ import openai
 import orjson
 import pytest
 
+from control_plane.settings import ControlPlaneSettings
+from shared.settings import ConfigError
 from shared.sse import SSEDecoder
+from tests.conftest import new_webhook_secret
 from tests.fallback_stack import FallbackStack
-from tests.harness import ServerGroup
-from tests.stack import InProcessStack, base_env
+from tests.harness import ServerGroup, free_port
+from tests.stack import ROOT, InProcessStack, base_env
 from tests.token_claims import claims_of
 
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -507,3 +513,35 @@ def test_streamed_chunks_and_tool_call_deltas_are_openais_shape_on_the_wire(
         assert set(call) == {"index", "id", "name", "arguments"}
         assert isinstance(orjson.loads(call["arguments"]), dict)
     assert orjson.loads(events[-1].data)["finish_reason"] == "tool_calls"
+
+
+# --- §9 Secrets: LLMGW_ENCRYPTION_KEY required outside dev; LLMGW_TOKEN_TTL_SECONDS 1-300 -----
+
+
+def test_a_control_plane_without_an_encryption_key_refuses_to_start_naming_it(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "LLMGW_WEBHOOK_SECRET": new_webhook_secret(),
+        "LLMGW_DATABASE_URL": f"sqlite:///{tmp_path / 'gateway.db'}",
+    }
+    port = str(free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_gateway.cli", "control-plane", "--port", port],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "LLMGW_ENCRYPTION_KEY" in lines[0], lines
+
+
+@pytest.mark.parametrize(("ttl", "taken"), [("0", None), ("1", 1), ("300", 300), ("301", None)])
+def test_the_token_ttl_takes_1_to_300_seconds(ttl: str, taken: int | None) -> None:
+    env = {"LLMGW_WEBHOOK_SECRET": new_webhook_secret(), "LLMGW_TOKEN_TTL_SECONDS": ttl}
+    if taken is None:
+        with pytest.raises(ConfigError, match="LLMGW_TOKEN_TTL_SECONDS"):
+            ControlPlaneSettings.from_env(env)
+    else:
+        assert ControlPlaneSettings.from_env(env).token_ttl_seconds == taken
