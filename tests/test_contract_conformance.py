@@ -13,6 +13,7 @@ through HTTP, each driven against the real services.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import openai
 import orjson
 import pytest
 
+from control_plane.pagination import encode_cursor, encode_key_cursor
 from control_plane.settings import ControlPlaneSettings
 from shared.settings import ConfigError
 from shared.sse import SSEDecoder
@@ -169,6 +171,10 @@ def _made(stack: InProcessStack, company_id: str, token: str, what: str, n: int)
     return made
 
 
+def _b64(doc: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(doc)).decode().rstrip("=")
+
+
 def _key(what: str, item: dict[str, Any]) -> str:
     return str(item["name"] if what == "agents" else item["id"])
 
@@ -185,8 +191,18 @@ def test_company_listings_page_by_limit_and_cursor(stack: InProcessStack, what: 
     for limit in ("0", "201", "x"):
         r = stack.client.as_user(owner, "GET", path, params={"limit": limit})
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
-    r = stack.client.as_user(owner, "GET", path, params={"cursor": "not-a-cursor"})
-    assert r.status_code == 422, r.text
+    # Mangled, forged (a key past any name's length, not a string) or another
+    # listing's cursor: 422, never a 500, and a key cursor means nothing elsewhere.
+    usage_cursor = encode_cursor(datetime.now(UTC), "x")
+    for cursor, where in [
+        ("not-a-cursor", path),
+        (_b64(["key", "x" * 600]), path),
+        (_b64(["key", 7]), path),
+        (usage_cursor, path),
+        (encode_key_cursor("x"), "/v1/usage"),
+    ]:
+        r = stack.client.as_user(owner, "GET", where, params={"cursor": cursor})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
 
 
 @pytest.mark.parametrize("what", ["budgets", "teams", "agents"])
