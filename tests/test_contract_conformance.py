@@ -386,22 +386,51 @@ def test_a_nul_in_a_chat_body_at_the_edge_is_400_invalid_characters(stack: InPro
 # --- §11 fallbacks: the webhook names what served and `data.fallback_from` the first choice --
 
 
+def _fallbacks_metric(gw: FallbackStack) -> dict[str, float]:
+    text = gw.client.http.get(f"{gw.client.edge_url}/metrics").text
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("llmgw_edge_fallbacks_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels] = float(value)
+    return found
+
+
 def test_a_fallback_webhook_names_the_serving_model_and_fallback_from(tmp_path: Path) -> None:
     with FallbackStack(base_env(f"sqlite:///{tmp_path / 'gateway.db'}"), tmp_path) as gw:
         c = gw.client
-        token = c.new_user(c.new_company("100"))
+        company = c.new_company("100")
+        owner = c.new_user(company, "owner")
         control_plane = gw.group._apps[2][0]
+        # A model the company added (its own key) whose chain falls back: the metric
+        # names packaged ids only, the company's own is `custom`.
+        own = {"api_key": "sk-company-own-key", "models": {"co-first": {
+            "upstream_model": "down", "context_length": 8192, "max_output_tokens": 1024,
+            "features": ["streaming"], "price": {"input_per_mtok": "1", "output_per_mtok": "1"},
+            "fallbacks": ["claude-ok"]}}}  # fmt: skip
+        path = f"/v1/admin/companies/{company}/providers/p-down"
+        assert c.as_user(owner, "PUT", path, json=own).status_code in (200, 201)
+        before = _fallbacks_metric(gw)
         with webhook_tap(gw.group, control_plane) as tap:
-            grant = c.init_ok(token, {"model": "first-down", "query": "hello"})
-            with c.http.stream("GET", grant["stream_url"]) as stream:
-                assert stream.status_code == 200
-                stream.read()
-            usage = c.wait_usage(token, grant["reservation_id"])
-            sent = _sent_for(tap, grant["reservation_id"])
-    assert (usage["model"], usage["provider"]) == ("claude-ok", "p-claude")
-    data = sent[0][1]["data"]
-    assert (data["model"], data["provider"]) == ("claude-ok", "p-claude")
-    assert data["fallback_from"] == "first-down"
+            grants = []
+            for model in ("first-down", "co-first"):
+                grant = c.init_ok(owner, {"model": model, "query": "hello"})
+                with c.http.stream("GET", grant["stream_url"]) as stream:
+                    assert stream.status_code == 200
+                    stream.read()
+                grants.append((grant, c.wait_usage(owner, grant["reservation_id"])))
+            sent = [_sent_for(tap, grant["reservation_id"]) for grant, _ in grants]
+        after = _fallbacks_metric(gw)
+    for (_, usage), events, first in zip(grants, sent, ("first-down", "co-first"), strict=True):
+        assert (usage["model"], usage["provider"]) == ("claude-ok", "p-claude")
+        data = events[0][1]["data"]
+        assert (data["model"], data["provider"]) == ("claude-ok", "p-claude")
+        assert data["fallback_from"] == first
+    moved = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    assert moved == {
+        'llmgw_edge_fallbacks_total{from_model="first-down",to_model="claude-ok"}': 1.0,
+        'llmgw_edge_fallbacks_total{from_model="custom",to_model="claude-ok"}': 1.0,
+    }, moved
 
 
 # --- §6 `max_tokens` clamped to the token's; `model` omitted or the token's -------------------
