@@ -40,6 +40,7 @@ from control_plane.errors import (
     NotFound,
     ValidationFailed,
 )
+from control_plane.pagination import KeyPageRequest, Page, read_key_page
 from control_plane.policy import Principal
 from control_plane.tables import Agent, Company, iso, new_id, utcnow
 from shared.catalog import Catalog, ModelSpec
@@ -200,13 +201,11 @@ def get(session: Session, p: Principal, company_id: str, name: str, *, lock: boo
     return agent
 
 
-def list_all(session: Session, p: Principal, company_id: str) -> list[Agent]:
+def list_all(session: Session, p: Principal, company_id: str, req: KeyPageRequest) -> Page[Agent]:
+    """A page of the company's agents by name."""
     company = _managed_company(session, p, company_id)
-    return list(
-        session.scalars(
-            select(Agent).where(col(Agent.company_id) == company.id).order_by(col(Agent.name))
-        )
-    )
+    stmt = select(Agent).where(col(Agent.company_id) == company.id)
+    return read_key_page(session, stmt, col(Agent.name), req)
 
 
 def update(

@@ -26,6 +26,7 @@ from sqlmodel import col
 from control_plane import accounts, audit, budgets, company_locks, company_webhooks, policy
 from control_plane.budget_math import BudgetInput
 from control_plane.errors import Conflict, Forbidden, NotFound, ValidationFailed
+from control_plane.pagination import KeyPageRequest, read_key_page
 from control_plane.policy import Principal
 from control_plane.tables import (
     ApiKey,
@@ -298,20 +299,23 @@ def _team(session: Session, company_id: str, team_id: str, *, deleting: bool = F
     return team
 
 
-def list_teams(session: Session, p: Principal, company_id: str) -> list[dict[str, Any]]:
+def list_teams(
+    session: Session, p: Principal, company_id: str, req: KeyPageRequest
+) -> dict[str, Any]:
+    """A page of the company's teams by name, each with its members."""
     company_for(session, p, company_id)
-    stmt = select(Team).where(col(Team.company_id) == company_id).order_by(col(Team.name))
-    teams = list(session.scalars(stmt))
-    # Every team's members in one SELECT, not one per team (up to 1,000 of them).
-    members: dict[str, list[str]] = {t.id: [] for t in teams}
+    stmt = select(Team).where(col(Team.company_id) == company_id)
+    page = read_key_page(session, stmt, col(Team.name), req)
+    # The page's teams' members in one SELECT, not one per team (up to 1,000 each).
+    members: dict[str, list[str]] = {t.id: [] for t in page.items}
     rows = session.execute(
-        select(col(TeamMember.team_id), col(TeamMember.user_id))
-        .join(Team, col(Team.id) == col(TeamMember.team_id))
-        .where(col(Team.company_id) == company_id)
+        select(col(TeamMember.team_id), col(TeamMember.user_id)).where(
+            col(TeamMember.team_id).in_(list(members))
+        )
     )
     for team_id, user_id in rows:
         members[team_id].append(user_id)
-    return [team_public(session, t, sorted(members[t.id])) for t in teams]
+    return page.public(lambda t: team_public(session, t, sorted(members[t.id])))
 
 
 def update_team(
@@ -404,12 +408,14 @@ def create_budget(
 
 
 def list_budgets(
-    session: Session, p: Principal, company_id: str, now: datetime
-) -> list[dict[str, Any]]:
+    session: Session, p: Principal, company_id: str, now: datetime, req: KeyPageRequest
+) -> dict[str, Any]:
+    """A page of the company's budgets by id, each with its current period."""
     company_for(session, p, company_id)
-    stmt = select(Budget).where(col(Budget.company_id) == company_id).order_by(col(Budget.id))
-    listed = budgets.standings(session, list(session.scalars(stmt)), now)
-    return [budgets.standing_public(s) for s in listed]
+    stmt = select(Budget).where(col(Budget.company_id) == company_id)
+    page = read_key_page(session, stmt, col(Budget.id), req)
+    listed = budgets.standings(session, page.items, now)
+    return {"items": [budgets.standing_public(s) for s in listed], "next_cursor": page.next_cursor}
 
 
 def update_budget(

@@ -321,6 +321,11 @@ QUERIES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("get", "/v1/admin/users"): [_query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/api-keys"): [_query("user_id"), _query("company_id"), _LIMIT, _CURSOR],
     ("get", "/v1/admin/revocations"): [_query("company_id"), _LIMIT, _CURSOR],
+    ("get", "/v1/agents"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/companies/{company_id}/agents"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/companies/{company_id}/budgets"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/companies/{company_id}/teams"): [_LIMIT, _CURSOR],
+    ("get", "/v1/admin/companies/{company_id}/providers"): [_LIMIT, _CURSOR],
 }
 
 HEADERS: dict[tuple[str, str], list[dict[str, Any]]] = {

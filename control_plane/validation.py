@@ -16,7 +16,13 @@ from control_plane.errors import (
     JsonTooDeep,
     ValidationFailed,
 )
-from shared.input_size import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, json_too_complex, json_too_deep
+from shared.input_size import (
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    escapes_nul,
+    json_too_complex,
+    json_too_deep,
+)
 from shared.pricing import parse_credits
 
 DEFAULT_LIMIT = 50
@@ -62,16 +68,6 @@ def parse_json_object(body: bytes, *, allow_nul: bool = False) -> dict[str, Any]
     if not allow_nul and escapes_nul(body):
         raise InvalidCharacters()
     return doc
-
-
-def escapes_nul(body: bytes) -> bool:
-    """Whether a valid JSON text has a string holding NUL, read from its bytes (no
-    walk of the decoded document). Inside JSON a NUL can only be written as the escape
-    `\\u0000` (raw control characters are invalid JSON); an escaped backslash then
-    "u0000" is text. A backslash only ever starts or ends an escape, so dropping the
-    escaped-backslash pairs, left to right as a parser reads them, leaves `\\u0000`
-    exactly where a NUL is."""
-    return b"\\u0000" in body and b"\\u0000" in body.replace(b"\\\\", b"")
 
 
 def without_nul(text: str) -> str:

@@ -162,6 +162,17 @@ def structure_marks(body: bytes) -> bytes:
     return plain.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
 
 
+def escapes_nul(body: bytes) -> bool:
+    """Whether a valid JSON text has a string holding NUL, which both services refuse
+    (400 `invalid_characters`, DESIGN §11), read from its bytes (no walk of the
+    decoded document). Inside JSON a NUL can only be written as the escape
+    `\\u0000` (raw control characters are invalid JSON); an escaped backslash then
+    "u0000" is text. A backslash only ever starts or ends an escape, so dropping the
+    escaped-backslash pairs, left to right as a parser reads them, leaves `\\u0000`
+    exactly where a NUL is."""
+    return b"\\u0000" in body and b"\\u0000" in body.replace(b"\\\\", b"")
+
+
 def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether the arrays/objects of a decoded JSON value (exact dicts and lists, as
     orjson builds them) nest more than `limit` levels. Level by level, keeping only

@@ -23,7 +23,7 @@ from starlette.requests import Request
 
 from shared.bodies import read_limited
 from shared.catalog import ModelSpec, Price, Provider
-from shared.input_size import MAX_JSON_CONTAINERS, json_too_complex
+from shared.input_size import MAX_JSON_CONTAINERS, escapes_nul, json_too_complex
 from shared.request_id import current_request_id
 from shared.revocations import grant_keys
 from shared.route_claim import unseal
@@ -289,6 +289,14 @@ async def read_json(request: Request) -> Any:
             code="json_too_complex",
         )
     try:
-        return orjson.loads(body)
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("the request body is not valid JSON", code="invalid_json") from None
+    # Refused like the control plane's input (DESIGN §11), before the token is claimed
+    # or the backend called: a NUL would go upstream and into the transcript.
+    if escapes_nul(body):
+        raise BadRequest(
+            "the request contains a NUL character (\\u0000), which is not accepted",
+            code="invalid_characters",
+        )
+    return doc

@@ -258,6 +258,7 @@ def create_app(
             **{error: routes.store_unavailable for error in STORE_ERRORS},
             ReplicaAckMissing: routes.replicas_behind,
             404: routes.not_found,
+            405: routes.method_not_allowed,
             Exception: routes.internal_error,
         },
         lifespan=lifespan,

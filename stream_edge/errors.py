@@ -4,6 +4,7 @@ EdgeError
 ├── Unauthorized        401  (token rejected: bad, expired, used, revoked)
 ├── Forbidden           403  (scope, model, an agent's token on completions)
 ├── NotFound            404
+├── MethodNotAllowed    405  (+ Allow)
 ├── Gone                410  (a resume asks for events its log did not keep)
 ├── BadRequest          400
 ├── InputTooLarge       413
@@ -56,6 +57,22 @@ class NotFound(EdgeError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowed(EdgeError):
+    """Starlette's own 405 (a route that serves other methods), which answered plain
+    text: the edge's errors are OpenAI-shaped everywhere (DESIGN §9). `Allow` kept."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class Gone(EdgeError):

@@ -32,6 +32,7 @@ from stream_edge.cancellation import despite_cancellation
 from stream_edge.errors import (
     EdgeError,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
     ServiceUnavailable,
     Unauthorized,
@@ -246,3 +247,9 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 
 async def not_found(request: Request, exc: Exception) -> Response:
     return error_response(NotFound("no such path", code="not_found"))
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+    message = f"{request.method} is not allowed on this path"
+    return error_response(MethodNotAllowed(message, allow=allow))

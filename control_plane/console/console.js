@@ -477,7 +477,7 @@ async function revokeKey(key) {
 async function loadProviders() {
   if (!needCompany("#providers-error")) return;
   const path = `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers`;
-  const [configured, models] = await Promise.all([api("GET", path), api("GET", "/v1/models")]);
+  const [configured, models] = await Promise.all([allPages(path), api("GET", "/v1/models")]);
   if (!showError("#providers-error", configured)) return;
   const catalog = models.ok ? models.data.models : [];
   const providers = [...new Set(catalog.map((m) => m.provider).concat(
@@ -591,8 +591,8 @@ function section(name, result) {
 async function loadPlans() {
   if (!needCompany("#plans-error")) return;
   const [agents, teams, budgets, users, keys, models] = await Promise.all([
-    api("GET", companyPath("agents")), api("GET", companyPath("teams")),
-    api("GET", companyPath("budgets")),
+    allPages(companyPath("agents")), allPages(companyPath("teams")),
+    allPages(companyPath("budgets")),
     allPages("/v1/admin/users", {company_id: state.companyId}),
     allPages("/v1/admin/api-keys", {company_id: state.companyId}),
     api("GET", "/v1/models"),

@@ -21,6 +21,7 @@ from control_plane.auth import authenticate, caller_and_json
 from control_plane.budget_math import parse_budget
 from control_plane.deps import get_deps, path_id
 from control_plane.errors import Conflict, ValidationFailed
+from control_plane.pagination import key_page_request
 from control_plane.responses import no_content, ok
 from control_plane.tables import utcnow
 
@@ -29,10 +30,11 @@ async def list_budgets(request: Request) -> Response:
     principal = await authenticate(request)
     company_id = path_id(request, "company_id")
     now = utcnow()
-    items = await get_deps(request).db.transaction(
-        lambda s: budget_admin.list_budgets(s, principal, company_id, now)
+    req = key_page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: budget_admin.list_budgets(s, principal, company_id, now, req)
     )
-    return ok({"items": items})
+    return ok(page)
 
 
 async def create_budget(request: Request) -> Response:
@@ -71,10 +73,11 @@ async def delete_budget(request: Request) -> Response:
 async def list_teams(request: Request) -> Response:
     principal = await authenticate(request)
     company_id = path_id(request, "company_id")
-    items = await get_deps(request).db.transaction(
-        lambda s: budget_admin.list_teams(s, principal, company_id)
+    req = key_page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: budget_admin.list_teams(s, principal, company_id, req)
     )
-    return ok({"items": items})
+    return ok(page)
 
 
 async def create_team(request: Request) -> Response:

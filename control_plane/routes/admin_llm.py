@@ -22,6 +22,7 @@ from control_plane.auth import authenticate, caller_and_json
 from control_plane.deps import Deps, get_deps, path_id
 from control_plane.errors import Forbidden, NotFound, ValidationFailed
 from control_plane.middleware import request_id
+from control_plane.pagination import key_page, key_page_request
 from control_plane.policy import Principal
 from control_plane.provider_admin import UNSET
 from control_plane.responses import no_content, ok
@@ -126,15 +127,21 @@ async def put_provider(request: Request) -> Response:
     return ok(data)
 
 
+def _provider_of(view: dict[str, Any]) -> str:
+    return str(view["provider"])
+
+
 async def list_providers(request: Request) -> Response:
     """A company's provider configuration (has_key, models), keys never included."""
     principal = await authenticate(request)
     deps = get_deps(request)
     company_id = path_id(request, "company_id")
     caller = _caller(request, deps, principal)
-    items = await deps.db.transaction(lambda s: provider_admin.list_views(s, caller, company_id))
-    await provider_admin.with_key_states(deps.store, company_id, items)
-    return ok({"items": items})
+    req = key_page_request(request.query_params)
+    views = await deps.db.transaction(lambda s: provider_admin.list_views(s, caller, company_id))
+    page = key_page(views, _provider_of, req)
+    await provider_admin.with_key_states(deps.store, company_id, page.items)
+    return ok(page.public(dict))
 
 
 async def delete_provider(request: Request) -> Response:

@@ -3,6 +3,8 @@ the platform admin and the company's owners, ``GET /v1/agents`` for its users.""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -11,6 +13,7 @@ from control_plane import agent_spec, agents
 from control_plane.auth import authenticate, caller_and_json
 from control_plane.deps import get_deps, path_id
 from control_plane.middleware import request_id
+from control_plane.pagination import key_page, key_page_request
 from control_plane.responses import no_content, ok
 
 
@@ -22,10 +25,11 @@ async def list_agents(request: Request) -> Response:
     """A company's agents, with their full definitions."""
     principal = await authenticate(request)
     company_id, _ = _path(request)
-    rows = await get_deps(request).db.transaction(
-        lambda s: [agents.agent_public(a) for a in agents.list_all(s, principal, company_id)]
+    req = key_page_request(request.query_params)
+    page = await get_deps(request).db.transaction(
+        lambda s: agents.list_all(s, principal, company_id, req).public(agents.agent_public)
     )
-    return ok({"items": rows, "next_cursor": None})
+    return ok(page)
 
 
 async def create_agent(request: Request) -> Response:
@@ -79,12 +83,17 @@ async def delete_agent(request: Request) -> Response:
     return no_content()
 
 
+def _named(item: dict[str, Any]) -> str:
+    return str(item["name"])
+
+
 async def my_agents(request: Request) -> Response:
     """The agents the caller may chat with (POST /v1/chat/init with "agent")."""
     principal = await authenticate(request)
     deps = get_deps(request)
+    req = key_page_request(request.query_params)
     items = await deps.db.transaction(lambda s: agents.usable(s, principal, deps.settings.catalog))
-    return ok({"items": items})
+    return ok(key_page(items, _named, req).public(dict))
 
 
 _ONE = "/v1/admin/companies/{company_id}/agents/{name}"
