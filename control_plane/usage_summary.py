@@ -173,7 +173,6 @@ def summary(
             stmt = stmt.having(_after(parts))
     rows = session.execute(stmt.offset(offset).limit(limit + 1)).mappings().all()
     items = [_item(row, query.group_by) for row in rows]
-    _label(session, items)
     return [
         (item, After(int(row["cost_micro"]), tuple(row[k.name] for k in keys)))
         for item, row in zip(items, rows, strict=True)
@@ -194,27 +193,24 @@ def _item(row: Any, group_by: tuple[str, ...]) -> dict[str, Any]:
     return item
 
 
-def _label(session: Session, items: list[dict[str, Any]]) -> None:
-    """Add what a person reads: the user's email, the key's prefix (both already
-    within the caller's scope: the records are)."""
+def labels(session: Session, items: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """What a person reads for the items' ids: users' emails, keys' prefixes (both
+    within the caller's scope: the records are). Beside the items, not in them: an
+    item holds only its grouped keys and totals (DESIGN §11)."""
+    found: dict[str, dict[str, str]] = {}
     user_ids = {i["user_id"] for i in items if i.get("user_id")}
     if user_ids:
-        found = session.execute(
+        rows = session.execute(
             select(col(User.id), col(User.email)).where(col(User.id).in_(user_ids))
         )
-        emails = {str(user_id): str(email) for user_id, email in found}
-        for item in items:
-            if "user_id" in item:
-                item["email"] = emails.get(item["user_id"])
+        found["user_id"] = {str(user_id): str(email) for user_id, email in rows}
     key_ids = {i["api_key_id"] for i in items if i.get("api_key_id")}
     if key_ids:
-        keyed = session.execute(
+        rows = session.execute(
             select(col(ApiKey.id), col(ApiKey.prefix)).where(col(ApiKey.id).in_(key_ids))
         )
-        prefixes = {str(key_id): str(prefix) for key_id, prefix in keyed}
-        for item in items:
-            if "api_key_id" in item:
-                item["prefix"] = prefixes.get(item["api_key_id"])
+        found["api_key_id"] = {str(key_id): str(prefix) for key_id, prefix in rows}
+    return found
 
 
 def ttft(session: Session, query: SummaryQuery, company_id: str | None) -> list[dict[str, Any]]:

@@ -210,18 +210,25 @@ def test_summary_matches_usage_per_model_user_and_key(cp: CP) -> None:
     assert row["day"] == datetime.now(UTC).date().isoformat() and row["model"] == "mock-fast"
     assert "user_id" not in row and row["cost"] == total[0]["cost"]
 
-    by_user = data_of(owner_client.get("/v1/usage/summary?group_by=user&order=cost"))["items"]
-    assert {r["email"]: r["streams"] for r in by_user} == {
+    by_user_answer = owner_client.get("/v1/usage/summary?group_by=user&order=cost").json()
+    by_user = by_user_answer["data"]["items"]
+    emails = by_user_answer["meta"]["labels"]["user_id"]
+    # An item holds only its grouped keys and totals (DESIGN §11); its id is named beside.
+    totals = {"streams", "input_tokens", "output_tokens", "cost"}
+    assert all(set(r) == {"user_id", *totals} for r in by_user)
+    assert {emails[r["user_id"]]: r["streams"] for r in by_user} == {
         owner["email"]: 2,
         member["email"]: 2,
     }
     assert Decimal(by_user[0]["cost"]) >= Decimal(by_user[1]["cost"])  # top spender first
 
-    by_key = data_of(owner_client.get("/v1/usage/summary?group_by=api_key&order=cost"))["items"]
-    keyed = {r["api_key_id"]: r for r in by_key}
+    by_key_answer = owner_client.get("/v1/usage/summary?group_by=api_key&order=cost").json()
+    keyed = {r["api_key_id"]: r for r in by_key_answer["data"]["items"]}
     assert keyed[None]["streams"] == 2  # the member's logins carry no key
-    [(_key_id, key_row)] = [(k, v) for k, v in keyed.items() if k is not None]
-    assert owner_key.startswith(key_row["prefix"]) and key_row["output_tokens"] == 50
+    [(key_id, key_row)] = [(k, v) for k, v in keyed.items() if k is not None]
+    prefixes = by_key_answer["meta"]["labels"]["api_key_id"]
+    assert owner_key.startswith(prefixes[key_id]) and key_row["output_tokens"] == 50
+    assert "prefix" not in key_row
 
     ttft = data_of(owner_client.get("/v1/usage/ttft"))["items"]
     assert ttft == [{"model": "mock-fast", "streams": 3, "p50_ms": 200, "p95_ms": 300}]

@@ -222,15 +222,30 @@ function defaultRange() {
 
 async function allPages(path, params) {
   const items = [];
+  const labels = {};
   let cursor = null;
   for (let page = 0; page < MAX_PAGES; page++) {
     const result = await api("GET", path + query({...params, limit: 200, cursor}));
     if (!result.ok) return result;
     items.push(...result.data.items);
+    mergeLabels(labels, result);
     cursor = result.data.next_cursor;
     if (!cursor) break;
   }
-  return {ok: true, data: {items}};
+  return {ok: true, data: {items}, meta: {labels}};
+}
+
+// The summary names its ids beside its items (`meta.labels`: {user_id: {id: email},
+// api_key_id: {id: prefix}}); an item holds only its grouped keys and totals.
+function mergeLabels(into, result) {
+  const found = (result.meta && result.meta.labels) || {};
+  for (const [key, names] of Object.entries(found)) into[key] = {...(into[key] || {}), ...names};
+  return into;
+}
+
+function labelled(result, key, id) {
+  const names = (result.meta && result.meta.labels && result.meta.labels[key]) || {};
+  return Object.hasOwn(names, id) ? names[id] : null;
 }
 
 function daysBetween(from, to) {
@@ -254,11 +269,13 @@ async function loadUsage() {
   const failed = [series, users, keys, ttft].find((r) => !r.ok);
   showError("#usage-error", failed || {ok: true});
   if (failed) { drawCharts([], [], split); return; }
-  const labelOf = (item) => split === "model" ? item.model : (item.email || item.user_id);
+  const email = (result, i) => labelled(result, "user_id", i.user_id) || i.user_id;
+  const labelOf = (item) => split === "model" ? item.model : email(series, item);
   drawCharts(series.data.items, daysBetween(from, to), split, labelOf);
   fillSpendTable(series.data.items, labelOf);
-  fillTop("#top-users", users.data.items, (i) => i.email || i.user_id);
-  fillTop("#top-keys", keys.data.items, (i) => i.api_key_id ? `${i.prefix || i.api_key_id}…` : "(signed-in sessions)");
+  fillTop("#top-users", users.data.items, (i) => email(users, i));
+  fillTop("#top-keys", keys.data.items, (i) => i.api_key_id
+    ? `${labelled(keys, "api_key_id", i.api_key_id) || i.api_key_id}…` : "(signed-in sessions)");
   $("#ttft tbody").replaceChildren(...ttft.data.items.map((i) => el("tr", {},
     td(i.model), td(String(i.streams), "num"), td(`${i.p50_ms} ms`, "num"), td(`${i.p95_ms} ms`, "num"))));
   const cost = series.data.items.reduce((sum, i) => sum + Number(i.cost), 0);

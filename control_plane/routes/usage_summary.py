@@ -3,7 +3,9 @@
 * ``GET /v1/usage/summary?group_by=day,model,user,api_key&from=&to=&order=keys|cost``
   → ``{"items": [{"day"?, "model"?, "user_id"?, "api_key_id"?, "streams",
   "input_tokens", "output_tokens", "cost"}], "next_cursor"}``; ``order=cost`` lists
-  the top spenders first.
+  the top spenders first; ``meta.labels`` names the ids for a reader
+  (``{"user_id": {id: email}, "api_key_id": {id: prefix}}``), beside the items, which
+  hold only their grouped keys and totals.
 * ``GET /v1/usage/ttft?from=&to=`` → ``{"items": [{"model", "streams", "p50_ms",
   "p95_ms"}]}``.
 
@@ -15,6 +17,9 @@ as heavy reads (`heavy_reads`): a fair share per company, a statement timeout.
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -29,6 +34,9 @@ from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.tables import utcnow
 from control_plane.validation import optional_str, page_limit
+
+# Per id key of the items, what a person reads for each id (`usage_summary.labels`).
+Labels = dict[str, dict[str, str]]
 
 
 def _scope(request: Request, p: Principal) -> str | None:
@@ -66,17 +74,19 @@ async def summary(request: Request) -> Response:
         dict(request.query_params), as_of.date(), across_companies=company_id is None
     )
     limit = page_limit(request.query_params.get("limit"))
-    rows = await get_deps(request).heavy_reads.run(
-        caller_key(principal),
-        lambda s: usage_summary.summary(s, query, company_id, limit, offset, after, as_of),
-    )
+
+    def read(s: Session) -> tuple[list[tuple[dict[str, Any], usage_summary.After]], Labels]:
+        found = usage_summary.summary(s, query, company_id, limit, offset, after, as_of)
+        return found, usage_summary.labels(s, [item for item, _ in found[:limit]])
+
+    rows, labels = await get_deps(request).heavy_reads.run(caller_key(principal), read)
     next_cursor = None
     if len(rows) > limit:
         last = rows[limit - 1][1]
         next_cursor = encode_summary_cursor(as_of, last.cost_micro, last.keys)
     return ok(
         {"items": [item for item, _ in rows[:limit]], "next_cursor": next_cursor},
-        meta={"from": query.start.isoformat(), "to": query.end.isoformat()},
+        meta={"from": query.start.isoformat(), "to": query.end.isoformat(), "labels": labels},
     )
 
 
