@@ -239,6 +239,47 @@ def test_every_money_movement_is_audited_with_actor_and_request_id(cp: CP) -> No
     assert_books_balance(cp, company_id, client)
 
 
+def test_grants_and_adjustments_are_admin_audit_events(cp: CP) -> None:
+    """DESIGN §11: admin audit events are `admin.*`. A platform admin's grant and
+    adjustment are admin actions: `GET /v1/admin/audit?kind=admin.*` shows them (once,
+    a replay adds none), beside the ledger's own `grant` / `adjustment` events."""
+    company_id = cp.company("0")
+    base = f"/v1/admin/companies/{company_id}"
+    grant_headers = {"X-Request-Id": "req-g", "Idempotency-Key": "g-admin"}
+    for _ in range(2):  # the second is a replay
+        grant = data_of(
+            cp.admin.post(
+                f"{base}/credits", json={"amount": "7", "reason": "p"}, headers=grant_headers
+            ),
+            201,
+        )
+    adjust = data_of(
+        cp.admin.post(
+            f"{base}/adjustments",
+            json={"amount": "-2", "reason": "fix"},
+            headers={"X-Request-Id": "req-a"},
+        ),
+        201,
+    )
+    admin_events = _audit(cp.admin, company_id=company_id, kind="admin.credits.*")["items"]
+    by_kind = {e["kind"]: e for e in admin_events}
+    assert sorted(e["kind"] for e in admin_events) == [
+        "admin.credits.adjustment",
+        "admin.credits.grant",
+    ]
+    for kind, entry, rid, amount, reason in (
+        ("admin.credits.grant", grant, "req-g", "7.000000", "p"),
+        ("admin.credits.adjustment", adjust, "req-a", "-2.000000", "fix"),
+    ):
+        event = by_kind[kind]
+        assert event["actor"] == "admin-token" and event["request_id"] == rid
+        assert event["target"] == f"ledger_entry:{entry['id']}"
+        assert event["details"]["after"] == {"amount": amount, "reason": reason}
+    # The ledger's own events stay as they were.
+    ledger_kinds = [e["kind"] for e in _audit(cp.admin, company_id=company_id)["items"]]
+    assert ledger_kinds.count("grant") == 1 and ledger_kinds.count("adjustment") == 1
+
+
 def test_credits_endpoint_shows_balance_held_available_and_recent_ledger(cp: CP) -> None:
     client, company_id = cp.owner_client("3")
     init = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 10}), 201)

@@ -43,6 +43,7 @@ from control_plane.validation import (
     parse_day,
     required_str,
 )
+from shared.pricing import format_credits
 
 REASON_MAX = 500
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, no spaces
@@ -105,6 +106,18 @@ async def _move_credits(request: Request, how: _Movement) -> Response:
             request_id=rid,
             idempotency_key=key,
         )
+        if created:
+            # An admin action like any other (DESIGN §11: `admin.*`), beside the
+            # ledger's own `grant` / `adjustment` event; a replay adds neither.
+            audit.record_admin(
+                session,
+                actor=actor,
+                action=f"admin.credits.{how.kind}",
+                company_id=company_id,
+                target=f"ledger_entry:{entry.id}",
+                request_id=rid,
+                after={"amount": format_credits(micro), "reason": reason},
+            )
         return {**billing.entry_public(entry), "company_id": company_id}, created
 
     db = get_deps(request).db
