@@ -46,8 +46,14 @@ def late(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
     """`count` and `after_commit` for a settlement that committed after its webhook
     was answered 503 (`webhook_settlement.Late`, on the loop, never a duplicate):
     counted now, the store's part in the background (the hold no longer a pending
-    grant, as the redelivery would say, should the edge have given up)."""
+    grant, as the redelivery would say, should the edge have given up).
+
+    Counted ``settled`` in ``llmgw_cp_webhooks_total`` too, once: its request was
+    counted by the answer it got (503, or ``duplicate`` for a batch's event settled
+    again alone) and its redelivery is a ``duplicate``, so without this the settlement
+    the ledger has was never counted ``settled`` at all."""
     count(deps, outcome)
+    deps.metrics.webhooks.labels(outcome="settled").inc()
     in_background(after_commit(deps, event, outcome), "late-settlement")
 
 
