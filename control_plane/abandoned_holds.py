@@ -16,7 +16,11 @@ The same for a hold whose init heard a lost connection instead of its answer
 network, a killed backend, a proxy restarting) after or during its commit. Its
 outcome is unknown to the caller, which answers 503 with no token, but PostgreSQL
 may have committed it: before, such a hold stayed until its deadline (~22 minutes),
-and the client's retry found those credits gone (402).
+and the client's retry found those credits gone (402). The release waits, bounded,
+until the backend that ran the hold has ended its transaction, and is tried again
+while the database cannot be reached (`lost_settlements.once_over`): a hold that
+committed after a release made at once had found nothing, or whose release met the
+outage that cut its connection, was left to the sweeper's deadline.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from control_plane.background import in_background
 from control_plane.db import Database
 from control_plane.init_writes import NewReservation
 from control_plane.ledger import release_reservation
+from control_plane.lost_settlements import once_over
 from control_plane.metrics import Metrics
 
 log = logging.getLogger("control_plane.abandoned_holds")
@@ -65,13 +70,16 @@ async def _release(db: Database, metrics: Metrics, reservation_id: str, user_id:
 
 
 def release_unacknowledged(
-    db: Database, metrics: Metrics, reservation_id: str, user_id: str
+    db: Database, metrics: Metrics, reservation_id: str, user_id: str, backend: int | None
 ) -> None:
     """An init whose hold may have committed, though its caller heard a lost
     connection (`db.outcome_unknown`): released in the background if it is there, and
     then counted as reserved and released, as the ledger has both; nothing if it
-    never committed (the release is conditional: an unknown id releases nothing)."""
-    in_background(_release_if_held(db, metrics, reservation_id, user_id), "release-lost-hold")
+    never committed (the release is conditional: an unknown id releases nothing).
+    Released once `backend`, which ran the hold, has ended its transaction."""
+    in_background(
+        _release_if_held(db, metrics, reservation_id, user_id, backend), "release-lost-hold"
+    )
 
 
 def _reserved_and_released(metrics: Metrics, released: int | None) -> None:
@@ -81,10 +89,13 @@ def _reserved_and_released(metrics: Metrics, released: int | None) -> None:
 
 
 async def _release_if_held(
-    db: Database, metrics: Metrics, reservation_id: str, user_id: str
+    db: Database, metrics: Metrics, reservation_id: str, user_id: str, backend: int | None
 ) -> None:
     try:
-        released = await db.transaction(
+        # Conditional (an active hold only): safe to try again.
+        released = await once_over(
+            db,
+            backend,
             lambda s: release_reservation(s, reservation_id, LOST_REASON, actor=user_id),
             late=lambda late: _reserved_and_released(metrics, late),
         )
