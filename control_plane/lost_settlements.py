@@ -43,7 +43,7 @@ from sqlmodel import col
 from control_plane import tpm
 from control_plane.audit import SWEEPER_ACTOR, WEBHOOK_ACTOR
 from control_plane.background import in_background
-from control_plane.db import Database
+from control_plane.db import Database, DatabaseTimeout
 from control_plane.metrics import Metrics
 from control_plane.settlement import Outcome
 from control_plane.tables import AuditEvent, Reservation, utcnow
@@ -89,9 +89,10 @@ async def once_over(
     (`db.lost_backend`), runs no transaction any more: what it ran has committed or
     rolled back. At once when the backend is unknown or gone. A database that
     cannot be reached (the outage that cut the connection often lasts a moment) is
-    tried again (``fn`` must be safe to run twice). All within `OVER_WAIT`: past it
-    ``fn`` runs anyway, or its last failure is raised. ``late``: as
-    `Database.transaction`'s."""
+    tried again (``fn`` must be safe to run twice), as one past its bound is, unless
+    it has a ``late`` (as `Database.transaction`'s: its commit may still come, and
+    is handed to it). All within `OVER_WAIT`: past it ``fn`` runs anyway, or its
+    last failure is raised."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + OVER_WAIT.total_seconds()
     pause = 0.02
@@ -108,7 +109,10 @@ async def once_over(
             if not waiting:
                 return await db.transaction(fn, late=late)
         except Exception as exc:
-            if loop.time() >= deadline:
+            # ``fn`` past its bound with a `late`: it may still commit, and goes there.
+            if loop.time() >= deadline or (
+                not waiting and late is not None and isinstance(exc, DatabaseTimeout)
+            ):
                 raise
             log.info("database unreachable after a lost answer, trying again: %r", exc)
         await asyncio.sleep(pause)

@@ -76,14 +76,24 @@ def _waiting_port(watcher: psycopg.Connection[Any], event: str | None = None) ->
 
 
 @contextlib.contextmanager
-def _commits_wait(conninfo: str, reservation_ids: list[str]) -> Iterator[Callable[[], Any]]:
-    """While inside, a transaction that changes one of `reservation_ids` waits at its
-    COMMIT (a deferred trigger taking an advisory lock held here, as a synchronous
-    standby's acknowledgement would make it wait) until the function yielded is
-    called; then it commits."""
+def _commits_wait(
+    conninfo: str, reservation_ids: list[str] | None = None, *, released_of: str | None = None
+) -> Iterator[Callable[[], Any]]:
+    """While inside, a transaction that changes one of `reservation_ids` (or releases
+    a hold of the company `released_of`) waits at its COMMIT (a deferred trigger
+    taking an advisory lock held here, as a synchronous standby's acknowledgement
+    would make it wait) until the function yielded is called; then it commits."""
     tag = uuid.uuid4().hex[:12]
     key = int(tag, 16) % 2**62
-    ids = sql.SQL(", ").join(sql.Literal(i) for i in reservation_ids)
+    when = (
+        sql.SQL("OLD.id IN ({})").format(
+            sql.SQL(", ").join(sql.Literal(i) for i in reservation_ids or [])
+        )
+        if released_of is None
+        else sql.SQL("OLD.company_id = {} AND NEW.status = 'released'").format(
+            sql.Literal(released_of)
+        )
+    )
     function, trigger = sql.Identifier(f"wait_{tag}"), sql.Identifier(f"wait_{tag}")
     with psycopg.connect(conninfo, autocommit=True) as admin:
         admin.execute(
@@ -95,9 +105,9 @@ def _commits_wait(conninfo: str, reservation_ids: list[str]) -> Iterator[Callabl
         admin.execute(
             sql.SQL(
                 "CREATE CONSTRAINT TRIGGER {} AFTER UPDATE ON reservations"
-                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (OLD.id IN ({}))"
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ({})"
                 " EXECUTE FUNCTION {} ()"
-            ).format(trigger, ids, function)
+            ).format(trigger, when, function)
         )
         try:
             with psycopg.connect(conninfo, autocommit=True) as locker:
