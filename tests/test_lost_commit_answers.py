@@ -372,13 +372,16 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
 
 
 def _webhook_counts(app: Any) -> dict[str, int]:
+    """The webhooks' outcomes, and how many settlements' lags were observed."""
     registry = app.state.deps.metrics.registry
-    return {
+    counts = {
         outcome: round(
             registry.get_sample_value("llmgw_cp_webhooks_total", {"outcome": outcome}) or 0.0
         )
         for outcome in ("settled", "duplicate", "error")
     }
+    lags = registry.get_sample_value("llmgw_cp_reconciliation_lag_seconds_count") or 0.0
+    return {**counts, "lags": round(lags)}
 
 
 @pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
@@ -415,7 +418,8 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_settled_once(
             return len(session.scalars(stmt).all())
 
         assert await app.state.deps.db.transaction(charges) == 1
-        expected = {"settled": 1, "duplicate": 1 if commits else 0, "error": 1}
+        # Its lag observed once too: one per settlement, as `settled`.
+        expected = {"settled": 1, "duplicate": 1 if commits else 0, "error": 1, "lags": 1}
 
         def moved() -> dict[str, int]:
             now = _webhook_counts(app)
