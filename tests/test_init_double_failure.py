@@ -33,10 +33,9 @@ from tests.test_lost_commit_answers import BODY, _member, _micro, _money_counter
 from tests.test_lost_late_commits import (
     _commits_wait,
     _conninfo,
-    _cut,
+    _cut_the_waiter,
     _looks,
     _refusing,
-    _waiting_port,
 )
 
 __all__ = ["private_redis"]  # the fixture, used by name
@@ -169,15 +168,7 @@ async def test_an_inits_give_back_whose_answer_was_lost_is_counted_released(
             psycopg.connect(conninfo, autocommit=True) as watcher,
         ):
             sent = asyncio.ensure_future(client.post("/v1/chat/init", json=BODY, headers=auth))
-            port: list[int] = []
-
-            def waiting() -> bool:
-                found = _waiting_port(watcher, "advisory")
-                port.extend([] if found is None else [found])
-                return bool(port)
-
-            await eventually(waiting, "the release's COMMIT waits")
-            _cut(port[0])
+            await _cut_the_waiter(watcher, "advisory", what="the release's COMMIT waits")
             r = await sent
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable"

@@ -135,6 +135,22 @@ def _looks(monkeypatch: pytest.MonkeyPatch, *names: tuple[Any, str]) -> list[str
     return looked
 
 
+async def _cut_the_waiter(
+    watcher: psycopg.Connection[Any], event: str | None = None, what: str = "a lock wait"
+) -> None:
+    """Wait until a backend of this database waits on a lock (`_waiting_port`), then
+    cut its client's socket (`_cut`)."""
+    port: list[int] = []
+
+    def waiting() -> bool:
+        found = _waiting_port(watcher, event)
+        port.extend([] if found is None else [found])
+        return bool(port)
+
+    await eventually(waiting, what)
+    _cut(port[0])
+
+
 def _cut(port: int) -> None:
     """Shut down this process's socket whose local port is `port`: its peer's
     backend keeps running its statement, the client hears the connection close."""
@@ -192,15 +208,7 @@ async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_onc
             post = asyncio.create_task(
                 client.post("/v1/webhooks/usage", content=body, headers=headers)
             )
-            port: list[int] = []
-
-            def waiting() -> bool:
-                found = _waiting_port(watcher)
-                port.extend([] if found is None else [found])
-                return bool(port)
-
-            await eventually(waiting, "the settlement waits on the row lock")
-            _cut(port[0])
+            await _cut_the_waiter(watcher, what="the settlement waits on the row lock")
             r = await post
             assert r.status_code == 503, r.text
             # The read-back looks while the settlement still waits on the lock.
@@ -270,15 +278,7 @@ async def test_a_hold_that_commits_after_its_cut_connection_is_given_back(
             locker.execute("BEGIN")
             locker.execute("SELECT 1 FROM companies WHERE id = %s FOR UPDATE", (company_id,))
             post = asyncio.create_task(client.post("/v1/chat/init", json=BODY, headers=auth))
-            port: list[int] = []
-
-            def waiting() -> bool:
-                found = _waiting_port(watcher)
-                port.extend([] if found is None else [found])
-                return bool(port)
-
-            await eventually(waiting, "the hold waits on the company's row lock")
-            _cut(port[0])
+            await _cut_the_waiter(watcher, what="the hold waits on the company's row lock")
             r = await post
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable"
@@ -359,15 +359,7 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
                 sent = asyncio.ensure_future(
                     client.post("/v1/webhooks/usage", content=body, headers=headers)
                 )
-            port: list[int] = []
-
-            def waiting() -> bool:
-                found = _waiting_port(watcher, "advisory")
-                port.extend([] if found is None else [found])
-                return bool(port)
-
-            await eventually(waiting, "the settlement's COMMIT waits")
-            _cut(port[0])
+            await _cut_the_waiter(watcher, "advisory", what="the settlement's COMMIT waits")
             await eventually(lambda: bool(looked), "the lost settlement is read back")
             assert looked[0] in ("settled_by: {}", "backend_state: 'active'"), looked
             let_commit()
@@ -439,15 +431,7 @@ async def test_a_sweep_whose_commit_finishes_after_its_cut_connection_is_counted
             swept = asyncio.ensure_future(
                 sweeper.sweep_expired_holds(deps.db, deps.store, deps.metrics)
             )
-            port: list[int] = []
-
-            def waiting() -> bool:
-                found = _waiting_port(watcher, "advisory")
-                port.extend([] if found is None else [found])
-                return bool(port)
-
-            await eventually(waiting, "the release's COMMIT waits")
-            _cut(port[0])
+            await _cut_the_waiter(watcher, "advisory", what="the release's COMMIT waits")
             with pytest.raises(DBAPIError):
                 await swept
             await eventually(lambda: bool(looked), "the lost release is read back")
