@@ -96,6 +96,7 @@ async def once_over(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + OVER_WAIT.total_seconds()
     pause = 0.02
+    told = False
     waiting = backend is not None
     while True:
         try:
@@ -114,7 +115,9 @@ async def once_over(
                 not waiting and late is not None and isinstance(exc, DatabaseTimeout)
             ):
                 raise
-            log.info("database unreachable after a lost answer, trying again: %r", exc)
+            if not told:  # once: an outage would log a line a second
+                told = True
+                log.info("database unreachable after a lost answer, trying again: %r", exc)
         await asyncio.sleep(pause)
         pause = min(pause * 2, 1.0)
 
