@@ -39,7 +39,7 @@ from control_plane import (
 )
 from control_plane.background import in_background
 from control_plane.chat_request import AGENT_FIXED_ROLES, InitRequest
-from control_plane.db import Unit, outcome_unknown
+from control_plane.db import Unit, lost_backend, outcome_unknown
 from control_plane.deps import Deps
 from control_plane.errors import (
     Forbidden,
@@ -800,7 +800,7 @@ async def init_chat(
                 # The connection died with the write sent: it may have committed, for
                 # a client told 503 with no token. Given back if it did.
                 abandoned_holds.release_unacknowledged(
-                    deps.db, deps.metrics, reservation_id, user_id
+                    deps.db, deps.metrics, reservation_id, user_id, lost_backend(exc)
                 )
             raise
         reservation = held.reservation = reserved.reservation

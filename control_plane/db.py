@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane import db_shares
 from control_plane.db_checkout import (
     autocommit_checkout,
+    checked_out_backend,
     checkout_begins,
     checkout_unpinged,
     empty_query,
@@ -180,6 +181,9 @@ class _PooledUnit(Unit):
         driver = self._pooled.driver_connection
         assert isinstance(driver, psycopg.Connection)
         super().__init__(None, driver)
+        # Read while the connection is up: libpq forgets it once the connection
+        # is lost, and a lost answer needs it (`lost_backend`).
+        self._backend = backend_of(driver)
         self._engine = engine
         self._sessions = sessions
         self._connection: Connection | None = None
@@ -202,6 +206,7 @@ class _PooledUnit(Unit):
         self._pooled = None  # `end` has nothing to give back if the checkout fails
         pooled = self._pooled = autocommit_checkout(self._engine, ping=True)
         driver = self._driver = pooled.driver_connection
+        self._backend = backend_of(driver)
         return fn(driver)
 
     def _pinged(self) -> None:
@@ -253,36 +258,47 @@ class _PooledUnit(Unit):
             self._session = self._sessions(bind=self._connection)
         return self._session
 
+    def backend(self) -> int | None:
+        """The PostgreSQL backend the unit runs on (`lost_backend`); None once its
+        connection was thrown away with no other checked out (`read`)."""
+        return self._backend if self._pooled is not None else None
+
     def end(self, commit: bool) -> None:
         if self._pooled is None:  # thrown away, no other checked out (`read`)
             return
         driver = self._driver
         assert driver is not None
         try:
-            if self._session is not None:
-                try:
-                    if commit:
-                        self._session.commit()
-                    else:
-                        self._session.rollback()
-                finally:
-                    self._session.close()
-            elif driver.autocommit:
-                # Begun lazily and never: each statement committed as it ran.
-                if not driver.closed:
-                    driver.autocommit = False  # the pool hands out transactions
-            elif commit:
-                try:  # a broken connection raises here: no silent loss
-                    driver.commit()
-                except psycopg.Error as exc:  # as the session's commit would raise it
-                    raise DBAPIError.instance("COMMIT", None, exc, psycopg.Error) from exc
-            elif not driver.closed:
-                driver.rollback()
+            self._commit_or_roll_back(driver, commit)
+        except (DBAPIError, psycopg.Error) as exc:
+            note_backend(exc, self._backend if commit else None)
+            raise
         finally:
             if self._connection is not None:
                 self._connection.close()  # gives the pooled connection back
             else:
                 self._pooled.close()
+
+    def _commit_or_roll_back(self, driver: psycopg.Connection[Any], commit: bool) -> None:
+        if self._session is not None:
+            try:
+                if commit:
+                    self._session.commit()
+                else:
+                    self._session.rollback()
+            finally:
+                self._session.close()
+        elif driver.autocommit:
+            # Begun lazily and never: each statement committed as it ran.
+            if not driver.closed:
+                driver.autocommit = False  # the pool hands out transactions
+        elif commit:
+            try:  # a broken connection raises here: no silent loss
+                driver.commit()
+            except psycopg.Error as exc:  # as the session's commit would raise it
+                raise DBAPIError.instance("COMMIT", None, exc, psycopg.Error) from exc
+        elif not driver.closed:
+            driver.rollback()
 
 
 def outcome_unknown(exc: BaseException) -> bool:
@@ -294,6 +310,37 @@ def outcome_unknown(exc: BaseException) -> bool:
     database's bound (`DatabaseTimeout`) hands a late commit to its ``late``."""
     cause = exc.orig if isinstance(exc, DBAPIError) else exc
     return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def backend_of(driver: psycopg.Connection[Any] | None) -> int | None:
+    """The process id of `driver`'s PostgreSQL backend (libpq's, no round trip);
+    None once its connection is closed or lost (libpq then forgets it)."""
+    try:
+        pid = driver.pgconn.backend_pid if driver is not None else 0
+    except psycopg.Error:
+        return None
+    return pid or None
+
+
+# The attribute of an error whose outcome is unknown (`outcome_unknown`) that names
+# the backend which ran the write (`lost_backend`).
+_BACKEND = "llmgw_backend_pid"
+
+
+def note_backend(exc: BaseException, backend: int | None) -> None:
+    """Name `backend` on `exc` when it leaves the outcome of the write it ran unknown."""
+    if backend is not None and outcome_unknown(exc) and getattr(exc, _BACKEND, None) is None:
+        setattr(exc, _BACKEND, backend)
+
+
+def lost_backend(exc: BaseException) -> int | None:
+    """The PostgreSQL backend whose answer `exc` lost (`outcome_unknown`), when known.
+    Its connection is gone, not the backend: PostgreSQL may still be running the write
+    (waiting on a lock, a synchronous standby, the disk) and commit it later, until
+    the backend ends its transaction (`lost_settlements.once_over`). Unknown
+    behind PgBouncer (the pid the client sees is PgBouncer's own)."""
+    backend = getattr(exc, _BACKEND, None)
+    return backend if isinstance(backend, int) else None
 
 
 def _with_driver(database_url: str) -> URL:
@@ -415,8 +462,13 @@ class Database:
         return await self._threads.call(fn, timeout=left, late=late, done=release)
 
     def _in_transaction(self, fn: Callable[[Session], T]) -> T:
-        with checkout_begins(), self.sessions.begin() as session:
-            return fn(session)
+        try:
+            with checkout_begins(), self.sessions.begin() as session:
+                return fn(session)
+        except DBAPIError as exc:
+            # Its COMMIT's answer lost: the backend may still commit it.
+            note_backend(exc, checked_out_backend())
+            raise
 
     def _in_unit(self, fn: Callable[[Unit], T], begin: bool = True) -> T:
         if not self.postgres:
@@ -424,7 +476,10 @@ class Database:
         unit = _PooledUnit(self.engine, self.sessions, begin=begin)
         try:
             result = fn(unit)
-        except BaseException:
+        except BaseException as exc:
+            # A lazily begun unit's last statement commits alone: its answer lost,
+            # the backend may still commit it.
+            note_backend(exc, unit.backend())
             unit.end(commit=False)
             raise
         unit.end(commit=True)

@@ -42,6 +42,7 @@ def checkout_begins() -> Iterator[None]:
     checkout only: `pg_ping` clears it)."""
     before = getattr(_CHECKOUT, "begin", False)
     _CHECKOUT.begin = True
+    _CHECKOUT.backend = None
     try:
         yield
     finally:
@@ -80,6 +81,9 @@ def pg_ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         raise InvalidatePoolError(str(exc)) from exc
     expected = psycopg.pq.ExecStatus.COMMAND_OK if begin else psycopg.pq.ExecStatus.EMPTY_QUERY
     if status == expected:
+        # Read now, while the connection is up: libpq forgets it once it is lost,
+        # and a lost answer needs it (`db.lost_backend`).
+        _CHECKOUT.backend = pgconn.backend_pid or None
         return
     if pgconn.status == psycopg.pq.ConnStatus.BAD:  # the server or the network went away
         raise InvalidatePoolError("the pooled connection failed its ping")
@@ -152,3 +156,10 @@ def give_back(pooled: Any) -> None:
             driver.autocommit = False  # the pool hands out transactions
     finally:
         pooled.close()
+
+
+def checked_out_backend() -> int | None:
+    """The PostgreSQL backend of this thread's last pinged checkout since its last
+    `checkout_begins` (None: none yet, or SQLite)."""
+    backend = getattr(_CHECKOUT, "backend", None)
+    return backend if isinstance(backend, int) else None

@@ -21,6 +21,8 @@ from control_plane import pending_inits, tpm
 from control_plane.background import in_background
 from control_plane.deps import Deps
 from control_plane.settlement import Outcome
+from control_plane.tables import utcnow
+from control_plane.usage_events import parse_time
 from shared.webhooks import UsageEvent
 
 log = logging.getLogger("control_plane.late_settlements")
@@ -30,6 +32,15 @@ def count(deps: Deps, outcome: Outcome) -> None:
     """A settlement answered in time has committed: count its money (the route,
     before anything it awaits)."""
     deps.metrics.settled(outcome.charged_micro, outcome.released_micro)
+
+
+def observe_lag(deps: Deps, event: UsageEvent) -> None:
+    """A settlement's ``llmgw_cp_reconciliation_lag_seconds``: its stream's end to
+    now, when its commit is known (once per settlement, as ``settled``)."""
+    ended = parse_time(event.ended_at) if event.ended_at else None
+    if ended is not None:
+        lag = (utcnow() - ended).total_seconds()
+        deps.metrics.reconciliation_lag.observe(max(lag, 0.0))
 
 
 async def after_commit(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
@@ -46,8 +57,15 @@ def late(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:
     """`count` and `after_commit` for a settlement that committed after its webhook
     was answered 503 (`webhook_settlement.Late`, on the loop, never a duplicate):
     counted now, the store's part in the background (the hold no longer a pending
-    grant, as the redelivery would say, should the edge have given up)."""
+    grant, as the redelivery would say, should the edge have given up).
+
+    Counted ``settled`` in ``llmgw_cp_webhooks_total`` too, once: its request was
+    counted by the answer it got (503, or ``duplicate`` for a batch's event settled
+    again alone) and its redelivery is a ``duplicate``, so without this the settlement
+    the ledger has was never counted ``settled`` at all, nor its lag observed."""
     count(deps, outcome)
+    deps.metrics.webhooks.labels(outcome="settled").inc()
+    observe_lag(deps, event)
     in_background(after_commit(deps, event, outcome), "late-settlement")
 
 

@@ -16,26 +16,34 @@ another mark and counts itself: each settlement is counted once. The sweeper's
 reconciliations (a silent stream settled, an expired hold settled or released) are
 marked and read back the same way (`count_reconciled`): the next pass finds them
 done and counts nothing.
+
+The connection is lost, not the transaction: PostgreSQL may still be running it
+(its statement waiting on a lock, its COMMIT on a synchronous standby or the disk)
+and commit it after a read made at once has found nothing; before, such a
+settlement was never counted. So the read waits, bounded, until the backend that
+ran it (`db.lost_backend`) has ended that transaction, gone or idle, and is tried
+again while the database cannot be reached (`once_over`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import tpm
 from control_plane.audit import SWEEPER_ACTOR, WEBHOOK_ACTOR
 from control_plane.background import in_background
-from control_plane.db import Database
+from control_plane.db import Database, DatabaseTimeout
 from control_plane.metrics import Metrics
 from control_plane.settlement import Outcome
 from control_plane.tables import AuditEvent, Reservation, utcnow
@@ -49,6 +57,12 @@ log = logging.getLogger("control_plane.lost_settlements")
 # this process's clock (`tables.utcnow`), read once the transaction has begun; the
 # margin bounds the read to the company's recent audit events (their index).
 MARGIN = timedelta(minutes=5)
+# How long a read-back waits for the backend that ran a lost write to end it
+# (`once_over`). A role's ``statement_timeout`` (docs/operations.md: 15 s)
+# ends a statement stuck on a lock or a standby well before; past it, read anyway.
+OVER_WAIT = timedelta(seconds=60)
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,16 +79,72 @@ def marked(deliveries: Sequence[Delivery]) -> Attempt:
     return Attempt([dataclasses.replace(d, attempt=mark) for d in deliveries], began)
 
 
-def read_back(db: Database, attempt: Attempt, lates: Sequence[Late | None]) -> None:
+async def once_over(
+    db: Database,
+    backend: int | None,
+    fn: Callable[[Session], T],
+    late: Callable[[T], None] | None = None,
+) -> T:
+    """``fn`` in a transaction once PostgreSQL's `backend`, whose answer was lost
+    (`db.lost_backend`), runs no transaction any more: what it ran has committed or
+    rolled back. At once when the backend is unknown or gone. A database that
+    cannot be reached (the outage that cut the connection often lasts a moment) is
+    tried again (``fn`` must be safe to run twice), as one past its bound is, unless
+    it has a ``late`` (as `Database.transaction`'s: its commit may still come, and
+    is handed to it). All within `OVER_WAIT`: past it ``fn`` runs anyway, or its
+    last failure is raised."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + OVER_WAIT.total_seconds()
+    pause = 0.02
+    told = False
+    waiting = backend is not None
+    while True:
+        try:
+            if waiting and backend is not None:
+                state = await db.transaction(functools.partial(backend_state, pid=backend))
+                # Gone, or idle (its transaction ended): nothing more can commit.
+                waiting = state is not None and state != "idle"
+                if waiting and loop.time() >= deadline:
+                    log.warning("backend %d still in a transaction after %s", backend, OVER_WAIT)
+                    waiting = False
+            if not waiting:
+                return await db.transaction(fn, late=late)
+        except Exception as exc:
+            # ``fn`` past its bound with a `late`: it may still commit, and goes there.
+            if loop.time() >= deadline or (
+                not waiting and late is not None and isinstance(exc, DatabaseTimeout)
+            ):
+                raise
+            if not told:  # once: an outage would log a line a second
+                told = True
+                log.info("database unreachable after a lost answer, trying again: %r", exc)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
+def backend_state(session: Session, pid: int) -> str | None:
+    """`pid`'s ``pg_stat_activity.state``: None when it is gone."""
+    state = session.scalar(
+        text("SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+    )
+    return state if isinstance(state, str) else None
+
+
+def read_back(
+    db: Database, attempt: Attempt, lates: Sequence[Late | None], backend: int | None
+) -> None:
     """In the background: each of `attempt`'s deliveries that its lost commit settled
-    goes to its ``late``; nothing if it rolled back."""
+    goes to its ``late``; nothing if it rolled back. Read once `backend`, which ran
+    it, has ended it (`once_over`)."""
     if any(late is not None for late in lates):
-        in_background(_read_back(db, attempt, list(lates)), "lost-settlement")
+        in_background(_read_back(db, attempt, list(lates), backend), "lost-settlement")
 
 
-async def _read_back(db: Database, attempt: Attempt, lates: list[Late | None]) -> None:
+async def _read_back(
+    db: Database, attempt: Attempt, lates: list[Late | None], backend: int | None
+) -> None:
     try:
-        outcomes = await db.transaction(functools.partial(settled_by, attempt=attempt))
+        outcomes = await once_over(db, backend, functools.partial(settled_by, attempt=attempt))
     except Exception as exc:  # the counters miss it, as they did before
         log.warning("could not read back a settlement whose answer was lost: %r", exc)
         return
@@ -157,32 +227,39 @@ def new_mark() -> tuple[str, datetime]:
     return uuid.uuid4().hex, utcnow()
 
 
-def count_reconciled(
-    db: Database, metrics: Metrics, reservation_id: str, company_id: str, mark: str, began: datetime
-) -> None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """A sweeper's reconciliation of one hold: its mark, when it began, and the
+    backend that ran it, once its answer is lost (`db.lost_backend`)."""
+
+    reservation_id: str
+    company_id: str
+    mark: str
+    began: datetime
+    backend: int | None = None
+
+
+def count_reconciled(db: Database, metrics: Metrics, lost: Reconciliation) -> None:
     """In the background: what the sweeper's reconciliation marked `mark`, whose
     answer was lost, settled or released, counted as a pass counts one answered
     (``llmgw_cp_credits_charged_total`` / ``_released_total``); nothing if it rolled
-    back, and the next pass reconciles (and counts) it then."""
-    in_background(
-        _count_reconciled(db, metrics, reservation_id, company_id, mark, began),
-        "lost-reconciliation",
-    )
+    back, and the next pass reconciles (and counts) it then. Read once its backend
+    has ended it (`once_over`)."""
+    in_background(_count_reconciled(db, metrics, lost), "lost-reconciliation")
 
 
-async def _count_reconciled(
-    db: Database, metrics: Metrics, reservation_id: str, company_id: str, mark: str, began: datetime
-) -> None:
+async def _count_reconciled(db: Database, metrics: Metrics, lost: Reconciliation) -> None:
+    reservation_id, mark = lost.reservation_id, lost.mark
     read = functools.partial(
         marked_amounts,
         actor=SWEEPER_ACTOR,
         mark=mark,
-        began=began,
-        company_ids={company_id},
+        began=lost.began,
+        company_ids={lost.company_id},
         reservation_ids={reservation_id},
     )
     try:
-        amounts = (await db.transaction(read)).get(reservation_id)
+        amounts = (await once_over(db, lost.backend, read)).get(reservation_id)
     except Exception as exc:  # the counters miss it, as they did before
         log.warning("could not read back reconciliation %s whose answer was lost: %r", mark, exc)
         return

@@ -42,7 +42,7 @@ import psycopg
 import sqlalchemy.exc
 
 from control_plane import db_shares, lost_settlements
-from control_plane.db import Database, DatabaseTimeout, outcome_unknown
+from control_plane.db import Database, DatabaseTimeout, lost_backend, outcome_unknown
 from control_plane.errors import AppError, DatabaseUnavailable
 from control_plane.settlement import Outcome
 from control_plane.webhook_settlement import (
@@ -187,7 +187,7 @@ class SettlementBatcher:
                 # Its COMMIT's answer lost: it may have committed, and each event
                 # on its own is then a duplicate. What it settled goes to the
                 # deliveries' `late`s once read back (`lost_settlements`).
-                lost_settlements.read_back(self._db, attempt, lates)
+                lost_settlements.read_back(self._db, attempt, lates, lost_backend(exc))
             # Rolled back as a whole (or committed: its events are duplicates now).
             # Each event on its own.
             log.info("settlement batch of %d rolled back (%r); one by one", len(batch), exc)

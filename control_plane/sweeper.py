@@ -75,7 +75,7 @@ from sqlmodel import col
 from control_plane import budgets, company_webhooks, logout, lost_settlements
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.background import finish, in_background
-from control_plane.db import Database, outcome_unknown
+from control_plane.db import Database, lost_backend, outcome_unknown
 from control_plane.errors import ModelNotInChain
 from control_plane.fallbacks import served_price
 from control_plane.ledger import (
@@ -329,9 +329,10 @@ async def sweep_expired_holds(
                 if outcome_unknown(exc):
                     # It may have committed, its answer lost: every later pass finds
                     # the hold done and counts nothing. Counted if it did.
-                    lost_settlements.count_reconciled(
-                        db, metrics, reservation_id, company_id, attempt, began
+                    lost = lost_settlements.Reconciliation(
+                        reservation_id, company_id, attempt, began, lost_backend(exc)
                     )
+                    lost_settlements.count_reconciled(db, metrics, lost)
                 if failures.stops:
                     break
                 continue
@@ -445,9 +446,10 @@ async def sweep_silent_streams(
                         ),
                         "lost-silent-revocation",
                     )
-                    lost_settlements.count_reconciled(
-                        db, metrics, reservation_id, company_id, attempt, began
+                    lost = lost_settlements.Reconciliation(
+                        reservation_id, company_id, attempt, began, lost_backend(exc)
                     )
+                    lost_settlements.count_reconciled(db, metrics, lost)
                 if failures.stops:
                     break
                 continue

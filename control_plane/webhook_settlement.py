@@ -27,7 +27,7 @@ from sqlmodel import col
 
 from control_plane import chat_sessions, lost_settlements, raw_pg, settle_statements
 from control_plane.audit import WEBHOOK_ACTOR
-from control_plane.db import Database, Unit, outcome_unknown
+from control_plane.db import Database, Unit, lost_backend, outcome_unknown
 from control_plane.errors import (
     AppError,
     Conflict,
@@ -442,7 +442,7 @@ async def settle_delivery(
         if outcome_unknown(exc):
             # It may have committed, its answer lost: the redelivery is then a
             # duplicate, so what it settled goes to `late` once read back.
-            lost_settlements.read_back(db, attempt, [late])
+            lost_settlements.read_back(db, attempt, [late], lost_backend(exc))
         raise
     if isinstance(result, AppError):
         raise result

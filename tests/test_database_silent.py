@@ -201,6 +201,11 @@ def _money_counted(split: SplitStack) -> tuple[float, float]:
     return cp.value("llmgw_cp_credits_charged_total"), cp.value("llmgw_cp_credits_released_total")
 
 
+def _webhooks_settled(split: SplitStack) -> float:
+    cp = scrape(split.client.cp_url)
+    return cp.value("llmgw_cp_webhooks_total", outcome="settled")
+
+
 def _settled_money(
     server: PrivatePostgres, split: SplitStack, reservation_id: str
 ) -> tuple[float, float]:
@@ -244,6 +249,7 @@ def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tp
     held_tokens = int(tokens.get(window) or 0)
     assert held_tokens > 8, held_tokens
     before = _money_counted(split)
+    settled_before = _webhooks_settled(split)
 
     # Another connection holds the reservation's row: the settlement waits on the
     # lock past its bound (503), then commits when the lock goes.
@@ -285,6 +291,8 @@ def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tp
     assert again.json()["data"] == {"duplicate": True}
     assert counted() == (charged, released)
     assert int(tokens.get(window) or 0) == 8
+    # Counted `settled` once, though its answer was a 503 and its retry a duplicate.
+    assert _webhooks_settled(split) - settled_before == 1
     tokens.close()
 
 

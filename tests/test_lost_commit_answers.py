@@ -329,6 +329,7 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
             for e in events
         ]
         before = _money_counters(app)
+        settled_before = _webhook_counts(app)["settled"]
         cut: list[str] = []
         _lose_the_transaction_answer_of(monkeypatch, settlement_batch, "settle_webhooks", cut)
         results = await asyncio.gather(
@@ -360,6 +361,69 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
         def moved() -> dict[str, int]:
             now = _money_counters(app)
             return {k: now[k] - before[k] for k in ("charged", "released")}
+
+        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert moved() == expected
+        # Each settlement counted `settled` once (its request, answered a duplicate
+        # by the settlement alone after the batch, counts that answer).
+        assert _webhook_counts(app)["settled"] - settled_before == 2
+
+
+def _webhook_counts(app: Any) -> dict[str, int]:
+    """The webhooks' outcomes, and how many settlements' lags were observed."""
+    registry = app.state.deps.metrics.registry
+    counts = {
+        outcome: round(
+            registry.get_sample_value("llmgw_cp_webhooks_total", {"outcome": outcome}) or 0.0
+        )
+        for outcome in ("settled", "duplicate", "error")
+    }
+    lags = registry.get_sample_value("llmgw_cp_reconciliation_lag_seconds_count") or 0.0
+    return {**counts, "lags": round(lags)}
+
+
+@pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
+async def test_a_settlement_whose_answer_was_lost_is_counted_settled_once(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, commits: bool
+) -> None:
+    """`llmgw_cp_webhooks_total{outcome="settled"}` counts each settlement the ledger
+    has once, whether its answer reached the route or was lost. Before: a lost
+    answer counted `error` and its retry `duplicate`, and `settled` never moved
+    (measured: settled 0, duplicate 1, error 1 against one charge in the ledger).
+    The 503 the edge heard stays counted (`error`), as the answers are."""
+    async with _served(settings) as (app, client):
+        auth, company_id = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        init = r.json()["data"]
+        event = usage_event(init, company_id, output_tokens=3)
+        body = event.body()
+        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        before = _webhook_counts(app)
+        cut: list[str] = []
+        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 503, r.text
+        monkeypatch.undo()
+        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+
+        def charges(session: Any) -> int:
+            stmt = select(col(LedgerEntry.id)).where(
+                col(LedgerEntry.reservation_id) == init["reservation_id"],
+                col(LedgerEntry.kind) == "charge",
+            )
+            return len(session.scalars(stmt).all())
+
+        assert await app.state.deps.db.transaction(charges) == 1
+        # Its lag observed once too: one per settlement, as `settled`.
+        expected = {"settled": 1, "duplicate": 1 if commits else 0, "error": 1, "lags": 1}
+
+        def moved() -> dict[str, int]:
+            now = _webhook_counts(app)
+            return {k: now[k] - before[k] for k in now}
 
         await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
         for _ in range(20):

@@ -21,8 +21,7 @@ from control_plane.errors import (
 )
 from control_plane.middleware import request_id
 from control_plane.responses import ok
-from control_plane.tables import utcnow
-from control_plane.usage_events import parse_time, parse_usage_event
+from control_plane.usage_events import parse_usage_event
 from control_plane.validation import parse_json_object
 from control_plane.webhook_settlement import Delivery, settle_delivery
 from shared.pricing import format_credits
@@ -87,10 +86,7 @@ async def usage_webhook(request: Request) -> Response:
         await finish(late_settlements.after_commit(deps, event, result), "settled-webhook")
         if result.duplicate:
             return ok({"duplicate": True})
-        ended = parse_time(event.ended_at) if event.ended_at else None
-        if ended is not None:
-            lag = (utcnow() - ended).total_seconds()
-            deps.metrics.reconciliation_lag.observe(max(lag, 0.0))
+        late_settlements.observe_lag(deps, event)
         return ok({"settled": True, "charged": format_credits(result.charged_micro)})
     except AppError as exc:
         outcome = exc.code
