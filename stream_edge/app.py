@@ -185,9 +185,10 @@ def create_app(
         # Webhooks go through the lean client too: one POST per stream is hot-path
         # work; the rare JWKS fetch keeps httpx.
         webhook_client = transport or Http1Client(connect_timeout=5.0, read_timeout=10.0)
-        # The outbox's due times and leases meet the other edges' in the store: read
-        # on its clock (Redis's `TIME` every 15 s, run on on this host's monotonic
-        # clock), as the control plane reads its rate windows.
+        # Times this edge writes in the store and other edges judge (the outbox's due
+        # times and leases, a stream's end) are read on the store's clock: Redis's
+        # `TIME` every 15 s, run on on this host's monotonic clock, as the control
+        # plane names its rate windows; no round trip on the hot path.
         store_clock = StoreClock(wall=clock)
         outbox = Outbox(
             active_store,
@@ -215,6 +216,7 @@ def create_app(
             retry=RetryPolicy(retries=settings.upstream_retries),
             route_cipher=route_cipher,
             control_plane=ControlPlaneLink.of(settings, transport),
+            store_clock=store_clock.now,
         )
         app.state.edge = state
         app.state.store_clock = store_clock
