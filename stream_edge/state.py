@@ -55,7 +55,7 @@ class EdgeState:
     control_plane: ControlPlaneLink | None = None
     # The store's clock (`shared.store_clock.StoreClock.now`): for the times one edge
     # writes in the store and another compares with its own (a stream's end, which a
-    # reconnect to any edge is judged by).
+    # reconnect to any edge is judged by; a provider key's rest; a checkpoint's date).
     store_clock: Callable[[], float] = time.time
     draining: bool = False
     # Streams being served (streaming.Streamed), so a shutdown can end them.
