@@ -167,7 +167,7 @@ async def test_the_edge_app_claims_on_the_stores_clock(
         pending = app.state.edge.metrics.registry.get_sample_value
 
         def first_pass_done() -> bool:  # its gauge is set at the end of each pass
-            return pending("llmgw_edge_outbox_pending") == 1
+            return bool(pending("llmgw_edge_outbox_pending") == 1)
 
         await eventually(first_pass_done, "the deliverer's first pass")
         assert await app.state.edge.outbox.deliver_due() == 0
