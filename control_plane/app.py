@@ -186,7 +186,7 @@ def create_app(
             app.state.store_clock = store_clock
             app.state.metrics = metrics
             sweeper = asyncio.create_task(
-                run_sweeper(db, active_store, metrics, settings),
+                run_sweeper(db, active_store, metrics, settings, store_clock.now),
                 name="hold-sweeper",
             )
             # Companies' own events (budget.threshold), off the request path.

@@ -63,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -249,6 +250,7 @@ async def sweep_expired_holds(
     now: datetime | None = None,
     watch: SilenceWatch | None = None,
     reports: ReportsWait | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> SweepResult:
     """Reconcile every active reservation whose deadline is before `now`. One that
     fails is skipped and the pass goes on; the pass then raises its first failure
@@ -341,7 +343,7 @@ async def sweep_expired_holds(
             metrics.settled(done.charged_micro, done.released_micro)
             if done.action == "settled":
                 settled += 1
-                _observe_lag(metrics, checkpoint)
+                _observe_lag(metrics, checkpoint, clock())
             else:
                 released += 1
         if len(page) < BATCH or failures.stops:
@@ -368,11 +370,13 @@ async def sweep_expired_holds(
     return SweepResult(settled, released)
 
 
-def _observe_lag(metrics: Metrics, checkpoint: UsageCheckpoint | None) -> None:
+def _observe_lag(metrics: Metrics, checkpoint: UsageCheckpoint | None, now: float) -> None:
+    """`now` on the store's clock, which the edges date their checkpoints by: on the
+    hosts' clocks, an edge 10 minutes behind made every settlement of its streams look
+    10 minutes late (LLMGWReconciliationLagHigh), and one ahead hid the real lag."""
     last = parse_time(checkpoint.updated_at) if checkpoint else None
     if last is not None:
-        lag = (utcnow() - last).total_seconds()
-        metrics.reconciliation_lag.observe(max(lag, 0.0))
+        metrics.reconciliation_lag.observe(max(now - last.timestamp(), 0.0))
 
 
 async def sweep_silent_streams(
@@ -382,6 +386,7 @@ async def sweep_silent_streams(
     watch: SilenceWatch,
     *,
     revoke_ttl: float,
+    clock: Callable[[], float] = time.time,
 ) -> SweepResult:
     """Settle every running stream whose checkpoint `watch` finds silent, revoke its
     token so that an edge that was only stalled stops relaying, and give its stream
@@ -457,7 +462,7 @@ async def sweep_silent_streams(
                 continue
             settled += 1
             metrics.settled(done.charged_micro, done.released_micro)
-            _observe_lag(metrics, checkpoint)
+            _observe_lag(metrics, checkpoint, clock())
             # Runs to its end even if the sweeper is stopped meanwhile (a deploy's
             # SIGTERM): the settlement has committed, and unrevoked, an edge that was
             # only cut off relays on unbilled. The lifespan waits for it
@@ -570,16 +575,20 @@ async def sweep_budget_periods(db: Database, *, now: datetime | None = None) -> 
 
 
 async def run_sweeper(
-    db: Database, store: SweepStore, metrics: Metrics, settings: ControlPlaneSettings
+    db: Database,
+    store: SweepStore,
+    metrics: Metrics,
+    settings: ControlPlaneSettings,
+    clock: Callable[[], float] = time.time,
 ) -> None:
     """Sweep every ``LLMGW_SWEEP_INTERVAL_SECONDS`` until cancelled (the app's
-    lifespan owns it)."""
+    lifespan owns it). `clock`: the store's (`Deps.clock`)."""
     interval = settings.sweep_interval_seconds
     watch = SilenceWatch(silent_after(settings.resume_grace_seconds))
     reports = ReportsWait()
     while True:
         await asyncio.sleep(interval)
-        await sweep_round(db, store, metrics, settings, watch, reports=reports)
+        await sweep_round(db, store, metrics, settings, watch, reports=reports, clock=clock)
 
 
 async def sweep_round(
@@ -591,18 +600,24 @@ async def sweep_round(
     *,
     now: datetime | None = None,
     reports: ReportsWait | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> None:
     """One round of `run_sweeper`: every pass, `now` (None: this process's clock)
-    for those that read the wall clock; `reports`: `sweep_expired_holds`'."""
+    for those that read the wall clock; `reports`: `sweep_expired_holds`'; `clock`:
+    the store's, which the edges date their checkpoints by."""
     interval = settings.sweep_interval_seconds
     # Separately: one pass failing (a database blip) must not starve the others.
     # The silent streams first: the hold pass leaves to it those it sees running.
     try:
-        await sweep_silent_streams(db, store, metrics, watch, revoke_ttl=revocation_ttl(settings))
+        await sweep_silent_streams(
+            db, store, metrics, watch, revoke_ttl=revocation_ttl(settings), clock=clock
+        )
     except Exception:
         log.exception("silent-stream sweep failed; retrying in %.1f s", interval)
     try:
-        await sweep_expired_holds(db, store, metrics, now=now, watch=watch, reports=reports)
+        await sweep_expired_holds(
+            db, store, metrics, now=now, watch=watch, reports=reports, clock=clock
+        )
     except Exception:
         log.exception("hold sweep failed; retrying in %.1f s", interval)
     try:

@@ -21,6 +21,7 @@ from shared.request_id import RequestIdMiddleware
 from shared.retry import Backoff
 from shared.route_claim import route_ciphers_from_keys
 from shared.store import Store
+from shared.store_clock import StoreClock
 from shared.store_factory import open_store
 from shared.store_redis import STORE_ERRORS, RedisStore, ReplicaAckMissing
 from stream_edge import eventsource, key_callers, routes
@@ -138,6 +139,14 @@ async def warn_missing_replicas(store: RedisStore, wanted: int) -> None:
         )
 
 
+async def deliver_on_store_clock(outbox: Outbox, clock: StoreClock, store: Store) -> None:
+    """The outbox's deliverer loop, from a first reading of the store's clock on: on
+    this host's, an edge minutes ahead would claim at its start the reports other
+    edges hold leased."""
+    await clock.sync(store)
+    await outbox.run()
+
+
 def create_app(
     settings: EdgeSettings,
     store: Store | None = None,
@@ -149,8 +158,9 @@ def create_app(
     """`transport`: what the edge sends its backend requests, usage webhooks and
     control-plane calls through, owned by the caller (tests: one routing each origin
     to an app in-process); by default its own lean clients. `jwks_transport`: the
-    same for the JWKS fetch, which goes through httpx. `clock`: the wall clock the
-    usage webhooks' signatures are dated by (tests skew it)."""
+    same for the JWKS fetch, which goes through httpx. `clock`: this host's wall clock
+    (tests skew it): the usage webhooks' signatures are dated by it, and the store's
+    clock starts from it until its first reading."""
     # The `upr` claim's keys (DESIGN §11): refuse to start without them.
     route_cipher = route_ciphers_from_keys(settings.route_cipher_keys())
 
@@ -175,6 +185,11 @@ def create_app(
         # Webhooks go through the lean client too: one POST per stream is hot-path
         # work; the rare JWKS fetch keeps httpx.
         webhook_client = transport or Http1Client(connect_timeout=5.0, read_timeout=10.0)
+        # Times this edge writes in the store and other edges judge (the outbox's due
+        # times and leases, a stream's end) are read on the store's clock: Redis's
+        # `TIME` every 15 s, run on on this host's monotonic clock, as the control
+        # plane names its rate windows; no round trip on the hot path.
+        store_clock = StoreClock(wall=clock)
         outbox = Outbox(
             active_store,
             webhook_client,
@@ -187,6 +202,7 @@ def create_app(
             spool=Spool(spool_directory(settings)),
             linger=settings.webhook_linger_seconds,
             clock=clock,
+            store_clock=store_clock.now,
         )
         state = EdgeState(
             settings,
@@ -200,17 +216,22 @@ def create_app(
             retry=RetryPolicy(retries=settings.upstream_retries),
             route_cipher=route_cipher,
             control_plane=ControlPlaneLink.of(settings, transport),
+            store_clock=store_clock.now,
         )
         app.state.edge = state
+        app.state.store_clock = store_clock
         app.state.on_sigterm = lambda: drain(state)
-        deliverer = asyncio.create_task(outbox.run(), name="usage-outbox")
+        clock_reads = asyncio.create_task(store_clock.run(active_store), name="store-clock")
+        deliverer = asyncio.create_task(
+            deliver_on_store_clock(outbox, store_clock, active_store), name="usage-outbox"
+        )
         revocations = asyncio.create_task(watch_revocations(state), name="revocations")
         try:
             yield
         finally:
             state.draining = True
             await reports_stored(state, REPORTS_WAIT_SECONDS)
-            for task in (deliverer, revocations):
+            for task in (deliverer, revocations, clock_reads):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shared.checkpoints import (
@@ -47,9 +49,14 @@ class Checkpointer:
         ttl_seconds: float,
         every_seconds: float = CHECKPOINT_EVERY_SECONDS,
         model: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        """`model`: the fallback that serves, when not the grant's (issue 16.2)."""
+        """`model`: the fallback that serves, when not the grant's (issue 16.2).
+        `clock`: what `updated_at` is read on, the store's (`EdgeState.store_clock`):
+        the control plane times the settlement of a dead edge's stream from it, and
+        this host's clock may be minutes off its own."""
         self._model = model
+        self._clock = clock
         self._store = store
         self._grant = grant
         self._meter = meter
@@ -124,7 +131,7 @@ class Checkpointer:
             reservation_id=self._grant.reservation_id,
             input_tokens=billing.input_tokens,
             output_tokens=billing.output_tokens,
-            updated_at=iso_utc(datetime.now(UTC)),
+            updated_at=iso_utc(datetime.fromtimestamp(self._clock(), UTC)),
             beat=self._beat,
             ended=ended,
             model=self._model,

@@ -187,7 +187,9 @@ async def _close_log(state: EdgeState, grant: StreamGrant, log: ResumeLog) -> No
         try:
             await log.close()
             # The end's time: reconnects are refused once the grace after it is over.
-            ended_at = repr(time.time()).encode()
+            # On the store's clock: the reconnect may come to an edge whose host's
+            # clock is minutes off this one's.
+            ended_at = repr(state.store_clock()).encode()
             await state.store.set(done_key(grant.jti), ended_at, _log_ttl(state, grant))
         except Exception as exc:  # the store is down: followers give up when idle
             logger.warning("could not close the resume log: %s", type(exc).__name__)
@@ -201,7 +203,7 @@ async def _resume(state: EdgeState, grant: StreamGrant, after: int) -> Response:
         # or an empty follow that would pass for the end of the answer.
         raise Gone(gap_message(kept), code=GAP_CODE)
     if done is not None:
-        if not within_grace(done, time.time(), state.settings.resume_grace_seconds):
+        if not within_grace(done, state.store_clock(), state.settings.resume_grace_seconds):
             return Response(status_code=204)  # ended long ago: EventSource stops here
         # Counted, not read: a flood of reconnects must not each load an event.
         if await state.store.log_length(events_key(grant.jti)) <= after:

@@ -65,6 +65,7 @@ class StreamJob:
             ttl_seconds=max(0, grant.expires_at - time.time())
             + state.settings.hold_grace_seconds
             + KEPT_PAST_DEADLINE_SECONDS,
+            clock=state.store_clock,
         )
         # Why the answer was stopped before it was served (`_while_client_stays`):
         # `client_gone`, `revoked`; None: it was not (or the server cancelled it).

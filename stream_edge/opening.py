@@ -123,4 +123,6 @@ class Opener:
             self._state.metrics,
             self.backend.provider_label,
             self._grant.company_id,
+            # The keys' rests and bad marks are times other edges judge: the store's.
+            clock=self._state.store_clock,
         )

@@ -47,7 +47,7 @@ from typing import Any
 import orjson
 
 from shared.retry import Backoff, parse_retry_after
-from shared.store import OutboxStore, SlotRelease
+from shared.store import OutboxStore, SlotRelease, Store
 from shared.webhooks import UsageEvent, sign
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.spool import Spool
@@ -101,9 +101,16 @@ class Outbox:
         spool: Spool | None = None,
         linger: float = 0.05,
         clock: Callable[[], float] = time.time,
+        store_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        # The store's clock (`shared.store_clock.StoreClock.now`, the edge's lifespan
+        # passes it): due times and leases meet other edges' in the one sorted set,
+        # so all are read on it. On this host's clock, an edge 10 minutes ahead
+        # claimed the others' leased reports while they posted them, and one behind
+        # left a dead edge's reports waiting 10 minutes more.
+        self._now = store_clock
         # The wall clock a signature's timestamp is read from (tests skew it), and
         # how far the control plane's is from it, once it told us (`_send`).
         self._clock = clock
@@ -146,7 +153,7 @@ class Outbox:
         trip), then deliver it in the background."""
         item = {"id": event.webhook_id, "body": event.body().decode(), "attempt": 0}
         raw = orjson.dumps(item)
-        leased_until = time.time() + self._lease
+        leased_until = self._now() + self._lease
         await self._store.outbox_put(event.webhook_id, raw, leased_until, release)
         self._metrics.outbox_pending.inc()
         if len(self._in_flight) + len(self._waiting) >= MAX_DIRECT_QUEUE:
@@ -216,7 +223,7 @@ class Outbox:
                 if parsed is None:
                     continue
                 item, release = parsed
-                await self._store.outbox_put(item["id"], orjson.dumps(item), time.time(), release)
+                await self._store.outbox_put(item["id"], orjson.dumps(item), self._now(), release)
                 self._metrics.outbox_pending.inc()
                 moved += 1
             await asyncio.to_thread(spool.remove, path)
@@ -250,7 +257,7 @@ class Outbox:
     async def _deliver_now(self, item: dict[str, Any], raw: bytes, leased_until: float) -> None:
         try:
             async with self._direct:
-                if time.time() > leased_until - LEASE_MARGIN:
+                if self._now() > leased_until - LEASE_MARGIN:
                     # Waited its turn past the lease: the deliverer loop may have claimed
                     # it, and two posts of one report would double the load on a
                     # control plane that is already slow.
@@ -273,7 +280,7 @@ class Outbox:
                 await asyncio.sleep(poll_seconds)
 
     async def deliver_due(self, limit: int = 50) -> int:
-        ids = await self._store.outbox_claim(time.time(), self._lease, limit)
+        ids = await self._store.outbox_claim(self._now(), self._lease, limit)
         if not ids:
             return 0
         await asyncio.gather(*(self._deliver(item_id) for item_id in ids))
@@ -398,7 +405,7 @@ class Outbox:
                 self._outage_seen = self._outage_seen or self._failed_in_a_row >= OUTAGE_AFTER
             item["attempt"] += 1
             delay = self._backoff.delay(item["attempt"], retry_after)
-            await self._store.outbox_reschedule(item_id, orjson.dumps(item), time.time() + delay)
+            await self._store.outbox_reschedule(item_id, orjson.dumps(item), self._now() + delay)
 
     async def _expedite(self) -> None:
         """A post passed after the receiver was unavailable: the reports that backed
@@ -413,7 +420,7 @@ class Outbox:
             return
         self._outage_seen, self._expedited_at = False, now
         try:
-            moved = await self._store.outbox_expedite(time.time())
+            moved = await self._store.outbox_expedite(self._now())
         except Exception as exc:  # the store is down: the next passing post tries again
             self._outage_seen = True
             log.warning("could not bring the outbox's backlog forward: %s", type(exc).__name__)
@@ -451,13 +458,14 @@ def _spooled(line: bytes, file: str) -> tuple[dict[str, Any], SlotRelease | None
     return item, release
 
 
-async def replay_dead_letter(store: OutboxStore, item_id: str) -> bool:
+async def replay_dead_letter(store: Store, item_id: str) -> bool:
     """Move a dead letter back into the outbox, due now (an operator's decision, e.g.
-    after fixing what made the control plane refuse it). Any edge delivers it."""
+    after fixing what made the control plane refuse it). Any edge delivers it. Now on
+    the store's clock: the operator's host may be minutes off the edges'."""
     raw = await store.dead_letter_take(item_id)
     if raw is None:
         return False
     item = orjson.loads(raw)
     item["attempt"] = 0
-    await store.outbox_put(item_id, orjson.dumps(item), time.time())
+    await store.outbox_put(item_id, orjson.dumps(item), await store.server_time())
     return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -51,6 +53,10 @@ class EdgeState:
     # Signed calls to the control plane for API-key callers (key_callers.py); None:
     # LLMGW_EDGE_SERVICE_SECRET is unset and `sk_…` keys are refused.
     control_plane: ControlPlaneLink | None = None
+    # The store's clock (`shared.store_clock.StoreClock.now`): for the times one edge
+    # writes in the store and another compares with its own (a stream's end, which a
+    # reconnect to any edge is judged by; a provider key's rest; a checkpoint's date).
+    store_clock: Callable[[], float] = time.time
     draining: bool = False
     # Streams being served (streaming.Streamed), so a shutdown can end them.
     active: set[RunningStream] = field(default_factory=set)

@@ -200,3 +200,42 @@ async def test_a_hold_past_its_deadline_whose_checkpoint_never_changed_is_settle
         await sweep_round(deps.db, deps.store, deps.metrics, deps.settings, watch, now=later)
         record = await gw.wait_usage(access, grant["reservation_id"])
         assert (record["status"], record["output_tokens"]) == ("failed", 12)
+
+
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["ahead", "behind"])
+async def test_a_silent_streams_reconciliation_lag_is_not_the_edges_clock_offset(
+    migrated_pg_url: str, skew: float
+) -> None:
+    """`llmgw_cp_reconciliation_lag_seconds` (LLMGWReconciliationLagHigh: p95 over a
+    minute) counts from a silent stream's last checkpoint to its settlement; the
+    checkpoint is dated by the edge, the settlement by the control plane."""
+    env = {**base_env(migrated_pg_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
+    async with Gateway(env) as gw:
+        app = await gw.add_edge("skewed", clock=lambda: time.time() + skew)
+        assert await app.state.store_clock.sync(gw.store)
+        deps = gw.cp.state.deps
+        access = await gw.new_user("5")
+        grant = await gw.init_ok(access, {"query": "long [[mock tokens=400 delay_ms=50]]"})
+        async with opened(await gw.get(grant["stream_url"], edge="skewed")) as response:
+            assert len(await events(response, stop_after=5)) == 5
+            key = checkpoint_key(grant["reservation_id"])
+            await eventually(lambda: gw.store.get(key), "the stream's checkpoint")
+            # The edge's next heartbeat is up to 2 s away; the watch's clock jumps past
+            # the silence limit between two rounds (`test_credits_sweeper.py`).
+            moments = [0.0]
+            watch = SilenceWatch(
+                silent_after(deps.settings.resume_grace_seconds), lambda: moments[0]
+            )
+            lag = deps.metrics.registry.get_sample_value
+            args = (deps.db, deps.store, deps.metrics, deps.settings, watch)
+            for _ in range(10):
+                await sweep_round(*args, clock=deps.clock)
+                moments[0] += watch.silent_after
+                await sweep_round(*args, clock=deps.clock)
+                if lag("llmgw_cp_reconciliation_lag_seconds_count"):
+                    break
+            assert lag("llmgw_cp_reconciliation_lag_seconds_count") == 1
+            await events(response)  # revoked: the stream ends
+        # Seconds since the edge's last write, not its host's offset (or none of it).
+        observed = lag("llmgw_cp_reconciliation_lag_seconds_sum")
+        assert observed is not None and 0 < observed < 30, observed

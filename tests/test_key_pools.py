@@ -31,6 +31,7 @@ from shared.key_pool import (
     parse_state,
     state_key,
 )
+from shared.store_clock import StoreClock
 from shared.store_memory import MemoryStore
 from stream_edge.breaker import CircuitBreaker
 from stream_edge.errors import (
@@ -415,6 +416,46 @@ async def test_one_companys_429s_never_rest_another_companys_keys(store: MemoryS
     await open_via(pool(store, ("shared", "other"), clock, b), fine)
     await open_via(pool(store, ("shared", "other"), clock, PLATFORM), fine)
     assert len(fine.sent) == 2  # both asked at once, neither resting
+
+
+SKEW = 600.0
+
+
+async def edge_on_store_clock(store: MemoryStore, real: Clock, skew: float) -> KeyPool:
+    """A company's pool of keys k1, k2 on an edge whose host's clock is `skew` off
+    `real`, timed as `opening.py` times it: on the store's clock."""
+    clock = StoreClock(monotonic=real, wall=lambda: real() + skew)
+    assert await clock.sync(store)
+    scope = company_scope("company-a")
+    return KeyPool(store, scope, "openai", ("k1", "k2"), EdgeMetrics(), "o", "company-a", clock.now)
+
+
+async def test_an_edge_whose_clock_is_behind_takes_keys_back_when_their_rest_ends() -> None:
+    """Another edge met a 429 (Retry-After 30 s) on each key, which rested them."""
+    real = Clock()
+    store = MemoryStore(wall=real)  # the store's clock is the real one
+    with pytest.raises(TooManyRequests):
+        await open_via(await edge_on_store_clock(store, real, 0), Backend(k1=429, k2=429))
+    behind = await edge_on_store_clock(store, real, -SKEW)
+    real.now += 31  # the rest is over
+    backend = Backend()
+    assert (await open_via(behind, backend)).status_code == 200
+    assert len(backend.sent) == 1
+
+
+async def test_an_edge_whose_clock_runs_ahead_leaves_resting_keys_alone() -> None:
+    real = Clock()
+    store = MemoryStore(wall=real)
+    limited = Backend(k1=429, k2=429)
+    with pytest.raises(TooManyRequests):
+        await open_via(await edge_on_store_clock(store, real, 0), limited)
+    ahead = await edge_on_store_clock(store, real, +SKEW)
+    real.now += 5  # 25 s of the rest left
+    limited.sent.clear()
+    with pytest.raises(TooManyRequests) as caught:
+        await open_via(ahead, limited)
+    assert limited.sent == []  # the vendor is not asked again meanwhile
+    assert 24 <= caught.value.retry_after <= 25
 
 
 def openai_429(message: str, type_: str = "tokens", code: str = "rate_limit_exceeded") -> bytes:
