@@ -31,6 +31,7 @@ from control_plane.errors import AppError, Conflict
 from control_plane.migrate import upgrade
 from control_plane.tables import utcnow
 from shared.webhooks import UsageEvent
+from tests.ledger_db import migrated_sessions
 from tests.test_init_writes import LIMITS, Tenant
 
 HOLD = 1_000
@@ -89,12 +90,8 @@ def _settle(tenant: Tenant, delivery: webhook_settlement.Delivery) -> settlement
 
 @pytest.fixture
 def tenant(migrated_pg_url: str) -> Iterator[Tenant]:
-    upgrade(migrated_pg_url)
-    engine = create_sync_engine(migrated_pg_url)
-    try:
-        yield Tenant(sessionmaker(engine, expire_on_commit=False))
-    finally:
-        engine.dispose()
+    with migrated_sessions(migrated_pg_url) as sessions:
+        yield Tenant(sessions)
 
 
 @pytest.mark.parametrize("content", [None, "Hello there!"])
