@@ -32,9 +32,9 @@ from control_plane.tables import (
     utcnow,
 )
 from tests.ledger_db import migrated_sessions
+from tests.lone_webhooks import usage_delivery
 from tests.test_budget_thresholds_batch import INPUT_TOKENS, Budgeted
 from tests.test_init_writes import Tenant
-from tests.test_settle_raw import usage_delivery
 
 # The newest period start that may be pruned at `now`: the longest period ended
 # the retention before.

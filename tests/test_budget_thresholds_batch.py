@@ -21,8 +21,8 @@ from control_plane.ledger import charge_for, reservation_price
 from control_plane.tables import Budget, BudgetEvent, BudgetPeriod, CompanyWebhook, new_id, utcnow
 from shared.pricing import format_credits
 from tests.ledger_db import migrated_sessions
+from tests.lone_webhooks import usage_delivery
 from tests.test_init_writes import Tenant
-from tests.test_settle_raw import usage_delivery
 
 AMOUNT = 5_000  # the budget: 80 % is 4,000, 100 % is 5,000
 INPUT_TOKENS = 200
