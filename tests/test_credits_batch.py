@@ -6,9 +6,7 @@ PostgreSQL + Redis, one app per module."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -18,7 +16,6 @@ import pytest
 from sqlalchemy import select, text
 from sqlmodel import col
 
-from control_plane.app import create_app
 from control_plane.books import check_books
 from control_plane.db import Database, DatabaseTimeout
 from control_plane.errors import (
@@ -33,8 +30,10 @@ from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.webhook_settlement import Delivery
 from shared.webhooks import sign
+from tests.asgi_cp import new_owner as _owner
+from tests.asgi_cp import served as _served
 from tests.inproc import eventually
-from tests.test_control_plane import ADMIN_TOKEN, _settings, pg_settings, usage_event
+from tests.test_control_plane import _settings, pg_settings, usage_event
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -63,34 +62,6 @@ class Counting:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
-
-
-async def _owner(client: httpx.AsyncClient) -> tuple[dict[str, str], str]:
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    r = await client.post(
-        "/v1/admin/companies",
-        json={"name": f"b-{uuid.uuid4().hex[:8]}", "credits": "10"},
-        headers=admin,
-    )
-    company_id = r.json()["data"]["id"]
-    r = await client.post(
-        "/v1/admin/users",
-        json={"company_id": company_id, "email": f"{company_id}@example.com", "role": "owner"},
-        headers=admin,
-    )
-    r = await client.post(
-        "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=admin
-    )
-    return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
-
-
-@contextlib.asynccontextmanager
-async def _served(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
-            yield app, client
 
 
 @pytest.fixture
