@@ -26,7 +26,7 @@ from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.meter import TRANSCRIPT_CHARS, TRANSCRIPT_PIECES, Meter
 from stream_edge.upstream.base import Delta, ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
-from tests.hostile_catalog import hostile_backend_stack, openai_ending, sse_frame
+from tests.hostile_catalog import bulky_backend, hostile_backend_stack, openai_ending, sse_frame
 from tests.stack import InProcessStack
 from tests.test_usage_report_size import _grant
 
@@ -35,16 +35,7 @@ BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
 MB = 1_000_000
 
 
-async def _chat(request: Request) -> Response:
-    """An OpenAI-compatible backend streaming `BIG_DELTAS` deltas of 1 MB each."""
-
-    async def frames() -> AsyncIterator[bytes]:
-        for _ in range(BIG_DELTAS):
-            yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        for frame in openai_ending("stop", 10, 500):
-            yield frame
-
-    return StreamingResponse(frames(), media_type="text/event-stream")
+_chat = bulky_backend(BIG_DELTAS, BIG)  # `BIG_DELTAS` deltas of 1 MB each
 
 
 @pytest.fixture(scope="module")
