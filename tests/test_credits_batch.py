@@ -64,6 +64,23 @@ class Counting:
         return getattr(self.db, name)
 
 
+async def _company_rows(
+    app: Any, company_id: str
+) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
+    """The company's reservations by id, its ledger entries, and `check_books`' problems."""
+
+    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
+        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
+        entries = session.scalars(
+            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
+        )
+        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
+
+    rows: tuple[dict[str, Reservation], list[LedgerEntry], list[str]]
+    rows = await app.state.db.transaction(read)
+    return rows
+
+
 @pytest.fixture
 async def app_client(settings_env: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     async with _served(settings_env) as served:
@@ -127,15 +144,7 @@ async def test_duplicates_inside_one_batch_charge_once(
     assert isinstance(mixed[1], ReservationNotFound)
     assert isinstance(mixed[2], Outcome) and mixed[2].duplicate
     assert isinstance(mixed[3], Outcome) and not mixed[3].duplicate
-
-    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
-        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
-        entries = session.scalars(
-            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
-        )
-        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
-
-    reservations, entries, problems = await app.state.db.transaction(read)
+    reservations, entries, problems = await _company_rows(app, company_id)
     assert problems == []
     for init, event in ((a, ea), (b, eb), (c, ec), (d, ed)):
         row = reservations[init["reservation_id"]]
@@ -227,15 +236,7 @@ async def test_a_batch_mixing_duplicates_and_refusals_is_one_transaction(
         False,
         ModelNotInChain,
     ]
-
-    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
-        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
-        entries = session.scalars(
-            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
-        )
-        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
-
-    reservations, entries, problems = await app.state.db.transaction(read)
+    reservations, entries, problems = await _company_rows(app, company_id)
     assert problems == []
     for init in (a, b, c, e):
         row = reservations[init["reservation_id"]]
