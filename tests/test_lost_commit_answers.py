@@ -166,6 +166,19 @@ def _money_counters(app: Any) -> dict[str, int]:
     }
 
 
+async def _counted_once(app: Any, before: dict[str, int], expected: dict[str, int]) -> None:
+    """The money counters moved by `expected` since `before`, and nothing more comes of it."""
+
+    def moved() -> dict[str, int]:
+        now = _money_counters(app)
+        return {k: now[k] - before[k] for k in ("charged", "released")}
+
+    await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert moved() == expected
+
+
 @pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
 async def test_a_settlement_whose_answer_was_lost_is_counted_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch, commits: bool
@@ -206,16 +219,7 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_once(
 
         ledger = await app.state.deps.db.transaction(amounts)
         expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - before[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
-        # Once: nothing more comes of it.
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-        assert moved() == expected
+        await _counted_once(app, before, expected)
 
 
 async def test_a_batch_whose_answer_was_lost_is_counted_once(
@@ -268,12 +272,4 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
         ledger = await deps.db.transaction(amounts)
         expected = {"charged": -ledger["charge"], "released": ledger["release"]}
         assert expected["charged"] > 0
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - before[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-        assert moved() == expected
+        await _counted_once(app, before, expected)
