@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 
 from control_plane.app import create_app
-from tests.test_control_plane import ADMIN_TOKEN
+from tests.test_control_plane import ADMIN_TOKEN, pg_settings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -24,6 +25,16 @@ async def served(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
             yield app, client
+
+
+@pytest.fixture
+async def pg_app_client(pg_server: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """A control plane on a fresh PostgreSQL database (for a row lock another
+    connection holds) and Redis prefix, served in the test's loop, and its client.
+    A fixture: import it by name."""
+    with pg_settings(pg_server) as settings:
+        async with served(settings) as app_and_client:
+            yield app_and_client
 
 
 async def new_owner(client: httpx.AsyncClient, credits: str = "10") -> tuple[dict[str, str], str]:

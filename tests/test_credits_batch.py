@@ -31,9 +31,12 @@ from control_plane.tables import LedgerEntry, Reservation
 from control_plane.webhook_settlement import Delivery
 from shared.webhooks import sign
 from tests.asgi_cp import new_owner as _owner
+from tests.asgi_cp import pg_app_client
 from tests.asgi_cp import served as _served
 from tests.inproc import eventually
 from tests.test_control_plane import _settings, pg_settings, usage_event
+
+__all__ = ["pg_app_client"]  # the fixture, used by name
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -85,14 +88,6 @@ async def _company_rows(
 async def app_client(settings_env: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     async with _served(settings_env) as served:
         yield served
-
-
-@pytest.fixture
-async def pg_app_client(pg_server: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """`app_client` on PostgreSQL only: for a row lock another connection holds."""
-    with pg_settings(pg_server) as settings:
-        async with _served(settings) as served:
-            yield served
 
 
 async def _inits(
