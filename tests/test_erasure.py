@@ -18,6 +18,7 @@ from shared.sse import ServerSentEvent, SSEDecoder
 from shared.stash import stash_key
 from shared.store_memory import MemoryStore
 from tests.conftest import REDIS_URL
+from tests.midstream import events_acting_midway
 from tests.session_races import turn_and_delete_queued
 from tests.stack import InProcessStack, base_env, postgres_env
 from tests.test_control_plane import CP, data_of
@@ -74,18 +75,12 @@ def test_a_deleted_sessions_streams_end_and_nothing_replays_or_starts_them(
     stashed = stack.settings.redis_prefix + stash_key(company_id, _jti(unused))
     try:
         assert store.exists(stashed)
-        decoder = SSEDecoder()
-        events: list[ServerSentEvent] = []
-        deleted_at = None
-        with httpx.stream("GET", running["stream_url"], timeout=10) as r:
-            assert r.status_code == 200
-            for raw in r.iter_raw():
-                events.extend(decoder.feed(raw))
-                if deleted_at is None and sum(e.event == "chunk" for e in events) >= 5:
-                    answer = c.as_user(owner, "DELETE", f"/v1/sessions/{session_id}")
-                    assert answer.status_code == 204, answer.text
-                    deleted_at = len(events)
-        assert deleted_at is not None
+
+        def delete_the_session() -> None:
+            answer = c.as_user(owner, "DELETE", f"/v1/sessions/{session_id}")
+            assert answer.status_code == 204, answer.text
+
+        events, deleted_at = events_acting_midway(running["stream_url"], delete_the_session)
         chunks = sum(e.event == "chunk" for e in events)
         assert events[-1].event == "error", f"ran on to its end: {chunks} chunks"
         assert json.loads(events[-1].data)["code"] == "revoked"
