@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -46,16 +45,17 @@ from shared.service_calls import (
 )
 from shared.store import SlotRelease
 from shared.tokens import StreamGrant
-from shared.webhooks import UsageEvent, iso_utc
 from stream_edge.admission import bearer, edge_state, verified_grant
 from stream_edge.cancellation import despite_cancellation
 from stream_edge.errors import BadRequest, EdgeError, InitRefused, ServiceUnavailable, Unauthorized
 from stream_edge.http1 import Http1Client
 from stream_edge.limits import slot_keys
+from stream_edge.meter import Meter
 from stream_edge.requests import chat_object
 from stream_edge.settings import EdgeSettings
 from stream_edge.state import EdgeState
 from stream_edge.transport import Transport, TransportError
+from stream_edge.usage_report import usage_event
 
 log = logging.getLogger("llmgw.edge.keys")
 
@@ -253,26 +253,11 @@ async def abandon(state: EdgeState, grant: StreamGrant) -> None:
     """Give back the hold of a grant whose stream will not start: a `failed` report
     with no tokens, which settles it charging nothing (DESIGN §9 "What is billed"),
     through the outbox like every report (durable, retried)."""
-    now = iso_utc(datetime.now(UTC))
     spec = state.settings.catalog.model(grant.model)
-    event = UsageEvent(
-        jti=grant.jti,
-        reservation_id=grant.reservation_id,
-        company_id=grant.company_id,
-        user_id=grant.user_id,
-        session_id=grant.session_id,
-        request_id=grant.request_id,
-        model=grant.model,
-        provider=spec.provider if spec is not None else "custom",
-        status="failed",
-        finish_reason=None,
-        input_tokens=0,
-        output_tokens=0,
-        usage_source="estimated",
-        started_at=now,
-        first_token_at=None,
-        ended_at=now,
-    )
+    provider = spec.provider if spec is not None else "custom"
+    # Nothing was asked of a backend: a meter that counted nothing, no transcript.
+    nothing = Meter(input_estimate=0, keep_transcript=False)
+    event = usage_event(grant, provider, nothing, "failed")
     # Slots are taken only by a successful claim, after which nothing abandons; a
     # release of slots never taken is a no-op, so it is passed for safety.
     release = SlotRelease(slot_keys(grant), grant.jti)

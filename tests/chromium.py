@@ -44,6 +44,13 @@ def launched(*extra_args: str) -> Iterator[Any]:
             browser.close()
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One chromium for a test module (import the fixture by name)."""
+    with launched() as chromium:
+        yield chromium
+
+
 @contextlib.contextmanager
 def persistent(browser: Any, user_data_dir: str) -> Iterator[Any]:
     """A headless chromium context keeping its profile (disk cache included) in

@@ -8,10 +8,11 @@ tests talk to them over real HTTP with sync or async clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -150,3 +151,11 @@ class ServerGroup:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def served_on_a_socket(app: Any) -> Iterator[str]:
+    """`app` alone on a free socket, in its own thread: its base URL."""
+    sock = bind_free_socket()
+    with ServerGroup([(app, sock)]):
+        yield url_of(sock)

@@ -5,7 +5,7 @@ and the gateway in this process in front of such a backend."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import orjson
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.conftest import REDIS_URL
@@ -67,6 +67,22 @@ def openai_ending(finish_reason: str, prompt_tokens: int, completion_tokens: int
         sse_frame({"choices": [], "usage": usage}),
         b"data: [DONE]\n\n",
     ]
+
+
+def bulky_backend(deltas: int, delta: str) -> Callable[[Request], Awaitable[Response]]:
+    """An OpenAI-compatible backend streaming `deltas` deltas of `delta` each, then
+    the finish (`stop`) and its usage (10 prompt, 500 completion tokens)."""
+
+    async def chat(request: Request) -> Response:
+        async def frames() -> AsyncIterator[bytes]:
+            for _ in range(deltas):
+                yield sse_frame({"choices": [{"index": 0, "delta": {"content": delta}}]})
+            for frame in openai_ending("stop", 10, 500):
+                yield frame
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
+    return chat
 
 
 @contextlib.contextmanager

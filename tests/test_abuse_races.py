@@ -9,14 +9,11 @@ time, so there the second always sees the first.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
-import psycopg
 
-from tests.polling import wait_until
+from tests.session_races import turn_and_delete_queued
 from tests.test_control_plane import CP, data_of
-from tests.test_identity_owners import _at_once, _lock_waiters, _raw_url, pg_cp
+from tests.test_identity_owners import _at_once, pg_cp
 
 __all__ = ["pg_cp"]
 
@@ -63,19 +60,6 @@ def test_a_session_deleted_while_a_turn_is_appended_is_deleted_whole(pg_cp: CP) 
     """
     client, _ = pg_cp.owner_client("10")
     session_id = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)["session_id"]
-    url = _raw_url(pg_cp)
-    with (
-        ThreadPoolExecutor(2) as pool,
-        psycopg.connect(url) as locker,
-        psycopg.connect(url, autocommit=True) as watcher,
-    ):
-        locker.execute("SELECT id FROM chat_sessions WHERE id = %s FOR UPDATE", (session_id,))
-        turn = {"query": "and then?", "session_id": session_id}
-        init = pool.submit(client.post, "/v1/chat/init", json=turn)
-        wait_until(lambda: _lock_waiters(watcher) == 1, "the init never waited on the session")
-        deleted = pool.submit(client.delete, f"/v1/sessions/{session_id}")
-        wait_until(lambda: _lock_waiters(watcher) == 2, "the delete never waited")
-        locker.rollback()
-        answers = [init.result(), deleted.result()]
+    answers = list(turn_and_delete_queued(pg_cp, client, session_id, turn_first=True))
     assert [r.status_code for r in answers] == [201, 204], [r.text for r in answers]
     assert client.get(f"/v1/sessions/{session_id}").status_code == 404

@@ -21,8 +21,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from starlette.applications import Starlette
-from starlette.routing import Route
 
 from control_plane.agent_spec import (
     SYSTEM_PROMPT_MAX_CHARS,
@@ -32,21 +30,16 @@ from control_plane.agent_spec import (
     parse_agent,
 )
 from control_plane.agents import MAX_DEFINITION_BYTES_PER_COMPANY
-from control_plane.app import create_app as control_plane_app
 from control_plane.errors import UnsupportedFeature, ValidationFailed
 from llm_gateway.admin import _request, add_admin_parser
-from llm_gateway.dev import settings_from_env
-from shared.catalog import load_catalog
+from shared.catalog import Catalog, load_catalog
 from shared.input_size import MAX_JSON_DEPTH, estimate_input_tokens, params_tokens
-from shared.store_memory import MemoryStore
-from stream_edge.app import create_app as edge_app
+from tests.backend_gateway import gateway_before
 from tests.conftest import fresh_pg_database
-from tests.harness import ServerGroup, bind_free_socket, url_of
-from tests.stack import Client, base_env
-from tests.test_money_inputs import Backend, _pointed_at
+from tests.stack import Client
+from tests.test_money_inputs import Backend
 from tests.token_claims import claims_of
 
-PLATFORM_KEY = "sk-platform-openai-key"
 TOOL = {
     "type": "function",
     "function": {
@@ -78,37 +71,14 @@ def gw(
 
 
 def _gateway(database_url: str) -> Iterator[Gateway]:
-    backend_sock, cp_sock, edge_sock = (bind_free_socket() for _ in range(3))
-    env = {
-        **base_env(database_url),
-        "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
-        "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
-        "LLMGW_UPSTREAM_RETRIES": "0",
-        "OPENAI_API_KEY": PLATFORM_KEY,
-    }
-    settings, edge_settings = settings_from_env(env)
-    catalog = _pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
-    # A model without tools to check agents against: here, mock-fast streams text only.
-    plain = dataclasses.replace(catalog.models["mock-fast"], features=("streaming",))
-    catalog = dataclasses.replace(catalog, models={**catalog.models, "mock-fast": plain})
-    settings = dataclasses.replace(settings, catalog=catalog)
-    edge_settings = dataclasses.replace(edge_settings, catalog=catalog)
+    def text_only_mock_fast(catalog: Catalog) -> Catalog:
+        # A model without tools to check agents against: here, mock-fast streams text only.
+        plain = dataclasses.replace(catalog.models["mock-fast"], features=("streaming",))
+        return dataclasses.replace(catalog, models={**catalog.models, "mock-fast": plain})
+
     backend = Backend()
-    store = MemoryStore()
-    apps = [
-        (Starlette(routes=[Route("/v1/chat/completions", backend.chat, methods=["POST"])]),
-         backend_sock),
-        (control_plane_app(settings, store), cp_sock),
-        (edge_app(edge_settings, store), edge_sock),
-    ]  # fmt: skip
-    client = Client(
-        url_of(cp_sock), url_of(edge_sock), url_of(backend_sock), env["LLMGW_WEBHOOK_SECRET"]
-    )
-    with ServerGroup(apps):
-        try:
-            yield Gateway(client, backend)
-        finally:
-            client.close()
+    with gateway_before(database_url, backend.chat, text_only_mock_fast) as (client, _, _):
+        yield Gateway(client, backend)
 
 
 def _error(r: httpx.Response, status: int, code: str) -> str:

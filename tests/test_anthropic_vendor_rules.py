@@ -172,6 +172,18 @@ def _turn(
     return response.status_code, c.wait_usage(token, grant["reservation_id"])
 
 
+def _tool_history(stack: InProcessStack, token: str) -> tuple[str, int, dict[str, Any]]:
+    """A session whose history holds tool calls (made on compat-model, their ids in
+    another vendor's alphabet) and their results (sent on claude-model): its id, and
+    the second turn's status code and usage record."""
+    _status, record = _turn(stack, token, {"model": "compat-model", "query": "look both up"})
+    sid = record["session_id"]
+    results = [{"tool_call_id": i, "content": "42"} for i in ODD_IDS]
+    body = {"model": "claude-model", "session_id": sid, "tool_results": results}
+    status, record = _turn(stack, token, body)
+    return sid, status, record
+
+
 def test_anthropics_529_is_retried_like_a_503(stack: InProcessStack) -> None:
     c = stack.client
     token = c.new_user(c.new_company("100"))
@@ -218,12 +230,7 @@ def test_stored_tool_history_is_sent_without_its_calls_to_a_model_without_tools(
     counts what is sent; the transcript keeps everything."""
     c = stack.client
     token = c.new_user(c.new_company("100"))
-    status, record = _turn(stack, token, {"model": "compat-model", "query": "look both up"})
-    sid = record["session_id"]
-    results = [{"tool_call_id": i, "content": "42"} for i in ODD_IDS]
-    status, record = _turn(
-        stack, token, {"model": "claude-model", "session_id": sid, "tool_results": results}
-    )
+    sid, status, record = _tool_history(stack, token)
     assert status == 200 and record["status"] == "completed"
     SEEN.clear()
     grant = c.init_ok(token, {"model": "claude-plain", "session_id": sid, "query": "thanks"})
@@ -265,10 +272,7 @@ def test_a_fallback_without_tools_is_not_sent_a_history_with_tool_calls(
     tools is left out of the chain of a turn whose messages carry tool calls."""
     c = stack.client
     token = c.new_user(c.new_company("100"))
-    _status, record = _turn(stack, token, {"model": "compat-model", "query": "look both up"})
-    sid = record["session_id"]
-    results = [{"tool_call_id": i, "content": "42"} for i in ODD_IDS]
-    _turn(stack, token, {"model": "claude-model", "session_id": sid, "tool_results": results})
+    sid, _, _ = _tool_history(stack, token)
     SEEN.clear()
     body = {"model": "claude-chain", "session_id": sid, "query": "again [[down]]"}
     status, record = _turn(stack, token, body, tools=False)
@@ -291,10 +295,7 @@ def test_a_query_without_tools_after_tool_calls_declares_them_forbidden(
     history used are declared, open schemas, with `tool_choice: none`."""
     c = stack.client
     token = c.new_user(c.new_company("100"))
-    _status, record = _turn(stack, token, {"model": "compat-model", "query": "look both up"})
-    sid = record["session_id"]
-    results = [{"tool_call_id": i, "content": "42"} for i in ODD_IDS]
-    _turn(stack, token, {"model": "claude-model", "session_id": sid, "tool_results": results})
+    sid, _, _ = _tool_history(stack, token)
     SEEN.clear()
     body = {"model": "claude-model", "session_id": sid, "query": "thanks"}
     status, record = _turn(stack, token, body, tools=False)

@@ -30,9 +30,11 @@ from llm_gateway.dev import settings_from_env
 from mock_llm.app import create_app as mock_app
 from shared.store_memory import MemoryStore
 from stream_edge.app import create_app as edge_app
-from tests.chromium import assert_not_blank, launched, persistent, watched_page
+from tests.chromium import assert_not_blank, browser, persistent, watched_page
 from tests.harness import ServerGroup, bind_free_socket, url_of
 from tests.stack import Client, base_env
+
+__all__ = ["browser"]  # the fixture, used by name
 
 PASSWORD = "browser-pw-123"
 
@@ -160,12 +162,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserStack]:
         client.close()
         proxy.close()
         group.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with launched() as chromium:
-        yield chromium
 
 
 @pytest.fixture

@@ -13,18 +13,18 @@ from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import budget_admin, budget_math, budgets, init_writes
 from control_plane.books import check_books
 from control_plane.budget_math import BudgetInput
 from control_plane.company_webhooks import GIVE_UP_AFTER
-from control_plane.db import Database, create_sync_engine
-from control_plane.migrate import upgrade
+from control_plane.db import Database
 from control_plane.policy import Principal
 from control_plane.sweeper import sweep_budget_events
 from control_plane.tables import Budget, BudgetEvent, BudgetPeriod, new_id, utcnow
+from tests.ledger_db import migrated_sessions
 from tests.test_budget_thresholds_batch import Budgeted
 from tests.test_init_writes import Tenant
 
@@ -35,12 +35,8 @@ ADMIN = Principal(
 
 @pytest.fixture
 def budgeted(migrated_pg_url: str) -> Iterator[Budgeted]:
-    upgrade(migrated_pg_url)
-    engine = create_sync_engine(migrated_pg_url)
-    try:
-        yield Budgeted(Tenant(sessionmaker(engine, expire_on_commit=False)))
-    finally:
-        engine.dispose()
+    with migrated_sessions(migrated_pg_url) as sessions:
+        yield Budgeted(Tenant(sessions))
 
 
 def _edit(b: Budgeted, now: datetime, **fields: object) -> dict[str, object]:

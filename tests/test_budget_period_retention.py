@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from alembic import command
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import budget_math, budgets, init_writes, settlement, webhook_settlement
 from control_plane.books import check_books
-from control_plane.db import Database, create_sync_engine
-from control_plane.migrate import alembic_config, current, upgrade
+from control_plane.db import Database
+from control_plane.migrate import alembic_config, current
 from control_plane.sweeper import sweep_budget_periods
 from control_plane.tables import (
     Budget,
@@ -31,9 +31,10 @@ from control_plane.tables import (
     new_id,
     utcnow,
 )
+from tests.ledger_db import migrated_sessions
+from tests.lone_webhooks import usage_delivery
 from tests.test_budget_thresholds_batch import INPUT_TOKENS, Budgeted
 from tests.test_init_writes import Tenant
-from tests.test_settle_raw import usage_delivery
 
 # The newest period start that may be pruned at `now`: the longest period ended
 # the retention before.
@@ -42,12 +43,8 @@ AGE = budget_math.LONGEST_PERIOD + budgets.PERIOD_RETENTION
 
 @pytest.fixture
 def budgeted(migrated_pg_url: str) -> Iterator[Budgeted]:
-    upgrade(migrated_pg_url)
-    engine = create_sync_engine(migrated_pg_url)
-    try:
-        yield Budgeted(Tenant(sessionmaker(engine, expire_on_commit=False)))
-    finally:
-        engine.dispose()
+    with migrated_sessions(migrated_pg_url) as sessions:
+        yield Budgeted(Tenant(sessions))
 
 
 def _hold_at(b: Budgeted, micro: int, when: datetime) -> init_writes.NewReservation:
@@ -178,10 +175,8 @@ def test_migrations_0015_and_0016_go_down_and_up_again(
         if backend == "sqlite"
         else request.getfixturevalue("migrated_pg_url")
     )
-    upgrade(url)
-    engine = create_sync_engine(url)
-    try:
-        tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
+    with migrated_sessions(url) as sessions:
+        tenant = Tenant(sessions)
         now = utcnow()
         start = budget_math.period_start("month", now)
         budget_id = new_id()
@@ -199,16 +194,10 @@ def test_migrations_0015_and_0016_go_down_and_up_again(
                 )  # fmt: skip
 
         tenant.tx(events)
-    finally:
-        engine.dispose()
     command.downgrade(alembic_config(url), "0014")
     assert current(url) == "0014"
-    upgrade(url)
-    engine = create_sync_engine(url)
-    try:
-        tenant.sessions = sessionmaker(engine, expire_on_commit=False)
+    with migrated_sessions(url) as sessions:
+        tenant.sessions = sessions
         query = select(col(BudgetEvent.id)).where(col(BudgetEvent.budget_id) == budget_id)
         assert tenant.tx(lambda s: list(s.scalars(query))) == [live]
         assert tenant.tx(lambda s: budgets.prune_periods(s, now, 10)) == 0
-    finally:
-        engine.dispose()

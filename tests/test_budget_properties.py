@@ -47,7 +47,6 @@ from sqlmodel import col
 
 from control_plane import budget_admin, budgets
 from control_plane.budget_math import BudgetInput
-from control_plane.chat_init import reserve
 from control_plane.chat_request import parse_init_request
 from control_plane.db import Database
 from control_plane.errors import BudgetExceeded, Conflict, InsufficientCredits
@@ -71,7 +70,6 @@ from shared.pricing import estimate_input_tokens
 from shared.tokens import ALL_SCOPES
 from shared.webhooks import STATUSES, USAGE_SOURCES
 from tests.test_credits_properties import (
-    CATALOG,
     OUTPUT,
     TEXT,
     TOKENS,
@@ -79,6 +77,7 @@ from tests.test_credits_properties import (
     Hold,
     expected_charge,
     expected_cost,
+    reservation_of,
     run_machine,
 )
 
@@ -416,20 +415,8 @@ class BudgetsMachine(CreditsMachine):
             api_key_id=self.key_id if caller == "owner-key" else None,
         )
         jti, now = uuid.uuid4().hex, self.clock
-
-        def run(s: Session) -> Any:
-            return reserve(
-                s,
-                CATALOG,
-                principal,
-                req,
-                jti=jti,
-                request_id=f"req-{jti[:8]}",
-                now=now,
-                # The deadline is the real clock's: `expire` and the sweeps use it.
-                hold_expires_at=utcnow() + timedelta(hours=1),
-            )
-
+        # The deadline is the real clock's: `expire` and the sweeps use it.
+        run = reservation_of(principal, req, jti, now, utcnow() + timedelta(hours=1))
         if expected > self.available:
             with pytest.raises(InsufficientCredits):
                 self.tx(run)

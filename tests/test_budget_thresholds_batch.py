@@ -12,18 +12,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import budgets, init_writes, settlement, webhook_settlement
 from control_plane.books import check_books
-from control_plane.db import create_sync_engine
 from control_plane.ledger import charge_for, reservation_price
-from control_plane.migrate import upgrade
 from control_plane.tables import Budget, BudgetEvent, BudgetPeriod, CompanyWebhook, new_id, utcnow
 from shared.pricing import format_credits
+from tests.ledger_db import migrated_sessions
+from tests.lone_webhooks import usage_delivery
 from tests.test_init_writes import Tenant
-from tests.test_settle_raw import usage_delivery
 
 AMOUNT = 5_000  # the budget: 80 % is 4,000, 100 % is 5,000
 INPUT_TOKENS = 200
@@ -97,12 +96,8 @@ class Budgeted:
 
 @pytest.fixture
 def budgeted(migrated_pg_url: str) -> Iterator[Budgeted]:
-    upgrade(migrated_pg_url)
-    engine = create_sync_engine(migrated_pg_url)
-    try:
-        yield Budgeted(Tenant(sessionmaker(engine, expire_on_commit=False)))
-    finally:
-        engine.dispose()
+    with migrated_sessions(migrated_pg_url) as sessions:
+        yield Budgeted(Tenant(sessions))
 
 
 def test_a_batch_crossing_a_threshold_together_queues_it_once(budgeted: Budgeted) -> None:

@@ -7,11 +7,8 @@ their spend, nothing held, and the books balance."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
 from control_plane import budgets
 from shared.pricing import cost_micro, estimate_input_tokens, format_credits
@@ -21,21 +18,13 @@ from tests.test_control_plane import (
     credits_of,
     data_of,
     micro,
-    start_cp,
     usage_event,
 )
-from tests.test_credits_concurrency import _settle_all
+from tests.test_credits_concurrency import MAX_TOKENS, MESSAGES, TOTAL, _settle_all, cp
+
+__all__ = ["cp"]  # the fixture (postgres) shared with test_credits_concurrency
 
 N = 23
-TOTAL = 200
-MESSAGES = [{"role": "user", "content": "hi"}]
-MAX_TOKENS = 16
-
-
-@pytest.fixture
-def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CP]:
-    with start_cp(request, tmp_path, "postgres") as handle:
-        yield handle
 
 
 async def _burst(url: str, key: str) -> list[httpx.Response]:

@@ -7,7 +7,6 @@ uvicorn's shutdown does), on PostgreSQL for a row lock another connection holds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,16 +17,12 @@ from sqlmodel import col
 from control_plane import pending_inits
 from control_plane.tables import Reservation
 from shared.webhooks import sign
+from tests.asgi_cp import pg_app_client
 from tests.inproc import eventually
 from tests.test_control_plane import pg_settings, usage_event
 from tests.test_credits_batch import _owner, _served
 
-
-@pytest.fixture
-async def pg_app_client(pg_server: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    with pg_settings(pg_server) as settings:
-        async with _served(settings) as served:
-            yield served
+__all__ = ["pg_app_client"]  # the fixture, used by name
 
 
 async def test_an_init_cancelled_while_its_hold_commits_releases_it(

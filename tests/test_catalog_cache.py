@@ -16,10 +16,9 @@ from control_plane.app import create_app
 from control_plane.catalog_cache import CatalogCache, CompanyLLM
 from shared.route_claim import CLAIM, route_ciphers, unseal
 from shared.store_memory import MemoryStore
-from tests.test_control_plane import ADMIN_TOKEN, _settings
+from tests.asgi_cp import new_owner
+from tests.test_control_plane import _settings
 from tests.token_claims import claims_of
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @contextlib.asynccontextmanager
@@ -48,17 +47,7 @@ async def test_a_key_changed_through_one_process_routes_the_next_init_of_another
     store = MemoryStore()
     first, second = create_app(settings, store=store), create_app(settings, store=store)
     async with _client(first) as a, _client(second) as b:
-        r = await a.post("/v1/admin/companies", json={"name": "c", "credits": "10"}, headers=ADMIN)
-        company_id = r.json()["data"]["id"]
-        r = await a.post(
-            "/v1/admin/users",
-            json={"company_id": company_id, "email": "o@example.com", "role": "owner"},
-            headers=ADMIN,
-        )
-        r = await a.post(
-            "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=ADMIN
-        )
-        auth = {"Authorization": f"Bearer {r.json()['data']['key']}"}
+        auth, company_id = await new_owner(a)
         providers = f"/v1/admin/companies/{company_id}/providers/openai"
 
         assert await _routed_key(a, auth, settings) is None  # cached in `first`: no key
@@ -89,17 +78,7 @@ async def test_a_refused_init_leaves_a_usable_cache_entry(tmp_path: Path) -> Non
     403): the cached overrides must still be readable by the next init."""
     settings = _settings(f"sqlite:///{tmp_path}/cp.db")
     async with _client(create_app(settings)) as a:
-        r = await a.post("/v1/admin/companies", json={"name": "c", "credits": "10"}, headers=ADMIN)
-        company_id = r.json()["data"]["id"]
-        r = await a.post(
-            "/v1/admin/users",
-            json={"company_id": company_id, "email": "o@example.com", "role": "owner"},
-            headers=ADMIN,
-        )
-        r = await a.post(
-            "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=ADMIN
-        )
-        auth = {"Authorization": f"Bearer {r.json()['data']['key']}"}
+        auth, company_id = await new_owner(a)
         r = await a.put(
             f"/v1/admin/companies/{company_id}/providers/mock",
             json={"models": {"mock-chat": {"enabled": False}}},

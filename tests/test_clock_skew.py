@@ -7,8 +7,11 @@ the control plane's is the real one."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -138,14 +141,23 @@ async def test_a_sweeper_whose_clock_is_ahead_leaves_a_running_stream_to_its_rep
         assert after["held"] == "0.000000"
 
 
+@contextlib.asynccontextmanager
+async def _a_stream_swept_by_the_test(
+    database_url: str,
+) -> AsyncIterator[tuple[Gateway, str, dict[str, Any]]]:
+    """A gateway whose sweeper waits for the test (an hour between rounds), a new
+    user and its grant for a 50-token stream: the gateway, the user's token, the grant."""
+    env = {**base_env(database_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
+    async with Gateway(env) as gw:
+        access = await gw.new_user("5")
+        yield gw, access, await gw.init_ok(access, {"query": "dies [[mock tokens=50]]"})
+
+
 async def test_a_dead_streams_hold_past_its_deadline_is_still_settled_once_silent(
     migrated_pg_url: str,
 ) -> None:
-    env = {**base_env(migrated_pg_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
-    async with Gateway(env) as gw:
+    async with _a_stream_swept_by_the_test(migrated_pg_url) as (gw, access, grant):
         deps = gw.cp.state.deps
-        access = await gw.new_user("5")
-        grant = await gw.init_ok(access, {"query": "dies [[mock tokens=50]]"})
         jti, key = claims_of(grant["stream_token"])["jti"], checkpoint_key(grant["reservation_id"])
 
         async def edge_writes(beat: int) -> None:  # an edge's checkpoint of the stream
@@ -182,11 +194,8 @@ async def test_a_dead_streams_hold_past_its_deadline_is_still_settled_once_silen
 async def test_a_hold_past_its_deadline_whose_checkpoint_never_changed_is_settled_at_once(
     migrated_pg_url: str,
 ) -> None:
-    env = {**base_env(migrated_pg_url), "LLMGW_SWEEP_INTERVAL_SECONDS": "3600"}
-    async with Gateway(env) as gw:
+    async with _a_stream_swept_by_the_test(migrated_pg_url) as (gw, access, grant):
         deps = gw.cp.state.deps
-        access = await gw.new_user("5")
-        grant = await gw.init_ok(access, {"query": "dies [[mock tokens=50]]"})
         checkpoint = UsageCheckpoint(
             jti=claims_of(grant["stream_token"])["jti"],
             reservation_id=grant["reservation_id"],

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.chromium import assert_not_blank, launched, watched_page
+from tests.chromium import assert_not_blank, browser, watched_page
 from tests.test_console_api import SECRET_PROVIDER_KEY, _stream
 from tests.test_control_plane import (
     ADMIN_TOKEN,
@@ -29,6 +29,8 @@ from tests.test_control_plane import (
     usage_event,
 )
 
+__all__ = ["browser"]  # the fixture, used by name
+
 AXE = Path(__file__).parent / "fixtures" / "axe" / "axe.min.js"
 TABS = ("usage", "credits", "users", "keys", "providers", "audit")
 
@@ -38,12 +40,6 @@ def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CP]:
     database = tmp_path_factory.mktemp("console-browser") / "cp.db"
     with serve_cp(_settings(f"sqlite:///{database}")) as handle:
         yield handle
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with launched() as chromium:
-        yield chromium
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ PostgreSQL + Redis, one app per module."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -18,7 +16,6 @@ import pytest
 from sqlalchemy import select, text
 from sqlmodel import col
 
-from control_plane.app import create_app
 from control_plane.books import check_books
 from control_plane.db import Database, DatabaseTimeout
 from control_plane.errors import (
@@ -33,8 +30,13 @@ from control_plane.settlement_batch import SettlementBatcher
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.webhook_settlement import Delivery
 from shared.webhooks import sign
+from tests.asgi_cp import new_owner as _owner
+from tests.asgi_cp import pg_app_client
+from tests.asgi_cp import served as _served
 from tests.inproc import eventually
-from tests.test_control_plane import ADMIN_TOKEN, _settings, pg_settings, usage_event
+from tests.test_control_plane import _settings, pg_settings, usage_event
+
+__all__ = ["pg_app_client"]  # the fixture, used by name
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -65,46 +67,27 @@ class Counting:
         return getattr(self.db, name)
 
 
-async def _owner(client: httpx.AsyncClient) -> tuple[dict[str, str], str]:
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    r = await client.post(
-        "/v1/admin/companies",
-        json={"name": f"b-{uuid.uuid4().hex[:8]}", "credits": "10"},
-        headers=admin,
-    )
-    company_id = r.json()["data"]["id"]
-    r = await client.post(
-        "/v1/admin/users",
-        json={"company_id": company_id, "email": f"{company_id}@example.com", "role": "owner"},
-        headers=admin,
-    )
-    r = await client.post(
-        "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=admin
-    )
-    return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
+async def _company_rows(
+    app: Any, company_id: str
+) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
+    """The company's reservations by id, its ledger entries, and `check_books`' problems."""
 
+    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
+        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
+        entries = session.scalars(
+            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
+        )
+        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
 
-@contextlib.asynccontextmanager
-async def _served(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
-            yield app, client
+    rows: tuple[dict[str, Reservation], list[LedgerEntry], list[str]]
+    rows = await app.state.db.transaction(read)
+    return rows
 
 
 @pytest.fixture
 async def app_client(settings_env: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     async with _served(settings_env) as served:
         yield served
-
-
-@pytest.fixture
-async def pg_app_client(pg_server: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """`app_client` on PostgreSQL only: for a row lock another connection holds."""
-    with pg_settings(pg_server) as settings:
-        async with _served(settings) as served:
-            yield served
 
 
 async def _inits(
@@ -156,15 +139,7 @@ async def test_duplicates_inside_one_batch_charge_once(
     assert isinstance(mixed[1], ReservationNotFound)
     assert isinstance(mixed[2], Outcome) and mixed[2].duplicate
     assert isinstance(mixed[3], Outcome) and not mixed[3].duplicate
-
-    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
-        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
-        entries = session.scalars(
-            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
-        )
-        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
-
-    reservations, entries, problems = await app.state.db.transaction(read)
+    reservations, entries, problems = await _company_rows(app, company_id)
     assert problems == []
     for init, event in ((a, ea), (b, eb), (c, ec), (d, ed)):
         row = reservations[init["reservation_id"]]
@@ -256,15 +231,7 @@ async def test_a_batch_mixing_duplicates_and_refusals_is_one_transaction(
         False,
         ModelNotInChain,
     ]
-
-    def read(session: Any) -> tuple[dict[str, Reservation], list[LedgerEntry], list[str]]:
-        rows = session.scalars(select(Reservation).where(col(Reservation.company_id) == company_id))
-        entries = session.scalars(
-            select(LedgerEntry).where(col(LedgerEntry.company_id) == company_id)
-        )
-        return {r.id: r for r in rows}, list(entries), check_books(session, company_id)
-
-    reservations, entries, problems = await app.state.db.transaction(read)
+    reservations, entries, problems = await _company_rows(app, company_id)
     assert problems == []
     for init in (a, b, c, e):
         row = reservations[init["reservation_id"]]

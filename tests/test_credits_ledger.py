@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from sqlalchemy import delete, update
@@ -16,61 +16,27 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from control_plane.books import books_from_ledger, check_books
-from control_plane.db import create_sync_engine
-from control_plane.grants import move
 from control_plane.ledger import add_entry, release_reservation, settle_reservation, take_hold
-from control_plane.migrate import upgrade
 from control_plane.sweeper import reconcile
 from control_plane.tables import (
     AuditEvent,
     Company,
     LedgerEntry,
     Reservation,
-    User,
     new_id,
     utcnow,
 )
 from shared.checkpoints import UsageCheckpoint
+from tests.ledger_db import FundedCompany, migrated_sessions
 
-T = TypeVar("T")
 HOLD = 1_000
 
 
-class Books:
+class Books(FundedCompany):
     """A company with 10,000 micro-credits and one user, and a way to run a use case."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-        self.company_id, self.user_id = new_id(), new_id()
-
-        def setup(s: Session) -> None:
-            s.add(Company(id=self.company_id, name=self.company_id, created_at=utcnow()))
-            s.flush()
-            s.add(
-                User(
-                    id=self.user_id,
-                    company_id=self.company_id,
-                    email=f"{self.user_id}@x.io",
-                    role="owner",
-                    created_at=utcnow(),
-                )
-            )
-            s.flush()
-            move(
-                s,
-                self.company_id,
-                10_000,
-                kind="grant",
-                reason=None,
-                actor="admin-token",
-                request_id=None,
-            )
-
-        self.tx(setup)
-
-    def tx(self, fn: Callable[[Session], T]) -> T:
-        with self.sessions.begin() as session:
-            return fn(session)
+        super().__init__(sessions, 10_000)
 
     def hold(self) -> Reservation:
         now = utcnow()
@@ -102,12 +68,8 @@ class Books:
 @pytest.fixture
 def books(tmp_path: Path) -> Iterator[Books]:
     url = f"sqlite:///{tmp_path}/ledger.db"
-    upgrade(url)
-    engine = create_sync_engine(url)
-    try:
-        yield Books(sessionmaker(engine, expire_on_commit=False))
-    finally:
-        engine.dispose()
+    with migrated_sessions(url) as sessions:
+        yield Books(sessions)
 
 
 def _settle(reservation: Reservation, charge: int) -> Callable[[Session], Any]:

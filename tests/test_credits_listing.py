@@ -32,6 +32,7 @@ from control_plane.migrate import alembic_config, upgrade
 from control_plane.pagination import PageRequest, decode_cursor
 from control_plane.policy import Principal, scopes_for_role
 from control_plane.tables import Company, LedgerEntry, Reservation, User, new_id, utcnow
+from tests.ledger_db import migrated_sessions
 from tests.test_control_plane import CP, cp, data_of, error_of
 
 __all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
@@ -127,12 +128,8 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
         url = f"sqlite:///{tmp_path}/ledger.db"
     else:
         url = request.getfixturevalue("migrated_pg_url")
-    upgrade(url)
-    engine = create_sync_engine(url)
-    try:
-        yield Ledger(sessionmaker(engine, expire_on_commit=False))
-    finally:
-        engine.dispose()
+    with migrated_sessions(url) as sessions:
+        yield Ledger(sessions)
 
 
 def test_each_user_pages_through_exactly_what_it_may_see(ledger: Ledger) -> None:
@@ -178,22 +175,16 @@ def test_migration_0013_gives_existing_stream_entries_their_user(
         if backend == "sqlite"
         else request.getfixturevalue("migrated_pg_url")
     )
-    upgrade(url)
-    engine = create_sync_engine(url)
-    try:
-        ledger = Ledger(sessionmaker(engine, expire_on_commit=False))
+    with migrated_sessions(url) as sessions:
+        ledger = Ledger(sessions)
         for i in range(4):
             r = ledger.hold(("alice", "bob")[i % 2])
             if i < 2:
                 ledger.tx(lambda s, r=r: settle_reservation(s, r, 300, actor="e", request_id=None))
         ledger.grant()
-    finally:
-        engine.dispose()
     command.downgrade(alembic_config(url), "0012")  # the ledger as it was before
-    upgrade(url)
-    engine = create_sync_engine(url)
-    try:
-        ledger.sessions = sessionmaker(engine, expire_on_commit=False)
+    with migrated_sessions(url) as sessions:
+        ledger.sessions = sessions
         users_of = (
             select(col(LedgerEntry.user_id), col(Reservation.user_id))
             .select_from(LedgerEntry)
@@ -205,8 +196,6 @@ def test_migration_0013_gives_existing_stream_entries_their_user(
         assert all(entry_user == stream_user for entry_user, stream_user in rows)
         for user in ("alice", "bob", "owner"):
             assert ledger.walk(user, 2) == ledger.visible(user), user
-    finally:
-        engine.dispose()
 
 
 # --- cost: a page of a huge company's ledger ----------------------------------------

@@ -117,6 +117,27 @@ class Hold:
     webhooks: int = 0
 
 
+def reservation_of(
+    principal: Principal, req: Any, jti: str, now: datetime, hold_expires_at: datetime
+) -> Callable[[Session], Any]:
+    """The init's hold for `principal` (`reserve` on the test catalog, its request id
+    made of `jti`), as a use case to run in a transaction."""
+
+    def run(s: Session) -> Any:
+        return reserve(
+            s,
+            CATALOG,
+            principal,
+            req,
+            jti=jti,
+            request_id=f"req-{jti[:8]}",
+            now=now,
+            hold_expires_at=hold_expires_at,
+        )
+
+    return run
+
+
 class CreditsMachine(RuleBasedStateMachine):
     """One company per example, in a database shared by the examples of one test."""
 
@@ -229,19 +250,7 @@ class CreditsMachine(RuleBasedStateMachine):
             via="api_key",
         )
         jti, now = uuid.uuid4().hex, utcnow()
-
-        def run(s: Session) -> Any:
-            return reserve(
-                s,
-                CATALOG,
-                principal,
-                req,
-                jti=jti,
-                request_id=f"req-{jti[:8]}",
-                now=now,
-                hold_expires_at=now + timedelta(hours=1),
-            )
-
+        run = reservation_of(principal, req, jti, now, now + timedelta(hours=1))
         if expected > self.available:
             with pytest.raises(InsufficientCredits):
                 self.tx(run)

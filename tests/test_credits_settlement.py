@@ -11,12 +11,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlmodel import col
 
 from control_plane.sweeper import sweep_expired_holds
-from control_plane.tables import AuditEvent, LedgerEntry, Reservation
+from control_plane.tables import AuditEvent, LedgerEntry
 from shared.pricing import MICRO, cost_micro, format_credits
+from tests.hold_sweeps import expire_hold as _expire
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
@@ -60,19 +61,6 @@ def _rows(cp: CP, reservation_id: str) -> tuple[list[LedgerEntry], list[AuditEve
 
 def _kinds(cp: CP, reservation_id: str) -> list[str]:
     return sorted(e.kind for e in _rows(cp, reservation_id)[0])
-
-
-def _expire(cp: CP, reservation_id: str) -> None:
-    db = cp.app.state.db
-
-    def expire(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-
-    cp.on_loop(lambda: db.transaction(expire))
 
 
 def _sweep(cp: CP) -> Any:

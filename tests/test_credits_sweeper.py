@@ -21,15 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
-from sqlmodel import col
 
-from control_plane.liveness import SilenceWatch
-from control_plane.sweeper import sweep_expired_holds, sweep_silent_streams
-from control_plane.tables import Reservation
-from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
+from control_plane.sweeper import sweep_expired_holds
+from shared.checkpoints import UsageCheckpoint, checkpoint_key
 from shared.pricing import MICRO, cost_micro, format_credits
 from shared.revocations import revocation_key
+from tests.hold_sweeps import expire_hold as _expire
+from tests.hold_sweeps import silence_sweep
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
@@ -71,19 +69,6 @@ def _checkpoint(
     )
     store = cp.app.state.store
     cp.on_loop(lambda: store.set(checkpoint_key(init["reservation_id"]), point.dumps(), 600))
-
-
-def _expire(cp: CP, reservation_id: str) -> None:
-    db = cp.app.state.db
-
-    def expire(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-
-    cp.on_loop(lambda: db.transaction(expire))
 
 
 def _wait_until_reconciled(client: httpx.Client, timeout: float = 15) -> dict[str, str]:
@@ -285,16 +270,7 @@ def test_a_silent_stream_is_settled_from_its_checkpoint_once_and_revoked(cp: CP)
     over = UsageCheckpoint(claims["jti"], ended["reservation_id"], 12, 70, "t", beat=9, ended=True)
     store = cp.app.state.store
     cp.on_loop(lambda: store.set(checkpoint_key(ended["reservation_id"]), over.dumps(), 600))
-    clock = [0.0]
-    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
-    state = cp.app.state
-
-    def sweep() -> Any:
-        return cp.on_loop(
-            lambda: sweep_silent_streams(
-                state.db, state.store, state.metrics, watch, revoke_ttl=600
-            )
-        )
+    clock, watch, sweep = silence_sweep(cp)
 
     assert sweep().settled == 0  # first sight of every checkpoint
     clock[0] += watch.silent_after - 0.5

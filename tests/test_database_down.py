@@ -9,17 +9,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REDIS_URL
+from tests.database_outage import split_on
 from tests.private_postgres import PrivatePostgres, private_postgres
-from tests.stack import SplitStack, base_env, micro
+from tests.stack import SplitStack, micro
 
 __all__ = ["private_postgres"]  # the fixture, used by name
 
 
 @pytest.fixture
 def split(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
-    url = private_postgres.new_database()
-    with SplitStack(base_env(url, REDIS_URL, redis_prefix)) as stack:
+    with split_on(private_postgres, redis_prefix) as stack:
         yield stack
 
 

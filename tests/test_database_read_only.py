@@ -17,18 +17,16 @@ import psycopg
 import pytest
 
 from shared.webhooks import sign
-from tests.conftest import REDIS_URL
+from tests.database_outage import a_held_stream, split_on
 from tests.private_postgres import PrivatePostgres, private_postgres
-from tests.stack import SplitStack, base_env, micro
-from tests.test_control_plane import usage_event
+from tests.stack import SplitStack, micro
 
 __all__ = ["private_postgres"]  # the fixture, used by name
 
 
 @pytest.fixture
 def split(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
-    url = private_postgres.new_database()
-    with SplitStack(base_env(url, REDIS_URL, redis_prefix)) as stack:
+    with split_on(private_postgres, redis_prefix) as stack:
         yield stack
 
 
@@ -45,12 +43,7 @@ def test_a_read_only_database_is_a_503_to_retry_and_the_webhook_settles_once_aft
     split: SplitStack, private_postgres: PrivatePostgres
 ) -> None:
     c = split.client
-    company_id = c.new_company("5")
-    access = c.new_user(company_id)
-    grant = c.init_ok(access, {"query": "before"})
-    before = c.credits(access)
-    event = usage_event(grant, company_id, input_tokens=3, output_tokens=5)
-    body = event.body()
+    company_id, access, _, before, event, body = a_held_stream(c)
     secret = split.env["LLMGW_WEBHOOK_SECRET"]
 
     def deliver() -> httpx.Response:

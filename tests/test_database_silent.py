@@ -30,10 +30,11 @@ from control_plane.sweeper import SweepResult, sweep_expired_holds
 from control_plane.time_ids import instant_of
 from shared.webhooks import sign
 from tests.conftest import REDIS_URL
+from tests.database_outage import a_held_stream, split_on
 from tests.ops_processes import scrape
 from tests.polling import wait_until
 from tests.private_postgres import PrivatePostgres, private_postgres
-from tests.stack import SplitStack, base_env, micro
+from tests.stack import SplitStack, micro
 from tests.test_control_plane import usage_event
 
 __all__ = ["private_postgres"]  # the fixture, used by name
@@ -48,10 +49,9 @@ REQUESTS = 14  # more than the control plane's 10 database threads
 
 @pytest.fixture
 def split(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
-    url = private_postgres.new_database()
-    env = base_env(url, REDIS_URL, redis_prefix)
-    env["LLMGW_DATABASE_TIMEOUT_SECONDS"] = BOUND_SECONDS
-    with SplitStack(env) as stack:
+    with split_on(
+        private_postgres, redis_prefix, LLMGW_DATABASE_TIMEOUT_SECONDS=BOUND_SECONDS
+    ) as stack:
         yield stack
 
 
@@ -106,12 +106,7 @@ def test_a_silent_database_is_a_bounded_503_and_holds_nothing_once_back(
     split: SplitStack, private_postgres: PrivatePostgres
 ) -> None:
     c = split.client
-    company_id = c.new_company("5")
-    access = c.new_user(company_id)
-    grant = c.init_ok(access, {"query": "before"})
-    before = c.credits(access)
-    event = usage_event(grant, company_id, input_tokens=3, output_tokens=5)
-    body = event.body()
+    company_id, access, grant, before, event, body = a_held_stream(c)
     auth = {"Authorization": f"Bearer {access}"}
 
     with httpx.Client(base_url=c.cp_url, timeout=CLIENT_TIMEOUT_SECONDS) as http:
@@ -187,11 +182,12 @@ def test_an_init_whose_hold_commits_after_its_503_releases_it(
 def split_tpm(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
     """`split` with a per-user tokens-per-minute limit (far above what a test takes):
     each settlement then corrects the user's window."""
-    url = private_postgres.new_database()
-    env = base_env(url, REDIS_URL, redis_prefix)
-    env["LLMGW_DATABASE_TIMEOUT_SECONDS"] = BOUND_SECONDS
-    env["LLMGW_TPM_PER_USER"] = "1000000"
-    with SplitStack(env) as stack:
+    with split_on(
+        private_postgres,
+        redis_prefix,
+        LLMGW_DATABASE_TIMEOUT_SECONDS=BOUND_SECONDS,
+        LLMGW_TPM_PER_USER="1000000",
+    ) as stack:
         yield stack
 
 
@@ -299,11 +295,12 @@ def test_a_settlement_that_commits_after_its_503_is_counted_once_and_corrects_tp
 @pytest.fixture
 def split_unswept(private_postgres: PrivatePostgres, redis_prefix: str) -> Iterator[SplitStack]:
     """`split` whose control plane never sweeps on its own: the test sweeps."""
-    url = private_postgres.new_database()
-    env = base_env(url, REDIS_URL, redis_prefix)
-    env["LLMGW_DATABASE_TIMEOUT_SECONDS"] = BOUND_SECONDS
-    env["LLMGW_SWEEP_INTERVAL_SECONDS"] = "3600"
-    with SplitStack(env) as stack:
+    with split_on(
+        private_postgres,
+        redis_prefix,
+        LLMGW_DATABASE_TIMEOUT_SECONDS=BOUND_SECONDS,
+        LLMGW_SWEEP_INTERVAL_SECONDS="3600",
+    ) as stack:
         yield stack
 
 

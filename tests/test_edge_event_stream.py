@@ -76,20 +76,34 @@ async def test_a_failed_write_stops_a_stream_nobody_can_resume() -> None:
 # --- a reconnect flood: what a superseded or stuck response holds -------------------
 
 
-class StuckClient:
-    """An ASGI peer that takes `takes` body writes, then reads nothing more: the next
-    write waits for ever (the server's buffer toward it is full)."""
+class SilentPeer:
+    """An ASGI peer that never sends (no disconnect, no body) and keeps the response's
+    bodies written to it; `ended` once its last body is."""
 
-    def __init__(self, takes: int) -> None:
-        self.takes = takes
+    def __init__(self) -> None:
         self.bodies: list[bytes] = []
         self.ended = False
-        self.stuck = asyncio.Event()
         self.never = asyncio.Event()
 
     async def receive(self) -> dict[str, Any]:
         await self.never.wait()
         return {"type": "http.disconnect"}
+
+    def _written(self, message: dict[str, Any]) -> None:
+        if message.get("more_body", False):
+            self.bodies.append(message["body"])
+        else:
+            self.ended = True
+
+
+class StuckClient(SilentPeer):
+    """An ASGI peer that takes `takes` body writes, then reads nothing more: the next
+    write waits for ever (the server's buffer toward it is full)."""
+
+    def __init__(self, takes: int) -> None:
+        super().__init__()
+        self.takes = takes
+        self.stuck = asyncio.Event()
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] != "http.response.body":
@@ -97,10 +111,7 @@ class StuckClient:
         if len(self.bodies) >= self.takes:
             self.stuck.set()
             await self.never.wait()
-        if message.get("more_body", False):
-            self.bodies.append(message["body"])
-        else:
-            self.ended = True
+        self._written(message)
 
 
 def follower_like(client: StuckClient, frames: list[bytes]) -> tuple[EventStreamResponse, Any]:
@@ -199,23 +210,17 @@ def test_live_connections_keep_the_latest_reconnect() -> None:
 # --- sends in flight: a ping, a sliced frame and a reconnect's clean end ------------
 
 
-class PausedClient:
+class PausedClient(SilentPeer):
     """An ASGI peer that reads nothing until the test lets sends through, as uvicorn
     holds each `send` while the client's buffer is full: they wait in order, each is
     written when let through, and a body after the response's end raises as uvicorn's
     "Unexpected ASGI message … after response already completed" does."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.paused = True
         self.waiting: list[tuple[bytes, asyncio.Future[None]]] = []
-        self.bodies: list[bytes] = []
-        self.ended = False
         self.blocked = asyncio.Event()
-        self.never = asyncio.Event()
-
-    async def receive(self) -> dict[str, Any]:
-        await self.never.wait()
-        return {"type": "http.disconnect"}
 
     async def send(self, message: dict[str, Any]) -> None:
         if message["type"] != "http.response.body":
@@ -227,10 +232,7 @@ class PausedClient:
             await gate
         if self.ended:
             raise RuntimeError("Unexpected ASGI message sent, after response already completed.")
-        if message.get("more_body", False):
-            self.bodies.append(message["body"])
-        else:
-            self.ended = True
+        self._written(message)
 
     def let_one_through(self) -> bytes:
         body, gate = self.waiting.pop(0)

@@ -8,7 +8,6 @@ only show on a socket stay in test_e2e_edge_lifecycle.py."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import socket
@@ -23,8 +22,8 @@ from shared.retry import Backoff
 from shared.sse import ServerSentEvent
 from shared.text_tokens import pieces
 from stream_edge.upstream_client import RetryPolicy
+from tests import edge_scenarios as scenario
 from tests.inproc import MOCK, Gateway, events, eventually, gateway_env, opened
-from tests.token_claims import jti_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -357,26 +356,13 @@ async def test_a_client_leaving_while_the_backend_opens_stops_the_opening(
     hold held all along, then sent the request the client had left (the backend
     generated the whole answer: 40 tokens for nobody, the client's two slots used)."""
     token = await gw.new_user()
-    faults = gw.backends.faults_for(MOCK)
     messages = [{"role": "user", "content": "left early [[mock tokens=40]]"}]
     grant = await gw.init_ok(token, {"messages": messages})
-    body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": stream})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    body = {"model": "mock-fast", "messages": messages, "stream": stream}
     requests_before = gw.stats.requests
-    faults.stalled.clear()
-    faults.stall_headers = 1  # the backend's answer does not start until released
-    try:
-        client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
-        await faults.stalled.wait()
-        client.cancel()  # the client gives up waiting: its connection closes
-        with contextlib.suppress(asyncio.CancelledError):
-            await client
+    async with scenario.backend_headers_stalled(gw) as faults:
+        await scenario.leave(await scenario.ask_until_the_backend_stalls(gw, faults, grant, body))
         record = await gw.wait_usage(token, grant["reservation_id"], within=5)
-    finally:
-        faults.stall_headers = 0
-        faults.release.set()  # let a stall the edge still waits on go
-    await asyncio.sleep(0)
-    faults.release.clear()
     assert record["status"] == "cancelled"
     assert record["output_tokens"] == 0
     assert gw.stats.requests == requests_before  # the answer was never asked for
@@ -391,19 +377,10 @@ async def test_a_revocation_ends_a_whole_answer_in_progress(gw: Gateway) -> None
     12 s, 200 with all 600 tokens, reported and billed `completed`; a streamed one
     ends within a second, `revoked`."""
     token = await gw.new_user()
-    messages = [{"role": "user", "content": "whole [[mock tokens=600 delay_ms=20]]"}]
-    grant = await gw.init_ok(token, {"messages": messages})
+    grant = await gw.init_ok(token, {"messages": scenario.LONG_ANSWER})
     stats = gw.stats
-    active, cancelled = stats.active, stats.cancelled
-    body = {"model": "mock-fast", "messages": messages, "stream": False}
-    answer = asyncio.create_task(gw.complete(grant["stream_token"], body))
-    await eventually(lambda: stats.active > active, "the whole answer under way")
-    revoked = await gw.admin(
-        "POST", "/v1/admin/revocations", json={"jti": jti_of(grant["stream_token"])}
-    )
-    assert revoked.status_code == 201, revoked.text
-    async with asyncio.timeout(6):  # a bound: the watcher passes every second
-        status, error = await answer
+    cancelled = stats.cancelled
+    status, error = await scenario.revoke_a_whole_answer_midway(gw, grant)
     assert (status, error["error"]["code"]) == (401, "revoked")
     await eventually(lambda: stats.cancelled == cancelled + 1, "the backend's answer cancelled")
     record = await gw.wait_usage(token, grant["reservation_id"])
@@ -429,19 +406,11 @@ async def test_opening_the_backend_cannot_outlive_the_maximum_stream_life(
     state = gw.edge_state("short-lived")
     state.settings = dataclasses.replace(state.settings, max_stream_seconds=0.5)
     token = await gw.new_user()
-    faults = gw.backends.faults_for(MOCK)
     messages = [{"role": "user", "content": "slow to answer [[mock tokens=5]]"}]
     grant = await gw.init_ok(token, {"messages": messages})
     body = {"model": "mock-fast", "messages": messages, "stream": stream}
-    faults.stall_headers = 1  # the backend's answer does not start until released
-    try:
-        async with asyncio.timeout(5):  # a bound on a broken test: the life is 0.5 s
-            status, error = await gw.complete(grant["stream_token"], body, edge="short-lived")
-    finally:
-        faults.stall_headers = 0
-        faults.release.set()
-        await asyncio.sleep(0)
-        faults.release.clear()
+    async with scenario.backend_headers_stalled(gw), asyncio.timeout(5):  # the life is 0.5 s
+        status, error = await gw.complete(grant["stream_token"], body, edge="short-lived")
     assert (status, error["error"]["code"]) == (504, "upstream_timeout")
     record = await gw.wait_usage(token, grant["reservation_id"])
     assert (record["status"], record["cost"]) == ("failed", "0.000000")
@@ -459,27 +428,14 @@ async def test_a_report_cut_by_the_servers_cancellation_is_still_stored(
     Measured before the fix: a whole answer of 40 tokens generated, its report never
     stored (its hold, with no checkpoint, released unbilled at its deadline)."""
     state = gw.edge_state()
-    reached, go_on = asyncio.Event(), asyncio.Event()
-    enqueue = state.outbox.enqueue
-
-    async def slow_enqueue(*args: Any, **kwargs: Any) -> None:
-        reached.set()
-        await go_on.wait()  # a store answering slowly at the shutdown
-        await enqueue(*args, **kwargs)
-
-    monkeypatch.setattr(state.outbox, "enqueue", slow_enqueue)
+    reached, go_on = scenario.slow_report_store(gw, monkeypatch)
     token = await gw.new_user()
     messages = [{"role": "user", "content": "reported [[mock tokens=40]]"}]
     grant = await gw.init_ok(token, {"messages": messages})
     body = {"model": "mock-fast", "messages": messages, "stream": False}
     asking = asyncio.create_task(gw.complete(grant["stream_token"], body))
     await reached.wait()
-    (request,) = [e for e in gw.clients._open if not e.task.done()]
-    request.task.cancel()  # the server's graceful time is over
-    await asyncio.sleep(0)
-    go_on.set()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asking, 5)
+    await scenario.cancel_as_the_server(gw, asking, go_on)
     monkeypatch.undo()
     record = await gw.wait_usage(token, grant["reservation_id"], within=5)
     assert (record["status"], record["output_tokens"]) == ("completed", 40)

@@ -10,17 +10,15 @@ while the backend opened or while it answered. Through the in-process gateway
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import pytest_asyncio
 
-from tests.inproc import MOCK, Gateway, events, eventually, gateway_env, opened
-from tests.token_claims import jti_of
+from tests import edge_scenarios as scenario
+from tests.inproc import Gateway, events, eventually, gateway_env, opened
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -130,27 +128,15 @@ async def test_a_client_leaving_while_the_backend_opens_moves_the_metrics_once(
     gw: Gateway, stream: bool
 ) -> None:
     access = await gw.new_user()
-    faults = gw.backends.faults_for(MOCK)
     messages = [{"role": "user", "content": "left early [[mock tokens=40]]"}]
     grant = await gw.init_ok(access, {"messages": messages})
-    body = orjson.dumps({"model": "mock-fast", "messages": messages, "stream": stream})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    body = {"model": "mock-fast", "messages": messages, "stream": stream}
     before = snapshot(gw)
-    faults.stalled.clear()
-    faults.stall_headers = 1
-    try:
-        client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
-        await faults.stalled.wait()
+    async with scenario.backend_headers_stalled(gw) as faults:
+        client = await scenario.ask_until_the_backend_stalls(gw, faults, grant, body)
         assert snapshot(gw)["active"] == before["active"] + 1  # opening: active
-        client.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await client
+        await scenario.leave(client)
         moved, record = await until_reported(gw, access, grant, before, "edge")
-    finally:
-        faults.stall_headers = 0
-        faults.release.set()
-        await asyncio.sleep(0)
-        faults.release.clear()
     assert record["status"] == "cancelled"
     assert_once(moved, record, errors=0)
 
@@ -158,20 +144,9 @@ async def test_a_client_leaving_while_the_backend_opens_moves_the_metrics_once(
 @on_loop
 async def test_a_whole_answer_revoked_in_progress_moves_the_metrics_once(gw: Gateway) -> None:
     access = await gw.new_user()
-    messages = [{"role": "user", "content": "whole [[mock tokens=600 delay_ms=20]]"}]
-    grant = await gw.init_ok(access, {"messages": messages})
-    stats = gw.stats
-    active = stats.active
+    grant = await gw.init_ok(access, {"messages": scenario.LONG_ANSWER})
     before = snapshot(gw)
-    body = {"model": "mock-fast", "messages": messages, "stream": False}
-    answer = asyncio.create_task(gw.complete(grant["stream_token"], body))
-    await eventually(lambda: stats.active > active, "the whole answer under way")
-    revoked = await gw.admin(
-        "POST", "/v1/admin/revocations", json={"jti": jti_of(grant["stream_token"])}
-    )
-    assert revoked.status_code == 201, revoked.text
-    async with asyncio.timeout(6):  # a bound: the watcher passes every second
-        status, _ = await answer
+    status, _ = await scenario.revoke_a_whole_answer_midway(gw, grant)
     assert status == 401
     moved, record = await until_reported(gw, access, grant, before, "edge")
     assert record["status"] == "revoked"
@@ -193,20 +168,12 @@ async def test_the_maximum_life_reached_while_opening_moves_the_metrics_once(
     state = gw.edge_state(name)
     state.settings = dataclasses.replace(state.settings, max_stream_seconds=0.5)
     access = await gw.new_user()
-    faults = gw.backends.faults_for(MOCK)
     messages = [{"role": "user", "content": "slow to answer [[mock tokens=5]]"}]
     grant = await gw.init_ok(access, {"messages": messages})
     body = {"model": "mock-fast", "messages": messages, "stream": stream}
     before = snapshot(gw, name)
-    faults.stall_headers = 1
-    try:
-        async with asyncio.timeout(5):  # a bound on a broken test: the life is 0.5 s
-            status, _ = await gw.complete(grant["stream_token"], body, edge=name)
-    finally:
-        faults.stall_headers = 0
-        faults.release.set()
-        await asyncio.sleep(0)
-        faults.release.clear()
+    async with scenario.backend_headers_stalled(gw), asyncio.timeout(5):  # the life is 0.5 s
+        status, _ = await gw.complete(grant["stream_token"], body, edge=name)
     assert status == 504
     moved, record = await until_reported(gw, access, grant, before, name)
     assert record["status"] == "failed"
@@ -222,40 +189,19 @@ async def test_a_server_cancellation_moves_the_metrics_once(
     (uvicorn's `task.cancel()`): while the backend opens (a `failed` report, no
     backend error: the edge stopped) or while the report goes to the store (the
     report runs on in its own task: counted once, `completed`)."""
-    state = gw.edge_state()
     reached, go_on = asyncio.Event(), asyncio.Event()
-    faults = gw.backends.faults_for(MOCK)
     if when == "reporting":
-        enqueue = state.outbox.enqueue
-
-        async def slow_enqueue(*args: Any, **kwargs: Any) -> None:
-            reached.set()
-            await go_on.wait()
-            await enqueue(*args, **kwargs)
-
-        monkeypatch.setattr(state.outbox, "enqueue", slow_enqueue)
+        reached, go_on = scenario.slow_report_store(gw, monkeypatch)
     access = await gw.new_user()
     messages = [{"role": "user", "content": "cut by the server [[mock tokens=40]]"}]
     grant = await gw.init_ok(access, {"messages": messages})
     body = {"model": "mock-fast", "messages": messages, "stream": False}
     before = snapshot(gw)
-    faults.stalled.clear()
-    faults.stall_headers = 1 if when == "opening" else 0
-    try:
+    async with scenario.backend_headers_stalled(gw, 1 if when == "opening" else 0) as faults:
         asking = asyncio.create_task(gw.complete(grant["stream_token"], body))
         await (reached.wait() if when == "reporting" else faults.stalled.wait())
-        (request,) = [e for e in gw.clients._open if not e.task.done()]
-        request.task.cancel()  # the server's graceful time is over
-        await asyncio.sleep(0)
-        go_on.set()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(asking, 5)
+        await scenario.cancel_as_the_server(gw, asking, go_on)
         monkeypatch.undo()
         moved, record = await until_reported(gw, access, grant, before, "edge")
-    finally:
-        faults.stall_headers = 0
-        faults.release.set()
-        await asyncio.sleep(0)
-        faults.release.clear()
     assert record["status"] == ("completed" if when == "reporting" else "failed")
     assert_once(moved, record, errors=0)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
-import psycopg
 import pytest
 import redis
 
@@ -20,10 +18,11 @@ from shared.sse import ServerSentEvent, SSEDecoder
 from shared.stash import stash_key
 from shared.store_memory import MemoryStore
 from tests.conftest import REDIS_URL
-from tests.polling import wait_until
+from tests.midstream import events_acting_midway
+from tests.session_races import turn_and_delete_queued
 from tests.stack import InProcessStack, base_env, postgres_env
 from tests.test_control_plane import CP, data_of
-from tests.test_identity_owners import _lock_waiters, _raw_url, pg_cp
+from tests.test_identity_owners import pg_cp
 
 __all__ = ["pg_cp"]
 
@@ -76,18 +75,12 @@ def test_a_deleted_sessions_streams_end_and_nothing_replays_or_starts_them(
     stashed = stack.settings.redis_prefix + stash_key(company_id, _jti(unused))
     try:
         assert store.exists(stashed)
-        decoder = SSEDecoder()
-        events: list[ServerSentEvent] = []
-        deleted_at = None
-        with httpx.stream("GET", running["stream_url"], timeout=10) as r:
-            assert r.status_code == 200
-            for raw in r.iter_raw():
-                events.extend(decoder.feed(raw))
-                if deleted_at is None and sum(e.event == "chunk" for e in events) >= 5:
-                    answer = c.as_user(owner, "DELETE", f"/v1/sessions/{session_id}")
-                    assert answer.status_code == 204, answer.text
-                    deleted_at = len(events)
-        assert deleted_at is not None
+
+        def delete_the_session() -> None:
+            answer = c.as_user(owner, "DELETE", f"/v1/sessions/{session_id}")
+            assert answer.status_code == 204, answer.text
+
+        events, deleted_at = events_acting_midway(running["stream_url"], delete_the_session)
         chunks = sum(e.event == "chunk" for e in events)
         assert events[-1].event == "error", f"ran on to its end: {chunks} chunks"
         assert json.loads(events[-1].data)["code"] == "revoked"
@@ -125,20 +118,8 @@ def test_a_turn_racing_the_sessions_deletion_holds_nothing_and_mints_no_token(
     client, _ = pg_cp.owner_client("10")
     session_id = data_of(client.post("/v1/chat/init", json={"query": "hi"}), 201)["session_id"]
     held_before = data_of(client.get("/v1/me"))["credits"]["held"]
-    url = _raw_url(pg_cp)
-    with (
-        ThreadPoolExecutor(2) as pool,
-        psycopg.connect(url) as locker,
-        psycopg.connect(url, autocommit=True) as watcher,
-    ):
-        locker.execute("SELECT id FROM chat_sessions WHERE id = %s FOR UPDATE", (session_id,))
-        deleted = pool.submit(client.delete, f"/v1/sessions/{session_id}")
-        wait_until(lambda: _lock_waiters(watcher) == 1, "the delete never waited")
-        turn = {"query": "and then?", "session_id": session_id}
-        init = pool.submit(client.post, "/v1/chat/init", json=turn)
-        wait_until(lambda: _lock_waiters(watcher) == 2, "the turn never waited on the session")
-        locker.rollback()
-        answers = [deleted.result(), init.result()]
+    turned, deleted = turn_and_delete_queued(pg_cp, client, session_id, turn_first=False)
+    answers = [deleted, turned]
     assert answers[0].status_code == 204, answers[0].text
     assert answers[1].status_code == 404, answers[1].text
     assert answers[1].json()["error"]["code"] == "session_not_found"

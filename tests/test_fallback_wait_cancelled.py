@@ -16,9 +16,9 @@ at once and holds its first token until the test lets it go.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -29,10 +29,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.edge_scenarios import leave
 from tests.inproc import Gateway, eventually, gateway_env
 from tests.test_edge_metrics_agree import assert_once, snapshot, until_reported
 
 on_loop = pytest.mark.asyncio(loop_scope="module")
+MESSAGES = [{"role": "user", "content": "hello"}]
 
 BACKEND = "http://first.test"
 MODEL = {
@@ -103,24 +105,38 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
         yield gw
 
 
+async def _a_grant_before_a_held_backend(
+    gw: Gateway,
+) -> tuple[FirstTokenHeld, str, dict[str, Any]]:
+    """A new backend holding its first token (routed at `BACKEND`), a new user, and
+    the user's grant for `slow-first`: the backend, the user's token, the grant."""
+    backend = FirstTokenHeld()
+    app = Starlette(routes=[Route("/v1/chat/completions", backend.completions, methods=["POST"])])
+    gw.backends.route(BACKEND, app)
+    token = await gw.new_user()
+    grant = await gw.init_ok(token, {"model": "slow-first", "messages": MESSAGES})
+    return backend, token, grant
+
+
+async def _ask_until_held(
+    gw: Gateway, backend: FirstTokenHeld, grant: dict[str, Any]
+) -> asyncio.Task[Any]:
+    """The client's streamed request, once the edge waits on the backend's first token."""
+    body = orjson.dumps({"model": "slow-first", "messages": MESSAGES, "stream": True})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
+    await eventually(lambda: backend.waiting == 1, "the edge waits for the first token")
+    return client
+
+
 @on_loop
 async def test_a_client_leaving_during_the_first_token_wait_closes_the_backend(
     gateway: Gateway,
 ) -> None:
-    gw, backend = gateway, FirstTokenHeld()
-    app = Starlette(routes=[Route("/v1/chat/completions", backend.completions, methods=["POST"])])
-    gw.backends.route(BACKEND, app)
-    token = await gw.new_user()
-    messages = [{"role": "user", "content": "hello"}]
-    grant = await gw.init_ok(token, {"model": "slow-first", "messages": messages})
-    body = orjson.dumps({"model": "slow-first", "messages": messages, "stream": True})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
-    client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
+    gw = gateway
+    backend, token, grant = await _a_grant_before_a_held_backend(gw)
     try:
-        await eventually(lambda: backend.waiting == 1, "the edge waits for the first token")
-        client.cancel()  # the client gives up waiting: its connection closes
-        with contextlib.suppress(asyncio.CancelledError):
-            await client
+        await leave(await _ask_until_held(gw, backend, grant))
         record = await gw.wait_usage(token, grant["reservation_id"], within=5)
         assert record["status"] == "cancelled"
         # The backend's answer is closed, not left to run on for nobody.
@@ -138,25 +154,15 @@ async def test_a_first_token_wait_cancelled_moves_the_edge_metrics_once(
     """The client leaving while the chain waits for a first token: one `cancelled`
     stream, the active gauge back where it was, its tokens as its record has them, no
     backend error and no fallback counted (the chain never moved on)."""
-    gw, backend = gateway, FirstTokenHeld()
-    app = Starlette(routes=[Route("/v1/chat/completions", backend.completions, methods=["POST"])])
-    gw.backends.route(BACKEND, app)
-    token = await gw.new_user()
-    messages = [{"role": "user", "content": "hello"}]
-    grant = await gw.init_ok(token, {"model": "slow-first", "messages": messages})
-    body = orjson.dumps({"model": "slow-first", "messages": messages, "stream": True})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    gw = gateway
+    backend, token, grant = await _a_grant_before_a_held_backend(gw)
     registry = gw.edge_state().metrics.registry
     before = snapshot(gw)
     fallbacks = registry.get_sample_value(
         "llmgw_edge_fallbacks_total", {"from_model": "slow-first", "to_model": "spare"}
     )
-    client = asyncio.create_task(gw.post("/v1/chat/completions", body, headers))
     try:
-        await eventually(lambda: backend.waiting == 1, "the edge waits for the first token")
-        client.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await client
+        await leave(await _ask_until_held(gw, backend, grant))
         moved, record = await until_reported(gw, token, grant, before)
     finally:
         backend.go.set()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
 from shared.sse import SSEDecoder
+from tests.midstream import events_acting_midway
 from tests.polling import wait_until
 from tests.stack import InProcessStack, postgres_env
 from tests.test_identity_owners import _lock_waiters
@@ -42,18 +42,11 @@ def test_a_revoked_api_keys_stream_tokens_stop_streaming(stack: InProcessStack) 
     unused = c.init_ok(key, {"query": "later"})
     kept = c.init_ok(member, {"query": "the member's own sign-in"})
 
-    decoder = SSEDecoder()
-    events: list[Any] = []
-    revoked_at = None
-    with httpx.stream("GET", running["stream_url"], timeout=10) as r:
-        assert r.status_code == 200
-        for raw in r.iter_raw():
-            events.extend(decoder.feed(raw))
-            if revoked_at is None and sum(e.event == "chunk" for e in events) >= 5:
-                answer = c.as_user(owner, "DELETE", f"/v1/admin/api-keys/{key_id}")
-                assert answer.status_code == 204, answer.text
-                revoked_at = len(events)
-    assert revoked_at is not None
+    def revoke_the_key() -> None:
+        answer = c.as_user(owner, "DELETE", f"/v1/admin/api-keys/{key_id}")
+        assert answer.status_code == 204, answer.text
+
+    events, revoked_at = events_acting_midway(running["stream_url"], revoke_the_key)
     assert events[-1].event == "error" and json.loads(events[-1].data)["code"] == "revoked"
     assert len(events) - revoked_at < 200  # ended at the next check, not after 1000
     assert c.wait_usage(owner, running["reservation_id"])["status"] == "revoked"

@@ -12,11 +12,13 @@ promotion past what an owner may mint for now revokes the user's keys
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -237,6 +239,24 @@ def _waiting(watcher: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
+@contextlib.contextmanager
+def _queued_behind_a_promotion(
+    cp: CP, company_id: str, request: Callable[[], httpx.Response], what: str
+) -> Iterator[tuple[psycopg.Connection[Any], Future[httpx.Response]]]:
+    """A promotion's transaction holding the company's row, and `request` sent and
+    waiting on it: the promotion's statements (and its commit) are the caller's."""
+    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with (
+        ThreadPoolExecutor(1) as pool,
+        psycopg.connect(url) as promoter,
+        psycopg.connect(url, autocommit=True) as watcher,
+    ):
+        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
+        pending = pool.submit(request)
+        wait_until(lambda: _waiting(watcher) == 1 or pending.done(), f"the {what} never queued")
+        yield promoter, pending
+
+
 def test_a_key_minted_while_its_user_is_promoted_is_not_a_platform_admins(pg_cp: CP) -> None:
     """Attack: the owner's mint for a co-owner reads the co-owner's role, then the
     platform's promotion of the co-owner commits (finding no key to revoke), then the
@@ -274,15 +294,8 @@ def test_an_owner_revoking_a_user_as_it_is_promoted_does_not_disable_a_platform_
     company_id = cp.company("1")
     owner = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
     member = cp.user(company_id, "member", password=None)
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with (
-        ThreadPoolExecutor(1) as pool,
-        psycopg.connect(url) as promoter,
-        psycopg.connect(url, autocommit=True) as watcher,
-    ):
-        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
-        revoking = pool.submit(owner.post, "/v1/admin/revocations", json={"user_id": member["id"]})
-        wait_until(lambda: _waiting(watcher) == 1 or revoking.done(), "the revocation never queued")
+    revoke = functools.partial(owner.post, "/v1/admin/revocations", json={"user_id": member["id"]})
+    with _queued_behind_a_promotion(cp, company_id, revoke, "revocation") as (promoter, revoking):
         promoter.execute("UPDATE users SET role = 'admin' WHERE id = %s", (member["id"],))
         promoter.commit()
     error_of(revoking.result(), 404, "not_found")
@@ -303,15 +316,8 @@ def test_a_key_minted_while_its_user_is_promoted_does_not_deadlock(pg_cp: CP) ->
     company_id = cp.company("1")
     rogue = cp.client(cp.api_key(cp.user(company_id, "owner", password=None)["id"]))
     colleague = cp.user(company_id, "owner", password=None)
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with (
-        ThreadPoolExecutor(1) as pool,
-        psycopg.connect(url) as promoter,
-        psycopg.connect(url, autocommit=True) as watcher,
-    ):
-        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
-        mint = pool.submit(rogue.post, "/v1/admin/api-keys", json={"user_id": colleague["id"]})
-        wait_until(lambda: _waiting(watcher) == 1 or mint.done(), "the mint never queued")
+    minting = functools.partial(rogue.post, "/v1/admin/api-keys", json={"user_id": colleague["id"]})
+    with _queued_behind_a_promotion(cp, company_id, minting, "mint") as (promoter, mint):
         try:
             promoter.execute("UPDATE users SET role = 'admin' WHERE id = %s", (colleague["id"],))
         except psycopg.errors.DeadlockDetected:
@@ -337,15 +343,8 @@ def test_a_key_revoked_while_its_user_is_promoted_does_not_deadlock(pg_cp: CP) -
     cp.api_key(colleague["id"])
     listed = data_of(cp.admin.get("/v1/admin/api-keys", params={"user_id": colleague["id"]}))
     key_id = listed["items"][0]["id"]
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with (
-        ThreadPoolExecutor(1) as pool,
-        psycopg.connect(url) as promoter,
-        psycopg.connect(url, autocommit=True) as watcher,
-    ):
-        promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
-        revoking = pool.submit(owner.delete, f"/v1/admin/api-keys/{key_id}")
-        wait_until(lambda: _waiting(watcher) == 1 or revoking.done(), "the revocation never queued")
+    revoke = functools.partial(owner.delete, f"/v1/admin/api-keys/{key_id}")
+    with _queued_behind_a_promotion(cp, company_id, revoke, "revocation") as (promoter, revoking):
         try:
             promoter.execute("UPDATE users SET role = 'admin' WHERE id = %s", (colleague["id"],))
             promoter.execute(

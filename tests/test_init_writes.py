@@ -6,10 +6,10 @@ hold."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -18,12 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from control_plane import chat_sessions, hot_statements, init_writes
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
-from control_plane.grants import move
 from control_plane.ledger import hold_entry, take_hold
 from control_plane.migrate import upgrade
-from control_plane.tables import Company, Reservation, User, new_id, utcnow
+from control_plane.tables import Reservation, new_id, utcnow
+from tests.ledger_db import FundedCompany, migrated_sessions
 
-T = TypeVar("T")
 BALANCE = 10_000
 LIMITS = chat_sessions.SessionLimits(max_messages=10, max_bytes=100)
 
@@ -56,39 +55,9 @@ def new_reservation(company_id: str, user_id: str, hold: int) -> init_writes.New
     )
 
 
-class Tenant:
+class Tenant(FundedCompany):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-        self.company_id, self.user_id = new_id(), new_id()
-
-        def setup(s: Session) -> None:
-            s.add(Company(id=self.company_id, name=self.company_id, created_at=utcnow()))
-            s.flush()
-            s.add(
-                User(
-                    id=self.user_id,
-                    company_id=self.company_id,
-                    email=f"{self.user_id}@x.io",
-                    role="owner",
-                    created_at=utcnow(),
-                )
-            )
-            s.flush()
-            move(
-                s,
-                self.company_id,
-                BALANCE,
-                kind="grant",
-                reason=None,
-                actor="admin-token",
-                request_id=None,
-            )
-
-        self.tx(setup)
-
-    def tx(self, fn: Callable[[Session], T]) -> T:
-        with self.sessions.begin() as session:
-            return fn(session)
+        super().__init__(sessions, BALANCE)
 
     def reservation(self, hold: int) -> init_writes.NewReservation:
         return new_reservation(self.company_id, self.user_id, hold)
@@ -100,12 +69,8 @@ class Tenant:
 
 @pytest.fixture
 def company(migrated_pg_url: str) -> Iterator[Tenant]:
-    upgrade(migrated_pg_url)
-    engine = create_sync_engine(migrated_pg_url)
-    try:
-        yield Tenant(sessionmaker(engine, expire_on_commit=False))
-    finally:
-        engine.dispose()
+    with migrated_sessions(migrated_pg_url) as sessions:
+        yield Tenant(sessions)
 
 
 def test_the_statements_columns_are_what_their_rows_hold() -> None:

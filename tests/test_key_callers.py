@@ -778,32 +778,16 @@ async def test_a_key_caller_cancelled_before_its_stream_gives_its_hold_back_once
         state = gw.edge_state()
         held = HeldAdmit(gw.store.admit, ran_first)
         monkeypatch.setattr(gw.store, "admit", held)
-        reports: list[str] = []
-        enqueue = state.outbox.enqueue
-
-        async def counted(event: Any, release: Any = None) -> None:
-            reports.append(event.jti)
-            await enqueue(event, release)
-
-        monkeypatch.setattr(state.outbox, "enqueue", counted)
+        reports = _counted_reports(state, monkeypatch)
         caller = asyncio.create_task(gw.complete(key, HI))
         await held.reached.wait()
         await gw.clients.aclose()  # the server shuts down: the request task is cancelled
         with contextlib.suppress(Exception):
             await caller
 
-        async def usage() -> list[dict[str, Any]]:
-            answer = await gw.http.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
-            assert answer.status_code == 200, answer.text
-            items: list[dict[str, Any]] = answer.json()["data"]["items"]
-            return items
-
-        async def given_back() -> bool:
-            return (await gw.credits(key))["held"] == "0.000000" and len(await usage()) == 1
-
-        await eventually(given_back, "the hold given back", within=5)
+        await eventually(lambda: _given_back(gw, key), "the hold given back", within=5)
         assert len(reports) == 1
-        (record,) = await usage()
+        (record,) = await _usage_of(gw, key)
         assert record["status"] == "failed"
         assert record["output_tokens"] == 0
         # The stream slot (the user's only one) is free: the next call streams.
@@ -848,6 +832,18 @@ class SlowVerify:
         self.reached.set()
         await self.release.wait()
         return await self.inner(token)
+
+
+async def _usage_of(gw: Gateway, key: str) -> list[dict[str, Any]]:
+    answer = await gw.http.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 200, answer.text
+    items: list[dict[str, Any]] = answer.json()["data"]["items"]
+    return items
+
+
+async def _given_back(gw: Gateway, key: str) -> bool:
+    """The key's hold released and its one usage record stored."""
+    return (await gw.credits(key))["held"] == "0.000000" and len(await _usage_of(gw, key)) == 1
 
 
 def _counted_reports(state: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -909,20 +905,11 @@ async def test_a_key_caller_cancelled_during_its_init_gives_the_hold_back_once(
             monkeypatch.setattr(internal, "serve_init", parked)
         await _cancel_while_parked(gw, key, parked)
 
-        async def usage() -> list[dict[str, Any]]:
-            answer = await gw.http.get("/v1/usage", headers={"Authorization": f"Bearer {key}"})
-            assert answer.status_code == 200, answer.text
-            items: list[dict[str, Any]] = answer.json()["data"]["items"]
-            return items
-
-        async def given_back() -> bool:
-            return (await gw.credits(key))["held"] == "0.000000" and len(await usage()) == 1
-
         # Bounded well below the hold's deadline (the sweeper never runs here).
-        await eventually(given_back, "the hold given back", within=5)
+        await eventually(lambda: _given_back(gw, key), "the hold given back", within=5)
         assert (await gw.credits(key))["available"] == before["available"]
         assert len(reports) == 1
-        (record,) = await usage()
+        (record,) = await _usage_of(gw, key)
         assert record["status"] == "failed"
         assert record["output_tokens"] == 0
         # The next call streams, and is its own report: nothing was given back twice.
@@ -933,7 +920,7 @@ async def test_a_key_caller_cancelled_during_its_init_gives_the_hold_back_once(
         assert len(reports) == 1
 
         async def both_settled() -> bool:
-            return len(await usage()) == 2
+            return len(await _usage_of(gw, key)) == 2
 
         await eventually(both_settled, "the next call settled", within=5)
         assert (await gw.credits(key))["held"] == "0.000000"

@@ -550,18 +550,9 @@ async def test_one_companys_request_every_platform_key_limits_rests_none(
 def test_a_fallback_is_billed_at_its_own_cache_rates() -> None:
     """A chain entry keeps the fallback's cache rates, so its cached input is billed
     at them, not at the first choice's (nor silently at the full input rate)."""
+    cache_rates = {"price_cached_input_per_mtok": "0.3", "price_cache_write_per_mtok": "3.75"}
     reservation: Any = SimpleNamespace(
-        model="big",
-        fallbacks=[
-            {
-                "model": "mid",
-                "provider": "anthropic",
-                "price_input_per_mtok": "3",
-                "price_output_per_mtok": "6",
-                "price_cached_input_per_mtok": "0.3",
-                "price_cache_write_per_mtok": "3.75",
-            }
-        ],
+        model="big", fallbacks=[{**CHAINED.fallbacks[0], **cache_rates}]
     )
     assert served_price(reservation, "mid") == (
         "anthropic",

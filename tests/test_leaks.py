@@ -20,6 +20,7 @@ import pytest_asyncio
 from llm_gateway import cli
 from mock_llm import openai_api
 from shared.logs import JsonFormatter
+from shared.sse import ServerSentEvent
 from shared.webhooks import generate_secret
 from stream_edge.upstream.anthropic_messages import AnthropicMessagesAdapter
 from stream_edge.upstream.base import VENDOR_ERROR, Adapter, Failure, parser_for
@@ -53,6 +54,21 @@ async def _member_of_company_with_key(gw: Gateway, key: str) -> str:
     return token
 
 
+async def _stream_failing_after_three_tokens(gw: Gateway, access: str) -> list[ServerSentEvent]:
+    """A stream whose backend sends its error event after 3 tokens, streamed to its
+    end; checks its report is `failed` and returns the events the client got."""
+    query = "hello [[mock tokens=8 error_after=3]]"
+    grant = await gw.init_ok(access, {"query": query})
+    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
+    body = orjson.dumps({"stream": True, "messages": [{"role": "user", "content": query}]})
+    async with opened(await gw.post("/v1/chat/completions", body, headers)) as response:
+        assert response.status_code == 200
+        got = await events(response)
+    record = await gw.wait_usage(access, grant["reservation_id"])
+    assert record["status"] == "failed"
+    return got
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_backend_echoing_the_key_it_was_sent_into_its_error_never_logs_it(
     gw: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -66,15 +82,7 @@ async def test_a_backend_echoing_the_key_it_was_sent_into_its_error_never_logs_i
 
     monkeypatch.setattr(openai_api.ChunkFrames, "error", echoing)
     caplog.set_level(logging.INFO)
-    query = "hello [[mock tokens=8 error_after=3]]"
-    grant = await gw.init_ok(access, {"query": query})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
-    body = orjson.dumps({"stream": True, "messages": [{"role": "user", "content": query}]})
-    async with opened(await gw.post("/v1/chat/completions", body, headers)) as response:
-        assert response.status_code == 200
-        got = await events(response)
-    record = await gw.wait_usage(access, grant["reservation_id"])
-    assert record["status"] == "failed"
+    got = await _stream_failing_after_three_tokens(gw, access)
     assert not [e.data for e in got if key in e.data]  # the client is told nothing of it
     assert [r for r in caplog.records if "upstream error event" in r.getMessage()]
     lines = [JsonFormatter().format(r) for r in caplog.records]
@@ -137,15 +145,7 @@ async def test_a_backend_echoing_the_key_inside_a_structured_error_never_logs_it
 
     monkeypatch.setattr(openai_api.ChunkFrames, "error", echoing)
     caplog.set_level(logging.INFO)
-    query = "hello [[mock tokens=8 error_after=3]]"
-    grant = await gw.init_ok(access, {"query": query})
-    headers = {"Authorization": f"Bearer {grant['stream_token']}"}
-    body = orjson.dumps({"stream": True, "messages": [{"role": "user", "content": query}]})
-    async with opened(await gw.post("/v1/chat/completions", body, headers)) as response:
-        assert response.status_code == 200
-        got = await events(response)
-    record = await gw.wait_usage(access, grant["reservation_id"])
-    assert record["status"] == "failed"
+    got = await _stream_failing_after_three_tokens(gw, access)
     assert not [e.data for e in got if secret in e.data]
     logged = [r for r in caplog.records if "upstream error event" in r.getMessage()]
     assert logged and "quota exceeded" in logged[0].getMessage()

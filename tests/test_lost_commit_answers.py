@@ -9,30 +9,26 @@ duplicate, charged once. In-process (ASGITransport) on PostgreSQL + Redis."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import threading
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import orjson
-import psycopg
 import pytest
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 from sqlmodel import col
 
-from control_plane import db as db_module
 from control_plane import init_writes, late_settlements, settlement_batch, webhook_settlement
-from control_plane.app import create_app
 from control_plane.books import check_books
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
 from shared.webhooks import sign
+from tests.asgi_cp import new_owner as _member
+from tests.asgi_cp import served as _served
 from tests.inproc import eventually
+from tests.lost_commits import lose_the_answer_of as _lose_the_answer_of
+from tests.lost_commits import lose_the_transaction_answer_of as _lose_the_transaction_answer_of
 from tests.test_control_plane import ADMIN_TOKEN, pg_settings, usage_event
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -43,90 +39,6 @@ BODY = {"query": "hello", "max_tokens": 50}
 def settings(pg_server: str) -> Iterator[Any]:
     with pg_settings(pg_server) as value:
         yield value
-
-
-@contextlib.asynccontextmanager
-async def _served(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://cp.test") as client:
-            yield app, client
-
-
-async def _member(client: httpx.AsyncClient, credits: str) -> tuple[dict[str, str], str]:
-    r = await client.post(
-        "/v1/admin/companies",
-        json={"name": f"lost-{uuid.uuid4().hex[:8]}", "credits": credits},
-        headers=ADMIN,
-    )
-    company_id = r.json()["data"]["id"]
-    r = await client.post(
-        "/v1/admin/users",
-        json={"company_id": company_id, "email": f"{company_id}@example.com", "role": "owner"},
-        headers=ADMIN,
-    )
-    r = await client.post(
-        "/v1/admin/api-keys", json={"user_id": r.json()["data"]["id"]}, headers=ADMIN
-    )
-    return {"Authorization": f"Bearer {r.json()['data']['key']}"}, company_id
-
-
-def _lose_the_answer_of(
-    monkeypatch: pytest.MonkeyPatch,
-    module: Any,
-    name: str,
-    cut: list[str],
-    *,
-    commits: bool = True,
-) -> None:
-    """The unit running `module.name` commits (or, not `commits`, rolls back), then
-    its caller hears what a cut connection says (once): armed on that unit's thread
-    only."""
-    real, real_end = getattr(module, name), db_module._PooledUnit.end
-    marked: set[int] = set()
-
-    def mark(*args: Any, **kwargs: Any) -> Any:
-        if not cut:
-            marked.add(threading.get_ident())
-        return real(*args, **kwargs)
-
-    def end_then_connection_lost(unit: Any, commit: bool) -> None:
-        armed = commit and threading.get_ident() in marked
-        real_end(unit, commit and (commits or not armed))
-        if armed:
-            marked.discard(threading.get_ident())
-            cut.append("after the commit" if commits else "before the commit")
-            lost = psycopg.OperationalError("server closed the connection unexpectedly")
-            raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
-
-    monkeypatch.setattr(module, name, mark)
-    monkeypatch.setattr(db_module._PooledUnit, "end", end_then_connection_lost)
-
-
-def _lose_the_transaction_answer_of(
-    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]
-) -> None:
-    """`_lose_the_answer_of` for a `Database.transaction` (a session's COMMIT)."""
-    real, real_in = getattr(module, name), db_module.Database._in_transaction
-    marked: set[int] = set()
-
-    def mark(*args: Any, **kwargs: Any) -> Any:
-        if not cut:
-            marked.add(threading.get_ident())
-        return real(*args, **kwargs)
-
-    def commit_then_connection_lost(db: Any, fn: Any) -> Any:
-        result = real_in(db, fn)
-        if threading.get_ident() in marked:
-            marked.discard(threading.get_ident())
-            cut.append("after the commit")
-            lost = psycopg.OperationalError("server closed the connection unexpectedly")
-            raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
-        return result
-
-    monkeypatch.setattr(module, name, mark)
-    monkeypatch.setattr(db_module.Database, "_in_transaction", commit_then_connection_lost)
 
 
 def _micro(credits: str) -> int:
@@ -254,6 +166,19 @@ def _money_counters(app: Any) -> dict[str, int]:
     }
 
 
+async def _counted_once(app: Any, before: dict[str, int], expected: dict[str, int]) -> None:
+    """The money counters moved by `expected` since `before`, and nothing more comes of it."""
+
+    def moved() -> dict[str, int]:
+        now = _money_counters(app)
+        return {k: now[k] - before[k] for k in ("charged", "released")}
+
+    await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+    assert moved() == expected
+
+
 @pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
 async def test_a_settlement_whose_answer_was_lost_is_counted_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch, commits: bool
@@ -294,16 +219,7 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_once(
 
         ledger = await app.state.deps.db.transaction(amounts)
         expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - before[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
-        # Once: nothing more comes of it.
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-        assert moved() == expected
+        await _counted_once(app, before, expected)
 
 
 async def test_a_batch_whose_answer_was_lost_is_counted_once(
@@ -357,15 +273,7 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
         ledger = await deps.db.transaction(amounts)
         expected = {"charged": -ledger["charge"], "released": ledger["release"]}
         assert expected["charged"] > 0
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - before[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-        assert moved() == expected
+        await _counted_once(app, before, expected)
         # Each settlement counted `settled` once (its request, answered a duplicate
         # by the settlement alone after the batch, counts that answer).
         assert _webhook_counts(app)["settled"] - settled_before == 2

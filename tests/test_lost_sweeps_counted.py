@@ -7,50 +7,26 @@ PostgreSQL + Redis, a control plane on a real socket."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import col
 
 from control_plane import sweeper
-from control_plane.db import Database
 from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import LedgerEntry
 from shared.checkpoints import checkpoint_key
+from tests.hold_sweeps import expire_hold as _expire
+from tests.lost_commits import lose_the_transaction_answer_of
 from tests.polling import wait_until
 from tests.test_control_plane import CP, data_of, start_cp
-from tests.test_money_views_agree import _counters, _expire
+from tests.test_money_views_agree import _counters
 from tests.test_sweeper_frees_slots import running_stream, sweep
 
 pytestmark = pytest.mark.usefixtures("pg_server")
-
-
-def _lose_the_reconciliations_answer(monkeypatch: pytest.MonkeyPatch, cut: list[str]) -> None:
-    """The next `reconcile` commits, then its caller hears a cut connection."""
-    real_reconcile, real_transaction = sweeper.reconcile, Database._in_transaction
-    marked: set[int] = set()
-
-    def mark(*args: Any, **kwargs: Any) -> Any:
-        if not cut:
-            marked.add(threading.get_ident())
-        return real_reconcile(*args, **kwargs)
-
-    def commit_then_connection_lost(db: Any, fn: Any) -> Any:
-        result = real_transaction(db, fn)  # committed
-        if threading.get_ident() in marked:
-            marked.discard(threading.get_ident())
-            cut.append("after the commit")
-            lost = psycopg.OperationalError("server closed the connection unexpectedly")
-            raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
-        return result
-
-    monkeypatch.setattr(sweeper, "reconcile", mark)
-    monkeypatch.setattr(Database, "_in_transaction", commit_then_connection_lost)
 
 
 def _ledger(cp: CP, reservation_id: str) -> dict[str, int]:
@@ -94,7 +70,7 @@ def test_a_reconciliation_whose_answer_was_lost_is_counted_once(
             _expire(cp, reservation_id)
         before = _counters(cp)
         cut: list[str] = []
-        _lose_the_reconciliations_answer(monkeypatch, cut)
+        lose_the_transaction_answer_of(monkeypatch, sweeper, "reconcile", cut)
         if kind == "silent":
             with pytest.raises(DBAPIError):
                 sweep(cp, run)

@@ -22,7 +22,7 @@ from google.genai import errors, types
 from mock_llm.app import create_app
 from mock_llm.script import Message, answer_tokens, count_prompt_tokens
 from mock_llm.tools import mock_signature
-from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.harness import served_on_a_socket
 
 KEY = "mock-key-gemini"
 PROMPT = "Tell me about gateways"
@@ -60,9 +60,8 @@ TOOLS = types.GenerateContentConfig(
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    sock = bind_free_socket()
-    with ServerGroup([(create_app(api_key=KEY), sock)]):
-        yield url_of(sock)
+    with served_on_a_socket(create_app(api_key=KEY)) as base_url:
+        yield base_url
 
 
 @pytest.fixture

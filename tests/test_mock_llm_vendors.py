@@ -24,7 +24,7 @@ from mock_llm.script import Message, answer_tokens, count_prompt_tokens
 from shared.catalog import Provider, SSEBackendSpec
 from stream_edge.upstream import adapter_for
 from stream_edge.upstream.base import Delta, Failure, Finish, Usage
-from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.harness import served_on_a_socket
 
 KEY = "mock-key-123"
 SERVICE_TOKEN = "svc-token-456"
@@ -35,9 +35,8 @@ PROMPT_TOKENS = count_prompt_tokens([Message("user", PROMPT)])
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    sock = bind_free_socket()
-    with ServerGroup([(create_app(api_key=KEY, service_token=SERVICE_TOKEN), sock)]):
-        yield url_of(sock)
+    with served_on_a_socket(create_app(api_key=KEY, service_token=SERVICE_TOKEN)) as base_url:
+        yield base_url
 
 
 @pytest.fixture

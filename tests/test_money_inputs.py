@@ -24,17 +24,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from control_plane import catalog_cache
-from control_plane.app import create_app as control_plane_app
 from control_plane.company_llm import company_catalog, route_for
 from control_plane.tables import CompanyModel
-from llm_gateway.dev import settings_from_env
-from shared.catalog import Catalog, load_catalog
+from shared.catalog import load_catalog
 from shared.input_size import (
     IMAGE_TOKENS,
     MAX_JSON_DEPTH,
@@ -48,12 +44,11 @@ from shared.input_size import (
     params_tokens,
 )
 from shared.store_memory import MemoryStore
-from stream_edge.app import create_app as edge_app
-from tests.harness import ServerGroup, bind_free_socket, url_of
+from tests.backend_gateway import PLATFORM_KEY, gateway_before
+from tests.harness import ServerGroup
 from tests.pdf_samples import as_file_part, objstm_pdf
-from tests.stack import Client, base_env, micro
+from tests.stack import Client, micro
 
-PLATFORM_KEY = "sk-platform-openai-key"
 COMPANY_KEY = "sk-company-own-key"
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
 FILE = {"type": "file", "file": {"filename": "a.pdf", "file_data": "JVBERi0x" * 64}}
@@ -119,14 +114,6 @@ class Backend:
         return Response(b"".join(frames), media_type="text/event-stream")
 
 
-def _pointed_at(catalog: Catalog, url: str) -> Catalog:
-    providers = {
-        name: dataclasses.replace(p, base_url=url) if name in ("mock", "openai") else p
-        for name, p in catalog.providers.items()
-    }
-    return dataclasses.replace(catalog, providers=providers)
-
-
 @dataclasses.dataclass
 class Gateway:
     client: Client
@@ -139,35 +126,9 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp: Path = tmp_path_factory.mktemp("money")
-    socks = [bind_free_socket() for _ in range(3)]
-    backend_sock, cp_sock, edge_sock = socks
-    env = {
-        **base_env(f"sqlite:///{tmp}/gw.db"),
-        "LLMGW_CONTROL_PLANE_URL": url_of(cp_sock),
-        "LLMGW_EDGE_PUBLIC_URL": url_of(edge_sock),
-        "LLMGW_UPSTREAM_RETRIES": "0",
-        "OPENAI_API_KEY": PLATFORM_KEY,
-    }
-    settings, edge_settings = settings_from_env(env)
-    catalog = _pointed_at(settings.catalog, f"{url_of(backend_sock)}/v1")
-    settings = dataclasses.replace(settings, catalog=catalog)
-    edge_settings = dataclasses.replace(edge_settings, catalog=catalog)
     backend = Backend()
-    store = MemoryStore()
-    apps = [
-        (Starlette(routes=[Route("/v1/chat/completions", backend.chat, methods=["POST"])]),
-         backend_sock),
-        (control_plane_app(settings, store), cp_sock),
-        (edge_app(edge_settings, store), edge_sock),
-    ]  # fmt: skip
-    client = Client(
-        url_of(cp_sock), url_of(edge_sock), url_of(backend_sock), env["LLMGW_WEBHOOK_SECRET"]
-    )
-    with ServerGroup(apps) as servers:
-        try:
-            yield Gateway(client, backend, tmp / "gw.db", store, servers)
-        finally:
-            client.close()
+    with gateway_before(f"sqlite:///{tmp}/gw.db", backend.chat) as (client, store, servers):
+        yield Gateway(client, backend, tmp / "gw.db", store, servers)
 
 
 def _owner(gw: Gateway) -> tuple[str, str]:

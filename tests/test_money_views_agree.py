@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
@@ -25,6 +25,7 @@ from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import LedgerEntry, Reservation, UsageRecord
 from shared.checkpoints import UsageCheckpoint, checkpoint_key
 from shared.pricing import MICRO
+from tests.hold_sweeps import expire_hold as _expire
 from tests.test_control_plane import CP, assert_books_balance, cp, credits_of, data_of, micro
 from tests.test_control_plane import usage_event as event_of
 from tests.token_claims import claims_of
@@ -48,19 +49,6 @@ def _counters(cp: CP) -> dict[str, float]:
 def _init(client: httpx.Client, model: str = "mock-fast") -> dict[str, Any]:
     body = {"model": model, "query": "hello", "max_tokens": 200}
     return dict(data_of(client.post("/v1/chat/init", json=body), 201))
-
-
-def _expire(cp: CP, reservation_id: str) -> None:
-    db = cp.app.state.db
-
-    def expire(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
-        )
-
-    cp.on_loop(lambda: db.transaction(expire))
 
 
 def _checkpoint(cp: CP, init: dict[str, Any], output_tokens: int, model: str | None) -> None:

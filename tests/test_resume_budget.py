@@ -13,36 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import redis
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.store_memory import MemoryStore
 from stream_edge import resume
 from stream_edge.resume import Follower, ResumeLog, events_key, gap_key
 from tests.conftest import REDIS_URL, fresh_redis_prefix
-from tests.hostile_catalog import hostile_backend_stack, openai_ending, sse_frame
+from tests.hostile_catalog import bulky_backend, hostile_backend_stack
 from tests.stack import InProcessStack
 
 BIG_DELTAS = 24
 BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
 
 
-async def _chat(request: Request) -> Response:
-    """An OpenAI-compatible backend answering `BIG_DELTAS` deltas of 1 MB each."""
-
-    async def frames() -> AsyncIterator[bytes]:
-        for _ in range(BIG_DELTAS):
-            yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        for frame in openai_ending("stop", 10, 500):
-            yield frame
-
-    return StreamingResponse(frames(), media_type="text/event-stream")
+_chat = bulky_backend(BIG_DELTAS, BIG)  # `BIG_DELTAS` deltas of 1 MB each
 
 
 @pytest.fixture(scope="module")

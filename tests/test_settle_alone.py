@@ -14,24 +14,28 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import event as sa_event
 
 from control_plane import (
     budgets,
     chat_sessions,
     hot_statements,
-    ledger,
     raw_pg,
     settlement,
     webhook_settlement,
 )
 from control_plane.books import check_books
 from control_plane.db import Database
-from control_plane.errors import Conflict
 from control_plane.migrate import upgrade
 from control_plane.tables import Budget, BudgetPeriod, new_id, utcnow
+from tests.lone_webhooks import (
+    HOLD,
+    assert_charged_without_the_reply,
+    held_turn,
+    settle_each_id_once,
+    through_sqlalchemy,
+    usage_delivery,
+)
 from tests.test_init_writes import LIMITS, Tenant
-from tests.test_settle_raw import HOLD, _turn, usage_delivery
 
 
 @pytest.fixture
@@ -68,7 +72,7 @@ def test_a_lone_webhook_runs_on_the_driver_and_begins_only_for_a_reply(
     """No reply: the reservation's read and the one write statement, each in
     autocommit. A reply: the same two, then its savepoint, the counters and the
     message, all in one transaction. None through SQLAlchemy's execution."""
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     sent: list[tuple[str, bool, psycopg.pq.TransactionStatus]] = []
     real_run = raw_pg.run
 
@@ -76,17 +80,9 @@ def test_a_lone_webhook_runs_on_the_driver_and_begins_only_for_a_reply(
         sent.append((sql.split(" ", 1)[0], driver.autocommit, driver.info.transaction_status))
         return real_run(driver, sql, params)
 
-    through_sqlalchemy: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        through_sqlalchemy.append(statement)
-
     monkeypatch.setattr(raw_pg, "run", run)
-    sa_event.listen(db.engine, "before_cursor_execute", count)
-    try:
+    with through_sqlalchemy(db.engine) as elsewhere:
         outcome = _settle(db, usage_delivery(reservation, content))
-    finally:
-        sa_event.remove(db.engine, "before_cursor_execute", count)
     assert not outcome.duplicate and outcome.charged_micro > 0
     idle, begun = psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS
     if content is None:
@@ -94,7 +90,7 @@ def test_a_lone_webhook_runs_on_the_driver_and_begins_only_for_a_reply(
     else:
         statements = ["SELECT", "WITH", "SAVEPOINT", "UPDATE", "INSERT"]
         assert sent == [(s, False, begun) for s in statements]
-    assert through_sqlalchemy == []
+    assert elsewhere == []
     messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
     assert [m["role"] for m in sorted(messages, key=lambda m: m["seq"])] == (
         ["user"] if content is None else ["user", "assistant"]
@@ -110,26 +106,7 @@ def test_a_lone_webhook_settles_once_whatever_its_id(
     leaves that one held (its own id settles it then: the 409's read ran after the
     write, in autocommit without a reply); an id arriving after the hold was
     released is recorded and DUPLICATE. One charge each, books balanced."""
-    first, second, released = _turn(tenant), _turn(tenant), _turn(tenant)
-    delivery = usage_delivery(first, content)
-    assert not _settle(db, delivery).duplicate
-    assert _settle(db, delivery) == settlement.DUPLICATE
-
-    reused = replace(usage_delivery(second, content), webhook_id=delivery.webhook_id)
-    with pytest.raises(Conflict):
-        _settle(db, reused)
-    [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
-    assert row["status"] == "active"
-    assert not _settle(db, usage_delivery(second, content)).duplicate
-
-    assert tenant.tx(lambda s: ledger.release_reservation(s, released.id, "expired", actor="t"))
-    late = usage_delivery(released, content)
-    assert _settle(db, late) == settlement.DUPLICATE
-    [claimed] = tenant.rows(hot_statements.WEBHOOK_EVENTS, webhook_id=late.webhook_id)
-    assert claimed["reservation_id"] == released.id
-    for reservation, settles in ((first, 1), (second, 1), (released, 0)):
-        assert _charges(tenant, reservation.id) == settles
-        assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == settles
+    first = settle_each_id_once(tenant, lambda delivery: _settle(db, delivery), content)
     replies = len(tenant.rows(hot_statements.MESSAGES, session_id=first.session_id)) - 1
     assert replies == (0 if content is None else 1)
     assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
@@ -141,7 +118,7 @@ def test_lone_webhooks_of_one_stream_at_once_charge_once(
 ) -> None:
     """Twins in two autocommit statements at once (the same id, or two ids): the
     second waits on the first's id or row lock, then settles nothing."""
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     first = usage_delivery(reservation, None)
     second = first if same_id else replace(first, webhook_id="usage_other")
 
@@ -165,7 +142,7 @@ def test_a_failed_reply_on_the_driver_keeps_the_charge(
 ) -> None:
     """The reply's writes then a failure: rolled back to the savepoint, the charge
     and the books committed, the session as the user left it."""
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     real_append = chat_sessions.append_reply
 
     def failing(driver: psycopg.Connection[Any], *args: Any) -> Any:
@@ -174,20 +151,13 @@ def test_a_failed_reply_on_the_driver_keeps_the_charge(
 
     monkeypatch.setattr(chat_sessions, "append_reply", failing)
     outcome = _settle(db, usage_delivery(reservation, "Hello there!"))
-    assert not outcome.duplicate and outcome.charged_micro > 0
-    [row] = tenant.rows(hot_statements.RESERVATIONS, id=reservation.id)
-    assert row["status"] == "settled" and row["charged_micro"] == outcome.charged_micro
-    [chat] = tenant.rows(hot_statements.SESSIONS, id=reservation.session_id)
-    assert (chat["message_count"], chat["content_bytes"]) == (1, 6)  # the user's "hi" and its role
-    messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
-    assert [m["role"] for m in messages] == ["user"]
-    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+    assert_charged_without_the_reply(tenant, reservation, outcome)
 
 
 def test_a_reply_to_a_full_or_gone_session_is_dropped_and_the_charge_kept(
     db: Database, tenant: Tenant
 ) -> None:
-    full, gone = _turn(tenant), _turn(tenant)
+    full, gone = held_turn(tenant), held_turn(tenant)
     tiny = chat_sessions.SessionLimits(max_messages=1, max_bytes=1_000)
     outcome = asyncio.run(
         webhook_settlement.settle_delivery(
@@ -225,7 +195,7 @@ def test_a_lone_webhook_counted_against_a_budget_moves_it_once(
             )
         )
     )
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     tenant.tx(
         lambda s: budgets.hold(
             s,

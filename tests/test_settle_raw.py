@@ -8,73 +8,32 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane import (
     chat_sessions,
     hot_statements,
-    init_writes,
-    ledger,
     raw_pg,
     settlement,
     webhook_settlement,
 )
 from control_plane.books import check_books
 from control_plane.db import create_sync_engine
-from control_plane.errors import AppError, Conflict
+from control_plane.errors import AppError
 from control_plane.migrate import upgrade
-from control_plane.tables import utcnow
-from shared.webhooks import UsageEvent
+from tests.ledger_db import migrated_sessions
+from tests.lone_webhooks import (
+    assert_charged_without_the_reply,
+    held_turn,
+    settle_each_id_once,
+    through_sqlalchemy,
+    usage_delivery,
+)
 from tests.test_init_writes import LIMITS, Tenant
-
-HOLD = 1_000
-
-
-def _turn(tenant: Tenant) -> init_writes.NewReservation:
-    """A reservation and its new session with the user's message, as init writes them."""
-    reservation = tenant.reservation(HOLD)
-    turn = init_writes.first_turn(
-        reservation.session_id,
-        tenant.company_id,
-        tenant.user_id,
-        [{"role": "user", "content": "hi"}],
-        LIMITS,
-        utcnow(),
-    )
-    assert tenant.tx(lambda s: init_writes.hold(s, reservation, turn))
-    return reservation
-
-
-def usage_delivery(
-    reservation: init_writes.NewReservation, content: str | None
-) -> webhook_settlement.Delivery:
-    now = datetime.now(UTC)
-    event = UsageEvent(
-        jti=reservation.jti,
-        reservation_id=reservation.id,
-        company_id=reservation.company_id,
-        user_id=reservation.user_id,
-        session_id=reservation.session_id,
-        request_id=reservation.request_id,
-        model=reservation.model,
-        provider=reservation.provider,
-        status="completed",
-        finish_reason="stop",
-        input_tokens=100,
-        output_tokens=200,
-        usage_source="upstream",
-        started_at=(now - timedelta(seconds=1)).isoformat(),
-        first_token_at=None,
-        ended_at=now.isoformat(),
-        content=content,
-    )
-    return webhook_settlement.Delivery(event.webhook_id, event, transcripts=content is not None)
 
 
 def _settle(tenant: Tenant, delivery: webhook_settlement.Delivery) -> settlement.Outcome:
@@ -89,12 +48,8 @@ def _settle(tenant: Tenant, delivery: webhook_settlement.Delivery) -> settlement
 
 @pytest.fixture
 def tenant(migrated_pg_url: str) -> Iterator[Tenant]:
-    upgrade(migrated_pg_url)
-    engine = create_sync_engine(migrated_pg_url)
-    try:
-        yield Tenant(sessionmaker(engine, expire_on_commit=False))
-    finally:
-        engine.dispose()
+    with migrated_sessions(migrated_pg_url) as sessions:
+        yield Tenant(sessions)
 
 
 @pytest.mark.parametrize("content", [None, "Hello there!"])
@@ -104,7 +59,7 @@ def test_a_lone_webhook_sends_its_statements_on_the_driver(
     """No budget, no transcript: two statements (the reservation; the webhook id
     with the flip, the money and the rows), none through SQLAlchemy's execution; a
     transcript adds its savepoint, the counters' UPDATE and the message."""
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     sent: list[str] = []
     real_run = raw_pg.run
 
@@ -112,22 +67,13 @@ def test_a_lone_webhook_sends_its_statements_on_the_driver(
         sent.append(sql.split(" ", 1)[0])
         return real_run(driver, sql, params)
 
-    through_sqlalchemy: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        through_sqlalchemy.append(statement)
-
     monkeypatch.setattr(raw_pg, "run", run)
-    engine = tenant.sessions.kw["bind"]
-    sa_event.listen(engine, "before_cursor_execute", count)
-    try:
+    with through_sqlalchemy(tenant.sessions.kw["bind"]) as elsewhere:
         outcome = _settle(tenant, usage_delivery(reservation, content))
-    finally:
-        sa_event.remove(engine, "before_cursor_execute", count)
     assert not outcome.duplicate and outcome.charged_micro > 0
     expected = ["SELECT", "WITH"]
     assert sent == (expected if content is None else [*expected, "SAVEPOINT", "UPDATE", "INSERT"])
-    assert through_sqlalchemy == []
+    assert elsewhere == []
     messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
     assert sorted((m["seq"], m["role"]) for m in messages) == (
         [(1, "user")] if content is None else [(1, "user"), (2, "assistant")]
@@ -142,34 +88,7 @@ def test_a_lone_webhook_claims_its_id_in_the_flip_and_settles_only_a_new_id(
     new: a redelivery is DUPLICATE, the id reused for another reservation is 409 and
     leaves that one held (its own id then settles it), an id arriving after the
     hold was released is recorded and DUPLICATE; nothing is charged twice."""
-    first, second, released = _turn(tenant), _turn(tenant), _turn(tenant)
-    delivery = usage_delivery(first, None)
-    settled = _settle(tenant, delivery)
-    assert not settled.duplicate and settled.charged_micro > 0
-    assert _settle(tenant, delivery) == settlement.DUPLICATE
-
-    reused = usage_delivery(second, None)
-    reused = webhook_settlement.Delivery(delivery.webhook_id, reused.event, transcripts=False)
-    with pytest.raises(Conflict):
-        _settle(tenant, reused)
-    [row] = tenant.rows(hot_statements.RESERVATIONS, id=second.id)
-    assert row["status"] == "active"
-    assert not _settle(tenant, usage_delivery(second, None)).duplicate
-
-    assert tenant.tx(lambda s: ledger.release_reservation(s, released.id, "expired", actor="test"))
-    late = usage_delivery(released, None)
-    assert _settle(tenant, late) == settlement.DUPLICATE
-    [claimed] = tenant.rows(hot_statements.WEBHOOK_EVENTS, webhook_id=late.webhook_id)
-    assert claimed["reservation_id"] == released.id
-    for reservation, settles in ((first, 1), (second, 1), (released, 0)):
-        charges = [
-            entry
-            for entry in tenant.rows(hot_statements.LEDGER, reservation_id=reservation.id)
-            if entry["kind"] == "charge"
-        ]
-        assert len(charges) == settles
-        assert len(tenant.rows(hot_statements.USAGE, reservation_id=reservation.id)) == settles
-    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+    settle_each_id_once(tenant, lambda delivery: _settle(tenant, delivery), None)
 
 
 @pytest.mark.parametrize("same_id", [True, False])
@@ -179,7 +98,7 @@ def test_concurrent_lone_webhooks_for_one_reservation_charge_once(
     """Two lone deliveries of one stream in two transactions at once (the same id,
     or two ids): the one statement of each claims, then flips; the second waits on
     the first's id or row lock and then settles nothing. One charge, books balanced."""
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     first = usage_delivery(reservation, None)
     second = (
         first
@@ -204,7 +123,7 @@ def test_concurrent_lone_webhooks_for_one_reservation_charge_once(
 def test_a_failed_transcript_rolls_back_to_its_savepoint_and_keeps_the_charge(
     tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reservation = _turn(tenant)
+    reservation = held_turn(tenant)
     real_append = chat_sessions.append_replies
 
     def failing(session: Session, replies: Any) -> Any:
@@ -215,14 +134,7 @@ def test_a_failed_transcript_rolls_back_to_its_savepoint_and_keeps_the_charge(
 
     monkeypatch.setattr(chat_sessions, "append_replies", failing)
     outcome = _settle(tenant, usage_delivery(reservation, "Hello there!"))
-    assert not outcome.duplicate and outcome.charged_micro > 0
-    [row] = tenant.rows(hot_statements.RESERVATIONS, id=reservation.id)
-    assert row["status"] == "settled" and row["charged_micro"] == outcome.charged_micro
-    [chat] = tenant.rows(hot_statements.SESSIONS, id=reservation.session_id)
-    assert (chat["message_count"], chat["content_bytes"]) == (1, 6)  # the user's "hi" and its role
-    messages = tenant.rows(hot_statements.MESSAGES, session_id=reservation.session_id)
-    assert [m["role"] for m in messages] == ["user"]
-    assert tenant.tx(lambda s: check_books(s, tenant.company_id)) == []
+    assert_charged_without_the_reply(tenant, reservation, outcome)
 
 
 @pytest.mark.parametrize("pgbouncer", [False, True])
@@ -234,7 +146,7 @@ def test_behind_pgbouncer_settlement_is_never_prepared(
     try:
         tenant = Tenant(sessionmaker(engine, expire_on_commit=False))
         for _ in range(7):  # past psycopg's prepare threshold (db.PG_PREPARE_THRESHOLD)
-            delivery = usage_delivery(_turn(tenant), "Hello there!")
+            delivery = usage_delivery(held_turn(tenant), "Hello there!")
             assert not _settle(tenant, delivery).duplicate
         prepared = tenant.tx(
             lambda s: s.execute(
@@ -263,7 +175,7 @@ def test_a_batch_sends_as_many_statements_on_the_driver_whatever_its_size(
 
     monkeypatch.setattr(raw_pg, "run", run)
     for size in (2, 8):
-        deliveries = [usage_delivery(_turn(tenant), "Hello there!") for _ in range(size)]
+        deliveries = [usage_delivery(held_turn(tenant), "Hello there!") for _ in range(size)]
         sent.append([])
         outcomes = tenant.tx(lambda s, d=deliveries: webhook_settlement.settle_webhooks(s, d))
         assert all(isinstance(o, settlement.Outcome) and not o.duplicate for o in outcomes)

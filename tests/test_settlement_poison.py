@@ -11,11 +11,9 @@ companies it had already updated, so their inits waited on them too."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
@@ -24,18 +22,14 @@ from control_plane.db import Database
 from control_plane.settlement import Outcome
 from control_plane.settlement_batch import SettlementBatcher
 from control_plane.webhook_settlement import Delivery
-from tests.test_control_plane import pg_settings, usage_event
-from tests.test_credits_batch import _inits, _owner, _served
+from tests.asgi_cp import pg_app_client
+from tests.test_control_plane import usage_event
+from tests.test_credits_batch import _inits, _owner
 
 # The bound of the database the batcher uses: the lock below outlasts it.
 BOUND_SECONDS = 2.0
 
-
-@pytest.fixture
-async def pg_app_client(pg_server: str) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    with pg_settings(pg_server) as settings:
-        async with _served(settings) as served:
-            yield served
+__all__ = ["pg_app_client"]  # the fixture, used by name
 
 
 async def test_a_company_row_held_by_a_long_transaction_fails_only_its_own_webhooks(

@@ -12,19 +12,17 @@ the report is posted as the edge posts it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
-from sqlmodel import col
 
 from control_plane import sweeper as sweeper_module
 from control_plane.reports_wait import ReportsWait
 from control_plane.sweeper import sweep_expired_holds
-from control_plane.tables import Reservation
 from shared.checkpoints import UsageCheckpoint, checkpoint_key
 from shared.pricing import MICRO, cost_micro
+from tests.hold_sweeps import expire_hold
 from tests.test_control_plane import (
     CP,
     assert_books_balance,
@@ -37,19 +35,6 @@ from tests.test_control_plane import (
 from tests.token_claims import claims_of
 
 __all__ = ["cp"]
-
-
-def _deadline_ago(cp: CP, reservation_id: str, seconds: float) -> None:
-    db = cp.app.state.db
-
-    def move(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=seconds))
-        )
-
-    cp.on_loop(lambda: db.transaction(move))
 
 
 class Recovered:
@@ -73,7 +58,7 @@ LONG_PAST = 2 * 3600  # the deadline passed during a two-hour outage
 def test_a_report_that_comes_after_a_long_outage_bills_its_stream(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
-    _deadline_ago(cp, grant["reservation_id"], LONG_PAST)
+    expire_hold(cp, grant["reservation_id"], timedelta(seconds=LONG_PAST))
     sweeper = Recovered(cp)
     assert sweeper.sweep().released == 0  # the first pass after the outage
     sweeper.clock[0] += 60
@@ -92,7 +77,7 @@ def test_a_report_that_comes_after_a_long_outage_bills_its_stream(cp: CP) -> Non
 def test_a_long_past_hold_whose_report_never_comes_is_released_after_the_wait(cp: CP) -> None:
     client, company_id = cp.owner_client("10")
     grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
-    _deadline_ago(cp, grant["reservation_id"], LONG_PAST)
+    expire_hold(cp, grant["reservation_id"], timedelta(seconds=LONG_PAST))
     sweeper = Recovered(cp)
     assert sweeper.sweep().released == 0
     sweeper.clock[0] += sweeper.reports.wait
@@ -110,7 +95,7 @@ def test_a_hold_within_its_checkpoints_life_is_released_at_once(cp: CP) -> None:
     Released by the first pass, outage or not, as before."""
     client, _ = cp.owner_client("10")
     grant = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
-    _deadline_ago(cp, grant["reservation_id"], 60)
+    expire_hold(cp, grant["reservation_id"], timedelta(seconds=60))
     assert Recovered(cp).sweep().released == 1
     assert credits_of(client)["held"] == "0.000000"
 
@@ -127,9 +112,9 @@ def test_holds_waiting_for_their_reports_do_not_starve_younger_ones(
     client, _ = cp.owner_client("10")
     for _ in range(3):  # a long outage's leftovers
         old = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
-        _deadline_ago(cp, old["reservation_id"], LONG_PAST)
+        expire_hold(cp, old["reservation_id"], timedelta(seconds=LONG_PAST))
     young = data_of(client.post("/v1/chat/init", json={"query": "hi", "max_tokens": 400}), 201)
-    _deadline_ago(cp, young["reservation_id"], 60)
+    expire_hold(cp, young["reservation_id"], timedelta(seconds=60))
     point = UsageCheckpoint(
         str(claims_of(young["stream_token"])["jti"]), young["reservation_id"], 12, 70, "t", beat=3
     )

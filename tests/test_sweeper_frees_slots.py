@@ -12,18 +12,15 @@ admission, as the edge takes them."""
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy.exc import DBAPIError
 
 from control_plane import sweeper
-from control_plane.db import Database
 from control_plane.liveness import SilenceWatch
 from control_plane.pending_inits import used_key
 from control_plane.revocation_republish import republish_pass
@@ -33,6 +30,7 @@ from shared.checkpoints import UsageCheckpoint, checkpoint_key, silent_after
 from shared.revocations import revocation_key
 from shared.store import Admission, SlotRelease
 from shared.stream_slots import slot_keys
+from tests.lost_commits import lose_the_transaction_answer_of
 from tests.polling import wait_until
 from tests.test_control_plane import CP, cp, data_of, micro, start_cp, usage_event
 from tests.token_claims import claims_of
@@ -145,25 +143,8 @@ def test_a_silent_settlement_whose_answer_was_lost_still_revokes_and_frees_the_s
         run = running_stream(cp)
         sweep(cp, run)  # first sight
         run.clock[0] += run.watch.silent_after
-        real_reconcile, real_transaction = sweeper.reconcile, Database._in_transaction
-        marked: set[int] = set()
         cut: list[str] = []
-
-        def mark(*args: Any, **kwargs: Any) -> Any:
-            marked.add(threading.get_ident())
-            return real_reconcile(*args, **kwargs)
-
-        def commit_then_connection_lost(db: Any, fn: Any) -> Any:
-            result = real_transaction(db, fn)  # committed
-            if threading.get_ident() in marked:
-                marked.discard(threading.get_ident())
-                cut.append("after the commit")
-                lost = psycopg.OperationalError("server closed the connection unexpectedly")
-                raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
-            return result
-
-        monkeypatch.setattr(sweeper, "reconcile", mark)
-        monkeypatch.setattr(Database, "_in_transaction", commit_then_connection_lost)
+        lose_the_transaction_answer_of(monkeypatch, sweeper, "reconcile", cut)
         with pytest.raises(DBAPIError):
             sweep(cp, run)
         assert cut == ["after the commit"]

@@ -15,7 +15,7 @@ hand-made fix gone wrong."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -26,29 +26,16 @@ from sqlmodel import col
 from control_plane import sweeper
 from control_plane.db import Database
 from control_plane.db_threads import DatabaseTimeout
-from control_plane.liveness import SilenceWatch
-from control_plane.sweeper import sweep_expired_holds, sweep_silent_streams
+from control_plane.sweeper import sweep_expired_holds
 from control_plane.tables import Company, Reservation
-from shared.checkpoints import silent_after
+from tests.hold_sweeps import expire_hold as _expire
+from tests.hold_sweeps import silence_sweep
 from tests.test_control_plane import CP, assert_books_balance, cp, credits_of
 from tests.test_credits_sweeper import _checkpoint, _init
 
 __all__ = ["cp"]  # the fixture (sqlite, postgres) shared with test_control_plane
 
 postgres_only = pytest.mark.parametrize("cp", ["postgres"], indirect=True)
-
-
-def _expire(cp: CP, reservation_id: str, ago: timedelta) -> None:
-    """The hold's deadline `ago` in the past (the oldest is swept first)."""
-
-    def expire(session: Any) -> None:
-        session.execute(
-            update(Reservation)
-            .where(col(Reservation.id) == reservation_id)
-            .values(expires_at=datetime.now(UTC) - ago)
-        )
-
-    cp.on_loop(lambda: cp.app.state.db.transaction(expire))
 
 
 def _poison(cp: CP, company_id: str) -> None:
@@ -148,16 +135,7 @@ def test_a_silent_stream_the_database_refuses_holds_up_no_other_companys(cp: CP)
     poisoned_id, victim_id = sorted(streams, key=lambda c: streams[c][1]["reservation_id"])
     _poison(cp, poisoned_id)
     victim, victim_init = streams[victim_id]
-    clock = [0.0]
-    watch = SilenceWatch(silent_after(cp.settings.resume_grace_seconds), lambda: clock[0])
-    state = cp.app.state
-
-    def sweep() -> Any:
-        return cp.on_loop(
-            lambda: sweep_silent_streams(
-                state.db, state.store, state.metrics, watch, revoke_ttl=600
-            )
-        )
+    clock, watch, sweep = silence_sweep(cp)
 
     assert sweep().settled == 0  # first sight of both checkpoints
     clock[0] += watch.silent_after + 1

@@ -14,10 +14,13 @@ beside it); the stream, its bill and the report's cut are as before."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -26,8 +29,8 @@ from shared.webhooks import MAX_USAGE_BODY_BYTES
 from stream_edge.meter import TRANSCRIPT_CHARS, TRANSCRIPT_PIECES, Meter
 from stream_edge.upstream.base import Delta, ToolCallDelta, Usage
 from stream_edge.usage_report import usage_event
-from tests.hostile_catalog import hostile_backend_stack, openai_ending, sse_frame
-from tests.stack import InProcessStack
+from tests.hostile_catalog import bulky_backend, hostile_backend_stack, openai_ending, sse_frame
+from tests.stack import Client, InProcessStack
 from tests.test_usage_report_size import _grant
 
 BIG_DELTAS = 48
@@ -35,16 +38,21 @@ BIG = "x" * 1_000_000  # under the 1 MiB a backend's event may carry
 MB = 1_000_000
 
 
-async def _chat(request: Request) -> Response:
-    """An OpenAI-compatible backend streaming `BIG_DELTAS` deltas of 1 MB each."""
+_chat = bulky_backend(BIG_DELTAS, BIG)  # `BIG_DELTAS` deltas of 1 MB each
 
-    async def frames() -> AsyncIterator[bytes]:
-        for _ in range(BIG_DELTAS):
-            yield sse_frame({"choices": [{"index": 0, "delta": {"content": BIG}}]})
-        for frame in openai_ending("stop", 10, 500):
-            yield frame
 
-    return StreamingResponse(frames(), media_type="text/event-stream")
+@contextlib.contextmanager
+def _streamed(c: Client, grant: dict[str, Any], messages: list[Any]) -> Iterator[httpx.Response]:
+    """The grant's answer to `messages` streamed from the edge (200), read by the block."""
+    with c.http.stream(
+        "POST",
+        f"{c.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {grant['stream_token']}"},
+        json={"messages": messages, "stream": True},
+        timeout=60,
+    ) as answer:
+        assert answer.status_code == 200
+        yield answer
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +71,7 @@ def test_a_backend_streaming_past_any_report_holds_no_more_than_a_report(
     relayed = 0
     tracemalloc.start()  # the edge serves in this process: its allocations are traced
     try:
-        with c.http.stream(
-            "POST",
-            f"{c.edge_url}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {grant['stream_token']}"},
-            json={"messages": messages, "stream": True},
-            timeout=60,
-        ) as answer:
-            assert answer.status_code == 200
+        with _streamed(c, grant, messages) as answer:
             for raw in answer.iter_raw():
                 relayed += len(raw)
         record = c.wait_usage(token, grant["reservation_id"], timeout=30)
@@ -175,14 +176,7 @@ def test_a_long_answer_holds_a_few_bytes_a_token_for_its_transcript(
     held: list[int] = []
     tracemalloc.start()  # the edge serves in this process: its allocations are traced
     try:
-        with c.http.stream(
-            "POST",
-            f"{c.edge_url}/v1/chat/completions",
-            headers={"Authorization": f"Bearer {grant['stream_token']}"},
-            json={"messages": messages, "stream": True},
-            timeout=60,
-        ) as answer:
-            assert answer.status_code == 200
+        with _streamed(c, grant, messages) as answer:
             lines = answer.iter_lines()
             tokens = 0
             for half, go_on in enumerate(GO_ON, start=1):

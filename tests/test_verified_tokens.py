@@ -149,6 +149,18 @@ def _deps(cp: CP) -> Deps:
     return deps
 
 
+def _signed_in(cp: CP) -> tuple[dict[str, Any], Any]:
+    """A new company's owner signed in with its password: the login's answer, and a
+    client sending its access token (already used once: the token is remembered)."""
+    user = cp.user(cp.company())
+    login = data_of(
+        cp.client().post("/v1/auth/login", json={"email": user["email"], "password": PASSWORD})
+    )
+    client = cp.client(login["access_token"])
+    assert client.get("/v1/me").status_code == 200
+    return login, client
+
+
 def test_a_remembered_access_token_is_refused_once_its_user_is_revoked(cp: CP) -> None:
     company_id = cp.company()
     owner = cp.user(company_id)
@@ -170,13 +182,7 @@ def test_a_remembered_access_token_is_refused_once_its_user_is_revoked(cp: CP) -
 
 
 def test_a_remembered_access_token_is_refused_once_its_kid_names_another_key(cp: CP) -> None:
-    company_id = cp.company()
-    user = cp.user(company_id)
-    login = data_of(
-        cp.client().post("/v1/auth/login", json={"email": user["email"], "password": PASSWORD})
-    )
-    client = cp.client(login["access_token"])
-    assert client.get("/v1/me").status_code == 200
+    _, client = _signed_in(cp)
     keyring = _deps(cp).keyring
     kid, active = keyring.active()
     # The keyring reloaded with another key under the token's kid.
@@ -192,13 +198,7 @@ def test_a_remembered_access_token_is_refused_once_it_expires(
 ) -> None:
     """The memo spares only the signature: a remembered token past its `exp` (plus the
     leeway) is refused on its next use, through the app."""
-    company_id = cp.company()
-    user = cp.user(company_id)
-    login = data_of(
-        cp.client().post("/v1/auth/login", json={"email": user["email"], "password": PASSWORD})
-    )
-    client = cp.client(login["access_token"])
-    assert client.get("/v1/me").status_code == 200
+    login, client = _signed_in(cp)
     assert len(_deps(cp).verified_signatures) == 1  # remembered
     expires = orjson.loads(parse_token(login["access_token"]).payload)["exp"]
     later = expires + LEEWAY_SECONDS + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -73,16 +74,24 @@ def test_a_backend_secret_settles_only_its_own_providers_reservations(cp: CP) ->
     assert_books_balance(cp, company_id, client)
 
 
-def test_a_backend_secret_cannot_settle_at_another_providers_fallback(cp: CP) -> None:
-    """The reservation is routed to `mock`, with an `openai` model in its chain: the
-    mock's backend may not report that fallback as served (it did not serve it), nor
-    may openai's backend settle a reservation routed elsewhere; the edge may."""
+def _routed_to_mock_with_an_openai_fallback(
+    cp: CP,
+) -> tuple[httpx.Client, str, dict[str, Any], dict[str, str]]:
+    """A new company whose `mock-fast` falls back to openai's `gpt-4o-mini`, and an
+    init of it: the owner's client, the company's id, the init, its credits after."""
     client, company_id = cp.owner_client("10")
     chain = {"models": {"mock-fast": {"fallbacks": ["gpt-4o-mini"]}}}
     put = client.put(f"/v1/admin/companies/{company_id}/providers/mock", json=chain)
     assert put.status_code == 200, put.text
     init = data_of(client.post("/v1/chat/init", json={"model": "mock-fast", "query": "hi"}), 201)
-    before = credits_of(client)
+    return client, company_id, init, credits_of(client)
+
+
+def test_a_backend_secret_cannot_settle_at_another_providers_fallback(cp: CP) -> None:
+    """The reservation is routed to `mock`, with an `openai` model in its chain: the
+    mock's backend may not report that fallback as served (it did not serve it), nor
+    may openai's backend settle a reservation routed elsewhere; the edge may."""
+    client, company_id, init, before = _routed_to_mock_with_an_openai_fallback(cp)
     served = usage_event(init, company_id, model="gpt-4o-mini", provider="openai",
                          fallback_from="mock-fast", output_tokens=3)  # fmt: skip
     body = served.body()
@@ -136,12 +145,7 @@ def test_a_backend_cannot_preempt_a_fallback_the_edge_reports(cp: CP) -> None:
     Before the fix the backend's report settled first at 0 and the edge's report of
     the fallback's whole answer was a duplicate: a free answer from another provider.
     A backend settles only streams that nobody else can have served."""
-    client, company_id = cp.owner_client("10")
-    chain = {"models": {"mock-fast": {"fallbacks": ["gpt-4o-mini"]}}}
-    put = client.put(f"/v1/admin/companies/{company_id}/providers/mock", json=chain)
-    assert put.status_code == 200, put.text
-    init = data_of(client.post("/v1/chat/init", json={"model": "mock-fast", "query": "hi"}), 201)
-    before = credits_of(client)
+    client, company_id, init, before = _routed_to_mock_with_an_openai_fallback(cp)
     failed = usage_event(init, company_id, status="failed", finish_reason=None,
                          input_tokens=0, output_tokens=0, content=None)  # fmt: skip
     body = failed.body()
