@@ -29,15 +29,15 @@ CPUs, 40 members of one company looping: the other company's member 15 of 15 log
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from control_plane.errors import LoginsBusy
+from shared.turns import Turns
 
 T = TypeVar("T")
 
@@ -66,69 +66,6 @@ def default_slots() -> int:
     return max(1, cpus // CPUS_PER_SLOT)
 
 
-class _Turns:
-    """`slots` slots handed out by turns: a freed slot goes to the waiting owner whose
-    latest slot is oldest (one with none first, then the longest waiting), so one
-    owner's queue never stands in front of another's whole."""
-
-    def __init__(self, slots: int) -> None:
-        self._free = slots
-        # Owners with a check waiting, in the order their first waiter came.
-        self._waiting: dict[str | None, deque[asyncio.Future[None]]] = {}
-        self._holding: dict[str | None, int] = {}
-        # When each owner with a check waiting or running got its latest slot.
-        self._latest: dict[str | None, int] = {}
-        self._stamps = itertools.count()
-
-    async def acquire(self, owner: str | None) -> None:
-        if self._free > 0 and not self._waiting:
-            self._free -= 1
-            self._granted(owner)
-            return
-        turn = asyncio.get_running_loop().create_future()
-        queue = self._waiting.setdefault(owner, deque())
-        queue.append(turn)
-        try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self.release(owner)  # handed a slot as it was cancelled: pass it on
-            else:
-                if turn in queue:  # not yet skipped by a `release`
-                    queue.remove(turn)
-                if not queue and self._waiting.get(owner) is queue:
-                    del self._waiting[owner]
-                self._forget(owner)
-            raise
-
-    def release(self, owner: str | None) -> None:
-        held = self._holding.pop(owner) - 1
-        if held:
-            self._holding[owner] = held
-        self._forget(owner)
-        while self._waiting:
-            # `min` keeps the first of equals: the owner waiting longest.
-            nxt = min(self._waiting, key=lambda o: self._latest.get(o, -1))
-            queue = self._waiting[nxt]
-            turn = queue.popleft()
-            if not queue:
-                del self._waiting[nxt]
-            if not turn.done():
-                turn.set_result(None)
-                self._granted(nxt)
-                return
-            self._forget(nxt)
-        self._free += 1
-
-    def _granted(self, owner: str | None) -> None:
-        self._holding[owner] = self._holding.get(owner, 0) + 1
-        self._latest[owner] = next(self._stamps)
-
-    def _forget(self, owner: str | None) -> None:
-        if owner not in self._holding and owner not in self._waiting:
-            self._latest.pop(owner, None)
-
-
 @dataclass
 class PasswordChecks:
     """The process's password-hashing gate (`place`, then `run`)."""
@@ -137,7 +74,7 @@ class PasswordChecks:
     waiting: int = -1  # -1: `WAITING_PER_SLOT` per slot
     _inside: int = field(init=False, default=0)
     _running_now: int = field(init=False, default=0)
-    _turns: _Turns = field(init=False)
+    _turns: Turns = field(init=False)
     _owned: dict[str | None, int] = field(init=False, default_factory=dict)
     # Each recent sign-in's owner (`run`'s `who`), the latest last.
     _owners: OrderedDict[str, str | None] = field(init=False, default_factory=OrderedDict)
@@ -145,7 +82,7 @@ class PasswordChecks:
     def __post_init__(self) -> None:
         if self.waiting < 0:
             self.waiting = WAITING_PER_SLOT * self.slots
-        self._turns = _Turns(self.slots)
+        self._turns = Turns(self.slots)
 
     @property
     def share(self) -> int:
