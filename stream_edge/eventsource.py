@@ -106,7 +106,7 @@ async def event_stream(request: Request) -> Response:
         raise NotFound("the request for this token is gone", code="request_not_found")
     response = await job.open(stream=True)
     writer = EventSourceWriter(grant.session_id)
-    log = ResumeLog(state.store, grant.jti, _log_ttl(state, grant))
+    log = ResumeLog(state.store, grant.jti, _log_ttl(state, grant), company_id=grant.company_id)
     finished = asyncio.Event()
     # The stream's last event (`complete` or `error`) is in the log: the stream has
     # ended, whatever its delivery and the log's closing still take.

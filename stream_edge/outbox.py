@@ -48,6 +48,7 @@ import orjson
 
 from shared.retry import Backoff, parse_retry_after
 from shared.store import OutboxStore, SlotRelease, Store
+from shared.turns import Turns
 from shared.webhooks import UsageEvent, sign
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.spool import Spool
@@ -123,13 +124,15 @@ class Outbox:
         self._lease = lease_seconds
         self._spool = spool
         # Bounds the posts in flight after a burst of streams ending together; the
-        # rest wait their turn (their lease is long enough for that).
-        self._direct = asyncio.Semaphore(max_direct)
+        # rest wait their turn (their lease is long enough for that), the companies in
+        # turn: one company's burst (up to its 200 streams, long transcripts each)
+        # kept another company's report behind all of its own.
+        self._direct = Turns(max_direct)
         self._max_direct = max_direct
         # Reports waiting (up to `linger`, or until a batch of `max_direct`) to be
         # posted together.
         self._linger = linger
-        self._waiting: list[tuple[dict[str, Any], bytes, float]] = []
+        self._waiting: list[tuple[dict[str, Any], bytes, float, str]] = []
         self._linger_timer: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
         # Acknowledgements wait up to ACK_DELAY and go to the store together. Losing
@@ -160,7 +163,7 @@ class Outbox:
             # The control plane is not keeping up: the report is durable in the store,
             # and the deliverer loop claims it once its lease runs out.
             return
-        self._waiting.append((item, raw, leased_until))
+        self._waiting.append((item, raw, leased_until, event.company_id))
         if self._linger <= 0 or len(self._waiting) >= self._max_direct:
             self._post_waiting()
         elif self._linger_timer is None:
@@ -173,8 +176,8 @@ class Outbox:
             self._linger_timer.cancel()
             self._linger_timer = None
         waiting, self._waiting = self._waiting, []
-        for item, raw, leased_until in waiting:
-            task = asyncio.create_task(self._deliver_now(item, raw, leased_until))
+        for item, raw, leased_until, company in waiting:
+            task = asyncio.create_task(self._deliver_now(item, raw, leased_until, company))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -200,7 +203,7 @@ class Outbox:
         """One delivery attempt with no store bookkeeping; whether it was accepted.
         The spool keeps the report until the store has it, whatever this attempt's
         fate (or, at shutdown, until this attempt is accepted: `post_spool`)."""
-        async with self._direct:
+        async with self._direct.held(None):  # a spooled report's company is not read
             status, _ = await self._send(item["id"], item["body"].encode())
         if not status:
             return False
@@ -254,9 +257,11 @@ class Outbox:
             log.info("posted %d spooled usage webhooks directly at shutdown", accepted)
         return accepted
 
-    async def _deliver_now(self, item: dict[str, Any], raw: bytes, leased_until: float) -> None:
+    async def _deliver_now(
+        self, item: dict[str, Any], raw: bytes, leased_until: float, company: str
+    ) -> None:
         try:
-            async with self._direct:
+            async with self._direct.held(company):
                 if self._now() > leased_until - LEASE_MARGIN:
                     # Waited its turn past the lease: the deliverer loop may have claimed
                     # it, and two posts of one report would double the load on a

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from shared.store import KeyValueStore, LogStore
+from shared.store import CounterStore, KeyValueStore, LogStore
 from stream_edge.formats import error_event
 
 log = logging.getLogger("llmgw.edge.resume")
@@ -48,6 +48,20 @@ log = logging.getLogger("llmgw.edge.resume")
 # packaged catalog's largest `max_output_tokens` — is ~10 MB with the per-entry cost
 # below. 16 MiB keeps it whole; past it, the rest of the stream is not resumable.
 LOG_BUDGET_BYTES = 16 * 1024 * 1024
+# A company's logs together, counted as they are written, per window: a log lives for
+# its token's life plus the grace and a minute after its last write (~190 s by
+# default, at most ~370 s), so what a company holds at once stays within about twice
+# this. A company's own backend ignoring `max_tokens` (a hold of one token) filled
+# every log: inside its init rate and stream cap one company kept tens of GiB in
+# the Redis every company shares (measured: 8 streams, 128 MiB for 187 s). What a
+# company legitimately writes, 200 streams at ~100 tokens a second, is ~0.5 GB a
+# window. Past it a log keeps nothing more (a resume gets `resume_gap`); the live
+# stream is whole.
+COMPANY_LOG_BYTES = 1024 * 1024 * 1024
+COMPANY_LOG_WINDOW_SECONDS = 300.0
+# A log takes its company's budget this much at a time (one more store round trip
+# per ~16 KiB of log, ~200 tokens); what it took and did not use is counted anyway.
+ALLOWANCE_CHUNK = 16 * 1024
 # Counted per frame on top of its bytes (Redis' own cost per list entry), so a
 # stream of a million tiny frames is bounded too.
 ENTRY_OVERHEAD = 16
@@ -69,8 +83,13 @@ GAP_CODE = "resume_gap"
 MAX_EVENT_ID_DIGITS = 9
 
 
-class ResumeStore(KeyValueStore, LogStore, Protocol):
-    """What a follower needs: the stream's log and its attachment marker."""
+class ResumeStore(KeyValueStore, LogStore, CounterStore, Protocol):
+    """What a follower needs: the stream's log and its attachment marker (and a
+    producer, its company's count of log bytes)."""
+
+
+def company_log_key(company_id: str) -> str:
+    return f"rlog:{company_id}"
 
 
 def parse_last_event_id(raw: str | None) -> int | None:
@@ -159,8 +178,13 @@ class ResumeLog:
         jti: str,
         ttl_seconds: float,
         budget_bytes: int = LOG_BUDGET_BYTES,
+        company_id: str | None = None,
     ) -> None:
         self._store = store
+        # Whose share of the store the log's bytes count against (None: nobody's).
+        self._company = company_id
+        self._taken = 0  # of the company's budget
+        self._stored = 0  # bytes written
         self._key = events_key(jti)
         self._gap_key = gap_key(jti)
         self._ttl = ttl_seconds
@@ -218,8 +242,12 @@ class ResumeLog:
         batch, self._pending = self._pending, []
         if batch:
             try:
-                await self._store.log_append(self._key, batch, self._ttl)
-                self._written += len(batch)
+                if not await self._company_allows(batch):
+                    self._stop_keeping(self._written, "its company's logs used their budget")
+                    batch = []
+                else:
+                    await self._store.log_append(self._key, batch, self._ttl)
+                    self._written += len(batch)
             except Exception as exc:  # the stream goes on; its log stops here
                 self._pending = []
                 self._stop_keeping(self._written, f"a write failed ({type(exc).__name__})")
@@ -230,6 +258,19 @@ class ResumeLog:
                 self._gap_stored = True
             except Exception as exc:
                 log.warning("could not mark the resume log's gap: %s", type(exc).__name__)
+
+    async def _company_allows(self, batch: list[bytes]) -> bool:
+        """Whether the company's logs may hold `batch` too: its budget is taken a
+        chunk at a time, so most batches cost no round trip."""
+        size = sum(len(frame) + ENTRY_OVERHEAD for frame in batch)
+        self._stored += size
+        if self._company is None or self._stored <= self._taken:
+            return True
+        take = max(ALLOWANCE_CHUNK, self._stored - self._taken)
+        key = company_log_key(self._company)
+        total = await self._store.add(key, take, COMPANY_LOG_WINDOW_SECONDS)
+        self._taken += take
+        return total <= COMPANY_LOG_BYTES
 
     async def close(self) -> None:
         """Write everything still pending (the final event included), after the

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from control_plane import login_limits
@@ -30,7 +32,7 @@ from control_plane.rate_limits import window_at
 from control_plane.routes import account
 from tests.polling import wait_until
 from tests.private_postgres import PrivatePostgres, private_postgres
-from tests.test_control_plane import PASSWORD
+from tests.test_control_plane import ADMIN_TOKEN, PASSWORD
 from tests.test_identity_login_limits import NOW, Login, _login, login_server
 
 # Their subject is the cost of the real argon2 (tests/conftest.py).
@@ -197,7 +199,10 @@ async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> No
         await caller
     assert checks.running == 1  # its argon2 still runs: the slot stays taken
     ran: list[str] = []
-    second = asyncio.create_task(checks.run(lambda: ran.append("second") or "second"))
+    # Another company's (the first's owner is at its share of one place).
+    second = asyncio.create_task(
+        checks.run(lambda: ran.append("second") or "second", owner="another")
+    )
     for _ in range(5):  # loop turns and a thread hop: a free slot would have run it
         await asyncio.sleep(0)
         await asyncio.to_thread(lambda: None)
@@ -205,3 +210,144 @@ async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> No
     release.set()
     assert await second == "second"
     assert checks.running == 0
+
+
+def _company_users(server: Login, passwords: list[str]) -> tuple[str, list[str]]:
+    """A new company with one user per password: its id and their emails."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=30) as admin:
+        r = admin.post("/v1/admin/companies", json={"name": uuid.uuid4().hex}, headers=headers)
+        company_id = r.json()["data"]["id"]
+        emails = []
+        for password in passwords:
+            email = f"t-{uuid.uuid4().hex[:10]}@example.com"
+            body = {"company_id": company_id, "email": email, "password": password}
+            r = admin.post("/v1/admin/users", json=body, headers=headers)
+            assert r.status_code == 201, r.text
+            emails.append(email)
+    return company_id, emails
+
+
+def test_one_companys_members_cannot_take_every_check_place_from_another_company(
+    server: Login,
+) -> None:
+    """Company A's members log in with their right passwords, each far inside its own
+    per-account rate, as many at once as a process has places for password checks.
+    Before: every place was A's, and company B's member was refused 503 `logins_busy`
+    at every try (measured with the real argon2 on 2 CPUs, 40 members of A looping:
+    B 15 of 15 logins 503, B alone 0.3 s each). Now A holds at most half of the
+    places (its next login is the fast 503), and the checks run in turns by company,
+    so B's check runs next, before A's queued ones."""
+    checks = PasswordChecks(slots=1, waiting=3)
+    a_passwords = [f"a-password-{i}" for i in range(4)]
+    a_company, a_emails = _company_users(server, a_passwords)
+    _, [b_email] = _company_users(server, ["b-password-0"])
+    server.app.state.deps.password_checks = checks
+    gate = threading.Event()
+    entered: list[str] = []
+    counting_verify = account.verify_password
+
+    def held_verify(password_hash: str | None, password: str) -> bool:
+        entered.append(password)
+        gate.wait()
+        return counting_verify(password_hash, password)
+
+    lookups: list[str] = []
+    real_lookup = account.find_user_signing_in
+
+    def counting_lookup(session: Any, typed: str) -> Any:
+        lookups.append(typed)
+        return real_lookup(session, typed)
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        ThreadPoolExecutor(5) as pool,
+        server.client("127.0.0.11") as a_client,
+        server.client("127.0.0.12") as b_client,
+    ):
+        patch.setattr(account, "verify_password", held_verify)
+        patch.setattr(account, "find_user_signing_in", counting_lookup)
+        try:
+            # One after the other, each settled (its check queued, or an answer)
+            # before the next: the first's check runs, held; the others queue behind.
+            a_logins: list[Future[httpx.Response]] = []
+            for email, password in zip(a_emails, a_passwords, strict=True):
+                login = pool.submit(_login, a_client, email, password)
+                a_logins.append(login)
+                queued = len(a_logins) - sum(f.done() for f in a_logins)
+                wait_until(
+                    lambda login=login, queued=queued: (
+                        login.done() or checks.owned(a_company) == queued
+                    ),
+                    "A's login has its check queued or an answer",
+                )
+            b_login = pool.submit(_login, b_client, b_email, "b-password-0")
+            wait_until(
+                lambda: (
+                    b_login.done()
+                    or checks.inside > len(a_logins) - sum(f.done() for f in a_logins)
+                ),
+                "B's login has a place or an answer",
+            )
+            assert not b_login.done(), f"B refused while A held the places: {b_login.result().text}"
+            # A member of A refused at A's share retries: refused before the counters
+            # and the lookup, so A's retries hold no place the others need.
+            [refused] = [e for e, f in zip(a_emails, a_logins, strict=True) if f.done()][:1]
+            seen = len(lookups)
+            r = _login(a_client, refused, a_passwords[a_emails.index(refused)])
+            assert (r.status_code, r.json()["error"]["code"]) == (503, "logins_busy")
+            assert len(lookups) == seen
+        finally:
+            gate.set()
+        assert b_login.result().status_code == 200
+        answers = sorted(f.result().status_code for f in a_logins)
+    assert answers == [200, 200, 503, 503]  # A: half of the 4 places
+    # One check at a time: A's first was running; B's ran next, before A's queued one.
+    assert entered == [entered[0], "b-password-0", entered[2]]
+    assert {entered[0], entered[2]} < set(a_passwords)
+    assert checks.inside == 0
+
+
+async def test_checks_take_turns_by_owner_and_a_cancelled_waiter_passes_its_turn() -> None:
+    """One slot: A's three checks queued before B's and C's do not run before them;
+    a waiter cancelled in line (B's first) is skipped, its owner's next keeps its turn."""
+    checks = PasswordChecks(slots=1, waiting=20)
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def check(name: str) -> str:
+        gate.wait()
+        ran.append(name)
+        return name
+
+    first = asyncio.create_task(checks.run(check, "a1", owner="a"))
+    await wait_async(lambda: checks.running == 1)
+    queued = [
+        asyncio.create_task(checks.run(check, name, owner=name[0]))
+        for name in ("a2", "a3", "a4", "b1", "b2", "c1")
+    ]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    queued[3].cancel()  # b1 leaves the line
+    gate.set()
+    assert await asyncio.gather(first, *queued[:3], *queued[4:]) == [
+        "a1",
+        "a2",
+        "a3",
+        "a4",
+        "b2",
+        "c1",
+    ]
+    with pytest.raises(asyncio.CancelledError):
+        await queued[3]
+    assert ran == ["a1", "b2", "c1", "a2", "a3", "a4"]
+    assert checks.running == 0 and checks._owned == {}
+    assert checks.share == 10
+
+
+async def wait_async(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.to_thread(lambda: None)
+    raise AssertionError("never came true")

@@ -49,7 +49,9 @@ async def login(request: Request) -> Response:
     email = canonical_email(typed)
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
     checks = deps.password_checks
-    if checks.full:  # refused before the counters: a flood costs the store nothing
+    # Refused before the counters: a flood costs the store nothing, and a company's
+    # members at its share of the checks take no place for their lookups.
+    if checks.refuses(email):
         raise LoginsBusy(BUSY_RETRY_AFTER_S)
     # Counted before the argon2 verify: a refused guess costs no hashing CPU.
     host = request.client.host if request.client else None
@@ -69,7 +71,11 @@ async def login(request: Request) -> Response:
             # time, same place in the queue. Skipping argon2 for it answered ~50x
             # faster, telling who has an account.
             password_hash = user.password_hash if user is not None else None
-            verified = await checks.run(verify_password, password_hash, password)
+            # In its company's turn and share of the checks (an unknown email: nobody's).
+            owner = user.company_id if user is not None else None
+            verified = await checks.run(
+                verify_password, password_hash, password, owner=owner, who=email
+            )
     except Exception:
         # Nothing was checked (every place taken, or the lookup failed: 503s): the
         # attempt counts as no failure and no sign-in, or a user retrying through a

@@ -60,10 +60,11 @@ def _check_password(password: object) -> None:
         raise ValidationFailed("password", "must not be blank")
 
 
-async def _hashed(request: Request, password: str) -> str:
+async def _hashed(request: Request, principal: Principal, password: str) -> str:
     checks = get_deps(request).password_checks
-    async with checks.place():  # the same argon2 cost as a login's verify
-        return await checks.run(hash_password, password)
+    async with checks.place():  # the same argon2 cost as a login's verify, in the
+        # caller's company's turn and share (an owner creating users at will)
+        return await checks.run(hash_password, password, owner=principal.company_id)
 
 
 async def create_company(request: Request) -> Response:
@@ -109,7 +110,7 @@ async def create_user(request: Request) -> Response:
             raise Forbidden("You cannot add users to this company.")
         if not policy.can_assign_role(principal, role):
             raise Forbidden(f"You cannot create a user with role {role}.")
-        password_hash = await _hashed(request, password)
+        password_hash = await _hashed(request, principal, password)
     actor = _actor(request, principal)
     try:
         user = await get_deps(request).db.transaction(
@@ -156,7 +157,7 @@ async def update_user(request: Request) -> Response:
             raise Forbidden("Only a platform admin sets a password, with a promotion to admin.")
         if role != "admin":
             raise ValidationFailed("password", "is set only with a promotion to admin")
-        password_hash = await _hashed(request, doc["password"])
+        password_hash = await _hashed(request, principal, doc["password"])
     actor = _actor(request, principal)
     deps = get_deps(request)
     change = await deps.db.transaction(
