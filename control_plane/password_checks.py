@@ -15,22 +15,24 @@ with 503 `logins_busy` and ``Retry-After``, before it costs a database lookup or
 hash. So the hashing never holds more than `slots` x 64 MiB, and a fresh login waits
 behind at most `waiting` others. The bound is per process, as the CPUs it protects.
 
-The places are shared by every company, so each check also names its *owner*: the
-signing-in user's company (None for an unknown email or the platform admin), the
-creating owner's for a new user's hash. An owner holds at most `share` of the places
-(half; its next check is the same fast 503), and the slots go round the owners with
-a check waiting, one check each in turn. Before, one company's members signing in
-with their right passwords, each far inside its own per-account rate, held every
-place, and another company's member was refused 503 at every try (measured on 2
-CPUs, 40 members of one company looping: the other company's member 15 of 15 logins
-503, 0.3 s each when alone).
+The places are shared by every company, so each check also names its *owner*: for
+a sign-in, the domain of the email typed (`login_owner`: a company's members share
+theirs), for a new user's hash the creating caller's company. An owner holds at most
+`share` of the places (half; its next check is the same fast 503), and the slots go
+round the owners with a check waiting, one check each in turn. Before, one company's
+members signing in with their right passwords, each far inside its own per-account
+rate, held every place, and another company's member was refused 503 at every try
+(measured on 2 CPUs, 40 members of one company looping: the other company's member
+15 of 15 logins 503, 0.3 s each when alone). A sign-in's owner is read from what was
+typed, never from the account found: owned by the account's company, an unknown
+email's check was nobody's, so a prober holding that share of the places got 503 for
+an unknown email and a check for a real account's (measured: 503 against a place).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,9 +54,6 @@ WAITING_PER_SLOT = 32
 BUSY_RETRY_AFTER_S = 1
 # The part of the places one owner (a company) may hold: the rest stays for the others.
 OWNER_SHARE_PERCENT = 50
-# Sign-ins whose owner is remembered, so that one at its share is refused before its
-# lookup: ~100 bytes each.
-OWNERS_REMEMBERED = 4096
 
 
 def default_slots() -> int:
@@ -76,8 +75,6 @@ class PasswordChecks:
     _running_now: int = field(init=False, default=0)
     _turns: Turns = field(init=False)
     _owned: dict[str | None, int] = field(init=False, default_factory=dict)
-    # Each recent sign-in's owner (`run`'s `who`), the latest last.
-    _owners: OrderedDict[str, str | None] = field(init=False, default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if self.waiting < 0:
@@ -108,16 +105,12 @@ class PasswordChecks:
         """Every place is taken: a login would get `LoginsBusy` from `place`."""
         return self._inside >= self.slots + self.waiting
 
-    def refuses(self, who: str) -> bool:
-        """Whether `who`'s check (a sign-in's email) would be refused now: every place
-        taken, or its owner, as last seen, at its share. Asked before the counters and
-        the lookup, so that a company's members retrying at its share cost nothing (or
-        they would hold places in their lookups, which the others need)."""
-        if self.full:
-            return True
-        if who not in self._owners:
-            return False
-        return self._owned.get(self._owners[who], 0) >= self.share
+    def refuses(self, owner: str) -> bool:
+        """Whether a check of `owner`'s would be refused now: every place taken, or
+        `owner` at its share. Asked before the counters and the lookup, so that a
+        company's members retrying at its share cost nothing (or they would hold
+        places in their lookups, which the others need)."""
+        return self.full or self._owned.get(owner, 0) >= self.share
 
     @asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
@@ -131,20 +124,12 @@ class PasswordChecks:
         finally:
             self._inside -= 1
 
-    async def run(
-        self, fn: Callable[..., T], *args: object, owner: str | None = None, who: str | None = None
-    ) -> T:
+    async def run(self, fn: Callable[..., T], *args: object, owner: str | None = None) -> T:
         """``fn(*args)`` (a hash or a verify) on a thread, once `owner`'s turn gives
         it one of the `slots`; LoginsBusy (503) at once when `owner` already has its
-        `share` of checks waiting or running. `who` (a sign-in's email) is remembered
-        as `owner`'s for `refuses`. A slot (and the owner's count) is freed when the
-        thread is done, not when the caller stops waiting: a cancelled caller cannot
-        let more than `slots` hashes run."""
-        if who is not None:
-            self._owners[who] = owner
-            self._owners.move_to_end(who)
-            if len(self._owners) > OWNERS_REMEMBERED:
-                self._owners.popitem(last=False)
+        `share` of checks waiting or running. A slot (and the owner's count) is freed
+        when the thread is done, not when the caller stops waiting: a cancelled caller
+        cannot let more than `slots` hashes run."""
         held = self._owned.get(owner, 0)
         if held >= self.share:
             raise LoginsBusy(BUSY_RETRY_AFTER_S)
@@ -175,3 +160,15 @@ class PasswordChecks:
             self._owned[owner] = left
         else:
             del self._owned[owner]
+
+
+def login_owner(email: str) -> str:
+    """A sign-in's owner of checks: the domain of the (canonical) email typed, the
+    same whether an account has it or not."""
+    return "domain:" + email.rpartition("@")[2]
+
+
+def company_owner(company_id: str | None) -> str:
+    """A hash made for a company's caller (a new user's password); the platform
+    admin's own company when it has none (the admin token)."""
+    return "company:" + (company_id or "")

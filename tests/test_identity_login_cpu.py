@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from control_plane import login_limits
-from control_plane.password_checks import PasswordChecks
+from control_plane.password_checks import PasswordChecks, login_owner
 from control_plane.rate_limits import window_at
 from control_plane.routes import account
 from tests.polling import wait_until
@@ -212,15 +212,19 @@ async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> No
     assert checks.running == 0
 
 
-def _company_users(server: Login, passwords: list[str]) -> tuple[str, list[str]]:
-    """A new company with one user per password: its id and their emails."""
+def _company_users(
+    server: Login, passwords: list[str], domain: str | None = None
+) -> tuple[str, list[str]]:
+    """A new company with one user per password, their emails at `domain` (by default
+    one of the company's own): its id and their emails."""
+    domain = domain or f"c-{uuid.uuid4().hex[:8]}.example"
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with httpx.Client(base_url=server.url, timeout=30) as admin:
         r = admin.post("/v1/admin/companies", json={"name": uuid.uuid4().hex}, headers=headers)
         company_id = r.json()["data"]["id"]
         emails = []
         for password in passwords:
-            email = f"t-{uuid.uuid4().hex[:10]}@example.com"
+            email = f"t-{uuid.uuid4().hex[:10]}@{domain}"
             body = {"company_id": company_id, "email": email, "password": password}
             r = admin.post("/v1/admin/users", json=body, headers=headers)
             assert r.status_code == 201, r.text
@@ -236,11 +240,11 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
     Before: every place was A's, and company B's member was refused 503 `logins_busy`
     at every try (measured with the real argon2 on 2 CPUs, 40 members of A looping:
     B 15 of 15 logins 503, B alone 0.3 s each). Now A holds at most half of the
-    places (its next login is the fast 503), and the checks run in turns by company,
-    so B's check runs next, before A's queued ones."""
+    places (its next login is the fast 503), and the checks run in turns by the
+    emails' domain (a company's own), so B's check runs next, before A's queued ones."""
     checks = PasswordChecks(slots=1, waiting=3)
     a_passwords = [f"a-password-{i}" for i in range(4)]
-    a_company, a_emails = _company_users(server, a_passwords)
+    _, a_emails = _company_users(server, a_passwords)
     _, [b_email] = _company_users(server, ["b-password-0"])
     server.app.state.deps.password_checks = checks
     gate = threading.Event()
@@ -277,7 +281,7 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
                 queued = len(a_logins) - sum(f.done() for f in a_logins)
                 wait_until(
                     lambda login=login, queued=queued: (
-                        login.done() or checks.owned(a_company) == queued
+                        login.done() or checks.owned(login_owner(a_emails[0])) == queued
                     ),
                     "A's login has its check queued or an answer",
                 )
@@ -306,6 +310,50 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
     assert entered == [entered[0], "b-password-0", entered[2]]
     assert {entered[0], entered[2]} < set(a_passwords)
     assert checks.inside == 0
+
+
+def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login) -> None:
+    """An anonymous prober fills one share of the checks with logins of unknown
+    emails, then tries an email: whether it has an account must not change what it
+    gets. Before: shares were by the user's company, looked up first, and unknown
+    emails were all one owner's, so with that owner at its share an unknown email was
+    503 `logins_busy` at once while a real account's (its company below its share)
+    was checked (measured: 503 against 401). Now the share is the email's domain,
+    read from the address typed, the same for an account and for no account."""
+    checks = PasswordChecks(slots=1, waiting=3)  # a share of 2
+    _, [known] = _company_users(server, ["k-password-0"], domain="victim.example")
+    server.app.state.deps.password_checks = checks
+    gate = threading.Event()
+
+    def held_verify(password_hash: str | None, password: str) -> bool:
+        gate.wait()
+        return False
+
+    def probe(email: str) -> str:
+        """What `email`'s login gets at once: an answer, or a place in the checks."""
+        inside = checks.inside
+        login = pool.submit(_login, prober, email, "guess")
+        wait_until(lambda: login.done() or checks.inside > inside, "an answer or a place")
+        return str(login.result().status_code) if login.done() else "checked"
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        ThreadPoolExecutor(4) as pool,
+        server.client("127.0.0.21") as prober,
+    ):
+        patch.setattr(account, "verify_password", held_verify)
+        try:
+            flood = [
+                pool.submit(_login, prober, f"nobody-{i}@victim.example", "guess") for i in range(2)
+            ]
+            wait_until(lambda: checks.inside == 2, "the flood holds two places")
+            answers = {email: probe(email) for email in (known, "nobody-else@victim.example")}
+        finally:
+            gate.set()
+        assert [f.result().status_code for f in flood] == [401, 401]
+    # The account's email and the unknown one get the same answer: the domain's
+    # share is full.
+    assert answers[known] == answers["nobody-else@victim.example"] == "503", answers
 
 
 async def test_checks_take_turns_by_owner_and_a_cancelled_waiter_passes_its_turn() -> None:

@@ -56,7 +56,9 @@ class Login:
             r = admin.post("/v1/admin/companies", json={"name": uuid.uuid4().hex}, headers=headers)
             body = {
                 "company_id": r.json()["data"]["id"],
-                "email": f"l-{uuid.uuid4().hex[:10]}@example.com",
+                # Its company's own domain, as a company's members have: the password
+                # checks take turns by the email's domain (`password_checks.login_owner`).
+                "email": f"l-{uuid.uuid4().hex[:10]}@c-{uuid.uuid4().hex[:8]}.example",
                 "password": PASSWORD,
             }
             r = admin.post("/v1/admin/users", json=body, headers=headers)

@@ -28,7 +28,7 @@ from control_plane.errors import (
     ServiceUnavailable,
     ValidationFailed,
 )
-from control_plane.password_checks import BUSY_RETRY_AFTER_S
+from control_plane.password_checks import BUSY_RETRY_AFTER_S, login_owner
 from control_plane.policy import Principal
 from control_plane.responses import ok
 from control_plane.validation import optional_str, parse_json_object, required_str
@@ -50,8 +50,10 @@ async def login(request: Request) -> Response:
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
     checks = deps.password_checks
     # Refused before the counters: a flood costs the store nothing, and a company's
-    # members at its share of the checks take no place for their lookups.
-    if checks.refuses(email):
+    # members at its share of the checks take no place for their lookups. The share
+    # is the typed email's domain's: an account's existence must not change it.
+    owner = login_owner(email)
+    if checks.refuses(owner):
         raise LoginsBusy(BUSY_RETRY_AFTER_S)
     # Counted before the argon2 verify: a refused guess costs no hashing CPU.
     host = request.client.host if request.client else None
@@ -71,11 +73,8 @@ async def login(request: Request) -> Response:
             # time, same place in the queue. Skipping argon2 for it answered ~50x
             # faster, telling who has an account.
             password_hash = user.password_hash if user is not None else None
-            # In its company's turn and share of the checks (an unknown email: nobody's).
-            owner = user.company_id if user is not None else None
-            verified = await checks.run(
-                verify_password, password_hash, password, owner=owner, who=email
-            )
+            # In its domain's turn and share of the checks.
+            verified = await checks.run(verify_password, password_hash, password, owner=owner)
     except Exception:
         # Nothing was checked (every place taken, or the lookup failed: 503s): the
         # attempt counts as no failure and no sign-in, or a user retrying through a

@@ -29,6 +29,7 @@ from control_plane.emails import EMAIL_MAX, normalise_email
 from control_plane.errors import Conflict, Forbidden, ServiceUnavailable, ValidationFailed
 from control_plane.middleware import request_id
 from control_plane.pagination import page_request
+from control_plane.password_checks import company_owner
 from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
 from control_plane.signing_keys import retired_since
@@ -64,7 +65,7 @@ async def _hashed(request: Request, principal: Principal, password: str) -> str:
     checks = get_deps(request).password_checks
     async with checks.place():  # the same argon2 cost as a login's verify, in the
         # caller's company's turn and share (an owner creating users at will)
-        return await checks.run(hash_password, password, owner=principal.company_id)
+        return await checks.run(hash_password, password, owner=company_owner(principal.company_id))
 
 
 async def create_company(request: Request) -> Response:
