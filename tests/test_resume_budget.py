@@ -22,7 +22,7 @@ import redis
 from shared.sse import ServerSentEvent, SSEDecoder
 from shared.store_memory import MemoryStore
 from stream_edge import resume
-from stream_edge.resume import Follower, ResumeLog, events_key, gap_key
+from stream_edge.resume import Follower, ResumeLog, company_log_key, events_key, gap_key
 from tests.conftest import REDIS_URL, fresh_redis_prefix
 from tests.hostile_catalog import bulky_backend, hostile_backend_stack
 from tests.stack import InProcessStack
@@ -142,3 +142,23 @@ async def test_a_follower_stops_at_the_kept_events_with_a_gap_error() -> None:
     assert b"event: error" in got[-1] and b"resume_gap" in got[-1]
     assert got[-1].startswith(f"id: {log.kept + 1}\n".encode())
     assert follower.final_frame("revoked", "x") == b""  # the stream's end already went out
+
+
+async def test_a_short_streams_log_costs_no_round_trip_for_its_companys_budget() -> None:
+    """A log's first `ALLOWANCE_CHUNK` is its own: a typical answer's log (a few KiB)
+    takes nothing of its company's budget, so the budget costs the common stream no
+    store round trip; a longer log takes it a chunk at a time."""
+    store = MemoryStore()
+    frame = b"id: 1\nevent: chunk\ndata: " + b"x" * 200 + b"\n\n"
+    log = ResumeLog(store, "short", 60, company_id="c1")
+    for _ in range(20):  # ~4.5 KiB
+        log.append(frame)
+    await log.close()
+    assert log.kept is None  # whole
+    assert await store.get(company_log_key("c1")) is None
+    long = ResumeLog(store, "long", 60, company_id="c1")
+    for _ in range(100):  # ~22 KiB: past its first chunk
+        long.append(frame)
+    await long.close()
+    assert long.kept is None
+    assert int(await store.get(company_log_key("c1")) or 0) >= resume.ALLOWANCE_CHUNK
