@@ -12,8 +12,9 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
   connection opening (or of the next request's first byte on a kept-alive
   connection); otherwise the connection is closed;
 - at most `max_header_bytes` may be read before the header block ends, in at most
-  `MAX_HEADER_FIELDS` fields; more gets a 431 and the connection is closed (memory
-  grows by at most one read, and no field past the limit is kept);
+  `MAX_HEADER_FIELDS` fields, and as much again of a chunked body's trailer block
+  (its fields counted with the header block's); more gets a 431 and the connection
+  is closed (memory grows by at most one read, and no field past the limit is kept);
 - the body must arrive within `body_deadline` of the header block's end: the header
   timeout again plus its size at `MIN_BODY_RATE` (the declared size, or the largest
   body an app reads when it is chunked). Otherwise the client gets a 408 (when no
@@ -149,6 +150,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # A field past `MAX_HEADER_FIELDS` came: nothing more of this connection is
         # kept or dispatched, and the read that brought it is answered 431.
         self.too_many_fields = False
+        # After a chunk's size line until its first byte: the last chunk's (size 0)
+        # trailer block, which comes after the header block and its byte count.
+        self.in_trailers = False
+        self.trailer_bytes = 0
         self.awaiting_since = self.loop.time()
         self.header_timer: asyncio.TimerHandle | None = None
         # From the end of a header block to the end of its body.
@@ -298,7 +303,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         log.debug("aborting a connection the app cut on purpose")
         self.transport.abort()
 
+    def on_chunk_header(self) -> None:
+        self.in_trailers = True
+
+    def on_chunk_complete(self) -> None:
+        self.in_trailers, self.trailer_bytes = False, 0
+
     def on_body(self, body: bytes) -> None:
+        self.in_trailers = False
         if not self.too_many_fields:
             super().on_body(body)
 
@@ -347,12 +359,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.awaiting_headers:
             self.header_bytes += len(data)
+        trailing = self.in_trailers
         super().data_received(data)
+        if trailing and self.in_trailers:  # a read of trailers only
+            self.trailer_bytes += len(data)
         # Armed after the parse, not in on_headers_complete: a request whose body came
         # in the same read (most of them) never needs a timer.
         if self.awaiting_body and self.body_timer is None and not self.transport.is_closing():
             self._start_body_timer()
-        too_large = self.awaiting_headers and self.header_bytes > self.limits.max_header_bytes
+        too_large = (
+            self.awaiting_headers and self.header_bytes > self.limits.max_header_bytes
+        ) or self.trailer_bytes > self.limits.max_header_bytes
         if (too_large or self.too_many_fields) and not self.transport.is_closing():
             self.transport.write(REFUSED_HEADERS)
             self.transport.close()

@@ -225,6 +225,42 @@ def test_a_header_block_of_many_tiny_fields_is_refused() -> None:
         assert ended_by_server(sock), "many tiny trailer fields held open"
 
 
+def test_an_endless_trailer_value_is_refused() -> None:
+    """A chunked body the edge waits for (an API key's, read first), then a trailer
+    field whose value never ends: httptools gathers the value until its line ends,
+    and uvicorn counted no bytes past the header block. Past `max_header_bytes` of
+    trailers the connection is closed."""
+    budget = 16 * 1024 * 1024
+    with serving([ConnectionLimits(header_timeout=120.0)], key_edge) as (url,), raw(url) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+            b"Authorization: Bearer sk_0123456789abcdef\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\nX-T: "
+        )
+        sent, before = 0, rss_bytes()
+        with contextlib.suppress(OSError):  # reset: the server closed with our bytes unread
+            while sent < budget and not closed_by_server(sock, 0):
+                sock.sendall(b"v" * 65536)
+                sent += 65536
+        assert ended_by_server(sock), "an endless trailer value read on"
+        assert sent < budget, "the server read 16 MiB of one trailer value"
+        assert rss_bytes() - before < 16 * 1024 * 1024
+        # A body in many chunks, with a trailer, is read as before (its answer: the
+        # key is unknown to a control plane this edge cannot reach).
+        chunks = b"".join(b"400\r\n" + b" " * 1024 + b"\r\n" for _ in range(300))
+        with raw(url) as ok:
+            ok.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+                b"Authorization: Bearer sk_0123456789abcdef\r\nConnection: close\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n"
+                + chunks
+                + b"1\r\n}\r\n0\r\nX-T: v\r\n\r\n"
+            )
+            assert closed_by_server(ok, DEADLINE)
+            answer = ok.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 ") and not answer.startswith(b"HTTP/1.1 431"), answer
+
+
 def ended_by_server(sock: socket.socket) -> bool:
     """Whether the server closes the connection within `DEADLINE` (what it answered
     before, read and dropped)."""
