@@ -45,7 +45,7 @@ class StoreClock:
         self._wall = wall
         self._reading: tuple[float, float] | None = None  # (store time, monotonic then)
         self._read = asyncio.Event()
-        self._failing = False
+        self._warned_at: float | None = None  # (monotonic) the last failure logged
 
     def now(self) -> float:
         if self._reading is None:
@@ -69,12 +69,14 @@ class StoreClock:
         try:
             store_time = await store.server_time()
         except Exception as exc:
-            # Once per outage: a store down at start is asked twice a second.
-            if not self._failing:
+            # At most once a period, as before the retries: a store down at start is
+            # asked twice a second; one that refuses TIME alone (an ACL) keeps the
+            # edge's deliverer waiting and must stay in the logs.
+            if self._warned_at is None or sent - self._warned_at >= SYNC_SECONDS:
                 log.warning("could not read the store's clock: %r", exc)
-            self._failing = True
+                self._warned_at = sent
             return False
-        self._failing = False
+        self._warned_at = None
         self.learn(store_time, sent, self._monotonic())
         return True
 
@@ -82,7 +84,8 @@ class StoreClock:
         """Read now, then keep the reading fresh until cancelled (a lifespan's task:
         a store slow to answer at start never holds the start up). Without a first
         reading, ask again soon: a store that was down at start and answers again
-        must not be written times on the host's clock until the next full period."""
+        must not be written times on the host's clock until the next full period
+        (the edge's deliverer waits for it, `first_reading`)."""
         while True:
             await self.sync(store)
             await asyncio.sleep(every if self._read.is_set() else FIRST_READING_RETRY_SECONDS)
