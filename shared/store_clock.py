@@ -59,6 +59,10 @@ class StoreClock:
         self._reading = (store_time, (sent + received) / 2)
         self._read.set()
 
+    @property
+    def has_reading(self) -> bool:
+        return self._reading is not None
+
     async def first_reading(self) -> None:
         """Return once the store's clock has been read (`run` keeps asking)."""
         await self._read.wait()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,7 +33,7 @@ from stream_edge.memory_transport import InMemoryTransport
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from tests.conftest import REDIS_URL
-from tests.inproc import CP, Gateway, eventually
+from tests.inproc import CP, Gateway, edge_url, eventually
 from tests.private_redis import PrivateRedis
 from tests.stack import base_env
 from tests.test_outbox_linger import NEVER, SECRET, URL, event
@@ -222,4 +223,32 @@ async def test_an_edge_started_while_the_store_is_down_claims_on_the_stores_cloc
             assert ("POST", webhook) not in gw.backends.sent
             assert await app.state.edge.outbox.deliver_due() == 0
     finally:
+        store.stop()
+
+
+async def test_an_edge_whose_store_refuses_time_is_not_ready(
+    migrated_pg_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A store that answers everything but `TIME` (an ACL, a managed Redis that
+    renames it): the edge's clock is never read, its deliverer waits for it and its
+    times stay its host's, so it must not be taken for ready; once `TIME` answers,
+    it is."""
+    store = PrivateRedis(tmp_path)
+    store.start()
+    admin = redis.Redis.from_url(store.url)
+    try:
+        admin.acl_setuser("default", enabled=True, nopass=True, commands=["-time"], reset=False)
+        async with Gateway(
+            base_env(migrated_pg_url), open_store(REDIS_URL, prefix=redis_prefix)
+        ) as gw:
+            app = await gw.add_edge("ahead", store=open_store(store.url, prefix=redis_prefix))
+            ready = await gw.clients.send("GET", edge_url("ahead") + "/readyz", {}, b"")
+            body = orjson.loads(await ready.aread())
+            assert (ready.status_code, body.get("failing")) == (503, ["store"]), body
+            admin.acl_setuser("default", commands=["+time"], reset=False)
+            await eventually(lambda: app.state.store_clock.has_reading, "a first reading")
+            ready = await gw.clients.send("GET", edge_url("ahead") + "/readyz", {}, b"")
+            assert ready.status_code == 200, await ready.aread()
+    finally:
+        admin.close()
         store.stop()
