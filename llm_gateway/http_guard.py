@@ -11,8 +11,10 @@ that nginx has (`client_header_timeout`, `large_client_header_buffers`,
 - the request line and headers must arrive within `header_timeout` seconds of the
   connection opening (or of the next request's first byte on a kept-alive
   connection); otherwise the connection is closed;
-- at most `max_header_bytes` may be read before the header block ends; more gets a
-  431 and the connection is closed (memory grows by at most one read);
+- at most `max_header_bytes` may be read before the header block ends, in at most
+  `MAX_HEADER_FIELDS` fields, and as much again of a chunked body's trailer block
+  (its fields counted with the header block's); more gets a 431 and the connection
+  is closed (memory grows by at most one read, and no field past the limit is kept);
 - the body must arrive within `body_deadline` of the header block's end: the header
   timeout again plus its size at `MIN_BODY_RATE` (the declared size, or the largest
   body an app reads when it is chunked). Otherwise the client gets a 408 (when no
@@ -70,6 +72,13 @@ MIN_CONNECTIONS = 16
 # clients out; the deadline only stops any one of them living for ever.
 MIN_BODY_RATE = 16 * 1024
 MAX_BODY_BYTES = 2 * 1024 * 1024
+
+# The header fields a request may have (Apache's `LimitRequestFields`; a browser sends
+# 20 to 40, as the edge's own client takes from a backend, `http1_connection`).
+# uvicorn keeps each field as it arrives, a tuple of two bytes objects: 64 KiB of
+# 4-byte fields (`a:`) held 1.9 MiB a connection, 30 times their size, for the header
+# timeout, and the byte cap cannot go under the largest stream token.
+MAX_HEADER_FIELDS = 100
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Between requests (and before the first): the next header block may come.
         self.awaiting_headers = True
         self.header_bytes = 0
+        # A field past `MAX_HEADER_FIELDS` came: nothing more of this connection is
+        # kept or dispatched, and the read that brought it is answered 431.
+        self.too_many_fields = False
+        # After a chunk's size line until its first byte: the last chunk's (size 0)
+        # trailer block, which comes after the header block and its byte count.
+        self.in_trailers = False
+        self.trailer_bytes = 0
         self.awaiting_since = self.loop.time()
         self.header_timer: asyncio.TimerHandle | None = None
         # From the end of a header block to the end of its body.
@@ -253,7 +269,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._start_header_timer()  # a kept-alive connection's next request
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= MAX_HEADER_FIELDS:
+            self.too_many_fields = True
+        if not self.too_many_fields:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self.too_many_fields:
+            return  # refused once the read is parsed (`data_received`)
         self.awaiting_headers = False
         self.header_bytes = 0
         self._cancel_header_timer()
@@ -279,7 +303,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         log.debug("aborting a connection the app cut on purpose")
         self.transport.abort()
 
+    def on_chunk_header(self) -> None:
+        self.in_trailers = True
+
+    def on_chunk_complete(self) -> None:
+        self.in_trailers, self.trailer_bytes = False, 0
+
+    def on_body(self, body: bytes) -> None:
+        self.in_trailers = False
+        if not self.too_many_fields:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self.too_many_fields:
+            return
         super().on_message_complete()
         self.awaiting_body = False
         self._cancel_body_timer()
@@ -322,16 +359,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.awaiting_headers:
             self.header_bytes += len(data)
+        trailing = self.in_trailers
         super().data_received(data)
+        if trailing and self.in_trailers:  # a read of trailers only
+            self.trailer_bytes += len(data)
         # Armed after the parse, not in on_headers_complete: a request whose body came
         # in the same read (most of them) never needs a timer.
         if self.awaiting_body and self.body_timer is None and not self.transport.is_closing():
             self._start_body_timer()
-        if (
-            self.awaiting_headers
-            and self.header_bytes > self.limits.max_header_bytes
-            and not self.transport.is_closing()
-        ):
+        too_large = (
+            self.awaiting_headers and self.header_bytes > self.limits.max_header_bytes
+        ) or self.trailer_bytes > self.limits.max_header_bytes
+        if (too_large or self.too_many_fields) and not self.transport.is_closing():
             self.transport.write(REFUSED_HEADERS)
             self.transport.close()
 

@@ -139,11 +139,11 @@ async def warn_missing_replicas(store: RedisStore, wanted: int) -> None:
         )
 
 
-async def deliver_on_store_clock(outbox: Outbox, clock: StoreClock, store: Store) -> None:
-    """The outbox's deliverer loop, from a first reading of the store's clock on: on
-    this host's, an edge minutes ahead would claim at its start the reports other
-    edges hold leased."""
-    await clock.sync(store)
+async def deliver_on_store_clock(outbox: Outbox, clock: StoreClock) -> None:
+    """The outbox's deliverer loop, from a first reading of the store's clock on
+    (`StoreClock.run` takes it, however long the store is down at start): on this
+    host's, an edge minutes ahead would claim the reports other edges hold leased."""
+    await clock.first_reading()
     await outbox.run()
 
 
@@ -223,7 +223,7 @@ def create_app(
         app.state.on_sigterm = lambda: drain(state)
         clock_reads = asyncio.create_task(store_clock.run(active_store), name="store-clock")
         deliverer = asyncio.create_task(
-            deliver_on_store_clock(outbox, store_clock, active_store), name="usage-outbox"
+            deliver_on_store_clock(outbox, store_clock), name="usage-outbox"
         )
         revocations = asyncio.create_task(watch_revocations(state), name="revocations")
         try:

@@ -201,7 +201,10 @@ async def readyz(request: Request) -> Response:
     failing = []
     if state.draining:
         failing.append("draining")
-    if not await state.store.ping():
+    # A store whose clock this edge has never read (`TIME` refused: an ACL, a renamed
+    # command) is not a usable one: the times it writes there would stay its host's,
+    # and its outbox's deliverer waits for a reading (`app.deliver_on_store_clock`).
+    if not await state.store.ping() or not request.app.state.store_clock.has_reading:
         failing.append("store")
     if failing:
         return JSONResponse({"status": "unavailable", "failing": failing}, status_code=503)

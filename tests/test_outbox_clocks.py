@@ -14,9 +14,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
+import redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,7 +33,8 @@ from stream_edge.memory_transport import InMemoryTransport
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.outbox import Outbox
 from tests.conftest import REDIS_URL
-from tests.inproc import Gateway, eventually
+from tests.inproc import CP, Gateway, edge_url, eventually
+from tests.private_redis import PrivateRedis
 from tests.stack import base_env
 from tests.test_outbox_linger import NEVER, SECRET, URL, event
 
@@ -172,3 +175,80 @@ async def test_the_edge_app_claims_on_the_stores_clock(
         await eventually(first_pass_done, "the deliverer's first pass")
         assert await app.state.edge.outbox.deliver_due() == 0
         assert await gw.store.outbox_size() == 1
+
+
+async def test_an_edge_started_while_the_store_is_down_claims_on_the_stores_clock(
+    migrated_pg_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """The edge starts while its store refuses connections (its first reading of the
+    store's clock fails), then the store answers: its deliverer leaves another edge's
+    leased report to its lease, as when the store answered from the start."""
+    store = PrivateRedis(tmp_path)  # not started yet: its port refuses connections
+    edge_store = open_store(store.url, prefix=redis_prefix)
+    read_clock = edge_store.server_time
+    unanswered = 0
+
+    async def counted() -> float:  # the edge's readings of the store's clock, counted
+        nonlocal unanswered
+        try:
+            return await read_clock()
+        except Exception:
+            unanswered += 1
+            raise
+
+    edge_store.server_time = counted  # type: ignore[method-assign]
+    try:
+        async with Gateway(
+            base_env(migrated_pg_url), open_store(REDIS_URL, prefix=redis_prefix)
+        ) as gw:
+            app = await gw.add_edge("ahead", clock=lambda: time.time() + SKEW, store=edge_store)
+            # Two readings refused: the deliverer's first pass (or its wait) is past.
+            await eventually(lambda: unanswered >= 2, "two readings on no store")
+            store.start()
+            other = open_store(store.url, prefix=redis_prefix)
+            try:
+                item = {"id": "usage_left", "body": event("left").body().decode(), "attempt": 0}
+                leased = await other.server_time() + LEASE  # another edge is posting it
+                await other.outbox_put("usage_left", orjson.dumps(item), leased)
+            finally:
+                await other.close()
+            pending = app.state.edge.metrics.registry.get_sample_value
+            webhook = f"{CP}/v1/webhooks/usage"
+
+            def pass_done() -> bool:  # its gauge is set at the end of each pass
+                posted = ("POST", webhook) in gw.backends.sent
+                return posted or pending("llmgw_edge_outbox_pending") == 1
+
+            await eventually(pass_done, "the deliverer's first pass with the store")
+            assert ("POST", webhook) not in gw.backends.sent
+            assert await app.state.edge.outbox.deliver_due() == 0
+    finally:
+        store.stop()
+
+
+async def test_an_edge_whose_store_refuses_time_is_not_ready(
+    migrated_pg_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A store that answers everything but `TIME` (an ACL, a managed Redis that
+    renames it): the edge's clock is never read, its deliverer waits for it and its
+    times stay its host's, so it must not be taken for ready; once `TIME` answers,
+    it is."""
+    store = PrivateRedis(tmp_path)
+    store.start()
+    admin = redis.Redis.from_url(store.url)
+    try:
+        admin.acl_setuser("default", enabled=True, nopass=True, commands=["-time"], reset=False)
+        async with Gateway(
+            base_env(migrated_pg_url), open_store(REDIS_URL, prefix=redis_prefix)
+        ) as gw:
+            app = await gw.add_edge("ahead", store=open_store(store.url, prefix=redis_prefix))
+            ready = await gw.clients.send("GET", edge_url("ahead") + "/readyz", {}, b"")
+            body = orjson.loads(await ready.aread())
+            assert (ready.status_code, body.get("failing")) == (503, ["store"]), body
+            admin.acl_setuser("default", commands=["+time"], reset=False)
+            await eventually(lambda: app.state.store_clock.has_reading, "a first reading")
+            ready = await gw.clients.send("GET", edge_url("ahead") + "/readyz", {}, b"")
+            assert ready.status_code == 200, await ready.aread()
+    finally:
+        admin.close()
+        store.stop()

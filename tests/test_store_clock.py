@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
 from shared.store_clock import StoreClock
@@ -51,3 +54,24 @@ async def test_a_store_that_cannot_answer_leaves_the_last_reading() -> None:
     monotonic.at += 10
     assert not await clock.sync(store)
     assert clock.now() == 1_010.0
+
+
+async def test_a_store_down_at_start_is_asked_again_before_the_full_period() -> None:
+    """No reading yet: `run` asks again within a second, not after `SYNC_SECONDS`, and
+    `first_reading` returns once it has one (the edge's deliverer waits on it)."""
+    monotonic = Ticking(0.0)
+    clock = StoreClock(monotonic=monotonic, wall=lambda: 9_999.0)
+    store = Source(monotonic, 1_000.0)
+    store.fails = True
+    runs = asyncio.create_task(clock.run(store, every=3_600))
+    try:
+        await asyncio.sleep(0)  # the first reading, refused
+        assert clock.now() == 9_999.0
+        store.fails = False
+        async with asyncio.timeout(10):  # a bound: the retry comes after 0.5 s
+            await clock.first_reading()
+        assert clock.now() == 1_000.0
+    finally:
+        runs.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runs
