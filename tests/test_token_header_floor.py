@@ -265,6 +265,48 @@ def test_a_token_grown_past_the_budget_by_the_catalog_is_refused_at_init(
         c.init_ok(owner, {"model": "mock-chat", "query": "hi", "max_tokens": 16})
 
 
+def test_a_change_that_grows_no_token_is_taken_when_the_catalog_grew_one_past_the_budget(
+    tmp_path: Path,
+) -> None:
+    """After the catalog grew a model's token past the budget (as above), an owner's
+    PUT that makes no token larger is taken: rotating a leaked key for one of the
+    same length, another provider's key, the default model. Before, every PUT of
+    the company was 422 naming api_keys, the rotation of a leaked key with it."""
+    env = base_env(f"sqlite:///{tmp_path}/gw.db")
+    with InProcessStack(env) as stack:
+        c = stack.client
+        company = c.new_company("100")
+        owner = c.new_user(company, role="owner")
+        path = f"/v1/admin/companies/{company}/providers/mock"
+        put = c.as_user(owner, "PUT", path, json={"api_keys": _pool(3900)})
+        assert put.status_code == 200, put.text
+    packaged = (Path(__file__).parent.parent / "shared" / "models.yaml").read_text()
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        packaged.replace(
+            "    upstream_model: mock-fast\n",
+            "    upstream_model: mock-fast\n    fallbacks: [mock-chat, mock-vision]\n",
+            1,
+        )
+    )
+    with InProcessStack({**env, "LLMGW_MODELS_FILE": str(models)}) as stack:
+        c = stack.client
+        rotated = c.as_user(owner, "PUT", path, json={"api_keys": ["r" * 3900, "j"]})
+        assert rotated.status_code == 200, rotated.text
+        other = f"/v1/admin/companies/{company}/providers/openai"
+        keyed = c.as_user(owner, "PUT", other, json={"api_keys": ["sk-" + "o" * 48]})
+        assert keyed.status_code == 200, keyed.text
+        default = c.as_user(owner, "PUT", path, json={"default_model": "mock-chat"})
+        assert default.status_code == 200, default.text
+        # A longer pool still grows the model's token past the budget: refused.
+        longer = c.as_user(owner, "PUT", path, json={"api_keys": ["r" * 3999, "j"]})
+        assert longer.status_code == 422, longer.text
+        assert longer.json()["message"].startswith("api_keys: ")
+        # The model itself is still refused at init, before its hold.
+        refused = c.init(owner, {"model": "mock-fast", "query": "hi", "max_tokens": 16})
+        assert refused.status_code == 422, refused.text
+
+
 def test_the_budget_keeps_the_token_and_its_url_under_the_clients_limits() -> None:
     # The sealed routes and 4 KiB of other claims, in base64url, with the header and
     # the signature: within the token's bound.
