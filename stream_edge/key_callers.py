@@ -253,7 +253,8 @@ async def abandon(state: EdgeState, grant: StreamGrant) -> None:
     """Give back the hold of a grant whose stream will not start: a `failed` report
     with no tokens, which settles it charging nothing (DESIGN §9 "What is billed"),
     through the outbox like every report (durable, retried)."""
-    now = iso_utc(datetime.now(UTC))
+    # On the store's clock, as every report's end (`usage_report.usage_event`).
+    now = iso_utc(datetime.fromtimestamp(state.store_clock(), UTC))
     spec = state.settings.catalog.model(grant.model)
     event = UsageEvent(
         jti=grant.jti,
