@@ -506,7 +506,10 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
                 real_end(unit, commit)
                 refuse()
                 lost = psycopg.OperationalError("server closed the connection unexpectedly")
-                raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
+                exc = DBAPIError.instance("COMMIT", None, lost, psycopg.Error)
+                # As `end` names it when its COMMIT's answer is lost (`db.lost_backend`).
+                db_module.note_backend(exc, unit.backend())
+                raise exc from lost
 
             monkeypatch.setattr(db_module._PooledUnit, "end", commit_then_outage)
             r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
@@ -542,3 +545,52 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
             return {k: now[k] - money[k] for k in ("charged", "released")}
 
         await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+
+
+async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_outage(
+    settings: Any,
+) -> None:
+    """The database refuses connections (a restart, a failover): each usage webhook's
+    checkout fails before anything was sent, so nothing it could have settled is
+    unknown. Its read-back must not retry through the outage (as a lost answer's,
+    whose connection the outage cut, does): every edge's redelivery would otherwise
+    leave one more task asking for a connection once a second for a minute, and the
+    database coming back would meet them all beside the traffic."""
+    async with _served(settings) as (app, client):
+        deps = app.state.deps
+        auth, company_id = await _member(client, "10")
+        inits = []
+        for _ in range(5):
+            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+            assert r.status_code == 201, r.text
+            inits.append(r.json()["data"])
+        calls = [0]
+        real_transaction = deps.db.transaction
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return await real_transaction(*args, **kwargs)
+
+        deps.db.transaction = counted
+        try:
+            with _refusing(_conninfo(settings)) as refuse:
+                refuse()
+                for init in inits:
+                    event = usage_event(init, company_id, output_tokens=3)
+                    body = event.body()
+                    secret = deps.settings.webhook_secret.reveal()
+                    headers = sign(secret, event.webhook_id, body)
+                    r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+                    assert r.status_code == 503, r.text
+
+                def retrying() -> list[asyncio.Task[Any]]:
+                    return [t for t in asyncio.all_tasks() if t.get_name() == "lost-settlement"]
+
+                asked = calls[0]
+                await eventually(
+                    lambda: not retrying(), f"{len(retrying())} read-backs still retrying", 5
+                )
+                # One look each at most, as before the outage retries: not one a second.
+                assert calls[0] - asked <= len(inits), calls[0] - asked
+        finally:
+            deps.db.transaction = real_transaction
