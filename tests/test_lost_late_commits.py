@@ -594,3 +594,55 @@ async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_out
                 assert calls[0] - asked <= len(inits), calls[0] - asked
         finally:
             deps.db.transaction = real_transaction
+
+
+async def test_a_session_deleted_as_its_turn_settles_with_a_reply_is_no_deadlock(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn's settlement holds its reservation's row and appends the reply to the
+    session; the session's deletion holds the session's row and records its turns'
+    revoked tokens on their reservations (``revoked_at``). Taken in opposite orders,
+    PostgreSQL broke the cycle after its ``deadlock_timeout`` (1 s) by failing one:
+    here the deletion (measured: 503 database_unavailable, "deadlock detected" in the
+    server's log). An operator's transaction holding the reservation's row lines
+    them up; the race needs none."""
+    caplog.set_level(logging.INFO)
+    async with _served(settings) as (app, client):
+        deps = app.state.deps
+        auth, company_id = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        init = r.json()["data"]
+        event = usage_event(init, company_id, output_tokens=3, content="the reply")
+        body = event.body()
+        headers = sign(deps.settings.webhook_secret.reveal(), event.webhook_id, body)
+        conninfo = _conninfo(settings)
+        with (
+            psycopg.connect(conninfo, autocommit=True) as watcher,
+            psycopg.connect(conninfo) as operator,
+        ):
+            operator.execute(
+                "SELECT 1 FROM reservations WHERE id = %s FOR UPDATE", (init["reservation_id"],)
+            )
+
+            def waiters() -> int:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                return int(row[0]) if row else 0
+
+            settling = asyncio.create_task(
+                client.post("/v1/webhooks/usage", content=body, headers=headers)
+            )
+            await eventually(lambda: waiters() == 1, "the settlement waits on the row")
+            deleting = asyncio.create_task(
+                client.delete(f"/v1/sessions/{init['session_id']}", headers=auth)
+            )
+            await eventually(lambda: waiters() == 2, "the deletion waits on the row too")
+            operator.rollback()
+            settled, deleted = await settling, await deleting
+        assert settled.status_code == 200, settled.text
+        assert settled.json()["data"]["settled"] is True
+        assert deleted.status_code == 204, deleted.text
+        assert not [m for m in caplog.messages if "deadlock" in m.lower()]
