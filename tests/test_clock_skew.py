@@ -8,8 +8,8 @@ the control plane's is the real one."""
 from __future__ import annotations
 
 import time
-from typing import Any
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
