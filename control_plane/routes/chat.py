@@ -134,9 +134,8 @@ async def delete_session(request: Request) -> Response:
     # In the deletion's transaction, a turn settling meanwhile (its reservation's
     # row held, its reply waiting on the session's) made a deadlock PostgreSQL broke
     # by failing the deletion (503).
-    await deps.db.transaction(
-        lambda s: mark_revoked(s, first.company_id, first.jtis, utcnow())
-    )
+    if first.jtis:
+        await deps.db.transaction(lambda s: mark_revoked(s, first.company_id, first.jtis, utcnow()))
     erased = await deps.db.transaction(
         lambda s: chat_sessions.remove_session(s, principal, session_id, since, first.jtis)
     )
