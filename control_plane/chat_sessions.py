@@ -380,18 +380,24 @@ def streams_to_end(
 
 
 def remove_session(
-    session: Session, p: Principal, session_id: str, ended_since: datetime
+    session: Session,
+    p: Principal,
+    session_id: str,
+    ended_since: datetime,
+    recorded: frozenset[str] = frozenset(),
 ) -> SessionStreams:
     """Delete a session and its messages (404 / 403 as `_deletable`), and say which
     streams its turns still have (`stream_ids`, read once the session's row is held:
-    a turn appended meanwhile committed first, and its hold is among them)."""
+    a turn appended meanwhile committed first, and its hold is among them).
+    `recorded`: those whose revocation is recorded already (`routes.chat`)."""
     chat = _deletable(session, p, session_id)
     delete_session(session, chat.id)
     ended = SessionStreams(chat.company_id, stream_ids(session, chat, ended_since))
-    # Their tokens are revoked at the edges (`routes.chat`); recorded with the
-    # deletion, so a store that loses those keys gets them back
-    # (`revocation_republish`).
-    mark_revoked(session, chat.company_id, ended.jtis, utcnow())
+    # Their tokens are revoked at the edges (`routes.chat`); recorded, so a store
+    # that loses those keys gets them back (`revocation_republish`). Only a turn
+    # appended since the first look is left to record here, holding the session's
+    # row: the others' rows may be held by their settlement, which waits on it.
+    mark_revoked(session, chat.company_id, ended.jtis - recorded, utcnow())
     return ended
 
 

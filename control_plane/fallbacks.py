@@ -70,6 +70,11 @@ def served_price(reservation: Held, model: str) -> tuple[str, Price] | None:
     )
 
 
+def sealed_size(routes: Iterable[UpstreamRoute | None]) -> int:
+    """What `routes` take sealed in a stream token (`route_claim.sealed_length`)."""
+    return sum(sealed_length(r) for r in routes if r is not None)
+
+
 def check_token_room(
     model: ModelSpec, routes: Iterable[UpstreamRoute | None], field: str = "model"
 ) -> None:
@@ -79,7 +84,7 @@ def check_token_room(
     pass `STREAM_TOKEN_MAX_BYTES`, and an edge's header cap or the client's URL
     limit (httpx's, 64 KiB) refuse it, every stream of the model failing after its
     hold."""
-    sealed = sum(sealed_length(r) for r in routes if r is not None)
+    sealed = sealed_size(routes)
     if sealed > SEALED_ROUTES_MAX_BYTES:
         raise ValidationFailed(
             field,

@@ -21,7 +21,6 @@ from control_plane import pending_inits, tpm
 from control_plane.background import in_background
 from control_plane.deps import Deps
 from control_plane.settlement import Outcome
-from control_plane.tables import utcnow
 from control_plane.usage_events import parse_time
 from shared.webhooks import UsageEvent
 
@@ -36,11 +35,13 @@ def count(deps: Deps, outcome: Outcome) -> None:
 
 def observe_lag(deps: Deps, event: UsageEvent) -> None:
     """A settlement's ``llmgw_cp_reconciliation_lag_seconds``: its stream's end to
-    now, when its commit is known (once per settlement, as ``settled``)."""
+    now, when its commit is known (once per settlement, as ``settled``). Both on the
+    store's clock (`Deps.clock`; the edge dates ``ended_at`` by it): on the hosts'
+    clocks, an edge 10 minutes behind made each of its settlements look 600 s late
+    (LLMGWReconciliationLagHigh), and one ahead hid the lag (0.0)."""
     ended = parse_time(event.ended_at) if event.ended_at else None
     if ended is not None:
-        lag = (utcnow() - ended).total_seconds()
-        deps.metrics.reconciliation_lag.observe(max(lag, 0.0))
+        deps.metrics.reconciliation_lag.observe(max(deps.clock() - ended.timestamp(), 0.0))
 
 
 async def after_commit(deps: Deps, event: UsageEvent, outcome: Outcome) -> None:

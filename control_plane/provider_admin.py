@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from control_plane import accounts, audit, company_llm, policy
 from control_plane.errors import NotFound, ValidationFailed
-from control_plane.fallbacks import check_token_room
+from control_plane.fallbacks import check_token_room, sealed_size
 from control_plane.policy import Principal
 from control_plane.tables import Company
 from shared.catalog import Catalog, ModelSpec
@@ -105,6 +105,7 @@ def _usable_view(session: Session, c: Caller, company_id: str) -> company_llm.Co
 
 def _apply(session: Session, c: Caller, company: Company, change: Change) -> None:
     provider = change.provider
+    before = _token_sizes(session, c, company.id)
     spec = c.catalog.providers[provider]
     if change.api_keys is not UNSET and change.api_keys is not None:
         company_llm.check_own_key(spec)
@@ -138,13 +139,14 @@ def _apply(session: Session, c: Caller, company: Company, change: Change) -> Non
             raise ValidationFailed("default_model", f"{default_model!r} is not a usable model")
         company.default_model = default_model
         session.flush()
-    _check_token_room(session, c, company.id, change)
+    _check_token_room(session, c, company.id, change, before)
 
 
-def _check_token_room(session: Session, c: Caller, company_id: str, change: Change) -> None:
-    """422 when a model of the company's view, with its whole chain, would seal more
-    of its key pools into a stream token than fits (`fallbacks.check_token_room`):
-    refused here, where an owner can fix it, not at each member's init."""
+def _token_routes(
+    session: Session, c: Caller, company_id: str
+) -> dict[str, tuple[ModelSpec, list[UpstreamRoute | None]]]:
+    """Each model of the company's view, with the routes its stream token seals (its
+    own and its chain's, `fallbacks.check_token_room`)."""
     view = _usable_view(session, c, company_id)
     pools = {
         provider: tuple(keys)
@@ -157,10 +159,33 @@ def _check_token_room(session: Session, c: Caller, company_id: str, change: Chan
         pool = pools.get(spec.provider, ())
         return company_llm.route_for(c.catalog, spec, pool[0] if pool else None, pool)
 
-    for spec in view.models.values():
-        chain = company_llm.chain_of(view, spec)
-        field = "api_keys" if change.api_keys is not UNSET else f"models.{spec.id}"
-        check_token_room(spec, [route(spec), *map(route, chain)], field)
+    return {
+        spec.id: (spec, [route(spec), *map(route, company_llm.chain_of(view, spec))])
+        for spec in view.models.values()
+    }
+
+
+def _token_sizes(session: Session, c: Caller, company_id: str) -> dict[str, int]:
+    """What each model's token seals before a change (`_check_token_room`)."""
+    return {
+        model_id: sealed_size(routes)
+        for model_id, (_, routes) in _token_routes(session, c, company_id).items()
+    }
+
+
+def _check_token_room(
+    session: Session, c: Caller, company_id: str, change: Change, before: dict[str, int]
+) -> None:
+    """422 when the change makes a model of the company's view, with its whole chain,
+    seal more of its key pools into a stream token than fits
+    (`fallbacks.check_token_room`): refused here, where an owner can fix it, not at
+    each member's init. A model the catalog already grew past it (`before`: its
+    size before the change) does not block a change that grows it no further: the
+    rotation of a leaked key, another provider's key (init refuses that model)."""
+    field = "api_keys" if change.api_keys is not UNSET else None
+    for model_id, (spec, routes) in _token_routes(session, c, company_id).items():
+        if sealed_size(routes) > before.get(model_id, 0):
+            check_token_room(spec, routes, field or f"models.{model_id}")
 
 
 def _audit(

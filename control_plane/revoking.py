@@ -43,6 +43,7 @@ from control_plane.errors import Conflict, NotFound, ValidationFailed
 from control_plane.pagination import Page, PageRequest, read_page
 from control_plane.policy import Principal
 from control_plane.settings import ControlPlaneSettings
+from control_plane.stream_revocations import stream_revoked
 from control_plane.tables import Company, Reservation, Revocation, User, iso, new_id, utcnow
 
 TARGETS = (("user_id", "user"), ("company_id", "company"), ("jti", "jti"))
@@ -189,7 +190,13 @@ def _lock_target(session: Session, kind: str, value: str) -> None:
 def in_force_besides(session: Session, row: Revocation) -> bool:
     """Another revocation of the same target still in force: not lifted and, for a
     token (whose only effect is the edges' expiring key), not expired either; a
-    user's or company's holds until lifted (`disabled_at`)."""
+    user's or company's holds until lifted (`disabled_at`). A token is also revoked
+    for good when its chat session was deleted or the sweeper settled it as silent
+    (`stream_revocations`): before, a lift withdrew that key too, and the deleted
+    answer's URL replayed until the next republishing pass."""
+    if row.kind == "jti" and row.company_id is not None:
+        if stream_revoked(session, row.company_id, row.value):
+            return True
     stmt = select(col(Revocation.id)).where(
         col(Revocation.kind) == row.kind,
         col(Revocation.value) == row.value,

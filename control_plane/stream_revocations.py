@@ -37,3 +37,18 @@ def revoked_since(session: Session, since: datetime) -> list[tuple[str, str, dat
         ).where(col(Reservation.revoked_at).is_not(None), col(Reservation.revoked_at) > since)
     ).all()
     return [(jti, company_id, at) for jti, company_id, at in rows if at is not None]
+
+
+def stream_revoked(session: Session, company_id: str, jti: str) -> bool:
+    """Whether `jti`'s token is revoked here (a lift of an admin's revocation of the
+    same token must leave the edges' key: `revoking.in_force_besides`)."""
+    found = session.execute(
+        select(col(Reservation.id))
+        .where(
+            col(Reservation.jti) == jti,
+            col(Reservation.company_id) == company_id,
+            col(Reservation.revoked_at).is_not(None),
+        )
+        .limit(1)
+    ).first()
+    return found is not None

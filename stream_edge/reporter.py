@@ -82,7 +82,14 @@ class Reporter:
 
     async def _report(self, backend: Backend, status: str) -> None:
         grant = self.grant
-        event = usage_event(grant, backend.provider.name, backend.meter, status, backend.model.id)
+        event = usage_event(
+            grant,
+            backend.provider.name,
+            backend.meter,
+            status,
+            backend.model.id,
+            ended=self.state.store_clock(),
+        )
         metrics = self.state.metrics
         if self._counted_active:
             metrics.streams_active.dec()

@@ -33,9 +33,19 @@ def webhook_status(completed: bool, outcome: str) -> str:
 
 
 def usage_event(
-    grant: StreamGrant, provider: str, meter: Meter, status: str, model: str | None = None
+    grant: StreamGrant,
+    provider: str,
+    meter: Meter,
+    status: str,
+    model: str | None = None,
+    *,
+    ended: float | None = None,
 ) -> UsageEvent:
-    """`model`/`provider`: what served (a fallback of the grant's chain, or its model)."""
+    """`model`/`provider`: what served (a fallback of the grant's chain, or its model).
+    `ended`: now on the store's clock (`EdgeState.store_clock`; None: this host's),
+    as ``ended_at``: the control plane times the settlement from it on the same
+    clock (``llmgw_cp_reconciliation_lag_seconds``), and this host's may be minutes
+    off."""
     billing = meter.billing()
     served = model or grant.model
     event = UsageEvent(
@@ -54,7 +64,9 @@ def usage_event(
         usage_source=billing.source,
         started_at=iso_utc(meter.started_at),
         first_token_at=iso_utc(meter.first_token_at) if meter.first_token_at else None,
-        ended_at=iso_utc(datetime.now(UTC)),
+        ended_at=iso_utc(
+            datetime.now(UTC) if ended is None else datetime.fromtimestamp(ended, UTC)
+        ),
         content=meter.content,
         tool_calls=[c.openai() for c in meter.tool_calls()] or None
         if meter.keep_transcript

@@ -248,3 +248,34 @@ async def test_a_silent_streams_reconciliation_lag_is_not_the_edges_clock_offset
         # Seconds since the edge's last write, not its host's offset (or none of it).
         observed = lag("llmgw_cp_reconciliation_lag_seconds_sum")
         assert observed is not None and 0 < observed < 30, observed
+
+
+@pytest.mark.parametrize("skew", [600.0, -600.0], ids=["ahead", "behind"])
+async def test_a_reported_streams_reconciliation_lag_is_not_the_edges_clock_offset(
+    migrated_pg_url: str, skew: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same histogram for the common settlement, a webhook: counted from the
+    report's ``ended_at``, which the edge dated by its host's clock while the control
+    plane read its own, so every stream of an edge 10 minutes behind observed ~600 s
+    (LLMGWReconciliationLagHigh: p95 over a minute) and one ahead hid the lag."""
+
+    class HostClock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> HostClock:
+            return cls.fromtimestamp(time.time() + skew, tz)
+
+    # The skewed edge's host: what it reads as the time of day.
+    monkeypatch.setattr("stream_edge.usage_report.datetime", HostClock)
+    async with Gateway(base_env(migrated_pg_url)) as gw:
+        app = await gw.add_edge("skewed", clock=lambda: time.time() + skew)
+        assert await app.state.store_clock.sync(gw.store)
+        deps = gw.cp.state.deps
+        access = await gw.new_user("5")
+        grant = await gw.init_ok(access, {"query": f"q [[mock tokens={TOKENS}]]"})
+        async with opened(await gw.get(grant["stream_url"], edge="skewed")) as response:
+            assert (await events(response))[-1].event == "complete"
+        await gw.wait_usage(access, grant["reservation_id"])
+        lag = deps.metrics.registry.get_sample_value
+        assert lag("llmgw_cp_reconciliation_lag_seconds_count") == 1
+        observed = lag("llmgw_cp_reconciliation_lag_seconds_sum")
+        assert observed is not None and 0 < observed < 30, observed

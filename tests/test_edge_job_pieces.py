@@ -258,7 +258,11 @@ class Edge:
 
     def reporter(self, backoff: Backoff) -> Reporter:
         state = SimpleNamespace(
-            metrics=EdgeMetrics(), outbox=self.outbox, store=self.store, reports_owed=0
+            metrics=EdgeMetrics(),
+            outbox=self.outbox,
+            store=self.store,
+            reports_owed=0,
+            store_clock=time.time,  # `EdgeState`'s default
         )
         return Reporter(state, GRANT, accepted_at=0.0, backoff=backoff)  # type: ignore[arg-type]
 

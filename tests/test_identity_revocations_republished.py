@@ -313,3 +313,32 @@ def _prefixed(prefix: str, keys: list[str]) -> bool:
         return bool(client.exists(*[prefix + k for k in keys]) == len(keys))
     finally:
         client.close()
+
+
+def test_lifting_an_admins_revocation_of_a_deleted_sessions_token_keeps_it_refused(
+    grace_stack: InProcessStack,
+) -> None:
+    """Attack: an owner revokes a member's finished turn (`POST /v1/admin/revocations
+    {"jti"}`), the session is then deleted, and the owner lifts its revocation. The
+    lift withdrew the edges' key unless another revocation row was in force, though
+    the deletion's (``reservations.revoked_at``) was: the deleted answer's URL
+    replayed again until the next republishing pass put the key back (up to 5 s),
+    and a silent stream's stalled edge relayed on, unbilled, as long."""
+    c = grace_stack.client
+    company_id = c.new_company("5")
+    owner = c.new_user(company_id, role="owner")
+    member = c.new_user(company_id)
+    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
+    with c.http.stream("GET", finished["stream_url"]) as r:
+        assert _replay(r)[-1].event == "complete"
+    c.wait_usage(member, finished["reservation_id"])
+    jti = jti_of(finished["stream_token"])
+    revoked = c.as_user(owner, "POST", "/v1/admin/revocations", json={"jti": jti})
+    assert revoked.status_code == 201, revoked.text
+    deleted = c.as_user(owner, "DELETE", f"/v1/sessions/{finished['session_id']}")
+    assert deleted.status_code == 204, deleted.text
+    lifted = c.as_user(owner, "DELETE", f"/v1/admin/revocations/{revoked.json()['data']['id']}")
+    assert lifted.status_code == 204, lifted.text
+    resumed = c.http.get(finished["stream_url"], headers={"Last-Event-ID": "1"})
+    assert resumed.status_code == 401, resumed.text[:200]
+    assert resumed.json()["error"]["code"] == "revoked"

@@ -506,7 +506,10 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
                 real_end(unit, commit)
                 refuse()
                 lost = psycopg.OperationalError("server closed the connection unexpectedly")
-                raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
+                exc = DBAPIError.instance("COMMIT", None, lost, psycopg.Error)
+                # As `end` names it when its COMMIT's answer is lost (`db.lost_backend`).
+                db_module.note_backend(exc, unit.backend())
+                raise exc from lost
 
             monkeypatch.setattr(db_module._PooledUnit, "end", commit_then_outage)
             r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
@@ -542,3 +545,104 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
             return {k: now[k] - money[k] for k in ("charged", "released")}
 
         await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+
+
+async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_outage(
+    settings: Any,
+) -> None:
+    """The database refuses connections (a restart, a failover): each usage webhook's
+    checkout fails before anything was sent, so nothing it could have settled is
+    unknown. Its read-back must not retry through the outage (as a lost answer's,
+    whose connection the outage cut, does): every edge's redelivery would otherwise
+    leave one more task asking for a connection once a second for a minute, and the
+    database coming back would meet them all beside the traffic."""
+    async with _served(settings) as (app, client):
+        deps = app.state.deps
+        auth, company_id = await _member(client, "10")
+        inits = []
+        for _ in range(5):
+            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+            assert r.status_code == 201, r.text
+            inits.append(r.json()["data"])
+        calls = [0]
+        real_transaction = deps.db.transaction
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return await real_transaction(*args, **kwargs)
+
+        deps.db.transaction = counted
+        try:
+            with _refusing(_conninfo(settings)) as refuse:
+                refuse()
+                for init in inits:
+                    event = usage_event(init, company_id, output_tokens=3)
+                    body = event.body()
+                    secret = deps.settings.webhook_secret.reveal()
+                    headers = sign(secret, event.webhook_id, body)
+                    r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+                    assert r.status_code == 503, r.text
+
+                def retrying() -> list[asyncio.Task[Any]]:
+                    return [t for t in asyncio.all_tasks() if t.get_name() == "lost-settlement"]
+
+                asked = calls[0]
+                await eventually(
+                    lambda: not retrying(), f"{len(retrying())} read-backs still retrying", 5
+                )
+                # One look each at most, as before the outage retries: not one a second.
+                assert calls[0] - asked <= len(inits), calls[0] - asked
+        finally:
+            deps.db.transaction = real_transaction
+
+
+async def test_a_session_deleted_as_its_turn_settles_with_a_reply_is_no_deadlock(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A turn's settlement holds its reservation's row and appends the reply to the
+    session; the session's deletion holds the session's row and records its turns'
+    revoked tokens on their reservations (``revoked_at``). Taken in opposite orders,
+    PostgreSQL broke the cycle after its ``deadlock_timeout`` (1 s) by failing one:
+    here the deletion (measured: 503 database_unavailable, "deadlock detected" in the
+    server's log). An operator's transaction holding the reservation's row lines
+    them up; the race needs none."""
+    caplog.set_level(logging.INFO)
+    async with _served(settings) as (app, client):
+        deps = app.state.deps
+        auth, company_id = await _member(client, "10")
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        init = r.json()["data"]
+        event = usage_event(init, company_id, output_tokens=3, content="the reply")
+        body = event.body()
+        headers = sign(deps.settings.webhook_secret.reveal(), event.webhook_id, body)
+        conninfo = _conninfo(settings)
+        with (
+            psycopg.connect(conninfo, autocommit=True) as watcher,
+            psycopg.connect(conninfo) as operator,
+        ):
+            operator.execute(
+                "SELECT 1 FROM reservations WHERE id = %s FOR UPDATE", (init["reservation_id"],)
+            )
+
+            def waiters() -> int:
+                row = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                return int(row[0]) if row else 0
+
+            settling = asyncio.create_task(
+                client.post("/v1/webhooks/usage", content=body, headers=headers)
+            )
+            await eventually(lambda: waiters() == 1, "the settlement waits on the row")
+            deleting = asyncio.create_task(
+                client.delete(f"/v1/sessions/{init['session_id']}", headers=auth)
+            )
+            await eventually(lambda: waiters() == 2, "the deletion waits on the row too")
+            operator.rollback()
+            settled, deleted = await settling, await deleting
+        assert settled.status_code == 200, settled.text
+        assert settled.json()["data"]["settled"] is True
+        assert deleted.status_code == 204, deleted.text
+        assert not [m for m in caplog.messages if "deadlock" in m.lower()]

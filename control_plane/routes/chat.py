@@ -22,6 +22,7 @@ from control_plane.pagination import decode_seq_cursor, encode_seq_cursor, page_
 from control_plane.policy import Principal
 from control_plane.rate_limits import check_init_rate
 from control_plane.responses import no_content, ok
+from control_plane.stream_revocations import mark_revoked
 from control_plane.tables import utcnow
 from control_plane.validation import page_limit, parse_json_object
 from shared.revocations import revoke
@@ -128,8 +129,15 @@ async def delete_session(request: Request) -> Response:
         raise ServiceUnavailable(
             "The edges could not be told to end the session's streams; nothing was deleted: retry."
         ) from None
+    # Revoked at the edges now, whatever the deletion does: recorded for the
+    # republishing pass on their own, before the deletion holds the session's row.
+    # In the deletion's transaction, a turn settling meanwhile (its reservation's
+    # row held, its reply waiting on the session's) made a deadlock PostgreSQL broke
+    # by failing the deletion (503).
+    if first.jtis:
+        await deps.db.transaction(lambda s: mark_revoked(s, first.company_id, first.jtis, utcnow()))
     erased = await deps.db.transaction(
-        lambda s: chat_sessions.remove_session(s, principal, session_id, since)
+        lambda s: chat_sessions.remove_session(s, principal, session_id, since, first.jtis)
     )
     try:  # a turn begun between the two transactions
         await _end_streams(deps, erased.company_id, erased.jtis - first.jtis)
