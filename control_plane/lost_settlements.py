@@ -130,11 +130,13 @@ async def once_over(
 
 
 def backend_state(session: Session, pid: int) -> str | None:
-    """`pid`'s ``pg_stat_activity.state``: None when it is gone."""
+    """`pid`'s ``pg_stat_activity.state``: None when it is gone, or when nothing
+    tells (``disabled``: its ``track_activities`` is off; no state: another role's),
+    which `once_over` does not wait for: it would wait the whole `OVER_WAIT`."""
     state = session.scalar(
         text("SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
     )
-    return state if isinstance(state, str) else None
+    return state if isinstance(state, str) and state != "disabled" else None
 
 
 def read_back(

@@ -21,9 +21,10 @@ import orjson
 import psycopg
 import pytest
 from psycopg import sql
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import (
@@ -646,3 +647,28 @@ async def test_a_session_deleted_as_its_turn_settles_with_a_reply_is_no_deadlock
         assert settled.json()["data"]["settled"] is True
         assert deleted.status_code == 204, deleted.text
         assert not [m for m in caplog.messages if "deadlock" in m.lower()]
+
+
+def test_a_backend_whose_activity_is_not_tracked_is_not_waited_for(settings: Any) -> None:
+    """With ``track_activities`` off (a server setting, or a role's), PostgreSQL shows
+    the backend's state as `disabled`: nothing tells when its transaction ends. Before,
+    that read as a transaction still running, and every read-back after a lost answer
+    waited the whole `OVER_WAIT` (60 s). Now it is as unknown as a gone backend: read
+    at once, as before the wait existed. A tracked one in a transaction is waited for."""
+    engine = create_engine(str(settings.database_url))
+    try:
+        with psycopg.connect(_conninfo(settings), autocommit=True) as other:
+            other.execute("SET track_activities = off")
+            other.execute("BEGIN")
+            other.execute("SELECT 1")
+            with Session(engine) as session:
+                assert lost_settlements.backend_state(session, other.info.backend_pid) is None
+            other.execute("ROLLBACK")
+            other.execute("SET track_activities = on")
+            other.execute("BEGIN")
+            other.execute("SELECT 1")
+            with Session(engine) as session:
+                state = lost_settlements.backend_state(session, other.info.backend_pid)
+            assert state == "idle in transaction"
+    finally:
+        engine.dispose()
