@@ -411,6 +411,9 @@ def test_the_ingress_controller_takes_the_largest_stream_token() -> None:
     assert int(count) >= 2 and int(size.removesuffix("k")) * 1024 > STREAM_TOKEN_MAX_BYTES + 4096
     edge_conf = (DEPLOY / "nginx" / "edge.conf").read_text()
     assert f"large_client_header_buffers {count} {size};" in edge_conf
+    # Held no longer than the edge's own header timeout (default 10 s).
+    assert "client_header_timeout 10s;" in edge_conf
+    assert config["data"]["client-header-timeout"] == "10"
 
 
 def test_the_ingress_does_not_publish_metrics() -> None:
