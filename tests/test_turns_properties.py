@@ -154,3 +154,37 @@ def test_a_freed_slot_goes_to_the_owner_waiting_without_one() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["b", "a", "a", "a"]
+
+
+def test_a_waiting_owner_is_overtaken_by_one_round_of_newcomers_at_most() -> None:
+    """B's second check waits while a newcomer arrives before every release (a
+    steady stream of owners with one check each, as fast as the slot serves them):
+    it is served after at most the newcomers that came before B's last slot was
+    handed out. Before: not while they came (49 newcomers served, it still waiting)."""
+
+    async def scenario() -> list[str]:
+        turns = Turns(1)
+        order: list[str] = []
+        await turns.acquire("x")
+
+        async def one(owner: str) -> None:
+            await turns.acquire(owner)
+            order.append(owner)
+
+        tasks = [asyncio.create_task(one("B")) for _ in range(2)]
+        await asyncio.sleep(0)
+        holder = "x"
+        for i in range(20):
+            tasks.append(asyncio.create_task(one(f"n{i}")))
+            await asyncio.sleep(0)
+            turns.release(holder)
+            await asyncio.sleep(0)
+            holder = order[-1]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return order
+
+    order = asyncio.run(scenario())
+    # n0 came before B's first slot, n1 while B held it: then B's second.
+    assert [i for i, owner in enumerate(order) if owner == "B"] == [0, 3], order
