@@ -16,17 +16,21 @@ hash. So the hashing never holds more than `slots` x 64 MiB, and a fresh login w
 behind at most `waiting` others. The bound is per process, as the CPUs it protects.
 
 The places are shared by every company, so each check also names its *owner*: for
-a sign-in, the domain of the email typed (`login_owner`: a company's members share
-theirs), for a new user's hash the creating caller's company. An owner holds at most
+a sign-in, the client's address (`login_owner`), for a new user's hash the creating
+caller's company. An owner holds at most
 `share` of the places (half; its next check is the same fast 503), and the slots go
 round the owners with a check waiting, one check each in turn. Before, one company's
 members signing in with their right passwords, each far inside its own per-account
 rate, held every place, and another company's member was refused 503 at every try
 (measured on 2 CPUs, 40 members of one company looping: the other company's member
-15 of 15 logins 503, 0.3 s each when alone). A sign-in's owner is read from what was
-typed, never from the account found: owned by the account's company, an unknown
+15 of 15 logins 503, 0.3 s each when alone). A sign-in's owner is read from the
+request, never from the account found: owned by the account's company, an unknown
 email's check was nobody's, so a prober holding that share of the places got 503 for
 an unknown email and a check for a real account's (measured: 503 against a place).
+Nor from the email's domain, which a company's owner chooses for each member it
+creates: members at the victim company's domain held its share, members at a domain
+each took every place, from one host with their right passwords (measured: the
+victim's member 503 at once).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from control_plane import login_limits
 from control_plane.errors import LoginsBusy
 from shared.turns import Turns
 
@@ -52,7 +57,8 @@ CPUS_PER_SLOT = 2
 # client's test suite signing users in at once); past it, waits only grow.
 WAITING_PER_SLOT = 32
 BUSY_RETRY_AFTER_S = 1
-# The part of the places one owner (a company) may hold: the rest stays for the others.
+# The part of the places one owner (a client's address, a company) may hold: the
+# rest stays for the others.
 OWNER_SHARE_PERCENT = 50
 
 
@@ -108,7 +114,7 @@ class PasswordChecks:
     def refuses(self, owner: str) -> bool:
         """Whether a check of `owner`'s would be refused now: every place taken, or
         `owner` at its share. Asked before the counters and the lookup, so that a
-        company's members retrying at its share cost nothing (or they would hold
+        host's logins retrying at its share cost nothing (or they would hold
         places in their lookups, which the others need)."""
         return self.full or self._owned.get(owner, 0) >= self.share
 
@@ -162,10 +168,12 @@ class PasswordChecks:
             del self._owned[owner]
 
 
-def login_owner(email: str) -> str:
-    """A sign-in's owner of checks: the domain of the (canonical) email typed, the
-    same whether an account has it or not."""
-    return "domain:" + email.rpartition("@")[2]
+def login_owner(host: str | None) -> str:
+    """A sign-in's owner of checks: the client's address as its failures count it
+    (`login_limits.client_bucket`; an IPv6 client's /48, where an attacker's /64s
+    are free), the same whether an account has the email typed or not, and none a
+    company's owner picks for its members, as it does their emails' domains."""
+    return "address:" + (login_limits.site_bucket(host) or login_limits.client_bucket(host))
 
 
 def company_owner(company_id: str | None) -> str:

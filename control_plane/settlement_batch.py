@@ -59,13 +59,16 @@ from control_plane.webhook_settlement import (
     settle_delivery,
     settle_webhooks,
     settled_late,
+    transcript_weight,
 )
 
 log = logging.getLogger("control_plane.settlement_batch")
 
 MAX_BATCH = 64  # events per transaction: bounds how long one batch holds its locks
 # Characters of transcripts per transaction: 64 answers of 64 K, a few hundred ms of
-# the database; a batch of 64 at 900 K each took 3 to 4 s.
+# the database; a batch of 64 at 900 K each took 3 to 4 s. Weighed as the sessions
+# store them (`webhook_settlement.transcript_weight`): text and tool calls alike, an
+# answer of tool calls alone being as long to write as one of text.
 MAX_BATCH_CHARS = 4 * 1024 * 1024
 # How long a batch (and each of its events settled alone after it failed) may wait
 # for a row lock, at most; half the database's bound when that is shorter. A batch
@@ -258,7 +261,7 @@ def next_batch(queue: list[_Queued], max_batch: int) -> list[_Queued]:
             if turn is None:
                 rounds.remove(events)
                 continue
-            size = len(queue[turn][0].event.content or "")
+            size = transcript_weight(queue[turn][0])
             if taken and chars + size > MAX_BATCH_CHARS:
                 rounds.clear()
                 break

@@ -289,6 +289,13 @@ def _reply(delivery: Delivery) -> dict[str, Any] | None:
     return reply if reply["content"] or "tool_calls" in reply else None
 
 
+def transcript_weight(delivery: Delivery) -> int:
+    """What a settled `delivery` writes into its session (its reply's text and tool
+    calls, as `chat_sessions.stored_bytes` counts them): a settlement batch's share."""
+    reply = _reply(delivery)
+    return 0 if reply is None else chat_sessions.stored_bytes([reply])
+
+
 def append_transcripts(
     session: Session, replies: Sequence[tuple[str, dict[str, Any], chat_sessions.SessionLimits]]
 ) -> None:

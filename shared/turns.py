@@ -14,17 +14,23 @@ from contextlib import asynccontextmanager
 
 class Turns:
     """`slots` slots handed out by turns: a freed slot goes to the waiting owner whose
-    latest slot is oldest (one with none first, then the longest waiting), so one
-    owner's queue never stands in front of another's whole."""
+    latest slot is oldest, so one owner's queue never stands in front of another's
+    whole. An owner that comes with none joins the round just before the owner
+    served last: ahead of those served since it came, behind those served before.
+    Ahead of every owner that had a slot (as it was), a steady stream of newcomers,
+    one check each as fast as the slots served them, kept an owner's second check
+    waiting for as long as they came (measured: 49 newcomers served, it still waiting)."""
 
     def __init__(self, slots: int) -> None:
         self._free = slots
         # Owners with a waiter, in the order their first waiter came.
         self._waiting: dict[str | None, deque[asyncio.Future[None]]] = {}
         self._holding: dict[str | None, int] = {}
-        # When each owner with a waiter or a slot got its latest slot.
-        self._latest: dict[str | None, int] = {}
+        # When each owner with a waiter or a slot got its latest slot (a newcomer:
+        # just before the latest slot handed out when it came).
+        self._latest: dict[str | None, float] = {}
         self._stamps = itertools.count()
+        self._last_stamp = -1
 
     async def acquire(self, owner: str | None) -> None:
         if self._free > 0 and not self._waiting:
@@ -32,6 +38,7 @@ class Turns:
             self._granted(owner)
             return
         turn = asyncio.get_running_loop().create_future()
+        self._latest.setdefault(owner, self._last_stamp - 0.5)
         queue = self._waiting.setdefault(owner, deque())
         queue.append(turn)
         try:
@@ -54,7 +61,7 @@ class Turns:
         self._forget(owner)
         while self._waiting:
             # `min` keeps the first of equals: the owner waiting longest.
-            nxt = min(self._waiting, key=lambda o: self._latest.get(o, -1))
+            nxt = min(self._waiting, key=lambda o: self._latest[o])
             queue = self._waiting[nxt]
             turn = queue.popleft()
             if not queue:
@@ -68,7 +75,8 @@ class Turns:
 
     def _granted(self, owner: str | None) -> None:
         self._holding[owner] = self._holding.get(owner, 0) + 1
-        self._latest[owner] = next(self._stamps)
+        self._last_stamp = next(self._stamps)
+        self._latest[owner] = self._last_stamp
 
     def _forget(self, owner: str | None) -> None:
         if owner not in self._holding and owner not in self._waiting:

@@ -126,11 +126,15 @@ def test_with_every_check_place_taken_the_next_login_is_a_fast_503(server: Login
         pytest.MonkeyPatch.context() as patch,
         ThreadPoolExecutor(2) as pool,
         server.client("127.0.0.4") as held,
+        server.client("127.0.0.9") as held_too,  # an owner holds one of the two places
         server.client("127.0.0.5") as probe,
     ):
         patch.setattr(account, "verify_password", held_verify)
         try:
-            pending = [pool.submit(_login, held, e, "wrong") for e in emails]
+            pending = [
+                pool.submit(_login, client, e, "wrong")
+                for client, e in zip((held, held_too), emails, strict=True)
+            ]
             wait_until(
                 lambda: len(entered) == 1 and checks.inside == 2,
                 "one login's check runs and another waits for it",
@@ -213,17 +217,19 @@ async def test_a_cancelled_check_keeps_its_slot_until_its_thread_is_done() -> No
 
 
 def _company_users(
-    server: Login, passwords: list[str], domain: str | None = None
+    server: Login, passwords: list[str], domain: str | None = None, *, own_domains: bool = False
 ) -> tuple[str, list[str]]:
     """A new company with one user per password, their emails at `domain` (by default
-    one of the company's own): its id and their emails."""
-    domain = domain or f"c-{uuid.uuid4().hex[:8]}.example"
+    one of the company's own; `own_domains`: one domain each, as an owner may give
+    its members): its id and their emails."""
+    company_domain = domain or f"c-{uuid.uuid4().hex[:8]}.example"
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with httpx.Client(base_url=server.url, timeout=30) as admin:
         r = admin.post("/v1/admin/companies", json={"name": uuid.uuid4().hex}, headers=headers)
         company_id = r.json()["data"]["id"]
         emails = []
         for password in passwords:
+            domain = f"d-{uuid.uuid4().hex[:8]}.example" if own_domains else company_domain
             email = f"t-{uuid.uuid4().hex[:10]}@{domain}"
             body = {"company_id": company_id, "email": email, "password": password}
             r = admin.post("/v1/admin/users", json=body, headers=headers)
@@ -241,7 +247,8 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
     at every try (measured with the real argon2 on 2 CPUs, 40 members of A looping:
     B 15 of 15 logins 503, B alone 0.3 s each). Now A holds at most half of the
     places (its next login is the fast 503), and the checks run in turns by the
-    emails' domain (a company's own), so B's check runs next, before A's queued ones."""
+    client's address (A's members sign in from one host), so B's check runs next,
+    before A's queued ones."""
     checks = PasswordChecks(slots=1, waiting=3)
     a_passwords = [f"a-password-{i}" for i in range(4)]
     _, a_emails = _company_users(server, a_passwords)
@@ -281,7 +288,7 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
                 queued = len(a_logins) - sum(f.done() for f in a_logins)
                 wait_until(
                     lambda login=login, queued=queued: (
-                        login.done() or checks.owned(login_owner(a_emails[0])) == queued
+                        login.done() or checks.owned(login_owner("127.0.0.11")) == queued
                     ),
                     "A's login has its check queued or an answer",
                 )
@@ -318,8 +325,9 @@ def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login)
     gets. Before: shares were by the user's company, looked up first, and unknown
     emails were all one owner's, so with that owner at its share an unknown email was
     503 `logins_busy` at once while a real account's (its company below its share)
-    was checked (measured: 503 against 401). Now the share is the email's domain,
-    read from the address typed, the same for an account and for no account."""
+    was checked (measured: 503 against 401). Now the share is the client's address,
+    read from the connection, the same for an account and for no account, from the
+    flooding address (both 503) and from another (both checked)."""
     checks = PasswordChecks(slots=1, waiting=3)  # a share of 2
     _, [known] = _company_users(server, ["k-password-0"], domain="victim.example")
     server.app.state.deps.password_checks = checks
@@ -329,17 +337,18 @@ def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login)
         gate.wait()
         return False
 
-    def probe(email: str) -> str:
+    def probe(email: str, client: httpx.Client) -> str:
         """What `email`'s login gets at once: an answer, or a place in the checks."""
         inside = checks.inside
-        login = pool.submit(_login, prober, email, "guess")
+        login = pool.submit(_login, client, email, "guess")
         wait_until(lambda: login.done() or checks.inside > inside, "an answer or a place")
         return str(login.result().status_code) if login.done() else "checked"
 
     with (
         pytest.MonkeyPatch.context() as patch,
-        ThreadPoolExecutor(4) as pool,
+        ThreadPoolExecutor(6) as pool,
         server.client("127.0.0.21") as prober,
+        server.client("127.0.0.22") as elsewhere,
     ):
         patch.setattr(account, "verify_password", held_verify)
         try:
@@ -347,13 +356,76 @@ def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login)
                 pool.submit(_login, prober, f"nobody-{i}@victim.example", "guess") for i in range(2)
             ]
             wait_until(lambda: checks.inside == 2, "the flood holds two places")
-            answers = {email: probe(email) for email in (known, "nobody-else@victim.example")}
+            emails = (known, "nobody-else@victim.example")
+            answers = {email: probe(email, prober) for email in emails}
+            elsewhere_answers = {email: probe(email, elsewhere) for email in emails}
         finally:
             gate.set()
         assert [f.result().status_code for f in flood] == [401, 401]
-    # The account's email and the unknown one get the same answer: the domain's
-    # share is full.
+    # The account's email and the unknown one get the same answer: the flooding
+    # address's share is full; another address's is not.
     assert answers[known] == answers["nobody-else@victim.example"] == "503", answers
+    assert set(elsewhere_answers.values()) == {"checked"}, elsewhere_answers
+
+
+@pytest.mark.parametrize("members_at", ["the victim's domain", "a domain each"])
+def test_a_companys_owner_cannot_choose_its_members_domains_to_take_anothers_places(
+    server: Login, members_at: str
+) -> None:
+    """An owner creates its members with emails at any domain it likes, then signs
+    them in with their right passwords from one host (successes count as no failure,
+    each far inside its per-account rate). With the checks' shares by the typed
+    email's domain, members at the victim company's domain held that domain's share,
+    and members at a domain each took every place: the victim's member was 503
+    `logins_busy` at once, at every try, as before the shares (measured, one slot and
+    three places: 503 in both cases). Now the share is the client's address: the
+    owner's host holds at most its half, and the victim's member is checked."""
+    checks = PasswordChecks(slots=1, waiting=3)  # a share of 2
+    _, [victim] = _company_users(server, ["v-password-0"], domain="victim.example")
+    passwords = [f"m-password-{i}" for i in range(4)]
+    if members_at == "the victim's domain":
+        _, members = _company_users(server, passwords, domain="victim.example")
+    else:
+        _, members = _company_users(server, passwords, own_domains=True)
+    server.app.state.deps.password_checks = checks
+    gate = threading.Event()
+    real_verify = account.verify_password
+
+    def held_verify(password_hash: str | None, password: str) -> bool:
+        gate.wait()
+        return real_verify(password_hash, password)
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        ThreadPoolExecutor(6) as pool,
+        server.client("127.0.0.31") as owner_host,
+        server.client("127.0.0.32") as victim_host,
+    ):
+        patch.setattr(account, "verify_password", held_verify)
+        try:
+            logins = []
+            for email, password in zip(members, passwords, strict=True):
+                inside = checks.inside
+                logins.append(pool.submit(_login, owner_host, email, password))
+                wait_until(
+                    lambda login=logins[-1], inside=inside: login.done() or checks.inside > inside,
+                    "the member's login has a place or an answer",
+                )
+            inside = checks.inside
+            victim_login = pool.submit(_login, victim_host, victim, "v-password-0")
+            wait_until(
+                lambda: victim_login.done() or checks.inside > inside,
+                "the victim's login has a place or an answer",
+            )
+            assert not victim_login.done(), (
+                f"the victim refused: {victim_login.result().status_code}"
+                f" {victim_login.result().text}"
+            )
+        finally:
+            gate.set()
+        assert victim_login.result().status_code == 200
+        assert sorted(f.result().status_code for f in logins) == [200, 200, 503, 503]
+    assert checks.inside == 0
 
 
 async def test_checks_take_turns_by_owner_and_a_cancelled_waiter_passes_its_turn() -> None:

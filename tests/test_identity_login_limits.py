@@ -56,8 +56,7 @@ class Login:
             r = admin.post("/v1/admin/companies", json={"name": uuid.uuid4().hex}, headers=headers)
             body = {
                 "company_id": r.json()["data"]["id"],
-                # Its company's own domain, as a company's members have: the password
-                # checks take turns by the email's domain (`password_checks.login_owner`).
+                # Its company's own domain, as a company's members have.
                 "email": f"l-{uuid.uuid4().hex[:10]}@c-{uuid.uuid4().hex[:8]}.example",
                 "password": PASSWORD,
             }

@@ -49,14 +49,15 @@ async def login(request: Request) -> Response:
     email = canonical_email(typed)
     password = required_str(doc, "password", max_len=PASSWORD_MAX)
     checks = deps.password_checks
-    # Refused before the counters: a flood costs the store nothing, and a company's
-    # members at its share of the checks take no place for their lookups. The share
-    # is the typed email's domain's: an account's existence must not change it.
-    owner = login_owner(email)
+    host = request.client.host if request.client else None
+    # Refused before the counters: a flood costs the store nothing, and a host at its
+    # share of the checks takes no place for its lookups. The share is the client's
+    # address: an account's existence must not change it, nor an owner's choice of
+    # its members' email domains (`login_owner`).
+    owner = login_owner(host)
     if checks.refuses(owner):
         raise LoginsBusy(BUSY_RETRY_AFTER_S)
     # Counted before the argon2 verify: a refused guess costs no hashing CPU.
-    host = request.client.host if request.client else None
     attempt = await login_limits.claim_attempt(
         deps.store,
         email=email,
@@ -73,7 +74,7 @@ async def login(request: Request) -> Response:
             # time, same place in the queue. Skipping argon2 for it answered ~50x
             # faster, telling who has an account.
             password_hash = user.password_hash if user is not None else None
-            # In its domain's turn and share of the checks.
+            # In its address's turn and share of the checks.
             verified = await checks.run(verify_password, password_hash, password, owner=owner)
     except Exception:
         # Nothing was checked (every place taken, or the lookup failed: 503s): the
