@@ -51,11 +51,14 @@ T = TypeVar("T")
 # Each check already runs its four argon2 lanes on four threads: one check per two
 # CPUs leaves the other half (and more, between checks) to inits and settlements.
 CPUS_PER_SLOT = 2
-# A login waits behind at most this many checks per slot (~6 s on an idle 2-CPU box)
-# before it is told to come back. Waiting costs no CPU and no argon2 memory, so the
-# queue is long enough for a burst of honest sign-ins (a team logging in at nine, a
-# client's test suite signing users in at once); past it, waits only grow.
-WAITING_PER_SLOT = 32
+# A login waits behind at most this many checks per slot (~6 s on an idle 2-CPU box
+# for one address's half, ~13 s for the whole queue) before it is told to come back.
+# Waiting costs no CPU and no argon2 memory, so the queue is long enough for a burst
+# of honest sign-ins (a team logging in at nine, a client's test suite signing users
+# in at once); past it, waits only grow. Since an address holds at most half of the
+# places (`OWNER_SHARE_PERCENT`), the queue is twice what one burst needs: one
+# address's burst of 33 on 2 CPUs still waits its turn, as it did before the shares.
+WAITING_PER_SLOT = 65
 BUSY_RETRY_AFTER_S = 1
 # The part of the places one owner (a client's address, a company) may hold: the
 # rest stays for the others.

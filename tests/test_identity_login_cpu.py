@@ -471,3 +471,13 @@ async def wait_async(condition: Callable[[], bool]) -> None:
             return
         await asyncio.to_thread(lambda: None)
     raise AssertionError("never came true")
+
+
+def test_one_addresss_burst_of_sign_ins_still_waits_its_turn() -> None:
+    """An address holds at most half of the places; the places are twice what one
+    burst needs, so a client signing 33 users in at once on 2 CPUs (one check at a
+    time) still waits its turn as it did before the shares, instead of 17 of them
+    getting 503 `logins_busy`."""
+    checks = PasswordChecks(slots=1)
+    assert checks.slots + checks.waiting == 66
+    assert checks.share == 33
