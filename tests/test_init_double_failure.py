@@ -7,14 +7,12 @@ at the sweeper's deadline with the books and the counters agreeing."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select, update
@@ -33,7 +31,7 @@ from tests.test_lost_commit_answers import BODY, _member, _micro, _money_counter
 from tests.test_lost_late_commits import (
     _commits_wait,
     _conninfo,
-    _cut_the_waiter,
+    _cut_while_blocked,
     _looks,
     _refusing,
 )
@@ -163,12 +161,13 @@ async def test_an_inits_give_back_whose_answer_was_lost_is_counted_released(
 
         monkeypatch.setattr(chat_init, "count_tokens", then_the_store_fails)
         conninfo = _conninfo(deps.settings)
-        with (
-            _commits_wait(conninfo, released_of=company_id) as let_commit,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            sent = asyncio.ensure_future(client.post("/v1/chat/init", json=BODY, headers=auth))
-            await _cut_the_waiter(watcher, "advisory", what="the release's COMMIT waits")
+        async with _cut_while_blocked(
+            conninfo,
+            _commits_wait(conninfo, released_of=company_id),
+            lambda: client.post("/v1/chat/init", json=BODY, headers=auth),
+            "the release's COMMIT waits",
+            "advisory",
+        ) as (sent, let_commit):
             r = await sent
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable"

@@ -13,9 +13,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -50,6 +50,8 @@ from tests.test_lost_commit_answers import (
     _served,
     _webhook_counts,
 )
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +173,36 @@ def _cut(port: int) -> None:
     raise AssertionError(f"no socket on local port {port}")
 
 
+@contextlib.contextmanager
+def _row_locked(conninfo: str, table: str, row_id: str) -> Iterator[Callable[[], Any]]:
+    """While inside, another transaction holds the row `row_id` of `table` (FOR
+    UPDATE): a write to it waits until the function yielded is called (its COMMIT)."""
+    with psycopg.connect(conninfo, autocommit=True) as locker:
+        locker.execute("BEGIN")
+        locker.execute(
+            sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(sql.Identifier(table)),
+            (row_id,),
+        )
+        yield lambda: locker.execute("COMMIT")
+
+
+@contextlib.asynccontextmanager
+async def _cut_while_blocked(
+    conninfo: str,
+    blocked: contextlib.AbstractContextManager[Callable[[], Any]],
+    send: Callable[[], Awaitable[T]],
+    what: str,
+    event: str | None = None,
+) -> AsyncIterator[tuple[asyncio.Future[T], Callable[[], Any]]]:
+    """Inside `blocked` (`_row_locked`, `_commits_wait`), `send` is called and, once
+    the write it starts waits on a lock (of kind `event`), that write's connection is
+    cut (`_cut_the_waiter`). Yields what `send` started and what lets the write go on."""
+    with blocked as let_go, psycopg.connect(conninfo, autocommit=True) as watcher:
+        sent = asyncio.ensure_future(send())
+        await _cut_the_waiter(watcher, event, what)
+        yield sent, let_go
+
+
 async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,24 +230,18 @@ async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_onc
             (lost_settlements, "backend_state"),
         )
         conninfo = _conninfo(settings)
-        with (
-            psycopg.connect(conninfo, autocommit=True) as locker,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            locker.execute("BEGIN")
-            locker.execute(
-                "SELECT 1 FROM reservations WHERE id = %s FOR UPDATE", (init["reservation_id"],)
-            )
-            post = asyncio.create_task(
-                client.post("/v1/webhooks/usage", content=body, headers=headers)
-            )
-            await _cut_the_waiter(watcher, what="the settlement waits on the row lock")
+        async with _cut_while_blocked(
+            conninfo,
+            _row_locked(conninfo, "reservations", init["reservation_id"]),
+            lambda: client.post("/v1/webhooks/usage", content=body, headers=headers),
+            "the settlement waits on the row lock",
+        ) as (post, unlock):
             r = await post
             assert r.status_code == 503, r.text
             # The read-back looks while the settlement still waits on the lock.
             await eventually(lambda: bool(looked), "the lost settlement is read back")
             assert looked[0] in ("settled_by: {}", "backend_state: 'active'"), looked
-            locker.execute("COMMIT")
+            unlock()
 
         def books(session: Any) -> tuple[list[str], dict[str, int]]:
             rows = session.execute(
@@ -272,20 +298,18 @@ async def test_a_hold_that_commits_after_its_cut_connection_is_given_back(
             (lost_settlements, "backend_state"),
         )
         conninfo = _conninfo(settings)
-        with (
-            psycopg.connect(conninfo, autocommit=True) as locker,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            locker.execute("BEGIN")
-            locker.execute("SELECT 1 FROM companies WHERE id = %s FOR UPDATE", (company_id,))
-            post = asyncio.create_task(client.post("/v1/chat/init", json=BODY, headers=auth))
-            await _cut_the_waiter(watcher, what="the hold waits on the company's row lock")
+        async with _cut_while_blocked(
+            conninfo,
+            _row_locked(conninfo, "companies", company_id),
+            lambda: client.post("/v1/chat/init", json=BODY, headers=auth),
+            "the hold waits on the company's row lock",
+        ) as (post, unlock):
             r = await post
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable"
             await eventually(lambda: bool(looked), "the lost hold is looked for")
             assert looked[0] in ("release_reservation: None", "backend_state: 'active'"), looked
-            locker.execute("COMMIT")
+            unlock()
 
         def statuses(session: Any) -> list[str]:
             stmt = select(col(Reservation.status)).where(col(Reservation.company_id) == company_id)
@@ -334,10 +358,8 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
         )
         conninfo = _conninfo(settings)
         ids = [init["reservation_id"] for init in inits]
-        with (
-            _commits_wait(conninfo, ids) as let_commit,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
+
+        def send() -> Awaitable[Any]:
             if batch:
                 deliveries = [
                     webhook_settlement.Delivery(
@@ -345,7 +367,7 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
                     )
                     for e in events
                 ]
-                sent: asyncio.Future[Any] = asyncio.gather(
+                return asyncio.gather(
                     *(
                         deps.settler.settle(
                             d, functools.partial(late_settlements.late, deps, d.event)
@@ -354,13 +376,17 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
                     ),
                     return_exceptions=True,
                 )
-            else:
-                body = events[0].body()
-                headers = sign(deps.settings.webhook_secret.reveal(), events[0].webhook_id, body)
-                sent = asyncio.ensure_future(
-                    client.post("/v1/webhooks/usage", content=body, headers=headers)
-                )
-            await _cut_the_waiter(watcher, "advisory", what="the settlement's COMMIT waits")
+            body = events[0].body()
+            headers = sign(deps.settings.webhook_secret.reveal(), events[0].webhook_id, body)
+            return client.post("/v1/webhooks/usage", content=body, headers=headers)
+
+        async with _cut_while_blocked(
+            conninfo,
+            _commits_wait(conninfo, ids),
+            send,
+            "the settlement's COMMIT waits",
+            "advisory",
+        ) as (sent, let_commit):
             await eventually(lambda: bool(looked), "the lost settlement is read back")
             assert looked[0] in ("settled_by: {}", "backend_state: 'active'"), looked
             let_commit()
@@ -425,14 +451,13 @@ async def test_a_sweep_whose_commit_finishes_after_its_cut_connection_is_counted
             (lost_settlements, "backend_state"),
         )
         conninfo = _conninfo(settings)
-        with (
-            _commits_wait(conninfo, [reservation_id]) as let_commit,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            swept = asyncio.ensure_future(
-                sweeper.sweep_expired_holds(deps.db, deps.store, deps.metrics)
-            )
-            await _cut_the_waiter(watcher, "advisory", what="the release's COMMIT waits")
+        async with _cut_while_blocked(
+            conninfo,
+            _commits_wait(conninfo, [reservation_id]),
+            lambda: sweeper.sweep_expired_holds(deps.db, deps.store, deps.metrics),
+            "the release's COMMIT waits",
+            "advisory",
+        ) as (swept, let_commit):
             with pytest.raises(DBAPIError):
                 await swept
             await eventually(lambda: bool(looked), "the lost release is read back")
