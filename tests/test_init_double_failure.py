@@ -27,7 +27,7 @@ from shared.stash import stash_key
 from tests.inproc import eventually
 from tests.private_redis import PrivateRedis, private_redis
 from tests.test_control_plane import pg_settings
-from tests.test_lost_commit_answers import BODY, _member, _micro, _money_counters
+from tests.test_lost_commit_answers import BODY, _micro, _money_counters, _new_init
 from tests.test_lost_late_commits import (
     _commits_wait,
     _conninfo,
@@ -63,10 +63,8 @@ async def test_an_init_whose_store_and_database_fail_after_its_hold_is_a_503_and
 ) -> None:
     async with _served(pg_server, private_redis.url, tpm) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        auth, company_id, init = await _new_init(client)
+        hold = _micro(init["reserved_credits"])
         pending = pending_inits.company_pending_key(company_id)
         before = set(await deps.store.bounded_members(pending))
         money = _money_counters(app)
@@ -142,10 +140,8 @@ async def test_an_inits_give_back_whose_answer_was_lost_is_counted_released(
     finding it released, never counts it)."""
     async with _served(pg_server, private_redis.url, False) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        auth, company_id, init = await _new_init(client)
+        hold = _micro(init["reserved_credits"])
         money = _money_counters(app)
         looked = _looks(
             monkeypatch,

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import select
@@ -23,7 +24,7 @@ from control_plane.books import check_books
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
-from shared.webhooks import sign
+from shared.webhooks import UsageEvent, sign
 from tests.asgi_cp import new_owner as _member
 from tests.asgi_cp import served as _served
 from tests.inproc import eventually
@@ -46,6 +47,22 @@ def _micro(credits: str) -> int:
     return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
 
 
+async def _new_init(
+    client: httpx.AsyncClient, credits: str = "10"
+) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """A new company with `credits`, its owner's headers, and an init of theirs (granted)."""
+    auth, company_id = await _member(client, credits)
+    r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+    assert r.status_code == 201, r.text
+    return auth, company_id, r.json()["data"]
+
+
+def _signed(app: Any, event: UsageEvent) -> tuple[bytes, dict[str, str]]:
+    """`event`'s body and the headers signing it with the app's webhook secret."""
+    body = event.body()
+    return body, sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["in-a-transaction", "autocommit"])
 async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch, warm: bool
@@ -55,10 +72,8 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
     reads the configuration through a session and its COMMIT is what is lost."""
     async with _served(settings) as (app, client):
         # The hold this body takes (deterministic), from a company of its own.
-        probe, _ = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=probe)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        _, _, probe = await _new_init(client)
+        hold = _micro(probe["reserved_credits"])
         # Room for one such hold and a half (beside the warm-up's): the retry fits
         # only if the lost one is gone.
         credits = hold + hold // 2 + (hold if warm else 0)
@@ -123,13 +138,9 @@ async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_
     and its answer is lost: 503, and the edge's retry is a duplicate, charged once,
     its reply kept once."""
     async with _served(settings) as (app, client):
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        auth, company_id, init = await _new_init(client)
         event = usage_event(init, company_id)
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         cut: list[str] = []
         _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut)
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
@@ -191,13 +202,9 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_once(
     (its own mark, never a later delivery's) and counted once; one that rolled back
     is settled and counted by the retry alone."""
     async with _served(settings) as (app, client):
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)  # a charge and a release
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         before = _money_counters(app)
         cut: list[str] = []
         _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
@@ -302,13 +309,9 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_settled_once(
     (measured: settled 0, duplicate 1, error 1 against one charge in the ledger).
     The 503 the edge heard stays counted (`error`), as the answers are."""
     async with _served(settings) as (app, client):
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         before = _webhook_counts(app)
         cut: list[str] = []
         _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)

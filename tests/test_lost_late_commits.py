@@ -39,7 +39,6 @@ from control_plane.books import check_books
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
-from shared.webhooks import sign
 from tests.inproc import eventually
 from tests.test_control_plane import pg_settings, usage_event
 from tests.test_lost_commit_answers import (
@@ -47,7 +46,9 @@ from tests.test_lost_commit_answers import (
     _member,
     _micro,
     _money_counters,
+    _new_init,
     _served,
+    _signed,
     _webhook_counts,
 )
 
@@ -212,15 +213,11 @@ async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_onc
     is a duplicate."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        auth, company_id, init = await _new_init(client)
         # No reply to keep: its one statement commits alone (autocommit), so the
         # commit is PostgreSQL's as soon as the lock goes, whoever hears it.
         event = usage_event(init, company_id, output_tokens=3, content="")
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         money, answers = _money_counters(app), _webhook_counts(app)
         # The read-back's first look at the database (its backend's state, or what
         # it settled), after which the test lets PostgreSQL commit.
@@ -283,10 +280,8 @@ async def test_a_hold_that_commits_after_its_cut_connection_is_given_back(
     must find those credits free, not held until the sweeper's deadline."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        probe, _ = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=probe)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        _, _, probe = await _new_init(client)
+        hold = _micro(probe["reserved_credits"])
         # Room for the warm-up's hold and one and a half more.
         auth, company_id = await _member(client, format_credits(2 * hold + hold // 2))
         r = await client.post("/v1/chat/init", json=BODY, headers=auth)
@@ -376,8 +371,7 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
                     ),
                     return_exceptions=True,
                 )
-            body = events[0].body()
-            headers = sign(deps.settings.webhook_secret.reveal(), events[0].webhook_id, body)
+            body, headers = _signed(app, events[0])
             return client.post("/v1/webhooks/usage", content=body, headers=headers)
 
         async with _cut_while_blocked(
@@ -430,11 +424,9 @@ async def test_a_sweep_whose_commit_finishes_after_its_cut_connection_is_counted
     later pass finds the hold done: only the read-back can count it."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        reservation_id = r.json()["data"]["reservation_id"]
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        _, company_id, init = await _new_init(client)
+        reservation_id = init["reservation_id"]
+        hold = _micro(init["reserved_credits"])
 
         def expire(session: Any) -> None:
             session.execute(
@@ -517,13 +509,9 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
     caplog.set_level(logging.INFO, logger="control_plane.lost_settlements")
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)
-        body = event.body()
-        headers = sign(deps.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         money = _money_counters(app)
         with _refusing(_conninfo(settings)) as refuse:
             real_end = db_module._PooledUnit.end
@@ -603,9 +591,7 @@ async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_out
                 refuse()
                 for init in inits:
                     event = usage_event(init, company_id, output_tokens=3)
-                    body = event.body()
-                    secret = deps.settings.webhook_secret.reveal()
-                    headers = sign(secret, event.webhook_id, body)
+                    body, headers = _signed(app, event)
                     r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
                     assert r.status_code == 503, r.text
 
@@ -634,14 +620,9 @@ async def test_a_session_deleted_as_its_turn_settles_with_a_reply_is_no_deadlock
     them up; the race needs none."""
     caplog.set_level(logging.INFO)
     async with _served(settings) as (app, client):
-        deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        auth, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3, content="the reply")
-        body = event.body()
-        headers = sign(deps.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         conninfo = _conninfo(settings)
         with (
             psycopg.connect(conninfo, autocommit=True) as watcher,
