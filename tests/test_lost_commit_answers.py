@@ -63,6 +63,25 @@ def _signed(app: Any, event: UsageEvent) -> tuple[bytes, dict[str, str]]:
     return body, sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
 
 
+async def _webhook_losing_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+    client: httpx.AsyncClient,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    commits: bool = True,
+) -> list[str]:
+    """Posts a usage webhook whose lone settlement commits (or, not `commits`, rolls
+    back) and whose answer is lost (`lose_the_answer_of`): a 503. Returns what the
+    cut noted."""
+    cut: list[str] = []
+    _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
+    r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+    assert r.status_code == 503, r.text
+    monkeypatch.undo()
+    return cut
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["in-a-transaction", "autocommit"])
 async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch, warm: bool
@@ -141,12 +160,8 @@ async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_
         auth, company_id, init = await _new_init(client)
         event = usage_event(init, company_id)
         body, headers = _signed(app, event)
-        cut: list[str] = []
-        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut)
-        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
-        assert r.status_code == 503, r.text
+        cut = await _webhook_losing_its_answer(monkeypatch, client, body, headers)
         assert cut == ["after the commit"]
-        monkeypatch.undo()
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
         assert r.json()["data"] == {"duplicate": True}
@@ -206,12 +221,8 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_once(
         event = usage_event(init, company_id, output_tokens=3)  # a charge and a release
         body, headers = _signed(app, event)
         before = _money_counters(app)
-        cut: list[str] = []
-        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
-        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
-        assert r.status_code == 503, r.text
+        cut = await _webhook_losing_its_answer(monkeypatch, client, body, headers, commits=commits)
         assert cut == ["after the commit" if commits else "before the commit"]
-        monkeypatch.undo()
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
         assert ("duplicate" in r.json()["data"]) is commits
@@ -313,11 +324,7 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_settled_once(
         event = usage_event(init, company_id, output_tokens=3)
         body, headers = _signed(app, event)
         before = _webhook_counts(app)
-        cut: list[str] = []
-        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
-        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
-        assert r.status_code == 503, r.text
-        monkeypatch.undo()
+        await _webhook_losing_its_answer(monkeypatch, client, body, headers, commits=commits)
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
 
