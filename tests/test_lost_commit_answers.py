@@ -47,14 +47,26 @@ def _micro(credits: str) -> int:
     return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
 
 
+async def _new_inits(
+    client: httpx.AsyncClient, count: int, credits: str = "10"
+) -> tuple[dict[str, str], str, list[dict[str, Any]]]:
+    """A new company with `credits`, its owner's headers, and `count` inits of theirs
+    (each granted)."""
+    auth, company_id = await _member(client, credits)
+    inits = []
+    for _ in range(count):
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        inits.append(r.json()["data"])
+    return auth, company_id, inits
+
+
 async def _new_init(
     client: httpx.AsyncClient, credits: str = "10"
 ) -> tuple[dict[str, str], str, dict[str, Any]]:
     """A new company with `credits`, its owner's headers, and an init of theirs (granted)."""
-    auth, company_id = await _member(client, credits)
-    r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-    assert r.status_code == 201, r.text
-    return auth, company_id, r.json()["data"]
+    auth, company_id, [init] = await _new_inits(client, 1, credits)
+    return auth, company_id, init
 
 
 def _signed(app: Any, event: UsageEvent) -> tuple[bytes, dict[str, str]]:
@@ -249,12 +261,7 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
     the counters). Now each is counted once, from the batch's own mark."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        inits = []
-        for _ in range(2):
-            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-            assert r.status_code == 201, r.text
-            inits.append(r.json()["data"])
+        _, company_id, inits = await _new_inits(client, 2)
         events = [usage_event(init, company_id, output_tokens=3) for init in inits]
         deliveries = [
             webhook_settlement.Delivery(

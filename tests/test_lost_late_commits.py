@@ -47,6 +47,7 @@ from tests.test_lost_commit_answers import (
     _micro,
     _money_counters,
     _new_init,
+    _new_inits,
     _served,
     _signed,
     _webhook_counts,
@@ -338,12 +339,7 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
     COMMIT). A batch of two: the batcher's one transaction."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        inits = []
-        for _ in range(2 if batch else 1):
-            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-            assert r.status_code == 201, r.text
-            inits.append(r.json()["data"])
+        _, company_id, inits = await _new_inits(client, 2 if batch else 1)
         events = [usage_event(init, company_id, output_tokens=3) for init in inits]
         money, answers = _money_counters(app), _webhook_counts(app)
         looked = _looks(
@@ -572,12 +568,7 @@ async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_out
     database coming back would meet them all beside the traffic."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        inits = []
-        for _ in range(5):
-            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-            assert r.status_code == 201, r.text
-            inits.append(r.json()["data"])
+        _, company_id, inits = await _new_inits(client, 5)
         calls = [0]
         real_transaction = deps.db.transaction
 
