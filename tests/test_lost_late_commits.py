@@ -123,20 +123,22 @@ def _commits_wait(
             admin.execute(sql.SQL("DROP FUNCTION {} ()").format(function))
 
 
-def _looks(monkeypatch: pytest.MonkeyPatch, *names: tuple[Any, str]) -> list[str]:
-    """What the background work after a lost answer reads first, as it reads it."""
+def _looks(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[str]:
+    """What the background work after a lost answer reads first, as it reads it: the
+    lost write's backend's state (`lost_settlements.backend_state`), or `module.name`
+    (what it wrote)."""
     looked: list[str] = []
-    for module, name in names:
-        real = getattr(module, name, None)
+    for owner, read in ((module, name), (lost_settlements, "backend_state")):
+        real = getattr(owner, read, None)
         if real is None:  # `backend_state`, before it existed
             continue
 
-        def look(*args: Any, real: Any = real, name: str = name, **kwargs: Any) -> Any:
+        def look(*args: Any, real: Any = real, read: str = read, **kwargs: Any) -> Any:
             found = real(*args, **kwargs)
-            looked.append(f"{name}: {found!r}")
+            looked.append(f"{read}: {found!r}")
             return found
 
-        monkeypatch.setattr(module, name, look)
+        monkeypatch.setattr(owner, read, look)
     return looked
 
 
@@ -222,11 +224,7 @@ async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_onc
         money, answers = _money_counters(app), _webhook_counts(app)
         # The read-back's first look at the database (its backend's state, or what
         # it settled), after which the test lets PostgreSQL commit.
-        looked = _looks(
-            monkeypatch,
-            (lost_settlements, "settled_by"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, lost_settlements, "settled_by")
         conninfo = _conninfo(settings)
         async with _cut_while_blocked(
             conninfo,
@@ -288,11 +286,7 @@ async def test_a_hold_that_commits_after_its_cut_connection_is_given_back(
         r = await client.post("/v1/chat/init", json=BODY, headers=auth)
         assert r.status_code == 201, r.text
         money = _money_counters(app)
-        looked = _looks(
-            monkeypatch,
-            (abandoned_holds, "release_reservation"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, abandoned_holds, "release_reservation")
         conninfo = _conninfo(settings)
         async with _cut_while_blocked(
             conninfo,
@@ -342,11 +336,7 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
         _, company_id, inits = await _new_inits(client, 2 if batch else 1)
         events = [usage_event(init, company_id, output_tokens=3) for init in inits]
         money, answers = _money_counters(app), _webhook_counts(app)
-        looked = _looks(
-            monkeypatch,
-            (lost_settlements, "settled_by"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, lost_settlements, "settled_by")
         conninfo = _conninfo(settings)
         ids = [init["reservation_id"] for init in inits]
 
@@ -433,11 +423,7 @@ async def test_a_sweep_whose_commit_finishes_after_its_cut_connection_is_counted
 
         await deps.db.transaction(expire)
         money = _money_counters(app)
-        looked = _looks(
-            monkeypatch,
-            (lost_settlements, "marked_amounts"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, lost_settlements, "marked_amounts")
         conninfo = _conninfo(settings)
         async with _cut_while_blocked(
             conninfo,
