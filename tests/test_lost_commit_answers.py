@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import init_writes, late_settlements, settlement_batch, webhook_settlement
@@ -204,17 +205,56 @@ def _money_counters(app: Any) -> dict[str, int]:
     }
 
 
-async def _counted_once(app: Any, before: dict[str, int], expected: dict[str, int]) -> None:
-    """The money counters moved by `expected` since `before`, and nothing more comes of it."""
+async def _counted_once(
+    app: Any, before: dict[str, int], expected: dict[str, int], within: float = 3
+) -> None:
+    """The money counters moved by `expected` since `before` (within `within` s), and
+    nothing more comes of it."""
 
     def moved() -> dict[str, int]:
         now = _money_counters(app)
         return {k: now[k] - before[k] for k in ("charged", "released")}
 
-    await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+    await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", within)
     for _ in range(20):
         await asyncio.sleep(0.01)
     assert moved() == expected
+
+
+def _ledger_of(
+    session: Session, company_id: str, reservation_ids: list[str]
+) -> tuple[list[str], dict[str, int]]:
+    """The company's books' problems (`check_books`), and the sums of the charges and
+    releases on `reservation_ids` (0 where there is none)."""
+    rows = session.execute(
+        select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
+            col(LedgerEntry.reservation_id).in_(reservation_ids),
+            col(LedgerEntry.kind).in_(["charge", "release"]),
+        )
+    )
+    sums = {"charge": 0, "release": 0}
+    for kind, amount in rows:
+        sums[kind] += amount
+    return check_books(session, company_id), sums
+
+
+async def _ledger_counted_once(
+    app: Any,
+    company_id: str,
+    reservation_ids: list[str],
+    before: dict[str, int],
+    within: float = 3,
+) -> None:
+    """The books agree, `reservation_ids` were charged, and the money counters moved
+    since `before` by what the ledger has charged and released on them, once
+    (`_counted_once`)."""
+    problems, ledger = await app.state.deps.db.transaction(
+        lambda s: _ledger_of(s, company_id, reservation_ids)
+    )
+    assert problems == []
+    expected = {"charged": -ledger["charge"], "released": ledger["release"]}
+    assert expected["charged"] > 0
+    await _counted_once(app, before, expected, within)
 
 
 @pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
@@ -239,17 +279,7 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_once(
         assert r.status_code == 200, r.text
         assert ("duplicate" in r.json()["data"]) is commits
 
-        def amounts(session: Any) -> dict[str, int]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id) == init["reservation_id"]
-                )
-            )
-            return dict(rows.all())
-
-        ledger = await app.state.deps.db.transaction(amounts)
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-        await _counted_once(app, before, expected)
+        await _ledger_counted_once(app, company_id, [init["reservation_id"]], before)
 
 
 async def test_a_batch_whose_answer_was_lost_is_counted_once(
@@ -283,22 +313,8 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
         assert cut == ["after the commit"]
         assert [r.duplicate for r in results] == [True, True]  # the batch had settled them
 
-        def amounts(session: Any) -> dict[str, int]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id).in_([i["reservation_id"] for i in inits]),
-                    col(LedgerEntry.kind).in_(["charge", "release"]),
-                )
-            )
-            sums = {"charge": 0, "release": 0}
-            for kind, amount in rows:
-                sums[kind] += amount
-            return sums
-
-        ledger = await deps.db.transaction(amounts)
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-        assert expected["charged"] > 0
-        await _counted_once(app, before, expected)
+        ids = [i["reservation_id"] for i in inits]
+        await _ledger_counted_once(app, company_id, ids, before)
         # Each settlement counted `settled` once (its request, answered a duplicate
         # by the settlement alone after the batch, counts that answer).
         assert _webhook_counts(app)["settled"] - settled_before == 2

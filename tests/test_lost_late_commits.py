@@ -36,13 +36,15 @@ from control_plane import (
 )
 from control_plane import db as db_module
 from control_plane.books import check_books
-from control_plane.tables import LedgerEntry, Reservation
+from control_plane.tables import Reservation
 from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
 from tests.inproc import eventually
 from tests.test_control_plane import pg_settings, usage_event
 from tests.test_lost_commit_answers import (
     BODY,
+    _ledger_counted_once,
+    _ledger_of,
     _member,
     _micro,
     _money_counters,
@@ -247,31 +249,17 @@ async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_onc
             )
             unlock()
 
-        def books(session: Any) -> tuple[list[str], dict[str, int]]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id) == init["reservation_id"]
-                )
-            )
-            return check_books(session, company_id), dict(rows.all())
+        ids = [init["reservation_id"]]
 
         async def committed() -> bool:
-            return "charge" in (await deps.db.transaction(books))[1]
+            found = await deps.db.transaction(lambda s: _ledger_of(s, company_id, ids))
+            return bool(found[1]["charge"] < 0)
 
         await eventually(committed, "the settlement commits once the lock goes")
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
         assert r.json()["data"] == {"duplicate": True}
-        problems, ledger = await deps.db.transaction(books)
-        assert problems == []
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-        assert expected["charged"] > 0
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - money[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+        await _ledger_counted_once(app, company_id, ids, money, within=5)
         assert _webhook_counts(app)["settled"] - answers["settled"] == 1
         r = await client.get("/v1/credits", headers=auth)
         assert r.json()["data"]["held"] == "0.000000"
@@ -382,32 +370,12 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
             let_commit()
             await sent
 
-        def amounts(session: Any) -> tuple[list[str], dict[str, int]]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id).in_(ids),
-                    col(LedgerEntry.kind).in_(["charge", "release"]),
-                )
-            )
-            sums = {"charge": 0, "release": 0}
-            for kind, amount in rows:
-                sums[kind] += amount
-            return check_books(session, company_id), sums
-
         async def committed() -> bool:
-            found: tuple[list[str], dict[str, int]] = await deps.db.transaction(amounts)
-            return found[1]["charge"] < 0
+            found = await deps.db.transaction(lambda s: _ledger_of(s, company_id, ids))
+            return bool(found[1]["charge"] < 0)
 
         await eventually(committed, "the settlement commits once its COMMIT may")
-        problems, ledger = await deps.db.transaction(amounts)
-        assert problems == []
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - money[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+        await _ledger_counted_once(app, company_id, ids, money, within=5)
         settled = _webhook_counts(app)["settled"] - answers["settled"]
         assert settled == len(ids)
 
@@ -501,7 +469,6 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
     connections too. Once it is back, the settlement must still be counted."""
     caplog.set_level(logging.INFO, logger="control_plane.lost_settlements")
     async with _served(settings) as (app, client):
-        deps = app.state.deps
         _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)
         body, headers = _signed(app, event)
@@ -535,23 +502,7 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
         assert r.status_code == 200, r.text
         assert r.json()["data"] == {"duplicate": True}
 
-        def amounts(session: Any) -> tuple[list[str], dict[str, int]]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id) == init["reservation_id"]
-                )
-            )
-            return check_books(session, company_id), dict(rows.all())
-
-        problems, ledger = await deps.db.transaction(amounts)
-        assert problems == []
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - money[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+        await _ledger_counted_once(app, company_id, [init["reservation_id"]], money, within=5)
 
 
 async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_outage(
