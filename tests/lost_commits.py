@@ -14,6 +14,21 @@ from sqlalchemy.exc import DBAPIError
 from control_plane import db as db_module
 
 
+def _marking(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]) -> set[int]:
+    """The threads that call `module.name` while nothing is `cut` yet: the lost answer
+    is armed on those only (patched here)."""
+    real = getattr(module, name)
+    marked: set[int] = set()
+
+    def mark(*args: Any, **kwargs: Any) -> Any:
+        if not cut:
+            marked.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, mark)
+    return marked
+
+
 def lose_the_answer_of(
     monkeypatch: pytest.MonkeyPatch,
     module: Any,
@@ -25,13 +40,8 @@ def lose_the_answer_of(
     """The unit running `module.name` commits (or, not `commits`, rolls back), then
     its caller hears what a cut connection says (once): armed on that unit's thread
     only."""
-    real, real_end = getattr(module, name), db_module._PooledUnit.end
-    marked: set[int] = set()
-
-    def mark(*args: Any, **kwargs: Any) -> Any:
-        if not cut:
-            marked.add(threading.get_ident())
-        return real(*args, **kwargs)
+    real_end = db_module._PooledUnit.end
+    marked = _marking(monkeypatch, module, name, cut)
 
     def end_then_connection_lost(unit: Any, commit: bool) -> None:
         armed = commit and threading.get_ident() in marked
@@ -42,7 +52,6 @@ def lose_the_answer_of(
             lost = psycopg.OperationalError("server closed the connection unexpectedly")
             raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
 
-    monkeypatch.setattr(module, name, mark)
     monkeypatch.setattr(db_module._PooledUnit, "end", end_then_connection_lost)
 
 
@@ -50,13 +59,8 @@ def lose_the_transaction_answer_of(
     monkeypatch: pytest.MonkeyPatch, module: Any, name: str, cut: list[str]
 ) -> None:
     """`lose_the_answer_of` for a `Database.transaction` (a session's COMMIT)."""
-    real, real_in = getattr(module, name), db_module.Database._in_transaction
-    marked: set[int] = set()
-
-    def mark(*args: Any, **kwargs: Any) -> Any:
-        if not cut:
-            marked.add(threading.get_ident())
-        return real(*args, **kwargs)
+    real_in = db_module.Database._in_transaction
+    marked = _marking(monkeypatch, module, name, cut)
 
     def commit_then_connection_lost(db: Any, fn: Any) -> Any:
         result = real_in(db, fn)
@@ -67,5 +71,4 @@ def lose_the_transaction_answer_of(
             raise DBAPIError.instance("COMMIT", None, lost, psycopg.Error) from lost
         return result
 
-    monkeypatch.setattr(module, name, mark)
     monkeypatch.setattr(db_module.Database, "_in_transaction", commit_then_connection_lost)

@@ -20,7 +20,7 @@ from shared.store_memory import MemoryStore
 from tests.conftest import REDIS_URL
 from tests.midstream import events_acting_midway
 from tests.session_races import turn_and_delete_queued
-from tests.stack import InProcessStack, base_env, postgres_env
+from tests.stack import Client, InProcessStack, base_env, postgres_env
 from tests.test_control_plane import CP, data_of
 from tests.test_identity_owners import pg_cp
 
@@ -47,6 +47,19 @@ def _events(response: httpx.Response) -> list[ServerSentEvent]:
     return [event for raw in response.iter_raw() for event in decoder.feed(raw)]
 
 
+def finished_turn(c: Client) -> tuple[str, str, str, dict[str, Any]]:
+    """A new company, its owner and a member, and the member's turn in a new chat
+    session streamed to its end and settled: (company, owner, member, turn's grant)."""
+    company_id = c.new_company("5")
+    owner = c.new_user(company_id, role="owner")
+    member = c.new_user(company_id)
+    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
+    with c.http.stream("GET", finished["stream_url"]) as r:
+        assert _events(r)[-1].event == "complete"
+    c.wait_usage(member, finished["reservation_id"])
+    return company_id, owner, member, finished
+
+
 def test_a_deleted_sessions_streams_end_and_nothing_replays_or_starts_them(
     stack: InProcessStack,
 ) -> None:
@@ -59,14 +72,8 @@ def test_a_deleted_sessions_streams_end_and_nothing_replays_or_starts_them(
     stashed at init, the deleted session's history with it, kept in Redis
     (`req:<jti>`) for the token's life plus 10 minutes."""
     c = stack.client
-    company_id = c.new_company("5")
-    owner = c.new_user(company_id, role="owner")
-    member = c.new_user(company_id)
-    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
+    company_id, owner, member, finished = finished_turn(c)
     session_id = finished["session_id"]
-    with c.http.stream("GET", finished["stream_url"]) as r:
-        assert _events(r)[-1].event == "complete"
-    c.wait_usage(member, finished["reservation_id"])
     turn = {"query": "long [[mock tokens=400 delay_ms=25]]", "session_id": session_id}
     running = c.init_ok(member, turn)
     unused = c.init_ok(member, {"query": "later", "session_id": session_id})

@@ -16,6 +16,7 @@ verifies are a fake verifier held by a gate, so nothing depends on timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -87,6 +88,29 @@ def test_a_member_looping_its_own_login_is_refused_past_the_limit_before_argon2(
         assert _login(looper, server.user(), PASSWORD).status_code == 200
 
 
+@contextlib.contextmanager
+def _verify_held(
+    then: Callable[[str | None, str], bool] = lambda password_hash, password: False,
+) -> Iterator[tuple[list[str], Callable[[], None]]]:
+    """While inside, each password check (`account.verify_password`) notes the
+    password typed and waits, until the function yielded beside those passwords is
+    called (then it answers as `then`); on the way out none waits any more."""
+    gate = threading.Event()
+    entered: list[str] = []
+
+    def held_verify(password_hash: str | None, password: str) -> bool:
+        entered.append(password)
+        gate.wait()
+        return then(password_hash, password)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(account, "verify_password", held_verify)
+        try:
+            yield entered, gate.set
+        finally:
+            gate.set()
+
+
 def test_wrong_passwords_and_unknown_emails_are_failures_not_sign_ins(server: Login) -> None:
     """Counted per email as sent, before the lookup, and taken back when the password
     is wrong: an account's wrong passwords and an unknown email's get the same answers
@@ -112,24 +136,15 @@ def test_with_every_check_place_taken_the_next_login_is_a_fast_503(server: Login
     held logins then finish."""
     checks = PasswordChecks(slots=1, waiting=1)
     server.app.state.deps.password_checks = checks
-    gate = threading.Event()
-    entered: list[str] = []
-
-    def held_verify(password_hash: str | None, password: str) -> bool:
-        entered.append(password)
-        gate.wait()
-        return False
-
     emails = [server.user(), server.user()]
     third = server.user()
     with (
-        pytest.MonkeyPatch.context() as patch,
+        _verify_held() as (entered, release),
         ThreadPoolExecutor(2) as pool,
         server.client("127.0.0.4") as held,
         server.client("127.0.0.9") as held_too,  # an owner holds one of the two places
         server.client("127.0.0.5") as probe,
     ):
-        patch.setattr(account, "verify_password", held_verify)
         try:
             pending = [
                 pool.submit(_login, client, e, "wrong")
@@ -150,7 +165,7 @@ def test_with_every_check_place_taken_the_next_login_is_a_fast_503(server: Login
             rate_key = login_limits.rate_key(third, window_at(NOW, 60))
             assert _counter(server, rate_key) == 0
         finally:
-            gate.set()
+            release()
         assert [f.result().status_code for f in pending] == [401, 401]
     assert checks.inside == 0
     assert len(entered) == 2
@@ -254,15 +269,6 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
     _, a_emails = _company_users(server, a_passwords)
     _, [b_email] = _company_users(server, ["b-password-0"])
     server.app.state.deps.password_checks = checks
-    gate = threading.Event()
-    entered: list[str] = []
-    counting_verify = account.verify_password
-
-    def held_verify(password_hash: str | None, password: str) -> bool:
-        entered.append(password)
-        gate.wait()
-        return counting_verify(password_hash, password)
-
     lookups: list[str] = []
     real_lookup = account.find_user_signing_in
 
@@ -272,11 +278,11 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
 
     with (
         pytest.MonkeyPatch.context() as patch,
+        _verify_held(account.verify_password) as (entered, release),
         ThreadPoolExecutor(5) as pool,
         server.client("127.0.0.11") as a_client,
         server.client("127.0.0.12") as b_client,
     ):
-        patch.setattr(account, "verify_password", held_verify)
         patch.setattr(account, "find_user_signing_in", counting_lookup)
         try:
             # One after the other, each settled (its check queued, or an answer)
@@ -309,7 +315,7 @@ def test_one_companys_members_cannot_take_every_check_place_from_another_company
             assert (r.status_code, r.json()["error"]["code"]) == (503, "logins_busy")
             assert len(lookups) == seen
         finally:
-            gate.set()
+            release()
         assert b_login.result().status_code == 200
         answers = sorted(f.result().status_code for f in a_logins)
     assert answers == [200, 200, 503, 503]  # A: half of the 4 places
@@ -331,11 +337,6 @@ def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login)
     checks = PasswordChecks(slots=1, waiting=3)  # a share of 2
     _, [known] = _company_users(server, ["k-password-0"], domain="victim.example")
     server.app.state.deps.password_checks = checks
-    gate = threading.Event()
-
-    def held_verify(password_hash: str | None, password: str) -> bool:
-        gate.wait()
-        return False
 
     def probe(email: str, client: httpx.Client) -> str:
         """What `email`'s login gets at once: an answer, or a place in the checks."""
@@ -345,12 +346,11 @@ def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login)
         return str(login.result().status_code) if login.done() else "checked"
 
     with (
-        pytest.MonkeyPatch.context() as patch,
+        _verify_held() as (_, release),
         ThreadPoolExecutor(6) as pool,
         server.client("127.0.0.21") as prober,
         server.client("127.0.0.22") as elsewhere,
     ):
-        patch.setattr(account, "verify_password", held_verify)
         try:
             flood = [
                 pool.submit(_login, prober, f"nobody-{i}@victim.example", "guess") for i in range(2)
@@ -360,7 +360,7 @@ def test_the_check_shares_never_tell_which_emails_have_an_account(server: Login)
             answers = {email: probe(email, prober) for email in emails}
             elsewhere_answers = {email: probe(email, elsewhere) for email in emails}
         finally:
-            gate.set()
+            release()
         assert [f.result().status_code for f in flood] == [401, 401]
     # The account's email and the unknown one get the same answer: the flooding
     # address's share is full; another address's is not.
@@ -388,20 +388,12 @@ def test_a_companys_owner_cannot_choose_its_members_domains_to_take_anothers_pla
     else:
         _, members = _company_users(server, passwords, own_domains=True)
     server.app.state.deps.password_checks = checks
-    gate = threading.Event()
-    real_verify = account.verify_password
-
-    def held_verify(password_hash: str | None, password: str) -> bool:
-        gate.wait()
-        return real_verify(password_hash, password)
-
     with (
-        pytest.MonkeyPatch.context() as patch,
+        _verify_held(account.verify_password) as (_, release),
         ThreadPoolExecutor(6) as pool,
         server.client("127.0.0.31") as owner_host,
         server.client("127.0.0.32") as victim_host,
     ):
-        patch.setattr(account, "verify_password", held_verify)
         try:
             logins = []
             for email, password in zip(members, passwords, strict=True):
@@ -422,7 +414,7 @@ def test_a_companys_owner_cannot_choose_its_members_domains_to_take_anothers_pla
                 f" {victim_login.result().text}"
             )
         finally:
-            gate.set()
+            release()
         assert victim_login.result().status_code == 200
         assert sorted(f.result().status_code for f in logins) == [200, 200, 503, 503]
     assert checks.inside == 0

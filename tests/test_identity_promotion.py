@@ -36,6 +36,7 @@ from tests.test_control_plane import (
     pg_settings,
     serve_cp,
 )
+from tests.test_identity_owners import _lock_waiters, _raw_url
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def pg_cp(pg_server: str) -> Iterator[CP]:
 def _configuration_held(cp: CP, company_id: str) -> Iterator[psycopg.Connection[Any]]:
     """The company's configuration lock (`company_locks`, which an owner's mint takes
     after reading its target) held until the block ends; yields a watcher."""
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    url = _raw_url(cp)
     with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher:
         holder.execute(
             "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CONFIGURATION, company_id)
@@ -231,21 +232,13 @@ def _configuration_held(cp: CP, company_id: str) -> Iterator[psycopg.Connection[
             holder.rollback()
 
 
-def _waiting(watcher: psycopg.Connection[Any]) -> int:
-    row = watcher.execute(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
 @contextlib.contextmanager
 def _queued_behind_a_promotion(
     cp: CP, company_id: str, request: Callable[[], httpx.Response], what: str
 ) -> Iterator[tuple[psycopg.Connection[Any], Future[httpx.Response]]]:
     """A promotion's transaction holding the company's row, and `request` sent and
     waiting on it: the promotion's statements (and its commit) are the caller's."""
-    url = cp.settings.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    url = _raw_url(cp)
     with (
         ThreadPoolExecutor(1) as pool,
         psycopg.connect(url) as promoter,
@@ -253,7 +246,9 @@ def _queued_behind_a_promotion(
     ):
         promoter.execute("SELECT id FROM companies WHERE id = %s FOR UPDATE", (company_id,))
         pending = pool.submit(request)
-        wait_until(lambda: _waiting(watcher) == 1 or pending.done(), f"the {what} never queued")
+        wait_until(
+            lambda: _lock_waiters(watcher) == 1 or pending.done(), f"the {what} never queued"
+        )
         yield promoter, pending
 
 
@@ -270,7 +265,7 @@ def test_a_key_minted_while_its_user_is_promoted_is_not_a_platform_admins(pg_cp:
     path = f"/v1/admin/users/{colleague['id']}"
     with ThreadPoolExecutor(1) as pool, _configuration_held(cp, company_id) as watcher:
         mint = pool.submit(rogue.post, "/v1/admin/api-keys", json={"user_id": colleague["id"]})
-        wait_until(lambda: _waiting(watcher) == 1 or mint.done(), "the mint never queued")
+        wait_until(lambda: _lock_waiters(watcher) == 1 or mint.done(), "the mint never queued")
         data_of(cp.admin.patch(path, json={"role": "admin"}))
     answer = mint.result()
     if answer.status_code == 201:

@@ -29,6 +29,7 @@ from tests.conftest import REDIS_URL, fresh_pg_database
 from tests.polling import wait_until
 from tests.private_redis import PrivateRedis, private_redis
 from tests.stack import InProcessStack, base_env
+from tests.test_erasure import finished_turn
 from tests.token_claims import jti_of
 
 __all__ = ["private_redis"]  # the fixture, used by name
@@ -252,11 +253,6 @@ def grace_stack(pg_server: str, redis_prefix: str) -> Iterator[InProcessStack]:
             yield running
 
 
-def _replay(response: httpx.Response) -> list[Any]:
-    decoder = SSEDecoder()
-    return [event for raw in response.iter_raw() for event in decoder.feed(raw)]
-
-
 def test_a_deleted_sessions_stream_tokens_stay_refused_after_the_store_lost_their_keys(
     grace_stack: InProcessStack, redis_prefix: str
 ) -> None:
@@ -269,14 +265,8 @@ def test_a_deleted_sessions_stream_tokens_stay_refused_after_the_store_lost_thei
     pass did, the stash the replica kept (the deleted history) stayed in Redis for
     the token's life plus 10 minutes."""
     c = grace_stack.client
-    company_id = c.new_company("5")
-    owner = c.new_user(company_id, role="owner")
-    member = c.new_user(company_id)
-    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
+    company_id, owner, member, finished = finished_turn(c)
     session_id = finished["session_id"]
-    with c.http.stream("GET", finished["stream_url"]) as r:
-        assert _replay(r)[-1].event == "complete"
-    c.wait_usage(member, finished["reservation_id"])
     unused = c.init_ok(member, {"query": "later [[mock tokens=5]]", "session_id": session_id})
     client = redis.Redis.from_url(REDIS_URL)
     stashed = redis_prefix + stash_key(company_id, jti_of(unused["stream_token"]))
@@ -325,13 +315,7 @@ def test_lifting_an_admins_revocation_of_a_deleted_sessions_token_keeps_it_refus
     replayed again until the next republishing pass put the key back (up to 5 s),
     and a silent stream's stalled edge relayed on, unbilled, as long."""
     c = grace_stack.client
-    company_id = c.new_company("5")
-    owner = c.new_user(company_id, role="owner")
-    member = c.new_user(company_id)
-    finished = c.init_ok(member, {"query": "a secret [[mock tokens=5]]"})
-    with c.http.stream("GET", finished["stream_url"]) as r:
-        assert _replay(r)[-1].event == "complete"
-    c.wait_usage(member, finished["reservation_id"])
+    _, owner, _, finished = finished_turn(c)
     jti = jti_of(finished["stream_token"])
     revoked = c.as_user(owner, "POST", "/v1/admin/revocations", json={"jti": jti})
     assert revoked.status_code == 201, revoked.text

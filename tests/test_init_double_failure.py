@@ -7,20 +7,18 @@ at the sweeper's deadline with the books and the counters agreeing."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select, update
 from sqlmodel import col
 
-from control_plane import abandoned_holds, chat_init, lost_settlements, pending_inits
+from control_plane import abandoned_holds, chat_init, pending_inits
 from control_plane.app import create_app
 from control_plane.books import check_books
 from control_plane.sweeper import sweep_expired_holds
@@ -29,11 +27,11 @@ from shared.stash import stash_key
 from tests.inproc import eventually
 from tests.private_redis import PrivateRedis, private_redis
 from tests.test_control_plane import pg_settings
-from tests.test_lost_commit_answers import BODY, _member, _micro, _money_counters
+from tests.test_lost_commit_answers import BODY, _micro, _money_counters, _new_init
 from tests.test_lost_late_commits import (
     _commits_wait,
     _conninfo,
-    _cut_the_waiter,
+    _cut_while_blocked,
     _looks,
     _refusing,
 )
@@ -65,10 +63,8 @@ async def test_an_init_whose_store_and_database_fail_after_its_hold_is_a_503_and
 ) -> None:
     async with _served(pg_server, private_redis.url, tpm) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        auth, company_id, init = await _new_init(client)
+        hold = _micro(init["reserved_credits"])
         pending = pending_inits.company_pending_key(company_id)
         before = set(await deps.store.bounded_members(pending))
         money = _money_counters(app)
@@ -144,16 +140,10 @@ async def test_an_inits_give_back_whose_answer_was_lost_is_counted_released(
     finding it released, never counts it)."""
     async with _served(pg_server, private_redis.url, False) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        auth, company_id, init = await _new_init(client)
+        hold = _micro(init["reserved_credits"])
         money = _money_counters(app)
-        looked = _looks(
-            monkeypatch,
-            (abandoned_holds, "released_by"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, abandoned_holds, "released_by")
         server = aioredis.Redis.from_url(private_redis.url)
         real_count = chat_init.count_tokens
 
@@ -163,12 +153,13 @@ async def test_an_inits_give_back_whose_answer_was_lost_is_counted_released(
 
         monkeypatch.setattr(chat_init, "count_tokens", then_the_store_fails)
         conninfo = _conninfo(deps.settings)
-        with (
-            _commits_wait(conninfo, released_of=company_id) as let_commit,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            sent = asyncio.ensure_future(client.post("/v1/chat/init", json=BODY, headers=auth))
-            await _cut_the_waiter(watcher, "advisory", what="the release's COMMIT waits")
+        async with _cut_while_blocked(
+            conninfo,
+            _commits_wait(conninfo, released_of=company_id),
+            lambda: client.post("/v1/chat/init", json=BODY, headers=auth),
+            "the release's COMMIT waits",
+            "advisory",
+        ) as (sent, let_commit):
             r = await sent
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable"

@@ -13,9 +13,11 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import init_writes, late_settlements, settlement_batch, webhook_settlement
@@ -23,7 +25,7 @@ from control_plane.books import check_books
 from control_plane.tables import LedgerEntry, Reservation
 from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
-from shared.webhooks import sign
+from shared.webhooks import UsageEvent, sign
 from tests.asgi_cp import new_owner as _member
 from tests.asgi_cp import served as _served
 from tests.inproc import eventually
@@ -46,6 +48,53 @@ def _micro(credits: str) -> int:
     return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
 
 
+async def _new_inits(
+    client: httpx.AsyncClient, count: int, credits: str = "10"
+) -> tuple[dict[str, str], str, list[dict[str, Any]]]:
+    """A new company with `credits`, its owner's headers, and `count` inits of theirs
+    (each granted)."""
+    auth, company_id = await _member(client, credits)
+    inits = []
+    for _ in range(count):
+        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
+        assert r.status_code == 201, r.text
+        inits.append(r.json()["data"])
+    return auth, company_id, inits
+
+
+async def _new_init(
+    client: httpx.AsyncClient, credits: str = "10"
+) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """A new company with `credits`, its owner's headers, and an init of theirs (granted)."""
+    auth, company_id, [init] = await _new_inits(client, 1, credits)
+    return auth, company_id, init
+
+
+def _signed(app: Any, event: UsageEvent) -> tuple[bytes, dict[str, str]]:
+    """`event`'s body and the headers signing it with the app's webhook secret."""
+    body = event.body()
+    return body, sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+
+
+async def _webhook_losing_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+    client: httpx.AsyncClient,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    commits: bool = True,
+) -> list[str]:
+    """Posts a usage webhook whose lone settlement commits (or, not `commits`, rolls
+    back) and whose answer is lost (`lose_the_answer_of`): a 503. Returns what the
+    cut noted."""
+    cut: list[str] = []
+    _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
+    r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
+    assert r.status_code == 503, r.text
+    monkeypatch.undo()
+    return cut
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["in-a-transaction", "autocommit"])
 async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch, warm: bool
@@ -55,10 +104,8 @@ async def test_a_hold_committed_whose_answer_was_lost_is_given_back_at_once(
     reads the configuration through a session and its COMMIT is what is lost."""
     async with _served(settings) as (app, client):
         # The hold this body takes (deterministic), from a company of its own.
-        probe, _ = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=probe)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        _, _, probe = await _new_init(client)
+        hold = _micro(probe["reserved_credits"])
         # Room for one such hold and a half (beside the warm-up's): the retry fits
         # only if the lost one is gone.
         credits = hold + hold // 2 + (hold if warm else 0)
@@ -123,19 +170,11 @@ async def test_a_settlement_committed_whose_answer_was_lost_is_a_duplicate_when_
     and its answer is lost: 503, and the edge's retry is a duplicate, charged once,
     its reply kept once."""
     async with _served(settings) as (app, client):
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        auth, company_id, init = await _new_init(client)
         event = usage_event(init, company_id)
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
-        cut: list[str] = []
-        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut)
-        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
-        assert r.status_code == 503, r.text
+        body, headers = _signed(app, event)
+        cut = await _webhook_losing_its_answer(monkeypatch, client, body, headers)
         assert cut == ["after the commit"]
-        monkeypatch.undo()
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
         assert r.json()["data"] == {"duplicate": True}
@@ -166,17 +205,56 @@ def _money_counters(app: Any) -> dict[str, int]:
     }
 
 
-async def _counted_once(app: Any, before: dict[str, int], expected: dict[str, int]) -> None:
-    """The money counters moved by `expected` since `before`, and nothing more comes of it."""
+async def _counted_once(
+    app: Any, before: dict[str, int], expected: dict[str, int], within: float = 3
+) -> None:
+    """The money counters moved by `expected` since `before` (within `within` s), and
+    nothing more comes of it."""
 
     def moved() -> dict[str, int]:
         now = _money_counters(app)
         return {k: now[k] - before[k] for k in ("charged", "released")}
 
-    await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 3)
+    await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", within)
     for _ in range(20):
         await asyncio.sleep(0.01)
     assert moved() == expected
+
+
+def _ledger_of(
+    session: Session, company_id: str, reservation_ids: list[str]
+) -> tuple[list[str], dict[str, int]]:
+    """The company's books' problems (`check_books`), and the sums of the charges and
+    releases on `reservation_ids` (0 where there is none)."""
+    rows = session.execute(
+        select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
+            col(LedgerEntry.reservation_id).in_(reservation_ids),
+            col(LedgerEntry.kind).in_(["charge", "release"]),
+        )
+    )
+    sums = {"charge": 0, "release": 0}
+    for kind, amount in rows:
+        sums[kind] += amount
+    return check_books(session, company_id), sums
+
+
+async def _ledger_counted_once(
+    app: Any,
+    company_id: str,
+    reservation_ids: list[str],
+    before: dict[str, int],
+    within: float = 3,
+) -> None:
+    """The books agree, `reservation_ids` were charged, and the money counters moved
+    since `before` by what the ledger has charged and released on them, once
+    (`_counted_once`)."""
+    problems, ledger = await app.state.deps.db.transaction(
+        lambda s: _ledger_of(s, company_id, reservation_ids)
+    )
+    assert problems == []
+    expected = {"charged": -ledger["charge"], "released": ledger["release"]}
+    assert expected["charged"] > 0
+    await _counted_once(app, before, expected, within)
 
 
 @pytest.mark.parametrize("commits", [True, False], ids=["committed", "rolled-back"])
@@ -191,35 +269,17 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_once(
     (its own mark, never a later delivery's) and counted once; one that rolled back
     is settled and counted by the retry alone."""
     async with _served(settings) as (app, client):
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)  # a charge and a release
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         before = _money_counters(app)
-        cut: list[str] = []
-        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
-        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
-        assert r.status_code == 503, r.text
+        cut = await _webhook_losing_its_answer(monkeypatch, client, body, headers, commits=commits)
         assert cut == ["after the commit" if commits else "before the commit"]
-        monkeypatch.undo()
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
         assert ("duplicate" in r.json()["data"]) is commits
 
-        def amounts(session: Any) -> dict[str, int]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id) == init["reservation_id"]
-                )
-            )
-            return dict(rows.all())
-
-        ledger = await app.state.deps.db.transaction(amounts)
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-        await _counted_once(app, before, expected)
+        await _ledger_counted_once(app, company_id, [init["reservation_id"]], before)
 
 
 async def test_a_batch_whose_answer_was_lost_is_counted_once(
@@ -231,12 +291,7 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
     the counters). Now each is counted once, from the batch's own mark."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        inits = []
-        for _ in range(2):
-            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-            assert r.status_code == 201, r.text
-            inits.append(r.json()["data"])
+        _, company_id, inits = await _new_inits(client, 2)
         events = [usage_event(init, company_id, output_tokens=3) for init in inits]
         deliveries = [
             webhook_settlement.Delivery(
@@ -258,22 +313,8 @@ async def test_a_batch_whose_answer_was_lost_is_counted_once(
         assert cut == ["after the commit"]
         assert [r.duplicate for r in results] == [True, True]  # the batch had settled them
 
-        def amounts(session: Any) -> dict[str, int]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id).in_([i["reservation_id"] for i in inits]),
-                    col(LedgerEntry.kind).in_(["charge", "release"]),
-                )
-            )
-            sums = {"charge": 0, "release": 0}
-            for kind, amount in rows:
-                sums[kind] += amount
-            return sums
-
-        ledger = await deps.db.transaction(amounts)
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-        assert expected["charged"] > 0
-        await _counted_once(app, before, expected)
+        ids = [i["reservation_id"] for i in inits]
+        await _ledger_counted_once(app, company_id, ids, before)
         # Each settlement counted `settled` once (its request, answered a duplicate
         # by the settlement alone after the batch, counts that answer).
         assert _webhook_counts(app)["settled"] - settled_before == 2
@@ -302,19 +343,11 @@ async def test_a_settlement_whose_answer_was_lost_is_counted_settled_once(
     (measured: settled 0, duplicate 1, error 1 against one charge in the ledger).
     The 503 the edge heard stays counted (`error`), as the answers are."""
     async with _served(settings) as (app, client):
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         before = _webhook_counts(app)
-        cut: list[str] = []
-        _lose_the_answer_of(monkeypatch, webhook_settlement, "settle_alone", cut, commits=commits)
-        r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
-        assert r.status_code == 503, r.text
-        monkeypatch.undo()
+        await _webhook_losing_its_answer(monkeypatch, client, body, headers, commits=commits)
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
 

@@ -13,9 +13,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -36,20 +36,26 @@ from control_plane import (
 )
 from control_plane import db as db_module
 from control_plane.books import check_books
-from control_plane.tables import LedgerEntry, Reservation
+from control_plane.tables import Reservation
 from control_plane.usage_events import parse_usage_event
 from shared.pricing import format_credits
-from shared.webhooks import sign
 from tests.inproc import eventually
 from tests.test_control_plane import pg_settings, usage_event
 from tests.test_lost_commit_answers import (
     BODY,
+    _ledger_counted_once,
+    _ledger_of,
     _member,
     _micro,
     _money_counters,
+    _new_init,
+    _new_inits,
     _served,
+    _signed,
     _webhook_counts,
 )
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +125,30 @@ def _commits_wait(
             admin.execute(sql.SQL("DROP FUNCTION {} ()").format(function))
 
 
-def _looks(monkeypatch: pytest.MonkeyPatch, *names: tuple[Any, str]) -> list[str]:
-    """What the background work after a lost answer reads first, as it reads it."""
+def _looks(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[str]:
+    """What the background work after a lost answer reads first, as it reads it: the
+    lost write's backend's state (`lost_settlements.backend_state`), or `module.name`
+    (what it wrote)."""
     looked: list[str] = []
-    for module, name in names:
-        real = getattr(module, name, None)
+    for owner, read in ((module, name), (lost_settlements, "backend_state")):
+        real = getattr(owner, read, None)
         if real is None:  # `backend_state`, before it existed
             continue
 
-        def look(*args: Any, real: Any = real, name: str = name, **kwargs: Any) -> Any:
+        def look(*args: Any, real: Any = real, read: str = read, **kwargs: Any) -> Any:
             found = real(*args, **kwargs)
-            looked.append(f"{name}: {found!r}")
+            looked.append(f"{read}: {found!r}")
             return found
 
-        monkeypatch.setattr(module, name, look)
+        monkeypatch.setattr(owner, read, look)
     return looked
+
+
+async def _looked_while_it_waits(looked: list[str], nothing_yet: str, what: str) -> None:
+    """The read-back's first look (`_looks`) came while the lost write still waited:
+    it found `nothing_yet` written, or the write's backend still active."""
+    await eventually(lambda: bool(looked), what)
+    assert looked[0] in (nothing_yet, "backend_state: 'active'"), looked
 
 
 async def _cut_the_waiter(
@@ -171,6 +186,36 @@ def _cut(port: int) -> None:
     raise AssertionError(f"no socket on local port {port}")
 
 
+@contextlib.contextmanager
+def _row_locked(conninfo: str, table: str, row_id: str) -> Iterator[Callable[[], Any]]:
+    """While inside, another transaction holds the row `row_id` of `table` (FOR
+    UPDATE): a write to it waits until the function yielded is called (its COMMIT)."""
+    with psycopg.connect(conninfo, autocommit=True) as locker:
+        locker.execute("BEGIN")
+        locker.execute(
+            sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(sql.Identifier(table)),
+            (row_id,),
+        )
+        yield lambda: locker.execute("COMMIT")
+
+
+@contextlib.asynccontextmanager
+async def _cut_while_blocked(
+    conninfo: str,
+    blocked: contextlib.AbstractContextManager[Callable[[], Any]],
+    send: Callable[[], Awaitable[T]],
+    what: str,
+    event: str | None = None,
+) -> AsyncIterator[tuple[asyncio.Future[T], Callable[[], Any]]]:
+    """Inside `blocked` (`_row_locked`, `_commits_wait`), `send` is called and, once
+    the write it starts waits on a lock (of kind `event`), that write's connection is
+    cut (`_cut_the_waiter`). Yields what `send` started and what lets the write go on."""
+    with blocked as let_go, psycopg.connect(conninfo, autocommit=True) as watcher:
+        sent = asyncio.ensure_future(send())
+        await _cut_the_waiter(watcher, event, what)
+        yield sent, let_go
+
+
 async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_once(
     settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,68 +225,41 @@ async def test_a_settlement_that_commits_after_its_cut_connection_is_counted_onc
     is a duplicate."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        auth, company_id, init = await _new_init(client)
         # No reply to keep: its one statement commits alone (autocommit), so the
         # commit is PostgreSQL's as soon as the lock goes, whoever hears it.
         event = usage_event(init, company_id, output_tokens=3, content="")
-        body = event.body()
-        headers = sign(app.state.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         money, answers = _money_counters(app), _webhook_counts(app)
         # The read-back's first look at the database (its backend's state, or what
         # it settled), after which the test lets PostgreSQL commit.
-        looked = _looks(
-            monkeypatch,
-            (lost_settlements, "settled_by"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, lost_settlements, "settled_by")
         conninfo = _conninfo(settings)
-        with (
-            psycopg.connect(conninfo, autocommit=True) as locker,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            locker.execute("BEGIN")
-            locker.execute(
-                "SELECT 1 FROM reservations WHERE id = %s FOR UPDATE", (init["reservation_id"],)
-            )
-            post = asyncio.create_task(
-                client.post("/v1/webhooks/usage", content=body, headers=headers)
-            )
-            await _cut_the_waiter(watcher, what="the settlement waits on the row lock")
+        async with _cut_while_blocked(
+            conninfo,
+            _row_locked(conninfo, "reservations", init["reservation_id"]),
+            lambda: client.post("/v1/webhooks/usage", content=body, headers=headers),
+            "the settlement waits on the row lock",
+        ) as (post, unlock):
             r = await post
             assert r.status_code == 503, r.text
             # The read-back looks while the settlement still waits on the lock.
-            await eventually(lambda: bool(looked), "the lost settlement is read back")
-            assert looked[0] in ("settled_by: {}", "backend_state: 'active'"), looked
-            locker.execute("COMMIT")
-
-        def books(session: Any) -> tuple[list[str], dict[str, int]]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id) == init["reservation_id"]
-                )
+            await _looked_while_it_waits(
+                looked, "settled_by: {}", "the lost settlement is read back"
             )
-            return check_books(session, company_id), dict(rows.all())
+            unlock()
+
+        ids = [init["reservation_id"]]
 
         async def committed() -> bool:
-            return "charge" in (await deps.db.transaction(books))[1]
+            found = await deps.db.transaction(lambda s: _ledger_of(s, company_id, ids))
+            return bool(found[1]["charge"] < 0)
 
         await eventually(committed, "the settlement commits once the lock goes")
         r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
         assert r.status_code == 200, r.text
         assert r.json()["data"] == {"duplicate": True}
-        problems, ledger = await deps.db.transaction(books)
-        assert problems == []
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-        assert expected["charged"] > 0
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - money[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+        await _ledger_counted_once(app, company_id, ids, money, within=5)
         assert _webhook_counts(app)["settled"] - answers["settled"] == 1
         r = await client.get("/v1/credits", headers=auth)
         assert r.json()["data"]["held"] == "0.000000"
@@ -257,35 +275,28 @@ async def test_a_hold_that_commits_after_its_cut_connection_is_given_back(
     must find those credits free, not held until the sweeper's deadline."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        probe, _ = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=probe)
-        assert r.status_code == 201, r.text
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        _, _, probe = await _new_init(client)
+        hold = _micro(probe["reserved_credits"])
         # Room for the warm-up's hold and one and a half more.
         auth, company_id = await _member(client, format_credits(2 * hold + hold // 2))
         r = await client.post("/v1/chat/init", json=BODY, headers=auth)
         assert r.status_code == 201, r.text
         money = _money_counters(app)
-        looked = _looks(
-            monkeypatch,
-            (abandoned_holds, "release_reservation"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, abandoned_holds, "release_reservation")
         conninfo = _conninfo(settings)
-        with (
-            psycopg.connect(conninfo, autocommit=True) as locker,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            locker.execute("BEGIN")
-            locker.execute("SELECT 1 FROM companies WHERE id = %s FOR UPDATE", (company_id,))
-            post = asyncio.create_task(client.post("/v1/chat/init", json=BODY, headers=auth))
-            await _cut_the_waiter(watcher, what="the hold waits on the company's row lock")
+        async with _cut_while_blocked(
+            conninfo,
+            _row_locked(conninfo, "companies", company_id),
+            lambda: client.post("/v1/chat/init", json=BODY, headers=auth),
+            "the hold waits on the company's row lock",
+        ) as (post, unlock):
             r = await post
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "database_unavailable"
-            await eventually(lambda: bool(looked), "the lost hold is looked for")
-            assert looked[0] in ("release_reservation: None", "backend_state: 'active'"), looked
-            locker.execute("COMMIT")
+            await _looked_while_it_waits(
+                looked, "release_reservation: None", "the lost hold is looked for"
+            )
+            unlock()
 
         def statuses(session: Any) -> list[str]:
             stmt = select(col(Reservation.status)).where(col(Reservation.company_id) == company_id)
@@ -319,25 +330,14 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
     COMMIT). A batch of two: the batcher's one transaction."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        inits = []
-        for _ in range(2 if batch else 1):
-            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-            assert r.status_code == 201, r.text
-            inits.append(r.json()["data"])
+        _, company_id, inits = await _new_inits(client, 2 if batch else 1)
         events = [usage_event(init, company_id, output_tokens=3) for init in inits]
         money, answers = _money_counters(app), _webhook_counts(app)
-        looked = _looks(
-            monkeypatch,
-            (lost_settlements, "settled_by"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, lost_settlements, "settled_by")
         conninfo = _conninfo(settings)
         ids = [init["reservation_id"] for init in inits]
-        with (
-            _commits_wait(conninfo, ids) as let_commit,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
+
+        def send() -> Awaitable[Any]:
             if batch:
                 deliveries = [
                     webhook_settlement.Delivery(
@@ -345,7 +345,7 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
                     )
                     for e in events
                 ]
-                sent: asyncio.Future[Any] = asyncio.gather(
+                return asyncio.gather(
                     *(
                         deps.settler.settle(
                             d, functools.partial(late_settlements.late, deps, d.event)
@@ -354,44 +354,28 @@ async def test_a_settlement_whose_commit_finishes_after_its_cut_connection_is_co
                     ),
                     return_exceptions=True,
                 )
-            else:
-                body = events[0].body()
-                headers = sign(deps.settings.webhook_secret.reveal(), events[0].webhook_id, body)
-                sent = asyncio.ensure_future(
-                    client.post("/v1/webhooks/usage", content=body, headers=headers)
-                )
-            await _cut_the_waiter(watcher, "advisory", what="the settlement's COMMIT waits")
-            await eventually(lambda: bool(looked), "the lost settlement is read back")
-            assert looked[0] in ("settled_by: {}", "backend_state: 'active'"), looked
+            body, headers = _signed(app, events[0])
+            return client.post("/v1/webhooks/usage", content=body, headers=headers)
+
+        async with _cut_while_blocked(
+            conninfo,
+            _commits_wait(conninfo, ids),
+            send,
+            "the settlement's COMMIT waits",
+            "advisory",
+        ) as (sent, let_commit):
+            await _looked_while_it_waits(
+                looked, "settled_by: {}", "the lost settlement is read back"
+            )
             let_commit()
             await sent
 
-        def amounts(session: Any) -> tuple[list[str], dict[str, int]]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id).in_(ids),
-                    col(LedgerEntry.kind).in_(["charge", "release"]),
-                )
-            )
-            sums = {"charge": 0, "release": 0}
-            for kind, amount in rows:
-                sums[kind] += amount
-            return check_books(session, company_id), sums
-
         async def committed() -> bool:
-            found: tuple[list[str], dict[str, int]] = await deps.db.transaction(amounts)
-            return found[1]["charge"] < 0
+            found = await deps.db.transaction(lambda s: _ledger_of(s, company_id, ids))
+            return bool(found[1]["charge"] < 0)
 
         await eventually(committed, "the settlement commits once its COMMIT may")
-        problems, ledger = await deps.db.transaction(amounts)
-        assert problems == []
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - money[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+        await _ledger_counted_once(app, company_id, ids, money, within=5)
         settled = _webhook_counts(app)["settled"] - answers["settled"]
         assert settled == len(ids)
 
@@ -404,11 +388,9 @@ async def test_a_sweep_whose_commit_finishes_after_its_cut_connection_is_counted
     later pass finds the hold done: only the read-back can count it."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        reservation_id = r.json()["data"]["reservation_id"]
-        hold = _micro(r.json()["data"]["reserved_credits"])
+        _, company_id, init = await _new_init(client)
+        reservation_id = init["reservation_id"]
+        hold = _micro(init["reserved_credits"])
 
         def expire(session: Any) -> None:
             session.execute(
@@ -419,24 +401,20 @@ async def test_a_sweep_whose_commit_finishes_after_its_cut_connection_is_counted
 
         await deps.db.transaction(expire)
         money = _money_counters(app)
-        looked = _looks(
-            monkeypatch,
-            (lost_settlements, "marked_amounts"),
-            (lost_settlements, "backend_state"),
-        )
+        looked = _looks(monkeypatch, lost_settlements, "marked_amounts")
         conninfo = _conninfo(settings)
-        with (
-            _commits_wait(conninfo, [reservation_id]) as let_commit,
-            psycopg.connect(conninfo, autocommit=True) as watcher,
-        ):
-            swept = asyncio.ensure_future(
-                sweeper.sweep_expired_holds(deps.db, deps.store, deps.metrics)
-            )
-            await _cut_the_waiter(watcher, "advisory", what="the release's COMMIT waits")
+        async with _cut_while_blocked(
+            conninfo,
+            _commits_wait(conninfo, [reservation_id]),
+            lambda: sweeper.sweep_expired_holds(deps.db, deps.store, deps.metrics),
+            "the release's COMMIT waits",
+            "advisory",
+        ) as (swept, let_commit):
             with pytest.raises(DBAPIError):
                 await swept
-            await eventually(lambda: bool(looked), "the lost release is read back")
-            assert looked[0] in ("marked_amounts: {}", "backend_state: 'active'"), looked
+            await _looked_while_it_waits(
+                looked, "marked_amounts: {}", "the lost release is read back"
+            )
             let_commit()
 
         def status(session: Any) -> str | None:
@@ -491,14 +469,9 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
     connections too. Once it is back, the settlement must still be counted."""
     caplog.set_level(logging.INFO, logger="control_plane.lost_settlements")
     async with _served(settings) as (app, client):
-        deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        _, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3)
-        body = event.body()
-        headers = sign(deps.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         money = _money_counters(app)
         with _refusing(_conninfo(settings)) as refuse:
             real_end = db_module._PooledUnit.end
@@ -529,23 +502,7 @@ async def test_a_settlement_whose_answer_was_lost_in_an_outage_is_counted_once_i
         assert r.status_code == 200, r.text
         assert r.json()["data"] == {"duplicate": True}
 
-        def amounts(session: Any) -> tuple[list[str], dict[str, int]]:
-            rows = session.execute(
-                select(col(LedgerEntry.kind), col(LedgerEntry.amount_micro)).where(
-                    col(LedgerEntry.reservation_id) == init["reservation_id"]
-                )
-            )
-            return check_books(session, company_id), dict(rows.all())
-
-        problems, ledger = await deps.db.transaction(amounts)
-        assert problems == []
-        expected = {"charged": -ledger["charge"], "released": ledger["release"]}
-
-        def moved() -> dict[str, int]:
-            now = _money_counters(app)
-            return {k: now[k] - money[k] for k in ("charged", "released")}
-
-        await eventually(lambda: moved() == expected, f"counted: {moved()} vs {expected}", 5)
+        await _ledger_counted_once(app, company_id, [init["reservation_id"]], money, within=5)
 
 
 async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_outage(
@@ -559,12 +516,7 @@ async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_out
     database coming back would meet them all beside the traffic."""
     async with _served(settings) as (app, client):
         deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        inits = []
-        for _ in range(5):
-            r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-            assert r.status_code == 201, r.text
-            inits.append(r.json()["data"])
+        _, company_id, inits = await _new_inits(client, 5)
         calls = [0]
         real_transaction = deps.db.transaction
 
@@ -578,9 +530,7 @@ async def test_webhooks_refused_a_connection_leave_no_read_back_retrying_the_out
                 refuse()
                 for init in inits:
                     event = usage_event(init, company_id, output_tokens=3)
-                    body = event.body()
-                    secret = deps.settings.webhook_secret.reveal()
-                    headers = sign(secret, event.webhook_id, body)
+                    body, headers = _signed(app, event)
                     r = await client.post("/v1/webhooks/usage", content=body, headers=headers)
                     assert r.status_code == 503, r.text
 
@@ -609,14 +559,9 @@ async def test_a_session_deleted_as_its_turn_settles_with_a_reply_is_no_deadlock
     them up; the race needs none."""
     caplog.set_level(logging.INFO)
     async with _served(settings) as (app, client):
-        deps = app.state.deps
-        auth, company_id = await _member(client, "10")
-        r = await client.post("/v1/chat/init", json=BODY, headers=auth)
-        assert r.status_code == 201, r.text
-        init = r.json()["data"]
+        auth, company_id, init = await _new_init(client)
         event = usage_event(init, company_id, output_tokens=3, content="the reply")
-        body = event.body()
-        headers = sign(deps.settings.webhook_secret.reveal(), event.webhook_id, body)
+        body, headers = _signed(app, event)
         conninfo = _conninfo(settings)
         with (
             psycopg.connect(conninfo, autocommit=True) as watcher,

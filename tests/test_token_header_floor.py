@@ -232,12 +232,10 @@ def test_the_largest_mintable_token_passes_an_edge_at_the_least_header_block(
         c.init_ok(owner, INIT)
 
 
-def test_a_token_grown_past_the_budget_by_the_catalog_is_refused_at_init(
-    tmp_path: Path,
-) -> None:
-    """An operator gives a packaged model fallbacks after a company stored a long
-    key for their provider (no owner's PUT to refuse it): init refuses that model
-    with 422 before its hold; the company's other models still stream."""
+def _catalog_grown_past_the_budget(tmp_path: Path) -> tuple[dict[str, str], str, str]:
+    """A company's owner stores a mock key pool whose token fits; then the catalog
+    gives mock-fast two fallbacks the pool keys too (its token past the budget).
+    Returns the environment serving that catalog, the owner, and the company."""
     env = base_env(f"sqlite:///{tmp_path}/gw.db")
     with InProcessStack(env) as stack:
         c = stack.client
@@ -255,7 +253,17 @@ def test_a_token_grown_past_the_budget_by_the_catalog_is_refused_at_init(
             1,
         )
     )
-    with InProcessStack({**env, "LLMGW_MODELS_FILE": str(models)}) as stack:
+    return {**env, "LLMGW_MODELS_FILE": str(models)}, owner, company
+
+
+def test_a_token_grown_past_the_budget_by_the_catalog_is_refused_at_init(
+    tmp_path: Path,
+) -> None:
+    """An operator gives a packaged model fallbacks after a company stored a long
+    key for their provider (no owner's PUT to refuse it): init refuses that model
+    with 422 before its hold; the company's other models still stream."""
+    env, owner, _ = _catalog_grown_past_the_budget(tmp_path)
+    with InProcessStack(env) as stack:
         c = stack.client
         before = c.credits(owner)
         refused = c.init(owner, {"model": "mock-fast", "query": "hi", "max_tokens": 16})
@@ -272,24 +280,9 @@ def test_a_change_that_grows_no_token_is_taken_when_the_catalog_grew_one_past_th
     PUT that makes no token larger is taken: rotating a leaked key for one of the
     same length, another provider's key, the default model. Before, every PUT of
     the company was 422 naming api_keys, the rotation of a leaked key with it."""
-    env = base_env(f"sqlite:///{tmp_path}/gw.db")
+    env, owner, company = _catalog_grown_past_the_budget(tmp_path)
     with InProcessStack(env) as stack:
-        c = stack.client
-        company = c.new_company("100")
-        owner = c.new_user(company, role="owner")
         path = f"/v1/admin/companies/{company}/providers/mock"
-        put = c.as_user(owner, "PUT", path, json={"api_keys": _pool(3900)})
-        assert put.status_code == 200, put.text
-    packaged = (Path(__file__).parent.parent / "shared" / "models.yaml").read_text()
-    models = tmp_path / "models.yaml"
-    models.write_text(
-        packaged.replace(
-            "    upstream_model: mock-fast\n",
-            "    upstream_model: mock-fast\n    fallbacks: [mock-chat, mock-vision]\n",
-            1,
-        )
-    )
-    with InProcessStack({**env, "LLMGW_MODELS_FILE": str(models)}) as stack:
         c = stack.client
         rotated = c.as_user(owner, "PUT", path, json={"api_keys": ["r" * 3900, "j"]})
         assert rotated.status_code == 200, rotated.text
