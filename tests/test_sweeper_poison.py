@@ -102,8 +102,10 @@ def test_a_company_row_held_by_a_long_transaction_holds_up_no_other_companys_hol
     _expire(cp, second["reservation_id"], timedelta(minutes=9))
     _expire(cp, good["reservation_id"], timedelta(minutes=1))
     state = cp.app.state
-    # The same database, with a bound this test's lock outlasts.
-    quick = Database(state.settings.database_url, pool_size=3, timeout=0.5)
+    # The same database, with a bound this test's lock outlasts (held until the
+    # rollback below), and long enough for company B's release on a loaded machine
+    # (0.5 s timed it out once in CI, three workers on two CPUs).
+    quick = Database(state.settings.database_url, pool_size=3, timeout=2.0)
     try:
         with state.db.engine.connect() as locker:
             locker.execute(
