@@ -83,7 +83,6 @@ class PasswordChecks:
     _inside: int = field(init=False, default=0)
     _running_now: int = field(init=False, default=0)
     _turns: Turns = field(init=False)
-    _owned: dict[str | None, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.waiting < 0:
@@ -107,7 +106,7 @@ class PasswordChecks:
 
     def owned(self, owner: str | None) -> int:
         """`owner`'s checks waiting or running now (at most `share`)."""
-        return self._owned.get(owner, 0)
+        return self._turns.count(owner)
 
     @property
     def full(self) -> bool:
@@ -119,7 +118,7 @@ class PasswordChecks:
         `owner` at its share. Asked before the counters and the lookup, so that a
         host's logins retrying at its share cost nothing (or they would hold
         places in their lookups, which the others need)."""
-        return self.full or self._owned.get(owner, 0) >= self.share
+        return self.full or self._turns.count(owner) >= self.share
 
     @asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
@@ -139,20 +138,15 @@ class PasswordChecks:
         `share` of checks waiting or running. A slot (and the owner's count) is freed
         when the thread is done, not when the caller stops waiting: a cancelled caller
         cannot let more than `slots` hashes run."""
-        held = self._owned.get(owner, 0)
-        if held >= self.share:
+        # The owner's count is its turns' (slots held, waiters queued): a slot is
+        # released when the thread is done, so a running hash counts until then.
+        if self._turns.count(owner) >= self.share:
             raise LoginsBusy(BUSY_RETRY_AFTER_S)
-        self._owned[owner] = held + 1
-        try:
-            await self._turns.acquire(owner)
-        except BaseException:
-            self._disown(owner)
-            raise
+        await self._turns.acquire(owner)
         try:
             work = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except BaseException:
             self._turns.release(owner)
-            self._disown(owner)
             raise
         self._running_now += 1
         work.add_done_callback(lambda _: self._done(owner))
@@ -161,14 +155,6 @@ class PasswordChecks:
     def _done(self, owner: str | None) -> None:
         self._running_now -= 1
         self._turns.release(owner)
-        self._disown(owner)
-
-    def _disown(self, owner: str | None) -> None:
-        left = self._owned[owner] - 1
-        if left:
-            self._owned[owner] = left
-        else:
-            del self._owned[owner]
 
 
 def login_owner(host: str | None) -> str:

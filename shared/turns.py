@@ -32,6 +32,10 @@ class Turns:
         self._stamps = itertools.count()
         self._last_stamp = -1
 
+    def count(self, owner: str | None) -> int:
+        """`owner`'s slots held and waiters queued now."""
+        return self._holding.get(owner, 0) + len(self._waiting.get(owner, ()))
+
     async def acquire(self, owner: str | None) -> None:
         if self._free > 0 and not self._waiting:
             self._free -= 1

@@ -453,7 +453,8 @@ async def test_checks_take_turns_by_owner_and_a_cancelled_waiter_passes_its_turn
     with pytest.raises(asyncio.CancelledError):
         await queued[3]
     assert ran == ["a1", "b2", "c1", "a2", "a3", "a4"]
-    assert checks.running == 0 and checks._owned == {}
+    assert checks.running == 0 and not any(checks.owned(o) for o in "abc")
+    assert checks._turns._latest == {}  # nothing kept for owners gone
     assert checks.share == 10
 
 
