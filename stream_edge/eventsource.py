@@ -35,6 +35,7 @@ from stream_edge.resume import (
     GAP_CODE,
     Follower,
     ResumeLog,
+    company_log_budget,
     done_key,
     events_key,
     gap_key,
@@ -106,7 +107,13 @@ async def event_stream(request: Request) -> Response:
         raise NotFound("the request for this token is gone", code="request_not_found")
     response = await job.open(stream=True)
     writer = EventSourceWriter(grant.session_id)
-    log = ResumeLog(state.store, grant.jti, _log_ttl(state, grant), company_id=grant.company_id)
+    log = ResumeLog(
+        state.store,
+        grant.jti,
+        _log_ttl(state, grant),
+        company_id=grant.company_id,
+        company_budget_bytes=company_log_budget(state.settings.max_streams_per_company),
+    )
     finished = asyncio.Event()
     # The stream's last event (`complete` or `error`) is in the log: the stream has
     # ended, whatever its delivery and the log's closing still take.

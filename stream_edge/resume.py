@@ -59,6 +59,9 @@ LOG_BUDGET_BYTES = 16 * 1024 * 1024
 # stream is whole.
 COMPANY_LOG_BYTES = 1024 * 1024 * 1024
 COMPANY_LOG_WINDOW_SECONDS = 300.0
+# The stream cap `COMPANY_LOG_BYTES` is sized for (`LLMGW_MAX_STREAMS_PER_COMPANY`'s
+# default): an operator raising the cap raises every company's budget with it.
+COMPANY_LOG_STREAMS = 200
 # A log takes its company's budget this much at a time (one more store round trip
 # per ~16 KiB of log, ~200 tokens, past its first, which is free); what it took and
 # did not use is counted anyway.
@@ -159,6 +162,15 @@ def live_key(jti: str) -> str:
     return f"live:{jti}"
 
 
+def company_log_budget(max_streams_per_company: int) -> int:
+    """A company's resume logs' bytes per window: `COMPANY_LOG_BYTES`, scaled up with
+    the company stream cap past the default it was sized for. At a fixed 1 GiB, a cap
+    raised to 1,000 left each stream ~1 MiB a window: resumability lost past ~47
+    tokens a second (the live streams were whole). Never below the default's."""
+    scale = max(1.0, max_streams_per_company / COMPANY_LOG_STREAMS)
+    return int(COMPANY_LOG_BYTES * scale)
+
+
 class ResumeLog:
     """Producer side: frames go to memory at once and to the store in batches, at
     most one write per `FLUSH_DELAY`, until the log's byte budget is spent.
@@ -180,10 +192,14 @@ class ResumeLog:
         ttl_seconds: float,
         budget_bytes: int = LOG_BUDGET_BYTES,
         company_id: str | None = None,
+        company_budget_bytes: int | None = None,
     ) -> None:
         self._store = store
         # Whose share of the store the log's bytes count against (None: nobody's).
         self._company = company_id
+        self._company_budget = (
+            COMPANY_LOG_BYTES if company_budget_bytes is None else company_budget_bytes
+        )
         # Of the company's budget. A log's first chunk is its own: most streams' logs
         # fit in it (a 64-token answer's is ~6 KiB) and so cost no round trip for the
         # budget; what escapes the count is one chunk per stream, which the company's
@@ -275,7 +291,7 @@ class ResumeLog:
         key = company_log_key(self._company)
         total = await self._store.add(key, take, COMPANY_LOG_WINDOW_SECONDS)
         self._taken += take
-        return total <= COMPANY_LOG_BYTES
+        return total <= self._company_budget
 
     async def close(self) -> None:
         """Write everything still pending (the final event included), after the

@@ -33,13 +33,17 @@ COMPANY_BUDGET = 40 * 1024 * 1024
 
 @pytest.fixture
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> Iterator[tuple[InProcessStack, str]]:
+    """The gateway with the bulky backend; parametrized indirectly, settings to add."""
     monkeypatch.setattr(resume, "COMPANY_LOG_BYTES", COMPANY_BUDGET)
     directory = tmp_path_factory.mktemp("bulky-company")
+    env = getattr(request, "param", None)
     with (
         fresh_redis_prefix() as prefix,
-        hostile_backend_stack(directory, "bulky", _chat, redis_prefix=prefix) as gateway,
+        hostile_backend_stack(directory, "bulky", _chat, redis_prefix=prefix, env=env) as gateway,
     ):
         yield gateway, prefix
 
@@ -51,6 +55,11 @@ def _held(prefix: str) -> dict[str, int]:
         return {k.decode(): server.memory_usage(k, samples=0) or 0 for k in keys}
     finally:
         server.close()
+
+
+def run(grant: dict[str, str]) -> list[str]:
+    with httpx.stream("GET", grant["stream_url"], timeout=120) as response:
+        return [e.event for e in _events(response)]
 
 
 def test_one_companys_resume_logs_stay_within_its_share_of_the_store(
@@ -70,10 +79,6 @@ def test_one_companys_resume_logs_stay_within_its_share_of_the_store(
         for i in range(A_STREAMS)
     ]
 
-    def run(grant: dict[str, str]) -> list[str]:
-        with httpx.stream("GET", grant["stream_url"], timeout=120) as response:
-            return [e.event for e in _events(response)]
-
     with ThreadPoolExecutor(A_STREAMS) as pool:
         live = list(pool.map(run, grants))
     assert all(events[-1] == "complete" for events in live)  # every live stream whole
@@ -88,3 +93,29 @@ def test_one_companys_resume_logs_stay_within_its_share_of_the_store(
     c.wait_usage(b_user, grant["reservation_id"])
     b_held = sum(_held(prefix).values()) - a_held
     assert b_held >= resume.LOG_BUDGET_BYTES * 0.9  # B's log as long as a stream's may be
+
+
+@pytest.mark.parametrize("stack", [{"LLMGW_MAX_STREAMS_PER_COMPANY": "400"}], indirect=True)
+def test_a_raised_stream_cap_raises_the_companys_log_budget_with_it(
+    stack: tuple[InProcessStack, str],
+) -> None:
+    """An operator doubling the company stream cap doubles the budget its resume logs
+    share: four streams of whole 16 MiB logs fit twice the test's 40 MiB. Before, the
+    budget was fixed whatever the cap (measured: none of the four whole, each cut at
+    9-11 MiB; a company at a cap of 1,000 lost resumability past ~47 tokens/s)."""
+    assert resume.company_log_budget(400) == 2 * COMPANY_BUDGET
+    assert resume.company_log_budget(1) == COMPANY_BUDGET  # never below the default's
+    gateway, prefix = stack
+    c = gateway.client
+    user = c.new_user(c.new_company("1000"))
+    grants = [
+        c.init_ok(user, {"model": "bulky-model", "query": "bulk", "max_tokens": 1})
+        for _ in range(4)
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        assert all(events[-1] == "complete" for events in pool.map(run, grants))
+    for grant in grants:
+        c.wait_usage(user, grant["reservation_id"])
+    held = _held(prefix)
+    whole = [k for k, size in held.items() if size >= resume.LOG_BUDGET_BYTES * 0.9]
+    assert len(whole) == 4, {k: size // 2**20 for k, size in held.items()}
