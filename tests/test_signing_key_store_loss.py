@@ -1,0 +1,182 @@
+"""A leaked signing key's retirement outlives the store's record of it.
+
+Attack: whoever holds a leaked signing key signs stream tokens (and access tokens)
+for anyone. The platform admin rotates with `retire_others`; the rotation tells every
+edge and control plane through one store entry (`RETIRED_SIGNING_KEYS`). Then that
+entry is lost within the keys' token life: Redis restarts empty or fails over to a
+replica that missed the write, or the rotation ran while Redis was down (503). Nothing
+wrote it again, so an edge whose JWKS cache still held the key (up to 5 minutes)
+streamed the thief's tokens, and a sibling control plane trusted the key until its
+ring's next read (up to a minute). Now each control plane's republishing pass
+(`revocation_republish.republish_once`) adds back, from the database's
+``signing_keys.retired_at``, every retired key whose tokens may still be unexpired,
+with that life (`retired_announce`).
+
+A control plane (A), a sibling (B) and an edge on PostgreSQL and a Redis of the test's
+own (`tests/private_redis.py`: a restart comes back empty), in one event loop; the
+test runs the processes' passes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+import redis
+from sqlalchemy.orm import Session
+
+from control_plane.retired_announce import max_token_life
+from control_plane.retired_keys import check_retired_keys
+from control_plane.revocation_republish import republish_once
+from control_plane.tables import SigningKey
+from shared.revocations import RETIRED_SIGNING_KEYS
+from shared.store_factory import open_store
+from stream_edge.revocation_watch import check_pass
+from tests.inproc import Gateway, kid_of, second_control_plane
+from tests.private_redis import PrivateRedis, private_redis
+from tests.stack import base_env
+from tests.test_signing_key_leak_scaled_out import BODY, me
+
+__all__ = ["private_redis"]  # the fixture, used by name
+
+pytestmark = pytest.mark.asyncio
+PREFIX = "sk:"
+
+
+@pytest_asyncio.fixture
+async def gw(migrated_pg_url: str, private_redis: PrivateRedis) -> AsyncIterator[Gateway]:
+    store = open_store(private_redis.url, prefix=PREFIX)
+    async with Gateway(base_env(migrated_pg_url), store=store) as gateway:
+        yield gateway
+
+
+async def _leaked_tokens(gw: Gateway, count: int) -> tuple[str, list[str]]:
+    """An access token the key about to leak signed, and `count` unused stream tokens
+    it signed (the thief's, in effect), the edge's JWKS cache holding the key."""
+    access = await gw.new_user()
+    status, _ = await gw.complete((await gw.init_ok(access, BODY))["stream_token"], BODY)
+    assert status == 200
+    return access, [(await gw.init_ok(access, BODY))["stream_token"] for _ in range(count)]
+
+
+async def _everyones_pass(gw: Gateway, *siblings: object) -> None:
+    """Control plane A's republishing pass, then every reader's once-a-second pass."""
+    await republish_once(gw.cp.state.deps)
+    for deps in siblings:
+        await check_retired_keys(deps)  # type: ignore[arg-type]
+    await check_pass(gw.edge_state())
+
+
+async def _back_empty(gw: Gateway, server: PrivateRedis) -> None:
+    """`server` (stopped, or not yet) starts again empty; the store's connection has
+    dropped, and its first command after that fails once: sent here."""
+    server.stop()
+    server.start()
+    with contextlib.suppress(redis.ConnectionError):
+        await gw.store.bounded_members(RETIRED_SIGNING_KEYS)
+    assert await gw.store.bounded_members(RETIRED_SIGNING_KEYS) == []
+
+
+def _forget_entry(server: PrivateRedis) -> None:
+    client = redis.Redis.from_url(server.url)
+    try:
+        assert client.delete(PREFIX + RETIRED_SIGNING_KEYS) == 1
+    finally:
+        client.close()
+
+
+def _score(server: PrivateRedis, kid: str) -> float | None:
+    client = redis.Redis.from_url(server.url)
+    try:
+        score = client.zscore(PREFIX + RETIRED_SIGNING_KEYS, kid)
+        return None if score is None else float(score)
+    finally:
+        client.close()
+
+
+LOSSES = ["a failover lost the entry", "restarted empty", "down during the rotation"]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+async def test_a_retired_keys_entry_the_store_lost_is_back_within_a_pass(
+    gw: Gateway, private_redis: PrivateRedis, loss: str
+) -> None:
+    """Before, after the loss and a pass of everyone: the sibling answered `/v1/me`
+    200 on the leaked key's access token and minted a stream token with it (201,
+    signed by the leaked key, which it still signed with); the edge streamed that
+    token (200), and, where the store kept the stream tokens' records (the failover),
+    a stream token minted before the rotation (200); the store's set stayed empty."""
+    async with second_control_plane(gw) as (deps_b, b):
+        leaked, (unused,) = await _leaked_tokens(gw, 1)
+        leaked_kid = kid_of(leaked)
+        assert await me(b, leaked) == 200
+        if loss == "down during the rotation":
+            private_redis.stop()
+        rotated = await gw.admin(
+            "POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True}
+        )
+        if loss == "down during the rotation":
+            assert rotated.status_code == 503, rotated.text
+        else:
+            assert rotated.status_code == 201, rotated.text
+        if loss == "a failover lost the entry":  # the replica had all but that write
+            _forget_entry(private_redis)
+        else:
+            await _back_empty(gw, private_redis)
+
+        await _everyones_pass(gw, deps_b)
+        thief = await b.post(
+            "/v1/chat/init", json=BODY, headers={"Authorization": f"Bearer {leaked}"}
+        )
+        assert leaked_kid in await gw.store.bounded_members(RETIRED_SIGNING_KEYS)
+        assert await me(b, leaked) == 401
+        assert thief.status_code == 401, thief.text
+        status, answer = await gw.complete(unused, BODY)
+        assert status == 401, answer
+        # Kept until the last token the key signed has expired (the rotation's life).
+        score = _score(private_redis, leaked_kid)
+        assert score is not None
+        assert abs(score - (time.time() + max_token_life(gw.cp.state.deps.settings))) < 60
+        # The sibling signs with the new key.
+        fresh = await gw.new_user()
+        minted = await b.post(
+            "/v1/chat/init", json=BODY, headers={"Authorization": f"Bearer {fresh}"}
+        )
+        assert minted.status_code == 201, minted.text
+        assert kid_of(minted.json()["data"]["stream_token"]) != leaked_kid
+
+
+async def test_only_keys_whose_tokens_may_live_on_are_published_again(
+    gw: Gateway, private_redis: PrivateRedis
+) -> None:
+    """A key superseded longer ago than any token lives signed only expired tokens:
+    the pass does not bring it back when the rotation retires it (nor a key retired
+    that long ago), only the leaked key, with the life its tokens have left."""
+    deps = gw.cp.state.deps
+    first = deps.keyring.active()[0]
+    rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate")
+    assert rotated.status_code == 201, rotated.text
+    leaked_kid = rotated.json()["data"]["kid"]
+    life = max_token_life(deps.settings)
+    # The leaked key has signed for longer than a token lives (both keys made that
+    # long ago): `first`'s tokens have all expired.
+
+    def signed_long(session: Session) -> None:
+        for kid, ago in ((first, life + 60), (leaked_kid, life + 30)):
+            row = session.get(SigningKey, kid)
+            assert row is not None
+            row.created_at -= timedelta(seconds=ago)
+
+    await deps.db.transaction(signed_long)
+    rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True})
+    assert rotated.status_code == 201, rotated.text
+    assert set(rotated.json()["data"]["retired"]) == {first, leaked_kid}
+
+    await _back_empty(gw, private_redis)
+    await _everyones_pass(gw)
+    assert await gw.store.bounded_members(RETIRED_SIGNING_KEYS) == [leaked_kid]
+    assert _score(private_redis, first) is None
