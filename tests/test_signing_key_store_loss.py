@@ -180,3 +180,24 @@ async def test_only_keys_whose_tokens_may_live_on_are_published_again(
     await _everyones_pass(gw)
     assert await gw.store.bounded_members(RETIRED_SIGNING_KEYS) == [leaked_kid]
     assert _score(private_redis, first) is None
+
+
+async def test_a_sibling_stops_trusting_a_key_retired_while_the_store_is_down(
+    gw: Gateway, private_redis: PrivateRedis
+) -> None:
+    """The store is down when the platform admin rotates (503): a sibling cannot read
+    the announcement, so it trusted and signed with the leaked key until its ring's
+    next read, up to a minute, whatever the leaked key signed: measured before,
+    `/v1/me` 200 on its access token after the sibling's once-a-second check. Now the
+    check reads the database's record while the store cannot answer."""
+    async with second_control_plane(gw) as (deps_b, b):
+        leaked, _ = await _leaked_tokens(gw, 0)
+        assert await me(b, leaked) == 200
+        private_redis.stop()
+        rotated = await gw.admin(
+            "POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True}
+        )
+        assert rotated.status_code == 503, rotated.text
+        await check_retired_keys(deps_b)
+        assert await me(b, leaked) == 401
+        assert deps_b.keyring.active()[0] != kid_of(leaked)  # it signs with the new key
