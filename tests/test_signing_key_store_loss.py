@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import orjson
 import pytest
 import pytest_asyncio
 import redis
@@ -36,7 +37,7 @@ from control_plane.tables import SigningKey
 from shared.revocations import RETIRED_SIGNING_KEYS
 from shared.store_factory import open_store
 from stream_edge.revocation_watch import check_pass
-from tests.inproc import Gateway, kid_of, second_control_plane
+from tests.inproc import Gateway, events, kid_of, opened, second_control_plane
 from tests.private_redis import PrivateRedis, private_redis
 from tests.stack import base_env
 from tests.test_signing_key_leak_scaled_out import BODY, me
@@ -45,6 +46,7 @@ __all__ = ["private_redis"]  # the fixture, used by name
 
 pytestmark = pytest.mark.asyncio
 PREFIX = "sk:"
+LONG = {"query": "long [[mock tokens=400 delay_ms=20]]"}
 
 
 @pytest_asyncio.fixture
@@ -109,34 +111,41 @@ async def test_a_retired_keys_entry_the_store_lost_is_back_within_a_pass(
     200 on the leaked key's access token and minted a stream token with it (201,
     signed by the leaked key, which it still signed with); the edge streamed that
     token (200), and, where the store kept the stream tokens' records (the failover),
-    a stream token minted before the rotation (200); the store's set stayed empty."""
+    a stream token minted before the rotation (200); a 400-token stream the key's
+    token started ran to `complete`; the store's set stayed empty."""
     async with second_control_plane(gw) as (deps_b, b):
         leaked, (unused,) = await _leaked_tokens(gw, 1)
         leaked_kid = kid_of(leaked)
         assert await me(b, leaked) == 200
-        if loss == "down during the rotation":
-            private_redis.stop()
-        rotated = await gw.admin(
-            "POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True}
-        )
-        if loss == "down during the rotation":
-            assert rotated.status_code == 503, rotated.text
-        else:
-            assert rotated.status_code == 201, rotated.text
-        if loss == "a failover lost the entry":  # the replica had all but that write
-            _forget_entry(private_redis)
-            # Sound before the pass too: an edge started now reads the keys afresh,
-            # and the control plane publishes no retired key.
-            await gw.add_edge("late")
-            status, answer = await gw.complete(unused, BODY, edge="late")
-            assert (status, answer["error"]["code"]) == (401, "invalid_token"), answer
-        else:
-            await _back_empty(gw, private_redis)
+        running = await gw.init_ok(leaked, LONG)
+        async with opened(await gw.get(running["stream_url"])) as stream:
+            assert [e.event for e in await events(stream, stop_after=2)] == ["chunk", "chunk"]
+            if loss == "down during the rotation":
+                private_redis.stop()
+            rotated = await gw.admin(
+                "POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True}
+            )
+            if loss == "down during the rotation":
+                assert rotated.status_code == 503, rotated.text
+            else:
+                assert rotated.status_code == 201, rotated.text
+            if loss == "a failover lost the entry":  # the replica had all but that write
+                _forget_entry(private_redis)
+                # Sound before the pass too: an edge started now reads the keys afresh,
+                # and the control plane publishes no retired key.
+                await gw.add_edge("late")
+                status, answer = await gw.complete(unused, BODY, edge="late")
+                assert (status, answer["error"]["code"]) == (401, "invalid_token"), answer
+            else:
+                await _back_empty(gw, private_redis)
 
-        await _everyones_pass(gw, deps_b)
-        thief = await b.post(
-            "/v1/chat/init", json=BODY, headers={"Authorization": f"Bearer {leaked}"}
-        )
+            await _everyones_pass(gw, deps_b)
+            thief = await b.post(
+                "/v1/chat/init", json=BODY, headers={"Authorization": f"Bearer {leaked}"}
+            )
+            tail = await events(stream)
+        assert tail[-1].event == "error", [e.event for e in tail]
+        assert orjson.loads(tail[-1].data)["code"] == "revoked"
         assert leaked_kid in await gw.store.bounded_members(RETIRED_SIGNING_KEYS)
         assert await me(b, leaked) == 401
         assert thief.status_code == 401, thief.text
