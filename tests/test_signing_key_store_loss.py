@@ -19,6 +19,7 @@ test runs the processes' passes itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from control_plane.tables import SigningKey
 from shared.revocations import RETIRED_SIGNING_KEYS
 from shared.store_factory import open_store
 from stream_edge.revocation_watch import check_pass
-from tests.inproc import Gateway, events, kid_of, opened, second_control_plane
+from tests.inproc import Gateway, events, eventually, kid_of, opened, second_control_plane
 from tests.private_redis import PrivateRedis, private_redis
 from tests.stack import base_env
 from tests.test_signing_key_leak_scaled_out import BODY, me
@@ -216,3 +217,36 @@ async def test_a_sibling_stops_trusting_a_key_retired_while_the_store_is_down(
         await check_retired_keys(deps_b)
         assert await me(b, leaked) == 401
         assert deps_b.keyring.active()[0] != kid_of(leaked)  # it signs with the new key
+
+
+async def test_a_sibling_stops_trusting_a_key_retired_while_the_store_is_silent(
+    gw: Gateway, private_redis: PrivateRedis
+) -> None:
+    """The store stops answering (a partition, a frozen or failing-over Redis) as the
+    platform admin rotates: the rotation commits, then waits on the store. A sibling's
+    check waited on the store too, up to its 20 s reply timeout every pass, trusting
+    the leaked key meanwhile (measured before: its check had not returned at this
+    test's 10 s bound). Now the check waits on the store at most a second, then reads
+    the database's record."""
+    async with second_control_plane(gw) as (deps_b, b):
+        leaked, _ = await _leaked_tokens(gw, 0)
+        leaked_kid = kid_of(leaked)
+        assert await me(b, leaked) == 200
+        db = gw.cp.state.deps.db
+        private_redis.freeze()
+        try:
+            rotation = asyncio.create_task(
+                gw.admin("POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True})
+            )
+
+            async def committed() -> bool:
+                row = await db.transaction(lambda s: s.get(SigningKey, leaked_kid))
+                return row is not None and row.retired_at is not None
+
+            await eventually(committed, "the rotation commits (then waits on the store)")
+            async with asyncio.timeout(10):  # a bound, not a timing assertion
+                await check_retired_keys(deps_b)
+            assert await me(b, leaked) == 401
+        finally:
+            private_redis.thaw()
+        assert (await rotation).status_code == 201
