@@ -168,34 +168,53 @@ async def test_a_retired_keys_entry_the_store_lost_is_back_within_a_pass(
 async def test_only_keys_whose_tokens_may_live_on_are_published_again(
     gw: Gateway, private_redis: PrivateRedis
 ) -> None:
-    """A key superseded longer ago than any token lives signed only expired tokens:
-    neither the rotation that retires it nor a pass after the store lost the set
-    announces it, only the leaked key."""
+    """Each key is told until the last token it signed has expired: the longest token
+    life after it stopped signing (superseded, or retired). A key superseded longer
+    ago than that signed only expired tokens: neither the rotation that retires it
+    nor a pass after the store lost the set announces it. A member with less life
+    left does not cut the set's (`_BOUNDED_ADD`)."""
     deps = gw.cp.state.deps
-    first = deps.keyring.active()[0]
-    rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate")
-    assert rotated.status_code == 201, rotated.text
-    leaked_kid = rotated.json()["data"]["kid"]
     life = max_token_life(deps.settings)
-    # The leaked key has signed for longer than a token lives (both keys made that
-    # long ago): `first`'s tokens have all expired.
+    first = deps.keyring.active()[0]
+    older, leaked_kid = [await _rotated(gw) for _ in range(2)]
+    # `first` made long ago, `older` superseded it longer ago than a token lives, and
+    # the leaked key superseded `older` 1000 s ago.
+    ages = {first: life + 60, older: life + 30, leaked_kid: 1000}
 
-    def signed_long(session: Session) -> None:
-        for kid, ago in ((first, life + 60), (leaked_kid, life + 30)):
+    def made_long_ago(session: Session) -> None:
+        for kid, ago in ages.items():
             row = session.get(SigningKey, kid)
             assert row is not None
             row.created_at -= timedelta(seconds=ago)
 
-    await deps.db.transaction(signed_long)
+    await deps.db.transaction(made_long_ago)
     rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True})
     assert rotated.status_code == 201, rotated.text
-    assert set(rotated.json()["data"]["retired"]) == {first, leaked_kid}
-    assert await gw.store.bounded_members(RETIRED_SIGNING_KEYS) == [leaked_kid]
+    assert set(rotated.json()["data"]["retired"]) == {first, older, leaked_kid}
+    told = {older, leaked_kid}
+    assert set(await gw.store.bounded_members(RETIRED_SIGNING_KEYS)) == told
 
     await _back_empty(gw, private_redis)
     await _everyones_pass(gw)
-    assert await gw.store.bounded_members(RETIRED_SIGNING_KEYS) == [leaked_kid]
-    assert _score(private_redis, first) is None
+    assert set(await gw.store.bounded_members(RETIRED_SIGNING_KEYS)) == told
+    now = time.time()
+    lives = {kid: _score(private_redis, kid) for kid in (first, *told)}
+    assert lives[first] is None
+    for kid, left in ((older, life - 1000), (leaked_kid, life)):
+        score = lives[kid]
+        assert score is not None and abs(score - (now + left)) < 60, (kid, score, now + left)
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        assert client.pttl(PREFIX + RETIRED_SIGNING_KEYS) > (life - 60) * 1000
+    finally:
+        client.close()
+
+
+async def _rotated(gw: Gateway) -> str:
+    rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate")
+    assert rotated.status_code == 201, rotated.text
+    kid: str = rotated.json()["data"]["kid"]
+    return kid
 
 
 async def test_a_sibling_stops_trusting_a_key_retired_while_the_store_is_down(
