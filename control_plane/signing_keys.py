@@ -150,17 +150,6 @@ def reencrypt_private_keys(session: Session, fernet: MultiFernet) -> tuple[int, 
     return done, failed
 
 
-def retired_since(session: Session, since: datetime) -> list[tuple[str, datetime]]:
-    """The keys retired at or after `since`, with when: a token they signed may still
-    be unexpired (`shared.revocations.announce_retired_signing_keys`)."""
-    rows = session.execute(
-        select(col(SigningKey.kid), col(SigningKey.retired_at)).where(
-            col(SigningKey.retired_at) >= since
-        )
-    )
-    return [(kid, retired_at) for kid, retired_at in rows if retired_at is not None]
-
-
 def published_jwks(session: Session) -> list[dict[str, Any]]:
     return [orjson.loads(row.public_jwk) for row in _live_keys(session)]
 

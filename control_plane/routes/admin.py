@@ -8,17 +8,14 @@ and API keys (`policy`). Creates answer 201, deletes 204.
 from __future__ import annotations
 
 import logging
-import time
-from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from control_plane import account_admin, accounts, policy, revoking
+from control_plane import account_admin, accounts, policy, retired_announce, revoking
 from control_plane.auth import (
-    ACCESS_TOKEN_TTL_SECONDS,
     authenticate,
     caller_and_body,
     caller_and_json,
@@ -32,7 +29,7 @@ from control_plane.pagination import page_request
 from control_plane.password_checks import company_owner
 from control_plane.policy import Principal
 from control_plane.responses import no_content, ok
-from control_plane.signing_keys import retired_since
+from control_plane.retired_announce import max_token_life
 from control_plane.tables import ROLES, utcnow
 from control_plane.validation import (
     credits_amount,
@@ -41,7 +38,7 @@ from control_plane.validation import (
     parse_json_object,
     required_str,
 )
-from shared.revocations import announce_retired_signing_keys, api_key_parent, revoke
+from shared.revocations import api_key_parent, revoke
 
 log = logging.getLogger("control_plane.admin")
 
@@ -245,7 +242,7 @@ async def rotate_signing_key(request: Request) -> Response:
     fernet = deps.fernet
     # Keys superseded longer ago than the longest token life (access tokens, plus
     # leeway) signed only expired tokens: they leave the JWKS now.
-    max_life = max(ACCESS_TOKEN_TTL_SECONDS, deps.settings.token_ttl_seconds) + 60
+    max_life = max_token_life(deps.settings)
     actor = _actor(request, principal)
     now = utcnow()
     kid, retired = await deps.db.transaction(
@@ -256,21 +253,17 @@ async def rotate_signing_key(request: Request) -> Response:
     await deps.refresh_keys()
     # Every instance and edge stops trusting the retired keys within about a second
     # (`shared.revocations.RETIRED_SIGNING_KEYS`), instead of at its next read of the
-    # keys (up to 5 minutes at an edge). Each rotation announces every key retired
-    # within the longest token life, so a retry after a store failure completes the
-    # announcement of the one before.
-    since = now - timedelta(seconds=max_life)
+    # keys (up to 5 minutes at an edge). Should the store lose that (down now, a
+    # failover, a restart), every control plane's republishing pass tells them again
+    # from the database within 5 s of the store answering (`retired_announce`).
     try:
-        recent = await deps.db.transaction(lambda s: retired_since(s, since))
-        for old_kid, retired_at in recent:
-            until = retired_at.timestamp() + max_life  # UTCDateTime: aware, UTC
-            await announce_retired_signing_keys(deps.store, [old_kid], until, time.time())
+        await retired_announce.announce(deps.db, deps.store, max_life)
     except Exception:
         log.exception("could not announce the retired signing keys")
         raise ServiceUnavailable(
             f"A new key ({kid}) signs now and the others are retired here, but the edges "
-            "and other instances could not be told at once (they learn it within 5 "
-            "minutes); rotate again to tell them."
+            "and other instances could not be told yet: every control plane tells them "
+            "within 5 seconds of the store answering again (no need to rotate again)."
         ) from None
     return ok({"kid": kid, "retired": retired}, 201)
 
