@@ -60,5 +60,13 @@ class SilenceWatch:
         self._seen = {rid: seen for rid, seen in self._seen.items() if rid in keep}
         self._changed &= keep
 
+    def keep_only_up_to(self, last_id: str, reservation_ids: Iterable[str]) -> None:
+        """Forget the streams up to `last_id` (in id order) that no longer run: a
+        pass that read every active reservation up to there, but not past it (more
+        running than one pass reads), found only `reservation_ids` running."""
+        keep = set(reservation_ids)
+        self._seen = {rid: seen for rid, seen in self._seen.items() if rid > last_id or rid in keep}
+        self._changed = {rid for rid in self._changed if rid > last_id or rid in keep}
+
     def __len__(self) -> int:
         return len(self._seen)

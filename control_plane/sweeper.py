@@ -474,6 +474,11 @@ async def sweep_silent_streams(
             watch.keep_only(running)  # a full scan: forget what stopped running
             break
         after = page[-1][0]
+    else:
+        # Every page read whole, more left (more running than a pass reads): what
+        # stopped running up to the last one read is forgotten all the same, or
+        # the watch kept every stream it ever saw for as long as that lasted.
+        watch.keep_only_up_to(after, running)
     if settled:
         log.warning("settled %d silent streams from their checkpoints", settled)
     failures.raise_first()

@@ -26,6 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+# Own breakers kept at most: one per (provider, company) whose last request failed.
+# A company that fails once and never calls that provider again sends no success
+# to drop its breaker, so without a bound the map grew by one such company after
+# another for as long as the edge ran (review soak: 30,000 companies, 30,000 kept).
+MAX_OWN_BREAKERS = 10_000
+
 
 class CircuitBreaker:
     def __init__(
@@ -128,10 +134,13 @@ class Breakers:
         failures: int,
         reset_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_own: int = MAX_OWN_BREAKERS,
     ) -> None:
         self._failures = failures
         self._reset = reset_seconds
         self._clock = clock
+        self._max_own = max_own
         self._by_provider: dict[str, CircuitBreaker] = {}
         self._own: dict[tuple[str, str], CircuitBreaker] = {}
 
@@ -151,8 +160,24 @@ class Breakers:
         key = (provider, company_id)
         breaker = self._own.get(key)
         if breaker is None and create:
+            if len(self._own) >= self._max_own:
+                self._make_room()
             breaker = self._own[key] = CircuitBreaker(self._failures, self._reset, self._clock)
         return breaker
+
+    def _make_room(self) -> None:
+        """Down to half the bound (so this runs once per `max_own / 2` new breakers):
+        first every circuit not open (a run of failures under the threshold, or one
+        whose wait is over: each lets requests through as a fresh breaker would),
+        then, only if open circuits alone are more than that, the oldest of them."""
+        keep = self._max_own // 2
+        self._own = {key: b for key, b in self._own.items() if b.state == "open"}
+        for key in list(self._own)[: max(0, len(self._own) - keep)]:
+            del self._own[key]
+
+    def __len__(self) -> int:
+        """Own breakers held now."""
+        return len(self._own)
 
     def forget_own(self, provider: str, company_id: str) -> None:
         self._own.pop((provider, company_id), None)

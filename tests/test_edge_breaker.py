@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from shared.retry import Backoff
-from stream_edge.breaker import Breakers, CircuitBreaker
+from stream_edge.breaker import MAX_OWN_BREAKERS, Breakers, CircuitBreaker
 from stream_edge.errors import EdgeError
 from stream_edge.http1_connection import Headers
 from stream_edge.upstream.base import HttpRequest
@@ -189,3 +189,33 @@ def test_a_trial_is_not_started_for_a_request_the_other_circuit_refuses() -> Non
     assert not breakers.for_call("p", "a").allow()
     assert shared.would_allow() and not shared.in_trial
     assert breakers.for_call("p", "c").allow() and shared.in_trial
+
+
+async def _one_call(breakers: Breakers, company: str, status: int) -> None:
+    """One request of `company` to provider "p", answered `status`."""
+    call = breakers.for_call("p", company)
+    if status < 400:
+        await _open(FakeClient(status), call)  # type: ignore[arg-type]
+        return
+    with pytest.raises(EdgeError):
+        await _open(FakeClient(status), call)  # type: ignore[arg-type]
+
+
+async def test_companies_that_failed_once_and_left_do_not_pile_up_own_breakers() -> None:
+    """Review soak: each company's request that fails at a backend healthy for the
+    others (an input a vendor answers 500 to: free, nothing billed) left the company's
+    own breaker in memory until its next success, which a company that never calls
+    that provider again never sends: one per company ever failing, for as long as the
+    edge runs (measured: 30,000 such companies, 30,001 breakers kept). Now bounded,
+    and a company whose own circuit is open keeps it while closed ones make room."""
+    breakers = Breakers(failures=3, reset_seconds=RESET, clock=Clock())
+    for _ in range(3):
+        await _one_call(breakers, "stuck", 500)
+        await _one_call(breakers, "ok", 200)  # the backend serves the others
+    assert not breakers.for_call("p", "stuck").allow()  # its own circuit is open
+    for n in range(30_000):
+        await _one_call(breakers, f"co-{n}", 500)
+        await _one_call(breakers, "ok", 200)
+    assert len(breakers) <= MAX_OWN_BREAKERS
+    assert not breakers.for_call("p", "stuck").allow()  # an open circuit is kept
+    assert breakers.for_provider("p").state == "closed"
