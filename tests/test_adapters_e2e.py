@@ -410,6 +410,30 @@ def test_a_backend_claiming_more_cached_than_input_pays_cached_at_most(
     assert micro(record["cost"]) > 0
 
 
+def test_reasoning_reported_beside_the_completion_count_is_billed(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    """xAI's Grok (and Gemini's OpenAI-compatible endpoint) counts its reasoning
+    beside `completion_tokens`, not inside it as OpenAI does; `total_tokens` has both,
+    and the vendor bills both. Read as OpenAI's, the reasoning was dropped (clamped
+    to the visible answer): 400 tokens of thinking billed as 5."""
+    text = "Think it through [[mock tokens=5 reasoning=400 reasoning_apart=1]]"
+    grant = start(vendors, user_token, "gpt-test", text)
+    assert events(vendors, grant)[-1].event == "complete"
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    prompt = user_prompt_tokens(text)
+    assert (record["output_tokens"], record["reasoning_tokens"]) == (405, 400)
+    assert micro(record["cost"]) == price_of(prompt, 0, 0, 405) < micro(grant["reserved_credits"])
+    # A whole answer (`stream: false`) reads its usage the same way.
+    grant = start(vendors, user_token, "gpt-test", text)
+    answer = edge_client(vendors, grant).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": text}]
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 405
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    assert (record["output_tokens"], record["reasoning_tokens"]) == (405, 400)
+
+
 # --- review 5: Anthropic's own overheads are held for, at init and at the edge ------------
 
 SCHEMA = {"type": "object", "properties": {}}
