@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
@@ -39,13 +40,19 @@ MAX_COMPLETION_BYTES = 8 * 1024 * 1024
 _DOCUMENT = re.compile(rb"\s*[{\[]")
 
 
-async def read_completion(response: Response, backend: Backend) -> Completion:
+async def read_completion(
+    response: Response, backend: Backend, follow: Callable[[Meter], None] | None = None
+) -> Completion:
     """Raise `UpstreamError` when the answer cannot be read or understood; the
-    response is closed either way, and what was read of a failed answer is billed."""
+    response is closed either way, and what was read of a failed answer is billed.
+    `follow`: given the meter that counts what is read as it is read (the stream's
+    checkpoints bill it should the edge die meanwhile)."""
     answer = _stream_answer(response, backend)
     adapter = backend.adapter
     assert adapter is not None  # opening refused a provider without one
     tally = _Tally(backend.meter)
+    if follow is not None and answer is not None:
+        follow(tally.meter)
     parts: list[bytes] = []
     try:
         if answer is None:

@@ -33,6 +33,12 @@ MAX_TOKENS = 16
 SENT: list[int] = []  # reasoning deltas the backend generated, per request
 
 
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    with hostile_backend_stack(tmp_path_factory.mktemp("thinker"), "thinker", _chat) as gateway:
+        yield gateway
+
+
 async def _chat(request: Request) -> Response:
     """A reasoning model whose chain of thought is not bounded by `max_tokens`: its
     `reasoning_content` deltas run `REASONING` long, then its answer within
@@ -54,26 +60,11 @@ async def _chat(request: Request) -> Response:
     return StreamingResponse(frames(), media_type="text/event-stream")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
-    with hostile_backend_stack(tmp_path_factory.mktemp("thinker"), "thinker", _chat) as gateway:
-        yield gateway
-
-
 def _ask(stack: InProcessStack, stream: bool) -> tuple[str, dict[str, str], bytes]:
-    c = stack.client
-    token = c.new_user(c.new_company("100"))
     messages = [{"role": "user", "content": "think it over"}]
-    grant = c.init_ok(
-        token, {"model": "thinker-model", "messages": messages, "max_tokens": MAX_TOKENS}
-    )
-    answer = c.http.post(
-        f"{c.edge_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {grant['stream_token']}"},
-        json={"messages": messages, "stream": stream},
-        timeout=60,
-    )
-    record = c.wait_usage(token, grant["reservation_id"], timeout=30)
+    body = {"model": "thinker-model", "messages": messages, "max_tokens": MAX_TOKENS}
+    token, grant, answer = stack.client.member_asks(body, stream)
+    record = stack.client.wait_usage(token, grant["reservation_id"], timeout=30)
     return grant["reserved_credits"], record, answer.content
 
 
