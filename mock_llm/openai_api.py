@@ -37,11 +37,12 @@ def sse_frame(payload: dict[str, Any]) -> bytes:
 
 def usage(completion: Completion) -> dict[str, Any]:
     # OpenAI counts cached tokens inside prompt_tokens and reasoning inside
-    # completion_tokens; it reports no cache writes.
+    # completion_tokens; it reports no cache writes. xAI (`reasoning_apart`) counts
+    # the reasoning beside completion_tokens; its total_tokens has both.
     output = completion.output_tokens
     doc: dict[str, Any] = {
         "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": output,
+        "completion_tokens": len(completion.tokens) if completion.reasoning_apart else output,
         "total_tokens": completion.prompt_tokens + output,
     }
     if completion.cached_tokens:

@@ -7,7 +7,7 @@ overridden per request by a directive inside any message::
 
     [[mock tokens=N first_ms=N delay_ms=N fail=STATUS retry_after=S fail_times=N drop_after=N
             error_after=N usage=0|1 tool_calls=N cached=N cache_write=N reasoning=N tpm=N
-            signatures=0|1]]
+            signatures=0|1 reasoning_apart=0|1]]
 
 (every key optional; several directives merge, later ones win), and then by the
 ``X-Mock-Tokens``, ``X-Mock-First-Token-Ms`` and ``X-Mock-Token-Delay-Ms`` headers.
@@ -71,6 +71,10 @@ class MockBehaviour:
     # step lacks the `thoughtSignature` the mock gave it (`tools.mock_signature`);
     # Google's stand-in does not count here, so a test sees the real one came back.
     require_signatures: bool = False
+    # OpenAI's wire format only: report the reasoning beside `completion_tokens`
+    # rather than inside it, `total_tokens` counting both, as xAI's Grok and
+    # Gemini's OpenAI-compatible endpoint do (the vendor bills both).
+    reasoning_apart: bool = False
 
 
 MODEL_DEFAULTS: dict[str, MockBehaviour] = {
@@ -99,6 +103,7 @@ class Overrides:
     reasoning_tokens: int | None = None
     tpm_limit: int | None = None
     require_signatures: bool | None = None
+    reasoning_apart: bool | None = None
 
     def merged(self, later: Overrides) -> Overrides:
         changes = {
@@ -171,11 +176,13 @@ def _override(key: str, raw: str, source: str) -> Overrides:
         return Overrides(tpm_limit=_int_value(name, raw, 1, 100_000_000))
     if key == "signatures":
         return Overrides(require_signatures=bool(_int_value(name, raw, 0, 1)))
+    if key == "reasoning_apart":
+        return Overrides(reasoning_apart=bool(_int_value(name, raw, 0, 1)))
     raise MockAPIError(
         400,
         f"mock: unknown directive key {key!r} (known: tokens, first_ms, delay_ms, fail, "
         "retry_after, fail_times, drop_after, error_after, usage, tool_calls, cached, "
-        "cache_write, reasoning, tpm, signatures)",
+        "cache_write, reasoning, tpm, signatures, reasoning_apart)",
         code="invalid_mock_directive",
     )
 
@@ -273,6 +280,7 @@ class Completion:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    reasoning_apart: bool = False  # see `MockBehaviour.reasoning_apart`
 
     @property
     def output_tokens(self) -> int:
@@ -331,4 +339,5 @@ def _with_details(completion: Completion, behaviour: MockBehaviour) -> Completio
         cached_tokens=behaviour.cached_tokens,
         cache_write_tokens=behaviour.cache_write_tokens,
         reasoning_tokens=behaviour.reasoning_tokens,
+        reasoning_apart=behaviour.reasoning_apart,
     )

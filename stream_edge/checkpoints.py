@@ -6,7 +6,8 @@ waiting for its first token) and a whole answer has no relay at all, and an edge
 killed meanwhile must leave a checkpoint the sweeper sees fall silent, or the
 stream's hold and slots wait for their deadlines. Until the stream is on the
 backend that serves it (`follow`), the checkpoints carry the first attempt's
-meter: no output yet.
+meter: no output yet. A whole answer's carry its reader's count as it reads
+(`completion.read_completion`), as a relayed one's carry the relay's.
 
 Writes never block the relay: the heartbeat is its own task, a 64-token write is a
 background task (at most one in flight), and a failed write only means a staler

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
 from stream_edge.attempts import Backend
 from stream_edge.errors import UpstreamError
 from stream_edge.meter import Meter
+from stream_edge.relay import PAST_MAX_TOKENS, output_cap
 from stream_edge.transport import Response, TransportError, read_at_most
 from stream_edge.upstream.base import Completion, Failure, UpstreamEvent, parser_for
 from stream_edge.upstream.stream_answer import AnswersAsStream, StreamAnswer
@@ -38,13 +40,19 @@ MAX_COMPLETION_BYTES = 8 * 1024 * 1024
 _DOCUMENT = re.compile(rb"\s*[{\[]")
 
 
-async def read_completion(response: Response, backend: Backend) -> Completion:
+async def read_completion(
+    response: Response, backend: Backend, follow: Callable[[Meter], None] | None = None
+) -> Completion:
     """Raise `UpstreamError` when the answer cannot be read or understood; the
-    response is closed either way, and what was read of a failed answer is billed."""
+    response is closed either way, and what was read of a failed answer is billed.
+    `follow`: given the meter that counts what is read as it is read (the stream's
+    checkpoints bill it should the edge die meanwhile)."""
     answer = _stream_answer(response, backend)
     adapter = backend.adapter
     assert adapter is not None  # opening refused a provider without one
     tally = _Tally(backend.meter)
+    if follow is not None and answer is not None:
+        follow(tally.meter)
     parts: list[bytes] = []
     try:
         if answer is None:
@@ -53,7 +61,9 @@ async def read_completion(response: Response, backend: Backend) -> Completion:
                 raise _too_long()
             completion = adapter.parse_completion(body, backend.credentials)
         else:
-            completion = await _read_stream(response, answer, tally, parts)
+            completion = await _read_stream(
+                response, answer, tally, parts, output_cap(backend.attempt.max_tokens)
+            )
     except BaseException as exc:
         # Also a cancellation: the stream's maximum life (`StreamJob._read_completion`),
         # the client leaving (`StreamJob.whole_answer`).
@@ -98,13 +108,15 @@ def _media_type(response: Response) -> str:
 
 
 async def _read_stream(
-    response: Response, answer: StreamAnswer, tally: _Tally, parts: list[bytes]
+    response: Response, answer: StreamAnswer, tally: _Tally, parts: list[bytes], most: int
 ) -> Completion:
     """Read as `read_at_most(response, MAX_COMPLETION_BYTES, parts)` does, each read
     parsed by `answer` and its events put on `tally` as they come, and the event loop
     let go every `PARSE_SLICE` bytes: a read does not always let it go (one already
-    buffered returns at once), and one read may be the whole answer."""
+    buffered returns at once), and one read may be the whole answer. Past `most`
+    output events (`relay.output_cap`) the answer fails, as a streamed one is ended."""
     size = unyielded = 0
+    meter = tally.meter
     async for chunk in response.aiter_raw():
         parts.append(chunk)
         size += len(chunk)
@@ -112,6 +124,8 @@ async def _read_stream(
         for start in range(0, len(within), PARSE_SLICE):
             piece = within[start : start + PARSE_SLICE]
             tally.record(answer.feed(piece))
+            if meter.deltas > most or meter.output_floor > most:
+                raise UpstreamError(PAST_MAX_TOKENS)
             unyielded += len(piece)
             if unyielded >= PARSE_SLICE:
                 unyielded = 0

@@ -24,6 +24,7 @@ from stream_edge.attempts import Attempt, Backend
 from stream_edge.checkpoints import Checkpointer
 from stream_edge.completion import read_completion
 from stream_edge.errors import EdgeError, UpstreamError
+from stream_edge.meter import Meter
 from stream_edge.opening import Opener
 from stream_edge.pump import Pump, remaining_life
 from stream_edge.relay import RelayResult
@@ -117,9 +118,13 @@ class StreamJob:
             # Not a failure we foresaw (e.g. a company key that cannot go into an HTTP
             # header): still a failed report, slots back, an OpenAI-shaped 502.
             raise await self._fail_unexpectedly(exc, "opening the backend stream") from None
-        model = self.backend.model.id
-        self._checkpointer.follow(self.backend.meter, model if model != self.grant.model else None)
+        self._follow(self.backend.meter)
         return opened
+
+    def _follow(self, meter: Meter) -> None:
+        """Checkpoint `meter`'s bill, naming the model that serves when a fallback does."""
+        model = self.backend.model.id
+        self._checkpointer.follow(meter, model if model != self.grant.model else None)
 
     async def pump(
         self, response: Response, write: Callable[[UpstreamEvent], bytes], emit: Emit
@@ -202,7 +207,11 @@ class StreamJob:
         # and the hold's deadline and the stream slots assume no stream outlives it.
         try:
             async with asyncio.timeout(remaining_life(self.state.settings, self.accepted_at)):
-                completion = await read_completion(response, self.backend)
+                # The checkpoints carry what the reader counts as it reads (a meter of
+                # its own until the answer is whole): an edge killed while it read
+                # left a checkpoint of no output, swept free while the vendor billed
+                # every token generated.
+                completion = await read_completion(response, self.backend, self._follow)
         except TimeoutError:
             error = UpstreamError(
                 "the answer reached its maximum length", code="upstream_timeout", status=504
@@ -221,6 +230,8 @@ class StreamJob:
             raise
         except Exception as exc:
             raise await self._fail_unexpectedly(exc, "reading the backend's answer") from None
+        finally:
+            self._follow(self.backend.meter)  # whole, or what a failure bills
         if completion.text or completion.tool_calls:
             self.backend.observe_first_token(self.state.metrics, self.accepted_at)
         self.result = RelayResult("completed")

@@ -87,6 +87,7 @@ class Pump:
                     idle=settings.idle_timeout,
                     max_life=remaining_life(settings, self._accepted_at),
                 ),
+                self._backend.attempt.max_tokens,
             )
         except OSError:
             raise  # the client's connection failed: streaming.py handles that

@@ -23,6 +23,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
+from shared.webhooks import MAX_TOKENS_REPORTED
 from stream_edge.meter import Meter
 from stream_edge.metrics import EdgeMetrics
 from stream_edge.transport import Response, Timeout, TransportError
@@ -36,6 +37,23 @@ from stream_edge.upstream.base import (
     ToolCallDelta,
     UpstreamEvent,
 )
+
+# Why a stream whose backend generated past what was asked of it ends (`output_cap`).
+PAST_MAX_TOKENS = "the backend generated more than the request's max_tokens"
+
+
+def output_cap(max_tokens: int) -> int:
+    """The most output events (deltas of text, reasoning or a tool call) and the
+    highest running count of its output a backend asked for `max_tokens` may send
+    before its stream is ended (and its request closed, which stops the vendor).
+    Settlement never charges past the hold, which covers `max_tokens` output: a
+    vendor generating past it (a chain of thought outside `max_tokens`, as
+    DeepSeek's `deepseek-reasoner` documented, or a server ignoring it) was paid for
+    all of it, the member charged the hold. An honest vendor sends at most an event
+    per token it generates (a delta holds one token or more; parsers drop empty
+    ones), so twice `max_tokens` plus 16, room for a vendor splitting a token we
+    cannot see, is never reached by one."""
+    return 2 * max_tokens + 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +99,13 @@ async def relay(
     sink: RelaySink,
     metrics: EdgeMetrics,
     deadlines: Deadlines,
+    max_tokens: int | None = None,
 ) -> RelayResult:
+    """`max_tokens`: what the backend was asked for; past its `output_cap` the
+    stream ends as on the backend's failure (None: no cap, for tests of the clocks)."""
     # Bound once: per chunk, a local call as cheap as the callbacks these replaced.
     write, emit, chunk_sent = sink.write, sink.emit, sink.chunk_sent
+    most = output_cap(max_tokens) if max_tokens is not None else MAX_TOKENS_REPORTED
     loop = asyncio.get_running_loop()
     started = loop.time()
     hard_stop = started + deadlines.max_life
@@ -119,10 +141,13 @@ async def relay(
                             waiting_for = "next token"
                         meter.record(event)
                         try:
+                            if meter.deltas > most or meter.output_floor > most:
+                                raise OutputLimit(PAST_MAX_TOKENS)
                             frame = write(event)
                         except OutputLimit as exc:
-                            # More than the client's writer may hold (billed above):
-                            # the stream ends as on the backend's own failure.
+                            # More than the client's writer may hold, or than the
+                            # backend was asked for (billed above): the stream ends
+                            # as on the backend's own failure.
                             event = Failure(exc.message)
                         else:
                             if frame:

@@ -124,6 +124,25 @@ class Client:
         data: dict[str, Any] = response.json()["data"]
         return data
 
+    def complete(self, grant: dict[str, Any], body: dict[str, Any]) -> httpx.Response:
+        """`POST /v1/chat/completions` on the edge with `body`, under `grant`'s stream
+        token (init's answer), read whole."""
+        return self.http.post(
+            f"{self.edge_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {grant['stream_token']}"},
+            json=body,
+            timeout=60,
+        )
+
+    def member_asks(
+        self, body: dict[str, Any], stream: bool
+    ) -> tuple[str, dict[str, Any], httpx.Response]:
+        """A new member of a new company (100 credits) inits `body` and sends its
+        messages to the edge's completions: its token, the grant, the edge's answer."""
+        token = self.new_user(self.new_company("100"))
+        grant = self.init_ok(token, body)
+        return token, grant, self.complete(grant, {"messages": body["messages"], "stream": stream})
+
     def credits(self, token: str) -> dict[str, str]:
         response = self.as_user(token, "GET", "/v1/me")
         assert response.status_code == 200, response.text

@@ -410,6 +410,72 @@ def test_a_backend_claiming_more_cached_than_input_pays_cached_at_most(
     assert micro(record["cost"]) > 0
 
 
+def test_reasoning_reported_beside_the_completion_count_is_billed(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    """xAI's Grok (and Gemini's OpenAI-compatible endpoint) counts its reasoning
+    beside `completion_tokens`, not inside it as OpenAI does; `total_tokens` has both,
+    and the vendor bills both. Read as OpenAI's, the reasoning was dropped (clamped
+    to the visible answer): 400 tokens of thinking billed as 5."""
+    text = "Think it through [[mock tokens=5 reasoning=400 reasoning_apart=1]]"
+    grant = start(vendors, user_token, "gpt-test", text)
+    assert events(vendors, grant)[-1].event == "complete"
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    prompt = user_prompt_tokens(text)
+    assert (record["output_tokens"], record["reasoning_tokens"]) == (405, 400)
+    assert micro(record["cost"]) == price_of(prompt, 0, 0, 405) < micro(grant["reserved_credits"])
+    # A whole answer (`stream: false`) reads its usage the same way.
+    grant = start(vendors, user_token, "gpt-test", text)
+    answer = edge_client(vendors, grant).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": text}]
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == 405
+    record = vendors.client.wait_usage(user_token, grant["reservation_id"])
+    assert (record["output_tokens"], record["reasoning_tokens"]) == (405, 400)
+
+
+# OpenAI request fields that multiply what a vendor bills (several answers, audio,
+# a dearer tier, longer reasoning), none of which a hold is sized for.
+COST_MULTIPLIERS: dict[str, Any] = {
+    "n": 4,
+    "best_of": 4,
+    "logprobs": True,
+    "top_logprobs": 20,
+    "service_tier": "priority",
+    "reasoning_effort": "high",
+    "prediction": {"type": "content", "content": "x" * 2000},
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "web_search_options": {},
+    "logit_bias": {"50256": 100},
+    "response_format": {"type": "json_object"},
+}
+
+
+def test_fields_that_multiply_a_vendors_bill_never_reach_it(
+    vendors: AdapterStack, user_token: str
+) -> None:
+    """Checked sound: neither the edge's completions nor init's stashed request pass
+    such fields upstream (only the sampling and tool parameters the estimate counts
+    go), so one answer is generated and billed as held."""
+    text = "Just once [[mock tokens=3]]"
+    grant = start(vendors, user_token, "gpt-test", text)
+    with edge_client(vendors, grant) as client:
+        answer = client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": text}],
+            extra_body=COST_MULTIPLIERS,
+        )
+    assert len(answer.choices) == 1
+    grant_via_init = start(vendors, user_token, "gpt-test", text, **COST_MULTIPLIERS)
+    assert events(vendors, grant_via_init)[-1].event == "complete"
+    for each in (grant, grant_via_init):
+        body = upstream_request(vendors, each)["body"]
+        assert body["messages"] and not set(body) & set(COST_MULTIPLIERS), body
+        record = vendors.client.wait_usage(user_token, each["reservation_id"])
+        assert record["output_tokens"] == 3
+
+
 # --- review 5: Anthropic's own overheads are held for, at init and at the edge ------------
 
 SCHEMA = {"type": "object", "properties": {}}

@@ -10,9 +10,10 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +26,7 @@ from shared.store_redis import RedisStore
 from shared.stream_slots import slot_keys
 from tests.conftest import REDIS_URL
 from tests.polling import wait_until
-from tests.stack import SplitStack, base_env, edge_process, micro
+from tests.stack import Client, SplitStack, base_env, edge_process, micro
 from tests.token_claims import claims_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,10 +98,35 @@ def test_sigkilled_edge_hold_is_settled_within_a_minute_by_default(
     assert 2 * CHECKPOINT_EVERY_TOKENS <= checkpoint.output_tokens < 900
     assert micro(c.credits(token)["held"]) > 0  # the edge never reported
 
+    _settled_from(split, token, grant, checkpoint, before, killed_at)
+
+
+def _member_grant(
+    c: Client, content: str
+) -> tuple[str, dict[str, str], list[dict[str, Any]], dict[str, Any]]:
+    """A new member of a company with 5 credits, granted `content` as its message:
+    its token, credits before, the messages and init's answer."""
+    token = c.new_user(c.new_company("5"))
+    before = c.credits(token)
+    messages = [{"role": "user", "content": content}]
+    return token, before, messages, c.init_ok(token, {"messages": messages})
+
+
+def _settled_from(
+    split: SplitStack,
+    token: str,
+    grant: dict[str, Any],
+    checkpoint: UsageCheckpoint,
+    before: dict[str, str],
+    killed_at: float,
+) -> int:
+    """Wait for the sweeper to settle a dead edge's stream (within the minute from its
+    kill) and check it billed `checkpoint`, capped at the hold, and freed the hold;
+    the charge."""
+    c = split.client
     left = SETTLED_WITHIN_SECONDS - (time.monotonic() - killed_at)
     record = c.wait_usage(token, grant["reservation_id"], timeout=left)
-    assert record["status"] == "failed"
-    assert record["usage_source"] == "estimated"
+    assert (record["status"], record["usage_source"]) == ("failed", "estimated")
     assert record["output_tokens"] == checkpoint.output_tokens
     price = split.settings().catalog.models["mock-fast"].price
     expected = min(
@@ -111,6 +137,32 @@ def test_sigkilled_edge_hold_is_settled_within_a_minute_by_default(
     after = c.credits(token)
     assert micro(before["balance"]) - micro(after["balance"]) == expected
     assert micro(after["held"]) == 0
+    return expected
+
+
+def _kill_while_asked(
+    split: SplitStack,
+    edge: subprocess.Popen[bytes],
+    grant: dict[str, Any],
+    messages: list[Any],
+    ready: Callable[[], object],
+    what: str,
+) -> float:
+    """Ask the edge for a whole answer (`"stream": false`), SIGKILL it once `ready`
+    holds, see the request fail with it; when it was killed (monotonic)."""
+
+    def ask() -> None:
+        with pytest.raises(httpx.TransportError):  # the edge dies under the request
+            split.client.complete(grant, {"messages": messages, "stream": False})
+
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(ask)
+        wait_until(ready, what)
+        edge.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        edge.wait(timeout=10)
+        asked.result(timeout=30)
+    return killed_at
 
 
 def test_an_edge_killed_while_its_backend_has_not_answered_frees_the_hold_and_slots(
@@ -122,34 +174,22 @@ def test_an_edge_killed_while_its_backend_has_not_answered_frees_the_hold_and_sl
     waited for its deadline (~20 min) and the slots for their expiry (15 min)."""
     split, edge = quick_sweep_stack
     c = split.client
-    token = c.new_user(c.new_company("5"))
-    before = c.credits(token)
-    messages = [{"role": "user", "content": "slow [[mock tokens=600 delay_ms=50]]"}]
-    grant = c.init_ok(token, {"messages": messages})
+    token, before, messages, grant = _member_grant(c, "slow [[mock tokens=600 delay_ms=50]]")
     claims = claims_of(grant["stream_token"])
     answering = c.mock_stats()["active"]
 
-    def ask() -> None:
-        with pytest.raises(httpx.TransportError):  # the edge dies under the request
-            httpx.post(
-                f"{c.edge_url}/v1/chat/completions",
-                headers={"authorization": f"Bearer {grant['stream_token']}"},
-                json={"messages": messages, "stream": False},
-                timeout=60,
-            )
-
-    with ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(ask)
-        wait_until(lambda: c.mock_stats()["active"] > answering, "the backend is generating")
-        prefix = split.env["LLMGW_REDIS_PREFIX"]
-        wait_until(
-            lambda: read_checkpoint(prefix, grant["reservation_id"]) is not None,
-            "the opening stream's checkpoint",
-        )
-        edge.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        edge.wait(timeout=10)
-        asked.result(timeout=30)
+    prefix = split.env["LLMGW_REDIS_PREFIX"]
+    killed_at = _kill_while_asked(
+        split,
+        edge,
+        grant,
+        messages,
+        lambda: (
+            c.mock_stats()["active"] > answering
+            and read_checkpoint(prefix, grant["reservation_id"]) is not None
+        ),
+        "the backend generating, the opening stream's checkpoint written",
+    )
 
     checkpoint = read_checkpoint(prefix, grant["reservation_id"])
     assert checkpoint is not None and not checkpoint.ended
@@ -169,3 +209,31 @@ def test_an_edge_killed_while_its_backend_has_not_answered_frees_the_hold_and_sl
             lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
             "the stream's slots freed",
         )
+
+
+def test_an_edge_killed_while_it_reads_a_whole_answer_bills_what_it_had_read(
+    quick_sweep_stack: tuple[SplitStack, subprocess.Popen[bytes]],
+) -> None:
+    """A whole answer (`"stream": false`) is read from the backend as a stream, token
+    by token, but its checkpoints carried no output until the answer was whole (what
+    was read sat on a meter of the reader's own): an edge killed while it read had
+    its stream swept as failed before its first token, free, while the vendor billed
+    the input and every token it had generated."""
+    split, edge = quick_sweep_stack
+    c = split.client
+    token, before, messages, grant = _member_grant(c, "long [[mock tokens=600 delay_ms=20]]")
+    prefix = split.env["LLMGW_REDIS_PREFIX"]
+
+    def beats() -> int:
+        checkpoint = read_checkpoint(prefix, grant["reservation_id"])
+        return checkpoint.beat if checkpoint is not None else 0
+
+    # Three heartbeats in, some 200 of the 600 tokens read.
+    killed_at = _kill_while_asked(
+        split, edge, grant, messages, lambda: beats() >= 3, "the answer read for a while"
+    )
+    checkpoint = read_checkpoint(prefix, grant["reservation_id"])
+    assert checkpoint is not None and not checkpoint.ended
+    # Before: 0, and the stream swept free.
+    assert 0 < checkpoint.output_tokens < 600
+    assert _settled_from(split, token, grant, checkpoint, before, killed_at) > 0

@@ -4,7 +4,8 @@
 Each stream's log is bounded (16 MiB) and kept for the token's life plus the resume
 grace and a minute after its last write (~190 s with the default token life). A
 company's own backend that ignores `max_tokens` (or a model prompted to be long)
-fills the log of each of its streams, each costing it a hold of `max_tokens: 1`:
+fills the log of each of its streams, each costing it a hold of `max_tokens: 16`
+(within the 48 deltas the edge relays for it, `relay.output_cap`, 1 MB deltas):
 inside its init rate (1200 a minute) and stream cap (200), one company could keep
 tens of GiB in the Redis every company's limits, tokens and reports live in.
 In process (edge, control plane, the hostile backend) on the real Redis.
@@ -27,6 +28,7 @@ from tests.stack import InProcessStack
 from tests.test_resume_budget import _chat, _events
 
 A_STREAMS = 8
+MAX_TOKENS = 16  # 24 deltas are within what the edge relays for it (`relay.output_cap`)
 # Small for the test: three streams' logs (16 MiB each) pass it.
 COMPANY_BUDGET = 40 * 1024 * 1024
 
@@ -65,7 +67,7 @@ def run(grant: dict[str, str]) -> list[str]:
 def test_one_companys_resume_logs_stay_within_its_share_of_the_store(
     stack: tuple[InProcessStack, str],
 ) -> None:
-    """Company A's 8 streams, `max_tokens: 1` each, from a backend streaming 24 MB.
+    """Company A's 8 streams, `max_tokens: 16` each, from a backend streaming 24 MB.
     Before: 8 full logs, 128 MiB held in Redis for 187 s after the streams ended
     (measured), 16 MiB more for every stream A starts. Now A's logs hold at most its
     budget (past it a log keeps nothing more: a resume gets `resume_gap`, the live
@@ -75,7 +77,9 @@ def test_one_companys_resume_logs_stay_within_its_share_of_the_store(
     a = c.new_company("1000")
     a_users = [c.new_user(a) for _ in range(2)]
     grants = [
-        c.init_ok(a_users[i % 2], {"model": "bulky-model", "query": "bulk", "max_tokens": 1})
+        c.init_ok(
+            a_users[i % 2], {"model": "bulky-model", "query": "bulk", "max_tokens": MAX_TOKENS}
+        )
         for i in range(A_STREAMS)
     ]
 
@@ -88,7 +92,7 @@ def test_one_companys_resume_logs_stay_within_its_share_of_the_store(
     assert a_held <= COMPANY_BUDGET * 1.1, f"A's logs hold {a_held / 2**20:.0f} MiB"
 
     b_user = c.new_user(c.new_company("1000"))
-    grant = c.init_ok(b_user, {"model": "bulky-model", "query": "bulk", "max_tokens": 1})
+    grant = c.init_ok(b_user, {"model": "bulky-model", "query": "bulk", "max_tokens": MAX_TOKENS})
     assert run(grant)[-1] == "complete"
     c.wait_usage(b_user, grant["reservation_id"])
     b_held = sum(_held(prefix).values()) - a_held

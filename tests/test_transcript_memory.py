@@ -153,8 +153,14 @@ async def _long_chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def long_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessStack]:
+    # A context with room for the whole answer: init's `max_tokens` is all of it (the
+    # edge ends a backend's stream that goes far past what it was asked for).
     with hostile_backend_stack(
-        tmp_path_factory.mktemp("long"), "long", _long_chat, max_output_tokens=2 * HALF
+        tmp_path_factory.mktemp("long"),
+        "long",
+        _long_chat,
+        context_length=2 * HALF + 1024,
+        max_output_tokens=2 * HALF,
     ) as gateway:
         yield gateway
 

@@ -68,17 +68,9 @@ def test_a_huge_answer_is_charged_at_once_not_dead_lettered(
     stack: InProcessStack, stream: bool
 ) -> None:
     c = stack.client
-    token = c.new_user(c.new_company("100"))
     messages = [{"role": "user", "content": "indent"}]
-    grant = c.init_ok(
-        token, {"model": "long-model", "messages": messages, "max_tokens": ANSWER_TOKENS}
-    )
-    answer = c.http.post(
-        f"{c.edge_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {grant['stream_token']}"},
-        json={"messages": messages, "stream": stream},
-        timeout=60,
-    )
+    body = {"model": "long-model", "messages": messages, "max_tokens": ANSWER_TOKENS}
+    token, grant, answer = c.member_asks(body, stream)
     assert answer.status_code == 200
     assert len(answer.content) > MAX_USAGE_BODY_BYTES  # the client got all of it
     record = c.wait_usage(token, grant["reservation_id"], timeout=30)

@@ -205,6 +205,41 @@ def test_reasoning_sharing_a_delta_with_the_answer_is_billed_too() -> None:
     assert meter.content == "42"
 
 
+@pytest.mark.parametrize(
+    ("usage", "billed"),
+    [
+        # OpenAI: the reasoning inside `completion_tokens`, the total prompt + completion.
+        ({"completion_tokens": 30, "total_tokens": 40, "reasoning_tokens": 20}, (30, 20)),
+        # xAI's Grok: the reasoning beside it, in the total.
+        ({"completion_tokens": 10, "total_tokens": 40, "reasoning_tokens": 20}, (30, 20)),
+        ({"completion_tokens": 30, "total_tokens": 60, "reasoning_tokens": 20}, (50, 20)),
+        # Gemini's OpenAI-compatible endpoint: its thinking in the total alone.
+        ({"completion_tokens": 10, "total_tokens": 40}, (30, 0)),
+        # Kimi: one reasoning token more than the completion it is inside of.
+        ({"completion_tokens": 7, "total_tokens": 17, "reasoning_tokens": 8}, (7, 7)),
+        # No total (or a total below the parts, or not a count): the completion.
+        ({"completion_tokens": 30, "reasoning_tokens": 20}, (30, 20)),
+        ({"completion_tokens": 30, "total_tokens": 5}, (30, 0)),
+        ({"completion_tokens": 30, "total_tokens": "999"}, (30, 0)),
+        ({"completion_tokens": 30, "total_tokens": True}, (30, 0)),
+    ],
+)
+def test_reasoning_counted_beside_the_completion_is_billed(
+    usage: dict[str, int], billed: tuple[int, int]
+) -> None:
+    """Some OpenAI-compatible vendors count reasoning beside `completion_tokens`
+    (xAI) or only in `total_tokens` (Gemini's compatible endpoint) and bill it as
+    output: read as OpenAI's, it was dropped."""
+    reasoning = usage.pop("reasoning_tokens", None)
+    doc: dict[str, object] = {"prompt_tokens": 10, **usage}
+    if reasoning is not None:
+        doc["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    frame = b"data: " + orjson.dumps({"choices": [], "usage": doc}) + b"\n\n"
+    (counted,) = [e for e in OpenAIStreamParser().feed(frame) if isinstance(e, Usage)]
+    assert (counted.output_tokens, counted.reasoning_tokens) == billed
+    assert counted.input_tokens == 10
+
+
 # --- an in-house SSE backend's counts ----------------------------------------------------
 
 

@@ -41,19 +41,34 @@ def _details(doc: dict[str, Any], name: str) -> dict[str, Any]:
 def _usage(doc: Any, raw: bytes = b"") -> Usage | None:
     """`prompt_tokens` includes `prompt_tokens_details.cached_tokens`, and
     `completion_tokens` includes `completion_tokens_details.reasoning_tokens`
-    (https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage)."""
+    (https://platform.openai.com/docs/api-reference/chat/object#chat/object-usage).
+    Not at every OpenAI-compatible vendor: xAI's Grok counts its reasoning beside
+    `completion_tokens`, Gemini's OpenAI-compatible endpoint its thinking, and both
+    bill it as output; their `total_tokens` counts it. So the output is at least
+    what the total says lies past the prompt (`_output`)."""
     if not isinstance(doc, dict):
         return None
     prompt, completion = doc.get("prompt_tokens"), doc.get("completion_tokens")
     if isinstance(prompt, int) and isinstance(completion, int):
         return vendor_usage(
             prompt,
-            completion,
+            _output(prompt, completion, doc.get("total_tokens")),
             raw,
             cached=_details(doc, "prompt_tokens_details").get("cached_tokens"),
             reasoning=_details(doc, "completion_tokens_details").get("reasoning_tokens"),
         )
     return None
+
+
+def _output(prompt: int, completion: int, total: Any) -> int:
+    """The output a usage bills: `completion_tokens`, or what `total_tokens` counts
+    past the prompt when that is more (reasoning counted beside the completion). Not
+    the reasoning count added to the completion: a vendor that counts it inside may
+    still report one more reasoning token than completion (Moonshot's Kimi), and
+    adding would bill it twice."""
+    if isinstance(total, int) and not isinstance(total, bool) and prompt >= 0:
+        return max(completion, total - prompt)
+    return completion
 
 
 class OpenAIStreamParser(JsonEventParser):
