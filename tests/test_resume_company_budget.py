@@ -113,7 +113,7 @@ def test_a_raised_stream_cap_raises_the_companys_log_budget_with_it(
     c = gateway.client
     user = c.new_user(c.new_company("1000"))
     grants = [
-        c.init_ok(user, {"model": "bulky-model", "query": "bulk", "max_tokens": 1})
+        c.init_ok(user, {"model": "bulky-model", "query": "bulk", "max_tokens": MAX_TOKENS})
         for _ in range(4)
     ]
     with ThreadPoolExecutor(4) as pool:
