@@ -7,6 +7,7 @@ the page: the console never ships it). Never downloads a browser."""
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -304,6 +305,10 @@ def test_an_owner_cannot_see_another_company(cp: CP, company: Company, page: Any
 def test_the_platform_admin_sees_every_company(
     cp: CP, company: Company, page: Any, browser: Any, tmp_path: Path
 ) -> None:
+    # More companies than the console's (shrunk) cap: its picker and table say so.
+    while len(data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"]) <= CAP:
+        cp.company("1")
+    shrink_paging(page)
     page.goto(cp.url + "/console")
     page.click("summary")
     page.fill("#token", ADMIN_TOKEN)
@@ -319,6 +324,12 @@ def test_the_platform_admin_sees_every_company(
     assert Decimal(str(total)) >= sum(Decimal(u["cost"]) for u in usage)
     open_tab(page, "credits")
     companies = data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"]
+    assert rows(page, "companies") == CAP
+    assert page.locator("#company option").all_inner_texts()[-1] == f"Show {CAP} more companies…"
+    while page.locator(".partial[data-list=companies]").count():
+        shown = rows(page, "companies")
+        show_more(page, "companies", "companies", min(shown + CAP, len(companies)))
+    assert len(page.locator("#company option").all_inner_texts()) == len(companies) + 1
     balances = dict(
         zip(
             page.locator("#companies tbody tr td:first-child").all_inner_texts(),
@@ -535,3 +546,91 @@ def test_a_tampered_chart_library_never_runs(cp: CP, company: Company, page: Any
     page.wait_for_selector("body[data-loaded=usage]")
     assert page.evaluate("[window.pwned, typeof Chart]") == [None, "undefined"]
     assert "credits from" in page.inner_text("#usage-totals")  # the numbers remain
+
+
+# The console walks lists `size` rows a request, `pages` requests at a time; the
+# tests shrink both instead of creating 4,001 rows (the walk is the same code).
+PAGING = {"size": 2, "pages": 2}
+CAP = PAGING["size"] * PAGING["pages"]
+
+
+class LargeCompany:
+    """A company holding one row more than the console's (shrunk) cap of every list it
+    walks: users, API keys, budgets, and usage groups per day and user."""
+
+    def __init__(self, cp: CP) -> None:
+        self.id = cp.company("20")
+        self.owner = cp.user(self.id, "owner")
+        members = [cp.user(self.id, "member", password=None) for _ in range(CAP)]
+        self.users = [self.owner, *members]
+        self.keys = [cp.api_key(u["id"]) for u in self.users]
+        self.api = cp.client(self.keys[0])
+        base = f"/v1/admin/companies/{self.id}"
+        for user in self.users:
+            body = {"scope": "user", "target_id": user["id"], "amount": "5", "period": "month"}
+            data_of(self.api.post(f"{base}/budgets", json=body), 201)
+        for key in self.keys:
+            _stream(cp, cp.client(key), self.id, 50, ttft=100)
+
+
+@pytest.fixture(scope="module")
+def large(cp: CP) -> LargeCompany:
+    return LargeCompany(cp)
+
+
+def shrink_paging(page: Any) -> None:
+    page.add_init_script(f"window.llmgwConsolePaging = {json.dumps(PAGING)}")
+
+
+def rows(page: Any, table: str) -> int:
+    return int(page.locator(f"#{table} tbody tr:not(.empty)").count())
+
+
+def show_more(page: Any, name: str, table: str, expected: int) -> None:
+    """Click the notice's button for list `name`; wait for `table` to hold `expected` rows."""
+    page.locator(f".partial[data-list={name}]").get_by_role("button").click()
+    page.wait_for_function(
+        "([table, n]) => document.querySelectorAll(`#${table} tbody tr:not(.empty)`).length === n"
+        " && document.body.dataset.loaded !== ''",
+        arg=[table, expected],
+    )
+
+
+def test_a_large_company_is_never_silently_cut_short(
+    cp: CP, large: LargeCompany, page: Any, browser: Any, tmp_path: Path
+) -> None:
+    """Attack (a demanding owner of a large company): every list the console shows
+    stopped after its cap of pages (20 x 200: a company's 4,001st budget, user or key,
+    its usage groups past 4,000) with no word; the charts' totals too. Now each says it
+    shows the first part, and a button loads the next."""
+    shrink_paging(page)
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    total = len(large.users)
+    page.select_option("#split", "user")
+    page.click("#apply-range")
+    page.wait_for_selector("body[data-loaded=usage]")
+    assert f"first {CAP} " in page.inner_text(".partial[data-list=series]")
+    assert page.inner_text("#usage-totals").startswith(f"{CAP} streams")
+    show_more(page, "series", "spend-table", total)
+    assert page.inner_text("#usage-totals").startswith(f"{total} streams")
+    assert page.locator(".partial[data-list=series]").count() == 0
+
+    open_tab(page, "users")
+    assert rows(page, "users") == CAP
+    assert f"first {CAP} users" in page.inner_text(".partial[data-list=users]")
+    show_more(page, "users", "users", total)
+    assert page.locator(".partial[data-list=users]").count() == 0
+
+    open_tab(page, "keys")
+    assert rows(page, "keys") == CAP
+    show_more(page, "keys", "keys", total)
+
+    open_tab(page, "plans")
+    assert rows(page, "budgets") == CAP
+    assert f"first {CAP} budgets" in page.inner_text(".partial[data-list=budgets]")
+    check_page(page, browser, tmp_path, "plans-partial")
+    show_more(page, "budgets", "budgets", total)
+    # Every budget names its user: the pickers' list of users was walked further too.
+    targets = page.locator("#budgets tbody tr td:first-child").all_inner_texts()
+    assert sorted(targets) == sorted(f"user {u['email']}" for u in large.users)

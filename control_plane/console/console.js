@@ -7,7 +7,20 @@ const TOKEN_KEY = "llmgw.console.token";
 const PALETTE = ["#1f4bc4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285",
                  "#5c940d", "#e67700", "#364fc7", "#a61e4d"];
 const RANK = {member: 0, owner: 1, admin: 2};
-const MAX_PAGES = 20;  // aggregate pages fetched for one chart (200 groups each)
+const MORE_COMPANIES = "more";  // the picker's last choice when it holds only the first companies
+// A list is walked `size` rows a request, `pages` requests at a time. The browser
+// tests shrink both (an init script sets `window.llmgwConsolePaging` first) rather
+// than create thousands of rows; only whole numbers within the API's range count.
+const PAGING = pagingOf(window.llmgwConsolePaging);
+
+function pagingOf(asked) {
+  const paging = {size: 200, pages: 20};
+  for (const key of Object.keys(paging)) {
+    const value = asked && Object.hasOwn(asked, key) ? asked[key] : null;
+    if (Number.isInteger(value) && value >= 1 && value <= 200) paging[key] = value;
+  }
+  return Object.freeze(paging);
+}
 
 const state = {
   token: null,
@@ -18,6 +31,7 @@ const state = {
   charts: {},
   auditCursor: null,
   ledgerCursor: null,
+  pages: {},           // list name -> pages the owner asked to see (`allPages`)
 };
 window.llmgwConsole = state;  // read by the browser tests
 
@@ -156,15 +170,20 @@ async function signOut() {
 async function loadCompanyPicker() {
   const picker = $("#company");
   picker.replaceChildren(el("option", {value: ""}, "All companies"));
-  let cursor = null;
-  for (let page = 0; page < MAX_PAGES; page++) {
-    const result = await api("GET", `/v1/admin/companies${query({limit: 200, cursor})}`);
-    if (!result.ok) break;
-    for (const company of result.data.items) {
+  const companies = await allPages("/v1/admin/companies", {}, "companies");
+  if (companies.ok) {
+    for (const company of companies.data.items) {
       picker.append(el("option", {value: company.id}, company.name));
     }
-    cursor = result.data.next_cursor;
-    if (!cursor) break;
+    if (companies.data.next_cursor) {
+      // The picker says it is cut short, and this choice walks further.
+      picker.append(el("option", {value: MORE_COMPANIES},
+        `Show ${PAGING.pages * PAGING.size} more companies…`));
+    }
+  }
+  // A company chosen by link (`?company=`) past the walked part is still the one shown.
+  if (state.companyId && ![...picker.options].some((o) => o.value === state.companyId)) {
+    picker.append(el("option", {value: state.companyId}, state.companyId));
   }
   picker.value = state.companyId || "";
   $("#company-picker").hidden = false;
@@ -202,6 +221,8 @@ async function openTab(name) {
   document.body.dataset.loaded = name;
 }
 
+function currentTab() { return document.querySelector(".tab[aria-current=page]").dataset.tab; }
+
 function needCompany(errorId) {
   if (state.companyId) return true;
   $(errorId).textContent = "Choose a company first.";
@@ -220,19 +241,41 @@ function defaultRange() {
   }
 }
 
-async function allPages(path, params) {
+// Walks a list for a table: `state.pages[list]` requests of `PAGING.size` rows
+// (`PAGING.pages` until the owner asks for more), from the first page each time, so
+// a table is never a stale mix. The answer keeps the last `next_cursor`: a list cut
+// short says so (`partial`), never silently.
+async function allPages(path, params, list) {
   const items = [];
   const labels = {};
   let cursor = null;
-  for (let page = 0; page < MAX_PAGES; page++) {
-    const result = await api("GET", path + query({...params, limit: 200, cursor}));
+  const pages = state.pages[list] || PAGING.pages;
+  for (let page = 0; page < pages; page++) {
+    const result = await api("GET", path + query({...params, limit: PAGING.size, cursor}));
     if (!result.ok) return result;
     items.push(...result.data.items);
     mergeLabels(labels, result);
     cursor = result.data.next_cursor;
     if (!cursor) break;
   }
-  return {ok: true, data: {items}, meta: {labels}};
+  return {ok: true, data: {items, next_cursor: cursor || null}, meta: {labels}, list};
+}
+
+// Under `anchor`, a notice that `result` (a list `allPages` walked) holds only the
+// first rows of more, with a button that walks `PAGING.pages` pages further and
+// reloads the tab; gone once the list is whole.
+function partial(anchor, result, text) {
+  for (const old of document.querySelectorAll(`.partial[data-list="${result.list}"]`)) old.remove();
+  if (!result.ok || !result.data.next_cursor) return;
+  const step = PAGING.pages * PAGING.size;
+  const more = async () => {
+    state.pages[result.list] = (state.pages[result.list] || PAGING.pages) + PAGING.pages;
+    if (result.list === "companies" && state.platformAdmin) await loadCompanyPicker();
+    await openTab(currentTab());
+  };
+  $(anchor).after(el("p", {class: "notice partial", role: "status", dataset: {list: result.list}},
+    `${text(result.data.items.length)}: there are more. `,
+    el("button", {type: "button", class: "quiet", onclick: more}, `Show ${step} more`)));
 }
 
 // The summary names its ids beside its items (`meta.labels`: {user_id: {id: email},
@@ -261,13 +304,14 @@ async function loadUsage() {
   const from = $("#from").value, to = $("#to").value, split = $("#split").value;
   const range = {...companyParam(), from, to};
   const [series, users, keys, ttft] = await Promise.all([
-    allPages("/v1/usage/summary", {...range, group_by: `day,${split}`}),
+    allPages("/v1/usage/summary", {...range, group_by: `day,${split}`}, "series"),
     api("GET", `/v1/usage/summary${query({...range, group_by: "user", order: "cost", limit: 10})}`),
     api("GET", `/v1/usage/summary${query({...range, group_by: "api_key", order: "cost", limit: 10})}`),
     api("GET", `/v1/usage/ttft${query(range)}`),
   ]);
   const failed = [series, users, keys, ttft].find((r) => !r.ok);
   showError("#usage-error", failed || {ok: true});
+  partial("#usage-totals", series, (n) => `The charts, their numbers and the totals cover the first ${n} groups (day and ${split})`);
   if (failed) { drawCharts([], [], split); return; }
   const email = (result, i) => labelled(result, "user_id", i.user_id) || i.user_id;
   const labelOf = (item) => split === "model" ? item.model : email(series, item);
@@ -333,7 +377,8 @@ function fillTop(id, items, name) {
 async function loadCredits(more = false) {
   $("#companies-card").hidden = !state.platformAdmin;
   if (state.platformAdmin) {
-    const companies = await allPages("/v1/admin/companies", {});
+    const companies = await allPages("/v1/admin/companies", {}, "companies");
+    partial("#companies", companies, (n) => `Showing the first ${n} companies`);
     if (showError("#credits-error", companies)) {
       $("#companies tbody").replaceChildren(...companies.data.items.map((c) =>
         el("tr", {}, td(c.name), td(c.credits, "num"))));
@@ -372,9 +417,11 @@ async function auditFor(reservationId) {
 async function loadUsers() {
   if (!needCompany("#users-error")) return;
   const [users, revocations] = await Promise.all([
-    allPages("/v1/admin/users", {company_id: state.companyId}),
-    api("GET", `/v1/admin/revocations${query({company_id: state.companyId, limit: 200})}`),
+    allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
+    allPages("/v1/admin/revocations", {company_id: state.companyId}, "revocations"),
   ]);
+  partial("#users", users, (n) => `Showing the first ${n} users`);
+  partial("#revocations", revocations, (n) => `Showing the first ${n} revocations`);
   if (!showError("#users-error", users)) return;
   state.users = users.data.items;
   const self = (u) => state.me && u.id === state.me.user.id;
@@ -458,9 +505,11 @@ async function liftRevocation(revocation) {
 async function loadKeys() {
   if (!needCompany("#keys-error")) return;
   const [keys, users] = await Promise.all([
-    allPages("/v1/admin/api-keys", {company_id: state.companyId}),
-    allPages("/v1/admin/users", {company_id: state.companyId}),
+    allPages("/v1/admin/api-keys", {company_id: state.companyId}, "keys"),
+    allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
   ]);
+  partial("#keys", keys, (n) => `Showing the first ${n} API keys`);
+  partial("#key-form", users, (n) => `The "For" list and the emails name the first ${n} users`);
   if (!showError("#keys-error", keys.ok ? users : keys)) return;
   const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
   $("#key-user").replaceChildren(...users.data.items.filter((u) => !u.disabled_at)
@@ -494,7 +543,8 @@ async function revokeKey(key) {
 async function loadProviders() {
   if (!needCompany("#providers-error")) return;
   const path = `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers`;
-  const [configured, models] = await Promise.all([allPages(path), api("GET", "/v1/models")]);
+  const [configured, models] = await Promise.all([allPages(path, {}, "providers"), api("GET", "/v1/models")]);
+  partial("#providers", configured, (n) => `Showing the first ${n} providers`);
   if (!showError("#providers-error", configured)) return;
   const catalog = models.ok ? models.data.models : [];
   const providers = [...new Set(catalog.map((m) => m.provider).concat(
@@ -608,12 +658,17 @@ function section(name, result) {
 async function loadPlans() {
   if (!needCompany("#plans-error")) return;
   const [agents, teams, budgets, users, keys, models] = await Promise.all([
-    allPages(companyPath("agents")), allPages(companyPath("teams")),
-    allPages(companyPath("budgets")),
-    allPages("/v1/admin/users", {company_id: state.companyId}),
-    allPages("/v1/admin/api-keys", {company_id: state.companyId}),
+    allPages(companyPath("agents"), {}, "agents"), allPages(companyPath("teams"), {}, "teams"),
+    allPages(companyPath("budgets"), {}, "budgets"),
+    allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
+    allPages("/v1/admin/api-keys", {company_id: state.companyId}, "keys"),
     api("GET", "/v1/models"),
   ]);
+  partial("#agents", agents, (n) => `Showing the first ${n} agents`);
+  partial("#teams", teams, (n) => `Showing the first ${n} teams`);
+  partial("#budgets", budgets, (n) => `Showing the first ${n} budgets`);
+  partial("#plans-error", users, (n) => `The members and budget pickers list the first ${n} users`);
+  partial("#plans-error", keys, (n) => `The budget picker lists the first ${n} API keys`);
   const failed = [agents, teams, budgets, users].find((r) => !r.ok && !missingRoute(r));
   showError("#plans-error", failed || {ok: true});
   state.plan = {
@@ -735,9 +790,15 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
   $("#company").addEventListener("change", async () => {
+    if ($("#company").value === MORE_COMPANIES) {
+      state.pages.companies = (state.pages.companies || PAGING.pages) + PAGING.pages;
+      await loadCompanyPicker();
+      return;
+    }
     state.companyId = $("#company").value || null;
-    const current = document.querySelector(".tab[aria-current=page]").dataset.tab;
-    await openTab(current);
+    // Another company's lists start at their first pages again.
+    state.pages = {companies: state.pages.companies};
+    await openTab(currentTab());
   });
   $("#range-form").addEventListener("submit", (e) => { e.preventDefault(); openTab("usage"); });
   $("#invite-form").addEventListener("submit", invite);
