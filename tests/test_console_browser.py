@@ -634,3 +634,66 @@ def test_a_large_company_is_never_silently_cut_short(
     # Every budget names its user: the pickers' list of users was walked further too.
     targets = page.locator("#budgets tbody tr td:first-child").all_inner_texts()
     assert sorted(targets) == sorted(f"user {u['email']}" for u in large.users)
+
+
+def use_admin_token(page: Any, cp: CP, path: str = "/console") -> None:
+    page.goto(cp.url + path)
+    page.click("summary")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#use-token")
+
+
+def test_a_walk_that_fails_part_way_never_leaves_a_table_that_looks_whole(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (the network, a proxy, a restart): one request of a tab's several walks
+    fails on its second page. A table kept what it showed before (the previously chosen
+    company's users, with their Disable buttons, under the new company's name), and a
+    list the Agents tab needs (its API keys) failed with no word at all."""
+    small = cp.company("1")
+    small_users = [cp.user(small, "member", password=None) for _ in range(PAGING["size"] + 1)]
+    shrink_paging(page)
+    use_admin_token(page, cp, f"/console?company={large.id}&tab=users")
+    page.wait_for_selector("body[data-loaded=users]")
+    assert rows(page, "users") == CAP
+    # Every second page of the users' walks drops on the way.
+    page.route(
+        lambda url: "/v1/admin/users" in url and "cursor=" in url, lambda route: route.abort()
+    )
+    page.select_option("#company", small)
+    page.wait_for_selector("body[data-loaded=users]")
+    assert page.inner_text("#users-error") == "The control plane cannot be reached."
+    shown = page.locator("#users tbody").inner_text()
+    assert not any(u["email"] in shown for u in large.users), shown
+    assert rows(page, "users") == 0
+    page.unroute_all()
+
+    # The Agents tab walks five lists at once: its API keys' second page drops.
+    assert len(small_users) > PAGING["size"]
+    for user in small_users:
+        cp.api_key(user["id"])
+    page.route(
+        lambda url: "/v1/admin/api-keys" in url and "cursor=" in url, lambda route: route.abort()
+    )
+    open_tab(page, "plans")
+    assert page.inner_text("#plans-error") == "The control plane cannot be reached."
+
+
+def test_a_session_ended_mid_use_returns_to_sign_in(cp: CP, large: LargeCompany, page: Any) -> None:
+    """Attack: the owner's access token ends while the console is open (it expired, an
+    admin disabled the owner, it was signed out elsewhere). Each tab then said only
+    "…" inline, kept showing the company's users and keys from before, and kept the
+    dead token in the tab's storage. Now the first 401 clears the page and asks to sign
+    in again."""
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    open_tab(page, "users")
+    assert large.owner["email"] in page.inner_text("#users")
+    token = page.evaluate("() => window.llmgwConsole.token")
+    assert cp.client(token).post("/v1/auth/logout").status_code == 200
+    page.click(".tab[data-tab=keys]")
+    page.wait_for_selector("#signin", state="visible")
+    assert page.inner_text("#signin-error").startswith("Your session ended")
+    assert not page.is_visible("#app")
+    assert large.owner["email"] not in page.inner_text("main")
+    assert page.evaluate("() => [sessionStorage.length, window.llmgwConsole.token]") == [0, None]

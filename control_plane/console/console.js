@@ -4,6 +4,7 @@
 "use strict";
 
 const TOKEN_KEY = "llmgw.console.token";
+const ENDED = "ended";  // the query parameter saying the last session ended under the page
 const PALETTE = ["#1f4bc4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285",
                  "#5c940d", "#e67700", "#364fc7", "#a61e4d"];
 const RANK = {member: 0, owner: 1, admin: 2};
@@ -32,6 +33,7 @@ const state = {
   auditCursor: null,
   ledgerCursor: null,
   pages: {},           // list name -> pages the owner asked to see (`allPages`)
+  started: false,      // signed in and drawn: a 401 from now on means the session ended
 };
 window.llmgwConsole = state;  // read by the browser tests
 
@@ -70,6 +72,7 @@ async function api(method, path, body) {
   } catch (err) {
     return {ok: false, status: 0, message: "The control plane cannot be reached.", code: "network"};
   }
+  if (response.status === 401 && state.started) sessionEnded();
   if (response.status === 204) return {ok: true, status: 204, data: null};
   let doc = {};
   try { doc = await response.json(); } catch (err) { doc = {}; }
@@ -83,6 +86,31 @@ function showError(id, result) {
   const node = $(id);
   node.textContent = result && !result.ok ? result.message : "";
   return result && result.ok;
+}
+
+// A tab whose calls did not all succeed shows the first failure and no rows at all:
+// never the rows it showed before (another company's, another range's) under the
+// error, nor the walked part of a list as if it were the whole. True when one failed.
+function failedLoad(tab, errorId, results) {
+  const failed = results.find((r) => !r.ok);
+  showError(errorId, failed || {ok: true});
+  if (failed) clearPanel(tab);
+  return Boolean(failed);
+}
+
+function clearPanel(tab) {
+  const panel = $(`#tab-${tab}`);
+  for (const body of panel.querySelectorAll("tbody")) body.replaceChildren();
+  // Pickers filled from the API too: none may offer a row of before (a user of the
+  // previously chosen company to mint a key for).
+  for (const select of panel.querySelectorAll("select[data-from-api], datalist")) select.replaceChildren();
+  for (const node of panel.querySelectorAll(".partial")) node.remove();
+  for (const node of panel.querySelectorAll("#usage-totals, #balances")) node.replaceChildren();
+  for (const node of panel.querySelectorAll("#ledger-more, #audit-more")) node.hidden = true;
+  if (tab === "usage") {
+    for (const chart of Object.values(state.charts)) chart.destroy();
+    state.charts = {};
+  }
 }
 
 function query(params) {
@@ -154,13 +182,30 @@ async function start(token) {
   if (state.platformAdmin) await loadCompanyPicker();
   fillRoleChoices();
   $("#app").hidden = false;
+  state.started = true;
   await openTab(new URLSearchParams(location.search).get("tab") || "usage");
+}
+
+// The token ended while the page was open (expired, signed out elsewhere, its owner
+// disabled): nothing of the page may stay on screen nor the dead token in the tab's
+// storage. A fresh load of the page is the one sure wipe; the tab and company come
+// back after the next sign-in, with a word saying why.
+function sessionEnded() {
+  if (!state.started) return;
+  state.started = false;
+  state.token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  const params = new URLSearchParams(location.search);
+  params.set("tab", currentTab());
+  params.set(ENDED, "1");
+  location.replace(`/console?${params}`);
 }
 
 async function signOut() {
   // Ends the token on the server too, so a copy of it (a lost laptop, a shared
   // screen) is dead as well. API keys and the admin token are not sessions: the
   // API refuses those with 400 and the page just forgets them.
+  state.started = false;  // its own 401 (a token already dead) is no news to tell
   if (state.token) await api("POST", "/v1/auth/logout");
   state.token = null;
   sessionStorage.removeItem(TOKEN_KEY);
@@ -309,10 +354,8 @@ async function loadUsage() {
     api("GET", `/v1/usage/summary${query({...range, group_by: "api_key", order: "cost", limit: 10})}`),
     api("GET", `/v1/usage/ttft${query(range)}`),
   ]);
-  const failed = [series, users, keys, ttft].find((r) => !r.ok);
-  showError("#usage-error", failed || {ok: true});
+  if (failedLoad("usage", "#usage-error", [series, users, keys, ttft])) return;
   partial("#usage-totals", series, (n) => `The charts, their numbers and the totals cover the first ${n} groups (day and ${split})`);
-  if (failed) { drawCharts([], [], split); return; }
   const email = (result, i) => labelled(result, "user_id", i.user_id) || i.user_id;
   const labelOf = (item) => split === "model" ? item.model : email(series, item);
   drawCharts(series.data.items, daysBetween(from, to), split, labelOf);
@@ -376,31 +419,43 @@ function fillTop(id, items, name) {
 
 async function loadCredits(more = false) {
   $("#companies-card").hidden = !state.platformAdmin;
-  if (state.platformAdmin) {
-    const companies = await allPages("/v1/admin/companies", {}, "companies");
-    partial("#companies", companies, (n) => `Showing the first ${n} companies`);
-    if (showError("#credits-error", companies)) {
-      $("#companies tbody").replaceChildren(...companies.data.items.map((c) =>
-        el("tr", {}, td(c.name), td(c.credits, "num"))));
-    }
+  const ledgerPath = `/v1/credits${query({limit: 50, cursor: more ? state.ledgerCursor : null})}`;
+  if (more) {
+    // The ledger's next page: on failure the rows so far stay, and so does "More".
+    const next = await api("GET", ledgerPath);
+    if (showError("#credits-error", next)) fillLedger(next.data, true);
+    return;
   }
   // The ledger is the caller's own company's (`/v1/credits`); the admin token has none.
-  if (!state.me) {
+  const none = {ok: true, data: null};
+  const [companies, result] = await Promise.all([
+    state.platformAdmin ? allPages("/v1/admin/companies", {}, "companies") : none,
+    state.me ? api("GET", ledgerPath) : none,
+  ]);
+  if (failedLoad("credits", "#credits-error", [companies, result])) return;
+  if (companies.data) {
+    partial("#companies", companies, (n) => `Showing the first ${n} companies`);
+    $("#companies tbody").replaceChildren(...companies.data.items.map((c) =>
+      el("tr", {}, td(c.name), td(c.credits, "num"))));
+  }
+  if (!result.data) {
     $("#balances").replaceChildren();
     $("#ledger tbody").replaceChildren();
     return;
   }
-  const result = await api("GET", `/v1/credits${query({limit: 50, cursor: more ? state.ledgerCursor : null})}`);
-  if (!showError("#credits-error", result)) return;
   const data = result.data;
   $("#balances").replaceChildren(...[["Balance", data.balance], ["Held", data.held],
     ["Available", data.available]].map(([name, value]) =>
     el("div", {}, el("dt", {}, name), el("dd", {id: `credits-${name.toLowerCase()}`}, value))));
+  fillLedger(data, false);
+}
+
+function fillLedger(data, append) {
   const rows = data.entries.map((e) => el("tr", {},
     td(when(e.created_at)), td(e.kind), td(e.amount, "num"), td(e.reason),
     el("td", {}, e.reservation_id ? el("button", {type: "button", class: "quiet",
       onclick: () => auditFor(e.reservation_id)}, "Trail") : "—")));
-  if (more) $("#ledger tbody").append(...rows);
+  if (append) $("#ledger tbody").append(...rows);
   else $("#ledger tbody").replaceChildren(...rows);
   state.ledgerCursor = data.next_cursor;
   $("#ledger-more").hidden = !data.next_cursor;
@@ -420,9 +475,9 @@ async function loadUsers() {
     allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
     allPages("/v1/admin/revocations", {company_id: state.companyId}, "revocations"),
   ]);
+  if (failedLoad("users", "#users-error", [users, revocations])) return;
   partial("#users", users, (n) => `Showing the first ${n} users`);
   partial("#revocations", revocations, (n) => `Showing the first ${n} revocations`);
-  if (!showError("#users-error", users)) return;
   state.users = users.data.items;
   const self = (u) => state.me && u.id === state.me.user.id;
   $("#users tbody").replaceChildren(...orNone(users.data.items.map((u) => el("tr", {},
@@ -431,14 +486,12 @@ async function loadUsers() {
     el("td", {}, u.disabled_at || (state.me && u.id === state.me.user.id) ? "—"
       : el("button", {type: "button", class: "danger", "aria-label": `Disable ${u.email}`,
         onclick: () => disableUser(u)}, "Disable")))), 4));
-  if (revocations.ok) {
-    const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
-    $("#revocations tbody").replaceChildren(...orNone(revocations.data.items.map((r) => el("tr", {},
-      td(`${r.kind} ${emails[r.value] || r.value}`), td(when(r.created_at)), td(r.reason),
-      td(r.lifted_at ? `lifted ${when(r.lifted_at)}` : "in force"),
-      el("td", {}, r.lifted_at ? "—" : el("button", {type: "button", class: "quiet",
-        onclick: () => liftRevocation(r)}, "Lift")))), 5));
-  }
+  const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
+  $("#revocations tbody").replaceChildren(...orNone(revocations.data.items.map((r) => el("tr", {},
+    td(`${r.kind} ${emails[r.value] || r.value}`), td(when(r.created_at)), td(r.reason),
+    td(r.lifted_at ? `lifted ${when(r.lifted_at)}` : "in force"),
+    el("td", {}, r.lifted_at ? "—" : el("button", {type: "button", class: "quiet",
+      onclick: () => liftRevocation(r)}, "Lift")))), 5));
 }
 
 function roleSelect(user) {
@@ -508,9 +561,9 @@ async function loadKeys() {
     allPages("/v1/admin/api-keys", {company_id: state.companyId}, "keys"),
     allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
   ]);
+  if (failedLoad("keys", "#keys-error", [keys, users])) return;
   partial("#keys", keys, (n) => `Showing the first ${n} API keys`);
   partial("#key-form", users, (n) => `The "For" list and the emails name the first ${n} users`);
-  if (!showError("#keys-error", keys.ok ? users : keys)) return;
   const emails = Object.fromEntries(users.data.items.map((u) => [u.id, u.email]));
   $("#key-user").replaceChildren(...users.data.items.filter((u) => !u.disabled_at)
     .map((u) => el("option", {value: u.id}, `${u.email} (${u.role})`)));
@@ -544,9 +597,9 @@ async function loadProviders() {
   if (!needCompany("#providers-error")) return;
   const path = `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers`;
   const [configured, models] = await Promise.all([allPages(path, {}, "providers"), api("GET", "/v1/models")]);
+  if (failedLoad("providers", "#providers-error", [configured, models])) return;
   partial("#providers", configured, (n) => `Showing the first ${n} providers`);
-  if (!showError("#providers-error", configured)) return;
-  const catalog = models.ok ? models.data.models : [];
+  const catalog = models.data.models;
   const providers = [...new Set(catalog.map((m) => m.provider).concat(
     configured.data.items.map((p) => p.provider)))].sort();
   const keep = $("#provider").value;
@@ -647,7 +700,8 @@ function missingRoute(result) {
 }
 
 function section(name, result) {
-  // Hide a section the gateway does not have yet; say so instead.
+  // Hide a section the gateway does not have yet; say so instead. True when it has
+  // the section and its list came.
   const off = missingRoute(result);
   $(`#${name}-off`).hidden = !off;
   $(`#${name.slice(0, -1)}-form`).hidden = off;
@@ -664,20 +718,25 @@ async function loadPlans() {
     allPages("/v1/admin/api-keys", {company_id: state.companyId}, "keys"),
     api("GET", "/v1/models"),
   ]);
+  const sections = {agents, teams, budgets};
+  for (const [name, result] of Object.entries(sections)) section(name, result);
+  const wanted = [agents, teams, budgets, users, keys, models].filter((r) => !missingRoute(r));
+  if (failedLoad("plans", "#plans-error", wanted)) {
+    state.plan = null;
+    return;
+  }
   partial("#agents", agents, (n) => `Showing the first ${n} agents`);
   partial("#teams", teams, (n) => `Showing the first ${n} teams`);
   partial("#budgets", budgets, (n) => `Showing the first ${n} budgets`);
   partial("#plans-error", users, (n) => `The members and budget pickers list the first ${n} users`);
   partial("#plans-error", keys, (n) => `The budget picker lists the first ${n} API keys`);
-  const failed = [agents, teams, budgets, users].find((r) => !r.ok && !missingRoute(r));
-  showError("#plans-error", failed || {ok: true});
   state.plan = {
-    users: users.ok ? users.data.items : [],
-    keys: keys.ok ? keys.data.items.filter((k) => !k.revoked_at) : [],
+    users: users.data.items,
+    keys: keys.data.items.filter((k) => !k.revoked_at),
     teams: teams.ok ? itemsOf(teams.data) : [],
   };
   $("#agent-model").replaceChildren(el("option", {value: ""}, "(the company's default)"),
-    ...(models.ok ? models.data.models : []).map((m) => el("option", {value: m.id}, m.id)));
+    ...models.data.models.map((m) => el("option", {value: m.id}, m.id)));
   $("#team-users").replaceChildren(...state.plan.users.map((u) => el("option", {value: u.id}, u.email)));
   fillBudgetTargets();
   if (section("agents", agents)) {
@@ -817,6 +876,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#audit-more").addEventListener("click", () => loadAudit(true));
   $("#ledger-more").addEventListener("click", () => loadCredits(true));
+  const params = new URLSearchParams(location.search);
+  if (params.has(ENDED)) {
+    $("#signin-error").textContent = "Your session ended (it expired or was signed out): sign in again.";
+    params.delete(ENDED);
+    history.replaceState(null, "", params.size ? `/console?${params}` : "/console");
+  }
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) start(saved);
 });
