@@ -697,3 +697,31 @@ def test_a_session_ended_mid_use_returns_to_sign_in(cp: CP, large: LargeCompany,
     assert not page.is_visible("#app")
     assert large.owner["email"] not in page.inner_text("main")
     assert page.evaluate("() => [sessionStorage.length, window.llmgwConsole.token]") == [0, None]
+
+
+def test_a_slow_answer_for_the_company_left_never_lands_on_the_one_chosen(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (a slow network, a busy control plane): the platform admin opens company
+    A's users and, before they come, picks company B. B's came first and A's late
+    answer was then drawn over them: A's users, with their *Disable* buttons, under
+    B's name in the picker. Now a load that a later one superseded draws nothing."""
+    small = cp.company("1")
+    small_user = cp.user(small, "member", password=None)
+    held: list[Any] = []
+    page.route(
+        lambda url: "/v1/admin/users" in url and large.id in url, lambda route: held.append(route)
+    )
+    use_admin_token(page, cp, f"/console?company={large.id}&tab=users")
+    page.wait_for_selector("#company-picker", state="visible")
+    page.wait_for_function("() => document.body.dataset.loaded === ''")
+    page.select_option("#company", small)
+    page.wait_for_selector(f"#users tbody tr:has-text('{small_user['email']}')")
+    assert held, "the first company's users were asked for"
+    for route in held:
+        route.continue_()
+    page.wait_for_function("() => window.llmgwConsole.superseded >= 1")
+    shown = page.inner_text("#users tbody")
+    assert small_user["email"] in shown
+    assert not any(u["email"] in shown for u in large.users), shown
+    assert page.input_value("#company") == small

@@ -34,6 +34,8 @@ const state = {
   ledgerCursor: null,
   pages: {},           // list name -> pages the owner asked to see (`allPages`)
   started: false,      // signed in and drawn: a 401 from now on means the session ended
+  view: {},            // the tab and company last opened (`openTab`): see `superseded`
+  superseded: 0,       // loads dropped because a later one began (read by the tests)
 };
 window.llmgwConsole = state;  // read by the browser tests
 
@@ -261,9 +263,21 @@ async function openTab(name) {
   $("#scope-error").textContent = "";
   $("#status").textContent = "Loading…";
   document.body.dataset.loaded = "";
+  const view = state.view = {tab: name, companyId: state.companyId};
   await LOADERS[name]();
+  if (view !== state.view) return;  // a later tab or company is loading: it says when
   $("#status").textContent = "";
   document.body.dataset.loaded = name;
+}
+
+// Answers come back in any order: a load begun for the tab or company the owner has
+// since left must draw nothing, or its late answer lands over the one chosen (the
+// previous company's users under the new one's name). A loader takes the view when
+// it begins and, after each wait, draws only if no later view began.
+function superseded(view) {
+  if (view === state.view) return false;
+  state.superseded += 1;
+  return true;
 }
 
 function currentTab() { return document.querySelector(".tab[aria-current=page]").dataset.tab; }
@@ -345,6 +359,7 @@ function daysBetween(from, to) {
 }
 
 async function loadUsage() {
+  const view = state.view;
   defaultRange();
   const from = $("#from").value, to = $("#to").value, split = $("#split").value;
   const range = {...companyParam(), from, to};
@@ -354,6 +369,7 @@ async function loadUsage() {
     api("GET", `/v1/usage/summary${query({...range, group_by: "api_key", order: "cost", limit: 10})}`),
     api("GET", `/v1/usage/ttft${query(range)}`),
   ]);
+  if (superseded(view)) return;
   if (failedLoad("usage", "#usage-error", [series, users, keys, ttft])) return;
   partial("#usage-totals", series, (n) => `The charts, their numbers and the totals cover the first ${n} groups (day and ${split})`);
   const email = (result, i) => labelled(result, "user_id", i.user_id) || i.user_id;
@@ -418,11 +434,13 @@ function fillTop(id, items, name) {
 // --- credits -------------------------------------------------------------------------
 
 async function loadCredits(more = false) {
+  const view = state.view;
   $("#companies-card").hidden = !state.platformAdmin;
   const ledgerPath = `/v1/credits${query({limit: 50, cursor: more ? state.ledgerCursor : null})}`;
   if (more) {
     // The ledger's next page: on failure the rows so far stay, and so does "More".
     const next = await api("GET", ledgerPath);
+    if (superseded(view)) return;
     if (showError("#credits-error", next)) fillLedger(next.data, true);
     return;
   }
@@ -432,6 +450,7 @@ async function loadCredits(more = false) {
     state.platformAdmin ? allPages("/v1/admin/companies", {}, "companies") : none,
     state.me ? api("GET", ledgerPath) : none,
   ]);
+  if (superseded(view)) return;
   if (failedLoad("credits", "#credits-error", [companies, result])) return;
   if (companies.data) {
     partial("#companies", companies, (n) => `Showing the first ${n} companies`);
@@ -470,11 +489,13 @@ async function auditFor(reservationId) {
 // --- users and revocations ---------------------------------------------------------------
 
 async function loadUsers() {
+  const view = state.view;
   if (!needCompany("#users-error")) return;
   const [users, revocations] = await Promise.all([
     allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
     allPages("/v1/admin/revocations", {company_id: state.companyId}, "revocations"),
   ]);
+  if (superseded(view)) return;
   if (failedLoad("users", "#users-error", [users, revocations])) return;
   partial("#users", users, (n) => `Showing the first ${n} users`);
   partial("#revocations", revocations, (n) => `Showing the first ${n} revocations`);
@@ -556,11 +577,13 @@ async function liftRevocation(revocation) {
 // --- API keys ----------------------------------------------------------------------------
 
 async function loadKeys() {
+  const view = state.view;
   if (!needCompany("#keys-error")) return;
   const [keys, users] = await Promise.all([
     allPages("/v1/admin/api-keys", {company_id: state.companyId}, "keys"),
     allPages("/v1/admin/users", {company_id: state.companyId}, "users"),
   ]);
+  if (superseded(view)) return;
   if (failedLoad("keys", "#keys-error", [keys, users])) return;
   partial("#keys", keys, (n) => `Showing the first ${n} API keys`);
   partial("#key-form", users, (n) => `The "For" list and the emails name the first ${n} users`);
@@ -594,9 +617,11 @@ async function revokeKey(key) {
 // --- providers ---------------------------------------------------------------------------
 
 async function loadProviders() {
+  const view = state.view;
   if (!needCompany("#providers-error")) return;
   const path = `/v1/admin/companies/${encodeURIComponent(state.companyId)}/providers`;
   const [configured, models] = await Promise.all([allPages(path, {}, "providers"), api("GET", "/v1/models")]);
+  if (superseded(view)) return;
   if (failedLoad("providers", "#providers-error", [configured, models])) return;
   partial("#providers", configured, (n) => `Showing the first ${n} providers`);
   const catalog = models.data.models;
@@ -710,6 +735,7 @@ function section(name, result) {
 }
 
 async function loadPlans() {
+  const view = state.view;
   if (!needCompany("#plans-error")) return;
   const [agents, teams, budgets, users, keys, models] = await Promise.all([
     allPages(companyPath("agents"), {}, "agents"), allPages(companyPath("teams"), {}, "teams"),
@@ -718,6 +744,7 @@ async function loadPlans() {
     allPages("/v1/admin/api-keys", {company_id: state.companyId}, "keys"),
     api("GET", "/v1/models"),
   ]);
+  if (superseded(view)) return;
   const sections = {agents, teams, budgets};
   for (const [name, result] of Object.entries(sections)) section(name, result);
   const wanted = [agents, teams, budgets, users, keys, models].filter((r) => !missingRoute(r));
@@ -816,12 +843,14 @@ async function removePlan(rest, what) {
 // --- audit -------------------------------------------------------------------------------
 
 async function loadAudit(more) {
+  const view = state.view;
   const params = {...companyParam(), kind: $("#audit-kind").value, actor: $("#audit-actor").value.trim(),
     target: $("#audit-target").value.trim(), from: $("#audit-from").value, to: $("#audit-to").value,
     reservation_id: state.auditReservation, limit: 50, cursor: more ? state.auditCursor : null};
   $("#audit-scope").textContent = state.auditReservation
     ? `Showing reservation ${state.auditReservation}; filter to see everything.` : "";
   const result = await api("GET", `/v1/admin/audit${query(params)}`);
+  if (superseded(view)) return;
   if (!showError("#audit-error", result)) { fillAudit([], false); return; }
   fillAudit(result.data.items, more);
   state.auditCursor = result.data.next_cursor;
