@@ -10,6 +10,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 import pytest
 
 from tests.chromium import assert_not_blank, browser, watched_page
+from tests.polling import wait_until
 from tests.test_console_api import SECRET_PROVIDER_KEY, _stream
+from tests.test_console_heavy_reads import ADMITTED, SUMMARY, _fire, _gate, _locked, _waiting_on
 from tests.test_control_plane import (
     ADMIN_TOKEN,
     CP,
@@ -27,6 +30,7 @@ from tests.test_control_plane import (
     data_of,
     error_of,
     serve_cp,
+    start_cp,
     usage_event,
 )
 
@@ -725,3 +729,29 @@ def test_a_slow_answer_for_the_company_left_never_lands_on_the_one_chosen(
     assert small_user["email"] in shown
     assert not any(u["email"] in shown for u in large.users), shown
     assert page.input_value("#company") == small
+
+
+def test_a_busy_companys_console_waits_its_turn_instead_of_failing(
+    request: pytest.FixtureRequest, tmp_path: Path, page: Any
+) -> None:
+    """Attack (a demanding owner whose colleagues, or whose own scripts, keep the
+    company's heavy-read places full): the usage tab's four aggregates were answered
+    429 `too_many_heavy_reads` with `Retry-After: 2`, and the tab gave up with that
+    message and empty charts. Now a GET answered 429 with a short Retry-After is asked
+    again after it (a few times, while its tab is the one open)."""
+    with start_cp(request, tmp_path, "postgres") as pg:
+        _gate(pg).timeout_ms = 300_000
+        scripts, company_id = pg.owner_client("10")
+        owner = pg.user(company_id, "owner")
+        with ThreadPoolExecutor(ADMITTED) as pool, _locked(pg, "usage_records") as watcher:
+            reads = _fire(pool, scripts, SUMMARY, ADMITTED)
+            wait_until(lambda: _waiting_on(watcher, "usage_records") >= 1, "no read waits")
+            wait_until(
+                lambda: _gate(pg)._companies[company_id].callers == ADMITTED, "places not full"
+            )
+            with page.expect_response(lambda r: r.status == 429):
+                sign_in(page, pg, owner["email"])
+        assert all(r.result().status_code == 200 for r in reads)
+        page.wait_for_selector("body[data-loaded=usage]")
+        assert page.inner_text("#usage-error") == ""
+        assert page.inner_text("#usage-totals").startswith("0 streams")

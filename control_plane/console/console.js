@@ -64,7 +64,25 @@ function orNone(rows, columns) {
 
 function when(iso) { return iso ? iso.replace("T", " ").slice(0, 19) : "—"; }
 
+// A read answered 429 with a short `Retry-After` (the company's heavy-read places
+// are full: a colleague's console, the owner's own scripts) is asked again after it,
+// a few times, while its tab is still the one open; anything else is answered as is.
+const BUSY_RETRIES = 3;
+const BUSY_WAIT_MAX_S = 10;
+
 async function api(method, path, body) {
+  const view = state.view;
+  for (let attempt = 0; ; attempt++) {
+    const result = await call(method, path, body);
+    const wait = result.retryAfter;
+    if (method !== "GET" || result.status !== 429 || !(wait >= 0 && wait <= BUSY_WAIT_MAX_S)
+        || attempt >= BUSY_RETRIES || view !== state.view) return result;
+    $("#status").textContent = `The control plane is busy: asking again in ${wait} s…`;
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+  }
+}
+
+async function call(method, path, body) {
   const headers = {Authorization: `Bearer ${state.token}`};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
@@ -81,7 +99,9 @@ async function api(method, path, body) {
   if (response.ok && doc.success) return {ok: true, status: response.status, data: doc.data, meta: doc.meta};
   return {ok: false, status: response.status,
           message: doc.message || `The request failed (${response.status}).`,
-          code: doc.error ? doc.error.code : "error"};
+          code: doc.error ? doc.error.code : "error",
+          retryAfter: /^\d+$/.test(response.headers.get("Retry-After") || "")
+            ? Number(response.headers.get("Retry-After")) : null};
 }
 
 function showError(id, result) {
