@@ -755,3 +755,46 @@ def test_a_busy_companys_console_waits_its_turn_instead_of_failing(
         page.wait_for_selector("body[data-loaded=usage]")
         assert page.inner_text("#usage-error") == ""
         assert page.inner_text("#usage-totals").startswith("0 streams")
+
+
+def test_the_longest_names_the_api_takes_never_push_the_console_off_screen(
+    cp: CP, page: Any, browser: Any, tmp_path: Path
+) -> None:
+    """Attack (an owner, a member, a careless import): the longest unbroken strings the
+    API accepts, where the console shows them: a 200-character company name, a
+    320-character email, a 500-character revocation reason, a team's name. Each tab
+    must fit the window: no row, header or button pushed off to the right."""
+    company_id = data_of(
+        cp.admin.post("/v1/admin/companies", json={"name": "C" * 200, "credits": "5"}), 201
+    )["id"]
+    email = f"{'o' * 300}-{uuid.uuid4().hex[:6]}@x.co"
+    owner = data_of(
+        cp.admin.post(
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": email, "password": PASSWORD, "role": "owner"},
+        ),
+        201,
+    )
+    api = cp.client(cp.api_key(owner["id"]))
+    base = f"/v1/admin/companies/{company_id}"
+    data_of(api.post(f"{base}/teams", json={"name": "T" * 200, "user_ids": [owner["id"]]}), 201)
+    member = cp.user(company_id, "member")
+    data_of(
+        api.post("/v1/admin/revocations", json={"user_id": member["id"], "reason": "R" * 500}), 201
+    )
+    _stream(cp, api, company_id, 50, ttft=100)
+    sign_in(page, cp, email)
+    page.wait_for_selector("body[data-loaded=usage]")
+    page.select_option("#split", "user")
+    page.click("#apply-range")
+    page.wait_for_selector("body[data-loaded=usage]")
+    overflowing = {}
+    for tab in ("usage", "credits", "users", "keys", "providers", "plans", "audit"):
+        if tab != "usage":
+            open_tab(page, tab)
+        page.evaluate("() => document.querySelectorAll('details').forEach(d => d.open = true)")
+        wide = page.evaluate("() => document.documentElement.scrollWidth - innerWidth")
+        if wide > 0:
+            overflowing[tab] = wide
+    check_page(page, browser, tmp_path, "long-names")
+    assert overflowing == {}

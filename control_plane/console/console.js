@@ -193,6 +193,7 @@ async function start(token) {
   $("#who").textContent = state.me
     ? `${state.me.user.email} · ${state.role} · ${state.me.company.name}`
     : "platform admin token";
+  $("#who").title = $("#who").textContent;  // whole on hover when the pill shortens it
   if (RANK[state.role] < RANK.owner) {
     // A member has no console: nothing of it is even drawn.
     $("#denied").hidden = false;
