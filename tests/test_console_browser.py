@@ -583,8 +583,8 @@ def large(cp: CP) -> LargeCompany:
     return LargeCompany(cp)
 
 
-def shrink_paging(page: Any) -> None:
-    page.add_init_script(f"window.llmgwConsolePaging = {json.dumps(PAGING)}")
+def shrink_paging(page: Any, paging: dict[str, int] = PAGING) -> None:
+    page.add_init_script(f"window.llmgwConsolePaging = {json.dumps(paging)}")
 
 
 def rows(page: Any, table: str) -> int:
@@ -721,13 +721,24 @@ def test_a_slow_answer_for_the_company_left_never_lands_on_the_one_chosen(
     """Attack (a slow network, a busy control plane): the platform admin opens company
     A's users and, before they come, picks company B. B's came first and A's late
     answer was then drawn over them: A's users, with their *Disable* buttons, under
-    B's name in the picker. Now a load that a later one superseded draws nothing."""
+    B's name in the picker, and A's walk went on asking for its every page (a usage
+    series: up to 20 heavy reads). Now a load that a later one superseded draws
+    nothing and asks for nothing more."""
     small = cp.company("1")
     small_user = cp.user(small, "member", password=None)
     held: list[Any] = []
-    page.route(
-        lambda url: "/v1/admin/users" in url and large.id in url, lambda route: held.append(route)
-    )
+    asked: list[str] = []
+
+    def hold_the_first(route: Any) -> None:
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            held.append(route)
+        else:
+            route.continue_()
+
+    # One user a page: A's walk is 5 pages long.
+    shrink_paging(page, {"size": 1, "pages": 20})
+    page.route(lambda url: "/v1/admin/users" in url and large.id in url, hold_the_first)
     use_admin_token(page, cp, f"/console?company={large.id}&tab=users")
     page.wait_for_selector("#company-picker", state="visible")
     page.wait_for_function("() => document.body.dataset.loaded === ''")
@@ -737,6 +748,7 @@ def test_a_slow_answer_for_the_company_left_never_lands_on_the_one_chosen(
     for route in held:
         route.continue_()
     page.wait_for_function("() => window.llmgwConsole.superseded >= 1")
+    assert len(asked) == 1, asked
     shown = page.inner_text("#users tbody")
     assert small_user["email"] in shown
     assert not any(u["email"] in shown for u in large.users), shown

@@ -240,7 +240,8 @@ async function signOut() {
 async function loadCompanyPicker() {
   const picker = $("#company");
   picker.replaceChildren(el("option", {value: ""}, "All companies"));
-  const companies = await allPages("/v1/admin/companies", {}, "companies");
+  // Not tied to a tab's view: the header's picker outlives every tab.
+  const companies = await allPages("/v1/admin/companies", {}, "companies", false);
   if (companies.ok) {
     for (const company of companies.data.items) {
       picker.append(el("option", {value: company.id}, company.name));
@@ -327,18 +328,23 @@ function defaultRange() {
   }
 }
 
-// Walks a list for a table: `state.pages[list]` requests of `PAGING.size` rows
+// Walks a list for a table (of the view it began in, unless not `tied`: it stops
+// once another begins): `state.pages[list]` requests of `PAGING.size` rows
 // (`PAGING.pages` until the owner asks for more), from the first page each time, so
 // a table is never a stale mix. The answer keeps the last `next_cursor`: a list cut
 // short says so (`partial`), never silently.
-async function allPages(path, params, list) {
+async function allPages(path, params, list, tied = true) {
   const items = [];
   const labels = {};
   let cursor = null;
   const pages = state.pages[list] || PAGING.pages;
+  const view = state.view;
   for (let page = 0; page < pages; page++) {
     const result = await api("GET", path + query({...params, limit: PAGING.size, cursor}));
     if (!result.ok) return result;
+    // The owner has left for another tab or company: its loader draws nothing, so
+    // asking for the rest (a usage series: heavy reads) would only hold places.
+    if (tied && view !== state.view) return {ok: false, status: 0, message: "", code: "superseded"};
     items.push(...result.data.items);
     mergeLabels(labels, result);
     cursor = result.data.next_cursor;
