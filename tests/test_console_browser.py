@@ -864,3 +864,29 @@ def test_a_chart_of_thousands_of_users_stacks_the_costliest_and_the_rest(
         }"""
     )
     assert len(drawn) == PAGING["series"] + 1 and sum(drawn) == 4000 * 7
+
+
+def test_more_of_the_audit_continues_the_rows_shown_whatever_the_form_says(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (an owner reading its audit a page at a time): it changes the filter's
+    form but, before applying it, clicks *More*. The next page was read with the
+    form's new filters and the old listing's cursor, and appended under the rows of
+    the old listing as if one list (measured: a filter matching nothing appended no
+    row and hid *More*: the listing stopped at 2 rows of 30-odd, with no word). Now
+    *More* continues the listing on screen."""
+    shrink_paging(page, {**PAGING, "more": 2})
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    open_tab(page, "audit")
+    assert rows(page, "audit") == 2
+    page.select_option("#audit-kind", "admin.*")
+    page.fill("#audit-actor", "nobody-at-all")
+    page.click("#audit-more")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#audit tbody tr').length !== 2"
+        " || document.querySelector('#audit-more').hidden"
+    )
+    listed = data_of(large.api.get("/v1/admin/audit", params={"limit": 4}))["items"]
+    kinds = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
+    assert kinds == [e["kind"] for e in listed]

@@ -11,13 +11,14 @@ const OTHER_COLOUR = "#868e96";
 const RANK = {member: 0, owner: 1, admin: 2};
 const MORE_COMPANIES = "more";  // the picker's last choice when it holds only the first companies
 // A list is walked `size` rows a request, `pages` requests at a time; a chart stacks
-// `series` series. The browser tests shrink them (an init script sets
+// `series` series; the ledger and the audit read `more` rows a page. The browser tests shrink them (an init script sets
 // `window.llmgwConsolePaging` first) rather than create thousands of rows; only
 // whole numbers from 1 to 200 count.
 const PAGING = pagingOf(window.llmgwConsolePaging);
 
 function pagingOf(asked) {
-  const paging = {size: 200, pages: 20, series: 10};  // `series`: stacks a chart draws
+  // `series`: stacks a chart draws; `more`: rows a "More" button adds (ledger, audit).
+  const paging = {size: 200, pages: 20, series: 10, more: 50};
   for (const key of Object.keys(paging)) {
     const value = asked && Object.hasOwn(asked, key) ? asked[key] : null;
     if (Number.isInteger(value) && value >= 1 && value <= 200) paging[key] = value;
@@ -483,7 +484,7 @@ function fillTop(id, items, name) {
 async function loadCredits(more = false) {
   const view = state.view;
   $("#companies-card").hidden = !state.platformAdmin;
-  const ledgerPath = `/v1/credits${query({limit: 50, cursor: more ? state.ledgerCursor : null})}`;
+  const ledgerPath = `/v1/credits${query({limit: PAGING.more, cursor: more ? state.ledgerCursor : null})}`;
   if (more) {
     // The ledger's next page: on failure the rows so far stay, and so does "More".
     const next = await api("GET", ledgerPath);
@@ -895,14 +896,24 @@ async function removePlan(rest, what) {
 
 async function loadAudit(more) {
   const view = state.view;
-  const params = {...companyParam(), kind: $("#audit-kind").value, actor: $("#audit-actor").value.trim(),
+  // "More" continues the listing on screen with its own filters, whatever the form
+  // says since: a cursor is a position in one listing, and rows of another appended
+  // under it would read as one list.
+  const params = more ? {...state.auditParams, cursor: state.auditCursor} : {...companyParam(),
+    kind: $("#audit-kind").value, actor: $("#audit-actor").value.trim(),
     target: $("#audit-target").value.trim(), from: $("#audit-from").value, to: $("#audit-to").value,
-    reservation_id: state.auditReservation, limit: 50, cursor: more ? state.auditCursor : null};
+    reservation_id: state.auditReservation, limit: PAGING.more};
+  if (!more) state.auditParams = params;
   $("#audit-scope").textContent = state.auditReservation
     ? `Showing reservation ${state.auditReservation}; filter to see everything.` : "";
   const result = await api("GET", `/v1/admin/audit${query(params)}`);
   if (superseded(view)) return;
-  if (!showError("#audit-error", result)) { fillAudit([], false); return; }
+  if (!showError("#audit-error", result)) {
+    // A failed first page shows nothing; a failed "More" keeps the rows so far and
+    // its button, to try again.
+    if (!more) clearPanel("audit");
+    return;
+  }
   fillAudit(result.data.items, more);
   state.auditCursor = result.data.next_cursor;
   $("#audit-more").hidden = !result.data.next_cursor;
