@@ -330,6 +330,14 @@ def test_the_platform_admin_sees_every_company(
     companies = data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"]
     assert rows(page, "companies") == CAP
     assert page.locator("#company option").all_inner_texts()[-1] == f"Show {CAP} more companies…"
+    # The picker's own last choice walks further and keeps the company chosen.
+    everyone = len(data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"])
+    options = 1 + min(everyone, 2 * CAP) + (everyone > 2 * CAP)
+    page.select_option("#company", "more")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#company option').length == {options}"
+    )
+    assert page.input_value("#company") == ""
     while page.locator(".partial[data-list=companies]").count():
         shown = rows(page, "companies")
         show_more(page, "companies", "companies", min(shown + CAP, len(companies)))
