@@ -11,13 +11,12 @@ const OTHER_COLOUR = "#868e96";
 const RANK = {member: 0, owner: 1, admin: 2};
 const MORE_COMPANIES = "more";  // the picker's last choice when it holds only the first companies
 // A list is walked `size` rows a request, `pages` requests at a time; a chart stacks
-// `series` series; the ledger and the audit read `more` rows a page. The browser tests shrink them (an init script sets
-// `window.llmgwConsolePaging` first) rather than create thousands of rows; only
-// whole numbers from 1 to 200 count.
+// `series` series; the ledger and the audit read `more` rows a page. The browser
+// tests shrink them (an init script sets `window.llmgwConsolePaging` first) rather
+// than create thousands of rows; only whole numbers from 1 to 200 count.
 const PAGING = pagingOf(window.llmgwConsolePaging);
 
 function pagingOf(asked) {
-  // `series`: stacks a chart draws; `more`: rows a "More" button adds (ledger, audit).
   const paging = {size: 200, pages: 20, series: 10, more: 50};
   for (const key of Object.keys(paging)) {
     const value = asked && Object.hasOwn(asked, key) ? asked[key] : null;
@@ -255,7 +254,8 @@ async function loadCompanyPicker() {
   } else {
     // Not an empty platform: the picker says its list failed (the tab's own error
     // line belongs to the tab, which clears it when it loads).
-    picker.append(el("option", {value: "", disabled: ""}, `Companies could not be listed: ${companies.message}`));
+    picker.append(el("option", {value: "", disabled: ""},
+      `Companies could not be listed: ${companies.message}`));
   }
   // A company chosen by link (`?company=`) past the walked part is still the one shown.
   if (state.companyId && ![...picker.options].some((o) => o.value === state.companyId)) {
@@ -405,7 +405,8 @@ async function loadUsage() {
   ]);
   if (superseded(view)) return;
   if (failedLoad("usage", "#usage-error", [series, users, keys, ttft])) return;
-  partial("#usage-totals", series, (n) => `The charts, their numbers and the totals cover the first ${n} groups (day and ${split})`);
+  partial("#usage-totals", series, (n) =>
+    `The charts, their numbers and the totals cover the first ${n} groups (day and ${split})`);
   const email = (result, i) => labelled(result, "user_id", i.user_id) || i.user_id;
   const labelOf = (item) => split === "model" ? item.model : email(series, item);
   drawCharts(series.data.items, daysBetween(from, to), split, labelOf);
