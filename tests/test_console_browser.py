@@ -7,8 +7,10 @@ the page: the console never ships it). Never downloads a browser."""
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +19,9 @@ from typing import Any
 import pytest
 
 from tests.chromium import assert_not_blank, browser, watched_page
+from tests.polling import wait_until
 from tests.test_console_api import SECRET_PROVIDER_KEY, _stream
+from tests.test_console_heavy_reads import ADMITTED, SUMMARY, _fire, _gate, _locked, _waiting_on
 from tests.test_control_plane import (
     ADMIN_TOKEN,
     CP,
@@ -26,6 +30,7 @@ from tests.test_control_plane import (
     data_of,
     error_of,
     serve_cp,
+    start_cp,
     usage_event,
 )
 
@@ -304,6 +309,10 @@ def test_an_owner_cannot_see_another_company(cp: CP, company: Company, page: Any
 def test_the_platform_admin_sees_every_company(
     cp: CP, company: Company, page: Any, browser: Any, tmp_path: Path
 ) -> None:
+    # More companies than the console's (shrunk) cap: its picker and table say so.
+    while len(data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"]) <= CAP:
+        cp.company("1")
+    shrink_paging(page)
     page.goto(cp.url + "/console")
     page.click("summary")
     page.fill("#token", ADMIN_TOKEN)
@@ -319,6 +328,20 @@ def test_the_platform_admin_sees_every_company(
     assert Decimal(str(total)) >= sum(Decimal(u["cost"]) for u in usage)
     open_tab(page, "credits")
     companies = data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"]
+    assert rows(page, "companies") == CAP
+    assert page.locator("#company option").all_inner_texts()[-1] == f"Show {CAP} more companies…"
+    # The picker's own last choice walks further and keeps the company chosen.
+    everyone = len(data_of(cp.admin.get("/v1/admin/companies", params={"limit": 200}))["items"])
+    options = 1 + min(everyone, 2 * CAP) + (everyone > 2 * CAP)
+    page.select_option("#company", "more")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#company option').length == {options}"
+    )
+    assert page.input_value("#company") == ""
+    while page.locator(".partial[data-list=companies]").count():
+        shown = rows(page, "companies")
+        show_more(page, "companies", "companies", min(shown + CAP, len(companies)))
+    assert len(page.locator("#company option").all_inner_texts()) == len(companies) + 1
     balances = dict(
         zip(
             page.locator("#companies tbody tr td:first-child").all_inner_texts(),
@@ -535,3 +558,343 @@ def test_a_tampered_chart_library_never_runs(cp: CP, company: Company, page: Any
     page.wait_for_selector("body[data-loaded=usage]")
     assert page.evaluate("[window.pwned, typeof Chart]") == [None, "undefined"]
     assert "credits from" in page.inner_text("#usage-totals")  # the numbers remain
+
+
+# The console walks lists `size` rows a request, `pages` requests at a time; the
+# tests shrink both instead of creating 4,001 rows (the walk is the same code).
+# A chart stacks its `series` costliest series and one "Other": shrunk the same way.
+PAGING = {"size": 2, "pages": 2, "series": 3}
+CAP = PAGING["size"] * PAGING["pages"]
+
+
+class LargeCompany:
+    """A company holding one row more than the console's (shrunk) cap of every list it
+    walks: users, API keys, budgets, and usage groups per day and user."""
+
+    def __init__(self, cp: CP) -> None:
+        self.id = cp.company("20")
+        self.owner = cp.user(self.id, "owner")
+        members = [cp.user(self.id, "member", password=None) for _ in range(CAP)]
+        self.users = [self.owner, *members]
+        self.keys = [cp.api_key(u["id"]) for u in self.users]
+        self.api = cp.client(self.keys[0])
+        base = f"/v1/admin/companies/{self.id}"
+        for user in self.users:
+            body = {"scope": "user", "target_id": user["id"], "amount": "5", "period": "month"}
+            data_of(self.api.post(f"{base}/budgets", json=body), 201)
+        for key in self.keys:
+            _stream(cp, cp.client(key), self.id, 50, ttft=100)
+
+
+@pytest.fixture(scope="module")
+def large(cp: CP) -> LargeCompany:
+    return LargeCompany(cp)
+
+
+def shrink_paging(page: Any, paging: dict[str, int] = PAGING) -> None:
+    page.add_init_script(f"window.llmgwConsolePaging = {json.dumps(paging)}")
+
+
+def rows(page: Any, table: str) -> int:
+    return int(page.locator(f"#{table} tbody tr:not(.empty)").count())
+
+
+def show_more(page: Any, name: str, table: str, expected: int) -> None:
+    """Click the notice's button for list `name`; wait for `table` to hold `expected` rows."""
+    page.locator(f".partial[data-list={name}]").get_by_role("button").click()
+    page.wait_for_function(
+        "([table, n]) => document.querySelectorAll(`#${table} tbody tr:not(.empty)`).length === n"
+        " && document.body.dataset.loaded !== ''",
+        arg=[table, expected],
+    )
+
+
+def test_a_large_company_is_never_silently_cut_short(
+    cp: CP, large: LargeCompany, page: Any, browser: Any, tmp_path: Path
+) -> None:
+    """Attack (a demanding owner of a large company): every list the console shows
+    stopped after its cap of pages (20 x 200: a company's 4,001st budget, user or key,
+    its usage groups past 4,000) with no word; the charts' totals too. Now each says it
+    shows the first part, and a button loads the next."""
+    shrink_paging(page)
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    total = len(large.users)
+    page.select_option("#split", "user")
+    page.click("#apply-range")
+    page.wait_for_selector("body[data-loaded=usage]")
+    assert f"first {CAP} " in page.inner_text(".partial[data-list=series]")
+    assert page.inner_text("#usage-totals").startswith(f"{CAP} streams")
+    show_more(page, "series", "spend-table", total)
+    assert page.inner_text("#usage-totals").startswith(f"{total} streams")
+    assert page.locator(".partial[data-list=series]").count() == 0
+
+    open_tab(page, "users")
+    assert rows(page, "users") == CAP
+    assert f"first {CAP} users" in page.inner_text(".partial[data-list=users]")
+    show_more(page, "users", "users", total)
+    assert page.locator(".partial[data-list=users]").count() == 0
+
+    open_tab(page, "keys")
+    assert rows(page, "keys") == CAP
+    show_more(page, "keys", "keys", total)
+
+    open_tab(page, "plans")
+    assert rows(page, "budgets") == CAP
+    assert f"first {CAP} budgets" in page.inner_text(".partial[data-list=budgets]")
+    check_page(page, browser, tmp_path, "plans-partial")
+    show_more(page, "budgets", "budgets", total)
+    # Every budget names its user: the pickers' list of users was walked further too.
+    targets = page.locator("#budgets tbody tr td:first-child").all_inner_texts()
+    assert sorted(targets) == sorted(f"user {u['email']}" for u in large.users)
+
+
+def use_admin_token(page: Any, cp: CP, path: str = "/console") -> None:
+    page.goto(cp.url + path)
+    page.click("summary")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#use-token")
+
+
+def test_a_walk_that_fails_part_way_never_leaves_a_table_that_looks_whole(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (the network, a proxy, a restart): one request of a tab's several walks
+    fails on its second page. A table kept what it showed before (the previously chosen
+    company's users, with their Disable buttons, under the new company's name), and a
+    list the Agents tab needs (its API keys) failed with no word at all."""
+    small = cp.company("1")
+    small_users = [cp.user(small, "member", password=None) for _ in range(PAGING["size"] + 1)]
+    shrink_paging(page)
+    # The company picker's walk drops on its second page: it says so, not "no company".
+    while len(data_of(cp.admin.get("/v1/admin/companies"))["items"]) <= PAGING["size"]:
+        cp.company("1")
+    page.route(
+        lambda url: "/v1/admin/companies" in url and "cursor=" in url, lambda route: route.abort()
+    )
+    use_admin_token(page, cp, f"/console?company={large.id}&tab=users")
+    page.wait_for_selector("body[data-loaded=users]")
+    assert rows(page, "users") == CAP
+    choices = page.locator("#company option").all_inner_texts()
+    assert "Companies could not be listed: The control plane cannot be reached." in choices
+    page.unroute_all()
+    page.reload()  # the token is kept for the tab: the console starts again, whole
+    page.wait_for_selector("body[data-loaded=users]")
+    # Every second page of the users' walks drops on the way.
+    page.route(
+        lambda url: "/v1/admin/users" in url and "cursor=" in url, lambda route: route.abort()
+    )
+    page.select_option("#company", small)
+    page.wait_for_selector("body[data-loaded=users]")
+    assert page.inner_text("#users-error") == "The control plane cannot be reached."
+    shown = page.locator("#users tbody").inner_text()
+    assert not any(u["email"] in shown for u in large.users), shown
+    assert rows(page, "users") == 0
+    page.unroute_all()
+
+    # The Agents tab walks five lists at once: its API keys' second page drops.
+    assert len(small_users) > PAGING["size"]
+    for user in small_users:
+        cp.api_key(user["id"])
+    page.route(
+        lambda url: "/v1/admin/api-keys" in url and "cursor=" in url, lambda route: route.abort()
+    )
+    open_tab(page, "plans")
+    assert page.inner_text("#plans-error") == "The control plane cannot be reached."
+
+
+def test_a_session_ended_mid_use_returns_to_sign_in(cp: CP, large: LargeCompany, page: Any) -> None:
+    """Attack: the owner's access token ends while the console is open (it expired, an
+    admin disabled the owner, it was signed out elsewhere). Each tab then said only
+    "…" inline, kept showing the company's users and keys from before, and kept the
+    dead token in the tab's storage. Now the first 401 clears the page and asks to sign
+    in again."""
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    open_tab(page, "users")
+    assert large.owner["email"] in page.inner_text("#users")
+    token = page.evaluate("() => window.llmgwConsole.token")
+    assert cp.client(token).post("/v1/auth/logout").status_code == 200
+    page.click(".tab[data-tab=keys]")
+    page.wait_for_selector("#signin", state="visible")
+    assert page.inner_text("#signin-error").startswith("Your session ended")
+    assert not page.is_visible("#app")
+    assert large.owner["email"] not in page.inner_text("main")
+    assert page.evaluate("() => [sessionStorage.length, window.llmgwConsole.token]") == [0, None]
+
+
+def test_a_slow_answer_for_the_company_left_never_lands_on_the_one_chosen(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (a slow network, a busy control plane): the platform admin opens company
+    A's users and, before they come, picks company B. B's came first and A's late
+    answer was then drawn over them: A's users, with their *Disable* buttons, under
+    B's name in the picker, and A's walk went on asking for its every page (a usage
+    series: up to 20 heavy reads). Now a load that a later one superseded draws
+    nothing and asks for nothing more."""
+    small = cp.company("1")
+    small_user = cp.user(small, "member", password=None)
+    held: list[Any] = []
+    asked: list[str] = []
+
+    def hold_the_first(route: Any) -> None:
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            held.append(route)
+        else:
+            route.continue_()
+
+    # One user a page: A's walk is 5 pages long.
+    shrink_paging(page, {"size": 1, "pages": 20})
+    page.route(lambda url: "/v1/admin/users" in url and large.id in url, hold_the_first)
+    use_admin_token(page, cp, f"/console?company={large.id}&tab=users")
+    page.wait_for_selector("#company-picker", state="visible")
+    page.wait_for_function("() => document.body.dataset.loaded === ''")
+    page.select_option("#company", small)
+    page.wait_for_selector(f"#users tbody tr:has-text('{small_user['email']}')")
+    assert held, "the first company's users were asked for"
+    for route in held:
+        route.continue_()
+    page.wait_for_function("() => window.llmgwConsole.superseded >= 1")
+    assert len(asked) == 1, asked
+    shown = page.inner_text("#users tbody")
+    assert small_user["email"] in shown
+    assert not any(u["email"] in shown for u in large.users), shown
+    assert page.input_value("#company") == small
+
+
+def test_a_busy_companys_console_waits_its_turn_instead_of_failing(
+    request: pytest.FixtureRequest, tmp_path: Path, page: Any
+) -> None:
+    """Attack (a demanding owner whose colleagues, or whose own scripts, keep the
+    company's heavy-read places full): the usage tab's four aggregates were answered
+    429 `too_many_heavy_reads` with `Retry-After: 2`, and the tab gave up with that
+    message and empty charts. Now a GET answered 429 with a short Retry-After is asked
+    again after it (a few times, while its tab is the one open)."""
+    with start_cp(request, tmp_path, "postgres") as pg:
+        _gate(pg).timeout_ms = 300_000
+        scripts, company_id = pg.owner_client("10")
+        owner = pg.user(company_id, "owner")
+        with ThreadPoolExecutor(ADMITTED) as pool, _locked(pg, "usage_records") as watcher:
+            reads = _fire(pool, scripts, SUMMARY, ADMITTED)
+            wait_until(lambda: _waiting_on(watcher, "usage_records") >= 1, "no read waits")
+            wait_until(
+                lambda: _gate(pg)._companies[company_id].callers == ADMITTED, "places not full"
+            )
+            with page.expect_response(lambda r: r.status == 429):
+                sign_in(page, pg, owner["email"])
+        assert all(r.result().status_code == 200 for r in reads)
+        page.wait_for_selector("body[data-loaded=usage]")
+        assert page.inner_text("#usage-error") == ""
+        assert page.inner_text("#usage-totals").startswith("0 streams")
+
+
+def test_the_longest_names_the_api_takes_never_push_the_console_off_screen(
+    cp: CP, page: Any, browser: Any, tmp_path: Path
+) -> None:
+    """Attack (an owner, a member, a careless import): the longest unbroken strings the
+    API accepts, where the console shows them: a 200-character company name, a
+    320-character email, a 500-character revocation reason, a team's name. Each tab
+    must fit the window: no row, header or button pushed off to the right."""
+    company_id = data_of(
+        cp.admin.post("/v1/admin/companies", json={"name": "C" * 200, "credits": "5"}), 201
+    )["id"]
+    email = f"{'o' * 300}-{uuid.uuid4().hex[:6]}@x.co"
+    owner = data_of(
+        cp.admin.post(
+            "/v1/admin/users",
+            json={"company_id": company_id, "email": email, "password": PASSWORD, "role": "owner"},
+        ),
+        201,
+    )
+    api = cp.client(cp.api_key(owner["id"]))
+    base = f"/v1/admin/companies/{company_id}"
+    data_of(api.post(f"{base}/teams", json={"name": "T" * 200, "user_ids": [owner["id"]]}), 201)
+    member = cp.user(company_id, "member")
+    data_of(
+        api.post("/v1/admin/revocations", json={"user_id": member["id"], "reason": "R" * 500}), 201
+    )
+    _stream(cp, api, company_id, 50, ttft=100)
+    sign_in(page, cp, email)
+    page.wait_for_selector("body[data-loaded=usage]")
+    page.select_option("#split", "user")
+    page.click("#apply-range")
+    page.wait_for_selector("body[data-loaded=usage]")
+    overflowing = {}
+    for tab in ("usage", "credits", "users", "keys", "providers", "plans", "audit"):
+        if tab != "usage":
+            open_tab(page, tab)
+        page.evaluate("() => document.querySelectorAll('details').forEach(d => d.open = true)")
+        wide = page.evaluate("() => document.documentElement.scrollWidth - innerWidth")
+        if wide > 0:
+            overflowing[tab] = wide
+    check_page(page, browser, tmp_path, "long-names")
+    assert overflowing == {}
+
+
+def test_a_chart_of_thousands_of_users_stacks_the_costliest_and_the_rest(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (the owner of a large company splits its usage by user): the charts drew
+    one stack per user, each day's bar summed by scanning every group once per user
+    and day (users x days x groups): 1,000 users over 4 days (4,000 groups, the walk's
+    first cap) froze the tab for 53 s (measured), 4,000 users on one day for over 15
+    minutes, and the legend listed them all. Now the charts stack the costliest
+    `series` users and one "Other", summed in one pass; the table keeps every row."""
+    shrink_paging(page)
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    page.select_option("#split", "user")
+    page.click("#apply-range")
+    page.wait_for_selector("body[data-loaded=usage]")
+    show_more(page, "series", "spend-table", len(large.users))
+    labels = page.evaluate("() => Chart.getChart('spend-chart').data.datasets.map(d => d.label)")
+    others = len(large.users) - PAGING["series"]
+    assert len(labels) == PAGING["series"] + 1 and labels[-1] == f"Other ({others} users)"
+    charted = page.evaluate(
+        """() => Chart.getChart('spend-chart').data.datasets
+                 .reduce((s, d) => s + d.data.reduce((a, b) => a + b, 0), 0)"""
+    )
+    totals = page.inner_text("#usage-totals")
+    assert f"{charted:.6f} credits" in totals
+    # At the scale the walk's cap allows: 1,000 users over 4 days, drawn within the
+    # page's default wait.
+    drawn = page.evaluate(
+        """() => {
+            const days = daysBetween('2026-11-03', '2026-12-02');
+            const items = [];
+            for (let u = 0; u < 1000; u++) for (let k = 0; k < 4; k++)
+              items.push({day: days[(u + 7 * k) % 30], user_id: `u${u}`, cost: '0.000100',
+                          input_tokens: 3, output_tokens: 4, streams: 1});
+            drawCharts(items, days, 'user', (i) => i.user_id);
+            return Chart.getChart('tokens-chart').data.datasets.map(d =>
+                d.data.reduce((a, b) => a + b, 0));
+        }"""
+    )
+    assert len(drawn) == PAGING["series"] + 1 and sum(drawn) == 4000 * 7
+
+
+def test_more_of_the_audit_continues_the_rows_shown_whatever_the_form_says(
+    cp: CP, large: LargeCompany, page: Any
+) -> None:
+    """Attack (an owner reading its audit a page at a time): it changes the filter's
+    form but, before applying it, clicks *More*. The next page was read with the
+    form's new filters and the old listing's cursor, and appended under the rows of
+    the old listing as if one list (measured: a filter matching nothing appended no
+    row and hid *More*: the listing stopped at 2 rows of 30-odd, with no word). Now
+    *More* continues the listing on screen."""
+    shrink_paging(page, {**PAGING, "more": 2})
+    sign_in(page, cp, large.owner["email"])
+    page.wait_for_selector("body[data-loaded=usage]")
+    open_tab(page, "audit")
+    assert rows(page, "audit") == 2
+    page.select_option("#audit-kind", "admin.*")
+    page.fill("#audit-actor", "nobody-at-all")
+    page.click("#audit-more")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#audit tbody tr').length !== 2"
+        " || document.querySelector('#audit-more').hidden"
+    )
+    listed = data_of(large.api.get("/v1/admin/audit", params={"limit": 4}))["items"]
+    kinds = page.locator("#audit tbody tr td:nth-child(2)").all_inner_texts()
+    assert kinds == [e["kind"] for e in listed]
