@@ -449,17 +449,19 @@ def expired_reservations(
     return [(at, rid, company) for at, rid, company in session.execute(stmt)]
 
 
-def active_reservations(session: Session, after_id: str, limit: int = 100) -> list[tuple[str, str]]:
-    """Active reservations by id, after `after_id` (keyset pages): (id, company id) of
-    those whose stream may be running, or may have gone silent."""
+def active_reservations(
+    session: Session, after_id: str, limit: int = 100
+) -> list[tuple[str, str, str]]:
+    """Active reservations by id, after `after_id` (keyset pages): (id, company id,
+    jti) of those whose stream may be running, or may have gone silent."""
     stmt = (
-        select(col(Reservation.id), col(Reservation.company_id))
+        select(col(Reservation.id), col(Reservation.company_id), col(Reservation.jti))
         .where(col(Reservation.status) == "active")
         .where(col(Reservation.id) > after_id)
         .order_by(col(Reservation.id))
         .limit(limit)
     )
-    return [(rid, company) for rid, company in session.execute(stmt)]
+    return [(rid, company, jti) for rid, company, jti in session.execute(stmt)]
 
 
 def active_hold_count(session: Session) -> int:

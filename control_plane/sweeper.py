@@ -16,7 +16,8 @@ settled from that checkpoint at once, not 20 minutes later, and the stream's
 stream within about a second of it waking, and its own report then arrives as a
 duplicate (200, nothing charged twice): it is billed input plus the output up to
 its last checkpoint, so what it relayed while silent and until it saw the
-revocation goes unbilled, an error that favours the customer and is bounded by
+revocation goes unbilled (a token admitted with no checkpoint yet is watched through
+its used mark, `admitted_streams`), an error that favours the customer and is bounded by
 the silence limit (an edge cut off from the store altogether can neither
 checkpoint, nor see the revocation, nor enqueue its report: what it relays after
 its last checkpoint goes unbilled). The stream's concurrency slots go back then too
@@ -74,6 +75,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane import budgets, company_webhooks, logout, lost_settlements
+from control_plane.admitted_streams import admitted_without_checkpoint
 from control_plane.audit import SWEEPER_ACTOR
 from control_plane.background import finish, in_background
 from control_plane.db import Database, lost_backend, outcome_unknown
@@ -404,8 +406,13 @@ async def sweep_silent_streams(
         # the wait must not count as silence (`liveness.SilenceWatch`).
         sent_at = watch.now()
         try:
-            keys = [checkpoint_key(rid) for rid, _ in page]
+            keys = [checkpoint_key(rid) for rid, _, _ in page]
             raws = await store.get_many(keys) if page else []
+            # An edge that died between a token's admission and the stream's first
+            # checkpoint left only the token's used mark (`admitted_streams`).
+            admitted = await admitted_without_checkpoint(
+                store, [hold for hold, raw in zip(page, raws, strict=True) if raw is None]
+            )
         except Exception:
             log.warning("store unreachable; silence check retries next sweep", exc_info=True)
             # The edges could not write their checkpoints either (the stream relays
@@ -415,8 +422,8 @@ async def sweep_silent_streams(
             # What this sweeper saw before it was blind counts from the next read.
             watch.keep_only(())
             return SweepResult(settled=settled)
-        for (reservation_id, company_id), raw in zip(page, raws, strict=True):
-            checkpoint = _decode(reservation_id, raw)
+        for (reservation_id, company_id, _), raw in zip(page, raws, strict=True):
+            checkpoint = _decode(reservation_id, raw) or admitted.get(reservation_id)
             if checkpoint is None or checkpoint.ended:
                 continue  # not started (the deadline handles it) or its report is coming
             running.append(reservation_id)

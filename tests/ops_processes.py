@@ -81,27 +81,45 @@ class ProcessStack:
     def log_path(self, name: str) -> Path:
         return self.tmp_path / f"{name}.log"
 
+    def _spawn(self, name: str) -> None:
+        command = dict(SERVICES)[name]
+        args = [*CLI, command, "--port", str(self.ports[name])]
+        if name != "mock" and self.workers > 1:
+            args += ["--workers", str(self.workers)]
+        with self.log_path(name).open("ab") as log:
+            self.procs[name] = subprocess.Popen(
+                args,
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
     def __enter__(self) -> ProcessStack:
         try:
-            for name, command in SERVICES:
-                args = [*CLI, command, "--port", str(self.ports[name])]
-                if name != "mock" and self.workers > 1:
-                    args += ["--workers", str(self.workers)]
-                with self.log_path(name).open("ab") as log:
-                    self.procs[name] = subprocess.Popen(
-                        args,
-                        env=self.env,
-                        cwd=ROOT,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
+            for name, _ in SERVICES:
+                self._spawn(name)
             for name, _ in SERVICES:
                 self._wait_healthy(name)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def kill(self, name: str) -> None:
+        """SIGKILL `name` (its supervisor and workers: the process group), no goodbye."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def restart(self, name: str, *, wait: bool = True) -> None:
+        """Start `name` again on its port (after `kill`); `wait`: until it is healthy."""
+        assert self.procs[name].poll() is not None, f"{name} is still running"
+        self._spawn(name)
+        if wait:
+            self._wait_healthy(name)
 
     def _wait_healthy(self, name: str, timeout: float = 45) -> None:
         wait_healthy(self.urls[name], self.procs[name], timeout, self.log_path(name))

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -24,6 +25,10 @@ from shared.pricing import cost_micro
 from shared.sse import SSEDecoder
 from shared.store_redis import RedisStore
 from shared.stream_slots import slot_keys
+from shared.tokens import StreamGrant
+from stream_edge import admission
+from stream_edge.limits import StreamLimits
+from stream_edge.state import EdgeState
 from tests.conftest import REDIS_URL
 from tests.polling import wait_until
 from tests.stack import Client, SplitStack, base_env, edge_process, micro
@@ -237,3 +242,54 @@ def test_an_edge_killed_while_it_reads_a_whole_answer_bills_what_it_had_read(
     # Before: 0, and the stream swept free.
     assert 0 < checkpoint.output_tokens < 600
     assert _settled_from(split, token, grant, checkpoint, before, killed_at) > 0
+
+
+async def _admit_then_die(split: SplitStack, stream_token: str) -> None:
+    """What an edge does with a stream's first request up to its admission's reply
+    (`stream_edge.admission.claim`, the real script on the real Redis: the token
+    marked used, its slots taken, its stash read), and nothing after: the process
+    dies before its stream's heartbeat begins (`StreamJob.open`)."""
+    settings = split.edge_settings()
+    store = RedisStore.from_url(REDIS_URL, prefix=split.env["LLMGW_REDIS_PREFIX"])
+    state = SimpleNamespace(store=store, limits=StreamLimits(settings), settings=settings)
+    try:
+        grant = StreamGrant.from_claims(claims_of(stream_token))
+        admitted = await admission.claim(cast(EdgeState, state), grant, "stream", fetch=True)
+        assert admitted.verdict == "ok" and admitted.fetched is not None
+        await asyncio.gather(*admission._forgetting)  # its stash deletion, before closing
+    finally:
+        await store.close()
+
+
+def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_frees_the_hold(
+    quick_sweep_stack: tuple[SplitStack, subprocess.Popen[bytes]],
+) -> None:
+    """Found by the chaos run (test_chaos_money.py): an edge SIGKILLed mid-request
+    left a hold with no checkpoint though its token was spent. The admission marks
+    the token used and takes its slots; the heartbeat starts after its reply, so
+    between the two (a round trip, longer on a busy loop) nothing of the stream is in
+    the store for the sweeper: its hold waited for its deadline (~20 min), its slots
+    for their expiry (15 min), and the client's retry is refused `token_used`."""
+    split, _edge = quick_sweep_stack
+    c = split.client
+    token = c.new_user(c.new_company("5"))
+    before = c.credits(token)
+    grant = c.init_ok(token, {"query": "never answered [[mock tokens=50]]"})
+    claims = claims_of(grant["stream_token"])
+    asyncio.run(_admit_then_die(split, grant["stream_token"]))
+    retried = httpx.get(grant["stream_url"], timeout=10)
+    assert retried.status_code == 401 and retried.json()["error"]["code"] == "token_used"
+    prefix = split.env["LLMGW_REDIS_PREFIX"]
+    assert read_checkpoint(prefix, grant["reservation_id"]) is None
+
+    record = c.wait_usage(token, grant["reservation_id"], timeout=SETTLED_WITHIN_SECONDS)
+    assert record["status"] == "failed"  # before its first output token: free
+    assert micro(record["cost"]) == 0
+    after = c.credits(token)
+    assert (micro(after["balance"]), micro(after["held"])) == (micro(before["balance"]), 0)
+    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
+    with redis.Redis.from_url(REDIS_URL) as raw:
+        wait_until(
+            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
+            "the stream's slots freed",
+        )
