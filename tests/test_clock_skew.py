@@ -276,6 +276,11 @@ async def test_a_reported_streams_reconciliation_lag_is_not_the_edges_clock_offs
             assert (await events(response))[-1].event == "complete"
         await gw.wait_usage(access, grant["reservation_id"])
         lag = deps.metrics.registry.get_sample_value
+        # Observed once the settlement's commit is back: the usage record may be
+        # read (same event loop) before that (an edge behind: its webhook's retry).
+        await eventually(
+            lambda: lag("llmgw_cp_reconciliation_lag_seconds_count"), "the lag observed"
+        )
         assert lag("llmgw_cp_reconciliation_lag_seconds_count") == 1
         observed = lag("llmgw_cp_reconciliation_lag_seconds_sum")
         assert observed is not None and 0 < observed < 30, observed
