@@ -403,7 +403,7 @@ async def sweep_silent_streams(
     # running than a pass reads, every pass read the same oldest ones and a dead
     # edge's newer streams were never checked (their holds left to the deadline).
     start = after = watch.resume_after
-    up_to: str | None = None  # once wrapped: `start`, read again by no pass twice
+    up_to: str | None = None  # once wrapped: `start`, so no id is read twice a pass
     for _ in range(MAX_BATCHES):
         page = await db.transaction(
             functools.partial(active_reservations, after_id=after, limit=BATCH, up_to=up_to)
@@ -492,7 +492,7 @@ async def sweep_silent_streams(
             watch.keep_only(running)  # a full scan: forget what stopped running
             watch.resume_after = ""
             break
-        up_to, after = start, ""  # the last id read: on from the first
+        up_to, after = start, ""  # the ids' end: round from the first to where it began
     else:
         # Every page read (more running than a pass reads): what stopped running
         # among those read is forgotten all the same, or the watch kept every
