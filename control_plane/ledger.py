@@ -450,10 +450,11 @@ def expired_reservations(
 
 
 def active_reservations(
-    session: Session, after_id: str, limit: int = 100
+    session: Session, after_id: str, limit: int = 100, up_to: str | None = None
 ) -> list[tuple[str, str, str]]:
-    """Active reservations by id, after `after_id` (keyset pages): (id, company id,
-    jti) of those whose stream may be running, or may have gone silent."""
+    """Active reservations by id, after `after_id` (keyset pages) and, given, up to
+    `up_to` included: (id, company id, jti) of those whose stream may be running, or
+    may have gone silent."""
     stmt = (
         select(col(Reservation.id), col(Reservation.company_id), col(Reservation.jti))
         .where(col(Reservation.status) == "active")
@@ -461,6 +462,8 @@ def active_reservations(
         .order_by(col(Reservation.id))
         .limit(limit)
     )
+    if up_to is not None:
+        stmt = stmt.where(col(Reservation.id) <= up_to)
     return [(rid, company, jti) for rid, company, jti in session.execute(stmt)]
 
 

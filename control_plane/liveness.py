@@ -26,6 +26,10 @@ class SilenceWatch:
         self._seen: dict[str, tuple[Hashable, float]] = {}
         # The streams whose checkpoint this watch saw change: alive, not just written.
         self._changed: set[str] = set()
+        # Where the next silence pass starts reading (the id it read last; "": the
+        # first): with more running than one pass reads, each pass goes on from the
+        # last, so every stream is read within a few passes, not only the oldest.
+        self.resume_after = ""
 
     def now(self) -> float:
         """This watch's clock: what a sweep notes just before it sends its read."""
@@ -60,13 +64,23 @@ class SilenceWatch:
         self._seen = {rid: seen for rid, seen in self._seen.items() if rid in keep}
         self._changed &= keep
 
-    def keep_only_up_to(self, last_id: str, reservation_ids: Iterable[str]) -> None:
-        """Forget the streams up to `last_id` (in id order) that no longer run: a
-        pass that read every active reservation up to there, but not past it (more
-        running than one pass reads), found only `reservation_ids` running."""
+    def keep_only_read(self, after: str, through: str, reservation_ids: Iterable[str]) -> None:
+        """Forget the streams a pass read that no longer run: it read every active
+        reservation after `after` through `through` (in id order; wrapped past the
+        last id to the first when `through` <= `after`) and found only
+        `reservation_ids` running. The streams it did not read are kept as they
+        were, their first sighting too: the next pass that reads them judges them."""
         keep = set(reservation_ids)
-        self._seen = {rid: seen for rid, seen in self._seen.items() if rid > last_id or rid in keep}
-        self._changed = {rid for rid in self._changed if rid > last_id or rid in keep}
+
+        def stays(rid: str) -> bool:
+            if rid in keep:
+                return True
+            if after < through:
+                return not after < rid <= through
+            return through < rid <= after
+
+        self._seen = {rid: seen for rid, seen in self._seen.items() if stays(rid)}
+        self._changed = {rid for rid in self._changed if stays(rid)}
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -31,7 +31,10 @@ silence: the edges could not write either, so the watch starts again once the
 store answers; nor is the time a read waits for a store answering late (frozen),
 which holds the edges' heartbeats queued behind it: a reading counts from when it
 was asked. An ``ended`` checkpoint (the stream is over,
-its report is in the outbox) is left to that report until the deadline.
+its report is in the outbox) is left to that report until the deadline. A pass
+reads at most `MAX_BATCHES` pages of active reservations and goes on from the id
+the last one read last, round from the first, so with more running than that
+every stream is still read every few passes (`SilenceWatch.resume_after`).
 
 **Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
 expiry plus ``LLMGW_HOLD_GRACE_SECONDS``, which `ControlPlaneSettings` keeps longer than the
@@ -396,10 +399,14 @@ async def sweep_silent_streams(
     settled = 0
     running: list[str] = []
     failures = PassFailures("silent-stream sweep")
-    after = ""
+    # Past the last pass's last id, then from the first id up to there: with more
+    # running than a pass reads, every pass read the same oldest ones and a dead
+    # edge's newer streams were never checked (their holds left to the deadline).
+    start = after = watch.resume_after
+    up_to: str | None = None  # once wrapped: `start`, so no id is read twice a pass
     for _ in range(MAX_BATCHES):
         page = await db.transaction(
-            functools.partial(active_reservations, after_id=after, limit=BATCH)
+            functools.partial(active_reservations, after_id=after, limit=BATCH, up_to=up_to)
         )
         # Taken before the read: a store that answers late (frozen, less than its
         # client's timeout) also held the edges' heartbeats queued behind it, so
@@ -476,16 +483,23 @@ async def sweep_silent_streams(
             # (`background.drain`) before it closes the store.
             await finish(_end_silent(store, checkpoint.jti, done, revoke_ttl), "silent-revocation")
         if failures.stops:
-            break  # not a full scan: the watch forgets nothing
-        if len(page) < BATCH:
+            break  # not read through: the watch forgets nothing, the next pass retries
+        if page:
+            after = page[-1][0]
+        if len(page) == BATCH:
+            continue
+        if up_to is not None or not start:
             watch.keep_only(running)  # a full scan: forget what stopped running
+            watch.resume_after = ""
             break
-        after = page[-1][0]
+        up_to, after = start, ""  # the ids' end: round from the first to where it began
     else:
-        # Every page read whole, more left (more running than a pass reads): what
-        # stopped running up to the last one read is forgotten all the same, or
-        # the watch kept every stream it ever saw for as long as that lasted.
-        watch.keep_only_up_to(after, running)
+        # Every page read (more running than a pass reads): what stopped running
+        # among those read is forgotten all the same, or the watch kept every
+        # stream it ever saw for as long as that lasted; the rest, unread, are
+        # kept as they were, for the next pass, which starts here.
+        watch.keep_only_read(start, after, running)
+        watch.resume_after = after
     if settled:
         log.warning("settled %d silent streams from their checkpoints", settled)
     failures.raise_first()
