@@ -181,13 +181,7 @@ async def test_only_keys_whose_tokens_may_live_on_are_published_again(
     # the leaked key superseded `older` 1000 s ago.
     ages = {first: life + 60, older: life + 30, leaked_kid: 1000}
 
-    def made_long_ago(session: Session) -> None:
-        for kid, ago in ages.items():
-            row = session.get(SigningKey, kid)
-            assert row is not None
-            row.created_at -= timedelta(seconds=ago)
-
-    await deps.db.transaction(made_long_ago)
+    await _made_long_ago(gw, ages)
     rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True})
     assert rotated.status_code == 201, rotated.text
     assert set(rotated.json()["data"]["retired"]) == {first, older, leaked_kid}
@@ -213,6 +207,18 @@ async def test_only_keys_whose_tokens_may_live_on_are_published_again(
         assert client.pttl(PREFIX + RETIRED_SIGNING_KEYS) > (life - 60) * 1000
     finally:
         client.close()
+
+
+async def _made_long_ago(gw: Gateway, ages: dict[str, int]) -> None:
+    """Each key of `ages` made that many seconds earlier than it was."""
+
+    def made(session: Session) -> None:
+        for kid, ago in ages.items():
+            row = session.get(SigningKey, kid)
+            assert row is not None
+            row.created_at -= timedelta(seconds=ago)
+
+    await gw.cp.state.deps.db.transaction(made)
 
 
 async def _rotated(gw: Gateway) -> str:
@@ -293,14 +299,7 @@ async def test_a_leaked_key_superseded_long_ago_is_refused_at_once(gw: Gateway) 
         leaked_kid = kid_of(leaked)
         newer = await _rotated(gw)  # supersedes it; it stays in the JWKS
         ages = {leaked_kid: life + 60, newer: life + 30}
-
-        def made_long_ago(session: Session) -> None:
-            for kid, ago in ages.items():
-                row = session.get(SigningKey, kid)
-                assert row is not None
-                row.created_at -= timedelta(seconds=ago)
-
-        await deps.db.transaction(made_long_ago)
+        await _made_long_ago(gw, ages)
         assert await me(b, leaked) == 200
         rotated = await gw.admin(
             "POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True}
