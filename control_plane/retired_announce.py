@@ -12,19 +12,22 @@ minutes) then streamed the thief's tokens again, a sibling control plane accepte
 access tokens until its ring's next read (up to a minute), and nothing wrote the
 entry again. So each pass adds back the keys the store lost.
 
-A key is told for as long as a token it signed may be unexpired: until the longest
-token life (`max_token_life`) after it stopped signing, i.e. after it was retired or,
-earlier, superseded by a newer key (the instance that rotated signs with the new one
-at once, its siblings within a minute: the life's margin). A key superseded longer ago
-than that signed only expired tokens: it is never told, however recently retired.
+A key is told until the longest token life (`max_token_life`) after it was retired,
+however long ago a newer key superseded it. Its honest tokens expired a token life
+after it stopped signing, but a key retired because it leaked signs whatever the
+thief likes, any `exp` included, and it was in the JWKS (and every sibling's ring)
+until its retirement: counted from its supersession instead, a key superseded long
+ago and leaked was never told, and for up to a minute a sibling answered the thief's
+access token 200 and for up to 5 minutes an edge whose JWKS cache held it streamed
+the thief's stream tokens (review: both measured 200).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from control_plane.auth import ACCESS_TOKEN_TTL_SECONDS
@@ -42,36 +45,17 @@ def max_token_life(settings: ControlPlaneSettings) -> int:
 
 
 def retired_lives(session: Session, now: datetime, max_life: int) -> list[tuple[str, datetime]]:
-    """(kid, until) of each retired key a token it signed may outlive `now`: until
-    `max_life` after it stopped signing (retired, or superseded before that)."""
-    newer = aliased(SigningKey)
-    # The newest-first order of `signing_keys._live_keys`: created_at, then kid.
-    superseded = (
-        select(func.min(col(newer.created_at)))
-        .where(
-            or_(
-                col(newer.created_at) > col(SigningKey.created_at),
-                and_(
-                    col(newer.created_at) == col(SigningKey.created_at),
-                    col(newer.kid) > col(SigningKey.kid),
-                ),
-            )
-        )
-        .correlate(SigningKey)
-        .scalar_subquery()
-    )
+    """(kid, until) of each key retired less than `max_life` ago, told until `max_life`
+    after its retirement (the module's docstring says why not after its supersession)."""
     rows = session.execute(
-        select(col(SigningKey.kid), col(SigningKey.retired_at), superseded).where(
+        select(col(SigningKey.kid), col(SigningKey.retired_at)).where(
             col(SigningKey.retired_at) > now - timedelta(seconds=max_life)
         )
     ).all()
     lives: list[tuple[str, datetime]] = []
-    for kid, retired_at, superseded_at in rows:
+    for kid, retired_at in rows:
         assert retired_at is not None  # the statement's own condition
-        stopped = retired_at if superseded_at is None else min(retired_at, superseded_at)
-        until = stopped + timedelta(seconds=max_life)
-        if until > now:
-            lives.append((kid, until))
+        lives.append((kid, retired_at + timedelta(seconds=max_life)))
     return lives
 
 

@@ -168,11 +168,11 @@ async def test_a_retired_keys_entry_the_store_lost_is_back_within_a_pass(
 async def test_only_keys_whose_tokens_may_live_on_are_published_again(
     gw: Gateway, private_redis: PrivateRedis
 ) -> None:
-    """Each key is told until the last token it signed has expired: the longest token
-    life after it stopped signing (superseded, or retired). A key superseded longer
-    ago than that signed only expired tokens: neither the rotation that retires it
-    nor a pass after the store lost the set announces it. A member with less life
-    left does not cut the set's (`_BOUNDED_ADD`)."""
+    """Each key is told until the longest token life after it was retired, however
+    long ago it was superseded (a leaked key signs any `exp`:
+    `test_a_leaked_key_superseded_long_ago_is_refused_at_once`); a key retired longer
+    ago than that is not told again by a pass after the store lost the set. A member
+    with less life left does not cut the set's (`_BOUNDED_ADD`)."""
     deps = gw.cp.state.deps
     life = max_token_life(deps.settings)
     first = deps.keyring.active()[0]
@@ -181,33 +181,44 @@ async def test_only_keys_whose_tokens_may_live_on_are_published_again(
     # the leaked key superseded `older` 1000 s ago.
     ages = {first: life + 60, older: life + 30, leaked_kid: 1000}
 
-    def made_long_ago(session: Session) -> None:
-        for kid, ago in ages.items():
-            row = session.get(SigningKey, kid)
-            assert row is not None
-            row.created_at -= timedelta(seconds=ago)
-
-    await deps.db.transaction(made_long_ago)
+    await _made_long_ago(gw, ages)
     rotated = await gw.admin("POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True})
     assert rotated.status_code == 201, rotated.text
     assert set(rotated.json()["data"]["retired"]) == {first, older, leaked_kid}
-    told = {older, leaked_kid}
+    told = {first, older, leaked_kid}
     assert set(await gw.store.bounded_members(RETIRED_SIGNING_KEYS)) == told
 
+    def retired_long_ago(session: Session) -> None:
+        row = session.get(SigningKey, first)
+        assert row is not None and row.retired_at is not None
+        row.retired_at -= timedelta(seconds=life + 1)
+
+    await deps.db.transaction(retired_long_ago)
     await _back_empty(gw, private_redis)
     await _everyones_pass(gw)
-    assert set(await gw.store.bounded_members(RETIRED_SIGNING_KEYS)) == told
+    assert set(await gw.store.bounded_members(RETIRED_SIGNING_KEYS)) == {older, leaked_kid}
     now = time.time()
-    lives = {kid: _score(private_redis, kid) for kid in (first, *told)}
-    assert lives[first] is None
-    for kid, left in ((older, life - 1000), (leaked_kid, life)):
-        score = lives[kid]
-        assert score is not None and abs(score - (now + left)) < 60, (kid, score, now + left)
+    assert _score(private_redis, first) is None
+    for kid in (older, leaked_kid):
+        score = _score(private_redis, kid)
+        assert score is not None and abs(score - (now + life)) < 60, (kid, score, now + life)
     client = redis.Redis.from_url(private_redis.url)
     try:
         assert client.pttl(PREFIX + RETIRED_SIGNING_KEYS) > (life - 60) * 1000
     finally:
         client.close()
+
+
+async def _made_long_ago(gw: Gateway, ages: dict[str, int]) -> None:
+    """Each key of `ages` made that many seconds earlier than it was."""
+
+    def made(session: Session) -> None:
+        for kid, ago in ages.items():
+            row = session.get(SigningKey, kid)
+            assert row is not None
+            row.created_at -= timedelta(seconds=ago)
+
+    await gw.cp.state.deps.db.transaction(made)
 
 
 async def _rotated(gw: Gateway) -> str:
@@ -269,3 +280,34 @@ async def test_a_sibling_stops_trusting_a_key_retired_while_the_store_is_silent(
         finally:
             private_redis.thaw()
         assert (await rotation).status_code == 201
+
+
+async def test_a_leaked_key_superseded_long_ago_is_refused_at_once(gw: Gateway) -> None:
+    """A key superseded longer ago than a token lives, but never retired since (a
+    rotation without `retire_others` leaves it in the JWKS until the next one), leaks;
+    the platform admin rotates with `retire_others`. Its honest tokens have all
+    expired, but the thief signs new ones with any `exp`: the key must be told
+    retired like any other. Measured before (it was not told): after everyone's pass,
+    the sibling answered `/v1/me` 200 on the thief's access token and the edge, its
+    JWKS cache holding the key, streamed the thief's stream token (200); the store's
+    set held only the key that superseded it."""
+    async with second_control_plane(gw) as (deps_b, b):
+        deps = gw.cp.state.deps
+        life = max_token_life(deps.settings)
+        # Signed by the key about to leak (the thief's tokens, in effect).
+        leaked, (unused,) = await _leaked_tokens(gw, 1)
+        leaked_kid = kid_of(leaked)
+        newer = await _rotated(gw)  # supersedes it; it stays in the JWKS
+        ages = {leaked_kid: life + 60, newer: life + 30}
+        await _made_long_ago(gw, ages)
+        assert await me(b, leaked) == 200
+        rotated = await gw.admin(
+            "POST", "/v1/admin/signing-keys/rotate", json={"retire_others": True}
+        )
+        assert rotated.status_code == 201, rotated.text
+        assert leaked_kid in rotated.json()["data"]["retired"]
+        await _everyones_pass(gw, deps_b)
+        assert leaked_kid in await gw.store.bounded_members(RETIRED_SIGNING_KEYS)
+        assert await me(b, leaked) == 401
+        status, answer = await gw.complete(unused, BODY)
+        assert status == 401, answer
