@@ -54,6 +54,19 @@ def silent_after(resume_grace_seconds: float) -> float:
     return SILENT_AFTER_BEATS * CHECKPOINT_EVERY_SECONDS + margin
 
 
+# How much longer than `silent_after` an ended checkpoint waits for its report. An
+# honest edge enqueues the report within its last sends (`LLMGW_SLOW_CLIENT_TIMEOUT_
+# SECONDS`, 10 s) and the end's own budget (`EventStream.finish_timeout`, 10 s); one
+# killed in between leaves the ended checkpoint alone in the store.
+ENDED_MARGIN_SECONDS = 60.0
+
+
+def ended_silent_after(resume_grace_seconds: float) -> float:
+    """Seconds an ended checkpoint may stay unchanged, its report in no outbox,
+    before the sweeper settles it from it (76 s with the defaults)."""
+    return silent_after(resume_grace_seconds) + ENDED_MARGIN_SECONDS
+
+
 @dataclass(frozen=True, slots=True)
 class UsageCheckpoint:
     jti: str
