@@ -271,6 +271,24 @@ async def _admit_then_die(
         await store.close()
 
 
+def _granted(c: Client, query: str) -> tuple[str, dict[str, str], dict[str, Any], dict[str, Any]]:
+    """A new member of a company with 5 credits, granted `query`: its token, credits
+    before, init's answer and its stream token's claims."""
+    token = c.new_user(c.new_company("5"))
+    before = c.credits(token)
+    grant = c.init_ok(token, {"query": query})
+    return token, before, grant, claims_of(grant["stream_token"])
+
+
+def _wait_slots_freed(prefix: str, claims: dict[str, Any]) -> None:
+    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
+    with redis.Redis.from_url(REDIS_URL) as raw:
+        wait_until(
+            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
+            "the stream's slots freed",
+        )
+
+
 def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_frees_the_hold(
     quick_sweep_stack: tuple[SplitStack, subprocess.Popen[bytes]],
 ) -> None:
@@ -282,10 +300,7 @@ def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_free
     for their expiry (15 min), and the client's retry is refused `token_used`."""
     split, _edge = quick_sweep_stack
     c = split.client
-    token = c.new_user(c.new_company("5"))
-    before = c.credits(token)
-    grant = c.init_ok(token, {"query": "never answered [[mock tokens=50]]"})
-    claims = claims_of(grant["stream_token"])
+    token, before, grant, claims = _granted(c, "never answered [[mock tokens=50]]")
     asyncio.run(_admit_then_die(split, grant["stream_token"]))
     retried = httpx.get(grant["stream_url"], timeout=10)
     assert retried.status_code == 401 and retried.json()["error"]["code"] == "token_used"
@@ -297,12 +312,7 @@ def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_free
     assert micro(record["cost"]) == 0
     after = c.credits(token)
     assert (micro(after["balance"]), micro(after["held"])) == (micro(before["balance"]), 0)
-    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
-    with redis.Redis.from_url(REDIS_URL) as raw:
-        wait_until(
-            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
-            "the stream's slots freed",
-        )
+    _wait_slots_freed(prefix, claims)
 
 
 def test_an_edge_killed_after_its_ended_checkpoint_before_its_report_is_settled(
@@ -316,10 +326,7 @@ def test_an_edge_killed_after_its_ended_checkpoint_before_its_report_is_settled(
     settled from it: the usage the report would have billed."""
     split, _edge = quick_sweep_stack
     c = split.client
-    token = c.new_user(c.new_company("5"))
-    before = c.credits(token)
-    grant = c.init_ok(token, {"query": "answered, never reported [[mock tokens=50]]"})
-    claims = claims_of(grant["stream_token"])
+    token, before, grant, claims = _granted(c, "answered, never reported [[mock tokens=50]]")
     last = UsageCheckpoint(
         str(claims["jti"]), grant["reservation_id"], 21, 50, "2026-01-01T00:00:00Z", 9, ended=True
     )
@@ -338,10 +345,4 @@ def test_an_edge_killed_after_its_ended_checkpoint_before_its_report_is_settled(
     after = c.credits(token)
     assert micro(before["balance"]) - micro(after["balance"]) == expected
     assert micro(after["held"]) == 0
-    prefix = split.env["LLMGW_REDIS_PREFIX"]
-    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
-    with redis.Redis.from_url(REDIS_URL) as raw:
-        wait_until(
-            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
-            "the stream's slots freed",
-        )
+    _wait_slots_freed(split.env["LLMGW_REDIS_PREFIX"], claims)
