@@ -9,7 +9,9 @@ so at most that much usage is unbilled when a process is killed. Each write bump
 dead (or badly stalled) edge, and the sweeper settles it then instead of waiting
 for the hold's deadline (issue 11.5). When the stream ends the edge writes a last
 checkpoint with ``ended`` set: its report is on its way through the outbox, so the
-sweeper leaves that hold to the report until the deadline.
+sweeper leaves that hold to the report, for `ended_silent_after` and for as long as
+the report waits in the outbox; past that, the edge died before enqueueing it, and
+the hold is settled from this checkpoint, which carries what the report would bill.
 
 A checkpoint carries the usage the edge's report would bill (`Meter.billing`),
 its cache and reasoning parts included (DESIGN §11 "Prices"), so that the sweeper
