@@ -36,12 +36,16 @@ class SilenceWatch:
         return self._clock()
 
     def is_silent(
-        self, reservation_id: str, marker: Hashable, sent_at: float | None = None
+        self,
+        reservation_id: str,
+        marker: Hashable,
+        sent_at: float | None = None,
+        limit: float | None = None,
     ) -> bool:
         """Record `marker`, read by a request sent at `sent_at` (`now()` taken before
         the read; None: now, a read answered at once) and answered now; True when a
-        read sent `silent_after` seconds or more after an earlier one was answered
-        found the same marker."""
+        read sent `limit` (None: `silent_after`) seconds or more after an earlier one
+        was answered found the same marker."""
         now = self._clock()
         seen = self._seen.get(reservation_id)
         if seen is None or seen[0] != marker:
@@ -50,7 +54,7 @@ class SilenceWatch:
             self._seen[reservation_id] = (marker, now)
             return False
         asked = now if sent_at is None else min(sent_at, now)
-        return asked - seen[1] >= self.silent_after
+        return asked - seen[1] >= (self.silent_after if limit is None else limit)
 
     def seen_alive(self, reservation_id: str) -> bool:
         """Whether this watch saw the stream's checkpoint change and has not found it

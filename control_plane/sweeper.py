@@ -31,9 +31,15 @@ silence: the edges could not write either, so the watch starts again once the
 store answers; nor is the time a read waits for a store answering late (frozen),
 which holds the edges' heartbeats queued behind it: a reading counts from when it
 was asked. An ``ended`` checkpoint (the stream is over,
-its report is in the outbox) is left to that report until the deadline. A pass
-reads at most `MAX_BATCHES` pages of active reservations and goes on from the id
-the last one read last, round from the first, so with more running than that
+its report on its way to the outbox) is left to that report for
+`ENDED_MARGIN_SECONDS` (60 s) more, and for as long as the report waits in the
+outbox (a control plane that was down); past that, unchanged, with no report
+queued, its edge died between the two (after the client's last events) and it is
+settled from it as a silent one: it carries the usage the report would have billed.
+A report in an edge's local spool (the store refused it) is out of sight: if it
+comes after, it is a duplicate of the same usage.
+A pass reads at most `MAX_BATCHES` pages of active reservations and goes on from
+the id the last one read last, round from the first, so with more running than that
 every stream is still read every few passes (`SilenceWatch.resume_after`).
 
 **Expired holds** (`sweep_expired_holds`). A reservation's deadline is its token's
@@ -101,15 +107,16 @@ from control_plane.tables import Reservation, utcnow
 from control_plane.usage_events import parse_time
 from shared.catalog import Price
 from shared.checkpoints import (
+    ENDED_MARGIN_SECONDS,
     KEPT_PAST_DEADLINE_SECONDS,
     UsageCheckpoint,
     checkpoint_key,
     silent_after,
 )
 from shared.revocations import revoke
-from shared.store import AdmissionStore, KeyValueStore, SlotRelease
+from shared.store import AdmissionStore, KeyValueStore, OutboxStore, SlotRelease
 from shared.stream_slots import slot_keys
-from shared.webhooks import MAX_TOKENS_REPORTED
+from shared.webhooks import MAX_TOKENS_REPORTED, usage_webhook_id
 
 log = logging.getLogger("control_plane.sweeper")
 
@@ -130,8 +137,9 @@ class Reconciled:
     user_id: str = ""  # of a settled reservation: its stream slots' key
 
 
-class SweepStore(KeyValueStore, AdmissionStore, Protocol):
-    """What the sweeper uses of the store: checkpoints, revocations, stream slots."""
+class SweepStore(KeyValueStore, AdmissionStore, OutboxStore, Protocol):
+    """What the sweeper uses of the store: checkpoints, revocations, stream slots,
+    whether a stream's report is in the outbox."""
 
 
 NOTHING = Reconciled("none")
@@ -431,10 +439,15 @@ async def sweep_silent_streams(
             return SweepResult(settled=settled)
         for (reservation_id, company_id, _), raw in zip(page, raws, strict=True):
             checkpoint = _decode(reservation_id, raw) or admitted.get(reservation_id)
-            if checkpoint is None or checkpoint.ended:
-                continue  # not started (the deadline handles it) or its report is coming
+            if checkpoint is None:
+                continue  # not started: the deadline handles it
             running.append(reservation_id)
-            if not watch.is_silent(reservation_id, checkpoint.marker(), sent_at):
+            # An ended stream's report is coming: given longer, and never while the
+            # report waits in the outbox (a control plane that was down).
+            limit = watch.silent_after + ENDED_MARGIN_SECONDS if checkpoint.ended else None
+            if not watch.is_silent(reservation_id, checkpoint.marker(), sent_at, limit):
+                continue
+            if checkpoint.ended and await _report_queued(store, checkpoint.jti):
                 continue
             if failures.skips(company_id):
                 continue  # the database failed on its company: the next pass
@@ -504,6 +517,17 @@ async def sweep_silent_streams(
         log.warning("settled %d silent streams from their checkpoints", settled)
     failures.raise_first()
     return SweepResult(settled=settled)
+
+
+async def _report_queued(store: SweepStore, jti: str) -> bool:
+    """Whether the stream's report is in the store's outbox (keyed by its webhook id,
+    `shared.webhooks.usage_webhook_id`); a store that cannot say counts as yes: the
+    deadline settles the hold all the same."""
+    try:
+        return await store.outbox_get(usage_webhook_id(jti)) is not None
+    except Exception:
+        log.warning("store unreachable; ended stream %s left to its report", jti, exc_info=True)
+        return True
 
 
 async def _end_silent(store: SweepStore, jti: str, done: Reconciled, ttl: float) -> None:

@@ -9,7 +9,9 @@ so at most that much usage is unbilled when a process is killed. Each write bump
 dead (or badly stalled) edge, and the sweeper settles it then instead of waiting
 for the hold's deadline (issue 11.5). When the stream ends the edge writes a last
 checkpoint with ``ended`` set: its report is on its way through the outbox, so the
-sweeper leaves that hold to the report until the deadline.
+sweeper leaves that hold to the report, for `ended_silent_after` and for as long as
+the report waits in the outbox; past that, the edge died before enqueueing it, and
+the hold is settled from this checkpoint, which carries what the report would bill.
 
 A checkpoint carries the usage the edge's report would bill (`Meter.billing`),
 its cache and reasoning parts included (DESIGN §11 "Prices"), so that the sweeper
@@ -52,6 +54,19 @@ def silent_after(resume_grace_seconds: float) -> float:
     less than `SILENCE_MARGIN_SECONDS` (with the defaults 3 x 2 s + 10 s = 16 s)."""
     margin = max(resume_grace_seconds, SILENCE_MARGIN_SECONDS)
     return SILENT_AFTER_BEATS * CHECKPOINT_EVERY_SECONDS + margin
+
+
+# How much longer than `silent_after` an ended checkpoint waits for its report. An
+# honest edge enqueues the report within its last sends (`LLMGW_SLOW_CLIENT_TIMEOUT_
+# SECONDS`, 10 s) and the end's own budget (`EventStream.finish_timeout`, 10 s); one
+# killed in between leaves the ended checkpoint alone in the store.
+ENDED_MARGIN_SECONDS = 60.0
+
+
+def ended_silent_after(resume_grace_seconds: float) -> float:
+    """Seconds an ended checkpoint may stay unchanged, its report in no outbox,
+    before the sweeper settles it from it (76 s with the defaults)."""
+    return silent_after(resume_grace_seconds) + ENDED_MARGIN_SECONDS
 
 
 @dataclass(frozen=True, slots=True)

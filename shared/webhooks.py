@@ -150,8 +150,7 @@ class UsageEvent:
 
     @property
     def webhook_id(self) -> str:
-        # Stable per stream so the receiver recognises retries.
-        return f"usage_{self.jti}"
+        return usage_webhook_id(self.jti)
 
     def body(self, now: datetime | None = None) -> bytes:
         # Shallow on purpose: every field is a plain value, and `asdict`'s deep copy
@@ -170,6 +169,12 @@ class UsageEvent:
                 "data": data,
             }
         )
+
+
+def usage_webhook_id(jti: str) -> str:
+    """A stream's usage report's id: stable per stream, so the receiver recognises
+    retries, and the outbox's key, so the sweeper sees a report waiting there."""
+    return f"usage_{jti}"
 
 
 @lru_cache(maxsize=64)

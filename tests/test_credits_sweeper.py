@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from control_plane.sweeper import sweep_expired_holds
-from shared.checkpoints import UsageCheckpoint, checkpoint_key
+from shared.checkpoints import ENDED_MARGIN_SECONDS, UsageCheckpoint, checkpoint_key
 from shared.pricing import MICRO, cost_micro, format_credits
 from shared.revocations import revocation_key
 from tests.hold_sweeps import expire_hold as _expire
@@ -57,7 +57,12 @@ def _init(client: httpx.Client, max_tokens: int = 200) -> dict[str, Any]:
 
 
 def _checkpoint(
-    cp: CP, init: dict[str, Any], input_tokens: int, output_tokens: int, jti: str | None = None
+    cp: CP,
+    init: dict[str, Any],
+    input_tokens: int,
+    output_tokens: int,
+    jti: str | None = None,
+    ended: bool = False,
 ) -> None:
     claims = claims_of(init["stream_token"])
     point = UsageCheckpoint(
@@ -66,6 +71,7 @@ def _checkpoint(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         updated_at=datetime.now(UTC).isoformat(),
+        ended=ended,
     )
     store = cp.app.state.store
     cp.on_loop(lambda: store.set(checkpoint_key(init["reservation_id"]), point.dumps(), 600))
@@ -294,4 +300,42 @@ def test_a_silent_stream_is_settled_from_its_checkpoint_once_and_revoked(cp: CP)
     late = usage_event(dead, company_id, input_tokens=12, output_tokens=90)
     assert data_of(cp.webhook(late)) == {"duplicate": True}
     assert micro(credits_of(client)["balance"]) == 10 * MICRO - expected
+    assert_books_balance(cp, company_id, client)
+
+
+def test_an_ended_stream_whose_report_never_came_is_settled_from_its_checkpoint(
+    cp: CP,
+) -> None:
+    """An edge killed after its `ended` checkpoint and before enqueueing the report
+    (the client's last events in between): the hold waited for its deadline. Now it
+    is settled from the ended checkpoint (the usage the report would bill) once it
+    stayed unchanged `ENDED_MARGIN_SECONDS` past the silence limit, with no report in
+    the outbox; a report waiting there (a control plane that was down) wins, and the
+    dead edge's report, should it come after all, is a duplicate."""
+    client, company_id = cp.owner_client("10")
+    lost, queued = _init(client), _init(client)
+    _checkpoint(cp, lost, input_tokens=12, output_tokens=70, ended=True)
+    _checkpoint(cp, queued, input_tokens=12, output_tokens=70, ended=True)
+    store = cp.app.state.store
+    report = usage_event(queued, company_id, input_tokens=12, output_tokens=70)
+    cp.on_loop(lambda: store.outbox_put(report.webhook_id, report.body(), time.time() + 1e6))
+    clock, watch, sweep = silence_sweep(cp)
+
+    assert sweep().settled == 0  # first sight
+    clock[0] += watch.silent_after + ENDED_MARGIN_SECONDS - 0.5
+    assert sweep().settled == 0  # the report may still be on its way
+    clock[0] += 0.5
+    assert sweep().settled == 1
+    clock[0] += 3600
+    assert sweep().settled == 0  # the queued report's hold is left to it
+
+    expected = _cost(cp, lost, 12, 70)
+    (item,) = data_of(client.get("/v1/usage"))["items"]
+    assert (item["reservation_id"], micro(item["cost"])) == (lost["reservation_id"], expected)
+    assert micro(credits_of(client)["held"]) == micro(queued["reserved_credits"])
+    late = usage_event(lost, company_id, input_tokens=12, output_tokens=70)
+    assert data_of(cp.webhook(late)) == {"duplicate": True}
+    assert data_of(cp.webhook(report)).get("duplicate") is not True  # the queued one
+    assert micro(credits_of(client)["balance"]) == 10 * MICRO - 2 * expected
+    assert micro(credits_of(client)["held"]) == 0
     assert_books_balance(cp, company_id, client)

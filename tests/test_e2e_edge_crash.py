@@ -20,7 +20,12 @@ import httpx
 import pytest
 import redis
 
-from shared.checkpoints import CHECKPOINT_EVERY_TOKENS, UsageCheckpoint, checkpoint_key
+from shared.checkpoints import (
+    CHECKPOINT_EVERY_TOKENS,
+    UsageCheckpoint,
+    checkpoint_key,
+    ended_silent_after,
+)
 from shared.pricing import cost_micro
 from shared.sse import SSEDecoder
 from shared.store_redis import RedisStore
@@ -244,11 +249,14 @@ def test_an_edge_killed_while_it_reads_a_whole_answer_bills_what_it_had_read(
     assert _settled_from(split, token, grant, checkpoint, before, killed_at) > 0
 
 
-async def _admit_then_die(split: SplitStack, stream_token: str) -> None:
+async def _admit_then_die(
+    split: SplitStack, stream_token: str, last: UsageCheckpoint | None = None
+) -> None:
     """What an edge does with a stream's first request up to its admission's reply
     (`stream_edge.admission.claim`, the real script on the real Redis: the token
     marked used, its slots taken, its stash read), and nothing after: the process
-    dies before its stream's heartbeat begins (`StreamJob.open`)."""
+    dies before its stream's heartbeat begins (`StreamJob.open`). With `last`, it
+    dies after writing that checkpoint (as `Checkpointer._write` does)."""
     settings = split.edge_settings()
     store = RedisStore.from_url(REDIS_URL, prefix=split.env["LLMGW_REDIS_PREFIX"])
     state = SimpleNamespace(store=store, limits=StreamLimits(settings), settings=settings)
@@ -257,8 +265,28 @@ async def _admit_then_die(split: SplitStack, stream_token: str) -> None:
         admitted = await admission.claim(cast(EdgeState, state), grant, "stream", fetch=True)
         assert admitted.verdict == "ok" and admitted.fetched is not None
         await asyncio.gather(*admission._forgetting)  # its stash deletion, before closing
+        if last is not None:
+            await store.set(checkpoint_key(last.reservation_id), last.dumps(), 3600)
     finally:
         await store.close()
+
+
+def _granted(c: Client, query: str) -> tuple[str, dict[str, str], dict[str, Any], dict[str, Any]]:
+    """A new member of a company with 5 credits, granted `query`: its token, credits
+    before, init's answer and its stream token's claims."""
+    token = c.new_user(c.new_company("5"))
+    before = c.credits(token)
+    grant = c.init_ok(token, {"query": query})
+    return token, before, grant, claims_of(grant["stream_token"])
+
+
+def _wait_slots_freed(prefix: str, claims: dict[str, Any]) -> None:
+    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
+    with redis.Redis.from_url(REDIS_URL) as raw:
+        wait_until(
+            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
+            "the stream's slots freed",
+        )
 
 
 def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_frees_the_hold(
@@ -272,10 +300,7 @@ def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_free
     for their expiry (15 min), and the client's retry is refused `token_used`."""
     split, _edge = quick_sweep_stack
     c = split.client
-    token = c.new_user(c.new_company("5"))
-    before = c.credits(token)
-    grant = c.init_ok(token, {"query": "never answered [[mock tokens=50]]"})
-    claims = claims_of(grant["stream_token"])
+    token, before, grant, claims = _granted(c, "never answered [[mock tokens=50]]")
     asyncio.run(_admit_then_die(split, grant["stream_token"]))
     retried = httpx.get(grant["stream_url"], timeout=10)
     assert retried.status_code == 401 and retried.json()["error"]["code"] == "token_used"
@@ -287,9 +312,37 @@ def test_an_edge_killed_between_a_tokens_admission_and_its_first_checkpoint_free
     assert micro(record["cost"]) == 0
     after = c.credits(token)
     assert (micro(after["balance"]), micro(after["held"])) == (micro(before["balance"]), 0)
-    slots = slot_keys(str(claims["company_id"]), str(claims["sub"]))
-    with redis.Redis.from_url(REDIS_URL) as raw:
-        wait_until(
-            lambda: all(raw.zscore(prefix + key, claims["jti"]) is None for key in slots),
-            "the stream's slots freed",
-        )
+    _wait_slots_freed(prefix, claims)
+
+
+def test_an_edge_killed_after_its_ended_checkpoint_before_its_report_is_settled(
+    quick_sweep_stack: tuple[SplitStack, subprocess.Popen[bytes]],
+) -> None:
+    """At a stream's end the edge writes its `ended` checkpoint (the sweeper leaves
+    the hold to the report), then the client's last events, then enqueues the report.
+    Killed in between, nothing else came: the hold waited for its deadline (~20 min),
+    the slots for their expiry (15 min). Now, once the ended checkpoint has stayed
+    unchanged past `ended_silent_after` with no report in the outbox, the stream is
+    settled from it: the usage the report would have billed."""
+    split, _edge = quick_sweep_stack
+    c = split.client
+    token, before, grant, claims = _granted(c, "answered, never reported [[mock tokens=50]]")
+    last = UsageCheckpoint(
+        str(claims["jti"]), grant["reservation_id"], 21, 50, "2026-01-01T00:00:00Z", 9, ended=True
+    )
+    asyncio.run(_admit_then_die(split, grant["stream_token"], last))
+    died_at = time.monotonic()
+    limit = ended_silent_after(float(split.env["LLMGW_RESUME_GRACE_SECONDS"]))
+
+    record = c.wait_usage(token, grant["reservation_id"], timeout=limit + 30)
+    # Before: still held at the wait's end (106 s, past the silence limit 16 s).
+    took = time.monotonic() - died_at
+    assert limit <= took
+    assert (record["status"], record["output_tokens"]) == ("failed", 50)
+    price = split.settings().catalog.models["mock-fast"].price
+    expected = min(cost_micro(21, 50, price), micro(grant["reserved_credits"]))
+    assert micro(record["cost"]) == expected > 0
+    after = c.credits(token)
+    assert micro(before["balance"]) - micro(after["balance"]) == expected
+    assert micro(after["held"]) == 0
+    _wait_slots_freed(split.env["LLMGW_REDIS_PREFIX"], claims)
